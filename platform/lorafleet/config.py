@@ -1,0 +1,100 @@
+"""Settings for every lorafleet process, read from ``LORAFLEET_*`` environment variables.
+
+The embedded defaults need no setup: SQLite and a local directory under ``.lorafleet/``, a local Ray on
+loopback and the built-in tiny backbone. Production points the same settings at PostgreSQL, S3 and a Ray
+cluster. Invalid values fail at start with a message that names the setting.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lorafleet.errors import ConfigError
+
+DEFAULT_DATA_DIR = Path(".lorafleet")
+TINY_BACKBONE = "builtin:tiny"
+
+
+class Settings(BaseSettings):
+    """All settings; each field is ``LORAFLEET_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAFLEET_", env_file=None, extra="ignore")
+
+    data_dir: Path = Field(default=DEFAULT_DATA_DIR, description="Where embedded state lives.")
+    database_url: str = Field(default="", description="SQLAlchemy URL; empty = SQLite under data_dir.")
+    object_store_url: str = Field(default="", description="file:///path or s3://bucket/prefix; empty = data_dir/blobs.")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, moto).")
+    s3_region: str = Field(default="us-east-1", description="S3 region.")
+    ray_address: str = Field(default="", description="Ray cluster address; empty = local Ray on loopback.")
+    backbone: str = Field(default=TINY_BACKBONE, description="builtin:tiny or a local HF model path.")
+    backbone_quantization: Literal["nf4", "int8", "bf16", "fp32"] = Field(default="nf4")
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    serving: Literal["in-process", "ray-serve"] = Field(default="in-process")
+    blob_gc_grace_seconds: int = Field(default=24 * 3600, ge=0)
+    max_feedback_batch: int = Field(default=1000, ge=1)
+    max_feedback_record_bytes: int = Field(default=64 * 1024, ge=256)
+    admin_key: str = Field(default="", description="Bearer key for tenant management; empty disables it.")
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if value and not value.split(":", 1)[0].startswith(("sqlite", "postgresql")):
+            raise ValueError("must be a sqlite:// or postgresql+psycopg:// URL")
+        return value
+
+    @field_validator("object_store_url")
+    @classmethod
+    def _check_object_store_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parsed = urlparse(value)
+        if parsed.scheme not in ("file", "s3"):
+            raise ValueError("must start with file:// or s3://")
+        if parsed.scheme == "s3" and len(parsed.netloc) < 3:
+            raise ValueError("s3:// URL needs a bucket name of 3 or more characters")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'lorafleet.db').resolve()}"
+
+    @cached_property
+    def resolved_object_store_url(self) -> str:
+        if self.object_store_url:
+            return self.object_store_url
+        return (self.data_dir / "blobs").resolve().as_uri()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment (and overrides); a bad value raises ``ConfigError`` naming it."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"LORAFLEET_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc
+
+
+def resolve_device(setting: str = "auto") -> str:
+    """Turn the ``device`` setting into a torch device string, choosing CUDA when present for ``auto``."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
