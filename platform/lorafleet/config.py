@@ -28,7 +28,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default=DEFAULT_DATA_DIR, description="Where embedded state lives.")
     database_url: str = Field(default="", description="SQLAlchemy URL; empty = SQLite under data_dir.")
-    object_store_url: str = Field(default="", description="file:///path or s3://bucket/prefix; empty = data_dir/blobs.")
+    object_store_url: str = Field(
+        default="", description="file:///path or s3://bucket/prefix; empty = data_dir/blobs."
+    )
     s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, moto).")
     s3_region: str = Field(default="us-east-1", description="S3 region.")
     ray_address: str = Field(default="", description="Ray cluster address; empty = local Ray on loopback.")

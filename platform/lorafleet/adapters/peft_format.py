@@ -23,8 +23,20 @@ PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 #: A safetensors header is JSON describing tensors; adapters have a few hundred entries at most.
 DEFAULT_MAX_HEADER_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_CONFIG_BYTES = 256 * 1024
-_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -58,10 +70,14 @@ def refuse_pickle_files(directory: Path) -> None:
     """Raise ``UnsafeFormatError`` if the folder holds any pickle-based checkpoint file."""
     for path in directory.rglob("*"):
         if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
-            raise UnsafeFormatError(f"refusing pickle-based file {path.name!r}: only safetensors adapters are accepted")
+            raise UnsafeFormatError(
+                f"refusing pickle-based file {path.name!r}: only safetensors adapters are accepted"
+            )
 
 
-def read_safetensors_header(path: Path, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> dict[str, Any]:
+def read_safetensors_header(
+    path: Path, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+) -> dict[str, Any]:
     """Parse and check a safetensors header (size cap, offsets inside the file) without loading tensors."""
     size = path.stat().st_size
     with path.open("rb") as f:
@@ -70,7 +86,9 @@ def read_safetensors_header(path: Path, *, max_header_bytes: int = DEFAULT_MAX_H
             raise AdapterFormatError(f"{path.name}: truncated (no safetensors header)")
         (header_len,) = struct.unpack("<Q", raw_len)
         if header_len > max_header_bytes:
-            raise AdapterFormatError(f"{path.name}: header of {header_len} bytes exceeds the cap of {max_header_bytes}")
+            raise AdapterFormatError(
+                f"{path.name}: header of {header_len} bytes exceeds the cap of {max_header_bytes}"
+            )
         if 8 + header_len > size:
             raise AdapterFormatError(f"{path.name}: truncated (header runs past the end of the file)")
         try:
@@ -118,7 +136,9 @@ def read_adapter_config(path: Path, *, max_bytes: int = DEFAULT_MAX_CONFIG_BYTES
     return config
 
 
-def inspect_adapter_dir(directory: str | Path, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> AdapterFiles:
+def inspect_adapter_dir(
+    directory: str | Path, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+) -> AdapterFiles:
     """Validate a PEFT adapter folder's files (no pickle, config, header, offsets) without loading tensors."""
     directory = Path(directory)
     if not directory.is_dir():

@@ -1,0 +1,133 @@
+"""Plain, frozen domain objects: what the library's functions take and return (never ORM rows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+FeedbackKind = Literal["sft", "preference", "rating"]
+VersionStatus = Literal["candidate", "live", "rejected", "archived"]
+LineageRelation = Literal["continued-from", "merged-from", "imported"]
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+LIVE = "live"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: int
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    tenant_id: int
+    external_id: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    id: int
+    user_id: int
+    kind: FeedbackKind
+    payload: dict[str, Any]
+    content_hash: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class DatasetSnapshot:
+    """Which feedback records a training run used (an id range or an explicit list) and their hash."""
+
+    id: int
+    user_id: int | None
+    record_count: int
+    content_hash: str
+    min_record_id: int | None = None
+    max_record_id: int | None = None
+    record_ids: tuple[int, ...] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A named adapter of a user, or of the whole tenant when ``owner_user_id`` is None (a task adapter)."""
+
+    id: int
+    tenant_id: int
+    owner_user_id: int | None
+    name: str
+    target_config: dict[str, Any]
+    created_at: datetime
+
+    @property
+    def is_task_adapter(self) -> bool:
+        return self.owner_user_id is None
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """An immutable version: weights in the object store under ``sha256``; everything else is metadata."""
+
+    id: int
+    adapter_id: int
+    number: int
+    blob_uri: str
+    sha256: str
+    size_bytes: int
+    base_fingerprint: str
+    rank: int
+    target_modules: tuple[str, ...]
+    training_config: dict[str, Any]
+    metrics: dict[str, Any]
+    status: VersionStatus
+    created_at: datetime
+    job_id: int | None = None
+    dataset_snapshot_id: int | None = None
+
+
+@dataclass(frozen=True)
+class LineageEdge:
+    child_version_id: int
+    parent_version_id: int
+    relation: LineageRelation
+
+
+@dataclass(frozen=True)
+class AliasEvent:
+    """One recorded move of an alias (``live``): who, when, from, to, why."""
+
+    id: int
+    adapter_id: int
+    alias: str
+    from_version_id: int | None
+    to_version_id: int | None
+    actor: str
+    reason: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    tenant_id: int | None
+    kind: str
+    state: JobState
+    payload: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    created_at: datetime
+    dedupe_key: str | None = None
+    result: dict[str, Any] | None = None
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    run_after: datetime | None = None
+    error: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None

@@ -1,0 +1,90 @@
+"""Engine and session handling: one ``Database`` per process, one managed session per store operation.
+
+Each repository method runs inside ``Database.session()``, which commits on success and rolls back on any
+exception, translating driver errors into ``lorafleet.errors`` at this boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from lorafleet.errors import AlreadyExistsError, LorafleetError, StoreError
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """SQLite: enforce foreign keys, WAL for concurrent readers, and ``BEGIN IMMEDIATE`` for every
+    transaction so two writers queue on the lock (``busy_timeout``) instead of failing to upgrade it."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # let SQLAlchemy's "begin" event emit BEGIN itself
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_db_engine(url: str, **kwargs: Any) -> Engine:
+    """Create an engine for a ``sqlite://`` or ``postgresql+psycopg://`` URL with lorafleet's settings."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
+        _configure_sqlite(engine)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_size", 10)
+    kwargs.setdefault("max_overflow", 20)
+    return create_engine(url, **kwargs)
+
+
+class Database:
+    """An engine plus a session factory; ``session()`` is the unit of work of every store method."""
+
+    def __init__(self, url: str, **engine_kwargs: Any) -> None:
+        self.url = url
+        self.engine = create_db_engine(url, **engine_kwargs)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on error; driver errors become ``StoreError``."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except LorafleetError:
+            session.rollback()
+            raise
+        except IntegrityError as exc:
+            session.rollback()
+            raise AlreadyExistsError(f"conflicts with an existing row: {exc.orig}") from exc
+        except (OperationalError, DBAPIError) as exc:
+            session.rollback()
+            raise StoreError(f"database error: {exc.orig}") from exc
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()

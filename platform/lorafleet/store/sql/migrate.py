@@ -1,0 +1,52 @@
+"""Run the Alembic migrations in ``migrations/`` programmatically (``lorafleet db upgrade`` and tests)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+from lorafleet.errors import ConfigError
+
+#: platform/lorafleet/store/sql/migrate.py -> repository root
+_REPO_ROOT = Path(__file__).resolve().parents[4]
+
+
+def migrations_dir() -> Path:
+    """Where the migration scripts are: ``LORAFLEET_MIGRATIONS_DIR`` or the checkout's ``migrations/``."""
+    path = Path(os.environ.get("LORAFLEET_MIGRATIONS_DIR", _REPO_ROOT / "migrations"))
+    if not (path / "env.py").is_file():
+        raise ConfigError(f"LORAFLEET_MIGRATIONS_DIR: no Alembic environment at {path}")
+    return path
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Bring the database at ``url`` up to ``revision`` (default: the newest)."""
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    """Take the database at ``url`` down to ``revision`` (``base`` removes every table)."""
+    command.downgrade(alembic_config(url), revision)
+
+
+def current_revision(url: str) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    from lorafleet.store.sql.database import create_db_engine
+
+    engine = create_db_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()

@@ -1,0 +1,290 @@
+"""SQLAlchemy 2 tables of the metadata store.
+
+ORM rows (``Sql*``) never leave ``lorafleet.store``: repositories turn them into the frozen objects of
+``lorafleet.domain``. The schema changes only through Alembic migrations in ``migrations/``; a test checks
+that these models and the migrated schema agree.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: A 64-bit key on PostgreSQL; on SQLite only ``INTEGER PRIMARY KEY`` auto-increments, hence the variant.
+BigIntKey = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+FEEDBACK_KINDS = ("sft", "preference", "rating")
+VERSION_STATUSES = ("candidate", "live", "rejected", "archived")
+LINEAGE_RELATIONS = ("continued-from", "merged-from", "imported")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+ACTIVE_JOB_STATES = ("queued", "running")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class SqlTenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SqlApiKey(Base):
+    """A tenant's API key, stored as sha256 of the secret; ``prefix`` identifies it in logs."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class SqlUser(Base):
+    __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("tenant_id", "external_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    external_id: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SqlFeedback(Base):
+    """One feedback record; ``content_hash`` (sha256 of kind + canonical payload) dedupes per user."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        UniqueConstraint("user_id", "content_hash"),
+        CheckConstraint(_in("kind", FEEDBACK_KINDS), name="kind"),
+        # "users with new feedback since their last version": range scans of a user's ids
+        Index("ix_feedback_user_id_id", "user_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SqlDatasetSnapshot(Base):
+    """The feedback records one training run used: an id range (min..max) or an explicit list, and a hash."""
+
+    __tablename__ = "dataset_snapshots"
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True)
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    min_record_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    max_record_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    record_ids: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    record_count: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SqlAdapter(Base):
+    """A named adapter owned by a user, or tenant-wide (``owner_user_id`` NULL) for shared task adapters."""
+
+    __tablename__ = "adapters"
+    __table_args__ = (
+        Index(
+            "uq_adapters_user_name",
+            "tenant_id",
+            "owner_user_id",
+            "name",
+            unique=True,
+            postgresql_where=text("owner_user_id IS NOT NULL"),
+            sqlite_where=text("owner_user_id IS NOT NULL"),
+        ),
+        Index(
+            "uq_adapters_task_name",
+            "tenant_id",
+            "name",
+            unique=True,
+            postgresql_where=text("owner_user_id IS NULL"),
+            sqlite_where=text("owner_user_id IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    owner_user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=True
+    )
+    name: Mapped[str] = mapped_column(String(128))
+    target_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: Number of versions ever registered; bumped in the registering transaction (gap-free numbering).
+    version_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SqlJob(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(_in("state", JOB_STATES), name="state"),
+        # a dedupe key is unique among active jobs only: the same work may run again once finished
+        Index(
+            "uq_jobs_active_dedupe_key",
+            "dedupe_key",
+            unique=True,
+            postgresql_where=text(f"state IN {ACTIVE_JOB_STATES!r}"),
+            sqlite_where=text(f"state IN {ACTIVE_JOB_STATES!r}"),
+        ),
+        Index("ix_jobs_state_run_after", "state", "run_after"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True)
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), nullable=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    dedupe_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    run_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class SqlAdapterVersion(Base):
+    """An immutable adapter version; its weights are the blob ``sha256`` (written before this row)."""
+
+    __tablename__ = "adapter_versions"
+    __table_args__ = (
+        UniqueConstraint("adapter_id", "number"),
+        CheckConstraint(_in("status", VERSION_STATUSES), name="status"),
+        CheckConstraint("number >= 1", name="number_positive"),
+        Index("ix_adapter_versions_sha256", "sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    blob_uri: Mapped[str] = mapped_column(String(1024))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    base_fingerprint: Mapped[str] = mapped_column(String(128))
+    rank: Mapped[int] = mapped_column(Integer)
+    target_modules: Mapped[list[Any]] = mapped_column(JSON)
+    training_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="candidate")
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    dataset_snapshot_id: Mapped[int | None] = mapped_column(
+        ForeignKey("dataset_snapshots.id", ondelete="SET NULL"), nullable=True
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SqlLineageEdge(Base):
+    """Child version → parent version, with how the child came from the parent."""
+
+    __tablename__ = "lineage_edges"
+    __table_args__ = (
+        CheckConstraint(_in("relation", LINEAGE_RELATIONS), name="relation"),
+        CheckConstraint("child_version_id <> parent_version_id", name="not_self"),
+    )
+
+    child_version_id: Mapped[int] = mapped_column(
+        BigIntKey, ForeignKey("adapter_versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    parent_version_id: Mapped[int] = mapped_column(
+        BigIntKey, ForeignKey("adapter_versions.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    relation: Mapped[str] = mapped_column(String(32))
+
+
+class SqlAlias(Base):
+    """A movable pointer (``live``) from an adapter to one of its versions; NULL means "no adapter"."""
+
+    __tablename__ = "aliases"
+
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version_id: Mapped[int | None] = mapped_column(
+        BigIntKey, ForeignKey("adapter_versions.id", ondelete="RESTRICT"), nullable=True
+    )
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SqlAliasEvent(Base):
+    """One move of an alias: who, when, from, to, why."""
+
+    __tablename__ = "alias_history"
+    __table_args__ = (Index("ix_alias_history_adapter_id_id", "adapter_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    alias: Mapped[str] = mapped_column(String(32))
+    from_version_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    to_version_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    actor: Mapped[str] = mapped_column(String(256))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+__all__ = [
+    "Base",
+    "SqlTenant",
+    "SqlApiKey",
+    "SqlUser",
+    "SqlFeedback",
+    "SqlDatasetSnapshot",
+    "SqlAdapter",
+    "SqlJob",
+    "SqlAdapterVersion",
+    "SqlLineageEdge",
+    "SqlAlias",
+    "SqlAliasEvent",
+]

@@ -1,0 +1,155 @@
+"""Fixtures over the real parts: PostgreSQL on 127.0.0.1:5432, SQLite files, moto's S3 server on loopback.
+
+Each test session creates its own PostgreSQL database (and drops it at the end); each test gets a clean,
+migrated schema. ``database`` is parametrised over SQLite and PostgreSQL; ``blob_store`` over the local
+directory and S3 over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+# A local Ray must bind to loopback only; set before anything imports ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Keep torch from fighting over the 2 shared cores.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+from sqlalchemy import text  # noqa: E402
+
+PG_ADMIN_URL = os.environ.get("LORAFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def _pg_admin_conninfo() -> str:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(PG_ADMIN_URL)
+    return f"host={url.host} port={url.port or 5432} user={url.username} dbname={url.database}"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session (fails loudly if PostgreSQL is down)."""
+    import psycopg
+
+    from lorafleet.store.sql import migrate
+
+    name = f"lorafleet_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = psycopg.connect(_pg_admin_conninfo(), autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    migrate.upgrade(url)
+    try:
+        yield url
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One migrated SQLite file per session; tests get copies (migrating each time would be slow)."""
+    from lorafleet.store.sql import migrate
+
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+    migrate.upgrade(f"sqlite:///{path}")
+    return path
+
+
+def _truncate_all(url: str) -> None:
+    from lorafleet.store.sql.database import create_db_engine
+    from lorafleet.store.sql.models import Base
+
+    engine = create_db_engine(url)
+    names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_url(_sqlite_template: Path, tmp_path: Path) -> str:
+    path = tmp_path / "lorafleet.db"
+    shutil.copy(_sqlite_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """A clean, migrated database URL: a SQLite copy, or the session's PostgreSQL database truncated."""
+    if request.param == "sqlite":
+        return str(request.getfixturevalue("sqlite_url"))
+    url = str(request.getfixturevalue("pg_url"))
+    _truncate_all(url)
+    return url
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[object]:
+    from lorafleet.store.sql.database import Database
+
+    db = Database(database_url)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def pg_database(pg_url: str) -> Iterator[object]:
+    """PostgreSQL only, for tests about real concurrency (row locks, many connections)."""
+    from lorafleet.store.sql.database import Database
+
+    _truncate_all(pg_url)
+    db = Database(pg_url)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (a random port), for S3 over real HTTP."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint: str) -> str:
+    """A new, empty bucket on the moto server."""
+    import boto3
+
+    name = f"lf-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(params=["local", "s3"])
+def blob_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return (tmp_path / "blobs").as_uri()
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/adapters"
+
+
+@pytest.fixture
+def blob_store(blob_store_url: str, request: pytest.FixtureRequest) -> object:
+    """A ``BlobStore`` on a local directory or on S3 over HTTP (moto)."""
+    from lorafleet.store.blob import open_blob_store
+
+    endpoint = request.getfixturevalue("moto_endpoint") if blob_store_url.startswith("s3://") else None
+    return open_blob_store(blob_store_url, endpoint_url=endpoint, region="us-east-1")
