@@ -1,0 +1,34 @@
+# lorafleet — `make demo` and `make test` work on a fresh clone (they set up .venv first).
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: a bare `torch` from the index would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/lorafleet demo
+
+test: setup
+	$(BIN)/pytest
+
+bench: setup
+	for f in tests/benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+lint: setup
+	$(BIN)/ruff check platform services tests migrations
+	$(BIN)/ruff format --check platform services tests migrations
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .lorafleet .pytest_cache .mypy_cache .ruff_cache
