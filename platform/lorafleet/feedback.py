@@ -1,0 +1,266 @@
+"""Feedback ingestion: the record schemas, batch validation and the function the API calls.
+
+Three kinds of record, told apart by ``kind``:
+
+- ``sft``: ``prompt`` + ``completion`` (a demonstration to imitate);
+- ``preference``: ``prompt`` + ``chosen`` + ``rejected`` (a pairwise preference; the two must differ);
+- ``rating``: ``prompt`` + ``response`` + ``score``, a float in [0, 1] (1 is best). One scale only, because
+  an integer 1 would mean "best" on [0, 1] and "worst" on 1..5; clients map stars with ``(stars - 1) / 4``.
+
+Every record may carry a ``metadata`` object (any JSON). Text fields must be non-blank strings; unknown
+fields are refused, so a typo cannot silently drop data.
+
+The content hash is sha256 of the canonical JSON (sorted keys, no whitespace, UTF-8) of ``kind`` and the
+training fields, *without* ``metadata``: metadata (timestamps, session ids, client versions) does not change
+what a model learns, so the same example sent twice is one record; the first one's metadata is kept.
+
+This module imports no SQL at import time, so the API and SDK can use the schemas alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    TypeAdapter,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic import ValidationError as PydanticValidationError
+
+from lorafleet.config import Settings
+from lorafleet.domain import FeedbackKind, FeedbackRecord
+from lorafleet.errors import PayloadTooLargeError, ValidationError
+
+if TYPE_CHECKING:
+    from lorafleet.store.sql.database import Database
+    from lorafleet.store.sql.feedback import FeedbackBacklog
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+#: A text field: a real string (numbers are not coerced), not empty, not only whitespace; kept verbatim.
+FeedbackText = Annotated[str, StringConstraints(min_length=1, strict=True), AfterValidator(_not_blank)]
+#: A rating: a finite number in [0, 1]; ints 0 and 1 are accepted, booleans and numeric strings are not.
+Score = Annotated[float, Field(ge=0.0, le=1.0, strict=True, allow_inf_nan=False)]
+
+
+class _FeedbackBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+
+    def training_fields(self) -> dict[str, Any]:
+        """``kind`` and the fields a model learns from: what the content hash covers."""
+        return self.model_dump(exclude={"metadata"})
+
+
+class SftFeedback(_FeedbackBase):
+    kind: Literal["sft"]
+    prompt: FeedbackText
+    completion: FeedbackText
+
+
+class PreferenceFeedback(_FeedbackBase):
+    kind: Literal["preference"]
+    prompt: FeedbackText
+    chosen: FeedbackText
+    rejected: FeedbackText
+
+    @field_validator("rejected")
+    @classmethod
+    def _differs_from_chosen(cls, rejected: str, info: ValidationInfo) -> str:
+        if rejected == info.data.get("chosen"):
+            raise ValueError("must differ from chosen")
+        return rejected
+
+
+class RatingFeedback(_FeedbackBase):
+    kind: Literal["rating"]
+    prompt: FeedbackText
+    response: FeedbackText
+    score: Score
+
+
+FeedbackIn = Annotated[SftFeedback | PreferenceFeedback | RatingFeedback, Field(discriminator="kind")]
+_FEEDBACK_IN: TypeAdapter[SftFeedback | PreferenceFeedback | RatingFeedback] = TypeAdapter(FeedbackIn)
+
+
+@dataclass(frozen=True)
+class FeedbackLimits:
+    """Size limits of one ingest call (defaults as in ``Settings``)."""
+
+    max_records: int = Settings.model_fields["max_feedback_batch"].default
+    max_record_bytes: int = Settings.model_fields["max_feedback_record_bytes"].default
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FeedbackLimits:
+        return cls(
+            max_records=settings.max_feedback_batch, max_record_bytes=settings.max_feedback_record_bytes
+        )
+
+
+DEFAULT_LIMITS = FeedbackLimits()
+
+
+class FeedbackRecordError(ValidationError):
+    """One record of a batch was refused; ``index`` and ``field`` (dotted, "" for the whole record) say where."""
+
+    def __init__(self, message: str, *, index: int, field: str) -> None:
+        where = f"records[{index}]" + (f".{field}" if field else "")
+        super().__init__(f"{where}: {message}")
+        self.index = index
+        self.field = field
+
+
+class FeedbackRecordTooLargeError(PayloadTooLargeError, FeedbackRecordError):
+    """One record is larger than ``max_record_bytes``; ``field`` names its largest field."""
+
+
+@dataclass(frozen=True)
+class PreparedFeedback:
+    """A validated record, ready to store: ``payload`` is the fields and metadata, without ``kind``."""
+
+    kind: FeedbackKind
+    payload: dict[str, Any]
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """Ids in input order (a duplicate gets the id of the record it repeats), and the counts."""
+
+    ids: list[int]
+    created: int
+    duplicates: int
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one encoding that hashes and sizes use: sorted keys, no whitespace, UTF-8, no NaN."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8")
+
+
+def content_hash(record: SftFeedback | PreferenceFeedback | RatingFeedback) -> str:
+    return hashlib.sha256(canonical_json(record.training_fields())).hexdigest()
+
+
+def _field_of(error: Mapping[str, Any], *, kind: object) -> str:
+    """The dotted path of a pydantic error inside the record (without the union's tag)."""
+    if error["type"].startswith("union_tag"):
+        return "kind"
+    loc = list(error["loc"])
+    if loc and loc[0] == kind:  # a discriminated union puts the tag first
+        loc = loc[1:]
+    return ".".join(str(part) for part in loc)
+
+
+def _parse(raw: object, *, index: int) -> SftFeedback | PreferenceFeedback | RatingFeedback:
+    if not isinstance(raw, Mapping):
+        raise FeedbackRecordError("must be an object", index=index, field="")
+    try:
+        return _FEEDBACK_IN.validate_python(dict(raw))
+    except PydanticValidationError as exc:
+        first = exc.errors()[0]
+        field = _field_of(first, kind=raw.get("kind"))
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise FeedbackRecordError(message, index=index, field=field) from None
+
+
+def _encode_fields(dumped: Mapping[str, Any], *, index: int) -> dict[str, int]:
+    """Each top-level field's canonical size in bytes; a field JSON cannot carry is refused by name."""
+    sizes: dict[str, int] = {}
+    for name, value in dumped.items():
+        try:
+            sizes[name] = len(canonical_json(value))
+        except (ValueError, UnicodeEncodeError) as exc:
+            raise FeedbackRecordError(f"not encodable as JSON: {exc}", index=index, field=name) from None
+    return sizes
+
+
+def prepare_record(raw: object, *, index: int, limits: FeedbackLimits = DEFAULT_LIMITS) -> PreparedFeedback:
+    """Validate one record (``index`` is its place in the batch, for the error) and hash it."""
+    record = _parse(raw, index=index)
+    dumped = record.model_dump()
+    sizes = _encode_fields(dumped, index=index)
+    size = len(canonical_json(dumped))
+    if size > limits.max_record_bytes:
+        largest = max(sizes, key=lambda name: sizes[name])
+        message = f"record is {size} bytes, more than max_feedback_record_bytes={limits.max_record_bytes}"
+        raise FeedbackRecordTooLargeError(message, index=index, field=largest)
+    payload = {name: value for name, value in dumped.items() if name != "kind"}
+    return PreparedFeedback(kind=record.kind, payload=payload, content_hash=content_hash(record))
+
+
+def validate_feedback_batch(
+    records: Sequence[Mapping[str, Any]], *, limits: FeedbackLimits = DEFAULT_LIMITS
+) -> list[PreparedFeedback]:
+    """Validate a whole batch before anything is written; the first bad record raises, naming index and field."""
+    if isinstance(records, str | bytes) or not isinstance(records, Sequence):
+        raise ValidationError("records: must be a list of records")
+    if not records:
+        raise ValidationError("records: the batch is empty")
+    if len(records) > limits.max_records:
+        raise PayloadTooLargeError(
+            f"records: {len(records)} records, more than max_feedback_batch={limits.max_records}"
+        )
+    return [prepare_record(raw, index=index, limits=limits) for index, raw in enumerate(records)]
+
+
+def ingest_feedback(
+    db: Database,
+    *,
+    tenant_id: int,
+    user_external_id: str,
+    records: Sequence[Mapping[str, Any]],
+    limits: FeedbackLimits = DEFAULT_LIMITS,
+) -> IngestResult:
+    """Validate a batch, then store it all-or-nothing for the user (created if absent), deduplicated by
+    content hash within the batch and against the user's stored records."""
+    from lorafleet.store.sql import feedback as feedback_store
+    from lorafleet.store.sql.tenants import validate_external_id
+
+    validate_external_id(user_external_id)
+    prepared = validate_feedback_batch(records, limits=limits)
+    ids, created = feedback_store.insert_feedback(
+        db, tenant_id=tenant_id, external_id=user_external_id, records=prepared
+    )
+    return IngestResult(ids=ids, created=created, duplicates=len(ids) - created)
+
+
+def list_feedback(
+    db: Database, *, tenant_id: int, user_external_id: str, after_id: int | None = None, limit: int = 100
+) -> list[FeedbackRecord]:
+    """A user's records in id order after ``after_id``; an unknown user (or another tenant's) is NotFoundError."""
+    from lorafleet.store.sql import feedback as feedback_store
+    from lorafleet.store.sql.tenants import validate_external_id
+
+    validate_external_id(user_external_id)
+    return feedback_store.list_feedback(
+        db, tenant_id=tenant_id, external_id=user_external_id, after_id=after_id, limit=limit
+    )
+
+
+def users_with_new_feedback(
+    db: Database, *, tenant_id: int | None = None, min_new_records: int = 1, limit: int = 1000
+) -> list[FeedbackBacklog]:
+    """Users whose newest feedback is past what their adapters were trained on (see the store function)."""
+    from lorafleet.store.sql import feedback as feedback_store
+
+    return feedback_store.users_with_new_feedback(
+        db, tenant_id=tenant_id, min_new_records=min_new_records, limit=limit
+    )

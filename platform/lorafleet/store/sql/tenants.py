@@ -1,0 +1,207 @@
+"""Tenants, their API keys and their users.
+
+An API key is shown once, when it is made; the database keeps only its sha256 (to authenticate) and a short
+prefix (to recognise it in logs). Users are addressed by the tenant's own ``external_id``; a user of another
+tenant is reported as not found, never as forbidden, so ids of other tenants do not leak.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from lorafleet.domain import Tenant, User
+from lorafleet.errors import AuthError, NotFoundError, StoreError, ValidationError
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.models import SqlApiKey, SqlTenant, SqlUser, utcnow
+
+API_KEY_SCHEME = "lf_"
+#: ``lf_`` + 8 characters of the secret: enough to tell keys apart in logs, far too little to guess the rest.
+API_KEY_PREFIX_LENGTH = 11
+MAX_EXTERNAL_ID_LENGTH = 256
+MAX_TENANT_NAME_LENGTH = 128
+MAX_PAGE_SIZE = 1000
+
+
+def hash_api_key(api_key: str) -> str:
+    """The stored form of a key: hex sha256 of its UTF-8 bytes."""
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+def validate_external_id(external_id: object) -> str:
+    """A user's id in the tenant's own system: a non-empty, printable string of at most 256 characters."""
+    if not isinstance(external_id, str) or not external_id:
+        raise ValidationError("external_id: must be a non-empty string")
+    if len(external_id) > MAX_EXTERNAL_ID_LENGTH:
+        raise ValidationError(f"external_id: longer than {MAX_EXTERNAL_ID_LENGTH} characters")
+    if not external_id.isprintable():
+        raise ValidationError("external_id: contains non-printable characters")
+    return external_id
+
+
+def validate_tenant_name(name: object) -> str:
+    """A tenant's unique name: non-empty, printable, at most 128 characters."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValidationError("name: must be a non-empty string")
+    if len(name) > MAX_TENANT_NAME_LENGTH or not name.isprintable():
+        raise ValidationError(f"name: must be printable and at most {MAX_TENANT_NAME_LENGTH} characters")
+    return name
+
+
+def check_page(*, limit: int, offset: int = 0) -> None:
+    """Refuse pages that are empty, negative or larger than ``MAX_PAGE_SIZE``."""
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise ValidationError(f"limit: must be between 1 and {MAX_PAGE_SIZE}")
+    if offset < 0:
+        raise ValidationError("offset: must not be negative")
+
+
+def to_tenant(row: SqlTenant) -> Tenant:
+    return Tenant(id=row.id, name=row.name, created_at=row.created_at)
+
+
+def to_user(row: SqlUser) -> User:
+    return User(id=row.id, tenant_id=row.tenant_id, external_id=row.external_id, created_at=row.created_at)
+
+
+def require_tenant(session: Session, *, tenant_id: int) -> SqlTenant:
+    row = session.get(SqlTenant, tenant_id)
+    if row is None:
+        raise NotFoundError(f"tenant {tenant_id} not found")
+    return row
+
+
+def find_user(session: Session, *, tenant_id: int, external_id: str) -> SqlUser | None:
+    query = select(SqlUser).where(SqlUser.tenant_id == tenant_id, SqlUser.external_id == external_id)
+    return session.scalars(query).one_or_none()
+
+
+def get_or_create_user_row(session: Session, *, tenant_id: int, external_id: str) -> SqlUser:
+    """The user row, inserted if absent; safe when many transactions race to create the same user.
+
+    ``INSERT ... ON CONFLICT DO NOTHING`` never raises on the unique key: on PostgreSQL it waits for a
+    concurrent inserter to commit, and the following SELECT (a fresh snapshot under READ COMMITTED) sees its
+    row. SQLite transactions are serialised by ``BEGIN IMMEDIATE``.
+    """
+    existing = find_user(session, tenant_id=tenant_id, external_id=external_id)
+    if existing is not None:
+        return existing
+    require_tenant(session, tenant_id=tenant_id)
+    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    statement = dialect_insert(SqlUser).values(
+        tenant_id=tenant_id, external_id=external_id, created_at=utcnow()
+    )
+    session.execute(statement.on_conflict_do_nothing(index_elements=["tenant_id", "external_id"]))
+    row = find_user(session, tenant_id=tenant_id, external_id=external_id)
+    if row is None:  # inserted above or by the transaction the insert waited for: cannot be missing
+        raise StoreError(f"user {external_id!r} vanished while being created")
+    return row
+
+
+def _new_api_key_row(*, tenant_id: int) -> tuple[SqlApiKey, str]:
+    api_key = API_KEY_SCHEME + secrets.token_urlsafe(32)
+    row = SqlApiKey(
+        tenant_id=tenant_id, key_hash=hash_api_key(api_key), prefix=api_key[:API_KEY_PREFIX_LENGTH]
+    )
+    return row, api_key
+
+
+class TenantRepository:
+    """Tenants, API keys and users; every method is one transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def create_tenant(self, *, name: str) -> tuple[Tenant, str]:
+        """A new tenant and its first API key (plaintext, shown only now). A taken name: AlreadyExistsError."""
+        name = validate_tenant_name(name)
+        with self.db.session() as session:
+            tenant = SqlTenant(name=name)
+            session.add(tenant)
+            session.flush()
+            key_row, api_key = _new_api_key_row(tenant_id=tenant.id)
+            session.add(key_row)
+            return to_tenant(tenant), api_key
+
+    def create_api_key(self, *, tenant_id: int) -> str:
+        """Another key for the tenant (e.g. for rotation); returns the plaintext, shown only now."""
+        with self.db.session() as session:
+            require_tenant(session, tenant_id=tenant_id)
+            key_row, api_key = _new_api_key_row(tenant_id=tenant_id)
+            session.add(key_row)
+            return api_key
+
+    def revoke_api_key(self, *, api_key: str) -> None:
+        """Revoke a key (idempotent: the first revocation time is kept); an unknown key is NotFoundError."""
+        with self.db.session() as session:
+            row = session.scalars(
+                select(SqlApiKey).where(SqlApiKey.key_hash == hash_api_key(api_key))
+            ).first()
+            if row is None:
+                raise NotFoundError("API key not found")
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+
+    def authenticate(self, *, api_key: str) -> Tenant:
+        """The tenant owning an active key; an unknown, malformed or revoked key is AuthError."""
+        if not isinstance(api_key, str) or not api_key.startswith(API_KEY_SCHEME):
+            raise AuthError("invalid API key")
+        presented = hash_api_key(api_key)
+        with self.db.session() as session:
+            query = (
+                select(SqlApiKey, SqlTenant)
+                .join(SqlTenant, SqlTenant.id == SqlApiKey.tenant_id)
+                .where(SqlApiKey.key_hash == presented)
+            )
+            found = session.execute(query).first()
+            # the lookup is by hash already; compare_digest keeps the final check constant-time
+            if found is None or not hmac.compare_digest(found[0].key_hash, presented):
+                raise AuthError("invalid API key")
+            if found[0].revoked_at is not None:
+                raise AuthError(f"API key {found[0].prefix}... has been revoked")
+            return to_tenant(found[1])
+
+    def get_tenant(self, *, tenant_id: int | None = None, name: str | None = None) -> Tenant:
+        """A tenant by id or by name (exactly one of them); NotFoundError if there is none."""
+        if (tenant_id is None) == (name is None):
+            raise ValidationError("get_tenant: pass exactly one of tenant_id and name")
+        with self.db.session() as session:
+            if tenant_id is not None:
+                return to_tenant(require_tenant(session, tenant_id=tenant_id))
+            row = session.scalars(select(SqlTenant).where(SqlTenant.name == name)).one_or_none()
+            if row is None:
+                raise NotFoundError(f"tenant {name!r} not found")
+            return to_tenant(row)
+
+    def list_tenants(self, *, limit: int = MAX_PAGE_SIZE, offset: int = 0) -> list[Tenant]:
+        check_page(limit=limit, offset=offset)
+        with self.db.session() as session:
+            rows = session.scalars(select(SqlTenant).order_by(SqlTenant.id).limit(limit).offset(offset))
+            return [to_tenant(row) for row in rows]
+
+    def get_or_create_user(self, *, tenant_id: int, external_id: str) -> User:
+        """The tenant's user with this external id, created on first sight (race-safe)."""
+        external_id = validate_external_id(external_id)
+        with self.db.session() as session:
+            return to_user(get_or_create_user_row(session, tenant_id=tenant_id, external_id=external_id))
+
+    def get_user(self, *, tenant_id: int, external_id: str) -> User:
+        """The tenant's user; NotFoundError if absent (also when only another tenant has that id)."""
+        external_id = validate_external_id(external_id)
+        with self.db.session() as session:
+            row = find_user(session, tenant_id=tenant_id, external_id=external_id)
+            if row is None:
+                raise NotFoundError(f"user {external_id!r} not found")
+            return to_user(row)
+
+    def list_users(self, *, tenant_id: int, limit: int = 100, offset: int = 0) -> list[User]:
+        """The tenant's users in creation order, one page at a time."""
+        check_page(limit=limit, offset=offset)
+        with self.db.session() as session:
+            query = select(SqlUser).where(SqlUser.tenant_id == tenant_id).order_by(SqlUser.id)
+            return [to_user(row) for row in session.scalars(query.limit(limit).offset(offset))]
