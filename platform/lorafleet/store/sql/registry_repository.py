@@ -1,0 +1,477 @@
+"""SQL side of the adapter registry: tenant-scoped queries over adapters, versions, aliases and lineage.
+
+Every method runs inside a session the caller (``lorafleet.registry.Registry``) opened with
+``Database.session()``, so one registry operation is one transaction. Every lookup joins through
+``adapters.tenant_id``: an id of another tenant is reported exactly like a missing one. ORM rows never leave
+this module; methods return the frozen objects of ``lorafleet.domain``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, cast
+
+from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from lorafleet.domain import (
+    LIVE,
+    Adapter,
+    AdapterVersion,
+    AliasEvent,
+    DatasetSnapshot,
+    Job,
+    JobState,
+    LineageEdge,
+    LineageRelation,
+    VersionStatus,
+)
+from lorafleet.errors import NotFoundError
+from lorafleet.store.sql.models import (
+    SqlAdapter,
+    SqlAdapterVersion,
+    SqlAlias,
+    SqlAliasEvent,
+    SqlDatasetSnapshot,
+    SqlJob,
+    SqlLineageEdge,
+    SqlTenant,
+    SqlUser,
+    utcnow,
+)
+
+#: PostgreSQL advisory-lock key that orders "GC deletes a blob" against "a version row starts to use it".
+BLOB_GC_LOCK_KEY = 0x6C6F7261_67630001
+_IN_CHUNK = 500
+
+Direction = Literal["ancestors", "descendants"]
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """The metadata of a version about to be inserted (its blob is already in the object store)."""
+
+    blob_uri: str
+    sha256: str
+    size_bytes: int
+    base_fingerprint: str
+    rank: int
+    target_modules: tuple[str, ...]
+    training_config: dict[str, Any]
+    metrics: dict[str, Any]
+    status: VersionStatus
+    job_id: int | None
+    dataset_snapshot_id: int | None
+    parents: tuple[tuple[int, LineageRelation], ...]
+
+
+class RegistryRepository:
+    """Tenant-scoped SQL for the registry; stateless apart from the dialect (locks and upserts differ)."""
+
+    def __init__(self, *, dialect: str) -> None:
+        self._postgres = dialect == "postgresql"
+
+    # --- tenants, users, adapters -----------------------------------------------------------------------
+    def require_tenant(self, session: Session, *, tenant_id: int) -> None:
+        if session.get(SqlTenant, tenant_id) is None:
+            raise NotFoundError(f"tenant {tenant_id} not found")
+
+    def require_user(self, session: Session, *, tenant_id: int, user_id: int) -> None:
+        found = session.scalar(
+            select(SqlUser.id).where(SqlUser.id == user_id, SqlUser.tenant_id == tenant_id)
+        )
+        if found is None:
+            raise NotFoundError(f"user {user_id} not found")
+
+    def insert_adapter(
+        self,
+        session: Session,
+        *,
+        tenant_id: int,
+        owner_user_id: int | None,
+        name: str,
+        target_config: dict[str, Any],
+    ) -> Adapter:
+        row = SqlAdapter(
+            tenant_id=tenant_id,
+            owner_user_id=owner_user_id,
+            name=name,
+            target_config=target_config,
+            version_count=0,
+        )
+        session.add(row)
+        session.flush()
+        return _adapter(row)
+
+    def get_adapter(
+        self, session: Session, *, tenant_id: int, adapter_id: int, lock: bool = False
+    ) -> Adapter:
+        """The tenant's adapter; ``lock`` takes its row lock (PostgreSQL) to serialise alias moves."""
+        stmt = select(SqlAdapter).where(SqlAdapter.id == adapter_id, SqlAdapter.tenant_id == tenant_id)
+        if lock and self._postgres:
+            stmt = stmt.with_for_update(key_share=True)  # FOR NO KEY UPDATE: FK inserts still proceed
+        row = session.scalar(stmt)
+        if row is None:
+            raise NotFoundError(f"adapter {adapter_id} not found")
+        return _adapter(row)
+
+    def find_adapter(
+        self, session: Session, *, tenant_id: int, owner_user_id: int | None, name: str
+    ) -> Adapter | None:
+        owner = SqlAdapter.owner_user_id
+        stmt = select(SqlAdapter).where(
+            SqlAdapter.tenant_id == tenant_id,
+            SqlAdapter.name == name,
+            owner.is_(None) if owner_user_id is None else owner == owner_user_id,
+        )
+        row = session.scalar(stmt)
+        return None if row is None else _adapter(row)
+
+    def list_adapters(self, session: Session, *, tenant_id: int, owner_user_id: int | None) -> list[Adapter]:
+        stmt = select(SqlAdapter).where(SqlAdapter.tenant_id == tenant_id).order_by(SqlAdapter.id)
+        if owner_user_id is not None:
+            stmt = stmt.where(SqlAdapter.owner_user_id == owner_user_id)
+        return [_adapter(row) for row in session.scalars(stmt)]
+
+    # --- versions -------------------------------------------------------------------------------------------
+    def check_references(self, session: Session, *, tenant_id: int, adapter_id: int, new: NewVersion) -> None:
+        """Raise ``NotFoundError`` unless the adapter, parents, job and snapshot are all this tenant's."""
+        self.get_adapter(session, tenant_id=tenant_id, adapter_id=adapter_id)
+        self._require_versions(session, tenant_id=tenant_id, version_ids=[p for p, _ in new.parents])
+        if new.job_id is not None:
+            self._require_job(session, tenant_id=tenant_id, job_id=new.job_id)
+        if new.dataset_snapshot_id is not None:
+            self._require_snapshot(session, tenant_id=tenant_id, snapshot_id=new.dataset_snapshot_id)
+
+    def _require_versions(self, session: Session, *, tenant_id: int, version_ids: Sequence[int]) -> None:
+        if not version_ids:
+            return
+        stmt = _scoped_versions(tenant_id).where(SqlAdapterVersion.id.in_(version_ids))
+        found = {row.id for row in session.scalars(stmt)}
+        missing = sorted(set(version_ids) - found)
+        if missing:
+            raise NotFoundError(f"version {missing[0]} not found")
+
+    def _require_job(self, session: Session, *, tenant_id: int, job_id: int) -> None:
+        """A job of this tenant, or a system job (``tenant_id`` NULL, e.g. a batch across users)."""
+        stmt = select(SqlJob.id).where(
+            SqlJob.id == job_id, or_(SqlJob.tenant_id == tenant_id, SqlJob.tenant_id.is_(None))
+        )
+        if session.scalar(stmt) is None:
+            raise NotFoundError(f"job {job_id} not found")
+
+    def _require_snapshot(self, session: Session, *, tenant_id: int, snapshot_id: int) -> None:
+        """A snapshot of one of this tenant's users, or one with no user (the table has no tenant column)."""
+        stmt = _scoped_snapshots(tenant_id).where(SqlDatasetSnapshot.id == snapshot_id)
+        if session.scalar(stmt) is None:
+            raise NotFoundError(f"dataset snapshot {snapshot_id} not found")
+
+    def next_version_number(self, session: Session, *, tenant_id: int, adapter_id: int) -> int:
+        """Bump ``version_count`` atomically and return it: the row lock (PostgreSQL) or the database
+        write lock (SQLite) is held until commit, and a rollback undoes the bump, so numbers have no gaps."""
+        stmt = (
+            update(SqlAdapter)
+            .where(SqlAdapter.id == adapter_id, SqlAdapter.tenant_id == tenant_id)
+            .values(version_count=SqlAdapter.version_count + 1)
+            .returning(SqlAdapter.version_count)
+            .execution_options(synchronize_session=False)
+        )
+        number = session.execute(stmt).scalar_one_or_none()
+        if number is None:
+            raise NotFoundError(f"adapter {adapter_id} not found")
+        return int(number)
+
+    def insert_version(
+        self, session: Session, *, adapter_id: int, number: int, new: NewVersion
+    ) -> AdapterVersion:
+        row = SqlAdapterVersion(
+            adapter_id=adapter_id,
+            number=number,
+            blob_uri=new.blob_uri,
+            sha256=new.sha256,
+            size_bytes=new.size_bytes,
+            base_fingerprint=new.base_fingerprint,
+            rank=new.rank,
+            target_modules=list(new.target_modules),
+            training_config=new.training_config,
+            metrics=new.metrics,
+            status=new.status,
+            job_id=new.job_id,
+            dataset_snapshot_id=new.dataset_snapshot_id,
+            created_at=utcnow(),
+        )
+        session.add(row)
+        session.flush()
+        session.add_all(
+            SqlLineageEdge(child_version_id=row.id, parent_version_id=parent, relation=relation)
+            for parent, relation in new.parents
+        )
+        session.flush()
+        return _version(row)
+
+    def get_version(
+        self, session: Session, *, tenant_id: int, adapter_id: int, number: int
+    ) -> AdapterVersion:
+        stmt = _scoped_versions(tenant_id).where(
+            SqlAdapterVersion.adapter_id == adapter_id, SqlAdapterVersion.number == number
+        )
+        row = session.scalar(stmt)
+        if row is None:
+            raise NotFoundError(f"version {number} of adapter {adapter_id} not found")
+        return _version(row)
+
+    def get_version_by_id(self, session: Session, *, tenant_id: int, version_id: int) -> AdapterVersion:
+        row = session.scalar(_scoped_versions(tenant_id).where(SqlAdapterVersion.id == version_id))
+        if row is None:
+            raise NotFoundError(f"version {version_id} not found")
+        return _version(row)
+
+    def list_versions(
+        self, session: Session, *, tenant_id: int, adapter_id: int, status: VersionStatus | None
+    ) -> list[AdapterVersion]:
+        self.get_adapter(session, tenant_id=tenant_id, adapter_id=adapter_id)
+        stmt = (
+            select(SqlAdapterVersion)
+            .where(SqlAdapterVersion.adapter_id == adapter_id)
+            .order_by(SqlAdapterVersion.number)
+        )
+        if status is not None:
+            stmt = stmt.where(SqlAdapterVersion.status == status)
+        return [_version(row) for row in session.scalars(stmt)]
+
+    def update_status(self, session: Session, *, version_id: int, status: VersionStatus) -> None:
+        session.execute(
+            update(SqlAdapterVersion)
+            .where(SqlAdapterVersion.id == version_id)
+            .values(status=status)
+            .execution_options(synchronize_session=False)
+        )
+
+    # --- the live alias --------------------------------------------------------------------------------------
+    def live_version(self, session: Session, *, tenant_id: int, adapter_id: int) -> AdapterVersion | None:
+        """One indexed query (primary keys only); ``NotFoundError`` if the adapter is not this tenant's."""
+        stmt = (
+            select(SqlAdapter.id, SqlAdapterVersion)
+            .select_from(SqlAdapter)
+            .outerjoin(SqlAlias, and_(SqlAlias.adapter_id == SqlAdapter.id, SqlAlias.name == LIVE))
+            .outerjoin(SqlAdapterVersion, SqlAdapterVersion.id == SqlAlias.version_id)
+            .where(SqlAdapter.id == adapter_id, SqlAdapter.tenant_id == tenant_id)
+        )
+        row = session.execute(stmt).one_or_none()
+        if row is None:
+            raise NotFoundError(f"adapter {adapter_id} not found")
+        return None if row[1] is None else _version(row[1])
+
+    def move_live(
+        self,
+        session: Session,
+        *,
+        adapter_id: int,
+        current: AdapterVersion | None,
+        target: AdapterVersion | None,
+        actor: str,
+        reason: str,
+    ) -> AliasEvent:
+        """Point ``live`` at ``target`` (None = no adapter) with an upsert, fix both versions' status and
+        record the move; the caller holds the adapter's lock and commits all of it as one transaction."""
+        now = utcnow()
+        if current is not None:
+            self.update_status(session, version_id=current.id, status="archived")
+        if target is not None:
+            self.update_status(session, version_id=target.id, status="live")
+        self._upsert_live(
+            session, adapter_id=adapter_id, version_id=None if target is None else target.id, now=now
+        )
+        event = SqlAliasEvent(
+            adapter_id=adapter_id,
+            alias=LIVE,
+            from_version_id=None if current is None else current.id,
+            to_version_id=None if target is None else target.id,
+            actor=actor,
+            reason=reason,
+            created_at=now,
+        )
+        session.add(event)
+        session.flush()
+        return _event(event)
+
+    def _upsert_live(
+        self, session: Session, *, adapter_id: int, version_id: int | None, now: datetime
+    ) -> None:
+        insert = pg_insert if self._postgres else sqlite_insert
+        stmt = insert(SqlAlias).values(
+            adapter_id=adapter_id, name=LIVE, version_id=version_id, updated_at=now
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[SqlAlias.adapter_id, SqlAlias.name],
+            set_={"version_id": stmt.excluded.version_id, "updated_at": stmt.excluded.updated_at},
+        )
+        session.execute(stmt)
+
+    def alias_history(self, session: Session, *, tenant_id: int, adapter_id: int) -> list[AliasEvent]:
+        self.get_adapter(session, tenant_id=tenant_id, adapter_id=adapter_id)
+        stmt = select(SqlAliasEvent).where(SqlAliasEvent.adapter_id == adapter_id).order_by(SqlAliasEvent.id)
+        return [_event(row) for row in session.scalars(stmt)]
+
+    # --- lineage ------------------------------------------------------------------------------------------
+    def lineage_edges(self, session: Session, *, version_id: int, direction: Direction) -> list[LineageEdge]:
+        """Every edge reachable from a version going up (parents) or down (children): one recursive query.
+
+        ``UNION`` (not ``UNION ALL``) visits each edge once, so diamonds from merges never multiply paths."""
+        edges = SqlLineageEdge.__table__
+        step = edges.alias("step")
+        cols = (edges.c.child_version_id, edges.c.parent_version_id, edges.c.relation)
+        up = direction == "ancestors"
+        start = edges.c.child_version_id if up else edges.c.parent_version_id
+        walk = select(*cols).where(start == version_id).cte("walk", recursive=True)
+        link = (
+            step.c.child_version_id == walk.c.parent_version_id
+            if up
+            else step.c.parent_version_id == walk.c.child_version_id
+        )
+        walk = walk.union(
+            select(step.c.child_version_id, step.c.parent_version_id, step.c.relation).join(walk, link)
+        )
+        rows = session.execute(select(walk)).all()
+        return [LineageEdge(int(c), int(p), cast(LineageRelation, r)) for c, p, r in rows]
+
+    def lineage_nodes(
+        self, session: Session, *, tenant_id: int, version_ids: Iterable[int]
+    ) -> list[tuple[AdapterVersion, DatasetSnapshot | None, Job | None]]:
+        """Versions (this tenant's only) with the dataset snapshot and job that produced each."""
+        out: list[tuple[AdapterVersion, DatasetSnapshot | None, Job | None]] = []
+        for chunk in _chunks(sorted(set(version_ids))):
+            stmt = (
+                select(SqlAdapterVersion, SqlDatasetSnapshot, SqlJob)
+                .join(SqlAdapter, SqlAdapter.id == SqlAdapterVersion.adapter_id)
+                .outerjoin(SqlDatasetSnapshot, SqlDatasetSnapshot.id == SqlAdapterVersion.dataset_snapshot_id)
+                .outerjoin(SqlJob, SqlJob.id == SqlAdapterVersion.job_id)
+                .where(SqlAdapter.tenant_id == tenant_id, SqlAdapterVersion.id.in_(chunk))
+            )
+            for version, snapshot, job in session.execute(stmt).tuples():
+                out.append((_version(version), _snapshot(snapshot), _job(job)))
+        return out
+
+    # --- blobs and the garbage collector ----------------------------------------------------------------
+    def lock_blobs(self, session: Session, *, exclusive: bool) -> None:
+        """Registration takes this shared, the GC exclusive, each until commit: a PostgreSQL advisory lock;
+        on SQLite, starting the transaction now (``BEGIN IMMEDIATE``) takes the database write lock."""
+        if self._postgres:
+            fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+            session.execute(text(f"SELECT {fn}(:key)"), {"key": BLOB_GC_LOCK_KEY})
+        else:
+            session.connection()  # begins the transaction before the caller looks at the object store
+
+    def referenced_sha256s(self, session: Session, *, digests: Iterable[str]) -> set[str]:
+        """The digests among ``digests`` that some version row uses (index on ``sha256``)."""
+        found: set[str] = set()
+        for chunk in _chunks(sorted(set(digests))):
+            stmt = select(SqlAdapterVersion.sha256).where(SqlAdapterVersion.sha256.in_(chunk)).distinct()
+            found.update(session.scalars(stmt))
+        return found
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+def _scoped_versions(tenant_id: int) -> Any:
+    return (
+        select(SqlAdapterVersion)
+        .join(SqlAdapter, SqlAdapter.id == SqlAdapterVersion.adapter_id)
+        .where(SqlAdapter.tenant_id == tenant_id)
+    )
+
+
+def _scoped_snapshots(tenant_id: int) -> Any:
+    return (
+        select(SqlDatasetSnapshot.id)
+        .outerjoin(SqlUser, SqlUser.id == SqlDatasetSnapshot.user_id)
+        .where(or_(SqlDatasetSnapshot.user_id.is_(None), SqlUser.tenant_id == tenant_id))
+    )
+
+
+def _chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(values), _IN_CHUNK):
+        yield values[start : start + _IN_CHUNK]
+
+
+def _adapter(row: SqlAdapter) -> Adapter:
+    return Adapter(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        owner_user_id=row.owner_user_id,
+        name=row.name,
+        target_config=dict(row.target_config or {}),
+        created_at=row.created_at,
+    )
+
+
+def _version(row: SqlAdapterVersion) -> AdapterVersion:
+    return AdapterVersion(
+        id=row.id,
+        adapter_id=row.adapter_id,
+        number=row.number,
+        blob_uri=row.blob_uri,
+        sha256=row.sha256,
+        size_bytes=row.size_bytes,
+        base_fingerprint=row.base_fingerprint,
+        rank=row.rank,
+        target_modules=tuple(row.target_modules),
+        training_config=dict(row.training_config or {}),
+        metrics=dict(row.metrics or {}),
+        status=cast(VersionStatus, row.status),
+        created_at=row.created_at,
+        job_id=row.job_id,
+        dataset_snapshot_id=row.dataset_snapshot_id,
+    )
+
+
+def _event(row: SqlAliasEvent) -> AliasEvent:
+    return AliasEvent(
+        id=row.id,
+        adapter_id=row.adapter_id,
+        alias=row.alias,
+        from_version_id=row.from_version_id,
+        to_version_id=row.to_version_id,
+        actor=row.actor,
+        reason=row.reason,
+        created_at=row.created_at,
+    )
+
+
+def _snapshot(row: SqlDatasetSnapshot | None) -> DatasetSnapshot | None:
+    if row is None:
+        return None
+    return DatasetSnapshot(
+        id=row.id,
+        user_id=row.user_id,
+        record_count=row.record_count,
+        content_hash=row.content_hash,
+        min_record_id=row.min_record_id,
+        max_record_id=row.max_record_id,
+        record_ids=None if row.record_ids is None else tuple(int(i) for i in row.record_ids),
+        details=dict(row.details or {}),
+        created_at=row.created_at,
+    )
+
+
+def _job(row: SqlJob | None) -> Job | None:
+    if row is None:
+        return None
+    return Job(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        kind=row.kind,
+        state=cast(JobState, row.state),
+        payload=dict(row.payload or {}),
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        created_at=row.created_at,
+        dedupe_key=row.dedupe_key,
+        result=row.result,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        error=row.error,
+    )
