@@ -171,7 +171,31 @@ def _trained_through() -> Any:
 
 
 def users_with_new_feedback(
-    db: Database, *, tenant_id: int | None = None, min_new_records: int = 1, limit: int = 1000
+    db: Database,
+    *,
+    tenant_id: int | None = None,
+    min_new_records: int = 1,
+    limit: int = 1000,
+    after_user_id: int | None = None,
+) -> list[FeedbackBacklog]:
+    """Users with at least ``min_new_records`` new records, in their own transaction (see ``read_backlog``)."""
+    with db.session() as session:
+        return read_backlog(
+            session,
+            tenant_id=tenant_id,
+            min_new_records=min_new_records,
+            limit=limit,
+            after_user_id=after_user_id,
+        )
+
+
+def read_backlog(
+    session: Session,
+    *,
+    tenant_id: int | None = None,
+    min_new_records: int = 1,
+    limit: int = 1000,
+    after_user_id: int | None = None,
 ) -> list[FeedbackBacklog]:
     """Users with at least ``min_new_records`` records newer than what their adapters were trained on.
 
@@ -179,6 +203,8 @@ def users_with_new_feedback(
     own adapters (candidate, live, rejected or archived alike: a rejected version still consumed its data,
     so the scheduler does not retrain on the same records in a loop; a version without a snapshot, e.g. an
     import, does not reset it). One query; the new records are a range scan of ``ix_feedback_user_id_id``.
+    Results are in user id order; ``after_user_id`` pages through them (keyset). Runs in the caller's
+    session, so the scheduler reads it in the transaction that decides and inserts jobs.
     """
     if min_new_records < 1:
         raise ValidationError("min_new_records: must be at least 1")
@@ -200,8 +226,9 @@ def users_with_new_feedback(
     )
     if tenant_id is not None:
         query = query.where(SqlUser.tenant_id == tenant_id)
-    with db.session() as session:
-        return [_to_backlog(row) for row in session.execute(query)]
+    if after_user_id is not None:
+        query = query.where(SqlUser.id > after_user_id)
+    return [_to_backlog(row) for row in session.execute(query)]
 
 
 def _to_backlog(row: Any) -> FeedbackBacklog:

@@ -294,6 +294,24 @@ class SqlAliasEvent(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class SqlJobUser(Base):
+    """A user a job trains, and the feedback id it trains through (its ``watermark``).
+
+    Kept as rows rather than inside ``jobs.payload`` so "users with an active job" and "a user's recent
+    failed jobs" are indexed joins instead of JSON scans.
+    """
+
+    __tablename__ = "job_users"
+
+    job_id: Mapped[int] = mapped_column(
+        BigIntKey, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    watermark: Mapped[int] = mapped_column(BigInteger)
+
+
 __all__ = [
     "Base",
     "SqlTenant",
@@ -307,4 +325,5 @@ __all__ = [
     "SqlLineageEdge",
     "SqlAlias",
     "SqlAliasEvent",
+    "SqlJobUser",
 ]

@@ -1,0 +1,331 @@
+"""The continual-learning scheduler: every tick, find the users that are due and queue training jobs.
+
+A user is *due* with at least ``min_new_records`` feedback records newer than their adapters were trained
+on, or with any such record that has waited longer than ``max_staleness``. Due users already in a queued or
+running job are skipped, and so are users whose last ``failure_threshold`` jobs failed in a row, for a
+backoff that doubles with every further failure. The rest are grouped **per tenant** (so every job row
+keeps its ``tenant_id`` and stays visible to that tenant; the shared backbone still trains a whole job in
+one batch) into jobs of at most ``users_per_job`` users, longest-waiting first, while fewer than
+``max_active_jobs`` training jobs are active.
+
+A tick reads, decides and inserts in one transaction under a lock (a PostgreSQL transaction-scoped advisory
+lock; SQLite's ``BEGIN IMMEDIATE``), so two schedulers ticking at once never queue the same user twice. The
+job's dedupe key (its users and their watermarks) is a second guard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from itertools import groupby
+
+from sqlalchemy.orm import Session
+
+from lorafleet.domain import Job
+from lorafleet.errors import NotFoundError, ValidationError
+from lorafleet.jobs.queue import Clock, JobQueue, SubmitResult
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.feedback import FeedbackBacklog, read_backlog
+from lorafleet.store.sql.jobs_repository import FailureStreak, NewJob
+from lorafleet.store.sql.models import utcnow
+from lorafleet.store.sql.tenants import find_user, validate_external_id
+
+logger = logging.getLogger(__name__)
+
+TRAIN_JOB_KIND = "train"
+#: Why a user with new feedback got no job this tick.
+SKIP_REASONS = ("not_due", "active_job", "backoff", "capacity", "duplicate")
+_BACKLOG_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class SchedulerPolicy:
+    """When a user is due, how users are grouped, and how hard to back off from failing users."""
+
+    min_new_records: int = 8
+    max_staleness: timedelta = timedelta(hours=1)
+    users_per_job: int = 8
+    max_active_jobs: int = 4
+    #: this many failed jobs in a row (for a user) start a backoff of ``failure_backoff``
+    failure_threshold: int = 3
+    failure_backoff: timedelta = timedelta(hours=1)
+    #: the backoff doubles with each further failure, up to this
+    max_failure_backoff: timedelta = timedelta(hours=24)
+    #: attempts per job (retries with backoff happen inside one job, see ``JobQueue.fail``)
+    max_attempts: int = 3
+    #: users with new feedback examined per tick at most (paged, in user id order)
+    max_scanned_users: int = 100_000
+
+    def __post_init__(self) -> None:
+        _require(self.min_new_records >= 1, "min_new_records: must be at least 1")
+        _require(self.max_staleness > timedelta(0), "max_staleness: must be positive")
+        _require(1 <= self.users_per_job <= 64, "users_per_job: must be between 1 and 64")
+        _require(self.max_active_jobs >= 1, "max_active_jobs: must be at least 1")
+        _require(self.failure_threshold >= 1, "failure_threshold: must be at least 1")
+        _require(self.failure_backoff > timedelta(0), "failure_backoff: must be positive")
+        _require(
+            self.max_failure_backoff >= self.failure_backoff,
+            "max_failure_backoff: must be at least failure_backoff",
+        )
+        _require(1 <= self.max_attempts <= 100, "max_attempts: must be between 1 and 100")
+        _require(self.max_scanned_users >= 1, "max_scanned_users: must be at least 1")
+
+    def is_due(self, *, new_records: int, oldest_new_at: datetime, now: datetime) -> bool:
+        return new_records >= self.min_new_records or now - oldest_new_at >= self.max_staleness
+
+    def backoff_until(self, streak: FailureStreak) -> datetime | None:
+        """Until when a user with this failure streak is skipped; None if they are not backed off."""
+        if streak.failures < self.failure_threshold:
+            return None
+        doublings = min(streak.failures - self.failure_threshold, 64)
+        seconds = self.failure_backoff.total_seconds() * 2.0**doublings
+        return streak.last_failed_at + timedelta(
+            seconds=min(seconds, self.max_failure_backoff.total_seconds())
+        )
+
+    @property
+    def streak_depth(self) -> int:
+        """How many of a user's newest finished jobs can change their backoff (more cannot: it is capped)."""
+        ratio = self.max_failure_backoff / self.failure_backoff
+        return self.failure_threshold + math.ceil(math.log2(ratio)) + 1
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValidationError(f"SchedulerPolicy.{message}")
+
+
+@dataclass(frozen=True)
+class TickResult:
+    """What one tick did: the jobs it queued, how many users were due, and users skipped by reason
+    (``SKIP_REASONS``; ``not_due`` counts users with some new feedback that are not due yet)."""
+
+    jobs_created: list[Job]
+    due_users: int
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def users_queued(self) -> int:
+        return sum(len(job.payload.get("users", [])) for job in self.jobs_created)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    backlog: FeedbackBacklog
+    oldest_new_at: datetime
+
+    @property
+    def user_id(self) -> int:
+        return self.backlog.user_id
+
+
+def train_dedupe_key(users: Sequence[tuple[int, int]]) -> str:
+    """``train:`` + sha256 of the sorted ``(user_id, watermark)`` pairs: the same users at the same data
+    are the same work."""
+    encoded = json.dumps(sorted([int(u), int(w)] for u, w in users), separators=(",", ":"))
+    return "train:" + hashlib.sha256(encoded.encode("ascii")).hexdigest()
+
+
+def _train_payload(users: Sequence[FeedbackBacklog]) -> dict[str, object]:
+    """``watermark``: the newest feedback id to train through; ``trained_through_id``: where the
+    user's versions stood when the job was queued (None: never trained)."""
+    return {
+        "users": [
+            {
+                "user_id": u.user_id,
+                "external_id": u.external_id,
+                "watermark": u.last_record_id,
+                "trained_through_id": u.trained_through_id,
+            }
+            for u in users
+        ]
+    }
+
+
+class Scheduler:
+    """Turns feedback backlogs into training jobs according to a ``SchedulerPolicy``."""
+
+    def __init__(
+        self,
+        db: Database,
+        policy: SchedulerPolicy | None = None,
+        *,
+        queue: JobQueue | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.db = db
+        self.policy = policy or SchedulerPolicy()
+        self.queue = queue or JobQueue(db, clock=clock or utcnow)
+        self.clock = clock or self.queue.clock
+        self._repo = self.queue.repository
+
+    # --- one tick -----------------------------------------------------------------------------------------
+    def tick(self) -> TickResult:
+        """Queue jobs for the users due now; safe to run from several processes at once."""
+        skipped: Counter[str] = Counter()
+        with self.db.session() as session:
+            self._repo.lock_scheduler(session)
+            now = self.clock()  # after the lock: a tick that waited for another decides on fresh time
+            due = self._due(session, now=now, skipped=skipped)
+            ready = self._ready(session, due=due, now=now, skipped=skipped)
+            groups = self._groups(session, ready=ready, skipped=skipped)
+            created = self._insert(session, groups=groups, now=now, skipped=skipped)
+        return TickResult(jobs_created=created, due_users=len(due), skipped=dict(+skipped))
+
+    def _backlog(self, session: Session) -> list[FeedbackBacklog]:
+        """Every user with at least one new record, paged by user id (up to ``max_scanned_users``)."""
+        found: list[FeedbackBacklog] = []
+        after: int | None = None
+        while len(found) < self.policy.max_scanned_users:
+            page = read_backlog(session, min_new_records=1, limit=_BACKLOG_PAGE, after_user_id=after)
+            found.extend(page)
+            if len(page) < _BACKLOG_PAGE:
+                break
+            after = page[-1].user_id
+        return found[: self.policy.max_scanned_users]
+
+    def _due(self, session: Session, *, now: datetime, skipped: Counter[str]) -> list[_Candidate]:
+        backlog = self._backlog(session)
+        through = {b.user_id: b.trained_through_id for b in backlog}
+        oldest = self._repo.oldest_new_feedback_at(session, trained_through=through)
+        due: list[_Candidate] = []
+        for entry in backlog:
+            at = oldest.get(entry.user_id)
+            if at is not None and self.policy.is_due(
+                new_records=entry.new_records, oldest_new_at=at, now=now
+            ):
+                due.append(_Candidate(backlog=entry, oldest_new_at=at))
+            else:
+                skipped["not_due"] += 1
+        return due
+
+    def _ready(
+        self, session: Session, *, due: list[_Candidate], now: datetime, skipped: Counter[str]
+    ) -> list[_Candidate]:
+        """Due users minus those in an active job and those backed off after repeated failures."""
+        active = self._repo.active_user_ids(session)
+        free = [c for c in due if c.user_id not in active]
+        skipped["active_job"] += len(due) - len(free)
+        streaks = self._repo.failure_streaks(
+            session, user_ids=[c.user_id for c in free], kind=TRAIN_JOB_KIND, depth=self.policy.streak_depth
+        )
+        ready = [c for c in free if not self._backed_off(streaks.get(c.user_id), now=now)]
+        skipped["backoff"] += len(free) - len(ready)
+        return ready
+
+    def _backed_off(self, streak: FailureStreak | None, *, now: datetime) -> bool:
+        until = None if streak is None else self.policy.backoff_until(streak)
+        return until is not None and now < until
+
+    def _groups(
+        self, session: Session, *, ready: list[_Candidate], skipped: Counter[str]
+    ) -> list[list[_Candidate]]:
+        """Per tenant, longest-waiting first, chunks of ``users_per_job``; the longest-waiting chunks get
+        the free capacity (``max_active_jobs`` minus active training jobs)."""
+        size = self.policy.users_per_job
+        by_tenant = sorted(ready, key=lambda c: (c.backlog.tenant_id, c.oldest_new_at, c.user_id))
+        groups: list[list[_Candidate]] = []
+        for _tenant, members in groupby(by_tenant, key=lambda c: c.backlog.tenant_id):
+            users = list(members)
+            groups.extend(users[i : i + size] for i in range(0, len(users), size))
+        groups.sort(key=lambda g: (g[0].oldest_new_at, g[0].user_id))
+        capacity = max(self.policy.max_active_jobs - self._repo.count_active(session, kind=TRAIN_JOB_KIND), 0)
+        skipped["capacity"] += sum(len(g) for g in groups[capacity:])
+        return groups[:capacity]
+
+    def _insert(
+        self, session: Session, *, groups: list[list[_Candidate]], now: datetime, skipped: Counter[str]
+    ) -> list[Job]:
+        created: list[Job] = []
+        for group in groups:
+            new = self._new_job([c.backlog for c in group])
+            job, is_new = self._repo.insert_job(session, new=new, now=now)
+            if is_new:
+                created.append(job)
+            else:
+                skipped["duplicate"] += len(group)
+        return created
+
+    def _new_job(self, group: Sequence[FeedbackBacklog]) -> NewJob:
+        """One tenant's users at their current watermarks."""
+        users = [(u.user_id, u.last_record_id) for u in group]
+        return self.queue.new_job(
+            tenant_id=group[0].tenant_id,
+            kind=TRAIN_JOB_KIND,
+            payload=_train_payload(group),
+            user_ids=users,
+            dedupe_key=train_dedupe_key(users),
+            max_attempts=self.policy.max_attempts,
+        )
+
+    # --- one user, now ------------------------------------------------------------------------------------
+    def train_now(self, *, tenant_id: int, user_external_id: str) -> SubmitResult:
+        """Queue a job for one user at their current watermark, ignoring due-ness, capacity and backoff.
+
+        The user needs feedback newer than their last version (a user with no version yet: any feedback),
+        else ValidationError; an unknown user is NotFoundError. A user already in an active job gets that
+        job back (``created=False``): a user is never in two active jobs.
+        """
+        external_id = validate_external_id(user_external_id)
+        with self.db.session() as session:
+            self._repo.lock_scheduler(session)
+            user = find_user(session, tenant_id=tenant_id, external_id=external_id)
+            if user is None:
+                raise NotFoundError(f"user {external_id!r} not found")
+            active = self._repo.active_job_for_user(session, user_id=user.id)
+            if active is not None:
+                return SubmitResult(job=active, created=False)
+            entry = self._user_backlog(session, tenant_id=tenant_id, user_id=user.id)
+            job, created = self._repo.insert_job(session, new=self._new_job([entry]), now=self.clock())
+            return SubmitResult(job=job, created=created)
+
+    def _user_backlog(self, session: Session, *, tenant_id: int, user_id: int) -> FeedbackBacklog:
+        page = read_backlog(session, tenant_id=tenant_id, limit=1, after_user_id=user_id - 1)
+        if not page or page[0].user_id != user_id:
+            raise ValidationError("no feedback newer than the user's last version: nothing to train on")
+        return page[0]
+
+    # --- the loop -----------------------------------------------------------------------------------------
+    def run_loop(
+        self,
+        *,
+        interval_seconds: float,
+        stop_event: threading.Event,
+        on_tick: Callable[[TickResult], None] | None = None,
+    ) -> int:
+        """Tick every ``interval_seconds`` until ``stop_event`` is set; returns the number of ticks. A tick
+        that fails is logged and the loop goes on (the database may be back by the next one)."""
+        if interval_seconds <= 0:
+            raise ValidationError("interval_seconds: must be positive")
+        ticks = 0
+        while not stop_event.is_set():
+            self._tick_and_log(on_tick=on_tick)
+            ticks += 1
+            stop_event.wait(interval_seconds)
+        return ticks
+
+    def _tick_and_log(self, *, on_tick: Callable[[TickResult], None] | None) -> None:
+        started = time.monotonic()
+        try:
+            result = self.tick()
+        except Exception:
+            logger.exception("scheduler tick failed")
+            return
+        logger.info(
+            "scheduler tick: due=%d created=%d jobs (%d users) skipped=%s in %.2fs",
+            result.due_users,
+            len(result.jobs_created),
+            result.users_queued,
+            dict(sorted(result.skipped.items())),
+            time.monotonic() - started,
+        )
+        if on_tick is not None:
+            on_tick(result)

@@ -1,0 +1,199 @@
+"""A generic pull loop over the job queue: claim a job, run its handler under a heartbeated lease, record
+the outcome. The Ray trainer actor wraps one of these; nothing here imports torch or ray.
+
+A handler is ``handler(job, lease) -> dict``: the dict becomes the job's result. Long handlers should call
+``lease.check()`` between steps: once a heartbeat finds the lease lost (expired and taken over, or the job
+cancelled), ``check`` raises ``LeaseLostError`` and the handler must stop without writing anything. A
+handler that writes rows (adapter versions) does so inside ``lease.fenced()`` and calls ``succeed`` there,
+so its writes and the job's success commit together or not at all (see ``lorafleet.jobs.queue``).
+
+Failures: ``ValidationError`` (bad input, non-finite tensors), ``TrainingError`` (e.g. a non-finite loss)
+and ``NotFoundError`` (the user or adapter is gone) fail the job for good, since retrying cannot help;
+any other exception is retried with backoff while attempts remain.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from lorafleet.domain import Job
+from lorafleet.errors import LeaseLostError, LorafleetError, NotFoundError, TrainingError, ValidationError
+from lorafleet.jobs.queue import FencedJob, JobQueue
+
+logger = logging.getLogger(__name__)
+
+#: Exceptions that fail a job without a retry.
+NON_RETRYABLE: tuple[type[BaseException], ...] = (ValidationError, TrainingError, NotFoundError)
+
+
+class LeaseContext:
+    """What a handler knows about its lease: whether it is still held, and a fenced transaction."""
+
+    def __init__(self, *, queue: JobQueue, job: Job, worker_id: str) -> None:
+        self.queue = queue
+        self.job = job
+        self.worker_id = worker_id
+        self.completed = False
+        self._lost = threading.Event()
+        self._reason = ""
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    def mark_lost(self, reason: str) -> None:
+        self._reason = reason
+        self._lost.set()
+
+    def check(self) -> None:
+        """Raise ``LeaseLostError`` once a heartbeat found the lease lost."""
+        if self._lost.is_set():
+            raise LeaseLostError(self._reason or f"job {self.job.id}: lease lost")
+
+    @contextmanager
+    def fenced(self) -> Iterator[FencedJob]:
+        """``JobQueue.fenced`` for this job and attempt; after a ``succeed`` inside it commits, the worker
+        does not complete the job again."""
+        self.check()
+        with self.queue.fenced(job_id=self.job.id, worker_id=self.worker_id, attempt=self.job.attempts) as f:
+            yield f
+        if f.finished is not None:
+            self.completed = True
+
+
+Handler = Callable[[Job, LeaseContext], Mapping[str, Any] | None]
+
+
+class _Heartbeat:
+    """A daemon thread extending the lease every ``every`` seconds until stopped or the lease is lost."""
+
+    def __init__(self, *, context: LeaseContext, lease_seconds: float, every: float) -> None:
+        self._context = context
+        self._lease_seconds = lease_seconds
+        self._every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-job-{context.job.id}", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        ctx = self._context
+        while not self._stop.wait(self._every):
+            try:
+                ctx.queue.heartbeat(
+                    job_id=ctx.job.id,
+                    worker_id=ctx.worker_id,
+                    lease_seconds=self._lease_seconds,
+                    attempt=ctx.job.attempts,
+                )
+            except LeaseLostError as exc:
+                logger.warning("job %d: %s", ctx.job.id, exc)
+                ctx.mark_lost(str(exc))
+                return
+            except LorafleetError as exc:  # e.g. the database is briefly away: try again next beat
+                logger.warning("job %d: heartbeat failed: %s", ctx.job.id, exc)
+
+
+class JobWorker:
+    """Claims jobs of the kinds it has handlers for and runs them one at a time."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        *,
+        worker_id: str,
+        handlers: Mapping[str, Handler],
+        lease_seconds: float = 30.0,
+        heartbeat_every: float | None = None,
+        non_retryable: tuple[type[BaseException], ...] = NON_RETRYABLE,
+    ) -> None:
+        if not handlers:
+            raise ValidationError("handlers: at least one job kind is needed")
+        every = lease_seconds / 3 if heartbeat_every is None else heartbeat_every
+        if not 0 < every < lease_seconds:
+            raise ValidationError("heartbeat_every: must be positive and shorter than lease_seconds")
+        self.queue = queue
+        self.worker_id = worker_id
+        self.handlers = dict(handlers)
+        self.lease_seconds = lease_seconds
+        self.heartbeat_every = every
+        self.non_retryable = non_retryable
+
+    def run_once(self) -> Job | None:
+        """Claim one job and run it to an outcome; the job as it ended up, or None if none was claimable."""
+        job = self.queue.claim(
+            worker_id=self.worker_id, kinds=list(self.handlers), lease_seconds=self.lease_seconds
+        )
+        if job is None:
+            return None
+        context = LeaseContext(queue=self.queue, job=job, worker_id=self.worker_id)
+        with _Heartbeat(context=context, lease_seconds=self.lease_seconds, every=self.heartbeat_every):
+            result, error = self._run_handler(job, context)
+        self._settle(context, result=result, error=error)
+        return self.queue.get(tenant_id=None, job_id=job.id)
+
+    def run_until_idle(self, *, max_jobs: int | None = None) -> list[Job]:
+        """Run jobs until none is claimable (or ``max_jobs`` ran); the jobs as they ended up."""
+        done: list[Job] = []
+        while max_jobs is None or len(done) < max_jobs:
+            job = self.run_once()
+            if job is None:
+                break
+            done.append(job)
+        return done
+
+    def _run_handler(self, job: Job, context: LeaseContext) -> tuple[Mapping[str, Any], Exception | None]:
+        logger.info(
+            "job %d (%s) attempt %d/%d started by %s",
+            job.id,
+            job.kind,
+            job.attempts,
+            job.max_attempts,
+            self.worker_id,
+        )
+        try:
+            return self.handlers[job.kind](job, context) or {}, None
+        except Exception as exc:  # recorded on the job; BaseException (interrupts) leaves it to the lease
+            return {}, exc
+
+    def _settle(self, context: LeaseContext, *, result: Mapping[str, Any], error: Exception | None) -> None:
+        job = context.job
+        if context.completed:
+            logger.info("job %d succeeded (completed inside its fenced transaction)", job.id)
+            return
+        if context.lost or isinstance(error, LeaseLostError):
+            logger.warning("job %d: lease lost; the handler's outcome is dropped", job.id)
+            return
+        try:
+            if error is None:
+                self._complete(job, result)
+            else:
+                self._fail(job, error)
+        except LeaseLostError as exc:
+            logger.warning("job %d: %s; the handler's outcome is dropped", job.id, exc)
+
+    def _complete(self, job: Job, result: Mapping[str, Any]) -> None:
+        try:
+            self.queue.complete(job_id=job.id, worker_id=self.worker_id, result=result, attempt=job.attempts)
+        except ValidationError as exc:  # the result itself is unusable (not JSON): a bug, not transient
+            self._fail(job, exc)
+            return
+        logger.info("job %d succeeded", job.id)
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        retryable = not isinstance(error, self.non_retryable)
+        message = f"{type(error).__name__}: {error}"
+        ended = self.queue.fail(
+            job_id=job.id, worker_id=self.worker_id, error=message, retryable=retryable, attempt=job.attempts
+        )
+        logger.warning("job %d attempt %d failed (%s); now %s", job.id, job.attempts, message, ended.state)

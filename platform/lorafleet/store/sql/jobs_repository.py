@@ -1,0 +1,426 @@
+"""SQL side of the job queue and the scheduler: job rows, their users, leases and the queries behind them.
+
+Every method runs inside a session the caller (``lorafleet.jobs``) opened with ``Database.session()``, so
+the scheduler can read, decide and insert in one transaction. ORM rows never leave this module; methods
+return the frozen ``lorafleet.domain.Job``.
+
+Concurrency: on PostgreSQL a claim is ``SELECT ... FOR UPDATE SKIP LOCKED``, a lease check is
+``SELECT ... FOR UPDATE`` and the scheduler serialises on a transaction-scoped advisory lock. On SQLite every
+transaction starts with ``BEGIN IMMEDIATE`` (see ``database.py``), which serialises writers the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import Select, and_, func, or_, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from lorafleet.domain import Job, JobState
+from lorafleet.errors import InvalidStateError, LeaseLostError, NotFoundError, StoreError
+from lorafleet.store.sql.models import (
+    ACTIVE_JOB_STATES,
+    SqlFeedback,
+    SqlJob,
+    SqlJobUser,
+    SqlUser,
+)
+
+#: PostgreSQL advisory-lock key held (per transaction) while a scheduler reads, decides and inserts jobs.
+SCHEDULER_LOCK_KEY = 0x6C6F7261_73636801
+#: ``(user_id, since)`` pairs per query: two bound parameters each, well under every backend's limit.
+_PAIR_CHUNK = 250
+_IN_CHUNK = 500
+#: How many expired, exhausted jobs one claim may fail on its way to a claimable one.
+_MAX_EXHAUSTED_PER_CLAIM = 100
+#: A submit that lost a dedupe race re-reads the winner; if the winner already finished, it tries again.
+_SUBMIT_TRIES = 3
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job about to be inserted; ``users`` are ``(user_id, watermark)`` pairs written to ``job_users``."""
+
+    tenant_id: int | None
+    kind: str
+    payload: dict[str, Any]
+    users: tuple[tuple[int, int], ...]
+    dedupe_key: str | None
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class FailureStreak:
+    """A user's consecutive failed jobs (newest first, up to the last success) and when the newest ended."""
+
+    failures: int
+    last_failed_at: datetime
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def to_job(row: SqlJob) -> Job:
+    return Job(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        kind=row.kind,
+        state=cast(JobState, row.state),
+        payload=dict(row.payload or {}),
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        created_at=row.created_at,
+        dedupe_key=row.dedupe_key,
+        result=None if row.result is None else dict(row.result),
+        lease_owner=row.lease_owner,
+        lease_expires_at=row.lease_expires_at,
+        heartbeat_at=row.heartbeat_at,
+        run_after=row.run_after,
+        error=row.error,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+
+
+def lease_problem(row: SqlJob, *, worker_id: str, now: datetime, attempt: int | None) -> str | None:
+    """Why ``worker_id`` does not hold the lease on ``row`` now, or None when it does.
+
+    A lease is held while the job is running, owned by the worker, not expired, and (when the caller
+    passes the attempt it claimed) not re-claimed since: the attempt number is the fencing token.
+    """
+    if row.state != "running":
+        return f"job is {row.state}"
+    if row.lease_owner != worker_id:
+        return f"lease is held by {row.lease_owner!r}"
+    if attempt is not None and row.attempts != attempt:
+        return f"attempt {attempt} was superseded by attempt {row.attempts}"
+    if row.lease_expires_at is None or row.lease_expires_at <= now:
+        return f"lease expired at {row.lease_expires_at}"
+    return None
+
+
+class JobsRepository:
+    """SQL for jobs; stateless apart from the dialect (row locks and advisory locks differ)."""
+
+    def __init__(self, *, dialect: str) -> None:
+        self._postgres = dialect == "postgresql"
+
+    # --- submit -------------------------------------------------------------------------------------------
+    def active_by_dedupe_key(self, session: Session, *, dedupe_key: str) -> Job | None:
+        row = session.scalar(
+            select(SqlJob).where(SqlJob.dedupe_key == dedupe_key, SqlJob.state.in_(ACTIVE_JOB_STATES))
+        )
+        return None if row is None else to_job(row)
+
+    def insert_job(self, session: Session, *, new: NewJob, now: datetime) -> tuple[Job, bool]:
+        """Insert the job and its users unless an active job has the same dedupe key; ``(job, created)``.
+
+        The insert runs in a savepoint: losing a race on the partial unique index (a concurrent submit
+        committed first; PostgreSQL makes this insert wait for it) rolls back only the savepoint, and the
+        winner is read back under READ COMMITTED.
+        """
+        self._require_users(session, user_ids=[user_id for user_id, _ in new.users])
+        for attempt in range(1, _SUBMIT_TRIES + 1):
+            if new.dedupe_key is not None:
+                existing = self.active_by_dedupe_key(session, dedupe_key=new.dedupe_key)
+                if existing is not None:
+                    return existing, False
+            try:
+                with session.begin_nested():
+                    return self._insert(session, new=new, now=now), True
+            except IntegrityError:
+                # the next round reads the winner; any other integrity error repeats and is re-raised
+                if new.dedupe_key is None or attempt == _SUBMIT_TRIES:
+                    raise
+        raise StoreError("unreachable: the last submit attempt returns or raises")
+
+    def _require_users(self, session: Session, *, user_ids: Sequence[int]) -> None:
+        found: set[int] = set()
+        for chunk in _chunks(sorted(set(user_ids)), _IN_CHUNK):
+            found.update(session.scalars(select(SqlUser.id).where(SqlUser.id.in_(list(chunk)))))
+        missing = sorted(set(user_ids) - found)
+        if missing:
+            raise NotFoundError(f"user {missing[0]} not found")
+
+    def _insert(self, session: Session, *, new: NewJob, now: datetime) -> Job:
+        row = SqlJob(
+            tenant_id=new.tenant_id,
+            kind=new.kind,
+            state="queued",
+            payload=new.payload,
+            dedupe_key=new.dedupe_key,
+            attempts=0,
+            max_attempts=new.max_attempts,
+            created_at=now,
+        )
+        session.add(row)
+        session.flush()
+        session.add_all(SqlJobUser(job_id=row.id, user_id=u, watermark=w) for u, w in new.users)
+        session.flush()
+        return to_job(row)
+
+    # --- claim and leases ---------------------------------------------------------------------------------
+    def _claimable(self, *, kinds: Sequence[str] | None, now: datetime) -> Select[SqlJob]:
+        due = or_(
+            and_(SqlJob.state == "queued", or_(SqlJob.run_after.is_(None), SqlJob.run_after <= now)),
+            and_(SqlJob.state == "running", SqlJob.lease_expires_at <= now),
+        )
+        query = select(SqlJob).where(due)
+        if kinds is not None:
+            query = query.where(SqlJob.kind.in_(list(kinds)))
+        # SKIP LOCKED: concurrent claimers each take a different row instead of queueing on one
+        return query.order_by(SqlJob.id).limit(1).with_for_update(skip_locked=True)
+
+    def claim(
+        self,
+        session: Session,
+        *,
+        worker_id: str,
+        kinds: Sequence[str] | None,
+        lease: timedelta,
+        now: datetime,
+    ) -> Job | None:
+        """Take the oldest claimable job: queued and due, or running with an expired lease (a takeover,
+        which fences the previous owner out). An expired job out of attempts is failed and skipped."""
+        for _ in range(_MAX_EXHAUSTED_PER_CLAIM):
+            row = session.scalars(self._claimable(kinds=kinds, now=now)).first()
+            if row is None:
+                return None
+            if row.state == "running" and row.attempts >= row.max_attempts:
+                self._finish(
+                    row, state="failed", now=now, error=f"lease expired after {row.attempts} attempts"
+                )
+                session.flush()
+                continue
+            self._take(row, worker_id=worker_id, lease=lease, now=now)
+            session.flush()
+            return to_job(row)
+        return None
+
+    def _take(self, row: SqlJob, *, worker_id: str, lease: timedelta, now: datetime) -> None:
+        if row.state == "running":
+            row.error = f"lease of {row.lease_owner!r} expired at {row.lease_expires_at}; taken over"
+        row.state = "running"
+        row.lease_owner = worker_id
+        row.lease_expires_at = now + lease
+        row.heartbeat_at = now
+        row.started_at = now
+        row.run_after = None
+        row.attempts += 1
+
+    def _locked_row(self, session: Session, *, job_id: int, tenant_id: int | None = None) -> SqlJob:
+        """The job row under a row lock (PostgreSQL ``FOR UPDATE``; SQLite holds the write lock already)."""
+        query = select(SqlJob).where(SqlJob.id == job_id).with_for_update()
+        if tenant_id is not None:
+            query = query.where(SqlJob.tenant_id == tenant_id)
+        row = session.scalar(query.execution_options(populate_existing=True))
+        if row is None:
+            raise NotFoundError(f"job {job_id} not found")
+        return row
+
+    def lock_owned(
+        self, session: Session, *, job_id: int, worker_id: str, now: datetime, attempt: int | None
+    ) -> Job:
+        """Lock the job's row and check ``worker_id`` holds its lease; LeaseLostError otherwise. The lock
+        lasts until the transaction ends, so nobody can take the job over while the caller writes."""
+        row = self._locked_row(session, job_id=job_id)
+        problem = lease_problem(row, worker_id=worker_id, now=now, attempt=attempt)
+        if problem is not None:
+            raise LeaseLostError(f"job {job_id}: {problem}; worker {worker_id!r} must stop")
+        return to_job(row)
+
+    def owns_lease(
+        self, session: Session, *, job_id: int, worker_id: str, now: datetime, attempt: int | None = None
+    ) -> bool:
+        """Whether ``worker_id`` holds the job's lease; locks the row like ``lock_owned``."""
+        row = self._locked_row(session, job_id=job_id)
+        return lease_problem(row, worker_id=worker_id, now=now, attempt=attempt) is None
+
+    def extend_lease(self, session: Session, *, job_id: int, lease: timedelta, now: datetime) -> Job:
+        row = self._locked_row(session, job_id=job_id)
+        row.lease_expires_at = now + lease
+        row.heartbeat_at = now
+        session.flush()
+        return to_job(row)
+
+    def succeed(self, session: Session, *, job_id: int, result: dict[str, Any], now: datetime) -> Job:
+        row = self._locked_row(session, job_id=job_id)
+        row.result = result
+        row.error = None
+        self._finish(row, state="succeeded", now=now)
+        session.flush()
+        return to_job(row)
+
+    def fail(self, session: Session, *, job_id: int, error: str, now: datetime) -> Job:
+        row = self._locked_row(session, job_id=job_id)
+        self._finish(row, state="failed", now=now, error=error)
+        session.flush()
+        return to_job(row)
+
+    def requeue(self, session: Session, *, job_id: int, error: str, run_after: datetime) -> Job:
+        """Back to queued after a failed attempt; claimable again from ``run_after``."""
+        row = self._locked_row(session, job_id=job_id)
+        row.state = "queued"
+        row.error = error
+        row.run_after = run_after
+        row.lease_expires_at = None
+        session.flush()
+        return to_job(row)
+
+    def cancel(self, session: Session, *, tenant_id: int | None, job_id: int, now: datetime) -> Job:
+        """Queued or running → cancelled (a running worker then loses its lease); cancelled stays so."""
+        row = self._locked_row(session, job_id=job_id, tenant_id=tenant_id)
+        if row.state in ACTIVE_JOB_STATES:
+            self._finish(row, state="cancelled", now=now, error="cancelled")
+            session.flush()
+        elif row.state != "cancelled":
+            raise InvalidStateError(f"job {job_id} is {row.state} and cannot be cancelled")
+        return to_job(row)
+
+    @staticmethod
+    def _finish(row: SqlJob, *, state: str, now: datetime, error: str | None = None) -> None:
+        """A terminal state; ``lease_owner`` is kept as the record of who ran it last."""
+        row.state = state
+        row.finished_at = now
+        row.lease_expires_at = None
+        if error is not None:
+            row.error = error
+
+    # --- reads --------------------------------------------------------------------------------------------
+    def get(self, session: Session, *, tenant_id: int | None, job_id: int) -> Job:
+        row = session.get(SqlJob, job_id)
+        if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
+            raise NotFoundError(f"job {job_id} not found")
+        return to_job(row)
+
+    def list_jobs(
+        self,
+        session: Session,
+        *,
+        tenant_id: int | None,
+        user_external_id: str | None,
+        state: str | None,
+        limit: int,
+    ) -> list[Job]:
+        """Newest first; with ``user_external_id``, the jobs that train that user of the tenant."""
+        query = select(SqlJob)
+        if tenant_id is not None:
+            query = query.where(SqlJob.tenant_id == tenant_id)
+        if user_external_id is not None:
+            users = select(SqlJobUser.job_id).join(SqlUser, SqlUser.id == SqlJobUser.user_id)
+            users = users.where(SqlUser.external_id == user_external_id, SqlUser.tenant_id == tenant_id)
+            query = query.where(SqlJob.id.in_(users))
+        if state is not None:
+            query = query.where(SqlJob.state == state)
+        return [to_job(row) for row in session.scalars(query.order_by(SqlJob.id.desc()).limit(limit))]
+
+    def job_user_ids(self, session: Session, *, job_id: int) -> dict[int, int]:
+        """``user_id → watermark`` of the job's users."""
+        rows = session.execute(
+            select(SqlJobUser.user_id, SqlJobUser.watermark).where(SqlJobUser.job_id == job_id)
+        )
+        return {user_id: watermark for user_id, watermark in rows}
+
+    def counts_by_state(self, session: Session) -> dict[str, int]:
+        rows = session.execute(select(SqlJob.state, func.count()).group_by(SqlJob.state))
+        return {state: count for state, count in rows}
+
+    # --- what the scheduler asks --------------------------------------------------------------------------
+    def lock_scheduler(self, session: Session) -> None:
+        """Serialise schedulers for the rest of this transaction: a PostgreSQL transaction-level advisory
+        lock; on SQLite the first statement starts the ``BEGIN IMMEDIATE`` that holds the write lock."""
+        if self._postgres:
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEDULER_LOCK_KEY})
+        else:
+            session.execute(text("SELECT 1"))
+
+    def active_user_ids(self, session: Session, *, tenant_id: int | None = None) -> set[int]:
+        """Users in a queued or running job (of any tenant unless ``tenant_id``)."""
+        query = (
+            select(SqlJobUser.user_id)
+            .join(SqlJob, SqlJob.id == SqlJobUser.job_id)
+            .where(SqlJob.state.in_(ACTIVE_JOB_STATES))
+            .distinct()
+        )
+        if tenant_id is not None:
+            query = query.join(SqlUser, SqlUser.id == SqlJobUser.user_id).where(
+                SqlUser.tenant_id == tenant_id
+            )
+        return set(session.scalars(query))
+
+    def active_job_for_user(self, session: Session, *, user_id: int) -> Job | None:
+        query = (
+            select(SqlJob)
+            .join(SqlJobUser, SqlJobUser.job_id == SqlJob.id)
+            .where(SqlJobUser.user_id == user_id, SqlJob.state.in_(ACTIVE_JOB_STATES))
+            .order_by(SqlJob.id)
+        )
+        row = session.scalars(query).first()
+        return None if row is None else to_job(row)
+
+    def count_active(self, session: Session, *, kind: str) -> int:
+        query = select(func.count()).where(SqlJob.kind == kind, SqlJob.state.in_(ACTIVE_JOB_STATES))
+        return int(session.scalar(query) or 0)
+
+    def failure_streaks(
+        self, session: Session, *, user_ids: Sequence[int], kind: str, depth: int
+    ) -> dict[int, FailureStreak]:
+        """Per user with at least one: how many of their newest finished ``kind`` jobs (at most ``depth``)
+        failed in a row, and when the newest failure ended. Cancelled jobs neither count nor reset."""
+        streaks: dict[int, FailureStreak] = {}
+        for chunk in _chunks(sorted(set(user_ids)), _IN_CHUNK):
+            for user_id, outcomes in self._recent_outcomes(session, user_ids=chunk, kind=kind, depth=depth):
+                streak = _streak(outcomes)
+                if streak is not None:
+                    streaks[user_id] = streak
+        return streaks
+
+    def _recent_outcomes(
+        self, session: Session, *, user_ids: Sequence[int], kind: str, depth: int
+    ) -> Iterator[tuple[int, list[tuple[str, datetime]]]]:
+        rank = func.row_number().over(partition_by=SqlJobUser.user_id, order_by=SqlJob.id.desc())
+        recent = (
+            select(SqlJobUser.user_id, SqlJob.state, SqlJob.finished_at, rank.label("rank"))
+            .join(SqlJob, SqlJob.id == SqlJobUser.job_id)
+            .where(
+                SqlJobUser.user_id.in_(list(user_ids)),
+                SqlJob.kind == kind,
+                SqlJob.state.in_(("failed", "succeeded")),
+            )
+            .subquery()
+        )
+        query = select(recent.c.user_id, recent.c.state, recent.c.finished_at).where(recent.c.rank <= depth)
+        by_user: dict[int, list[tuple[str, datetime]]] = {}
+        for user_id, state, finished_at in session.execute(query.order_by(recent.c.user_id, recent.c.rank)):
+            by_user.setdefault(user_id, []).append((state, finished_at))
+        yield from by_user.items()
+
+    def oldest_new_feedback_at(
+        self, session: Session, *, trained_through: Mapping[int, int | None]
+    ) -> dict[int, datetime]:
+        """Per user: when their oldest record newer than ``trained_through[user]`` (None: any) arrived."""
+        found: dict[int, datetime] = {}
+        for chunk in _chunks(sorted(trained_through.items()), _PAIR_CHUNK):
+            newer = or_(*(and_(SqlFeedback.user_id == u, SqlFeedback.id > (t or 0)) for u, t in chunk))
+            query = select(SqlFeedback.user_id, func.min(SqlFeedback.created_at)).where(newer)
+            for user_id, oldest in session.execute(query.group_by(SqlFeedback.user_id)):
+                found[user_id] = oldest
+        return found
+
+
+def _streak(outcomes: Sequence[tuple[str, datetime]]) -> FailureStreak | None:
+    """Leading failures of a newest-first list of (state, finished_at)."""
+    failures = 0
+    for state, _finished_at in outcomes:
+        if state != "failed":
+            break
+        failures += 1
+    if failures == 0:
+        return None
+    return FailureStreak(failures=failures, last_failed_at=outcomes[0][1])
