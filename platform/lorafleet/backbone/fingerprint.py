@@ -21,8 +21,18 @@ if TYPE_CHECKING:
 
 #: Config keys that change with the library version or the load options, not with the model itself.
 VOLATILE_CONFIG_KEYS = frozenset(
-    {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "quantization_config", "use_cache",
-     "_commit_hash", "_attn_implementation_autoset", "output_attentions", "output_hidden_states"}
+    {
+        "transformers_version",
+        "_name_or_path",
+        "torch_dtype",
+        "dtype",
+        "quantization_config",
+        "use_cache",
+        "_commit_hash",
+        "_attn_implementation_autoset",
+        "output_attentions",
+        "output_hidden_states",
+    }
 )
 _CHUNK = 8 * 1024 * 1024
 _PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -82,7 +92,9 @@ def fingerprint_directory(directory: str | Path) -> BackboneFingerprint:
     shards = sorted(directory.glob("*.safetensors"))
     if not shards:
         if any(p.suffix in _PICKLE_WEIGHTS for p in directory.iterdir()):
-            raise UnsafeFormatError(f"{directory} holds only pickle weights; lorafleet loads safetensors only")
+            raise UnsafeFormatError(
+                f"{directory} holds only pickle weights; lorafleet loads safetensors only"
+            )
         raise ValidationError(f"{directory} holds no *.safetensors weights")
     weights = hashlib.sha256()
     for shard in shards:
@@ -95,17 +107,13 @@ def fingerprint_model(model: nn.Module) -> BackboneFingerprint:
 
     A quantised model hashes its quantised bytes, so prefer :func:`fingerprint_directory` when a folder exists.
     """
+    import torch
+
     config = getattr(model, "config", None)
     architecture, config_sha = _config_parts(config.to_dict() if config is not None else {})
     weights = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         data = tensor.detach().to("cpu").contiguous()
         weights.update(f"{name}:{data.dtype}:{tuple(data.shape)}\n".encode())
-        weights.update(data.view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+        weights.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return BackboneFingerprint(architecture, config_sha, weights.hexdigest())
-
-
-def _byte_dtype() -> Any:
-    import torch
-
-    return torch.uint8

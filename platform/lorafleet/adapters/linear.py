@@ -1,0 +1,249 @@
+"""``BankLinear``: one frozen base linear layer plus a bank of LoRA slots, mixed per row by a routing plan.
+
+Slot weights are stacked per layer (LoRAX style): ``lora_A [n_slots, r_max, d_in]``, ``lora_B [n_slots, d_out,
+r_max]``, zero-padded above each slot's rank. A forward gathers only the slots its batch uses, so its cost does
+not grow with the number of loaded slots. Training uses per-slot ``nn.Parameter`` *views* into those stacks
+(see :meth:`BankLinear.slot_parameters`): slots not in the batch are not in the autograd graph at all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafleet.adapters.layers import BaseLayerKind
+from lorafleet.adapters.routing import RoutingPlan, RoutingState
+from lorafleet.errors import AdapterShapeError, MergeError, ValidationError
+
+
+class BankLinear(nn.Module):
+    """Wraps a base layer of any registered kind (plain, 4-bit, 8-bit) and adds each row's weighted LoRA deltas."""
+
+    lora_A: torch.Tensor  # [n_slots, r_max, d_in]
+    lora_B: torch.Tensor  # [n_slots, d_out, r_max]
+    coef_table: torch.Tensor  # [n_slots, r_max]
+    dropout_table: torch.Tensor  # [n_slots]
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        kind: BaseLayerKind,
+        n_slots: int,
+        max_rank: int,
+        routing: RoutingState,
+        dtype: torch.dtype = torch.float32,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind
+        self.name = name
+        self.in_features, self.out_features = kind.dims(base_layer)
+        self.n_slots, self.max_rank = n_slots, max_rank
+        device = kind.device(base_layer)
+        shapes = {
+            "lora_A": (n_slots, max_rank, self.in_features),
+            "lora_B": (n_slots, self.out_features, max_rank),
+            "coef_table": (n_slots, max_rank),  # scaling where r < the slot's rank, else 0 (the rank mask)
+            "dropout_table": (n_slots,),
+        }
+        for (
+            buffer_name,
+            shape,
+        ) in shapes.items():  # not persistent: adapters are saved per slot, in PEFT format
+            self.register_buffer(
+                buffer_name, torch.zeros(shape, dtype=dtype, device=device), persistent=False
+            )
+        self.ranks: list[int] = [0] * n_slots
+        self.dropouts: list[float] = [0.0] * n_slots
+        self.present: set[int] = set()
+        self.slot_params: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
+        #: merge stack: (slot, the original weight tensor), restored as-is by unmerge
+        self.merged: list[tuple[int, torch.Tensor]] = []
+        self._routing = routing
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (some model code reads ``proj.weight`` directly)."""
+        return self.base_layer.weight  # type: ignore[return-value]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind.name}, in={self.in_features}, out={self.out_features}, "
+            f"slots={self.n_slots}, max_rank={self.max_rank}"
+        )
+
+    # --- forward ---------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self._routing.merged_slots:
+            self._check_merged_plan()
+            return result
+        plan = self._routing.current()
+        if plan is None or not any(s in self.present for s in plan.used_slots):
+            return result
+        plan = plan.for_batch(x.shape[0])
+        xa = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.lora_A.dtype)  # [batch, seq, d_in]
+        out = result.reshape(x.shape[0], -1, self.out_features)  # [batch, seq, d_out]
+        if plan.uniform is not None:
+            out = self._add_uniform(out, xa, *plan.uniform)
+        else:
+            out = self._add_mixed(out, xa, plan)
+        return out.reshape(result.shape)
+
+    def _add_uniform(self, out: torch.Tensor, xa: torch.Tensor, slot: int, weight: float) -> torch.Tensor:
+        """Every row through one slot with one weight: two plain matmuls, as PEFT computes a LoRA layer."""
+        r = self.ranks[slot]
+        lora_a, lora_b = self._slot_weights(slot)
+        if self.training and self.dropouts[slot] > 0:
+            xa = F.dropout(xa, self.dropouts[slot], training=True)
+        h = F.linear(xa, lora_a[:r]) * (self.coef_table[slot, :r] * weight)  # [batch, seq, r]
+        flat = out.reshape(-1, self.out_features)  # [batch * seq, d_out]
+        return _accumulate(flat, h.reshape(-1, r), lora_b[:, :r].T).reshape(out.shape)
+
+    def _add_mixed(self, out: torch.Tensor, xa: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """Rows through different slots or mixtures: gather each row's k slots, then batched matmuls."""
+        t = plan.tensors(xa.device)
+        r = max(self.ranks[s] for s in plan.used_slots)
+        rows_a, rows_b = self._gather_rows(plan, t.slot_ids, t.local_ids, r)  # [b,k,r,d_in], [b,k,d_out,r]
+        batch, k = t.slot_ids.shape
+        weights = t.weights.to(xa.dtype)
+        coef = self.coef_table[t.slot_ids, :r]  # [batch, k, r]
+        if plan.per_token:
+            if weights.shape[1] != xa.shape[1]:
+                raise ValidationError(
+                    f"per-token routing weights cover {weights.shape[1]} tokens, input has {xa.shape[1]}"
+                )
+            coef = weights.unsqueeze(-1) * coef.unsqueeze(1)  # [batch, seq, k, r]
+        else:
+            coef = (weights.unsqueeze(-1) * coef).unsqueeze(1)  # [batch, 1, k, r]
+        if self.training and any(self.dropouts[s] > 0 for s in plan.used_slots):
+            keep = 1.0 - self.dropout_table[t.slot_ids]  # [batch, k]
+            shape = (batch, k, xa.shape[1], xa.shape[2])
+            mask = (torch.rand(shape, device=xa.device, dtype=xa.dtype) < keep[..., None, None]).to(xa.dtype)
+            x_rows = xa.unsqueeze(1) * mask / keep[..., None, None]  # [batch, k, seq, d_in]
+            h = torch.einsum("bksd,bkrd->bskr", x_rows, rows_a)  # [batch, seq, k, r]
+        else:
+            h = torch.bmm(xa, rows_a.reshape(batch, k * r, -1).transpose(1, 2))  # [batch, seq, k * r]
+            h = h.view(batch, -1, k, r)  # [batch, seq, k, r]
+        h = h * coef  # [batch, seq, k, r]
+        for j in range(k):  # k is the mixture width (1-4), never the batch: one batched matmul per entry
+            out = _accumulate(out, h[:, :, j], rows_b[:, j].transpose(1, 2))  # [batch, seq, d_out]
+        return out
+
+    def _gather_rows(
+        self, plan: RoutingPlan, slot_ids: torch.Tensor, local_ids: torch.Tensor, r: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's k slots' A and B: stacked trainable views when training, else one gather per stack."""
+        if torch.is_grad_enabled() and any(s in self.slot_params for s in plan.used_slots):
+            pairs = [self._slot_weights(s) for s in plan.used_slots]
+            used_a = torch.stack([a[:r] for a, _ in pairs])  # [n_used, r, d_in]
+            used_b = torch.stack([b[:, :r] for _, b in pairs])  # [n_used, d_out, r]
+            return used_a[local_ids], used_b[local_ids]
+        batch, k = slot_ids.shape
+        flat = slot_ids.reshape(-1)  # index_select is cheaper than advanced indexing on CPU
+        rows_a = self.lora_A.index_select(0, flat)[:, :r]  # [batch * k, r, d_in]
+        rows_b = self.lora_B.index_select(0, flat)[:, :, :r]  # [batch * k, d_out, r]
+        return rows_a.view(batch, k, r, self.in_features), rows_b.view(batch, k, self.out_features, r)
+
+    def _slot_weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slot's trainable parameters when training, else plain views of the stacks."""
+        if slot in self.slot_params and torch.is_grad_enabled():
+            return self.slot_params[slot]
+        return self.lora_A[slot], self.lora_B[slot]
+
+    def _check_merged_plan(self) -> None:
+        merged = self._routing.merged_slots
+        plan = self._routing.plan if self._routing.active else None
+        if plan is not None and not plan.routes_exactly(merged):
+            raise MergeError(
+                f"slots {merged} are merged into the base weights; a plan routing rows elsewhere would get "
+                "wrong results: unmerge first"
+            )
+
+    # --- slot contents ---------------------------------------------------------------------------------------
+    def check_slot_tensors(self, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int) -> None:
+        """Raise ``AdapterShapeError`` unless A is [rank, d_in] and B is [d_out, rank] with rank <= max."""
+        if rank > self.max_rank:
+            raise AdapterShapeError(
+                f"{self.name}: rank {rank} is above the bank's maximum rank {self.max_rank}"
+            )
+        want_a, want_b = (rank, self.in_features), (self.out_features, rank)
+        if tuple(lora_a.shape) != want_a or tuple(lora_b.shape) != want_b:
+            raise AdapterShapeError(
+                f"{self.name}: lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)}, "
+                f"expected {want_a} / {want_b}"
+            )
+        if not (lora_a.is_floating_point() and lora_b.is_floating_point()):
+            raise AdapterShapeError(f"{self.name}: LoRA weights must be floating point")
+
+    @torch.no_grad()
+    def write_slot(
+        self,
+        slot: int,
+        lora_a: torch.Tensor | None,
+        lora_b: torch.Tensor | None,
+        *,
+        scaling: float,
+        dropout: float,
+    ) -> None:
+        """Overwrite a slot in place (zeros + absent when ``lora_a`` is None); call after validation."""
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.coef_table[slot].zero_()
+        if lora_a is None or lora_b is None:
+            self.ranks[slot], self.dropouts[slot] = 0, 0.0
+            self.dropout_table[slot] = 0.0
+            self.present.discard(slot)
+            self.slot_params.pop(slot, None)
+            return
+        r = lora_a.shape[0]
+        self.lora_A[slot, :r].copy_(lora_a)
+        self.lora_B[slot, :, :r].copy_(lora_b)
+        self.coef_table[slot, :r] = scaling
+        self.dropout_table[slot] = dropout
+        self.ranks[slot], self.dropouts[slot] = r, dropout
+        self.present.add(slot)
+
+    def read_slot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the slot's ``lora_A [r, d_in]`` and ``lora_B [d_out, r]`` at its own rank."""
+        r = self.ranks[slot]
+        return self.lora_A[slot, :r].detach().clone(), self.lora_B[slot, :, :r].detach().clone()
+
+    def slot_parameters(self, slot: int) -> tuple[nn.Parameter, nn.Parameter]:
+        """Trainable views of the slot's A and B: an optimiser step on them updates the stacks in place."""
+        if slot not in self.slot_params:
+            self.slot_params[slot] = (nn.Parameter(self.lora_A[slot]), nn.Parameter(self.lora_B[slot]))
+        return self.slot_params[slot]
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """After ``.to()``/``.cuda()`` moved the stacks, re-point the per-slot parameter views into them."""
+        super()._apply(fn, recurse)
+        for slot, (param_a, param_b) in self.slot_params.items():
+            param_a.data, param_b.data = self.lora_A[slot], self.lora_B[slot]
+        return self
+
+    # --- merge -----------------------------------------------------------------------------------------------
+    def delta_weight(self, slot: int) -> torch.Tensor:
+        """The slot's dense update in fp32, shaped like the base weight ([d_out, d_in], or transposed)."""
+        r = self.ranks[slot]
+        delta = (self.lora_B[slot, :, :r].float() @ self.lora_A[slot, :r].float()) * self.coef_table[
+            slot, 0
+        ].float()
+        return delta.T if self.kind.fan_in_fan_out else delta  # [d_out, d_in]
+
+
+def _accumulate(out: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``out + h @ up`` in one fused GEMM; in place when no gradient is needed (no extra pass over ``out``)."""
+    if out.dtype != h.dtype:  # e.g. a bf16 base with fp32 adapters: compute in the adapters' dtype, then cast
+        return out + torch.matmul(h, up).to(out.dtype)
+    batched = out.dim() == 3
+    if torch.is_grad_enabled():
+        return torch.baddbmm(out, h, up) if batched else torch.addmm(out, h, up)
+    return out.baddbmm_(h, up) if batched else out.addmm_(h, up)

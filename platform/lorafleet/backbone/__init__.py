@@ -1,0 +1,29 @@
+"""Backbones: loading a frozen causal LM (fp32, bf16, nf4, int8), its fingerprint, the built-in tiny one.
+
+Importing this package is cheap; torch and transformers are imported by the functions that need them.
+"""
+
+from lorafleet.backbone.fingerprint import BackboneFingerprint, fingerprint_directory, fingerprint_model
+from lorafleet.backbone.loading import (
+    QUANTIZATIONS,
+    Backbone,
+    Quantization,
+    load_backbone,
+    resolve_backbone_path,
+)
+from lorafleet.backbone.tiny import TINY_VERSION, build_tiny_backbone, build_tiny_tokenizer, default_tiny_dir
+
+__all__ = [
+    "QUANTIZATIONS",
+    "TINY_VERSION",
+    "Backbone",
+    "BackboneFingerprint",
+    "Quantization",
+    "build_tiny_backbone",
+    "build_tiny_tokenizer",
+    "default_tiny_dir",
+    "fingerprint_directory",
+    "fingerprint_model",
+    "load_backbone",
+    "resolve_backbone_path",
+]

@@ -1,0 +1,138 @@
+"""Loading a backbone: any Hugging Face causal LM from a local folder, in fp32, bf16, or 4-bit/8-bit via bitsandbytes.
+
+The backbone is frozen (``requires_grad=False``) and in eval mode; adapters are what trains. Quantised (nf4) is
+the default, as in QLoRA. Both nf4 and int8 work on CPU with bitsandbytes >= 0.45; the device is chosen at run
+time (``auto`` picks CUDA when present).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from lorafleet.backbone.fingerprint import BackboneFingerprint, fingerprint_directory
+from lorafleet.backbone.tiny import build_tiny_backbone
+from lorafleet.config import TINY_BACKBONE, resolve_device
+from lorafleet.errors import ConfigError, ValidationError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Quantization = Literal["nf4", "int8", "bf16", "fp32"]
+QUANTIZATIONS: tuple[str, ...] = ("nf4", "int8", "bf16", "fp32")
+
+
+@dataclass
+class Backbone:
+    """A loaded, frozen backbone with its tokenizer and fingerprint."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: BackboneFingerprint
+    device: torch.device
+    #: dtype the base layers compute in (bnb's compute dtype for nf4/int8); adapters default to fp32.
+    dtype: torch.dtype
+    quantization: str
+    path: Path
+    #: what the caller asked for: ``builtin:tiny`` or the folder path
+    source: str
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quantization in ("nf4", "int8")
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the backbone's parameters and buffers."""
+        return int(self.model.get_memory_footprint())
+
+
+def resolve_backbone_path(source: str | Path, *, data_dir: str | Path | None = None) -> Path:
+    """Turn ``builtin:tiny`` or a folder path into a checkpoint folder (building the tiny one if needed)."""
+    if str(source) == TINY_BACKBONE:
+        return build_tiny_backbone(data_dir)
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"backbone {str(source)!r} is neither {TINY_BACKBONE!r} nor a local Hugging Face folder"
+        )
+    return path
+
+
+def load_backbone(
+    source: str | Path = TINY_BACKBONE,
+    *,
+    quantization: str = "nf4",
+    device: str = "auto",
+    compute_dtype: torch.dtype | None = None,
+    data_dir: str | Path | None = None,
+) -> Backbone:
+    """Load a frozen causal LM and its tokenizer from a local folder (or ``builtin:tiny``).
+
+    ``compute_dtype`` is the dtype nf4/int8 layers compute in: bf16 on CUDA and fp32 on CPU by default (CPU bf16
+    matmuls are slow on most machines).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    path = resolve_backbone_path(source, data_dir=data_dir)
+    fingerprint = fingerprint_directory(path)  # also refuses pickle-only checkpoints before loading anything
+    torch_device = torch.device(resolve_device(device))
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+    kwargs = _load_kwargs(quantization, torch_device, compute_dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ValidationError(f"cannot load backbone from {path}: {exc}") from exc
+    model.eval()
+    model.requires_grad_(False)
+    if quantization == "nf4" and torch_device.type == "cpu":
+        _disable_cpu_4bit_repacking(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dtype = (
+        torch.bfloat16
+        if quantization == "bf16"
+        else torch.float32
+        if quantization == "fp32"
+        else compute_dtype
+    )
+    return Backbone(model, tokenizer, fingerprint, torch_device, dtype, quantization, path, str(source))
+
+
+def _disable_cpu_4bit_repacking(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights in place on the first CPU inference forward.
+
+    bitsandbytes 0.50 repacks a ``Linear4bit`` for its AVX512-bf16 CPU kernel when it first runs in eval mode
+    without gradients; after that, a training forward backpropagates through an op with no autograd kernel
+    (silently wrong adapter gradients), and layers whose d_in is not a multiple of 64 fail. One backbone serves
+    QA, serving and training here, so the slower but always-correct dequantising path is used on CPU.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (a bitsandbytes attribute)
+
+
+def _load_kwargs(quantization: str, device: torch.device, compute_dtype: torch.dtype) -> dict[str, Any]:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    device_map = {"": str(device)}
+    if quantization == "fp32":
+        return {"dtype": torch.float32, "device_map": device_map}
+    if quantization == "bf16":
+        return {"dtype": torch.bfloat16, "device_map": device_map}
+    if quantization == "nf4":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    # non-quantised parts (embeddings, norms, lm_head) stay in the compute dtype
+    return {"quantization_config": config, "dtype": compute_dtype, "device_map": device_map}

@@ -1,0 +1,94 @@
+"""Fixtures for the adapter bank: the real tiny backbone (built once per session) and random adapters."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lorafleet.adapters import AdapterBank, SlotConfig
+from lorafleet.adapters.bank import peft_key
+from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in tiny backbone's folder, built into this session's temp dir."""
+    return build_tiny_backbone(tmp_path_factory.mktemp("lorafleet-data"))
+
+
+@pytest.fixture
+def fp32_backbone(tiny_dir: Path) -> Backbone:
+    return load_backbone(tiny_dir, quantization="fp32", device="cpu")
+
+
+@pytest.fixture
+def nf4_backbone(tiny_dir: Path) -> Backbone:
+    return load_backbone(tiny_dir, quantization="nf4", device="cpu")
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    """Four sequences of 9 tokens (no padding)."""
+    return torch.randint(3, 259, (4, 9), generator=torch.Generator().manual_seed(7))  # [batch, seq]
+
+
+def random_adapter(
+    bank: AdapterBank, *, rank: int, seed: int, modules: Iterable[str] | None = None, scale: float = 0.2
+) -> dict[str, torch.Tensor]:
+    """Random LoRA weights (non-zero A and B) in PEFT key names for the bank's layers."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in modules or bank.layers:
+        layer = bank.layers[name]
+        tensors[peft_key(name, "A")] = torch.randn(rank, layer.in_features, generator=generator) * scale
+        tensors[peft_key(name, "B")] = torch.randn(layer.out_features, rank, generator=generator) * scale
+    return tensors
+
+
+def load_random(bank: AdapterBank, slot: int, *, rank: int, alpha: float, seed: int) -> SlotConfig:
+    """Fill ``slot`` with a random adapter and return its config."""
+    config = SlotConfig(rank=rank, alpha=alpha)
+    bank.load_slot(slot, random_adapter(bank, rank=rank, seed=seed), config)
+    return config
+
+
+def tensor_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over names and raw bytes of tensors: 'unchanged' means bit-for-bit."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(name.encode())
+        digest.update(data.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def bank_digest(bank: AdapterBank) -> str:
+    """Digest of every bank buffer (all slots' weights, scales and dropout)."""
+    return tensor_digest(
+        (f"{name}.{buf_name}", buf)
+        for name, layer in bank.layers.items()
+        for buf_name, buf in layer.named_buffers()
+        if not buf_name.startswith("base_layer")
+    )
+
+
+def base_digest(model: torch.nn.Module) -> str:
+    """Digest of the model's persistent state (base weights, incl. 4-bit data and quant state)."""
+    return tensor_digest(sorted(model.state_dict().items()))
+
+
+@pytest.fixture
+def tools() -> SimpleNamespace:
+    """The helpers above, for test modules (conftest modules are not imported by name)."""
+    return SimpleNamespace(
+        random_adapter=random_adapter,
+        load_random=load_random,
+        tensor_digest=tensor_digest,
+        bank_digest=bank_digest,
+        base_digest=base_digest,
+    )
