@@ -21,7 +21,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import pytest  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
-PG_ADMIN_URL = os.environ.get("LORAFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "LORAFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 
 
 def _pg_admin_conninfo() -> str:
