@@ -10,16 +10,18 @@ tenant's ids raise ``NotFoundError`` with the same message as ids that do not ex
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tarfile
 import tempfile
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from lorafleet.adapters.peft_format import (
     CONFIG_FILE,
@@ -28,6 +30,7 @@ from lorafleet.adapters.peft_format import (
     AdapterFiles,
     inspect_adapter_dir,
     load_adapter_tensors,
+    read_safetensors_header,
 )
 from lorafleet.domain import (
     Adapter,
@@ -45,13 +48,19 @@ from lorafleet.errors import (
     AlreadyExistsError,
     BlobNotFoundError,
     InvalidStateError,
+    NonFiniteError,
     ValidationError,
 )
 from lorafleet.store.blob.base import BlobRef, BlobStore, sha256_file
 from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.qa_repository import QAReport, QARepository
 from lorafleet.store.sql.registry_repository import NewVersion, RegistryRepository
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
 ARCHIVE_MEMBERS = (CONFIG_FILE, WEIGHTS_FILE)
+MAX_ROUTING_KEY_LENGTH = 65536
 #: Statuses a version may be registered with or set to directly; ``live`` only comes from ``promote``.
 SETTABLE_STATUSES = frozenset({"candidate", "rejected", "archived"})
 _LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B")
@@ -76,6 +85,8 @@ class LineageNode:
     distance: int
     dataset_snapshot: DatasetSnapshot | None
     job: JobSummary | None
+    #: the QA runs on this version, oldest first (``lorafleet.qa``)
+    qa_reports: tuple[QAReport, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,7 +102,8 @@ class Lineage:
 class Registry:
     """Versions, the ``live`` alias and lineage over one metadata database and one object store.
 
-    The object store holds adapter archives only: ``gc`` deletes every blob no version row references.
+    The object store holds adapter archives and QA report blobs: ``gc`` deletes every blob that no version
+    row and no QA report references.
     """
 
     def __init__(
@@ -109,6 +121,11 @@ class Registry:
         self._repo = RegistryRepository(dialect=db.dialect)
         self._gc_grace = timedelta(seconds=gc_grace_seconds)
         self._max_header_bytes = max_header_bytes
+
+    @property
+    def blobs(self) -> BlobStore:
+        """The object store (QA writes its report blobs there, protected from ``gc`` by their rows)."""
+        return self._blobs
 
     # --- adapters -----------------------------------------------------------------------------------------
     def create_adapter(
@@ -172,13 +189,22 @@ class Registry:
         job_id: int | None = None,
         dataset_snapshot_id: int | None = None,
         status: VersionStatus = "candidate",
+        session: Session | None = None,
+        routing_key: Sequence[float] | None = None,
     ) -> AdapterVersion:
         """Validate a PEFT folder, store it as one blob, then insert the next-numbered version row.
 
         ``parents`` are ``(parent_version_id, relation)`` pairs of the same tenant. Bad input is refused
         before anything is written; a crash after the blob write leaves only an orphan blob.
+
+        With ``session`` (e.g. a job's fenced transaction) the checks and the row insert run in it and the
+        caller commits, so the version commits together with whatever else that transaction writes. A
+        version with ``job_id`` is registered at most once per adapter: registering it again returns the
+        existing version (a re-run job), backed by a unique index on ``(adapter_id, job_id)``.
+        ``routing_key`` is the centroid gate's key (``lorafleet.routing.routing_key``), stored with the row.
         """
         _check_version_args(base_fingerprint=base_fingerprint, parents=parents, status=status)
+        key = None if routing_key is None else _check_routing_key(routing_key)
         config_json = _json_dict("training_config", training_config or {})
         metrics_json = _json_dict("metrics", metrics or {})
         with tempfile.TemporaryDirectory(prefix="lorafleet-register-") as tmp:
@@ -198,12 +224,91 @@ class Registry:
                 job_id=job_id,
                 dataset_snapshot_id=dataset_snapshot_id,
                 parents=tuple(parents),
+                routing_key=key,
             )
-            with self._db.session() as s:  # refuse foreign or missing ids before writing anything
+            with self._session(session) as s:  # refuse foreign or missing ids before writing anything
                 self._repo.check_references(s, tenant_id=tenant_id, adapter_id=adapter_id, new=new)
+                self._repo.require_kind(s, tenant_id=tenant_id, adapter_id=adapter_id, kind="lora")
             ref = self._blobs.put_file(archive)
             self._after_blob_written(ref)
-            return self._insert_version(tenant_id=tenant_id, adapter_id=adapter_id, new=new, archive=archive)
+            with self._session(session) as s:
+                return self._insert_version(
+                    s, tenant_id=tenant_id, adapter_id=adapter_id, new=new, archive=archive
+                )
+
+    def register_file_version(
+        self,
+        *,
+        tenant_id: int,
+        adapter_id: int,
+        weights_file: Path,
+        base_fingerprint: str,
+        training_config: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        job_id: int | None = None,
+        dataset_snapshot_id: int | None = None,
+    ) -> AdapterVersion:
+        """Register one safetensors file (a learned gate's weights) as a version of a ``gate`` adapter.
+
+        The rules of ``register_version``: the file is checked (header, finite values) before anything is
+        written, the file itself is the blob (blob first, then row) and numbers are gap-free. The row has rank 0
+        and no target modules; it is promoted, rolled back and garbage-collected like any version.
+        """
+        _check_version_args(base_fingerprint=base_fingerprint, parents=(), status="candidate")
+        with tempfile.TemporaryDirectory(prefix="lorafleet-register-") as tmp:
+            staged = Path(tmp) / "weights.safetensors"
+            shutil.copyfile(weights_file, staged)
+            _check_weights_file(staged, max_header_bytes=self._max_header_bytes)
+            sha256, size = sha256_file(staged)
+            new = NewVersion(
+                blob_uri=self._blobs.uri_for(sha256),
+                sha256=sha256,
+                size_bytes=size,
+                base_fingerprint=base_fingerprint,
+                rank=0,
+                target_modules=(),
+                training_config=_json_dict("training_config", training_config or {}),
+                metrics=_json_dict("metrics", metrics or {}),
+                status="candidate",
+                job_id=job_id,
+                dataset_snapshot_id=dataset_snapshot_id,
+                parents=(),
+            )
+            with self._db.session() as s:
+                self._repo.check_references(s, tenant_id=tenant_id, adapter_id=adapter_id, new=new)
+                self._repo.require_kind(s, tenant_id=tenant_id, adapter_id=adapter_id, kind="gate")
+            self._after_blob_written(self._blobs.put_file(staged))
+            with self._db.session() as s:
+                return self._insert_version(
+                    s, tenant_id=tenant_id, adapter_id=adapter_id, new=new, archive=staged
+                )
+
+    def fetch_file_version(self, *, version: AdapterVersion, dest: Path) -> Path:
+        """Download a file version's blob (sha256 and size verified) to ``dest``, atomically."""
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        return self._blobs.download(version.sha256, Path(dest), expected_size=version.size_bytes)
+
+    def set_routing_key(self, *, tenant_id: int, version_id: int, key: Sequence[float]) -> None:
+        """Store or replace a version's routing key (derived metadata, e.g. computed after an import)."""
+        values = _check_routing_key(key)
+        with self._db.session() as s:
+            self._repo.set_routing_key(s, tenant_id=tenant_id, version_id=version_id, key=values)
+
+    def put_adapter_blob(self, *, adapter_dir: Path) -> BlobRef:
+        """Validate a PEFT folder and store its archive ahead of ``register_version``, which then finds the
+        blob present: a caller can upload outside a short transaction and register inside it."""
+        with tempfile.TemporaryDirectory(prefix="lorafleet-register-") as tmp:
+            files = self._stage(adapter_dir=Path(adapter_dir), staging=Path(tmp) / "adapter")
+            return self._blobs.put_file(pack_adapter_archive(files=files, dest=Path(tmp) / "adapter.tar"))
+
+    @contextmanager
+    def _session(self, session: Session | None) -> Iterator[Session]:
+        """The caller's session (which the caller commits), or a new one that commits on exit."""
+        if session is not None:
+            yield session
+            return
+        with self._db.session() as own:
+            yield own
 
     def _after_blob_written(self, ref: BlobRef) -> None:
         """Test hook between the blob write and the row insert: raise here to simulate a crash."""
@@ -220,15 +325,19 @@ class Registry:
         return files
 
     def _insert_version(
-        self, *, tenant_id: int, adapter_id: int, new: NewVersion, archive: Path
+        self, s: Session, *, tenant_id: int, adapter_id: int, new: NewVersion, archive: Path
     ) -> AdapterVersion:
-        with self._db.session() as s:
-            self._repo.lock_blobs(s, exclusive=False)
-            if not self._blobs.exists(new.sha256):  # a GC removed an old identical orphan meanwhile
-                self._blobs.put_file(archive)
-            self._repo.check_references(s, tenant_id=tenant_id, adapter_id=adapter_id, new=new)
-            number = self._repo.next_version_number(s, tenant_id=tenant_id, adapter_id=adapter_id)
-            return self._repo.insert_version(s, adapter_id=adapter_id, number=number, new=new)
+        self._repo.lock_blobs(s, exclusive=False)
+        if not self._blobs.exists(new.sha256):  # a GC removed an old identical orphan meanwhile
+            self._blobs.put_file(archive)
+        self._repo.check_references(s, tenant_id=tenant_id, adapter_id=adapter_id, new=new)
+        if new.job_id is not None:  # the adapter's lock orders concurrent registrations of one job
+            self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
+            existing = self._repo.version_for_job(s, adapter_id=adapter_id, job_id=new.job_id)
+            if existing is not None:
+                return existing
+        number = self._repo.next_version_number(s, tenant_id=tenant_id, adapter_id=adapter_id)
+        return self._repo.insert_version(s, adapter_id=adapter_id, number=number, new=new)
 
     def get_version(self, *, tenant_id: int, adapter_id: int, number: int) -> AdapterVersion:
         with self._db.session() as s:
@@ -238,6 +347,12 @@ class Registry:
         with self._db.session() as s:
             return self._repo.get_version_by_id(s, tenant_id=tenant_id, version_id=version_id)
 
+    def find_version_by_job(self, *, tenant_id: int, adapter_id: int, job_id: int) -> AdapterVersion | None:
+        """The version a job registered for the adapter, or None (there is at most one)."""
+        with self._db.session() as s:
+            self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=adapter_id)
+            return self._repo.version_for_job(s, adapter_id=adapter_id, job_id=job_id)
+
     def list_versions(
         self, *, tenant_id: int, adapter_id: int, status: VersionStatus | None = None
     ) -> list[AdapterVersion]:
@@ -246,12 +361,19 @@ class Registry:
             return self._repo.list_versions(s, tenant_id=tenant_id, adapter_id=adapter_id, status=status)
 
     def set_status(
-        self, *, tenant_id: int, adapter_id: int, number: int, status: VersionStatus
+        self,
+        *,
+        tenant_id: int,
+        adapter_id: int,
+        number: int,
+        status: VersionStatus,
+        session: Session | None = None,
     ) -> AdapterVersion:
-        """Mark a version candidate, rejected (QA) or archived; the live version only moves via the alias."""
+        """Mark a version candidate, rejected (QA) or archived; the live version only moves via the alias.
+        With ``session`` (a job's fenced transaction) it runs there and the caller commits."""
         if status not in SETTABLE_STATUSES:
             raise ValidationError(f"status {status!r} cannot be set directly (use promote for live)")
-        with self._db.session() as s:
+        with self._session(session) as s:
             self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
             version = self._repo.get_version(s, tenant_id=tenant_id, adapter_id=adapter_id, number=number)
             live = self._repo.live_version(s, tenant_id=tenant_id, adapter_id=adapter_id)
@@ -267,11 +389,19 @@ class Registry:
             return self._repo.live_version(s, tenant_id=tenant_id, adapter_id=adapter_id)
 
     def promote(
-        self, *, tenant_id: int, adapter_id: int, number: int, actor: str, reason: str = ""
+        self,
+        *,
+        tenant_id: int,
+        adapter_id: int,
+        number: int,
+        actor: str,
+        reason: str = "",
+        session: Session | None = None,
     ) -> AliasEvent:
-        """Move ``live`` to version ``number`` (previous live becomes archived) and record the move."""
+        """Move ``live`` to version ``number`` (previous live becomes archived) and record the move; with
+        ``session`` (a job's fenced transaction) it runs there and the caller commits."""
         _check_actor(actor)
-        with self._db.session() as s:
+        with self._session(session) as s:
             self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
             target = self._repo.get_version(s, tenant_id=tenant_id, adapter_id=adapter_id, number=number)
             current = self._repo.live_version(s, tenant_id=tenant_id, adapter_id=adapter_id)
@@ -281,11 +411,19 @@ class Registry:
             )
 
     def rollback(
-        self, *, tenant_id: int, adapter_id: int, to_number: int | None, actor: str, reason: str = ""
+        self,
+        *,
+        tenant_id: int,
+        adapter_id: int,
+        to_number: int | None,
+        actor: str,
+        reason: str = "",
+        session: Session | None = None,
     ) -> AliasEvent:
-        """Move ``live`` back to an earlier version than the current live one, or to None (no adapter)."""
+        """Move ``live`` back to an earlier version than the current live one, or to None (no adapter); with
+        ``session`` it runs in the caller's transaction."""
         _check_actor(actor)
-        with self._db.session() as s:
+        with self._session(session) as s:
             self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
             current = self._repo.live_version(s, tenant_id=tenant_id, adapter_id=adapter_id)
             if current is None:
@@ -312,7 +450,7 @@ class Registry:
     # --- lineage ------------------------------------------------------------------------------------------
     def lineage(self, *, tenant_id: int, version_id: int, depth: int | None = None) -> Lineage:
         """Ancestors and descendants of a version (up to ``depth`` edges away; None = all), with the edges
-        between them and each node's dataset snapshot and job."""
+        between them and each node's dataset snapshot, job and QA reports."""
         if depth is not None and depth < 0:
             raise ValidationError("depth must be >= 0")
         with self._db.session() as s:
@@ -324,15 +462,19 @@ class Registry:
                 version_id, ((e.parent_version_id, e.child_version_id) for e in down), depth
             )
             rows = self._repo.lineage_nodes(s, tenant_id=tenant_id, version_ids={**up_dist, **down_dist})
+            reports = QARepository(dialect=self._db.dialect).reports_for_versions(
+                s, tenant_id=tenant_id, version_ids=[v.id for v, _, _ in rows]
+            )
         nodes = {v.id: (v, snap, job) for v, snap, job in rows}
         kept = set(nodes)
         edges = {e for e in (*up, *down) if e.child_version_id in kept and e.parent_version_id in kept}
-        return Lineage(
+        lineage = Lineage(
             root=_node(nodes[version_id], 0),
             ancestors=_nodes(nodes, up_dist, exclude=version_id),
             descendants=_nodes(nodes, down_dist, exclude=version_id),
             edges=tuple(sorted(edges, key=lambda e: (e.child_version_id, e.parent_version_id))),
         )
+        return _with_qa_reports(lineage, reports)
 
     # --- blobs --------------------------------------------------------------------------------------------
     def fetch_version(self, *, version: AdapterVersion, dest_dir: Path) -> Path:
@@ -347,8 +489,8 @@ class Registry:
         return dest_dir
 
     def gc(self, *, now: datetime | None = None) -> list[str]:
-        """Delete blobs that no version row references and that are older than the grace period; returns
-        their digests. Each deletion re-checks under the blob lock, so a registration is never undercut."""
+        """Delete blobs that no version row or QA report references and that are older than the grace period;
+        returns their digests. Each deletion re-checks under the blob lock, so a registration is never undercut."""
         cutoff = (now or datetime.now(UTC)) - self._gc_grace
         old = {info.sha256 for info in self._blobs.list() if _aware(info.modified_at) < cutoff}
         with self._db.session() as s:
@@ -433,6 +575,36 @@ def _check_version_args(
         raise ValidationError("a parent version is listed twice")
 
 
+def _check_routing_key(key: Sequence[float]) -> tuple[float, ...]:
+    """A non-empty, finite, non-zero vector of at most ``MAX_ROUTING_KEY_LENGTH`` floats."""
+    try:
+        values = tuple(float(v) for v in key)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"routing key must be a sequence of numbers: {exc}") from exc
+    if not 0 < len(values) <= MAX_ROUTING_KEY_LENGTH:
+        raise ValidationError(f"routing key must have 1-{MAX_ROUTING_KEY_LENGTH} values, got {len(values)}")
+    if not all(math.isfinite(v) for v in values) or not any(values):
+        raise ValidationError("routing key must be finite and not all zero")
+    return values
+
+
+def _check_weights_file(path: Path, *, max_header_bytes: int) -> None:
+    """A safetensors file (never pickle) with at least one tensor, all floating values finite."""
+    import torch
+    from safetensors.torch import load_file
+
+    header = read_safetensors_header(path, max_header_bytes=max_header_bytes)
+    if not [k for k in header if k != "__metadata__"]:
+        raise AdapterFormatError(f"{path.name} holds no tensors")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorError / OSError
+        raise AdapterFormatError(f"{path.name}: cannot be read ({exc})") from exc
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"tensor {name!r} contains NaN or infinity")
+
+
 def _check_target(*, target: AdapterVersion, current: AdapterVersion | None) -> None:
     if target.status == "rejected":
         raise InvalidStateError(f"version {target.number} was rejected and cannot go live")
@@ -494,6 +666,18 @@ def _node(row: tuple[AdapterVersion, DatasetSnapshot | None, Job | None], distan
         None if job is None else JobSummary(job.id, job.kind, job.state, job.created_at, job.finished_at)
     )
     return LineageNode(version=version, distance=distance, dataset_snapshot=snapshot, job=summary)
+
+
+def _with_qa_reports(lineage: Lineage, reports: Mapping[int, Sequence[QAReport]]) -> Lineage:
+    def attach(node: LineageNode) -> LineageNode:
+        return replace(node, qa_reports=tuple(reports.get(node.version.id, ())))
+
+    return replace(
+        lineage,
+        root=attach(lineage.root),
+        ancestors=tuple(attach(n) for n in lineage.ancestors),
+        descendants=tuple(attach(n) for n in lineage.descendants),
+    )
 
 
 def _aware(moment: datetime) -> datetime:

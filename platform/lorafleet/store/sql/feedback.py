@@ -296,19 +296,32 @@ def create_snapshot(
     """
     ids = _check_record_ids(record_ids)
     with db.session() as session:
-        hashes = _content_hashes(session, user_id=user_id, record_ids=ids)
-        row = SqlDatasetSnapshot(
-            user_id=user_id,
-            min_record_id=ids[0],
-            max_record_id=ids[-1],
-            record_ids=ids,
-            record_count=len(ids),
-            content_hash=snapshot_hash(hashes.items()),
-            details=dict(details or {}),
-        )
-        session.add(row)
-        session.flush()
-        return to_snapshot(row)
+        return insert_snapshot(session, user_id=user_id, record_ids=ids, details=details)
+
+
+def insert_snapshot(
+    session: Session,
+    *,
+    user_id: int | None,
+    record_ids: Iterable[int],
+    details: Mapping[str, Any] | None = None,
+) -> DatasetSnapshot:
+    """``create_snapshot`` in the caller's transaction, so a snapshot commits with the version that uses it
+    (a training job writes both in its fenced transaction: no snapshot without its version)."""
+    ids = _check_record_ids(record_ids)
+    hashes = _content_hashes(session, user_id=user_id, record_ids=ids)
+    row = SqlDatasetSnapshot(
+        user_id=user_id,
+        min_record_id=ids[0],
+        max_record_id=ids[-1],
+        record_ids=ids,
+        record_count=len(ids),
+        content_hash=snapshot_hash(hashes.items()),
+        details=dict(details or {}),
+    )
+    session.add(row)
+    session.flush()
+    return to_snapshot(row)
 
 
 def get_snapshot(db: Database, *, snapshot_id: int) -> DatasetSnapshot:

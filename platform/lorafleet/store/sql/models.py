@@ -44,6 +44,9 @@ VERSION_STATUSES = ("candidate", "live", "rejected", "archived")
 LINEAGE_RELATIONS = ("continued-from", "merged-from", "imported")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE_JOB_STATES = ("queued", "running")
+#: ``lora``: a PEFT LoRA adapter; ``gate``: a user's learned routing gate (its versions are safetensors files)
+ADAPTER_KINDS = ("lora", "gate")
+ENROLMENT_ACTIONS = ("enrol", "unenrol")
 
 
 def utcnow() -> datetime:
@@ -167,6 +170,7 @@ class SqlAdapter(Base):
             postgresql_where=text("owner_user_id IS NULL"),
             sqlite_where=text("owner_user_id IS NULL"),
         ),
+        CheckConstraint(_in("kind", ADAPTER_KINDS), name="kind"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -175,6 +179,7 @@ class SqlAdapter(Base):
         ForeignKey("users.id", ondelete="CASCADE"), nullable=True
     )
     name: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16), default="lora", server_default="lora")
     target_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     #: Number of versions ever registered; bumped in the registering transaction (gap-free numbering).
     version_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -224,6 +229,8 @@ class SqlAdapterVersion(Base):
         CheckConstraint(_in("status", VERSION_STATUSES), name="status"),
         CheckConstraint("number >= 1", name="number_positive"),
         Index("ix_adapter_versions_sha256", "sha256"),
+        # at most one version per job and adapter, even when a job runs twice (NULL job ids are distinct)
+        Index("uq_adapter_versions_adapter_id_job_id", "adapter_id", "job_id", unique=True),
     )
 
     id: Mapped[int] = mapped_column(BigIntKey, primary_key=True)
@@ -244,6 +251,8 @@ class SqlAdapterVersion(Base):
     dataset_snapshot_id: Mapped[int | None] = mapped_column(
         ForeignKey("dataset_snapshots.id", ondelete="SET NULL"), nullable=True
     )
+    #: normalised mean of pooled base-model embeddings of the training prompts (the centroid gate's key)
+    routing_key: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
@@ -312,6 +321,87 @@ class SqlJobUser(Base):
     watermark: Mapped[int] = mapped_column(BigInteger)
 
 
+class SqlEnrolment(Base):
+    """A user enrolled in one of the tenant's shared task adapters (it joins the user's bank)."""
+
+    __tablename__ = "enrolments"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(
+        ForeignKey("adapters.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    actor: Mapped[str] = mapped_column(String(256))
+    enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class SqlEnrolmentEvent(Base):
+    """One enrol or unenrol: who, when, which user and task adapter."""
+
+    __tablename__ = "enrolment_events"
+    __table_args__ = (
+        CheckConstraint(_in("action", ENROLMENT_ACTIONS), name="action"),
+        Index("ix_enrolment_events_user_id_id", "user_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), index=True)
+    action: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class SqlGateSettings(Base):
+    """A user's gate settings (``lorafleet.routing.GateSpec`` as JSON), set by the tenant; absent = default."""
+
+    __tablename__ = "gate_settings"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    actor: Mapped[str] = mapped_column(String(256))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+QA_KINDS = ("candidate", "recheck")
+QA_DECISIONS = ("promote", "reject", "keep", "rollback")
+
+
+class SqlQAReport(Base):
+    """One QA run on a version: decision, reasons and summary; the full matrix is the JSON blob ``blob_sha256``.
+
+    ``job_id`` is unique, so a QA job that is retried or taken over decides once.
+    """
+
+    __tablename__ = "qa_reports"
+    __table_args__ = (
+        CheckConstraint(_in("kind", QA_KINDS), name="kind"),
+        CheckConstraint(_in("decision", QA_DECISIONS), name="decision"),
+        UniqueConstraint("job_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    version_id: Mapped[int] = mapped_column(
+        BigIntKey, ForeignKey("adapter_versions.id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(16))
+    policy_version: Mapped[str] = mapped_column(String(64))
+    decision: Mapped[str] = mapped_column(String(16))
+    reasons: Mapped[list[Any]] = mapped_column(JSON)
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: the blob GC treats this digest as referenced (``Registry.gc``)
+    blob_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    blob_uri: Mapped[str] = mapped_column(String(1024))
+    blob_size_bytes: Mapped[int] = mapped_column(BigInteger)
+    job_id: Mapped[int | None] = mapped_column(
+        BigIntKey, ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 __all__ = [
     "Base",
     "SqlTenant",
@@ -326,4 +416,8 @@ __all__ = [
     "SqlAlias",
     "SqlAliasEvent",
     "SqlJobUser",
+    "SqlEnrolment",
+    "SqlEnrolmentEvent",
+    "SqlGateSettings",
+    "SqlQAReport",
 ]

@@ -30,7 +30,7 @@ from lorafleet.domain import (
     LineageRelation,
     VersionStatus,
 )
-from lorafleet.errors import NotFoundError
+from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.store.sql.models import (
     SqlAdapter,
     SqlAdapterVersion,
@@ -39,6 +39,7 @@ from lorafleet.store.sql.models import (
     SqlDatasetSnapshot,
     SqlJob,
     SqlLineageEdge,
+    SqlQAReport,
     SqlTenant,
     SqlUser,
     utcnow,
@@ -67,6 +68,8 @@ class NewVersion:
     job_id: int | None
     dataset_snapshot_id: int | None
     parents: tuple[tuple[int, LineageRelation], ...]
+    #: the centroid gate's key (a unit vector of the backbone's hidden size), when known
+    routing_key: tuple[float, ...] | None = None
 
 
 class RegistryRepository:
@@ -130,6 +133,15 @@ class RegistryRepository:
         )
         row = session.scalar(stmt)
         return None if row is None else _adapter(row)
+
+    def require_kind(self, session: Session, *, tenant_id: int, adapter_id: int, kind: str) -> None:
+        """``ValidationError`` unless the tenant's adapter is of ``kind`` (``lora`` or ``gate``)."""
+        stmt = select(SqlAdapter.kind).where(SqlAdapter.id == adapter_id, SqlAdapter.tenant_id == tenant_id)
+        found = session.scalar(stmt)
+        if found is None:
+            raise NotFoundError(f"adapter {adapter_id} not found")
+        if found != kind:
+            raise ValidationError(f"adapter {adapter_id} is a {found!r} adapter, not {kind!r}")
 
     def list_adapters(self, session: Session, *, tenant_id: int, owner_user_id: int | None) -> list[Adapter]:
         stmt = select(SqlAdapter).where(SqlAdapter.tenant_id == tenant_id).order_by(SqlAdapter.id)
@@ -202,6 +214,7 @@ class RegistryRepository:
             status=new.status,
             job_id=new.job_id,
             dataset_snapshot_id=new.dataset_snapshot_id,
+            routing_key=None if new.routing_key is None else list(new.routing_key),
             created_at=utcnow(),
         )
         session.add(row)
@@ -224,6 +237,14 @@ class RegistryRepository:
             raise NotFoundError(f"version {number} of adapter {adapter_id} not found")
         return _version(row)
 
+    def version_for_job(self, session: Session, *, adapter_id: int, job_id: int) -> AdapterVersion | None:
+        """The adapter's version produced by ``job_id`` (unique index on ``(adapter_id, job_id)``), or None."""
+        stmt = select(SqlAdapterVersion).where(
+            SqlAdapterVersion.adapter_id == adapter_id, SqlAdapterVersion.job_id == job_id
+        )
+        row = session.scalar(stmt)
+        return None if row is None else _version(row)
+
     def get_version_by_id(self, session: Session, *, tenant_id: int, version_id: int) -> AdapterVersion:
         row = session.scalar(_scoped_versions(tenant_id).where(SqlAdapterVersion.id == version_id))
         if row is None:
@@ -242,6 +263,18 @@ class RegistryRepository:
         if status is not None:
             stmt = stmt.where(SqlAdapterVersion.status == status)
         return [_version(row) for row in session.scalars(stmt)]
+
+    def set_routing_key(
+        self, session: Session, *, tenant_id: int, version_id: int, key: tuple[float, ...]
+    ) -> None:
+        """Store a version's routing key (derived metadata; the weights stay immutable)."""
+        self.get_version_by_id(session, tenant_id=tenant_id, version_id=version_id)
+        session.execute(
+            update(SqlAdapterVersion)
+            .where(SqlAdapterVersion.id == version_id)
+            .values(routing_key=list(key))
+            .execution_options(synchronize_session=False)
+        )
 
     def update_status(self, session: Session, *, version_id: int, status: VersionStatus) -> None:
         session.execute(
@@ -367,11 +400,13 @@ class RegistryRepository:
             session.connection()  # begins the transaction before the caller looks at the object store
 
     def referenced_sha256s(self, session: Session, *, digests: Iterable[str]) -> set[str]:
-        """The digests among ``digests`` that some version row uses (index on ``sha256``)."""
+        """The digests among ``digests`` that some version row or QA report uses (indexes on both)."""
         found: set[str] = set()
         for chunk in _chunks(sorted(set(digests))):
             stmt = select(SqlAdapterVersion.sha256).where(SqlAdapterVersion.sha256.in_(chunk)).distinct()
             found.update(session.scalars(stmt))
+            reports = select(SqlQAReport.blob_sha256).where(SqlQAReport.blob_sha256.in_(chunk)).distinct()
+            found.update(session.scalars(reports))
         return found
 
 

@@ -1,0 +1,260 @@
+"""A user's bank: the live versions of the user's own adapters plus the tenant's task adapters they are enrolled in.
+
+The bank changes when a version is promoted or rolled back, when an enrolment changes, when a member's routing
+key is set, or when the user's gate settings change; ``UserBank.revision`` (a hash of all of that) changes with
+it, so a serving cache keyed by revision never routes over a stale bank.
+
+An unknown user (no row yet) gets an empty bank and the default gate: a brand-new user is answered by the base
+model rather than refused. Resolving a bank is two indexed queries. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lorafleet.errors import AlreadyExistsError, NotFoundError, ValidationError
+from lorafleet.routing.spec import GateDecision, GateSpec
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.registry_repository import RegistryRepository
+from lorafleet.store.sql.routing_repository import (
+    Enrolment,
+    EnrolmentEvent,
+    LiveAdapterRow,
+    RoutingRepository,
+)
+from lorafleet.store.sql.tenants import find_user, get_or_create_user_row, validate_external_id
+
+MemberKind = Literal["personal", "task"]
+
+
+@dataclass(frozen=True)
+class BankMember:
+    """One adapter of a user's bank at its live version (what a serving cache loads, by ``sha256``)."""
+
+    adapter_id: int
+    adapter_name: str
+    kind: MemberKind
+    version_id: int
+    version_number: int
+    sha256: str
+    size_bytes: int
+    rank: int
+    #: unit vector (the backbone's hidden size) for the centroid gate; None when never computed
+    routing_key: tuple[float, ...] | None
+
+
+@dataclass(frozen=True)
+class UserBank:
+    """A user's members (personal first, then task adapters, each by name) and gate; ``revision`` identifies both.
+
+    ``user_id`` is None for a user the tenant has not created yet (then ``members`` is empty).
+    """
+
+    tenant_id: int
+    user_id: int | None
+    external_id: str
+    members: tuple[BankMember, ...]
+    gate: GateSpec
+    revision: str
+
+    def index_of(self, adapter_id: int) -> int | None:
+        """The position of an adapter among ``members``, or None."""
+        return next((i for i, m in enumerate(self.members) if m.adapter_id == adapter_id), None)
+
+    def describe(self, decision: GateDecision) -> list[tuple[str, float]]:
+        """A decision as ``(adapter name, weight)`` pairs, for logs and API responses."""
+        return [(self.members[i].adapter_name, w) for i, w in decision.routes]
+
+
+def resolve_user_bank(db: Database, *, tenant_id: int, user_external_id: str) -> UserBank:
+    """The user's bank now; an unknown user gets an empty bank (base answers) and the default gate."""
+    external_id = validate_external_id(user_external_id)
+    repo = RoutingRepository(dialect=db.dialect)
+    with db.session() as s:
+        found = repo.user_with_gate_spec(s, tenant_id=tenant_id, external_id=external_id)
+        rows = [] if found is None else repo.live_adapters(s, tenant_id=tenant_id, user_id=found[0])
+    user_id, stored = found if found is not None else (None, None)
+    members = _members(rows, user_id=user_id)
+    gate_row = next((r for r in rows if r.kind == "gate"), None)
+    spec = effective_gate_spec(stored, live_gate_version_id=None if gate_row is None else gate_row.version_id)
+    return UserBank(tenant_id, user_id, external_id, members, spec, bank_revision(members, spec))
+
+
+def effective_gate_spec(stored: dict[str, Any] | None, *, live_gate_version_id: int | None) -> GateSpec:
+    """The gate a user gets: their settings, else learned when a live gate exists, else centroid.
+
+    A learned spec without a pinned version uses the live gate version (None: the centroid fallback).
+    """
+    if stored is None:
+        if live_gate_version_id is None:
+            return GateSpec()
+        return GateSpec(kind="learned", learned_version_id=live_gate_version_id)
+    spec = GateSpec.from_json(stored)
+    if spec.kind == "learned" and spec.learned_version_id is None and live_gate_version_id is not None:
+        return GateSpec(
+            kind="learned",
+            top_k=spec.top_k,
+            temperature=spec.temperature,
+            learned_version_id=live_gate_version_id,
+        )
+    return spec
+
+
+def bank_revision(members: Iterable[BankMember], gate: GateSpec) -> str:
+    """sha256 (32 hex digits) over the members' adapter and version ids, their routing keys and the gate spec."""
+    payload = {
+        "members": [[m.adapter_id, m.version_id, _key_digest(m.routing_key)] for m in members],
+        "gate": gate.to_json(),
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def _key_digest(key: tuple[float, ...] | None) -> str | None:
+    return None if key is None else hashlib.sha256(json.dumps(key).encode("utf-8")).hexdigest()[:16]
+
+
+def _members(rows: Iterable[LiveAdapterRow], *, user_id: int | None) -> tuple[BankMember, ...]:
+    members = [
+        BankMember(
+            adapter_id=r.adapter_id,
+            adapter_name=r.adapter_name,
+            kind="personal" if r.owner_user_id == user_id else "task",
+            version_id=r.version_id,
+            version_number=r.version_number,
+            sha256=r.sha256,
+            size_bytes=r.size_bytes,
+            rank=r.rank,
+            routing_key=r.routing_key,
+        )
+        for r in rows
+        if r.kind == "lora"
+    ]
+    return tuple(sorted(members, key=lambda m: (m.kind != "personal", m.adapter_name, m.adapter_id)))
+
+
+# --- enrolments ----------------------------------------------------------------------------------------------
+def enrol(db: Database, *, tenant_id: int, user_external_id: str, task_name: str, actor: str) -> Enrolment:
+    """Enrol a user (created if new) in the tenant's task adapter ``task_name`` and record who did it.
+
+    ``NotFoundError`` when the tenant has no shared task adapter of that name (another tenant's adapters and
+    users' personal adapters are never found); ``AlreadyExistsError`` when the user is already enrolled.
+    """
+    external_id, actor = validate_external_id(user_external_id), _check_actor(actor)
+    repo = RoutingRepository(dialect=db.dialect)
+    with db.session() as s:
+        adapter_id = _require_task(repo, s, tenant_id=tenant_id, name=task_name)
+        user = get_or_create_user_row(s, tenant_id=tenant_id, external_id=external_id)
+        if repo.find_enrolment(s, user_id=user.id, adapter_id=adapter_id):
+            raise AlreadyExistsError(f"user {external_id!r} is already enrolled in {task_name!r}")
+        now = repo.insert_enrolment(
+            s, tenant_id=tenant_id, user_id=user.id, adapter_id=adapter_id, actor=actor
+        )
+        return Enrolment(tenant_id, user.id, adapter_id, task_name, actor, now)
+
+
+def unenrol(db: Database, *, tenant_id: int, user_external_id: str, task_name: str, actor: str) -> None:
+    """Remove a user from a task adapter and record who did it; ``NotFoundError`` if they were not enrolled."""
+    external_id, actor = validate_external_id(user_external_id), _check_actor(actor)
+    repo = RoutingRepository(dialect=db.dialect)
+    with db.session() as s:
+        adapter_id = _require_task(repo, s, tenant_id=tenant_id, name=task_name)
+        user = find_user(s, tenant_id=tenant_id, external_id=external_id)
+        if user is None:
+            raise NotFoundError(f"user {external_id!r} not found")
+        repo.delete_enrolment(s, tenant_id=tenant_id, user_id=user.id, adapter_id=adapter_id, actor=actor)
+
+
+def list_enrolments(db: Database, *, tenant_id: int, user_external_id: str) -> list[Enrolment]:
+    """The user's enrolments by task name (empty for an unknown user)."""
+    external_id = validate_external_id(user_external_id)
+    repo = RoutingRepository(dialect=db.dialect)
+    with db.session() as s:
+        user = find_user(s, tenant_id=tenant_id, external_id=external_id)
+        return [] if user is None else repo.list_enrolments(s, tenant_id=tenant_id, user_id=user.id)
+
+
+def enrolment_history(db: Database, *, tenant_id: int, user_external_id: str) -> list[EnrolmentEvent]:
+    """Every enrol and unenrol of the user, oldest first (empty for an unknown user)."""
+    external_id = validate_external_id(user_external_id)
+    repo = RoutingRepository(dialect=db.dialect)
+    with db.session() as s:
+        user = find_user(s, tenant_id=tenant_id, external_id=external_id)
+        return [] if user is None else repo.list_events(s, tenant_id=tenant_id, user_id=user.id)
+
+
+def _require_task(repo: RoutingRepository, s: Any, *, tenant_id: int, name: str) -> int:
+    adapter_id = repo.find_task_adapter(s, tenant_id=tenant_id, name=name)
+    if adapter_id is None:
+        raise NotFoundError(f"task adapter {name!r} not found")
+    return adapter_id
+
+
+# --- gate settings ---------------------------------------------------------------------------------------
+def set_gate_spec(db: Database, *, tenant_id: int, user_external_id: str, spec: GateSpec, actor: str) -> None:
+    """Store a user's gate settings (the user is created if new); a pinned learned version must be theirs."""
+    external_id, actor = validate_external_id(user_external_id), _check_actor(actor)
+    repo = RoutingRepository(dialect=db.dialect)
+    with db.session() as s:
+        user = get_or_create_user_row(s, tenant_id=tenant_id, external_id=external_id)
+        if spec.learned_version_id is not None:
+            _check_gate_version(
+                db, s, tenant_id=tenant_id, user_id=user.id, version_id=spec.learned_version_id
+            )
+        repo.upsert_gate_spec(s, tenant_id=tenant_id, user_id=user.id, spec=spec.to_json(), actor=actor)
+
+
+def clear_gate_spec(db: Database, *, tenant_id: int, user_external_id: str) -> None:
+    """Back to the default gate (learned when a live gate exists, else centroid)."""
+    external_id = validate_external_id(user_external_id)
+    repo = RoutingRepository(dialect=db.dialect)
+    with db.session() as s:
+        user = find_user(s, tenant_id=tenant_id, external_id=external_id)
+        if user is not None:
+            repo.delete_gate_spec(s, tenant_id=tenant_id, user_id=user.id)
+
+
+def gate_adapter_id(db: Database, *, tenant_id: int, user_id: int, create: bool = False) -> int | None:
+    """The id of the user's learned-gate adapter (kind ``gate``), created when asked; None if absent."""
+    repo = RoutingRepository(dialect=db.dialect)
+    with db.session() as s:
+        found = repo.gate_adapter_id(s, tenant_id=tenant_id, user_id=user_id)
+        if found is not None or not create:
+            return found
+        RegistryRepository(dialect=db.dialect).require_user(s, tenant_id=tenant_id, user_id=user_id)
+        return repo.insert_gate_adapter(s, tenant_id=tenant_id, user_id=user_id)
+
+
+def _check_gate_version(db: Database, s: Any, *, tenant_id: int, user_id: int, version_id: int) -> None:
+    registry_repo, repo = RegistryRepository(dialect=db.dialect), RoutingRepository(dialect=db.dialect)
+    version = registry_repo.get_version_by_id(s, tenant_id=tenant_id, version_id=version_id)
+    if version.adapter_id != repo.gate_adapter_id(s, tenant_id=tenant_id, user_id=user_id):
+        raise ValidationError(f"version {version_id} is not a version of this user's learned gate")
+
+
+def _check_actor(actor: str) -> str:
+    if not isinstance(actor, str) or not actor or len(actor) > 256:
+        raise ValidationError("actor must be 1-256 characters")
+    return actor
+
+
+__all__ = [
+    "BankMember",
+    "Enrolment",
+    "EnrolmentEvent",
+    "UserBank",
+    "bank_revision",
+    "clear_gate_spec",
+    "effective_gate_spec",
+    "enrol",
+    "enrolment_history",
+    "gate_adapter_id",
+    "list_enrolments",
+    "resolve_user_bank",
+    "set_gate_spec",
+    "unenrol",
+]

@@ -1,0 +1,104 @@
+"""Pooled base-model embeddings of prompts: what every gate scores, and what a routing key is made of.
+
+A prompt's embedding is the attention-masked mean of the backbone's last hidden state, computed by the frozen
+BASE model (``bank.base_only()``, so it does not depend on which adapters are loaded), L2-normalised. Position
+ids count from each row's first real token, so an embedding does not depend on how much padding its batch has:
+a routing key computed offline and a request embedded in a serving batch are comparable.
+
+A version's routing key is the normalised mean of its training prompts' embeddings; it is computed when the
+version is trained or imported and stored with the version (``Registry.register_version(routing_key=...)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from lorafleet.errors import ValidationError
+
+if TYPE_CHECKING:
+    from lorafleet.adapters import AdapterBank
+    from lorafleet.backbone import Backbone
+
+#: prompts longer than this (in tokens) keep their last tokens, as training truncates prompts
+DEFAULT_MAX_PROMPT_TOKENS = 512
+
+
+@torch.no_grad()
+def pooled_embeddings(
+    backbone: Backbone | torch.nn.Module,
+    bank: AdapterBank | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """``[batch, hidden]`` fp32: masked mean of the base model's last hidden state, L2-normalised per row."""
+    model = backbone if isinstance(backbone, torch.nn.Module) else backbone.model
+    body = getattr(model, "base_model", model)  # the decoder without the LM head: no vocabulary projection
+    mask = attention_mask.to(input_ids.device)
+    if not bool((mask.sum(dim=1) > 0).all()):
+        raise ValidationError("every row needs at least one token to embed")
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # [batch, seq]
+    if bank is None:
+        hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    else:
+        with bank.base_only():
+            hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    states = hidden.last_hidden_state.float()  # [batch, seq, hidden]
+    weights = mask.to(states.dtype).unsqueeze(-1)  # [batch, seq, 1]
+    pooled = (states * weights).sum(dim=1) / weights.sum(dim=1)  # [batch, hidden]
+    return F.normalize(pooled, dim=-1)
+
+
+def embed_prompts(
+    backbone: Backbone,
+    bank: AdapterBank | None,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+) -> torch.Tensor:
+    """``[len(prompts), hidden]`` pooled embeddings of raw prompts, tokenised as serving tokenises them."""
+    if not prompts:
+        raise ValidationError("no prompts to embed")
+    if batch_size < 1 or max_prompt_tokens < 1:
+        raise ValidationError("batch_size and max_prompt_tokens must be >= 1")
+    device = backbone.device
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = _encode(backbone.tokenizer, prompts[start : start + batch_size], max_prompt_tokens)
+        chunks.append(pooled_embeddings(backbone, bank, ids.to(device), mask.to(device)).cpu())
+    return torch.cat(chunks)  # [n, hidden]
+
+
+def routing_key(
+    backbone: Backbone,
+    bank: AdapterBank | None,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+) -> tuple[float, ...]:
+    """An adapter's routing key: the normalised mean of its training prompts' pooled embeddings."""
+    embeddings = embed_prompts(
+        backbone, bank, prompts, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens
+    )
+    key = F.normalize(embeddings.mean(dim=0), dim=0)  # [hidden]
+    return tuple(float(v) for v in key.tolist())
+
+
+def _encode(tokenizer: Any, prompts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask; a prompt over ``max_tokens`` keeps its last tokens."""
+    rows = [list(tokenizer(p)["input_ids"])[-max_tokens:] for p in prompts]
+    if any(not row for row in rows):
+        raise ValidationError("a prompt tokenises to nothing")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), int(pad), dtype=torch.int64)  # [batch, seq]
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)  # [batch, seq]
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.int64)
+        mask[i, width - len(row) :] = 1
+    return ids, mask

@@ -1,0 +1,229 @@
+"""Gates over a user's bank: for each request row, a sparse set of ``(member, weight)`` (a ``GateDecision``).
+
+- ``CentroidGate`` (training-free): cosine similarity between the request's pooled embedding and each member's
+  routing key, the ``top_k`` best, softmax of ``score / temperature``. Members without a routing key are not
+  scored; only when no member has a usable key does the gate fall back to the keyless *personal* adapters,
+  weighted equally (a user whose only adapter predates routing keys still gets it), else base only.
+- ``LearnedGate``: the user's trained gate (``lorafleet.routing.learned``); its softmax over the members it
+  knows, ``top_k`` kept and renormalised (its logits are on a trained scale, so ``temperature`` is not
+  applied). When the bank holds a member the gate was not trained on (a new adapter or enrolment), it defers
+  to the centroid gate until it is retrained.
+- ``FixedGate``: the tenant's weights by adapter name, the same for every request, applied as given.
+
+Decisions are per request (one set of weights for the whole sequence). Callers turn them into a batch's
+``RoutingPlan`` with :func:`plan_from_decisions`, which is where per-token weights will be applied later, so a
+per-token gate will not change callers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from lorafleet.errors import ValidationError
+from lorafleet.routing.bank import UserBank
+from lorafleet.routing.spec import GateDecision, GateSpec
+
+if TYPE_CHECKING:
+    from lorafleet.adapters import RoutingPlan
+    from lorafleet.routing.learned import LearnedGateModel
+
+__all__ = [
+    "CentroidGate",
+    "FixedGate",
+    "Gate",
+    "GateDecision",
+    "GateSpec",
+    "LearnedGate",
+    "LearnedGateLoader",
+    "build_gate",
+    "plan_from_decisions",
+    "top_k_decisions",
+]
+
+logger = logging.getLogger(__name__)
+#: a learned gate by version id (a serving cache wraps the registry download)
+LearnedGateLoader = Callable[[int], "LearnedGateModel"]
+_KEY_CACHE_SIZE = 256
+
+
+class Gate(Protocol):
+    """Routes each row of a batch of one user's requests over that user's bank.
+
+    The gates here also have ``needs_embeddings(user_bank) -> bool`` (optional for other gates): False when
+    the decisions do not depend on the embeddings (zeros give the same), so a caller may skip the base forward.
+    """
+
+    def decide(self, user_bank: UserBank, embeddings: torch.Tensor) -> list[GateDecision]:
+        """One decision per row of ``embeddings`` ``[batch, hidden]`` (pooled, from ``pooled_embeddings``)."""
+        ...
+
+
+def top_k_decisions(
+    scores: torch.Tensor, *, members: Sequence[int], top_k: int, temperature: float = 1.0
+) -> list[GateDecision]:
+    """Per row of ``scores`` ``[batch, n]`` (column j = member ``members[j]``): the ``top_k`` highest, with
+    softmax(score / temperature) over them as weights, heaviest first; underflowed (zero) weights are dropped."""
+    if scores.dim() != 2 or scores.shape[1] != len(members):
+        raise ValidationError(f"scores {tuple(scores.shape)} do not match {len(members)} members")
+    if scores.shape[1] == 0:
+        return [GateDecision() for _ in range(scores.shape[0])]
+    k = min(top_k, scores.shape[1])
+    values, columns = scores.float().topk(k, dim=-1)  # [batch, k], sorted descending
+    weights = torch.softmax(values / temperature, dim=-1)  # [batch, k]
+    return [
+        GateDecision(tuple((members[c], w) for c, w in zip(cols, ws, strict=True) if w > 0.0))
+        for cols, ws in zip(columns.tolist(), weights.tolist(), strict=True)
+    ]
+
+
+class CentroidGate:
+    """Cosine similarity to the members' routing keys, top-k, softmax with a temperature (training-free)."""
+
+    def __init__(self, *, top_k: int = 2, temperature: float = 0.1) -> None:
+        GateSpec(top_k=top_k, temperature=temperature)  # the same checks as a stored spec
+        self.top_k, self.temperature = top_k, temperature
+        self._keys: OrderedDict[tuple[str, int], tuple[list[int], torch.Tensor]] = OrderedDict()
+
+    def needs_embeddings(self, user_bank: UserBank) -> bool:
+        """Only with two or more keyed members is there a choice to make."""
+        return sum(1 for m in user_bank.members if m.routing_key) >= 2
+
+    def decide(self, user_bank: UserBank, embeddings: torch.Tensor) -> list[GateDecision]:
+        batch = _check_embeddings(embeddings)
+        if not user_bank.members:
+            return [GateDecision() for _ in range(batch)]
+        keyed, keys = self._usable_keys(user_bank, hidden=int(embeddings.shape[1]))
+        if not keyed:
+            return [_keyless_decision(user_bank, top_k=self.top_k)] * batch
+        queries = F.normalize(embeddings.detach().float().cpu(), dim=-1)  # [batch, hidden]
+        scores = queries @ keys.T  # [batch, n_keyed]: cosine similarities
+        return top_k_decisions(scores, members=keyed, top_k=self.top_k, temperature=self.temperature)
+
+    def _usable_keys(self, user_bank: UserBank, *, hidden: int) -> tuple[list[int], torch.Tensor]:
+        """Members with a key of the embeddings' size and their unit keys ``[n_keyed, hidden]`` (cached)."""
+        cache_key = (user_bank.revision, hidden)
+        if cache_key in self._keys:
+            self._keys.move_to_end(cache_key)
+            return self._keys[cache_key]
+        keyed = [i for i, m in enumerate(user_bank.members) if m.routing_key and len(m.routing_key) == hidden]
+        wrong = [m.adapter_name for m in user_bank.members if m.routing_key and len(m.routing_key) != hidden]
+        if wrong:
+            logger.warning("routing keys of %s do not match hidden size %d: not scored", wrong, hidden)
+        rows = [user_bank.members[i].routing_key or () for i in keyed]
+        keys = F.normalize(torch.tensor(rows, dtype=torch.float32).reshape(len(keyed), hidden), dim=-1)
+        self._keys[cache_key] = (keyed, keys)
+        if len(self._keys) > _KEY_CACHE_SIZE:
+            self._keys.popitem(last=False)
+        return keyed, keys
+
+
+class FixedGate:
+    """The tenant's weights by adapter name for every request (names not in the bank are ignored)."""
+
+    def __init__(self, *, weights: Mapping[str, float]) -> None:
+        checked = GateSpec(kind="fixed", fixed_weights=dict(weights)).fixed_weights
+        self.weights: dict[str, float] = dict(checked or {})
+
+    def needs_embeddings(self, user_bank: UserBank) -> bool:
+        return False
+
+    def decide(self, user_bank: UserBank, embeddings: torch.Tensor) -> list[GateDecision]:
+        return [self.decision(user_bank)] * _check_embeddings(embeddings)
+
+    def decision(self, user_bank: UserBank) -> GateDecision:
+        """``name`` matches the personal adapter of that name if any, else the task adapter;
+        ``personal:<name>`` / ``task:<name>`` match one kind only."""
+        chosen: dict[int, float] = {}
+        for name, weight in self.weights.items():
+            index = _find_member(user_bank, name)
+            if index is not None and weight > 0:
+                chosen[index] = chosen.get(index, 0.0) + weight
+        return GateDecision(tuple(sorted(chosen.items(), key=lambda item: (-item[1], item[0]))))
+
+
+class LearnedGate:
+    """A trained gate over pooled embeddings; defers to ``fallback`` when absent or not trained for this bank."""
+
+    def __init__(self, *, model: LearnedGateModel | None, top_k: int, fallback: CentroidGate) -> None:
+        self.model, self.top_k, self.fallback = model, top_k, fallback
+
+    def covers(self, user_bank: UserBank, *, hidden: int) -> bool:
+        """Whether the gate knows every member of the bank and takes embeddings of this size."""
+        if self.model is None or self.model.hidden_size != hidden:
+            return False
+        known = set(self.model.class_adapter_ids)
+        return all(m.adapter_id in known for m in user_bank.members)
+
+    def needs_embeddings(self, user_bank: UserBank) -> bool:
+        if self.model is not None and self.covers(user_bank, hidden=self.model.hidden_size):
+            return len(user_bank.members) >= 2
+        return self.fallback.needs_embeddings(user_bank)
+
+    def decide(self, user_bank: UserBank, embeddings: torch.Tensor) -> list[GateDecision]:
+        batch = _check_embeddings(embeddings)
+        if not user_bank.members:
+            return [GateDecision() for _ in range(batch)]
+        if self.model is None or not self.covers(user_bank, hidden=int(embeddings.shape[1])):
+            return self.fallback.decide(user_bank, embeddings)
+        logits = self.model.logits(embeddings)  # [batch, n_classes]
+        classes = {adapter_id: c for c, adapter_id in enumerate(self.model.class_adapter_ids)}
+        columns = [classes[m.adapter_id] for m in user_bank.members]  # members that left are masked out
+        return top_k_decisions(
+            logits[:, columns], members=list(range(len(user_bank.members))), top_k=self.top_k
+        )
+
+
+def build_gate(spec: GateSpec, *, load_learned: LearnedGateLoader | None = None) -> Gate:
+    """The gate for a spec; a learned spec without a version (none trained yet) routes by centroid."""
+    centroid = CentroidGate(top_k=spec.top_k, temperature=spec.temperature)
+    if spec.kind == "centroid":
+        return centroid
+    if spec.kind == "fixed":
+        return FixedGate(weights=spec.fixed_weights or {})
+    if spec.learned_version_id is None:
+        return LearnedGate(model=None, top_k=spec.top_k, fallback=centroid)
+    if load_learned is None:
+        raise ValidationError("a learned gate spec needs load_learned to fetch the gate's weights")
+    return LearnedGate(model=load_learned(spec.learned_version_id), top_k=spec.top_k, fallback=centroid)
+
+
+def plan_from_decisions(decisions: Sequence[GateDecision], slot_maps: Sequence[Sequence[int]]) -> RoutingPlan:
+    """A batch's routing plan: row ``i`` follows ``decisions[i]`` with members mapped to bank slots by
+    ``slot_maps[i]`` (``slot_maps[i][member index]`` = slot; rows of different users have different maps)."""
+    from lorafleet.adapters import RoutingPlan
+
+    if len(decisions) != len(slot_maps):
+        raise ValidationError(f"{len(decisions)} decisions but {len(slot_maps)} slot maps")
+    return RoutingPlan.from_rows([d.to_slots(m) for d, m in zip(decisions, slot_maps, strict=True)])
+
+
+def _check_embeddings(embeddings: torch.Tensor) -> int:
+    if embeddings.dim() != 2 or embeddings.shape[0] == 0:
+        raise ValidationError(
+            f"embeddings must be [batch, hidden] with batch >= 1, got {tuple(embeddings.shape)}"
+        )
+    return int(embeddings.shape[0])
+
+
+def _keyless_decision(user_bank: UserBank, *, top_k: int) -> GateDecision:
+    personal = [i for i, m in enumerate(user_bank.members) if m.kind == "personal"][:top_k]
+    return GateDecision(tuple((i, 1.0 / len(personal)) for i in personal))
+
+
+def _find_member(user_bank: UserBank, name: str) -> int | None:
+    kind, _, rest = name.partition(":")
+    if rest and kind in ("personal", "task"):
+        wanted = [(kind, rest)]
+    else:
+        wanted = [("personal", name), ("task", name)]
+    for want_kind, want_name in wanted:
+        for i, m in enumerate(user_bank.members):
+            if m.kind == want_kind and m.adapter_name == want_name:
+                return i
+    return None

@@ -1,0 +1,291 @@
+"""SQL side of routing: a user's bank (live versions of own and enrolled adapters), enrolments, gate settings.
+
+Every method runs in a session the caller opened with ``Database.session()``; lookups are tenant-scoped, so an
+id of another tenant is reported exactly like a missing one. Methods return the plain frozen objects below,
+never ORM rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, cast
+
+from sqlalchemy import and_, delete, or_, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.orm import Session
+
+from lorafleet.domain import LIVE
+from lorafleet.errors import NotFoundError
+from lorafleet.store.sql.models import (
+    SqlAdapter,
+    SqlAdapterVersion,
+    SqlAlias,
+    SqlEnrolment,
+    SqlEnrolmentEvent,
+    SqlGateSettings,
+    SqlUser,
+    utcnow,
+)
+
+AdapterKind = Literal["lora", "gate"]
+EnrolmentAction = Literal["enrol", "unenrol"]
+#: the name of a user's learned-gate adapter (kind ``gate``; one per user)
+GATE_ADAPTER_NAME = "gate"
+
+
+@dataclass(frozen=True)
+class LiveAdapterRow:
+    """An adapter of a user's bank (own, or an enrolled task adapter) with its live version."""
+
+    adapter_id: int
+    adapter_name: str
+    owner_user_id: int | None
+    kind: AdapterKind
+    version_id: int
+    version_number: int
+    sha256: str
+    size_bytes: int
+    rank: int
+    routing_key: tuple[float, ...] | None
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """A user enrolled in a tenant's shared task adapter."""
+
+    tenant_id: int
+    user_id: int
+    adapter_id: int
+    task_name: str
+    actor: str
+    enrolled_at: datetime
+
+
+@dataclass(frozen=True)
+class EnrolmentEvent:
+    """One recorded enrol or unenrol: who, when, which user and task adapter."""
+
+    id: int
+    tenant_id: int
+    user_id: int
+    adapter_id: int
+    action: EnrolmentAction
+    actor: str
+    created_at: datetime
+
+
+class RoutingRepository:
+    """Tenant-scoped SQL for routing; stateless apart from the dialect (upserts differ)."""
+
+    def __init__(self, *, dialect: str) -> None:
+        self._postgres = dialect == "postgresql"
+
+    # --- the bank ---------------------------------------------------------------------------------------
+    def user_with_gate_spec(
+        self, session: Session, *, tenant_id: int, external_id: str
+    ) -> tuple[int, dict[str, Any] | None] | None:
+        """``(user id, stored gate spec or None)`` in one query, or None for a user the tenant does not have."""
+        stmt = (
+            select(SqlUser.id, SqlGateSettings.spec)
+            .outerjoin(SqlGateSettings, SqlGateSettings.user_id == SqlUser.id)
+            .where(SqlUser.tenant_id == tenant_id, SqlUser.external_id == external_id)
+        )
+        row = session.execute(stmt).one_or_none()
+        return None if row is None else (int(row[0]), None if row[1] is None else dict(row[1]))
+
+    def live_adapters(self, session: Session, *, tenant_id: int, user_id: int) -> list[LiveAdapterRow]:
+        """The user's own adapters (both kinds) and enrolled task adapters that have a live version: one query."""
+        enrolled = and_(SqlEnrolment.adapter_id == SqlAdapter.id, SqlEnrolment.user_id == user_id)
+        stmt = (
+            select(
+                SqlAdapter.id,
+                SqlAdapter.name,
+                SqlAdapter.owner_user_id,
+                SqlAdapter.kind,
+                SqlAdapterVersion.id,
+                SqlAdapterVersion.number,
+                SqlAdapterVersion.sha256,
+                SqlAdapterVersion.size_bytes,
+                SqlAdapterVersion.rank,
+                SqlAdapterVersion.routing_key,
+            )
+            .join(SqlAlias, and_(SqlAlias.adapter_id == SqlAdapter.id, SqlAlias.name == LIVE))
+            .join(SqlAdapterVersion, SqlAdapterVersion.id == SqlAlias.version_id)
+            .outerjoin(SqlEnrolment, enrolled)
+            .where(
+                SqlAdapter.tenant_id == tenant_id,
+                or_(
+                    SqlAdapter.owner_user_id == user_id,
+                    and_(SqlAdapter.owner_user_id.is_(None), SqlEnrolment.user_id.is_not(None)),
+                ),
+            )
+            .order_by(SqlAdapter.id)
+        )
+        return [_live_row(row) for row in session.execute(stmt)]
+
+    # --- enrolments ---------------------------------------------------------------------------------------
+    def find_task_adapter(self, session: Session, *, tenant_id: int, name: str) -> int | None:
+        """The id of the tenant's shared (owner-less) LoRA adapter called ``name``, or None."""
+        stmt = select(SqlAdapter.id).where(
+            SqlAdapter.tenant_id == tenant_id,
+            SqlAdapter.owner_user_id.is_(None),
+            SqlAdapter.kind == "lora",
+            SqlAdapter.name == name,
+        )
+        found = session.scalar(stmt)
+        return None if found is None else int(found)
+
+    def find_enrolment(self, session: Session, *, user_id: int, adapter_id: int) -> bool:
+        return session.get(SqlEnrolment, (user_id, adapter_id)) is not None
+
+    def insert_enrolment(
+        self, session: Session, *, tenant_id: int, user_id: int, adapter_id: int, actor: str
+    ) -> datetime:
+        """Enrol and record the event (one transaction); a duplicate raises ``AlreadyExistsError`` at commit."""
+        now = utcnow()
+        session.add(
+            SqlEnrolment(
+                tenant_id=tenant_id, user_id=user_id, adapter_id=adapter_id, actor=actor, enrolled_at=now
+            )
+        )
+        self._event(session, tenant_id, user_id, adapter_id, "enrol", actor, now)
+        session.flush()
+        return now
+
+    def delete_enrolment(
+        self, session: Session, *, tenant_id: int, user_id: int, adapter_id: int, actor: str
+    ) -> None:
+        """Unenrol and record the event; ``NotFoundError`` when the user is not enrolled."""
+        stmt = delete(SqlEnrolment).where(
+            SqlEnrolment.user_id == user_id,
+            SqlEnrolment.adapter_id == adapter_id,
+            SqlEnrolment.tenant_id == tenant_id,
+        )
+        result = cast(CursorResult[Any], session.execute(stmt))
+        if result.rowcount == 0:
+            raise NotFoundError(f"user {user_id} is not enrolled in adapter {adapter_id}")
+        self._event(session, tenant_id, user_id, adapter_id, "unenrol", actor, utcnow())
+        session.flush()
+
+    def list_enrolments(self, session: Session, *, tenant_id: int, user_id: int) -> list[Enrolment]:
+        stmt = (
+            select(SqlEnrolment, SqlAdapter.name)
+            .join(SqlAdapter, SqlAdapter.id == SqlEnrolment.adapter_id)
+            .where(SqlEnrolment.user_id == user_id, SqlEnrolment.tenant_id == tenant_id)
+            .order_by(SqlAdapter.name)
+        )
+        return [
+            Enrolment(e.tenant_id, e.user_id, e.adapter_id, name, e.actor, e.enrolled_at)
+            for e, name in session.execute(stmt).tuples()
+        ]
+
+    def list_events(self, session: Session, *, tenant_id: int, user_id: int) -> list[EnrolmentEvent]:
+        stmt = (
+            select(SqlEnrolmentEvent)
+            .where(SqlEnrolmentEvent.user_id == user_id, SqlEnrolmentEvent.tenant_id == tenant_id)
+            .order_by(SqlEnrolmentEvent.id)
+        )
+        return [_event(row) for row in session.scalars(stmt)]
+
+    def _event(
+        self,
+        session: Session,
+        tenant_id: int,
+        user_id: int,
+        adapter_id: int,
+        action: EnrolmentAction,
+        actor: str,
+        now: datetime,
+    ) -> None:
+        session.add(
+            SqlEnrolmentEvent(
+                tenant_id=tenant_id,
+                user_id=user_id,
+                adapter_id=adapter_id,
+                action=action,
+                actor=actor,
+                created_at=now,
+            )
+        )
+
+    # --- gate settings and the learned gate's adapter ---------------------------------------------------
+    def upsert_gate_spec(
+        self, session: Session, *, tenant_id: int, user_id: int, spec: dict[str, Any], actor: str
+    ) -> None:
+        insert = pg_insert if self._postgres else sqlite_insert
+        values = {
+            "user_id": user_id,
+            "tenant_id": tenant_id,
+            "spec": spec,
+            "actor": actor,
+            "updated_at": utcnow(),
+        }
+        stmt = insert(SqlGateSettings).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[SqlGateSettings.user_id],
+            set_={k: stmt.excluded[k] for k in ("spec", "actor", "updated_at")},
+        )
+        session.execute(stmt)
+
+    def delete_gate_spec(self, session: Session, *, tenant_id: int, user_id: int) -> None:
+        session.execute(
+            delete(SqlGateSettings).where(
+                SqlGateSettings.user_id == user_id, SqlGateSettings.tenant_id == tenant_id
+            )
+        )
+
+    def gate_adapter_id(self, session: Session, *, tenant_id: int, user_id: int) -> int | None:
+        """The id of the user's learned-gate adapter, or None when none was ever registered."""
+        stmt = select(SqlAdapter.id).where(
+            SqlAdapter.tenant_id == tenant_id,
+            SqlAdapter.owner_user_id == user_id,
+            SqlAdapter.kind == "gate",
+        )
+        found = session.scalar(stmt)
+        return None if found is None else int(found)
+
+    def insert_gate_adapter(self, session: Session, *, tenant_id: int, user_id: int) -> int:
+        """A new ``gate`` adapter for the user (``AlreadyExistsError`` at commit if the name is taken)."""
+        row = SqlAdapter(
+            tenant_id=tenant_id,
+            owner_user_id=user_id,
+            name=GATE_ADAPTER_NAME,
+            kind="gate",
+            target_config={},
+            version_count=0,
+            created_at=utcnow(),
+        )
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+def _live_row(row: Any) -> LiveAdapterRow:
+    adapter_id, name, owner, kind, version_id, number, sha256, size, rank, key = row
+    return LiveAdapterRow(
+        adapter_id=int(adapter_id),
+        adapter_name=str(name),
+        owner_user_id=None if owner is None else int(owner),
+        kind=cast(AdapterKind, kind),
+        version_id=int(version_id),
+        version_number=int(number),
+        sha256=str(sha256),
+        size_bytes=int(size),
+        rank=int(rank),
+        routing_key=None if key is None else tuple(float(v) for v in key),
+    )
+
+
+def _event(row: SqlEnrolmentEvent) -> EnrolmentEvent:
+    return EnrolmentEvent(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        user_id=row.user_id,
+        adapter_id=row.adapter_id,
+        action=cast(EnrolmentAction, row.action),
+        actor=row.actor,
+        created_at=row.created_at,
+    )
