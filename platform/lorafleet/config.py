@@ -42,6 +42,18 @@ class Settings(BaseSettings):
     max_feedback_batch: int = Field(default=1000, ge=1)
     max_feedback_record_bytes: int = Field(default=64 * 1024, ge=256)
     admin_key: str = Field(default="", description="Bearer key for tenant management; empty disables it.")
+    ray_num_cpus: int | None = Field(
+        default=None, ge=1, le=1024, description="CPUs a local Ray offers; empty = min(cpu count, 4)."
+    )
+    trainer_slots: int = Field(
+        default=8, ge=1, le=64, description="Adapter slots per trainer actor (at least the users per job)."
+    )
+    lease_seconds: float = Field(
+        default=60.0, ge=1.0, le=24 * 3600.0, description="Job lease; a dead worker's job restarts after it."
+    )
+    promote_rule: Literal["holdout-improved", "never", "always"] = Field(
+        default="holdout-improved", description="Auto-promotion of new versions until QA decides."
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -5,14 +5,24 @@ one thing through the library, and closes it again.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from lorafleet.config import Settings
-from lorafleet.jobs.queue import SubmitResult
+from lorafleet.domain import AdapterVersion, Job
+from lorafleet.errors import JobError
+from lorafleet.jobs.queue import JobQueue, SubmitResult
 from lorafleet.jobs.scheduler import Scheduler, SchedulerPolicy, TickResult
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.tenants import TenantRepository
+
+if TYPE_CHECKING:
+    from lorafleet.jobs.ray_runtime import TrainerPool
+
+#: job states after which nothing more happens to a job
+FINISHED_STATES = ("succeeded", "failed", "cancelled")
 
 
 @contextmanager
@@ -53,3 +63,80 @@ def train_now(settings: Settings, *, tenant: str | int, user: str) -> SubmitResu
         else:
             tenant_id = TenantRepository(db).get_tenant(name=tenant).id
         return Scheduler(db).train_now(tenant_id=tenant_id, user_external_id=user)
+
+
+def run_workers(
+    settings: Settings,
+    *,
+    n_actors: int = 1,
+    until_idle: bool = True,
+    stop_event: threading.Event | None = None,
+    poll_seconds: float = 5.0,
+    training: Mapping[str, Any] | None = None,
+) -> list[int]:
+    """Start ``n_actors`` trainer actors on Ray (local on loopback, or ``LORAFLEET_RAY_ADDRESS``) and run
+    jobs: until none is claimable (``until_idle``), or else until ``stop_event`` is set, polling the queue
+    every ``poll_seconds``. Returns the ids of the jobs run; the actors are stopped at the end."""
+    from lorafleet.jobs.ray_runtime import TrainerPool
+
+    stop = stop_event or threading.Event()
+    done: list[int] = []
+    with TrainerPool(settings, n_actors=n_actors, training=training) as pool:
+        while True:
+            done.extend(pool.drain())
+            if until_idle or stop.wait(poll_seconds):
+                return done
+
+
+def train_user_now_and_wait(
+    settings: Settings,
+    *,
+    tenant: str | int,
+    user: str,
+    timeout: float,
+    pool: TrainerPool | None = None,
+    training: Mapping[str, Any] | None = None,
+) -> AdapterVersion | None:
+    """Queue a job for one user (``train_now``), run it on trainer actors (``pool``, or a new one-actor
+    pool) and return the version it registered; None when the job skipped the user (nothing new to train
+    on). A job that fails, or does not finish within ``timeout`` seconds, raises ``JobError``."""
+    from lorafleet.jobs.ray_runtime import TrainerPool
+
+    submitted = train_now(settings, tenant=tenant, user=user)
+    deadline = time.monotonic() + timeout
+    if pool is not None:
+        job = _drain_until_finished(settings, pool=pool, job_id=submitted.job.id, deadline=deadline)
+    else:
+        with TrainerPool(settings, training=training) as own:
+            job = _drain_until_finished(settings, pool=own, job_id=submitted.job.id, deadline=deadline)
+    if job.state != "succeeded":
+        raise JobError(f"job {job.id} {job.state}: {job.error}")
+    return _version_of(settings, job=job, user=user)
+
+
+def _drain_until_finished(settings: Settings, *, pool: TrainerPool, job_id: int, deadline: float) -> Job:
+    """Drain the pool until the job is finished (a retry may wait out its backoff) or the deadline passes."""
+    with _database(settings) as db:
+        queue = JobQueue(db)
+        while True:
+            job = queue.get(tenant_id=None, job_id=job_id)
+            if job.state in FINISHED_STATES:
+                return job
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise JobError(f"job {job_id} did not finish in time (still {job.state})")
+            if not pool.drain(timeout=left):
+                time.sleep(min(1.0, max(left, 0.0)))
+
+
+def _version_of(settings: Settings, *, job: Job, user: str) -> AdapterVersion | None:
+    """The version the job's result names for ``user`` (None: the job skipped them)."""
+    from lorafleet.registry import Registry
+    from lorafleet.store.blob import open_blob_store_from_settings
+
+    entries = [e for e in (job.result or {}).get("versions", []) if e.get("external_id") == user]
+    if not entries or job.tenant_id is None:
+        return None
+    with _database(settings) as db:
+        registry = Registry(db, open_blob_store_from_settings(settings))
+        return registry.get_version_by_id(tenant_id=job.tenant_id, version_id=int(entries[0]["version_id"]))

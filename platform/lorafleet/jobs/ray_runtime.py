@@ -1,0 +1,302 @@
+"""Jobs on Ray: trainer actors that keep the backbone loaded and pull ``train`` jobs from the job queue.
+
+The queue is the source of truth, not Ray: an actor *claims* a job under a lease, heartbeats while it trains,
+and registers versions in the job's fenced transaction (``lorafleet.jobs.queue``). A job whose actor died is
+taken over by any actor once the lease expires, and a task Ray re-runs either finds the job already finished
+or fails the lease check; the unique index on ``(adapter_id, job_id)`` backs this up. So Ray's own retries
+can never produce a second version.
+
+``init_ray`` starts a local Ray bound to loopback (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` before ray is
+imported, no dashboard), or connects to ``LORAFLEET_RAY_ADDRESS``; nothing else changes between the two.
+``TrainerHost`` is the plain object an actor wraps, usable in-process too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from lorafleet.config import TINY_BACKBONE, Settings, load_settings
+from lorafleet.errors import ConfigError, JobError
+
+if TYPE_CHECKING:
+    from lorafleet.domain import Job
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+DEFAULT_LOCAL_CPUS = 4
+#: one job at a time per actor; the second thread answers ``ping``/``stats`` while a job runs
+ACTOR_CONCURRENCY = 2
+_SECRET_SETTINGS = frozenset({"admin_key"})
+
+
+# --- Ray itself --------------------------------------------------------------------------------------------
+def init_ray(settings: Settings) -> str:
+    """Connect to ``settings.ray_address``, or start a local Ray on loopback; once per process (a second
+    call returns the running one). Returns the cluster's GCS address."""
+    if _on_loopback(settings.ray_address):
+        os.environ[LOOPBACK_ENV] = "0"  # read by ray at import: node IP = 127.0.0.1
+    import ray
+
+    if ray.is_initialized():
+        return str(ray.get_runtime_context().gcs_address)
+    if settings.ray_address:
+        logger.info("connecting to the Ray cluster at %s", settings.ray_address)
+        ray.init(address=settings.ray_address)
+    else:
+        _require_loopback()
+        cpus = settings.ray_num_cpus or min(os.cpu_count() or 1, DEFAULT_LOCAL_CPUS)
+        logger.info("starting a local Ray on 127.0.0.1 with %d CPUs", cpus)
+        ray.init(num_cpus=cpus, include_dashboard=False)
+    return str(ray.get_runtime_context().gcs_address)
+
+
+def _on_loopback(address: str) -> bool:
+    """No address (a local Ray is started), or one on this machine's loopback (a local cluster)."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    return not address or host in ("127.0.0.1", "localhost")
+
+
+def _require_loopback() -> None:
+    """Refuse to start a local Ray that would listen beyond loopback (ray was imported too early)."""
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        raise ConfigError(
+            f"ray was imported before {LOOPBACK_ENV}=0 was set, so a local Ray would not bind to 127.0.0.1; "
+            "set it in the environment (or set LORAFLEET_RAY_ADDRESS to use a cluster)"
+        )
+
+
+def actor_settings(settings: Settings) -> dict[str, Any]:
+    """The settings an actor is built from, with every path and URL absolute (an actor's working
+    directory is not the driver's) and without secrets it does not need."""
+    data = settings.model_dump(mode="json", exclude=set(_SECRET_SETTINGS))
+    data.update(
+        data_dir=str(settings.data_dir.resolve()),
+        database_url=settings.resolved_database_url,
+        object_store_url=settings.resolved_object_store_url,
+    )
+    if settings.backbone != TINY_BACKBONE:
+        data["backbone"] = str(Path(settings.backbone).expanduser().resolve())
+    return data
+
+
+# --- one trainer ------------------------------------------------------------------------------------------
+class TrainerHost:
+    """A database, registry, resident backbone with an adapter bank, ``ContinualTrainer`` and ``JobWorker``:
+    what one trainer actor holds for its whole life (the backbone is loaded once, here)."""
+
+    def __init__(
+        self,
+        settings: Mapping[str, Any],
+        training: Mapping[str, Any] | None = None,
+        *,
+        worker_id: str | None = None,
+    ) -> None:
+        from lorafleet.jobs.queue import JobQueue
+        from lorafleet.jobs.scheduler import TRAIN_JOB_KIND
+        from lorafleet.jobs.worker import JobWorker
+        from lorafleet.registry import Registry
+        from lorafleet.store.blob import open_blob_store_from_settings
+        from lorafleet.store.sql.database import Database
+        from lorafleet.training.config import TrainingConfig
+
+        self.settings = load_settings(**settings)
+        self.worker_id = worker_id or f"trainer-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.db = Database(self.settings.resolved_database_url)
+        self.registry = Registry(
+            self.db,
+            open_blob_store_from_settings(self.settings),
+            gc_grace_seconds=self.settings.blob_gc_grace_seconds,
+        )
+        self.trainer = self._build_trainer(TrainingConfig.from_mapping(training))
+        self.worker = JobWorker(
+            JobQueue(self.db),
+            worker_id=self.worker_id,
+            handlers={TRAIN_JOB_KIND: self.trainer.run_job},
+            lease_seconds=self.settings.lease_seconds,
+        )
+        self._run_lock = threading.Lock()
+        self._stats: dict[str, Any] = {"jobs_done": 0, "jobs_succeeded": 0, "jobs_failed": 0}
+        self._stats.update(backbone_loads=1, current_job=None, step=0, total_steps=0)
+
+    def _build_trainer(self, config: Any) -> Any:
+        from lorafleet.adapters import inject_bank
+        from lorafleet.backbone import load_backbone
+        from lorafleet.training.continual import ContinualTrainer
+
+        s = self.settings
+        started = time.monotonic()
+        backbone = load_backbone(
+            s.backbone, quantization=s.backbone_quantization, device=s.device, data_dir=s.data_dir
+        )
+        bank = inject_bank(
+            backbone, target_modules=config.target_modules, n_slots=s.trainer_slots, max_rank=config.rank
+        )
+        self.backbone_load_seconds = time.monotonic() - started
+        logger.info(
+            "%s: backbone %s (%s) on %s loaded in %.1f s, %d slots",
+            self.worker_id,
+            s.backbone,
+            s.backbone_quantization,
+            backbone.device,
+            self.backbone_load_seconds,
+            s.trainer_slots,
+        )
+        return ContinualTrainer(
+            self.db,
+            self.registry,
+            backbone,
+            bank,
+            config=config,
+            promote_rule=s.promote_rule,
+            progress=self._on_progress,
+        )
+
+    # --- running jobs -------------------------------------------------------------------------------------
+    def run_once(self) -> int | None:
+        """Claim and run one job; its id, or None when no job was claimable."""
+        with self._run_lock:
+            job = self.worker.run_once()
+            if job is not None:
+                self._count(job)
+            return None if job is None else job.id
+
+    def run_until_idle(self, max_jobs: int | None = None) -> list[int]:
+        """Run jobs until none is claimable (or ``max_jobs`` ran); the ids of the jobs run."""
+        done: list[int] = []
+        while max_jobs is None or len(done) < max_jobs:
+            job_id = self.run_once()
+            if job_id is None:
+                break
+            done.append(job_id)
+        return done
+
+    def _count(self, job: Job) -> None:
+        self._stats["jobs_done"] += 1
+        if job.state == "succeeded":
+            self._stats["jobs_succeeded"] += 1
+        elif job.state == "failed":
+            self._stats["jobs_failed"] += 1
+        self._stats.update(current_job=None, step=0, total_steps=0)
+
+    def _on_progress(self, step: int, total: int, values: Mapping[str, float]) -> None:
+        self._stats.update(step=step, total_steps=total, loss=values.get("loss"))
+
+    # --- introspection ------------------------------------------------------------------------------------
+    def ping(self) -> dict[str, Any]:
+        """Who and where this trainer is (answers while a job runs)."""
+        return {"worker_id": self.worker_id, "pid": os.getpid(), "host": socket.gethostname()}
+
+    def stats(self) -> dict[str, Any]:
+        """Jobs run, backbone loads (always 1: one per actor life) and the running job's progress."""
+        running = self._run_lock.locked()
+        return {**self._stats, "worker_id": self.worker_id, "busy": running}
+
+    def close(self) -> None:
+        self.db.dispose()
+
+
+def trainer_actor_class() -> Any:
+    """``TrainerHost`` as a Ray actor class (built on first use, so importing this module needs no ray)."""
+    import ray
+
+    global _ACTOR_CLASS
+    if _ACTOR_CLASS is None:
+        _ACTOR_CLASS = ray.remote(TrainerHost)
+    return _ACTOR_CLASS
+
+
+_ACTOR_CLASS: Any = None
+
+
+# --- a pool of trainers -----------------------------------------------------------------------------------
+class TrainerPool:
+    """``n_actors`` trainer actors (one CPU each, or one GPU each with ``LORAFLEET_DEVICE=cuda``)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        n_actors: int = 1,
+        training: Mapping[str, Any] | None = None,
+        env_vars: Mapping[str, str] | None = None,
+    ) -> None:
+        if n_actors < 1:
+            raise ConfigError("n_actors: must be at least 1")
+        self.gcs_address = init_ray(settings)
+        options: dict[str, Any] = {
+            "num_cpus": 1,
+            "num_gpus": 1 if settings.device.startswith("cuda") else 0,
+            "max_concurrency": ACTOR_CONCURRENCY,
+        }
+        if env_vars:
+            options["runtime_env"] = {"env_vars": dict(env_vars)}
+        cls = trainer_actor_class().options(**options)
+        overrides = actor_settings(settings)
+        train = dict(training or {})
+        self.actors = [cls.remote(overrides, train) for _ in range(n_actors)]
+        self.workers = self._ready()
+
+    def _ready(self) -> list[str]:
+        """Wait until every actor has loaded its backbone (an actor that fails to start raises here)."""
+
+        started = time.monotonic()
+        pings = _get([actor.ping.remote() for actor in self.actors], what="starting trainer actors")
+        logger.info("%d trainer actors ready in %.1f s", len(pings), time.monotonic() - started)
+        return [p["worker_id"] for p in pings]
+
+    def drain(self, *, max_jobs: int | None = None, timeout: float | None = None) -> list[int]:
+        """Every actor runs jobs until none is claimable; the ids of the jobs run, over all actors."""
+
+        refs = [actor.run_until_idle.remote(max_jobs) for actor in self.actors]
+        return [
+            job_id for ids in _get(refs, what="draining the job queue", timeout=timeout) for job_id in ids
+        ]
+
+    def stats(self) -> list[dict[str, Any]]:
+        return list(_get([actor.stats.remote() for actor in self.actors], what="reading trainer stats"))
+
+    def shutdown(self) -> None:
+        """Stop the actors (a job one of them was running is taken over once its lease expires)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> TrainerPool:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.shutdown()
+
+
+def _get(refs: list[Any], *, what: str, timeout: float | None = None) -> list[Any]:
+    """``ray.get`` with Ray's failures translated: a timeout or a dead actor is a ``JobError`` (a job the
+    actor was running stays leased until the lease expires, then another actor takes it over)."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    try:
+        return list(ray.get(refs, timeout=timeout))
+    except GetTimeoutError as exc:
+        raise JobError(f"{what}: no answer within {timeout} s") from exc
+    except RayActorError as exc:
+        first = str(exc).strip().splitlines()[:1]
+        raise JobError(f"{what}: a trainer actor died ({first[0] if first else type(exc).__name__})") from exc
+
+
+__all__ = ["TrainerHost", "TrainerPool", "actor_settings", "init_ray", "trainer_actor_class"]

@@ -1,0 +1,39 @@
+"""Training adapters from feedback: datasets, the multi-tenant batched trainer, replay sampling, a synthetic task.
+
+Public API (names load on first use, so importing this package does not import torch):
+
+- ``TrainingConfig``: a job's hyper-parameters (``config``)
+- ``Example``, ``UserDataset``, ``build_dataset``, ``is_holdout``, ``reservoir_sample``, ``encode_examples``
+  (``dataset``)
+- ``SlotTask``, ``SlotResult``, ``train_slots``, ``evaluate``, ``EvalResult`` (``trainer``)
+- ``synthetic``: the multi-user personalisation task used by tests, benchmarks and the demo
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "TrainingConfig": "lorafleet.training.config",
+    "Example": "lorafleet.training.dataset",
+    "UserDataset": "lorafleet.training.dataset",
+    "EncodedBatch": "lorafleet.training.dataset",
+    "build_dataset": "lorafleet.training.dataset",
+    "is_holdout": "lorafleet.training.dataset",
+    "reservoir_sample": "lorafleet.training.dataset",
+    "encode_examples": "lorafleet.training.dataset",
+    "EvalResult": "lorafleet.training.metrics",
+    "evaluate": "lorafleet.training.metrics",
+    "SlotTask": "lorafleet.training.trainer",
+    "SlotResult": "lorafleet.training.trainer",
+    "train_slots": "lorafleet.training.trainer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy exports: the trainer needs torch, the config and dataset rules do not."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lorafleet.training' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

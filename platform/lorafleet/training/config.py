@@ -1,0 +1,132 @@
+"""``TrainingConfig``: the hyper-parameters of one training job, validated once, immutable afterwards.
+
+Defaults follow the project's seed notes on LoRA fine-tuning: rank 4-16 (default 8), learning rate 1e-4 to
+3e-4 (default 2e-4), dropout 0.05-0.3, warm-up then cosine decay. The hard bounds below are wider (rank 1-64,
+learning rate 1e-5 to 1e-2) because small or randomly initialised backbones need more than the typical range;
+values outside the typical range are accepted and named by :meth:`TrainingConfig.outside_typical_ranges`, which
+the trainer logs as a warning.
+
+Invalid values raise :class:`lorafleet.errors.ValidationError` (a job's config is input, like feedback), never
+pydantic's own error, whether the config is built with ``TrainingConfig(...)`` or
+:meth:`TrainingConfig.from_mapping`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ValidationError as PydanticValidationError
+
+from lorafleet.errors import ValidationError
+
+if TYPE_CHECKING:
+    from lorafleet.adapters.slots import SlotConfig
+
+#: (low, high) of the typical region per field, from the seed notes; outside it is allowed but logged.
+TYPICAL_RANGES: dict[str, tuple[float, float]] = {
+    "rank": (4, 16),
+    "learning_rate": (1e-4, 3e-4),
+    "dropout": (0.05, 0.3),
+}
+
+
+class TrainingConfig(BaseModel):
+    """Hyper-parameters of a training job; every user trained in the job uses the same ones."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rank: int = Field(default=8, ge=1, le=64, strict=True)
+    alpha: float = Field(default=16.0, gt=0.0, le=1024.0, allow_inf_nan=False)
+    dropout: float = Field(default=0.05, ge=0.0, le=0.5)
+    #: PEFT's names: ``all-linear``, a regex string, or a list of module names/suffixes
+    target_modules: str | list[str] = "all-linear"
+    learning_rate: float = Field(default=2e-4, ge=1e-5, le=1e-2)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    #: share of the steps spent warming the learning rate up linearly; cosine decay to 0 afterwards
+    warmup_ratio: float = Field(default=0.1, ge=0.0, le=0.5)
+    #: optimizer steps per job, the same for every user of the job (users train together)
+    max_steps: int = Field(default=200, ge=1, le=100_000, strict=True)
+    #: sequences per user per micro-step
+    batch_size: int = Field(default=8, ge=1, le=1024, strict=True)
+    grad_accum_steps: int = Field(default=1, ge=1, le=1024, strict=True)
+    #: gradient-norm clipping, applied to each user's slot separately (one user cannot squeeze another)
+    max_grad_norm: float = Field(default=1.0, gt=0.0, le=1e6)
+    max_seq_len: int = Field(default=256, ge=8, le=32_768, strict=True)
+    #: replayed old records per new record in continual learning (read by ``training.continual``)
+    replay_ratio: float = Field(default=0.5, ge=0.0, le=10.0)
+    #: weight of the L2 pull of each slot towards its parent's weights (0 = off)
+    l2_to_parent: float = Field(default=0.0, ge=0.0, le=1e4)
+    holdout_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    #: ratings with a score at or above this become training examples; lower ones are excluded
+    rating_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1, strict=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except PydanticValidationError as exc:
+            raise _translate(exc) from None
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> TrainingConfig:
+        """Build from a mapping (e.g. a job's stored JSON); unknown keys and bad values raise ValidationError."""
+        if data is not None and not isinstance(data, Mapping):
+            raise ValidationError(f"training config must be an object, got {type(data).__name__}")
+        return cls(**dict(data or {}))
+
+    def with_changes(self, **changes: Any) -> TrainingConfig:
+        """A validated copy with some fields changed (``model_copy(update=...)`` would skip validation)."""
+        return TrainingConfig(**{**self.model_dump(), **changes})
+
+    @field_validator("target_modules")
+    @classmethod
+    def _check_targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be blank")
+        if isinstance(value, list) and (not value or any(not str(v).strip() for v in value)):
+            raise ValueError("must be a non-empty list of non-blank module names")
+        return value
+
+    def slot_config(self, *, layer_names: Iterable[str] | None = None, **labels: Any) -> SlotConfig:
+        """The ``SlotConfig`` for a fresh slot of this job (``labels``: name, backbone_fingerprint, ...).
+
+        A regex ``target_modules`` is resolved against ``layer_names`` (the bank's layers), since a slot
+        records plain module names.
+        """
+        from lorafleet.adapters.bank import module_matches
+        from lorafleet.adapters.slots import SlotConfig
+
+        targets: tuple[str, ...] | None
+        if self.target_modules == "all-linear":
+            targets = None
+        elif isinstance(self.target_modules, list):
+            targets = tuple(self.target_modules)
+        elif layer_names is None:
+            raise ValidationError("a regex target_modules needs the bank's layer names to resolve")
+        else:
+            targets = tuple(n for n in layer_names if module_matches(n, self.target_modules))
+            if not targets:
+                raise ValidationError(f"target_modules {self.target_modules!r} match no layer of the bank")
+        return SlotConfig(
+            rank=self.rank, alpha=self.alpha, dropout=self.dropout, target_modules=targets, **labels
+        )
+
+    def outside_typical_ranges(self) -> list[str]:
+        """Human-readable notes for values outside the seed notes' typical region (empty when all are inside)."""
+        notes = []
+        for name, (low, high) in TYPICAL_RANGES.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                notes.append(f"{name}={value:g} is outside the typical range {low:g}-{high:g}")
+        return notes
+
+
+def _translate(exc: PydanticValidationError) -> ValidationError:
+    """One lorafleet error naming every bad field (``field: message``)."""
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"]) or "config"
+        parts.append(f"{field}: {str(error['msg']).removeprefix('Value error, ')}")
+    return ValidationError("invalid training config: " + "; ".join(parts))

@@ -1,0 +1,453 @@
+"""Continual learning: the handler of ``train`` jobs, turning each user's new feedback into a new version.
+
+For every user of a job: the user's ``personal`` adapter (created on first use) continues from its *live*
+version (lineage ``continued-from``), or, with no live version, starts from a fresh slot (B = 0, so the
+adapter starts as the base model). It trains on the user's records after the parent's snapshot, up to the
+job's watermark, plus a seeded *replay* sample of older records (``replay_ratio`` per new record), all users
+of the job in one ``train_slots`` call on the resident backbone.
+
+Writes are ordered so a worker that dies or loses its lease leaves no version behind: blobs first (orphans
+are collected by ``Registry.gc``), then, inside the job's fenced transaction, each user's dataset snapshot
+and version row and the job's success, committed together. The promote rule runs after that commit:
+``holdout-improved`` moves ``live`` to a new version whose holdout loss beat its parent's (the QA issue
+replaces this rule).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from lorafleet.domain import Adapter, AdapterVersion, FeedbackRecord, Job, LineageRelation
+from lorafleet.errors import BackboneMismatchError, InvalidStateError, ValidationError
+from lorafleet.feedback import list_feedback
+from lorafleet.store.sql.feedback import get_snapshot, insert_snapshot
+from lorafleet.store.sql.tenants import MAX_PAGE_SIZE
+from lorafleet.training.config import TrainingConfig
+from lorafleet.training.dataset import UserDataset, build_dataset, reservoir_sample
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from lorafleet.adapters import AdapterBank, SavedAdapter, SlotConfig
+    from lorafleet.backbone import Backbone
+    from lorafleet.jobs.worker import LeaseContext
+    from lorafleet.registry import Registry
+    from lorafleet.store.sql.database import Database
+    from lorafleet.training.trainer import SlotTask
+
+logger = logging.getLogger(__name__)
+
+PromoteRule = Literal["holdout-improved", "never", "always"]
+PROMOTE_RULES: tuple[str, ...] = get_args(PromoteRule)
+PERSONAL_ADAPTER = "personal"
+AUTO_PROMOTE_ACTOR = "auto-promote"
+CONTINUED_FROM: LineageRelation = "continued-from"
+#: why a user of a job got no version (the job still succeeds for the others)
+SKIP_NO_NEW_RECORDS = "no_new_records"
+SKIP_NO_TRAIN_EXAMPLES = "no_train_examples"
+
+
+@dataclass(frozen=True)
+class JobUser:
+    """One entry of a train job's payload: the user and the newest feedback id to train through."""
+
+    user_id: int
+    external_id: str
+    watermark: int
+
+
+@dataclass(frozen=True)
+class UserPlan:
+    """What one user trains on: their adapter, the parent version (None: a fresh start) and the records."""
+
+    user: JobUser
+    adapter: Adapter
+    parent: AdapterVersion | None
+    new_ids: tuple[int, ...]
+    replay_ids: tuple[int, ...]
+    dataset: UserDataset
+
+    @property
+    def record_ids(self) -> tuple[int, ...]:
+        return tuple(sorted({*self.new_ids, *self.replay_ids}))
+
+
+@dataclass(frozen=True)
+class TrainedUser:
+    """A user's trained slot, saved as a PEFT folder, with its metrics and the promote decision."""
+
+    plan: UserPlan
+    saved: SavedAdapter
+    metrics: dict[str, Any]
+    promote: bool
+    reason: str
+
+
+def parse_job_users(payload: Mapping[str, Any]) -> list[JobUser]:
+    """The users of a train job's payload; a malformed payload is a ``ValidationError`` (no retry helps)."""
+    users = payload.get("users")
+    if not isinstance(users, list) or not users:
+        raise ValidationError("train job payload: 'users' must be a non-empty list")
+    try:
+        return [JobUser(int(u["user_id"]), str(u["external_id"]), int(u["watermark"])) for u in users]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValidationError(f"train job payload: bad user entry ({exc!r})") from None
+
+
+def promote_decision(rule: str, metrics: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether the rule promotes a version with these metrics, and the reason recorded on the alias move."""
+    if rule == "never":
+        return False, "promote rule 'never'"
+    if rule == "always":
+        return True, "promote rule 'always'"
+    before, after = (
+        _finite_or_none(metrics.get("holdout_loss_before")),
+        _finite_or_none(metrics.get("holdout_loss_after")),
+    )
+    if before is None or after is None:
+        return False, "no holdout loss to compare"
+    change = f"({before:.4f} → {after:.4f})"
+    if after < before:
+        return True, f"holdout loss improved {change}"
+    return False, f"holdout loss did not improve {change}"
+
+
+class ContinualTrainer:
+    """Runs ``train`` jobs on one resident backbone and adapter bank (a trainer actor holds one of these)."""
+
+    def __init__(
+        self,
+        db: Database,
+        registry: Registry,
+        backbone: Backbone,
+        bank: AdapterBank,
+        *,
+        config: TrainingConfig,
+        promote_rule: PromoteRule = "holdout-improved",
+        work_dir: Path | None = None,
+        progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    ) -> None:
+        if promote_rule not in PROMOTE_RULES:
+            raise ValidationError(f"promote_rule: must be one of {', '.join(PROMOTE_RULES)}")
+        self.db = db
+        self.registry = registry
+        self.backbone = backbone
+        self.bank = bank
+        self.config = config
+        self.promote_rule = promote_rule
+        self.work_dir = work_dir
+        self.progress = progress
+        self.slot_config: SlotConfig = config.slot_config(
+            layer_names=list(bank.layers), backbone_fingerprint=bank.fingerprint
+        )
+
+    @property
+    def target_config(self) -> dict[str, Any]:
+        """The ``target_config`` a new personal adapter is created with."""
+        c = self.config
+        return {"rank": c.rank, "alpha": c.alpha, "dropout": c.dropout, "target_modules": c.target_modules}
+
+    # --- the job ------------------------------------------------------------------------------------------
+    def run_job(self, job: Job, lease: LeaseContext) -> dict[str, Any]:
+        """The ``train`` handler: plan, train all users together, register in the fence, then promote."""
+        started = time.monotonic()
+        tenant_id = _tenant_of(job)
+        plans, skipped = self._plan_all(tenant_id=tenant_id, users=parse_job_users(job.payload))
+        lease.check()
+        if not plans:
+            logger.info("job %d: nothing to train (%s)", job.id, skipped)
+            return {"versions": [], "skipped": skipped}
+        with tempfile.TemporaryDirectory(prefix=f"lorafleet-job-{job.id}-", dir=self.work_dir) as tmp:
+            trained = self._train(plans, work=Path(tmp), should_stop=lease.check)
+            for user in trained:  # blobs first: a crash from here on leaves only orphan blobs
+                self.registry.put_adapter_blob(adapter_dir=user.saved.directory)
+            result = self._register(
+                job=job, lease=lease, tenant_id=tenant_id, trained=trained, skipped=skipped
+            )
+        self._apply_promotions(tenant_id=tenant_id, trained=trained, result=result)
+        logger.info(
+            "job %d: %d versions, %d skipped, in %.1f s",
+            job.id,
+            len(result["versions"]),
+            len(skipped),
+            time.monotonic() - started,
+        )
+        return result
+
+    def _before_training(self, tasks: Sequence[SlotTask]) -> None:
+        """Test hook after the slots are loaded and before training starts (e.g. to inject a NaN)."""
+
+    # --- planning -----------------------------------------------------------------------------------------
+    def _plan_all(self, *, tenant_id: int, users: Sequence[JobUser]) -> tuple[list[UserPlan], dict[str, str]]:
+        plans: list[UserPlan] = []
+        skipped: dict[str, str] = {}
+        for user in users:
+            plan = self._plan_user(tenant_id=tenant_id, user=user)
+            if isinstance(plan, str):
+                skipped[user.external_id] = plan
+                logger.info("user %s: skipped (%s)", user.external_id, plan)
+            else:
+                plans.append(plan)
+        return plans, skipped
+
+    def _plan_user(self, *, tenant_id: int, user: JobUser) -> UserPlan | str:
+        """The user's plan, or why they get no version this job."""
+        adapter = self.registry.get_or_create_adapter(
+            tenant_id=tenant_id,
+            owner_user_id=user.user_id,
+            name=PERSONAL_ADAPTER,
+            target_config=self.target_config,
+        )
+        parent = self.registry.live_version(tenant_id=tenant_id, adapter_id=adapter.id)
+        since = self._trained_through(parent)
+        new = list(self._records(tenant_id=tenant_id, user=user, after=since, through=user.watermark))
+        if not new:
+            return SKIP_NO_NEW_RECORDS
+        replay = self._replay(tenant_id=tenant_id, user=user, since=since, n_new=len(new))
+        dataset = build_dataset([*replay, *new], config=self.config)
+        if not dataset.train:
+            return SKIP_NO_TRAIN_EXAMPLES
+        return UserPlan(user, adapter, parent, tuple(r.id for r in new), tuple(r.id for r in replay), dataset)
+
+    def _trained_through(self, parent: AdapterVersion | None) -> int | None:
+        """The newest record id the parent was trained on (None: no parent, or one without a snapshot)."""
+        if parent is None or parent.dataset_snapshot_id is None:
+            return None
+        return get_snapshot(self.db, snapshot_id=parent.dataset_snapshot_id).max_record_id
+
+    def _records(
+        self, *, tenant_id: int, user: JobUser, after: int | None, through: int
+    ) -> Iterator[FeedbackRecord]:
+        """The user's records with ``after < id <= through``, paged in id order."""
+        cursor = after
+        while True:
+            page = list_feedback(
+                self.db,
+                tenant_id=tenant_id,
+                user_external_id=user.external_id,
+                after_id=cursor,
+                limit=MAX_PAGE_SIZE,
+            )
+            for record in page:
+                if record.id > through:
+                    return
+                yield record
+            if len(page) < MAX_PAGE_SIZE:
+                return
+            cursor = page[-1].id
+
+    def _replay(
+        self, *, tenant_id: int, user: JobUser, since: int | None, n_new: int
+    ) -> list[FeedbackRecord]:
+        """A reservoir sample of the records the parent saw, ``replay_ratio`` per new record; seeded by the
+        config, the user and the data range, so a re-run of the job picks the same records."""
+        k = int(self.config.replay_ratio * n_new + 0.5)
+        if since is None or k == 0:
+            return []
+        older = list(self._records(tenant_id=tenant_id, user=user, after=None, through=since))
+        seed_text = f"lorafleet-replay/{self.config.seed}/{user.user_id}/{since}/{user.watermark}"
+        seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "big")
+        return reservoir_sample(older, k, seed=seed)
+
+    # --- training -----------------------------------------------------------------------------------------
+    def _train(
+        self, plans: Sequence[UserPlan], *, work: Path, should_stop: Callable[[], None]
+    ) -> list[TrainedUser]:
+        """Load every user's slot, train them in one ``train_slots`` call, save them; slots are evicted
+        afterwards whatever happens, so the bank is clean for the next job."""
+        from lorafleet.adapters import save_slot
+        from lorafleet.training.trainer import train_slots
+
+        slots: list[int] = []
+        try:
+            tasks = [self._load_slot(plan, slots=slots, work=work) for plan in plans]
+            self._before_training(tasks)
+            results = train_slots(
+                self.bank,
+                self.backbone.tokenizer,
+                tasks,
+                self.config,
+                should_stop=should_stop,
+                progress=self.progress,
+            )
+            trained = []
+            for plan, task, result in zip(plans, tasks, results, strict=True):
+                saved = save_slot(self.bank, task.slot, work / f"user-{plan.user.user_id}")
+                trained.append(self._trained(plan, saved=saved, metrics=result.metrics))
+            return trained
+        finally:
+            for slot in slots:
+                self.bank.evict_slot(slot)
+
+    def _load_slot(self, plan: UserPlan, *, slots: list[int], work: Path) -> SlotTask:
+        """The parent's weights (fetched, sha256- and fingerprint-checked) or a fresh slot, as a task."""
+        from lorafleet.adapters import load_slot_from_dir
+        from lorafleet.training.trainer import SlotTask
+
+        slot = self.bank.free_slot()
+        parent = plan.parent
+        if parent is None:
+            self.bank.init_slot(slot, self.slot_config, seed=self.config.seed)
+        else:
+            if parent.base_fingerprint != self.bank.fingerprint:
+                raise BackboneMismatchError(
+                    f"user {plan.user.external_id}: live version {parent.number} was trained on another backbone"
+                )
+            folder = self.registry.fetch_version(version=parent, dest_dir=work / f"parent-{parent.id}")
+            load_slot_from_dir(self.bank, slot, folder, require_fingerprint=True, name=f"version-{parent.id}")
+        slots.append(slot)
+        pull = parent is not None and self.config.l2_to_parent > 0
+        return SlotTask(
+            slot=slot,
+            key=plan.user.external_id,
+            train=plan.dataset.train,
+            holdout=plan.dataset.holdout,
+            parent_state=self.bank.slot_state_dict(slot) if pull else None,
+        )
+
+    def _trained(self, plan: UserPlan, *, saved: SavedAdapter, metrics: Mapping[str, float]) -> TrainedUser:
+        full = {
+            **{k: _finite_or_none(v) for k, v in metrics.items()},
+            "new_records": len(plan.new_ids),
+            "replay_records": len(plan.replay_ids),
+        }
+        promote, reason = promote_decision(self.promote_rule, full)
+        return TrainedUser(plan, saved, full, promote, reason)
+
+    # --- registering --------------------------------------------------------------------------------------
+    def _register(
+        self,
+        *,
+        job: Job,
+        lease: LeaseContext,
+        tenant_id: int,
+        trained: Sequence[TrainedUser],
+        skipped: Mapping[str, str],
+    ) -> dict[str, Any]:
+        """Snapshots, versions and the job's success in one fenced transaction (LeaseLostError: none)."""
+        with lease.fenced() as fence:
+            entries = [
+                self._register_user(fence.session, job=job, tenant_id=tenant_id, user=user)
+                for user in trained
+            ]
+            result = {"versions": entries, "skipped": dict(skipped), "promote_rule": self.promote_rule}
+            fence.succeed(result)
+        return result
+
+    def _register_user(
+        self, session: Session, *, job: Job, tenant_id: int, user: TrainedUser
+    ) -> dict[str, Any]:
+        plan = user.plan
+        snapshot = insert_snapshot(
+            session, user_id=plan.user.user_id, record_ids=plan.record_ids, details=_snapshot_details(plan)
+        )
+        parents = [] if plan.parent is None else [(plan.parent.id, CONTINUED_FROM)]
+        version = self.registry.register_version(
+            tenant_id=tenant_id,
+            adapter_id=plan.adapter.id,
+            adapter_dir=user.saved.directory,
+            base_fingerprint=self.backbone.fingerprint.digest,
+            parents=parents,
+            training_config={**self.config.model_dump(), "backbone": self.backbone.source},
+            metrics=user.metrics,
+            job_id=job.id,
+            dataset_snapshot_id=snapshot.id,
+            status="candidate",
+            session=session,
+        )
+        return {
+            "user_id": plan.user.user_id,
+            "external_id": plan.user.external_id,
+            "adapter_id": plan.adapter.id,
+            "version_id": version.id,
+            "number": version.number,
+            "parent_version_id": None if plan.parent is None else plan.parent.id,
+            "dataset_snapshot_id": version.dataset_snapshot_id,
+            "promote": user.promote,
+            "promote_reason": user.reason,
+        }
+
+    # --- promoting ----------------------------------------------------------------------------------------
+    def _apply_promotions(
+        self, *, tenant_id: int, trained: Sequence[TrainedUser], result: Mapping[str, Any]
+    ) -> None:
+        """Move ``live`` to each new version the rule accepted, unless ``live`` moved since the job read it."""
+        for user, entry in zip(trained, result["versions"], strict=True):
+            if not user.promote:
+                logger.info(
+                    "user %s: version %d stays a candidate (%s)",
+                    entry["external_id"],
+                    entry["number"],
+                    user.reason,
+                )
+                continue
+            self._promote(tenant_id=tenant_id, user=user, number=entry["number"])
+
+    def _promote(self, *, tenant_id: int, user: TrainedUser, number: int) -> None:
+        adapter_id = user.plan.adapter.id
+        live = self.registry.live_version(tenant_id=tenant_id, adapter_id=adapter_id)
+        expected = None if user.plan.parent is None else user.plan.parent.id
+        if (None if live is None else live.id) != expected:
+            logger.info("adapter %d: live moved during the job; version %d not promoted", adapter_id, number)
+            return
+        try:
+            self.registry.promote(
+                tenant_id=tenant_id,
+                adapter_id=adapter_id,
+                number=number,
+                actor=AUTO_PROMOTE_ACTOR,
+                reason=user.reason,
+            )
+        except InvalidStateError as exc:  # e.g. promoted already by a concurrent actor
+            logger.warning("adapter %d: version %d not promoted: %s", adapter_id, number, exc)
+            return
+        logger.info("adapter %d: version %d is live (%s)", adapter_id, number, user.reason)
+
+
+def _tenant_of(job: Job) -> int:
+    if job.tenant_id is None:
+        raise ValidationError(f"train job {job.id} has no tenant (jobs are grouped per tenant)")
+    return job.tenant_id
+
+
+def _snapshot_details(plan: UserPlan) -> dict[str, Any]:
+    """What the snapshot's ids are: the new range, the replayed ids and the holdout ids."""
+    return {
+        "new_min_id": min(plan.new_ids),
+        "new_max_id": max(plan.new_ids),
+        "new_count": len(plan.new_ids),
+        "replay_ids": list(plan.replay_ids),
+        "holdout_ids": sorted(e.record_id for e in plan.dataset.holdout),
+        "excluded": dict(plan.dataset.excluded),
+        "watermark": plan.user.watermark,
+        "parent_version_id": None if plan.parent is None else plan.parent.id,
+    }
+
+
+def _finite_or_none(value: object) -> float | None:
+    """A finite number as float; anything else (NaN, inf, None, text) as None (JSON-safe metrics)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+__all__ = [
+    "AUTO_PROMOTE_ACTOR",
+    "PERSONAL_ADAPTER",
+    "PROMOTE_RULES",
+    "ContinualTrainer",
+    "JobUser",
+    "PromoteRule",
+    "TrainedUser",
+    "UserPlan",
+    "parse_job_users",
+    "promote_decision",
+]

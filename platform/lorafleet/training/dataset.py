@@ -1,0 +1,188 @@
+"""Training examples from feedback records: the kind rules, the holdout split, replay sampling and encoding.
+
+Rules (one place, so the trainer, continual learning and QA agree):
+
+- ``sft`` -> the completion is the target;
+- ``preference`` -> the chosen answer is the target (SFT on chosen); ``rejected`` is kept on the example for
+  preference objectives but not trained on here;
+- ``rating`` -> the response is the target when ``score >= rating_threshold``; lower ratings are excluded and
+  counted (``excluded["rating_below_threshold"]``);
+- a record repeated (same content hash) counts once; malformed payloads and unknown kinds are counted, not
+  raised, so one odd row cannot stop a user's job.
+
+The holdout split is a pure function of each record's content hash, so a record never moves between train and
+holdout when more records arrive, and the same feedback gives the same split on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from lorafleet.domain import FeedbackRecord
+from lorafleet.errors import ValidationError
+from lorafleet.training.config import TrainingConfig
+
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
+IGNORE_INDEX = -100
+_HOLDOUT_SALT = b"lorafleet-holdout/"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training target: ``completion`` is learned given ``prompt``; ``rejected`` only for preferences."""
+
+    record_id: int
+    prompt: str
+    completion: str
+    kind: str
+    rejected: str | None = None
+
+
+@dataclass(frozen=True)
+class UserDataset:
+    """A user's examples split into train and holdout, and how many records were left out, by reason."""
+
+    train: tuple[Example, ...]
+    holdout: tuple[Example, ...]
+    excluded: dict[str, int]
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """Left-padded token ids; ``labels`` is -100 outside completion tokens (and on padding)."""
+
+    input_ids: torch.Tensor  # [batch, seq] int64
+    attention_mask: torch.Tensor  # [batch, seq] int64
+    labels: torch.Tensor  # [batch, seq] int64
+
+    def to(self, device: torch.device | str) -> EncodedBatch:
+        return EncodedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+
+def is_holdout(content_hash: str, fraction: float) -> bool:
+    """Whether a record belongs to the holdout: a salted sha256 of its content hash, read as a uniform number."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValidationError(f"holdout fraction must be in [0, 1], got {fraction!r}")
+    digest = hashlib.sha256(_HOLDOUT_SALT + content_hash.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def example_from_record(record: FeedbackRecord, *, rating_threshold: float) -> Example | str:
+    """The record's training example, or the reason it is excluded (a key of ``UserDataset.excluded``)."""
+    payload: dict[str, Any] = record.payload
+    prompt = payload.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        return "malformed"
+    if record.kind == "sft":
+        target, rejected = payload.get("completion"), None
+    elif record.kind == "preference":
+        target, rejected = payload.get("chosen"), payload.get("rejected")
+        if not isinstance(rejected, str):
+            return "malformed"
+    elif record.kind == "rating":
+        score, target, rejected = payload.get("score"), payload.get("response"), None
+        if isinstance(score, bool) or not isinstance(score, int | float):
+            return "malformed"
+        if score < rating_threshold:
+            return "rating_below_threshold"
+    else:
+        return "unknown_kind"
+    if not isinstance(target, str) or not target:
+        return "malformed"
+    return Example(record.id, prompt, target, record.kind, rejected)
+
+
+def build_dataset(records: Sequence[FeedbackRecord], *, config: TrainingConfig) -> UserDataset:
+    """Turn one user's records into train/holdout examples by the module's rules (input order is kept)."""
+    train: list[Example] = []
+    holdout: list[Example] = []
+    excluded: Counter[str] = Counter()
+    seen: set[str] = set()
+    for record in records:
+        if record.content_hash in seen:
+            excluded["duplicate"] += 1
+            continue
+        seen.add(record.content_hash)
+        example = example_from_record(record, rating_threshold=config.rating_threshold)
+        if isinstance(example, str):
+            excluded[example] += 1
+        elif is_holdout(record.content_hash, config.holdout_fraction):
+            holdout.append(example)
+        else:
+            train.append(example)
+    return UserDataset(tuple(train), tuple(holdout), dict(sorted(excluded.items())))
+
+
+def reservoir_sample(items: Sequence[T], k: int, *, seed: int) -> list[T]:
+    """A uniform sample of ``k`` items without replacement (Algorithm R), in input order; all items if fewer."""
+    if k < 0:
+        raise ValidationError(f"sample size must be >= 0, got {k}")
+    rng = random.Random(seed)
+    reservoir: list[int] = list(range(min(k, len(items))))
+    for i in range(k, len(items)):
+        j = rng.randint(0, i)
+        if j < k:
+            reservoir[j] = i
+    return [items[i] for i in sorted(reservoir)]
+
+
+def encode_example(
+    tokenizer: Any, example: Example, *, max_seq_len: int, add_eos: bool = True
+) -> tuple[list[int], int]:
+    """Token ids of prompt + completion (+ EOS) and how many trailing ids are the completion.
+
+    The prompt is tokenized as the tokenizer does for a plain prompt (with its BOS, if it adds one), so training
+    sees what serving sees; the completion without special tokens. Too long: the prompt loses its oldest tokens
+    first, and the completion keeps at least half of ``max_seq_len``.
+    """
+    prompt_ids = list(tokenizer(example.prompt)["input_ids"])
+    completion_ids = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"])
+    if add_eos and tokenizer.eos_token_id is not None:
+        completion_ids.append(int(tokenizer.eos_token_id))
+    if len(prompt_ids) + len(completion_ids) > max_seq_len:
+        keep_completion = min(len(completion_ids), max(max_seq_len // 2, max_seq_len - len(prompt_ids)))
+        completion_ids = completion_ids[:keep_completion]
+        prompt_ids = prompt_ids[len(prompt_ids) - (max_seq_len - keep_completion) :]
+    return prompt_ids + completion_ids, len(completion_ids)
+
+
+def encode_examples(
+    tokenizer: Any, examples: Sequence[Example], *, max_seq_len: int, add_eos: bool = True
+) -> EncodedBatch:
+    """Left-padded batch of prompt + completion; labels are the completion tokens only (-100 elsewhere)."""
+    if not examples:
+        raise ValidationError("cannot encode an empty list of examples")
+    encoded = [encode_example(tokenizer, e, max_seq_len=max_seq_len, add_eos=add_eos) for e in examples]
+    return collate(encoded, pad_id=pad_token_id(tokenizer))
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used for padding: the tokenizer's pad token, else its EOS, else 0 (masked out either way)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def collate(encoded: Sequence[tuple[list[int], int]], *, pad_id: int) -> EncodedBatch:
+    """Left-pad ``(ids, n_completion)`` pairs into one batch; only the last ``n_completion`` ids get labels."""
+    import torch
+
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.int64)  # [batch, seq]
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.int64)  # [batch, seq]
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.int64)  # [batch, seq]
+    for row, (ids, n_completion) in enumerate(encoded):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.int64)
+        attention_mask[row, width - len(ids) :] = 1
+        if n_completion:
+            labels[row, width - n_completion :] = input_ids[row, width - n_completion :]
+    return EncodedBatch(input_ids, attention_mask, labels)

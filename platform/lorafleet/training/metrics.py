@@ -1,0 +1,172 @@
+"""Scoring completions through an adapter bank: per-example loss and accuracy, and ``evaluate`` over a set.
+
+Every metric is teacher-forced on the completion tokens only (the prompt is context, as in training). The
+forward keeps logits only for the positions that predict completion tokens, so scoring long prompts against a
+large vocabulary does not materialise ``[batch, seq, vocab]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lorafleet.adapters import AdapterBank, RoutingPlan
+from lorafleet.errors import ValidationError
+from lorafleet.training.dataset import (
+    IGNORE_INDEX,
+    EncodedBatch,
+    Example,
+    collate,
+    encode_example,
+    pad_token_id,
+)
+
+logger = logging.getLogger(__name__)
+
+#: ``(slot, weight)`` pairs one sequence is routed through (empty = the base model alone)
+Route = Sequence[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Mean loss and token accuracy over all completion tokens of a set, and the share of fully right examples."""
+
+    loss: float
+    token_accuracy: float
+    tokens: int
+    examples: int = 0
+    #: share of examples whose every completion token is the argmax (teacher-forced exact match)
+    sequence_accuracy: float = math.nan
+
+
+@dataclass(frozen=True)
+class ExampleScore:
+    """One example's summed completion loss (negative log-likelihood), token count and argmax hits."""
+
+    loss_sum: float
+    tokens: int
+    correct: int
+
+    @property
+    def exact(self) -> bool:
+        return self.tokens > 0 and self.correct == self.tokens
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token, as ``generate`` computes them for left padding."""
+    return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # [batch, seq]
+
+
+def completion_logits(model: Any, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits at the positions that predict labelled tokens, and those labels (-100 = not scored).
+
+    Left padding puts every completion at the right edge, so only the last ``n`` positions are computed by the
+    language-model head (``logits_to_keep``).
+    """
+    width = batch.labels.shape[1]
+    labelled = (batch.labels != IGNORE_INDEX).any(dim=0)  # [seq]
+    first = int(labelled.nonzero()[0]) if bool(labelled.any()) else width - 1
+    first = max(first, 1)  # position 0 has no previous token to predict it
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids(batch.attention_mask),
+        logits_to_keep=width - first + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1].float()  # [batch, width - first, vocab]
+    return logits, batch.labels[:, first:]  # labels: [batch, width - first]
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy, 0 where the label is -100."""
+    vocab = logits.shape[-1]
+    flat = F.cross_entropy(
+        logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return flat.view(labels.shape)  # [batch, n]
+
+
+@torch.no_grad()
+def score_examples(
+    bank: AdapterBank,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    routes: Sequence[Route],
+    *,
+    max_seq_len: int,
+    batch_size: int = 32,
+    add_eos: bool = True,
+) -> list[ExampleScore]:
+    """Score each example through its own route (one route per example), in batches of similar length.
+
+    Rows of one batch may use different slots or mixtures: a single forward serves them all, as in serving.
+    The model is put in eval mode for the call and restored afterwards.
+    """
+    if len(routes) != len(examples):
+        raise ValidationError(f"{len(examples)} examples but {len(routes)} routes")
+    if batch_size < 1:
+        raise ValidationError(f"batch_size must be >= 1, got {batch_size}")
+    encoded = [encode_example(tokenizer, e, max_seq_len=max_seq_len, add_eos=add_eos) for e in examples]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding per batch
+    scores: list[ExampleScore | None] = [None] * len(encoded)
+    model, pad_id = bank.model, pad_token_id(tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = collate([encoded[i] for i in chunk], pad_id=pad_id).to(bank.device)
+            plan = RoutingPlan.from_rows([list(routes[i]) for i in chunk])
+            with bank.routing(plan):
+                logits, labels = completion_logits(model, batch)
+            mask = labels != IGNORE_INDEX  # [batch, n]
+            loss_sum = token_losses(logits, labels).sum(dim=1)  # [batch]
+            correct = ((logits.argmax(dim=-1) == labels) & mask).sum(dim=1)  # [batch]
+            for row, i in enumerate(chunk):
+                scores[i] = ExampleScore(float(loss_sum[row]), int(mask[row].sum()), int(correct[row]))
+    finally:
+        model.train(was_training)
+    return [s for s in scores if s is not None]
+
+
+def summarize(scores: Sequence[ExampleScore]) -> EvalResult:
+    """Token-weighted loss and accuracy over examples (NaN when there is nothing to score)."""
+    tokens = sum(s.tokens for s in scores)
+    if tokens == 0:
+        return EvalResult(math.nan, math.nan, 0, len(scores), math.nan)
+    return EvalResult(
+        loss=sum(s.loss_sum for s in scores) / tokens,
+        token_accuracy=sum(s.correct for s in scores) / tokens,
+        tokens=tokens,
+        examples=len(scores),
+        sequence_accuracy=sum(s.exact for s in scores) / len(scores),
+    )
+
+
+def evaluate(
+    bank: AdapterBank,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    slot: int | None,
+    max_seq_len: int,
+    batch_size: int = 32,
+    mixture: list[tuple[int, float]] | None = None,
+) -> EvalResult:
+    """Teacher-forced loss and accuracy on the completions through one slot, a mixture, or the base (None)."""
+    if mixture is not None and slot is not None:
+        raise ValidationError("give either slot or mixture, not both")
+    route: list[tuple[int, float]] = (
+        list(mixture) if mixture is not None else [] if slot is None else [(slot, 1.0)]
+    )
+    scores = score_examples(
+        bank, tokenizer, examples, [route] * len(examples), max_seq_len=max_seq_len, batch_size=batch_size
+    )
+    return summarize(scores)

@@ -1,0 +1,392 @@
+"""The multi-tenant trainer: K users' adapter slots trained together in one batched loop on a frozen backbone.
+
+Each micro-step packs ``batch_size`` sequences of every user into one batch and routes each row to its user's
+slot (``RoutingPlan.single``). A user's loss is the mean over its own completion tokens, and the job's loss is
+the sum over users, so each user gets a full-strength gradient whatever the others' data sizes, and a user with
+more data (or longer completions) does not drown the others. AdamW has one parameter group per slot; gradients
+are clipped per slot; the learning rate warms up linearly, then decays on a cosine to zero.
+
+A non-finite loss or gradient raises :class:`TrainingError` at once; the slots then hold partly trained
+weights, and the caller must not save them. ``should_stop`` is called before every step (the job runner raises
+``LeaseLostError`` through it). Given ``config.seed`` a run is deterministic: a user's batches depend only on
+the seed and its key, and dropout draws come from a forked, seeded RNG (global RNG state is left untouched).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lorafleet.adapters import AdapterBank, RoutingPlan
+from lorafleet.adapters.bank import peft_key
+from lorafleet.errors import TrainingError, ValidationError
+from lorafleet.training.config import TrainingConfig
+from lorafleet.training.dataset import (
+    IGNORE_INDEX,
+    EncodedBatch,
+    Example,
+    collate,
+    encode_example,
+    pad_token_id,
+)
+from lorafleet.training.metrics import (
+    EvalResult,
+    completion_logits,
+    evaluate,
+    score_examples,
+    summarize,
+    token_losses,
+)
+
+__all__ = ["EvalResult", "SlotResult", "SlotTask", "evaluate", "train_slots", "user_losses"]
+
+logger = logging.getLogger(__name__)
+#: rows per forward when scoring the holdouts of all users of a job together
+EVAL_BATCH_ROWS = 64
+#: optimizer steps averaged into ``train_loss`` (the end of training, not the whole run)
+TRAIN_LOSS_WINDOW = 10
+
+
+@dataclass
+class SlotTask:
+    """One user of a job: the bank slot to train (already loaded by the caller) and its examples.
+
+    ``parent_state`` holds the parent adapter's tensors in PEFT key names, for the optional L2 pull.
+    """
+
+    slot: int
+    key: str
+    train: Sequence[Example]
+    holdout: Sequence[Example]
+    parent_state: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class SlotResult:
+    """What training did for one user; ``metrics`` keys are listed in :func:`train_slots`."""
+
+    slot: int
+    key: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _UserStream:
+    """A user's pre-encoded training sequences, served in reshuffled epochs (the order is seeded by user key)."""
+
+    encoded: list[tuple[list[int], int]]
+    rng: random.Random
+    order: list[int] = field(default_factory=list)
+
+    def take(self, n: int) -> list[tuple[list[int], int]]:
+        """The next ``min(n, size)`` distinct sequences (an epoch boundary reshuffles)."""
+        n = min(n, len(self.encoded))
+        picked: list[int] = []
+        while len(picked) < n:
+            if not self.order:
+                self.order = list(range(len(self.encoded)))
+                self.rng.shuffle(self.order)
+            candidate = self.order.pop()
+            if candidate not in picked:
+                picked.append(candidate)
+            else:  # the epoch ended mid-batch: keep the repeat for the next batch
+                self.order.insert(0, candidate)
+        return [self.encoded[i] for i in picked]
+
+
+@dataclass
+class _SlotStats:
+    step_losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+
+def lr_factor(step: int, *, total: int, warmup_ratio: float) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based): linear warm-up, then cosine to zero."""
+    warmup = math.ceil(warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train_slots(
+    bank: AdapterBank,
+    tokenizer: Any,
+    tasks: Sequence[SlotTask],
+    config: TrainingConfig,
+    *,
+    should_stop: Callable[[], None] | None = None,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    progress_every: int | None = None,
+) -> list[SlotResult]:
+    """Train every task's slot for ``config.max_steps`` optimizer steps together; results in task order.
+
+    Metrics per user: ``train_loss`` (mean of the last steps), ``train_loss_first``, ``steps``,
+    ``train_examples``, ``holdout_examples``, ``tokens`` (completion tokens trained on), and when the holdout is
+    not empty ``holdout_loss_before/after``, ``holdout_token_accuracy_before/after`` and
+    ``holdout_sequence_accuracy_before/after`` (absent with an empty holdout: no NaN in stored metrics).
+    ``progress(step, total, {"loss", "lr"})`` is called every ``progress_every`` steps (default: a tenth).
+    """
+    _check_tasks(bank, tasks)
+    for note in config.outside_typical_ranges():
+        logger.warning("training config: %s", note)
+    started = time.monotonic()
+    devices = [bank.device] if bank.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        before = _evaluate_holdouts(bank, tokenizer, tasks, config)
+        stats = _train(bank, tokenizer, tasks, config, should_stop, progress, progress_every)
+        after = _evaluate_holdouts(bank, tokenizer, tasks, config)
+    logger.info(
+        "trained %d slots for %d steps in %.1f s", len(tasks), config.max_steps, time.monotonic() - started
+    )
+    return [
+        SlotResult(task.slot, task.key, _metrics(task, stats[i], before[i], after[i], config))
+        for i, task in enumerate(tasks)
+    ]
+
+
+def _check_tasks(bank: AdapterBank, tasks: Sequence[SlotTask]) -> None:
+    """Refuse a job that cannot run, before any weight is touched."""
+    if not tasks:
+        raise ValidationError("train_slots needs at least one task")
+    slots = [t.slot for t in tasks]
+    if len(set(slots)) != len(slots):
+        raise ValidationError(f"each task needs its own slot, got slots {slots}")
+    for task in tasks:
+        if bank.slot_info(task.slot) is None:
+            raise ValidationError(f"slot {task.slot} ({task.key}) is empty: load or init it before training")
+        if not task.train:
+            raise ValidationError(f"user {task.key} has no training examples")
+        if task.parent_state is not None:
+            _check_parent(bank, task)
+
+
+def _check_parent(bank: AdapterBank, task: SlotTask) -> None:
+    info = bank.slot_info(task.slot)
+    assert info is not None
+    expected = {peft_key(m, ab) for m in info.modules for ab in "AB"}
+    parent = task.parent_state or {}
+    if set(parent) != expected:
+        missing, extra = sorted(expected - set(parent))[:3], sorted(set(parent) - expected)[:3]
+        raise ValidationError(
+            f"parent_state of {task.key} does not match slot {task.slot}: missing {missing}, extra {extra}"
+        )
+    for module in info.modules:
+        a, b = parent[peft_key(module, "A")], parent[peft_key(module, "B")]
+        layer = bank.layers[module]
+        if tuple(a.shape) != (info.config.rank, layer.in_features) or tuple(b.shape) != (
+            layer.out_features,
+            info.config.rank,
+        ):
+            raise ValidationError(
+                f"parent_state of {task.key}: {module} has shapes {tuple(a.shape)}/{tuple(b.shape)}"
+            )
+
+
+def _train(
+    bank: AdapterBank,
+    tokenizer: Any,
+    tasks: Sequence[SlotTask],
+    config: TrainingConfig,
+    should_stop: Callable[[], None] | None,
+    progress: Callable[[int, int, dict[str, float]], None] | None,
+    progress_every: int | None,
+) -> list[_SlotStats]:
+    """The optimisation loop; leaves the model in its previous mode and releases the slots' training views."""
+    model, slots = bank.model, [t.slot for t in tasks]
+    streams = [_stream(tokenizer, task, config) for task in tasks]
+    stats = [_SlotStats() for _ in tasks]
+    every = progress_every or max(1, config.max_steps // 10)
+    was_training = model.training
+    try:
+        groups = bank.parameter_groups(slots)
+        # foreach: on CPU torch defaults to a Python loop over tensors, and a job has many small ones per slot
+        optimizer = torch.optim.AdamW(
+            groups, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True
+        )
+        parents = [_parent_pairs(bank, task) for task in tasks]
+        model.train()
+        for step in range(config.max_steps):
+            if should_stop is not None:
+                should_stop()
+            lr = config.learning_rate * lr_factor(
+                step, total=config.max_steps, warmup_ratio=config.warmup_ratio
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_losses = _accumulate(
+                bank, streams, tasks, parents, config, step, stats, pad_token_id(tokenizer)
+            )
+            _clip(optimizer.param_groups, tasks, config, step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for i, loss in enumerate(step_losses):
+                stats[i].step_losses.append(loss)
+            if progress is not None or logger.isEnabledFor(logging.INFO):
+                if (step + 1) % every == 0 or step + 1 == config.max_steps:
+                    mean_loss = sum(step_losses) / len(step_losses)
+                    logger.info(
+                        "step %d/%d: mean user loss %.4f, lr %.2e", step + 1, config.max_steps, mean_loss, lr
+                    )
+                    if progress is not None:
+                        progress(step + 1, config.max_steps, {"loss": mean_loss, "lr": lr})
+    finally:
+        bank.release_parameters(slots)
+        model.train(was_training)
+    return stats
+
+
+def _stream(tokenizer: Any, task: SlotTask, config: TrainingConfig) -> _UserStream:
+    encoded = [encode_example(tokenizer, e, max_seq_len=config.max_seq_len) for e in task.train]
+    return _UserStream(encoded, random.Random(f"lorafleet-train/{config.seed}/{task.key}"))
+
+
+def _parent_pairs(bank: AdapterBank, task: SlotTask) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(trainable view, parent tensor padded to the bank's max rank) for the L2 pull; empty when it is off."""
+    if task.parent_state is None:
+        return []
+    info = bank.slot_info(task.slot)
+    assert info is not None
+    pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    for module in info.modules:
+        param_a, param_b = bank.layers[module].slot_parameters(task.slot)  # [r_max, d_in], [d_out, r_max]
+        target_a, target_b = torch.zeros_like(param_a), torch.zeros_like(param_b)
+        a, b = task.parent_state[peft_key(module, "A")], task.parent_state[peft_key(module, "B")]
+        target_a[: a.shape[0]] = a.to(target_a)  # rows above the slot's rank stay zero, as in the slot
+        target_b[:, : b.shape[1]] = b.to(target_b)
+        pairs.extend([(param_a, target_a), (param_b, target_b)])
+    return pairs
+
+
+def _accumulate(
+    bank: AdapterBank,
+    streams: Sequence[_UserStream],
+    tasks: Sequence[SlotTask],
+    parents: Sequence[list[tuple[torch.nn.Parameter, torch.Tensor]]],
+    config: TrainingConfig,
+    step: int,
+    stats: list[_SlotStats],
+    pad_id: int,
+) -> list[float]:
+    """Forward/backward of ``grad_accum_steps`` micro-batches; returns each user's mean loss over them."""
+    totals = [0.0] * len(tasks)
+    for _ in range(config.grad_accum_steps):
+        rows: list[tuple[list[int], int]] = []
+        owners: list[int] = []
+        for i, stream in enumerate(streams):
+            picked = stream.take(config.batch_size)
+            rows.extend(picked)
+            owners.extend([i] * len(picked))
+        batch = collate(rows, pad_id=pad_id).to(bank.device)
+        owner = torch.tensor(owners, device=bank.device)  # [rows]
+        with bank.routing(RoutingPlan.single([tasks[i].slot for i in owners])):
+            user_loss, user_tokens = user_losses(bank.model, batch, owner, len(tasks))
+            objective = user_loss + _l2_pull(parents, config, device=bank.device)  # [users]
+            _check_finite(objective, tasks, step, "loss")
+            (objective.sum() / config.grad_accum_steps).backward()
+        for i, (loss, tokens) in enumerate(zip(user_loss.tolist(), user_tokens.tolist(), strict=True)):
+            totals[i] += loss / config.grad_accum_steps
+            stats[i].tokens += int(tokens)
+    return totals
+
+
+def user_losses(
+    model: Any, batch: EncodedBatch, owner: torch.Tensor, n_users: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each user's mean loss over its own completion tokens ``[users]``, and its token count ``[users]``.
+
+    ``owner[row]`` is the user (0..n_users-1) a row belongs to; call inside the bank's routing context. The job
+    loss is the sum of these means, so a user's gradient does not shrink when others bring more tokens.
+    """
+    logits, labels = completion_logits(model, batch)  # [rows, n, vocab], [rows, n]
+    row_loss = token_losses(logits, labels).sum(dim=1)  # [rows]
+    row_tokens = (labels != IGNORE_INDEX).sum(dim=1).to(row_loss.dtype)  # [rows]
+    user_sum = torch.zeros(n_users, device=row_loss.device).index_add(0, owner, row_loss)  # [users]
+    user_tokens = torch.zeros(n_users, device=row_loss.device).index_add(0, owner, row_tokens)  # [users]
+    return user_sum / user_tokens.clamp(min=1), user_tokens
+
+
+def _l2_pull(
+    parents: Sequence[list[tuple[torch.nn.Parameter, torch.Tensor]]],
+    config: TrainingConfig,
+    *,
+    device: torch.device,
+) -> torch.Tensor:
+    """Per user: ``l2_to_parent`` times the squared distance of its slot to its parent (zeros when off)."""
+    if config.l2_to_parent == 0 or not any(parents):
+        return torch.zeros(len(parents), device=device)
+    zero = torch.zeros((), device=device)
+    distances = [sum((((p - target) ** 2).sum() for p, target in pairs), zero) for pairs in parents]
+    return config.l2_to_parent * torch.stack(distances)  # [users]
+
+
+def _check_finite(values: torch.Tensor, tasks: Sequence[SlotTask], step: int, what: str) -> None:
+    """Raise ``TrainingError`` naming the users whose ``values`` (one per task) are NaN or infinite."""
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    bad = [tasks[i].key for i, ok in enumerate(finite.tolist()) if not ok]
+    raise TrainingError(
+        f"non-finite {what} at step {step + 1} for users {bad}: nothing from this job may be saved"
+    )
+
+
+def _clip(
+    groups: Sequence[Mapping[str, Any]], tasks: Sequence[SlotTask], config: TrainingConfig, step: int
+) -> None:
+    """Clip each slot's gradient norm on its own; a non-finite norm raises."""
+    norms = []
+    for group in groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        norms.append(
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if params else torch.tensor(0.0)
+        )
+    _check_finite(torch.stack([n.float().cpu() for n in norms]), tasks, step, "gradient")
+
+
+def _evaluate_holdouts(
+    bank: AdapterBank, tokenizer: Any, tasks: Sequence[SlotTask], config: TrainingConfig
+) -> list[EvalResult]:
+    """Every user's holdout through its own slot, all users in shared batches."""
+    examples = [e for task in tasks for e in task.holdout]
+    routes = [[(task.slot, 1.0)] for task in tasks for _ in task.holdout]
+    scores = iter(
+        score_examples(
+            bank, tokenizer, examples, routes, max_seq_len=config.max_seq_len, batch_size=EVAL_BATCH_ROWS
+        )
+        if examples
+        else []
+    )
+    return [summarize(_take(scores, len(task.holdout))) for task in tasks]
+
+
+def _take(items: Iterator[Any], n: int) -> list[Any]:
+    return [next(items) for _ in range(n)]
+
+
+def _metrics(
+    task: SlotTask, stats: _SlotStats, before: EvalResult, after: EvalResult, config: TrainingConfig
+) -> dict[str, float]:
+    tail = stats.step_losses[-TRAIN_LOSS_WINDOW:]
+    metrics = {
+        "train_loss": sum(tail) / len(tail),
+        "train_loss_first": stats.step_losses[0],
+        "steps": float(config.max_steps),
+        "train_examples": float(len(task.train)),
+        "holdout_examples": float(len(task.holdout)),
+        "tokens": float(stats.tokens),
+    }
+    if before.tokens and after.tokens:
+        for name, result in (("before", before), ("after", after)):
+            metrics[f"holdout_loss_{name}"] = result.loss
+            metrics[f"holdout_token_accuracy_{name}"] = result.token_accuracy
+            metrics[f"holdout_sequence_accuracy_{name}"] = result.sequence_accuracy
+    return metrics

@@ -1,0 +1,164 @@
+"""Train jobs run in this process by a real ``JobWorker`` and ``ContinualTrainer`` on the nf4 tiny backbone,
+over SQLite and PostgreSQL: continuing from the live version, a NaN that fails the job cleanly, a stale worker
+that cannot register, and one job for the same submission twice."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+import torch
+from continual_helpers import count_versions_and_snapshots, feed_users, get_job
+
+from lorafleet.config import Settings
+from lorafleet.jobs import JobQueue, JobWorker, Scheduler
+from lorafleet.jobs.commands import train_now
+from lorafleet.registry import Registry
+from lorafleet.store.sql.database import Database
+from lorafleet.training.continual import PERSONAL_ADAPTER, ContinualTrainer
+from lorafleet.training.trainer import SlotTask
+
+
+class MovableClock:
+    """Real time plus an offset the test moves (feedback rows keep real timestamps)."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+
+def _worker(trainer: ContinualTrainer, queue: JobQueue, name: str) -> JobWorker:
+    return JobWorker(queue, worker_id=name, handlers={"train": trainer.run_job}, lease_seconds=30)
+
+
+def _adapter_id(registry: Registry, tenant_id: int, user_id: int) -> int:
+    adapter = registry.find_adapter(tenant_id=tenant_id, owner_user_id=user_id, name=PERSONAL_ADAPTER)
+    assert adapter is not None
+    return adapter.id
+
+
+def test_a_second_job_continues_from_the_live_version_with_replay(
+    database: Database, registry: Registry, tenant_id: int, make_trainer: Callable[..., ContinualTrainer]
+) -> None:
+    queue = JobQueue(database)
+    worker = _worker(make_trainer(promote_rule="always"), queue, "w1")
+    first = feed_users(database, tenant_id=tenant_id, users=["ann"], round=1, n_records=10)["ann"]
+    job1 = Scheduler(database, queue=queue).train_now(tenant_id=tenant_id, user_external_id="ann").job
+    assert worker.run_once() is not None and get_job(database, job1.id).state == "succeeded"
+    second = feed_users(database, tenant_id=tenant_id, users=["ann"], round=2, n_records=6)["ann"]
+    job2 = Scheduler(database, queue=queue).train_now(tenant_id=tenant_id, user_external_id="ann").job
+    worker.run_once()
+
+    user_id = job2.payload["users"][0]["user_id"]
+    adapter_id = _adapter_id(registry, tenant_id, user_id)
+    v1, v2 = registry.list_versions(tenant_id=tenant_id, adapter_id=adapter_id)
+    assert (v1.job_id, v2.job_id) == (job1.id, job2.id)
+    assert (v1.status, v2.status) == ("archived", "live")  # "always" promoted both in turn
+    lineage = registry.lineage(tenant_id=tenant_id, version_id=v2.id)
+    assert [(e.parent_version_id, e.relation) for e in lineage.edges] == [(v1.id, "continued-from")]
+    snapshot = lineage.root.dataset_snapshot
+    assert snapshot is not None and snapshot.record_ids is not None
+    replay = snapshot.details["replay_ids"]
+    assert len(replay) == 3 and set(replay) <= set(first)  # 0.5 x 6 new records, from the parent's data
+    assert set(snapshot.record_ids) == set(second) | set(replay)
+    assert (snapshot.details["new_min_id"], snapshot.details["new_max_id"]) == (min(second), max(second))
+    assert v2.metrics["new_records"] == 6 and v2.metrics["replay_records"] == 3
+
+    # a stale job (the same watermark as job 2) finds nothing new: it succeeds, naming why, with no version
+    stale = queue.submit(
+        tenant_id=tenant_id,
+        kind="train",
+        payload=job2.payload,
+        user_ids=[(user_id, max(second))],
+        dedupe_key=None,
+    ).job
+    done = worker.run_once()
+    assert done is not None and done.id == stale.id and done.state == "succeeded"
+    assert done.result == {"versions": [], "skipped": {"ann": "no_new_records"}}
+    assert len(registry.list_versions(tenant_id=tenant_id, adapter_id=adapter_id)) == 2
+
+
+class NaNTrainer(ContinualTrainer):
+    """Puts a NaN into every slot's LoRA A before training starts."""
+
+    def _before_training(self, tasks: Sequence[SlotTask]) -> None:
+        with torch.no_grad():
+            for layer in self.bank.layers.values():
+                for task in tasks:
+                    layer.lora_A[task.slot].fill_(float("nan"))
+
+
+def test_a_nan_in_training_fails_the_job_and_registers_nothing(
+    database: Database, registry: Registry, tenant_id: int, make_trainer: Callable[..., ContinualTrainer]
+) -> None:
+    queue = JobQueue(database)
+    feed_users(database, tenant_id=tenant_id, users=["bo"], round=1, n_records=8)
+    Scheduler(database, queue=queue).train_now(tenant_id=tenant_id, user_external_id="bo")
+    _worker(make_trainer(promote_rule="always"), queue, "good").run_once()
+    before = count_versions_and_snapshots(database)
+    feed_users(database, tenant_id=tenant_id, users=["bo"], round=2, n_records=6)
+    job = Scheduler(database, queue=queue).train_now(tenant_id=tenant_id, user_external_id="bo").job
+
+    ended = _worker(make_trainer(cls=NaNTrainer), queue, "nan").run_once()
+
+    assert ended is not None and ended.id == job.id
+    assert ended.state == "failed" and ended.attempts == 1  # TrainingError: no retry
+    assert ended.error is not None and "TrainingError" in ended.error and "non-finite" in ended.error
+    assert count_versions_and_snapshots(database) == before == (1, 1)
+    adapter_id = _adapter_id(registry, tenant_id, job.payload["users"][0]["user_id"])
+    live = registry.live_version(tenant_id=tenant_id, adapter_id=adapter_id)
+    assert live is not None and live.number == 1
+    assert [e.to_version_id for e in registry.alias_history(tenant_id=tenant_id, adapter_id=adapter_id)] == [
+        live.id
+    ]
+
+
+class PausedTrainer(ContinualTrainer):
+    """Before training, "pauses" past its lease: the clock jumps and another worker takes the job over."""
+
+    clock: MovableClock
+    takeover: Callable[[], None]
+
+    def _before_training(self, tasks: Sequence[SlotTask]) -> None:
+        self.clock.offset += timedelta(seconds=120)
+        self.takeover()
+
+
+def test_a_worker_that_lost_its_lease_writes_blobs_but_no_rows(
+    database: Database, registry: Registry, tenant_id: int, make_trainer: Callable[..., ContinualTrainer]
+) -> None:
+    clock = MovableClock()
+    queue = JobQueue(database, clock=clock)
+    feed_users(database, tenant_id=tenant_id, users=["cy"], round=1, n_records=8)
+    job = Scheduler(database, queue=queue).train_now(tenant_id=tenant_id, user_external_id="cy").job
+    taken: list[int] = []
+    trainer = make_trainer(cls=PausedTrainer)
+    assert isinstance(trainer, PausedTrainer)
+    trainer.clock = clock
+    trainer.takeover = lambda: taken.append(queue.claim(worker_id="new", lease_seconds=30).attempts)  # type: ignore[union-attr]
+    stale = JobWorker(
+        queue, worker_id="old", handlers={"train": trainer.run_job}, lease_seconds=30, heartbeat_every=25
+    )
+
+    stale.run_once()
+
+    assert taken == [2]
+    current = get_job(database, job.id)
+    assert (current.state, current.lease_owner, current.attempts) == ("running", "new", 2)
+    assert count_versions_and_snapshots(database) == (0, 0)
+    orphans = [b.sha256 for b in registry._blobs.list()]  # the stale worker's blob, written first
+    assert len(orphans) == 1
+    assert registry.gc(now=datetime.now(UTC) + timedelta(days=2)) == orphans
+
+
+def test_the_same_submission_twice_is_one_job(
+    database: Database, database_url: str, tenant_id: int, make_settings: Callable[..., Settings]
+) -> None:
+    feed_users(database, tenant_id=tenant_id, users=["di"], round=1, n_records=4)
+    settings = make_settings(database_url=database_url, object_store_url="file:///unused")
+    first = train_now(settings, tenant="acme", user="di")
+    again = train_now(settings, tenant=tenant_id, user="di")
+    assert first.created and not again.created and again.job.id == first.job.id
+    assert JobQueue(database).counts_by_state()["queued"] == 1

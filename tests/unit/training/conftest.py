@@ -1,0 +1,96 @@
+"""Fixtures for the training library: the real tiny backbone (built once per session) and synthetic users."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from lorafleet.adapters import AdapterBank, inject_bank
+from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone
+from lorafleet.domain import FeedbackRecord
+from lorafleet.feedback import prepare_record
+from lorafleet.training import synthetic
+from lorafleet.training.config import TrainingConfig
+from lorafleet.training.dataset import build_dataset
+from lorafleet.training.trainer import SlotTask
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in tiny backbone's folder, built into this session's temp dir."""
+    return build_tiny_backbone(tmp_path_factory.mktemp("lorafleet-training"))
+
+
+@pytest.fixture
+def fp32_backbone(tiny_dir: Path) -> Backbone:
+    return load_backbone(tiny_dir, quantization="fp32", device="cpu")
+
+
+@pytest.fixture
+def fp32_bank(fp32_backbone: Backbone) -> AdapterBank:
+    """A bank of 6 slots (rank up to 8) on every linear layer of the fp32 tiny backbone."""
+    return inject_bank(fp32_backbone, target_modules="all-linear", n_slots=6, max_rank=8)
+
+
+def make_record(raw: dict[str, Any], *, record_id: int, user_id: int = 1) -> FeedbackRecord:
+    """A stored-looking feedback record, validated and hashed as ingestion does."""
+    prepared = prepare_record(raw, index=0)
+    return FeedbackRecord(
+        record_id, user_id, prepared.kind, prepared.payload, prepared.content_hash, datetime.now(UTC)
+    )
+
+
+def synthetic_tasks(
+    bank: AdapterBank, config: TrainingConfig, users: Iterable[int], *, n_records: int = 48
+) -> list[SlotTask]:
+    """One fresh slot per user (slot = user index) with round-one synthetic records split by content hash."""
+    tasks = []
+    for user in users:
+        key = f"user-{user}"
+        raw = synthetic.make_user_records(key, round=1, n_records=n_records)
+        dataset = build_dataset(synthetic.to_feedback_records(raw), config=config)
+        bank.init_slot(user, config.slot_config(), seed=user)
+        tasks.append(SlotTask(user, key, dataset.train, dataset.holdout))
+    return tasks
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names and raw bytes: equal digests mean bit-identical tensors."""
+    hasher = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        hasher.update(name.encode())
+        hasher.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
+
+
+@pytest.fixture
+def helpers() -> SimpleNamespace:
+    """The helpers above, for test modules (conftest modules are not imported by name)."""
+    return SimpleNamespace(make_record=make_record, synthetic_tasks=synthetic_tasks, digest=digest)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Any:
+    """The tiny backbone's byte-level tokenizer (what ``load_backbone`` returns for it)."""
+    from lorafleet.backbone import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread per test: the tiny model's matmuls gain nothing from two, and on shared cores a second
+    thread spin-waits (10x slower under load). Restored afterwards for other test packages."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,100 @@
+"""TrainingConfig: defaults, bounds (as lorafleet ValidationError), typical-range notes, slot configs."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafleet.errors import ValidationError
+from lorafleet.training.config import TrainingConfig
+
+
+def test_defaults_follow_the_seed_notes() -> None:
+    config = TrainingConfig()
+    assert (config.rank, config.alpha, config.dropout) == (8, 16.0, 0.05)
+    assert (config.learning_rate, config.warmup_ratio, config.max_steps) == (2e-4, 0.1, 200)
+    assert (config.batch_size, config.grad_accum_steps, config.max_grad_norm) == (8, 1, 1.0)
+    assert (config.replay_ratio, config.l2_to_parent, config.holdout_fraction) == (0.5, 0.0, 0.2)
+    assert config.target_modules == "all-linear"
+    assert config.outside_typical_ranges() == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("rank", 0),
+        ("rank", 65),
+        ("rank", 8.0),
+        ("rank", True),
+        ("alpha", 0.0),
+        ("alpha", float("nan")),
+        ("dropout", 0.6),
+        ("learning_rate", 1e-6),
+        ("learning_rate", 0.1),
+        ("warmup_ratio", 0.9),
+        ("max_steps", 0),
+        ("batch_size", 0),
+        ("grad_accum_steps", 0),
+        ("max_grad_norm", 0.0),
+        ("max_seq_len", 4),
+        ("replay_ratio", -0.1),
+        ("l2_to_parent", -1.0),
+        ("holdout_fraction", 1.0),
+        ("rating_threshold", 1.5),
+        ("seed", -1),
+        ("target_modules", ""),
+        ("target_modules", []),
+    ],
+)
+def test_out_of_bounds_values_raise_lorafleet_validation_error_naming_the_field(
+    field: str, value: object
+) -> None:
+    with pytest.raises(ValidationError, match=rf"invalid training config: {field}"):
+        TrainingConfig(**{field: value})
+
+
+def test_unknown_fields_and_non_mappings_are_refused() -> None:
+    with pytest.raises(ValidationError, match="lr: Extra inputs are not permitted"):
+        TrainingConfig.from_mapping({"lr": 1e-3})
+    with pytest.raises(ValidationError, match="must be an object"):
+        TrainingConfig.from_mapping([("rank", 4)])  # type: ignore[arg-type]
+    assert TrainingConfig.from_mapping(None) == TrainingConfig()
+    assert TrainingConfig.from_mapping({"rank": 4}).rank == 4
+
+
+def test_config_is_frozen_and_with_changes_validates() -> None:
+    config = TrainingConfig()
+    with pytest.raises(Exception, match="frozen"):
+        config.rank = 4  # type: ignore[misc]
+    assert config.with_changes(rank=16).rank == 16
+    with pytest.raises(ValidationError, match="rank"):
+        config.with_changes(rank=100)
+
+
+def test_values_outside_the_typical_range_are_allowed_and_named() -> None:
+    config = TrainingConfig(rank=32, learning_rate=3e-3, dropout=0.0)
+    notes = config.outside_typical_ranges()
+    assert len(notes) == 3
+    assert any(n.startswith("rank=32") for n in notes)
+    assert any(n.startswith("learning_rate=0.003") for n in notes)
+
+
+def test_slot_config_resolves_target_modules() -> None:
+    layers = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.0.mlp.up_proj",
+    ]
+    assert TrainingConfig().slot_config().target_modules is None
+    listed = TrainingConfig(target_modules=["q_proj", "v_proj"], rank=4, alpha=8).slot_config(name="v1")
+    assert (listed.target_modules, listed.rank, listed.alpha, listed.name) == (
+        ("q_proj", "v_proj"),
+        4,
+        8.0,
+        "v1",
+    )
+    regex = TrainingConfig(target_modules=r".*self_attn\.(q|v)_proj").slot_config(layer_names=layers)
+    assert regex.target_modules == tuple(layers[:2])
+    with pytest.raises(ValidationError, match="layer names"):
+        TrainingConfig(target_modules=r".*q_proj").slot_config()
+    with pytest.raises(ValidationError, match="match no layer"):
+        TrainingConfig(target_modules=r".*o_proj").slot_config(layer_names=layers)

@@ -1,0 +1,239 @@
+"""The multi-tenant trainer on the real tiny backbone (fp32 for speed, nf4 where 4-bit matters)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from lorafleet.adapters import AdapterBank, RoutingPlan, inject_bank
+from lorafleet.backbone import load_backbone
+from lorafleet.errors import LeaseLostError, TrainingError, ValidationError
+from lorafleet.training.config import TrainingConfig
+from lorafleet.training.dataset import Example, encode_examples
+from lorafleet.training.trainer import SlotTask, evaluate, lr_factor, train_slots, user_losses
+
+FAST = TrainingConfig(
+    learning_rate=3e-3, max_steps=6, batch_size=4, max_seq_len=64, rank=4, alpha=8, dropout=0.0
+)
+
+
+def test_three_users_learn_together_on_nf4_and_other_slots_stay_bit_identical(
+    tiny_dir: Path, helpers: SimpleNamespace
+) -> None:
+    backbone = load_backbone(tiny_dir, quantization="nf4", device="cpu")
+    bank = inject_bank(backbone, n_slots=5, max_rank=8)
+    config = FAST.with_changes(max_steps=30, batch_size=8, dropout=0.05)
+    tasks = helpers.synthetic_tasks(bank, config, [0, 1, 2])
+    bank.init_slot(3, config.slot_config(), seed=3)
+    bystander = helpers.digest(bank.slot_state_dict(3))
+    base = helpers.digest(backbone.model.state_dict())
+    seen: list[tuple[int, int, dict[str, float]]] = []
+    results = train_slots(bank, backbone.tokenizer, tasks, config, progress=lambda *a: seen.append(a))
+    assert [(r.slot, r.key) for r in results] == [(0, "user-0"), (1, "user-1"), (2, "user-2")]
+    for result, task in zip(results, tasks, strict=True):
+        m = result.metrics
+        assert m["train_loss"] < m["train_loss_first"] - 0.5, m
+        assert m["holdout_loss_after"] < m["holdout_loss_before"] - 0.5, m
+        assert m["holdout_token_accuracy_after"] > m["holdout_token_accuracy_before"], m
+        assert (m["steps"], m["train_examples"], m["holdout_examples"]) == (
+            30,
+            len(task.train),
+            len(task.holdout),
+        )
+        assert m["tokens"] > 30 * 8 * 3
+    assert helpers.digest(bank.slot_state_dict(3)) == bystander  # not in the job: untouched, bit for bit
+    assert helpers.digest(backbone.model.state_dict()) == base  # 4-bit base weights and quant state unchanged
+    assert [s[0] for s in seen] == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30] and all(s[1] == 30 for s in seen)
+    assert set(seen[-1][2]) == {"loss", "lr"}
+    assert not backbone.model.training and all(not layer.slot_params for layer in bank.layers.values())
+
+
+def test_each_user_loss_is_the_mean_over_its_own_tokens(fp32_bank: AdapterBank, tokenizer: Any) -> None:
+    """User A's gradient is the same alone or next to user B with 10x more data (no drowning)."""
+    for slot in (0, 1):
+        fp32_bank.init_slot(slot, FAST.slot_config(), seed=slot)
+        with torch.no_grad():  # non-zero B so that A's gradient is not zero
+            for layer in fp32_bank.layers.values():
+                layer.lora_B[slot].normal_(0, 0.05, generator=torch.Generator().manual_seed(slot))
+    a_rows = [Example(1, "Q: my favourite pet?\nA: ", "cat\n", "sft")]
+    b_rows = [
+        Example(i, f"Tell me a long story number {i}: ", "once upon a time " * 3, "sft") for i in range(10)
+    ]
+
+    def grads_of_a(
+        examples: list[Example], owners: list[int]
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        params = fp32_bank.trainable_parameters([0, 1])
+        batch = encode_examples(tokenizer, examples, max_seq_len=128)
+        with fp32_bank.routing(RoutingPlan.single(owners)):
+            losses, tokens = user_losses(fp32_bank.model, batch, torch.tensor(owners), 2)
+            losses.sum().backward()
+        grads = [p.grad.clone() for p in fp32_bank.trainable_parameters([0]) if p.grad is not None]
+        for p in params:
+            p.grad = None
+        return grads, losses.detach(), tokens
+
+    alone, alone_loss, _ = grads_of_a(a_rows, [0])
+    together, together_loss, tokens = grads_of_a(a_rows + b_rows, [0] + [1] * 10)
+    assert tokens.tolist() == [5.0, 10 * (len("once upon a time " * 3) + 1)]
+    assert torch.allclose(alone_loss[0], together_loss[0], atol=1e-5)
+    assert len(alone) == len(together) > 0
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(alone, together, strict=True))
+    assert sum(float(g.abs().sum()) for g in together) > 0
+
+
+def test_same_seed_same_weights_and_global_rng_untouched(
+    fp32_bank: AdapterBank, helpers: SimpleNamespace, tokenizer: Any
+) -> None:
+    config = FAST.with_changes(dropout=0.1, seed=7)
+
+    def run(seed: int) -> str:
+        tasks = helpers.synthetic_tasks(fp32_bank, config, [0, 1])
+        train_slots(fp32_bank, tokenizer, tasks, config.with_changes(seed=seed))
+        return helpers.digest(
+            {**fp32_bank.slot_state_dict(0), **{f"1.{k}": v for k, v in fp32_bank.slot_state_dict(1).items()}}
+        )
+
+    rng_before = torch.get_rng_state()
+    first = run(7)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    fp32_bank.evict_slot(0)
+    fp32_bank.evict_slot(1)
+    assert run(7) == first
+    fp32_bank.evict_slot(0)
+    fp32_bank.evict_slot(1)
+    assert run(8) != first
+
+
+def test_non_finite_loss_raises_training_error(
+    fp32_bank: AdapterBank, helpers: SimpleNamespace, tokenizer: Any
+) -> None:
+    tasks = helpers.synthetic_tasks(fp32_bank, FAST, [0, 1])
+    calls = {"n": 0}
+
+    def poison(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # training forwards only (holdout evaluation runs without grad)
+            calls["n"] += 1
+            if calls["n"] == 3:
+                return output * float("nan")
+        return output
+
+    handle = fp32_bank.model.get_output_embeddings().register_forward_hook(poison)
+    try:
+        with pytest.raises(
+            TrainingError, match=r"non-finite loss at step 3 for users \['user-0', 'user-1'\]"
+        ):
+            train_slots(fp32_bank, tokenizer, tasks, FAST)
+    finally:
+        handle.remove()
+    assert all(not layer.slot_params for layer in fp32_bank.layers.values())  # training views released
+
+
+def test_nan_parent_state_raises_training_error(
+    fp32_bank: AdapterBank, helpers: SimpleNamespace, tokenizer: Any
+) -> None:
+    tasks = helpers.synthetic_tasks(fp32_bank, FAST, [0, 1])
+    parent = fp32_bank.slot_state_dict(1)
+    next(iter(parent.values()))[0, 0] = float("nan")
+    tasks[1].parent_state = parent
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 1 for users \['user-1'\]"):
+        train_slots(fp32_bank, tokenizer, tasks, FAST.with_changes(l2_to_parent=0.1))
+
+
+def test_should_stop_is_called_every_step_and_its_error_propagates(
+    fp32_bank: AdapterBank, helpers: SimpleNamespace, tokenizer: Any
+) -> None:
+    tasks = helpers.synthetic_tasks(fp32_bank, FAST, [0])
+    calls: list[int] = []
+
+    def should_stop() -> None:
+        calls.append(1)
+        if len(calls) == 4:
+            raise LeaseLostError("lease lost")
+
+    with pytest.raises(LeaseLostError):
+        train_slots(fp32_bank, tokenizer, tasks, FAST, should_stop=should_stop)
+    assert len(calls) == 4
+    assert not fp32_bank.model.training
+
+
+def test_l2_pull_keeps_the_adapter_closer_to_its_parent(
+    fp32_bank: AdapterBank, helpers: SimpleNamespace, tokenizer: Any
+) -> None:
+    config = FAST.with_changes(max_steps=10)
+    distances = {}
+    for weight in (0.0, 50.0):
+        tasks = helpers.synthetic_tasks(fp32_bank, config, [0])
+        with torch.no_grad():  # a parent with non-zero B (as a trained adapter has)
+            for layer in fp32_bank.layers.values():
+                layer.lora_B[0].normal_(0, 0.05, generator=torch.Generator().manual_seed(9))
+        parent = fp32_bank.slot_state_dict(0)
+        tasks[0].parent_state = parent
+        train_slots(fp32_bank, tokenizer, tasks, config.with_changes(l2_to_parent=weight))
+        after = fp32_bank.slot_state_dict(0)
+        distances[weight] = math.sqrt(sum(float(((after[k] - parent[k]) ** 2).sum()) for k in parent))
+        fp32_bank.evict_slot(0)
+    assert 0 < distances[50.0] < 0.5 * distances[0.0], distances
+
+
+def test_invalid_jobs_are_refused_before_training(
+    fp32_bank: AdapterBank, helpers: SimpleNamespace, tokenizer: Any
+) -> None:
+    tasks = helpers.synthetic_tasks(fp32_bank, FAST, [0, 1])
+    with pytest.raises(ValidationError, match="at least one task"):
+        train_slots(fp32_bank, tokenizer, [], FAST)
+    with pytest.raises(ValidationError, match="its own slot"):
+        train_slots(fp32_bank, tokenizer, [tasks[0], SlotTask(0, "other", tasks[1].train, ())], FAST)
+    with pytest.raises(ValidationError, match="slot 4 .* is empty"):
+        train_slots(fp32_bank, tokenizer, [SlotTask(4, "u", tasks[0].train, ())], FAST)
+    with pytest.raises(ValidationError, match="no training examples"):
+        train_slots(fp32_bank, tokenizer, [SlotTask(0, "u", (), tasks[0].holdout)], FAST)
+    bad_parent = {k: v[:1] for k, v in fp32_bank.slot_state_dict(0).items()}
+    with pytest.raises(ValidationError, match="parent_state"):
+        train_slots(
+            fp32_bank, tokenizer, [SlotTask(0, "u", tasks[0].train, (), parent_state=bad_parent)], FAST
+        )
+
+
+def test_empty_holdout_leaves_holdout_metrics_out(
+    fp32_bank: AdapterBank, helpers: SimpleNamespace, tokenizer: Any
+) -> None:
+    tasks = helpers.synthetic_tasks(fp32_bank, FAST, [0])
+    (result,) = train_slots(
+        fp32_bank, tokenizer, [SlotTask(0, "u", tasks[0].train, ())], FAST.with_changes(max_steps=2)
+    )
+    assert result.metrics["holdout_examples"] == 0
+    assert not any(k.startswith("holdout_loss") for k in result.metrics)
+    assert all(math.isfinite(v) for v in result.metrics.values())
+
+
+def test_evaluate_base_slot_and_mixture(
+    fp32_bank: AdapterBank, helpers: SimpleNamespace, tokenizer: Any
+) -> None:
+    tasks = helpers.synthetic_tasks(fp32_bank, FAST, [0])
+    base = evaluate(fp32_bank, tokenizer, tasks[0].holdout, slot=None, max_seq_len=64)
+    fresh = evaluate(fp32_bank, tokenizer, tasks[0].holdout, slot=0, max_seq_len=64)
+    assert base.examples == len(tasks[0].holdout) and base.tokens > base.examples
+    assert fresh.loss == pytest.approx(base.loss, abs=1e-5)  # a fresh slot has B = 0: the base model
+    train_slots(fp32_bank, tokenizer, tasks, FAST)
+    trained = evaluate(fp32_bank, tokenizer, tasks[0].holdout, slot=0, max_seq_len=64, batch_size=3)
+    mixed = evaluate(fp32_bank, tokenizer, tasks[0].holdout, slot=None, max_seq_len=64, mixture=[(0, 1.0)])
+    assert trained.loss < base.loss
+    assert mixed.loss == pytest.approx(trained.loss, abs=1e-4)
+    empty = evaluate(fp32_bank, tokenizer, [], slot=0, max_seq_len=64)
+    assert empty.tokens == 0 and math.isnan(empty.loss)
+    with pytest.raises(ValidationError, match="not both"):
+        evaluate(fp32_bank, tokenizer, tasks[0].holdout, slot=0, max_seq_len=64, mixture=[(0, 1.0)])
+
+
+def test_learning_rate_warms_up_then_decays_on_a_cosine() -> None:
+    factors = [lr_factor(step, total=20, warmup_ratio=0.1) for step in range(20)]
+    assert factors[:2] == [0.5, 1.0]
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:], strict=False))
+    assert 0 < factors[-1] < 0.01
+    assert lr_factor(0, total=5, warmup_ratio=0.0) == 1.0
