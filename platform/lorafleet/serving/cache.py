@@ -1,0 +1,336 @@
+"""``AdapterCache``: bank slots filled from the object store on demand, keyed by each version's content hash.
+
+The key is the version's sha256, never its name or number, so a rollback or a re-promotion can never serve
+stale weights: another version is another key. The cache owns a set of bank slots and a byte budget (version
+sizes); a miss reserves room first (evicting least recently used, unpinned entries), then fetches and loads
+without holding the cache's lock, so one slow download never blocks hits or other loads. Concurrent requests
+for the same key share one load (single flight, one future per key). A batch pins the slots it uses for its
+whole lifetime through a :class:`Lease`; a pinned slot is never evicted, and when nothing can be evicted the
+acquisition fails with ``CapacityError`` rather than waiting.
+
+Failure policy: a fetch or load that fails (``BlobIntegrityError`` for a corrupted blob, ``BlobNotFoundError``,
+a format or backbone mismatch) leaves its slot empty and un-cached, counts a ``load_failures``, and raises to
+every caller waiting on that key. There is no fallback to another version: serving something other than the
+version the alias names would break "wholly the live version"; the engine fails only the requests that
+needed that version.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from lorafleet.adapters.bank import AdapterBank
+from lorafleet.errors import CapacityError, LorafleetError, ValidationError
+from lorafleet.serving.fetch import Fetcher, VersionRef, blob_fetcher, read_adapter, verify_folder
+from lorafleet.store.blob.base import BlobStore, check_digest
+
+#: How many recent load durations ``stats()`` keeps.
+LOAD_SAMPLES = 1024
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters since the cache was built, and its current occupancy."""
+
+    hits: int
+    misses: int
+    #: acquisitions that found the key being loaded by another caller and waited for that load
+    coalesced: int
+    evictions: int
+    loads: int
+    load_failures: int
+    #: wall seconds of the most recent successful loads (fetch + verify + slot write), oldest first
+    load_seconds: tuple[float, ...]
+    #: wall seconds of every successful load since the cache was built
+    load_seconds_total: float
+    slots_used: int
+    capacity_slots: int
+    bytes_used: int
+    capacity_bytes: int | None
+    pinned: int
+
+    @property
+    def hit_rate(self) -> float:
+        """Hits (including coalesced waits) over all acquisitions; 0 when there were none."""
+        total = self.hits + self.coalesced + self.misses
+        return (self.hits + self.coalesced) / total if total else 0.0
+
+
+@dataclass(eq=False)
+class _Entry:
+    key: str
+    slot: int
+    size_bytes: int
+    pins: int = 0
+    ready: Future[None] = field(default_factory=Future)
+
+
+class Lease:
+    """Pinned slots of one batch (``slots``: sha256 -> slot) and the keys that failed (``errors``).
+
+    Use it as a context manager; the pins are released on exit (``release`` is idempotent).
+    """
+
+    def __init__(self, cache: AdapterCache) -> None:
+        self._cache = cache
+        self._entries: list[_Entry] = []
+        self.slots: dict[str, int] = {}
+        self.errors: dict[str, LorafleetError] = {}
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    def _add(self, entry: _Entry) -> None:
+        self._entries.append(entry)
+        self.slots[entry.key] = entry.slot
+
+    def release(self) -> None:
+        """Unpin every slot of the lease."""
+        entries, self._entries = self._entries, []
+        self._cache._unpin(entries)
+
+
+class AdapterCache:
+    """Bank slots holding adapter versions by sha256, with a slot and byte budget and LRU eviction."""
+
+    def __init__(
+        self,
+        bank: AdapterBank,
+        *,
+        fetch: Fetcher,
+        capacity_slots: int | None = None,
+        capacity_bytes: int | None = None,
+        slots: Iterable[int] | None = None,
+        verify: bool = True,
+        require_fingerprint: bool = False,
+    ) -> None:
+        """``slots``: the bank slots the cache may use (default: every slot empty now). ``verify`` re-checks a
+        fetched folder against the sha256 (turn off only for a fetcher that already verified the download)."""
+        managed = (
+            sorted(slots)
+            if slots is not None
+            else [s for s in range(bank.n_slots) if bank.slot_info(s) is None]
+        )
+        if capacity_slots is not None:
+            managed = managed[:capacity_slots]
+        if not managed:
+            raise ValidationError("an adapter cache needs at least one empty bank slot")
+        if capacity_bytes is not None and capacity_bytes <= 0:
+            raise ValidationError("capacity_bytes must be positive")
+        self.bank = bank
+        self._fetch = fetch
+        self._verify = verify
+        self._require_fingerprint = require_fingerprint
+        self.capacity_slots = len(managed)
+        self.capacity_bytes = capacity_bytes
+        self._free: list[int] = managed[::-1]  # pop() hands out the lowest slot first
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._bytes_used = 0
+        self._lock = threading.Lock()  # guards the fields above; never held during a fetch
+        self._bank_lock = threading.Lock()  # serialises writes into the bank's slots
+        self._counts = {
+            "hits": 0,
+            "misses": 0,
+            "coalesced": 0,
+            "evictions": 0,
+            "loads": 0,
+            "load_failures": 0,
+        }
+        self._load_seconds: deque[float] = deque(maxlen=LOAD_SAMPLES)
+        self._load_seconds_total = 0.0
+
+    @classmethod
+    def from_blob_store(
+        cls,
+        bank: AdapterBank,
+        blobs: BlobStore,
+        *,
+        capacity_slots: int | None = None,
+        capacity_bytes: int | None = None,
+        slots: Iterable[int] | None = None,
+        require_fingerprint: bool = False,
+    ) -> AdapterCache:
+        """A cache over an object store; its downloads are verified (sha256 and size) before they are unpacked,
+        so the folder is not checked a second time."""
+        return cls(
+            bank,
+            fetch=blob_fetcher(blobs),
+            capacity_slots=capacity_slots,
+            capacity_bytes=capacity_bytes,
+            slots=slots,
+            verify=False,
+            require_fingerprint=require_fingerprint,
+        )
+
+    # --- acquiring -------------------------------------------------------------------------------------------
+    def acquire(self, versions: Sequence[VersionRef], *, strict: bool = True) -> Lease:
+        """Pin a slot for each distinct sha256, loading what is missing; returns the lease.
+
+        ``strict``: the first failure releases everything and raises. Otherwise failures are collected in
+        ``lease.errors`` and the other keys stay pinned (the engine fails only the requests that needed them).
+        """
+        lease = Lease(self)
+        seen: set[str] = set()
+        for version in versions:
+            key = version.sha256
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                check_digest(key)
+                lease._add(self._pin(version))
+            except LorafleetError as exc:
+                if strict:
+                    lease.release()
+                    raise
+                lease.errors[key] = exc
+            except BaseException:
+                lease.release()
+                raise
+        return lease
+
+    def _pin(self, version: VersionRef) -> _Entry:
+        """The key's entry, pinned once more: a hit, a wait on another caller's load, or a load of our own."""
+        key = version.sha256
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._reserve(key, version.size_bytes)
+                self._counts["misses"] += 1
+                loading = True
+            else:
+                entry.pins += 1
+                self._entries.move_to_end(key)
+                loading = False
+                self._counts["hits" if entry.ready.done() else "coalesced"] += 1
+        if loading:
+            self._load(entry, version)
+        else:
+            entry.ready.result()  # re-raises the loader's error to every waiter
+        return entry
+
+    def _reserve(self, key: str, size_bytes: int) -> _Entry:
+        """A new pinned entry on a free slot, evicting LRU unpinned entries for room (under ``_lock``)."""
+        if size_bytes < 0:
+            raise ValidationError(f"version {key[:12]} has a negative size")
+        if self.capacity_bytes is not None and size_bytes > self.capacity_bytes:
+            raise CapacityError(
+                f"version {key[:12]} is {size_bytes} bytes, above the cache's capacity of {self.capacity_bytes}"
+            )
+        while not self._free or not self._fits(size_bytes):
+            self._evict(self._victim(key))
+        entry = _Entry(key=key, slot=self._free.pop(), size_bytes=size_bytes, pins=1)
+        self._entries[key] = entry
+        self._bytes_used += size_bytes
+        return entry
+
+    def _fits(self, size_bytes: int) -> bool:
+        return self.capacity_bytes is None or self._bytes_used + size_bytes <= self.capacity_bytes
+
+    def _victim(self, key: str) -> _Entry:
+        for entry in self._entries.values():  # least recently used first
+            if entry.pins == 0 and entry.ready.done():
+                return entry
+        raise CapacityError(
+            f"adapter cache is full ({len(self._entries)}/{self.capacity_slots} slots, {self._bytes_used} bytes) "
+            f"and every entry is pinned by a batch in flight: cannot load {key[:12]}"
+        )
+
+    def _evict(self, entry: _Entry) -> None:
+        """Drop an unpinned entry and empty its slot (a memory write, not I/O)."""
+        del self._entries[entry.key]
+        self._bytes_used -= entry.size_bytes
+        with self._bank_lock:
+            if self.bank.slot_info(entry.slot) is not None:
+                self.bank.evict_slot(entry.slot)
+        self._free.append(entry.slot)
+        self._counts["evictions"] += 1
+
+    def _load(self, entry: _Entry, version: VersionRef) -> None:
+        """Fetch, verify and write the version into the entry's reserved slot; on failure undo the reservation."""
+        started = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory(prefix="lorafleet-cache-") as tmp:
+                folder = self._fetch(version, Path(tmp))
+                if self._verify:
+                    verify_folder(folder, sha256=entry.key, workdir=Path(tmp))
+                tensors, config = read_adapter(
+                    folder, name=entry.key, require_fingerprint=self._require_fingerprint
+                )
+            with self._bank_lock:  # only the memory write is under the lock, never the file reads
+                self.bank.load_slot(entry.slot, tensors, config)
+        except BaseException as exc:
+            self._abandon(entry)
+            entry.ready.set_exception(exc)
+            raise
+        with self._lock:
+            seconds = time.perf_counter() - started
+            self._counts["loads"] += 1
+            self._load_seconds.append(seconds)
+            self._load_seconds_total += seconds
+        entry.ready.set_result(None)
+
+    def _abandon(self, entry: _Entry) -> None:
+        """Forget a failed load: its slot goes back empty, its bytes are freed, nothing stays cached."""
+        with self._bank_lock:
+            if self.bank.slot_info(entry.slot) is not None:
+                self.bank.evict_slot(entry.slot)
+        with self._lock:
+            if self._entries.get(entry.key) is entry:
+                del self._entries[entry.key]
+            self._bytes_used -= entry.size_bytes
+            self._free.append(entry.slot)
+            self._counts["load_failures"] += 1
+
+    def _unpin(self, entries: Iterable[_Entry]) -> None:
+        with self._lock:
+            for entry in entries:
+                entry.pins -= 1
+
+    # --- inspection ------------------------------------------------------------------------------------------
+    def stats(self) -> CacheStats:
+        """A consistent snapshot of the counters and the occupancy."""
+        with self._lock:
+            return CacheStats(
+                **self._counts,
+                load_seconds=tuple(self._load_seconds),
+                load_seconds_total=self._load_seconds_total,
+                slots_used=len(self._entries),
+                capacity_slots=self.capacity_slots,
+                bytes_used=self._bytes_used,
+                capacity_bytes=self.capacity_bytes,
+                pinned=sum(1 for e in self._entries.values() if e.pins > 0),
+            )
+
+    def keys(self) -> list[str]:
+        """Cached (or loading) sha256 keys, least recently used first: the order they would be evicted in."""
+        with self._lock:
+            return list(self._entries)
+
+    def slot_of(self, sha256: str) -> int | None:
+        """The slot holding a loaded version, or None (does not count as an access)."""
+        with self._lock:
+            entry = self._entries.get(sha256)
+            return entry.slot if entry is not None and entry.ready.done() else None
+
+    def __contains__(self, sha256: object) -> bool:
+        return isinstance(sha256, str) and self.slot_of(sha256) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+
+__all__ = ["AdapterCache", "CacheStats", "Lease"]

@@ -1,0 +1,364 @@
+"""``GenerationEngine``: one batch of requests from many users through one backbone and one adapter bank.
+
+Per batch: resolve each request's user bank once (a snapshot: every step of a request decodes with the versions
+resolved here, so a concurrent rollback serves a request wholly by the old or wholly by the new version, and a
+batch that starts after the rollback returned sees the new alias); pool base-model embeddings of the prompts for
+the gates; turn each gate decision into the row's ``(slot, weight)`` routes through the cache (slots pinned for
+the batch); decode all rows together; report which versions served each request.
+
+Failures are per request: an unknown user, a prompt too long for the model, a gate error or an adapter version
+that cannot be loaded (a corrupted blob: ``BlobIntegrityError``) fail only the requests they concern; the rest
+of the batch is served. One engine decodes one batch at a time (the bank's routing plan is shared by its
+layers); the cache loads for the next batch can overlap the current one's decoding.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lorafleet.adapters.bank import AdapterBank
+from lorafleet.errors import InvalidStateError, LorafleetError, ValidationError
+from lorafleet.serving.cache import AdapterCache, Lease
+from lorafleet.serving.decode import BatchDecoder, RowOutput, RowSpec, left_pad
+from lorafleet.serving.metrics import BatchRecord, ServingMetrics
+from lorafleet.serving.requests import GenerationRequest, GenerationResult, ServedBy
+
+if TYPE_CHECKING:
+    from lorafleet.backbone import Backbone
+    from lorafleet.routing.bank import BankMember, UserBank
+    from lorafleet.routing.gates import Gate, LearnedGateLoader
+    from lorafleet.routing.spec import GateDecision, GateSpec
+    from lorafleet.store.sql.database import Database
+
+#: ``resolve_bank(tenant_id, user_external_id) -> UserBank`` (e.g. ``routing.resolve_user_bank`` over a database)
+ResolveBank = Callable[[int, str], "UserBank"]
+#: ``gate_factory(user_bank) -> Gate``
+GateFactory = Callable[["UserBank"], "Gate"]
+#: ``embed(backbone, bank, input_ids [batch, seq], attention_mask [batch, seq]) -> [batch, hidden]``
+Embed = Callable[["Backbone", AdapterBank, torch.Tensor, torch.Tensor], torch.Tensor]
+Outcome = GenerationResult | LorafleetError
+#: gates kept by the default gate factory
+GATE_CACHE_SIZE = 256
+
+
+@dataclass
+class _Row:
+    """A request on its way through the batch."""
+
+    index: int
+    request: GenerationRequest
+    prompt_ids: tuple[int, ...]
+    bank: UserBank | None = None
+    routes: tuple[tuple[BankMember, float], ...] = ()
+    slot_routes: tuple[tuple[int, float], ...] = field(default=())
+
+
+class GenerationEngine:
+    """Batched generation across users: ``generate(requests) -> results`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        bank: AdapterBank,
+        cache: AdapterCache,
+        *,
+        resolve_bank: ResolveBank,
+        gate_factory: GateFactory | None = None,
+        embed: Embed | None = None,
+        embed_max_tokens: int | None = None,
+        metrics: ServingMetrics | None = None,
+    ) -> None:
+        """``embed_max_tokens``: gates see the last tokens of a long prompt only, as routing keys are made
+        (default: ``routing.embeddings.DEFAULT_MAX_PROMPT_TOKENS``)."""
+        from lorafleet.routing.embeddings import DEFAULT_MAX_PROMPT_TOKENS
+
+        if cache.bank is not bank:
+            raise ValidationError("the adapter cache must manage slots of the engine's bank")
+        self.backbone, self.bank, self.cache = backbone, bank, cache
+        self._resolve_bank = resolve_bank
+        self._gate_factory = gate_factory or cached_gate_factory()
+        self._embed = embed or _default_embed
+        self._embed_max_tokens = embed_max_tokens or DEFAULT_MAX_PROMPT_TOKENS
+        self.metrics = metrics or ServingMetrics()
+        self._decoder = BatchDecoder(backbone.model, bank, backbone.tokenizer, device=backbone.device)
+        self._model_lock = threading.Lock()  # one batch at a time through the model (one routing plan)
+        config = backbone.model.config
+        self._max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        self._hidden_size = int(getattr(config, "hidden_size", 1))
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Serve a batch; raises the first request's error if any request failed."""
+        outcomes = self.generate_each(requests)
+        for outcome in outcomes:
+            if isinstance(outcome, LorafleetError):
+                raise outcome
+        return outcomes  # type: ignore[return-value]
+
+    def generate_each(self, requests: Sequence[GenerationRequest]) -> list[Outcome]:
+        """Serve a batch; each request gets its result or its own error (the others are still served)."""
+        started = time.perf_counter()
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        rows = self._prepare(requests, outcomes)
+        rows = self._route(rows, outcomes)
+        members = [member for row in rows for member, _ in row.routes]
+        with self.cache.acquire(members, strict=False) as lease:
+            rows = self._bind(rows, lease, outcomes)
+            if rows:
+                with self._model_lock:
+                    decoded = self._decoder.run([self._spec(row) for row in rows])
+                for row, out in zip(rows, decoded, strict=True):
+                    outcomes[row.index] = self._result(row, out)
+        done = [
+            o if o is not None else InvalidStateError("request was neither served nor failed")
+            for o in outcomes
+        ]
+        self._record(done, rows, time.perf_counter() - started)
+        return done
+
+    # --- the steps of a batch --------------------------------------------------------------------------------
+    def _prepare(self, requests: Sequence[GenerationRequest], outcomes: list[Outcome | None]) -> list[_Row]:
+        """Tokenise and check each prompt, and resolve each user's bank once per batch."""
+        banks: dict[tuple[int, str], UserBank | LorafleetError] = {}
+        rows = []
+        for index, request in enumerate(requests):
+            try:
+                prompt_ids = self._tokenize(request)
+                key = (request.tenant_id, request.user)
+                if key not in banks:
+                    banks[key] = self._resolve(key)
+                bank = banks[key]
+                if isinstance(bank, LorafleetError):
+                    raise bank
+            except LorafleetError as exc:
+                outcomes[index] = exc
+                continue
+            rows.append(_Row(index, request, prompt_ids, bank=bank))
+        return rows
+
+    def _resolve(self, key: tuple[int, str]) -> UserBank | LorafleetError:
+        try:
+            return self._resolve_bank(*key)
+        except LorafleetError as exc:
+            return exc
+
+    def _tokenize(self, request: GenerationRequest) -> tuple[int, ...]:
+        ids = tuple(int(t) for t in self.backbone.tokenizer(request.prompt)["input_ids"])
+        if not ids:
+            raise ValidationError("the prompt encodes to no tokens")
+        if self._max_positions is not None and len(ids) + request.max_new_tokens > self._max_positions:
+            raise ValidationError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceed the model's "
+                f"context of {self._max_positions} tokens"
+            )
+        return ids
+
+    def _route(self, rows: list[_Row], outcomes: list[Outcome | None]) -> list[_Row]:
+        """Each row's ``(member, weight)`` routes from its user's gate; rows of a failing gate get its error."""
+        groups: dict[int, list[_Row]] = {}  # rows by user bank (one snapshot object per user and batch)
+        for row in rows:
+            if row.bank is not None and row.bank.members:
+                groups.setdefault(id(row.bank), []).append(row)
+        if not groups:
+            return rows
+        failed: set[int] = set()
+        gates: dict[int, Gate] = {}
+        for key, group in groups.items():
+            try:
+                gates[key] = self._gate_factory(_bank_of(group[0]))
+            except LorafleetError as exc:
+                _fail(group, exc, outcomes, failed)
+        embeddings = self._group_embeddings({k: groups[k] for k in gates}, gates)
+        for key, gate in gates.items():
+            try:
+                decisions = self._decide(gate, _bank_of(groups[key][0]), embeddings[key])
+                for row, decision in zip(groups[key], decisions, strict=True):
+                    row.routes = _routes(_bank_of(row), decision)
+            except LorafleetError as exc:
+                _fail(groups[key], exc, outcomes, failed)
+        return [row for row in rows if row.index not in failed]
+
+    def _group_embeddings(
+        self, groups: dict[int, list[_Row]], gates: dict[int, Gate]
+    ) -> dict[int, torch.Tensor]:
+        """Pooled prompt embeddings per group, from one base forward over the rows whose gate needs them;
+        zeros for gates that declare they do not (``gate.needs_embeddings(bank)`` False)."""
+        wanted = [k for k in groups if _needs_embeddings(gates[k], _bank_of(groups[k][0]))]
+        rows = [row for k in wanted for row in groups[k]]
+        pooled = self._embeddings(rows) if rows else None  # [n_rows, hidden]
+        hidden = int(pooled.shape[1]) if pooled is not None else self._hidden_size
+        out, start = {}, 0
+        for key, group in groups.items():
+            if key in wanted and pooled is not None:
+                out[key], start = pooled[start : start + len(group)], start + len(group)
+            else:
+                out[key] = torch.zeros(len(group), hidden)  # [n_rows, hidden]
+        return out
+
+    def _embeddings(self, rows: Sequence[_Row]) -> torch.Tensor:
+        pad_id = int(self.backbone.tokenizer.pad_token_id or 0)
+        prompts = [r.prompt_ids[-self._embed_max_tokens :] for r in rows]
+        ids, mask = left_pad(prompts, pad_id=pad_id, device=self.backbone.device)
+        with self._model_lock, torch.inference_mode():
+            return self._embed(self.backbone, self.bank, ids, mask)  # [batch, hidden]
+
+    def _decide(self, gate: Gate, bank: UserBank, embeddings: torch.Tensor) -> list[GateDecision]:
+        decisions = list(gate.decide(bank, embeddings))
+        if len(decisions) != embeddings.shape[0]:
+            raise ValidationError(
+                f"gate returned {len(decisions)} decisions for {embeddings.shape[0]} prompts"
+            )
+        return decisions
+
+    def _bind(self, rows: list[_Row], lease: Lease, outcomes: list[Outcome | None]) -> list[_Row]:
+        """Routes to pinned slots; a row needing a version that failed to load gets that version's error."""
+        ready = []
+        for row in rows:
+            error = next((lease.errors[m.sha256] for m, _ in row.routes if m.sha256 in lease.errors), None)
+            if error is not None:
+                outcomes[row.index] = error
+                continue
+            row.slot_routes = tuple((lease.slots[m.sha256], w) for m, w in row.routes)
+            ready.append(row)
+        return ready
+
+    def _spec(self, row: _Row) -> RowSpec:
+        r = row.request
+        return RowSpec(
+            prompt_ids=row.prompt_ids,
+            routes=row.slot_routes,
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            seed=r.seed,
+            stop=r.stop,
+            keep_logits=r.return_logits,
+        )
+
+    def _result(self, row: _Row, out: RowOutput) -> GenerationResult:
+        served_by = tuple(
+            ServedBy(
+                adapter=m.adapter_name,
+                adapter_id=m.adapter_id,
+                version=m.version_number,
+                version_id=m.version_id,
+                sha256=m.sha256,
+                weight=w,
+            )
+            for m, w in row.routes
+        )
+        return GenerationResult(
+            text=out.text,
+            token_ids=tuple(out.token_ids),
+            finish_reason=out.finish_reason,
+            served_by=served_by,
+            prompt_tokens=len(row.prompt_ids),
+            bank_revision=row.bank.revision if row.bank is not None else None,
+            request_id=row.request.request_id,
+            logits=torch.stack(out.logits) if out.logits else None,  # [n_generated, vocab]
+        )
+
+    def _record(self, outcomes: Sequence[Outcome], served: Sequence[_Row], seconds: float) -> None:
+        results = [o for o in outcomes if isinstance(o, GenerationResult)]
+        self.metrics.record_batch(
+            BatchRecord(
+                size=len(outcomes),
+                failed_codes=tuple(o.code for o in outcomes if isinstance(o, LorafleetError)),
+                base_rows=sum(1 for r in served if not r.routes),
+                adapter_rows=sum(1 for r in served if r.routes),
+                prompt_tokens=sum(r.prompt_tokens for r in results),
+                completion_tokens=sum(r.completion_tokens for r in results),
+                seconds=seconds,
+            )
+        )
+
+
+def _bank_of(row: _Row) -> UserBank:
+    assert row.bank is not None
+    return row.bank
+
+
+def _fail(
+    rows: Sequence[_Row], error: LorafleetError, outcomes: list[Outcome | None], failed: set[int]
+) -> None:
+    for row in rows:
+        outcomes[row.index] = error
+        failed.add(row.index)
+
+
+def _needs_embeddings(gate: Gate, bank: UserBank) -> bool:
+    """A gate may declare ``needs_embeddings(bank) -> bool`` (e.g. fixed weights, or no member with a routing
+    key) to spare the batch the base forward over its prompts; without it, embeddings are computed."""
+    probe = getattr(gate, "needs_embeddings", None)
+    return True if probe is None else bool(probe(bank))
+
+
+def _routes(bank: UserBank, decision: GateDecision) -> tuple[tuple[BankMember, float], ...]:
+    """A decision's ``(index into members, weight)`` pairs as members; zero weights are dropped."""
+    routes = []
+    for index, weight in decision.routes:
+        if isinstance(index, bool) or not 0 <= index < len(bank.members):
+            raise ValidationError(f"gate routed to member {index!r}; the bank has {len(bank.members)}")
+        if not math.isfinite(weight):
+            raise ValidationError(f"gate weight {weight!r} for member {index} is not finite")
+        if weight != 0.0:
+            routes.append((bank.members[index], float(weight)))
+    return tuple(routes)
+
+
+def cached_gate_factory(
+    *, load_learned: LearnedGateLoader | None = None, max_gates: int = GATE_CACHE_SIZE
+) -> GateFactory:
+    """``build_gate`` per user bank, with the gates kept by spec (LRU): a spec names immutable things only
+    (kind, parameters, a learned gate's version id), so equal specs make equal gates."""
+    from lorafleet.routing.gates import build_gate
+
+    gates: OrderedDict[GateSpec, Gate] = OrderedDict()
+    lock = threading.Lock()
+
+    def factory(bank: UserBank) -> Gate:
+        with lock:
+            gate = gates.get(bank.gate)
+            if gate is not None:
+                gates.move_to_end(bank.gate)
+                return gate
+        gate = build_gate(bank.gate, load_learned=load_learned)
+        with lock:
+            gates[bank.gate] = gate
+            while len(gates) > max_gates:
+                gates.popitem(last=False)
+        return gate
+
+    return factory
+
+
+def database_resolver(db: Database) -> ResolveBank:
+    """``resolve_bank`` over the metadata database (``routing.resolve_user_bank``: an unknown user gets an
+    empty bank and is answered by the base model)."""
+    from lorafleet.routing.bank import resolve_user_bank
+
+    return lambda tenant_id, user: resolve_user_bank(db, tenant_id=tenant_id, user_external_id=user)
+
+
+def _default_embed(backbone: Backbone, bank: AdapterBank, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+    from lorafleet.routing.embeddings import pooled_embeddings
+
+    return pooled_embeddings(backbone, bank, ids, mask)
+
+
+__all__ = [
+    "Embed",
+    "GateFactory",
+    "GenerationEngine",
+    "Outcome",
+    "ResolveBank",
+    "cached_gate_factory",
+    "database_resolver",
+]

@@ -1,0 +1,118 @@
+"""What a caller asks the serving engine for and what it gets back (plain objects; importing this needs no torch).
+
+A request names a user of a tenant and carries its own decoding parameters: greedy when ``temperature`` is 0,
+else sampling with ``temperature`` and nucleus ``top_p``, seeded per request so that a seeded request gives the
+same tokens whatever else shares its batch. A result says which adapter versions, with which weights, served it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from lorafleet.errors import ValidationError
+
+if TYPE_CHECKING:
+    import torch
+
+FinishReason = Literal["stop", "length"]
+#: Upper bound on ``max_new_tokens`` of one request (the engine also checks the model's context length).
+MAX_NEW_TOKENS_LIMIT = 4096
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt of one user; ``stop`` strings end generation (the stop string itself is not returned)."""
+
+    tenant_id: int
+    user: str
+    prompt: str
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    #: keep the raw logits of every decoding step on the result (for evaluation and tests)
+    return_logits: bool = False
+    #: the caller's correlation id, copied to the result
+    request_id: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))
+        _check_request(self)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _check_request(r: GenerationRequest) -> None:
+    if not isinstance(r.user, str) or not r.user:
+        raise ValidationError("user must be a non-empty string (the user's external id)")
+    if not isinstance(r.prompt, str) or not r.prompt:
+        raise ValidationError("prompt must be a non-empty string")
+    if isinstance(r.max_new_tokens, bool) or not 1 <= r.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        raise ValidationError(
+            f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {r.max_new_tokens!r}"
+        )
+    if not math.isfinite(r.temperature) or r.temperature < 0:
+        raise ValidationError(f"temperature must be finite and >= 0, got {r.temperature!r}")
+    if not math.isfinite(r.top_p) or not 0.0 < r.top_p <= 1.0:
+        raise ValidationError(f"top_p must be in (0, 1], got {r.top_p!r}")
+    if r.seed is not None and (isinstance(r.seed, bool) or not 0 <= r.seed < 2**63):
+        raise ValidationError(f"seed must be an int in [0, 2**63), got {r.seed!r}")
+    if len(r.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in r.stop):
+        raise ValidationError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings")
+
+
+@dataclass(frozen=True)
+class ServedBy:
+    """One adapter version in a response's mixture, with the gate's weight for it."""
+
+    adapter: str
+    adapter_id: int
+    version: int
+    version_id: int
+    sha256: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The generated text and tokens, why generation ended, and exactly which versions served the request.
+
+    ``token_ids`` are every token generated, including an end-of-sequence token or the token that completed a
+    stop string; ``text`` is their decoding without special tokens, cut before the first stop string.
+    ``served_by`` is empty when the request ran on the base model alone.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    served_by: tuple[ServedBy, ...]
+    prompt_tokens: int
+    #: the user bank's revision the request was resolved against (None when the user has no bank)
+    bank_revision: str | None = None
+    request_id: str | None = None
+    #: raw logits of each step when the request asked for them
+    logits: torch.Tensor | None = field(default=None, repr=False, compare=False)  # [n_generated, vocab]
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The version ids that served the request (empty for the base model)."""
+        return tuple(s.version_id for s in self.served_by)
+
+
+__all__ = [
+    "MAX_NEW_TOKENS_LIMIT",
+    "FinishReason",
+    "GenerationRequest",
+    "GenerationResult",
+    "ServedBy",
+]

@@ -1,0 +1,393 @@
+"""Benchmarks of serving (not CI): generation throughput across users, cold loads from S3, cache hit rate.
+
+Run from the repository root: ``.venv/bin/python tests/benchmarks/bench_serving.py`` (a few minutes on 2 CPU
+cores). Prints the markdown tables of tests/benchmarks/README.md ("Serving").
+
+1. Throughput: a batch of 32 greedy requests (32-token prompts, 32 new tokens) spread over 1, 8 or 32 users,
+   each user with one rank-16 adapter on all linear layers, through the whole engine (bank resolution, pooled
+   embeddings, the routing package's gate, cache leases, decoding). The reference is the same decode loop on
+   the bare backbone (no bank at all); "engine, no adapters" is the engine with users that have none. Medians
+   of ``--runs`` interleaved runs, each after an untimed warm-up; ratios are medians of per-run ratios.
+2. Cold load: a version's first use, from S3 (moto's server on 127.0.0.1) and from a local directory: verified
+   download, unpack, file checks, and the write into a bank slot.
+3. Hit rate: 1,000 users, one version each (distinct real blobs in a local store), requests drawn from a Zipf
+   distribution over users, through a 64-slot cache (real loads on each miss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorafleet.adapters import AdapterBank, SlotConfig, inject_bank, save_slot
+from lorafleet.adapters.bank import peft_key
+from lorafleet.adapters.peft_format import inspect_adapter_dir
+from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone
+from lorafleet.registry import pack_adapter_archive
+from lorafleet.routing.bank import BankMember, UserBank
+from lorafleet.routing.embeddings import pooled_embeddings
+from lorafleet.routing.spec import GateSpec
+from lorafleet.serving import AdapterCache, GenerationEngine, GenerationRequest
+from lorafleet.serving.decode import BatchDecoder, RowSpec, left_pad
+from lorafleet.store.blob import BlobStore, open_blob_store
+
+CONFIGS: dict[str, dict[str, int]] = {
+    "tiny": {},
+    "medium": {
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+    },
+}
+RANK, ALPHA, BATCH, PROMPT_TOKENS, NEW_TOKENS = 16, 32.0, 32, 32, 32
+USER_COUNTS = (1, 8, 32)
+
+
+# --- adapters as real blobs ----------------------------------------------------------------------------------
+def write_versions(
+    bank: AdapterBank, store: BlobStore, n: int, *, rank: int, modules: list[str] | None = None
+) -> list[BankMember]:
+    """``n`` random adapters written as PEFT folders through slot 0, archived and put in ``store``."""
+    members = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(n):
+            generator = torch.Generator().manual_seed(i)
+            tensors = {}
+            for name in modules or list(bank.layers):
+                layer = bank.layers[name]
+                tensors[peft_key(name, "A")] = (
+                    torch.randn(rank, layer.in_features, generator=generator) * 0.02
+                )
+                tensors[peft_key(name, "B")] = (
+                    torch.randn(layer.out_features, rank, generator=generator) * 0.02
+                )
+            bank.load_slot(0, tensors, SlotConfig(rank=rank, alpha=2.0 * rank), replace=True)
+            folder = save_slot(bank, 0, Path(tmp) / f"a{i}").directory
+            ref = store.put_file(
+                pack_adapter_archive(files=inspect_adapter_dir(folder), dest=Path(tmp) / f"a{i}.tar")
+            )
+            members.append(_member(i, ref.sha256, ref.size, rank, _unit_vector(i, bank)))
+        bank.evict_slot(0)
+    return members
+
+
+def _unit_vector(seed: int, bank: AdapterBank) -> tuple[float, ...]:
+    """A random routing key (the centroid gate scores prompts against it, as for a trained version)."""
+    hidden = int(bank.model.config.hidden_size)
+    key = torch.nn.functional.normalize(
+        torch.randn(hidden, generator=torch.Generator().manual_seed(seed)), dim=0
+    )
+    return tuple(key.tolist())
+
+
+def _member(i: int, sha256: str, size: int, rank: int, key: tuple[float, ...]) -> BankMember:
+    return BankMember(
+        adapter_id=i + 1,
+        adapter_name=f"user-{i}",
+        kind="personal",
+        version_id=i + 1,
+        version_number=1,
+        sha256=sha256,
+        size_bytes=size,
+        rank=rank,
+        routing_key=key,
+    )
+
+
+def _bank(user: str, members: list[BankMember]) -> UserBank:
+    return UserBank(1, None, user, tuple(members), GateSpec(), f"rev-{user}")
+
+
+# --- 1. throughput -------------------------------------------------------------------------------------------
+def bench_throughput(path: Path, runs: int, store: BlobStore, *, rank: int, targets: str) -> dict[str, Any]:
+    """``targets``: "all-linear" or leaf names joined by "+" (e.g. "q_proj+v_proj")."""
+    bare = load_backbone(path, quantization="fp32", device="cpu")
+    backbone = load_backbone(path, quantization="fp32", device="cpu")
+    author = inject_bank(load_backbone(path, quantization="fp32", device="cpu"), n_slots=1, max_rank=RANK)
+    modules = (
+        None
+        if targets == "all-linear"
+        else [m for m in author.layers if m.rsplit(".", 1)[-1] in targets.split("+")]
+    )
+    members = write_versions(author, store, max(USER_COUNTS), rank=rank, modules=modules)
+    bank = inject_bank(backbone, target_modules="all-linear", n_slots=2 * max(USER_COUNTS), max_rank=RANK)
+    banks = {f"user-{i}": _bank(f"user-{i}", [m]) for i, m in enumerate(members)}
+    banks.update({f"base-{i}": _bank(f"base-{i}", []) for i in range(BATCH)})
+    cache = AdapterCache.from_blob_store(bank, store)
+    engine = GenerationEngine(backbone, bank, cache, resolve_bank=lambda t, u: banks[u])
+    prompts = _prompts(bare)
+    decoder = BatchDecoder(bare.model, None, bare.tokenizer, device=bare.device)
+    rows = [
+        RowSpec(prompt_ids=tuple(bare.tokenizer(p)["input_ids"]), routes=(), max_new_tokens=NEW_TOKENS)
+        for p in prompts
+    ]
+    tokens: dict[str, int] = {}
+
+    def run_engine(name: str, users: list[str]) -> Callable[[], None]:
+        requests = [
+            GenerationRequest(tenant_id=1, user=u, prompt=p, max_new_tokens=NEW_TOKENS)
+            for u, p in zip(users, prompts, strict=True)
+        ]
+
+        def run() -> None:
+            tokens[name] = sum(r.completion_tokens for r in engine.generate(requests))
+
+        return run
+
+    def run_bare() -> None:
+        tokens["bare"] = sum(len(o.token_ids) for o in decoder.run(rows))
+
+    conditions: dict[str, Callable[[], None]] = {
+        "bare": run_bare,
+        "engine, no adapters": run_engine("engine, no adapters", [f"base-{i}" for i in range(BATCH)]),
+    }
+    for n in USER_COUNTS:
+        users = [f"user-{row * n // BATCH}" for row in range(BATCH)]
+        conditions[f"engine, {n} users"] = run_engine(f"engine, {n} users", users)
+    ids, mask = left_pad([r.prompt_ids for r in rows], pad_id=0, device=backbone.device)
+    conditions["gate embeddings alone"] = lambda: _embed(backbone, bank, ids, mask)
+    seconds = timed(conditions, runs)
+    return {
+        name: {
+            "seconds": median(s),
+            "tok_s": tokens[name] / median(s) if name in tokens else None,
+            "vs_bare": ratio(seconds["bare"], s),
+        }
+        for name, s in seconds.items()
+    }
+
+
+def _embed(backbone: Backbone, bank: AdapterBank, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    with torch.inference_mode():
+        pooled_embeddings(backbone, bank, ids, mask)
+
+
+def _prompts(backbone: Backbone) -> list[str]:
+    """``BATCH`` distinct printable prompts of ``PROMPT_TOKENS`` bytes (byte-level tokenizer: one token each)."""
+    rng = np.random.default_rng(0)
+    return ["".join(chr(int(c)) for c in rng.integers(97, 123, PROMPT_TOKENS)) for _ in range(BATCH)]
+
+
+# --- 2. cold loads -------------------------------------------------------------------------------------------
+def bench_cold_load(path: Path, n: int, stores: dict[str, BlobStore]) -> list[dict[str, Any]]:
+    backbone = load_backbone(path, quantization="fp32", device="cpu")
+    bank = inject_bank(backbone, target_modules="all-linear", n_slots=n + 1, max_rank=RANK)
+    rows = []
+    for store_name, store in stores.items():
+        members = write_versions(bank, store, n, rank=RANK)
+        cache = AdapterCache.from_blob_store(bank, store, slots=range(1, n + 1))
+        for m in members:
+            cache.acquire([m]).release()
+        loads = [1e3 * s for s in cache.stats().load_seconds]
+        rows.append(
+            {
+                "store": store_name,
+                "size_kib": members[0].size_bytes / 1024,
+                "median_ms": statistics.median(loads),
+                "p95_ms": float(np.percentile(loads, 95)),
+                "n": len(loads),
+            }
+        )
+        for slot in range(1, n + 1):
+            if bank.slot_info(slot) is not None:
+                bank.evict_slot(slot)
+    return rows
+
+
+# --- 3. hit rate ---------------------------------------------------------------------------------------------
+def bench_hit_rate(
+    path: Path, store: BlobStore, *, users: int, slots: int, requests: int, exponents: tuple[float, ...]
+) -> list[dict[str, Any]]:
+    backbone = load_backbone(path, quantization="fp32", device="cpu")
+    bank = inject_bank(backbone, target_modules="all-linear", n_slots=slots + 1, max_rank=4)
+    module = sorted(bank.layers)[0]  # small real adapters: rank 1 on one layer, so loads stay cheap
+    members = write_versions(bank, store, users, rank=1, modules=[module])
+    rows = []
+    for s in exponents:
+        weights = 1.0 / np.arange(1, users + 1) ** s
+        draws = np.random.default_rng(1).choice(users, size=requests, p=weights / weights.sum())
+        cache = AdapterCache.from_blob_store(bank, store, slots=range(1, slots + 1))
+        warm = requests // 10
+        for i, user in enumerate(draws):
+            if i == warm:
+                before = cache.stats()
+            cache.acquire([members[int(user)]]).release()
+        after = cache.stats()
+        steady = _hits(after) - _hits(before)
+        total = requests - warm
+        ideal = float(np.sort(weights)[::-1][:slots].sum() / weights.sum())
+        rows.append(
+            {
+                "zipf_s": s,
+                "hit_rate": steady / total,
+                "ideal": ideal,
+                "loads": after.loads,
+                "evictions": after.evictions,
+                "load_ms": 1e3 * statistics.median(after.load_seconds),
+            }
+        )
+        for slot in range(1, slots + 1):
+            if bank.slot_info(slot) is not None:
+                bank.evict_slot(slot)
+    return rows
+
+
+def _hits(stats: Any) -> int:
+    return int(stats.hits + stats.coalesced)
+
+
+# --- timing helpers (as bench_bank.py) -----------------------------------------------------------------------
+def timed(conditions: dict[str, Callable[[], None]], runs: int) -> dict[str, list[float]]:
+    """Wall seconds per run and condition, interleaved; each timed call follows an untimed one."""
+    samples: dict[str, list[float]] = {name: [] for name in conditions}
+    for _ in range(runs):
+        for name, fn in conditions.items():
+            fn()
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median of per-run ratios (``numerator / denominator`` of seconds: > 1 means the denominator is faster)."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+# --- stores --------------------------------------------------------------------------------------------------
+class MotoS3:
+    """moto's S3 server on 127.0.0.1 (a random port) with one bucket."""
+
+    def __enter__(self) -> MotoS3:
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per request
+        for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
+            os.environ.setdefault(key, value)
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        self.bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1").create_bucket(
+            Bucket=self.bucket
+        )
+        return self
+
+    def store(self) -> BlobStore:
+        return open_blob_store(f"s3://{self.bucket}/adapters", endpoint_url=self.endpoint, region="us-east-1")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+
+
+# --- report --------------------------------------------------------------------------------------------------
+def report_throughput(name: str, adapters: str, result: dict[str, Any]) -> str:
+    lines = [
+        f"**{name}**, adapters rank {adapters}: batch {BATCH}, {PROMPT_TOKENS}-token prompts, {NEW_TOKENS} new "
+        "tokens, greedy, fp32.",
+        "",
+        "| condition | seconds per batch | tokens/s | throughput vs bare model |",
+        "| --- | --- | --- | --- |",
+    ]
+    for cond, r in result.items():
+        tok_s = "-" if r["tok_s"] is None else f"{r['tok_s']:,.0f}"
+        vs = "-" if r["tok_s"] is None else f"{r['vs_bare']:.2f}x"
+        lines.append(f"| {cond} | {r['seconds']:.3f} | {tok_s} | {vs} |")
+    return "\n".join(lines) + "\n"
+
+
+def report_cold(rows: list[dict[str, Any]], name: str) -> str:
+    lines = [
+        f"Cold load of one version ({name} backbone, rank {RANK}, all linear layers):",
+        "",
+        "| store | archive (KiB) | median (ms) | p95 (ms) | loads |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['store']} | {r['size_kib']:,.0f} | {r['median_ms']:.1f} | {r['p95_ms']:.1f} | {r['n']} |"
+        for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def report_hits(rows: list[dict[str, Any]], users: int, slots: int, requests: int) -> str:
+    lines = [
+        f"Hit rate, {users} users (one version each), {slots}-slot cache, {requests:,} requests (first 10% warm-up):",
+        "",
+        "| Zipf s | hit rate | best static top-{slots} | loads | evictions | median load (ms) |".replace(
+            "{slots}", str(slots)
+        ),
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['zipf_s']} | {100 * r['hit_rate']:.1f}% | {100 * r['ideal']:.1f}% | {r['loads']:,} | {r['evictions']:,} | {r['load_ms']:.2f} |"
+        for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--configs", default="tiny,medium")
+    parser.add_argument("--parts", default="throughput,cold,hits")
+    parser.add_argument("--data-dir", type=Path, default=Path(".lorafleet"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument(
+        "--adapters",
+        default="all-linear:16,q_proj+v_proj:8",
+        help="adapter shapes for throughput: targets:rank,...",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    parts = set(args.parts.split(","))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.runs} runs\n")
+    with MotoS3() as s3, tempfile.TemporaryDirectory() as tmp:
+        local = open_blob_store((Path(tmp) / "blobs").as_uri())
+        for name in args.configs.split(","):
+            path = build_tiny_backbone(args.data_dir, **CONFIGS[name])
+            if "throughput" in parts:
+                for spec in args.adapters.split(","):
+                    targets, rank = spec.split(":")
+                    result = bench_throughput(path, args.runs, local, rank=int(rank), targets=targets)
+                    print(report_throughput(name, f"{rank} on {targets}", result))
+                    gc.collect()
+                gc.collect()
+            if "cold" in parts:
+                print(
+                    report_cold(
+                        bench_cold_load(path, 20, {"S3 (moto, HTTP)": s3.store(), "local directory": local}),
+                        name,
+                    )
+                )
+        if "hits" in parts:
+            path = build_tiny_backbone(args.data_dir)
+            rows = bench_hit_rate(
+                path, local, users=1000, slots=64, requests=args.requests, exponents=(0.8, 1.1, 1.3)
+            )
+            print(report_hits(rows, 1000, 64, args.requests))
+
+
+if __name__ == "__main__":
+    main()

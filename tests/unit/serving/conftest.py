@@ -1,0 +1,64 @@
+"""Fixtures for the serving tests: the real tiny backbone in fp32, a bank on it, real adapter folders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from serving_helpers import write_adapter
+
+from lorafleet.adapters import AdapterBank, inject_bank
+from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone
+
+N_SLOTS, MAX_RANK = 8, 8
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: the tiny model's ops are microseconds, and on shared, loaded cores each op's thread
+    hand-off costs milliseconds (a decode step is hundreds of small ops)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in tiny backbone's folder, built into this session's temp dir."""
+    return build_tiny_backbone(tmp_path_factory.mktemp("lorafleet-data"))
+
+
+@pytest.fixture(scope="session")
+def author_bank(tiny_dir: Path) -> AdapterBank:
+    """A one-slot bank used only to write adapter folders (same backbone, same fingerprint)."""
+    backbone = load_backbone(tiny_dir, quantization="fp32", device="cpu")
+    return inject_bank(backbone, target_modules="all-linear", n_slots=1, max_rank=MAX_RANK)
+
+
+@pytest.fixture(scope="session")
+def adapter_folders(
+    author_bank: AdapterBank, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[int], Path]:
+    """``adapter_folders(seed)``: a real adapter folder for the tiny backbone (written once per seed)."""
+    root = tmp_path_factory.mktemp("adapters")
+    made: dict[int, Path] = {}
+
+    def get(seed: int) -> Path:
+        if seed not in made:
+            made[seed] = write_adapter(author_bank, root / f"seed-{seed}", seed=seed)
+        return made[seed]
+
+    return get
+
+
+@pytest.fixture
+def backbone(tiny_dir: Path) -> Backbone:
+    return load_backbone(tiny_dir, quantization="fp32", device="cpu")
+
+
+@pytest.fixture
+def bank(backbone: Backbone) -> AdapterBank:
+    return inject_bank(backbone, target_modules="all-linear", n_slots=N_SLOTS, max_rank=MAX_RANK)

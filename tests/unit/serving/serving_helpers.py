@@ -1,0 +1,148 @@
+"""Helpers for the serving tests: real adapter folders for the tiny backbone, bank members and user banks,
+trivial gates, a folder fetcher that counts its calls, and a resolver over a real ``Registry``."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorafleet.adapters import AdapterBank, SlotConfig, save_slot
+from lorafleet.adapters.bank import peft_key
+from lorafleet.adapters.peft_format import inspect_adapter_dir
+from lorafleet.registry import Registry, pack_adapter_archive
+from lorafleet.routing.bank import BankMember, UserBank
+from lorafleet.routing.spec import GateDecision, GateSpec
+from lorafleet.store.blob.base import sha256_file
+
+__all__ = ["BankMember", "GateDecision", "GateSpec", "UserBank"]
+
+
+def write_adapter(author: AdapterBank, path: Path, *, seed: int, rank: int = 4, scale: float = 0.3) -> Path:
+    """A PEFT folder with random (non-zero) A and B on every bank layer, saved through a scratch slot."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in author.layers.items():
+        tensors[peft_key(name, "A")] = torch.randn(rank, layer.in_features, generator=generator) * scale
+        tensors[peft_key(name, "B")] = torch.randn(layer.out_features, rank, generator=generator) * scale
+    author.load_slot(0, tensors, SlotConfig(rank=rank, alpha=2.0 * rank), replace=True)
+    save_slot(author, 0, path)
+    author.evict_slot(0)
+    return path
+
+
+def archive_sha256(folder: Path) -> tuple[str, int]:
+    """The digest and size of the registry's archive of a folder (what a version's sha256 is)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = pack_adapter_archive(files=inspect_adapter_dir(folder), dest=Path(tmp) / "a.tar")
+        return sha256_file(archive)
+
+
+def member(
+    folder: Path, *, adapter_id: int, name: str = "", version: int = 1, version_id: int | None = None
+) -> BankMember:
+    """A bank member for an adapter folder (sha256 and size of its archive)."""
+    sha256, size = archive_sha256(folder)
+    return BankMember(
+        adapter_id=adapter_id,
+        adapter_name=name or f"adapter-{adapter_id}",
+        kind="personal",
+        version_id=version_id if version_id is not None else 100 * adapter_id + version,
+        version_number=version,
+        sha256=sha256,
+        size_bytes=size,
+        rank=4,
+        routing_key=None,
+    )
+
+
+def user_bank(user: str, members: Sequence[BankMember], *, tenant_id: int = 1, user_id: int = 1) -> UserBank:
+    revision = "-".join(str(m.version_id) for m in members) or "empty"
+    return UserBank(
+        tenant_id=tenant_id,
+        user_id=user_id,
+        external_id=user,
+        members=tuple(members),
+        gate=GateSpec(),
+        revision=revision,
+    )
+
+
+@dataclass
+class FixedGate:
+    """Every row gets the same routes (index into members, weight); default: all to member 0."""
+
+    routes: tuple[tuple[int, float], ...] = ((0, 1.0),)
+
+    def decide(self, bank: UserBank, embeddings: torch.Tensor) -> list[GateDecision]:
+        return [GateDecision(routes=self.routes) for _ in range(embeddings.shape[0])]
+
+
+def gates_by_user(gates: Mapping[str, FixedGate]) -> Callable[[UserBank], FixedGate]:
+    """A gate factory picking each user's gate by external id (member 0 at weight 1 when not listed)."""
+    return lambda bank: gates.get(bank.external_id, FixedGate())
+
+
+def zero_embed(backbone: object, bank: AdapterBank, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """An embedding stub for gates that ignore embeddings: ``[batch, 1]`` zeros."""
+    return torch.zeros(ids.shape[0], 1)
+
+
+@dataclass
+class FolderFetcher:
+    """Serves folders by sha256 (copied into the cache's workdir), counting fetches; a fetch of a key in
+    ``hold`` waits until its event is set."""
+
+    folders: dict[str, Path] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+    hold: dict[str, threading.Event] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, folder: Path) -> str:
+        sha256, _ = archive_sha256(folder)
+        self.folders[sha256] = folder
+        return sha256
+
+    def __call__(self, version: BankMember, workdir: Path) -> Path:
+        with self.lock:
+            self.calls.append(version.sha256)
+        event = self.hold.get(version.sha256)
+        if event is not None:
+            assert event.wait(timeout=10)
+        return Path(shutil.copytree(self.folders[version.sha256], workdir / "adapter"))
+
+
+@dataclass
+class RegistryBanks:
+    """Resolves a user's bank from the live versions of their adapters in a real registry."""
+
+    registry: Registry
+    tenant_id: int
+    adapters: dict[str, list[int]]  # user external id -> adapter ids
+    calls: int = 0
+
+    def __call__(self, tenant_id: int, user: str) -> UserBank:
+        self.calls += 1
+        members = []
+        for adapter_id in self.adapters.get(user, []):
+            live = self.registry.live_version(tenant_id=tenant_id, adapter_id=adapter_id)
+            if live is not None:
+                members.append(
+                    BankMember(
+                        adapter_id=adapter_id,
+                        adapter_name=f"adapter-{adapter_id}",
+                        kind="personal",
+                        version_id=live.id,
+                        version_number=live.number,
+                        sha256=live.sha256,
+                        size_bytes=live.size_bytes,
+                        rank=live.rank,
+                        routing_key=None,
+                    )
+                )
+        return user_bank(user, members, tenant_id=tenant_id)
