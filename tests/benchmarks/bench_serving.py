@@ -1,7 +1,7 @@
 """Benchmarks of serving (not CI): generation throughput across users, cold loads from S3, cache hit rate.
 
-Run from the repository root: ``.venv/bin/python tests/benchmarks/bench_serving.py`` (a few minutes on 2 CPU
-cores). Prints the markdown tables of tests/benchmarks/README.md ("Serving").
+Run from the repository root: ``.venv/bin/python tests/benchmarks/bench_serving.py --threads 1`` (about 10
+minutes on 2 CPU cores). Prints the markdown tables of tests/benchmarks/README.md ("Serving").
 
 1. Throughput: a batch of 32 greedy requests (32-token prompts, 32 new tokens) spread over 1, 8 or 32 users,
    each user with one rank-16 adapter on all linear layers, through the whole engine (bank resolution, pooled

@@ -2,9 +2,11 @@
 
 Per batch: resolve each request's user bank once (a snapshot: every step of a request decodes with the versions
 resolved here, so a concurrent rollback serves a request wholly by the old or wholly by the new version, and a
-batch that starts after the rollback returned sees the new alias); pool base-model embeddings of the prompts for
-the gates; turn each gate decision into the row's ``(slot, weight)`` routes through the cache (slots pinned for
-the batch); decode all rows together; report which versions served each request.
+batch that starts after the rollback returned sees the new alias; banks are not cached across batches); pool
+base-model embeddings of the prompts in one forward for the gates that need them; turn each gate decision into
+the row's ``(slot, weight)`` routes through the cache (slots pinned for the batch); decode all rows together
+(a user without adapters, or a gate deciding "base only", gives an empty route: the base model); report which
+versions, with which weights, served each request.
 
 Failures are per request: an unknown user, a prompt too long for the model, a gate error or an adapter version
 that cannot be loaded (a corrupted blob: ``BlobIntegrityError``) fail only the requests they concern; the rest

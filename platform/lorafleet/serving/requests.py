@@ -49,6 +49,8 @@ class GenerationRequest:
 
 
 def _check_request(r: GenerationRequest) -> None:
+    if isinstance(r.tenant_id, bool) or not isinstance(r.tenant_id, int):
+        raise ValidationError(f"tenant_id must be an int, got {r.tenant_id!r}")
     if not isinstance(r.user, str) or not r.user:
         raise ValidationError("user must be a non-empty string (the user's external id)")
     if not isinstance(r.prompt, str) or not r.prompt:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from serving_helpers import FixedGate, FolderFetcher, gates_by_user, member, user_bank, zero_embed
 
-from lorafleet.adapters import AdapterBank
+from lorafleet.adapters import AdapterBank, inject_bank
 from lorafleet.backbone import Backbone, load_backbone
 from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.routing.bank import UserBank
@@ -29,6 +29,7 @@ PROMPTS = {
 class Setup:
     engine: GenerationEngine
     banks: dict[str, UserBank]
+    fetch: FolderFetcher
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def setup(bank: AdapterBank, backbone: Backbone, adapter_folders: Callable[[int]
     engine = GenerationEngine(
         backbone, bank, cache, resolve_bank=resolve, gate_factory=gates_by_user(gates), embed=zero_embed
     )
-    return Setup(engine, banks)
+    return Setup(engine, banks, fetch)
 
 
 def request(user: str, **kwargs: object) -> GenerationRequest:
@@ -289,3 +290,25 @@ def test_engine_metrics_in_prometheus_text(setup: Setup) -> None:
     )
     assert 'lorafleet_serving_batch_size_bucket{le="2"} 1\n' in text
     assert "lorafleet_adapter_cache_misses_total 1\n" in text
+
+
+def test_serving_on_a_4bit_backbone(setup: Setup, tiny_dir: Path) -> None:
+    """The production layout (nf4 base, fp32 adapters): a mixed batch still equals each request alone."""
+    nf4 = load_backbone(tiny_dir, quantization="nf4", device="cpu")
+    bank = inject_bank(nf4, target_modules="all-linear", n_slots=4, max_rank=8)
+    cache = AdapterCache(bank, fetch=setup.fetch)
+    engine = GenerationEngine(
+        nf4,
+        bank,
+        cache,
+        resolve_bank=lambda t, u: setup.banks[u],
+        gate_factory=gates_by_user({}),
+        embed=zero_embed,
+    )
+    batch = [request("alice"), request("carol"), request("dave")]
+    together = engine.generate(batch)
+    for req, result in zip(batch, together, strict=True):
+        (alone,) = engine.generate([req])
+        assert result.token_ids == alone.token_ids
+        assert result.logits is not None and alone.logits is not None
+        assert (result.logits[0] - alone.logits[0]).abs().max().item() <= 1e-4
