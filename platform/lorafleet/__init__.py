@@ -1,10 +1,23 @@
 """lorafleet: per-user LoRA adapters on a shared frozen (4-bit) backbone.
 
 Importing ``lorafleet`` is cheap: heavy parts (torch, transformers, ray) are imported by the submodules
-that need them, never here.
+that need them, never here. ``lorafleet.Client`` and ``lorafleet.AsyncClient`` (the SDK) load on first use.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+__all__ = ["AsyncClient", "Client", "__version__"]
+
+_SDK_EXPORTS = frozenset({"Client", "AsyncClient"})
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy exports: ``lorafleet.Client`` imports the SDK (httpx, pydantic) only when asked for."""
+    if name in _SDK_EXPORTS:
+        from lorafleet import sdk
+
+        return getattr(sdk, name)
+    raise AttributeError(f"module 'lorafleet' has no attribute {name!r}")

@@ -1,0 +1,450 @@
+"""Request and response bodies of the HTTP API, shared by the service (``services/api``) and the SDK.
+
+Plain pydantic models: importing this module imports neither torch nor SQLAlchemy. Feedback records are the
+library's own schemas (``lorafleet.feedback``), so the service, the SDK and ingestion agree on one definition.
+Times are timezone-aware UTC. The OpenAI-compatible bodies carry only the fields lorafleet serves, plus a
+``lorafleet`` extension on responses (which adapter versions served the request, with the gate's weights).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+
+from lorafleet.feedback import FeedbackIn, PreferenceFeedback, RatingFeedback, SftFeedback
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FINISHED_JOB_STATES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
+#: the limits of ``lorafleet.serving.requests`` (repeated here so the schemas need no serving import)
+MAX_NEW_TOKENS = 4096
+MAX_STOP_STRINGS = 16
+
+__all__ = [
+    "FINISHED_JOB_STATES",
+    "AdapterOut",
+    "AliasEventOut",
+    "AssistantMessage",
+    "ApiKeyCreated",
+    "ChatChoice",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatMessage",
+    "CompletionChoice",
+    "CompletionRequest",
+    "CompletionResponse",
+    "DatasetSnapshotOut",
+    "EnrolRequest",
+    "EnrolmentOut",
+    "ErrorBody",
+    "ErrorDetail",
+    "FeedbackBatch",
+    "FeedbackIn",
+    "FeedbackRecordOut",
+    "FeedbackSubmitted",
+    "GenerateRequest",
+    "GenerateResponse",
+    "HealthOut",
+    "JobOut",
+    "JobState",
+    "JobSummaryOut",
+    "LineageEdgeOut",
+    "LineageNodeOut",
+    "LineageOut",
+    "PreferenceFeedback",
+    "PromoteRequest",
+    "QAReportOut",
+    "RatingFeedback",
+    "ReadyOut",
+    "RollbackRequest",
+    "ServedByOut",
+    "ServingInfo",
+    "SftFeedback",
+    "TenantCreate",
+    "TenantCreated",
+    "TenantOut",
+    "TrainSubmitted",
+    "Usage",
+    "VersionDetail",
+    "VersionOut",
+]
+
+
+class _Out(BaseModel):
+    """A response body: unknown fields from a newer server are kept, never an error in an older SDK."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class _In(BaseModel):
+    """A request body: unknown fields are refused (a typo must not silently drop an argument)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- errors ---------------------------------------------------------------------------------------------------
+class ErrorDetail(_Out):
+    code: str = Field(description="Stable machine-readable name (``lorafleet.errors`` codes).")
+    message: str
+    field: str | None = Field(default=None, description="Where the input was wrong, e.g. records[2].prompt.")
+
+
+class ErrorBody(_Out):
+    """Every error response: ``{"error": {"code", "message", "field"?}}``."""
+
+    error: ErrorDetail
+
+
+# --- tenants (admin) -----------------------------------------------------------------------------------------
+class TenantCreate(_In):
+    name: str = Field(min_length=1, max_length=128)
+
+
+class TenantOut(_Out):
+    id: int
+    name: str
+    created_at: datetime
+
+
+class TenantCreated(TenantOut):
+    api_key: str = Field(description="The tenant's first API key; shown only in this response.")
+
+
+class ApiKeyCreated(_Out):
+    tenant: str
+    api_key: str = Field(description="Shown only in this response; the service keeps its sha256.")
+
+
+# --- feedback -------------------------------------------------------------------------------------------------
+class FeedbackBatch(_In):
+    """A batch of records for one user (stored all or nothing; repeats are deduplicated by content)."""
+
+    records: list[FeedbackIn] = Field(min_length=1)
+
+
+class FeedbackSubmitted(_Out):
+    """Record ids in input order (a duplicate gets the id of the record it repeats) and the counts."""
+
+    ids: list[int]
+    created: int
+    duplicates: int
+
+
+class FeedbackRecordOut(_Out):
+    id: int
+    kind: Literal["sft", "preference", "rating"]
+    payload: dict[str, Any]
+    content_hash: str
+    created_at: datetime
+
+
+# --- adapters, versions, lineage -----------------------------------------------------------------------------
+class AdapterOut(_Out):
+    id: int
+    name: str
+    target_config: dict[str, Any]
+    live_version: int | None = Field(description="The number of the live version; None: no adapter live.")
+    created_at: datetime
+
+
+class VersionOut(_Out):
+    id: int
+    adapter_id: int
+    adapter: str | None = Field(default=None, description="The adapter's name.")
+    number: int
+    status: Literal["candidate", "live", "rejected", "archived"]
+    sha256: str
+    size_bytes: int
+    base_fingerprint: str
+    rank: int
+    target_modules: list[str]
+    training_config: dict[str, Any]
+    metrics: dict[str, Any]
+    job_id: int | None = None
+    dataset_snapshot_id: int | None = None
+    created_at: datetime
+
+
+class QAReportOut(_Out):
+    id: int
+    kind: str
+    decision: Literal["promote", "reject", "keep", "rollback"]
+    reasons: list[str]
+    summary: dict[str, Any]
+    policy_version: str
+    blob_sha256: str
+    job_id: int | None = None
+    created_at: datetime
+
+
+class VersionDetail(VersionOut):
+    """A version with its QA: the latest decision and report, every report, and (when asked) the document."""
+
+    qa_decision: str | None = None
+    qa_report: QAReportOut | None = None
+    qa_reports: list[QAReportOut] = Field(default_factory=list)
+    qa_document: dict[str, Any] | None = None
+
+
+class DatasetSnapshotOut(_Out):
+    id: int
+    record_count: int
+    content_hash: str
+    min_record_id: int | None = None
+    max_record_id: int | None = None
+    created_at: datetime | None = None
+
+
+class JobSummaryOut(_Out):
+    id: int
+    kind: str
+    state: JobState
+    created_at: datetime
+    finished_at: datetime | None = None
+
+
+class LineageNodeOut(_Out):
+    version: VersionOut
+    distance: int
+    dataset_snapshot: DatasetSnapshotOut | None = None
+    job: JobSummaryOut | None = None
+    qa_decisions: list[str] = Field(default_factory=list)
+
+
+class LineageEdgeOut(_Out):
+    child_version_id: int
+    parent_version_id: int
+    relation: str
+
+
+class LineageOut(_Out):
+    root: LineageNodeOut
+    ancestors: list[LineageNodeOut]
+    descendants: list[LineageNodeOut]
+    edges: list[LineageEdgeOut]
+
+
+class PromoteRequest(_In):
+    version: int = Field(ge=1, description="The version number to make live.")
+    reason: str = Field(default="", max_length=2000)
+
+
+class RollbackRequest(_In):
+    to_version: int | None = Field(
+        default=None, ge=1, description="An earlier version number, or null for no adapter at all."
+    )
+    reason: str = Field(default="", max_length=2000)
+
+
+class AliasEventOut(_Out):
+    """One move of the ``live`` alias: who, when, from, to (version numbers and ids), why."""
+
+    id: int
+    adapter: str
+    from_version: int | None
+    to_version: int | None
+    from_version_id: int | None
+    to_version_id: int | None
+    actor: str
+    reason: str
+    created_at: datetime
+
+
+# --- jobs -----------------------------------------------------------------------------------------------------
+class JobOut(_Out):
+    id: int
+    kind: str
+    state: JobState
+    users: list[str] = Field(description="External ids of the users the job trains.")
+    attempts: int
+    max_attempts: int
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_JOB_STATES
+
+
+class TrainSubmitted(_Out):
+    """The user's job, and whether this call queued it (False: the user was in an active job already)."""
+
+    job: JobOut
+    created: bool
+
+
+# --- enrolments -----------------------------------------------------------------------------------------------
+class EnrolRequest(_In):
+    task: str = Field(min_length=1, max_length=128, description="The name of a tenant task adapter.")
+
+
+class EnrolmentOut(_Out):
+    task: str
+    adapter_id: int
+    actor: str
+    enrolled_at: datetime
+
+
+# --- generation -----------------------------------------------------------------------------------------------
+class _Sampling(BaseModel):
+    """Decoding parameters shared by every generation body: temperature 0 is greedy."""
+
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+
+
+class GenerateRequest(_Sampling, _In):
+    prompt: str = Field(min_length=1)
+    max_tokens: int = Field(default=32, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+
+
+class ServedByOut(_Out):
+    adapter: str
+    adapter_id: int
+    version: int
+    version_id: int
+    sha256: str
+    weight: float
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ServingInfo(_Out):
+    """Which adapter versions served a request: the exact list, and by adapter name."""
+
+    served_by: list[ServedByOut]
+    versions: dict[str, int] = Field(description="Adapter name -> version number.")
+    gate_weights: dict[str, float] = Field(description="Adapter name -> the gate's weight.")
+    bank_revision: str | None = None
+
+
+class GenerateResponse(ServingInfo):
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+
+
+# --- OpenAI-compatible ------------------------------------------------------------------------------------------
+class _OpenAIRequest(_Sampling):
+    """Fields of OpenAI's bodies that lorafleet serves; others are ignored, unsupported values refused."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = "lorafleet"
+    user: str = Field(min_length=1, max_length=256, description="The user whose adapter bank serves this.")
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
+    stream: Literal[False] = Field(default=False, description="Streaming is not supported.")
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        return value
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[str] = Field(description="One prompt, or several (one choice each).")
+    max_tokens: int = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
+    echo: Literal[False] = False
+    logprobs: None = None
+    best_of: int | None = Field(default=None, ge=1, le=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts_not_empty(cls, value: str | list[str]) -> str | list[str]:
+        prompts = [value] if isinstance(value, str) else value
+        if not prompts or not all(isinstance(p, str) and p for p in prompts):
+            raise ValueError("must be a non-empty string or a non-empty list of non-empty strings")
+        if len(prompts) > 64:
+            raise ValueError("at most 64 prompts per request")
+        return value
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    logprobs: Literal[False] | None = None
+
+
+class CompletionChoice(_Out):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: JsonValue = None
+
+
+class CompletionResponse(_Out):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    lorafleet: list[ServingInfo] = Field(description="Per choice: the versions that served it.")
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Out):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: JsonValue = None
+
+
+class ChatCompletionResponse(_Out):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    lorafleet: ServingInfo
+
+
+# --- health ---------------------------------------------------------------------------------------------------
+class HealthOut(_Out):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyOut(_Out):
+    """``ready``: the database answers (and the engine is loaded when the service preloads it)."""
+
+    ready: bool
+    database: Literal["ok", "unavailable"]
+    engine: Literal["not_loaded", "loading", "ready", "failed"]
+    workers: Literal["off", "starting", "running", "failed", "stopped"] = "off"
+    scheduler: Literal["off", "running", "stopped"] = "off"
+    detail: str | None = None

@@ -1,0 +1,99 @@
+"""The retry policy and the request/answer handling that ``Client`` and ``AsyncClient`` share."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+
+from lorafleet import __version__
+from lorafleet.sdk import calls as c
+from lorafleet.sdk.errors import ApiError, ConnectionFailed, error_for
+
+T = TypeVar("T")
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+RETRY_CODES = frozenset({"idempotency_key_in_flight"})
+API_KEY_ENV = "LORAFLEET_API_KEY"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to wait before re-sending a failed request."""
+
+    max_retries: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 10.0
+
+    def delay(self, *, attempt: int, error: ApiError) -> float:
+        """Full jitter over ``backoff * 2**attempt`` (capped); a ``Retry-After`` wins when it is longer."""
+        ceiling = min(self.backoff * 2**attempt, self.max_backoff)
+        wait = random.uniform(ceiling / 2, ceiling)
+        if error.retry_after is not None:
+            wait = max(wait, min(error.retry_after, self.max_backoff))
+        return wait
+
+
+def headers_for(api_key: str | None) -> dict[str, str]:
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    headers = {"User-Agent": f"lorafleet-sdk/{__version__}", "Accept": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def answer(call: c.Call[T], response: httpx.Response) -> T:
+    """The parsed body of a successful answer; an error answer raises its typed exception."""
+    ok = response.is_success or response.status_code in call.ok_statuses
+    body: Any = None
+    if response.content:
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"error": {"code": "bad_response", "message": response.text[:500]}}
+    if not ok:
+        raise error_for(status=response.status_code, body=body, retry_after=_retry_after(response))
+    return call.parse(body)
+
+
+def may_retry_error(error: ApiError) -> bool:
+    return (error.status in RETRY_STATUSES) or (error.code in RETRY_CODES)
+
+
+def may_retry_transport(call: c.Call[Any], exc: httpx.TransportError) -> bool:
+    """A request that never left (no connection) may always be re-sent; others only if safe to repeat."""
+    return call.retry_after_send or isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+
+
+def connection_failed(call: c.Call[Any], exc: httpx.TransportError) -> ConnectionFailed:
+    return ConnectionFailed(f"{call.method} {call.path}: {type(exc).__name__}: {exc}")
+
+
+def request_args(call: c.Call[Any]) -> dict[str, Any]:
+    args: dict[str, Any] = {"params": call.params, "headers": call.headers}
+    if call.body is not None:
+        args["json"] = call.body
+    return args
+
+
+class ClientBase:
+    """Settings shared by both clients."""
+
+    def __init__(
+        self, *, timeout: float, max_retries: int, backoff: float, max_backoff: float = 10.0
+    ) -> None:
+        self.timeout = timeout
+        self.retry = RetryPolicy(max_retries=max_retries, backoff=backoff, max_backoff=max_backoff)
+
+    def _give_up(self, *, attempt: int, retryable: bool) -> bool:
+        return not retryable or attempt >= self.retry.max_retries

@@ -1,0 +1,98 @@
+"""``build_engine``: a ``GenerationEngine`` from the settings, over the metadata database and the registry.
+
+It loads the configured backbone (``LORAFLEET_BACKBONE``, its quantization and device), wraps every linear
+layer in an adapter bank of ``n_slots`` slots up to rank ``max_rank`` (a trained version of any target modules
+and rank up to that fits), fills the slots from the registry's object store by content hash, resolves each
+user's bank from the database and builds each user's gate, loading learned gates from the registry.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from lorafleet.config import Settings
+
+if TYPE_CHECKING:
+    from lorafleet.registry import Registry
+    from lorafleet.routing.bank import UserBank
+    from lorafleet.routing.gates import Gate
+    from lorafleet.routing.spec import GateSpec
+    from lorafleet.serving.engine import GateFactory, GenerationEngine
+    from lorafleet.store.sql.database import Database
+
+DEFAULT_SLOTS = 16
+DEFAULT_MAX_RANK = 16
+GATE_CACHE_SIZE = 256
+
+
+def build_engine(
+    settings: Settings,
+    db: Database,
+    registry: Registry,
+    *,
+    n_slots: int = DEFAULT_SLOTS,
+    max_rank: int = DEFAULT_MAX_RANK,
+    quantization: str | None = None,
+    capacity_bytes: int | None = None,
+) -> GenerationEngine:
+    """Load the backbone and build the engine (slow: seconds for the tiny backbone, minutes for large ones).
+
+    ``quantization`` overrides ``settings.backbone_quantization`` (e.g. fp32 for fast CPU tests).
+    """
+    from lorafleet.adapters import inject_bank
+    from lorafleet.backbone import load_backbone
+    from lorafleet.serving.cache import AdapterCache
+    from lorafleet.serving.engine import GenerationEngine, database_resolver
+
+    backbone = load_backbone(
+        settings.backbone,
+        quantization=quantization or settings.backbone_quantization,
+        device=settings.device,
+        data_dir=settings.data_dir,
+    )
+    bank = inject_bank(backbone, target_modules="all-linear", n_slots=n_slots, max_rank=max_rank)
+    cache = AdapterCache.from_blob_store(bank, registry.blobs, capacity_bytes=capacity_bytes)
+    return GenerationEngine(
+        backbone,
+        bank,
+        cache,
+        resolve_bank=database_resolver(db),
+        gate_factory=registry_gate_factory(registry, fingerprint=bank.fingerprint),
+    )
+
+
+def registry_gate_factory(
+    registry: Registry, *, fingerprint: str | None = None, max_gates: int = GATE_CACHE_SIZE
+) -> GateFactory:
+    """``build_gate`` per user bank, learned gates downloaded from the registry (sha256-verified) in the
+    bank's tenant; gates are kept by ``(tenant, spec)`` in an LRU, since a spec names immutable things only."""
+    from lorafleet.routing.gates import build_gate
+    from lorafleet.routing.learned import load_learned_gate
+
+    gates: OrderedDict[tuple[int, GateSpec], Gate] = OrderedDict()
+    lock = threading.Lock()
+
+    def factory(bank: UserBank) -> Gate:
+        key = (bank.tenant_id, bank.gate)
+        with lock:
+            if key in gates:
+                gates.move_to_end(key)
+                return gates[key]
+        gate = build_gate(
+            bank.gate,
+            load_learned=lambda version_id: load_learned_gate(
+                registry, tenant_id=bank.tenant_id, version_id=version_id, expected_fingerprint=fingerprint
+            ),
+        )
+        with lock:
+            gates[key] = gate
+            while len(gates) > max_gates:
+                gates.popitem(last=False)
+        return gate
+
+    return factory
+
+
+__all__ = ["DEFAULT_MAX_RANK", "DEFAULT_SLOTS", "build_engine", "registry_gate_factory"]

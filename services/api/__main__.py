@@ -1,0 +1,67 @@
+"""Run the API with uvicorn: ``python -m services.api [--host 127.0.0.1] [--port 8000] [--trainer-actors N]``.
+
+Settings (database, object store, Ray, backbone, admin key) come from the ``LORAFLEET_*`` environment. With
+``--scheduler`` and ``--trainer-actors N`` the process also runs the continual-learning scheduler loop and N Ray
+trainer actors, so one process is the whole service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from services.api.app import create_app
+from services.api.runtime import ApiOptions
+
+from lorafleet.config import load_settings
+from lorafleet.errors import LorafleetError
+
+logger = logging.getLogger("lorafleet.api")
+_DEFAULTS = ApiOptions()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m services.api", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--scheduler", action="store_true", help="run the scheduler loop in this process")
+    parser.add_argument("--scheduler-interval", type=float, default=_DEFAULTS.scheduler_interval)
+    parser.add_argument("--trainer-actors", type=int, default=0, help="Ray trainer actors to run (default 0)")
+    parser.add_argument("--preload-engine", action="store_true", help="load the serving engine at start")
+    parser.add_argument("--migrate", action="store_true", help="upgrade the database schema at start")
+    parser.add_argument("--max-body-bytes", type=int, default=_DEFAULTS.max_body_bytes)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _options(args: argparse.Namespace) -> ApiOptions:
+    return ApiOptions(
+        run_scheduler=args.scheduler,
+        scheduler_interval=args.scheduler_interval,
+        run_workers=args.trainer_actors,
+        preload_engine=args.preload_engine,
+        migrate=args.migrate,
+        max_body_bytes=args.max_body_bytes,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        app = create_app(load_settings(), options=_options(args))
+    except LorafleetError as exc:
+        logger.error("%s", exc)
+        return 2
+    uvicorn.run(app, host=args.host, port=args.port, log_level="debug" if args.verbose else "info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

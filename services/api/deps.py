@@ -1,0 +1,103 @@
+"""Dependencies of the routes, as ``Annotated`` types: the services, the tenant behind a bearer key, the
+admin, a tenant's user and adapter by the names in the path, and the ``Idempotency-Key`` header.
+
+Authentication: ``Authorization: Bearer <key>``. A tenant key (``lf_...``, stored hashed) makes the caller that
+tenant; the admin key (``LORAFLEET_ADMIN_KEY``) is for tenant management only. Library errors are raised (never
+``HTTPException``); the one error handler turns them into 401, 403 and 404.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Header, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from services.api.runtime import ApiServices
+
+from lorafleet.domain import Adapter, Tenant, User
+from lorafleet.errors import AuthError, NotFoundError, PermissionDeniedError
+
+_bearer = HTTPBearer(auto_error=False, description="A tenant's API key, or the admin key for /v1/tenants.")
+
+
+def get_services(request: Request) -> ApiServices:
+    services: ApiServices = request.app.state.services
+    return services
+
+
+Services = Annotated[ApiServices, Depends(get_services)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _presented(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
+    return credentials.credentials
+
+
+def _is_admin(services: ApiServices, key: str) -> bool:
+    admin = services.settings.admin_key
+    return bool(admin) and hmac.compare_digest(key.encode(), admin.encode())
+
+
+def current_tenant(services: Services, credentials: Credentials) -> Tenant:
+    """The tenant whose active API key was presented; the admin key is not a tenant (401 here)."""
+    return services.tenants.authenticate(api_key=_presented(credentials))
+
+
+def require_admin(services: Services, credentials: Credentials) -> None:
+    """The admin key; a valid tenant key is 403 (it may not manage tenants), anything else 401."""
+    key = _presented(credentials)
+    if _is_admin(services, key):
+        return
+    services.tenants.authenticate(api_key=key)  # an invalid key raises AuthError (401)
+    raise PermissionDeniedError("tenant management needs the admin key")
+
+
+CurrentTenant = Annotated[Tenant, Depends(current_tenant)]
+Admin = Annotated[None, Depends(require_admin)]
+UserId = Annotated[
+    str, Path(min_length=1, max_length=256, description="The user's id in the tenant's system.")
+]
+AdapterName = Annotated[str, Path(min_length=1, max_length=128, description="The adapter's name.")]
+VersionNumber = Annotated[int, Path(ge=1, description="The version number (1, 2, ...).")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=255,
+        description="Makes retries safe: the same key and body replay the first response.",
+    ),
+]
+
+
+def tenant_user(services: Services, tenant: CurrentTenant, user_id: UserId) -> User:
+    """The tenant's user named in the path (404 if the tenant has none by that id)."""
+    return services.tenants.get_user(tenant_id=tenant.id, external_id=user_id)
+
+
+CurrentUser = Annotated[User, Depends(tenant_user)]
+
+
+def user_adapter(services: Services, user: CurrentUser, name: AdapterName) -> Adapter:
+    """The user's own adapter named in the path (404 otherwise)."""
+    adapter = services.registry.find_adapter(tenant_id=user.tenant_id, owner_user_id=user.id, name=name)
+    if adapter is None:
+        raise NotFoundError(f"adapter {name!r} not found")
+    return adapter
+
+
+UserAdapter = Annotated[Adapter, Depends(user_adapter)]
+
+__all__ = [
+    "Admin",
+    "AdapterName",
+    "CurrentTenant",
+    "CurrentUser",
+    "IdempotencyKey",
+    "Services",
+    "UserAdapter",
+    "UserId",
+    "VersionNumber",
+]

@@ -1,0 +1,170 @@
+"""The one place where errors become HTTP responses.
+
+Library errors (``lorafleet.errors``) map to statuses by class, most specific first; FastAPI's request
+validation errors become 422s naming the field path (``records[2].prompt``, ``limit``); Starlette's own HTTP
+errors (unknown route, wrong method, body too large) keep their status. Every error body is
+``{"error": {"code", "message", "field"?}}`` (``lorafleet.sdk.schemas.ErrorBody``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lorafleet import errors as lib
+from lorafleet.feedback import FeedbackRecordError
+
+logger = logging.getLogger("lorafleet.api")
+
+
+class ServiceUnavailableError(lib.LorafleetError):
+    """The service cannot answer now (the serving engine failed to load, a generation timed out)."""
+
+    code = "service_unavailable"
+
+
+#: library error class -> HTTP status; the first match in this order wins (subclasses before bases)
+STATUS_BY_ERROR: tuple[tuple[type[lib.LorafleetError], int], ...] = (
+    (lib.PermissionDeniedError, 403),
+    (lib.AuthError, 401),
+    (lib.NotFoundError, 404),
+    (lib.PayloadTooLargeError, 413),
+    (lib.ValidationError, 422),
+    (lib.AlreadyExistsError, 409),
+    (lib.ConflictError, 409),
+    (lib.CapacityError, 503),
+    (ServiceUnavailableError, 503),
+    (lib.BlobStoreError, 502),
+    (lib.LorafleetError, 500),
+)
+#: Starlette's status -> the code in the error body
+CODE_BY_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]-]*): ")
+
+
+def status_for(exc: lib.LorafleetError) -> int:
+    return next(status for cls, status in STATUS_BY_ERROR if isinstance(exc, cls))
+
+
+def error_response(
+    status: int,
+    *,
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    detail: dict[str, Any] = {"code": code, "message": message}
+    if field:
+        detail["field"] = field
+    return JSONResponse({"error": detail}, status_code=status, headers=dict(headers or {}))
+
+
+def field_of(exc: lib.LorafleetError) -> str | None:
+    """Where the input was wrong: a feedback record's index and field, or the ``name: `` prefix of the
+    message (the library's convention, e.g. ``"records: the batch is empty"``)."""
+    if isinstance(exc, FeedbackRecordError):
+        return f"records[{exc.index}]" + (f".{exc.field}" if exc.field else "")
+    if isinstance(exc, lib.ValidationError | lib.PayloadTooLargeError):
+        match = _FIELD_PREFIX.match(str(exc))
+        return match.group(1) if match else None
+    return None
+
+
+def _headers_for(status: int) -> dict[str, str]:
+    if status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    if status == 503:
+        return {"Retry-After": "1"}
+    return {}
+
+
+async def _library_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, lib.LorafleetError)
+    status = status_for(exc)
+    if status >= 500:
+        logger.error("%s: %s", type(exc).__name__, exc, exc_info=status == 500)
+    message = str(exc) if status < 500 or status in (502, 503) else f"internal error ({exc.code})"
+    return error_response(
+        status, code=exc.code, message=message, field=field_of(exc), headers=_headers_for(status)
+    )
+
+
+def _walk(body: Any, loc: Sequence[Any]) -> list[str | int]:
+    """The location without discriminator tags: pydantic puts a union member's tag (``"sft"``) into the path,
+    where the body has no such key, only a field holding that value."""
+    path: list[str | int] = []
+    here = body
+    for part in loc:
+        if isinstance(here, Mapping) and isinstance(part, str) and part not in here and part in here.values():
+            continue  # the tag of a discriminated union
+        path.append(part)
+        if isinstance(here, Mapping):
+            here = here.get(part)
+        elif isinstance(here, list) and isinstance(part, int) and 0 <= part < len(here):
+            here = here[part]
+        else:
+            here = None
+    return path
+
+
+def field_path(error: Mapping[str, Any], body: Any) -> str:
+    """``("body", "records", 0, "sft", "prompt")`` -> ``records[0].prompt``; query, path and header
+    parameters by their name."""
+    loc = list(error.get("loc", ()))
+    source = loc.pop(0) if loc and loc[0] in ("body", "query", "path", "header", "cookie") else "body"
+    parts = _walk(body, loc) if source == "body" else loc
+    if str(error.get("type", "")).startswith("union_tag"):
+        parts.append(str(error.get("ctx", {}).get("discriminator", "kind")).strip("'"))
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    if source == "header":
+        return text.title()
+    return text or source
+
+
+async def _request_validation(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    body = getattr(exc, "body", None)
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    field = field_path(first, body)
+    message = f"{field}: {str(first.get('msg', 'invalid')).removeprefix('Value error, ')}"
+    response = error_response(422, code="validation_error", message=message, field=field)
+    return response
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = CODE_BY_STATUS.get(exc.status_code, "http_error")
+    headers = dict(exc.headers or {})
+    return error_response(exc.status_code, code=code, message=str(exc.detail), headers=headers)
+
+
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    """A bug: logged with its traceback by the server; the client gets the usual body, not a text page."""
+    return error_response(500, code="internal_error", message=f"internal error ({type(exc).__name__})")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers: library errors, request validation, Starlette's HTTP errors, bugs."""
+    app.add_exception_handler(lib.LorafleetError, _library_error)
+    app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,18 @@
+"""The API's routers, one module per area; each route calls the library and converts its answer."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from services.api.routes import adapters, enrolments, feedback, health, inference, jobs, tenants
+
+ROUTERS: tuple[APIRouter, ...] = (
+    health.router,
+    tenants.router,
+    feedback.router,
+    adapters.router,
+    jobs.router,
+    enrolments.router,
+    inference.router,
+)
+
+__all__ = ["ROUTERS"]

@@ -1,0 +1,157 @@
+"""A user's adapters: versions (metrics, QA), lineage, the ``live`` alias's history, promote and rollback."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from services.api import convert
+from services.api.deps import CurrentTenant, CurrentUser, IdempotencyKey, Services, UserAdapter, VersionNumber
+from services.api.idempotency import run_idempotent
+from services.api.runtime import ApiServices
+
+from lorafleet.domain import Adapter, AliasEvent, Tenant
+from lorafleet.qa.reports import load_report, reports_for_version
+from lorafleet.sdk import schemas as s
+
+router = APIRouter(prefix="/v1/users/{user_id}/adapters", tags=["adapters"])
+
+
+def _actor(tenant: Tenant) -> str:
+    """Who moved the alias, as recorded in its history."""
+    return f"api:{tenant.name}"[:256]
+
+
+def _event_out(services: ApiServices, adapter: Adapter, event: AliasEvent) -> s.AliasEventOut:
+    versions = services.registry.list_versions(tenant_id=adapter.tenant_id, adapter_id=adapter.id)
+    numbers = {v.id: v.number for v in versions}
+    return convert.alias_event(event, adapter_name=adapter.name, numbers=numbers)
+
+
+@router.get("", response_model=list[s.AdapterOut])
+def list_adapters(services: Services, user: CurrentUser) -> list[s.AdapterOut]:
+    """The user's own adapters, each with its live version number (None: no adapter live)."""
+    registry = services.registry
+    found = registry.list_adapters(tenant_id=user.tenant_id, owner_user_id=user.id)
+    return [
+        convert.adapter(a, live=registry.live_version(tenant_id=a.tenant_id, adapter_id=a.id)) for a in found
+    ]
+
+
+@router.get("/{name}/versions", response_model=list[s.VersionOut])
+def list_versions(services: Services, adapter: UserAdapter) -> list[s.VersionOut]:
+    """Every version by number, with its status and training metrics."""
+    versions = services.registry.list_versions(tenant_id=adapter.tenant_id, adapter_id=adapter.id)
+    return [convert.version(v, adapter_name=adapter.name) for v in versions]
+
+
+@router.get("/{name}/versions/{n}", response_model=s.VersionDetail)
+def get_version(
+    services: Services,
+    adapter: UserAdapter,
+    n: VersionNumber,
+    qa_document: Annotated[bool, Query(description="Include the latest QA report's full document.")] = False,
+) -> s.VersionDetail:
+    """One version: metrics, and its QA (the latest report's decision, every report, optionally the document)."""
+    version = services.registry.get_version(tenant_id=adapter.tenant_id, adapter_id=adapter.id, number=n)
+    reports = reports_for_version(services.db, tenant_id=adapter.tenant_id, version_id=version.id)
+    document: dict[str, Any] | None = None
+    if qa_document and reports:
+        _, document = load_report(
+            services.db, services.registry, report_id=reports[-1].id, tenant_id=adapter.tenant_id
+        )
+    return convert.version_detail(version, adapter_name=adapter.name, reports=reports, document=document)
+
+
+@router.get("/{name}/versions/{n}/lineage", response_model=s.LineageOut)
+def get_lineage(
+    services: Services,
+    adapter: UserAdapter,
+    n: VersionNumber,
+    depth: Annotated[
+        int | None, Query(ge=0, le=1000, description="Edges to follow; all when absent.")
+    ] = None,
+) -> s.LineageOut:
+    """Ancestors and descendants of a version, with the data snapshot, job and QA decisions of each."""
+    registry, tenant_id = services.registry, adapter.tenant_id
+    version = registry.get_version(tenant_id=tenant_id, adapter_id=adapter.id, number=n)
+    found = registry.lineage(tenant_id=tenant_id, version_id=version.id, depth=depth)
+    nodes = [found.root, *found.ancestors, *found.descendants]
+    ids = {node.version.adapter_id for node in nodes}
+    names = {i: registry.get_adapter(tenant_id=tenant_id, adapter_id=i).name for i in ids}
+    return convert.lineage(found, adapter_names=names)
+
+
+@router.get("/{name}/history", response_model=list[s.AliasEventOut])
+def alias_history(services: Services, adapter: UserAdapter) -> list[s.AliasEventOut]:
+    """Every move of ``live``, oldest first: who, when, from, to, why."""
+    registry = services.registry
+    events = registry.alias_history(tenant_id=adapter.tenant_id, adapter_id=adapter.id)
+    versions = registry.list_versions(tenant_id=adapter.tenant_id, adapter_id=adapter.id)
+    numbers = {v.id: v.number for v in versions}
+    return [convert.alias_event(e, adapter_name=adapter.name, numbers=numbers) for e in events]
+
+
+@router.post("/{name}/promote", response_model=s.AliasEventOut)
+def promote(
+    services: Services,
+    tenant: CurrentTenant,
+    adapter: UserAdapter,
+    body: s.PromoteRequest,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Make a version live (the previous live one is archived); a rejected version cannot go live (409)."""
+
+    def move() -> s.AliasEventOut:
+        event = services.registry.promote(
+            tenant_id=tenant.id,
+            adapter_id=adapter.id,
+            number=body.version,
+            actor=_actor(tenant),
+            reason=body.reason,
+        )
+        return _event_out(services, adapter, event)
+
+    return run_idempotent(
+        services=services,
+        tenant=tenant,
+        key=idempotency_key,
+        request=request,
+        body=body,
+        status_code=200,
+        operation=move,
+    )
+
+
+@router.post("/{name}/rollback", response_model=s.AliasEventOut)
+def rollback(
+    services: Services,
+    tenant: CurrentTenant,
+    adapter: UserAdapter,
+    body: s.RollbackRequest,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Move ``live`` back to an earlier version, or to none (``to_version`` null: the base model answers)."""
+
+    def move() -> s.AliasEventOut:
+        event = services.registry.rollback(
+            tenant_id=tenant.id,
+            adapter_id=adapter.id,
+            to_number=body.to_version,
+            actor=_actor(tenant),
+            reason=body.reason,
+        )
+        return _event_out(services, adapter, event)
+
+    return run_idempotent(
+        services=services,
+        tenant=tenant,
+        key=idempotency_key,
+        request=request,
+        body=body,
+        status_code=200,
+        operation=move,
+    )

@@ -1,0 +1,66 @@
+"""Enrolments of a user in the tenant's shared task adapters (they join the user's bank)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.responses import JSONResponse
+from services.api import convert
+from services.api.deps import CurrentTenant, CurrentUser, IdempotencyKey, Services, UserId
+from services.api.idempotency import run_idempotent
+
+from lorafleet.qa.triggers import enrol_and_recheck
+from lorafleet.routing.bank import list_enrolments, unenrol
+from lorafleet.sdk import schemas as s
+
+router = APIRouter(prefix="/v1/users/{user_id}/enrolments", tags=["enrolments"])
+TaskName = Annotated[str, Path(min_length=1, max_length=128, description="The task adapter's name.")]
+
+
+@router.get("", response_model=list[s.EnrolmentOut])
+def get_enrolments(services: Services, user: CurrentUser) -> list[s.EnrolmentOut]:
+    """The task adapters the user is enrolled in, by name."""
+    found = list_enrolments(services.db, tenant_id=user.tenant_id, user_external_id=user.external_id)
+    return [convert.enrolment(e) for e in found]
+
+
+@router.post("", response_model=s.EnrolmentOut, status_code=201)
+def post_enrolment(
+    services: Services,
+    tenant: CurrentTenant,
+    user_id: UserId,
+    body: s.EnrolRequest,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Enrol the user (created on first sight) in a task adapter; 404 for an unknown task, 409 if enrolled."""
+
+    def run() -> s.EnrolmentOut:
+        found, _rechecks = enrol_and_recheck(  # QA rechecks the user's live adapters in the grown bank
+            services.db,
+            tenant_id=tenant.id,
+            user_external_id=user_id,
+            task_name=body.task,
+            actor=f"api:{tenant.name}",
+        )
+        return convert.enrolment(found)
+
+    return run_idempotent(
+        services=services,
+        tenant=tenant,
+        key=idempotency_key,
+        request=request,
+        body=body,
+        status_code=201,
+        operation=run,
+    )
+
+
+@router.delete("/{task}", status_code=204, response_class=Response)
+def delete_enrolment(services: Services, tenant: CurrentTenant, user_id: UserId, task: TaskName) -> Response:
+    """Remove the user from the task adapter; 404 if they were not enrolled."""
+    unenrol(
+        services.db, tenant_id=tenant.id, user_external_id=user_id, task_name=task, actor=f"api:{tenant.name}"
+    )
+    return Response(status_code=204)

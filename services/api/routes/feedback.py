@@ -1,0 +1,68 @@
+"""Feedback: submit a batch of records for a user (idempotent with a key), list a user's records."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from services.api import convert
+from services.api.deps import CurrentTenant, CurrentUser, IdempotencyKey, Services, UserId
+from services.api.idempotency import run_idempotent
+
+from lorafleet.feedback import ingest_feedback, list_feedback
+from lorafleet.sdk import schemas as s
+
+router = APIRouter(prefix="/v1/users/{user_id}/feedback", tags=["feedback"])
+
+
+@router.post("", response_model=s.FeedbackSubmitted, status_code=200)
+def submit_feedback(
+    services: Services,
+    tenant: CurrentTenant,
+    user_id: UserId,
+    batch: s.FeedbackBatch,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Store the records for the user (created on first sight), all or nothing; a record repeating one already
+    stored (same kind and training fields) is not stored again and gets the existing record's id."""
+
+    def ingest() -> s.FeedbackSubmitted:
+        records = [record.model_dump(mode="json") for record in batch.records]
+        result = ingest_feedback(
+            services.db,
+            tenant_id=tenant.id,
+            user_external_id=user_id,
+            records=records,
+            limits=services.feedback_limits,
+        )
+        return convert.feedback_submitted(result)
+
+    return run_idempotent(
+        services=services,
+        tenant=tenant,
+        key=idempotency_key,
+        request=request,
+        body=batch,
+        status_code=200,
+        operation=ingest,
+    )
+
+
+@router.get("", response_model=list[s.FeedbackRecordOut])
+def get_feedback(
+    services: Services,
+    user: CurrentUser,
+    after_id: Annotated[int | None, Query(ge=0, description="Only records with a larger id.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[s.FeedbackRecordOut]:
+    """The user's records in id order (page with ``after_id`` = the last id seen)."""
+    records = list_feedback(
+        services.db,
+        tenant_id=user.tenant_id,
+        user_external_id=user.external_id,
+        after_id=after_id,
+        limit=limit,
+    )
+    return [convert.feedback_record(r) for r in records]

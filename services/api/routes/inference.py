@@ -1,0 +1,133 @@
+"""Generation through a user's adapter bank: ``/v1/users/{user_id}/generate`` and the OpenAI-compatible
+``/v1/completions`` and ``/v1/chat/completions``, where the body's ``user`` selects the bank.
+
+Requests from every caller are batched together by the serving engine's queue. The gate picks and weights the
+user's adapters per request; responses say which versions served them (``served_by``, and the ``lorafleet``
+extension on OpenAI responses). A user the tenant does not have yet is served by the base model.
+
+Chat template (kept deliberately simple, and the same for every backbone): each message becomes
+``"<role>: <content>\\n"`` in order, and the prompt ends with ``"assistant:"``; generation continues from
+there and stops at ``"\\nuser:"`` (added to the request's stop strings) or at the token limit.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+
+from fastapi import APIRouter
+from services.api import convert
+from services.api.deps import CurrentTenant, Services, UserId
+from services.api.runtime import ApiServices
+
+from lorafleet.sdk import schemas as s
+from lorafleet.serving.requests import GenerationRequest, GenerationResult
+
+router = APIRouter(tags=["inference"])
+CHAT_STOP = "\nuser:"
+CHAT_MAX_TOKENS = 128
+
+
+def render_chat(messages: Sequence[s.ChatMessage]) -> str:
+    """The chat template: ``"<role>: <content>\\n"`` per message, then ``"assistant:"``."""
+    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+
+
+def _serve(
+    services: ApiServices,
+    *,
+    tenant_id: int,
+    user: str,
+    prompts: Sequence[str],
+    max_tokens: int,
+    sampling: s.GenerateRequest | s.CompletionRequest | s.ChatCompletionRequest,
+    stop: tuple[str, ...],
+) -> list[GenerationResult]:
+    requests = [
+        GenerationRequest(
+            tenant_id=tenant_id,
+            user=user,
+            prompt=prompt,
+            max_new_tokens=max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            stop=stop,
+        )
+        for prompt in prompts
+    ]
+    return services.engine.generate(requests)
+
+
+@router.post("/v1/users/{user_id}/generate", response_model=s.GenerateResponse)
+def generate(
+    services: Services, tenant: CurrentTenant, user_id: UserId, body: s.GenerateRequest
+) -> s.GenerateResponse:
+    """Generate for the user; the answer names the adapter versions and gate weights that served it."""
+    (result,) = _serve(
+        services,
+        tenant_id=tenant.id,
+        user=user_id,
+        prompts=[body.prompt],
+        max_tokens=body.max_tokens,
+        sampling=body,
+        stop=tuple(body.stop),
+    )
+    return convert.generated(result)
+
+
+@router.post("/v1/completions", response_model=s.CompletionResponse)
+def completions(services: Services, tenant: CurrentTenant, body: s.CompletionRequest) -> s.CompletionResponse:
+    """OpenAI's completions API: ``user`` selects the bank; several prompts give one choice each."""
+    results = _serve(
+        services,
+        tenant_id=tenant.id,
+        user=body.user,
+        prompts=body.prompts(),
+        max_tokens=body.max_tokens,
+        sampling=body,
+        stop=body.stop_strings(),
+    )
+    return s.CompletionResponse(
+        id=f"cmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=body.model,
+        choices=[
+            s.CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)
+            for i, r in enumerate(results)
+        ],
+        usage=convert.usage(results),
+        lorafleet=[convert.serving_info(r) for r in results],
+    )
+
+
+@router.post("/v1/chat/completions", response_model=s.ChatCompletionResponse)
+def chat_completions(
+    services: Services, tenant: CurrentTenant, body: s.ChatCompletionRequest
+) -> s.ChatCompletionResponse:
+    """OpenAI's chat completions API over the chat template above; ``user`` selects the bank."""
+    max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_MAX_TOKENS
+    (result,) = _serve(
+        services,
+        tenant_id=tenant.id,
+        user=body.user,
+        prompts=[render_chat(body.messages)],
+        max_tokens=max_tokens,
+        sampling=body,
+        stop=(*body.stop_strings(), CHAT_STOP),
+    )
+    return s.ChatCompletionResponse(
+        id=f"chatcmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=body.model,
+        choices=[
+            s.ChatChoice(
+                index=0,
+                message=s.AssistantMessage(content=result.text.strip()),
+                finish_reason=result.finish_reason,
+            )
+        ],
+        usage=convert.usage([result]),
+        lorafleet=convert.serving_info(result),
+    )

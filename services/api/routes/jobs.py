@@ -1,0 +1,64 @@
+"""Jobs: train a user now, a job by id, the tenant's jobs (optionally one user's, or in one state)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import JSONResponse
+from services.api import convert
+from services.api.deps import CurrentTenant, IdempotencyKey, Services, UserId
+from services.api.idempotency import run_idempotent
+
+from lorafleet.sdk import schemas as s
+
+router = APIRouter(tags=["jobs"])
+
+
+@router.post("/v1/users/{user_id}/train", response_model=s.TrainSubmitted, status_code=202)
+def train_now(
+    services: Services,
+    tenant: CurrentTenant,
+    user_id: UserId,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Queue a training job for the user on their feedback so far (a user already in an active job gets that
+    job, ``created`` false). A user with nothing new since their last version is 422."""
+
+    def submit() -> s.TrainSubmitted:
+        result = services.scheduler.train_now(tenant_id=tenant.id, user_external_id=user_id)
+        return s.TrainSubmitted(job=convert.job(result.job), created=result.created)
+
+    return run_idempotent(
+        services=services,
+        tenant=tenant,
+        key=idempotency_key,
+        request=request,
+        body=None,
+        status_code=202,
+        operation=submit,
+    )
+
+
+@router.get("/v1/jobs/{job_id}", response_model=s.JobOut)
+def get_job(services: Services, tenant: CurrentTenant, job_id: Annotated[int, Path(ge=1)]) -> s.JobOut:
+    """One of the tenant's jobs (another tenant's is 404)."""
+    return convert.job(services.queue.get(tenant_id=tenant.id, job_id=job_id))
+
+
+@router.get("/v1/jobs", response_model=list[s.JobOut])
+def list_jobs(
+    services: Services,
+    tenant: CurrentTenant,
+    user: Annotated[
+        str | None, Query(min_length=1, max_length=256, description="Only jobs training this user.")
+    ] = None,
+    state: Annotated[s.JobState | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[s.JobOut]:
+    """The tenant's jobs, newest first; filtering by a user the tenant does not have is 404."""
+    if user is not None:
+        services.tenants.get_user(tenant_id=tenant.id, external_id=user)
+    jobs = services.queue.list_jobs(tenant_id=tenant.id, user_external_id=user, state=state, limit=limit)
+    return [convert.job(j) for j in jobs]

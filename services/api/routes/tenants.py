@@ -1,0 +1,35 @@
+"""Tenant management, with the admin key: create a tenant (its API key is shown once), more keys, list."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+from services.api.deps import Admin, Services
+
+from lorafleet.sdk import schemas as s
+
+router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
+TenantName = Annotated[str, Path(min_length=1, max_length=128)]
+
+
+@router.post("", response_model=s.TenantCreated, status_code=201)
+def create_tenant(services: Services, _admin: Admin, body: s.TenantCreate) -> s.TenantCreated:
+    """A new tenant and its first API key (stored hashed: this response is the only time it is shown)."""
+    tenant, api_key = services.tenants.create_tenant(name=body.name)
+    return s.TenantCreated(id=tenant.id, name=tenant.name, created_at=tenant.created_at, api_key=api_key)
+
+
+@router.post("/{tenant_name}/keys", response_model=s.ApiKeyCreated, status_code=201)
+def create_api_key(services: Services, _admin: Admin, tenant_name: TenantName) -> s.ApiKeyCreated:
+    """Another API key for the tenant (e.g. to rotate keys); shown only in this response."""
+    tenant = services.tenants.get_tenant(name=tenant_name)
+    return s.ApiKeyCreated(tenant=tenant.name, api_key=services.tenants.create_api_key(tenant_id=tenant.id))
+
+
+@router.get("", response_model=list[s.TenantOut])
+def list_tenants(services: Services, _admin: Admin) -> list[s.TenantOut]:
+    """Every tenant, by id."""
+    return [
+        s.TenantOut(id=t.id, name=t.name, created_at=t.created_at) for t in services.tenants.list_tenants()
+    ]

@@ -1,0 +1,330 @@
+"""Everything the API process holds, in one place: ``ApiOptions``, ``ApiServices`` and ``BackgroundRuntime``.
+
+``ApiServices`` is the library objects the routes call (database, tenants, registry, job queue, scheduler,
+idempotency keys, the serving engine) built from ``Settings``. The serving engine is built lazily, on the first
+inference request (loading a backbone is slow), or in the background at start with ``preload_engine``;
+``/readyz`` reports which. ``BackgroundRuntime`` optionally runs, in this process, the continual-learning
+scheduler loop and a pool of Ray trainer actors draining the job queue: ``lorafleet serve`` is the API, the
+scheduler and the workers together. Stopping the service stops the actors; a job one of them was running keeps
+its lease until it expires and is then taken over by the next worker (nothing is lost, see
+``lorafleet.jobs.queue``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+from services.api.errors import ServiceUnavailableError
+from services.api.metrics import ApiMetrics
+from sqlalchemy import text
+
+from lorafleet.config import Settings
+from lorafleet.errors import LorafleetError
+from lorafleet.feedback import FeedbackLimits
+from lorafleet.jobs import JobQueue, Scheduler, SchedulerPolicy
+from lorafleet.registry import Registry
+from lorafleet.store.blob import open_blob_store_from_settings
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.idempotency import IdempotencyRepository
+from lorafleet.store.sql.models import utcnow
+from lorafleet.store.sql.tenants import TenantRepository
+
+if TYPE_CHECKING:
+    from lorafleet.jobs.ray_runtime import TrainerPool
+    from lorafleet.serving import BatchingQueue, GenerationRequest, GenerationResult
+    from lorafleet.serving.engine import GenerationEngine
+
+logger = logging.getLogger("lorafleet.api")
+
+EngineState = Literal["not_loaded", "loading", "ready", "failed"]
+WorkersState = Literal["off", "starting", "running", "failed", "stopped"]
+
+
+@dataclass(frozen=True)
+class ApiOptions:
+    """How the API process runs (the library's ``Settings`` say where the data is)."""
+
+    #: run the continual-learning scheduler loop in this process
+    run_scheduler: bool = False
+    scheduler_interval: float = 30.0
+    scheduler_policy: SchedulerPolicy | None = None
+    #: trainer actors (Ray) run by this process; 0 = none (workers run elsewhere)
+    run_workers: int = 0
+    worker_poll_seconds: float = 2.0
+    #: training config overrides for the workers (``lorafleet.training.config.TrainingConfig`` fields)
+    training: Mapping[str, Any] | None = None
+    #: environment variables for the trainer actors (e.g. object store credentials)
+    worker_env: Mapping[str, str] | None = None
+    #: load the serving engine at start (``/readyz`` is 503 until it is loaded) instead of on first use
+    preload_engine: bool = False
+    #: backbone quantization for serving; None = ``settings.backbone_quantization``
+    serving_quantization: str | None = None
+    engine_slots: int = 16
+    engine_max_rank: int = 16
+    max_batch_size: int = 16
+    max_wait_ms: float = 5.0
+    generate_timeout_seconds: float = 300.0
+    #: request bodies larger than this are refused with 413
+    max_body_bytes: int = 8 * 1024 * 1024
+    #: an unfinished idempotency reservation older than this is taken over by a retry
+    idempotency_stale_seconds: float = 300.0
+    #: idempotency keys older than this are pruned at start
+    idempotency_ttl_seconds: float = 24 * 3600.0
+    #: bring the database schema up to date at start (``lorafleet db upgrade``)
+    migrate: bool = False
+
+
+class EngineHolder:
+    """The serving engine behind a batching queue, built once on first use (single flight)."""
+
+    def __init__(self, build: Callable[[], GenerationEngine], *, options: ApiOptions) -> None:
+        self._build = build
+        self._options = options
+        self._lock = threading.Lock()
+        self._queue: BatchingQueue | None = None
+        self._engine: GenerationEngine | None = None
+        self.state: EngineState = "not_loaded"
+        self.error: str | None = None
+
+    def get(self) -> BatchingQueue:
+        """The batching queue, loading the engine first if needed; ``ServiceUnavailableError`` if it fails."""
+        queue = self._queue
+        if queue is not None:
+            return queue
+        with self._lock:
+            if self._queue is None:
+                self._load()
+            assert self._queue is not None
+            return self._queue
+
+    def _load(self) -> None:
+        from lorafleet.serving import BatchingQueue
+
+        self.state = "loading"
+        try:
+            engine = self._build()
+        except Exception as exc:  # any failure to load is "unavailable", with the reason
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            logger.exception("the serving engine failed to load")
+            raise ServiceUnavailableError(f"the serving engine failed to load: {self.error}") from exc
+        o = self._options
+        self._engine = engine
+        self._queue = BatchingQueue(engine, max_batch_size=o.max_batch_size, max_wait_ms=o.max_wait_ms)
+        self.state, self.error = "ready", None
+
+    def preload_in_background(self) -> None:
+        def load() -> None:
+            try:
+                self.get()
+            except LorafleetError:
+                pass  # recorded in state and error
+
+        threading.Thread(target=load, name="lorafleet-engine-preload", daemon=True).start()
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Serve requests through the batching queue (they batch with everyone else's); the first error raises."""
+        queue = self.get()
+        if queue.closed:
+            raise ServiceUnavailableError("the service is shutting down")
+        futures: list[Future[GenerationResult]] = [queue.submit(r) for r in requests]
+        try:
+            return [f.result(timeout=self._options.generate_timeout_seconds) for f in futures]
+        except FutureTimeout as exc:
+            for f in futures:
+                f.cancel()
+            raise ServiceUnavailableError("generation did not finish in time") from exc
+
+    def metrics_text(self) -> str:
+        """The engine's and the adapter cache's counters (empty until the engine is loaded)."""
+        from lorafleet.serving.metrics import prometheus_text
+
+        engine = self._engine
+        return "" if engine is None else prometheus_text(engine.metrics, engine.cache.stats())
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._queue.close(cancel_pending=True)
+
+
+@dataclass
+class ApiServices:
+    """The library objects the routes call, over one database and one object store."""
+
+    settings: Settings
+    db: Database
+    tenants: TenantRepository
+    registry: Registry
+    queue: JobQueue
+    scheduler: Scheduler
+    idempotency: IdempotencyRepository
+    engine: EngineHolder
+    metrics: ApiMetrics = field(default_factory=ApiMetrics)
+    options: ApiOptions = field(default_factory=ApiOptions)
+
+    @classmethod
+    def build(
+        cls, settings: Settings, options: ApiOptions | None = None, *, metrics: ApiMetrics | None = None
+    ) -> ApiServices:
+        """Open the database and the object store named by ``settings`` (migrating first with ``migrate``)."""
+        options = options or ApiOptions()
+        if options.migrate:
+            from lorafleet.store.sql import migrate
+
+            migrate.upgrade(settings.resolved_database_url)
+        db = Database(settings.resolved_database_url)
+        registry = Registry(
+            db, open_blob_store_from_settings(settings), gc_grace_seconds=settings.blob_gc_grace_seconds
+        )
+        queue = JobQueue(db)
+        stale = timedelta(seconds=options.idempotency_stale_seconds)
+        return cls(
+            settings=settings,
+            db=db,
+            tenants=TenantRepository(db),
+            registry=registry,
+            queue=queue,
+            scheduler=Scheduler(db, options.scheduler_policy, queue=queue),
+            idempotency=IdempotencyRepository(db, stale_after=stale),
+            engine=EngineHolder(lambda: _build_engine(settings, db, registry, options), options=options),
+            metrics=metrics or ApiMetrics(),
+            options=options,
+        )
+
+    @property
+    def feedback_limits(self) -> FeedbackLimits:
+        return FeedbackLimits.from_settings(self.settings)
+
+    def database_ok(self) -> bool:
+        try:
+            with self.db.session() as session:
+                session.execute(text("SELECT 1"))
+        except LorafleetError:
+            return False
+        return True
+
+    def prune_idempotency_keys(self) -> int:
+        cutoff = utcnow() - timedelta(seconds=self.options.idempotency_ttl_seconds)
+        return self.idempotency.prune(older_than=cutoff)
+
+    def close(self) -> None:
+        self.engine.close()
+        self.db.dispose()
+
+
+def _build_engine(
+    settings: Settings, db: Database, registry: Registry, options: ApiOptions
+) -> GenerationEngine:
+    from lorafleet.serving.factory import build_engine
+
+    return build_engine(
+        settings,
+        db,
+        registry,
+        n_slots=options.engine_slots,
+        max_rank=options.engine_max_rank,
+        quantization=options.serving_quantization,
+    )
+
+
+class BackgroundRuntime:
+    """The optional scheduler loop and trainer pool of this process (``ApiOptions.run_scheduler`` and
+    ``run_workers``), each on its own thread."""
+
+    def __init__(self, services: ApiServices) -> None:
+        self.services = services
+        self.options = services.options
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._pool: TrainerPool | None = None
+        self.workers_state: WorkersState = "off"
+        self.scheduler_state: Literal["off", "running", "stopped"] = "off"
+
+    def start(self) -> None:
+        """Start what the options ask for; Ray is initialised here, on the caller's (main) thread."""
+        if self.options.run_scheduler:
+            self._spawn("lorafleet-scheduler", self._run_scheduler)
+            self.scheduler_state = "running"
+        if self.options.run_workers > 0:
+            from lorafleet.jobs.ray_runtime import init_ray
+
+            init_ray(self.services.settings)
+            self.workers_state = "starting"
+            self._spawn("lorafleet-workers", self._run_workers)
+
+    def stop(self, *, join_seconds: float = 60.0) -> None:
+        """Stop the scheduler after its tick and kill the trainer actors (a running job is retried later)."""
+        self._stop.set()
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
+        for thread in self._threads:
+            thread.join(timeout=join_seconds)
+        if self.workers_state != "off":
+            self.workers_state = "stopped"
+        if self.scheduler_state != "off":
+            self.scheduler_state = "stopped"
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _run_scheduler(self) -> None:
+        self.services.scheduler.run_loop(
+            interval_seconds=self.options.scheduler_interval, stop_event=self._stop
+        )
+
+    def _run_workers(self) -> None:
+        while not self._stop.is_set():
+            pool = self._start_pool()
+            if pool is None:
+                return
+            self._drain_until_stopped(pool)
+
+    def _start_pool(self) -> TrainerPool | None:
+        from lorafleet.jobs.ray_runtime import TrainerPool
+
+        o = self.options
+        try:
+            pool = TrainerPool(
+                self.services.settings, n_actors=o.run_workers, training=o.training, env_vars=o.worker_env
+            )
+        except Exception:
+            logger.exception("the trainer actors failed to start")
+            self.workers_state = "failed"
+            return None
+        with self._lock:
+            if self._stop.is_set():
+                pool.shutdown()
+                return None
+            self._pool = pool
+        self.workers_state = "running"
+        return pool
+
+    def _drain_until_stopped(self, pool: TrainerPool) -> None:
+        """Drain the queue every ``worker_poll_seconds``; a dead actor ends this pool (a new one starts)."""
+        while not self._stop.is_set():
+            try:
+                ran = pool.drain()
+            except LorafleetError as exc:
+                if not self._stop.is_set():
+                    logger.warning("trainer pool failed (%s); starting a new one", exc)
+                    with self._lock:
+                        self._pool = None
+                    pool.shutdown()
+                return
+            if ran:
+                logger.info("workers ran jobs %s", ran)
+            self._stop.wait(self.options.worker_poll_seconds)
+
+
+__all__ = ["ApiOptions", "ApiServices", "BackgroundRuntime", "EngineHolder"]

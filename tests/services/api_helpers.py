@@ -1,0 +1,165 @@
+"""Helpers for the API and SDK tests: a uvicorn server in a thread, feedback records, real adapter folders
+for the tiny backbone, and row counts."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from services.api.runtime import ApiOptions
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+
+from lorafleet.registry import Registry
+from lorafleet.sdk import Client
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.tenants import TenantRepository
+
+#: serving in fp32 (the tiny backbone's nf4 decode is slower on CPU and not what these tests are about)
+SERVING_OPTIONS = ApiOptions(
+    serving_quantization="fp32", engine_slots=4, engine_max_rank=8, max_body_bytes=1024 * 1024
+)
+
+ADMIN_KEY = "admin-test-key-0123456789"
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@dataclass
+class TenantHandle:
+    """A tenant made through the API, its key and an SDK client with that key."""
+
+    id: int
+    name: str
+    api_key: str
+    client: Client
+
+
+@dataclass
+class Library:
+    """The library over the API's database and object store, for setting up and checking rows directly."""
+
+    db: Database
+    registry: Registry
+    tenants: TenantRepository
+
+
+def pg_admin_conninfo() -> str:
+    """psycopg's conninfo of the server the test databases are made on (as in tests/conftest.py)."""
+    url = make_url(
+        os.environ.get("LORAFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    )
+    return f"host={url.host} port={url.port or 5432} user={url.username} dbname={url.database}"
+
+
+class ApiServer:
+    """A real uvicorn server for ``app`` on 127.0.0.1 and a free port, run in a thread of this process."""
+
+    def __init__(self, app: FastAPI) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, timeout: float = 120.0) -> ApiServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the API server did not start")
+            time.sleep(0.05)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self, *, timeout: float = 120.0) -> None:
+        """Graceful shutdown: the lifespan stops the runtime (trainer actors are killed) and closes the app."""
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the API server did not stop"
+
+
+def sft(prompt: str, completion: str = "An answer.", **metadata: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {"kind": "sft", "prompt": prompt, "completion": completion}
+    if metadata:
+        record["metadata"] = metadata
+    return record
+
+
+def count_rows(db: Database, model: Any, *where: Any) -> int:
+    with db.session() as s:
+        return int(s.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+
+def write_adapter_folder(data_dir: Path, dest: Path, *, seed: int, rank: int = 4) -> Path:
+    """A real PEFT folder for the tiny backbone: random A and B on q_proj and v_proj, saved through a bank."""
+    import torch
+
+    from lorafleet.adapters import SlotConfig, inject_bank, save_slot
+    from lorafleet.adapters.bank import peft_key
+    from lorafleet.backbone import load_backbone
+
+    backbone = load_backbone("builtin:tiny", quantization="fp32", device="cpu", data_dir=data_dir)
+    bank = inject_bank(backbone, target_modules=["q_proj", "v_proj"], n_slots=1, max_rank=rank)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, layer in bank.layers.items():
+        tensors[peft_key(name, "A")] = torch.randn(rank, layer.in_features, generator=generator) * 0.3
+        tensors[peft_key(name, "B")] = torch.randn(layer.out_features, rank, generator=generator) * 0.3
+    bank.load_slot(0, tensors, SlotConfig(rank=rank, alpha=2.0 * rank))
+    save_slot(bank, 0, dest)
+    return dest
+
+
+def wait_for(what: str, check: Callable[[], Any], *, timeout: float = 120.0, every: float = 0.2) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def live_personal_version(
+    library: Library, *, tenant_id: int, user: str, folder: Path, name: str = "personal"
+) -> int:
+    """Register ``folder`` as the next version of the user's adapter ``name`` and make it live; its number."""
+    found = library.tenants.get_or_create_user(tenant_id=tenant_id, external_id=user)
+    adapter = library.registry.get_or_create_adapter(
+        tenant_id=tenant_id, owner_user_id=found.id, name=name, target_config={}
+    )
+    version = library.registry.register_version(
+        tenant_id=tenant_id, adapter_id=adapter.id, adapter_dir=folder, base_fingerprint="tiny"
+    )
+    library.registry.promote(tenant_id=tenant_id, adapter_id=adapter.id, number=version.number, actor="test")
+    return version.number
+
+
+#: a few steps on two projections: fast on two CPU cores (as in the continual-learning tests)
+TINY_TRAINING: dict[str, Any] = {
+    "rank": 4,
+    "alpha": 8.0,
+    "target_modules": ["q_proj", "v_proj"],
+    "learning_rate": 5e-3,
+    "max_steps": 8,
+    "batch_size": 4,
+    "max_seq_len": 64,
+    "holdout_fraction": 0.3,
+    "replay_ratio": 0.5,
+    "seed": 0,
+}

@@ -1,0 +1,174 @@
+"""Fixtures for the API and SDK tests: a real uvicorn server on 127.0.0.1 (a free port), PostgreSQL (a database
+of these tests' own) and S3 over HTTP (moto), the built-in tiny backbone, and tenants made through the API.
+
+One server (``api``) serves the whole session; every test makes its own tenants, so tests never see each
+other's data. Servers that run trainer actors (Ray) are started by the training tests themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+#: ``services`` (the runnable processes) is not an installed package: import it from the checkout (appended, so
+#: nothing in the checkout shadows an installed or standard module)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))
+
+import pytest  # noqa: E402
+from api_helpers import (  # noqa: E402
+    ADMIN_KEY,
+    AWS_TEST_ENV,
+    SERVING_OPTIONS,
+    ApiServer,
+    Library,
+    TenantHandle,
+    pg_admin_conninfo,
+    write_adapter_folder,
+)
+from services.api.app import create_app  # noqa: E402
+
+from lorafleet.config import Settings, load_settings  # noqa: E402
+from lorafleet.registry import Registry  # noqa: E402
+from lorafleet.sdk import Client  # noqa: E402
+from lorafleet.store.blob import open_blob_store_from_settings  # noqa: E402
+from lorafleet.store.sql.database import Database  # noqa: E402
+from lorafleet.store.sql.tenants import TenantRepository  # noqa: E402
+
+for _name, _value in AWS_TEST_ENV.items():
+    os.environ.setdefault(_name, _value)
+
+
+@pytest.fixture(scope="session")
+def api_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir with the built-in tiny backbone built into it (servers and trainer actors load it there)."""
+    from lorafleet.backbone import build_tiny_backbone
+
+    path = tmp_path_factory.mktemp("lorafleet-api-data")
+    build_tiny_backbone(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def api_pg_url() -> Iterator[str]:
+    """A migrated PostgreSQL database for these tests alone (others truncate the shared one between tests)."""
+    import psycopg
+
+    from lorafleet.store.sql import migrate
+
+    admin_url = os.environ.get(
+        "LORAFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    )
+    name = f"lorafleet_api_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_admin_conninfo(), autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
+    migrate.upgrade(url)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(pg_admin_conninfo(), autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def api_bucket(moto_endpoint: str) -> str:
+    import boto3
+
+    name = f"lf-api-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def make_api_settings(
+    api_data_dir: Path, api_pg_url: str, api_bucket: str, moto_endpoint: str
+) -> Callable[..., Settings]:
+    """``make_api_settings(**overrides)``: PostgreSQL, S3 (moto), the tiny nf4 backbone, the admin key."""
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "data_dir": api_data_dir,
+            "database_url": api_pg_url,
+            "object_store_url": f"s3://{api_bucket}/adapters",
+            "s3_endpoint_url": moto_endpoint,
+            "backbone_quantization": "nf4",
+            "device": "cpu",
+            "ray_address": "",
+            "admin_key": ADMIN_KEY,
+            "promote_rule": "never",
+            "trainer_slots": 2,
+            **overrides,
+        }
+        return load_settings(**values)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def api(make_api_settings: Callable[..., Settings]) -> Iterator[ApiServer]:
+    """The session's API server (no workers, no scheduler), serving with the fp32 tiny backbone."""
+    server = ApiServer(create_app(make_api_settings(max_feedback_batch=50), options=SERVING_OPTIONS))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def admin(api: ApiServer) -> Iterator[Client]:
+    with Client(api.url, ADMIN_KEY, max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture
+def make_tenant(api: ApiServer, admin: Client) -> Iterator[Callable[[], TenantHandle]]:
+    clients: list[Client] = []
+
+    def make() -> TenantHandle:
+        created = admin.create_tenant(f"tenant-{uuid.uuid4().hex[:10]}")
+        client = Client(api.url, created.api_key, max_retries=2, backoff=0.05)
+        clients.append(client)
+        return TenantHandle(created.id, created.name, created.api_key, client)
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def library(make_api_settings: Callable[..., Settings]) -> Iterator[Library]:
+    settings = make_api_settings()
+    db = Database(settings.resolved_database_url)
+    yield Library(db, Registry(db, open_blob_store_from_settings(settings)), TenantRepository(db))
+    db.dispose()
+
+
+@pytest.fixture(scope="session")
+def adapter_folder(api_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """``adapter_folder(seed)``: a real PEFT folder for the tiny backbone (written once per seed)."""
+    root = tmp_path_factory.mktemp("adapters")
+    made: dict[int, Path] = {}
+
+    def get(seed: int) -> Path:
+        if seed not in made:
+            made[seed] = write_adapter_folder(api_data_dir, root / f"seed-{seed}", seed=seed)
+        return made[seed]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def api_ray(make_api_settings: Callable[..., Settings]) -> Iterator[str]:
+    """A local Ray on 127.0.0.1, started on the main thread (the servers' trainer pools then join it)."""
+    import ray
+
+    from lorafleet.jobs.ray_runtime import init_ray
+
+    address = init_ray(make_api_settings(ray_num_cpus=4))
+    yield address
+    ray.shutdown()

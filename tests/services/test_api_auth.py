@@ -1,0 +1,171 @@
+"""Authentication and tenant isolation over every route of the published OpenAPI schema.
+
+Every operation must be listed in ``ROUTES`` with what another tenant gets when it names tenant A's user,
+adapter, version, job, task or tenant: 404 (exactly as for ids that do not exist), 403 on admin routes, or
+``"own"`` for the routes that act in the caller's own namespace (feedback and generation: tenant B's "alice" is
+another user than tenant A's, and nothing of A's is read or changed). A route missing from the table fails the
+test, so a new route cannot skip the check.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from api_helpers import ADMIN_KEY, ApiServer, Library, TenantHandle, live_personal_version, sft
+
+PUBLIC = "public"
+OWN = "own"
+
+#: (method, path) -> (what tenant B gets on tenant A's ids, the JSON body to send)
+ROUTES: dict[tuple[str, str], tuple[int | str, Any]] = {
+    ("GET", "/healthz"): (PUBLIC, None),
+    ("GET", "/readyz"): (PUBLIC, None),
+    ("GET", "/metrics"): (PUBLIC, None),
+    ("GET", "/v1/tenants"): (403, None),
+    ("POST", "/v1/tenants"): (403, {"name": "intruder"}),
+    ("POST", "/v1/tenants/{tenant_name}/keys"): (403, None),
+    ("GET", "/v1/users/{user_id}/feedback"): (404, None),
+    ("POST", "/v1/users/{user_id}/feedback"): (OWN, {"records": [sft("from tenant B")]}),
+    ("GET", "/v1/users/{user_id}/adapters"): (404, None),
+    ("GET", "/v1/users/{user_id}/adapters/{name}/versions"): (404, None),
+    ("GET", "/v1/users/{user_id}/adapters/{name}/versions/{n}"): (404, None),
+    ("GET", "/v1/users/{user_id}/adapters/{name}/versions/{n}/lineage"): (404, None),
+    ("GET", "/v1/users/{user_id}/adapters/{name}/history"): (404, None),
+    ("POST", "/v1/users/{user_id}/adapters/{name}/promote"): (404, {"version": 1}),
+    ("POST", "/v1/users/{user_id}/adapters/{name}/rollback"): (404, {"to_version": None}),
+    ("POST", "/v1/users/{user_id}/train"): (404, None),
+    ("GET", "/v1/jobs/{job_id}"): (404, None),
+    ("GET", "/v1/jobs"): (404, None),  # with ?user=alice
+    ("GET", "/v1/users/{user_id}/enrolments"): (404, None),
+    ("POST", "/v1/users/{user_id}/enrolments"): (404, {"task": "summarise"}),
+    ("DELETE", "/v1/users/{user_id}/enrolments/{task}"): (404, None),
+    ("POST", "/v1/users/{user_id}/generate"): (OWN, {"prompt": "Hi", "max_tokens": 2}),
+    ("POST", "/v1/completions"): (OWN, {"prompt": "Hi", "max_tokens": 2, "user": "alice", "temperature": 0}),
+    ("POST", "/v1/chat/completions"): (
+        OWN,
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "user": "alice", "temperature": 0},
+    ),
+}
+
+
+@dataclass
+class TenantA:
+    tenant: TenantHandle
+    job_id: int
+    feedback_ids: list[int]
+
+    def url(self, path: str) -> str:
+        values = {
+            "user_id": "alice",
+            "name": "personal",
+            "n": "1",
+            "job_id": str(self.job_id),
+            "task": "summarise",
+            "tenant_name": self.tenant.name,
+        }
+        url = path.format(**values)
+        return url + "?user=alice" if path == "/v1/jobs" else url
+
+
+@pytest.fixture
+def tenant_a(
+    make_tenant: Callable[[], TenantHandle], library: Library, adapter_folder: Callable[[int], Path]
+) -> TenantA:
+    """Tenant A with everything a route can name: a user with feedback, a live adapter version, a queued job,
+    a task adapter the user is enrolled in."""
+    handle = make_tenant()
+    client = handle.client
+    feedback = client.submit_feedback("alice", [sft("a1"), sft("a2")]).ids
+    live_personal_version(library, tenant_id=handle.id, user="alice", folder=adapter_folder(1))
+    library.registry.create_adapter(
+        tenant_id=handle.id, owner_user_id=None, name="summarise", target_config={}
+    )
+    client.enrol("alice", "summarise")
+    job = client.train("alice").job
+    return TenantA(handle, job.id, feedback)
+
+
+def _operations(api: ApiServer) -> list[tuple[str, str]]:
+    spec = httpx.get(f"{api.url}/openapi.json").json()
+    return [(method.upper(), path) for path, ops in spec["paths"].items() for method in ops]
+
+
+def _call(http: httpx.Client, method: str, url: str, *, key: str | None, body: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return http.request(method, url, headers=headers, json=body)
+
+
+def _adapters_used(body: dict[str, Any]) -> list[str]:
+    """Adapters named in a generation answer (any of the three shapes); none for a feedback answer."""
+    extension = body.get("lorafleet", body)
+    infos = extension if isinstance(extension, list) else [extension]
+    return [served["adapter"] for info in infos for served in info.get("served_by", [])]
+
+
+def test_every_route_is_classified(api: ApiServer) -> None:
+    assert sorted(_operations(api)) == sorted(ROUTES)
+
+
+def test_another_tenant_gets_404_on_every_route_naming_tenant_as_ids(
+    api: ApiServer, tenant_a: TenantA, make_tenant: Callable[[], TenantHandle], library: Library
+) -> None:
+    b = make_tenant()
+    operations = _operations(api)
+    scoped = [op for op in operations if ROUTES[op][0] not in (PUBLIC, OWN)]
+    own = [op for op in operations if ROUTES[op][0] == OWN]  # last: they create B's own "alice"
+    with httpx.Client(base_url=api.url, timeout=120) as http:
+        for method, path in scoped:
+            expected, body = ROUTES[(method, path)]
+            answer = _call(http, method, tenant_a.url(path), key=b.api_key, body=body)
+            assert answer.status_code == expected, (method, path, answer.text)
+            code = "not_found" if expected == 404 else "forbidden"
+            assert answer.json()["error"]["code"] == code, (method, path)
+            if method == "GET" and expected == 404:  # the same URL is real for tenant A
+                mine = _call(http, method, tenant_a.url(path), key=tenant_a.tenant.api_key, body=None)
+                assert mine.status_code == 200, (method, path, mine.text)
+        for method, path in own:
+            answer = _call(http, method, tenant_a.url(path), key=b.api_key, body=ROUTES[(method, path)][1])
+            assert answer.status_code == 200, (method, path, answer.text)
+            assert _adapters_used(answer.json()) == [], (method, path)  # never served by A's adapters
+    a = tenant_a.tenant.client
+    assert [r.id for r in a.list_feedback("alice")] == tenant_a.feedback_ids
+    assert [v.status for v in a.list_versions("alice", "personal")] == ["live"]
+    assert [e.task for e in a.list_enrolments("alice")] == ["summarise"]
+    assert a.get_job(tenant_a.job_id).state == "queued"
+    assert len(b.client.list_feedback("alice")) == 1  # B's own alice
+    assert a.generate("alice", "Hi", max_tokens=2).versions == {"personal": 1}
+
+
+def test_missing_or_unknown_keys_are_401_on_every_non_public_route(api: ApiServer, tenant_a: TenantA) -> None:
+    with httpx.Client(base_url=api.url, timeout=60) as http:
+        for (method, path), (expected, body) in ROUTES.items():
+            if expected == PUBLIC:
+                continue
+            for key in (None, "lf_not-a-real-key", "garbage"):
+                answer = _call(http, method, tenant_a.url(path), key=key, body=body)
+                assert answer.status_code == 401, (method, path, key, answer.text)
+                assert answer.headers["www-authenticate"] == "Bearer"
+
+
+def test_admin_routes_need_the_admin_key(api: ApiServer, tenant_a: TenantA) -> None:
+    name = f"tenant-{uuid.uuid4().hex[:8]}"
+    with httpx.Client(base_url=api.url) as http:
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        created = http.post("/v1/tenants", json={"name": name}, headers=admin)
+        assert created.status_code == 201 and created.json()["api_key"].startswith("lf_")
+        assert http.post("/v1/tenants", json={"name": name}, headers=admin).status_code == 409
+        key = http.post(f"/v1/tenants/{name}/keys", headers=admin).json()["api_key"]
+        assert key != created.json()["api_key"]
+        assert http.post("/v1/tenants/no-such-tenant/keys", headers=admin).status_code == 404
+        assert name in [t["name"] for t in http.get("/v1/tenants", headers=admin).json()]
+        for tenant_key in (created.json()["api_key"], key):  # both keys of the new tenant work, as a tenant
+            mine = {"Authorization": f"Bearer {tenant_key}"}
+            assert http.get("/v1/jobs", headers=mine).status_code == 200
+            assert http.get("/v1/tenants", headers=mine).status_code == 403
+        assert http.get("/v1/jobs", headers=admin).status_code == 401  # the admin key is not a tenant

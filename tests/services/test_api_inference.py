@@ -1,0 +1,194 @@
+"""Generation through HTTP: the openai package's client against /v1/completions and /v1/chat/completions with
+``user=``, /generate following promote and rollback (``served_by``), refused OpenAI options, /metrics, /readyz.
+
+The session server serves the tiny backbone in fp32 (nf4 decoding is slower on CPU and not what is tested here);
+adapter versions are real PEFT folders registered through the library, so no training is needed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from api_helpers import ApiServer, Library, TenantHandle, live_personal_version, sft
+
+from lorafleet.sdk import errors
+
+
+def test_the_openai_client_calls_completions_and_chat_for_a_user(
+    api: ApiServer,
+    make_tenant: Callable[[], TenantHandle],
+    library: Library,
+    adapter_folder: Callable[[int], Path],
+) -> None:
+    tenant = make_tenant()
+    live_personal_version(library, tenant_id=tenant.id, user="olga", folder=adapter_folder(2))
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key=tenant.api_key, max_retries=0)
+
+    completion = client.completions.create(
+        model="tiny", prompt="The weather today is", max_tokens=6, temperature=0, user="olga"
+    )
+    (choice,) = completion.choices
+    assert completion.object == "text_completion" and completion.model == "tiny"
+    assert choice.finish_reason in ("stop", "length") and isinstance(choice.text, str)
+    assert completion.usage is not None and completion.usage.completion_tokens <= 6
+    (served,) = (completion.model_extra or {})["lorafleet"]
+    assert served["versions"] == {"personal": 1} and served["gate_weights"] == {"personal": 1.0}
+
+    again = client.completions.create(
+        model="tiny", prompt="The weather today is", max_tokens=6, temperature=0, user="olga"
+    )
+    assert again.choices[0].text == choice.text  # greedy: the same text
+    base = client.completions.create(
+        model="tiny", prompt=["a", "b", "c"], max_tokens=3, temperature=0, user="new"
+    )
+    assert [c.index for c in base.choices] == [0, 1, 2]
+    assert [s["served_by"] for s in (base.model_extra or {})["lorafleet"]] == [[], [], []]
+
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+        max_tokens=5,
+        temperature=0,
+        user="olga",
+    )
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert isinstance(chat.choices[0].message.content, str)
+    assert (chat.model_extra or {})["lorafleet"]["versions"] == {"personal": 1}
+
+
+def test_generate_follows_promote_and_rollback_through_the_api(
+    make_tenant: Callable[[], TenantHandle], library: Library, adapter_folder: Callable[[int], Path]
+) -> None:
+    tenant = make_tenant()
+    client = tenant.client
+    live_personal_version(library, tenant_id=tenant.id, user="pat", folder=adapter_folder(3))
+    live_personal_version(library, tenant_id=tenant.id, user="pat", folder=adapter_folder(4))
+
+    def served() -> dict[str, int]:
+        return client.generate("pat", "Tell me a story", max_tokens=4).versions
+
+    assert served() == {"personal": 2}
+    event = client.rollback("pat", "personal", 1, reason="v2 regressed")
+    assert (event.from_version, event.to_version, event.reason) == (2, 1, "v2 regressed")
+    assert served() == {"personal": 1}
+    client.rollback("pat", "personal", None)
+    assert served() == {}
+    with pytest.raises(errors.InvalidState):
+        client.rollback("pat", "personal", None)  # nothing live to roll back from
+    client.promote("pat", "personal", 2)
+    assert served() == {"personal": 2}
+    history = client.alias_history("pat", "personal")
+    assert [(e.from_version, e.to_version) for e in history] == [
+        (None, 1),
+        (1, 2),
+        (2, 1),
+        (1, None),
+        (None, 2),
+    ]
+    assert history[-1].actor == f"api:{tenant.name}"
+    detail = client.get_version("pat", "personal", 2)
+    assert detail.status == "live" and detail.qa_decision is None and detail.qa_reports == []
+    assert [v.status for v in client.list_versions("pat", "personal")] == ["archived", "live"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "x", "n": 2, "user": "u"}, "n"),
+        ({"prompt": "x", "stream": True, "user": "u"}, "stream"),
+        ({"prompt": "x"}, "user"),
+        ({"prompt": "", "user": "u"}, "prompt"),
+        ({"prompt": "x", "user": "u", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "user": "u", "top_p": 0}, "top_p"),
+    ],
+)
+def test_unsupported_openai_options_are_422_naming_the_field(
+    api: ApiServer, make_tenant: Callable[[], TenantHandle], body: dict[str, object], field: str
+) -> None:
+    tenant = make_tenant()
+    answer = httpx.post(
+        f"{api.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {tenant.api_key}"}
+    )
+    assert answer.status_code == 422 and answer.json()["error"]["field"] == field
+
+
+def test_metrics_and_readiness_after_serving(
+    api: ApiServer,
+    make_tenant: Callable[[], TenantHandle],
+    library: Library,
+    adapter_folder: Callable[[int], Path],
+) -> None:
+    tenant = make_tenant()
+    tenant.client.submit_feedback("quinn", [sft("q")])
+    live_personal_version(library, tenant_id=tenant.id, user="quinn", folder=adapter_folder(5))
+    tenant.client.generate("quinn", "Hello", max_tokens=2)
+    tenant.client.generate("quinn", "Hello again", max_tokens=2)
+
+    ready = tenant.client.ready()
+    assert ready.ready and ready.database == "ok" and ready.engine == "ready" and ready.workers == "off"
+    assert tenant.client.health().status == "ok"
+    page = httpx.get(f"{api.url}/metrics")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = page.text
+
+    def value(pattern: str) -> float:
+        found = re.search(rf"^{pattern} (\S+)$", text, flags=re.MULTILINE)
+        assert found, pattern
+        return float(found.group(1))
+
+    route = re.escape('route="/v1/users/{user_id}/generate",status="200"')
+    assert value(rf'lorafleet_http_requests_total\{{method="POST",{route}\}}') >= 2
+    assert (
+        value(
+            r'lorafleet_http_request_duration_seconds_count\{method="POST",route="/v1/users/\{user_id\}/generate"\}'
+        )
+        >= 2
+    )
+    assert value(r'lorafleet_jobs\{state="queued"\}') >= 0
+    assert value("lorafleet_engine_loaded") == 1
+    assert value("lorafleet_serving_requests_total") >= 2
+    for counter in ("hits", "misses", "loads"):  # the second request found the version's slot loaded
+        assert value(f"lorafleet_adapter_cache_{counter}_total") >= 1
+    assert "# TYPE lorafleet_http_requests_total counter" in text
+
+
+def test_a_version_shows_its_latest_qa_decision_report_and_document(
+    make_tenant: Callable[[], TenantHandle], library: Library, adapter_folder: Callable[[int], Path]
+) -> None:
+    from lorafleet.qa.reports import store_document
+    from lorafleet.store.sql.qa_repository import NewQAReport, QARepository
+
+    tenant = make_tenant()
+    live_personal_version(library, tenant_id=tenant.id, user="rita", folder=adapter_folder(6))
+    (version,) = tenant.client.list_versions("rita", "personal")
+    repo = QARepository(dialect=library.db.dialect)
+    for decision, note in (("keep", "first look"), ("reject", "regressed on the task set")):
+        document = {"decision": decision, "reasons": [note]}
+        blob = store_document(library.registry, document)
+        new = NewQAReport(
+            tenant_id=tenant.id,
+            version_id=version.id,
+            kind="candidate",
+            policy_version="test-1",
+            decision=decision,  # type: ignore[arg-type]
+            reasons=(note,),
+            summary={"cells": 1},
+            blob_sha256=blob.sha256,
+            blob_uri=blob.uri,
+            blob_size_bytes=blob.size,
+            job_id=None,
+        )
+        with library.db.session() as session:
+            repo.insert_report(session, new=new)
+
+    detail = tenant.client.get_version("rita", "personal", 1, qa_document=True)
+    assert detail.qa_decision == "reject" and [r.decision for r in detail.qa_reports] == ["keep", "reject"]
+    assert detail.qa_report is not None and detail.qa_report.reasons == ["regressed on the task set"]
+    assert detail.qa_document == {"decision": "reject", "reasons": ["regressed on the task set"]}
+    assert tenant.client.get_version("rita", "personal", 1).qa_document is None
+    assert tenant.client.lineage("rita", "personal", 1).root.qa_decisions == ["keep", "reject"]
