@@ -402,6 +402,24 @@ class SqlQAReport(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class SqlIdempotencyKey(Base):
+    """A tenant's ``Idempotency-Key`` and the response it produced (status NULL: the first request is running).
+
+    ``request_hash`` (sha256 of method, path and body) tells a retry from another request reusing the key.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("tenant_id", "key"),)
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(256))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response_body: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
 __all__ = [
     "Base",
     "SqlTenant",
@@ -420,4 +438,5 @@ __all__ = [
     "SqlEnrolmentEvent",
     "SqlGateSettings",
     "SqlQAReport",
+    "SqlIdempotencyKey",
 ]
