@@ -1,4 +1,4 @@
-"""The ``lorafleet`` command line: ``lorafleet db upgrade``, ``lorafleet demo``, ...
+"""The ``lorafleet`` command line: ``lorafleet serve``, ``lorafleet db upgrade``, ``lorafleet demo``, ...
 
 Each subcommand is a small function taking the parsed arguments; library errors are printed as one line
 with their code and exit with status 2, so scripts can tell a refused input from a crash.
@@ -44,10 +44,77 @@ def _db_current(_args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(_args: argparse.Namespace) -> int:
+def _qa_report(args: argparse.Namespace) -> int:
+    from lorafleet.config import load_settings
+    from lorafleet.qa.reports import format_report, load_report
+    from lorafleet.registry import Registry
+    from lorafleet.store.blob import open_blob_store_from_settings
+    from lorafleet.store.sql.database import Database
+
+    settings = load_settings()
+    db = Database(settings.resolved_database_url)
+    try:
+        registry = Registry(db, open_blob_store_from_settings(settings))
+        report, document = load_report(db, registry, report_id=args.report_id, tenant_id=args.tenant)
+        print(format_report(report, document), end="")
+    finally:
+        db.dispose()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
     from lorafleet.demo import run_demo
 
-    return run_demo()
+    return run_demo(users=args.users, timeout=args.timeout)
+
+
+def _lazy(name: str) -> Handler:
+    """A handler from ``lorafleet.cli_commands``, imported only when its command runs."""
+
+    def handler(args: argparse.Namespace) -> int:
+        from lorafleet import cli_commands
+
+        result: int = getattr(cli_commands, name)(args)
+        return result
+
+    return handler
+
+
+def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser("serve", help="the API, the scheduler and local trainer workers in one process")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="Ray trainer actors to run (default 1)")
+    serve.add_argument("--scheduler-interval", type=float, default=30.0, help="seconds between ticks")
+    serve.add_argument("--no-scheduler", action="store_true", help="do not run the scheduler loop")
+    serve.add_argument("--preload-engine", action="store_true", help="load the serving engine at start")
+    serve.set_defaults(handler=_lazy("serve"))
+
+    tenants = sub.add_parser("tenants", help="tenants").add_subparsers(dest="tenants_command", required=True)
+    create = tenants.add_parser("create", help="create a tenant and print its API key (once)")
+    create.add_argument("name")
+    create.set_defaults(handler=_lazy("tenants_create"))
+    tenants.add_parser("list", help="list tenants").set_defaults(handler=_lazy("tenants_list"))
+
+    users = sub.add_parser("users", help="a tenant's users and their live adapter versions")
+    users.add_argument("--tenant", required=True, help="tenant name")
+    users.add_argument("--limit", type=int, default=100)
+    users.add_argument("--offset", type=int, default=0)
+    users.set_defaults(handler=_lazy("users"))
+
+    versions = sub.add_parser("versions", help="a user's adapter versions (status, live, metrics)")
+    lineage = sub.add_parser("lineage", help="a version's ancestors and descendants")
+    rollback = sub.add_parser("rollback", help="move a user's live adapter back (recorded in the history)")
+    for p in (versions, lineage, rollback):
+        p.add_argument("--tenant", required=True, help="tenant name")
+        p.add_argument("--user", required=True, help="the user's external id")
+        p.add_argument("--adapter", default="personal", help="adapter name (default personal)")
+    versions.set_defaults(handler=_lazy("versions"))
+    lineage.add_argument("--version", type=int, required=True, help="version number")
+    lineage.set_defaults(handler=_lazy("lineage"))
+    rollback.add_argument("--to", required=True, help="an earlier version number, or 'none' (no adapter)")
+    rollback.add_argument("--reason", required=True)
+    rollback.set_defaults(handler=_lazy("rollback"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     down.set_defaults(handler=_db_downgrade)
     db.add_parser("current", help="print the current revision").set_defaults(handler=_db_current)
 
-    sub.add_parser("demo", help="run the demo on the embedded defaults").set_defaults(handler=_demo)
+    qa = sub.add_parser("qa", help="QA reports").add_subparsers(dest="qa_command", required=True)
+    report = qa.add_parser("report", help="print a QA report as a table")
+    report.add_argument("report_id", type=int)
+    report.add_argument("--tenant", type=int, default=None, help="only this tenant's report")
+    report.set_defaults(handler=_qa_report)
+
+    _add_admin_commands(sub)
+
+    demo = sub.add_parser("demo", help="run the end-to-end demo on the embedded defaults (a few minutes)")
+    demo.add_argument("--users", type=int, default=4, help="synthetic users (default 4)")
+    demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for training and QA")
+    demo.set_defaults(handler=_demo)
     return parser
 
 

@@ -11,11 +11,10 @@ import argparse
 import logging
 import sys
 
-from services.api.app import create_app
-from services.api.runtime import ApiOptions
-
 from lorafleet.config import load_settings
 from lorafleet.errors import LorafleetError
+from services.api.app import create_app
+from services.api.runtime import ApiOptions
 
 logger = logging.getLogger("lorafleet.api")
 _DEFAULTS = ApiOptions()

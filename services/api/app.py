@@ -13,15 +13,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from lorafleet import __version__
+from lorafleet.config import Settings
 from services.api.errors import install_error_handlers
 from services.api.metrics import ApiMetrics
 from services.api.middleware import BodySizeLimitMiddleware, MetricsMiddleware
 from services.api.routes import ROUTERS
 from services.api.runtime import ApiOptions, ApiServices, BackgroundRuntime
-from starlette.concurrency import run_in_threadpool
-
-from lorafleet import __version__
-from lorafleet.config import Settings
 
 logger = logging.getLogger("lorafleet.api")
 

@@ -13,10 +13,10 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from services.api.runtime import ApiServices
 
 from lorafleet.domain import Adapter, Tenant, User
 from lorafleet.errors import AuthError, NotFoundError, PermissionDeniedError
+from services.api.runtime import ApiServices
 
 _bearer = HTTPBearer(auto_error=False, description="A tenant's API key, or the admin key for /v1/tenants.")
 

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from services.api.runtime import ApiServices
 
 from lorafleet.domain import Tenant
 from lorafleet.store.sql.idempotency import request_hash
+from services.api.runtime import ApiServices
 
 REPLAYED_HEADER = "Idempotent-Replayed"
 

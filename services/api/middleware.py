@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import time
 
-from services.api.metrics import ApiMetrics
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.api.metrics import ApiMetrics
 
 UNMATCHED_ROUTE = "(unmatched)"
 #: a declared-too-large body up to this size is read and discarded before the 413, so the client, still

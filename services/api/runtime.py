@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from services.api.errors import ServiceUnavailableError
-from services.api.metrics import ApiMetrics
 from sqlalchemy import text
 
 from lorafleet.config import Settings
@@ -35,6 +33,8 @@ from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.idempotency import IdempotencyRepository
 from lorafleet.store.sql.models import utcnow
 from lorafleet.store.sql.tenants import TenantRepository
+from services.api.errors import ServiceUnavailableError
+from services.api.metrics import ApiMetrics
 
 if TYPE_CHECKING:
     from lorafleet.jobs.ray_runtime import TrainerPool

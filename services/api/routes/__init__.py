@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+
 from services.api.routes import adapters, enrolments, feedback, health, inference, jobs, tenants
 
 ROUTERS: tuple[APIRouter, ...] = (

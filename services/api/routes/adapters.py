@@ -6,14 +6,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from services.api import convert
-from services.api.deps import CurrentTenant, CurrentUser, IdempotencyKey, Services, UserAdapter, VersionNumber
-from services.api.idempotency import run_idempotent
-from services.api.runtime import ApiServices
 
 from lorafleet.domain import Adapter, AliasEvent, Tenant
 from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.sdk import schemas as s
+from services.api import convert
+from services.api.deps import CurrentTenant, CurrentUser, IdempotencyKey, Services, UserAdapter, VersionNumber
+from services.api.idempotency import run_idempotent
+from services.api.runtime import ApiServices
 
 router = APIRouter(prefix="/v1/users/{user_id}/adapters", tags=["adapters"])
 

@@ -6,13 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
-from services.api import convert
-from services.api.deps import CurrentTenant, CurrentUser, IdempotencyKey, Services, UserId
-from services.api.idempotency import run_idempotent
 
 from lorafleet.qa.triggers import enrol_and_recheck
 from lorafleet.routing.bank import list_enrolments, unenrol
 from lorafleet.sdk import schemas as s
+from services.api import convert
+from services.api.deps import CurrentTenant, CurrentUser, IdempotencyKey, Services, UserId
+from services.api.idempotency import run_idempotent
 
 router = APIRouter(prefix="/v1/users/{user_id}/enrolments", tags=["enrolments"])
 TaskName = Annotated[str, Path(min_length=1, max_length=128, description="The task adapter's name.")]

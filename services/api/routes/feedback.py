@@ -6,12 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from services.api import convert
-from services.api.deps import CurrentTenant, CurrentUser, IdempotencyKey, Services, UserId
-from services.api.idempotency import run_idempotent
 
 from lorafleet.feedback import ingest_feedback, list_feedback
 from lorafleet.sdk import schemas as s
+from services.api import convert
+from services.api.deps import CurrentTenant, CurrentUser, IdempotencyKey, Services, UserId
+from services.api.idempotency import run_idempotent
 
 router = APIRouter(prefix="/v1/users/{user_id}/feedback", tags=["feedback"])
 

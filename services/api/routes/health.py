@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from services.api.deps import Services
-from services.api.metrics import exposition, gauge_lines, job_lines
-from services.api.runtime import BackgroundRuntime
 
 from lorafleet.errors import LorafleetError
 from lorafleet.sdk import schemas as s
+from services.api.deps import Services
+from services.api.metrics import exposition, gauge_lines, job_lines
+from services.api.runtime import BackgroundRuntime
 
 router = APIRouter(tags=["health"])
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"

@@ -17,12 +17,12 @@ import uuid
 from collections.abc import Sequence
 
 from fastapi import APIRouter
-from services.api import convert
-from services.api.deps import CurrentTenant, Services, UserId
-from services.api.runtime import ApiServices
 
 from lorafleet.sdk import schemas as s
 from lorafleet.serving.requests import GenerationRequest, GenerationResult
+from services.api import convert
+from services.api.deps import CurrentTenant, Services, UserId
+from services.api.runtime import ApiServices
 
 router = APIRouter(tags=["inference"])
 CHAT_STOP = "\nuser:"

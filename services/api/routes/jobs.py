@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
+
+from lorafleet.sdk import schemas as s
 from services.api import convert
 from services.api.deps import CurrentTenant, IdempotencyKey, Services, UserId
 from services.api.idempotency import run_idempotent
-
-from lorafleet.sdk import schemas as s
 
 router = APIRouter(tags=["jobs"])
 

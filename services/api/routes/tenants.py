@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path
-from services.api.deps import Admin, Services
 
 from lorafleet.sdk import schemas as s
+from services.api.deps import Admin, Services
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 TenantName = Annotated[str, Path(min_length=1, max_length=128)]

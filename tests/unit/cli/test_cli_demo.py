@@ -1,4 +1,4 @@
-"""The ``lorafleet`` command line: migrations and the demo on the embedded defaults (a temp data dir)."""
+"""The ``lorafleet`` command line: migrations and the end-to-end demo on the embedded defaults (a temp data dir)."""
 
 from __future__ import annotations
 
@@ -36,9 +36,21 @@ def test_bad_setting_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_runs_and_rollback_restores_version_one(tmp_path: Path) -> None:
+def test_demo_trains_serves_rolls_back_and_prints_a_lineage(tmp_path: Path) -> None:
     result = _run(["demo"], tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "live version after rollback: 1" in result.stdout
-    assert "identical to v1's logits: True" in result.stdout
-    assert "lineage of version 3: v1 -> v2 -> v3" in result.stdout
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "service up at http://127.0.0.1:" in out
+    rows = [
+        line for line in out.splitlines() if line.split()[:1] in (["ada"], ["bruno"], ["chiara"], ["dmitri"])
+    ]
+    for user in ("ada", "bruno", "chiara", "dmitri"):
+        # every user got a QA decision: live, or an honest rejection line
+        decided = [r for r in rows if r.startswith(user) and (" live (" in r or " rejected (" in r)]
+        assert decided, out
+    assert "shared task adapter: skipped" in out
+    assert "rolled back " in out and "answers changed" in out
+    assert " -> none" in out or "-> v1" in out  # the alias history records the rollback
+    assert "demo: user reported odd answers" in out
+    assert "lineage of " in out
+    assert "timings: " in out

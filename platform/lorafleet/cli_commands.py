@@ -1,0 +1,207 @@
+"""Implementations of the ``lorafleet`` admin and inspection commands, and ``lorafleet serve``.
+
+The admin commands use the library directly (they run where the database is): they open the database and the
+object store named by the ``LORAFLEET_*`` settings, do one thing, print it, and close what they opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from lorafleet.errors import ValidationError
+
+if TYPE_CHECKING:
+    from lorafleet.config import Settings
+    from lorafleet.registry import Registry
+    from lorafleet.store.sql.database import Database
+    from lorafleet.store.sql.tenants import TenantRepository
+
+log = logging.getLogger("lorafleet.cli")
+
+
+@dataclass
+class Library:
+    settings: Settings
+    db: Database
+    registry: Registry
+    tenants: TenantRepository
+
+
+@contextmanager
+def open_library() -> Iterator[Library]:
+    """The database, registry and tenants of the configured settings (disposed on exit)."""
+    from lorafleet.config import load_settings
+    from lorafleet.registry import Registry
+    from lorafleet.store.blob import open_blob_store_from_settings
+    from lorafleet.store.sql.database import Database
+    from lorafleet.store.sql.tenants import TenantRepository
+
+    settings = load_settings()
+    db = Database(settings.resolved_database_url)
+    try:
+        yield Library(
+            settings, db, Registry(db, open_blob_store_from_settings(settings)), TenantRepository(db)
+        )
+    finally:
+        db.dispose()
+
+
+def _adapter_id(lib: Library, tenant: str, user: str, adapter: str) -> tuple[int, int]:
+    """(tenant id, adapter id) of the user's adapter; NotFound errors name what is missing."""
+    from lorafleet.errors import NotFoundError
+
+    t = lib.tenants.get_tenant(name=tenant)
+    u = lib.tenants.get_user(tenant_id=t.id, external_id=user)
+    found = lib.registry.find_adapter(tenant_id=t.id, owner_user_id=u.id, name=adapter)
+    if found is None:
+        raise NotFoundError(f"user {user!r} of tenant {tenant!r} has no adapter {adapter!r}")
+    return t.id, found.id
+
+
+def tenants_create(args: argparse.Namespace) -> int:
+    with open_library() as lib:
+        tenant, key = lib.tenants.create_tenant(name=args.name)
+    print(f"tenant {tenant.name!r} (id {tenant.id}) created")
+    print(f"api key (shown only now): {key}")
+    return 0
+
+
+def tenants_list(_args: argparse.Namespace) -> int:
+    with open_library() as lib:
+        rows = lib.tenants.list_tenants()
+    for t in rows:
+        print(f"{t.id:>5}  {t.name}")
+    return 0
+
+
+def users(args: argparse.Namespace) -> int:
+    with open_library() as lib:
+        tenant = lib.tenants.get_tenant(name=args.tenant)
+        rows = lib.tenants.list_users(tenant_id=tenant.id, limit=args.limit, offset=args.offset)
+        print(f"{'id':>6}  {'user':24} {'adapters (live version)'}")
+        for user in rows:
+            adapters = lib.registry.list_adapters(tenant_id=tenant.id, owner_user_id=user.id)
+            parts = []
+            for a in adapters:
+                live = lib.registry.live_version(tenant_id=tenant.id, adapter_id=a.id)
+                parts.append(f"{a.name}:v{live.number}" if live else f"{a.name}:-")
+            print(f"{user.id:>6}  {user.external_id:24} {' '.join(parts) or '-'}")
+    return 0
+
+
+def _metric(metrics: dict[str, Any], key: str) -> str:
+    value = metrics.get(key)
+    return f"{100 * value:.0f}%" if isinstance(value, int | float) else "-"
+
+
+def versions(args: argparse.Namespace) -> int:
+    with open_library() as lib:
+        tenant_id, adapter_id = _adapter_id(lib, args.tenant, args.user, args.adapter)
+        rows = lib.registry.list_versions(tenant_id=tenant_id, adapter_id=adapter_id)
+        live = lib.registry.live_version(tenant_id=tenant_id, adapter_id=adapter_id)
+    print(
+        f"{'v':>4}  {'status':9} {'live':4}  {'sha256':12}  {'job':>5}  {'holdout acc before/after':24} created"
+    )
+    for v in rows:
+        acc = (
+            f"{_metric(v.metrics, 'holdout_sequence_accuracy_before')} / "
+            f"{_metric(v.metrics, 'holdout_sequence_accuracy_after')}"
+        )
+        mark = "*" if live is not None and live.id == v.id else ""
+        print(
+            f"{v.number:>4}  {v.status:9} {mark:4}  {v.sha256[:12]}  {v.job_id or '-':>5}  {acc:24} "
+            f"{v.created_at:%Y-%m-%d %H:%M:%S}"
+        )
+    return 0
+
+
+def lineage(args: argparse.Namespace) -> int:
+    with open_library() as lib:
+        tenant_id, adapter_id = _adapter_id(lib, args.tenant, args.user, args.adapter)
+        version = lib.registry.get_version(tenant_id=tenant_id, adapter_id=adapter_id, number=args.version)
+        found = lib.registry.lineage(tenant_id=tenant_id, version_id=version.id)
+    chain = [n.version.number for n in reversed(found.ancestors)] + [found.root.version.number]
+    print(f"lineage of {args.user}/{args.adapter} v{args.version}: " + " -> ".join(f"v{n}" for n in chain))
+    for node in [*reversed(found.ancestors), found.root, *found.descendants]:
+        v = node.version
+        print(
+            f"  v{v.number:<3} distance {node.distance:>2}  {v.status:9} sha256 {v.sha256[:12]}  "
+            f"job {v.job_id or '-'}  snapshot {v.dataset_snapshot_id or '-'}"
+        )
+    for edge in found.edges:
+        print(f"  edge: {edge.child_version_id} <-{edge.relation}- {edge.parent_version_id}")
+    return 0
+
+
+def rollback(args: argparse.Namespace) -> int:
+    to: str = args.to
+    target: int | None
+    if to.lower() == "none":
+        target = None
+    elif to.isdigit():
+        target = int(to)
+    else:
+        raise ValidationError(f"--to: a version number or 'none', got {to!r}")
+    with open_library() as lib:
+        tenant_id, adapter_id = _adapter_id(lib, args.tenant, args.user, args.adapter)
+        lib.registry.rollback(
+            tenant_id=tenant_id, adapter_id=adapter_id, to_number=target, actor="cli", reason=args.reason
+        )
+        live = lib.registry.live_version(tenant_id=tenant_id, adapter_id=adapter_id)
+    now = f"v{live.number}" if live else "none (base model)"
+    print(f"rolled back {args.user}/{args.adapter}: live is now {now} (reason: {args.reason!r})")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    """The API, the scheduler loop and ``--workers`` Ray trainer actors in one process, until SIGINT/SIGTERM."""
+    import uvicorn
+    from services.api.app import create_app
+    from services.api.runtime import ApiOptions
+
+    from lorafleet.config import load_settings
+
+    settings = load_settings()
+    options = ApiOptions(
+        run_scheduler=not args.no_scheduler,
+        scheduler_interval=args.scheduler_interval,
+        run_workers=args.workers,
+        preload_engine=args.preload_engine,
+        migrate=True,
+    )
+    log.info(
+        "serving on http://%s:%d: database %s, object store %s, ray %s, %d trainer actor(s)",
+        args.host,
+        args.port,
+        settings.resolved_database_url.split("@")[-1],
+        settings.resolved_object_store_url,
+        settings.ray_address or "local (loopback)",
+        args.workers,
+    )
+    app = create_app(settings, options=options)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", lifespan="on")
+    server = uvicorn.Server(config)
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: shutting down (stopping the scheduler and the trainer actors)", signum)
+        server.should_exit = True
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, stop)
+    server.run()
+    log.info("stopped")
+    return 0
+
+
+def dump_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,175 @@
+"""The ``lorafleet`` admin and inspection commands against a temp SQLite data dir (the library sets up versions)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from tests.unit.registry.registry_helpers import write_adapter_dir
+
+from lorafleet.cli import main
+from lorafleet.config import load_settings
+from lorafleet.registry import Registry
+from lorafleet.store.blob import open_blob_store_from_settings
+from lorafleet.store.sql import migrate
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.tenants import TenantRepository
+
+
+@dataclass
+class Setup:
+    tenant: str
+    data_dir: Path
+    db: Database
+    registry: Registry
+    tenant_id: int
+    adapter_id: int
+
+
+@pytest.fixture
+def setup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Setup]:
+    """A migrated data dir; tenant ``acme`` (made by the CLI), user ``alice`` with versions 1..3 of
+    ``personal`` (each continued from the last), v3 live."""
+    monkeypatch.setenv("LORAFLEET_DATA_DIR", str(tmp_path))
+    assert main(["db", "upgrade"]) == 0
+    assert main(["tenants", "create", "acme"]) == 0
+    out = capsys.readouterr().out
+    assert "tenant 'acme'" in out and "api key (shown only now): " in out
+
+    settings = load_settings()
+    migrate.upgrade(settings.resolved_database_url)
+    db = Database(settings.resolved_database_url)
+    registry = Registry(db, open_blob_store_from_settings(settings))
+    tenants = TenantRepository(db)
+    tenant = tenants.get_tenant(name="acme")
+    user = tenants.get_or_create_user(tenant_id=tenant.id, external_id="alice")
+    tenants.get_or_create_user(tenant_id=tenant.id, external_id="bob")
+    adapter = registry.create_adapter(
+        tenant_id=tenant.id, owner_user_id=user.id, name="personal", target_config={"rank": 4}
+    )
+    parent = None
+    for number in (1, 2, 3):
+        folder = write_adapter_dir(tmp_path / f"adapter-{number}", seed=number)
+        version = registry.register_version(
+            tenant_id=tenant.id,
+            adapter_id=adapter.id,
+            adapter_dir=folder,
+            base_fingerprint="f" * 64,
+            parents=[(parent.id, "continued-from")] if parent else [],
+            metrics={"holdout_sequence_accuracy_before": 0.125, "holdout_sequence_accuracy_after": 0.75},
+        )
+        registry.promote(tenant_id=tenant.id, adapter_id=adapter.id, number=number, actor="test", reason="ok")
+        parent = version
+    yield Setup("acme", tmp_path, db, registry, tenant.id, adapter.id)
+    db.dispose()
+
+
+def test_users_lists_users_and_live_versions(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["users", "--tenant", "acme"]) == 0
+    out = capsys.readouterr().out
+    assert "alice" in out and "personal:v3" in out
+    assert "bob" in out
+
+
+def test_versions_marks_the_live_one_and_shows_accuracy(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["versions", "--tenant", "acme", "--user", "alice"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == {"1", "2", "3"}
+    assert "*" in rows["3"] and "*" not in rows["1"]
+    assert "12% / 75%" in rows["2"]
+
+
+def test_lineage_prints_the_chain(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lineage", "--tenant", "acme", "--user", "alice", "--version", "3"]) == 0
+    assert "lineage of alice/personal v3: v1 -> v2 -> v3" in capsys.readouterr().out
+
+
+def test_rollback_moves_live_and_is_recorded(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["rollback", "--tenant", "acme", "--user", "alice", "--reason", "bad answers"]
+    assert main([*args, "--to", "1"]) == 0
+    assert "live is now v1" in capsys.readouterr().out
+    live = setup.registry.live_version(tenant_id=setup.tenant_id, adapter_id=setup.adapter_id)
+    assert live is not None and live.number == 1
+    last = setup.registry.alias_history(tenant_id=setup.tenant_id, adapter_id=setup.adapter_id)[-1]
+    assert (last.actor, last.reason) == ("cli", "bad answers")
+
+    assert main([*args, "--to", "none"]) == 0
+    assert "live is now none" in capsys.readouterr().out
+    assert setup.registry.live_version(tenant_id=setup.tenant_id, adapter_id=setup.adapter_id) is None
+
+
+def test_errors_exit_2_with_the_reason(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["rollback", "--tenant", "acme", "--user", "alice", "--reason", "x"]
+    assert main([*args, "--to", "3"]) == 2  # not earlier than live
+    assert "error [" in capsys.readouterr().err
+    assert main([*args, "--to", "soon"]) == 2
+    assert "--to" in capsys.readouterr().err
+    assert main(["versions", "--tenant", "acme", "--user", "nobody"]) == 2
+    assert main(["versions", "--tenant", "nope", "--user", "alice"]) == 2
+    assert main(["tenants", "create", "acme"]) == 2  # the name is taken
+    capsys.readouterr()
+
+
+def test_serve_help_names_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--host", "--port", "--workers", "--scheduler-interval"):
+        assert option in out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """``lorafleet serve`` (no workers, no scheduler: no Ray) migrates, serves /healthz, exits 0 on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = _free_port()
+    env = {"LORAFLEET_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    args = ["serve", "--port", str(port), "--workers", "0", "--no-scheduler"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorafleet.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "serve did not answer /healthz"
+            time.sleep(0.2)
+        assert (tmp_path / "lorafleet.db").exists()  # migrated at start
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, output
+        assert "shutting down" in output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
