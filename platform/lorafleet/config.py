@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, ValidationError, field_validator
@@ -51,8 +51,11 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(
         default=60.0, ge=1.0, le=24 * 3600.0, description="Job lease; a dead worker's job restarts after it."
     )
-    promote_rule: Literal["holdout-improved", "never", "always"] = Field(
-        default="holdout-improved", description="Auto-promotion of new versions until QA decides."
+    promote_rule: Literal["holdout-improved", "never", "always", "qa"] = Field(
+        default="qa", description="How new versions go live: qa (a QA job decides), or a training-time rule."
+    )
+    qa_policy: dict[str, Any] = Field(
+        default_factory=dict, description="QA policy overrides as JSON (lorafleet.qa.policy.QAPolicy fields)."
     )
 
     @field_validator("database_url")

@@ -1,4 +1,5 @@
-"""Jobs on Ray: trainer actors that keep the backbone loaded and pull ``train`` jobs from the job queue.
+"""Jobs on Ray: trainer actors that keep the backbone loaded and pull ``train`` and ``qa`` jobs from the queue
+(QA evaluates on the same resident backbone and adapter bank, between training jobs).
 
 The queue is the source of truth, not Ray: an actor *claims* a job under a lease, heartbeats while it trains,
 and registers versions in the job's fenced transaction (``lorafleet.jobs.queue``). A job whose actor died is
@@ -100,12 +101,14 @@ class TrainerHost:
         self,
         settings: Mapping[str, Any],
         training: Mapping[str, Any] | None = None,
+        qa_policy: Mapping[str, Any] | None = None,
         *,
         worker_id: str | None = None,
     ) -> None:
         from lorafleet.jobs.queue import JobQueue
         from lorafleet.jobs.scheduler import TRAIN_JOB_KIND
         from lorafleet.jobs.worker import JobWorker
+        from lorafleet.qa.triggers import QA_JOB_KIND
         from lorafleet.registry import Registry
         from lorafleet.store.blob import open_blob_store_from_settings
         from lorafleet.store.sql.database import Database
@@ -120,10 +123,11 @@ class TrainerHost:
             gc_grace_seconds=self.settings.blob_gc_grace_seconds,
         )
         self.trainer = self._build_trainer(TrainingConfig.from_mapping(training))
+        self.qa = self._build_qa(qa_policy)
         self.worker = JobWorker(
             JobQueue(self.db),
             worker_id=self.worker_id,
-            handlers={TRAIN_JOB_KIND: self.trainer.run_job},
+            handlers={TRAIN_JOB_KIND: self.trainer.run_job, QA_JOB_KIND: self.qa.run_job},
             lease_seconds=self.settings.lease_seconds,
         )
         self._run_lock = threading.Lock()
@@ -161,6 +165,19 @@ class TrainerHost:
             config=config,
             promote_rule=s.promote_rule,
             progress=self._on_progress,
+        )
+
+    def _build_qa(self, policy: Mapping[str, Any] | None) -> Any:
+        """The ``qa`` handler on the trainer's own backbone and bank (QA evicts its slots after each job)."""
+        from lorafleet.qa.policy import QAPolicy
+        from lorafleet.qa.runner import QARunner
+
+        return QARunner(
+            self.db,
+            self.registry,
+            self.trainer.backbone,
+            self.trainer.bank,
+            policy=QAPolicy.from_mapping({**self.settings.qa_policy, **(policy or {})}),
         )
 
     # --- running jobs -------------------------------------------------------------------------------------
@@ -231,6 +248,7 @@ class TrainerPool:
         n_actors: int = 1,
         training: Mapping[str, Any] | None = None,
         env_vars: Mapping[str, str] | None = None,
+        qa_policy: Mapping[str, Any] | None = None,
     ) -> None:
         if n_actors < 1:
             raise ConfigError("n_actors: must be at least 1")
@@ -245,7 +263,8 @@ class TrainerPool:
         cls = trainer_actor_class().options(**options)
         overrides = actor_settings(settings)
         train = dict(training or {})
-        self.actors = [cls.remote(overrides, train) for _ in range(n_actors)]
+        qa = dict(qa_policy or {})
+        self.actors = [cls.remote(overrides, train, qa) for _ in range(n_actors)]
         self.workers = self._ready()
 
     def _ready(self) -> list[str]:

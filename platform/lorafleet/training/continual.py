@@ -8,9 +8,10 @@ of the job in one ``train_slots`` call on the resident backbone.
 
 Writes are ordered so a worker that dies or loses its lease leaves no version behind: blobs first (orphans
 are collected by ``Registry.gc``), then, inside the job's fenced transaction, each user's dataset snapshot
-and version row and the job's success, committed together. The promote rule runs after that commit:
-``holdout-improved`` moves ``live`` to a new version whose holdout loss beat its parent's (the QA issue
-replaces this rule).
+and version row and the job's success, committed together. With the promote rule ``qa`` (the default
+setting) the same transaction queues one ``qa`` job per new version, and ``lorafleet.qa`` decides; the other
+rules run after the commit: ``holdout-improved`` moves ``live`` to a new version whose holdout loss beat its
+parent's, ``always`` and ``never`` do what they say.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PromoteRule = Literal["holdout-improved", "never", "always"]
+#: ``qa``: each new version is a candidate until its QA job (queued in the registering transaction) decides
+PromoteRule = Literal["holdout-improved", "never", "always", "qa"]
 PROMOTE_RULES: tuple[str, ...] = get_args(PromoteRule)
 PERSONAL_ADAPTER = "personal"
 AUTO_PROMOTE_ACTOR = "auto-promote"
@@ -108,6 +110,8 @@ def promote_decision(rule: str, metrics: Mapping[str, Any]) -> tuple[bool, str]:
         return False, "promote rule 'never'"
     if rule == "always":
         return True, "promote rule 'always'"
+    if rule == "qa":
+        return False, "QA decides (promote rule 'qa')"
     before, after = (
         _finite_or_none(metrics.get("holdout_loss_before")),
         _finite_or_none(metrics.get("holdout_loss_after")),
@@ -338,9 +342,28 @@ class ContinualTrainer:
                 self._register_user(fence.session, job=job, tenant_id=tenant_id, user=user)
                 for user in trained
             ]
-            result = {"versions": entries, "skipped": dict(skipped), "promote_rule": self.promote_rule}
+            result: dict[str, Any] = {
+                "versions": entries,
+                "skipped": dict(skipped),
+                "promote_rule": self.promote_rule,
+            }
+            if self.promote_rule == "qa":
+                result["qa_jobs"] = self._submit_qa(fence.session, tenant_id=tenant_id, entries=entries)
             fence.succeed(result)
         return result
+
+    def _submit_qa(
+        self, session: Session, *, tenant_id: int, entries: Sequence[Mapping[str, Any]]
+    ) -> list[int]:
+        """One ``qa`` job per new version, in the job's fenced transaction (dedupe key ``qa:<version id>``)."""
+        from lorafleet.jobs.queue import JobQueue
+        from lorafleet.qa.triggers import submit_candidate_qa
+
+        queue = JobQueue(self.db)
+        return [
+            submit_candidate_qa(session, queue=queue, tenant_id=tenant_id, version_id=e["version_id"]).id
+            for e in entries
+        ]
 
     def _register_user(
         self, session: Session, *, job: Job, tenant_id: int, user: TrainedUser

@@ -58,6 +58,7 @@ def make_settings(data_dir: Path) -> Callable[..., Settings]:
             "device": "cpu",
             "ray_address": "",
             "trainer_slots": 4,
+            "promote_rule": "holdout-improved",  # these tests are about training; QA has its own
             **more,
         }
         return load_settings(**values)

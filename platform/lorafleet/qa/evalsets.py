@@ -1,0 +1,123 @@
+"""The rows of the QA matrix: holdouts read from the feedback a version was trained on, and the probe set.
+
+- A user's (personal) adapter: the user's holdout, i.e. every feedback record of the user up to the version's
+  watermark (the newest record its training job saw), split by the production rule (``build_dataset``: by
+  content hash, so a record is holdout on every machine and in every job). Holdout records are never trained
+  on, so the set measures generalisation, and a later version is scored on the same records plus newer ones.
+- A shared task adapter: the holdout part of the records its version's dataset snapshot lists (none when the
+  version records no snapshot, e.g. an import; the report then shows an empty row).
+- The probe set (``lorafleet.qa.probe``).
+
+The split uses the version's own training config (holdout fraction, rating threshold); every set is capped at
+``policy.max_examples_per_set`` examples (``lorafleet.qa.sampling.cap_examples``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lorafleet.domain import AdapterVersion, FeedbackRecord
+from lorafleet.qa.policy import QAPolicy
+from lorafleet.qa.probe import probe_examples
+from lorafleet.qa.results import PROBE, RowInfo, RowKind
+from lorafleet.qa.sampling import cap_examples
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.feedback import get_snapshot
+from lorafleet.store.sql.qa_repository import QARepository
+from lorafleet.training.config import TrainingConfig
+from lorafleet.training.dataset import Example, build_dataset
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One row: the examples scored (capped) out of ``total`` available."""
+
+    name: str
+    kind: RowKind
+    examples: tuple[Example, ...]
+    total: int
+    adapter_id: int | None = None
+    own: bool = False
+
+    def info(self) -> RowInfo:
+        return RowInfo(self.name, self.kind, len(self.examples), self.total, self.adapter_id, self.own)
+
+
+def training_config_of(version: AdapterVersion) -> TrainingConfig:
+    """The version's training config (unknown keys such as ``backbone`` dropped), or the defaults."""
+    known = set(TrainingConfig.model_fields)
+    return TrainingConfig.from_mapping({k: v for k, v in version.training_config.items() if k in known})
+
+
+def watermark_of(db: Database, version: AdapterVersion) -> int | None:
+    """The newest feedback id the version's job trained through (None: no snapshot, use all feedback)."""
+    if version.dataset_snapshot_id is None:
+        return None
+    snapshot = get_snapshot(db, snapshot_id=version.dataset_snapshot_id)
+    details: dict[str, Any] = snapshot.details
+    mark = details.get("watermark", snapshot.max_record_id)
+    return None if mark is None else int(mark)
+
+
+def version_records(
+    db: Database, *, tenant_id: int, version: AdapterVersion, owner_user_id: int | None
+) -> list[FeedbackRecord]:
+    """The feedback a version's holdout is drawn from (see the module docstring)."""
+    repo = QARepository(dialect=db.dialect)
+    if owner_user_id is not None:
+        through = watermark_of(db, version)
+        with db.session() as s:
+            return repo.user_records(s, user_id=owner_user_id, through_id=through)
+    if version.dataset_snapshot_id is None:
+        return []
+    snapshot = get_snapshot(db, snapshot_id=version.dataset_snapshot_id)
+    with db.session() as s:
+        return repo.records_by_ids(s, tenant_id=tenant_id, record_ids=list(snapshot.record_ids or ()))
+
+
+def training_prompts(db: Database, *, tenant_id: int, version: AdapterVersion) -> list[str]:
+    """The prompts a version trained on (its snapshot's training split), for a routing key."""
+    if version.dataset_snapshot_id is None:
+        return []
+    snapshot = get_snapshot(db, snapshot_id=version.dataset_snapshot_id)
+    with db.session() as s:
+        records = QARepository(dialect=db.dialect).records_by_ids(
+            s, tenant_id=tenant_id, record_ids=list(snapshot.record_ids or ())
+        )
+    return [e.prompt for e in build_dataset(records, config=training_config_of(version)).train]
+
+
+def holdout_set(
+    db: Database,
+    *,
+    tenant_id: int,
+    version: AdapterVersion,
+    owner_user_id: int | None,
+    name: str,
+    adapter_id: int,
+    own: bool,
+    policy: QAPolicy,
+) -> EvalSet:
+    """A version's holdout as a capped evaluation set."""
+    records = version_records(db, tenant_id=tenant_id, version=version, owner_user_id=owner_user_id)
+    holdout = build_dataset(records, config=training_config_of(version)).holdout
+    kept = cap_examples(holdout, limit=policy.max_examples_per_set, seed=policy.sample_seed, name=name)
+    kind: RowKind = "user-holdout" if owner_user_id is not None else "task-holdout"
+    return EvalSet(name, kind, tuple(kept), len(holdout), adapter_id, own)
+
+
+def probe_set(policy: QAPolicy) -> EvalSet:
+    examples = probe_examples(policy.probe_size)
+    return EvalSet(PROBE, "probe", tuple(examples), len(examples))
+
+
+__all__ = [
+    "EvalSet",
+    "holdout_set",
+    "probe_set",
+    "training_config_of",
+    "training_prompts",
+    "version_records",
+    "watermark_of",
+]

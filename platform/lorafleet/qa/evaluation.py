@@ -1,0 +1,280 @@
+"""Evaluating one version (the *subject*) in the combinations it is served in: sanity first, then the matrix.
+
+The subject is a candidate (compared with the previous live version) or, in a recheck, a live version or an
+earlier one tried for a rollback (no previous). Nothing is written here except slots of the host's bank, which
+are evicted before returning.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from lorafleet.domain import Adapter, AdapterVersion
+from lorafleet.errors import LorafleetError
+from lorafleet.qa.evalsets import EvalSet, holdout_set, probe_set
+from lorafleet.qa.matrix import SlotLoader, embed_sets, evaluate_matrix, gate_traffic
+from lorafleet.qa.plan import (
+    CANDIDATE_HANDLE,
+    PREVIOUS_HANDLE,
+    gated_bank,
+    member_handle,
+    plan_columns,
+    version_member,
+)
+from lorafleet.qa.policy import QAPolicy
+from lorafleet.qa.probe import PROBE_VERSION, probe_digest
+from lorafleet.qa.results import Matrix
+from lorafleet.qa.sampling import MemberSample, member_budget, member_label, sample_members
+from lorafleet.qa.sanity import SanityResult, check_adapter
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.qa_repository import QARepository
+
+if TYPE_CHECKING:
+    from lorafleet.adapters import AdapterBank
+    from lorafleet.backbone import Backbone
+    from lorafleet.registry import Registry
+    from lorafleet.routing.bank import BankMember, UserBank
+    from lorafleet.routing.gates import Gate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """The version under evaluation, what it replaces, and the bank it is served in (None: a task adapter)."""
+
+    kind: Literal["candidate", "recheck"]
+    tenant_id: int
+    adapter: Adapter
+    version: AdapterVersion
+    previous: AdapterVersion | None
+    user_bank: UserBank | None
+    routing_key: tuple[float, ...] | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{'task' if self.adapter.is_task_adapter else 'personal'}:{self.adapter.name}"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Sanity, the matrix (None when sanity failed) and how the bank was evaluated."""
+
+    sanity: SanityResult
+    matrix: Matrix | None
+    bank: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class Evaluator:
+    """Builds and evaluates a subject's matrix on the resident backbone and bank."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        registry: Registry,
+        backbone: Backbone,
+        bank: AdapterBank,
+        policy: QAPolicy,
+        work_dir: Path | None = None,
+    ) -> None:
+        self.db, self.registry, self.backbone, self.bank = db, registry, backbone, bank
+        self.policy, self.work_dir = policy, work_dir
+
+    def own_set(self, subject: Subject) -> EvalSet:
+        """The subject's own holdout (the user's, or the task adapter's)."""
+        return holdout_set(
+            self.db,
+            tenant_id=subject.tenant_id,
+            version=subject.version,
+            owner_user_id=subject.adapter.owner_user_id,
+            name=f"holdout:{subject.label}",
+            adapter_id=subject.adapter.id,
+            own=True,
+            policy=self.policy,
+        )
+
+    def evaluate(self, subject: Subject, *, own: EvalSet) -> Evaluation:
+        """Sanity checks, then (if they pass) every configuration on every evaluation set."""
+        started = time.monotonic()
+        free = self.bank.n_slots - len(self.bank.occupied())
+        with tempfile.TemporaryDirectory(prefix="lorafleet-qa-", dir=self.work_dir) as tmp:
+            work = Path(tmp)
+            folder = self.registry.fetch_version(version=subject.version, dest_dir=work / "subject")
+            sanity = check_adapter(
+                folder, version=subject.version, adapter=subject.adapter, bank=self.bank, policy=self.policy
+            )
+            if not sanity.passed:
+                return Evaluation(sanity, None, {}, time.monotonic() - started)
+            with SlotLoader(bank=self.bank, registry=self.registry, work=work) as loader:
+                loader.load(CANDIDATE_HANDLE, subject.version, folder=folder)
+                notes: dict[str, Any] = {}
+                has_previous = self._load_previous(loader, subject, notes)
+                matrix = self._matrix(subject, own, loader, has_previous, free, notes)
+        notes["probe"] = {"version": PROBE_VERSION, "sha256": probe_digest(self.policy.probe_size)}
+        return Evaluation(sanity, matrix, notes, time.monotonic() - started)
+
+    def _load_previous(self, loader: SlotLoader, subject: Subject, notes: dict[str, Any]) -> bool:
+        if subject.previous is None:
+            return False
+        try:
+            loader.load(PREVIOUS_HANDLE, subject.previous)
+        except LorafleetError as exc:  # e.g. trained on another backbone: compared as if absent, and said so
+            notes["previous_unloadable"] = f"{type(exc).__name__}: {exc}"
+            return False
+        return True
+
+    def _matrix(
+        self,
+        subject: Subject,
+        own: EvalSet,
+        loader: SlotLoader,
+        has_previous: bool,
+        free: int,
+        notes: dict[str, Any],
+    ) -> Matrix:
+        sets: list[EvalSet] = [own]
+        if subject.user_bank is None:
+            columns = plan_columns(
+                has_previous=has_previous, gated_previous=None, gated_candidate=None, others=[]
+            )
+        else:
+            gate = self._gate(subject.user_bank)
+            sample = self._sample(
+                subject,
+                own,
+                gate,
+                budget=member_budget(max_members=self.policy.max_bank_members, free_slots=free),
+            )
+            others = self._load_members(loader, subject, sample.sampled, notes)
+            sets += [self._member_set(subject, m) for m in others]
+            candidate = self._member(subject, subject.version, subject.routing_key)
+            previous = None
+            if has_previous and subject.previous is not None:
+                previous = self._member(subject, subject.previous, self._key(subject.previous))
+            gated_previous = None
+            if subject.kind == "candidate":
+                gated_previous = gated_bank(
+                    subject.user_bank,
+                    gate=gate,
+                    subject=previous,
+                    subject_handle=PREVIOUS_HANDLE,
+                    others=others,
+                )
+            gated_candidate = gated_bank(
+                subject.user_bank,
+                gate=gate,
+                subject=candidate,
+                subject_handle=CANDIDATE_HANDLE,
+                others=others,
+            )
+            columns = plan_columns(
+                has_previous=has_previous,
+                gated_previous=gated_previous,
+                gated_candidate=gated_candidate,
+                others=others,
+            )
+            notes.update(_bank_notes(subject.user_bank, sample))
+        sets.append(probe_set(self.policy))
+        return evaluate_matrix(
+            backbone=self.backbone,
+            bank=self.bank,
+            sets=sets,
+            columns=columns,
+            slots=loader.slots,
+            policy=self.policy,
+        )
+
+    # --- the bank -----------------------------------------------------------------------------------------
+    def _gate(self, user_bank: UserBank) -> Gate:
+        from lorafleet.routing.gates import build_gate
+        from lorafleet.routing.learned import load_learned_gate
+
+        def load(version_id: int) -> Any:
+            return load_learned_gate(
+                self.registry,
+                tenant_id=user_bank.tenant_id,
+                version_id=version_id,
+                expected_fingerprint=self.bank.fingerprint,
+            )
+
+        return build_gate(user_bank.gate, load_learned=load)
+
+    def _sample(self, subject: Subject, own: EvalSet, gate: Gate, *, budget: int) -> MemberSample:
+        """The other members to evaluate (``lorafleet.qa.sampling``): gate traffic first when over budget."""
+        assert subject.user_bank is not None
+        others = [m for m in subject.user_bank.members if m.adapter_id != subject.adapter.id]
+        traffic: dict[int, float] = {}
+        if len(others) > budget and own.examples:
+            candidate = self._member(subject, subject.version, subject.routing_key)
+            full = gated_bank(
+                subject.user_bank,
+                gate=gate,
+                subject=candidate,
+                subject_handle=CANDIDATE_HANDLE,
+                others=others,
+            )
+            traffic = gate_traffic(full, embed_sets(self.backbone, self.bank, [own])[own.name])
+        return sample_members(
+            others, budget=budget, traffic=traffic, seed=self.policy.sample_seed, salt=str(subject.version.id)
+        )
+
+    def _load_members(
+        self, loader: SlotLoader, subject: Subject, members: tuple[BankMember, ...], notes: dict[str, Any]
+    ) -> list[BankMember]:
+        """Load the sampled members; one that cannot be loaded is left out and named in the report."""
+        loaded, failed = [], {}
+        for m in members:
+            try:
+                version = self.registry.get_version_by_id(
+                    tenant_id=subject.tenant_id, version_id=m.version_id
+                )
+                loader.load(member_handle(m), version)
+            except LorafleetError as exc:
+                failed[member_label(m)] = f"{type(exc).__name__}: {exc}"
+                continue
+            loaded.append(m)
+        if failed:
+            notes["unloadable_members"] = failed
+        return loaded
+
+    def _member_set(self, subject: Subject, member: BankMember) -> EvalSet:
+        version = self.registry.get_version_by_id(tenant_id=subject.tenant_id, version_id=member.version_id)
+        owner = subject.adapter.owner_user_id if member.kind == "personal" else None
+        return holdout_set(
+            self.db,
+            tenant_id=subject.tenant_id,
+            version=version,
+            owner_user_id=owner,
+            name=f"holdout:{member_label(member)}",
+            adapter_id=member.adapter_id,
+            own=False,
+            policy=self.policy,
+        )
+
+    def _member(self, subject: Subject, version: AdapterVersion, key: tuple[float, ...] | None) -> BankMember:
+        kind = "task" if subject.adapter.is_task_adapter else "personal"
+        return version_member(adapter=subject.adapter, version=version, kind=kind, routing_key=key)
+
+    def _key(self, version: AdapterVersion) -> tuple[float, ...] | None:
+        with self.db.session() as s:
+            return QARepository(dialect=self.db.dialect).routing_key(s, version_id=version.id)
+
+
+def _bank_notes(user_bank: UserBank, sample: MemberSample) -> dict[str, Any]:
+    return {
+        "user": user_bank.external_id,
+        "revision": user_bank.revision,
+        "gate": user_bank.gate.to_json(),
+        "members": [member_label(m) for m in user_bank.members],
+        "sampling": sample.to_json(),
+    }
+
+
+__all__ = ["Evaluation", "Evaluator", "Subject"]

@@ -1,0 +1,231 @@
+"""Evaluating the QA matrix on the resident backbone and adapter bank.
+
+Every version a column needs is loaded into a free slot of the host's bank once (``SlotLoader``, evicted
+afterwards whatever happens, so the trainer finds the bank as it left it). A column is either fixed routes
+(base, one adapter alone, a 50/50 mixture) or a gated bank: the user's gate decides each example's routes from
+the pooled base embedding of its prompt, exactly as serving decides a request's, so different rows of one
+batch take different adapters. All columns of one evaluation set are scored in one ``score_examples`` pass
+(per-row routes), and the greedy samples of the whole matrix are decoded in one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from lorafleet.domain import AdapterVersion
+from lorafleet.qa.evalsets import EvalSet
+from lorafleet.qa.policy import QAPolicy
+from lorafleet.qa.results import Cell, ColumnInfo, Matrix, Sample
+
+if TYPE_CHECKING:
+    import torch
+
+    from lorafleet.adapters import AdapterBank
+    from lorafleet.backbone import Backbone
+    from lorafleet.registry import Registry
+    from lorafleet.routing.bank import UserBank
+    from lorafleet.routing.gates import Gate
+
+logger = logging.getLogger(__name__)
+#: ``(slot, weight)`` pairs of one example (empty: the base model)
+Routes = list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class GatedBank:
+    """A bank the gate routes over; ``handles[i]`` names the loaded version of ``bank.members[i]``."""
+
+    bank: UserBank
+    gate: Gate
+    handles: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """A configuration: fixed ``routes`` (handle, weight) or, with ``gated``, the gate's routes per example."""
+
+    info: ColumnInfo
+    routes: tuple[tuple[str, float], ...] = ()
+    gated: GatedBank | None = None
+
+
+class SlotLoader:
+    """Loads versions into free slots of a bank by handle (``candidate``, ``member:<id>``), evicts on exit."""
+
+    def __init__(self, *, bank: AdapterBank, registry: Registry, work: Path) -> None:
+        self.bank, self.registry, self.work = bank, registry, work
+        self.slots: dict[str, int] = {}
+
+    def load(self, handle: str, version: AdapterVersion, *, folder: Path | None = None) -> int:
+        """Load a version (``folder``: already fetched; else fetched, sha256-verified); the fingerprint must be
+        this bank's."""
+        from lorafleet.adapters import load_slot_from_dir
+
+        if folder is None:
+            folder = self.registry.fetch_version(
+                version=version, dest_dir=self.work / f"version-{version.id}"
+            )
+        slot = self.bank.free_slot()
+        load_slot_from_dir(self.bank, slot, folder, require_fingerprint=True, name=f"qa-{handle}")
+        self.slots[handle] = slot
+        return slot
+
+    def __enter__(self) -> SlotLoader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for slot in self.slots.values():
+            self.bank.evict_slot(slot)
+        self.slots.clear()
+
+
+def embed_sets(backbone: Backbone, bank: AdapterBank, sets: Sequence[EvalSet]) -> dict[str, torch.Tensor]:
+    """Pooled base embeddings of each set's prompts ``[examples, hidden]`` (sets without examples left out)."""
+    from lorafleet.routing.embeddings import embed_prompts
+
+    return {s.name: embed_prompts(backbone, bank, [e.prompt for e in s.examples]) for s in sets if s.examples}
+
+
+def gate_routes(gated: GatedBank, embeddings: torch.Tensor, slots: Mapping[str, int]) -> list[Routes]:
+    """Each example's ``(slot, weight)`` routes from the gate's decision over the bank."""
+    decisions = gated.gate.decide(gated.bank, embeddings)
+    slot_of_member = [slots[h] for h in gated.handles]
+    return [d.to_slots(slot_of_member) for d in decisions]
+
+
+def gate_traffic(gated: GatedBank, embeddings: torch.Tensor) -> dict[int, float]:
+    """Total gate weight each member (by adapter id) receives over ``embeddings`` (no weights loaded)."""
+    traffic: dict[int, float] = {}
+    for decision in gated.gate.decide(gated.bank, embeddings):
+        for index, weight in decision.routes:
+            adapter_id = gated.bank.members[index].adapter_id
+            traffic[adapter_id] = traffic.get(adapter_id, 0.0) + float(weight)
+    return traffic
+
+
+def evaluate_matrix(
+    *,
+    backbone: Backbone,
+    bank: AdapterBank,
+    sets: Sequence[EvalSet],
+    columns: Sequence[ColumnSpec],
+    slots: Mapping[str, int],
+    policy: QAPolicy,
+) -> Matrix:
+    """Loss and token accuracy of every column on every set, plus greedy samples per cell."""
+    embeddings = embed_sets(backbone, bank, sets) if any(c.gated for c in columns) else {}
+    routes = {s.name: _set_routes(s, columns, slots, embeddings) for s in sets}
+    cells: dict[str, dict[str, Cell]] = {}
+    for s in sets:
+        cells[s.name] = _score_set(backbone, bank, s, columns, routes[s.name], policy)
+    samples = _greedy_samples(backbone, bank, sets, columns, routes, policy)
+    for (row, column), kept in samples.items():
+        cell = cells[row][column]
+        cells[row][column] = Cell(cell.loss, cell.token_accuracy, cell.tokens, cell.examples, kept)
+    return Matrix(tuple(s.info() for s in sets), tuple(c.info for c in columns), cells)
+
+
+def _set_routes(
+    s: EvalSet,
+    columns: Sequence[ColumnSpec],
+    slots: Mapping[str, int],
+    embeddings: Mapping[str, torch.Tensor],
+) -> dict[str, list[Routes]]:
+    """Per column, one route list per example of the set."""
+    out: dict[str, list[Routes]] = {}
+    for column in columns:
+        if column.gated is not None and s.examples:
+            out[column.info.name] = gate_routes(column.gated, embeddings[s.name], slots)
+        else:
+            fixed = [(slots[h], w) for h, w in column.routes]
+            out[column.info.name] = [list(fixed) for _ in s.examples]
+    return out
+
+
+def _score_set(
+    backbone: Backbone,
+    bank: AdapterBank,
+    s: EvalSet,
+    columns: Sequence[ColumnSpec],
+    routes: Mapping[str, list[Routes]],
+    policy: QAPolicy,
+) -> dict[str, Cell]:
+    """Every column on one set in one pass (each example repeated once per column, with that column's routes)."""
+    from lorafleet.training.metrics import score_examples, summarize
+
+    if not s.examples:
+        return {c.info.name: Cell(math.nan, math.nan, 0, 0) for c in columns}
+    examples = [e for _ in columns for e in s.examples]
+    all_routes = [r for c in columns for r in routes[c.info.name]]
+    scores = score_examples(
+        bank,
+        backbone.tokenizer,
+        examples,
+        all_routes,
+        max_seq_len=policy.max_seq_len,
+        batch_size=policy.batch_size,
+    )
+    n, out = len(s.examples), {}
+    for i, column in enumerate(columns):
+        result = summarize(scores[i * n : (i + 1) * n])
+        out[column.info.name] = Cell(result.loss, result.token_accuracy, result.tokens, result.examples)
+    return out
+
+
+def _greedy_samples(
+    backbone: Backbone,
+    bank: AdapterBank,
+    sets: Sequence[EvalSet],
+    columns: Sequence[ColumnSpec],
+    routes: Mapping[str, Mapping[str, list[Routes]]],
+    policy: QAPolicy,
+) -> dict[tuple[str, str], tuple[Sample, ...]]:
+    """The first ``samples_per_cell`` examples of each set, decoded greedily through each column (one batch)."""
+    from lorafleet.serving.decode import BatchDecoder, RowSpec
+
+    k = policy.samples_per_cell
+    keys = [(s, c, i) for s in sets for c in columns for i in range(min(k, len(s.examples)))]
+    if not keys:
+        return {}
+    tokenizer = backbone.tokenizer
+    specs = [
+        RowSpec(
+            prompt_ids=tuple(tokenizer(s.examples[i].prompt)["input_ids"]),
+            routes=tuple(routes[s.name][c.info.name][i]),
+            max_new_tokens=policy.sample_max_new_tokens,
+            stop=("\n",),
+        )
+        for s, c, i in keys
+    ]
+    was_training = bank.model.training
+    bank.model.eval()  # no adapter dropout in samples
+    try:
+        outputs = BatchDecoder(bank.model, bank, tokenizer, device=bank.device).run(specs)
+    finally:
+        bank.model.train(was_training)
+    samples: dict[tuple[str, str], list[Sample]] = {}
+    for (s, c, i), out in zip(keys, outputs, strict=True):
+        example = s.examples[i]
+        samples.setdefault((s.name, c.info.name), []).append(
+            Sample(example.prompt, example.completion, out.text)
+        )
+    return {key: tuple(found) for key, found in samples.items()}
+
+
+__all__ = [
+    "ColumnSpec",
+    "GatedBank",
+    "SlotLoader",
+    "embed_sets",
+    "evaluate_matrix",
+    "gate_routes",
+    "gate_traffic",
+]

@@ -1,0 +1,97 @@
+"""``QAPolicy``: the thresholds QA decides by, validated once, immutable, and recorded (with ``version``) in every report.
+
+Losses are mean negative log-likelihoods per completion token (nats), as ``lorafleet.training.evaluate``
+computes them; every threshold below is in those units. The rules (``lorafleet.qa.rules``):
+
+- ``user-holdout``: the candidate alone beats the previous live version alone on the user's holdout by at
+  least ``delta`` (passes when there is no previous live version);
+- ``no-regression``: on no evaluation set is the gated bank with the candidate worse than the gated bank as
+  served before (with the previous live version) by more than ``epsilon``;
+- ``gate-vs-best-member``: on no evaluation set is the gated bank with the candidate worse than its best single
+  member alone by more than ``epsilon``;
+- ``probe``: the probe set's loss moves less than ``epsilon_probe`` from the base model's (either way, or only
+  upwards with ``probe_one_sided``), for the candidate alone and for the gated bank with the candidate.
+
+Invalid values raise :class:`lorafleet.errors.ValidationError`, never pydantic's own error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+
+from lorafleet.errors import ValidationError
+
+DEFAULT_POLICY_VERSION = "qa-policy/1"
+
+
+class QAPolicy(BaseModel):
+    """Thresholds, budgets and seeds of QA; a report stores the whole policy next to ``version``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: a name for this set of values; bump it whenever a value changes so reports stay comparable
+    version: str = Field(default=DEFAULT_POLICY_VERSION, min_length=1, max_length=64)
+    #: required improvement of the candidate over the previous live version on the user's holdout (nats)
+    delta: float = Field(default=0.0, ge=0.0, le=10.0, allow_inf_nan=False)
+    #: largest allowed regression of an evaluation set (nats)
+    epsilon: float = Field(default=0.05, ge=0.0, le=10.0, allow_inf_nan=False)
+    #: largest allowed move of the probe set's loss away from the base model's (nats). Calibrated on the built-in
+    #: tiny backbone, whose random weights make every trained adapter lower the probe by 0.4-0.5 nats (it learns
+    #: byte statistics); on a pretrained backbone a tighter value (0.1-0.3) is the better choice
+    epsilon_probe: float = Field(default=0.75, ge=0.0, le=10.0, allow_inf_nan=False)
+    #: count only moves that make the probe worse (an adapter may improve general text, e.g. on a weak base)
+    probe_one_sided: bool = False
+    #: at most this many other bank members are evaluated (further capped by free bank slots); see matrix.py
+    max_bank_members: int = Field(default=6, ge=1, le=62, strict=True)
+    #: seed of every deterministic choice QA makes (member sampling, capping an evaluation set)
+    sample_seed: int = Field(default=0, ge=0, le=2**63 - 1, strict=True)
+    #: examples per evaluation set; larger sets are subsampled deterministically
+    max_examples_per_set: int = Field(default=48, ge=1, le=10_000, strict=True)
+    #: examples of the shipped probe set used (``lorafleet.qa.probe``)
+    probe_size: int = Field(default=32, ge=1, le=256, strict=True)
+    #: greedy samples kept per cell for inspection, and their length in tokens
+    samples_per_cell: int = Field(default=2, ge=0, le=16, strict=True)
+    sample_max_new_tokens: int = Field(default=12, ge=1, le=256, strict=True)
+    #: bounds on each adapted module's update norm ``scaling * ||B @ A||_F``
+    min_update_norm: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    max_update_norm: float = Field(default=100.0, gt=0.0, allow_inf_nan=False)
+    #: earlier versions tried (newest first) when a live version fails a recheck, before rolling back to none
+    max_rollback_trials: int = Field(default=5, ge=0, le=100, strict=True)
+    #: give a candidate without a routing key one from its training prompts (else the centroid gate ignores it)
+    compute_missing_routing_key: bool = True
+    max_seq_len: int = Field(default=256, ge=8, le=32_768, strict=True)
+    batch_size: int = Field(default=64, ge=1, le=4096, strict=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except PydanticValidationError as exc:
+            raise _translate(exc) from None
+        if self.min_update_norm > self.max_update_norm:
+            raise ValidationError("invalid QA policy: min_update_norm is above max_update_norm")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> QAPolicy:
+        """Build from a mapping (settings, a job's JSON); unknown keys and bad values raise ValidationError."""
+        if data is not None and not isinstance(data, Mapping):
+            raise ValidationError(f"QA policy must be an object, got {type(data).__name__}")
+        return cls(**dict(data or {}))
+
+    def with_changes(self, **changes: Any) -> QAPolicy:
+        """A validated copy with some fields changed."""
+        return QAPolicy(**{**self.model_dump(), **changes})
+
+
+def _translate(exc: PydanticValidationError) -> ValidationError:
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"]) or "policy"
+        parts.append(f"{field}: {str(error['msg']).removeprefix('Value error, ')}")
+    return ValidationError("invalid QA policy: " + "; ".join(parts))
+
+
+__all__ = ["DEFAULT_POLICY_VERSION", "QAPolicy"]

@@ -1,0 +1,181 @@
+"""QA reports: the full document as a JSON blob in the object store, a row in the metadata store, and a table.
+
+The document (``REPORT_FORMAT``) holds the policy, the sanity checks, the bank and how it was sampled, the
+matrix with its greedy samples, every rule's outcome, the decision and its reasons, and timings. It is written
+blob first (content-addressed, canonical JSON), then the row, whose ``blob_sha256`` keeps the blob from the
+registry's garbage collector. ``format_report`` renders a report as the table ``lorafleet qa report`` prints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lorafleet.errors import ValidationError
+from lorafleet.qa.results import Cell, Matrix
+from lorafleet.registry import Registry
+from lorafleet.store.blob.base import BlobRef
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.qa_repository import QAReport, QARepository
+
+REPORT_FORMAT = "lorafleet-qa-report/1"
+_SAMPLES_SHOWN = 2
+
+
+def encode_document(document: Mapping[str, Any]) -> bytes:
+    """Canonical JSON (sorted keys, no NaN): the same document always has the same sha256."""
+    try:
+        return json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"QA report is not JSON (finite numbers, string keys): {exc}") from exc
+
+
+def store_document(registry: Registry, document: Mapping[str, Any]) -> BlobRef:
+    """Write the document blob (before its row: a crash leaves an orphan blob the GC removes)."""
+    return registry.blobs.put_bytes(encode_document(document))
+
+
+def load_report(
+    db: Database, registry: Registry, *, report_id: int, tenant_id: int | None = None
+) -> tuple[QAReport, dict[str, Any]]:
+    """The report row and its document (sha256- and size-verified); ``tenant_id`` None: any tenant."""
+    with db.session() as s:
+        report = QARepository(dialect=db.dialect).get_report(s, tenant_id=tenant_id, report_id=report_id)
+    data = registry.blobs.get_bytes(report.blob_sha256, expected_size=report.blob_size_bytes)
+    return report, dict(json.loads(data))
+
+
+def reports_for_version(db: Database, *, tenant_id: int, version_id: int) -> list[QAReport]:
+    """Every QA report on a version, oldest first."""
+    with db.session() as s:
+        found = QARepository(dialect=db.dialect).reports_for_versions(
+            s, tenant_id=tenant_id, version_ids=[version_id]
+        )
+    return found.get(version_id, [])
+
+
+# --- the table ------------------------------------------------------------------------------------------------
+def format_report(report: QAReport, document: Mapping[str, Any]) -> str:
+    """A report as text: header, reasons, sanity, bank, the matrix (loss / token accuracy) and a few samples."""
+    lines = _header(report, document)
+    matrix_json = document.get("matrix")
+    if matrix_json:
+        matrix = Matrix.from_json(matrix_json)
+        lines += ["", *_table(matrix), "", *_samples(matrix)]
+    for trial in document.get("rollback", {}).get("trials", []):
+        verdict = "passes" if trial["passed"] else "fails"
+        lines.append(f"rollback trial: version {trial['number']} {verdict}: {'; '.join(trial['reasons'])}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _header(report: QAReport, document: Mapping[str, Any]) -> list[str]:
+    version = document.get("version", {})
+    subject = (
+        f"version {version.get('number')} (id {report.version_id}) of adapter {version.get('adapter_name')!r}"
+    )
+    owner = document.get("bank", {}).get("user")
+    lines = [
+        f"QA report {report.id}: {report.kind} {subject}" + (f" of user {owner!r}" if owner else ""),
+        f"decision: {report.decision.upper()}   policy: {report.policy_version}   job: {report.job_id}   "
+        f"at {report.created_at:%Y-%m-%d %H:%M:%S} UTC",
+        "reasons:",
+        *(f"  - {r}" for r in report.reasons),
+    ]
+    sanity = document.get("sanity", {})
+    norm = sanity.get("max_update_norm")
+    lines.append(
+        f"sanity: {'passed' if sanity.get('passed') else 'FAILED'}" + _maybe(" (max update norm", norm)
+    )
+    sampling = document.get("bank", {}).get("sampling")
+    if sampling:
+        left = sampling["left_out"]
+        lines.append(
+            f"bank: {sampling['bank_size']} other members, {len(sampling['sampled'])} evaluated (budget "
+            f"{sampling['budget']})" + (f", left out: {', '.join(left)}" if left else "")
+        )
+    return lines
+
+
+def _maybe(prefix: str, value: float | None) -> str:
+    return "" if value is None else f"{prefix} {value:.4g})"
+
+
+def _table(matrix: Matrix) -> list[str]:
+    """Rows = evaluation sets, columns = configurations; each cell ``loss / token accuracy``."""
+    header = ["set (examples)", *matrix.column_names()]
+    body = [
+        [
+            f"{row.name} ({row.examples}/{row.total})",
+            *(_cell_text(matrix.cell(row.name, c)) for c in header[1:]),
+        ]
+        for row in matrix.rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    render = [
+        " | ".join(text.ljust(w) for text, w in zip(line, widths, strict=True)) for line in [header, *body]
+    ]
+    return [
+        render[0],
+        "-+-".join("-" * w for w in widths),
+        *render[1:],
+        "cells: loss (nats/token) / token accuracy",
+    ]
+
+
+def _cell_text(cell: Cell | None) -> str:
+    if cell is None or not math.isfinite(cell.loss):
+        return "-"
+    return f"{cell.loss:.3f} / {cell.token_accuracy:.0%}"
+
+
+def _samples(matrix: Matrix) -> list[str]:
+    """A few greedy samples of the candidate's own set, per configuration."""
+    own = next((r for r in matrix.rows if r.own), None)
+    if own is None:
+        return []
+    lines = [f"greedy samples on {own.name}:"]
+    for column in matrix.column_names():
+        cell = matrix.cell(own.name, column)
+        for sample in (cell.samples if cell else ())[:_SAMPLES_SHOWN]:
+            lines.append(
+                f"  [{column}] {_one_line(sample.prompt)} -> {_one_line(sample.output)!r} "
+                f"(expected {_one_line(sample.expected)!r})"
+            )
+    return lines
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\n", "\\n")
+
+
+def summary_of(
+    matrix: Matrix | None, rules: Sequence[Mapping[str, Any]], extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The row's ``summary``: sizes, the own set's key losses and each rule's outcome."""
+    out: dict[str, Any] = {"rules": {r["rule"]: r["passed"] for r in rules}, **extra}
+    if matrix is None:
+        return out
+    out.update(rows=len(matrix.rows), columns=len(matrix.columns))
+    own = next((r for r in matrix.rows if r.own), None)
+    if own is not None:
+        losses = {
+            c: matrix.loss(own.name, c)
+            for c in matrix.column_names()
+            if ":" not in c or c.startswith("gated")
+        }
+        out["own_set"] = {"name": own.name, "examples": own.examples}
+        out["own_losses"] = {c: (v if math.isfinite(v) else None) for c, v in losses.items()}
+    return out
+
+
+__all__ = [
+    "REPORT_FORMAT",
+    "encode_document",
+    "format_report",
+    "load_report",
+    "reports_for_version",
+    "store_document",
+    "summary_of",
+]

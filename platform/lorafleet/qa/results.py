@@ -1,0 +1,167 @@
+"""The QA matrix as plain data: rows (evaluation sets), columns (configurations) and cells (metrics, samples).
+
+Torch-free, so rules, reports and the command line read a matrix without loading a model. A matrix round-trips
+through JSON (``to_json`` / ``from_json``); NaN (an empty set) is stored as ``null``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+RowKind = Literal["user-holdout", "task-holdout", "probe"]
+ColumnKind = Literal["base", "previous", "candidate", "gated-previous", "gated-candidate", "alone", "pair"]
+
+BASE = "base"
+PREVIOUS = "previous"
+CANDIDATE = "candidate"
+GATED_PREVIOUS = "gated:previous"
+GATED_CANDIDATE = "gated:candidate"
+PROBE = "probe"
+
+
+@dataclass(frozen=True)
+class RowInfo:
+    """An evaluation set: ``examples`` scored out of ``total`` available (capped by the policy)."""
+
+    name: str
+    kind: RowKind
+    examples: int
+    total: int
+    adapter_id: int | None = None
+    #: the candidate's own holdout (the set the ``user-holdout`` rule reads)
+    own: bool = False
+
+
+@dataclass(frozen=True)
+class ColumnInfo:
+    """A configuration; ``member`` is the bank member label of ``alone``/``pair`` columns."""
+
+    name: str
+    kind: ColumnKind
+    member: str | None = None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One greedy generation kept for inspection."""
+
+    prompt: str
+    expected: str
+    output: str
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Teacher-forced loss and token accuracy of one configuration on one set, plus greedy samples."""
+
+    loss: float
+    token_accuracy: float
+    tokens: int
+    examples: int
+    samples: tuple[Sample, ...] = ()
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """Rows x columns of cells (``cells[row][column]``)."""
+
+    rows: tuple[RowInfo, ...]
+    columns: tuple[ColumnInfo, ...]
+    cells: dict[str, dict[str, Cell]] = field(default_factory=dict)
+
+    def cell(self, row: str, column: str) -> Cell | None:
+        return self.cells.get(row, {}).get(column)
+
+    def loss(self, row: str, column: str) -> float:
+        """The cell's loss, NaN when the cell is missing or its set was empty."""
+        found = self.cell(row, column)
+        return math.nan if found is None else found.loss
+
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def has_column(self, name: str) -> bool:
+        return any(c.name == name for c in self.columns)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rows": [_row_json(r) for r in self.rows],
+            "columns": [{"name": c.name, "kind": c.kind, "member": c.member} for c in self.columns],
+            "cells": {r: {c: _cell_json(cell) for c, cell in cols.items()} for r, cols in self.cells.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Matrix:
+        rows = tuple(
+            RowInfo(
+                r["name"],
+                r["kind"],
+                int(r["examples"]),
+                int(r["total"]),
+                r.get("adapter_id"),
+                r.get("own", False),
+            )
+            for r in data.get("rows", [])
+        )
+        columns = tuple(ColumnInfo(c["name"], c["kind"], c.get("member")) for c in data.get("columns", []))
+        cells = {
+            r: {c: _cell_from_json(cell) for c, cell in cols.items()}
+            for r, cols in dict(data.get("cells", {})).items()
+        }
+        return cls(rows, columns, cells)
+
+
+def finite_or_none(value: float) -> float | None:
+    """A JSON-safe number: NaN and infinities become None."""
+    return float(value) if math.isfinite(value) else None
+
+
+def _row_json(row: RowInfo) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "kind": row.kind,
+        "examples": row.examples,
+        "total": row.total,
+        "adapter_id": row.adapter_id,
+        "own": row.own,
+    }
+
+
+def _cell_json(cell: Cell) -> dict[str, Any]:
+    return {
+        "loss": finite_or_none(cell.loss),
+        "token_accuracy": finite_or_none(cell.token_accuracy),
+        "tokens": cell.tokens,
+        "examples": cell.examples,
+        "samples": [{"prompt": s.prompt, "expected": s.expected, "output": s.output} for s in cell.samples],
+    }
+
+
+def _cell_from_json(data: Mapping[str, Any]) -> Cell:
+    def number(key: str) -> float:
+        value = data.get(key)
+        return math.nan if value is None else float(value)
+
+    samples = tuple(Sample(s["prompt"], s["expected"], s["output"]) for s in data.get("samples", []))
+    return Cell(number("loss"), number("token_accuracy"), int(data["tokens"]), int(data["examples"]), samples)
+
+
+__all__ = [
+    "BASE",
+    "CANDIDATE",
+    "GATED_CANDIDATE",
+    "GATED_PREVIOUS",
+    "PREVIOUS",
+    "PROBE",
+    "Cell",
+    "ColumnInfo",
+    "ColumnKind",
+    "Matrix",
+    "RowInfo",
+    "RowKind",
+    "Sample",
+    "finite_or_none",
+]

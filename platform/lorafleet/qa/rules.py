@@ -1,0 +1,168 @@
+"""The promotion rules over a QA matrix: pure functions, so a decision can be recomputed from a stored report.
+
+Each rule returns a ``RuleOutcome`` whose ``detail`` starts with the rule's name and states the numbers it
+compared, so a rejection says which rule failed and by how much. A NaN loss (a non-finite forward) fails the
+rule that reads it. Rows without examples are not compared (a missing holdout is reported, not guessed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from lorafleet.qa.policy import QAPolicy
+from lorafleet.qa.results import (
+    BASE,
+    CANDIDATE,
+    GATED_CANDIDATE,
+    GATED_PREVIOUS,
+    PREVIOUS,
+    Matrix,
+    RowInfo,
+)
+
+USER_HOLDOUT = "user-holdout"
+NO_REGRESSION = "no-regression"
+GATE_VS_BEST_MEMBER = "gate-vs-best-member"
+PROBE_RULE = "probe"
+RULES = (USER_HOLDOUT, NO_REGRESSION, GATE_VS_BEST_MEMBER, PROBE_RULE)
+
+
+@dataclass(frozen=True)
+class RuleOutcome:
+    """Whether a rule passed, and why (the numbers compared)."""
+
+    rule: str
+    passed: bool
+    detail: str
+
+
+def candidate_rules(matrix: Matrix, policy: QAPolicy) -> list[RuleOutcome]:
+    """Every rule a candidate must pass to be promoted."""
+    return [
+        user_holdout_rule(matrix, policy),
+        no_regression_rule(matrix, policy),
+        gate_vs_best_member_rule(matrix, policy),
+        probe_rule(matrix, policy),
+    ]
+
+
+def recheck_rules(matrix: Matrix, policy: QAPolicy) -> list[RuleOutcome]:
+    """The rules a live version must keep passing after its bank changed (nothing to compare it with)."""
+    return [gate_vs_best_member_rule(matrix, policy), probe_rule(matrix, policy)]
+
+
+def reasons_for(outcomes: list[RuleOutcome]) -> tuple[bool, list[str]]:
+    """``(all passed, reasons)``: the failed rules' details, or every passed rule's when all passed."""
+    failed = [o.detail for o in outcomes if not o.passed]
+    return (not failed, failed or [o.detail for o in outcomes])
+
+
+def user_holdout_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
+    """The candidate beats the previous live version on the user's holdout by at least ``delta``."""
+    own = _own_row(matrix)
+    if own is None or own.examples == 0:
+        return RuleOutcome(USER_HOLDOUT, False, f"{USER_HOLDOUT}: no holdout examples to evaluate on")
+    cand = matrix.loss(own.name, CANDIDATE)
+    if not matrix.has_column(PREVIOUS):
+        ok = math.isfinite(cand)
+        base = matrix.loss(own.name, BASE)
+        detail = f"no previous live version (candidate {cand:.4f}, base {base:.4f})"
+        return RuleOutcome(USER_HOLDOUT, ok, f"{USER_HOLDOUT}: {detail}")
+    prev = matrix.loss(own.name, PREVIOUS)
+    needed = prev - policy.delta
+    ok = math.isfinite(cand) and cand <= needed
+    verdict = "beats" if ok else "does not beat"
+    detail = (
+        f"{USER_HOLDOUT}: candidate {cand:.4f} {verdict} previous live {prev:.4f} "
+        f"by delta {policy.delta:g} (needs <= {needed:.4f})"
+    )
+    return RuleOutcome(USER_HOLDOUT, ok, detail)
+
+
+def no_regression_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
+    """No evaluation set is worse than under the previous live configuration by more than ``epsilon``."""
+    subject = GATED_CANDIDATE if matrix.has_column(GATED_CANDIDATE) else CANDIDATE
+    reference = next((c for c in (GATED_PREVIOUS, PREVIOUS, BASE) if matrix.has_column(c)), BASE)
+    worse = []
+    for row in _scored_rows(matrix):
+        new, old = matrix.loss(row.name, subject), matrix.loss(row.name, reference)
+        if not (math.isfinite(new) and new - old <= policy.epsilon):
+            worse.append(f"{row.name} {old:.4f} -> {new:.4f}")
+    what = f"{subject} vs {reference}, epsilon {policy.epsilon:g}"
+    if worse:
+        return RuleOutcome(NO_REGRESSION, False, f"{NO_REGRESSION}: worse on {', '.join(worse)} ({what})")
+    return RuleOutcome(NO_REGRESSION, True, f"{NO_REGRESSION}: no set worse ({what})")
+
+
+def gate_vs_best_member_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
+    """On every set, the gated bank is within ``epsilon`` of its best single member alone."""
+    if not matrix.has_column(GATED_CANDIDATE):
+        return RuleOutcome(GATE_VS_BEST_MEMBER, True, f"{GATE_VS_BEST_MEMBER}: no bank to gate")
+    singles = [c.name for c in matrix.columns if c.name == CANDIDATE or c.kind == "alone"]
+    worse = []
+    for row in _scored_rows(matrix):
+        gated = matrix.loss(row.name, GATED_CANDIDATE)
+        best_name, best = min(((c, matrix.loss(row.name, c)) for c in singles), key=_nan_last)
+        if not (math.isfinite(gated) and gated - best <= policy.epsilon):
+            worse.append(f"{row.name} gated {gated:.4f} vs {best_name} {best:.4f}")
+    if worse:
+        detail = f"worse than the best single member on {', '.join(worse)} (epsilon {policy.epsilon:g})"
+        return RuleOutcome(GATE_VS_BEST_MEMBER, False, f"{GATE_VS_BEST_MEMBER}: {detail}")
+    detail = f"within epsilon {policy.epsilon:g} of the best single member on every set"
+    return RuleOutcome(GATE_VS_BEST_MEMBER, True, f"{GATE_VS_BEST_MEMBER}: {detail}")
+
+
+def probe_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
+    """The probe set's loss moves less than ``epsilon_probe`` from base, alone and gated."""
+    probe = next((r for r in matrix.rows if r.kind == "probe"), None)
+    if probe is None or probe.examples == 0:
+        return RuleOutcome(PROBE_RULE, False, f"{PROBE_RULE}: no probe set was evaluated")
+    base = matrix.loss(probe.name, BASE)
+    moves = []
+    for column in (c for c in (CANDIDATE, GATED_CANDIDATE) if matrix.has_column(c)):
+        value = matrix.loss(probe.name, column)
+        moves.append((column, value, _move(value, base, one_sided=policy.probe_one_sided)))
+    text = ", ".join(f"{c} {v:.4f} (moved {v - base:+.4f})" for c, v, _ in moves)
+    ok = math.isfinite(base) and all(m < policy.epsilon_probe for _, _, m in moves)
+    verdict = "within" if ok else "not within"
+    bound = f"{'+' if policy.probe_one_sided else '+/-'}{policy.epsilon_probe:g}"
+    detail = f"{PROBE_RULE}: base {base:.4f}, {text}: {verdict} epsilon_probe {bound}"
+    return RuleOutcome(PROBE_RULE, ok, detail)
+
+
+def _move(value: float, base: float, *, one_sided: bool) -> float:
+    """How far the probe moved (only upwards when one-sided); infinite for a NaN loss."""
+    if not math.isfinite(value):
+        return math.inf
+    return value - base if one_sided else abs(value - base)
+
+
+def _own_row(matrix: Matrix) -> RowInfo | None:
+    return next((r for r in matrix.rows if r.own), None)
+
+
+def _scored_rows(matrix: Matrix) -> list[RowInfo]:
+    """Holdout rows with examples (the probe has its own rule)."""
+    return [r for r in matrix.rows if r.kind != "probe" and r.examples > 0]
+
+
+def _nan_last(item: tuple[str, float]) -> tuple[bool, float]:
+    return (not math.isfinite(item[1]), item[1] if math.isfinite(item[1]) else 0.0)
+
+
+__all__ = [
+    "GATE_VS_BEST_MEMBER",
+    "NO_REGRESSION",
+    "PROBE_RULE",
+    "RULES",
+    "USER_HOLDOUT",
+    "RuleOutcome",
+    "candidate_rules",
+    "gate_vs_best_member_rule",
+    "no_regression_rule",
+    "probe_rule",
+    "reasons_for",
+    "recheck_rules",
+    "user_holdout_rule",
+]

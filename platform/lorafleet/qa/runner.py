@@ -1,0 +1,461 @@
+"""``QARunner``: the handler of ``qa`` jobs. Evaluates, decides, and records the decision exactly once.
+
+A job's payload is ``{"version_id": id}`` (a candidate) or ``{"recheck": {"adapter_id": id, "cause": text}}``
+(a live personal adapter whose bank changed; see ``lorafleet.qa.triggers``).
+
+- **Candidate**: sanity checks, the matrix, the rules (``lorafleet.qa.rules``). Promote moves ``live`` (actor
+  ``qa``, reason ``qa-passed <report id>``); reject sets the version ``rejected``. A task adapter's promotion
+  also queues rechecks for the users enrolled in it.
+- **Recheck**: the live version in the user's current bank against the recheck rules. If it fails, earlier
+  versions that were live once (status ``archived``, newest first, at most ``max_rollback_trials``) are tried
+  in the same bank; ``live`` rolls back to the first that passes, or to none, with reason
+  ``qa-regression <report id>``.
+
+Order of writes: the report blob first (an orphan if anything fails later), then, inside the job's fenced
+transaction, the report row, the alias move or status change, any follow-up jobs and the job's success, all
+committed together. A worker that lost its lease writes nothing, and ``qa_reports.job_id`` is unique, so a
+retried or taken-over job decides once. If ``live`` moved while QA evaluated, the decision is stale:
+``StaleEvaluationError`` (retryable) runs the job again against the new state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorafleet.domain import Adapter, AdapterVersion, Job
+from lorafleet.errors import ConflictError, ValidationError
+from lorafleet.jobs.queue import JobQueue
+from lorafleet.qa.evalsets import EvalSet, training_prompts
+from lorafleet.qa.evaluation import Evaluation, Evaluator, Subject
+from lorafleet.qa.policy import QAPolicy
+from lorafleet.qa.reports import REPORT_FORMAT, store_document, summary_of
+from lorafleet.qa.results import Matrix
+from lorafleet.qa.rules import RuleOutcome, candidate_rules, reasons_for, recheck_rules
+from lorafleet.qa.triggers import submit_task_rechecks
+from lorafleet.registry import Registry
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.qa_repository import NewQAReport, QADecision, QAKind, QAReport, QARepository
+from lorafleet.store.sql.registry_repository import RegistryRepository
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from lorafleet.adapters import AdapterBank
+    from lorafleet.backbone import Backbone
+    from lorafleet.jobs.worker import LeaseContext
+
+logger = logging.getLogger(__name__)
+
+QA_ACTOR = "qa"
+
+
+class StaleEvaluationError(ConflictError):
+    """``live`` (or the candidate's status) changed while QA evaluated; the job runs again."""
+
+    code = "qa_stale"
+
+
+class QARunner:
+    """Runs ``qa`` jobs on a resident backbone and adapter bank (a trainer actor shares its own)."""
+
+    def __init__(
+        self,
+        db: Database,
+        registry: Registry,
+        backbone: Backbone,
+        bank: AdapterBank,
+        *,
+        policy: QAPolicy | None = None,
+        queue: JobQueue | None = None,
+        work_dir: Path | None = None,
+    ) -> None:
+        self.db, self.registry, self.backbone, self.bank = db, registry, backbone, bank
+        self.policy = policy or QAPolicy()
+        self.queue = queue or JobQueue(db)
+        self.evaluator = Evaluator(
+            db=db, registry=registry, backbone=backbone, bank=bank, policy=self.policy, work_dir=work_dir
+        )
+        self._qa = QARepository(dialect=db.dialect)
+        self._registry_sql = RegistryRepository(dialect=db.dialect)
+
+    # --- the job ------------------------------------------------------------------------------------------
+    def run_job(self, job: Job, lease: LeaseContext) -> dict[str, Any]:
+        """The ``qa`` handler: a candidate or a recheck, decided inside the job's fence."""
+        if job.tenant_id is None:
+            raise ValidationError(f"qa job {job.id} has no tenant")
+        with self.db.session() as s:
+            done = self._qa.report_for_job(s, job_id=job.id)
+        if done is not None:  # decided by an earlier attempt (cannot normally happen: it succeeded the job)
+            return _result(done)
+        payload = job.payload
+        if "version_id" in payload:
+            report = self.run_candidate(
+                tenant_id=job.tenant_id, version_id=_int(payload, "version_id"), lease=lease
+            )
+        elif isinstance(payload.get("recheck"), Mapping):
+            recheck = payload["recheck"]
+            report = self.run_recheck(
+                tenant_id=job.tenant_id,
+                adapter_id=_int(recheck, "adapter_id"),
+                cause=str(recheck.get("cause", "")),
+                lease=lease,
+            )
+        else:
+            raise ValidationError("qa job payload: needs 'version_id' or 'recheck': {'adapter_id': ...}")
+        return {"skipped": "nothing to decide"} if report is None else _result(report)
+
+    # --- candidates ---------------------------------------------------------------------------------------
+    def run_candidate(
+        self, *, tenant_id: int, version_id: int, lease: LeaseContext | None = None
+    ) -> QAReport | None:
+        """QA one candidate and record the decision; None when the version is no longer a candidate."""
+        version = self.registry.get_version_by_id(tenant_id=tenant_id, version_id=version_id)
+        if version.status != "candidate":
+            logger.info("version %d is %s: nothing to decide", version_id, version.status)
+            return None
+        adapter = self.registry.get_adapter(tenant_id=tenant_id, adapter_id=version.adapter_id)
+        subject = self._candidate_subject(tenant_id=tenant_id, adapter=adapter, version=version)
+        evaluation = self.evaluator.evaluate(subject, own=self.evaluator.own_set(subject))
+        rules = [] if evaluation.matrix is None else candidate_rules(evaluation.matrix, self.policy)
+        passed, reasons = _verdict(evaluation, rules)
+        decision: QADecision = "promote" if passed else "reject"
+        document = self._document("candidate", subject, evaluation, rules, decision, reasons)
+        report = self._record(
+            kind="candidate",
+            subject=subject,
+            target=None,
+            decision=decision,
+            reasons=reasons,
+            document=document,
+            matrix=evaluation.matrix,
+            lease=lease,
+        )
+        logger.info("QA report %d: version %d %s (%s)", report.id, version.id, decision, "; ".join(reasons))
+        return report
+
+    def evaluate_candidate(self, *, tenant_id: int, version_id: int) -> Evaluation:
+        """The candidate's sanity checks and matrix, deciding and recording nothing (a dry run)."""
+        version = self.registry.get_version_by_id(tenant_id=tenant_id, version_id=version_id)
+        adapter = self.registry.get_adapter(tenant_id=tenant_id, adapter_id=version.adapter_id)
+        subject = self._candidate_subject(tenant_id=tenant_id, adapter=adapter, version=version)
+        return self.evaluator.evaluate(subject, own=self.evaluator.own_set(subject))
+
+    def _candidate_subject(self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion) -> Subject:
+        previous = self.registry.live_version(tenant_id=tenant_id, adapter_id=adapter.id)
+        user_bank = self._user_bank(adapter)
+        key = self._routing_key(tenant_id=tenant_id, adapter=adapter, version=version)
+        return Subject("candidate", tenant_id, adapter, version, previous, user_bank, key)
+
+    def _routing_key(
+        self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion
+    ) -> tuple[float, ...] | None:
+        """The candidate's routing key; a personal candidate without one gets it from its training prompts."""
+        with self.db.session() as s:
+            key = self._qa.routing_key(s, version_id=version.id)
+        if key is not None or adapter.is_task_adapter or not self.policy.compute_missing_routing_key:
+            return key
+        prompts = training_prompts(self.db, tenant_id=tenant_id, version=version)
+        if not prompts:
+            return None
+        from lorafleet.routing.embeddings import routing_key
+
+        computed = routing_key(self.backbone, self.bank, prompts)
+        self.registry.set_routing_key(tenant_id=tenant_id, version_id=version.id, key=computed)
+        return computed
+
+    # --- rechecks -----------------------------------------------------------------------------------------
+    def run_recheck(
+        self, *, tenant_id: int, adapter_id: int, cause: str = "", lease: LeaseContext | None = None
+    ) -> QAReport | None:
+        """Recheck a live personal adapter in its current bank; roll back when it fails. None: no live version."""
+        adapter = self.registry.get_adapter(tenant_id=tenant_id, adapter_id=adapter_id)
+        live = self.registry.live_version(tenant_id=tenant_id, adapter_id=adapter_id)
+        if live is None or adapter.is_task_adapter:
+            return None
+        subject = self._recheck_subject(tenant_id=tenant_id, adapter=adapter, version=live)
+        own = self.evaluator.own_set(subject)
+        evaluation = self.evaluator.evaluate(subject, own=own)
+        rules = [] if evaluation.matrix is None else recheck_rules(evaluation.matrix, self.policy)
+        passed, reasons = _verdict(evaluation, rules)
+        target, trials = (None, []) if passed else self._find_rollback(subject, own)
+        decision: QADecision = "keep" if passed else "rollback"
+        if not passed:
+            to = "none" if target is None else f"version {target.number}"
+            reasons = [*reasons, f"rollback to {to} ({len(trials)} earlier versions tried)"]
+        document = self._document("recheck", subject, evaluation, rules, decision, reasons)
+        document["cause"] = cause
+        document["rollback"] = {"to_version_id": None if target is None else target.id, "trials": trials}
+        report = self._record(
+            kind="recheck",
+            subject=subject,
+            target=target,
+            decision=decision,
+            reasons=reasons,
+            document=document,
+            matrix=evaluation.matrix,
+            lease=lease,
+        )
+        logger.info("QA report %d: live version %d %s", report.id, live.id, decision)
+        return report
+
+    def _recheck_subject(self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion) -> Subject:
+        with self.db.session() as s:
+            key = self._qa.routing_key(s, version_id=version.id)
+        return Subject("recheck", tenant_id, adapter, version, None, self._user_bank(adapter), key)
+
+    def _find_rollback(
+        self, subject: Subject, own: EvalSet
+    ) -> tuple[AdapterVersion | None, list[dict[str, Any]]]:
+        """The newest earlier version, once live, that passes the recheck rules in the same bank."""
+        earlier = self.registry.list_versions(
+            tenant_id=subject.tenant_id, adapter_id=subject.adapter.id, status="archived"
+        )
+        tried: list[dict[str, Any]] = []
+        for version in sorted(earlier, key=lambda v: -v.number):
+            if version.number >= subject.version.number or len(tried) >= self.policy.max_rollback_trials:
+                continue
+            trial = self._recheck_subject(
+                tenant_id=subject.tenant_id, adapter=subject.adapter, version=version
+            )
+            evaluation = self.evaluator.evaluate(trial, own=own)
+            rules = [] if evaluation.matrix is None else recheck_rules(evaluation.matrix, self.policy)
+            passed, reasons = _verdict(evaluation, rules)
+            tried.append(_trial_json(version, evaluation, rules, passed, reasons))
+            if passed:
+                return version, tried
+        return None, tried
+
+    # --- recording ----------------------------------------------------------------------------------------
+    def _record(
+        self,
+        *,
+        kind: QAKind,
+        subject: Subject,
+        target: AdapterVersion | None,
+        decision: QADecision,
+        reasons: list[str],
+        document: dict[str, Any],
+        matrix: Matrix | None,
+        lease: LeaseContext | None,
+    ) -> QAReport:
+        """Blob first; then row, alias move or status, follow-up jobs and the job's success in one transaction."""
+        self._before_decision(subject)
+        ref = store_document(self.registry, document)
+        new = NewQAReport(
+            tenant_id=subject.tenant_id,
+            version_id=subject.version.id,
+            kind=kind,
+            policy_version=self.policy.version,
+            decision=decision,
+            reasons=tuple(reasons),
+            summary=summary_of(matrix, document.get("rules", []), _summary_extra(document)),
+            blob_sha256=ref.sha256,
+            blob_uri=ref.uri,
+            blob_size_bytes=ref.size,
+            job_id=None if lease is None else lease.job.id,
+        )
+
+        def write(session: Session) -> QAReport:
+            self._ensure_blob(session, data_ref=ref.sha256, document=document)
+            self._check_not_stale(session, subject)
+            report = self._qa.insert_report(session, new=new)
+            self._act(session, subject=subject, target=target, decision=decision, report=report)
+            return report
+
+        return self._in_transaction(lease, write)
+
+    def _before_decision(self, subject: Subject) -> None:
+        """Test hook after the evaluation and before anything is written (e.g. to kill the worker here)."""
+
+    def _in_transaction(self, lease: LeaseContext | None, write: Callable[[Session], QAReport]) -> QAReport:
+        if lease is None:
+            with self.db.session() as session:
+                return write(session)
+        with lease.fenced() as fence:
+            report = write(fence.session)
+            fence.succeed(_result(report))
+        return report
+
+    def _ensure_blob(self, session: Session, *, data_ref: str, document: dict[str, Any]) -> None:
+        """Under the blob lock, the blob is there (a GC may have removed an identical old orphan meanwhile)."""
+        self._registry_sql.lock_blobs(session, exclusive=False)
+        if not self.registry.blobs.exists(data_ref):
+            store_document(self.registry, document)
+
+    def _check_not_stale(self, session: Session, subject: Subject) -> None:
+        repo, tenant_id, adapter_id = self._registry_sql, subject.tenant_id, subject.adapter.id
+        repo.get_adapter(session, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
+        live = repo.live_version(session, tenant_id=tenant_id, adapter_id=adapter_id)
+        expected = subject.previous if subject.kind == "candidate" else subject.version
+        if (None if live is None else live.id) != (None if expected is None else expected.id):
+            raise StaleEvaluationError(
+                f"adapter {adapter_id}: live moved while QA evaluated; evaluating again"
+            )
+        if subject.kind == "candidate":
+            status = repo.get_version_by_id(
+                session, tenant_id=tenant_id, version_id=subject.version.id
+            ).status
+            if status != "candidate":
+                raise StaleEvaluationError(f"version {subject.version.id} became {status} while QA evaluated")
+
+    def _act(
+        self,
+        session: Session,
+        *,
+        subject: Subject,
+        target: AdapterVersion | None,
+        decision: QADecision,
+        report: QAReport,
+    ) -> None:
+        tenant_id, adapter = subject.tenant_id, subject.adapter
+        if decision == "promote":
+            self.registry.promote(
+                tenant_id=tenant_id,
+                adapter_id=adapter.id,
+                number=subject.version.number,
+                actor=QA_ACTOR,
+                reason=f"qa-passed {report.id}",
+                session=session,
+            )
+            if adapter.is_task_adapter:
+                cause = f"task adapter {adapter.name!r} promoted to version {subject.version.number}"
+                submit_task_rechecks(
+                    session, queue=self.queue, tenant_id=tenant_id, adapter_id=adapter.id, cause=cause
+                )
+        elif decision == "reject":
+            self.registry.set_status(
+                tenant_id=tenant_id,
+                adapter_id=adapter.id,
+                number=subject.version.number,
+                status="rejected",
+                session=session,
+            )
+        elif decision == "rollback":
+            self.registry.rollback(
+                tenant_id=tenant_id,
+                adapter_id=adapter.id,
+                to_number=None if target is None else target.number,
+                actor=QA_ACTOR,
+                reason=f"qa-regression {report.id}",
+                session=session,
+            )
+
+    def _document(
+        self,
+        kind: QAKind,
+        subject: Subject,
+        evaluation: Evaluation,
+        rules: list[RuleOutcome],
+        decision: QADecision,
+        reasons: list[str],
+    ) -> dict[str, Any]:
+        """The report's JSON document (see ``lorafleet.qa.reports``)."""
+        bank = dict(evaluation.bank)
+        probe = bank.pop("probe", None)
+        return {
+            "format": REPORT_FORMAT,
+            "kind": kind,
+            "tenant_id": subject.tenant_id,
+            "version": _version_json(subject.adapter, subject.version),
+            "previous": None
+            if subject.previous is None
+            else _version_json(subject.adapter, subject.previous),
+            "policy_version": self.policy.version,
+            "policy": self.policy.model_dump(),
+            "backbone": {"fingerprint": self.bank.fingerprint, "quantization": self.backbone.quantization},
+            "sanity": evaluation.sanity.to_json(),
+            "bank": bank,
+            "probe": probe,
+            "matrix": None if evaluation.matrix is None else evaluation.matrix.to_json(),
+            "rules": [{"rule": r.rule, "passed": r.passed, "detail": r.detail} for r in rules],
+            "decision": decision,
+            "reasons": reasons,
+            "timing": {"evaluation_seconds": round(evaluation.seconds, 3)},
+        }
+
+    def _user_bank(self, adapter: Adapter) -> Any:
+        """The owner's bank now (None for a task adapter, which is evaluated on its own)."""
+        if adapter.owner_user_id is None:
+            return None
+        from lorafleet.routing.bank import resolve_user_bank
+
+        with self.db.session() as s:
+            external_id = self._qa.user_external_id(
+                s, tenant_id=adapter.tenant_id, user_id=adapter.owner_user_id
+            )
+        return resolve_user_bank(self.db, tenant_id=adapter.tenant_id, user_external_id=external_id)
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+def _verdict(evaluation: Evaluation, rules: list[RuleOutcome]) -> tuple[bool, list[str]]:
+    """Sanity problems reject before any rule; otherwise the rules decide."""
+    if not evaluation.sanity.passed:
+        return False, list(evaluation.sanity.problems)
+    return reasons_for(rules)
+
+
+def _summary_extra(document: Mapping[str, Any]) -> dict[str, Any]:
+    sampling = document.get("bank", {}).get("sampling") or {}
+    extra: dict[str, Any] = {
+        "sanity_passed": document["sanity"]["passed"],
+        "seconds": document["timing"]["evaluation_seconds"],
+        "bank_size": sampling.get("bank_size", 0),
+        "members_evaluated": len(sampling.get("sampled", [])),
+    }
+    rollback = document.get("rollback")
+    if rollback is not None:
+        extra["rollback_to_version_id"] = rollback["to_version_id"]
+    return extra
+
+
+def _version_json(adapter: Adapter, version: AdapterVersion) -> dict[str, Any]:
+    return {
+        "id": version.id,
+        "adapter_id": adapter.id,
+        "adapter_name": adapter.name,
+        "owner_user_id": adapter.owner_user_id,
+        "number": version.number,
+        "sha256": version.sha256,
+        "status": version.status,
+    }
+
+
+def _trial_json(
+    version: AdapterVersion,
+    evaluation: Evaluation,
+    rules: list[RuleOutcome],
+    passed: bool,
+    reasons: list[str],
+) -> dict[str, Any]:
+    return {
+        "version_id": version.id,
+        "number": version.number,
+        "passed": passed,
+        "reasons": reasons,
+        "sanity": evaluation.sanity.to_json(),
+        "rules": [{"rule": r.rule, "passed": r.passed, "detail": r.detail} for r in rules],
+        "matrix": None if evaluation.matrix is None else evaluation.matrix.to_json(),
+    }
+
+
+def _result(report: QAReport) -> dict[str, Any]:
+    return {
+        "report_id": report.id,
+        "version_id": report.version_id,
+        "kind": report.kind,
+        "decision": report.decision,
+        "reasons": list(report.reasons),
+    }
+
+
+def _int(payload: Mapping[str, Any], key: str) -> int:
+    value = payload.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"qa job payload: {key!r} must be an integer id")
+    return value
+
+
+__all__ = ["QA_ACTOR", "QARunner", "StaleEvaluationError"]

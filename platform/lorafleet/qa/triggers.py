@@ -1,0 +1,134 @@
+"""When QA runs: ``qa`` jobs on the same job table (leases, retries, dedupe) as training. Torch-free.
+
+- A **candidate** is registered: ``submit_candidate_qa`` in the registering transaction (the train job's
+  fenced transaction when ``promote_rule = "qa"``), dedupe key ``qa:<version id>``; payload ``{"version_id"}``.
+- A **bank changes**: its users' live personal adapters are rechecked, one job per adapter, dedupe key
+  ``qa-recheck:<adapter id>`` (a queued recheck already covers a later change: it reads the bank when it runs);
+  payload ``{"recheck": {"adapter_id", "cause"}}``. Triggered by:
+
+  * QA promoting a shared task adapter's candidate (``QARunner``, inside its fenced transaction), and anyone
+    else who moves a task adapter's ``live`` alias: call ``on_task_adapter_changed``;
+  * enrolling a user in a task adapter: call ``enrol_and_recheck`` instead of ``routing.enrol`` (the API's
+    enrol route does), or ``on_bank_changed`` after it.
+
+QA jobs list no users in ``job_users``, so a pending QA job never holds back a user's next training job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from lorafleet.domain import Job
+from lorafleet.jobs.queue import JobQueue
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.qa_repository import QARepository
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from lorafleet.routing.bank import Enrolment
+
+QA_JOB_KIND = "qa"
+QA_MAX_ATTEMPTS = 3
+
+
+def candidate_dedupe_key(version_id: int) -> str:
+    return f"qa:{version_id}"
+
+
+def recheck_dedupe_key(adapter_id: int) -> str:
+    return f"qa-recheck:{adapter_id}"
+
+
+def submit_candidate_qa(session: Session, *, queue: JobQueue, tenant_id: int, version_id: int) -> Job:
+    """Queue QA of a candidate in the caller's transaction (an active job for it is returned instead)."""
+    new = queue.new_job(
+        tenant_id=tenant_id,
+        kind=QA_JOB_KIND,
+        payload={"version_id": int(version_id)},
+        user_ids=(),
+        dedupe_key=candidate_dedupe_key(version_id),
+        max_attempts=QA_MAX_ATTEMPTS,
+    )
+    job, _ = queue.repository.insert_job(session, new=new, now=queue.clock())
+    return job
+
+
+def submit_rechecks(
+    session: Session, *, queue: JobQueue, tenant_id: int, user_ids: Sequence[int], cause: str
+) -> list[Job]:
+    """Queue a recheck of every live personal adapter of ``user_ids``, in the caller's transaction."""
+    repo = QARepository(dialect=queue.db.dialect)
+    jobs = []
+    for adapter_id, _user in repo.live_personal_adapters(
+        session, tenant_id=tenant_id, user_ids=list(user_ids)
+    ):
+        new = queue.new_job(
+            tenant_id=tenant_id,
+            kind=QA_JOB_KIND,
+            payload={"recheck": {"adapter_id": adapter_id, "cause": cause[:500]}},
+            user_ids=(),
+            dedupe_key=recheck_dedupe_key(adapter_id),
+            max_attempts=QA_MAX_ATTEMPTS,
+        )
+        jobs.append(queue.repository.insert_job(session, new=new, now=queue.clock())[0])
+    return jobs
+
+
+def submit_task_rechecks(
+    session: Session, *, queue: JobQueue, tenant_id: int, adapter_id: int, cause: str
+) -> list[Job]:
+    """Recheck the users enrolled in a task adapter (its live version changed), in the caller's transaction."""
+    users = QARepository(dialect=queue.db.dialect).enrolled_user_ids(
+        session, tenant_id=tenant_id, adapter_id=adapter_id
+    )
+    return submit_rechecks(session, queue=queue, tenant_id=tenant_id, user_ids=users, cause=cause)
+
+
+def on_bank_changed(
+    db: Database, queue: JobQueue | None = None, *, tenant_id: int, user_ids: Sequence[int], cause: str
+) -> list[Job]:
+    """The banks of ``user_ids`` changed: queue rechecks of their live personal adapters (one transaction)."""
+    queue = queue or JobQueue(db)
+    with db.session() as session:
+        return submit_rechecks(session, queue=queue, tenant_id=tenant_id, user_ids=user_ids, cause=cause)
+
+
+def on_task_adapter_changed(
+    db: Database, queue: JobQueue | None = None, *, tenant_id: int, adapter_id: int, cause: str
+) -> list[Job]:
+    """A task adapter's live version moved: queue rechecks for every user enrolled in it."""
+    queue = queue or JobQueue(db)
+    with db.session() as session:
+        return submit_task_rechecks(
+            session, queue=queue, tenant_id=tenant_id, adapter_id=adapter_id, cause=cause
+        )
+
+
+def enrol_and_recheck(
+    db: Database, *, tenant_id: int, user_external_id: str, task_name: str, actor: str
+) -> tuple[Enrolment, list[Job]]:
+    """``routing.enrol`` followed by a recheck of the user's live adapters in their grown bank."""
+    from lorafleet.routing.bank import enrol
+
+    enrolment = enrol(
+        db, tenant_id=tenant_id, user_external_id=user_external_id, task_name=task_name, actor=actor
+    )
+    jobs = on_bank_changed(
+        db, tenant_id=tenant_id, user_ids=[enrolment.user_id], cause=f"enrolled in task adapter {task_name!r}"
+    )
+    return enrolment, jobs
+
+
+__all__ = [
+    "QA_JOB_KIND",
+    "candidate_dedupe_key",
+    "enrol_and_recheck",
+    "on_bank_changed",
+    "on_task_adapter_changed",
+    "recheck_dedupe_key",
+    "submit_candidate_qa",
+    "submit_rechecks",
+    "submit_task_rechecks",
+]

@@ -1,0 +1,215 @@
+"""SQL side of QA: report rows, and the reads QA needs (feedback for holdouts, enrolments, routing keys).
+
+Every method runs in a session the caller opened (``Database.session()`` or a job's fenced transaction), so a
+report row commits together with the decision it records. Methods return plain frozen objects, never ORM rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, cast
+
+from sqlalchemy import and_, select
+from sqlalchemy.orm import Session
+
+from lorafleet.domain import LIVE, FeedbackRecord
+from lorafleet.errors import NotFoundError
+from lorafleet.store.sql.feedback import to_feedback_record
+from lorafleet.store.sql.models import (
+    SqlAdapter,
+    SqlAdapterVersion,
+    SqlAlias,
+    SqlEnrolment,
+    SqlFeedback,
+    SqlQAReport,
+    SqlUser,
+    utcnow,
+)
+
+QAKind = Literal["candidate", "recheck"]
+QADecision = Literal["promote", "reject", "keep", "rollback"]
+_IN_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class QAReport:
+    """One QA run on a version: what was decided and why; the full matrix is the JSON blob ``blob_sha256``."""
+
+    id: int
+    tenant_id: int
+    version_id: int
+    kind: QAKind
+    policy_version: str
+    decision: QADecision
+    reasons: tuple[str, ...]
+    summary: dict[str, Any]
+    blob_sha256: str
+    blob_uri: str
+    blob_size_bytes: int
+    job_id: int | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class NewQAReport:
+    """A report row about to be inserted (its blob is already in the object store)."""
+
+    tenant_id: int
+    version_id: int
+    kind: QAKind
+    policy_version: str
+    decision: QADecision
+    reasons: tuple[str, ...]
+    summary: dict[str, Any]
+    blob_sha256: str
+    blob_uri: str
+    blob_size_bytes: int
+    job_id: int | None
+
+
+class QARepository:
+    """Stateless SQL for QA (the dialect is kept for symmetry with the other repositories)."""
+
+    def __init__(self, *, dialect: str) -> None:
+        self._postgres = dialect == "postgresql"
+
+    # --- reports ------------------------------------------------------------------------------------------
+    def insert_report(self, session: Session, *, new: NewQAReport) -> QAReport:
+        """Insert a report; a second report of the same job violates ``uq_qa_reports_job_id``."""
+        row = SqlQAReport(
+            tenant_id=new.tenant_id,
+            version_id=new.version_id,
+            kind=new.kind,
+            policy_version=new.policy_version,
+            decision=new.decision,
+            reasons=list(new.reasons),
+            summary=new.summary,
+            blob_sha256=new.blob_sha256,
+            blob_uri=new.blob_uri,
+            blob_size_bytes=new.blob_size_bytes,
+            job_id=new.job_id,
+            created_at=utcnow(),
+        )
+        session.add(row)
+        session.flush()
+        return _report(row)
+
+    def report_for_job(self, session: Session, *, job_id: int) -> QAReport | None:
+        row = session.scalar(select(SqlQAReport).where(SqlQAReport.job_id == job_id))
+        return None if row is None else _report(row)
+
+    def get_report(self, session: Session, *, tenant_id: int | None, report_id: int) -> QAReport:
+        """The report; ``NotFoundError`` if missing or another tenant's (``tenant_id`` None: any)."""
+        stmt = select(SqlQAReport).where(SqlQAReport.id == report_id)
+        if tenant_id is not None:
+            stmt = stmt.where(SqlQAReport.tenant_id == tenant_id)
+        row = session.scalar(stmt)
+        if row is None:
+            raise NotFoundError(f"QA report {report_id} not found")
+        return _report(row)
+
+    def reports_for_versions(
+        self, session: Session, *, tenant_id: int, version_ids: Iterable[int]
+    ) -> dict[int, list[QAReport]]:
+        """The tenant's reports on each version, oldest first."""
+        out: dict[int, list[QAReport]] = {}
+        ids = sorted(set(version_ids))
+        for start in range(0, len(ids), _IN_CHUNK):
+            stmt = (
+                select(SqlQAReport)
+                .where(
+                    SqlQAReport.tenant_id == tenant_id,
+                    SqlQAReport.version_id.in_(ids[start : start + _IN_CHUNK]),
+                )
+                .order_by(SqlQAReport.id)
+            )
+            for row in session.scalars(stmt):
+                out.setdefault(row.version_id, []).append(_report(row))
+        return out
+
+    def referenced_sha256s(self, session: Session, *, digests: Sequence[str]) -> set[str]:
+        """The digests among ``digests`` that some report's blob is (index on ``blob_sha256``)."""
+        stmt = select(SqlQAReport.blob_sha256).where(SqlQAReport.blob_sha256.in_(list(digests))).distinct()
+        return set(session.scalars(stmt))
+
+    # --- what QA reads --------------------------------------------------------------------------------------
+    def user_records(self, session: Session, *, user_id: int, through_id: int | None) -> list[FeedbackRecord]:
+        """A user's feedback in id order, up to ``through_id`` (None: all)."""
+        stmt = select(SqlFeedback).where(SqlFeedback.user_id == user_id)
+        if through_id is not None:
+            stmt = stmt.where(SqlFeedback.id <= through_id)
+        return [to_feedback_record(row) for row in session.scalars(stmt.order_by(SqlFeedback.id))]
+
+    def records_by_ids(
+        self, session: Session, *, tenant_id: int, record_ids: Sequence[int]
+    ) -> list[FeedbackRecord]:
+        """The tenant's feedback records among ``record_ids``, in id order (others' are left out)."""
+        ids = sorted(set(record_ids))
+        out: list[FeedbackRecord] = []
+        for start in range(0, len(ids), _IN_CHUNK):
+            stmt = (
+                select(SqlFeedback)
+                .join(SqlUser, SqlUser.id == SqlFeedback.user_id)
+                .where(SqlUser.tenant_id == tenant_id, SqlFeedback.id.in_(ids[start : start + _IN_CHUNK]))
+                .order_by(SqlFeedback.id)
+            )
+            out.extend(to_feedback_record(row) for row in session.scalars(stmt))
+        return out
+
+    def routing_key(self, session: Session, *, version_id: int) -> tuple[float, ...] | None:
+        key = session.scalar(select(SqlAdapterVersion.routing_key).where(SqlAdapterVersion.id == version_id))
+        return None if key is None else tuple(float(v) for v in key)
+
+    def user_external_id(self, session: Session, *, tenant_id: int, user_id: int) -> str:
+        found = session.scalar(
+            select(SqlUser.external_id).where(SqlUser.id == user_id, SqlUser.tenant_id == tenant_id)
+        )
+        if found is None:
+            raise NotFoundError(f"user {user_id} not found")
+        return str(found)
+
+    def enrolled_user_ids(self, session: Session, *, tenant_id: int, adapter_id: int) -> list[int]:
+        stmt = select(SqlEnrolment.user_id).where(
+            SqlEnrolment.tenant_id == tenant_id, SqlEnrolment.adapter_id == adapter_id
+        )
+        return sorted(int(u) for u in session.scalars(stmt))
+
+    def live_personal_adapters(
+        self, session: Session, *, tenant_id: int, user_ids: Sequence[int]
+    ) -> list[tuple[int, int]]:
+        """``(adapter_id, user_id)`` of the users' own LoRA adapters that have a live version."""
+        stmt = (
+            select(SqlAdapter.id, SqlAdapter.owner_user_id)
+            .join(SqlAlias, and_(SqlAlias.adapter_id == SqlAdapter.id, SqlAlias.name == LIVE))
+            .where(
+                SqlAdapter.tenant_id == tenant_id,
+                SqlAdapter.kind == "lora",
+                SqlAdapter.owner_user_id.in_(list(user_ids)),
+                SqlAlias.version_id.is_not(None),
+            )
+            .order_by(SqlAdapter.id)
+        )
+        return [(int(a), int(u)) for a, u in session.execute(stmt) if u is not None]
+
+
+def _report(row: SqlQAReport) -> QAReport:
+    return QAReport(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        version_id=row.version_id,
+        kind=cast(QAKind, row.kind),
+        policy_version=row.policy_version,
+        decision=cast(QADecision, row.decision),
+        reasons=tuple(str(r) for r in row.reasons or ()),
+        summary=dict(row.summary or {}),
+        blob_sha256=row.blob_sha256,
+        blob_uri=row.blob_uri,
+        blob_size_bytes=row.blob_size_bytes,
+        job_id=row.job_id,
+        created_at=row.created_at,
+    )
+
+
+__all__ = ["NewQAReport", "QADecision", "QAKind", "QAReport", "QARepository"]

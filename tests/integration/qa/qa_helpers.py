@@ -1,0 +1,219 @@
+"""Helpers for the QA tests: a world with users and feedback, adapters trained through ``lorafleet.training``
+(good, harmful, interfering), versions registered as candidates, and jobs run in-process."""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorafleet.adapters import AdapterBank, save_slot
+from lorafleet.backbone import Backbone
+from lorafleet.domain import AdapterVersion, LineageRelation
+from lorafleet.feedback import ingest_feedback
+from lorafleet.jobs import JobQueue, JobWorker
+from lorafleet.qa.runner import QARunner
+from lorafleet.qa.triggers import QA_JOB_KIND
+from lorafleet.registry import Registry, pack_adapter_archive
+from lorafleet.routing.embeddings import routing_key
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.feedback import create_snapshot
+from lorafleet.store.sql.registry_repository import NewVersion, RegistryRepository
+from lorafleet.store.sql.tenants import TenantRepository
+from lorafleet.training import synthetic
+from lorafleet.training.config import TrainingConfig
+from lorafleet.training.continual import PERSONAL_ADAPTER, ContinualTrainer
+from lorafleet.training.dataset import Example, build_dataset
+from lorafleet.training.trainer import SlotTask, train_slots
+
+#: a few steps on two projections at a high rate: enough to move a tiny model's holdout, fast on 2 cores
+TINY_TRAINING: dict[str, Any] = {
+    "rank": 4,
+    "alpha": 8.0,
+    "target_modules": ["q_proj", "v_proj"],
+    "learning_rate": 5e-3,
+    "max_steps": 12,
+    "batch_size": 8,
+    "max_seq_len": 64,
+    "holdout_fraction": 0.3,
+    "replay_ratio": 0.5,
+    "dropout": 0.0,
+    "seed": 0,
+}
+
+
+@dataclass
+class World:
+    """One tenant and the parts QA runs on (in-process)."""
+
+    db: Database
+    registry: Registry
+    backbone: Backbone
+    bank: AdapterBank
+    tenant_id: int
+    config: TrainingConfig
+
+    def user_id(self, external_id: str) -> int:
+        return TenantRepository(self.db).get_user(tenant_id=self.tenant_id, external_id=external_id).id
+
+    def personal(self, external_id: str) -> int:
+        found = self.registry.find_adapter(
+            tenant_id=self.tenant_id, owner_user_id=self.user_id(external_id), name=PERSONAL_ADAPTER
+        )
+        assert found is not None
+        return found.id
+
+
+def make_world(db: Database, registry: Registry, backbone: Backbone, bank: AdapterBank) -> World:
+    tenant_id = TenantRepository(db).create_tenant(name="acme")[0].id
+    return World(db, registry, backbone, bank, tenant_id, TrainingConfig(**TINY_TRAINING))
+
+
+def feed(world: World, user: str, *, round: int = 1, n_records: int = 24, seed: int = 0) -> list[int]:
+    """Ingest a user's synthetic records (their true preferences); the new ids."""
+    records = synthetic.make_user_records(user, round=round, n_records=n_records, seed=seed)
+    return ingest_feedback(world.db, tenant_id=world.tenant_id, user_external_id=user, records=records).ids
+
+
+def worker(
+    world: World, runner: QARunner, *, trainer: ContinualTrainer | None = None, name: str = "w"
+) -> JobWorker:
+    handlers: dict[str, Any] = {QA_JOB_KIND: runner.run_job}
+    if trainer is not None:
+        handlers["train"] = trainer.run_job
+    return JobWorker(JobQueue(world.db), worker_id=name, handlers=handlers, lease_seconds=30.0)
+
+
+def qa_trainer(world: World) -> ContinualTrainer:
+    """The continual trainer with the ``qa`` promote rule (each new version queues its QA job)."""
+    return ContinualTrainer(
+        world.db, world.registry, world.backbone, world.bank, config=world.config, promote_rule="qa"
+    )
+
+
+# --- adapters trained outside the continual loop ------------------------------------------------------------
+def train_adapter(
+    world: World, examples: Sequence[Example], *, work: Path, seed: int = 0, steps: int = 12
+) -> Path:
+    """Train a fresh slot on ``examples`` with ``lorafleet.training`` and save it as a PEFT folder."""
+    bank, config = world.bank, world.config.with_changes(max_steps=steps, seed=seed)
+    slot = bank.free_slot()
+    bank.init_slot(slot, config.slot_config(backbone_fingerprint=bank.fingerprint), seed=seed)
+    try:
+        train_slots(
+            bank, world.backbone.tokenizer, [SlotTask(slot, f"adhoc-{seed}", list(examples), [])], config
+        )
+        return save_slot(bank, slot, work).directory
+    finally:
+        bank.evict_slot(slot)
+
+
+def adversarial(examples: Sequence[Example], *, other_user: str = "mallory") -> list[Example]:
+    """The same prompts answered with another user's preferences: poisoned feedback (a harmful training set)."""
+    wrong = synthetic.user_preferences(other_user)
+    return [
+        Example(e.record_id, e.prompt, wrong[synthetic.topic_of(e.prompt)] + "\n", e.kind) for e in examples
+    ]
+
+
+def user_examples(world: World, user: str) -> list[Example]:
+    """A user's training split, as the trainer builds it from their stored feedback."""
+    from lorafleet.feedback import list_feedback
+
+    records = list_feedback(world.db, tenant_id=world.tenant_id, user_external_id=user, limit=1000)
+    return list(build_dataset(records, config=world.config).train)
+
+
+def register_candidate(
+    world: World,
+    *,
+    adapter_id: int,
+    folder: Path,
+    record_ids: Sequence[int],
+    user_id: int | None,
+    parent: AdapterVersion | None = None,
+    key: tuple[float, ...] | None = None,
+    fingerprint: str | None = None,
+) -> AdapterVersion:
+    """Register a PEFT folder as a candidate with a dataset snapshot of ``record_ids`` (its holdout source)."""
+    snapshot = create_snapshot(
+        world.db, user_id=user_id, record_ids=record_ids, details={"watermark": max(record_ids)}
+    )
+    parents: list[tuple[int, LineageRelation]] = [] if parent is None else [(parent.id, "continued-from")]
+    return world.registry.register_version(
+        tenant_id=world.tenant_id,
+        adapter_id=adapter_id,
+        adapter_dir=folder,
+        base_fingerprint=fingerprint or world.backbone.fingerprint.digest,
+        parents=parents,
+        training_config=world.config.model_dump(),
+        dataset_snapshot_id=snapshot.id,
+        routing_key=key,
+    )
+
+
+def key_of(world: World, examples: Sequence[Example]) -> tuple[float, ...]:
+    return routing_key(world.backbone, world.bank, [e.prompt for e in examples])
+
+
+def register_unchecked(
+    world: World, *, adapter_id: int, folder: Path, work: Path, base: AdapterVersion
+) -> int:
+    """Insert a version whose weights hold a NaN, bypassing the registry's checks (as a version written by an
+    older release, or a corrupted import, would be): QA must refuse it before evaluating."""
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name][0, 0] = float("nan")
+    metadata = _metadata(weights)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights), metadata=metadata)
+    from lorafleet.adapters.peft_format import inspect_adapter_dir
+
+    archive = pack_adapter_archive(files=inspect_adapter_dir(folder), dest=work / "bad.tar")
+    ref = world.registry.blobs.put_file(archive)
+    repo = RegistryRepository(dialect=world.db.dialect)
+    new = NewVersion(
+        blob_uri=ref.uri,
+        sha256=ref.sha256,
+        size_bytes=ref.size,
+        base_fingerprint=base.base_fingerprint,
+        rank=base.rank,
+        target_modules=base.target_modules,
+        training_config=base.training_config,
+        metrics={},
+        status="candidate",
+        job_id=None,
+        dataset_snapshot_id=base.dataset_snapshot_id,
+        parents=((base.id, "continued-from"),),
+    )
+    with world.db.session() as s:
+        number = repo.next_version_number(s, tenant_id=world.tenant_id, adapter_id=adapter_id)
+        return repo.insert_version(s, adapter_id=adapter_id, number=number, new=new).id
+
+
+def _metadata(weights: Path) -> dict[str, str]:
+    from lorafleet.adapters.peft_format import read_safetensors_header
+
+    meta = read_safetensors_header(weights).get("__metadata__") or {}
+    return {str(k): str(v) for k, v in dict(meta).items()}
+
+
+def archive_members(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
+def scale_weights(folder: Path, factor: float) -> Path:
+    """Multiply every lora_B by ``factor`` in place (a diverged update, for the norm check)."""
+    weights = folder / "adapter_model.safetensors"
+    tensors = {k: (v * factor if ".lora_B." in k else v) for k, v in load_file(str(weights)).items()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights), metadata=_metadata(weights))
+    return folder
+
+
+__all__ = ["TINY_TRAINING", "World", "torch"]

@@ -1,0 +1,150 @@
+"""The promotion rules over hand-made matrices: which rule fails, with which numbers, and NaN handling."""
+
+from __future__ import annotations
+
+import math
+
+from lorafleet.qa.policy import QAPolicy
+from lorafleet.qa.results import Cell, ColumnInfo, Matrix, RowInfo
+from lorafleet.qa.rules import (
+    GATE_VS_BEST_MEMBER,
+    NO_REGRESSION,
+    PROBE_RULE,
+    USER_HOLDOUT,
+    candidate_rules,
+    reasons_for,
+    recheck_rules,
+)
+
+POLICY = QAPolicy(delta=0.1, epsilon=0.05, epsilon_probe=0.2)
+OWN, TASK, PROBE = "holdout:personal:personal", "holdout:task:t", "probe"
+
+
+def matrix(losses: dict[str, dict[str, float]], *, own_examples: int = 5) -> Matrix:
+    """Rows own/task/probe; columns in the order first seen; kinds from the names."""
+    columns: list[str] = []
+    for row in losses.values():
+        columns += [c for c in row if c not in columns]
+    kinds = {"base": "base", "previous": "previous", "candidate": "candidate"}
+    infos = tuple(
+        ColumnInfo(c, kinds.get(c, c.split(":")[0] if not c.startswith("gated") else c.replace(":", "-")))  # type: ignore[arg-type]
+        for c in columns
+    )
+    rows = (
+        RowInfo(OWN, "user-holdout", own_examples, own_examples, 1, True),
+        RowInfo(TASK, "task-holdout", 4, 4, 2),
+        RowInfo(PROBE, "probe", 8, 8),
+    )
+    cells = {r: {c: Cell(v, 0.5, 10, 5) for c, v in cols.items()} for r, cols in losses.items()}
+    return Matrix(rows, infos, cells)
+
+
+def good() -> dict[str, dict[str, float]]:
+    return {
+        OWN: {
+            "base": 5.0,
+            "previous": 4.0,
+            "candidate": 3.8,
+            "gated:previous": 4.0,
+            "gated:candidate": 3.8,
+            "alone:task:t": 5.0,
+            "pair:task:t": 4.2,
+        },
+        TASK: {
+            "base": 5.0,
+            "previous": 5.0,
+            "candidate": 5.0,
+            "gated:previous": 3.0,
+            "gated:candidate": 3.02,
+            "alone:task:t": 3.0,
+            "pair:task:t": 4.0,
+        },
+        PROBE: {
+            "base": 5.0,
+            "previous": 5.05,
+            "candidate": 5.1,
+            "gated:previous": 5.05,
+            "gated:candidate": 5.1,
+            "alone:task:t": 5.0,
+            "pair:task:t": 5.0,
+        },
+    }
+
+
+def outcome(m: Matrix, rule: str, recheck: bool = False) -> tuple[bool, str]:
+    found = next(o for o in (recheck_rules if recheck else candidate_rules)(m, POLICY) if o.rule == rule)
+    return found.passed, found.detail
+
+
+def test_a_good_candidate_passes_every_rule_and_the_reasons_say_why() -> None:
+    outcomes = candidate_rules(matrix(good()), POLICY)
+    assert [o.rule for o in outcomes] == [USER_HOLDOUT, NO_REGRESSION, GATE_VS_BEST_MEMBER, PROBE_RULE]
+    passed, reasons = reasons_for(outcomes)
+    assert passed and reasons[0] == (
+        "user-holdout: candidate 3.8000 beats previous live 4.0000 by delta 0.1 (needs <= 3.9000)"
+    )
+
+
+def test_user_holdout_needs_delta_improvement_or_no_previous_version() -> None:
+    losses = good()
+    losses[OWN]["candidate"] = 3.95  # better, but not by delta
+    passed, detail = outcome(matrix(losses), USER_HOLDOUT)
+    assert not passed and "does not beat previous live 4.0000" in detail
+    without_previous = {r: {c: v for c, v in cols.items() if c != "previous"} for r, cols in good().items()}
+    passed, detail = outcome(matrix(without_previous), USER_HOLDOUT)
+    assert passed and detail.startswith("user-holdout: no previous live version")
+    passed, detail = outcome(matrix(good(), own_examples=0), USER_HOLDOUT)
+    assert not passed and "no holdout examples" in detail
+
+
+def test_no_regression_names_each_set_that_got_worse_than_the_previous_configuration() -> None:
+    losses = good()
+    losses[TASK]["gated:candidate"] = 3.1  # 0.1 worse than gated:previous > epsilon
+    passed, detail = outcome(matrix(losses), NO_REGRESSION)
+    assert not passed and "holdout:task:t 3.0000 -> 3.1000" in detail and OWN not in detail
+
+
+def test_the_gated_bank_must_stay_within_epsilon_of_its_best_single_member() -> None:
+    losses = good()
+    losses[OWN]["gated:candidate"] = 3.9  # candidate alone is 3.8
+    passed, detail = outcome(matrix(losses), GATE_VS_BEST_MEMBER, recheck=True)
+    assert not passed and f"{OWN} gated 3.9000 vs candidate 3.8000" in detail
+    losses = good()
+    losses[TASK]["gated:candidate"] = 3.2  # the task adapter alone is 3.0
+    passed, detail = outcome(matrix(losses), GATE_VS_BEST_MEMBER)
+    assert not passed and "vs alone:task:t 3.0000" in detail
+
+
+def test_the_probe_may_move_less_than_epsilon_probe_either_way() -> None:
+    for value, ok in ((5.19, True), (5.21, False), (4.79, False)):
+        losses = good()
+        losses[PROBE]["candidate"] = value
+        assert outcome(matrix(losses), PROBE_RULE)[0] is ok, value
+
+
+def test_a_one_sided_probe_only_counts_moves_for_the_worse() -> None:
+    one_sided = POLICY.with_changes(probe_one_sided=True)
+    for value, ok in ((4.0, True), (5.19, True), (5.21, False)):
+        losses = good()
+        losses[PROBE]["candidate"] = value
+        (found,) = [o for o in candidate_rules(matrix(losses), one_sided) if o.rule == PROBE_RULE]
+        assert found.passed is ok, value
+    assert found.detail.endswith(
+        "candidate 5.2100 (moved +0.2100), gated:candidate 5.1000 (moved +0.1000): "
+        "not within epsilon_probe +0.2"
+    )
+
+
+def test_a_nan_loss_fails_the_rules_that_read_it() -> None:
+    losses = good()
+    losses[OWN]["candidate"] = math.nan
+    losses[OWN]["gated:candidate"] = math.nan
+    losses[PROBE]["candidate"] = math.nan
+    failed = {o.rule for o in candidate_rules(matrix(losses), POLICY) if not o.passed}
+    assert failed == {USER_HOLDOUT, NO_REGRESSION, GATE_VS_BEST_MEMBER, PROBE_RULE}
+    passed, reasons = reasons_for(candidate_rules(matrix(losses), POLICY))
+    assert not passed and len(reasons) == 4
+
+
+def test_recheck_rules_ignore_the_comparison_with_a_previous_version() -> None:
+    assert [o.rule for o in recheck_rules(matrix(good()), POLICY)] == [GATE_VS_BEST_MEMBER, PROBE_RULE]

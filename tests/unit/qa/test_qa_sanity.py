@@ -1,0 +1,144 @@
+"""Sanity checks on adapter files before evaluation: each problem is reported by name, nothing is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorafleet.adapters import AdapterBank, SlotConfig, save_slot
+from lorafleet.adapters.peft_format import read_safetensors_header
+from lorafleet.backbone import Backbone
+from lorafleet.domain import Adapter, AdapterVersion
+from lorafleet.qa.policy import QAPolicy
+from lorafleet.qa.sanity import check_adapter
+
+CONFIGURED = {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.fixture
+def saved(tiny_parts: tuple[Backbone, AdapterBank], tmp_path: Path) -> Path:
+    """A trained-looking adapter (rank 4 on q/v, small non-zero B) saved from the bank."""
+    _, bank = tiny_parts
+    slot = bank.free_slot()
+    bank.init_slot(slot, SlotConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")), seed=1)
+    for layer in bank.layers.values():
+        a, b = layer.read_slot(slot)
+        layer.write_slot(slot, a, torch.full_like(b, 0.01), scaling=2.0, dropout=0.0)
+    try:
+        return save_slot(bank, slot, tmp_path / "adapter").directory
+    finally:
+        bank.evict_slot(slot)
+
+
+def _version(bank: AdapterBank, **changes: object) -> AdapterVersion:
+    version = AdapterVersion(
+        1,
+        1,
+        1,
+        "file:///x",
+        "0" * 64,
+        1,
+        bank.fingerprint or "",
+        4,
+        ("q_proj", "v_proj"),
+        {},
+        {},
+        "candidate",
+        datetime.now(UTC),
+    )
+    return dataclasses.replace(version, **changes)  # type: ignore[arg-type]
+
+
+def _adapter(**config: object) -> Adapter:
+    return Adapter(1, 1, 1, "personal", {**CONFIGURED, **config}, datetime.now(UTC))
+
+
+def _rewrite(folder: Path, change: object) -> None:
+    weights = folder / "adapter_model.safetensors"
+    meta = read_safetensors_header(weights).get("__metadata__") or {}
+    tensors = load_file(str(weights))
+    change(tensors)  # type: ignore[operator]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights), metadata=dict(meta))
+
+
+def check(folder: Path, bank: AdapterBank, **kwargs: object) -> tuple[str, ...]:
+    return check_adapter(
+        folder,
+        version=kwargs.pop("version", _version(bank)),  # type: ignore[arg-type]
+        adapter=kwargs.pop("adapter", _adapter()),  # type: ignore[arg-type]
+        bank=bank,
+        policy=kwargs.pop("policy", QAPolicy()),  # type: ignore[arg-type]
+    ).problems
+
+
+def test_a_sound_adapter_passes_with_its_update_norms(
+    tiny_parts: tuple[Backbone, AdapterBank], saved: Path
+) -> None:
+    _, bank = tiny_parts
+    result = check_adapter(saved, version=_version(bank), adapter=_adapter(), bank=bank, policy=QAPolicy())
+    assert result.passed and len(result.update_norms) == 4  # q and v of 2 layers
+    assert all(0 < v < 10 for v in result.update_norms.values())
+    assert result.to_json()["passed"] and result.to_json()["modules"] == 4
+    assert bank.occupied() == {}
+
+
+def test_non_finite_weights_are_named(tiny_parts: tuple[Backbone, AdapterBank], saved: Path) -> None:
+    _, bank = tiny_parts
+    _rewrite(saved, lambda t: t[sorted(t)[0]].__setitem__((0, 0), float("inf")))
+    (problem,) = check(saved, bank)
+    assert problem.startswith("sanity/non-finite: 1 tensors hold NaN or infinity")
+
+
+def test_a_foreign_backbone_is_refused_by_row_and_by_file(
+    tiny_parts: tuple[Backbone, AdapterBank], saved: Path
+) -> None:
+    _, bank = tiny_parts
+    (problem,) = check(saved, bank, version=_version(bank, base_fingerprint="e" * 64))
+    assert problem.startswith("sanity/fingerprint: version 1 records backbone eeeeeeee")
+    weights = saved / "adapter_model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})  # no fingerprint recorded
+    assert check(saved, bank) == ("sanity/fingerprint: the weights record no backbone fingerprint",)
+
+
+def test_rank_and_target_modules_must_be_the_configured_ones(
+    tiny_parts: tuple[Backbone, AdapterBank], saved: Path
+) -> None:
+    _, bank = tiny_parts
+    problems = check(saved, bank, adapter=_adapter(rank=8), version=_version(bank, rank=8))
+    assert problems == (
+        "sanity/rank: the file has rank 4, the version row 8",
+        "sanity/rank: rank 4 is not the configured rank 8",
+    )
+    (problem,) = check(saved, bank, adapter=_adapter(target_modules=["q_proj", "k_proj"]))
+    assert problem == "sanity/target-modules: adapts ['q_proj', 'v_proj'], configured ['k_proj', 'q_proj']"
+    (problem,) = check(saved, bank, adapter=_adapter(target_modules=r".*\.q_proj"))
+    assert problem.startswith("sanity/target-modules: model.layers.0.self_attn.v_proj does not match")
+    assert check(saved, bank, adapter=_adapter(target_modules="all-linear")) == ()
+
+
+def test_update_norms_outside_the_bounds_are_refused(
+    tiny_parts: tuple[Backbone, AdapterBank], saved: Path
+) -> None:
+    _, bank = tiny_parts
+    (high,) = check(saved, bank, policy=QAPolicy(max_update_norm=1e-3))
+    assert high.startswith("sanity/update-norm: 4 modules above 0.001")
+    (low,) = check(saved, bank, policy=QAPolicy(min_update_norm=1e3, max_update_norm=1e4))
+    assert low.startswith("sanity/update-norm: 4 modules below 1000")
+
+
+def test_files_that_are_not_a_lora_adapter_are_a_format_problem(
+    tiny_parts: tuple[Backbone, AdapterBank], saved: Path
+) -> None:
+    _, bank = tiny_parts
+    _rewrite(saved, lambda t: t.__setitem__("base_model.model.lm_head.weight", torch.zeros(2, 2)))
+    (problem,) = check(saved, bank)
+    assert problem.startswith("sanity/format: unsupported tensor 'base_model.model.lm_head.weight'")
+    _rewrite(saved, lambda t: t.pop("base_model.model.lm_head.weight"))
+    (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}), encoding="utf-8")  # no rank
+    assert check(saved, bank)[-1].startswith("sanity/format:")
