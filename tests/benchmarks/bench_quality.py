@@ -64,7 +64,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--replay-ratio", type=float, default=1.0)
+    parser.add_argument("--replay-ratio", type=float, default=2.0)
     parser.add_argument("--quantization", default="nf4")
     parser.add_argument("--throughput-steps", type=int, default=100)
     parser.add_argument(

@@ -7,7 +7,6 @@ large vocabulary does not materialise ``[batch, seq, vocab]``.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,8 +25,6 @@ from lorafleet.training.dataset import (
     encode_example,
     pad_token_id,
 )
-
-logger = logging.getLogger(__name__)
 
 #: ``(slot, weight)`` pairs one sequence is routed through (empty = the base model alone)
 Route = Sequence[tuple[int, float]]
