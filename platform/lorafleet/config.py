@@ -37,7 +37,6 @@ class Settings(BaseSettings):
     backbone: str = Field(default=TINY_BACKBONE, description="builtin:tiny or a local HF model path.")
     backbone_quantization: Literal["nf4", "int8", "bf16", "fp32"] = Field(default="nf4")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
-    serving: Literal["in-process", "ray-serve"] = Field(default="in-process")
     blob_gc_grace_seconds: int = Field(default=24 * 3600, ge=0)
     max_feedback_batch: int = Field(default=1000, ge=1)
     max_feedback_record_bytes: int = Field(default=64 * 1024, ge=256)
