@@ -91,6 +91,8 @@ class TrainedUser:
     metrics: dict[str, Any]
     promote: bool
     reason: str
+    #: the centroid gate's key for this version: pooled base embeddings of its training prompts
+    routing_key: tuple[float, ...] | None
 
 
 def parse_job_users(payload: Mapping[str, Any]) -> list[JobUser]:
@@ -323,8 +325,12 @@ class ContinualTrainer:
             "new_records": len(plan.new_ids),
             "replay_records": len(plan.replay_ids),
         }
+        from lorafleet.routing.embeddings import routing_key
+
         promote, reason = promote_decision(self.promote_rule, full)
-        return TrainedUser(plan, saved, full, promote, reason)
+        prompts = [example.prompt for example in plan.dataset.train]
+        key = routing_key(self.backbone, self.bank, prompts) if prompts else None
+        return TrainedUser(plan, saved, full, promote, reason, key)
 
     # --- registering --------------------------------------------------------------------------------------
     def _register(
@@ -384,6 +390,7 @@ class ContinualTrainer:
             job_id=job.id,
             dataset_snapshot_id=snapshot.id,
             status="candidate",
+            routing_key=user.routing_key,
             session=session,
         )
         return {
