@@ -35,8 +35,8 @@ from lorafleet.jobs.queue import Clock, JobQueue, SubmitResult
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.feedback import FeedbackBacklog, read_backlog
 from lorafleet.store.sql.jobs_repository import FailureStreak, NewJob
-from lorafleet.store.sql.models import utcnow
-from lorafleet.store.sql.tenants import find_user, validate_external_id
+from lorafleet.store.sql.models import TASK_SUBJECT_PREFIX, utcnow
+from lorafleet.store.sql.tenants import find_user, task_subject_id, validate_external_id
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ def _train_payload(users: Sequence[FeedbackBacklog]) -> dict[str, object]:
             {
                 "user_id": u.user_id,
                 "external_id": u.external_id,
+                "kind": u.kind,
                 "watermark": u.last_record_id,
                 "trained_through_id": u.trained_through_id,
             }
@@ -275,11 +276,22 @@ class Scheduler:
         job back (``created=False``): a user is never in two active jobs.
         """
         external_id = validate_external_id(user_external_id)
+        return self._train_subject_now(tenant_id=tenant_id, external_id=external_id, kind="user")
+
+    def train_task_now(self, *, tenant_id: int, task_name: str) -> SubmitResult:
+        """``train_now`` for a shared task's dataset (``lorafleet.tasks``): same rules, the task's feedback."""
+        return self._train_subject_now(
+            tenant_id=tenant_id, external_id=task_subject_id(task_name), kind="task"
+        )
+
+    def _train_subject_now(self, *, tenant_id: int, external_id: str, kind: str) -> SubmitResult:
         with self.db.session() as session:
             self._repo.lock_scheduler(session)
-            user = find_user(session, tenant_id=tenant_id, external_id=external_id)
+            user = find_user(session, tenant_id=tenant_id, external_id=external_id, kind=kind)
             if user is None:
-                raise NotFoundError(f"user {external_id!r} not found")
+                name = external_id.removeprefix(TASK_SUBJECT_PREFIX)
+                problem = f"user {name!r} not found" if kind == "user" else f"task {name!r} has no feedback"
+                raise NotFoundError(problem)
             active = self._repo.active_job_for_user(session, user_id=user.id)
             if active is not None:
                 return SubmitResult(job=active, created=False)
@@ -290,7 +302,7 @@ class Scheduler:
     def _user_backlog(self, session: Session, *, tenant_id: int, user_id: int) -> FeedbackBacklog:
         page = read_backlog(session, tenant_id=tenant_id, limit=1, after_user_id=user_id - 1)
         if not page or page[0].user_id != user_id:
-            raise ValidationError("no feedback newer than the user's last version: nothing to train on")
+            raise ValidationError("no feedback newer than the last version: nothing to train on")
         return page[0]
 
     # --- the loop -----------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Subject:
-    """The version under evaluation, what it replaces, and the bank it is served in (None: a task adapter)."""
+    """The version under evaluation, what it replaces, and the bank it is served in: its owner's for a personal
+    adapter; for a task adapter None (evaluated alone) or one enrolled user's bank."""
 
     kind: Literal["candidate", "recheck"]
     tenant_id: int
@@ -246,7 +247,8 @@ class Evaluator:
 
     def _member_set(self, subject: Subject, member: BankMember) -> EvalSet:
         version = self.registry.get_version_by_id(tenant_id=subject.tenant_id, version_id=member.version_id)
-        owner = subject.adapter.owner_user_id if member.kind == "personal" else None
+        # a personal member belongs to the bank's user (for a task candidate: the enrolled user whose bank it is)
+        owner = subject.user_bank.user_id if member.kind == "personal" and subject.user_bank else None
         return holdout_set(
             self.db,
             tenant_id=subject.tenant_id,

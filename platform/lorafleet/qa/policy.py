@@ -59,6 +59,9 @@ class QAPolicy(BaseModel):
     #: bounds on each adapted module's update norm ``scaling * ||B @ A||_F``
     min_update_norm: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     max_update_norm: float = Field(default=100.0, gt=0.0, allow_inf_nan=False)
+    #: a task adapter's candidate is also evaluated in the banks of at most this many enrolled users (those
+    #: with other live members first; ``lorafleet.qa.sampling.sample_enrolled``); every one must pass
+    max_enrolled_users: int = Field(default=3, ge=0, le=64, strict=True)
     #: earlier versions tried (newest first) when a live version fails a recheck, before rolling back to none
     max_rollback_trials: int = Field(default=5, ge=0, le=100, strict=True)
     #: give a candidate without a routing key one from its training prompts (else the centroid gate ignores it)

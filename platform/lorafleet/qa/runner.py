@@ -4,8 +4,11 @@ A job's payload is ``{"version_id": id}`` (a candidate) or ``{"recheck": {"adapt
 (a live personal adapter whose bank changed; see ``lorafleet.qa.triggers``).
 
 - **Candidate**: sanity checks, the matrix, the rules (``lorafleet.qa.rules``). Promote moves ``live`` (actor
-  ``qa``, reason ``qa-passed <report id>``); reject sets the version ``rejected``. A task adapter's promotion
-  also queues rechecks for the users enrolled in it.
+  ``qa``, reason ``qa-passed <report id>``); reject sets the version ``rejected``. A task adapter's candidate
+  is evaluated alone (the task's holdout, the probe) and then in the banks of a sample of enrolled users
+  (``QAPolicy.max_enrolled_users``): in each, the user's own holdout served by the gated bank with the
+  candidate must not regress against the bank with the previous task version, so a task version that harms
+  the users it is shared with is rejected. Its promotion queues rechecks for every enrolled user.
 - **Recheck**: the live version in the user's current bank against the recheck rules. If it fails, earlier
   versions that were live once (status ``archived``, newest first, at most ``max_rollback_trials``) are tried
   in the same bank; ``live`` rolls back to the first that passes, or to none, with reason
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,11 +122,23 @@ class QARunner:
             return None
         adapter = self.registry.get_adapter(tenant_id=tenant_id, adapter_id=version.adapter_id)
         subject = self._candidate_subject(tenant_id=tenant_id, adapter=adapter, version=version)
-        evaluation = self.evaluator.evaluate(subject, own=self.evaluator.own_set(subject))
+        own = self.evaluator.own_set(subject)
+        evaluation = self.evaluator.evaluate(subject, own=own)
         rules = [] if evaluation.matrix is None else candidate_rules(evaluation.matrix, self.policy)
         passed, reasons = _verdict(evaluation, rules)
+        enrolled: dict[str, Any] | None = None
+        if adapter.is_task_adapter and evaluation.sanity.passed:
+            enrolled = self._enrolled_banks(subject, own)
+            failed = [
+                f"user {b['user']}: {r}" for b in enrolled["banks"] if not b["passed"] for r in b["reasons"]
+            ]
+            if failed:
+                reasons = failed if passed else [*reasons, *failed]
+                passed = False
         decision: QADecision = "promote" if passed else "reject"
         document = self._document("candidate", subject, evaluation, rules, decision, reasons)
+        if enrolled is not None:
+            document["enrolled"] = enrolled
         report = self._record(
             kind="candidate",
             subject=subject,
@@ -148,6 +164,52 @@ class QARunner:
         user_bank = self._user_bank(adapter)
         key = self._routing_key(tenant_id=tenant_id, adapter=adapter, version=version)
         return Subject("candidate", tenant_id, adapter, version, previous, user_bank, key)
+
+    def _enrolled_banks(self, subject: Subject, own: EvalSet) -> dict[str, Any]:
+        """The task candidate in the banks of a sample of its enrolled users, each against the candidate rules
+        (the no-regression rule compares the user's own holdout, gated with the candidate against gated with
+        the previous task version)."""
+        from lorafleet.qa.sampling import sample_enrolled
+        from lorafleet.routing.bank import resolve_user_bank
+
+        tenant_id, adapter = subject.tenant_id, subject.adapter
+        with self.db.session() as s:
+            user_ids = self._qa.enrolled_user_ids(s, tenant_id=tenant_id, adapter_id=adapter.id)
+            with_members = {
+                u for _a, u in self._qa.live_personal_adapters(s, tenant_id=tenant_id, user_ids=user_ids)
+            }
+            external = {u: self._qa.user_external_id(s, tenant_id=tenant_id, user_id=u) for u in user_ids}
+        sampled, left_out = sample_enrolled(
+            user_ids,
+            with_members=with_members,
+            budget=self.policy.max_enrolled_users,
+            seed=self.policy.sample_seed,
+            salt=str(subject.version.id),
+        )
+        banks = []
+        for user_id in sampled:
+            user_bank = resolve_user_bank(self.db, tenant_id=tenant_id, user_external_id=external[user_id])
+            in_bank = replace(subject, user_bank=user_bank)
+            evaluation = self.evaluator.evaluate(in_bank, own=own)
+            rules = [] if evaluation.matrix is None else candidate_rules(evaluation.matrix, self.policy)
+            passed, reasons = _verdict(evaluation, rules)
+            banks.append(
+                {
+                    "user": external[user_id],
+                    "passed": passed,
+                    "reasons": reasons,
+                    "bank": evaluation.bank,
+                    "matrix": None if evaluation.matrix is None else evaluation.matrix.to_json(),
+                    "rules": [{"rule": r.rule, "passed": r.passed, "detail": r.detail} for r in rules],
+                }
+            )
+        return {
+            "enrolled_users": len(user_ids),
+            "evaluated": [b["user"] for b in banks],
+            "left_out": [external[u] for u in left_out],
+            "rule": "users with other live members first, then sha256(seed/version id/user id) order",
+            "banks": banks,
+        }
 
     def _routing_key(
         self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion
@@ -405,6 +467,9 @@ def _summary_extra(document: Mapping[str, Any]) -> dict[str, Any]:
         "bank_size": sampling.get("bank_size", 0),
         "members_evaluated": len(sampling.get("sampled", [])),
     }
+    enrolled = document.get("enrolled")
+    if enrolled is not None:
+        extra["enrolled_users_evaluated"] = len(enrolled["banks"])
     rollback = document.get("rollback")
     if rollback is not None:
         extra["rollback_to_version_id"] = rollback["to_version_id"]

@@ -79,6 +79,17 @@ def sample_members(
     return MemberSample(sampled, left_out, budget, dict(traffic))
 
 
+def sample_enrolled(
+    user_ids: Sequence[int], *, with_members: set[int], budget: int, seed: int, salt: str
+) -> tuple[list[int], list[int]]:
+    """The enrolled users a task candidate is evaluated with: users whose bank holds other live members
+    (``with_members``: there is something to degrade) before the others, each group in the order of
+    ``sha256("<seed>/<salt>/user/<id>")`` (``salt``: the candidate's version id, so successive versions rotate
+    through the users). Returns ``(sampled, left_out)``."""
+    ranked = sorted(user_ids, key=lambda u: (u not in with_members, _digest(f"{seed}/{salt}/user/{u}")))
+    return ranked[:budget], ranked[budget:]
+
+
 def cap_examples(examples: Sequence[Example], *, limit: int, seed: int, name: str) -> list[Example]:
     """At most ``limit`` examples, chosen by the rule above and kept in their original order."""
     if len(examples) <= limit:
@@ -94,4 +105,11 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-__all__ = ["MemberSample", "cap_examples", "member_budget", "member_label", "sample_members"]
+__all__ = [
+    "MemberSample",
+    "cap_examples",
+    "member_budget",
+    "member_label",
+    "sample_enrolled",
+    "sample_members",
+]

@@ -8,8 +8,9 @@
 
   * QA promoting a shared task adapter's candidate (``QARunner``, inside its fenced transaction), and anyone
     else who moves a task adapter's ``live`` alias: call ``on_task_adapter_changed``;
-  * enrolling a user in a task adapter: call ``enrol_and_recheck`` instead of ``routing.enrol`` (the API's
-    enrol route does), or ``on_bank_changed`` after it.
+  * enrolling a user in a task adapter, or removing them from one: call ``enrol_and_recheck`` /
+    ``unenrol_and_recheck`` instead of ``routing.enrol`` / ``routing.unenrol`` (the API's routes do), or
+    ``on_bank_changed`` after it.
 
 QA jobs list no users in ``job_users``, so a pending QA job never holds back a user's next training job.
 """
@@ -121,6 +122,20 @@ def enrol_and_recheck(
     return enrolment, jobs
 
 
+def unenrol_and_recheck(
+    db: Database, *, tenant_id: int, user_external_id: str, task_name: str, actor: str
+) -> list[Job]:
+    """``routing.unenrol`` followed by a recheck of the user's live adapters in their smaller bank (a personal
+    adapter that relied on the task's help may now do worse than the base)."""
+    from lorafleet.routing.bank import resolve_user_bank, unenrol
+
+    unenrol(db, tenant_id=tenant_id, user_external_id=user_external_id, task_name=task_name, actor=actor)
+    bank = resolve_user_bank(db, tenant_id=tenant_id, user_external_id=user_external_id)
+    return on_bank_changed(
+        db, tenant_id=tenant_id, user_ids=[bank.user_id], cause=f"unenrolled from task adapter {task_name!r}"
+    )
+
+
 __all__ = [
     "QA_JOB_KIND",
     "candidate_dedupe_key",
@@ -128,6 +143,7 @@ __all__ = [
     "on_bank_changed",
     "on_task_adapter_changed",
     "recheck_dedupe_key",
+    "unenrol_and_recheck",
     "submit_candidate_qa",
     "submit_rechecks",
     "submit_task_rechecks",

@@ -1,7 +1,7 @@
 """Continual learning: the handler of ``train`` jobs, turning each user's new feedback into a new version.
 
-For every user of a job: the user's ``personal`` adapter (created on first use) continues from its *live*
-version (lineage ``continued-from``), or, with no live version, starts from a fresh slot (B = 0, so the
+For every subject of a job (a user, or a shared task's dataset: ``lorafleet.tasks``): the user's ``personal``
+adapter (created on first use), or the tenant's task adapter of that name, continues from its *live* version (lineage ``continued-from``), or, with no live version, starts from a fresh slot (B = 0, so the
 adapter starts as the base model). It trains on the user's records after the parent's snapshot, up to the
 job's watermark, plus a seeded *replay* sample of older records (``replay_ratio`` per new record), all users
 of the job in one ``train_slots`` call on the resident backbone.
@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from lorafleet.domain import Adapter, AdapterVersion, FeedbackRecord, Job, LineageRelation
 from lorafleet.errors import BackboneMismatchError, InvalidStateError, ValidationError
-from lorafleet.feedback import list_feedback
-from lorafleet.store.sql.feedback import get_snapshot, insert_snapshot
+from lorafleet.store.sql.feedback import get_snapshot, insert_snapshot, list_feedback
+from lorafleet.store.sql.models import SUBJECT_KINDS, TASK_SUBJECT_PREFIX
 from lorafleet.store.sql.tenants import MAX_PAGE_SIZE
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import UserDataset, build_dataset, reservoir_sample
@@ -59,11 +59,23 @@ SKIP_NO_TRAIN_EXAMPLES = "no_train_examples"
 
 @dataclass(frozen=True)
 class JobUser:
-    """One entry of a train job's payload: the user and the newest feedback id to train through."""
+    """One entry of a train job's payload: the subject (a user, or a task's dataset with ``kind`` ``task``)
+    and the newest feedback id to train through."""
 
     user_id: int
     external_id: str
     watermark: int
+    kind: str = "user"
+
+    @property
+    def task_name(self) -> str | None:
+        """The task's name for a task subject, else None."""
+        return self.external_id.removeprefix(TASK_SUBJECT_PREFIX) if self.kind == "task" else None
+
+    @property
+    def label(self) -> str:
+        """How logs and results name the subject: the user's id, or ``task:<name>``."""
+        return self.external_id if self.task_name is None else f"task:{self.task_name}"
 
 
 @dataclass(frozen=True)
@@ -101,9 +113,15 @@ def parse_job_users(payload: Mapping[str, Any]) -> list[JobUser]:
     if not isinstance(users, list) or not users:
         raise ValidationError("train job payload: 'users' must be a non-empty list")
     try:
-        return [JobUser(int(u["user_id"]), str(u["external_id"]), int(u["watermark"])) for u in users]
-    except (KeyError, TypeError, ValueError) as exc:
+        parsed = [
+            JobUser(int(u["user_id"]), str(u["external_id"]), int(u["watermark"]), str(u.get("kind", "user")))
+            for u in users
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValidationError(f"train job payload: bad user entry ({exc!r})") from None
+    if any(u.kind not in SUBJECT_KINDS for u in parsed):
+        raise ValidationError(f"train job payload: kind must be one of {', '.join(SUBJECT_KINDS)}")
+    return parsed
 
 
 def promote_decision(rule: str, metrics: Mapping[str, Any]) -> tuple[bool, str]:
@@ -198,18 +216,18 @@ class ContinualTrainer:
         for user in users:
             plan = self._plan_user(tenant_id=tenant_id, user=user)
             if isinstance(plan, str):
-                skipped[user.external_id] = plan
-                logger.info("user %s: skipped (%s)", user.external_id, plan)
+                skipped[user.label] = plan
+                logger.info("%s: skipped (%s)", user.label, plan)
             else:
                 plans.append(plan)
         return plans, skipped
 
     def _plan_user(self, *, tenant_id: int, user: JobUser) -> UserPlan | str:
-        """The user's plan, or why they get no version this job."""
+        """The subject's plan, or why it gets no version this job."""
         adapter = self.registry.get_or_create_adapter(
             tenant_id=tenant_id,
-            owner_user_id=user.user_id,
-            name=PERSONAL_ADAPTER,
+            owner_user_id=None if user.task_name is not None else user.user_id,
+            name=user.task_name or PERSONAL_ADAPTER,
             target_config=self.target_config,
         )
         parent = self.registry.live_version(tenant_id=tenant_id, adapter_id=adapter.id)
@@ -238,9 +256,10 @@ class ContinualTrainer:
             page = list_feedback(
                 self.db,
                 tenant_id=tenant_id,
-                user_external_id=user.external_id,
+                external_id=user.external_id,
                 after_id=cursor,
                 limit=MAX_PAGE_SIZE,
+                kind=user.kind,
             )
             for record in page:
                 if record.id > through:
@@ -305,7 +324,7 @@ class ContinualTrainer:
         else:
             if parent.base_fingerprint != self.bank.fingerprint:
                 raise BackboneMismatchError(
-                    f"user {plan.user.external_id}: live version {parent.number} was trained on another backbone"
+                    f"{plan.user.label}: live version {parent.number} was trained on another backbone"
                 )
             folder = self.registry.fetch_version(version=parent, dest_dir=work / f"parent-{parent.id}")
             load_slot_from_dir(self.bank, slot, folder, require_fingerprint=True, name=f"version-{parent.id}")
@@ -313,7 +332,7 @@ class ContinualTrainer:
         pull = parent is not None and self.config.l2_to_parent > 0
         return SlotTask(
             slot=slot,
-            key=plan.user.external_id,
+            key=plan.user.label,
             train=plan.dataset.train,
             holdout=plan.dataset.holdout,
             parent_state=self.bank.slot_state_dict(slot) if pull else None,
@@ -395,7 +414,8 @@ class ContinualTrainer:
         )
         return {
             "user_id": plan.user.user_id,
-            "external_id": plan.user.external_id,
+            "external_id": plan.user.label,
+            "kind": plan.user.kind,
             "adapter_id": plan.adapter.id,
             "version_id": version.id,
             "number": version.number,

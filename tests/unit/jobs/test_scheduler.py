@@ -59,7 +59,13 @@ def test_users_are_due_by_count(
     assert job.kind == "train" and job.tenant_id == tenant_id and job.state == "queued"
     assert job.payload == {
         "users": [
-            {"user_id": alice, "external_id": "alice", "watermark": alice_ids[-1], "trained_through_id": None}
+            {
+                "user_id": alice,
+                "external_id": "alice",
+                "kind": "user",
+                "watermark": alice_ids[-1],
+                "trained_through_id": None,
+            }
         ]
     }
     assert job.dedupe_key == train_dedupe_key([(alice, alice_ids[-1])])

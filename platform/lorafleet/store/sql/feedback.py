@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -21,7 +21,7 @@ from lorafleet.domain import DatasetSnapshot, FeedbackKind, FeedbackRecord
 from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import (
-    SqlAdapter,
+    TASK_SUBJECT_PREFIX,
     SqlAdapterVersion,
     SqlDatasetSnapshot,
     SqlFeedback,
@@ -58,6 +58,8 @@ class FeedbackBacklog:
     last_record_id: int
     #: the newest feedback id any of the user's adapter versions was trained on; None if never trained
     trained_through_id: int | None
+    #: ``user``, or ``task`` for a shared task's dataset (``external_id`` is then its ``task_subject_id``)
+    kind: str = "user"
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -121,15 +123,24 @@ def _insert_new(session: Session, *, user_id: int, records: Sequence[NewFeedback
 
 
 def insert_feedback(
-    db: Database, *, tenant_id: int, external_id: str, records: Sequence[NewFeedback]
+    db: Database,
+    *,
+    tenant_id: int,
+    external_id: str,
+    records: Sequence[NewFeedback],
+    kind: str = "user",
+    on_subject: Callable[[Session, SqlUser], None] | None = None,
 ) -> tuple[list[int], int]:
-    """Store a validated batch in one transaction, creating the user if absent.
+    """Store a validated batch in one transaction, creating the subject (a user, or a task's dataset with
+    ``kind="task"``) if absent; ``on_subject`` runs in the same transaction (e.g. to create the task adapter).
 
     Returns the record ids in input order (a duplicate gets the id of the row it duplicates) and how many
     rows were created.
     """
     with db.session() as session:
-        user = get_or_create_user_row(session, tenant_id=tenant_id, external_id=external_id)
+        user = get_or_create_user_row(session, tenant_id=tenant_id, external_id=external_id, kind=kind)
+        if on_subject is not None:
+            on_subject(session, user)
         ids = _ids_by_hash(session, user_id=user.id, hashes=(r.content_hash for r in records))
         fresh = _first_of_each_hash(records, known=ids)
         created = _insert_new(session, user_id=user.id, records=fresh)
@@ -140,14 +151,22 @@ def insert_feedback(
 
 
 def list_feedback(
-    db: Database, *, tenant_id: int, external_id: str, after_id: int | None = None, limit: int = 100
+    db: Database,
+    *,
+    tenant_id: int,
+    external_id: str,
+    after_id: int | None = None,
+    limit: int = 100,
+    kind: str = "user",
 ) -> list[FeedbackRecord]:
-    """A user's records in id order, after ``after_id`` (keyset paging over the ``(user_id, id)`` index)."""
+    """A subject's records in id order, after ``after_id`` (keyset paging over the ``(user_id, id)`` index)."""
     check_page(limit=limit)
     with db.session() as session:
-        user = find_user(session, tenant_id=tenant_id, external_id=external_id)
+        user = find_user(session, tenant_id=tenant_id, external_id=external_id, kind=kind)
         if user is None:
-            raise NotFoundError(f"user {external_id!r} not found")
+            what = "task" if kind == "task" else "user"
+            shown = external_id.removeprefix(TASK_SUBJECT_PREFIX)
+            raise NotFoundError(f"{what} {shown!r} not found")
         query = select(SqlFeedback).where(SqlFeedback.user_id == user.id)
         if after_id is not None:
             query = query.where(SqlFeedback.id > after_id)
@@ -156,16 +175,16 @@ def list_feedback(
 
 
 def _trained_through() -> Any:
-    """Per user: the newest feedback id any version of the user's own adapters was trained on."""
+    """Per subject: the newest feedback id its versions were trained on. The snapshot names the subject
+    whose records it holds (a user's, or a task's dataset row), so this one grouping serves both kinds."""
     return (
         select(
-            SqlAdapter.owner_user_id.label("user_id"),
+            SqlDatasetSnapshot.user_id.label("user_id"),
             func.max(SqlDatasetSnapshot.max_record_id).label("through"),
         )
-        .join(SqlAdapterVersion, SqlAdapterVersion.adapter_id == SqlAdapter.id)
-        .join(SqlDatasetSnapshot, SqlDatasetSnapshot.id == SqlAdapterVersion.dataset_snapshot_id)
-        .where(SqlAdapter.owner_user_id.is_not(None))
-        .group_by(SqlAdapter.owner_user_id)
+        .join(SqlAdapterVersion, SqlAdapterVersion.dataset_snapshot_id == SqlDatasetSnapshot.id)
+        .where(SqlDatasetSnapshot.user_id.is_not(None))
+        .group_by(SqlDatasetSnapshot.user_id)
         .cte("trained_through")
     )
 
@@ -197,12 +216,13 @@ def read_backlog(
     limit: int = 1000,
     after_user_id: int | None = None,
 ) -> list[FeedbackBacklog]:
-    """Users with at least ``min_new_records`` records newer than what their adapters were trained on.
+    """Subjects (users, and tasks' datasets: ``kind``) with at least ``min_new_records`` records newer than
+    what their adapters were trained on.
 
-    "Trained on" is the highest ``max_record_id`` among the dataset snapshots of the versions of the user's
-    own adapters (candidate, live, rejected or archived alike: a rejected version still consumed its data,
-    so the scheduler does not retrain on the same records in a loop; a version without a snapshot, e.g. an
-    import, does not reset it). One query; the new records are a range scan of ``ix_feedback_user_id_id``.
+    "Trained on" is the highest ``max_record_id`` among the dataset snapshots (of the subject's records) that
+    versions were trained on: candidate, live, rejected or archived alike (a rejected version still consumed
+    its data, so the scheduler does not retrain on the same records in a loop; a version without a snapshot,
+    e.g. an import, does not reset it). One query; the new records are a range scan of ``ix_feedback_user_id_id``.
     Results are in user id order; ``after_user_id`` pages through them (keyset). Runs in the caller's
     session, so the scheduler reads it in the transaction that decides and inserts jobs.
     """
@@ -212,14 +232,14 @@ def read_backlog(
     trained = _trained_through()
     new_records = func.count(SqlFeedback.id)
     query = (
-        select(SqlUser.id, SqlUser.tenant_id, SqlUser.external_id, trained.c.through)
+        select(SqlUser.id, SqlUser.tenant_id, SqlUser.external_id, trained.c.through, SqlUser.kind)
         .add_columns(new_records, func.max(SqlFeedback.id))
         .outerjoin(trained, trained.c.user_id == SqlUser.id)
         .join(
             SqlFeedback,
             and_(SqlFeedback.user_id == SqlUser.id, SqlFeedback.id > func.coalesce(trained.c.through, 0)),
         )
-        .group_by(SqlUser.id, SqlUser.tenant_id, SqlUser.external_id, trained.c.through)
+        .group_by(SqlUser.id, SqlUser.tenant_id, SqlUser.external_id, trained.c.through, SqlUser.kind)
         .having(new_records >= min_new_records)
         .order_by(SqlUser.id)
         .limit(limit)
@@ -232,7 +252,7 @@ def read_backlog(
 
 
 def _to_backlog(row: Any) -> FeedbackBacklog:
-    user_id, tenant_id, external_id, through, new_records, last_record_id = row
+    user_id, tenant_id, external_id, through, kind, new_records, last_record_id = row
     return FeedbackBacklog(
         user_id=user_id,
         tenant_id=tenant_id,
@@ -240,6 +260,7 @@ def _to_backlog(row: Any) -> FeedbackBacklog:
         new_records=new_records,
         last_record_id=last_record_id,
         trained_through_id=through,
+        kind=kind,
     )
 
 

@@ -47,6 +47,9 @@ ACTIVE_JOB_STATES = ("queued", "running")
 #: ``lora``: a PEFT LoRA adapter; ``gate``: a user's learned routing gate (its versions are safetensors files)
 ADAPTER_KINDS = ("lora", "gate")
 ENROLMENT_ACTIONS = ("enrol", "unenrol")
+SUBJECT_KINDS = ("user", "task")
+#: ``users.external_id`` of a task's subject row: a non-printable prefix no real user id can start with
+TASK_SUBJECT_PREFIX = "\x1ftask:"
 
 
 def utcnow() -> datetime:
@@ -102,12 +105,18 @@ class SqlApiKey(Base):
 
 
 class SqlUser(Base):
+    """A *subject* that owns feedback and trains adapters: one of the tenant's users (``kind`` ``user``), or a
+    shared task's dataset (``kind`` ``task``, see ``lorafleet.tasks``): both are trained the same way, so a task
+    reuses the feedback, scheduling and job tables instead of duplicating them. A task row's ``external_id`` is
+    ``TASK_SUBJECT_PREFIX`` + the task name: real users' ids are printable, so the two can never collide."""
+
     __tablename__ = "users"
     __table_args__ = (UniqueConstraint("tenant_id", "external_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     external_id: Mapped[str] = mapped_column(String(256))
+    kind: Mapped[str] = mapped_column(String(8), default="user", server_default="user")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import CursorResult
@@ -20,11 +20,13 @@ from sqlalchemy.orm import Session
 from lorafleet.domain import LIVE
 from lorafleet.errors import NotFoundError
 from lorafleet.store.sql.models import (
+    TASK_SUBJECT_PREFIX,
     SqlAdapter,
     SqlAdapterVersion,
     SqlAlias,
     SqlEnrolment,
     SqlEnrolmentEvent,
+    SqlFeedback,
     SqlGateSettings,
     SqlUser,
     utcnow,
@@ -91,7 +93,7 @@ class RoutingRepository:
         stmt = (
             select(SqlUser.id, SqlGateSettings.spec)
             .outerjoin(SqlGateSettings, SqlGateSettings.user_id == SqlUser.id)
-            .where(SqlUser.tenant_id == tenant_id, SqlUser.external_id == external_id)
+            .where(SqlUser.tenant_id == tenant_id, SqlUser.external_id == external_id, SqlUser.kind == "user")
         )
         row = session.execute(stmt).one_or_none()
         return None if row is None else (int(row[0]), None if row[1] is None else dict(row[1]))
@@ -137,6 +139,50 @@ class RoutingRepository:
         )
         found = session.scalar(stmt)
         return None if found is None else int(found)
+
+    def enrolled_external_ids(self, session: Session, *, tenant_id: int, adapter_id: int) -> list[str]:
+        """External ids of the users enrolled in a task adapter, sorted."""
+        stmt = (
+            select(SqlUser.external_id)
+            .join(SqlEnrolment, SqlEnrolment.user_id == SqlUser.id)
+            .where(SqlEnrolment.tenant_id == tenant_id, SqlEnrolment.adapter_id == adapter_id)
+            .order_by(SqlUser.external_id)
+        )
+        return [str(e) for e in session.scalars(stmt)]
+
+    def task_overview(self, session: Session, *, tenant_id: int) -> list[dict[str, Any]]:
+        """Per task adapter of the tenant, by name: id, live version number, versions, enrolled users, and the
+        feedback records of the task's subject row (``TaskInfo`` fields)."""
+        live = (
+            select(SqlAdapterVersion.number)
+            .join(SqlAlias, SqlAlias.version_id == SqlAdapterVersion.id)
+            .where(SqlAlias.adapter_id == SqlAdapter.id, SqlAlias.name == LIVE)
+            .scalar_subquery()
+        )
+        enrolled = (
+            select(func.count()).select_from(SqlEnrolment).where(SqlEnrolment.adapter_id == SqlAdapter.id)
+        ).scalar_subquery()
+        records = (
+            select(func.count(SqlFeedback.id))
+            .join(SqlUser, SqlUser.id == SqlFeedback.user_id)
+            .where(
+                SqlUser.tenant_id == SqlAdapter.tenant_id,
+                SqlUser.kind == "task",
+                SqlUser.external_id == TASK_SUBJECT_PREFIX + SqlAdapter.name,
+            )
+            .scalar_subquery()
+        )
+        stmt = (
+            select(SqlAdapter.name, SqlAdapter.id, live, SqlAdapter.version_count, enrolled, records)
+            .where(
+                SqlAdapter.tenant_id == tenant_id,
+                SqlAdapter.owner_user_id.is_(None),
+                SqlAdapter.kind == "lora",
+            )
+            .order_by(SqlAdapter.name)
+        )
+        keys = ("name", "adapter_id", "live_version", "versions", "enrolled_users", "feedback_records")
+        return [dict(zip(keys, row, strict=True)) for row in session.execute(stmt)]
 
     def find_enrolment(self, session: Session, *, user_id: int, adapter_id: int) -> bool:
         return session.get(SqlEnrolment, (user_id, adapter_id)) is not None

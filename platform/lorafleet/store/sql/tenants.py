@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from lorafleet.domain import Tenant, User
 from lorafleet.errors import AuthError, NotFoundError, StoreError, ValidationError
 from lorafleet.store.sql.database import Database
-from lorafleet.store.sql.models import SqlApiKey, SqlTenant, SqlUser, utcnow
+from lorafleet.store.sql.models import TASK_SUBJECT_PREFIX, SqlApiKey, SqlTenant, SqlUser, utcnow
 
 API_KEY_SCHEME = "lf_"
 #: ``lf_`` + 8 characters of the secret: enough to tell keys apart in logs, far too little to guess the rest.
@@ -76,28 +76,39 @@ def require_tenant(session: Session, *, tenant_id: int) -> SqlTenant:
     return row
 
 
-def find_user(session: Session, *, tenant_id: int, external_id: str) -> SqlUser | None:
-    query = select(SqlUser).where(SqlUser.tenant_id == tenant_id, SqlUser.external_id == external_id)
+def find_user(session: Session, *, tenant_id: int, external_id: str, kind: str = "user") -> SqlUser | None:
+    """A subject row by external id: a user (``kind`` ``user``), or a task's dataset (``task``, with the
+    ``task_subject_id`` of the task name)."""
+    query = select(SqlUser).where(
+        SqlUser.tenant_id == tenant_id, SqlUser.external_id == external_id, SqlUser.kind == kind
+    )
     return session.scalars(query).one_or_none()
 
 
-def get_or_create_user_row(session: Session, *, tenant_id: int, external_id: str) -> SqlUser:
+def task_subject_id(task_name: str) -> str:
+    """The ``users.external_id`` of a task's subject row (see ``SqlUser``)."""
+    return TASK_SUBJECT_PREFIX + task_name
+
+
+def get_or_create_user_row(
+    session: Session, *, tenant_id: int, external_id: str, kind: str = "user"
+) -> SqlUser:
     """The user row, inserted if absent; safe when many transactions race to create the same user.
 
     ``INSERT ... ON CONFLICT DO NOTHING`` never raises on the unique key: on PostgreSQL it waits for a
     concurrent inserter to commit, and the following SELECT (a fresh snapshot under READ COMMITTED) sees its
     row. SQLite transactions are serialised by ``BEGIN IMMEDIATE``.
     """
-    existing = find_user(session, tenant_id=tenant_id, external_id=external_id)
+    existing = find_user(session, tenant_id=tenant_id, external_id=external_id, kind=kind)
     if existing is not None:
         return existing
     require_tenant(session, tenant_id=tenant_id)
     dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     statement = dialect_insert(SqlUser).values(
-        tenant_id=tenant_id, external_id=external_id, created_at=utcnow()
+        tenant_id=tenant_id, external_id=external_id, kind=kind, created_at=utcnow()
     )
     session.execute(statement.on_conflict_do_nothing(index_elements=["tenant_id", "external_id"]))
-    row = find_user(session, tenant_id=tenant_id, external_id=external_id)
+    row = find_user(session, tenant_id=tenant_id, external_id=external_id, kind=kind)
     if row is None:  # inserted above or by the transaction the insert waited for: cannot be missing
         raise StoreError(f"user {external_id!r} vanished while being created")
     return row
@@ -203,5 +214,6 @@ class TenantRepository:
         """The tenant's users in creation order, one page at a time."""
         check_page(limit=limit, offset=offset)
         with self.db.session() as session:
-            query = select(SqlUser).where(SqlUser.tenant_id == tenant_id).order_by(SqlUser.id)
+            query = select(SqlUser).where(SqlUser.tenant_id == tenant_id, SqlUser.kind == "user")
+            query = query.order_by(SqlUser.id)
             return [to_user(row) for row in session.scalars(query.limit(limit).offset(offset))]
