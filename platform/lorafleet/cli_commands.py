@@ -203,5 +203,117 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- shared task adapters ------------------------------------------------------------------------------------
+def tasks_list(args: argparse.Namespace) -> int:
+    from lorafleet.tasks import list_tasks
+
+    with open_library() as lib:
+        tenant = lib.tenants.get_tenant(name=args.tenant)
+        found = list_tasks(lib.db, tenant_id=tenant.id)
+    print(f"{'task':<24} {'live':>5} {'versions':>8} {'enrolled':>8} {'records':>8}")
+    for t in found:
+        live = "-" if t.live_version is None else str(t.live_version)
+        print(f"{t.name:<24} {live:>5} {t.versions:>8} {t.enrolled_users:>8} {t.feedback_records:>8}")
+    return 0
+
+
+def _read_lines(path: str) -> list[str]:
+    import sys
+    from pathlib import Path
+
+    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def tasks_feedback(args: argparse.Namespace) -> int:
+    from lorafleet.feedback import FeedbackLimits
+    from lorafleet.tasks import ingest_task_feedback
+
+    records = []
+    for number, line in enumerate(_read_lines(args.file), start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValidationError(f"{args.file} line {number}: not JSON ({exc.msg})") from None
+    with open_library() as lib:
+        tenant = lib.tenants.get_tenant(name=args.tenant)
+        result = ingest_task_feedback(
+            lib.db,
+            tenant_id=tenant.id,
+            task_name=args.task,
+            records=records,
+            limits=FeedbackLimits.from_settings(lib.settings),
+        )
+    print(f"task {args.task!r}: {result.created} records stored, {result.duplicates} duplicates")
+    return 0
+
+
+def tasks_import(args: argparse.Namespace) -> int:
+    """Queue the import job (trainers run it: ``lorafleet serve`` or ``lorafleet workers``), optionally wait."""
+    import time
+    from pathlib import Path
+
+    from lorafleet.jobs.imports import submit_import
+    from lorafleet.jobs.queue import JobQueue
+    from lorafleet.sdk.calls import adapter_archive
+
+    prompts = list(args.prompt) + (_read_lines(args.prompts_file) if args.prompts_file else [])
+    if not Path(args.source).exists():
+        raise ValidationError(f"source: {args.source} does not exist")
+    archive = adapter_archive(args.source)
+    with open_library() as lib:
+        tenant = lib.tenants.get_tenant(name=args.tenant)
+        submitted = submit_import(
+            lib.db,
+            lib.registry,
+            tenant_id=tenant.id,
+            task_name=args.task,
+            archive=archive,
+            example_prompts=prompts,
+            actor="cli",
+            reason=args.reason,
+        )
+        job = submitted.job
+        print(f"import job {job.id} {'queued' if submitted.created else 'already queued'} ({job.state})")
+        deadline = time.monotonic() + args.wait
+        queue = JobQueue(lib.db)
+        while args.wait > 0 and job.state in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(1.0)
+            job = queue.get(tenant_id=tenant.id, job_id=job.id)
+            log.info("import job %d: %s", job.id, job.state)
+    if job.state == "succeeded" and job.result:
+        print(f"task {args.task!r}: version {job.result.get('number')} registered (a candidate: QA decides)")
+    elif job.state == "failed":
+        print(f"import job {job.id} failed: {job.error}")
+        return 1
+    return 0
+
+
+def tasks_rollback(args: argparse.Namespace) -> int:
+    from lorafleet.tasks import move_task_live
+
+    to = None if args.to == "none" else _version_number(args.to)
+    with open_library() as lib:
+        tenant = lib.tenants.get_tenant(name=args.tenant)
+        event = move_task_live(
+            lib.db,
+            lib.registry,
+            tenant_id=tenant.id,
+            task_name=args.task,
+            to_number=to,
+            action="rollback",
+            actor="cli",
+            reason=args.reason,
+        )
+    print(f"task {args.task!r}: live moved from version id {event.from_version_id} to {event.to_version_id}")
+    return 0
+
+
+def _version_number(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValidationError("--to: a version number (1, 2, ...) or 'none'")
+    return int(text)
+
+
 def dump_json(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str)

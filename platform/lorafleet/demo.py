@@ -4,8 +4,9 @@ The demo starts the service in this process (the API on 127.0.0.1 and a free por
 scheduler, one local Ray trainer actor) and then uses only the SDK (``lorafleet.Client``): it creates a tenant,
 submits feedback for a few synthetic users (each has private preferences a base model can only guess, see
 ``lorafleet.training.synthetic``), lets the scheduler train them and QA decide, generates for each user on
-prompts they never submitted (base answer against personalised answer), rolls one user back and shows their
-answers change and the alias history records it, and prints one lineage. It stops everything it started.
+prompts they never submitted (base answer against personalised answer), trains a shared task adapter from task
+feedback in the same batched job, enrols one user in it and shows the gate's weights, rolls one user back and
+shows their answers change and the alias history records it, and prints one lineage. It stops everything it started.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ TRAINING: dict[str, Any] = {
     "holdout_fraction": 0.2,
     "dropout": 0.0,
 }
+#: the shared task adapter the demo trains from task feedback and enrols one user in
+TASK = "pig-latin"
+TASK_RECORDS = 48
 NAMES = ("ada", "bruno", "chiara", "dmitri", "eun", "farah", "gus", "hana")
 
 
@@ -237,7 +241,8 @@ def run_demo(*, users: int = 4, timeout: float = 600.0) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     clock = _Clock()
     admin_key = "demo-admin-" + secrets.token_hex(16)
-    settings = load_settings(admin_key=admin_key, ray_address="", trainer_slots=max(users, 2))
+    # one slot per user and one for the shared task: the scheduler trains them all in one batched job
+    settings = load_settings(admin_key=admin_key, ray_address="", trainer_slots=users + 1)
     print(
         f"lorafleet demo: database {settings.resolved_database_url}, blobs {settings.resolved_object_store_url}, "
         f"promotion rule {settings.promote_rule!r}"
@@ -256,22 +261,66 @@ def run_demo(*, users: int = 4, timeout: float = 600.0) -> int:
                 run.probes = _probes(records, seed=i)
                 likes = ", ".join(f"{t}={run.preferences[t]}" for t in ("color", "pet", "drink", "fruit"))
                 print(f"  {run.name}: {len(records)} feedback records submitted (secretly likes {likes})")
+            task_records = _submit_task_feedback(client)
             clock.mark("feedback")
-            print("waiting for the scheduler to train these users and QA to decide ...")
+            print("waiting for the scheduler to train these users and the task, and QA to decide ...")
             _wait_for_versions(client, runs, timeout)
+            task_live = _wait_for_task(client, timeout)
             clock.mark("train + QA")
             _show_results(client, runs, chance=CHANCE)
             clock.mark("generate")
-            print()
-            print(
-                "shared task adapter: skipped - creating a task adapter needs the task-adapter import of the "
-                "next issue (no SDK/API call makes one yet), so there is nothing to enrol a user in"
-            )
+            _task_adapter_step(client, runs[0], task_live=task_live, n_records=task_records)
+            clock.mark("shared task adapter")
             _rollback_and_lineage(client, runs, timeout)
             clock.mark("round 2 + rollback + lineage")
     clock.mark("stop service")
     print(clock.report())
     return 0
+
+
+def _submit_task_feedback(client: Client) -> int:
+    """Feedback for the shared task adapter (the first batch creates it), trained with the users' adapters."""
+    from lorafleet.routing.synthetic import task_split
+
+    train, _ = task_split(TASK, n_train=TASK_RECORDS, n_holdout=1, seed=0)
+    records = [{"kind": "sft", "prompt": e.prompt, "completion": e.completion} for e in train]
+    client.submit_task_feedback(TASK, records)
+    print(f"  task {TASK!r}: {len(records)} feedback records submitted (e.g. {train[0].prompt.strip()!r})")
+    return len(records)
+
+
+def _wait_for_task(client: Client, timeout: float) -> bool:
+    """Until the task's first version is decided (live or rejected) or its job failed; True if live."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        decided = [v for v in client.list_task_versions(TASK) if v.status in ("live", "rejected")]
+        if decided:
+            return decided[0].status == "live"
+        if any(j.state == "failed" and f"task:{TASK}" in j.users for j in client.list_jobs(state="failed")):
+            return False
+        time.sleep(1.0)
+    raise DemoError(f"no QA decision on task {TASK!r} within {timeout:g} s")
+
+
+def _task_adapter_step(client: Client, run: UserRun, *, task_live: bool, n_records: int) -> None:
+    """Enrol one user in the shared task adapter and show how the gate weights it against their own adapter."""
+    from lorafleet.routing.synthetic import task_split
+
+    print()
+    [task] = [t for t in client.list_tasks() if t.name == TASK]
+    print(f"shared task adapter {TASK!r}: version {task.live_version} live, trained on {n_records} records")
+    if not task_live:
+        print("  QA rejected its first version, so there is nothing live to enrol in (see its QA report)")
+        return
+    client.enrol(run.name, TASK)
+    print(f"{run.name} enrolled in {TASK!r}: their bank is now their personal adapter + {TASK!r}")
+    _, holdout = task_split(TASK, n_train=TASK_RECORDS, n_holdout=2, seed=0)
+    prompts = [e.prompt for e in holdout] + run.probes[:2]
+    print(f"{'prompt':40} {'answer':20} gate weights")
+    for prompt in prompts:
+        text, info = _answer(client, run.name, prompt)
+        weights = ", ".join(f"{b.adapter}={b.weight:.2f}" for b in info.served_by) or "base only"
+        print(f"{prompt.strip()[:40]:40} {_show(text, 20):20} {weights}")
 
 
 def _show_results(client: Client, runs: list[UserRun], *, chance: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from lorafleet.domain import Adapter, AdapterVersion, AliasEvent, FeedbackRecord, Job
 from lorafleet.feedback import IngestResult
@@ -11,6 +12,7 @@ from lorafleet.routing.bank import Enrolment
 from lorafleet.sdk import schemas as s
 from lorafleet.serving.requests import GenerationResult
 from lorafleet.store.sql.qa_repository import QAReport
+from lorafleet.tasks import TaskInfo
 
 
 def feedback_submitted(result: IngestResult) -> s.FeedbackSubmitted:
@@ -148,7 +150,7 @@ def alias_event(event: AliasEvent, *, adapter_name: str, numbers: Mapping[int, i
 
 
 def job(j: Job) -> s.JobOut:
-    users = [str(u.get("external_id")) for u in j.payload.get("users", []) if isinstance(u, Mapping)]
+    users = [_subject_label(u) for u in j.payload.get("users", []) if isinstance(u, Mapping)]
     return s.JobOut(
         id=j.id,
         kind=j.kind,
@@ -161,6 +163,27 @@ def job(j: Job) -> s.JobOut:
         created_at=j.created_at,
         started_at=j.started_at,
         finished_at=j.finished_at,
+    )
+
+
+def _subject_label(entry: Mapping[str, Any]) -> str:
+    """A train job's subject as clients see it: the user's id, or ``task:<name>`` for a task's dataset."""
+    from lorafleet.store.sql.models import TASK_SUBJECT_PREFIX
+
+    external_id = str(entry.get("external_id"))
+    if entry.get("kind") == "task":
+        return "task:" + external_id.removeprefix(TASK_SUBJECT_PREFIX)
+    return external_id
+
+
+def task(info: TaskInfo) -> s.TaskOut:
+    return s.TaskOut(
+        name=info.name,
+        adapter_id=info.adapter_id,
+        live_version=info.live_version,
+        versions=info.versions,
+        enrolled_users=info.enrolled_users,
+        feedback_records=info.feedback_records,
     )
 
 

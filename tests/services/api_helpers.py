@@ -150,6 +150,18 @@ def live_personal_version(
     return version.number
 
 
+def live_task_version(library: Library, *, tenant_id: int, task: str, folder: Path) -> int:
+    """Register ``folder`` as the next version of the tenant's task adapter (created if absent), make it live."""
+    adapter = library.registry.get_or_create_adapter(
+        tenant_id=tenant_id, owner_user_id=None, name=task, target_config={}
+    )
+    version = library.registry.register_version(
+        tenant_id=tenant_id, adapter_id=adapter.id, adapter_dir=folder, base_fingerprint="tiny"
+    )
+    library.registry.promote(tenant_id=tenant_id, adapter_id=adapter.id, number=version.number, actor="test")
+    return version.number
+
+
 #: a few steps on two projections: fast on two CPU cores (as in the continual-learning tests)
 TINY_TRAINING: dict[str, Any] = {
     "rank": 4,

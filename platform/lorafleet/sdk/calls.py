@@ -7,9 +7,13 @@ retry of that call, so a retried request never creates anything twice.
 
 from __future__ import annotations
 
+import base64
+import io
+import tarfile
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
@@ -171,6 +175,119 @@ def unenrol(user: str, task: str) -> Call[None]:
 
 def list_enrolments(user: str) -> Call[Any]:
     return Call("GET", f"{_user(user)}/enrolments", _parser(list[s.EnrolmentOut]))
+
+
+# --- shared task adapters ---------------------------------------------------------------------------------------
+def _task(task: str) -> str:
+    return f"/v1/tasks/{_seg(task)}"
+
+
+def list_tasks() -> Call[Any]:
+    return Call("GET", "/v1/tasks", _parser(list[s.TaskOut]))
+
+
+def submit_task_feedback(task: str, records: Sequence[Record], *, idempotency_key: str | None) -> Call[Any]:
+    return Call(
+        "POST",
+        f"{_task(task)}/feedback",
+        _parser(s.FeedbackSubmitted),
+        body={"records": [_dump(r) for r in records]},
+        idempotency_key=_key(idempotency_key),
+    )
+
+
+def list_task_feedback(task: str, *, after_id: int | None, limit: int) -> Call[Any]:
+    params = _query(after_id=after_id, limit=limit)
+    return Call("GET", f"{_task(task)}/feedback", _parser(list[s.FeedbackRecordOut]), params=params)
+
+
+def import_task_adapter(
+    task: str, archive: bytes, example_prompts: Sequence[str], *, reason: str, idempotency_key: str | None
+) -> Call[Any]:
+    body = {
+        "archive_base64": base64.b64encode(archive).decode("ascii"),
+        "example_prompts": list(example_prompts),
+        "reason": reason,
+    }
+    return Call(
+        "POST",
+        f"{_task(task)}/import",
+        _parser(s.TaskImportSubmitted),
+        body=body,
+        idempotency_key=_key(idempotency_key),
+    )
+
+
+def train_task(task: str, *, idempotency_key: str | None) -> Call[Any]:
+    return Call(
+        "POST", f"{_task(task)}/train", _parser(s.TrainSubmitted), idempotency_key=_key(idempotency_key)
+    )
+
+
+def task_enrolments(task: str) -> Call[Any]:
+    return Call("GET", f"{_task(task)}/enrolments", _parser(s.TaskEnrolledOut))
+
+
+def list_task_versions(task: str) -> Call[Any]:
+    return Call("GET", f"{_task(task)}/versions", _parser(list[s.VersionOut]))
+
+
+def get_task_version(task: str, number: int, *, qa_document: bool) -> Call[Any]:
+    params = {"qa_document": "true"} if qa_document else None
+    return Call("GET", f"{_task(task)}/versions/{int(number)}", _parser(s.VersionDetail), params=params)
+
+
+def task_lineage(task: str, number: int, *, depth: int | None) -> Call[Any]:
+    path = f"{_task(task)}/versions/{int(number)}/lineage"
+    return Call("GET", path, _parser(s.LineageOut), params=_query(depth=depth))
+
+
+def task_history(task: str) -> Call[Any]:
+    return Call("GET", f"{_task(task)}/history", _parser(list[s.AliasEventOut]))
+
+
+def promote_task(task: str, version: int, *, reason: str, idempotency_key: str | None) -> Call[Any]:
+    return Call(
+        "POST",
+        f"{_task(task)}/promote",
+        _parser(s.AliasEventOut),
+        body=s.PromoteRequest(version=version, reason=reason).model_dump(mode="json"),
+        idempotency_key=_key(idempotency_key),
+    )
+
+
+def rollback_task(
+    task: str, to_version: int | None, *, reason: str, idempotency_key: str | None
+) -> Call[Any]:
+    return Call(
+        "POST",
+        f"{_task(task)}/rollback",
+        _parser(s.AliasEventOut),
+        body=s.RollbackRequest(to_version=to_version, reason=reason).model_dump(mode="json"),
+        idempotency_key=_key(idempotency_key),
+    )
+
+
+def pack_adapter_folder(folder: Path) -> bytes:
+    """A PEFT folder's regular files as an in-memory .tar.gz (sorted, fixed times: same folder, same bytes)."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink()):
+            info = tarfile.TarInfo(path.name)
+            info.size, info.mtime, info.mode = path.stat().st_size, 0, 0o644
+            with path.open("rb") as f:
+                tar.addfile(info, f)
+    return buffer.getvalue()
+
+
+def adapter_archive(source: str | Path | bytes) -> bytes:
+    """What ``import_task_adapter`` uploads: bytes as given, a folder packed, or an archive file's bytes."""
+    if isinstance(source, bytes):
+        return source
+    path = Path(source)
+    return pack_adapter_folder(path) if path.is_dir() else path.read_bytes()
 
 
 # --- generation -------------------------------------------------------------------------------------------------

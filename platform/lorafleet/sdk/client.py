@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
@@ -165,6 +166,73 @@ class Client(ClientBase):
 
     def list_enrolments(self, user: str) -> list[s.EnrolmentOut]:
         return self._run(c.list_enrolments(user))
+
+    # --- shared task adapters ---------------------------------------------------------------------------------
+    def list_tasks(self) -> list[s.TaskOut]:
+        """The tenant's shared task adapters, with live version and counts."""
+        return self._run(c.list_tasks())
+
+    def submit_task_feedback(
+        self, task: str, records: Sequence[c.Record], *, idempotency_key: str | None = None
+    ) -> s.FeedbackSubmitted:
+        """Store records for a shared task (its adapter is created on first sight); trained like a user's."""
+        return self._run(c.submit_task_feedback(task, records, idempotency_key=idempotency_key))
+
+    def list_task_feedback(
+        self, task: str, *, after_id: int | None = None, limit: int = 100
+    ) -> list[s.FeedbackRecordOut]:
+        return self._run(c.list_task_feedback(task, after_id=after_id, limit=limit))
+
+    def import_task_adapter(
+        self,
+        task: str,
+        source: str | Path | bytes,
+        example_prompts: Sequence[str],
+        *,
+        reason: str = "",
+        idempotency_key: str | None = None,
+    ) -> s.TaskImportSubmitted:
+        """Import a PEFT adapter (a folder, a .tar/.tar.gz/.zip file, or its bytes) as a candidate version of
+        the task; returns the ``import`` job (``wait_for_job`` it). QA then decides as for a trained version."""
+        archive = c.adapter_archive(source)
+        call = c.import_task_adapter(
+            task, archive, example_prompts, reason=reason, idempotency_key=idempotency_key
+        )
+        return self._run(call)
+
+    def train_task(self, task: str, *, idempotency_key: str | None = None) -> s.TrainSubmitted:
+        return self._run(c.train_task(task, idempotency_key=idempotency_key))
+
+    def task_enrolments(self, task: str) -> s.TaskEnrolledOut:
+        return self._run(c.task_enrolments(task))
+
+    def list_task_versions(self, task: str) -> list[s.VersionOut]:
+        return self._run(c.list_task_versions(task))
+
+    def get_task_version(self, task: str, number: int, *, qa_document: bool = False) -> s.VersionDetail:
+        return self._run(c.get_task_version(task, number, qa_document=qa_document))
+
+    def task_lineage(self, task: str, number: int, *, depth: int | None = None) -> s.LineageOut:
+        return self._run(c.task_lineage(task, number, depth=depth))
+
+    def task_history(self, task: str) -> list[s.AliasEventOut]:
+        return self._run(c.task_history(task))
+
+    def promote_task(
+        self, task: str, version: int, *, reason: str = "", idempotency_key: str | None = None
+    ) -> s.AliasEventOut:
+        return self._run(c.promote_task(task, version, reason=reason, idempotency_key=idempotency_key))
+
+    def rollback_task(
+        self,
+        task: str,
+        to_version: int | None = None,
+        *,
+        reason: str = "",
+        idempotency_key: str | None = None,
+    ) -> s.AliasEventOut:
+        """Move the task's ``live`` back (to an earlier number, or none); enrolled users follow at once."""
+        return self._run(c.rollback_task(task, to_version, reason=reason, idempotency_key=idempotency_key))
 
     # --- generation -------------------------------------------------------------------------------------------
     def generate(
@@ -380,6 +448,75 @@ class AsyncClient(ClientBase):
 
     async def list_enrolments(self, user: str) -> list[s.EnrolmentOut]:
         return await self._run(c.list_enrolments(user))
+
+    # --- shared task adapters ---------------------------------------------------------------------------------
+    async def list_tasks(self) -> list[s.TaskOut]:
+        """The tenant's shared task adapters, with live version and counts."""
+        return await self._run(c.list_tasks())
+
+    async def submit_task_feedback(
+        self, task: str, records: Sequence[c.Record], *, idempotency_key: str | None = None
+    ) -> s.FeedbackSubmitted:
+        """Store records for a shared task (its adapter is created on first sight); trained like a user's."""
+        return await self._run(c.submit_task_feedback(task, records, idempotency_key=idempotency_key))
+
+    async def list_task_feedback(
+        self, task: str, *, after_id: int | None = None, limit: int = 100
+    ) -> list[s.FeedbackRecordOut]:
+        return await self._run(c.list_task_feedback(task, after_id=after_id, limit=limit))
+
+    async def import_task_adapter(
+        self,
+        task: str,
+        source: str | Path | bytes,
+        example_prompts: Sequence[str],
+        *,
+        reason: str = "",
+        idempotency_key: str | None = None,
+    ) -> s.TaskImportSubmitted:
+        """Import a PEFT adapter (a folder, a .tar/.tar.gz/.zip file, or its bytes) as a candidate version of
+        the task; returns the ``import`` job (``wait_for_job`` it). QA then decides as for a trained version."""
+        archive = c.adapter_archive(source)
+        call = c.import_task_adapter(
+            task, archive, example_prompts, reason=reason, idempotency_key=idempotency_key
+        )
+        return await self._run(call)
+
+    async def train_task(self, task: str, *, idempotency_key: str | None = None) -> s.TrainSubmitted:
+        return await self._run(c.train_task(task, idempotency_key=idempotency_key))
+
+    async def task_enrolments(self, task: str) -> s.TaskEnrolledOut:
+        return await self._run(c.task_enrolments(task))
+
+    async def list_task_versions(self, task: str) -> list[s.VersionOut]:
+        return await self._run(c.list_task_versions(task))
+
+    async def get_task_version(self, task: str, number: int, *, qa_document: bool = False) -> s.VersionDetail:
+        return await self._run(c.get_task_version(task, number, qa_document=qa_document))
+
+    async def task_lineage(self, task: str, number: int, *, depth: int | None = None) -> s.LineageOut:
+        return await self._run(c.task_lineage(task, number, depth=depth))
+
+    async def task_history(self, task: str) -> list[s.AliasEventOut]:
+        return await self._run(c.task_history(task))
+
+    async def promote_task(
+        self, task: str, version: int, *, reason: str = "", idempotency_key: str | None = None
+    ) -> s.AliasEventOut:
+        return await self._run(c.promote_task(task, version, reason=reason, idempotency_key=idempotency_key))
+
+    async def rollback_task(
+        self,
+        task: str,
+        to_version: int | None = None,
+        *,
+        reason: str = "",
+        idempotency_key: str | None = None,
+    ) -> s.AliasEventOut:
+        """Move the task's ``live`` back (to an earlier number, or none); enrolled users follow at once."""
+        return await self._run(
+            c.rollback_task(task, to_version, reason=reason, idempotency_key=idempotency_key)
+        )
 
     async def generate(
         self,

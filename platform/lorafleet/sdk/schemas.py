@@ -256,7 +256,9 @@ class JobOut(_Out):
     id: int
     kind: str
     state: JobState
-    users: list[str] = Field(description="External ids of the users the job trains.")
+    users: list[str] = Field(
+        description="External ids of the users the job trains; a shared task's dataset is ``task:<name>``."
+    )
     attempts: int
     max_attempts: int
     error: str | None = None
@@ -287,6 +289,40 @@ class EnrolmentOut(_Out):
     adapter_id: int
     actor: str
     enrolled_at: datetime
+
+
+# --- shared task adapters -------------------------------------------------------------------------------------
+class TaskOut(_Out):
+    """A shared task adapter: its live version, versions, users enrolled and feedback records."""
+
+    name: str
+    adapter_id: int
+    live_version: int | None = Field(description="The number of the live version; None: nothing live yet.")
+    versions: int
+    enrolled_users: int
+    feedback_records: int
+
+
+class TaskImportRequest(_In):
+    """An existing PEFT adapter (folder packed as .tar, .tar.gz or .zip), base64-encoded, and example prompts of
+    the task: its routing key (the centroid gate's) is computed from them on import."""
+
+    archive_base64: str = Field(min_length=4, description="The archive's bytes, base64 (standard alphabet).")
+    example_prompts: list[str] = Field(min_length=1, max_length=256)
+    reason: str = Field(default="", max_length=2000)
+
+
+class TaskImportSubmitted(_Out):
+    """The ``import`` job that checks and registers the adapter (then QA decides), and the archive's sha256."""
+
+    job: JobOut
+    created: bool
+    archive_sha256: str
+
+
+class TaskEnrolledOut(_Out):
+    task: str
+    users: list[str]
 
 
 # --- generation -----------------------------------------------------------------------------------------------

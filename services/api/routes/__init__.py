@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from services.api.routes import adapters, enrolments, feedback, health, inference, jobs, tenants
+from services.api.routes import adapters, enrolments, feedback, health, inference, jobs, tasks, tenants
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
@@ -13,6 +13,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     adapters.router,
     jobs.router,
     enrolments.router,
+    tasks.router,
     inference.router,
 )
 

@@ -18,12 +18,12 @@ from services.api.runtime import ApiServices
 router = APIRouter(prefix="/v1/users/{user_id}/adapters", tags=["adapters"])
 
 
-def _actor(tenant: Tenant) -> str:
+def actor_of(tenant: Tenant) -> str:
     """Who moved the alias, as recorded in its history."""
     return f"api:{tenant.name}"[:256]
 
 
-def _event_out(services: ApiServices, adapter: Adapter, event: AliasEvent) -> s.AliasEventOut:
+def event_out(services: ApiServices, adapter: Adapter, event: AliasEvent) -> s.AliasEventOut:
     versions = services.registry.list_versions(tenant_id=adapter.tenant_id, adapter_id=adapter.id)
     numbers = {v.id: v.number for v in versions}
     return convert.alias_event(event, adapter_name=adapter.name, numbers=numbers)
@@ -109,10 +109,10 @@ def promote(
             tenant_id=tenant.id,
             adapter_id=adapter.id,
             number=body.version,
-            actor=_actor(tenant),
+            actor=actor_of(tenant),
             reason=body.reason,
         )
-        return _event_out(services, adapter, event)
+        return event_out(services, adapter, event)
 
     return run_idempotent(
         services=services,
@@ -141,10 +141,10 @@ def rollback(
             tenant_id=tenant.id,
             adapter_id=adapter.id,
             to_number=body.to_version,
-            actor=_actor(tenant),
+            actor=actor_of(tenant),
             reason=body.reason,
         )
-        return _event_out(services, adapter, event)
+        return event_out(services, adapter, event)
 
     return run_idempotent(
         services=services,

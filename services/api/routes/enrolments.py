@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 
-from lorafleet.qa.triggers import enrol_and_recheck
-from lorafleet.routing.bank import list_enrolments, unenrol
+from lorafleet.qa.triggers import enrol_and_recheck, unenrol_and_recheck
+from lorafleet.routing.bank import list_enrolments
 from lorafleet.sdk import schemas as s
 from services.api import convert
 from services.api.deps import CurrentTenant, CurrentUser, IdempotencyKey, Services, UserId
@@ -59,8 +59,9 @@ def post_enrolment(
 
 @router.delete("/{task}", status_code=204, response_class=Response)
 def delete_enrolment(services: Services, tenant: CurrentTenant, user_id: UserId, task: TaskName) -> Response:
-    """Remove the user from the task adapter; 404 if they were not enrolled."""
-    unenrol(
+    """Remove the user from the task adapter (their next request is served without it; QA rechecks their live
+    adapters in the smaller bank); 404 if they were not enrolled."""
+    unenrol_and_recheck(
         services.db, tenant_id=tenant.id, user_external_id=user_id, task_name=task, actor=f"api:{tenant.name}"
     )
     return Response(status_code=204)

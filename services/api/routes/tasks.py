@@ -1,0 +1,278 @@
+"""The tenant's shared task adapters (``lorafleet.tasks``): feedback, import, training, versions, live moves.
+
+A task adapter is an adapter without an owner user, so its versions, lineage and history answer exactly as a
+user's adapter's do (the handlers of ``routes.adapters`` are reused); moving its ``live`` alias also queues QA
+rechecks of every enrolled user. Users are enrolled through ``/v1/users/{user_id}/enrolments``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import JSONResponse
+
+from lorafleet.domain import Adapter
+from lorafleet.errors import ValidationError
+from lorafleet.sdk import schemas as s
+from lorafleet.tasks import (
+    enrolled_users,
+    get_task_adapter,
+    ingest_task_feedback,
+    list_task_feedback,
+    list_tasks,
+    move_task_live,
+)
+from services.api import convert
+from services.api.deps import CurrentTenant, IdempotencyKey, Services, VersionNumber
+from services.api.idempotency import run_idempotent
+from services.api.routes import adapters as adapter_routes
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+TaskPath = Annotated[str, Path(min_length=1, max_length=128, description="The task adapter's name.")]
+
+
+def task_adapter(services: Services, tenant: CurrentTenant, task: TaskPath) -> Adapter:
+    """The tenant's task adapter named in the path (404 otherwise, also for another tenant's)."""
+    return get_task_adapter(services.registry, tenant_id=tenant.id, task_name=task)
+
+
+TaskAdapter = Annotated[Adapter, Depends(task_adapter)]
+
+
+@router.get("", response_model=list[s.TaskOut])
+def get_tasks(services: Services, tenant: CurrentTenant) -> list[s.TaskOut]:
+    """The tenant's task adapters by name, with live version and counts."""
+    return [convert.task(t) for t in list_tasks(services.db, tenant_id=tenant.id)]
+
+
+@router.post("/{task}/feedback", response_model=s.FeedbackSubmitted, status_code=200)
+def submit_task_feedback(
+    services: Services,
+    tenant: CurrentTenant,
+    task: TaskPath,
+    batch: s.FeedbackBatch,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Store records for the task (the task adapter is created on first sight), all or nothing, deduplicated
+    like a user's feedback; the scheduler trains the task like a user."""
+
+    def ingest() -> s.FeedbackSubmitted:
+        records = [record.model_dump(mode="json") for record in batch.records]
+        result = ingest_task_feedback(
+            services.db, tenant_id=tenant.id, task_name=task, records=records, limits=services.feedback_limits
+        )
+        return convert.feedback_submitted(result)
+
+    return run_idempotent(
+        services=services,
+        tenant=tenant,
+        key=idempotency_key,
+        request=request,
+        body=batch,
+        status_code=200,
+        operation=ingest,
+    )
+
+
+@router.get("/{task}/feedback", response_model=list[s.FeedbackRecordOut])
+def get_task_feedback(
+    services: Services,
+    tenant: CurrentTenant,
+    task: TaskPath,
+    after_id: Annotated[int | None, Query(ge=0, description="Only records with a larger id.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[s.FeedbackRecordOut]:
+    """The task's records in id order (page with ``after_id``)."""
+    records = list_task_feedback(
+        services.db, tenant_id=tenant.id, task_name=task, after_id=after_id, limit=limit
+    )
+    return [convert.feedback_record(r) for r in records]
+
+
+@router.post("/{task}/import", response_model=s.TaskImportSubmitted, status_code=202)
+def import_task_adapter(
+    services: Services,
+    tenant: CurrentTenant,
+    task: TaskPath,
+    body: s.TaskImportRequest,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Queue an ``import`` job for an existing PEFT adapter: a trainer checks it (safetensors only, shapes,
+    rank, finite values, backbone fingerprint), computes its routing key from the example prompts and registers
+    it as a candidate version (lineage ``imported``); QA then decides as for a trained version. 422 for an
+    archive that is not base64."""
+    from lorafleet.jobs.imports import submit_import
+
+    try:
+        archive = base64.b64decode(body.archive_base64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValidationError("archive_base64: not valid base64") from None
+
+    def submit() -> s.TaskImportSubmitted:
+        result = submit_import(
+            services.db,
+            services.registry,
+            tenant_id=tenant.id,
+            task_name=task,
+            archive=archive,
+            example_prompts=body.example_prompts,
+            actor=f"api:{tenant.name}"[:256],
+            reason=body.reason,
+        )
+        return s.TaskImportSubmitted(
+            job=convert.job(result.job), created=result.created, archive_sha256=result.archive_sha256
+        )
+
+    return run_idempotent(
+        services=services,
+        tenant=tenant,
+        key=idempotency_key,
+        request=request,
+        body=body,
+        status_code=202,
+        operation=submit,
+    )
+
+
+@router.post("/{task}/train", response_model=s.TrainSubmitted, status_code=202)
+def train_task(
+    services: Services,
+    tenant: CurrentTenant,
+    task: TaskPath,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Queue a training job for the task on its feedback so far (a task in an active job gets that job)."""
+
+    def submit() -> s.TrainSubmitted:
+        result = services.scheduler.train_task_now(tenant_id=tenant.id, task_name=task)
+        return s.TrainSubmitted(job=convert.job(result.job), created=result.created)
+
+    return run_idempotent(
+        services=services,
+        tenant=tenant,
+        key=idempotency_key,
+        request=request,
+        body=None,
+        status_code=202,
+        operation=submit,
+    )
+
+
+@router.get("/{task}/enrolments", response_model=s.TaskEnrolledOut)
+def get_task_enrolments(services: Services, adapter: TaskAdapter) -> s.TaskEnrolledOut:
+    """The users enrolled in the task, by external id."""
+    users = enrolled_users(services.db, tenant_id=adapter.tenant_id, task_name=adapter.name)
+    return s.TaskEnrolledOut(task=adapter.name, users=users)
+
+
+@router.get("/{task}/versions", response_model=list[s.VersionOut])
+def list_task_versions(services: Services, adapter: TaskAdapter) -> list[s.VersionOut]:
+    """Every version of the task adapter by number, with status and metrics."""
+    return adapter_routes.list_versions(services, adapter)
+
+
+@router.get("/{task}/versions/{n}", response_model=s.VersionDetail)
+def get_task_version(
+    services: Services,
+    adapter: TaskAdapter,
+    n: VersionNumber,
+    qa_document: Annotated[bool, Query(description="Include the latest QA report's full document.")] = False,
+) -> s.VersionDetail:
+    """One version with its QA (for a task: evaluated alone and in enrolled users' banks)."""
+    return adapter_routes.get_version(services, adapter, n, qa_document)
+
+
+@router.get("/{task}/versions/{n}/lineage", response_model=s.LineageOut)
+def get_task_lineage(
+    services: Services,
+    adapter: TaskAdapter,
+    n: VersionNumber,
+    depth: Annotated[
+        int | None, Query(ge=0, le=1000, description="Edges to follow; all when absent.")
+    ] = None,
+) -> s.LineageOut:
+    """Ancestors and descendants of a version (``imported`` edges point at the version an import replaced)."""
+    return adapter_routes.get_lineage(services, adapter, n, depth)
+
+
+@router.get("/{task}/history", response_model=list[s.AliasEventOut])
+def task_alias_history(services: Services, adapter: TaskAdapter) -> list[s.AliasEventOut]:
+    """Every move of the task's ``live`` alias, oldest first."""
+    return adapter_routes.alias_history(services, adapter)
+
+
+@router.post("/{task}/promote", response_model=s.AliasEventOut)
+def promote_task(
+    services: Services,
+    tenant: CurrentTenant,
+    adapter: TaskAdapter,
+    body: s.PromoteRequest,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Make a task version live; enrolled users' live adapters are rechecked by QA in their changed banks."""
+
+    def move() -> s.AliasEventOut:
+        event = move_task_live(
+            services.db,
+            services.registry,
+            tenant_id=tenant.id,
+            task_name=adapter.name,
+            to_number=body.version,
+            action="promote",
+            actor=adapter_routes.actor_of(tenant),
+            reason=body.reason,
+        )
+        return adapter_routes.event_out(services, adapter, event)
+
+    return run_idempotent(
+        services=services,
+        tenant=tenant,
+        key=idempotency_key,
+        request=request,
+        body=body,
+        status_code=200,
+        operation=move,
+    )
+
+
+@router.post("/{task}/rollback", response_model=s.AliasEventOut)
+def rollback_task(
+    services: Services,
+    tenant: CurrentTenant,
+    adapter: TaskAdapter,
+    body: s.RollbackRequest,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Move the task's ``live`` back to an earlier version or to none; every enrolled user's next request is
+    served by it, and their live adapters are rechecked."""
+
+    def move() -> s.AliasEventOut:
+        event = move_task_live(
+            services.db,
+            services.registry,
+            tenant_id=tenant.id,
+            task_name=adapter.name,
+            to_number=body.to_version,
+            action="rollback",
+            actor=adapter_routes.actor_of(tenant),
+            reason=body.reason,
+        )
+        return adapter_routes.event_out(services, adapter, event)
+
+    return run_idempotent(
+        services=services,
+        tenant=tenant,
+        key=idempotency_key,
+        request=request,
+        body=body,
+        status_code=200,
+        operation=move,
+    )
