@@ -37,7 +37,7 @@ from lorafleet.qa.evaluation import Evaluation, Evaluator, Subject
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.reports import REPORT_FORMAT, store_document, summary_of
 from lorafleet.qa.results import Matrix
-from lorafleet.qa.rules import RuleOutcome, candidate_rules, reasons_for, recheck_rules
+from lorafleet.qa.rules import USER_HOLDOUT, RuleOutcome, candidate_rules, reasons_for, recheck_rules
 from lorafleet.qa.triggers import submit_task_rechecks
 from lorafleet.registry import Registry
 from lorafleet.store.sql.database import Database
@@ -125,6 +125,8 @@ class QARunner:
         own = self.evaluator.own_set(subject)
         evaluation = self.evaluator.evaluate(subject, own=own)
         rules = [] if evaluation.matrix is None else candidate_rules(evaluation.matrix, self.policy)
+        if adapter.is_task_adapter and version.dataset_snapshot_id is None and not own.examples:
+            rules = [_imported_without_holdout(r) for r in rules]
         passed, reasons = _verdict(evaluation, rules)
         enrolled: dict[str, Any] | None = None
         if adapter.is_task_adapter and evaluation.sanity.passed:
@@ -452,6 +454,17 @@ class QARunner:
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
+def _imported_without_holdout(outcome: RuleOutcome) -> RuleOutcome:
+    """A task version without a dataset (an import) has no holdout of its own: the user-holdout rule cannot
+    compare anything, so the version is judged by the other rules (the probe, and in every enrolled user's bank
+    no regression of their own holdout) instead of being rejected for data it never had."""
+    if outcome.rule != USER_HOLDOUT or outcome.passed:
+        return outcome
+    detail = "user-holdout: not applicable (an imported task version has no holdout; judged by the other rules)"
+    return RuleOutcome(USER_HOLDOUT, True, detail)
+
+
+
 def _verdict(evaluation: Evaluation, rules: list[RuleOutcome]) -> tuple[bool, list[str]]:
     """Sanity problems reject before any rule; otherwise the rules decide."""
     if not evaluation.sanity.passed:

@@ -130,10 +130,11 @@ def unenrol_and_recheck(
     from lorafleet.routing.bank import resolve_user_bank, unenrol
 
     unenrol(db, tenant_id=tenant_id, user_external_id=user_external_id, task_name=task_name, actor=actor)
-    bank = resolve_user_bank(db, tenant_id=tenant_id, user_external_id=user_external_id)
-    return on_bank_changed(
-        db, tenant_id=tenant_id, user_ids=[bank.user_id], cause=f"unenrolled from task adapter {task_name!r}"
-    )
+    user_id = resolve_user_bank(db, tenant_id=tenant_id, user_external_id=user_external_id).user_id
+    if user_id is None:  # cannot happen: unenrol found the user
+        return []
+    cause = f"unenrolled from task adapter {task_name!r}"
+    return on_bank_changed(db, tenant_id=tenant_id, user_ids=[user_id], cause=cause)
 
 
 __all__ = [

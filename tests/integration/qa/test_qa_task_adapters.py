@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from qa_helpers import (
     World,
     adversarial,
@@ -18,11 +19,15 @@ from qa_helpers import (
     worker,
 )
 
+from lorafleet.errors import ValidationError
+from lorafleet.jobs import JobQueue
+from lorafleet.jobs.imports import IMPORT_JOB_KIND, ImportRunner, submit_import
 from lorafleet.jobs.scheduler import Scheduler, SchedulerPolicy
 from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.qa.runner import QARunner
 from lorafleet.routing.bank import enrol, unenrol
 from lorafleet.routing.synthetic import task_split
+from lorafleet.sdk.calls import pack_adapter_folder
 from lorafleet.serving.cache import AdapterCache
 from lorafleet.serving.engine import GenerationEngine, database_resolver
 from lorafleet.serving.requests import GenerationRequest
@@ -156,3 +161,60 @@ def test_a_task_version_that_degrades_an_enrolled_users_holdout_is_rejected(
     assert report is not None and report.decision == "promote", report.reasons
     live = world.registry.live_version(tenant_id=world.tenant_id, adapter_id=task.id)
     assert live is not None and live.id == benign
+
+
+def test_an_imported_peft_adapter_goes_through_its_import_job_and_qa_like_a_trained_version(
+    sqlite_world: World, tmp_path: Path
+) -> None:
+    world = sqlite_world
+    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    imports = ImportRunner(world.db, world.registry, world.backbone, world.bank, promote_rule="qa")
+    w = worker(world, runner, trainer=qa_trainer(world))
+    w.handlers[IMPORT_JOB_KIND] = imports.run_job
+    task_train, _ = task_split(TASK, n_train=24, n_holdout=1, seed=0)
+    prompts = [e.prompt for e in task_train[:8]]
+
+    def submit(seed: int) -> int:
+        folder = train_adapter(world, task_train, work=tmp_path / f"peft-{seed}", seed=seed)
+        archive = pack_adapter_folder(folder)  # what the SDK uploads for a folder
+        submitted = submit_import(
+            world.db,
+            world.registry,
+            tenant_id=world.tenant_id,
+            task_name=TASK,
+            archive=archive,
+            example_prompts=prompts,
+            actor="test",
+        )
+        while w.run_once() is not None:
+            pass
+        job = JobQueue(world.db).get(tenant_id=world.tenant_id, job_id=submitted.job.id)
+        assert job.state == "succeeded", job.error
+        assert job.result is not None and job.result["qa_job"] > 0
+        return int(job.result["version_id"])
+
+    first = submit(seed=1)
+    second = submit(seed=2)
+    task = get_task_adapter(world.registry, tenant_id=world.tenant_id, task_name=TASK)
+    versions = world.registry.list_versions(tenant_id=world.tenant_id, adapter_id=task.id)
+    assert [(v.id, v.status) for v in versions] == [(first, "archived"), (second, "live")]  # QA promoted both
+    [report] = reports_for_version(world.db, tenant_id=world.tenant_id, version_id=second)
+    assert any(r.startswith("user-holdout: not applicable") for r in report.reasons), report.reasons
+    assert versions[1].training_config["source"] == "peft-import"
+    lineage = world.registry.lineage(tenant_id=world.tenant_id, version_id=second)
+    assert [(e.child_version_id, e.parent_version_id, e.relation) for e in lineage.edges] == [
+        (second, first, "imported")
+    ]
+    with world.db.session() as s:
+        assert QARepository(dialect=world.db.dialect).routing_key(s, version_id=second) is not None
+
+    with pytest.raises(ValidationError, match="not a .tar"):  # refused before anything is stored or queued
+        submit_import(
+            world.db,
+            world.registry,
+            tenant_id=world.tenant_id,
+            task_name=TASK,
+            archive=b"plain text",
+            example_prompts=prompts,
+            actor="test",
+        )

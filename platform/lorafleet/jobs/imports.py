@@ -1,0 +1,213 @@
+"""``import`` jobs: registering an existing PEFT adapter as a version of a shared task adapter, on a trainer.
+
+Why a job and not the API process: the checks need the backbone (shapes against its layers, a load into a bank
+slot, the routing key from the example prompts' embeddings), and the trainer actors already hold it. So the API
+only validates what it can cheaply, stores the uploaded archive as a content-addressed blob and queues a job
+(``submit_import``); a trainer runs ``ImportRunner.run_job``:
+
+1. fetch the archive (sha256-verified) and run every check of ``lorafleet.adapters.importing.prepare_import``
+   (safetensors only, safe extraction, shapes, rank, finite values, backbone fingerprint);
+2. register the version (lineage ``imported``) with the job's id: the unique ``(adapter_id, job_id)`` index
+   makes it one version per job, and a retried or taken-over job finds it instead of registering another;
+3. in the job's fenced transaction: its ``qa`` job (promote rule ``qa``; dedupe key ``qa:<version id>``) and
+   the job's success, committed together. A worker that dies between 2 and 3 leaves a candidate that the
+   retried job then hands to QA.
+
+The uploaded archive blob is referenced by no row: ``Registry.gc`` removes it after the grace period (the
+version's own blob is the normalised PEFT folder the registry packs).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorafleet.domain import Job
+from lorafleet.errors import PayloadTooLargeError, ValidationError
+from lorafleet.jobs.queue import JobQueue
+
+if TYPE_CHECKING:
+    from lorafleet.adapters import AdapterBank
+    from lorafleet.backbone import Backbone
+    from lorafleet.jobs.worker import LeaseContext
+    from lorafleet.registry import Registry
+    from lorafleet.store.sql.database import Database
+
+logger = logging.getLogger(__name__)
+
+IMPORT_JOB_KIND = "import"
+IMPORT_MAX_ATTEMPTS = 3
+#: largest archive accepted for import (the API's request body limit applies first)
+MAX_IMPORT_ARCHIVE_BYTES = 512 * 1024 * 1024
+MAX_EXAMPLE_PROMPTS = 256
+MAX_EXAMPLE_PROMPT_CHARS = 8192
+#: magic bytes of the archive formats ``unpack_import_archive`` reads, and the suffix it expects
+_MAGIC = ((b"\x1f\x8b", ".tar.gz"), (b"PK\x03\x04", ".zip"))
+
+
+@dataclass(frozen=True)
+class ImportSubmitted:
+    job: Job
+    created: bool
+    archive_sha256: str
+
+
+def archive_suffix(archive: bytes) -> str:
+    """The file suffix of an archive by its magic bytes (.tar.gz, .zip or .tar); ``ValidationError`` otherwise."""
+    for magic, suffix in _MAGIC:
+        if archive.startswith(magic):
+            return suffix
+    if len(archive) >= 262 and archive[257:262] == b"ustar":
+        return ".tar"
+    raise ValidationError("archive: not a .tar, .tar.gz or .zip archive")
+
+
+def check_example_prompts(prompts: object) -> list[str]:
+    """1-256 non-blank strings of at most 8,192 characters: what the routing key is computed from."""
+    if not isinstance(prompts, list | tuple) or not prompts:
+        raise ValidationError("example_prompts: give at least one example prompt of the task")
+    if len(prompts) > MAX_EXAMPLE_PROMPTS:
+        raise ValidationError(f"example_prompts: at most {MAX_EXAMPLE_PROMPTS} prompts")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValidationError(f"example_prompts[{i}]: must be a non-blank string")
+        if len(prompt) > MAX_EXAMPLE_PROMPT_CHARS:
+            raise ValidationError(f"example_prompts[{i}]: longer than {MAX_EXAMPLE_PROMPT_CHARS} characters")
+    return list(prompts)
+
+
+def submit_import(
+    db: Database,
+    registry: Registry,
+    *,
+    tenant_id: int,
+    task_name: str,
+    archive: bytes,
+    example_prompts: Sequence[str],
+    actor: str,
+    reason: str = "",
+    queue: JobQueue | None = None,
+) -> ImportSubmitted:
+    """Store the archive as a blob and queue its ``import`` job (the same archive for the same task while a
+    job is active: that job, ``created`` False)."""
+    from lorafleet.tasks import validate_task_name
+
+    name = validate_task_name(task_name)
+    prompts = check_example_prompts(list(example_prompts))
+    if len(archive) > MAX_IMPORT_ARCHIVE_BYTES:
+        raise PayloadTooLargeError(f"archive: {len(archive)} bytes, more than {MAX_IMPORT_ARCHIVE_BYTES}")
+    suffix = archive_suffix(archive)
+    ref = registry.blobs.put_bytes(archive)
+    payload = {
+        "task": name,
+        "archive_sha256": ref.sha256,
+        "archive_size": ref.size,
+        "archive_suffix": suffix,
+        "example_prompts": prompts,
+        "actor": actor,
+        "reason": reason,
+    }
+    result = (queue or JobQueue(db)).submit(
+        tenant_id=tenant_id,
+        kind=IMPORT_JOB_KIND,
+        payload=payload,
+        dedupe_key=f"import:{tenant_id}:{ref.sha256}:{name}"[:256],
+        max_attempts=IMPORT_MAX_ATTEMPTS,
+    )
+    logger.info("import of %s into task %r queued as job %d", ref.sha256[:12], name, result.job.id)
+    return ImportSubmitted(job=result.job, created=result.created, archive_sha256=ref.sha256)
+
+
+class ImportRunner:
+    """The ``import`` handler on a trainer's resident backbone and bank (one free slot is used, then freed)."""
+
+    def __init__(
+        self,
+        db: Database,
+        registry: Registry,
+        backbone: Backbone,
+        bank: AdapterBank,
+        *,
+        promote_rule: str = "qa",
+        work_dir: Path | None = None,
+    ) -> None:
+        self.db, self.registry, self.backbone, self.bank = db, registry, backbone, bank
+        self.promote_rule = promote_rule
+        self.work_dir = work_dir
+
+    def run_job(self, job: Job, lease: LeaseContext) -> dict[str, Any]:
+        from lorafleet.adapters.importing import prepare_import, register_import
+
+        if job.tenant_id is None:
+            raise ValidationError(f"import job {job.id} has no tenant")
+        p = _payload(job.payload)
+        with tempfile.TemporaryDirectory(prefix=f"lorafleet-import-{job.id}-", dir=self.work_dir) as tmp:
+            archive = Path(tmp) / f"upload{p['archive_suffix']}"
+            self.registry.blobs.download(p["archive_sha256"], archive, expected_size=p["archive_size"])
+            prepared = prepare_import(
+                self.registry,
+                tenant_id=job.tenant_id,
+                task_name=p["task"],
+                source=archive,
+                example_prompts=p["example_prompts"],
+                backbone=self.backbone,
+                bank=self.bank,
+                actor=p["actor"],
+                work_dir=Path(tmp) / "work",
+            )
+            lease.check()
+            imported = register_import(self.registry, prepared, job_id=job.id)
+            with lease.fenced() as fence:
+                result: dict[str, Any] = {
+                    "task": p["task"],
+                    "adapter_id": imported.adapter.id,
+                    "version_id": imported.version.id,
+                    "number": imported.version.number,
+                    "parent_version_id": imported.parent_version_id,
+                    "source_sha256": imported.source_sha256,
+                }
+                if self.promote_rule == "qa":
+                    from lorafleet.qa.triggers import submit_candidate_qa
+
+                    qa = submit_candidate_qa(
+                        fence.session,
+                        queue=JobQueue(self.db),
+                        tenant_id=job.tenant_id,
+                        version_id=imported.version.id,
+                    )
+                    result["qa_job"] = qa.id
+                fence.succeed(result)
+        logger.info("job %d: imported task %r as version %d", job.id, p["task"], imported.version.number)
+        return result
+
+
+def _payload(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The import job's payload, checked (a malformed payload is a ``ValidationError``: no retry helps)."""
+    try:
+        out = {
+            "task": str(payload["task"]),
+            "archive_sha256": str(payload["archive_sha256"]),
+            "archive_size": int(payload["archive_size"]),
+            "archive_suffix": str(payload["archive_suffix"]),
+            "example_prompts": check_example_prompts(payload["example_prompts"]),
+            "actor": str(payload["actor"]),
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValidationError(f"import job payload: {exc!r}") from None
+    if out["archive_suffix"] not in {suffix for _m, suffix in _MAGIC} | {".tar"}:
+        raise ValidationError("import job payload: unknown archive_suffix")
+    return out
+
+
+__all__ = [
+    "IMPORT_JOB_KIND",
+    "ImportRunner",
+    "ImportSubmitted",
+    "archive_suffix",
+    "check_example_prompts",
+    "submit_import",
+]
