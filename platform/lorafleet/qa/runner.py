@@ -460,9 +460,10 @@ def _imported_without_holdout(outcome: RuleOutcome) -> RuleOutcome:
     no regression of their own holdout) instead of being rejected for data it never had."""
     if outcome.rule != USER_HOLDOUT or outcome.passed:
         return outcome
-    detail = "user-holdout: not applicable (an imported task version has no holdout; judged by the other rules)"
+    detail = (
+        "user-holdout: not applicable (an imported task version has no holdout; judged by the other rules)"
+    )
     return RuleOutcome(USER_HOLDOUT, True, detail)
-
 
 
 def _verdict(evaluation: Evaluation, rules: list[RuleOutcome]) -> tuple[bool, list[str]]:
