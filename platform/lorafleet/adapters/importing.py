@@ -1,0 +1,360 @@
+"""Importing an existing PEFT adapter (a folder or an archive) as a new version of a tenant's task adapter.
+
+An import goes through every check a trained adapter gets, and all of them run before anything is written: the
+archive is unpacked safely (no absolute paths, no ``..``, no links or devices, capped size and entry count),
+pickle files are refused, the safetensors header and config are checked, the weights are loaded into a free
+slot of the caller's bank (shapes, rank, finite values, unsupported PEFT options, target modules) and the slot
+is evicted again, and the routing key is computed from example prompts. Only then is the task adapter row
+created (when new) and the version registered, as a ``candidate``: QA decides whether it goes live.
+
+Two phases, so that a job can do the slow part outside its short fenced transaction: ``prepare_import`` checks
+and stages (and stores the blob once every check has passed), ``register_import`` writes the rows, optionally
+in the caller's transaction. ``import_peft_adapter`` does both.
+
+A foreign PEFT adapter records no lorafleet backbone fingerprint; it is accepted against the current backbone
+once its shapes fit, and the stored copy gets the backbone's fingerprint written into its safetensors metadata
+(tensors and ``adapter_config.json`` unchanged, bit for bit), so QA, training and serving, which require a
+fingerprint, load it like any other version. An adapter that does record a fingerprint must record this one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorafleet.adapters.archives import DEFAULT_MAX_ARCHIVE_MEMBERS, unpack_import_archive
+from lorafleet.adapters.peft_format import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterFiles,
+    inspect_adapter_dir,
+    load_adapter_tensors,
+    read_safetensors_header,
+)
+from lorafleet.domain import Adapter, AdapterVersion, LineageRelation
+from lorafleet.errors import AdapterFormatError, BackboneMismatchError, PayloadTooLargeError, ValidationError
+from lorafleet.registry import pack_adapter_archive
+from lorafleet.store.blob.base import sha256_file
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from lorafleet.adapters.bank import AdapterBank
+    from lorafleet.backbone import Backbone
+    from lorafleet.registry import Registry
+
+#: the default cap on an import's bytes: the archive itself, and everything it unpacks to
+DEFAULT_MAX_IMPORT_BYTES = 1 << 30
+MAX_EXAMPLE_PROMPTS = 256
+MAX_PROMPT_CHARS = 16_384
+#: ``training_config["source"]`` of an imported version
+IMPORT_SOURCE = "peft-import"
+IMPORTED: LineageRelation = "imported"
+
+
+@dataclass(frozen=True)
+class PreparedImport:
+    """An adapter that passed every check, staged under the caller's ``work_dir`` and ready to register."""
+
+    tenant_id: int
+    task_name: str
+    #: the staged PEFT folder (the backbone fingerprint in its metadata); its blob is already stored
+    folder: Path
+    base_fingerprint: str
+    #: sha256 of the archive file, or for a folder of its two PEFT files packed as the registry packs them
+    source_sha256: str
+    routing_key: tuple[float, ...]
+    training_config: dict[str, Any]
+    #: used only when the task adapter does not exist yet
+    target_config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ImportedAdapter:
+    """The registered version, its task adapter, the sha256 of what was imported and the stored routing key."""
+
+    adapter: Adapter
+    version: AdapterVersion
+    source_sha256: str
+    routing_key: tuple[float, ...]
+    #: the version the import replaces (lineage edge "imported"), None when the task had no version
+    parent_version_id: int | None
+
+
+def import_peft_adapter(
+    registry: Registry,
+    *,
+    tenant_id: int,
+    task_name: str,
+    source: Path,
+    example_prompts: Sequence[str],
+    backbone: Backbone,
+    bank: AdapterBank,
+    actor: str,
+    target_config: Mapping[str, Any] | None = None,
+    max_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
+    session: Session | None = None,
+) -> ImportedAdapter:
+    """Register a PEFT folder or archive (.tar, .tar.gz/.tgz, .zip) as a ``candidate`` version of a task adapter:
+    ``prepare_import`` then ``register_import`` (see both), with a temporary work folder."""
+    with tempfile.TemporaryDirectory(prefix="lorafleet-import-") as tmp:
+        prepared = prepare_import(
+            registry,
+            tenant_id=tenant_id,
+            task_name=task_name,
+            source=source,
+            example_prompts=example_prompts,
+            backbone=backbone,
+            bank=bank,
+            actor=actor,
+            work_dir=Path(tmp) / "work",
+            target_config=target_config,
+            max_bytes=max_bytes,
+        )
+        return register_import(registry, prepared, session=session)
+
+
+def prepare_import(
+    registry: Registry,
+    *,
+    tenant_id: int,
+    task_name: str,
+    source: Path,
+    example_prompts: Sequence[str],
+    backbone: Backbone,
+    bank: AdapterBank,
+    actor: str,
+    work_dir: Path,
+    target_config: Mapping[str, Any] | None = None,
+    max_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
+) -> PreparedImport:
+    """Run every check of an import and stage the adapter under ``work_dir`` (new or empty; keep it until
+    ``register_import`` returns). Writes no row; a refusal writes nothing at all.
+
+    ``bank`` (on ``backbone``) lends one free slot for the shape check, which is evicted again (the caller keeps
+    other users of the bank out meanwhile). ``max_bytes`` caps the archive and what it unpacks to (or the
+    folder's two files); an archive holds at most ``DEFAULT_MAX_ARCHIVE_MEMBERS`` entries. Once every check has
+    passed, the staged adapter's blob is stored (``Registry.put_adapter_blob``), so that a registration inside
+    a short transaction (a job's fence) uploads nothing; if it is never registered, ``Registry.gc`` removes it.
+    """
+    from lorafleet.tasks import validate_task_name
+
+    name = validate_task_name(task_name)
+    prompts = _check_prompts(example_prompts)
+    _check_actor(actor)
+    if max_bytes < 1:
+        raise ValidationError("max_bytes must be >= 1")
+    work_dir = Path(work_dir)
+    if work_dir.exists() and any(work_dir.iterdir()):
+        raise ValidationError(f"work_dir {work_dir} is not empty")
+    fingerprint = _backbone_digest(backbone, bank)
+    folder, source_sha256 = _materialise(Path(source), work_dir / "source", max_bytes=max_bytes)
+    files = _stage(folder, work_dir / "staged", fingerprint=fingerprint)
+    _check_loads(bank, files.directory)
+    from lorafleet.routing.embeddings import routing_key
+
+    key = routing_key(backbone, bank, prompts)
+    training_config = {
+        "source": IMPORT_SOURCE,
+        "source_sha256": source_sha256,
+        "peft_config": files.config,
+        "actor": actor,
+        "example_prompts": len(prompts),
+    }
+    target = dict(target_config) if target_config is not None else _target_config(files.config)
+    _check_json(training_config=training_config, target_config=target)
+    registry.put_adapter_blob(adapter_dir=files.directory)
+    return PreparedImport(
+        tenant_id, name, files.directory, fingerprint, source_sha256, key, training_config, target
+    )
+
+
+def register_import(
+    registry: Registry, prepared: PreparedImport, *, session: Session | None = None, job_id: int | None = None
+) -> ImportedAdapter:
+    """Register a prepared import as the task's next ``candidate`` version (QA decides promotion).
+
+    The task adapter row is created when absent (committed on its own, before the version). The new version's
+    parent (relation "imported") is the task's live version, else its newest version, else none: lineage shows
+    what the import replaces. With ``session`` the version row is inserted in the caller's transaction (e.g. a
+    job's fence, together with its QA job), which the caller commits. With ``job_id`` a second registration for
+    the same job returns the first version (a retried job).
+    """
+    adapter = registry.get_or_create_adapter(
+        tenant_id=prepared.tenant_id,
+        owner_user_id=None,
+        name=prepared.task_name,
+        target_config=prepared.target_config,
+    )
+    tenant_id = prepared.tenant_id
+    if job_id is not None:
+        done = registry.find_version_by_job(tenant_id=tenant_id, adapter_id=adapter.id, job_id=job_id)
+        if done is not None:
+            return _imported(prepared, adapter, done, _recorded_parent(registry, tenant_id, done))
+    parent = _replaced_version(registry, tenant_id=tenant_id, adapter_id=adapter.id)
+    version = registry.register_version(
+        tenant_id=tenant_id,
+        adapter_id=adapter.id,
+        adapter_dir=prepared.folder,
+        base_fingerprint=prepared.base_fingerprint,
+        parents=() if parent is None else ((parent.id, IMPORTED),),
+        training_config=prepared.training_config,
+        metrics={},
+        job_id=job_id,
+        status="candidate",
+        routing_key=prepared.routing_key,
+        session=session,
+    )
+    return _imported(prepared, adapter, version, None if parent is None else parent.id)
+
+
+def _imported(
+    prepared: PreparedImport, adapter: Adapter, version: AdapterVersion, parent_id: int | None
+) -> ImportedAdapter:
+    return ImportedAdapter(adapter, version, prepared.source_sha256, prepared.routing_key, parent_id)
+
+
+# --- checks before anything is written -------------------------------------------------------------------
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    """1-``MAX_EXAMPLE_PROMPTS`` non-blank strings of at most ``MAX_PROMPT_CHARS`` characters each."""
+    if isinstance(prompts, str):
+        raise ValidationError("example_prompts must be a list of prompts, not one string")
+    items = list(prompts)
+    if not 1 <= len(items) <= MAX_EXAMPLE_PROMPTS:
+        raise ValidationError(f"example_prompts must hold 1-{MAX_EXAMPLE_PROMPTS} prompts, got {len(items)}")
+    for i, prompt in enumerate(items):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValidationError(f"example_prompts[{i}] must be a non-blank string")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise PayloadTooLargeError(f"example_prompts[{i}] is longer than {MAX_PROMPT_CHARS} characters")
+    return items
+
+
+def _check_actor(actor: str) -> None:
+    if not isinstance(actor, str) or not 1 <= len(actor) <= 256:
+        raise ValidationError("actor must be 1-256 characters")
+
+
+def _backbone_digest(backbone: Backbone, bank: AdapterBank) -> str:
+    """The backbone's fingerprint digest, which the bank (when it records one) must share."""
+    digest = backbone.fingerprint.digest
+    if bank.fingerprint and bank.fingerprint != digest:
+        raise BackboneMismatchError("the adapter bank was built on another backbone than the one given")
+    return digest
+
+
+def _materialise(source: Path, unpack_to: Path, *, max_bytes: int) -> tuple[Path, str]:
+    """The PEFT folder to import (the folder itself, or unpacked from the archive) and the source's sha256."""
+    if source.is_dir():
+        files = inspect_adapter_dir(source)  # refuses pickle files before anything else is read
+        size = files.config_path.stat().st_size + files.weights_path.stat().st_size
+        if size > max_bytes:
+            raise PayloadTooLargeError(f"adapter folder holds {size} bytes, more than the cap of {max_bytes}")
+        with tempfile.TemporaryDirectory(prefix="lorafleet-import-sha-") as tmp:
+            packed = pack_adapter_archive(files=files, dest=Path(tmp) / "source.tar")
+            return source, sha256_file(packed)[0]
+    if source.is_file():
+        size = source.stat().st_size
+        if size > max_bytes:
+            raise PayloadTooLargeError(f"archive of {size} bytes is larger than the cap of {max_bytes}")
+        return unpack_import_archive(source, unpack_to, max_bytes=max_bytes), sha256_file(source)[0]
+    raise AdapterFormatError(f"{source} is neither an adapter folder nor an archive file")
+
+
+def _stage(folder: Path, staging: Path, *, fingerprint: str) -> AdapterFiles:
+    """Copy the two PEFT files aside with the backbone fingerprint in the weights' metadata (tensors unchanged).
+
+    A recorded fingerprint other than ``fingerprint`` is refused; values must be finite.
+    """
+    from safetensors.torch import save_file
+
+    from lorafleet.adapters.serialization import FINGERPRINT_METADATA_KEY, read_adapter_fingerprint
+
+    files = inspect_adapter_dir(folder)  # pickle files, config, truncated or inconsistent header
+    recorded = read_adapter_fingerprint(files)
+    if recorded and recorded != fingerprint:
+        raise BackboneMismatchError(
+            f"adapter records backbone {recorded[:16]}..., the current backbone is {fingerprint[:16]}..."
+        )
+    tensors = load_adapter_tensors(files)  # also refuses NaN / inf
+    staging.mkdir(parents=True)
+    shutil.copyfile(files.config_path, staging / CONFIG_FILE)
+    if recorded:
+        shutil.copyfile(files.weights_path, staging / WEIGHTS_FILE)
+    else:
+        metadata = {**_string_metadata(files.weights_path), FINGERPRINT_METADATA_KEY: fingerprint}
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata=metadata)
+    return inspect_adapter_dir(staging)
+
+
+def _string_metadata(weights: Path) -> dict[str, str]:
+    """The safetensors ``__metadata__`` entries that are strings (the format allows nothing else)."""
+    metadata = read_safetensors_header(weights).get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        return {}
+    return {str(k): v for k, v in metadata.items() if isinstance(v, str)}
+
+
+def _check_loads(bank: AdapterBank, folder: Path) -> None:
+    """Load the staged adapter into a free slot with the bank's own loader, then evict it again.
+
+    The loader checks target modules, shapes, rank against the bank's maximum, finite values, unsupported
+    PEFT options and the fingerprint before it writes the slot, so a refusal leaves the bank unchanged.
+    """
+    from lorafleet.adapters.serialization import load_slot_from_dir
+
+    info = load_slot_from_dir(bank, bank.free_slot(), folder, require_fingerprint=True, name="peft-import")
+    bank.evict_slot(info.slot)
+
+
+def _check_json(**values: dict[str, Any]) -> None:
+    """Refuse non-JSON values (a NaN in the PEFT config) here, before any row is created."""
+    for what, value in values.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(f"{what} cannot be recorded as JSON: {exc}") from exc
+
+
+def _target_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A new task adapter's ``target_config`` in the keys the trainer uses, read from the PEFT config."""
+    targets = config.get("target_modules")
+    return {
+        "rank": config.get("r"),
+        "alpha": config.get("lora_alpha"),
+        "dropout": config.get("lora_dropout", 0.0),
+        "target_modules": sorted(map(str, targets)) if isinstance(targets, list) else targets,
+    }
+
+
+def _replaced_version(registry: Registry, *, tenant_id: int, adapter_id: int) -> AdapterVersion | None:
+    """The version an import replaces: the live one, else the newest, else None."""
+    live = registry.live_version(tenant_id=tenant_id, adapter_id=adapter_id)
+    if live is not None:
+        return live
+    versions = registry.list_versions(tenant_id=tenant_id, adapter_id=adapter_id)
+    return versions[-1] if versions else None
+
+
+def _recorded_parent(registry: Registry, tenant_id: int, version: AdapterVersion) -> int | None:
+    """The parent an already registered import recorded (its "imported" edge), or None."""
+    lineage = registry.lineage(tenant_id=tenant_id, version_id=version.id, depth=1)
+    parents = [e.parent_version_id for e in lineage.edges if e.child_version_id == version.id]
+    return parents[0] if parents else None
+
+
+__all__ = [
+    "DEFAULT_MAX_ARCHIVE_MEMBERS",
+    "DEFAULT_MAX_IMPORT_BYTES",
+    "ImportedAdapter",
+    "PreparedImport",
+    "import_peft_adapter",
+    "prepare_import",
+    "register_import",
+    "unpack_import_archive",
+]
