@@ -4,8 +4,9 @@
   watermark (the newest record its training job saw), split by the production rule (``build_dataset``: by
   content hash, so a record is holdout on every machine and in every job). Holdout records are never trained
   on, so the set measures generalisation, and a later version is scored on the same records plus newer ones.
-- A shared task adapter: the holdout part of the records its version's dataset snapshot lists (none when the
-  version records no snapshot, e.g. an import; the report then shows an empty row).
+- A shared task adapter: the holdout part of the records its version's dataset snapshot lists; a version
+  without a snapshot (an import) is scored on the holdout of all the task's feedback, when the task has any
+  (else the row is empty and the runner judges the import by its other rules).
 - The probe set (``lorafleet.qa.probe``).
 
 The split uses the version's own training config (holdout fraction, rating threshold); every set is capped at
@@ -70,7 +71,9 @@ def version_records(
         with db.session() as s:
             return repo.user_records(s, user_id=owner_user_id, through_id=through)
     if version.dataset_snapshot_id is None:
-        return []
+        with db.session() as s:
+            subject = repo.task_subject_id(s, tenant_id=tenant_id, adapter_id=version.adapter_id)
+            return [] if subject is None else repo.user_records(s, user_id=subject, through_id=None)
     snapshot = get_snapshot(db, snapshot_id=version.dataset_snapshot_id)
     with db.session() as s:
         return repo.records_by_ids(s, tenant_id=tenant_id, record_ids=list(snapshot.record_ids or ()))

@@ -24,6 +24,7 @@ from lorafleet.jobs import JobQueue
 from lorafleet.jobs.imports import IMPORT_JOB_KIND, ImportRunner, submit_import
 from lorafleet.jobs.scheduler import Scheduler, SchedulerPolicy
 from lorafleet.qa.reports import load_report, reports_for_version
+from lorafleet.qa.results import Matrix
 from lorafleet.qa.runner import QARunner
 from lorafleet.routing.bank import enrol, unenrol
 from lorafleet.routing.synthetic import task_split
@@ -207,6 +208,16 @@ def test_an_imported_peft_adapter_goes_through_its_import_job_and_qa_like_a_trai
     ]
     with world.db.session() as s:
         assert QARepository(dialect=world.db.dialect).routing_key(s, version_id=second) is not None
+
+    # once the task has feedback, an import is scored on the holdout of it (whatever QA then decides)
+    ingest_task_feedback(
+        world.db, tenant_id=world.tenant_id, task_name=TASK, records=_task_records(n_train=24)
+    )
+    third = submit(seed=3)
+    [report] = reports_for_version(world.db, tenant_id=world.tenant_id, version_id=third)
+    _, document = load_report(world.db, world.registry, report_id=report.id, tenant_id=world.tenant_id)
+    own = Matrix.from_json(document["matrix"]).rows[0]
+    assert own.own and own.kind == "task-holdout" and own.examples > 0
 
     with pytest.raises(ValidationError, match="not a .tar"):  # refused before anything is stored or queued
         submit_import(

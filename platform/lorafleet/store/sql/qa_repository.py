@@ -18,6 +18,7 @@ from lorafleet.domain import LIVE, FeedbackRecord
 from lorafleet.errors import NotFoundError
 from lorafleet.store.sql.feedback import to_feedback_record
 from lorafleet.store.sql.models import (
+    TASK_SUBJECT_PREFIX,
     SqlAdapter,
     SqlAdapterVersion,
     SqlAlias,
@@ -141,6 +142,26 @@ class QARepository:
         if through_id is not None:
             stmt = stmt.where(SqlFeedback.id <= through_id)
         return [to_feedback_record(row) for row in session.scalars(stmt.order_by(SqlFeedback.id))]
+
+    def task_subject_id(self, session: Session, *, tenant_id: int, adapter_id: int) -> int | None:
+        """The subject row holding a task adapter's feedback (``lorafleet.tasks``), or None (no feedback yet)."""
+        name = session.scalar(
+            select(SqlAdapter.name).where(
+                SqlAdapter.id == adapter_id,
+                SqlAdapter.tenant_id == tenant_id,
+                SqlAdapter.owner_user_id.is_(None),
+            )
+        )
+        if name is None:
+            return None
+        found = session.scalar(
+            select(SqlUser.id).where(
+                SqlUser.tenant_id == tenant_id,
+                SqlUser.kind == "task",
+                SqlUser.external_id == TASK_SUBJECT_PREFIX + name,
+            )
+        )
+        return None if found is None else int(found)
 
     def records_by_ids(
         self, session: Session, *, tenant_id: int, record_ids: Sequence[int]
