@@ -269,7 +269,8 @@ def run_demo(*, users: int = 4, timeout: float = 600.0) -> int:
             clock.mark("train + QA")
             _show_results(client, runs, chance=CHANCE)
             clock.mark("generate")
-            _task_adapter_step(client, runs[0], task_live=task_live, n_records=task_records)
+            # the last user joins the task (the first one's adapter is the one rolled back below)
+            _task_adapter_step(client, runs[-1], task_live=task_live, n_records=task_records, timeout=timeout)
             clock.mark("shared task adapter")
             _rollback_and_lineage(client, runs, timeout)
             clock.mark("round 2 + rollback + lineage")
@@ -302,8 +303,11 @@ def _wait_for_task(client: Client, timeout: float) -> bool:
     raise DemoError(f"no QA decision on task {TASK!r} within {timeout:g} s")
 
 
-def _task_adapter_step(client: Client, run: UserRun, *, task_live: bool, n_records: int) -> None:
-    """Enrol one user in the shared task adapter and show how the gate weights it against their own adapter."""
+def _task_adapter_step(
+    client: Client, run: UserRun, *, task_live: bool, n_records: int, timeout: float
+) -> None:
+    """Enrol one user in the shared task adapter, show how the gate weights it against their own adapter, and
+    what QA's recheck of their live adapter in the grown bank decided."""
     from lorafleet.routing.synthetic import task_split
 
     print()
@@ -320,7 +324,24 @@ def _task_adapter_step(client: Client, run: UserRun, *, task_live: bool, n_recor
     for prompt in prompts:
         text, info = _answer(client, run.name, prompt)
         weights = ", ".join(f"{b.adapter}={b.weight:.2f}" for b in info.served_by) or "base only"
-        print(f"{prompt.strip()[:40]:40} {_show(text, 20):20} {weights}")
+        print(f"{' '.join(prompt.split())[:40]:40} {_show(text, 20):20} {weights}")
+    if run.version is not None and run.version.status == "live":
+        report = _wait_for_recheck(client, run.name, run.version.number, timeout)
+        print(
+            f"QA recheck of {run.name}'s v{run.version.number} in the grown bank: {report.decision}"
+            f" ({report.reasons[0] if report.reasons else '-'})"
+        )
+
+
+def _wait_for_recheck(client: Client, user: str, number: int, timeout: float) -> Any:
+    """The QA recheck report on a user's version (queued by the enrolment), once it is there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rechecks = [r for r in client.get_version(user, ADAPTER, number).qa_reports if r.kind == "recheck"]
+        if rechecks:
+            return rechecks[-1]
+        time.sleep(1.0)
+    raise DemoError(f"no QA recheck of {user}'s v{number} within {timeout:g} s")
 
 
 def _show_results(client: Client, runs: list[UserRun], *, chance: float) -> None:
@@ -397,6 +418,10 @@ def _rollback_and_lineage(client: Client, runs: list[UserRun], timeout: float) -
             f"  {run.name}'s next version was not promoted ({run.outcome}); rolling back to no adapter instead"
         )
         probes, target = run.probes, None
+    [adapter] = [a for a in client.list_adapters(run.name) if a.name == ADAPTER]
+    if target is None and adapter.live_version is None:
+        print(f"  {run.name} has no live version any more: nothing to roll back")
+        return
     acc_before, before = _accuracy(client, run, probes)
     event = client.rollback(run.name, ADAPTER, target, reason="demo: user reported odd answers")
     acc_after, after = _accuracy(client, run, probes)

@@ -1,18 +1,24 @@
 """Entry points for the command line and ``services/scheduler``: each opens the configured database, does
-one thing through the library, and closes it again.
+one thing through the library, and closes it again; ``lorafleet workers`` (``workers_command``) runs trainer
+actors on Ray until it is stopped.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.config import Settings
 from lorafleet.domain import AdapterVersion, Job
-from lorafleet.errors import JobError
+from lorafleet.errors import JobError, ValidationError
 from lorafleet.jobs.queue import JobQueue, SubmitResult
 from lorafleet.jobs.scheduler import Scheduler, SchedulerPolicy, TickResult
 from lorafleet.store.sql.database import Database
@@ -20,6 +26,8 @@ from lorafleet.store.sql.tenants import TenantRepository
 
 if TYPE_CHECKING:
     from lorafleet.jobs.ray_runtime import TrainerPool
+
+logger = logging.getLogger("lorafleet.workers")
 
 #: job states after which nothing more happens to a job
 FINISHED_STATES = ("succeeded", "failed", "cancelled")
@@ -73,19 +81,92 @@ def run_workers(
     stop_event: threading.Event | None = None,
     poll_seconds: float = 5.0,
     training: Mapping[str, Any] | None = None,
+    grace_seconds: float = 20.0,
+    start_timeout: float | None = None,
 ) -> list[int]:
     """Start ``n_actors`` trainer actors on Ray (local on loopback, or ``LORAFLEET_RAY_ADDRESS``) and run
-    jobs: until none is claimable (``until_idle``), or else until ``stop_event`` is set, polling the queue
-    every ``poll_seconds``. Returns the ids of the jobs run; the actors are stopped at the end."""
+    jobs: until none is claimable (``until_idle``), or else until ``stop_event`` is set, each actor polling
+    the queue every ``poll_seconds`` when idle and a dead actor replaced (``TrainerPool.run_until_stopped``).
+    Returns the ids of the jobs run; the actors are stopped at the end."""
     from lorafleet.jobs.ray_runtime import TrainerPool
 
+    if until_idle:
+        with TrainerPool(settings, n_actors=n_actors, training=training, start_timeout=start_timeout) as pool:
+            return pool.drain()
     stop = stop_event or threading.Event()
-    done: list[int] = []
-    with TrainerPool(settings, n_actors=n_actors, training=training) as pool:
-        while True:
-            done.extend(pool.drain())
-            if until_idle or stop.wait(poll_seconds):
-                return done
+    with TrainerPool(settings, n_actors=n_actors, training=training, wait_ready=False) as pool:
+        return pool.run_until_stopped(
+            stop, poll_seconds=poll_seconds, grace_seconds=grace_seconds, start_timeout=start_timeout
+        )
+
+
+def workers_command(args: argparse.Namespace) -> int:
+    """``lorafleet workers``: trainer actors on the configured Ray, draining the job queue until SIGTERM or
+    SIGINT (a second signal stops at once; a job cut short is retried once its lease expires)."""
+    from lorafleet.config import load_settings
+    from lorafleet.jobs.ray_runtime import init_ray
+    from lorafleet.training.config import TrainingConfig
+
+    if args.poll_seconds <= 0 or args.grace_seconds < 0:
+        raise ValidationError("--poll-seconds must be positive and --grace-seconds not negative")
+    settings = load_settings()
+    training = _json_object("--training", args.training)
+    TrainingConfig.from_mapping(training)  # refuse bad overrides here, not in every actor
+    init_ray(settings)  # first: Ray installs its own SIGTERM handler, which the next line replaces
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    logger.info(
+        "trainer workers: %d actor(s) on %s, database %s, object store %s, device %s, resource %s",
+        args.count,
+        f"the Ray cluster at {settings.ray_address}" if settings.ray_address else "a local Ray (loopback)",
+        settings.resolved_database_url.split("@")[-1],
+        settings.resolved_object_store_url,
+        settings.device,
+        settings.trainer_resource or "(none)",
+    )
+    try:
+        ran = run_workers(
+            settings,
+            n_actors=args.count,
+            until_idle=args.until_idle,
+            stop_event=stop,
+            poll_seconds=args.poll_seconds,
+            training=training,
+            grace_seconds=args.grace_seconds,
+            start_timeout=args.start_timeout,
+        )
+    except KeyboardInterrupt:
+        logger.warning("trainer workers stopped at once (jobs cut short are retried after their leases)")
+        return 130
+    logger.info("trainer workers stopped after %d job(s): %s", len(ran), ran)
+    return 0
+
+
+def _json_object(option: str, text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"{option}: not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValidationError(f"{option}: must be a JSON object")
+    return value
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM/SIGINT set ``stop`` (jobs in flight get their grace period); a second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        logger.info("signal %d: stopping the trainer workers (send it again to stop at once)", signum)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handle)
 
 
 def train_user_now_and_wait(

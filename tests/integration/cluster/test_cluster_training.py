@@ -1,0 +1,189 @@
+"""Training on a multi-node Ray cluster (every node on 127.0.0.1, started by ``cluster_host.py`` in its own
+process): ``lorafleet workers`` processes connect to it through ``LORAFLEET_RAY_ADDRESS``, place their trainer
+actors by the ``lorafleet_trainer`` resource (the head has none, each worker node one unit), and run the jobs
+the scheduler queued in PostgreSQL. A node removed mid-job: the job's lease expires, the actor on the other
+node retries it, and exactly one version results."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from cluster_helpers import TINY_TRAINING, ClusterHost, WorkersProcess, node_prefix
+from sqlalchemy import func, select
+
+from lorafleet.domain import AdapterVersion, Job
+from lorafleet.feedback import ingest_feedback
+from lorafleet.jobs import JobQueue, Scheduler, SchedulerPolicy
+from lorafleet.registry import Registry
+from lorafleet.store.blob import open_blob_store
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.models import SqlAdapterVersion
+from lorafleet.store.sql.tenants import TenantRepository
+from lorafleet.training.continual import PERSONAL_ADAPTER
+from lorafleet.training.synthetic import make_user_records
+
+USERS = [f"user-{i}" for i in range(6)]
+T = TypeVar("T")
+
+
+def _settings_env(
+    ray_nodes: ClusterHost, *, pg_url: str, blobs_url: str, data_dir: Path, **more: str
+) -> dict[str, str]:
+    return {
+        "LORAFLEET_RAY_ADDRESS": ray_nodes.address,
+        "LORAFLEET_DATABASE_URL": pg_url,
+        "LORAFLEET_OBJECT_STORE_URL": blobs_url,
+        "LORAFLEET_DATA_DIR": str(data_dir),
+        "LORAFLEET_DEVICE": "cpu",
+        "LORAFLEET_BACKBONE_QUANTIZATION": "nf4",
+        "LORAFLEET_TRAINER_SLOTS": "4",
+        "LORAFLEET_PROMOTE_RULE": "holdout-improved",
+        **more,
+    }
+
+
+def _feed(db: Database, *, tenant_id: int, users: list[str], n_records: int = 12) -> None:
+    for user in users:
+        records = make_user_records(user, round=1, n_records=n_records, seed=0)
+        ingest_feedback(db, tenant_id=tenant_id, user_external_id=user, records=records)
+
+
+def _job(db: Database, job_id: int) -> Job:
+    return JobQueue(db).get(tenant_id=None, job_id=job_id)
+
+
+def _wait_until(what: str, check: Callable[[], T | None], *, timeout: float, every: float = 0.25) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _versions(db: Database, registry: Registry, *, tenant_id: int, user: str) -> list[AdapterVersion]:
+    owner = TenantRepository(db).get_user(tenant_id=tenant_id, external_id=user)
+    adapter = registry.find_adapter(tenant_id=tenant_id, owner_user_id=owner.id, name=PERSONAL_ADAPTER)
+    return [] if adapter is None else registry.list_versions(tenant_id=tenant_id, adapter_id=adapter.id)
+
+
+def _count_versions(db: Database) -> int:
+    with db.session() as s:
+        return int(s.scalar(select(func.count()).select_from(SqlAdapterVersion)) or 0)
+
+
+def _all_finished(db: Database, job_ids: list[int]) -> list[Job] | None:
+    jobs = [_job(db, job_id) for job_id in job_ids]
+    return jobs if all(j.state in ("succeeded", "failed", "cancelled") for j in jobs) else None
+
+
+def test_jobs_of_several_users_run_on_both_trainer_nodes(
+    ray_nodes: ClusterHost, pg_database: Database, pg_url: str, cluster_data_dir: Path, tmp_path: Path
+) -> None:
+    db = pg_database
+    blobs_url = (tmp_path / "blobs").as_uri()
+    tenant_id = TenantRepository(db).create_tenant(name="acme")[0].id
+    _feed(db, tenant_id=tenant_id, users=USERS)
+    env = _settings_env(ray_nodes, pg_url=pg_url, blobs_url=blobs_url, data_dir=cluster_data_dir)
+    training = json.dumps(TINY_TRAINING)
+
+    workers = WorkersProcess(env, "--count", "2", "--poll-seconds", "0.5", "--training", training)
+    try:
+        # one actor per trainer node (one unit each), none on the head (no unit)
+        assert sorted(workers.ready_nodes(2)) == sorted(ray_nodes.workers)
+        tick = Scheduler(
+            db, SchedulerPolicy(min_new_records=4, users_per_job=1, max_active_jobs=len(USERS))
+        ).tick()
+        job_ids = [job.id for job in tick.jobs_created]
+        assert len(job_ids) == len(USERS)
+        jobs = _wait_until("every job to finish", lambda: _all_finished(db, job_ids), timeout=240)
+    finally:
+        status = workers.stop()
+
+    assert status == 0, workers.output.text()[-3000:]
+    assert [(j.state, j.attempts) for j in jobs] == [("succeeded", 1)] * len(USERS), [j.error for j in jobs]
+    ran_on = {node_prefix(job.lease_owner) for job in jobs}
+    assert ran_on == {node[:8] for node in ray_nodes.workers}, "jobs did not run on both trainer nodes"
+    registry = Registry(db, open_blob_store(blobs_url))
+    for user in USERS:
+        (version,) = _versions(db, registry, tenant_id=tenant_id, user=user)
+        assert version.job_id in job_ids
+    workers.output.wait_for(rf"trainer workers stopped after {len(USERS)} job\(s\)", timeout=5)
+
+
+def test_workers_fail_clearly_when_no_node_offers_their_resource(
+    ray_nodes: ClusterHost, pg_url: str, cluster_data_dir: Path, tmp_path: Path
+) -> None:
+    env = _settings_env(
+        ray_nodes,
+        pg_url=pg_url,
+        blobs_url=(tmp_path / "blobs").as_uri(),
+        data_dir=cluster_data_dir,
+        LORAFLEET_TRAINER_RESOURCE="gpu_box",
+    )
+    workers = WorkersProcess(env, "--count", "1", "--start-timeout", "3")
+
+    assert workers.wait(timeout=120) == 2
+    text = workers.output.text()
+    assert "no alive node of the Ray cluster offers 1 CPU + 1 gpu_box" in text, text[-3000:]
+    assert "error [job_error]: 1 of 1 trainer actors not started after 3 s" in text, text[-3000:]
+    assert "room for 0 such actors" in text
+
+
+def test_a_node_lost_mid_job_leaves_the_job_to_the_other_node_and_one_version(
+    ray_nodes: ClusterHost, pg_database: Database, pg_url: str, cluster_data_dir: Path, tmp_path: Path
+) -> None:
+    db = pg_database
+    blobs_url = (tmp_path / "blobs").as_uri()
+    tenant_id = TenantRepository(db).create_tenant(name="acme")[0].id
+    _feed(db, tenant_id=tenant_id, users=["zed"])
+    job = Scheduler(db).train_now(tenant_id=tenant_id, user_external_id="zed").job
+    env = _settings_env(
+        ray_nodes, pg_url=pg_url, blobs_url=blobs_url, data_dir=cluster_data_dir, LORAFLEET_LEASE_SECONDS="4"
+    )
+    endless = json.dumps(
+        {**TINY_TRAINING, "max_steps": 100_000}
+    )  # the first attempt is still running when cut
+
+    doomed = WorkersProcess(env, "--count", "1", "--poll-seconds", "0.5", "--training", endless)
+    rescuer: WorkersProcess | None = None
+    try:
+        owner = _wait_until("the job to be claimed", lambda: _job(db, job.id).lease_owner, timeout=180)
+        (lost,) = [node for node in ray_nodes.workers if node.startswith(node_prefix(owner))]
+        _wait_until(
+            "a heartbeat while it trains", lambda: _heartbeat_seconds(_job(db, job.id)) > 1, timeout=60
+        )
+        rescuer = WorkersProcess(
+            env, "--count", "1", "--poll-seconds", "0.5", "--training", json.dumps(TINY_TRAINING)
+        )
+        (other,) = rescuer.ready_nodes(1)
+        assert {lost, other} == set(ray_nodes.workers)
+        assert _job(db, job.id).state == "running"
+
+        ray_nodes.remove(lost)
+        done = _wait_until("the job to finish", lambda: _all_finished(db, [job.id]), timeout=180)[0]
+        doomed.output.wait_for(r"died .*starting a replacement", timeout=120)
+    finally:
+        statuses = [doomed.stop()] + ([rescuer.stop()] if rescuer else [])
+
+    assert (done.state, done.attempts) == ("succeeded", 2), done.error
+    assert node_prefix(done.lease_owner) == other[:8] != lost[:8]
+    (entry,) = (done.result or {})["versions"]
+    (version,) = _versions(db, Registry(db, open_blob_store(blobs_url)), tenant_id=tenant_id, user="zed")
+    assert (version.id, version.job_id, version.number) == (entry["version_id"], job.id, 1)
+    assert _count_versions(db) == 1
+    assert statuses == [0, 0], (
+        doomed.output.text()[-3000:],
+        rescuer.output.text()[-3000:] if rescuer else "",
+    )
+
+
+def _heartbeat_seconds(job: Job) -> float:
+    if job.heartbeat_at is None or job.started_at is None:
+        return 0.0
+    return (job.heartbeat_at - job.started_at).total_seconds()
