@@ -176,7 +176,7 @@ def serve(args: argparse.Namespace) -> int:
         scheduler_interval=args.scheduler_interval,
         run_workers=args.workers,
         preload_engine=args.preload_engine,
-        migrate=True,
+        migrate=not args.no_migrate,
     )
     log.info(
         "serving on http://%s:%d: database %s, object store %s, ray %s, %d trainer actor(s)",
