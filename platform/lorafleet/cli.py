@@ -68,6 +68,12 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(users=args.users, timeout=args.timeout)
 
 
+def _serve_deploy(args: argparse.Namespace) -> int:
+    from lorafleet.serving.ray_serve import serve_deploy_command
+
+    return serve_deploy_command(args)
+
+
 def _lazy(name: str) -> Handler:
     """A handler from ``lorafleet.cli_commands``, imported only when its command runs."""
 
@@ -88,6 +94,9 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     serve.add_argument("--scheduler-interval", type=float, default=30.0, help="seconds between ticks")
     serve.add_argument("--no-scheduler", action="store_true", help="do not run the scheduler loop")
     serve.add_argument("--preload-engine", action="store_true", help="load the serving engine at start")
+    serve.add_argument(
+        "--no-migrate", action="store_true", help="do not upgrade the schema at start (a migration job owns it)"
+    )
     serve.set_defaults(handler=_lazy("serve"))
 
     tenants = sub.add_parser("tenants", help="tenants").add_subparsers(dest="tenants_command", required=True)
@@ -117,6 +126,56 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     rollback.set_defaults(handler=_lazy("rollback"))
 
 
+def _workers(args: argparse.Namespace) -> int:
+    from lorafleet.jobs.commands import workers_command
+
+    return workers_command(args)
+
+
+def _add_workers_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    workers = sub.add_parser(
+        "workers", help="trainer actors on the configured Ray, running queued jobs until SIGTERM/SIGINT"
+    )
+    workers.add_argument("--count", type=int, default=1, help="trainer actors (default 1)")
+    workers.add_argument("--poll-seconds", type=float, default=5.0, help="idle wait between polls")
+    workers.add_argument("--grace-seconds", type=float, default=20.0, help="at stop, time for running jobs")
+    workers.add_argument("--start-timeout", type=float, default=None, help="fail if actors are not up")
+    workers.add_argument("--until-idle", action="store_true", help="exit once no job is claimable")
+    workers.add_argument("--training", default=None, help="training config overrides as a JSON object")
+    workers.set_defaults(handler=_workers)
+
+
+def _add_task_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    tasks = sub.add_parser("tasks", help="a tenant's shared task adapters").add_subparsers(
+        dest="tasks_command", required=True
+    )
+    listing = tasks.add_parser("list", help="task adapters: live version, versions, enrolled users, records")
+    feedback = tasks.add_parser("feedback", help="submit a task's feedback records from a JSON-lines file")
+    feedback.add_argument("task")
+    feedback.add_argument(
+        "file", help="one record per line ({'kind': 'sft', 'prompt': ..., ...}); - for stdin"
+    )
+    imp = tasks.add_parser("import", help="import a PEFT adapter folder or archive as a candidate version")
+    imp.add_argument("task")
+    imp.add_argument("source", help="a PEFT folder, or a .tar, .tar.gz or .zip archive of one")
+    imp.add_argument("--prompt", action="append", default=[], help="an example prompt (repeat)")
+    imp.add_argument("--prompts-file", default=None, help="example prompts, one per line")
+    imp.add_argument("--reason", default="")
+    imp.add_argument(
+        "--wait", type=float, default=0.0, help="seconds to wait for the import job (0: no wait)"
+    )
+    rollback = tasks.add_parser("rollback", help="move a task's live version back (enrolled users follow)")
+    rollback.add_argument("task")
+    rollback.add_argument("--to", required=True, help="an earlier version number, or 'none' (no adapter)")
+    rollback.add_argument("--reason", required=True)
+    for p in (listing, feedback, imp, rollback):
+        p.add_argument("--tenant", required=True, help="tenant name")
+    listing.set_defaults(handler=_lazy("tasks_list"))
+    feedback.set_defaults(handler=_lazy("tasks_feedback"))
+    imp.set_defaults(handler=_lazy("tasks_import"))
+    rollback.set_defaults(handler=_lazy("tasks_rollback"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -140,11 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_qa_report)
 
     _add_admin_commands(sub)
+    _add_task_commands(sub)
+    _add_workers_command(sub)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on the embedded defaults (a few minutes)")
     demo.add_argument("--users", type=int, default=4, help="synthetic users (default 4)")
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for training and QA")
     demo.set_defaults(handler=_demo)
+
+    deploy = sub.add_parser("serve-deploy", help="deploy or update the Ray Serve inference app, then exit")
+    deploy.add_argument("--block", action="store_true", help="keep running (needed on a local Ray)")
+    deploy.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
+    deploy.add_argument("--slots", type=int, default=16, help="adapter bank slots per replica (default 16)")
+    deploy.add_argument("--max-rank", type=int, default=16, help="largest adapter rank served (default 16)")
+    deploy.add_argument("--http-port", type=int, default=8000, help="a local Ray's Serve proxy port")
+    deploy.set_defaults(handler=_serve_deploy)
     return parser
 
 

@@ -56,6 +56,30 @@ class Settings(BaseSettings):
     qa_policy: dict[str, Any] = Field(
         default_factory=dict, description="QA policy overrides as JSON (lorafleet.qa.policy.QAPolicy fields)."
     )
+    # --- Ray: where trainer actors go, and serving on Ray Serve ------------------------------------------------
+    trainer_resource: str = Field(
+        default="lorafleet_trainer",
+        pattern=r"^[A-Za-z0-9_]*$",
+        description="Custom Ray resource each trainer actor needs (one unit); empty = CPU/GPU only.",
+    )
+    serving: Literal["in-process", "ray-serve"] = Field(
+        default="in-process", description="Where the API runs inference: in its own process, or on Ray Serve."
+    )
+    serve_app_name: str = Field(
+        default="lorafleet", pattern=r"^[A-Za-z0-9_-]+$", description="Ray Serve application name."
+    )
+    serve_replicas: int = Field(
+        default=1, ge=1, le=1024, description="Serve replicas (the minimum when autoscaling)."
+    )
+    serve_max_replicas: int | None = Field(
+        default=None, ge=1, le=1024, description="Autoscale up to this many replicas; empty = fixed count."
+    )
+    serve_target_ongoing_requests: float = Field(
+        default=8.0, gt=0, le=10_000, description="Autoscaling target of in-flight requests per replica."
+    )
+    serve_max_models_per_replica: int = Field(
+        default=64, ge=1, le=100_000, description="Users' banks a Serve replica keeps multiplexed (LRU)."
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -8,6 +8,10 @@ scheduler loop and a pool of Ray trainer actors draining the job queue: ``lorafl
 scheduler and the workers together. Stopping the service stops the actors; a job one of them was running keeps
 its lease until it expires and is then taken over by the next worker (nothing is lost, see
 ``lorafleet.jobs.queue``).
+
+With ``LORAFLEET_SERVING=ray-serve`` the engine runs in the replicas of a Ray Serve app instead
+(``lorafleet.serving.ray_serve``, deployed by ``lorafleet serve-deploy``) and ``ServeEngineHolder`` forwards
+requests to it, with the same interface as ``EngineHolder``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
     from lorafleet.jobs.ray_runtime import TrainerPool
     from lorafleet.serving import BatchingQueue, GenerationRequest, GenerationResult
     from lorafleet.serving.engine import GenerationEngine
+    from lorafleet.serving.ray_serve import ServeClient
 
 logger = logging.getLogger("lorafleet.api")
 
@@ -153,6 +158,67 @@ class EngineHolder:
             self._queue.close(cancel_pending=True)
 
 
+class ServeEngineHolder:
+    """``EngineHolder``'s interface over the Ray Serve app (``settings.serving == "ray-serve"``): requests are
+    forwarded to its replicas, which batch them; "loading" is connecting to the app (and to Ray) once."""
+
+    def __init__(self, settings: Settings, *, options: ApiOptions) -> None:
+        from lorafleet.serving.ray_serve import ServeClient
+
+        self._client: ServeClient = ServeClient(settings, timeout_s=options.generate_timeout_seconds)
+        self._lock = threading.Lock()
+        self._connected = False
+        self._closed = False
+        self.state: EngineState = "not_loaded"
+        self.error: str | None = None
+
+    def get(self) -> ServeClient:
+        """The connected client; ``ServiceUnavailableError`` when the app cannot be reached."""
+        if not self._connected:
+            with self._lock:
+                if not self._connected:
+                    self._connect()
+        return self._client
+
+    def _connect(self) -> None:
+        self.state = "loading"
+        try:
+            self._client.connect()
+        except Exception as exc:  # no Ray, no Serve or no app: "unavailable", with the reason
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            logger.warning("the Ray Serve app is unavailable: %s", self.error)
+            raise ServiceUnavailableError(f"the Ray Serve app is unavailable: {self.error}") from exc
+        self._connected = True
+        self.state, self.error = "ready", None
+
+    def preload_in_background(self) -> None:
+        def connect() -> None:
+            try:
+                self.get()
+            except LorafleetError:
+                pass  # recorded in state and error
+
+        threading.Thread(target=connect, name="lorafleet-serve-connect", daemon=True).start()
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Forward to the app (one call per user, in parallel); the first failed request's error raises."""
+        from lorafleet.serving.ray_serve import ServeUnavailableError
+
+        if self._closed:
+            raise ServiceUnavailableError("the service is shutting down")
+        try:
+            return self.get().generate(requests)
+        except ServeUnavailableError as exc:
+            raise ServiceUnavailableError(str(exc)) from exc
+
+    def metrics_text(self) -> str:
+        """Requests forwarded to Serve, failures by code, time waiting on it (empty until connected)."""
+        return self._client.metrics_text() if self._connected else ""
+
+    def close(self) -> None:
+        self._closed = True
+
+
 @dataclass
 class ApiServices:
     """The library objects the routes call, over one database and one object store."""
@@ -164,7 +230,7 @@ class ApiServices:
     queue: JobQueue
     scheduler: Scheduler
     idempotency: IdempotencyRepository
-    engine: EngineHolder
+    engine: EngineHolder | ServeEngineHolder
     metrics: ApiMetrics = field(default_factory=ApiMetrics)
     options: ApiOptions = field(default_factory=ApiOptions)
 
@@ -192,7 +258,7 @@ class ApiServices:
             queue=queue,
             scheduler=Scheduler(db, options.scheduler_policy, queue=queue),
             idempotency=IdempotencyRepository(db, stale_after=stale),
-            engine=EngineHolder(lambda: _build_engine(settings, db, registry, options), options=options),
+            engine=_engine_holder(settings, db, registry, options),
             metrics=metrics or ApiMetrics(),
             options=options,
         )
@@ -216,6 +282,15 @@ class ApiServices:
     def close(self) -> None:
         self.engine.close()
         self.db.dispose()
+
+
+def _engine_holder(
+    settings: Settings, db: Database, registry: Registry, options: ApiOptions
+) -> EngineHolder | ServeEngineHolder:
+    """The in-process engine (the default), or the client of the Ray Serve app with ``serving=ray-serve``."""
+    if settings.serving == "ray-serve":
+        return ServeEngineHolder(settings, options=options)
+    return EngineHolder(lambda: _build_engine(settings, db, registry, options), options=options)
 
 
 def _build_engine(
@@ -327,4 +402,4 @@ class BackgroundRuntime:
             self._stop.wait(self.options.worker_poll_seconds)
 
 
-__all__ = ["ApiOptions", "ApiServices", "BackgroundRuntime", "EngineHolder"]
+__all__ = ["ApiOptions", "ApiServices", "BackgroundRuntime", "EngineHolder", "ServeEngineHolder"]

@@ -1,0 +1,130 @@
+"""Fixtures for serving on Ray Serve: a PostgreSQL database and a local blob directory of these tests' own,
+the tiny backbone (fp32, as the other serving tests), the Serve app with two replicas on the session's local Ray
+(loopback; started here if no other fixture started it), and an in-process engine over the same data to
+compare answers with.
+
+The app is deployed once per module and shut down at its end (``serve.shutdown``), so its replicas do not hold
+CPUs while other tests run; replicas take half a CPU each, as trainer actors need CPUs too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+# Serve waits this long for the router to learn which replica holds a user before it falls back to the
+# replica with the fewest users; the default (1-2 s) is enough on an idle machine, not always on two busy cores.
+os.environ.setdefault("RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S", "10")
+
+#: the API tests' helpers (a uvicorn server in a thread, real adapter folders, PostgreSQL's admin conninfo)
+SERVICES_TESTS = Path(__file__).resolve().parents[2] / "services"
+if str(SERVICES_TESTS) not in sys.path:
+    sys.path.append(str(SERVICES_TESTS))
+
+import pytest  # noqa: E402
+from api_helpers import AWS_TEST_ENV, Library, pg_admin_conninfo  # noqa: E402
+from serve_helpers import REPLICA_OPTIONS, free_port, init_local_ray  # noqa: E402
+
+from lorafleet.config import Settings, load_settings  # noqa: E402
+from lorafleet.registry import Registry  # noqa: E402
+from lorafleet.serving.engine import GenerationEngine  # noqa: E402
+from lorafleet.serving.ray_serve import ServeClient  # noqa: E402
+from lorafleet.store.blob import open_blob_store_from_settings  # noqa: E402
+from lorafleet.store.sql.database import Database  # noqa: E402
+from lorafleet.store.sql.tenants import TenantRepository  # noqa: E402
+
+for _name, _value in AWS_TEST_ENV.items():
+    os.environ.setdefault(_name, _value)
+
+
+@pytest.fixture(scope="module")
+def serve_pg_url() -> Iterator[str]:
+    """A migrated PostgreSQL database for these tests alone (replicas connect to it from their processes)."""
+    import psycopg
+
+    from lorafleet.store.sql import migrate
+
+    admin_url = os.environ.get(
+        "LORAFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    )
+    name = f"lorafleet_serve_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_admin_conninfo(), autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
+    migrate.upgrade(url)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(pg_admin_conninfo(), autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def serve_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lorafleet.backbone import build_tiny_backbone
+
+    path = tmp_path_factory.mktemp("lorafleet-serve-data")
+    build_tiny_backbone(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def serve_settings(serve_data_dir: Path, serve_pg_url: str) -> Settings:
+    """Two fixed replicas of an app of this module's own name, on the tiny fp32 backbone, on the CPU."""
+    return load_settings(
+        data_dir=serve_data_dir,
+        database_url=serve_pg_url,
+        object_store_url=(serve_data_dir / "blobs").as_uri(),
+        backbone_quantization="fp32",
+        device="cpu",
+        ray_address="",
+        ray_num_cpus=4,
+        serving="ray-serve",
+        serve_app_name=f"lorafleet-test-{uuid.uuid4().hex[:8]}",
+        serve_replicas=2,
+        serve_max_models_per_replica=16,
+    )
+
+
+@pytest.fixture(scope="module")
+def serve_library(serve_settings: Settings) -> Iterator[Library]:
+    db = Database(serve_settings.resolved_database_url)
+    yield Library(db, Registry(db, open_blob_store_from_settings(serve_settings)), TenantRepository(db))
+    db.dispose()
+
+
+@pytest.fixture(scope="module")
+def serve_app(serve_settings: Settings) -> Iterator[ServeClient]:
+    """The app deployed with ``deploy`` (two replicas), and a client of it; Serve is shut down afterwards (and
+    Ray too when this fixture started it)."""
+    import ray
+
+    from lorafleet.serving.ray_serve import deploy
+
+    started_here = init_local_ray(serve_settings)
+    from ray import serve
+
+    try:
+        deploy(serve_settings, REPLICA_OPTIONS, http_port=free_port())
+        yield ServeClient(serve_settings, timeout_s=120.0)
+    finally:
+        serve.shutdown()
+        if started_here:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_engine(serve_settings: Settings, serve_library: Library) -> GenerationEngine:
+    """The in-process engine over the same database, object store and backbone (the reference answers)."""
+    from lorafleet.serving.factory import build_engine
+
+    return build_engine(
+        serve_settings,
+        serve_library.db,
+        serve_library.registry,
+        n_slots=REPLICA_OPTIONS.n_slots,
+        max_rank=REPLICA_OPTIONS.max_rank,
+    )
