@@ -95,7 +95,9 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     serve.add_argument("--no-scheduler", action="store_true", help="do not run the scheduler loop")
     serve.add_argument("--preload-engine", action="store_true", help="load the serving engine at start")
     serve.add_argument(
-        "--no-migrate", action="store_true", help="do not upgrade the schema at start (a migration job owns it)"
+        "--no-migrate",
+        action="store_true",
+        help="do not upgrade the schema at start (a migration job owns it)",
     )
     serve.set_defaults(handler=_lazy("serve"))
 
