@@ -88,7 +88,13 @@ def test_an_interfering_task_adapter_triggers_rechecks_and_rolls_the_user_back(
     assert kept.result is not None and kept.result["decision"] == "keep"
 
     _submit_task_qa(world, task_id)
-    done = worker(world, runner).run_until_idle()
+    # QA evaluates a task candidate in its enrolled users' banks by default and would reject this one before it
+    # goes live (test_qa_task_adapters.py covers that); with that evaluation off, the recheck after the
+    # promotion is what protects alice
+    alone = QARunner(
+        world.db, world.registry, world.backbone, world.bank, policy=QAPolicy(max_enrolled_users=0)
+    )
+    done = worker(world, alone).run_until_idle()
     # the task's QA promotes it and queues a recheck for its enrolled users (alice, not bob): alice rolls back
     assert [(j.kind, j.state, j.result and j.result["decision"]) for j in done] == [
         (QA_JOB_KIND, "succeeded", "promote"),

@@ -34,7 +34,7 @@ from lorafleet.serving.engine import GenerationEngine, database_resolver
 from lorafleet.serving.requests import GenerationRequest
 from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.store.sql.tenants import find_user, task_subject_id
-from lorafleet.tasks import get_task_adapter, ingest_task_feedback, list_tasks
+from lorafleet.tasks import get_task_adapter, ingest_task_feedback, list_tasks, move_task_live
 
 TASK = "pig-latin"
 
@@ -114,6 +114,24 @@ def test_a_task_trained_from_its_feedback_serves_its_enrolled_users_until_they_l
         after = ask("bob", task_prompts)  # the very next request is served without the task
         assert all(TASK not in w for _t, w in after)
         assert [t for t, _w in after] != [t for t, _w in enrolled]  # and the answers change
+
+        # a task rollback moves its live alias like any other: alice's next request is served without it,
+        # and QA is asked to recheck alice's live adapter in the changed bank
+        assert any(TASK in w for _t, w in ask("alice", task_prompts))
+        event = move_task_live(
+            world.db,
+            world.registry,
+            tenant_id=world.tenant_id,
+            task_name=TASK,
+            to_number=None,
+            action="rollback",
+            actor="test",
+            reason="bad release",
+        )
+        assert (event.from_version_id, event.to_version_id, event.actor) == (version.id, None, "test")
+        assert all(TASK not in w for _t, w in ask("alice", task_prompts))
+        queued = JobQueue(world.db).list_jobs(tenant_id=world.tenant_id, state="queued")
+        assert [j.payload["recheck"]["adapter_id"] for j in queued] == [world.personal("alice")]
     finally:
         for slot in list(world.bank.occupied()):
             world.bank.evict_slot(slot)
