@@ -41,7 +41,7 @@ from services.api.errors import ServiceUnavailableError
 from services.api.metrics import ApiMetrics
 
 if TYPE_CHECKING:
-    from lorafleet.jobs.ray_runtime import TrainerPool
+    from lorafleet.jobs.trainer_pool import TrainerPool
     from lorafleet.serving import BatchingQueue, GenerationRequest, GenerationResult
     from lorafleet.serving.engine import GenerationEngine
     from lorafleet.serving.ray_serve import ServeClient
@@ -366,7 +366,7 @@ class BackgroundRuntime:
             self._drain_until_stopped(pool)
 
     def _start_pool(self) -> TrainerPool | None:
-        from lorafleet.jobs.ray_runtime import TrainerPool
+        from lorafleet.jobs.trainer_pool import TrainerPool
 
         o = self.options
         try:

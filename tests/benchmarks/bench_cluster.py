@@ -128,7 +128,7 @@ def timed_round(db: Database, pool: Any, *, actors: int, users: int) -> Round:
 def measure(settings: Settings, *, users: int, runs: int, training: dict[str, Any]) -> dict[int, list[Round]]:
     """On one cluster with two trainer nodes (one actor each), rounds on 1 node (the first actor alone; the
     other node idles) and on 2 nodes, interleaved, so drifting load on the machine hits both alike."""
-    from lorafleet.jobs.ray_runtime import TrainerPool
+    from lorafleet.jobs.trainer_pool import TrainerPool
 
     db = Database(settings.resolved_database_url)
     results: dict[int, list[Round]] = {1: [], 2: []}

@@ -25,7 +25,7 @@ from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.tenants import TenantRepository
 
 if TYPE_CHECKING:
-    from lorafleet.jobs.ray_runtime import TrainerPool
+    from lorafleet.jobs.trainer_pool import TrainerPool
 
 logger = logging.getLogger("lorafleet.workers")
 
@@ -88,7 +88,7 @@ def run_workers(
     jobs: until none is claimable (``until_idle``), or else until ``stop_event`` is set, each actor polling
     the queue every ``poll_seconds`` when idle and a dead actor replaced (``TrainerPool.run_until_stopped``).
     Returns the ids of the jobs run; the actors are stopped at the end."""
-    from lorafleet.jobs.ray_runtime import TrainerPool
+    from lorafleet.jobs.trainer_pool import TrainerPool
 
     if until_idle:
         with TrainerPool(settings, n_actors=n_actors, training=training, start_timeout=start_timeout) as pool:
@@ -181,7 +181,7 @@ def train_user_now_and_wait(
     """Queue a job for one user (``train_now``), run it on trainer actors (``pool``, or a new one-actor
     pool) and return the version it registered; None when the job skipped the user (nothing new to train
     on). A job that fails, or does not finish within ``timeout`` seconds, raises ``JobError``."""
-    from lorafleet.jobs.ray_runtime import TrainerPool
+    from lorafleet.jobs.trainer_pool import TrainerPool
 
     submitted = train_now(settings, tenant=tenant, user=user)
     deadline = time.monotonic() + timeout

@@ -150,7 +150,7 @@ SLOW_QA = {"samples_per_cell": 16, "sample_max_new_tokens": 256, "probe_size": 1
 def test_trainer_actors_run_qa_jobs_and_one_killed_mid_qa_is_replaced(
     ray_address: str, data_dir: Path, sqlite_url: str, tmp_path: Path
 ) -> None:
-    from lorafleet.jobs.ray_runtime import TrainerPool
+    from lorafleet.jobs.trainer_pool import TrainerPool
 
     db = Database(sqlite_url)
     tenant_id = TenantRepository(db).create_tenant(name="acme")[0].id

@@ -21,7 +21,7 @@ from lorafleet.config import Settings
 from lorafleet.domain import AdapterVersion
 from lorafleet.jobs import Scheduler, SchedulerPolicy
 from lorafleet.jobs.commands import train_user_now_and_wait
-from lorafleet.jobs.ray_runtime import TrainerPool
+from lorafleet.jobs.trainer_pool import TrainerPool
 from lorafleet.registry import Registry
 from lorafleet.store.blob import open_blob_store_from_settings
 from lorafleet.store.sql.database import Database
