@@ -359,11 +359,24 @@ class BackgroundRuntime:
         )
 
     def _run_workers(self) -> None:
-        while not self._stop.is_set():
-            pool = self._start_pool()
-            if pool is None:
-                return
-            self._drain_until_stopped(pool)
+        """Start the pool and keep its actors running jobs until ``stop``; an actor that dies is replaced on its
+        own (``TrainerPool.run_until_stopped``), so one lost actor does not stop the others."""
+        pool = self._start_pool()
+        if pool is None:
+            return
+        try:
+            pool.run_until_stopped(
+                self._stop, poll_seconds=self.options.worker_poll_seconds, grace_seconds=0.0
+            )
+        except LorafleetError as exc:  # an actor that cannot even be built: a configuration problem
+            if not self._stop.is_set():
+                logger.error("the trainer actors failed: %s", exc)
+                self.workers_state = "failed"
+        finally:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+            pool.shutdown()
 
     def _start_pool(self) -> TrainerPool | None:
         from lorafleet.jobs.trainer_pool import TrainerPool
@@ -384,22 +397,6 @@ class BackgroundRuntime:
             self._pool = pool
         self.workers_state = "running"
         return pool
-
-    def _drain_until_stopped(self, pool: TrainerPool) -> None:
-        """Drain the queue every ``worker_poll_seconds``; a dead actor ends this pool (a new one starts)."""
-        while not self._stop.is_set():
-            try:
-                ran = pool.drain()
-            except LorafleetError as exc:
-                if not self._stop.is_set():
-                    logger.warning("trainer pool failed (%s); starting a new one", exc)
-                    with self._lock:
-                        self._pool = None
-                    pool.shutdown()
-                return
-            if ran:
-                logger.info("workers ran jobs %s", ran)
-            self._stop.wait(self.options.worker_poll_seconds)
 
 
 __all__ = ["ApiOptions", "ApiServices", "BackgroundRuntime", "EngineHolder", "ServeEngineHolder"]
