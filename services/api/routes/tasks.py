@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 
-from lorafleet.domain import Adapter
+from lorafleet.domain import Adapter, Tenant
 from lorafleet.errors import ValidationError
 from lorafleet.sdk import schemas as s
 from lorafleet.tasks import (
@@ -29,6 +29,7 @@ from services.api import convert
 from services.api.deps import CurrentTenant, IdempotencyKey, Services, VersionNumber
 from services.api.idempotency import run_idempotent
 from services.api.routes import adapters as adapter_routes
+from services.api.runtime import ApiServices
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 TaskPath = Annotated[str, Path(min_length=1, max_length=128, description="The task adapter's name.")]
@@ -217,29 +218,7 @@ def promote_task(
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Make a task version live; enrolled users' live adapters are rechecked by QA in their changed banks."""
-
-    def move() -> s.AliasEventOut:
-        event = move_task_live(
-            services.db,
-            services.registry,
-            tenant_id=tenant.id,
-            task_name=adapter.name,
-            to_number=body.version,
-            action="promote",
-            actor=adapter_routes.actor_of(tenant),
-            reason=body.reason,
-        )
-        return adapter_routes.event_out(services, adapter, event)
-
-    return run_idempotent(
-        services=services,
-        tenant=tenant,
-        key=idempotency_key,
-        request=request,
-        body=body,
-        status_code=200,
-        operation=move,
-    )
+    return _move_live(services, tenant, adapter, body, request, idempotency_key, "promote", body.version)
 
 
 @router.post("/{task}/rollback", response_model=s.AliasEventOut)
@@ -253,6 +232,20 @@ def rollback_task(
 ) -> JSONResponse:
     """Move the task's ``live`` back to an earlier version or to none; every enrolled user's next request is
     served by it, and their live adapters are rechecked."""
+    return _move_live(services, tenant, adapter, body, request, idempotency_key, "rollback", body.to_version)
+
+
+def _move_live(
+    services: ApiServices,
+    tenant: Tenant,
+    adapter: Adapter,
+    body: s.PromoteRequest | s.RollbackRequest,
+    request: Request,
+    idempotency_key: str | None,
+    action: str,
+    to_number: int | None,
+) -> JSONResponse:
+    """``move_task_live`` behind the idempotency key, answered as the recorded alias event."""
 
     def move() -> s.AliasEventOut:
         event = move_task_live(
@@ -260,8 +253,8 @@ def rollback_task(
             services.registry,
             tenant_id=tenant.id,
             task_name=adapter.name,
-            to_number=body.to_version,
-            action="rollback",
+            to_number=to_number,
+            action=action,
             actor=adapter_routes.actor_of(tenant),
             reason=body.reason,
         )
