@@ -143,14 +143,7 @@ def lineage(args: argparse.Namespace) -> int:
 
 
 def rollback(args: argparse.Namespace) -> int:
-    to: str = args.to
-    target: int | None
-    if to.lower() == "none":
-        target = None
-    elif to.isdigit():
-        target = int(to)
-    else:
-        raise ValidationError(f"--to: a version number or 'none', got {to!r}")
+    target = _rollback_target(args.to)
     with open_library() as lib:
         tenant_id, adapter_id = _adapter_id(lib, args.tenant, args.user, args.adapter)
         lib.registry.rollback(
@@ -292,7 +285,7 @@ def tasks_import(args: argparse.Namespace) -> int:
 def tasks_rollback(args: argparse.Namespace) -> int:
     from lorafleet.tasks import move_task_live
 
-    to = None if args.to == "none" else _version_number(args.to)
+    to = _rollback_target(args.to)
     with open_library() as lib:
         tenant = lib.tenants.get_tenant(name=args.tenant)
         event = move_task_live(
@@ -309,10 +302,13 @@ def tasks_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def _version_number(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise ValidationError("--to: a version number (1, 2, ...) or 'none'")
-    return int(text)
+def _rollback_target(text: str) -> int | None:
+    """``--to``: a version number, or ``none`` (no adapter at all)."""
+    if text.lower() == "none":
+        return None
+    if text.isdigit():
+        return int(text)
+    raise ValidationError(f"--to: a version number or 'none', got {text!r}")
 
 
 def dump_json(value: Any) -> str:

@@ -90,18 +90,25 @@ class _Budget:
             self.seen.add(path)
 
 
-def _archive_kind(archive: Path) -> str:
-    if not archive.is_file():
-        raise AdapterFormatError(f"{archive} is not a file")
-    with archive.open("rb") as f:
-        head = f.read(512)
+def archive_kind(head: bytes) -> str | None:
+    """``zip``, ``tar.gz`` or ``tar`` from an archive's first 512 bytes (its magic numbers), else None."""
     if head[:4] in _ZIP_MAGIC:
         return "zip"
     if head[:2] == _GZIP_MAGIC:
         return "tar.gz"
     if head[257:262] == b"ustar":
         return "tar"
-    raise AdapterFormatError(f"{archive.name} is not a .tar, .tar.gz/.tgz or .zip archive")
+    return None
+
+
+def _archive_kind(archive: Path) -> str:
+    if not archive.is_file():
+        raise AdapterFormatError(f"{archive} is not a file")
+    with archive.open("rb") as f:
+        kind = archive_kind(f.read(512))
+    if kind is None:
+        raise AdapterFormatError(f"{archive.name} is not a .tar, .tar.gz/.tgz or .zip archive")
+    return kind
 
 
 def _member_path(name: str, *, is_dir: bool) -> PurePosixPath | None:
@@ -246,4 +253,4 @@ class _LimitedReader:
         return chunk
 
 
-__all__ = ["DEFAULT_MAX_ARCHIVE_MEMBERS", "unpack_import_archive"]
+__all__ = ["DEFAULT_MAX_ARCHIVE_MEMBERS", "archive_kind", "unpack_import_archive"]

@@ -145,7 +145,7 @@ def prepare_import(
     from lorafleet.tasks import validate_task_name
 
     name = validate_task_name(task_name)
-    prompts = _check_prompts(example_prompts)
+    prompts = check_example_prompts(example_prompts)
     _check_actor(actor)
     if max_bytes < 1:
         raise ValidationError("max_bytes must be >= 1")
@@ -220,7 +220,7 @@ def _imported(
 
 
 # --- checks before anything is written -------------------------------------------------------------------
-def _check_prompts(prompts: Sequence[str]) -> list[str]:
+def check_example_prompts(prompts: Sequence[str]) -> list[str]:
     """1-``MAX_EXAMPLE_PROMPTS`` non-blank strings of at most ``MAX_PROMPT_CHARS`` characters each."""
     if isinstance(prompts, str):
         raise ValidationError("example_prompts must be a list of prompts, not one string")
@@ -353,6 +353,7 @@ __all__ = [
     "DEFAULT_MAX_IMPORT_BYTES",
     "ImportedAdapter",
     "PreparedImport",
+    "check_example_prompts",
     "import_peft_adapter",
     "prepare_import",
     "register_import",

@@ -43,10 +43,6 @@ IMPORT_JOB_KIND = "import"
 IMPORT_MAX_ATTEMPTS = 3
 #: largest archive accepted for import (the API's request body limit applies first)
 MAX_IMPORT_ARCHIVE_BYTES = 512 * 1024 * 1024
-MAX_EXAMPLE_PROMPTS = 256
-MAX_EXAMPLE_PROMPT_CHARS = 8192
-#: magic bytes of the archive formats ``unpack_import_archive`` reads, and the suffix it expects
-_MAGIC = ((b"\x1f\x8b", ".tar.gz"), (b"PK\x03\x04", ".zip"))
 
 
 @dataclass(frozen=True)
@@ -56,28 +52,14 @@ class ImportSubmitted:
     archive_sha256: str
 
 
-def archive_suffix(archive: bytes) -> str:
-    """The file suffix of an archive by its magic bytes (.tar.gz, .zip or .tar); ``ValidationError`` otherwise."""
-    for magic, suffix in _MAGIC:
-        if archive.startswith(magic):
-            return suffix
-    if len(archive) >= 262 and archive[257:262] == b"ustar":
-        return ".tar"
-    raise ValidationError("archive: not a .tar, .tar.gz or .zip archive")
+def _check_archive(archive: bytes) -> None:
+    """Refuse at once what the trainer would refuse anyway: too large, or not a .tar, .tar.gz or .zip."""
+    from lorafleet.adapters.archives import archive_kind
 
-
-def check_example_prompts(prompts: object) -> list[str]:
-    """1-256 non-blank strings of at most 8,192 characters: what the routing key is computed from."""
-    if not isinstance(prompts, list | tuple) or not prompts:
-        raise ValidationError("example_prompts: give at least one example prompt of the task")
-    if len(prompts) > MAX_EXAMPLE_PROMPTS:
-        raise ValidationError(f"example_prompts: at most {MAX_EXAMPLE_PROMPTS} prompts")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValidationError(f"example_prompts[{i}]: must be a non-blank string")
-        if len(prompt) > MAX_EXAMPLE_PROMPT_CHARS:
-            raise ValidationError(f"example_prompts[{i}]: longer than {MAX_EXAMPLE_PROMPT_CHARS} characters")
-    return list(prompts)
+    if len(archive) > MAX_IMPORT_ARCHIVE_BYTES:
+        raise PayloadTooLargeError(f"archive: {len(archive)} bytes, more than {MAX_IMPORT_ARCHIVE_BYTES}")
+    if archive_kind(archive[:512]) is None:
+        raise ValidationError("archive: not a .tar, .tar.gz or .zip archive")
 
 
 def submit_import(
@@ -94,19 +76,17 @@ def submit_import(
 ) -> ImportSubmitted:
     """Store the archive as a blob and queue its ``import`` job (the same archive for the same task while a
     job is active: that job, ``created`` False)."""
+    from lorafleet.adapters.importing import check_example_prompts
     from lorafleet.tasks import validate_task_name
 
     name = validate_task_name(task_name)
-    prompts = check_example_prompts(list(example_prompts))
-    if len(archive) > MAX_IMPORT_ARCHIVE_BYTES:
-        raise PayloadTooLargeError(f"archive: {len(archive)} bytes, more than {MAX_IMPORT_ARCHIVE_BYTES}")
-    suffix = archive_suffix(archive)
+    prompts = check_example_prompts(example_prompts)
+    _check_archive(archive)
     ref = registry.blobs.put_bytes(archive)
     payload = {
         "task": name,
         "archive_sha256": ref.sha256,
         "archive_size": ref.size,
-        "archive_suffix": suffix,
         "example_prompts": prompts,
         "actor": actor,
         "reason": reason,
@@ -146,7 +126,7 @@ class ImportRunner:
             raise ValidationError(f"import job {job.id} has no tenant")
         p = _payload(job.payload)
         with tempfile.TemporaryDirectory(prefix=f"lorafleet-import-{job.id}-", dir=self.work_dir) as tmp:
-            archive = Path(tmp) / f"upload{p['archive_suffix']}"
+            archive = Path(tmp) / "upload"  # the unpacker reads the kind from the bytes
             self.registry.blobs.download(p["archive_sha256"], archive, expected_size=p["archive_size"])
             prepared = prepare_import(
                 self.registry,
@@ -186,28 +166,24 @@ class ImportRunner:
 
 
 def _payload(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """The import job's payload, checked (a malformed payload is a ``ValidationError``: no retry helps)."""
+    """The import job's payload, checked (a malformed payload is a ``ValidationError``: no retry helps; the
+    prompts are checked again by ``prepare_import``)."""
     try:
-        out = {
+        return {
             "task": str(payload["task"]),
             "archive_sha256": str(payload["archive_sha256"]),
             "archive_size": int(payload["archive_size"]),
-            "archive_suffix": str(payload["archive_suffix"]),
-            "example_prompts": check_example_prompts(payload["example_prompts"]),
+            "example_prompts": list(payload["example_prompts"]),
             "actor": str(payload["actor"]),
         }
     except (KeyError, TypeError, ValueError) as exc:
         raise ValidationError(f"import job payload: {exc!r}") from None
-    if out["archive_suffix"] not in {suffix for _m, suffix in _MAGIC} | {".tar"}:
-        raise ValidationError("import job payload: unknown archive_suffix")
-    return out
 
 
 __all__ = [
     "IMPORT_JOB_KIND",
     "ImportRunner",
     "ImportSubmitted",
-    "archive_suffix",
-    "check_example_prompts",
+    "MAX_IMPORT_ARCHIVE_BYTES",
     "submit_import",
 ]

@@ -18,7 +18,6 @@ from lorafleet.domain import LIVE, FeedbackRecord
 from lorafleet.errors import NotFoundError
 from lorafleet.store.sql.feedback import to_feedback_record
 from lorafleet.store.sql.models import (
-    TASK_SUBJECT_PREFIX,
     SqlAdapter,
     SqlAdapterVersion,
     SqlAlias,
@@ -28,6 +27,7 @@ from lorafleet.store.sql.models import (
     SqlUser,
     utcnow,
 )
+from lorafleet.store.sql.tenants import task_subject_id
 
 QAKind = Literal["candidate", "recheck"]
 QADecision = Literal["promote", "reject", "keep", "rollback"]
@@ -158,7 +158,7 @@ class QARepository:
             select(SqlUser.id).where(
                 SqlUser.tenant_id == tenant_id,
                 SqlUser.kind == "task",
-                SqlUser.external_id == TASK_SUBJECT_PREFIX + name,
+                SqlUser.external_id == task_subject_id(name),
             )
         )
         return None if found is None else int(found)
