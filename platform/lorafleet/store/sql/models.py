@@ -89,6 +89,8 @@ class SqlTenant(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: the tenant's ``TrainingConfig`` overrides (migration 0008); a job's own overrides go on top
+    training_config: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class SqlApiKey(Base):
@@ -227,6 +229,11 @@ class SqlJob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: the running job's latest progress report (step, total, per-subject loss, ETA), throttled by the worker
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: a cancel request: the worker stops the job at its next step and it ends ``cancelled``
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    cancelled_by: Mapped[str | None] = mapped_column(String(256), nullable=True)
 
 
 class SqlAdapterVersion(Base):
