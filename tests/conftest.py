@@ -15,6 +15,8 @@ from pathlib import Path
 
 # A local Ray must bind to loopback only; set before anything imports ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Tests run on the random-init tiny backbone unless they ask for the real one (the product's default).
+os.environ.setdefault("LORAFLEET_BACKBONE", "builtin:tiny")
 # Keep torch from fighting over the 2 shared cores.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -155,3 +157,26 @@ def blob_store(blob_store_url: str, request: pytest.FixtureRequest) -> object:
 
     endpoint = request.getfixturevalue("moto_endpoint") if blob_store_url.startswith("s3://") else None
     return open_blob_store(blob_store_url, endpoint_url=endpoint, region="us-east-1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir holding the converted SmolLM2 backbone, converted once per test session (about 30 s).
+
+    Tests that need their own data dir link the converted folder in with :func:`link_smollm2`.
+    """
+    from lorafleet.backbone import build_smollm2_backbone
+
+    data_dir = tmp_path_factory.mktemp("smollm2-data")
+    build_smollm2_backbone(data_dir)
+    return data_dir
+
+
+def link_smollm2(source_data_dir: Path, data_dir: Path) -> None:
+    """Make the SmolLM2 folder converted under ``source_data_dir`` visible under ``data_dir`` (a symlink)."""
+    from lorafleet.backbone import default_smollm2_dir
+
+    target = default_smollm2_dir(data_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.symlink_to(default_smollm2_dir(source_data_dir), target_is_directory=True)

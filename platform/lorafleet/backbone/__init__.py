@@ -1,4 +1,4 @@
-"""Backbones: loading a frozen causal LM (fp32, bf16, nf4, int8), its fingerprint, the built-in tiny one.
+"""Backbones: loading a frozen causal LM (fp32, bf16, nf4, int8), its fingerprint, the built-in ones (SmolLM2, tiny).
 
 Importing this package is cheap; torch and transformers are imported by the functions that need them.
 """
@@ -11,6 +11,7 @@ from lorafleet.backbone.loading import (
     load_backbone,
     resolve_backbone_path,
 )
+from lorafleet.backbone.smollm2 import build_smollm2_backbone, default_smollm2_dir, find_smollm2_gguf
 from lorafleet.backbone.tiny import TINY_VERSION, build_tiny_backbone, build_tiny_tokenizer, default_tiny_dir
 
 __all__ = [
@@ -19,9 +20,12 @@ __all__ = [
     "Backbone",
     "BackboneFingerprint",
     "Quantization",
+    "build_smollm2_backbone",
     "build_tiny_backbone",
     "build_tiny_tokenizer",
+    "default_smollm2_dir",
     "default_tiny_dir",
+    "find_smollm2_gguf",
     "fingerprint_directory",
     "fingerprint_model",
     "load_backbone",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lorafleet.backbone.fingerprint import BackboneFingerprint, fingerprint_directory
+from lorafleet.backbone.smollm2 import SMOLLM2_BACKBONE, build_smollm2_backbone
 from lorafleet.backbone.tiny import build_tiny_backbone
 from lorafleet.config import TINY_BACKBONE, resolve_device
 from lorafleet.errors import ConfigError, ValidationError
@@ -49,13 +50,16 @@ class Backbone:
 
 
 def resolve_backbone_path(source: str | Path, *, data_dir: str | Path | None = None) -> Path:
-    """Turn ``builtin:tiny`` or a folder path into a checkpoint folder (building the tiny one if needed)."""
+    """Turn a built-in name or a folder path into a checkpoint folder (building a built-in one if needed)."""
     if str(source) == TINY_BACKBONE:
         return build_tiny_backbone(data_dir)
+    if str(source) == SMOLLM2_BACKBONE:
+        return build_smollm2_backbone(data_dir)
     path = Path(source).expanduser()
     if not (path / "config.json").is_file():
         raise ConfigError(
-            f"backbone {str(source)!r} is neither {TINY_BACKBONE!r} nor a local Hugging Face folder"
+            f"backbone {str(source)!r} is neither a built-in backbone ({SMOLLM2_BACKBONE!r}, {TINY_BACKBONE!r}) "
+            "nor a local Hugging Face folder"
         )
     return path
 
@@ -92,6 +96,8 @@ def load_backbone(
     model.requires_grad_(False)
     if quantization == "nf4" and torch_device.type == "cpu":
         _disable_cpu_4bit_repacking(model)
+    if quantization in ("nf4", "int8"):
+        _release_checkpoint(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     dtype = (
         torch.bfloat16
@@ -101,6 +107,36 @@ def load_backbone(
         else compute_dtype
     )
     return Backbone(model, tokenizer, fingerprint, torch_device, dtype, quantization, path, str(source))
+
+
+def _release_checkpoint(model: torch.nn.Module) -> None:
+    """Drop the memory-mapped fp32 checkpoint once a quantised model is built from it.
+
+    Parameters that are not quantised (embeddings, norms, a tied output head) come out of the loader as views
+    into the safetensors file's memory map, which keeps the whole fp32 checkpoint mapped and resident: with
+    SmolLM2 an nf4 process held 1,040 MiB after loading, 507 MiB of it file-backed. Copying those parameters
+    into memory of their own lets the map go; freed loader buffers are handed back to the OS (glibc) too.
+    Measured: 1,040 MiB -> about 590 MiB resident, 102 MiB of it file-backed (the libraries).
+    """
+    import ctypes
+    import gc
+
+    import torch
+
+    quantized = {"Params4bit", "Int8Params"}
+    with torch.no_grad():
+        for module in model.modules():
+            for param in module.parameters(recurse=False):
+                if type(param).__name__ not in quantized and param.device.type == "cpu":
+                    param.data = param.data.clone()  # the same Parameter object: tied weights stay tied
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer is not None and buffer.device.type == "cpu":
+                    module._buffers[name] = buffer.clone()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is reused by this process instead
+        pass
 
 
 def _disable_cpu_4bit_repacking(model: torch.nn.Module) -> None:

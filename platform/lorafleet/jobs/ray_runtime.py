@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafleet.config import TINY_BACKBONE, Settings, load_settings
+from lorafleet.config import BUILTIN_PREFIX, Settings, load_settings
 from lorafleet.errors import ConfigError
 from lorafleet.jobs.placement import TrainerPlacement, placement_capacity
 
@@ -97,7 +97,7 @@ def actor_settings(settings: Settings) -> dict[str, Any]:
         database_url=settings.resolved_database_url,
         object_store_url=settings.resolved_object_store_url,
     )
-    if settings.backbone != TINY_BACKBONE:
+    if not settings.backbone.startswith(BUILTIN_PREFIX):
         data["backbone"] = str(Path(settings.backbone).expanduser().resolve())
     return data
 
