@@ -42,6 +42,10 @@ class TrainingConfig(BaseModel):
     dropout: float = Field(default=0.05, ge=0.0, le=0.5)
     #: PEFT's names: ``all-linear``, a regex string, or a list of module names/suffixes
     target_modules: str | list[str] = "all-linear"
+    #: which decoder layers get adapters (PEFT's ``layers_to_transform``): ``"all"``, ``"top N"`` (the N layers
+    #: nearest the output) or a list of layer indices. Below the lowest adapted layer nothing depends on an
+    #: adapter, so training computes those layers once per example (the frozen-prefix cache).
+    layers: str | list[int] = "all"
     learning_rate: float = Field(default=2e-4, ge=1e-5, le=1e-2)
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
     #: share of the steps spent warming the learning rate up linearly; cosine decay to 0 afterwards
@@ -88,6 +92,39 @@ class TrainingConfig(BaseModel):
         if isinstance(value, list) and (not value or any(not str(v).strip() for v in value)):
             raise ValueError("must be a non-empty list of non-blank module names")
         return value
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, value: str | list[int]) -> str | list[int]:
+        if isinstance(value, list):
+            if not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
+                raise ValueError("must be 'all', 'top N' or a non-empty list of layer indices >= 0")
+            if len(set(value)) != len(value):
+                raise ValueError("layer indices must not repeat")
+            return sorted(value)
+        if value == "all":
+            return value
+        parts = value.split()
+        if len(parts) == 2 and parts[0] == "top" and parts[1].isdigit() and int(parts[1]) >= 1:
+            return f"top {int(parts[1])}"
+        raise ValueError("must be 'all', 'top N' (N >= 1) or a list of layer indices")
+
+    def layer_indices(self, num_layers: int) -> list[int] | None:
+        """The adapted layers of a model with ``num_layers`` decoder layers (None: all of them).
+
+        ``ValidationError`` when the setting names a layer the model does not have.
+        """
+        if self.layers == "all":
+            return None
+        if isinstance(self.layers, str):
+            n = int(self.layers.split()[1])
+            if n > num_layers:
+                raise ValidationError(f"layers: 'top {n}' but the backbone has {num_layers} layers")
+            return list(range(num_layers - n, num_layers))
+        bad = [i for i in self.layers if i >= num_layers]
+        if bad:
+            raise ValidationError(f"layers: {bad} out of range; the backbone has {num_layers} layers")
+        return list(self.layers)
 
     def slot_config(self, *, layer_names: Iterable[str] | None = None, **labels: Any) -> SlotConfig:
         """The ``SlotConfig`` for a fresh slot of this job (``labels``: name, backbone_fingerprint, ...).

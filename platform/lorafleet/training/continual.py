@@ -157,7 +157,7 @@ class ContinualTrainer:
         config: TrainingConfig,
         promote_rule: PromoteRule = "holdout-improved",
         work_dir: Path | None = None,
-        progress: Callable[[int, int, dict[str, float]], None] | None = None,
+        progress: Callable[[int, int, dict[str, Any]], None] | None = None,
     ) -> None:
         if promote_rule not in PROMOTE_RULES:
             raise ValidationError(f"promote_rule: must be one of {', '.join(PROMOTE_RULES)}")

@@ -123,7 +123,7 @@ def train_slots(
     config: TrainingConfig,
     *,
     should_stop: Callable[[], None] | None = None,
-    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
     progress_every: int | None = None,
 ) -> list[SlotResult]:
     """Train every task's slot for ``config.max_steps`` optimizer steps together; results in task order.
@@ -132,7 +132,8 @@ def train_slots(
     ``train_examples``, ``holdout_examples``, ``tokens`` (completion tokens trained on), and when the holdout is
     not empty ``holdout_loss_before/after``, ``holdout_token_accuracy_before/after`` and
     ``holdout_sequence_accuracy_before/after`` (absent with an empty holdout: no NaN in stored metrics).
-    ``progress(step, total, {"loss", "lr"})`` is called every ``progress_every`` steps (default: a tenth).
+    ``progress(step, total, {"loss", "lr", "losses"})`` is called every ``progress_every`` steps (default: a
+    tenth); ``losses`` maps each task's key to its loss at that step.
     """
     _check_tasks(bank, tasks)
     for note in config.outside_typical_ranges():
@@ -197,7 +198,7 @@ def _train(
     tasks: Sequence[SlotTask],
     config: TrainingConfig,
     should_stop: Callable[[], None] | None,
-    progress: Callable[[int, int, dict[str, float]], None] | None,
+    progress: Callable[[int, int, dict[str, Any]], None] | None,
     progress_every: int | None,
 ) -> list[_SlotStats]:
     """The optimisation loop; leaves the model in its previous mode and releases the slots' training views."""
@@ -237,7 +238,10 @@ def _train(
                         "step %d/%d: mean user loss %.4f, lr %.2e", step + 1, config.max_steps, mean_loss, lr
                     )
                     if progress is not None:
-                        progress(step + 1, config.max_steps, {"loss": mean_loss, "lr": lr})
+                        per_subject = {task.key: loss for task, loss in zip(tasks, step_losses, strict=True)}
+                        progress(
+                            step + 1, config.max_steps, {"loss": mean_loss, "lr": lr, "losses": per_subject}
+                        )
     finally:
         bank.release_parameters(slots)
         model.train(was_training)
