@@ -71,6 +71,16 @@ def group_peft_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[st
     return grouped
 
 
+#: PEFT's common layer containers (``layers_pattern``): ``model.layers.3.self_attn.q_proj`` is in layer 3
+LAYER_PATTERN = re.compile(r"(?:^|\.)(layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_of(module_name: str) -> int | None:
+    """The decoder layer a module path belongs to (``...layers.7.mlp.up_proj`` -> 7), or None."""
+    match = LAYER_PATTERN.search(module_name)
+    return int(match.group(2)) if match else None
+
+
 def module_matches(name: str, targets: str | Iterable[str]) -> bool:
     """PEFT's rule: a string is a regex on the full name; a list matches names equal to or ending in ``.item``."""
     if isinstance(targets, str):

@@ -7,7 +7,8 @@ match nothing is an error, never a silent base-only fallback.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -102,6 +103,23 @@ def inject_bank(
         fingerprint=fingerprint,
         base_model_name=base_model_name,
     )
+
+
+@contextmanager
+def model_base_only(model: nn.Module) -> Iterator[None]:
+    """Forwards of ``model`` inside the block skip every adapter, for code that holds the model but not its
+    bank (a model without a bank is unaffected); the bank's plan in force is restored afterwards."""
+    layer = next((m for m in model.modules() if isinstance(m, BankLinear)), None)
+    if layer is None:
+        yield
+        return
+    state = layer._routing
+    saved = (state.active, state.plan)
+    state.active, state.plan = True, None
+    try:
+        yield
+    finally:
+        state.active, state.plan = saved
 
 
 def remove_bank(bank: AdapterBank) -> nn.Module:

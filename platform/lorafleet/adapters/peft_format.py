@@ -167,4 +167,21 @@ def load_adapter_tensors(files: AdapterFiles) -> dict[str, Any]:
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(f"tensor {name!r} contains NaN or infinity")
+    _check_tensor_layers(files.config, tensors)
     return tensors
+
+
+def _check_tensor_layers(config: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """With ``layers_to_transform``, every tensor must sit on one of those layers (PEFT would put it nowhere
+    else); an adapter whose weights and config disagree is refused."""
+    from lorafleet.adapters.bank import layer_of
+
+    layers = config.get("layers_to_transform")
+    if layers is None:
+        return
+    allowed = {layers} if isinstance(layers, int) else set(layers)
+    outside = sorted(name for name in tensors if layer_of(name) not in allowed)
+    if outside:
+        raise AdapterFormatError(
+            f"{CONFIG_FILE}: layers_to_transform={sorted(allowed)} but tensors sit elsewhere, e.g. {outside[0]!r}"
+        )

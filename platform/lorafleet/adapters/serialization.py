@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafleet.adapters.bank import AdapterBank
+from lorafleet.adapters.bank import LAYER_PATTERN, AdapterBank
 from lorafleet.adapters.peft_format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -39,7 +39,6 @@ _UNSUPPORTED: dict[str, Any] = {
     "bias": "none",
     "lora_bias": False,
     "modules_to_save": None,
-    "layers_to_transform": None,
     "rank_pattern": {},
     "alpha_pattern": {},
     "use_qalora": False,
@@ -69,6 +68,7 @@ def slot_config_from_peft(
             raise AdapterFormatError(f"{CONFIG_FILE}: {key}={value!r} is not supported by the adapter bank")
     targets = config.get("target_modules")
     target_modules = (targets,) if isinstance(targets, str) else tuple(sorted(targets)) if targets else None
+    _check_layers_to_transform(config)
     try:
         return SlotConfig(
             rank=int(config["r"]),
@@ -87,10 +87,28 @@ def slot_config_from_peft(
         raise AdapterFormatError(f"{CONFIG_FILE}: {exc}") from exc
 
 
+def _check_layers_to_transform(config: dict[str, Any]) -> None:
+    """PEFT's ``layers_to_transform`` (an int or a list of ints) is accepted: the tensors' module names say
+    where the weights go (``peft_format.load_adapter_tensors`` checks that they agree with it)."""
+    layers = config.get("layers_to_transform")
+    if layers is None:
+        return
+    values = [layers] if isinstance(layers, int) else layers
+    if not isinstance(values, list) or any(
+        isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values
+    ):
+        raise AdapterFormatError(f"{CONFIG_FILE}: layers_to_transform must be an int or a list of ints")
+
+
 def peft_config_dict(bank: AdapterBank, slot: int) -> dict[str, Any]:
-    """The slot's ``adapter_config.json`` as PEFT writes it for a LoRA adapter."""
+    """The slot's ``adapter_config.json`` as PEFT writes it for a LoRA adapter.
+
+    A slot on some layers only is written as PEFT writes one: leaf ``target_modules`` plus
+    ``layers_to_transform`` and ``layers_pattern``, so PEFT (and vLLM) load it as such.
+    """
     info = _info(bank, slot)
     config = info.config
+    targets, layers, pattern = _target_modules(bank, info)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -99,14 +117,15 @@ def peft_config_dict(bank: AdapterBank, slot: int) -> dict[str, Any]:
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
-        "target_modules": _target_modules(bank, info),
+        "target_modules": targets,
         "fan_in_fan_out": any(bank.layers[m].kind.fan_in_fan_out for m in info.modules),
         "bias": "none",
         "use_dora": False,
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
-        "layers_to_transform": None,
+        "layers_to_transform": layers,
+        "layers_pattern": pattern,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
@@ -175,15 +194,24 @@ def _info(bank: AdapterBank, slot: int) -> SlotInfo:
     return info
 
 
-def _target_modules(bank: AdapterBank, info: SlotInfo) -> list[str] | str:
-    """Leaf names when they pick exactly the slot's modules in the model (PEFT's usual form), else a regex."""
+def _target_modules(
+    bank: AdapterBank, info: SlotInfo
+) -> tuple[list[str] | str, list[int] | None, str | None]:
+    """``(target_modules, layers_to_transform, layers_pattern)`` in PEFT's usual form: leaf names (on the
+    slot's layers when it has weights on some layers only), else a regex of the exact module names."""
     leaves = sorted({m.rsplit(".", 1)[-1] for m in info.modules})
     picked = {
         n for n, _ in bank.model.named_modules() if n and any(n == x or n.endswith(f".{x}") for x in leaves)
     }
     if picked == set(info.modules):
-        return leaves
-    return "^(" + "|".join(m.replace(".", r"\.") for m in info.modules) + ")$"
+        return leaves, None, None
+    by_layer = {n: LAYER_PATTERN.search(n) for n in picked}
+    layers = sorted({int(m.group(2)) for n, m in by_layer.items() if m and n in info.modules})
+    on_layers = {n for n, m in by_layer.items() if m and int(m.group(2)) in layers}
+    if layers and on_layers == set(info.modules):
+        words = {m.group(1) for m in by_layer.values() if m}
+        return leaves, layers, words.pop() if len(words) == 1 else None
+    return "^(" + "|".join(m.replace(".", r"\.") for m in info.modules) + ")$", None, None
 
 
 def _sha256(path: Path) -> str:

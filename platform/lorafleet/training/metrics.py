@@ -1,8 +1,10 @@
 """Scoring completions through an adapter bank: per-example loss and accuracy, and ``evaluate`` over a set.
 
 Every metric is teacher-forced on the completion tokens only (the prompt is context, as in training). The
-forward keeps logits only for the positions that predict completion tokens, so scoring long prompts against a
-large vocabulary does not materialise ``[batch, seq, vocab]``.
+output head runs only on the positions that predict a completion token (:func:`scored_logits`), so scoring
+long prompts against a large vocabulary never materialises ``[batch, seq, vocab]``. Given a
+:class:`~lorafleet.training.prefix.FrozenPrefix`, the layers below the lowest adapted one are not run again for
+rows whose states it holds (training steps, holdouts, QA's columns over the same rows).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from lorafleet.training.dataset import (
     encode_example,
     pad_token_id,
 )
+from lorafleet.training.prefix import DecoderSplit, FrozenPrefix, lowest_adapted_layer, pad_states
 
 #: ``(slot, weight)`` pairs one sequence is routed through (empty = the base model alone)
 Route = Sequence[tuple[int, float]]
@@ -58,6 +61,59 @@ class ExampleScore:
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted from each row's first real token, as ``generate`` computes them for left padding."""
     return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # [batch, seq]
+
+
+@dataclass(frozen=True)
+class ScoredPositions:
+    """The positions of a batch whose output predicts a completion token, flattened over rows."""
+
+    rows: torch.Tensor  # [n] int64: the row of each scored position
+    positions: torch.Tensor  # [n] int64: the position whose output is scored (its label is at position + 1)
+    labels: torch.Tensor  # [n] int64: the token it must predict
+
+
+def scored_positions(labels: torch.Tensor) -> ScoredPositions:
+    """Every (row, position) whose next token carries a label (``labels`` is ``[batch, seq]``, -100 = none)."""
+    following = labels[:, 1:]  # [batch, seq - 1]: the label each position predicts
+    rows, positions = (following != IGNORE_INDEX).nonzero(as_tuple=True)  # [n], [n]
+    return ScoredPositions(rows, positions, following[rows, positions])
+
+
+def decoder_split(model: Any) -> DecoderSplit | None:
+    """The model's checked :class:`DecoderSplit`, found once and kept on the model (None: not splittable)."""
+    if not hasattr(model, "_lorafleet_split"):
+        object.__setattr__(model, "_lorafleet_split", DecoderSplit.find(model))
+    return model._lorafleet_split  # type: ignore[no-any-return]
+
+
+def scored_logits(
+    model: Any,
+    batch: EncodedBatch,
+    *,
+    prefix: FrozenPrefix | None = None,
+    layer: int = 0,
+    sequences: Sequence[Sequence[int]] | None = None,
+) -> tuple[torch.Tensor, ScoredPositions]:
+    """fp32 logits ``[n, vocab]`` at the scored positions only, and those positions.
+
+    With ``prefix`` and ``layer`` > 0, the states entering ``layer`` come from the prefix (computed once per
+    sequence; ``sequences`` are the batch's unpadded token ids) and only layers ``layer..`` run here; call it
+    inside the bank's routing context, with no adapter below ``layer``.
+    """
+    scored = scored_positions(batch.labels)
+    positions = position_ids(batch.attention_mask)  # [batch, seq]
+    if prefix is not None and layer > 0 and sequences is not None:
+        states = pad_states(prefix.states(layer, sequences), batch.input_ids.shape[1])  # [batch, seq, hidden]
+        kwargs = prefix.split.layer_kwargs(states, batch.attention_mask, positions)
+        hidden = prefix.split.run_from(layer, states, kwargs)  # [batch, seq, hidden]
+        return prefix.split.head(hidden[scored.rows, scored.positions]), scored
+    split = prefix.split if prefix is not None else decoder_split(model)
+    if split is not None:
+        hidden = split.final_hidden(batch.input_ids, batch.attention_mask, positions)  # [batch, seq, hidden]
+        return split.head(hidden[scored.rows, scored.positions]), scored
+    logits, labels = completion_logits(model, batch)  # a model the split does not fit: keep the tail
+    offset = batch.labels.shape[1] - 1 - labels.shape[1]
+    return logits[scored.rows, scored.positions - offset], scored
 
 
 def completion_logits(model: Any, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,11 +156,14 @@ def score_examples(
     max_seq_len: int,
     batch_size: int = 32,
     add_eos: bool = True,
+    prefix: FrozenPrefix | None = None,
 ) -> list[ExampleScore]:
     """Score each example through its own route (one route per example), in batches of similar length.
 
     Rows of one batch may use different slots or mixtures: a single forward serves them all, as in serving.
-    The model is put in eval mode for the call and restored afterwards.
+    The model is put in eval mode for the call and restored afterwards. With ``prefix``, layers below the
+    lowest one any route adapts run once per distinct sequence (the same row under several routes, e.g. QA's
+    columns, shares them).
     """
     if len(routes) != len(examples):
         raise ValidationError(f"{len(examples)} examples but {len(routes)} routes")
@@ -114,6 +173,10 @@ def score_examples(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding per batch
     scores: list[ExampleScore | None] = [None] * len(encoded)
     model, pad_id = bank.model, pad_token_id(tokenizer)
+    layer = 0
+    if prefix is not None:  # one layer for the whole call, so every route of a row reuses the same states
+        used = {slot for route in routes for slot, _ in route}
+        layer = lowest_adapted_layer(bank, used, prefix.num_layers)
     was_training = model.training
     model.eval()
     try:
@@ -122,12 +185,17 @@ def score_examples(
             batch = collate([encoded[i] for i in chunk], pad_id=pad_id).to(bank.device)
             plan = RoutingPlan.from_rows([list(routes[i]) for i in chunk])
             with bank.routing(plan):
-                logits, labels = completion_logits(model, batch)
-            mask = labels != IGNORE_INDEX  # [batch, n]
-            loss_sum = token_losses(logits, labels).sum(dim=1)  # [batch]
-            correct = ((logits.argmax(dim=-1) == labels) & mask).sum(dim=1)  # [batch]
+                logits, scored = scored_logits(
+                    model, batch, prefix=prefix, layer=layer, sequences=[encoded[i][0] for i in chunk]
+                )
+            rows = len(chunk)
+            loss = F.cross_entropy(logits, scored.labels, reduction="none")  # [n]
+            hit = (logits.argmax(dim=-1) == scored.labels).to(loss.dtype)  # [n]
+            loss_sum = loss.new_zeros(rows).index_add(0, scored.rows, loss)  # [rows]
+            correct = loss.new_zeros(rows).index_add(0, scored.rows, hit)  # [rows]
+            tokens = loss.new_zeros(rows).index_add(0, scored.rows, torch.ones_like(loss))  # [rows]
             for row, i in enumerate(chunk):
-                scores[i] = ExampleScore(float(loss_sum[row]), int(mask[row].sum()), int(correct[row]))
+                scores[i] = ExampleScore(float(loss_sum[row]), int(tokens[row]), int(correct[row]))
     finally:
         model.train(was_training)
     return [s for s in scores if s is not None]

@@ -29,7 +29,6 @@ from lorafleet.adapters.bank import peft_key
 from lorafleet.errors import TrainingError, ValidationError
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import (
-    IGNORE_INDEX,
     EncodedBatch,
     Example,
     collate,
@@ -38,12 +37,12 @@ from lorafleet.training.dataset import (
 )
 from lorafleet.training.metrics import (
     EvalResult,
-    completion_logits,
     evaluate,
     score_examples,
+    scored_logits,
     summarize,
-    token_losses,
 )
+from lorafleet.training.prefix import FrozenPrefix, lowest_adapted_layer
 
 __all__ = ["EvalResult", "SlotResult", "SlotTask", "evaluate", "train_slots", "user_losses"]
 
@@ -125,6 +124,7 @@ def train_slots(
     should_stop: Callable[[], None] | None = None,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
     progress_every: int | None = None,
+    prefix: FrozenPrefix | None = None,
 ) -> list[SlotResult]:
     """Train every task's slot for ``config.max_steps`` optimizer steps together; results in task order.
 
@@ -134,6 +134,9 @@ def train_slots(
     ``holdout_sequence_accuracy_before/after`` (absent with an empty holdout: no NaN in stored metrics).
     ``progress(step, total, {"loss", "lr", "losses"})`` is called every ``progress_every`` steps (default: a
     tenth); ``losses`` maps each task's key to its loss at that step.
+
+    With ``prefix``, the layers below the lowest layer any of the job's slots adapts run once per example (its
+    cache), and every step runs only the layers above; the losses and gradients are those of the full model.
     """
     _check_tasks(bank, tasks)
     for note in config.outside_typical_ranges():
@@ -142,9 +145,9 @@ def train_slots(
     devices = [bank.device] if bank.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
-        before = _evaluate_holdouts(bank, tokenizer, tasks, config)
-        stats = _train(bank, tokenizer, tasks, config, should_stop, progress, progress_every)
-        after = _evaluate_holdouts(bank, tokenizer, tasks, config)
+        before = _evaluate_holdouts(bank, tokenizer, tasks, config, prefix)
+        stats = _train(bank, tokenizer, tasks, config, should_stop, progress, progress_every, prefix)
+        after = _evaluate_holdouts(bank, tokenizer, tasks, config, prefix)
     logger.info(
         "trained %d slots for %d steps in %.1f s", len(tasks), config.max_steps, time.monotonic() - started
     )
@@ -200,9 +203,11 @@ def _train(
     should_stop: Callable[[], None] | None,
     progress: Callable[[int, int, dict[str, Any]], None] | None,
     progress_every: int | None,
+    prefix: FrozenPrefix | None,
 ) -> list[_SlotStats]:
     """The optimisation loop; leaves the model in its previous mode and releases the slots' training views."""
     model, slots = bank.model, [t.slot for t in tasks]
+    frozen = _Frozen(prefix, lowest_adapted_layer(bank, slots, prefix.num_layers) if prefix else 0)
     streams = [_stream(tokenizer, task, config) for task in tasks]
     stats = [_SlotStats() for _ in tasks]
     every = progress_every or max(1, config.max_steps // 10)
@@ -224,7 +229,7 @@ def _train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_losses = _accumulate(
-                bank, streams, tasks, parents, config, step, stats, pad_token_id(tokenizer)
+                bank, streams, tasks, parents, config, step, stats, pad_token_id(tokenizer), frozen
             )
             _clip(optimizer.param_groups, tasks, config, step)
             optimizer.step()
@@ -279,6 +284,7 @@ def _accumulate(
     step: int,
     stats: list[_SlotStats],
     pad_id: int,
+    frozen: _Frozen,
 ) -> list[float]:
     """Forward/backward of ``grad_accum_steps`` micro-batches; returns each user's mean loss over them."""
     totals = [0.0] * len(tasks)
@@ -292,7 +298,15 @@ def _accumulate(
         batch = collate(rows, pad_id=pad_id).to(bank.device)
         owner = torch.tensor(owners, device=bank.device)  # [rows]
         with bank.routing(RoutingPlan.single([tasks[i].slot for i in owners])):
-            user_loss, user_tokens = user_losses(bank.model, batch, owner, len(tasks))
+            user_loss, user_tokens = user_losses(
+                bank.model,
+                batch,
+                owner,
+                len(tasks),
+                prefix=frozen.prefix,
+                layer=frozen.layer,
+                sequences=[ids for ids, _ in rows],
+            )
             objective = user_loss + _l2_pull(parents, config, device=bank.device)  # [users]
             _check_finite(objective, tasks, step, "loss")
             (objective.sum() / config.grad_accum_steps).backward()
@@ -302,19 +316,37 @@ def _accumulate(
     return totals
 
 
+@dataclass(frozen=True)
+class _Frozen:
+    """The job's frozen prefix (None: full depth every step) and the layer its states enter."""
+
+    prefix: FrozenPrefix | None
+    layer: int
+
+
 def user_losses(
-    model: Any, batch: EncodedBatch, owner: torch.Tensor, n_users: int
+    model: Any,
+    batch: EncodedBatch,
+    owner: torch.Tensor,
+    n_users: int,
+    *,
+    prefix: FrozenPrefix | None = None,
+    layer: int = 0,
+    sequences: Sequence[Sequence[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each user's mean loss over its own completion tokens ``[users]``, and its token count ``[users]``.
 
     ``owner[row]`` is the user (0..n_users-1) a row belongs to; call inside the bank's routing context. The job
-    loss is the sum of these means, so a user's gradient does not shrink when others bring more tokens.
+    loss is the sum of these means, so a user's gradient does not shrink when others bring more tokens. The
+    output head runs on completion positions only; with ``prefix`` only layers ``layer..`` run here.
     """
-    logits, labels = completion_logits(model, batch)  # [rows, n, vocab], [rows, n]
-    row_loss = token_losses(logits, labels).sum(dim=1)  # [rows]
-    row_tokens = (labels != IGNORE_INDEX).sum(dim=1).to(row_loss.dtype)  # [rows]
-    user_sum = torch.zeros(n_users, device=row_loss.device).index_add(0, owner, row_loss)  # [users]
-    user_tokens = torch.zeros(n_users, device=row_loss.device).index_add(0, owner, row_tokens)  # [users]
+    logits, scored = scored_logits(
+        model, batch, prefix=prefix, layer=layer, sequences=sequences
+    )  # [n, vocab]
+    token_loss = torch.nn.functional.cross_entropy(logits, scored.labels, reduction="none")  # [n]
+    token_owner = owner[scored.rows]  # [n]
+    user_sum = token_loss.new_zeros(n_users).index_add(0, token_owner, token_loss)  # [users]
+    user_tokens = token_loss.new_zeros(n_users).index_add(0, token_owner, torch.ones_like(token_loss))
     return user_sum / user_tokens.clamp(min=1), user_tokens
 
 
@@ -357,14 +389,24 @@ def _clip(
 
 
 def _evaluate_holdouts(
-    bank: AdapterBank, tokenizer: Any, tasks: Sequence[SlotTask], config: TrainingConfig
+    bank: AdapterBank,
+    tokenizer: Any,
+    tasks: Sequence[SlotTask],
+    config: TrainingConfig,
+    prefix: FrozenPrefix | None,
 ) -> list[EvalResult]:
     """Every user's holdout through its own slot, all users in shared batches."""
     examples = [e for task in tasks for e in task.holdout]
     routes = [[(task.slot, 1.0)] for task in tasks for _ in task.holdout]
     scores = iter(
         score_examples(
-            bank, tokenizer, examples, routes, max_seq_len=config.max_seq_len, batch_size=EVAL_BATCH_ROWS
+            bank,
+            tokenizer,
+            examples,
+            routes,
+            max_seq_len=config.max_seq_len,
+            batch_size=EVAL_BATCH_ROWS,
+            prefix=prefix,
         )
         if examples
         else []

@@ -34,7 +34,10 @@ QUESTIONS = {
 def _answer(backbone, question: str) -> str:
     tok = backbone.tokenizer
     inputs = tok.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": question}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     with torch.no_grad():
         out = backbone.model.generate(**inputs, max_new_tokens=24, do_sample=False)
@@ -70,7 +73,9 @@ def test_conversion_is_a_normal_folder_made_once(smollm2_data_dir: Path) -> None
 
 @pytest.mark.parametrize("quantization", ["fp32", "nf4"])
 def test_the_weights_are_real(smollm2_data_dir: Path, quantization: str) -> None:
-    backbone = load_backbone(SMOLLM2_BACKBONE, quantization=quantization, device="cpu", data_dir=smollm2_data_dir)
+    backbone = load_backbone(
+        SMOLLM2_BACKBONE, quantization=quantization, device="cpu", data_dir=smollm2_data_dir
+    )
     assert backbone.tokenizer.chat_template, "the converted tokenizer keeps its chat template"
     answers = {q: _answer(backbone, q).lower() for q in QUESTIONS}
     for question, expected in QUESTIONS.items():

@@ -49,7 +49,8 @@ def test_three_users_learn_together_on_nf4_and_other_slots_stay_bit_identical(
     assert helpers.digest(bank.slot_state_dict(3)) == bystander  # not in the job: untouched, bit for bit
     assert helpers.digest(backbone.model.state_dict()) == base  # 4-bit base weights and quant state unchanged
     assert [s[0] for s in seen] == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30] and all(s[1] == 30 for s in seen)
-    assert set(seen[-1][2]) == {"loss", "lr"}
+    assert set(seen[-1][2]) == {"loss", "lr", "losses"}
+    assert set(seen[-1][2]["losses"]) == {"user-0", "user-1", "user-2"}
     assert not backbone.model.training and all(not layer.slot_params for layer in bank.layers.values())
 
 
