@@ -165,6 +165,23 @@ class LeaseLostError(JobError):
     code = "lease_lost"
 
 
+class JobCancelledError(LeaseLostError):
+    """A cancel was requested for this running job: its worker must stop without writing results, and the job
+    ends ``cancelled`` (never retried). A lease loss, so code that stops on a lost lease stops here too."""
+
+    code = "job_cancelled"
+
+
+class JobFinishedError(InvalidStateError):
+    """The job already finished (``state`` says how), so it cannot be cancelled any more."""
+
+    code = "job_finished"
+
+    def __init__(self, message: str, *, state: str = "") -> None:
+        super().__init__(message)
+        self.state = state
+
+
 class QAError(LorafleetError):
     """A QA run could not be completed."""
 

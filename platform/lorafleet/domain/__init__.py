@@ -131,3 +131,8 @@ class Job:
     error: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    #: the running job's latest progress report (``lorafleet.jobs.progress``), None before the first
+    progress: dict[str, Any] | None = None
+    #: when a cancel was requested and by whom (a running job stops at its next step and ends ``cancelled``)
+    cancel_requested_at: datetime | None = None
+    cancelled_by: str | None = None

@@ -5,6 +5,11 @@ back to ``queued`` with ``run_after`` set by exponential backoff. A worker that 
 lease when it expires, and the next ``claim`` takes the job over (a new attempt). From then on the old
 worker is *fenced out*: its ``heartbeat``, ``complete`` and ``fail`` raise ``LeaseLostError``.
 
+Cancel: a queued job is cancelled at once; a running one gets ``cancel_requested_at``, after which its
+worker's fenced writes (progress, results) raise ``JobCancelledError``, its heartbeats report the request,
+and the worker ends the job ``cancelled`` (``acknowledge_cancel``); it is never retried. A cancelled job whose
+worker died is ended by the next ``claim``.
+
 At most one result per job: whatever a job produces (adapter versions) must be written in the same
 transaction that marks it succeeded, inside ``JobQueue.fenced``, which row-locks the job and checks the
 lease first. A stale or re-run worker then either fails that check and writes nothing, or wins it and
@@ -30,7 +35,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from lorafleet.domain import Job
-from lorafleet.errors import ValidationError
+from lorafleet.errors import InvalidStateError, ValidationError
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.jobs_repository import JobsRepository, NewJob
 from lorafleet.store.sql.models import JOB_STATES, utcnow
@@ -39,6 +44,7 @@ from lorafleet.store.sql.tenants import check_page
 Clock = Callable[[], datetime]
 
 MAX_KIND_LENGTH = 32
+MAX_ACTOR_LENGTH = 256
 MAX_DEDUPE_KEY_LENGTH = 256
 MAX_WORKER_ID_LENGTH = 128
 MAX_ATTEMPTS_LIMIT = 100
@@ -200,12 +206,26 @@ class JobQueue:
     def heartbeat(
         self, *, job_id: int, worker_id: str, lease_seconds: float, attempt: int | None = None
     ) -> Job:
-        """Extend the lease to ``now + lease_seconds``; LeaseLostError if the caller no longer holds it."""
+        """Extend the lease to ``now + lease_seconds``; LeaseLostError if the caller no longer holds it. The
+        job returned carries ``cancel_requested_at``: the lease is kept while the worker stops."""
         lease = _check_lease(lease_seconds)
         with self.db.session() as session:
             now = self.clock()
-            self._repo.lock_owned(session, job_id=job_id, worker_id=worker_id, now=now, attempt=attempt)
+            self._lock_running(session, job_id=job_id, worker_id=worker_id, attempt=attempt, now=now)
             return self._repo.extend_lease(session, job_id=job_id, lease=lease, now=now)
+
+    def record_progress(
+        self, *, job_id: int, worker_id: str, attempt: int | None, progress: Mapping[str, Any]
+    ) -> Job:
+        """Store the running job's progress (``updated_at`` added) through the lease fence: LeaseLostError
+        when the caller lost the lease, JobCancelledError once a cancel was requested."""
+        payload = _json_object("progress", progress)
+        with self.db.session() as session:
+            now = self.clock()
+            payload["updated_at"] = now.isoformat()
+            return self._repo.record_progress(
+                session, job_id=job_id, worker_id=worker_id, now=now, attempt=attempt, progress=payload
+            )
 
     @contextmanager
     def fenced(self, *, job_id: int, worker_id: str, attempt: int | None = None) -> Iterator[FencedJob]:
@@ -234,19 +254,45 @@ class JobQueue:
         attempt: int | None = None,
     ) -> Job:
         """Record a failed attempt: back to queued after a backoff while attempts remain and the error is
-        retryable, otherwise failed for good. LeaseLostError if the caller no longer holds the lease."""
-        with self.fenced(job_id=job_id, worker_id=worker_id, attempt=attempt) as fence:
-            job = fence.job
-            if not retryable or job.attempts >= job.max_attempts:
-                return fence.fail(error)
-            run_after = fence.now + self.backoff.delay(attempts=job.attempts)
-            return self._repo.requeue(fence.session, job_id=job_id, error=error, run_after=run_after)
-
-    def cancel(self, *, tenant_id: int | None, job_id: int) -> Job:
-        """Queued or running → cancelled; its worker's next heartbeat or complete raises LeaseLostError.
-        Cancelling a cancelled job returns it; a finished one is InvalidStateError."""
+        retryable, otherwise failed for good; cancelled when a cancel was requested (never retried).
+        LeaseLostError if the caller no longer holds the lease."""
         with self.db.session() as session:
-            return self._repo.cancel(session, tenant_id=tenant_id, job_id=job_id, now=self.clock())
+            now = self.clock()
+            job = self._lock_running(session, job_id=job_id, worker_id=worker_id, attempt=attempt, now=now)
+            if job.cancel_requested_at is not None:
+                return self._repo.finish_cancelled(session, job_id=job_id, now=now)
+            if not retryable or job.attempts >= job.max_attempts:
+                return self._repo.fail(session, job_id=job_id, error=error, now=now)
+            run_after = now + self.backoff.delay(attempts=job.attempts)
+            return self._repo.requeue(session, job_id=job_id, error=error, run_after=run_after)
+
+    def cancel(self, *, tenant_id: int | None, job_id: int, actor: str) -> Job:
+        """Cancel a job for ``actor`` (recorded as ``cancelled_by``): a queued one at once, a running one at
+        its worker's next step (the job is returned still running, with ``cancel_requested_at``). Repeats
+        return the job unchanged; a succeeded or failed job is JobFinishedError."""
+        _check_text("actor", actor, max_length=MAX_ACTOR_LENGTH)
+        with self.db.session() as session:
+            return self._repo.request_cancel(
+                session, tenant_id=tenant_id, job_id=job_id, actor=actor, now=self.clock()
+            )
+
+    def acknowledge_cancel(self, *, job_id: int, worker_id: str, attempt: int | None = None) -> Job:
+        """The worker stopped for a cancel request: the job ends ``cancelled``. LeaseLostError if the caller
+        no longer holds the lease (the next ``claim`` then ends it)."""
+        with self.db.session() as session:
+            now = self.clock()
+            job = self._lock_running(session, job_id=job_id, worker_id=worker_id, attempt=attempt, now=now)
+            if job.cancel_requested_at is None:
+                raise InvalidStateError(f"job {job_id}: no cancel was requested")
+            return self._repo.finish_cancelled(session, job_id=job_id, now=now)
+
+    def _lock_running(
+        self, session: Session, *, job_id: int, worker_id: str, attempt: int | None, now: datetime
+    ) -> Job:
+        """The job's row locked for its lease holder, whether or not a cancel was requested."""
+        return self._repo.lock_owned(
+            session, job_id=job_id, worker_id=worker_id, now=now, attempt=attempt, allow_cancel_requested=True
+        )
 
     def get(self, *, tenant_id: int | None, job_id: int) -> Job:
         """The job; NotFoundError if missing or another tenant's (``tenant_id`` None: any, internal use)."""

@@ -2,10 +2,15 @@
 the outcome. The Ray trainer actor wraps one of these; nothing here imports torch or ray.
 
 A handler is ``handler(job, lease) -> dict``: the dict becomes the job's result. Long handlers should call
-``lease.check()`` between steps: once a heartbeat finds the lease lost (expired and taken over, or the job
-cancelled), ``check`` raises ``LeaseLostError`` and the handler must stop without writing anything. A
-handler that writes rows (adapter versions) does so inside ``lease.fenced()`` and calls ``succeed`` there,
-so its writes and the job's success commit together or not at all (see ``lorafleet.jobs.queue``).
+``lease.check()`` between steps: once a heartbeat finds the lease lost (expired and taken over), ``check``
+raises ``LeaseLostError`` and the handler must stop without writing anything. A handler that writes rows
+(adapter versions) does so inside ``lease.fenced()`` and calls ``succeed`` there, so its writes and the job's
+success commit together or not at all (see ``lorafleet.jobs.queue``).
+
+Progress: ``lease.report_phase`` and ``lease.report_step`` (every step is fine: ``lorafleet.jobs.progress``
+throttles) store the job's progress through the same fence. Cancel: once a cancel was requested, a heartbeat
+or a progress write notices, ``check`` raises ``JobCancelledError`` (a ``LeaseLostError``), fenced writes are
+refused, and the worker ends the job ``cancelled`` without a retry, whatever the handler returned.
 
 Failures: ``ValidationError`` (bad input, non-finite tensors), ``TrainingError`` (e.g. a non-finite loss)
 and ``NotFoundError`` (the user or adapter is gone) fail the job for good, since retrying cannot help;
@@ -16,12 +21,22 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 from lorafleet.domain import Job
-from lorafleet.errors import LeaseLostError, LorafleetError, NotFoundError, TrainingError, ValidationError
+from lorafleet.errors import (
+    InvalidStateError,
+    JobCancelledError,
+    LeaseLostError,
+    LorafleetError,
+    NotFoundError,
+    TrainingError,
+    ValidationError,
+)
+from lorafleet.jobs.progress import DEFAULT_MIN_INTERVAL, ProgressReporter
 from lorafleet.jobs.queue import FencedJob, JobQueue
 
 logger = logging.getLogger(__name__)
@@ -31,26 +46,49 @@ NON_RETRYABLE: tuple[type[BaseException], ...] = (ValidationError, TrainingError
 
 
 class LeaseContext:
-    """What a handler knows about its lease: whether it is still held, and a fenced transaction."""
+    """What a handler knows about its lease: whether it is still held (or the job cancelled), a fenced
+    transaction, and where to report progress (``progress_interval``: seconds between progress writes)."""
 
-    def __init__(self, *, queue: JobQueue, job: Job, worker_id: str) -> None:
+    def __init__(
+        self,
+        *,
+        queue: JobQueue,
+        job: Job,
+        worker_id: str,
+        progress_interval: float = DEFAULT_MIN_INTERVAL,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.queue = queue
         self.job = job
         self.worker_id = worker_id
         self.completed = False
         self._lost = threading.Event()
+        self._cancelled = threading.Event()
         self._reason = ""
+        self._progress = ProgressReporter(
+            write=self._write_progress, min_interval=progress_interval, clock=monotonic
+        )
 
     @property
     def lost(self) -> bool:
         return self._lost.is_set()
 
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancelled.is_set()
+
     def mark_lost(self, reason: str) -> None:
         self._reason = reason
         self._lost.set()
 
+    def mark_cancelled(self, reason: str) -> None:
+        self._reason = reason
+        self._cancelled.set()
+
     def check(self) -> None:
-        """Raise ``LeaseLostError`` once a heartbeat found the lease lost."""
+        """Raise ``JobCancelledError`` once a cancel was seen, ``LeaseLostError`` once the lease was lost."""
+        if self._cancelled.is_set():
+            raise JobCancelledError(self._reason or f"job {self.job.id}: cancel requested")
         if self._lost.is_set():
             raise LeaseLostError(self._reason or f"job {self.job.id}: lease lost")
 
@@ -59,10 +97,53 @@ class LeaseContext:
         """``JobQueue.fenced`` for this job and attempt; after a ``succeed`` inside it commits, the worker
         does not complete the job again."""
         self.check()
-        with self.queue.fenced(job_id=self.job.id, worker_id=self.worker_id, attempt=self.job.attempts) as f:
+        with (
+            self._noting_cancel(),
+            self.queue.fenced(job_id=self.job.id, worker_id=self.worker_id, attempt=self.job.attempts) as f,
+        ):
             yield f
         if f.finished is not None:
             self.completed = True
+
+    def report_phase(self, name: str) -> None:
+        """The job enters phase ``name`` (``lorafleet.jobs.progress``); written at once."""
+        self._progress.phase(name)
+
+    def report_step(
+        self,
+        *,
+        step: int,
+        total: int,
+        losses: Mapping[str, float],
+        loss: float | None = None,
+        phase: str | None = None,
+    ) -> None:
+        """Step ``step`` of ``total`` is done; written when due (throttled). Raises like ``check`` when the
+        write finds the job cancelled or the lease lost."""
+        self._progress.step(step=step, total=total, losses=losses, loss=loss, phase=phase)
+
+    def _write_progress(self, progress: dict[str, Any]) -> None:
+        self.check()
+        try:
+            with self._noting_cancel():
+                self.queue.record_progress(
+                    job_id=self.job.id, worker_id=self.worker_id, attempt=self.job.attempts, progress=progress
+                )
+        except LeaseLostError as exc:
+            if not self.cancel_requested:
+                self.mark_lost(str(exc))
+            raise
+        except LorafleetError as exc:  # progress is best effort: the database may be briefly away
+            logger.warning("job %d: progress not recorded: %s", self.job.id, exc)
+
+    @contextmanager
+    def _noting_cancel(self) -> Iterator[None]:
+        """Remember a ``JobCancelledError`` that passes through (the worker then ends the job cancelled)."""
+        try:
+            yield
+        except JobCancelledError as exc:
+            self.mark_cancelled(str(exc))
+            raise
 
 
 Handler = Callable[[Job, LeaseContext], Mapping[str, Any] | None]
@@ -90,7 +171,7 @@ class _Heartbeat:
         ctx = self._context
         while not self._stop.wait(self._every):
             try:
-                ctx.queue.heartbeat(
+                beat = ctx.queue.heartbeat(
                     job_id=ctx.job.id,
                     worker_id=ctx.worker_id,
                     lease_seconds=self._lease_seconds,
@@ -102,6 +183,10 @@ class _Heartbeat:
                 return
             except LorafleetError as exc:  # e.g. the database is briefly away: try again next beat
                 logger.warning("job %d: heartbeat failed: %s", ctx.job.id, exc)
+                continue
+            if beat.cancel_requested_at is not None and not ctx.cancel_requested:
+                logger.info("job %d: cancel requested by %s; stopping", ctx.job.id, beat.cancelled_by)
+                ctx.mark_cancelled(f"job {ctx.job.id}: cancel requested by {beat.cancelled_by}")
 
 
 class JobWorker:
@@ -116,6 +201,7 @@ class JobWorker:
         lease_seconds: float = 30.0,
         heartbeat_every: float | None = None,
         non_retryable: tuple[type[BaseException], ...] = NON_RETRYABLE,
+        progress_interval: float = DEFAULT_MIN_INTERVAL,
     ) -> None:
         if not handlers:
             raise ValidationError("handlers: at least one job kind is needed")
@@ -128,6 +214,7 @@ class JobWorker:
         self.lease_seconds = lease_seconds
         self.heartbeat_every = every
         self.non_retryable = non_retryable
+        self.progress_interval = progress_interval
 
     def run_once(self) -> Job | None:
         """Claim one job and run it to an outcome; the job as it ended up, or None if none was claimable."""
@@ -136,7 +223,9 @@ class JobWorker:
         )
         if job is None:
             return None
-        context = LeaseContext(queue=self.queue, job=job, worker_id=self.worker_id)
+        context = LeaseContext(
+            queue=self.queue, job=job, worker_id=self.worker_id, progress_interval=self.progress_interval
+        )
         with _Heartbeat(context=context, lease_seconds=self.lease_seconds, every=self.heartbeat_every):
             result, error = self._run_handler(job, context)
         self._settle(context, result=result, error=error)
@@ -171,6 +260,9 @@ class JobWorker:
         if context.completed:
             logger.info("job %d succeeded (completed inside its fenced transaction)", job.id)
             return
+        if context.cancel_requested or isinstance(error, JobCancelledError):
+            self._cancelled(job)
+            return
         if context.lost or isinstance(error, LeaseLostError):
             logger.warning("job %d: lease lost; the handler's outcome is dropped", job.id)
             return
@@ -179,8 +271,21 @@ class JobWorker:
                 self._complete(job, result)
             else:
                 self._fail(job, error)
+        except JobCancelledError:  # requested after the handler's last check: its outcome is dropped
+            self._cancelled(job)
         except LeaseLostError as exc:
             logger.warning("job %d: %s; the handler's outcome is dropped", job.id, exc)
+
+    def _cancelled(self, job: Job) -> None:
+        """End the job cancelled; a lease lost meanwhile leaves that to the next claim."""
+        try:
+            ended = self.queue.acknowledge_cancel(
+                job_id=job.id, worker_id=self.worker_id, attempt=job.attempts
+            )
+        except (LeaseLostError, InvalidStateError) as exc:
+            logger.warning("job %d: not marked cancelled (%s); its lease decides", job.id, exc)
+            return
+        logger.info("job %d cancelled by %s; nothing was registered", job.id, ended.cancelled_by)
 
     def _complete(self, job: Job, result: Mapping[str, Any]) -> None:
         try:

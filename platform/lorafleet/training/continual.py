@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from lorafleet.domain import Adapter, AdapterVersion, FeedbackRecord, Job, LineageRelation
 from lorafleet.errors import BackboneMismatchError, InvalidStateError, ValidationError
+from lorafleet.jobs import progress as job_progress
 from lorafleet.store.sql.feedback import get_snapshot, insert_snapshot, list_feedback
 from lorafleet.store.sql.models import SUBJECT_KINDS, TASK_SUBJECT_PREFIX
 from lorafleet.store.sql.tenants import MAX_PAGE_SIZE
@@ -184,13 +185,17 @@ class ContinualTrainer:
         """The ``train`` handler: plan, train all users together, register in the fence, then promote."""
         started = time.monotonic()
         tenant_id = _tenant_of(job)
+        lease.report_phase(job_progress.PHASE_PLANNING)
         plans, skipped = self._plan_all(tenant_id=tenant_id, users=parse_job_users(job.payload))
         lease.check()
         if not plans:
             logger.info("job %d: nothing to train (%s)", job.id, skipped)
             return {"versions": [], "skipped": skipped}
         with tempfile.TemporaryDirectory(prefix=f"lorafleet-job-{job.id}-", dir=self.work_dir) as tmp:
-            trained = self._train(plans, work=Path(tmp), should_stop=lease.check)
+            lease.report_phase(job_progress.PHASE_TRAINING)
+            progress = job_progress.trainer_callback(lease.report_step, also=self.progress)
+            trained = self._train(plans, work=Path(tmp), should_stop=lease.check, progress=progress)
+            lease.report_phase(job_progress.PHASE_REGISTERING)
             for user in trained:  # blobs first: a crash from here on leaves only orphan blobs
                 self.registry.put_adapter_blob(adapter_dir=user.saved.directory)
             result = self._register(
@@ -284,7 +289,12 @@ class ContinualTrainer:
 
     # --- training -----------------------------------------------------------------------------------------
     def _train(
-        self, plans: Sequence[UserPlan], *, work: Path, should_stop: Callable[[], None]
+        self,
+        plans: Sequence[UserPlan],
+        *,
+        work: Path,
+        should_stop: Callable[[], None],
+        progress: job_progress.TrainerCallback | None = None,
     ) -> list[TrainedUser]:
         """Load every user's slot, train them in one ``train_slots`` call, save them; slots are evicted
         afterwards whatever happens, so the bank is clean for the next job."""
@@ -301,7 +311,8 @@ class ContinualTrainer:
                 tasks,
                 self.config,
                 should_stop=should_stop,
-                progress=self.progress,
+                progress=progress or self.progress,
+                progress_every=1,  # every step: the lease throttles what reaches the database
             )
             trained = []
             for plan, task, result in zip(plans, tasks, results, strict=True):

@@ -1,4 +1,5 @@
-"""JobQueue on SQLite and PostgreSQL: dedupe, claims, leases and takeover, fencing, retries, cancel."""
+"""JobQueue on SQLite and PostgreSQL: dedupe, claims, leases and takeover, fencing, retries, cancel requests and
+progress written through the fence."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
-from lorafleet.errors import InvalidStateError, LeaseLostError, NotFoundError, ValidationError
+from lorafleet.errors import (
+    InvalidStateError,
+    JobCancelledError,
+    JobFinishedError,
+    LeaseLostError,
+    NotFoundError,
+    ValidationError,
+)
 from lorafleet.jobs import JobQueue
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlDatasetSnapshot, SqlJob, SqlJobUser
@@ -207,30 +215,116 @@ def test_a_non_retryable_failure_fails_at_once(queue: JobQueue) -> None:
     assert failed.state == "failed" and failed.attempts == 1
 
 
-def test_cancel_stops_queued_and_running_jobs(queue: JobQueue, make_tenant: Callable[[str], int]) -> None:
+def test_cancel_ends_a_queued_job_at_once_and_frees_its_dedupe_key(
+    queue: JobQueue, make_tenant: Callable[[str], int], clock
+) -> None:
     mine, other = make_tenant("mine"), make_tenant("other")
     queued = _submit(queue, key="q", tenant_id=mine)
-    running = _submit(queue, key="r", tenant_id=mine)
-    assert queue.cancel(tenant_id=mine, job_id=queued).state == "cancelled"
-    assert queue.claim(worker_id="w", lease_seconds=LEASE).id == running  # type: ignore[union-attr]
-
     with pytest.raises(NotFoundError):
-        queue.cancel(tenant_id=other, job_id=running)
-    cancelled = queue.cancel(tenant_id=mine, job_id=running)
-    assert cancelled.state == "cancelled" and cancelled.finished_at is not None
-    with pytest.raises(LeaseLostError, match="cancelled"):
-        queue.heartbeat(job_id=running, worker_id="w", lease_seconds=LEASE)
-    with pytest.raises(LeaseLostError):
-        queue.complete(job_id=running, worker_id="w", result={})
-    assert queue.cancel(tenant_id=mine, job_id=running).state == "cancelled"  # idempotent
+        queue.cancel(tenant_id=other, job_id=queued, actor="api:other")
+    cancelled = queue.cancel(tenant_id=mine, job_id=queued, actor="api:mine")
+    assert (cancelled.state, cancelled.cancelled_by) == ("cancelled", "api:mine")
+    assert cancelled.finished_at == cancelled.cancel_requested_at == clock()
+    again = queue.cancel(tenant_id=mine, job_id=queued, actor="someone else")  # idempotent
+    assert (again.state, again.cancelled_by) == ("cancelled", "api:mine")
+    assert queue.claim(worker_id="w", lease_seconds=LEASE) is None
+    assert queue.submit(tenant_id=mine, kind="train", payload={}, dedupe_key="q").created
 
-    done = _submit(queue, key="d", tenant_id=mine)
+
+def test_a_running_job_gets_a_cancel_request_its_worker_acts_on(
+    queue: JobQueue, make_tenant: Callable[[str], int], database: Database
+) -> None:
+    mine = make_tenant("mine")
+    job_id = _submit(queue, key="r", tenant_id=mine)
+    claimed = queue.claim(worker_id="w", lease_seconds=LEASE)
+    assert claimed is not None
+    requested = queue.cancel(tenant_id=mine, job_id=job_id, actor="cli")
+    assert requested.state == "running" and requested.cancel_requested_at is not None
+    assert queue.cancel(tenant_id=mine, job_id=job_id, actor="other").cancelled_by == "cli"
+
+    beat = queue.heartbeat(job_id=job_id, worker_id="w", lease_seconds=LEASE, attempt=1)
+    assert beat.cancel_requested_at is not None  # the lease is kept while the worker stops
+    with pytest.raises(JobCancelledError):
+        queue.record_progress(job_id=job_id, worker_id="w", attempt=1, progress={"step": 1})
+    with pytest.raises(JobCancelledError), queue.fenced(job_id=job_id, worker_id="w", attempt=1) as fence:
+        fence.session.add(_snapshot("never"))
+    with pytest.raises(JobCancelledError):
+        queue.complete(job_id=job_id, worker_id="w", result={}, attempt=1)
+    assert _count(database, SqlDatasetSnapshot) == 0
+    with pytest.raises(LeaseLostError):  # only the lease holder ends it
+        queue.acknowledge_cancel(job_id=job_id, worker_id="stranger")
+
+    ended = queue.acknowledge_cancel(job_id=job_id, worker_id="w", attempt=1)
+    assert (ended.state, ended.cancelled_by, ended.progress) == ("cancelled", "cli", None)
+    assert queue.claim(worker_id="w", lease_seconds=LEASE) is None
+
+
+def test_a_failure_after_a_cancel_request_is_not_retried(queue: JobQueue) -> None:
+    job_id = _submit(queue)
     queue.claim(worker_id="w", lease_seconds=LEASE)
-    queue.complete(job_id=done, worker_id="w", result={})
+    queue.cancel(tenant_id=None, job_id=job_id, actor="cli")
+    ended = queue.fail(job_id=job_id, worker_id="w", error="OSError: stopped half-way")
+    assert ended.state == "cancelled" and ended.attempts == 1
+    assert queue.claim(worker_id="w", lease_seconds=LEASE) is None
+
+
+def test_a_cancelled_job_whose_worker_died_is_ended_not_taken_over(queue: JobQueue, clock) -> None:
+    job_id = _submit(queue)
+    queue.claim(worker_id="dead", lease_seconds=LEASE)
+    assert queue.cancel(tenant_id=None, job_id=job_id, actor="cli").state == "running"
+    clock.advance(seconds=LEASE + 1)
+    assert queue.claim(worker_id="w", lease_seconds=LEASE) is None
+    ended = queue.get(tenant_id=None, job_id=job_id)
+    assert (ended.state, ended.cancelled_by, ended.attempts) == ("cancelled", "cli", 1)
+
+    expired = _submit(queue, key="e")
+    queue.claim(worker_id="dead", lease_seconds=LEASE)
+    clock.advance(seconds=LEASE + 1)  # nobody claimed it since: a cancel needs no worker to stop
+    assert queue.cancel(tenant_id=None, job_id=expired, actor="cli").state == "cancelled"
+
+
+@pytest.mark.parametrize("outcome", ["succeeded", "failed"])
+def test_cancelling_a_finished_job_is_refused_naming_its_state(queue: JobQueue, outcome: str) -> None:
+    job_id = _submit(queue)
+    queue.claim(worker_id="w", lease_seconds=LEASE)
+    if outcome == "succeeded":
+        queue.complete(job_id=job_id, worker_id="w", result={})
+    else:
+        queue.fail(job_id=job_id, worker_id="w", error="bad", retryable=False)
+    with pytest.raises(JobFinishedError, match=outcome) as refused:
+        queue.cancel(tenant_id=None, job_id=job_id, actor="cli")
+    assert refused.value.state == outcome
+    assert isinstance(refused.value, InvalidStateError)
+    job = queue.get(tenant_id=None, job_id=job_id)
+    assert (job.state, job.cancel_requested_at, job.cancelled_by) == (outcome, None, None)
+
+
+def test_cancel_refuses_a_bad_actor_and_acknowledge_needs_a_request(queue: JobQueue) -> None:
+    job_id = _submit(queue)
+    with pytest.raises(ValidationError, match="actor"):
+        queue.cancel(tenant_id=None, job_id=job_id, actor="")
+    assert queue.get(tenant_id=None, job_id=job_id).state == "queued"
+    queue.claim(worker_id="w", lease_seconds=LEASE)
     with pytest.raises(InvalidStateError):
-        queue.cancel(tenant_id=mine, job_id=done)
-    # a cancelled job frees its dedupe key
-    assert queue.submit(tenant_id=mine, kind="train", payload={}, dedupe_key="r").created
+        queue.acknowledge_cancel(job_id=job_id, worker_id="w")
+
+
+def test_progress_is_written_through_the_lease_fence(queue: JobQueue, clock) -> None:
+    job_id = _submit(queue)
+    stale = queue.claim(worker_id="stale", lease_seconds=LEASE)
+    assert stale is not None
+    stored = queue.record_progress(
+        job_id=job_id, worker_id="stale", attempt=1, progress={"phase": "training", "step": 2}
+    )
+    assert stored.progress == {"phase": "training", "step": 2, "updated_at": clock().isoformat()}
+    with pytest.raises(ValidationError, match="progress"):
+        queue.record_progress(job_id=job_id, worker_id="stale", attempt=1, progress={"loss": float("nan")})
+
+    clock.advance(seconds=LEASE + 1)
+    assert queue.claim(worker_id="fresh", lease_seconds=LEASE) is not None
+    with pytest.raises(LeaseLostError):
+        queue.record_progress(job_id=job_id, worker_id="stale", attempt=1, progress={"step": 3})
+    assert queue.get(tenant_id=None, job_id=job_id).progress == stored.progress
 
 
 def test_fenced_transaction_commits_output_and_success_together(

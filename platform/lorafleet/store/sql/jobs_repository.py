@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from lorafleet.domain import Job, JobState
-from lorafleet.errors import InvalidStateError, LeaseLostError, NotFoundError, StoreError
+from lorafleet.errors import JobCancelledError, JobFinishedError, LeaseLostError, NotFoundError, StoreError
 from lorafleet.store.sql.models import (
     ACTIVE_JOB_STATES,
     SqlFeedback,
@@ -85,6 +85,9 @@ def to_job(row: SqlJob) -> Job:
         error=row.error,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        progress=None if row.progress is None else dict(row.progress),
+        cancel_requested_at=row.cancel_requested_at,
+        cancelled_by=row.cancelled_by,
     )
 
 
@@ -192,6 +195,10 @@ class JobsRepository:
             row = session.scalars(self._claimable(kinds=kinds, now=now)).first()
             if row is None:
                 return None
+            if row.state == "running" and row.cancel_requested_at is not None:
+                self._cancelled(row, now=now)  # its worker is gone before it could stop: nothing to take over
+                session.flush()
+                continue
             if row.state == "running" and row.attempts >= row.max_attempts:
                 self._finish(
                     row, state="failed", now=now, error=f"lease expired after {row.attempts} attempts"
@@ -225,22 +232,49 @@ class JobsRepository:
         return row
 
     def lock_owned(
-        self, session: Session, *, job_id: int, worker_id: str, now: datetime, attempt: int | None
+        self,
+        session: Session,
+        *,
+        job_id: int,
+        worker_id: str,
+        now: datetime,
+        attempt: int | None,
+        allow_cancel_requested: bool = False,
     ) -> Job:
-        """Lock the job's row and check ``worker_id`` holds its lease; LeaseLostError otherwise. The lock
-        lasts until the transaction ends, so nobody can take the job over while the caller writes."""
+        """Lock the job's row and check ``worker_id`` holds its lease; LeaseLostError otherwise, and
+        JobCancelledError once a cancel was requested (unless ``allow_cancel_requested``: heartbeats, and the
+        worker ending the job cancelled). The lock lasts until the transaction ends, so nobody can take the
+        job over (or request a cancel) while the caller writes."""
+        return to_job(
+            self._owned_row(
+                session,
+                job_id=job_id,
+                worker_id=worker_id,
+                now=now,
+                attempt=attempt,
+                allow_cancel_requested=allow_cancel_requested,
+            )
+        )
+
+    def _owned_row(
+        self,
+        session: Session,
+        *,
+        job_id: int,
+        worker_id: str,
+        now: datetime,
+        attempt: int | None,
+        allow_cancel_requested: bool = False,
+    ) -> SqlJob:
         row = self._locked_row(session, job_id=job_id)
         problem = lease_problem(row, worker_id=worker_id, now=now, attempt=attempt)
         if problem is not None:
             raise LeaseLostError(f"job {job_id}: {problem}; worker {worker_id!r} must stop")
-        return to_job(row)
-
-    def owns_lease(
-        self, session: Session, *, job_id: int, worker_id: str, now: datetime, attempt: int | None = None
-    ) -> bool:
-        """Whether ``worker_id`` holds the job's lease; locks the row like ``lock_owned``."""
-        row = self._locked_row(session, job_id=job_id)
-        return lease_problem(row, worker_id=worker_id, now=now, attempt=attempt) is None
+        if row.cancel_requested_at is not None and not allow_cancel_requested:
+            raise JobCancelledError(
+                f"job {job_id}: cancel requested by {row.cancelled_by}; worker {worker_id!r} must stop"
+            )
+        return row
 
     def extend_lease(self, session: Session, *, job_id: int, lease: timedelta, now: datetime) -> Job:
         row = self._locked_row(session, job_id=job_id)
@@ -273,15 +307,54 @@ class JobsRepository:
         session.flush()
         return to_job(row)
 
-    def cancel(self, session: Session, *, tenant_id: int | None, job_id: int, now: datetime) -> Job:
-        """Queued or running → cancelled (a running worker then loses its lease); cancelled stays so."""
+    def request_cancel(
+        self, session: Session, *, tenant_id: int | None, job_id: int, actor: str, now: datetime
+    ) -> Job:
+        """A queued job (or a running one whose lease expired) is cancelled at once; a running one gets a
+        cancel request its worker acts on at its next step. Repeats change nothing; a finished job is
+        JobFinishedError."""
         row = self._locked_row(session, job_id=job_id, tenant_id=tenant_id)
-        if row.state in ACTIVE_JOB_STATES:
-            self._finish(row, state="cancelled", now=now, error="cancelled")
-            session.flush()
-        elif row.state != "cancelled":
-            raise InvalidStateError(f"job {job_id} is {row.state} and cannot be cancelled")
+        if row.state == "cancelled":
+            return to_job(row)
+        if row.state not in ACTIVE_JOB_STATES:
+            raise JobFinishedError(
+                f"job {job_id} is {row.state}: only a queued or running job can be cancelled", state=row.state
+            )
+        if row.cancel_requested_at is None:
+            row.cancel_requested_at, row.cancelled_by = now, actor
+        if row.state == "queued" or row.lease_expires_at is None or row.lease_expires_at <= now:
+            self._cancelled(row, now=now)
+        session.flush()
         return to_job(row)
+
+    def finish_cancelled(self, session: Session, *, job_id: int, now: datetime) -> Job:
+        """End a job ``cancelled`` (its worker stopped for a cancel request; the caller checked the lease)."""
+        row = self._locked_row(session, job_id=job_id)
+        self._cancelled(row, now=now)
+        session.flush()
+        return to_job(row)
+
+    def record_progress(
+        self,
+        session: Session,
+        *,
+        job_id: int,
+        worker_id: str,
+        now: datetime,
+        attempt: int | None,
+        progress: dict[str, Any],
+    ) -> Job:
+        """Store the running job's progress, fenced like any write of the job (JobCancelledError once a cancel
+        was requested: the report is how a training loop hears of it between heartbeats)."""
+        row = self._owned_row(session, job_id=job_id, worker_id=worker_id, now=now, attempt=attempt)
+        row.progress = progress
+        session.flush()
+        return to_job(row)
+
+    def _cancelled(self, row: SqlJob, *, now: datetime) -> None:
+        if row.cancel_requested_at is None:
+            row.cancel_requested_at = now
+        self._finish(row, state="cancelled", now=now, error=f"cancelled by {row.cancelled_by or 'unknown'}")
 
     @staticmethod
     def _finish(row: SqlJob, *, state: str, now: datetime, error: str | None = None) -> None:
