@@ -147,6 +147,34 @@ def _add_workers_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
     workers.set_defaults(handler=_workers)
 
 
+def _jobs_handler(name: str) -> Handler:
+    """A handler from ``lorafleet.cli_jobs``, imported only when its command runs."""
+
+    def handler(args: argparse.Namespace) -> int:
+        from lorafleet import cli_jobs
+
+        result: int = getattr(cli_jobs, name)(args)
+        return result
+
+    return handler
+
+
+def _add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    jobs = sub.add_parser("jobs", help="a tenant's jobs: watch progress, cancel").add_subparsers(
+        dest="jobs_command", required=True
+    )
+    watch = jobs.add_parser("watch", help="a job's progress bar until it ends (exit 1: failed or cancelled)")
+    watch.add_argument("--poll", type=float, default=1.0, help="seconds between polls (default 1)")
+    watch.add_argument("--timeout", type=float, default=0.0, help="give up after N seconds (0: never)")
+    cancel = jobs.add_parser("cancel", help="cancel a queued job now, or a running one at its next step")
+    cancel.add_argument("--actor", default="cli", help="recorded as who cancelled it (default cli)")
+    for p in (watch, cancel):
+        p.add_argument("job_id", type=int)
+        p.add_argument("--tenant", required=True, help="tenant name")
+    watch.set_defaults(handler=_jobs_handler("jobs_watch"))
+    cancel.set_defaults(handler=_jobs_handler("jobs_cancel"))
+
+
 def _add_task_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tasks = sub.add_parser("tasks", help="a tenant's shared task adapters").add_subparsers(
         dest="tasks_command", required=True
@@ -201,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_qa_report)
 
     _add_admin_commands(sub)
+    _add_job_commands(sub)
     _add_task_commands(sub)
     _add_workers_command(sub)
 

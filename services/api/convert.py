@@ -163,6 +163,9 @@ def job(j: Job) -> s.JobOut:
         created_at=j.created_at,
         started_at=j.started_at,
         finished_at=j.finished_at,
+        progress=None if j.progress is None else s.JobProgressOut.model_validate(j.progress),
+        cancel_requested_at=j.cancel_requested_at,
+        cancelled_by=j.cancelled_by,
     )
 
 

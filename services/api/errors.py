@@ -68,10 +68,13 @@ def error_response(
     message: str,
     field: str | None = None,
     headers: Mapping[str, str] | None = None,
+    state: str | None = None,
 ) -> JSONResponse:
     detail: dict[str, Any] = {"code": code, "message": message}
     if field:
         detail["field"] = field
+    if state:
+        detail["state"] = state
     return JSONResponse({"error": detail}, status_code=status, headers=dict(headers or {}))
 
 
@@ -100,8 +103,9 @@ async def _library_error(_request: Request, exc: Exception) -> JSONResponse:
     if status >= 500:
         logger.error("%s: %s", type(exc).__name__, exc, exc_info=status == 500)
     message = str(exc) if status < 500 or status in (502, 503) else f"internal error ({exc.code})"
+    state = exc.state if isinstance(exc, lib.JobFinishedError) else None
     return error_response(
-        status, code=exc.code, message=message, field=field_of(exc), headers=_headers_for(status)
+        status, code=exc.code, message=message, field=field_of(exc), headers=_headers_for(status), state=state
     )
 
 

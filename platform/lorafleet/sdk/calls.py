@@ -158,6 +158,11 @@ def list_jobs(*, user: str | None, state: str | None, limit: int) -> Call[Any]:
     return Call("GET", "/v1/jobs", _parser(list[s.JobOut]), params=params)
 
 
+def cancel_job(job_id: int, *, idempotency_key: str | None) -> Call[Any]:
+    path = f"/v1/jobs/{int(job_id)}/cancel"
+    return Call("POST", path, _parser(s.JobOut), idempotency_key=_key(idempotency_key))
+
+
 # --- enrolments -------------------------------------------------------------------------------------------------
 def enrol(user: str, task: str, *, idempotency_key: str | None) -> Call[Any]:
     return Call(

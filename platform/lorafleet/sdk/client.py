@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -34,8 +34,18 @@ from lorafleet.sdk.transport import (
 )
 
 T = TypeVar("T")
+#: ``wait_for_job``'s ``on_progress``: called with each new progress report of the job
+OnProgress = Callable[[s.JobProgressOut], None]
 
 __all__ = ["AsyncClient", "Client", "RetryPolicy"]
+
+
+def _report_progress(job: s.JobOut, *, seen: list[s.JobProgressOut], on_progress: OnProgress | None) -> None:
+    """Call ``on_progress`` when the job's progress differs from the last one reported (kept in ``seen``)."""
+    if on_progress is None or job.progress is None or (seen and seen[-1] == job.progress):
+        return
+    seen[:] = [job.progress]
+    on_progress(job.progress)
 
 
 class Client(ClientBase):
@@ -145,12 +155,21 @@ class Client(ClientBase):
     ) -> list[s.JobOut]:
         return self._run(c.list_jobs(user=user, state=state, limit=limit))
 
-    def wait_for_job(self, job_id: int, *, timeout: float = 600.0, poll: float = 1.0) -> s.JobOut:
+    def cancel_job(self, job_id: int, *, idempotency_key: str | None = None) -> s.JobOut:
+        """Cancel a job: a queued one at once, a running one at its next step (returned still ``running``,
+        with ``cancel_requested_at``). A succeeded or failed job raises ``JobFinished`` (its ``state``)."""
+        return self._run(c.cancel_job(job_id, idempotency_key=idempotency_key))
+
+    def wait_for_job(
+        self, job_id: int, *, timeout: float = 600.0, poll: float = 1.0, on_progress: OnProgress | None = None
+    ) -> s.JobOut:
         """Poll until the job is succeeded, failed or cancelled (returned as it ended); ``JobTimeout`` after
-        ``timeout`` seconds."""
+        ``timeout`` seconds. ``on_progress`` is called with each progress report that differs from the last."""
         deadline = time.monotonic() + timeout
+        seen: list[s.JobProgressOut] = []
         while True:
             job = self.get_job(job_id)
+            _report_progress(job, seen=seen, on_progress=on_progress)
             if job.finished:
                 return job
             if time.monotonic() >= deadline:
@@ -430,10 +449,17 @@ class AsyncClient(ClientBase):
     ) -> list[s.JobOut]:
         return await self._run(c.list_jobs(user=user, state=state, limit=limit))
 
-    async def wait_for_job(self, job_id: int, *, timeout: float = 600.0, poll: float = 1.0) -> s.JobOut:
+    async def cancel_job(self, job_id: int, *, idempotency_key: str | None = None) -> s.JobOut:
+        return await self._run(c.cancel_job(job_id, idempotency_key=idempotency_key))
+
+    async def wait_for_job(
+        self, job_id: int, *, timeout: float = 600.0, poll: float = 1.0, on_progress: OnProgress | None = None
+    ) -> s.JobOut:
         deadline = time.monotonic() + timeout
+        seen: list[s.JobProgressOut] = []
         while True:
             job = await self.get_job(job_id)
+            _report_progress(job, seen=seen, on_progress=on_progress)
             if job.finished:
                 return job
             if time.monotonic() >= deadline:

@@ -21,6 +21,7 @@ __all__ = [
     "IdempotencyKeyInFlight",
     "IdempotencyKeyReused",
     "InvalidState",
+    "JobFinished",
     "JobTimeout",
     "NotFound",
     "PayloadTooLarge",
@@ -116,6 +117,17 @@ class InvalidState(Conflict, lib.InvalidStateError):
     code = "invalid_state"
 
 
+class JobFinished(InvalidState, lib.JobFinishedError):
+    """409: the job already succeeded or failed, so it cannot be cancelled; ``state`` says which."""
+
+    code = "job_finished"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        detail = self.body.get("error") if isinstance(self.body, dict) else None
+        self.state = str(detail.get("state") or "") if isinstance(detail, dict) else ""
+
+
 class IdempotencyKeyInFlight(Conflict):
     """409: a request with this idempotency key is still running (the SDK retries these)."""
 
@@ -164,6 +176,7 @@ _BY_CODE: dict[str, type[ApiError]] = {
         Conflict,
         AlreadyExists,
         InvalidState,
+        JobFinished,
         IdempotencyKeyInFlight,
     )
 }

@@ -47,6 +47,7 @@ __all__ = [
     "GenerateResponse",
     "HealthOut",
     "JobOut",
+    "JobProgressOut",
     "JobState",
     "JobSummaryOut",
     "LineageEdgeOut",
@@ -88,6 +89,7 @@ class ErrorDetail(_Out):
     code: str = Field(description="Stable machine-readable name (``lorafleet.errors`` codes).")
     message: str
     field: str | None = Field(default=None, description="Where the input was wrong, e.g. records[2].prompt.")
+    state: str | None = Field(default=None, description="The object's state, when the error is about it.")
 
 
 class ErrorBody(_Out):
@@ -252,6 +254,21 @@ class AliasEventOut(_Out):
 
 
 # --- jobs -----------------------------------------------------------------------------------------------------
+class JobProgressOut(_Out):
+    """A job's latest progress report, written by its worker at most every ~2 s (and at the last step)."""
+
+    phase: str | None = Field(default=None, description="planning, training, evaluating or registering.")
+    step: int = Field(default=0, description="Training steps done (0 before the first).")
+    total_steps: int | None = None
+    fraction: float = Field(default=0.0, description="step / total_steps, 0..1.")
+    loss: float | None = Field(default=None, description="Mean loss of the subjects at the last step.")
+    losses: dict[str, float | None] = Field(
+        default_factory=dict, description="Each subject's loss at the last step, labelled as ``users``."
+    )
+    eta_seconds: float | None = Field(default=None, description="Training time left at the pace so far.")
+    updated_at: datetime | None = None
+
+
 class JobOut(_Out):
     id: int
     kind: str
@@ -266,6 +283,9 @@ class JobOut(_Out):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    progress: JobProgressOut | None = Field(default=None, description="None until the worker reports.")
+    cancel_requested_at: datetime | None = None
+    cancelled_by: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -1,4 +1,5 @@
-"""Jobs: train a user now, a job by id, the tenant's jobs (optionally one user's, or in one state)."""
+"""Jobs: train a user now, a job by id (with its progress), the tenant's jobs (optionally one user's, or in one
+state), and cancelling a job."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from lorafleet.sdk import schemas as s
 from services.api import convert
 from services.api.deps import CurrentTenant, IdempotencyKey, Services, UserId
 from services.api.idempotency import run_idempotent
+from services.api.routes.adapters import actor_of
 
 router = APIRouter(tags=["jobs"])
 
@@ -45,6 +47,32 @@ def train_now(
 def get_job(services: Services, tenant: CurrentTenant, job_id: Annotated[int, Path(ge=1)]) -> s.JobOut:
     """One of the tenant's jobs (another tenant's is 404)."""
     return convert.job(services.queue.get(tenant_id=tenant.id, job_id=job_id))
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=s.JobOut)
+def cancel_job(
+    services: Services,
+    tenant: CurrentTenant,
+    job_id: Annotated[int, Path(ge=1)],
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Cancel one of the tenant's jobs: a queued job is ``cancelled`` at once; a running one stops at its
+    next step (answered still ``running``, with ``cancel_requested_at``) and ends ``cancelled`` without a
+    version. Repeats are harmless; a succeeded or failed job is 409 ``job_finished`` naming its state."""
+
+    def cancel() -> s.JobOut:
+        return convert.job(services.queue.cancel(tenant_id=tenant.id, job_id=job_id, actor=actor_of(tenant)))
+
+    return run_idempotent(
+        services=services,
+        tenant=tenant,
+        key=idempotency_key,
+        request=request,
+        body=None,
+        status_code=200,
+        operation=cancel,
+    )
 
 
 @router.get("/v1/jobs", response_model=list[s.JobOut])

@@ -9,14 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from tests.unit.jobs.test_progress import Ticks
+from tests.unit.jobs.test_queue import _count, _snapshot
 
 from lorafleet.domain import Job
 from lorafleet.errors import JobCancelledError, LeaseLostError
 from lorafleet.jobs import JobQueue, JobWorker, LeaseContext
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlDatasetSnapshot
-from tests.unit.jobs.test_progress import Ticks
-from tests.unit.jobs.test_queue import _count, _snapshot
 
 LEASE = 30.0
 
@@ -76,7 +76,8 @@ def test_a_cancel_stops_the_handler_at_its_next_progress_report(queue: JobQueue)
         return {"versions": [1]}
 
     done = _worker(queue, handler, progress_interval=0.0).run_once()
-    assert done is not None and (done.state, done.cancelled_by, done.result) == ("cancelled", "api:acme", None)
+    assert done is not None and done.id == job_id
+    assert (done.state, done.cancelled_by, done.result) == ("cancelled", "api:acme", None)
     assert steps == [1, 2, 3] and done.progress is not None and done.progress["step"] == 2
     assert done.attempts == 1 and queue.claim(worker_id="other", lease_seconds=LEASE) is None
 
