@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     trainer_slots: int = Field(
         default=8, ge=1, le=64, description="Adapter slots per trainer actor (at least the users per job)."
     )
+    trainer_max_rank: int = Field(
+        default=16, ge=1, le=64, description="Largest LoRA rank a trainer's bank holds (higher are refused)."
+    )
     lease_seconds: float = Field(
         default=60.0, ge=1.0, le=24 * 3600.0, description="Job lease; a dead worker's job restarts after it."
     )

@@ -93,15 +93,15 @@ def local_cluster(trainer_nodes: int) -> Iterator[str]:
         cluster.shutdown()
 
 
-def queue_round(db: Database, *, users: int) -> list[int]:
-    """A fresh tenant, the same feedback for ``users`` users, one job per user; the job ids."""
+def queue_round(db: Database, *, users: int, training: dict[str, Any]) -> list[int]:
+    """A fresh tenant, the same feedback for ``users`` users, one job per user (with ``training``); the job ids."""
     tenant_id = TenantRepository(db).create_tenant(name=f"bench-{uuid.uuid4().hex[:8]}")[0].id
     for i in range(users):
         user = f"user-{i}"
         records = make_user_records(user, round=1, n_records=16, seed=0)
         ingest_feedback(db, tenant_id=tenant_id, user_external_id=user, records=records)
     policy = SchedulerPolicy(min_new_records=4, users_per_job=1, max_active_jobs=users)
-    return [job.id for job in Scheduler(db, policy).tick().jobs_created]
+    return [job.id for job in Scheduler(db, policy, training_defaults=training).tick().jobs_created]
 
 
 def drain(actors: list[Any]) -> list[int]:
@@ -111,10 +111,10 @@ def drain(actors: list[Any]) -> list[int]:
     return [job_id for ids in ray.get([a.run_until_idle.remote() for a in actors]) for job_id in ids]
 
 
-def timed_round(db: Database, pool: Any, *, actors: int, users: int) -> Round:
+def timed_round(db: Database, pool: Any, *, actors: int, users: int, training: dict[str, Any]) -> Round:
     """Queue the round's jobs and time them until the first ``actors`` actors of the pool drained them."""
     started = time.monotonic()
-    job_ids = queue_round(db, users=users)
+    job_ids = queue_round(db, users=users, training=training)
     ran = drain(pool.actors[:actors])
     seconds = time.monotonic() - started
     assert sorted(ran) == sorted(job_ids), (ran, job_ids)
@@ -137,10 +137,10 @@ def measure(settings: Settings, *, users: int, runs: int, training: dict[str, An
         with TrainerPool(on_cluster, n_actors=2, training=training) as pool:
             assert len(set(pool.nodes.values())) == 2, pool.nodes  # one actor per trainer node
             for nodes in (1, 2):  # warm-up: first-job costs (imports, allocator), untimed
-                timed_round(db, pool, actors=nodes, users=users)
+                timed_round(db, pool, actors=nodes, users=users, training=training)
             for i in range(runs):
                 for nodes in (1, 2) if i % 2 == 0 else (2, 1):
-                    r = timed_round(db, pool, actors=nodes, users=users)
+                    r = timed_round(db, pool, actors=nodes, users=users, training=training)
                     results[nodes].append(r)
                     print(
                         f"  run {i + 1}/{runs}, {nodes} node(s): {r.jobs} jobs in {r.seconds:.1f} s = "

@@ -55,6 +55,7 @@ from lorafleet.training import synthetic  # noqa: E402
 from lorafleet.training.config import TrainingConfig  # noqa: E402
 from lorafleet.training.continual import PERSONAL_ADAPTER, ContinualTrainer  # noqa: E402
 from lorafleet.training.dataset import Example, build_dataset  # noqa: E402
+from lorafleet.training.overrides import set_tenant_training  # noqa: E402
 from lorafleet.training.trainer import SlotTask, train_slots  # noqa: E402
 
 logger = logging.getLogger("bench_qa")
@@ -95,6 +96,7 @@ def make_env(tmp: Path, backbone: Backbone, config: TrainingConfig, *, slots: in
     registry = Registry(db, open_blob_store((tmp / f"{name}-blobs").as_uri()))
     bank = inject_bank(backbone, target_modules=config.target_modules, n_slots=slots, max_rank=config.rank)
     tenant_id = TenantRepository(db).create_tenant(name=name)[0].id
+    set_tenant_training(db, tenant_id=tenant_id, overrides=config.model_dump(mode="json"))  # its jobs' config
     return Env(db, registry, backbone, bank, tenant_id, config)
 
 

@@ -63,14 +63,18 @@ def scheduler_run(
         )
 
 
-def train_now(settings: Settings, *, tenant: str | int, user: str) -> SubmitResult:
-    """Queue a training job for one user now; ``tenant`` is a tenant id (int) or name (str)."""
+def train_now(
+    settings: Settings, *, tenant: str | int, user: str, training: Mapping[str, Any] | None = None
+) -> SubmitResult:
+    """Queue a training job for one user now; ``tenant`` is a tenant id (int) or name (str); ``training``:
+    the job's overrides on top of the tenant's (a rank above ``LORAFLEET_TRAINER_MAX_RANK`` is refused)."""
     with _database(settings) as db:
         if isinstance(tenant, int):
             tenant_id = tenant
         else:
             tenant_id = TenantRepository(db).get_tenant(name=tenant).id
-        return Scheduler(db).train_now(tenant_id=tenant_id, user_external_id=user)
+        scheduler = Scheduler(db, max_rank=settings.trainer_max_rank)
+        return scheduler.train_now(tenant_id=tenant_id, user_external_id=user, training=training)
 
 
 def run_workers(
@@ -178,12 +182,13 @@ def train_user_now_and_wait(
     pool: TrainerPool | None = None,
     training: Mapping[str, Any] | None = None,
 ) -> AdapterVersion | None:
-    """Queue a job for one user (``train_now``), run it on trainer actors (``pool``, or a new one-actor
-    pool) and return the version it registered; None when the job skipped the user (nothing new to train
-    on). A job that fails, or does not finish within ``timeout`` seconds, raises ``JobError``."""
+    """Queue a job for one user (``train_now``, with ``training`` as the job's overrides), run it on trainer
+    actors (``pool``, or a new one-actor pool) and return the version it registered; None when the job skipped
+    the user (nothing new to train on). A job that fails, or does not finish within ``timeout`` seconds, raises
+    ``JobError``."""
     from lorafleet.jobs.trainer_pool import TrainerPool
 
-    submitted = train_now(settings, tenant=tenant, user=user)
+    submitted = train_now(settings, tenant=tenant, user=user, training=training)
     deadline = time.monotonic() + timeout
     if pool is not None:
         job = _drain_until_finished(settings, pool=pool, job_id=submitted.job.id, deadline=deadline)

@@ -105,7 +105,11 @@ def actor_settings(settings: Settings) -> dict[str, Any]:
 # --- one trainer ------------------------------------------------------------------------------------------
 class TrainerHost:
     """A database, registry, resident backbone with an adapter bank, ``ContinualTrainer`` and ``JobWorker``:
-    what one trainer actor holds for its whole life (the backbone is loaded once, here)."""
+    what one trainer actor holds for its whole life (the backbone is loaded once, here).
+
+    The bank covers every linear layer up to ``LORAFLEET_TRAINER_MAX_RANK``, so it holds any job's config (each
+    train job carries its own); ``training`` is the config of jobs queued without one.
+    """
 
     def __init__(
         self,
@@ -154,15 +158,18 @@ class TrainerHost:
         from lorafleet.adapters import inject_bank
         from lorafleet.backbone import load_backbone
         from lorafleet.training.continual import ContinualTrainer
+        from lorafleet.training.overrides import check_bank_fits
 
         s = self.settings
         started = time.monotonic()
         backbone = load_backbone(
             s.backbone, quantization=s.backbone_quantization, device=s.device, data_dir=s.data_dir
         )
+        # every linear layer, up to the largest rank allowed: jobs bring their own configs (payload["training"])
         bank = inject_bank(
-            backbone, target_modules=config.target_modules, n_slots=s.trainer_slots, max_rank=config.rank
+            backbone, target_modules="all-linear", n_slots=s.trainer_slots, max_rank=s.trainer_max_rank
         )
+        check_bank_fits(config, max_rank=bank.max_rank, layer_names=list(bank.layers))
         self.backbone_load_seconds = time.monotonic() - started
         logger.info(
             "%s: backbone %s (%s) on %s loaded in %.1f s, %d slots",

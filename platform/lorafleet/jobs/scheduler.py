@@ -11,6 +11,10 @@ one batch) into jobs of at most ``users_per_job`` users, longest-waiting first, 
 A tick reads, decides and inserts in one transaction under a lock (a PostgreSQL transaction-scoped advisory
 lock; SQLite's ``BEGIN IMMEDIATE``), so two schedulers ticking at once never queue the same user twice. The
 job's dedupe key (its users and their watermarks) is a second guard.
+
+Every train job's payload carries its effective ``TrainingConfig`` (``payload["training"]``: the defaults, the
+scheduler's ``training_defaults``, the tenant's overrides, then the job's own; ``lorafleet.training.overrides``),
+resolved in the queuing transaction. A job holds one tenant's users, so tenants' configs never mix.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import groupby
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -37,12 +42,14 @@ from lorafleet.store.sql.feedback import FeedbackBacklog, read_backlog
 from lorafleet.store.sql.jobs_repository import FailureStreak, NewJob
 from lorafleet.store.sql.models import TASK_SUBJECT_PREFIX, utcnow
 from lorafleet.store.sql.tenants import find_user, task_subject_id, validate_external_id
+from lorafleet.training.overrides import job_training, validate_overrides
 
 logger = logging.getLogger(__name__)
 
 TRAIN_JOB_KIND = "train"
-#: Why a user with new feedback got no job this tick.
-SKIP_REASONS = ("not_due", "active_job", "backoff", "capacity", "duplicate")
+#: Why a user with new feedback got no job this tick (``invalid_config``: the tenant's stored training config no
+#: longer validates; the error is logged).
+SKIP_REASONS = ("not_due", "active_job", "backoff", "capacity", "duplicate", "invalid_config")
 _BACKLOG_PAGE = 1000
 
 
@@ -134,10 +141,11 @@ def train_dedupe_key(users: Sequence[tuple[int, int]]) -> str:
     return "train:" + hashlib.sha256(encoded.encode("ascii")).hexdigest()
 
 
-def _train_payload(users: Sequence[FeedbackBacklog]) -> dict[str, object]:
+def _train_payload(users: Sequence[FeedbackBacklog], *, training: Mapping[str, Any]) -> dict[str, object]:
     """``watermark``: the newest feedback id to train through; ``trained_through_id``: where the
-    user's versions stood when the job was queued (None: never trained)."""
+    user's versions stood when the job was queued (None: never trained); ``training``: the job's config."""
     return {
+        "training": dict(training),
         "users": [
             {
                 "user_id": u.user_id,
@@ -147,12 +155,17 @@ def _train_payload(users: Sequence[FeedbackBacklog]) -> dict[str, object]:
                 "trained_through_id": u.trained_through_id,
             }
             for u in users
-        ]
+        ],
     }
 
 
 class Scheduler:
-    """Turns feedback backlogs into training jobs according to a ``SchedulerPolicy``."""
+    """Turns feedback backlogs into training jobs according to a ``SchedulerPolicy``.
+
+    ``training_defaults``: ``TrainingConfig`` fields under every tenant's overrides (the deployment's defaults);
+    ``max_rank``: the trainers' largest rank (``LORAFLEET_TRAINER_MAX_RANK``) when known here, so an on-demand
+    job with a higher rank is refused when queued (otherwise its trainer refuses it).
+    """
 
     def __init__(
         self,
@@ -161,12 +174,18 @@ class Scheduler:
         *,
         queue: JobQueue | None = None,
         clock: Clock | None = None,
+        training_defaults: Mapping[str, Any] | None = None,
+        max_rank: int | None = None,
     ) -> None:
         self.db = db
         self.policy = policy or SchedulerPolicy()
         self.queue = queue or JobQueue(db, clock=clock or utcnow)
         self.clock = clock or self.queue.clock
         self._repo = self.queue.repository
+        self.max_rank = max_rank
+        self.training_defaults = validate_overrides(
+            training_defaults, field="training_defaults", max_rank=max_rank
+        )
 
     # --- one tick -----------------------------------------------------------------------------------------
     def tick(self) -> TickResult:
@@ -246,8 +265,16 @@ class Scheduler:
         self, session: Session, *, groups: list[list[_Candidate]], now: datetime, skipped: Counter[str]
     ) -> list[Job]:
         created: list[Job] = []
+        configs: dict[int, dict[str, Any] | None] = {}
         for group in groups:
-            new = self._new_job([c.backlog for c in group])
+            tenant_id = group[0].backlog.tenant_id
+            if tenant_id not in configs:
+                configs[tenant_id] = self._tenant_training(session, tenant_id=tenant_id)
+            training = configs[tenant_id]
+            if training is None:
+                skipped["invalid_config"] += len(group)
+                continue
+            new = self._new_job([c.backlog for c in group], training=training)
             job, is_new = self._repo.insert_job(session, new=new, now=now)
             if is_new:
                 created.append(job)
@@ -255,36 +282,58 @@ class Scheduler:
                 skipped["duplicate"] += len(group)
         return created
 
-    def _new_job(self, group: Sequence[FeedbackBacklog]) -> NewJob:
-        """One tenant's users at their current watermarks."""
+    def _tenant_training(self, session: Session, *, tenant_id: int) -> dict[str, Any] | None:
+        """The tenant's effective config for this tick's jobs; None (logged) when its stored overrides no longer
+        validate, so one tenant's bad row does not stop the tick for the others."""
+        try:
+            return job_training(session, tenant_id=tenant_id, defaults=self.training_defaults)
+        except ValidationError as exc:
+            logger.error(
+                "tenant %d: training config is invalid, its users are not queued: %s", tenant_id, exc
+            )
+            return None
+
+    def _new_job(self, group: Sequence[FeedbackBacklog], *, training: Mapping[str, Any]) -> NewJob:
+        """One tenant's users at their current watermarks, with the tenant's effective training config."""
         users = [(u.user_id, u.last_record_id) for u in group]
         return self.queue.new_job(
             tenant_id=group[0].tenant_id,
             kind=TRAIN_JOB_KIND,
-            payload=_train_payload(group),
+            payload=_train_payload(group, training=training),
             user_ids=users,
             dedupe_key=train_dedupe_key(users),
             max_attempts=self.policy.max_attempts,
         )
 
     # --- one user, now ------------------------------------------------------------------------------------
-    def train_now(self, *, tenant_id: int, user_external_id: str) -> SubmitResult:
+    def train_now(
+        self, *, tenant_id: int, user_external_id: str, training: Mapping[str, Any] | None = None
+    ) -> SubmitResult:
         """Queue a job for one user at their current watermark, ignoring due-ness, capacity and backoff.
 
         The user needs feedback newer than their last version (a user with no version yet: any feedback),
         else ValidationError; an unknown user is NotFoundError. A user already in an active job gets that
-        job back (``created=False``): a user is never in two active jobs.
+        job back (``created=False``, with that job's config): a user is never in two active jobs.
+        ``training``: this job's ``TrainingConfig`` overrides, on top of the tenant's (errors name
+        ``training.<field>``).
         """
         external_id = validate_external_id(user_external_id)
-        return self._train_subject_now(tenant_id=tenant_id, external_id=external_id, kind="user")
-
-    def train_task_now(self, *, tenant_id: int, task_name: str) -> SubmitResult:
-        """``train_now`` for a shared task's dataset (``lorafleet.tasks``): same rules, the task's feedback."""
         return self._train_subject_now(
-            tenant_id=tenant_id, external_id=task_subject_id(task_name), kind="task"
+            tenant_id=tenant_id, external_id=external_id, kind="user", training=training
         )
 
-    def _train_subject_now(self, *, tenant_id: int, external_id: str, kind: str) -> SubmitResult:
+    def train_task_now(
+        self, *, tenant_id: int, task_name: str, training: Mapping[str, Any] | None = None
+    ) -> SubmitResult:
+        """``train_now`` for a shared task's dataset (``lorafleet.tasks``): same rules, the task's feedback."""
+        return self._train_subject_now(
+            tenant_id=tenant_id, external_id=task_subject_id(task_name), kind="task", training=training
+        )
+
+    def _train_subject_now(
+        self, *, tenant_id: int, external_id: str, kind: str, training: Mapping[str, Any] | None
+    ) -> SubmitResult:
+        overrides = validate_overrides(training, field="training", max_rank=self.max_rank)
         with self.db.session() as session:
             self._repo.lock_scheduler(session)
             user = find_user(session, tenant_id=tenant_id, external_id=external_id, kind=kind)
@@ -296,7 +345,15 @@ class Scheduler:
             if active is not None:
                 return SubmitResult(job=active, created=False)
             entry = self._user_backlog(session, tenant_id=tenant_id, user_id=user.id)
-            job, created = self._repo.insert_job(session, new=self._new_job([entry]), now=self.clock())
+            config = job_training(
+                session,
+                tenant_id=tenant_id,
+                defaults=self.training_defaults,
+                job=overrides,
+                max_rank=self.max_rank,
+            )
+            new = self._new_job([entry], training=config)
+            job, created = self._repo.insert_job(session, new=new, now=self.clock())
             return SubmitResult(job=job, created=created)
 
     def _user_backlog(self, session: Session, *, tenant_id: int, user_id: int) -> FeedbackBacklog:

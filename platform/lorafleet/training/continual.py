@@ -146,7 +146,9 @@ def promote_decision(rule: str, metrics: Mapping[str, Any]) -> tuple[bool, str]:
 
 
 class ContinualTrainer:
-    """Runs ``train`` jobs on one resident backbone and adapter bank (a trainer actor holds one of these)."""
+    """Runs ``train`` jobs on one resident backbone and adapter bank (a trainer actor holds one of these), each
+    with the ``TrainingConfig`` its payload carries (``config`` is the default for jobs without one). A new
+    adapter gets the job's rank and targets; one continuing from a live version keeps that version's shape."""
 
     def __init__(
         self,
@@ -166,13 +168,12 @@ class ContinualTrainer:
         self.registry = registry
         self.backbone = backbone
         self.bank = bank
-        self.config = config
+        #: the config of jobs whose payload has none (queued before configs were stored in jobs)
+        self.default_config = config
         self.promote_rule = promote_rule
         self.work_dir = work_dir
         self.progress = progress
-        self.slot_config: SlotConfig = config.slot_config(
-            layer_names=list(bank.layers), backbone_fingerprint=bank.fingerprint
-        )
+        self._use_config(config)
 
     @property
     def target_config(self) -> dict[str, Any]:
@@ -180,11 +181,29 @@ class ContinualTrainer:
         c = self.config
         return {"rank": c.rank, "alpha": c.alpha, "dropout": c.dropout, "target_modules": c.target_modules}
 
+    def job_config(self, job: Job) -> TrainingConfig:
+        """The job's own config (``payload["training"]``, resolved when it was queued), else the default;
+        ``ValidationError`` naming the field when this trainer's bank cannot hold its adapters."""
+        from lorafleet.training.overrides import check_bank_fits
+
+        stored = job.payload.get("training")
+        config = self.default_config if stored is None else TrainingConfig.from_mapping(stored)
+        check_bank_fits(config, max_rank=self.bank.max_rank, layer_names=list(self.bank.layers))
+        return config
+
+    def _use_config(self, config: TrainingConfig) -> None:
+        """Train with ``config`` from now on (set per job: a trainer runs one job at a time)."""
+        self.config = config
+        self.slot_config: SlotConfig = config.slot_config(
+            layer_names=list(self.bank.layers), backbone_fingerprint=self.bank.fingerprint
+        )
+
     # --- the job ------------------------------------------------------------------------------------------
     def run_job(self, job: Job, lease: LeaseContext) -> dict[str, Any]:
         """The ``train`` handler: plan, train all users together, register in the fence, then promote."""
         started = time.monotonic()
         tenant_id = _tenant_of(job)
+        self._use_config(self.job_config(job))
         lease.report_phase(job_progress.PHASE_PLANNING)
         plans, skipped = self._plan_all(tenant_id=tenant_id, users=parse_job_users(job.payload))
         lease.check()

@@ -21,9 +21,10 @@ from lorafleet.jobs import JobQueue, Scheduler, SchedulerPolicy
 from lorafleet.registry import Registry
 from lorafleet.store.blob import open_blob_store
 from lorafleet.store.sql.database import Database
-from lorafleet.store.sql.models import SqlAdapterVersion
+from lorafleet.store.sql.models import SqlAdapterVersion, SqlJob
 from lorafleet.store.sql.tenants import TenantRepository
 from lorafleet.training.continual import PERSONAL_ADAPTER
+from lorafleet.training.overrides import set_tenant_training
 from lorafleet.training.synthetic import make_user_records
 
 USERS = [f"user-{i}" for i in range(6)]
@@ -88,6 +89,7 @@ def test_jobs_of_several_users_run_on_both_trainer_nodes(
     db = pg_database
     blobs_url = (tmp_path / "blobs").as_uri()
     tenant_id = TenantRepository(db).create_tenant(name="acme")[0].id
+    set_tenant_training(db, tenant_id=tenant_id, overrides=TINY_TRAINING)  # the config its jobs carry
     _feed(db, tenant_id=tenant_id, users=USERS)
     env = _settings_env(ray_nodes, pg_url=pg_url, blobs_url=blobs_url, data_dir=cluster_data_dir)
     training = json.dumps(TINY_TRAINING)
@@ -142,7 +144,9 @@ def test_a_node_lost_mid_job_leaves_the_job_to_the_other_node_and_one_version(
     blobs_url = (tmp_path / "blobs").as_uri()
     tenant_id = TenantRepository(db).create_tenant(name="acme")[0].id
     _feed(db, tenant_id=tenant_id, users=["zed"])
-    job = Scheduler(db).train_now(tenant_id=tenant_id, user_external_id="zed").job
+    # a job without its own config: the doomed workers' default never ends, the rescuer's is short
+    queued = Scheduler(db).train_now(tenant_id=tenant_id, user_external_id="zed").job
+    job = _without_training_config(db, queued)
     env = _settings_env(
         ray_nodes, pg_url=pg_url, blobs_url=blobs_url, data_dir=cluster_data_dir, LORAFLEET_LEASE_SECONDS="4"
     )
@@ -181,6 +185,16 @@ def test_a_node_lost_mid_job_leaves_the_job_to_the_other_node_and_one_version(
         doomed.output.text()[-3000:],
         rescuer.output.text()[-3000:] if rescuer else "",
     )
+
+
+def _without_training_config(db: Database, job: Job) -> Job:
+    """The job as code before per-job configs queued it (no ``payload["training"]``): each trainer runs it with
+    its own ``--training`` config."""
+    with db.session() as session:
+        row = session.get(SqlJob, job.id)
+        assert row is not None
+        row.payload = {k: v for k, v in row.payload.items() if k != "training"}
+    return _job(db, job.id)
 
 
 def _heartbeat_seconds(job: Job) -> float:

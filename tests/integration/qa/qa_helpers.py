@@ -29,6 +29,7 @@ from lorafleet.training import synthetic
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.continual import PERSONAL_ADAPTER, ContinualTrainer
 from lorafleet.training.dataset import Example, build_dataset
+from lorafleet.training.overrides import set_tenant_training
 from lorafleet.training.trainer import SlotTask, train_slots
 
 #: a few steps on two projections at a high rate: enough to move a tiny model's holdout, fast on 2 cores
@@ -71,6 +72,7 @@ class World:
 
 def make_world(db: Database, registry: Registry, backbone: Backbone, bank: AdapterBank) -> World:
     tenant_id = TenantRepository(db).create_tenant(name="acme")[0].id
+    set_tenant_training(db, tenant_id=tenant_id, overrides=TINY_TRAINING)  # the config its jobs carry
     return World(db, registry, backbone, bank, tenant_id, TrainingConfig(**TINY_TRAINING))
 
 

@@ -26,6 +26,7 @@ from lorafleet.registry import Registry
 from lorafleet.store.blob import open_blob_store_from_settings
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.tenants import TenantRepository
+from lorafleet.training.overrides import set_tenant_training
 from lorafleet.training.synthetic import make_user_records
 
 pytestmark = pytest.mark.timeout(600)
@@ -154,6 +155,7 @@ def test_trainer_actors_run_qa_jobs_and_one_killed_mid_qa_is_replaced(
 
     db = Database(sqlite_url)
     tenant_id = TenantRepository(db).create_tenant(name="acme")[0].id
+    set_tenant_training(db, tenant_id=tenant_id, overrides=TINY_TRAINING)  # the config its jobs carry
     for user in ("erin", "fred"):
         records = make_user_records(user, round=1, n_records=24)
         ingest_feedback(db, tenant_id=tenant_id, user_external_id=user, records=records)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from continual_helpers import TINY_TRAINING
+from continual_helpers import TINY_TRAINING, tiny_tenant
 
 from lorafleet.adapters import AdapterBank
 from lorafleet.backbone import Backbone
@@ -17,7 +17,6 @@ from lorafleet.config import Settings, load_settings
 from lorafleet.registry import Registry
 from lorafleet.store.blob import open_blob_store
 from lorafleet.store.sql.database import Database
-from lorafleet.store.sql.tenants import TenantRepository
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.continual import ContinualTrainer
 
@@ -86,7 +85,8 @@ def registry(database: Database, tmp_path: Path) -> Registry:
 
 @pytest.fixture
 def tenant_id(database: Database) -> int:
-    return TenantRepository(database).create_tenant(name="acme")[0].id
+    """Tenant ``acme``, whose jobs train with ``TINY_TRAINING`` (its training config)."""
+    return tiny_tenant(database)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Helpers for the continual-learning tests: a tiny training config, synthetic feedback, and row counts."""
+"""Helpers for the continual-learning tests: a tiny training config (and tenants whose jobs get it), synthetic
+feedback, and row counts."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from sqlalchemy import func, select
 
 from lorafleet.domain import Job
 from lorafleet.feedback import ingest_feedback
-from lorafleet.jobs import JobQueue
+from lorafleet.jobs import JobQueue, Scheduler
 from lorafleet.store.sql.database import Database
-from lorafleet.store.sql.models import SqlAdapterVersion, SqlDatasetSnapshot
+from lorafleet.store.sql.models import SqlAdapterVersion, SqlDatasetSnapshot, SqlJob
+from lorafleet.store.sql.tenants import TenantRepository
+from lorafleet.training.overrides import set_tenant_training
 from lorafleet.training.synthetic import make_user_records
 
 #: a few steps on two projections: enough to move the holdout loss, fast on two CPU cores
@@ -28,6 +31,24 @@ TINY_TRAINING: dict[str, Any] = {
     "replay_ratio": 0.5,
     "seed": 0,
 }
+
+
+def tiny_tenant(db: Database, name: str = "acme") -> int:
+    """A new tenant whose training config is ``TINY_TRAINING`` (so every job queued for it carries it); its id."""
+    tenant_id = TenantRepository(db).create_tenant(name=name)[0].id
+    set_tenant_training(db, tenant_id=tenant_id, overrides=TINY_TRAINING)
+    return tenant_id
+
+
+def queue_legacy_train_job(db: Database, *, tenant_id: int, user: str) -> Job:
+    """A train job for ``user`` as code before per-job configs queued it (no ``payload["training"]``): each
+    trainer runs it with its own default config, so two attempts can differ (one endless, one short)."""
+    job = Scheduler(db).train_now(tenant_id=tenant_id, user_external_id=user).job
+    with db.session() as session:
+        row = session.get(SqlJob, job.id)
+        assert row is not None
+        row.payload = {k: v for k, v in row.payload.items() if k != "training"}
+    return get_job(db, job.id)
 
 
 def feed_users(

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 import ray
-from continual_helpers import TINY_TRAINING, count_versions_and_snapshots, feed_users, get_job, wait_for
+from continual_helpers import (
+    TINY_TRAINING,
+    count_versions_and_snapshots,
+    feed_users,
+    get_job,
+    queue_legacy_train_job,
+    tiny_tenant,
+    wait_for,
+)
 
 from lorafleet.config import Settings
 from lorafleet.domain import AdapterVersion
@@ -72,7 +80,7 @@ def test_two_rounds_for_six_users_through_the_scheduler_and_a_trainer_actor(
         database_url=pg_url, object_store_url=f"s3://{s3_bucket}/adapters", s3_endpoint_url=moto_endpoint
     )
     registry = Registry(db, open_blob_store_from_settings(settings))
-    tenant_id = TenantRepository(db).create_tenant(name="acme")[0].id
+    tenant_id = tiny_tenant(db)
     round1 = feed_users(db, tenant_id=tenant_id, users=USERS, round=1, n_records=16)
 
     with TrainerPool(settings, n_actors=1, training=TINY_TRAINING, env_vars=AWS_TEST_ENV) as pool:
@@ -124,7 +132,8 @@ def test_a_worker_killed_mid_job_is_taken_over_after_its_lease_and_one_version_r
     settings = make_settings(database_url=database_url, object_store_url=(tmp_path / "blobs").as_uri())
     tenant_id = TenantRepository(db).create_tenant(name="acme")[0].id
     feed_users(db, tenant_id=tenant_id, users=["eve"], round=1, n_records=12)
-    job = Scheduler(db).train_now(tenant_id=tenant_id, user_external_id="eve").job
+    # a job without its own config: the doomed actor's default never ends, the rescuer's is short
+    job = queue_legacy_train_job(db, tenant_id=tenant_id, user="eve")
 
     doomed = TrainerPool(
         make_settings(
@@ -183,7 +192,7 @@ def test_lorafleet_ray_address_connects_to_the_running_cluster(
     ray_cluster: str, sqlite_url: str, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
     db = Database(sqlite_url)
-    tenant_id = TenantRepository(db).create_tenant(name="acme")[0].id
+    tenant_id = tiny_tenant(db)
     feed_users(db, tenant_id=tenant_id, users=["fay"], round=1, n_records=8)
     job = Scheduler(db).train_now(tenant_id=tenant_id, user_external_id="fay").job
     settings = make_settings(database_url=sqlite_url, object_store_url=(tmp_path / "blobs").as_uri())

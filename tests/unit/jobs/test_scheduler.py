@@ -21,6 +21,7 @@ from lorafleet.jobs import JobQueue, Scheduler, SchedulerPolicy, TickResult, tra
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import ACTIVE_JOB_STATES, SqlJob, SqlJobUser
 from lorafleet.store.sql.tenants import TenantRepository
+from lorafleet.training.config import TrainingConfig
 
 Feed = Callable[..., list[int]]
 UserId = Callable[[int, str], int]
@@ -66,7 +67,8 @@ def test_users_are_due_by_count(
                 "watermark": alice_ids[-1],
                 "trained_through_id": None,
             }
-        ]
+        ],
+        "training": TrainingConfig().model_dump(mode="json"),
     }
     assert job.dedupe_key == train_dedupe_key([(alice, alice_ids[-1])])
     assert queue.job_users(job_id=job.id) == {alice: alice_ids[-1]}

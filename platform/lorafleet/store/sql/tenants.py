@@ -2,7 +2,8 @@
 
 An API key is shown once, when it is made; the database keeps only its sha256 (to authenticate) and a short
 prefix (to recognise it in logs). Users are addressed by the tenant's own ``external_id``; a user of another
-tenant is reported as not found, never as forbidden, so ids of other tenants do not leak.
+tenant is reported as not found, never as forbidden, so ids of other tenants do not leak. A tenant's
+``TrainingConfig`` overrides are stored here as JSON; ``lorafleet.training.overrides`` validates them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -74,6 +77,11 @@ def require_tenant(session: Session, *, tenant_id: int) -> SqlTenant:
     if row is None:
         raise NotFoundError(f"tenant {tenant_id} not found")
     return row
+
+
+def training_overrides(session: Session, *, tenant_id: int) -> dict[str, Any]:
+    """The tenant's ``TrainingConfig`` overrides in this transaction (``tenants.training_config``; empty: none)."""
+    return dict(require_tenant(session, tenant_id=tenant_id).training_config or {})
 
 
 def find_user(session: Session, *, tenant_id: int, external_id: str, kind: str = "user") -> SqlUser | None:
@@ -209,6 +217,20 @@ class TenantRepository:
             if row is None:
                 raise NotFoundError(f"user {external_id!r} not found")
             return to_user(row)
+
+    def get_training_overrides(self, *, tenant_id: int) -> dict[str, Any]:
+        """The tenant's stored ``TrainingConfig`` overrides (empty: none); NotFoundError for no such tenant."""
+        with self.db.session() as session:
+            return training_overrides(session, tenant_id=tenant_id)
+
+    def set_training_overrides(self, *, tenant_id: int, overrides: Mapping[str, Any]) -> None:
+        """Replace the tenant's overrides (``{}`` clears them). Stored as given: callers validate them first
+        (``lorafleet.training.overrides``), since this layer does not know ``TrainingConfig``."""
+        if not isinstance(overrides, Mapping):
+            raise ValidationError("training_config: must be an object")
+        with self.db.session() as session:
+            row = require_tenant(session, tenant_id=tenant_id)
+            row.training_config = dict(overrides) or None
 
     def list_users(self, *, tenant_id: int, limit: int = 100, offset: int = 0) -> list[User]:
         """The tenant's users in creation order, one page at a time."""
