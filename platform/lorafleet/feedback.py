@@ -2,16 +2,21 @@
 
 Three kinds of record, told apart by ``kind``:
 
-- ``sft``: ``prompt`` + ``completion`` (a demonstration to imitate);
+- ``sft``: ``prompt`` + ``completion`` (a demonstration to imitate), or instead ``messages``: an OpenAI-style
+  conversation, a list of ``{"role", "content"}`` with roles ``system``, ``user``, ``assistant`` (``developer`` is
+  stored as ``system``), at least one user turn, ending with the assistant turn that is the target;
 - ``preference``: ``prompt`` + ``chosen`` + ``rejected`` (a pairwise preference; the two must differ);
 - ``rating``: ``prompt`` + ``response`` + ``score``, a float in [0, 1] (1 is best). One scale only, because
   an integer 1 would mean "best" on [0, 1] and "worst" on 1..5; clients map stars with ``(stars - 1) / 4``.
 
-Every record may carry a ``metadata`` object (any JSON). Text fields must be non-blank strings; unknown
-fields are refused, so a typo cannot silently drop data.
+Every record may carry a ``metadata`` object (any JSON). Text fields (and message contents) must be non-blank
+strings; unknown fields are refused, so a typo cannot silently drop data. Errors name the field inside the
+record, e.g. ``records[3].messages[2].role``. Preference and rating records stay prompt-based (a prompt is one
+user turn).
 
 The content hash is sha256 of the canonical JSON (sorted keys, no whitespace, UTF-8) of ``kind`` and the
-training fields, *without* ``metadata``: metadata (timestamps, session ids, client versions) does not change
+training fields that are present (an absent optional field is not hashed as null, so the prompt form hashes
+as it always did), *without* ``metadata``: metadata (timestamps, session ids, client versions) does not change
 what a model learns, so the same example sent twice is one record; the first one's metadata is kept.
 
 This module imports no SQL at import time, so the API and SDK can use the schemas alone.
@@ -28,6 +33,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
@@ -59,20 +65,71 @@ FeedbackText = Annotated[str, StringConstraints(min_length=1, strict=True), Afte
 Score = Annotated[float, Field(ge=0.0, le=1.0, strict=True, allow_inf_nan=False)]
 
 
+def _developer_is_system(value: object) -> object:
+    return "system" if value == "developer" else value
+
+
+#: A message's role; OpenAI's ``developer`` is the ``system`` role of the models lorafleet serves.
+FeedbackRole = Annotated[Literal["system", "user", "assistant"], BeforeValidator(_developer_is_system)]
+
+
+class FeedbackMessage(BaseModel):
+    """One turn of an ``sft`` conversation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: FeedbackRole
+    content: FeedbackText
+
+
+def _a_training_conversation(messages: list[FeedbackMessage]) -> list[FeedbackMessage]:
+    """At least one user turn, and the last turn is the assistant's: the target the adapter learns."""
+    if not any(m.role == "user" for m in messages):
+        raise ValueError("needs at least one user turn")
+    if messages[-1].role != "assistant":
+        raise ValueError("must end with an assistant turn (the target)")
+    return messages
+
+
+Conversation = Annotated[list[FeedbackMessage], AfterValidator(_a_training_conversation)]
+
+
 class _FeedbackBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
 
+    def absent_fields(self) -> set[str]:
+        """Optional fields left out (None): not stored and not hashed, so each form keeps its own shape."""
+        return {name for name, value in self if value is None}
+
+    def dump(self, *, mode: Literal["python", "json"] = "python") -> dict[str, Any]:
+        """The record as stored and sent: every field but the absent ones."""
+        return self.model_dump(mode=mode, exclude=self.absent_fields())
+
     def training_fields(self) -> dict[str, Any]:
         """``kind`` and the fields a model learns from: what the content hash covers."""
-        return self.model_dump(exclude={"metadata"})
+        return self.model_dump(exclude={"metadata", *self.absent_fields()})
 
 
 class SftFeedback(_FeedbackBase):
+    """A demonstration: ``prompt`` + ``completion``, or ``messages`` whose last (assistant) turn is the target."""
+
     kind: Literal["sft"]
-    prompt: FeedbackText
-    completion: FeedbackText
+    messages: Conversation | None = None
+    prompt: FeedbackText | None = Field(default=None, validate_default=True)
+    completion: FeedbackText | None = Field(default=None, validate_default=True)
+
+    @field_validator("prompt", "completion")
+    @classmethod
+    def _one_form(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Either ``messages`` or both ``prompt`` and ``completion``; errors name the field at fault."""
+        with_messages = info.data.get("messages") is not None
+        if with_messages and value is not None:
+            raise ValueError("not allowed together with messages")
+        if not with_messages and value is None and "messages" in info.data:
+            raise ValueError("Field required")
+        return value
 
 
 class PreferenceFeedback(_FeedbackBase):
@@ -160,13 +217,16 @@ def content_hash(record: SftFeedback | PreferenceFeedback | RatingFeedback) -> s
 
 
 def _field_of(error: Mapping[str, Any], *, kind: object) -> str:
-    """The dotted path of a pydantic error inside the record (without the union's tag)."""
+    """The path of a pydantic error inside the record (without the union's tag): ``messages[2].role``."""
     if error["type"].startswith("union_tag"):
         return "kind"
     loc = list(error["loc"])
     if loc and loc[0] == kind:  # a discriminated union puts the tag first
         loc = loc[1:]
-    return ".".join(str(part) for part in loc)
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
 
 
 def _parse(raw: object, *, index: int) -> SftFeedback | PreferenceFeedback | RatingFeedback:
@@ -195,7 +255,7 @@ def _encode_fields(dumped: Mapping[str, Any], *, index: int) -> dict[str, int]:
 def prepare_record(raw: object, *, index: int, limits: FeedbackLimits = DEFAULT_LIMITS) -> PreparedFeedback:
     """Validate one record (``index`` is its place in the batch, for the error) and hash it."""
     record = _parse(raw, index=index)
-    dumped = record.model_dump()
+    dumped = record.dump()
     sizes = _encode_fields(dumped, index=index)
     size = len(canonical_json(dumped))
     if size > limits.max_record_bytes:

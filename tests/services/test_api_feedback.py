@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import httpx
 import pytest
 from api_helpers import ApiServer, Library, TenantHandle, count_rows, sft
 
 from lorafleet.sdk import AsyncClient, Client, errors
-from lorafleet.sdk.schemas import RatingFeedback
+from lorafleet.sdk.schemas import FeedbackMessage, RatingFeedback, SftFeedback
 from lorafleet.store.sql.models import SqlFeedback, SqlIdempotencyKey, SqlUser
+
+
+def _chat(*turns: dict[str, Any]) -> dict[str, Any]:
+    """An sft record as a conversation: a user turn, then ``turns``."""
+    return {"kind": "sft", "messages": [{"role": "user", "content": "Capital of France?"}, *turns]}
 
 
 def _feedback_rows(library: Library, tenant: TenantHandle) -> int:
@@ -40,6 +46,32 @@ def test_submit_and_list_feedback_through_the_sdk(make_tenant: Callable[[], Tena
     ]
     with pytest.raises(errors.NotFound):
         client.list_feedback("nobody")
+
+
+def test_messages_feedback_is_accepted_and_stored(
+    make_tenant: Callable[[], TenantHandle], library: Library
+) -> None:
+    tenant = make_tenant()
+    turns = [
+        FeedbackMessage(role="developer", content="Be brief."),
+        FeedbackMessage(role="user", content="Capital of France?"),
+        FeedbackMessage(role="assistant", content="Paris."),
+    ]
+    as_model = SftFeedback(kind="sft", messages=turns, metadata={"app": "chat"})
+    as_dict = _chat({"role": "assistant", "content": "Paris."})
+    submitted = tenant.client.submit_feedback("lena", [as_model, as_dict, as_dict])
+    assert (submitted.created, submitted.duplicates) == (2, 1)
+    first, second = tenant.client.list_feedback("lena")
+    assert first.kind == "sft" and first.payload == {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+        ],
+        "metadata": {"app": "chat"},
+    }
+    assert second.payload["messages"] == as_dict["messages"] and "prompt" not in second.payload
+    assert _feedback_rows(library, tenant) == 2
 
 
 def test_duplicated_records_are_stored_once(
@@ -140,6 +172,12 @@ def test_a_failed_request_releases_its_key(make_tenant: Callable[[], TenantHandl
             "records[1].completoin",
         ),
         ([], "records"),
+        (
+            [sft("ok"), sft("ok2"), sft("ok3"), _chat({"role": "bot", "content": "x"})],
+            "records[3].messages[1].role",
+        ),
+        ([_chat()], "records[0].messages"),
+        ([{**_chat({"role": "assistant", "content": "A"}), "prompt": "p"}], "records[0].prompt"),
     ],
 )
 def test_malformed_records_are_422_naming_the_field(

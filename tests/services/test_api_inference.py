@@ -96,6 +96,19 @@ def test_generate_follows_promote_and_rollback_through_the_api(
     assert [v.status for v in client.list_versions("pat", "personal")] == ["archived", "live"]
 
 
+def test_generate_is_one_user_turn_unless_raw_and_chat_renders_the_plain_format_on_tiny(
+    make_tenant: Callable[[], TenantHandle],
+) -> None:
+    client = make_tenant().client
+    rendered = client.generate("uma", "Tell me a story", max_tokens=4)
+    raw = client.generate("uma", "Tell me a story", max_tokens=4, raw=True)
+    assert rendered.text == raw.text and rendered.usage == raw.usage  # tiny: a user turn is the prompt
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    chat = client.chat("uma", messages, max_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and "\nuser:" not in chat.choices[0].message.content
+    assert chat.usage.prompt_tokens == len("system: Be brief.\nuser: Hi\nassistant:")  # one byte, one token
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

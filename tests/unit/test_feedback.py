@@ -286,3 +286,57 @@ def test_concurrent_ingest_of_the_same_batch_stores_it_once(pg_database: Databas
 
     assert len({tuple(r.ids) for r in results}) == 1
     assert sum(r.created for r in results) == 20 and _count(pg_database, SqlFeedback) == 20
+
+
+# --- sft records as OpenAI-style messages ------------------------------------------------------------------------
+TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+]
+CHAT = {"kind": "sft", "messages": TURNS}
+
+
+def _chat(*turns: Any, **extra: Any) -> dict[str, Any]:
+    return {"kind": "sft", "messages": list(turns), **extra}
+
+
+def test_a_conversation_is_stored_as_messages_and_hashed_by_them(database: Database, tenant_id: int) -> None:
+    as_developer = _chat({"role": "developer", "content": "Be brief."}, *TURNS[1:], metadata={"app": "chat"})
+    result = _ingest(database, tenant_id, [CHAT, as_developer, SFT])
+    assert (result.created, result.duplicates) == (2, 1)
+    assert result.ids[0] == result.ids[1]  # developer is stored as system: the same record
+    stored, sft = list_feedback(database, tenant_id=tenant_id, user_external_id="alice", limit=10)
+    assert stored.kind == "sft" and stored.payload == {"messages": TURNS, "metadata": {}}
+    canonical = json.dumps(CHAT, sort_keys=True, separators=(",", ":")).encode()
+    assert stored.content_hash == hashlib.sha256(canonical).hexdigest()
+    assert set(sft.payload) == {"prompt", "completion", "metadata"}  # the prompt form keeps its shape
+
+
+BAD_CONVERSATIONS = [
+    (_chat(*TURNS[:2], {"role": "bot", "content": "x"}), "messages[2].role"),
+    (_chat(TURNS[1], {"role": "assistant", "content": " "}), "messages[1].content"),
+    (_chat(TURNS[1], {"role": "assistant", "content": 3}), "messages[1].content"),
+    (_chat(TURNS[1], {"role": "assistant"}), "messages[1].content"),
+    (_chat({**TURNS[1], "name": "bob"}, TURNS[2]), "messages[0].name"),
+    (_chat(TURNS[1], "Paris."), "messages[1]"),
+    (_chat(TURNS[0], TURNS[2]), "messages"),  # no user turn
+    (_chat(*TURNS[:2]), "messages"),  # no target
+    (_chat(*TURNS, TURNS[1]), "messages"),  # ends with the user
+    (_chat(), "messages"),
+    ({"kind": "sft", "messages": "user: hi"}, "messages"),
+    (_chat(*TURNS, prompt="p"), "prompt"),
+    (_chat(*TURNS, completion="c"), "completion"),
+    ({"kind": "preference", "messages": TURNS, "chosen": "a", "rejected": "b"}, "prompt"),
+]
+
+
+@pytest.mark.parametrize(("bad", "field"), BAD_CONVERSATIONS)
+def test_a_bad_conversation_refuses_the_whole_batch_naming_the_field(
+    database: Database, tenant_id: int, bad: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(FeedbackRecordError) as caught:
+        _ingest(database, tenant_id, [SFT, CHAT, PREFERENCE, bad])
+    assert (caught.value.index, caught.value.field) == (3, field)
+    assert str(caught.value).startswith(f"records[3].{field}: ")
+    assert _count(database, SqlFeedback) == 0 and _count(database, SqlUser) == 0

@@ -7,6 +7,9 @@ a routing key computed offline and a request embedded in a serving batch are com
 
 A version's routing key is the normalised mean of its training prompts' embeddings; it is computed when the
 version is trained or imported and stored with the version (``Registry.register_version(routing_key=...)``).
+Both sides embed the user's own text, tokenised by ``embedding_ids``: a training example's ``prompt`` (the last
+user turn of a conversation) and, in serving, a request's prompt or its conversation's last user turn, never
+the chat-template rendering (whose shared system prompt would make every prompt look alike).
 """
 
 from __future__ import annotations
@@ -89,9 +92,15 @@ def routing_key(
     return tuple(float(v) for v in key.tolist())
 
 
+def embedding_ids(tokenizer: Any, prompt: str, *, max_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> list[int]:
+    """The ids a prompt is embedded from (routing keys and serving's gates alike): the text as the tokenizer
+    encodes a plain prompt, without a chat template; over ``max_tokens`` it keeps its last tokens."""
+    return [int(t) for t in tokenizer(prompt)["input_ids"]][-max_tokens:]
+
+
 def _encode(tokenizer: Any, prompts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids and mask; a prompt over ``max_tokens`` keeps its last tokens."""
-    rows = [list(tokenizer(p)["input_ids"])[-max_tokens:] for p in prompts]
+    rows = [embedding_ids(tokenizer, p, max_tokens=max_tokens) for p in prompts]
     if any(not row for row in rows):
         raise ValidationError("a prompt tokenises to nothing")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0

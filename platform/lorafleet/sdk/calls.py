@@ -73,7 +73,8 @@ def _adapter(user: str, adapter: str) -> str:
 
 
 def _dump(record: Record) -> Any:
-    return record.model_dump(mode="json") if isinstance(record, BaseModel) else dict(record)
+    """A record as JSON; a model's absent optional fields (an ``sft`` record's other form) are left out."""
+    return record.model_dump(mode="json", exclude_none=True) if isinstance(record, BaseModel) else dict(record)
 
 
 def _query(**values: Any) -> dict[str, Any]:
@@ -297,7 +298,7 @@ def adapter_archive(source: str | Path | bytes) -> bytes:
 
 # --- generation -------------------------------------------------------------------------------------------------
 def generate(user: str, request: s.GenerateRequest) -> Call[Any]:
-    body = request.model_dump(mode="json")
+    body = request.model_dump(mode="json", exclude=None if request.raw else {"raw"})  # as before raw existed
     return Call("POST", f"{_user(user)}/generate", _parser(s.GenerateResponse), body=body)
 
 

@@ -99,7 +99,8 @@ class Client(ClientBase):
     def submit_feedback(
         self, user: str, records: Sequence[c.Record], *, idempotency_key: str | None = None
     ) -> s.FeedbackSubmitted:
-        """Store a batch of records for ``user`` (created on first sight); repeats are deduplicated."""
+        """Store a batch of records for ``user`` (created on first sight); repeats are deduplicated. An ``sft``
+        record is ``prompt`` + ``completion`` or OpenAI-style ``messages`` ending with the assistant's turn."""
         return self._run(c.submit_feedback(user, records, idempotency_key=idempotency_key))
 
     def list_feedback(
@@ -264,8 +265,10 @@ class Client(ClientBase):
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        raw: bool = False,
     ) -> s.GenerateResponse:
-        """Generate for ``user`` through their adapter bank (temperature 0 = greedy)."""
+        """Generate for ``user`` through their adapter bank (temperature 0 = greedy). The prompt is one user turn
+        of the backbone's chat template, as feedback trains; ``raw=True`` feeds it as is."""
         request = s.GenerateRequest(
             prompt=prompt,
             max_tokens=max_tokens,
@@ -273,6 +276,7 @@ class Client(ClientBase):
             top_p=top_p,
             seed=seed,
             stop=list(stop),
+            raw=raw,
         )
         return self._run(c.generate(user, request))
 
@@ -313,7 +317,8 @@ class Client(ClientBase):
         stop: str | list[str] | None = None,
         model: str = "lorafleet",
     ) -> s.ChatCompletionResponse:
-        """OpenAI-style ``/v1/chat/completions`` for ``user`` (messages as dicts or ``ChatMessage``)."""
+        """OpenAI-style ``/v1/chat/completions`` for ``user`` (messages as dicts or ``ChatMessage``), rendered with
+        the backbone's chat template and ended at its end-of-turn token."""
         request = s.ChatCompletionRequest(
             user=user,
             messages=c.chat_messages(messages),
@@ -554,6 +559,7 @@ class AsyncClient(ClientBase):
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        raw: bool = False,
     ) -> s.GenerateResponse:
         request = s.GenerateRequest(
             prompt=prompt,
@@ -562,6 +568,7 @@ class AsyncClient(ClientBase):
             top_p=top_p,
             seed=seed,
             stop=list(stop),
+            raw=raw,
         )
         return await self._run(c.generate(user, request))
 

@@ -13,7 +13,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
-from lorafleet.feedback import FeedbackIn, PreferenceFeedback, RatingFeedback, SftFeedback
+from lorafleet.feedback import (
+    FeedbackIn,
+    FeedbackMessage,
+    FeedbackRole,
+    PreferenceFeedback,
+    RatingFeedback,
+    SftFeedback,
+)
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINISHED_JOB_STATES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
@@ -41,6 +48,7 @@ __all__ = [
     "ErrorDetail",
     "FeedbackBatch",
     "FeedbackIn",
+    "FeedbackMessage",
     "FeedbackRecordOut",
     "FeedbackSubmitted",
     "GenerateRequest",
@@ -358,6 +366,10 @@ class GenerateRequest(_Sampling, _In):
     max_tokens: int = Field(default=32, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=0.0, ge=0.0, le=100.0)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    raw: bool = Field(
+        default=False,
+        description="Feed the prompt as is; by default it is one user turn of the backbone's chat template.",
+    )
 
 
 class ServedByOut(_Out):
@@ -438,9 +450,11 @@ class CompletionRequest(_OpenAIRequest):
 
 
 class ChatMessage(BaseModel):
+    """One message of a chat request; OpenAI's ``developer`` role is taken as ``system``."""
+
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
+    role: FeedbackRole
     content: str
 
 

@@ -3,7 +3,9 @@ sampling parameters, seed, stop strings and length.
 
 A manual loop (rather than ``model.generate``) because the rows of one batch differ in temperature, top-p, seed,
 stop strings and ``max_new_tokens``. Prompts are left-padded; position ids come from the attention mask, so a
-padded row computes what it would alone. The KV cache is a ``DynamicCache``; when rows finish, they are dropped
+padded row computes what it would alone. A row ends at a stop string, at its length, or at any end-of-turn id
+(``backbone.chat.end_of_turn_ids``: the eos ids, and the chat template's end of turn such as ``<|im_end|>``),
+which is kept in ``token_ids`` but, being special, not in the text. The KV cache is a ``DynamicCache``; when rows finish, they are dropped
 from the cache, the mask and the routing plan, so the remaining rows do not pay for them.
 """
 
@@ -19,6 +21,7 @@ import torch
 
 from lorafleet.adapters.bank import AdapterBank
 from lorafleet.adapters.routing import Route, RoutingPlan
+from lorafleet.backbone.chat import end_of_turn_ids
 from lorafleet.serving.requests import FinishReason
 
 
@@ -114,7 +117,7 @@ class BatchDecoder:
         """``bank`` None: a model without adapters (every row's routes must be empty)."""
         self.model, self.bank, self.tokenizer, self.device = model, bank, tokenizer, device
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = end_of_turn_ids(model, tokenizer)
 
     @torch.inference_mode()
     def run(self, rows: Sequence[RowSpec]) -> list[RowOutput]:
@@ -211,18 +214,6 @@ def left_pad(
             ids[i, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
             mask[i, width - len(prompt) :] = 1
     return ids.to(device), mask.to(device)
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    """End-of-sequence ids from the generation config (may be a list) and the tokenizer."""
-    found: set[int] = set()
-    config = getattr(model, "generation_config", None)
-    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            found.add(value)
-        elif isinstance(value, list | tuple):
-            found.update(int(v) for v in value)
-    return frozenset(found)
 
 
 __all__ = ["BatchDecoder", "RowOutput", "RowSampler", "RowSpec", "find_stop", "left_pad", "pick_tokens"]

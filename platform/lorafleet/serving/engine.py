@@ -1,9 +1,12 @@
 """``GenerationEngine``: one batch of requests from many users through one backbone and one adapter bank.
 
-Per batch: resolve each request's user bank once (a snapshot: every step of a request decodes with the versions
+Per batch: render each request (``lorafleet.backbone.chat``, as training renders examples: messages through the
+chat template, a plain prompt as one user turn, a raw prompt as is) and tokenise it; resolve each request's user
+bank once (a snapshot: every step of a request decodes with the versions
 resolved here, so a concurrent rollback serves a request wholly by the old or wholly by the new version, and a
 batch that starts after the rollback returned sees the new alias; banks are not cached across batches); pool
-base-model embeddings of the prompts in one forward for the gates that need them; turn each gate decision into
+base-model embeddings in one forward for the gates that need them (of the user's own text, the prompt or the
+last user turn, as routing keys are made: ``routing.embeddings.embedding_ids``); turn each gate decision into
 the row's ``(slot, weight)`` routes through the cache (slots pinned for the batch); decode all rows together
 (a user without adapters, or a gate deciding "base only", gives an empty route: the base model); report which
 versions, with which weights, served each request.
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lorafleet.adapters.bank import AdapterBank
+from lorafleet.backbone.chat import chat_stop_strings, encode_messages, last_user_content
 from lorafleet.errors import InvalidStateError, LorafleetError, ValidationError
 from lorafleet.serving.cache import AdapterCache, Lease
 from lorafleet.serving.decode import BatchDecoder, RowOutput, RowSpec, left_pad
@@ -58,6 +62,8 @@ class _Row:
     index: int
     request: GenerationRequest
     prompt_ids: tuple[int, ...]
+    #: stop strings the rendering adds (the plain format's next user turn)
+    stops: tuple[str, ...] = ()
     bank: UserBank | None = None
     routes: tuple[tuple[BankMember, float], ...] = ()
     slot_routes: tuple[tuple[int, float], ...] = field(default=())
@@ -132,7 +138,7 @@ class GenerationEngine:
         rows = []
         for index, request in enumerate(requests):
             try:
-                prompt_ids = self._tokenize(request)
+                prompt_ids, stops = self._tokenize(request)
                 key = (request.tenant_id, request.user)
                 if key not in banks:
                     banks[key] = self._resolve(key)
@@ -142,7 +148,7 @@ class GenerationEngine:
             except LorafleetError as exc:
                 outcomes[index] = exc
                 continue
-            rows.append(_Row(index, request, prompt_ids, bank=bank))
+            rows.append(_Row(index, request, prompt_ids, stops=stops, bank=bank))
         return rows
 
     def _resolve(self, key: tuple[int, str]) -> UserBank | LorafleetError:
@@ -151,8 +157,9 @@ class GenerationEngine:
         except LorafleetError as exc:
             return exc
 
-    def _tokenize(self, request: GenerationRequest) -> tuple[int, ...]:
-        ids = tuple(int(t) for t in self.backbone.tokenizer(request.prompt)["input_ids"])
+    def _tokenize(self, request: GenerationRequest) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """The rendered prompt's ids (checked against the context length) and the stop strings it adds."""
+        ids, stops = _render(self.backbone.tokenizer, request)
         if not ids:
             raise ValidationError("the prompt encodes to no tokens")
         if self._max_positions is not None and len(ids) + request.max_new_tokens > self._max_positions:
@@ -160,7 +167,7 @@ class GenerationEngine:
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceed the model's "
                 f"context of {self._max_positions} tokens"
             )
-        return ids
+        return ids, stops
 
     def _route(self, rows: list[_Row], outcomes: list[Outcome | None]) -> list[_Row]:
         """Each row's ``(member, weight)`` routes from its user's gate; rows of a failing gate get its error."""
@@ -206,10 +213,19 @@ class GenerationEngine:
 
     def _embeddings(self, rows: Sequence[_Row]) -> torch.Tensor:
         pad_id = int(self.backbone.tokenizer.pad_token_id or 0)
-        prompts = [r.prompt_ids[-self._embed_max_tokens :] for r in rows]
+        prompts = [self._gate_ids(r) for r in rows]
         ids, mask = left_pad(prompts, pad_id=pad_id, device=self.backbone.device)
         with self._model_lock, torch.inference_mode():
             return self._embed(self.backbone, self.bank, ids, mask)  # [batch, hidden]
+
+    def _gate_ids(self, row: _Row) -> tuple[int, ...]:
+        """What the gate embeds: the user's own text, tokenised as routing keys' prompts are (the rendered
+        prompt's last tokens if that text encodes to nothing)."""
+        from lorafleet.routing.embeddings import embedding_ids
+
+        text = last_user_content(row.request.messages) if row.request.messages else row.request.prompt
+        ids = embedding_ids(self.backbone.tokenizer, text, max_tokens=self._embed_max_tokens)
+        return tuple(ids) or row.prompt_ids[-self._embed_max_tokens :]
 
     def _decide(self, gate: Gate, bank: UserBank, embeddings: torch.Tensor) -> list[GateDecision]:
         decisions = list(gate.decide(bank, embeddings))
@@ -240,7 +256,7 @@ class GenerationEngine:
             temperature=r.temperature,
             top_p=r.top_p,
             seed=r.seed,
-            stop=r.stop,
+            stop=(*r.stop, *(s for s in row.stops if s not in r.stop)),
             keep_logits=r.return_logits,
         )
 
@@ -280,6 +296,15 @@ class GenerationEngine:
                 seconds=seconds,
             )
         )
+
+
+def _render(tokenizer: Any, request: GenerationRequest) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Token ids and added stop strings of a request: messages rendered, a plain prompt rendered as one user
+    turn, a raw prompt tokenised as is."""
+    if request.raw:
+        return tuple(int(t) for t in tokenizer(request.prompt)["input_ids"]), ()
+    messages = request.messages or (("user", request.prompt),)
+    return tuple(encode_messages(tokenizer, messages)), chat_stop_strings(tokenizer, messages)
 
 
 def _bank_of(row: _Row) -> UserBank:

@@ -1,6 +1,10 @@
 """What a caller asks the serving engine for and what it gets back (plain objects; importing this needs no torch).
 
-A request names a user of a tenant and carries its own decoding parameters: greedy when ``temperature`` is 0,
+A request names a user of a tenant and what to answer, in one of three forms the engine renders
+(``lorafleet.backbone.chat``, as training renders examples): ``messages`` (a conversation, through the backbone's
+chat template); a ``prompt`` (by default one user turn of that same template, so a plain prompt is answered as
+adapters were trained); or a ``prompt`` with ``raw=True`` (the text as is, for text completion). It carries its
+own decoding parameters: greedy when ``temperature`` is 0,
 else sampling with ``temperature`` and nucleus ``top_p``, seeded per request so that a seeded request gives the
 same tokens whatever else shares its batch. A result says which adapter versions, with which weights, served it.
 """
@@ -11,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from lorafleet.backbone.chat import CHAT_ROLES
 from lorafleet.errors import ValidationError
 
 if TYPE_CHECKING:
@@ -20,15 +25,18 @@ FinishReason = Literal["stop", "length"]
 #: Upper bound on ``max_new_tokens`` of one request (the engine also checks the model's context length).
 MAX_NEW_TOKENS_LIMIT = 4096
 MAX_STOP_STRINGS = 16
+Turn = tuple[str, str]
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt of one user; ``stop`` strings end generation (the stop string itself is not returned)."""
+    """One prompt or conversation of one user; ``stop`` strings end generation (the stop string itself is not
+    returned), as does the backbone's end-of-turn token."""
 
     tenant_id: int
     user: str
-    prompt: str
+    #: the text to answer (empty when ``messages`` are given)
+    prompt: str = ""
     max_new_tokens: int = 32
     temperature: float = 0.0
     top_p: float = 1.0
@@ -38,9 +46,14 @@ class GenerationRequest:
     return_logits: bool = False
     #: the caller's correlation id, copied to the result
     request_id: str | None = None
+    #: a conversation of ``(role, content)`` turns, rendered with the chat template (instead of ``prompt``)
+    messages: tuple[Turn, ...] = ()
+    #: feed ``prompt`` as is, without the chat template (OpenAI's text completion)
+    raw: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "messages", _turns(self.messages))
         _check_request(self)
 
     @property
@@ -48,13 +61,41 @@ class GenerationRequest:
         return self.temperature == 0.0
 
 
+def _turns(messages: object) -> tuple[Turn, ...]:
+    """Messages as a tuple of ``(role, content)`` pairs (lists from a JSON hop become tuples)."""
+    if isinstance(messages, str | bytes) or not isinstance(messages, list | tuple):
+        raise ValidationError("messages must be a sequence of (role, content) pairs")
+    turns = []
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, list | tuple) or len(turn) != 2:
+            raise ValidationError(f"messages[{i}] must be a (role, content) pair")
+        role, content = turn
+        if role not in CHAT_ROLES:
+            raise ValidationError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise ValidationError(f"messages[{i}].content must be a string")
+        turns.append((str(role), content))
+    return tuple(turns)
+
+
+def _check_input(r: GenerationRequest) -> None:
+    """Exactly one of a non-empty ``prompt`` and non-empty ``messages``; ``raw`` only with a prompt."""
+    if not isinstance(r.prompt, str):
+        raise ValidationError("prompt must be a string")
+    if r.messages and r.prompt:
+        raise ValidationError("give either prompt or messages, not both")
+    if not r.messages and not r.prompt:
+        raise ValidationError("prompt must be a non-empty string (or give messages)")
+    if not isinstance(r.raw, bool) or (r.raw and r.messages):
+        raise ValidationError("raw is a bool, and applies to a prompt only (messages are always rendered)")
+
+
 def _check_request(r: GenerationRequest) -> None:
     if isinstance(r.tenant_id, bool) or not isinstance(r.tenant_id, int):
         raise ValidationError(f"tenant_id must be an int, got {r.tenant_id!r}")
     if not isinstance(r.user, str) or not r.user:
         raise ValidationError("user must be a non-empty string (the user's external id)")
-    if not isinstance(r.prompt, str) or not r.prompt:
-        raise ValidationError("prompt must be a non-empty string")
+    _check_input(r)
     if isinstance(r.max_new_tokens, bool) or not 1 <= r.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
         raise ValidationError(
             f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {r.max_new_tokens!r}"

@@ -2,13 +2,19 @@
 
 Rules (one place, so the trainer, continual learning and QA agree):
 
-- ``sft`` -> the completion is the target;
+- ``sft`` -> the completion is the target; a record with ``messages`` instead trains its last (assistant) turn,
+  with the turns before it as the example's ``context`` and the last user turn's content as its ``prompt``
+  (what dedupe, displays and routing keys use);
 - ``preference`` -> the chosen answer is the target (SFT on chosen); ``rejected`` is kept on the example for
   preference objectives but not trained on here;
 - ``rating`` -> the response is the target when ``score >= rating_threshold``; lower ratings are excluded and
   counted (``excluded["rating_below_threshold"]``);
 - a record repeated (same content hash) counts once; malformed payloads and unknown kinds are counted, not
   raised, so one odd row cannot stop a user's job.
+
+Encoding renders the context (a prompt-based example is one user turn) with the backbone's chat template, or the
+plain format without one (``lorafleet.backbone.chat``), exactly as serving renders a request, and ends every
+target with the end-of-turn token serving stops at (SmolLM2's ``<|im_end|>``, the eos without a template).
 
 The holdout split is a pure function of each record's content hash, so a record never moves between train and
 holdout when more records arrive, and the same feedback gives the same split on every machine.
@@ -23,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from lorafleet.backbone.chat import CHAT_ROLES, encode_messages, end_of_turn_id, last_user_content
 from lorafleet.domain import FeedbackRecord
 from lorafleet.errors import ValidationError
 from lorafleet.training.config import TrainingConfig
@@ -35,15 +42,26 @@ IGNORE_INDEX = -100
 _HOLDOUT_SALT = b"lorafleet-holdout/"
 
 
+Turn = tuple[str, str]
+
+
 @dataclass(frozen=True)
 class Example:
-    """One training target: ``completion`` is learned given ``prompt``; ``rejected`` only for preferences."""
+    """One training target: ``completion`` is learned given ``context`` (the turns before it, as ``(role,
+    content)``; empty: ``prompt`` is the one user turn). ``prompt`` is always the last user turn's content;
+    ``rejected`` only for preferences."""
 
     record_id: int
     prompt: str
     completion: str
     kind: str
     rejected: str | None = None
+    context: tuple[Turn, ...] = ()
+
+    @property
+    def messages(self) -> tuple[Turn, ...]:
+        """The conversation the target answers: the context, or the prompt as one user turn."""
+        return self.context or (("user", self.prompt),)
 
 
 @dataclass(frozen=True)
@@ -75,9 +93,36 @@ def is_holdout(content_hash: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+def _conversation(messages: object) -> tuple[Turn, ...] | None:
+    """A stored conversation as ``(role, content)`` turns; None unless it has a user turn and ends with the
+    assistant's (ingestion checked that; a row that is not so anymore counts as malformed)."""
+    if not isinstance(messages, list) or not messages:
+        return None
+    turns = []
+    for message in messages:
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if role not in CHAT_ROLES or not isinstance(content, str) or not content:
+            return None
+        turns.append((str(role), content))
+    if turns[-1][0] != "assistant" or not any(role == "user" for role, _ in turns):
+        return None
+    return tuple(turns)
+
+
+def _example_from_messages(record: FeedbackRecord, messages: object) -> Example | str:
+    turns = _conversation(messages)
+    if turns is None:
+        return "malformed"
+    context = turns[:-1]
+    return Example(record.id, last_user_content(context), turns[-1][1], record.kind, context=context)
+
+
 def example_from_record(record: FeedbackRecord, *, rating_threshold: float) -> Example | str:
     """The record's training example, or the reason it is excluded (a key of ``UserDataset.excluded``)."""
     payload: dict[str, Any] = record.payload
+    if record.kind == "sft" and "messages" in payload:
+        return _example_from_messages(record, payload["messages"])
     prompt = payload.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         return "malformed"
@@ -134,19 +179,28 @@ def reservoir_sample(items: Sequence[T], k: int, *, seed: int) -> list[T]:
     return [items[i] for i in sorted(reservoir)]
 
 
+def encode_prompt(tokenizer: Any, example: Example) -> list[int]:
+    """Token ids of the example's rendered conversation, up to the assistant's turn: what serving feeds the
+    model for the same request (use it to generate for an example, e.g. QA samples)."""
+    return encode_messages(tokenizer, example.messages, add_generation_prompt=True)
+
+
 def encode_example(
     tokenizer: Any, example: Example, *, max_seq_len: int, add_eos: bool = True
 ) -> tuple[list[int], int]:
-    """Token ids of prompt + completion (+ EOS) and how many trailing ids are the completion.
+    """Token ids of prompt + completion (+ end of turn) and how many trailing ids are the completion.
 
-    The prompt is tokenized as the tokenizer does for a plain prompt (with its BOS, if it adds one), so training
-    sees what serving sees; the completion without special tokens. Too long: the prompt loses its oldest tokens
-    first, and the completion keeps at least half of ``max_seq_len``.
+    The prompt is the rendered conversation (``encode_prompt``: the chat template, or the plain format where a
+    single user turn is its text unchanged), so training sees what serving sees; the completion is tokenized
+    without special tokens, and ``add_eos`` appends the end-of-turn id serving stops at (``<|im_end|>`` for
+    ChatML, else the eos). Too long: the prompt loses its oldest tokens first, and the completion keeps at
+    least half of ``max_seq_len``.
     """
-    prompt_ids = list(tokenizer(example.prompt)["input_ids"])
+    prompt_ids = encode_prompt(tokenizer, example)
     completion_ids = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"])
-    if add_eos and tokenizer.eos_token_id is not None:
-        completion_ids.append(int(tokenizer.eos_token_id))
+    end_id = end_of_turn_id(tokenizer) if add_eos else None
+    if end_id is not None:
+        completion_ids.append(end_id)
     if len(prompt_ids) + len(completion_ids) > max_seq_len:
         keep_completion = min(len(completion_ids), max(max_seq_len // 2, max_seq_len - len(prompt_ids)))
         completion_ids = completion_ids[:keep_completion]

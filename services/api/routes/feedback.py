@@ -1,4 +1,7 @@
-"""Feedback: submit a batch of records for a user (idempotent with a key), list a user's records."""
+"""Feedback: submit a batch of records for a user (idempotent with a key), list a user's records.
+
+An ``sft`` record is ``prompt`` + ``completion`` or OpenAI-style ``messages`` (its last, assistant, turn is the
+target); ``lorafleet.feedback`` validates both and stores the form it was given."""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ def submit_feedback(
     stored (same kind and training fields) is not stored again and gets the existing record's id."""
 
     def ingest() -> s.FeedbackSubmitted:
-        records = [record.model_dump(mode="json") for record in batch.records]
+        records = [record.dump(mode="json") for record in batch.records]
         result = ingest_feedback(
             services.db,
             tenant_id=tenant.id,

@@ -5,9 +5,10 @@ Requests from every caller are batched together by the serving engine's queue. T
 user's adapters per request; responses say which versions served them (``served_by``, and the ``lorafleet``
 extension on OpenAI responses). A user the tenant does not have yet is served by the base model.
 
-Chat template (kept deliberately simple, and the same for every backbone): each message becomes
-``"<role>: <content>\\n"`` in order, and the prompt ends with ``"assistant:"``; generation continues from
-there and stops at ``"\\nuser:"`` (added to the request's stop strings) or at the token limit.
+Rendering happens in the serving engine (``lorafleet.backbone.chat``; the API process may not hold a tokenizer
+when serving runs on Ray Serve), exactly as training renders feedback: ``/v1/chat/completions`` passes its
+messages through the backbone's chat template and stops at its end-of-turn token; ``/generate`` renders its
+prompt as one user turn unless the body says ``raw``; ``/v1/completions`` (OpenAI's text completion) is raw.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from fastapi import APIRouter
 
@@ -25,13 +27,16 @@ from services.api.deps import CurrentTenant, Services, UserId
 from services.api.runtime import ApiServices
 
 router = APIRouter(tags=["inference"])
-CHAT_STOP = "\nuser:"
 CHAT_MAX_TOKENS = 128
 
 
-def render_chat(messages: Sequence[s.ChatMessage]) -> str:
-    """The chat template: ``"<role>: <content>\\n"`` per message, then ``"assistant:"``."""
-    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+@dataclass(frozen=True)
+class _Input:
+    """What one choice answers: a prompt (``raw``: without the chat template) or a conversation."""
+
+    prompt: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
+    raw: bool = False
 
 
 def _serve(
@@ -39,7 +44,7 @@ def _serve(
     *,
     tenant_id: int,
     user: str,
-    prompts: Sequence[str],
+    inputs: Sequence[_Input],
     max_tokens: int,
     sampling: s.GenerateRequest | s.CompletionRequest | s.ChatCompletionRequest,
     stop: tuple[str, ...],
@@ -48,14 +53,16 @@ def _serve(
         GenerationRequest(
             tenant_id=tenant_id,
             user=user,
-            prompt=prompt,
+            prompt=given.prompt,
+            messages=given.messages,
+            raw=given.raw,
             max_new_tokens=max_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             seed=sampling.seed,
             stop=stop,
         )
-        for prompt in prompts
+        for given in inputs
     ]
     return services.engine.generate(requests)
 
@@ -64,12 +71,13 @@ def _serve(
 def generate(
     services: Services, tenant: CurrentTenant, user_id: UserId, body: s.GenerateRequest
 ) -> s.GenerateResponse:
-    """Generate for the user; the answer names the adapter versions and gate weights that served it."""
+    """Generate for the user (the prompt as one user turn of the chat template, or as is with ``raw``); the
+    answer names the adapter versions and gate weights that served it."""
     (result,) = _serve(
         services,
         tenant_id=tenant.id,
         user=user_id,
-        prompts=[body.prompt],
+        inputs=[_Input(prompt=body.prompt, raw=body.raw)],
         max_tokens=body.max_tokens,
         sampling=body,
         stop=tuple(body.stop),
@@ -79,12 +87,13 @@ def generate(
 
 @router.post("/v1/completions", response_model=s.CompletionResponse)
 def completions(services: Services, tenant: CurrentTenant, body: s.CompletionRequest) -> s.CompletionResponse:
-    """OpenAI's completions API: ``user`` selects the bank; several prompts give one choice each."""
+    """OpenAI's completions API (raw text, no chat template): ``user`` selects the bank; several prompts give
+    one choice each."""
     results = _serve(
         services,
         tenant_id=tenant.id,
         user=body.user,
-        prompts=body.prompts(),
+        inputs=[_Input(prompt=prompt, raw=True) for prompt in body.prompts()],
         max_tokens=body.max_tokens,
         sampling=body,
         stop=body.stop_strings(),
@@ -106,16 +115,17 @@ def completions(services: Services, tenant: CurrentTenant, body: s.CompletionReq
 def chat_completions(
     services: Services, tenant: CurrentTenant, body: s.ChatCompletionRequest
 ) -> s.ChatCompletionResponse:
-    """OpenAI's chat completions API over the chat template above; ``user`` selects the bank."""
+    """OpenAI's chat completions API through the backbone's chat template; ``user`` selects the bank."""
     max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_MAX_TOKENS
+    messages = tuple((m.role, m.content) for m in body.messages)
     (result,) = _serve(
         services,
         tenant_id=tenant.id,
         user=body.user,
-        prompts=[render_chat(body.messages)],
+        inputs=[_Input(messages=messages)],
         max_tokens=max_tokens,
         sampling=body,
-        stop=(*body.stop_strings(), CHAT_STOP),
+        stop=body.stop_strings(),
     )
     return s.ChatCompletionResponse(
         id=f"chatcmpl-{uuid.uuid4().hex}",
