@@ -15,6 +15,8 @@ weights live in the engine's byte-budgeted adapter cache.
 
 Batching. Inside a replica, requests of all users share one ``BatchingQueue`` (one forward pass serves many
 users). Serve's own ``@serve.batch`` is not used: it splits batches by multiplexed model id, one user each.
+Requests cross the hop whole (prompt or ``messages``, ``raw``): the replica's engine renders them with its
+tokenizer (``backbone.chat``), so the API needs none.
 
 Errors. A replica returns each request's outcome as a value (a ``GenerationResult`` or a ``LorafleetError``),
 so library errors reach the caller with their own class (a ``BlobNotFoundError`` stays a ``NotFoundError``);

@@ -142,8 +142,14 @@ def test_a_users_requests_stick_to_one_replica_and_answer_as_in_process(
     stats = serve_app.replica_stats(user_key(fleet.tenant_id, fleet.users[0]))
     assert stats["replica_id"] == placed[fleet.users[0]] and stats["serving"]["rows_adapter"] > 0
 
-    # the same tokens, versions and weights as the in-process engine, for adapters and for a newcomer
-    with_newcomer = [*mixed, GenerationRequest(tenant_id=fleet.tenant_id, user="newcomer", prompt="Hi there")]
+    # the same tokens, versions and weights as the in-process engine, for adapters and for a newcomer, with
+    # requests of every form (a conversation and a raw prompt cross the hop whole)
+    chat = GenerationRequest(
+        tenant_id=fleet.tenant_id, user=fleet.users[0], messages=(("system", "Be brief."), ("user", "Hi"))
+    )
+    raw = GenerationRequest(tenant_id=fleet.tenant_id, user=fleet.users[1], prompt=PROMPTS[1], raw=True)
+    newcomer = GenerationRequest(tenant_id=fleet.tenant_id, user="newcomer", prompt="Hi there")
+    with_newcomer = [*mixed, chat, raw, newcomer]
     served = serve_app.generate(with_newcomer)
     local = local_engine.generate(with_newcomer)
     for one, reference in zip(served, local, strict=True):
