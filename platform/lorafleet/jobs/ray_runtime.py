@@ -213,6 +213,7 @@ class TrainerHost:
             self.trainer.backbone,
             self.trainer.bank,
             policy=QAPolicy.from_mapping({**self.settings.qa_policy, **(policy or {})}),
+            prefix=self.trainer.prefix,  # holdout rows scored while training are reused by QA
         )
 
     # --- running jobs -------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ from lorafleet.qa.sampling import MemberSample, member_budget, member_label, sam
 from lorafleet.qa.sanity import SanityResult, check_adapter
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import QARepository
+from lorafleet.training.dataset import pad_token_id
+from lorafleet.training.prefix import FrozenPrefix, backbone_identity
 
 if TYPE_CHECKING:
     from lorafleet.adapters import AdapterBank
@@ -84,9 +86,14 @@ class Evaluator:
         bank: AdapterBank,
         policy: QAPolicy,
         work_dir: Path | None = None,
+        prefix: FrozenPrefix | None = None,
     ) -> None:
+        """Without ``prefix`` one is made for the bank: every column of a matrix shares the frozen layers."""
         self.db, self.registry, self.backbone, self.bank = db, registry, backbone, bank
         self.policy, self.work_dir = policy, work_dir
+        self.prefix = prefix or FrozenPrefix.for_bank(
+            bank, identity=backbone_identity(backbone), pad_id=pad_token_id(backbone.tokenizer)
+        )
 
     def own_set(self, subject: Subject) -> EvalSet:
         """The subject's own holdout (the user's, or the task adapter's)."""
@@ -190,6 +197,7 @@ class Evaluator:
             columns=columns,
             slots=loader.slots,
             policy=self.policy,
+            prefix=self.prefix,
         )
 
     # --- the bank -----------------------------------------------------------------------------------------

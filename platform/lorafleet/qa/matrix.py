@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from lorafleet.registry import Registry
     from lorafleet.routing.bank import UserBank
     from lorafleet.routing.gates import Gate
+    from lorafleet.training.prefix import FrozenPrefix
 
 logger = logging.getLogger(__name__)
 #: ``(slot, weight)`` pairs of one example (empty: the base model)
@@ -119,13 +120,17 @@ def evaluate_matrix(
     columns: Sequence[ColumnSpec],
     slots: Mapping[str, int],
     policy: QAPolicy,
+    prefix: FrozenPrefix | None = None,
 ) -> Matrix:
-    """Loss and token accuracy of every column on every set, plus greedy samples per cell."""
+    """Loss and token accuracy of every column on every set, plus greedy samples per cell.
+
+    With ``prefix``, a row's layers below the lowest adapted one run once for all its columns.
+    """
     embeddings = embed_sets(backbone, bank, sets) if any(c.gated for c in columns) else {}
     routes = {s.name: _set_routes(s, columns, slots, embeddings) for s in sets}
     cells: dict[str, dict[str, Cell]] = {}
     for s in sets:
-        cells[s.name] = _score_set(backbone, bank, s, columns, routes[s.name], policy)
+        cells[s.name] = _score_set(backbone, bank, s, columns, routes[s.name], policy, prefix)
     samples = _greedy_samples(backbone, bank, sets, columns, routes, policy)
     for (row, column), kept in samples.items():
         cell = cells[row][column]
@@ -157,6 +162,7 @@ def _score_set(
     columns: Sequence[ColumnSpec],
     routes: Mapping[str, list[Routes]],
     policy: QAPolicy,
+    prefix: FrozenPrefix | None,
 ) -> dict[str, Cell]:
     """Every column on one set in one pass (each example repeated once per column, with that column's routes)."""
     from lorafleet.training.metrics import score_examples, summarize
@@ -172,6 +178,7 @@ def _score_set(
         all_routes,
         max_seq_len=policy.max_seq_len,
         batch_size=policy.batch_size,
+        prefix=prefix,
     )
     n, out = len(s.examples), {}
     for i, column in enumerate(columns):

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from lorafleet.adapters import AdapterBank
     from lorafleet.backbone import Backbone
     from lorafleet.jobs.worker import LeaseContext
+    from lorafleet.training.prefix import FrozenPrefix
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +76,21 @@ class QARunner:
         policy: QAPolicy | None = None,
         queue: JobQueue | None = None,
         work_dir: Path | None = None,
+        prefix: FrozenPrefix | None = None,
     ) -> None:
+        """``prefix``: a frozen-prefix cache of this bank's model (a trainer shares its own, so holdout rows
+        it scored while training are not run through the frozen layers again)."""
         self.db, self.registry, self.backbone, self.bank = db, registry, backbone, bank
         self.policy = policy or QAPolicy()
         self.queue = queue or JobQueue(db)
         self.evaluator = Evaluator(
-            db=db, registry=registry, backbone=backbone, bank=bank, policy=self.policy, work_dir=work_dir
+            db=db,
+            registry=registry,
+            backbone=backbone,
+            bank=bank,
+            policy=self.policy,
+            work_dir=work_dir,
+            prefix=prefix,
         )
         self._qa = QARepository(dialect=db.dialect)
         self._registry_sql = RegistryRepository(dialect=db.dialect)

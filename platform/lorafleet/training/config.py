@@ -58,6 +58,9 @@ class TrainingConfig(BaseModel):
     #: gradient-norm clipping, applied to each user's slot separately (one user cannot squeeze another)
     max_grad_norm: float = Field(default=1.0, gt=0.0, le=1e6)
     max_seq_len: int = Field(default=256, ge=8, le=32_768, strict=True)
+    #: share of each user's training rows that are anchors: general prompts answered by the base model itself
+    #: (self-distillation), which keep an adapter from answering everything with its user's facts (0 = off)
+    anchor_ratio: float = Field(default=0.3, ge=0.0, le=0.9)
     #: replayed old records per new record in continual learning (read by ``training.continual``)
     replay_ratio: float = Field(default=0.5, ge=0.0, le=10.0)
     #: weight of the L2 pull of each slot towards its parent's weights (0 = off)

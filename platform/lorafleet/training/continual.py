@@ -33,7 +33,8 @@ from lorafleet.store.sql.feedback import get_snapshot, insert_snapshot, list_fee
 from lorafleet.store.sql.models import SUBJECT_KINDS, TASK_SUBJECT_PREFIX
 from lorafleet.store.sql.tenants import MAX_PAGE_SIZE
 from lorafleet.training.config import TrainingConfig
-from lorafleet.training.dataset import UserDataset, build_dataset, reservoir_sample
+from lorafleet.training.dataset import Example, UserDataset, build_dataset, pad_token_id, reservoir_sample
+from lorafleet.training.prefix import FrozenPrefix, backbone_identity
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -173,6 +174,13 @@ class ContinualTrainer:
         self.promote_rule = promote_rule
         self.work_dir = work_dir
         self.progress = progress
+        #: the frozen-prefix cache of this trainer's backbone, kept across jobs (replayed records hit it)
+        self.prefix = FrozenPrefix.for_bank(
+            bank,
+            identity=backbone_identity(backbone),
+            pad_id=pad_token_id(backbone.tokenizer),
+            spill_dir=work_dir,
+        )
         self._use_config(config)
 
     @property
@@ -332,6 +340,7 @@ class ContinualTrainer:
                 should_stop=should_stop,
                 progress=progress or self.progress,
                 progress_every=1,  # every step: the lease throttles what reaches the database
+                prefix=self.prefix,
             )
             trained = []
             for plan, task, result in zip(plans, tasks, results, strict=True):
@@ -366,7 +375,21 @@ class ContinualTrainer:
             train=plan.dataset.train,
             holdout=plan.dataset.holdout,
             parent_state=self.bank.slot_state_dict(slot) if pull else None,
+            anchors=self._anchors(plan),
         )
+
+    def _anchors(self, plan: UserPlan) -> list[Example]:
+        """A seeded sample of the base's answers to general prompts, ``anchor_ratio`` of the user's rows."""
+        from lorafleet.training.general_prompts import anchor_examples
+
+        ratio = self.config.anchor_ratio
+        if ratio <= 0 or not plan.dataset.train:
+            return []
+        wanted = math.ceil(ratio / (1 - ratio) * len(plan.dataset.train))
+        with self.bank.base_only():  # the base's own answers; generated once per process
+            pool = anchor_examples(self.backbone)
+        seed = int(hashlib.sha256(f"anchors/{self.config.seed}/{plan.user.label}".encode()).hexdigest()[:15], 16)
+        return reservoir_sample(pool, min(wanted, len(pool)), seed=seed)
 
     def _trained(self, plan: UserPlan, *, saved: SavedAdapter, metrics: Mapping[str, float]) -> TrainedUser:
         full = {

@@ -45,6 +45,7 @@ from lorafleet.adapters.injection import model_base_only
 
 if TYPE_CHECKING:
     from lorafleet.adapters import AdapterBank
+    from lorafleet.backbone import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -372,6 +373,11 @@ class FrozenPrefix:
         return [hidden[row, width - len(seq) :].detach().clone() for row, seq in enumerate(sequences)]
 
 
+def backbone_identity(backbone: Backbone) -> str:
+    """What prefix states depend on besides the tokens: the checkpoint, how it is quantised, where it runs."""
+    return f"{backbone.fingerprint.digest}/{backbone.quantization}/{backbone.dtype}/{backbone.device}"
+
+
 def pad_states(states: Sequence[torch.Tensor], width: int) -> torch.Tensor:
     """Left-pad per-sequence ``[len, hidden]`` states into ``[batch, width, hidden]`` (zeros on padding)."""
     hidden = states[0].shape[-1]
@@ -385,6 +391,7 @@ __all__ = [
     "DecoderSplit",
     "FrozenPrefix",
     "PrefixCache",
+    "backbone_identity",
     "layer_of",
     "lowest_adapted_layer",
     "pad_states",

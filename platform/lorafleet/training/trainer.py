@@ -58,6 +58,8 @@ class SlotTask:
     """One user of a job: the bank slot to train (already loaded by the caller) and its examples.
 
     ``parent_state`` holds the parent adapter's tensors in PEFT key names, for the optional L2 pull.
+    ``anchors`` are general prompts answered by the base model itself, trained on beside the user's examples
+    (self-distillation), so the adapter keeps the base's answers where the user taught nothing.
     """
 
     slot: int
@@ -65,6 +67,7 @@ class SlotTask:
     train: Sequence[Example]
     holdout: Sequence[Example]
     parent_state: dict[str, torch.Tensor] | None = None
+    anchors: Sequence[Example] = ()
 
 
 @dataclass
@@ -254,7 +257,8 @@ def _train(
 
 
 def _stream(tokenizer: Any, task: SlotTask, config: TrainingConfig) -> _UserStream:
-    encoded = [encode_example(tokenizer, e, max_seq_len=config.max_seq_len) for e in task.train]
+    examples = [*task.train, *task.anchors]
+    encoded = [encode_example(tokenizer, e, max_seq_len=config.max_seq_len) for e in examples]
     return _UserStream(encoded, random.Random(f"lorafleet-train/{config.seed}/{task.key}"))
 
 
@@ -427,6 +431,7 @@ def _metrics(
         "train_loss_first": stats.step_losses[0],
         "steps": float(config.max_steps),
         "train_examples": float(len(task.train)),
+        "anchor_examples": float(len(task.anchors)),
         "holdout_examples": float(len(task.holdout)),
         "tokens": float(stats.tokens),
     }
