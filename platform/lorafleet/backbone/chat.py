@@ -36,7 +36,7 @@ Message = tuple[str, str] | Mapping[str, Any]
 
 
 def as_pairs(messages: Sequence[Message]) -> tuple[tuple[str, str], ...]:
-    """Messages as ``(role, content)`` pairs; an empty conversation or a malformed message is refused."""
+    """Messages as ``(role, content)`` pairs (validated by their callers); an empty conversation is refused."""
     pairs = tuple(
         (str(m["role"]), str(m["content"])) if isinstance(m, Mapping) else (str(m[0]), str(m[1]))
         for m in messages
@@ -64,11 +64,13 @@ def render_messages(
     pairs = as_pairs(messages)
     if has_chat_template(tokenizer):
         conversation = [{"role": role, "content": content} for role, content in pairs]
-        return str(
-            tokenizer.apply_chat_template(
+        try:
+            text = tokenizer.apply_chat_template(
                 conversation, tokenize=False, add_generation_prompt=add_generation_prompt
             )
-        )
+        except Exception as exc:  # a template may refuse a conversation (e.g. roles that do not alternate)
+            raise ValidationError(f"messages: the backbone's chat template refused them: {exc}") from exc
+        return str(text)
     if is_single_user_turn(pairs):
         return pairs[0][1]
     lines = "".join(f"{role}: {content}\n" for role, content in pairs)

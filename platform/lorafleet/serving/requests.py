@@ -64,16 +64,16 @@ class GenerationRequest:
 def _turns(messages: object) -> tuple[Turn, ...]:
     """Messages as a tuple of ``(role, content)`` pairs (lists from a JSON hop become tuples)."""
     if isinstance(messages, str | bytes) or not isinstance(messages, list | tuple):
-        raise ValidationError("messages must be a sequence of (role, content) pairs")
+        raise ValidationError("messages: must be a sequence of (role, content) pairs")
     turns = []
     for i, turn in enumerate(messages):
         if not isinstance(turn, list | tuple) or len(turn) != 2:
-            raise ValidationError(f"messages[{i}] must be a (role, content) pair")
+            raise ValidationError(f"messages[{i}]: must be a (role, content) pair")
         role, content = turn
         if role not in CHAT_ROLES:
-            raise ValidationError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+            raise ValidationError(f"messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
         if not isinstance(content, str):
-            raise ValidationError(f"messages[{i}].content must be a string")
+            raise ValidationError(f"messages[{i}].content: must be a string")
         turns.append((str(role), content))
     return tuple(turns)
 
@@ -81,13 +81,13 @@ def _turns(messages: object) -> tuple[Turn, ...]:
 def _check_input(r: GenerationRequest) -> None:
     """Exactly one of a non-empty ``prompt`` and non-empty ``messages``; ``raw`` only with a prompt."""
     if not isinstance(r.prompt, str):
-        raise ValidationError("prompt must be a string")
+        raise ValidationError("prompt: must be a string")
     if r.messages and r.prompt:
-        raise ValidationError("give either prompt or messages, not both")
+        raise ValidationError("messages: give either a prompt or messages, not both")
     if not r.messages and not r.prompt:
-        raise ValidationError("prompt must be a non-empty string (or give messages)")
+        raise ValidationError("prompt: must be a non-empty string (or give messages)")
     if not isinstance(r.raw, bool) or (r.raw and r.messages):
-        raise ValidationError("raw is a bool, and applies to a prompt only (messages are always rendered)")
+        raise ValidationError("raw: a bool, for a prompt only (messages are always rendered)")
 
 
 def _check_request(r: GenerationRequest) -> None:

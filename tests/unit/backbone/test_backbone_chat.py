@@ -148,6 +148,17 @@ def test_a_template_end_of_turn_other_than_the_eos_is_found(smollm2_tokenizer: A
     }
 
 
+def test_a_conversation_the_template_refuses_is_a_validation_error() -> None:
+    class Strict:
+        chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+
+        def apply_chat_template(self, *args: Any, **kwargs: Any) -> str:
+            raise ValueError("Conversation roles must alternate user/assistant")
+
+    with pytest.raises(ValidationError, match="^messages: .*alternate"):
+        render_messages(Strict(), [("user", "a"), ("user", "b")])
+
+
 def test_importing_chat_does_not_import_torch() -> None:
     probe = (
         "import sys, lorafleet.backbone.chat; print('torch' in sys.modules, 'transformers' in sys.modules)"
