@@ -14,15 +14,13 @@ from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any
 
 from lorafleet.errors import JobError, ValidationError
+from lorafleet.jobs.commands import FINISHED_STATES
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
     from lorafleet.domain import Job
     from lorafleet.jobs.queue import JobQueue
-
-#: job states after which nothing more happens to a job
-FINISHED_STATES = ("succeeded", "failed", "cancelled")
 
 
 @contextmanager

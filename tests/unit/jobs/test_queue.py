@@ -215,11 +215,12 @@ def test_a_non_retryable_failure_fails_at_once(queue: JobQueue) -> None:
     assert failed.state == "failed" and failed.attempts == 1
 
 
+@pytest.mark.parametrize("kind", ["train", "qa", "import"])
 def test_cancel_ends_a_queued_job_at_once_and_frees_its_dedupe_key(
-    queue: JobQueue, make_tenant: Callable[[str], int], clock
+    queue: JobQueue, make_tenant: Callable[[str], int], clock, kind: str
 ) -> None:
     mine, other = make_tenant("mine"), make_tenant("other")
-    queued = _submit(queue, key="q", tenant_id=mine)
+    queued = _submit(queue, key="q", tenant_id=mine, kind=kind)
     with pytest.raises(NotFoundError):
         queue.cancel(tenant_id=other, job_id=queued, actor="api:other")
     cancelled = queue.cancel(tenant_id=mine, job_id=queued, actor="api:mine")
@@ -228,7 +229,7 @@ def test_cancel_ends_a_queued_job_at_once_and_frees_its_dedupe_key(
     again = queue.cancel(tenant_id=mine, job_id=queued, actor="someone else")  # idempotent
     assert (again.state, again.cancelled_by) == ("cancelled", "api:mine")
     assert queue.claim(worker_id="w", lease_seconds=LEASE) is None
-    assert queue.submit(tenant_id=mine, kind="train", payload={}, dedupe_key="q").created
+    assert queue.submit(tenant_id=mine, kind=kind, payload={}, dedupe_key="q").created
 
 
 def test_a_running_job_gets_a_cancel_request_its_worker_acts_on(
