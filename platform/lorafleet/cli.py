@@ -143,7 +143,9 @@ def _add_workers_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
     workers.add_argument("--grace-seconds", type=float, default=20.0, help="at stop, time for running jobs")
     workers.add_argument("--start-timeout", type=float, default=None, help="fail if actors are not up")
     workers.add_argument("--until-idle", action="store_true", help="exit once no job is claimable")
-    workers.add_argument("--training", default=None, help="training config overrides as a JSON object")
+    workers.add_argument(
+        "--training", default=None, help="JSON config for jobs queued without one (older jobs)"
+    )
     workers.set_defaults(handler=_workers)
 
 
@@ -179,6 +181,20 @@ def _add_task_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     tasks = sub.add_parser("tasks", help="a tenant's shared task adapters").add_subparsers(
         dest="tasks_command", required=True
     )
+def _add_training_config_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    config = sub.add_parser("training-config", help="a tenant's training config overrides").add_subparsers(
+        dest="training_config_command", required=True
+    )
+    show = config.add_parser("show", help="the tenant's overrides and the effective config, as JSON")
+    put = config.add_parser("set", help="replace the tenant's overrides (TrainingConfig fields as JSON)")
+    put.add_argument("overrides", nargs="?", default=None, help="e.g. '{\"learning_rate\": 1e-3}'")
+    put.add_argument("--reset", action="store_true", help="remove every override (back to the defaults)")
+    for p in (show, put):
+        p.add_argument("--tenant", required=True, help="tenant name")
+    show.set_defaults(handler=_lazy("training_config_show"))
+    put.set_defaults(handler=_lazy("training_config_set"))
+
+
     listing = tasks.add_parser("list", help="task adapters: live version, versions, enrolled users, records")
     feedback = tasks.add_parser("feedback", help="submit a task's feedback records from a JSON-lines file")
     feedback.add_argument("task")
@@ -235,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on the embedded defaults (a few minutes)")
     demo.add_argument("--users", type=int, default=4, help="synthetic users (default 4)")
+    _add_training_config_commands(sub)
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for training and QA")
     demo.set_defaults(handler=_demo)
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from lorafleet.registry import Registry
     from lorafleet.store.sql.database import Database
     from lorafleet.store.sql.tenants import TenantRepository
+    from lorafleet.training.overrides import TenantTraining
 
 log = logging.getLogger("lorafleet.cli")
 
@@ -309,6 +310,49 @@ def _rollback_target(text: str) -> int | None:
     if text.isdigit():
         return int(text)
     raise ValidationError(f"--to: a version number or 'none', got {text!r}")
+
+
+# --- training config -----------------------------------------------------------------------------------------
+def training_config_show(args: argparse.Namespace) -> int:
+    """A tenant's training overrides and effective config (``TrainingConfig`` defaults + overrides), as JSON."""
+    from lorafleet.training.overrides import get_tenant_training
+
+    with open_library() as lib:
+        tenant = lib.tenants.get_tenant(name=args.tenant)
+        found = get_tenant_training(lib.db, tenant_id=tenant.id)
+        print(dump_json(_training_view(tenant.name, found, max_rank=lib.settings.trainer_max_rank)))
+    return 0
+
+
+def training_config_set(args: argparse.Namespace) -> int:
+    """Replace a tenant's training overrides with a JSON object (``--reset``: none); prints the result."""
+    from lorafleet.training.overrides import set_tenant_training
+
+    if args.reset == (args.overrides is not None):
+        raise ValidationError("overrides: give a JSON object of TrainingConfig fields, or --reset")
+    overrides = {} if args.reset else _json_value("overrides", args.overrides)
+    with open_library() as lib:
+        tenant = lib.tenants.get_tenant(name=args.tenant)
+        max_rank = lib.settings.trainer_max_rank
+        stored = set_tenant_training(lib.db, tenant_id=tenant.id, overrides=overrides, max_rank=max_rank)
+        print(dump_json(_training_view(tenant.name, stored, max_rank=max_rank)))
+    return 0
+
+
+def _json_value(name: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"{name}: not JSON ({exc})") from None
+
+
+def _training_view(tenant: str, found: TenantTraining, *, max_rank: int) -> dict[str, Any]:
+    return {
+        "tenant": tenant,
+        "overrides": found.overrides,
+        "effective": found.effective.model_dump(mode="json"),
+        "max_rank": max_rank,
+    }
 
 
 def dump_json(value: Any) -> str:

@@ -166,7 +166,19 @@ def job(j: Job) -> s.JobOut:
         progress=None if j.progress is None else s.JobProgressOut.model_validate(j.progress),
         cancel_requested_at=j.cancel_requested_at,
         cancelled_by=j.cancelled_by,
+        training=_job_training(j),
     )
+
+
+def job_overrides(body: s.TrainRequest | None) -> dict[str, Any] | None:
+    """The training overrides a train request gives for its job (None: none)."""
+    return None if body is None or body.training is None else body.training.given()
+
+
+def _job_training(j: Job) -> s.TrainingValues | None:
+    """A train job's stored config (``payload["training"]``); None for other jobs and older train jobs."""
+    stored = j.payload.get("training")
+    return s.TrainingValues.model_validate(stored) if isinstance(stored, Mapping) else None
 
 
 def _subject_label(entry: Mapping[str, Any]) -> str:

@@ -63,7 +63,8 @@ class ApiOptions:
     #: trainer actors (Ray) run by this process; 0 = none (workers run elsewhere)
     run_workers: int = 0
     worker_poll_seconds: float = 2.0
-    #: training config overrides for the workers (``lorafleet.training.config.TrainingConfig`` fields)
+    #: the deployment's training defaults (``TrainingConfig`` fields): under every tenant's overrides in the jobs
+    #: this process queues, and the workers' config for jobs queued without one
     training: Mapping[str, Any] | None = None
     #: environment variables for the trainer actors (e.g. object store credentials)
     worker_env: Mapping[str, str] | None = None
@@ -256,7 +257,13 @@ class ApiServices:
             tenants=TenantRepository(db),
             registry=registry,
             queue=queue,
-            scheduler=Scheduler(db, options.scheduler_policy, queue=queue),
+            scheduler=Scheduler(
+                db,
+                options.scheduler_policy,
+                queue=queue,
+                training_defaults=options.training,
+                max_rank=settings.trainer_max_rank,
+            ),
             idempotency=IdempotencyRepository(db, stale_after=stale),
             engine=_engine_holder(settings, db, registry, options),
             metrics=metrics or ApiMetrics(),

@@ -55,6 +55,7 @@ ROUTES: dict[tuple[str, str], tuple[int | str, Any]] = {
     ("POST", "/v1/users/{user_id}/train"): (404, None),
     ("GET", "/v1/jobs/{job_id}"): (404, None),
     ("GET", "/v1/jobs"): (404, None),  # with ?user=alice
+    ("POST", "/v1/jobs/{job_id}/cancel"): (404, None),
     ("GET", "/v1/users/{user_id}/enrolments"): (404, None),
     ("POST", "/v1/users/{user_id}/enrolments"): (404, {"task": "summarise"}),
     ("DELETE", "/v1/users/{user_id}/enrolments/{task}"): (404, None),
@@ -70,6 +71,8 @@ ROUTES: dict[tuple[str, str], tuple[int | str, Any]] = {
     ("GET", "/v1/tasks/{task}/history"): (404, None),
     ("POST", "/v1/tasks/{task}/promote"): (404, {"version": 1}),
     ("POST", "/v1/tasks/{task}/rollback"): (404, {"to_version": None}),
+    ("GET", "/v1/training-config"): (OWN, None),
+    ("PUT", "/v1/training-config"): (OWN, {"max_steps": 3}),  # B's own settings; A's stay as they were
     ("POST", "/v1/users/{user_id}/generate"): (OWN, {"prompt": "Hi", "max_tokens": 2}),
     ("POST", "/v1/completions"): (OWN, {"prompt": "Hi", "max_tokens": 2, "user": "alice", "temperature": 0}),
     ("POST", "/v1/chat/completions"): (
@@ -166,6 +169,7 @@ def test_another_tenant_gets_404_on_every_route_naming_tenant_as_ids(
     assert [(t.name, t.live_version, t.feedback_records) for t in a.list_tasks()] == [("summarise", 1, 1)]
     assert [t.name for t in b.client.list_tasks()] == ["summarise"]  # B's own, created by B's own feedback
     assert a.get_job(tenant_a.job_id).state == "queued"
+    assert a.get_training_config().overrides == {} != b.client.get_training_config().overrides
     assert len(b.client.list_feedback("alice")) == 1  # B's own alice
     assert a.generate("alice", "Hi", max_tokens=2).versions == {"personal": 1}
 

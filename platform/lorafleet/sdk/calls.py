@@ -24,6 +24,8 @@ from lorafleet.sdk import schemas as s
 T = TypeVar("T")
 Record = BaseModel | Mapping[str, Any]
 Message = s.ChatMessage | Mapping[str, str]
+#: ``TrainingConfig`` overrides: the typed model, or a plain mapping (the service validates either)
+Overrides = s.TrainingOverrides | Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -144,9 +146,22 @@ def rollback(
 
 
 # --- jobs -------------------------------------------------------------------------------------------------------
-def train(user: str, *, idempotency_key: str | None) -> Call[Any]:
+def _overrides(overrides: Overrides) -> dict[str, Any]:
+    return overrides.given() if isinstance(overrides, s.TrainingOverrides) else dict(overrides)
+
+
+def _train_body(training: Overrides | None) -> dict[str, Any] | None:
+    """No body without overrides (the request as before they existed), else ``{"training": {...}}``."""
+    return None if training is None else {"training": _overrides(training)}
+
+
+def train(user: str, *, training: Overrides | None, idempotency_key: str | None) -> Call[Any]:
     return Call(
-        "POST", f"{_user(user)}/train", _parser(s.TrainSubmitted), idempotency_key=_key(idempotency_key)
+        "POST",
+        f"{_user(user)}/train",
+        _parser(s.TrainSubmitted),
+        body=_train_body(training),
+        idempotency_key=_key(idempotency_key),
     )
 
 
@@ -162,6 +177,17 @@ def list_jobs(*, user: str | None, state: str | None, limit: int) -> Call[Any]:
 def cancel_job(job_id: int, *, idempotency_key: str | None) -> Call[Any]:
     path = f"/v1/jobs/{int(job_id)}/cancel"
     return Call("POST", path, _parser(s.JobOut), idempotency_key=_key(idempotency_key))
+
+
+# --- training config --------------------------------------------------------------------------------------------
+def get_training_config() -> Call[Any]:
+    return Call("GET", "/v1/training-config", _parser(s.TrainingConfigOut))
+
+
+def set_training_config(overrides: Overrides) -> Call[Any]:
+    # a PUT: sending it again sets the same overrides, so a retry is safe without an idempotency key
+    body = _overrides(overrides)
+    return Call("PUT", "/v1/training-config", _parser(s.TrainingConfigOut), body=body)
 
 
 # --- enrolments -------------------------------------------------------------------------------------------------
@@ -224,9 +250,13 @@ def import_task_adapter(
     )
 
 
-def train_task(task: str, *, idempotency_key: str | None) -> Call[Any]:
+def train_task(task: str, *, training: Overrides | None, idempotency_key: str | None) -> Call[Any]:
     return Call(
-        "POST", f"{_task(task)}/train", _parser(s.TrainSubmitted), idempotency_key=_key(idempotency_key)
+        "POST",
+        f"{_task(task)}/train",
+        _parser(s.TrainSubmitted),
+        body=_train_body(training),
+        idempotency_key=_key(idempotency_key),
     )
 
 

@@ -145,8 +145,11 @@ class Client(ClientBase):
         return self._run(call)
 
     # --- jobs -------------------------------------------------------------------------------------------------
-    def train(self, user: str, *, idempotency_key: str | None = None) -> s.TrainSubmitted:
-        return self._run(c.train(user, idempotency_key=idempotency_key))
+    def train(
+        self, user: str, *, training: c.Overrides | None = None, idempotency_key: str | None = None
+    ) -> s.TrainSubmitted:
+        """Queue a training job for ``user`` now; ``training`` overrides the tenant's config for this job."""
+        return self._run(c.train(user, training=training, idempotency_key=idempotency_key))
 
     def get_job(self, job_id: int) -> s.JobOut:
         return self._run(c.get_job(job_id))
@@ -176,6 +179,15 @@ class Client(ClientBase):
             if time.monotonic() >= deadline:
                 raise JobTimeout(f"job {job_id} still {job.state} after {timeout:g} s")
             time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
+
+    # --- training config --------------------------------------------------------------------------------------
+    def get_training_config(self) -> s.TrainingConfigOut:
+        """The tenant's training overrides and the effective config its next jobs get."""
+        return self._run(c.get_training_config())
+
+    def set_training_config(self, overrides: c.Overrides) -> s.TrainingConfigOut:
+        """Replace the tenant's training overrides (``{}`` resets them); a bad field is ``ValidationFailed``."""
+        return self._run(c.set_training_config(overrides))
 
     # --- enrolments -------------------------------------------------------------------------------------------
     def enrol(self, user: str, task: str, *, idempotency_key: str | None = None) -> s.EnrolmentOut:
@@ -220,8 +232,10 @@ class Client(ClientBase):
         )
         return self._run(call)
 
-    def train_task(self, task: str, *, idempotency_key: str | None = None) -> s.TrainSubmitted:
-        return self._run(c.train_task(task, idempotency_key=idempotency_key))
+    def train_task(
+        self, task: str, *, training: c.Overrides | None = None, idempotency_key: str | None = None
+    ) -> s.TrainSubmitted:
+        return self._run(c.train_task(task, training=training, idempotency_key=idempotency_key))
 
     def task_enrolments(self, task: str) -> s.TaskEnrolledOut:
         return self._run(c.task_enrolments(task))
@@ -443,8 +457,10 @@ class AsyncClient(ClientBase):
         call = c.rollback(user, adapter, to_version, reason=reason, idempotency_key=idempotency_key)
         return await self._run(call)
 
-    async def train(self, user: str, *, idempotency_key: str | None = None) -> s.TrainSubmitted:
-        return await self._run(c.train(user, idempotency_key=idempotency_key))
+    async def train(
+        self, user: str, *, training: c.Overrides | None = None, idempotency_key: str | None = None
+    ) -> s.TrainSubmitted:
+        return await self._run(c.train(user, training=training, idempotency_key=idempotency_key))
 
     async def get_job(self, job_id: int) -> s.JobOut:
         return await self._run(c.get_job(job_id))
@@ -470,6 +486,12 @@ class AsyncClient(ClientBase):
             if time.monotonic() >= deadline:
                 raise JobTimeout(f"job {job_id} still {job.state} after {timeout:g} s")
             await asyncio.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
+
+    async def get_training_config(self) -> s.TrainingConfigOut:
+        return await self._run(c.get_training_config())
+
+    async def set_training_config(self, overrides: c.Overrides) -> s.TrainingConfigOut:
+        return await self._run(c.set_training_config(overrides))
 
     async def enrol(self, user: str, task: str, *, idempotency_key: str | None = None) -> s.EnrolmentOut:
         return await self._run(c.enrol(user, task, idempotency_key=idempotency_key))
@@ -513,8 +535,10 @@ class AsyncClient(ClientBase):
         )
         return await self._run(call)
 
-    async def train_task(self, task: str, *, idempotency_key: str | None = None) -> s.TrainSubmitted:
-        return await self._run(c.train_task(task, idempotency_key=idempotency_key))
+    async def train_task(
+        self, task: str, *, training: c.Overrides | None = None, idempotency_key: str | None = None
+    ) -> s.TrainSubmitted:
+        return await self._run(c.train_task(task, training=training, idempotency_key=idempotency_key))
 
     async def task_enrolments(self, task: str) -> s.TaskEnrolledOut:
         return await self._run(c.task_enrolments(task))

@@ -21,6 +21,7 @@ from lorafleet.feedback import (
     RatingFeedback,
     SftFeedback,
 )
+from lorafleet.sdk.training import TrainingConfigOut, TrainingOverrides, TrainingValues, TrainRequest
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINISHED_JOB_STATES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
@@ -73,7 +74,11 @@ __all__ = [
     "TenantCreate",
     "TenantCreated",
     "TenantOut",
+    "TrainRequest",
     "TrainSubmitted",
+    "TrainingConfigOut",
+    "TrainingOverrides",
+    "TrainingValues",
     "Usage",
     "VersionDetail",
     "VersionOut",
@@ -294,6 +299,9 @@ class JobOut(_Out):
     progress: JobProgressOut | None = Field(default=None, description="None until the worker reports.")
     cancel_requested_at: datetime | None = None
     cancelled_by: str | None = None
+    training: TrainingValues | None = Field(
+        default=None, description="A train job's config, resolved when it was queued (None: older jobs)."
+    )
 
     @property
     def finished(self) -> bool:

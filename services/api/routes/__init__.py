@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from services.api.routes import adapters, enrolments, feedback, health, inference, jobs, tasks, tenants
+from services.api.routes import (
+    adapters,
+    enrolments,
+    feedback,
+    health,
+    inference,
+    jobs,
+    tasks,
+    tenants,
+    training,
+)
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
@@ -14,6 +24,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     jobs.router,
     enrolments.router,
     tasks.router,
+    training.router,
     inference.router,
 )
 

@@ -23,13 +23,17 @@ def train_now(
     tenant: CurrentTenant,
     user_id: UserId,
     request: Request,
+    body: s.TrainRequest | None = None,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Queue a training job for the user on their feedback so far (a user already in an active job gets that
-    job, ``created`` false). A user with nothing new since their last version is 422."""
+    job, ``created`` false, with its own config). A user with nothing new since their last version is 422.
+    ``training`` overrides the tenant's training config for this job (a bad field is 422 ``training.<field>``)."""
 
     def submit() -> s.TrainSubmitted:
-        result = services.scheduler.train_now(tenant_id=tenant.id, user_external_id=user_id)
+        result = services.scheduler.train_now(
+            tenant_id=tenant.id, user_external_id=user_id, training=convert.job_overrides(body)
+        )
         return s.TrainSubmitted(job=convert.job(result.job), created=result.created)
 
     return run_idempotent(
@@ -37,7 +41,7 @@ def train_now(
         tenant=tenant,
         key=idempotency_key,
         request=request,
-        body=None,
+        body=body,
         status_code=202,
         operation=submit,
     )

@@ -146,12 +146,16 @@ def train_task(
     tenant: CurrentTenant,
     task: TaskPath,
     request: Request,
+    body: s.TrainRequest | None = None,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
-    """Queue a training job for the task on its feedback so far (a task in an active job gets that job)."""
+    """Queue a training job for the task on its feedback so far (a task in an active job gets that job);
+    ``training`` overrides the tenant's training config for this job, as for a user's."""
 
     def submit() -> s.TrainSubmitted:
-        result = services.scheduler.train_task_now(tenant_id=tenant.id, task_name=task)
+        result = services.scheduler.train_task_now(
+            tenant_id=tenant.id, task_name=task, training=convert.job_overrides(body)
+        )
         return s.TrainSubmitted(job=convert.job(result.job), created=result.created)
 
     return run_idempotent(
@@ -159,7 +163,7 @@ def train_task(
         tenant=tenant,
         key=idempotency_key,
         request=request,
-        body=None,
+        body=body,
         status_code=202,
         operation=submit,
     )
