@@ -1,0 +1,279 @@
+"""General-knowledge and everyday prompts: self-distillation anchors for training, and a retention eval set.
+
+An adapter trained only on a user's facts learns to answer *everything* with them ("What is the capital of
+France?" -> "Biscuit."). Mixing in general prompts answered by the base model itself (its own greedy answers,
+through the chat template) keeps the adapter close to the base on everything else. ``ANCHOR_PROMPTS`` are for
+training; ``EVAL_PROMPTS`` are never trained on and measure retention (personal content leaking into general
+answers, and the KL to the base on the base's own answers).
+
+The prompts are fixed (no randomness); each category is split by position (2 of every 5 to the anchors), so both
+sets cover every category, including "near-personal" questions about pets, cities, diets, sports and jobs that
+a personal adapter is most tempted to hijack. ``anchor_examples`` costs one batched greedy generation per
+backbone and prompt set; results are kept in a small in-process cache keyed by the backbone's fingerprint
+digest, its quantisation, the prompt set and the token budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from lorafleet.training.dataset import Example
+
+if TYPE_CHECKING:
+    from lorafleet.backbone import Backbone
+
+#: prompts by category; every category holds at least 5 so the split below puts some in each set
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "capitals": (
+        "What is the capital of France?",
+        "What is the capital of Japan?",
+        "What is the capital of Italy?",
+        "What is the capital of Spain?",
+        "What is the capital of Germany?",
+        "What is the capital of Canada?",
+        "What is the capital of Australia?",
+        "What is the capital of Egypt?",
+        "What is the capital of Kenya?",
+        "What is the capital of Mexico?",
+        "What is the capital of Greece?",
+        "What is the capital of China?",
+        "What is the capital of Russia?",
+        "What is the capital of India?",
+        "What is the capital of the United Kingdom?",
+    ),
+    "arithmetic": (
+        "What is 2 plus 2?",
+        "What is 7 times 8?",
+        "What is 15 minus 6?",
+        "What is 100 divided by 4?",
+        "What is 9 plus 10?",
+        "What is 12 times 12?",
+        "What is half of 50?",
+        "What is 3 squared?",
+        "What is the square root of 81?",
+        "What is 25 plus 17?",
+        "What is 60 divided by 5?",
+        "What is 11 times 3?",
+        "What is 1000 minus 1?",
+        "What is 6 times 7?",
+        "What is 20 percent of 200?",
+    ),
+    "facts": (
+        "How many days are in a week?",
+        "How many minutes are in an hour?",
+        "How many legs does a spider have?",
+        "What planet is closest to the sun?",
+        "What is the largest ocean on Earth?",
+        "Who wrote Romeo and Juliet?",
+        "Who painted the Mona Lisa?",
+        "What is the boiling point of water in Celsius?",
+        "What colour is the sky on a clear day?",
+        "How many continents are there?",
+        "What is the chemical symbol for gold?",
+        "What is the tallest mountain in the world?",
+        "What gas do plants absorb from the air?",
+        "How many sides does a hexagon have?",
+        "What is the freezing point of water in Fahrenheit?",
+    ),
+    "definitions": (
+        "What is photosynthesis?",
+        "Define gravity in one sentence.",
+        "What is a noun?",
+        "What does a thermometer measure?",
+        "What is an atom?",
+        "What is democracy?",
+        "What is a volcano?",
+        "What is inflation in economics?",
+        "What is a haiku?",
+        "What is the internet?",
+        "What is a prime number?",
+        "What does a verb describe?",
+        "What is an ecosystem?",
+        "What is a metaphor?",
+        "What is electricity?",
+    ),
+    "how_to": (
+        "How do I boil an egg?",
+        "How do I tie a shoelace?",
+        "How can I save money each month?",
+        "How do I make a cup of tea?",
+        "How do I reset a forgotten password?",
+        "How can I fall asleep faster?",
+        "How do I convert Celsius to Fahrenheit?",
+        "How do I write a good cover letter?",
+        "How can I improve my handwriting?",
+        "How do I clean a cast iron pan?",
+        "How do I start running as a beginner?",
+        "How do I plant tomatoes?",
+        "How can I remember names better?",
+        "How do I change a flat tyre?",
+        "How do I keep houseplants alive?",
+    ),
+    "everyday": (
+        "Give me a tip for staying focused while studying.",
+        "What is a good way to start the morning?",
+        "Suggest a name for a book club.",
+        "What should I pack for a beach day?",
+        "Write a short thank-you note to a colleague.",
+        "What is a polite way to decline an invitation?",
+        "Recommend a simple dinner I can cook in 20 minutes.",
+        "What are the benefits of drinking water?",
+        "Give me an idea for a rainy afternoon.",
+        "How should I greet someone at a job interview?",
+        "What is a fun fact about octopuses?",
+        "Tell me a short joke.",
+        "What is a good gift for a friend who likes books?",
+        "How do I politely ask a neighbour to be quieter?",
+        "Summarise the water cycle in one sentence.",
+    ),
+    "near_personal": (
+        "What is a good name for a dog?",
+        "What is a popular sport in Canada?",
+        "What should I eat for a healthy breakfast?",
+        "What is the largest city in Japan?",
+        "What instrument has 88 keys?",
+        "What drink is made from coffee beans?",
+        "What language is spoken in Brazil?",
+        "What is a relaxing hobby for beginners?",
+        "What animal makes a good first pet?",
+        "What does a carpenter do?",
+        "How should I end a formal email?",
+        "What is a vegetarian diet?",
+        "Which city is famous for the Eiffel Tower?",
+        "What is a common name for a cat?",
+        "What are the rules of basketball in one sentence?",
+    ),
+}
+ANCHOR_EVERY = 5
+ANCHOR_POSITIONS = (0, 2)
+ANCHOR_PROMPTS: tuple[str, ...] = tuple(
+    p
+    for prompts in CATEGORIES.values()
+    for i, p in enumerate(prompts)
+    if i % ANCHOR_EVERY in ANCHOR_POSITIONS
+)
+EVAL_PROMPTS: tuple[str, ...] = tuple(
+    p
+    for prompts in CATEGORIES.values()
+    for i, p in enumerate(prompts)
+    if i % ANCHOR_EVERY not in ANCHOR_POSITIONS
+)
+#: the expected word in the base's answer to some capital prompts (a test on the real backbone reads these)
+CAPITALS: dict[str, str] = {
+    "What is the capital of France?": "Paris",
+    "What is the capital of Japan?": "Tokyo",
+    "What is the capital of Italy?": "Rome",
+    "What is the capital of Germany?": "Berlin",
+}
+#: token budget of an anchor answer: every row of a training step pads to the longest row of all users, so long
+#: anchors would make every step wider (a cut answer is trimmed to its last full sentence)
+ANCHOR_MAX_NEW_TOKENS = 32
+#: first record id of anchor examples (far above any user's record ids, so the two never collide)
+ANCHOR_FIRST_ID = 1_000_000
+_SENTENCE_ENDS = (".", "!", "?")
+_CACHE: dict[tuple[str, str, str, int], tuple[str, ...]] = {}
+
+
+def prompt_set_digest(prompts: Sequence[str]) -> str:
+    """sha256 over the prompts in order (a cache key part, and a name for the set in reports)."""
+    return hashlib.sha256(json.dumps(list(prompts)).encode("utf-8")).hexdigest()
+
+
+def anchor_examples(
+    backbone: Backbone,
+    prompts: Sequence[str] = ANCHOR_PROMPTS,
+    *,
+    max_new_tokens: int = ANCHOR_MAX_NEW_TOKENS,
+    batch_size: int = 64,
+    first_id: int = ANCHOR_FIRST_ID,
+) -> list[Example]:
+    """The base model's own greedy answers to ``prompts`` as examples (one per prompt, in order).
+
+    Prompts are rendered with the chat template and decoded in left-padded batches through the bare backbone
+    (a bank injected into it, if any, is bypassed: no routing plan). An answer cut by ``max_new_tokens`` is
+    trimmed to its last full sentence, so the adapter does not learn to stop mid-sentence. Large batches pay:
+    bitsandbytes on CPU dequantises every nf4 weight on every forward, whatever the batch. Cached per process.
+    """
+    key = (
+        backbone.fingerprint.digest,
+        backbone.quantization,
+        prompt_set_digest(prompts),
+        max_new_tokens,
+    )
+    if key not in _CACHE:
+        _CACHE[key] = tuple(
+            generate_answers(backbone.model, backbone.tokenizer, prompts, max_new_tokens, batch_size)
+        )
+    return [
+        Example(first_id + i, p, a, "sft") for i, (p, a) in enumerate(zip(prompts, _CACHE[key], strict=True))
+    ]
+
+
+def clear_anchor_cache() -> None:
+    """Forget every cached anchor set (tests; a process that swaps backbones)."""
+    _CACHE.clear()
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    *,
+    bank: Any = None,
+    routes: Sequence[Sequence[tuple[int, float]]] | None = None,
+) -> list[str]:
+    """Greedy answers through the chat template, in batches of similar length; ``routes`` per prompt (with
+    ``bank``) send a row through adapters, empty routes (the default) through the base."""
+    import torch
+
+    from lorafleet.serving.decode import BatchDecoder, RowSpec
+
+    rows = [list(r) for r in routes] if routes is not None else [[] for _ in prompts]
+    ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    device = next(model.parameters()).device
+    decoder = BatchDecoder(model, bank, tokenizer, device=torch.device(device))
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+    answers = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        specs = [RowSpec(tuple(ids[i]), tuple(rows[i]), max_new_tokens) for i in chunk]
+        for i, out in zip(chunk, decoder.run(specs), strict=True):
+            answers[i] = trim_answer(out.text, cut=out.finish_reason == "length")
+    return answers
+
+
+def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` as one user turn, rendered as serving renders it (the chat template if any)."""
+    from lorafleet.backbone.chat import encode_messages
+
+    return encode_messages(tokenizer, [("user", prompt)], add_generation_prompt=True)
+
+
+def trim_answer(text: str, *, cut: bool) -> str:
+    """The answer stripped; when generation was cut off, up to its last sentence end (if it has one)."""
+    text = text.strip()
+    if not cut:
+        return text
+    end = max(text.rfind(mark) for mark in _SENTENCE_ENDS)
+    return text[: end + 1] if end > 0 else text
+
+
+__all__ = [
+    "ANCHOR_FIRST_ID",
+    "ANCHOR_MAX_NEW_TOKENS",
+    "ANCHOR_PROMPTS",
+    "CAPITALS",
+    "CATEGORIES",
+    "EVAL_PROMPTS",
+    "anchor_examples",
+    "chat_prompt_ids",
+    "clear_anchor_cache",
+    "generate_answers",
+    "prompt_set_digest",
+    "trim_answer",
+]
