@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import torch
 from continual_helpers import count_versions_and_snapshots, feed_users, get_job
@@ -116,14 +117,16 @@ def test_a_nan_in_training_fails_the_job_and_registers_nothing(
 
 
 class PausedTrainer(ContinualTrainer):
-    """Before training, "pauses" past its lease: the clock jumps and another worker takes the job over."""
+    """After training and writing its blobs, "pauses" past its lease: the clock jumps and another worker takes
+    the job over before it registers (taken over earlier, it stops at its next progress report instead)."""
 
     clock: MovableClock
     takeover: Callable[[], None]
 
-    def _before_training(self, tasks: Sequence[SlotTask]) -> None:
+    def _register(self, **kwargs: Any) -> dict[str, Any]:
         self.clock.offset += timedelta(seconds=120)
         self.takeover()
+        return super()._register(**kwargs)
 
 
 def test_a_worker_that_lost_its_lease_writes_blobs_but_no_rows(

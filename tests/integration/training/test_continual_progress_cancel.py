@@ -5,7 +5,8 @@ step, registers nothing and ends ``cancelled`` with who cancelled it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from lorafleet.tasks import ingest_task_feedback
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.continual import ContinualTrainer
 from lorafleet.training.synthetic import make_user_records
+from lorafleet.training.trainer import SlotTask
 
 Step = tuple[int, int]
 
@@ -134,3 +136,44 @@ def test_a_job_cancelled_mid_training_registers_nothing(
     assert done.progress is not None and done.progress["step"] == 2  # the report that found the request
     assert count_versions_and_snapshots(database) == (0, 0)
     assert queue.claim(worker_id="w2", lease_seconds=30) is None  # never retried
+
+
+class TakenOverTrainer(ContinualTrainer):
+    """Before training, "pauses" past its lease (the queue's clock jumps) and another worker takes the job."""
+
+    queue: JobQueue
+    skew: list[timedelta]
+
+    def _before_training(self, tasks: Sequence[SlotTask]) -> None:
+        self.skew[0] += timedelta(seconds=120)
+        assert self.queue.claim(worker_id="new", lease_seconds=30) is not None
+
+
+def test_a_worker_that_lost_its_lease_stops_at_its_first_report(
+    database: Database,
+    registry: Registry,
+    tenant_id: int,
+    backbone_and_bank: tuple[Backbone, AdapterBank],
+) -> None:
+    skew = [timedelta()]
+    queue = JobQueue(database, clock=lambda: datetime.now(UTC) + skew[0])
+    fed = feed_users(database, tenant_id=tenant_id, users=["cy"], round=1, n_records=8)
+    job_id = _submit(database, tenant_id=tenant_id, subjects={("user", "cy"): max(fed["cy"])})
+    backbone, bank = backbone_and_bank
+    config = TrainingConfig(**TINY_TRAINING)
+    trainer = TakenOverTrainer(database, registry, backbone, bank, config=config, promote_rule="always")
+    trainer.queue, trainer.skew = queue, skew
+    steps = Steps(queue)
+    trainer.progress = steps
+    steps.job_id = job_id
+    stale = JobWorker(queue, worker_id="old", handlers={"train": trainer.run_job}, lease_seconds=30)
+
+    stale.run_once()
+
+    assert steps.seen == [(1, 8)]  # the first report found the lease gone: training stopped there
+    job = get_job(database, job_id)
+    assert (job.state, job.lease_owner, job.attempts) == ("running", "new", 2)
+    assert job.progress is not None and job.progress["phase"] == "training" and "step" not in job.progress
+    assert count_versions_and_snapshots(database) == (0, 0)
+    assert list(registry._blobs.list()) == []  # it stopped before writing any blob
+    assert bank.occupied() == {}
