@@ -6,7 +6,12 @@ that need them, never here. ``lorafleet.Client`` and ``lorafleet.AsyncClient`` (
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+# bitsandbytes warns at import, on every process, that the optional ``kernels`` package (which would fetch code
+# from a hub) is absent; the portable CPU kernel it falls back to is the one lorafleet uses and tests.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 __all__ = ["AsyncClient", "Client", "__version__"]

@@ -65,6 +65,10 @@ def _qa_report(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from lorafleet.demo import run_demo
 
+    if not args.verbose:  # the demo prints its own story; services and libraries speak up only for warnings
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("ray").setLevel(logging.ERROR)
+
     return run_demo(users=args.users, timeout=args.timeout)
 
 
@@ -177,10 +181,6 @@ def _add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     cancel.set_defaults(handler=_jobs_handler("jobs_cancel"))
 
 
-def _add_task_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    tasks = sub.add_parser("tasks", help="a tenant's shared task adapters").add_subparsers(
-        dest="tasks_command", required=True
-    )
 def _add_training_config_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     config = sub.add_parser("training-config", help="a tenant's training config overrides").add_subparsers(
         dest="training_config_command", required=True
@@ -195,6 +195,10 @@ def _add_training_config_commands(sub: argparse._SubParsersAction[argparse.Argum
     put.set_defaults(handler=_lazy("training_config_set"))
 
 
+def _add_task_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    tasks = sub.add_parser("tasks", help="a tenant's shared task adapters").add_subparsers(
+        dest="tasks_command", required=True
+    )
     listing = tasks.add_parser("list", help="task adapters: live version, versions, enrolled users, records")
     feedback = tasks.add_parser("feedback", help="submit a task's feedback records from a JSON-lines file")
     feedback.add_argument("task")
@@ -247,12 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_admin_commands(sub)
     _add_job_commands(sub)
     _add_task_commands(sub)
+    _add_training_config_commands(sub)
     _add_workers_command(sub)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on the embedded defaults (a few minutes)")
     demo.add_argument("--users", type=int, default=4, help="synthetic users (default 4)")
-    _add_training_config_commands(sub)
-    demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for training and QA")
+    demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for training and QA")
     demo.set_defaults(handler=_demo)
 
     deploy = sub.add_parser("serve-deploy", help="deploy or update the Ray Serve inference app, then exit")

@@ -1,23 +1,26 @@
-"""``make demo``: lorafleet end to end on the embedded defaults (SQLite + local blobs under ``.lorafleet/``).
+"""``make demo``: lorafleet end to end on the embedded defaults and the real backbone (SmolLM2-135M-Instruct).
 
 The demo starts the service in this process (the API on 127.0.0.1 and a free port, the continual-learning
-scheduler, one local Ray trainer actor) and then uses only the SDK (``lorafleet.Client``): it creates a tenant,
-submits feedback for a few synthetic users (each has private preferences a base model can only guess, see
-``lorafleet.training.synthetic``), lets the scheduler train them and QA decide, generates for each user on
-prompts they never submitted (base answer against personalised answer), trains a shared task adapter from task
-feedback in the same batched job, enrols one user in it and shows the gate's weights, rolls one user back and
-shows their answers change and the alias history records it, and prints one lineage. It stops everything it started.
+scheduler, one local Ray trainer actor; SQLite and a blob directory under ``.lorafleet/``) and then uses only the
+SDK (``lorafleet.Client``). It creates a tenant and submits feedback for four users, each with personal facts
+the base model cannot know (a pet's name, a home city, a diet, a favourite sport; ``training.personal_facts``),
+phrased in varied ways, and for a shared task adapter (customer-support replies in a house style;
+``demo_data``). The scheduler trains all five adapters in one batched job, with the project's default training
+settings, while the demo shows the job's progress; QA decides on each version. The demo then prints base and
+personalised answers side by side on paraphrases the users never sent, with a score per user, checks that a
+general question keeps its answer, enrols one user in the task adapter and shows the gate's weights, trains a
+second round for one user, rolls it back (answers change, the alias history records it) and prints its lineage.
+It stops everything it started.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import random
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,28 +31,18 @@ if TYPE_CHECKING:
     import uvicorn
 
     from lorafleet.sdk import Client
+    from lorafleet.training.personal_facts import Fact, PersonalUser
 
 log = logging.getLogger("lorafleet.demo")
 
 ADAPTER = "personal"
-RECORDS_PER_USER = 64
-PROBES_PER_USER = 8
-#: small enough for ~1-2 minutes on 2 CPU cores, enough to learn 4 preferences per user
-TRAINING: dict[str, Any] = {
-    "rank": 8,
-    "alpha": 16.0,
-    "target_modules": "all-linear",
-    "learning_rate": 3e-3,
-    "max_steps": 300,
-    "batch_size": 8,
-    "max_seq_len": 48,
-    "holdout_fraction": 0.2,
-    "dropout": 0.0,
-}
-#: the shared task adapter the demo trains from task feedback and enrols one user in
-TASK = "pig-latin"
-TASK_RECORDS = 48
 NAMES = ("ada", "bruno", "chiara", "dmitri", "eun", "farah", "gus", "hana")
+#: unseen paraphrases asked per fact in the score (the table shows one per fact)
+PROBES_PER_FACT = 2
+GENERAL_QUESTION = "What is the capital of France?"
+MAX_TOKENS = 40
+#: concurrent requests: the engine batches them into one forward per step
+PARALLEL_REQUESTS = 8
 
 
 class DemoError(LorafleetError):
@@ -61,8 +54,8 @@ class DemoError(LorafleetError):
 @dataclass
 class UserRun:
     name: str
-    preferences: dict[str, str]
-    probes: list[str] = field(default_factory=list)
+    person: PersonalUser
+    probes: list[tuple[str, Fact]] = field(default_factory=list)
     version: Any = None  # the SDK's VersionDetail of the version the scheduler made
     outcome: str = "waiting"
 
@@ -124,7 +117,7 @@ def _service(settings: Any, timeout: float) -> Iterator[_Server]:
     from lorafleet.jobs import SchedulerPolicy
 
     policy = SchedulerPolicy(
-        min_new_records=8, max_staleness=timedelta(seconds=5), users_per_job=4, max_active_jobs=2
+        min_new_records=8, max_staleness=timedelta(seconds=5), users_per_job=5, max_active_jobs=2
     )
     options = ApiOptions(
         run_scheduler=True,
@@ -132,10 +125,10 @@ def _service(settings: Any, timeout: float) -> Iterator[_Server]:
         scheduler_policy=policy,
         run_workers=1,
         worker_poll_seconds=0.5,
-        training=TRAINING,
         migrate=True,
+        preload_engine=True,
         engine_slots=8,
-        engine_max_rank=8,
+        max_batch_size=PARALLEL_REQUESTS,
     )
     server = _Server(create_app(settings, options=options))
     server.start(timeout)
@@ -157,141 +150,95 @@ def _stop_local_ray() -> None:
         ray.shutdown()
 
 
-def _probes(submitted: list[dict[str, Any]], *, seed: int, round: int = 1) -> list[str]:
-    """Prompts about the trained topics in phrasings the user never submitted (held out from training)."""
-    from lorafleet.training.synthetic import OPENERS, TEMPLATES, prompt_for, round_topics
+# --- asking ----------------------------------------------------------------------------------------------------
+def _answers(client: Client, asks: Sequence[tuple[str, str]]) -> list[str]:
+    """Greedy answers to ``(user, prompt)`` pairs, sent concurrently so the engine serves them in shared batches."""
 
-    seen = {r["prompt"] for r in submitted}
-    combos = list(itertools.product(round_topics(round), range(len(TEMPLATES)), range(len(OPENERS))))
-    random.Random(seed).shuffle(combos)
-    unseen = [p for t, tm, o in combos if (p := prompt_for(t, template=tm, opener=o)) not in seen]
-    # one of each topic first, so every preference shows in the table
-    by_topic: dict[str, list[str]] = {}
-    for p in unseen:
-        by_topic.setdefault(_topic(p), []).append(p)
-    ordered = [p for group in itertools.zip_longest(*by_topic.values()) for p in group if p]
-    return ordered[:PROBES_PER_USER]
+    def one(ask: tuple[str, str]) -> str:
+        out = client.generate(ask[0], ask[1], max_tokens=MAX_TOKENS, temperature=0.0)
+        return " ".join(out.text.split())
+
+    with ThreadPoolExecutor(PARALLEL_REQUESTS) as pool:
+        return list(pool.map(one, asks))
 
 
-def _topic(prompt: str) -> str:
-    from lorafleet.training.synthetic import topic_of
-
-    return topic_of(prompt)
-
-
-def _answer(client: Client, user: str, prompt: str) -> tuple[str, Any]:
-    out = client.generate(user, prompt, max_tokens=6, temperature=0.0, stop=["\n"])
-    return out.text.strip(), out
-
-
-def _show(text: str, width: int = 9) -> str:
-    """An answer for the table: the untrained tiny backbone emits arbitrary bytes, shown as '?'."""
-    shown = "".join(c if c.isprintable() and c.isascii() else "?" for c in text)[:width]
-    return shown or "''"
+def _short(text: str, width: int) -> str:
+    text = text or "''"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _pct(value: Any) -> str:
-    return f"{100 * value:5.1f}%" if isinstance(value, int | float) else "    - "
+    return f"{100 * value:3.0f}%" if isinstance(value, int | float) else "   -"
+
+
+# --- waiting ---------------------------------------------------------------------------------------------------
+def _watch_training(client: Client, timeout: float) -> None:
+    """A progress bar over the scheduler's train jobs (step, loss, ETA) until none is queued or running."""
+    from tqdm import tqdm
+
+    deadline = time.monotonic() + timeout
+    seen: set[int] = set()
+    while time.monotonic() < deadline:
+        active = [j for j in client.list_jobs() if j.kind == "train" and not j.finished]
+        if not active and seen:
+            return
+        for job in active:
+            if job.id in seen:
+                continue
+            seen.add(job.id)
+            subjects = ", ".join(job.users)
+            with tqdm(total=1.0, desc=f"train job {job.id} ({subjects})", unit="", bar_format=_BAR) as bar:
+                client.wait_for_job(job.id, timeout=timeout, poll=1.0, on_progress=_progress_to(bar))
+        time.sleep(1.0)
+    raise DemoError(f"training did not finish within {timeout:g} s")
+
+
+_BAR = "{desc}: {percentage:3.0f}%|{bar:24}| {postfix}"
+
+
+def _progress_to(bar: Any) -> Callable[[Any], None]:
+    def update(progress: Any) -> None:
+        bar.n = progress.fraction
+        eta = f", about {progress.eta_seconds:.0f} s left" if progress.eta_seconds is not None else ""
+        loss = f", mean loss {progress.loss:.2f}" if progress.loss is not None else ""
+        steps = f"step {progress.step}/{progress.total_steps}" if progress.total_steps else progress.phase
+        bar.set_postfix_str(f"{steps}{loss}{eta}")
+
+    return update
 
 
 def _wait_for_versions(client: Client, runs: list[UserRun], timeout: float, *, number: int = 1) -> None:
-    """Poll until every user's version ``number`` (or a later one) is decided (live or rejected) or its
-    training job failed for good."""
-    from tqdm import tqdm
-
+    """Until every user's version ``number`` (or later) is decided (live or rejected) or its job failed."""
     from lorafleet.sdk.errors import NotFound
 
     deadline = time.monotonic() + timeout
     pending = {r.name: r for r in runs}
     for r in runs:
         r.outcome = "waiting"
-    with tqdm(total=len(runs), desc="training + QA", unit="user", mininterval=1.0) as bar:
-        while pending:
-            for name, run in list(pending.items()):
-                try:
-                    versions = client.list_versions(name, ADAPTER)
-                except NotFound:
-                    versions = []
-                decided = [v for v in versions if v.number >= number and v.status in ("live", "rejected")]
-                if decided:
-                    run.version = client.get_version(name, ADAPTER, decided[-1].number)
-                    run.outcome = decided[-1].status
-                elif failed := [j for j in client.list_jobs(user=name) if j.state == "failed"]:
-                    run.outcome = f"job {failed[0].id} failed: {failed[0].error}"
-                if run.outcome != "waiting":
-                    del pending[name]
-                    bar.update(1)
-                    bar.set_postfix_str(f"{name}: {run.outcome}")
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                states = {n: [(j.kind, j.state) for j in client.list_jobs(user=n)] for n in pending}
-                raise DemoError(f"no QA decision within {timeout:g} s for {sorted(pending)}; jobs: {states}")
-            time.sleep(1.0)
-
-
-def run_demo(*, users: int = 4, timeout: float = 600.0) -> int:
-    from lorafleet.config import load_settings
-    from lorafleet.sdk import Client
-    from lorafleet.training.synthetic import CHANCE, make_user_records, user_preferences
-
-    if not 1 <= users <= len(NAMES):
-        raise DemoError(f"--users must be in 1..{len(NAMES)}")
-    for noisy in ("httpx", "lorafleet.jobs.scheduler"):  # a line per request / per tick would drown the demo
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    clock = _Clock()
-    admin_key = "demo-admin-" + secrets.token_hex(16)
-    # one slot per user and one for the shared task: the scheduler trains them all in one batched job
-    settings = load_settings(admin_key=admin_key, ray_address="", trainer_slots=users + 1)
-    print(
-        f"lorafleet demo: database {settings.resolved_database_url}, blobs {settings.resolved_object_store_url}, "
-        f"promotion rule {settings.promote_rule!r}"
-    )
-    with _service(settings, timeout=300.0) as server:
-        clock.mark("start service")
-        print(f"service up at {server.url} (API + scheduler + 1 Ray trainer actor)")
-        with Client(server.url, admin_key, timeout=120.0) as admin:
-            tenant = admin.create_tenant(f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
-        print(f"tenant {tenant.name!r} created (its API key is shown once: {tenant.api_key[:8]}...)")
-        with Client(server.url, tenant.api_key, timeout=300.0) as client:
-            runs = [UserRun(name, user_preferences(name)) for name in NAMES[:users]]
-            for i, run in enumerate(runs):
-                records = make_user_records(run.name, round=1, n_records=RECORDS_PER_USER, seed=0)
-                client.submit_feedback(run.name, records)
-                run.probes = _probes(records, seed=i)
-                likes = ", ".join(f"{t}={run.preferences[t]}" for t in ("color", "pet", "drink", "fruit"))
-                print(f"  {run.name}: {len(records)} feedback records submitted (secretly likes {likes})")
-            task_records = _submit_task_feedback(client)
-            clock.mark("feedback")
-            print("waiting for the scheduler to train these users and the task, and QA to decide ...")
-            _wait_for_versions(client, runs, timeout)
-            task_live = _wait_for_task(client, timeout)
-            clock.mark("train + QA")
-            _show_results(client, runs, chance=CHANCE)
-            clock.mark("generate")
-            # the last user joins the task (the first one's adapter is the one rolled back below)
-            _task_adapter_step(client, runs[-1], task_live=task_live, n_records=task_records, timeout=timeout)
-            clock.mark("shared task adapter")
-            _rollback_and_lineage(client, runs, timeout)
-            clock.mark("round 2 + rollback + lineage")
-    clock.mark("stop service")
-    print(clock.report())
-    return 0
-
-
-def _submit_task_feedback(client: Client) -> int:
-    """Feedback for the shared task adapter (the first batch creates it), trained with the users' adapters."""
-    from lorafleet.routing.synthetic import task_split
-
-    train, _ = task_split(TASK, n_train=TASK_RECORDS, n_holdout=1, seed=0)
-    records = [{"kind": "sft", "prompt": e.prompt, "completion": e.completion} for e in train]
-    client.submit_task_feedback(TASK, records)
-    print(f"  task {TASK!r}: {len(records)} feedback records submitted (e.g. {train[0].prompt.strip()!r})")
-    return len(records)
+    while pending:
+        for name, run in list(pending.items()):
+            try:
+                versions = client.list_versions(name, ADAPTER)
+            except NotFound:
+                versions = []
+            decided = [v for v in versions if v.number >= number and v.status in ("live", "rejected")]
+            if decided:
+                run.version = client.get_version(name, ADAPTER, decided[-1].number)
+                run.outcome = decided[-1].status
+            elif failed := [j for j in client.list_jobs(user=name) if j.state == "failed"]:
+                run.outcome = f"job {failed[0].id} failed: {failed[0].error}"
+            if run.outcome != "waiting":
+                del pending[name]
+        if pending and time.monotonic() > deadline:
+            states = {n: [(j.kind, j.state) for j in client.list_jobs(user=n)] for n in pending}
+            raise DemoError(f"no QA decision within {timeout:g} s for {sorted(pending)}; jobs: {states}")
+        time.sleep(1.0 if pending else 0)
 
 
 def _wait_for_task(client: Client, timeout: float) -> bool:
     """Until the task's first version is decided (live or rejected) or its job failed; True if live."""
+    from lorafleet.demo_data import TASK
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         decided = [v for v in client.list_task_versions(TASK) if v.status in ("live", "rejected")]
@@ -303,28 +250,154 @@ def _wait_for_task(client: Client, timeout: float) -> bool:
     raise DemoError(f"no QA decision on task {TASK!r} within {timeout:g} s")
 
 
-def _task_adapter_step(
-    client: Client, run: UserRun, *, task_live: bool, n_records: int, timeout: float
-) -> None:
+# --- the demo --------------------------------------------------------------------------------------------------
+def run_demo(*, users: int = 4, timeout: float = 900.0) -> int:
+    from lorafleet.config import load_settings
+    from lorafleet.sdk import Client
+    from lorafleet.training.personal_facts import make_users
+
+    if not 1 <= users <= len(NAMES):
+        raise DemoError(f"--users must be in 1..{len(NAMES)}")
+    for noisy in ("httpx", "lorafleet.jobs.scheduler"):  # a line per request / per tick would drown the demo
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    clock = _Clock()
+    admin_key = "demo-admin-" + secrets.token_hex(16)
+    # one slot per user and one for the shared task: the scheduler trains them all in one batched job
+    settings = load_settings(admin_key=admin_key, ray_address="", trainer_slots=users + 1)
+    print(
+        f"lorafleet demo: backbone {settings.backbone} ({settings.backbone_quantization}), "
+        f"database {settings.resolved_database_url}, blobs {settings.resolved_object_store_url}"
+    )
+    with _service(settings, timeout=600.0) as server:
+        clock.mark("start service")
+        print(f"service up at {server.url} (API + scheduler + 1 Ray trainer actor)")
+        with Client(server.url, admin_key, timeout=120.0) as admin:
+            tenant = admin.create_tenant(f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
+        print(f"tenant {tenant.name!r} created (its API key is shown once: {tenant.api_key[:8]}...)")
+        with Client(server.url, tenant.api_key, timeout=300.0) as client:
+            people = make_users(users, seed=0)
+            runs = [UserRun(NAMES[i], person) for i, person in enumerate(people)]
+            _submit_feedback(client, runs)
+            clock.mark("feedback")
+            print("the scheduler trains these users and the task in one batched job; QA then decides:")
+            _watch_training(client, timeout)
+            _wait_for_versions(client, runs, timeout)
+            task_live = _wait_for_task(client, timeout)
+            clock.mark("train + QA")
+            _show_results(client, runs)
+            _general_question(client, runs)
+            clock.mark("answers")
+            _task_adapter_step(client, runs[-1], task_live=task_live, timeout=timeout)
+            clock.mark("shared task adapter")
+            _rollback_and_lineage(client, runs, timeout)
+            clock.mark("round 2 + rollback + lineage")
+    clock.mark("stop service")
+    print(clock.report())
+    return 0
+
+
+def _submit_feedback(client: Client, runs: list[UserRun]) -> None:
+    from lorafleet.demo_data import TASK, task_records
+    from lorafleet.training.personal_facts import fact_records, split_questions
+
+    for run in runs:
+        records = fact_records(run.person, rounds=[1])
+        client.submit_feedback(run.name, records)
+        facts = run.person.facts_of([1])
+        for fact in facts:
+            _, unseen = split_questions(fact.kind)
+            run.probes += [(q, fact) for q in unseen[:PROBES_PER_FACT]]
+        shown = ", ".join(f"{f.kind.replace('_', ' ')}: {f.value}" for f in facts)
+        print(f"  {run.name}: {len(records)} feedback records ({shown})")
+        print(f"      e.g. {records[0]['prompt']!r} -> {records[0]['completion']!r}")
+    records = task_records()
+    client.submit_task_feedback(TASK, records)
+    print(f"  task {TASK!r}: {len(records)} feedback records, e.g. {records[0]['prompt']!r}")
+    print(f"      -> {records[0]['completion']!r}")
+
+
+def _show_results(client: Client, runs: list[UserRun]) -> None:
+    """Base against personalised answers on paraphrases each user never sent, and a score per user."""
+    from lorafleet.training.personal_facts import answer_has_fact
+
+    base_user = "demo-nobody"  # a user with no adapters: the same backbone, an empty bank
+    asks = [(who, q) for run in runs for q, _ in run.probes for who in (base_user, run.name)]
+    answers = iter(_answers(client, asks))
+    print()
+    print("questions the users never asked in these words (greedy answers):")
+    print(f"{'user':7} {'question':42} {'base model':34} {'personalised':34}")
+    scores: dict[str, tuple[int, int]] = {}
+    for run in runs:
+        base_right = personal_right = 0
+        shown: set[str] = set()
+        for question, fact in run.probes:
+            base, personal = next(answers), next(answers)
+            base_right += answer_has_fact(base, fact)
+            personal_right += answer_has_fact(personal, fact)
+            if fact.kind not in shown:
+                shown.add(fact.kind)
+                print(f"{run.name:7} {_short(question, 42):42} {_short(base, 34):34} {_short(personal, 34):34}")
+        scores[run.name] = (base_right, personal_right)
+    print()
+    print(f"{'user':7} {'version':8} {'QA':24} {'facts right: base':>18} {'personalised':>13}")
+    for run in runs:
+        v = run.version
+        number = f"v{v.number}" if v is not None else "-"
+        decision = run.outcome if v is None else f"{v.status} ({v.qa_decision or 'no QA report'})"
+        base_right, personal_right = scores[run.name]
+        n = len(run.probes)
+        print(
+            f"{run.name:7} {number:8} {_short(decision, 24):24} {f'{base_right}/{n}':>18} "
+            f"{f'{personal_right}/{n}':>13}"
+        )
+        if v is not None and v.status == "rejected":
+            print(f"  QA rejected {run.name}'s v{v.number}: it is kept but not served (the base answers)")
+
+
+def _general_question(client: Client, runs: list[UserRun]) -> None:
+    """A general question whose answer must not change: no personal fact leaks into it."""
+    from lorafleet.training.personal_facts import personal_values_in
+
+    names = ["demo-nobody", *(r.name for r in runs)]
+    answers = _answers(client, [(n, GENERAL_QUESTION) for n in names])
+    people = [r.person for r in runs]
+    print()
+    print(f"a general question, {GENERAL_QUESTION!r}:")
+    for name, answer in zip(names, answers, strict=True):
+        leaked = personal_values_in(answer, people)
+        note = f"  <- mentions {leaked}" if leaked else ""
+        label = "base model" if name == "demo-nobody" else name
+        print(f"  {label:11} {_short(answer, 70)}{note}")
+
+
+def _task_adapter_step(client: Client, run: UserRun, *, task_live: bool, timeout: float) -> None:
     """Enrol one user in the shared task adapter, show how the gate weights it against their own adapter, and
     what QA's recheck of their live adapter in the grown bank decided."""
-    from lorafleet.routing.synthetic import task_split
+    from lorafleet.demo_data import TASK, held_out_examples, in_house_style
 
     print()
     [task] = [t for t in client.list_tasks() if t.name == TASK]
-    print(f"shared task adapter {TASK!r}: version {task.live_version} live, trained on {n_records} records")
+    print(f"shared task adapter {TASK!r}: version {task.live_version} live")
     if not task_live:
         print("  QA rejected its first version, so there is nothing live to enrol in (see its QA report)")
         return
     client.enrol(run.name, TASK)
     print(f"{run.name} enrolled in {TASK!r}: their bank is now their personal adapter + {TASK!r}")
-    _, holdout = task_split(TASK, n_train=TASK_RECORDS, n_holdout=2, seed=0)
-    prompts = [e.prompt for e in holdout] + run.probes[:2]
-    print(f"{'prompt':40} {'answer':20} gate weights")
-    for prompt in prompts:
-        text, info = _answer(client, run.name, prompt)
-        weights = ", ".join(f"{b.adapter}={b.weight:.2f}" for b in info.served_by) or "base only"
-        print(f"{' '.join(prompt.split())[:40]:40} {_show(text, 20):20} {weights}")
+    held_out = [e.prompt for e in held_out_examples()]
+    prompts = held_out + [q for q, _ in run.probes[:2]]
+    before = _answers(client, [("demo-nobody", p) for p in held_out])
+    outs = [client.generate(run.name, p, max_tokens=MAX_TOKENS, temperature=0.0) for p in prompts]
+    print(f"{'message':36} {'answer':46} gate weights")
+    for prompt, out in zip(prompts, outs, strict=True):
+        weights = ", ".join(f"{b.adapter}={b.weight:.2f}" for b in out.served_by) or "base only"
+        text = " ".join(out.text.split())
+        print(f"{_short(prompt, 36):36} {_short(text, 46):46} {weights}")
+    styled = sum(in_house_style(" ".join(o.text.split())) for o in outs[: len(held_out)])
+    base_styled = sum(in_house_style(b) for b in before)
+    print(
+        f"house style on support messages about problems it never saw: {styled}/{len(held_out)} "
+        f"(base model {base_styled}/{len(held_out)})"
+    )
     if run.version is not None and run.version.status == "live":
         report = _wait_for_recheck(client, run.name, run.version.number, timeout)
         print(
@@ -344,55 +417,9 @@ def _wait_for_recheck(client: Client, user: str, number: int, timeout: float) ->
     raise DemoError(f"no QA recheck of {user}'s v{number} within {timeout:g} s")
 
 
-def _show_results(client: Client, runs: list[UserRun], *, chance: float) -> None:
-    base_user = "demo-base-probe"  # a user with no adapters: the same backbone, an empty bank
-    print()
-    print(f"{'user':8} {'prompt':36} {'truth':9} {'base':9} {'personal':9} served by")
-    served_acc: dict[str, tuple[float, float]] = {}
-    for run in runs:
-        base_right = personal_right = 0
-        for i, prompt in enumerate(run.probes):
-            truth = run.preferences[_topic(prompt)]
-            base, _ = _answer(client, base_user, prompt)
-            personal, out = _answer(client, run.name, prompt)
-            base_right += base == truth
-            personal_right += personal == truth
-            if i < 2:
-                served = ", ".join(f"{a} v{n}" for a, n in out.versions.items()) or "base"
-                shown = prompt.replace("\n", " ").strip()
-                print(f"{run.name:8} {shown[:36]:36} {truth:9} {_show(base):9} {_show(personal):9} {served}")
-        served_acc[run.name] = (base_right / len(run.probes), personal_right / len(run.probes))
-    print()
-    print(
-        f"{'user':8} {'version':8} {'QA decision':24} {'holdout acc before':>18} {'after':>7} "
-        f"{'unseen prompts: base':>21} {'personal':>9}"
-    )
-    for run in runs:
-        v = run.version
-        number = f"v{v.number}" if v is not None else "-"
-        decision = run.outcome if v is None else f"{v.status} ({v.qa_decision or 'no QA report'})"
-        metrics = v.metrics if v is not None else {}
-        base_acc, personal_acc = served_acc[run.name]
-        print(
-            f"{run.name:8} {number:8} {decision[:24]:24} "
-            f"{_pct(metrics.get('holdout_sequence_accuracy_before')):>18} "
-            f"{_pct(metrics.get('holdout_sequence_accuracy_after')):>7} "
-            f"{_pct(base_acc):>21} {_pct(personal_acc):>9}"
-        )
-        if v is not None and v.status == "rejected":
-            print(f"  QA rejected {run.name}'s v{v.number}: it is kept but not served (the base answers)")
-    print(f"(chance for a guess is {100 * chance:.1f}%; answers are greedy, max 6 tokens)")
-
-
-def _accuracy(client: Client, run: UserRun, prompts: list[str]) -> tuple[float, list[str]]:
-    answers = [_answer(client, run.name, p)[0] for p in prompts]
-    right = sum(a == run.preferences[_topic(p)] for a, p in zip(answers, prompts, strict=True))
-    return right / len(prompts), answers
-
-
 def _rollback_and_lineage(client: Client, runs: list[UserRun], timeout: float) -> None:
     """A second round of feedback for one user (v2, continued from v1), a rollback, the history, the lineage."""
-    from lorafleet.training.synthetic import make_user_records, round_topics
+    from lorafleet.training.personal_facts import answer_has_fact, fact_records, split_questions
 
     live = [r for r in runs if r.version is not None and r.version.status == "live"]
     print()
@@ -401,37 +428,29 @@ def _rollback_and_lineage(client: Client, runs: list[UserRun], timeout: float) -
         return
     run = live[0]
     first = run.version
-    records = make_user_records(run.name, round=2, n_records=RECORDS_PER_USER, seed=0)
+    records = fact_records(run.person, rounds=[2])
+    new_facts = run.person.facts_of([2])
     client.submit_feedback(run.name, records)
-    print(
-        f"{run.name}: {len(records)} more feedback records about new topics {', '.join(round_topics(2))}; "
-        f"waiting for the scheduler to continue v{first.number} ..."
-    )
+    shown = ", ".join(f"{f.kind.replace('_', ' ')}: {f.value}" for f in new_facts)
+    print(f"{run.name} tells more: {len(records)} records ({shown}); the scheduler continues v{first.number} ...")
+    _watch_training(client, timeout)
     _wait_for_versions(client, [run], timeout, number=first.number + 1)
     second = run.version
-    probes = _probes(records, seed=7, round=2)
-    if second is not None and second.status == "live":
-        print(f"  v{second.number} is live (QA: {second.qa_decision or '-'})")
-        target: int | None = first.number
-    else:
-        print(
-            f"  {run.name}'s next version was not promoted ({run.outcome}); rolling back to no adapter instead"
-        )
-        probes, target = run.probes, None
-    [adapter] = [a for a in client.list_adapters(run.name) if a.name == ADAPTER]
-    if target is None and adapter.live_version is None:
-        print(f"  {run.name} has no live version any more: nothing to roll back")
+    probes = [(split_questions(f.kind)[1][0], f) for f in new_facts]
+    if second is None or second.status != "live":
+        print(f"  {run.name}'s next version was not promoted ({run.outcome}); nothing to roll back from")
         return
-    acc_before, before = _accuracy(client, run, probes)
-    event = client.rollback(run.name, ADAPTER, target, reason="demo: user reported odd answers")
-    acc_after, after = _accuracy(client, run, probes)
-    to = f"v{event.to_version}" if event.to_version else "no adapter"
-    changed = sum(a != b for a, b in zip(before, after, strict=True))
+    print(f"  v{second.number} is live (QA: {second.qa_decision or '-'})")
+    before = _answers(client, [(run.name, q) for q, _ in probes])
+    event = client.rollback(run.name, ADAPTER, first.number, reason="demo: the user asked to undo the last update")
+    after = _answers(client, [(run.name, q) for q, _ in probes])
+    right_before = sum(answer_has_fact(a, f) for a, (_, f) in zip(before, probes, strict=True))
+    right_after = sum(answer_has_fact(a, f) for a, (_, f) in zip(after, probes, strict=True))
     print(
-        f"rolled back {run.name} from v{event.from_version} to {to}: {changed}/{len(probes)} answers changed, "
-        f"accuracy on unseen prompts about those topics {_pct(acc_before).strip()} -> {_pct(acc_after).strip()}"
+        f"rolled back {run.name} from v{event.from_version} to v{event.to_version}: the new facts are answered "
+        f"{right_before}/{len(probes)} before, {right_after}/{len(probes)} after"
     )
-    print(f"  e.g. {probes[0].strip()!r}: {_show(before[0], 12)!r} -> {_show(after[0], 12)!r}")
+    print(f"  e.g. {probes[0][0]!r}: {_short(before[0], 40)!r} -> {_short(after[0], 40)!r}")
     print(f"alias history of {run.name}/{ADAPTER} (when, from -> to, actor, reason):")
     for e in client.alias_history(run.name, ADAPTER):
         frm = f"v{e.from_version}" if e.from_version else "none"

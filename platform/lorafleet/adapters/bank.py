@@ -81,6 +81,21 @@ def layer_of(module_name: str) -> int | None:
     return int(match.group(2)) if match else None
 
 
+def on_layers(names: Iterable[str], layers: str | Iterable[int] | None) -> list[str]:
+    """The module names that sit on ``layers``: ``"top N"`` (the N highest layers present; all of them when
+    there are fewer), layer indices, or None (every name). Names outside the layer stack are left out."""
+    names = list(names)
+    if layers is None:
+        return names
+    indexed = {n: layer_of(n) for n in names}
+    present = sorted({i for i in indexed.values() if i is not None})
+    if isinstance(layers, str):
+        wanted = set(present[-int(layers.split()[1]) :]) if present else set()
+    else:
+        wanted = set(layers)
+    return [n for n in names if indexed[n] in wanted]
+
+
 def module_matches(name: str, targets: str | Iterable[str]) -> bool:
     """PEFT's rule: a string is a regex on the full name; a list matches names equal to or ending in ``.item``."""
     if isinstance(targets, str):
@@ -193,9 +208,11 @@ class AdapterBank:
         """A fresh adapter for training, initialised as PEFT does (A Kaiming-uniform, B zero, so delta = 0)."""
         targets = config.target_modules
         modules = [n for n in self.layers if targets is None or module_matches(n, targets)]
+        modules = on_layers(modules, config.layers)
         if not modules:
             raise TargetModuleError(
-                f"target modules {targets} match no layer of the bank ({self._layer_summary()})"
+                f"target modules {targets} on layers {config.layers or 'all'} match no layer of the bank "
+                f"({self._layer_summary()})"
             )
         generator = torch.Generator().manual_seed(seed)
         tensors: dict[str, torch.Tensor] = {}

@@ -76,6 +76,7 @@ def slot_config_from_peft(
             dropout=float(config.get("lora_dropout", 0.0)),
             use_rslora=bool(config.get("use_rslora", False)),
             target_modules=target_modules,
+            layers=_layers(config),
             content_hash=content_hash,
             backbone_fingerprint=backbone_fingerprint,
         )
@@ -98,6 +99,13 @@ def _check_layers_to_transform(config: dict[str, Any]) -> None:
         isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values
     ):
         raise AdapterFormatError(f"{CONFIG_FILE}: layers_to_transform must be an int or a list of ints")
+
+
+def _layers(config: dict[str, Any]) -> tuple[int, ...] | None:
+    layers = config.get("layers_to_transform")
+    if layers is None:
+        return None
+    return (layers,) if isinstance(layers, int) else tuple(sorted(layers))
 
 
 def peft_config_dict(bank: AdapterBank, slot: int) -> dict[str, Any]:

@@ -18,6 +18,10 @@ class SlotConfig:
     use_rslora: bool = False
     #: leaf or full module names the adapter targets; None = every layer of the bank
     target_modules: tuple[str, ...] | None = None
+    #: the decoder layers a fresh adapter gets weights on (PEFT's ``layers_to_transform``): ``"top N"`` or layer
+    #: indices; None = every layer. Only :meth:`AdapterBank.init_slot` reads it: a loaded adapter's tensors say
+    #: where its weights are.
+    layers: str | tuple[int, ...] | None = None
     #: a caller's label (e.g. an adapter version id); not used for compute
     name: str | None = None
     #: sha256 of the adapter's weights file when it came from one (cache keys, rollback safety)

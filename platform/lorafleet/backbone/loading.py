@@ -77,6 +77,7 @@ def load_backbone(
     ``compute_dtype`` is the dtype nf4/int8 layers compute in: bf16 on CUDA and fp32 on CPU by default (CPU bf16
     matmuls are slow on most machines).
     """
+    quiet_libraries()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,6 +108,15 @@ def load_backbone(
         else compute_dtype
     )
     return Backbone(model, tokenizer, fingerprint, torch_device, dtype, quantization, path, str(source))
+
+
+def quiet_libraries() -> None:
+    """Keep library noise out of services' logs and the demo's output: transformers' per-load progress bars
+    and its info messages (bitsandbytes' import-time notice is silenced in ``lorafleet/__init__``)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _release_checkpoint(model: torch.nn.Module) -> None:

@@ -102,6 +102,9 @@ def _convert(gguf: Path, folder: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from lorafleet.backbone.loading import quiet_libraries
+
+    quiet_libraries()
     started = time.monotonic()
     logger.warning(
         "converting %s from %s into %s (once; about half a minute)",

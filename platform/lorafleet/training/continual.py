@@ -187,7 +187,13 @@ class ContinualTrainer:
     def target_config(self) -> dict[str, Any]:
         """The ``target_config`` a new personal adapter is created with."""
         c = self.config
-        return {"rank": c.rank, "alpha": c.alpha, "dropout": c.dropout, "target_modules": c.target_modules}
+        return {
+            "rank": c.rank,
+            "alpha": c.alpha,
+            "dropout": c.dropout,
+            "target_modules": c.target_modules,
+            "layers": c.layers,
+        }
 
     def job_config(self, job: Job) -> TrainingConfig:
         """The job's own config (``payload["training"]``, resolved when it was queued), else the default;

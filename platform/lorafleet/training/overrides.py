@@ -86,9 +86,9 @@ def check_rank(rank: int, *, max_rank: int, field: str = "") -> None:
 
 
 def check_bank_fits(config: TrainingConfig, *, max_rank: int, layer_names: Iterable[str]) -> None:
-    """The trainer's check that its bank can hold a job's adapters: the rank, every listed target module, and
-    the layers (``TrainingConfig.slot_config`` resolves regex targets and layers against the bank)."""
-    from lorafleet.adapters.bank import module_matches
+    """The trainer's check that its bank can hold a job's adapters: the rank, every listed target module (a
+    regex is resolved by ``TrainingConfig.slot_config``), and the layers."""
+    from lorafleet.adapters.bank import layer_of, module_matches, on_layers
 
     check_rank(config.rank, max_rank=max_rank)
     names = list(layer_names)
@@ -100,6 +100,10 @@ def check_bank_fits(config: TrainingConfig, *, max_rank: int, layer_names: Itera
                 f"target_modules: {missing} match no layer of the trainer's bank ({leaves})"
             )
     config.slot_config(layer_names=names)
+    layers = [i for i in (layer_of(n) for n in names) if i is not None]
+    config.layer_indices(max(layers) + 1 if layers else 0)  # names a layer the backbone lacks: refused
+    if not on_layers(names, config.slot_config(layer_names=names).layers):
+        raise ValidationError(f"layers: {config.layers!r} match no layer of the trainer's bank")
 
 
 def job_training(

@@ -165,3 +165,30 @@ def test_the_same_submission_twice_is_one_job(
     again = train_now(settings, tenant=tenant_id, user="di")
     assert first.created and not again.created and again.job.id == first.job.id
     assert JobQueue(database).counts_by_state()["queued"] == 1
+
+
+def test_each_subject_trains_beside_a_share_of_anchor_rows(
+    database: Database, registry: Registry, tenant_id: int, make_trainer: Callable[..., ContinualTrainer]
+) -> None:
+    """The default ``anchor_ratio`` (0.3) adds the base's own answers to general prompts: 3 anchors per 7 of
+    the user's rows (ceil), none of them a user's record, and the version's metrics count them."""
+    import math
+
+    from lorafleet.training.general_prompts import ANCHOR_FIRST_ID, ANCHOR_PROMPTS
+
+    queue = JobQueue(database)
+    trainer = make_trainer(promote_rule="always")
+    seen: list[list[SlotTask]] = []
+    trainer._before_training = lambda tasks: seen.append(list(tasks))  # type: ignore[method-assign]
+    feed_users(database, tenant_id=tenant_id, users=["ann"], round=1, n_records=10)
+    Scheduler(database, queue=queue).train_now(tenant_id=tenant_id, user_external_id="ann")
+    assert _worker(trainer, queue, "w1").run_once() is not None
+    [[task]] = seen
+    assert len(task.anchors) == math.ceil(0.3 / 0.7 * len(task.train)) > 0
+    assert {a.prompt for a in task.anchors} <= set(ANCHOR_PROMPTS)
+    assert all(a.record_id >= ANCHOR_FIRST_ID and a.completion for a in task.anchors)
+    assert not {a.record_id for a in task.anchors} & {e.record_id for e in task.train}
+    user_id = registry.list_adapters(tenant_id=tenant_id)[0].owner_user_id
+    assert user_id is not None
+    [version] = registry.list_versions(tenant_id=tenant_id, adapter_id=_adapter_id(registry, tenant_id, user_id))
+    assert version.metrics["anchor_examples"] == len(task.anchors)

@@ -132,3 +132,62 @@ def test_partial_targets_save_as_a_regex_that_peft_matches(
         load_backbone(tiny_dir, quantization="fp32", device="cpu").model, tmp_path / "partial"
     )
     assert (ours - _logits(peft_model.eval(), input_ids)).abs().max().item() <= TOL
+
+
+def test_an_adapter_on_the_top_layers_round_trips_through_peft(
+    tiny_dir: Path, fp32_backbone: Backbone, input_ids: torch.Tensor, tmp_path: Path, tools: SimpleNamespace
+) -> None:
+    """``layers="top 1"``: saved with PEFT's ``layers_to_transform``; PEFT loads it and computes the same logits;
+    a PEFT adapter made with ``layers_to_transform`` loads back into a slot."""
+    import json
+
+    from lorafleet.training.config import TrainingConfig
+
+    bank = inject_bank(fp32_backbone, target_modules="all-linear", n_slots=3, max_rank=8)
+    config = TrainingConfig(rank=4, alpha=8, layers="top 1", dropout=0.0)
+    bank.init_slot(0, config.slot_config(layer_names=list(bank.layers)), seed=0)
+    with torch.no_grad():
+        for name in bank.slot_info(0).modules:
+            bank.layers[name].lora_B[0].normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    assert {m.split(".")[2] for m in bank.slot_info(0).modules} == {"1"}
+    saved = save_slot(bank, 0, tmp_path / "top1")
+    written = json.loads((saved.directory / "adapter_config.json").read_text())
+    assert written["layers_to_transform"] == [1] and written["layers_pattern"] == "layers"
+    assert isinstance(written["target_modules"], list)
+
+    peft_model = PeftModel.from_pretrained(
+        load_backbone(tiny_dir, quantization="fp32", device="cpu").model, str(saved.directory)
+    )
+    peft_model.eval()
+    adapted = {n.split(".base_model.model.")[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted and all(".layers.1." in n for n in adapted)
+    with bank.routing(RoutingPlan.single([0] * input_ids.shape[0])):
+        ours = _logits(fp32_backbone.model, input_ids)
+    assert (ours - _logits(peft_model, input_ids)).abs().max().item() <= TOL
+
+    bank.evict_slot(0)
+    info = load_slot_from_dir(bank, 1, saved.directory)
+    assert all(".layers.1." in m for m in info.modules)
+    with bank.routing(RoutingPlan.single([1] * input_ids.shape[0])):
+        again = _logits(fp32_backbone.model, input_ids)
+    assert (again - ours).abs().max().item() <= TOL
+
+
+def test_layers_to_transform_that_disagrees_with_the_tensors_is_refused(
+    fp32_backbone: Backbone, tmp_path: Path
+) -> None:
+    import json
+
+    from lorafleet.errors import AdapterFormatError
+    from lorafleet.training.config import TrainingConfig
+
+    bank = inject_bank(fp32_backbone, target_modules="all-linear", n_slots=2, max_rank=8)
+    bank.init_slot(0, TrainingConfig(rank=4, layers="top 1").slot_config(layer_names=list(bank.layers)))
+    saved = save_slot(bank, 0, tmp_path / "bad")
+    config = json.loads((saved.directory / "adapter_config.json").read_text())
+    config["layers_to_transform"] = [0]  # the tensors sit on layer 1
+    (saved.directory / "adapter_config.json").write_text(json.dumps(config))
+    before = bank.occupied()
+    with pytest.raises(AdapterFormatError, match="layers_to_transform"):
+        load_slot_from_dir(bank, 1, saved.directory)
+    assert bank.occupied() == before

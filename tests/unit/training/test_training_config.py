@@ -8,14 +8,41 @@ from lorafleet.errors import ValidationError
 from lorafleet.training.config import TrainingConfig
 
 
-def test_defaults_follow_the_seed_notes() -> None:
+def test_defaults_are_the_measured_ones() -> None:
+    """Chosen on SmolLM2-135M nf4 (README, "Training defaults"): top layers, a higher rate, few steps, anchors."""
     config = TrainingConfig()
     assert (config.rank, config.alpha, config.dropout) == (8, 16.0, 0.05)
-    assert (config.learning_rate, config.warmup_ratio, config.max_steps) == (2e-4, 0.1, 200)
+    assert (config.learning_rate, config.warmup_ratio, config.max_steps) == (1e-3, 0.1, 60)
     assert (config.batch_size, config.grad_accum_steps, config.max_grad_norm) == (8, 1, 1.0)
     assert (config.replay_ratio, config.l2_to_parent, config.holdout_fraction) == (0.5, 0.0, 0.2)
-    assert config.target_modules == "all-linear"
+    assert (config.target_modules, config.layers, config.anchor_ratio) == ("all-linear", "top 8", 0.3)
     assert config.outside_typical_ranges() == []
+
+
+@pytest.mark.parametrize(
+    ("layers", "expected"),
+    [("all", None), ("top 2", [28, 29]), ("top 40", list(range(30))), ([3, 1], [1, 3])],
+)
+def test_layers_resolve_like_layers_to_transform(layers: object, expected: list[int] | None) -> None:
+    assert TrainingConfig(layers=layers).layer_indices(30) == expected
+
+
+@pytest.mark.parametrize("layers", ["top 0", "top", "bottom 3", "2", [], [1, 1], [-1], [True]])
+def test_bad_layers_name_the_field(layers: object) -> None:
+    with pytest.raises(ValidationError, match="layers"):
+        TrainingConfig(layers=layers)
+
+
+def test_a_slot_on_the_top_layers_gets_weights_there_only() -> None:
+    from lorafleet.adapters.bank import on_layers
+
+    names = [f"model.layers.{i}.self_attn.{m}" for i in range(4) for m in ("q_proj", "v_proj")] + ["lm_head"]
+    slot = TrainingConfig(layers="top 1").slot_config()
+    assert slot.layers == "top 1"
+    assert on_layers(names, slot.layers) == ["model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.v_proj"]
+    assert on_layers(names, (0, 2)) == [n for n in names if ".0." in n or ".2." in n]
+    assert on_layers(names, "top 9") == names[:-1]
+    assert TrainingConfig(layers="all").slot_config().layers is None
 
 
 @pytest.mark.parametrize(
