@@ -20,7 +20,8 @@ from conftest import SERVING_OPTIONS
 from lorafleet.config import Settings
 from lorafleet.jobs import JobQueue
 from lorafleet.sdk import Client
-from lorafleet.store.sql.models import SqlAdapterVersion
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.models import SqlAdapterVersion, SqlJob
 from lorafleet.training.synthetic import make_user_records
 
 
@@ -105,6 +106,8 @@ def test_a_restart_mid_job_loses_nothing(
     assert (
         queue.get(tenant_id=None, job_id=job_id).state == "running"
     )  # its worker is gone, its lease not yet
+    # as if queued before jobs carried their config: the next server's trainer runs it with its own short one
+    _forget_training_config(library.db, job_id)
 
     with _server(settings, _options()) as after, Client(after.url, key) as client:
         replayed = client.submit_feedback("sam", first_batch, idempotency_key="batch-1")
@@ -115,3 +118,36 @@ def test_a_restart_mid_job_loses_nothing(
         (version,) = client.list_versions("sam", "personal")
         assert version.job_id == job_id
     assert count_rows(library.db, SqlAdapterVersion, SqlAdapterVersion.job_id == job_id) == 1
+
+
+def test_a_tenants_config_and_a_jobs_own_reach_the_trainer_actor(
+    api_ray: str, make_api_settings: Callable[..., Settings]
+) -> None:
+    with (
+        _server(make_api_settings(), _options(max_steps=6)) as server,
+        Client(server.url, _tenant_key(server)) as client,
+    ):
+        assert client.get_training_config().effective.max_steps == 6  # the server's defaults
+        client.set_training_config({"max_steps": 3, "rank": 2, "learning_rate": 1e-3})
+        client.submit_feedback("tia", make_user_records("tia", round=1, n_records=10, seed=0))
+        first = client.wait_for_job(client.train("tia").job.id, timeout=300, poll=0.5)
+        assert first.state == "succeeded", first.error
+        client.submit_feedback("tia", make_user_records("tia", round=2, n_records=6, seed=0))
+        second = client.wait_for_job(
+            client.train("tia", training={"max_steps": 2}).job.id, timeout=300, poll=0.5
+        )
+        assert second.state == "succeeded", second.error
+
+        v1, v2 = client.list_versions("tia", "personal")
+        assert (v1.metrics["steps"], v2.metrics["steps"]) == (3, 2)
+        shown = second.training
+        assert shown is not None and (shown.max_steps, shown.rank, shown.learning_rate) == (2, 2, 1e-3)
+        assert client.get_version("tia", "personal", 1).training_config["rank"] == 2
+
+
+def _forget_training_config(db: Database, job_id: int) -> None:
+    """Make the job one queued before jobs carried their config (trainers then use their own default)."""
+    with db.session() as session:
+        row = session.get(SqlJob, job_id)
+        assert row is not None
+        row.payload = {k: v for k, v in row.payload.items() if k != "training"}
