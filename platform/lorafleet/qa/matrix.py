@@ -196,19 +196,23 @@ def _greedy_samples(
     policy: QAPolicy,
 ) -> dict[tuple[str, str], tuple[Sample, ...]]:
     """The first ``samples_per_cell`` examples of each set, decoded greedily through each column (one batch)."""
+    from lorafleet.backbone.chat import has_chat_template
     from lorafleet.serving.decode import BatchDecoder, RowSpec
+    from lorafleet.training.dataset import encode_prompt
 
     k = policy.samples_per_cell
     keys = [(s, c, i) for s in sets for c in columns for i in range(min(k, len(s.examples)))]
     if not keys:
         return {}
     tokenizer = backbone.tokenizer
+    # a chat model ends its turn itself; the plain format's one-line answers end at a newline
+    stop = () if has_chat_template(tokenizer) else ("\n",)
     specs = [
         RowSpec(
-            prompt_ids=tuple(tokenizer(s.examples[i].prompt)["input_ids"]),
+            prompt_ids=tuple(encode_prompt(tokenizer, s.examples[i])),  # rendered as serving renders it
             routes=tuple(routes[s.name][c.info.name][i]),
             max_new_tokens=policy.sample_max_new_tokens,
-            stop=("\n",),
+            stop=stop,
         )
         for s, c, i in keys
     ]

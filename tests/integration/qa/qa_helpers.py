@@ -34,6 +34,8 @@ from lorafleet.training.trainer import SlotTask, train_slots
 
 #: a few steps on two projections at a high rate: enough to move a tiny model's holdout, fast on 2 cores
 TINY_TRAINING: dict[str, Any] = {
+    # the random-init tiny model's "answers" to general prompts are noise: no anchor rows on it
+    "anchor_ratio": 0.0,
     "rank": 4,
     "alpha": 8.0,
     "target_modules": ["q_proj", "v_proj"],

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import torch
-from continual_helpers import count_versions_and_snapshots, feed_users, get_job
+from continual_helpers import TINY_TRAINING, count_versions_and_snapshots, feed_users, get_job
 
 from lorafleet.config import Settings
 from lorafleet.jobs import JobQueue, JobWorker, Scheduler
@@ -170,12 +170,15 @@ def test_the_same_submission_twice_is_one_job(
 def test_each_subject_trains_beside_a_share_of_anchor_rows(
     database: Database, registry: Registry, tenant_id: int, make_trainer: Callable[..., ContinualTrainer]
 ) -> None:
-    """The default ``anchor_ratio`` (0.3) adds the base's own answers to general prompts: 3 anchors per 7 of
+    """``anchor_ratio`` 0.3 (the default) adds the base's own answers to general prompts: 3 anchors per 7 of
     the user's rows (ceil), none of them a user's record, and the version's metrics count them."""
     import math
 
     from lorafleet.training.general_prompts import ANCHOR_FIRST_ID, ANCHOR_PROMPTS
 
+    from lorafleet.training.overrides import set_tenant_training
+
+    set_tenant_training(database, tenant_id=tenant_id, overrides={**TINY_TRAINING, "anchor_ratio": 0.3})
     queue = JobQueue(database)
     trainer = make_trainer(promote_rule="always")
     seen: list[list[SlotTask]] = []
