@@ -21,6 +21,7 @@ from api_helpers import (
 from services.api.app import create_app
 
 from lorafleet.config import Settings
+from lorafleet.jobs import JobQueue
 from lorafleet.sdk import Client
 from lorafleet.store.sql.models import SqlAdapterVersion
 from lorafleet.training.synthetic import make_user_records
@@ -40,10 +41,17 @@ def _server_with_a_trainer(settings: Settings) -> ApiServer:
     return ApiServer(create_app(settings, options=options)).start()
 
 
+def _never_left_running(library: Library, job_id: int) -> None:
+    """A job of this test that would train for ever must not outlive it (the next server would take it over)."""
+    if job_id and JobQueue(library.db).get(tenant_id=None, job_id=job_id).state in ("queued", "running"):
+        JobQueue(library.db).cancel(tenant_id=None, job_id=job_id, actor="test cleanup")
+
+
 def test_a_training_job_cancelled_through_the_api_stops_and_registers_nothing(
     api_ray: str, make_api_settings: Callable[..., Settings], library: Library
 ) -> None:
     server = _server_with_a_trainer(make_api_settings())
+    job_id = 0
     try:
         with Client(server.url, ADMIN_KEY) as admin:
             tenant = admin.create_tenant(f"tenant-{uuid.uuid4().hex[:10]}")
@@ -70,4 +78,5 @@ def test_a_training_job_cancelled_through_the_api_stops_and_registers_nothing(
             assert client.ready().workers == "running"  # the actor stopped the job, not itself
     finally:
         server.stop()
+        _never_left_running(library, job_id)
     assert count_rows(library.db, SqlAdapterVersion, SqlAdapterVersion.job_id == job_id) == 0
