@@ -109,7 +109,7 @@ def test_a_bank_on_every_linear_layer_holds_subsets_of_modules_layers_and_ranks(
         {"layers": [0]},
         {"layers": "top 3"},  # more than the model has: all of them
     ):
-        check_bank_fits(TrainingConfig(**given), max_rank=16, layer_names=BANK_LAYERS)
+        check_bank_fits(_config(**given), max_rank=16, layer_names=BANK_LAYERS)
 
 
 @pytest.mark.parametrize(
@@ -123,7 +123,12 @@ def test_a_bank_on_every_linear_layer_holds_subsets_of_modules_layers_and_ranks(
 )
 def test_what_the_bank_cannot_hold_is_refused_naming_the_field(given: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
-        check_bank_fits(TrainingConfig(**given), max_rank=16, layer_names=BANK_LAYERS)
+        check_bank_fits(_config(**given), max_rank=16, layer_names=BANK_LAYERS)
+
+
+def _config(**given: Any) -> TrainingConfig:
+    """A config on every layer unless ``given`` says otherwise (whatever the default ``layers`` is)."""
+    return TrainingConfig(**{"layers": "all", **given})
 
 
 # --- a tenant's overrides ----------------------------------------------------------------------------------
