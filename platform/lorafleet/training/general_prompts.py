@@ -222,13 +222,15 @@ def generate_answers(
     tokenizer: Any,
     prompts: Sequence[str],
     max_new_tokens: int,
-    batch_size: int = 16,
+    batch_size: int = 64,
     *,
     bank: Any = None,
     routes: Sequence[Sequence[tuple[int, float]]] | None = None,
+    trim: bool = True,
 ) -> list[str]:
     """Greedy answers through the chat template, in batches of similar length; ``routes`` per prompt (with
-    ``bank``) send a row through adapters, empty routes (the default) through the base."""
+    ``bank``) send a row through adapters, empty routes (the default) through the base. ``trim``: cut answers
+    end at their last full sentence (off to judge everything a model said)."""
     import torch
 
     from lorafleet.serving.decode import BatchDecoder, RowSpec
@@ -243,7 +245,7 @@ def generate_answers(
         chunk = order[start : start + batch_size]
         specs = [RowSpec(tuple(ids[i]), tuple(rows[i]), max_new_tokens) for i in chunk]
         for i, out in zip(chunk, decoder.run(specs), strict=True):
-            answers[i] = trim_answer(out.text, cut=out.finish_reason == "length")
+            answers[i] = trim_answer(out.text, cut=trim and out.finish_reason == "length")
     return answers
 
 
