@@ -8,12 +8,14 @@ not grow with the number of loaded slots. Training uses per-slot ``nn.Parameter`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorafleet.adapters.layers import BaseLayerKind
-from lorafleet.adapters.routing import RoutingPlan, RoutingState
+from lorafleet.adapters.routing import RoutingPlan, RoutingState, Segment
 from lorafleet.errors import AdapterShapeError, MergeError, ValidationError
 
 
@@ -93,6 +95,8 @@ class BankLinear(nn.Module):
         out = result.reshape(x.shape[0], -1, self.out_features)  # [batch, seq, d_out]
         if plan.uniform is not None:
             out = self._add_uniform(out, xa, *plan.uniform)
+        elif plan.segments is not None:
+            out = self._add_segments(out, xa, plan.segments)
         else:
             out = self._add_mixed(out, xa, plan)
         return out.reshape(result.shape)
@@ -106,6 +110,23 @@ class BankLinear(nn.Module):
         h = F.linear(xa, lora_a[:r]) * (self.coef_table[slot, :r] * weight)  # [batch, seq, r]
         flat = out.reshape(-1, self.out_features)  # [batch * seq, d_out]
         return _accumulate(flat, h.reshape(-1, r), lora_b[:, :r].T).reshape(out.shape)
+
+    def _add_segments(self, out: torch.Tensor, xa: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+        """Rows grouped by adapter (a training step, a sorted batch): each run through its slot as a uniform batch,
+        with no per-row gather of A and B."""
+        grad = torch.is_grad_enabled()
+        pieces = []
+        for seg in segments:
+            part = out[seg.start : seg.end]  # [rows, seq, d_out]
+            if seg.slot is not None and seg.slot in self.present:
+                updated = self._add_uniform(part, xa[seg.start : seg.end], seg.slot, seg.weight)
+                if not grad and updated.data_ptr() != part.data_ptr():  # not added in place (dtype cast)
+                    part.copy_(updated)
+                part = updated
+            pieces.append(part)
+        if not grad:  # every run was added into ``out`` itself
+            return out
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def _add_mixed(self, out: torch.Tensor, xa: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """Rows through different slots or mixtures: gather each row's k slots, then batched matmuls."""

@@ -31,6 +31,16 @@ class PlanTensors:
     used: torch.Tensor  # [n_used] int64, sorted unique slots with a non-zero weight
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``start:end`` of a batch, all through ``slot`` with ``weight`` (``slot`` None: the base only)."""
+
+    slot: int | None
+    weight: float
+    start: int
+    end: int
+
+
 @dataclass(frozen=True, eq=False)
 class RoutingPlan:
     """Per-sequence routes through an adapter bank; build it with :meth:`from_rows` or :meth:`single`."""
@@ -131,6 +141,34 @@ class RoutingPlan:
         if key not in self._cache:
             self._cache[key] = self._build_tensors(device)
         return self._cache[key]
+
+    @property
+    def segments(self) -> tuple[Segment, ...] | None:
+        """Runs of consecutive rows through the same single slot and weight (``slot`` None = base only), when
+        there are at most half as many runs as rows; else None.
+
+        Semantics: a batch whose rows are grouped by adapter, as a training step packs each subject's rows
+        together, is computed one matmul pair per run (LoRAX's SGMV segments) instead of gathering each row's
+        weights. Mixtures and per-token weights have no segments.
+        """
+        key = ("segments",)
+        if key not in self._cache:
+            self._cache[key] = self._find_segments()
+        return self._cache[key]
+
+    def _find_segments(self) -> tuple[Segment, ...] | None:
+        if self.per_token or self.k != 1:
+            return None
+        runs: list[Segment] = []
+        for row, (slot, weight) in enumerate(
+            zip(self.slot_ids[:, 0].tolist(), self.weights[:, 0].tolist(), strict=True)
+        ):
+            route = (None, 0.0) if slot < 0 or weight == 0 else (int(slot), float(weight))
+            if runs and (runs[-1].slot, runs[-1].weight) == route:
+                runs[-1] = Segment(route[0], route[1], runs[-1].start, row + 1)
+            else:
+                runs.append(Segment(route[0], route[1], row, row + 1))
+        return tuple(runs) if 2 * len(runs) <= self.batch_size else None
 
     def routes_exactly(self, slots: Sequence[int]) -> bool:
         """True when every row routes through exactly ``slots``, each with weight 1 (what a merged bank computes)."""

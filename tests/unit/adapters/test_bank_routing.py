@@ -128,3 +128,40 @@ def test_forward_needs_a_plan_and_plans_need_loaded_slots(
         with bank.base_only():
             inner = bank._routing.plan
         assert bank._routing.plan is not None and inner is None  # contexts nest and restore
+
+
+def test_rows_grouped_by_adapter_run_as_segments() -> None:
+    plan = RoutingPlan.single([0, 0, 0, 2, 2, None, None, None])
+    assert [(s.slot, s.start, s.end) for s in plan.segments or ()] == [(0, 0, 3), (2, 3, 5), (None, 5, 8)]
+    assert RoutingPlan.single([0, 1, 0, 1]).segments is None  # as many runs as rows: gather per row
+    assert RoutingPlan.from_rows([[(0, 0.5), (1, 0.5)]] * 4).segments is None  # mixtures have no segments
+
+
+def test_segments_compute_what_the_per_row_gather_computes(
+    fp32_backbone: Backbone, tools: SimpleNamespace
+) -> None:
+    """Outputs and every slot's gradients agree between the segment path and the per-row gather path."""
+    bank = inject_bank(fp32_backbone, target_modules="all-linear", n_slots=3, max_rank=8)
+    for slot in (0, 1):
+        tools.load_random(bank, slot, rank=4 + 2 * slot, alpha=8.0, seed=slot)
+    ids = torch.randint(3, 200, (6, 9), generator=torch.Generator().manual_seed(0))
+    grouped = [0, 0, 0, 1, 1, None]
+    results = []
+    for segmented in (True, False):
+        params = bank.trainable_parameters([0, 1])
+        plan = RoutingPlan.single(grouped)
+        if not segmented:
+            plan._cache[("segments",)] = None  # force the per-row gather
+        assert (plan.segments is not None) == segmented
+        with bank.routing(plan):
+            logits = fp32_backbone.model(input_ids=ids).logits
+            logits.float().pow(2).mean().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in params]))
+        for p in params:
+            p.grad = None
+        bank.release_parameters()
+    (seg_out, seg_grads), (row_out, row_grads) = results
+    assert torch.allclose(seg_out, row_out, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(seg_grads, row_grads, strict=True))
+    with torch.no_grad(), bank.routing(RoutingPlan.single(grouped)):  # in place, without autograd
+        assert torch.allclose(fp32_backbone.model(input_ids=ids).logits, seg_out, atol=1e-5)
