@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # A local Ray must bind to loopback only; set before anything imports ray.
@@ -163,7 +163,7 @@ def blob_store(blob_store_url: str, request: pytest.FixtureRequest) -> object:
 def smollm2_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir holding the converted SmolLM2 backbone, converted once per test session (about 30 s).
 
-    Tests that need their own data dir link the converted folder in with :func:`link_smollm2`.
+    Tests that need their own data dir link the converted folder in with the ``smollm2_in`` fixture.
     """
     from lorafleet.backbone import build_smollm2_backbone
 
@@ -172,11 +172,17 @@ def smollm2_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data_dir
 
 
-def link_smollm2(source_data_dir: Path, data_dir: Path) -> None:
-    """Make the SmolLM2 folder converted under ``source_data_dir`` visible under ``data_dir`` (a symlink)."""
+@pytest.fixture
+def smollm2_in(smollm2_data_dir: Path) -> Callable[[Path], Path]:
+    """``smollm2_in(data_dir)``: the session's converted SmolLM2 folder linked into ``data_dir`` (no second
+    conversion); returns ``data_dir``."""
     from lorafleet.backbone import default_smollm2_dir
 
-    target = default_smollm2_dir(data_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists():
-        target.symlink_to(default_smollm2_dir(source_data_dir), target_is_directory=True)
+    def link(data_dir: Path) -> Path:
+        target = default_smollm2_dir(data_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(default_smollm2_dir(smollm2_data_dir), target_is_directory=True)
+        return data_dir
+
+    return link

@@ -242,21 +242,30 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             for i, loss in enumerate(step_losses):
                 stats[i].step_losses.append(loss)
-            if progress is not None or logger.isEnabledFor(logging.INFO):
-                if (step + 1) % every == 0 or step + 1 == config.max_steps:
-                    mean_loss = sum(step_losses) / len(step_losses)
-                    logger.info(
-                        "step %d/%d: mean user loss %.4f, lr %.2e", step + 1, config.max_steps, mean_loss, lr
-                    )
-                    if progress is not None:
-                        per_subject = {task.key: loss for task, loss in zip(tasks, step_losses, strict=True)}
-                        progress(
-                            step + 1, config.max_steps, {"loss": mean_loss, "lr": lr, "losses": per_subject}
-                        )
+            _report(step + 1, config.max_steps, lr, step_losses, tasks, progress, every)
     finally:
         bank.release_parameters(slots)
         model.train(was_training)
     return stats
+
+
+def _report(
+    done: int,
+    total: int,
+    lr: float,
+    losses: Sequence[float],
+    tasks: Sequence[SlotTask],
+    progress: Callable[[int, int, dict[str, Any]], None] | None,
+    every: int,
+) -> None:
+    """The progress callback every ``every`` steps and at the last; a log line at every tenth of the steps."""
+    last = done == total
+    mean_loss = sum(losses) / len(losses)
+    if done % max(1, total // 10) == 0 or last:
+        logger.info("step %d/%d: mean user loss %.4f, lr %.2e", done, total, mean_loss, lr)
+    if progress is not None and (done % every == 0 or last):
+        per_subject = {task.key: loss for task, loss in zip(tasks, losses, strict=True)}
+        progress(done, total, {"loss": mean_loss, "lr": lr, "losses": per_subject})
 
 
 def _stream(tokenizer: Any, task: SlotTask, config: TrainingConfig) -> _UserStream:
