@@ -25,6 +25,7 @@ from lorafleet.errors import ValidationError
 if TYPE_CHECKING:
     from lorafleet.adapters import AdapterBank
     from lorafleet.backbone import Backbone
+    from lorafleet.training.prefix import FrozenPrefix
 
 #: prompts longer than this (in tokens) keep their last tokens, as training truncates prompts
 DEFAULT_MAX_PROMPT_TOKENS = 512
@@ -62,18 +63,38 @@ def embed_prompts(
     *,
     batch_size: int = 32,
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+    prefix: FrozenPrefix | None = None,
 ) -> torch.Tensor:
-    """``[len(prompts), hidden]`` pooled embeddings of raw prompts, tokenised as serving tokenises them."""
+    """``[len(prompts), hidden]`` pooled embeddings of raw prompts, tokenised as serving tokenises them.
+
+    With ``prefix`` (a trainer's frozen-prefix cache) each prompt's final base states are kept there, so a
+    later round's routing key does not run its replayed prompts through the model again.
+    """
     if not prompts:
         raise ValidationError("no prompts to embed")
     if batch_size < 1 or max_prompt_tokens < 1:
         raise ValidationError("batch_size and max_prompt_tokens must be >= 1")
+    if prefix is not None:
+        return _embed_through_prefix(backbone, prefix, prompts, max_prompt_tokens)
     device = backbone.device
     chunks = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = _encode(backbone.tokenizer, prompts[start : start + batch_size], max_prompt_tokens)
         chunks.append(pooled_embeddings(backbone, bank, ids.to(device), mask.to(device)).cpu())
     return torch.cat(chunks)  # [n, hidden]
+
+
+def _embed_through_prefix(
+    backbone: Backbone, prefix: FrozenPrefix, prompts: Sequence[str], max_tokens: int
+) -> torch.Tensor:
+    """Pooled embeddings from cached states entering the final norm (the base model's whole depth)."""
+    rows = [embedding_ids(backbone.tokenizer, p, max_tokens=max_tokens) for p in prompts]
+    if any(not row for row in rows):
+        raise ValidationError("a prompt tokenises to nothing")
+    with torch.no_grad():
+        states = prefix.states(prefix.num_layers, rows)  # each [len, hidden], before the final norm
+        pooled = torch.stack([prefix.split.norm(s).float().mean(dim=0) for s in states])  # [n, hidden]
+    return F.normalize(pooled, dim=-1).cpu()
 
 
 def routing_key(
@@ -83,10 +104,11 @@ def routing_key(
     *,
     batch_size: int = 32,
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+    prefix: FrozenPrefix | None = None,
 ) -> tuple[float, ...]:
     """An adapter's routing key: the normalised mean of its training prompts' pooled embeddings."""
     embeddings = embed_prompts(
-        backbone, bank, prompts, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens
+        backbone, bank, prompts, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, prefix=prefix
     )
     key = F.normalize(embeddings.mean(dim=0), dim=0)  # [hidden]
     return tuple(float(v) for v in key.tolist())

@@ -407,7 +407,7 @@ class ContinualTrainer:
 
         promote, reason = promote_decision(self.promote_rule, full)
         prompts = [example.prompt for example in plan.dataset.train]
-        key = routing_key(self.backbone, self.bank, prompts) if prompts else None
+        key = routing_key(self.backbone, self.bank, prompts, prefix=self.prefix) if prompts else None
         return TrainedUser(plan, saved, full, promote, reason, key)
 
     # --- registering --------------------------------------------------------------------------------------

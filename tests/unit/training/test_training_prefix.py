@@ -159,3 +159,22 @@ def test_the_cache_spills_to_disk_then_drops_and_never_fails(tmp_path: Path) -> 
     assert cache.key(3, [1, 2]) != cache.key(4, [1, 2]) != PrefixCache(identity="u").key(3, [1, 2])
     cache.clear()
     assert cache.get(keys[0]) is None and not list(tmp_path.glob("*/*.safetensors"))
+
+
+def test_routing_keys_through_the_prefix_equal_the_full_forward(tiny_dir: Path) -> None:
+    """A routing key made from cached final states is the one the base model's forward gives; a later round's
+    replayed prompts are not run again."""
+    from lorafleet.routing.embeddings import embed_prompts, routing_key
+
+    backbone = load_backbone(tiny_dir, quantization="nf4", device="cpu")
+    bank, _ = _bank_with_two_adapters(backbone, "top 1")
+    prefix = FrozenPrefix.for_bank(bank, identity="test", pad_id=pad_token_id(backbone.tokenizer))
+    assert prefix is not None
+    prompts = [e.prompt for e in EXAMPLES]
+    plain = embed_prompts(backbone, bank, prompts)
+    cached = embed_prompts(backbone, bank, prompts, prefix=prefix)
+    assert torch.allclose(plain, cached, atol=1e-5)
+    computed = prefix.cache.stats["computed"]
+    key = routing_key(backbone, bank, [*prompts, "A new prompt"], prefix=prefix)
+    assert prefix.cache.stats["computed"] == computed + 1
+    assert key == pytest.approx(routing_key(backbone, bank, [*prompts, "A new prompt"]), abs=1e-5)
