@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 
-def _run(args: list[str], data_dir: Path) -> subprocess.CompletedProcess[str]:
+def _run(args: list[str], data_dir: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {"LORAFLEET_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"}
     return subprocess.run(
-        [sys.executable, "-m", "lorafleet.cli", *args], env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "lorafleet.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -36,28 +42,39 @@ def test_bad_setting_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_trains_serves_rolls_back_and_prints_a_lineage(tmp_path: Path) -> None:
-    result = _run(["demo"], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.mark.timeout(2400)  # the real model trains five adapters on 2 cores: minutes, not seconds
+def test_demo_personalises_the_real_model_serves_rolls_back_and_prints_a_lineage(
+    tmp_path: Path, smollm2_in: Callable[[Path], Path]
+) -> None:
+    """The demo as ``make demo`` runs it, on SmolLM2 (converted once per test session and linked in)."""
+    result = _run(["demo"], smollm2_in(tmp_path), timeout=2300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "service up at http://127.0.0.1:" in out
-    rows = [
-        line for line in out.splitlines() if line.split()[:1] in (["ada"], ["bruno"], ["chiara"], ["dmitri"])
-    ]
-    for user in ("ada", "bruno", "chiara", "dmitri"):
-        # every user got a QA decision: live, or an honest rejection line
-        decided = [r for r in rows if r.startswith(user) and (" live (" in r or " rejected (" in r)]
-        assert decided, out
-    # the shared task adapter was trained with the users; one user joined it and the gate's weights were shown
-    assert "task 'pig-latin': 48 feedback records submitted" in out
-    assert "shared task adapter 'pig-latin': version " in out
-    if "version 1 live" in out:
-        assert "dmitri enrolled in 'pig-latin'" in out and "gate weights" in out and "pig-latin=" in out
+    assert "backbone builtin:smollm2-135m (nf4)" in out
+    scores = {m[1]: (int(m[2]), int(m[4]), int(m[3])) for m in SCORE.finditer(out)}
+    assert set(scores) == {"ada", "bruno", "chiara", "dmitri"}, out
+    for user, (base, personal, n) in scores.items():
+        # greedy answers to paraphrases the user never sent: the base model cannot know these facts
+        assert base == 0 and personal >= n // 2, (user, out)
+    assert sum(personal for _, personal, _ in scores.values()) >= 0.75 * sum(
+        n for *_, n in scores.values()
+    ), out
+    assert "a general question, 'What is the capital of France?'" in out
+    general = out.split("a general question", 1)[1].split("\n\n", 1)[0]
+    assert general.count("Paris") >= 4 and "<- mentions" not in general, general
+    assert "task 'support-reply': 36 feedback records" in out
+    assert "shared task adapter 'support-reply': version " in out
+    if "QA rejected its first version" not in out:
+        assert "dmitri enrolled in 'support-reply'" in out and "support-reply=" in out
+        assert "house style on support messages about problems it never saw: " in out
         assert "QA recheck of dmitri's v1 in the grown bank: " in out
-    else:
-        assert "QA rejected its first version" in out
-    assert "rolled back " in out and "answers changed" in out
-    assert " -> none" in out or "-> v1" in out  # the alias history records the rollback
-    assert "demo: user reported odd answers" in out
-    assert "lineage of " in out
+    assert "rolled back " in out and "alias history of " in out
+    assert "demo: the user asked to undo the last update" in out
+    assert "lineage of " in out and "continued-from" in out
     assert "timings: " in out
+    assert "Loading weights" not in result.stderr and "kernels" not in result.stderr  # no library noise
+
+
+#: a user's score line: ``ada     v1       live (promote)     0/8      7/8``
+SCORE = re.compile(r"^(ada|bruno|chiara|dmitri)\s+v\d+\s+.*?\s(\d+)/(\d+)\s+(\d+)/\d+\s*$", re.MULTILINE)
