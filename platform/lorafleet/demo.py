@@ -336,7 +336,9 @@ def _show_results(client: Client, runs: list[UserRun]) -> None:
             personal_right += answer_has_fact(personal, fact)
             if fact.kind not in shown:
                 shown.add(fact.kind)
-                print(f"{run.name:7} {_short(question, 42):42} {_short(base, 34):34} {_short(personal, 34):34}")
+                print(
+                    f"{run.name:7} {_short(question, 42):42} {_short(base, 34):34} {_short(personal, 34):34}"
+                )
         scores[run.name] = (base_right, personal_right)
     print()
     print(f"{'user':7} {'version':8} {'QA':24} {'facts right: base':>18} {'personalised':>13}")
@@ -432,7 +434,9 @@ def _rollback_and_lineage(client: Client, runs: list[UserRun], timeout: float) -
     new_facts = run.person.facts_of([2])
     client.submit_feedback(run.name, records)
     shown = ", ".join(f"{f.kind.replace('_', ' ')}: {f.value}" for f in new_facts)
-    print(f"{run.name} tells more: {len(records)} records ({shown}); the scheduler continues v{first.number} ...")
+    print(
+        f"{run.name} tells more: {len(records)} records ({shown}); the scheduler continues v{first.number} ..."
+    )
     _watch_training(client, timeout)
     _wait_for_versions(client, [run], timeout, number=first.number + 1)
     second = run.version
@@ -442,7 +446,9 @@ def _rollback_and_lineage(client: Client, runs: list[UserRun], timeout: float) -
         return
     print(f"  v{second.number} is live (QA: {second.qa_decision or '-'})")
     before = _answers(client, [(run.name, q) for q, _ in probes])
-    event = client.rollback(run.name, ADAPTER, first.number, reason="demo: the user asked to undo the last update")
+    event = client.rollback(
+        run.name, ADAPTER, first.number, reason="demo: the user asked to undo the last update"
+    )
     after = _answers(client, [(run.name, q) for q, _ in probes])
     right_before = sum(answer_has_fact(a, f) for a, (_, f) in zip(before, probes, strict=True))
     right_after = sum(answer_has_fact(a, f) for a, (_, f) in zip(after, probes, strict=True))

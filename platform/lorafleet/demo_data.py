@@ -53,7 +53,9 @@ def task_records(n: int = 36, *, seed: int = 0) -> list[dict[str, str]]:
     """``n`` feedback payloads (kind ``sft``) over the trained problems, phrasings drawn without repeats."""
     rng = random.Random(f"support-reply/{seed}")
     trained = PROBLEMS[: len(PROBLEMS) - HELD_OUT]
-    combos = [(p, o, c) for p in range(len(trained)) for o in range(len(OPENERS)) for c in range(len(CLOSERS))]
+    combos = [
+        (p, o, c) for p in range(len(trained)) for o in range(len(OPENERS)) for c in range(len(CLOSERS))
+    ]
     rng.shuffle(combos)
     return [
         {

@@ -76,7 +76,9 @@ def _adapter(user: str, adapter: str) -> str:
 
 def _dump(record: Record) -> Any:
     """A record as JSON; a model's absent optional fields (an ``sft`` record's other form) are left out."""
-    return record.model_dump(mode="json", exclude_none=True) if isinstance(record, BaseModel) else dict(record)
+    return (
+        record.model_dump(mode="json", exclude_none=True) if isinstance(record, BaseModel) else dict(record)
+    )
 
 
 def _query(**values: Any) -> dict[str, Any]:

@@ -156,7 +156,13 @@ class TrainingConfig(BaseModel):
             targets = tuple(n for n in layer_names if module_matches(n, self.target_modules))
             if not targets:
                 raise ValidationError(f"target_modules {self.target_modules!r} match no layer of the bank")
-        layers = None if self.layers == "all" else self.layers if isinstance(self.layers, str) else tuple(self.layers)
+        layers = (
+            None
+            if self.layers == "all"
+            else self.layers
+            if isinstance(self.layers, str)
+            else tuple(self.layers)
+        )
         return SlotConfig(
             rank=self.rank,
             alpha=self.alpha,

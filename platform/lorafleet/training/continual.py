@@ -394,7 +394,9 @@ class ContinualTrainer:
         wanted = math.ceil(ratio / (1 - ratio) * len(plan.dataset.train))
         with self.bank.base_only():  # the base's own answers; generated once per process
             pool = anchor_examples(self.backbone)
-        seed = int(hashlib.sha256(f"anchors/{self.config.seed}/{plan.user.label}".encode()).hexdigest()[:15], 16)
+        seed = int(
+            hashlib.sha256(f"anchors/{self.config.seed}/{plan.user.label}".encode()).hexdigest()[:15], 16
+        )
         return reservoir_sample(pool, min(wanted, len(pool)), seed=seed)
 
     def _trained(self, plan: UserPlan, *, saved: SavedAdapter, metrics: Mapping[str, float]) -> TrainedUser:

@@ -175,7 +175,6 @@ def test_each_subject_trains_beside_a_share_of_anchor_rows(
     import math
 
     from lorafleet.training.general_prompts import ANCHOR_FIRST_ID, ANCHOR_PROMPTS
-
     from lorafleet.training.overrides import set_tenant_training
 
     set_tenant_training(database, tenant_id=tenant_id, overrides={**TINY_TRAINING, "anchor_ratio": 0.3})
@@ -193,5 +192,7 @@ def test_each_subject_trains_beside_a_share_of_anchor_rows(
     assert not {a.record_id for a in task.anchors} & {e.record_id for e in task.train}
     user_id = registry.list_adapters(tenant_id=tenant_id)[0].owner_user_id
     assert user_id is not None
-    [version] = registry.list_versions(tenant_id=tenant_id, adapter_id=_adapter_id(registry, tenant_id, user_id))
+    [version] = registry.list_versions(
+        tenant_id=tenant_id, adapter_id=_adapter_id(registry, tenant_id, user_id)
+    )
     assert version.metrics["anchor_examples"] == len(task.anchors)

@@ -159,7 +159,9 @@ def test_an_adapter_on_the_top_layers_round_trips_through_peft(
         load_backbone(tiny_dir, quantization="fp32", device="cpu").model, str(saved.directory)
     )
     peft_model.eval()
-    adapted = {n.split(".base_model.model.")[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    adapted = {
+        n.split(".base_model.model.")[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")
+    }
     assert adapted and all(".layers.1." in n for n in adapted)
     with bank.routing(RoutingPlan.single([0] * input_ids.shape[0])):
         ours = _logits(fp32_backbone.model, input_ids)

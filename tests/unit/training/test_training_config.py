@@ -39,7 +39,10 @@ def test_a_slot_on_the_top_layers_gets_weights_there_only() -> None:
     names = [f"model.layers.{i}.self_attn.{m}" for i in range(4) for m in ("q_proj", "v_proj")] + ["lm_head"]
     slot = TrainingConfig(layers="top 1").slot_config()
     assert slot.layers == "top 1"
-    assert on_layers(names, slot.layers) == ["model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.v_proj"]
+    assert on_layers(names, slot.layers) == [
+        "model.layers.3.self_attn.q_proj",
+        "model.layers.3.self_attn.v_proj",
+    ]
     assert on_layers(names, (0, 2)) == [n for n in names if ".0." in n or ".2." in n]
     assert on_layers(names, "top 9") == names[:-1]
     assert TrainingConfig(layers="all").slot_config().layers is None
