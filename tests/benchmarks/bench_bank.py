@@ -1,8 +1,12 @@
 """Benchmarks of the adapter bank against PEFT (not CI): inference, multi-user training, backbone quantisation.
 
 Run from the repository root: ``.venv/bin/python tests/benchmarks/bench_bank.py`` (about two minutes on 2 CPU
-cores). Every number is a median of ``--runs`` timed runs, each after an untimed warm-up call; conditions are
-interleaved run by run so that machine noise hits them alike, and ratios are medians of per-run ratios. Prints
+cores). ``--backbone builtin:smollm2-135m --data-dir DIR`` runs it on SmolLM2-135M-Instruct (converted once into
+``DIR/backbones/``) in nf4 instead of the tiny random-init backbones, with smaller sizes (``SMOLLM2_SIZES``; each
+can be set by a flag) and one warm-up call per condition instead of one per timed call: aimed at about five
+minutes on 2 CPU cores, it took 17 on a heavily shared machine. Every number is a median of ``--runs`` timed
+runs, each after an untimed warm-up call; conditions are interleaved run by run so that machine noise hits them
+alike, and ratios are medians of per-run ratios. Prints
 the markdown tables of tests/benchmarks/README.md.
 """
 
@@ -21,7 +25,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 
 from lorafleet.adapters import AdapterBank, RoutingPlan, SlotConfig, inject_bank
 from lorafleet.adapters.bank import peft_key
-from lorafleet.backbone import build_tiny_backbone, load_backbone
+from lorafleet.backbone import build_tiny_backbone, load_backbone, resolve_backbone_path
 
 #: "medium" is big enough that matmuls dominate a CPU forward; "tiny" is the built-in offline backbone
 CONFIGS: dict[str, dict[str, int]] = {
@@ -37,6 +41,37 @@ CONFIGS: dict[str, dict[str, int]] = {
 RANK, ALPHA, BATCH, SEQ = 16, 32.0, 32, 32
 N_ADAPTERS = 32
 ROWS_PER_USER = 4
+INFER_USERS: tuple[int, ...] = (1, 8, N_ADAPTERS)
+TRAIN_USERS: tuple[int, ...] = (1, 4, 16)
+#: inference and the PEFT comparison run on this quantisation (training is always nf4)
+INFER_QUANTIZATION = "fp32"
+#: an untimed warm-up call before every timed call (True), or one per condition before the first round (False)
+WARMUP_EACH = True
+TINY_BACKBONE = "tiny"
+#: SmolLM2-135M on CPU in nf4: bitsandbytes dequantises every weight on every forward (about 1.3 s for the 30
+#: layers here), so batches are small and each condition is warmed up once; medians of 3 interleaved runs.
+SMOLLM2_SIZES: dict[str, Any] = {
+    "batch": 4,
+    "seq": 16,
+    "infer_users": "1,4",
+    "train_users": "1,4",
+    "rows_per_user": 2,
+    "runs": 3,
+    "parts": "infer,train",
+    "infer_quantization": "nf4",
+    "warmup": "once",
+}
+TINY_SIZES: dict[str, Any] = {
+    "batch": BATCH,
+    "seq": SEQ,
+    "infer_users": ",".join(map(str, INFER_USERS)),
+    "train_users": ",".join(map(str, TRAIN_USERS)),
+    "rows_per_user": ROWS_PER_USER,
+    "runs": 5,
+    "parts": "infer,train,quant",
+    "infer_quantization": INFER_QUANTIZATION,
+    "warmup": "each",
+}
 
 
 def timed(conditions: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[float]]:
@@ -46,9 +81,13 @@ def timed(conditions: dict[str, Callable[[], Any]], runs: int) -> dict[str, list
     cache state that the previous (differently shaped) condition left behind.
     """
     samples: dict[str, list[float]] = {name: [] for name in conditions}
+    if not WARMUP_EACH:
+        for fn in conditions.values():
+            fn()
     for _ in range(runs):
         for name, fn in conditions.items():
-            fn()
+            if WARMUP_EACH:
+                fn()
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
@@ -94,18 +133,19 @@ def peft_with_adapters(path: Path, quantization: str, bank: AdapterBank, n: int,
 
 # --- 1. inference ------------------------------------------------------------------------------------------
 def bench_inference(path: Path, runs: int) -> list[dict[str, Any]]:
-    bare = load_backbone(path, quantization="fp32", device="cpu")
-    banked = load_backbone(path, quantization="fp32", device="cpu")
-    bank = inject_bank(banked, target_modules="all-linear", n_slots=2 * N_ADAPTERS, max_rank=RANK)
-    for slot in range(2 * N_ADAPTERS):  # a full bank: cost must not depend on slots the batch does not use
+    n_adapters = max(INFER_USERS)
+    bare = load_backbone(path, quantization=INFER_QUANTIZATION, device="cpu")
+    banked = load_backbone(path, quantization=INFER_QUANTIZATION, device="cpu")
+    bank = inject_bank(banked, target_modules="all-linear", n_slots=2 * n_adapters, max_rank=RANK)
+    for slot in range(2 * n_adapters):  # a full bank: cost must not depend on slots the batch does not use
         bank.load_slot(slot, random_adapter(bank, slot), SlotConfig(rank=RANK, alpha=ALPHA))
-    peft_model = peft_with_adapters(path, "fp32", bank, N_ADAPTERS).eval()
+    peft_model = peft_with_adapters(path, INFER_QUANTIZATION, bank, n_adapters).eval()
     ids = torch.randint(3, 259, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))  # [batch, seq]
     conditions: dict[str, Callable[[], Any]] = {
         "no adapter (bare model)": lambda: bare.model(ids),
         "bank, base only": lambda: _bank_forward(bank, banked.model, ids, None),
     }
-    for users in (1, 8, N_ADAPTERS):
+    for users in INFER_USERS:
         routes = [
             row * users // BATCH for row in range(BATCH)
         ]  # contiguous groups, as a server sorts a batch
@@ -119,7 +159,7 @@ def bench_inference(path: Path, runs: int) -> list[dict[str, Any]]:
     share = lora_flop_share(bank)
     bare_s = seconds["no adapter (bare model)"]
     rows = []
-    for users in (1, 8, N_ADAPTERS):
+    for users in INFER_USERS:
         ours, mixed, swap = (seconds[f"{k}/{users}"] for k in ("bank", "peft mixed", "peft swap"))
         rows.append(
             {
@@ -157,7 +197,8 @@ def _peft_swap(peft_model: PeftModel, ids: torch.Tensor, routes: list[int]) -> N
 
 
 # --- 2. training -------------------------------------------------------------------------------------------
-def bench_training(path: Path, runs: int, users: tuple[int, ...] = (1, 4, 16)) -> list[dict[str, Any]]:
+def bench_training(path: Path, runs: int, users: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    users = users or TRAIN_USERS
     k_max = max(users)
     backbone = load_backbone(path, quantization="nf4", device="cpu")
     bank = inject_bank(backbone, target_modules="all-linear", n_slots=k_max, max_rank=RANK)
@@ -256,7 +297,8 @@ def report(
     if infer:
         summary = infer[-1]
         lines += [
-            f"Inference, batch {BATCH} x {SEQ} tokens, rank {RANK} on all linear layers, fp32. No adapter: "
+            f"Inference, batch {BATCH} x {SEQ} tokens, rank {RANK} on all linear layers, {INFER_QUANTIZATION}. "
+            "No adapter: "
             f"{summary['bare_tok_s']:.0f} tok/s; bank with base-only plan: {summary['base_only_tok_s']:.0f} tok/s. "
             f"LoRA FLOP share of the adapted layers: {100 * summary['share']:.1f}%.",
             "",
@@ -298,27 +340,77 @@ def report(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per condition (median reported)")
-    parser.add_argument("--configs", default="tiny,medium")
-    parser.add_argument("--parts", default="infer,train,quant")
-    parser.add_argument("--data-dir", type=Path, default=Path(".lorafleet"), help="where backbones are built")
+    parser.add_argument(
+        "--backbone",
+        default=TINY_BACKBONE,
+        help="'tiny' (the default): the random-init backbones of --configs; or a built-in name such as "
+        "builtin:smollm2-135m (or a checkpoint folder), run with the smaller sizes of SMOLLM2_SIZES",
+    )
+    parser.add_argument("--runs", type=int, help="timed runs per condition (median reported; 5, SmolLM2: 3)")
+    parser.add_argument("--configs", default="tiny,medium", help="tiny backbones to run (--backbone tiny)")
+    parser.add_argument("--parts", help="infer,train,quant (SmolLM2: infer,train)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(".lorafleet"), help="where backbones are built or converted"
+    )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, help="inference batch (32, SmolLM2: 4)")
+    parser.add_argument("--seq", type=int, help="tokens per sequence (32, SmolLM2: 16)")
+    parser.add_argument("--infer-users", help="adapters per inference batch (1,8,32, SmolLM2: 1,4)")
+    parser.add_argument("--train-users", help="users K per training step (1,4,16, SmolLM2: 1,4)")
+    parser.add_argument("--rows-per-user", type=int, help="training sequences per user (4, SmolLM2: 2)")
+    parser.add_argument(
+        "--infer-quantization", help="quantisation of the inference part (fp32, SmolLM2: nf4)"
+    )
+    parser.add_argument("--warmup", choices=("each", "once"), help="warm-up before each timed call, or once")
     args = parser.parse_args()
+    sizes = dict(TINY_SIZES if args.backbone == TINY_BACKBONE else SMOLLM2_SIZES)
+    sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
+    _configure(sizes)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    parts = set(args.parts.split(","))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.runs} runs\n")
+    runs = int(sizes["runs"])
+    parts = set(str(sizes["parts"]).split(","))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {runs} runs, sizes {sizes}\n"
+    )
+    if args.backbone != TINY_BACKBONE:
+        path = resolve_backbone_path(args.backbone, data_dir=args.data_dir)
+        started = time.perf_counter()
+        infer = bench_inference(path, runs) if "infer" in parts else []
+        gc.collect()
+        train = bench_training(path, runs) if "train" in parts else []
+        gc.collect()
+        quant = bench_quantization(path, runs) if "quant" in parts else []
+        print(
+            report(
+                f"{args.backbone} ({_describe(path)}), {time.perf_counter() - started:.0f} s",
+                infer,
+                train,
+                quant,
+            )
+        )
+        return
     for name in args.configs.split(","):
         path = build_tiny_backbone(args.data_dir, **CONFIGS[name])
         started = time.perf_counter()
-        infer = bench_inference(path, args.runs) if "infer" in parts else []
+        infer = bench_inference(path, runs) if "infer" in parts else []
         gc.collect()
-        train = bench_training(path, args.runs) if "train" in parts else []
+        train = bench_training(path, runs) if "train" in parts else []
         gc.collect()
-        quant = bench_quantization(path, args.runs) if "quant" in parts else []
+        quant = bench_quantization(path, runs) if "quant" in parts else []
         print(
             report(f"{name} ({_describe(path)}), {time.perf_counter() - started:.0f} s", infer, train, quant)
         )
+
+
+def _configure(sizes: dict[str, Any]) -> None:
+    """Set the module's size constants (the defaults are the tiny benchmark's)."""
+    global BATCH, SEQ, INFER_USERS, TRAIN_USERS, ROWS_PER_USER, INFER_QUANTIZATION, WARMUP_EACH
+    BATCH, SEQ, ROWS_PER_USER = int(sizes["batch"]), int(sizes["seq"]), int(sizes["rows_per_user"])
+    INFER_USERS = tuple(int(u) for u in str(sizes["infer_users"]).split(","))
+    TRAIN_USERS = tuple(int(u) for u in str(sizes["train_users"]).split(","))
+    INFER_QUANTIZATION = str(sizes["infer_quantization"])
+    WARMUP_EACH = sizes["warmup"] == "each"
 
 
 def _describe(path: Path) -> str:
