@@ -2,6 +2,10 @@
 
 Run from the repository root: ``.venv/bin/python tests/benchmarks/bench_serving.py --threads 1`` (about 10
 minutes on 2 CPU cores). Prints the markdown tables of tests/benchmarks/README.md ("Serving").
+``--backbone builtin:smollm2-135m --data-dir DIR`` runs throughput and cold loads on SmolLM2-135M-Instruct (converted
+once into ``DIR/backbones/``) in nf4 instead of the tiny random-init backbones, with smaller sizes so that it
+finishes in about five minutes on 2 CPU cores (``SMOLLM2_SIZES``; each can be set by a flag). Its prompts are raw
+(no chat template, as for the bare reference), random lowercase words of at least ``--prompt-tokens`` tokens.
 
 1. Throughput: a batch of 32 greedy requests (32-token prompts, 32 new tokens) spread over 1, 8 or 32 users,
    each user with one rank-16 adapter on all linear layers, through the whole engine (bank resolution, pooled
@@ -34,7 +38,7 @@ import torch
 from lorafleet.adapters import AdapterBank, SlotConfig, inject_bank, save_slot
 from lorafleet.adapters.bank import peft_key
 from lorafleet.adapters.peft_format import inspect_adapter_dir
-from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone
+from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone, resolve_backbone_path
 from lorafleet.registry import pack_adapter_archive
 from lorafleet.routing.bank import BankMember, UserBank
 from lorafleet.routing.embeddings import pooled_embeddings
@@ -54,7 +58,41 @@ CONFIGS: dict[str, dict[str, int]] = {
     },
 }
 RANK, ALPHA, BATCH, PROMPT_TOKENS, NEW_TOKENS = 16, 32.0, 32, 32, 32
-USER_COUNTS = (1, 8, 32)
+USER_COUNTS: tuple[int, ...] = (1, 8, 32)
+#: an untimed warm-up call before every timed call (True), or one per condition before the first round (False)
+WARMUP_EACH = True
+#: the quantisation of the throughput and cold-load backbones
+QUANTIZATION = "fp32"
+#: prompts fed without the chat template (SmolLM2 has one; the tiny byte-level tokenizer's prompts stay as they were)
+RAW_PROMPTS = False
+COLD_LOADS = 20
+TINY_BACKBONE = "tiny"
+#: SmolLM2-135M on CPU in nf4: bitsandbytes dequantises every weight on every forward, so one decoding step of
+#: the 30 layers costs over a second here whatever the batch; a small batch, few steps, one warm-up per condition.
+SMOLLM2_SIZES: dict[str, Any] = {
+    "batch": 4,
+    "prompt_tokens": 8,
+    "new_tokens": 4,
+    "user_counts": "1,4",
+    "runs": 3,
+    "parts": "throughput,cold",
+    "adapters": "all-linear:16",
+    "quantization": "nf4",
+    "warmup": "once",
+    "cold_loads": 3,
+}
+TINY_SIZES: dict[str, Any] = {
+    "batch": BATCH,
+    "prompt_tokens": PROMPT_TOKENS,
+    "new_tokens": NEW_TOKENS,
+    "user_counts": ",".join(map(str, USER_COUNTS)),
+    "runs": 5,
+    "parts": "throughput,cold,hits",
+    "adapters": "all-linear:16,q_proj+v_proj:8",
+    "quantization": QUANTIZATION,
+    "warmup": "each",
+    "cold_loads": COLD_LOADS,
+}
 
 
 # --- adapters as real blobs ----------------------------------------------------------------------------------
@@ -115,21 +153,31 @@ def _bank(user: str, members: list[BankMember]) -> UserBank:
 # --- 1. throughput -------------------------------------------------------------------------------------------
 def bench_throughput(path: Path, runs: int, store: BlobStore, *, rank: int, targets: str) -> dict[str, Any]:
     """``targets``: "all-linear" or leaf names joined by "+" (e.g. "q_proj+v_proj")."""
-    bare = load_backbone(path, quantization="fp32", device="cpu")
-    backbone = load_backbone(path, quantization="fp32", device="cpu")
-    author = inject_bank(load_backbone(path, quantization="fp32", device="cpu"), n_slots=1, max_rank=RANK)
+    bare = load_backbone(path, quantization=QUANTIZATION, device="cpu")
+    backbone = load_backbone(path, quantization=QUANTIZATION, device="cpu")
+    bank: AdapterBank | None = None
+    if QUANTIZATION == "fp32":
+        author = inject_bank(load_backbone(path, quantization="fp32", device="cpu"), n_slots=1, max_rank=RANK)
+    else:  # a quantised (SmolLM2) load takes 20 s here: the versions are written through the serving bank
+        author = bank = inject_bank(
+            backbone, target_modules="all-linear", n_slots=2 * max(USER_COUNTS), max_rank=RANK
+        )
     modules = (
         None
         if targets == "all-linear"
         else [m for m in author.layers if m.rsplit(".", 1)[-1] in targets.split("+")]
     )
     members = write_versions(author, store, max(USER_COUNTS), rank=rank, modules=modules)
-    bank = inject_bank(backbone, target_modules="all-linear", n_slots=2 * max(USER_COUNTS), max_rank=RANK)
+    if bank is None:
+        bank = inject_bank(backbone, target_modules="all-linear", n_slots=2 * max(USER_COUNTS), max_rank=RANK)
     banks = {f"user-{i}": _bank(f"user-{i}", [m]) for i, m in enumerate(members)}
     banks.update({f"base-{i}": _bank(f"base-{i}", []) for i in range(BATCH)})
     cache = AdapterCache.from_blob_store(bank, store)
     engine = GenerationEngine(backbone, bank, cache, resolve_bank=lambda t, u: banks[u])
     prompts = _prompts(bare)
+    if RAW_PROMPTS:
+        lengths = [len(bare.tokenizer(p)["input_ids"]) for p in prompts]
+        print(f"prompt tokens: {min(lengths)}-{max(lengths)}, mean {statistics.mean(lengths):.1f}")
     decoder = BatchDecoder(bare.model, None, bare.tokenizer, device=bare.device)
     rows = [
         RowSpec(prompt_ids=tuple(bare.tokenizer(p)["input_ids"]), routes=(), max_new_tokens=NEW_TOKENS)
@@ -139,7 +187,7 @@ def bench_throughput(path: Path, runs: int, store: BlobStore, *, rank: int, targ
 
     def run_engine(name: str, users: list[str]) -> Callable[[], None]:
         requests = [
-            GenerationRequest(tenant_id=1, user=u, prompt=p, max_new_tokens=NEW_TOKENS)
+            GenerationRequest(tenant_id=1, user=u, prompt=p, max_new_tokens=NEW_TOKENS, raw=RAW_PROMPTS)
             for u, p in zip(users, prompts, strict=True)
         ]
 
@@ -165,6 +213,7 @@ def bench_throughput(path: Path, runs: int, store: BlobStore, *, rank: int, targ
         name: {
             "seconds": median(s),
             "tok_s": tokens[name] / median(s) if name in tokens else None,
+            "tokens": tokens.get(name),
             "vs_bare": ratio(seconds["bare"], s),
         }
         for name, s in seconds.items()
@@ -177,14 +226,25 @@ def _embed(backbone: Backbone, bank: AdapterBank, ids: torch.Tensor, mask: torch
 
 
 def _prompts(backbone: Backbone) -> list[str]:
-    """``BATCH`` distinct printable prompts of ``PROMPT_TOKENS`` bytes (byte-level tokenizer: one token each)."""
+    """``BATCH`` distinct printable prompts of ``PROMPT_TOKENS`` bytes (byte-level tokenizer: one token each).
+
+    With ``RAW_PROMPTS`` (a real BPE tokenizer): random lowercase words, added until the prompt has at least
+    ``PROMPT_TOKENS`` tokens."""
     rng = np.random.default_rng(0)
+    if RAW_PROMPTS:
+        prompts = []
+        for _ in range(BATCH):
+            words: list[str] = []
+            while len(backbone.tokenizer(" ".join(words))["input_ids"]) < PROMPT_TOKENS:
+                words.append("".join(chr(int(c)) for c in rng.integers(97, 123, int(rng.integers(2, 8)))))
+            prompts.append(" ".join(words))
+        return prompts
     return ["".join(chr(int(c)) for c in rng.integers(97, 123, PROMPT_TOKENS)) for _ in range(BATCH)]
 
 
 # --- 2. cold loads -------------------------------------------------------------------------------------------
 def bench_cold_load(path: Path, n: int, stores: dict[str, BlobStore]) -> list[dict[str, Any]]:
-    backbone = load_backbone(path, quantization="fp32", device="cpu")
+    backbone = load_backbone(path, quantization=QUANTIZATION, device="cpu")
     bank = inject_bank(backbone, target_modules="all-linear", n_slots=n + 1, max_rank=RANK)
     rows = []
     for store_name, store in stores.items():
@@ -254,9 +314,13 @@ def _hits(stats: Any) -> int:
 def timed(conditions: dict[str, Callable[[], None]], runs: int) -> dict[str, list[float]]:
     """Wall seconds per run and condition, interleaved; each timed call follows an untimed one."""
     samples: dict[str, list[float]] = {name: [] for name in conditions}
+    if not WARMUP_EACH:
+        for fn in conditions.values():
+            fn()
     for _ in range(runs):
         for name, fn in conditions.items():
-            fn()
+            if WARMUP_EACH:
+                fn()
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
@@ -304,7 +368,7 @@ class MotoS3:
 def report_throughput(name: str, adapters: str, result: dict[str, Any]) -> str:
     lines = [
         f"**{name}**, adapters rank {adapters}: batch {BATCH}, {PROMPT_TOKENS}-token prompts, {NEW_TOKENS} new "
-        "tokens, greedy, fp32.",
+        f"tokens, greedy, {QUANTIZATION}{', raw prompts' if RAW_PROMPTS else ''}.",
         "",
         "| condition | seconds per batch | tokens/s | throughput vs bare model |",
         "| --- | --- | --- | --- |",
@@ -313,6 +377,9 @@ def report_throughput(name: str, adapters: str, result: dict[str, Any]) -> str:
         tok_s = "-" if r["tok_s"] is None else f"{r['tok_s']:,.0f}"
         vs = "-" if r["tok_s"] is None else f"{r['vs_bare']:.2f}x"
         lines.append(f"| {cond} | {r['seconds']:.3f} | {tok_s} | {vs} |")
+    if RAW_PROMPTS:  # a real model may stop a row early (end of turn): the tokens each batch generated
+        counts = ", ".join(f"{cond} {r['tokens']}" for cond, r in result.items() if r["tokens"] is not None)
+        lines += ["", f"Tokens generated per batch: {counts}."]
     return "\n".join(lines) + "\n"
 
 
@@ -348,36 +415,62 @@ def report_hits(rows: list[dict[str, Any]], users: int, slots: int, requests: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--configs", default="tiny,medium")
-    parser.add_argument("--parts", default="throughput,cold,hits")
-    parser.add_argument("--data-dir", type=Path, default=Path(".lorafleet"))
+    parser.add_argument(
+        "--backbone",
+        default=TINY_BACKBONE,
+        help="'tiny' (the default): the random-init backbones of --configs; or a built-in name such as "
+        "builtin:smollm2-135m (or a checkpoint folder), run with the smaller sizes of SMOLLM2_SIZES",
+    )
+    parser.add_argument("--runs", type=int, help="timed runs per condition (5, SmolLM2: 3)")
+    parser.add_argument("--configs", default="tiny,medium", help="tiny backbones to run (--backbone tiny)")
+    parser.add_argument("--parts", help="throughput,cold,hits (SmolLM2: throughput,cold)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(".lorafleet"), help="where backbones are built or converted"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument(
-        "--adapters",
-        default="all-linear:16,q_proj+v_proj:8",
-        help="adapter shapes for throughput: targets:rank,...",
+        "--adapters", help="adapter shapes for throughput: targets:rank,... (SmolLM2: all-linear:16)"
     )
+    parser.add_argument("--batch", type=int, help="requests per batch (32, SmolLM2: 4)")
+    parser.add_argument("--prompt-tokens", type=int, help="prompt tokens (32, SmolLM2: at least 8)")
+    parser.add_argument("--new-tokens", type=int, help="new tokens per request (32, SmolLM2: 4)")
+    parser.add_argument("--user-counts", help="users per batch (1,8,32, SmolLM2: 1,4)")
+    parser.add_argument("--quantization", help="backbone quantisation (fp32, SmolLM2: nf4)")
+    parser.add_argument("--warmup", choices=("each", "once"), help="warm-up before each timed call, or once")
+    parser.add_argument("--cold-loads", type=int, help="cold loads per store (20, SmolLM2: 3)")
     args = parser.parse_args()
+    tiny = args.backbone == TINY_BACKBONE
+    sizes = dict(TINY_SIZES if tiny else SMOLLM2_SIZES)
+    sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
+    _configure(sizes, raw_prompts=not tiny)
     torch.set_num_threads(args.threads)
-    parts = set(args.parts.split(","))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.runs} runs\n")
+    runs = int(sizes["runs"])
+    parts = set(str(sizes["parts"]).split(","))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {runs} runs, sizes {sizes}\n"
+    )
     with MotoS3() as s3, tempfile.TemporaryDirectory() as tmp:
         local = open_blob_store((Path(tmp) / "blobs").as_uri())
-        for name in args.configs.split(","):
-            path = build_tiny_backbone(args.data_dir, **CONFIGS[name])
+        for name in args.configs.split(",") if tiny else [args.backbone]:
+            path = (
+                build_tiny_backbone(args.data_dir, **CONFIGS[name])
+                if tiny
+                else resolve_backbone_path(args.backbone, data_dir=args.data_dir)
+            )
             if "throughput" in parts:
-                for spec in args.adapters.split(","):
+                for spec in str(sizes["adapters"]).split(","):
                     targets, rank = spec.split(":")
-                    result = bench_throughput(path, args.runs, local, rank=int(rank), targets=targets)
+                    result = bench_throughput(path, runs, local, rank=int(rank), targets=targets)
                     print(report_throughput(name, f"{rank} on {targets}", result))
                     gc.collect()
                 gc.collect()
             if "cold" in parts:
                 print(
                     report_cold(
-                        bench_cold_load(path, 20, {"S3 (moto, HTTP)": s3.store(), "local directory": local}),
+                        bench_cold_load(
+                            path, COLD_LOADS, {"S3 (moto, HTTP)": s3.store(), "local directory": local}
+                        ),
                         name,
                     )
                 )
@@ -387,6 +480,19 @@ def main() -> None:
                 path, local, users=1000, slots=64, requests=args.requests, exponents=(0.8, 1.1, 1.3)
             )
             print(report_hits(rows, 1000, 64, args.requests))
+
+
+def _configure(sizes: dict[str, Any], *, raw_prompts: bool) -> None:
+    """Set the module's size constants (the defaults are the tiny benchmark's)."""
+    global BATCH, PROMPT_TOKENS, NEW_TOKENS, USER_COUNTS, QUANTIZATION, WARMUP_EACH, RAW_PROMPTS, COLD_LOADS
+    BATCH, PROMPT_TOKENS, NEW_TOKENS = (
+        int(sizes["batch"]),
+        int(sizes["prompt_tokens"]),
+        int(sizes["new_tokens"]),
+    )
+    USER_COUNTS = tuple(int(u) for u in str(sizes["user_counts"]).split(","))
+    QUANTIZATION, WARMUP_EACH = str(sizes["quantization"]), sizes["warmup"] == "each"
+    RAW_PROMPTS, COLD_LOADS = raw_prompts, int(sizes["cold_loads"])
 
 
 if __name__ == "__main__":
