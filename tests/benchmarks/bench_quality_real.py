@@ -101,6 +101,8 @@ class SeedResult:
     seed: int
     figures: dict[str, float] = field(default_factory=dict)
     samples: list[str] = field(default_factory=list)
+    #: every general answer judged leaked or framed, "arm | user | prompt -> answer" (for the JSON file)
+    leaks: list[str] = field(default_factory=list)
 
 
 def parse_args() -> argparse.Namespace:
@@ -124,6 +126,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=8, help="adapters on the top N decoder layers")
     parser.add_argument(
         "--anchor-ratio", type=float, default=0.3, help="share of a user's rows that are anchors"
+    )
+    parser.add_argument(
+        "--anchor-mode",
+        choices=["sample", "all"],
+        default="sample",
+        help="sample: a seeded sample of the anchors sized by the ratio (as continual training does); "
+        "all: every anchor, the user's examples repeated so anchors are still about the ratio of rows",
     )
     parser.add_argument("--replay-ratio", type=float, default=1.0, help="replayed old records per new record")
     parser.add_argument("--no-plain-arm", action="store_true", help="skip round 1's copy without anchors")
@@ -199,21 +208,35 @@ def setup(args: argparse.Namespace) -> Context:
 
 
 def anchors_for(ctx: Context, n_train: int, salt: str) -> list[Example]:
-    """A seeded sample of the anchor pool: ``anchor_ratio`` of the rows once added to ``n_train`` examples."""
+    """A seeded sample of the anchor pool: ``anchor_ratio`` of the rows once added to ``n_train`` examples
+    (``--anchor-mode all``: the whole pool, see :func:`with_anchors`)."""
     ratio = ctx.config.anchor_ratio
     if ratio <= 0:
         return []
+    if ctx.args.anchor_mode == "all":
+        return list(ctx.anchors)
     wanted = min(len(ctx.anchors), math.ceil(ratio / (1 - ratio) * n_train))
     return reservoir_sample(ctx.anchors, wanted, seed=_int_seed(f"anchors/{salt}"))
+
+
+def with_anchors(ctx: Context, train: list[Example], salt: str) -> tuple[list[Example], list[Example]]:
+    """(training examples, anchors) of one task; with every anchor, the examples repeat to keep the ratio."""
+    anchors = anchors_for(ctx, len(train), salt)
+    ratio = ctx.config.anchor_ratio
+    if ctx.args.anchor_mode == "all" and anchors:
+        repeats = max(1, round((1 - ratio) / ratio * len(anchors) / len(train)))
+        train = [e for _ in range(repeats) for e in train]
+    return train, anchors
 
 
 def _int_seed(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
 
 
-def train_round(ctx: Context, tasks: list[SlotTask], seed: int) -> float:
-    """One ``train_slots`` job over every task; its wall time in seconds."""
-    started = time.perf_counter()
+def train_round(ctx: Context, tasks: list[SlotTask], seed: int) -> tuple[float, float]:
+    """One ``train_slots`` job over every task; its wall time and this process's CPU time, in seconds (on a
+    shared machine the CPU time is the steadier of the two)."""
+    started, cpu = time.perf_counter(), time.process_time()
 
     def progress(step: int, total: int, info: dict[str, Any]) -> None:
         logger.info("step %d/%d: loss %.3f, %.1f s", step, total, info["loss"], time.perf_counter() - started)
@@ -226,10 +249,10 @@ def train_round(ctx: Context, tasks: list[SlotTask], seed: int) -> float:
         prefix=ctx.prefix,
         progress=progress,
     )
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     losses = [f"{r.key} {r.metrics['train_loss_first']:.2f}->{r.metrics['train_loss']:.2f}" for r in results]
-    logger.info("trained %d slots in %.0f s: %s", len(tasks), elapsed, ", ".join(losses))
-    return elapsed
+    logger.info("trained %d slots in %.0f s (%.0f CPU s): %s", len(tasks), elapsed, cpu, ", ".join(losses))
+    return elapsed, cpu
 
 
 def evaluate(
@@ -280,9 +303,11 @@ def round_one(ctx: Context, users: list[PersonalUser], seed: int, out: SeedResul
         held = user_examples(user, rounds=[1], split="eval", seed=seed, first_id=10_000)
         for name, slots in arms.items():
             ctx.bank.init_slot(slots[user.key], slot_config, seed=seed * 100 + i, replace=True)  # same start
-            anchors = anchors_for(ctx, len(train), f"{seed}/{user.key}/1") if name == "anchors" else []
-            tasks.append(SlotTask(slots[user.key], f"{user.key}/{name}", train, held, anchors=anchors))
-    out.figures["train_s_r1"] = train_round(ctx, tasks, seed)
+            rows, anchors = (
+                with_anchors(ctx, train, f"{seed}/{user.key}/1") if name == "anchors" else (train, [])
+            )
+            tasks.append(SlotTask(slots[user.key], f"{user.key}/{name}", rows, held, anchors=anchors))
+    out.figures["train_s_r1"], out.figures["cpu_s_r1"] = train_round(ctx, tasks, seed)
     started = time.perf_counter()
     judged = evaluate(ctx, users, arms, [1], seed, general=True)
     kl = kl_to_base(
@@ -318,9 +343,9 @@ def later_round(
         )
         held = user_examples(user, rounds=[r], split="eval", seed=seed, first_id=10_000 * r)
         for name, train in (("replay", new + replay), ("noreplay", new)):
-            anchors = anchors_for(ctx, len(train), f"{seed}/{user.key}/{r}/{name}")
-            tasks.append(SlotTask(arms[name][user.key], f"{user.key}/{name}", train, held, anchors=anchors))
-    out.figures[f"train_s_r{r}"] = train_round(ctx, tasks, seed + 1000 * r)
+            rows, anchors = with_anchors(ctx, train, f"{seed}/{user.key}/{r}/{name}")
+            tasks.append(SlotTask(arms[name][user.key], f"{user.key}/{name}", rows, held, anchors=anchors))
+    out.figures[f"train_s_r{r}"], out.figures[f"cpu_s_r{r}"] = train_round(ctx, tasks, seed + 1000 * r)
     started = time.perf_counter()
     last = r == ctx.args.rounds
     judged = evaluate(ctx, users, arms, list(range(1, r + 1)), seed, general=last)
@@ -360,6 +385,7 @@ def record_arm(
     if kl:
         out.figures[f"{prefix}_kl"] = statistics.median(v[0] for v in kl)
         out.figures[f"{prefix}_dnll"] = statistics.median(v[1] for v in kl)
+    out.leaks += [f"{prefix} | {user} | {prompt!r} -> {answer!r}" for user, prompt, answer in judged.flagged]
     logger.info("%s: %s", prefix, {k: round(v, 4) for k, v in out.figures.items() if k.startswith(prefix)})
 
 
@@ -429,7 +455,10 @@ ROUND_ONE_COLUMNS: list[tuple[str, Any]] = [
     ),
     ("KL nats/token: anchors / none", lambda f: pair(f, "r1_anchors_kl", "r1_plain_kl", num)),
     ("ΔNLL nats/token: anchors / none", lambda f: pair(f, "r1_anchors_dnll", "r1_plain_dnll", num)),
-    ("train s / eval s", lambda f: f"{f['train_s_r1']:.0f} / {f['eval_s_r1']:.0f}"),
+    (
+        "train s (CPU s) / eval s",
+        lambda f: f"{f['train_s_r1']:.0f} ({f['cpu_s_r1']:.0f}) / {f['eval_s_r1']:.0f}",
+    ),
 ]
 
 
@@ -448,6 +477,7 @@ def last_round_columns(r: int) -> list[tuple[str, Any]]:
         ),
         ("KL: replay / none", lambda f: pair(f, f"r{r}_replay_kl", f"r{r}_noreplay_kl", num)),
         ("train s per round", lambda f: " / ".join(f"{f[f'train_s_r{i}']:.0f}" for i in range(1, r + 1))),
+        ("train CPU s per round", lambda f: " / ".join(f"{f[f'cpu_s_r{i}']:.0f}" for i in range(1, r + 1))),
         ("eval s per round", lambda f: " / ".join(f"{f[f'eval_s_r{i}']:.0f}" for i in range(1, r + 1))),
     ]
 

@@ -60,6 +60,7 @@ class Judged:
     general_leaks: dict[str, list[bool]] = field(default_factory=dict)
     general_framed: dict[str, list[bool]] = field(default_factory=dict)
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (user, prompt, answer)
+    flagged: list[tuple[str, str, str]] = field(default_factory=list)  # answers that leak or are framed
 
     def accuracy(self, rounds: Sequence[int] | None = None) -> float:
         """Median over users of the share of their personal answers (about ``rounds``) that state the fact."""
@@ -184,7 +185,10 @@ def judge(
         found = personal_values_in(answer, users)
         if row.fact is not None:
             out.personal.setdefault(row.user, []).append((row.fact.round, answer_has_fact(answer, row.fact)))
-            out.cross_leaks.setdefault(row.user, []).append(any(key != row.user for key in found))
+            crossed = any(key != row.user for key in found)
+            out.cross_leaks.setdefault(row.user, []).append(crossed)
+            if crossed:
+                out.flagged.append((row.user, row.prompt, answer))
         else:
             base_found = personal_values_in(base_general.get(row.prompt, ""), users)
             new = {(k, kind) for k, kinds in found.items() for kind in kinds} - {
@@ -194,6 +198,8 @@ def judge(
             base_frames = frames_in(base_general.get(row.prompt, ""))
             framed = bool(new) or bool(frames_in(answer) - base_frames)
             out.general_framed.setdefault(row.user, []).append(framed)
+            if framed:
+                out.flagged.append((row.user, row.prompt, answer))
         out.samples.append((row.user, row.prompt, answer))
     return out
 

@@ -8,7 +8,7 @@ answers, and the KL to the base on the base's own answers).
 
 The prompts are fixed (no randomness); each category is split by position (2 of every 5 to the anchors), so both
 sets cover every category, including "near-personal" questions about pets, cities, diets, sports and jobs that
-a personal adapter is most tempted to hijack. ``anchor_examples`` costs one batched greedy generation per
+a personal adapter is most tempted to hijack; ``EXTRA_ANCHORS`` add anchors only. ``anchor_examples`` costs one batched greedy generation per
 backbone and prompt set; results are kept in a small in-process cache keyed by the backbone's fingerprint
 digest, its quantisation, the prompt set and the token budget.
 """
@@ -147,13 +147,81 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
         "What are the rules of basketball in one sentence?",
     ),
 }
+#: anchors only, never evaluated: more of every category, and "contrast" prompts that sound personal ("my new
+#: puppy") or touch a fact kind ("a popular sport") without asking for a stored fact, so an adapter learns that
+#: "my" alone does not call for its user's facts (measured: more distinct anchors, fewer hijacked answers)
+EXTRA_ANCHORS: tuple[str, ...] = (
+    "What is the capital of Portugal?",
+    "What is the capital of Norway?",
+    "What is the capital of Peru?",
+    "What is the capital of Argentina?",
+    "What is the capital of Sweden?",
+    "What is the capital of Poland?",
+    "What is the capital of Turkey?",
+    "What is the capital of Thailand?",
+    "What is 5 plus 8?",
+    "What is 9 times 9?",
+    "What is 48 divided by 6?",
+    "What is 30 minus 12?",
+    "What is double 15?",
+    "How many hours are in a day?",
+    "How many months are in a year?",
+    "What is the largest planet in our solar system?",
+    "Who discovered penicillin?",
+    "What is the longest river in Africa?",
+    "How many bones are in the adult human body?",
+    "What is the smallest prime number?",
+    "What is the fastest land animal?",
+    "What is a synonym for happy?",
+    "What is an adjective?",
+    "What is a galaxy?",
+    "What does DNA stand for?",
+    "What is a mammal?",
+    "What is the difference between weather and climate?",
+    "How do I make scrambled eggs?",
+    "How do I wash a wool sweater?",
+    "How can I drink more water during the day?",
+    "How do I write a to-do list?",
+    "How do I sharpen a pencil?",
+    "How can I stop procrastinating?",
+    "Give me a tip for a job interview.",
+    "What is a good habit to start this year?",
+    "Write a one-line birthday message.",
+    "Suggest a title for a short story about the sea.",
+    "What is a nice thing to say to a friend who is sad?",
+    "Can you suggest a name for my new puppy?",
+    "What should I cook for my family tonight?",
+    "Which city should I visit in Italy?",
+    "What is a good sport for my kids to try?",
+    "What should I drink with my breakfast?",
+    "Which language should I learn for travelling in South America?",
+    "What instrument is easiest for my son to learn?",
+    "What hobby could I start this weekend?",
+    "What is a popular name for a pet rabbit?",
+    "What city is known as the Big Apple?",
+    "What is a keto diet?",
+    "Which sport uses a shuttlecock?",
+    "What does a librarian do?",
+    "How do people usually end a letter?",
+    "What is a good drink on a hot day?",
+    "What language is spoken in Mexico?",
+    "What animal says moo?",
+    "What is my best option for a quick lunch at work?",
+    "Tell me about your favourite book.",
+    "Where is the Great Wall?",
+    "What do you call a baby dog?",
+    "What is a healthy snack?",
+)
 ANCHOR_EVERY = 5
 ANCHOR_POSITIONS = (0, 2)
-ANCHOR_PROMPTS: tuple[str, ...] = tuple(
-    p
-    for prompts in CATEGORIES.values()
-    for i, p in enumerate(prompts)
-    if i % ANCHOR_EVERY in ANCHOR_POSITIONS
+ANCHOR_PROMPTS: tuple[str, ...] = (
+    *(
+        p
+        for prompts in CATEGORIES.values()
+        for i, p in enumerate(prompts)
+        if i % ANCHOR_EVERY in ANCHOR_POSITIONS
+    ),
+    *EXTRA_ANCHORS,
 )
 EVAL_PROMPTS: tuple[str, ...] = tuple(
     p

@@ -17,7 +17,7 @@ def test_sets_are_large_disjoint_and_cover_every_category() -> None:
     assert len(set(gp.EVAL_PROMPTS)) == len(gp.EVAL_PROMPTS)
     assert not set(gp.ANCHOR_PROMPTS) & set(gp.EVAL_PROMPTS)
     everything = {p for prompts in gp.CATEGORIES.values() for p in prompts}
-    assert set(gp.ANCHOR_PROMPTS) | set(gp.EVAL_PROMPTS) == everything
+    assert set(gp.ANCHOR_PROMPTS) | set(gp.EVAL_PROMPTS) == everything | set(gp.EXTRA_ANCHORS)
     for prompts in gp.CATEGORIES.values():
         assert set(prompts) & set(gp.ANCHOR_PROMPTS) and set(prompts) & set(gp.EVAL_PROMPTS)
 
