@@ -8,7 +8,10 @@ rendered with the chat template (about 50 tokens each, completions about 10). Th
 - ``top N + prefix``: adapters on the top N layers, the states entering layer 30-N computed once per example
   (``FrozenPrefix``), each step through the top N layers only, logits only at completion positions;
 - ``top N, no prefix``: adapters on the top N layers, every step through the whole model (PEFT's
-  ``layers_to_transform``: the anchor).
+  ``layers_to_transform``: the anchor);
+- ``top N + prefix + dense views``: as ``top N + prefix``, and the 4-bit layers of the top N computed from
+  dense copies made once per job (``lorafleet.adapters.dense``; the trainer's default on CPU). The other
+  conditions dequantise per call, as bitsandbytes does.
 
 Step time is the median over the steps after the first epoch (so the prefix's one-time cost is reported apart, as
 ``prefix s``: the time of the first epoch minus its steps at steady-state speed), in each of ``--repeats`` runs;
@@ -54,6 +57,9 @@ class Condition:
     name: str
     layers: str
     prefix: bool
+    #: dense views of the 4-bit layers that run every step (the trainer's default on CPU); False: dequantise
+    #: per call, as bitsandbytes does
+    dense: bool = False
 
 
 def parse_args() -> argparse.Namespace:
@@ -62,7 +68,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--backbone", default="builtin:smollm2-135m")
     parser.add_argument("--quantization", default="nf4")
-    parser.add_argument("--top", type=int, default=6, help="N of the top-N conditions")
+    parser.add_argument("--top", type=int, default=8, help="N of the top-N conditions")
     parser.add_argument("--users", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
@@ -105,6 +111,7 @@ def run_condition(backbone: Backbone, bank: AdapterBank, users: list, cond: Cond
         progress=lambda *_: marks.append(time.perf_counter()),
         progress_every=1,
         prefix=prefix,
+        dense_budget_bytes=None if cond.dense else 0,
     )
     total = time.perf_counter() - started
     gaps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
@@ -152,6 +159,7 @@ def main() -> None:
         conditions = [
             Condition("all layers", "all", False),
             Condition(f"top {args.top} + prefix", f"top {args.top}", True),
+            Condition(f"top {args.top} + prefix + dense views", f"top {args.top}", True, dense=True),
             Condition(f"top {args.top}, no prefix", f"top {args.top}", False),
         ]
         print(f"backbone {args.backbone} ({args.quantization}), threads {torch.get_num_threads()}")

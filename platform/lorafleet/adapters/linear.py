@@ -114,19 +114,34 @@ class BankLinear(nn.Module):
     def _add_segments(self, out: torch.Tensor, xa: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
         """Rows grouped by adapter (a training step, a sorted batch): each run through its slot as a uniform batch,
         with no per-row gather of A and B."""
-        grad = torch.is_grad_enabled()
-        pieces = []
-        for seg in segments:
-            part = out[seg.start : seg.end]  # [rows, seq, d_out]
-            if seg.slot is not None and seg.slot in self.present:
-                updated = self._add_uniform(part, xa[seg.start : seg.end], seg.slot, seg.weight)
-                if not grad and updated.data_ptr() != part.data_ptr():  # not added in place (dtype cast)
-                    part.copy_(updated)
-                part = updated
-            pieces.append(part)
-        if not grad:  # every run was added into ``out`` itself
+        if not torch.is_grad_enabled():  # serving: every run added into ``out`` itself
+            for seg in segments:
+                if seg.slot is not None and seg.slot in self.present:
+                    part = out[seg.start : seg.end]  # [rows, seq, d_out]
+                    updated = self._add_uniform(part, xa[seg.start : seg.end], seg.slot, seg.weight)
+                    if updated.data_ptr() != part.data_ptr():  # not added in place (dtype cast)
+                        part.copy_(updated)
             return out
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        # training: one delta per run, concatenated and added once. Splitting (not slicing) the input keeps the
+        # backward to one concatenation; slices would each zero-fill a full-batch gradient per module.
+        parts = xa.split([seg.end - seg.start for seg in segments])
+        deltas = [
+            self._delta(x, seg.slot, seg.weight)
+            if seg.slot is not None and seg.slot in self.present
+            else x.new_zeros(*x.shape[:-1], self.out_features)
+            for seg, x in zip(segments, parts, strict=True)
+        ]
+        delta = torch.cat(deltas) if len(deltas) > 1 else deltas[0]  # [batch, seq, d_out]
+        return out + delta.to(out.dtype)
+
+    def _delta(self, xa: torch.Tensor, slot: int, weight: float) -> torch.Tensor:
+        """The slot's LoRA output for ``xa`` ``[rows, seq, d_in]`` -> ``[rows, seq, d_out]``, scaled by ``weight``."""
+        r = self.ranks[slot]
+        lora_a, lora_b = self._slot_weights(slot)
+        if self.training and self.dropouts[slot] > 0:
+            xa = F.dropout(xa, self.dropouts[slot], training=True)
+        h = F.linear(xa, lora_a[:r]) * (self.coef_table[slot, :r] * weight)  # [rows, seq, r]
+        return F.linear(h, lora_b[:, :r])
 
     def _add_mixed(self, out: torch.Tensor, xa: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """Rows through different slots or mixtures: gather each row's k slots, then batched matmuls."""

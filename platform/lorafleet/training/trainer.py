@@ -26,6 +26,7 @@ import torch
 
 from lorafleet.adapters import AdapterBank, RoutingPlan
 from lorafleet.adapters.bank import peft_key
+from lorafleet.adapters.dense import dense_budget, dense_views
 from lorafleet.errors import TrainingError, ValidationError
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import (
@@ -128,6 +129,7 @@ def train_slots(
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
     progress_every: int | None = None,
     prefix: FrozenPrefix | None = None,
+    dense_budget_bytes: int | None = None,
 ) -> list[SlotResult]:
     """Train every task's slot for ``config.max_steps`` optimizer steps together; results in task order.
 
@@ -140,6 +142,9 @@ def train_slots(
 
     With ``prefix``, the layers below the lowest layer any of the job's slots adapts run once per example (its
     cache), and every step runs only the layers above; the losses and gradients are those of the full model.
+    On CPU the 4-bit layers that run every step compute from dense copies made once for the job
+    (:func:`lorafleet.adapters.dense.dense_views`, within ``dense_budget_bytes``, default 1 GiB): same numbers,
+    without dequantising the weights on every call.
     """
     _check_tasks(bank, tasks)
     # Adam's second moments of small LoRA gradients decay into subnormal floats, which x86 CPUs compute
@@ -149,7 +154,12 @@ def train_slots(
         logger.warning("training config: %s", note)
     started = time.monotonic()
     devices = [bank.device] if bank.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    first_run = lowest_adapted_layer(bank, [t.slot for t in tasks], prefix.num_layers) if prefix else 0
+    budget = dense_budget(bank.device, dense_budget_bytes)
+    with (
+        torch.random.fork_rng(devices=devices),
+        dense_views(bank.model, from_layer=first_run, budget_bytes=budget),
+    ):
         torch.manual_seed(config.seed)
         before = _evaluate_holdouts(bank, tokenizer, tasks, config, prefix)
         stats = _train(bank, tokenizer, tasks, config, should_stop, progress, progress_every, prefix)
