@@ -55,6 +55,7 @@ from quality_real_eval import (  # noqa: E402
     answer_rows,
     cached_answers,
     dequantize_once,
+    gated_rows,
     general_rows,
     judge,
     kl_to_base,
@@ -263,6 +264,7 @@ def evaluate(
     seed: int,
     *,
     general: bool,
+    gated: str | None = None,
 ) -> dict[str, Judged]:
     """Every arm's answers to the unseen paraphrases of ``rounds`` (and the general prompts), one decoding pass."""
     rows: list[Row] = []
@@ -273,8 +275,21 @@ def evaluate(
         if general:
             rows += general_rows(users, slots, list(ctx.base_general))
         spans[name] = (start, len(rows))
+    if gated is not None:  # arm ``gated`` as serving routes it: the gate may pick the base (arm "gated")
+        keys = {u.key: user_key(ctx, u, rounds, seed) for u in users}
+        start = len(rows)
+        rows += gated_rows(ctx.backbone, rows[slice(*spans[gated])], keys)
+        spans["gated"] = (start, len(rows))
     answers = answer_rows(ctx.backbone, ctx.bank, rows, ctx.args.eval_tokens)
     return {name: judge(rows[a:b], answers[a:b], users, ctx.base_general) for name, (a, b) in spans.items()}
+
+
+def user_key(ctx: Context, user: PersonalUser, rounds: list[int], seed: int) -> tuple[float, ...]:
+    """The routing key continual training stores for the user's adapter: its training prompts, embedded."""
+    from lorafleet.routing.embeddings import routing_key
+
+    prompts = [e.prompt for e in user_examples(user, rounds=rounds, split="train", seed=seed)]
+    return routing_key(ctx.backbone, None, prompts)
 
 
 def base_accuracy(ctx: Context, users: list[PersonalUser], seed: int) -> float:
@@ -309,7 +324,7 @@ def round_one(ctx: Context, users: list[PersonalUser], seed: int, out: SeedResul
             tasks.append(SlotTask(slots[user.key], f"{user.key}/{name}", rows, held, anchors=anchors))
     out.figures["train_s_r1"], out.figures["cpu_s_r1"] = train_round(ctx, tasks, seed)
     started = time.perf_counter()
-    judged = evaluate(ctx, users, arms, [1], seed, general=True)
+    judged = evaluate(ctx, users, arms, [1], seed, general=True, gated="anchors")
     kl = kl_to_base(
         ctx.bank,
         ctx.backbone.tokenizer,
@@ -320,6 +335,7 @@ def round_one(ctx: Context, users: list[PersonalUser], seed: int, out: SeedResul
     )
     for name, slots in arms.items():
         record_arm(out, f"r1_{name}", judged[name], [kl[s] for s in slots.values()], rounds=[1])
+    record_arm(out, "r1_gated", judged["gated"], [], rounds=[1])
     out.figures["eval_s_r1"] = time.perf_counter() - started
     out.samples += samples(judged["anchors"], users[0].key, ctx.base_general, judged.get("plain"))
     return arms["anchors"]
@@ -348,7 +364,7 @@ def later_round(
     out.figures[f"train_s_r{r}"], out.figures[f"cpu_s_r{r}"] = train_round(ctx, tasks, seed + 1000 * r)
     started = time.perf_counter()
     last = r == ctx.args.rounds
-    judged = evaluate(ctx, users, arms, list(range(1, r + 1)), seed, general=last)
+    judged = evaluate(ctx, users, arms, list(range(1, r + 1)), seed, general=last, gated="replay")
     kl = (
         kl_to_base(
             ctx.bank,
@@ -369,6 +385,7 @@ def later_round(
             [kl[s] for s in slots.values()] if last else [],
             rounds=list(range(1, r + 1)),
         )
+    record_arm(out, f"r{r}_gated", judged["gated"], [], rounds=list(range(1, r + 1)))
     out.figures[f"eval_s_r{r}"] = time.perf_counter() - started
 
 
@@ -456,6 +473,12 @@ ROUND_ONE_COLUMNS: list[tuple[str, Any]] = [
     ("KL nats/token: anchors / none", lambda f: pair(f, "r1_anchors_kl", "r1_plain_kl", num)),
     ("ΔNLL nats/token: anchors / none", lambda f: pair(f, "r1_anchors_dnll", "r1_plain_dnll", num)),
     (
+        "served through the gate: acc / cross leak / general clean",
+        lambda f: (
+            f"{pct(f['r1_gated_acc'])} / {pct(f['r1_gated_cross_leak'])} / {pct(f['r1_gated_general_clean'])}"
+        ),
+    ),
+    (
         "train s (CPU s) / eval s",
         lambda f: f"{f['train_s_r1']:.0f} ({f['cpu_s_r1']:.0f}) / {f['eval_s_r1']:.0f}",
     ),
@@ -476,6 +499,10 @@ def last_round_columns(r: int) -> list[tuple[str, Any]]:
             lambda f: pair(f, f"r{r}_replay_general_clean", f"r{r}_noreplay_general_clean"),
         ),
         ("KL: replay / none", lambda f: pair(f, f"r{r}_replay_kl", f"r{r}_noreplay_kl", num)),
+        (
+            "served through the gate (replay): acc / general clean",
+            lambda f: pair(f, f"r{r}_gated_acc", f"r{r}_gated_general_clean"),
+        ),
         ("train s per round", lambda f: " / ".join(f"{f[f'train_s_r{i}']:.0f}" for i in range(1, r + 1))),
         ("train CPU s per round", lambda f: " / ".join(f"{f[f'cpu_s_r{i}']:.0f}" for i in range(1, r + 1))),
         ("eval s per round", lambda f: " / ".join(f"{f[f'eval_s_r{i}']:.0f}" for i in range(1, r + 1))),

@@ -83,16 +83,30 @@ def top_k_decisions(
 
 
 class CentroidGate:
-    """Cosine similarity to the members' routing keys, top-k, softmax with a temperature (training-free)."""
+    """Cosine similarity to the members' routing keys, top-k, softmax with a temperature (training-free).
 
-    def __init__(self, *, top_k: int = 2, temperature: float = 0.1) -> None:
+    With ``general_key`` (the routing key of the shipped general prompts on this backbone,
+    ``training.general_prompts.general_routing_key``) the base model is one more candidate: a prompt nearer
+    that key than to every member's key is served by the base alone, so a question no adapter was trained for
+    ("What is the capital of France?") gets the base's answer, not one bent towards a user's facts.
+    """
+
+    def __init__(
+        self, *, top_k: int = 2, temperature: float = 0.1, general_key: Sequence[float] | None = None
+    ) -> None:
         GateSpec(top_k=top_k, temperature=temperature)  # the same checks as a stored spec
         self.top_k, self.temperature = top_k, temperature
+        self.general_key = (
+            None
+            if general_key is None
+            else F.normalize(torch.tensor(list(general_key), dtype=torch.float32), dim=0)  # [hidden]
+        )
         self._keys: OrderedDict[tuple[str, int], tuple[list[int], torch.Tensor]] = OrderedDict()
 
     def needs_embeddings(self, user_bank: UserBank) -> bool:
-        """Only with two or more keyed members is there a choice to make."""
-        return sum(1 for m in user_bank.members if m.routing_key) >= 2
+        """With two or more keyed members there is a choice to make; with one, only against the base."""
+        keyed = sum(1 for m in user_bank.members if m.routing_key)
+        return keyed >= 2 or (keyed == 1 and self.general_key is not None)
 
     def decide(self, user_bank: UserBank, embeddings: torch.Tensor) -> list[GateDecision]:
         batch = _check_embeddings(embeddings)
@@ -103,7 +117,12 @@ class CentroidGate:
             return [_keyless_decision(user_bank, top_k=self.top_k)] * batch
         queries = F.normalize(embeddings.detach().float().cpu(), dim=-1)  # [batch, hidden]
         scores = queries @ keys.T  # [batch, n_keyed]: cosine similarities
-        return top_k_decisions(scores, members=keyed, top_k=self.top_k, temperature=self.temperature)
+        decisions = top_k_decisions(scores, members=keyed, top_k=self.top_k, temperature=self.temperature)
+        general = self.general_key
+        if general is None or general.shape[0] != queries.shape[1]:
+            return decisions
+        to_base = (queries @ general) > scores.max(dim=1).values  # [batch]
+        return [GateDecision() if base else d for d, base in zip(decisions, to_base.tolist(), strict=True)]
 
     def _usable_keys(self, user_bank: UserBank, *, hidden: int) -> tuple[list[int], torch.Tensor]:
         """Members with a key of the embeddings' size and their unit keys ``[n_keyed, hidden]`` (cached)."""
@@ -179,9 +198,17 @@ class LearnedGate:
         )
 
 
-def build_gate(spec: GateSpec, *, load_learned: LearnedGateLoader | None = None) -> Gate:
-    """The gate for a spec; a learned spec without a version (none trained yet) routes by centroid."""
-    centroid = CentroidGate(top_k=spec.top_k, temperature=spec.temperature)
+def build_gate(
+    spec: GateSpec,
+    *,
+    load_learned: LearnedGateLoader | None = None,
+    general_key: Sequence[float] | None = None,
+) -> Gate:
+    """The gate for a spec; a learned spec without a version (none trained yet) routes by centroid.
+
+    ``general_key``: centroid gates (and a learned gate's centroid fallback) send prompts nearer the general
+    prompts than to any adapter to the base model (see :class:`CentroidGate`)."""
+    centroid = CentroidGate(top_k=spec.top_k, temperature=spec.temperature, general_key=general_key)
     if spec.kind == "centroid":
         return centroid
     if spec.kind == "fixed":

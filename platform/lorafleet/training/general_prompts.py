@@ -243,6 +243,7 @@ ANCHOR_MAX_NEW_TOKENS = 32
 ANCHOR_FIRST_ID = 1_000_000
 _SENTENCE_ENDS = (".", "!", "?")
 _CACHE: dict[tuple[str, str, str, int], tuple[str, ...]] = {}
+_KEYS: dict[tuple[str, str, str], tuple[float, ...]] = {}
 
 
 def prompt_set_digest(prompts: Sequence[str]) -> str:
@@ -281,8 +282,28 @@ def anchor_examples(
 
 
 def clear_anchor_cache() -> None:
-    """Forget every cached anchor set (tests; a process that swaps backbones)."""
+    """Forget every cached anchor set and general key (tests; a process that swaps backbones)."""
     _CACHE.clear()
+    _KEYS.clear()
+
+
+def general_routing_key(
+    backbone: Backbone, bank: Any = None, prompts: Sequence[str] | None = None
+) -> tuple[float, ...]:
+    """The routing key of general prompts (default: ``ANCHOR_PROMPTS``) on this backbone: the base model's
+    candidate in centroid gates, so prompts nearer it than to any adapter are served by the base alone.
+
+    Computed like an adapter's key (``routing.embeddings.routing_key``, base states only); cached per backbone
+    fingerprint, quantisation and prompt set. ``EVAL_PROMPTS`` stay out of it, so retention is measured on
+    prompts the key never saw.
+    """
+    from lorafleet.routing.embeddings import routing_key  # torch, on first use
+
+    prompts = ANCHOR_PROMPTS if prompts is None else prompts
+    key = (backbone.fingerprint.digest, backbone.quantization, prompt_set_digest(prompts))
+    if key not in _KEYS:
+        _KEYS[key] = routing_key(backbone, bank, prompts)
+    return _KEYS[key]
 
 
 def generate_answers(

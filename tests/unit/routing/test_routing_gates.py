@@ -185,3 +185,25 @@ def test_gates_say_when_their_decisions_do_not_need_embeddings() -> None:
     model = _learned((100, 101, 102), torch.eye(3))
     assert LearnedGate(model=model, top_k=2, fallback=centroid).needs_embeddings(_bank3())
     assert not LearnedGate(model=None, top_k=2, fallback=centroid).needs_embeddings(one_key)
+
+
+def test_a_prompt_nearer_the_general_key_than_any_member_is_served_by_the_base() -> None:
+    general = (0.0, 0.0, 1.0)
+    bank = user_bank([member(0, key=KEYS[0]), member(1, key=KEYS[1])])
+    gate = CentroidGate(top_k=2, general_key=general)
+    queries = torch.tensor([[1.0, 0.2, 0.1], [0.1, 0.2, 1.0], [0.0, 1.0, 0.5]])  # [batch, hidden]
+    decisions = gate.decide(bank, queries)
+    assert [i for i, _ in decisions[0].routes] == [0, 1]  # nearer adapter-0 than the general prompts
+    assert decisions[1] == GateDecision()  # nearest the general prompts: the base alone
+    assert [i for i, _ in decisions[2].routes] == [1, 0]
+    # without a general key the same prompt goes to the adapters, as before
+    assert CentroidGate(top_k=2).decide(bank, queries[1:2])[0].routes
+    # a bank of one keyed adapter now has a choice to make (adapter or base), so it needs embeddings
+    one = user_bank([member(0, key=KEYS[0])])
+    assert gate.needs_embeddings(one) and not CentroidGate().needs_embeddings(one)
+    assert gate.decide(one, torch.tensor([[0.1, 0.0, 1.0]])) == [GateDecision()]
+    assert gate.decide(one, torch.tensor([[1.0, 0.0, 0.1]]))[0].routes == ((0, 1.0),)
+    # a general key of another hidden size (another backbone) is ignored, never an error
+    assert CentroidGate(general_key=(1.0, 0.0)).decide(one, queries[1:2])[0].routes == ((0, 1.0),)
+    # build_gate hands the key to centroid gates and to a learned gate's centroid fallback
+    assert build_gate(GateSpec(), general_key=general).decide(bank, queries[1:2]) == [GateDecision()]
