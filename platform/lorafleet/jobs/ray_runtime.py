@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Ray's own driver-side log level: its start-up notices (token set-up, "SIGTERM handler is not set" when
+#: started off the main thread) are not the service's business at INFO; its errors still show
+RAY_LOG_LEVEL = logging.ERROR
+
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 DEFAULT_LOCAL_CPUS = 4
 _SECRET_SETTINGS = frozenset({"admin_key"})
@@ -58,7 +62,7 @@ def init_ray(settings: Settings) -> str:
         return str(ray.get_runtime_context().gcs_address)
     if settings.ray_address:
         logger.info("connecting to the Ray cluster at %s", settings.ray_address)
-        ray.init(address=settings.ray_address)
+        ray.init(address=settings.ray_address, logging_level=RAY_LOG_LEVEL)
     else:
         _require_loopback()
         cpus = settings.ray_num_cpus or min(os.cpu_count() or 1, DEFAULT_LOCAL_CPUS)
@@ -67,7 +71,13 @@ def init_ray(settings: Settings) -> str:
         logger.info("starting a local Ray on 127.0.0.1 with %d CPUs, resources %s", cpus, resources or "-")
         # address="local": always a new instance, never a cluster that happens to run on this machine (ray.init
         # would otherwise join one found through RAY_ADDRESS or the last `ray start`)
-        ray.init(address="local", num_cpus=cpus, resources=resources, include_dashboard=False)
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            resources=resources,
+            include_dashboard=False,
+            logging_level=RAY_LOG_LEVEL,
+        )
     return str(ray.get_runtime_context().gcs_address)
 
 
