@@ -76,7 +76,9 @@ def test_dense_views_give_the_4bit_numbers_and_are_undone(tiny_dir: Path) -> Non
 def test_the_budget_takes_the_top_layers_first(tiny_dir: Path) -> None:
     bank, _, _ = _nf4_bank(tiny_dir)
     layer1 = [n for n in _four_bit(bank.model) if ".layers.1." in n]
-    one_layer = sum(bank.model.get_submodule(n).in_features * bank.model.get_submodule(n).out_features * 4 for n in layer1)
+    one_layer = sum(
+        bank.model.get_submodule(n).in_features * bank.model.get_submodule(n).out_features * 4 for n in layer1
+    )
     with dense_views(bank.model, from_layer=0, budget_bytes=one_layer) as viewed:
         assert viewed == len(layer1)
         views = [n for n, m in bank.model.named_modules() if isinstance(m, DenseView)]
@@ -91,7 +93,10 @@ def test_the_budget_takes_the_top_layers_first(tiny_dir: Path) -> None:
 def test_the_modules_come_back_when_the_block_fails(tiny_dir: Path) -> None:
     bank, _, _ = _nf4_bank(tiny_dir)
     quantised = _four_bit(bank.model)
-    with pytest.raises(RuntimeError, match="boom"), dense_views(bank.model, from_layer=0, budget_bytes=1 << 30):
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        dense_views(bank.model, from_layer=0, budget_bytes=1 << 30),
+    ):
         raise RuntimeError("boom")
     assert _four_bit(bank.model) == quantised
 
