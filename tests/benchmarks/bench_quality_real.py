@@ -278,7 +278,7 @@ def evaluate(
     if gated is not None:  # arm ``gated`` as serving routes it: the gate may pick the base (arm "gated")
         keys = {u.key: user_key(ctx, u, rounds, seed) for u in users}
         start = len(rows)
-        rows += gated_rows(ctx.backbone, rows[slice(*spans[gated])], keys)
+        rows += gated_rows(ctx.backbone, ctx.bank, rows[slice(*spans[gated])], keys)
         spans["gated"] = (start, len(rows))
     answers = answer_rows(ctx.backbone, ctx.bank, rows, ctx.args.eval_tokens)
     return {name: judge(rows[a:b], answers[a:b], users, ctx.base_general) for name, (a, b) in spans.items()}
@@ -289,7 +289,7 @@ def user_key(ctx: Context, user: PersonalUser, rounds: list[int], seed: int) -> 
     from lorafleet.routing.embeddings import routing_key
 
     prompts = [e.prompt for e in user_examples(user, rounds=rounds, split="train", seed=seed)]
-    return routing_key(ctx.backbone, None, prompts)
+    return routing_key(ctx.backbone, ctx.bank, prompts)
 
 
 def base_accuracy(ctx: Context, users: list[PersonalUser], seed: int) -> float:

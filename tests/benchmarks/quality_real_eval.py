@@ -249,7 +249,9 @@ def kl_to_base(
     return {s: (kl / max(1, tokens), dnll / max(1, tokens)) for s, (kl, dnll) in sums.items()}
 
 
-def gated_rows(backbone: Backbone, rows: Sequence[Row], keys: Mapping[str, Sequence[float]]) -> list[Row]:
+def gated_rows(
+    backbone: Backbone, bank: AdapterBank, rows: Sequence[Row], keys: Mapping[str, Sequence[float]]
+) -> list[Row]:
     """``rows`` as serving routes them: each user's bank holds its one adapter (routing key ``keys[user]``), and
     the centroid gate with the backbone's general key sends a prompt nearer the general prompts to the base
     (``slot`` None). The gate is the production one (``routing.gates.CentroidGate``)."""
@@ -257,10 +259,10 @@ def gated_rows(backbone: Backbone, rows: Sequence[Row], keys: Mapping[str, Seque
     from lorafleet.routing.embeddings import embed_prompts
     from lorafleet.routing.gates import CentroidGate
     from lorafleet.routing.spec import GateSpec
-    from lorafleet.training.general_prompts import general_routing_key
+    from lorafleet.training.general_prompts import general_exemplars
 
-    gate = CentroidGate(general_key=general_routing_key(backbone))
-    embeddings = embed_prompts(backbone, None, [r.prompt for r in rows])  # [rows, hidden]
+    gate = CentroidGate(general=general_exemplars(backbone, bank))
+    embeddings = embed_prompts(backbone, bank, [r.prompt for r in rows])  # [rows, hidden]
     out = []
     for i, row in enumerate(rows):
         member = BankMember(1, row.user, "personal", 1, 1, "x", 0, 8, tuple(keys[row.user]))

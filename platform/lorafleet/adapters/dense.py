@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,9 @@ class DenseView(nn.Module):
         bias = getattr(original, "bias", None)
         self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
 
+    weight: torch.Tensor  # [d_out, d_in]
+    bias: torch.Tensor | None  # [d_out]
+
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.weight.dtype)
         return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
@@ -55,10 +59,10 @@ def _bnb_4bit_dequantizer() -> tuple[type[nn.Module], Callable[[nn.Module], torc
         return None
 
     def dequantize(module: nn.Module) -> torch.Tensor:
-        weight = module.weight  # a bnb Params4bit
-        dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)  # type: ignore[union-attr]
+        weight: Any = module.weight  # a bnb Params4bit
+        dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
         # bitsandbytes multiplies in the layer's compute dtype (the input's dtype when unset)
-        dtype = getattr(module, "compute_dtype", None) or weight.quant_state.dtype  # type: ignore[union-attr]
+        dtype: torch.dtype = getattr(module, "compute_dtype", None) or weight.quant_state.dtype
         return dense.to(dtype)
 
     return bnb.nn.Linear4bit, dequantize

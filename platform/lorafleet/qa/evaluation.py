@@ -204,7 +204,7 @@ class Evaluator:
     def _gate(self, user_bank: UserBank) -> Gate:
         from lorafleet.routing.gates import build_gate
         from lorafleet.routing.learned import load_learned_gate
-        from lorafleet.training.general_prompts import general_routing_key
+        from lorafleet.training.general_prompts import general_exemplars
 
         def load(version_id: int) -> Any:
             return load_learned_gate(
@@ -214,9 +214,9 @@ class Evaluator:
                 expected_fingerprint=self.bank.fingerprint,
             )
 
-        # the gate serving builds: general prompts nearer the base's key than any adapter's are the base's
+        # the gate serving builds: prompts nearer a general prompt than any adapter's key are the base's
         return build_gate(
-            user_bank.gate, load_learned=load, general_key=general_routing_key(self.backbone, self.bank)
+            user_bank.gate, load_learned=load, general=general_exemplars(self.backbone, self.bank)
         )
 
     def _sample(self, subject: Subject, own: EvalSet, gate: Gate, *, budget: int) -> MemberSample:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lorafleet.config import Settings
 
@@ -46,7 +45,7 @@ def build_engine(
     from lorafleet.backbone import load_backbone
     from lorafleet.serving.cache import AdapterCache
     from lorafleet.serving.engine import GenerationEngine, database_resolver
-    from lorafleet.training.general_prompts import general_routing_key
+    from lorafleet.training.general_prompts import general_exemplars
 
     backbone = load_backbone(
         settings.backbone,
@@ -62,7 +61,7 @@ def build_engine(
         cache,
         resolve_bank=database_resolver(db),
         gate_factory=registry_gate_factory(
-            registry, fingerprint=bank.fingerprint, general_key=general_routing_key(backbone, bank)
+            registry, fingerprint=bank.fingerprint, general=general_exemplars(backbone, bank)
         ),
     )
 
@@ -72,11 +71,11 @@ def registry_gate_factory(
     *,
     fingerprint: str | None = None,
     max_gates: int = GATE_CACHE_SIZE,
-    general_key: Sequence[float] | None = None,
+    general: Any = None,
 ) -> GateFactory:
     """``build_gate`` per user bank, learned gates downloaded from the registry (sha256-verified) in the
     bank's tenant; gates are kept by ``(tenant, spec)`` in an LRU, since a spec names immutable things only.
-    ``general_key``: the backbone's general-prompt key (prompts nearer it than to any adapter get the base)."""
+    ``general``: the backbone's general-prompt embeddings (prompts nearer one of them than to any adapter get the base)."""
     from lorafleet.routing.gates import build_gate
     from lorafleet.routing.learned import load_learned_gate
 
@@ -91,7 +90,7 @@ def registry_gate_factory(
                 return gates[key]
         gate = build_gate(
             bank.gate,
-            general_key=general_key,
+            general=general,
             load_learned=lambda version_id: load_learned_gate(
                 registry, tenant_id=bank.tenant_id, version_id=version_id, expected_fingerprint=fingerprint
             ),

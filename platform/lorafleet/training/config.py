@@ -2,10 +2,10 @@
 
 Defaults were chosen by measurement on the default backbone, SmolLM2-135M-Instruct in nf4 (the README's
 "Training defaults" and ``tests/benchmarks/README.md`` give the figures): rank 8 on every linear module of the
-top 8 layers (``layers="top 8"``: the frozen layers below run once per example), learning rate 1e-3, 60
-steps of 8 sequences per user, 30 % anchor rows, warm-up then cosine decay. The seed notes' learning rate of
+top 6 layers (``layers="top 6"``: the frozen layers below run once per example), learning rate 2e-3, 30
+steps of 6 sequences per user, 30 % anchor rows, warm-up then cosine decay. The seed notes' learning rate of
 1e-4 to 3e-4 is for full-depth fine-tuning of larger models; with a handful of records per user on the top
-layers it learns nothing in 60 steps, so the typical range below is 1e-4 to 2e-3. Values outside the typical
+layers it learns nothing in 30-60 steps, so the typical range below is 1e-4 to 2e-3. Values outside the typical
 ranges are accepted and named by :meth:`TrainingConfig.outside_typical_ranges`, which the trainer logs.
 
 Invalid values raise :class:`lorafleet.errors.ValidationError` (a job's config is input, like feedback), never
@@ -47,15 +47,15 @@ class TrainingConfig(BaseModel):
     #: which decoder layers get adapters (PEFT's ``layers_to_transform``): ``"all"``, ``"top N"`` (the N layers
     #: nearest the output, all of them on a smaller model) or a list of layer indices. Below the lowest adapted layer nothing depends on an
     #: adapter, so training computes those layers once per example (the frozen-prefix cache).
-    layers: str | list[int] = "top 8"
-    learning_rate: float = Field(default=1e-3, ge=1e-5, le=1e-2)
+    layers: str | list[int] = "top 6"
+    learning_rate: float = Field(default=2e-3, ge=1e-5, le=1e-2)
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
     #: share of the steps spent warming the learning rate up linearly; cosine decay to 0 afterwards
     warmup_ratio: float = Field(default=0.1, ge=0.0, le=0.5)
     #: optimizer steps per job, the same for every user of the job (users train together)
-    max_steps: int = Field(default=60, ge=1, le=100_000, strict=True)
+    max_steps: int = Field(default=30, ge=1, le=100_000, strict=True)
     #: sequences per user per micro-step
-    batch_size: int = Field(default=8, ge=1, le=1024, strict=True)
+    batch_size: int = Field(default=6, ge=1, le=1024, strict=True)
     grad_accum_steps: int = Field(default=1, ge=1, le=1024, strict=True)
     #: gradient-norm clipping, applied to each user's slot separately (one user cannot squeeze another)
     max_grad_norm: float = Field(default=1.0, gt=0.0, le=1e6)

@@ -243,7 +243,7 @@ ANCHOR_MAX_NEW_TOKENS = 32
 ANCHOR_FIRST_ID = 1_000_000
 _SENTENCE_ENDS = (".", "!", "?")
 _CACHE: dict[tuple[str, str, str, int], tuple[str, ...]] = {}
-_KEYS: dict[tuple[str, str, str], tuple[float, ...]] = {}
+_KEYS: dict[tuple[str, str, str], Any] = {}
 
 
 def prompt_set_digest(prompts: Sequence[str]) -> str:
@@ -282,27 +282,26 @@ def anchor_examples(
 
 
 def clear_anchor_cache() -> None:
-    """Forget every cached anchor set and general key (tests; a process that swaps backbones)."""
+    """Forget every cached anchor set and general exemplar set (tests; a process that swaps backbones)."""
     _CACHE.clear()
     _KEYS.clear()
 
 
-def general_routing_key(
-    backbone: Backbone, bank: Any = None, prompts: Sequence[str] | None = None
-) -> tuple[float, ...]:
-    """The routing key of general prompts (default: ``ANCHOR_PROMPTS``) on this backbone: the base model's
-    candidate in centroid gates, so prompts nearer it than to any adapter are served by the base alone.
+def general_exemplars(backbone: Backbone, bank: Any = None, prompts: Sequence[str] | None = None) -> Any:
+    """Pooled base embeddings ``[n, hidden]`` of general prompts (default: ``ANCHOR_PROMPTS``) on this backbone:
+    the base model's side of centroid gates, so prompts nearer one of them than to any adapter are served by the
+    base alone.
 
-    Computed like an adapter's key (``routing.embeddings.routing_key``, base states only); cached per backbone
-    fingerprint, quantisation and prompt set. ``EVAL_PROMPTS`` stay out of it, so retention is measured on
-    prompts the key never saw.
+    ``bank``: the adapter bank injected into the backbone, if any (its slots are bypassed). Embedded as routing
+    keys' prompts are (``routing.embeddings.embed_prompts``); cached per backbone fingerprint, quantisation and
+    prompt set. ``EVAL_PROMPTS`` stay out of it, so retention is measured on prompts the gate never saw.
     """
-    from lorafleet.routing.embeddings import routing_key  # torch, on first use
+    from lorafleet.routing.embeddings import embed_prompts  # torch, on first use
 
     prompts = ANCHOR_PROMPTS if prompts is None else prompts
     key = (backbone.fingerprint.digest, backbone.quantization, prompt_set_digest(prompts))
     if key not in _KEYS:
-        _KEYS[key] = routing_key(backbone, bank, prompts)
+        _KEYS[key] = embed_prompts(backbone, bank, list(prompts))
     return _KEYS[key]
 
 

@@ -19,6 +19,7 @@ from lorafleet.routing import (
     build_gate,
     plan_from_decisions,
 )
+from lorafleet.routing.gates import GENERAL_MARGIN
 from lorafleet.routing.learned import GateNetwork, LearnedGateModel
 
 #: three unit keys in 3-d space
@@ -187,23 +188,30 @@ def test_gates_say_when_their_decisions_do_not_need_embeddings() -> None:
     assert not LearnedGate(model=None, top_k=2, fallback=centroid).needs_embeddings(one_key)
 
 
-def test_a_prompt_nearer_the_general_key_than_any_member_is_served_by_the_base() -> None:
-    general = (0.0, 0.0, 1.0)
+def test_a_prompt_nearer_a_general_prompt_than_any_member_is_served_by_the_base() -> None:
+    general = [(0.0, 0.0, 1.0), (0.0, 0.6, 0.8)]  # two general prompts' embeddings
     bank = user_bank([member(0, key=KEYS[0]), member(1, key=KEYS[1])])
-    gate = CentroidGate(top_k=2, general_key=general)
-    queries = torch.tensor([[1.0, 0.2, 0.1], [0.1, 0.2, 1.0], [0.0, 1.0, 0.5]])  # [batch, hidden]
+    gate = CentroidGate(top_k=2, general=general)
+    queries = torch.tensor([[1.0, 0.2, 0.1], [0.1, 0.2, 1.0], [0.0, 1.0, 0.3], [0.0, 0.6, 0.8]])
     decisions = gate.decide(bank, queries)
-    assert [i for i, _ in decisions[0].routes] == [0, 1]  # nearer adapter-0 than the general prompts
-    assert decisions[1] == GateDecision()  # nearest the general prompts: the base alone
+    assert [i for i, _ in decisions[0].routes] == [0, 1]  # nearer adapter-0 than any general prompt
+    assert decisions[1] == GateDecision()  # nearest a general prompt: the base alone
     assert [i for i, _ in decisions[2].routes] == [1, 0]
-    # without a general key the same prompt goes to the adapters, as before
+    assert decisions[3] == GateDecision()  # the second general prompt itself
+    # the margin: a prompt as near a general prompt as to a member stays with the member
+    tie = torch.tensor([[0.0, 1.0, 1.0]])  # cos 0.707 to adapter-1 and to general[0]; 0.99 to general[1]
+    assert gate.decide(bank, tie) == [GateDecision()]
+    exact_tie = CentroidGate(general=[(0.0, 0.0, 1.0)]).decide(bank, torch.tensor([[0.0, 1.0, 1.0]]))
+    assert exact_tie[0].routes and exact_tie[0].routes[0][0] == 1
+    assert GENERAL_MARGIN > 0
+    # without general prompts the same prompt goes to the adapters, as before
     assert CentroidGate(top_k=2).decide(bank, queries[1:2])[0].routes
     # a bank of one keyed adapter now has a choice to make (adapter or base), so it needs embeddings
     one = user_bank([member(0, key=KEYS[0])])
     assert gate.needs_embeddings(one) and not CentroidGate().needs_embeddings(one)
     assert gate.decide(one, torch.tensor([[0.1, 0.0, 1.0]])) == [GateDecision()]
     assert gate.decide(one, torch.tensor([[1.0, 0.0, 0.1]]))[0].routes == ((0, 1.0),)
-    # a general key of another hidden size (another backbone) is ignored, never an error
-    assert CentroidGate(general_key=(1.0, 0.0)).decide(one, queries[1:2])[0].routes == ((0, 1.0),)
-    # build_gate hands the key to centroid gates and to a learned gate's centroid fallback
-    assert build_gate(GateSpec(), general_key=general).decide(bank, queries[1:2]) == [GateDecision()]
+    # general embeddings of another hidden size (another backbone) are ignored, never an error
+    assert CentroidGate(general=[(1.0, 0.0)]).decide(one, queries[1:2])[0].routes == ((0, 1.0),)
+    # build_gate hands them to centroid gates and to a learned gate's centroid fallback
+    assert build_gate(GateSpec(), general=general).decide(bank, queries[1:2]) == [GateDecision()]
