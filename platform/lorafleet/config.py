@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lorafleet.domain.enums import PromoteRule
 from lorafleet.errors import ConfigError
 
 DEFAULT_DATA_DIR = Path(".lorafleet")
@@ -60,8 +61,9 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(
         default=60.0, ge=1.0, le=24 * 3600.0, description="Job lease; a dead worker's job restarts after it."
     )
-    promote_rule: Literal["holdout-improved", "never", "always", "qa"] = Field(
-        default="qa", description="How new versions go live: qa (a QA job decides), or a training-time rule."
+    promote_rule: PromoteRule = Field(
+        default=PromoteRule.QA,
+        description="How new versions go live: qa (a QA job decides), or a training-time rule.",
     )
     qa_policy: dict[str, Any] = Field(
         default_factory=dict, description="QA policy overrides as JSON (lorafleet.qa.policy.QAPolicy fields)."

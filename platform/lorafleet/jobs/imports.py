@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafleet.domain import Job
+from lorafleet.domain import Job, JobKind
 from lorafleet.errors import PayloadTooLargeError, ValidationError
 from lorafleet.jobs.queue import JobQueue
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-IMPORT_JOB_KIND = "import"
+IMPORT_JOB_KIND = JobKind.IMPORT
 IMPORT_MAX_ATTEMPTS = 3
 #: largest archive accepted for import (the API's request body limit applies first)
 MAX_IMPORT_ARCHIVE_BYTES = 512 * 1024 * 1024

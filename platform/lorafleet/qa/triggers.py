@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from lorafleet.domain import Job
+from lorafleet.domain import Job, JobKind
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import QARepository
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from lorafleet.routing.bank import Enrolment
 
-QA_JOB_KIND = "qa"
+QA_JOB_KIND = JobKind.QA
 QA_MAX_ATTEMPTS = 3
 
 

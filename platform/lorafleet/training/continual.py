@@ -24,13 +24,23 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
-from lorafleet.domain import Adapter, AdapterVersion, FeedbackRecord, Job, LineageRelation
+from lorafleet.domain import (
+    Adapter,
+    AdapterVersion,
+    FeedbackRecord,
+    Job,
+    LineageRelation,
+    PromoteRule,
+    SubjectKind,
+    VersionStatus,
+)
+from lorafleet.domain.enums import values
+from lorafleet.domain.subject import Subject
 from lorafleet.errors import BackboneMismatchError, InvalidStateError, ValidationError
 from lorafleet.jobs import progress as job_progress
 from lorafleet.store.sql.feedback import get_snapshot, insert_snapshot, list_feedback
-from lorafleet.store.sql.models import SUBJECT_KINDS, TASK_SUBJECT_PREFIX
 from lorafleet.store.sql.tenants import MAX_PAGE_SIZE
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, UserDataset, build_dataset, pad_token_id, reservoir_sample
@@ -49,11 +59,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: ``qa``: each new version is a candidate until its QA job (queued in the registering transaction) decides
-PromoteRule = Literal["holdout-improved", "never", "always", "qa"]
-PROMOTE_RULES: tuple[str, ...] = get_args(PromoteRule)
+PROMOTE_RULES: tuple[str, ...] = values(PromoteRule)
 PERSONAL_ADAPTER = "personal"
 AUTO_PROMOTE_ACTOR = "auto-promote"
-CONTINUED_FROM: LineageRelation = "continued-from"
+CONTINUED_FROM = LineageRelation.CONTINUED_FROM
 #: why a user of a job got no version (the job still succeeds for the others)
 SKIP_NO_NEW_RECORDS = "no_new_records"
 SKIP_NO_TRAIN_EXAMPLES = "no_train_examples"
@@ -67,17 +76,21 @@ class JobUser:
     user_id: int
     external_id: str
     watermark: int
-    kind: str = "user"
+    kind: SubjectKind = SubjectKind.USER
+
+    @property
+    def subject(self) -> Subject:
+        return Subject.from_row(self.kind, self.external_id)
 
     @property
     def task_name(self) -> str | None:
         """The task's name for a task subject, else None."""
-        return self.external_id.removeprefix(TASK_SUBJECT_PREFIX) if self.kind == "task" else None
+        return self.subject.task_name
 
     @property
     def label(self) -> str:
         """How logs and results name the subject: the user's id, or ``task:<name>``."""
-        return self.external_id if self.task_name is None else f"task:{self.task_name}"
+        return self.subject.label
 
 
 @dataclass(frozen=True)
@@ -116,23 +129,27 @@ def parse_job_users(payload: Mapping[str, Any]) -> list[JobUser]:
         raise ValidationError("train job payload: 'users' must be a non-empty list")
     try:
         parsed = [
-            JobUser(int(u["user_id"]), str(u["external_id"]), int(u["watermark"]), str(u.get("kind", "user")))
+            (int(u["user_id"]), str(u["external_id"]), int(u["watermark"]), str(u.get("kind", "user")))
             for u in users
         ]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValidationError(f"train job payload: bad user entry ({exc!r})") from None
-    if any(u.kind not in SUBJECT_KINDS for u in parsed):
-        raise ValidationError(f"train job payload: kind must be one of {', '.join(SUBJECT_KINDS)}")
-    return parsed
+    kinds = values(SubjectKind)
+    if any(kind not in kinds for *_, kind in parsed):
+        raise ValidationError(f"train job payload: kind must be one of {', '.join(kinds)}")
+    return [
+        JobUser(user_id, external_id, watermark, SubjectKind(kind))
+        for user_id, external_id, watermark, kind in parsed
+    ]
 
 
 def promote_decision(rule: str, metrics: Mapping[str, Any]) -> tuple[bool, str]:
     """Whether the rule promotes a version with these metrics, and the reason recorded on the alias move."""
-    if rule == "never":
+    if rule == PromoteRule.NEVER:
         return False, "promote rule 'never'"
-    if rule == "always":
+    if rule == PromoteRule.ALWAYS:
         return True, "promote rule 'always'"
-    if rule == "qa":
+    if rule == PromoteRule.QA:
         return False, "QA decides (promote rule 'qa')"
     before, after = (
         _finite_or_none(metrics.get("holdout_loss_before")),
@@ -159,7 +176,7 @@ class ContinualTrainer:
         bank: AdapterBank,
         *,
         config: TrainingConfig,
-        promote_rule: PromoteRule = "holdout-improved",
+        promote_rule: PromoteRule = PromoteRule.HOLDOUT_IMPROVED,
         work_dir: Path | None = None,
         progress: Callable[[int, int, dict[str, Any]], None] | None = None,
     ) -> None:
@@ -433,7 +450,7 @@ class ContinualTrainer:
                 "skipped": dict(skipped),
                 "promote_rule": self.promote_rule,
             }
-            if self.promote_rule == "qa":
+            if self.promote_rule == PromoteRule.QA:
                 result["qa_jobs"] = self._submit_qa(fence.session, tenant_id=tenant_id, entries=entries)
             fence.succeed(result)
         return result
@@ -469,7 +486,7 @@ class ContinualTrainer:
             metrics=user.metrics,
             job_id=job.id,
             dataset_snapshot_id=snapshot.id,
-            status="candidate",
+            status=VersionStatus.CANDIDATE,
             routing_key=user.routing_key,
             session=session,
         )

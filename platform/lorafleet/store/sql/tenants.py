@@ -19,9 +19,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from lorafleet.domain import Tenant, User
+from lorafleet.domain.subject import task_subject_id as task_subject_id  # re-exported
 from lorafleet.errors import AuthError, NotFoundError, StoreError, ValidationError
 from lorafleet.store.sql.database import Database
-from lorafleet.store.sql.models import TASK_SUBJECT_PREFIX, SqlApiKey, SqlTenant, SqlUser, utcnow
+from lorafleet.store.sql.models import SqlApiKey, SqlTenant, SqlUser, utcnow
 
 API_KEY_SCHEME = "lf_"
 #: ``lf_`` + 8 characters of the secret: enough to tell keys apart in logs, far too little to guess the rest.
@@ -91,11 +92,6 @@ def find_user(session: Session, *, tenant_id: int, external_id: str, kind: str =
         SqlUser.tenant_id == tenant_id, SqlUser.external_id == external_id, SqlUser.kind == kind
     )
     return session.scalars(query).one_or_none()
-
-
-def task_subject_id(task_name: str) -> str:
-    """The ``users.external_id`` of a task's subject row (see ``SqlUser``)."""
-    return TASK_SUBJECT_PREFIX + task_name
 
 
 def get_or_create_user_row(
