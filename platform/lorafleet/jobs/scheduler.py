@@ -35,6 +35,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from lorafleet.domain import Job, JobKind, SubjectKind
+from lorafleet.domain.jobs import TrainPayload, TrainSubject
 from lorafleet.domain.subject import Subject
 from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.jobs.queue import Clock, JobQueue, SubmitResult
@@ -145,19 +146,19 @@ def train_dedupe_key(users: Sequence[tuple[int, int]]) -> str:
 def _train_payload(users: Sequence[FeedbackBacklog], *, training: Mapping[str, Any]) -> dict[str, object]:
     """``watermark``: the newest feedback id to train through; ``trained_through_id``: where the
     user's versions stood when the job was queued (None: never trained); ``training``: the job's config."""
-    return {
-        "training": dict(training),
-        "users": [
-            {
-                "user_id": u.user_id,
-                "external_id": u.external_id,
-                "kind": u.kind,
-                "watermark": u.last_record_id,
-                "trained_through_id": u.trained_through_id,
-            }
+    return TrainPayload(
+        training=dict(training),
+        users=[
+            TrainSubject(
+                user_id=u.user_id,
+                external_id=u.external_id,
+                kind=SubjectKind(u.kind),
+                watermark=u.last_record_id,
+                trained_through_id=u.trained_through_id,
+            )
             for u in users
         ],
-    }
+    ).to_json()
 
 
 class Scheduler:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.domain import Adapter, AdapterVersion, Job, QADecision, QAKind, VersionStatus
+from lorafleet.domain.jobs import QAPayload, QAResult
 from lorafleet.errors import ConflictError, ValidationError
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.qa.evalsets import EvalSet, training_prompts
@@ -104,22 +105,18 @@ class QARunner:
             done = self._qa.report_for_job(s, job_id=job.id)
         if done is not None:  # decided by an earlier attempt (cannot normally happen: it succeeded the job)
             return _result(done)
-        payload = job.payload
-        if "version_id" in payload:
-            report = self.run_candidate(
-                tenant_id=job.tenant_id, version_id=_int(payload, "version_id"), lease=lease
-            )
-        elif isinstance(payload.get("recheck"), Mapping):
-            recheck = payload["recheck"]
+        payload = QAPayload.parse(job.payload)
+        if payload.version_id is not None:
+            report = self.run_candidate(tenant_id=job.tenant_id, version_id=payload.version_id, lease=lease)
+        else:
+            assert payload.recheck is not None  # QAPayload holds one of the two
             report = self.run_recheck(
                 tenant_id=job.tenant_id,
-                adapter_id=_int(recheck, "adapter_id"),
-                cause=str(recheck.get("cause", "")),
+                adapter_id=payload.recheck.adapter_id,
+                cause=payload.recheck.cause,
                 lease=lease,
             )
-        else:
-            raise ValidationError("qa job payload: needs 'version_id' or 'recheck': {'adapter_id': ...}")
-        return {"skipped": "nothing to decide"} if report is None else _result(report)
+        return QAResult(skipped="nothing to decide").to_json() if report is None else _result(report)
 
     # --- candidates ---------------------------------------------------------------------------------------
     def run_candidate(
@@ -531,20 +528,13 @@ def _trial_json(
 
 
 def _result(report: QAReport) -> dict[str, Any]:
-    return {
-        "report_id": report.id,
-        "version_id": report.version_id,
-        "kind": report.kind,
-        "decision": report.decision,
-        "reasons": list(report.reasons),
-    }
-
-
-def _int(payload: Mapping[str, Any], key: str) -> int:
-    value = payload.get(key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError(f"qa job payload: {key!r} must be an integer id")
-    return value
+    return QAResult(
+        report_id=report.id,
+        version_id=report.version_id,
+        kind=report.kind,
+        decision=report.decision,
+        reasons=list(report.reasons),
+    ).to_json()
 
 
 __all__ = ["QA_ACTOR", "QARunner", "StaleEvaluationError"]

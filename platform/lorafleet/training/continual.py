@@ -37,6 +37,7 @@ from lorafleet.domain import (
     VersionStatus,
 )
 from lorafleet.domain.enums import values
+from lorafleet.domain.jobs import TrainedVersion, TrainPayload, TrainResult
 from lorafleet.domain.subject import Subject
 from lorafleet.errors import BackboneMismatchError, InvalidStateError, ValidationError
 from lorafleet.jobs import progress as job_progress
@@ -124,23 +125,8 @@ class TrainedUser:
 
 def parse_job_users(payload: Mapping[str, Any]) -> list[JobUser]:
     """The users of a train job's payload; a malformed payload is a ``ValidationError`` (no retry helps)."""
-    users = payload.get("users")
-    if not isinstance(users, list) or not users:
-        raise ValidationError("train job payload: 'users' must be a non-empty list")
-    try:
-        parsed = [
-            (int(u["user_id"]), str(u["external_id"]), int(u["watermark"]), str(u.get("kind", "user")))
-            for u in users
-        ]
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ValidationError(f"train job payload: bad user entry ({exc!r})") from None
-    kinds = values(SubjectKind)
-    if any(kind not in kinds for *_, kind in parsed):
-        raise ValidationError(f"train job payload: kind must be one of {', '.join(kinds)}")
-    return [
-        JobUser(user_id, external_id, watermark, SubjectKind(kind))
-        for user_id, external_id, watermark, kind in parsed
-    ]
+    users = TrainPayload.parse(payload).users
+    return [JobUser(u.user_id, u.external_id, u.watermark, u.kind) for u in users]
 
 
 def promote_decision(rule: str, metrics: Mapping[str, Any]) -> tuple[bool, str]:
@@ -240,7 +226,7 @@ class ContinualTrainer:
         lease.check()
         if not plans:
             logger.info("job %d: nothing to train (%s)", job.id, skipped)
-            return {"versions": [], "skipped": skipped}
+            return TrainResult(skipped=skipped).to_json()
         with tempfile.TemporaryDirectory(prefix=f"lorafleet-job-{job.id}-", dir=self.work_dir) as tmp:
             lease.report_phase(job_progress.PHASE_TRAINING)
             progress = job_progress.trainer_callback(lease.report_step, also=self.progress)
@@ -445,32 +431,29 @@ class ContinualTrainer:
                 self._register_user(fence.session, job=job, tenant_id=tenant_id, user=user)
                 for user in trained
             ]
-            result: dict[str, Any] = {
-                "versions": entries,
-                "skipped": dict(skipped),
-                "promote_rule": self.promote_rule,
-            }
+            qa_jobs = None
             if self.promote_rule == PromoteRule.QA:
-                result["qa_jobs"] = self._submit_qa(fence.session, tenant_id=tenant_id, entries=entries)
+                qa_jobs = self._submit_qa(fence.session, tenant_id=tenant_id, entries=entries)
+            result = TrainResult(
+                versions=entries, skipped=dict(skipped), promote_rule=self.promote_rule, qa_jobs=qa_jobs
+            ).to_json()
             fence.succeed(result)
         return result
 
-    def _submit_qa(
-        self, session: Session, *, tenant_id: int, entries: Sequence[Mapping[str, Any]]
-    ) -> list[int]:
+    def _submit_qa(self, session: Session, *, tenant_id: int, entries: Sequence[TrainedVersion]) -> list[int]:
         """One ``qa`` job per new version, in the job's fenced transaction (dedupe key ``qa:<version id>``)."""
         from lorafleet.jobs.queue import JobQueue
         from lorafleet.qa.triggers import submit_candidate_qa
 
         queue = JobQueue(self.db)
         return [
-            submit_candidate_qa(session, queue=queue, tenant_id=tenant_id, version_id=e["version_id"]).id
+            submit_candidate_qa(session, queue=queue, tenant_id=tenant_id, version_id=e.version_id).id
             for e in entries
         ]
 
     def _register_user(
         self, session: Session, *, job: Job, tenant_id: int, user: TrainedUser
-    ) -> dict[str, Any]:
+    ) -> TrainedVersion:
         plan = user.plan
         snapshot = insert_snapshot(
             session, user_id=plan.user.user_id, record_ids=plan.record_ids, details=_snapshot_details(plan)
@@ -490,18 +473,18 @@ class ContinualTrainer:
             routing_key=user.routing_key,
             session=session,
         )
-        return {
-            "user_id": plan.user.user_id,
-            "external_id": plan.user.label,
-            "kind": plan.user.kind,
-            "adapter_id": plan.adapter.id,
-            "version_id": version.id,
-            "number": version.number,
-            "parent_version_id": None if plan.parent is None else plan.parent.id,
-            "dataset_snapshot_id": version.dataset_snapshot_id,
-            "promote": user.promote,
-            "promote_reason": user.reason,
-        }
+        return TrainedVersion(
+            user_id=plan.user.user_id,
+            external_id=plan.user.label,
+            kind=plan.user.kind,
+            adapter_id=plan.adapter.id,
+            version_id=version.id,
+            number=version.number,
+            parent_version_id=None if plan.parent is None else plan.parent.id,
+            dataset_snapshot_id=version.dataset_snapshot_id,
+            promote=user.promote,
+            promote_reason=user.reason,
+        )
 
     # --- promoting ----------------------------------------------------------------------------------------
     def _apply_promotions(
