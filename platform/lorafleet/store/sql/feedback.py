@@ -59,7 +59,7 @@ class FeedbackBacklog:
     #: the newest feedback id any of the user's adapter versions was trained on; None if never trained
     trained_through_id: int | None
     #: ``user``, or ``task`` for a shared task's dataset (``external_id`` is then its ``task_subject_id``)
-    kind: str = "user"
+    kind: str = SubjectKind.USER
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -128,7 +128,7 @@ def insert_feedback(
     tenant_id: int,
     external_id: str,
     records: Sequence[NewFeedback],
-    kind: str = "user",
+    kind: str = SubjectKind.USER,
     on_subject: Callable[[Session, SqlUser], None] | None = None,
 ) -> tuple[list[int], int]:
     """Store a validated batch in one transaction, creating the subject (a user, or a task's dataset with
@@ -157,7 +157,7 @@ def list_feedback(
     external_id: str,
     after_id: int | None = None,
     limit: int = 100,
-    kind: str = "user",
+    kind: str = SubjectKind.USER,
 ) -> list[FeedbackRecord]:
     """A subject's records in id order, after ``after_id`` (keyset paging over the ``(user_id, id)`` index)."""
     check_page(limit=limit)

@@ -91,7 +91,11 @@ class RoutingRepository:
         stmt = (
             select(SqlUser.id, SqlGateSettings.spec)
             .outerjoin(SqlGateSettings, SqlGateSettings.user_id == SqlUser.id)
-            .where(SqlUser.tenant_id == tenant_id, SqlUser.external_id == external_id, SqlUser.kind == "user")
+            .where(
+                SqlUser.tenant_id == tenant_id,
+                SqlUser.external_id == external_id,
+                SqlUser.kind == SubjectKind.USER,
+            )
         )
         row = session.execute(stmt).one_or_none()
         return None if row is None else (int(row[0]), None if row[1] is None else dict(row[1]))
