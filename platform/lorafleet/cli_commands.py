@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from lorafleet.domain.enums import ACTIVE_JOB_STATES, JobState
 from lorafleet.errors import ValidationError
 
 if TYPE_CHECKING:
@@ -271,13 +272,13 @@ def tasks_import(args: argparse.Namespace) -> int:
         print(f"import job {job.id} {'queued' if submitted.created else 'already queued'} ({job.state})")
         deadline = time.monotonic() + args.wait
         queue = JobQueue(lib.db)
-        while args.wait > 0 and job.state in ("queued", "running") and time.monotonic() < deadline:
+        while args.wait > 0 and job.state in ACTIVE_JOB_STATES and time.monotonic() < deadline:
             time.sleep(1.0)
             job = queue.get(tenant_id=tenant.id, job_id=job.id)
             log.info("import job %d: %s", job.id, job.state)
-    if job.state == "succeeded" and job.result:
+    if job.state == JobState.SUCCEEDED and job.result:
         print(f"task {args.task!r}: version {job.result.get('number')} registered (a candidate: QA decides)")
-    elif job.state == "failed":
+    elif job.state == JobState.FAILED:
         print(f"import job {job.id} failed: {job.error}")
         return 1
     return 0

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any
 
+from lorafleet.domain import FINISHED_JOB_STATES, JobState
 from lorafleet.errors import JobError, ValidationError
-from lorafleet.jobs.commands import FINISHED_STATES
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -56,14 +56,14 @@ def jobs_watch(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     print(final_line(job))
-    return 0 if job.state == "succeeded" else 1
+    return 0 if job.state == JobState.SUCCEEDED else 1
 
 
 def jobs_cancel(args: argparse.Namespace) -> int:
     """Cancel the job (``--actor`` is recorded as ``cancelled_by``); a finished one is an error (exit 2)."""
     with _tenant_queue(args.tenant) as (queue, tenant_id):
         job = queue.cancel(tenant_id=tenant_id, job_id=args.job_id, actor=args.actor)
-    if job.state == "cancelled":
+    if job.state == JobState.CANCELLED:
         print(f"job {job.id} cancelled (by {job.cancelled_by})")
     else:
         print(f"job {job.id} {job.state}: cancel requested by {job.cancelled_by}; it stops at its next step")
@@ -89,7 +89,7 @@ def watch_job(
         if (job.state, job.progress) != last:
             last = (job.state, job.progress)
             on_change(job)
-        if job.state in FINISHED_STATES:
+        if job.state in FINISHED_JOB_STATES:
             return job
         if deadline is not None and time.monotonic() >= deadline:
             raise JobError(f"job {job_id} did not finish within {timeout:g} s (still {job.state})")
@@ -124,7 +124,7 @@ def _postfix(state: str, progress: dict[str, Any]) -> str:
         parts.append(str(progress["phase"]))
     if isinstance(progress.get("loss"), int | float):
         parts.append(f"loss {progress['loss']:.4f}")
-    if isinstance(progress.get("eta_seconds"), int | float) and state == "running":
+    if isinstance(progress.get("eta_seconds"), int | float) and state == JobState.RUNNING:
         parts.append(f"eta {progress['eta_seconds']:.0f}s")
     return ", ".join(parts)
 
@@ -134,10 +134,10 @@ def final_line(job: Job) -> str:
     losses = (job.progress or {}).get("losses") or {}
     last = ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if isinstance(v, int | float))
     tail = f" (last losses: {last})" if last else ""
-    if job.state == "succeeded":
+    if job.state == JobState.SUCCEEDED:
         versions = (job.result or {}).get("versions")
         count = f": {len(versions)} version(s)" if isinstance(versions, list) else ""
         return f"job {job.id} succeeded{count}{tail}"
-    if job.state == "cancelled":
+    if job.state == JobState.CANCELLED:
         return f"job {job.id} cancelled by {job.cancelled_by or 'unknown'}{tail}"
     return f"job {job.id} {job.state}: {job.error}{tail}"

@@ -1,5 +1,9 @@
 """Settings for every lorafleet process, read from ``LORAFLEET_*`` environment variables.
 
+Every ``LORAFLEET_*`` variable the platform reads is a field here (``LORAFLEET_<FIELD NAME>``); no module reads
+``os.environ`` for one. ``ClientSettings`` is the subset an SDK client reads (only ``api_key``), so a client is
+never refused for a server setting it does not use; ``Settings`` includes it.
+
 The embedded defaults need no setup: SQLite and a local directory under ``.lorafleet/``, a local Ray on
 loopback and the built-in tiny backbone. Production points the same settings at PostgreSQL, S3 and a Ray
 cluster. Invalid values fail at start with a message that names the setting.
@@ -15,6 +19,7 @@ from urllib.parse import urlparse
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lorafleet.domain.enums import PromoteRule
 from lorafleet.errors import ConfigError
 
 DEFAULT_DATA_DIR = Path(".lorafleet")
@@ -25,7 +30,17 @@ TINY_BACKBONE = "builtin:tiny"
 SMOLLM2_BACKBONE = "builtin:smollm2-135m"
 
 
-class Settings(BaseSettings):
+class ClientSettings(BaseSettings):
+    """What an SDK client (``lorafleet.sdk``) reads from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAFLEET_", env_file=None, extra="ignore")
+
+    api_key: str | None = Field(
+        default=None, description="SDK clients: the API key sent when the client is given none."
+    )
+
+
+class Settings(ClientSettings):
     """All settings; each field is ``LORAFLEET_<NAME>`` in the environment."""
 
     model_config = SettingsConfigDict(env_prefix="LORAFLEET_", env_file=None, extra="ignore")
@@ -45,6 +60,11 @@ class Settings(BaseSettings):
     backbone_quantization: Literal["nf4", "int8", "bf16", "fp32"] = Field(default="nf4")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     blob_gc_grace_seconds: int = Field(default=24 * 3600, ge=0)
+    migrations_dir: Path | None = Field(
+        default=None,
+        description="The Alembic environment (lorafleet db upgrade); empty = the checkout's migrations/. "
+        "The image sets it to /opt/lorafleet/migrations.",
+    )
     max_feedback_batch: int = Field(default=1000, ge=1)
     max_feedback_record_bytes: int = Field(default=64 * 1024, ge=256)
     admin_key: str = Field(default="", description="Bearer key for tenant management; empty disables it.")
@@ -60,8 +80,9 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(
         default=60.0, ge=1.0, le=24 * 3600.0, description="Job lease; a dead worker's job restarts after it."
     )
-    promote_rule: Literal["holdout-improved", "never", "always", "qa"] = Field(
-        default="qa", description="How new versions go live: qa (a QA job decides), or a training-time rule."
+    promote_rule: PromoteRule = Field(
+        default=PromoteRule.QA,
+        description="How new versions go live: qa (a QA job decides), or a training-time rule.",
     )
     qa_policy: dict[str, Any] = Field(
         default_factory=dict, description="QA policy overrides as JSON (lorafleet.qa.policy.QAPolicy fields)."

@@ -263,7 +263,9 @@ def prepare_record(raw: object, *, index: int, limits: FeedbackLimits = DEFAULT_
         message = f"record is {size} bytes, more than max_feedback_record_bytes={limits.max_record_bytes}"
         raise FeedbackRecordTooLargeError(message, index=index, field=largest)
     payload = {name: value for name, value in dumped.items() if name != "kind"}
-    return PreparedFeedback(kind=record.kind, payload=payload, content_hash=content_hash(record))
+    return PreparedFeedback(
+        kind=FeedbackKind(record.kind), payload=payload, content_hash=content_hash(record)
+    )
 
 
 def validate_feedback_batch(

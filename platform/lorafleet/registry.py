@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 from lorafleet.adapters.peft_format import (
     CONFIG_FILE,
@@ -43,6 +43,7 @@ from lorafleet.domain import (
     LineageRelation,
     VersionStatus,
 )
+from lorafleet.domain.enums import values as enum_values
 from lorafleet.errors import (
     AdapterFormatError,
     AlreadyExistsError,
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
 ARCHIVE_MEMBERS = (CONFIG_FILE, WEIGHTS_FILE)
 MAX_ROUTING_KEY_LENGTH = 65536
 #: Statuses a version may be registered with or set to directly; ``live`` only comes from ``promote``.
-SETTABLE_STATUSES = frozenset({"candidate", "rejected", "archived"})
+SETTABLE_STATUSES = frozenset({VersionStatus.CANDIDATE, VersionStatus.REJECTED, VersionStatus.ARCHIVED})
 _LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B")
 
 
@@ -188,7 +189,7 @@ class Registry:
         metrics: Mapping[str, Any] | None = None,
         job_id: int | None = None,
         dataset_snapshot_id: int | None = None,
-        status: VersionStatus = "candidate",
+        status: VersionStatus = VersionStatus.CANDIDATE,
         session: Session | None = None,
         routing_key: Sequence[float] | None = None,
     ) -> AdapterVersion:
@@ -254,7 +255,7 @@ class Registry:
         written, the file itself is the blob (blob first, then row) and numbers are gap-free. The row has rank 0
         and no target modules; it is promoted, rolled back and garbage-collected like any version.
         """
-        _check_version_args(base_fingerprint=base_fingerprint, parents=(), status="candidate")
+        _check_version_args(base_fingerprint=base_fingerprint, parents=(), status=VersionStatus.CANDIDATE)
         with tempfile.TemporaryDirectory(prefix="lorafleet-register-") as tmp:
             staged = Path(tmp) / "weights.safetensors"
             shutil.copyfile(weights_file, staged)
@@ -269,7 +270,7 @@ class Registry:
                 target_modules=(),
                 training_config=_json_dict("training_config", training_config or {}),
                 metrics=_json_dict("metrics", metrics or {}),
-                status="candidate",
+                status=VersionStatus.CANDIDATE,
                 job_id=job_id,
                 dataset_snapshot_id=dataset_snapshot_id,
                 parents=(),
@@ -372,7 +373,7 @@ class Registry:
         """Mark a version candidate, rejected (QA) or archived; the live version only moves via the alias.
         With ``session`` (a job's fenced transaction) it runs there and the caller commits."""
         if status not in SETTABLE_STATUSES:
-            raise ValidationError(f"status {status!r} cannot be set directly (use promote for live)")
+            raise ValidationError(f"status {str(status)!r} cannot be set directly (use promote for live)")
         with self._session(session) as s:
             self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
             version = self._repo.get_version(s, tenant_id=tenant_id, adapter_id=adapter_id, number=number)
@@ -566,11 +567,11 @@ def _check_version_args(
     if not base_fingerprint or len(base_fingerprint) > 128:
         raise ValidationError("base_fingerprint must be 1-128 characters")
     if status not in SETTABLE_STATUSES:
-        raise ValidationError(f"a new version cannot be {status!r} (register, then promote)")
-    relations = get_args(LineageRelation)
+        raise ValidationError(f"a new version cannot be {str(status)!r} (register, then promote)")
+    relations = enum_values(LineageRelation)
     for _, relation in parents:
         if relation not in relations:
-            raise ValidationError(f"lineage relation {relation!r} is not one of {relations}")
+            raise ValidationError(f"lineage relation {str(relation)!r} is not one of {relations}")
     if len({parent for parent, _ in parents}) != len(parents):
         raise ValidationError("a parent version is listed twice")
 
@@ -606,7 +607,7 @@ def _check_weights_file(path: Path, *, max_header_bytes: int) -> None:
 
 
 def _check_target(*, target: AdapterVersion, current: AdapterVersion | None) -> None:
-    if target.status == "rejected":
+    if target.status == VersionStatus.REJECTED:
         raise InvalidStateError(f"version {target.number} was rejected and cannot go live")
     if current is not None and current.id == target.id:
         raise InvalidStateError(f"version {target.number} is already live")

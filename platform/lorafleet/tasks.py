@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lorafleet.domain import Adapter, AliasEvent, FeedbackRecord
+from lorafleet.domain import Adapter, AliasEvent, FeedbackRecord, SubjectKind
 from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.feedback import DEFAULT_LIMITS, FeedbackLimits, IngestResult, validate_feedback_batch
 
@@ -68,8 +68,8 @@ def ingest_task_feedback(
 ) -> IngestResult:
     """Validate a batch, then store it all-or-nothing for the task (its subject row and its task adapter are
     created on first sight, in the same transaction), deduplicated like a user's feedback."""
+    from lorafleet.domain.subject import task_subject_id
     from lorafleet.store.sql import feedback as feedback_store
-    from lorafleet.store.sql.tenants import task_subject_id
 
     name = validate_task_name(task_name)
     prepared = validate_feedback_batch(records, limits=limits)
@@ -82,7 +82,7 @@ def ingest_task_feedback(
         tenant_id=tenant_id,
         external_id=task_subject_id(name),
         records=prepared,
-        kind="task",
+        kind=SubjectKind.TASK,
         on_subject=ensure_adapter,
     )
     return IngestResult(ids=ids, created=created, duplicates=len(ids) - created)
@@ -115,8 +115,8 @@ def list_task_feedback(
     db: Database, *, tenant_id: int, task_name: str, after_id: int | None = None, limit: int = 100
 ) -> list[FeedbackRecord]:
     """The task's records in id order after ``after_id``; a task without feedback is ``NotFoundError``."""
+    from lorafleet.domain.subject import task_subject_id
     from lorafleet.store.sql import feedback as feedback_store
-    from lorafleet.store.sql.tenants import task_subject_id
 
     name = validate_task_name(task_name)
     return feedback_store.list_feedback(
@@ -125,7 +125,7 @@ def list_task_feedback(
         external_id=task_subject_id(name),
         after_id=after_id,
         limit=limit,
-        kind="task",
+        kind=SubjectKind.TASK,
     )
 
 

@@ -183,12 +183,9 @@ def _job_training(j: Job) -> s.TrainingValues | None:
 
 def _subject_label(entry: Mapping[str, Any]) -> str:
     """A train job's subject as clients see it: the user's id, or ``task:<name>`` for a task's dataset."""
-    from lorafleet.store.sql.models import TASK_SUBJECT_PREFIX
+    from lorafleet.domain.subject import Subject
 
-    external_id = str(entry.get("external_id"))
-    if entry.get("kind") == "task":
-        return "task:" + external_id.removeprefix(TASK_SUBJECT_PREFIX)
-    return external_id
+    return Subject.from_row(str(entry.get("kind")), str(entry.get("external_id"))).label
 
 
 def task(info: TaskInfo) -> s.TaskOut:

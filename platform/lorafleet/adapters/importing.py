@@ -36,7 +36,7 @@ from lorafleet.adapters.peft_format import (
     load_adapter_tensors,
     read_safetensors_header,
 )
-from lorafleet.domain import Adapter, AdapterVersion, LineageRelation
+from lorafleet.domain import Adapter, AdapterVersion, LineageRelation, VersionStatus
 from lorafleet.errors import AdapterFormatError, BackboneMismatchError, PayloadTooLargeError, ValidationError
 from lorafleet.registry import pack_adapter_archive
 from lorafleet.store.blob.base import sha256_file
@@ -54,7 +54,7 @@ MAX_EXAMPLE_PROMPTS = 256
 MAX_PROMPT_CHARS = 16_384
 #: ``training_config["source"]`` of an imported version
 IMPORT_SOURCE = "peft-import"
-IMPORTED: LineageRelation = "imported"
+IMPORTED = LineageRelation.IMPORTED
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ def register_import(
         training_config=prepared.training_config,
         metrics={},
         job_id=job_id,
-        status="candidate",
+        status=VersionStatus.CANDIDATE,
         routing_key=prepared.routing_key,
         session=session,
     )

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
-FeedbackKind = Literal["sft", "preference", "rating"]
-VersionStatus = Literal["candidate", "live", "rejected", "archived"]
-LineageRelation = Literal["continued-from", "merged-from", "imported"]
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from lorafleet.domain.enums import (
+    ACTIVE_JOB_STATES,
+    FINISHED_JOB_STATES,
+    AdapterKind,
+    EnrolmentAction,
+    FeedbackKind,
+    JobKind,
+    JobState,
+    LineageRelation,
+    PromoteRule,
+    QADecision,
+    QAKind,
+    SubjectKind,
+    VersionStatus,
+)
 
+#: the name of the alias that marks a version as served (its version's status is ``VersionStatus.LIVE``)
 LIVE = "live"
 
 
@@ -136,3 +148,30 @@ class Job:
     #: when a cancel was requested and by whom (a running job stops at its next step and ends ``cancelled``)
     cancel_requested_at: datetime | None = None
     cancelled_by: str | None = None
+
+
+__all__ = [
+    "ACTIVE_JOB_STATES",
+    "FINISHED_JOB_STATES",
+    "LIVE",
+    "Adapter",
+    "AdapterKind",
+    "AdapterVersion",
+    "AliasEvent",
+    "DatasetSnapshot",
+    "EnrolmentAction",
+    "FeedbackKind",
+    "FeedbackRecord",
+    "Job",
+    "JobKind",
+    "JobState",
+    "LineageEdge",
+    "LineageRelation",
+    "PromoteRule",
+    "QADecision",
+    "QAKind",
+    "SubjectKind",
+    "Tenant",
+    "User",
+    "VersionStatus",
+]

@@ -17,7 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.config import Settings
-from lorafleet.domain import AdapterVersion, Job
+from lorafleet.domain import FINISHED_JOB_STATES, AdapterVersion, Job, JobState
 from lorafleet.errors import JobError, ValidationError
 from lorafleet.jobs.queue import JobQueue, SubmitResult
 from lorafleet.jobs.scheduler import Scheduler, SchedulerPolicy, TickResult
@@ -28,9 +28,6 @@ if TYPE_CHECKING:
     from lorafleet.jobs.trainer_pool import TrainerPool
 
 logger = logging.getLogger("lorafleet.workers")
-
-#: job states after which nothing more happens to a job
-FINISHED_STATES = ("succeeded", "failed", "cancelled")
 
 
 @contextmanager
@@ -195,7 +192,7 @@ def train_user_now_and_wait(
     else:
         with TrainerPool(settings, training=training) as own:
             job = _drain_until_finished(settings, pool=own, job_id=submitted.job.id, deadline=deadline)
-    if job.state != "succeeded":
+    if job.state != JobState.SUCCEEDED:
         raise JobError(f"job {job.id} {job.state}: {job.error}")
     return _version_of(settings, job=job, user=user)
 
@@ -206,7 +203,7 @@ def _drain_until_finished(settings: Settings, *, pool: TrainerPool, job_id: int,
         queue = JobQueue(db)
         while True:
             job = queue.get(tenant_id=None, job_id=job_id)
-            if job.state in FINISHED_STATES:
+            if job.state in FINISHED_JOB_STATES:
                 return job
             left = deadline - time.monotonic()
             if left <= 0:

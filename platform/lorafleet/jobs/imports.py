@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafleet.domain import Job
+from lorafleet.domain import Job, JobKind, PromoteRule
+from lorafleet.domain.jobs import ImportPayload, ImportResult
 from lorafleet.errors import PayloadTooLargeError, ValidationError
 from lorafleet.jobs.queue import JobQueue
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-IMPORT_JOB_KIND = "import"
+IMPORT_JOB_KIND = JobKind.IMPORT
 IMPORT_MAX_ATTEMPTS = 3
 #: largest archive accepted for import (the API's request body limit applies first)
 MAX_IMPORT_ARCHIVE_BYTES = 512 * 1024 * 1024
@@ -83,14 +84,14 @@ def submit_import(
     prompts = check_example_prompts(example_prompts)
     _check_archive(archive)
     ref = registry.blobs.put_bytes(archive)
-    payload = {
-        "task": name,
-        "archive_sha256": ref.sha256,
-        "archive_size": ref.size,
-        "example_prompts": prompts,
-        "actor": actor,
-        "reason": reason,
-    }
+    payload = ImportPayload(
+        task=name,
+        archive_sha256=ref.sha256,
+        archive_size=ref.size,
+        example_prompts=prompts,
+        actor=actor,
+        reason=reason,
+    ).to_json()
     result = (queue or JobQueue(db)).submit(
         tenant_id=tenant_id,
         kind=IMPORT_JOB_KIND,
@@ -112,7 +113,7 @@ class ImportRunner:
         backbone: Backbone,
         bank: AdapterBank,
         *,
-        promote_rule: str = "qa",
+        promote_rule: str = PromoteRule.QA,
         work_dir: Path | None = None,
     ) -> None:
         self.db, self.registry, self.backbone, self.bank = db, registry, backbone, bank
@@ -124,33 +125,26 @@ class ImportRunner:
 
         if job.tenant_id is None:
             raise ValidationError(f"import job {job.id} has no tenant")
-        p = _payload(job.payload)
+        p = ImportPayload.parse(job.payload)
         with tempfile.TemporaryDirectory(prefix=f"lorafleet-import-{job.id}-", dir=self.work_dir) as tmp:
             archive = Path(tmp) / "upload"  # the unpacker reads the kind from the bytes
-            self.registry.blobs.download(p["archive_sha256"], archive, expected_size=p["archive_size"])
+            self.registry.blobs.download(p.archive_sha256, archive, expected_size=p.archive_size)
             prepared = prepare_import(
                 self.registry,
                 tenant_id=job.tenant_id,
-                task_name=p["task"],
+                task_name=p.task,
                 source=archive,
-                example_prompts=p["example_prompts"],
+                example_prompts=p.example_prompts,
                 backbone=self.backbone,
                 bank=self.bank,
-                actor=p["actor"],
+                actor=p.actor,
                 work_dir=Path(tmp) / "work",
             )
             lease.check()
             imported = register_import(self.registry, prepared, job_id=job.id)
             with lease.fenced() as fence:
-                result: dict[str, Any] = {
-                    "task": p["task"],
-                    "adapter_id": imported.adapter.id,
-                    "version_id": imported.version.id,
-                    "number": imported.version.number,
-                    "parent_version_id": imported.parent_version_id,
-                    "source_sha256": imported.source_sha256,
-                }
-                if self.promote_rule == "qa":
+                qa_job = None
+                if self.promote_rule == PromoteRule.QA:
                     from lorafleet.qa.triggers import submit_candidate_qa
 
                     qa = submit_candidate_qa(
@@ -159,25 +153,19 @@ class ImportRunner:
                         tenant_id=job.tenant_id,
                         version_id=imported.version.id,
                     )
-                    result["qa_job"] = qa.id
+                    qa_job = qa.id
+                result = ImportResult(
+                    task=p.task,
+                    adapter_id=imported.adapter.id,
+                    version_id=imported.version.id,
+                    number=imported.version.number,
+                    parent_version_id=imported.parent_version_id,
+                    source_sha256=imported.source_sha256,
+                    qa_job=qa_job,
+                ).to_json()
                 fence.succeed(result)
-        logger.info("job %d: imported task %r as version %d", job.id, p["task"], imported.version.number)
+        logger.info("job %d: imported task %r as version %d", job.id, p.task, imported.version.number)
         return result
-
-
-def _payload(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """The import job's payload, checked (a malformed payload is a ``ValidationError``: no retry helps; the
-    prompts are checked again by ``prepare_import``)."""
-    try:
-        return {
-            "task": str(payload["task"]),
-            "archive_sha256": str(payload["archive_sha256"]),
-            "archive_size": int(payload["archive_size"]),
-            "example_prompts": list(payload["example_prompts"]),
-            "actor": str(payload["actor"]),
-        }
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValidationError(f"import job payload: {exc!r}") from None
 
 
 __all__ = [

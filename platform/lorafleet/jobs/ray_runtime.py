@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.config import BUILTIN_PREFIX, Settings, load_settings
+from lorafleet.domain.enums import JobState
 from lorafleet.errors import ConfigError
 from lorafleet.jobs.placement import TrainerPlacement, placement_capacity
 
@@ -247,9 +248,9 @@ class TrainerHost:
 
     def _count(self, job: Job) -> None:
         self._stats["jobs_done"] += 1
-        if job.state == "succeeded":
+        if job.state == JobState.SUCCEEDED:
             self._stats["jobs_succeeded"] += 1
-        elif job.state == "failed":
+        elif job.state == JobState.FAILED:
             self._stats["jobs_failed"] += 1
         self._stats.update(current_job=None, step=0, total_steps=0)
 

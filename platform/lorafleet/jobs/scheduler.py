@@ -34,19 +34,21 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from lorafleet.domain import Job
+from lorafleet.domain import Job, JobKind, SubjectKind
+from lorafleet.domain.jobs import TrainPayload, TrainSubject
+from lorafleet.domain.subject import Subject
 from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.jobs.queue import Clock, JobQueue, SubmitResult
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.feedback import FeedbackBacklog, read_backlog
 from lorafleet.store.sql.jobs_repository import FailureStreak, NewJob
-from lorafleet.store.sql.models import TASK_SUBJECT_PREFIX, utcnow
-from lorafleet.store.sql.tenants import find_user, task_subject_id, validate_external_id
+from lorafleet.store.sql.models import utcnow
+from lorafleet.store.sql.tenants import find_user, validate_external_id
 from lorafleet.training.overrides import job_training, validate_overrides
 
 logger = logging.getLogger(__name__)
 
-TRAIN_JOB_KIND = "train"
+TRAIN_JOB_KIND = JobKind.TRAIN
 #: Why a user with new feedback got no job this tick (``invalid_config``: the tenant's stored training config no
 #: longer validates; the error is logged).
 SKIP_REASONS = ("not_due", "active_job", "backoff", "capacity", "duplicate", "invalid_config")
@@ -144,19 +146,19 @@ def train_dedupe_key(users: Sequence[tuple[int, int]]) -> str:
 def _train_payload(users: Sequence[FeedbackBacklog], *, training: Mapping[str, Any]) -> dict[str, object]:
     """``watermark``: the newest feedback id to train through; ``trained_through_id``: where the
     user's versions stood when the job was queued (None: never trained); ``training``: the job's config."""
-    return {
-        "training": dict(training),
-        "users": [
-            {
-                "user_id": u.user_id,
-                "external_id": u.external_id,
-                "kind": u.kind,
-                "watermark": u.last_record_id,
-                "trained_through_id": u.trained_through_id,
-            }
+    return TrainPayload(
+        training=dict(training),
+        users=[
+            TrainSubject(
+                user_id=u.user_id,
+                external_id=u.external_id,
+                kind=SubjectKind(u.kind),
+                watermark=u.last_record_id,
+                trained_through_id=u.trained_through_id,
+            )
             for u in users
         ],
-    }
+    ).to_json()
 
 
 class Scheduler:
@@ -319,7 +321,7 @@ class Scheduler:
         """
         external_id = validate_external_id(user_external_id)
         return self._train_subject_now(
-            tenant_id=tenant_id, external_id=external_id, kind="user", training=training
+            tenant_id=tenant_id, external_id=external_id, kind=SubjectKind.USER, training=training
         )
 
     def train_task_now(
@@ -327,19 +329,26 @@ class Scheduler:
     ) -> SubmitResult:
         """``train_now`` for a shared task's dataset (``lorafleet.tasks``): same rules, the task's feedback."""
         return self._train_subject_now(
-            tenant_id=tenant_id, external_id=task_subject_id(task_name), kind="task", training=training
+            tenant_id=tenant_id,
+            external_id=Subject.task(task_name).external_id,
+            kind=SubjectKind.TASK,
+            training=training,
         )
 
     def _train_subject_now(
-        self, *, tenant_id: int, external_id: str, kind: str, training: Mapping[str, Any] | None
+        self, *, tenant_id: int, external_id: str, kind: SubjectKind, training: Mapping[str, Any] | None
     ) -> SubmitResult:
         overrides = validate_overrides(training, field="training", max_rank=self.max_rank)
         with self.db.session() as session:
             self._repo.lock_scheduler(session)
             user = find_user(session, tenant_id=tenant_id, external_id=external_id, kind=kind)
             if user is None:
-                name = external_id.removeprefix(TASK_SUBJECT_PREFIX)
-                problem = f"user {name!r} not found" if kind == "user" else f"task {name!r} has no feedback"
+                name = Subject.from_row(kind, external_id).name
+                problem = (
+                    f"user {name!r} not found"
+                    if kind == SubjectKind.USER
+                    else f"task {name!r} has no feedback"
+                )
                 raise NotFoundError(problem)
             active = self._repo.active_job_for_user(session, user_id=user.id)
             if active is not None:

@@ -72,7 +72,7 @@ def version_records(
             return repo.user_records(s, user_id=owner_user_id, through_id=through)
     if version.dataset_snapshot_id is None:
         with db.session() as s:
-            subject = repo.task_subject_id(s, tenant_id=tenant_id, adapter_id=version.adapter_id)
+            subject = repo.task_subject_user_id(s, tenant_id=tenant_id, adapter_id=version.adapter_id)
             return [] if subject is None else repo.user_records(s, user_id=subject, through_id=None)
     snapshot = get_snapshot(db, snapshot_id=version.dataset_snapshot_id)
     with db.session() as s:

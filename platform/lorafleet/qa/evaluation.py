@@ -12,9 +12,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from lorafleet.domain import Adapter, AdapterVersion
+from lorafleet.domain import Adapter, AdapterVersion, QAKind
 from lorafleet.errors import LorafleetError
 from lorafleet.qa.evalsets import EvalSet, holdout_set, probe_set
 from lorafleet.qa.matrix import SlotLoader, embed_sets, evaluate_matrix, gate_traffic
@@ -51,7 +51,7 @@ class Subject:
     """The version under evaluation, what it replaces, and the bank it is served in: its owner's for a personal
     adapter; for a task adapter None (evaluated alone) or one enrolled user's bank."""
 
-    kind: Literal["candidate", "recheck"]
+    kind: QAKind
     tenant_id: int
     adapter: Adapter
     version: AdapterVersion
@@ -167,7 +167,7 @@ class Evaluator:
             if has_previous and subject.previous is not None:
                 previous = self._member(subject, subject.previous, self._key(subject.previous))
             gated_previous = None
-            if subject.kind == "candidate":
+            if subject.kind == QAKind.CANDIDATE:
                 gated_previous = gated_bank(
                     subject.user_bank,
                     gate=gate,

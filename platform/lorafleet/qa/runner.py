@@ -29,7 +29,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafleet.domain import Adapter, AdapterVersion, Job
+from lorafleet.domain import Adapter, AdapterVersion, Job, QADecision, QAKind, VersionStatus
+from lorafleet.domain.jobs import QAPayload, QAResult
 from lorafleet.errors import ConflictError, ValidationError
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.qa.evalsets import EvalSet, training_prompts
@@ -41,7 +42,7 @@ from lorafleet.qa.rules import USER_HOLDOUT, RuleOutcome, candidate_rules, reaso
 from lorafleet.qa.triggers import submit_task_rechecks
 from lorafleet.registry import Registry
 from lorafleet.store.sql.database import Database
-from lorafleet.store.sql.qa_repository import NewQAReport, QADecision, QAKind, QAReport, QARepository
+from lorafleet.store.sql.qa_repository import NewQAReport, QAReport, QARepository
 from lorafleet.store.sql.registry_repository import RegistryRepository
 
 if TYPE_CHECKING:
@@ -104,22 +105,18 @@ class QARunner:
             done = self._qa.report_for_job(s, job_id=job.id)
         if done is not None:  # decided by an earlier attempt (cannot normally happen: it succeeded the job)
             return _result(done)
-        payload = job.payload
-        if "version_id" in payload:
-            report = self.run_candidate(
-                tenant_id=job.tenant_id, version_id=_int(payload, "version_id"), lease=lease
-            )
-        elif isinstance(payload.get("recheck"), Mapping):
-            recheck = payload["recheck"]
+        payload = QAPayload.parse(job.payload)
+        if payload.version_id is not None:
+            report = self.run_candidate(tenant_id=job.tenant_id, version_id=payload.version_id, lease=lease)
+        else:
+            assert payload.recheck is not None  # QAPayload holds one of the two
             report = self.run_recheck(
                 tenant_id=job.tenant_id,
-                adapter_id=_int(recheck, "adapter_id"),
-                cause=str(recheck.get("cause", "")),
+                adapter_id=payload.recheck.adapter_id,
+                cause=payload.recheck.cause,
                 lease=lease,
             )
-        else:
-            raise ValidationError("qa job payload: needs 'version_id' or 'recheck': {'adapter_id': ...}")
-        return {"skipped": "nothing to decide"} if report is None else _result(report)
+        return QAResult(skipped="nothing to decide").to_json() if report is None else _result(report)
 
     # --- candidates ---------------------------------------------------------------------------------------
     def run_candidate(
@@ -127,7 +124,7 @@ class QARunner:
     ) -> QAReport | None:
         """QA one candidate and record the decision; None when the version is no longer a candidate."""
         version = self.registry.get_version_by_id(tenant_id=tenant_id, version_id=version_id)
-        if version.status != "candidate":
+        if version.status != VersionStatus.CANDIDATE:
             logger.info("version %d is %s: nothing to decide", version_id, version.status)
             return None
         adapter = self.registry.get_adapter(tenant_id=tenant_id, adapter_id=version.adapter_id)
@@ -147,12 +144,12 @@ class QARunner:
             if failed:
                 reasons = failed if passed else [*reasons, *failed]
                 passed = False
-        decision: QADecision = "promote" if passed else "reject"
-        document = self._document("candidate", subject, evaluation, rules, decision, reasons)
+        decision = QADecision.PROMOTE if passed else QADecision.REJECT
+        document = self._document(QAKind.CANDIDATE, subject, evaluation, rules, decision, reasons)
         if enrolled is not None:
             document["enrolled"] = enrolled
         report = self._record(
-            kind="candidate",
+            kind=QAKind.CANDIDATE,
             subject=subject,
             target=None,
             decision=decision,
@@ -175,7 +172,7 @@ class QARunner:
         previous = self.registry.live_version(tenant_id=tenant_id, adapter_id=adapter.id)
         user_bank = self._user_bank(adapter)
         key = self._routing_key(tenant_id=tenant_id, adapter=adapter, version=version)
-        return Subject("candidate", tenant_id, adapter, version, previous, user_bank, key)
+        return Subject(QAKind.CANDIDATE, tenant_id, adapter, version, previous, user_bank, key)
 
     def _enrolled_banks(self, subject: Subject, own: EvalSet) -> dict[str, Any]:
         """The task candidate in the banks of a sample of its enrolled users, each against the candidate rules
@@ -255,15 +252,15 @@ class QARunner:
         rules = [] if evaluation.matrix is None else recheck_rules(evaluation.matrix, self.policy)
         passed, reasons = _verdict(evaluation, rules)
         target, trials = (None, []) if passed else self._find_rollback(subject, own)
-        decision: QADecision = "keep" if passed else "rollback"
+        decision = QADecision.KEEP if passed else QADecision.ROLLBACK
         if not passed:
             to = "none" if target is None else f"version {target.number}"
             reasons = [*reasons, f"rollback to {to} ({len(trials)} earlier versions tried)"]
-        document = self._document("recheck", subject, evaluation, rules, decision, reasons)
+        document = self._document(QAKind.RECHECK, subject, evaluation, rules, decision, reasons)
         document["cause"] = cause
         document["rollback"] = {"to_version_id": None if target is None else target.id, "trials": trials}
         report = self._record(
-            kind="recheck",
+            kind=QAKind.RECHECK,
             subject=subject,
             target=target,
             decision=decision,
@@ -278,14 +275,14 @@ class QARunner:
     def _recheck_subject(self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion) -> Subject:
         with self.db.session() as s:
             key = self._qa.routing_key(s, version_id=version.id)
-        return Subject("recheck", tenant_id, adapter, version, None, self._user_bank(adapter), key)
+        return Subject(QAKind.RECHECK, tenant_id, adapter, version, None, self._user_bank(adapter), key)
 
     def _find_rollback(
         self, subject: Subject, own: EvalSet
     ) -> tuple[AdapterVersion | None, list[dict[str, Any]]]:
         """The newest earlier version, once live, that passes the recheck rules in the same bank."""
         earlier = self.registry.list_versions(
-            tenant_id=subject.tenant_id, adapter_id=subject.adapter.id, status="archived"
+            tenant_id=subject.tenant_id, adapter_id=subject.adapter.id, status=VersionStatus.ARCHIVED
         )
         tried: list[dict[str, Any]] = []
         for version in sorted(earlier, key=lambda v: -v.number):
@@ -363,16 +360,16 @@ class QARunner:
         repo, tenant_id, adapter_id = self._registry_sql, subject.tenant_id, subject.adapter.id
         repo.get_adapter(session, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
         live = repo.live_version(session, tenant_id=tenant_id, adapter_id=adapter_id)
-        expected = subject.previous if subject.kind == "candidate" else subject.version
+        expected = subject.previous if subject.kind == QAKind.CANDIDATE else subject.version
         if (None if live is None else live.id) != (None if expected is None else expected.id):
             raise StaleEvaluationError(
                 f"adapter {adapter_id}: live moved while QA evaluated; evaluating again"
             )
-        if subject.kind == "candidate":
+        if subject.kind == QAKind.CANDIDATE:
             status = repo.get_version_by_id(
                 session, tenant_id=tenant_id, version_id=subject.version.id
             ).status
-            if status != "candidate":
+            if status != VersionStatus.CANDIDATE:
                 raise StaleEvaluationError(f"version {subject.version.id} became {status} while QA evaluated")
 
     def _act(
@@ -385,7 +382,7 @@ class QARunner:
         report: QAReport,
     ) -> None:
         tenant_id, adapter = subject.tenant_id, subject.adapter
-        if decision == "promote":
+        if decision == QADecision.PROMOTE:
             self.registry.promote(
                 tenant_id=tenant_id,
                 adapter_id=adapter.id,
@@ -399,15 +396,15 @@ class QARunner:
                 submit_task_rechecks(
                     session, queue=self.queue, tenant_id=tenant_id, adapter_id=adapter.id, cause=cause
                 )
-        elif decision == "reject":
+        elif decision == QADecision.REJECT:
             self.registry.set_status(
                 tenant_id=tenant_id,
                 adapter_id=adapter.id,
                 number=subject.version.number,
-                status="rejected",
+                status=VersionStatus.REJECTED,
                 session=session,
             )
-        elif decision == "rollback":
+        elif decision == QADecision.ROLLBACK:
             self.registry.rollback(
                 tenant_id=tenant_id,
                 adapter_id=adapter.id,
@@ -531,20 +528,13 @@ def _trial_json(
 
 
 def _result(report: QAReport) -> dict[str, Any]:
-    return {
-        "report_id": report.id,
-        "version_id": report.version_id,
-        "kind": report.kind,
-        "decision": report.decision,
-        "reasons": list(report.reasons),
-    }
-
-
-def _int(payload: Mapping[str, Any], key: str) -> int:
-    value = payload.get(key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError(f"qa job payload: {key!r} must be an integer id")
-    return value
+    return QAResult(
+        report_id=report.id,
+        version_id=report.version_id,
+        kind=report.kind,
+        decision=report.decision,
+        reasons=list(report.reasons),
+    ).to_json()
 
 
 __all__ = ["QA_ACTOR", "QARunner", "StaleEvaluationError"]

@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from lorafleet.domain import Job
+from lorafleet.domain import Job, JobKind
+from lorafleet.domain.jobs import QAPayload
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import QARepository
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
     from lorafleet.routing.bank import Enrolment
 
-QA_JOB_KIND = "qa"
+QA_JOB_KIND = JobKind.QA
 QA_MAX_ATTEMPTS = 3
 
 
@@ -47,7 +48,7 @@ def submit_candidate_qa(session: Session, *, queue: JobQueue, tenant_id: int, ve
     new = queue.new_job(
         tenant_id=tenant_id,
         kind=QA_JOB_KIND,
-        payload={"version_id": int(version_id)},
+        payload=QAPayload.candidate(version_id).to_json(),
         user_ids=(),
         dedupe_key=candidate_dedupe_key(version_id),
         max_attempts=QA_MAX_ATTEMPTS,
@@ -68,7 +69,7 @@ def submit_rechecks(
         new = queue.new_job(
             tenant_id=tenant_id,
             kind=QA_JOB_KIND,
-            payload={"recheck": {"adapter_id": adapter_id, "cause": cause[:500]}},
+            payload=QAPayload.recheck_of(adapter_id, cause=cause[:500]).to_json(),
             user_ids=(),
             dedupe_key=recheck_dedupe_key(adapter_id),
             max_attempts=QA_MAX_ATTEMPTS,

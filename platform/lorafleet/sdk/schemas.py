@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
+from lorafleet.domain.enums import FINISHED_JOB_STATES, FeedbackKind, JobState, QADecision, VersionStatus
 from lorafleet.feedback import (
     FeedbackIn,
     FeedbackMessage,
@@ -23,8 +24,6 @@ from lorafleet.feedback import (
 )
 from lorafleet.sdk.training import TrainingConfigOut, TrainingOverrides, TrainingValues, TrainRequest
 
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-FINISHED_JOB_STATES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
 #: the limits of ``lorafleet.serving.requests`` (repeated here so the schemas need no serving import)
 MAX_NEW_TOKENS = 4096
 MAX_STOP_STRINGS = 16
@@ -148,7 +147,7 @@ class FeedbackSubmitted(_Out):
 
 class FeedbackRecordOut(_Out):
     id: int
-    kind: Literal["sft", "preference", "rating"]
+    kind: FeedbackKind
     payload: dict[str, Any]
     content_hash: str
     created_at: datetime
@@ -168,7 +167,7 @@ class VersionOut(_Out):
     adapter_id: int
     adapter: str | None = Field(default=None, description="The adapter's name.")
     number: int
-    status: Literal["candidate", "live", "rejected", "archived"]
+    status: VersionStatus
     sha256: str
     size_bytes: int
     base_fingerprint: str
@@ -184,7 +183,7 @@ class VersionOut(_Out):
 class QAReportOut(_Out):
     id: int
     kind: str
-    decision: Literal["promote", "reject", "keep", "rollback"]
+    decision: QADecision
     reasons: list[str]
     summary: dict[str, Any]
     policy_version: str

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -16,6 +15,7 @@ from lorafleet.sdk.errors import ApiError, ConnectionFailed, error_for
 T = TypeVar("T")
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 RETRY_CODES = frozenset({"idempotency_key_in_flight"})
+#: the variable ``lorafleet.config.ClientSettings.api_key`` is read from
 API_KEY_ENV = "LORAFLEET_API_KEY"
 
 
@@ -37,7 +37,9 @@ class RetryPolicy:
 
 
 def headers_for(api_key: str | None) -> dict[str, str]:
-    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    from lorafleet.config import ClientSettings
+
+    key = api_key if api_key is not None else ClientSettings().api_key
     headers = {"User-Agent": f"lorafleet-sdk/{__version__}", "Accept": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"

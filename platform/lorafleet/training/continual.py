@@ -24,13 +24,24 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
-from lorafleet.domain import Adapter, AdapterVersion, FeedbackRecord, Job, LineageRelation
+from lorafleet.domain import (
+    Adapter,
+    AdapterVersion,
+    FeedbackRecord,
+    Job,
+    LineageRelation,
+    PromoteRule,
+    SubjectKind,
+    VersionStatus,
+)
+from lorafleet.domain.enums import values
+from lorafleet.domain.jobs import TrainedVersion, TrainPayload, TrainResult
+from lorafleet.domain.subject import Subject
 from lorafleet.errors import BackboneMismatchError, InvalidStateError, ValidationError
 from lorafleet.jobs import progress as job_progress
 from lorafleet.store.sql.feedback import get_snapshot, insert_snapshot, list_feedback
-from lorafleet.store.sql.models import SUBJECT_KINDS, TASK_SUBJECT_PREFIX
 from lorafleet.store.sql.tenants import MAX_PAGE_SIZE
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, UserDataset, build_dataset, pad_token_id, reservoir_sample
@@ -49,11 +60,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: ``qa``: each new version is a candidate until its QA job (queued in the registering transaction) decides
-PromoteRule = Literal["holdout-improved", "never", "always", "qa"]
-PROMOTE_RULES: tuple[str, ...] = get_args(PromoteRule)
+PROMOTE_RULES: tuple[str, ...] = values(PromoteRule)
 PERSONAL_ADAPTER = "personal"
 AUTO_PROMOTE_ACTOR = "auto-promote"
-CONTINUED_FROM: LineageRelation = "continued-from"
+CONTINUED_FROM = LineageRelation.CONTINUED_FROM
 #: why a user of a job got no version (the job still succeeds for the others)
 SKIP_NO_NEW_RECORDS = "no_new_records"
 SKIP_NO_TRAIN_EXAMPLES = "no_train_examples"
@@ -67,17 +77,21 @@ class JobUser:
     user_id: int
     external_id: str
     watermark: int
-    kind: str = "user"
+    kind: SubjectKind = SubjectKind.USER
+
+    @property
+    def subject(self) -> Subject:
+        return Subject.from_row(self.kind, self.external_id)
 
     @property
     def task_name(self) -> str | None:
         """The task's name for a task subject, else None."""
-        return self.external_id.removeprefix(TASK_SUBJECT_PREFIX) if self.kind == "task" else None
+        return self.subject.task_name
 
     @property
     def label(self) -> str:
         """How logs and results name the subject: the user's id, or ``task:<name>``."""
-        return self.external_id if self.task_name is None else f"task:{self.task_name}"
+        return self.subject.label
 
 
 @dataclass(frozen=True)
@@ -111,28 +125,17 @@ class TrainedUser:
 
 def parse_job_users(payload: Mapping[str, Any]) -> list[JobUser]:
     """The users of a train job's payload; a malformed payload is a ``ValidationError`` (no retry helps)."""
-    users = payload.get("users")
-    if not isinstance(users, list) or not users:
-        raise ValidationError("train job payload: 'users' must be a non-empty list")
-    try:
-        parsed = [
-            JobUser(int(u["user_id"]), str(u["external_id"]), int(u["watermark"]), str(u.get("kind", "user")))
-            for u in users
-        ]
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ValidationError(f"train job payload: bad user entry ({exc!r})") from None
-    if any(u.kind not in SUBJECT_KINDS for u in parsed):
-        raise ValidationError(f"train job payload: kind must be one of {', '.join(SUBJECT_KINDS)}")
-    return parsed
+    users = TrainPayload.parse(payload).users
+    return [JobUser(u.user_id, u.external_id, u.watermark, u.kind) for u in users]
 
 
 def promote_decision(rule: str, metrics: Mapping[str, Any]) -> tuple[bool, str]:
     """Whether the rule promotes a version with these metrics, and the reason recorded on the alias move."""
-    if rule == "never":
+    if rule == PromoteRule.NEVER:
         return False, "promote rule 'never'"
-    if rule == "always":
+    if rule == PromoteRule.ALWAYS:
         return True, "promote rule 'always'"
-    if rule == "qa":
+    if rule == PromoteRule.QA:
         return False, "QA decides (promote rule 'qa')"
     before, after = (
         _finite_or_none(metrics.get("holdout_loss_before")),
@@ -159,7 +162,7 @@ class ContinualTrainer:
         bank: AdapterBank,
         *,
         config: TrainingConfig,
-        promote_rule: PromoteRule = "holdout-improved",
+        promote_rule: PromoteRule = PromoteRule.HOLDOUT_IMPROVED,
         work_dir: Path | None = None,
         progress: Callable[[int, int, dict[str, Any]], None] | None = None,
     ) -> None:
@@ -223,7 +226,7 @@ class ContinualTrainer:
         lease.check()
         if not plans:
             logger.info("job %d: nothing to train (%s)", job.id, skipped)
-            return {"versions": [], "skipped": skipped}
+            return TrainResult(skipped=skipped).to_json()
         with tempfile.TemporaryDirectory(prefix=f"lorafleet-job-{job.id}-", dir=self.work_dir) as tmp:
             lease.report_phase(job_progress.PHASE_TRAINING)
             progress = job_progress.trainer_callback(lease.report_step, also=self.progress)
@@ -428,32 +431,29 @@ class ContinualTrainer:
                 self._register_user(fence.session, job=job, tenant_id=tenant_id, user=user)
                 for user in trained
             ]
-            result: dict[str, Any] = {
-                "versions": entries,
-                "skipped": dict(skipped),
-                "promote_rule": self.promote_rule,
-            }
-            if self.promote_rule == "qa":
-                result["qa_jobs"] = self._submit_qa(fence.session, tenant_id=tenant_id, entries=entries)
+            qa_jobs = None
+            if self.promote_rule == PromoteRule.QA:
+                qa_jobs = self._submit_qa(fence.session, tenant_id=tenant_id, entries=entries)
+            result = TrainResult(
+                versions=entries, skipped=dict(skipped), promote_rule=self.promote_rule, qa_jobs=qa_jobs
+            ).to_json()
             fence.succeed(result)
         return result
 
-    def _submit_qa(
-        self, session: Session, *, tenant_id: int, entries: Sequence[Mapping[str, Any]]
-    ) -> list[int]:
+    def _submit_qa(self, session: Session, *, tenant_id: int, entries: Sequence[TrainedVersion]) -> list[int]:
         """One ``qa`` job per new version, in the job's fenced transaction (dedupe key ``qa:<version id>``)."""
         from lorafleet.jobs.queue import JobQueue
         from lorafleet.qa.triggers import submit_candidate_qa
 
         queue = JobQueue(self.db)
         return [
-            submit_candidate_qa(session, queue=queue, tenant_id=tenant_id, version_id=e["version_id"]).id
+            submit_candidate_qa(session, queue=queue, tenant_id=tenant_id, version_id=e.version_id).id
             for e in entries
         ]
 
     def _register_user(
         self, session: Session, *, job: Job, tenant_id: int, user: TrainedUser
-    ) -> dict[str, Any]:
+    ) -> TrainedVersion:
         plan = user.plan
         snapshot = insert_snapshot(
             session, user_id=plan.user.user_id, record_ids=plan.record_ids, details=_snapshot_details(plan)
@@ -469,22 +469,22 @@ class ContinualTrainer:
             metrics=user.metrics,
             job_id=job.id,
             dataset_snapshot_id=snapshot.id,
-            status="candidate",
+            status=VersionStatus.CANDIDATE,
             routing_key=user.routing_key,
             session=session,
         )
-        return {
-            "user_id": plan.user.user_id,
-            "external_id": plan.user.label,
-            "kind": plan.user.kind,
-            "adapter_id": plan.adapter.id,
-            "version_id": version.id,
-            "number": version.number,
-            "parent_version_id": None if plan.parent is None else plan.parent.id,
-            "dataset_snapshot_id": version.dataset_snapshot_id,
-            "promote": user.promote,
-            "promote_reason": user.reason,
-        }
+        return TrainedVersion(
+            user_id=plan.user.user_id,
+            external_id=plan.user.label,
+            kind=plan.user.kind,
+            adapter_id=plan.adapter.id,
+            version_id=version.id,
+            number=version.number,
+            parent_version_id=None if plan.parent is None else plan.parent.id,
+            dataset_snapshot_id=version.dataset_snapshot_id,
+            promote=user.promote,
+            promote_reason=user.reason,
+        )
 
     # --- promoting ----------------------------------------------------------------------------------------
     def _apply_promotions(

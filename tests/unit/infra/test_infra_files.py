@@ -35,8 +35,9 @@ INFRA = REPO / "infra"
 K8S = INFRA / "k8s"
 IMAGE = "lorafleet"  # the image name the manifests use (kustomization.yaml maps it to a registry)
 SETTINGS_VARS = {f"LORAFLEET_{name.upper()}" for name in Settings.model_fields}
-#: variables read by the code directly, not through Settings: name -> the file that reads it
-EXTRA_VARS = {"LORAFLEET_MIGRATIONS_DIR": REPO / "platform/lorafleet/store/sql/migrate.py"}
+#: variables read by the code directly, not through Settings: name -> the file that reads it (none: every
+#: ``LORAFLEET_*`` variable is a Settings field, ``LORAFLEET_MIGRATIONS_DIR`` included)
+EXTRA_VARS: dict[str, Path] = {}
 EXPECTED_K8S = {
     "namespace.yaml": [("v1", "Namespace")],
     "configmap.yaml": [("v1", "ConfigMap")],

@@ -11,17 +11,17 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from lorafleet.domain import DatasetSnapshot, FeedbackKind, FeedbackRecord
+from lorafleet.domain import DatasetSnapshot, FeedbackKind, FeedbackRecord, SubjectKind
+from lorafleet.domain.subject import Subject
 from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import (
-    TASK_SUBJECT_PREFIX,
     SqlAdapterVersion,
     SqlDatasetSnapshot,
     SqlFeedback,
@@ -59,7 +59,7 @@ class FeedbackBacklog:
     #: the newest feedback id any of the user's adapter versions was trained on; None if never trained
     trained_through_id: int | None
     #: ``user``, or ``task`` for a shared task's dataset (``external_id`` is then its ``task_subject_id``)
-    kind: str = "user"
+    kind: str = SubjectKind.USER
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -71,7 +71,7 @@ def to_feedback_record(row: SqlFeedback) -> FeedbackRecord:
     return FeedbackRecord(
         id=row.id,
         user_id=row.user_id,
-        kind=cast(FeedbackKind, row.kind),
+        kind=FeedbackKind(row.kind),
         payload=dict(row.payload),
         content_hash=row.content_hash,
         created_at=row.created_at,
@@ -128,7 +128,7 @@ def insert_feedback(
     tenant_id: int,
     external_id: str,
     records: Sequence[NewFeedback],
-    kind: str = "user",
+    kind: str = SubjectKind.USER,
     on_subject: Callable[[Session, SqlUser], None] | None = None,
 ) -> tuple[list[int], int]:
     """Store a validated batch in one transaction, creating the subject (a user, or a task's dataset with
@@ -157,15 +157,15 @@ def list_feedback(
     external_id: str,
     after_id: int | None = None,
     limit: int = 100,
-    kind: str = "user",
+    kind: str = SubjectKind.USER,
 ) -> list[FeedbackRecord]:
     """A subject's records in id order, after ``after_id`` (keyset paging over the ``(user_id, id)`` index)."""
     check_page(limit=limit)
     with db.session() as session:
         user = find_user(session, tenant_id=tenant_id, external_id=external_id, kind=kind)
         if user is None:
-            what = "task" if kind == "task" else "user"
-            shown = external_id.removeprefix(TASK_SUBJECT_PREFIX)
+            what = "task" if kind == SubjectKind.TASK else "user"
+            shown = Subject.from_row(kind, external_id).name
             raise NotFoundError(f"{what} {shown!r} not found")
         query = select(SqlFeedback).where(SqlFeedback.user_id == user.id)
         if after_id is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import Select, and_, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
@@ -71,7 +71,7 @@ def to_job(row: SqlJob) -> Job:
         id=row.id,
         tenant_id=row.tenant_id,
         kind=row.kind,
-        state=cast(JobState, row.state),
+        state=JobState(row.state),
         payload=dict(row.payload or {}),
         attempts=row.attempts,
         max_attempts=row.max_attempts,
@@ -97,7 +97,7 @@ def lease_problem(row: SqlJob, *, worker_id: str, now: datetime, attempt: int | 
     A lease is held while the job is running, owned by the worker, not expired, and (when the caller
     passes the attempt it claimed) not re-claimed since: the attempt number is the fencing token.
     """
-    if row.state != "running":
+    if row.state != JobState.RUNNING:
         return f"job is {row.state}"
     if row.lease_owner != worker_id:
         return f"lease is held by {row.lease_owner!r}"
@@ -155,7 +155,7 @@ class JobsRepository:
         row = SqlJob(
             tenant_id=new.tenant_id,
             kind=new.kind,
-            state="queued",
+            state=JobState.QUEUED,
             payload=new.payload,
             dedupe_key=new.dedupe_key,
             attempts=0,
@@ -171,8 +171,8 @@ class JobsRepository:
     # --- claim and leases ---------------------------------------------------------------------------------
     def _claimable(self, *, kinds: Sequence[str] | None, now: datetime) -> Select[SqlJob]:
         due = or_(
-            and_(SqlJob.state == "queued", or_(SqlJob.run_after.is_(None), SqlJob.run_after <= now)),
-            and_(SqlJob.state == "running", SqlJob.lease_expires_at <= now),
+            and_(SqlJob.state == JobState.QUEUED, or_(SqlJob.run_after.is_(None), SqlJob.run_after <= now)),
+            and_(SqlJob.state == JobState.RUNNING, SqlJob.lease_expires_at <= now),
         )
         query = select(SqlJob).where(due)
         if kinds is not None:
@@ -195,13 +195,13 @@ class JobsRepository:
             row = session.scalars(self._claimable(kinds=kinds, now=now)).first()
             if row is None:
                 return None
-            if row.state == "running" and row.cancel_requested_at is not None:
+            if row.state == JobState.RUNNING and row.cancel_requested_at is not None:
                 self._cancelled(row, now=now)  # its worker is gone before it could stop: nothing to take over
                 session.flush()
                 continue
-            if row.state == "running" and row.attempts >= row.max_attempts:
+            if row.state == JobState.RUNNING and row.attempts >= row.max_attempts:
                 self._finish(
-                    row, state="failed", now=now, error=f"lease expired after {row.attempts} attempts"
+                    row, state=JobState.FAILED, now=now, error=f"lease expired after {row.attempts} attempts"
                 )
                 session.flush()
                 continue
@@ -211,9 +211,9 @@ class JobsRepository:
         return None
 
     def _take(self, row: SqlJob, *, worker_id: str, lease: timedelta, now: datetime) -> None:
-        if row.state == "running":
+        if row.state == JobState.RUNNING:
             row.error = f"lease of {row.lease_owner!r} expired at {row.lease_expires_at}; taken over"
-        row.state = "running"
+        row.state = JobState.RUNNING
         row.lease_owner = worker_id
         row.lease_expires_at = now + lease
         row.heartbeat_at = now
@@ -287,20 +287,20 @@ class JobsRepository:
         row = self._locked_row(session, job_id=job_id)
         row.result = result
         row.error = None
-        self._finish(row, state="succeeded", now=now)
+        self._finish(row, state=JobState.SUCCEEDED, now=now)
         session.flush()
         return to_job(row)
 
     def fail(self, session: Session, *, job_id: int, error: str, now: datetime) -> Job:
         row = self._locked_row(session, job_id=job_id)
-        self._finish(row, state="failed", now=now, error=error)
+        self._finish(row, state=JobState.FAILED, now=now, error=error)
         session.flush()
         return to_job(row)
 
     def requeue(self, session: Session, *, job_id: int, error: str, run_after: datetime) -> Job:
         """Back to queued after a failed attempt; claimable again from ``run_after``."""
         row = self._locked_row(session, job_id=job_id)
-        row.state = "queued"
+        row.state = JobState.QUEUED
         row.error = error
         row.run_after = run_after
         row.lease_expires_at = None
@@ -314,7 +314,7 @@ class JobsRepository:
         cancel request its worker acts on at its next step. Repeats change nothing; a finished job is
         JobFinishedError."""
         row = self._locked_row(session, job_id=job_id, tenant_id=tenant_id)
-        if row.state == "cancelled":
+        if row.state == JobState.CANCELLED:
             return to_job(row)
         if row.state not in ACTIVE_JOB_STATES:
             raise JobFinishedError(
@@ -322,7 +322,7 @@ class JobsRepository:
             )
         if row.cancel_requested_at is None:
             row.cancel_requested_at, row.cancelled_by = now, actor
-        if row.state == "queued" or row.lease_expires_at is None or row.lease_expires_at <= now:
+        if row.state == JobState.QUEUED or row.lease_expires_at is None or row.lease_expires_at <= now:
             self._cancelled(row, now=now)
         session.flush()
         return to_job(row)
@@ -354,10 +354,12 @@ class JobsRepository:
     def _cancelled(self, row: SqlJob, *, now: datetime) -> None:
         if row.cancel_requested_at is None:
             row.cancel_requested_at = now
-        self._finish(row, state="cancelled", now=now, error=f"cancelled by {row.cancelled_by or 'unknown'}")
+        self._finish(
+            row, state=JobState.CANCELLED, now=now, error=f"cancelled by {row.cancelled_by or 'unknown'}"
+        )
 
     @staticmethod
-    def _finish(row: SqlJob, *, state: str, now: datetime, error: str | None = None) -> None:
+    def _finish(row: SqlJob, *, state: JobState, now: datetime, error: str | None = None) -> None:
         """A terminal state; ``lease_owner`` is kept as the record of who ran it last."""
         row.state = state
         row.finished_at = now
@@ -464,7 +466,7 @@ class JobsRepository:
             .where(
                 SqlJobUser.user_id.in_(list(user_ids)),
                 SqlJob.kind == kind,
-                SqlJob.state.in_(("failed", "succeeded")),
+                SqlJob.state.in_((JobState.FAILED, JobState.SUCCEEDED)),
             )
             .subquery()
         )
@@ -491,7 +493,7 @@ def _streak(outcomes: Sequence[tuple[str, datetime]]) -> FailureStreak | None:
     """Leading failures of a newest-first list of (state, finished_at)."""
     failures = 0
     for state, _finished_at in outcomes:
-        if state != "failed":
+        if state != JobState.FAILED:
             break
         failures += 1
     if failures == 0:

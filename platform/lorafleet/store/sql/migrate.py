@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 
+from lorafleet.config import Settings, load_settings
 from lorafleet.errors import ConfigError
 
 #: platform/lorafleet/store/sql/migrate.py -> repository root
 _REPO_ROOT = Path(__file__).resolve().parents[4]
 
 
-def migrations_dir() -> Path:
-    """Where the migration scripts are: ``LORAFLEET_MIGRATIONS_DIR`` or the checkout's ``migrations/``."""
-    path = Path(os.environ.get("LORAFLEET_MIGRATIONS_DIR", _REPO_ROOT / "migrations"))
+def migrations_dir(settings: Settings | None = None) -> Path:
+    """Where the migration scripts are: the ``migrations_dir`` setting (``LORAFLEET_MIGRATIONS_DIR``) or the
+    checkout's ``migrations/``; ``settings`` default to the environment's."""
+    configured = (settings or load_settings()).migrations_dir
+    path = _REPO_ROOT / "migrations" if configured is None else configured
     if not (path / "env.py").is_file():
         raise ConfigError(f"LORAFLEET_MIGRATIONS_DIR: no Alembic environment at {path}")
     return path

@@ -28,6 +28,20 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from lorafleet.domain.enums import ACTIVE_JOB_STATES as DOMAIN_ACTIVE_JOB_STATES
+from lorafleet.domain.enums import (
+    AdapterKind,
+    EnrolmentAction,
+    FeedbackKind,
+    JobState,
+    LineageRelation,
+    QADecision,
+    QAKind,
+    SubjectKind,
+    VersionStatus,
+    values,
+)
+
 #: A 64-bit key on PostgreSQL; on SQLite only ``INTEGER PRIMARY KEY`` auto-increments, hence the variant.
 BigIntKey = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -39,17 +53,16 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-FEEDBACK_KINDS = ("sft", "preference", "rating")
-VERSION_STATUSES = ("candidate", "live", "rejected", "archived")
-LINEAGE_RELATIONS = ("continued-from", "merged-from", "imported")
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-ACTIVE_JOB_STATES = ("queued", "running")
+# The columns' allowed values, as plain strings, built from the enums of ``lorafleet.domain.enums``.
+FEEDBACK_KINDS = values(FeedbackKind)
+VERSION_STATUSES = values(VersionStatus)
+LINEAGE_RELATIONS = values(LineageRelation)
+JOB_STATES = values(JobState)
+ACTIVE_JOB_STATES = tuple(state.value for state in DOMAIN_ACTIVE_JOB_STATES)
 #: ``lora``: a PEFT LoRA adapter; ``gate``: a user's learned routing gate (its versions are safetensors files)
-ADAPTER_KINDS = ("lora", "gate")
-ENROLMENT_ACTIONS = ("enrol", "unenrol")
-SUBJECT_KINDS = ("user", "task")
-#: ``users.external_id`` of a task's subject row: a non-printable prefix no real user id can start with
-TASK_SUBJECT_PREFIX = "\x1ftask:"
+ADAPTER_KINDS = values(AdapterKind)
+ENROLMENT_ACTIONS = values(EnrolmentAction)
+SUBJECT_KINDS = values(SubjectKind)
 
 
 def utcnow() -> datetime:
@@ -110,7 +123,7 @@ class SqlUser(Base):
     """A *subject* that owns feedback and trains adapters: one of the tenant's users (``kind`` ``user``), or a
     shared task's dataset (``kind`` ``task``, see ``lorafleet.tasks``): both are trained the same way, so a task
     reuses the feedback, scheduling and job tables instead of duplicating them. A task row's ``external_id`` is
-    ``TASK_SUBJECT_PREFIX`` + the task name: real users' ids are printable, so the two can never collide."""
+    ``lorafleet.domain.subject.TASK_SUBJECT_PREFIX`` + the task name: real users' ids are printable, so the two can never collide."""
 
     __tablename__ = "users"
     __table_args__ = (UniqueConstraint("tenant_id", "external_id"),)
@@ -118,7 +131,9 @@ class SqlUser(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     external_id: Mapped[str] = mapped_column(String(256))
-    kind: Mapped[str] = mapped_column(String(8), default="user", server_default="user")
+    kind: Mapped[str] = mapped_column(
+        String(8), default=SubjectKind.USER.value, server_default=SubjectKind.USER.value
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
@@ -190,7 +205,9 @@ class SqlAdapter(Base):
         ForeignKey("users.id", ondelete="CASCADE"), nullable=True
     )
     name: Mapped[str] = mapped_column(String(128))
-    kind: Mapped[str] = mapped_column(String(16), default="lora", server_default="lora")
+    kind: Mapped[str] = mapped_column(
+        String(16), default=AdapterKind.LORA.value, server_default=AdapterKind.LORA.value
+    )
     target_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     #: Number of versions ever registered; bumped in the registering transaction (gap-free numbering).
     version_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -215,7 +232,7 @@ class SqlJob(Base):
     id: Mapped[int] = mapped_column(BigIntKey, primary_key=True)
     tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), nullable=True)
     kind: Mapped[str] = mapped_column(String(32))
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     dedupe_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
@@ -260,7 +277,7 @@ class SqlAdapterVersion(Base):
     target_modules: Mapped[list[Any]] = mapped_column(JSON)
     training_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    status: Mapped[str] = mapped_column(String(16), default="candidate")
+    status: Mapped[str] = mapped_column(String(16), default=VersionStatus.CANDIDATE.value)
     job_id: Mapped[int | None] = mapped_column(
         ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True, index=True
     )
@@ -381,8 +398,8 @@ class SqlGateSettings(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-QA_KINDS = ("candidate", "recheck")
-QA_DECISIONS = ("promote", "reject", "keep", "rollback")
+QA_KINDS = values(QAKind)
+QA_DECISIONS = values(QADecision)
 
 
 class SqlQAReport(Base):

@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, cast
+from typing import Any
 
 from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
-from lorafleet.domain import LIVE, FeedbackRecord
+from lorafleet.domain import LIVE, AdapterKind, FeedbackRecord, QADecision, QAKind, SubjectKind
+from lorafleet.domain.subject import task_subject_id
 from lorafleet.errors import NotFoundError
 from lorafleet.store.sql.feedback import to_feedback_record
 from lorafleet.store.sql.models import (
@@ -27,10 +28,7 @@ from lorafleet.store.sql.models import (
     SqlUser,
     utcnow,
 )
-from lorafleet.store.sql.tenants import task_subject_id
 
-QAKind = Literal["candidate", "recheck"]
-QADecision = Literal["promote", "reject", "keep", "rollback"]
 _IN_CHUNK = 500
 
 
@@ -143,7 +141,7 @@ class QARepository:
             stmt = stmt.where(SqlFeedback.id <= through_id)
         return [to_feedback_record(row) for row in session.scalars(stmt.order_by(SqlFeedback.id))]
 
-    def task_subject_id(self, session: Session, *, tenant_id: int, adapter_id: int) -> int | None:
+    def task_subject_user_id(self, session: Session, *, tenant_id: int, adapter_id: int) -> int | None:
         """The subject row holding a task adapter's feedback (``lorafleet.tasks``), or None (no feedback yet)."""
         name = session.scalar(
             select(SqlAdapter.name).where(
@@ -157,7 +155,7 @@ class QARepository:
         found = session.scalar(
             select(SqlUser.id).where(
                 SqlUser.tenant_id == tenant_id,
-                SqlUser.kind == "task",
+                SqlUser.kind == SubjectKind.TASK,
                 SqlUser.external_id == task_subject_id(name),
             )
         )
@@ -206,7 +204,7 @@ class QARepository:
             .join(SqlAlias, and_(SqlAlias.adapter_id == SqlAdapter.id, SqlAlias.name == LIVE))
             .where(
                 SqlAdapter.tenant_id == tenant_id,
-                SqlAdapter.kind == "lora",
+                SqlAdapter.kind == AdapterKind.LORA,
                 SqlAdapter.owner_user_id.in_(list(user_ids)),
                 SqlAlias.version_id.is_not(None),
             )
@@ -220,9 +218,9 @@ def _report(row: SqlQAReport) -> QAReport:
         id=row.id,
         tenant_id=row.tenant_id,
         version_id=row.version_id,
-        kind=cast(QAKind, row.kind),
+        kind=QAKind(row.kind),
         policy_version=row.policy_version,
-        decision=cast(QADecision, row.decision),
+        decision=QADecision(row.decision),
         reasons=tuple(str(r) for r in row.reasons or ()),
         summary=dict(row.summary or {}),
         blob_sha256=row.blob_sha256,

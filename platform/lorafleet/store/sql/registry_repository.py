@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from sqlalchemy import and_, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -313,9 +313,9 @@ class RegistryRepository:
         record the move; the caller holds the adapter's lock and commits all of it as one transaction."""
         now = utcnow()
         if current is not None:
-            self.update_status(session, version_id=current.id, status="archived")
+            self.update_status(session, version_id=current.id, status=VersionStatus.ARCHIVED)
         if target is not None:
-            self.update_status(session, version_id=target.id, status="live")
+            self.update_status(session, version_id=target.id, status=VersionStatus.LIVE)
         self._upsert_live(
             session, adapter_id=adapter_id, version_id=None if target is None else target.id, now=now
         )
@@ -370,7 +370,7 @@ class RegistryRepository:
             select(step.c.child_version_id, step.c.parent_version_id, step.c.relation).join(walk, link)
         )
         rows = session.execute(select(walk)).all()
-        return [LineageEdge(int(c), int(p), cast(LineageRelation, r)) for c, p, r in rows]
+        return [LineageEdge(int(c), int(p), LineageRelation(r)) for c, p, r in rows]
 
     def lineage_nodes(
         self, session: Session, *, tenant_id: int, version_ids: Iterable[int]
@@ -456,7 +456,7 @@ def _version(row: SqlAdapterVersion) -> AdapterVersion:
         target_modules=tuple(row.target_modules),
         training_config=dict(row.training_config or {}),
         metrics=dict(row.metrics or {}),
-        status=cast(VersionStatus, row.status),
+        status=VersionStatus(row.status),
         created_at=row.created_at,
         job_id=row.job_id,
         dataset_snapshot_id=row.dataset_snapshot_id,
@@ -499,7 +499,7 @@ def _job(row: SqlJob | None) -> Job | None:
         id=row.id,
         tenant_id=row.tenant_id,
         kind=row.kind,
-        state=cast(JobState, row.state),
+        state=JobState(row.state),
         payload=dict(row.payload or {}),
         attempts=row.attempts,
         max_attempts=row.max_attempts,

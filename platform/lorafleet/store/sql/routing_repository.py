@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -17,10 +17,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
-from lorafleet.domain import LIVE
+from lorafleet.domain import LIVE, AdapterKind, EnrolmentAction, SubjectKind
+from lorafleet.domain.subject import TASK_SUBJECT_PREFIX
 from lorafleet.errors import NotFoundError
 from lorafleet.store.sql.models import (
-    TASK_SUBJECT_PREFIX,
     SqlAdapter,
     SqlAdapterVersion,
     SqlAlias,
@@ -32,8 +32,6 @@ from lorafleet.store.sql.models import (
     utcnow,
 )
 
-AdapterKind = Literal["lora", "gate"]
-EnrolmentAction = Literal["enrol", "unenrol"]
 #: the name of a user's learned-gate adapter (kind ``gate``; one per user)
 GATE_ADAPTER_NAME = "gate"
 
@@ -93,7 +91,11 @@ class RoutingRepository:
         stmt = (
             select(SqlUser.id, SqlGateSettings.spec)
             .outerjoin(SqlGateSettings, SqlGateSettings.user_id == SqlUser.id)
-            .where(SqlUser.tenant_id == tenant_id, SqlUser.external_id == external_id, SqlUser.kind == "user")
+            .where(
+                SqlUser.tenant_id == tenant_id,
+                SqlUser.external_id == external_id,
+                SqlUser.kind == SubjectKind.USER,
+            )
         )
         row = session.execute(stmt).one_or_none()
         return None if row is None else (int(row[0]), None if row[1] is None else dict(row[1]))
@@ -134,7 +136,7 @@ class RoutingRepository:
         stmt = select(SqlAdapter.id).where(
             SqlAdapter.tenant_id == tenant_id,
             SqlAdapter.owner_user_id.is_(None),
-            SqlAdapter.kind == "lora",
+            SqlAdapter.kind == AdapterKind.LORA,
             SqlAdapter.name == name,
         )
         found = session.scalar(stmt)
@@ -167,7 +169,7 @@ class RoutingRepository:
             .join(SqlUser, SqlUser.id == SqlFeedback.user_id)
             .where(
                 SqlUser.tenant_id == SqlAdapter.tenant_id,
-                SqlUser.kind == "task",
+                SqlUser.kind == SubjectKind.TASK,
                 SqlUser.external_id == TASK_SUBJECT_PREFIX + SqlAdapter.name,
             )
             .scalar_subquery()
@@ -177,7 +179,7 @@ class RoutingRepository:
             .where(
                 SqlAdapter.tenant_id == tenant_id,
                 SqlAdapter.owner_user_id.is_(None),
-                SqlAdapter.kind == "lora",
+                SqlAdapter.kind == AdapterKind.LORA,
             )
             .order_by(SqlAdapter.name)
         )
@@ -197,7 +199,7 @@ class RoutingRepository:
                 tenant_id=tenant_id, user_id=user_id, adapter_id=adapter_id, actor=actor, enrolled_at=now
             )
         )
-        self._event(session, tenant_id, user_id, adapter_id, "enrol", actor, now)
+        self._event(session, tenant_id, user_id, adapter_id, EnrolmentAction.ENROL, actor, now)
         session.flush()
         return now
 
@@ -213,7 +215,7 @@ class RoutingRepository:
         result = cast(CursorResult[Any], session.execute(stmt))
         if result.rowcount == 0:
             raise NotFoundError(f"user {user_id} is not enrolled in adapter {adapter_id}")
-        self._event(session, tenant_id, user_id, adapter_id, "unenrol", actor, utcnow())
+        self._event(session, tenant_id, user_id, adapter_id, EnrolmentAction.UNENROL, actor, utcnow())
         session.flush()
 
     def list_enrolments(self, session: Session, *, tenant_id: int, user_id: int) -> list[Enrolment]:
@@ -288,7 +290,7 @@ class RoutingRepository:
         stmt = select(SqlAdapter.id).where(
             SqlAdapter.tenant_id == tenant_id,
             SqlAdapter.owner_user_id == user_id,
-            SqlAdapter.kind == "gate",
+            SqlAdapter.kind == AdapterKind.GATE,
         )
         found = session.scalar(stmt)
         return None if found is None else int(found)
@@ -299,7 +301,7 @@ class RoutingRepository:
             tenant_id=tenant_id,
             owner_user_id=user_id,
             name=GATE_ADAPTER_NAME,
-            kind="gate",
+            kind=AdapterKind.GATE,
             target_config={},
             version_count=0,
             created_at=utcnow(),
@@ -315,7 +317,7 @@ def _live_row(row: Any) -> LiveAdapterRow:
         adapter_id=int(adapter_id),
         adapter_name=str(name),
         owner_user_id=None if owner is None else int(owner),
-        kind=cast(AdapterKind, kind),
+        kind=AdapterKind(kind),
         version_id=int(version_id),
         version_number=int(number),
         sha256=str(sha256),
@@ -331,7 +333,7 @@ def _event(row: SqlEnrolmentEvent) -> EnrolmentEvent:
         tenant_id=row.tenant_id,
         user_id=row.user_id,
         adapter_id=row.adapter_id,
-        action=cast(EnrolmentAction, row.action),
+        action=EnrolmentAction(row.action),
         actor=row.actor,
         created_at=row.created_at,
     )

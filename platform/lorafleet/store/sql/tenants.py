@@ -18,10 +18,11 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from lorafleet.domain import Tenant, User
+from lorafleet.domain import SubjectKind, Tenant, User
+from lorafleet.domain.subject import task_subject_id as task_subject_id  # re-exported
 from lorafleet.errors import AuthError, NotFoundError, StoreError, ValidationError
 from lorafleet.store.sql.database import Database
-from lorafleet.store.sql.models import TASK_SUBJECT_PREFIX, SqlApiKey, SqlTenant, SqlUser, utcnow
+from lorafleet.store.sql.models import SqlApiKey, SqlTenant, SqlUser, utcnow
 
 API_KEY_SCHEME = "lf_"
 #: ``lf_`` + 8 characters of the secret: enough to tell keys apart in logs, far too little to guess the rest.
@@ -84,7 +85,9 @@ def training_overrides(session: Session, *, tenant_id: int) -> dict[str, Any]:
     return dict(require_tenant(session, tenant_id=tenant_id).training_config or {})
 
 
-def find_user(session: Session, *, tenant_id: int, external_id: str, kind: str = "user") -> SqlUser | None:
+def find_user(
+    session: Session, *, tenant_id: int, external_id: str, kind: str = SubjectKind.USER
+) -> SqlUser | None:
     """A subject row by external id: a user (``kind`` ``user``), or a task's dataset (``task``, with the
     ``task_subject_id`` of the task name)."""
     query = select(SqlUser).where(
@@ -93,13 +96,8 @@ def find_user(session: Session, *, tenant_id: int, external_id: str, kind: str =
     return session.scalars(query).one_or_none()
 
 
-def task_subject_id(task_name: str) -> str:
-    """The ``users.external_id`` of a task's subject row (see ``SqlUser``)."""
-    return TASK_SUBJECT_PREFIX + task_name
-
-
 def get_or_create_user_row(
-    session: Session, *, tenant_id: int, external_id: str, kind: str = "user"
+    session: Session, *, tenant_id: int, external_id: str, kind: str = SubjectKind.USER
 ) -> SqlUser:
     """The user row, inserted if absent; safe when many transactions race to create the same user.
 
@@ -236,6 +234,6 @@ class TenantRepository:
         """The tenant's users in creation order, one page at a time."""
         check_page(limit=limit, offset=offset)
         with self.db.session() as session:
-            query = select(SqlUser).where(SqlUser.tenant_id == tenant_id, SqlUser.kind == "user")
+            query = select(SqlUser).where(SqlUser.tenant_id == tenant_id, SqlUser.kind == SubjectKind.USER)
             query = query.order_by(SqlUser.id)
             return [to_user(row) for row in session.scalars(query.limit(limit).offset(offset))]

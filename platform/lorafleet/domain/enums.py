@@ -1,0 +1,133 @@
+"""Every fixed set of strings the platform stores or sends, defined once as a ``StrEnum``.
+
+A member *is* its string (``JobState.QUEUED == "queued"``, ``str(JobState.QUEUED) == "queued"``, and JSON
+encodes it as ``"queued"``), so the database rows, the HTTP API and old stored payloads keep their values.
+SQL CHECK constraints are built from these enums (``values``), never from a second list.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class FeedbackKind(StrEnum):
+    """The kind of a feedback record."""
+
+    SFT = "sft"
+    PREFERENCE = "preference"
+    RATING = "rating"
+
+
+class VersionStatus(StrEnum):
+    """An adapter version's status; ``live`` is set only by moving the alias (promote or rollback)."""
+
+    CANDIDATE = "candidate"
+    LIVE = "live"
+    REJECTED = "rejected"
+    ARCHIVED = "archived"
+
+
+class LineageRelation(StrEnum):
+    """How a version relates to a parent version."""
+
+    CONTINUED_FROM = "continued-from"
+    MERGED_FROM = "merged-from"
+    IMPORTED = "imported"
+
+
+class JobState(StrEnum):
+    """A job's state: ``queued`` → ``running`` → one of the finished states (or back to ``queued`` to retry)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        """Whether nothing more happens to a job in this state."""
+        return self in FINISHED_JOB_STATES
+
+
+#: states a job can still change from (at most one active job per user, one per dedupe key)
+ACTIVE_JOB_STATES: tuple[JobState, ...] = (JobState.QUEUED, JobState.RUNNING)
+#: states after which nothing more happens to a job
+FINISHED_JOB_STATES: tuple[JobState, ...] = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobKind(StrEnum):
+    """What a job does; each kind has its payload and result model in ``lorafleet.domain.jobs``."""
+
+    TRAIN = "train"
+    QA = "qa"
+    IMPORT = "import"
+
+
+class SubjectKind(StrEnum):
+    """Whose data a training subject is: a user's, or a shared task's (``lorafleet.domain.subject``)."""
+
+    USER = "user"
+    TASK = "task"
+
+
+class AdapterKind(StrEnum):
+    """``lora``: a PEFT LoRA adapter; ``gate``: a user's learned routing gate (versions are safetensors)."""
+
+    LORA = "lora"
+    GATE = "gate"
+
+
+class EnrolmentAction(StrEnum):
+    """A recorded change of a user's enrolment in a task adapter."""
+
+    ENROL = "enrol"
+    UNENROL = "unenrol"
+
+
+class QAKind(StrEnum):
+    """``candidate``: QA of a new version (promote or reject); ``recheck``: of a live one (keep or roll back)."""
+
+    CANDIDATE = "candidate"
+    RECHECK = "recheck"
+
+
+class QADecision(StrEnum):
+    """What a QA run decided."""
+
+    PROMOTE = "promote"
+    REJECT = "reject"
+    KEEP = "keep"
+    ROLLBACK = "rollback"
+
+
+class PromoteRule(StrEnum):
+    """How new versions go live: ``qa`` (a QA job decides), or a rule applied when training ends."""
+
+    HOLDOUT_IMPROVED = "holdout-improved"
+    NEVER = "never"
+    ALWAYS = "always"
+    QA = "qa"
+
+
+def values(enum: type[StrEnum]) -> tuple[str, ...]:
+    """The members' plain string values, in definition order (for SQL CHECK constraints and messages)."""
+    return tuple(member.value for member in enum)
+
+
+__all__ = [
+    "ACTIVE_JOB_STATES",
+    "FINISHED_JOB_STATES",
+    "AdapterKind",
+    "EnrolmentAction",
+    "FeedbackKind",
+    "JobKind",
+    "JobState",
+    "LineageRelation",
+    "PromoteRule",
+    "QADecision",
+    "QAKind",
+    "SubjectKind",
+    "VersionStatus",
+    "values",
+]
