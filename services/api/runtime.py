@@ -31,8 +31,8 @@ from lorafleet.config import Settings
 from lorafleet.errors import LorafleetError
 from lorafleet.feedback import FeedbackLimits
 from lorafleet.jobs import JobQueue, Scheduler, SchedulerPolicy
+from lorafleet.platform import Platform
 from lorafleet.registry import Registry
-from lorafleet.store.blob import open_blob_store_from_settings
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.idempotency import IdempotencyRepository
 from lorafleet.store.sql.models import utcnow
@@ -241,20 +241,13 @@ class ApiServices:
     ) -> ApiServices:
         """Open the database and the object store named by ``settings`` (migrating first with ``migrate``)."""
         options = options or ApiOptions()
-        if options.migrate:
-            from lorafleet.store.sql import migrate
-
-            migrate.upgrade(settings.resolved_database_url)
-        db = Database(settings.resolved_database_url)
-        registry = Registry(
-            db, open_blob_store_from_settings(settings), gc_grace_seconds=settings.blob_gc_grace_seconds
-        )
-        queue = JobQueue(db)
+        platform = Platform.from_settings(settings, migrate=options.migrate)
+        db, registry, queue = platform.db, platform.registry, platform.queue
         stale = timedelta(seconds=options.idempotency_stale_seconds)
         return cls(
             settings=settings,
             db=db,
-            tenants=TenantRepository(db),
+            tenants=platform.tenants,
             registry=registry,
             queue=queue,
             scheduler=Scheduler(

@@ -131,7 +131,7 @@ class WorkersProcess:
 
     def __init__(self, settings_env: Mapping[str, str], *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lorafleet.cli", "workers", *args],
+            [sys.executable, "-m", "lorafleet.entrypoints.cli", "workers", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -20,7 +20,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S", "10")
 
 #: the API tests' helpers (a uvicorn server in a thread, real adapter folders, PostgreSQL's admin conninfo)
-SERVICES_TESTS = Path(__file__).resolve().parents[2] / "services"
+SERVICES_TESTS = Path(__file__).resolve().parents[1] / "services"
 if str(SERVICES_TESTS) not in sys.path:
     sys.path.append(str(SERVICES_TESTS))
 
@@ -29,12 +29,9 @@ from api_helpers import AWS_TEST_ENV, Library, pg_admin_conninfo  # noqa: E402
 from serve_helpers import REPLICA_OPTIONS, free_port, init_local_ray  # noqa: E402
 
 from lorafleet.config import Settings, load_settings  # noqa: E402
-from lorafleet.registry import Registry  # noqa: E402
+from lorafleet.platform import Platform  # noqa: E402
 from lorafleet.serving.engine import GenerationEngine  # noqa: E402
 from lorafleet.serving.ray_serve import ServeClient  # noqa: E402
-from lorafleet.store.blob import open_blob_store_from_settings  # noqa: E402
-from lorafleet.store.sql.database import Database  # noqa: E402
-from lorafleet.store.sql.tenants import TenantRepository  # noqa: E402
 
 for _name, _value in AWS_TEST_ENV.items():
     os.environ.setdefault(_name, _value)
@@ -91,9 +88,8 @@ def serve_settings(serve_data_dir: Path, serve_pg_url: str) -> Settings:
 
 @pytest.fixture(scope="module")
 def serve_library(serve_settings: Settings) -> Iterator[Library]:
-    db = Database(serve_settings.resolved_database_url)
-    yield Library(db, Registry(db, open_blob_store_from_settings(serve_settings)), TenantRepository(db))
-    db.dispose()
+    with Platform.from_settings(serve_settings) as platform:
+        yield platform
 
 
 @pytest.fixture(scope="module")

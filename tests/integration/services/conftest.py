@@ -16,7 +16,7 @@ from typing import Any
 
 #: ``services`` (the runnable processes) is not an installed package: import it from the checkout (appended, so
 #: nothing in the checkout shadows an installed or standard module)
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
@@ -34,11 +34,8 @@ from api_helpers import (  # noqa: E402
 from services.api.app import create_app  # noqa: E402
 
 from lorafleet.config import Settings, load_settings  # noqa: E402
-from lorafleet.registry import Registry  # noqa: E402
+from lorafleet.platform import Platform  # noqa: E402
 from lorafleet.sdk import Client  # noqa: E402
-from lorafleet.store.blob import open_blob_store_from_settings  # noqa: E402
-from lorafleet.store.sql.database import Database  # noqa: E402
-from lorafleet.store.sql.tenants import TenantRepository  # noqa: E402
 
 for _name, _value in AWS_TEST_ENV.items():
     os.environ.setdefault(_name, _value)
@@ -142,10 +139,8 @@ def make_tenant(api: ApiServer, admin: Client) -> Iterator[Callable[[], TenantHa
 
 @pytest.fixture(scope="session")
 def library(make_api_settings: Callable[..., Settings]) -> Iterator[Library]:
-    settings = make_api_settings()
-    db = Database(settings.resolved_database_url)
-    yield Library(db, Registry(db, open_blob_store_from_settings(settings)), TenantRepository(db))
-    db.dispose()
+    with Platform.from_settings(make_api_settings()) as platform:
+        yield platform
 
 
 @pytest.fixture(scope="session")

@@ -17,10 +17,9 @@ from services.api.runtime import ApiOptions
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from lorafleet.registry import Registry
+from lorafleet.platform import Platform
 from lorafleet.sdk import Client
 from lorafleet.store.sql.database import Database
-from lorafleet.store.sql.tenants import TenantRepository
 
 #: serving in fp32 (the tiny backbone's nf4 decode is slower on CPU and not what these tests are about)
 SERVING_OPTIONS = ApiOptions(
@@ -45,13 +44,8 @@ class TenantHandle:
     client: Client
 
 
-@dataclass
-class Library:
-    """The library over the API's database and object store, for setting up and checking rows directly."""
-
-    db: Database
-    registry: Registry
-    tenants: TenantRepository
+#: the library over the API's database and object store, for setting up and checking rows directly
+Library = Platform
 
 
 def pg_admin_conninfo() -> str:
