@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,17 +115,6 @@ def write_adapter_folder(data_dir: Path, dest: Path, *, seed: int, rank: int = 4
     bank.load_slot(0, tensors, SlotConfig(rank=rank, alpha=2.0 * rank))
     save_slot(bank, 0, dest)
     return dest
-
-
-def wait_for(what: str, check: Callable[[], Any], *, timeout: float = 120.0, every: float = 0.2) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def live_personal_version(

@@ -3,8 +3,7 @@ feedback, and row counts."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, select
@@ -71,17 +70,6 @@ def count_rows(db: Database, model: Any) -> int:
 
 def count_versions_and_snapshots(db: Database) -> tuple[int, int]:
     return count_rows(db, SqlAdapterVersion), count_rows(db, SqlDatasetSnapshot)
-
-
-def wait_for(what: str, check: Callable[[], Any], *, timeout: float = 60.0, every: float = 0.2) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def get_job(db: Database, job_id: int) -> Job:
