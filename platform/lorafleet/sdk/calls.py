@@ -87,26 +87,63 @@ def _query(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def _overrides(overrides: Overrides) -> dict[str, Any]:
+    return overrides.given() if isinstance(overrides, s.TrainingOverrides) else dict(overrides)
+
+
+def _train_body(training: Overrides | None) -> dict[str, Any] | None:
+    """No body without overrides (the request as before they existed), else ``{"training": {...}}``."""
+    return None if training is None else {"training": _overrides(training)}
+
+
+# --- what a user's adapter and a task's adapter share (only the path differs) ----------------------------------
+def _submit_records(
+    path: str, records: Sequence[Record], idempotency_key: str | None
+) -> Call[s.FeedbackSubmitted]:
+    body = {"records": [_dump(r) for r in records]}
+    key = _key(idempotency_key)
+    return Call("POST", f"{path}/feedback", _parser(s.FeedbackSubmitted), body=body, idempotency_key=key)
+
+
+def _list_records(path: str, after_id: int | None, limit: int) -> Call[list[s.FeedbackRecordOut]]:
+    params = _query(after_id=after_id, limit=limit)
+    return Call("GET", f"{path}/feedback", _parser(list[s.FeedbackRecordOut]), params=params)
+
+
+def _get_version(path: str, number: int, qa_document: bool) -> Call[s.VersionDetail]:
+    params = {"qa_document": "true"} if qa_document else None
+    return Call("GET", f"{path}/versions/{int(number)}", _parser(s.VersionDetail), params=params)
+
+
+def _lineage(path: str, number: int, depth: int | None) -> Call[s.LineageOut]:
+    path = f"{path}/versions/{int(number)}/lineage"
+    return Call("GET", path, _parser(s.LineageOut), params=_query(depth=depth))
+
+
+def _move_live(path: str, action: str, body: BaseModel, idempotency_key: str | None) -> Call[s.AliasEventOut]:
+    body_json = body.model_dump(mode="json")
+    key = _key(idempotency_key)
+    return Call("POST", f"{path}/{action}", _parser(s.AliasEventOut), body=body_json, idempotency_key=key)
+
+
+def _train(path: str, training: Overrides | None, idempotency_key: str | None) -> Call[s.TrainSubmitted]:
+    body, key = _train_body(training), _key(idempotency_key)
+    return Call("POST", f"{path}/train", _parser(s.TrainSubmitted), body=body, idempotency_key=key)
+
+
 # --- feedback ---------------------------------------------------------------------------------------------------
 def submit_feedback(
     user: str, records: Sequence[Record], *, idempotency_key: str | None = None
 ) -> Call[s.FeedbackSubmitted]:
     """Store a batch of records for ``user`` (created on first sight); repeats are deduplicated. An ``sft``
     record is ``prompt`` + ``completion`` or OpenAI-style ``messages`` ending with the assistant's turn."""
-    return Call(
-        "POST",
-        f"{_user(user)}/feedback",
-        _parser(s.FeedbackSubmitted),
-        body={"records": [_dump(r) for r in records]},
-        idempotency_key=_key(idempotency_key),
-    )
+    return _submit_records(_user(user), records, idempotency_key)
 
 
 def list_feedback(
     user: str, *, after_id: int | None = None, limit: int = 100
 ) -> Call[list[s.FeedbackRecordOut]]:
-    params = _query(after_id=after_id, limit=limit)
-    return Call("GET", f"{_user(user)}/feedback", _parser(list[s.FeedbackRecordOut]), params=params)
+    return _list_records(_user(user), after_id, limit)
 
 
 # --- adapters ---------------------------------------------------------------------------------------------------
@@ -119,14 +156,11 @@ def list_versions(user: str, adapter: str) -> Call[list[s.VersionOut]]:
 
 
 def get_version(user: str, adapter: str, number: int, *, qa_document: bool = False) -> Call[s.VersionDetail]:
-    path = f"{_adapter(user, adapter)}/versions/{int(number)}"
-    params = {"qa_document": "true"} if qa_document else None
-    return Call("GET", path, _parser(s.VersionDetail), params=params)
+    return _get_version(_adapter(user, adapter), number, qa_document)
 
 
 def lineage(user: str, adapter: str, number: int, *, depth: int | None = None) -> Call[s.LineageOut]:
-    path = f"{_adapter(user, adapter)}/versions/{int(number)}/lineage"
-    return Call("GET", path, _parser(s.LineageOut), params=_query(depth=depth))
+    return _lineage(_adapter(user, adapter), number, depth)
 
 
 def alias_history(user: str, adapter: str) -> Call[list[s.AliasEventOut]]:
@@ -136,12 +170,8 @@ def alias_history(user: str, adapter: str) -> Call[list[s.AliasEventOut]]:
 def promote(
     user: str, adapter: str, version: int, *, reason: str = "", idempotency_key: str | None = None
 ) -> Call[s.AliasEventOut]:
-    return Call(
-        "POST",
-        f"{_adapter(user, adapter)}/promote",
-        _parser(s.AliasEventOut),
-        body=s.PromoteRequest(version=version, reason=reason).model_dump(mode="json"),
-        idempotency_key=_key(idempotency_key),
+    return _move_live(
+        _adapter(user, adapter), "promote", s.PromoteRequest(version=version, reason=reason), idempotency_key
     )
 
 
@@ -154,36 +184,16 @@ def rollback(
     idempotency_key: str | None = None,
 ) -> Call[s.AliasEventOut]:
     """Move ``live`` back to ``to_version`` (an earlier number) or to no adapter (None)."""
-    return Call(
-        "POST",
-        f"{_adapter(user, adapter)}/rollback",
-        _parser(s.AliasEventOut),
-        body=s.RollbackRequest(to_version=to_version, reason=reason).model_dump(mode="json"),
-        idempotency_key=_key(idempotency_key),
-    )
+    body = s.RollbackRequest(to_version=to_version, reason=reason)
+    return _move_live(_adapter(user, adapter), "rollback", body, idempotency_key)
 
 
 # --- jobs -------------------------------------------------------------------------------------------------------
-def _overrides(overrides: Overrides) -> dict[str, Any]:
-    return overrides.given() if isinstance(overrides, s.TrainingOverrides) else dict(overrides)
-
-
-def _train_body(training: Overrides | None) -> dict[str, Any] | None:
-    """No body without overrides (the request as before they existed), else ``{"training": {...}}``."""
-    return None if training is None else {"training": _overrides(training)}
-
-
 def train(
     user: str, *, training: Overrides | None = None, idempotency_key: str | None = None
 ) -> Call[s.TrainSubmitted]:
     """Queue a training job for ``user`` now; ``training`` overrides the tenant's config for this job."""
-    return Call(
-        "POST",
-        f"{_user(user)}/train",
-        _parser(s.TrainSubmitted),
-        body=_train_body(training),
-        idempotency_key=_key(idempotency_key),
-    )
+    return _train(_user(user), training, idempotency_key)
 
 
 def get_job(job_id: int) -> Call[s.JobOut]:
@@ -247,20 +257,13 @@ def submit_task_feedback(
     task: str, records: Sequence[Record], *, idempotency_key: str | None = None
 ) -> Call[s.FeedbackSubmitted]:
     """Store records for a shared task (its adapter is created on first sight); trained like a user's."""
-    return Call(
-        "POST",
-        f"{_task(task)}/feedback",
-        _parser(s.FeedbackSubmitted),
-        body={"records": [_dump(r) for r in records]},
-        idempotency_key=_key(idempotency_key),
-    )
+    return _submit_records(_task(task), records, idempotency_key)
 
 
 def list_task_feedback(
     task: str, *, after_id: int | None = None, limit: int = 100
 ) -> Call[list[s.FeedbackRecordOut]]:
-    params = _query(after_id=after_id, limit=limit)
-    return Call("GET", f"{_task(task)}/feedback", _parser(list[s.FeedbackRecordOut]), params=params)
+    return _list_records(_task(task), after_id, limit)
 
 
 def import_task_adapter(
@@ -291,13 +294,7 @@ def import_task_adapter(
 def train_task(
     task: str, *, training: Overrides | None = None, idempotency_key: str | None = None
 ) -> Call[s.TrainSubmitted]:
-    return Call(
-        "POST",
-        f"{_task(task)}/train",
-        _parser(s.TrainSubmitted),
-        body=_train_body(training),
-        idempotency_key=_key(idempotency_key),
-    )
+    return _train(_task(task), training, idempotency_key)
 
 
 def task_enrolments(task: str) -> Call[s.TaskEnrolledOut]:
@@ -309,13 +306,11 @@ def list_task_versions(task: str) -> Call[list[s.VersionOut]]:
 
 
 def get_task_version(task: str, number: int, *, qa_document: bool = False) -> Call[s.VersionDetail]:
-    params = {"qa_document": "true"} if qa_document else None
-    return Call("GET", f"{_task(task)}/versions/{int(number)}", _parser(s.VersionDetail), params=params)
+    return _get_version(_task(task), number, qa_document)
 
 
 def task_lineage(task: str, number: int, *, depth: int | None = None) -> Call[s.LineageOut]:
-    path = f"{_task(task)}/versions/{int(number)}/lineage"
-    return Call("GET", path, _parser(s.LineageOut), params=_query(depth=depth))
+    return _lineage(_task(task), number, depth)
 
 
 def task_history(task: str) -> Call[list[s.AliasEventOut]]:
@@ -325,12 +320,8 @@ def task_history(task: str) -> Call[list[s.AliasEventOut]]:
 def promote_task(
     task: str, version: int, *, reason: str = "", idempotency_key: str | None = None
 ) -> Call[s.AliasEventOut]:
-    return Call(
-        "POST",
-        f"{_task(task)}/promote",
-        _parser(s.AliasEventOut),
-        body=s.PromoteRequest(version=version, reason=reason).model_dump(mode="json"),
-        idempotency_key=_key(idempotency_key),
+    return _move_live(
+        _task(task), "promote", s.PromoteRequest(version=version, reason=reason), idempotency_key
     )
 
 
@@ -342,13 +333,8 @@ def rollback_task(
     idempotency_key: str | None = None,
 ) -> Call[s.AliasEventOut]:
     """Move the task's ``live`` back (to an earlier number, or none); enrolled users follow at once."""
-    return Call(
-        "POST",
-        f"{_task(task)}/rollback",
-        _parser(s.AliasEventOut),
-        body=s.RollbackRequest(to_version=to_version, reason=reason).model_dump(mode="json"),
-        idempotency_key=_key(idempotency_key),
-    )
+    body = s.RollbackRequest(to_version=to_version, reason=reason)
+    return _move_live(_task(task), "rollback", body, idempotency_key)
 
 
 def pack_adapter_folder(folder: Path) -> bytes:
