@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import ray
 from qa_helpers import TINY_TRAINING, World, feed, qa_trainer
+from tests.faults import FaultyBlobs
 from tests.polling import wait_for
 
 from lorafleet.config import Settings, load_settings
@@ -19,7 +20,6 @@ from lorafleet.domain import Job
 from lorafleet.errors import LeaseLostError
 from lorafleet.feedback import ingest_feedback
 from lorafleet.jobs import JobQueue, JobWorker, LeaseContext, Scheduler
-from lorafleet.qa.evaluation import Subject
 from lorafleet.qa.reports import reports_for_version
 from lorafleet.qa.runner import QARunner
 from lorafleet.qa.triggers import QA_JOB_KIND
@@ -37,9 +37,9 @@ class Killed(BaseException):
     """What a killed process looks like to the job: the handler never returns and nothing is settled."""
 
 
-class DyingRunner(QARunner):
-    def _before_decision(self, subject: Subject) -> None:
-        raise Killed("worker killed after evaluating, before deciding")
+def _killed(_document: bytes) -> None:
+    """QA's first write of a decision is its report document: dying there is dying before deciding."""
+    raise Killed("worker killed after evaluating, before deciding")
 
 
 def _queued_qa_job(world: World, user: str) -> Job:
@@ -57,7 +57,8 @@ def _queued_qa_job(world: World, user: str) -> Job:
 def test_a_qa_worker_killed_mid_run_is_retried_and_the_job_decides_once(world: World) -> None:
     job = _queued_qa_job(world, "alice")
     queue = JobQueue(world.db)
-    dying = DyingRunner(world.db, world.registry, world.backbone, world.bank)
+    dying_registry = Registry(world.db, FaultyBlobs(world.registry.blobs, before_put_bytes=_killed))
+    dying = QARunner(world.db, dying_registry, world.backbone, world.bank)
     first = JobWorker(queue, worker_id="w1", handlers={QA_JOB_KIND: dying.run_job}, lease_seconds=1.0)
     with pytest.raises(Killed):
         first.run_once()
