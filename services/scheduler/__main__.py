@@ -13,7 +13,7 @@ import threading
 from datetime import timedelta
 
 from lorafleet.config import load_settings
-from lorafleet.entrypoints.signals import on_stop_signals
+from lorafleet.entrypoints.process import configure_logging, on_stop_signals
 from lorafleet.errors import LorafleetError
 from lorafleet.jobs.commands import scheduler_run, scheduler_tick
 from lorafleet.jobs.scheduler import SchedulerPolicy
@@ -58,10 +58,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(verbose=args.verbose)
     try:
         settings, policy = load_settings(), _policy(args)
         if args.once:

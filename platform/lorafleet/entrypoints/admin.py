@@ -11,7 +11,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from lorafleet.entrypoints.signals import on_stop_signals
+from lorafleet.entrypoints.process import on_stop_signals
 from lorafleet.errors import ValidationError
 from lorafleet.platform import Platform
 

@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from lorafleet.entrypoints.process import configure_logging
 from lorafleet.errors import LorafleetError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -245,10 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(verbose=args.verbose)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     handler: Handler = args.handler
     try:

@@ -8,7 +8,7 @@ import logging
 import threading
 from typing import Any
 
-from lorafleet.entrypoints.signals import on_stop_signals
+from lorafleet.entrypoints.process import on_stop_signals
 from lorafleet.errors import ValidationError
 
 logger = logging.getLogger("lorafleet.workers")

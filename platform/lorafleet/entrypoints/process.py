@@ -1,8 +1,10 @@
-"""One way for a long-running process (``lorafleet serve``, ``lorafleet workers``, ``services.scheduler``) to
-hear SIGINT and SIGTERM."""
+"""What every process started from the command line shares (``lorafleet``, ``python -m services.api``,
+``python -m services.scheduler``): its logging set-up, and one way for a long-running one to hear SIGINT and
+SIGTERM."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -24,3 +26,11 @@ def on_stop_signals(on_signal: Callable[[int], None]) -> bool:
     for sig in STOP_SIGNALS:
         signal.signal(sig, handle)
     return True
+
+
+def configure_logging(*, verbose: bool) -> None:
+    """Log lines with time, level and logger name to stderr; debug with ``-v``, else info."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
