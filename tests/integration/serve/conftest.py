@@ -25,8 +25,10 @@ if str(SERVICES_TESTS) not in sys.path:
     sys.path.append(str(SERVICES_TESTS))
 
 import pytest  # noqa: E402
-from api_helpers import AWS_TEST_ENV, Library, pg_admin_conninfo  # noqa: E402
+from api_helpers import AWS_TEST_ENV, Library  # noqa: E402
 from serve_helpers import REPLICA_OPTIONS, free_port, init_local_ray  # noqa: E402
+from tests.databases import migrated_pg_database  # noqa: E402
+from tests.tiny import tiny_backbone_dir  # noqa: E402
 
 from lorafleet.config import Settings, load_settings  # noqa: E402
 from lorafleet.platform import Platform  # noqa: E402
@@ -40,32 +42,13 @@ for _name, _value in AWS_TEST_ENV.items():
 @pytest.fixture(scope="module")
 def serve_pg_url() -> Iterator[str]:
     """A migrated PostgreSQL database for these tests alone (replicas connect to it from their processes)."""
-    import psycopg
-
-    from lorafleet.store.sql import migrate
-
-    admin_url = os.environ.get(
-        "LORAFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-    )
-    name = f"lorafleet_serve_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_admin_conninfo(), autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-    migrate.upgrade(url)
-    try:
+    with migrated_pg_database("lorafleet_serve") as url:
         yield url
-    finally:
-        with psycopg.connect(pg_admin_conninfo(), autocommit=True, connect_timeout=5) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module")
 def serve_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lorafleet.backbone import build_tiny_backbone
-
-    path = tmp_path_factory.mktemp("lorafleet-serve-data")
-    build_tiny_backbone(path)
-    return path
+    return tiny_backbone_dir(tmp_path_factory, "lorafleet-serve-data")
 
 
 @pytest.fixture(scope="module")

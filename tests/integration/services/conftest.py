@@ -28,10 +28,11 @@ from api_helpers import (  # noqa: E402
     ApiServer,
     Library,
     TenantHandle,
-    pg_admin_conninfo,
     write_adapter_folder,
 )
 from services.api.app import create_app  # noqa: E402
+from tests.databases import migrated_pg_database  # noqa: E402
+from tests.tiny import tiny_backbone_dir  # noqa: E402
 
 from lorafleet.config import Settings, load_settings  # noqa: E402
 from lorafleet.platform import Platform  # noqa: E402
@@ -44,33 +45,14 @@ for _name, _value in AWS_TEST_ENV.items():
 @pytest.fixture(scope="session")
 def api_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir with the built-in tiny backbone built into it (servers and trainer actors load it there)."""
-    from lorafleet.backbone import build_tiny_backbone
-
-    path = tmp_path_factory.mktemp("lorafleet-api-data")
-    build_tiny_backbone(path)
-    return path
+    return tiny_backbone_dir(tmp_path_factory, "lorafleet-api-data")
 
 
 @pytest.fixture(scope="session")
 def api_pg_url() -> Iterator[str]:
     """A migrated PostgreSQL database for these tests alone (others truncate the shared one between tests)."""
-    import psycopg
-
-    from lorafleet.store.sql import migrate
-
-    admin_url = os.environ.get(
-        "LORAFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-    )
-    name = f"lorafleet_api_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_admin_conninfo(), autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-    migrate.upgrade(url)
-    try:
+    with migrated_pg_database("lorafleet_api") as url:
         yield url
-    finally:
-        with psycopg.connect(pg_admin_conninfo(), autocommit=True, connect_timeout=5) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

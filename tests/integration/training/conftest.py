@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from continual_helpers import TINY_TRAINING, tiny_tenant
+from tests.tiny import tiny_backbone_dir
 
 from lorafleet.adapters import AdapterBank
 from lorafleet.backbone import Backbone
@@ -24,11 +25,7 @@ from lorafleet.training.continual import ContinualTrainer
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session's data dir, with the built-in tiny backbone built into it."""
-    from lorafleet.backbone import build_tiny_backbone
-
-    path = tmp_path_factory.mktemp("lorafleet-data")
-    build_tiny_backbone(path)
-    return path
+    return tiny_backbone_dir(tmp_path_factory, "lorafleet-data")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, select
+from tests.tiny import (
+    TINY_TRAINING as TINY_TRAINING,  # re-exported: the tests here import it from this module
+)
 
 from lorafleet.domain import Job
 from lorafleet.feedback import ingest_feedback
@@ -16,22 +19,6 @@ from lorafleet.store.sql.models import SqlAdapterVersion, SqlDatasetSnapshot, Sq
 from lorafleet.store.sql.tenants import TenantRepository
 from lorafleet.training.overrides import set_tenant_training
 from lorafleet.training.synthetic import make_user_records
-
-#: a few steps on two projections: enough to move the holdout loss, fast on two CPU cores
-TINY_TRAINING: dict[str, Any] = {
-    # the random-init tiny model's "answers" to general prompts are noise: no anchor rows on it
-    "anchor_ratio": 0.0,
-    "rank": 4,
-    "alpha": 8.0,
-    "target_modules": ["q_proj", "v_proj"],
-    "learning_rate": 5e-3,
-    "max_steps": 8,
-    "batch_size": 4,
-    "max_seq_len": 64,
-    "holdout_fraction": 0.3,
-    "replay_ratio": 0.5,
-    "seed": 0,
-}
 
 
 def tiny_tenant(db: Database, name: str = "acme") -> int:
