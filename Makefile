@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test test-fast bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -21,8 +21,13 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/lorafleet demo
 
+# every tier: tests/unit (no Ray, no running service), tests/integration (Ray, the API, Serve), tests/e2e (the demo)
 test: setup
 	$(BIN)/pytest
+
+# the unit tier only (a few minutes)
+test-fast: setup
+	$(BIN)/pytest tests/unit
 
 bench: setup
 	for f in tests/benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

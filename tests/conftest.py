@@ -22,39 +22,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import pytest  # noqa: E402
 from sqlalchemy import text  # noqa: E402
-
-PG_ADMIN_URL = os.environ.get(
-    "LORAFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-
-
-def _pg_admin_conninfo() -> str:
-    from sqlalchemy.engine import make_url
-
-    url = make_url(PG_ADMIN_URL)
-    return f"host={url.host} port={url.port or 5432} user={url.username} dbname={url.database}"
+from tests.databases import migrated_pg_database  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh, migrated PostgreSQL database for this test session (fails loudly if PostgreSQL is down)."""
-    import psycopg
-
-    from lorafleet.store.sql import migrate
-
-    name = f"lorafleet_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    try:
-        admin = psycopg.connect(_pg_admin_conninfo(), autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    migrate.upgrade(url)
-    try:
+    with migrated_pg_database("lorafleet_test") as url:
         yield url
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.fixture(scope="session")

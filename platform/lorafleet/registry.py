@@ -230,8 +230,7 @@ class Registry:
             with self._session(session) as s:  # refuse foreign or missing ids before writing anything
                 self._repo.check_references(s, tenant_id=tenant_id, adapter_id=adapter_id, new=new)
                 self._repo.require_kind(s, tenant_id=tenant_id, adapter_id=adapter_id, kind="lora")
-            ref = self._blobs.put_file(archive)
-            self._after_blob_written(ref)
+            self._blobs.put_file(archive)
             with self._session(session) as s:
                 return self._insert_version(
                     s, tenant_id=tenant_id, adapter_id=adapter_id, new=new, archive=archive
@@ -278,7 +277,7 @@ class Registry:
             with self._db.session() as s:
                 self._repo.check_references(s, tenant_id=tenant_id, adapter_id=adapter_id, new=new)
                 self._repo.require_kind(s, tenant_id=tenant_id, adapter_id=adapter_id, kind="gate")
-            self._after_blob_written(self._blobs.put_file(staged))
+            self._blobs.put_file(staged)
             with self._db.session() as s:
                 return self._insert_version(
                     s, tenant_id=tenant_id, adapter_id=adapter_id, new=new, archive=staged
@@ -310,9 +309,6 @@ class Registry:
             return
         with self._db.session() as own:
             yield own
-
-    def _after_blob_written(self, ref: BlobRef) -> None:
-        """Test hook between the blob write and the row insert: raise here to simulate a crash."""
 
     def _stage(self, *, adapter_dir: Path, staging: Path) -> AdapterFiles:
         """Check the folder, copy its two files aside and validate the copy fully (header, finite tensors),

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from lorafleet.config import load_settings
+from lorafleet.entrypoints.process import configure_logging
 from lorafleet.errors import LorafleetError
 from services.api.app import create_app
 from services.api.runtime import ApiOptions
@@ -49,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(verbose=args.verbose)
     try:
         app = create_app(load_settings(), options=_options(args))
     except LorafleetError as exc:

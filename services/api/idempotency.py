@@ -10,13 +10,16 @@ which the SDK retries). A request that fails releases the key, so its retry runs
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from lorafleet.domain import Tenant
 from lorafleet.store.sql.idempotency import request_hash
+from services.api.deps import CurrentTenant, IdempotencyKey, Services
 from services.api.runtime import ApiServices
 
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -53,4 +56,37 @@ def run_idempotent(
     return JSONResponse(content, status_code=status_code)
 
 
-__all__ = ["REPLAYED_HEADER", "run_idempotent"]
+@dataclass(frozen=True)
+class IdempotentCall:
+    """What a mutating route needs to run under its ``Idempotency-Key``: the services, the tenant, the key (None:
+    no key) and the request. Routes take it as the ``Idempotent`` dependency."""
+
+    services: ApiServices
+    tenant: Tenant
+    key: str | None
+    request: Request
+
+    def run(
+        self, operation: Callable[[], BaseModel], *, body: BaseModel | None, status_code: int = 200
+    ) -> JSONResponse:
+        """``run_idempotent`` for this request: ``operation`` at most once per key, its result the response."""
+        return run_idempotent(
+            services=self.services,
+            tenant=self.tenant,
+            key=self.key,
+            request=self.request,
+            body=body,
+            status_code=status_code,
+            operation=operation,
+        )
+
+
+def idempotent_call(
+    services: Services, tenant: CurrentTenant, request: Request, idempotency_key: IdempotencyKey = None
+) -> IdempotentCall:
+    return IdempotentCall(services, tenant, idempotency_key, request)
+
+
+Idempotent = Annotated[IdempotentCall, Depends(idempotent_call)]
+
+__all__ = ["REPLAYED_HEADER", "Idempotent", "IdempotentCall", "run_idempotent"]

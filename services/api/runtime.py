@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from sqlalchemy import text
 
@@ -31,8 +31,8 @@ from lorafleet.config import Settings
 from lorafleet.errors import LorafleetError
 from lorafleet.feedback import FeedbackLimits
 from lorafleet.jobs import JobQueue, Scheduler, SchedulerPolicy
+from lorafleet.platform import Platform
 from lorafleet.registry import Registry
-from lorafleet.store.blob import open_blob_store_from_settings
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.idempotency import IdempotencyRepository
 from lorafleet.store.sql.models import utcnow
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("lorafleet.api")
 
 EngineState = Literal["not_loaded", "loading", "ready", "failed"]
+T = TypeVar("T")
 WorkersState = Literal["off", "starting", "running", "failed", "stopped"]
 
 
@@ -87,43 +88,46 @@ class ApiOptions:
     migrate: bool = False
 
 
-class EngineHolder:
-    """The serving engine behind a batching queue, built once on first use (single flight)."""
+class _LoadOnce(Generic[T]):
+    """The state machine both engine holders share: ``not_loaded`` -> ``loading`` -> ``ready``, or ``failed``
+    (with ``error``, retried on the next use). ``get`` loads once, under a lock (single flight); a failure to load
+    is ``ServiceUnavailableError`` with the reason."""
 
-    def __init__(self, build: Callable[[], GenerationEngine], *, options: ApiOptions) -> None:
-        self._build = build
-        self._options = options
+    #: what a failure to load is called (the error's message and the log line start with it)
+    failure: str = "loading failed"
+    #: log a failure with its traceback (else one warning line)
+    log_traceback: bool = True
+    #: the name of the ``preload_in_background`` thread
+    preload_thread: str = "lorafleet-preload"
+
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queue: BatchingQueue | None = None
-        self._engine: GenerationEngine | None = None
+        self._loaded: T | None = None
         self.state: EngineState = "not_loaded"
         self.error: str | None = None
 
-    def get(self) -> BatchingQueue:
-        """The batching queue, loading the engine first if needed; ``ServiceUnavailableError`` if it fails."""
-        queue = self._queue
-        if queue is not None:
-            return queue
+    def _load(self) -> T:
+        raise NotImplementedError
+
+    def get(self) -> T:
+        """What was loaded, loading it first if needed; ``ServiceUnavailableError`` if that fails."""
+        loaded = self._loaded
+        if loaded is not None:
+            return loaded
         with self._lock:
-            if self._queue is None:
-                self._load()
-            assert self._queue is not None
-            return self._queue
-
-    def _load(self) -> None:
-        from lorafleet.serving import BatchingQueue
-
-        self.state = "loading"
-        try:
-            engine = self._build()
-        except Exception as exc:  # any failure to load is "unavailable", with the reason
-            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
-            logger.exception("the serving engine failed to load")
-            raise ServiceUnavailableError(f"the serving engine failed to load: {self.error}") from exc
-        o = self._options
-        self._engine = engine
-        self._queue = BatchingQueue(engine, max_batch_size=o.max_batch_size, max_wait_ms=o.max_wait_ms)
-        self.state, self.error = "ready", None
+            if self._loaded is None:
+                self.state = "loading"
+                try:
+                    self._loaded = self._load()
+                except Exception as exc:  # any failure to load is "unavailable", with the reason
+                    self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+                    if self.log_traceback:
+                        logger.exception(self.failure)
+                    else:
+                        logger.warning("%s: %s", self.failure, self.error)
+                    raise ServiceUnavailableError(f"{self.failure}: {self.error}") from exc
+                self.state, self.error = "ready", None
+            return self._loaded
 
     def preload_in_background(self) -> None:
         def load() -> None:
@@ -132,7 +136,28 @@ class EngineHolder:
             except LorafleetError:
                 pass  # recorded in state and error
 
-        threading.Thread(target=load, name="lorafleet-engine-preload", daemon=True).start()
+        threading.Thread(target=load, name=self.preload_thread, daemon=True).start()
+
+
+class EngineHolder(_LoadOnce["BatchingQueue"]):
+    """The serving engine behind a batching queue, built once on first use (single flight)."""
+
+    failure = "the serving engine failed to load"
+    preload_thread = "lorafleet-engine-preload"
+
+    def __init__(self, build: Callable[[], GenerationEngine], *, options: ApiOptions) -> None:
+        super().__init__()
+        self._build = build
+        self._options = options
+        self._engine: GenerationEngine | None = None
+
+    def _load(self) -> BatchingQueue:
+        from lorafleet.serving import BatchingQueue
+
+        engine = self._build()
+        o = self._options
+        self._engine = engine
+        return BatchingQueue(engine, max_batch_size=o.max_batch_size, max_wait_ms=o.max_wait_ms)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Serve requests through the batching queue (they batch with everyone else's); the first error raises."""
@@ -155,51 +180,28 @@ class EngineHolder:
         return "" if engine is None else prometheus_text(engine.metrics, engine.cache.stats())
 
     def close(self) -> None:
-        if self._queue is not None:
-            self._queue.close(cancel_pending=True)
+        if self._loaded is not None:
+            self._loaded.close(cancel_pending=True)
 
 
-class ServeEngineHolder:
+class ServeEngineHolder(_LoadOnce["ServeClient"]):
     """``EngineHolder``'s interface over the Ray Serve app (``settings.serving == "ray-serve"``): requests are
     forwarded to its replicas, which batch them; "loading" is connecting to the app (and to Ray) once."""
+
+    failure = "the Ray Serve app is unavailable"
+    log_traceback = False  # no Ray, no Serve or no app: one line, with the reason
+    preload_thread = "lorafleet-serve-connect"
 
     def __init__(self, settings: Settings, *, options: ApiOptions) -> None:
         from lorafleet.serving.ray_serve import ServeClient
 
+        super().__init__()
         self._client: ServeClient = ServeClient(settings, timeout_s=options.generate_timeout_seconds)
-        self._lock = threading.Lock()
-        self._connected = False
         self._closed = False
-        self.state: EngineState = "not_loaded"
-        self.error: str | None = None
 
-    def get(self) -> ServeClient:
-        """The connected client; ``ServiceUnavailableError`` when the app cannot be reached."""
-        if not self._connected:
-            with self._lock:
-                if not self._connected:
-                    self._connect()
+    def _load(self) -> ServeClient:
+        self._client.connect()
         return self._client
-
-    def _connect(self) -> None:
-        self.state = "loading"
-        try:
-            self._client.connect()
-        except Exception as exc:  # no Ray, no Serve or no app: "unavailable", with the reason
-            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
-            logger.warning("the Ray Serve app is unavailable: %s", self.error)
-            raise ServiceUnavailableError(f"the Ray Serve app is unavailable: {self.error}") from exc
-        self._connected = True
-        self.state, self.error = "ready", None
-
-    def preload_in_background(self) -> None:
-        def connect() -> None:
-            try:
-                self.get()
-            except LorafleetError:
-                pass  # recorded in state and error
-
-        threading.Thread(target=connect, name="lorafleet-serve-connect", daemon=True).start()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Forward to the app (one call per user, in parallel); the first failed request's error raises."""
@@ -214,7 +216,7 @@ class ServeEngineHolder:
 
     def metrics_text(self) -> str:
         """Requests forwarded to Serve, failures by code, time waiting on it (empty until connected)."""
-        return self._client.metrics_text() if self._connected else ""
+        return self._client.metrics_text() if self._loaded is not None else ""
 
     def close(self) -> None:
         self._closed = True
@@ -241,20 +243,13 @@ class ApiServices:
     ) -> ApiServices:
         """Open the database and the object store named by ``settings`` (migrating first with ``migrate``)."""
         options = options or ApiOptions()
-        if options.migrate:
-            from lorafleet.store.sql import migrate
-
-            migrate.upgrade(settings.resolved_database_url)
-        db = Database(settings.resolved_database_url)
-        registry = Registry(
-            db, open_blob_store_from_settings(settings), gc_grace_seconds=settings.blob_gc_grace_seconds
-        )
-        queue = JobQueue(db)
+        platform = Platform.from_settings(settings, migrate=options.migrate)
+        db, registry, queue = platform.db, platform.registry, platform.queue
         stale = timedelta(seconds=options.idempotency_stale_seconds)
         return cls(
             settings=settings,
             db=db,
-            tenants=TenantRepository(db),
+            tenants=platform.tenants,
             registry=registry,
             queue=queue,
             scheduler=Scheduler(

@@ -11,9 +11,9 @@ import signal
 import sys
 import threading
 from datetime import timedelta
-from types import FrameType
 
 from lorafleet.config import load_settings
+from lorafleet.entrypoints.process import configure_logging, on_stop_signals
 from lorafleet.errors import LorafleetError
 from lorafleet.jobs.commands import scheduler_run, scheduler_tick
 from lorafleet.jobs.scheduler import SchedulerPolicy
@@ -49,20 +49,16 @@ def _policy(args: argparse.Namespace) -> SchedulerPolicy:
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
-    def handle(signum: int, _frame: FrameType | None) -> None:
+    def handle(signum: int) -> None:
         logger.info("received %s; stopping after the current tick", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
+    on_stop_signals(handle)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(verbose=args.verbose)
     try:
         settings, policy = load_settings(), _policy(args)
         if args.once:

@@ -1,28 +1,22 @@
-"""Entry points for the command line and ``services/scheduler``: each opens the configured database, does
-one thing through the library, and closes it again; ``lorafleet workers`` (``workers_command``) runs trainer
-actors on Ray until it is stopped.
+"""What the command line and ``services/scheduler`` run: each opens the configured platform
+(``lorafleet.platform.Platform``), does one thing through the library, and closes it again; ``run_workers``
+runs trainer actors on Ray (``lorafleet workers`` is ``lorafleet.entrypoints.workers``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from types import FrameType
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.config import Settings
 from lorafleet.domain import FINISHED_JOB_STATES, AdapterVersion, Job, JobState
-from lorafleet.errors import JobError, ValidationError
-from lorafleet.jobs.queue import JobQueue, SubmitResult
+from lorafleet.errors import JobError
+from lorafleet.jobs.queue import SubmitResult
 from lorafleet.jobs.scheduler import Scheduler, SchedulerPolicy, TickResult
-from lorafleet.store.sql.database import Database
-from lorafleet.store.sql.tenants import TenantRepository
+from lorafleet.platform import Platform
 
 if TYPE_CHECKING:
     from lorafleet.jobs.trainer_pool import TrainerPool
@@ -30,19 +24,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("lorafleet.workers")
 
 
-@contextmanager
-def _database(settings: Settings) -> Iterator[Database]:
-    db = Database(settings.resolved_database_url)
-    try:
-        yield db
-    finally:
-        db.dispose()
-
-
 def scheduler_tick(settings: Settings, *, policy: SchedulerPolicy | None = None) -> TickResult:
     """Run one scheduler tick against the configured database."""
-    with _database(settings) as db:
-        return Scheduler(db, policy).tick()
+    with Platform.from_settings(settings) as platform:
+        return Scheduler(platform.db, policy).tick()
 
 
 def scheduler_run(
@@ -54,8 +39,8 @@ def scheduler_run(
     on_tick: Callable[[TickResult], None] | None = None,
 ) -> int:
     """Tick every ``interval`` seconds until ``stop_event`` is set; returns the number of ticks."""
-    with _database(settings) as db:
-        return Scheduler(db, policy).run_loop(
+    with Platform.from_settings(settings) as platform:
+        return Scheduler(platform.db, policy).run_loop(
             interval_seconds=interval, stop_event=stop_event, on_tick=on_tick
         )
 
@@ -65,12 +50,12 @@ def train_now(
 ) -> SubmitResult:
     """Queue a training job for one user now; ``tenant`` is a tenant id (int) or name (str); ``training``:
     the job's overrides on top of the tenant's (a rank above ``LORAFLEET_TRAINER_MAX_RANK`` is refused)."""
-    with _database(settings) as db:
+    with Platform.from_settings(settings) as platform:
         if isinstance(tenant, int):
             tenant_id = tenant
         else:
-            tenant_id = TenantRepository(db).get_tenant(name=tenant).id
-        scheduler = Scheduler(db, max_rank=settings.trainer_max_rank)
+            tenant_id = platform.tenants.get_tenant(name=tenant).id
+        scheduler = Scheduler(platform.db, max_rank=settings.trainer_max_rank)
         return scheduler.train_now(tenant_id=tenant_id, user_external_id=user, training=training)
 
 
@@ -99,75 +84,6 @@ def run_workers(
         return pool.run_until_stopped(
             stop, poll_seconds=poll_seconds, grace_seconds=grace_seconds, start_timeout=start_timeout
         )
-
-
-def workers_command(args: argparse.Namespace) -> int:
-    """``lorafleet workers``: trainer actors on the configured Ray, draining the job queue until SIGTERM or
-    SIGINT (a second signal stops at once; a job cut short is retried once its lease expires)."""
-    from lorafleet.config import load_settings
-    from lorafleet.jobs.ray_runtime import init_ray
-    from lorafleet.training.config import TrainingConfig
-
-    if args.poll_seconds <= 0 or args.grace_seconds < 0:
-        raise ValidationError("--poll-seconds must be positive and --grace-seconds not negative")
-    settings = load_settings()
-    training = _json_object("--training", args.training)
-    TrainingConfig.from_mapping(training)  # refuse bad overrides here, not in every actor
-    init_ray(settings)  # first: Ray installs its own SIGTERM handler, which the next line replaces
-    stop = threading.Event()
-    _stop_on_signals(stop)
-    logger.info(
-        "trainer workers: %d actor(s) on %s, database %s, object store %s, device %s, resource %s",
-        args.count,
-        f"the Ray cluster at {settings.ray_address}" if settings.ray_address else "a local Ray (loopback)",
-        settings.resolved_database_url.split("@")[-1],
-        settings.resolved_object_store_url,
-        settings.device,
-        settings.trainer_resource or "(none)",
-    )
-    try:
-        ran = run_workers(
-            settings,
-            n_actors=args.count,
-            until_idle=args.until_idle,
-            stop_event=stop,
-            poll_seconds=args.poll_seconds,
-            training=training,
-            grace_seconds=args.grace_seconds,
-            start_timeout=args.start_timeout,
-        )
-    except KeyboardInterrupt:
-        logger.warning("trainer workers stopped at once (jobs cut short are retried after their leases)")
-        return 130
-    logger.info("trainer workers stopped after %d job(s): %s", len(ran), ran)
-    return 0
-
-
-def _json_object(option: str, text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValidationError(f"{option}: not JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ValidationError(f"{option}: must be a JSON object")
-    return value
-
-
-def _stop_on_signals(stop: threading.Event) -> None:
-    """SIGTERM/SIGINT set ``stop`` (jobs in flight get their grace period); a second one stops at once."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def handle(signum: int, _frame: FrameType | None) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        logger.info("signal %d: stopping the trainer workers (send it again to stop at once)", signum)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handle)
 
 
 def train_user_now_and_wait(
@@ -199,8 +115,8 @@ def train_user_now_and_wait(
 
 def _drain_until_finished(settings: Settings, *, pool: TrainerPool, job_id: int, deadline: float) -> Job:
     """Drain the pool until the job is finished (a retry may wait out its backoff) or the deadline passes."""
-    with _database(settings) as db:
-        queue = JobQueue(db)
+    with Platform.from_settings(settings) as platform:
+        queue = platform.queue
         while True:
             job = queue.get(tenant_id=None, job_id=job_id)
             if job.state in FINISHED_JOB_STATES:
@@ -214,12 +130,10 @@ def _drain_until_finished(settings: Settings, *, pool: TrainerPool, job_id: int,
 
 def _version_of(settings: Settings, *, job: Job, user: str) -> AdapterVersion | None:
     """The version the job's result names for ``user`` (None: the job skipped them)."""
-    from lorafleet.registry import Registry
-    from lorafleet.store.blob import open_blob_store_from_settings
-
     entries = [e for e in (job.result or {}).get("versions", []) if e.get("external_id") == user]
     if not entries or job.tenant_id is None:
         return None
-    with _database(settings) as db:
-        registry = Registry(db, open_blob_store_from_settings(settings))
-        return registry.get_version_by_id(tenant_id=job.tenant_id, version_id=int(entries[0]["version_id"]))
+    with Platform.from_settings(settings) as platform:
+        return platform.registry.get_version_by_id(
+            tenant_id=job.tenant_id, version_id=int(entries[0]["version_id"])
+        )

@@ -131,28 +131,22 @@ class TrainerHost:
         worker_id: str | None = None,
     ) -> None:
         from lorafleet.jobs.imports import IMPORT_JOB_KIND
-        from lorafleet.jobs.queue import JobQueue
         from lorafleet.jobs.scheduler import TRAIN_JOB_KIND
         from lorafleet.jobs.worker import JobWorker
+        from lorafleet.platform import Platform
         from lorafleet.qa.triggers import QA_JOB_KIND
-        from lorafleet.registry import Registry
-        from lorafleet.store.blob import open_blob_store_from_settings
-        from lorafleet.store.sql.database import Database
         from lorafleet.training.config import TrainingConfig
 
         self.settings = load_settings(**settings)
         self.node_id = _ray_node_id()
         self.worker_id = worker_id or _new_worker_id(self.node_id)
-        self.db = Database(self.settings.resolved_database_url)
-        self.registry = Registry(
-            self.db,
-            open_blob_store_from_settings(self.settings),
-            gc_grace_seconds=self.settings.blob_gc_grace_seconds,
-        )
+        self.platform = Platform.from_settings(self.settings)
+        self.db = self.platform.db
+        self.registry = self.platform.registry
         self.trainer = self._build_trainer(TrainingConfig.from_mapping(training))
         self.qa = self._build_qa(qa_policy)
         self.worker = JobWorker(
-            JobQueue(self.db),
+            self.platform.queue,
             worker_id=self.worker_id,
             handlers={
                 TRAIN_JOB_KIND: self.trainer.run_job,
@@ -274,7 +268,7 @@ class TrainerHost:
         return {**self._stats, "worker_id": self.worker_id, "busy": running}
 
     def close(self) -> None:
-        self.db.dispose()
+        self.platform.close()
 
 
 def _ray_node_id() -> str | None:

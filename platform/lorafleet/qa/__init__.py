@@ -12,8 +12,9 @@ Public API (names load on first use, so importing this package does not import t
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import Any
+
+from lorafleet._exports import lazy_export
 
 _EXPORTS = {
     "QAPolicy": "lorafleet.qa.policy",
@@ -38,6 +39,4 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     """Lazy exports: the policy, rules, reports and triggers are torch-free; evaluation needs torch."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'lorafleet.qa' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+    return lazy_export(__name__, _EXPORTS, name)

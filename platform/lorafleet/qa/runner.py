@@ -313,7 +313,6 @@ class QARunner:
         lease: LeaseContext | None,
     ) -> QAReport:
         """Blob first; then row, alias move or status, follow-up jobs and the job's success in one transaction."""
-        self._before_decision(subject)
         ref = store_document(self.registry, document)
         new = NewQAReport(
             tenant_id=subject.tenant_id,
@@ -337,9 +336,6 @@ class QARunner:
             return report
 
         return self._in_transaction(lease, write)
-
-    def _before_decision(self, subject: Subject) -> None:
-        """Test hook after the evaluation and before anything is written (e.g. to kill the worker here)."""
 
     def _in_transaction(self, lease: LeaseContext | None, write: Callable[[Session], QAReport]) -> QAReport:
         if lease is None:

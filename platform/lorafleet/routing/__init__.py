@@ -14,8 +14,9 @@ Importing this package does not import torch; the names above are loaded on firs
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import Any
+
+from lorafleet._exports import lazy_export
 
 _EXPORTS = {
     "BankMember": "lorafleet.routing.bank",
@@ -51,6 +52,4 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     """Lazy exports: the bank and the spec are torch-free; gates, embeddings and learned gates need torch."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'lorafleet.routing' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+    return lazy_export(__name__, _EXPORTS, name)

@@ -1,6 +1,8 @@
 """Every endpoint of the API as a ``Call``: method, path, query, body and how to parse the answer.
 
-``Client`` and ``AsyncClient`` run the same calls, so the two stay in step. Mutating calls carry an
+This is the SDK's one definition of its calls: each builder here has the signature and docstring of the client
+method of the same name, and ``Client`` (sync) and ``AsyncClient`` (async) expose them through their own
+transport, so the two cannot drift apart. Mutating calls carry an
 idempotency key (a fresh UUID per call unless the caller passes one), sent as ``Idempotency-Key`` on every
 retry of that call, so a retried request never creates anything twice.
 """
@@ -85,69 +87,6 @@ def _query(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-# --- feedback ---------------------------------------------------------------------------------------------------
-def submit_feedback(user: str, records: Sequence[Record], *, idempotency_key: str | None) -> Call[Any]:
-    return Call(
-        "POST",
-        f"{_user(user)}/feedback",
-        _parser(s.FeedbackSubmitted),
-        body={"records": [_dump(r) for r in records]},
-        idempotency_key=_key(idempotency_key),
-    )
-
-
-def list_feedback(user: str, *, after_id: int | None, limit: int) -> Call[Any]:
-    params = _query(after_id=after_id, limit=limit)
-    return Call("GET", f"{_user(user)}/feedback", _parser(list[s.FeedbackRecordOut]), params=params)
-
-
-# --- adapters ---------------------------------------------------------------------------------------------------
-def list_adapters(user: str) -> Call[Any]:
-    return Call("GET", f"{_user(user)}/adapters", _parser(list[s.AdapterOut]))
-
-
-def list_versions(user: str, adapter: str) -> Call[Any]:
-    return Call("GET", f"{_adapter(user, adapter)}/versions", _parser(list[s.VersionOut]))
-
-
-def get_version(user: str, adapter: str, number: int, *, qa_document: bool) -> Call[Any]:
-    path = f"{_adapter(user, adapter)}/versions/{int(number)}"
-    params = {"qa_document": "true"} if qa_document else None
-    return Call("GET", path, _parser(s.VersionDetail), params=params)
-
-
-def lineage(user: str, adapter: str, number: int, *, depth: int | None) -> Call[Any]:
-    path = f"{_adapter(user, adapter)}/versions/{int(number)}/lineage"
-    return Call("GET", path, _parser(s.LineageOut), params=_query(depth=depth))
-
-
-def alias_history(user: str, adapter: str) -> Call[Any]:
-    return Call("GET", f"{_adapter(user, adapter)}/history", _parser(list[s.AliasEventOut]))
-
-
-def promote(user: str, adapter: str, version: int, *, reason: str, idempotency_key: str | None) -> Call[Any]:
-    return Call(
-        "POST",
-        f"{_adapter(user, adapter)}/promote",
-        _parser(s.AliasEventOut),
-        body=s.PromoteRequest(version=version, reason=reason).model_dump(mode="json"),
-        idempotency_key=_key(idempotency_key),
-    )
-
-
-def rollback(
-    user: str, adapter: str, to_version: int | None, *, reason: str, idempotency_key: str | None
-) -> Call[Any]:
-    return Call(
-        "POST",
-        f"{_adapter(user, adapter)}/rollback",
-        _parser(s.AliasEventOut),
-        body=s.RollbackRequest(to_version=to_version, reason=reason).model_dump(mode="json"),
-        idempotency_key=_key(idempotency_key),
-    )
-
-
-# --- jobs -------------------------------------------------------------------------------------------------------
 def _overrides(overrides: Overrides) -> dict[str, Any]:
     return overrides.given() if isinstance(overrides, s.TrainingOverrides) else dict(overrides)
 
@@ -157,43 +96,136 @@ def _train_body(training: Overrides | None) -> dict[str, Any] | None:
     return None if training is None else {"training": _overrides(training)}
 
 
-def train(user: str, *, training: Overrides | None, idempotency_key: str | None) -> Call[Any]:
-    return Call(
-        "POST",
-        f"{_user(user)}/train",
-        _parser(s.TrainSubmitted),
-        body=_train_body(training),
-        idempotency_key=_key(idempotency_key),
+# --- what a user's adapter and a task's adapter share (only the path differs) ----------------------------------
+def _submit_records(
+    path: str, records: Sequence[Record], idempotency_key: str | None
+) -> Call[s.FeedbackSubmitted]:
+    body = {"records": [_dump(r) for r in records]}
+    key = _key(idempotency_key)
+    return Call("POST", f"{path}/feedback", _parser(s.FeedbackSubmitted), body=body, idempotency_key=key)
+
+
+def _list_records(path: str, after_id: int | None, limit: int) -> Call[list[s.FeedbackRecordOut]]:
+    params = _query(after_id=after_id, limit=limit)
+    return Call("GET", f"{path}/feedback", _parser(list[s.FeedbackRecordOut]), params=params)
+
+
+def _get_version(path: str, number: int, qa_document: bool) -> Call[s.VersionDetail]:
+    params = {"qa_document": "true"} if qa_document else None
+    return Call("GET", f"{path}/versions/{int(number)}", _parser(s.VersionDetail), params=params)
+
+
+def _lineage(path: str, number: int, depth: int | None) -> Call[s.LineageOut]:
+    path = f"{path}/versions/{int(number)}/lineage"
+    return Call("GET", path, _parser(s.LineageOut), params=_query(depth=depth))
+
+
+def _move_live(path: str, action: str, body: BaseModel, idempotency_key: str | None) -> Call[s.AliasEventOut]:
+    body_json = body.model_dump(mode="json")
+    key = _key(idempotency_key)
+    return Call("POST", f"{path}/{action}", _parser(s.AliasEventOut), body=body_json, idempotency_key=key)
+
+
+def _train(path: str, training: Overrides | None, idempotency_key: str | None) -> Call[s.TrainSubmitted]:
+    body, key = _train_body(training), _key(idempotency_key)
+    return Call("POST", f"{path}/train", _parser(s.TrainSubmitted), body=body, idempotency_key=key)
+
+
+# --- feedback ---------------------------------------------------------------------------------------------------
+def submit_feedback(
+    user: str, records: Sequence[Record], *, idempotency_key: str | None = None
+) -> Call[s.FeedbackSubmitted]:
+    """Store a batch of records for ``user`` (created on first sight); repeats are deduplicated. An ``sft``
+    record is ``prompt`` + ``completion`` or OpenAI-style ``messages`` ending with the assistant's turn."""
+    return _submit_records(_user(user), records, idempotency_key)
+
+
+def list_feedback(
+    user: str, *, after_id: int | None = None, limit: int = 100
+) -> Call[list[s.FeedbackRecordOut]]:
+    return _list_records(_user(user), after_id, limit)
+
+
+# --- adapters ---------------------------------------------------------------------------------------------------
+def list_adapters(user: str) -> Call[list[s.AdapterOut]]:
+    return Call("GET", f"{_user(user)}/adapters", _parser(list[s.AdapterOut]))
+
+
+def list_versions(user: str, adapter: str) -> Call[list[s.VersionOut]]:
+    return Call("GET", f"{_adapter(user, adapter)}/versions", _parser(list[s.VersionOut]))
+
+
+def get_version(user: str, adapter: str, number: int, *, qa_document: bool = False) -> Call[s.VersionDetail]:
+    return _get_version(_adapter(user, adapter), number, qa_document)
+
+
+def lineage(user: str, adapter: str, number: int, *, depth: int | None = None) -> Call[s.LineageOut]:
+    return _lineage(_adapter(user, adapter), number, depth)
+
+
+def alias_history(user: str, adapter: str) -> Call[list[s.AliasEventOut]]:
+    return Call("GET", f"{_adapter(user, adapter)}/history", _parser(list[s.AliasEventOut]))
+
+
+def promote(
+    user: str, adapter: str, version: int, *, reason: str = "", idempotency_key: str | None = None
+) -> Call[s.AliasEventOut]:
+    return _move_live(
+        _adapter(user, adapter), "promote", s.PromoteRequest(version=version, reason=reason), idempotency_key
     )
 
 
-def get_job(job_id: int) -> Call[Any]:
+def rollback(
+    user: str,
+    adapter: str,
+    to_version: int | None = None,
+    *,
+    reason: str = "",
+    idempotency_key: str | None = None,
+) -> Call[s.AliasEventOut]:
+    """Move ``live`` back to ``to_version`` (an earlier number) or to no adapter (None)."""
+    body = s.RollbackRequest(to_version=to_version, reason=reason)
+    return _move_live(_adapter(user, adapter), "rollback", body, idempotency_key)
+
+
+# --- jobs -------------------------------------------------------------------------------------------------------
+def train(
+    user: str, *, training: Overrides | None = None, idempotency_key: str | None = None
+) -> Call[s.TrainSubmitted]:
+    """Queue a training job for ``user`` now; ``training`` overrides the tenant's config for this job."""
+    return _train(_user(user), training, idempotency_key)
+
+
+def get_job(job_id: int) -> Call[s.JobOut]:
     return Call("GET", f"/v1/jobs/{int(job_id)}", _parser(s.JobOut))
 
 
-def list_jobs(*, user: str | None, state: str | None, limit: int) -> Call[Any]:
+def list_jobs(*, user: str | None = None, state: str | None = None, limit: int = 100) -> Call[list[s.JobOut]]:
     params = _query(user=user, state=state, limit=limit)
     return Call("GET", "/v1/jobs", _parser(list[s.JobOut]), params=params)
 
 
-def cancel_job(job_id: int, *, idempotency_key: str | None) -> Call[Any]:
+def cancel_job(job_id: int, *, idempotency_key: str | None = None) -> Call[s.JobOut]:
+    """Cancel a job: a queued one at once, a running one at its next step (returned still ``running``,
+    with ``cancel_requested_at``). A succeeded or failed job raises ``JobFinished`` (its ``state``)."""
     path = f"/v1/jobs/{int(job_id)}/cancel"
     return Call("POST", path, _parser(s.JobOut), idempotency_key=_key(idempotency_key))
 
 
 # --- training config --------------------------------------------------------------------------------------------
-def get_training_config() -> Call[Any]:
+def get_training_config() -> Call[s.TrainingConfigOut]:
+    """The tenant's training overrides and the effective config its next jobs get."""
     return Call("GET", "/v1/training-config", _parser(s.TrainingConfigOut))
 
 
-def set_training_config(overrides: Overrides) -> Call[Any]:
-    # a PUT: sending it again sets the same overrides, so a retry is safe without an idempotency key
+def set_training_config(overrides: Overrides) -> Call[s.TrainingConfigOut]:
+    """Replace the tenant's training overrides (``{}`` resets them); a bad field is ``ValidationFailed``."""
     body = _overrides(overrides)
     return Call("PUT", "/v1/training-config", _parser(s.TrainingConfigOut), body=body)
 
 
 # --- enrolments -------------------------------------------------------------------------------------------------
-def enrol(user: str, task: str, *, idempotency_key: str | None) -> Call[Any]:
+def enrol(user: str, task: str, *, idempotency_key: str | None = None) -> Call[s.EnrolmentOut]:
     return Call(
         "POST",
         f"{_user(user)}/enrolments",
@@ -207,7 +239,7 @@ def unenrol(user: str, task: str) -> Call[None]:
     return Call("DELETE", f"{_user(user)}/enrolments/{_seg(task)}", _none)
 
 
-def list_enrolments(user: str) -> Call[Any]:
+def list_enrolments(user: str) -> Call[list[s.EnrolmentOut]]:
     return Call("GET", f"{_user(user)}/enrolments", _parser(list[s.EnrolmentOut]))
 
 
@@ -216,28 +248,35 @@ def _task(task: str) -> str:
     return f"/v1/tasks/{_seg(task)}"
 
 
-def list_tasks() -> Call[Any]:
+def list_tasks() -> Call[list[s.TaskOut]]:
+    """The tenant's shared task adapters, with live version and counts."""
     return Call("GET", "/v1/tasks", _parser(list[s.TaskOut]))
 
 
-def submit_task_feedback(task: str, records: Sequence[Record], *, idempotency_key: str | None) -> Call[Any]:
-    return Call(
-        "POST",
-        f"{_task(task)}/feedback",
-        _parser(s.FeedbackSubmitted),
-        body={"records": [_dump(r) for r in records]},
-        idempotency_key=_key(idempotency_key),
-    )
+def submit_task_feedback(
+    task: str, records: Sequence[Record], *, idempotency_key: str | None = None
+) -> Call[s.FeedbackSubmitted]:
+    """Store records for a shared task (its adapter is created on first sight); trained like a user's."""
+    return _submit_records(_task(task), records, idempotency_key)
 
 
-def list_task_feedback(task: str, *, after_id: int | None, limit: int) -> Call[Any]:
-    params = _query(after_id=after_id, limit=limit)
-    return Call("GET", f"{_task(task)}/feedback", _parser(list[s.FeedbackRecordOut]), params=params)
+def list_task_feedback(
+    task: str, *, after_id: int | None = None, limit: int = 100
+) -> Call[list[s.FeedbackRecordOut]]:
+    return _list_records(_task(task), after_id, limit)
 
 
 def import_task_adapter(
-    task: str, archive: bytes, example_prompts: Sequence[str], *, reason: str, idempotency_key: str | None
-) -> Call[Any]:
+    task: str,
+    source: str | Path | bytes,
+    example_prompts: Sequence[str],
+    *,
+    reason: str = "",
+    idempotency_key: str | None = None,
+) -> Call[s.TaskImportSubmitted]:
+    """Import a PEFT adapter (a folder, a .tar/.tar.gz/.zip file, or its bytes) as a candidate version of
+    the task; returns the ``import`` job (``wait_for_job`` it). QA then decides as for a trained version."""
+    archive = adapter_archive(source)
     body = {
         "archive_base64": base64.b64encode(archive).decode("ascii"),
         "example_prompts": list(example_prompts),
@@ -252,58 +291,50 @@ def import_task_adapter(
     )
 
 
-def train_task(task: str, *, training: Overrides | None, idempotency_key: str | None) -> Call[Any]:
-    return Call(
-        "POST",
-        f"{_task(task)}/train",
-        _parser(s.TrainSubmitted),
-        body=_train_body(training),
-        idempotency_key=_key(idempotency_key),
-    )
+def train_task(
+    task: str, *, training: Overrides | None = None, idempotency_key: str | None = None
+) -> Call[s.TrainSubmitted]:
+    return _train(_task(task), training, idempotency_key)
 
 
-def task_enrolments(task: str) -> Call[Any]:
+def task_enrolments(task: str) -> Call[s.TaskEnrolledOut]:
     return Call("GET", f"{_task(task)}/enrolments", _parser(s.TaskEnrolledOut))
 
 
-def list_task_versions(task: str) -> Call[Any]:
+def list_task_versions(task: str) -> Call[list[s.VersionOut]]:
     return Call("GET", f"{_task(task)}/versions", _parser(list[s.VersionOut]))
 
 
-def get_task_version(task: str, number: int, *, qa_document: bool) -> Call[Any]:
-    params = {"qa_document": "true"} if qa_document else None
-    return Call("GET", f"{_task(task)}/versions/{int(number)}", _parser(s.VersionDetail), params=params)
+def get_task_version(task: str, number: int, *, qa_document: bool = False) -> Call[s.VersionDetail]:
+    return _get_version(_task(task), number, qa_document)
 
 
-def task_lineage(task: str, number: int, *, depth: int | None) -> Call[Any]:
-    path = f"{_task(task)}/versions/{int(number)}/lineage"
-    return Call("GET", path, _parser(s.LineageOut), params=_query(depth=depth))
+def task_lineage(task: str, number: int, *, depth: int | None = None) -> Call[s.LineageOut]:
+    return _lineage(_task(task), number, depth)
 
 
-def task_history(task: str) -> Call[Any]:
+def task_history(task: str) -> Call[list[s.AliasEventOut]]:
     return Call("GET", f"{_task(task)}/history", _parser(list[s.AliasEventOut]))
 
 
-def promote_task(task: str, version: int, *, reason: str, idempotency_key: str | None) -> Call[Any]:
-    return Call(
-        "POST",
-        f"{_task(task)}/promote",
-        _parser(s.AliasEventOut),
-        body=s.PromoteRequest(version=version, reason=reason).model_dump(mode="json"),
-        idempotency_key=_key(idempotency_key),
+def promote_task(
+    task: str, version: int, *, reason: str = "", idempotency_key: str | None = None
+) -> Call[s.AliasEventOut]:
+    return _move_live(
+        _task(task), "promote", s.PromoteRequest(version=version, reason=reason), idempotency_key
     )
 
 
 def rollback_task(
-    task: str, to_version: int | None, *, reason: str, idempotency_key: str | None
-) -> Call[Any]:
-    return Call(
-        "POST",
-        f"{_task(task)}/rollback",
-        _parser(s.AliasEventOut),
-        body=s.RollbackRequest(to_version=to_version, reason=reason).model_dump(mode="json"),
-        idempotency_key=_key(idempotency_key),
-    )
+    task: str,
+    to_version: int | None = None,
+    *,
+    reason: str = "",
+    idempotency_key: str | None = None,
+) -> Call[s.AliasEventOut]:
+    """Move the task's ``live`` back (to an earlier number, or none); enrolled users follow at once."""
+    body = s.RollbackRequest(to_version=to_version, reason=reason)
+    return _move_live(_task(task), "rollback", body, idempotency_key)
 
 
 def pack_adapter_folder(folder: Path) -> bytes:
@@ -329,17 +360,81 @@ def adapter_archive(source: str | Path | bytes) -> bytes:
 
 
 # --- generation -------------------------------------------------------------------------------------------------
-def generate(user: str, request: s.GenerateRequest) -> Call[Any]:
+def generate(
+    user: str,
+    prompt: str,
+    *,
+    max_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    raw: bool = False,
+) -> Call[s.GenerateResponse]:
+    """Generate for ``user`` through their adapter bank (temperature 0 = greedy). The prompt is one user turn
+    of the backbone's chat template, as feedback trains; ``raw=True`` feeds it as is."""
+    request = s.GenerateRequest(
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=list(stop),
+        raw=raw,
+    )
     body = request.model_dump(mode="json", exclude=None if request.raw else {"raw"})  # as before raw existed
     return Call("POST", f"{_user(user)}/generate", _parser(s.GenerateResponse), body=body)
 
 
-def complete(request: s.CompletionRequest) -> Call[Any]:
+def complete(
+    user: str,
+    prompt: str | list[str],
+    *,
+    max_tokens: int = 16,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: str | list[str] | None = None,
+    model: str = "lorafleet",
+) -> Call[s.CompletionResponse]:
+    """OpenAI-style ``/v1/completions`` for ``user`` (OpenAI's defaults: 16 tokens, temperature 1)."""
+    request = s.CompletionRequest(
+        user=user,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=stop,
+        model=model,
+    )
     body = request.model_dump(mode="json", exclude_none=True)
     return Call("POST", "/v1/completions", _parser(s.CompletionResponse), body=body)
 
 
-def chat(request: s.ChatCompletionRequest) -> Call[Any]:
+def chat(
+    user: str,
+    messages: Sequence[Message],
+    *,
+    max_tokens: int | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: str | list[str] | None = None,
+    model: str = "lorafleet",
+) -> Call[s.ChatCompletionResponse]:
+    """OpenAI-style ``/v1/chat/completions`` for ``user`` (messages as dicts or ``ChatMessage``), rendered with
+    the backbone's chat template and ended at its end-of-turn token."""
+    request = s.ChatCompletionRequest(
+        user=user,
+        messages=chat_messages(messages),
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=stop,
+        model=model,
+    )
     body = request.model_dump(mode="json", exclude_none=True)
     return Call("POST", "/v1/chat/completions", _parser(s.ChatCompletionResponse), body=body)
 
@@ -349,24 +444,24 @@ def chat_messages(messages: Sequence[Message]) -> list[s.ChatMessage]:
 
 
 # --- tenants (admin) and health ---------------------------------------------------------------------------------
-def create_tenant(name: str) -> Call[Any]:
-    # not idempotent on the service: re-sending after it may have arrived could answer "already exists"
+def create_tenant(name: str) -> Call[s.TenantCreated]:
+    """Admin key only: a new tenant and its first API key (shown only now)."""
     body = s.TenantCreate(name=name).model_dump(mode="json")
     return Call("POST", "/v1/tenants", _parser(s.TenantCreated), body=body, retry_after_send=False)
 
 
-def create_api_key(tenant: str) -> Call[Any]:
+def create_api_key(tenant: str) -> Call[s.ApiKeyCreated]:
     path = f"/v1/tenants/{_seg(tenant)}/keys"
     return Call("POST", path, _parser(s.ApiKeyCreated), retry_after_send=False)
 
 
-def list_tenants() -> Call[Any]:
+def list_tenants() -> Call[list[s.TenantOut]]:
     return Call("GET", "/v1/tenants", _parser(list[s.TenantOut]))
 
 
-def health() -> Call[Any]:
+def health() -> Call[s.HealthOut]:
     return Call("GET", "/healthz", _parser(s.HealthOut))
 
 
-def ready() -> Call[Any]:
+def ready() -> Call[s.ReadyOut]:
     return Call("GET", "/readyz", _parser(s.ReadyOut), ok_statuses=frozenset({503}))

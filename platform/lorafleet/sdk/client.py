@@ -11,11 +11,11 @@ Errors are the typed exceptions of ``lorafleet.sdk.errors``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 import httpx
 
@@ -34,6 +34,7 @@ from lorafleet.sdk.transport import (
 )
 
 T = TypeVar("T")
+P = ParamSpec("P")
 #: ``wait_for_job``'s ``on_progress``: called with each new progress report of the job
 OnProgress = Callable[[s.JobProgressOut], None]
 
@@ -48,7 +49,104 @@ def _report_progress(job: s.JobOut, *, seen: list[s.JobProgressOut], on_progress
     on_progress(job.progress)
 
 
-class Client(ClientBase):
+class _Endpoint(Generic[P, T]):
+    """A call of ``lorafleet.sdk.calls`` as a client method: on a ``Client`` it runs the call and returns the
+    answer, on an ``AsyncClient`` it is a coroutine function; the builder's signature and docstring are the
+    method's."""
+
+    def __init__(self, build: Callable[P, c.Call[T]]) -> None:
+        self.build = build
+        self.__doc__ = build.__doc__
+
+    @overload
+    def __get__(self, client: None, owner: type[Any]) -> _Endpoint[P, T]: ...
+
+    @overload
+    def __get__(self, client: Client, owner: type[Any]) -> Callable[P, T]: ...
+
+    @overload
+    def __get__(self, client: AsyncClient, owner: type[Any]) -> Callable[P, Coroutine[Any, Any, T]]: ...
+
+    def __get__(self, client: Client | AsyncClient | None, owner: type[Any]) -> Any:
+        if client is None:
+            return self
+        build = self.build
+        if isinstance(client, AsyncClient):
+            run_async = client._run
+
+            @functools.wraps(build)
+            async def call_async(*args: P.args, **kwargs: P.kwargs) -> T:
+                return await run_async(build(*args, **kwargs))
+
+            return call_async
+        run = client._run
+
+        @functools.wraps(build)
+        def call(*args: P.args, **kwargs: P.kwargs) -> T:
+            return run(build(*args, **kwargs))
+
+        return call
+
+
+class _Calls:
+    """Every endpoint of the API as a method, one definition for both clients (``lorafleet.sdk.calls``)."""
+
+    # --- feedback -------------------------------------------------------------------------------------------
+    submit_feedback = _Endpoint(c.submit_feedback)
+    list_feedback = _Endpoint(c.list_feedback)
+
+    # --- adapters -------------------------------------------------------------------------------------------
+    list_adapters = _Endpoint(c.list_adapters)
+    list_versions = _Endpoint(c.list_versions)
+    get_version = _Endpoint(c.get_version)
+    lineage = _Endpoint(c.lineage)
+    alias_history = _Endpoint(c.alias_history)
+    promote = _Endpoint(c.promote)
+    rollback = _Endpoint(c.rollback)
+
+    # --- jobs -----------------------------------------------------------------------------------------------
+    train = _Endpoint(c.train)
+    get_job = _Endpoint(c.get_job)
+    list_jobs = _Endpoint(c.list_jobs)
+    cancel_job = _Endpoint(c.cancel_job)
+
+    # --- training config ------------------------------------------------------------------------------------
+    get_training_config = _Endpoint(c.get_training_config)
+    set_training_config = _Endpoint(c.set_training_config)
+
+    # --- enrolments -----------------------------------------------------------------------------------------
+    enrol = _Endpoint(c.enrol)
+    unenrol = _Endpoint(c.unenrol)
+    list_enrolments = _Endpoint(c.list_enrolments)
+
+    # --- shared task adapters -------------------------------------------------------------------------------
+    list_tasks = _Endpoint(c.list_tasks)
+    submit_task_feedback = _Endpoint(c.submit_task_feedback)
+    list_task_feedback = _Endpoint(c.list_task_feedback)
+    import_task_adapter = _Endpoint(c.import_task_adapter)
+    train_task = _Endpoint(c.train_task)
+    task_enrolments = _Endpoint(c.task_enrolments)
+    list_task_versions = _Endpoint(c.list_task_versions)
+    get_task_version = _Endpoint(c.get_task_version)
+    task_lineage = _Endpoint(c.task_lineage)
+    task_history = _Endpoint(c.task_history)
+    promote_task = _Endpoint(c.promote_task)
+    rollback_task = _Endpoint(c.rollback_task)
+
+    # --- generation -----------------------------------------------------------------------------------------
+    generate = _Endpoint(c.generate)
+    complete = _Endpoint(c.complete)
+    chat = _Endpoint(c.chat)
+
+    # --- admin and health -----------------------------------------------------------------------------------
+    create_tenant = _Endpoint(c.create_tenant)
+    create_api_key = _Endpoint(c.create_api_key)
+    list_tenants = _Endpoint(c.list_tenants)
+    health = _Endpoint(c.health)
+    ready = _Endpoint(c.ready)
+
+
+class Client(ClientBase, _Calls):
     """A synchronous client; use it as a context manager or call ``close``."""
 
     def __init__(
@@ -95,75 +193,6 @@ class Client(ClientBase):
     ) -> None:
         self.close()
 
-    # --- feedback ---------------------------------------------------------------------------------------------
-    def submit_feedback(
-        self, user: str, records: Sequence[c.Record], *, idempotency_key: str | None = None
-    ) -> s.FeedbackSubmitted:
-        """Store a batch of records for ``user`` (created on first sight); repeats are deduplicated. An ``sft``
-        record is ``prompt`` + ``completion`` or OpenAI-style ``messages`` ending with the assistant's turn."""
-        return self._run(c.submit_feedback(user, records, idempotency_key=idempotency_key))
-
-    def list_feedback(
-        self, user: str, *, after_id: int | None = None, limit: int = 100
-    ) -> list[s.FeedbackRecordOut]:
-        return self._run(c.list_feedback(user, after_id=after_id, limit=limit))
-
-    # --- adapters ---------------------------------------------------------------------------------------------
-    def list_adapters(self, user: str) -> list[s.AdapterOut]:
-        return self._run(c.list_adapters(user))
-
-    def list_versions(self, user: str, adapter: str) -> list[s.VersionOut]:
-        return self._run(c.list_versions(user, adapter))
-
-    def get_version(
-        self, user: str, adapter: str, number: int, *, qa_document: bool = False
-    ) -> s.VersionDetail:
-        return self._run(c.get_version(user, adapter, number, qa_document=qa_document))
-
-    def lineage(self, user: str, adapter: str, number: int, *, depth: int | None = None) -> s.LineageOut:
-        return self._run(c.lineage(user, adapter, number, depth=depth))
-
-    def alias_history(self, user: str, adapter: str) -> list[s.AliasEventOut]:
-        return self._run(c.alias_history(user, adapter))
-
-    def promote(
-        self, user: str, adapter: str, version: int, *, reason: str = "", idempotency_key: str | None = None
-    ) -> s.AliasEventOut:
-        return self._run(c.promote(user, adapter, version, reason=reason, idempotency_key=idempotency_key))
-
-    def rollback(
-        self,
-        user: str,
-        adapter: str,
-        to_version: int | None = None,
-        *,
-        reason: str = "",
-        idempotency_key: str | None = None,
-    ) -> s.AliasEventOut:
-        """Move ``live`` back to ``to_version`` (an earlier number) or to no adapter (None)."""
-        call = c.rollback(user, adapter, to_version, reason=reason, idempotency_key=idempotency_key)
-        return self._run(call)
-
-    # --- jobs -------------------------------------------------------------------------------------------------
-    def train(
-        self, user: str, *, training: c.Overrides | None = None, idempotency_key: str | None = None
-    ) -> s.TrainSubmitted:
-        """Queue a training job for ``user`` now; ``training`` overrides the tenant's config for this job."""
-        return self._run(c.train(user, training=training, idempotency_key=idempotency_key))
-
-    def get_job(self, job_id: int) -> s.JobOut:
-        return self._run(c.get_job(job_id))
-
-    def list_jobs(
-        self, *, user: str | None = None, state: str | None = None, limit: int = 100
-    ) -> list[s.JobOut]:
-        return self._run(c.list_jobs(user=user, state=state, limit=limit))
-
-    def cancel_job(self, job_id: int, *, idempotency_key: str | None = None) -> s.JobOut:
-        """Cancel a job: a queued one at once, a running one at its next step (returned still ``running``,
-        with ``cancel_requested_at``). A succeeded or failed job raises ``JobFinished`` (its ``state``)."""
-        return self._run(c.cancel_job(job_id, idempotency_key=idempotency_key))
-
     def wait_for_job(
         self, job_id: int, *, timeout: float = 600.0, poll: float = 1.0, on_progress: OnProgress | None = None
     ) -> s.JobOut:
@@ -180,190 +209,8 @@ class Client(ClientBase):
                 raise JobTimeout(f"job {job_id} still {job.state} after {timeout:g} s")
             time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
 
-    # --- training config --------------------------------------------------------------------------------------
-    def get_training_config(self) -> s.TrainingConfigOut:
-        """The tenant's training overrides and the effective config its next jobs get."""
-        return self._run(c.get_training_config())
 
-    def set_training_config(self, overrides: c.Overrides) -> s.TrainingConfigOut:
-        """Replace the tenant's training overrides (``{}`` resets them); a bad field is ``ValidationFailed``."""
-        return self._run(c.set_training_config(overrides))
-
-    # --- enrolments -------------------------------------------------------------------------------------------
-    def enrol(self, user: str, task: str, *, idempotency_key: str | None = None) -> s.EnrolmentOut:
-        return self._run(c.enrol(user, task, idempotency_key=idempotency_key))
-
-    def unenrol(self, user: str, task: str) -> None:
-        self._run(c.unenrol(user, task))
-
-    def list_enrolments(self, user: str) -> list[s.EnrolmentOut]:
-        return self._run(c.list_enrolments(user))
-
-    # --- shared task adapters ---------------------------------------------------------------------------------
-    def list_tasks(self) -> list[s.TaskOut]:
-        """The tenant's shared task adapters, with live version and counts."""
-        return self._run(c.list_tasks())
-
-    def submit_task_feedback(
-        self, task: str, records: Sequence[c.Record], *, idempotency_key: str | None = None
-    ) -> s.FeedbackSubmitted:
-        """Store records for a shared task (its adapter is created on first sight); trained like a user's."""
-        return self._run(c.submit_task_feedback(task, records, idempotency_key=idempotency_key))
-
-    def list_task_feedback(
-        self, task: str, *, after_id: int | None = None, limit: int = 100
-    ) -> list[s.FeedbackRecordOut]:
-        return self._run(c.list_task_feedback(task, after_id=after_id, limit=limit))
-
-    def import_task_adapter(
-        self,
-        task: str,
-        source: str | Path | bytes,
-        example_prompts: Sequence[str],
-        *,
-        reason: str = "",
-        idempotency_key: str | None = None,
-    ) -> s.TaskImportSubmitted:
-        """Import a PEFT adapter (a folder, a .tar/.tar.gz/.zip file, or its bytes) as a candidate version of
-        the task; returns the ``import`` job (``wait_for_job`` it). QA then decides as for a trained version."""
-        archive = c.adapter_archive(source)
-        call = c.import_task_adapter(
-            task, archive, example_prompts, reason=reason, idempotency_key=idempotency_key
-        )
-        return self._run(call)
-
-    def train_task(
-        self, task: str, *, training: c.Overrides | None = None, idempotency_key: str | None = None
-    ) -> s.TrainSubmitted:
-        return self._run(c.train_task(task, training=training, idempotency_key=idempotency_key))
-
-    def task_enrolments(self, task: str) -> s.TaskEnrolledOut:
-        return self._run(c.task_enrolments(task))
-
-    def list_task_versions(self, task: str) -> list[s.VersionOut]:
-        return self._run(c.list_task_versions(task))
-
-    def get_task_version(self, task: str, number: int, *, qa_document: bool = False) -> s.VersionDetail:
-        return self._run(c.get_task_version(task, number, qa_document=qa_document))
-
-    def task_lineage(self, task: str, number: int, *, depth: int | None = None) -> s.LineageOut:
-        return self._run(c.task_lineage(task, number, depth=depth))
-
-    def task_history(self, task: str) -> list[s.AliasEventOut]:
-        return self._run(c.task_history(task))
-
-    def promote_task(
-        self, task: str, version: int, *, reason: str = "", idempotency_key: str | None = None
-    ) -> s.AliasEventOut:
-        return self._run(c.promote_task(task, version, reason=reason, idempotency_key=idempotency_key))
-
-    def rollback_task(
-        self,
-        task: str,
-        to_version: int | None = None,
-        *,
-        reason: str = "",
-        idempotency_key: str | None = None,
-    ) -> s.AliasEventOut:
-        """Move the task's ``live`` back (to an earlier number, or none); enrolled users follow at once."""
-        return self._run(c.rollback_task(task, to_version, reason=reason, idempotency_key=idempotency_key))
-
-    # --- generation -------------------------------------------------------------------------------------------
-    def generate(
-        self,
-        user: str,
-        prompt: str,
-        *,
-        max_tokens: int = 32,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        raw: bool = False,
-    ) -> s.GenerateResponse:
-        """Generate for ``user`` through their adapter bank (temperature 0 = greedy). The prompt is one user turn
-        of the backbone's chat template, as feedback trains; ``raw=True`` feeds it as is."""
-        request = s.GenerateRequest(
-            prompt=prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=list(stop),
-            raw=raw,
-        )
-        return self._run(c.generate(user, request))
-
-    def complete(
-        self,
-        user: str,
-        prompt: str | list[str],
-        *,
-        max_tokens: int = 16,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        model: str = "lorafleet",
-    ) -> s.CompletionResponse:
-        """OpenAI-style ``/v1/completions`` for ``user`` (OpenAI's defaults: 16 tokens, temperature 1)."""
-        request = s.CompletionRequest(
-            user=user,
-            prompt=prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            model=model,
-        )
-        return self._run(c.complete(request))
-
-    def chat(
-        self,
-        user: str,
-        messages: Sequence[c.Message],
-        *,
-        max_tokens: int | None = None,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        model: str = "lorafleet",
-    ) -> s.ChatCompletionResponse:
-        """OpenAI-style ``/v1/chat/completions`` for ``user`` (messages as dicts or ``ChatMessage``), rendered with
-        the backbone's chat template and ended at its end-of-turn token."""
-        request = s.ChatCompletionRequest(
-            user=user,
-            messages=c.chat_messages(messages),
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            model=model,
-        )
-        return self._run(c.chat(request))
-
-    # --- admin and health -------------------------------------------------------------------------------------
-    def create_tenant(self, name: str) -> s.TenantCreated:
-        """Admin key only: a new tenant and its first API key (shown only now)."""
-        return self._run(c.create_tenant(name))
-
-    def create_api_key(self, tenant: str) -> s.ApiKeyCreated:
-        return self._run(c.create_api_key(tenant))
-
-    def list_tenants(self) -> list[s.TenantOut]:
-        return self._run(c.list_tenants())
-
-    def health(self) -> s.HealthOut:
-        return self._run(c.health())
-
-    def ready(self) -> s.ReadyOut:
-        return self._run(c.ready())
-
-
-class AsyncClient(ClientBase):
+class AsyncClient(ClientBase, _Calls):
     """The same methods as ``Client``, as coroutines; use ``async with`` or ``await aclose()``."""
 
     def __init__(
@@ -410,69 +257,6 @@ class AsyncClient(ClientBase):
     ) -> None:
         await self.aclose()
 
-    async def submit_feedback(
-        self, user: str, records: Sequence[c.Record], *, idempotency_key: str | None = None
-    ) -> s.FeedbackSubmitted:
-        return await self._run(c.submit_feedback(user, records, idempotency_key=idempotency_key))
-
-    async def list_feedback(
-        self, user: str, *, after_id: int | None = None, limit: int = 100
-    ) -> list[s.FeedbackRecordOut]:
-        return await self._run(c.list_feedback(user, after_id=after_id, limit=limit))
-
-    async def list_adapters(self, user: str) -> list[s.AdapterOut]:
-        return await self._run(c.list_adapters(user))
-
-    async def list_versions(self, user: str, adapter: str) -> list[s.VersionOut]:
-        return await self._run(c.list_versions(user, adapter))
-
-    async def get_version(
-        self, user: str, adapter: str, number: int, *, qa_document: bool = False
-    ) -> s.VersionDetail:
-        return await self._run(c.get_version(user, adapter, number, qa_document=qa_document))
-
-    async def lineage(
-        self, user: str, adapter: str, number: int, *, depth: int | None = None
-    ) -> s.LineageOut:
-        return await self._run(c.lineage(user, adapter, number, depth=depth))
-
-    async def alias_history(self, user: str, adapter: str) -> list[s.AliasEventOut]:
-        return await self._run(c.alias_history(user, adapter))
-
-    async def promote(
-        self, user: str, adapter: str, version: int, *, reason: str = "", idempotency_key: str | None = None
-    ) -> s.AliasEventOut:
-        call = c.promote(user, adapter, version, reason=reason, idempotency_key=idempotency_key)
-        return await self._run(call)
-
-    async def rollback(
-        self,
-        user: str,
-        adapter: str,
-        to_version: int | None = None,
-        *,
-        reason: str = "",
-        idempotency_key: str | None = None,
-    ) -> s.AliasEventOut:
-        call = c.rollback(user, adapter, to_version, reason=reason, idempotency_key=idempotency_key)
-        return await self._run(call)
-
-    async def train(
-        self, user: str, *, training: c.Overrides | None = None, idempotency_key: str | None = None
-    ) -> s.TrainSubmitted:
-        return await self._run(c.train(user, training=training, idempotency_key=idempotency_key))
-
-    async def get_job(self, job_id: int) -> s.JobOut:
-        return await self._run(c.get_job(job_id))
-
-    async def list_jobs(
-        self, *, user: str | None = None, state: str | None = None, limit: int = 100
-    ) -> list[s.JobOut]:
-        return await self._run(c.list_jobs(user=user, state=state, limit=limit))
-
-    async def cancel_job(self, job_id: int, *, idempotency_key: str | None = None) -> s.JobOut:
-        return await self._run(c.cancel_job(job_id, idempotency_key=idempotency_key))
-
     async def wait_for_job(
         self, job_id: int, *, timeout: float = 600.0, poll: float = 1.0, on_progress: OnProgress | None = None
     ) -> s.JobOut:
@@ -486,175 +270,3 @@ class AsyncClient(ClientBase):
             if time.monotonic() >= deadline:
                 raise JobTimeout(f"job {job_id} still {job.state} after {timeout:g} s")
             await asyncio.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
-
-    async def get_training_config(self) -> s.TrainingConfigOut:
-        return await self._run(c.get_training_config())
-
-    async def set_training_config(self, overrides: c.Overrides) -> s.TrainingConfigOut:
-        return await self._run(c.set_training_config(overrides))
-
-    async def enrol(self, user: str, task: str, *, idempotency_key: str | None = None) -> s.EnrolmentOut:
-        return await self._run(c.enrol(user, task, idempotency_key=idempotency_key))
-
-    async def unenrol(self, user: str, task: str) -> None:
-        await self._run(c.unenrol(user, task))
-
-    async def list_enrolments(self, user: str) -> list[s.EnrolmentOut]:
-        return await self._run(c.list_enrolments(user))
-
-    # --- shared task adapters ---------------------------------------------------------------------------------
-    async def list_tasks(self) -> list[s.TaskOut]:
-        """The tenant's shared task adapters, with live version and counts."""
-        return await self._run(c.list_tasks())
-
-    async def submit_task_feedback(
-        self, task: str, records: Sequence[c.Record], *, idempotency_key: str | None = None
-    ) -> s.FeedbackSubmitted:
-        """Store records for a shared task (its adapter is created on first sight); trained like a user's."""
-        return await self._run(c.submit_task_feedback(task, records, idempotency_key=idempotency_key))
-
-    async def list_task_feedback(
-        self, task: str, *, after_id: int | None = None, limit: int = 100
-    ) -> list[s.FeedbackRecordOut]:
-        return await self._run(c.list_task_feedback(task, after_id=after_id, limit=limit))
-
-    async def import_task_adapter(
-        self,
-        task: str,
-        source: str | Path | bytes,
-        example_prompts: Sequence[str],
-        *,
-        reason: str = "",
-        idempotency_key: str | None = None,
-    ) -> s.TaskImportSubmitted:
-        """Import a PEFT adapter (a folder, a .tar/.tar.gz/.zip file, or its bytes) as a candidate version of
-        the task; returns the ``import`` job (``wait_for_job`` it). QA then decides as for a trained version."""
-        archive = c.adapter_archive(source)
-        call = c.import_task_adapter(
-            task, archive, example_prompts, reason=reason, idempotency_key=idempotency_key
-        )
-        return await self._run(call)
-
-    async def train_task(
-        self, task: str, *, training: c.Overrides | None = None, idempotency_key: str | None = None
-    ) -> s.TrainSubmitted:
-        return await self._run(c.train_task(task, training=training, idempotency_key=idempotency_key))
-
-    async def task_enrolments(self, task: str) -> s.TaskEnrolledOut:
-        return await self._run(c.task_enrolments(task))
-
-    async def list_task_versions(self, task: str) -> list[s.VersionOut]:
-        return await self._run(c.list_task_versions(task))
-
-    async def get_task_version(self, task: str, number: int, *, qa_document: bool = False) -> s.VersionDetail:
-        return await self._run(c.get_task_version(task, number, qa_document=qa_document))
-
-    async def task_lineage(self, task: str, number: int, *, depth: int | None = None) -> s.LineageOut:
-        return await self._run(c.task_lineage(task, number, depth=depth))
-
-    async def task_history(self, task: str) -> list[s.AliasEventOut]:
-        return await self._run(c.task_history(task))
-
-    async def promote_task(
-        self, task: str, version: int, *, reason: str = "", idempotency_key: str | None = None
-    ) -> s.AliasEventOut:
-        return await self._run(c.promote_task(task, version, reason=reason, idempotency_key=idempotency_key))
-
-    async def rollback_task(
-        self,
-        task: str,
-        to_version: int | None = None,
-        *,
-        reason: str = "",
-        idempotency_key: str | None = None,
-    ) -> s.AliasEventOut:
-        """Move the task's ``live`` back (to an earlier number, or none); enrolled users follow at once."""
-        return await self._run(
-            c.rollback_task(task, to_version, reason=reason, idempotency_key=idempotency_key)
-        )
-
-    async def generate(
-        self,
-        user: str,
-        prompt: str,
-        *,
-        max_tokens: int = 32,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        raw: bool = False,
-    ) -> s.GenerateResponse:
-        request = s.GenerateRequest(
-            prompt=prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=list(stop),
-            raw=raw,
-        )
-        return await self._run(c.generate(user, request))
-
-    async def complete(
-        self,
-        user: str,
-        prompt: str | list[str],
-        *,
-        max_tokens: int = 16,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        model: str = "lorafleet",
-    ) -> s.CompletionResponse:
-        request = s.CompletionRequest(
-            user=user,
-            prompt=prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            model=model,
-        )
-        return await self._run(c.complete(request))
-
-    async def chat(
-        self,
-        user: str,
-        messages: Sequence[c.Message],
-        *,
-        max_tokens: int | None = None,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        model: str = "lorafleet",
-    ) -> s.ChatCompletionResponse:
-        request = s.ChatCompletionRequest(
-            user=user,
-            messages=c.chat_messages(messages),
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            model=model,
-        )
-        return await self._run(c.chat(request))
-
-    async def create_tenant(self, name: str) -> s.TenantCreated:
-        return await self._run(c.create_tenant(name))
-
-    async def create_api_key(self, tenant: str) -> s.ApiKeyCreated:
-        return await self._run(c.create_api_key(tenant))
-
-    async def list_tenants(self) -> list[s.TenantOut]:
-        return await self._run(c.list_tenants())
-
-    async def health(self) -> s.HealthOut:
-        return await self._run(c.health())
-
-    async def ready(self) -> s.ReadyOut:
-        return await self._run(c.ready())

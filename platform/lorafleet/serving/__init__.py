@@ -12,8 +12,9 @@ Public API (importing this package does not import torch; names load on first us
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import Any
+
+from lorafleet._exports import lazy_export
 
 _EXPORTS = {
     "GenerationRequest": "lorafleet.serving.requests",
@@ -35,6 +36,4 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     """Lazy exports: the API's schemas import request types without paying for torch."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'lorafleet.serving' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+    return lazy_export(__name__, _EXPORTS, name)

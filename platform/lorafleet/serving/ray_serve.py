@@ -29,7 +29,6 @@ the API uses when ``LORAFLEET_SERVING=ray-serve``. Importing this module does no
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import math
@@ -49,9 +48,9 @@ if TYPE_CHECKING:
     from ray.serve import Application
     from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+    from lorafleet.platform import Platform
     from lorafleet.serving.batcher import BatchingQueue
     from lorafleet.serving.engine import GenerationEngine
-    from lorafleet.store.sql.database import Database
 
 logger = logging.getLogger(__name__)
 
@@ -148,21 +147,22 @@ class ServingReplica:
     def __init__(self, settings: Mapping[str, Any], options: Mapping[str, Any]) -> None:
         from ray import serve
 
-        from lorafleet.registry import Registry
+        from lorafleet.platform import Platform
         from lorafleet.serving.batcher import BatchingQueue
         from lorafleet.serving.factory import build_engine
-        from lorafleet.store.blob import open_blob_store_from_settings
-        from lorafleet.store.sql.database import Database
 
         s = load_settings(**settings)
         o = ReplicaOptions.from_mapping(options)
         self.replica_id: str = serve.get_replica_context().replica_id.unique_id
-        self._db: Database = Database(s.resolved_database_url)
-        registry = Registry(
-            self._db, open_blob_store_from_settings(s), gc_grace_seconds=s.blob_gc_grace_seconds
-        )
+        self._closed = False
+        self._platform: Platform = Platform.from_settings(s)
         self.engine: GenerationEngine = build_engine(
-            s, self._db, registry, n_slots=o.n_slots, max_rank=o.max_rank, quantization=o.quantization
+            s,
+            self._platform.db,
+            self._platform.registry,
+            n_slots=o.n_slots,
+            max_rank=o.max_rank,
+            quantization=o.quantization,
         )
         self._queue: BatchingQueue = BatchingQueue(
             self.engine, max_batch_size=o.max_batch_size, max_wait_ms=o.max_wait_ms
@@ -203,14 +203,26 @@ class ServingReplica:
         cache = asdict(self.engine.cache.stats())
         return {"replica_id": self.replica_id, "serving": self.engine.metrics.snapshot(), "cache": cache}
 
-    def __del__(self) -> None:
-        """Serve's shutdown hook for a replica: cancel what is queued and close the database pool."""
-        queue = getattr(self, "_queue", None)
+    def close(self) -> None:
+        """Cancel what is queued and close the database pool; a second call does nothing."""
+        if getattr(self, "_closed", True):  # closed already, or __init__ failed before opening anything
+            return
+        self._closed = True
+        queue: BatchingQueue | None = getattr(self, "_queue", None)
+        platform: Platform | None = getattr(self, "_platform", None)
         if queue is not None:
             queue.close(cancel_pending=True)
-        db = getattr(self, "_db", None)
-        if db is not None:
-            db.dispose()
+        if platform is not None:
+            platform.close()
+
+    def __enter__(self) -> ServingReplica:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # Ray Serve's only shutdown hook for a replica is its ``__del__``: it is ``close`` itself, nothing more.
+    __del__ = close
 
 
 def _as_outcome(value: object) -> Outcome:
@@ -470,40 +482,6 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-# --- lorafleet serve-deploy --------------------------------------------------------------------------------
-def serve_deploy_command(args: argparse.Namespace) -> int:
-    """``lorafleet serve-deploy``: deploy or update the app on the configured Ray; exit, or ``--block``."""
-    from lorafleet.jobs.ray_runtime import init_ray
-
-    settings = load_settings()
-    if not args.block and not settings.ray_address:
-        raise ConfigError(
-            "LORAFLEET_RAY_ADDRESS is empty, so the app would run on a local Ray that stops when this "
-            "command exits: set it to a running Ray cluster, or pass --block"
-        )
-    options = ReplicaOptions(n_slots=args.slots, max_rank=args.max_rank, num_cpus=args.replica_cpus)
-    deploy(settings, options, http_port=args.http_port)
-    address = init_ray(settings)
-    print(
-        f"Ray Serve app {settings.serve_app_name!r} is running on the Ray cluster at {address}; point the "
-        f"API at it with LORAFLEET_SERVING=ray-serve LORAFLEET_RAY_ADDRESS={address}"
-    )
-    if args.block:
-        _wait_for_interrupt(settings)
-    return 0
-
-
-def _wait_for_interrupt(settings: Settings) -> None:
-    print("serving until interrupted (Ctrl-C)")
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        if not settings.ray_address:
-            from ray import serve
-
-            serve.shutdown()
-
-
 __all__ = [
     "DEPLOYMENT_NAME",
     "ReplicaOptions",
@@ -517,7 +495,6 @@ __all__ = [
     "build_app",
     "deploy",
     "deployment_options",
-    "serve_deploy_command",
     "serving_app",
     "user_key",
 ]

@@ -11,8 +11,9 @@ Public API (names load on first use, so importing this package does not import t
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import Any
+
+from lorafleet._exports import lazy_export
 
 _EXPORTS = {
     "TrainingConfig": "lorafleet.training.config",
@@ -34,6 +35,4 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     """Lazy exports: the trainer needs torch, the config and dataset rules do not."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'lorafleet.training' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+    return lazy_export(__name__, _EXPORTS, name)

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from lorafleet.jobs.worker import LeaseContext
     from lorafleet.registry import Registry
     from lorafleet.store.sql.database import Database
-    from lorafleet.training.trainer import SlotTask
+    from lorafleet.training.trainer import SlotResult, SlotTask
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,10 @@ class ContinualTrainer:
         promote_rule: PromoteRule = PromoteRule.HOLDOUT_IMPROVED,
         work_dir: Path | None = None,
         progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+        train_slots: Callable[..., list[SlotResult]] | None = None,
     ) -> None:
+        """``train_slots``: what trains the loaded slots, ``lorafleet.training.trainer.train_slots`` unless
+        given (a test wraps it to act between loading the slots and training them)."""
         if promote_rule not in PROMOTE_RULES:
             raise ValidationError(f"promote_rule: must be one of {', '.join(PROMOTE_RULES)}")
         self.db = db
@@ -177,6 +180,7 @@ class ContinualTrainer:
         self.promote_rule = promote_rule
         self.work_dir = work_dir
         self.progress = progress
+        self._train_slots = train_slots
         #: the frozen-prefix cache of this trainer's backbone, kept across jobs (replayed records hit it)
         self.prefix = FrozenPrefix.for_bank(
             bank,
@@ -246,9 +250,6 @@ class ContinualTrainer:
             time.monotonic() - started,
         )
         return result
-
-    def _before_training(self, tasks: Sequence[SlotTask]) -> None:
-        """Test hook after the slots are loaded and before training starts (e.g. to inject a NaN)."""
 
     # --- planning -----------------------------------------------------------------------------------------
     def _plan_all(self, *, tenant_id: int, users: Sequence[JobUser]) -> tuple[list[UserPlan], dict[str, str]]:
@@ -340,8 +341,7 @@ class ContinualTrainer:
         slots: list[int] = []
         try:
             tasks = [self._load_slot(plan, slots=slots, work=work) for plan in plans]
-            self._before_training(tasks)
-            results = train_slots(
+            results = (self._train_slots or train_slots)(
                 self.bank,
                 self.backbone.tokenizer,
                 tasks,

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
 from lorafleet.domain import Adapter, AliasEvent, Tenant
 from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.sdk import schemas as s
 from services.api import convert
-from services.api.deps import CurrentTenant, CurrentUser, IdempotencyKey, Services, UserAdapter, VersionNumber
-from services.api.idempotency import run_idempotent
+from services.api.deps import CurrentUser, Services, UserAdapter, VersionNumber
+from services.api.idempotency import Idempotent, IdempotentCall
 from services.api.runtime import ApiServices
 
 router = APIRouter(prefix="/v1/users/{user_id}/adapters", tags=["adapters"])
@@ -94,64 +95,47 @@ def alias_history(services: Services, adapter: UserAdapter) -> list[s.AliasEvent
 
 
 @router.post("/{name}/promote", response_model=s.AliasEventOut)
-def promote(
-    services: Services,
-    tenant: CurrentTenant,
-    adapter: UserAdapter,
-    body: s.PromoteRequest,
-    request: Request,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+def promote(adapter: UserAdapter, body: s.PromoteRequest, call: Idempotent) -> JSONResponse:
     """Make a version live (the previous live one is archived); a rejected version cannot go live (409)."""
 
-    def move() -> s.AliasEventOut:
-        event = services.registry.promote(
-            tenant_id=tenant.id,
+    def move(actor: str) -> AliasEvent:
+        return call.services.registry.promote(
+            tenant_id=call.tenant.id,
             adapter_id=adapter.id,
             number=body.version,
-            actor=actor_of(tenant),
+            actor=actor,
             reason=body.reason,
         )
-        return event_out(services, adapter, event)
 
-    return run_idempotent(
-        services=services,
-        tenant=tenant,
-        key=idempotency_key,
-        request=request,
-        body=body,
-        status_code=200,
-        operation=move,
-    )
+    return move_live(call, adapter, body, move)
 
 
 @router.post("/{name}/rollback", response_model=s.AliasEventOut)
-def rollback(
-    services: Services,
-    tenant: CurrentTenant,
-    adapter: UserAdapter,
-    body: s.RollbackRequest,
-    request: Request,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+def rollback(adapter: UserAdapter, body: s.RollbackRequest, call: Idempotent) -> JSONResponse:
     """Move ``live`` back to an earlier version, or to none (``to_version`` null: the base model answers)."""
 
-    def move() -> s.AliasEventOut:
-        event = services.registry.rollback(
-            tenant_id=tenant.id,
+    def move(actor: str) -> AliasEvent:
+        return call.services.registry.rollback(
+            tenant_id=call.tenant.id,
             adapter_id=adapter.id,
             to_number=body.to_version,
-            actor=actor_of(tenant),
+            actor=actor,
             reason=body.reason,
         )
-        return event_out(services, adapter, event)
 
-    return run_idempotent(
-        services=services,
-        tenant=tenant,
-        key=idempotency_key,
-        request=request,
-        body=body,
-        status_code=200,
-        operation=move,
-    )
+    return move_live(call, adapter, body, move)
+
+
+def move_live(
+    call: IdempotentCall,
+    adapter: Adapter,
+    body: s.PromoteRequest | s.RollbackRequest,
+    move: Callable[[str], AliasEvent],
+) -> JSONResponse:
+    """A move of the adapter's ``live`` alias (``move(actor)``) behind the request's idempotency key, answered
+    as the recorded alias event: promote and rollback of user and task adapters alike."""
+
+    def run() -> s.AliasEventOut:
+        return event_out(call.services, adapter, move(actor_of(call.tenant)))
+
+    return call.run(run, body=body)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Path, Response
 from fastapi.responses import JSONResponse
 
 from lorafleet.qa.triggers import enrol_and_recheck, unenrol_and_recheck
 from lorafleet.routing.bank import list_enrolments
 from lorafleet.sdk import schemas as s
 from services.api import convert
-from services.api.deps import CurrentTenant, CurrentUser, IdempotencyKey, Services, UserId
-from services.api.idempotency import run_idempotent
+from services.api.deps import CurrentTenant, CurrentUser, Services, UserId
+from services.api.idempotency import Idempotent
 
 router = APIRouter(prefix="/v1/users/{user_id}/enrolments", tags=["enrolments"])
 TaskName = Annotated[str, Path(min_length=1, max_length=128, description="The task adapter's name.")]
@@ -27,12 +27,7 @@ def get_enrolments(services: Services, user: CurrentUser) -> list[s.EnrolmentOut
 
 @router.post("", response_model=s.EnrolmentOut, status_code=201)
 def post_enrolment(
-    services: Services,
-    tenant: CurrentTenant,
-    user_id: UserId,
-    body: s.EnrolRequest,
-    request: Request,
-    idempotency_key: IdempotencyKey = None,
+    services: Services, tenant: CurrentTenant, user_id: UserId, body: s.EnrolRequest, call: Idempotent
 ) -> JSONResponse:
     """Enrol the user (created on first sight) in a task adapter; 404 for an unknown task, 409 if enrolled."""
 
@@ -46,15 +41,7 @@ def post_enrolment(
         )
         return convert.enrolment(found)
 
-    return run_idempotent(
-        services=services,
-        tenant=tenant,
-        key=idempotency_key,
-        request=request,
-        body=body,
-        status_code=201,
-        operation=run,
-    )
+    return call.run(run, body=body, status_code=201)
 
 
 @router.delete("/{task}", status_code=204, response_class=Response)

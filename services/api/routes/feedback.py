@@ -5,52 +5,45 @@ target); ``lorafleet.feedback`` validates both and stores the form it was given.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
-from lorafleet.feedback import ingest_feedback, list_feedback
+from lorafleet.feedback import IngestResult, ingest_feedback, list_feedback
 from lorafleet.sdk import schemas as s
 from services.api import convert
-from services.api.deps import CurrentTenant, CurrentUser, IdempotencyKey, Services, UserId
-from services.api.idempotency import run_idempotent
+from services.api.deps import CurrentUser, Services, UserId
+from services.api.idempotency import Idempotent, IdempotentCall
 
 router = APIRouter(prefix="/v1/users/{user_id}/feedback", tags=["feedback"])
 
 
 @router.post("", response_model=s.FeedbackSubmitted, status_code=200)
-def submit_feedback(
-    services: Services,
-    tenant: CurrentTenant,
-    user_id: UserId,
-    batch: s.FeedbackBatch,
-    request: Request,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+def submit_feedback(user_id: UserId, batch: s.FeedbackBatch, call: Idempotent) -> JSONResponse:
     """Store the records for the user (created on first sight), all or nothing; a record repeating one already
     stored (same kind and training fields) is not stored again and gets the existing record's id."""
 
-    def ingest() -> s.FeedbackSubmitted:
+    def ingest() -> IngestResult:
         records = [record.dump(mode="json") for record in batch.records]
-        result = ingest_feedback(
+        services = call.services
+        return ingest_feedback(
             services.db,
-            tenant_id=tenant.id,
+            tenant_id=call.tenant.id,
             user_external_id=user_id,
             records=records,
             limits=services.feedback_limits,
         )
-        return convert.feedback_submitted(result)
 
-    return run_idempotent(
-        services=services,
-        tenant=tenant,
-        key=idempotency_key,
-        request=request,
-        body=batch,
-        status_code=200,
-        operation=ingest,
-    )
+    return submit_records(call, batch, ingest)
+
+
+def submit_records(
+    call: IdempotentCall, batch: s.FeedbackBatch, ingest: Callable[[], IngestResult]
+) -> JSONResponse:
+    """A feedback batch stored by ``ingest`` (a user's or a task's) behind the request's idempotency key."""
+    return call.run(lambda: convert.feedback_submitted(ingest()), body=batch)
 
 
 @router.get("", response_model=list[s.FeedbackRecordOut])

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse
 
 from lorafleet.sdk import schemas as s
 from services.api import convert
-from services.api.deps import CurrentTenant, IdempotencyKey, Services, UserId
-from services.api.idempotency import run_idempotent
+from services.api.deps import CurrentTenant, Services, UserId
+from services.api.idempotency import Idempotent
 from services.api.routes.adapters import actor_of
 
 router = APIRouter(tags=["jobs"])
@@ -22,9 +22,8 @@ def train_now(
     services: Services,
     tenant: CurrentTenant,
     user_id: UserId,
-    request: Request,
+    call: Idempotent,
     body: s.TrainRequest | None = None,
-    idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Queue a training job for the user on their feedback so far (a user already in an active job gets that
     job, ``created`` false, with its own config). A user with nothing new since their last version is 422.
@@ -36,15 +35,7 @@ def train_now(
         )
         return s.TrainSubmitted(job=convert.job(result.job), created=result.created)
 
-    return run_idempotent(
-        services=services,
-        tenant=tenant,
-        key=idempotency_key,
-        request=request,
-        body=body,
-        status_code=202,
-        operation=submit,
-    )
+    return call.run(submit, body=body, status_code=202)
 
 
 @router.get("/v1/jobs/{job_id}", response_model=s.JobOut)
@@ -55,11 +46,7 @@ def get_job(services: Services, tenant: CurrentTenant, job_id: Annotated[int, Pa
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=s.JobOut)
 def cancel_job(
-    services: Services,
-    tenant: CurrentTenant,
-    job_id: Annotated[int, Path(ge=1)],
-    request: Request,
-    idempotency_key: IdempotencyKey = None,
+    services: Services, tenant: CurrentTenant, job_id: Annotated[int, Path(ge=1)], call: Idempotent
 ) -> JSONResponse:
     """Cancel one of the tenant's jobs: a queued job is ``cancelled`` at once; a running one stops at its
     next step (answered still ``running``, with ``cancel_requested_at``) and ends ``cancelled`` without a
@@ -68,15 +55,7 @@ def cancel_job(
     def cancel() -> s.JobOut:
         return convert.job(services.queue.cancel(tenant_id=tenant.id, job_id=job_id, actor=actor_of(tenant)))
 
-    return run_idempotent(
-        services=services,
-        tenant=tenant,
-        key=idempotency_key,
-        request=request,
-        body=None,
-        status_code=200,
-        operation=cancel,
-    )
+    return call.run(cancel, body=None)
 
 
 @router.get("/v1/jobs", response_model=list[s.JobOut])

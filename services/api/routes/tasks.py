@@ -11,11 +11,12 @@ import base64
 import binascii
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
-from lorafleet.domain import Adapter, Tenant
+from lorafleet.domain import Adapter, AliasEvent
 from lorafleet.errors import ValidationError
+from lorafleet.feedback import IngestResult
 from lorafleet.sdk import schemas as s
 from lorafleet.tasks import (
     enrolled_users,
@@ -26,10 +27,10 @@ from lorafleet.tasks import (
     move_task_live,
 )
 from services.api import convert
-from services.api.deps import CurrentTenant, IdempotencyKey, Services, VersionNumber
-from services.api.idempotency import run_idempotent
+from services.api.deps import CurrentTenant, Services, VersionNumber
+from services.api.idempotency import Idempotent, IdempotentCall
 from services.api.routes import adapters as adapter_routes
-from services.api.runtime import ApiServices
+from services.api.routes.feedback import submit_records
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 TaskPath = Annotated[str, Path(min_length=1, max_length=128, description="The task adapter's name.")]
@@ -50,33 +51,22 @@ def get_tasks(services: Services, tenant: CurrentTenant) -> list[s.TaskOut]:
 
 
 @router.post("/{task}/feedback", response_model=s.FeedbackSubmitted, status_code=200)
-def submit_task_feedback(
-    services: Services,
-    tenant: CurrentTenant,
-    task: TaskPath,
-    batch: s.FeedbackBatch,
-    request: Request,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+def submit_task_feedback(task: TaskPath, batch: s.FeedbackBatch, call: Idempotent) -> JSONResponse:
     """Store records for the task (the task adapter is created on first sight), all or nothing, deduplicated
     like a user's feedback; the scheduler trains the task like a user."""
 
-    def ingest() -> s.FeedbackSubmitted:
+    def ingest() -> IngestResult:
         records = [record.model_dump(mode="json") for record in batch.records]
-        result = ingest_task_feedback(
-            services.db, tenant_id=tenant.id, task_name=task, records=records, limits=services.feedback_limits
+        services = call.services
+        return ingest_task_feedback(
+            services.db,
+            tenant_id=call.tenant.id,
+            task_name=task,
+            records=records,
+            limits=services.feedback_limits,
         )
-        return convert.feedback_submitted(result)
 
-    return run_idempotent(
-        services=services,
-        tenant=tenant,
-        key=idempotency_key,
-        request=request,
-        body=batch,
-        status_code=200,
-        operation=ingest,
-    )
+    return submit_records(call, batch, ingest)
 
 
 @router.get("/{task}/feedback", response_model=list[s.FeedbackRecordOut])
@@ -96,12 +86,7 @@ def get_task_feedback(
 
 @router.post("/{task}/import", response_model=s.TaskImportSubmitted, status_code=202)
 def import_task_adapter(
-    services: Services,
-    tenant: CurrentTenant,
-    task: TaskPath,
-    body: s.TaskImportRequest,
-    request: Request,
-    idempotency_key: IdempotencyKey = None,
+    services: Services, tenant: CurrentTenant, task: TaskPath, body: s.TaskImportRequest, call: Idempotent
 ) -> JSONResponse:
     """Queue an ``import`` job for an existing PEFT adapter: a trainer checks it (safetensors only, shapes,
     rank, finite values, backbone fingerprint), computes its routing key from the example prompts and registers
@@ -129,15 +114,7 @@ def import_task_adapter(
             job=convert.job(result.job), created=result.created, archive_sha256=result.archive_sha256
         )
 
-    return run_idempotent(
-        services=services,
-        tenant=tenant,
-        key=idempotency_key,
-        request=request,
-        body=body,
-        status_code=202,
-        operation=submit,
-    )
+    return call.run(submit, body=body, status_code=202)
 
 
 @router.post("/{task}/train", response_model=s.TrainSubmitted, status_code=202)
@@ -145,9 +122,8 @@ def train_task(
     services: Services,
     tenant: CurrentTenant,
     task: TaskPath,
-    request: Request,
+    call: Idempotent,
     body: s.TrainRequest | None = None,
-    idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Queue a training job for the task on its feedback so far (a task in an active job gets that job);
     ``training`` overrides the tenant's training config for this job, as for a user's."""
@@ -158,15 +134,7 @@ def train_task(
         )
         return s.TrainSubmitted(job=convert.job(result.job), created=result.created)
 
-    return run_idempotent(
-        services=services,
-        tenant=tenant,
-        key=idempotency_key,
-        request=request,
-        body=body,
-        status_code=202,
-        operation=submit,
-    )
+    return call.run(submit, body=body, status_code=202)
 
 
 @router.get("/{task}/enrolments", response_model=s.TaskEnrolledOut)
@@ -213,63 +181,38 @@ def task_alias_history(services: Services, adapter: TaskAdapter) -> list[s.Alias
 
 
 @router.post("/{task}/promote", response_model=s.AliasEventOut)
-def promote_task(
-    services: Services,
-    tenant: CurrentTenant,
-    adapter: TaskAdapter,
-    body: s.PromoteRequest,
-    request: Request,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+def promote_task(adapter: TaskAdapter, body: s.PromoteRequest, call: Idempotent) -> JSONResponse:
     """Make a task version live; enrolled users' live adapters are rechecked by QA in their changed banks."""
-    return _move_live(services, tenant, adapter, body, request, idempotency_key, "promote", body.version)
+    return _move_live(call, adapter, body, "promote", body.version)
 
 
 @router.post("/{task}/rollback", response_model=s.AliasEventOut)
-def rollback_task(
-    services: Services,
-    tenant: CurrentTenant,
-    adapter: TaskAdapter,
-    body: s.RollbackRequest,
-    request: Request,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+def rollback_task(adapter: TaskAdapter, body: s.RollbackRequest, call: Idempotent) -> JSONResponse:
     """Move the task's ``live`` back to an earlier version or to none; every enrolled user's next request is
     served by it, and their live adapters are rechecked."""
-    return _move_live(services, tenant, adapter, body, request, idempotency_key, "rollback", body.to_version)
+    return _move_live(call, adapter, body, "rollback", body.to_version)
 
 
 def _move_live(
-    services: ApiServices,
-    tenant: Tenant,
+    call: IdempotentCall,
     adapter: Adapter,
     body: s.PromoteRequest | s.RollbackRequest,
-    request: Request,
-    idempotency_key: str | None,
     action: str,
     to_number: int | None,
 ) -> JSONResponse:
-    """``move_task_live`` behind the idempotency key, answered as the recorded alias event."""
+    """``move_task_live`` as ``routes.adapters.move_live`` (behind the idempotency key, answered as the event)."""
+    services = call.services
 
-    def move() -> s.AliasEventOut:
-        event = move_task_live(
+    def move(actor: str) -> AliasEvent:
+        return move_task_live(
             services.db,
             services.registry,
-            tenant_id=tenant.id,
+            tenant_id=call.tenant.id,
             task_name=adapter.name,
             to_number=to_number,
             action=action,
-            actor=adapter_routes.actor_of(tenant),
+            actor=actor,
             reason=body.reason,
         )
-        return adapter_routes.event_out(services, adapter, event)
 
-    return run_idempotent(
-        services=services,
-        tenant=tenant,
-        key=idempotency_key,
-        request=request,
-        body=body,
-        status_code=200,
-        operation=move,
-    )
+    return adapter_routes.move_live(call, adapter, body, move)

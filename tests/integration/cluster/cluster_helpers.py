@@ -15,23 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tests.tiny import (
+    TINY_TRAINING as TINY_TRAINING,  # re-exported: the tests here import it from this module
+)
+
 HOST_SCRIPT = Path(__file__).with_name("cluster_host.py")
 
-#: a few steps on two projections (as in the training tests): a job takes seconds on two CPU cores
-TINY_TRAINING: dict[str, Any] = {
-    # the random-init tiny model's "answers" to general prompts are noise: no anchor rows on it
-    "anchor_ratio": 0.0,
-    "rank": 4,
-    "alpha": 8.0,
-    "target_modules": ["q_proj", "v_proj"],
-    "learning_rate": 5e-3,
-    "max_steps": 8,
-    "batch_size": 4,
-    "max_seq_len": 64,
-    "holdout_fraction": 0.3,
-    "replay_ratio": 0.5,
-    "seed": 0,
-}
 
 _NODE_IN_WORKER_ID = re.compile(r"-node([0-9a-f]{8})-")
 
@@ -131,7 +120,7 @@ class WorkersProcess:
 
     def __init__(self, settings_env: Mapping[str, str], *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lorafleet.cli", "workers", *args],
+            [sys.executable, "-m", "lorafleet.entrypoints.cli", "workers", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -9,16 +9,13 @@ from pathlib import Path
 
 import pytest
 from cluster_helpers import ClusterHost
+from tests.tiny import tiny_backbone_dir
 
 
 @pytest.fixture(scope="module")
 def cluster_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir with the tiny backbone built into it (each trainer actor loads it from there)."""
-    from lorafleet.backbone import build_tiny_backbone
-
-    path = tmp_path_factory.mktemp("lorafleet-cluster-data")
-    build_tiny_backbone(path)
-    return path
+    return tiny_backbone_dir(tmp_path_factory, "lorafleet-cluster-data")
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,12 @@ node retries it, and exactly one version results."""
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from cluster_helpers import TINY_TRAINING, ClusterHost, WorkersProcess, node_prefix
 from sqlalchemy import func, select
+from tests.polling import wait_for
 
 from lorafleet.domain import AdapterVersion, Job
 from lorafleet.feedback import ingest_feedback
@@ -57,16 +56,6 @@ def _job(db: Database, job_id: int) -> Job:
     return JobQueue(db).get(tenant_id=None, job_id=job_id)
 
 
-def _wait_until(what: str, check: Callable[[], T | None], *, timeout: float, every: float = 0.25) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def _versions(db: Database, registry: Registry, *, tenant_id: int, user: str) -> list[AdapterVersion]:
     owner = TenantRepository(db).get_user(tenant_id=tenant_id, external_id=user)
     adapter = registry.find_adapter(tenant_id=tenant_id, owner_user_id=owner.id, name=PERSONAL_ADAPTER)
@@ -103,7 +92,7 @@ def test_jobs_of_several_users_run_on_both_trainer_nodes(
         ).tick()
         job_ids = [job.id for job in tick.jobs_created]
         assert len(job_ids) == len(USERS)
-        jobs = _wait_until("every job to finish", lambda: _all_finished(db, job_ids), timeout=240)
+        jobs = wait_for("every job to finish", lambda: _all_finished(db, job_ids), timeout=240, every=0.25)
     finally:
         status = workers.stop()
 
@@ -157,10 +146,15 @@ def test_a_node_lost_mid_job_leaves_the_job_to_the_other_node_and_one_version(
     doomed = WorkersProcess(env, "--count", "1", "--poll-seconds", "0.5", "--training", endless)
     rescuer: WorkersProcess | None = None
     try:
-        owner = _wait_until("the job to be claimed", lambda: _job(db, job.id).lease_owner, timeout=180)
+        owner = wait_for(
+            "the job to be claimed", lambda: _job(db, job.id).lease_owner, timeout=180, every=0.25
+        )
         (lost,) = [node for node in ray_nodes.workers if node.startswith(node_prefix(owner))]
-        _wait_until(
-            "a heartbeat while it trains", lambda: _heartbeat_seconds(_job(db, job.id)) > 1, timeout=60
+        wait_for(
+            "a heartbeat while it trains",
+            lambda: _heartbeat_seconds(_job(db, job.id)) > 1,
+            timeout=60,
+            every=0.25,
         )
         rescuer = WorkersProcess(
             env, "--count", "1", "--poll-seconds", "0.5", "--training", json.dumps(TINY_TRAINING)
@@ -170,7 +164,7 @@ def test_a_node_lost_mid_job_leaves_the_job_to_the_other_node_and_one_version(
         assert _job(db, job.id).state == "running"
 
         ray_nodes.remove(lost)
-        done = _wait_until("the job to finish", lambda: _all_finished(db, [job.id]), timeout=180)[0]
+        done = wait_for("the job to finish", lambda: _all_finished(db, [job.id]), timeout=180, every=0.25)[0]
         doomed.output.wait_for(r"died .*starting a replacement", timeout=120)
     finally:
         statuses = [doomed.stop()] + ([rescuer.stop()] if rescuer else [])

@@ -21,7 +21,7 @@ from qa_helpers import (
     worker,
 )
 
-from lorafleet.cli import main as cli_main
+from lorafleet.entrypoints.cli import main as cli_main
 from lorafleet.jobs import JobQueue, Scheduler
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.reports import load_report, reports_for_version

@@ -5,20 +5,21 @@ next to ``train`` jobs on the nf4 backbone, and an actor killed mid-QA is replac
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import ray
 from qa_helpers import TINY_TRAINING, World, feed, qa_trainer
+from tests.faults import FaultyBlobs
+from tests.polling import wait_for
 
 from lorafleet.config import Settings, load_settings
 from lorafleet.domain import Job
 from lorafleet.errors import LeaseLostError
 from lorafleet.feedback import ingest_feedback
 from lorafleet.jobs import JobQueue, JobWorker, LeaseContext, Scheduler
-from lorafleet.qa.evaluation import Subject
 from lorafleet.qa.reports import reports_for_version
 from lorafleet.qa.runner import QARunner
 from lorafleet.qa.triggers import QA_JOB_KIND
@@ -36,9 +37,9 @@ class Killed(BaseException):
     """What a killed process looks like to the job: the handler never returns and nothing is settled."""
 
 
-class DyingRunner(QARunner):
-    def _before_decision(self, subject: Subject) -> None:
-        raise Killed("worker killed after evaluating, before deciding")
+def _killed(_document: bytes) -> None:
+    """QA's first write of a decision is its report document: dying there is dying before deciding."""
+    raise Killed("worker killed after evaluating, before deciding")
 
 
 def _queued_qa_job(world: World, user: str) -> Job:
@@ -53,17 +54,11 @@ def _queued_qa_job(world: World, user: str) -> Job:
     return JobQueue(world.db).get(tenant_id=None, job_id=qa_job_id)
 
 
-def _wait(what: str, check: Callable[[], object], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_a_qa_worker_killed_mid_run_is_retried_and_the_job_decides_once(world: World) -> None:
     job = _queued_qa_job(world, "alice")
     queue = JobQueue(world.db)
-    dying = DyingRunner(world.db, world.registry, world.backbone, world.bank)
+    dying_registry = Registry(world.db, FaultyBlobs(world.registry.blobs, before_put_bytes=_killed))
+    dying = QARunner(world.db, dying_registry, world.backbone, world.bank)
     first = JobWorker(queue, worker_id="w1", handlers={QA_JOB_KIND: dying.run_job}, lease_seconds=1.0)
     with pytest.raises(Killed):
         first.run_once()
@@ -73,7 +68,7 @@ def test_a_qa_worker_killed_mid_run_is_retried_and_the_job_decides_once(world: W
     assert world.bank.occupied() == {}  # the slots were evicted on the way out
 
     attempt1 = queue.get(tenant_id=None, job_id=job.id)
-    _wait("the killed worker's lease to expire", lambda: _expired(queue, job.id))
+    wait_for("the killed worker's lease to expire", lambda: _expired(queue, job.id), every=0.1)
     runner = QARunner(world.db, world.registry, world.backbone, world.bank)
     stale = LeaseContext(queue=queue, job=attempt1, worker_id="w1")
     with pytest.raises(LeaseLostError):  # the first worker, had it survived, could not decide any more
@@ -171,7 +166,11 @@ def test_trainer_actors_run_qa_jobs_and_one_killed_mid_qa_is_replaced(
     assert ray.get(doomed.actors[0].run_once.remote(), timeout=120) == train.id  # train: queues the QA job
     (qa_id,) = (JobQueue(db).get(tenant_id=None, job_id=train.id).result or {})["qa_jobs"]
     running = doomed.actors[0].run_once.remote()
-    _wait("the actor to claim the QA job", lambda: JobQueue(db).get(tenant_id=None, job_id=qa_id).lease_owner)
+    wait_for(
+        "the actor to claim the QA job",
+        lambda: JobQueue(db).get(tenant_id=None, job_id=qa_id).lease_owner,
+        every=0.1,
+    )
     time.sleep(1.0)
     ray.kill(doomed.actors[0])
     with pytest.raises(ray.exceptions.RayActorError):
@@ -180,7 +179,9 @@ def test_trainer_actors_run_qa_jobs_and_one_killed_mid_qa_is_replaced(
     assert qa_job.state == "running" and qa_job.attempts == 1
 
     with TrainerPool(settings, training=TINY_TRAINING) as rescuer:
-        _wait("the dead actor's lease to expire", lambda: _expired(JobQueue(db), qa_id), timeout=30)
+        wait_for(
+            "the dead actor's lease to expire", lambda: _expired(JobQueue(db), qa_id), timeout=30, every=0.1
+        )
         Scheduler(db).train_now(tenant_id=tenant_id, user_external_id="fred")
         ran = rescuer.drain(timeout=300)
         assert qa_id in ran and len(ran) == 3  # the taken-over QA job, fred's train job and its QA job

@@ -20,21 +20,20 @@ from pathlib import Path
 os.environ.setdefault("RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S", "10")
 
 #: the API tests' helpers (a uvicorn server in a thread, real adapter folders, PostgreSQL's admin conninfo)
-SERVICES_TESTS = Path(__file__).resolve().parents[2] / "services"
+SERVICES_TESTS = Path(__file__).resolve().parents[1] / "services"
 if str(SERVICES_TESTS) not in sys.path:
     sys.path.append(str(SERVICES_TESTS))
 
 import pytest  # noqa: E402
-from api_helpers import AWS_TEST_ENV, Library, pg_admin_conninfo  # noqa: E402
+from api_helpers import AWS_TEST_ENV, Library  # noqa: E402
 from serve_helpers import REPLICA_OPTIONS, free_port, init_local_ray  # noqa: E402
+from tests.databases import migrated_pg_database  # noqa: E402
+from tests.tiny import tiny_backbone_dir  # noqa: E402
 
 from lorafleet.config import Settings, load_settings  # noqa: E402
-from lorafleet.registry import Registry  # noqa: E402
+from lorafleet.platform import Platform  # noqa: E402
 from lorafleet.serving.engine import GenerationEngine  # noqa: E402
 from lorafleet.serving.ray_serve import ServeClient  # noqa: E402
-from lorafleet.store.blob import open_blob_store_from_settings  # noqa: E402
-from lorafleet.store.sql.database import Database  # noqa: E402
-from lorafleet.store.sql.tenants import TenantRepository  # noqa: E402
 
 for _name, _value in AWS_TEST_ENV.items():
     os.environ.setdefault(_name, _value)
@@ -43,32 +42,13 @@ for _name, _value in AWS_TEST_ENV.items():
 @pytest.fixture(scope="module")
 def serve_pg_url() -> Iterator[str]:
     """A migrated PostgreSQL database for these tests alone (replicas connect to it from their processes)."""
-    import psycopg
-
-    from lorafleet.store.sql import migrate
-
-    admin_url = os.environ.get(
-        "LORAFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-    )
-    name = f"lorafleet_serve_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_admin_conninfo(), autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-    migrate.upgrade(url)
-    try:
+    with migrated_pg_database("lorafleet_serve") as url:
         yield url
-    finally:
-        with psycopg.connect(pg_admin_conninfo(), autocommit=True, connect_timeout=5) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module")
 def serve_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lorafleet.backbone import build_tiny_backbone
-
-    path = tmp_path_factory.mktemp("lorafleet-serve-data")
-    build_tiny_backbone(path)
-    return path
+    return tiny_backbone_dir(tmp_path_factory, "lorafleet-serve-data")
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +71,8 @@ def serve_settings(serve_data_dir: Path, serve_pg_url: str) -> Settings:
 
 @pytest.fixture(scope="module")
 def serve_library(serve_settings: Settings) -> Iterator[Library]:
-    db = Database(serve_settings.resolved_database_url)
-    yield Library(db, Registry(db, open_blob_store_from_settings(serve_settings)), TenantRepository(db))
-    db.dispose()
+    with Platform.from_settings(serve_settings) as platform:
+        yield platform
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from continual_helpers import TINY_TRAINING, tiny_tenant
+from tests.tiny import tiny_backbone_dir
 
 from lorafleet.adapters import AdapterBank
 from lorafleet.backbone import Backbone
@@ -24,11 +25,7 @@ from lorafleet.training.continual import ContinualTrainer
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session's data dir, with the built-in tiny backbone built into it."""
-    from lorafleet.backbone import build_tiny_backbone
-
-    path = tmp_path_factory.mktemp("lorafleet-data")
-    build_tiny_backbone(path)
-    return path
+    return tiny_backbone_dir(tmp_path_factory, "lorafleet-data")
 
 
 @pytest.fixture(scope="session")
@@ -93,14 +90,27 @@ def tenant_id(database: Database) -> int:
 def make_trainer(
     database: Database, registry: Registry, backbone_and_bank: tuple[Backbone, AdapterBank]
 ) -> Iterator[Callable[..., ContinualTrainer]]:
-    """``make_trainer(cls=ContinualTrainer, promote_rule=..., **training)`` over the in-process bank."""
+    """``make_trainer(cls=ContinualTrainer, promote_rule=..., train_slots=None, **training)`` over the in-process
+    bank (``train_slots``: a wrapper of ``lorafleet.training.trainer.train_slots``, to inject faults)."""
     backbone, bank = backbone_and_bank
 
     def make(
-        *, cls: type[ContinualTrainer] = ContinualTrainer, promote_rule: str = "always", **training: Any
+        *,
+        cls: type[ContinualTrainer] = ContinualTrainer,
+        promote_rule: str = "always",
+        train_slots: Callable[..., Any] | None = None,
+        **training: Any,
     ) -> ContinualTrainer:
         config = TrainingConfig(**{**TINY_TRAINING, **training})
-        return cls(database, registry, backbone, bank, config=config, promote_rule=promote_rule)  # type: ignore[arg-type]
+        return cls(
+            database,
+            registry,
+            backbone,
+            bank,
+            config=config,
+            promote_rule=promote_rule,  # type: ignore[arg-type]
+            train_slots=train_slots,
+        )
 
     yield make
     assert bank.occupied() == {}, "a job left slots loaded in the bank"

@@ -3,11 +3,13 @@ feedback, and row counts."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, select
+from tests.tiny import (
+    TINY_TRAINING as TINY_TRAINING,  # re-exported: the tests here import it from this module
+)
 
 from lorafleet.domain import Job
 from lorafleet.feedback import ingest_feedback
@@ -17,22 +19,6 @@ from lorafleet.store.sql.models import SqlAdapterVersion, SqlDatasetSnapshot, Sq
 from lorafleet.store.sql.tenants import TenantRepository
 from lorafleet.training.overrides import set_tenant_training
 from lorafleet.training.synthetic import make_user_records
-
-#: a few steps on two projections: enough to move the holdout loss, fast on two CPU cores
-TINY_TRAINING: dict[str, Any] = {
-    # the random-init tiny model's "answers" to general prompts are noise: no anchor rows on it
-    "anchor_ratio": 0.0,
-    "rank": 4,
-    "alpha": 8.0,
-    "target_modules": ["q_proj", "v_proj"],
-    "learning_rate": 5e-3,
-    "max_steps": 8,
-    "batch_size": 4,
-    "max_seq_len": 64,
-    "holdout_fraction": 0.3,
-    "replay_ratio": 0.5,
-    "seed": 0,
-}
 
 
 def tiny_tenant(db: Database, name: str = "acme") -> int:
@@ -71,17 +57,6 @@ def count_rows(db: Database, model: Any) -> int:
 
 def count_versions_and_snapshots(db: Database) -> tuple[int, int]:
     return count_rows(db, SqlAdapterVersion), count_rows(db, SqlDatasetSnapshot)
-
-
-def wait_for(what: str, check: Callable[[], Any], *, timeout: float = 60.0, every: float = 0.2) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def get_job(db: Database, job_id: int) -> Job:

@@ -11,13 +11,14 @@ from typing import Any
 import torch
 from continual_helpers import TINY_TRAINING, count_versions_and_snapshots, feed_users, get_job
 
+from lorafleet.adapters import AdapterBank
 from lorafleet.config import Settings
 from lorafleet.jobs import JobQueue, JobWorker, Scheduler
 from lorafleet.jobs.commands import train_now
 from lorafleet.registry import Registry
 from lorafleet.store.sql.database import Database
 from lorafleet.training.continual import PERSONAL_ADAPTER, ContinualTrainer
-from lorafleet.training.trainer import SlotTask
+from lorafleet.training.trainer import SlotTask, train_slots
 
 
 class MovableClock:
@@ -81,14 +82,15 @@ def test_a_second_job_continues_from_the_live_version_with_replay(
     assert len(registry.list_versions(tenant_id=tenant_id, adapter_id=adapter_id)) == 2
 
 
-class NaNTrainer(ContinualTrainer):
-    """Puts a NaN into every slot's LoRA A before training starts."""
-
-    def _before_training(self, tasks: Sequence[SlotTask]) -> None:
-        with torch.no_grad():
-            for layer in self.bank.layers.values():
-                for task in tasks:
-                    layer.lora_A[task.slot].fill_(float("nan"))
+def nan_before_training(
+    bank: AdapterBank, tokenizer: Any, tasks: Sequence[SlotTask], *args: Any, **kw: Any
+) -> Any:
+    """``train_slots`` with a NaN put into every slot's LoRA A before training starts."""
+    with torch.no_grad():
+        for layer in bank.layers.values():
+            for task in tasks:
+                layer.lora_A[task.slot].fill_(float("nan"))
+    return train_slots(bank, tokenizer, tasks, *args, **kw)
 
 
 def test_a_nan_in_training_fails_the_job_and_registers_nothing(
@@ -102,7 +104,7 @@ def test_a_nan_in_training_fails_the_job_and_registers_nothing(
     feed_users(database, tenant_id=tenant_id, users=["bo"], round=2, n_records=6)
     job = Scheduler(database, queue=queue).train_now(tenant_id=tenant_id, user_external_id="bo").job
 
-    ended = _worker(make_trainer(cls=NaNTrainer), queue, "nan").run_once()
+    ended = _worker(make_trainer(train_slots=nan_before_training), queue, "nan").run_once()
 
     assert ended is not None and ended.id == job.id
     assert ended.state == "failed" and ended.attempts == 1  # TrainingError: no retry
@@ -179,9 +181,13 @@ def test_each_subject_trains_beside_a_share_of_anchor_rows(
 
     set_tenant_training(database, tenant_id=tenant_id, overrides={**TINY_TRAINING, "anchor_ratio": 0.3})
     queue = JobQueue(database)
-    trainer = make_trainer(promote_rule="always")
     seen: list[list[SlotTask]] = []
-    trainer._before_training = lambda tasks: seen.append(list(tasks))  # type: ignore[method-assign]
+
+    def recording(bank: AdapterBank, tokenizer: Any, tasks: Sequence[SlotTask], *args: Any, **kw: Any) -> Any:
+        seen.append(list(tasks))
+        return train_slots(bank, tokenizer, tasks, *args, **kw)
+
+    trainer = make_trainer(promote_rule="always", train_slots=recording)
     feed_users(database, tenant_id=tenant_id, users=["ann"], round=1, n_records=10)
     Scheduler(database, queue=queue).train_now(tenant_id=tenant_id, user_external_id="ann")
     assert _worker(trainer, queue, "w1").run_once() is not None

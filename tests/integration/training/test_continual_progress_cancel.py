@@ -22,7 +22,7 @@ from lorafleet.tasks import ingest_task_feedback
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.continual import ContinualTrainer
 from lorafleet.training.synthetic import make_user_records
-from lorafleet.training.trainer import SlotTask
+from lorafleet.training.trainer import SlotTask, train_slots
 
 Step = tuple[int, int]
 
@@ -138,17 +138,6 @@ def test_a_job_cancelled_mid_training_registers_nothing(
     assert queue.claim(worker_id="w2", lease_seconds=30) is None  # never retried
 
 
-class TakenOverTrainer(ContinualTrainer):
-    """Before training, "pauses" past its lease (the queue's clock jumps) and another worker takes the job."""
-
-    queue: JobQueue
-    skew: list[timedelta]
-
-    def _before_training(self, tasks: Sequence[SlotTask]) -> None:
-        self.skew[0] += timedelta(seconds=120)
-        assert self.queue.claim(worker_id="new", lease_seconds=30) is not None
-
-
 def test_a_worker_that_lost_its_lease_stops_at_its_first_report(
     database: Database,
     registry: Registry,
@@ -161,8 +150,18 @@ def test_a_worker_that_lost_its_lease_stops_at_its_first_report(
     job_id = _submit(database, tenant_id=tenant_id, subjects={("user", "cy"): max(fed["cy"])})
     backbone, bank = backbone_and_bank
     config = TrainingConfig(**TINY_TRAINING)
-    trainer = TakenOverTrainer(database, registry, backbone, bank, config=config, promote_rule="always")
-    trainer.queue, trainer.skew = queue, skew
+
+    def taken_over(
+        bank: AdapterBank, tokenizer: Any, tasks: Sequence[SlotTask], *args: Any, **kw: Any
+    ) -> Any:
+        """Before training, "pauses" past its lease (the queue's clock jumps) and another worker takes the job."""
+        skew[0] += timedelta(seconds=120)
+        assert queue.claim(worker_id="new", lease_seconds=30) is not None
+        return train_slots(bank, tokenizer, tasks, *args, **kw)
+
+    trainer = ContinualTrainer(
+        database, registry, backbone, bank, config=config, promote_rule="always", train_slots=taken_over
+    )
     steps = Steps(queue)
     trainer.progress = steps
     steps.job_id = job_id

@@ -22,8 +22,8 @@ from continual_helpers import (
     get_job,
     queue_legacy_train_job,
     tiny_tenant,
-    wait_for,
 )
+from tests.polling import wait_for
 
 from lorafleet.config import Settings
 from lorafleet.domain import AdapterVersion

@@ -9,13 +9,10 @@ from pathlib import Path
 import pytest
 from tests.unit.registry.registry_helpers import write_adapter_dir
 
-from lorafleet.cli import main
-from lorafleet.config import load_settings
+from lorafleet.entrypoints.cli import main
+from lorafleet.platform import Platform
 from lorafleet.registry import Registry
-from lorafleet.store.blob import open_blob_store_from_settings
-from lorafleet.store.sql import migrate
 from lorafleet.store.sql.database import Database
-from lorafleet.store.sql.tenants import TenantRepository
 
 
 @dataclass
@@ -40,11 +37,8 @@ def setup(
     out = capsys.readouterr().out
     assert "tenant 'acme'" in out and "api key (shown only now): " in out
 
-    settings = load_settings()
-    migrate.upgrade(settings.resolved_database_url)
-    db = Database(settings.resolved_database_url)
-    registry = Registry(db, open_blob_store_from_settings(settings))
-    tenants = TenantRepository(db)
+    platform = Platform.from_settings(migrate=True)
+    db, registry, tenants = platform.db, platform.registry, platform.tenants
     tenant = tenants.get_tenant(name="acme")
     user = tenants.get_or_create_user(tenant_id=tenant.id, external_id="alice")
     tenants.get_or_create_user(tenant_id=tenant.id, external_id="bob")
@@ -65,7 +59,7 @@ def setup(
         registry.promote(tenant_id=tenant.id, adapter_id=adapter.id, number=number, actor="test", reason="ok")
         parent = version
     yield Setup("acme", tmp_path, db, registry, tenant.id, adapter.id)
-    db.dispose()
+    platform.close()
 
 
 def test_users_lists_users_and_live_versions(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
@@ -124,52 +118,3 @@ def test_serve_help_names_the_options(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     for option in ("--host", "--port", "--workers", "--scheduler-interval"):
         assert option in out
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    """``lorafleet serve`` (no workers, no scheduler: no Ray) migrates, serves /healthz, exits 0 on SIGTERM."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
-    port = _free_port()
-    env = {"LORAFLEET_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    args = ["serve", "--port", str(port), "--workers", "0", "--no-scheduler"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lorafleet.cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "serve did not answer /healthz"
-            time.sleep(0.2)
-        assert (tmp_path / "lorafleet.db").exists()  # migrated at start
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0, output
-        assert "shutting down" in output
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

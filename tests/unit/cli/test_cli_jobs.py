@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from lorafleet.cli import main
-from lorafleet.cli_jobs import watch_job
 from lorafleet.config import load_settings
 from lorafleet.domain import Job
+from lorafleet.entrypoints.cli import main
+from lorafleet.entrypoints.jobs import watch_job
 from lorafleet.jobs import JobQueue, LeaseContext
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.tenants import TenantRepository

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lorafleet.cli import main
+from lorafleet.entrypoints.cli import main
 from lorafleet.training.config import TrainingConfig
 
 

@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 import yaml
 
-from lorafleet.cli import build_parser
 from lorafleet.config import Settings, load_settings
+from lorafleet.entrypoints.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[3]
 INFRA = REPO / "infra"
@@ -449,7 +449,10 @@ def test_the_dockerfile_builds_one_image_for_both_variants() -> None:
     assert makefile_torch is not None and args["TORCH_VERSION"] == makefile_torch.group(1)
     assert "https://download.pytorch.org/whl/cpu" in (INFRA / "Dockerfile").read_text()
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert docker_exec_form("ENTRYPOINT") == ["lorafleet"] and scripts["lorafleet"] == "lorafleet.cli:main"
+    assert (
+        docker_exec_form("ENTRYPOINT") == ["lorafleet"]
+        and scripts["lorafleet"] == "lorafleet.entrypoints.cli:main"
+    )
 
 
 def test_the_dockerfile_copies_what_exists_and_points_at_the_migrations() -> None:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from lorafleet.cli import build_parser, main
 from lorafleet.config import load_settings
+from lorafleet.entrypoints.cli import build_parser, main
 from lorafleet.jobs.placement import TrainerPlacement, placement_capacity
 
 

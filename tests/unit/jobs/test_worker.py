@@ -3,12 +3,12 @@ mid-handler (the handler's outcome is never recorded)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from tests.polling import wait_for
 
 from lorafleet.domain import Job
 from lorafleet.errors import LeaseLostError, TrainingError, ValidationError
@@ -26,13 +26,6 @@ def _worker(queue: JobQueue, handler: Callable[[Job, LeaseContext], Any], **kwar
 
 def _submit(queue: JobQueue, **kwargs: Any) -> int:
     return queue.submit(tenant_id=None, kind="train", payload={"x": 1}, dedupe_key="k", **kwargs).job.id
-
-
-def _wait_for(condition: Callable[[], bool], *, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_a_handler_result_completes_the_job(queue: JobQueue) -> None:
@@ -89,7 +82,12 @@ def test_heartbeats_keep_a_long_handler_s_lease(queue: JobQueue, database: Datab
     def slow(job: Job, lease: LeaseContext) -> dict[str, Any]:
         for _ in range(2):  # 50 s of fake time under a 30 s lease
             clock.advance(seconds=25)
-            _wait_for(lambda: queue.get(tenant_id=None, job_id=job_id).heartbeat_at == clock())
+            wait_for(
+                "a heartbeat",
+                lambda: queue.get(tenant_id=None, job_id=job_id).heartbeat_at == clock(),
+                timeout=5.0,
+                every=0.01,
+            )
             assert thief.claim(worker_id="thief", lease_seconds=LEASE) is None
         lease.check()
         return {"ok": True}
@@ -106,7 +104,9 @@ def test_lease_lost_mid_handler_drops_its_result(queue: JobQueue, database: Data
     def overtaken(job: Job, lease: LeaseContext) -> dict[str, Any]:
         clock.advance(seconds=LEASE + 1)  # this worker stalled; another took over
         assert thief.claim(worker_id="thief", lease_seconds=LEASE) is not None
-        _wait_for(lambda: lease.lost)  # the next heartbeat notices
+        wait_for(
+            "the lease to be lost", lambda: lease.lost, timeout=5.0, every=0.01
+        )  # the next heartbeat notices
         try:
             lease.check()
         except LeaseLostError as exc:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from registry_helpers import TwoTenants, blob_digests, count_versions, version_count
+from tests.faults import FaultyBlobs
 
 from lorafleet.adapters.peft_format import inspect_adapter_dir
 from lorafleet.errors import (
@@ -241,9 +242,8 @@ def test_bad_arguments_write_nothing(
 
 
 # --- crash between blob and row, and the garbage collector ---------------------------------------------
-class _CrashingRegistry(Registry):
-    def _after_blob_written(self, ref: BlobRef) -> None:
-        raise RuntimeError(f"injected crash after writing {ref.sha256}")
+def _crash(ref: BlobRef) -> None:
+    raise RuntimeError(f"injected crash after writing {ref.sha256}")
 
 
 def test_crash_after_blob_write_leaves_only_an_orphan_that_gc_removes(
@@ -252,7 +252,7 @@ def test_crash_after_blob_write_leaves_only_an_orphan_that_gc_removes(
     tenants: TwoTenants,
     make_adapter_dir: Callable[..., Path],
 ) -> None:
-    crashing = _CrashingRegistry(database, blob_store, gc_grace_seconds=3600)
+    crashing = Registry(database, FaultyBlobs(blob_store, after_put_file=_crash), gc_grace_seconds=3600)
     adapter_id = _adapter(crashing, tenants)
     with pytest.raises(RuntimeError, match="injected crash"):
         crashing.register_version(
@@ -303,11 +303,14 @@ def test_gc_racing_a_registration_of_the_same_bytes_never_leaves_a_dangling_row(
     """An old orphan with the same content is reused by a registration; a GC that deletes it between the
     blob write and the row insert must not leave the row pointing at nothing."""
 
-    class GcInTheMiddle(Registry):
-        def _after_blob_written(self, ref: BlobRef) -> None:
-            assert Registry(database, blob_store).gc(now=FAR_FUTURE) == [ref.sha256]
+    collected: list[str] = []
 
-    registry = GcInTheMiddle(database, blob_store)
+    def gc_in_the_middle(ref: BlobRef) -> None:
+        if not collected:  # the registration's own write; not the re-upload it then needs
+            collected.extend(Registry(database, blob_store).gc(now=FAR_FUTURE))
+            assert collected == [ref.sha256]
+
+    registry = Registry(database, FaultyBlobs(blob_store, after_put_file=gc_in_the_middle))
     adapter_id = _adapter(registry, tenants)
     version = registry.register_version(
         tenant_id=tenants.a, adapter_id=adapter_id, adapter_dir=make_adapter_dir(), base_fingerprint="fp"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.polling import wait_for
 
 from lorafleet.adapters import AdapterBank
 from lorafleet.backbone import Backbone
@@ -157,10 +158,20 @@ def test_rollback_while_requests_are_in_flight(world: World, adapter_folders: Ca
         submitter.start()
         time.sleep(0.05)
         world.promote(adapter_id, 2)
-        wait_for(lambda: any(_version(f) == 2 for _, f in list(submitted)))
+        wait_for(
+            "version 2 to be served",
+            lambda: any(_version(f) == 2 for _, f in list(submitted)),
+            timeout=30.0,
+            every=0.005,
+        )
         world.registry.rollback(tenant_id=world.tenant_id, adapter_id=adapter_id, to_number=1, actor="test")
         rolled_back = time.monotonic()
-        wait_for(lambda: sum(1 for t, f in list(submitted) if t > rolled_back and f.done()) >= 10)
+        wait_for(
+            "10 answers after the rollback",
+            lambda: sum(1 for t, f in list(submitted) if t > rolled_back and f.done()) >= 10,
+            timeout=30.0,
+            every=0.005,
+        )
         stop.set()
         submitter.join()
     results = [(t, f.result(timeout=10)) for t, f in submitted]
@@ -178,10 +189,3 @@ def test_rollback_while_requests_are_in_flight(world: World, adapter_folders: Ca
 
 def _version(future: Future[GenerationResult]) -> int | None:
     return future.result().served_by[0].version if future.done() else None
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)

@@ -9,55 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.domain.enums import ACTIVE_JOB_STATES, JobState
+from lorafleet.entrypoints.process import on_stop_signals
 from lorafleet.errors import ValidationError
+from lorafleet.platform import Platform
 
 if TYPE_CHECKING:
-    from lorafleet.config import Settings
-    from lorafleet.registry import Registry
-    from lorafleet.store.sql.database import Database
-    from lorafleet.store.sql.tenants import TenantRepository
     from lorafleet.training.overrides import TenantTraining
 
 log = logging.getLogger("lorafleet.cli")
 
 
-@dataclass
-class Library:
-    settings: Settings
-    db: Database
-    registry: Registry
-    tenants: TenantRepository
-
-
-@contextmanager
-def open_library() -> Iterator[Library]:
-    """The database, registry and tenants of the configured settings (disposed on exit)."""
-    from lorafleet.config import load_settings
-    from lorafleet.registry import Registry
-    from lorafleet.store.blob import open_blob_store_from_settings
-    from lorafleet.store.sql.database import Database
-    from lorafleet.store.sql.tenants import TenantRepository
-
-    settings = load_settings()
-    db = Database(settings.resolved_database_url)
-    try:
-        yield Library(
-            settings, db, Registry(db, open_blob_store_from_settings(settings)), TenantRepository(db)
-        )
-    finally:
-        db.dispose()
-
-
-def _adapter_id(lib: Library, tenant: str, user: str, adapter: str) -> tuple[int, int]:
+def _adapter_id(lib: Platform, tenant: str, user: str, adapter: str) -> tuple[int, int]:
     """(tenant id, adapter id) of the user's adapter; NotFound errors name what is missing."""
     from lorafleet.errors import NotFoundError
 
@@ -70,7 +35,7 @@ def _adapter_id(lib: Library, tenant: str, user: str, adapter: str) -> tuple[int
 
 
 def tenants_create(args: argparse.Namespace) -> int:
-    with open_library() as lib:
+    with Platform.from_settings() as lib:
         tenant, key = lib.tenants.create_tenant(name=args.name)
     print(f"tenant {tenant.name!r} (id {tenant.id}) created")
     print(f"api key (shown only now): {key}")
@@ -78,7 +43,7 @@ def tenants_create(args: argparse.Namespace) -> int:
 
 
 def tenants_list(_args: argparse.Namespace) -> int:
-    with open_library() as lib:
+    with Platform.from_settings() as lib:
         rows = lib.tenants.list_tenants()
     for t in rows:
         print(f"{t.id:>5}  {t.name}")
@@ -86,7 +51,7 @@ def tenants_list(_args: argparse.Namespace) -> int:
 
 
 def users(args: argparse.Namespace) -> int:
-    with open_library() as lib:
+    with Platform.from_settings() as lib:
         tenant = lib.tenants.get_tenant(name=args.tenant)
         rows = lib.tenants.list_users(tenant_id=tenant.id, limit=args.limit, offset=args.offset)
         print(f"{'id':>6}  {'user':24} {'adapters (live version)'}")
@@ -106,7 +71,7 @@ def _metric(metrics: dict[str, Any], key: str) -> str:
 
 
 def versions(args: argparse.Namespace) -> int:
-    with open_library() as lib:
+    with Platform.from_settings() as lib:
         tenant_id, adapter_id = _adapter_id(lib, args.tenant, args.user, args.adapter)
         rows = lib.registry.list_versions(tenant_id=tenant_id, adapter_id=adapter_id)
         live = lib.registry.live_version(tenant_id=tenant_id, adapter_id=adapter_id)
@@ -127,7 +92,7 @@ def versions(args: argparse.Namespace) -> int:
 
 
 def lineage(args: argparse.Namespace) -> int:
-    with open_library() as lib:
+    with Platform.from_settings() as lib:
         tenant_id, adapter_id = _adapter_id(lib, args.tenant, args.user, args.adapter)
         version = lib.registry.get_version(tenant_id=tenant_id, adapter_id=adapter_id, number=args.version)
         found = lib.registry.lineage(tenant_id=tenant_id, version_id=version.id)
@@ -146,7 +111,7 @@ def lineage(args: argparse.Namespace) -> int:
 
 def rollback(args: argparse.Namespace) -> int:
     target = _rollback_target(args.to)
-    with open_library() as lib:
+    with Platform.from_settings() as lib:
         tenant_id, adapter_id = _adapter_id(lib, args.tenant, args.user, args.adapter)
         lib.registry.rollback(
             tenant_id=tenant_id, adapter_id=adapter_id, to_number=target, actor="cli", reason=args.reason
@@ -186,13 +151,11 @@ def serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", lifespan="on")
     server = uvicorn.Server(config)
 
-    def stop(signum: int, _frame: FrameType | None) -> None:
+    def stop(signum: int) -> None:
         log.info("signal %d: shutting down (stopping the scheduler and the trainer actors)", signum)
         server.should_exit = True
 
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, stop)
+    on_stop_signals(stop)
     server.run()
     log.info("stopped")
     return 0
@@ -202,7 +165,7 @@ def serve(args: argparse.Namespace) -> int:
 def tasks_list(args: argparse.Namespace) -> int:
     from lorafleet.tasks import list_tasks
 
-    with open_library() as lib:
+    with Platform.from_settings() as lib:
         tenant = lib.tenants.get_tenant(name=args.tenant)
         found = list_tasks(lib.db, tenant_id=tenant.id)
     print(f"{'task':<24} {'live':>5} {'versions':>8} {'enrolled':>8} {'records':>8}")
@@ -230,7 +193,7 @@ def tasks_feedback(args: argparse.Namespace) -> int:
             records.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise ValidationError(f"{args.file} line {number}: not JSON ({exc.msg})") from None
-    with open_library() as lib:
+    with Platform.from_settings() as lib:
         tenant = lib.tenants.get_tenant(name=args.tenant)
         result = ingest_task_feedback(
             lib.db,
@@ -249,14 +212,13 @@ def tasks_import(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lorafleet.jobs.imports import submit_import
-    from lorafleet.jobs.queue import JobQueue
     from lorafleet.sdk.calls import adapter_archive
 
     prompts = list(args.prompt) + (_read_lines(args.prompts_file) if args.prompts_file else [])
     if not Path(args.source).exists():
         raise ValidationError(f"source: {args.source} does not exist")
     archive = adapter_archive(args.source)
-    with open_library() as lib:
+    with Platform.from_settings() as lib:
         tenant = lib.tenants.get_tenant(name=args.tenant)
         submitted = submit_import(
             lib.db,
@@ -271,7 +233,7 @@ def tasks_import(args: argparse.Namespace) -> int:
         job = submitted.job
         print(f"import job {job.id} {'queued' if submitted.created else 'already queued'} ({job.state})")
         deadline = time.monotonic() + args.wait
-        queue = JobQueue(lib.db)
+        queue = lib.queue
         while args.wait > 0 and job.state in ACTIVE_JOB_STATES and time.monotonic() < deadline:
             time.sleep(1.0)
             job = queue.get(tenant_id=tenant.id, job_id=job.id)
@@ -288,7 +250,7 @@ def tasks_rollback(args: argparse.Namespace) -> int:
     from lorafleet.tasks import move_task_live
 
     to = _rollback_target(args.to)
-    with open_library() as lib:
+    with Platform.from_settings() as lib:
         tenant = lib.tenants.get_tenant(name=args.tenant)
         event = move_task_live(
             lib.db,
@@ -318,7 +280,7 @@ def training_config_show(args: argparse.Namespace) -> int:
     """A tenant's training overrides and effective config (``TrainingConfig`` defaults + overrides), as JSON."""
     from lorafleet.training.overrides import get_tenant_training
 
-    with open_library() as lib:
+    with Platform.from_settings() as lib:
         tenant = lib.tenants.get_tenant(name=args.tenant)
         found = get_tenant_training(lib.db, tenant_id=tenant.id)
         print(dump_json(_training_view(tenant.name, found, max_rank=lib.settings.trainer_max_rank)))
@@ -332,7 +294,7 @@ def training_config_set(args: argparse.Namespace) -> int:
     if args.reset == (args.overrides is not None):
         raise ValidationError("overrides: give a JSON object of TrainingConfig fields, or --reset")
     overrides = {} if args.reset else _json_value("overrides", args.overrides)
-    with open_library() as lib:
+    with Platform.from_settings() as lib:
         tenant = lib.tenants.get_tenant(name=args.tenant)
         max_rank = lib.settings.trainer_max_rank
         stored = set_tenant_training(lib.db, tenant_id=tenant.id, overrides=overrides, max_rank=max_rank)

@@ -16,9 +16,9 @@ from api_helpers import (
     ApiServer,
     Library,
     count_rows,
-    wait_for,
 )
 from services.api.app import create_app
+from tests.polling import wait_for
 
 from lorafleet.config import Settings
 from lorafleet.jobs import JobQueue
@@ -63,7 +63,7 @@ def test_a_training_job_cancelled_through_the_api_stops_and_registers_nothing(
                 progress = client.get_job(job_id).progress
                 return progress is not None and progress.step >= 1
 
-            wait_for("the job's first training step", training)
+            wait_for("the job's first training step", training, timeout=120)
             running = client.get_job(job_id)
             assert running.state == "running" and running.progress is not None
             assert (running.progress.phase, running.progress.total_steps) == ("training", NEVER_ENDS)

@@ -14,7 +14,7 @@ import pytest
 def _run(args: list[str], data_dir: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {"LORAFLEET_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"}
     return subprocess.run(
-        [sys.executable, "-m", "lorafleet.cli", *args],
+        [sys.executable, "-m", "lorafleet.entrypoints.cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -31,7 +31,7 @@ def test_db_upgrade_then_current(tmp_path: Path) -> None:
 
 def test_bad_setting_is_named(tmp_path: Path) -> None:
     env_run = subprocess.run(
-        [sys.executable, "-m", "lorafleet.cli", "db", "current"],
+        [sys.executable, "-m", "lorafleet.entrypoints.cli", "db", "current"],
         env={"LORAFLEET_DATA_DIR": str(tmp_path), "LORAFLEET_DEVICE": "gpu", "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,

@@ -7,10 +7,12 @@ with their code and exit with status 2, so scripts can tell a refused input from
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from lorafleet.entrypoints.process import configure_logging
 from lorafleet.errors import LorafleetError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -45,20 +47,14 @@ def _db_current(_args: argparse.Namespace) -> int:
 
 
 def _qa_report(args: argparse.Namespace) -> int:
-    from lorafleet.config import load_settings
+    from lorafleet.platform import Platform
     from lorafleet.qa.reports import format_report, load_report
-    from lorafleet.registry import Registry
-    from lorafleet.store.blob import open_blob_store_from_settings
-    from lorafleet.store.sql.database import Database
 
-    settings = load_settings()
-    db = Database(settings.resolved_database_url)
-    try:
-        registry = Registry(db, open_blob_store_from_settings(settings))
-        report, document = load_report(db, registry, report_id=args.report_id, tenant_id=args.tenant)
+    with Platform.from_settings() as platform:
+        report, document = load_report(
+            platform.db, platform.registry, report_id=args.report_id, tenant_id=args.tenant
+        )
         print(format_report(report, document), end="")
-    finally:
-        db.dispose()
     return 0
 
 
@@ -72,22 +68,19 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(users=args.users, timeout=args.timeout)
 
 
-def _serve_deploy(args: argparse.Namespace) -> int:
-    from lorafleet.serving.ray_serve import serve_deploy_command
-
-    return serve_deploy_command(args)
-
-
-def _lazy(name: str) -> Handler:
-    """A handler from ``lorafleet.cli_commands``, imported only when its command runs."""
+def _lazy(module: str, name: str) -> Handler:
+    """The handler ``name`` of ``lorafleet.entrypoints.<module>``, imported only when its command runs."""
 
     def handler(args: argparse.Namespace) -> int:
-        from lorafleet import cli_commands
-
-        result: int = getattr(cli_commands, name)(args)
+        found = importlib.import_module(f"lorafleet.entrypoints.{module}")
+        result: int = getattr(found, name)(args)
         return result
 
     return handler
+
+
+def _admin(name: str) -> Handler:
+    return _lazy("admin", name)
 
 
 def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -103,19 +96,19 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         action="store_true",
         help="do not upgrade the schema at start (a migration job owns it)",
     )
-    serve.set_defaults(handler=_lazy("serve"))
+    serve.set_defaults(handler=_admin("serve"))
 
     tenants = sub.add_parser("tenants", help="tenants").add_subparsers(dest="tenants_command", required=True)
     create = tenants.add_parser("create", help="create a tenant and print its API key (once)")
     create.add_argument("name")
-    create.set_defaults(handler=_lazy("tenants_create"))
-    tenants.add_parser("list", help="list tenants").set_defaults(handler=_lazy("tenants_list"))
+    create.set_defaults(handler=_admin("tenants_create"))
+    tenants.add_parser("list", help="list tenants").set_defaults(handler=_admin("tenants_list"))
 
     users = sub.add_parser("users", help="a tenant's users and their live adapter versions")
     users.add_argument("--tenant", required=True, help="tenant name")
     users.add_argument("--limit", type=int, default=100)
     users.add_argument("--offset", type=int, default=0)
-    users.set_defaults(handler=_lazy("users"))
+    users.set_defaults(handler=_admin("users"))
 
     versions = sub.add_parser("versions", help="a user's adapter versions (status, live, metrics)")
     lineage = sub.add_parser("lineage", help="a version's ancestors and descendants")
@@ -124,18 +117,12 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         p.add_argument("--tenant", required=True, help="tenant name")
         p.add_argument("--user", required=True, help="the user's external id")
         p.add_argument("--adapter", default="personal", help="adapter name (default personal)")
-    versions.set_defaults(handler=_lazy("versions"))
+    versions.set_defaults(handler=_admin("versions"))
     lineage.add_argument("--version", type=int, required=True, help="version number")
-    lineage.set_defaults(handler=_lazy("lineage"))
+    lineage.set_defaults(handler=_admin("lineage"))
     rollback.add_argument("--to", required=True, help="an earlier version number, or 'none' (no adapter)")
     rollback.add_argument("--reason", required=True)
-    rollback.set_defaults(handler=_lazy("rollback"))
-
-
-def _workers(args: argparse.Namespace) -> int:
-    from lorafleet.jobs.commands import workers_command
-
-    return workers_command(args)
+    rollback.set_defaults(handler=_admin("rollback"))
 
 
 def _add_workers_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -150,19 +137,7 @@ def _add_workers_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
     workers.add_argument(
         "--training", default=None, help="JSON config for jobs queued without one (older jobs)"
     )
-    workers.set_defaults(handler=_workers)
-
-
-def _jobs_handler(name: str) -> Handler:
-    """A handler from ``lorafleet.cli_jobs``, imported only when its command runs."""
-
-    def handler(args: argparse.Namespace) -> int:
-        from lorafleet import cli_jobs
-
-        result: int = getattr(cli_jobs, name)(args)
-        return result
-
-    return handler
+    workers.set_defaults(handler=_lazy("workers", "workers_command"))
 
 
 def _add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -177,8 +152,8 @@ def _add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     for p in (watch, cancel):
         p.add_argument("job_id", type=int)
         p.add_argument("--tenant", required=True, help="tenant name")
-    watch.set_defaults(handler=_jobs_handler("jobs_watch"))
-    cancel.set_defaults(handler=_jobs_handler("jobs_cancel"))
+    watch.set_defaults(handler=_lazy("jobs", "jobs_watch"))
+    cancel.set_defaults(handler=_lazy("jobs", "jobs_cancel"))
 
 
 def _add_training_config_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -191,8 +166,8 @@ def _add_training_config_commands(sub: argparse._SubParsersAction[argparse.Argum
     put.add_argument("--reset", action="store_true", help="remove every override (back to the defaults)")
     for p in (show, put):
         p.add_argument("--tenant", required=True, help="tenant name")
-    show.set_defaults(handler=_lazy("training_config_show"))
-    put.set_defaults(handler=_lazy("training_config_set"))
+    show.set_defaults(handler=_admin("training_config_show"))
+    put.set_defaults(handler=_admin("training_config_set"))
 
 
 def _add_task_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -220,10 +195,10 @@ def _add_task_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     rollback.add_argument("--reason", required=True)
     for p in (listing, feedback, imp, rollback):
         p.add_argument("--tenant", required=True, help="tenant name")
-    listing.set_defaults(handler=_lazy("tasks_list"))
-    feedback.set_defaults(handler=_lazy("tasks_feedback"))
-    imp.set_defaults(handler=_lazy("tasks_import"))
-    rollback.set_defaults(handler=_lazy("tasks_rollback"))
+    listing.set_defaults(handler=_admin("tasks_list"))
+    feedback.set_defaults(handler=_admin("tasks_feedback"))
+    imp.set_defaults(handler=_admin("tasks_import"))
+    rollback.set_defaults(handler=_admin("tasks_rollback"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,16 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--slots", type=int, default=16, help="adapter bank slots per replica (default 16)")
     deploy.add_argument("--max-rank", type=int, default=16, help="largest adapter rank served (default 16)")
     deploy.add_argument("--http-port", type=int, default=8000, help="a local Ray's Serve proxy port")
-    deploy.set_defaults(handler=_serve_deploy)
+    deploy.set_defaults(handler=_lazy("serve_deploy", "serve_deploy_command"))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(verbose=args.verbose)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     handler: Handler = args.handler
     try:

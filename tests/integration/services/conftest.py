@@ -16,7 +16,7 @@ from typing import Any
 
 #: ``services`` (the runnable processes) is not an installed package: import it from the checkout (appended, so
 #: nothing in the checkout shadows an installed or standard module)
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
@@ -28,17 +28,15 @@ from api_helpers import (  # noqa: E402
     ApiServer,
     Library,
     TenantHandle,
-    pg_admin_conninfo,
     write_adapter_folder,
 )
 from services.api.app import create_app  # noqa: E402
+from tests.databases import migrated_pg_database  # noqa: E402
+from tests.tiny import tiny_backbone_dir  # noqa: E402
 
 from lorafleet.config import Settings, load_settings  # noqa: E402
-from lorafleet.registry import Registry  # noqa: E402
+from lorafleet.platform import Platform  # noqa: E402
 from lorafleet.sdk import Client  # noqa: E402
-from lorafleet.store.blob import open_blob_store_from_settings  # noqa: E402
-from lorafleet.store.sql.database import Database  # noqa: E402
-from lorafleet.store.sql.tenants import TenantRepository  # noqa: E402
 
 for _name, _value in AWS_TEST_ENV.items():
     os.environ.setdefault(_name, _value)
@@ -47,33 +45,14 @@ for _name, _value in AWS_TEST_ENV.items():
 @pytest.fixture(scope="session")
 def api_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir with the built-in tiny backbone built into it (servers and trainer actors load it there)."""
-    from lorafleet.backbone import build_tiny_backbone
-
-    path = tmp_path_factory.mktemp("lorafleet-api-data")
-    build_tiny_backbone(path)
-    return path
+    return tiny_backbone_dir(tmp_path_factory, "lorafleet-api-data")
 
 
 @pytest.fixture(scope="session")
 def api_pg_url() -> Iterator[str]:
     """A migrated PostgreSQL database for these tests alone (others truncate the shared one between tests)."""
-    import psycopg
-
-    from lorafleet.store.sql import migrate
-
-    admin_url = os.environ.get(
-        "LORAFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-    )
-    name = f"lorafleet_api_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_admin_conninfo(), autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-    migrate.upgrade(url)
-    try:
+    with migrated_pg_database("lorafleet_api") as url:
         yield url
-    finally:
-        with psycopg.connect(pg_admin_conninfo(), autocommit=True, connect_timeout=5) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -142,10 +121,8 @@ def make_tenant(api: ApiServer, admin: Client) -> Iterator[Callable[[], TenantHa
 
 @pytest.fixture(scope="session")
 def library(make_api_settings: Callable[..., Settings]) -> Iterator[Library]:
-    settings = make_api_settings()
-    db = Database(settings.resolved_database_url)
-    yield Library(db, Registry(db, open_blob_store_from_settings(settings)), TenantRepository(db))
-    db.dispose()
+    with Platform.from_settings(make_api_settings()) as platform:
+        yield platform
 
 
 @pytest.fixture(scope="session")

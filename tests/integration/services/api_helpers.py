@@ -3,10 +3,8 @@ for the tiny backbone, and row counts."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +13,13 @@ import uvicorn
 from fastapi import FastAPI
 from services.api.runtime import ApiOptions
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
+from tests.tiny import (
+    TINY_TRAINING as TINY_TRAINING,  # re-exported: the tests here import it from this module
+)
 
-from lorafleet.registry import Registry
+from lorafleet.platform import Platform
 from lorafleet.sdk import Client
 from lorafleet.store.sql.database import Database
-from lorafleet.store.sql.tenants import TenantRepository
 
 #: serving in fp32 (the tiny backbone's nf4 decode is slower on CPU and not what these tests are about)
 SERVING_OPTIONS = ApiOptions(
@@ -45,21 +44,8 @@ class TenantHandle:
     client: Client
 
 
-@dataclass
-class Library:
-    """The library over the API's database and object store, for setting up and checking rows directly."""
-
-    db: Database
-    registry: Registry
-    tenants: TenantRepository
-
-
-def pg_admin_conninfo() -> str:
-    """psycopg's conninfo of the server the test databases are made on (as in tests/conftest.py)."""
-    url = make_url(
-        os.environ.get("LORAFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-    )
-    return f"host={url.host} port={url.port or 5432} user={url.username} dbname={url.database}"
+#: the library over the API's database and object store, for setting up and checking rows directly
+Library = Platform
 
 
 class ApiServer:
@@ -124,17 +110,6 @@ def write_adapter_folder(data_dir: Path, dest: Path, *, seed: int, rank: int = 4
     return dest
 
 
-def wait_for(what: str, check: Callable[[], Any], *, timeout: float = 120.0, every: float = 0.2) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def live_personal_version(
     library: Library, *, tenant_id: int, user: str, folder: Path, name: str = "personal"
 ) -> int:
@@ -160,20 +135,3 @@ def live_task_version(library: Library, *, tenant_id: int, task: str, folder: Pa
     )
     library.registry.promote(tenant_id=tenant_id, adapter_id=adapter.id, number=version.number, actor="test")
     return version.number
-
-
-#: a few steps on two projections: fast on two CPU cores (as in the continual-learning tests)
-TINY_TRAINING: dict[str, Any] = {
-    # the random-init tiny model's "answers" to general prompts are noise: no anchor rows on it
-    "anchor_ratio": 0.0,
-    "rank": 4,
-    "alpha": 8.0,
-    "target_modules": ["q_proj", "v_proj"],
-    "learning_rate": 5e-3,
-    "max_steps": 8,
-    "batch_size": 4,
-    "max_seq_len": 64,
-    "holdout_fraction": 0.3,
-    "replay_ratio": 0.5,
-    "seed": 0,
-}

@@ -26,16 +26,10 @@ if TYPE_CHECKING:
 @contextmanager
 def _tenant_queue(tenant: str) -> Iterator[tuple[JobQueue, int]]:
     """The job queue on the configured database and the id of the tenant named ``tenant``."""
-    from lorafleet.config import load_settings
-    from lorafleet.jobs.queue import JobQueue
-    from lorafleet.store.sql.database import Database
-    from lorafleet.store.sql.tenants import TenantRepository
+    from lorafleet.platform import Platform
 
-    db = Database(load_settings().resolved_database_url)
-    try:
-        yield JobQueue(db), TenantRepository(db).get_tenant(name=tenant).id
-    finally:
-        db.dispose()
+    with Platform.from_settings() as platform:
+        yield platform.queue, platform.tenants.get_tenant(name=tenant).id
 
 
 def jobs_watch(args: argparse.Namespace) -> int:

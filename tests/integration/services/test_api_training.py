@@ -12,9 +12,10 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from api_helpers import ADMIN_KEY, AWS_TEST_ENV, TINY_TRAINING, ApiServer, Library, count_rows, wait_for
+from api_helpers import ADMIN_KEY, AWS_TEST_ENV, TINY_TRAINING, ApiServer, Library, count_rows
 from services.api.app import create_app
 from services.api.runtime import ApiOptions
+from tests.polling import wait_for
 
 from conftest import SERVING_OPTIONS
 from lorafleet.config import Settings
@@ -101,7 +102,11 @@ def test_a_restart_mid_job_loses_nothing(
             first = client.submit_feedback("sam", first_batch, idempotency_key="batch-1")
             second = client.submit_feedback("sam", second_batch, idempotency_key="batch-2")
             job_id = client.train("sam").job.id
-            wait_for("the trainer actor to take the job", lambda: client.get_job(job_id).state == "running")
+            wait_for(
+                "the trainer actor to take the job",
+                lambda: client.get_job(job_id).state == "running",
+                timeout=120,
+            )
         before.stop()
     assert (
         queue.get(tenant_id=None, job_id=job_id).state == "running"
