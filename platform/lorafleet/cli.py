@@ -73,7 +73,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve_deploy(args: argparse.Namespace) -> int:
-    from lorafleet.serving.ray_serve import serve_deploy_command
+    from lorafleet.runtime.ray_serve import serve_deploy_command
 
     return serve_deploy_command(args)
 
@@ -133,7 +133,7 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _workers(args: argparse.Namespace) -> int:
-    from lorafleet.jobs.commands import workers_command
+    from lorafleet.runtime.job_commands import workers_command
 
     return workers_command(args)
 

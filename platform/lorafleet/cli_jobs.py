@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any
 
 from lorafleet.errors import JobError, ValidationError
-from lorafleet.jobs.commands import FINISHED_STATES
+from lorafleet.runtime.job_commands import FINISHED_STATES
 
 if TYPE_CHECKING:
     from tqdm import tqdm

@@ -10,7 +10,7 @@ its lease until it expires and is then taken over by the next worker (nothing is
 ``lorafleet.jobs.queue``).
 
 With ``LORAFLEET_SERVING=ray-serve`` the engine runs in the replicas of a Ray Serve app instead
-(``lorafleet.serving.ray_serve``, deployed by ``lorafleet serve-deploy``) and ``ServeEngineHolder`` forwards
+(``lorafleet.runtime.ray_serve``, deployed by ``lorafleet serve-deploy``) and ``ServeEngineHolder`` forwards
 requests to it, with the same interface as ``EngineHolder``.
 """
 
@@ -41,10 +41,10 @@ from services.api.errors import ServiceUnavailableError
 from services.api.metrics import ApiMetrics
 
 if TYPE_CHECKING:
-    from lorafleet.jobs.trainer_pool import TrainerPool
+    from lorafleet.runtime.ray_serve import ServeClient
+    from lorafleet.runtime.trainer_pool import TrainerPool
     from lorafleet.serving import BatchingQueue, GenerationRequest, GenerationResult
     from lorafleet.serving.engine import GenerationEngine
-    from lorafleet.serving.ray_serve import ServeClient
 
 logger = logging.getLogger("lorafleet.api")
 
@@ -164,7 +164,7 @@ class ServeEngineHolder:
     forwarded to its replicas, which batch them; "loading" is connecting to the app (and to Ray) once."""
 
     def __init__(self, settings: Settings, *, options: ApiOptions) -> None:
-        from lorafleet.serving.ray_serve import ServeClient
+        from lorafleet.runtime.ray_serve import ServeClient
 
         self._client: ServeClient = ServeClient(settings, timeout_s=options.generate_timeout_seconds)
         self._lock = threading.Lock()
@@ -203,7 +203,7 @@ class ServeEngineHolder:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Forward to the app (one call per user, in parallel); the first failed request's error raises."""
-        from lorafleet.serving.ray_serve import ServeUnavailableError
+        from lorafleet.runtime.ray_serve import ServeUnavailableError
 
         if self._closed:
             raise ServiceUnavailableError("the service is shutting down")
@@ -335,7 +335,7 @@ class BackgroundRuntime:
             self._spawn("lorafleet-scheduler", self._run_scheduler)
             self.scheduler_state = "running"
         if self.options.run_workers > 0:
-            from lorafleet.jobs.ray_runtime import init_ray
+            from lorafleet.runtime.ray_runtime import init_ray
 
             init_ray(self.services.settings)
             self.workers_state = "starting"
@@ -386,7 +386,7 @@ class BackgroundRuntime:
             pool.shutdown()
 
     def _start_pool(self) -> TrainerPool | None:
-        from lorafleet.jobs.trainer_pool import TrainerPool
+        from lorafleet.runtime.trainer_pool import TrainerPool
 
         o = self.options
         try:

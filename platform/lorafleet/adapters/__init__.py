@@ -37,7 +37,7 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    """Lazy exports: the registry imports ``lorafleet.adapters.peft_format`` without paying for torch."""
+    """Lazy exports: the registry imports ``lorafleet.registry.peft_format`` without paying for torch."""
     if name not in _EXPORTS:
         raise AttributeError(f"module 'lorafleet.adapters' has no attribute {name!r}")
     return getattr(import_module(_EXPORTS[name]), name)

@@ -12,6 +12,8 @@ import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from lorafleet.adapters import inject_bank
+from lorafleet.backbone import load_backbone
 from lorafleet.config import Settings
 
 if TYPE_CHECKING:
@@ -41,8 +43,6 @@ def build_engine(
 
     ``quantization`` overrides ``settings.backbone_quantization`` (e.g. fp32 for fast CPU tests).
     """
-    from lorafleet.adapters import inject_bank
-    from lorafleet.backbone import load_backbone
     from lorafleet.serving.cache import AdapterCache
     from lorafleet.serving.engine import GenerationEngine, database_resolver
 

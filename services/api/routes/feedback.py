@@ -10,8 +10,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from lorafleet.feedback import ingest_feedback, list_feedback
 from lorafleet.sdk import schemas as s
+from lorafleet.workflows.feedback import ingest_feedback, list_feedback
 from services.api import convert
 from services.api.deps import CurrentTenant, CurrentUser, IdempotencyKey, Services, UserId
 from services.api.idempotency import run_idempotent

@@ -30,8 +30,8 @@ from serve_helpers import REPLICA_OPTIONS, free_port, init_local_ray  # noqa: E4
 
 from lorafleet.config import Settings, load_settings  # noqa: E402
 from lorafleet.registry import Registry  # noqa: E402
+from lorafleet.runtime.ray_serve import ServeClient  # noqa: E402
 from lorafleet.serving.engine import GenerationEngine  # noqa: E402
-from lorafleet.serving.ray_serve import ServeClient  # noqa: E402
 from lorafleet.store.blob import open_blob_store_from_settings  # noqa: E402
 from lorafleet.store.sql.database import Database  # noqa: E402
 from lorafleet.store.sql.tenants import TenantRepository  # noqa: E402
@@ -102,7 +102,7 @@ def serve_app(serve_settings: Settings) -> Iterator[ServeClient]:
     Ray too when this fixture started it)."""
     import ray
 
-    from lorafleet.serving.ray_serve import deploy
+    from lorafleet.runtime.ray_serve import deploy
 
     started_here = init_local_ray(serve_settings)
     from ray import serve

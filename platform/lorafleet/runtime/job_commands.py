@@ -16,16 +16,19 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from lorafleet.config import Settings
+from lorafleet.config import Settings, load_settings
 from lorafleet.domain import AdapterVersion, Job
 from lorafleet.errors import JobError, ValidationError
 from lorafleet.jobs.queue import JobQueue, SubmitResult
 from lorafleet.jobs.scheduler import Scheduler, SchedulerPolicy, TickResult
+from lorafleet.runtime.ray_runtime import init_ray
+from lorafleet.runtime.trainer_pool import TrainerPool
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.tenants import TenantRepository
+from lorafleet.training.config import TrainingConfig
 
 if TYPE_CHECKING:
-    from lorafleet.jobs.trainer_pool import TrainerPool
+    from lorafleet.runtime.trainer_pool import TrainerPool
 
 logger = logging.getLogger("lorafleet.workers")
 
@@ -92,8 +95,6 @@ def run_workers(
     jobs: until none is claimable (``until_idle``), or else until ``stop_event`` is set, each actor polling
     the queue every ``poll_seconds`` when idle and a dead actor replaced (``TrainerPool.run_until_stopped``).
     Returns the ids of the jobs run; the actors are stopped at the end."""
-    from lorafleet.jobs.trainer_pool import TrainerPool
-
     if until_idle:
         with TrainerPool(settings, n_actors=n_actors, training=training, start_timeout=start_timeout) as pool:
             return pool.drain()
@@ -107,10 +108,6 @@ def run_workers(
 def workers_command(args: argparse.Namespace) -> int:
     """``lorafleet workers``: trainer actors on the configured Ray, draining the job queue until SIGTERM or
     SIGINT (a second signal stops at once; a job cut short is retried once its lease expires)."""
-    from lorafleet.config import load_settings
-    from lorafleet.jobs.ray_runtime import init_ray
-    from lorafleet.training.config import TrainingConfig
-
     if args.poll_seconds <= 0 or args.grace_seconds < 0:
         raise ValidationError("--poll-seconds must be positive and --grace-seconds not negative")
     settings = load_settings()
@@ -186,8 +183,6 @@ def train_user_now_and_wait(
     actors (``pool``, or a new one-actor pool) and return the version it registered; None when the job skipped
     the user (nothing new to train on). A job that fails, or does not finish within ``timeout`` seconds, raises
     ``JobError``."""
-    from lorafleet.jobs.trainer_pool import TrainerPool
-
     submitted = train_now(settings, tenant=tenant, user=user, training=training)
     deadline = time.monotonic() + timeout
     if pool is not None:

@@ -9,9 +9,9 @@ and rolled back by the same registry as a user's adapter, and it joins the banks
   dataset snapshots treat a task exactly like a user, and one training job may mix users' and tasks' adapters.
   The first batch also creates the task adapter, so users can be enrolled at once (it serves nothing until a
   version is live).
-- **Import** of an existing PEFT adapter (``lorafleet.adapters.importing``) registers a version directly.
+- **Import** of an existing PEFT adapter (``lorafleet.workflows.adapter_import``) registers a version directly.
 - **QA** evaluates a task candidate alone and in the banks of a sample of enrolled users
-  (``lorafleet.qa.runner``); promoting it, or moving its ``live`` alias by hand (``move_task_live``), queues
+  (``lorafleet.workflows.qa_runner``); promoting it, or moving its ``live`` alias by hand (``move_task_live``), queues
   rechecks of every enrolled user's live adapters.
 """
 
@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 from lorafleet.domain import Adapter, AliasEvent, FeedbackRecord
 from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.feedback import DEFAULT_LIMITS, FeedbackLimits, IngestResult, validate_feedback_batch
+from lorafleet.jobs.queue import JobQueue
+from lorafleet.workflows.live_alias import LIVE_MOVES, move_live
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -174,43 +176,22 @@ def move_task_live(
     """Promote (``action="promote"``, to a version number) or roll back (``"rollback"``, to an earlier number or
     None) the task's ``live`` alias, and queue rechecks of every enrolled user's live adapters in the same
     transaction: their banks changed. Serving follows on the next request (banks are resolved per batch)."""
-    from lorafleet.jobs.queue import JobQueue
-    from lorafleet.qa.triggers import submit_task_rechecks
-
     adapter = get_task_adapter(registry, tenant_id=tenant_id, task_name=task_name)
-    if action not in ("promote", "rollback"):
+    if action not in LIVE_MOVES:
         raise ValidationError("action: must be 'promote' or 'rollback'")
     queue = JobQueue(db)
     with db.session() as session:
-        if action == "promote":
-            if to_number is None:
-                raise ValidationError("version: promote needs a version number")
-            event = registry.promote(
-                tenant_id=tenant_id,
-                adapter_id=adapter.id,
-                number=to_number,
-                actor=actor,
-                reason=reason,
-                session=session,
-            )
-        else:
-            event = registry.rollback(
-                tenant_id=tenant_id,
-                adapter_id=adapter.id,
-                to_number=to_number,
-                actor=actor,
-                reason=reason,
-                session=session,
-            )
-        to = "none" if event.to_version_id is None else f"version id {event.to_version_id}"
-        submit_task_rechecks(
+        return move_live(
             session,
+            registry=registry,
             queue=queue,
             tenant_id=tenant_id,
-            adapter_id=adapter.id,
-            cause=f"task adapter {adapter.name!r}: {action} to {to} by {actor}",
+            adapter=adapter,
+            action=action,
+            number=to_number,
+            actor=actor,
+            reason=reason,
         )
-        return event
 
 
 __all__ = [
