@@ -5,6 +5,10 @@ Public API (names load on first use, so importing this package does not import t
 - ``QAPolicy``: thresholds, budgets and seeds, versioned in every report (``policy``)
 - ``load_report``, ``format_report``, ``reports_for_version`` (``reports``); ``QAReport`` rows
 - ``probe_examples`` (``probe``), ``check_adapter`` (``sanity``), ``Matrix`` (``results``), the rules (``rules``)
+
+Its room (docs/architecture.md): the top of the ML layer: evaluation, rules, policy and reports over backbone,
+adapters, routing, serving and training. The ``qa`` job handler and the triggers that queue QA jobs are
+workflows (``lorafleet.workflows.qa_runner``, ``lorafleet.workflows.qa_triggers``).
 """
 
 from __future__ import annotations
