@@ -25,14 +25,14 @@ from lorafleet.domain import Adapter, AliasEvent, FeedbackRecord
 from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.feedback import DEFAULT_LIMITS, FeedbackLimits, IngestResult, validate_feedback_batch
 from lorafleet.jobs.queue import JobQueue
+from lorafleet.store.sql import feedback as feedback_store
+from lorafleet.store.sql.routing_repository import RoutingRepository
+from lorafleet.store.sql.tenants import task_subject_id
 from lorafleet.workflows.live_alias import LIVE_MOVES, move_live
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
     from lorafleet.registry import Registry
     from lorafleet.store.sql.database import Database
-    from lorafleet.store.sql.models import SqlUser
 
 MAX_TASK_NAME_LENGTH = 128
 
@@ -70,56 +70,23 @@ def ingest_task_feedback(
 ) -> IngestResult:
     """Validate a batch, then store it all-or-nothing for the task (its subject row and its task adapter are
     created on first sight, in the same transaction), deduplicated like a user's feedback."""
-    from lorafleet.store.sql import feedback as feedback_store
-    from lorafleet.store.sql.tenants import task_subject_id
-
     name = validate_task_name(task_name)
     prepared = validate_feedback_batch(records, limits=limits)
-
-    def ensure_adapter(session: Session, _subject: SqlUser) -> None:
-        _get_or_create_task_adapter(session, db=db, tenant_id=tenant_id, name=name)
-
     ids, created = feedback_store.insert_feedback(
         db,
         tenant_id=tenant_id,
         external_id=task_subject_id(name),
         records=prepared,
         kind="task",
-        on_subject=ensure_adapter,
+        task_adapter=name,
     )
     return IngestResult(ids=ids, created=created, duplicates=len(ids) - created)
-
-
-def _get_or_create_task_adapter(session: Session, *, db: Database, tenant_id: int, name: str) -> Adapter:
-    """The task adapter, inserted in a savepoint when absent (a concurrent insert of the same name wins and
-    is read back instead of failing the feedback batch)."""
-    from sqlalchemy.exc import IntegrityError
-
-    from lorafleet.store.sql.registry_repository import RegistryRepository
-
-    repo = RegistryRepository(dialect=db.dialect)
-    found = repo.find_adapter(session, tenant_id=tenant_id, owner_user_id=None, name=name)
-    if found is not None:
-        return found
-    try:
-        with session.begin_nested():
-            return repo.insert_adapter(
-                session, tenant_id=tenant_id, owner_user_id=None, name=name, target_config={}
-            )
-    except IntegrityError:
-        found = repo.find_adapter(session, tenant_id=tenant_id, owner_user_id=None, name=name)
-        if found is None:
-            raise
-        return found
 
 
 def list_task_feedback(
     db: Database, *, tenant_id: int, task_name: str, after_id: int | None = None, limit: int = 100
 ) -> list[FeedbackRecord]:
     """The task's records in id order after ``after_id``; a task without feedback is ``NotFoundError``."""
-    from lorafleet.store.sql import feedback as feedback_store
-    from lorafleet.store.sql.tenants import task_subject_id
-
     name = validate_task_name(task_name)
     return feedback_store.list_feedback(
         db,
@@ -142,8 +109,6 @@ def get_task_adapter(registry: Registry, *, tenant_id: int, task_name: str) -> A
 
 def list_tasks(db: Database, *, tenant_id: int) -> list[TaskInfo]:
     """The tenant's task adapters by name, with live version, counts of versions, enrolled users and records."""
-    from lorafleet.store.sql.routing_repository import RoutingRepository
-
     with db.session() as s:
         rows = RoutingRepository(dialect=db.dialect).task_overview(s, tenant_id=tenant_id)
     return [TaskInfo(**row) for row in rows]
@@ -151,8 +116,6 @@ def list_tasks(db: Database, *, tenant_id: int) -> list[TaskInfo]:
 
 def enrolled_users(db: Database, *, tenant_id: int, task_name: str) -> list[str]:
     """External ids of the users enrolled in the task, sorted; ``NotFoundError`` for an unknown task."""
-    from lorafleet.store.sql.routing_repository import RoutingRepository
-
     name = validate_task_name(task_name)
     repo = RoutingRepository(dialect=db.dialect)
     with db.session() as s:
