@@ -36,6 +36,8 @@ lint: setup
 	$(BIN)/ruff check platform services tests migrations
 	$(BIN)/ruff format --check platform services tests migrations
 	$(BIN)/mypy
+	# the layers of docs/architecture.md ([tool.importlinter] in pyproject.toml); no cache: it can miss a new package
+	PYTHONPATH=platform:. $(BIN)/lint-imports --no-cache
 
 clean:
-	rm -rf $(VENV) .lorafleet .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .lorafleet .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -1,4 +1,4 @@
-"""Feedback ingestion: the record schemas, batch validation and the function the API calls.
+"""Feedback records: the record schemas and batch validation (storing them: ``lorafleet.workflows.feedback``).
 
 Three kinds of record, told apart by ``kind``:
 
@@ -19,7 +19,7 @@ training fields that are present (an absent optional field is not hashed as null
 as it always did), *without* ``metadata``: metadata (timestamps, session ids, client versions) does not change
 what a model learns, so the same example sent twice is one record; the first one's metadata is kept.
 
-This module imports no SQL at import time, so the API and SDK can use the schemas alone.
+This module imports no SQL, so the API and SDK can use the schemas alone.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -45,12 +45,8 @@ from pydantic import (
 from pydantic import ValidationError as PydanticValidationError
 
 from lorafleet.config import Settings
-from lorafleet.domain import FeedbackKind, FeedbackRecord
+from lorafleet.domain import FeedbackKind
 from lorafleet.errors import PayloadTooLargeError, ValidationError
-
-if TYPE_CHECKING:
-    from lorafleet.store.sql.database import Database
-    from lorafleet.store.sql.feedback import FeedbackBacklog
 
 
 def _not_blank(value: str) -> str:
@@ -281,48 +277,3 @@ def validate_feedback_batch(
             f"records: {len(records)} records, more than max_feedback_batch={limits.max_records}"
         )
     return [prepare_record(raw, index=index, limits=limits) for index, raw in enumerate(records)]
-
-
-def ingest_feedback(
-    db: Database,
-    *,
-    tenant_id: int,
-    user_external_id: str,
-    records: Sequence[Mapping[str, Any]],
-    limits: FeedbackLimits = DEFAULT_LIMITS,
-) -> IngestResult:
-    """Validate a batch, then store it all-or-nothing for the user (created if absent), deduplicated by
-    content hash within the batch and against the user's stored records."""
-    from lorafleet.store.sql import feedback as feedback_store
-    from lorafleet.store.sql.tenants import validate_external_id
-
-    validate_external_id(user_external_id)
-    prepared = validate_feedback_batch(records, limits=limits)
-    ids, created = feedback_store.insert_feedback(
-        db, tenant_id=tenant_id, external_id=user_external_id, records=prepared
-    )
-    return IngestResult(ids=ids, created=created, duplicates=len(ids) - created)
-
-
-def list_feedback(
-    db: Database, *, tenant_id: int, user_external_id: str, after_id: int | None = None, limit: int = 100
-) -> list[FeedbackRecord]:
-    """A user's records in id order after ``after_id``; an unknown user (or another tenant's) is NotFoundError."""
-    from lorafleet.store.sql import feedback as feedback_store
-    from lorafleet.store.sql.tenants import validate_external_id
-
-    validate_external_id(user_external_id)
-    return feedback_store.list_feedback(
-        db, tenant_id=tenant_id, external_id=user_external_id, after_id=after_id, limit=limit
-    )
-
-
-def users_with_new_feedback(
-    db: Database, *, tenant_id: int | None = None, min_new_records: int = 1, limit: int = 1000
-) -> list[FeedbackBacklog]:
-    """Users whose newest feedback is past what their adapters were trained on (see the store function)."""
-    from lorafleet.store.sql import feedback as feedback_store
-
-    return feedback_store.users_with_new_feedback(
-        db, tenant_id=tenant_id, min_new_records=min_new_records, limit=limit
-    )

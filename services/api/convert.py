@@ -12,7 +12,7 @@ from lorafleet.routing.bank import Enrolment
 from lorafleet.sdk import schemas as s
 from lorafleet.serving.requests import GenerationResult
 from lorafleet.store.sql.qa_repository import QAReport
-from lorafleet.tasks import TaskInfo
+from lorafleet.workflows.tasks import TaskInfo
 
 
 def feedback_submitted(result: IngestResult) -> s.FeedbackSubmitted:

@@ -10,7 +10,7 @@ its lease until it expires and is then taken over by the next worker (nothing is
 ``lorafleet.jobs.queue``).
 
 With ``LORAFLEET_SERVING=ray-serve`` the engine runs in the replicas of a Ray Serve app instead
-(``lorafleet.serving.ray_serve``, deployed by ``lorafleet serve-deploy``) and ``ServeEngineHolder`` forwards
+(``lorafleet.runtime.ray_serve``, deployed by ``lorafleet serve-deploy``) and ``ServeEngineHolder`` forwards
 requests to it, with the same interface as ``EngineHolder``.
 """
 
@@ -41,10 +41,10 @@ from services.api.errors import ServiceUnavailableError
 from services.api.metrics import ApiMetrics
 
 if TYPE_CHECKING:
-    from lorafleet.jobs.trainer_pool import TrainerPool
+    from lorafleet.runtime.ray_serve import ServeClient
+    from lorafleet.runtime.trainer_pool import TrainerPool
     from lorafleet.serving import BatchingQueue, GenerationRequest, GenerationResult
     from lorafleet.serving.engine import GenerationEngine
-    from lorafleet.serving.ray_serve import ServeClient
 
 logger = logging.getLogger("lorafleet.api")
 
@@ -193,7 +193,7 @@ class ServeEngineHolder(_LoadOnce["ServeClient"]):
     preload_thread = "lorafleet-serve-connect"
 
     def __init__(self, settings: Settings, *, options: ApiOptions) -> None:
-        from lorafleet.serving.ray_serve import ServeClient
+        from lorafleet.runtime.ray_serve import ServeClient
 
         super().__init__()
         self._client: ServeClient = ServeClient(settings, timeout_s=options.generate_timeout_seconds)
@@ -205,7 +205,7 @@ class ServeEngineHolder(_LoadOnce["ServeClient"]):
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Forward to the app (one call per user, in parallel); the first failed request's error raises."""
-        from lorafleet.serving.ray_serve import ServeUnavailableError
+        from lorafleet.runtime.ray_serve import ServeUnavailableError
 
         if self._closed:
             raise ServiceUnavailableError("the service is shutting down")
@@ -299,6 +299,7 @@ def _build_engine(
     settings: Settings, db: Database, registry: Registry, options: ApiOptions
 ) -> GenerationEngine:
     from lorafleet.serving.factory import build_engine
+    from lorafleet.training.general_prompts import ANCHOR_PROMPTS
 
     return build_engine(
         settings,
@@ -307,6 +308,7 @@ def _build_engine(
         n_slots=options.engine_slots,
         max_rank=options.engine_max_rank,
         quantization=options.serving_quantization,
+        general_prompts=ANCHOR_PROMPTS,  # prompts nearer these than any adapter are the base's
     )
 
 
@@ -330,7 +332,7 @@ class BackgroundRuntime:
             self._spawn("lorafleet-scheduler", self._run_scheduler)
             self.scheduler_state = "running"
         if self.options.run_workers > 0:
-            from lorafleet.jobs.ray_runtime import init_ray
+            from lorafleet.runtime.ray_runtime import init_ray
 
             init_ray(self.services.settings)
             self.workers_state = "starting"
@@ -381,7 +383,7 @@ class BackgroundRuntime:
             pool.shutdown()
 
     def _start_pool(self) -> TrainerPool | None:
-        from lorafleet.jobs.trainer_pool import TrainerPool
+        from lorafleet.runtime.trainer_pool import TrainerPool
 
         o = self.options
         try:

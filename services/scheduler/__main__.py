@@ -15,8 +15,8 @@ from datetime import timedelta
 from lorafleet.config import load_settings
 from lorafleet.entrypoints.process import configure_logging, on_stop_signals
 from lorafleet.errors import LorafleetError
-from lorafleet.jobs.commands import scheduler_run, scheduler_tick
 from lorafleet.jobs.scheduler import SchedulerPolicy
+from lorafleet.runtime.job_commands import scheduler_run, scheduler_tick
 
 logger = logging.getLogger("lorafleet.scheduler")
 _DEFAULTS = SchedulerPolicy()

@@ -33,11 +33,11 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from lorafleet.config import Settings, load_settings  # noqa: E402
-from lorafleet.feedback import ingest_feedback  # noqa: E402
 from lorafleet.jobs import JobQueue, Scheduler, SchedulerPolicy  # noqa: E402
 from lorafleet.store.sql.database import Database  # noqa: E402
 from lorafleet.store.sql.tenants import TenantRepository  # noqa: E402
 from lorafleet.training.synthetic import make_user_records  # noqa: E402
+from lorafleet.workflows.feedback import ingest_feedback  # noqa: E402
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
@@ -128,7 +128,7 @@ def timed_round(db: Database, pool: Any, *, actors: int, users: int, training: d
 def measure(settings: Settings, *, users: int, runs: int, training: dict[str, Any]) -> dict[int, list[Round]]:
     """On one cluster with two trainer nodes (one actor each), rounds on 1 node (the first actor alone; the
     other node idles) and on 2 nodes, interleaved, so drifting load on the machine hits both alike."""
-    from lorafleet.jobs.trainer_pool import TrainerPool
+    from lorafleet.runtime.trainer_pool import TrainerPool
 
     db = Database(settings.resolved_database_url)
     results: dict[int, list[Round]] = {1: [], 2: []}

@@ -38,12 +38,9 @@ import torch  # noqa: E402
 
 from lorafleet.adapters import AdapterBank, inject_bank, save_slot  # noqa: E402
 from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone  # noqa: E402
-from lorafleet.feedback import ingest_feedback, list_feedback  # noqa: E402
 from lorafleet.jobs import JobQueue, JobWorker, Scheduler, SchedulerPolicy  # noqa: E402
 from lorafleet.qa.policy import QAPolicy  # noqa: E402
-from lorafleet.qa.runner import QARunner  # noqa: E402
 from lorafleet.registry import Registry  # noqa: E402
-from lorafleet.routing import synthetic as routing_tasks  # noqa: E402
 from lorafleet.routing.bank import enrol  # noqa: E402
 from lorafleet.routing.embeddings import routing_key  # noqa: E402
 from lorafleet.store.blob import open_blob_store  # noqa: E402
@@ -52,11 +49,14 @@ from lorafleet.store.sql.database import Database  # noqa: E402
 from lorafleet.store.sql.feedback import create_snapshot  # noqa: E402
 from lorafleet.store.sql.tenants import TenantRepository  # noqa: E402
 from lorafleet.training import synthetic  # noqa: E402
+from lorafleet.training import synthetic_routing as routing_tasks  # noqa: E402
 from lorafleet.training.config import TrainingConfig  # noqa: E402
-from lorafleet.training.continual import PERSONAL_ADAPTER, ContinualTrainer  # noqa: E402
 from lorafleet.training.dataset import Example, build_dataset  # noqa: E402
 from lorafleet.training.overrides import set_tenant_training  # noqa: E402
 from lorafleet.training.trainer import SlotTask, train_slots  # noqa: E402
+from lorafleet.workflows.continual import PERSONAL_ADAPTER, ContinualTrainer  # noqa: E402
+from lorafleet.workflows.feedback import ingest_feedback, list_feedback  # noqa: E402
+from lorafleet.workflows.qa_runner import QARunner  # noqa: E402
 
 logger = logging.getLogger("bench_qa")
 BANK_SIZES = (1, 3, 8)

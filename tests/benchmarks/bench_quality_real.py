@@ -64,6 +64,7 @@ from quality_real_eval import (  # noqa: E402
 )
 
 from lorafleet.adapters import AdapterBank, inject_bank  # noqa: E402
+from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.training.config import TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import Example, pad_token_id, reservoir_sample  # noqa: E402
@@ -74,7 +75,6 @@ from lorafleet.training.general_prompts import (  # noqa: E402
     EVAL_PROMPTS,
 )
 from lorafleet.training.personal_facts import PersonalUser, make_users, user_examples  # noqa: E402
-from lorafleet.training.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.training.trainer import SlotTask, train_slots  # noqa: E402
 
 logger = logging.getLogger("bench_quality_real")

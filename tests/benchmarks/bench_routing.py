@@ -1,7 +1,7 @@
 """Routing benchmark (not CI): centroid and learned gates on a three-task bank, accuracy and mixture loss.
 
 Three adapters are trained with the project's trainer on the three synthetic tasks of
-``lorafleet.routing.synthetic`` (pig latin, reversal, favourites) on the built-in tiny backbone. Each held-out
+``lorafleet.training.synthetic_routing`` (pig latin, reversal, favourites) on the built-in tiny backbone. Each held-out
 prompt is routed by each gate over the bank of the three adapters; routing accuracy is the share whose
 heaviest route is the prompt's own task adapter. The holdout loss (teacher-forced, completion tokens) of the
 gated mixture is compared with the oracle (the right adapter alone, weight 1), uniform averaging (1/3 each)
@@ -35,9 +35,9 @@ from lorafleet.routing.embeddings import embed_prompts, routing_key  # noqa: E40
 from lorafleet.routing.gates import CentroidGate, Gate, LearnedGate  # noqa: E402
 from lorafleet.routing.learned import GateTrainingConfig, train_learned_gate  # noqa: E402
 from lorafleet.routing.spec import GateSpec  # noqa: E402
-from lorafleet.routing.synthetic import TASKS, three_tasks  # noqa: E402
 from lorafleet.training import Example, SlotTask, TrainingConfig, train_slots  # noqa: E402
 from lorafleet.training.metrics import score_examples, summarize  # noqa: E402
+from lorafleet.training.synthetic_routing import TASKS, three_tasks  # noqa: E402
 
 MAX_SEQ = 96
 

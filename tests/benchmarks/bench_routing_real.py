@@ -1,6 +1,6 @@
 """Routing on the real backbone: the centroid gate over a three-task bank on SmolLM2-135M-Instruct embeddings.
 
-Three task adapters (``lorafleet.routing.synthetic``: pig latin, reversal, favourites; rank 8 on the top N
+Three task adapters (``lorafleet.training.synthetic_routing``: pig latin, reversal, favourites; rank 8 on the top N
 layers, prompts rendered with the chat template) are trained in one ``train_slots`` job with the frozen-prefix
 cache. Each held-out prompt is embedded by the base model (``embed_prompts``: pooled last hidden state of the
 user's own text) and routed by the centroid gate over the three routing keys (the mean embedding of each task's
@@ -31,13 +31,13 @@ from bench_routing import evaluate_gate, holdout_loss, user_bank_of  # noqa: E40
 from quality_real_eval import dequantize_once  # noqa: E402
 
 from lorafleet.adapters import AdapterBank, inject_bank  # noqa: E402
+from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.routing.embeddings import embed_prompts, routing_key  # noqa: E402
 from lorafleet.routing.gates import CentroidGate, Gate  # noqa: E402
-from lorafleet.routing.synthetic import TASKS, three_tasks  # noqa: E402
 from lorafleet.training import Example, SlotTask, TrainingConfig, train_slots  # noqa: E402
 from lorafleet.training.dataset import pad_token_id  # noqa: E402
-from lorafleet.training.prefix import FrozenPrefix  # noqa: E402
+from lorafleet.training.synthetic_routing import TASKS, three_tasks  # noqa: E402
 
 Split = dict[str, tuple[list[Example], list[Example]]]
 

@@ -48,9 +48,9 @@ from lorafleet.adapters.bank import peft_key  # noqa: E402
 from lorafleet.backbone import build_tiny_backbone, load_backbone  # noqa: E402
 from lorafleet.config import Settings, load_settings  # noqa: E402
 from lorafleet.registry import Registry  # noqa: E402
+from lorafleet.runtime.ray_serve import ReplicaOptions, ServeClient, deploy  # noqa: E402
 from lorafleet.serving import BatchingQueue, GenerationRequest, GenerationResult  # noqa: E402
 from lorafleet.serving.factory import build_engine  # noqa: E402
-from lorafleet.serving.ray_serve import ReplicaOptions, ServeClient, deploy  # noqa: E402
 from lorafleet.store.blob import open_blob_store_from_settings  # noqa: E402
 from lorafleet.store.sql import migrate  # noqa: E402
 from lorafleet.store.sql.database import Database  # noqa: E402

@@ -37,9 +37,9 @@ import torch
 
 from lorafleet.adapters import AdapterBank, SlotConfig, inject_bank, save_slot
 from lorafleet.adapters.bank import peft_key
-from lorafleet.adapters.peft_format import inspect_adapter_dir
 from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone, resolve_backbone_path
 from lorafleet.registry import pack_adapter_archive
+from lorafleet.registry.peft_format import inspect_adapter_dir
 from lorafleet.routing.bank import BankMember, UserBank
 from lorafleet.routing.embeddings import pooled_embeddings
 from lorafleet.routing.spec import GateSpec

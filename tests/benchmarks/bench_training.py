@@ -41,12 +41,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import torch  # noqa: E402
 
 from lorafleet.adapters import AdapterBank, inject_bank  # noqa: E402
+from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.training.config import TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import pad_token_id  # noqa: E402
 from lorafleet.training.metrics import score_examples, summarize  # noqa: E402
 from lorafleet.training.personal_facts import make_users, user_examples  # noqa: E402
-from lorafleet.training.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.training.trainer import SlotTask, train_slots  # noqa: E402
 
 logger = logging.getLogger("bench_training")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lorafleet.adapters import AdapterBank, RoutingPlan
+from lorafleet.adapters.prefix import FrozenPrefix
 from lorafleet.backbone import Backbone
 from lorafleet.training.dataset import Example, collate, encode_example, pad_token_id
 from lorafleet.training.general_prompts import generate_answers, prompt_set_digest
@@ -30,7 +31,6 @@ from lorafleet.training.personal_facts import (
     personal_values_in,
     split_questions,
 )
-from lorafleet.training.prefix import FrozenPrefix
 
 #: the fixed openings (3 words or more) of the personal answers ("Your pet is called", "You live in"): an answer
 #: to a general prompt that uses one the base did not is hijacked by the personal format, even without a value

@@ -15,19 +15,13 @@ import pytest
 from sqlalchemy import func, select
 
 from lorafleet.errors import NotFoundError, PayloadTooLargeError, StoreError, ValidationError
-from lorafleet.feedback import (
-    FeedbackLimits,
-    FeedbackRecordError,
-    IngestResult,
-    ingest_feedback,
-    list_feedback,
-    users_with_new_feedback,
-)
+from lorafleet.feedback import FeedbackLimits, FeedbackRecordError, IngestResult
 from lorafleet.store.sql import feedback as feedback_store
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.feedback import create_snapshot, get_snapshot, snapshot_hash
 from lorafleet.store.sql.models import SqlAdapter, SqlAdapterVersion, SqlFeedback, SqlUser
 from lorafleet.store.sql.tenants import TenantRepository
+from lorafleet.workflows.feedback import ingest_feedback, list_feedback, users_with_new_feedback
 
 SFT = {"kind": "sft", "prompt": "2+2?", "completion": "4"}
 PREFERENCE = {"kind": "preference", "prompt": "greet", "chosen": "Hello!", "rejected": "Go away."}

@@ -10,6 +10,10 @@ Public API (import torch-heavy names from here or from the submodules):
 - ``peft_format``: validation of a PEFT folder without a model (no torch needed)
 
 Importing this package does not import torch; the names above are loaded on first use.
+
+Its room (docs/architecture.md): the ML layer's adapter-bank math, above ``backbone`` and the registry's PEFT
+format, below routing, serving, training and QA. It knows slots, tensors and PEFT files, never versions, users
+or jobs.
 """
 
 from __future__ import annotations
@@ -38,5 +42,5 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    """Lazy exports: the registry imports ``lorafleet.adapters.peft_format`` without paying for torch."""
+    """Lazy exports: the registry imports ``lorafleet.registry.peft_format`` without paying for torch."""
     return lazy_export(__name__, _EXPORTS, name)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lorafleet.adapters.merge import merge_slot, unmerge_last
 from lorafleet.adapters.routing import RoutingPlan, RoutingState
 from lorafleet.adapters.slots import SlotConfig, SlotInfo
 from lorafleet.errors import (
@@ -39,6 +40,7 @@ from lorafleet.errors import (
     TargetModuleError,
     ValidationError,
 )
+from lorafleet.registry.peft_format import layer_of
 
 if TYPE_CHECKING:
     from lorafleet.adapters.linear import BankLinear
@@ -69,16 +71,6 @@ def group_peft_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[st
                 f"module {module!r} has lora_{''.join(pair)} but not both lora_A and lora_B"
             )
     return grouped
-
-
-#: PEFT's common layer containers (``layers_pattern``): ``model.layers.3.self_attn.q_proj`` is in layer 3
-LAYER_PATTERN = re.compile(r"(?:^|\.)(layers|h|blocks|layer)\.(\d+)\.")
-
-
-def layer_of(module_name: str) -> int | None:
-    """The decoder layer a module path belongs to (``...layers.7.mlp.up_proj`` -> 7), or None."""
-    match = LAYER_PATTERN.search(module_name)
-    return int(match.group(2)) if match else None
 
 
 def on_layers(names: Iterable[str], layers: str | Iterable[int] | None) -> list[str]:
@@ -289,14 +281,10 @@ class AdapterBank:
     # --- merge -----------------------------------------------------------------------------------------------
     def merge(self, slot: int) -> None:
         """Merge a slot into full-precision base weights (NaN-checked first; ``MergeError`` on 4/8-bit bases)."""
-        from lorafleet.adapters.merge import merge_slot
-
         merge_slot(self, slot)
 
     def unmerge(self) -> int:
         """Undo the last merge, restoring the saved base weights bit for bit; returns the slot."""
-        from lorafleet.adapters.merge import unmerge_last
-
         return unmerge_last(self)
 
     # --- checks ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from torch import nn
 from lorafleet.adapters.bank import AdapterBank, module_matches
 from lorafleet.adapters.layers import base_kind_for
 from lorafleet.adapters.linear import BankLinear
+from lorafleet.adapters.merge import unmerge_all
 from lorafleet.adapters.routing import RoutingState
 from lorafleet.errors import ConflictError, TargetModuleError, ValidationError
 
@@ -124,8 +125,6 @@ def model_base_only(model: nn.Module) -> Iterator[None]:
 
 def remove_bank(bank: AdapterBank) -> nn.Module:
     """Put the original base layers back (unmerging first if needed) and return the bare model."""
-    from lorafleet.adapters.merge import unmerge_all
-
     unmerge_all(bank)
     for name, layer in bank.layers.items():
         parent_name, _, child = name.rpartition(".")

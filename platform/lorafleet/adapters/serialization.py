@@ -19,17 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafleet.adapters.bank import LAYER_PATTERN, AdapterBank
-from lorafleet.adapters.peft_format import (
+from lorafleet.adapters.bank import AdapterBank
+from lorafleet.adapters.slots import SlotConfig, SlotInfo
+from lorafleet.errors import AdapterFormatError, BackboneMismatchError, NotFoundError, ValidationError
+from lorafleet.registry.peft_format import (
     CONFIG_FILE,
+    LAYER_PATTERN,
     WEIGHTS_FILE,
     AdapterFiles,
     inspect_adapter_dir,
     load_adapter_tensors,
     read_safetensors_header,
 )
-from lorafleet.adapters.slots import SlotConfig, SlotInfo
-from lorafleet.errors import AdapterFormatError, BackboneMismatchError, NotFoundError, ValidationError
 
 #: safetensors metadata key holding the backbone fingerprint digest
 FINGERPRINT_METADATA_KEY = "lorafleet.backbone_fingerprint"

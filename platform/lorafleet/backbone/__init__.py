@@ -1,6 +1,9 @@
 """Backbones: loading a frozen causal LM (fp32, bf16, nf4, int8), its fingerprint, the built-in ones (SmolLM2, tiny).
 
 Importing this package is cheap; torch and transformers are imported by the functions that need them.
+
+Its room (docs/architecture.md): the lowest ML package, on core only: the frozen model every other ML package
+runs on. It knows nothing of adapters, versions or users.
 """
 
 from lorafleet.backbone.fingerprint import BackboneFingerprint, fingerprint_directory, fingerprint_model

@@ -163,7 +163,7 @@ def serve(args: argparse.Namespace) -> int:
 
 # --- shared task adapters ------------------------------------------------------------------------------------
 def tasks_list(args: argparse.Namespace) -> int:
-    from lorafleet.tasks import list_tasks
+    from lorafleet.workflows.tasks import list_tasks
 
     with Platform.from_settings() as lib:
         tenant = lib.tenants.get_tenant(name=args.tenant)
@@ -185,7 +185,7 @@ def _read_lines(path: str) -> list[str]:
 
 def tasks_feedback(args: argparse.Namespace) -> int:
     from lorafleet.feedback import FeedbackLimits
-    from lorafleet.tasks import ingest_task_feedback
+    from lorafleet.workflows.tasks import ingest_task_feedback
 
     records = []
     for number, line in enumerate(_read_lines(args.file), start=1):
@@ -211,8 +211,8 @@ def tasks_import(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from lorafleet.jobs.imports import submit_import
     from lorafleet.sdk.calls import adapter_archive
+    from lorafleet.workflows.import_jobs import submit_import
 
     prompts = list(args.prompt) + (_read_lines(args.prompts_file) if args.prompts_file else [])
     if not Path(args.source).exists():
@@ -247,7 +247,7 @@ def tasks_import(args: argparse.Namespace) -> int:
 
 
 def tasks_rollback(args: argparse.Namespace) -> int:
-    from lorafleet.tasks import move_task_live
+    from lorafleet.workflows.tasks import move_task_live
 
     to = _rollback_target(args.to)
     with Platform.from_settings() as lib:

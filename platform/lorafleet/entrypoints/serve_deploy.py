@@ -1,4 +1,4 @@
-"""``lorafleet serve-deploy``: deploy or update the Ray Serve inference app (``lorafleet.serving.ray_serve``)."""
+"""``lorafleet serve-deploy``: deploy or update the Ray Serve inference app (``lorafleet.runtime.ray_serve``)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import threading
 
 from lorafleet.config import Settings, load_settings
 from lorafleet.errors import ConfigError
-from lorafleet.serving.ray_serve import ReplicaOptions, deploy
+from lorafleet.runtime.ray_serve import ReplicaOptions, deploy
 
 
 def serve_deploy_command(args: argparse.Namespace) -> int:
     """``lorafleet serve-deploy``: deploy or update the app on the configured Ray; exit, or ``--block``."""
-    from lorafleet.jobs.ray_runtime import init_ray
+    from lorafleet.runtime.ray_runtime import init_ray
 
     settings = load_settings()
     if not args.block and not settings.ray_address:

@@ -18,8 +18,8 @@ def workers_command(args: argparse.Namespace) -> int:
     """``lorafleet workers``: trainer actors on the configured Ray, draining the job queue until SIGTERM or
     SIGINT (a second signal stops at once; a job cut short is retried once its lease expires)."""
     from lorafleet.config import load_settings
-    from lorafleet.jobs.commands import run_workers
-    from lorafleet.jobs.ray_runtime import init_ray
+    from lorafleet.runtime.job_commands import run_workers
+    from lorafleet.runtime.ray_runtime import init_ray
     from lorafleet.training.config import TrainingConfig
 
     if args.poll_seconds <= 0 or args.grace_seconds < 0:

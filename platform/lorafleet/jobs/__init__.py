@@ -2,6 +2,10 @@
 
 Nothing here imports torch or ray; the Ray trainer actor wraps ``JobWorker`` and registers a ``train``
 handler.
+
+Its room (docs/architecture.md): the job machinery between the ML layer and the workflows: the queue, the
+lease-fenced worker loop and the scheduler's policy. Job handlers (what a ``train``, ``qa`` or ``import`` job
+does) are workflows; Ray actors are runtime.
 """
 
 from lorafleet.jobs.queue import FencedJob, JobQueue, RetryBackoff, SubmitResult

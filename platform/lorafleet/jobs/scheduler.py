@@ -327,7 +327,7 @@ class Scheduler:
     def train_task_now(
         self, *, tenant_id: int, task_name: str, training: Mapping[str, Any] | None = None
     ) -> SubmitResult:
-        """``train_now`` for a shared task's dataset (``lorafleet.tasks``): same rules, the task's feedback."""
+        """``train_now`` for a shared task's dataset (``lorafleet.workflows.tasks``): same rules, the task's feedback."""
         return self._train_subject_now(
             tenant_id=tenant_id,
             external_id=Subject.task(task_name).external_id,

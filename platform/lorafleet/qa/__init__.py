@@ -3,11 +3,12 @@
 Public API (names load on first use, so importing this package does not import torch):
 
 - ``QAPolicy``: thresholds, budgets and seeds, versioned in every report (``policy``)
-- ``QARunner``: the ``qa`` job handler; ``run_candidate`` / ``run_recheck`` for direct calls (``runner``)
-- ``on_bank_changed``, ``on_task_adapter_changed``, ``enrol_and_recheck``, ``submit_candidate_qa``,
-  ``QA_JOB_KIND`` (``triggers``)
 - ``load_report``, ``format_report``, ``reports_for_version`` (``reports``); ``QAReport`` rows
 - ``probe_examples`` (``probe``), ``check_adapter`` (``sanity``), ``Matrix`` (``results``), the rules (``rules``)
+
+Its room (docs/architecture.md): the top of the ML layer: evaluation, rules, policy and reports over backbone,
+adapters, routing, serving and training. The ``qa`` job handler and the triggers that queue QA jobs are
+workflows (``lorafleet.workflows.qa_runner``, ``lorafleet.workflows.qa_triggers``).
 """
 
 from __future__ import annotations
@@ -18,13 +19,6 @@ from lorafleet._exports import lazy_export
 
 _EXPORTS = {
     "QAPolicy": "lorafleet.qa.policy",
-    "QARunner": "lorafleet.qa.runner",
-    "StaleEvaluationError": "lorafleet.qa.runner",
-    "QA_JOB_KIND": "lorafleet.qa.triggers",
-    "on_bank_changed": "lorafleet.qa.triggers",
-    "on_task_adapter_changed": "lorafleet.qa.triggers",
-    "enrol_and_recheck": "lorafleet.qa.triggers",
-    "submit_candidate_qa": "lorafleet.qa.triggers",
     "load_report": "lorafleet.qa.reports",
     "format_report": "lorafleet.qa.reports",
     "reports_for_version": "lorafleet.qa.reports",

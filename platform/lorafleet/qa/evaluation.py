@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorafleet.adapters.prefix import FrozenPrefix, backbone_identity
 from lorafleet.domain import Adapter, AdapterVersion, QAKind
 from lorafleet.errors import LorafleetError
 from lorafleet.qa.evalsets import EvalSet, holdout_set, probe_set
@@ -34,7 +35,6 @@ from lorafleet.qa.sanity import SanityResult, check_adapter
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.training.dataset import pad_token_id
-from lorafleet.training.prefix import FrozenPrefix, backbone_identity
 
 if TYPE_CHECKING:
     from lorafleet.adapters import AdapterBank

@@ -27,11 +27,11 @@ if TYPE_CHECKING:
     import torch
 
     from lorafleet.adapters import AdapterBank
+    from lorafleet.adapters.prefix import FrozenPrefix
     from lorafleet.backbone import Backbone
     from lorafleet.registry import Registry
     from lorafleet.routing.bank import UserBank
     from lorafleet.routing.gates import Gate
-    from lorafleet.training.prefix import FrozenPrefix
 
 logger = logging.getLogger(__name__)
 #: ``(slot, weight)`` pairs of one example (empty: the base model)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
 
     from lorafleet.adapters import AdapterBank
-    from lorafleet.adapters.peft_format import AdapterFiles
+    from lorafleet.registry.peft_format import AdapterFiles
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def check_adapter(
     folder: Path, *, version: AdapterVersion, adapter: Adapter, bank: AdapterBank, policy: QAPolicy
 ) -> SanityResult:
     """Every check above on a fetched version folder; never raises for a bad adapter, it reports it."""
-    from lorafleet.adapters.peft_format import inspect_adapter_dir
+    from lorafleet.registry.peft_format import inspect_adapter_dir
 
     problems = _fingerprint_row(version, bank)
     try:

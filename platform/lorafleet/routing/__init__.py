@@ -10,6 +10,10 @@
 
 Importing this package does not import torch; the names above are loaded on first use, and ``bank`` and
 ``spec`` never need it.
+
+Its room (docs/architecture.md): the ML layer, above ``adapters`` and below serving, training and QA: which
+adapters of a user's bank answer a request, and how the bank is resolved from the registry. Re-checking QA
+after an enrolment is a workflow (``lorafleet.workflows.qa_triggers``).
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from lorafleet.errors import ValidationError
 
 if TYPE_CHECKING:
     from lorafleet.adapters import AdapterBank
+    from lorafleet.adapters.prefix import FrozenPrefix
     from lorafleet.backbone import Backbone
-    from lorafleet.training.prefix import FrozenPrefix
 
 #: prompts longer than this (in tokens) keep their last tokens, as training truncates prompts
 DEFAULT_MAX_PROMPT_TOKENS = 512

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
+from lorafleet.adapters import RoutingPlan
 from lorafleet.errors import ValidationError
 from lorafleet.routing.bank import UserBank
 from lorafleet.routing.spec import GateDecision, GateSpec
@@ -236,8 +237,6 @@ def build_gate(
 def plan_from_decisions(decisions: Sequence[GateDecision], slot_maps: Sequence[Sequence[int]]) -> RoutingPlan:
     """A batch's routing plan: row ``i`` follows ``decisions[i]`` with members mapped to bank slots by
     ``slot_maps[i]`` (``slot_maps[i][member index]`` = slot; rows of different users have different maps)."""
-    from lorafleet.adapters import RoutingPlan
-
     if len(decisions) != len(slot_maps):
         raise ValidationError(f"{len(decisions)} decisions but {len(slot_maps)} slot maps")
     return RoutingPlan.from_rows([d.to_slots(m) for d, m in zip(decisions, slot_maps, strict=True)])

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafleet.adapters.peft_format import read_safetensors_header
 from lorafleet.errors import AdapterFormatError, BackboneMismatchError, NonFiniteError, ValidationError
+from lorafleet.registry.peft_format import read_safetensors_header
 from lorafleet.routing.bank import UserBank, gate_adapter_id
 from lorafleet.routing.embeddings import embed_prompts
 

@@ -8,6 +8,10 @@ Public API (importing this package does not import torch; names load on first us
 - ``GenerationEngine(backbone, bank, cache, resolve_bank=..., gate_factory=...)``: ``generate(requests)``
 - ``BatchingQueue(engine, max_batch_size=32, max_wait_ms=10)``: ``submit`` / ``submit_async`` / ``close``
 - ``ServingMetrics`` and ``prometheus_text``: counters for ``/metrics``
+
+Its room (docs/architecture.md): the ML layer, above routing and adapters, below training and QA: one in-
+process engine. The Ray Serve deployment around it is runtime (``lorafleet.runtime.ray_serve``); the HTTP
+routes are in ``services/api``.
 """
 
 from __future__ import annotations

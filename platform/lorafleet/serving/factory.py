@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from lorafleet.adapters import inject_bank
+from lorafleet.backbone import load_backbone
 from lorafleet.config import Settings
 
 if TYPE_CHECKING:
@@ -36,16 +39,18 @@ def build_engine(
     max_rank: int = DEFAULT_MAX_RANK,
     quantization: str | None = None,
     capacity_bytes: int | None = None,
+    general_prompts: Sequence[str] = (),
 ) -> GenerationEngine:
     """Load the backbone and build the engine (slow: seconds for the tiny backbone, minutes for large ones).
 
     ``quantization`` overrides ``settings.backbone_quantization`` (e.g. fp32 for fast CPU tests).
+    ``general_prompts`` (the service passes ``training.general_prompts.ANCHOR_PROMPTS``): their embeddings are
+    the base model's side of every centroid gate, so requests nearer one of them than to any adapter are served
+    by the base alone (``routing.gates.CentroidGate``); none: the gates choose among adapters only.
     """
-    from lorafleet.adapters import inject_bank
-    from lorafleet.backbone import load_backbone
+    from lorafleet.routing.embeddings import embed_prompts
     from lorafleet.serving.cache import AdapterCache
     from lorafleet.serving.engine import GenerationEngine, database_resolver
-    from lorafleet.training.general_prompts import general_exemplars
 
     backbone = load_backbone(
         settings.backbone,
@@ -55,14 +60,13 @@ def build_engine(
     )
     bank = inject_bank(backbone, target_modules="all-linear", n_slots=n_slots, max_rank=max_rank)
     cache = AdapterCache.from_blob_store(bank, registry.blobs, capacity_bytes=capacity_bytes)
+    general = embed_prompts(backbone, bank, list(general_prompts)) if general_prompts else None
     return GenerationEngine(
         backbone,
         bank,
         cache,
         resolve_bank=database_resolver(db),
-        gate_factory=registry_gate_factory(
-            registry, fingerprint=bank.fingerprint, general=general_exemplars(backbone, bank)
-        ),
+        gate_factory=registry_gate_factory(registry, fingerprint=bank.fingerprint, general=general),
     )
 
 

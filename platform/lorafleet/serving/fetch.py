@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from lorafleet.adapters.peft_format import inspect_adapter_dir, load_adapter_tensors
 from lorafleet.adapters.slots import SlotConfig
 from lorafleet.errors import BackboneMismatchError, BlobIntegrityError
 from lorafleet.registry import pack_adapter_archive, unpack_adapter_archive
+from lorafleet.registry.peft_format import inspect_adapter_dir, load_adapter_tensors
 from lorafleet.store.blob.base import BlobStore, sha256_file
 
 if TYPE_CHECKING:

@@ -7,6 +7,10 @@ Public API (names load on first use, so importing this package does not import t
   (``dataset``)
 - ``SlotTask``, ``SlotResult``, ``train_slots``, ``evaluate``, ``EvalResult`` (``trainer``)
 - ``synthetic``: the multi-user personalisation task used by tests, benchmarks and the demo
+
+Its room (docs/architecture.md): the ML layer, above adapters, routing and serving's decode loop, below QA:
+how adapters learn, given datasets. Which users train, when, and how the results become versions is the
+``train`` job handler, a workflow (``lorafleet.workflows.continual``).
 """
 
 from __future__ import annotations

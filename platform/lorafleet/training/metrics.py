@@ -3,7 +3,7 @@
 Every metric is teacher-forced on the completion tokens only (the prompt is context, as in training). The
 output head runs only on the positions that predict a completion token (:func:`scored_logits`), so scoring
 long prompts against a large vocabulary never materialises ``[batch, seq, vocab]``. Given a
-:class:`~lorafleet.training.prefix.FrozenPrefix`, the layers below the lowest adapted one are not run again for
+:class:`~lorafleet.adapters.prefix.FrozenPrefix`, the layers below the lowest adapted one are not run again for
 rows whose states it holds (training steps, holdouts, QA's columns over the same rows).
 """
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafleet.adapters import AdapterBank, RoutingPlan
+from lorafleet.adapters.prefix import DecoderSplit, FrozenPrefix, lowest_adapted_layer, pad_states
 from lorafleet.errors import ValidationError
 from lorafleet.training.dataset import (
     IGNORE_INDEX,
@@ -27,7 +28,6 @@ from lorafleet.training.dataset import (
     encode_example,
     pad_token_id,
 )
-from lorafleet.training.prefix import DecoderSplit, FrozenPrefix, lowest_adapted_layer, pad_states
 
 #: ``(slot, weight)`` pairs one sequence is routed through (empty = the base model alone)
 Route = Sequence[tuple[int, float]]

@@ -27,6 +27,7 @@ import torch
 from lorafleet.adapters import AdapterBank, RoutingPlan
 from lorafleet.adapters.bank import peft_key
 from lorafleet.adapters.dense import dense_budget, dense_views
+from lorafleet.adapters.prefix import FrozenPrefix, lowest_adapted_layer
 from lorafleet.errors import TrainingError, ValidationError
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import (
@@ -43,7 +44,6 @@ from lorafleet.training.metrics import (
     scored_logits,
     summarize,
 )
-from lorafleet.training.prefix import FrozenPrefix, lowest_adapted_layer
 
 __all__ = ["EvalResult", "SlotResult", "SlotTask", "evaluate", "train_slots", "user_losses"]
 

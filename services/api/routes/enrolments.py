@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response
 from fastapi.responses import JSONResponse
 
-from lorafleet.qa.triggers import enrol_and_recheck, unenrol_and_recheck
 from lorafleet.routing.bank import list_enrolments
 from lorafleet.sdk import schemas as s
+from lorafleet.workflows.qa_triggers import enrol_and_recheck, unenrol_and_recheck
 from services.api import convert
 from services.api.deps import CurrentTenant, CurrentUser, Services, UserId
 from services.api.idempotency import Idempotent

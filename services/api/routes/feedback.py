@@ -11,8 +11,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
-from lorafleet.feedback import IngestResult, ingest_feedback, list_feedback
+from lorafleet.feedback import IngestResult
 from lorafleet.sdk import schemas as s
+from lorafleet.workflows.feedback import ingest_feedback, list_feedback
 from services.api import convert
 from services.api.deps import CurrentUser, Services, UserId
 from services.api.idempotency import Idempotent, IdempotentCall

@@ -1,4 +1,4 @@
-"""The tenant's shared task adapters (``lorafleet.tasks``): feedback, import, training, versions, live moves.
+"""The tenant's shared task adapters (``lorafleet.workflows.tasks``): feedback, import, training, versions, live moves.
 
 A task adapter is an adapter without an owner user, so its versions, lineage and history answer exactly as a
 user's adapter's do (the handlers of ``routes.adapters`` are reused); moving its ``live`` alias also queues QA
@@ -18,7 +18,7 @@ from lorafleet.domain import Adapter, AliasEvent
 from lorafleet.errors import ValidationError
 from lorafleet.feedback import IngestResult
 from lorafleet.sdk import schemas as s
-from lorafleet.tasks import (
+from lorafleet.workflows.tasks import (
     enrolled_users,
     get_task_adapter,
     ingest_task_feedback,
@@ -92,7 +92,7 @@ def import_task_adapter(
     rank, finite values, backbone fingerprint), computes its routing key from the example prompts and registers
     it as a candidate version (lineage ``imported``); QA then decides as for a trained version. 422 for an
     archive that is not base64."""
-    from lorafleet.jobs.imports import submit_import
+    from lorafleet.workflows.import_jobs import submit_import
 
     try:
         archive = base64.b64decode(body.archive_base64, validate=True)

@@ -15,16 +15,16 @@ from sqlalchemy import func, select
 from tests.polling import wait_for
 
 from lorafleet.domain import AdapterVersion, Job
-from lorafleet.feedback import ingest_feedback
 from lorafleet.jobs import JobQueue, Scheduler, SchedulerPolicy
 from lorafleet.registry import Registry
 from lorafleet.store.blob import open_blob_store
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlAdapterVersion, SqlJob
 from lorafleet.store.sql.tenants import TenantRepository
-from lorafleet.training.continual import PERSONAL_ADAPTER
 from lorafleet.training.overrides import set_tenant_training
 from lorafleet.training.synthetic import make_user_records
+from lorafleet.workflows.continual import PERSONAL_ADAPTER
+from lorafleet.workflows.feedback import ingest_feedback
 
 USERS = [f"user-{i}" for i in range(6)]
 T = TypeVar("T")

@@ -15,10 +15,7 @@ from safetensors.torch import load_file, save_file
 from lorafleet.adapters import AdapterBank, save_slot
 from lorafleet.backbone import Backbone
 from lorafleet.domain import AdapterVersion, LineageRelation
-from lorafleet.feedback import ingest_feedback
 from lorafleet.jobs import JobQueue, JobWorker
-from lorafleet.qa.runner import QARunner
-from lorafleet.qa.triggers import QA_JOB_KIND
 from lorafleet.registry import Registry, pack_adapter_archive
 from lorafleet.routing.embeddings import routing_key
 from lorafleet.store.sql.database import Database
@@ -27,10 +24,13 @@ from lorafleet.store.sql.registry_repository import NewVersion, RegistryReposito
 from lorafleet.store.sql.tenants import TenantRepository
 from lorafleet.training import synthetic
 from lorafleet.training.config import TrainingConfig
-from lorafleet.training.continual import PERSONAL_ADAPTER, ContinualTrainer
 from lorafleet.training.dataset import Example, build_dataset
 from lorafleet.training.overrides import set_tenant_training
 from lorafleet.training.trainer import SlotTask, train_slots
+from lorafleet.workflows.continual import PERSONAL_ADAPTER, ContinualTrainer
+from lorafleet.workflows.feedback import ingest_feedback
+from lorafleet.workflows.qa_runner import QARunner
+from lorafleet.workflows.qa_triggers import QA_JOB_KIND
 
 #: a few steps on two projections at a high rate: enough to move a tiny model's holdout, fast on 2 cores
 TINY_TRAINING: dict[str, Any] = {
@@ -127,7 +127,7 @@ def adversarial(examples: Sequence[Example], *, other_user: str = "mallory") -> 
 
 def user_examples(world: World, user: str) -> list[Example]:
     """A user's training split, as the trainer builds it from their stored feedback."""
-    from lorafleet.feedback import list_feedback
+    from lorafleet.workflows.feedback import list_feedback
 
     records = list_feedback(world.db, tenant_id=world.tenant_id, user_external_id=user, limit=1000)
     return list(build_dataset(records, config=world.config).train)
@@ -176,7 +176,7 @@ def register_unchecked(
     tensors[name][0, 0] = float("nan")
     metadata = _metadata(weights)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights), metadata=metadata)
-    from lorafleet.adapters.peft_format import inspect_adapter_dir
+    from lorafleet.registry.peft_format import inspect_adapter_dir
 
     archive = pack_adapter_archive(files=inspect_adapter_dir(folder), dest=work / "bad.tar")
     ref = world.registry.blobs.put_file(archive)
@@ -201,7 +201,7 @@ def register_unchecked(
 
 
 def _metadata(weights: Path) -> dict[str, str]:
-    from lorafleet.adapters.peft_format import read_safetensors_header
+    from lorafleet.registry.peft_format import read_safetensors_header
 
     meta = read_safetensors_header(weights).get("__metadata__") or {}
     return {str(k): str(v) for k, v in dict(meta).items()}

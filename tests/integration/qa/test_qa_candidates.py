@@ -26,9 +26,9 @@ from lorafleet.jobs import JobQueue, Scheduler
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.qa.results import BASE, CANDIDATE, GATED_CANDIDATE, GATED_PREVIOUS, PREVIOUS, Matrix
-from lorafleet.qa.runner import QARunner
-from lorafleet.qa.triggers import QA_JOB_KIND, candidate_dedupe_key
 from lorafleet.registry import Registry
+from lorafleet.workflows.qa_runner import QARunner
+from lorafleet.workflows.qa_triggers import QA_JOB_KIND, candidate_dedupe_key
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -18,17 +18,17 @@ from tests.polling import wait_for
 from lorafleet.config import Settings, load_settings
 from lorafleet.domain import Job
 from lorafleet.errors import LeaseLostError
-from lorafleet.feedback import ingest_feedback
 from lorafleet.jobs import JobQueue, JobWorker, LeaseContext, Scheduler
 from lorafleet.qa.reports import reports_for_version
-from lorafleet.qa.runner import QARunner
-from lorafleet.qa.triggers import QA_JOB_KIND
 from lorafleet.registry import Registry
 from lorafleet.store.blob import open_blob_store_from_settings
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.tenants import TenantRepository
 from lorafleet.training.overrides import set_tenant_training
 from lorafleet.training.synthetic import make_user_records
+from lorafleet.workflows.feedback import ingest_feedback
+from lorafleet.workflows.qa_runner import QARunner
+from lorafleet.workflows.qa_triggers import QA_JOB_KIND
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -114,7 +114,7 @@ def _expired(queue: JobQueue, job_id: int) -> bool:
 @pytest.fixture(scope="module")
 def ray_address(data_dir: Path) -> Iterator[str]:
     """A local Ray on 127.0.0.1 (started through ``init_ray``; one this session already runs is reused)."""
-    from lorafleet.jobs.ray_runtime import init_ray
+    from lorafleet.runtime.ray_runtime import init_ray
 
     started = not ray.is_initialized()
     address = init_ray(load_settings(data_dir=data_dir, ray_address="", ray_num_cpus=4))
@@ -146,7 +146,7 @@ SLOW_QA = {"samples_per_cell": 16, "sample_max_new_tokens": 256, "probe_size": 1
 def test_trainer_actors_run_qa_jobs_and_one_killed_mid_qa_is_replaced(
     ray_address: str, data_dir: Path, sqlite_url: str, tmp_path: Path
 ) -> None:
-    from lorafleet.jobs.trainer_pool import TrainerPool
+    from lorafleet.runtime.trainer_pool import TrainerPool
 
     db = Database(sqlite_url)
     tenant_id = TenantRepository(db).create_tenant(name="acme")[0].id

@@ -8,15 +8,20 @@ from pathlib import Path
 import pytest
 from qa_helpers import World, feed, key_of, qa_trainer, register_candidate, train_adapter, worker
 
-from lorafleet.feedback import ingest_feedback, list_feedback
 from lorafleet.jobs import JobQueue, Scheduler
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.reports import load_report, reports_for_version
-from lorafleet.qa.runner import QARunner
 from lorafleet.qa.sanity import check_adapter
-from lorafleet.qa.triggers import QA_JOB_KIND, enrol_and_recheck, on_bank_changed, submit_candidate_qa
 from lorafleet.training import synthetic
 from lorafleet.training.dataset import build_dataset
+from lorafleet.workflows.feedback import ingest_feedback, list_feedback
+from lorafleet.workflows.qa_runner import QARunner
+from lorafleet.workflows.qa_triggers import (
+    QA_JOB_KIND,
+    enrol_and_recheck,
+    on_bank_changed,
+    submit_candidate_qa,
+)
 
 pytestmark = pytest.mark.timeout(300)
 

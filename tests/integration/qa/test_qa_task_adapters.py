@@ -21,20 +21,20 @@ from qa_helpers import (
 
 from lorafleet.errors import ValidationError
 from lorafleet.jobs import JobQueue
-from lorafleet.jobs.imports import IMPORT_JOB_KIND, ImportRunner, submit_import
 from lorafleet.jobs.scheduler import Scheduler, SchedulerPolicy
 from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.qa.results import Matrix
-from lorafleet.qa.runner import QARunner
 from lorafleet.routing.bank import enrol, unenrol
-from lorafleet.routing.synthetic import task_split
 from lorafleet.sdk.calls import pack_adapter_folder
 from lorafleet.serving.cache import AdapterCache
 from lorafleet.serving.engine import GenerationEngine, database_resolver
 from lorafleet.serving.requests import GenerationRequest
 from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.store.sql.tenants import find_user, task_subject_id
-from lorafleet.tasks import get_task_adapter, ingest_task_feedback, list_tasks, move_task_live
+from lorafleet.training.synthetic_routing import task_split
+from lorafleet.workflows.import_jobs import IMPORT_JOB_KIND, ImportRunner, submit_import
+from lorafleet.workflows.qa_runner import QARunner
+from lorafleet.workflows.tasks import get_task_adapter, ingest_task_feedback, list_tasks, move_task_live
 
 TASK = "pig-latin"
 

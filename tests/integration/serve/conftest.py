@@ -32,8 +32,8 @@ from tests.tiny import tiny_backbone_dir  # noqa: E402
 
 from lorafleet.config import Settings, load_settings  # noqa: E402
 from lorafleet.platform import Platform  # noqa: E402
+from lorafleet.runtime.ray_serve import ServeClient  # noqa: E402
 from lorafleet.serving.engine import GenerationEngine  # noqa: E402
-from lorafleet.serving.ray_serve import ServeClient  # noqa: E402
 
 for _name, _value in AWS_TEST_ENV.items():
     os.environ.setdefault(_name, _value)
@@ -81,7 +81,7 @@ def serve_app(serve_settings: Settings) -> Iterator[ServeClient]:
     Ray too when this fixture started it)."""
     import ray
 
-    from lorafleet.serving.ray_serve import deploy
+    from lorafleet.runtime.ray_serve import deploy
 
     started_here = init_local_ray(serve_settings)
     from ray import serve

@@ -6,7 +6,7 @@ import os
 import socket
 
 from lorafleet.config import Settings
-from lorafleet.serving.ray_serve import ReplicaOptions
+from lorafleet.runtime.ray_serve import ReplicaOptions
 
 #: the engine of every replica and of the in-process reference: 16 slots (more than a batch's adapters) up to
 #: rank 8 (the test adapters have 4); half a CPU per replica, since trainer actors of other tests need CPUs too
@@ -26,7 +26,7 @@ def init_local_ray(settings: Settings) -> bool:
     a machine shared with other test runs, ``RAY_ADDRESS=local`` makes it start our own. True if started here."""
     import ray
 
-    from lorafleet.jobs.ray_runtime import init_ray
+    from lorafleet.runtime.ray_runtime import init_ray
 
     if ray.is_initialized():
         init_ray(settings)

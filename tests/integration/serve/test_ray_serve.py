@@ -25,9 +25,7 @@ from lorafleet.config import Settings, load_settings
 from lorafleet.errors import BlobNotFoundError, ConfigError, NotFoundError, ValidationError
 from lorafleet.routing.bank import enrol, set_gate_spec
 from lorafleet.routing.spec import GateSpec
-from lorafleet.sdk import Client, errors
-from lorafleet.serving.engine import GenerationEngine
-from lorafleet.serving.ray_serve import (
+from lorafleet.runtime.ray_serve import (
     ReplicaOptions,
     RoutedOutcome,
     ServeClient,
@@ -38,6 +36,8 @@ from lorafleet.serving.ray_serve import (
     replica_settings,
     user_key,
 )
+from lorafleet.sdk import Client, errors
+from lorafleet.serving.engine import GenerationEngine
 from lorafleet.serving.requests import GenerationRequest, GenerationResult
 
 PROMPTS = ("Tell me about the weather", "A short story:")

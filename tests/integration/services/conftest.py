@@ -144,7 +144,7 @@ def api_ray(make_api_settings: Callable[..., Settings]) -> Iterator[str]:
     """A local Ray on 127.0.0.1, started on the main thread (the servers' trainer pools then join it)."""
     import ray
 
-    from lorafleet.jobs.ray_runtime import init_ray
+    from lorafleet.runtime.ray_runtime import init_ray
 
     address = init_ray(make_api_settings(ray_num_cpus=4))
     yield address

@@ -19,7 +19,7 @@ from lorafleet.registry import Registry
 from lorafleet.store.blob import open_blob_store
 from lorafleet.store.sql.database import Database
 from lorafleet.training.config import TrainingConfig
-from lorafleet.training.continual import ContinualTrainer
+from lorafleet.workflows.continual import ContinualTrainer
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +33,7 @@ def ray_cluster(data_dir: Path) -> Iterator[str]:
     """A local Ray on 127.0.0.1 for the whole session (started through ``init_ray``); its GCS address."""
     import ray
 
-    from lorafleet.jobs.ray_runtime import init_ray
+    from lorafleet.runtime.ray_runtime import init_ray
 
     address = init_ray(load_settings(data_dir=data_dir, ray_address="", ray_num_cpus=4))
     assert address.startswith("127.0.0.1:")

@@ -12,13 +12,13 @@ from tests.tiny import (
 )
 
 from lorafleet.domain import Job
-from lorafleet.feedback import ingest_feedback
 from lorafleet.jobs import JobQueue, Scheduler
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlAdapterVersion, SqlDatasetSnapshot, SqlJob
 from lorafleet.store.sql.tenants import TenantRepository
 from lorafleet.training.overrides import set_tenant_training
 from lorafleet.training.synthetic import make_user_records
+from lorafleet.workflows.feedback import ingest_feedback
 
 
 def tiny_tenant(db: Database, name: str = "acme") -> int:

@@ -14,11 +14,11 @@ from continual_helpers import TINY_TRAINING, count_versions_and_snapshots, feed_
 from lorafleet.adapters import AdapterBank
 from lorafleet.config import Settings
 from lorafleet.jobs import JobQueue, JobWorker, Scheduler
-from lorafleet.jobs.commands import train_now
 from lorafleet.registry import Registry
+from lorafleet.runtime.job_commands import train_now
 from lorafleet.store.sql.database import Database
-from lorafleet.training.continual import PERSONAL_ADAPTER, ContinualTrainer
 from lorafleet.training.trainer import SlotTask, train_slots
+from lorafleet.workflows.continual import PERSONAL_ADAPTER, ContinualTrainer
 
 
 class MovableClock:

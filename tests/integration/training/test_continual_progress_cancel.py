@@ -18,11 +18,11 @@ from lorafleet.jobs import JobQueue, JobWorker
 from lorafleet.registry import Registry
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.tenants import find_user, task_subject_id
-from lorafleet.tasks import ingest_task_feedback
 from lorafleet.training.config import TrainingConfig
-from lorafleet.training.continual import ContinualTrainer
 from lorafleet.training.synthetic import make_user_records
 from lorafleet.training.trainer import SlotTask, train_slots
+from lorafleet.workflows.continual import ContinualTrainer
+from lorafleet.workflows.tasks import ingest_task_feedback
 
 Step = tuple[int, int]
 

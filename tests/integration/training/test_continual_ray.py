@@ -28,14 +28,14 @@ from tests.polling import wait_for
 from lorafleet.config import Settings
 from lorafleet.domain import AdapterVersion
 from lorafleet.jobs import Scheduler, SchedulerPolicy
-from lorafleet.jobs.commands import train_user_now_and_wait
-from lorafleet.jobs.trainer_pool import TrainerPool
 from lorafleet.registry import Registry
+from lorafleet.runtime.job_commands import train_user_now_and_wait
+from lorafleet.runtime.trainer_pool import TrainerPool
 from lorafleet.store.blob import open_blob_store_from_settings
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.feedback import get_snapshot
 from lorafleet.store.sql.tenants import TenantRepository
-from lorafleet.training.continual import AUTO_PROMOTE_ACTOR, PERSONAL_ADAPTER
+from lorafleet.workflows.continual import AUTO_PROMOTE_ACTOR, PERSONAL_ADAPTER
 
 USERS = [f"user-{i}" for i in range(6)]
 AWS_TEST_ENV = {
@@ -177,7 +177,7 @@ CONNECT_SCRIPT = textwrap.dedent(
     """
     import json, sys
     from lorafleet.config import load_settings
-    from lorafleet.jobs.commands import run_workers
+    from lorafleet.runtime.job_commands import run_workers
 
     ran = run_workers(load_settings(), n_actors=1, until_idle=True, training=json.loads(sys.argv[1]))
     import ray  # connected by run_workers

@@ -17,8 +17,8 @@ from lorafleet.domain import AdapterVersion, Job
 from lorafleet.jobs import JobQueue, JobWorker, Scheduler
 from lorafleet.registry import Registry
 from lorafleet.store.sql.database import Database
-from lorafleet.training.continual import PERSONAL_ADAPTER, ContinualTrainer
 from lorafleet.training.overrides import set_tenant_training
+from lorafleet.workflows.continual import PERSONAL_ADAPTER, ContinualTrainer
 
 
 def _run(trainer: ContinualTrainer, database: Database, job: Job) -> Job:
@@ -121,7 +121,7 @@ def test_a_config_the_bank_cannot_hold_fails_the_job_at_once_naming_the_field(
 def test_a_trainer_hosts_bank_holds_every_linear_layer_up_to_the_max_rank_setting(
     sqlite_url: str, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    from lorafleet.jobs.ray_runtime import TrainerHost, actor_settings
+    from lorafleet.runtime.ray_runtime import TrainerHost, actor_settings
 
     settings = make_settings(
         database_url=sqlite_url, object_store_url=(tmp_path / "blobs").as_uri(), trainer_max_rank=6

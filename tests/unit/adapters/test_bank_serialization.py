@@ -20,7 +20,6 @@ from lorafleet.adapters import (
     load_slot_from_dir,
     save_slot,
 )
-from lorafleet.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, inspect_adapter_dir
 from lorafleet.adapters.serialization import FINGERPRINT_METADATA_KEY, read_adapter_fingerprint
 from lorafleet.backbone import Backbone
 from lorafleet.errors import (
@@ -33,6 +32,7 @@ from lorafleet.errors import (
     TargetModuleError,
     UnsafeFormatError,
 )
+from lorafleet.registry.peft_format import CONFIG_FILE, WEIGHTS_FILE, inspect_adapter_dir
 
 
 @pytest.fixture

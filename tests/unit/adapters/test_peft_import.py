@@ -23,13 +23,6 @@ from safetensors.torch import load_file, save_file
 from sqlalchemy import func, select
 
 from lorafleet.adapters import AdapterBank, RoutingPlan, inject_bank, load_slot_from_dir
-from lorafleet.adapters.importing import (
-    ImportedAdapter,
-    import_peft_adapter,
-    prepare_import,
-    register_import,
-    unpack_import_archive,
-)
 from lorafleet.adapters.serialization import FINGERPRINT_METADATA_KEY
 from lorafleet.backbone import Backbone, load_backbone
 from lorafleet.errors import (
@@ -48,6 +41,13 @@ from lorafleet.store.blob import BlobStore, open_blob_store
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlAdapter, SqlAdapterVersion, SqlJob, SqlTenant
 from lorafleet.store.sql.qa_repository import QARepository
+from lorafleet.workflows.adapter_import import (
+    ImportedAdapter,
+    import_peft_adapter,
+    prepare_import,
+    register_import,
+    unpack_import_archive,
+)
 
 TOL = 1e-5
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -565,7 +565,7 @@ def serve_app() -> dict[str, Any]:
 def test_the_serve_config_is_valid_and_names_the_configured_app() -> None:
     app = serve_app()
     assert app["name"] == k8s_object("ConfigMap")["data"]["LORAFLEET_SERVE_APP_NAME"]
-    assert app["import_path"] == "lorafleet.serving.ray_serve:build_app"
+    assert app["import_path"] == "lorafleet.runtime.ray_serve:build_app"
     unknown = set(app["args"].get("settings", {})) - set(Settings.model_fields)
     assert not unknown, f"serveConfigV2 args.settings: not Settings fields: {unknown}"
 

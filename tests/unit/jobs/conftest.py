@@ -1,5 +1,5 @@
 """Fixtures for the job tests: a clock the test moves, tenants made through ``TenantRepository`` and
-feedback ingested through ``lorafleet.feedback.ingest_feedback``."""
+feedback ingested through ``lorafleet.workflows.feedback.ingest_feedback``."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from lorafleet.feedback import ingest_feedback
 from lorafleet.jobs import JobQueue, RetryBackoff
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlAdapter, SqlAdapterVersion, SqlDatasetSnapshot
 from lorafleet.store.sql.tenants import TenantRepository
+from lorafleet.workflows.feedback import ingest_feedback
 
 
 class FakeClock:

@@ -8,11 +8,11 @@ import pytest
 
 from lorafleet.config import load_settings
 from lorafleet.errors import NotFoundError
-from lorafleet.feedback import ingest_feedback
-from lorafleet.jobs.commands import scheduler_run, scheduler_tick, train_now
 from lorafleet.jobs.scheduler import SchedulerPolicy
+from lorafleet.runtime.job_commands import scheduler_run, scheduler_tick, train_now
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.tenants import TenantRepository
+from lorafleet.workflows.feedback import ingest_feedback
 
 
 def test_tick_run_and_train_now_use_the_configured_database(database_url: str) -> None:

@@ -16,12 +16,12 @@ import pytest
 from sqlalchemy import func, select
 
 from lorafleet.errors import NotFoundError, ValidationError
-from lorafleet.feedback import ingest_feedback
 from lorafleet.jobs import JobQueue, Scheduler, SchedulerPolicy, TickResult, train_dedupe_key
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import ACTIVE_JOB_STATES, SqlJob, SqlJobUser
 from lorafleet.store.sql.tenants import TenantRepository
 from lorafleet.training.config import TrainingConfig
+from lorafleet.workflows.feedback import ingest_feedback
 
 Feed = Callable[..., list[int]]
 UserId = Callable[[int, str], int]

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafleet.adapters import AdapterBank, SlotConfig, save_slot
-from lorafleet.adapters.peft_format import read_safetensors_header
 from lorafleet.backbone import Backbone
 from lorafleet.domain import Adapter, AdapterVersion
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.sanity import check_adapter
+from lorafleet.registry.peft_format import read_safetensors_header
 
 CONFIGURED = {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
 

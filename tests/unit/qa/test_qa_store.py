@@ -14,7 +14,13 @@ from safetensors.torch import save_file
 from lorafleet.errors import AlreadyExistsError, NotFoundError
 from lorafleet.jobs import JobQueue
 from lorafleet.qa.reports import encode_document, load_report, reports_for_version, store_document
-from lorafleet.qa.triggers import (
+from lorafleet.registry import Registry
+from lorafleet.routing.bank import enrol
+from lorafleet.store.blob import open_blob_store
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.qa_repository import NewQAReport, QARepository
+from lorafleet.store.sql.tenants import TenantRepository
+from lorafleet.workflows.qa_triggers import (
     QA_JOB_KIND,
     candidate_dedupe_key,
     on_bank_changed,
@@ -22,12 +28,6 @@ from lorafleet.qa.triggers import (
     recheck_dedupe_key,
     submit_candidate_qa,
 )
-from lorafleet.registry import Registry
-from lorafleet.routing.bank import enrol
-from lorafleet.store.blob import open_blob_store
-from lorafleet.store.sql.database import Database
-from lorafleet.store.sql.qa_repository import NewQAReport, QARepository
-from lorafleet.store.sql.tenants import TenantRepository
 
 
 @pytest.fixture

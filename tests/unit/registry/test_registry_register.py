@@ -15,7 +15,6 @@ import pytest
 from registry_helpers import TwoTenants, blob_digests, count_versions, version_count
 from tests.faults import FaultyBlobs
 
-from lorafleet.adapters.peft_format import inspect_adapter_dir
 from lorafleet.errors import (
     AdapterFormatError,
     BlobIntegrityError,
@@ -24,6 +23,7 @@ from lorafleet.errors import (
     ValidationError,
 )
 from lorafleet.registry import Registry, unpack_adapter_archive
+from lorafleet.registry.peft_format import inspect_adapter_dir
 from lorafleet.store.blob import BlobStore, LocalBlobStore
 from lorafleet.store.blob.base import BlobRef
 from lorafleet.store.sql.database import Database

@@ -37,10 +37,10 @@ from lorafleet.routing.learned import (
     register_learned_gate,
     train_learned_gate,
 )
-from lorafleet.routing.synthetic import TASKS, three_tasks
 from lorafleet.store.sql.database import Database
 from lorafleet.training import Example, SlotTask, TrainingConfig, train_slots
 from lorafleet.training.metrics import score_examples, summarize
+from lorafleet.training.synthetic_routing import TASKS, three_tasks
 
 MAX_SEQ = 64
 

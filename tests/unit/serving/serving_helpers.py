@@ -14,8 +14,8 @@ import torch
 
 from lorafleet.adapters import AdapterBank, SlotConfig, save_slot
 from lorafleet.adapters.bank import peft_key
-from lorafleet.adapters.peft_format import inspect_adapter_dir
 from lorafleet.registry import Registry, pack_adapter_archive
+from lorafleet.registry.peft_format import inspect_adapter_dir
 from lorafleet.routing.bank import BankMember, UserBank
 from lorafleet.routing.spec import GateDecision, GateSpec
 from lorafleet.store.blob.base import sha256_file

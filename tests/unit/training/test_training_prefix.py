@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from lorafleet.adapters import AdapterBank, RoutingPlan, inject_bank
+from lorafleet.adapters.prefix import DecoderSplit, FrozenPrefix, PrefixCache, lowest_adapted_layer
 from lorafleet.backbone import load_backbone
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, collate, encode_example, pad_token_id
 from lorafleet.training.metrics import score_examples
-from lorafleet.training.prefix import DecoderSplit, FrozenPrefix, PrefixCache, lowest_adapted_layer
 from lorafleet.training.trainer import SlotTask, train_slots, user_losses
 
 EXAMPLES = [

@@ -1,6 +1,9 @@
 """The content-addressed object store: one ``BlobStore`` interface, a local directory and S3 behind it.
 
 ``open_blob_store("file:///abs/path")`` or ``open_blob_store("s3://bucket/prefix")`` picks the backend.
+
+Its room (docs/architecture.md): part of the store layer, on core only; the registry decides what a blob
+holds.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ from lorafleet.store.sql.models import (
     SqlUser,
     utcnow,
 )
+from lorafleet.store.sql.registry_repository import RegistryRepository
 from lorafleet.store.sql.tenants import check_page, find_user, get_or_create_user_row
 
 #: Keeps ``IN (...)`` lists well under SQLite's and PostgreSQL's bound-parameter limits.
@@ -129,18 +130,21 @@ def insert_feedback(
     external_id: str,
     records: Sequence[NewFeedback],
     kind: str = SubjectKind.USER,
-    on_subject: Callable[[Session, SqlUser], None] | None = None,
+    task_adapter: str | None = None,
 ) -> tuple[list[int], int]:
     """Store a validated batch in one transaction, creating the subject (a user, or a task's dataset with
-    ``kind="task"``) if absent; ``on_subject`` runs in the same transaction (e.g. to create the task adapter).
+    ``kind="task"``) if absent; with ``task_adapter``, the tenant's owner-less (task) adapter of that name is
+    created in the same transaction when absent.
 
     Returns the record ids in input order (a duplicate gets the id of the row it duplicates) and how many
     rows were created.
     """
     with db.session() as session:
         user = get_or_create_user_row(session, tenant_id=tenant_id, external_id=external_id, kind=kind)
-        if on_subject is not None:
-            on_subject(session, user)
+        if task_adapter is not None:
+            RegistryRepository(dialect=db.dialect).ensure_adapter(
+                session, tenant_id=tenant_id, owner_user_id=None, name=task_adapter
+            )
         ids = _ids_by_hash(session, user_id=user.id, hashes=(r.content_hash for r in records))
         fresh = _first_of_each_hash(records, known=ids)
         created = _insert_new(session, user_id=user.id, records=fresh)

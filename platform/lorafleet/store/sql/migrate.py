@@ -9,6 +9,7 @@ from alembic.config import Config
 
 from lorafleet.config import Settings, load_settings
 from lorafleet.errors import ConfigError
+from lorafleet.store.sql.database import create_db_engine
 
 #: platform/lorafleet/store/sql/migrate.py -> repository root
 _REPO_ROOT = Path(__file__).resolve().parents[4]
@@ -43,8 +44,6 @@ def downgrade(url: str, revision: str) -> None:
 
 def current_revision(url: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
-
-    from lorafleet.store.sql.database import create_db_engine
 
     engine = create_db_engine(url)
     try:

@@ -121,7 +121,7 @@ class SqlApiKey(Base):
 
 class SqlUser(Base):
     """A *subject* that owns feedback and trains adapters: one of the tenant's users (``kind`` ``user``), or a
-    shared task's dataset (``kind`` ``task``, see ``lorafleet.tasks``): both are trained the same way, so a task
+    shared task's dataset (``kind`` ``task``, see ``lorafleet.workflows.tasks``): both are trained the same way, so a task
     reuses the feedback, scheduling and job tables instead of duplicating them. A task row's ``external_id`` is
     ``lorafleet.domain.subject.TASK_SUBJECT_PREFIX`` + the task name: real users' ids are printable, so the two can never collide."""
 

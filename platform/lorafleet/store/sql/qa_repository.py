@@ -142,7 +142,7 @@ class QARepository:
         return [to_feedback_record(row) for row in session.scalars(stmt.order_by(SqlFeedback.id))]
 
     def task_subject_user_id(self, session: Session, *, tenant_id: int, adapter_id: int) -> int | None:
-        """The subject row holding a task adapter's feedback (``lorafleet.tasks``), or None (no feedback yet)."""
+        """The subject row holding a task adapter's feedback (``lorafleet.workflows.tasks``), or None (no feedback yet)."""
         name = session.scalar(
             select(SqlAdapter.name).where(
                 SqlAdapter.id == adapter_id,

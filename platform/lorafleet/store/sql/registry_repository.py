@@ -16,6 +16,7 @@ from typing import Any, Literal
 from sqlalchemy import and_, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from lorafleet.domain import (
@@ -121,6 +122,25 @@ class RegistryRepository:
         if row is None:
             raise NotFoundError(f"adapter {adapter_id} not found")
         return _adapter(row)
+
+    def ensure_adapter(
+        self, session: Session, *, tenant_id: int, owner_user_id: int | None, name: str
+    ) -> Adapter:
+        """The adapter, inserted (empty target config) in a savepoint when absent: a concurrent insert of the same
+        name wins and is read back instead of failing the caller's transaction."""
+        found = self.find_adapter(session, tenant_id=tenant_id, owner_user_id=owner_user_id, name=name)
+        if found is not None:
+            return found
+        try:
+            with session.begin_nested():
+                return self.insert_adapter(
+                    session, tenant_id=tenant_id, owner_user_id=owner_user_id, name=name, target_config={}
+                )
+        except IntegrityError:
+            found = self.find_adapter(session, tenant_id=tenant_id, owner_user_id=owner_user_id, name=name)
+            if found is None:
+                raise
+            return found
 
     def find_adapter(
         self, session: Session, *, tenant_id: int, owner_user_id: int | None, name: str

@@ -1,4 +1,10 @@
-"""Safe unpacking of an uploaded PEFT adapter archive (.tar, .tar.gz/.tgz, .zip) before it is imported.
+"""The adapter archive format, both ways.
+
+- The **stored** format (``pack_adapter_archive`` / ``unpack_adapter_archive``): a version's two PEFT files as
+  one deterministic uncompressed ustar archive (sorted names, mtime 0, owner 0), so the same folder content
+  always has the same sha256 in the object store.
+- The **upload** format (``unpack_import_archive``, ``archive_kind``): safe unpacking of an uploaded PEFT
+  adapter archive (.tar, .tar.gz/.tgz, .zip) before it is imported.
 
 An archive is untrusted input: this module never calls ``extractall``. Each entry is checked before its bytes
 are read (relative name without ``..``, at most one folder deep, a regular file or folder, not a pickle file,
@@ -10,6 +16,7 @@ bombs). The archive's kind is read from its bytes, not its name.
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import shutil
 import stat
@@ -19,14 +26,15 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from lorafleet.adapters.peft_format import CONFIG_FILE, PICKLE_SUFFIXES
 from lorafleet.errors import AdapterFormatError, PayloadTooLargeError, UnsafeFormatError, ValidationError
+from lorafleet.registry.peft_format import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, AdapterFiles
 
 #: entries (files and folders) an archive may hold; a PEFT folder has two to four files
 DEFAULT_MAX_ARCHIVE_MEMBERS = 32
 _CHUNK = 1 << 20
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _GZIP_MAGIC = b"\x1f\x8b"
+ARCHIVE_MEMBERS = (CONFIG_FILE, WEIGHTS_FILE)
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
@@ -254,3 +262,43 @@ class _LimitedReader:
 
 
 __all__ = ["DEFAULT_MAX_ARCHIVE_MEMBERS", "archive_kind", "unpack_import_archive"]
+
+
+# --- the stored format ----------------------------------------------------------------------------------
+def pack_adapter_archive(*, files: AdapterFiles, dest: Path) -> Path:
+    """Write the two PEFT files as an uncompressed ustar archive with sorted names, mtime 0 and owner 0,
+    so the same folder content always yields the same bytes (and the same sha256)."""
+    with tarfile.open(dest, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in sorted(ARCHIVE_MEMBERS):
+            path = files.directory / name
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = path.stat().st_size, 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            with path.open("rb") as f:
+                tar.addfile(info, f)
+    return dest
+
+
+def unpack_adapter_archive(*, archive: Path, dest_dir: Path) -> None:
+    """Extract exactly the two expected regular files (no paths, links or extras), each atomically."""
+    try:
+        with tarfile.open(archive, mode="r:") as tar:
+            _extract_members(tar, dest_dir)
+    except tarfile.TarError as exc:
+        raise AdapterFormatError(f"adapter archive cannot be read ({exc})") from exc
+
+
+def _extract_members(tar: tarfile.TarFile, dest_dir: Path) -> None:
+    members = tar.getmembers()
+    names = [m.name for m in members]
+    if sorted(names) != sorted(ARCHIVE_MEMBERS) or not all(m.isreg() for m in members):
+        raise AdapterFormatError(f"adapter archive holds unexpected entries {names!r}")
+    for member in members:
+        source = tar.extractfile(member)
+        if source is None:
+            raise AdapterFormatError(f"adapter archive entry {member.name!r} is not a file")
+        partial = dest_dir / f".{member.name}.partial"
+        with source, partial.open("wb") as out:
+            shutil.copyfileobj(source, out)
+        os.replace(partial, dest_dir / member.name)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from lorafleet.domain import Job, JobKind
 from lorafleet.domain.jobs import QAPayload
 from lorafleet.jobs.queue import JobQueue
+from lorafleet.routing.bank import enrol, resolve_user_bank, unenrol
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import QARepository
 
@@ -112,8 +113,6 @@ def enrol_and_recheck(
     db: Database, *, tenant_id: int, user_external_id: str, task_name: str, actor: str
 ) -> tuple[Enrolment, list[Job]]:
     """``routing.enrol`` followed by a recheck of the user's live adapters in their grown bank."""
-    from lorafleet.routing.bank import enrol
-
     enrolment = enrol(
         db, tenant_id=tenant_id, user_external_id=user_external_id, task_name=task_name, actor=actor
     )
@@ -128,8 +127,6 @@ def unenrol_and_recheck(
 ) -> list[Job]:
     """``routing.unenrol`` followed by a recheck of the user's live adapters in their smaller bank (a personal
     adapter that relied on the task's help may now do worse than the base)."""
-    from lorafleet.routing.bank import resolve_user_bank, unenrol
-
     unenrol(db, tenant_id=tenant_id, user_external_id=user_external_id, task_name=task_name, actor=actor)
     user_id = resolve_user_bank(db, tenant_id=tenant_id, user_external_id=user_external_id).user_id
     if user_id is None:  # cannot happen: unenrol found the user

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,8 +175,6 @@ def load_adapter_tensors(files: AdapterFiles) -> dict[str, Any]:
 def _check_tensor_layers(config: dict[str, Any], tensors: dict[str, Any]) -> None:
     """With ``layers_to_transform``, every tensor must sit on one of those layers (PEFT would put it nowhere
     else); an adapter whose weights and config disagree is refused."""
-    from lorafleet.adapters.bank import layer_of
-
     layers = config.get("layers_to_transform")
     if layers is None:
         return
@@ -185,3 +184,13 @@ def _check_tensor_layers(config: dict[str, Any], tensors: dict[str, Any]) -> Non
         raise AdapterFormatError(
             f"{CONFIG_FILE}: layers_to_transform={sorted(allowed)} but tensors sit elsewhere, e.g. {outside[0]!r}"
         )
+
+
+#: PEFT's common layer containers (``layers_pattern``): ``model.layers.3.self_attn.q_proj`` is in layer 3
+LAYER_PATTERN = re.compile(r"(?:^|\.)(layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_of(module_name: str) -> int | None:
+    """The decoder layer a module path belongs to (``...layers.7.mlp.up_proj`` -> 7), or None."""
+    match = LAYER_PATTERN.search(module_name)
+    return int(match.group(2)) if match else None

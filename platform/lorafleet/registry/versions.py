@@ -1,4 +1,4 @@
-"""The adapter registry: immutable versions, the movable ``live`` alias with history, rollback, lineage, GC.
+"""The registry's version API (``Registry``): immutable versions, the movable ``live`` alias with history, rollback, lineage, GC.
 
 A version is written blob first, then row: the two PEFT files are packed into one deterministic tar (same
 folder content, same sha256), put in the object store, and only then is the row inserted, in a transaction
@@ -9,95 +9,54 @@ tenant's ids raise ``NotFoundError`` with the same message as ids that do not ex
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import shutil
-import tarfile
 import tempfile
-from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafleet.adapters.peft_format import (
-    CONFIG_FILE,
-    DEFAULT_MAX_HEADER_BYTES,
-    WEIGHTS_FILE,
-    AdapterFiles,
-    inspect_adapter_dir,
-    load_adapter_tensors,
-    read_safetensors_header,
-)
 from lorafleet.domain import (
     Adapter,
     AdapterVersion,
     AliasEvent,
-    DatasetSnapshot,
-    Job,
-    JobState,
-    LineageEdge,
     LineageRelation,
     VersionStatus,
 )
-from lorafleet.domain.enums import values as enum_values
 from lorafleet.errors import (
-    AdapterFormatError,
     AlreadyExistsError,
-    BlobNotFoundError,
     InvalidStateError,
-    NonFiniteError,
     ValidationError,
+)
+from lorafleet.registry.archive import ARCHIVE_MEMBERS, pack_adapter_archive, unpack_adapter_archive
+from lorafleet.registry.gc import collect_unreferenced_blobs
+from lorafleet.registry.lineage import Lineage, _distances, _node, _nodes, _with_qa_reports
+from lorafleet.registry.peft_format import (
+    DEFAULT_MAX_HEADER_BYTES,
+    AdapterFiles,
+    inspect_adapter_dir,
+    load_adapter_tensors,
+)
+from lorafleet.registry.validation import (
+    SETTABLE_STATUSES,
+    _check_actor,
+    _check_name,
+    _check_routing_key,
+    _check_target,
+    _check_version_args,
+    _check_weights_file,
+    _json_dict,
+    _target_modules,
 )
 from lorafleet.store.blob.base import BlobRef, BlobStore, sha256_file
 from lorafleet.store.sql.database import Database
-from lorafleet.store.sql.qa_repository import QAReport, QARepository
+from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.store.sql.registry_repository import NewVersion, RegistryRepository
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
-
-ARCHIVE_MEMBERS = (CONFIG_FILE, WEIGHTS_FILE)
-MAX_ROUTING_KEY_LENGTH = 65536
-#: Statuses a version may be registered with or set to directly; ``live`` only comes from ``promote``.
-SETTABLE_STATUSES = frozenset({VersionStatus.CANDIDATE, VersionStatus.REJECTED, VersionStatus.ARCHIVED})
-_LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B")
-
-
-@dataclass(frozen=True)
-class JobSummary:
-    """The job that produced a version, without its payload (which may name other users)."""
-
-    id: int
-    kind: str
-    state: JobState
-    created_at: datetime
-    finished_at: datetime | None
-
-
-@dataclass(frozen=True)
-class LineageNode:
-    """One version in a lineage, ``distance`` edges from the queried version, with what produced it."""
-
-    version: AdapterVersion
-    distance: int
-    dataset_snapshot: DatasetSnapshot | None
-    job: JobSummary | None
-    #: the QA runs on this version, oldest first (``lorafleet.qa``)
-    qa_reports: tuple[QAReport, ...] = ()
-
-
-@dataclass(frozen=True)
-class Lineage:
-    """A version's ancestors and descendants (nearest first) and the edges between all of them."""
-
-    root: LineageNode
-    ancestors: tuple[LineageNode, ...]
-    descendants: tuple[LineageNode, ...]
-    edges: tuple[LineageEdge, ...]
 
 
 class Registry:
@@ -489,203 +448,9 @@ class Registry:
         """Delete blobs that no version row or QA report references and that are older than the grace period;
         returns their digests. Each deletion re-checks under the blob lock, so a registration is never undercut."""
         cutoff = (now or datetime.now(UTC)) - self._gc_grace
-        old = {info.sha256 for info in self._blobs.list() if _aware(info.modified_at) < cutoff}
-        with self._db.session() as s:
-            unreferenced = old - self._repo.referenced_sha256s(s, digests=old)
-        return sorted(sha for sha in unreferenced if self._delete_if_unreferenced(sha))
-
-    def _delete_if_unreferenced(self, sha256: str) -> bool:
-        with self._db.session() as s:
-            self._repo.lock_blobs(s, exclusive=True)
-            if self._repo.referenced_sha256s(s, digests=[sha256]):
-                return False
-            try:
-                self._blobs.delete(sha256)
-            except BlobNotFoundError:
-                return False
-        return True
-
-
-# --- the archive format ----------------------------------------------------------------------------------
-def pack_adapter_archive(*, files: AdapterFiles, dest: Path) -> Path:
-    """Write the two PEFT files as an uncompressed ustar archive with sorted names, mtime 0 and owner 0,
-    so the same folder content always yields the same bytes (and the same sha256)."""
-    with tarfile.open(dest, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name in sorted(ARCHIVE_MEMBERS):
-            path = files.directory / name
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = path.stat().st_size, 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            with path.open("rb") as f:
-                tar.addfile(info, f)
-    return dest
-
-
-def unpack_adapter_archive(*, archive: Path, dest_dir: Path) -> None:
-    """Extract exactly the two expected regular files (no paths, links or extras), each atomically."""
-    try:
-        with tarfile.open(archive, mode="r:") as tar:
-            _extract_members(tar, dest_dir)
-    except tarfile.TarError as exc:
-        raise AdapterFormatError(f"adapter archive cannot be read ({exc})") from exc
-
-
-def _extract_members(tar: tarfile.TarFile, dest_dir: Path) -> None:
-    members = tar.getmembers()
-    names = [m.name for m in members]
-    if sorted(names) != sorted(ARCHIVE_MEMBERS) or not all(m.isreg() for m in members):
-        raise AdapterFormatError(f"adapter archive holds unexpected entries {names!r}")
-    for member in members:
-        source = tar.extractfile(member)
-        if source is None:
-            raise AdapterFormatError(f"adapter archive entry {member.name!r} is not a file")
-        partial = dest_dir / f".{member.name}.partial"
-        with source, partial.open("wb") as out:
-            shutil.copyfileobj(source, out)
-        os.replace(partial, dest_dir / member.name)
-
-
-# --- checks and small helpers ----------------------------------------------------------------------------
-def _check_name(name: str) -> None:
-    if not name or len(name) > 128 or name != name.strip():
-        raise ValidationError("adapter name must be 1-128 characters without surrounding spaces")
-
-
-def _check_actor(actor: str) -> None:
-    if not actor or len(actor) > 256:
-        raise ValidationError("actor must be 1-256 characters")
-
-
-def _check_version_args(
-    *, base_fingerprint: str, parents: Sequence[tuple[int, LineageRelation]], status: str
-) -> None:
-    if not base_fingerprint or len(base_fingerprint) > 128:
-        raise ValidationError("base_fingerprint must be 1-128 characters")
-    if status not in SETTABLE_STATUSES:
-        raise ValidationError(f"a new version cannot be {str(status)!r} (register, then promote)")
-    relations = enum_values(LineageRelation)
-    for _, relation in parents:
-        if relation not in relations:
-            raise ValidationError(f"lineage relation {str(relation)!r} is not one of {relations}")
-    if len({parent for parent, _ in parents}) != len(parents):
-        raise ValidationError("a parent version is listed twice")
-
-
-def _check_routing_key(key: Sequence[float]) -> tuple[float, ...]:
-    """A non-empty, finite, non-zero vector of at most ``MAX_ROUTING_KEY_LENGTH`` floats."""
-    try:
-        values = tuple(float(v) for v in key)
-    except (TypeError, ValueError) as exc:
-        raise ValidationError(f"routing key must be a sequence of numbers: {exc}") from exc
-    if not 0 < len(values) <= MAX_ROUTING_KEY_LENGTH:
-        raise ValidationError(f"routing key must have 1-{MAX_ROUTING_KEY_LENGTH} values, got {len(values)}")
-    if not all(math.isfinite(v) for v in values) or not any(values):
-        raise ValidationError("routing key must be finite and not all zero")
-    return values
-
-
-def _check_weights_file(path: Path, *, max_header_bytes: int) -> None:
-    """A safetensors file (never pickle) with at least one tensor, all floating values finite."""
-    import torch
-    from safetensors.torch import load_file
-
-    header = read_safetensors_header(path, max_header_bytes=max_header_bytes)
-    if not [k for k in header if k != "__metadata__"]:
-        raise AdapterFormatError(f"{path.name} holds no tensors")
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises its own SafetensorError / OSError
-        raise AdapterFormatError(f"{path.name}: cannot be read ({exc})") from exc
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(f"tensor {name!r} contains NaN or infinity")
-
-
-def _check_target(*, target: AdapterVersion, current: AdapterVersion | None) -> None:
-    if target.status == VersionStatus.REJECTED:
-        raise InvalidStateError(f"version {target.number} was rejected and cannot go live")
-    if current is not None and current.id == target.id:
-        raise InvalidStateError(f"version {target.number} is already live")
-
-
-def _json_dict(what: str, value: Mapping[str, Any]) -> dict[str, Any]:
-    """A JSON-safe copy (no NaN/inf, string keys), refused up front rather than failing in the database."""
-    try:
-        return dict(json.loads(json.dumps(dict(value), allow_nan=False)))
-    except (TypeError, ValueError) as exc:
-        raise ValidationError(f"{what} must be JSON (finite numbers, string keys): {exc}") from exc
-
-
-def _target_modules(files: AdapterFiles) -> tuple[str, ...]:
-    """The config's list, or for a regex ``target_modules`` the module names the tensors actually adapt."""
-    configured = files.target_modules
-    if isinstance(configured, list):
-        return tuple(str(m) for m in configured)
-    found = set()
-    for key in files.tensor_index:
-        for marker in _LORA_MARKERS:
-            if marker in key:
-                found.add(key.split(marker)[0].rsplit(".", 1)[-1])
-    return tuple(sorted(found)) or (configured,)
-
-
-def _distances(root: int, links: Iterable[tuple[int, int]], depth: int | None) -> dict[int, int]:
-    """Breadth-first distance from ``root`` over ``(from, to)`` links, up to ``depth``."""
-    nexts: dict[int, list[int]] = {}
-    for src, dst in links:
-        nexts.setdefault(src, []).append(dst)
-    dist, queue = {root: 0}, deque([root])
-    while queue:
-        here = queue.popleft()
-        if depth is not None and dist[here] >= depth:
-            continue
-        for there in nexts.get(here, ()):
-            if there not in dist:
-                dist[there] = dist[here] + 1
-                queue.append(there)
-    return dist
-
-
-def _nodes(
-    nodes: Mapping[int, tuple[AdapterVersion, DatasetSnapshot | None, Job | None]],
-    dist: Mapping[int, int],
-    *,
-    exclude: int,
-) -> tuple[LineageNode, ...]:
-    ids = sorted((d, i) for i, d in dist.items() if i != exclude and i in nodes)
-    return tuple(_node(nodes[i], d) for d, i in ids)
-
-
-def _node(row: tuple[AdapterVersion, DatasetSnapshot | None, Job | None], distance: int) -> LineageNode:
-    version, snapshot, job = row
-    summary = (
-        None if job is None else JobSummary(job.id, job.kind, job.state, job.created_at, job.finished_at)
-    )
-    return LineageNode(version=version, distance=distance, dataset_snapshot=snapshot, job=summary)
-
-
-def _with_qa_reports(lineage: Lineage, reports: Mapping[int, Sequence[QAReport]]) -> Lineage:
-    def attach(node: LineageNode) -> LineageNode:
-        return replace(node, qa_reports=tuple(reports.get(node.version.id, ())))
-
-    return replace(
-        lineage,
-        root=attach(lineage.root),
-        ancestors=tuple(attach(n) for n in lineage.ancestors),
-        descendants=tuple(attach(n) for n in lineage.descendants),
-    )
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+        return collect_unreferenced_blobs(self._db, self._blobs, self._repo, cutoff=cutoff)
 
 
 __all__ = [
-    "JobSummary",
-    "Lineage",
-    "LineageNode",
     "Registry",
-    "pack_adapter_archive",
-    "unpack_adapter_archive",
 ]

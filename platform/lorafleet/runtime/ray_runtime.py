@@ -16,7 +16,7 @@ waits, and the pool logs why every ``wait_log_seconds``.
 ``init_ray`` starts a local Ray bound to loopback (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` before ray is
 imported, no dashboard, the trainer resource declared so the embedded default places actors), or connects to
 ``LORAFLEET_RAY_ADDRESS``; nothing else changes between the two. ``TrainerHost`` is the plain object an actor
-wraps, usable in-process too; ``lorafleet.jobs.trainer_pool.TrainerPool`` runs many of them on Ray.
+wraps, usable in-process too; ``lorafleet.runtime.trainer_pool.TrainerPool`` runs many of them on Ray.
 """
 
 from __future__ import annotations
@@ -32,10 +32,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorafleet.adapters import inject_bank
+from lorafleet.backbone import load_backbone
 from lorafleet.config import BUILTIN_PREFIX, Settings, load_settings
 from lorafleet.domain.enums import JobState
 from lorafleet.errors import ConfigError
 from lorafleet.jobs.placement import TrainerPlacement, placement_capacity
+from lorafleet.jobs.scheduler import TRAIN_JOB_KIND
+from lorafleet.jobs.worker import JobWorker
+from lorafleet.qa.policy import QAPolicy
+from lorafleet.training.config import TrainingConfig
+from lorafleet.training.overrides import check_bank_fits
+from lorafleet.workflows.import_jobs import IMPORT_JOB_KIND, ImportRunner
+from lorafleet.workflows.qa_triggers import QA_JOB_KIND
 
 if TYPE_CHECKING:
     from lorafleet.domain import Job
@@ -130,12 +139,7 @@ class TrainerHost:
         *,
         worker_id: str | None = None,
     ) -> None:
-        from lorafleet.jobs.imports import IMPORT_JOB_KIND
-        from lorafleet.jobs.scheduler import TRAIN_JOB_KIND
-        from lorafleet.jobs.worker import JobWorker
         from lorafleet.platform import Platform
-        from lorafleet.qa.triggers import QA_JOB_KIND
-        from lorafleet.training.config import TrainingConfig
 
         self.settings = load_settings(**settings)
         self.node_id = _ray_node_id()
@@ -160,10 +164,7 @@ class TrainerHost:
         self._stats.update(backbone_loads=1, current_job=None, step=0, total_steps=0)
 
     def _build_trainer(self, config: Any) -> Any:
-        from lorafleet.adapters import inject_bank
-        from lorafleet.backbone import load_backbone
-        from lorafleet.training.continual import ContinualTrainer
-        from lorafleet.training.overrides import check_bank_fits
+        from lorafleet.workflows.continual import ContinualTrainer
 
         s = self.settings
         started = time.monotonic()
@@ -197,8 +198,6 @@ class TrainerHost:
 
     def _build_imports(self) -> Any:
         """The ``import`` handler (PEFT adapters into task adapters) on the trainer's own backbone and bank."""
-        from lorafleet.jobs.imports import ImportRunner
-
         return ImportRunner(
             self.db,
             self.registry,
@@ -209,8 +208,7 @@ class TrainerHost:
 
     def _build_qa(self, policy: Mapping[str, Any] | None) -> Any:
         """The ``qa`` handler on the trainer's own backbone and bank (QA evicts its slots after each job)."""
-        from lorafleet.qa.policy import QAPolicy
-        from lorafleet.qa.runner import QARunner
+        from lorafleet.workflows.qa_runner import QARunner
 
         return QARunner(
             self.db,

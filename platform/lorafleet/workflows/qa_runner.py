@@ -1,7 +1,7 @@
 """``QARunner``: the handler of ``qa`` jobs. Evaluates, decides, and records the decision exactly once.
 
 A job's payload is ``{"version_id": id}`` (a candidate) or ``{"recheck": {"adapter_id": id, "cause": text}}``
-(a live personal adapter whose bank changed; see ``lorafleet.qa.triggers``).
+(a live personal adapter whose bank changed; see ``lorafleet.workflows.qa_triggers``).
 
 - **Candidate**: sanity checks, the matrix, the rules (``lorafleet.qa.rules``). Promote moves ``live`` (actor
   ``qa``, reason ``qa-passed <report id>``); reject sets the version ``rejected``. A task adapter's candidate
@@ -39,19 +39,21 @@ from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.reports import REPORT_FORMAT, store_document, summary_of
 from lorafleet.qa.results import Matrix
 from lorafleet.qa.rules import USER_HOLDOUT, RuleOutcome, candidate_rules, reasons_for, recheck_rules
-from lorafleet.qa.triggers import submit_task_rechecks
 from lorafleet.registry import Registry
+from lorafleet.routing.bank import resolve_user_bank
+from lorafleet.routing.embeddings import routing_key
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import NewQAReport, QAReport, QARepository
 from lorafleet.store.sql.registry_repository import RegistryRepository
+from lorafleet.workflows.live_alias import move_live
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from lorafleet.adapters import AdapterBank
+    from lorafleet.adapters.prefix import FrozenPrefix
     from lorafleet.backbone import Backbone
     from lorafleet.jobs.worker import LeaseContext
-    from lorafleet.training.prefix import FrozenPrefix
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +181,6 @@ class QARunner:
         (the no-regression rule compares the user's own holdout, gated with the candidate against gated with
         the previous task version)."""
         from lorafleet.qa.sampling import sample_enrolled
-        from lorafleet.routing.bank import resolve_user_bank
 
         tenant_id, adapter = subject.tenant_id, subject.adapter
         with self.db.session() as s:
@@ -231,7 +232,6 @@ class QARunner:
         prompts = training_prompts(self.db, tenant_id=tenant_id, version=version)
         if not prompts:
             return None
-        from lorafleet.routing.embeddings import routing_key
 
         computed = routing_key(self.backbone, self.bank, prompts)
         self.registry.set_routing_key(tenant_id=tenant_id, version_id=version.id, key=computed)
@@ -379,19 +379,18 @@ class QARunner:
     ) -> None:
         tenant_id, adapter = subject.tenant_id, subject.adapter
         if decision == QADecision.PROMOTE:
-            self.registry.promote(
+            move_live(
+                session,
+                registry=self.registry,
+                queue=self.queue,
                 tenant_id=tenant_id,
-                adapter_id=adapter.id,
+                adapter=adapter,
+                action="promote",
                 number=subject.version.number,
                 actor=QA_ACTOR,
                 reason=f"qa-passed {report.id}",
-                session=session,
+                cause=f"task adapter {adapter.name!r} promoted to version {subject.version.number}",
             )
-            if adapter.is_task_adapter:
-                cause = f"task adapter {adapter.name!r} promoted to version {subject.version.number}"
-                submit_task_rechecks(
-                    session, queue=self.queue, tenant_id=tenant_id, adapter_id=adapter.id, cause=cause
-                )
         elif decision == QADecision.REJECT:
             self.registry.set_status(
                 tenant_id=tenant_id,
@@ -401,13 +400,17 @@ class QARunner:
                 session=session,
             )
         elif decision == QADecision.ROLLBACK:
-            self.registry.rollback(
+            # a recheck's rollback: only live personal adapters are rechecked, so no task bank moves here
+            move_live(
+                session,
+                registry=self.registry,
+                queue=self.queue,
                 tenant_id=tenant_id,
-                adapter_id=adapter.id,
-                to_number=None if target is None else target.number,
+                adapter=adapter,
+                action="rollback",
+                number=None if target is None else target.number,
                 actor=QA_ACTOR,
                 reason=f"qa-regression {report.id}",
-                session=session,
             )
 
     def _document(
@@ -447,7 +450,6 @@ class QARunner:
         """The owner's bank now (None for a task adapter, which is evaluated on its own)."""
         if adapter.owner_user_id is None:
             return None
-        from lorafleet.routing.bank import resolve_user_bank
 
         with self.db.session() as s:
             external_id = self._qa.user_external_id(

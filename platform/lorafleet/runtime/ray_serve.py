@@ -22,7 +22,7 @@ Errors. A replica returns each request's outcome as a value (a ``GenerationResul
 so library errors reach the caller with their own class (a ``BlobNotFoundError`` stays a ``NotFoundError``);
 a failure of Serve itself (no app, no replica, a timeout) is a ``ServeUnavailableError``.
 
-Entry points: ``build_app`` (the import path ``lorafleet.serving.ray_serve:build_app`` of a KubeRay
+Entry points: ``build_app`` (the import path ``lorafleet.runtime.ray_serve:build_app`` of a KubeRay
 RayService's ``serveConfigV2``), ``deploy(settings)`` (``lorafleet serve-deploy``), and ``ServeClient``, which
 the API uses when ``LORAFLEET_SERVING=ray-serve``. Importing this module does not import ray or torch.
 """
@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from lorafleet.config import Settings, load_settings
 from lorafleet.errors import ConfigError, LorafleetError, ValidationError
+from lorafleet.serving.batcher import BatchingQueue
+from lorafleet.serving.factory import build_engine
 from lorafleet.serving.requests import GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:
@@ -149,7 +151,7 @@ class ServingReplica:
 
         from lorafleet.platform import Platform
         from lorafleet.serving.batcher import BatchingQueue
-        from lorafleet.serving.factory import build_engine
+        from lorafleet.training.general_prompts import ANCHOR_PROMPTS
 
         s = load_settings(**settings)
         o = ReplicaOptions.from_mapping(options)
@@ -163,6 +165,7 @@ class ServingReplica:
             n_slots=o.n_slots,
             max_rank=o.max_rank,
             quantization=o.quantization,
+            general_prompts=ANCHOR_PROMPTS,
         )
         self._queue: BatchingQueue = BatchingQueue(
             self.engine, max_batch_size=o.max_batch_size, max_wait_ms=o.max_wait_ms
@@ -236,7 +239,7 @@ def _as_outcome(value: object) -> Outcome:
 
 # --- the application ---------------------------------------------------------------------------------------
 def build_app(args: Mapping[str, Any] | None = None) -> Application:
-    """The application builder of ``serveConfigV2`` (``import_path: lorafleet.serving.ray_serve:build_app``).
+    """The application builder of ``serveConfigV2`` (``import_path: lorafleet.runtime.ray_serve:build_app``).
 
     ``args``: ``settings`` (overrides of the ``LORAFLEET_*`` environment of the Ray node that builds the app)
     and any ``ReplicaOptions`` field (``n_slots``, ``quantization``, ``num_cpus``, ...)."""
@@ -301,7 +304,7 @@ def replica_settings(settings: Settings, *, gpus: int) -> dict[str, Any]:
     """The settings a replica is built from (absolute paths, no secrets: ``actor_settings``), with the device
     its placement gives it: ``cuda`` with a GPU (Ray shows a replica only its own GPU, as device 0, so
     ``cuda:N`` would not exist there), and ``cpu`` for ``auto`` without one (never a GPU Ray did not give)."""
-    from lorafleet.jobs.ray_runtime import actor_settings
+    from lorafleet.runtime.ray_runtime import actor_settings
 
     data = actor_settings(settings)
     if gpus:
@@ -316,7 +319,7 @@ def deploy(
 ) -> DeploymentHandle:
     """Run (or update in place) the app ``settings.serve_app_name`` on the configured Ray and wait until it
     is running; a local Ray's HTTP proxy binds to 127.0.0.1. The app has no HTTP route (callers use handles)."""
-    from lorafleet.jobs.ray_runtime import init_ray
+    from lorafleet.runtime.ray_runtime import init_ray
 
     init_ray(settings)
     from ray import serve
@@ -357,7 +360,7 @@ class ServeClient:
             return self._handle
 
     def _open_handle(self) -> DeploymentHandle:
-        from lorafleet.jobs.ray_runtime import init_ray
+        from lorafleet.runtime.ray_runtime import init_ray
 
         ray = sys.modules.get("ray")
         if not self.settings.ray_address and (ray is None or not ray.is_initialized()):

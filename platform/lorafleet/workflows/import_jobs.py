@@ -5,7 +5,7 @@ slot, the routing key from the example prompts' embeddings), and the trainer act
 only validates what it can cheaply, stores the uploaded archive as a content-addressed blob and queues a job
 (``submit_import``); a trainer runs ``ImportRunner.run_job``:
 
-1. fetch the archive (sha256-verified) and run every check of ``lorafleet.adapters.importing.prepare_import``
+1. fetch the archive (sha256-verified) and run every check of ``lorafleet.workflows.adapter_import.prepare_import``
    (safetensors only, safe extraction, shapes, rank, finite values, backbone fingerprint);
 2. register the version (lineage ``imported``) with the job's id: the unique ``(adapter_id, job_id)`` index
    makes it one version per job, and a retried or taken-over job finds it instead of registering another;
@@ -30,6 +30,8 @@ from lorafleet.domain import Job, JobKind, PromoteRule
 from lorafleet.domain.jobs import ImportPayload, ImportResult
 from lorafleet.errors import PayloadTooLargeError, ValidationError
 from lorafleet.jobs.queue import JobQueue
+from lorafleet.workflows.live_alias import queue_candidate_qa
+from lorafleet.workflows.tasks import validate_task_name
 
 if TYPE_CHECKING:
     from lorafleet.adapters import AdapterBank
@@ -55,7 +57,7 @@ class ImportSubmitted:
 
 def _check_archive(archive: bytes) -> None:
     """Refuse at once what the trainer would refuse anyway: too large, or not a .tar, .tar.gz or .zip."""
-    from lorafleet.adapters.archives import archive_kind
+    from lorafleet.registry.archive import archive_kind
 
     if len(archive) > MAX_IMPORT_ARCHIVE_BYTES:
         raise PayloadTooLargeError(f"archive: {len(archive)} bytes, more than {MAX_IMPORT_ARCHIVE_BYTES}")
@@ -77,8 +79,7 @@ def submit_import(
 ) -> ImportSubmitted:
     """Store the archive as a blob and queue its ``import`` job (the same archive for the same task while a
     job is active: that job, ``created`` False)."""
-    from lorafleet.adapters.importing import check_example_prompts
-    from lorafleet.tasks import validate_task_name
+    from lorafleet.workflows.adapter_import import check_example_prompts
 
     name = validate_task_name(task_name)
     prompts = check_example_prompts(example_prompts)
@@ -121,7 +122,7 @@ class ImportRunner:
         self.work_dir = work_dir
 
     def run_job(self, job: Job, lease: LeaseContext) -> dict[str, Any]:
-        from lorafleet.adapters.importing import prepare_import, register_import
+        from lorafleet.workflows.adapter_import import prepare_import, register_import
 
         if job.tenant_id is None:
             raise ValidationError(f"import job {job.id} has no tenant")
@@ -143,17 +144,13 @@ class ImportRunner:
             lease.check()
             imported = register_import(self.registry, prepared, job_id=job.id)
             with lease.fenced() as fence:
-                qa_job = None
-                if self.promote_rule == PromoteRule.QA:
-                    from lorafleet.qa.triggers import submit_candidate_qa
-
-                    qa = submit_candidate_qa(
-                        fence.session,
-                        queue=JobQueue(self.db),
-                        tenant_id=job.tenant_id,
-                        version_id=imported.version.id,
-                    )
-                    qa_job = qa.id
+                qa_jobs = queue_candidate_qa(
+                    fence.session,
+                    queue=JobQueue(self.db),
+                    promote_rule=self.promote_rule,
+                    tenant_id=job.tenant_id,
+                    version_ids=[imported.version.id],
+                )
                 result = ImportResult(
                     task=p.task,
                     adapter_id=imported.adapter.id,
@@ -161,7 +158,7 @@ class ImportRunner:
                     number=imported.version.number,
                     parent_version_id=imported.parent_version_id,
                     source_sha256=imported.source_sha256,
-                    qa_job=qa_job,
+                    qa_job=qa_jobs[0] if qa_jobs else None,
                 ).to_json()
                 fence.succeed(result)
         logger.info("job %d: imported task %r as version %d", job.id, p.task, imported.version.number)

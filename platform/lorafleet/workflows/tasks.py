@@ -9,9 +9,9 @@ and rolled back by the same registry as a user's adapter, and it joins the banks
   dataset snapshots treat a task exactly like a user, and one training job may mix users' and tasks' adapters.
   The first batch also creates the task adapter, so users can be enrolled at once (it serves nothing until a
   version is live).
-- **Import** of an existing PEFT adapter (``lorafleet.adapters.importing``) registers a version directly.
+- **Import** of an existing PEFT adapter (``lorafleet.workflows.adapter_import``) registers a version directly.
 - **QA** evaluates a task candidate alone and in the banks of a sample of enrolled users
-  (``lorafleet.qa.runner``); promoting it, or moving its ``live`` alias by hand (``move_task_live``), queues
+  (``lorafleet.workflows.qa_runner``); promoting it, or moving its ``live`` alias by hand (``move_task_live``), queues
   rechecks of every enrolled user's live adapters.
 """
 
@@ -22,15 +22,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.domain import Adapter, AliasEvent, FeedbackRecord, SubjectKind
+from lorafleet.domain.subject import task_subject_id
 from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.feedback import DEFAULT_LIMITS, FeedbackLimits, IngestResult, validate_feedback_batch
+from lorafleet.jobs.queue import JobQueue
+from lorafleet.store.sql import feedback as feedback_store
+from lorafleet.store.sql.routing_repository import RoutingRepository
+from lorafleet.workflows.live_alias import LIVE_MOVES, move_live
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
     from lorafleet.registry import Registry
     from lorafleet.store.sql.database import Database
-    from lorafleet.store.sql.models import SqlUser
 
 MAX_TASK_NAME_LENGTH = 128
 
@@ -68,56 +70,23 @@ def ingest_task_feedback(
 ) -> IngestResult:
     """Validate a batch, then store it all-or-nothing for the task (its subject row and its task adapter are
     created on first sight, in the same transaction), deduplicated like a user's feedback."""
-    from lorafleet.domain.subject import task_subject_id
-    from lorafleet.store.sql import feedback as feedback_store
-
     name = validate_task_name(task_name)
     prepared = validate_feedback_batch(records, limits=limits)
-
-    def ensure_adapter(session: Session, _subject: SqlUser) -> None:
-        _get_or_create_task_adapter(session, db=db, tenant_id=tenant_id, name=name)
-
     ids, created = feedback_store.insert_feedback(
         db,
         tenant_id=tenant_id,
         external_id=task_subject_id(name),
         records=prepared,
         kind=SubjectKind.TASK,
-        on_subject=ensure_adapter,
+        task_adapter=name,
     )
     return IngestResult(ids=ids, created=created, duplicates=len(ids) - created)
-
-
-def _get_or_create_task_adapter(session: Session, *, db: Database, tenant_id: int, name: str) -> Adapter:
-    """The task adapter, inserted in a savepoint when absent (a concurrent insert of the same name wins and
-    is read back instead of failing the feedback batch)."""
-    from sqlalchemy.exc import IntegrityError
-
-    from lorafleet.store.sql.registry_repository import RegistryRepository
-
-    repo = RegistryRepository(dialect=db.dialect)
-    found = repo.find_adapter(session, tenant_id=tenant_id, owner_user_id=None, name=name)
-    if found is not None:
-        return found
-    try:
-        with session.begin_nested():
-            return repo.insert_adapter(
-                session, tenant_id=tenant_id, owner_user_id=None, name=name, target_config={}
-            )
-    except IntegrityError:
-        found = repo.find_adapter(session, tenant_id=tenant_id, owner_user_id=None, name=name)
-        if found is None:
-            raise
-        return found
 
 
 def list_task_feedback(
     db: Database, *, tenant_id: int, task_name: str, after_id: int | None = None, limit: int = 100
 ) -> list[FeedbackRecord]:
     """The task's records in id order after ``after_id``; a task without feedback is ``NotFoundError``."""
-    from lorafleet.domain.subject import task_subject_id
-    from lorafleet.store.sql import feedback as feedback_store
-
     name = validate_task_name(task_name)
     return feedback_store.list_feedback(
         db,
@@ -140,8 +109,6 @@ def get_task_adapter(registry: Registry, *, tenant_id: int, task_name: str) -> A
 
 def list_tasks(db: Database, *, tenant_id: int) -> list[TaskInfo]:
     """The tenant's task adapters by name, with live version, counts of versions, enrolled users and records."""
-    from lorafleet.store.sql.routing_repository import RoutingRepository
-
     with db.session() as s:
         rows = RoutingRepository(dialect=db.dialect).task_overview(s, tenant_id=tenant_id)
     return [TaskInfo(**row) for row in rows]
@@ -149,8 +116,6 @@ def list_tasks(db: Database, *, tenant_id: int) -> list[TaskInfo]:
 
 def enrolled_users(db: Database, *, tenant_id: int, task_name: str) -> list[str]:
     """External ids of the users enrolled in the task, sorted; ``NotFoundError`` for an unknown task."""
-    from lorafleet.store.sql.routing_repository import RoutingRepository
-
     name = validate_task_name(task_name)
     repo = RoutingRepository(dialect=db.dialect)
     with db.session() as s:
@@ -174,43 +139,22 @@ def move_task_live(
     """Promote (``action="promote"``, to a version number) or roll back (``"rollback"``, to an earlier number or
     None) the task's ``live`` alias, and queue rechecks of every enrolled user's live adapters in the same
     transaction: their banks changed. Serving follows on the next request (banks are resolved per batch)."""
-    from lorafleet.jobs.queue import JobQueue
-    from lorafleet.qa.triggers import submit_task_rechecks
-
     adapter = get_task_adapter(registry, tenant_id=tenant_id, task_name=task_name)
-    if action not in ("promote", "rollback"):
+    if action not in LIVE_MOVES:
         raise ValidationError("action: must be 'promote' or 'rollback'")
     queue = JobQueue(db)
     with db.session() as session:
-        if action == "promote":
-            if to_number is None:
-                raise ValidationError("version: promote needs a version number")
-            event = registry.promote(
-                tenant_id=tenant_id,
-                adapter_id=adapter.id,
-                number=to_number,
-                actor=actor,
-                reason=reason,
-                session=session,
-            )
-        else:
-            event = registry.rollback(
-                tenant_id=tenant_id,
-                adapter_id=adapter.id,
-                to_number=to_number,
-                actor=actor,
-                reason=reason,
-                session=session,
-            )
-        to = "none" if event.to_version_id is None else f"version id {event.to_version_id}"
-        submit_task_rechecks(
+        return move_live(
             session,
+            registry=registry,
             queue=queue,
             tenant_id=tenant_id,
-            adapter_id=adapter.id,
-            cause=f"task adapter {adapter.name!r}: {action} to {to} by {actor}",
+            adapter=adapter,
+            action=action,
+            number=to_number,
+            actor=actor,
+            reason=reason,
         )
-        return event
 
 
 __all__ = [

@@ -27,8 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafleet.adapters.archives import DEFAULT_MAX_ARCHIVE_MEMBERS, unpack_import_archive
-from lorafleet.adapters.peft_format import (
+from lorafleet.domain import Adapter, AdapterVersion, LineageRelation, VersionStatus
+from lorafleet.errors import AdapterFormatError, BackboneMismatchError, PayloadTooLargeError, ValidationError
+from lorafleet.registry import pack_adapter_archive
+from lorafleet.registry.archive import DEFAULT_MAX_ARCHIVE_MEMBERS, unpack_import_archive
+from lorafleet.registry.peft_format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     AdapterFiles,
@@ -36,10 +39,8 @@ from lorafleet.adapters.peft_format import (
     load_adapter_tensors,
     read_safetensors_header,
 )
-from lorafleet.domain import Adapter, AdapterVersion, LineageRelation, VersionStatus
-from lorafleet.errors import AdapterFormatError, BackboneMismatchError, PayloadTooLargeError, ValidationError
-from lorafleet.registry import pack_adapter_archive
 from lorafleet.store.blob.base import sha256_file
+from lorafleet.workflows.tasks import validate_task_name
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -142,8 +143,6 @@ def prepare_import(
     passed, the staged adapter's blob is stored (``Registry.put_adapter_blob``), so that a registration inside
     a short transaction (a job's fence) uploads nothing; if it is never registered, ``Registry.gc`` removes it.
     """
-    from lorafleet.tasks import validate_task_name
-
     name = validate_task_name(task_name)
     prompts = check_example_prompts(example_prompts)
     _check_actor(actor)

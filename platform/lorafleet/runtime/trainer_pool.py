@@ -1,4 +1,4 @@
-"""A pool of trainer actors (``lorafleet.jobs.ray_runtime.TrainerHost`` on Ray) and its long-running loop.
+"""A pool of trainer actors (``lorafleet.runtime.ray_runtime.TrainerHost`` on Ray) and its long-running loop.
 
 ``TrainerPool`` places ``n_actors`` actors by ``TrainerPlacement`` (one CPU, one unit of the trainer resource, a
 GPU when training on CUDA, spread over nodes), waits for them to load their backbones, and drains the job queue
@@ -20,7 +20,7 @@ from typing import Any
 from lorafleet.config import Settings
 from lorafleet.errors import ConfigError, JobError
 from lorafleet.jobs.placement import TrainerPlacement, placement_capacity
-from lorafleet.jobs.ray_runtime import actor_settings, init_ray, trainer_actor_class
+from lorafleet.runtime.ray_runtime import actor_settings, init_ray, trainer_actor_class
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from lorafleet.jobs.scheduler import Scheduler, SchedulerPolicy, TickResult
 from lorafleet.platform import Platform
 
 if TYPE_CHECKING:
-    from lorafleet.jobs.trainer_pool import TrainerPool
+    from lorafleet.runtime.trainer_pool import TrainerPool
 
 logger = logging.getLogger("lorafleet.workers")
 
@@ -74,8 +74,6 @@ def run_workers(
     jobs: until none is claimable (``until_idle``), or else until ``stop_event`` is set, each actor polling
     the queue every ``poll_seconds`` when idle and a dead actor replaced (``TrainerPool.run_until_stopped``).
     Returns the ids of the jobs run; the actors are stopped at the end."""
-    from lorafleet.jobs.trainer_pool import TrainerPool
-
     if until_idle:
         with TrainerPool(settings, n_actors=n_actors, training=training, start_timeout=start_timeout) as pool:
             return pool.drain()
@@ -99,8 +97,6 @@ def train_user_now_and_wait(
     actors (``pool``, or a new one-actor pool) and return the version it registered; None when the job skipped
     the user (nothing new to train on). A job that fails, or does not finish within ``timeout`` seconds, raises
     ``JobError``."""
-    from lorafleet.jobs.trainer_pool import TrainerPool
-
     submitted = train_now(settings, tenant=tenant, user=user, training=training)
     deadline = time.monotonic() + timeout
     if pool is not None:

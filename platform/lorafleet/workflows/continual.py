@@ -1,6 +1,6 @@
 """Continual learning: the handler of ``train`` jobs, turning each user's new feedback into a new version.
 
-For every subject of a job (a user, or a shared task's dataset: ``lorafleet.tasks``): the user's ``personal``
+For every subject of a job (a user, or a shared task's dataset: ``lorafleet.workflows.tasks``): the user's ``personal``
 adapter (created on first use), or the tenant's task adapter of that name, continues from its *live* version (lineage ``continued-from``), or, with no live version, starts from a fresh slot (B = 0, so the
 adapter starts as the base model). It trains on the user's records after the parent's snapshot, up to the
 job's watermark, plus a seeded *replay* sample of older records (``replay_ratio`` per new record), all users
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorafleet.adapters import load_slot_from_dir, save_slot
+from lorafleet.adapters.prefix import FrozenPrefix, backbone_identity
 from lorafleet.domain import (
     Adapter,
     AdapterVersion,
@@ -41,11 +43,14 @@ from lorafleet.domain.jobs import TrainedVersion, TrainPayload, TrainResult
 from lorafleet.domain.subject import Subject
 from lorafleet.errors import BackboneMismatchError, InvalidStateError, ValidationError
 from lorafleet.jobs import progress as job_progress
+from lorafleet.jobs.queue import JobQueue
+from lorafleet.routing.embeddings import routing_key
 from lorafleet.store.sql.feedback import get_snapshot, insert_snapshot, list_feedback
 from lorafleet.store.sql.tenants import MAX_PAGE_SIZE
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, UserDataset, build_dataset, pad_token_id, reservoir_sample
-from lorafleet.training.prefix import FrozenPrefix, backbone_identity
+from lorafleet.training.overrides import check_bank_fits
+from lorafleet.workflows.live_alias import queue_candidate_qa
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -205,8 +210,6 @@ class ContinualTrainer:
     def job_config(self, job: Job) -> TrainingConfig:
         """The job's own config (``payload["training"]``, resolved when it was queued), else the default;
         ``ValidationError`` naming the field when this trainer's bank cannot hold its adapters."""
-        from lorafleet.training.overrides import check_bank_fits
-
         stored = job.payload.get("training")
         config = self.default_config if stored is None else TrainingConfig.from_mapping(stored)
         check_bank_fits(config, max_rank=self.bank.max_rank, layer_names=list(self.bank.layers))
@@ -335,7 +338,6 @@ class ContinualTrainer:
     ) -> list[TrainedUser]:
         """Load every user's slot, train them in one ``train_slots`` call, save them; slots are evicted
         afterwards whatever happens, so the bank is clean for the next job."""
-        from lorafleet.adapters import save_slot
         from lorafleet.training.trainer import train_slots
 
         slots: list[int] = []
@@ -362,7 +364,6 @@ class ContinualTrainer:
 
     def _load_slot(self, plan: UserPlan, *, slots: list[int], work: Path) -> SlotTask:
         """The parent's weights (fetched, sha256- and fingerprint-checked) or a fresh slot, as a task."""
-        from lorafleet.adapters import load_slot_from_dir
         from lorafleet.training.trainer import SlotTask
 
         slot = self.bank.free_slot()
@@ -408,7 +409,6 @@ class ContinualTrainer:
             "new_records": len(plan.new_ids),
             "replay_records": len(plan.replay_ids),
         }
-        from lorafleet.routing.embeddings import routing_key
 
         promote, reason = promote_decision(self.promote_rule, full)
         prompts = [example.prompt for example in plan.dataset.train]
@@ -431,25 +431,18 @@ class ContinualTrainer:
                 self._register_user(fence.session, job=job, tenant_id=tenant_id, user=user)
                 for user in trained
             ]
-            qa_jobs = None
-            if self.promote_rule == PromoteRule.QA:
-                qa_jobs = self._submit_qa(fence.session, tenant_id=tenant_id, entries=entries)
+            qa_jobs = queue_candidate_qa(
+                fence.session,
+                queue=JobQueue(self.db),
+                promote_rule=self.promote_rule,
+                tenant_id=tenant_id,
+                version_ids=[e.version_id for e in entries],
+            )
             result = TrainResult(
                 versions=entries, skipped=dict(skipped), promote_rule=self.promote_rule, qa_jobs=qa_jobs
             ).to_json()
             fence.succeed(result)
         return result
-
-    def _submit_qa(self, session: Session, *, tenant_id: int, entries: Sequence[TrainedVersion]) -> list[int]:
-        """One ``qa`` job per new version, in the job's fenced transaction (dedupe key ``qa:<version id>``)."""
-        from lorafleet.jobs.queue import JobQueue
-        from lorafleet.qa.triggers import submit_candidate_qa
-
-        queue = JobQueue(self.db)
-        return [
-            submit_candidate_qa(session, queue=queue, tenant_id=tenant_id, version_id=e.version_id).id
-            for e in entries
-        ]
 
     def _register_user(
         self, session: Session, *, job: Job, tenant_id: int, user: TrainedUser
