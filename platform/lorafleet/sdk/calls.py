@@ -10,6 +10,7 @@ retry of that call, so a retried request never creates anything twice.
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import tarfile
 import uuid
@@ -342,7 +343,11 @@ def pack_adapter_folder(folder: Path) -> bytes:
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder")
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+    # the gzip header's own mtime too (tarfile's "w:gz" writes the current time there)
+    with (
+        gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
         for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink()):
             info = tarfile.TarInfo(path.name)
             info.size, info.mtime, info.mode = path.stat().st_size, 0, 0o644
