@@ -1,0 +1,96 @@
+"""How well the gate tells a user's questions from general ones on the real backbone (embeddings only, no decoding).
+
+Protocol, per seed: K users (``lorafleet.training.personal_facts``), each with an adapter whose routing key is
+the mean embedding of its round-1 training prompts (as continual training stores it). Two kinds of prompt are
+routed through a bank holding that one adapter:
+
+- the user's unseen paraphrases of their own questions (they should go to the adapter);
+- the 63 general prompts of ``general_prompts.EVAL_PROMPTS``, never used by the gate (they should go to the base).
+
+The base's side is built from ``ANCHOR_PROMPTS`` two ways: ``centroid`` (one key, their mean, compared like an
+adapter's key) and ``exemplars`` (the highest similarity to any of them: what ``routing.gates.CentroidGate`` does),
+each at several margins (the base wins when its score minus the margin beats the adapter's). The table gives,
+per rule and margin, the share of personal questions kept on the adapter and of general prompts sent to the
+base, per seed. The gate's ``GENERAL_MARGIN`` was chosen from this table.
+
+Run from the repository root (about 2 minutes on 2 cores):
+
+    .venv/bin/python tests/benchmarks/bench_gate_general.py [--seeds 0 1 2] [--users 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from lorafleet.adapters import inject_bank  # noqa: E402
+from lorafleet.backbone import load_backbone  # noqa: E402
+from lorafleet.routing.embeddings import embed_prompts  # noqa: E402
+from lorafleet.routing.gates import GENERAL_MARGIN  # noqa: E402
+from lorafleet.training.general_prompts import ANCHOR_PROMPTS, EVAL_PROMPTS  # noqa: E402
+from lorafleet.training.personal_facts import make_users, split_questions, user_examples  # noqa: E402
+
+MARGINS = (-0.01, 0.0, 0.005, 0.01, 0.02, 0.03)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backbone", default="builtin:smollm2-135m")
+    parser.add_argument("--quantization", default="nf4")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--users", type=int, default=4)
+    parser.add_argument(
+        "--data-dir", default=None, help="where the converted backbone lives (default: a temp dir)"
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        backbone = load_backbone(
+            args.backbone, quantization=args.quantization, device="cpu", data_dir=Path(args.data_dir or tmp)
+        )
+        bank = inject_bank(backbone, n_slots=1, max_rank=4)
+        anchors = embed_prompts(backbone, bank, list(ANCHOR_PROMPTS))  # [n_anchor, hidden], unit rows
+        centroid = F.normalize(anchors.mean(dim=0), dim=0)  # [hidden]
+        general = embed_prompts(backbone, bank, list(EVAL_PROMPTS))  # [n_eval, hidden]
+        rows: dict[tuple[str, float], list[str]] = {}
+        for seed in args.seeds:
+            personal_margin: dict[str, list[float]] = {"centroid": [], "exemplars": []}
+            general_margin: dict[str, list[float]] = {"centroid": [], "exemplars": []}
+            for user in make_users(args.users, seed=seed):
+                train = [e.prompt for e in user_examples(user, rounds=[1], split="train", seed=seed)]
+                key = F.normalize(embed_prompts(backbone, bank, train).mean(dim=0), dim=0)  # [hidden]
+                unseen = [q for f in user.facts_of([1]) for q in split_questions(f.kind, seed=seed)[1]]
+                asked = embed_prompts(backbone, bank, unseen)  # [n_unseen, hidden]
+                for prompts, out in ((asked, personal_margin), (general, general_margin)):
+                    adapter = prompts @ key  # [n]
+                    out["centroid"] += (adapter - prompts @ centroid).tolist()
+                    out["exemplars"] += (adapter - (prompts @ anchors.T).max(dim=1).values).tolist()
+            for rule in ("centroid", "exemplars"):
+                for margin in MARGINS:  # the base wins when adapter score - base score < -margin
+                    kept = sum(d >= -margin for d in personal_margin[rule]) / len(personal_margin[rule])
+                    based = sum(d < -margin for d in general_margin[rule]) / len(general_margin[rule])
+                    rows.setdefault((rule, margin), []).append(f"{100 * kept:.0f} / {100 * based:.0f}")
+        print(
+            f"backbone {args.backbone} ({args.quantization}), {args.users} users, seeds {args.seeds}, "
+            f"threads {torch.get_num_threads()}; the gate uses exemplars, margin {GENERAL_MARGIN}\n"
+        )
+        print(
+            "| base side | margin | "
+            + " | ".join(f"seed {s}: personal kept / general to base, %" for s in args.seeds)
+            + " |"
+        )
+        print("| --- | --- |" + " --- |" * len(args.seeds))
+        for (rule, margin), cells in rows.items():
+            print(f"| {rule} | {margin:+.3f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
