@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lorafleet.config import Settings
 from lorafleet.domain import FINISHED_JOB_STATES, AdapterVersion, Job, JobState
@@ -17,9 +17,7 @@ from lorafleet.errors import JobError
 from lorafleet.jobs.queue import SubmitResult
 from lorafleet.jobs.scheduler import Scheduler, SchedulerPolicy, TickResult
 from lorafleet.platform import Platform
-
-if TYPE_CHECKING:
-    from lorafleet.runtime.trainer_pool import TrainerPool
+from lorafleet.runtime.trainer_pool import TrainerPool
 
 logger = logging.getLogger("lorafleet.workers")
 
