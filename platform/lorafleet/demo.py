@@ -388,7 +388,10 @@ def _task_adapter_step(client: Client, run: UserRun, *, task_live: bool, timeout
     held_out = [e.prompt for e in held_out_examples()]
     prompts = held_out + [q for q, _ in run.probes[:2]]
     before = _answers(client, [("demo-nobody", p) for p in held_out])
-    outs = [client.generate(run.name, p, max_tokens=MAX_TOKENS, temperature=0.0) for p in prompts]
+    with ThreadPoolExecutor(PARALLEL_REQUESTS) as pool:  # concurrent: the engine batches them
+        outs = list(
+            pool.map(lambda p: client.generate(run.name, p, max_tokens=MAX_TOKENS, temperature=0.0), prompts)
+        )
     print(f"{'message':36} {'answer':46} gate weights")
     for prompt, out in zip(prompts, outs, strict=True):
         weights = ", ".join(f"{b.adapter}={b.weight:.2f}" for b in out.served_by) or "base only"
