@@ -12,8 +12,8 @@ import logging
 import sys
 
 from lorafleet.config import load_settings
-from lorafleet.entrypoints.process import configure_logging
 from lorafleet.errors import LorafleetError
+from lorafleet.runtime.process import configure_logging
 from services.api.app import create_app
 from services.api.runtime import ApiOptions
 

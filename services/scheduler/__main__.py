@@ -13,10 +13,10 @@ import threading
 from datetime import timedelta
 
 from lorafleet.config import load_settings
-from lorafleet.entrypoints.process import configure_logging, on_stop_signals
 from lorafleet.errors import LorafleetError
 from lorafleet.jobs.scheduler import SchedulerPolicy
 from lorafleet.runtime.job_commands import scheduler_run, scheduler_tick
+from lorafleet.runtime.process import configure_logging, on_stop_signals
 
 logger = logging.getLogger("lorafleet.scheduler")
 _DEFAULTS = SchedulerPolicy()

@@ -12,9 +12,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.domain.enums import ACTIVE_JOB_STATES, JobState
-from lorafleet.entrypoints.process import on_stop_signals
 from lorafleet.errors import ValidationError
 from lorafleet.platform import Platform
+from lorafleet.runtime.process import on_stop_signals
 
 if TYPE_CHECKING:
     from lorafleet.training.overrides import TenantTraining

@@ -12,8 +12,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from lorafleet.entrypoints.process import configure_logging
 from lorafleet.errors import LorafleetError
+from lorafleet.runtime.process import configure_logging
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -8,8 +8,8 @@ import logging
 import threading
 from typing import Any
 
-from lorafleet.entrypoints.process import on_stop_signals
 from lorafleet.errors import ValidationError
+from lorafleet.runtime.process import on_stop_signals
 
 logger = logging.getLogger("lorafleet.workers")
 
