@@ -58,6 +58,13 @@ class Settings(ClientSettings):
         description="builtin:smollm2-135m (the default), builtin:tiny (random-init, tests) or a local HF folder.",
     )
     backbone_quantization: Literal["nf4", "int8", "bf16", "fp32"] = Field(default="nf4")
+    gate_general_prompts: bool = Field(
+        default=False,
+        description="Centroid gates also weigh the shipped general prompts: a request nearer one of them than "
+        "to any adapter is served by the base alone (serving and QA alike). Off by default: it keeps more "
+        "general answers free of users' facts but sends some personal questions to the base, and QA's "
+        "gate-vs-best-member rule then rejects the candidates (tests/benchmarks/README.md).",
+    )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     blob_gc_grace_seconds: int = Field(default=24 * 3600, ge=0)
     migrations_dir: Path | None = Field(

@@ -308,7 +308,8 @@ def _build_engine(
         n_slots=options.engine_slots,
         max_rank=options.engine_max_rank,
         quantization=options.serving_quantization,
-        general_prompts=ANCHOR_PROMPTS,  # prompts nearer these than any adapter are the base's
+        # prompts nearer these than any adapter are the base's
+        general_prompts=ANCHOR_PROMPTS if settings.gate_general_prompts else (),
     )
 
 

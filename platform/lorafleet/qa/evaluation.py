@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,10 +88,13 @@ class Evaluator:
         policy: QAPolicy,
         work_dir: Path | None = None,
         prefix: FrozenPrefix | None = None,
+        general_prompts: Sequence[str] = (),
     ) -> None:
-        """Without ``prefix`` one is made for the bank: every column of a matrix shares the frozen layers."""
+        """Without ``prefix`` one is made for the bank: every column of a matrix shares the frozen layers.
+        ``general_prompts``: as serving's (``serving.factory.build_engine``), so QA gates as serving does."""
         self.db, self.registry, self.backbone, self.bank = db, registry, backbone, bank
         self.policy, self.work_dir = policy, work_dir
+        self.general_prompts = tuple(general_prompts)
         self.prefix = prefix or FrozenPrefix.for_bank(
             bank, identity=backbone_identity(backbone), pad_id=pad_token_id(backbone.tokenizer)
         )
@@ -215,9 +219,12 @@ class Evaluator:
             )
 
         # the gate serving builds: prompts nearer a general prompt than any adapter's key are the base's
-        return build_gate(
-            user_bank.gate, load_learned=load, general=general_exemplars(self.backbone, self.bank)
+        general = (
+            general_exemplars(self.backbone, self.bank, self.general_prompts)
+            if self.general_prompts
+            else None
         )
+        return build_gate(user_bank.gate, load_learned=load, general=general)
 
     def _sample(self, subject: Subject, own: EvalSet, gate: Gate, *, budget: int) -> MemberSample:
         """The other members to evaluate (``lorafleet.qa.sampling``): gate traffic first when over budget."""

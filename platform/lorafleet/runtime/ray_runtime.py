@@ -208,6 +208,7 @@ class TrainerHost:
 
     def _build_qa(self, policy: Mapping[str, Any] | None) -> Any:
         """The ``qa`` handler on the trainer's own backbone and bank (QA evicts its slots after each job)."""
+        from lorafleet.training.general_prompts import ANCHOR_PROMPTS
         from lorafleet.workflows.qa_runner import QARunner
 
         return QARunner(
@@ -217,6 +218,7 @@ class TrainerHost:
             self.trainer.bank,
             policy=QAPolicy.from_mapping({**self.settings.qa_policy, **(policy or {})}),
             prefix=self.trainer.prefix,  # holdout rows scored while training are reused by QA
+            general_prompts=ANCHOR_PROMPTS if self.settings.gate_general_prompts else (),
         )
 
     # --- running jobs -------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ retried or taken-over job decides once. If ``live`` moved while QA evaluated, th
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,9 +80,11 @@ class QARunner:
         queue: JobQueue | None = None,
         work_dir: Path | None = None,
         prefix: FrozenPrefix | None = None,
+        general_prompts: Sequence[str] = (),
     ) -> None:
         """``prefix``: a frozen-prefix cache of this bank's model (a trainer shares its own, so holdout rows
-        it scored while training are not run through the frozen layers again)."""
+        it scored while training are not run through the frozen layers again). ``general_prompts``: the
+        gates' base side, as serving has it (``Settings.gate_general_prompts``)."""
         self.db, self.registry, self.backbone, self.bank = db, registry, backbone, bank
         self.policy = policy or QAPolicy()
         self.queue = queue or JobQueue(db)
@@ -94,6 +96,7 @@ class QARunner:
             policy=self.policy,
             work_dir=work_dir,
             prefix=prefix,
+            general_prompts=general_prompts,
         )
         self._qa = QARepository(dialect=db.dialect)
         self._registry_sql = RegistryRepository(dialect=db.dialect)
