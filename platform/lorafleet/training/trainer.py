@@ -162,7 +162,8 @@ def train_slots(
     ):
         torch.manual_seed(config.seed)
         before = _evaluate_holdouts(bank, tokenizer, tasks, config, prefix)
-        stats = _train(bank, tokenizer, tasks, config, should_stop, progress, progress_every, prefix)
+        frozen = _Frozen(prefix, first_run)
+        stats = _train(bank, tokenizer, tasks, config, should_stop, progress, progress_every, frozen)
         after = _evaluate_holdouts(bank, tokenizer, tasks, config, prefix)
     logger.info(
         "trained %d slots for %d steps in %.1f s", len(tasks), config.max_steps, time.monotonic() - started
@@ -219,11 +220,10 @@ def _train(
     should_stop: Callable[[], None] | None,
     progress: Callable[[int, int, dict[str, Any]], None] | None,
     progress_every: int | None,
-    prefix: FrozenPrefix | None,
+    frozen: _Frozen,
 ) -> list[_SlotStats]:
     """The optimisation loop; leaves the model in its previous mode and releases the slots' training views."""
     model, slots = bank.model, [t.slot for t in tasks]
-    frozen = _Frozen(prefix, lowest_adapted_layer(bank, slots, prefix.num_layers) if prefix else 0)
     streams = [_stream(tokenizer, task, config) for task in tasks]
     stats = [_SlotStats() for _ in tasks]
     every = progress_every or max(1, config.max_steps // 10)
