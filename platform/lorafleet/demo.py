@@ -268,6 +268,12 @@ def run_demo(*, users: int = 4, timeout: float = 900.0) -> int:
         f"lorafleet demo: backbone {settings.backbone} ({settings.backbone_quantization}), "
         f"database {settings.resolved_database_url}, blobs {settings.resolved_object_store_url}"
     )
+    # a fresh data dir converts the built-in backbone once (about half a minute, with its own progress bar):
+    # done here, before the service's trainer actor and engine load it, so it is not interleaved with them
+    from lorafleet.backbone import resolve_backbone_path
+
+    resolve_backbone_path(settings.backbone, data_dir=settings.data_dir)
+    clock.mark("backbone")
     with _service(settings, timeout=600.0) as server:
         clock.mark("start service")
         print(f"service up at {server.url} (API + scheduler + 1 Ray trainer actor)")

@@ -308,8 +308,8 @@ def _build_engine(
         n_slots=options.engine_slots,
         max_rank=options.engine_max_rank,
         quantization=options.serving_quantization,
-        # prompts nearer these than any adapter are the base's
-        general_prompts=ANCHOR_PROMPTS if settings.gate_general_prompts else (),
+        general_prompts=ANCHOR_PROMPTS,  # the backbone's common direction; the base's side if turned on
+        general_to_base=settings.gate_general_prompts,
     )
 
 

@@ -89,12 +89,14 @@ class Evaluator:
         work_dir: Path | None = None,
         prefix: FrozenPrefix | None = None,
         general_prompts: Sequence[str] = (),
+        general_to_base: bool = False,
     ) -> None:
         """Without ``prefix`` one is made for the bank: every column of a matrix shares the frozen layers.
-        ``general_prompts``: as serving's (``serving.factory.build_engine``), so QA gates as serving does."""
+        ``general_prompts``, ``general_to_base``: as serving's (``serving.factory.build_engine``), so QA gates as
+        serving does."""
         self.db, self.registry, self.backbone, self.bank = db, registry, backbone, bank
         self.policy, self.work_dir = policy, work_dir
-        self.general_prompts = tuple(general_prompts)
+        self.general_prompts, self.general_to_base = tuple(general_prompts), general_to_base
         self.prefix = prefix or FrozenPrefix.for_bank(
             bank, identity=backbone_identity(backbone), pad_id=pad_token_id(backbone.tokenizer)
         )
@@ -207,6 +209,7 @@ class Evaluator:
     # --- the bank -----------------------------------------------------------------------------------------
     def _gate(self, user_bank: UserBank) -> Gate:
         from lorafleet.routing.gates import build_gate
+        from lorafleet.routing.embeddings import common_direction
         from lorafleet.routing.learned import load_learned_gate
         from lorafleet.training.general_prompts import general_exemplars
 
@@ -218,13 +221,16 @@ class Evaluator:
                 expected_fingerprint=self.bank.fingerprint,
             )
 
-        # the gate serving builds: prompts nearer a general prompt than any adapter's key are the base's
-        general = (
-            general_exemplars(self.backbone, self.bank, self.general_prompts)
-            if self.general_prompts
-            else None
+        # the gate serving builds (serving.factory.build_engine)
+        if not self.general_prompts:
+            return build_gate(user_bank.gate, load_learned=load)
+        reference = general_exemplars(self.backbone, self.bank, self.general_prompts)
+        return build_gate(
+            user_bank.gate,
+            load_learned=load,
+            general=reference if self.general_to_base else None,
+            common=common_direction(reference),
         )
-        return build_gate(user_bank.gate, load_learned=load, general=general)
 
     def _sample(self, subject: Subject, own: EvalSet, gate: Gate, *, budget: int) -> MemberSample:
         """The other members to evaluate (``lorafleet.qa.sampling``): gate traffic first when over budget."""

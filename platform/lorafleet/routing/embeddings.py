@@ -133,3 +133,12 @@ def _encode(tokenizer: Any, prompts: Sequence[str], max_tokens: int) -> tuple[to
         ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.int64)
         mask[i, width - len(row) :] = 1
     return ids, mask
+
+
+def common_direction(embeddings: torch.Tensor) -> torch.Tensor:
+    """``[hidden]``: the unit mean of pooled embeddings ``[n, hidden]`` of varied prompts (the service uses the
+    shipped general prompts): the direction every prompt shares on this backbone, which centroid gates leave out
+    of their scores (``routing.gates.CentroidGate``)."""
+    if embeddings.dim() != 2 or embeddings.shape[0] == 0:
+        raise ValidationError(f"need [n >= 1, hidden] embeddings, got {tuple(embeddings.shape)}")
+    return F.normalize(embeddings.float().mean(dim=0), dim=0)

@@ -1,7 +1,8 @@
 """Gates over a user's bank: for each request row, a sparse set of ``(member, weight)`` (a ``GateDecision``).
 
 - ``CentroidGate`` (training-free): cosine similarity between the request's pooled embedding and each member's
-  routing key, the ``top_k`` best, softmax of ``score / temperature``. Members without a routing key are not
+  routing key, the ``top_k`` best, softmax of ``score / temperature``. Given the backbone's common direction
+  (``routing.embeddings.common_direction``), both sides are compared without it. Members without a routing key are not
   scored; only when no member has a usable key does the gate fall back to the keyless *personal* adapters,
   weighted equally (a user whose only adapter predates routing keys still gets it), else base only.
 - ``LearnedGate``: the user's trained gate (``lorafleet.routing.learned``); its softmax over the members it
@@ -93,6 +94,14 @@ GENERAL_MARGIN = 0.01
 class CentroidGate:
     """Cosine similarity to the members' routing keys, top-k, softmax with a temperature (training-free).
 
+    With ``common`` (a unit ``[hidden]`` vector: the mean pooled embedding of varied prompts on this backbone,
+    ``routing.embeddings.common_direction``) queries and keys lose their component along it before the cosine.
+    A pretrained model's pooled embeddings share one large direction: on SmolLM2-135M any two prompts have a
+    cosine of about 0.9, so two keys differ by a few hundredths and softmax at temperature 0.1 splits a
+    personal question 0.6 / 0.4 between the user's adapter and a task adapter, whose mixture answers neither.
+    Without that direction the same question gets about 0.9 on its own adapter (tests/benchmarks/README.md,
+    "Routing on the real backbone"). A projection, not a subtraction, so a stored key's length does not matter.
+
     With ``general`` (embeddings of the shipped general prompts on this backbone, ``[n, hidden]``;
     ``training.general_prompts.general_exemplars``) the base model is one more candidate, scored by a prompt's
     highest similarity to any of those prompts minus ``GENERAL_MARGIN``. A prompt that scores higher there than
@@ -107,9 +116,13 @@ class CentroidGate:
         top_k: int = 2,
         temperature: float = 0.1,
         general: Sequence[Sequence[float]] | torch.Tensor | None = None,
+        common: Sequence[float] | torch.Tensor | None = None,
     ) -> None:
         GateSpec(top_k=top_k, temperature=temperature)  # the same checks as a stored spec
         self.top_k, self.temperature = top_k, temperature
+        self.common = (
+            None if common is None else F.normalize(torch.as_tensor(common, dtype=torch.float32).flatten(), dim=0)
+        )  # [hidden]
         self.general = (
             None
             if general is None or len(general) == 0
@@ -131,9 +144,12 @@ class CentroidGate:
             return [_keyless_decision(user_bank, top_k=self.top_k)] * batch
         queries = F.normalize(embeddings.detach().float().cpu(), dim=-1)  # [batch, hidden]
         scores = queries @ keys.T  # [batch, n_keyed]: cosine similarities
-        decisions = top_k_decisions(scores, members=keyed, top_k=self.top_k, temperature=self.temperature)
+        common = self.common if self.common is not None and self.common.shape[0] == keys.shape[1] else None
+        routed = scores if common is None else _without(queries, common) @ _without(keys, common).T
+        decisions = top_k_decisions(routed, members=keyed, top_k=self.top_k, temperature=self.temperature)
         if self.general is None or self.general.shape[1] != queries.shape[1]:
             return decisions
+        # the base's side keeps the plain cosine, on which GENERAL_MARGIN was measured
         general = (queries @ self.general.T).max(dim=1).values - GENERAL_MARGIN  # [batch]
         to_base = general > scores.max(dim=1).values  # [batch]
         return [GateDecision() if base else d for d, base in zip(decisions, to_base.tolist(), strict=True)]
@@ -154,6 +170,11 @@ class CentroidGate:
         if len(self._keys) > _KEY_CACHE_SIZE:
             self._keys.popitem(last=False)
         return keyed, keys
+
+
+def _without(vectors: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """``vectors`` ``[n, hidden]`` minus their component along the unit ``direction``, re-normalised."""
+    return F.normalize(vectors - (vectors @ direction).unsqueeze(-1) * direction, dim=-1)
 
 
 class FixedGate:
@@ -217,12 +238,14 @@ def build_gate(
     *,
     load_learned: LearnedGateLoader | None = None,
     general: Sequence[Sequence[float]] | torch.Tensor | None = None,
+    common: Sequence[float] | torch.Tensor | None = None,
 ) -> Gate:
     """The gate for a spec; a learned spec without a version (none trained yet) routes by centroid.
 
     ``general``: centroid gates (and a learned gate's centroid fallback) send prompts nearer the general
-    prompts than to any adapter to the base model (see :class:`CentroidGate`)."""
-    centroid = CentroidGate(top_k=spec.top_k, temperature=spec.temperature, general=general)
+    prompts than to any adapter to the base model; ``common``: the backbone's common direction, left out of
+    centroid scores (see :class:`CentroidGate`)."""
+    centroid = CentroidGate(top_k=spec.top_k, temperature=spec.temperature, general=general, common=common)
     if spec.kind == "centroid":
         return centroid
     if spec.kind == "fixed":

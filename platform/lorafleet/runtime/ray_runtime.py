@@ -218,7 +218,8 @@ class TrainerHost:
             self.trainer.bank,
             policy=QAPolicy.from_mapping({**self.settings.qa_policy, **(policy or {})}),
             prefix=self.trainer.prefix,  # holdout rows scored while training are reused by QA
-            general_prompts=ANCHOR_PROMPTS if self.settings.gate_general_prompts else (),
+            general_prompts=ANCHOR_PROMPTS,
+            general_to_base=self.settings.gate_general_prompts,
         )
 
     # --- running jobs -------------------------------------------------------------------------------------

@@ -165,7 +165,8 @@ class ServingReplica:
             n_slots=o.n_slots,
             max_rank=o.max_rank,
             quantization=o.quantization,
-            general_prompts=ANCHOR_PROMPTS if s.gate_general_prompts else (),
+            general_prompts=ANCHOR_PROMPTS,
+            general_to_base=s.gate_general_prompts,
         )
         self._queue: BatchingQueue = BatchingQueue(
             self.engine, max_batch_size=o.max_batch_size, max_wait_ms=o.max_wait_ms

@@ -40,15 +40,18 @@ def build_engine(
     quantization: str | None = None,
     capacity_bytes: int | None = None,
     general_prompts: Sequence[str] = (),
+    general_to_base: bool = False,
 ) -> GenerationEngine:
     """Load the backbone and build the engine (slow: seconds for the tiny backbone, minutes for large ones).
 
     ``quantization`` overrides ``settings.backbone_quantization`` (e.g. fp32 for fast CPU tests).
-    ``general_prompts`` (the service passes ``training.general_prompts.ANCHOR_PROMPTS``): their embeddings are
-    the base model's side of every centroid gate, so requests nearer one of them than to any adapter are served
-    by the base alone (``routing.gates.CentroidGate``); none: the gates choose among adapters only.
+    ``general_prompts`` (the service passes ``training.general_prompts.ANCHOR_PROMPTS``): the mean of their
+    embeddings is the backbone's common direction, which centroid gates leave out of their scores; with
+    ``general_to_base`` (``Settings.gate_general_prompts``) they are also the base model's side of every centroid
+    gate, so requests nearer one of them than to any adapter are served by the base alone
+    (``routing.gates.CentroidGate``). None: plain cosine, among adapters only.
     """
-    from lorafleet.routing.embeddings import embed_prompts
+    from lorafleet.routing.embeddings import common_direction, embed_prompts
     from lorafleet.serving.cache import AdapterCache
     from lorafleet.serving.engine import GenerationEngine, database_resolver
 
@@ -60,13 +63,18 @@ def build_engine(
     )
     bank = inject_bank(backbone, target_modules="all-linear", n_slots=n_slots, max_rank=max_rank)
     cache = AdapterCache.from_blob_store(bank, registry.blobs, capacity_bytes=capacity_bytes)
-    general = embed_prompts(backbone, bank, list(general_prompts)) if general_prompts else None
+    reference = embed_prompts(backbone, bank, list(general_prompts)) if general_prompts else None
     return GenerationEngine(
         backbone,
         bank,
         cache,
         resolve_bank=database_resolver(db),
-        gate_factory=registry_gate_factory(registry, fingerprint=bank.fingerprint, general=general),
+        gate_factory=registry_gate_factory(
+            registry,
+            fingerprint=bank.fingerprint,
+            general=reference if general_to_base else None,
+            common=None if reference is None else common_direction(reference),
+        ),
     )
 
 
@@ -76,10 +84,12 @@ def registry_gate_factory(
     fingerprint: str | None = None,
     max_gates: int = GATE_CACHE_SIZE,
     general: Any = None,
+    common: Any = None,
 ) -> GateFactory:
     """``build_gate`` per user bank, learned gates downloaded from the registry (sha256-verified) in the
     bank's tenant; gates are kept by ``(tenant, spec)`` in an LRU, since a spec names immutable things only.
-    ``general``: the backbone's general-prompt embeddings (prompts nearer one of them than to any adapter get the base)."""
+    ``general``: the backbone's general-prompt embeddings (prompts nearer one of them than to any adapter get the
+    base); ``common``: its common direction (``routing.embeddings.common_direction``)."""
     from lorafleet.routing.gates import build_gate
     from lorafleet.routing.learned import load_learned_gate
 
@@ -95,6 +105,7 @@ def registry_gate_factory(
         gate = build_gate(
             bank.gate,
             general=general,
+            common=common,
             load_learned=lambda version_id: load_learned_gate(
                 registry, tenant_id=bank.tenant_id, version_id=version_id, expected_fingerprint=fingerprint
             ),

@@ -81,10 +81,11 @@ class QARunner:
         work_dir: Path | None = None,
         prefix: FrozenPrefix | None = None,
         general_prompts: Sequence[str] = (),
+        general_to_base: bool = False,
     ) -> None:
         """``prefix``: a frozen-prefix cache of this bank's model (a trainer shares its own, so holdout rows
-        it scored while training are not run through the frozen layers again). ``general_prompts``: the
-        gates' base side, as serving has it (``Settings.gate_general_prompts``)."""
+        it scored while training are not run through the frozen layers again). ``general_prompts`` and
+        ``general_to_base``: as serving's (``serving.factory.build_engine``), so QA gates as serving does."""
         self.db, self.registry, self.backbone, self.bank = db, registry, backbone, bank
         self.policy = policy or QAPolicy()
         self.queue = queue or JobQueue(db)
@@ -97,6 +98,7 @@ class QARunner:
             work_dir=work_dir,
             prefix=prefix,
             general_prompts=general_prompts,
+            general_to_base=general_to_base,
         )
         self._qa = QARepository(dialect=db.dialect)
         self._registry_sql = RegistryRepository(dialect=db.dialect)

@@ -215,3 +215,43 @@ def test_a_prompt_nearer_a_general_prompt_than_any_member_is_served_by_the_base(
     assert CentroidGate(general=[(1.0, 0.0)]).decide(one, queries[1:2])[0].routes == ((0, 1.0),)
     # build_gate hands them to centroid gates and to a learned gate's centroid fallback
     assert build_gate(GateSpec(), general=general).decide(bank, queries[1:2]) == [GateDecision()]
+
+
+def test_the_backbone_common_direction_is_left_out_of_centroid_scores() -> None:
+    """Embeddings that share one large direction (as a pretrained model's do) differ by a few hundredths in
+    cosine, so softmax splits a request almost evenly; without that direction the nearer key wins clearly."""
+    common = torch.tensor([0.0, 0.0, 1.0])
+    keys = ((0.3, 0.0, 1.0), (0.0, 0.3, 1.0))  # two adapters: cosine 0.92 to each other
+    bank = user_bank([member(0, key=keys[0]), member(1, key=keys[1])])
+    query = torch.tensor([[0.25, 0.05, 1.0]])  # nearer adapter-0
+    plain = CentroidGate(top_k=2).decide(bank, query)[0].routes
+    without = CentroidGate(top_k=2, common=common).decide(bank, query)[0].routes
+    assert plain[0][0] == without[0][0] == 0
+    assert plain[0][1] < 0.65  # an almost even split
+    # what is left: (0.25, 0.05) against (1, 0) and (0, 1): cosines 0.98 and 0.20
+    cos = [0.25 / math.hypot(0.25, 0.05), 0.05 / math.hypot(0.25, 0.05)]
+    assert without[0][1] == pytest.approx(_softmax(cos, 0.1)[0], abs=1e-5) and without[0][1] > 0.99
+    # the length of the direction and of a stored key do not matter (a projection, not a subtraction)
+    scaled = user_bank([member(0, key=tuple(2 * v for v in keys[0])), member(1, key=keys[1])])
+    assert _close(CentroidGate(top_k=2, common=5 * common).decide(scaled, query)[0].routes, without)
+    # a direction of another hidden size (another backbone) is ignored, as general embeddings are
+    assert _close(CentroidGate(top_k=2, common=torch.ones(5)).decide(bank, query)[0].routes, plain)
+    # build_gate hands it to centroid gates and to a learned gate's centroid fallback
+    assert _close(build_gate(GateSpec(), common=common).decide(bank, query)[0].routes, without)
+    learned = build_gate(GateSpec(kind="learned"), common=common)
+    assert _close(learned.decide(bank, query)[0].routes, without)
+
+
+def _close(routes: tuple[tuple[int, float], ...], expected: tuple[tuple[int, float], ...]) -> bool:
+    return [i for i, _ in routes] == [i for i, _ in expected] and [w for _, w in routes] == pytest.approx(
+        [w for _, w in expected]
+    )
+
+
+def test_common_direction_is_the_unit_mean() -> None:
+    from lorafleet.routing.embeddings import common_direction
+
+    direction = common_direction(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert direction.tolist() == pytest.approx([math.sqrt(0.5), math.sqrt(0.5)])
+    with pytest.raises(ValidationError):
+        common_direction(torch.zeros(0, 4))
