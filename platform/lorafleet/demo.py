@@ -42,7 +42,7 @@ PROBES_PER_FACT = 2
 GENERAL_QUESTION = "What is the capital of France?"
 MAX_TOKENS = 40
 #: concurrent requests: the engine batches them into one forward per step
-PARALLEL_REQUESTS = 8
+PARALLEL_REQUESTS = 16
 
 
 class DemoError(LorafleetError):

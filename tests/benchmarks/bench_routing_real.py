@@ -33,10 +33,11 @@ from quality_real_eval import dequantize_once  # noqa: E402
 from lorafleet.adapters import AdapterBank, inject_bank  # noqa: E402
 from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
-from lorafleet.routing.embeddings import embed_prompts, routing_key  # noqa: E402
+from lorafleet.routing.embeddings import common_direction, embed_prompts, routing_key  # noqa: E402
 from lorafleet.routing.gates import CentroidGate, Gate  # noqa: E402
 from lorafleet.training import Example, SlotTask, TrainingConfig, train_slots  # noqa: E402
 from lorafleet.training.dataset import pad_token_id  # noqa: E402
+from lorafleet.training.general_prompts import ANCHOR_PROMPTS  # noqa: E402
 from lorafleet.training.synthetic_routing import TASKS, three_tasks  # noqa: E402
 
 Split = dict[str, tuple[list[Example], list[Example]]]
@@ -129,9 +130,18 @@ def main() -> None:
     )
     bank = train_bank(backbone, data, args)
     keys = [routing_key(backbone, bank, [e.prompt for e in data[t][0]]) for t in TASKS]
+    # the backbone's common direction, as the service computes it (the shipped general prompts)
+    common = common_direction(embed_prompts(backbone, bank, list(ANCHOR_PROMPTS)))
     gates: dict[str, Gate] = {
-        "centroid (top-2, T=0.1)": CentroidGate(top_k=2, temperature=0.1),
-        "centroid (top-1)": CentroidGate(top_k=1),
+        "centroid (top-2, T=0.1), plain cosine": CentroidGate(top_k=2, temperature=0.1),
+        "centroid (top-1), plain cosine": CentroidGate(top_k=1),
+        "centroid (top-2, T=0.1), common direction left out (the service's)": CentroidGate(
+            top_k=2, temperature=0.1, common=common
+        ),
+        "centroid (top-2, T=0.05), common direction left out": CentroidGate(
+            top_k=2, temperature=0.05, common=common
+        ),
+        "centroid (top-1), common direction left out": CentroidGate(top_k=1, common=common),
     }
     report("held-out prompts, training phrasings", backbone, bank, gates, data, keys)
     report("held-out prompts, unseen phrasings", backbone, bank, gates, unseen, keys)

@@ -97,9 +97,9 @@ class CentroidGate:
     With ``common`` (a unit ``[hidden]`` vector: the mean pooled embedding of varied prompts on this backbone,
     ``routing.embeddings.common_direction``) queries and keys lose their component along it before the cosine.
     A pretrained model's pooled embeddings share one large direction: on SmolLM2-135M any two prompts have a
-    cosine of about 0.9, so two keys differ by a few hundredths and softmax at temperature 0.1 splits a
-    personal question 0.6 / 0.4 between the user's adapter and a task adapter, whose mixture answers neither.
-    Without that direction the same question gets about 0.9 on its own adapter (tests/benchmarks/README.md,
+    cosine of about 0.9, so two keys differ by a few hundredths, and softmax at temperature 0.1 splits a
+    personal question about 0.6 / 0.4 between the user's adapter and a task adapter, whose mixture answers
+    neither. Without that direction the same question gets about 0.9 on its own adapter (tests/benchmarks/README.md,
     "Routing on the real backbone"). A projection, not a subtraction, so a stored key's length does not matter.
 
     With ``general`` (embeddings of the shipped general prompts on this backbone, ``[n, hidden]``;
@@ -114,14 +114,16 @@ class CentroidGate:
         self,
         *,
         top_k: int = 2,
-        temperature: float = 0.1,
+        temperature: float = GateSpec.temperature,
         general: Sequence[Sequence[float]] | torch.Tensor | None = None,
         common: Sequence[float] | torch.Tensor | None = None,
     ) -> None:
         GateSpec(top_k=top_k, temperature=temperature)  # the same checks as a stored spec
         self.top_k, self.temperature = top_k, temperature
         self.common = (
-            None if common is None else F.normalize(torch.as_tensor(common, dtype=torch.float32).flatten(), dim=0)
+            None
+            if common is None
+            else F.normalize(torch.as_tensor(common, dtype=torch.float32).flatten(), dim=0)
         )  # [hidden]
         self.general = (
             None

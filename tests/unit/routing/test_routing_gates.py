@@ -224,8 +224,8 @@ def test_the_backbone_common_direction_is_left_out_of_centroid_scores() -> None:
     keys = ((0.3, 0.0, 1.0), (0.0, 0.3, 1.0))  # two adapters: cosine 0.92 to each other
     bank = user_bank([member(0, key=keys[0]), member(1, key=keys[1])])
     query = torch.tensor([[0.25, 0.05, 1.0]])  # nearer adapter-0
-    plain = CentroidGate(top_k=2).decide(bank, query)[0].routes
-    without = CentroidGate(top_k=2, common=common).decide(bank, query)[0].routes
+    plain = CentroidGate(top_k=2, temperature=0.1).decide(bank, query)[0].routes
+    without = CentroidGate(top_k=2, temperature=0.1, common=common).decide(bank, query)[0].routes
     assert plain[0][0] == without[0][0] == 0
     assert plain[0][1] < 0.65  # an almost even split
     # what is left: (0.25, 0.05) against (1, 0) and (0, 1): cosines 0.98 and 0.20
@@ -233,12 +233,13 @@ def test_the_backbone_common_direction_is_left_out_of_centroid_scores() -> None:
     assert without[0][1] == pytest.approx(_softmax(cos, 0.1)[0], abs=1e-5) and without[0][1] > 0.99
     # the length of the direction and of a stored key do not matter (a projection, not a subtraction)
     scaled = user_bank([member(0, key=tuple(2 * v for v in keys[0])), member(1, key=keys[1])])
-    assert _close(CentroidGate(top_k=2, common=5 * common).decide(scaled, query)[0].routes, without)
+    assert _close(CentroidGate(temperature=0.1, common=5 * common).decide(scaled, query)[0].routes, without)
     # a direction of another hidden size (another backbone) is ignored, as general embeddings are
-    assert _close(CentroidGate(top_k=2, common=torch.ones(5)).decide(bank, query)[0].routes, plain)
+    assert _close(CentroidGate(temperature=0.1, common=torch.ones(5)).decide(bank, query)[0].routes, plain)
     # build_gate hands it to centroid gates and to a learned gate's centroid fallback
-    assert _close(build_gate(GateSpec(), common=common).decide(bank, query)[0].routes, without)
-    learned = build_gate(GateSpec(kind="learned"), common=common)
+    spec = GateSpec(temperature=0.1)
+    assert _close(build_gate(spec, common=common).decide(bank, query)[0].routes, without)
+    learned = build_gate(GateSpec(kind="learned", temperature=0.1), common=common)
     assert _close(learned.decide(bank, query)[0].routes, without)
 
 
