@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorafleet.adapters.dense import dense_budget, dense_views
 from lorafleet.adapters.prefix import FrozenPrefix, backbone_identity
 from lorafleet.domain import Adapter, AdapterVersion, QAKind
 from lorafleet.errors import LorafleetError
@@ -130,7 +131,12 @@ class Evaluator:
                 loader.load(CANDIDATE_HANDLE, subject.version, folder=folder)
                 notes: dict[str, Any] = {}
                 has_previous = self._load_previous(loader, subject, notes)
-                matrix = self._matrix(subject, own, loader, has_previous, free, notes)
+                # on CPU, dense copies of the 4-bit layers for the job: scoring and greedy samples run small
+                # batches, where bitsandbytes' per-call dequantisation is most of the time (same numbers)
+                with dense_views(
+                    self.backbone.model, from_layer=0, budget_bytes=dense_budget(self.bank.device)
+                ):
+                    matrix = self._matrix(subject, own, loader, has_previous, free, notes)
         notes["probe"] = {"version": PROBE_VERSION, "sha256": probe_digest(self.policy.probe_size)}
         return Evaluation(sanity, matrix, notes, time.monotonic() - started)
 
@@ -208,8 +214,8 @@ class Evaluator:
 
     # --- the bank -----------------------------------------------------------------------------------------
     def _gate(self, user_bank: UserBank) -> Gate:
-        from lorafleet.routing.gates import build_gate
         from lorafleet.routing.embeddings import common_direction
+        from lorafleet.routing.gates import build_gate
         from lorafleet.routing.learned import load_learned_gate
         from lorafleet.training.general_prompts import general_exemplars
 
