@@ -102,6 +102,13 @@ class BackboneMismatchError(ValidationError):
     code = "backbone_mismatch"
 
 
+class WeightBoundsError(ValidationError):
+    """Finite adapter weights (or a ``lora_alpha``) beyond the sanity bounds: a diverged or tampered adapter
+    that would overflow when served (``lorafleet.registry.weight_sanity``)."""
+
+    code = "weights_out_of_bounds"
+
+
 class TargetModuleError(ValidationError):
     """Target modules matched nothing in the model (never a silent base-only fallback)."""
 

@@ -212,7 +212,7 @@ def tasks_import(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lorafleet.sdk.calls import adapter_archive
-    from lorafleet.workflows.import_jobs import submit_import
+    from lorafleet.workflows.import_jobs import import_weight_bounds, submit_import
 
     prompts = list(args.prompt) + (_read_lines(args.prompts_file) if args.prompts_file else [])
     if not Path(args.source).exists():
@@ -229,6 +229,7 @@ def tasks_import(args: argparse.Namespace) -> int:
             example_prompts=prompts,
             actor="cli",
             reason=args.reason,
+            weight_bounds=import_weight_bounds(lib.settings.qa_policy),
         )
         job = submitted.job
         print(f"import job {job.id} {'queued' if submitted.created else 'already queued'} ({job.state})")

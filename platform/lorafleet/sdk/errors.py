@@ -29,6 +29,7 @@ __all__ = [
     "ServiceUnavailable",
     "Unauthorized",
     "ValidationFailed",
+    "WeightsOutOfBounds",
     "error_for",
 ]
 
@@ -91,6 +92,13 @@ class IdempotencyKeyReused(ValidationFailed):
     """422: the idempotency key was already used for a different request."""
 
     code = "idempotency_key_reused"
+
+
+class WeightsOutOfBounds(ValidationFailed, lib.WeightBoundsError):
+    """422: an imported adapter's weights (or its ``lora_alpha``) are beyond the weight bounds; the message
+    names the tensor or field. Nothing was stored."""
+
+    code = "weights_out_of_bounds"
 
 
 class PayloadTooLarge(ApiError, lib.PayloadTooLargeError):
@@ -171,6 +179,7 @@ _BY_CODE: dict[str, type[ApiError]] = {
         Forbidden,
         NotFound,
         ValidationFailed,
+        WeightsOutOfBounds,
         IdempotencyKeyReused,
         PayloadTooLarge,
         Conflict,
