@@ -46,6 +46,12 @@ class InvalidStateError(ConflictError):
     code = "invalid_state"
 
 
+class QAUndecidedError(InvalidStateError):
+    """A manual promote of a version QA has not passed, under the promote rule ``qa``, without ``force``."""
+
+    code = "qa_undecided"
+
+
 # --- input validation ----------------------------------------------------------------------------------
 class ValidationError(LorafleetError):
     """Input was rejected before anything was written."""

@@ -25,6 +25,7 @@ __all__ = [
     "JobTimeout",
     "NotFound",
     "PayloadTooLarge",
+    "QAUndecided",
     "ServerError",
     "ServiceUnavailable",
     "Unauthorized",
@@ -125,6 +126,12 @@ class InvalidState(Conflict, lib.InvalidStateError):
     code = "invalid_state"
 
 
+class QAUndecided(InvalidState, lib.QAUndecidedError):
+    """409: under the promote rule ``qa``, a promote of a version QA has not passed, without ``force``."""
+
+    code = "qa_undecided"
+
+
 class JobFinished(InvalidState, lib.JobFinishedError):
     """409: the job already succeeded or failed, so it cannot be cancelled; ``state`` says which."""
 
@@ -185,6 +192,7 @@ _BY_CODE: dict[str, type[ApiError]] = {
         Conflict,
         AlreadyExists,
         InvalidState,
+        QAUndecided,
         JobFinished,
         IdempotencyKeyInFlight,
     )

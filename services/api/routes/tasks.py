@@ -185,7 +185,8 @@ def task_alias_history(services: Services, adapter: TaskAdapter) -> list[s.Alias
 
 @router.post("/{task}/promote", response_model=s.AliasEventOut)
 def promote_task(adapter: TaskAdapter, body: s.PromoteRequest, call: Idempotent) -> JSONResponse:
-    """Make a task version live; enrolled users' live adapters are rechecked by QA in their changed banks."""
+    """Make a task version live; enrolled users' live adapters are rechecked by QA in their changed banks. Under
+    the promote rule ``qa`` a version QA has not passed needs ``force`` (else 409 ``qa_undecided``)."""
     return _move_live(call, adapter, body, "promote", body.version)
 
 
@@ -216,6 +217,8 @@ def _move_live(
             action=action,
             actor=actor,
             reason=body.reason,
+            promote_rule=services.settings.promote_rule,
+            force=isinstance(body, s.PromoteRequest) and body.force,
         )
 
     return adapter_routes.move_live(call, adapter, body, move)
