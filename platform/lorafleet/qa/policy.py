@@ -66,7 +66,7 @@ class QAPolicy(BaseModel):
     #: LoRA scaling (``lora_alpha / r``), the largest |value| and the norm per rank component of A and B, and
     #: the largest |value| and the norm per rank component of the update ``scaling * B @ A``. Adapters trained
     #: at the defaults measure at most 2, 0.15, 0.80, 0.044 and 1.2; the most aggressive ones the trainer can
-    #: make 32, 0.70, 1.6, 35 and 68 (docs/qa.md, "Weight sanity"); bf16/fp32 serving breaks near |update| 1e15
+    #: make 32, 0.70, 2.5, 35 and 68 (docs/qa.md, "Weight sanity"); bf16/fp32 serving breaks near |update| 1e15
     max_lora_scaling: float = Field(default=1e4, gt=0.0, allow_inf_nan=False)
     max_abs_lora_weight: float = Field(default=1e3, gt=0.0, allow_inf_nan=False)
     max_lora_weight_norm: float = Field(default=1e4, gt=0.0, allow_inf_nan=False)

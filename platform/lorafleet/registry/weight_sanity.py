@@ -21,29 +21,28 @@ and refuses a module over any bound of :class:`WeightBounds`, naming the tensor 
 value and the bound. Import checks it before anything is written (``lorafleet.workflows.adapter_import``), and
 QA's sanity step before any evaluation (``lorafleet.qa.sanity``).
 
-The default bounds were set by measurement (``docs/qa.md``, "Weight sanity", has the table and how it was
-made): adapters trained with the project's trainer (``train_slots``) on the built-in tiny backbone at the
-defaults (rank 8, alpha 16, lr 2e-3, 30 steps) and at the most aggressive settings ``TrainingConfig`` accepts
-(lr 1e-2 for 400 steps at rank 1/alpha 32, rank 16/alpha 64 and rank 64/alpha 1024), and on SmolLM2-135M (nf4)
-at the defaults, measure per module at most:
+The default bounds were set by measurement (``docs/qa.md``, "Weight sanity", has the whole table and how it was
+made): adapters trained with the project's trainer (``train_slots``) at the defaults (rank 8, alpha 16, lr 2e-3,
+30 steps) on the built-in tiny backbone and on SmolLM2-135M (nf4), and at the most aggressive settings
+``TrainingConfig`` accepts (lr 1e-2; on tiny 400 steps at rank 1/alpha 32, 16/64 and 64/1024 on every layer; on
+SmolLM2 100 steps at rank 16/alpha 64 on the top 6 layers), measure per module at most:
 
-    ===============  ==============  ===============  ===================  =============================
-    figure           tiny defaults   SmolLM2 default  most aggressive      default bound
-    ===============  ==============  ===============  ===================  =============================
-    scaling          2               2                32 (r=1, alpha 32)   1e4 (trainer allows <= 1024)
-    |A|max, |B|max   0.15, 0.033     0.069, 0.032     0.70, 0.49           1e3
-    |A|, |B| per r   0.67, 0.22      0.80, 0.55       1.6, 0.94            1e4
-    |delta|max       0.044           0.022            35 (r=64, a=1024)    1e3
-    |delta| per r    0.35            1.2              68 (r=64, a=1024)    1e4
-    ===============  ==============  ===============  ===================  =============================
+    ===============  ============  ===================  =============================
+    figure           defaults      most aggressive      default bound
+    ===============  ============  ===================  =============================
+    scaling          2             32 (r=1, alpha 32)   1e4 (the trainer allows 1024)
+    |A|max, |B|max   0.15, 0.033   0.70, 0.49           1e3
+    |A|, |B| per r   0.80, 0.55    2.5, 2.5             1e4
+    |delta|max       0.044         35 (r=64, a=1024)    1e3
+    |delta| per r    1.2           68 (r=64, a=1024)    1e4
+    ===============  ============  ===================  =============================
 
 So an adapter trained at the defaults sits at least three orders of magnitude inside every bound, and the most
-aggressive one the trainer can make (which QA's ``max_update_norm`` already rejects) is still inside them. The
-bounds are as far below what breaks the arithmetic: serving computes the LoRA path in fp32 and the backbone in
-bf16 (CUDA) or fp32 (CPU), both with a range of 3e38, and an update first produces infinities (then NaN in the
-next RMSNorm, which squares its input) when ``|delta| * d_in * |x|`` passes ~1e19, i.e. at ``|delta|max``
-around 1e15 for these backbones. (fp16, range 65504, is not a compute dtype here; an exported adapter near the
-bounds would not survive it.)
+aggressive one the trainer can make is still inside them (by 28x and more). The bounds are as far below what
+breaks the arithmetic: serving computes the LoRA path in fp32 and the backbone in bf16 (CUDA) or fp32 (CPU), both
+with a range of 3e38, and an update first produces infinities (then NaN in the next RMSNorm, which squares its
+input) when ``|delta| * d_in * |x|`` passes ~1e19, i.e. at ``|delta|max`` around 1e15 for these backbones.
+(fp16, range 65504, is not a compute dtype here; an exported adapter near the bounds would not survive it.)
 """
 
 from __future__ import annotations
