@@ -4,7 +4,9 @@ version instead of skipping it: it rolls a bad one back (and rejects it) and kee
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qa_helpers import (
@@ -23,7 +25,7 @@ from lorafleet.errors import InvalidStateError, QAUndecidedError
 from lorafleet.jobs import JobQueue, Scheduler
 from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.workflows.live_alias import promote_manually, versions_qa
-from lorafleet.workflows.qa_runner import QARunner
+from lorafleet.workflows.qa_runner import QARunner, StaleEvaluationError
 from lorafleet.workflows.qa_triggers import QA_JOB_KIND, submit_candidate_qa
 
 pytestmark = pytest.mark.timeout(300)
@@ -210,3 +212,122 @@ def test_the_command_line_promotes_with_force_only(
     assert "live is now v1 (forced: QA has not passed it" in capsys.readouterr().out
     (event,) = world.registry.alias_history(tenant_id=world.tenant_id, adapter_id=world.personal("dee"))
     assert (event.to_version_id, event.actor, event.reason, event.forced) == (version_id, "cli", "ops", True)
+
+
+def _insert_unchecked(world: World, *, adapter_id: int, folder: Path, work: Path) -> AdapterVersion:
+    """Insert ``folder`` as the adapter's next candidate without the registry's checks (as a version written
+    before weight bounds existed would be): QA must still refuse it."""
+    from lorafleet.registry import pack_adapter_archive
+    from lorafleet.registry.peft_format import inspect_adapter_dir
+    from lorafleet.store.sql.registry_repository import NewVersion, RegistryRepository
+
+    files = inspect_adapter_dir(folder)
+    ref = world.registry.blobs.put_file(pack_adapter_archive(files=files, dest=work / "unchecked.tar"))
+    new = NewVersion(
+        blob_uri=ref.uri,
+        sha256=ref.sha256,
+        size_bytes=ref.size,
+        base_fingerprint=world.backbone.fingerprint.digest,
+        rank=files.rank,
+        target_modules=tuple(files.target_modules),
+        training_config={"source": "peft-import"},
+        metrics={},
+        status="candidate",
+        job_id=None,
+        dataset_snapshot_id=None,
+        parents=(),
+    )
+    repo = RegistryRepository(dialect=world.db.dialect)
+    with world.db.session() as s:
+        number = repo.next_version_number(s, tenant_id=world.tenant_id, adapter_id=adapter_id)
+        return repo.insert_version(s, adapter_id=adapter_id, number=number, new=new)
+
+
+def _huge_task_version(world: World, tmp_path: Path) -> tuple[int, AdapterVersion, str]:
+    """A task adapter "tone" with one candidate holding 1e30 in a lora_B weight (inserted unchecked) and its QA
+    job queued; the task's id, the version and the tensor's name."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    feed(world, "eve", round=1, n_records=24)
+    folder = train_adapter(world, user_examples(world, "eve"), work=tmp_path / "task")
+    weights = folder / "adapter_model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(weights))
+    first = sorted(k for k in tensors if ".lora_B." in k)[0]
+    tensors[first][0, 0] = 1e30
+    save_file(tensors, str(weights), metadata=metadata)
+    task = world.registry.create_adapter(
+        tenant_id=world.tenant_id, owner_user_id=None, name="tone", target_config={}
+    )
+    version = _insert_unchecked(world, adapter_id=task.id, folder=folder, work=tmp_path)
+    with world.db.session() as s:
+        submit_candidate_qa(s, queue=JobQueue(world.db), tenant_id=world.tenant_id, version_id=version.id)
+    return task.id, version, first
+
+
+def _promote_task(world: World, *, force: bool) -> AliasEvent:
+    from lorafleet.workflows.tasks import move_task_live
+
+    return move_task_live(
+        world.db,
+        world.registry,
+        tenant_id=world.tenant_id,
+        task_name="tone",
+        to_number=1,
+        action="promote",
+        actor="tenant-admin",
+        reason="vendor says it is fine",
+        promote_rule="qa",
+        force=force,
+    )
+
+
+def test_a_1e30_task_version_forced_live_before_qa_is_rolled_back_for_its_weights(
+    sqlite_world: World, tmp_path: Path
+) -> None:
+    """The issue's case: a task version with finite but huge weights, promoted by hand before its QA job ran."""
+    world = sqlite_world
+    task_id, version, first = _huge_task_version(world, tmp_path)
+    with pytest.raises(QAUndecidedError):
+        _promote_task(world, force=False)
+    assert _promote_task(world, force=True).forced
+
+    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    (done,) = worker(world, runner).run_until_idle()
+    assert done.result is not None and done.result["decision"] == "rollback"
+    reasons = done.result["reasons"]
+    assert reasons[0] == f"sanity/weights: largest |value| above the bound 1000 in {first}: 1e+30"
+    assert reasons[-1] == "forced live without a QA decision: rollback to none"
+    assert world.registry.live_version(tenant_id=world.tenant_id, adapter_id=task_id) is None
+    after = world.registry.get_version_by_id(tenant_id=world.tenant_id, version_id=version.id)
+    assert after.status == "rejected"
+
+
+def test_a_version_forced_live_while_qa_evaluates_it_is_evaluated_again_as_live(
+    sqlite_world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The force lands between QA's evaluation and its decision: the decision is stale (the job is retried),
+    and the retry evaluates the now-live version instead of skipping it."""
+    world = sqlite_world
+    task_id, version, _ = _huge_task_version(world, tmp_path)
+    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    evaluate = runner.evaluator.evaluate
+
+    def forced_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        result = evaluate(*args, **kwargs)
+        _promote_task(world, force=True)  # a person, while QA evaluated
+        return result
+
+    monkeypatch.setattr(runner.evaluator, "evaluate", forced_meanwhile)
+    with pytest.raises(StaleEvaluationError):
+        runner.run_candidate(tenant_id=world.tenant_id, version_id=version.id)
+    monkeypatch.setattr(runner.evaluator, "evaluate", evaluate)
+    assert world.registry.live_version(tenant_id=world.tenant_id, adapter_id=task_id) == replace(
+        version, status="live"
+    )
+
+    report = runner.run_candidate(tenant_id=world.tenant_id, version_id=version.id)  # the retry
+    assert report is not None and report.decision == "rollback"
+    assert world.registry.live_version(tenant_id=world.tenant_id, adapter_id=task_id) is None
