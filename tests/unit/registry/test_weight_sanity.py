@@ -160,3 +160,10 @@ def test_a_bf16_adapter_is_measured_in_float64() -> None:
     tensors = {k: v.to(torch.bfloat16) for k, v in _adapter(0.5, 0.25).items()}
     (module,) = measure_weights({"r": 4, "lora_alpha": 8}, tensors)
     assert (module.a_max, module.b_max, module.delta_max) == (0.5, 0.25, pytest.approx(2 * 4 * 0.125))
+
+
+def test_factors_that_do_not_fit_together_are_left_to_the_shape_checks() -> None:
+    tensors = {**_adapter(), f"{MODULE}.lora_B.weight": torch.full((8, 3), 0.01)}  # rank 4 against 3
+    (module,) = measure_weights({"r": 4, "lora_alpha": 8}, tensors)
+    assert module.a_max == pytest.approx(0.1) and module.delta_max != module.delta_max  # NaN: not computed
+    assert weight_problems({"r": 4, "lora_alpha": 8}, tensors, WeightBounds()) == []
