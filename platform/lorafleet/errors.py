@@ -46,6 +46,12 @@ class InvalidStateError(ConflictError):
     code = "invalid_state"
 
 
+class QAUndecidedError(InvalidStateError):
+    """A manual promote of a version QA has not passed, under the promote rule ``qa``, without ``force``."""
+
+    code = "qa_undecided"
+
+
 # --- input validation ----------------------------------------------------------------------------------
 class ValidationError(LorafleetError):
     """Input was rejected before anything was written."""
@@ -100,6 +106,13 @@ class BackboneMismatchError(ValidationError):
     """An adapter was made for another backbone (fingerprint differs)."""
 
     code = "backbone_mismatch"
+
+
+class WeightBoundsError(ValidationError):
+    """Finite adapter weights (or a ``lora_alpha``) beyond the sanity bounds: a diverged or tampered adapter
+    that would overflow when served (``lorafleet.registry.weight_sanity``)."""
+
+    code = "weights_out_of_bounds"
 
 
 class TargetModuleError(ValidationError):

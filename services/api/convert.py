@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from lorafleet.domain import Adapter, AdapterVersion, AliasEvent, FeedbackRecord, Job
+from lorafleet.domain import Adapter, AdapterVersion, AliasEvent, FeedbackRecord, Job, QADecision
 from lorafleet.feedback import IngestResult
 from lorafleet.registry import Lineage, LineageNode
 from lorafleet.routing.bank import Enrolment
 from lorafleet.sdk import schemas as s
 from lorafleet.serving.requests import GenerationResult
 from lorafleet.store.sql.qa_repository import QAReport
+from lorafleet.workflows.live_alias import VersionQA
 from lorafleet.workflows.tasks import TaskInfo
 
 
@@ -39,8 +40,13 @@ def adapter(adapter: Adapter, *, live: AdapterVersion | None) -> s.AdapterOut:
     )
 
 
-def version(v: AdapterVersion, *, adapter_name: str | None) -> s.VersionOut:
+def version(v: AdapterVersion, *, adapter_name: str | None, qa: VersionQA | None = None) -> s.VersionOut:
+    """``qa``: the version's QA state (``workflows.live_alias.versions_qa``); without it, from nothing known."""
+    qa = qa or VersionQA()
     return s.VersionOut(
+        qa_decision=None if qa.decision is None else str(qa.decision),
+        qa_state=qa.state,  # type: ignore[arg-type]  # one of QAState's values
+        forced_live=qa.forced_live,
         id=v.id,
         adapter_id=v.adapter_id,
         adapter=adapter_name,
@@ -74,13 +80,17 @@ def qa_report(report: QAReport) -> s.QAReportOut:
 
 
 def version_detail(
-    v: AdapterVersion, *, adapter_name: str, reports: list[QAReport], document: dict[str, object] | None
+    v: AdapterVersion,
+    *,
+    adapter_name: str,
+    reports: list[QAReport],
+    document: dict[str, object] | None,
+    qa: VersionQA | None = None,
 ) -> s.VersionDetail:
     """A version with its QA reports (oldest first): the latest one's decision is the version's."""
     latest = reports[-1] if reports else None
     return s.VersionDetail(
-        **version(v, adapter_name=adapter_name).model_dump(),
-        qa_decision=None if latest is None else latest.decision,
+        **version(v, adapter_name=adapter_name, qa=qa).model_dump(),
         qa_report=None if latest is None else qa_report(latest),
         qa_reports=[qa_report(r) for r in reports],
         qa_document=document,
@@ -91,7 +101,11 @@ def lineage(found: Lineage, *, adapter_names: Mapping[int, str]) -> s.LineageOut
     def node(n: LineageNode) -> s.LineageNodeOut:
         snap, job = n.dataset_snapshot, n.job
         return s.LineageNodeOut(
-            version=version(n.version, adapter_name=adapter_names.get(n.version.adapter_id)),
+            version=version(
+                n.version,
+                adapter_name=adapter_names.get(n.version.adapter_id),
+                qa=VersionQA(QADecision(n.qa_reports[-1].decision)) if n.qa_reports else None,
+            ),
             distance=n.distance,
             dataset_snapshot=None
             if snap is None
@@ -146,6 +160,7 @@ def alias_event(event: AliasEvent, *, adapter_name: str, numbers: Mapping[int, i
         actor=event.actor,
         reason=event.reason,
         created_at=event.created_at,
+        forced=event.forced,
     )
 
 

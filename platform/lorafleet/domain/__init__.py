@@ -122,6 +122,8 @@ class AliasEvent:
     actor: str
     reason: str
     created_at: datetime
+    #: a person made a version live that QA had not passed (``force`` under the promote rule ``qa``)
+    forced: bool = False
 
 
 @dataclass(frozen=True)

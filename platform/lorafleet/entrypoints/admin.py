@@ -122,6 +122,32 @@ def rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def promote(args: argparse.Namespace) -> int:
+    """Make a version of a user's adapter live; under the promote rule ``qa`` a version QA has not passed needs
+    ``--force`` (recorded in the history; QA then evaluates it and rolls it back if it fails)."""
+    from lorafleet.workflows.live_alias import promote_manually
+
+    with Platform.from_settings() as lib:
+        tenant_id, adapter_id = _adapter_id(lib, args.tenant, args.user, args.adapter)
+        adapter = lib.registry.get_adapter(tenant_id=tenant_id, adapter_id=adapter_id)
+        event = promote_manually(
+            lib.db,
+            lib.registry,
+            tenant_id=tenant_id,
+            adapter=adapter,
+            number=args.version,
+            actor="cli",
+            reason=args.reason,
+            promote_rule=lib.settings.promote_rule,
+            force=args.force,
+        )
+    forced = " (forced: QA has not passed it; its QA job is queued)" if event.forced else ""
+    print(
+        f"promoted {args.user}/{args.adapter}: live is now v{args.version}{forced} (reason: {args.reason!r})"
+    )
+    return 0
+
+
 def serve(args: argparse.Namespace) -> int:
     """The API, the scheduler loop and ``--workers`` Ray trainer actors in one process, until SIGINT/SIGTERM."""
     import uvicorn
@@ -212,7 +238,7 @@ def tasks_import(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lorafleet.sdk.calls import adapter_archive
-    from lorafleet.workflows.import_jobs import submit_import
+    from lorafleet.workflows.import_jobs import import_weight_bounds, submit_import
 
     prompts = list(args.prompt) + (_read_lines(args.prompts_file) if args.prompts_file else [])
     if not Path(args.source).exists():
@@ -229,6 +255,7 @@ def tasks_import(args: argparse.Namespace) -> int:
             example_prompts=prompts,
             actor="cli",
             reason=args.reason,
+            weight_bounds=import_weight_bounds(lib.settings.qa_policy),
         )
         job = submitted.job
         print(f"import job {job.id} {'queued' if submitted.created else 'already queued'} ({job.state})")
@@ -243,6 +270,29 @@ def tasks_import(args: argparse.Namespace) -> int:
     elif job.state == JobState.FAILED:
         print(f"import job {job.id} failed: {job.error}")
         return 1
+    return 0
+
+
+def tasks_promote(args: argparse.Namespace) -> int:
+    """Make a task version live (enrolled users are rechecked); ``--force`` as for ``promote``."""
+    from lorafleet.workflows.tasks import move_task_live
+
+    with Platform.from_settings() as lib:
+        tenant = lib.tenants.get_tenant(name=args.tenant)
+        event = move_task_live(
+            lib.db,
+            lib.registry,
+            tenant_id=tenant.id,
+            task_name=args.task,
+            to_number=args.version,
+            action="promote",
+            actor="cli",
+            reason=args.reason,
+            promote_rule=lib.settings.promote_rule,
+            force=args.force,
+        )
+    forced = " (forced: QA has not passed it; its QA job is queued)" if event.forced else ""
+    print(f"task {args.task!r}: live is now version {args.version}{forced}")
     return 0
 
 

@@ -112,17 +112,33 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
     versions = sub.add_parser("versions", help="a user's adapter versions (status, live, metrics)")
     lineage = sub.add_parser("lineage", help="a version's ancestors and descendants")
+    promote = sub.add_parser(
+        "promote", help="make a version of a user's adapter live (recorded in the history)"
+    )
     rollback = sub.add_parser("rollback", help="move a user's live adapter back (recorded in the history)")
-    for p in (versions, lineage, rollback):
+    for p in (versions, lineage, promote, rollback):
         p.add_argument("--tenant", required=True, help="tenant name")
         p.add_argument("--user", required=True, help="the user's external id")
         p.add_argument("--adapter", default="personal", help="adapter name (default personal)")
     versions.set_defaults(handler=_admin("versions"))
     lineage.add_argument("--version", type=int, required=True, help="version number")
     lineage.set_defaults(handler=_admin("lineage"))
+    promote.add_argument("--version", type=int, required=True, help="version number")
+    _add_promote_options(promote)
+    promote.set_defaults(handler=_admin("promote"))
     rollback.add_argument("--to", required=True, help="an earlier version number, or 'none' (no adapter)")
     rollback.add_argument("--reason", required=True)
     rollback.set_defaults(handler=_admin("rollback"))
+
+
+def _add_promote_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reason", required=True)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="under promote rule qa, make live a version QA has not passed (recorded as forced; QA still "
+        "evaluates it and rolls it back if it fails)",
+    )
 
 
 def _add_workers_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -189,15 +205,20 @@ def _add_task_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     imp.add_argument(
         "--wait", type=float, default=0.0, help="seconds to wait for the import job (0: no wait)"
     )
+    promote = tasks.add_parser("promote", help="make a task version live (enrolled users follow)")
+    promote.add_argument("task")
+    promote.add_argument("--version", type=int, required=True, help="version number")
+    _add_promote_options(promote)
     rollback = tasks.add_parser("rollback", help="move a task's live version back (enrolled users follow)")
     rollback.add_argument("task")
     rollback.add_argument("--to", required=True, help="an earlier version number, or 'none' (no adapter)")
     rollback.add_argument("--reason", required=True)
-    for p in (listing, feedback, imp, rollback):
+    for p in (listing, feedback, imp, promote, rollback):
         p.add_argument("--tenant", required=True, help="tenant name")
     listing.set_defaults(handler=_admin("tasks_list"))
     feedback.set_defaults(handler=_admin("tasks_feedback"))
     imp.set_defaults(handler=_admin("tasks_import"))
+    promote.set_defaults(handler=_admin("tasks_promote"))
     rollback.set_defaults(handler=_admin("tasks_rollback"))
 
 

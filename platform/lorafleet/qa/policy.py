@@ -9,6 +9,8 @@ computes them; every threshold below is in those units. The rules (``lorafleet.q
   served before (with the previous live version) by more than ``epsilon``;
 - ``gate-vs-best-member``: on no evaluation set is the gated bank with the candidate worse than its best single
   member alone by more than ``epsilon``;
+- ``sanity`` (before any rule, ``lorafleet.qa.sanity``): besides the file checks, the weights lie within
+  ``weight_bounds()`` and each module's update norm within ``min_update_norm``/``max_update_norm``;
 - ``probe``: the probe set's loss moves less than ``epsilon_probe`` from the base model's (either way, or only
   upwards with ``probe_one_sided``), for the candidate alone and for the gated bank with the candidate.
 
@@ -24,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
 from lorafleet.errors import ValidationError
+from lorafleet.registry.weight_sanity import WeightBounds
 
 DEFAULT_POLICY_VERSION = "qa-policy/1"
 
@@ -59,6 +62,16 @@ class QAPolicy(BaseModel):
     #: bounds on each adapted module's update norm ``scaling * ||B @ A||_F``
     min_update_norm: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     max_update_norm: float = Field(default=100.0, gt=0.0, allow_inf_nan=False)
+    #: weight sanity (``lorafleet.registry.weight_sanity``), checked at import and in QA's sanity step: the
+    #: LoRA scaling (``lora_alpha / r``), the largest |value| and the norm per rank component of A and B, and
+    #: the largest |value| and the norm per rank component of the update ``scaling * B @ A``. Adapters trained
+    #: at the defaults measure at most 2, 0.15, 0.80, 0.044 and 1.2; the most aggressive ones the trainer can
+    #: make 32, 0.70, 2.5, 35 and 68 (docs/qa.md, "Weight sanity"); bf16/fp32 serving breaks near |update| 1e15
+    max_lora_scaling: float = Field(default=1e4, gt=0.0, allow_inf_nan=False)
+    max_abs_lora_weight: float = Field(default=1e3, gt=0.0, allow_inf_nan=False)
+    max_lora_weight_norm: float = Field(default=1e4, gt=0.0, allow_inf_nan=False)
+    max_abs_update: float = Field(default=1e3, gt=0.0, allow_inf_nan=False)
+    max_update_norm_per_rank: float = Field(default=1e4, gt=0.0, allow_inf_nan=False)
     #: a task adapter's candidate is also evaluated in the banks of at most this many enrolled users (those
     #: with other live members first; ``lorafleet.qa.sampling.sample_enrolled``); every one must pass
     max_enrolled_users: int = Field(default=3, ge=0, le=64, strict=True)
@@ -83,6 +96,16 @@ class QAPolicy(BaseModel):
         if data is not None and not isinstance(data, Mapping):
             raise ValidationError(f"QA policy must be an object, got {type(data).__name__}")
         return cls(**dict(data or {}))
+
+    def weight_bounds(self) -> WeightBounds:
+        """The weight-sanity bounds of this policy (imports are held to them too)."""
+        return WeightBounds(
+            max_scaling=self.max_lora_scaling,
+            max_abs_factor=self.max_abs_lora_weight,
+            max_factor_norm=self.max_lora_weight_norm,
+            max_abs_delta=self.max_abs_update,
+            max_delta_norm=self.max_update_norm_per_rank,
+        )
 
     def with_changes(self, **changes: Any) -> QAPolicy:
         """A validated copy with some fields changed."""

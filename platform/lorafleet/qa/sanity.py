@@ -8,6 +8,9 @@ Checks (each problem is one line starting ``sanity/<check>:``):
 - ``rank``: the file's rank equals the version row's and the adapter's configured rank, and fits the bank;
 - ``target-modules``: the adapted modules are the configured ones (a list of leaf names, ``all-linear`` or a
   regex) and every one is a layer of the bank;
+- ``weights``: the LoRA scaling, A, B and the update ``scaling * B @ A`` lie within the policy's weight bounds
+  (``QAPolicy.weight_bounds``, ``lorafleet.registry.weight_sanity``): finite but absurd weights (1e30, or a
+  1e30 ``lora_alpha``) are named here, before anything is loaded into the bank or served;
 - ``update-norm``: each module's update ``scaling * ||B @ A||_F`` lies within the policy's bounds (a huge
   update is a diverged or tampered adapter; a lower bound > 0 refuses adapters that never trained).
 """
@@ -64,8 +67,10 @@ def check_adapter(
         tensors = _load(files)
     except AdapterFormatError as exc:
         return SanityResult((*problems, f"sanity/format: {exc}"))
+    # the weights' own problems first: absurd values are the reason to give, whatever else is wrong
+    non_finite = _non_finite(tensors)
+    problems = [*non_finite, *([] if non_finite else _weights(files, tensors, policy)), *problems]
     problems += _fingerprint_file(files, bank)
-    problems += _non_finite(tensors)
     problems += _rank(files, version=version, adapter=adapter, bank=bank)
     try:
         pairs = _pairs(tensors)
@@ -114,6 +119,16 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     if bad:
         return [f"sanity/non-finite: {len(bad)} tensors hold NaN or infinity (first: {bad[0]})"]
     return []
+
+
+def _weights(files: AdapterFiles, tensors: dict[str, torch.Tensor], policy: QAPolicy) -> list[str]:
+    from lorafleet.registry.weight_sanity import weight_problems
+
+    try:
+        found = weight_problems(files.config, tensors, policy.weight_bounds())
+    except AdapterFormatError as exc:
+        return [f"sanity/format: {exc}"]
+    return [f"sanity/weights: {problem}" for problem in found]
 
 
 def _rank(files: AdapterFiles, *, version: AdapterVersion, adapter: Adapter, bank: AdapterBank) -> list[str]:

@@ -353,9 +353,12 @@ class Registry:
         actor: str,
         reason: str = "",
         session: Session | None = None,
+        forced: bool = False,
     ) -> AliasEvent:
         """Move ``live`` to version ``number`` (previous live becomes archived) and record the move; with
-        ``session`` (a job's fenced transaction) it runs there and the caller commits."""
+        ``session`` (a job's fenced transaction) it runs there and the caller commits. ``forced`` is recorded
+        in the history: a person made live a version QA had not passed (the rule that needs it is the
+        workflow's, ``lorafleet.workflows.live_alias.promote_manually``; the registry only records it)."""
         _check_actor(actor)
         with self._session(session) as s:
             self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
@@ -363,7 +366,13 @@ class Registry:
             current = self._repo.live_version(s, tenant_id=tenant_id, adapter_id=adapter_id)
             _check_target(target=target, current=current)
             return self._repo.move_live(
-                s, adapter_id=adapter_id, current=current, target=target, actor=actor, reason=reason
+                s,
+                adapter_id=adapter_id,
+                current=current,
+                target=target,
+                actor=actor,
+                reason=reason,
+                forced=forced,
             )
 
     def rollback(

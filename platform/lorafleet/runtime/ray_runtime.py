@@ -43,7 +43,7 @@ from lorafleet.jobs.worker import JobWorker
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.overrides import check_bank_fits
-from lorafleet.workflows.import_jobs import IMPORT_JOB_KIND, ImportRunner
+from lorafleet.workflows.import_jobs import IMPORT_JOB_KIND, ImportRunner, import_weight_bounds
 from lorafleet.workflows.qa_triggers import QA_JOB_KIND
 
 if TYPE_CHECKING:
@@ -204,6 +204,7 @@ class TrainerHost:
             self.trainer.backbone,
             self.trainer.bank,
             promote_rule=self.settings.promote_rule,
+            weight_bounds=import_weight_bounds(self.settings.qa_policy),
         )
 
     def _build_qa(self, policy: Mapping[str, Any] | None) -> Any:

@@ -169,11 +169,19 @@ def alias_history(user: str, adapter: str) -> Call[list[s.AliasEventOut]]:
 
 
 def promote(
-    user: str, adapter: str, version: int, *, reason: str = "", idempotency_key: str | None = None
+    user: str,
+    adapter: str,
+    version: int,
+    *,
+    reason: str = "",
+    force: bool = False,
+    idempotency_key: str | None = None,
 ) -> Call[s.AliasEventOut]:
-    return _move_live(
-        _adapter(user, adapter), "promote", s.PromoteRequest(version=version, reason=reason), idempotency_key
-    )
+    """Make ``version`` live. Under the promote rule ``qa`` a version QA has not passed is refused
+    (``InvalidState``, code ``qa_undecided``) unless ``force``: then the move is recorded as forced and QA still
+    evaluates the version, rolling it back if it fails."""
+    body = s.PromoteRequest(version=version, reason=reason, force=force)
+    return _move_live(_adapter(user, adapter), "promote", body, idempotency_key)
 
 
 def rollback(
@@ -319,11 +327,11 @@ def task_history(task: str) -> Call[list[s.AliasEventOut]]:
 
 
 def promote_task(
-    task: str, version: int, *, reason: str = "", idempotency_key: str | None = None
+    task: str, version: int, *, reason: str = "", force: bool = False, idempotency_key: str | None = None
 ) -> Call[s.AliasEventOut]:
-    return _move_live(
-        _task(task), "promote", s.PromoteRequest(version=version, reason=reason), idempotency_key
-    )
+    """Make a task version live (enrolled users follow); ``force`` as for ``promote``."""
+    body = s.PromoteRequest(version=version, reason=reason, force=force)
+    return _move_live(_task(task), "promote", body, idempotency_key)
 
 
 def rollback_task(

@@ -25,10 +25,12 @@ __all__ = [
     "JobTimeout",
     "NotFound",
     "PayloadTooLarge",
+    "QAUndecided",
     "ServerError",
     "ServiceUnavailable",
     "Unauthorized",
     "ValidationFailed",
+    "WeightsOutOfBounds",
     "error_for",
 ]
 
@@ -93,6 +95,13 @@ class IdempotencyKeyReused(ValidationFailed):
     code = "idempotency_key_reused"
 
 
+class WeightsOutOfBounds(ValidationFailed, lib.WeightBoundsError):
+    """422: an imported adapter's weights (or its ``lora_alpha``) are beyond the weight bounds; the message
+    names the tensor or field. Nothing was stored."""
+
+    code = "weights_out_of_bounds"
+
+
 class PayloadTooLarge(ApiError, lib.PayloadTooLargeError):
     """413: the body, a batch or a record is over a size limit."""
 
@@ -115,6 +124,12 @@ class InvalidState(Conflict, lib.InvalidStateError):
     """409: e.g. promoting the live version again, or rolling back with nothing live."""
 
     code = "invalid_state"
+
+
+class QAUndecided(InvalidState, lib.QAUndecidedError):
+    """409: under the promote rule ``qa``, a promote of a version QA has not passed, without ``force``."""
+
+    code = "qa_undecided"
 
 
 class JobFinished(InvalidState, lib.JobFinishedError):
@@ -171,11 +186,13 @@ _BY_CODE: dict[str, type[ApiError]] = {
         Forbidden,
         NotFound,
         ValidationFailed,
+        WeightsOutOfBounds,
         IdempotencyKeyReused,
         PayloadTooLarge,
         Conflict,
         AlreadyExists,
         InvalidState,
+        QAUndecided,
         JobFinished,
         IdempotencyKeyInFlight,
     )

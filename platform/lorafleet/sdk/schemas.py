@@ -162,6 +162,10 @@ class AdapterOut(_Out):
     created_at: datetime
 
 
+#: a version's QA state in listings (``VersionOut.qa_state``)
+QAState = Literal["passed", "failed", "undecided"]
+
+
 class VersionOut(_Out):
     id: int
     adapter_id: int
@@ -178,6 +182,20 @@ class VersionOut(_Out):
     job_id: int | None = None
     dataset_snapshot_id: int | None = None
     created_at: datetime
+    qa_decision: str | None = Field(
+        default=None,
+        description="The latest QA report's decision (promote, reject, keep, rollback), or null.",
+    )
+    qa_state: QAState = Field(
+        default="undecided",
+        description="passed (latest decision promote or keep), failed (reject or rollback), or undecided "
+        "(no QA decision yet: a queued candidate, or a version a person forced live).",
+    )
+    forced_live: bool = Field(
+        default=False,
+        description="It went live by a forced promote (the latest move of live onto it was forced), so a live "
+        "version with qa_state 'undecided' and forced_live true is being served without a QA decision.",
+    )
 
 
 class QAReportOut(_Out):
@@ -195,7 +213,6 @@ class QAReportOut(_Out):
 class VersionDetail(VersionOut):
     """A version with its QA: the latest decision and report, every report, and (when asked) the document."""
 
-    qa_decision: str | None = None
     qa_report: QAReportOut | None = None
     qa_reports: list[QAReportOut] = Field(default_factory=list)
     qa_document: dict[str, Any] | None = None
@@ -242,6 +259,12 @@ class LineageOut(_Out):
 class PromoteRequest(_In):
     version: int = Field(ge=1, description="The version number to make live.")
     reason: str = Field(default="", max_length=2000)
+    force: bool = Field(
+        default=False,
+        description="Under the promote rule 'qa', make live a version QA has not passed (recorded as forced "
+        "in the history; QA still evaluates it and rolls it back if it fails). Without it such a promote is "
+        "refused with 409 qa_undecided.",
+    )
 
 
 class RollbackRequest(_In):
@@ -263,6 +286,9 @@ class AliasEventOut(_Out):
     actor: str
     reason: str
     created_at: datetime
+    forced: bool = Field(
+        default=False, description="A person made live a version QA had not passed (promote with force)."
+    )
 
 
 # --- jobs -----------------------------------------------------------------------------------------------------

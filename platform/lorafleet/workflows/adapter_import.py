@@ -4,7 +4,8 @@ An import goes through every check a trained adapter gets, and all of them run b
 archive is unpacked safely (no absolute paths, no ``..``, no links or devices, capped size and entry count),
 pickle files are refused, the safetensors header and config are checked, the weights are loaded into a free
 slot of the caller's bank (shapes, rank, finite values, unsupported PEFT options, target modules) and the slot
-is evicted again, and the routing key is computed from example prompts. Only then is the task adapter row
+is evicted again, the weights are bounded (``lorafleet.registry.weight_sanity``: finite but absurd values, or an
+absurd ``lora_alpha``, are refused with the tensor or field named), and the routing key is computed from example prompts. Only then is the task adapter row
 created (when new) and the version registered, as a ``candidate``: QA decides whether it goes live.
 
 Two phases, so that a job can do the slow part outside its short fenced transaction: ``prepare_import`` checks
@@ -39,6 +40,7 @@ from lorafleet.registry.peft_format import (
     load_adapter_tensors,
     read_safetensors_header,
 )
+from lorafleet.registry.weight_sanity import WeightBounds, check_weight_bounds
 from lorafleet.store.blob.base import sha256_file
 from lorafleet.workflows.tasks import validate_task_name
 
@@ -100,6 +102,7 @@ def import_peft_adapter(
     target_config: Mapping[str, Any] | None = None,
     max_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
     session: Session | None = None,
+    weight_bounds: WeightBounds | None = None,
 ) -> ImportedAdapter:
     """Register a PEFT folder or archive (.tar, .tar.gz/.tgz, .zip) as a ``candidate`` version of a task adapter:
     ``prepare_import`` then ``register_import`` (see both), with a temporary work folder."""
@@ -116,6 +119,7 @@ def import_peft_adapter(
             work_dir=Path(tmp) / "work",
             target_config=target_config,
             max_bytes=max_bytes,
+            weight_bounds=weight_bounds,
         )
         return register_import(registry, prepared, session=session)
 
@@ -133,6 +137,7 @@ def prepare_import(
     work_dir: Path,
     target_config: Mapping[str, Any] | None = None,
     max_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
+    weight_bounds: WeightBounds | None = None,
 ) -> PreparedImport:
     """Run every check of an import and stage the adapter under ``work_dir`` (new or empty; keep it until
     ``register_import`` returns). Writes no row; a refusal writes nothing at all.
@@ -142,6 +147,8 @@ def prepare_import(
     folder's two files); an archive holds at most ``DEFAULT_MAX_ARCHIVE_MEMBERS`` entries. Once every check has
     passed, the staged adapter's blob is stored (``Registry.put_adapter_blob``), so that a registration inside
     a short transaction (a job's fence) uploads nothing; if it is never registered, ``Registry.gc`` removes it.
+    ``weight_bounds`` (default ``WeightBounds()``; services pass ``QAPolicy.weight_bounds()`` of their settings)
+    bound the weights: out of bounds is a ``WeightBoundsError`` naming the tensor or field.
     """
     name = validate_task_name(task_name)
     prompts = check_example_prompts(example_prompts)
@@ -153,7 +160,9 @@ def prepare_import(
         raise ValidationError(f"work_dir {work_dir} is not empty")
     fingerprint = _backbone_digest(backbone, bank)
     folder, source_sha256 = _materialise(Path(source), work_dir / "source", max_bytes=max_bytes)
-    files = _stage(folder, work_dir / "staged", fingerprint=fingerprint)
+    files = _stage(
+        folder, work_dir / "staged", fingerprint=fingerprint, bounds=weight_bounds or WeightBounds()
+    )
     _check_loads(bank, files.directory)
     from lorafleet.routing.embeddings import routing_key
 
@@ -234,6 +243,23 @@ def check_example_prompts(prompts: Sequence[str]) -> list[str]:
     return items
 
 
+def check_archive_weights(
+    archive: bytes, *, weight_bounds: WeightBounds | None = None, max_bytes: int = DEFAULT_MAX_IMPORT_BYTES
+) -> None:
+    """The checks of an import that need no backbone, on an uploaded archive, before anything is stored: safe
+    unpacking, no pickle, the config and safetensors header, finite weights, and the weight bounds.
+
+    ``submit_import`` runs them so that an absurd adapter is refused at once (a 422 through the API) and leaves
+    no blob and no job behind; the trainer's ``prepare_import`` runs them again with the backbone's own.
+    """
+    with tempfile.TemporaryDirectory(prefix="lorafleet-import-check-") as tmp:
+        upload = Path(tmp) / "upload"
+        upload.write_bytes(archive)
+        folder = unpack_import_archive(upload, Path(tmp) / "unpacked", max_bytes=max_bytes)
+        files = inspect_adapter_dir(folder)
+        check_weight_bounds(files.config, load_adapter_tensors(files), weight_bounds or WeightBounds())
+
+
 def _check_actor(actor: str) -> None:
     if not isinstance(actor, str) or not 1 <= len(actor) <= 256:
         raise ValidationError("actor must be 1-256 characters")
@@ -265,10 +291,10 @@ def _materialise(source: Path, unpack_to: Path, *, max_bytes: int) -> tuple[Path
     raise AdapterFormatError(f"{source} is neither an adapter folder nor an archive file")
 
 
-def _stage(folder: Path, staging: Path, *, fingerprint: str) -> AdapterFiles:
+def _stage(folder: Path, staging: Path, *, fingerprint: str, bounds: WeightBounds) -> AdapterFiles:
     """Copy the two PEFT files aside with the backbone fingerprint in the weights' metadata (tensors unchanged).
 
-    A recorded fingerprint other than ``fingerprint`` is refused; values must be finite.
+    A recorded fingerprint other than ``fingerprint`` is refused; values must be finite and within ``bounds``.
     """
     from safetensors.torch import save_file
 
@@ -281,6 +307,7 @@ def _stage(folder: Path, staging: Path, *, fingerprint: str) -> AdapterFiles:
             f"adapter records backbone {recorded[:16]}..., the current backbone is {fingerprint[:16]}..."
         )
     tensors = load_adapter_tensors(files)  # also refuses NaN / inf
+    check_weight_bounds(files.config, tensors, bounds)
     staging.mkdir(parents=True)
     shutil.copyfile(files.config_path, staging / CONFIG_FILE)
     if recorded:
@@ -353,6 +380,7 @@ __all__ = [
     "ImportedAdapter",
     "PreparedImport",
     "check_example_prompts",
+    "check_archive_weights",
     "import_peft_adapter",
     "prepare_import",
     "register_import",

@@ -2,11 +2,13 @@
 
 Why a job and not the API process: the checks need the backbone (shapes against its layers, a load into a bank
 slot, the routing key from the example prompts' embeddings), and the trainer actors already hold it. So the API
-only validates what it can cheaply, stores the uploaded archive as a content-addressed blob and queues a job
-(``submit_import``); a trainer runs ``ImportRunner.run_job``:
+only validates what it can without one (``submit_import``: the archive unpacks safely, the files are a PEFT
+LoRA adapter with finite weights within the weight bounds, ``adapter_import.check_archive_weights``; a refusal
+stores nothing), stores the uploaded archive as a content-addressed blob and queues a job; a trainer runs
+``ImportRunner.run_job``:
 
 1. fetch the archive (sha256-verified) and run every check of ``lorafleet.workflows.adapter_import.prepare_import``
-   (safetensors only, safe extraction, shapes, rank, finite values, backbone fingerprint);
+   (safetensors only, safe extraction, shapes, rank, finite values, weight bounds, backbone fingerprint);
 2. register the version (lineage ``imported``) with the job's id: the unique ``(adapter_id, job_id)`` index
    makes it one version per job, and a retried or taken-over job finds it instead of registering another;
 3. in the job's fenced transaction: its ``qa`` job (promote rule ``qa``; dedupe key ``qa:<version id>``) and
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +32,8 @@ from lorafleet.domain import Job, JobKind, PromoteRule
 from lorafleet.domain.jobs import ImportPayload, ImportResult
 from lorafleet.errors import PayloadTooLargeError, ValidationError
 from lorafleet.jobs.queue import JobQueue
+from lorafleet.qa.policy import QAPolicy
+from lorafleet.registry.weight_sanity import WeightBounds
 from lorafleet.workflows.live_alias import queue_candidate_qa
 from lorafleet.workflows.tasks import validate_task_name
 
@@ -76,14 +80,17 @@ def submit_import(
     actor: str,
     reason: str = "",
     queue: JobQueue | None = None,
+    weight_bounds: WeightBounds | None = None,
 ) -> ImportSubmitted:
-    """Store the archive as a blob and queue its ``import`` job (the same archive for the same task while a
-    job is active: that job, ``created`` False)."""
-    from lorafleet.workflows.adapter_import import check_example_prompts
+    """Check the archive's files (``check_archive_weights``; ``weight_bounds`` default ``WeightBounds()``), then
+    store it as a blob and queue its ``import`` job (the same archive for the same task while a job is active:
+    that job, ``created`` False). A refused archive stores nothing."""
+    from lorafleet.workflows.adapter_import import check_archive_weights, check_example_prompts
 
     name = validate_task_name(task_name)
     prompts = check_example_prompts(example_prompts)
     _check_archive(archive)
+    check_archive_weights(archive, weight_bounds=weight_bounds, max_bytes=MAX_IMPORT_ARCHIVE_BYTES)
     ref = registry.blobs.put_bytes(archive)
     payload = ImportPayload(
         task=name,
@@ -104,6 +111,12 @@ def submit_import(
     return ImportSubmitted(job=result.job, created=result.created, archive_sha256=ref.sha256)
 
 
+def import_weight_bounds(qa_policy: Mapping[str, Any] | None) -> WeightBounds:
+    """The weight bounds an import is held to: those of the configured QA policy (``Settings.qa_policy``), so an
+    import is refused by the bounds QA would reject it by."""
+    return QAPolicy.from_mapping(qa_policy).weight_bounds()
+
+
 class ImportRunner:
     """The ``import`` handler on a trainer's resident backbone and bank (one free slot is used, then freed)."""
 
@@ -116,10 +129,12 @@ class ImportRunner:
         *,
         promote_rule: str = PromoteRule.QA,
         work_dir: Path | None = None,
+        weight_bounds: WeightBounds | None = None,
     ) -> None:
         self.db, self.registry, self.backbone, self.bank = db, registry, backbone, bank
         self.promote_rule = promote_rule
         self.work_dir = work_dir
+        self.weight_bounds = weight_bounds
 
     def run_job(self, job: Job, lease: LeaseContext) -> dict[str, Any]:
         from lorafleet.workflows.adapter_import import prepare_import, register_import
@@ -140,6 +155,7 @@ class ImportRunner:
                 bank=self.bank,
                 actor=p.actor,
                 work_dir=Path(tmp) / "work",
+                weight_bounds=self.weight_bounds,
             )
             lease.check()
             imported = register_import(self.registry, prepared, job_id=job.id)
@@ -170,5 +186,6 @@ __all__ = [
     "ImportRunner",
     "ImportSubmitted",
     "MAX_IMPORT_ARCHIVE_BYTES",
+    "import_weight_bounds",
     "submit_import",
 ]

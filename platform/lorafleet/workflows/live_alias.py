@@ -8,17 +8,28 @@ rechecks are queued in the same transaction as the move.
 
 ``queue_candidate_qa`` is the other half: with the promote rule ``qa``, each newly registered candidate gets its
 QA job in the registering transaction (train jobs and import jobs both call it).
+
+``promote_manually`` is a person's promote (the API, the SDK, the CLI). Under the promote rule ``qa`` no version
+goes live without a decision: a version QA has not passed (no report yet, or its latest decision is not
+``promote``/``keep``) needs ``force``, and without it the promote is refused (``QAUndecidedError``, a 409) and
+changes nothing. A forced promote is recorded so in the history (``AliasEvent.forced``, with actor and reason)
+and queues the version's QA job in the same transaction (an active one is kept): QA then evaluates the live
+version as a candidate and rolls it back if it fails (``lorafleet.workflows.qa_runner``). Rollbacks need no
+force: moving back is how a person undoes a bad release, and every version they go back to was live before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from lorafleet.domain import Adapter, AliasEvent
-from lorafleet.errors import ValidationError
+from lorafleet.domain import Adapter, AdapterVersion, AliasEvent, PromoteRule, QADecision, VersionStatus
+from lorafleet.errors import QAUndecidedError, ValidationError
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.registry import Registry
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.workflows.qa_triggers import submit_candidate_qa, submit_task_rechecks
 
 if TYPE_CHECKING:
@@ -26,6 +37,8 @@ if TYPE_CHECKING:
 
 LiveMove = Literal["promote", "rollback"]
 LIVE_MOVES: tuple[str, ...] = ("promote", "rollback")
+#: the QA decisions after which a version may go live without ``force`` (its latest report's decision)
+PASSING_DECISIONS = frozenset({QADecision.PROMOTE, QADecision.KEEP})
 
 
 def move_live(
@@ -40,10 +53,12 @@ def move_live(
     actor: str,
     reason: str,
     cause: str | None = None,
+    forced: bool = False,
 ) -> AliasEvent:
     """Promote (to version ``number``) or roll back (to an earlier ``number``, or None for the base model) the
     adapter's ``live`` alias in the caller's transaction; for a shared task adapter, also queue a recheck of
-    every enrolled user's live adapters there (``cause`` says why; by default the move itself)."""
+    every enrolled user's live adapters there (``cause`` says why; by default the move itself). ``forced``
+    (a promote only) is recorded in the history; ``promote_manually`` decides it."""
     if action not in LIVE_MOVES:
         raise ValidationError("action: must be 'promote' or 'rollback'")
     if action == "promote":
@@ -56,6 +71,7 @@ def move_live(
             actor=actor,
             reason=reason,
             session=session,
+            forced=forced,
         )
     else:
         event = registry.rollback(
@@ -74,6 +90,105 @@ def move_live(
     return event
 
 
+def qa_decision(db: Database, *, tenant_id: int, version: AdapterVersion) -> QADecision | None:
+    """The latest QA decision on a version (None: QA has not decided it)."""
+    with db.session() as s:
+        reports = QARepository(dialect=db.dialect).reports_for_versions(
+            s, tenant_id=tenant_id, version_ids=[version.id]
+        )
+    found = reports.get(version.id)
+    return None if not found else QADecision(found[-1].decision)
+
+
+@dataclass(frozen=True)
+class VersionQA:
+    """A version's QA state as listings show it: the latest decision, and whether it went live by force."""
+
+    decision: QADecision | None = None
+    forced_live: bool = False
+
+    @property
+    def state(self) -> str:
+        """``passed`` (promote/keep), ``failed`` (reject/rollback) or ``undecided`` (no decision yet)."""
+        if self.decision is None:
+            return "undecided"
+        return "passed" if self.decision in PASSING_DECISIONS else "failed"
+
+
+def versions_qa(
+    db: Database, registry: Registry, *, tenant_id: int, adapter_id: int, version_ids: Sequence[int]
+) -> dict[int, VersionQA]:
+    """Each version's ``VersionQA``: the latest report's decision, and whether the latest move of ``live`` onto it
+    was forced (so a live version QA has not decided, served by a person's choice, is told apart)."""
+    with db.session() as s:
+        reports = QARepository(dialect=db.dialect).reports_for_versions(
+            s, tenant_id=tenant_id, version_ids=version_ids
+        )
+    forced: dict[int, bool] = {}
+    for event in registry.alias_history(tenant_id=tenant_id, adapter_id=adapter_id):
+        if event.to_version_id is not None:
+            forced[event.to_version_id] = event.forced  # oldest first: the latest move wins
+    return {
+        vid: VersionQA(
+            decision=QADecision(reports[vid][-1].decision) if reports.get(vid) else None,
+            forced_live=forced.get(vid, False),
+        )
+        for vid in version_ids
+    }
+
+
+def promote_manually(
+    db: Database,
+    registry: Registry,
+    *,
+    tenant_id: int,
+    adapter: Adapter,
+    number: int,
+    actor: str,
+    reason: str,
+    promote_rule: str,
+    force: bool = False,
+    queue: JobQueue | None = None,
+) -> AliasEvent:
+    """A person's promote of version ``number`` (see the module docstring): under the promote rule ``qa`` a
+    version QA has not passed needs ``force``; a forced move is recorded as such and queues the version's QA
+    job with the move. For a task adapter, enrolled users' rechecks are queued as for any move."""
+    version = registry.get_version(tenant_id=tenant_id, adapter_id=adapter.id, number=number)
+    forced = False
+    if promote_rule == PromoteRule.QA and version.status not in (VersionStatus.REJECTED, VersionStatus.LIVE):
+        decision = qa_decision(db, tenant_id=tenant_id, version=version)
+        if decision not in PASSING_DECISIONS:
+            if not force:
+                state = (
+                    "QA has not decided it yet"
+                    if decision is None
+                    else f"its latest QA decision is {decision}"
+                )
+                raise QAUndecidedError(
+                    f"version {number} of {adapter.name!r} has no passing QA decision ({state}); the promote rule "
+                    "is 'qa': wait for its QA job, or promote with force=true (recorded in the history; QA "
+                    "still evaluates the version and rolls it back if it fails)"
+                )
+            forced = True
+    queue = queue or JobQueue(db)
+    with db.session() as session:
+        event = move_live(
+            session,
+            registry=registry,
+            queue=queue,
+            tenant_id=tenant_id,
+            adapter=adapter,
+            action="promote",
+            number=number,
+            actor=actor,
+            reason=reason,
+            forced=forced,
+        )
+        if forced:
+            submit_candidate_qa(session, queue=queue, tenant_id=tenant_id, version_id=version.id)
+    return event
+
+
 def queue_candidate_qa(
     session: Session, *, queue: JobQueue, promote_rule: str, tenant_id: int, version_ids: Sequence[int]
 ) -> list[int] | None:
@@ -87,4 +202,14 @@ def queue_candidate_qa(
     ]
 
 
-__all__ = ["LIVE_MOVES", "LiveMove", "move_live", "queue_candidate_qa"]
+__all__ = [
+    "LIVE_MOVES",
+    "PASSING_DECISIONS",
+    "LiveMove",
+    "VersionQA",
+    "move_live",
+    "promote_manually",
+    "qa_decision",
+    "queue_candidate_qa",
+    "versions_qa",
+]

@@ -9,6 +9,11 @@ A job's payload is ``{"version_id": id}`` (a candidate) or ``{"recheck": {"adapt
   (``QAPolicy.max_enrolled_users``): in each, the user's own holdout served by the gated bank with the
   candidate must not regress against the bank with the previous task version, so a task version that harms
   the users it is shared with is rejected. Its promotion queues rechecks for every enrolled user.
+- **Forced live**: a candidate job whose version is already live without a passing decision (a person
+  promoted it with ``force`` before QA ran; ``workflows.live_alias.promote_manually``) is not skipped: the
+  version is evaluated as the candidate it was, against the version it replaced, by the same rules. A pass
+  records ``keep``; a failure records ``rollback``, moves ``live`` back to the replaced version (none if there
+  was none or QA had rejected it) and marks the version ``rejected``, in the same fenced transaction.
 - **Recheck**: the live version in the user's current bank against the recheck rules. If it fails, earlier
   versions that were live once (status ``archived``, newest first, at most ``max_rollback_trials``) are tried
   in the same bank; ``live`` rolls back to the first that passes, or to none, with reason
@@ -45,7 +50,7 @@ from lorafleet.routing.embeddings import routing_key
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import NewQAReport, QAReport, QARepository
 from lorafleet.store.sql.registry_repository import RegistryRepository
-from lorafleet.workflows.live_alias import move_live
+from lorafleet.workflows.live_alias import PASSING_DECISIONS, move_live, qa_decision
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -129,13 +134,19 @@ class QARunner:
     def run_candidate(
         self, *, tenant_id: int, version_id: int, lease: LeaseContext | None = None
     ) -> QAReport | None:
-        """QA one candidate and record the decision; None when the version is no longer a candidate."""
+        """QA one candidate and record the decision; None when there is nothing to decide (the version was
+        decided, or is archived). A version already live without a passing decision (forced) is evaluated all the
+        same, and kept or rolled back (see the module docstring)."""
         version = self.registry.get_version_by_id(tenant_id=tenant_id, version_id=version_id)
-        if version.status != VersionStatus.CANDIDATE:
+        forced_live = version.status == VersionStatus.LIVE and not self._decided(tenant_id, version)
+        if version.status != VersionStatus.CANDIDATE and not forced_live:
             logger.info("version %d is %s: nothing to decide", version_id, version.status)
             return None
         adapter = self.registry.get_adapter(tenant_id=tenant_id, adapter_id=version.adapter_id)
-        subject = self._candidate_subject(tenant_id=tenant_id, adapter=adapter, version=version)
+        if forced_live:
+            subject = self._forced_live_subject(tenant_id=tenant_id, adapter=adapter, version=version)
+        else:
+            subject = self._candidate_subject(tenant_id=tenant_id, adapter=adapter, version=version)
         own = self.evaluator.own_set(subject)
         evaluation = self.evaluator.evaluate(subject, own=own)
         rules = [] if evaluation.matrix is None else candidate_rules(evaluation.matrix, self.policy)
@@ -152,13 +163,22 @@ class QARunner:
                 reasons = failed if passed else [*reasons, *failed]
                 passed = False
         decision = QADecision.PROMOTE if passed else QADecision.REJECT
+        target = None
+        if forced_live:  # already live: keep it, or roll back to what it replaced (if QA may serve that)
+            decision = QADecision.KEEP if passed else QADecision.ROLLBACK
+            if not passed:
+                target = _rollback_target(subject.previous)
+                to = "none" if target is None else f"version {target.number}"
+                reasons = [*reasons, f"forced live without a QA decision: rollback to {to}"]
         document = self._document(QAKind.CANDIDATE, subject, evaluation, rules, decision, reasons)
         if enrolled is not None:
             document["enrolled"] = enrolled
+        if forced_live:
+            document["forced_live"] = True
         report = self._record(
             kind=QAKind.CANDIDATE,
             subject=subject,
-            target=None,
+            target=target,
             decision=decision,
             reasons=reasons,
             document=document,
@@ -180,6 +200,24 @@ class QARunner:
         user_bank = self._user_bank(adapter)
         key = self._routing_key(tenant_id=tenant_id, adapter=adapter, version=version)
         return Subject(QAKind.CANDIDATE, tenant_id, adapter, version, previous, user_bank, key)
+
+    def _decided(self, tenant_id: int, version: AdapterVersion) -> bool:
+        """Whether QA's latest decision on the version lets it be live (``promote`` or ``keep``)."""
+        return qa_decision(self.db, tenant_id=tenant_id, version=version) in PASSING_DECISIONS
+
+    def _forced_live_subject(self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion) -> Subject:
+        """A live version QA never decided (a person forced it live): evaluated as the candidate it was, against
+        the version it replaced (the latest move of ``live`` onto it says which)."""
+        events = self.registry.alias_history(tenant_id=tenant_id, adapter_id=adapter.id)
+        onto = [e for e in events if e.to_version_id == version.id]
+        replaced = onto[-1].from_version_id if onto else None
+        previous = (
+            None
+            if replaced is None
+            else self.registry.get_version_by_id(tenant_id=tenant_id, version_id=replaced)
+        )
+        key = self._routing_key(tenant_id=tenant_id, adapter=adapter, version=version)
+        return Subject(QAKind.CANDIDATE, tenant_id, adapter, version, previous, self._user_bank(adapter), key)
 
     def _enrolled_banks(self, subject: Subject, own: EvalSet) -> dict[str, Any]:
         """The task candidate in the banks of a sample of its enrolled users, each against the candidate rules
@@ -361,12 +399,15 @@ class QARunner:
         repo, tenant_id, adapter_id = self._registry_sql, subject.tenant_id, subject.adapter.id
         repo.get_adapter(session, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
         live = repo.live_version(session, tenant_id=tenant_id, adapter_id=adapter_id)
-        expected = subject.previous if subject.kind == QAKind.CANDIDATE else subject.version
+        forced_live = subject.kind == QAKind.CANDIDATE and subject.version.status == VersionStatus.LIVE
+        expected = (
+            subject.previous if subject.kind == QAKind.CANDIDATE and not forced_live else subject.version
+        )
         if (None if live is None else live.id) != (None if expected is None else expected.id):
             raise StaleEvaluationError(
                 f"adapter {adapter_id}: live moved while QA evaluated; evaluating again"
             )
-        if subject.kind == QAKind.CANDIDATE:
+        if subject.kind == QAKind.CANDIDATE and not forced_live:
             status = repo.get_version_by_id(
                 session, tenant_id=tenant_id, version_id=subject.version.id
             ).status
@@ -404,6 +445,8 @@ class QARunner:
                 status=VersionStatus.REJECTED,
                 session=session,
             )
+        elif decision == QADecision.ROLLBACK and subject.kind == QAKind.CANDIDATE:
+            self._roll_back_forced(session, subject=subject, target=target, report=report)
         elif decision == QADecision.ROLLBACK:
             # a recheck's rollback: only live personal adapters are rechecked, so no task bank moves here
             move_live(
@@ -417,6 +460,33 @@ class QARunner:
                 actor=QA_ACTOR,
                 reason=f"qa-regression {report.id}",
             )
+
+    def _roll_back_forced(
+        self, session: Session, *, subject: Subject, target: AdapterVersion | None, report: QAReport
+    ) -> None:
+        """A forced-live version failed its QA: ``live`` goes back to the version it replaced (or none; a
+        promote when that one has a higher number) and the version is ``rejected``, as QA would have left it."""
+        tenant_id, adapter, version = subject.tenant_id, subject.adapter, subject.version
+        back_up = target is not None and target.number > version.number
+        move_live(
+            session,
+            registry=self.registry,
+            queue=self.queue,
+            tenant_id=tenant_id,
+            adapter=adapter,
+            action="promote" if back_up else "rollback",
+            number=None if target is None else target.number,
+            actor=QA_ACTOR,
+            reason=f"qa-regression {report.id}",
+            cause=f"{adapter.name!r}: forced version {version.number} failed QA, rolled back",
+        )
+        self.registry.set_status(
+            tenant_id=tenant_id,
+            adapter_id=adapter.id,
+            number=version.number,
+            status=VersionStatus.REJECTED,
+            session=session,
+        )
 
     def _document(
         self,
@@ -474,6 +544,13 @@ def _imported_without_holdout(outcome: RuleOutcome) -> RuleOutcome:
         "user-holdout: not applicable (an imported task version has no holdout; judged by the other rules)"
     )
     return RuleOutcome(USER_HOLDOUT, True, detail)
+
+
+def _rollback_target(previous: AdapterVersion | None) -> AdapterVersion | None:
+    """Where a failed forced-live version goes back to: the version it replaced, unless QA rejected that one."""
+    if previous is None or previous.status == VersionStatus.REJECTED:
+        return None
+    return previous
 
 
 def _verdict(evaluation: Evaluation, rules: list[RuleOutcome]) -> tuple[bool, list[str]]:

@@ -21,14 +21,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lorafleet.domain import Adapter, AliasEvent, FeedbackRecord, SubjectKind
+from lorafleet.domain import Adapter, AliasEvent, FeedbackRecord, PromoteRule, SubjectKind
 from lorafleet.domain.subject import task_subject_id
 from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.feedback import DEFAULT_LIMITS, FeedbackLimits, IngestResult, validate_feedback_batch
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.store.sql import feedback as feedback_store
 from lorafleet.store.sql.routing_repository import RoutingRepository
-from lorafleet.workflows.live_alias import LIVE_MOVES, move_live
+from lorafleet.workflows.live_alias import LIVE_MOVES, move_live, promote_manually
 
 if TYPE_CHECKING:
     from lorafleet.registry import Registry
@@ -135,14 +135,34 @@ def move_task_live(
     action: str,
     actor: str,
     reason: str,
+    promote_rule: str = PromoteRule.QA,
+    force: bool = False,
 ) -> AliasEvent:
     """Promote (``action="promote"``, to a version number) or roll back (``"rollback"``, to an earlier number or
     None) the task's ``live`` alias, and queue rechecks of every enrolled user's live adapters in the same
-    transaction: their banks changed. Serving follows on the next request (banks are resolved per batch)."""
+    transaction: their banks changed. Serving follows on the next request (banks are resolved per batch).
+
+    A promote is a person's (``live_alias.promote_manually``): under ``promote_rule`` ``qa`` a version QA has
+    not passed needs ``force``."""
     adapter = get_task_adapter(registry, tenant_id=tenant_id, task_name=task_name)
     if action not in LIVE_MOVES:
         raise ValidationError("action: must be 'promote' or 'rollback'")
     queue = JobQueue(db)
+    if action == "promote":
+        if to_number is None:
+            raise ValidationError("version: promote needs a version number")
+        return promote_manually(
+            db,
+            registry,
+            tenant_id=tenant_id,
+            adapter=adapter,
+            number=to_number,
+            actor=actor,
+            reason=reason,
+            promote_rule=promote_rule,
+            force=force,
+            queue=queue,
+        )
     with db.session() as session:
         return move_live(
             session,

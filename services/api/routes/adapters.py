@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from lorafleet.domain import Adapter, AliasEvent, Tenant
 from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.sdk import schemas as s
+from lorafleet.workflows.live_alias import promote_manually, versions_qa
 from services.api import convert
 from services.api.deps import CurrentUser, Services, UserAdapter, VersionNumber
 from services.api.idempotency import Idempotent, IdempotentCall
@@ -42,9 +43,17 @@ def list_adapters(services: Services, user: CurrentUser) -> list[s.AdapterOut]:
 
 @router.get("/{name}/versions", response_model=list[s.VersionOut])
 def list_versions(services: Services, adapter: UserAdapter) -> list[s.VersionOut]:
-    """Every version by number, with its status and training metrics."""
+    """Every version by number, with its status, training metrics and QA state (``qa_decision``, ``qa_state``,
+    and ``forced_live`` for a version a person made live before QA passed it)."""
     versions = services.registry.list_versions(tenant_id=adapter.tenant_id, adapter_id=adapter.id)
-    return [convert.version(v, adapter_name=adapter.name) for v in versions]
+    qa = versions_qa(
+        services.db,
+        services.registry,
+        tenant_id=adapter.tenant_id,
+        adapter_id=adapter.id,
+        version_ids=[v.id for v in versions],
+    )
+    return [convert.version(v, adapter_name=adapter.name, qa=qa[v.id]) for v in versions]
 
 
 @router.get("/{name}/versions/{n}", response_model=s.VersionDetail)
@@ -62,7 +71,16 @@ def get_version(
         _, document = load_report(
             services.db, services.registry, report_id=reports[-1].id, tenant_id=adapter.tenant_id
         )
-    return convert.version_detail(version, adapter_name=adapter.name, reports=reports, document=document)
+    qa = versions_qa(
+        services.db,
+        services.registry,
+        tenant_id=adapter.tenant_id,
+        adapter_id=adapter.id,
+        version_ids=[version.id],
+    )
+    return convert.version_detail(
+        version, adapter_name=adapter.name, reports=reports, document=document, qa=qa[version.id]
+    )
 
 
 @router.get("/{name}/versions/{n}/lineage", response_model=s.LineageOut)
@@ -96,15 +114,24 @@ def alias_history(services: Services, adapter: UserAdapter) -> list[s.AliasEvent
 
 @router.post("/{name}/promote", response_model=s.AliasEventOut)
 def promote(adapter: UserAdapter, body: s.PromoteRequest, call: Idempotent) -> JSONResponse:
-    """Make a version live (the previous live one is archived); a rejected version cannot go live (409)."""
+    """Make a version live (the previous live one is archived); a rejected version cannot go live (409). Under
+    the promote rule ``qa`` a version QA has not passed needs ``force`` (else 409 ``qa_undecided``, nothing
+    changes); a forced promote is recorded as such and QA still evaluates the version (and rolls it back if
+    it fails)."""
+    services = call.services
 
     def move(actor: str) -> AliasEvent:
-        return call.services.registry.promote(
+        return promote_manually(
+            services.db,
+            services.registry,
             tenant_id=call.tenant.id,
-            adapter_id=adapter.id,
+            adapter=adapter,
             number=body.version,
             actor=actor,
             reason=body.reason,
+            promote_rule=services.settings.promote_rule,
+            force=body.force,
+            queue=services.queue,
         )
 
     return move_live(call, adapter, body, move)

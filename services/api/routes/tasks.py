@@ -91,8 +91,10 @@ def import_task_adapter(
     """Queue an ``import`` job for an existing PEFT adapter: a trainer checks it (safetensors only, shapes,
     rank, finite values, backbone fingerprint), computes its routing key from the example prompts and registers
     it as a candidate version (lineage ``imported``); QA then decides as for a trained version. 422 for an
-    archive that is not base64."""
-    from lorafleet.workflows.import_jobs import submit_import
+    archive that is not base64, and for files refused without a backbone: not a PEFT LoRA adapter, non-finite
+    weights, or weights (or ``lora_alpha``) beyond the QA policy's weight bounds (``weights_out_of_bounds``,
+    naming the tensor or field); a refusal stores nothing and queues nothing."""
+    from lorafleet.workflows.import_jobs import import_weight_bounds, submit_import
 
     try:
         archive = base64.b64decode(body.archive_base64, validate=True)
@@ -109,6 +111,7 @@ def import_task_adapter(
             example_prompts=body.example_prompts,
             actor=f"api:{tenant.name}"[:256],
             reason=body.reason,
+            weight_bounds=import_weight_bounds(services.settings.qa_policy),
         )
         return s.TaskImportSubmitted(
             job=convert.job(result.job), created=result.created, archive_sha256=result.archive_sha256
@@ -182,7 +185,8 @@ def task_alias_history(services: Services, adapter: TaskAdapter) -> list[s.Alias
 
 @router.post("/{task}/promote", response_model=s.AliasEventOut)
 def promote_task(adapter: TaskAdapter, body: s.PromoteRequest, call: Idempotent) -> JSONResponse:
-    """Make a task version live; enrolled users' live adapters are rechecked by QA in their changed banks."""
+    """Make a task version live; enrolled users' live adapters are rechecked by QA in their changed banks. Under
+    the promote rule ``qa`` a version QA has not passed needs ``force`` (else 409 ``qa_undecided``)."""
     return _move_live(call, adapter, body, "promote", body.version)
 
 
@@ -213,6 +217,8 @@ def _move_live(
             action=action,
             actor=actor,
             reason=body.reason,
+            promote_rule=services.settings.promote_rule,
+            force=isinstance(body, s.PromoteRequest) and body.force,
         )
 
     return adapter_routes.move_live(call, adapter, body, move)

@@ -30,10 +30,14 @@ from api_helpers import (
     sft,
 )
 
+from lorafleet.sdk.calls import adapter_archive
+
 PUBLIC = "public"
 OWN = "own"
-#: an archive the import route accepts (gzip magic): B's import job queues in B's namespace, nothing of A's
+#: a placeholder archive for the import route (gzip magic); the test sends a real adapter archive instead, since
+#: the route checks the files before it queues B's import job (in B's namespace, nothing of A's)
 GZIP_B64 = base64.b64encode(gzip.compress(b"not really a tar")).decode("ascii")
+IMPORT_ROUTE = ("POST", "/v1/tasks/{task}/import")
 
 #: (method, path) -> (what tenant B gets on tenant A's ids, the JSON body to send)
 ROUTES: dict[tuple[str, str], tuple[int | str, Any]] = {
@@ -142,9 +146,14 @@ def test_every_route_is_classified(api: ApiServer) -> None:
 
 
 def test_another_tenant_gets_404_on_every_route_naming_tenant_as_ids(
-    api: ApiServer, tenant_a: TenantA, make_tenant: Callable[[], TenantHandle], library: Library
+    api: ApiServer,
+    tenant_a: TenantA,
+    make_tenant: Callable[[], TenantHandle],
+    library: Library,
+    adapter_folder: Callable[[int], Path],
 ) -> None:
     b = make_tenant()
+    archive = base64.b64encode(adapter_archive(adapter_folder(3))).decode("ascii")
     operations = _operations(api)
     scoped = [op for op in operations if ROUTES[op][0] not in (PUBLIC, OWN)]
     own = [op for op in operations if ROUTES[op][0] == OWN]  # last: they create B's own "alice"
@@ -159,7 +168,10 @@ def test_another_tenant_gets_404_on_every_route_naming_tenant_as_ids(
                 mine = _call(http, method, tenant_a.url(path), key=tenant_a.tenant.api_key, body=None)
                 assert mine.status_code == 200, (method, path, mine.text)
         for method, path in own:
-            answer = _call(http, method, tenant_a.url(path), key=b.api_key, body=ROUTES[(method, path)][1])
+            body = ROUTES[(method, path)][1]
+            if (method, path) == IMPORT_ROUTE:
+                body = {**body, "archive_base64": archive}
+            answer = _call(http, method, tenant_a.url(path), key=b.api_key, body=body)
             assert answer.status_code in (200, 202), (method, path, answer.text)
             assert _adapters_used(answer.json()) == [], (method, path)  # never served by A's adapters
     a = tenant_a.tenant.client

@@ -34,6 +34,7 @@ from lorafleet.errors import (
     PayloadTooLargeError,
     UnsafeFormatError,
     ValidationError,
+    WeightBoundsError,
 )
 from lorafleet.registry import Registry
 from lorafleet.routing.embeddings import routing_key
@@ -205,6 +206,19 @@ def _resized(weights: dict[str, torch.Tensor], *, rank: int | None = None, d_in:
         else:
             out[key] = torch.randn(t.shape[0], rank or t.shape[1])
     return out
+
+
+def _absurd(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """1e30 in one lora_A weight: finite in fp32, NaN once served."""
+    first = sorted(k for k in weights if ".lora_A." in k)[0]
+    weights[first] = weights[first].clone()
+    weights[first][0, 0] = 1e30
+    return weights
+
+
+def _steep(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every factor value 20 (within the factor bound): the update 2 * 4 * 400 = 3200 is not."""
+    return {k: torch.full_like(t, 20.0) for k, t in weights.items()}
 
 
 def _poisoned(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -520,6 +534,19 @@ REFUSALS: dict[str, tuple[Callable[[Path, Path], Path], dict[str, Any], type[Lor
         "maximum rank 8",
     ),
     "NaN weights": (_variant_of(tensors=_poisoned), {}, NonFiniteError, "NaN"),
+    "1e30 weights": (
+        _variant_of(tensors=_absurd),
+        {},
+        WeightBoundsError,
+        r"largest \|value\| above the bound 1000 in base_model\.model\.model\.layers\.0\.mlp\.down_proj\.lora_A\.weight: 1e\+30",
+    ),
+    "1e30 lora_alpha": (
+        _variant_of(config={"lora_alpha": 1e30}),
+        {},
+        WeightBoundsError,
+        r"lora_alpha=1e\+30 with r=4 gives scaling 2\.5e\+29, above the bound 10000",
+    ),
+    "huge update": (_variant_of(tensors=_steep), {}, WeightBoundsError, r"largest \|value\| of the update"),
     "fingerprint mismatch": (
         _variant_of(metadata={"format": "pt", FINGERPRINT_METADATA_KEY: "f" * 64}),
         {},

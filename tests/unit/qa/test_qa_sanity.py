@@ -142,3 +142,37 @@ def test_files_that_are_not_a_lora_adapter_are_a_format_problem(
     _rewrite(saved, lambda t: t.pop("base_model.model.lm_head.weight"))
     (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}), encoding="utf-8")  # no rank
     assert check(saved, bank)[-1].startswith("sanity/format:")
+
+
+def test_absurd_finite_weights_are_the_first_reason_naming_the_tensor(
+    tiny_parts: tuple[Backbone, AdapterBank], saved: Path
+) -> None:
+    _, bank = tiny_parts
+    first = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    _rewrite(saved, lambda t: t[first].__setitem__((0, 0), 1e30))  # finite: the non-finite check lets it by
+    problems = check(saved, bank, version=_version(bank, rank=8))  # and a second, unrelated problem
+    assert problems[0] == (
+        "sanity/weights: largest |value| above the bound 1000 in "
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight: 1e+30"
+    )
+    assert problems[1].startswith("sanity/weights: norm per rank (||B||_F/sqrt(r)) above the bound 10000 in")
+    assert problems[2].startswith("sanity/weights: largest |value| of the update above the bound 1000")
+    assert "sanity/rank: the file has rank 4, the version row 8" in problems
+    policy = QAPolicy(
+        max_abs_lora_weight=1e31,
+        max_lora_weight_norm=1e31,
+        max_abs_update=1e40,
+        max_update_norm_per_rank=1e40,
+    )
+    assert not any(p.startswith("sanity/weights") for p in check(saved, bank, policy=policy))
+
+
+def test_an_absurd_alpha_is_named(tiny_parts: tuple[Backbone, AdapterBank], saved: Path) -> None:
+    _, bank = tiny_parts
+    config = json.loads((saved / "adapter_config.json").read_text(encoding="utf-8"))
+    (saved / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e30}), encoding="utf-8")
+    problems = check(saved, bank)
+    assert problems[0] == (
+        "sanity/weights: adapter_config.json: lora_alpha=1e+30 with r=4 gives scaling 2.5e+29, "
+        "above the bound 10000"
+    )

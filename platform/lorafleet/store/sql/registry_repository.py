@@ -328,9 +328,11 @@ class RegistryRepository:
         target: AdapterVersion | None,
         actor: str,
         reason: str,
+        forced: bool = False,
     ) -> AliasEvent:
         """Point ``live`` at ``target`` (None = no adapter) with an upsert, fix both versions' status and
-        record the move; the caller holds the adapter's lock and commits all of it as one transaction."""
+        record the move (``forced``: QA had not passed the target); the caller holds the adapter's lock and
+        commits all of it as one transaction."""
         now = utcnow()
         if current is not None:
             self.update_status(session, version_id=current.id, status=VersionStatus.ARCHIVED)
@@ -347,6 +349,7 @@ class RegistryRepository:
             actor=actor,
             reason=reason,
             created_at=now,
+            forced=forced,
         )
         session.add(event)
         session.flush()
@@ -493,6 +496,7 @@ def _event(row: SqlAliasEvent) -> AliasEvent:
         actor=row.actor,
         reason=row.reason,
         created_at=row.created_at,
+        forced=bool(row.forced),
     )
 
 
