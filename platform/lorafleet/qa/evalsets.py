@@ -16,7 +16,7 @@ The split uses the version's own training config (holdout fraction, rating thres
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorafleet.domain import AdapterVersion, FeedbackRecord
 from lorafleet.qa.policy import QAPolicy
@@ -29,6 +29,10 @@ from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, build_dataset
 
+if TYPE_CHECKING:
+    from lorafleet.adapters import AdapterBank
+    from lorafleet.backbone import Backbone
+
 
 @dataclass(frozen=True)
 class EvalSet:
@@ -40,6 +44,8 @@ class EvalSet:
     total: int
     adapter_id: int | None = None
     own: bool = False
+    #: where the examples came from: ``holdout`` (feedback), ``import-examples`` (an import's own), ``probe``
+    source: str = "holdout"
 
     def info(self) -> RowInfo:
         return RowInfo(self.name, self.kind, len(self.examples), self.total, self.adapter_id, self.own)
@@ -110,9 +116,10 @@ def holdout_set(
     return EvalSet(name, kind, tuple(kept), len(holdout), adapter_id, own)
 
 
-def probe_set(policy: QAPolicy) -> EvalSet:
-    examples = probe_examples(policy.probe_size)
-    return EvalSet(PROBE, "probe", tuple(examples), len(examples))
+def probe_set(policy: QAPolicy, backbone: Backbone, bank: AdapterBank | None = None) -> EvalSet:
+    """The shipped probe prompts with the base model's answers on ``backbone`` (``lorafleet.qa.probe``)."""
+    examples = probe_examples(backbone, policy.probe_size, bank=bank)
+    return EvalSet(PROBE, "probe", tuple(examples), len(examples), source="probe")
 
 
 __all__ = [
