@@ -193,6 +193,8 @@ class ImportPayload(_Payload):
     example_prompts: list[str]
     actor: str
     reason: str = ""
+    #: the import's evidence: ``{"prompt", "expected"}`` objects QA answers as the version's holdout
+    examples: list[dict[str, str]] = Field(default_factory=list)
 
 
 class ImportResult(_Result):

@@ -108,7 +108,13 @@ def holdout_set(
     own: bool,
     policy: QAPolicy,
 ) -> EvalSet:
-    """A version's holdout as a capped evaluation set."""
+    """A version's holdout as a capped evaluation set: an import's own examples when it carries them (all of them
+    are held out: it was not trained on them here), else the holdout of its feedback."""
+    evidence = version.training_config.get("evidence")
+    if evidence:
+        examples = [Example(i + 1, e["prompt"], e["expected"], "sft") for i, e in enumerate(evidence)]
+        kept = cap_examples(examples, limit=policy.max_examples_per_set, seed=policy.sample_seed, name=name)
+        return EvalSet(name, "task-holdout", tuple(kept), len(examples), adapter_id, own, "import-examples")
     records = version_records(db, tenant_id=tenant_id, version=version, owner_user_id=owner_user_id)
     holdout = build_dataset(records, config=training_config_of(version)).holdout
     kept = cap_examples(holdout, limit=policy.max_examples_per_set, seed=policy.sample_seed, name=name)

@@ -145,7 +145,9 @@ class Evaluator:
         notes["probe"] = {
             "version": PROBE_VERSION,
             "sha256": probe_digest(self.policy.probe_size),
-            "answers_sha256": answers_digest(probe_examples(self.backbone, self.policy.probe_size, bank=self.bank)),
+            "answers_sha256": answers_digest(
+                probe_examples(self.backbone, self.policy.probe_size, bank=self.bank)
+            ),
         }
         return Evaluation(sanity, matrix, notes, time.monotonic() - started)
 
