@@ -248,14 +248,19 @@ def test_an_imported_peft_adapter_goes_through_its_import_job_and_qa_like_a_trai
     reports = reports_for_version(world.db, tenant_id=world.tenant_id, version_id=first)
     assert [r.decision for r in reports] == ["hold", "keep"], [r.reasons for r in reports]
 
-    # an import that carries examples with expected outputs is answered on them, and promoted on that evidence
+    # an import that carries examples with expected outputs is answered on them: trained like the live one, it
+    # answers no better than it, so it is rejected for no improvement (the figures come from its examples)
     evidence = [{"prompt": e.prompt, "expected": e.completion} for e in task_holdout]
     second = submit(seed=2, examples=evidence)
     versions = world.registry.list_versions(tenant_id=world.tenant_id, adapter_id=task.id)
-    assert [(v.id, v.status) for v in versions] == [(first, "archived"), (second, "live")]
+    assert [(v.id, v.status) for v in versions] == [(first, "live"), (second, "rejected")]
     [report] = reports_for_version(world.db, tenant_id=world.tenant_id, version_id=second)
     assert report.summary["answers"]["source"] == "import-examples", report.summary
     assert report.summary["answers"]["answers"] == len(evidence)
+    assert report.summary["answers"]["reference"] == "previous"
+    assert any(r.startswith("no-improvement:") and "vs previous live" in r for r in report.reasons), (
+        report.reasons
+    )
     assert versions[1].training_config["source"] == "peft-import"
     assert versions[1].training_config["evidence"] == evidence
     lineage = world.registry.lineage(tenant_id=world.tenant_id, version_id=second)
