@@ -94,14 +94,14 @@ def main() -> None:
         ]
         add("harmful", f"{user.key}: another user's answers", wrong, config.learning_rate, True)
         add("harmful", f"{user.key}: lr 1e-2, no anchors", own, 1e-2, False)
-    for lr, group in tasks.items():
+    for lr, batch in tasks.items():
         t0 = time.perf_counter()
-        train_slots(bank, tokenizer, group, config.with_changes(learning_rate=lr), prefix=prefix)
-        logger.info("trained %d slots at lr %g in %.0f s", len(group), lr, time.perf_counter() - t0)
+        train_slots(bank, tokenizer, batch, config.with_changes(learning_rate=lr), prefix=prefix)
+        logger.info("trained %d slots at lr %g in %.0f s", len(batch), lr, time.perf_counter() - t0)
 
     with dense_views(backbone.model, from_layer=0, budget_bytes=dense_budget(bank.device)):
         probe = probe_examples(backbone, args.probe_size, bank=bank)
-        routes = [[]] + [[(slot, 1.0)] for slot in range(len(kinds))]
+        routes: list[list[tuple[int, float]]] = [[]] + [[(slot, 1.0)] for slot in range(len(kinds))]
         scores = score_examples(
             bank,
             tokenizer,
@@ -114,9 +114,9 @@ def main() -> None:
         losses = [summarize(scores[k * n : (k + 1) * n]).loss for k in range(len(routes))]
         evals = {u.key: pf.user_examples(u, rounds=[1], split="eval")[:8] for u in users}
         prompts, rows = [], []
-        for slot, (_group, name) in enumerate(kinds):
-            user = name.split(":")[0]
-            for e in evals[user]:
+        for slot, (_kind, name) in enumerate(kinds):
+            owner = name.split(":")[0]
+            for e in evals[owner]:
                 prompts.append(e.prompt)
                 rows.append([(slot, 1.0)])
         answers = generate_answers(bank.model, tokenizer, prompts, 24, bank=bank, routes=rows, trim=False)
@@ -124,12 +124,12 @@ def main() -> None:
     print(f"\nprobe: {n} prompts, base NLL {base:.4f} nats/token")
     print(f"{'group':8} | {'adapter':40} | {'probe drift':>11} | {'answer F1':>9}")
     k = 0
-    for slot, (group, name) in enumerate(kinds):
-        user = name.split(":")[0]
-        targets = [e.completion for e in evals[user]]
+    for slot, (kind, name) in enumerate(kinds):
+        owner = name.split(":")[0]
+        targets = [e.completion for e in evals[owner]]
         f1 = sum(token_f1(a, t) for a, t in zip(answers[k : k + len(targets)], targets, strict=True))
         k += len(targets)
-        print(f"{group:8} | {name:40} | {losses[slot + 1] - base:+11.4f} | {f1 / len(targets):9.2f}")
+        print(f"{kind:8} | {name:40} | {losses[slot + 1] - base:+11.4f} | {f1 / len(targets):9.2f}")
     print(f"total {time.perf_counter() - started:.0f} s")
 
 
