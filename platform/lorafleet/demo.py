@@ -411,9 +411,11 @@ def _task_adapter_step(client: Client, run: UserRun, *, task_live: bool, timeout
     )
     if run.version is not None and run.version.status == "live":
         report = _wait_for_recheck(client, run.name, run.version.number, timeout)
+        # a failing bank is pinned on the member that changed it (docs/qa.md, "Blame"): that reason says most
+        blame = [r for r in report.reasons if r.startswith("blame: ")]
+        detail = (blame or report.reasons or ["-"])[0]
         print(
-            f"QA recheck of {run.name}'s v{run.version.number} in the grown bank: {report.decision}"
-            f" ({report.reasons[0] if report.reasons else '-'})"
+            f"QA recheck of {run.name}'s v{run.version.number} in the grown bank: {report.decision} ({detail})"
         )
 
 

@@ -41,19 +41,29 @@ def test_bad_setting_is_named(tmp_path: Path) -> None:
     assert "LORAFLEET_DEVICE" in env_run.stderr
 
 
+#: users in the CI run of the demo: the whole flow at about two thirds of the time of ``make demo``'s four (the
+#: four-user run, with its time against the 6-minute target, is ``tests/benchmarks/bench_demo.py``)
+DEMO_USERS = ("ada", "bruno")
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # the real model trains five adapters on 2 cores: minutes, not seconds
+@pytest.mark.timeout(2400)  # the real model trains three adapters on 2 cores: minutes, not seconds
 def test_demo_personalises_the_real_model_serves_rolls_back_and_prints_a_lineage(
     tmp_path: Path, smollm2_in: Callable[[Path], Path]
 ) -> None:
-    """The demo as ``make demo`` runs it, on SmolLM2 (converted once per test session and linked in)."""
-    result = _run(["demo"], smollm2_in(tmp_path), timeout=2300)
+    """The demo as ``make demo`` runs it, with two users, on SmolLM2 (converted once per test session)."""
+    result = _run(["demo", "--users", str(len(DEMO_USERS))], smollm2_in(tmp_path), timeout=2300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout
+    check_demo_output(result.stdout, users=DEMO_USERS)
+    assert "Loading weights" not in result.stderr and "kernels" not in result.stderr  # no library noise
+
+
+def check_demo_output(out: str, *, users: tuple[str, ...]) -> None:
+    """What a person reading the demo's output must see (shared with ``tests/benchmarks/bench_demo.py``)."""
     assert "service up at http://127.0.0.1:" in out
     assert "backbone builtin:smollm2-135m (nf4)" in out
     scores = {m[1]: (int(m[2]), int(m[4]), int(m[3])) for m in SCORE.finditer(out)}
-    assert set(scores) == {"ada", "bruno", "chiara", "dmitri"}, out
+    assert set(scores) == set(users), out
     for user, (base, personal, n) in scores.items():
         # greedy answers to paraphrases the user never sent: the base model cannot know these facts
         assert base == 0 and personal >= n // 2, (user, out)
@@ -64,21 +74,23 @@ def test_demo_personalises_the_real_model_serves_rolls_back_and_prints_a_lineage
     general = out.split("a general question", 1)[1].split("\n\n", 1)[0]
     lines = [line.split() for line in general.splitlines()[1:] if line.strip()]
     base = [" ".join(w) for w in lines if w[:2] == ["base", "model"]]
-    users = [" ".join(w) for w in lines if w[:1] and w[0] in scores]
-    assert base and "Paris" in base[0] and len(users) == 4, general
+    answers = [" ".join(w) for w in lines if w[:1] and w[0] in scores]
+    assert base and "Paris" in base[0] and len(answers) == len(users), general
     # known limit (real-backbone issue, retention): an adapter may still answer with its user's city
-    assert sum("Paris" in answer for answer in users) >= 3, general
+    assert sum("Paris" in answer for answer in answers) >= len(users) - 1, general
     assert "task 'support-reply': 36 feedback records" in out
     assert "shared task adapter 'support-reply': version " in out
     if "QA rejected its first version" not in out:
-        assert "dmitri enrolled in 'support-reply'" in out and "support-reply=" in out
+        assert f"{users[-1]} enrolled in 'support-reply'" in out and "support-reply=" in out
         assert "house style on support messages about problems it never saw: " in out
-        assert "QA recheck of dmitri's v1 in the grown bank: " in out
+        assert f"QA recheck of {users[-1]}'s v1 in the grown bank: " in out
+        # a failing bank is pinned on the task, never on the user's own adapter (docs/qa.md, "Blame")
+        recheck = out.split("in the grown bank: ", 1)[1].split("\n", 1)[0]
+        assert recheck.startswith("keep"), recheck
     assert "rolled back " in out and "alias history of " in out
     assert "demo: the user asked to undo the last update" in out
     assert "lineage of " in out and "continued-from" in out
     assert "timings: " in out
-    assert "Loading weights" not in result.stderr and "kernels" not in result.stderr  # no library noise
 
 
 #: a user's score line: ``ada     v1       live (promote)     0/8      7/8``

@@ -125,6 +125,8 @@ class QARecheck(BaseModel):
 
     adapter_id: StrictInt
     cause: str = ""
+    #: the task adapter whose enrolment or live version changed the bank, if one did: blamed first
+    changed_adapter_id: StrictInt | None = None
 
 
 class QAPayload(_Payload):
@@ -146,8 +148,9 @@ class QAPayload(_Payload):
         return cls(version_id=int(version_id))
 
     @classmethod
-    def recheck_of(cls, adapter_id: int, *, cause: str) -> QAPayload:
-        return cls(recheck=QARecheck(adapter_id=int(adapter_id), cause=cause))
+    def recheck_of(cls, adapter_id: int, *, cause: str, changed_adapter_id: int | None = None) -> QAPayload:
+        changed = None if changed_adapter_id is None else int(changed_adapter_id)
+        return cls(recheck=QARecheck(adapter_id=int(adapter_id), cause=cause, changed_adapter_id=changed))
 
     @property
     def kind(self) -> QAKind:
@@ -158,7 +161,7 @@ class QAPayload(_Payload):
         if self.version_id is not None:
             return {"version_id": self.version_id}
         assert self.recheck is not None
-        return {"recheck": self.recheck.model_dump(mode="json")}
+        return {"recheck": self.recheck.model_dump(mode="json", exclude_none=True)}
 
 
 class QAResult(_Result):

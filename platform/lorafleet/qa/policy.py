@@ -16,6 +16,8 @@ computes them; every threshold below is in those units. The rules (``lorafleet.q
   test at ``answer_confidence`` and a mean gain of at least ``answer_margin``; a holdout too small for the test
   to ever reach the confidence needs every answer at least as good and one better (``tiny holdout``);
 - ``finite-outputs``: no logit of the candidate (scoring or decoding, alone, gated or paired) is NaN or infinite;
+- **blame** (rechecks only): a live personal adapter that fails in a bank a task member changed is not
+  rolled back when the bank without that member passes: the member is the culprit (``blame_action``);
 - ``probe``: the probe set's loss moves less than ``epsilon_probe`` from the base model's (either way, or only
   upwards with ``probe_one_sided``), for the candidate alone and for the gated bank with the candidate.
 
@@ -25,7 +27,7 @@ Invalid values raise :class:`lorafleet.errors.ValidationError`, never pydantic's
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
@@ -90,6 +92,12 @@ class QAPolicy(BaseModel):
     max_enrolled_users: int = Field(default=3, ge=0, le=64, strict=True)
     #: earlier versions tried (newest first) when a live version fails a recheck, before rolling back to none
     max_rollback_trials: int = Field(default=5, ge=0, le=100, strict=True)
+    #: when a recheck fails, the bank is evaluated without each of at most this many task members (the one
+    #: whose change queued the recheck first); one whose removal makes the bank pass is the culprit
+    max_blame_trials: int = Field(default=3, ge=0, le=62, strict=True)
+    #: what QA does to a culprit task member: ``unenrol`` the user from it (the task stays live for its other
+    #: users), or ``rollback-task`` (its live version goes back one, which rechecks every enrolled user)
+    blame_action: Literal["unenrol", "rollback-task"] = "unenrol"
     #: give a candidate without a routing key one from its training prompts (else the centroid gate ignores it)
     compute_missing_routing_key: bool = True
     max_seq_len: int = Field(default=256, ge=8, le=32_768, strict=True)

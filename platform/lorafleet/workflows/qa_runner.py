@@ -36,10 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 from lorafleet.domain import Adapter, AdapterVersion, Job, QADecision, QAKind, VersionStatus
 from lorafleet.domain.jobs import QAPayload, QAResult
-from lorafleet.errors import ConflictError, ValidationError
+from lorafleet.errors import ConflictError, NotFoundError, ValidationError
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.qa.evalsets import EvalSet, training_prompts
 from lorafleet.qa.evaluation import Evaluation, Evaluator, Subject
+from lorafleet.qa.plan import sub_bank
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.reports import REPORT_FORMAT, store_document, summary_of
 from lorafleet.qa.results import Matrix
@@ -52,12 +53,14 @@ from lorafleet.qa.rules import (
     reasons_for,
     recheck_rules,
 )
+from lorafleet.qa.sampling import member_label
 from lorafleet.registry import Registry
-from lorafleet.routing.bank import resolve_user_bank
+from lorafleet.routing.bank import BankMember, resolve_user_bank
 from lorafleet.routing.embeddings import routing_key
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import NewQAReport, QAReport, QARepository
 from lorafleet.store.sql.registry_repository import RegistryRepository
+from lorafleet.store.sql.routing_repository import RoutingRepository
 from lorafleet.workflows.live_alias import PASSING_DECISIONS, move_live, qa_decision
 
 if TYPE_CHECKING:
@@ -134,6 +137,7 @@ class QARunner:
                 tenant_id=job.tenant_id,
                 adapter_id=payload.recheck.adapter_id,
                 cause=payload.recheck.cause,
+                changed_adapter_id=payload.recheck.changed_adapter_id,
                 lease=lease,
             )
         return QAResult(skipped="nothing to decide").to_json() if report is None else _result(report)
@@ -304,9 +308,20 @@ class QARunner:
 
     # --- rechecks -----------------------------------------------------------------------------------------
     def run_recheck(
-        self, *, tenant_id: int, adapter_id: int, cause: str = "", lease: LeaseContext | None = None
+        self,
+        *,
+        tenant_id: int,
+        adapter_id: int,
+        cause: str = "",
+        changed_adapter_id: int | None = None,
+        lease: LeaseContext | None = None,
     ) -> QAReport | None:
-        """Recheck a live personal adapter in its current bank; roll back when it fails. None: no live version."""
+        """Recheck a live personal adapter in its current bank. None: no live version.
+
+        When it fails, the task members of the bank are blamed first (``changed_adapter_id``, the one whose
+        change queued the recheck, before the others; at most ``QAPolicy.max_blame_trials``): if the bank without
+        one of them passes, that member is the culprit, the personal adapter is kept, and ``blame_action`` is
+        applied to the member. Only when no member is to blame does ``live`` roll back (``_find_rollback``)."""
         adapter = self.registry.get_adapter(tenant_id=tenant_id, adapter_id=adapter_id)
         live = self.registry.live_version(tenant_id=tenant_id, adapter_id=adapter_id)
         if live is None or adapter.is_task_adapter:
@@ -316,13 +331,27 @@ class QARunner:
         evaluation = self.evaluator.evaluate(subject, own=own)
         rules = [] if evaluation.matrix is None else recheck_rules(evaluation.matrix, self.policy)
         passed, reasons = _verdict(evaluation, rules)
-        target, trials = (None, []) if passed else self._find_rollback(subject, own)
-        decision = QADecision.KEEP if passed else QADecision.ROLLBACK
-        if not passed:
+        culprit, blame_trials = (None, []) if passed else self._find_culprit(subject, own, changed_adapter_id)
+        target, trials = (None, []) if passed or culprit is not None else self._find_rollback(subject, own)
+        decision = QADecision.KEEP if passed or culprit is not None else QADecision.ROLLBACK
+        if culprit is not None:
+            action = self._blame_action(culprit, subject)
+            reasons = [
+                *reasons,
+                f"blame: {member_label(culprit)} (without it the bank passes); {action}; "
+                f"the personal adapter stays live",
+            ]
+        elif not passed:
             to = "none" if target is None else f"version {target.number}"
             reasons = [*reasons, f"rollback to {to} ({len(trials)} earlier versions tried)"]
         document = self._document(QAKind.RECHECK, subject, evaluation, rules, decision, reasons)
         document["cause"] = cause
+        document["blame"] = {
+            "culprit": None if culprit is None else member_label(culprit),
+            "culprit_adapter_id": None if culprit is None else culprit.adapter_id,
+            "action": None if culprit is None else self.policy.blame_action,
+            "trials": blame_trials,
+        }
         document["rollback"] = {"to_version_id": None if target is None else target.id, "trials": trials}
         report = self._record(
             kind=QAKind.RECHECK,
@@ -333,9 +362,36 @@ class QARunner:
             document=document,
             matrix=evaluation.matrix,
             lease=lease,
+            culprit=culprit,
         )
         logger.info("QA report %d: live version %d %s", report.id, live.id, decision)
         return report
+
+    def _find_culprit(
+        self, subject: Subject, own: EvalSet, changed_adapter_id: int | None
+    ) -> tuple[BankMember | None, list[dict[str, Any]]]:
+        """The task member whose removal makes the failing bank pass (the changed one tried first), or None."""
+        assert subject.user_bank is not None
+        tasks = [m for m in subject.user_bank.members if m.kind == "task"]
+        tasks.sort(key=lambda m: (m.adapter_id != changed_adapter_id, m.adapter_name, m.adapter_id))
+        tried: list[dict[str, Any]] = []
+        for member in tasks[: self.policy.max_blame_trials]:
+            rest = [m for m in subject.user_bank.members if m.adapter_id != member.adapter_id]
+            trial = replace(subject, user_bank=sub_bank(subject.user_bank, rest))
+            evaluation = self.evaluator.evaluate(trial, own=own)
+            rules = [] if evaluation.matrix is None else recheck_rules(evaluation.matrix, self.policy)
+            passed, reasons = _verdict(evaluation, rules)
+            tried.append({"without": member_label(member), "passed": passed, "reasons": reasons})
+            if passed:
+                return member, tried
+        return None, tried
+
+    def _blame_action(self, culprit: BankMember, subject: Subject) -> str:
+        """What ``_act`` will do to the culprit, in words for the report."""
+        user = subject.user_bank.external_id if subject.user_bank is not None else "?"
+        if self.policy.blame_action == "rollback-task":
+            return f"task adapter {culprit.adapter_name!r} rolled back from version {culprit.version_number}"
+        return f"user {user!r} unenrolled from task adapter {culprit.adapter_name!r}"
 
     def _recheck_subject(self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion) -> Subject:
         with self.db.session() as s:
@@ -376,8 +432,10 @@ class QARunner:
         document: dict[str, Any],
         matrix: Matrix | None,
         lease: LeaseContext | None,
+        culprit: BankMember | None = None,
     ) -> QAReport:
-        """Blob first; then row, alias move or status, follow-up jobs and the job's success in one transaction."""
+        """Blob first; then row, alias move or status (or the blamed member's unenrolment or rollback),
+        follow-up jobs and the job's success in one transaction."""
         ref = store_document(self.registry, document)
         new = NewQAReport(
             tenant_id=subject.tenant_id,
@@ -398,6 +456,8 @@ class QARunner:
             self._check_not_stale(session, subject)
             report = self._qa.insert_report(session, new=new)
             self._act(session, subject=subject, target=target, decision=decision, report=report)
+            if culprit is not None:
+                self._act_on_culprit(session, subject=subject, culprit=culprit, report=report)
             return report
 
         return self._in_transaction(lease, write)
@@ -482,6 +542,55 @@ class QARunner:
                 actor=QA_ACTOR,
                 reason=f"qa-regression {report.id}",
             )
+
+    def _act_on_culprit(
+        self, session: Session, *, subject: Subject, culprit: BankMember, report: QAReport
+    ) -> None:
+        """``blame_action`` on the task member a recheck blamed. Raises ``StaleEvaluationError`` when the bank
+        moved while QA evaluated (the user left the task, or the task's live version changed)."""
+        assert subject.user_bank is not None and subject.user_bank.user_id is not None
+        tenant_id = subject.tenant_id
+        task = self._registry_sql.get_adapter(
+            session, tenant_id=tenant_id, adapter_id=culprit.adapter_id, lock=True
+        )
+        live = self._registry_sql.live_version(session, tenant_id=tenant_id, adapter_id=task.id)
+        if live is None or live.id != culprit.version_id:
+            raise StaleEvaluationError(
+                f"task adapter {task.name!r} moved while QA evaluated; evaluating again"
+            )
+        if self.policy.blame_action == "unenrol":
+            try:
+                RoutingRepository(dialect=self.db.dialect).delete_enrolment(
+                    session,
+                    tenant_id=tenant_id,
+                    user_id=subject.user_bank.user_id,
+                    adapter_id=task.id,
+                    actor=QA_ACTOR,
+                )
+            except NotFoundError:
+                raise StaleEvaluationError(
+                    f"user {subject.user_bank.external_id!r} left {task.name!r} while QA evaluated; evaluating again"
+                ) from None
+            return
+        earlier = [
+            v
+            for v in self._registry_sql.list_versions(
+                session, tenant_id=tenant_id, adapter_id=task.id, status=VersionStatus.ARCHIVED
+            )
+            if v.status == VersionStatus.ARCHIVED and v.number < culprit.version_number
+        ]
+        move_live(
+            session,
+            registry=self.registry,
+            queue=self.queue,
+            tenant_id=tenant_id,
+            adapter=task,
+            action="rollback",
+            number=max((v.number for v in earlier), default=None),
+            actor=QA_ACTOR,
+            reason=f"qa-blame {report.id}",
+            cause=f"task adapter {task.name!r} rolled back: it failed {subject.user_bank.external_id!r}'s bank",
+        )
 
     def _roll_back_forced(
         self, session: Session, *, subject: Subject, target: AdapterVersion | None, report: QAReport

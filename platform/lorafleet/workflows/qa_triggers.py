@@ -59,9 +59,16 @@ def submit_candidate_qa(session: Session, *, queue: JobQueue, tenant_id: int, ve
 
 
 def submit_rechecks(
-    session: Session, *, queue: JobQueue, tenant_id: int, user_ids: Sequence[int], cause: str
+    session: Session,
+    *,
+    queue: JobQueue,
+    tenant_id: int,
+    user_ids: Sequence[int],
+    cause: str,
+    changed_adapter_id: int | None = None,
 ) -> list[Job]:
-    """Queue a recheck of every live personal adapter of ``user_ids``, in the caller's transaction."""
+    """Queue a recheck of every live personal adapter of ``user_ids``, in the caller's transaction.
+    ``changed_adapter_id``: the task adapter that changed the banks (QA blames it first if a bank fails)."""
     repo = QARepository(dialect=queue.db.dialect)
     jobs = []
     for adapter_id, _user in repo.live_personal_adapters(
@@ -70,7 +77,9 @@ def submit_rechecks(
         new = queue.new_job(
             tenant_id=tenant_id,
             kind=QA_JOB_KIND,
-            payload=QAPayload.recheck_of(adapter_id, cause=cause[:500]).to_json(),
+            payload=QAPayload.recheck_of(
+                adapter_id, cause=cause[:500], changed_adapter_id=changed_adapter_id
+            ).to_json(),
             user_ids=(),
             dedupe_key=recheck_dedupe_key(adapter_id),
             max_attempts=QA_MAX_ATTEMPTS,
@@ -86,16 +95,31 @@ def submit_task_rechecks(
     users = QARepository(dialect=queue.db.dialect).enrolled_user_ids(
         session, tenant_id=tenant_id, adapter_id=adapter_id
     )
-    return submit_rechecks(session, queue=queue, tenant_id=tenant_id, user_ids=users, cause=cause)
+    return submit_rechecks(
+        session, queue=queue, tenant_id=tenant_id, user_ids=users, cause=cause, changed_adapter_id=adapter_id
+    )
 
 
 def on_bank_changed(
-    db: Database, queue: JobQueue | None = None, *, tenant_id: int, user_ids: Sequence[int], cause: str
+    db: Database,
+    queue: JobQueue | None = None,
+    *,
+    tenant_id: int,
+    user_ids: Sequence[int],
+    cause: str,
+    changed_adapter_id: int | None = None,
 ) -> list[Job]:
     """The banks of ``user_ids`` changed: queue rechecks of their live personal adapters (one transaction)."""
     queue = queue or JobQueue(db)
     with db.session() as session:
-        return submit_rechecks(session, queue=queue, tenant_id=tenant_id, user_ids=user_ids, cause=cause)
+        return submit_rechecks(
+            session,
+            queue=queue,
+            tenant_id=tenant_id,
+            user_ids=user_ids,
+            cause=cause,
+            changed_adapter_id=changed_adapter_id,
+        )
 
 
 def on_task_adapter_changed(
@@ -117,7 +141,11 @@ def enrol_and_recheck(
         db, tenant_id=tenant_id, user_external_id=user_external_id, task_name=task_name, actor=actor
     )
     jobs = on_bank_changed(
-        db, tenant_id=tenant_id, user_ids=[enrolment.user_id], cause=f"enrolled in task adapter {task_name!r}"
+        db,
+        tenant_id=tenant_id,
+        user_ids=[enrolment.user_id],
+        cause=f"enrolled in task adapter {task_name!r}",
+        changed_adapter_id=enrolment.adapter_id,
     )
     return enrolment, jobs
 

@@ -12,6 +12,7 @@ from lorafleet.jobs import JobQueue, Scheduler
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.qa.sanity import check_adapter
+from lorafleet.routing.bank import enrolment_history, resolve_user_bank
 from lorafleet.training import synthetic
 from lorafleet.training.dataset import build_dataset
 from lorafleet.workflows.feedback import ingest_feedback, list_feedback
@@ -67,17 +68,13 @@ def _submit_task_qa(world: World, task_id: int) -> None:
         submit_candidate_qa(s, queue=JobQueue(world.db), tenant_id=world.tenant_id, version_id=candidate.id)
 
 
-def test_an_interfering_task_adapter_triggers_rechecks_and_rolls_the_user_back(
-    sqlite_world: World, tmp_path: Path
-) -> None:
-    world = sqlite_world
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+def _promote_interfering_task(world: World, runner: QARunner, tmp_path: Path) -> tuple[int, int, int]:
+    """alice (two rounds) and bob (one) live; alice enrolled in a refusing task, which QA then promotes with the
+    enrolled-bank evaluation off (on, it would reject it before it goes live: test_qa_task_adapters.py), so the
+    recheck after the promotion is what protects alice. Returns (alice's adapter, bob's, the task's) ids."""
     _rounds(world, runner, "alice", 2)
     _rounds(world, runner, "bob", 1)
-    alice, bob = world.personal("alice"), world.personal("bob")
-    v1, v2 = world.registry.list_versions(tenant_id=world.tenant_id, adapter_id=alice)
-    bob_live = world.registry.live_version(tenant_id=world.tenant_id, adapter_id=bob)
-
+    alice = world.personal("alice")
     task_id = _refusing_task(world, tmp_path / "task")
     _, queued = enrol_and_recheck(
         world.db,
@@ -86,59 +83,94 @@ def test_an_interfering_task_adapter_triggers_rechecks_and_rolls_the_user_back(
         task_name="refuse",
         actor="tenant-admin",
     )
-    assert [j.payload["recheck"]["adapter_id"] for j in queued] == [alice]
+    assert [j.payload["recheck"] for j in queued] == [
+        {"adapter_id": alice, "cause": "enrolled in task adapter 'refuse'", "changed_adapter_id": task_id}
+    ]
     (kept,) = worker(
         world, runner
-    ).run_until_idle()  # the task has no live version yet: alice's bank is as it was
+    ).run_until_idle()  # the task has no live version yet: the bank is as it was
     assert kept.result is not None and kept.result["decision"] == "keep"
-
     _submit_task_qa(world, task_id)
-    # QA evaluates a task candidate in its enrolled users' banks by default and would reject this one before it
-    # goes live (test_qa_task_adapters.py covers that); with that evaluation off, the recheck after the
-    # promotion is what protects alice
-    alone = QARunner(
-        world.db, world.registry, world.backbone, world.bank, policy=QAPolicy(max_enrolled_users=0)
-    )
-    done = worker(world, alone).run_until_idle()
-    # the task's QA promotes it and queues a recheck for its enrolled users (alice, not bob): alice rolls back
-    assert [(j.kind, j.state, j.result and j.result["decision"]) for j in done] == [
+    return alice, world.personal("bob"), task_id
+
+
+@pytest.mark.parametrize("action", ["unenrol", "rollback-task"])
+def test_an_interfering_task_adapter_is_blamed_and_the_users_own_adapter_stays_live(
+    sqlite_world: World, tmp_path: Path, action: str
+) -> None:
+    """The finding: a bad task adapter's promotion made an enrolled user's bank fail, and QA rolled back the
+    user's innocent personal adapter while the task stayed live. Now the bank is evaluated without the task,
+    passes, and the task is what QA acts on (``QAPolicy.blame_action``)."""
+    world = sqlite_world
+    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    alice, bob, task_id = _promote_interfering_task(world, runner, tmp_path)
+    alice_live = world.registry.live_version(tenant_id=world.tenant_id, adapter_id=alice)
+    bob_live = world.registry.live_version(tenant_id=world.tenant_id, adapter_id=bob)
+    policy = QAPolicy(max_enrolled_users=0, blame_action=action)
+    done = worker(
+        world, QARunner(world.db, world.registry, world.backbone, world.bank, policy=policy)
+    ).run_until_idle()
+
+    # the task's QA promotes it and queues a recheck for its enrolled users (alice, not bob): alice's bank
+    # fails, the bank without the task passes, so the task is to blame and alice's v2 is kept
+    assert [(j.kind, j.state, j.result and j.result["decision"]) for j in done][:2] == [
         (QA_JOB_KIND, "succeeded", "promote"),
-        (QA_JOB_KIND, "succeeded", "rollback"),
+        (QA_JOB_KIND, "succeeded", "keep"),
     ]
     assert done[1].payload == {
-        "recheck": {"adapter_id": alice, "cause": "task adapter 'refuse' promoted to version 1"}
+        "recheck": {
+            "adapter_id": alice,
+            "cause": "task adapter 'refuse' promoted to version 1",
+            "changed_adapter_id": task_id,
+        }
     }
-    task_live = world.registry.live_version(tenant_id=world.tenant_id, adapter_id=task_id)
-    assert task_live is not None
     assert done[1].result is not None
-    rollback_report_id = done[1].result["report_id"]
-    report, document = load_report(world.db, world.registry, report_id=rollback_report_id)
-    assert (report.kind, report.decision, report.version_id) == ("recheck", "rollback", v2.id)
+    report, document = load_report(world.db, world.registry, report_id=done[1].result["report_id"])
+    assert alice_live is not None and (report.kind, report.decision, report.version_id) == (
+        "recheck",
+        "keep",
+        alice_live.id,
+    )
     assert report.reasons[0].startswith("gate-vs-best-member: worse than the best single member")
-    assert "holdout:personal:personal" in report.reasons[0]
-    assert document["cause"] == "task adapter 'refuse' promoted to version 1"
+    assert report.reasons[-1].startswith("blame: task:refuse (without it the bank passes); ")
+    assert report.reasons[-1].endswith("the personal adapter stays live")
     assert document["bank"]["members"] == ["personal:personal", "task:refuse"]
-    (trial,) = document["rollback"]["trials"]  # v1 was tried in the same bank
-    assert trial["version_id"] == v1.id
-    target = v1.id if trial["passed"] else None
-    assert (
-        document["rollback"]["to_version_id"] == target and report.summary["rollback_to_version_id"] == target
-    )
-
-    last = world.registry.alias_history(tenant_id=world.tenant_id, adapter_id=alice)[-1]
-    assert (last.actor, last.reason, last.from_version_id, last.to_version_id) == (
-        "qa",
-        f"qa-regression {rollback_report_id}",
-        v2.id,
-        target,
-    )
+    assert document["blame"]["culprit"] == "task:refuse" and document["blame"]["action"] == action
+    assert [t["without"] for t in document["blame"]["trials"]] == ["task:refuse"]
+    assert document["blame"]["trials"][0]["passed"] is True
+    assert document["rollback"] == {"to_version_id": None, "trials": []}
+    # alice's own adapter and bob's are untouched
+    assert world.registry.live_version(tenant_id=world.tenant_id, adapter_id=alice) == alice_live
     assert world.registry.live_version(tenant_id=world.tenant_id, adapter_id=bob) == bob_live
-    lineage = world.registry.lineage(tenant_id=world.tenant_id, version_id=v2.id)
-    assert [(r.kind, r.decision) for r in lineage.root.qa_reports] == [
-        ("candidate", "promote"),
-        ("recheck", "keep"),
-        ("recheck", "rollback"),
+    assert world.registry.alias_history(tenant_id=world.tenant_id, adapter_id=alice)[-1].actor == "qa"
+    assert (
+        "qa-regression"
+        not in world.registry.alias_history(tenant_id=world.tenant_id, adapter_id=alice)[-1].reason
+    )
+    members = [
+        m.adapter_name
+        for m in resolve_user_bank(world.db, tenant_id=world.tenant_id, user_external_id="alice").members
     ]
+    task_history = world.registry.alias_history(tenant_id=world.tenant_id, adapter_id=task_id)
+    if action == "unenrol":
+        # alice leaves the task (recorded as QA's doing); the task stays live for anyone else
+        assert members == ["personal"] and len(done) == 2
+        assert world.registry.live_version(tenant_id=world.tenant_id, adapter_id=task_id) is not None
+        (event,) = [
+            e
+            for e in enrolment_history(world.db, tenant_id=world.tenant_id, user_external_id="alice")
+            if e.action == "unenrol"
+        ]
+        assert event.actor == "qa"
+    else:
+        # the task's live version goes back (to none: it had no earlier one); that would recheck its enrolled
+        # users, but alice's recheck is this very job (one per adapter: its dedupe key), and it has just passed
+        # the bank without the task
+        assert world.registry.live_version(tenant_id=world.tenant_id, adapter_id=task_id) is None
+        last = task_history[-1]
+        assert (last.actor, last.reason, last.to_version_id) == ("qa", f"qa-blame {report.id}", None)
+        assert members == ["personal"]  # still enrolled, but a task without a live version serves nothing
+        assert len(done) == 2
 
 
 def test_a_live_version_that_now_fails_rolls_back_to_the_last_version_that_passes(
