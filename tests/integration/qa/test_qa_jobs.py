@@ -139,8 +139,9 @@ def _settings(data_dir: Path, *, url: str, blobs: Path, **more: object) -> Setti
     return load_settings(**values)
 
 
-#: a deliberately slow QA (many long greedy samples) so the actor can be killed in the middle of it
-SLOW_QA = {"samples_per_cell": 16, "sample_max_new_tokens": 256, "probe_size": 128}
+#: a deliberately slow QA (many long greedy samples, the whole probe set) so the actor can be killed in the
+#: middle of it
+SLOW_QA = {"samples_per_cell": 16, "sample_max_new_tokens": 256, "probe_size": 63}
 
 
 def test_trainer_actors_run_qa_jobs_and_one_killed_mid_qa_is_replaced(

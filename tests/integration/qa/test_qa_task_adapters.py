@@ -37,7 +37,7 @@ from lorafleet.workflows.live_alias import promote_manually
 from lorafleet.workflows.qa_runner import QARunner
 from lorafleet.workflows.tasks import get_task_adapter, ingest_task_feedback, list_tasks, move_task_live
 
-TASK = "pig-latin"
+TASK = "favourite"
 
 
 def _task_records(n_train: int = 32, seed: int = 0) -> list[dict[str, str]]:
@@ -76,10 +76,10 @@ def test_a_task_trained_from_its_feedback_serves_its_enrolled_users_until_they_l
 
     task = get_task_adapter(world.registry, tenant_id=world.tenant_id, task_name=TASK)
     [version] = world.registry.list_versions(tenant_id=world.tenant_id, adapter_id=task.id)
-    assert version.status == "live"
+    [report] = reports_for_version(world.db, tenant_id=world.tenant_id, version_id=version.id)
+    assert version.status == "live", report.reasons
     with world.db.session() as s:  # its routing key was computed when it was trained
         assert QARepository(dialect=world.db.dialect).routing_key(s, version_id=version.id) is not None
-    [report] = reports_for_version(world.db, tenant_id=world.tenant_id, version_id=version.id)
     _, document = load_report(world.db, world.registry, report_id=report.id, tenant_id=world.tenant_id)
     assert report.decision == "promote", report.reasons
     assert sorted(document["enrolled"]["evaluated"]) == ["alice", "bob"]  # evaluated in their banks too
