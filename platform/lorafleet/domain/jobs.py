@@ -201,7 +201,9 @@ class ImportPayload(_Payload):
 
     def to_json(self) -> dict[str, Any]:
         data = super().to_json()
-        if not data["examples"]:  # an import without evidence keeps the payload it had before examples existed
+        if not data[
+            "examples"
+        ]:  # an import without evidence keeps the payload it had before examples existed
             del data["examples"]
         return data
 
