@@ -75,7 +75,9 @@ def test_qa_and_import_payloads_round_trip_and_results_keep_their_keys() -> None
         "actor": "cli",
         "reason": "",
     }
-    assert ImportPayload.parse(payload).to_json() == payload
+    assert ImportPayload.parse(payload).to_json() == payload  # without examples: as before they existed
+    evidence = {**payload, "examples": [{"prompt": "q", "expected": "a"}]}
+    assert ImportPayload.parse(evidence).to_json() == evidence
     assert TrainResult(skipped={"ann": "no_new_records"}).to_json() == {
         "versions": [],
         "skipped": {"ann": "no_new_records"},

@@ -99,6 +99,8 @@ class QADecision(StrEnum):
     REJECT = "reject"
     KEEP = "keep"
     ROLLBACK = "rollback"
+    #: no evidence to decide by (an import without examples or feedback): stays a candidate for a person
+    HOLD = "hold"
 
 
 class PromoteRule(StrEnum):

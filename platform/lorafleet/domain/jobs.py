@@ -196,6 +196,16 @@ class ImportPayload(_Payload):
     example_prompts: list[str]
     actor: str
     reason: str = ""
+    #: the import's evidence: ``{"prompt", "expected"}`` objects QA answers as the version's holdout
+    examples: list[dict[str, str]] = Field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        data = super().to_json()
+        if not data[
+            "examples"
+        ]:  # an import without evidence keeps the payload it had before examples existed
+            del data["examples"]
+        return data
 
 
 class ImportResult(_Result):

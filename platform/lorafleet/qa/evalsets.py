@@ -16,7 +16,7 @@ The split uses the version's own training config (holdout fraction, rating thres
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorafleet.domain import AdapterVersion, FeedbackRecord
 from lorafleet.qa.policy import QAPolicy
@@ -29,6 +29,10 @@ from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, build_dataset
 
+if TYPE_CHECKING:
+    from lorafleet.adapters import AdapterBank
+    from lorafleet.backbone import Backbone
+
 
 @dataclass(frozen=True)
 class EvalSet:
@@ -40,6 +44,8 @@ class EvalSet:
     total: int
     adapter_id: int | None = None
     own: bool = False
+    #: where the examples came from: ``holdout`` (feedback), ``import-examples`` (an import's own), ``probe``
+    source: str = "holdout"
 
     def info(self) -> RowInfo:
         return RowInfo(self.name, self.kind, len(self.examples), self.total, self.adapter_id, self.own)
@@ -102,7 +108,13 @@ def holdout_set(
     own: bool,
     policy: QAPolicy,
 ) -> EvalSet:
-    """A version's holdout as a capped evaluation set."""
+    """A version's holdout as a capped evaluation set: an import's own examples when it carries them (all of them
+    are held out: it was not trained on them here), else the holdout of its feedback."""
+    evidence = version.training_config.get("evidence")
+    if evidence:
+        examples = [Example(i + 1, e["prompt"], e["expected"], "sft") for i, e in enumerate(evidence)]
+        kept = cap_examples(examples, limit=policy.max_examples_per_set, seed=policy.sample_seed, name=name)
+        return EvalSet(name, "task-holdout", tuple(kept), len(examples), adapter_id, own, "import-examples")
     records = version_records(db, tenant_id=tenant_id, version=version, owner_user_id=owner_user_id)
     holdout = build_dataset(records, config=training_config_of(version)).holdout
     kept = cap_examples(holdout, limit=policy.max_examples_per_set, seed=policy.sample_seed, name=name)
@@ -110,9 +122,10 @@ def holdout_set(
     return EvalSet(name, kind, tuple(kept), len(holdout), adapter_id, own)
 
 
-def probe_set(policy: QAPolicy) -> EvalSet:
-    examples = probe_examples(policy.probe_size)
-    return EvalSet(PROBE, "probe", tuple(examples), len(examples))
+def probe_set(policy: QAPolicy, backbone: Backbone, bank: AdapterBank | None = None) -> EvalSet:
+    """The shipped probe prompts with the base model's answers on ``backbone`` (``lorafleet.qa.probe``)."""
+    examples = probe_examples(backbone, policy.probe_size, bank=bank)
+    return EvalSet(PROBE, "probe", tuple(examples), len(examples), source="probe")
 
 
 __all__ = [

@@ -30,8 +30,8 @@ from lorafleet.qa.plan import (
     version_member,
 )
 from lorafleet.qa.policy import QAPolicy
-from lorafleet.qa.probe import PROBE_VERSION, probe_digest
-from lorafleet.qa.results import Matrix
+from lorafleet.qa.probe import PROBE_VERSION, answers_digest, probe_digest, probe_examples
+from lorafleet.qa.results import BASE, CANDIDATE, PREVIOUS, Matrix
 from lorafleet.qa.sampling import MemberSample, member_budget, member_label, sample_members
 from lorafleet.qa.sanity import SanityResult, check_adapter
 from lorafleet.store.sql.database import Database
@@ -115,8 +115,10 @@ class Evaluator:
             policy=self.policy,
         )
 
-    def evaluate(self, subject: Subject, *, own: EvalSet) -> Evaluation:
-        """Sanity checks, then (if they pass) every configuration on every evaluation set."""
+    def evaluate(self, subject: Subject, *, own: EvalSet, answers: bool = True) -> Evaluation:
+        """Sanity checks, then (if they pass) every configuration on every evaluation set. A candidate's own
+        holdout is also answered greedily by the candidate and the previous live version (the base model when
+        there is none), unless ``answers`` is False (the same candidate in another bank: already answered)."""
         started = time.monotonic()
         free = self.bank.n_slots - len(self.bank.occupied())
         with tempfile.TemporaryDirectory(prefix="lorafleet-qa-", dir=self.work_dir) as tmp:
@@ -136,8 +138,17 @@ class Evaluator:
                 with dense_views(
                     self.backbone.model, from_layer=0, budget_bytes=dense_budget(self.bank.device)
                 ):
-                    matrix = self._matrix(subject, own, loader, has_previous, free, notes)
-        notes["probe"] = {"version": PROBE_VERSION, "sha256": probe_digest(self.policy.probe_size)}
+                    pair = None
+                    if answers and subject.kind == QAKind.CANDIDATE:
+                        pair = (CANDIDATE, PREVIOUS if has_previous else BASE)
+                    matrix = self._matrix(subject, own, loader, has_previous, free, notes, pair)
+        notes["probe"] = {
+            "version": PROBE_VERSION,
+            "sha256": probe_digest(self.policy.probe_size),
+            "answers_sha256": answers_digest(
+                probe_examples(self.backbone, self.policy.probe_size, bank=self.bank)
+            ),
+        }
         return Evaluation(sanity, matrix, notes, time.monotonic() - started)
 
     def _load_previous(self, loader: SlotLoader, subject: Subject, notes: dict[str, Any]) -> bool:
@@ -158,6 +169,7 @@ class Evaluator:
         has_previous: bool,
         free: int,
         notes: dict[str, Any],
+        answers: tuple[str, str] | None,
     ) -> Matrix:
         sets: list[EvalSet] = [own]
         if subject.user_bank is None:
@@ -201,7 +213,7 @@ class Evaluator:
                 others=others,
             )
             notes.update(_bank_notes(subject.user_bank, sample))
-        sets.append(probe_set(self.policy))
+        sets.append(probe_set(self.policy, self.backbone, self.bank))
         return evaluate_matrix(
             backbone=self.backbone,
             bank=self.bank,
@@ -210,6 +222,8 @@ class Evaluator:
             slots=loader.slots,
             policy=self.policy,
             prefix=self.prefix,
+            answers=answers,
+            answer_source=own.source,
         )
 
     # --- the bank -----------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from lorafleet.domain import AdapterVersion
 from lorafleet.qa.evalsets import EvalSet
 from lorafleet.qa.policy import QAPolicy
-from lorafleet.qa.results import Cell, ColumnInfo, Matrix, Sample
+from lorafleet.qa.results import AnswerItem, Answers, Cell, ColumnInfo, Matrix, Sample
 
 if TYPE_CHECKING:
     import torch
@@ -121,10 +121,14 @@ def evaluate_matrix(
     slots: Mapping[str, int],
     policy: QAPolicy,
     prefix: FrozenPrefix | None = None,
+    answers: tuple[str, str] | None = None,
+    answer_source: str = "holdout",
 ) -> Matrix:
     """Loss and token accuracy of every column on every set, plus greedy samples per cell.
 
-    With ``prefix``, a row's layers below the lowest adapted one run once for all its columns.
+    With ``prefix``, a row's layers below the lowest adapted one run once for all its columns. With ``answers``
+    ``(subject column, reference column)``, every example of the own set is also answered greedily by both
+    columns (``Matrix.answers``: the answer rule's evidence).
     """
     embeddings = embed_sets(backbone, bank, sets) if any(c.gated for c in columns) else {}
     routes = {s.name: _set_routes(s, columns, slots, embeddings) for s in sets}
@@ -134,8 +138,14 @@ def evaluate_matrix(
     samples = _greedy_samples(backbone, bank, sets, columns, routes, policy)
     for (row, column), kept in samples.items():
         cell = cells[row][column]
-        cells[row][column] = Cell(cell.loss, cell.token_accuracy, cell.tokens, cell.examples, kept)
-    return Matrix(tuple(s.info() for s in sets), tuple(c.info for c in columns), cells)
+        cells[row][column] = Cell(
+            cell.loss, cell.token_accuracy, cell.tokens, cell.examples, kept, cell.nonfinite
+        )
+    evidence = None
+    own = next((s for s in sets if s.own and s.examples), None)
+    if answers is not None and own is not None:
+        evidence = _answers(backbone, bank, own, answers, routes[own.name], policy, answer_source)
+    return Matrix(tuple(s.info() for s in sets), tuple(c.info for c in columns), cells, evidence)
 
 
 def _set_routes(
@@ -182,9 +192,76 @@ def _score_set(
     )
     n, out = len(s.examples), {}
     for i, column in enumerate(columns):
-        result = summarize(scores[i * n : (i + 1) * n])
-        out[column.info.name] = Cell(result.loss, result.token_accuracy, result.tokens, result.examples)
+        part = scores[i * n : (i + 1) * n]
+        result = summarize(part)
+        out[column.info.name] = Cell(
+            result.loss,
+            result.token_accuracy,
+            result.tokens,
+            result.examples,
+            nonfinite=sum(score.nonfinite for score in part),
+        )
     return out
+
+
+def _answers(
+    backbone: Backbone,
+    bank: AdapterBank,
+    own: EvalSet,
+    columns: tuple[str, str],
+    routes: Mapping[str, list[Routes]],
+    policy: QAPolicy,
+    source: str,
+) -> Answers:
+    """Every example of ``own`` answered greedily by the two columns, in one batch; each answer may run to the
+    target's length in tokens plus ``answer_extra_tokens`` (at most ``answer_max_new_tokens``)."""
+    from lorafleet.serving.decode import BatchDecoder, RowSpec
+    from lorafleet.training.dataset import encode_prompt
+
+    tokenizer = backbone.tokenizer
+    stop = _stop_strings(tokenizer)
+    prompts = [tuple(encode_prompt(tokenizer, e)) for e in own.examples]
+    budgets = [
+        max(
+            1,
+            min(
+                policy.answer_max_new_tokens,
+                _target_tokens(tokenizer, e.completion) + policy.answer_extra_tokens,
+            ),
+        )
+        for e in own.examples
+    ]
+    specs = [
+        RowSpec(prompt_ids=prompts[i], routes=tuple(routes[c][i]), max_new_tokens=budgets[i], stop=stop)
+        for c in columns
+        for i in range(len(own.examples))
+    ]
+    was_training = bank.model.training
+    bank.model.eval()
+    try:
+        outputs = BatchDecoder(bank.model, bank, tokenizer, device=bank.device).run(specs)
+    finally:
+        bank.model.train(was_training)
+    n = len(own.examples)
+    by_column = {c: outputs[k * n : (k + 1) * n] for k, c in enumerate(columns)}
+    items = tuple(
+        AnswerItem(e.prompt, e.completion, {c: by_column[c][i].text for c in columns})
+        for i, e in enumerate(own.examples)
+    )
+    nonfinite = {c: sum(1 for o in by_column[c] if o.nonfinite_steps) for c in columns}
+    subject, reference = columns
+    return Answers(own.name, subject, reference, items, nonfinite, source)
+
+
+def _target_tokens(tokenizer: object, text: str) -> int:
+    return len(tokenizer.encode(text, add_special_tokens=False))  # type: ignore[attr-defined]
+
+
+def _stop_strings(tokenizer: object) -> tuple[str, ...]:
+    """A chat model ends its turn itself; the plain format's one-line answers end at a newline."""
+    from lorafleet.backbone.chat import has_chat_template
+
+    return () if has_chat_template(tokenizer) else ("\n",)
 
 
 def _greedy_samples(

@@ -11,6 +11,11 @@ computes them; every threshold below is in those units. The rules (``lorafleet.q
   member alone by more than ``epsilon``;
 - ``sanity`` (before any rule, ``lorafleet.qa.sanity``): besides the file checks, the weights lie within
   ``weight_bounds()`` and each module's update norm within ``min_update_norm``/``max_update_norm``;
+- ``answers`` (reason code ``no-improvement``, ``lorafleet.qa.answers``): greedy answers on the candidate's own
+  holdout beat the previous live version's (the base model's when there is none) by token F1: a one-sided sign
+  test at ``answer_confidence`` and a mean gain of at least ``answer_margin``; a holdout too small for the test
+  to ever reach the confidence needs every answer at least as good and one better (``tiny holdout``);
+- ``finite-outputs``: no logit of the candidate (scoring or decoding, alone, gated or paired) is NaN or infinite;
 - **blame** (rechecks only): a live personal adapter that fails in a bank a task member changed is not
   rolled back when the bank without that member passes: the member is the culprit (``blame_action``);
 - ``probe``: the probe set's loss moves less than ``epsilon_probe`` from the base model's (either way, or only
@@ -57,7 +62,15 @@ class QAPolicy(BaseModel):
     #: examples per evaluation set; larger sets are subsampled deterministically
     max_examples_per_set: int = Field(default=48, ge=1, le=10_000, strict=True)
     #: examples of the shipped probe set used (``lorafleet.qa.probe``)
-    probe_size: int = Field(default=32, ge=1, le=256, strict=True)
+    probe_size: int = Field(default=32, ge=1, le=63, strict=True)  # 63: every prompt of the set
+    #: confidence of the answer rule's one-sided sign test (passes at p <= 1 - answer_confidence)
+    answer_confidence: float = Field(default=0.95, gt=0.5, lt=1.0, allow_inf_nan=False)
+    #: least gain in mean token F1 (0..1) of the candidate's answers over the reference's
+    answer_margin: float = Field(default=0.05, ge=0.0, le=1.0, allow_inf_nan=False)
+    #: an answer is decoded for at most the target's length in tokens plus this many, and never more than
+    #: ``answer_max_new_tokens`` (greedy, one batch for both columns)
+    answer_extra_tokens: int = Field(default=4, ge=0, le=64, strict=True)
+    answer_max_new_tokens: int = Field(default=48, ge=1, le=512, strict=True)
     #: greedy samples kept per cell for inspection, and their length in tokens
     samples_per_cell: int = Field(default=2, ge=0, le=16, strict=True)
     sample_max_new_tokens: int = Field(default=12, ge=1, le=256, strict=True)

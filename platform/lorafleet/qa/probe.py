@@ -1,97 +1,100 @@
-"""The probe set: fixed, patterned text that measures the backbone's general behaviour, shipped with the project.
+"""The probe set: general prompts, answered by the base model itself, that measure the backbone's general
+behaviour; shipped with the project.
 
-The set is generated, not stored: a seeded ``random.Random`` fills five families of patterns (counting,
-the alphabet, days of the week, simple sentences, repetition), the prompt is the start of a line and the
-completion its continuation. The same ``PROBE_VERSION`` always yields the same examples on every machine (a
-test pins ``PROBE_SHA256``), so probe losses in reports of different days compare. QA measures how far a
-configuration moves the probe loss from the base model's; an adapter that has learned its user's task without
-changing the model's general behaviour moves it little.
+**Prompts.** ``lorafleet.training.general_prompts.EVAL_PROMPTS`` (capitals, arithmetic, facts, definitions,
+how-to, everyday and near-personal questions), taken round-robin over their categories so that any prefix covers
+every category. Not ``ANCHOR_PROMPTS``: those are trained on (the base's own answers to them are mixed into
+every personal adapter's training rows), so an adapter keeps them by construction and a drift measured there
+would understate what it did to everything else. ``EVAL_PROMPTS`` are never trained on and are not the
+serving gate's general exemplars either, so they measure what an adapter does to prompts it has never seen.
+
+**Completions.** The base model's own greedy answers to those prompts through the chat template (at most
+``PROBE_MAX_NEW_TOKENS`` tokens, cut to the last full sentence: ``general_prompts.anchor_examples``, cached per
+backbone). They are deterministic for a backbone (greedy), so the same ``PROBE_VERSION`` gives the same set on
+every machine; the prompts are pinned by ``PROBE_SHA256`` and a report records both digests.
+
+**Figure.** The probe loss of a configuration is the teacher-forced NLL of the base's answers; its *drift*
+(``lorafleet.qa.rules.probe_rule``) is that loss minus the base model's own. A candidate that has learnt its
+user's task without changing general behaviour keeps the base's answers likely (drift near 0); one that
+answers everything with its user's facts, or diverged, makes them unlikely.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lorafleet.errors import ValidationError
 from lorafleet.training.dataset import Example
+from lorafleet.training.general_prompts import CATEGORIES, EVAL_PROMPTS
 
-PROBE_VERSION = "probe/1"
-PROBE_MAX_SIZE = 128
-#: sha256 of the full set (see ``probe_digest``); changing the generator must change PROBE_VERSION too
-PROBE_SHA256 = "b7a843ef9471a9f621098e746f2db22f2717e8a149abb1084add0b92394230ab"
+if TYPE_CHECKING:
+    from lorafleet.adapters import AdapterBank
+    from lorafleet.backbone import Backbone
 
-_NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
-_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-_ANIMALS = ("cat", "dog", "bird", "horse", "fox", "cow", "sheep", "duck")
-_PLACES = ("mat", "rug", "chair", "bed", "box", "step", "wall", "roof")
-_COLOURS = ("red", "blue", "green", "black", "white", "brown")
-
-
-def _counting(rng: random.Random) -> tuple[str, str]:
-    start = rng.randrange(1, 60)
-    return f"Count: {start} {start + 1} {start + 2}", f" {start + 3} {start + 4} {start + 5}\n"
+PROBE_VERSION = "probe/2"
+#: at most this many tokens per base answer (cut to the last full sentence)
+PROBE_MAX_NEW_TOKENS = 32
+#: record ids of probe examples (above anchors' and users' ids)
+PROBE_FIRST_ID = 2_000_000
+#: sha256 of the full prompt list (see ``probe_digest``); changing the prompts must change PROBE_VERSION too
+PROBE_SHA256 = "51eac9236bf6b4912a35f949f70aaa29aceab9ab7969d2acf18380b6e6bdd999"
 
 
-def _alphabet(rng: random.Random) -> tuple[str, str]:
-    start = rng.randrange(0, 20)
-    letters = [chr(ord("a") + start + i) for i in range(6)]
-    return "Letters: " + " ".join(letters[:3]), " " + " ".join(letters[3:]) + "\n"
+def _ordered() -> tuple[str, ...]:
+    """``EVAL_PROMPTS`` round-robin over their categories (category order, then position in the category)."""
+    eval_set = set(EVAL_PROMPTS)
+    per_category = [[p for p in prompts if p in eval_set] for prompts in CATEGORIES.values()]
+    out: list[str] = []
+    for i in range(max(len(c) for c in per_category)):
+        out += [c[i] for c in per_category if i < len(c)]
+    return tuple(out)
 
 
-def _days(rng: random.Random) -> tuple[str, str]:
-    start = rng.randrange(0, 7)
-    days = [_DAYS[(start + i) % 7] for i in range(4)]
-    return "Days: " + ", ".join(days[:2]), ", " + ", ".join(days[2:]) + "\n"
+PROBE_PROMPTS: tuple[str, ...] = _ordered()
+PROBE_MAX_SIZE = len(PROBE_PROMPTS)
 
 
-def _sentence(rng: random.Random) -> tuple[str, str]:
-    animal, place, colour = rng.choice(_ANIMALS), rng.choice(_PLACES), rng.choice(_COLOURS)
-    return f"The {colour} {animal} sat on the", f" {place}.\n"
-
-
-def _repeat(rng: random.Random) -> tuple[str, str]:
-    word = rng.choice(_NUMBERS)
-    return f"Say it three times: {word} {word}", f" {word}\n"
-
-
-_FAMILIES: tuple[Callable[[random.Random], tuple[str, str]], ...] = (
-    _counting,
-    _alphabet,
-    _days,
-    _sentence,
-    _repeat,
-)
-
-
-def probe_examples(size: int = 32) -> list[Example]:
-    """The first ``size`` examples of the probe set (families interleaved, so any prefix covers all five)."""
+def probe_prompts(size: int = 32) -> list[str]:
+    """The first ``size`` probe prompts (every category in any prefix of at least 7)."""
     if not 1 <= size <= PROBE_MAX_SIZE:
         raise ValidationError(f"probe size must be in 1..{PROBE_MAX_SIZE}, got {size}")
-    return _all_examples()[:size]
+    return list(PROBE_PROMPTS[:size])
+
+
+def probe_examples(backbone: Backbone, size: int = 32, *, bank: AdapterBank | None = None) -> list[Example]:
+    """The first ``size`` probe prompts with the base model's greedy answers on ``backbone`` (cached);
+    ``bank``: the adapter bank injected into it, if any (bypassed)."""
+    from contextlib import nullcontext
+
+    from lorafleet.training.general_prompts import anchor_examples
+
+    with nullcontext() if bank is None else bank.base_only():
+        return anchor_examples(
+            backbone, probe_prompts(size), max_new_tokens=PROBE_MAX_NEW_TOKENS, first_id=PROBE_FIRST_ID
+        )
 
 
 def probe_digest(size: int = PROBE_MAX_SIZE) -> str:
-    """sha256 over the prompts and completions of the first ``size`` examples (recorded in every report)."""
-    pairs = [[e.prompt, e.completion] for e in probe_examples(size)]
+    """sha256 over the first ``size`` prompts (recorded in every report)."""
+    return hashlib.sha256(json.dumps(probe_prompts(size), separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def answers_digest(examples: list[Example]) -> str:
+    """sha256 over the probe's prompts and the base answers of one backbone (recorded in every report)."""
+    pairs = [[e.prompt, e.completion] for e in examples]
     return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
-def _all_examples() -> list[Example]:
-    rng = random.Random(f"lorafleet-{PROBE_VERSION}")
-    out: list[Example] = []
-    seen: set[str] = set()
-    for index in range(PROBE_MAX_SIZE):
-        family = _FAMILIES[index % len(_FAMILIES)]
-        for _ in range(50):  # a new prompt while the family has one left; a repeat once it has not
-            prompt, completion = family(rng)
-            if prompt not in seen:
-                break
-        seen.add(prompt)
-        out.append(Example(index + 1, prompt, completion, "probe"))
-    return out
-
-
-__all__ = ["PROBE_MAX_SIZE", "PROBE_SHA256", "PROBE_VERSION", "probe_digest", "probe_examples"]
+__all__ = [
+    "PROBE_MAX_NEW_TOKENS",
+    "PROBE_MAX_SIZE",
+    "PROBE_PROMPTS",
+    "PROBE_SHA256",
+    "PROBE_VERSION",
+    "answers_digest",
+    "probe_digest",
+    "probe_examples",
+    "probe_prompts",
+]

@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lorafleet.errors import ValidationError
-from lorafleet.qa.results import Cell, Matrix
+from lorafleet.qa.answers import paired_scores
+from lorafleet.qa.results import Answers, Cell, Matrix
 from lorafleet.registry import Registry
 from lorafleet.store.blob.base import BlobRef
 from lorafleet.store.sql.database import Database
@@ -63,7 +64,7 @@ def format_report(report: QAReport, document: Mapping[str, Any]) -> str:
     matrix_json = document.get("matrix")
     if matrix_json:
         matrix = Matrix.from_json(matrix_json)
-        lines += ["", *_table(matrix), "", *_samples(matrix)]
+        lines += ["", *_table(matrix), "", *_answer_lines(matrix.answers), *_samples(matrix)]
     for trial in document.get("rollback", {}).get("trials", []):
         verdict = "passes" if trial["passed"] else "fails"
         lines.append(f"rollback trial: version {trial['number']} {verdict}: {'; '.join(trial['reasons'])}")
@@ -146,6 +147,43 @@ def _samples(matrix: Matrix) -> list[str]:
     return lines
 
 
+def answer_figures(answers: Answers | None) -> dict[str, Any] | None:
+    """The answer-level figures of a report (None when nothing was answered): mean token F1 and exact match of
+    subject and reference, the count of answers each way, and the sign test's p-value."""
+    if answers is None or not answers.items:
+        return None
+    scores = paired_scores(
+        answers.outputs(answers.subject), answers.outputs(answers.reference), answers.targets()
+    )
+    return {
+        "set": answers.row,
+        "source": answers.source,
+        "reference": answers.reference,
+        "answers": scores.n,
+        "token_f1": round(scores.subject_mean_f1, 4),
+        "reference_token_f1": round(scores.reference_mean_f1, 4),
+        "exact_match": round(scores.subject_exact_rate, 4),
+        "reference_exact_match": round(scores.reference_exact_rate, 4),
+        "better": scores.wins,
+        "worse": scores.losses,
+        "p_value": round(scores.p_value, 6),
+        "nonfinite": dict(answers.nonfinite),
+    }
+
+
+def _answer_lines(answers: Answers | None) -> list[str]:
+    figures = answer_figures(answers)
+    if figures is None:
+        return []
+    return [
+        f"answers on {figures['set']} ({figures['answers']}, {figures['source']}): token F1 {figures['token_f1']:.2f} "
+        f"vs {figures['reference']} {figures['reference_token_f1']:.2f}, exact match {figures['exact_match']:.2f} "
+        f"vs {figures['reference_exact_match']:.2f}, {figures['better']} better / {figures['worse']} worse, "
+        f"sign test p={figures['p_value']:.3g}",
+        "",
+    ]
+
+
 def _one_line(text: str) -> str:
     return text.replace("\n", "\\n")
 
@@ -167,11 +205,15 @@ def summary_of(
         }
         out["own_set"] = {"name": own.name, "examples": own.examples}
         out["own_losses"] = {c: (v if math.isfinite(v) else None) for c, v in losses.items()}
+    figures = answer_figures(matrix.answers)
+    if figures is not None:
+        out["answers"] = figures
     return out
 
 
 __all__ = [
     "REPORT_FORMAT",
+    "answer_figures",
     "encode_document",
     "format_report",
     "load_report",

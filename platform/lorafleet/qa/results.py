@@ -62,6 +62,64 @@ class Cell:
     tokens: int
     examples: int
     samples: tuple[Sample, ...] = ()
+    #: scored positions whose logits held a NaN or an infinity (any is a broken adapter)
+    nonfinite: int = 0
+
+
+@dataclass(frozen=True)
+class AnswerItem:
+    """One holdout example answered greedily by each compared column (``outputs[column]``)."""
+
+    prompt: str
+    expected: str
+    outputs: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Answers:
+    """Answer-level evidence on the candidate's own holdout: every example (capped as the row is) decoded
+    greedily by ``subject`` (the candidate) and ``reference`` (the previous live version, or the base model).
+    ``nonfinite[column]``: answers whose decoding met logits with a NaN or an infinity."""
+
+    row: str
+    subject: str
+    reference: str
+    items: tuple[AnswerItem, ...]
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    #: where the examples came from (``holdout``, ``import-examples``, ...), for the report
+    source: str = "holdout"
+
+    def outputs(self, column: str) -> list[str]:
+        return [item.outputs.get(column, "") for item in self.items]
+
+    def targets(self) -> list[str]:
+        return [item.expected for item in self.items]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "row": self.row,
+            "subject": self.subject,
+            "reference": self.reference,
+            "source": self.source,
+            "nonfinite": dict(self.nonfinite),
+            "items": [
+                {"prompt": i.prompt, "expected": i.expected, "outputs": dict(i.outputs)} for i in self.items
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Answers:
+        items = tuple(
+            AnswerItem(i["prompt"], i["expected"], dict(i["outputs"])) for i in data.get("items", [])
+        )
+        return cls(
+            data["row"],
+            data["subject"],
+            data["reference"],
+            items,
+            {str(k): int(v) for k, v in dict(data.get("nonfinite", {})).items()},
+            str(data.get("source", "holdout")),
+        )
 
 
 @dataclass(frozen=True)
@@ -71,6 +129,8 @@ class Matrix:
     rows: tuple[RowInfo, ...]
     columns: tuple[ColumnInfo, ...]
     cells: dict[str, dict[str, Cell]] = field(default_factory=dict)
+    #: greedy answers on the own holdout (candidates only; None in rechecks and when there was nothing to decode)
+    answers: Answers | None = None
 
     def cell(self, row: str, column: str) -> Cell | None:
         return self.cells.get(row, {}).get(column)
@@ -91,6 +151,7 @@ class Matrix:
             "rows": [_row_json(r) for r in self.rows],
             "columns": [{"name": c.name, "kind": c.kind, "member": c.member} for c in self.columns],
             "cells": {r: {c: _cell_json(cell) for c, cell in cols.items()} for r, cols in self.cells.items()},
+            "answers": None if self.answers is None else self.answers.to_json(),
         }
 
     @classmethod
@@ -111,7 +172,8 @@ class Matrix:
             r: {c: _cell_from_json(cell) for c, cell in cols.items()}
             for r, cols in dict(data.get("cells", {})).items()
         }
-        return cls(rows, columns, cells)
+        answers = data.get("answers")
+        return cls(rows, columns, cells, None if answers is None else Answers.from_json(answers))
 
 
 def finite_or_none(value: float) -> float | None:
@@ -137,6 +199,7 @@ def _cell_json(cell: Cell) -> dict[str, Any]:
         "tokens": cell.tokens,
         "examples": cell.examples,
         "samples": [{"prompt": s.prompt, "expected": s.expected, "output": s.output} for s in cell.samples],
+        "nonfinite": cell.nonfinite,
     }
 
 
@@ -146,10 +209,19 @@ def _cell_from_json(data: Mapping[str, Any]) -> Cell:
         return math.nan if value is None else float(value)
 
     samples = tuple(Sample(s["prompt"], s["expected"], s["output"]) for s in data.get("samples", []))
-    return Cell(number("loss"), number("token_accuracy"), int(data["tokens"]), int(data["examples"]), samples)
+    return Cell(
+        number("loss"),
+        number("token_accuracy"),
+        int(data["tokens"]),
+        int(data["examples"]),
+        samples,
+        int(data.get("nonfinite", 0)),
+    )
 
 
 __all__ = [
+    "AnswerItem",
+    "Answers",
     "BASE",
     "CANDIDATE",
     "GATED_CANDIDATE",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lorafleet.qa.answers import paired_scores, sign_test_min_pairs
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.results import (
     BASE,
@@ -25,7 +26,13 @@ USER_HOLDOUT = "user-holdout"
 NO_REGRESSION = "no-regression"
 GATE_VS_BEST_MEMBER = "gate-vs-best-member"
 PROBE_RULE = "probe"
-RULES = (USER_HOLDOUT, NO_REGRESSION, GATE_VS_BEST_MEMBER, PROBE_RULE)
+ANSWER_RULE = "answers"
+FINITE_RULE = "finite-outputs"
+#: the reason code of a candidate whose answers do not beat the reference's
+NO_IMPROVEMENT = "no-improvement"
+#: the reason code of a candidate without any example to answer (an import without evidence)
+NO_EVIDENCE = "no-evidence"
+RULES = (USER_HOLDOUT, ANSWER_RULE, NO_REGRESSION, GATE_VS_BEST_MEMBER, PROBE_RULE, FINITE_RULE)
 
 
 @dataclass(frozen=True)
@@ -37,19 +44,22 @@ class RuleOutcome:
     detail: str
 
 
-def candidate_rules(matrix: Matrix, policy: QAPolicy) -> list[RuleOutcome]:
-    """Every rule a candidate must pass to be promoted."""
+def candidate_rules(matrix: Matrix, policy: QAPolicy, *, answers: bool = True) -> list[RuleOutcome]:
+    """Every rule a candidate must pass to be promoted (``answers`` False: the same candidate evaluated in
+    another bank, whose answers were judged already)."""
     return [
         user_holdout_rule(matrix, policy),
+        *([answer_rule(matrix, policy)] if answers else []),
         no_regression_rule(matrix, policy),
         gate_vs_best_member_rule(matrix, policy),
         probe_rule(matrix, policy),
+        finite_outputs_rule(matrix),
     ]
 
 
 def recheck_rules(matrix: Matrix, policy: QAPolicy) -> list[RuleOutcome]:
     """The rules a live version must keep passing after its bank changed (nothing to compare it with)."""
-    return [gate_vs_best_member_rule(matrix, policy), probe_rule(matrix, policy)]
+    return [gate_vs_best_member_rule(matrix, policy), probe_rule(matrix, policy), finite_outputs_rule(matrix)]
 
 
 def reasons_for(outcomes: list[RuleOutcome]) -> tuple[bool, list[str]]:
@@ -131,6 +141,68 @@ def probe_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     return RuleOutcome(PROBE_RULE, ok, detail)
 
 
+def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
+    """The candidate's greedy answers on its own holdout beat the reference's (previous live, else base) by token
+    F1 (``lorafleet.qa.answers``): a one-sided sign test at ``answer_confidence`` and a mean gain of at least
+    ``answer_margin``. A holdout too small for the test ever to reach that confidence (fewer examples than
+    ``sign_test_min_pairs``) instead needs every answer at least as good as the reference's and at least one
+    strictly better, with the same margin. Fails with ``no-improvement`` and the figures, or ``no-evidence``
+    when there was nothing to answer."""
+    evidence = matrix.answers
+    if evidence is None or not evidence.items:
+        return RuleOutcome(ANSWER_RULE, False, f"{NO_EVIDENCE}: no holdout examples to answer")
+    scores = paired_scores(
+        evidence.outputs(evidence.subject), evidence.outputs(evidence.reference), evidence.targets()
+    )
+    alpha = 1.0 - policy.answer_confidence
+    needed = sign_test_min_pairs(alpha)
+    ref_name = "previous live" if evidence.reference == PREVIOUS else evidence.reference
+    gain = scores.subject_mean_f1 - scores.reference_mean_f1
+    figures = (
+        f"token F1 {scores.subject_mean_f1:.2f} vs {ref_name} {scores.reference_mean_f1:.2f}, exact match "
+        f"{scores.subject_exact_rate:.2f} vs {scores.reference_exact_rate:.2f} on {scores.n} holdout answers "
+        f"({scores.wins} better, {scores.losses} worse)"
+    )
+    margin_ok = gain >= policy.answer_margin
+    if scores.n < needed:
+        ok = scores.losses == 0 and scores.wins >= 1 and margin_ok
+        test = (
+            f"tiny holdout: {scores.n} < {needed} answers, too few for a sign test at {policy.answer_confidence:g}; "
+            f"needs none worse, at least one better and a gain >= {policy.answer_margin:g}"
+        )
+    else:
+        p = scores.p_value
+        ok = p <= alpha + 1e-12 and margin_ok
+        relation = "<=" if p <= alpha + 1e-12 else ">"
+        test = f"sign test p={p:.3g} {relation} {alpha:.3g}, gain {gain:+.2f} (needs >= {policy.answer_margin:g})"
+    code = ANSWER_RULE if ok else NO_IMPROVEMENT
+    return RuleOutcome(ANSWER_RULE, ok, f"{code}: {figures}; {test}")
+
+
+def finite_outputs_rule(matrix: Matrix) -> RuleOutcome:
+    """No logit the candidate produced is NaN or infinite: scoring (every column that routes through it) and
+    decoding its answers. A non-finite forward is a broken adapter, whatever its loss happens to read."""
+    columns = [c.name for c in matrix.columns if c.name in (CANDIDATE, GATED_CANDIDATE) or c.kind == "pair"]
+    problems = []
+    for row in matrix.rows:
+        for column in columns:
+            cell = matrix.cell(row.name, column)
+            if cell is None or cell.examples == 0:
+                continue
+            if cell.nonfinite or not math.isfinite(cell.loss):
+                what = f"{cell.nonfinite} positions" if cell.nonfinite else f"loss {cell.loss}"
+                problems.append(f"{column} on {row.name} ({what})")
+    evidence = matrix.answers
+    if evidence is not None and evidence.nonfinite.get(evidence.subject):
+        problems.append(
+            f"{evidence.subject} decoding {evidence.nonfinite[evidence.subject]} of {len(evidence.items)} answers"
+        )
+    if problems:
+        detail = f"{FINITE_RULE}: NaN or Inf in the candidate's logits: {', '.join(problems)}"
+        return RuleOutcome(FINITE_RULE, False, detail)
+    return RuleOutcome(FINITE_RULE, True, f"{FINITE_RULE}: every logit finite")
+
+
 def _move(value: float, base: float, *, one_sided: bool) -> float:
     """How far the probe moved (only upwards when one-sided); infinite for a NaN loss."""
     if not math.isfinite(value):
@@ -152,7 +224,13 @@ def _nan_last(item: tuple[str, float]) -> tuple[bool, float]:
 
 
 __all__ = [
+    "ANSWER_RULE",
+    "FINITE_RULE",
     "GATE_VS_BEST_MEMBER",
+    "NO_EVIDENCE",
+    "NO_IMPROVEMENT",
+    "answer_rule",
+    "finite_outputs_rule",
     "NO_REGRESSION",
     "PROBE_RULE",
     "RULES",

@@ -281,16 +281,21 @@ def import_task_adapter(
     example_prompts: Sequence[str],
     *,
     reason: str = "",
+    examples: Sequence[tuple[str, str]] | None = None,
     idempotency_key: str | None = None,
 ) -> Call[s.TaskImportSubmitted]:
     """Import a PEFT adapter (a folder, a .tar/.tar.gz/.zip file, or its bytes) as a candidate version of
-    the task; returns the ``import`` job (``wait_for_job`` it). QA then decides as for a trained version."""
+    the task; returns the ``import`` job (``wait_for_job`` it). QA then decides as for a trained version.
+    ``examples``: ``(prompt, expected)`` pairs, QA's evidence for the version (without them, and without task
+    feedback, QA holds it for a promote with force)."""
     archive = adapter_archive(source)
-    body = {
+    body: dict[str, Any] = {
         "archive_base64": base64.b64encode(archive).decode("ascii"),
         "example_prompts": list(example_prompts),
         "reason": reason,
     }
+    if examples:
+        body["examples"] = [{"prompt": prompt, "expected": expected} for prompt, expected in examples]
     return Call(
         "POST",
         f"{_task(task)}/import",

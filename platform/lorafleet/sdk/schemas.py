@@ -32,6 +32,7 @@ __all__ = [
     "FINISHED_JOB_STATES",
     "AdapterOut",
     "AliasEventOut",
+    "ImportExample",
     "AssistantMessage",
     "ApiKeyCreated",
     "ChatChoice",
@@ -184,7 +185,7 @@ class VersionOut(_Out):
     created_at: datetime
     qa_decision: str | None = Field(
         default=None,
-        description="The latest QA report's decision (promote, reject, keep, rollback), or null.",
+        description="The latest QA report's decision (promote, reject, keep, rollback, hold), or null.",
     )
     qa_state: QAState = Field(
         default="undecided",
@@ -364,13 +365,24 @@ class TaskOut(_Out):
     feedback_records: int
 
 
+class ImportExample(_In):
+    """One example of what an imported adapter should answer: QA decodes its answer and scores it."""
+
+    prompt: str = Field(min_length=1, max_length=16_384)
+    expected: str = Field(min_length=1, max_length=4_096)
+
+
 class TaskImportRequest(_In):
     """An existing PEFT adapter (folder packed as .tar, .tar.gz or .zip), base64-encoded, and example prompts of
-    the task: its routing key (the centroid gate's) is computed from them on import."""
+    the task: its routing key (the centroid gate's) is computed from them on import. ``examples`` (optional):
+    prompts with expected outputs, QA's evidence for the version (its holdout); without them QA uses the task's
+    feedback holdout, and with neither the version stays a candidate (QA decision ``hold``, "no evidence")
+    until a person promotes it with ``force``."""
 
     archive_base64: str = Field(min_length=4, description="The archive's bytes, base64 (standard alphabet).")
     example_prompts: list[str] = Field(min_length=1, max_length=256)
     reason: str = Field(default="", max_length=2000)
+    examples: list[ImportExample] = Field(default_factory=list, max_length=256)
 
 
 class TaskImportSubmitted(_Out):

@@ -47,6 +47,8 @@ class RowOutput:
     text: str = ""
     finish_reason: FinishReason = "length"
     logits: list[torch.Tensor] = field(default_factory=list)  # each [vocab]
+    #: decoding steps whose logits held a NaN or an infinity (greedy then picks an arbitrary token)
+    nonfinite_steps: int = 0
 
 
 class RowSampler:
@@ -126,6 +128,9 @@ class BatchDecoder:
         samplers = [RowSampler(r) for r in rows]
         live, logits = self._prefill(rows)
         while True:
+            broken = (~torch.isfinite(logits).all(dim=-1)).tolist()  # [batch]
+            for j, bad in enumerate(broken):
+                outputs[live.rows[j]].nonfinite_steps += int(bad)
             tokens = pick_tokens(logits, [samplers[i] for i in live.rows])
             keep = [
                 j

@@ -52,6 +52,8 @@ class ExampleScore:
     loss_sum: float
     tokens: int
     correct: int
+    #: scored positions whose logits held a NaN or an infinity
+    nonfinite: int = 0
 
     @property
     def exact(self) -> bool:
@@ -194,8 +196,12 @@ def score_examples(
             loss_sum = loss.new_zeros(rows).index_add(0, scored.rows, loss)  # [rows]
             correct = loss.new_zeros(rows).index_add(0, scored.rows, hit)  # [rows]
             tokens = loss.new_zeros(rows).index_add(0, scored.rows, torch.ones_like(loss))  # [rows]
+            broken = (~torch.isfinite(logits).all(dim=-1)).to(loss.dtype)  # [n]
+            nonfinite = loss.new_zeros(rows).index_add(0, scored.rows, broken)  # [rows]
             for row, i in enumerate(chunk):
-                scores[i] = ExampleScore(float(loss_sum[row]), int(tokens[row]), int(correct[row]))
+                scores[i] = ExampleScore(
+                    float(loss_sum[row]), int(tokens[row]), int(correct[row]), int(nonfinite[row])
+                )
     finally:
         model.train(was_training)
     return [s for s in scores if s is not None]

@@ -55,6 +55,12 @@ if TYPE_CHECKING:
 DEFAULT_MAX_IMPORT_BYTES = 1 << 30
 MAX_EXAMPLE_PROMPTS = 256
 MAX_PROMPT_CHARS = 16_384
+#: an import's evidence: at most this many example prompts with expected outputs, outputs this long
+MAX_IMPORT_EXAMPLES = 256
+MAX_EXPECTED_CHARS = 4_096
+#: ``training_config`` key under which an import's examples (``[{"prompt", "expected"}]``) are stored; QA uses
+#: them as the version's holdout (``lorafleet.qa.evalsets.holdout_set``)
+EVIDENCE_KEY = "evidence"
 #: ``training_config["source"]`` of an imported version
 IMPORT_SOURCE = "peft-import"
 IMPORTED = LineageRelation.IMPORTED
@@ -103,6 +109,7 @@ def import_peft_adapter(
     max_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
     session: Session | None = None,
     weight_bounds: WeightBounds | None = None,
+    examples: Sequence[Mapping[str, Any]] = (),
 ) -> ImportedAdapter:
     """Register a PEFT folder or archive (.tar, .tar.gz/.tgz, .zip) as a ``candidate`` version of a task adapter:
     ``prepare_import`` then ``register_import`` (see both), with a temporary work folder."""
@@ -120,6 +127,7 @@ def import_peft_adapter(
             target_config=target_config,
             max_bytes=max_bytes,
             weight_bounds=weight_bounds,
+            examples=examples,
         )
         return register_import(registry, prepared, session=session)
 
@@ -138,6 +146,7 @@ def prepare_import(
     target_config: Mapping[str, Any] | None = None,
     max_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
     weight_bounds: WeightBounds | None = None,
+    examples: Sequence[Mapping[str, Any]] = (),
 ) -> PreparedImport:
     """Run every check of an import and stage the adapter under ``work_dir`` (new or empty; keep it until
     ``register_import`` returns). Writes no row; a refusal writes nothing at all.
@@ -148,10 +157,12 @@ def prepare_import(
     passed, the staged adapter's blob is stored (``Registry.put_adapter_blob``), so that a registration inside
     a short transaction (a job's fence) uploads nothing; if it is never registered, ``Registry.gc`` removes it.
     ``weight_bounds`` (default ``WeightBounds()``; services pass ``QAPolicy.weight_bounds()`` of their settings)
-    bound the weights: out of bounds is a ``WeightBoundsError`` naming the tensor or field.
+    bound the weights: out of bounds is a ``WeightBoundsError`` naming the tensor or field. ``examples``: the
+    import's evidence (``check_import_examples``), stored in the version's training config for QA's holdout.
     """
     name = validate_task_name(task_name)
     prompts = check_example_prompts(example_prompts)
+    evidence = check_import_examples(examples)
     _check_actor(actor)
     if max_bytes < 1:
         raise ValidationError("max_bytes must be >= 1")
@@ -174,6 +185,8 @@ def prepare_import(
         "actor": actor,
         "example_prompts": len(prompts),
     }
+    if evidence:
+        training_config[EVIDENCE_KEY] = evidence
     target = dict(target_config) if target_config is not None else _target_config(files.config)
     _check_json(training_config=training_config, target_config=target)
     registry.put_adapter_blob(adapter_dir=files.directory)
@@ -241,6 +254,31 @@ def check_example_prompts(prompts: Sequence[str]) -> list[str]:
         if len(prompt) > MAX_PROMPT_CHARS:
             raise PayloadTooLargeError(f"example_prompts[{i}] is longer than {MAX_PROMPT_CHARS} characters")
     return items
+
+
+def check_import_examples(examples: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """An import's evidence: at most ``MAX_IMPORT_EXAMPLES`` objects ``{"prompt", "expected"}``, both non-blank
+    strings (prompt at most ``MAX_PROMPT_CHARS``, expected output at most ``MAX_EXPECTED_CHARS`` characters)."""
+    if isinstance(examples, (str, Mapping)):
+        raise ValidationError("examples must be a list of {prompt, expected} objects")
+    items = list(examples)
+    if len(items) > MAX_IMPORT_EXAMPLES:
+        raise ValidationError(f"examples: at most {MAX_IMPORT_EXAMPLES}, got {len(items)}")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping) or set(item) != {"prompt", "expected"}:
+            raise ValidationError(f"examples[{i}] must be an object with exactly 'prompt' and 'expected'")
+        prompt, expected = item["prompt"], item["expected"]
+        for field, value, limit in (
+            ("prompt", prompt, MAX_PROMPT_CHARS),
+            ("expected", expected, MAX_EXPECTED_CHARS),
+        ):
+            if not isinstance(value, str) or not value.strip():
+                raise ValidationError(f"examples[{i}].{field} must be a non-blank string")
+            if len(value) > limit:
+                raise PayloadTooLargeError(f"examples[{i}].{field} is longer than {limit} characters")
+        out.append({"prompt": prompt, "expected": expected})
+    return out
 
 
 def check_archive_weights(
@@ -379,7 +417,9 @@ __all__ = [
     "DEFAULT_MAX_IMPORT_BYTES",
     "ImportedAdapter",
     "PreparedImport",
+    "EVIDENCE_KEY",
     "check_example_prompts",
+    "check_import_examples",
     "check_archive_weights",
     "import_peft_adapter",
     "prepare_import",

@@ -81,14 +81,22 @@ def submit_import(
     reason: str = "",
     queue: JobQueue | None = None,
     weight_bounds: WeightBounds | None = None,
+    examples: Sequence[Mapping[str, Any]] = (),
 ) -> ImportSubmitted:
     """Check the archive's files (``check_archive_weights``; ``weight_bounds`` default ``WeightBounds()``), then
     store it as a blob and queue its ``import`` job (the same archive for the same task while a job is active:
-    that job, ``created`` False). A refused archive stores nothing."""
-    from lorafleet.workflows.adapter_import import check_archive_weights, check_example_prompts
+    that job, ``created`` False). A refused archive stores nothing. ``examples``: the import's evidence
+    (``{"prompt", "expected"}`` objects, ``adapter_import.check_import_examples``), QA's holdout for it; without
+    them QA uses the task's feedback holdout, and with neither the version waits for a person (decision ``hold``)."""
+    from lorafleet.workflows.adapter_import import (
+        check_archive_weights,
+        check_example_prompts,
+        check_import_examples,
+    )
 
     name = validate_task_name(task_name)
     prompts = check_example_prompts(example_prompts)
+    evidence = check_import_examples(examples)
     _check_archive(archive)
     check_archive_weights(archive, weight_bounds=weight_bounds, max_bytes=MAX_IMPORT_ARCHIVE_BYTES)
     ref = registry.blobs.put_bytes(archive)
@@ -99,6 +107,7 @@ def submit_import(
         example_prompts=prompts,
         actor=actor,
         reason=reason,
+        examples=evidence,
     ).to_json()
     result = (queue or JobQueue(db)).submit(
         tenant_id=tenant_id,
@@ -156,6 +165,7 @@ class ImportRunner:
                 actor=p.actor,
                 work_dir=Path(tmp) / "work",
                 weight_bounds=self.weight_bounds,
+                examples=p.examples,
             )
             lease.check()
             imported = register_import(self.registry, prepared, job_id=job.id)

@@ -109,8 +109,9 @@ class VersionQA:
 
     @property
     def state(self) -> str:
-        """``passed`` (promote/keep), ``failed`` (reject/rollback) or ``undecided`` (no decision yet)."""
-        if self.decision is None:
+        """``passed`` (promote/keep), ``failed`` (reject/rollback) or ``undecided`` (no decision yet, or ``hold``:
+        QA had no evidence to decide by)."""
+        if self.decision is None or self.decision == QADecision.HOLD:
             return "undecided"
         return "passed" if self.decision in PASSING_DECISIONS else "failed"
 

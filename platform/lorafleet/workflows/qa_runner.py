@@ -44,7 +44,15 @@ from lorafleet.qa.plan import sub_bank
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.reports import REPORT_FORMAT, store_document, summary_of
 from lorafleet.qa.results import Matrix
-from lorafleet.qa.rules import USER_HOLDOUT, RuleOutcome, candidate_rules, reasons_for, recheck_rules
+from lorafleet.qa.rules import (
+    ANSWER_RULE,
+    NO_EVIDENCE,
+    USER_HOLDOUT,
+    RuleOutcome,
+    candidate_rules,
+    reasons_for,
+    recheck_rules,
+)
 from lorafleet.qa.sampling import member_label
 from lorafleet.registry import Registry
 from lorafleet.routing.bank import BankMember, resolve_user_bank
@@ -152,10 +160,11 @@ class QARunner:
         else:
             subject = self._candidate_subject(tenant_id=tenant_id, adapter=adapter, version=version)
         own = self.evaluator.own_set(subject)
+        no_evidence = adapter.is_task_adapter and version.dataset_snapshot_id is None and not own.examples
         evaluation = self.evaluator.evaluate(subject, own=own)
         rules = [] if evaluation.matrix is None else candidate_rules(evaluation.matrix, self.policy)
-        if adapter.is_task_adapter and version.dataset_snapshot_id is None and not own.examples:
-            rules = [_imported_without_holdout(r) for r in rules]
+        if no_evidence and forced_live:  # a person's force is the decision evidence could not give
+            rules = [_forced_without_evidence(r) for r in rules]
         passed, reasons = _verdict(evaluation, rules)
         enrolled: dict[str, Any] | None = None
         if adapter.is_task_adapter and evaluation.sanity.passed:
@@ -167,6 +176,15 @@ class QARunner:
                 reasons = failed if passed else [*reasons, *failed]
                 passed = False
         decision = QADecision.PROMOTE if passed else QADecision.REJECT
+        if no_evidence and not forced_live and _only_evidence_missing(evaluation, rules, reasons):
+            # nothing wrong was found, and nothing shows it helps: it waits for a person (promote with force)
+            decision = QADecision.HOLD
+            reasons = [
+                f"{NO_EVIDENCE}: an imported task version without example prompts and expected outputs, on a task "
+                "without feedback: QA cannot tell whether it helps; it stays a candidate until a person promotes "
+                "it with force",
+                *(r.detail for r in rules if r.passed),
+            ]
         target = None
         if forced_live:  # already live: keep it, or roll back to what it replaced (if QA may serve that)
             decision = QADecision.KEEP if passed else QADecision.ROLLBACK
@@ -247,8 +265,12 @@ class QARunner:
         for user_id in sampled:
             user_bank = resolve_user_bank(self.db, tenant_id=tenant_id, user_external_id=external[user_id])
             in_bank = replace(subject, user_bank=user_bank)
-            evaluation = self.evaluator.evaluate(in_bank, own=own)
-            rules = [] if evaluation.matrix is None else candidate_rules(evaluation.matrix, self.policy)
+            evaluation = self.evaluator.evaluate(in_bank, own=own, answers=False)  # answered alone already
+            rules = (
+                []
+                if evaluation.matrix is None
+                else candidate_rules(evaluation.matrix, self.policy, answers=False)
+            )
             passed, reasons = _verdict(evaluation, rules)
             banks.append(
                 {
@@ -643,16 +665,25 @@ class QARunner:
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
-def _imported_without_holdout(outcome: RuleOutcome) -> RuleOutcome:
-    """A task version without a dataset (an import) has no holdout of its own: the user-holdout rule cannot
-    compare anything, so the version is judged by the other rules (the probe, and in every enrolled user's bank
-    no regression of their own holdout) instead of being rejected for data it never had."""
-    if outcome.rule != USER_HOLDOUT or outcome.passed:
+def _forced_without_evidence(outcome: RuleOutcome) -> RuleOutcome:
+    """A version without evidence (an import with no examples, on a task without feedback) that a person forced
+    live: the rules that need evidence (the holdout loss, the answers) cannot compare anything, and the person's
+    force is the decision they could not make; it is kept unless a rule that needs no evidence fails (sanity,
+    finite outputs, the probe, the enrolled users' banks)."""
+    if outcome.rule not in (USER_HOLDOUT, ANSWER_RULE) or outcome.passed:
         return outcome
-    detail = (
-        "user-holdout: not applicable (an imported task version has no holdout; judged by the other rules)"
-    )
-    return RuleOutcome(USER_HOLDOUT, True, detail)
+    detail = f"{outcome.rule}: not applicable (no evidence; forced live by a person)"
+    return RuleOutcome(outcome.rule, True, detail)
+
+
+def _only_evidence_missing(evaluation: Evaluation, rules: list[RuleOutcome], reasons: list[str]) -> bool:
+    """Sanity passed and the only failed rules are those that need evidence (no user failed either)."""
+    if not evaluation.sanity.passed:
+        return False
+    evidence_rules = (USER_HOLDOUT, ANSWER_RULE)
+    failed_rules = [r for r in rules if not r.passed]
+    failed_details = {r.detail for r in failed_rules}
+    return all(r.rule in evidence_rules for r in failed_rules) and all(x in failed_details for x in reasons)
 
 
 def _rollback_target(previous: AdapterVersion | None) -> AdapterVersion | None:

@@ -112,6 +112,7 @@ def import_task_adapter(
             actor=f"api:{tenant.name}"[:256],
             reason=body.reason,
             weight_bounds=import_weight_bounds(services.settings.qa_policy),
+            examples=[e.model_dump() for e in body.examples],
         )
         return s.TaskImportSubmitted(
             job=convert.job(result.job), created=result.created, archive_sha256=result.archive_sha256

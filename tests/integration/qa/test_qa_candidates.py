@@ -47,7 +47,7 @@ def test_good_candidates_are_promoted_through_qa_jobs_with_complete_linked_repor
 ) -> None:
     runner = QARunner(world.db, world.registry, world.backbone, world.bank)
     train1, qa1 = _train_round(world, runner, "alice", round=1, n_records=24)
-    train2, qa2 = _train_round(world, runner, "alice", round=2, n_records=16)
+    train2, qa2 = _train_round(world, runner, "alice", round=2, n_records=64)
     adapter_id = world.personal("alice")
     v1, v2 = world.registry.list_versions(tenant_id=world.tenant_id, adapter_id=adapter_id)
     assert (v1.status, v2.status) == ("archived", "live")
@@ -71,17 +71,20 @@ def test_good_candidates_are_promoted_through_qa_jobs_with_complete_linked_repor
     assert r2.reasons[0].startswith("user-holdout: candidate") and "beats previous live" in r2.reasons[0]
     assert r2.summary["rules"] == {
         "user-holdout": True,
+        "answers": True,
         "no-regression": True,
         "gate-vs-best-member": True,
         "probe": True,
+        "finite-outputs": True,
     }
+    assert any(r.startswith("answers: token F1") and "vs previous live" in r for r in r2.reasons)
 
     report, document = load_report(world.db, world.registry, report_id=r2.id, tenant_id=world.tenant_id)
     assert (
         report == r2 and document["decision"] == "promote" and document["policy"] == QAPolicy().model_dump()
     )
     assert document["version"]["id"] == v2.id and document["previous"]["id"] == v1.id
-    assert document["sanity"]["passed"] and document["probe"]["version"] == "probe/1"
+    assert document["sanity"]["passed"] and document["probe"]["version"] == "probe/2"
     matrix = Matrix.from_json(document["matrix"])
     assert [r.name for r in matrix.rows] == ["holdout:personal:personal", "probe"]
     assert matrix.column_names() == [BASE, PREVIOUS, CANDIDATE, GATED_PREVIOUS, GATED_CANDIDATE]

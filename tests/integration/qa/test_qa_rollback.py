@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(300)
 def _rounds(world: World, runner: QARunner, user: str, rounds: int) -> None:
     """Train ``rounds`` rounds for a user, each decided by QA (all promoted)."""
     for r in range(1, rounds + 1):
-        feed(world, user, round=r, n_records=24 if r == 1 else 16)
+        feed(world, user, round=r, n_records=24 if r == 1 else 64)
         Scheduler(world.db).train_now(tenant_id=world.tenant_id, user_external_id=user)
         done = worker(world, runner, trainer=qa_trainer(world)).run_until_idle()
         assert [j.result and j.result.get("decision") for j in done][-1] == "promote", done

@@ -19,7 +19,7 @@ from qa_helpers import (
     worker,
 )
 
-from lorafleet.errors import ValidationError
+from lorafleet.errors import QAUndecidedError, ValidationError
 from lorafleet.jobs import JobQueue
 from lorafleet.jobs.scheduler import Scheduler, SchedulerPolicy
 from lorafleet.qa.reports import load_report, reports_for_version
@@ -33,10 +33,11 @@ from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.store.sql.tenants import find_user, task_subject_id
 from lorafleet.training.synthetic_routing import task_split
 from lorafleet.workflows.import_jobs import IMPORT_JOB_KIND, ImportRunner, submit_import
+from lorafleet.workflows.live_alias import promote_manually
 from lorafleet.workflows.qa_runner import QARunner
 from lorafleet.workflows.tasks import get_task_adapter, ingest_task_feedback, list_tasks, move_task_live
 
-TASK = "pig-latin"
+TASK = "favourite"
 
 
 def _task_records(n_train: int = 32, seed: int = 0) -> list[dict[str, str]]:
@@ -75,10 +76,10 @@ def test_a_task_trained_from_its_feedback_serves_its_enrolled_users_until_they_l
 
     task = get_task_adapter(world.registry, tenant_id=world.tenant_id, task_name=TASK)
     [version] = world.registry.list_versions(tenant_id=world.tenant_id, adapter_id=task.id)
-    assert version.status == "live"
+    [report] = reports_for_version(world.db, tenant_id=world.tenant_id, version_id=version.id)
+    assert version.status == "live", report.reasons
     with world.db.session() as s:  # its routing key was computed when it was trained
         assert QARepository(dialect=world.db.dialect).routing_key(s, version_id=version.id) is not None
-    [report] = reports_for_version(world.db, tenant_id=world.tenant_id, version_id=version.id)
     _, document = load_report(world.db, world.registry, report_id=report.id, tenant_id=world.tenant_id)
     assert report.decision == "promote", report.reasons
     assert sorted(document["enrolled"]["evaluated"]) == ["alice", "bob"]  # evaluated in their banks too
@@ -190,10 +191,10 @@ def test_an_imported_peft_adapter_goes_through_its_import_job_and_qa_like_a_trai
     imports = ImportRunner(world.db, world.registry, world.backbone, world.bank, promote_rule="qa")
     w = worker(world, runner, trainer=qa_trainer(world))
     w.handlers[IMPORT_JOB_KIND] = imports.run_job
-    task_train, _ = task_split(TASK, n_train=24, n_holdout=1, seed=0)
+    task_train, task_holdout = task_split(TASK, n_train=24, n_holdout=8, seed=0)
     prompts = [e.prompt for e in task_train[:8]]
 
-    def submit(seed: int) -> int:
+    def submit(seed: int, examples: list[dict[str, str]] | None = None) -> int:
         folder = train_adapter(world, task_train, work=tmp_path / f"peft-{seed}", seed=seed)
         archive = pack_adapter_folder(folder)  # what the SDK uploads for a folder
         submitted = submit_import(
@@ -204,6 +205,7 @@ def test_an_imported_peft_adapter_goes_through_its_import_job_and_qa_like_a_trai
             archive=archive,
             example_prompts=prompts,
             actor="test",
+            examples=examples or [],
         )
         while w.run_once() is not None:
             pass
@@ -212,14 +214,55 @@ def test_an_imported_peft_adapter_goes_through_its_import_job_and_qa_like_a_trai
         assert job.result is not None and job.result["qa_job"] > 0
         return int(job.result["version_id"])
 
+    # no examples and no task feedback: no evidence, so QA holds it as a candidate for a person to decide
     first = submit(seed=1)
-    second = submit(seed=2)
     task = get_task_adapter(world.registry, tenant_id=world.tenant_id, task_name=TASK)
+    [held] = world.registry.list_versions(tenant_id=world.tenant_id, adapter_id=task.id)
+    assert (held.id, held.status) == (first, "candidate")
+    [report] = reports_for_version(world.db, tenant_id=world.tenant_id, version_id=first)
+    assert report.decision == "hold" and report.reasons[0].startswith("no-evidence: "), report.reasons
+    with pytest.raises(QAUndecidedError):
+        promote_manually(
+            world.db,
+            world.registry,
+            tenant_id=world.tenant_id,
+            adapter=task,
+            number=1,
+            actor="test",
+            reason="try",
+            promote_rule="qa",
+        )
+    promote_manually(
+        world.db,
+        world.registry,
+        tenant_id=world.tenant_id,
+        adapter=task,
+        number=1,
+        actor="ops",
+        reason="vetted by hand",
+        promote_rule="qa",
+        force=True,
+    )
+    while w.run_once() is not None:  # the forced version's QA job: no evidence, the person's force decides
+        pass
+    reports = reports_for_version(world.db, tenant_id=world.tenant_id, version_id=first)
+    assert [r.decision for r in reports] == ["hold", "keep"], [r.reasons for r in reports]
+
+    # an import that carries examples with expected outputs is answered on them: trained like the live one, it
+    # answers no better than it, so it is rejected for no improvement (the figures come from its examples)
+    evidence = [{"prompt": e.prompt, "expected": e.completion} for e in task_holdout]
+    second = submit(seed=2, examples=evidence)
     versions = world.registry.list_versions(tenant_id=world.tenant_id, adapter_id=task.id)
-    assert [(v.id, v.status) for v in versions] == [(first, "archived"), (second, "live")]  # QA promoted both
+    assert [(v.id, v.status) for v in versions] == [(first, "live"), (second, "rejected")]
     [report] = reports_for_version(world.db, tenant_id=world.tenant_id, version_id=second)
-    assert any(r.startswith("user-holdout: not applicable") for r in report.reasons), report.reasons
+    assert report.summary["answers"]["source"] == "import-examples", report.summary
+    assert report.summary["answers"]["answers"] == len(evidence)
+    assert report.summary["answers"]["reference"] == "previous"
+    assert any(r.startswith("no-improvement:") and "vs previous live" in r for r in report.reasons), (
+        report.reasons
+    )
     assert versions[1].training_config["source"] == "peft-import"
+    assert versions[1].training_config["evidence"] == evidence
     lineage = world.registry.lineage(tenant_id=world.tenant_id, version_id=second)
     assert [(e.child_version_id, e.parent_version_id, e.relation) for e in lineage.edges] == [
         (second, first, "imported")

@@ -56,6 +56,22 @@ def test_an_import_is_queued_as_a_job_for_a_trainer(
         client.import_task_adapter("tone", adapter_folder(3), [])
 
 
+def test_an_import_carries_its_examples_as_evidence_and_bad_ones_are_refused(
+    make_tenant: Callable[[], TenantHandle], library: Library, adapter_folder: Callable[[int], Path]
+) -> None:
+    client = make_tenant().client
+    examples = [("Be polite: hello", "Good day to you"), ("Be polite: bye", "Farewell, kind friend")]
+    submitted = client.import_task_adapter("tone", adapter_folder(4), ["Be polite: hello"], examples=examples)
+    payload = library.queue.get(tenant_id=None, job_id=submitted.job.id).payload
+    assert [(e["prompt"], e["expected"]) for e in payload["examples"]] == examples  # QA's holdout for it
+    plain = client.import_task_adapter("tone", adapter_folder(5), ["Be polite: hello"])
+    assert not library.queue.get(tenant_id=None, job_id=plain.job.id).payload.get("examples")
+    with pytest.raises(errors.ValidationFailed):
+        client.import_task_adapter(
+            "tone", adapter_folder(6), ["Be polite: hello"], examples=[("Be polite: x", "")]
+        )
+
+
 def test_task_promote_and_rollback_move_live_and_serving_follows(
     make_tenant: Callable[[], TenantHandle], library: Library, adapter_folder: Callable[[int], Path]
 ) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 from lorafleet.qa.policy import QAPolicy
-from lorafleet.qa.results import Cell, ColumnInfo, Matrix, RowInfo
+from lorafleet.qa.results import AnswerItem, Answers, Cell, ColumnInfo, Matrix, RowInfo
 from lorafleet.qa.rules import (
+    ANSWER_RULE,
+    FINITE_RULE,
     GATE_VS_BEST_MEMBER,
     NO_REGRESSION,
     PROBE_RULE,
@@ -36,7 +38,12 @@ def matrix(losses: dict[str, dict[str, float]], *, own_examples: int = 5) -> Mat
         RowInfo(PROBE, "probe", 8, 8),
     )
     cells = {r: {c: Cell(v, 0.5, 10, 5) for c, v in cols.items()} for r, cols in losses.items()}
-    return Matrix(rows, infos, cells)
+    # the candidate answers every own-holdout example right, the previous live version none (answer evidence)
+    reference = "previous" if "previous" in columns else "base"
+    items = tuple(
+        AnswerItem(f"q{i}", f"v{i}", {"candidate": f"v{i}", reference: ""}) for i in range(own_examples)
+    )
+    return Matrix(rows, infos, cells, Answers(OWN, "candidate", reference, items))
 
 
 def good() -> dict[str, dict[str, float]]:
@@ -78,7 +85,14 @@ def outcome(m: Matrix, rule: str, recheck: bool = False) -> tuple[bool, str]:
 
 def test_a_good_candidate_passes_every_rule_and_the_reasons_say_why() -> None:
     outcomes = candidate_rules(matrix(good()), POLICY)
-    assert [o.rule for o in outcomes] == [USER_HOLDOUT, NO_REGRESSION, GATE_VS_BEST_MEMBER, PROBE_RULE]
+    assert [o.rule for o in outcomes] == [
+        USER_HOLDOUT,
+        ANSWER_RULE,
+        NO_REGRESSION,
+        GATE_VS_BEST_MEMBER,
+        PROBE_RULE,
+        FINITE_RULE,
+    ]
     passed, reasons = reasons_for(outcomes)
     assert passed and reasons[0] == (
         "user-holdout: candidate 3.8000 beats previous live 4.0000 by delta 0.1 (needs <= 3.9000)"
@@ -141,10 +155,14 @@ def test_a_nan_loss_fails_the_rules_that_read_it() -> None:
     losses[OWN]["gated:candidate"] = math.nan
     losses[PROBE]["candidate"] = math.nan
     failed = {o.rule for o in candidate_rules(matrix(losses), POLICY) if not o.passed}
-    assert failed == {USER_HOLDOUT, NO_REGRESSION, GATE_VS_BEST_MEMBER, PROBE_RULE}
+    assert failed == {USER_HOLDOUT, NO_REGRESSION, GATE_VS_BEST_MEMBER, PROBE_RULE, FINITE_RULE}
     passed, reasons = reasons_for(candidate_rules(matrix(losses), POLICY))
-    assert not passed and len(reasons) == 4
+    assert not passed and len(reasons) == 5
 
 
 def test_recheck_rules_ignore_the_comparison_with_a_previous_version() -> None:
-    assert [o.rule for o in recheck_rules(matrix(good()), POLICY)] == [GATE_VS_BEST_MEMBER, PROBE_RULE]
+    assert [o.rule for o in recheck_rules(matrix(good()), POLICY)] == [
+        GATE_VS_BEST_MEMBER,
+        PROBE_RULE,
+        FINITE_RULE,
+    ]

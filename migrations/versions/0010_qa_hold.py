@@ -1,0 +1,37 @@
+"""QA decision ``hold``
+
+- ``qa_reports.decision`` may be ``hold``: QA found nothing wrong with a version but had no evidence to decide
+  by (an imported task version without example prompts and expected outputs, on a task without feedback); the
+  version stays a ``candidate`` until a person promotes it with ``force``.
+
+The check constraint is dropped and created again with the new value (a table rebuild on SQLite, via batch mode).
+
+Revision ID: 0010
+Revises: 0009
+Create Date: 2026-12-03 10:00:00.000000
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "0010"
+down_revision = "0009"
+branch_labels = None
+depends_on = None
+
+_OLD = "decision IN ('promote', 'reject', 'keep', 'rollback')"
+_NEW = "decision IN ('promote', 'reject', 'keep', 'rollback', 'hold')"
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("qa_reports", schema=None) as batch_op:
+        batch_op.drop_constraint(op.f("ck_qa_reports_decision"), type_="check")
+        batch_op.create_check_constraint(op.f("ck_qa_reports_decision"), _NEW)
+
+
+def downgrade() -> None:
+    op.execute("DELETE FROM qa_reports WHERE decision = 'hold'")
+    with op.batch_alter_table("qa_reports", schema=None) as batch_op:
+        batch_op.drop_constraint(op.f("ck_qa_reports_decision"), type_="check")
+        batch_op.create_check_constraint(op.f("ck_qa_reports_decision"), _OLD)

@@ -1,0 +1,89 @@
+"""The issue's useless candidate: an adapter that learned nothing (one training step: its holdout loss may
+still sit below the base's) is rejected with ``no-improvement`` and the answer figures, while one trained
+normally is promoted on answers it gets right. And a NaN in a candidate's logits is found where it happens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from qa_helpers import World, feed, register_candidate, train_adapter, user_examples
+
+from lorafleet.adapters.bank import AdapterBank
+from lorafleet.backbone import Backbone
+from lorafleet.qa.reports import reports_for_version
+from lorafleet.serving.decode import BatchDecoder, RowSpec
+from lorafleet.workflows.continual import PERSONAL_ADAPTER
+from lorafleet.workflows.qa_runner import QARunner
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _candidate(world: World, tmp_path: Path, *, steps: int) -> tuple[int, int]:
+    ids = feed(world, "alice", round=1, n_records=24)
+    adapter = world.registry.get_or_create_adapter(
+        tenant_id=world.tenant_id,
+        owner_user_id=world.user_id("alice"),
+        name=PERSONAL_ADAPTER,
+        target_config={
+            "rank": world.config.rank,
+            "alpha": world.config.alpha,
+            "dropout": world.config.dropout,
+            "target_modules": world.config.target_modules,
+        },
+    )
+    folder = train_adapter(world, user_examples(world, "alice"), work=tmp_path / f"s{steps}", steps=steps)
+    version = register_candidate(
+        world, adapter_id=adapter.id, folder=folder, record_ids=ids, user_id=world.user_id("alice")
+    )
+    return adapter.id, version.id
+
+
+def test_the_useless_candidate_is_rejected_with_no_improvement(sqlite_world: World, tmp_path: Path) -> None:
+    world = sqlite_world
+    _, version_id = _candidate(world, tmp_path, steps=1)
+    report = QARunner(world.db, world.registry, world.backbone, world.bank).run_candidate(
+        tenant_id=world.tenant_id, version_id=version_id
+    )
+    assert report is not None and report.decision == "reject", report
+    [reason] = [r for r in report.reasons if r.startswith("no-improvement:")]
+    assert "vs base" in reason and "holdout answers" in reason and "p=" in reason, reason
+    assert report.summary["rules"]["answers"] is False
+    figures = report.summary["answers"]
+    assert figures["reference"] == "base" and figures["answers"] > 0 and figures["better"] <= 1
+    assert (
+        world.registry.get_version_by_id(tenant_id=world.tenant_id, version_id=version_id).status
+        == "rejected"
+    )
+
+
+def test_a_candidate_trained_normally_is_promoted_on_its_answers(sqlite_world: World, tmp_path: Path) -> None:
+    world = sqlite_world
+    _, version_id = _candidate(world, tmp_path, steps=world.config.max_steps)
+    report = QARunner(world.db, world.registry, world.backbone, world.bank).run_candidate(
+        tenant_id=world.tenant_id, version_id=version_id
+    )
+    assert report is not None and report.decision == "promote", report.reasons
+    figures = report.summary["answers"]
+    assert figures["token_f1"] > figures["reference_token_f1"] and figures["p_value"] <= 0.05, figures
+    assert [
+        r.decision for r in reports_for_version(world.db, tenant_id=world.tenant_id, version_id=version_id)
+    ] == ["promote"]
+
+
+def test_decoding_counts_the_steps_whose_logits_are_not_finite(
+    fp32_parts: tuple[Backbone, AdapterBank],
+) -> None:
+    backbone, bank = fp32_parts
+    ids = tuple(backbone.tokenizer.encode("Hello there", add_special_tokens=False))
+    spec = RowSpec(prompt_ids=ids, routes=(), max_new_tokens=3)
+    [clean] = BatchDecoder(bank.model, bank, backbone.tokenizer, device=bank.device).run([spec])
+    assert clean.nonfinite_steps == 0
+    head = backbone.model.get_output_embeddings()
+    saved = head.weight.data[0].clone()
+    try:
+        head.weight.data[0] = float("nan")  # one vocabulary row: NaN logits at every step
+        [broken] = BatchDecoder(bank.model, bank, backbone.tokenizer, device=bank.device).run([spec])
+    finally:
+        head.weight.data[0] = saved
+    assert broken.nonfinite_steps == len(broken.token_ids) > 0

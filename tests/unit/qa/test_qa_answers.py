@@ -1,0 +1,99 @@
+"""The answer-level evidence: the metric (normalised exact match, token F1), the sign test, and the answer and
+finite-outputs rules over a matrix (pure functions, no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafleet.qa.answers import exact_match, normalize, sign_test_min_pairs, sign_test_p, token_f1
+from lorafleet.qa.policy import QAPolicy
+from lorafleet.qa.results import (
+    BASE,
+    CANDIDATE,
+    PREVIOUS,
+    AnswerItem,
+    Answers,
+    Cell,
+    ColumnInfo,
+    Matrix,
+    RowInfo,
+)
+from lorafleet.qa.rules import answer_rule, finite_outputs_rule
+
+
+def test_the_metric_normalises_case_punctuation_and_spaces() -> None:
+    assert normalize("  The Cat,  sat!\n") == "the cat sat"
+    assert exact_match("Teal.\n", "teal") and not exact_match("teal blue", "teal")
+    assert token_f1("teal", "teal\n") == 1.0
+    assert token_f1("", "teal") == 0.0 and token_f1("", "") == 1.0
+    assert token_f1("dark teal", "teal") == pytest.approx(2 * 0.5 * 1.0 / 1.5)
+
+
+def test_the_sign_test_is_exact_and_needs_five_untied_pairs_at_95_percent() -> None:
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(5, 0) == pytest.approx(1 / 32)
+    assert sign_test_p(4, 0) == pytest.approx(1 / 16)
+    assert sign_test_p(9, 2) == pytest.approx(67 / 2048)
+    assert sign_test_min_pairs(0.05) == 5 and sign_test_min_pairs(0.01) == 7
+
+
+def _matrix(subject: list[str], reference: list[str], targets: list[str], *, ref: str = BASE) -> Matrix:
+    items = tuple(
+        AnswerItem(f"q{i}", t, {CANDIDATE: s, ref: r})
+        for i, (s, r, t) in enumerate(zip(subject, reference, targets, strict=True))
+    )
+    rows = (RowInfo("holdout:x", "user-holdout", len(targets), len(targets), own=True),)
+    cols = (ColumnInfo(BASE, "base"), ColumnInfo(CANDIDATE, "candidate"))
+    return Matrix(rows, cols, {}, Answers("holdout:x", CANDIDATE, ref, items))
+
+
+def test_a_candidate_whose_answers_are_no_better_is_rejected_with_the_figures() -> None:
+    targets = ["teal", "turtle", "pizza", "jazz", "paris", "red", "tea", "bike", "rain", "cats", "soup"]
+    same = ["" for _ in targets]  # the issue's case: every answer empty, for base and candidate alike
+    outcome = answer_rule(_matrix(same, same, targets), QAPolicy())
+    assert not outcome.passed
+    assert outcome.detail.startswith("no-improvement: token F1 0.00 vs base 0.00")
+    assert "on 11 holdout answers" in outcome.detail and "p=1 > 0.05" in outcome.detail
+
+
+def test_one_better_answer_in_eleven_is_not_evidence_but_nine_of_eleven_is() -> None:
+    targets = [f"value{i}" for i in range(11)]
+    one = ["value0", *["" for _ in range(10)]]
+    assert not answer_rule(_matrix(one, [""] * 11, targets), QAPolicy()).passed
+    nine = [*targets[:9], "", ""]
+    outcome = answer_rule(_matrix(nine, [""] * 11, targets, ref=PREVIOUS), QAPolicy())
+    assert outcome.passed and "vs previous live 0.00" in outcome.detail, outcome.detail
+    # a worse answer counts against it: 5 better and 5 worse is no evidence
+    mixed = [*targets[:5], "", "", "", "", "", ""]
+    ref = ["", "", "", "", "", *targets[5:10], ""]
+    assert not answer_rule(_matrix(mixed, ref, targets), QAPolicy()).passed
+
+
+def test_a_tiny_holdout_needs_every_answer_at_least_as_good_and_one_better() -> None:
+    targets = ["teal", "turtle", "pizza"]
+    better = answer_rule(_matrix(["teal", "", ""], ["", "", ""], targets), QAPolicy())
+    assert better.passed and "tiny holdout: 3 < 5" in better.detail
+    assert not answer_rule(_matrix(["", "", ""], ["", "", ""], targets), QAPolicy()).passed
+    one_worse = answer_rule(_matrix(["teal", "turtle", ""], ["", "", "pizza"], targets), QAPolicy())
+    assert not one_worse.passed and one_worse.detail.startswith("no-improvement")
+
+
+def test_no_answers_is_no_evidence() -> None:
+    rows = (RowInfo("holdout:x", "task-holdout", 0, 0, own=True),)
+    outcome = answer_rule(Matrix(rows, (ColumnInfo(BASE, "base"),), {}), QAPolicy())
+    assert not outcome.passed and outcome.detail.startswith("no-evidence")
+
+
+def test_non_finite_logits_anywhere_in_the_candidates_outputs_reject_it() -> None:
+    rows = (RowInfo("holdout:x", "user-holdout", 4, 4, own=True), RowInfo("probe", "probe", 4, 4))
+    cols = (ColumnInfo(BASE, "base"), ColumnInfo(CANDIDATE, "candidate"))
+    fine = {r.name: {c.name: Cell(1.0, 0.5, 10, 4) for c in cols} for r in rows}
+    assert finite_outputs_rule(Matrix(rows, cols, fine)).passed
+    broken = {**fine, "probe": {BASE: Cell(1.0, 0.5, 10, 4), CANDIDATE: Cell(1.2, 0.5, 10, 4, nonfinite=3)}}
+    outcome = finite_outputs_rule(Matrix(rows, cols, broken))
+    assert not outcome.passed and "candidate on probe (3 positions)" in outcome.detail
+    items = (AnswerItem("q", "a", {CANDIDATE: "", BASE: ""}),)
+    decoded = Matrix(rows, cols, fine, Answers("holdout:x", CANDIDATE, BASE, items, {CANDIDATE: 1}))
+    outcome = finite_outputs_rule(decoded)
+    assert not outcome.passed and "candidate decoding 1 of 1 answers" in outcome.detail
+    assert Matrix.from_json(decoded.to_json()) == decoded
