@@ -11,6 +11,7 @@ from qa_helpers import World, feed, register_candidate, train_adapter, user_exam
 
 from lorafleet.adapters.bank import AdapterBank
 from lorafleet.backbone import Backbone
+from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.reports import reports_for_version
 from lorafleet.serving.decode import BatchDecoder, RowSpec
 from lorafleet.workflows.continual import PERSONAL_ADAPTER
@@ -42,7 +43,8 @@ def _candidate(world: World, tmp_path: Path, *, steps: int) -> tuple[int, int]:
 def test_the_useless_candidate_is_rejected_with_no_improvement(sqlite_world: World, tmp_path: Path) -> None:
     world = sqlite_world
     _, version_id = _candidate(world, tmp_path, steps=1)
-    report = QARunner(world.db, world.registry, world.backbone, world.bank).run_candidate(
+    require = QAPolicy(answer_evidence="require")  # the default only reports the answers (QAPolicy)
+    report = QARunner(world.db, world.registry, world.backbone, world.bank, policy=require).run_candidate(
         tenant_id=world.tenant_id, version_id=version_id
     )
     assert report is not None and report.decision == "reject", report

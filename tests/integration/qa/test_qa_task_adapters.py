@@ -22,6 +22,7 @@ from qa_helpers import (
 from lorafleet.errors import QAUndecidedError, ValidationError
 from lorafleet.jobs import JobQueue
 from lorafleet.jobs.scheduler import Scheduler, SchedulerPolicy
+from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.qa.results import Matrix
 from lorafleet.routing.bank import enrol, unenrol
@@ -187,7 +188,9 @@ def test_an_imported_peft_adapter_goes_through_its_import_job_and_qa_like_a_trai
     sqlite_world: World, tmp_path: Path
 ) -> None:
     world = sqlite_world
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    # answers decide here (QAPolicy.answer_evidence "require"; the default only reports them)
+    require = QAPolicy(answer_evidence="require")
+    runner = QARunner(world.db, world.registry, world.backbone, world.bank, policy=require)
     imports = ImportRunner(world.db, world.registry, world.backbone, world.bank, promote_rule="qa")
     w = worker(world, runner, trainer=qa_trainer(world))
     w.handlers[IMPORT_JOB_KIND] = imports.run_job

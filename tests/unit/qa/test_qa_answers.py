@@ -20,6 +20,9 @@ from lorafleet.qa.results import (
 )
 from lorafleet.qa.rules import answer_rule, finite_outputs_rule
 
+#: answers decide (the default, ``report``, records them without deciding)
+REQUIRE = QAPolicy(answer_evidence="require")
+
 
 def test_the_metric_normalises_case_punctuation_and_spaces() -> None:
     assert normalize("  The Cat,  sat!\n") == "the cat sat"
@@ -50,7 +53,7 @@ def _matrix(subject: list[str], reference: list[str], targets: list[str], *, ref
 def test_a_candidate_whose_answers_are_no_better_is_rejected_with_the_figures() -> None:
     targets = ["teal", "turtle", "pizza", "jazz", "paris", "red", "tea", "bike", "rain", "cats", "soup"]
     same = ["" for _ in targets]  # the case: every answer empty, for base and candidate alike
-    outcome = answer_rule(_matrix(same, same, targets), QAPolicy())
+    outcome = answer_rule(_matrix(same, same, targets), REQUIRE)
     assert not outcome.passed
     assert outcome.detail.startswith("no-improvement: token F1 0.00 vs base 0.00")
     assert "on 11 holdout answers" in outcome.detail and "p=1 > 0.05" in outcome.detail
@@ -59,28 +62,28 @@ def test_a_candidate_whose_answers_are_no_better_is_rejected_with_the_figures() 
 def test_one_better_answer_in_eleven_is_not_evidence_but_nine_of_eleven_is() -> None:
     targets = [f"value{i}" for i in range(11)]
     one = ["value0", *["" for _ in range(10)]]
-    assert not answer_rule(_matrix(one, [""] * 11, targets), QAPolicy()).passed
+    assert not answer_rule(_matrix(one, [""] * 11, targets), REQUIRE).passed
     nine = [*targets[:9], "", ""]
-    outcome = answer_rule(_matrix(nine, [""] * 11, targets, ref=PREVIOUS), QAPolicy())
+    outcome = answer_rule(_matrix(nine, [""] * 11, targets, ref=PREVIOUS), REQUIRE)
     assert outcome.passed and "vs previous live 0.00" in outcome.detail, outcome.detail
     # a worse answer counts against it: 5 better and 5 worse is no evidence
     mixed = [*targets[:5], "", "", "", "", "", ""]
     ref = ["", "", "", "", "", *targets[5:10], ""]
-    assert not answer_rule(_matrix(mixed, ref, targets), QAPolicy()).passed
+    assert not answer_rule(_matrix(mixed, ref, targets), REQUIRE).passed
 
 
 def test_a_tiny_holdout_needs_every_answer_at_least_as_good_and_one_better() -> None:
     targets = ["teal", "turtle", "pizza"]
-    better = answer_rule(_matrix(["teal", "", ""], ["", "", ""], targets), QAPolicy())
+    better = answer_rule(_matrix(["teal", "", ""], ["", "", ""], targets), REQUIRE)
     assert better.passed and "tiny holdout: 3 < 5" in better.detail
-    assert not answer_rule(_matrix(["", "", ""], ["", "", ""], targets), QAPolicy()).passed
-    one_worse = answer_rule(_matrix(["teal", "turtle", ""], ["", "", "pizza"], targets), QAPolicy())
+    assert not answer_rule(_matrix(["", "", ""], ["", "", ""], targets), REQUIRE).passed
+    one_worse = answer_rule(_matrix(["teal", "turtle", ""], ["", "", "pizza"], targets), REQUIRE)
     assert not one_worse.passed and one_worse.detail.startswith("no-improvement")
 
 
 def test_no_answers_is_no_evidence() -> None:
     rows = (RowInfo("holdout:x", "task-holdout", 0, 0, own=True),)
-    outcome = answer_rule(Matrix(rows, (ColumnInfo(BASE, "base"),), {}), QAPolicy())
+    outcome = answer_rule(Matrix(rows, (ColumnInfo(BASE, "base"),), {}), REQUIRE)
     assert not outcome.passed and outcome.detail.startswith("no-evidence")
 
 
@@ -97,3 +100,11 @@ def test_non_finite_logits_anywhere_in_the_candidates_outputs_reject_it() -> Non
     outcome = finite_outputs_rule(decoded)
     assert not outcome.passed and "candidate decoding 1 of 1 answers" in outcome.detail
     assert Matrix.from_json(decoded.to_json()) == decoded
+
+
+def test_by_default_the_answer_figures_are_reported_without_deciding() -> None:
+    targets = ["Your pet is called Pudding."] * 11
+    same = ["I do not know."] * 11
+    reported = answer_rule(_matrix(same, same, targets), QAPolicy())
+    assert reported.passed and reported.detail.startswith("answers (reported, not required): no-improvement")
+    assert not answer_rule(_matrix(same, same, targets), REQUIRE).passed
