@@ -328,9 +328,7 @@ class QARunner:
             return None
         subject = self._recheck_subject(tenant_id=tenant_id, adapter=adapter, version=live)
         own = self.evaluator.own_set(subject)
-        evaluation = self.evaluator.evaluate(subject, own=own)
-        rules = [] if evaluation.matrix is None else recheck_rules(evaluation.matrix, self.policy)
-        passed, reasons = _verdict(evaluation, rules)
+        evaluation, rules, passed, reasons = self._recheck(subject, own)
         culprit, blame_trials = (None, []) if passed else self._find_culprit(subject, own, changed_adapter_id)
         target, trials = (None, []) if passed or culprit is not None else self._find_rollback(subject, own)
         decision = QADecision.KEEP if passed or culprit is not None else QADecision.ROLLBACK
@@ -367,6 +365,15 @@ class QARunner:
         logger.info("QA report %d: live version %d %s", report.id, live.id, decision)
         return report
 
+    def _recheck(
+        self, subject: Subject, own: EvalSet
+    ) -> tuple[Evaluation, list[RuleOutcome], bool, list[str]]:
+        """A live version (or a trial: an earlier version, a smaller bank) evaluated by the recheck rules."""
+        evaluation = self.evaluator.evaluate(subject, own=own)
+        rules = [] if evaluation.matrix is None else recheck_rules(evaluation.matrix, self.policy)
+        passed, reasons = _verdict(evaluation, rules)
+        return evaluation, rules, passed, reasons
+
     def _find_culprit(
         self, subject: Subject, own: EvalSet, changed_adapter_id: int | None
     ) -> tuple[BankMember | None, list[dict[str, Any]]]:
@@ -378,9 +385,7 @@ class QARunner:
         for member in tasks[: self.policy.max_blame_trials]:
             rest = [m for m in subject.user_bank.members if m.adapter_id != member.adapter_id]
             trial = replace(subject, user_bank=sub_bank(subject.user_bank, rest))
-            evaluation = self.evaluator.evaluate(trial, own=own)
-            rules = [] if evaluation.matrix is None else recheck_rules(evaluation.matrix, self.policy)
-            passed, reasons = _verdict(evaluation, rules)
+            _, _, passed, reasons = self._recheck(trial, own)
             tried.append({"without": member_label(member), "passed": passed, "reasons": reasons})
             if passed:
                 return member, tried
@@ -412,9 +417,7 @@ class QARunner:
             trial = self._recheck_subject(
                 tenant_id=subject.tenant_id, adapter=subject.adapter, version=version
             )
-            evaluation = self.evaluator.evaluate(trial, own=own)
-            rules = [] if evaluation.matrix is None else recheck_rules(evaluation.matrix, self.policy)
-            passed, reasons = _verdict(evaluation, rules)
+            evaluation, rules, passed, reasons = self._recheck(trial, own)
             tried.append(_trial_json(version, evaluation, rules, passed, reasons))
             if passed:
                 return version, tried
@@ -572,13 +575,10 @@ class QARunner:
                     f"user {subject.user_bank.external_id!r} left {task.name!r} while QA evaluated; evaluating again"
                 ) from None
             return
-        earlier = [
-            v
-            for v in self._registry_sql.list_versions(
-                session, tenant_id=tenant_id, adapter_id=task.id, status=VersionStatus.ARCHIVED
-            )
-            if v.status == VersionStatus.ARCHIVED and v.number < culprit.version_number
-        ]
+        archived = self._registry_sql.list_versions(
+            session, tenant_id=tenant_id, adapter_id=task.id, status=VersionStatus.ARCHIVED
+        )
+        earlier = [v for v in archived if v.number < culprit.version_number]
         move_live(
             session,
             registry=self.registry,
