@@ -127,6 +127,13 @@ class MergeError(LorafleetError):
     code = "merge_error"
 
 
+class GenerationError(LorafleetError):
+    """One request's decoding failed (its adapters produced NaN or infinite logits, or sampling failed); the
+    rest of its batch was served. Not the caller's fault; the message names the adapter versions."""
+
+    code = "generation_failed"
+
+
 class CapacityError(LorafleetError):
     """A bank, cache or queue has no free slot (everything is pinned or in use)."""
 

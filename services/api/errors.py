@@ -101,8 +101,12 @@ async def _library_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, lib.LorafleetError)
     status = status_for(exc)
     if status >= 500:
-        logger.error("%s: %s", type(exc).__name__, exc, exc_info=status == 500)
-    message = str(exc) if status < 500 or status in (502, 503) else f"internal error ({exc.code})"
+        # a failed generation is already logged by the engine, with its versions; no traceback to add
+        traceback = status == 500 and not isinstance(exc, lib.GenerationError)
+        logger.error("%s: %s", type(exc).__name__, exc, exc_info=traceback)
+    # a failed generation's message names the adapter versions and what QA will do: safe and useful to show
+    shown = status < 500 or status in (502, 503) or isinstance(exc, lib.GenerationError)
+    message = str(exc) if shown else f"internal error ({exc.code})"
     state = exc.state if isinstance(exc, lib.JobFinishedError) else None
     return error_response(
         status, code=exc.code, message=message, field=field_of(exc), headers=_headers_for(status), state=state

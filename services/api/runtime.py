@@ -300,6 +300,7 @@ def _build_engine(
 ) -> GenerationEngine:
     from lorafleet.serving.factory import build_engine
     from lorafleet.training.general_prompts import ANCHOR_PROMPTS
+    from lorafleet.workflows.qa_triggers import on_nonfinite_output
 
     return build_engine(
         settings,
@@ -310,6 +311,8 @@ def _build_engine(
         quantization=options.serving_quantization,
         general_prompts=ANCHOR_PROMPTS,  # the backbone's common direction; the base's side if turned on
         general_to_base=settings.gate_general_prompts,
+        # a request whose adapters produced NaN or Inf: QA rechecks the user's bank
+        on_nonfinite=lambda bank, members: on_nonfinite_output(db, bank=bank, members=members),
     )
 
 

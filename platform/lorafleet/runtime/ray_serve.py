@@ -152,6 +152,7 @@ class ServingReplica:
         from lorafleet.platform import Platform
         from lorafleet.serving.batcher import BatchingQueue
         from lorafleet.training.general_prompts import ANCHOR_PROMPTS
+        from lorafleet.workflows.qa_triggers import on_nonfinite_output
 
         s = load_settings(**settings)
         o = ReplicaOptions.from_mapping(options)
@@ -167,6 +168,9 @@ class ServingReplica:
             quantization=o.quantization,
             general_prompts=ANCHOR_PROMPTS,
             general_to_base=s.gate_general_prompts,
+            on_nonfinite=lambda bank, members: on_nonfinite_output(
+                self._platform.db, bank=bank, members=members
+            ),
         )
         self._queue: BatchingQueue = BatchingQueue(
             self.engine, max_batch_size=o.max_batch_size, max_wait_ms=o.max_wait_ms

@@ -23,6 +23,7 @@ from lorafleet.feedback import (
     SftFeedback,
 )
 from lorafleet.sdk.training import TrainingConfigOut, TrainingOverrides, TrainingValues, TrainRequest
+from lorafleet.serving.requests import MIN_TEMPERATURE
 
 #: the limits of ``lorafleet.serving.requests`` (repeated here so the schemas need no serving import)
 MAX_NEW_TOKENS = 4096
@@ -400,10 +401,18 @@ class TaskEnrolledOut(_Out):
 
 # --- generation -----------------------------------------------------------------------------------------------
 class _Sampling(BaseModel):
-    """Decoding parameters shared by every generation body: temperature 0 is greedy."""
+    """Decoding parameters shared by every generation body: temperature 0 is greedy, else at least
+    ``MIN_TEMPERATURE`` (smaller ones overflow the sampling distribution)."""
 
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+
+    @field_validator("temperature", check_fields=False)
+    @classmethod
+    def _temperature_zero_or_usable(cls, value: float) -> float:
+        if value != 0 and value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or >= {MIN_TEMPERATURE:g}")
+        return value
 
 
 class GenerateRequest(_Sampling, _In):

@@ -7,6 +7,10 @@ padded row computes what it would alone. A row ends at a stop string, at its len
 (``backbone.chat.end_of_turn_ids``: the eos ids, and the chat template's end of turn such as ``<|im_end|>``),
 which is kept in ``token_ids`` but, being special, not in the text. The KV cache is a ``DynamicCache``; when rows finish, they are dropped
 from the cache, the mask and the routing plan, so the remaining rows do not pay for them.
+
+**One row's failure is its own.** A row whose logits hold a NaN or an infinity (a broken adapter), or whose
+sampling fails, ends at that step with ``RowOutput.error`` set; the other rows of the batch decode on unchanged
+(their logits do not depend on it: rows share weights, never activations).
 """
 
 from __future__ import annotations
@@ -47,8 +51,10 @@ class RowOutput:
     text: str = ""
     finish_reason: FinishReason = "length"
     logits: list[torch.Tensor] = field(default_factory=list)  # each [vocab]
-    #: decoding steps whose logits held a NaN or an infinity (greedy then picks an arbitrary token)
+    #: decoding steps whose logits held a NaN or an infinity (the row ends at the first one)
     nonfinite_steps: int = 0
+    #: why the row ended early without an answer (non-finite logits, a sampling failure); None when it did not
+    error: str | None = None
 
 
 class RowSampler:
@@ -75,14 +81,18 @@ class RowSampler:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
-def pick_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
-    """Next token per row from ``logits [batch, vocab]``: one argmax for all, then sampled rows one by one."""
-    tokens = logits.argmax(dim=-1).tolist()  # [batch]
+def pick_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int | str]:
+    """Next token per row from ``logits [batch, vocab]``: one argmax for all, then sampled rows one by one. A row
+    whose sampling fails gets the failure's message instead of a token (the other rows are unaffected)."""
+    tokens: list[int | str] = list(logits.argmax(dim=-1).tolist())  # [batch]
     rows = [i for i, s in enumerate(samplers) if not s.greedy]
     if rows:
         cpu = logits.detach().to("cpu", torch.float32)
         for i in rows:
-            tokens[i] = samplers[i].sample(cpu[i])
+            try:
+                tokens[i] = samplers[i].sample(cpu[i])
+            except RuntimeError as exc:  # e.g. torch's "invalid multinomial distribution"
+                tokens[i] = f"sampling failed: {exc}"
     return tokens
 
 
@@ -129,19 +139,21 @@ class BatchDecoder:
         live, logits = self._prefill(rows)
         while True:
             broken = (~torch.isfinite(logits).all(dim=-1)).tolist()  # [batch]
-            for j, bad in enumerate(broken):
-                outputs[live.rows[j]].nonfinite_steps += int(bad)
-            tokens = pick_tokens(logits, [samplers[i] for i in live.rows])
-            keep = [
-                j
-                for j, (i, token) in enumerate(zip(live.rows, tokens, strict=True))
-                if not self._advance(rows[i], outputs[i], token, logits[j])
-            ]
+            picked = pick_tokens(logits, [samplers[i] for i in live.rows])
+            keep, tokens = [], []
+            for j, (i, token) in enumerate(zip(live.rows, picked, strict=True)):
+                if broken[j]:
+                    outputs[i].nonfinite_steps += 1
+                    outputs[i].error = f"non-finite logits at step {len(outputs[i].token_ids) + 1}"
+                elif isinstance(token, str):
+                    outputs[i].error = token
+                elif not self._advance(rows[i], outputs[i], token, logits[j]):
+                    keep.append(j)
+                    tokens.append(token)
             if not keep:
                 break
             if len(keep) < len(live.rows):
                 live.select(keep)
-                tokens = [tokens[j] for j in keep]
             logits = self._step(live, tokens)
         for spec, out in zip(rows, outputs, strict=True):
             self._finish_text(spec, out)

@@ -13,12 +13,15 @@ versions, with which weights, served each request.
 
 Failures are per request: an unknown user, a prompt too long for the model, a gate error or an adapter version
 that cannot be loaded (a corrupted blob: ``BlobIntegrityError``) fail only the requests they concern; the rest
-of the batch is served. One engine decodes one batch at a time (the bank's routing plan is shared by its
+of the batch is served. So does a row whose logits turn NaN or infinite while decoding (a broken adapter) or
+whose sampling fails: that request gets a ``GenerationError`` naming the versions, the others decode on, and
+``on_nonfinite`` (the service queues a QA recheck of the user's bank) is told which versions served it. One engine decodes one batch at a time (the bank's routing plan is shared by its
 layers); the cache loads for the next batch can overlap the current one's decoding.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -31,7 +34,7 @@ import torch
 
 from lorafleet.adapters.bank import AdapterBank
 from lorafleet.backbone.chat import chat_stop_strings, encode_messages, last_user_content
-from lorafleet.errors import InvalidStateError, LorafleetError, ValidationError
+from lorafleet.errors import GenerationError, InvalidStateError, LorafleetError, ValidationError
 from lorafleet.serving.cache import AdapterCache, Lease
 from lorafleet.serving.decode import BatchDecoder, RowOutput, RowSpec, left_pad
 from lorafleet.serving.metrics import BatchRecord, ServingMetrics
@@ -51,8 +54,11 @@ GateFactory = Callable[["UserBank"], "Gate"]
 #: ``embed(backbone, bank, input_ids [batch, seq], attention_mask [batch, seq]) -> [batch, hidden]``
 Embed = Callable[["Backbone", AdapterBank, torch.Tensor, torch.Tensor], torch.Tensor]
 Outcome = GenerationResult | LorafleetError
+#: told of a request whose logits were not finite: the user's bank and the members that served the row
+OnNonFinite = Callable[["UserBank", Sequence["BankMember"]], None]
 #: gates kept by the default gate factory
 GATE_CACHE_SIZE = 256
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,9 +89,12 @@ class GenerationEngine:
         embed: Embed | None = None,
         embed_max_tokens: int | None = None,
         metrics: ServingMetrics | None = None,
+        on_nonfinite: OnNonFinite | None = None,
     ) -> None:
         """``embed_max_tokens``: gates see the last tokens of a long prompt only, as routing keys are made
-        (default: ``routing.embeddings.DEFAULT_MAX_PROMPT_TOKENS``)."""
+        (default: ``routing.embeddings.DEFAULT_MAX_PROMPT_TOKENS``). ``on_nonfinite``: called (after the batch,
+        outside the model lock; its errors are logged, never raised) for each request whose adapters produced
+        non-finite logits."""
         from lorafleet.routing.embeddings import DEFAULT_MAX_PROMPT_TOKENS
 
         if cache.bank is not bank:
@@ -96,6 +105,7 @@ class GenerationEngine:
         self._embed = embed or _default_embed
         self._embed_max_tokens = embed_max_tokens or DEFAULT_MAX_PROMPT_TOKENS
         self.metrics = metrics or ServingMetrics()
+        self._on_nonfinite = on_nonfinite
         self._decoder = BatchDecoder(backbone.model, bank, backbone.tokenizer, device=backbone.device)
         self._model_lock = threading.Lock()  # one batch at a time through the model (one routing plan)
         config = backbone.model.config
@@ -123,7 +133,9 @@ class GenerationEngine:
                 with self._model_lock:
                     decoded = self._decoder.run([self._spec(row) for row in rows])
                 for row, out in zip(rows, decoded, strict=True):
-                    outcomes[row.index] = self._result(row, out)
+                    outcomes[row.index] = (
+                        self._result(row, out) if out.error is None else self._failed(row, out)
+                    )
         done = [
             o if o is not None else InvalidStateError("request was neither served nor failed")
             for o in outcomes
@@ -282,6 +294,21 @@ class GenerationEngine:
             request_id=row.request.request_id,
             logits=torch.stack(out.logits) if out.logits else None,  # [n_generated, vocab]
         )
+
+    def _failed(self, row: _Row, out: RowOutput) -> GenerationError:
+        """The error of a row that ended without an answer; a non-finite one is reported to ``on_nonfinite``."""
+        members = [m for m, _ in row.routes]
+        served = ", ".join(f"{m.adapter_name} v{m.version_number}" for m in members) or "the base model"
+        message = f"generation failed: {out.error} (served by {served})"
+        if out.nonfinite_steps and members and row.bank is not None:
+            message += "; the adapter versions are queued for a QA recheck"
+            if self._on_nonfinite is not None:
+                try:
+                    self._on_nonfinite(row.bank, members)
+                except Exception:  # reporting must not fail the batch; the request already has its error
+                    logger.exception("could not report non-finite logits of %s", served)
+        logger.warning("request %s of %s: %s", row.request.request_id or "-", row.request.user, message)
+        return GenerationError(message)
 
     def _record(self, outcomes: Sequence[Outcome], served: Sequence[_Row], seconds: float) -> None:
         results = [o for o in outcomes if isinstance(o, GenerationResult)]

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from lorafleet.routing.bank import UserBank
     from lorafleet.routing.gates import Gate
     from lorafleet.routing.spec import GateSpec
-    from lorafleet.serving.engine import GateFactory, GenerationEngine
+    from lorafleet.serving.engine import GateFactory, GenerationEngine, OnNonFinite
     from lorafleet.store.sql.database import Database
 
 DEFAULT_SLOTS = 16
@@ -41,6 +41,7 @@ def build_engine(
     capacity_bytes: int | None = None,
     general_prompts: Sequence[str] = (),
     general_to_base: bool = False,
+    on_nonfinite: OnNonFinite | None = None,
 ) -> GenerationEngine:
     """Load the backbone and build the engine (slow: seconds for the tiny backbone, minutes for large ones).
 
@@ -49,7 +50,8 @@ def build_engine(
     embeddings is the backbone's common direction, which centroid gates leave out of their scores; with
     ``general_to_base`` (``Settings.gate_general_prompts``) they are also the base model's side of every centroid
     gate, so requests nearer one of them than to any adapter are served by the base alone
-    (``routing.gates.CentroidGate``). None: plain cosine, among adapters only.
+    (``routing.gates.CentroidGate``). None: plain cosine, among adapters only. ``on_nonfinite``: see
+    ``GenerationEngine`` (the services pass ``workflows.qa_triggers.on_nonfinite_output``).
     """
     from lorafleet.routing.embeddings import common_direction, embed_prompts
     from lorafleet.serving.cache import AdapterCache
@@ -75,6 +77,7 @@ def build_engine(
             general=reference if general_to_base else None,
             common=None if reference is None else common_direction(reference),
         ),
+        on_nonfinite=on_nonfinite,
     )
 
 

@@ -25,6 +25,9 @@ FinishReason = Literal["stop", "length"]
 #: Upper bound on ``max_new_tokens`` of one request (the engine also checks the model's context length).
 MAX_NEW_TOKENS_LIMIT = 4096
 MAX_STOP_STRINGS = 16
+#: the smallest temperature other than 0 (greedy): below it ``logits / temperature`` overflows to infinity and
+#: the sampling distribution is undefined; a caller who wants determinism asks for 0
+MIN_TEMPERATURE = 1e-3
 Turn = tuple[str, str]
 
 
@@ -100,8 +103,10 @@ def _check_request(r: GenerationRequest) -> None:
         raise ValidationError(
             f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {r.max_new_tokens!r}"
         )
-    if not math.isfinite(r.temperature) or r.temperature < 0:
-        raise ValidationError(f"temperature must be finite and >= 0, got {r.temperature!r}")
+    if not math.isfinite(r.temperature) or not (r.temperature == 0 or r.temperature >= MIN_TEMPERATURE):
+        raise ValidationError(
+            f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {r.temperature!r}"
+        )
     if not math.isfinite(r.top_p) or not 0.0 < r.top_p <= 1.0:
         raise ValidationError(f"top_p must be in (0, 1], got {r.top_p!r}")
     if r.seed is not None and (isinstance(r.seed, bool) or not 0 <= r.seed < 2**63):
@@ -154,6 +159,7 @@ class GenerationResult:
 
 __all__ = [
     "MAX_NEW_TOKENS_LIMIT",
+    "MIN_TEMPERATURE",
     "FinishReason",
     "GenerationRequest",
     "GenerationResult",

@@ -12,6 +12,10 @@
     ``unenrol_and_recheck`` instead of ``routing.enrol`` / ``routing.unenrol`` (the API's routes do), or
     ``on_bank_changed`` after it.
 
+- **Serving saw NaN or infinite logits** from a user's bank (``on_nonfinite_output``, which the services hand to
+  the engine): the user's live personal adapter is rechecked, with the task member that served the row as the
+  one QA blames first; a user served by task adapters alone has those tasks' enrolled users rechecked.
+
 QA jobs list no users in ``job_users``, so a pending QA job never holds back a user's next training job.
 """
 
@@ -30,7 +34,7 @@ from lorafleet.store.sql.qa_repository import QARepository
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from lorafleet.routing.bank import Enrolment
+    from lorafleet.routing.bank import BankMember, Enrolment, UserBank
 
 QA_JOB_KIND = JobKind.QA
 QA_MAX_ATTEMPTS = 3
@@ -175,3 +179,31 @@ __all__ = [
     "submit_rechecks",
     "submit_task_rechecks",
 ]
+
+
+def on_nonfinite_output(
+    db: Database, queue: JobQueue | None = None, *, bank: UserBank, members: Sequence[BankMember]
+) -> list[Job]:
+    """Serving decoded NaN or infinite logits for a request of ``bank``'s user through ``members``: queue the
+    rechecks that will find and act on the broken version (the ``finite-outputs`` rule), in one transaction."""
+    queue = queue or JobQueue(db)
+    served = ", ".join(f"{m.adapter_name} v{m.version_number}" for m in members)
+    cause = f"serving: non-finite logits through {served}"
+    tasks = [m for m in members if m.kind == "task"]
+    personal = [m for m in members if m.kind != "task"]
+    with db.session() as session:
+        if personal and bank.user_id is not None:
+            return submit_rechecks(
+                session,
+                queue=queue,
+                tenant_id=bank.tenant_id,
+                user_ids=[bank.user_id],
+                cause=cause,
+                changed_adapter_id=tasks[0].adapter_id if tasks else None,
+            )
+        jobs: list[Job] = []
+        for task in tasks:
+            jobs += submit_task_rechecks(
+                session, queue=queue, tenant_id=bank.tenant_id, adapter_id=task.adapter_id, cause=cause
+            )
+        return jobs

@@ -88,4 +88,5 @@ def test_decoding_counts_the_steps_whose_logits_are_not_finite(
         [broken] = BatchDecoder(bank.model, bank, backbone.tokenizer, device=bank.device).run([spec])
     finally:
         head.weight.data[0] = saved
-    assert broken.nonfinite_steps == len(broken.token_ids) > 0
+    # the row ends at its first non-finite step, with the reason (serving turns it into that request's error)
+    assert broken.nonfinite_steps == 1 and not broken.token_ids and broken.error == "non-finite logits at step 1"

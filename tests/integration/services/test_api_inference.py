@@ -205,3 +205,76 @@ def test_a_version_shows_its_latest_qa_decision_report_and_document(
     assert detail.qa_document == {"decision": "reject", "reasons": ["regressed on the task set"]}
     assert tenant.client.get_version("rita", "personal", 1).qa_document is None
     assert tenant.client.lineage("rita", "personal", 1).root.qa_decisions == ["keep", "reject"]
+
+
+def _poisoned_copy(folder: Path, dest: Path) -> Path:
+    """``folder`` with every lora_A and lora_B x 1e25: finite weights (the registry takes them), updates past 1e38
+    whose products overflow float32, so the logits are not finite."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, dest)
+    weights = dest / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v * 1e25 for k, v in tensors.items()}, str(weights))
+    return dest
+
+
+def test_one_poisoned_request_among_eight_other_tenants_fails_alone_and_queues_a_recheck(
+    api: ApiServer,
+    make_tenant: Callable[[], TenantHandle],
+    library: Library,
+    adapter_folder: Callable[[int], Path],
+    tmp_path: Path,
+) -> None:
+    """The issue's finding: a broken adapter's NaN, or an unusable sampling parameter, used to fail every request
+    of its batch (3-8 of 8 got 500). Now the broken row fails alone, 20 rounds in a row, and QA is told."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lorafleet.domain import JobKind
+
+    mallory = make_tenant()
+    live_personal_version(
+        library,
+        tenant_id=mallory.id,
+        user="mallory",
+        folder=_poisoned_copy(adapter_folder(3), tmp_path / "p"),
+    )
+    others = [make_tenant() for _ in range(8)]
+    for i, tenant in enumerate(others):
+        live_personal_version(library, tenant_id=tenant.id, user=f"user{i}", folder=adapter_folder(i % 2))
+
+    def ask(tenant: TenantHandle, user: str, extra: dict[str, object] | None = None) -> httpx.Response:
+        body = {
+            "prompt": "The weather today is",
+            "max_tokens": 4,
+            "temperature": 0,
+            "user": user,
+            **(extra or {}),
+        }
+        headers = {"Authorization": f"Bearer {tenant.api_key}"}
+        return httpx.post(f"{api.url}/v1/completions", json=body, headers=headers, timeout=120)
+
+    expected = [ask(t, f"user{i}").json()["choices"][0]["text"] for i, t in enumerate(others)]
+    with ThreadPoolExecutor(max_workers=9) as pool:
+        for _ in range(20):
+            poisoned = pool.submit(ask, mallory, "mallory")
+            answers = list(pool.map(lambda i: ask(others[i], f"user{i}"), range(8)))
+            assert [a.status_code for a in answers] == [200] * 8
+            assert [
+                a.json()["choices"][0]["text"] for a in answers
+            ] == expected  # untouched by the broken row
+            failed = poisoned.result()
+            assert failed.status_code == 500, failed.text
+            error = failed.json()["error"]
+            assert error["code"] == "generation_failed" and "non-finite logits" in error["message"]
+            assert "personal v1" in error["message"] and "QA recheck" in error["message"]
+
+    # the user's live adapter is queued for a QA recheck (one job: the recheck's dedupe key covers all 21 reports)
+    [recheck] = [j for j in library.queue.list_jobs(tenant_id=mallory.id) if j.kind == JobKind.QA]
+    assert recheck.payload["recheck"]["cause"].startswith("serving: non-finite logits through personal v1")
+    # sampling parameters that cannot be sampled from are refused before they reach a batch
+    for field, value in (("temperature", 1e-40), ("top_p", 0.0)):
+        refused = ask(mallory, "mallory", {"temperature": 1.0, field: value})
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == field

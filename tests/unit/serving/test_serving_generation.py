@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from serving_helpers import FixedGate, FolderFetcher, gates_by_user, member, user_bank, zero_embed
+from serving_helpers import (
+    FixedGate,
+    FolderFetcher,
+    gates_by_user,
+    member,
+    user_bank,
+    write_adapter,
+    zero_embed,
+)
 
 from lorafleet.adapters import AdapterBank, inject_bank
 from lorafleet.backbone import Backbone, load_backbone
@@ -312,3 +320,50 @@ def test_serving_on_a_4bit_backbone(setup: Setup, tiny_dir: Path) -> None:
         assert result.token_ids == alone.token_ids
         assert result.logits is not None and alone.logits is not None
         assert (result.logits[0] - alone.logits[0]).abs().max().item() <= 1e-4
+
+
+def test_a_row_with_non_finite_logits_or_unusable_sampling_fails_alone(
+    bank: AdapterBank, backbone: Backbone, author_bank: AdapterBank, tmp_path: Path, setup: Setup
+) -> None:
+    """mallory's adapter is finite but absurd (B x 1e30): its logits overflow. Her request fails with a
+    GenerationError naming the version, the engine reports it once, and every other row decodes as it would
+    alone. A row whose sampling cannot work (a temperature below the validated minimum, set on the decoder's
+    own spec) fails alone too."""
+    from lorafleet.errors import GenerationError
+    from lorafleet.serving.decode import BatchDecoder, RowSpec
+
+    poisoned = write_adapter(author_bank, tmp_path / "poisoned", seed=9, scale=1e15)  # B @ A ~ 1e30
+    setup.fetch.add(poisoned)
+    broken = member(poisoned, adapter_id=99, name="personal")
+    banks = {**setup.banks, "mallory": user_bank("mallory", [broken])}
+    reported: list[tuple[str, list[int]]] = []
+    engine = GenerationEngine(
+        backbone,
+        bank,
+        AdapterCache(bank, fetch=setup.fetch),
+        resolve_bank=lambda tenant_id, user: banks[user],
+        gate_factory=gates_by_user({"bob": FixedGate(((0, 0.3), (1, 0.7)))}),
+        embed=zero_embed,
+        on_nonfinite=lambda b, members: reported.append((b.external_id, [m.version_id for m in members])),
+    )
+    batch = [request("alice"), request("mallory"), request("bob"), request("carol")]
+    outcomes = engine.generate_each(batch)
+    assert isinstance(outcomes[1], GenerationError), outcomes[1]
+    assert "non-finite logits at step 1" in str(outcomes[1]) and "personal v1" in str(outcomes[1])
+    assert reported == [("mallory", [broken.version_id])]
+    for req, result in zip(batch, outcomes, strict=True):
+        if req.user != "mallory":
+            assert isinstance(result, GenerationResult)
+            assert_same(result, engine.generate([req])[0])
+
+    ids = tuple(backbone.tokenizer.encode("Hello", add_special_tokens=False))
+    decoder = BatchDecoder(bank.model, bank, backbone.tokenizer, device=bank.device)
+    rows = [
+        RowSpec(prompt_ids=ids, routes=(), max_new_tokens=4),
+        RowSpec(prompt_ids=ids, routes=(), max_new_tokens=4, temperature=1e-40, seed=1),
+    ]
+    good, bad = decoder.run(rows)
+    assert bad.error is not None and bad.error.startswith("sampling failed") and not bad.token_ids
+    assert good.error is None and good.token_ids == decoder.run(rows[:1])[0].token_ids
+    with pytest.raises(ValidationError, match="temperature"):
+        request("alice", temperature=1e-40)
