@@ -78,6 +78,8 @@ from lorafleet.training.personal_facts import PersonalUser, make_users, user_exa
 from lorafleet.training.trainer import SlotTask, train_slots  # noqa: E402
 
 logger = logging.getLogger("bench_quality_real")
+#: the product's training defaults, which every flag below starts from
+_D = TrainingConfig()
 
 
 @dataclass
@@ -118,15 +120,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3, choices=[1, 2, 3])
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per round")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--dropout", type=float, default=0.05)
-    parser.add_argument("--batch", type=int, default=8, help="rows per user per step, anchors included")
-    parser.add_argument("--layers", type=int, default=8, help="adapters on the top N decoder layers")
+    parser.add_argument("--steps", type=int, default=_D.max_steps, help="optimizer steps per round")
+    parser.add_argument("--lr", type=float, default=_D.learning_rate)
+    parser.add_argument("--rank", type=int, default=_D.rank)
+    parser.add_argument("--alpha", type=float, default=_D.alpha)
+    parser.add_argument("--dropout", type=float, default=_D.dropout)
     parser.add_argument(
-        "--anchor-ratio", type=float, default=0.3, help="share of a user's rows that are anchors"
+        "--batch", type=int, default=_D.batch_size, help="rows per user per step, anchors included"
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=int(str(_D.layers).split()[-1]),
+        help="adapters on the top N decoder layers",
+    )
+    parser.add_argument(
+        "--anchor-ratio", type=float, default=_D.anchor_ratio, help="share of a user's rows that are anchors"
     )
     parser.add_argument(
         "--anchor-mode",
@@ -135,7 +144,9 @@ def parse_args() -> argparse.Namespace:
         help="sample: a seeded sample of the anchors sized by the ratio (as continual training does); "
         "all: every anchor, the user's examples repeated so anchors are still about the ratio of rows",
     )
-    parser.add_argument("--replay-ratio", type=float, default=1.0, help="replayed old records per new record")
+    parser.add_argument(
+        "--replay-ratio", type=float, default=_D.replay_ratio, help="replayed old records per new record"
+    )
     parser.add_argument("--no-plain-arm", action="store_true", help="skip round 1's copy without anchors")
     parser.add_argument("--eval-tokens", type=int, default=32, help="max new tokens of evaluated answers")
     parser.add_argument("--general-prompts", type=int, default=len(EVAL_PROMPTS), help="EVAL prompts used")

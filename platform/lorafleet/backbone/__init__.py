@@ -15,7 +15,13 @@ from lorafleet.backbone.loading import (
     resolve_backbone_path,
 )
 from lorafleet.backbone.smollm2 import build_smollm2_backbone, default_smollm2_dir, find_smollm2_gguf
-from lorafleet.backbone.tiny import TINY_VERSION, build_tiny_backbone, build_tiny_tokenizer, default_tiny_dir
+from lorafleet.backbone.tiny import (
+    TINY_VERSION,
+    build_tiny_backbone,
+    build_tiny_tokenizer,
+    default_tiny_dir,
+    is_tiny_dir,
+)
 
 __all__ = [
     "QUANTIZATIONS",
@@ -28,6 +34,7 @@ __all__ = [
     "build_tiny_tokenizer",
     "default_smollm2_dir",
     "default_tiny_dir",
+    "is_tiny_dir",
     "find_smollm2_gguf",
     "fingerprint_directory",
     "fingerprint_model",

@@ -40,6 +40,11 @@ def default_tiny_dir(data_dir: str | Path | None = None) -> Path:
     return Path(data_dir) / "backbones" / f"tiny-{TINY_VERSION}"
 
 
+def is_tiny_dir(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a built-in tiny backbone (random-init; only for fast tests)."""
+    return (Path(folder) / MARKER_FILE).is_file()
+
+
 def build_tiny_backbone(data_dir: str | Path | None = None, **dims: Any) -> Path:
     """Return the folder of the tiny backbone, building it first if absent (idempotent, atomic).
 

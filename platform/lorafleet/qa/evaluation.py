@@ -30,7 +30,7 @@ from lorafleet.qa.plan import (
     version_member,
 )
 from lorafleet.qa.policy import QAPolicy
-from lorafleet.qa.probe import PROBE_VERSION, answers_digest, probe_digest, probe_examples
+from lorafleet.qa.probe import PROBE_VERSION, answers_digest, probe_digest, probe_epsilon_for, probe_examples
 from lorafleet.qa.results import BASE, CANDIDATE, PREVIOUS, Matrix
 from lorafleet.qa.sampling import MemberSample, member_budget, member_label, sample_members
 from lorafleet.qa.sanity import SanityResult, check_adapter
@@ -96,7 +96,8 @@ class Evaluator:
         ``general_prompts``, ``general_to_base``: as serving's (``serving.factory.build_engine``), so QA gates as
         serving does."""
         self.db, self.registry, self.backbone, self.bank = db, registry, backbone, bank
-        self.policy, self.work_dir = policy, work_dir
+        # a probe bound left to the backbone (``epsilon_probe=None``) is filled in here, so reports record it
+        self.policy, self.work_dir = policy.for_probe_bound(probe_epsilon_for(backbone.path)), work_dir
         self.general_prompts, self.general_to_base = tuple(general_prompts), general_to_base
         self.prefix = prefix or FrozenPrefix.for_bank(
             bank, identity=backbone_identity(backbone), pad_id=pad_token_id(backbone.tokenizer)

@@ -12,13 +12,14 @@ computes them; every threshold below is in those units. The rules (``lorafleet.q
 - ``sanity`` (before any rule, ``lorafleet.qa.sanity``): besides the file checks, the weights lie within
   ``weight_bounds()`` and each module's update norm within ``min_update_norm``/``max_update_norm``;
 - ``answers`` (reason code ``no-improvement``, ``lorafleet.qa.answers``): greedy answers on the candidate's own
-  holdout beat the previous live version's (the base model's when there is none) by token F1: a one-sided sign
-  test at ``answer_confidence`` and a mean gain of at least ``answer_margin``; a holdout too small for the test
+  holdout beat the previous live version's (the base model's when there is none) by token F1: a one-sided
+  Wilcoxon signed-rank test at ``answer_confidence`` and a mean gain of at least ``answer_margin``; a holdout too small for the test
   to ever reach the confidence needs every answer at least as good and one better (``tiny holdout``);
 - ``finite-outputs``: no logit of the candidate (scoring or decoding, alone, gated or paired) is NaN or infinite;
 - **blame** (rechecks only): a live personal adapter that fails in a bank a task member changed is not
   rolled back when the bank without that member passes: the member is the culprit (``blame_action``);
-- ``probe``: the probe set's loss moves less than ``epsilon_probe`` from the base model's (either way, or only
+- ``probe``: the probe set's loss moves less than ``epsilon_probe`` (by default the backbone's measured bound) from
+  the base model's (either way, or only
   upwards with ``probe_one_sided``), for the candidate alone and for the gated bank with the candidate.
 
 Invalid values raise :class:`lorafleet.errors.ValidationError`, never pydantic's own error.
@@ -35,7 +36,7 @@ from pydantic import ValidationError as PydanticValidationError
 from lorafleet.errors import ValidationError
 from lorafleet.registry.weight_sanity import WeightBounds
 
-DEFAULT_POLICY_VERSION = "qa-policy/1"
+DEFAULT_POLICY_VERSION = "qa-policy/2"
 
 
 class QAPolicy(BaseModel):
@@ -49,10 +50,12 @@ class QAPolicy(BaseModel):
     delta: float = Field(default=0.0, ge=0.0, le=10.0, allow_inf_nan=False)
     #: largest allowed regression of an evaluation set (nats)
     epsilon: float = Field(default=0.05, ge=0.0, le=10.0, allow_inf_nan=False)
-    #: largest allowed move of the probe set's loss away from the base model's (nats). Calibrated on the built-in
-    #: tiny backbone, whose random weights make every trained adapter lower the probe by 0.4-0.5 nats (it learns
-    #: byte statistics); on a pretrained backbone a tighter value (0.1-0.3) is the better choice
-    epsilon_probe: float = Field(default=0.75, ge=0.0, le=10.0, allow_inf_nan=False)
+    #: largest allowed move of the probe set's loss away from the base model's (nats); ``None`` (the default)
+    #: takes the backbone's measured bound (``lorafleet.qa.probe.probe_epsilon_for``): 0.25 on a pretrained
+    #: backbone (calibrated on SmolLM2-135M: good adapters moved it 0.06-0.10, harmful ones 0.46-1.9), 0.75 on
+    #: the built-in random-init tiny one, where every trained adapter lowers it 0.4-0.5 nats by learning byte
+    #: statistics
+    epsilon_probe: float | None = Field(default=None, ge=0.0, le=10.0, allow_inf_nan=False)
     #: count only moves that make the probe worse (an adapter may improve general text, e.g. on a weak base)
     probe_one_sided: bool = False
     #: at most this many other bank members are evaluated (further capped by free bank slots); see matrix.py
@@ -63,14 +66,10 @@ class QAPolicy(BaseModel):
     max_examples_per_set: int = Field(default=48, ge=1, le=10_000, strict=True)
     #: examples of the shipped probe set used (``lorafleet.qa.probe``)
     probe_size: int = Field(default=32, ge=1, le=63, strict=True)  # 63: every prompt of the set
-    #: whether a candidate must pass the answer rule (``require``) or its figures are only reported (``report``,
-    #: the default for now). Measured in the demo on SmolLM2: at ``require`` a good first version (6 answers
-    #: better, 1 worse, F1 +0.51 on a 7-answer holdout) was rejected at p=0.0625, and a second round that forgot
-    #: first-round facts (5 better, 7 worse) was rightly rejected, which the demo's rollback step cannot yet
-    #: handle. Until the test weighs how much better answers are and round two keeps round one, ``require``
-    #: is opt-in (``LORAFLEET_QA_POLICY='{"answer_evidence": "require"}'``); see docs/qa.md
-    answer_evidence: Literal["require", "report"] = "report"
-    #: confidence of the answer rule's one-sided sign test (passes at p <= 1 - answer_confidence)
+    #: whether a candidate must pass the answer rule (``require``, the default) or its figures are only reported
+    #: (``report``: the loss, probe and bank rules decide alone, as before answer evidence existed)
+    answer_evidence: Literal["require", "report"] = "require"
+    #: confidence of the answer rule's one-sided Wilcoxon signed-rank test (passes at p <= 1 - answer_confidence)
     answer_confidence: float = Field(default=0.95, gt=0.5, lt=1.0, allow_inf_nan=False)
     #: least gain in mean token F1 (0..1) of the candidate's answers over the reference's
     answer_margin: float = Field(default=0.05, ge=0.0, le=1.0, allow_inf_nan=False)
@@ -134,6 +133,10 @@ class QAPolicy(BaseModel):
             max_abs_delta=self.max_abs_update,
             max_delta_norm=self.max_update_norm_per_rank,
         )
+
+    def for_probe_bound(self, epsilon_probe: float) -> QAPolicy:
+        """This policy with ``epsilon_probe`` filled in when it was left to the backbone (``None``)."""
+        return self if self.epsilon_probe is not None else self.with_changes(epsilon_probe=epsilon_probe)
 
     def with_changes(self, **changes: Any) -> QAPolicy:
         """A validated copy with some fields changed."""

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lorafleet.backbone.tiny import is_tiny_dir
 from lorafleet.errors import ValidationError
 from lorafleet.training.dataset import Example
 from lorafleet.training.general_prompts import CATEGORIES, EVAL_PROMPTS
@@ -34,6 +36,13 @@ if TYPE_CHECKING:
     from lorafleet.backbone import Backbone
 
 PROBE_VERSION = "probe/2"
+#: the probe drift a candidate may cause (``QAPolicy.epsilon_probe`` left to the backbone), by measurement
+#: (tests/benchmarks/bench_qa_calibration.py): on SmolLM2-135M-Instruct good adapters moved the probe 0.06-0.10
+#: nats and harmful ones (no anchors, lr 1e-2) 0.46-1.9, so 0.25 separates them; a pretrained backbone with no
+#: measurement of its own gets the same. The built-in tiny backbone is random-init: every trained adapter
+#: lowers its probe 0.4-0.5 nats (it learns byte statistics), so it needs 0.75
+PRETRAINED_EPSILON_PROBE = 0.25
+RANDOM_INIT_EPSILON_PROBE = 0.75
 #: at most this many tokens per base answer (cut to the last full sentence)
 PROBE_MAX_NEW_TOKENS = 32
 #: record ids of probe examples (above anchors' and users' ids)
@@ -54,6 +63,12 @@ def _ordered() -> tuple[str, ...]:
 
 PROBE_PROMPTS: tuple[str, ...] = _ordered()
 PROBE_MAX_SIZE = len(PROBE_PROMPTS)
+
+
+def probe_epsilon_for(checkpoint: Path) -> float:
+    """The probe bound measured for the backbone in ``checkpoint`` (``Backbone.path``): the pretrained one, or the
+    random-init one for the built-in tiny backbone."""
+    return RANDOM_INIT_EPSILON_PROBE if is_tiny_dir(checkpoint) else PRETRAINED_EPSILON_PROBE
 
 
 def probe_prompts(size: int = 32) -> list[str]:

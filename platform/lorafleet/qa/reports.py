@@ -149,7 +149,7 @@ def _samples(matrix: Matrix) -> list[str]:
 
 def answer_figures(answers: Answers | None) -> dict[str, Any] | None:
     """The answer-level figures of a report (None when nothing was answered): mean token F1 and exact match of
-    subject and reference, the count of answers each way, and the sign test's p-value."""
+    subject and reference, the count of answers each way, and the signed-rank test's p-value."""
     if answers is None or not answers.items:
         return None
     scores = paired_scores(
@@ -179,7 +179,7 @@ def _answer_lines(answers: Answers | None) -> list[str]:
         f"answers on {figures['set']} ({figures['answers']}, {figures['source']}): token F1 {figures['token_f1']:.2f} "
         f"vs {figures['reference']} {figures['reference_token_f1']:.2f}, exact match {figures['exact_match']:.2f} "
         f"vs {figures['reference_exact_match']:.2f}, {figures['better']} better / {figures['worse']} worse, "
-        f"sign test p={figures['p_value']:.3g}",
+        f"signed-rank p={figures['p_value']:.3g}",
         "",
     ]
 

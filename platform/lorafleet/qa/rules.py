@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lorafleet.qa.answers import paired_scores, sign_test_min_pairs
+from lorafleet.qa.answers import min_untied_pairs, paired_scores
 from lorafleet.qa.policy import QAPolicy
+from lorafleet.qa.probe import PRETRAINED_EPSILON_PROBE
 from lorafleet.qa.results import (
     BASE,
     CANDIDATE,
@@ -134,18 +135,20 @@ def probe_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
         value = matrix.loss(probe.name, column)
         moves.append((column, value, _move(value, base, one_sided=policy.probe_one_sided)))
     text = ", ".join(f"{c} {v:.4f} (moved {v - base:+.4f})" for c, v, _ in moves)
-    ok = math.isfinite(base) and all(m < policy.epsilon_probe for _, _, m in moves)
+    # the evaluator fills in the backbone's bound; a policy used without one gets the pretrained default
+    epsilon = PRETRAINED_EPSILON_PROBE if policy.epsilon_probe is None else policy.epsilon_probe
+    ok = math.isfinite(base) and all(m < epsilon for _, _, m in moves)
     verdict = "within" if ok else "not within"
-    bound = f"{'+' if policy.probe_one_sided else '+/-'}{policy.epsilon_probe:g}"
+    bound = f"{'+' if policy.probe_one_sided else '+/-'}{epsilon:g}"
     detail = f"{PROBE_RULE}: base {base:.4f}, {text}: {verdict} epsilon_probe {bound}"
     return RuleOutcome(PROBE_RULE, ok, detail)
 
 
 def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     """The candidate's greedy answers on its own holdout beat the reference's (previous live, else base) by token
-    F1 (``lorafleet.qa.answers``): a one-sided sign test at ``answer_confidence`` and a mean gain of at least
-    ``answer_margin``. A holdout too small for the test ever to reach that confidence (fewer examples than
-    ``sign_test_min_pairs``) instead needs every answer at least as good as the reference's and at least one
+    F1 (``lorafleet.qa.answers``): a one-sided Wilcoxon signed-rank test at ``answer_confidence`` and a mean gain
+    of at least ``answer_margin``. A holdout too small for the test ever to reach that confidence (fewer examples
+    than ``min_untied_pairs``) instead needs every answer at least as good as the reference's and at least one
     strictly better, with the same margin. Fails with ``no-improvement`` and the figures, or ``no-evidence``
     when there was nothing to answer. Under ``answer_evidence="report"`` a ``no-improvement`` is recorded with
     its figures but passes (``no-evidence`` still fails: without a holdout nothing can be compared)."""
@@ -156,7 +159,7 @@ def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
         evidence.outputs(evidence.subject), evidence.outputs(evidence.reference), evidence.targets()
     )
     alpha = 1.0 - policy.answer_confidence
-    needed = sign_test_min_pairs(alpha)
+    needed = min_untied_pairs(alpha)
     ref_name = "previous live" if evidence.reference == PREVIOUS else evidence.reference
     gain = scores.subject_mean_f1 - scores.reference_mean_f1
     figures = (
@@ -168,14 +171,14 @@ def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     if scores.n < needed:
         ok = scores.losses == 0 and scores.wins >= 1 and margin_ok
         test = (
-            f"tiny holdout: {scores.n} < {needed} answers, too few for a sign test at {policy.answer_confidence:g}; "
+            f"tiny holdout: {scores.n} < {needed} answers, too few for the test at {policy.answer_confidence:g}; "
             f"needs none worse, at least one better and a gain >= {policy.answer_margin:g}"
         )
     else:
         p = scores.p_value
         ok = p <= alpha + 1e-12 and margin_ok
         relation = "<=" if p <= alpha + 1e-12 else ">"
-        test = f"sign test p={p:.3g} {relation} {alpha:.3g}, gain {gain:+.2f} (needs >= {policy.answer_margin:g})"
+        test = f"signed-rank p={p:.3g} {relation} {alpha:.3g}, gain {gain:+.2f} (needs >= {policy.answer_margin:g})"
     code = ANSWER_RULE if ok else NO_IMPROVEMENT
     if (
         not ok and policy.answer_evidence == "report"

@@ -64,7 +64,7 @@ class TrainingConfig(BaseModel):
     #: (self-distillation), which keep an adapter from answering everything with its user's facts (0 = off)
     anchor_ratio: float = Field(default=0.3, ge=0.0, le=0.9)
     #: replayed old records per new record in continual learning (read by ``training.continual``)
-    replay_ratio: float = Field(default=0.5, ge=0.0, le=10.0)
+    replay_ratio: float = Field(default=1.0, ge=0.0, le=10.0)
     #: weight of the L2 pull of each slot towards its parent's weights (0 = off)
     l2_to_parent: float = Field(default=0.0, ge=0.0, le=1e4)
     holdout_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)

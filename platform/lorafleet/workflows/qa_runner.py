@@ -103,19 +103,19 @@ class QARunner:
         it scored while training are not run through the frozen layers again). ``general_prompts`` and
         ``general_to_base``: as serving's (``serving.factory.build_engine``), so QA gates as serving does."""
         self.db, self.registry, self.backbone, self.bank = db, registry, backbone, bank
-        self.policy = policy or QAPolicy()
         self.queue = queue or JobQueue(db)
         self.evaluator = Evaluator(
             db=db,
             registry=registry,
             backbone=backbone,
             bank=bank,
-            policy=self.policy,
+            policy=policy or QAPolicy(),
             work_dir=work_dir,
             prefix=prefix,
             general_prompts=general_prompts,
             general_to_base=general_to_base,
         )
+        self.policy = self.evaluator.policy  # with the backbone's probe bound filled in
         self._qa = QARepository(dialect=db.dialect)
         self._registry_sql = RegistryRepository(dialect=db.dialect)
 

@@ -1,11 +1,13 @@
-"""The answer-level evidence: the metric (normalised exact match, token F1), the sign test, and the answer and
+"""The answer-level evidence: the metric (normalised exact match, token F1), the signed-rank test, and the answer and
 finite-outputs rules over a matrix (pure functions, no model)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
-from lorafleet.qa.answers import exact_match, normalize, sign_test_min_pairs, sign_test_p, token_f1
+from lorafleet.qa.answers import exact_match, min_untied_pairs, normalize, signed_rank_p, token_f1
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.results import (
     BASE,
@@ -20,7 +22,7 @@ from lorafleet.qa.results import (
 )
 from lorafleet.qa.rules import answer_rule, finite_outputs_rule
 
-#: answers decide (the default, ``report``, records them without deciding)
+#: answers decide (the default; ``report`` records them without deciding)
 REQUIRE = QAPolicy(answer_evidence="require")
 
 
@@ -32,12 +34,39 @@ def test_the_metric_normalises_case_punctuation_and_spaces() -> None:
     assert token_f1("dark teal", "teal") == pytest.approx(2 * 0.5 * 1.0 / 1.5)
 
 
-def test_the_sign_test_is_exact_and_needs_five_untied_pairs_at_95_percent() -> None:
-    assert sign_test_p(0, 0) == 1.0
-    assert sign_test_p(5, 0) == pytest.approx(1 / 32)
-    assert sign_test_p(4, 0) == pytest.approx(1 / 16)
-    assert sign_test_p(9, 2) == pytest.approx(67 / 2048)
-    assert sign_test_min_pairs(0.05) == 5 and sign_test_min_pairs(0.01) == 7
+def _brute_force_p(differences: list[float]) -> float:
+    """P(W+ >= observed) by enumerating every sign assignment of the average ranks (the definition)."""
+    nonzero = [d for d in differences if d != 0]
+    magnitudes = sorted(abs(d) for d in nonzero)
+    rank = {
+        m: (magnitudes.index(m) + 1 + len(magnitudes) - magnitudes[::-1].index(m)) / 2 for m in magnitudes
+    }
+    ranks = [rank[abs(d)] for d in nonzero]
+    observed = sum(r for r, d in zip(ranks, nonzero, strict=True) if d > 0)
+    signs = list(itertools.product((0, 1), repeat=len(ranks)))
+    return sum(
+        sum(r for r, s in zip(ranks, sign, strict=True) if s) >= observed - 1e-9 for sign in signs
+    ) / len(signs)
+
+
+def test_the_signed_rank_test_is_exact_weighs_sizes_and_needs_five_untied_pairs_at_95_percent() -> None:
+    assert signed_rank_p([]) == 1.0 and signed_rank_p([0.0, 0.0]) == 1.0
+    assert signed_rank_p([1.0] * 5) == pytest.approx(1 / 32)
+    assert signed_rank_p([0.5, 1.0, 0.2, 0.7]) == pytest.approx(1 / 16)  # every one better: 2^-n, sizes aside
+    # six better, one worse: where the worse one lost least, p = 2/128; where it lost most, 19/128 (the sign
+    # test says 8/128 in both cases)
+    assert signed_rank_p([-0.1, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]) == pytest.approx(2 / 128)
+    assert signed_rank_p([-1.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) == pytest.approx(19 / 128)
+    assert signed_rank_p([-0.5, -0.4, -0.3]) == 1.0
+    cases = [
+        [1.0, 1.0, -1.0, 0.5, 0.0, 0.5, -0.25, 1.0],  # ties among magnitudes and zeros
+        [0.2, -0.2, 0.2, 0.4, -0.4, 0.6, 0.6, 0.6, 0.0, 1.0, -1.0],
+        [0.3, 0.1, -0.7, 0.9, 0.4, 0.4, 0.8, -0.1, 0.5],
+    ]
+    for differences in cases:
+        assert signed_rank_p(differences) == pytest.approx(_brute_force_p(differences)), differences
+    assert min_untied_pairs(0.05) == 5 and min_untied_pairs(0.01) == 7
+    assert 0.0 < signed_rank_p([1.0] * 200 + [-0.5] * 50) < 1e-12  # large holdouts stay exact and fast
 
 
 def _matrix(subject: list[str], reference: list[str], targets: list[str], *, ref: str = BASE) -> Matrix:
@@ -56,7 +85,7 @@ def test_a_candidate_whose_answers_are_no_better_is_rejected_with_the_figures() 
     outcome = answer_rule(_matrix(same, same, targets), REQUIRE)
     assert not outcome.passed
     assert outcome.detail.startswith("no-improvement: token F1 0.00 vs base 0.00")
-    assert "on 11 holdout answers" in outcome.detail and "p=1 > 0.05" in outcome.detail
+    assert "on 11 holdout answers" in outcome.detail and "signed-rank p=1 > 0.05" in outcome.detail
 
 
 def test_one_better_answer_in_eleven_is_not_evidence_but_nine_of_eleven_is() -> None:
@@ -102,9 +131,10 @@ def test_non_finite_logits_anywhere_in_the_candidates_outputs_reject_it() -> Non
     assert Matrix.from_json(decoded.to_json()) == decoded
 
 
-def test_by_default_the_answer_figures_are_reported_without_deciding() -> None:
+def test_answers_decide_by_default_and_report_only_records_the_figures() -> None:
     targets = ["Your pet is called Pudding."] * 11
     same = ["I do not know."] * 11
-    reported = answer_rule(_matrix(same, same, targets), QAPolicy())
+    assert QAPolicy().answer_evidence == "require"
+    assert not answer_rule(_matrix(same, same, targets), QAPolicy()).passed
+    reported = answer_rule(_matrix(same, same, targets), QAPolicy(answer_evidence="report"))
     assert reported.passed and reported.detail.startswith("answers (reported, not required): no-improvement")
-    assert not answer_rule(_matrix(same, same, targets), REQUIRE).passed

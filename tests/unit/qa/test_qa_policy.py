@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError as PydanticValidationError
 
+from lorafleet.backbone import build_tiny_backbone
 from lorafleet.errors import ValidationError
 from lorafleet.qa.policy import DEFAULT_POLICY_VERSION, QAPolicy
+from lorafleet.qa.probe import PRETRAINED_EPSILON_PROBE, RANDOM_INIT_EPSILON_PROBE, probe_epsilon_for
 
 
 def test_defaults_are_valid_and_versioned() -> None:
     policy = QAPolicy()
     assert policy.version == DEFAULT_POLICY_VERSION
-    assert (policy.delta, policy.epsilon, policy.epsilon_probe) == (0.0, 0.05, 0.75)
+    assert (policy.delta, policy.epsilon, policy.epsilon_probe) == (0.0, 0.05, None)
+    assert (policy.answer_evidence, policy.answer_confidence) == ("require", 0.95)
     assert QAPolicy.from_mapping(policy.model_dump()) == policy
     assert QAPolicy.from_mapping(None) == policy
+
+
+def test_the_probe_bound_is_the_backbones_unless_the_policy_sets_one(tmp_path: Path) -> None:
+    tiny = build_tiny_backbone(tmp_path)
+    assert probe_epsilon_for(tiny) == RANDOM_INIT_EPSILON_PROBE == 0.75
+    assert probe_epsilon_for(tmp_path / "a-pretrained-hf-folder") == PRETRAINED_EPSILON_PROBE == 0.25
+    assert QAPolicy().for_probe_bound(0.25).epsilon_probe == 0.25
+    assert QAPolicy(epsilon_probe=0.5).for_probe_bound(0.25).epsilon_probe == 0.5  # an explicit bound stays
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,7 @@ def test_a_report_renders_as_a_table_with_reasons_and_samples() -> None:
         1,
         3,
         "candidate",
-        "qa-policy/1",
+        "qa-policy/2",
         "reject",
         ("user-holdout: candidate 4.2500 does not beat",),
         {},
@@ -74,7 +74,7 @@ def test_a_report_renders_as_a_table_with_reasons_and_samples() -> None:
     text = format_report(report, document)
     lines = text.splitlines()
     assert lines[0] == "QA report 7: candidate version 2 (id 3) of adapter 'personal' of user 'alice'"
-    assert lines[1].startswith("decision: REJECT   policy: qa-policy/1   job: 9")
+    assert lines[1].startswith("decision: REJECT   policy: qa-policy/2   job: 9")
     assert "  - user-holdout: candidate 4.2500 does not beat" in lines
     assert "sanity: passed (max update norm 1.5)" in lines
     assert "bank: 9 other members, 1 evaluated (budget 1), left out: task:u" in lines

@@ -14,7 +14,7 @@ def test_defaults_are_the_measured_ones() -> None:
     assert (config.rank, config.alpha, config.dropout) == (8, 16.0, 0.05)
     assert (config.learning_rate, config.warmup_ratio, config.max_steps) == (2e-3, 0.1, 30)
     assert (config.batch_size, config.grad_accum_steps, config.max_grad_norm) == (6, 1, 1.0)
-    assert (config.replay_ratio, config.l2_to_parent, config.holdout_fraction) == (0.5, 0.0, 0.2)
+    assert (config.replay_ratio, config.l2_to_parent, config.holdout_fraction) == (1.0, 0.0, 0.2)
     assert (config.target_modules, config.layers, config.anchor_ratio) == ("all-linear", "top 6", 0.3)
     assert config.outside_typical_ranges() == []
 
