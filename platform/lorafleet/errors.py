@@ -28,6 +28,12 @@ class NotFoundError(LorafleetError):
     code = "not_found"
 
 
+class ModelNotFoundError(NotFoundError):
+    """A generation request's ``model`` names nothing this tenant serves (OpenAI's ``model_not_found``)."""
+
+    code = "model_not_found"
+
+
 class AlreadyExistsError(LorafleetError):
     """A unique name or key is already taken."""
 

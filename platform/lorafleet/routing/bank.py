@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from lorafleet.errors import AlreadyExistsError, NotFoundError, ValidationError
+from lorafleet.errors import AlreadyExistsError, ModelNotFoundError, NotFoundError, ValidationError
 from lorafleet.routing.spec import GateDecision, GateSpec
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.registry_repository import RegistryRepository
@@ -82,6 +82,41 @@ def resolve_user_bank(db: Database, *, tenant_id: int, user_external_id: str) ->
     gate_row = next((r for r in rows if r.kind == "gate"), None)
     spec = effective_gate_spec(stored, live_gate_version_id=None if gate_row is None else gate_row.version_id)
     return UserBank(tenant_id, user_id, external_id, members, spec, bank_revision(members, spec))
+
+
+def resolve_model_bank(
+    db: Database, *, tenant_id: int, owner: str | None, adapter: str, version: int | None
+) -> UserBank:
+    """A bank of one adapter, for a request whose ``model`` names it (``serving.requests.ModelRef``): a user's
+    (``owner``) or a task's (``owner`` None) adapter at version ``version`` (None: live). A fixed gate gives it the
+    whole weight on every request. ``ModelNotFoundError`` when there is no such version."""
+    repo = RoutingRepository(dialect=db.dialect)
+    what = f"{owner}/{adapter}" if owner is not None else f"task:{adapter}"
+    what += f"@{version}" if version is not None else " (live)"
+    with db.session() as s:
+        user_id = None
+        if owner is not None:
+            found = repo.user_with_gate_spec(s, tenant_id=tenant_id, external_id=validate_external_id(owner))
+            if found is None:
+                raise ModelNotFoundError(f"model {what}: no user {owner!r}")
+            user_id = found[0]
+        row = repo.adapter_version(
+            s, tenant_id=tenant_id, owner_user_id=user_id, name=adapter, number=version
+        )
+    if row is None:
+        raise ModelNotFoundError(f"model {what}: no such adapter version")
+    kind: MemberKind = "task" if owner is None else "personal"
+    members = tuple(replace(m, kind=kind) for m in _members([row], user_id=user_id))
+    spec = GateSpec(kind="fixed", fixed_weights={f"{kind}:{adapter}": 1.0})  # the adapter alone, whole weight
+    return UserBank(
+        tenant_id, user_id, owner or f"task:{adapter}", members, spec, bank_revision(members, spec)
+    )
+
+
+def served_task_models(db: Database, *, tenant_id: int) -> list[str]:
+    """The names of the tenant's task adapters that have a live version (what ``GET /v1/models`` lists)."""
+    with db.session() as s:
+        return RoutingRepository(dialect=db.dialect).task_adapters_with_live_version(s, tenant_id=tenant_id)
 
 
 def effective_gate_spec(stored: dict[str, Any] | None, *, live_gate_version_id: int | None) -> GateSpec:

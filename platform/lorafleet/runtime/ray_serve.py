@@ -74,9 +74,10 @@ class ServeUnavailableError(ServeError):
 
 
 # --- what travels between the client and a replica --------------------------------------------------------
-def user_key(tenant_id: int, user: str) -> str:
-    """The multiplexed model id of a user: ``"<tenant_id>/<user external id>"``."""
-    return f"{tenant_id}/{user}"
+def user_key(tenant_id: int, user: str | None) -> str:
+    """The multiplexed model id of a user: ``"<tenant_id>/<user external id>"`` (``"<tenant_id>/"`` for requests
+    without a user, which every replica serves alike)."""
+    return f"{tenant_id}/{user or ''}"
 
 
 @dataclass(frozen=True)
@@ -84,14 +85,14 @@ class UserHandle:
     """A replica's multiplexed "model" for one user: only who the user is (see the module docstring)."""
 
     tenant_id: int
-    user: str
+    user: str | None
 
     @classmethod
     def from_key(cls, key: str) -> UserHandle:
         tenant, sep, user = key.partition("/")
-        if not sep or not tenant.isdigit() or not user:
+        if not sep or not tenant.isdigit():
             raise ValidationError(f"multiplexed model id {key!r} is not '<tenant_id>/<user>'")
-        return cls(int(tenant), user)
+        return cls(int(tenant), user or None)
 
 
 @dataclass(frozen=True)

@@ -405,7 +405,7 @@ def generate(
 
 
 def complete(
-    user: str,
+    user: str | None,
     prompt: str | list[str],
     *,
     max_tokens: int = 16,
@@ -415,7 +415,9 @@ def complete(
     stop: str | list[str] | None = None,
     model: str = "lorafleet",
 ) -> Call[s.CompletionResponse]:
-    """OpenAI-style ``/v1/completions`` for ``user`` (OpenAI's defaults: 16 tokens, temperature 1)."""
+    """OpenAI-style ``/v1/completions`` for ``user`` (OpenAI's defaults: 16 tokens, temperature 1). ``model``:
+    ``lorafleet`` (the user's bank; the base model for ``user=None``), ``base``, ``task:<name>[@<n>]`` or
+    ``<user>/<adapter>[@<n>]`` (one adapter, live or pinned); see ``models()``."""
     request = s.CompletionRequest(
         user=user,
         prompt=prompt,
@@ -431,7 +433,7 @@ def complete(
 
 
 def chat(
-    user: str,
+    user: str | None,
     messages: Sequence[Message],
     *,
     max_tokens: int | None = None,
@@ -442,7 +444,7 @@ def chat(
     model: str = "lorafleet",
 ) -> Call[s.ChatCompletionResponse]:
     """OpenAI-style ``/v1/chat/completions`` for ``user`` (messages as dicts or ``ChatMessage``), rendered with
-    the backbone's chat template and ended at its end-of-turn token."""
+    the backbone's chat template and ended at its end-of-turn token; ``model`` as for ``complete``."""
     request = s.ChatCompletionRequest(
         user=user,
         messages=chat_messages(messages),
@@ -475,6 +477,11 @@ def create_api_key(tenant: str) -> Call[s.ApiKeyCreated]:
 
 def list_tenants() -> Call[list[s.TenantOut]]:
     return Call("GET", "/v1/tenants", _parser(list[s.TenantOut]))
+
+
+def models() -> Call[s.ModelList]:
+    """``GET /v1/models``: what a generation's ``model`` may name (pinned adapter versions are not listed)."""
+    return Call("GET", "/v1/models", _parser(s.ModelList))
 
 
 def health() -> Call[s.HealthOut]:

@@ -136,6 +136,7 @@ class _Calls:
     # --- generation -----------------------------------------------------------------------------------------
     generate = _Endpoint(c.generate)
     complete = _Endpoint(c.complete)
+    models = _Endpoint(c.models)
     chat = _Endpoint(c.chat)
 
     # --- admin and health -----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from lorafleet.feedback import (
     SftFeedback,
 )
 from lorafleet.sdk.training import TrainingConfigOut, TrainingOverrides, TrainingValues, TrainRequest
-from lorafleet.serving.requests import MIN_TEMPERATURE
+from lorafleet.serving.requests import BANK_MODEL, MIN_TEMPERATURE
 
 #: the limits of ``lorafleet.serving.requests`` (repeated here so the schemas need no serving import)
 MAX_NEW_TOKENS = 4096
@@ -63,11 +63,14 @@ __all__ = [
     "LineageEdgeOut",
     "LineageNodeOut",
     "LineageOut",
+    "ModelList",
+    "ModelOut",
     "PreferenceFeedback",
     "PromoteRequest",
     "QAReportOut",
     "RatingFeedback",
     "ReadyOut",
+    "ResponseFormat",
     "RollbackRequest",
     "ServedByOut",
     "ServingInfo",
@@ -75,6 +78,7 @@ __all__ = [
     "TenantCreate",
     "TenantCreated",
     "TenantOut",
+    "TextPart",
     "TrainRequest",
     "TrainSubmitted",
     "TrainingConfigOut",
@@ -458,22 +462,51 @@ class GenerateResponse(ServingInfo):
 
 # --- OpenAI-compatible ------------------------------------------------------------------------------------------
 class _OpenAIRequest(_Sampling):
-    """Fields of OpenAI's bodies that lorafleet serves; others are ignored, unsupported values refused."""
+    """Fields of OpenAI's bodies that lorafleet serves. A field it does not honour is refused (422 naming it),
+    never silently ignored: an unknown field, and a known one set to anything but its no-op value (``n`` above
+    1, ``stream``, ``tools``, ``response_format`` other than text, penalties other than 0, ``logit_bias``...).
 
-    model_config = ConfigDict(extra="ignore")
+    ``model`` says what serves the request (``lorafleet.serving.requests.ModelRef``): ``lorafleet`` (the
+    default) the user's adapter bank, ``base`` the base model, ``task:<name>[@<n>]`` or
+    ``<user>/<adapter>[@<n>]`` one adapter, live or pinned; ``GET /v1/models`` lists them. ``user`` is optional
+    as in OpenAI: without it ``lorafleet`` is the base model."""
 
-    model: str = "lorafleet"
-    user: str = Field(min_length=1, max_length=256, description="The user whose adapter bank serves this.")
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(default=BANK_MODEL, min_length=1, max_length=600)
+    user: str | None = Field(
+        default=None, min_length=1, max_length=256, description="The user whose adapter bank serves this."
+    )
     temperature: float = Field(default=1.0, ge=0.0, le=100.0)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
-    stream: Literal[False] = Field(default=False, description="Streaming is not supported.")
+    stream: Literal[False] | None = Field(default=None, description="Streaming is not supported yet.")
+    # accepted at their no-op values only (refused otherwise, with the field named)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stream_options: None = None
+    service_tier: Literal["auto", "default"] | None = None
 
     @field_validator("stop")
     @classmethod
     def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        return value
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float | None) -> float | None:
+        if value:
+            raise ValueError("penalties are not supported (0 or absent only)")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("logit_bias is not supported")
         return value
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -485,9 +518,10 @@ class _OpenAIRequest(_Sampling):
 class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str] = Field(description="One prompt, or several (one choice each).")
     max_tokens: int = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
-    echo: Literal[False] = False
-    logprobs: None = None
+    echo: Literal[False] | None = Field(default=None, description="Echoing the prompt is not supported.")
+    logprobs: None = Field(default=None, description="Log probabilities are not supported yet.")
     best_of: int | None = Field(default=None, ge=1, le=1)
+    suffix: None = None
 
     @field_validator("prompt")
     @classmethod
@@ -503,20 +537,71 @@ class CompletionRequest(_OpenAIRequest):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
-class ChatMessage(BaseModel):
-    """One message of a chat request; OpenAI's ``developer`` role is taken as ``system``."""
+class TextPart(BaseModel):
+    """A text part of a message's content (OpenAI's ``{"type": "text", "text": ...}``); other parts (images,
+    audio, files) are refused."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat request: OpenAI's ``developer`` role is taken as ``system``; content is a string or
+    a list of text parts (joined); ``name`` is accepted (it does not change rendering). Tool and function
+    messages, and tool calls, are refused."""
+
+    model_config = ConfigDict(extra="forbid")
 
     role: FeedbackRole
-    content: str
+    content: str | list[TextPart]
+    name: str | None = Field(default=None, max_length=256)
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(BaseModel):
+    """Only plain text: JSON modes need constrained decoding, which lorafleet does not do yet."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
 
 
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    logprobs: Literal[False] | None = None
+    logprobs: Literal[False] | None = Field(
+        default=None, description="Log probabilities are not supported yet."
+    )
+    top_logprobs: None = None
+    response_format: ResponseFormat | None = None
+    # tools are not supported: absent, null, an empty list or tool_choice "none" only
+    tools: list[Any] | None = Field(default=None, max_length=0)
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: Literal[False] | None = None
+    functions: list[Any] | None = Field(default=None, max_length=0)
+    function_call: Literal["none"] | None = None
+
+
+class ModelOut(_Out):
+    """One entry of ``GET /v1/models`` (OpenAI's model object)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    description: str | None = None
+
+
+class ModelList(_Out):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
 
 
 class CompletionChoice(_Out):

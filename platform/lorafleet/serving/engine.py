@@ -34,11 +34,17 @@ import torch
 
 from lorafleet.adapters.bank import AdapterBank
 from lorafleet.backbone.chat import chat_stop_strings, encode_messages, last_user_content
-from lorafleet.errors import GenerationError, InvalidStateError, LorafleetError, ValidationError
+from lorafleet.errors import (
+    GenerationError,
+    InvalidStateError,
+    LorafleetError,
+    ModelNotFoundError,
+    ValidationError,
+)
 from lorafleet.serving.cache import AdapterCache, Lease
 from lorafleet.serving.decode import BatchDecoder, RowOutput, RowSpec, left_pad
 from lorafleet.serving.metrics import BatchRecord, ServingMetrics
-from lorafleet.serving.requests import GenerationRequest, GenerationResult, ServedBy
+from lorafleet.serving.requests import GenerationRequest, GenerationResult, ModelRef, ServedBy
 
 if TYPE_CHECKING:
     from lorafleet.backbone import Backbone
@@ -49,13 +55,15 @@ if TYPE_CHECKING:
 
 #: ``resolve_bank(tenant_id, user_external_id) -> UserBank`` (e.g. ``routing.resolve_user_bank`` over a database)
 ResolveBank = Callable[[int, str], "UserBank"]
+#: a one-adapter bank for a ``model`` that names an adapter (``ModelRef`` of kind ``adapter``)
+ResolveModel = Callable[[int, ModelRef], "UserBank"]
 #: ``gate_factory(user_bank) -> Gate``
 GateFactory = Callable[["UserBank"], "Gate"]
 #: ``embed(backbone, bank, input_ids [batch, seq], attention_mask [batch, seq]) -> [batch, hidden]``
 Embed = Callable[["Backbone", AdapterBank, torch.Tensor, torch.Tensor], torch.Tensor]
 Outcome = GenerationResult | LorafleetError
 #: told of a request whose logits were not finite: the user's bank and the members that served the row
-OnNonFinite = Callable[["UserBank", Sequence["BankMember"]], None]
+OnNonFinite = Callable[["UserBank", Sequence["BankMember"]], object]
 #: gates kept by the default gate factory
 GATE_CACHE_SIZE = 256
 logger = logging.getLogger(__name__)
@@ -90,11 +98,13 @@ class GenerationEngine:
         embed_max_tokens: int | None = None,
         metrics: ServingMetrics | None = None,
         on_nonfinite: OnNonFinite | None = None,
+        resolve_model: ResolveModel | None = None,
     ) -> None:
         """``embed_max_tokens``: gates see the last tokens of a long prompt only, as routing keys are made
         (default: ``routing.embeddings.DEFAULT_MAX_PROMPT_TOKENS``). ``on_nonfinite``: called (after the batch,
         outside the model lock; its errors are logged, never raised) for each request whose adapters produced
-        non-finite logits."""
+        non-finite logits. ``resolve_model``: the bank of one adapter a request's ``model`` names
+        (``database_model_resolver``); without it such requests fail with ``ModelNotFoundError``."""
         from lorafleet.routing.embeddings import DEFAULT_MAX_PROMPT_TOKENS
 
         if cache.bank is not bank:
@@ -106,6 +116,7 @@ class GenerationEngine:
         self._embed_max_tokens = embed_max_tokens or DEFAULT_MAX_PROMPT_TOKENS
         self.metrics = metrics or ServingMetrics()
         self._on_nonfinite = on_nonfinite
+        self._resolve_model = resolve_model
         self._decoder = BatchDecoder(backbone.model, bank, backbone.tokenizer, device=backbone.device)
         self._model_lock = threading.Lock()  # one batch at a time through the model (one routing plan)
         config = backbone.model.config
@@ -145,16 +156,25 @@ class GenerationEngine:
 
     # --- the steps of a batch --------------------------------------------------------------------------------
     def _prepare(self, requests: Sequence[GenerationRequest], outcomes: list[Outcome | None]) -> list[_Row]:
-        """Tokenise and check each prompt, and resolve each user's bank once per batch."""
-        banks: dict[tuple[int, str], UserBank | LorafleetError] = {}
+        """Tokenise and check each prompt, and resolve what serves it once per batch: the user's bank (model
+        ``lorafleet``), nothing (``base``, or no user), or one adapter's version (``ModelRef`` of an adapter)."""
+        banks: dict[tuple[int, str, str], UserBank | LorafleetError] = {}
         rows = []
         for index, request in enumerate(requests):
             try:
                 prompt_ids, stops = self._tokenize(request)
-                key = (request.tenant_id, request.user)
-                if key not in banks:
-                    banks[key] = self._resolve(key)
-                bank = banks[key]
+                ref = request.model_ref
+                bank: UserBank | LorafleetError | None = None
+                if ref.kind == "bank" and request.user is not None:
+                    key = (request.tenant_id, "bank", request.user)
+                    if key not in banks:
+                        banks[key] = self._resolve(self._resolve_bank, request.tenant_id, request.user)
+                    bank = banks[key]
+                elif ref.kind == "adapter":
+                    key = (request.tenant_id, "model", request.model)
+                    if key not in banks:
+                        banks[key] = self._resolve(self._pinned, request.tenant_id, ref)
+                    bank = banks[key]
                 if isinstance(bank, LorafleetError):
                     raise bank
             except LorafleetError as exc:
@@ -163,11 +183,19 @@ class GenerationEngine:
             rows.append(_Row(index, request, prompt_ids, stops=stops, bank=bank))
         return rows
 
-    def _resolve(self, key: tuple[int, str]) -> UserBank | LorafleetError:
+    @staticmethod
+    def _resolve(
+        resolve: Callable[[int, Any], UserBank], tenant_id: int, what: Any
+    ) -> UserBank | LorafleetError:
         try:
-            return self._resolve_bank(*key)
+            return resolve(tenant_id, what)
         except LorafleetError as exc:
             return exc
+
+    def _pinned(self, tenant_id: int, ref: ModelRef) -> UserBank:
+        if self._resolve_model is None:
+            raise ModelNotFoundError(f"this engine serves no adapter models (asked for {ref})")
+        return self._resolve_model(tenant_id, ref)
 
     def _tokenize(self, request: GenerationRequest) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """The rendered prompt's ids (checked against the context length) and the stop strings it adds."""
@@ -399,6 +427,15 @@ def database_resolver(db: Database) -> ResolveBank:
     from lorafleet.routing.bank import resolve_user_bank
 
     return lambda tenant_id, user: resolve_user_bank(db, tenant_id=tenant_id, user_external_id=user)
+
+
+def database_model_resolver(db: Database) -> ResolveModel:
+    """``resolve_model`` over the metadata database (``routing.resolve_model_bank``)."""
+    from lorafleet.routing.bank import resolve_model_bank
+
+    return lambda tenant_id, ref: resolve_model_bank(
+        db, tenant_id=tenant_id, owner=ref.owner, adapter=ref.adapter, version=ref.version
+    )
 
 
 def _default_embed(backbone: Backbone, bank: AdapterBank, ids: torch.Tensor, mask: torch.Tensor) -> Any:

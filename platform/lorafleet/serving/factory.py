@@ -55,7 +55,7 @@ def build_engine(
     """
     from lorafleet.routing.embeddings import common_direction, embed_prompts
     from lorafleet.serving.cache import AdapterCache
-    from lorafleet.serving.engine import GenerationEngine, database_resolver
+    from lorafleet.serving.engine import GenerationEngine, database_model_resolver, database_resolver
 
     backbone = load_backbone(
         settings.backbone,
@@ -71,6 +71,7 @@ def build_engine(
         bank,
         cache,
         resolve_bank=database_resolver(db),
+        resolve_model=database_model_resolver(db),
         gate_factory=registry_gate_factory(
             registry,
             fingerprint=bank.fingerprint,

@@ -1,6 +1,7 @@
 """What a caller asks the serving engine for and what it gets back (plain objects; importing this needs no torch).
 
-A request names a user of a tenant and what to answer, in one of three forms the engine renders
+A request names a user of a tenant (or none), a ``model`` (``ModelRef``: the user's bank by default) and what to
+answer, in one of three forms the engine renders
 (``lorafleet.backbone.chat``, as training renders examples): ``messages`` (a conversation, through the backbone's
 chat template); a ``prompt`` (by default one user turn of that same template, so a plain prompt is answered as
 adapters were trained); or a ``prompt`` with ``raw=True`` (the text as is, for text completion). It carries its
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from lorafleet.backbone.chat import CHAT_ROLES
-from lorafleet.errors import ValidationError
+from lorafleet.errors import ModelNotFoundError, ValidationError
 
 if TYPE_CHECKING:
     import torch
@@ -31,13 +32,69 @@ MIN_TEMPERATURE = 1e-3
 Turn = tuple[str, str]
 
 
+#: the ``model`` that serves a request through its user's adapter bank (the default)
+BANK_MODEL = "lorafleet"
+#: the ``model`` that serves a request by the base model alone, whoever the user
+BASE_MODEL = "base"
+#: the prefix of a tenant task adapter's model id: ``task:<name>`` (live version) or ``task:<name>@<n>``
+TASK_MODEL_PREFIX = "task:"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a request's ``model`` names (OpenAI's ``model`` field; ``GET /v1/models`` lists the first three):
+
+    - ``lorafleet``: the request's user's adapter bank, gated per request (the base model when the request has
+      no user, or the user has no adapters);
+    - ``base``: the base model alone;
+    - ``task:<name>``: the tenant's task adapter ``name`` alone, at its live version; ``task:<name>@<n>`` at
+      version ``n``;
+    - ``<user>/<adapter>`` or ``<user>/<adapter>@<n>``: one user's adapter alone, live or pinned at version
+      ``n`` (reproducible answers: a pinned version does not move with promotions and rollbacks).
+
+    Anything else raises ``ModelNotFoundError`` (404 ``model_not_found``).
+    """
+
+    kind: Literal["bank", "base", "adapter"]
+    #: the adapter's owner (a user's external id); None for a task adapter
+    owner: str | None = None
+    adapter: str = ""
+    #: the pinned version number; None: the live version
+    version: int | None = None
+
+    @classmethod
+    def parse(cls, model: object) -> ModelRef:
+        if not isinstance(model, str) or not model:
+            raise ValidationError("model: must be a non-empty string")
+        if model == BANK_MODEL:
+            return cls("bank")
+        if model == BASE_MODEL:
+            return cls("base")
+        name, version = model, None
+        head, at, tail = model.rpartition("@")
+        if at and tail.isdigit() and head:
+            name, version = head, int(tail)
+            if version < 1:
+                raise ModelNotFoundError(f"model {model!r}: versions are numbered from 1")
+        if name.startswith(TASK_MODEL_PREFIX) and len(name) > len(TASK_MODEL_PREFIX):
+            return cls("adapter", None, name[len(TASK_MODEL_PREFIX) :], version)
+        owner, slash, adapter = name.rpartition("/")
+        if slash and owner and adapter:
+            return cls("adapter", owner, adapter, version)
+        raise ModelNotFoundError(
+            f"model {model!r} not found: use {BANK_MODEL!r} (the user's adapters), {BASE_MODEL!r}, "
+            f"'task:<name>[@<version>]' or '<user>/<adapter>[@<version>]' (GET /v1/models)"
+        )
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One prompt or conversation of one user; ``stop`` strings end generation (the stop string itself is not
     returned), as does the backbone's end-of-turn token."""
 
     tenant_id: int
-    user: str
+    #: the user's external id; None: no user (the base model, unless ``model`` names an adapter)
+    user: str | None
     #: the text to answer (empty when ``messages`` are given)
     prompt: str = ""
     max_new_tokens: int = 32
@@ -53,6 +110,8 @@ class GenerationRequest:
     messages: tuple[Turn, ...] = ()
     #: feed ``prompt`` as is, without the chat template (OpenAI's text completion)
     raw: bool = False
+    #: what serves the request (``ModelRef``): the user's bank by default
+    model: str = BANK_MODEL
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -62,6 +121,10 @@ class GenerationRequest:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def model_ref(self) -> ModelRef:
+        return ModelRef.parse(self.model)
 
 
 def _turns(messages: object) -> tuple[Turn, ...]:
@@ -96,8 +159,9 @@ def _check_input(r: GenerationRequest) -> None:
 def _check_request(r: GenerationRequest) -> None:
     if isinstance(r.tenant_id, bool) or not isinstance(r.tenant_id, int):
         raise ValidationError(f"tenant_id must be an int, got {r.tenant_id!r}")
-    if not isinstance(r.user, str) or not r.user:
-        raise ValidationError("user must be a non-empty string (the user's external id)")
+    if r.user is not None and (not isinstance(r.user, str) or not r.user):
+        raise ValidationError("user must be a non-empty string (the user's external id) or absent")
+    ModelRef.parse(r.model)
     _check_input(r)
     if isinstance(r.max_new_tokens, bool) or not 1 <= r.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
         raise ValidationError(
@@ -158,7 +222,11 @@ class GenerationResult:
 
 
 __all__ = [
+    "BANK_MODEL",
+    "BASE_MODEL",
     "MAX_NEW_TOKENS_LIMIT",
+    "TASK_MODEL_PREFIX",
+    "ModelRef",
     "MIN_TEMPERATURE",
     "FinishReason",
     "GenerationRequest",

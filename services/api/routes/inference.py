@@ -1,5 +1,7 @@
 """Generation through a user's adapter bank: ``/v1/users/{user_id}/generate`` and the OpenAI-compatible
-``/v1/completions`` and ``/v1/chat/completions``, where the body's ``user`` selects the bank.
+``/v1/completions`` and ``/v1/chat/completions``, where the body's ``user`` selects the bank and ``model`` what
+serves it (``lorafleet.serving.requests.ModelRef``: the bank, ``base``, or one adapter, live or pinned), and
+``GET /v1/models``.
 
 Requests from every caller are batched together by the serving engine's queue. The gate picks and weights the
 user's adapters per request; responses say which versions served them (``served_by``, and the ``lorafleet``
@@ -20,8 +22,15 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter
 
+from lorafleet.routing.bank import served_task_models
 from lorafleet.sdk import schemas as s
-from lorafleet.serving.requests import GenerationRequest, GenerationResult
+from lorafleet.serving.requests import (
+    BANK_MODEL,
+    BASE_MODEL,
+    TASK_MODEL_PREFIX,
+    GenerationRequest,
+    GenerationResult,
+)
 from services.api import convert
 from services.api.deps import CurrentTenant, Services, UserId
 from services.api.runtime import ApiServices
@@ -43,11 +52,12 @@ def _serve(
     services: ApiServices,
     *,
     tenant_id: int,
-    user: str,
+    user: str | None,
     inputs: Sequence[_Input],
     max_tokens: int,
     sampling: s.GenerateRequest | s.CompletionRequest | s.ChatCompletionRequest,
     stop: tuple[str, ...],
+    model: str = BANK_MODEL,
 ) -> list[GenerationResult]:
     requests = [
         GenerationRequest(
@@ -61,6 +71,7 @@ def _serve(
             top_p=sampling.top_p,
             seed=sampling.seed,
             stop=stop,
+            model=model,
         )
         for given in inputs
     ]
@@ -97,6 +108,7 @@ def completions(services: Services, tenant: CurrentTenant, body: s.CompletionReq
         max_tokens=body.max_tokens,
         sampling=body,
         stop=body.stop_strings(),
+        model=body.model,
     )
     return s.CompletionResponse(
         id=f"cmpl-{uuid.uuid4().hex}",
@@ -117,7 +129,7 @@ def chat_completions(
 ) -> s.ChatCompletionResponse:
     """OpenAI's chat completions API through the backbone's chat template; ``user`` selects the bank."""
     max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_MAX_TOKENS
-    messages = tuple((m.role, m.content) for m in body.messages)
+    messages = tuple((m.role, m.text()) for m in body.messages)
     (result,) = _serve(
         services,
         tenant_id=tenant.id,
@@ -126,6 +138,7 @@ def chat_completions(
         max_tokens=max_tokens,
         sampling=body,
         stop=body.stop_strings(),
+        model=body.model,
     )
     return s.ChatCompletionResponse(
         id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -141,3 +154,30 @@ def chat_completions(
         usage=convert.usage([result]),
         lorafleet=convert.serving_info(result),
     )
+
+
+@router.get("/v1/models", response_model=s.ModelList)
+def list_models(services: Services, tenant: CurrentTenant) -> s.ModelList:
+    """OpenAI's model list: ``lorafleet`` (each request's user's adapter bank), ``base`` and the tenant's task
+    adapters with a live version (``task:<name>``). A user's adapter (``<user>/<adapter>[@<n>]``) and pinned
+    versions are served too but not listed: there is one per user and version."""
+    created = int(time.time())
+    data = [
+        s.ModelOut(
+            id=BANK_MODEL,
+            created=created,
+            owned_by="lorafleet",
+            description="The request's user's adapter bank, gated per request (the base model without a user).",
+        ),
+        s.ModelOut(id=BASE_MODEL, created=created, owned_by="lorafleet", description="The base model alone."),
+    ]
+    for name in served_task_models(services.db, tenant_id=tenant.id):
+        data.append(
+            s.ModelOut(
+                id=f"{TASK_MODEL_PREFIX}{name}",
+                created=created,
+                owned_by=f"tenant {tenant.id}",
+                description=f"The task adapter {name!r} alone, at its live version (add '@<n>' to pin one).",
+            )
+        )
+    return s.ModelList(data=data)

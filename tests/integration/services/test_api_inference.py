@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from api_helpers import ApiServer, Library, TenantHandle, live_personal_version, sft
+from api_helpers import ApiServer, Library, TenantHandle, live_personal_version, live_task_version, sft
 
 from lorafleet.sdk import errors
 
@@ -30,27 +30,27 @@ def test_the_openai_client_calls_completions_and_chat_for_a_user(
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key=tenant.api_key, max_retries=0)
 
     completion = client.completions.create(
-        model="tiny", prompt="The weather today is", max_tokens=6, temperature=0, user="olga"
+        model="lorafleet", prompt="The weather today is", max_tokens=6, temperature=0, user="olga"
     )
     (choice,) = completion.choices
-    assert completion.object == "text_completion" and completion.model == "tiny"
+    assert completion.object == "text_completion" and completion.model == "lorafleet"
     assert choice.finish_reason in ("stop", "length") and isinstance(choice.text, str)
     assert completion.usage is not None and completion.usage.completion_tokens <= 6
     (served,) = (completion.model_extra or {})["lorafleet"]
     assert served["versions"] == {"personal": 1} and served["gate_weights"] == {"personal": 1.0}
 
     again = client.completions.create(
-        model="tiny", prompt="The weather today is", max_tokens=6, temperature=0, user="olga"
+        model="lorafleet", prompt="The weather today is", max_tokens=6, temperature=0, user="olga"
     )
     assert again.choices[0].text == choice.text  # greedy: the same text
     base = client.completions.create(
-        model="tiny", prompt=["a", "b", "c"], max_tokens=3, temperature=0, user="new"
+        model="lorafleet", prompt=["a", "b", "c"], max_tokens=3, temperature=0, user="new"
     )
     assert [c.index for c in base.choices] == [0, 1, 2]
     assert [s["served_by"] for s in (base.model_extra or {})["lorafleet"]] == [[], [], []]
 
     chat = client.chat.completions.create(
-        model="tiny",
+        model="lorafleet",
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
         max_tokens=5,
         temperature=0,
@@ -114,13 +114,19 @@ def test_generate_is_one_user_turn_unless_raw_and_chat_renders_the_plain_format_
     [
         ({"prompt": "x", "n": 2, "user": "u"}, "n"),
         ({"prompt": "x", "stream": True, "user": "u"}, "stream"),
-        ({"prompt": "x"}, "user"),
+        ({"prompt": "x", "user": "u", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": "x", "user": "u", "logit_bias": {"42": 5}}, "logit_bias"),
+        ({"prompt": "x", "user": "u", "echo": True}, "echo"),
+        ({"prompt": "x", "user": "u", "logprobs": 2}, "logprobs"),
+        ({"prompt": "x", "user": "u", "suffix": "!"}, "suffix"),
+        ({"prompt": "x", "user": "u", "an_unknown_field": 1}, "an_unknown_field"),
+        ({"prompt": "x", "user": "u", "temperature": 1e-40}, "temperature"),
         ({"prompt": "", "user": "u"}, "prompt"),
         ({"prompt": "x", "user": "u", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "x", "user": "u", "top_p": 0}, "top_p"),
     ],
 )
-def test_unsupported_openai_options_are_422_naming_the_field(
+def test_unsupported_openai_options_are_422_naming_the_field_never_ignored(
     api: ApiServer, make_tenant: Callable[[], TenantHandle], body: dict[str, object], field: str
 ) -> None:
     tenant = make_tenant()
@@ -278,3 +284,70 @@ def test_one_poisoned_request_among_eight_other_tenants_fails_alone_and_queues_a
     for field, value in (("temperature", 1e-40), ("top_p", 0.0)):
         refused = ask(mallory, "mallory", {"temperature": 1.0, field: value})
         assert refused.status_code == 422 and refused.json()["error"]["field"] == field
+
+
+def test_models_base_pinned_and_task_models_and_optional_user_through_the_openai_client(
+    api: ApiServer,
+    make_tenant: Callable[[], TenantHandle],
+    library: Library,
+    adapter_folder: Callable[[int], Path],
+) -> None:
+    """``model`` says what serves a request: the user's bank (``lorafleet``), ``base``, a task adapter or a user's
+    adapter, live or pinned at a version; ``GET /v1/models`` lists what is not per user; unknown models are
+    404 ``model_not_found`` as in OpenAI; ``user`` may be left out (the base model)."""
+    tenant = make_tenant()
+    live_personal_version(library, tenant_id=tenant.id, user="pia", folder=adapter_folder(4))
+    live_personal_version(library, tenant_id=tenant.id, user="pia", folder=adapter_folder(5))  # v2 is live
+    live_task_version(library, tenant_id=tenant.id, task="summaries", folder=adapter_folder(6))
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key=tenant.api_key, max_retries=0)
+
+    assert [m.id for m in client.models.list().data] == ["lorafleet", "base", "task:summaries"]
+
+    def served(model: str, user: str | None = "pia") -> tuple[str, list[dict[str, object]]]:
+        extra = {} if user is None else {"user": user}
+        c = client.completions.create(model=model, prompt="Hi", max_tokens=4, temperature=0, **extra)  # type: ignore[call-overload]
+        (info,) = (c.model_extra or {})["lorafleet"]
+        return c.choices[0].text, info["served_by"]
+
+    base_text, by = served("base")
+    assert by == [] and served("lorafleet", user=None) == (base_text, [])  # no user: the base model
+    assert served("lorafleet", user="nobody-yet")[1] == []
+    assert [(b["adapter"], b["version"]) for b in served("lorafleet")[1]] == [("personal", 2)]
+    assert [(b["adapter"], b["version"]) for b in served("pia/personal")[1]] == [("personal", 2)]
+    pinned_text, pinned = served("pia/personal@1", user=None)
+    assert [(b["adapter"], b["version"]) for b in pinned] == [("personal", 1)]
+    assert served("pia/personal@1")[0] == pinned_text  # a pinned version answers the same, user or not
+    assert [(b["adapter"], b["version"]) for b in served("task:summaries")[1]] == [("summaries", 1)]
+    assert [(b["adapter"], b["version"]) for b in served("task:summaries@1")[1]] == [("summaries", 1)]
+
+    for unknown in ("gpt-4o", "pia/personal@7", "task:nothing", "nobody/personal", "pia/personal@0"):
+        with pytest.raises(openai.NotFoundError) as raised:
+            client.completions.create(model=unknown, prompt="Hi", max_tokens=2, user="pia")
+        assert raised.value.body["code"] == "model_not_found", (unknown, raised.value.body)  # type: ignore[index]
+
+    chat = client.chat.completions.create(
+        model="lorafleet",
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]},
+        ],
+        max_tokens=3,
+        temperature=0,
+        user="pia",
+        tools=[],
+        response_format={"type": "text"},
+    )
+    assert chat.usage is not None and chat.usage.prompt_tokens == len(
+        "system: Be brief.\nuser: Hello\nassistant:"
+    )
+    headers = {"Authorization": f"Bearer {tenant.api_key}"}
+    refused = {
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "response_format": {"type": "json_object"},
+        "tool_choice": "auto",
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+    }
+    for field, value in refused.items():
+        body = {"model": "lorafleet", "messages": [{"role": "user", "content": "Hi"}], field: value}
+        answer = httpx.post(f"{api.url}/v1/chat/completions", json=body, headers=headers)
+        assert answer.status_code == 422 and answer.json()["error"]["field"].startswith(field), answer.text

@@ -130,6 +130,58 @@ class RoutingRepository:
         )
         return [_live_row(row) for row in session.execute(stmt)]
 
+    def adapter_version(
+        self, session: Session, *, tenant_id: int, owner_user_id: int | None, name: str, number: int | None
+    ) -> LiveAdapterRow | None:
+        """One LoRA adapter of the tenant (a user's, or a task's when ``owner_user_id`` is None) at version
+        ``number``, or at its live version when ``number`` is None; None when there is no such version."""
+        owner = (
+            SqlAdapter.owner_user_id.is_(None)
+            if owner_user_id is None
+            else SqlAdapter.owner_user_id == owner_user_id
+        )
+        stmt = select(
+            SqlAdapter.id,
+            SqlAdapter.name,
+            SqlAdapter.owner_user_id,
+            SqlAdapter.kind,
+            SqlAdapterVersion.id,
+            SqlAdapterVersion.number,
+            SqlAdapterVersion.sha256,
+            SqlAdapterVersion.size_bytes,
+            SqlAdapterVersion.rank,
+            SqlAdapterVersion.routing_key,
+        ).where(
+            SqlAdapter.tenant_id == tenant_id,
+            owner,
+            SqlAdapter.kind == AdapterKind.LORA,
+            SqlAdapter.name == name,
+        )
+        if number is None:
+            stmt = stmt.join(
+                SqlAlias, and_(SqlAlias.adapter_id == SqlAdapter.id, SqlAlias.name == LIVE)
+            ).join(SqlAdapterVersion, SqlAdapterVersion.id == SqlAlias.version_id)
+        else:
+            stmt = stmt.join(SqlAdapterVersion, SqlAdapterVersion.adapter_id == SqlAdapter.id).where(
+                SqlAdapterVersion.number == number
+            )
+        row = session.execute(stmt).first()
+        return None if row is None else _live_row(row)
+
+    def task_adapters_with_live_version(self, session: Session, *, tenant_id: int) -> list[str]:
+        """Names of the tenant's task (owner-less LoRA) adapters that have a live version, sorted."""
+        stmt = (
+            select(SqlAdapter.name)
+            .join(SqlAlias, and_(SqlAlias.adapter_id == SqlAdapter.id, SqlAlias.name == LIVE))
+            .where(
+                SqlAdapter.tenant_id == tenant_id,
+                SqlAdapter.owner_user_id.is_(None),
+                SqlAdapter.kind == AdapterKind.LORA,
+            )
+            .order_by(SqlAdapter.name)
+        )
+        return [str(name) for name in session.scalars(stmt)]
+
     # --- enrolments ---------------------------------------------------------------------------------------
     def find_task_adapter(self, session: Session, *, tenant_id: int, name: str) -> int | None:
         """The id of the tenant's shared (owner-less) LoRA adapter called ``name``, or None."""
