@@ -15,6 +15,7 @@ pydantic's own error, whether the config is built with ``TrainingConfig(...)`` o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,10 @@ class TrainingConfig(BaseModel):
     warmup_ratio: float = Field(default=0.1, ge=0.0, le=0.5)
     #: optimizer steps per job, the same for every user of the job (users train together)
     max_steps: int = Field(default=30, ge=1, le=100_000, strict=True)
+    #: a job runs at least this many passes over its largest user's rows (examples and anchors): more steps than
+    #: ``max_steps`` when a round brings more data (a continual round's replay doubles it), so that each row is
+    #: seen as often as in a first round (0 = off: exactly ``max_steps``)
+    min_epochs: float = Field(default=0.0, ge=0.0, le=100.0, allow_inf_nan=False)
     #: sequences per user per micro-step
     batch_size: int = Field(default=6, ge=1, le=1024, strict=True)
     grad_accum_steps: int = Field(default=1, ge=1, le=1024, strict=True)
@@ -84,6 +89,12 @@ class TrainingConfig(BaseModel):
         if data is not None and not isinstance(data, Mapping):
             raise ValidationError(f"training config must be an object, got {type(data).__name__}")
         return cls(**dict(data or {}))
+
+    def steps_for(self, rows: int) -> int:
+        """Optimizer steps of a job whose largest user has ``rows`` training rows: ``max_steps``, or more to make
+        ``min_epochs`` passes over them."""
+        per_step = self.batch_size * self.grad_accum_steps
+        return max(self.max_steps, math.ceil(self.min_epochs * rows / per_step))
 
     def with_changes(self, **changes: Any) -> TrainingConfig:
         """A validated copy with some fields changed (``model_copy(update=...)`` would skip validation)."""

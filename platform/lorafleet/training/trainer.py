@@ -131,7 +131,8 @@ def train_slots(
     prefix: FrozenPrefix | None = None,
     dense_budget_bytes: int | None = None,
 ) -> list[SlotResult]:
-    """Train every task's slot for ``config.max_steps`` optimizer steps together; results in task order.
+    """Train every task's slot for ``config.max_steps`` optimizer steps together (more when ``config.min_epochs``
+    asks for them: ``TrainingConfig.steps_for``); results in task order.
 
     Metrics per user: ``train_loss`` (mean of the last steps), ``train_loss_first``, ``steps``,
     ``train_examples``, ``holdout_examples``, ``tokens`` (completion tokens trained on), and when the holdout is
@@ -147,6 +148,12 @@ def train_slots(
     without dequantising the weights on every call.
     """
     _check_tasks(bank, tasks)
+    steps = min(100_000, config.steps_for(max((len(t.train) + len(t.anchors) for t in tasks), default=0)))
+    if steps != config.max_steps:  # min_epochs asks for more passes over this job's data
+        logger.info(
+            "training %d steps (max_steps %d): min_epochs %g", steps, config.max_steps, config.min_epochs
+        )
+        config = config.with_changes(max_steps=steps)
     # Adam's second moments of small LoRA gradients decay into subnormal floats, which x86 CPUs compute
     # about a hundred times slower (measured: a third of a step in AdamW's sqrt); flush them to zero.
     torch.set_flush_denormal(True)

@@ -128,3 +128,11 @@ def test_slot_config_resolves_target_modules() -> None:
         TrainingConfig(target_modules=r".*q_proj").slot_config()
     with pytest.raises(ValidationError, match="match no layer"):
         TrainingConfig(target_modules=r".*o_proj").slot_config(layer_names=layers)
+
+
+def test_min_epochs_adds_steps_for_a_job_with_more_rows() -> None:
+    config = TrainingConfig(max_steps=30, batch_size=6, min_epochs=4.0)
+    assert config.steps_for(37) == 30  # a first round: 4 passes fit in max_steps
+    assert config.steps_for(74) == 50  # a continual round with replay: twice the rows, 4 passes
+    assert TrainingConfig(max_steps=30).steps_for(1000) == 30  # off by default
+    assert config.with_changes(grad_accum_steps=2).steps_for(74) == 30

@@ -238,3 +238,14 @@ def test_learning_rate_warms_up_then_decays_on_a_cosine() -> None:
     assert all(a >= b for a, b in zip(factors[1:], factors[2:], strict=False))
     assert 0 < factors[-1] < 0.01
     assert lr_factor(0, total=5, warmup_ratio=0.0) == 1.0
+
+
+def test_min_epochs_trains_more_steps_when_a_job_has_more_rows(
+    fp32_bank: AdapterBank, tokenizer: Any, helpers: SimpleNamespace
+) -> None:
+    """The steps a job runs are its config's ``steps_for`` the largest user's rows (examples and anchors)."""
+    config = FAST.with_changes(max_steps=2, batch_size=4, min_epochs=2.0)
+    tasks = helpers.synthetic_tasks(fp32_bank, config, [0, 1])
+    rows = max(len(t.train) + len(t.anchors) for t in tasks)
+    results = train_slots(fp32_bank, tokenizer, tasks, config)
+    assert rows > 4 and all(r.metrics["steps"] == config.steps_for(rows) > 2 for r in results)
