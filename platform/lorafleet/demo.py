@@ -115,6 +115,7 @@ def _service(settings: Any, timeout: float) -> Iterator[_Server]:
     from services.api.runtime import ApiOptions
 
     from lorafleet.jobs import SchedulerPolicy
+    from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS
 
     policy = SchedulerPolicy(
         min_new_records=8, max_staleness=timedelta(seconds=5), users_per_job=5, max_active_jobs=2
@@ -129,6 +130,7 @@ def _service(settings: Any, timeout: float) -> Iterator[_Server]:
         preload_engine=True,
         engine_slots=8,
         max_batch_size=PARALLEL_REQUESTS,
+        training=SERVICE_TRAINING_DEFAULTS,  # what `lorafleet serve` trains with
     )
     server = _Server(create_app(settings, options=options))
     server.start(timeout)

@@ -14,6 +14,7 @@ import sys
 from lorafleet.config import load_settings
 from lorafleet.errors import LorafleetError
 from lorafleet.runtime.process import configure_logging
+from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS
 from services.api.app import create_app
 from services.api.runtime import ApiOptions
 
@@ -43,6 +44,7 @@ def _options(args: argparse.Namespace) -> ApiOptions:
         preload_engine=args.preload_engine,
         migrate=args.migrate,
         max_body_bytes=args.max_body_bytes,
+        training=SERVICE_TRAINING_DEFAULTS,  # under every tenant's overrides
     )
 
 

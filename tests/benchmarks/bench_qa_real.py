@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,17 +94,23 @@ def main() -> None:
         args.backbone, quantization=args.quantization, device="cpu", data_dir=Path(args.data_dir)
     )
     rows: list[dict[str, Any]] = []
-    for seed in args.seeds:
-        with tempfile.TemporaryDirectory(prefix=f"bench-qa-real-{seed}-") as tmp:
-            rows += run_seed(backbone, seed=seed, users=args.users, tmp=Path(tmp))
-        logger.info("seed %d done after %.0f s", seed, time.perf_counter() - started)
+
+    def save(new: list[dict[str, Any]]) -> None:  # every decision as soon as it is made
+        rows.extend(new)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1), encoding="utf-8")
+
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory(prefix=f"bench-qa-real-{seed}-") as tmp:
+            run_seed(backbone, seed=seed, users=args.users, tmp=Path(tmp), save=save)
+        logger.info("seed %d done after %.0f s", seed, time.perf_counter() - started)
     print(report(rows, args, time.perf_counter() - started))
 
 
-def run_seed(backbone: Backbone, *, seed: int, users: int, tmp: Path) -> list[dict[str, Any]]:
-    """Every kind's candidates of one seed, decided; one row per decision."""
+def run_seed(
+    backbone: Backbone, *, seed: int, users: int, tmp: Path, save: Callable[[list[dict[str, Any]]], None]
+) -> None:
+    """Every kind's candidates of one seed, decided; one row per decision, handed to ``save``."""
     config = TrainingConfig(seed=seed)  # the product's defaults
     env = make_env(tmp, backbone, config, slots=2 * users + 4, name=f"seed{seed}")
     try:
@@ -120,14 +127,11 @@ def run_seed(backbone: Backbone, *, seed: int, users: int, tmp: Path) -> list[di
         for person in people:
             send(env, env.tenant_id, f"good-{person.key}", person)
             send(env, under, f"undertrained-{person.key}", person)
-        rows = trained_through_jobs(env, trainer, runner, users)
+        save([{**row, "seed": seed} for row in trained_through_jobs(env, trainer, runner, users)])
         for person in people:
             for kind in ("harmful", "shuffled", "absurd"):
                 send(env, env.tenant_id, f"{kind}-{person.key}", person)
-        rows += hand_made(env, trainer, runner, people, tmp=tmp)
-        for row in rows:
-            row["seed"] = seed
-        return rows
+        save([{**row, "seed": seed} for row in hand_made(env, trainer, runner, people, tmp=tmp)])
     finally:
         release(env)
 
@@ -185,13 +189,15 @@ def hand_made(
 
 
 def swapped(train: list[Example], person: PersonalUser, other: PersonalUser) -> list[Example]:
-    """Each answer with the user's value replaced by the other user's value of the same fact."""
+    """Each answer with the user's value replaced by the other user's value of the same fact (as written, or
+    capitalised at the start of a sentence)."""
     out = []
     for e in train:
         kind = fact_of_question(e.prompt)
         mine, theirs = person.fact(kind).value, other.fact(kind).value
-        assert mine in e.completion, (mine, e.completion)
-        out.append(Example(e.record_id, e.prompt, e.completion.replace(mine, theirs), e.kind))
+        text = e.completion.replace(mine, theirs).replace(mine.capitalize(), theirs.capitalize())
+        assert text != e.completion, (mine, e.completion)
+        out.append(Example(e.record_id, e.prompt, text, e.kind))
     return out
 
 

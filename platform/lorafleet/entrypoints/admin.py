@@ -155,6 +155,7 @@ def serve(args: argparse.Namespace) -> int:
     from services.api.runtime import ApiOptions
 
     from lorafleet.config import load_settings
+    from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS
 
     settings = load_settings()
     options = ApiOptions(
@@ -163,6 +164,7 @@ def serve(args: argparse.Namespace) -> int:
         run_workers=args.workers,
         preload_engine=args.preload_engine,
         migrate=not args.no_migrate,
+        training=SERVICE_TRAINING_DEFAULTS,  # under every tenant's overrides
     )
     log.info(
         "serving on http://%s:%d: database %s, object store %s, ray %s, %d trainer actor(s)",

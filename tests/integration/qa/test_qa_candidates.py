@@ -82,7 +82,9 @@ def test_good_candidates_are_promoted_through_qa_jobs_with_complete_linked_repor
 
     report, document = load_report(world.db, world.registry, report_id=r2.id, tenant_id=world.tenant_id)
     assert (
-        report == r2 and document["decision"] == "promote" and document["policy"] == QAPolicy(epsilon_probe=RANDOM_INIT_EPSILON_PROBE).model_dump()
+        report == r2
+        and document["decision"] == "promote"
+        and document["policy"] == QAPolicy(epsilon_probe=RANDOM_INIT_EPSILON_PROBE).model_dump()
     )  # the report records the bound QA used: the tiny backbone's
     assert document["version"]["id"] == v2.id and document["previous"]["id"] == v1.id
     assert document["sanity"]["passed"] and document["probe"]["version"] == "probe/2"

@@ -89,4 +89,6 @@ def test_decoding_counts_the_steps_whose_logits_are_not_finite(
     finally:
         head.weight.data[0] = saved
     # the row ends at its first non-finite step, with the reason (serving turns it into that request's error)
-    assert broken.nonfinite_steps == 1 and not broken.token_ids and broken.error == "non-finite logits at step 1"
+    assert (
+        broken.nonfinite_steps == 1 and not broken.token_ids and broken.error == "non-finite logits at step 1"
+    )

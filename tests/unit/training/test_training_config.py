@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lorafleet.errors import ValidationError
-from lorafleet.training.config import TrainingConfig
+from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS, TrainingConfig
 
 
 def test_defaults_are_the_measured_ones() -> None:
@@ -16,6 +16,9 @@ def test_defaults_are_the_measured_ones() -> None:
     assert (config.batch_size, config.grad_accum_steps, config.max_grad_norm) == (6, 1, 1.0)
     assert (config.replay_ratio, config.l2_to_parent, config.holdout_fraction) == (1.0, 0.0, 0.2)
     assert (config.target_modules, config.layers, config.anchor_ratio) == ("all-linear", "top 6", 0.3)
+    assert config.min_epochs == 0.0 and SERVICE_TRAINING_DEFAULTS == {
+        "min_epochs": 4.0
+    }  # the services' default
     assert config.outside_typical_ranges() == []
 
 
@@ -134,5 +137,5 @@ def test_min_epochs_adds_steps_for_a_job_with_more_rows() -> None:
     config = TrainingConfig(max_steps=30, batch_size=6, min_epochs=4.0)
     assert config.steps_for(37) == 30  # a first round: 4 passes fit in max_steps
     assert config.steps_for(74) == 50  # a continual round with replay: twice the rows, 4 passes
-    assert TrainingConfig(max_steps=30).steps_for(1000) == 30  # off by default
+    assert TrainingConfig(max_steps=30).steps_for(1000) == 30  # off in the library's default
     assert config.with_changes(grad_accum_steps=2).steps_for(74) == 30
