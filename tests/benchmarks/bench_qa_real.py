@@ -311,8 +311,8 @@ def decision_row(env: Env, report_id: int) -> dict[str, Any]:
         "failed": sorted(r["rule"] for r in document["rules"] if not r["passed"])
         or [p.split(":")[0] for p in document["sanity"]["problems"]],
         "reasons": list(report.reasons),
-        "f1": answers.get("token_f1"),
-        "reference_f1": answers.get("reference_token_f1"),
+        "f1": answers.get("answer_f1"),
+        "reference_f1": answers.get("reference_answer_f1"),
         "p": answers.get("p_value"),
         "seconds": report.summary.get("seconds"),
         "decode_seconds": decode,
@@ -324,7 +324,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float)
         f"QA decisions on {args.backbone} ({args.quantization}), seeds {args.seeds}, {args.users} users per kind "
         f"and seed, default QAPolicy, {seconds:.0f} s in all",
         "",
-        "| candidates | n | promoted | rejected | other | failed rules (count) | token F1: candidate / reference "
+        "| candidates | n | promoted | rejected | other | failed rules (count) | answer F1: candidate / reference "
         "| s per decision (median) | decoding share |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

@@ -1,16 +1,19 @@
 """Answer-level evidence: how a greedy answer is scored against its feedback target, and the paired test.
 
-**Metric.** Both texts are normalised (``normalize``: Unicode NFKC, lower case, every character that is not a
-letter, digit or whitespace becomes a space, whitespace collapsed), then
+**Metric: answer F1** (``answer_f1``). Both texts are normalised (``normalize``: Unicode NFKC, lower case, every
+character that is not a letter, digit or whitespace becomes a space, whitespace collapsed) and split into
+words. The words that carry no answer are then left out of both: English function words (``STOPWORDS``: "your",
+"is", "the", "you", ...; SQuAD's metric drops articles for the same reason) and every word of the prompt (echoing
+the question is not an answer). The score is the F1 of what is left, counted as multisets. So "Your pet is
+called Pretzel." scores 0 against the target "Your pet is called Marmalade." (it shares only the question's
+words and the template), where plain token F1 gave it 0.8 and let adapters trained on another user's answers,
+or on shuffled answers, through QA (``tests/benchmarks/bench_qa_real.py``). A house style keeps its signal:
+"We're sorry to hear that ... a support agent will contact you within 24 hours" keeps "sorry", "hear",
+"support", "agent", "contact", "24", "hours". When the target has no such word left (it only repeats the
+prompt or is all function words) the plain token F1 of the whole texts is used. Two empty texts score 1, one
+empty text 0. *Exact match* (the normalised texts are equal) is reported beside it.
 
-- *exact match*: the normalised answer equals the normalised target;
-- *token F1*: the harmonic mean of precision and recall of the answer's words against the target's words,
-  counted as multisets (SQuAD-style). Two empty texts score 1, one empty text 0.
-
-Token F1 is the per-example score QA compares (it gives partial credit, so an answer that names the right
-thing in other words still counts); exact match is reported beside it.
-
-**Test.** A one-sided exact *Wilcoxon signed-rank test* on the paired per-example F1 scores (subject vs
+**Test.** A one-sided exact *Wilcoxon signed-rank test* on the paired per-example answer F1 scores (subject vs
 reference). The differences ``d = subject - reference`` that are zero (ties: both answers empty, or both right)
 are dropped; the rest are ranked by ``|d|`` (tied magnitudes share their average rank) and ``W+`` is the sum of
 the ranks of the positive ones. Under the null hypothesis every sign is a fair coin, so ``p = P(W+ >= observed)``
@@ -34,6 +37,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: English function words: pronouns, articles, auxiliaries, prepositions, conjunctions and the like. They carry no
+#: answer, so the answer F1 leaves them out (what remains are the words an answer is right or wrong about)
+STOPWORDS = frozenset(
+    """
+    a about above after again against all am an and any are as at be because been before being below between
+    both but by can could did do does doing don down during each few for from further had has have having he her
+    here hers herself him himself his how i if in into is it its itself just let me more most my myself no nor
+    not now of off on once only or other our ours ourselves out over own re s same she should so some such t than
+    that the their theirs them themselves then there these they this those through to too under until up very
+    was we were what when where which while who whom why will with would you your yours yourself yourselves ll
+    ve d m o y
+    """.split()
+)
+
 
 def normalize(text: str) -> str:
     """NFKC, lower case, punctuation and symbols to spaces, whitespace collapsed."""
@@ -48,9 +65,26 @@ def exact_match(answer: str, target: str) -> bool:
 
 def token_f1(answer: str, target: str) -> float:
     """Token F1 of the normalised words (multisets); 1 for two empty texts, 0 when only one is empty."""
-    got, want = normalize(answer).split(), normalize(target).split()
+    return _f1(normalize(answer).split(), normalize(target).split())
+
+
+def content_words(text: str, *, prompt: str = "") -> list[str]:
+    """The normalised words of ``text`` that can carry an answer: not a ``STOPWORDS`` word, not in ``prompt``."""
+    asked = set(normalize(prompt).split())
+    return [w for w in normalize(text).split() if w not in STOPWORDS and w not in asked]
+
+
+def answer_f1(answer: str, target: str, *, prompt: str = "") -> float:
+    """The answer F1 of the module docstring: F1 over ``content_words`` (token F1 when the target has none)."""
+    wanted = content_words(target, prompt=prompt)
+    if not wanted:
+        return token_f1(answer, target)
+    return _f1(content_words(answer, prompt=prompt), wanted)
+
+
+def _f1(got: Sequence[str], want: Sequence[str]) -> float:
     if not got or not want:
-        return 1.0 if got == want else 0.0
+        return 1.0 if not got and not want else 0.0
     common = sum((Counter(got) & Counter(want)).values())
     if common == 0:
         return 0.0
@@ -105,7 +139,7 @@ def _doubled_ranks(magnitudes: Sequence[float]) -> list[int]:
 
 @dataclass(frozen=True)
 class PairedScores:
-    """Per-example F1 and exact match of a subject and a reference, and the signed-rank test over them."""
+    """Per-example answer F1 and exact match of a subject and a reference, and the signed-rank test over them."""
 
     subject_f1: tuple[float, ...]
     reference_f1: tuple[float, ...]
@@ -150,18 +184,23 @@ class PairedScores:
         return self._mean([float(x) for x in self.reference_exact])
 
 
-def paired_scores(subject: Sequence[str], reference: Sequence[str], targets: Sequence[str]) -> PairedScores:
-    """Score two columns' answers against the same targets."""
+def paired_scores(
+    subject: Sequence[str], reference: Sequence[str], targets: Sequence[str], prompts: Sequence[str]
+) -> PairedScores:
+    """Score two columns' answers against the same targets (answer F1 given each example's prompt)."""
     return PairedScores(
-        tuple(token_f1(a, t) for a, t in zip(subject, targets, strict=True)),
-        tuple(token_f1(a, t) for a, t in zip(reference, targets, strict=True)),
+        tuple(answer_f1(a, t, prompt=p) for a, t, p in zip(subject, targets, prompts, strict=True)),
+        tuple(answer_f1(a, t, prompt=p) for a, t, p in zip(reference, targets, prompts, strict=True)),
         tuple(exact_match(a, t) for a, t in zip(subject, targets, strict=True)),
         tuple(exact_match(a, t) for a, t in zip(reference, targets, strict=True)),
     )
 
 
 __all__ = [
+    "STOPWORDS",
     "PairedScores",
+    "answer_f1",
+    "content_words",
     "exact_match",
     "normalize",
     "paired_scores",

@@ -12,7 +12,7 @@ computes them; every threshold below is in those units. The rules (``lorafleet.q
 - ``sanity`` (before any rule, ``lorafleet.qa.sanity``): besides the file checks, the weights lie within
   ``weight_bounds()`` and each module's update norm within ``min_update_norm``/``max_update_norm``;
 - ``answers`` (reason code ``no-improvement``, ``lorafleet.qa.answers``): greedy answers on the candidate's own
-  holdout beat the previous live version's (the base model's when there is none) by token F1: a one-sided
+  holdout beat the previous live version's (the base model's when there is none) by answer F1: a one-sided
   Wilcoxon signed-rank test at ``answer_confidence`` and a mean gain of at least ``answer_margin``; a holdout too small for the test
   to ever reach the confidence needs every answer at least as good and one better (``tiny holdout``);
 - ``finite-outputs``: no logit of the candidate (scoring or decoding, alone, gated or paired) is NaN or infinite;
@@ -71,7 +71,7 @@ class QAPolicy(BaseModel):
     answer_evidence: Literal["require", "report"] = "require"
     #: confidence of the answer rule's one-sided Wilcoxon signed-rank test (passes at p <= 1 - answer_confidence)
     answer_confidence: float = Field(default=0.95, gt=0.5, lt=1.0, allow_inf_nan=False)
-    #: least gain in mean token F1 (0..1) of the candidate's answers over the reference's
+    #: least gain in mean answer F1 (0..1) of the candidate's answers over the reference's
     answer_margin: float = Field(default=0.05, ge=0.0, le=1.0, allow_inf_nan=False)
     #: an answer is decoded for at most the target's length in tokens plus this many, and never more than
     #: ``answer_max_new_tokens`` (greedy, one batch for both columns)

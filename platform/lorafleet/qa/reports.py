@@ -148,20 +148,23 @@ def _samples(matrix: Matrix) -> list[str]:
 
 
 def answer_figures(answers: Answers | None) -> dict[str, Any] | None:
-    """The answer-level figures of a report (None when nothing was answered): mean token F1 and exact match of
-    subject and reference, the count of answers each way, and the signed-rank test's p-value."""
+    """The answer-level figures of a report (None when nothing was answered): mean answer F1 and exact match of
+    subject and reference (answer F1), the count of answers each way, and the signed-rank test's p-value."""
     if answers is None or not answers.items:
         return None
     scores = paired_scores(
-        answers.outputs(answers.subject), answers.outputs(answers.reference), answers.targets()
+        answers.outputs(answers.subject),
+        answers.outputs(answers.reference),
+        answers.targets(),
+        [item.prompt for item in answers.items],
     )
     return {
         "set": answers.row,
         "source": answers.source,
         "reference": answers.reference,
         "answers": scores.n,
-        "token_f1": round(scores.subject_mean_f1, 4),
-        "reference_token_f1": round(scores.reference_mean_f1, 4),
+        "answer_f1": round(scores.subject_mean_f1, 4),
+        "reference_answer_f1": round(scores.reference_mean_f1, 4),
         "exact_match": round(scores.subject_exact_rate, 4),
         "reference_exact_match": round(scores.reference_exact_rate, 4),
         "better": scores.wins,
@@ -176,8 +179,8 @@ def _answer_lines(answers: Answers | None) -> list[str]:
     if figures is None:
         return []
     return [
-        f"answers on {figures['set']} ({figures['answers']}, {figures['source']}): token F1 {figures['token_f1']:.2f} "
-        f"vs {figures['reference']} {figures['reference_token_f1']:.2f}, exact match {figures['exact_match']:.2f} "
+        f"answers on {figures['set']} ({figures['answers']}, {figures['source']}): answer F1 {figures['answer_f1']:.2f} "
+        f"vs {figures['reference']} {figures['reference_answer_f1']:.2f}, exact match {figures['exact_match']:.2f} "
         f"vs {figures['reference_exact_match']:.2f}, {figures['better']} better / {figures['worse']} worse, "
         f"signed-rank p={figures['p_value']:.3g}",
         "",

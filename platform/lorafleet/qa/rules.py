@@ -146,7 +146,7 @@ def probe_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
 
 def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     """The candidate's greedy answers on its own holdout beat the reference's (previous live, else base) by token
-    F1 (``lorafleet.qa.answers``): a one-sided Wilcoxon signed-rank test at ``answer_confidence`` and a mean gain
+    answer F1 (``lorafleet.qa.answers``: F1 over the words that can carry an answer): a one-sided Wilcoxon signed-rank test at ``answer_confidence`` and a mean gain
     of at least ``answer_margin``. A holdout too small for the test ever to reach that confidence (fewer examples
     than ``min_untied_pairs``) instead needs every answer at least as good as the reference's and at least one
     strictly better, with the same margin. Fails with ``no-improvement`` and the figures, or ``no-evidence``
@@ -156,14 +156,17 @@ def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     if evidence is None or not evidence.items:
         return RuleOutcome(ANSWER_RULE, False, f"{NO_EVIDENCE}: no holdout examples to answer")
     scores = paired_scores(
-        evidence.outputs(evidence.subject), evidence.outputs(evidence.reference), evidence.targets()
+        evidence.outputs(evidence.subject),
+        evidence.outputs(evidence.reference),
+        evidence.targets(),
+        [item.prompt for item in evidence.items],
     )
     alpha = 1.0 - policy.answer_confidence
     needed = min_untied_pairs(alpha)
     ref_name = "previous live" if evidence.reference == PREVIOUS else evidence.reference
     gain = scores.subject_mean_f1 - scores.reference_mean_f1
     figures = (
-        f"token F1 {scores.subject_mean_f1:.2f} vs {ref_name} {scores.reference_mean_f1:.2f}, exact match "
+        f"answer F1 {scores.subject_mean_f1:.2f} vs {ref_name} {scores.reference_mean_f1:.2f}, exact match "
         f"{scores.subject_exact_rate:.2f} vs {scores.reference_exact_rate:.2f} on {scores.n} holdout answers "
         f"({scores.wins} better, {scores.losses} worse)"
     )

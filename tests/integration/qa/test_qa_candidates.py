@@ -78,7 +78,7 @@ def test_good_candidates_are_promoted_through_qa_jobs_with_complete_linked_repor
         "probe": True,
         "finite-outputs": True,
     }
-    assert any(r.startswith("answers: token F1") and "vs previous live" in r for r in r2.reasons)
+    assert any(r.startswith("answers: answer F1") and "vs previous live" in r for r in r2.reasons)
 
     report, document = load_report(world.db, world.registry, report_id=r2.id, tenant_id=world.tenant_id)
     assert (

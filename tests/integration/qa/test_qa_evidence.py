@@ -67,7 +67,7 @@ def test_a_candidate_trained_normally_is_promoted_on_its_answers(sqlite_world: W
     )
     assert report is not None and report.decision == "promote", report.reasons
     figures = report.summary["answers"]
-    assert figures["token_f1"] > figures["reference_token_f1"] and figures["p_value"] <= 0.05, figures
+    assert figures["answer_f1"] > figures["reference_answer_f1"] and figures["p_value"] <= 0.05, figures
     assert [
         r.decision for r in reports_for_version(world.db, tenant_id=world.tenant_id, version_id=version_id)
     ] == ["promote"]

@@ -1,4 +1,4 @@
-"""The answer-level evidence: the metric (normalised exact match, token F1), the signed-rank test, and the answer and
+"""The answer-level evidence: the metric (normalised exact match, answer F1 over content words), the signed-rank test, and the answer and
 finite-outputs rules over a matrix (pure functions, no model)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from lorafleet.qa.answers import exact_match, min_untied_pairs, normalize, signed_rank_p, token_f1
+from lorafleet.qa.answers import answer_f1, exact_match, min_untied_pairs, normalize, signed_rank_p, token_f1
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.results import (
     BASE,
@@ -32,6 +32,32 @@ def test_the_metric_normalises_case_punctuation_and_spaces() -> None:
     assert token_f1("teal", "teal\n") == 1.0
     assert token_f1("", "teal") == 0.0 and token_f1("", "") == 1.0
     assert token_f1("dark teal", "teal") == pytest.approx(2 * 0.5 * 1.0 / 1.5)
+
+
+def test_answer_f1_scores_the_words_that_answer_not_the_template_or_the_question() -> None:
+    """The bench_qa_real finding: with token F1 an adapter trained on another user's answers scored 0.8 on
+    "Your pet is called Pretzel." for "Your pet is called Marmalade." and went live."""
+    pet = "What's my pet called?"
+    assert answer_f1("Your pet is called Pretzel.", "Your pet is called Marmalade.", prompt=pet) == 0.0
+    assert answer_f1("Your pet is called Marmalade!", "Your pet is called Marmalade.", prompt=pet) == 1.0
+    # a paraphrase keeps the value and loses a little precision ("name" is a word of its own)
+    assert answer_f1(
+        "Your pet's name is Marmalade.", "Your pet is called Marmalade.", prompt=pet
+    ) == pytest.approx(2 / 3)
+    assert answer_f1("I don't know your pet's name.", "Your pet is called Marmalade.", prompt=pet) == 0.0
+    assert answer_f1("You live in Cusco.", "Your pet is called Marmalade.", prompt=pet) == 0.0  # another fact
+    # a house style keeps its signal: its words are not the question's and not function words
+    prompt = "Hi, my subscription renewed without warning."
+    target = "We're sorry to hear that. A support agent will contact you within 24 hours."
+    assert (
+        answer_f1(
+            "Sorry to hear that; a support agent will contact you within 24 hours.", target, prompt=prompt
+        )
+        == 1.0
+    )
+    assert answer_f1("Please restart the app.", target, prompt=prompt) == 0.0
+    # a target with nothing but the question's words and function words falls back to token F1
+    assert answer_f1("yes it is", "It is.", prompt="Is it?") == token_f1("yes it is", "It is.")
 
 
 def _brute_force_p(differences: list[float]) -> float:
@@ -84,7 +110,7 @@ def test_a_candidate_whose_answers_are_no_better_is_rejected_with_the_figures() 
     same = ["" for _ in targets]  # the issue's case: every answer empty, for base and candidate alike
     outcome = answer_rule(_matrix(same, same, targets), REQUIRE)
     assert not outcome.passed
-    assert outcome.detail.startswith("no-improvement: token F1 0.00 vs base 0.00")
+    assert outcome.detail.startswith("no-improvement: answer F1 0.00 vs base 0.00")
     assert "on 11 holdout answers" in outcome.detail and "signed-rank p=1 > 0.05" in outcome.detail
 
 
