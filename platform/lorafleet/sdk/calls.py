@@ -388,9 +388,11 @@ def generate(
     seed: int | None = None,
     stop: Sequence[str] = (),
     raw: bool = False,
+    adapter_scale: float = 1.0,
 ) -> Call[s.GenerateResponse]:
     """Generate for ``user`` through their adapter bank (temperature 0 = greedy). The prompt is one user turn
-    of the backbone's chat template, as feedback trains; ``raw=True`` feeds it as is."""
+    of the backbone's chat template, as feedback trains; ``raw=True`` feeds it as is. ``adapter_scale``: the
+    personalization dial (every adapter weight times it; 0 is the base model)."""
     request = s.GenerateRequest(
         prompt=prompt,
         max_tokens=max_tokens,
@@ -399,8 +401,13 @@ def generate(
         seed=seed,
         stop=list(stop),
         raw=raw,
+        adapter_scale=adapter_scale,
     )
-    body = request.model_dump(mode="json", exclude=None if request.raw else {"raw"})  # as before raw existed
+    # as before raw and the dial existed: only what differs from the old defaults is sent
+    unchanged = {
+        k for k, default in (("raw", False), ("adapter_scale", 1.0)) if getattr(request, k) == default
+    }
+    body = request.model_dump(mode="json", exclude=unchanged or None)
     return Call("POST", f"{_user(user)}/generate", _parser(s.GenerateResponse), body=body)
 
 
@@ -414,6 +421,7 @@ def complete(
     seed: int | None = None,
     stop: str | list[str] | None = None,
     model: str = "lorafleet",
+    adapter_scale: float = 1.0,
 ) -> Call[s.CompletionResponse]:
     """OpenAI-style ``/v1/completions`` for ``user`` (OpenAI's defaults: 16 tokens, temperature 1). ``model``:
     ``lorafleet`` (the user's bank; the base model for ``user=None``), ``base``, ``task:<name>[@<n>]`` or
@@ -427,6 +435,7 @@ def complete(
         seed=seed,
         stop=stop,
         model=model,
+        adapter_scale=adapter_scale,
     )
     body = request.model_dump(mode="json", exclude_none=True)
     return Call("POST", "/v1/completions", _parser(s.CompletionResponse), body=body)
@@ -442,6 +451,7 @@ def chat(
     seed: int | None = None,
     stop: str | list[str] | None = None,
     model: str = "lorafleet",
+    adapter_scale: float = 1.0,
 ) -> Call[s.ChatCompletionResponse]:
     """OpenAI-style ``/v1/chat/completions`` for ``user`` (messages as dicts or ``ChatMessage``), rendered with
     the backbone's chat template and ended at its end-of-turn token; ``model`` as for ``complete``."""
@@ -454,6 +464,7 @@ def chat(
         seed=seed,
         stop=stop,
         model=model,
+        adapter_scale=adapter_scale,
     )
     body = request.model_dump(mode="json", exclude_none=True)
     return Call("POST", "/v1/chat/completions", _parser(s.ChatCompletionResponse), body=body)

@@ -410,6 +410,13 @@ class _Sampling(BaseModel):
 
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+    adapter_scale: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="lorafleet extension, the personalization dial: every adapter weight is multiplied by it "
+        "(1: full personalization, 0: the base model).",
+    )
 
     @field_validator("temperature", check_fields=False)
     @classmethod

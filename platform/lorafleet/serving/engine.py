@@ -165,7 +165,9 @@ class GenerationEngine:
                 prompt_ids, stops = self._tokenize(request)
                 ref = request.model_ref
                 bank: UserBank | LorafleetError | None = None
-                if ref.kind == "bank" and request.user is not None:
+                if request.adapter_scale == 0.0:  # the dial at 0: the base model, nothing to route or load
+                    pass
+                elif ref.kind == "bank" and request.user is not None:
                     key = (request.tenant_id, "bank", request.user)
                     if key not in banks:
                         banks[key] = self._resolve(self._resolve_bank, request.tenant_id, request.user)
@@ -229,7 +231,8 @@ class GenerationEngine:
             try:
                 decisions = self._decide(gate, _bank_of(groups[key][0]), embeddings[key])
                 for row, decision in zip(groups[key], decisions, strict=True):
-                    row.routes = _routes(_bank_of(row), decision)
+                    scale = row.request.adapter_scale  # the personalization dial scales every weight
+                    row.routes = tuple((m, w * scale) for m, w in _routes(_bank_of(row), decision))
             except LorafleetError as exc:
                 _fail(groups[key], exc, outcomes, failed)
         return [row for row in rows if row.index not in failed]

@@ -112,6 +112,9 @@ class GenerationRequest:
     raw: bool = False
     #: what serves the request (``ModelRef``): the user's bank by default
     model: str = BANK_MODEL
+    #: the personalization dial: every adapter weight the gate gives is multiplied by this (1: full
+    #: personalization; 0: the base model, without routing or loading anything)
+    adapter_scale: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -173,6 +176,9 @@ def _check_request(r: GenerationRequest) -> None:
         )
     if not math.isfinite(r.top_p) or not 0.0 < r.top_p <= 1.0:
         raise ValidationError(f"top_p must be in (0, 1], got {r.top_p!r}")
+    scale = r.adapter_scale
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0.0 <= scale <= 1.0:
+        raise ValidationError(f"adapter_scale must be a number in [0, 1], got {scale!r}")
     if r.seed is not None and (isinstance(r.seed, bool) or not 0 <= r.seed < 2**63):
         raise ValidationError(f"seed must be an int in [0, 2**63), got {r.seed!r}")
     if len(r.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in r.stop):

@@ -72,6 +72,7 @@ def _serve(
             seed=sampling.seed,
             stop=stop,
             model=model,
+            adapter_scale=sampling.adapter_scale,
         )
         for given in inputs
     ]

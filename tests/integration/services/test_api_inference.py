@@ -320,6 +320,26 @@ def test_models_base_pinned_and_task_models_and_optional_user_through_the_openai
     assert [(b["adapter"], b["version"]) for b in served("task:summaries")[1]] == [("summaries", 1)]
     assert [(b["adapter"], b["version"]) for b in served("task:summaries@1")[1]] == [("summaries", 1)]
 
+    # the personalization dial, an extension field: 0 is the base model, 0.5 halves the adapter's weight
+    dial = client.completions.create(
+        model="lorafleet",
+        prompt="Hi",
+        max_tokens=4,
+        temperature=0,
+        user="pia",
+        extra_body={"adapter_scale": 0},
+    )
+    assert (dial.model_extra or {})["lorafleet"][0]["served_by"] == [] and dial.choices[0].text == base_text
+    half = client.completions.create(
+        model="lorafleet",
+        prompt="Hi",
+        max_tokens=4,
+        temperature=0,
+        user="pia",
+        extra_body={"adapter_scale": 0.5},
+    )
+    assert [b["weight"] for b in (half.model_extra or {})["lorafleet"][0]["served_by"]] == [0.5]
+
     for unknown in ("gpt-4o", "pia/personal@7", "task:nothing", "nobody/personal", "pia/personal@0"):
         with pytest.raises(openai.NotFoundError) as raised:
             client.completions.create(model=unknown, prompt="Hi", max_tokens=2, user="pia")

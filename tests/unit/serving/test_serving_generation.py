@@ -367,3 +367,23 @@ def test_a_row_with_non_finite_logits_or_unusable_sampling_fails_alone(
     assert good.error is None and good.token_ids == decoder.run(rows[:1])[0].token_ids
     with pytest.raises(ValidationError, match="temperature"):
         request("alice", temperature=1e-40)
+
+
+def test_the_personalization_dial_scales_every_adapter_weight(setup: Setup) -> None:
+    """``adapter_scale`` 1 is full personalization, 0 the base model (nothing routed or loaded), in between the
+    gate's weights times the dial; out of [0, 1] is refused."""
+    (full,) = setup.engine.generate([request("bob")])
+    (half,) = setup.engine.generate([request("bob", adapter_scale=0.5)])
+    (off,) = setup.engine.generate([request("bob", adapter_scale=0.0)])
+    (base,) = setup.engine.generate([request("carol", prompt=PROMPTS["bob"])])
+    assert [s.weight for s in full.served_by] == pytest.approx([0.3, 0.7])
+    assert [s.weight for s in half.served_by] == pytest.approx([0.15, 0.35])
+    assert off.served_by == () and off.token_ids == base.token_ids
+    assert off.logits is not None and base.logits is not None and torch.equal(off.logits, base.logits)
+    assert half.logits is not None and full.logits is not None
+    assert (half.logits[0] - full.logits[0]).abs().max() > 1e-4 and (
+        half.logits[0] - base.logits[0]
+    ).abs().max() > 1e-4
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValidationError, match="adapter_scale"):
+            request("bob", adapter_scale=bad)
