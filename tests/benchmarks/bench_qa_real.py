@@ -11,8 +11,9 @@ user's real holdout (the content-hash split production uses). Then:
 - **undertrained**: the same, in a tenant whose training override is a tenth of the steps;
 - **harmful**: trained on the user's own training prompts answered with *another* user's values (each answer's
   value swapped for the next user's), with anchors, at the defaults;
-- **shuffled**: trained on the user's own training prompts with their completions permuted (answers to other
-  questions), with anchors, at the defaults;
+- **shuffled**: trained on the user's own training prompts, each answered with the answer of another fact
+  (answers to other questions), with anchors, at the defaults. A plain permutation is not enough: it leaves about
+  a quarter of the answers on their own fact, and the adapter learns the facts from those;
 - **absurd**: a good version's weights with every ``lora_B`` multiplied by 1e30 (the issue's import).
 
 The three hand-made kinds are registered as the user's first version and decided by ``QARunner.run_candidate``
@@ -80,6 +81,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write every decision to this file")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=KINDS,
+        default=list(KINDS),
+        help="the kinds to decide (default: all five)",
+    )
     return parser.parse_args()
 
 
@@ -102,13 +110,21 @@ def main() -> None:
 
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix=f"bench-qa-real-{seed}-") as tmp:
-            run_seed(backbone, seed=seed, users=args.users, tmp=Path(tmp), save=save)
+            run_seed(
+                backbone, seed=seed, users=args.users, tmp=Path(tmp), save=save, kinds=frozenset(args.kinds)
+            )
         logger.info("seed %d done after %.0f s", seed, time.perf_counter() - started)
     print(report(rows, args, time.perf_counter() - started))
 
 
 def run_seed(
-    backbone: Backbone, *, seed: int, users: int, tmp: Path, save: Callable[[list[dict[str, Any]]], None]
+    backbone: Backbone,
+    *,
+    seed: int,
+    users: int,
+    tmp: Path,
+    save: Callable[[list[dict[str, Any]]], None],
+    kinds: frozenset[str] = frozenset(KINDS),
 ) -> None:
     """Every kind's candidates of one seed, decided; one row per decision, handed to ``save``."""
     config = TrainingConfig(seed=seed)  # the product's defaults
@@ -124,14 +140,16 @@ def run_seed(
         runner = QARunner(
             env.db, env.registry, backbone, env.bank, prefix=trainer.prefix, general_prompts=ANCHOR_PROMPTS
         )
-        for person in people:
-            send(env, env.tenant_id, f"good-{person.key}", person)
-            send(env, under, f"undertrained-{person.key}", person)
-        save([{**row, "seed": seed} for row in trained_through_jobs(env, trainer, runner, users)])
+        if kinds & {"good", "undertrained", "absurd"}:  # absurd copies the good versions
+            for person in people:
+                send(env, env.tenant_id, f"good-{person.key}", person)
+                send(env, under, f"undertrained-{person.key}", person)
+            rows = trained_through_jobs(env, trainer, runner, users)
+            save([{**row, "seed": seed} for row in rows if row["kind"] in kinds])
         for person in people:
             for kind in ("harmful", "shuffled", "absurd"):
                 send(env, env.tenant_id, f"{kind}-{person.key}", person)
-        save([{**row, "seed": seed} for row in hand_made(env, trainer, runner, people, tmp=tmp)])
+        save([{**row, "seed": seed} for row in hand_made(env, trainer, runner, people, tmp=tmp, kinds=kinds)])
     finally:
         release(env)
 
@@ -168,21 +186,27 @@ def trained_through_jobs(
 
 
 def hand_made(
-    env: Env, trainer: ContinualTrainer, runner: QARunner, people: list[PersonalUser], *, tmp: Path
+    env: Env,
+    trainer: ContinualTrainer,
+    runner: QARunner,
+    people: list[PersonalUser],
+    *,
+    tmp: Path,
+    kinds: frozenset[str],
 ) -> list[dict[str, Any]]:
     """harmful and shuffled (trained together, with anchors) and absurd (a good version x 1e30), decided."""
     plans: list[tuple[str, list[Example]]] = []
     for i, person in enumerate(people):
         other = people[(i + 1) % len(people)]
-        for kind in ("harmful", "shuffled"):
+        for kind in [k for k in ("harmful", "shuffled") if k in kinds]:
             user = f"{kind}-{person.key}"
             records = list_feedback(env.db, tenant_id=env.tenant_id, user_external_id=user, limit=1000)
             train = list(build_dataset(records, config=env.config).train)
             data = swapped(train, person, other) if kind == "harmful" else shuffled(train, seed=i)
             plans.append((user, data))
-    folders = train_together(env, trainer, [p[1] for p in plans], work=tmp / "hand-made")
+    folders = train_together(env, trainer, [p[1] for p in plans], work=tmp / "hand-made") if plans else []
     rows = [decide(env, runner, user, folder) for (user, _), folder in zip(plans, folders, strict=True)]
-    for person in people:
+    for person in people if "absurd" in kinds else []:
         folder = absurd_copy(env, f"good-{person.key}", tmp / f"absurd-{person.key}")
         rows.append(decide(env, runner, f"absurd-{person.key}", folder))
     return rows
@@ -202,14 +226,21 @@ def swapped(train: list[Example], person: PersonalUser, other: PersonalUser) -> 
 
 
 def shuffled(train: list[Example], *, seed: int) -> list[Example]:
-    """The same prompts and answers, the answers permuted across prompts (a rotation if a permutation fixes any)."""
-    completions = [e.completion for e in train]
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    moved = [completions[j] for j in order]
-    if any(a == b for a, b in zip(moved, completions, strict=True)):
-        moved = completions[1:] + completions[:1]
-    return [Example(e.record_id, e.prompt, c, e.kind) for e, c in zip(train, moved, strict=True)]
+    """The same prompts, each answered with the answer of a prompt about *another* fact (a seeded shuffle of the
+    user's answers in which no question keeps an answer about its own fact: a plain shuffle leaves a quarter of
+    them on the right fact, and an adapter learns the facts from those)."""
+    rng = random.Random(seed)
+    kinds = [fact_of_question(e.prompt) for e in train]
+    order = sorted(set(kinds))
+    pools = {k: [e.completion for e, kk in zip(train, kinds, strict=True) if kk == k] for k in order}
+    for pool in pools.values():
+        rng.shuffle(pool)
+    out = []
+    for i, (e, kind) in enumerate(zip(train, kinds, strict=True)):
+        other = order[(order.index(kind) + 1) % len(order)]  # the next fact's answers, never this fact's
+        pool = pools[other]
+        out.append(Example(e.record_id, e.prompt, pool[i % len(pool)], e.kind))
+    return out
 
 
 def train_together(

@@ -64,6 +64,7 @@ ROUTES: dict[tuple[str, str], tuple[int | str, Any]] = {
     ("POST", "/v1/users/{user_id}/enrolments"): (404, {"task": "summarise"}),
     ("DELETE", "/v1/users/{user_id}/enrolments/{task}"): (404, None),
     ("GET", "/v1/tasks"): (OWN, None),
+    ("GET", "/v1/models"): (OWN, None),  # the caller's own models only (checked below)
     ("POST", "/v1/tasks/{task}/feedback"): (OWN, {"records": [sft("task data from tenant B")]}),
     ("GET", "/v1/tasks/{task}/feedback"): (404, None),
     ("POST", "/v1/tasks/{task}/import"): (OWN, {"archive_base64": GZIP_B64, "example_prompts": ["Hi"]}),
@@ -180,6 +181,8 @@ def test_another_tenant_gets_404_on_every_route_naming_tenant_as_ids(
     assert [e.task for e in a.list_enrolments("alice")] == ["summarise"]
     assert [(t.name, t.live_version, t.feedback_records) for t in a.list_tasks()] == [("summarise", 1, 1)]
     assert [t.name for t in b.client.list_tasks()] == ["summarise"]  # B's own, created by B's own feedback
+    assert [m.id for m in a.models().data] == ["lorafleet", "base", "task:summarise"]  # A's live task
+    assert [m.id for m in b.client.models().data] == ["lorafleet", "base"]  # B's task has no live version
     assert a.get_job(tenant_a.job_id).state == "queued"
     assert a.get_training_config().overrides == {} != b.client.get_training_config().overrides
     assert len(b.client.list_feedback("alice")) == 1  # B's own alice
