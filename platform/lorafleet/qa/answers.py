@@ -38,13 +38,14 @@ from dataclasses import dataclass
 import numpy as np
 
 #: English function words: pronouns, articles, auxiliaries, prepositions, conjunctions and the like. They carry no
-#: answer, so the answer F1 leaves them out (what remains are the words an answer is right or wrong about)
+#: answer, so the answer F1 leaves them out (what remains are the words an answer is right or wrong about).
+#: Negations ("no", "not", "nor") are kept: "You are not vegetarian" must not match "You are vegetarian"
 STOPWORDS = frozenset(
     """
     a about above after again against all am an and any are as at be because been before being below between
     both but by can could did do does doing don down during each few for from further had has have having he her
-    here hers herself him himself his how i if in into is it its itself just let me more most my myself no nor
-    not now of off on once only or other our ours ourselves out over own re s same she should so some such t than
+    here hers herself him himself his how i if in into is it its itself just let me more most my myself
+    now of off on once only or other our ours ourselves out over own re s same she should so some such t than
     that the their theirs them themselves then there these they this those through to too under until up very
     was we were what when where which while who whom why will with would you your yours yourself yourselves ll
     ve d m o y

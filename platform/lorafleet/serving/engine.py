@@ -15,8 +15,10 @@ Failures are per request: an unknown user, a prompt too long for the model, a ga
 that cannot be loaded (a corrupted blob: ``BlobIntegrityError``) fail only the requests they concern; the rest
 of the batch is served. So does a row whose logits turn NaN or infinite while decoding (a broken adapter) or
 whose sampling fails: that request gets a ``GenerationError`` naming the versions, the others decode on, and
-``on_nonfinite`` (the service queues a QA recheck of the user's bank) is told which versions served it. One engine decodes one batch at a time (the bank's routing plan is shared by its
-layers); the cache loads for the next batch can overlap the current one's decoding.
+``on_nonfinite`` (the service queues a QA recheck of the user's bank) is told which versions served it.
+
+One engine decodes one batch at a time (the bank's routing plan is shared by its layers); the cache loads for
+the next batch can overlap the current one's decoding.
 """
 
 from __future__ import annotations

@@ -46,6 +46,9 @@ def test_answer_f1_scores_the_words_that_answer_not_the_template_or_the_question
     ) == pytest.approx(2 / 3)
     assert answer_f1("I don't know your pet's name.", "Your pet is called Marmalade.", prompt=pet) == 0.0
     assert answer_f1("You live in Cusco.", "Your pet is called Marmalade.", prompt=pet) == 0.0  # another fact
+    assert (
+        answer_f1("You are vegetarian.", "You are not vegetarian.", prompt="Am I vegetarian?") == 0.0
+    )  # negation
     # a house style keeps its signal: its words are not the question's and not function words
     prompt = "Hi, my subscription renewed without warning."
     target = "We're sorry to hear that. A support agent will contact you within 24 hours."
