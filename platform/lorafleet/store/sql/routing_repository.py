@@ -77,6 +77,21 @@ class EnrolmentEvent:
     created_at: datetime
 
 
+#: the columns ``_live_row`` reads, in its order
+_LIVE_ROW_COLUMNS = (
+    SqlAdapter.id,
+    SqlAdapter.name,
+    SqlAdapter.owner_user_id,
+    SqlAdapter.kind,
+    SqlAdapterVersion.id,
+    SqlAdapterVersion.number,
+    SqlAdapterVersion.sha256,
+    SqlAdapterVersion.size_bytes,
+    SqlAdapterVersion.rank,
+    SqlAdapterVersion.routing_key,
+)
+
+
 class RoutingRepository:
     """Tenant-scoped SQL for routing; stateless apart from the dialect (upserts differ)."""
 
@@ -104,18 +119,7 @@ class RoutingRepository:
         """The user's own adapters (both kinds) and enrolled task adapters that have a live version: one query."""
         enrolled = and_(SqlEnrolment.adapter_id == SqlAdapter.id, SqlEnrolment.user_id == user_id)
         stmt = (
-            select(
-                SqlAdapter.id,
-                SqlAdapter.name,
-                SqlAdapter.owner_user_id,
-                SqlAdapter.kind,
-                SqlAdapterVersion.id,
-                SqlAdapterVersion.number,
-                SqlAdapterVersion.sha256,
-                SqlAdapterVersion.size_bytes,
-                SqlAdapterVersion.rank,
-                SqlAdapterVersion.routing_key,
-            )
+            select(*_LIVE_ROW_COLUMNS)
             .join(SqlAlias, and_(SqlAlias.adapter_id == SqlAdapter.id, SqlAlias.name == LIVE))
             .join(SqlAdapterVersion, SqlAdapterVersion.id == SqlAlias.version_id)
             .outerjoin(SqlEnrolment, enrolled)
@@ -140,18 +144,7 @@ class RoutingRepository:
             if owner_user_id is None
             else SqlAdapter.owner_user_id == owner_user_id
         )
-        stmt = select(
-            SqlAdapter.id,
-            SqlAdapter.name,
-            SqlAdapter.owner_user_id,
-            SqlAdapter.kind,
-            SqlAdapterVersion.id,
-            SqlAdapterVersion.number,
-            SqlAdapterVersion.sha256,
-            SqlAdapterVersion.size_bytes,
-            SqlAdapterVersion.rank,
-            SqlAdapterVersion.routing_key,
-        ).where(
+        stmt = select(*_LIVE_ROW_COLUMNS).where(
             SqlAdapter.tenant_id == tenant_id,
             owner,
             SqlAdapter.kind == AdapterKind.LORA,
