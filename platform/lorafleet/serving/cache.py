@@ -5,7 +5,7 @@ stale weights: another version is another key. The cache owns a set of bank slot
 sizes); a miss reserves room first (evicting least recently used, unpinned entries), then fetches and loads
 without holding the cache's lock, so one slow download never blocks hits or other loads. Concurrent requests
 for the same key share one load (single flight, one future per key). A batch pins the slots it uses for its
-whole lifetime through a :class:`Lease`; a pinned slot is never evicted, and when nothing can be evicted the
+whole lifetime through a :class:`Lease` (or each row its own: ``Lease.share``); a pinned slot is never evicted, and when nothing can be evicted the
 acquisition fails with ``CapacityError`` rather than waiting.
 
 Failure policy: a fetch or load that fails (``BlobIntegrityError`` for a corrupted blob, ``BlobNotFoundError``,
@@ -96,6 +96,18 @@ class Lease:
     def _add(self, entry: _Entry) -> None:
         self._entries.append(entry)
         self.slots[entry.key] = entry.slot
+
+    def share(self, keys: Iterable[str]) -> Lease:
+        """A new lease pinning this lease's slots of ``keys`` once more (a row's share of its batch's pins, so the
+        row can release them on its own); keys this lease does not hold are left out."""
+        part = Lease(self._cache)
+        wanted = set(keys)
+        with self._cache._lock:
+            for entry in self._entries:
+                if entry.key in wanted and entry.key not in part.slots:
+                    entry.pins += 1
+                    part._add(entry)
+        return part
 
     def release(self) -> None:
         """Unpin every slot of the lease."""

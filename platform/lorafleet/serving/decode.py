@@ -1,22 +1,36 @@
-"""The batched decoding loop: one prefill and one forward per step for every row, each row with its own routing,
-sampling parameters, seed, stop strings and length.
+"""The decoding loop: rows join a running batch between steps and leave it when done (continuous batching).
 
-A manual loop (rather than ``model.generate``) because the rows of one batch differ in temperature, top-p, seed,
-stop strings and ``max_new_tokens``. Prompts are left-padded; position ids come from the attention mask, so a
-padded row computes what it would alone. A row ends at a stop string, at its length, or at any end-of-turn id
-(``backbone.chat.end_of_turn_ids``: the eos ids, and the chat template's end of turn such as ``<|im_end|>``),
-which is kept in ``token_ids`` but, being special, not in the text. The KV cache is a ``DynamicCache``; when rows finish, they are dropped
-from the cache, the mask and the routing plan, so the remaining rows do not pay for them.
+``DecodeBatch`` holds the rows being decoded. ``join`` prefills newcomers in one forward of their own (their
+prompts left-padded among themselves), picks their first token and merges their KV cache, attention mask and
+routes into the running batch; ``step`` runs one forward for every running row; ``drop`` removes rows (a client
+that went away). Every row keeps its own routing (adapter slots and weights), sampling parameters, seed, stop
+strings and length, so a row decodes exactly what it would alone, whatever joins or leaves around it: position
+ids come from each row's own attention mask, and the KV caches of rows of different lengths are aligned by
+padding on the left (masked out). Columns that only padding uses are trimmed when rows leave.
+``BatchDecoder.run`` is the static case: every row joins at once and the batch runs until all are done.
+
+A manual loop (rather than ``model.generate``) because the rows differ in all of the above. A row ends at a
+stop string, at its length, or at any end-of-turn id (``backbone.chat.end_of_turn_ids``: the eos ids, and the
+chat template's end of turn such as ``<|im_end|>``), which is kept in ``token_ids`` but, being special, not in
+the text.
+
+**Streaming.** Each update carries the text a row added since its last update (``RowUpdate.delta``): the
+decoded text, less an incomplete UTF-8 character at its end and less any suffix that could still become a stop
+string, so streamed text never shows a stop string and concatenates to the final ``text``.
+
+**Log probabilities.** A row with ``logprobs`` set records each chosen token's log probability under the model
+(the raw distribution, before temperature and top-p, as OpenAI and vLLM report it) and the ``logprobs`` most
+likely alternatives.
 
 **One row's failure is its own.** A row whose logits hold a NaN or an infinity (a broken adapter), or whose
-sampling fails, ends at that step with ``RowOutput.error`` set; the other rows of the batch decode on unchanged
-(their logits do not depend on it: rows share weights, never activations).
+sampling fails, ends at that step with ``RowOutput.error`` set; the other rows decode on unchanged (their logits
+do not depend on it: rows share weights, never activations).
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +40,8 @@ import torch
 from lorafleet.adapters.bank import AdapterBank
 from lorafleet.adapters.routing import Route, RoutingPlan
 from lorafleet.backbone.chat import end_of_turn_ids
-from lorafleet.serving.requests import FinishReason
+from lorafleet.serving.requests import MAX_LOGPROBS as MAX_TOP_LOGPROBS
+from lorafleet.serving.requests import FinishReason, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -41,6 +56,10 @@ class RowSpec:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     keep_logits: bool = False
+    #: None: no log probabilities; k >= 0: each chosen token's and the k most likely alternatives'
+    logprobs: int | None = None
+    #: compute ``RowUpdate.delta`` at every step (streaming)
+    stream: bool = False
 
 
 @dataclass
@@ -51,6 +70,8 @@ class RowOutput:
     text: str = ""
     finish_reason: FinishReason = "length"
     logits: list[torch.Tensor] = field(default_factory=list)  # each [vocab]
+    #: one per generated token when the row asked for log probabilities
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     #: decoding steps whose logits held a NaN or an infinity (the row ends at the first one)
     nonfinite_steps: int = 0
     #: why the row ended early without an answer (non-finite logits, a sampling failure); None when it did not
@@ -102,121 +123,316 @@ def find_stop(text: str, stops: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
-@dataclass
-class _Live:
-    """The rows still decoding (indices into the batch's rows) and their state in the model."""
+@dataclass(frozen=True)
+class RowUpdate:
+    """What one row did in a ``join`` or a ``step``: the token it took (None when it failed), the text it added
+    (streaming rows only) and, when it ended, its whole output."""
 
-    rows: list[int]
-    mask: torch.Tensor  # [batch, seq] attention mask, prompt and generated tokens
+    key: Hashable
+    token_id: int | None
+    delta: str = ""
+    #: log probabilities of the token (rows that asked for them)
+    logprob: TokenLogprob | None = None
+    #: set when the row has ended (its text is final); the row has left the batch
+    output: RowOutput | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.output is not None
+
+
+@dataclass(eq=False)
+class _Row:
+    """A row in the batch: its spec, sampler and output so far, and the token to feed at the next step."""
+
+    key: Hashable
+    spec: RowSpec
+    sampler: RowSampler
+    out: RowOutput = field(default_factory=RowOutput)
+    next_token: int = 0
+    #: characters of the text already streamed
+    streamed: int = 0
+
+
+@dataclass
+class _State:
+    """The running rows' tensors, aligned with ``rows``: attention mask, each row's last position, the KV cache."""
+
+    rows: list[_Row]
+    mask: torch.Tensor  # [batch, seq] prompt and generated tokens (0 = left padding)
     positions: torch.Tensor  # [batch, seq] at the prefill, then [batch, 1]
-    plan: RoutingPlan
     cache: Any  # transformers' DynamicCache
 
+    def plan(self) -> RoutingPlan:
+        return RoutingPlan.from_rows([list(r.spec.routes) for r in self.rows])
+
     def select(self, keep: Sequence[int]) -> None:
-        """Keep only the rows at positions ``keep`` (finished rows leave the KV cache, mask and plan)."""
-        index = torch.tensor(list(keep), dtype=torch.long)  # [n_keep] on CPU, for the plan
-        on_device = index.to(self.mask.device)
-        self.cache.batch_select_indices(on_device)
-        self.mask, self.positions = self.mask[on_device], self.positions[on_device]
-        self.plan = RoutingPlan(self.plan.slot_ids[index], self.plan.weights[index])
+        """Keep the rows at positions ``keep``; columns that are padding in every remaining row are trimmed."""
+        index = torch.tensor(list(keep), dtype=torch.long, device=self.mask.device)  # [n_keep]
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions = self.mask[index], self.positions[index]
         self.rows = [self.rows[j] for j in keep]
+        used = self.mask.any(dim=0)  # [seq]
+        first = int(used.int().argmax()) if bool(used.any()) else 0
+        if first > 0:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    def merge(self, other: _State) -> None:
+        """Append ``other``'s rows; the shorter side's cache and mask are padded on the left."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        self.mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(other.mask, width, dim=1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, dim=2), _pad_left(theirs.keys, width, dim=2)])
+            mine.values = torch.cat(
+                [_pad_left(mine.values, width, dim=2), _pad_left(theirs.values, width, dim=2)]
+            )
+        self.rows += other.rows
 
 
-class BatchDecoder:
-    """Runs rows through the model together: ``BatchDecoder(...).run(rows) -> list[RowOutput]``."""
+def _pad_left(tensor: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
+    """``tensor`` with zeros prepended along ``dim`` up to ``width``."""
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
-    def __init__(self, model: Any, bank: AdapterBank | None, tokenizer: Any, *, device: torch.device) -> None:
+
+class DecodeBatch:
+    """The rows being decoded together; rows ``join`` between steps and leave when done (module docstring).
+
+    Not thread-safe: one thread drives it (the model and the bank's routing plan are shared by every row)."""
+
+    def __init__(
+        self,
+        model: Any,
+        bank: AdapterBank | None,
+        tokenizer: Any,
+        *,
+        device: torch.device,
+        eos_ids: frozenset[int] | None = None,
+    ) -> None:
         """``bank`` None: a model without adapters (every row's routes must be empty)."""
         self.model, self.bank, self.tokenizer, self.device = model, bank, tokenizer, device
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-        self.eos_ids = end_of_turn_ids(model, tokenizer)
+        self.eos_ids = eos_ids if eos_ids is not None else frozenset(end_of_turn_ids(model, tokenizer))
+        self._state: _State | None = None
+
+    def __len__(self) -> int:
+        return 0 if self._state is None else len(self._state.rows)
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return [] if self._state is None else [r.key for r in self._state.rows]
 
     @torch.inference_mode()
-    def run(self, rows: Sequence[RowSpec]) -> list[RowOutput]:
-        """Decode every row to its end (stop, end of sequence or length)."""
-        outputs = [RowOutput() for _ in rows]
-        samplers = [RowSampler(r) for r in rows]
-        live, logits = self._prefill(rows)
-        while True:
-            broken = (~torch.isfinite(logits).all(dim=-1)).tolist()  # [batch]
-            picked = pick_tokens(logits, [samplers[i] for i in live.rows])
-            keep, tokens = [], []
-            for j, (i, token) in enumerate(zip(live.rows, picked, strict=True)):
-                if broken[j]:
-                    outputs[i].nonfinite_steps += 1
-                    outputs[i].error = f"non-finite logits at step {len(outputs[i].token_ids) + 1}"
-                elif isinstance(token, str):
-                    outputs[i].error = token
-                elif not self._advance(rows[i], outputs[i], token, logits[j]):
-                    keep.append(j)
-                    tokens.append(token)
-            if not keep:
-                break
-            if len(keep) < len(live.rows):
-                live.select(keep)
-            logits = self._step(live, tokens)
-        for spec, out in zip(rows, outputs, strict=True):
-            self._finish_text(spec, out)
-        return outputs
-
-    def _prefill(self, rows: Sequence[RowSpec]) -> tuple[_Live, torch.Tensor]:
-        """One forward over the left-padded prompts; the rows' state and their next-token logits."""
+    def join(self, rows: Sequence[tuple[Hashable, RowSpec]]) -> list[RowUpdate]:
+        """Prefill newcomers ``(key, spec)`` and take their first token; those not done join the batch."""
+        if not rows:
+            return []
         from transformers import DynamicCache
 
-        ids, mask = left_pad([r.prompt_ids for r in rows], pad_id=self.pad_id, device=self.device)
-        live = _Live(
-            rows=list(range(len(rows))),
+        newcomers = [_Row(key, spec, RowSampler(spec)) for key, spec in rows]
+        ids, mask = left_pad([r.spec.prompt_ids for r in newcomers], pad_id=self.pad_id, device=self.device)
+        state = _State(
+            rows=newcomers,
             mask=mask,
-            positions=(mask.cumsum(-1) - 1).clamp(min=0),  # [batch, seq]: padding does not shift positions
-            plan=RoutingPlan.from_rows([list(r.routes) for r in rows]),
+            positions=(mask.cumsum(-1) - 1).clamp(min=0),  # [n, seq]: padding does not shift positions
             cache=DynamicCache(config=self.model.config),
         )
-        return live, self._forward(live, ids)
+        logits = self._forward(state, ids)
+        updates, keep = self._take(state.rows, logits)
+        if keep:
+            if len(keep) < len(state.rows):
+                state.select(keep)
+            state.positions = state.positions[:, -1:]  # [n, 1]: each row's last position
+            if self._state is None:
+                self._state = state
+            else:
+                self._state.merge(state)
+        return updates
 
-    def _step(self, live: _Live, tokens: Sequence[int]) -> torch.Tensor:
-        """Feed each live row its new token; next-token logits ``[batch, vocab]``."""
-        step = torch.tensor(list(tokens), device=self.device).unsqueeze(1)  # [batch, 1]
-        live.mask = torch.cat([live.mask, torch.ones_like(step)], dim=1)  # [batch, seq + 1]
-        live.positions = live.positions[:, -1:] + 1  # [batch, 1]
-        return self._forward(live, step)
+    @torch.inference_mode()
+    def step(self) -> list[RowUpdate]:
+        """Feed every running row its last token; each row's update (finished rows leave the batch)."""
+        state = self._state
+        if state is None:
+            return []
+        fed = torch.tensor([r.next_token for r in state.rows], device=self.device).unsqueeze(1)  # [batch, 1]
+        state.mask = torch.cat([state.mask, torch.ones_like(fed)], dim=1)  # [batch, seq + 1]
+        state.positions = state.positions + 1  # [batch, 1]
+        logits = self._forward(state, fed)
+        updates, keep = self._take(state.rows, logits)
+        self._keep(keep)
+        return updates
 
-    def _forward(self, live: _Live, ids: torch.Tensor) -> torch.Tensor:
+    def drop(self, keys: Sequence[Hashable]) -> list[RowOutput]:
+        """Remove running rows (e.g. their client went away); their outputs so far."""
+        state, gone = self._state, set(keys)
+        if state is None or not gone:
+            return []
+        dropped = [r.out for r in state.rows if r.key in gone]
+        self._keep([j for j, r in enumerate(state.rows) if r.key not in gone])
+        return dropped
+
+    def _keep(self, keep: Sequence[int]) -> None:
+        state = self._state
+        assert state is not None
+        if not keep:
+            self._state = None
+        elif len(keep) < len(state.rows):
+            state.select(keep)
+
+    def _forward(self, state: _State, ids: torch.Tensor) -> torch.Tensor:
         """Logits of each row's last position, ``[batch, vocab]`` float32."""
-        routing = nullcontext() if self.bank is None else self.bank.routing(live.plan)
+        routing = nullcontext() if self.bank is None else self.bank.routing(state.plan())
         with routing:
             out = self.model(
                 input_ids=ids,
-                attention_mask=live.mask,
-                position_ids=live.positions,
-                cache=live.cache,
+                attention_mask=state.mask,
+                position_ids=state.positions,
+                cache=state.cache,
                 use_cache=True,
                 logits_to_keep=1,  # the prefill's lm_head runs on the last position only
             )
         return out.logits[:, -1, :].float()  # [batch, vocab]
 
-    def _advance(self, spec: RowSpec, out: RowOutput, token: int, logits: torch.Tensor) -> bool:
-        """Append a token to a row; True when the row has finished."""
+    def _take(self, rows: Sequence[_Row], logits: torch.Tensor) -> tuple[list[RowUpdate], list[int]]:
+        """Pick each row's next token from ``logits [batch, vocab]``; the updates and the rows that go on."""
+        broken = (~torch.isfinite(logits).all(dim=-1)).tolist()  # [batch]
+        picked = pick_tokens(logits, [r.sampler for r in rows])
+        wanted = [j for j, r in enumerate(rows) if r.spec.logprobs is not None and not broken[j]]
+        logprobs = self._logprobs(rows, logits, picked, wanted)
+        updates, keep = [], []
+        for j, (row, token) in enumerate(zip(rows, picked, strict=True)):
+            if broken[j]:
+                row.out.nonfinite_steps += 1
+                row.out.error = f"non-finite logits at step {len(row.out.token_ids) + 1}"
+                updates.append(RowUpdate(row.key, None, output=row.out))
+                continue
+            if isinstance(token, str):
+                row.out.error = token
+                updates.append(RowUpdate(row.key, None, output=row.out))
+                continue
+            logprob = logprobs.get(j)
+            if logprob is not None:
+                row.out.logprobs.append(logprob)
+            done = self._advance(row, token, logits[j])
+            delta = self._delta(row, done) if row.spec.stream else ""
+            updates.append(RowUpdate(row.key, token, delta, logprob, row.out if done else None))
+            if not done:
+                row.next_token = token
+                keep.append(j)
+        return updates, keep
+
+    def _logprobs(
+        self, rows: Sequence[_Row], logits: torch.Tensor, picked: Sequence[int | str], wanted: Sequence[int]
+    ) -> dict[int, TokenLogprob]:
+        """Log probabilities of the chosen token and the top alternatives of the rows at batch indices
+        ``wanted`` (those that asked), by batch index; a row whose sampling failed has none."""
+        wanted = [j for j in wanted if not isinstance(picked[j], str)]
+        if not wanted:
+            return {}
+        logp = torch.log_softmax(logits[wanted], dim=-1).to("cpu")  # [n, vocab]
+        k = min(max(int(rows[j].spec.logprobs or 0) for j in wanted), MAX_TOP_LOGPROBS)
+        top_values, top_ids = logp.topk(k, dim=-1)  # [n, k]
+        out: dict[int, TokenLogprob] = {}
+        for i, j in enumerate(wanted):
+            token, n = int(picked[j]), min(int(rows[j].spec.logprobs or 0), MAX_TOP_LOGPROBS)
+            top = tuple(
+                (t, self._piece(t), v)
+                for t, v in zip(top_ids[i, :n].tolist(), top_values[i, :n].tolist(), strict=True)
+            )
+            out[j] = TokenLogprob(token, self._piece(token), float(logp[i, token]), top)
+        return out
+
+    def _piece(self, token: int) -> str:
+        return str(self.tokenizer.decode([token], skip_special_tokens=False))
+
+    def _advance(self, row: _Row, token: int, logits: torch.Tensor) -> bool:
+        """Append a token to a row; True when the row has finished (its text is then final)."""
+        spec, out = row.spec, row.out
         out.token_ids.append(token)
         if spec.keep_logits:
             out.logits.append(logits.detach().to("cpu").clone())
+        done = True
         if token in self.eos_ids:
             out.finish_reason = "stop"
-            return True
-        if spec.stop and find_stop(self._decode(out.token_ids), spec.stop) is not None:
+        elif spec.stop and find_stop(self._decode(out.token_ids), spec.stop) is not None:
             out.finish_reason = "stop"
-            return True
-        if len(out.token_ids) >= spec.max_new_tokens:
+        elif len(out.token_ids) >= spec.max_new_tokens:
             out.finish_reason = "length"
-            return True
-        return False
+        else:
+            done = False
+        if done:
+            text = self._decode(out.token_ids)
+            cut = find_stop(text, spec.stop) if spec.stop else None
+            out.text = text if cut is None else text[:cut]
+        return done
 
-    def _finish_text(self, spec: RowSpec, out: RowOutput) -> None:
-        text = self._decode(out.token_ids)
-        cut = find_stop(text, spec.stop) if spec.stop else None
-        out.text = text if cut is None else text[:cut]
+    def _delta(self, row: _Row, done: bool) -> str:
+        """The text a streaming row adds now: all of it when done, else what can no longer change."""
+        if done:
+            text = row.out.text
+        else:
+            text = self._decode(row.out.token_ids).rstrip("\ufffd")  # an incomplete UTF-8 character
+            text = text[: len(text) - _stop_prefix(text, row.spec.stop)]
+        delta = text[row.streamed :] if len(text) > row.streamed else ""
+        row.streamed = max(row.streamed, len(text))
+        return delta
 
     def _decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+
+def _stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """The length of the longest suffix of ``text`` that is a proper prefix of a stop string (held back while
+    streaming: the next tokens may complete the stop string, which is never shown)."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+def run_to_end(
+    batch: DecodeBatch,
+    rows: Sequence[RowSpec],
+    *,
+    on_update: Callable[[RowUpdate], object] | None = None,
+) -> list[RowOutput]:
+    """Static batching: every row joins ``batch`` at once and it steps until all are done; outputs in order."""
+    outputs: dict[Hashable, RowOutput] = {}
+    updates = batch.join(list(enumerate(rows))) if rows else []
+    while True:
+        for update in updates:
+            if on_update is not None:
+                on_update(update)
+            if update.output is not None:
+                outputs[update.key] = update.output
+        if not len(batch):
+            return [outputs[i] for i in range(len(rows))]
+        updates = batch.step()
+
+
+class BatchDecoder:
+    """Static batching over a model and a bank: ``BatchDecoder(...).run(rows) -> list[RowOutput]`` (QA, the
+    general-prompt anchors, benchmarks)."""
+
+    def __init__(self, model: Any, bank: AdapterBank | None, tokenizer: Any, *, device: torch.device) -> None:
+        """``bank`` None: a model without adapters (every row's routes must be empty)."""
+        self._batch = DecodeBatch(model, bank, tokenizer, device=device)
+        self.eos_ids = self._batch.eos_ids
+
+    def run(self, rows: Sequence[RowSpec]) -> list[RowOutput]:
+        """Decode every row to its end (stop, end of sequence or length)."""
+        return run_to_end(self._batch, rows)
 
 
 def left_pad(
@@ -233,4 +449,15 @@ def left_pad(
     return ids.to(device), mask.to(device)
 
 
-__all__ = ["BatchDecoder", "RowOutput", "RowSampler", "RowSpec", "find_stop", "left_pad", "pick_tokens"]
+__all__ = [
+    "BatchDecoder",
+    "DecodeBatch",
+    "RowOutput",
+    "RowSampler",
+    "RowSpec",
+    "RowUpdate",
+    "find_stop",
+    "left_pad",
+    "pick_tokens",
+    "run_to_end",
+]

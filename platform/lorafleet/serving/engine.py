@@ -30,12 +30,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from lorafleet.adapters.bank import AdapterBank
-from lorafleet.backbone.chat import chat_stop_strings, encode_messages, last_user_content
+from lorafleet.backbone.chat import chat_stop_strings, encode_messages, end_of_turn_ids, last_user_content
 from lorafleet.errors import (
     GenerationError,
     InvalidStateError,
@@ -44,7 +44,7 @@ from lorafleet.errors import (
     ValidationError,
 )
 from lorafleet.serving.cache import AdapterCache, Lease
-from lorafleet.serving.decode import BatchDecoder, RowOutput, RowSpec, left_pad
+from lorafleet.serving.decode import DecodeBatch, RowOutput, RowSpec, left_pad, run_to_end
 from lorafleet.serving.metrics import BatchRecord, ServingMetrics
 from lorafleet.serving.requests import GenerationRequest, GenerationResult, ModelRef, ServedBy
 
@@ -85,6 +85,24 @@ class _Row:
     slot_routes: tuple[tuple[int, float], ...] = field(default=())
 
 
+@dataclass(eq=False)
+class Admitted:
+    """A request ready to decode: its row, its ``RowSpec`` and the lease pinning its adapter slots (held until
+    ``GenerationEngine.finish`` or ``release``: pins are per row, so a long request never holds another's)."""
+
+    row: _Row
+    spec: RowSpec
+    lease: Lease
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.row.request
+
+    def release(self) -> None:
+        """Unpin the row's slots (idempotent)."""
+        self.lease.release()
+
+
 class GenerationEngine:
     """Batched generation across users: ``generate(requests) -> results`` (see the module docstring)."""
 
@@ -119,7 +137,7 @@ class GenerationEngine:
         self.metrics = metrics or ServingMetrics()
         self._on_nonfinite = on_nonfinite
         self._resolve_model = resolve_model
-        self._decoder = BatchDecoder(backbone.model, bank, backbone.tokenizer, device=backbone.device)
+        self._eos_ids = frozenset(end_of_turn_ids(backbone.model, backbone.tokenizer))
         self._model_lock = threading.Lock()  # one batch at a time through the model (one routing plan)
         config = backbone.model.config
         self._max_positions: int | None = getattr(config, "max_position_embeddings", None)
@@ -136,25 +154,72 @@ class GenerationEngine:
     def generate_each(self, requests: Sequence[GenerationRequest]) -> list[Outcome]:
         """Serve a batch; each request gets its result or its own error (the others are still served)."""
         started = time.perf_counter()
-        outcomes: list[Outcome | None] = [None] * len(requests)
-        rows = self._prepare(requests, outcomes)
-        rows = self._route(rows, outcomes)
-        members = [member for row in rows for member, _ in row.routes]
-        with self.cache.acquire(members, strict=False) as lease:
-            rows = self._bind(rows, lease, outcomes)
-            if rows:
-                with self._model_lock:
-                    decoded = self._decoder.run([self._spec(row) for row in rows])
-                for row, out in zip(rows, decoded, strict=True):
-                    outcomes[row.index] = (
-                        self._result(row, out) if out.error is None else self._failed(row, out)
-                    )
-        done = [
-            o if o is not None else InvalidStateError("request was neither served nor failed")
-            for o in outcomes
-        ]
-        self._record(done, rows, time.perf_counter() - started)
+        outcomes: list[Outcome | Admitted] = list(self.admit(requests))
+        ready = [a for a in outcomes if isinstance(a, Admitted)]
+        try:
+            if ready:
+                with self.model_lock:
+                    decoded = run_to_end(self.decode_batch(), [a.spec for a in ready])
+                finished = iter([self.finish(a, out) for a, out in zip(ready, decoded, strict=True)])
+                outcomes = [next(finished) if isinstance(o, Admitted) else o for o in outcomes]
+        finally:
+            for admitted in ready:  # decoding raised: the rows' slots are released all the same
+                admitted.release()
+        done = cast(list[Outcome], outcomes)
+        self._record(done, [a.row for a in ready], time.perf_counter() - started)
         return done
+
+    # --- continuous batching: admit, decode in a DecodeBatch, finish --------------------------------------
+    def admit(
+        self, requests: Sequence[GenerationRequest], *, stream: Sequence[bool] = ()
+    ) -> list[Admitted | LorafleetError]:
+        """Make requests ready to decode: render and tokenise, resolve the bank, route through the gate, and pin
+        each row's adapter slots (loading what is missing). Each request gets its ``Admitted`` row (hand it back
+        to ``finish``, or ``Admitted.release`` it) or its own error. ``stream[i]``: request ``i``'s row reports
+        text deltas (``RowUpdate.delta``)."""
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        rows = self._route(self._prepare(requests, outcomes), outcomes)
+        admitted: list[Admitted | LorafleetError | None] = list(outcomes)  # type: ignore[arg-type]
+        # one acquisition for the group (one load per version, its error shared by the rows that need it),
+        # then each row shares out its own pins
+        with self.cache.acquire([m for row in rows for m, _ in row.routes], strict=False) as group:
+            for row in rows:
+                error = next(
+                    (group.errors[m.sha256] for m, _ in row.routes if m.sha256 in group.errors), None
+                )
+                if error is not None:
+                    admitted[row.index] = error
+                    continue
+                lease = group.share(m.sha256 for m, _ in row.routes)
+                row.slot_routes = tuple((lease.slots[m.sha256], w) for m, w in row.routes)
+                streams = bool(stream[row.index]) if row.index < len(stream) else False
+                admitted[row.index] = Admitted(row, self._spec(row, stream=streams), lease)
+        return [
+            a if a is not None else InvalidStateError("request was neither admitted nor failed")
+            for a in admitted
+        ]
+
+    def decode_batch(self) -> DecodeBatch:
+        """An empty ``DecodeBatch`` over this engine's model and bank (drive it under ``model_lock``)."""
+        return DecodeBatch(
+            self.backbone.model,
+            self.bank,
+            self.backbone.tokenizer,
+            device=self.backbone.device,
+            eos_ids=self._eos_ids,
+        )
+
+    @property
+    def model_lock(self) -> threading.Lock:
+        """Held for every forward through the model (the bank's routing plan is shared by its layers)."""
+        return self._model_lock
+
+    def finish(self, admitted: Admitted, out: RowOutput) -> Outcome:
+        """A decoded row's result, or its ``GenerationError`` (non-finite logits are reported to
+        ``on_nonfinite``); its slots are released."""
+        admitted.release()
+        row = admitted.row
+        return self._result(row, out) if out.error is None else self._failed(row, out)
 
     # --- the steps of a batch --------------------------------------------------------------------------------
     def _prepare(self, requests: Sequence[GenerationRequest], outcomes: list[Outcome | None]) -> list[_Row]:
@@ -280,19 +345,7 @@ class GenerationEngine:
             )
         return decisions
 
-    def _bind(self, rows: list[_Row], lease: Lease, outcomes: list[Outcome | None]) -> list[_Row]:
-        """Routes to pinned slots; a row needing a version that failed to load gets that version's error."""
-        ready = []
-        for row in rows:
-            error = next((lease.errors[m.sha256] for m, _ in row.routes if m.sha256 in lease.errors), None)
-            if error is not None:
-                outcomes[row.index] = error
-                continue
-            row.slot_routes = tuple((lease.slots[m.sha256], w) for m, w in row.routes)
-            ready.append(row)
-        return ready
-
-    def _spec(self, row: _Row) -> RowSpec:
+    def _spec(self, row: _Row, *, stream: bool = False) -> RowSpec:
         r = row.request
         return RowSpec(
             prompt_ids=row.prompt_ids,
@@ -303,6 +356,8 @@ class GenerationEngine:
             seed=r.seed,
             stop=(*r.stop, *(s for s in row.stops if s not in r.stop)),
             keep_logits=r.return_logits,
+            logprobs=r.logprobs,
+            stream=stream,
         )
 
     def _result(self, row: _Row, out: RowOutput) -> GenerationResult:
@@ -326,6 +381,7 @@ class GenerationEngine:
             bank_revision=row.bank.revision if row.bank is not None else None,
             request_id=row.request.request_id,
             logits=torch.stack(out.logits) if out.logits else None,  # [n_generated, vocab]
+            logprobs=tuple(out.logprobs) if row.request.logprobs is not None else None,
         )
 
     def _failed(self, row: _Row, out: RowOutput) -> GenerationError:

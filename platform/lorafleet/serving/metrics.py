@@ -1,5 +1,9 @@
 """Serving counters for the API's ``/metrics``: requests, failures by error code, batch sizes, tokens, timings.
 
+With continuous batching a "batch" is a group of requests admitted together (``record_batch``); rows then end
+one by one (``record_row``: completion tokens, decoding failures), and every decoding step is counted with its
+running rows (``decode_steps``, ``decode_step_rows``: their ratio is the mean running batch).
+
 Plain thread-safe counters (no client library): ``snapshot()`` gives a dict, :func:`prometheus_text` renders
 it, together with the adapter cache's stats, in Prometheus' text exposition format.
 """
@@ -39,7 +43,7 @@ class ServingMetrics:
         self._counts: Counter[str] = Counter()
         self._failures: Counter[str] = Counter()
         self._batch_buckets: Counter[int | None] = Counter()  # None = +Inf
-        self._seconds: dict[str, float] = {"batch": 0.0, "queue_wait": 0.0}
+        self._seconds: dict[str, float] = {"batch": 0.0, "queue_wait": 0.0, "decode": 0.0}
 
     def record_batch(self, record: BatchRecord) -> None:
         with self._lock:
@@ -54,6 +58,21 @@ class ServingMetrics:
             self._failures.update(record.failed_codes)
             self._batch_buckets[next((b for b in BATCH_BUCKETS if record.size <= b), None)] += 1
             self._seconds["batch"] += record.seconds
+
+    def record_row(self, *, completion_tokens: int, failed_code: str | None) -> None:
+        """A row of continuous batching ended (its admission was counted by ``record_batch``)."""
+        with self._lock:
+            self._counts["completion_tokens"] += completion_tokens
+            if failed_code is not None:
+                self._counts["requests_failed"] += 1
+                self._failures[failed_code] += 1
+
+    def record_step(self, rows: int, seconds: float) -> None:
+        """One decoding step of continuous batching over ``rows`` running rows (with any newcomers' prefill)."""
+        with self._lock:
+            self._counts["decode_steps"] += 1
+            self._counts["decode_step_rows"] += rows
+            self._seconds["decode"] += seconds
 
     def record_queue_wait(self, seconds: float) -> None:
         with self._lock:
@@ -72,6 +91,7 @@ class ServingMetrics:
                 },
                 "batch_seconds_total": self._seconds["batch"],
                 "queue_wait_seconds_total": self._seconds["queue_wait"],
+                "decode_seconds_total": self._seconds["decode"],
             }
 
 
@@ -84,6 +104,8 @@ _COUNTS = (
     "prompt_tokens",
     "completion_tokens",
     "queued",
+    "decode_steps",
+    "decode_step_rows",
 )
 
 
@@ -106,6 +128,7 @@ def prometheus_text(
     lines += _histogram(f"{prefix}_serving_batch_size", snap["batch_size_buckets"])
     lines.append(f"{prefix}_serving_batch_seconds_total {snap['batch_seconds_total']:.6f}")
     lines.append(f"{prefix}_serving_queue_wait_seconds_total {snap['queue_wait_seconds_total']:.6f}")
+    lines.append(f"{prefix}_serving_decode_seconds_total {snap['decode_seconds_total']:.6f}")
     if cache is not None:
         lines += _cache_lines(f"{prefix}_adapter_cache", cache)
     return "\n".join(lines) + "\n"

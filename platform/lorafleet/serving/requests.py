@@ -26,6 +26,8 @@ FinishReason = Literal["stop", "length"]
 #: Upper bound on ``max_new_tokens`` of one request (the engine also checks the model's context length).
 MAX_NEW_TOKENS_LIMIT = 4096
 MAX_STOP_STRINGS = 16
+#: the most alternatives per token a request may ask for (``logprobs``; OpenAI's bound for ``top_logprobs``)
+MAX_LOGPROBS = 20
 #: the smallest temperature other than 0 (greedy): below it ``logits / temperature`` overflows to infinity and
 #: the sampling distribution is undefined; a caller who wants determinism asks for 0
 MIN_TEMPERATURE = 1e-3
@@ -115,6 +117,9 @@ class GenerationRequest:
     #: the personalization dial: every adapter weight the gate gives is multiplied by this (1: full
     #: personalization; 0: the base model, without routing or loading anything)
     adapter_scale: float = 1.0
+    #: None: no log probabilities; ``k`` in [0, 20]: each generated token's log probability and its ``k`` most
+    #: likely alternatives (``GenerationResult.logprobs``)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -181,6 +186,10 @@ def _check_request(r: GenerationRequest) -> None:
         raise ValidationError(f"adapter_scale must be a number in [0, 1], got {scale!r}")
     if r.seed is not None and (isinstance(r.seed, bool) or not 0 <= r.seed < 2**63):
         raise ValidationError(f"seed must be an int in [0, 2**63), got {r.seed!r}")
+    if r.logprobs is not None and (
+        isinstance(r.logprobs, bool) or not isinstance(r.logprobs, int) or not 0 <= r.logprobs <= MAX_LOGPROBS
+    ):
+        raise ValidationError(f"logprobs must be absent or an int in [0, {MAX_LOGPROBS}], got {r.logprobs!r}")
     if len(r.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in r.stop):
         raise ValidationError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings")
 
@@ -195,6 +204,28 @@ class ServedBy:
     version_id: int
     sha256: str
     weight: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability under the model, and the most likely alternatives at that step."""
+
+    token_id: int
+    #: the token's text (special tokens included, as the tokenizer spells them)
+    token: str
+    logprob: float
+    #: ``(token_id, token, logprob)`` of the most likely tokens, most likely first
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """What a streamed request added since its previous delta: text (never a stop string or half a character;
+    the deltas concatenate to the result's ``text``), the tokens taken, and their log probabilities when asked."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -216,6 +247,8 @@ class GenerationResult:
     request_id: str | None = None
     #: raw logits of each step when the request asked for them
     logits: torch.Tensor | None = field(default=None, repr=False, compare=False)  # [n_generated, vocab]
+    #: one per generated token when the request asked for ``logprobs``
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -235,7 +268,10 @@ __all__ = [
     "ModelRef",
     "MIN_TEMPERATURE",
     "FinishReason",
+    "GenerationDelta",
     "GenerationRequest",
     "GenerationResult",
+    "MAX_LOGPROBS",
     "ServedBy",
+    "TokenLogprob",
 ]
