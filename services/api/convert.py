@@ -10,7 +10,7 @@ from lorafleet.feedback import IngestResult
 from lorafleet.registry import Lineage, LineageNode
 from lorafleet.routing.bank import Enrolment
 from lorafleet.sdk import schemas as s
-from lorafleet.serving.requests import GenerationResult
+from lorafleet.serving.requests import GenerationResult, TokenLogprob
 from lorafleet.store.sql.qa_repository import QAReport
 from lorafleet.workflows.live_alias import VersionQA
 from lorafleet.workflows.tasks import TaskInfo
@@ -238,9 +238,10 @@ def serving_info(result: GenerationResult) -> s.ServingInfo:
     )
 
 
-def usage(results: Iterable[GenerationResult]) -> s.Usage:
+def usage(results: Iterable[GenerationResult], *, n: int = 1) -> s.Usage:
+    """Token counts; with ``n`` choices per prompt (consecutive results), each prompt is counted once."""
     done = list(results)
-    prompt = sum(r.prompt_tokens for r in done)
+    prompt = sum(r.prompt_tokens for r in done[::n])
     completion = sum(r.completion_tokens for r in done)
     return s.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
@@ -252,3 +253,31 @@ def generated(result: GenerationResult) -> s.GenerateResponse:
         finish_reason=result.finish_reason,
         usage=usage([result]),
     )
+
+
+# --- log probabilities, in OpenAI's two formats ----------------------------------------------------------------
+def completion_logprobs(entries: Iterable[TokenLogprob], *, offset: int = 0) -> dict[str, Any]:
+    """The legacy completions format: ``tokens``, ``token_logprobs``, ``top_logprobs`` (token -> logprob per
+    position) and ``text_offset`` (each token's start in the choice's text, from ``offset``)."""
+    tokens, values, tops, offsets = [], [], [], []
+    at = offset
+    for entry in entries:
+        tokens.append(entry.token)
+        values.append(entry.logprob)
+        tops.append({token: logprob for _, token, logprob in entry.top})
+        offsets.append(at)
+        at += len(entry.token)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(entries: Iterable[TokenLogprob]) -> dict[str, Any]:
+    """The chat format: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}, ...]}``."""
+
+    def one(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for _, t, lp in e.top]} for e in entries
+        ]
+    }

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -43,7 +43,7 @@ from services.api.metrics import ApiMetrics
 if TYPE_CHECKING:
     from lorafleet.runtime.ray_serve import ServeClient
     from lorafleet.runtime.trainer_pool import TrainerPool
-    from lorafleet.serving import BatchingQueue, GenerationRequest, GenerationResult
+    from lorafleet.serving import ContinuousBatcher, GenerationDelta, GenerationRequest, GenerationResult
     from lorafleet.serving.engine import GenerationEngine
 
 logger = logging.getLogger("lorafleet.api")
@@ -75,8 +75,12 @@ class ApiOptions:
     serving_quantization: str | None = None
     engine_slots: int = 16
     engine_max_rank: int = 16
+    #: rows decoding at once (continuous batching: requests join the running batch at the next step)
     max_batch_size: int = 16
+    #: how long admission waits for more requests after the first of a group
     max_wait_ms: float = 5.0
+    #: newcomers' prefill per decoding step, in padded prompt tokens (bounds the stall of running rows)
+    max_prefill_tokens: int = 2048
     generate_timeout_seconds: float = 300.0
     #: request bodies larger than this are refused with 413
     max_body_bytes: int = 8 * 1024 * 1024
@@ -139,8 +143,8 @@ class _LoadOnce(Generic[T]):
         threading.Thread(target=load, name=self.preload_thread, daemon=True).start()
 
 
-class EngineHolder(_LoadOnce["BatchingQueue"]):
-    """The serving engine behind a batching queue, built once on first use (single flight)."""
+class EngineHolder(_LoadOnce["ContinuousBatcher"]):
+    """The serving engine behind a continuous batcher, built once on first use (single flight)."""
 
     failure = "the serving engine failed to load"
     preload_thread = "lorafleet-engine-preload"
@@ -151,26 +155,47 @@ class EngineHolder(_LoadOnce["BatchingQueue"]):
         self._options = options
         self._engine: GenerationEngine | None = None
 
-    def _load(self) -> BatchingQueue:
-        from lorafleet.serving import BatchingQueue
+    def _load(self) -> ContinuousBatcher:
+        from lorafleet.serving import ContinuousBatcher
 
         engine = self._build()
         o = self._options
         self._engine = engine
-        return BatchingQueue(engine, max_batch_size=o.max_batch_size, max_wait_ms=o.max_wait_ms)
+        return ContinuousBatcher(
+            engine,
+            max_batch_size=o.max_batch_size,
+            max_wait_ms=o.max_wait_ms,
+            max_prefill_tokens=o.max_prefill_tokens,
+        )
+
+    def _open(self) -> ContinuousBatcher:
+        batcher = self.get()
+        if batcher.closed:
+            raise ServiceUnavailableError("the service is shutting down")
+        return batcher
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Serve requests through the batching queue (they batch with everyone else's); the first error raises."""
-        queue = self.get()
-        if queue.closed:
-            raise ServiceUnavailableError("the service is shutting down")
-        futures: list[Future[GenerationResult]] = [queue.submit(r) for r in requests]
+        """Serve requests (they join the running batch with everyone else's); the first error raises."""
+        batcher = self._open()
+        futures: list[Future[GenerationResult]] = [batcher.submit(r) for r in requests]
         try:
             return [f.result(timeout=self._options.generate_timeout_seconds) for f in futures]
         except FutureTimeout as exc:
-            for f in futures:
-                f.cancel()
             raise ServiceUnavailableError("generation did not finish in time") from exc
+        finally:
+            for f in futures:  # after an error or a timeout, the others stop too
+                f.cancel()
+
+    async def stream_async(
+        self, request: GenerationRequest
+    ) -> AsyncIterator[GenerationDelta | GenerationResult]:
+        """The request's deltas, then its result (``ContinuousBatcher.stream_async``); the engine is loaded off
+        the event loop. Leaving early (a client that disconnected) cancels the request."""
+        from starlette.concurrency import run_in_threadpool
+
+        batcher = await run_in_threadpool(self._open)
+        async for item in batcher.stream_async(request):
+            yield item
 
     def metrics_text(self) -> str:
         """The engine's and the adapter cache's counters (empty until the engine is loaded)."""
@@ -182,6 +207,10 @@ class EngineHolder(_LoadOnce["BatchingQueue"]):
     def close(self) -> None:
         if self._loaded is not None:
             self._loaded.close(cancel_pending=True)
+
+    def occupancy(self) -> dict[str, int]:
+        """The batcher's queued, ready and running requests (zeros until the engine is loaded)."""
+        return {"queued": 0, "ready": 0, "running": 0} if self._loaded is None else self._loaded.occupancy()
 
 
 class ServeEngineHolder(_LoadOnce["ServeClient"]):
@@ -211,6 +240,28 @@ class ServeEngineHolder(_LoadOnce["ServeClient"]):
             raise ServiceUnavailableError("the service is shutting down")
         try:
             return self.get().generate(requests)
+        except ServeUnavailableError as exc:
+            raise ServiceUnavailableError(str(exc)) from exc
+
+    async def stream_async(
+        self, request: GenerationRequest
+    ) -> AsyncIterator[GenerationDelta | GenerationResult]:
+        """The request's deltas from its replica, then its result (``ServeClient.open_stream``, iterated off the
+        event loop); leaving early cancels the call on the replica."""
+        from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+
+        from lorafleet.runtime.ray_serve import ServeUnavailableError
+
+        if self._closed:
+            raise ServiceUnavailableError("the service is shutting down")
+        try:
+            client = await run_in_threadpool(self.get)
+            items, cancel = await run_in_threadpool(client.open_stream, request)
+            try:
+                async for item in iterate_in_threadpool(items):
+                    yield item
+            finally:
+                cancel()
         except ServeUnavailableError as exc:
             raise ServiceUnavailableError(str(exc)) from exc
 

@@ -13,8 +13,13 @@ multiplex loader would instead serve the old versions until Serve's LRU happened
 loader only names the user; its LRU (``serve_max_models_per_replica``) decides routing affinity, while the
 weights live in the engine's byte-budgeted adapter cache.
 
-Batching. Inside a replica, requests of all users share one ``BatchingQueue`` (one forward pass serves many
-users). Serve's own ``@serve.batch`` is not used: it splits batches by multiplexed model id, one user each.
+Batching. Inside a replica, requests of all users share one ``ContinuousBatcher`` (one forward pass serves
+many users, and a request joins the running batch at the next decoding step). Serve's own ``@serve.batch`` is
+not used: it forms static batches, split by multiplexed model id (one user each).
+
+Streaming. ``ServingReplica.stream`` is a generator method: ``ServeClient.open_stream`` calls it with
+``stream=True`` and iterates the deltas, then the result, as they are decoded; cancelling the call cancels the
+request's row on the replica.
 Requests cross the hop whole (prompt or ``messages``, ``raw``): the replica's engine renders them with its
 tokenizer (``backbone.chat``), so the API needs none.
 
@@ -36,22 +41,21 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, cast
 
 from lorafleet.config import Settings, load_settings
 from lorafleet.errors import ConfigError, LorafleetError, ValidationError
-from lorafleet.serving.batcher import BatchingQueue
 from lorafleet.serving.factory import build_engine
-from lorafleet.serving.requests import GenerationRequest, GenerationResult
+from lorafleet.serving.requests import GenerationDelta, GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:
     from ray.serve import Application
-    from ray.serve.handle import DeploymentHandle, DeploymentResponse
+    from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
     from lorafleet.platform import Platform
-    from lorafleet.serving.batcher import BatchingQueue
+    from lorafleet.serving.continuous import ContinuousBatcher
     from lorafleet.serving.engine import GenerationEngine
 
 logger = logging.getLogger(__name__)
@@ -120,8 +124,11 @@ class ReplicaOptions:
     max_rank: int = 16
     #: backbone quantization; None = ``settings.backbone_quantization``
     quantization: str | None = None
+    #: rows decoding at once in the replica's continuous batch
     max_batch_size: int = 16
     max_wait_ms: float = 5.0
+    #: newcomers' prefill per decoding step, in padded prompt tokens
+    max_prefill_tokens: int = 2048
     #: CPUs reserved per replica (fractions allowed); GPUs follow the device setting (``replica_gpus``)
     num_cpus: float = 1.0
     #: calls a replica takes at once; None = max(2 * max_batch_size, 2 * serve_target_ongoing_requests)
@@ -143,7 +150,7 @@ class ReplicaOptions:
 
 # --- the replica -------------------------------------------------------------------------------------------
 class ServingReplica:
-    """One Serve replica: a ``GenerationEngine`` (from ``factory.build_engine``) behind a ``BatchingQueue``.
+    """One Serve replica: a ``GenerationEngine`` (from ``factory.build_engine``) behind a ``ContinuousBatcher``.
 
     Built by Serve from ``serving_app``; it needs a Serve replica context (``serve.multiplexed``)."""
 
@@ -151,7 +158,7 @@ class ServingReplica:
         from ray import serve
 
         from lorafleet.platform import Platform
-        from lorafleet.serving.batcher import BatchingQueue
+        from lorafleet.serving.continuous import ContinuousBatcher
         from lorafleet.training.general_prompts import ANCHOR_PROMPTS
         from lorafleet.workflows.qa_triggers import on_nonfinite_output
 
@@ -173,8 +180,11 @@ class ServingReplica:
                 self._platform.db, bank=bank, members=members
             ),
         )
-        self._queue: BatchingQueue = BatchingQueue(
-            self.engine, max_batch_size=o.max_batch_size, max_wait_ms=o.max_wait_ms
+        self._queue: ContinuousBatcher = ContinuousBatcher(
+            self.engine,
+            max_batch_size=o.max_batch_size,
+            max_wait_ms=o.max_wait_ms,
+            max_prefill_tokens=o.max_prefill_tokens,
         )
 
         async def open_user(key: str) -> UserHandle:  # cheap on purpose: no bank, no weights
@@ -200,12 +210,22 @@ class ServingReplica:
         return ReplicaReply(self.replica_id, [_as_outcome(o) for o in done])
 
     async def _submit(self, user: UserHandle, request: GenerationRequest) -> GenerationResult:
-        if (request.tenant_id, request.user) != (user.tenant_id, user.user):
-            raise ValidationError(
-                f"a request of {user_key(request.tenant_id, request.user)!r} was routed as "
-                f"{user_key(user.tenant_id, user.user)!r}"
-            )
+        _check_routed(user, request)
         return await self._queue.submit_async(request)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta | Outcome]:
+        """Stream one request (the call's multiplexed model id is its user's): its deltas as they are decoded,
+        then its result, or its library error as the last item (a value, so it keeps its class)."""
+        from ray import serve
+
+        try:
+            user = UserHandle.from_key(serve.get_multiplexed_model_id())
+            _check_routed(user, request)
+            await self._open_user(user_key(user.tenant_id, user.user))
+            async for item in self._queue.stream_async(request):
+                yield item
+        except LorafleetError as exc:
+            yield exc
 
     def stats(self) -> dict[str, Any]:
         """This replica's id, the engine's counters and the adapter cache's."""
@@ -217,7 +237,7 @@ class ServingReplica:
         if getattr(self, "_closed", True):  # closed already, or __init__ failed before opening anything
             return
         self._closed = True
-        queue: BatchingQueue | None = getattr(self, "_queue", None)
+        queue: ContinuousBatcher | None = getattr(self, "_queue", None)
         platform: Platform | None = getattr(self, "_platform", None)
         if queue is not None:
             queue.close(cancel_pending=True)
@@ -232,6 +252,14 @@ class ServingReplica:
 
     # Ray Serve's only shutdown hook for a replica is its ``__del__``: it is ``close`` itself, nothing more.
     __del__ = close
+
+
+def _check_routed(user: UserHandle, request: GenerationRequest) -> None:
+    if (request.tenant_id, request.user) != (user.tenant_id, user.user):
+        raise ValidationError(
+            f"a request of {user_key(request.tenant_id, request.user)!r} was routed as "
+            f"{user_key(user.tenant_id, user.user)!r}"
+        )
 
 
 def _as_outcome(value: object) -> Outcome:
@@ -423,6 +451,50 @@ class ServeClient:
         self._record(done, calls=len(calls), seconds=time.monotonic() - started)
         return done
 
+    def open_stream(
+        self, request: GenerationRequest
+    ) -> tuple[Iterator[GenerationDelta | GenerationResult], Callable[[], None]]:
+        """Stream one request through its user's replica: an iterator of its deltas, then its result (its error
+        raises, Serve's failures as ``ServeUnavailableError``), and a function that cancels the call."""
+        from ray.exceptions import RayError
+        from ray.serve.exceptions import RayServeException
+
+        handle = self.connect()
+        key = user_key(request.tenant_id, request.user)
+        response = cast(
+            "DeploymentResponseGenerator[Any]",
+            handle.options(method_name="stream", multiplexed_model_id=key, stream=True).remote(request),
+        )
+
+        def items() -> Iterator[GenerationDelta | GenerationResult]:
+            started = time.monotonic()
+            outcome: Outcome | None = None
+            try:
+                for item in response:
+                    if isinstance(item, GenerationDelta):
+                        yield item
+                    elif isinstance(item, GenerationResult | LorafleetError):
+                        outcome = item
+                        break
+                    else:
+                        raise ServeUnavailableError(
+                            f"unexpected item from the Ray Serve app: {type(item).__name__}"
+                        )
+            except (RayServeException, RayError) as exc:
+                self._count_failure(ServeUnavailableError.code)
+                raise ServeUnavailableError(
+                    f"Ray Serve could not stream the call: {_first_line(exc)}"
+                ) from exc
+            if outcome is None:
+                raise ServeUnavailableError("the Ray Serve stream ended without a result")
+            # a stream does not say which replica served it (the replica set is counted from unary calls)
+            self._record([RoutedOutcome(outcome, "")], calls=1, seconds=time.monotonic() - started)
+            if isinstance(outcome, LorafleetError):
+                raise outcome
+            yield outcome
+
+        return items(), response.cancel
+
     def _reply(self, response: DeploymentResponse, *, deadline: float, expected: int) -> ReplicaReply:
         """A call's reply, with Ray's and Serve's failures as ``ServeUnavailableError``."""
         from ray.exceptions import RayError, RayTaskError
@@ -457,7 +529,8 @@ class ServeClient:
             self._counts["requests"] += len(done)
             self._seconds += seconds
             for routed in done:
-                self._replicas.add(routed.replica_id)
+                if routed.replica_id:
+                    self._replicas.add(routed.replica_id)
                 if isinstance(routed.outcome, LorafleetError):
                     self._counts["requests_failed"] += 1
                     self._failures[routed.outcome.code] += 1

@@ -422,10 +422,14 @@ def complete(
     stop: str | list[str] | None = None,
     model: str = "lorafleet",
     adapter_scale: float = 1.0,
+    n: int = 1,
+    logprobs: int | None = None,
+    echo: bool = False,
 ) -> Call[s.CompletionResponse]:
     """OpenAI-style ``/v1/completions`` for ``user`` (OpenAI's defaults: 16 tokens, temperature 1). ``model``:
     ``lorafleet`` (the user's bank; the base model for ``user=None``), ``base``, ``task:<name>[@<n>]`` or
-    ``<user>/<adapter>[@<n>]`` (one adapter, live or pinned); see ``models()``."""
+    ``<user>/<adapter>[@<n>]`` (one adapter, live or pinned); see ``models()``. ``n`` choices per prompt;
+    ``logprobs``: each token's log probability and that many alternatives; ``echo``: the prompt first."""
     request = s.CompletionRequest(
         user=user,
         prompt=prompt,
@@ -436,9 +440,11 @@ def complete(
         stop=stop,
         model=model,
         adapter_scale=adapter_scale,
+        n=n,
+        logprobs=logprobs,
+        echo=echo or None,
     )
-    body = request.model_dump(mode="json", exclude_none=True)
-    return Call("POST", "/v1/completions", _parser(s.CompletionResponse), body=body)
+    return Call("POST", "/v1/completions", _parser(s.CompletionResponse), body=_openai_body(request))
 
 
 def chat(
@@ -452,9 +458,13 @@ def chat(
     stop: str | list[str] | None = None,
     model: str = "lorafleet",
     adapter_scale: float = 1.0,
+    n: int = 1,
+    logprobs: bool = False,
+    top_logprobs: int | None = None,
 ) -> Call[s.ChatCompletionResponse]:
     """OpenAI-style ``/v1/chat/completions`` for ``user`` (messages as dicts or ``ChatMessage``), rendered with
-    the backbone's chat template and ended at its end-of-turn token; ``model`` as for ``complete``."""
+    the backbone's chat template and ended at its end-of-turn token; ``model`` and ``n`` as for ``complete``;
+    ``logprobs`` (and ``top_logprobs`` alternatives) per generated token."""
     request = s.ChatCompletionRequest(
         user=user,
         messages=chat_messages(messages),
@@ -465,9 +475,38 @@ def chat(
         stop=stop,
         model=model,
         adapter_scale=adapter_scale,
+        n=n,
+        logprobs=logprobs or None,
+        top_logprobs=top_logprobs,
     )
+    return Call("POST", "/v1/chat/completions", _parser(s.ChatCompletionResponse), body=_openai_body(request))
+
+
+def _openai_body(request: s.CompletionRequest | s.ChatCompletionRequest) -> dict[str, Any]:
+    """The body as JSON; fields at their default (``n`` 1 included) are left out, as before they existed."""
     body = request.model_dump(mode="json", exclude_none=True)
-    return Call("POST", "/v1/chat/completions", _parser(s.ChatCompletionResponse), body=body)
+    if body.get("n") == 1:
+        del body["n"]
+    return body
+
+
+def stream_complete(user: str | None, prompt: str | list[str], **options: Any) -> Call[s.CompletionChunk]:
+    """``complete`` as server-sent events: the client method yields each ``CompletionChunk`` as it is decoded
+    (text pieces per choice, each choice's last chunk with its ``finish_reason`` and ``lorafleet``), then one
+    with the ``usage``. Takes ``complete``'s options."""
+    return _streamed(complete(user, prompt, **options), s.CompletionChunk)
+
+
+def stream_chat(user: str | None, messages: Sequence[Message], **options: Any) -> Call[s.ChatCompletionChunk]:
+    """``chat`` as server-sent events: the client method yields each ``ChatCompletionChunk`` (``delta.content``
+    pieces), then one with the ``usage``. Takes ``chat``'s options."""
+    return _streamed(chat(user, messages, **options), s.ChatCompletionChunk)
+
+
+def _streamed(call: Call[Any], chunk: type[T]) -> Call[T]:
+    body = {**call.body, "stream": True, "stream_options": {"include_usage": True}}
+    # a stream is not retried once sent: its first chunks may already have been read
+    return Call(call.method, call.path, _parser(chunk), body=body, retry_after_send=False)
 
 
 def chat_messages(messages: Sequence[Message]) -> list[s.ChatMessage]:

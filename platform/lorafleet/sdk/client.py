@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
@@ -22,6 +22,7 @@ import httpx
 from lorafleet.sdk import calls as c
 from lorafleet.sdk import schemas as s
 from lorafleet.sdk.errors import ApiError, JobTimeout
+from lorafleet.sdk.transport import DONE as _DONE
 from lorafleet.sdk.transport import (
     ClientBase,
     RetryPolicy,
@@ -31,6 +32,7 @@ from lorafleet.sdk.transport import (
     may_retry_error,
     may_retry_transport,
     request_args,
+    sse_event,
 )
 
 T = TypeVar("T")
@@ -88,6 +90,37 @@ class _Endpoint(Generic[P, T]):
         return call
 
 
+class _StreamEndpoint(Generic[P, T]):
+    """A streaming call of ``lorafleet.sdk.calls`` as a client method: on a ``Client`` it returns an iterator of
+    the parsed events, on an ``AsyncClient`` an async iterator. An error answer raises before the first event;
+    an ``error`` event raises where it arrives. Leaving the loop early closes the connection, which stops the
+    generation on the service."""
+
+    def __init__(self, build: Callable[P, c.Call[T]]) -> None:
+        self.build = build
+        self.__doc__ = build.__doc__
+
+    def __get__(self, client: Client | AsyncClient | None, owner: type[Any]) -> Any:
+        if client is None:
+            return self
+        build = self.build
+        if isinstance(client, AsyncClient):
+            stream_async = client._stream
+
+            @functools.wraps(build)
+            def call_async(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[T]:
+                return stream_async(build(*args, **kwargs))
+
+            return call_async
+        stream = client._stream
+
+        @functools.wraps(build)
+        def call(*args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
+            return stream(build(*args, **kwargs))
+
+        return call
+
+
 class _Calls:
     """Every endpoint of the API as a method, one definition for both clients (``lorafleet.sdk.calls``)."""
 
@@ -138,6 +171,8 @@ class _Calls:
     complete = _Endpoint(c.complete)
     models = _Endpoint(c.models)
     chat = _Endpoint(c.chat)
+    stream_complete = _StreamEndpoint(c.stream_complete)
+    stream_chat = _StreamEndpoint(c.stream_chat)
 
     # --- admin and health -----------------------------------------------------------------------------------
     create_tenant = _Endpoint(c.create_tenant)
@@ -182,6 +217,18 @@ class Client(ClientBase, _Calls):
                 raise error
             time.sleep(self.retry.delay(attempt=attempt, error=error))
             attempt += 1
+
+    def _stream(self, call: c.Call[T]) -> Iterator[T]:
+        with self._http.stream(call.method, call.path, **request_args(call)) as response:
+            if not response.is_success:
+                response.read()
+                answer(call, response)  # raises the typed error
+            for line in response.iter_lines():
+                event = sse_event(call, line)
+                if event is _DONE:
+                    return
+                if event is not None:
+                    yield event  # type: ignore[misc]
 
     def close(self) -> None:
         self._http.close()
@@ -246,6 +293,18 @@ class AsyncClient(ClientBase, _Calls):
                 raise error
             await asyncio.sleep(self.retry.delay(attempt=attempt, error=error))
             attempt += 1
+
+    async def _stream(self, call: c.Call[T]) -> AsyncIterator[T]:
+        async with self._http.stream(call.method, call.path, **request_args(call)) as response:
+            if not response.is_success:
+                await response.aread()
+                answer(call, response)  # raises the typed error
+            async for line in response.aiter_lines():
+                event = sse_event(call, line)
+                if event is _DONE:
+                    return
+                if event is not None:
+                    yield event  # type: ignore[misc]
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationInfo, field_validator
 
 from lorafleet.domain.enums import FINISHED_JOB_STATES, FeedbackKind, JobState, QADecision, VersionStatus
 from lorafleet.feedback import (
@@ -23,11 +23,13 @@ from lorafleet.feedback import (
     SftFeedback,
 )
 from lorafleet.sdk.training import TrainingConfigOut, TrainingOverrides, TrainingValues, TrainRequest
-from lorafleet.serving.requests import BANK_MODEL, MIN_TEMPERATURE
+from lorafleet.serving.requests import BANK_MODEL, MAX_LOGPROBS, MIN_TEMPERATURE
 
 #: the limits of ``lorafleet.serving.requests`` (repeated here so the schemas need no serving import)
 MAX_NEW_TOKENS = 4096
 MAX_STOP_STRINGS = 16
+#: the most choices (``n``) one OpenAI request may ask for per prompt
+MAX_CHOICES = 16
 
 __all__ = [
     "FINISHED_JOB_STATES",
@@ -37,10 +39,15 @@ __all__ = [
     "AssistantMessage",
     "ApiKeyCreated",
     "ChatChoice",
+    "ChatChunkChoice",
+    "ChatCompletionChunk",
     "ChatCompletionRequest",
     "ChatCompletionResponse",
+    "ChatDelta",
     "ChatMessage",
     "CompletionChoice",
+    "CompletionChunk",
+    "CompletionChunkChoice",
     "CompletionRequest",
     "CompletionResponse",
     "DatasetSnapshotOut",
@@ -63,6 +70,7 @@ __all__ = [
     "LineageEdgeOut",
     "LineageNodeOut",
     "LineageOut",
+    "MAX_CHOICES",
     "ModelList",
     "ModelOut",
     "PreferenceFeedback",
@@ -75,6 +83,7 @@ __all__ = [
     "ServedByOut",
     "ServingInfo",
     "SftFeedback",
+    "StreamOptions",
     "TenantCreate",
     "TenantCreated",
     "TenantOut",
@@ -468,15 +477,25 @@ class GenerateResponse(ServingInfo):
 
 
 # --- OpenAI-compatible ------------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``: ``include_usage`` adds a last chunk with the usage and no choices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
 class _OpenAIRequest(_Sampling):
     """Fields of OpenAI's bodies that lorafleet serves. A field it does not honour is refused (422 naming it),
-    never silently ignored: an unknown field, and a known one set to anything but its no-op value (``n`` above
-    1, ``stream``, ``tools``, ``response_format`` other than text, penalties other than 0, ``logit_bias``...).
+    never silently ignored: an unknown field, and a known one set to anything but its no-op value (``tools``,
+    ``response_format`` other than text, penalties other than 0, ``logit_bias``...).
 
     ``model`` says what serves the request (``lorafleet.serving.requests.ModelRef``): ``lorafleet`` (the
     default) the user's adapter bank, ``base`` the base model, ``task:<name>[@<n>]`` or
     ``<user>/<adapter>[@<n>]`` one adapter, live or pinned; ``GET /v1/models`` lists them. ``user`` is optional
-    as in OpenAI: without it ``lorafleet`` is the base model."""
+    as in OpenAI: without it ``lorafleet`` is the base model. ``n`` choices are sampled independently (with a
+    ``seed``, choice ``i`` uses ``seed + i``, so they differ and are reproducible). ``stream`` sends the answer
+    as server-sent events in OpenAI's chunk format."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -486,14 +505,28 @@ class _OpenAIRequest(_Sampling):
     )
     temperature: float = Field(default=1.0, ge=0.0, le=100.0)
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
-    stream: Literal[False] | None = Field(default=None, description="Streaming is not supported yet.")
+    n: int = Field(
+        default=1, ge=1, le=MAX_CHOICES, description=f"Choices per prompt (at most {MAX_CHOICES})."
+    )
+    stream: bool | None = Field(default=None, description="Stream the answer as server-sent events.")
+    stream_options: StreamOptions | None = None
     # accepted at their no-op values only (refused otherwise, with the field named)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    stream_options: None = None
     service_tier: Literal["auto", "default"] | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only with stream true")
+        return value
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     @field_validator("stop")
     @classmethod
@@ -523,12 +556,26 @@ class _OpenAIRequest(_Sampling):
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | list[str] = Field(description="One prompt, or several (one choice each).")
+    prompt: str | list[str] = Field(description="One prompt, or several (``n`` choices each).")
     max_tokens: int = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
-    echo: Literal[False] | None = Field(default=None, description="Echoing the prompt is not supported.")
-    logprobs: None = Field(default=None, description="Log probabilities are not supported yet.")
+    echo: bool | None = Field(default=None, description="Return the prompt before the completion.")
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Log probabilities of each generated token and of this many likely alternatives.",
+    )
     best_of: int | None = Field(default=None, ge=1, le=1)
     suffix: None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _not_with_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("echo"):
+            raise ValueError(
+                "not with echo: log probabilities of the prompt's tokens are not computed; ask for one or the other"
+            )
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -572,21 +619,32 @@ class ChatMessage(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    """Only plain text: JSON modes need constrained decoding, which lorafleet does not do yet."""
+    """Only plain text: the JSON modes need constrained decoding, which lorafleet does not do; they are refused
+    with that reason rather than answered with text that may not parse."""
 
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["text"]
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(
+                f"{value!r} is not supported: lorafleet does not constrain decoding to JSON, so it could not "
+                "promise a parseable answer; use 'text'"
+            )
+        return value
 
 
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    logprobs: Literal[False] | None = Field(
-        default=None, description="Log probabilities are not supported yet."
+    logprobs: bool | None = Field(default=None, description="Log probabilities of each generated token.")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="Likely alternatives per token (needs logprobs)."
     )
-    top_logprobs: None = None
     response_format: ResponseFormat | None = None
     # tools are not supported: absent, null, an empty list or tool_choice "none" only
     tools: list[Any] | None = Field(default=None, max_length=0)
@@ -594,6 +652,17 @@ class ChatCompletionRequest(_OpenAIRequest):
     parallel_tool_calls: Literal[False] | None = None
     functions: list[Any] | None = Field(default=None, max_length=0)
     function_call: Literal["none"] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("only with logprobs true")
+        return value
+
+    def logprobs_wanted(self) -> int | None:
+        """The engine's ``logprobs``: None, or how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class ModelOut(_Out):
@@ -664,3 +733,49 @@ class ReadyOut(_Out):
     workers: Literal["off", "starting", "running", "failed", "stopped"] = "off"
     scheduler: Literal["off", "running", "stopped"] = "off"
     detail: str | None = None
+
+
+# --- streaming (server-sent events, OpenAI's chunk format) -------------------------------------------------------
+class CompletionChunkChoice(_Out):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: JsonValue = None
+
+
+class CompletionChunk(_Out):
+    """One event of a streamed ``/v1/completions``; the last chunk of a choice has its ``finish_reason`` and
+    ``lorafleet`` (the versions that served it); with ``include_usage`` a final chunk has ``usage`` only."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+    lorafleet: ServingInfo | None = None
+
+
+class ChatDelta(_Out):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Out):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: JsonValue = None
+
+
+class ChatCompletionChunk(_Out):
+    """One event of a streamed ``/v1/chat/completions`` (``object`` ``chat.completion.chunk``): the first chunk
+    of a choice has the role, then content pieces, then the ``finish_reason`` with ``lorafleet``."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    lorafleet: ServingInfo | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -65,6 +66,24 @@ def answer(call: c.Call[T], response: httpx.Response) -> T:
             body = {"error": {"code": "bad_response", "message": response.text[:500]}}
     if not ok:
         raise error_for(status=response.status_code, body=body, retry_after=_retry_after(response))
+    return call.parse(body)
+
+
+#: what ``sse_event`` returns for the stream's last event, ``data: [DONE]``
+DONE = object()
+
+
+def sse_event(call: c.Call[T], line: str) -> T | object | None:
+    """One line of a server-sent-events answer: the parsed event of a ``data:`` line, ``DONE`` at the end,
+    None for anything else (blank lines, comments); an ``error`` event raises its typed exception."""
+    if not line.startswith("data:"):
+        return None
+    data = line[len("data:") :].strip()
+    if data == "[DONE]":
+        return DONE
+    body = json.loads(data)
+    if isinstance(body, dict) and "error" in body:
+        raise error_for(status=500, body=body, retry_after=None)
     return call.parse(body)
 
 

@@ -330,11 +330,13 @@ class ContinuousBatcher:
             batch.drop(gone)
             for key in gone:
                 _admitted(running.pop(key)).release()
+            self.metrics.record_cancelled(len(gone))
             self._ended(len(gone))
 
     def _released_if_cancelled(self, pending: _Pending) -> bool:
         if pending.future.cancelled():
             _admitted(pending).release()
+            self.metrics.record_cancelled(1)
             return True
         return False
 

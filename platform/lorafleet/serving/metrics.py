@@ -67,6 +67,11 @@ class ServingMetrics:
                 self._counts["requests_failed"] += 1
                 self._failures[failed_code] += 1
 
+    def record_cancelled(self, rows: int) -> None:
+        """Requests whose caller went away (a cancelled future, a disconnected stream) after admission."""
+        with self._lock:
+            self._counts["requests_cancelled"] += rows
+
     def record_step(self, rows: int, seconds: float) -> None:
         """One decoding step of continuous batching over ``rows`` running rows (with any newcomers' prefill)."""
         with self._lock:
@@ -106,6 +111,7 @@ _COUNTS = (
     "queued",
     "decode_steps",
     "decode_step_rows",
+    "requests_cancelled",
 )
 
 

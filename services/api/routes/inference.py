@@ -15,19 +15,27 @@ prompt as one user turn unless the body says ``raw``; ``/v1/completions`` (OpenA
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+from lorafleet.errors import LorafleetError
 from lorafleet.routing.bank import served_task_models
 from lorafleet.sdk import schemas as s
 from lorafleet.serving.requests import (
     BANK_MODEL,
     BASE_MODEL,
     TASK_MODEL_PREFIX,
+    GenerationDelta,
     GenerationRequest,
     GenerationResult,
 )
@@ -36,6 +44,7 @@ from services.api.deps import CurrentTenant, Services, UserId
 from services.api.runtime import ApiServices
 
 router = APIRouter(tags=["inference"])
+logger = logging.getLogger("lorafleet.api")
 CHAT_MAX_TOKENS = 128
 
 
@@ -48,8 +57,7 @@ class _Input:
     raw: bool = False
 
 
-def _serve(
-    services: ApiServices,
+def _requests(
     *,
     tenant_id: int,
     user: str | None,
@@ -58,8 +66,12 @@ def _serve(
     sampling: s.GenerateRequest | s.CompletionRequest | s.ChatCompletionRequest,
     stop: tuple[str, ...],
     model: str = BANK_MODEL,
-) -> list[GenerationResult]:
-    requests = [
+    n: int = 1,
+    logprobs: int | None = None,
+) -> list[GenerationRequest]:
+    """``n`` requests per input, input-major (choice ``i * n + j`` is input ``i``'s ``j``-th); with a seed, choice
+    ``j`` samples with ``seed + j`` so the choices differ and stay reproducible."""
+    return [
         GenerationRequest(
             tenant_id=tenant_id,
             user=user,
@@ -69,14 +81,15 @@ def _serve(
             max_new_tokens=max_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
-            seed=sampling.seed,
+            seed=None if sampling.seed is None else (sampling.seed + j) % 2**63,
             stop=stop,
             model=model,
             adapter_scale=sampling.adapter_scale,
+            logprobs=logprobs,
         )
         for given in inputs
+        for j in range(n)
     ]
-    return services.engine.generate(requests)
 
 
 @router.post("/v1/users/{user_id}/generate", response_model=s.GenerateResponse)
@@ -85,54 +98,74 @@ def generate(
 ) -> s.GenerateResponse:
     """Generate for the user (the prompt as one user turn of the chat template, or as is with ``raw``); the
     answer names the adapter versions and gate weights that served it."""
-    (result,) = _serve(
-        services,
-        tenant_id=tenant.id,
-        user=user_id,
-        inputs=[_Input(prompt=body.prompt, raw=body.raw)],
-        max_tokens=body.max_tokens,
-        sampling=body,
-        stop=tuple(body.stop),
+    (result,) = services.engine.generate(
+        _requests(
+            tenant_id=tenant.id,
+            user=user_id,
+            inputs=[_Input(prompt=body.prompt, raw=body.raw)],
+            max_tokens=body.max_tokens,
+            sampling=body,
+            stop=tuple(body.stop),
+        )
     )
     return convert.generated(result)
 
 
-@router.post("/v1/completions", response_model=s.CompletionResponse)
-def completions(services: Services, tenant: CurrentTenant, body: s.CompletionRequest) -> s.CompletionResponse:
-    """OpenAI's completions API (raw text, no chat template): ``user`` selects the bank; several prompts give
-    one choice each."""
-    results = _serve(
-        services,
+_STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or events with stream true."}}
+
+
+@router.post("/v1/completions", response_model=s.CompletionResponse, responses=_STREAMED)  # type: ignore[arg-type]
+async def completions(
+    services: Services, tenant: CurrentTenant, body: s.CompletionRequest
+) -> s.CompletionResponse | StreamingResponse:
+    """OpenAI's completions API (raw text, no chat template): ``user`` selects the bank; each prompt gets ``n``
+    choices; ``echo`` puts the prompt before each completion; ``logprobs`` in the legacy format."""
+    prompts = body.prompts()
+    requests = _requests(
         tenant_id=tenant.id,
         user=body.user,
-        inputs=[_Input(prompt=prompt, raw=True) for prompt in body.prompts()],
+        inputs=[_Input(prompt=prompt, raw=True) for prompt in prompts],
         max_tokens=body.max_tokens,
         sampling=body,
         stop=body.stop_strings(),
         model=body.model,
+        n=body.n,
+        logprobs=body.logprobs,
     )
+    echoed = [prompts[i // body.n] if body.echo else "" for i in range(len(requests))]
+    if body.stream:
+        return await _stream(
+            services, requests, _CompletionChunks(body, echoed), include_usage=body.include_usage()
+        )
+    results = await run_in_threadpool(services.engine.generate, requests)
     return s.CompletionResponse(
         id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=body.model,
         choices=[
-            s.CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)
+            s.CompletionChoice(
+                index=i,
+                text=echoed[i] + r.text,
+                finish_reason=r.finish_reason,
+                logprobs=None
+                if r.logprobs is None
+                else convert.completion_logprobs(r.logprobs, offset=len(echoed[i])),
+            )
             for i, r in enumerate(results)
         ],
-        usage=convert.usage(results),
+        usage=convert.usage(results, n=body.n),
         lorafleet=[convert.serving_info(r) for r in results],
     )
 
 
-@router.post("/v1/chat/completions", response_model=s.ChatCompletionResponse)
-def chat_completions(
+@router.post("/v1/chat/completions", response_model=s.ChatCompletionResponse, responses=_STREAMED)  # type: ignore[arg-type]
+async def chat_completions(
     services: Services, tenant: CurrentTenant, body: s.ChatCompletionRequest
-) -> s.ChatCompletionResponse:
+) -> s.ChatCompletionResponse | StreamingResponse:
     """OpenAI's chat completions API through the backbone's chat template; ``user`` selects the bank."""
     max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_MAX_TOKENS
     messages = tuple((m.role, m.text()) for m in body.messages)
-    (result,) = _serve(
-        services,
+    requests = _requests(
         tenant_id=tenant.id,
         user=body.user,
         inputs=[_Input(messages=messages)],
@@ -140,21 +173,225 @@ def chat_completions(
         sampling=body,
         stop=body.stop_strings(),
         model=body.model,
+        n=body.n,
+        logprobs=body.logprobs_wanted(),
     )
+    if body.stream:
+        return await _stream(services, requests, _ChatChunks(body), include_usage=body.include_usage())
+    results = await run_in_threadpool(services.engine.generate, requests)
     return s.ChatCompletionResponse(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=body.model,
         choices=[
             s.ChatChoice(
-                index=0,
-                message=s.AssistantMessage(content=result.text.strip()),
-                finish_reason=result.finish_reason,
+                index=i,
+                message=s.AssistantMessage(content=r.text.strip()),
+                finish_reason=r.finish_reason,
+                logprobs=None if r.logprobs is None else convert.chat_logprobs(r.logprobs),
             )
+            for i, r in enumerate(results)
         ],
-        usage=convert.usage([result]),
-        lorafleet=convert.serving_info(result),
+        usage=convert.usage(results, n=body.n),
+        lorafleet=convert.serving_info(
+            results[0]
+        ),  # the choices share a prompt, so the gate routed them alike
     )
+
+
+# --- streaming ------------------------------------------------------------------------------------------------
+class _Chunks(Protocol):
+    """How one route turns a choice's deltas and result into its chunks (JSON-ready dicts)."""
+
+    def opening(self, index: int) -> list[dict[str, Any]]: ...
+
+    def delta(self, index: int, delta: GenerationDelta) -> list[dict[str, Any]]: ...
+
+    def done(self, index: int, result: GenerationResult) -> list[dict[str, Any]]: ...
+
+    def usage(self, results: Sequence[GenerationResult]) -> dict[str, Any]: ...
+
+
+class _CompletionChunks:
+    def __init__(self, body: s.CompletionRequest, echoed: Sequence[str]) -> None:
+        self.body, self.echoed = body, echoed
+        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self.offsets = [len(e) for e in echoed]  # each choice's text so far (for ``text_offset``)
+
+    def _chunk(self, choice: s.CompletionChunkChoice, **extra: Any) -> dict[str, Any]:
+        chunk = s.CompletionChunk(
+            id=self.id, created=self.created, model=self.body.model, choices=[choice], **extra
+        )
+        return chunk.model_dump(mode="json", exclude_none=True)
+
+    def opening(self, index: int) -> list[dict[str, Any]]:
+        echo = self.echoed[index]
+        return [self._chunk(s.CompletionChunkChoice(index=index, text=echo))] if echo else []
+
+    def delta(self, index: int, delta: GenerationDelta) -> list[dict[str, Any]]:
+        logprobs = None
+        if self.body.logprobs is not None:
+            logprobs = convert.completion_logprobs(delta.logprobs, offset=self.offsets[index])
+        self.offsets[index] += len(delta.text)
+        return [self._chunk(s.CompletionChunkChoice(index=index, text=delta.text, logprobs=logprobs))]
+
+    def done(self, index: int, result: GenerationResult) -> list[dict[str, Any]]:
+        choice = s.CompletionChunkChoice(index=index, text="", finish_reason=result.finish_reason)
+        return [self._chunk(choice, lorafleet=convert.serving_info(result))]
+
+    def usage(self, results: Sequence[GenerationResult]) -> dict[str, Any]:
+        chunk = s.CompletionChunk(
+            id=self.id,
+            created=self.created,
+            model=self.body.model,
+            choices=[],
+            usage=convert.usage(results, n=self.body.n),
+        )
+        return chunk.model_dump(mode="json", exclude_none=True)
+
+
+class _ChatChunks:
+    def __init__(self, body: s.ChatCompletionRequest) -> None:
+        self.body = body
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self.started: set[int] = (
+            set()
+        )  # choices whose content has begun (leading whitespace is dropped before)
+
+    def _chunk(self, choice: s.ChatChunkChoice, **extra: Any) -> dict[str, Any]:
+        chunk = s.ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.body.model, choices=[choice], **extra
+        )
+        return chunk.model_dump(mode="json", exclude_none=True)
+
+    def opening(self, index: int) -> list[dict[str, Any]]:
+        return [self._chunk(s.ChatChunkChoice(index=index, delta=s.ChatDelta(role="assistant", content="")))]
+
+    def delta(self, index: int, delta: GenerationDelta) -> list[dict[str, Any]]:
+        text = delta.text
+        if index not in self.started:  # as the whole answer is stripped, the stream drops leading whitespace
+            text = text.lstrip()
+            if text:
+                self.started.add(index)
+        logprobs = convert.chat_logprobs(delta.logprobs) if self.body.logprobs else None
+        if not text and logprobs is None:
+            return []
+        return [
+            self._chunk(s.ChatChunkChoice(index=index, delta=s.ChatDelta(content=text), logprobs=logprobs))
+        ]
+
+    def done(self, index: int, result: GenerationResult) -> list[dict[str, Any]]:
+        choice = s.ChatChunkChoice(index=index, delta=s.ChatDelta(), finish_reason=result.finish_reason)
+        return [self._chunk(choice, lorafleet=convert.serving_info(result))]
+
+    def usage(self, results: Sequence[GenerationResult]) -> dict[str, Any]:
+        chunk = s.ChatCompletionChunk(
+            id=self.id,
+            created=self.created,
+            model=self.body.model,
+            choices=[],
+            usage=convert.usage(results, n=self.body.n),
+        )
+        return chunk.model_dump(mode="json", exclude_none=True)
+
+
+_END = object()
+
+
+async def _stream(
+    services: ApiServices, requests: Sequence[GenerationRequest], chunks: _Chunks, *, include_usage: bool
+) -> StreamingResponse:
+    """Server-sent events of every choice, interleaved as they are decoded, then (``include_usage``) the usage
+    chunk and ``[DONE]``. Every choice is started and its first item awaited before the response begins, so a
+    request that cannot be served (an unknown model, a prompt too long) is a 4xx as without streaming; an error
+    after that is sent as an ``error`` event and ends the stream. A client that disconnects cancels the
+    choices (their rows leave the batch at the next step)."""
+    events = _merged([services.engine.stream_async(r) for r in requests])
+    first: list[tuple[int, object]] = []
+    seen: set[int] = set()
+    try:
+        while len(seen) < len(requests):
+            index, item = await anext(events)
+            if isinstance(item, BaseException):
+                raise item
+            first.append((index, item))
+            seen.add(index)
+    except BaseException:
+        await events.aclose()
+        raise
+
+    async def body() -> AsyncIterator[str]:
+        results: dict[int, GenerationResult] = {}
+        try:
+            for index in range(len(requests)):
+                for chunk in chunks.opening(index):
+                    yield _sse(chunk)
+            async for index, item in _chain(first, events):
+                if isinstance(item, BaseException):
+                    yield _sse({"error": _error_body(item)})
+                    return
+                if isinstance(item, GenerationDelta):
+                    for chunk in chunks.delta(index, item):
+                        yield _sse(chunk)
+                elif isinstance(item, GenerationResult):
+                    results[index] = item
+                    for chunk in chunks.done(index, item):
+                        yield _sse(chunk)
+            if include_usage:
+                yield _sse(chunks.usage([results[i] for i in range(len(requests))]))
+            yield "data: [DONE]\n\n"
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _merged(streams: Sequence[AsyncIterator[object]]) -> AsyncGenerator[tuple[int, object]]:
+    """``(index, item)`` of several streams as they come; a stream's error is an item; closing this cancels all."""
+    queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[object]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+        except Exception as exc:  # the stream's own error, delivered in order
+            await queue.put((index, exc))
+        finally:
+            await queue.put((index, _END))
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is _END:
+                remaining -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _chain(
+    first: Sequence[tuple[int, object]], rest: AsyncIterator[tuple[int, object]]
+) -> AsyncIterator[tuple[int, object]]:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _error_body(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, LorafleetError):
+        return {"code": exc.code, "message": str(exc)}
+    logger.error("a streamed generation failed", exc_info=exc)
+    return {"code": "internal_error", "message": "generation failed"}
 
 
 @router.get("/v1/models", response_model=s.ModelList)

@@ -112,12 +112,12 @@ def test_generate_is_one_user_turn_unless_raw_and_chat_renders_the_plain_format_
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"prompt": "x", "n": 2, "user": "u"}, "n"),
-        ({"prompt": "x", "stream": True, "user": "u"}, "stream"),
+        ({"prompt": "x", "n": 17, "user": "u"}, "n"),
+        ({"prompt": "x", "user": "u", "stream_options": {"include_usage": True}}, "stream_options"),
         ({"prompt": "x", "user": "u", "presence_penalty": 0.5}, "presence_penalty"),
         ({"prompt": "x", "user": "u", "logit_bias": {"42": 5}}, "logit_bias"),
-        ({"prompt": "x", "user": "u", "echo": True}, "echo"),
-        ({"prompt": "x", "user": "u", "logprobs": 2}, "logprobs"),
+        ({"prompt": "x", "user": "u", "echo": True, "logprobs": 2}, "logprobs"),
+        ({"prompt": "x", "user": "u", "logprobs": 21}, "logprobs"),
         ({"prompt": "x", "user": "u", "suffix": "!"}, "suffix"),
         ({"prompt": "x", "user": "u", "an_unknown_field": 1}, "an_unknown_field"),
         ({"prompt": "x", "user": "u", "temperature": 1e-40}, "temperature"),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_world import Setup, make_setup
 from serving_helpers import write_adapter
 
 from lorafleet.adapters import AdapterBank, inject_bank
@@ -62,3 +63,9 @@ def backbone(tiny_dir: Path) -> Backbone:
 @pytest.fixture
 def bank(backbone: Backbone) -> AdapterBank:
     return inject_bank(backbone, target_modules="all-linear", n_slots=N_SLOTS, max_rank=MAX_RANK)
+
+
+@pytest.fixture
+def setup(bank: AdapterBank, backbone: Backbone, adapter_folders: Callable[[int], Path]) -> Setup:
+    """The shared engine of four users (``engine_world``)."""
+    return make_setup(bank, backbone, adapter_folders)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_world import PROMPTS, Setup, assert_same, request
 from serving_helpers import FolderFetcher, gates_by_user, member, user_bank, zero_embed
-from test_serving_generation import PROMPTS, Setup, assert_same, request, setup  # noqa: F401 (a fixture)
 
 from lorafleet.adapters import AdapterBank
 from lorafleet.backbone import Backbone
@@ -64,7 +64,9 @@ def test_rows_that_join_a_running_batch_decode_what_they_would_alone(setup: Setu
     with ContinuousBatcher(setup.engine, max_batch_size=8) as batcher:
         first = batcher.submit(long_request(), on_delta=gate)
         assert gate.reached.wait(timeout=60)  # the long row is decoding; the decode thread is paused
-        joiners = [request(u) for u in PROMPTS] + [request("alice", prompt=PROMPTS["carol"], max_new_tokens=5)]
+        joiners = [request(u) for u in PROMPTS] + [
+            request("alice", prompt=PROMPTS["carol"], max_new_tokens=5)
+        ]
         futures = [batcher.submit(r) for r in joiners]
         gate.release.set()
         results = [f.result(timeout=120) for f in futures]
@@ -73,7 +75,9 @@ def test_rows_that_join_a_running_batch_decode_what_they_would_alone(setup: Setu
         (alone,) = setup.engine.generate([req])
         assert_same(result, alone)
     snapshot = setup.engine.metrics.snapshot()
-    assert snapshot["decode_steps"] > 0 and snapshot["decode_step_rows"] > snapshot["decode_steps"]  # shared steps
+    assert (
+        snapshot["decode_steps"] > 0 and snapshot["decode_step_rows"] > snapshot["decode_steps"]
+    )  # shared steps
 
 
 def test_a_short_request_finishes_while_a_long_one_is_still_decoding(setup: Setup) -> None:
@@ -134,8 +138,9 @@ def test_a_cancelled_row_leaves_the_batch_and_frees_its_slots(setup: Setup) -> N
         with pytest.raises(NotFoundError):
             batcher.submit(request("mallory")).result(timeout=60)  # errors stay per request
     assert setup.engine.cache.stats().pinned == 0
-    steps = setup.engine.metrics.snapshot()["decode_steps"]
-    assert isinstance(steps, int) and steps < 100  # the 400-token row did not run on
+    snapshot = setup.engine.metrics.snapshot()
+    assert snapshot["requests_cancelled"] == 1
+    assert isinstance(snapshot["decode_steps"], int) and snapshot["decode_steps"] < 100  # it did not run on
 
 
 def test_a_request_that_finds_every_slot_pinned_waits_for_a_running_row(
