@@ -162,9 +162,14 @@ class _State:
     mask: torch.Tensor  # [batch, seq] prompt and generated tokens (0 = left padding)
     positions: torch.Tensor  # [batch, seq] at the prefill, then [batch, 1]
     cache: Any  # transformers' DynamicCache
+    #: the rows' routing plan, built once per membership (a plan caches its device tensors, so the steps
+    #: between two joins or leaves reuse them)
+    _plan: RoutingPlan | None = None
 
     def plan(self) -> RoutingPlan:
-        return RoutingPlan.from_rows([list(r.spec.routes) for r in self.rows])
+        if self._plan is None:
+            self._plan = RoutingPlan.from_rows([list(r.spec.routes) for r in self.rows])
+        return self._plan
 
     def select(self, keep: Sequence[int]) -> None:
         """Keep the rows at positions ``keep``; columns that are padding in every remaining row are trimmed."""
@@ -172,6 +177,7 @@ class _State:
         self.cache.batch_select_indices(index)
         self.mask, self.positions = self.mask[index], self.positions[index]
         self.rows = [self.rows[j] for j in keep]
+        self._plan = None
         used = self.mask.any(dim=0)  # [seq]
         first = int(used.int().argmax()) if bool(used.any()) else 0
         if first > 0:
@@ -190,6 +196,7 @@ class _State:
                 [_pad_left(mine.values, width, dim=2), _pad_left(theirs.values, width, dim=2)]
             )
         self.rows += other.rows
+        self._plan = None
 
 
 def _pad_left(tensor: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:

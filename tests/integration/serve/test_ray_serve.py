@@ -38,6 +38,7 @@ from lorafleet.runtime.ray_serve import (
 )
 from lorafleet.sdk import Client, errors
 from lorafleet.serving.engine import GenerationEngine
+from lorafleet.serving.requests import GenerationDelta
 from lorafleet.serving.requests import GenerationRequest, GenerationResult
 
 PROMPTS = ("Tell me about the weather", "A short story:")
@@ -226,6 +227,14 @@ def test_library_errors_keep_their_class_through_serve(
     with pytest.raises(NotFoundError):
         serve_app.generate([fine, missing])
 
+    items, _cancel = serve_app.open_stream(fine)  # streaming: deltas, then the result; errors keep their class
+    streamed = list(items)
+    assert isinstance(streamed[-1], GenerationResult) and streamed[-1].token_ids == local[2].token_ids
+    assert "".join(d.text for d in streamed[:-1] if isinstance(d, GenerationDelta)) == local[2].text
+    failing, _cancel = serve_app.open_stream(missing)
+    with pytest.raises(BlobNotFoundError):
+        list(failing)
+
 
 def test_a_missing_app_is_unavailable(serve_app: ServeClient, serve_settings: Settings) -> None:
     elsewhere = ServeClient(serve_settings.model_copy(update={"serve_app_name": "no-such-app"}))
@@ -269,6 +278,15 @@ def test_the_api_forwards_generation_to_serve(
         assert "lorafleet_serve_requests_total 2" in metrics
         assert 'lorafleet_serve_failures_by_code_total{code="blob_not_found"} 1' in metrics
         assert httpx.get(f"{server.url}/readyz").json()["engine"] == "ready"
+
+        with Client(server.url, api_key, max_retries=0) as client:  # streamed from the replica, piece by piece
+            whole = client.complete("pia", PROMPTS[0], max_tokens=8, temperature=0)
+            chunks = list(client.stream_complete("pia", PROMPTS[0], max_tokens=8, temperature=0))
+            pieces = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+            assert "".join(pieces) == whole.choices[0].text and len(pieces) > 1
+            assert chunks[-1].usage == whole.usage
+        with Client(server.url, ghost_key, max_retries=0) as client, pytest.raises(errors.NotFound):
+            list(client.stream_complete(ghost[1], "Hello", max_tokens=4))  # a 404 before the stream starts
     finally:
         server.stop()
 
