@@ -81,6 +81,9 @@ class ApiOptions:
     max_wait_ms: float = 5.0
     #: newcomers' prefill per decoding step, in padded prompt tokens (bounds the stall of running rows)
     max_prefill_tokens: int = 2048
+    #: newcomers join a running batch once they are this fraction of its rows, or after this many steps
+    join_ratio: float = 0.5
+    max_join_delay_steps: int = 4
     generate_timeout_seconds: float = 300.0
     #: request bodies larger than this are refused with 413
     max_body_bytes: int = 8 * 1024 * 1024
@@ -166,7 +169,14 @@ class EngineHolder(_LoadOnce["ContinuousBatcher"]):
             max_batch_size=o.max_batch_size,
             max_wait_ms=o.max_wait_ms,
             max_prefill_tokens=o.max_prefill_tokens,
+            join_ratio=o.join_ratio,
+            max_join_delay_steps=o.max_join_delay_steps,
         )
+
+    @property
+    def serving_engine(self) -> GenerationEngine | None:
+        """The engine once loaded (its metrics and adapter cache), else None."""
+        return self._engine
 
     def _open(self) -> ContinuousBatcher:
         batcher = self.get()

@@ -105,12 +105,15 @@ def request(user: int, prompt: str, new_tokens: int, request_id: str | None = No
 class Batchers:
     """Both batchers over one engine; only one runs at a time (they would share the model otherwise)."""
 
-    def __init__(self, engine: GenerationEngine, max_batch_size: int) -> None:
-        self.engine, self.max_batch_size = engine, max_batch_size
+    def __init__(self, engine: GenerationEngine, max_batch_size: int, **continuous: Any) -> None:
+        self.engine, self.max_batch_size, self.continuous = engine, max_batch_size, continuous
 
     def open(self, kind: str) -> tuple[Any, Timed | None]:
         if kind == "continuous":
-            return ContinuousBatcher(self.engine, max_batch_size=self.max_batch_size, max_wait_ms=2.0), None
+            batcher = ContinuousBatcher(
+                self.engine, max_batch_size=self.max_batch_size, max_wait_ms=2.0, **self.continuous
+            )
+            return batcher, None
         timed = Timed(self.engine)
         return BatchingQueue(timed, max_batch_size=self.max_batch_size, max_wait_ms=2.0), timed
 
@@ -322,6 +325,10 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.3,0.6,0.9")
     parser.add_argument("--bare-rows", type=int, default=16)
     parser.add_argument("--bare-tokens", type=int, default=32)
+    parser.add_argument(
+        "--join-ratio", type=float, default=None, help="ContinuousBatcher's (default: its own)"
+    )
+    parser.add_argument("--join-delay", type=int, default=None, help="its max_join_delay_steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -332,7 +339,8 @@ def main() -> None:
             path = resolve_backbone_path(args.backbone, data_dir=args.data_dir)
             quantization = args.quantization or "nf4"
         backbone, engine = build(path, quantization, Path(tmp) / "blobs")
-        batchers = Batchers(engine, args.max_batch_size)
+        knobs = {"join_ratio": args.join_ratio, "max_join_delay_steps": args.join_delay}
+        batchers = Batchers(engine, args.max_batch_size, **{k: v for k, v in knobs.items() if v is not None})
         parts = set(args.parts.split(","))
         print(
             f"backbone {args.backbone} ({quantization}), {args.threads} thread(s), medians of {args.runs}\n"

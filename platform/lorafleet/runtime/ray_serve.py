@@ -129,6 +129,9 @@ class ReplicaOptions:
     max_wait_ms: float = 5.0
     #: newcomers' prefill per decoding step, in padded prompt tokens
     max_prefill_tokens: int = 2048
+    #: newcomers join a running batch once they are this fraction of its rows, or after this many steps
+    join_ratio: float = 0.5
+    max_join_delay_steps: int = 4
     #: CPUs reserved per replica (fractions allowed); GPUs follow the device setting (``replica_gpus``)
     num_cpus: float = 1.0
     #: calls a replica takes at once; None = max(2 * max_batch_size, 2 * serve_target_ongoing_requests)
@@ -185,6 +188,8 @@ class ServingReplica:
             max_batch_size=o.max_batch_size,
             max_wait_ms=o.max_wait_ms,
             max_prefill_tokens=o.max_prefill_tokens,
+            join_ratio=o.join_ratio,
+            max_join_delay_steps=o.max_join_delay_steps,
         )
 
         async def open_user(key: str) -> UserHandle:  # cheap on purpose: no bank, no weights

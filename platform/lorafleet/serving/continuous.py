@@ -13,7 +13,9 @@ Two threads, so that slow admission work never stalls the rows that are decoding
 - **decode** drives one ``DecodeBatch``. Before each step it drops the rows whose caller went away (a cancelled
   future: an HTTP client that disconnected), and lets admitted rows join: at most ``max_batch_size`` rows run at
   once, and the newcomers' prefill is bounded by ``max_prefill_tokens`` (padded prompt tokens, at least one row)
-  so the running rows keep flowing. Each step streams every streaming row's new text (``GenerationDelta``) and
+  so the running rows keep flowing. Newcomers join an empty batch at once, a running one in groups (when they
+  are ``join_ratio`` of its rows, or after ``max_join_delay_steps`` steps): a join is a prefill forward that
+  the running rows wait for. Each step streams every streaming row's new text (``GenerationDelta``) and
   settles the rows that ended; a row's pins are released the moment it ends.
 
 A request gets a ``concurrent.futures.Future`` (``submit``), an awaitable (``submit_async``), or a stream of
@@ -50,6 +52,9 @@ OnDelta = Callable[[GenerationDelta], object]
 _STOP = object()
 #: how long admission waits for a running row to free a slot before trying a deferred request again
 _DEFERRED_RETRY_S = 0.05
+#: newcomers join a running batch once they are this fraction of its rows, or have waited this many steps
+DEFAULT_JOIN_RATIO = 0.5
+DEFAULT_MAX_JOIN_DELAY_STEPS = 4
 
 
 @dataclass(eq=False)
@@ -59,6 +64,8 @@ class _Pending:
     enqueued_at: float
     on_delta: OnDelta | None = None
     admitted: Admitted | None = None
+    #: the decode step count when the request was admitted (how long it has waited to join)
+    ready_step: int = 0
     #: tokens (and their log probabilities) taken since the last delta was sent
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -74,13 +81,20 @@ class ContinuousBatcher:
         max_batch_size: int = 32,
         max_wait_ms: float = 2.0,
         max_prefill_tokens: int = 2048,
+        join_ratio: float = DEFAULT_JOIN_RATIO,
+        max_join_delay_steps: int = DEFAULT_MAX_JOIN_DELAY_STEPS,
         max_pending: int = 4096,
         metrics: ServingMetrics | None = None,
     ) -> None:
+        """``join_ratio`` and ``max_join_delay_steps``: when admitted requests join a running batch (see
+        ``_take_ready``); ``join_ratio=0`` joins at every step."""
         if max_batch_size < 1 or max_wait_ms < 0 or max_pending < 1 or max_prefill_tokens < 1:
             raise ValidationError(
                 "max_batch_size, max_pending and max_prefill_tokens must be >= 1 and max_wait_ms >= 0"
             )
+        if join_ratio < 0 or max_join_delay_steps < 0:
+            raise ValidationError("join_ratio and max_join_delay_steps must be >= 0")
+        self.join_ratio, self.max_join_delay_steps = join_ratio, max_join_delay_steps
         self.engine = engine
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.max_prefill_tokens = max_prefill_tokens
@@ -94,6 +108,7 @@ class ContinuousBatcher:
         self._ready: deque[_Pending] = deque()
         self._running = 0
         self._finished = 0  # rows ended so far (admission retries deferred requests when it moves)
+        self._steps = 0  # decoding steps so far
         self._admission_done = False
         self._admission = threading.Thread(target=self._admit_loop, name="lorafleet-admission", daemon=True)
         self._decoder = threading.Thread(target=self._decode_loop, name="lorafleet-decode", daemon=True)
@@ -267,6 +282,8 @@ class ContinuousBatcher:
         )
         if ready:
             with self._cond:
+                for pending in ready:
+                    pending.ready_step = self._steps
                 self._ready.extend(ready)
                 self._cond.notify_all()
         return deferred
@@ -310,10 +327,21 @@ class ContinuousBatcher:
                 batch = self.engine.decode_batch()
             with self._cond:
                 self._running = len(running)
+                self._steps += 1
 
     def _take_ready(self, running: int) -> list[_Pending]:
-        """Admitted rows that may join now (under ``_cond``): room in the batch, and their padded prefill within
-        ``max_prefill_tokens`` (the first one always, so a long prompt is never starved)."""
+        """Admitted rows that may join now (under ``_cond``). Into an empty batch, at once. Into a running one,
+        when enough are waiting (``join_ratio`` of the running rows) or the oldest has waited
+        ``max_join_delay_steps`` steps: each join is a prefill forward of its own that the running rows wait for,
+        and where a forward costs about the same whatever its size (a 4-bit backbone on CPU dequantises every
+        weight per forward) joining one newcomer per step would halve their pace; TGI's router waits the same
+        way (``waiting_served_ratio``, ``max_waiting_tokens``). Then as many as fit: room in the batch, and their
+        padded prefill within ``max_prefill_tokens`` (the first one always, so a long prompt is never starved)."""
+        if not self._ready:
+            return []
+        waited = self._steps - self._ready[0].ready_step
+        if running and len(self._ready) < self.join_ratio * running and waited < self.max_join_delay_steps:
+            return []
         taken: list[_Pending] = []
         longest = 0
         while self._ready and running + len(taken) < self.max_batch_size:

@@ -80,21 +80,28 @@ def test_rows_that_join_a_running_batch_decode_what_they_would_alone(setup: Setu
     )  # shared steps
 
 
-def test_a_short_request_finishes_while_a_long_one_is_still_decoding(setup: Setup) -> None:
+def finish_order(setup: Setup, **knobs: float) -> list[str]:
+    """Which of a long request and a short one (arriving once the long one decodes) finishes first."""
     gate = Gate(after_tokens=2)
     done: list[str] = []
-    with ContinuousBatcher(setup.engine, max_batch_size=8) as batcher:
+    with ContinuousBatcher(setup.engine, max_batch_size=8, **knobs) as batcher:  # type: ignore[arg-type]
         long = batcher.submit(long_request(), on_delta=gate)
         long.add_done_callback(lambda _: done.append("long"))
         assert gate.reached.wait(timeout=60)
         short = batcher.submit(request("alice", max_new_tokens=2))
         short.add_done_callback(lambda _: done.append("short"))
-        wait_until(lambda: batcher.occupancy()["ready"] == 1)  # admitted; it joins at the next step
+        wait_until(lambda: batcher.occupancy()["ready"] == 1)  # admitted; it may join at the next step
         gate.release.set()
         assert len(short.result(timeout=60).token_ids) == 2
-        long_result = long.result(timeout=120)
-    assert len(long_result.token_ids) == LONG, "the long row should run to its length"
-    assert done == ["short", "long"]  # static batching would have made the short one wait for the long one
+        assert len(long.result(timeout=120).token_ids) == LONG, "the long row should run to its length"
+    return done
+
+
+def test_a_short_request_finishes_while_a_long_one_is_still_decoding(setup: Setup) -> None:
+    assert finish_order(setup) == ["short", "long"]  # static batching would make it wait for the long one
+    # the join policy decides: a newcomer that may never join a running batch waits for it to end
+    assert finish_order(setup, join_ratio=100.0, max_join_delay_steps=10_000) == ["long", "short"]
+    assert finish_order(setup, join_ratio=100.0, max_join_delay_steps=3) == ["short", "long"]
 
 
 def test_streamed_deltas_concatenate_to_the_answer_and_never_show_a_stop_string(setup: Setup) -> None:
