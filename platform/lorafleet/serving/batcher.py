@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
+from typing import Generic, Protocol, Self, TypeVar
 
 from lorafleet.errors import CapacityError, InvalidStateError, LorafleetError, ValidationError
 from lorafleet.serving.metrics import ServingMetrics
@@ -39,11 +39,58 @@ class _Pending:
     enqueued_at: float
 
 
-_STOP = object()
+STOP = object()
+P = TypeVar("P")
 
 
-class BatchingQueue:
-    """Collects submitted requests into batches for one engine, on one worker thread."""
+class RequestQueue(Generic[P]):
+    """The front both batchers share: a bounded queue of pending requests, closed once, with a stop marker put
+    after every accepted request so that none is left behind. ``_threads`` are joined by ``close``."""
+
+    def __init__(self, *, max_pending: int) -> None:
+        self._queue: queue.Queue[P | object] = queue.Queue(maxsize=max_pending)
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._cancel_pending = False
+        self._threads: list[threading.Thread] = []
+
+    def _enqueue(self, pending: P) -> None:
+        """Queue one pending request; ``InvalidStateError`` once closed, ``CapacityError`` when full."""
+        with self._close_lock:
+            if self._closed:
+                raise InvalidStateError("the batcher is closed")
+            try:
+                self._queue.put_nowait(pending)
+            except queue.Full:
+                raise CapacityError(f"the batcher holds {self._queue.maxsize} requests already") from None
+
+    def close(self, *, wait: bool = True, cancel_pending: bool = False) -> None:
+        """Stop accepting requests; serve those queued (or cancel them) and, with ``wait``, join the threads."""
+        with self._close_lock:
+            if not self._closed:
+                self._closed = True
+                self._cancel_pending = cancel_pending
+                self._queue.put(STOP)  # after every accepted request, so none is left behind
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+class BatchingQueue(RequestQueue[_Pending]):
+    """Collects submitted requests into batches for one engine, on one worker thread (static batching: a batch
+    decodes to its end before the next starts; ``ContinuousBatcher`` is what serves)."""
 
     def __init__(
         self,
@@ -56,57 +103,22 @@ class BatchingQueue:
     ) -> None:
         if max_batch_size < 1 or max_wait_ms < 0 or max_pending < 1:
             raise ValidationError("max_batch_size and max_pending must be >= 1 and max_wait_ms >= 0")
+        super().__init__(max_pending=max_pending)
         self.engine = engine
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.metrics = metrics or getattr(engine, "metrics", None) or ServingMetrics()
-        self._queue: queue.Queue[_Pending | object] = queue.Queue(maxsize=max_pending)
-        self._closed = False
-        self._close_lock = threading.Lock()
-        self._cancel_pending = False
-        self._worker = threading.Thread(target=self._run, name="lorafleet-batcher", daemon=True)
-        self._worker.start()
+        self._threads = [threading.Thread(target=self._run, name="lorafleet-batcher", daemon=True)]
+        self._threads[0].start()
 
-    # --- submitting ------------------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
         """Queue a request; the future holds its result or its error. ``CapacityError`` when the queue is full."""
         future: Future[GenerationResult] = Future()
-        with self._close_lock:
-            if self._closed:
-                raise InvalidStateError("the batching queue is closed")
-            try:
-                self._queue.put_nowait(_Pending(request, future, time.monotonic()))
-            except queue.Full:
-                raise CapacityError(
-                    f"the batching queue holds {self._queue.maxsize} requests already"
-                ) from None
+        self._enqueue(_Pending(request, future, time.monotonic()))
         return future
 
     async def submit_async(self, request: GenerationRequest) -> GenerationResult:
         """``await`` a request's result from an event loop (cancelling the await cancels a queued request)."""
         return await asyncio.wrap_future(self.submit(request))
-
-    # --- shutting down ---------------------------------------------------------------------------------------
-    def close(self, *, wait: bool = True, cancel_pending: bool = False) -> None:
-        """Stop accepting requests; serve those queued (or cancel them) and, with ``wait``, join the worker."""
-        with self._close_lock:
-            if not self._closed:
-                self._closed = True
-                self._cancel_pending = cancel_pending
-                self._queue.put(_STOP)  # after every accepted request, so none is left behind
-        if wait:
-            self._worker.join()
-
-    def __enter__(self) -> BatchingQueue:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     # --- the worker ------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -122,7 +134,7 @@ class BatchingQueue:
     def _collect(self) -> tuple[list[_Pending], bool]:
         """The next batch (blocks for its first request), and whether the stop marker was reached."""
         first = self._queue.get()
-        if first is _STOP:
+        if first is STOP:
             return [], True
         assert isinstance(first, _Pending)
         batch, deadline = [first], time.monotonic() + self.max_wait
@@ -131,7 +143,7 @@ class BatchingQueue:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if item is _STOP:
+            if item is STOP:
                 return batch, True
             assert isinstance(item, _Pending)
             batch.append(item)
@@ -160,4 +172,4 @@ class BatchingQueue:
                 pending.future.set_result(outcome)
 
 
-__all__ = ["BatchRunner", "BatchingQueue"]
+__all__ = ["BatchRunner", "BatchingQueue", "RequestQueue"]

@@ -36,10 +36,10 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import InvalidStateError as FutureStateError
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import TYPE_CHECKING
 
-from lorafleet.errors import CapacityError, InvalidStateError, LorafleetError, ValidationError
+from lorafleet.errors import CapacityError, LorafleetError, ValidationError
+from lorafleet.serving.batcher import STOP, RequestQueue
 from lorafleet.serving.decode import DecodeBatch, RowUpdate
 from lorafleet.serving.metrics import BatchRecord, ServingMetrics
 from lorafleet.serving.requests import GenerationDelta, GenerationRequest, GenerationResult, TokenLogprob
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 OnDelta = Callable[[GenerationDelta], object]
-_STOP = object()
 #: how long admission waits for a running row to free a slot before trying a deferred request again
 _DEFERRED_RETRY_S = 0.05
 #: newcomers join a running batch once they are this fraction of its rows, or have waited this many steps
@@ -71,7 +70,7 @@ class _Pending:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(RequestQueue["_Pending"]):
     """Continuous batching of many callers' requests through one ``GenerationEngine`` (module docstring)."""
 
     def __init__(
@@ -95,14 +94,11 @@ class ContinuousBatcher:
         if join_ratio < 0 or max_join_delay_steps < 0:
             raise ValidationError("join_ratio and max_join_delay_steps must be >= 0")
         self.join_ratio, self.max_join_delay_steps = join_ratio, max_join_delay_steps
+        super().__init__(max_pending=max_pending)
         self.engine = engine
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.max_prefill_tokens = max_prefill_tokens
         self.metrics = metrics or engine.metrics
-        self._queue: queue.Queue[_Pending | object] = queue.Queue(maxsize=max_pending)
-        self._closed = False
-        self._close_lock = threading.Lock()
-        self._cancel_pending = False
         # shared by the two threads: admitted rows waiting to join, and whether admission has stopped
         self._cond = threading.Condition()
         self._ready: deque[_Pending] = deque()
@@ -110,10 +106,12 @@ class ContinuousBatcher:
         self._finished = 0  # rows ended so far (admission retries deferred requests when it moves)
         self._steps = 0  # decoding steps so far
         self._admission_done = False
-        self._admission = threading.Thread(target=self._admit_loop, name="lorafleet-admission", daemon=True)
-        self._decoder = threading.Thread(target=self._decode_loop, name="lorafleet-decode", daemon=True)
-        self._admission.start()
-        self._decoder.start()
+        self._threads = [  # ``close`` joins them in this order
+            threading.Thread(target=self._admit_loop, name="lorafleet-admission", daemon=True),
+            threading.Thread(target=self._decode_loop, name="lorafleet-decode", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     # --- submitting ------------------------------------------------------------------------------------------
     def submit(
@@ -123,13 +121,7 @@ class ContinuousBatcher:
         running). ``on_delta`` is called from the decode thread with each piece of new text, in order, before
         the future is settled. ``CapacityError`` when the queue is full."""
         future: Future[GenerationResult] = Future()
-        with self._close_lock:
-            if self._closed:
-                raise InvalidStateError("the batcher is closed")
-            try:
-                self._queue.put_nowait(_Pending(request, future, time.monotonic(), on_delta))
-            except queue.Full:
-                raise CapacityError(f"the batcher holds {self._queue.maxsize} requests already") from None
+        self._enqueue(_Pending(request, future, time.monotonic(), on_delta))
         return future
 
     async def submit_async(self, request: GenerationRequest) -> GenerationResult:
@@ -164,31 +156,6 @@ class ContinuousBatcher:
             yield future.result()
         finally:
             future.cancel()
-
-    # --- shutting down ---------------------------------------------------------------------------------------
-    def close(self, *, wait: bool = True, cancel_pending: bool = False) -> None:
-        """Stop accepting requests; serve those queued (or cancel them: running rows still finish) and, with
-        ``wait``, join both threads."""
-        with self._close_lock:
-            if not self._closed:
-                self._closed = True
-                self._cancel_pending = cancel_pending
-                self._queue.put(_STOP)  # after every accepted request, so none is left behind
-        if wait:
-            self._admission.join()
-            self._decoder.join()
-
-    def __enter__(self) -> ContinuousBatcher:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def occupancy(self) -> dict[str, int]:
         """Requests ``queued`` (not yet admitted), ``ready`` (admitted, waiting to join) and ``running``."""
@@ -236,7 +203,7 @@ class ContinuousBatcher:
                 )
             except queue.Empty:
                 break
-            if item is _STOP:
+            if item is STOP:
                 return group, True
             assert isinstance(item, _Pending)
             group.append(item)

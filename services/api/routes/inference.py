@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
@@ -200,72 +200,73 @@ async def chat_completions(
 
 
 # --- streaming ------------------------------------------------------------------------------------------------
-class _Chunks(Protocol):
-    """How one route turns a choice's deltas and result into its chunks (JSON-ready dicts)."""
+class _Chunks:
+    """How one route turns a choice's deltas and result into its chunks (JSON-ready dicts); subclasses name
+    their chunk model and id prefix and build the choices."""
 
-    def opening(self, index: int) -> list[dict[str, Any]]: ...
+    chunk_model: type[s.CompletionChunk] | type[s.ChatCompletionChunk]
+    id_prefix: str
 
-    def delta(self, index: int, delta: GenerationDelta) -> list[dict[str, Any]]: ...
+    def __init__(self, body: s.CompletionRequest | s.ChatCompletionRequest) -> None:
+        self.body = body
+        self.id, self.created = f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time())
 
-    def done(self, index: int, result: GenerationResult) -> list[dict[str, Any]]: ...
-
-    def usage(self, results: Sequence[GenerationResult]) -> dict[str, Any]: ...
-
-
-class _CompletionChunks:
-    def __init__(self, body: s.CompletionRequest, echoed: Sequence[str]) -> None:
-        self.body, self.echoed = body, echoed
-        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        self.offsets = [len(e) for e in echoed]  # each choice's text so far (for ``text_offset``)
-
-    def _chunk(self, choice: s.CompletionChunkChoice, **extra: Any) -> dict[str, Any]:
-        chunk = s.CompletionChunk(
-            id=self.id, created=self.created, model=self.body.model, choices=[choice], **extra
+    def chunk(self, choices: list[Any], **extra: Any) -> dict[str, Any]:
+        made = self.chunk_model(
+            id=self.id, created=self.created, model=self.body.model, choices=choices, **extra
         )
-        return chunk.model_dump(mode="json", exclude_none=True)
+        return made.model_dump(mode="json", exclude_none=True)
+
+    def opening(self, index: int) -> list[dict[str, Any]]:
+        return []
+
+    def delta(self, index: int, delta: GenerationDelta) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def done(self, index: int, result: GenerationResult) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def usage(self, results: Sequence[GenerationResult]) -> dict[str, Any]:
+        """The last chunk with ``include_usage``: no choices, the usage of them all."""
+        return self.chunk([], usage=convert.usage(results, n=self.body.n))
+
+
+class _CompletionChunks(_Chunks):
+    chunk_model, id_prefix = s.CompletionChunk, "cmpl"
+
+    def __init__(self, body: s.CompletionRequest, echoed: Sequence[str]) -> None:
+        super().__init__(body)
+        self.logprobs, self.echoed = body.logprobs, echoed
+        self.offsets = [len(e) for e in echoed]  # each choice's text so far (for ``text_offset``)
 
     def opening(self, index: int) -> list[dict[str, Any]]:
         echo = self.echoed[index]
-        return [self._chunk(s.CompletionChunkChoice(index=index, text=echo))] if echo else []
+        return [self.chunk([s.CompletionChunkChoice(index=index, text=echo)])] if echo else []
 
     def delta(self, index: int, delta: GenerationDelta) -> list[dict[str, Any]]:
         logprobs = None
-        if self.body.logprobs is not None:
+        if self.logprobs is not None:
             logprobs = convert.completion_logprobs(delta.logprobs, offset=self.offsets[index])
         self.offsets[index] += len(delta.text)
-        return [self._chunk(s.CompletionChunkChoice(index=index, text=delta.text, logprobs=logprobs))]
+        return [self.chunk([s.CompletionChunkChoice(index=index, text=delta.text, logprobs=logprobs)])]
 
     def done(self, index: int, result: GenerationResult) -> list[dict[str, Any]]:
         choice = s.CompletionChunkChoice(index=index, text="", finish_reason=result.finish_reason)
-        return [self._chunk(choice, lorafleet=convert.serving_info(result))]
-
-    def usage(self, results: Sequence[GenerationResult]) -> dict[str, Any]:
-        chunk = s.CompletionChunk(
-            id=self.id,
-            created=self.created,
-            model=self.body.model,
-            choices=[],
-            usage=convert.usage(results, n=self.body.n),
-        )
-        return chunk.model_dump(mode="json", exclude_none=True)
+        return [self.chunk([choice], lorafleet=convert.serving_info(result))]
 
 
-class _ChatChunks:
+class _ChatChunks(_Chunks):
+    chunk_model, id_prefix = s.ChatCompletionChunk, "chatcmpl"
+
     def __init__(self, body: s.ChatCompletionRequest) -> None:
-        self.body = body
-        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        super().__init__(body)
+        self.logprobs = bool(body.logprobs)
         self.started: set[int] = (
             set()
         )  # choices whose content has begun (leading whitespace is dropped before)
 
-    def _chunk(self, choice: s.ChatChunkChoice, **extra: Any) -> dict[str, Any]:
-        chunk = s.ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.body.model, choices=[choice], **extra
-        )
-        return chunk.model_dump(mode="json", exclude_none=True)
-
     def opening(self, index: int) -> list[dict[str, Any]]:
-        return [self._chunk(s.ChatChunkChoice(index=index, delta=s.ChatDelta(role="assistant", content="")))]
+        return [self.chunk([s.ChatChunkChoice(index=index, delta=s.ChatDelta(role="assistant", content=""))])]
 
     def delta(self, index: int, delta: GenerationDelta) -> list[dict[str, Any]]:
         text = delta.text
@@ -273,26 +274,15 @@ class _ChatChunks:
             text = text.lstrip()
             if text:
                 self.started.add(index)
-        logprobs = convert.chat_logprobs(delta.logprobs) if self.body.logprobs else None
+        logprobs = convert.chat_logprobs(delta.logprobs) if self.logprobs else None
         if not text and logprobs is None:
             return []
-        return [
-            self._chunk(s.ChatChunkChoice(index=index, delta=s.ChatDelta(content=text), logprobs=logprobs))
-        ]
+        choice = s.ChatChunkChoice(index=index, delta=s.ChatDelta(content=text), logprobs=logprobs)
+        return [self.chunk([choice])]
 
     def done(self, index: int, result: GenerationResult) -> list[dict[str, Any]]:
         choice = s.ChatChunkChoice(index=index, delta=s.ChatDelta(), finish_reason=result.finish_reason)
-        return [self._chunk(choice, lorafleet=convert.serving_info(result))]
-
-    def usage(self, results: Sequence[GenerationResult]) -> dict[str, Any]:
-        chunk = s.ChatCompletionChunk(
-            id=self.id,
-            created=self.created,
-            model=self.body.model,
-            choices=[],
-            usage=convert.usage(results, n=self.body.n),
-        )
-        return chunk.model_dump(mode="json", exclude_none=True)
+        return [self.chunk([choice], lorafleet=convert.serving_info(result))]
 
 
 _END = object()
