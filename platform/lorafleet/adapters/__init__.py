@@ -2,7 +2,8 @@
 
 Public API (import torch-heavy names from here or from the submodules):
 
-- ``inject_bank(model_or_backbone, target_modules=..., n_slots=..., max_rank=...) -> AdapterBank``
+- ``inject_bank(model_or_backbone, target_modules=..., n_slots=..., max_rank=..., dtype=...) -> AdapterBank``
+  (``serving_dtype(device)``: the dtype a serving bank uses, bf16 on CUDA and fp32 on CPU)
 - ``AdapterBank``: ``routing(plan)``, ``load_slot``/``init_slot``/``evict_slot``, ``slot_info``,
   ``slot_state_dict`` (PEFT key names), ``trainable_parameters(slots)``, ``merge``/``unmerge``
 - ``RoutingPlan.from_rows([[(slot, weight), ...], ...])`` / ``RoutingPlan.single([slot | None, ...])``
@@ -33,6 +34,7 @@ _EXPORTS = {
     "ALL_LINEAR": "lorafleet.adapters.injection",
     "inject_bank": "lorafleet.adapters.injection",
     "remove_bank": "lorafleet.adapters.injection",
+    "serving_dtype": "lorafleet.adapters.injection",
     "find_target_modules": "lorafleet.adapters.injection",
     "save_slot": "lorafleet.adapters.serialization",
     "load_slot_from_dir": "lorafleet.adapters.serialization",

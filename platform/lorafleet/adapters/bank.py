@@ -127,6 +127,20 @@ class AdapterBank:
         return next(iter(self.layers.values())).lora_A.dtype
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the slot stacks of every layer (what the bank costs on its device, whatever is loaded)."""
+        return sum(
+            t.numel() * t.element_size()
+            for layer in self.layers.values()
+            for t in (layer.lora_A, layer.lora_B, layer.coef_table, layer.dropout_table)
+        )
+
+    def drop_cached_work(self) -> None:
+        """Free every layer's gathered rows of the last plan (``BankLinear.row_work``); rebuilt when needed."""
+        for layer in self.layers.values():
+            layer.drop_cached_work()
+
+    @property
     def merged_slots(self) -> tuple[int, ...]:
         """Slots merged into the base weights, oldest first (unmerge pops the last)."""
         return tuple(self._routing.merged_slots)

@@ -106,6 +106,20 @@ def inject_bank(
     )
 
 
+def serving_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype a serving bank stores and computes its adapters in on ``device``.
+
+    CUDA: bf16 (fp16 on devices without bf16), the dtype the 4-bit layers compute in, at half the memory and half
+    the bytes per decode step of fp32. CPU: fp32, because there bf16 and fp16 batched matmuls measured slower than
+    fp32 (``tests/benchmarks/bench_decode.py``: the rows' LoRA matmuls are memory-bound, but CPU half-precision
+    kernels convert element by element). Training banks keep ``inject_bank``'s fp32 default (exact updates).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
 @contextmanager
 def model_base_only(model: nn.Module) -> Iterator[None]:
     """Forwards of ``model`` inside the block skip every adapter, for code that holds the model but not its

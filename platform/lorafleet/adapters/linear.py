@@ -4,11 +4,26 @@ Slot weights are stacked per layer (LoRAX style): ``lora_A [n_slots, r_max, d_in
 r_max]``, zero-padded above each slot's rank. A forward gathers only the slots its batch uses, so its cost does
 not grow with the number of loaded slots. Training uses per-slot ``nn.Parameter`` *views* into those stacks
 (see :meth:`BankLinear.slot_parameters`): slots not in the batch are not in the autograd graph at all.
+
+**Decoding reuses the gathered rows.** Rows through different adapters need each row's A and B side by side for
+one batched matmul; gathering them (``index_select`` over the stacks) at every decode step of every layer cost
+about 12 % of a decode's CPU time, yet the rows and slots stay the same from one step to the next. Without
+gradients the gathered, bucketed tensors of a plan (:class:`RowWork`) are kept per layer, keyed by the plan's
+content (``RoutingPlan.key``, so a plan rebuilt from the same routes at every step hits) and by the stacks' version
+counters (any write into a slot, including an optimiser step through a slot's parameter view, invalidates them).
+One entry per layer: its memory is the batch's share of the adapters (rows x rank x (d_in + d_out)), at most one
+batch's worth, released by :meth:`BankLinear.drop_cached_work` and replaced when the batch's routes change.
+
+**Rank buckets.** Each row is computed at its bucket's rank (the next power of two above its largest slot rank,
+never above the bucket's largest rank in use) instead of the largest rank of the plan, so a rank-4 adapter
+batched with a rank-64 one does not pay 16 times its own work: one matmul pair per bucket in use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +32,35 @@ from torch import nn
 from lorafleet.adapters.layers import BaseLayerKind
 from lorafleet.adapters.routing import RoutingPlan, RoutingState, Segment
 from lorafleet.errors import AdapterShapeError, MergeError, ValidationError
+
+
+@dataclass(frozen=True)
+class RowBucket:
+    """Rows of a batch computed together at one rank: their gathered A and B and their per-entry coefficients."""
+
+    #: the batch rows in this bucket ([n] int64 on the layer's device), None = every row, in order
+    rows: torch.Tensor | None
+    rank: int
+    a: torch.Tensor  # [n, k * rank, d_in] contiguous: each row's k slots' A
+    b: torch.Tensor  # [n, k * rank, d_out] contiguous (B transposed, so the second matmul reads rows)
+    coef: torch.Tensor  # [n, 1, k * rank] or, per-token plans, [n, seq, k * rank]: scaling x routing weight
+
+
+@dataclass(frozen=True)
+class RowWork:
+    """A plan's gathered LoRA weights on one layer, reused by every forward of that plan (module docstring)."""
+
+    key: tuple[Any, ...]
+    buckets: tuple[RowBucket, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for b in self.buckets for t in (b.a, b.b, b.coef))
+
+
+def rank_bucket(rank: int, max_rank: int) -> int:
+    """The bucket a rank is computed in: the next power of two at or above it, capped at ``max_rank``."""
+    return min(max_rank, 1 << max(0, rank - 1).bit_length())
 
 
 class BankLinear(nn.Module):
@@ -65,6 +109,7 @@ class BankLinear(nn.Module):
         #: merge stack: (slot, the original weight tensor), restored as-is by unmerge
         self.merged: list[tuple[int, torch.Tensor]] = []
         self._routing = routing
+        self._work: RowWork | None = None  # the last plan's gathered rows (module docstring)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -97,9 +142,92 @@ class BankLinear(nn.Module):
             out = self._add_uniform(out, xa, *plan.uniform)
         elif plan.segments is not None:
             out = self._add_segments(out, xa, plan.segments)
+        elif not torch.is_grad_enabled() and not (
+            self.training and any(self.dropouts[s] > 0 for s in plan.used_slots)
+        ):
+            out = self._add_cached(out, xa, plan)
         else:
             out = self._add_mixed(out, xa, plan)
         return out.reshape(result.shape)
+
+    # --- serving: gathered rows reused across forwards ---------------------------------------------------------
+    def _add_cached(self, out: torch.Tensor, xa: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """Rows through different slots or mixtures, without gradients: the plan's gathered rows (built on the
+        first forward of the plan, reused until the plan or a slot changes), one matmul pair per rank bucket."""
+        work = self.row_work(plan, xa.device)
+        for bucket in work.buckets:
+            coef = bucket.coef
+            if coef.shape[1] != 1 and coef.shape[1] != xa.shape[1]:
+                raise ValidationError(
+                    f"per-token routing weights cover {coef.shape[1]} tokens, input has {xa.shape[1]}"
+                )
+            x = xa if bucket.rows is None else xa.index_select(0, bucket.rows)  # [n, seq, d_in]
+            # A times x (not x times A transposed): on CPU the memory-bound rows stream about 20 % faster
+            h = torch.bmm(bucket.a, x.transpose(1, 2)).transpose(1, 2).mul_(coef)  # [n, seq, k * r]
+            if bucket.rows is None:
+                out = _accumulate(out, h, bucket.b)  # [batch, seq, d_out]
+            else:
+                out = out.index_add_(0, bucket.rows, torch.bmm(h, bucket.b).to(out.dtype))
+        return out
+
+    def row_work(self, plan: RoutingPlan, device: torch.device) -> RowWork:
+        """The plan's gathered, bucketed rows on ``device``: the cached ones when neither the plan's routes nor any
+        slot changed since they were built, else built now (and kept, when the stacks have version counters)."""
+        version = self._stack_version()
+        key = (plan.key, str(device), version)
+        work = self._work
+        if work is not None and version is not None and work.key == key:
+            return work
+        work = self._build_work(plan, device, key)
+        self._work = work if version is not None else None
+        return work
+
+    def drop_cached_work(self) -> None:
+        """Free the gathered rows kept for the last plan (they are rebuilt on the next forward that needs them)."""
+        self._work = None
+
+    def _stack_version(self) -> tuple[int, ...] | None:
+        """Changes whenever a stack is written in place or replaced; None for inference tensors (no counter)."""
+        stacks = (self.lora_A, self.lora_B, self.coef_table)
+        if any(t.is_inference() for t in stacks):
+            return None
+        return (*(t._version for t in stacks), *(t.data_ptr() for t in stacks))
+
+    def _build_work(self, plan: RoutingPlan, device: torch.device, key: tuple[Any, ...]) -> RowWork:
+        t = plan.tensors(device)
+        slot_rows = plan.slot_ids.tolist()  # CPU copies: the grouping is decided on the host
+        active = plan.weights != 0 if not plan.per_token else (plan.weights != 0).any(dim=1)  # [batch, k]
+        row_ranks = [
+            max((self.ranks[s] for s, on in zip(ids, act, strict=True) if s >= 0 and on), default=0)
+            for ids, act in zip(slot_rows, active.tolist(), strict=True)
+        ]
+        groups: dict[int, list[int]] = {}
+        for row, r in enumerate(row_ranks):
+            if r > 0:  # rows whose slots have no weights on this layer add nothing here
+                groups.setdefault(rank_bucket(r, self.max_rank), []).append(row)
+        batch, k = t.slot_ids.shape
+        buckets = []
+        for rows in groups.values():
+            r = max(row_ranks[i] for i in rows)
+            everyone = len(rows) == batch
+            index = None if everyone else torch.tensor(rows, dtype=torch.int64, device=device)
+            ids = t.slot_ids if index is None else t.slot_ids.index_select(0, index)  # [n, k]
+            weights = (
+                t.weights if index is None else t.weights.index_select(0, index)
+            )  # [n, k] or [n, seq, k]
+            flat = ids.reshape(-1)
+            n = ids.shape[0]
+            a = self.lora_A[:, :r].index_select(0, flat).reshape(n, k * r, self.in_features)
+            b = self.lora_B[:, :, :r].index_select(0, flat).transpose(1, 2)  # [n * k, r, d_out]
+            b = b.contiguous().reshape(n, k * r, self.out_features)
+            scale = self.coef_table[:, :r].index_select(0, flat).reshape(n, k, r).float()  # [n, k, r]
+            if plan.per_token:
+                coef = (weights.unsqueeze(-1) * scale.unsqueeze(1)).flatten(2)  # [n, seq, k * r]
+            else:
+                coef = (weights.unsqueeze(-1) * scale).reshape(n, 1, k * r)  # [n, 1, k * r]
+            coef = coef.to(self.lora_A.dtype)
+            buckets.append(RowBucket(index, r, a, b, coef))
+        return RowWork(key, tuple(buckets))
 
     def _add_uniform(self, out: torch.Tensor, xa: torch.Tensor, slot: int, weight: float) -> torch.Tensor:
         """Every row through one slot with one weight: two plain matmuls, as PEFT computes a LoRA layer."""
@@ -230,6 +358,7 @@ class BankLinear(nn.Module):
         dropout: float,
     ) -> None:
         """Overwrite a slot in place (zeros + absent when ``lora_a`` is None); call after validation."""
+        self._work = None  # the version counters would invalidate it too; this frees its memory now
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         self.coef_table[slot].zero_()

@@ -4,11 +4,18 @@ A plan is built once per batch from per-sequence lists of ``(slot, weight)`` (em
 padded tensors ``slot_ids [batch, k]`` and ``weights [batch, k]`` (weight 0 = padding). Weights may also be
 per token, ``[batch, seq, k]``, with the same slot ids per row. Everything a layer needs (device copies, the
 unique slots, indices into them) is computed once per plan and cached, never per layer.
+
+A decoder that rebuilds its plan from the rows' routes at every step (continuous batching) gets the very same
+plan object back from :meth:`RoutingPlan.from_rows` while the routes do not change (a small LRU of recent
+plans), so nothing a plan caches is recomputed per step; and :attr:`RoutingPlan.key` (the plan's content) lets
+the bank layers keep their gathered rows across plans with equal routes.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +26,11 @@ from lorafleet.errors import InvalidStateError, ValidationError
 
 #: One entry of a row: a slot index and its weight.
 Route = tuple[int, float]
+
+#: How many recent plans ``RoutingPlan.from_rows`` hands out again for equal routes.
+PLAN_CACHE_SIZE = 64
+_plans: OrderedDict[tuple[object, ...], RoutingPlan] = OrderedDict()
+_plans_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,21 @@ class RoutingPlan:
             merged.append(routes)
         if not merged:
             raise ValidationError("a routing plan needs at least one row")
+        routes_key = (cls, *(tuple(sorted(r.items())) for r in merged))
+        with _plans_lock:
+            plan = _plans.get(routes_key)
+            if plan is not None:
+                _plans.move_to_end(routes_key)
+                return plan
+        plan = cls._from_merged(merged)
+        with _plans_lock:
+            _plans[routes_key] = plan
+            while len(_plans) > PLAN_CACHE_SIZE:
+                _plans.popitem(last=False)
+        return plan
+
+    @classmethod
+    def _from_merged(cls, merged: list[dict[int, float]]) -> RoutingPlan:
         k = max(1, max(len(r) for r in merged))
         slot_ids = torch.full((len(merged), k), -1, dtype=torch.int64)  # [batch, k]
         weights = torch.zeros((len(merged), k), dtype=torch.float32)  # [batch, k]
@@ -112,6 +139,19 @@ class RoutingPlan:
     @property
     def per_token(self) -> bool:
         return self.weights.dim() == 3
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        """The plan's content (slot ids and weights, exactly): equal keys compute the same thing, so what a layer
+        derives from one plan serves any plan with the same key."""
+        if "key" not in self._cache:
+            self._cache["key"] = (
+                tuple(self.slot_ids.shape),
+                tuple(self.weights.shape),
+                self.slot_ids.numpy().tobytes(),
+                self.weights.numpy().tobytes(),
+            )
+        return self._cache["key"]
 
     def with_token_weights(self, weights: torch.Tensor) -> RoutingPlan:
         """The same slots per row with per-token weights ``[batch, seq, k]`` (e.g. from a token-level gate)."""

@@ -8,6 +8,12 @@ for the same key share one load (single flight, one future per key). A batch pin
 whole lifetime through a :class:`Lease` (or each row its own: ``Lease.share``); a pinned slot is never evicted, and when nothing can be evicted the
 acquisition fails with ``CapacityError`` rather than waiting.
 
+**Host tier.** Under the device slots, an optional host-memory tier (:class:`HostTier`, vLLM's CPU LoRA cache)
+keeps the tensors of recently loaded versions, far more of them than there are slots (thousands: a version is a
+few hundred KiB to tens of MiB): a slot miss whose version is there costs a copy into the slot, not an
+object-store download, unpack and file checks. It is LRU, bounded by a count and a byte budget, filled only with
+tensors that a slot accepted (so what it serves passed every check), and keyed by the same sha256.
+
 Failure policy: a fetch or load that fails (``BlobIntegrityError`` for a corrupted blob, ``BlobNotFoundError``,
 a format or backbone mismatch) leaves its slot empty and un-cached, counts a ``load_failures``, and raises to
 every caller waiting on that key. There is no fallback to another version: serving something other than the
@@ -27,7 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import torch
+
 from lorafleet.adapters.bank import AdapterBank
+from lorafleet.adapters.slots import SlotConfig
 from lorafleet.errors import CapacityError, LorafleetError, ValidationError
 from lorafleet.serving.fetch import Fetcher, VersionRef, blob_fetcher, read_adapter, verify_folder
 from lorafleet.store.blob.base import BlobStore, check_digest
@@ -56,12 +65,119 @@ class CacheStats:
     bytes_used: int
     capacity_bytes: int | None
     pinned: int
+    #: slot misses served from the host tier (a copy into the slot, no object-store read); part of ``misses``
+    host_hits: int = 0
+    host_evictions: int = 0
+    host_entries: int = 0
+    host_bytes: int = 0
+    #: the host tier's bounds (0 entries: no host tier)
+    host_capacity_entries: int = 0
+    host_capacity_bytes: int | None = None
 
     @property
     def hit_rate(self) -> float:
-        """Hits (including coalesced waits) over all acquisitions; 0 when there were none."""
+        """Device-slot hits (including coalesced waits) over all acquisitions; 0 when there were none."""
         total = self.hits + self.coalesced + self.misses
         return (self.hits + self.coalesced) / total if total else 0.0
+
+    @property
+    def tiered_hit_rate(self) -> float:
+        """Acquisitions served without an object-store read (slot hits, coalesced waits and host-tier hits)."""
+        total = self.hits + self.coalesced + self.misses
+        return (self.hits + self.coalesced + self.host_hits) / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class _HostEntry:
+    tensors: dict[str, torch.Tensor]
+    config: SlotConfig
+    nbytes: int
+
+
+class HostTier:
+    """Adapter versions' tensors in host memory by sha256, least recently used first, bounded by ``max_entries``
+    and ``max_bytes`` (module docstring). Thread-safe.
+
+    ``dtype``: tensors are kept in the bank's dtype (half the memory of fp32 when the slots are bf16; the slot
+    write would cast to it anyway). ``pin``: page-locked memory, so the copy into a CUDA slot is a direct DMA.
+    """
+
+    def __init__(
+        self,
+        max_entries: int,
+        *,
+        max_bytes: int | None = None,
+        dtype: torch.dtype | None = None,
+        pin: bool = False,
+    ) -> None:
+        if max_entries < 1:
+            raise ValidationError("a host tier needs max_entries >= 1")
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValidationError("host tier max_bytes must be positive")
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._dtype, self._pin = dtype, pin
+        self._entries: OrderedDict[str, _HostEntry] = OrderedDict()
+        self._bytes = 0
+        self.evictions = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> tuple[dict[str, torch.Tensor], SlotConfig] | None:
+        """The version's tensors and config (marked most recently used), or None."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry.tensors, entry.config
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor], config: SlotConfig) -> bool:
+        """Keep a version (evicting least recently used ones for room); False when it alone exceeds the budget."""
+        kept = {name: self._host_copy(t) for name, t in tensors.items()}
+        nbytes = sum(t.numel() * t.element_size() for t in kept.values())
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            return False
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            while self._entries and (
+                len(self._entries) >= self.max_entries
+                or (self.max_bytes is not None and self._bytes + nbytes > self.max_bytes)
+            ):
+                _, victim = self._entries.popitem(last=False)
+                self._bytes -= victim.nbytes
+                self.evictions += 1
+            self._entries[key] = _HostEntry(kept, config, nbytes)
+            self._bytes += nbytes
+        return True
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self._bytes -= entry.nbytes
+
+    def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.detach().to("cpu", self._dtype or tensor.dtype)
+        if self._pin:
+            try:
+                out = out.pin_memory()
+            except RuntimeError:  # no CUDA driver after all: pageable memory works, only slower
+                self._pin = False
+        return out
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._entries
 
 
 @dataclass(eq=False)
@@ -128,9 +244,13 @@ class AdapterCache:
         slots: Iterable[int] | None = None,
         verify: bool = True,
         require_fingerprint: bool = False,
+        host_entries: int = 0,
+        host_bytes: int | None = None,
     ) -> None:
         """``slots``: the bank slots the cache may use (default: every slot empty now). ``verify`` re-checks a
-        fetched folder against the sha256 (turn off only for a fetcher that already verified the download)."""
+        fetched folder against the sha256 (turn off only for a fetcher that already verified the download).
+        ``host_entries``/``host_bytes``: the host tier's bounds (0 entries: none; ``serving.factory`` gives the
+        service 1,000 adapters within 4 GiB)."""
         managed = (
             sorted(slots)
             if slots is not None
@@ -163,6 +283,12 @@ class AdapterCache:
         }
         self._load_seconds: deque[float] = deque(maxlen=LOAD_SAMPLES)
         self._load_seconds_total = 0.0
+        self._counts["host_hits"] = 0
+        self.host: HostTier | None = (
+            HostTier(host_entries, max_bytes=host_bytes, dtype=bank.dtype, pin=bank.device.type == "cuda")
+            if host_entries > 0
+            else None
+        )
 
     @classmethod
     def from_blob_store(
@@ -174,6 +300,8 @@ class AdapterCache:
         capacity_bytes: int | None = None,
         slots: Iterable[int] | None = None,
         require_fingerprint: bool = False,
+        host_entries: int = 0,
+        host_bytes: int | None = None,
     ) -> AdapterCache:
         """A cache over an object store; its downloads are verified (sha256 and size) before they are unpacked,
         so the folder is not checked a second time."""
@@ -185,6 +313,8 @@ class AdapterCache:
             slots=slots,
             verify=False,
             require_fingerprint=require_fingerprint,
+            host_entries=host_entries,
+            host_bytes=host_bytes,
         )
 
     # --- acquiring -------------------------------------------------------------------------------------------
@@ -272,25 +402,36 @@ class AdapterCache:
         self._counts["evictions"] += 1
 
     def _load(self, entry: _Entry, version: VersionRef) -> None:
-        """Fetch, verify and write the version into the entry's reserved slot; on failure undo the reservation."""
+        """Fill the entry's reserved slot from the host tier, or else fetch, verify and write the version (and keep
+        its tensors in the host tier); on failure undo the reservation."""
         started = time.perf_counter()
+        held = self.host.get(entry.key) if self.host is not None else None
         try:
-            with tempfile.TemporaryDirectory(prefix="lorafleet-cache-") as tmp:
-                folder = self._fetch(version, Path(tmp))
-                if self._verify:
-                    verify_folder(folder, sha256=entry.key, workdir=Path(tmp))
-                tensors, config = read_adapter(
-                    folder, name=entry.key, require_fingerprint=self._require_fingerprint
-                )
+            if held is not None:
+                tensors, config = held
+            else:
+                with tempfile.TemporaryDirectory(prefix="lorafleet-cache-") as tmp:
+                    folder = self._fetch(version, Path(tmp))
+                    if self._verify:
+                        verify_folder(folder, sha256=entry.key, workdir=Path(tmp))
+                    tensors, config = read_adapter(
+                        folder, name=entry.key, require_fingerprint=self._require_fingerprint
+                    )
             with self._bank_lock:  # only the memory write is under the lock, never the file reads
                 self.bank.load_slot(entry.slot, tensors, config)
         except BaseException as exc:
+            if held is not None and self.host is not None:
+                self.host.discard(entry.key)  # never offered again: the next miss reads the store
             self._abandon(entry)
             entry.ready.set_exception(exc)
             raise
+        if held is None and self.host is not None:
+            self.host.put(entry.key, tensors, config)  # only tensors a slot accepted
         with self._lock:
             seconds = time.perf_counter() - started
             self._counts["loads"] += 1
+            if held is not None:
+                self._counts["host_hits"] += 1
             self._load_seconds.append(seconds)
             self._load_seconds_total += seconds
         entry.ready.set_result(None)
@@ -315,9 +456,15 @@ class AdapterCache:
     # --- inspection ------------------------------------------------------------------------------------------
     def stats(self) -> CacheStats:
         """A consistent snapshot of the counters and the occupancy."""
+        host = self.host
         with self._lock:
             return CacheStats(
                 **self._counts,
+                host_evictions=0 if host is None else host.evictions,
+                host_entries=0 if host is None else len(host),
+                host_bytes=0 if host is None else host.nbytes,
+                host_capacity_entries=0 if host is None else host.max_entries,
+                host_capacity_bytes=None if host is None else host.max_bytes,
                 load_seconds=tuple(self._load_seconds),
                 load_seconds_total=self._load_seconds_total,
                 slots_used=len(self._entries),
@@ -345,4 +492,4 @@ class AdapterCache:
         return iter(self.keys())
 
 
-__all__ = ["AdapterCache", "CacheStats", "Lease"]
+__all__ = ["AdapterCache", "CacheStats", "HostTier", "Lease"]

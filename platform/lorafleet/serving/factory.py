@@ -4,6 +4,10 @@ It loads the configured backbone (``LORAFLEET_BACKBONE``, its quantization and d
 layer in an adapter bank of ``n_slots`` slots up to rank ``max_rank`` (a trained version of any target modules
 and rank up to that fits), fills the slots from the registry's object store by content hash, resolves each
 user's bank from the database and builds each user's gate, loading learned gates from the registry.
+
+The slots hold the adapters in ``adapters.serving_dtype`` (bf16 on CUDA, fp32 on CPU). Under them the cache keeps
+a host-memory tier of up to ``host_adapters`` versions within ``host_bytes`` (``serving.cache.HostTier``), so a
+slot miss on any of the last thousand or so versions used is a memory copy, not an object-store read.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from lorafleet.adapters import inject_bank
+from lorafleet.adapters import inject_bank, serving_dtype
 from lorafleet.backbone import load_backbone
 from lorafleet.config import Settings
 
@@ -28,6 +32,10 @@ if TYPE_CHECKING:
 DEFAULT_SLOTS = 16
 DEFAULT_MAX_RANK = 16
 GATE_CACHE_SIZE = 256
+#: the host tier under the slots: this many adapter versions at most ...
+DEFAULT_HOST_ADAPTERS = 1000
+#: ... within this many bytes of host memory (a rank-16 all-linear SmolLM2-135M version is about 19 MiB in fp32)
+DEFAULT_HOST_BYTES = 4 << 30
 
 
 def build_engine(
@@ -39,6 +47,8 @@ def build_engine(
     max_rank: int = DEFAULT_MAX_RANK,
     quantization: str | None = None,
     capacity_bytes: int | None = None,
+    host_adapters: int = DEFAULT_HOST_ADAPTERS,
+    host_bytes: int | None = DEFAULT_HOST_BYTES,
     general_prompts: Sequence[str] = (),
     general_to_base: bool = False,
     on_nonfinite: OnNonFinite | None = None,
@@ -46,6 +56,7 @@ def build_engine(
     """Load the backbone and build the engine (slow: seconds for the tiny backbone, minutes for large ones).
 
     ``quantization`` overrides ``settings.backbone_quantization`` (e.g. fp32 for fast CPU tests).
+    ``host_adapters``/``host_bytes``: the cache's host tier (0 adapters: none).
     ``general_prompts`` (the service passes ``training.general_prompts.ANCHOR_PROMPTS``): the mean of their
     embeddings is the backbone's common direction, which centroid gates leave out of their scores; with
     ``general_to_base`` (``Settings.gate_general_prompts``) they are also the base model's side of every centroid
@@ -63,8 +74,20 @@ def build_engine(
         device=settings.device,
         data_dir=settings.data_dir,
     )
-    bank = inject_bank(backbone, target_modules="all-linear", n_slots=n_slots, max_rank=max_rank)
-    cache = AdapterCache.from_blob_store(bank, registry.blobs, capacity_bytes=capacity_bytes)
+    bank = inject_bank(
+        backbone,
+        target_modules="all-linear",
+        n_slots=n_slots,
+        max_rank=max_rank,
+        dtype=serving_dtype(backbone.device),
+    )
+    cache = AdapterCache.from_blob_store(
+        bank,
+        registry.blobs,
+        capacity_bytes=capacity_bytes,
+        host_entries=host_adapters,
+        host_bytes=host_bytes,
+    )
     reference = embed_prompts(backbone, bank, list(general_prompts)) if general_prompts else None
     return GenerationEngine(
         backbone,
@@ -123,4 +146,11 @@ def registry_gate_factory(
     return factory
 
 
-__all__ = ["DEFAULT_MAX_RANK", "DEFAULT_SLOTS", "build_engine", "registry_gate_factory"]
+__all__ = [
+    "DEFAULT_HOST_ADAPTERS",
+    "DEFAULT_HOST_BYTES",
+    "DEFAULT_MAX_RANK",
+    "DEFAULT_SLOTS",
+    "build_engine",
+    "registry_gate_factory",
+]
