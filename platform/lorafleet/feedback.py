@@ -10,7 +10,8 @@ Three kinds of record, told apart by ``kind``:
   an integer 1 would mean "best" on [0, 1] and "worst" on 1..5; clients map stars with ``(stars - 1) / 4``.
 
 Every record may carry a ``metadata`` object (any JSON). Text fields (and message contents) must be non-blank
-strings; unknown fields are refused, so a typo cannot silently drop data. Errors name the field inside the
+strings; no string of a record (metadata's keys and values included) may hold NUL, which PostgreSQL's JSON
+operators cannot read back (``payload->>'prompt'``); unknown fields are refused, so a typo cannot silently drop data. Errors name the field inside the
 record, e.g. ``records[3].messages[2].role``. Preference and rating records stay prompt-based (a prompt is one
 user turn).
 
@@ -46,6 +47,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from lorafleet.config import Settings
 from lorafleet.domain import FeedbackKind
+from lorafleet.domain.text import free_text
 from lorafleet.errors import PayloadTooLargeError, ValidationError
 
 
@@ -55,8 +57,24 @@ def _not_blank(value: str) -> str:
     return value
 
 
-#: A text field: a real string (numbers are not coerced), not empty, not only whitespace; kept verbatim.
-FeedbackText = Annotated[str, StringConstraints(min_length=1, strict=True), AfterValidator(_not_blank)]
+def _no_nul_inside(value: JsonValue) -> JsonValue:
+    """``value`` if no string in it (object keys included) holds NUL."""
+    if isinstance(value, str):
+        free_text(value)
+    elif isinstance(value, list):
+        for item in value:
+            _no_nul_inside(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            free_text(key)
+            _no_nul_inside(item)
+    return value
+
+
+#: A text field: a real string (numbers are not coerced), not empty, not only whitespace, no NUL; kept verbatim.
+FeedbackText = Annotated[
+    str, StringConstraints(min_length=1, strict=True), AfterValidator(_not_blank), AfterValidator(free_text)
+]
 #: A rating: a finite number in [0, 1]; ints 0 and 1 are accepted, booleans and numeric strings are not.
 Score = Annotated[float, Field(ge=0.0, le=1.0, strict=True, allow_inf_nan=False)]
 
@@ -93,7 +111,7 @@ Conversation = Annotated[list[FeedbackMessage], AfterValidator(_a_training_conve
 class _FeedbackBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    metadata: Annotated[dict[str, JsonValue], AfterValidator(_no_nul_inside)] = Field(default_factory=dict)
 
     def absent_fields(self) -> set[str]:
         """Optional fields left out (None): not stored and not hashed, so each form keeps its own shape."""

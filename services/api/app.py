@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lorafleet import __version__
 from lorafleet.config import Settings
-from services.api.errors import install_error_handlers
+from services.api.errors import ServerPaths, install_error_handlers
 from services.api.metrics import ApiMetrics
 from services.api.middleware import BodySizeLimitMiddleware, MetricsMiddleware
 from services.api.routes import ROUTERS
@@ -63,6 +63,7 @@ def create_app(
                 built.close()
 
     app = FastAPI(title="lorafleet", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.server_paths = ServerPaths.from_settings(settings)  # hidden from tenants in every message
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

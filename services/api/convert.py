@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from lorafleet.domain import Adapter, AdapterVersion, AliasEvent, FeedbackRecord, Job, QADecision
@@ -164,7 +164,8 @@ def alias_event(event: AliasEvent, *, adapter_name: str, numbers: Mapping[int, i
     )
 
 
-def job(j: Job) -> s.JobOut:
+def job(j: Job, *, hide: Callable[[str], str] | None = None) -> s.JobOut:
+    """A job as its tenant sees it; ``hide`` takes the server's paths out of its error (``ServerPaths.hide``)."""
     users = [_subject_label(u) for u in j.payload.get("users", []) if isinstance(u, Mapping)]
     return s.JobOut(
         id=j.id,
@@ -173,7 +174,7 @@ def job(j: Job) -> s.JobOut:
         users=users,
         attempts=j.attempts,
         max_attempts=j.max_attempts,
-        error=j.error,
+        error=j.error if j.error is None or hide is None else hide(j.error),
         result=j.result,
         created_at=j.created_at,
         started_at=j.started_at,

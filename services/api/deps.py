@@ -11,11 +11,14 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Header, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator
 
 from lorafleet.domain import Adapter, Tenant, User
+from lorafleet.domain.text import MAX_INT32, MAX_INT64, printable_name
 from lorafleet.errors import AuthError, NotFoundError, PermissionDeniedError
+from services.api.errors import ServerPaths, server_paths
 from services.api.runtime import ApiServices
 
 _bearer = HTTPBearer(auto_error=False, description="A tenant's API key, or the admin key for /v1/tenants.")
@@ -56,12 +59,32 @@ def require_admin(services: Services, credentials: Credentials) -> None:
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]
+#: the server's folders, to hide in what a tenant reads (a job's error)
+Paths = Annotated[ServerPaths, Depends(server_paths)]
 Admin = Annotated[None, Depends(require_admin)]
+#: names in paths and queries are printable (``lorafleet.domain.text``); numbers fit their database columns (a
+#: version number an ``integer``, an id a ``bigint``): anything else is 422 naming the parameter, before any query
+Printable = AfterValidator(printable_name)
 UserId = Annotated[
-    str, Path(min_length=1, max_length=256, description="The user's id in the tenant's system.")
+    str,
+    Path(min_length=1, max_length=256, description="The user's id in the tenant's system (printable)."),
+    Printable,
 ]
-AdapterName = Annotated[str, Path(min_length=1, max_length=128, description="The adapter's name.")]
-VersionNumber = Annotated[int, Path(ge=1, description="The version number (1, 2, ...).")]
+AdapterName = Annotated[
+    str, Path(min_length=1, max_length=128, description="The adapter's name (printable)."), Printable
+]
+TaskName = Annotated[
+    str, Path(min_length=1, max_length=128, description="The task adapter's name (printable)."), Printable
+]
+TenantName = Annotated[str, Path(min_length=1, max_length=128, description="The tenant's name."), Printable]
+VersionNumber = Annotated[int, Path(ge=1, le=MAX_INT32, description="The version number (1, 2, ...).")]
+JobId = Annotated[int, Path(ge=1, le=MAX_INT64, description="The job's id.")]
+AfterId = Annotated[
+    int | None, Query(ge=0, le=MAX_INT64, description="Only records with a larger id (the last id seen).")
+]
+UserFilter = Annotated[
+    str | None, Query(min_length=1, max_length=256, description="Only jobs training this user."), Printable
+]
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -93,9 +116,15 @@ UserAdapter = Annotated[Adapter, Depends(user_adapter)]
 __all__ = [
     "Admin",
     "AdapterName",
+    "AfterId",
+    "JobId",
+    "TaskName",
+    "TenantName",
+    "UserFilter",
     "CurrentTenant",
     "CurrentUser",
     "IdempotencyKey",
+    "Paths",
     "Services",
     "UserAdapter",
     "UserId",

@@ -4,14 +4,22 @@ Library errors (``lorafleet.errors``) map to statuses by class, most specific fi
 validation errors become 422s naming the field path (``records[2].prompt``, ``limit``); Starlette's own HTTP
 errors (unknown route, wrong method, body too large) keep their status. Every error body is
 ``{"error": {"code", "message", "field"?}}`` (``lorafleet.sdk.schemas.ErrorBody``).
+
+Tenants see ids and reasons, never the server's paths: ``ServerPaths`` replaces the data dir, the blob
+directory, the temp dir (and any other absolute path under a system root) in every message a tenant gets with a
+placeholder (``<data dir>``, ``<temp dir>``, ...); the full message goes to the log.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +27,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorafleet import errors as lib
+from lorafleet.config import Settings
 from lorafleet.feedback import FeedbackRecordError
 
 logger = logging.getLogger("lorafleet.api")
@@ -55,6 +64,65 @@ CODE_BY_STATUS = {
     415: "unsupported_media_type",
 }
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]-]*): ")
+
+
+#: an absolute path under a usual top-level folder that no known root covered (a library's own file, a home)
+_OTHER_PATH = re.compile(
+    r"(?<![\w:/.~-])/(?:tmp|var|home|root|usr|opt|srv|mnt|data|work|etc|private|Users|run|nix|lib|scratch)"
+    r"(?![\w.-])(?:/[^\s'\"(),;:]*)?"
+)
+
+
+@dataclass(frozen=True)
+class ServerPaths:
+    """The server's own folders, each with the placeholder tenants see instead of it (longest first)."""
+
+    roots: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServerPaths:
+        found: list[tuple[Path, str]] = [(settings.data_dir, "<data dir>")]
+        store = urlparse(settings.resolved_object_store_url)
+        if store.scheme == "file":
+            found.append((Path(unquote(store.path)), "<blob store>"))
+        found.append((Path(tempfile.gettempdir()), "<temp dir>"))
+        roots: dict[str, str] = {}
+        for path, placeholder in found:
+            for form in {str(path.absolute()), str(path.resolve())}:
+                if form != "/":
+                    roots.setdefault(form.rstrip("/"), placeholder)
+        ordered = sorted(roots.items(), key=lambda item: len(item[0]), reverse=True)
+        return cls(tuple(ordered))
+
+    def hide(self, text: str) -> str:
+        """``text`` with every server path replaced by its placeholder (what follows a root is kept: a file
+        name inside the data dir, ``<data dir>/blobs/...``, names no folder of the server)."""
+        for root, placeholder in self.roots:
+            # the placeholder as a function: it is never read as a replacement template
+            text = re.sub(re.escape(root) + r"(?![\w.-])", _constant(placeholder), text)
+        return _OTHER_PATH.sub("<path>", text)
+
+
+def _constant(text: str) -> Callable[[re.Match[str]], str]:
+    return lambda _match: text
+
+
+#: used where an app has not set its own (``create_app`` does): the temp dir and other absolute paths
+DEFAULT_SERVER_PATHS = ServerPaths(((tempfile.gettempdir().rstrip("/"), "<temp dir>"),))
+
+
+def server_paths(request: Request) -> ServerPaths:
+    found = getattr(request.app.state, "server_paths", None)
+    return found if isinstance(found, ServerPaths) else DEFAULT_SERVER_PATHS
+
+
+def public_message(request: Request, exc: BaseException) -> str:
+    """``str(exc)`` as a tenant may see it; when paths had to be hidden, the full message is logged."""
+    text = str(exc)
+    shown = server_paths(request).hide(text)
+    if shown != text:
+        logger.warning("%s (answered with server paths hidden): %s", type(exc).__name__, text)
+    return shown
 
 
 def status_for(exc: lib.LorafleetError) -> int:
@@ -97,7 +165,7 @@ def _headers_for(status: int) -> dict[str, str]:
     return {}
 
 
-async def _library_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _library_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, lib.LorafleetError)
     status = status_for(exc)
     if status >= 500:
@@ -106,7 +174,7 @@ async def _library_error(_request: Request, exc: Exception) -> JSONResponse:
         logger.error("%s: %s", type(exc).__name__, exc, exc_info=traceback)
     # a failed generation's message names the adapter versions and what QA will do: safe and useful to show
     shown = status < 500 or status in (502, 503) or isinstance(exc, lib.GenerationError)
-    message = str(exc) if shown else f"internal error ({exc.code})"
+    message = public_message(request, exc) if shown else f"internal error ({exc.code})"
     state = exc.state if isinstance(exc, lib.JobFinishedError) else None
     return error_response(
         status, code=exc.code, message=message, field=field_of(exc), headers=_headers_for(status), state=state
@@ -114,13 +182,16 @@ async def _library_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 def _walk(body: Any, loc: Sequence[Any]) -> list[str | int]:
-    """The location without discriminator tags: pydantic puts a union member's tag (``"sft"``) into the path,
-    where the body has no such key, only a field holding that value."""
+    """The location without union labels: pydantic puts a discriminated union member's tag (``"sft"``) into the
+    path, where the body has no such key, only a field holding that value, and a plain union member's label
+    (``function-after[printable_name(), str]``, ``list[str]``) after a value that has no keys at all."""
     path: list[str | int] = []
     here = body
     for part in loc:
         if isinstance(here, Mapping) and isinstance(part, str) and part not in here and part in here.values():
             continue  # the tag of a discriminated union
+        if isinstance(part, str) and isinstance(here, str | int | float | bool | list):
+            continue  # the label of a union's member: a scalar or a list has no named fields
         path.append(part)
         if isinstance(here, Mapping):
             here = here.get(part)

@@ -9,11 +9,21 @@ Times are timezone-aware UTC. The OpenAI-compatible bodies carry only the fields
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
 
 from lorafleet.domain.enums import FINISHED_JOB_STATES, FeedbackKind, JobState, QADecision, VersionStatus
+from lorafleet.domain.text import MAX_INT32, free_text, printable_name
 from lorafleet.feedback import (
     FeedbackIn,
     FeedbackMessage,
@@ -30,6 +40,11 @@ MAX_NEW_TOKENS = 4096
 MAX_STOP_STRINGS = 16
 #: the most choices (``n``) one OpenAI request may ask for per prompt
 MAX_CHOICES = 16
+#: a name (tenant, task) is printable; free text (a reason, a prompt) holds no NUL (``lorafleet.domain.text``)
+Name = Annotated[str, AfterValidator(printable_name)]
+FreeText = Annotated[str, AfterValidator(free_text)]
+#: a version number: a JSON integer (not ``true``, not ``"5"``) that fits the database's ``integer`` column
+VersionNumber = Annotated[StrictInt, Field(ge=1, le=MAX_INT32)]
 
 __all__ = [
     "FINISHED_JOB_STATES",
@@ -127,7 +142,7 @@ class ErrorBody(_Out):
 
 # --- tenants (admin) -----------------------------------------------------------------------------------------
 class TenantCreate(_In):
-    name: str = Field(min_length=1, max_length=128)
+    name: Name = Field(min_length=1, max_length=128)
 
 
 class TenantOut(_Out):
@@ -272,8 +287,8 @@ class LineageOut(_Out):
 
 
 class PromoteRequest(_In):
-    version: int = Field(ge=1, description="The version number to make live.")
-    reason: str = Field(default="", max_length=2000)
+    version: VersionNumber = Field(description="The version number to make live.")
+    reason: FreeText = Field(default="", max_length=2000)
     force: bool = Field(
         default=False,
         description="Under the promote rule 'qa', make live a version QA has not passed (recorded as forced "
@@ -283,10 +298,10 @@ class PromoteRequest(_In):
 
 
 class RollbackRequest(_In):
-    to_version: int | None = Field(
-        default=None, ge=1, description="An earlier version number, or null for no adapter at all."
+    to_version: VersionNumber | None = Field(
+        default=None, description="An earlier version number, or null for no adapter at all."
     )
-    reason: str = Field(default="", max_length=2000)
+    reason: FreeText = Field(default="", max_length=2000)
 
 
 class AliasEventOut(_Out):
@@ -357,7 +372,7 @@ class TrainSubmitted(_Out):
 
 # --- enrolments -----------------------------------------------------------------------------------------------
 class EnrolRequest(_In):
-    task: str = Field(min_length=1, max_length=128, description="The name of a tenant task adapter.")
+    task: Name = Field(min_length=1, max_length=128, description="The name of a tenant task adapter.")
 
 
 class EnrolmentOut(_Out):
@@ -382,8 +397,8 @@ class TaskOut(_Out):
 class ImportExample(_In):
     """One example of what an imported adapter should answer: QA decodes its answer and scores it."""
 
-    prompt: str = Field(min_length=1, max_length=16_384)
-    expected: str = Field(min_length=1, max_length=4_096)
+    prompt: FreeText = Field(min_length=1, max_length=16_384)
+    expected: FreeText = Field(min_length=1, max_length=4_096)
 
 
 class TaskImportRequest(_In):
@@ -394,8 +409,8 @@ class TaskImportRequest(_In):
     until a person promotes it with ``force``."""
 
     archive_base64: str = Field(min_length=4, description="The archive's bytes, base64 (standard alphabet).")
-    example_prompts: list[str] = Field(min_length=1, max_length=256)
-    reason: str = Field(default="", max_length=2000)
+    example_prompts: list[FreeText] = Field(min_length=1, max_length=256)
+    reason: FreeText = Field(default="", max_length=2000)
     examples: list[ImportExample] = Field(default_factory=list, max_length=256)
 
 
@@ -418,7 +433,7 @@ class _Sampling(BaseModel):
     ``MIN_TEMPERATURE`` (smaller ones overflow the sampling distribution)."""
 
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
     adapter_scale: float = Field(
         default=1.0,
         ge=0.0,
@@ -437,7 +452,7 @@ class _Sampling(BaseModel):
 
 class GenerateRequest(_Sampling, _In):
     prompt: str = Field(min_length=1)
-    max_tokens: int = Field(default=32, ge=1, le=MAX_NEW_TOKENS)
+    max_tokens: StrictInt = Field(default=32, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=0.0, ge=0.0, le=100.0)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     raw: bool = Field(
@@ -500,12 +515,12 @@ class _OpenAIRequest(_Sampling):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(default=BANK_MODEL, min_length=1, max_length=600)
-    user: str | None = Field(
+    user: Name | None = Field(
         default=None, min_length=1, max_length=256, description="The user whose adapter bank serves this."
     )
     temperature: float = Field(default=1.0, ge=0.0, le=100.0)
     stop: str | list[str] | None = None
-    n: int = Field(
+    n: StrictInt = Field(
         default=1, ge=1, le=MAX_CHOICES, description=f"Choices per prompt (at most {MAX_CHOICES})."
     )
     stream: bool | None = Field(default=None, description="Stream the answer as server-sent events.")
@@ -557,15 +572,15 @@ class _OpenAIRequest(_Sampling):
 
 class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str] = Field(description="One prompt, or several (``n`` choices each).")
-    max_tokens: int = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
+    max_tokens: StrictInt = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
     echo: bool | None = Field(default=None, description="Return the prompt before the completion.")
-    logprobs: int | None = Field(
+    logprobs: StrictInt | None = Field(
         default=None,
         ge=0,
         le=MAX_LOGPROBS,
         description="Log probabilities of each generated token and of this many likely alternatives.",
     )
-    best_of: int | None = Field(default=None, ge=1, le=1)
+    best_of: StrictInt | None = Field(default=None, ge=1, le=1)
     suffix: None = None
 
     @field_validator("logprobs")
@@ -639,10 +654,10 @@ class ResponseFormat(BaseModel):
 
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     logprobs: bool | None = Field(default=None, description="Log probabilities of each generated token.")
-    top_logprobs: int | None = Field(
+    top_logprobs: StrictInt | None = Field(
         default=None, ge=0, le=MAX_LOGPROBS, description="Likely alternatives per token (needs logprobs)."
     )
     response_format: ResponseFormat | None = None

@@ -8,9 +8,17 @@ torch and keeps no second copy of the limits.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StrictInt
+
+from lorafleet.domain.text import printable_name
 
 __all__ = ["TrainRequest", "TrainingConfigOut", "TrainingOverrides", "TrainingValues"]
+
+
+#: a module pattern or a layer spec: printable (a control character there is a mistake, never a pattern)
+Spec = Annotated[str, AfterValidator(printable_name)]
 
 
 class _TrainingFields(BaseModel):
@@ -19,10 +27,10 @@ class _TrainingFields(BaseModel):
     rank: StrictInt | None = None
     alpha: float | None = None
     dropout: float | None = None
-    target_modules: str | list[str] | None = Field(
+    target_modules: Spec | list[Spec] | None = Field(
         default=None, description="'all-linear', a regex, or module names/suffixes."
     )
-    layers: str | list[StrictInt] | None = Field(
+    layers: Spec | list[StrictInt] | None = Field(
         default=None, description="'all', 'top N' or a list of decoder layer indices."
     )
     learning_rate: float | None = None

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from lorafleet.routing.bank import list_enrolments
 from lorafleet.sdk import schemas as s
 from lorafleet.workflows.qa_triggers import enrol_and_recheck, unenrol_and_recheck
 from services.api import convert
-from services.api.deps import CurrentTenant, CurrentUser, Services, UserId
+from services.api.deps import CurrentTenant, CurrentUser, Services, TaskName, UserId
 from services.api.idempotency import Idempotent
 
 router = APIRouter(prefix="/v1/users/{user_id}/enrolments", tags=["enrolments"])
-TaskName = Annotated[str, Path(min_length=1, max_length=128, description="The task adapter's name.")]
 
 
 @router.get("", response_model=list[s.EnrolmentOut])

@@ -15,7 +15,7 @@ from lorafleet.feedback import IngestResult
 from lorafleet.sdk import schemas as s
 from lorafleet.workflows.feedback import ingest_feedback, list_feedback
 from services.api import convert
-from services.api.deps import CurrentUser, Services, UserId
+from services.api.deps import AfterId, CurrentUser, Services, UserId
 from services.api.idempotency import Idempotent, IdempotentCall
 
 router = APIRouter(prefix="/v1/users/{user_id}/feedback", tags=["feedback"])
@@ -51,7 +51,7 @@ def submit_records(
 def get_feedback(
     services: Services,
     user: CurrentUser,
-    after_id: Annotated[int | None, Query(ge=0, description="Only records with a larger id.")] = None,
+    after_id: AfterId = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[s.FeedbackRecordOut]:
     """The user's records in id order (page with ``after_id`` = the last id seen)."""

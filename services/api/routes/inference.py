@@ -24,7 +24,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -41,6 +41,7 @@ from lorafleet.serving.requests import (
 )
 from services.api import convert
 from services.api.deps import CurrentTenant, Services, UserId
+from services.api.errors import public_message
 from services.api.runtime import ApiServices
 
 router = APIRouter(tags=["inference"])
@@ -116,7 +117,7 @@ _STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, o
 
 @router.post("/v1/completions", response_model=s.CompletionResponse, responses=_STREAMED)  # type: ignore[arg-type]
 async def completions(
-    services: Services, tenant: CurrentTenant, body: s.CompletionRequest
+    request: Request, services: Services, tenant: CurrentTenant, body: s.CompletionRequest
 ) -> s.CompletionResponse | StreamingResponse:
     """OpenAI's completions API (raw text, no chat template): ``user`` selects the bank; each prompt gets ``n``
     choices; ``echo`` puts the prompt before each completion; ``logprobs`` in the legacy format."""
@@ -135,7 +136,7 @@ async def completions(
     echoed = [prompts[i // body.n] if body.echo else "" for i in range(len(requests))]
     if body.stream:
         return await _stream(
-            services, requests, _CompletionChunks(body, echoed), include_usage=body.include_usage()
+            request, services, requests, _CompletionChunks(body, echoed), include_usage=body.include_usage()
         )
     results = await run_in_threadpool(services.engine.generate, requests)
     return s.CompletionResponse(
@@ -160,7 +161,7 @@ async def completions(
 
 @router.post("/v1/chat/completions", response_model=s.ChatCompletionResponse, responses=_STREAMED)  # type: ignore[arg-type]
 async def chat_completions(
-    services: Services, tenant: CurrentTenant, body: s.ChatCompletionRequest
+    request: Request, services: Services, tenant: CurrentTenant, body: s.ChatCompletionRequest
 ) -> s.ChatCompletionResponse | StreamingResponse:
     """OpenAI's chat completions API through the backbone's chat template; ``user`` selects the bank."""
     max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_MAX_TOKENS
@@ -177,7 +178,9 @@ async def chat_completions(
         logprobs=body.logprobs_wanted(),
     )
     if body.stream:
-        return await _stream(services, requests, _ChatChunks(body), include_usage=body.include_usage())
+        return await _stream(
+            request, services, requests, _ChatChunks(body), include_usage=body.include_usage()
+        )
     results = await run_in_threadpool(services.engine.generate, requests)
     return s.ChatCompletionResponse(
         id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -289,7 +292,12 @@ _END = object()
 
 
 async def _stream(
-    services: ApiServices, requests: Sequence[GenerationRequest], chunks: _Chunks, *, include_usage: bool
+    request: Request,
+    services: ApiServices,
+    requests: Sequence[GenerationRequest],
+    chunks: _Chunks,
+    *,
+    include_usage: bool,
 ) -> StreamingResponse:
     """Server-sent events of every choice, interleaved as they are decoded, then (``include_usage``) the usage
     chunk and ``[DONE]``. Every choice is started and its first item awaited before the response begins, so a
@@ -318,7 +326,7 @@ async def _stream(
                     yield _sse(chunk)
             async for index, item in _chain(first, events):
                 if isinstance(item, BaseException):
-                    yield _sse({"error": _error_body(item)})
+                    yield _sse({"error": _error_body(request, item)})
                     return
                 if isinstance(item, GenerationDelta):
                     for chunk in chunks.delta(index, item):
@@ -377,9 +385,9 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def _error_body(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, LorafleetError):
-        return {"code": exc.code, "message": str(exc)}
+def _error_body(request: Request, exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, LorafleetError):  # as an error answer would say it: ids and reasons, no server paths
+        return {"code": exc.code, "message": public_message(request, exc)}
     logger.error("a streamed generation failed", exc_info=exc)
     return {"code": "internal_error", "message": "generation failed"}
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
 from lorafleet.sdk import schemas as s
 from services.api import convert
-from services.api.deps import CurrentTenant, Services, UserId
+from services.api.deps import CurrentTenant, JobId, Paths, Services, UserFilter, UserId
 from services.api.idempotency import Idempotent
 from services.api.routes.adapters import actor_of
 
@@ -39,21 +39,22 @@ def train_now(
 
 
 @router.get("/v1/jobs/{job_id}", response_model=s.JobOut)
-def get_job(services: Services, tenant: CurrentTenant, job_id: Annotated[int, Path(ge=1)]) -> s.JobOut:
+def get_job(services: Services, tenant: CurrentTenant, job_id: JobId, paths: Paths) -> s.JobOut:
     """One of the tenant's jobs (another tenant's is 404)."""
-    return convert.job(services.queue.get(tenant_id=tenant.id, job_id=job_id))
+    return convert.job(services.queue.get(tenant_id=tenant.id, job_id=job_id), hide=paths.hide)
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=s.JobOut)
 def cancel_job(
-    services: Services, tenant: CurrentTenant, job_id: Annotated[int, Path(ge=1)], call: Idempotent
+    services: Services, tenant: CurrentTenant, job_id: JobId, call: Idempotent, paths: Paths
 ) -> JSONResponse:
     """Cancel one of the tenant's jobs: a queued job is ``cancelled`` at once; a running one stops at its
     next step (answered still ``running``, with ``cancel_requested_at``) and ends ``cancelled`` without a
     version. Repeats are harmless; a succeeded or failed job is 409 ``job_finished`` naming its state."""
 
     def cancel() -> s.JobOut:
-        return convert.job(services.queue.cancel(tenant_id=tenant.id, job_id=job_id, actor=actor_of(tenant)))
+        cancelled = services.queue.cancel(tenant_id=tenant.id, job_id=job_id, actor=actor_of(tenant))
+        return convert.job(cancelled, hide=paths.hide)
 
     return call.run(cancel, body=None)
 
@@ -62,9 +63,8 @@ def cancel_job(
 def list_jobs(
     services: Services,
     tenant: CurrentTenant,
-    user: Annotated[
-        str | None, Query(min_length=1, max_length=256, description="Only jobs training this user.")
-    ] = None,
+    paths: Paths,
+    user: UserFilter = None,
     state: Annotated[s.JobState | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[s.JobOut]:
@@ -72,4 +72,4 @@ def list_jobs(
     if user is not None:
         services.tenants.get_user(tenant_id=tenant.id, external_id=user)
     jobs = services.queue.list_jobs(tenant_id=tenant.id, user_external_id=user, state=state, limit=limit)
-    return [convert.job(j) for j in jobs]
+    return [convert.job(j, hide=paths.hide) for j in jobs]

@@ -11,7 +11,7 @@ import base64
 import binascii
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
 from lorafleet.domain import Adapter, AliasEvent
@@ -27,13 +27,13 @@ from lorafleet.workflows.tasks import (
     move_task_live,
 )
 from services.api import convert
-from services.api.deps import CurrentTenant, Services, VersionNumber
+from services.api.deps import AfterId, CurrentTenant, Services, TaskName, VersionNumber
 from services.api.idempotency import Idempotent, IdempotentCall
 from services.api.routes import adapters as adapter_routes
 from services.api.routes.feedback import submit_records
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
-TaskPath = Annotated[str, Path(min_length=1, max_length=128, description="The task adapter's name.")]
+TaskPath = TaskName
 
 
 def task_adapter(services: Services, tenant: CurrentTenant, task: TaskPath) -> Adapter:
@@ -74,7 +74,7 @@ def get_task_feedback(
     services: Services,
     tenant: CurrentTenant,
     task: TaskPath,
-    after_id: Annotated[int | None, Query(ge=0, description="Only records with a larger id.")] = None,
+    after_id: AfterId = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[s.FeedbackRecordOut]:
     """The task's records in id order (page with ``after_id``)."""

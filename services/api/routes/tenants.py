@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Path
+from fastapi import APIRouter
 
 from lorafleet.sdk import schemas as s
-from services.api.deps import Admin, Services
+from services.api.deps import Admin, Services, TenantName
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
-TenantName = Annotated[str, Path(min_length=1, max_length=128)]
 
 
 @router.post("", response_model=s.TenantCreated, status_code=201)

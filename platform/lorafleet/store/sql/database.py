@@ -13,10 +13,10 @@ from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from lorafleet.errors import AlreadyExistsError, LorafleetError, StoreError
+from lorafleet.errors import AlreadyExistsError, LorafleetError, StoreError, ValidationError
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -77,6 +77,12 @@ class Database:
         except IntegrityError as exc:
             session.rollback()
             raise AlreadyExistsError(f"conflicts with an existing row: {exc.orig}") from exc
+        except DataError as exc:
+            # a value the column cannot hold (a number out of range, NUL in text): the input's fault. The API
+            # checks its inputs before any query; this keeps anything it missed a 4xx, never a 500.
+            session.rollback()
+            reason = str(exc.orig).splitlines()[0] if exc.orig is not None else "invalid value"
+            raise ValidationError(f"a value the database cannot store ({reason})") from exc
         except (OperationalError, DBAPIError) as exc:
             session.rollback()
             raise StoreError(f"database error: {exc.orig}") from exc
