@@ -124,9 +124,10 @@ def main() -> None:
 def sys_path_fix() -> None:
     import sys
 
-    here = Path(__file__).resolve().parents[1] / "integration" / "services"
-    if str(here) not in sys.path:
-        sys.path.insert(0, str(here))
+    root = Path(__file__).resolve().parents[2]  # the repository (``tests.tiny``) and the API test helpers
+    for path in (root, root / "tests" / "integration" / "services"):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
 
 
 def run(server: Any, api_key: str, args: argparse.Namespace) -> None:
