@@ -151,7 +151,16 @@ def _histogram(name: str, buckets: object) -> list[str]:
 
 
 def _cache_lines(name: str, stats: CacheStats) -> list[str]:
-    counters = ("hits", "misses", "coalesced", "evictions", "loads", "load_failures")
+    counters = (
+        "hits",
+        "misses",
+        "coalesced",
+        "evictions",
+        "loads",
+        "load_failures",
+        "host_hits",
+        "host_evictions",
+    )
     lines = [f"{name}_{c}_total {getattr(stats, c)}" for c in counters]
     lines += [
         f"{name}_load_seconds_total {stats.load_seconds_total:.6f}",
@@ -159,6 +168,8 @@ def _cache_lines(name: str, stats: CacheStats) -> list[str]:
         f"{name}_slots_capacity {stats.capacity_slots}",
         f"{name}_bytes_used {stats.bytes_used}",
         f"{name}_slots_pinned {stats.pinned}",
+        f"{name}_host_entries {stats.host_entries}",
+        f"{name}_host_bytes {stats.host_bytes}",
     ]
     if stats.capacity_bytes is not None:
         lines.append(f"{name}_bytes_capacity {stats.capacity_bytes}")

@@ -239,6 +239,8 @@ def test_engine_metrics_in_prometheus_text(setup: Setup) -> None:
     )
     assert 'lorafleet_serving_batch_size_bucket{le="2"} 1\n' in text
     assert "lorafleet_adapter_cache_misses_total 1\n" in text
+    assert "lorafleet_adapter_cache_host_hits_total 0\n" in text  # this cache has no host tier
+    assert "lorafleet_adapter_cache_host_entries 0\n" in text
 
 
 def test_serving_on_a_4bit_backbone(setup: Setup, tiny_dir: Path) -> None:
