@@ -345,8 +345,16 @@ class ContinuousBatcher(RequestQueue["_Pending"]):
             if update.output is None:
                 continue
             del running[int(update.key)]  # type: ignore[call-overload]
-            outcome = self.engine.finish(_admitted(pending), update.output)
-            failed = outcome.code if isinstance(outcome, LorafleetError) else None
+            outcome: GenerationResult | BaseException
+            try:
+                outcome = self.engine.finish(_admitted(pending), update.output)
+            except Exception as exc:  # building this row's result failed: it alone gets the error
+                logger.exception("finishing a row failed")
+                _admitted(pending).release()
+                outcome = exc
+            failed = None
+            if isinstance(outcome, BaseException):
+                failed = outcome.code if isinstance(outcome, LorafleetError) else "internal_error"
             self.metrics.record_row(completion_tokens=len(update.output.token_ids), failed_code=failed)
             _settle(pending.future, outcome)
             ended += 1

@@ -38,8 +38,7 @@ from lorafleet.runtime.ray_serve import (
 )
 from lorafleet.sdk import Client, errors
 from lorafleet.serving.engine import GenerationEngine
-from lorafleet.serving.requests import GenerationDelta
-from lorafleet.serving.requests import GenerationRequest, GenerationResult
+from lorafleet.serving.requests import GenerationDelta, GenerationRequest, GenerationResult
 
 PROMPTS = ("Tell me about the weather", "A short story:")
 N_USERS = 8
@@ -227,7 +226,9 @@ def test_library_errors_keep_their_class_through_serve(
     with pytest.raises(NotFoundError):
         serve_app.generate([fine, missing])
 
-    items, _cancel = serve_app.open_stream(fine)  # streaming: deltas, then the result; errors keep their class
+    items, _cancel = serve_app.open_stream(
+        fine
+    )  # streaming: deltas, then the result; errors keep their class
     streamed = list(items)
     assert isinstance(streamed[-1], GenerationResult) and streamed[-1].token_ids == local[2].token_ids
     assert "".join(d.text for d in streamed[:-1] if isinstance(d, GenerationDelta)) == local[2].text
@@ -279,7 +280,9 @@ def test_the_api_forwards_generation_to_serve(
         assert 'lorafleet_serve_failures_by_code_total{code="blob_not_found"} 1' in metrics
         assert httpx.get(f"{server.url}/readyz").json()["engine"] == "ready"
 
-        with Client(server.url, api_key, max_retries=0) as client:  # streamed from the replica, piece by piece
+        with Client(
+            server.url, api_key, max_retries=0
+        ) as client:  # streamed from the replica, piece by piece
             whole = client.complete("pia", PROMPTS[0], max_tokens=8, temperature=0)
             chunks = list(client.stream_complete("pia", PROMPTS[0], max_tokens=8, temperature=0))
             pieces = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
