@@ -67,7 +67,11 @@ def create_app(
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=options.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=options.max_body_bytes,
+        read_timeout=options.body_read_timeout_seconds,
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 

@@ -6,6 +6,7 @@ bytes of a body without one (chunked) as they arrive, failing the request with 4
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -48,11 +49,13 @@ class MetricsMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """413 for request bodies over ``max_bytes`` (declared or counted)."""
+    """413 for request bodies over ``max_bytes`` (declared or counted); 408 when the body stalls for
+    ``read_timeout`` seconds (None: no limit)."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, read_timeout: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,12 +68,22 @@ class BodySizeLimitMiddleware:
             await _send_too_large(send, declared=declared, limit=self.max_bytes)
             return
         seen = 0
+        body_done = False
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done or self.read_timeout is None:  # after the body: a disconnect may take any time
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), timeout=self.read_timeout)
+                except TimeoutError:  # raised inside the route's body read: the error handler answers
+                    raise HTTPException(
+                        408, f"the request body stalled: no bytes for {self.read_timeout:g} s"
+                    ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if seen > self.max_bytes:  # raised inside the route's body read: the error handler answers
                     raise HTTPException(413, f"request body is larger than {self.max_bytes} bytes")
             return message

@@ -87,6 +87,8 @@ class ApiOptions:
     generate_timeout_seconds: float = 300.0
     #: request bodies larger than this are refused with 413
     max_body_bytes: int = 8 * 1024 * 1024
+    #: a request body that sends nothing for this long is refused with 408 (None: wait as long as it takes)
+    body_read_timeout_seconds: float | None = 30.0
     #: an unfinished idempotency reservation older than this is taken over by a retry
     idempotency_stale_seconds: float = 300.0
     #: idempotency keys older than this are pruned at start
