@@ -75,6 +75,10 @@ class Settings(ClientSettings):
     max_feedback_batch: int = Field(default=1000, ge=1)
     max_feedback_record_bytes: int = Field(default=64 * 1024, ge=256)
     admin_key: str = Field(default="", description="Bearer key for tenant management; empty disables it.")
+    metrics_token: str = Field(
+        default="",
+        description="Bearer token /metrics requires (a Prometheus scrape config's `authorization`); empty: open.",
+    )
     ray_num_cpus: int | None = Field(
         default=None, ge=1, le=1024, description="CPUs a local Ray offers; empty = min(cpu count, 4)."
     )

@@ -79,6 +79,7 @@ TaskName = Annotated[
 TenantName = Annotated[str, Path(min_length=1, max_length=128, description="The tenant's name."), Printable]
 VersionNumber = Annotated[int, Path(ge=1, le=MAX_INT32, description="The version number (1, 2, ...).")]
 JobId = Annotated[int, Path(ge=1, le=MAX_INT64, description="The job's id.")]
+KeyId = Annotated[int, Path(ge=1, le=MAX_INT32, description="The API key's id (from the list of keys).")]
 AfterId = Annotated[
     int | None, Query(ge=0, le=MAX_INT64, description="Only records with a larger id (the last id seen).")
 ]
@@ -118,9 +119,11 @@ __all__ = [
     "AdapterName",
     "AfterId",
     "JobId",
+    "KeyId",
     "TaskName",
     "TenantName",
     "UserFilter",
+    "Credentials",
     "CurrentTenant",
     "CurrentUser",
     "IdempotencyKey",

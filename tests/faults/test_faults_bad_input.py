@@ -40,6 +40,8 @@ BODIES: dict[tuple[str, str], Any] = {
     ("GET", "/v1/tenants"): None,
     ("POST", "/v1/tenants"): {"name": "fault-tenant"},
     ("POST", "/v1/tenants/{tenant_name}/keys"): None,
+    ("GET", "/v1/tenants/{tenant_name}/keys"): None,
+    ("POST", "/v1/tenants/{tenant_name}/keys/{key_id}/revoke"): None,
     ("GET", "/v1/users/{user_id}/feedback"): None,
     ("POST", "/v1/users/{user_id}/feedback"): {"records": [sft("probe")]},
     ("GET", "/v1/users/{user_id}/adapters"): None,
@@ -110,6 +112,7 @@ class World:
             "job_id": str(self.job_id),
             "task": "summarise",
             "tenant_name": self.tenant_name,
+            "key_id": "2147483000",  # no such key (the matrix must not revoke the tenant's own)
         }
 
 

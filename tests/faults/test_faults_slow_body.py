@@ -68,6 +68,8 @@ def test_a_stalled_body_is_a_408_and_stores_nothing(impatient_api: ApiServer) ->
         status, answer = _stalled_post(impatient_api, "/v1/users/sam/feedback", key, whole[:10], len(whole))
         assert status == 408 and answer["error"]["code"] == "request_timeout", answer  # type: ignore[index]
         mine = {"Authorization": f"Bearer {key}"}
-        assert http.get("/v1/users/sam/feedback", headers=mine).status_code == 404  # nothing, not even the user
+        assert (
+            http.get("/v1/users/sam/feedback", headers=mine).status_code == 404
+        )  # nothing, not even the user
         sent = http.post("/v1/users/sam/feedback", json=record, headers=mine)  # the server carries on
         assert sent.status_code == 200 and len(http.get("/v1/users/sam/feedback", headers=mine).json()) == 1

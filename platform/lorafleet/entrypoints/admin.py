@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.domain.enums import ACTIVE_JOB_STATES, JobState
@@ -48,6 +49,30 @@ def tenants_list(_args: argparse.Namespace) -> int:
     for t in rows:
         print(f"{t.id:>5}  {t.name}")
     return 0
+
+
+def tenants_keys(args: argparse.Namespace) -> int:
+    with Platform.from_settings() as lib:
+        tenant = lib.tenants.get_tenant(name=args.name)
+        rows = lib.tenants.list_api_keys(tenant_id=tenant.id)
+    print(f"{'id':>5}  {'prefix':12} {'created':20} {'last used':20} revoked")
+    for k in rows:
+        print(
+            f"{k.id:>5}  {k.prefix + '...':12} {_when(k.created_at):20} {_when(k.last_used_at):20} {_when(k.revoked_at)}"
+        )
+    return 0
+
+
+def tenants_revoke_key(args: argparse.Namespace) -> int:
+    with Platform.from_settings() as lib:
+        tenant = lib.tenants.get_tenant(name=args.name)
+        key = lib.tenants.revoke_api_key_by_id(tenant_id=tenant.id, key_id=args.key_id)
+    print(f"API key {key.id} ({key.prefix}...) of {tenant.name!r} revoked at {_when(key.revoked_at)}")
+    return 0
+
+
+def _when(at: datetime | None) -> str:
+    return "-" if at is None else at.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def users(args: argparse.Namespace) -> int:

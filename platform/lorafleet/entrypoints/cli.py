@@ -103,6 +103,13 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     create.add_argument("name")
     create.set_defaults(handler=_admin("tenants_create"))
     tenants.add_parser("list", help="list tenants").set_defaults(handler=_admin("tenants_list"))
+    keys = tenants.add_parser("keys", help="a tenant's API keys: id, prefix, created, last used, revoked")
+    keys.add_argument("name")
+    keys.set_defaults(handler=_admin("tenants_keys"))
+    revoke = tenants.add_parser("revoke-key", help="revoke one of a tenant's API keys by its id")
+    revoke.add_argument("name")
+    revoke.add_argument("key_id", type=int)
+    revoke.set_defaults(handler=_admin("tenants_revoke_key"))
 
     users = sub.add_parser("users", help="a tenant's users and their live adapter versions")
     users.add_argument("--tenant", required=True, help="tenant name")

@@ -53,6 +53,7 @@ __all__ = [
     "ImportExample",
     "AssistantMessage",
     "ApiKeyCreated",
+    "ApiKeyOut",
     "ChatChoice",
     "ChatChunkChoice",
     "ChatCompletionChunk",
@@ -158,6 +159,16 @@ class TenantCreated(TenantOut):
 class ApiKeyCreated(_Out):
     tenant: str
     api_key: str = Field(description="Shown only in this response; the service keeps its sha256.")
+
+
+class ApiKeyOut(_Out):
+    """One of a tenant's API keys as an admin sees it: never the key, only its first characters."""
+
+    id: int
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None = Field(description="When it last authenticated a request (to the minute).")
+    revoked_at: datetime | None = None
 
 
 # --- feedback -------------------------------------------------------------------------------------------------

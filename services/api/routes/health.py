@@ -1,13 +1,16 @@
-"""Liveness (``/healthz``), readiness (``/readyz``) and Prometheus metrics (``/metrics``); no auth needed."""
+"""Liveness (``/healthz``), readiness (``/readyz``) and Prometheus metrics (``/metrics``); no auth needed, except
+``/metrics`` when ``LORAFLEET_METRICS_TOKEN`` is set."""
 
 from __future__ import annotations
+
+import hmac
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from lorafleet.errors import LorafleetError
+from lorafleet.errors import AuthError, LorafleetError
 from lorafleet.sdk import schemas as s
-from services.api.deps import Services
+from services.api.deps import Credentials, Services
 from services.api.metrics import exposition, gauge_lines, job_lines
 from services.api.runtime import BackgroundRuntime
 
@@ -41,8 +44,14 @@ def readyz(services: Services, request: Request) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-def metrics(services: Services) -> PlainTextResponse:
-    """Requests and latencies by route, jobs by state, the serving engine's batches and its adapter cache."""
+def metrics(services: Services, credentials: Credentials) -> PlainTextResponse:
+    """Requests and latencies by route, jobs by state, the serving engine's batches and its adapter cache. With
+    ``LORAFLEET_METRICS_TOKEN`` set, only for ``Authorization: Bearer <that token>`` (else 401)."""
+    expected = services.settings.metrics_token
+    if expected:
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise AuthError("/metrics needs the metrics token (LORAFLEET_METRICS_TOKEN) as a bearer token")
     sections = [services.metrics.render()]
     try:
         sections.append(job_lines(services.queue.counts_by_state()))

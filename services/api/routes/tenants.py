@@ -1,11 +1,13 @@
-"""Tenant management, with the admin key: create a tenant (its API key is shown once), more keys, list."""
+"""Tenant management, with the admin key: create a tenant (its API key is shown once), more keys, list the
+keys (prefix, created, last used, revoked) and revoke one, list tenants."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
 from lorafleet.sdk import schemas as s
-from services.api.deps import Admin, Services, TenantName
+from lorafleet.store.sql.tenants import ApiKeyInfo
+from services.api.deps import Admin, KeyId, Services, TenantName
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
@@ -22,6 +24,31 @@ def create_api_key(services: Services, _admin: Admin, tenant_name: TenantName) -
     """Another API key for the tenant (e.g. to rotate keys); shown only in this response."""
     tenant = services.tenants.get_tenant(name=tenant_name)
     return s.ApiKeyCreated(tenant=tenant.name, api_key=services.tenants.create_api_key(tenant_id=tenant.id))
+
+
+@router.get("/{tenant_name}/keys", response_model=list[s.ApiKeyOut])
+def list_api_keys(services: Services, _admin: Admin, tenant_name: TenantName) -> list[s.ApiKeyOut]:
+    """The tenant's API keys, by id: prefix, when made, last used and revoked (never the keys)."""
+    tenant = services.tenants.get_tenant(name=tenant_name)
+    return [_key(k) for k in services.tenants.list_api_keys(tenant_id=tenant.id)]
+
+
+@router.post("/{tenant_name}/keys/{key_id}/revoke", response_model=s.ApiKeyOut)
+def revoke_api_key(services: Services, _admin: Admin, tenant_name: TenantName, key_id: KeyId) -> s.ApiKeyOut:
+    """Revoke one of the tenant's keys: it is refused (401) from now on. Idempotent (the first revocation time
+    is kept); another tenant's key id is 404."""
+    tenant = services.tenants.get_tenant(name=tenant_name)
+    return _key(services.tenants.revoke_api_key_by_id(tenant_id=tenant.id, key_id=key_id))
+
+
+def _key(info: ApiKeyInfo) -> s.ApiKeyOut:
+    return s.ApiKeyOut(
+        id=info.id,
+        prefix=info.prefix,
+        created_at=info.created_at,
+        last_used_at=info.last_used_at,
+        revoked_at=info.revoked_at,
+    )
 
 
 @router.get("", response_model=list[s.TenantOut])

@@ -47,6 +47,8 @@ ROUTES: dict[tuple[str, str], tuple[int | str, Any]] = {
     ("GET", "/v1/tenants"): (403, None),
     ("POST", "/v1/tenants"): (403, {"name": "intruder"}),
     ("POST", "/v1/tenants/{tenant_name}/keys"): (403, None),
+    ("GET", "/v1/tenants/{tenant_name}/keys"): (403, None),
+    ("POST", "/v1/tenants/{tenant_name}/keys/{key_id}/revoke"): (403, None),
     ("GET", "/v1/users/{user_id}/feedback"): (404, None),
     ("POST", "/v1/users/{user_id}/feedback"): (OWN, {"records": [sft("from tenant B")]}),
     ("GET", "/v1/users/{user_id}/adapters"): (404, None),
@@ -101,6 +103,7 @@ class TenantA:
             "job_id": str(self.job_id),
             "task": "summarise",
             "tenant_name": self.tenant.name,
+            "key_id": "1",
         }
         url = path.format(**values)
         return url + "?user=alice" if path == "/v1/jobs" else url
@@ -216,3 +219,19 @@ def test_admin_routes_need_the_admin_key(api: ApiServer, tenant_a: TenantA) -> N
             assert http.get("/v1/jobs", headers=mine).status_code == 200
             assert http.get("/v1/tenants", headers=mine).status_code == 403
         assert http.get("/v1/jobs", headers=admin).status_code == 401  # the admin key is not a tenant
+
+        # the tenant's keys: listed without the keys themselves, used ones stamped, one revoked by its id
+        keys = http.get(f"/v1/tenants/{name}/keys", headers=admin).json()
+        assert len(keys) == 2 and created.json()["api_key"].startswith(keys[0]["prefix"])
+        assert key.startswith(keys[1]["prefix"]) and len(keys[1]["prefix"]) < len(key)
+        assert all(k["last_used_at"] is not None and k["revoked_at"] is None for k in keys)
+        assert all(created.json()["api_key"] not in str(k) and key not in str(k) for k in keys)
+        revoked = http.post(f"/v1/tenants/{name}/keys/{keys[1]['id']}/revoke", headers=admin)
+        assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
+        again = http.post(f"/v1/tenants/{name}/keys/{keys[1]['id']}/revoke", headers=admin)
+        assert again.json()["revoked_at"] == revoked.json()["revoked_at"]  # idempotent
+        assert http.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+        first = {"Authorization": f"Bearer {created.json()['api_key']}"}
+        assert http.get("/v1/jobs", headers=first).status_code == 200  # the other key still works
+        other = http.get(f"/v1/tenants/{tenant_a.tenant.name}/keys", headers=admin).json()[0]["id"]
+        assert http.post(f"/v1/tenants/{name}/keys/{other}/revoke", headers=admin).status_code == 404

@@ -118,3 +118,25 @@ def test_serve_help_names_the_options(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     for option in ("--host", "--port", "--workers", "--scheduler-interval"):
         assert option in out
+
+
+def test_tenants_keys_lists_and_revoke_key_revokes(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    from lorafleet.errors import AuthError
+
+    platform = Platform.from_settings()
+    key = platform.tenants.create_api_key(tenant_id=setup.tenant_id)
+    platform.tenants.authenticate(api_key=key)
+    capsys.readouterr()
+    assert main(["tenants", "keys", "acme"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    prefix = lines[2].split()[1].removesuffix("...")
+    assert (
+        len(lines) == 3 and key.startswith(prefix) and len(prefix) < len(key)
+    )  # header, the first key, this one
+    assert key not in "\n".join(lines)
+    key_id = int(lines[2].split()[0])
+    assert main(["tenants", "revoke-key", "acme", str(key_id)]) == 0
+    assert f"API key {key_id} ({prefix}...) of 'acme' revoked" in capsys.readouterr().out
+    with pytest.raises(AuthError, match="revoked"):
+        platform.tenants.authenticate(api_key=key)
+    platform.close()

@@ -12,6 +12,8 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -128,6 +130,21 @@ def _new_api_key_row(*, tenant_id: int) -> tuple[SqlApiKey, str]:
     return row, api_key
 
 
+#: ``api_keys.last_used_at`` is refreshed when it is at least this old
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class ApiKeyInfo:
+    """What an admin sees of an API key: never the key, only its first characters."""
+
+    id: int
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
 class TenantRepository:
     """Tenants, API keys and users; every method is one transaction."""
 
@@ -164,6 +181,28 @@ class TenantRepository:
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
 
+    def list_api_keys(self, *, tenant_id: int) -> list[ApiKeyInfo]:
+        """The tenant's keys (never the keys themselves: their prefix, when made, last used and revoked), by id."""
+        with self.db.session() as session:
+            require_tenant(session, tenant_id=tenant_id)
+            rows = session.scalars(
+                select(SqlApiKey).where(SqlApiKey.tenant_id == tenant_id).order_by(SqlApiKey.id)
+            ).all()
+            return [ApiKeyInfo(r.id, r.prefix, r.created_at, r.last_used_at, r.revoked_at) for r in rows]
+
+    def revoke_api_key_by_id(self, *, tenant_id: int, key_id: int) -> ApiKeyInfo:
+        """Revoke one of the tenant's keys by its id (idempotent: the first revocation time is kept); a key of
+        another tenant, or none, is NotFoundError."""
+        with self.db.session() as session:
+            row = session.scalars(
+                select(SqlApiKey).where(SqlApiKey.id == key_id, SqlApiKey.tenant_id == tenant_id)
+            ).first()
+            if row is None:
+                raise NotFoundError(f"API key {key_id} not found")
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+            return ApiKeyInfo(row.id, row.prefix, row.created_at, row.last_used_at, row.revoked_at)
+
     def authenticate(self, *, api_key: str) -> Tenant:
         """The tenant owning an active key; an unknown, malformed or revoked key is AuthError."""
         if not isinstance(api_key, str) or not api_key.startswith(API_KEY_SCHEME):
@@ -179,8 +218,12 @@ class TenantRepository:
             # the lookup is by hash already; compare_digest keeps the final check constant-time
             if found is None or not hmac.compare_digest(found[0].key_hash, presented):
                 raise AuthError("invalid API key")
-            if found[0].revoked_at is not None:
-                raise AuthError(f"API key {found[0].prefix}... has been revoked")
+            key = found[0]
+            if key.revoked_at is not None:
+                raise AuthError(f"API key {key.prefix}... has been revoked")
+            now = utcnow()
+            if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
+                key.last_used_at = now  # at most one write a minute per key, not one per request
             return to_tenant(found[1])
 
     def get_tenant(self, *, tenant_id: int | None = None, name: str | None = None) -> Tenant:
