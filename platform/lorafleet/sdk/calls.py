@@ -525,6 +525,16 @@ def create_api_key(tenant: str) -> Call[s.ApiKeyCreated]:
     return Call("POST", path, _parser(s.ApiKeyCreated), retry_after_send=False)
 
 
+def list_api_keys(tenant: str) -> Call[list[s.ApiKeyOut]]:
+    """Admin key only: the tenant's API keys (id, prefix, created, last used, revoked; never the keys)."""
+    return Call("GET", f"/v1/tenants/{_seg(tenant)}/keys", _parser(list[s.ApiKeyOut]))
+
+
+def revoke_api_key(tenant: str, key_id: int) -> Call[s.ApiKeyOut]:
+    """Admin key only: revoke one of the tenant's keys by its id (idempotent)."""
+    return Call("POST", f"/v1/tenants/{_seg(tenant)}/keys/{key_id}/revoke", _parser(s.ApiKeyOut))
+
+
 def list_tenants() -> Call[list[s.TenantOut]]:
     return Call("GET", "/v1/tenants", _parser(list[s.TenantOut]))
 

@@ -177,6 +177,8 @@ class _Calls:
     # --- admin and health -----------------------------------------------------------------------------------
     create_tenant = _Endpoint(c.create_tenant)
     create_api_key = _Endpoint(c.create_api_key)
+    list_api_keys = _Endpoint(c.list_api_keys)
+    revoke_api_key = _Endpoint(c.revoke_api_key)
     list_tenants = _Endpoint(c.list_tenants)
     health = _Endpoint(c.health)
     ready = _Endpoint(c.ready)

@@ -30,6 +30,7 @@ from api_helpers import (
     sft,
 )
 
+from lorafleet.sdk import Client
 from lorafleet.sdk.calls import adapter_archive
 
 PUBLIC = "public"
@@ -235,3 +236,6 @@ def test_admin_routes_need_the_admin_key(api: ApiServer, tenant_a: TenantA) -> N
         assert http.get("/v1/jobs", headers=first).status_code == 200  # the other key still works
         other = http.get(f"/v1/tenants/{tenant_a.tenant.name}/keys", headers=admin).json()[0]["id"]
         assert http.post(f"/v1/tenants/{name}/keys/{other}/revoke", headers=admin).status_code == 404
+    with Client(api.url, ADMIN_KEY, max_retries=0) as sdk:  # the same through the SDK
+        assert [k.revoked_at is not None for k in sdk.list_api_keys(name)] == [False, True]
+        assert sdk.revoke_api_key(name, keys[1]["id"]).revoked_at is not None
