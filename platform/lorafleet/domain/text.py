@@ -12,6 +12,8 @@ from __future__ import annotations
 #: the largest value of a PostgreSQL ``integer`` column (version numbers) and of a ``bigint`` one (ids)
 MAX_INT32 = 2**31 - 1
 MAX_INT64 = 2**63 - 1
+#: the largest adapter archive an import accepts (the SDK and the CLI refuse a larger file before reading it all)
+MAX_IMPORT_ARCHIVE_BYTES = 512 * 1024 * 1024
 
 
 def printable_name(value: str) -> str:
@@ -28,4 +30,4 @@ def free_text(value: str) -> str:
     return value
 
 
-__all__ = ["MAX_INT32", "MAX_INT64", "free_text", "printable_name"]
+__all__ = ["MAX_IMPORT_ARCHIVE_BYTES", "MAX_INT32", "MAX_INT64", "free_text", "printable_name"]

@@ -16,6 +16,7 @@ bombs). The archive's kind is read from its bytes, not its name.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import shutil
@@ -195,12 +196,14 @@ def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
 
 
 def _zip_member_path(info: zipfile.ZipInfo, budget: _Budget) -> PurePosixPath | None:
-    mode = info.external_attr >> 16  # the Unix mode, when the archiver recorded one
-    if mode and stat.S_ISLNK(mode):
+    # the file type the archiver recorded in the Unix mode; 0 when it recorded none (Python's
+    # ``ZipFile.writestr`` keeps only permission bits, 0o600): then the entry is what its name says
+    kind = stat.S_IFMT(info.external_attr >> 16)
+    if stat.S_ISLNK(kind):
         raise AdapterFormatError(
             f"archive member {info.filename!r} is a link; only regular files are accepted"
         )
-    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    if kind and not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):
         raise AdapterFormatError(
             f"archive member {info.filename!r} is a device, pipe or special file; only regular files are accepted"
         )
@@ -219,12 +222,18 @@ def _make_dir(dest: Path, path: PurePosixPath, name: str) -> None:
 
 
 def _write_file(dest: Path, path: PurePosixPath, name: str, data: _Readable, size: int) -> None:
-    """Copy at most ``size`` bytes into a new file (never over an existing one, never through a link)."""
+    """Copy at most ``size`` bytes into a new file (never over an existing one, never through a link). A
+    ``.safetensors`` member's header is checked first, before any of its data is written: a large member that
+    is not safetensors (zeros, say) is refused after reading a few bytes, not after unpacking all of it."""
     target = dest / path
+    head = b""
+    if path.suffix == ".safetensors":
+        head = _safetensors_head(name, data, size)
     try:
         target.parent.mkdir(exist_ok=True)
         with target.open("xb") as out:
-            copied = 0
+            out.write(head)
+            copied = len(head)
             while chunk := data.read(min(_CHUNK, size - copied + 1)):
                 copied += len(chunk)
                 if copied > size:
@@ -232,6 +241,51 @@ def _write_file(dest: Path, path: PurePosixPath, name: str, data: _Readable, siz
                 out.write(chunk)
     except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
         raise AdapterFormatError(f"archive member {name!r} conflicts with another entry") from exc
+
+
+#: the largest safetensors JSON header accepted (safetensors' own limit is 100 MB; an adapter's is a few KB)
+_MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
+
+
+def _safetensors_head(name: str, data: _Readable, size: int) -> bytes:
+    """Read and check a safetensors member's length prefix and JSON header: the header fits the member, parses
+    as a JSON object, and its tensors end exactly where the member does. Returns the bytes read."""
+    prefix = _read_exactly(data, 8, name)
+    length = int.from_bytes(prefix, "little")
+    if not 2 <= length <= min(_MAX_SAFETENSORS_HEADER, size - 8):
+        raise AdapterFormatError(
+            f"archive member {name!r} is not a safetensors file (header length {length})"
+        )
+    header = _read_exactly(data, length, name)
+    try:
+        parsed = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdapterFormatError(
+            f"archive member {name!r} is not a safetensors file (header is not JSON)"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise AdapterFormatError(
+            f"archive member {name!r} is not a safetensors file (header is not an object)"
+        )
+    ends = [
+        t["data_offsets"][1]
+        for key, t in parsed.items()
+        if key != "__metadata__" and isinstance(t, dict) and isinstance(t.get("data_offsets"), list)
+    ]
+    if 8 + length + max(ends, default=0) != size:
+        raise AdapterFormatError(
+            f"archive member {name!r} is not a safetensors file (its tensors do not end where the file does)"
+        )
+    return prefix + header
+
+
+def _read_exactly(data: _Readable, n: int, name: str) -> bytes:
+    out = b""
+    while len(out) < n and (chunk := data.read(n - len(out))):
+        out += chunk
+    if len(out) < n:
+        raise AdapterFormatError(f"archive member {name!r} ends before its safetensors header does")
+    return out
 
 
 def _peft_folder(root: Path) -> Path:

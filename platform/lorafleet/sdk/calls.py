@@ -22,6 +22,8 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, TypeAdapter
 
+from lorafleet.domain.text import MAX_IMPORT_ARCHIVE_BYTES
+from lorafleet.errors import PayloadTooLargeError, ValidationError
 from lorafleet.sdk import schemas as s
 
 T = TypeVar("T")
@@ -369,12 +371,22 @@ def pack_adapter_folder(folder: Path) -> bytes:
     return buffer.getvalue()
 
 
-def adapter_archive(source: str | Path | bytes) -> bytes:
-    """What ``import_task_adapter`` uploads: bytes as given, a folder packed, or an archive file's bytes."""
+def adapter_archive(source: str | Path | bytes, *, max_bytes: int = MAX_IMPORT_ARCHIVE_BYTES) -> bytes:
+    """What ``import_task_adapter`` uploads: bytes as given, a folder packed, or an archive file's bytes. A
+    source that is not a regular file or folder (a device such as ``/dev/zero``, a pipe) is refused, and a file
+    is read only up to ``max_bytes`` (the import cap): a larger one is refused without reading it all."""
     if isinstance(source, bytes):
         return source
     path = Path(source)
-    return pack_adapter_folder(path) if path.is_dir() else path.read_bytes()
+    if path.is_dir():
+        return pack_adapter_folder(path)
+    if not path.is_file():  # follows links; a device, a pipe or a socket is not a regular file
+        raise ValidationError(f"source: {path} is not a regular file or a folder")
+    with path.open("rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise PayloadTooLargeError(f"source: {path} is larger than the import cap of {max_bytes} bytes")
+    return data
 
 
 # --- generation -------------------------------------------------------------------------------------------------

@@ -44,12 +44,14 @@ if TYPE_CHECKING:
     from lorafleet.registry import Registry
     from lorafleet.store.sql.database import Database
 
+from lorafleet.domain import text as text_limits
+
 logger = logging.getLogger(__name__)
 
 IMPORT_JOB_KIND = JobKind.IMPORT
 IMPORT_MAX_ATTEMPTS = 3
 #: largest archive accepted for import (the API's request body limit applies first)
-MAX_IMPORT_ARCHIVE_BYTES = 512 * 1024 * 1024
+MAX_IMPORT_ARCHIVE_BYTES = text_limits.MAX_IMPORT_ARCHIVE_BYTES
 
 
 @dataclass(frozen=True)

@@ -599,3 +599,35 @@ def test_unpack_finds_the_folder_and_removes_dest_on_refusal(
     assert not (tmp_path / "out3").exists() and not (tmp_path / "escape.json").exists()
     with pytest.raises(ValidationError, match="already exists"):
         unpack_import_archive(bad, tmp_path / "out2", max_bytes=1 << 20)
+
+
+def test_a_zip_written_by_writestr_unpacks(trained: SimpleNamespace, tmp_path: Path) -> None:
+    """``ZipFile.writestr`` records permission bits only (mode 0o600, no file type): a regular file, not a
+    "device, pipe or special file" (finding 8 of issue 18)."""
+    archive = tmp_path / "writestr.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(trained.folder.iterdir()):
+            zf.writestr(path.name, path.read_bytes())
+    assert {stat.S_IFMT(i.external_attr >> 16) for i in zipfile.ZipFile(archive).infolist()} == {0}
+    folder = unpack_import_archive(archive, tmp_path / "out", max_bytes=1 << 20)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in trained.folder.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["zip", "tgz"])
+def test_a_weights_member_that_is_not_safetensors_is_refused_by_its_header(
+    kind: str, trained: SimpleNamespace, tmp_path: Path
+) -> None:
+    """A large zero-filled ``adapter_model.safetensors`` (64 MiB that packs to a few KiB) is refused from its
+    first bytes, before its data is written, and the unpack folder is removed."""
+    zeros = bytes(64 << 20)
+    config = (trained.folder / CONFIG).read_bytes()
+    if kind == "zip":
+        archive = tmp_path / "zeros.zip"
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(CONFIG, config)
+            zf.writestr(WEIGHTS, zeros)
+    else:
+        archive = _tar_with(tmp_path / "zeros.tgz", [(_entry(CONFIG), config), (_entry(WEIGHTS), zeros)])
+    with pytest.raises(AdapterFormatError, match="not a safetensors file"):
+        unpack_import_archive(archive, tmp_path / "out", max_bytes=1 << 30)
+    assert not (tmp_path / "out").exists()

@@ -25,3 +25,18 @@ def test_a_folder_packs_to_the_same_bytes_whatever_the_clock(
     with tarfile.open(fileobj=io.BytesIO(first), mode="r:gz") as tar:
         assert tar.getnames() == ["adapter_config.json", "adapter_model.safetensors"]
         assert all(m.mtime == 0 for m in tar.getmembers())
+
+
+def test_an_archive_source_must_be_a_regular_file_within_the_cap(tmp_path: Path) -> None:
+    """``/dev/zero`` (a device: it never ends) and a file over the cap are refused without reading them whole
+    (finding 8 of issue 18)."""
+    from lorafleet.errors import PayloadTooLargeError, ValidationError
+    from lorafleet.sdk.calls import adapter_archive
+
+    with pytest.raises(ValidationError, match="not a regular file"):
+        adapter_archive("/dev/zero")
+    big = tmp_path / "big.tgz"
+    big.write_bytes(b"\x1f\x8b" + bytes(4096))
+    with pytest.raises(PayloadTooLargeError, match="import cap of 1024 bytes"):
+        adapter_archive(big, max_bytes=1024)
+    assert adapter_archive(big) == big.read_bytes()
