@@ -21,14 +21,16 @@ wraps, usable in-process too; ``lorafleet.runtime.trainer_pool.TrainerPool`` run
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +72,29 @@ def init_ray(settings: Settings) -> str:
 
     if ray.is_initialized():
         return str(ray.get_runtime_context().gcs_address)
+    with _keep_sigterm_handler():
+        _start_or_connect(ray, settings)
+    return str(ray.get_runtime_context().gcs_address)
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """``ray.init`` on the main thread replaces the SIGTERM handler with one that exits at once
+    (``sys.exit``), so a service's graceful shutdown (the API's drain, the trainer actors' stop) never ran and
+    the process died with a traceback. A handler the process had installed itself is put back; the default one
+    is left to Ray (its exit still runs the atexit hooks)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
+
+
+def _start_or_connect(ray: Any, settings: Settings) -> None:
     if settings.ray_address:
         logger.info("connecting to the Ray cluster at %s", settings.ray_address)
         ray.init(address=settings.ray_address, logging_level=RAY_LOG_LEVEL)
@@ -88,7 +113,6 @@ def init_ray(settings: Settings) -> str:
             include_dashboard=False,
             logging_level=RAY_LOG_LEVEL,
         )
-    return str(ray.get_runtime_context().gcs_address)
 
 
 def _on_loopback(address: str) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 
 def _free_port() -> int:
     import socket
@@ -14,8 +16,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    """``lorafleet serve`` (no workers, no scheduler: no Ray) migrates, serves /healthz, exits 0 on SIGTERM."""
+@pytest.mark.parametrize("workers", [0, 1])
+def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path, workers: int) -> None:
+    """``lorafleet serve`` migrates, serves /healthz and exits 0 on SIGTERM after its shutdown: with no workers
+    (no Ray), and with a trainer actor (a local Ray, whose driver would otherwise exit at once on SIGTERM with a
+    traceback: finding 3 of issue 18)."""
     import signal
     import subprocess
     import sys
@@ -26,7 +31,8 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     port = _free_port()
     env = {"LORAFLEET_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")  # the checkout under test, when it is set
-    args = ["serve", "--port", str(port), "--workers", "0", "--no-scheduler"]
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    args = ["serve", "--port", str(port), "--workers", str(workers), "--no-scheduler"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "lorafleet.entrypoints.cli", *args],
         env=env,
@@ -49,7 +55,9 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, output
-        assert "shutting down" in output
+        assert "shutting down" in output and "Traceback" not in output
+        if workers:
+            assert "stopped" in output  # the lifespan's shutdown ran (the trainer actors were stopped)
     finally:
         if proc.poll() is None:
             proc.kill()
