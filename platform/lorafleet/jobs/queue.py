@@ -244,6 +244,11 @@ class JobQueue:
         with self.fenced(job_id=job_id, worker_id=worker_id, attempt=attempt) as fence:
             return fence.succeed(payload)
 
+    def release_leases_of(self, worker_id: str, *, reason: str) -> list[int]:
+        """End the leases ``worker_id`` holds (it is known to be dead): its jobs are claimable at once; their ids."""
+        with self.db.session() as session:
+            return self._repo.release_leases_of(session, worker_id=worker_id, reason=reason, now=self.clock())
+
     def fail(
         self,
         *,

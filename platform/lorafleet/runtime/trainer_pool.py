@@ -3,7 +3,8 @@
 ``TrainerPool`` places ``n_actors`` actors by ``TrainerPlacement`` (one CPU, one unit of the trainer resource, a
 GPU when training on CUDA, spread over nodes), waits for them to load their backbones, and drains the job queue
 with them. ``run_until_stopped`` is the loop of ``lorafleet workers``: it replaces an actor that died, one at a
-time, so a lost node costs only the jobs it held until their leases expire; an actor the cluster has no room for
+time, and ends the dead actor's leases at once, so the jobs it held are retried now rather than when their leases
+run out (a node lost without the pool noticing still costs them the lease); an actor the cluster has no room for
 waits, and the pool logs why every ``wait_log_seconds``.
 """
 
@@ -18,7 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from lorafleet.config import Settings
-from lorafleet.errors import ConfigError, JobError
+from lorafleet.errors import ConfigError, JobError, LorafleetError
 from lorafleet.jobs.placement import TrainerPlacement, placement_capacity
 from lorafleet.runtime.ray_runtime import actor_settings, init_ray, trainer_actor_class
 
@@ -70,6 +71,7 @@ class TrainerPool:
             raise ConfigError("n_actors: must be at least 1")
         import ray
 
+        self.settings = settings
         self.gcs_address = init_ray(settings)
         gpus = float(ray.cluster_resources().get("GPU", 0.0))
         self.placement = TrainerPlacement.for_settings(settings, cluster_gpus=gpus, spread=spread)
@@ -201,7 +203,8 @@ class TrainerPool:
 
         Each actor runs jobs one after another and asks again ``poll_seconds`` after finding none. An actor
         that dies (its node was lost, or it was killed) is replaced by a new one, which waits for room in
-        the cluster; the job it held is retried by whichever actor claims it once the lease expires. An
+        the cluster; its leases are released at once (``release_leases_of``), so the job it held is retried by
+        whichever actor claims it next, not when the lease runs out. An
         actor whose constructor fails raises ``JobError`` (a configuration problem no restart fixes), and so
         do actors of the initial pool not started within ``start_timeout``. After ``stop``, jobs in flight
         get ``grace_seconds`` to finish; the caller then shuts the pool down."""
@@ -211,6 +214,26 @@ class TrainerPool:
 
     def stats(self) -> list[dict[str, Any]]:
         return list(_get([actor.stats.remote() for actor in self.actors], what="reading trainer stats"))
+
+    def release_leases_of(self, worker_id: str, *, cause: str) -> list[int]:
+        """A dead actor's leases end now, so its job is retried at once rather than when the lease runs out;
+        a failure to reach the database is logged (the lease then expires as before)."""
+        from lorafleet.jobs import JobQueue
+        from lorafleet.store.sql.database import Database
+
+        db = Database(self.settings.resolved_database_url)
+        try:
+            released = JobQueue(db).release_leases_of(
+                worker_id, reason=f"trainer actor {worker_id} died: {cause}"
+            )
+        except LorafleetError as exc:
+            logger.warning("could not release the leases of dead actor %s: %s", worker_id, exc)
+            return []
+        finally:
+            db.dispose()
+        if released:
+            logger.info("released the leases of dead actor %s: job(s) %s", worker_id, released)
+        return released
 
     def shutdown(self) -> None:
         """Stop the actors (a job one of them was running is taken over once its lease expires); ``workers``
@@ -312,12 +335,14 @@ class _PoolLoop:
         old = self.pool.trainers[i]
         first = str(error).strip().splitlines()[:1]
         logger.warning(
-            "trainer actor %s on node %s died (%s); starting a replacement (a job it held is retried once "
-            "its lease expires)",
+            "trainer actor %s on node %s died (%s); starting a replacement (its leases are released: a job "
+            "it held is retried at once)",
             old.worker_id or "(not started)",
             old.node_id,
             first[0] if first else type(error).__name__,
         )
+        if old.worker_id is not None:
+            self.pool.release_leases_of(old.worker_id, cause=first[0] if first else type(error).__name__)
         new = self.pool._new_trainer(replacement=True)
         self.pool.trainers[i] = new
         self.calls[new.ping_ref] = (i, "ping")

@@ -151,6 +151,25 @@ def test_expired_lease_is_taken_over_and_the_old_owner_is_fenced_out(queue: JobQ
     assert queue.get(tenant_id=None, job_id=job_id).result == {"by": "new"}
 
 
+def test_a_dead_workers_leases_are_released_at_once_and_it_stays_fenced_out(queue: JobQueue, clock) -> None:
+    """A pool that saw its actor die ends that actor's leases: the job is claimable now, not when its lease
+    runs out (finding 5 of issue 18), and the old owner still cannot finish it."""
+    job_id = _submit(queue)
+    other = _submit(queue, key="other")
+    assert queue.claim(worker_id="dead", lease_seconds=LEASE) is not None
+    assert queue.claim(worker_id="alive", lease_seconds=LEASE) is not None
+    clock.advance(seconds=1)
+    assert queue.claim(worker_id="new", lease_seconds=LEASE) is None  # both leases still held
+
+    assert queue.release_leases_of("dead", reason="trainer actor dead died: killed") == [job_id]
+    assert queue.release_leases_of("dead", reason="again") == []  # nothing left to release
+    taken = queue.claim(worker_id="new", lease_seconds=LEASE)
+    assert taken is not None and (taken.id, taken.attempts, taken.lease_owner) == (job_id, 2, "new")
+    with pytest.raises(LeaseLostError):
+        queue.complete(job_id=job_id, worker_id="dead", result={"by": "dead"})
+    assert queue.get(tenant_id=None, job_id=other).lease_owner == "alive"  # other workers' leases stand
+
+
 def test_attempt_number_fences_out_an_earlier_attempt_of_the_same_worker(queue: JobQueue, clock) -> None:
     job_id = _submit(queue)
     first = queue.claim(worker_id="w", lease_seconds=LEASE)

@@ -297,6 +297,25 @@ class JobsRepository:
         session.flush()
         return to_job(row)
 
+    def release_leases_of(self, session: Session, *, worker_id: str, reason: str, now: datetime) -> list[int]:
+        """End now the unexpired leases of ``worker_id`` (a worker known to be dead): its running jobs become
+        claimable at once instead of when their leases run out. The takeover still fences the old owner out (a
+        claim moves ``lease_owner``), so a worker wrongly thought dead cannot finish a job taken from it."""
+        rows = session.scalars(
+            select(SqlJob)
+            .where(
+                SqlJob.state == JobState.RUNNING,
+                SqlJob.lease_owner == worker_id,
+                SqlJob.lease_expires_at > now,
+            )
+            .with_for_update()
+        ).all()
+        for row in rows:
+            row.lease_expires_at = now
+            row.error = reason
+        session.flush()
+        return [row.id for row in rows]
+
     def requeue(self, session: Session, *, job_id: int, error: str, run_after: datetime) -> Job:
         """Back to queued after a failed attempt; claimable again from ``run_after``."""
         row = self._locked_row(session, job_id=job_id)
