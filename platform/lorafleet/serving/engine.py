@@ -7,7 +7,7 @@ resolved here, so a concurrent rollback serves a request wholly by the old or wh
 batch that starts after the rollback returned sees the new alias; banks are not cached across batches); pool
 base-model embeddings in one forward for the gates that need them (of the user's own text, the prompt or the
 last user turn, as routing keys are made: ``routing.embeddings.embedding_ids``); turn each gate decision into
-the row's ``(slot, weight)`` routes through the cache (slots pinned for the batch); decode all rows together
+the row's ``(slot, weight)`` routes through the cache (each row's slots pinned until it ends); decode the rows
 (a user without adapters, or a gate deciding "base only", gives an empty route: the base model); report which
 versions, with which weights, served each request.
 
@@ -17,8 +17,11 @@ of the batch is served. So does a row whose logits turn NaN or infinite while de
 whose sampling fails: that request gets a ``GenerationError`` naming the versions, the others decode on, and
 ``on_nonfinite`` (the service queues a QA recheck of the user's bank) is told which versions served it.
 
-One engine decodes one batch at a time (the bank's routing plan is shared by its layers); the cache loads for
-the next batch can overlap the current one's decoding.
+Two ways to drive it. ``generate_each(requests)`` is a static batch: admit every request, decode them together
+to the end. ``admit`` / ``decode_batch`` / ``finish`` are the pieces ``serving.continuous.ContinuousBatcher``
+drives: admitted rows join a running ``DecodeBatch`` between its steps and are finished one by one. Every
+forward through the model holds ``model_lock`` (the bank's routing plan is shared by its layers); admission's
+cache loads run outside it, so they overlap decoding.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path, workers: in
     env = {"LORAFLEET_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")  # the checkout under test, when it is set
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env["LORAFLEET_BACKBONE"] = "builtin:tiny"  # the trainer actor loads a backbone: the small one will do
     args = ["serve", "--port", str(port), "--workers", str(workers), "--no-scheduler"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "lorafleet.entrypoints.cli", *args],
