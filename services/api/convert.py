@@ -12,8 +12,19 @@ from lorafleet.routing.bank import Enrolment
 from lorafleet.sdk import schemas as s
 from lorafleet.serving.requests import GenerationResult, TokenLogprob
 from lorafleet.store.sql.qa_repository import QAReport
+from lorafleet.store.sql.tenants import ApiKeyInfo
 from lorafleet.workflows.live_alias import VersionQA
 from lorafleet.workflows.tasks import TaskInfo
+
+
+def api_key(info: ApiKeyInfo) -> s.ApiKeyOut:
+    return s.ApiKeyOut(
+        id=info.id,
+        prefix=info.prefix,
+        created_at=info.created_at,
+        last_used_at=info.last_used_at,
+        revoked_at=info.revoked_at,
+    )
 
 
 def feedback_submitted(result: IngestResult) -> s.FeedbackSubmitted:

@@ -64,6 +64,24 @@ class RequestQueue(Generic[P]):
             except queue.Full:
                 raise CapacityError(f"the batcher holds {self._queue.maxsize} requests already") from None
 
+    def _fill(self, group: list[P], *, max_size: int, max_wait: float) -> tuple[list[P], bool]:
+        """``group`` filled from the queue up to ``max_size``: blocking for a first request when it is empty,
+        then waiting at most ``max_wait`` seconds for more; and whether the stop marker was reached."""
+        deadline = None if not group else time.monotonic() + max_wait
+        while len(group) < max_size:
+            try:
+                if deadline is None:
+                    item = self._queue.get()
+                    deadline = time.monotonic() + max_wait
+                else:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is STOP:
+                return group, True
+            group.append(item)  # type: ignore[arg-type]  # anything but the marker is a pending request
+        return group, False
+
     def close(self, *, wait: bool = True, cancel_pending: bool = False) -> None:
         """Stop accepting requests; serve those queued (or cancel them) and, with ``wait``, join the threads."""
         with self._close_lock:
@@ -133,21 +151,7 @@ class BatchingQueue(RequestQueue[_Pending]):
 
     def _collect(self) -> tuple[list[_Pending], bool]:
         """The next batch (blocks for its first request), and whether the stop marker was reached."""
-        first = self._queue.get()
-        if first is STOP:
-            return [], True
-        assert isinstance(first, _Pending)
-        batch, deadline = [first], time.monotonic() + self.max_wait
-        while len(batch) < self.max_batch_size:
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if item is STOP:
-                return batch, True
-            assert isinstance(item, _Pending)
-            batch.append(item)
-        return batch, False
+        return self._fill([], max_size=self.max_batch_size, max_wait=self.max_wait)
 
     def _serve(self, batch: list[_Pending]) -> None:
         """Run a batch and settle every future; cancelled requests are skipped."""

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lorafleet.errors import CapacityError, LorafleetError, ValidationError
-from lorafleet.serving.batcher import STOP, RequestQueue
+from lorafleet.serving.batcher import RequestQueue
 from lorafleet.serving.decode import DecodeBatch, RowUpdate
 from lorafleet.serving.metrics import BatchRecord, ServingMetrics
 from lorafleet.serving.requests import GenerationDelta, GenerationRequest, GenerationResult, TokenLogprob
@@ -191,23 +191,7 @@ class ContinuousBatcher(RequestQueue["_Pending"]):
                 self._cond.wait_for(lambda: self._finished != seen, timeout=_DEFERRED_RETRY_S)
         if stopping:
             return group, True
-        deadline = None
-        while len(group) < self.max_batch_size:
-            if group and deadline is None:
-                deadline = time.monotonic() + self.max_wait
-            try:
-                item = (
-                    self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                    if deadline is not None
-                    else self._queue.get()
-                )
-            except queue.Empty:
-                break
-            if item is STOP:
-                return group, True
-            assert isinstance(item, _Pending)
-            group.append(item)
-        return group, False
+        return self._fill(group, max_size=self.max_batch_size, max_wait=self.max_wait)
 
     def _admit(self, group: list[_Pending]) -> list[_Pending]:
         """Admit a group; failures are settled, admitted rows go to the decode thread. Returns the requests that

@@ -152,6 +152,8 @@ class _Row:
     next_token: int = 0
     #: characters of the text already streamed
     streamed: int = 0
+    #: the decoded text of the first ``n`` generated tokens, ``(n, text)`` (decoded once per step at most)
+    decoded: tuple[int, str] = (0, "")
 
 
 @dataclass
@@ -369,14 +371,14 @@ class DecodeBatch:
         done = True
         if token in self.eos_ids:
             out.finish_reason = "stop"
-        elif spec.stop and find_stop(self._decode(out.token_ids), spec.stop) is not None:
+        elif spec.stop and find_stop(self._text(row), spec.stop) is not None:
             out.finish_reason = "stop"
         elif len(out.token_ids) >= spec.max_new_tokens:
             out.finish_reason = "length"
         else:
             done = False
         if done:
-            text = self._decode(out.token_ids)
+            text = self._text(row)
             cut = find_stop(text, spec.stop) if spec.stop else None
             out.text = text if cut is None else text[:cut]
         return done
@@ -386,14 +388,19 @@ class DecodeBatch:
         if done:
             text = row.out.text
         else:
-            text = self._decode(row.out.token_ids).rstrip("\ufffd")  # an incomplete UTF-8 character
+            text = self._text(row).rstrip("\ufffd")  # an incomplete UTF-8 character
             text = text[: len(text) - _stop_prefix(text, row.spec.stop)]
         delta = text[row.streamed :] if len(text) > row.streamed else ""
         row.streamed = max(row.streamed, len(text))
         return delta
 
-    def _decode(self, token_ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+    def _text(self, row: _Row) -> str:
+        """The row's generated tokens decoded (special tokens left out), once per new token: the stop check,
+        the final text and the streamed delta of one step share it."""
+        ids = row.out.token_ids
+        if row.decoded[0] != len(ids):
+            row.decoded = (len(ids), str(self.tokenizer.decode(list(ids), skip_special_tokens=True)))
+        return row.decoded[1]
 
 
 def _stop_prefix(text: str, stops: Sequence[str]) -> int:

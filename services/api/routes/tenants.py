@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from lorafleet.sdk import schemas as s
-from lorafleet.store.sql.tenants import ApiKeyInfo
+from services.api import convert
 from services.api.deps import Admin, KeyId, Services, TenantName
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
@@ -30,7 +30,7 @@ def create_api_key(services: Services, _admin: Admin, tenant_name: TenantName) -
 def list_api_keys(services: Services, _admin: Admin, tenant_name: TenantName) -> list[s.ApiKeyOut]:
     """The tenant's API keys, by id: prefix, when made, last used and revoked (never the keys)."""
     tenant = services.tenants.get_tenant(name=tenant_name)
-    return [_key(k) for k in services.tenants.list_api_keys(tenant_id=tenant.id)]
+    return [convert.api_key(k) for k in services.tenants.list_api_keys(tenant_id=tenant.id)]
 
 
 @router.post("/{tenant_name}/keys/{key_id}/revoke", response_model=s.ApiKeyOut)
@@ -38,17 +38,7 @@ def revoke_api_key(services: Services, _admin: Admin, tenant_name: TenantName, k
     """Revoke one of the tenant's keys: it is refused (401) from now on. Idempotent (the first revocation time
     is kept); another tenant's key id is 404."""
     tenant = services.tenants.get_tenant(name=tenant_name)
-    return _key(services.tenants.revoke_api_key_by_id(tenant_id=tenant.id, key_id=key_id))
-
-
-def _key(info: ApiKeyInfo) -> s.ApiKeyOut:
-    return s.ApiKeyOut(
-        id=info.id,
-        prefix=info.prefix,
-        created_at=info.created_at,
-        last_used_at=info.last_used_at,
-        revoked_at=info.revoked_at,
-    )
+    return convert.api_key(services.tenants.revoke_api_key_by_id(tenant_id=tenant.id, key_id=key_id))
 
 
 @router.get("", response_model=list[s.TenantOut])

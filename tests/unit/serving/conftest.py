@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from engine_world import Setup, make_setup
-from serving_helpers import write_adapter
+from serving_helpers import BankMember, FolderFetcher, member, write_adapter
 
 from lorafleet.adapters import AdapterBank, inject_bank
 from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone
@@ -69,3 +69,18 @@ def bank(backbone: Backbone) -> AdapterBank:
 def setup(bank: AdapterBank, backbone: Backbone, adapter_folders: Callable[[int], Path]) -> Setup:
     """The shared engine of four users (``engine_world``)."""
     return make_setup(bank, backbone, adapter_folders)
+
+
+@pytest.fixture
+def members(adapter_folders: Callable[[int], Path]) -> list[BankMember]:
+    """Five distinct versions a..e (members 0..4), real adapter folders."""
+    return [member(adapter_folders(seed), adapter_id=seed + 1) for seed in range(5)]
+
+
+@pytest.fixture
+def fetcher(adapter_folders: Callable[[int], Path]) -> FolderFetcher:
+    """A fetcher that serves the five versions of ``members``."""
+    fetch = FolderFetcher()
+    for seed in range(5):
+        fetch.add(adapter_folders(seed))
+    return fetch

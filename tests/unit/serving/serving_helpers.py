@@ -18,9 +18,16 @@ from lorafleet.registry import Registry, pack_adapter_archive
 from lorafleet.registry.peft_format import inspect_adapter_dir
 from lorafleet.routing.bank import BankMember, UserBank
 from lorafleet.routing.spec import GateDecision, GateSpec
+from lorafleet.serving.cache import AdapterCache
 from lorafleet.store.blob.base import sha256_file
 
 __all__ = ["BankMember", "GateDecision", "GateSpec", "UserBank"]
+
+
+def touch(cache: AdapterCache, m: BankMember) -> int:
+    """Acquire one version (loading it if needed) and release it at once; the slot it is in."""
+    with cache.acquire([m]) as lease:
+        return lease.slots[m.sha256]
 
 
 def write_adapter(author: AdapterBank, path: Path, *, seed: int, rank: int = 4, scale: float = 0.3) -> Path:

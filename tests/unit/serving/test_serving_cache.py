@@ -3,36 +3,16 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from serving_helpers import FolderFetcher, member
+from serving_helpers import FolderFetcher, touch
 
 from lorafleet.adapters import AdapterBank, SlotConfig
 from lorafleet.errors import AdapterFormatError, BlobIntegrityError, CapacityError, ValidationError
 from lorafleet.routing.bank import BankMember
 from lorafleet.serving import AdapterCache
 from lorafleet.serving.metrics import ServingMetrics, prometheus_text
-
-
-@pytest.fixture
-def members(adapter_folders: Callable[[int], Path]) -> list[BankMember]:
-    """Five distinct versions a..e (members 0..4)."""
-    return [member(adapter_folders(seed), adapter_id=seed + 1) for seed in range(5)]
-
-
-@pytest.fixture
-def fetcher(adapter_folders: Callable[[int], Path]) -> FolderFetcher:
-    fetch = FolderFetcher()
-    for seed in range(5):
-        fetch.add(adapter_folders(seed))
-    return fetch
-
-
-def touch(cache: AdapterCache, m: BankMember) -> int:
-    with cache.acquire([m]) as lease:
-        return lease.slots[m.sha256]
 
 
 def test_eviction_order_is_exact_lru(

@@ -2,34 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from serving_helpers import FolderFetcher, member
+from serving_helpers import FolderFetcher, touch
 
 from lorafleet.adapters import AdapterBank
 from lorafleet.routing.bank import BankMember
 from lorafleet.serving.cache import AdapterCache, HostTier
-
-
-@pytest.fixture
-def members(adapter_folders: Callable[[int], Path]) -> list[BankMember]:
-    return [member(adapter_folders(seed), adapter_id=seed + 1) for seed in range(5)]
-
-
-@pytest.fixture
-def fetcher(adapter_folders: Callable[[int], Path]) -> FolderFetcher:
-    fetch = FolderFetcher()
-    for seed in range(5):
-        fetch.add(adapter_folders(seed))
-    return fetch
-
-
-def touch(cache: AdapterCache, m: BankMember) -> int:
-    with cache.acquire([m]) as lease:
-        return lease.slots[m.sha256]
 
 
 def test_a_slot_miss_in_the_host_tier_is_served_without_a_fetch(
