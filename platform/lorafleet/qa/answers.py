@@ -24,7 +24,7 @@ the sizes, the signed-rank test 0.016 when the worse answer lost least and 0.15 
 Chosen over a paired bootstrap because it is exact at the 5-20 examples a holdout often has. With ``n`` untied
 examples the smallest p it can give is ``2^-n`` (every difference positive), so it needs at least
 ``min_untied_pairs(alpha)`` of them to reach ``alpha`` at all (5 at ``alpha`` 0.05); smaller holdouts are
-decided by the tiny-holdout rule (``lorafleet.qa.rules.answer_rule``).
+decided by the few-changed-answers rule (``lorafleet.qa.rules.answer_rule``).
 """
 
 from __future__ import annotations

@@ -147,9 +147,10 @@ def probe_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
 def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     """The candidate's greedy answers on its own holdout beat the reference's (previous live, else base) by token
     answer F1 (``lorafleet.qa.answers``: F1 over the words that can carry an answer): a one-sided Wilcoxon signed-rank test at ``answer_confidence`` and a mean gain
-    of at least ``answer_margin``. A holdout too small for the test ever to reach that confidence (fewer examples
-    than ``min_untied_pairs``) instead needs every answer at least as good as the reference's and at least one
-    strictly better, with the same margin. Fails with ``no-improvement`` and the figures, or ``no-evidence``
+    of at least ``answer_margin``. When too few answers changed for the test ever to reach that confidence (fewer
+    untied pairs than ``min_untied_pairs``: a tiny holdout, or one where most answers tie) it instead needs every
+    answer at least as good as the reference's, at least one strictly better, and a mean gain of at least
+    ``few_answers_margin``. Fails with ``no-improvement`` and the figures, or ``no-evidence``
     when there was nothing to answer. Under ``answer_evidence="report"`` a ``no-improvement`` is recorded with
     its figures but passes (``no-evidence`` still fails: without a holdout nothing can be compared)."""
     evidence = matrix.answers
@@ -170,16 +171,17 @@ def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
         f"{scores.subject_exact_rate:.2f} vs {scores.reference_exact_rate:.2f} on {scores.n} holdout answers "
         f"({scores.wins} better, {scores.losses} worse)"
     )
-    margin_ok = gain >= policy.answer_margin
-    if scores.n < needed:
-        ok = scores.losses == 0 and scores.wins >= 1 and margin_ok
+    untied = scores.wins + scores.losses
+    if 0 < untied < needed:  # the test cannot reach alpha on so few changed answers: the larger margin decides
+        margin = max(policy.answer_margin, policy.few_answers_margin)
+        ok = scores.losses == 0 and scores.wins >= 1 and gain >= margin
         test = (
-            f"tiny holdout: {scores.n} < {needed} answers, too few for the test at {policy.answer_confidence:g}; "
-            f"needs none worse, at least one better and a gain >= {policy.answer_margin:g}"
+            f"few changed answers: {untied} < {needed}, too few for the test at {policy.answer_confidence:g}; "
+            f"needs none worse, at least one better and a gain >= {margin:g}"
         )
     else:
         p = scores.p_value
-        ok = p <= alpha + 1e-12 and margin_ok
+        ok = p <= alpha + 1e-12 and gain >= policy.answer_margin
         relation = "<=" if p <= alpha + 1e-12 else ">"
         test = f"signed-rank p={p:.3g} {relation} {alpha:.3g}, gain {gain:+.2f} (needs >= {policy.answer_margin:g})"
     code = ANSWER_RULE if ok else NO_IMPROVEMENT
