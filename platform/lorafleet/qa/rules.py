@@ -172,7 +172,8 @@ def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
         f"({scores.wins} better, {scores.losses} worse)"
     )
     untied = scores.wins + scores.losses
-    if 0 < untied < needed:  # the test cannot reach alpha on so few changed answers: the larger margin decides
+    # too few changed answers for the test ever to reach alpha (none changed: p = 1 says it): the margin decides
+    if 0 < untied < needed:
         margin = max(policy.answer_margin, policy.few_answers_margin)
         ok = scores.losses == 0 and scores.wins >= 1 and gain >= margin
         test = (
