@@ -38,6 +38,18 @@ from lorafleet.training.general_prompts import ANCHOR_PROMPTS, EVAL_PROMPTS  # n
 from lorafleet.training.personal_facts import make_users, split_questions, user_examples  # noqa: E402
 
 MARGINS = (-0.01, 0.0, 0.005, 0.01, 0.02, 0.03)
+#: the adapter's side: one key, the mean of its training prompts (what continual training stores), or up to k
+#: keys (``routing.embeddings.key_vectors``: k-means of the training prompts' embeddings); a prompt's score is its
+#: highest cosine to any of them
+ADAPTER_SIDES = ("mean", "k2", "k4", "k8")
+
+
+def adapter_keys(embedded: torch.Tensor, side: str) -> torch.Tensor:
+    """Unit key vectors ``[k, hidden]`` of an adapter side from its training prompts' embeddings."""
+    from lorafleet.routing.embeddings import key_vectors
+
+    k = 1 if side == "mean" else int(side[1:])
+    return F.normalize(key_vectors(embedded, k), dim=-1)
 
 
 def main() -> None:
@@ -62,18 +74,24 @@ def main() -> None:
         general = embed_prompts(backbone, bank, list(EVAL_PROMPTS))  # [n_eval, hidden]
         rows: dict[tuple[str, float], list[str]] = {}
         for seed in args.seeds:
-            personal_margin: dict[str, list[float]] = {"centroid": [], "exemplars": []}
-            general_margin: dict[str, list[float]] = {"centroid": [], "exemplars": []}
+            personal_margin: dict[str, list[float]] = {}
+            general_margin: dict[str, list[float]] = {}
             for user in make_users(args.users, seed=seed):
                 train = [e.prompt for e in user_examples(user, rounds=[1], split="train", seed=seed)]
-                key = F.normalize(embed_prompts(backbone, bank, train).mean(dim=0), dim=0)  # [hidden]
+                embedded = embed_prompts(backbone, bank, train)  # [n_train, hidden]
                 unseen = [q for f in user.facts_of([1]) for q in split_questions(f.kind, seed=seed)[1]]
                 asked = embed_prompts(backbone, bank, unseen)  # [n_unseen, hidden]
-                for prompts, out in ((asked, personal_margin), (general, general_margin)):
-                    adapter = prompts @ key  # [n]
-                    out["centroid"] += (adapter - prompts @ centroid).tolist()
-                    out["exemplars"] += (adapter - (prompts @ anchors.T).max(dim=1).values).tolist()
-            for rule in ("centroid", "exemplars"):
+                for side in ADAPTER_SIDES:
+                    keys = adapter_keys(embedded, side)  # [k, hidden], unit rows
+                    for prompts, out in ((asked, personal_margin), (general, general_margin)):
+                        adapter = (prompts @ keys.T).max(dim=1).values  # [n]
+                        out.setdefault(f"{side} / centroid", []).extend(
+                            (adapter - prompts @ centroid).tolist()
+                        )
+                        out.setdefault(f"{side} / exemplars", []).extend(
+                            (adapter - (prompts @ anchors.T).max(dim=1).values).tolist()
+                        )
+            for rule in personal_margin:
                 for margin in MARGINS:  # the base wins when adapter score - base score < -margin
                     kept = sum(d >= -margin for d in personal_margin[rule]) / len(personal_margin[rule])
                     based = sum(d < -margin for d in general_margin[rule]) / len(general_margin[rule])
@@ -83,7 +101,7 @@ def main() -> None:
             f"threads {torch.get_num_threads()}; the gate uses exemplars, margin {GENERAL_MARGIN}\n"
         )
         print(
-            "| base side | margin | "
+            "| adapter side / base side | margin | "
             + " | ".join(f"seed {s}: personal kept / general to base, %" for s in args.seeds)
             + " |"
         )

@@ -104,7 +104,7 @@ class CentroidGate:
 
     With ``general`` (embeddings of the shipped general prompts on this backbone, ``[n, hidden]``;
     ``training.general_prompts.general_exemplars``) the base model is one more candidate, scored by a prompt's
-    highest similarity to any of those prompts minus ``GENERAL_MARGIN``. A prompt that scores higher there than
+    highest similarity to any of those prompts minus ``general_margin`` (``GENERAL_MARGIN``). A prompt that scores higher there than
     on every member's key is served by the base alone, so a question no adapter was trained for ("What is the
     capital of France?") gets the base's answer, not one bent towards a user's facts. Exemplars, not their
     mean: general prompts are too varied for one centroid (measured in ``tests/benchmarks/README.md``).
@@ -117,9 +117,10 @@ class CentroidGate:
         temperature: float = GateSpec.temperature,
         general: Sequence[Sequence[float]] | torch.Tensor | None = None,
         common: Sequence[float] | torch.Tensor | None = None,
+        general_margin: float = GENERAL_MARGIN,
     ) -> None:
         GateSpec(top_k=top_k, temperature=temperature)  # the same checks as a stored spec
-        self.top_k, self.temperature = top_k, temperature
+        self.top_k, self.temperature, self.general_margin = top_k, temperature, general_margin
         self.common = (
             None
             if common is None
@@ -130,7 +131,7 @@ class CentroidGate:
             if general is None or len(general) == 0
             else F.normalize(torch.as_tensor(general, dtype=torch.float32).reshape(len(general), -1), dim=-1)
         )  # [n, hidden]
-        self._keys: OrderedDict[tuple[str, int], tuple[list[int], torch.Tensor]] = OrderedDict()
+        self._keys: OrderedDict[tuple[str, int], tuple[list[int], torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def needs_embeddings(self, user_bank: UserBank) -> bool:
         """With two or more keyed members there is a choice to make; with one, only against the base."""
@@ -141,41 +142,66 @@ class CentroidGate:
         batch = _check_embeddings(embeddings)
         if not user_bank.members:
             return [GateDecision() for _ in range(batch)]
-        keyed, keys = self._usable_keys(user_bank, hidden=int(embeddings.shape[1]))
+        keyed, keys, padding = self._usable_keys(user_bank, hidden=int(embeddings.shape[1]))
         if not keyed:
             return [_keyless_decision(user_bank, top_k=self.top_k)] * batch
         queries = F.normalize(embeddings.detach().float().cpu(), dim=-1)  # [batch, hidden]
-        scores = queries @ keys.T  # [batch, n_keyed]: cosine similarities
-        common = self.common if self.common is not None and self.common.shape[0] == keys.shape[1] else None
-        routed = scores if common is None else _without(queries, common) @ _without(keys, common).T
+        scores = _member_scores(queries, keys, padding)  # [batch, n_keyed]: cosine to the nearest key vector
+        common = self.common if self.common is not None and self.common.shape[0] == keys.shape[2] else None
+        routed = (
+            scores
+            if common is None
+            else _member_scores(_without(queries, common), _without(keys, common), padding)
+        )
         decisions = top_k_decisions(routed, members=keyed, top_k=self.top_k, temperature=self.temperature)
         if self.general is None or self.general.shape[1] != queries.shape[1]:
             return decisions
         # the base's side keeps the plain cosine, on which GENERAL_MARGIN was measured
-        general = (queries @ self.general.T).max(dim=1).values - GENERAL_MARGIN  # [batch]
+        general = (queries @ self.general.T).max(dim=1).values - self.general_margin  # [batch]
         to_base = general > scores.max(dim=1).values  # [batch]
         return [GateDecision() if base else d for d, base in zip(decisions, to_base.tolist(), strict=True)]
 
-    def _usable_keys(self, user_bank: UserBank, *, hidden: int) -> tuple[list[int], torch.Tensor]:
-        """Members with a key of the embeddings' size and their unit keys ``[n_keyed, hidden]`` (cached)."""
+    def _usable_keys(
+        self, user_bank: UserBank, *, hidden: int
+    ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Members with a key of the embeddings' size, their unit key vectors ``[n_keyed, k, hidden]`` (a key holds
+        one or more vectors, ``routing.embeddings.routing_key``; shorter ones are padded) and the padding mask
+        ``[n_keyed, k]`` (True = padding). Cached per bank revision."""
         cache_key = (user_bank.revision, hidden)
         if cache_key in self._keys:
             self._keys.move_to_end(cache_key)
             return self._keys[cache_key]
-        keyed = [i for i, m in enumerate(user_bank.members) if m.routing_key and len(m.routing_key) == hidden]
-        wrong = [m.adapter_name for m in user_bank.members if m.routing_key and len(m.routing_key) != hidden]
+        keyed = [
+            i for i, m in enumerate(user_bank.members) if m.routing_key and len(m.routing_key) % hidden == 0
+        ]
+        wrong = [m.adapter_name for m in user_bank.members if m.routing_key and len(m.routing_key) % hidden]
         if wrong:
             logger.warning("routing keys of %s do not match hidden size %d: not scored", wrong, hidden)
-        rows = [user_bank.members[i].routing_key or () for i in keyed]
-        keys = F.normalize(torch.tensor(rows, dtype=torch.float32).reshape(len(keyed), hidden), dim=-1)
-        self._keys[cache_key] = (keyed, keys)
+        vectors = [
+            torch.tensor(user_bank.members[i].routing_key or (), dtype=torch.float32).reshape(-1, hidden)
+            for i in keyed
+        ]
+        width = max((len(v) for v in vectors), default=1)
+        keys = torch.zeros(len(keyed), width, hidden)  # [n_keyed, k, hidden]
+        padding = torch.ones(len(keyed), width, dtype=torch.bool)  # [n_keyed, k]
+        for row, v in enumerate(vectors):
+            keys[row, : len(v)] = F.normalize(v, dim=-1)
+            padding[row, : len(v)] = False
+        self._keys[cache_key] = (keyed, keys, padding)
         if len(self._keys) > _KEY_CACHE_SIZE:
             self._keys.popitem(last=False)
-        return keyed, keys
+        return keyed, keys, padding
+
+
+def _member_scores(queries: torch.Tensor, keys: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """Each query's cosine to each member's nearest key vector ``[batch, n_keyed]`` (``queries`` ``[batch, hidden]``
+    and ``keys`` ``[n_keyed, k, hidden]`` unit rows; ``padding`` ``[n_keyed, k]`` marks unused key slots)."""
+    cosines = torch.einsum("bh,nkh->bnk", queries, keys)  # [batch, n_keyed, k]
+    return cosines.masked_fill(padding, float("-inf")).max(dim=2).values
 
 
 def _without(vectors: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """``vectors`` ``[n, hidden]`` minus their component along the unit ``direction``, re-normalised."""
+    """``vectors`` ``[..., hidden]`` minus their component along the unit ``direction``, re-normalised."""
     return F.normalize(vectors - (vectors @ direction).unsqueeze(-1) * direction, dim=-1)
 
 

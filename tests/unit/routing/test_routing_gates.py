@@ -256,3 +256,55 @@ def test_common_direction_is_the_unit_mean() -> None:
     assert direction.tolist() == pytest.approx([math.sqrt(0.5), math.sqrt(0.5)])
     with pytest.raises(ValidationError):
         common_direction(torch.zeros(0, 4))
+
+
+def test_a_key_of_several_vectors_scores_a_prompt_by_its_nearest_vector() -> None:
+    # member 0 covers two topics (x and y): its mean (x + y) / sqrt(2) scores a pure-y prompt 0.71, below member
+    # 1's key (0.8 y + 0.6 z: 0.8); with both of member 0's vectors kept, the prompt's cosine to it is 1
+    two_topics = (*KEYS[0], *KEYS[1])  # two vectors, flattened
+    other = (0.0, 0.8, 0.6)
+    query = torch.tensor([[0.0, 1.0, 0.0]])
+    bank = user_bank([member(0, key=two_topics), member(1, key=other)])
+    (decision,) = CentroidGate(top_k=2, temperature=0.1).decide(bank, query)
+    assert [i for i, _ in decision.routes] == [0, 1]
+    assert [w for _, w in decision.routes] == pytest.approx(_softmax([1.0, 0.8], 0.1), rel=1e-6)
+    mean = tuple(v / math.sqrt(2) for v in (1.0, 1.0, 0.0))
+    (old,) = CentroidGate(top_k=1).decide(user_bank([member(0, key=mean), member(1, key=other)]), query)
+    assert old.routes == ((1, 1.0),)  # one mean vector: the other member wins
+    # keys of different lengths in one bank; a length that is no multiple of hidden is not scored
+    mixed = user_bank([member(0, key=two_topics), member(1, key=KEYS[2]), member(2, key=(1.0,) * 4)])
+    (decision,) = CentroidGate(top_k=3).decide(mixed, torch.tensor([[0.0, 0.0, 1.0]]))
+    assert [i for i, _ in decision.routes] == [1, 0]
+
+
+def test_several_vectors_also_beat_the_base_side_for_their_own_topics() -> None:
+    general = torch.tensor([[0.3, 0.9, 0.3]])  # a general prompt near member 0's second topic
+    query = torch.tensor([[0.0, 1.0, 0.05]])  # a question on member 0's second topic
+    mean = tuple(v / math.sqrt(2) for v in (1.0, 1.0, 0.0))
+    alone = CentroidGate(general=general).decide(user_bank([member(0, key=mean)]), query)[0]
+    assert alone.is_base_only  # the mean of two topics is farther than the general prompt
+    kept = CentroidGate(general=general).decide(user_bank([member(0, key=(*KEYS[0], *KEYS[1]))]), query)[0]
+    assert kept.routes == ((0, 1.0),)
+
+
+def test_key_vectors_summarise_clusters_deterministically() -> None:
+    from lorafleet.routing.embeddings import key_vectors
+
+    torch.manual_seed(0)
+    centres = torch.eye(4)[:3]  # three topics in 4-d
+    points = torch.cat([c + 0.05 * torch.randn(10, 4) for c in centres])  # [30, 4]
+    one = key_vectors(points, 1)
+    assert one.shape == (1, 4)
+    unit = torch.nn.functional.normalize(points, dim=-1)
+    assert one[0] == pytest.approx(torch.nn.functional.normalize(unit.mean(0), dim=0), abs=1e-6)
+    three = key_vectors(points, 3)
+    assert three.shape == (3, 4) and torch.allclose(three.norm(dim=1), torch.ones(3))
+    assert sorted(int(v.argmax()) for v in three) == [0, 1, 2]  # one vector per topic
+    assert torch.equal(three, key_vectors(points, 3))  # no seed, same answer
+    assert key_vectors(points[:2], 8).shape[0] == 2  # never more vectors than points
+    assert key_vectors(torch.cat([points[:1]] * 5), 8).shape[0] == 1  # duplicates are one point
+    for bad in (torch.zeros(0, 4), torch.zeros(4)):
+        with pytest.raises(ValidationError):
+            key_vectors(bad, 2)
+    with pytest.raises(ValidationError):
+        key_vectors(points, 0)
