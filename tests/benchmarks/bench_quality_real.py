@@ -66,7 +66,8 @@ from quality_real_eval import (  # noqa: E402
 from lorafleet.adapters import AdapterBank, inject_bank  # noqa: E402
 from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
-from lorafleet.training.config import TrainingConfig  # noqa: E402
+from lorafleet.routing.gates import GENERAL_MARGIN  # noqa: E402
+from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS, TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import Example, pad_token_id, reservoir_sample  # noqa: E402
 from lorafleet.training.general_prompts import (  # noqa: E402
     ANCHOR_FIRST_ID,
@@ -121,6 +122,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3, choices=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=_D.max_steps, help="optimizer steps per round")
+    parser.add_argument(
+        "--min-epochs",
+        type=float,
+        default=SERVICE_TRAINING_DEFAULTS["min_epochs"],
+        help="passes over a round's rows at least (more steps than --steps when a round brings more); the services'",
+    )
     parser.add_argument("--lr", type=float, default=_D.learning_rate)
     parser.add_argument("--rank", type=int, default=_D.rank)
     parser.add_argument("--alpha", type=float, default=_D.alpha)
@@ -150,6 +157,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-plain-arm", action="store_true", help="skip round 1's copy without anchors")
     parser.add_argument("--eval-tokens", type=int, default=32, help="max new tokens of evaluated answers")
     parser.add_argument("--general-prompts", type=int, default=len(EVAL_PROMPTS), help="EVAL prompts used")
+    parser.add_argument(
+        "--general-margins",
+        type=float,
+        nargs="+",
+        default=[GENERAL_MARGIN],
+        help="the gate's general margins to measure (the first fills the table; the others are logged and in --json)",
+    )
     parser.add_argument(
         "--keep-nf4", dest="dequantize_once", action="store_false", help="dequantise per forward"
     )
@@ -207,6 +221,7 @@ def setup(args: argparse.Namespace) -> Context:
         layers=f"top {args.layers}",
         learning_rate=args.lr,
         max_steps=args.steps,
+        min_epochs=args.min_epochs,
         batch_size=args.batch,
         max_seq_len=160,
         anchor_ratio=args.anchor_ratio,
@@ -288,9 +303,10 @@ def evaluate(
         spans[name] = (start, len(rows))
     if gated is not None:  # arm ``gated`` as serving routes it: the gate may pick the base (arm "gated")
         keys = {u.key: user_key(ctx, u, rounds, seed) for u in users}
-        start = len(rows)
-        rows += gated_rows(ctx.backbone, ctx.bank, rows[slice(*spans[gated])], keys)
-        spans["gated"] = (start, len(rows))
+        for i, margin in enumerate(ctx.args.general_margins):  # "gated" at the first margin, "gated@m" after
+            start = len(rows)
+            rows += gated_rows(ctx.backbone, ctx.bank, rows[slice(*spans[gated])], keys, margin=margin)
+            spans["gated" if i == 0 else f"gated@{margin:g}"] = (start, len(rows))
     answers = answer_rows(ctx.backbone, ctx.bank, rows, ctx.args.eval_tokens)
     return {name: judge(rows[a:b], answers[a:b], users, ctx.base_general) for name, (a, b) in spans.items()}
 
@@ -346,7 +362,9 @@ def round_one(ctx: Context, users: list[PersonalUser], seed: int, out: SeedResul
     )
     for name, slots in arms.items():
         record_arm(out, f"r1_{name}", judged[name], [kl[s] for s in slots.values()], rounds=[1])
-    record_arm(out, "r1_gated", judged["gated"], [], rounds=[1])
+    for name in judged:
+        if name.startswith("gated"):
+            record_arm(out, f"r1_{name}", judged[name], [], rounds=[1])
     out.figures["eval_s_r1"] = time.perf_counter() - started
     out.samples += samples(judged["anchors"], users[0].key, ctx.base_general, judged.get("plain"))
     return arms["anchors"]
@@ -396,7 +414,9 @@ def later_round(
             [kl[s] for s in slots.values()] if last else [],
             rounds=list(range(1, r + 1)),
         )
-    record_arm(out, f"r{r}_gated", judged["gated"], [], rounds=list(range(1, r + 1)))
+    for name in judged:
+        if name.startswith("gated"):
+            record_arm(out, f"r{r}_{name}", judged[name], [], rounds=list(range(1, r + 1)))
     out.figures[f"eval_s_r{r}"] = time.perf_counter() - started
 
 
@@ -535,7 +555,8 @@ def report(ctx: Context, results: list[SeedResult]) -> str:
     lines = [
         f"backbone {args.backbone} ({args.quantization}{', dequantised once' if args.dequantize_once else ''}), "
         f"users {args.users}, seeds {args.seeds}, rank {args.rank}, alpha {args.alpha}, dropout {args.dropout}, "
-        f"top {args.layers} layers, lr {args.lr:g}, {args.steps} steps, batch {args.batch}/user, "
+        f"top {args.layers} layers, lr {args.lr:g}, {args.steps} steps (min_epochs {args.min_epochs:g}), "
+        f"batch {args.batch}/user, "
         f"anchor_ratio {args.anchor_ratio}, replay_ratio {args.replay_ratio}, general eval prompts "
         f"{len(ctx.base_general)}, threads {torch.get_num_threads()}",
         "",

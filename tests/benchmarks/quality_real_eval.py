@@ -159,18 +159,23 @@ def general_rows(users: Sequence[PersonalUser], slots: dict[str, int], prompts: 
 
 
 def answer_rows(backbone: Backbone, bank: AdapterBank, rows: Sequence[Row], max_new_tokens: int) -> list[str]:
-    """Greedy answers of every row in shared batches (each row through its own slot), untrimmed."""
-    routes = [[] if r.slot is None else [(r.slot, 1.0)] for r in rows]
-    return generate_answers(
+    """Greedy answers of every row in shared batches (each row through its own slot), untrimmed.
+
+    Each distinct (prompt, slot) is decoded once: greedy answers depend on nothing else, so arms that share rows
+    (the gated arms at several margins and the adapter arm they route) cost only their differences."""
+    distinct = list(dict.fromkeys((r.prompt, r.slot) for r in rows))
+    answers = generate_answers(
         backbone.model,
         backbone.tokenizer,
-        [r.prompt for r in rows],
+        [prompt for prompt, _ in distinct],
         max_new_tokens,
         batch_size=256,
         bank=bank,
-        routes=routes,
+        routes=[[] if slot is None else [(slot, 1.0)] for _, slot in distinct],
         trim=False,
     )
+    found = dict(zip(distinct, answers, strict=True))
+    return [found[(r.prompt, r.slot)] for r in rows]
 
 
 def judge(
@@ -250,18 +255,26 @@ def kl_to_base(
 
 
 def gated_rows(
-    backbone: Backbone, bank: AdapterBank, rows: Sequence[Row], keys: Mapping[str, Sequence[float]]
+    backbone: Backbone,
+    bank: AdapterBank,
+    rows: Sequence[Row],
+    keys: Mapping[str, Sequence[float]],
+    *,
+    margin: float | None = None,
 ) -> list[Row]:
     """``rows`` as serving routes them: each user's bank holds its one adapter (routing key ``keys[user]``), and
     the centroid gate with the backbone's general key sends a prompt nearer the general prompts to the base
-    (``slot`` None). The gate is the production one (``routing.gates.CentroidGate``)."""
+    (``slot`` None). The gate is the production one (``routing.gates.CentroidGate``), at its default margin
+    unless ``margin`` is given."""
     from lorafleet.routing.bank import BankMember, UserBank
     from lorafleet.routing.embeddings import embed_prompts
-    from lorafleet.routing.gates import CentroidGate
+    from lorafleet.routing.gates import GENERAL_MARGIN, CentroidGate
     from lorafleet.routing.spec import GateSpec
     from lorafleet.training.general_prompts import general_exemplars
 
-    gate = CentroidGate(general=general_exemplars(backbone, bank))
+    gate = CentroidGate(
+        general=general_exemplars(backbone, bank), general_margin=GENERAL_MARGIN if margin is None else margin
+    )
     embeddings = embed_prompts(backbone, bank, [r.prompt for r in rows])  # [rows, hidden]
     out = []
     for i, row in enumerate(rows):
