@@ -1,10 +1,15 @@
 """Running a mutating route under an ``Idempotency-Key`` (the store is ``lorafleet.store.sql.idempotency``).
 
-Without a key the operation simply runs. With one: the first request reserves the key, runs, and stores its
-response; a retry with the same key and the same method, path and body gets that response again (with
+Without a key the operation simply runs. With one, the operation runs inside one database transaction that
+also stores its response under the key (``IdempotencyRepository.run_once``): the write and its response commit
+together or not at all, so a crash at any point leaves a retry either a response to replay or nothing done. A
+retry with the same key and the same method, path and body gets that response again (with
 ``Idempotent-Replayed: true``) and nothing runs twice; the same key with another request is 422
 (``idempotency_key_reused``); a retry while the first is still running is 409 (``idempotency_key_in_flight``,
-which the SDK retries). A request that fails releases the key, so its retry runs again.
+which the SDK retries). A request that fails rolls back with its key, so its retry runs again.
+
+The operation's store calls must go through ``services.db`` (every repository and workflow of ``ApiServices``
+does): that is how they join the transaction.
 """
 
 from __future__ import annotations
@@ -43,17 +48,15 @@ def run_idempotent(
         path=request.url.path,
         body=None if body is None else body.model_dump(mode="json"),
     )
-    store = services.idempotency
-    stored = store.reserve(tenant_id=tenant.id, key=key, request_hash=fingerprint)
-    if stored is not None:
-        return JSONResponse(stored.body, status_code=stored.status, headers={REPLAYED_HEADER: "true"})
-    try:
-        content = operation().model_dump(mode="json")
-    except BaseException:
-        store.release(tenant_id=tenant.id, key=key)
-        raise
-    store.complete(tenant_id=tenant.id, key=key, status=status_code, body=content)
-    return JSONResponse(content, status_code=status_code)
+    outcome = services.idempotency.run_once(
+        tenant_id=tenant.id,
+        key=key,
+        request_hash=fingerprint,
+        status=status_code,
+        operation=lambda: operation().model_dump(mode="json"),
+    )
+    headers = {REPLAYED_HEADER: "true"} if outcome.replayed else None
+    return JSONResponse(outcome.response.body, status_code=outcome.response.status, headers=headers)
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,23 @@ waits, and the pool logs why every ``wait_log_seconds``.
 
 ``init_ray`` starts a local Ray bound to loopback (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` before ray is
 imported, no dashboard, the trainer resource declared so the embedded default places actors), or connects to
-``LORAFLEET_RAY_ADDRESS``; nothing else changes between the two. ``TrainerHost`` is the plain object an actor
-wraps, usable in-process too; ``lorafleet.runtime.trainer_pool.TrainerPool`` runs many of them on Ray.
+``LORAFLEET_RAY_ADDRESS``; nothing else changes between the two. First it cleans up after a predecessor that
+crashed (``clean_up_after_crash``): a local Ray it starts is marked as this data dir's (``SESSION_MARKER`` in
+Ray's session folder), and processes of such a session whose lorafleet process and raylet are both gone (Ray's
+DashboardAgent and RuntimeEnvAgent outlive a ``kill -9`` by minutes) are ended; scratch folders of dead owners
+are removed (``lorafleet.workflows.workdirs``), also by each trainer actor as it starts.
+
+``TrainerHost`` is the plain object an actor wraps, usable in-process too;
+``lorafleet.runtime.trainer_pool.TrainerPool`` runs many of them on Ray.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -43,10 +51,12 @@ from lorafleet.jobs.placement import TrainerPlacement, placement_capacity
 from lorafleet.jobs.scheduler import TRAIN_JOB_KIND
 from lorafleet.jobs.worker import JobWorker
 from lorafleet.qa.policy import QAPolicy
+from lorafleet.runtime.process import end_processes
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.overrides import check_bank_fits
 from lorafleet.workflows.import_jobs import IMPORT_JOB_KIND, ImportRunner, import_weight_bounds
 from lorafleet.workflows.qa_triggers import QA_JOB_KIND
+from lorafleet.workflows.workdirs import remove_stale_tempdirs
 
 if TYPE_CHECKING:
     from lorafleet.domain import Job
@@ -60,6 +70,11 @@ RAY_LOG_LEVEL = logging.ERROR
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 DEFAULT_LOCAL_CPUS = 4
 _SECRET_SETTINGS = frozenset({"admin_key"})
+#: written by ``init_ray`` into the session folder of a local Ray it started: which process and data dir own it
+SESSION_MARKER = "lorafleet-session.json"
+#: a Ray session folder in a process's command line or open files (``<temp dir>/session_<date>_<time>_<pid>``;
+#: never the ``session_latest`` link, which may name another session by now)
+_SESSION_DIR = re.compile(r"(/\S*?/session_(?!latest/)[^/\s]+)/")
 
 
 # --- Ray itself --------------------------------------------------------------------------------------------
@@ -72,8 +87,11 @@ def init_ray(settings: Settings) -> str:
 
     if ray.is_initialized():
         return str(ray.get_runtime_context().gcs_address)
+    clean_up_after_crash(settings)
     with _keep_sigterm_handler():
         _start_or_connect(ray, settings)
+    if not settings.ray_address:
+        _mark_session(ray, settings)
     return str(ray.get_runtime_context().gcs_address)
 
 
@@ -132,6 +150,130 @@ def _require_loopback() -> None:
         )
 
 
+# --- after a crash ------------------------------------------------------------------------------------------
+def clean_up_after_crash(settings: Settings, *, scratch_dir: Path | None = None) -> None:
+    """What a predecessor on this machine left when it was killed: processes of its local Ray session
+    (``end_orphaned_ray_processes``) and its scratch folders under ``scratch_dir`` (default: the temp dir;
+    ``remove_stale_tempdirs``). Logged at INFO when there was something; never raises (a failed clean-up must not
+    stop a start)."""
+    try:
+        end_orphaned_ray_processes(settings.data_dir)
+    except Exception:
+        logger.warning("could not look for processes of a crashed local Ray", exc_info=True)
+    try:
+        remove_stale_tempdirs(scratch_dir)
+    except Exception:
+        logger.warning("could not look for scratch folders of crashed processes", exc_info=True)
+
+
+def _mark_session(ray: Any, settings: Settings) -> None:
+    """Record in the local Ray's session folder that this process (pid and start time) and data dir own it."""
+    import psutil
+
+    node = getattr(getattr(ray, "_private", None), "worker", None)
+    node = getattr(node, "_global_node", None)
+    session_dir = node.get_session_dir_path() if node is not None else None
+    if not session_dir:
+        return
+    owner = {
+        "pid": os.getpid(),
+        "started": psutil.Process().create_time(),
+        "data_dir": str(Path(settings.data_dir).resolve()),
+    }
+    try:
+        (Path(session_dir) / SESSION_MARKER).write_text(json.dumps(owner), encoding="utf-8")
+    except OSError as exc:
+        logger.warning("could not mark the local Ray session %s: %s", session_dir, exc)
+
+
+def end_orphaned_ray_processes(data_dir: Path) -> list[int]:
+    """End the processes of this user's local Ray sessions that ``init_ray`` started for ``data_dir`` and that
+    are dead: the lorafleet process that started the session is gone, and so is the session's raylet (its
+    agents' parent). Returns the pids ended. A session of another data dir or user, one not started by lorafleet,
+    and any session whose starter or raylet still runs are never touched."""
+    import ray
+
+    ray_dir = str(Path(ray.__file__).parent)  # ray's bundled psutil is importable from here on
+    import psutil
+
+    data_dir = Path(data_dir).resolve()
+    by_session: dict[str, list[Any]] = {}
+    raylets: set[str] = set()
+    for proc in psutil.process_iter(["pid", "uids", "cmdline"]):
+        try:
+            uids, cmdline = proc.info["uids"], proc.info["cmdline"] or []
+            if uids is None or uids.real != os.getuid() or proc.pid == os.getpid():
+                continue
+            if not cmdline or not (cmdline[0].startswith("ray::") or ray_dir in " ".join(cmdline)):
+                continue
+            session = _session_of(proc, cmdline)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if session is None:
+            continue
+        by_session.setdefault(session, []).append(proc)
+        if os.path.basename(cmdline[0]) == "raylet":
+            raylets.add(session)
+    ended: list[int] = []
+    for session, procs in sorted(by_session.items()):
+        if session in raylets or not _dead_session_of(Path(session), data_dir):
+            continue
+        names = sorted({_name(p) for p in procs})
+        gone = end_processes(procs, grace_seconds=1.0)  # their session is dead: nothing of theirs to flush
+        ended += gone
+        if gone:
+            logger.info(
+                "ended %d process(es) left by a crashed local Ray session %s: %s",
+                len(gone),
+                session,
+                ", ".join(names),
+            )
+    return ended
+
+
+def _session_of(proc: Any, cmdline: list[str]) -> str | None:
+    """The Ray session folder a process belongs to: named in its arguments (``--session-dir``, log and socket
+    paths) or, for the agents (whose command line Ray replaces with ``ray::<name>``), by the logs it holds open."""
+    for arg in cmdline:
+        found = _SESSION_DIR.search(arg.split("=", 1)[-1] + "/")
+        if found:
+            return found.group(1)
+    for opened in proc.open_files():
+        found = _SESSION_DIR.search(opened.path)
+        if found:
+            return found.group(1)
+    return None
+
+
+def _dead_session_of(session: Path, data_dir: Path) -> bool:
+    """The session was started by ``init_ray`` for ``data_dir`` and the process that started it is gone."""
+    import psutil
+
+    try:
+        owner = json.loads((session / SESSION_MARKER).read_text(encoding="utf-8"))
+        pid, started, owner_dir = int(owner["pid"]), float(owner["started"]), Path(owner["data_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # not ours (or unreadable): leave it
+    if owner_dir != data_dir:
+        return False
+    try:
+        return abs(psutil.Process(pid).create_time() - started) > 1.0  # its pid is someone else's now
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _name(proc: Any) -> str:
+    try:
+        cmdline = proc.cmdline()
+    except Exception:
+        return str(proc.pid)
+    first = cmdline[0].strip() if cmdline else ""
+    if first.startswith("ray::"):
+        return f"{first} ({proc.pid})"
+    script = next((a for a in cmdline[1:] if a.endswith(".py")), first)
+    return f"{os.path.basename(script)} ({proc.pid})"
+
+
 def actor_settings(settings: Settings) -> dict[str, Any]:
     """The settings an actor is built from, with every path and URL absolute (an actor's working
     directory is not the driver's) and without secrets it does not need."""
@@ -165,6 +307,7 @@ class TrainerHost:
     ) -> None:
         from lorafleet.platform import Platform
 
+        remove_stale_tempdirs()  # a predecessor on this node killed mid-job left its folder
         self.settings = load_settings(**settings)
         self.node_id = _ray_node_id()
         self.worker_id = worker_id or _new_worker_id(self.node_id)
@@ -325,9 +468,12 @@ _ACTOR_CLASS: Any = None
 
 
 __all__ = [
+    "SESSION_MARKER",
     "TrainerHost",
     "TrainerPlacement",
     "actor_settings",
+    "clean_up_after_crash",
+    "end_orphaned_ray_processes",
     "init_ray",
     "placement_capacity",
     "trainer_actor_class",

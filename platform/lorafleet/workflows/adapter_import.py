@@ -43,6 +43,7 @@ from lorafleet.registry.peft_format import (
 from lorafleet.registry.weight_sanity import WeightBounds, check_weight_bounds
 from lorafleet.store.blob.base import sha256_file
 from lorafleet.workflows.tasks import validate_task_name
+from lorafleet.workflows.workdirs import owned_tempdir
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -113,7 +114,7 @@ def import_peft_adapter(
 ) -> ImportedAdapter:
     """Register a PEFT folder or archive (.tar, .tar.gz/.tgz, .zip) as a ``candidate`` version of a task adapter:
     ``prepare_import`` then ``register_import`` (see both), with a temporary work folder."""
-    with tempfile.TemporaryDirectory(prefix="lorafleet-import-") as tmp:
+    with owned_tempdir("lorafleet-import-") as tmp:
         prepared = prepare_import(
             registry,
             tenant_id=tenant_id,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, UserDataset, build_dataset, pad_token_id, reservoir_sample
 from lorafleet.training.overrides import check_bank_fits
 from lorafleet.workflows.live_alias import queue_candidate_qa
+from lorafleet.workflows.workdirs import owned_tempdir
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -234,7 +234,8 @@ class ContinualTrainer:
         if not plans:
             logger.info("job %d: nothing to train (%s)", job.id, skipped)
             return TrainResult(skipped=skipped).to_json()
-        with tempfile.TemporaryDirectory(prefix=f"lorafleet-job-{job.id}-", dir=self.work_dir) as tmp:
+        # a folder this process holds (lorafleet.workflows.workdirs): swept at the next start if it dies mid-job
+        with owned_tempdir(f"lorafleet-job-{job.id}-", dir=self.work_dir) as tmp:
             lease.report_phase(job_progress.PHASE_TRAINING)
             progress = job_progress.trainer_callback(lease.report_step, also=self.progress)
             trained = self._train(plans, work=Path(tmp), should_stop=lease.check, progress=progress)

@@ -22,7 +22,6 @@ version's own blob is the normalised PEFT folder the registry packs).
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from lorafleet.qa.policy import QAPolicy
 from lorafleet.registry.weight_sanity import WeightBounds
 from lorafleet.workflows.live_alias import queue_candidate_qa
 from lorafleet.workflows.tasks import validate_task_name
+from lorafleet.workflows.workdirs import owned_tempdir
 
 if TYPE_CHECKING:
     from lorafleet.adapters import AdapterBank
@@ -153,7 +153,7 @@ class ImportRunner:
         if job.tenant_id is None:
             raise ValidationError(f"import job {job.id} has no tenant")
         p = ImportPayload.parse(job.payload)
-        with tempfile.TemporaryDirectory(prefix=f"lorafleet-import-{job.id}-", dir=self.work_dir) as tmp:
+        with owned_tempdir(f"lorafleet-import-{job.id}-", dir=self.work_dir) as tmp:
             archive = Path(tmp) / "upload"  # the unpacker reads the kind from the bytes
             self.registry.blobs.download(p.archive_sha256, archive, expected_size=p.archive_size)
             prepared = prepare_import(

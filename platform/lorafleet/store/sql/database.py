@@ -2,12 +2,18 @@
 
 Each repository method runs inside ``Database.session()``, which commits on success and rolls back on any
 exception, translating driver errors into ``lorafleet.errors`` at this boundary.
+
+``Database.transaction()`` makes several store operations one transaction: every ``session()`` opened inside it
+(on the same thread or task, on the same ``Database``) joins it as a savepoint instead of committing on its own,
+so an operation that fails inside still rolls back alone (as it would have), and nothing is committed until the
+outer block ends. The API's idempotency keys use it to store a response in the transaction of its write.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +58,28 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, **kwargs)
 
 
+#: the transaction ``Database.transaction()`` holds open on this thread or task, and its database
+_AMBIENT: ContextVar[tuple[Database, Session] | None] = ContextVar("lorafleet_ambient_session", default=None)
+
+
+@contextmanager
+def _translated_errors() -> Iterator[None]:
+    """Driver errors as ``lorafleet.errors`` (the caller has rolled back what they belong to)."""
+    try:
+        yield
+    except LorafleetError:
+        raise
+    except IntegrityError as exc:
+        raise AlreadyExistsError(f"conflicts with an existing row: {exc.orig}") from exc
+    except DataError as exc:
+        # a value the column cannot hold (a number out of range, NUL in text): the input's fault. The API
+        # checks its inputs before any query; this keeps anything it missed a 4xx, never a 500.
+        reason = str(exc.orig).splitlines()[0] if exc.orig is not None else "invalid value"
+        raise ValidationError(f"a value the database cannot store ({reason})") from exc
+    except (OperationalError, DBAPIError) as exc:
+        raise StoreError(f"database error: {exc.orig}") from exc
+
+
 class Database:
     """An engine plus a session factory; ``session()`` is the unit of work of every store method."""
 
@@ -66,31 +94,39 @@ class Database:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A session that commits on success and rolls back on error; driver errors become ``StoreError``."""
+        """A session that commits on success and rolls back on error; driver errors become ``StoreError``.
+        Inside ``transaction()``: that transaction's session, in a savepoint released on success and rolled
+        back on error (the outer transaction goes on and commits or rolls back as a whole)."""
+        ambient = _AMBIENT.get()
+        if ambient is not None and ambient[0] is self:
+            with _translated_errors(), ambient[1].begin_nested():
+                yield ambient[1]
+            return
         session = self._sessions()
         try:
-            yield session
-            session.commit()
-        except LorafleetError:
-            session.rollback()
-            raise
-        except IntegrityError as exc:
-            session.rollback()
-            raise AlreadyExistsError(f"conflicts with an existing row: {exc.orig}") from exc
-        except DataError as exc:
-            # a value the column cannot hold (a number out of range, NUL in text): the input's fault. The API
-            # checks its inputs before any query; this keeps anything it missed a 4xx, never a 500.
-            session.rollback()
-            reason = str(exc.orig).splitlines()[0] if exc.orig is not None else "invalid value"
-            raise ValidationError(f"a value the database cannot store ({reason})") from exc
-        except (OperationalError, DBAPIError) as exc:
-            session.rollback()
-            raise StoreError(f"database error: {exc.orig}") from exc
-        except BaseException:
-            session.rollback()
-            raise
+            with _translated_errors():
+                try:
+                    yield session
+                    session.commit()
+                except BaseException:
+                    session.rollback()
+                    raise
         finally:
             session.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One transaction for everything the block does through this database: committed when the block ends,
+        rolled back (all of it) when it raises. ``session()`` calls inside join it (see the module)."""
+        ambient = _AMBIENT.get()
+        if ambient is not None and ambient[0] is self:
+            raise RuntimeError("Database.transaction() is already open on this thread")
+        with self.session() as session:
+            token = _AMBIENT.set((self, session))
+            try:
+                yield session
+            finally:
+                _AMBIENT.reset(token)
 
     def dispose(self) -> None:
         self.engine.dispose()
