@@ -7,7 +7,11 @@ self-contained and never import ORM classes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from alembic import context
+from sqlalchemy.engine import Connection
 
 from lorafleet.store.sql.database import create_db_engine
 from lorafleet.store.sql.models import Base
@@ -32,7 +36,7 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    connection = config.attributes.get("connection")
+    connection: Connection | None = config.attributes.get("connection")
     if connection is not None:
         _run(connection)
         return
@@ -44,15 +48,38 @@ def run_migrations_online() -> None:
         engine.dispose()
 
 
-def _run(connection: object) -> None:
+def _run(connection: Connection) -> None:
     context.configure(
-        connection=connection,  # type: ignore[arg-type]
+        connection=connection,
         target_metadata=target_metadata,
         render_as_batch=True,  # SQLite cannot ALTER most things: batch mode recreates tables
         compare_type=True,
     )
-    with context.begin_transaction():
-        context.run_migrations()
+    with _sqlite_foreign_keys_off(connection):
+        with context.begin_transaction():
+            context.run_migrations()
+
+
+@contextmanager
+def _sqlite_foreign_keys_off(connection: Connection) -> Iterator[None]:
+    """On SQLite, foreign keys are not enforced while migrating, then checked once at the end.
+
+    Batch mode rebuilds a table by copy, drop and rename; with enforcement on, dropping a table that other tables
+    reference (``adapter_versions``) would cascade into them or fail. SQLite ignores the pragma inside a
+    transaction, so it goes to the driver before the migrations' first statement; a connection already in a
+    transaction (one handed in through ``config.attributes``) is left as it is."""
+    raw = connection.connection.driver_connection if connection.dialect.name == "sqlite" else None
+    if raw is None or raw.in_transaction:
+        yield
+        return
+    raw.execute("PRAGMA foreign_keys=OFF")
+    try:
+        yield
+        broken = raw.execute("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise RuntimeError(f"the migration left rows with broken foreign keys: {broken[:5]}")
+    finally:
+        raw.execute("PRAGMA foreign_keys=ON")
 
 
 if context.is_offline_mode():

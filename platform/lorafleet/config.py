@@ -67,6 +67,23 @@ class Settings(ClientSettings):
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     blob_gc_grace_seconds: int = Field(default=24 * 3600, ge=0)
+    # --- the scheduler's blob scrub (lorafleet.workflows.blob_verify.BlobScrubber; docs/operations.md) ----------
+    scrub_versions_per_tick: int = Field(
+        default=16,
+        ge=0,
+        description="Versions whose blobs the scheduler re-hashes per tick, at most; 0 turns the scrub off.",
+    )
+    scrub_bytes_per_tick: int = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        description="Blob bytes the scheduler re-hashes per tick, at most (one version at least, however large); "
+        "0 turns the scrub off.",
+    )
+    scrub_repair: bool = Field(
+        default=False,
+        description="The scrub quarantines what it finds corrupt or missing (as `lorafleet verify --repair`: "
+        "status corrupt, live rolled back); off: it only logs it.",
+    )
     migrations_dir: Path | None = Field(
         default=None,
         description="The Alembic environment (lorafleet db upgrade); empty = the checkout's migrations/. "

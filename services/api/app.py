@@ -29,7 +29,7 @@ DESCRIPTION = """Per-user LoRA adapters on a shared frozen backbone: feedback in
 versioned adapters with rollback, and generation through each user's adapter bank (also OpenAI-compatible).
 
 Authenticate with `Authorization: Bearer <key>`: a tenant's API key for everything under `/v1/users` and
-`/v1/jobs` and the OpenAI-compatible routes; the admin key for `/v1/tenants`. Errors are
+`/v1/jobs` and the OpenAI-compatible routes; the admin key for `/v1/tenants` and `/v1/admin`. Errors are
 `{"error": {"code", "message", "field"?}}`."""
 
 

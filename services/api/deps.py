@@ -2,8 +2,8 @@
 admin, a tenant's user and adapter by the names in the path, and the ``Idempotency-Key`` header.
 
 Authentication: ``Authorization: Bearer <key>``. A tenant key (``lf_...``, stored hashed) makes the caller that
-tenant; the admin key (``LORAFLEET_ADMIN_KEY``) is for tenant management only. Library errors are raised (never
-``HTTPException``); the one error handler turns them into 401, 403 and 404.
+tenant; the admin key (``LORAFLEET_ADMIN_KEY``) is for tenant management and the operator routes (``/v1/admin``)
+only. Library errors are raised (never ``HTTPException``); the one error handler turns them into 401, 403 and 404.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from lorafleet.errors import AuthError, NotFoundError, PermissionDeniedError
 from services.api.errors import ServerPaths, server_paths
 from services.api.runtime import ApiServices
 
-_bearer = HTTPBearer(auto_error=False, description="A tenant's API key, or the admin key for /v1/tenants.")
+_bearer = HTTPBearer(
+    auto_error=False, description="A tenant's API key, or the admin key for /v1/tenants and /v1/admin."
+)
 
 
 def get_services(request: Request) -> ApiServices:
@@ -55,7 +57,7 @@ def require_admin(services: Services, credentials: Credentials) -> None:
     if _is_admin(services, key):
         return
     services.tenants.authenticate(api_key=key)  # an invalid key raises AuthError (401)
-    raise PermissionDeniedError("tenant management needs the admin key")
+    raise PermissionDeniedError("tenant management and operator routes need the admin key")
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]

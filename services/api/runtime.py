@@ -4,10 +4,10 @@
 idempotency keys, the serving engine) built from ``Settings``. The serving engine is built lazily, on the first
 inference request (loading a backbone is slow), or in the background at start with ``preload_engine``;
 ``/readyz`` reports which. ``BackgroundRuntime`` optionally runs, in this process, the continual-learning
-scheduler loop and a pool of Ray trainer actors draining the job queue: ``lorafleet serve`` is the API, the
-scheduler and the workers together. Stopping the service stops the actors; a job one of them was running keeps
-its lease until it expires and is then taken over by the next worker (nothing is lost, see
-``lorafleet.jobs.queue``).
+scheduler loop (the blob scrub after each tick) and a pool of Ray trainer actors draining the job queue:
+``lorafleet serve`` is the API, the scheduler and the workers together. Stopping the service stops the actors;
+a job one of them was running keeps its lease until it expires and is then taken over by the next worker
+(nothing is lost, see ``lorafleet.jobs.queue``).
 
 With ``LORAFLEET_SERVING=ray-serve`` the engine runs in the replicas of a Ray Serve app instead
 (``lorafleet.runtime.ray_serve``, deployed by ``lorafleet serve-deploy``) and ``ServeEngineHolder`` forwards
@@ -37,6 +37,7 @@ from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.idempotency import IdempotencyRepository
 from lorafleet.store.sql.models import utcnow
 from lorafleet.store.sql.tenants import TenantRepository
+from lorafleet.workflows.blob_verify import BlobScrubber
 from services.api.errors import ServiceUnavailableError
 from services.api.metrics import ApiMetrics
 
@@ -425,8 +426,13 @@ class BackgroundRuntime:
         self._threads.append(thread)
 
     def _run_scheduler(self) -> None:
-        self.services.scheduler.run_loop(
-            interval_seconds=self.options.scheduler_interval, stop_event=self._stop
+        """The scheduler loop, each tick followed by the blob scrub the ``LORAFLEET_SCRUB_*`` settings ask for."""
+        s = self.services
+        scrub = BlobScrubber.from_settings(s.settings, s.db, s.registry, queue=s.queue)
+        s.scheduler.run_loop(
+            interval_seconds=self.options.scheduler_interval,
+            stop_event=self._stop,
+            periodic=[scrub] if scrub.enabled else [],
         )
 
     def _run_workers(self) -> None:

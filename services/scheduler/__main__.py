@@ -1,6 +1,7 @@
 """Run the scheduler: one tick (``--once``) or a loop that stops cleanly on SIGTERM or SIGINT.
 
-The database comes from the ``LORAFLEET_*`` settings; the policy from the flags below.
+The database comes from the ``LORAFLEET_*`` settings; the policy from the flags below. After each tick the blob
+scrub re-hashes the next few versions' blobs (``LORAFLEET_SCRUB_*``, off with a budget of 0; docs/operations.md).
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/v1/tenants/{tenant_name}/keys"): None,
     ("GET", "/v1/tenants/{tenant_name}/keys"): None,
     ("POST", "/v1/tenants/{tenant_name}/keys/{key_id}/revoke"): None,
+    ("POST", "/v1/admin/verify"): {"repair": False},
     ("GET", "/v1/users/{user_id}/feedback"): None,
     ("POST", "/v1/users/{user_id}/feedback"): {"records": [sft("probe")]},
     ("GET", "/v1/users/{user_id}/adapters"): None,
@@ -240,7 +241,7 @@ def _request(http: httpx.Client, world: World, method: str, path: str, probe: Pr
     elif probe is not None:
         body = {**(body or {}), probe.field: probe.value}
     url = path.format(**{k: quote(v, safe="") for k, v in values.items()})
-    key = ADMIN_KEY if path.startswith("/v1/tenants") else world.api_key
+    key = ADMIN_KEY if path.startswith(("/v1/tenants", "/v1/admin")) else world.api_key
     headers = {"Authorization": f"Bearer {key}"}
     return http.request(method, url, params=query, json=body, headers=headers)
 

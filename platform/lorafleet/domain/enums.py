@@ -19,12 +19,42 @@ class FeedbackKind(StrEnum):
 
 
 class VersionStatus(StrEnum):
-    """An adapter version's status; ``live`` is set only by moving the alias (promote or rollback)."""
+    """An adapter version's status; ``live`` is set only by moving the alias (promote or rollback).
+
+    ``corrupt``: its blob failed verification (a wrong digest or size, or gone from the object store); the
+    version is quarantined: never served, never a promote or rollback target, and its status never changes again
+    (``lorafleet.workflows.blob_verify`` sets it).
+    """
 
     CANDIDATE = "candidate"
     LIVE = "live"
     REJECTED = "rejected"
     ARCHIVED = "archived"
+    CORRUPT = "corrupt"
+
+
+#: statuses a version can never go live from (QA rejected it, or its blob failed verification)
+UNSERVABLE_STATUSES: tuple[VersionStatus, ...] = (VersionStatus.REJECTED, VersionStatus.CORRUPT)
+
+
+class BlobCheck(StrEnum):
+    """What re-hashing a version's blob found (``lorafleet verify``, the scheduler's scrub).
+
+    ``unreadable``: the object store failed for another reason (network, permissions): nothing is known about the
+    bytes, so such a version is reported but never repaired. ``quarantined``: the version is already ``corrupt``
+    and was not read again.
+    """
+
+    OK = "ok"
+    CORRUPT = "corrupt"
+    MISSING = "missing"
+    UNREADABLE = "unreadable"
+    QUARANTINED = "quarantined"
+
+    @property
+    def bad(self) -> bool:
+        """A blob known to be wrong: what a repair quarantines."""
+        return self in (BlobCheck.CORRUPT, BlobCheck.MISSING)
 
 
 class LineageRelation(StrEnum):
@@ -120,7 +150,9 @@ def values(enum: type[StrEnum]) -> tuple[str, ...]:
 __all__ = [
     "ACTIVE_JOB_STATES",
     "FINISHED_JOB_STATES",
+    "UNSERVABLE_STATUSES",
     "AdapterKind",
+    "BlobCheck",
     "EnrolmentAction",
     "FeedbackKind",
     "JobKind",

@@ -12,7 +12,7 @@ import logging
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from lorafleet.domain.enums import ACTIVE_JOB_STATES, JobState
+from lorafleet.domain.enums import ACTIVE_JOB_STATES, BlobCheck, JobState, VersionStatus
 from lorafleet.errors import ValidationError
 from lorafleet.platform import Platform
 from lorafleet.runtime.process import on_stop_signals
@@ -113,6 +113,12 @@ def versions(args: argparse.Namespace) -> int:
             f"{v.number:>4}  {v.status:9} {mark:4}  {v.sha256[:12]}  {v.job_id or '-':>5}  {acc:24} "
             f"{v.created_at:%Y-%m-%d %H:%M:%S}"
         )
+    corrupt = [f"v{v.number}" for v in rows if v.status == VersionStatus.CORRUPT]
+    if corrupt:
+        print(
+            f"warning: {', '.join(corrupt)} corrupt: the blob failed verification (lorafleet verify); "
+            "quarantined, never served"
+        )
     return 0
 
 
@@ -132,6 +138,46 @@ def lineage(args: argparse.Namespace) -> int:
     for edge in found.edges:
         print(f"  edge: {edge.child_version_id} <-{edge.relation}- {edge.parent_version_id}")
     return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    """Re-hash every version's blob (one tenant's with ``--tenant``) and print each version's result and the
+    counts; ``--repair`` quarantines the corrupt and missing ones (``lorafleet.workflows.blob_verify``). Exit 1
+    when a version was found not ok in this run (repaired or not), 0 when every blob checked is fine."""
+    from lorafleet.workflows.blob_verify import verify_blobs
+
+    with Platform.from_settings() as lib:
+        tenant_id = None if args.tenant is None else lib.tenants.get_tenant(name=args.tenant).id
+        report = verify_blobs(lib.db, lib.registry, tenant_id=tenant_id, repair=args.repair, actor="cli")
+    if args.json:
+        print(dump_json(report.to_json(only_bad=args.only_bad)))
+        return 1 if report.problems else 0
+    print(f"{'version':40} {'id':>7}  {'status':9} {'blob':11} {'sha256':12}  detail")
+    for check in report.checks:
+        if args.only_bad and check.result == BlobCheck.OK:
+            continue
+        detail = check.detail
+        if check.repaired:
+            moved = ""
+            if check.was_live:
+                moved = (
+                    f"; live rolled back to {'none' if check.live_after is None else f'v{check.live_after}'}"
+                )
+            detail = f"quarantined{moved}: {detail}"
+        print(
+            f"{check.label:40} {check.version.id:>7}  {check.status:9} {check.result:11} "
+            f"{check.version.sha256[:12]}  {detail}".rstrip()
+        )
+    counts = report.counts
+    print(
+        f"checked {counts['checked']} versions ({report.bytes_read} bytes read): {counts['ok']} ok, "
+        f"{counts['corrupt']} corrupt, {counts['missing']} missing, {counts['unreadable']} unreadable, "
+        f"{counts['quarantined']} already quarantined; {counts['repaired']} quarantined now"
+    )
+    bad = [c for c in report.problems if c.result.bad and not c.repaired]
+    if bad and not args.repair:
+        print("run `lorafleet verify --repair` to quarantine the bad versions (and roll live ones back)")
+    return 1 if report.problems else 0
 
 
 def rollback(args: argparse.Namespace) -> int:

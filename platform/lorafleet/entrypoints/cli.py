@@ -137,6 +137,23 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     rollback.add_argument("--reason", required=True)
     rollback.set_defaults(handler=_admin("rollback"))
 
+    verify = sub.add_parser(
+        "verify",
+        help="re-hash every version's blob: ok, corrupt or missing (exit 1 when one is not ok)",
+    )
+    verify.add_argument(
+        "--tenant", default=None, help="only this tenant's versions (default: every tenant's)"
+    )
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="mark each corrupt or missing version 'corrupt' (never served again) and roll a live one back to "
+        "the newest healthy earlier version, or none (recorded in the history, reason blob-corrupt)",
+    )
+    verify.add_argument("--only-bad", action="store_true", help="list only the versions that are not ok")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.set_defaults(handler=_admin("verify"))
+
 
 def _add_promote_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reason", required=True)

@@ -15,6 +15,9 @@ job's dedupe key (its users and their watermarks) is a second guard.
 Every train job's payload carries its effective ``TrainingConfig`` (``payload["training"]``: the defaults, the
 scheduler's ``training_defaults``, the tenant's overrides, then the job's own; ``lorafleet.training.overrides``),
 resolved in the queuing transaction. A job holds one tenant's users, so tenants' configs never mix.
+
+After every tick, ``run_loop`` runs its ``periodic`` housekeeping: the runtime passes the blob scrub there
+(``lorafleet.workflows.blob_verify.BlobScrubber``, budgeted by the ``LORAFLEET_SCRUB_*`` settings).
 """
 
 from __future__ import annotations
@@ -105,6 +108,19 @@ class SchedulerPolicy:
         """How many of a user's newest finished jobs can change their backoff (more cannot: it is capped)."""
         ratio = self.max_failure_backoff / self.failure_backoff
         return self.failure_threshold + math.ceil(math.log2(ratio)) + 1
+
+
+def run_periodic(tasks: Sequence[Callable[[], object]], *, stop_event: threading.Event | None = None) -> None:
+    """Run each housekeeping task once (skipped once ``stop_event`` is set); a failure is logged, not raised."""
+    for task in tasks:
+        if stop_event is not None and stop_event.is_set():
+            return
+        try:
+            task()
+        except Exception:
+            logger.exception(
+                "scheduler housekeeping %s failed", getattr(task, "__name__", type(task).__name__)
+            )
 
 
 def _require(condition: bool, message: str) -> None:
@@ -378,14 +394,20 @@ class Scheduler:
         interval_seconds: float,
         stop_event: threading.Event,
         on_tick: Callable[[TickResult], None] | None = None,
+        periodic: Sequence[Callable[[], object]] = (),
     ) -> int:
         """Tick every ``interval_seconds`` until ``stop_event`` is set; returns the number of ticks. A tick
-        that fails is logged and the loop goes on (the database may be back by the next one)."""
+        that fails is logged and the loop goes on (the database may be back by the next one).
+
+        ``periodic``: housekeeping run after every tick, each within its own budget (the blob scrub,
+        ``lorafleet.workflows.blob_verify.BlobScrubber``, is composed in by the runtime); one that fails is logged
+        and neither the tick nor the others are affected."""
         if interval_seconds <= 0:
             raise ValidationError("interval_seconds: must be positive")
         ticks = 0
         while not stop_event.is_set():
             self._tick_and_log(on_tick=on_tick)
+            run_periodic(periodic, stop_event=stop_event)
             ticks += 1
             stop_event.wait(interval_seconds)
         return ticks

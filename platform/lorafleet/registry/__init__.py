@@ -4,7 +4,8 @@ It sits on the store (SQL rows, blobs) and below the ML layer: it knows the PEFT
 (``peft_format``, torch-free) and the archive format (``archive``) but never loads a model. ``versions``
 holds ``Registry``, the version API (register, fetch, promote, rollback, statuses); ``lineage`` answers
 "where did this version come from"; ``validation`` is every check run before a write; ``gc`` collects
-blobs nothing references. ``Registry`` and the archive functions are importable from here.
+blobs nothing references; ``verify`` re-hashes the blobs versions point at (what to do about a bad one is
+``lorafleet.workflows.blob_verify``'s). ``Registry`` and the archive functions are importable from here.
 """
 
 from lorafleet.registry.archive import pack_adapter_archive, unpack_adapter_archive

@@ -76,8 +76,12 @@ def _check_weights_file(path: Path, *, max_header_bytes: int) -> None:
 
 
 def _check_target(*, target: AdapterVersion, current: AdapterVersion | None) -> None:
-    if target.status == "rejected":
+    if target.status == VersionStatus.REJECTED:
         raise InvalidStateError(f"version {target.number} was rejected and cannot go live")
+    if target.status == VersionStatus.CORRUPT:
+        raise InvalidStateError(
+            f"version {target.number} is corrupt (its blob failed verification) and cannot go live"
+        )
     if current is not None and current.id == target.id:
         raise InvalidStateError(f"version {target.number} is already live")
 

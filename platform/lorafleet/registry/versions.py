@@ -28,6 +28,7 @@ from lorafleet.domain import (
 from lorafleet.errors import (
     AlreadyExistsError,
     InvalidStateError,
+    NotFoundError,
     ValidationError,
 )
 from lorafleet.registry.archive import ARCHIVE_MEMBERS, pack_adapter_archive, unpack_adapter_archive
@@ -53,7 +54,7 @@ from lorafleet.registry.validation import (
 from lorafleet.store.blob.base import BlobRef, BlobStore, sha256_file
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import QARepository
-from lorafleet.store.sql.registry_repository import NewVersion, RegistryRepository
+from lorafleet.store.sql.registry_repository import NewVersion, RegistryRepository, VersionLocation
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -325,18 +326,53 @@ class Registry:
         status: VersionStatus,
         session: Session | None = None,
     ) -> AdapterVersion:
-        """Mark a version candidate, rejected (QA) or archived; the live version only moves via the alias.
-        With ``session`` (a job's fenced transaction) it runs there and the caller commits."""
+        """Mark a version candidate, rejected (QA) or archived; the live version only moves via the alias, and a
+        ``corrupt`` version keeps its status (``mark_corrupt``). With ``session`` (a job's fenced transaction) it
+        runs there and the caller commits."""
         if status not in SETTABLE_STATUSES:
             raise ValidationError(f"status {str(status)!r} cannot be set directly (use promote for live)")
         with self._session(session) as s:
             self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
             version = self._repo.get_version(s, tenant_id=tenant_id, adapter_id=adapter_id, number=number)
+            if version.status == VersionStatus.CORRUPT:
+                raise InvalidStateError(
+                    f"version {number} is corrupt (quarantined); its status cannot change"
+                )
             live = self._repo.live_version(s, tenant_id=tenant_id, adapter_id=adapter_id)
             if live is not None and live.id == version.id:
                 raise InvalidStateError(f"version {number} is live; move the alias first")
             self._repo.update_status(s, version_id=version.id, status=status)
         return replace(version, status=status)
+
+    def mark_corrupt(
+        self, *, tenant_id: int, adapter_id: int, version_id: int, session: Session | None = None
+    ) -> AdapterVersion:
+        """Quarantine a version whose blob failed verification: its status becomes ``corrupt`` for good, so it is
+        never served and never a promote or rollback target. A live version is refused (``InvalidStateError``):
+        move the alias off it first, in the same transaction (``lorafleet.workflows.blob_verify`` does both).
+        With ``session`` it runs there and the caller commits."""
+        with self._session(session) as s:
+            self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
+            version = self._repo.get_version_by_id(s, tenant_id=tenant_id, version_id=version_id)
+            if version.adapter_id != adapter_id:
+                raise NotFoundError(f"version {version_id} not found")
+            live = self._repo.live_version(s, tenant_id=tenant_id, adapter_id=adapter_id)
+            if live is not None and live.id == version.id:
+                raise InvalidStateError(f"version {version.number} is live; move the alias first")
+            self._repo.update_status(s, version_id=version.id, status=VersionStatus.CORRUPT)
+        return replace(version, status=VersionStatus.CORRUPT)
+
+    def scan_versions(
+        self, *, tenant_id: int | None, after_id: int = 0, limit: int = 500
+    ) -> list[VersionLocation]:
+        """Versions with an id above ``after_id`` (by id, at most ``limit``) with their tenant, adapter and owner:
+        one tenant's, or with ``tenant_id`` None every tenant's (an operator's scan, e.g. ``lorafleet verify``)."""
+        if limit < 1:
+            raise ValidationError("limit must be >= 1")
+        with self._db.session() as s:
+            if tenant_id is not None:
+                self._repo.require_tenant(s, tenant_id=tenant_id)
+            return self._repo.scan_versions(s, tenant_id=tenant_id, after_id=after_id, limit=limit)
 
     # --- the live alias -----------------------------------------------------------------------------------
     def live_version(self, *, tenant_id: int, adapter_id: int) -> AdapterVersion | None:

@@ -1,6 +1,7 @@
 """What the command line and ``services/scheduler`` run: each opens the configured platform
 (``lorafleet.platform.Platform``), does one thing through the library, and closes it again; ``run_workers``
-runs trainer actors on Ray (``lorafleet workers`` is ``lorafleet.entrypoints.workers``).
+runs trainer actors on Ray (``lorafleet workers`` is ``lorafleet.entrypoints.workers``). The scheduler's ticks are
+followed by its housekeeping (``scheduler_housekeeping``: the blob scrub).
 """
 
 from __future__ import annotations
@@ -15,17 +16,29 @@ from lorafleet.config import Settings
 from lorafleet.domain import FINISHED_JOB_STATES, AdapterVersion, Job, JobState
 from lorafleet.errors import JobError
 from lorafleet.jobs.queue import SubmitResult
-from lorafleet.jobs.scheduler import Scheduler, SchedulerPolicy, TickResult
+from lorafleet.jobs.scheduler import Scheduler, SchedulerPolicy, TickResult, run_periodic
 from lorafleet.platform import Platform
 from lorafleet.runtime.trainer_pool import TrainerPool
+from lorafleet.workflows.blob_verify import BlobScrubber
 
 logger = logging.getLogger("lorafleet.workers")
 
 
+def scheduler_housekeeping(platform: Platform) -> list[Callable[[], object]]:
+    """What the scheduler runs after each tick, as its settings ask: the blob scrub (``LORAFLEET_SCRUB_*``; none
+    when its budget is 0)."""
+    scrub = BlobScrubber.from_settings(
+        platform.settings, platform.db, lambda: platform.registry, queue=platform.queue
+    )
+    return [scrub] if scrub.enabled else []
+
+
 def scheduler_tick(settings: Settings, *, policy: SchedulerPolicy | None = None) -> TickResult:
-    """Run one scheduler tick against the configured database."""
+    """Run one scheduler tick against the configured database, then its housekeeping once (the blob scrub)."""
     with Platform.from_settings(settings) as platform:
-        return Scheduler(platform.db, policy).tick()
+        result = Scheduler(platform.db, policy).tick()
+        run_periodic(scheduler_housekeeping(platform))
+        return result
 
 
 def scheduler_run(
@@ -36,10 +49,14 @@ def scheduler_run(
     policy: SchedulerPolicy | None = None,
     on_tick: Callable[[TickResult], None] | None = None,
 ) -> int:
-    """Tick every ``interval`` seconds until ``stop_event`` is set; returns the number of ticks."""
+    """Tick every ``interval`` seconds until ``stop_event`` is set, each tick followed by the housekeeping
+    (``scheduler_housekeeping``); returns the number of ticks."""
     with Platform.from_settings(settings) as platform:
         return Scheduler(platform.db, policy).run_loop(
-            interval_seconds=interval, stop_event=stop_event, on_tick=on_tick
+            interval_seconds=interval,
+            stop_event=stop_event,
+            on_tick=on_tick,
+            periodic=scheduler_housekeeping(platform),
         )
 
 

@@ -551,6 +551,16 @@ def list_tenants() -> Call[list[s.TenantOut]]:
     return Call("GET", "/v1/tenants", _parser(list[s.TenantOut]))
 
 
+def verify_blobs(
+    *, repair: bool = False, tenant: str | None = None, only_bad: bool = False
+) -> Call[s.VerifyReportOut]:
+    """Admin key only: re-hash the blob of every version (``tenant``: only that tenant's) and report each one ok,
+    corrupt, missing, unreadable or quarantined, with counts. ``repair`` quarantines the corrupt and missing ones
+    (status ``corrupt``; a live one is rolled back first, reason ``blob-corrupt``); running it again is safe."""
+    body = s.VerifyRequest(repair=repair, tenant=tenant, only_bad=only_bad).model_dump(mode="json")
+    return Call("POST", "/v1/admin/verify", _parser(s.VerifyReportOut), body=body)
+
+
 def models() -> Call[s.ModelList]:
     """``GET /v1/models``: what a generation's ``model`` may name (pinned adapter versions are not listed)."""
     return Call("GET", "/v1/models", _parser(s.ModelList))

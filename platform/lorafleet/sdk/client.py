@@ -180,6 +180,7 @@ class _Calls:
     list_api_keys = _Endpoint(c.list_api_keys)
     revoke_api_key = _Endpoint(c.revoke_api_key)
     list_tenants = _Endpoint(c.list_tenants)
+    verify_blobs = _Endpoint(c.verify_blobs)
     health = _Endpoint(c.health)
     ready = _Endpoint(c.ready)
 

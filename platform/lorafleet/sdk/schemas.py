@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    StrictBool,
     StrictInt,
     ValidationInfo,
     field_validator,
@@ -110,6 +111,10 @@ __all__ = [
     "TrainingOverrides",
     "TrainingValues",
     "Usage",
+    "VerifyCountsOut",
+    "VerifyReportOut",
+    "VerifyRequest",
+    "VersionCheckOut",
     "VersionDetail",
     "VersionOut",
 ]
@@ -169,6 +174,71 @@ class ApiKeyOut(_Out):
     created_at: datetime
     last_used_at: datetime | None = Field(description="When it last authenticated a request (to the minute).")
     revoked_at: datetime | None = None
+
+
+# --- blob verification (admin) ---------------------------------------------------------------------------------
+class VerifyRequest(_In):
+    """``POST /v1/admin/verify``: re-hash the blob of every version (one tenant's, or every tenant's). The flags
+    are JSON booleans only (``"yes"`` or ``1`` is refused, never read as a repair)."""
+
+    repair: StrictBool = Field(
+        default=False,
+        description="Quarantine each version whose blob is corrupt or missing: its status becomes 'corrupt' "
+        "(never served, never a promote or rollback target) and a live one is first rolled back to the newest "
+        "healthy earlier version, or none (recorded in the history with reason 'blob-corrupt').",
+    )
+    tenant: Name | None = Field(
+        default=None, min_length=1, max_length=128, description="Only this tenant's versions (by name)."
+    )
+    only_bad: StrictBool = Field(
+        default=False, description="List only the versions that are not ok (the counts still cover all)."
+    )
+
+
+class VerifyCountsOut(_Out):
+    checked: int
+    ok: int
+    corrupt: int
+    missing: int
+    unreadable: int = Field(
+        description="The object store failed for another reason: unknown, never repaired."
+    )
+    quarantined: int = Field(description="Already 'corrupt' before this run: not read again.")
+    repaired: int = Field(description="Quarantined by this run.")
+
+
+#: what re-hashing a version's blob found
+BlobResult = Literal["ok", "corrupt", "missing", "unreadable", "quarantined"]
+
+
+class VersionCheckOut(_Out):
+    """One version's blob check."""
+
+    tenant: str
+    tenant_id: int
+    owner: str | None = Field(description="The owning user's id; null for a shared task adapter.")
+    adapter: str
+    adapter_id: int
+    version_id: int
+    number: int
+    sha256: str
+    size_bytes: int
+    status: VersionStatus = Field(
+        description="The version's status after this run ('corrupt' once repaired)."
+    )
+    result: BlobResult
+    detail: str = ""
+    repaired: bool = False
+    was_live: bool = Field(default=False, description="It was live when this run quarantined it.")
+    live_after: int | None = Field(
+        default=None, description="Where live was rolled back to (a version number; null: no adapter)."
+    )
+
+
+class VerifyReportOut(_Out):
+    counts: VerifyCountsOut
+    bytes_read: int
+    versions: list[VersionCheckOut]
 
 
 # --- feedback -------------------------------------------------------------------------------------------------

@@ -24,7 +24,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from lorafleet.domain import Adapter, AdapterVersion, AliasEvent, PromoteRule, QADecision, VersionStatus
+from lorafleet.domain import (
+    UNSERVABLE_STATUSES,
+    Adapter,
+    AdapterVersion,
+    AliasEvent,
+    PromoteRule,
+    QADecision,
+    VersionStatus,
+)
 from lorafleet.errors import QAUndecidedError, ValidationError
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.registry import Registry
@@ -156,7 +164,7 @@ def promote_manually(
     job with the move. For a task adapter, enrolled users' rechecks are queued as for any move."""
     version = registry.get_version(tenant_id=tenant_id, adapter_id=adapter.id, number=number)
     forced = False
-    if promote_rule == PromoteRule.QA and version.status not in (VersionStatus.REJECTED, VersionStatus.LIVE):
+    if promote_rule == PromoteRule.QA and version.status not in (*UNSERVABLE_STATUSES, VersionStatus.LIVE):
         decision = qa_decision(db, tenant_id=tenant_id, version=version)
         if decision not in PASSING_DECISIONS:
             if not force:

@@ -34,7 +34,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafleet.domain import Adapter, AdapterVersion, Job, QADecision, QAKind, VersionStatus
+from lorafleet.domain import (
+    UNSERVABLE_STATUSES,
+    Adapter,
+    AdapterVersion,
+    Job,
+    QADecision,
+    QAKind,
+    VersionStatus,
+)
 from lorafleet.domain.jobs import QAPayload, QAResult
 from lorafleet.errors import ConflictError, NotFoundError, ValidationError
 from lorafleet.jobs.queue import JobQueue
@@ -687,8 +695,9 @@ def _only_evidence_missing(evaluation: Evaluation, rules: list[RuleOutcome], rea
 
 
 def _rollback_target(previous: AdapterVersion | None) -> AdapterVersion | None:
-    """Where a failed forced-live version goes back to: the version it replaced, unless QA rejected that one."""
-    if previous is None or previous.status == VersionStatus.REJECTED:
+    """Where a failed forced-live version goes back to: the version it replaced, unless QA rejected that one or
+    its blob failed verification (``corrupt``)."""
+    if previous is None or previous.status in UNSERVABLE_STATUSES:
         return None
     return previous
 

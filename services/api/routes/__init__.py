@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from services.api.routes import (
     adapters,
+    admin,
     enrolments,
     feedback,
     health,
@@ -19,6 +20,7 @@ from services.api.routes import (
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
     tenants.router,
+    admin.router,
     feedback.router,
     adapters.router,
     jobs.router,

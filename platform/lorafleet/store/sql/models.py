@@ -293,6 +293,17 @@ class SqlAdapterVersion(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class SqlScrubCursor(Base):
+    """Where a periodic blob scrub goes on: the id of the last version it claimed (0: start over). Scrubbers
+    claim their next window under this row's lock, so restarts resume and concurrent schedulers never overlap."""
+
+    __tablename__ = "scrub_cursors"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    after_version_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class SqlLineageEdge(Base):
     """Child version → parent version, with how the child came from the parent."""
 
@@ -469,6 +480,7 @@ __all__ = [
     "SqlAdapter",
     "SqlJob",
     "SqlAdapterVersion",
+    "SqlScrubCursor",
     "SqlLineageEdge",
     "SqlAlias",
     "SqlAliasEvent",

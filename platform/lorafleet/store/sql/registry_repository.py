@@ -41,6 +41,7 @@ from lorafleet.store.sql.models import (
     SqlJob,
     SqlLineageEdge,
     SqlQAReport,
+    SqlScrubCursor,
     SqlTenant,
     SqlUser,
     utcnow,
@@ -71,6 +72,19 @@ class NewVersion:
     parents: tuple[tuple[int, LineageRelation], ...]
     #: the centroid gate's key (a unit vector of the backbone's hidden size), when known
     routing_key: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class VersionLocation:
+    """A version and whose it is: its tenant, its adapter and the adapter's owner (for reports across tenants)."""
+
+    version: AdapterVersion
+    tenant_id: int
+    tenant_name: str
+    adapter_name: str
+    adapter_kind: str
+    #: the owning user's external id; None for a shared task adapter
+    owner: str | None
 
 
 class RegistryRepository:
@@ -283,6 +297,83 @@ class RegistryRepository:
         if status is not None:
             stmt = stmt.where(SqlAdapterVersion.status == status)
         return [_version(row) for row in session.scalars(stmt)]
+
+    def scan_versions(
+        self,
+        session: Session,
+        *,
+        tenant_id: int | None,
+        after_id: int = 0,
+        limit: int = 500,
+        exclude_status: VersionStatus | None = None,
+    ) -> list[VersionLocation]:
+        """Versions with an id above ``after_id``, by id, with their tenant, adapter and owner: the tenant's, or
+        every tenant's with ``tenant_id`` None (an operator's scan; never a tenant's request)."""
+        stmt = (
+            select(SqlAdapterVersion, SqlAdapter.tenant_id, SqlTenant.name, SqlAdapter.name, SqlAdapter.kind)
+            .add_columns(SqlUser.external_id)
+            .join(SqlAdapter, SqlAdapter.id == SqlAdapterVersion.adapter_id)
+            .join(SqlTenant, SqlTenant.id == SqlAdapter.tenant_id)
+            .outerjoin(SqlUser, SqlUser.id == SqlAdapter.owner_user_id)
+            .where(SqlAdapterVersion.id > after_id)
+            .order_by(SqlAdapterVersion.id)
+            .limit(limit)
+        )
+        if tenant_id is not None:
+            stmt = stmt.where(SqlAdapter.tenant_id == tenant_id)
+        if exclude_status is not None:
+            stmt = stmt.where(SqlAdapterVersion.status != exclude_status)
+        return [
+            VersionLocation(_version(row), int(tenant), tenant_name, adapter_name, kind, owner)
+            for row, tenant, tenant_name, adapter_name, kind, owner in session.execute(stmt).tuples()
+        ]
+
+    def claim_scrub_window(
+        self, session: Session, *, name: str, max_versions: int, max_bytes: int
+    ) -> list[VersionLocation]:
+        """The next versions a periodic scrub checks, and the cursor moved past them, in the caller's transaction.
+
+        At most ``max_versions`` versions and ``max_bytes`` bytes (the first version is taken even when it alone is
+        larger, so no version is skipped forever), by id after the cursor, ``corrupt`` ones left out (they are not
+        read again); past the last version the cursor starts over. The cursor row is locked until commit, so two
+        scrubbers claim disjoint windows."""
+        if self._postgres:
+            session.execute(
+                pg_insert(SqlScrubCursor)
+                .values(name=name, after_version_id=0, updated_at=utcnow())
+                .on_conflict_do_nothing(index_elements=[SqlScrubCursor.name])
+            )
+            cursor = session.scalar(
+                select(SqlScrubCursor).where(SqlScrubCursor.name == name).with_for_update()
+            )
+        else:
+            cursor = session.get(SqlScrubCursor, name)  # SQLite: the transaction holds the write lock
+        if cursor is None:
+            cursor = SqlScrubCursor(name=name, after_version_id=0, updated_at=utcnow())
+            session.add(cursor)
+        corrupt = VersionStatus.CORRUPT
+        found = self.scan_versions(
+            session,
+            tenant_id=None,
+            after_id=cursor.after_version_id,
+            limit=max_versions,
+            exclude_status=corrupt,
+        )
+        if not found and cursor.after_version_id > 0:  # past the end: start over
+            found = self.scan_versions(
+                session, tenant_id=None, after_id=0, limit=max_versions, exclude_status=corrupt
+            )
+        window: list[VersionLocation] = []
+        total = 0
+        for located in found:
+            if window and total + located.version.size_bytes > max_bytes:
+                break
+            window.append(located)
+            total += located.version.size_bytes
+        cursor.after_version_id = window[-1].version.id if window else 0
+        cursor.updated_at = utcnow()
+        session.flush()
+        return window
 
     def set_routing_key(
         self, session: Session, *, tenant_id: int, version_id: int, key: tuple[float, ...]

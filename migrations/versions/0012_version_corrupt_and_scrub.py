@@ -1,0 +1,49 @@
+"""Version status ``corrupt`` and the blob scrub's cursor
+
+- ``adapter_versions.status`` may be ``corrupt``: the version's blob failed verification (``lorafleet verify
+  --repair``, ``POST /v1/admin/verify``, or the scheduler's scrub with ``LORAFLEET_SCRUB_REPAIR``); it is
+  quarantined, never served and never a promote or rollback target.
+- ``scrub_cursors``: where the scheduler's periodic blob scrub goes on (the id of the last version it claimed), so
+  a restarted scheduler resumes and two schedulers never re-hash the same window.
+
+The check constraint is dropped and created again with the new value (a table rebuild on SQLite, via batch mode).
+A downgrade turns ``corrupt`` versions into ``rejected`` ones, the older status that also never goes live.
+
+Revision ID: 0012
+Revises: 0011
+Create Date: 2026-12-04 10:00:00.000000
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0012"
+down_revision = "0011"
+branch_labels = None
+depends_on = None
+
+_OLD = "status IN ('candidate', 'live', 'rejected', 'archived')"
+_NEW = "status IN ('candidate', 'live', 'rejected', 'archived', 'corrupt')"
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("adapter_versions", schema=None) as batch_op:
+        batch_op.drop_constraint(op.f("ck_adapter_versions_status"), type_="check")
+        batch_op.create_check_constraint(op.f("ck_adapter_versions_status"), _NEW)
+    op.create_table(
+        "scrub_cursors",
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("after_version_id", sa.BigInteger(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("name", name=op.f("pk_scrub_cursors")),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("scrub_cursors")
+    op.execute("UPDATE adapter_versions SET status = 'rejected' WHERE status = 'corrupt'")
+    with op.batch_alter_table("adapter_versions", schema=None) as batch_op:
+        batch_op.drop_constraint(op.f("ck_adapter_versions_status"), type_="check")
+        batch_op.create_check_constraint(op.f("ck_adapter_versions_status"), _OLD)
