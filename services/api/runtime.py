@@ -90,7 +90,8 @@ class ApiOptions:
     max_body_bytes: int = 8 * 1024 * 1024
     #: a request body that sends nothing for this long is refused with 408 (None: wait as long as it takes)
     body_read_timeout_seconds: float | None = 30.0
-    #: an unfinished idempotency reservation older than this is taken over by a retry
+    #: a reservation row without a response (left by versions before responses were stored in the write's own
+    #: transaction) older than this is taken over by a retry
     idempotency_stale_seconds: float = 300.0
     #: idempotency keys older than this are pruned at start
     idempotency_ttl_seconds: float = 24 * 3600.0

@@ -453,7 +453,8 @@ class SqlQAReport(Base):
 
 
 class SqlIdempotencyKey(Base):
-    """A tenant's ``Idempotency-Key`` and the response it produced (status NULL: the first request is running).
+    """A tenant's ``Idempotency-Key`` and the response it produced, written in the request's own transaction
+    (``store.sql.idempotency``). Status NULL only in rows an older version left reserved before a crash.
 
     ``request_hash`` (sha256 of method, path and body) tells a retry from another request reusing the key.
     """
