@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from demo_process import DEMO_USERS, BackgroundDemo
 
 
 def _run(args: list[str], data_dir: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -41,18 +41,15 @@ def test_bad_setting_is_named(tmp_path: Path) -> None:
     assert "LORAFLEET_DEVICE" in env_run.stderr
 
 
-#: users in the CI run of the demo: the whole flow at about two thirds of the time of ``make demo``'s four (the
-#: four-user run, with its time against the 6-minute target, is ``tests/benchmarks/bench_demo.py``)
-DEMO_USERS = ("ada", "bruno")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # the real model trains three adapters on 2 cores: minutes, not seconds
 def test_demo_personalises_the_real_model_serves_rolls_back_and_prints_a_lineage(
-    tmp_path: Path, smollm2_in: Callable[[Path], Path]
+    background_demo: BackgroundDemo | None,
 ) -> None:
-    """The demo as ``make demo`` runs it, with two users, on SmolLM2 (converted once per test session)."""
-    result = _run(["demo", "--users", str(len(DEMO_USERS))], smollm2_in(tmp_path), timeout=2300)
+    """The demo as ``make demo`` runs it, with two users, on SmolLM2 (converted once per test session). It runs in
+    the background beside the other tests (``conftest.py``); this test, the session's last, waits for it."""
+    assert background_demo is not None
+    result = background_demo.result()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     check_demo_output(result.stdout, users=DEMO_USERS)
     assert "Loading weights" not in result.stderr and "kernels" not in result.stderr  # no library noise
