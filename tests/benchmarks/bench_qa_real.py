@@ -345,6 +345,11 @@ def decision_row(env: Env, report_id: int) -> dict[str, Any]:
         "f1": answers.get("answer_f1"),
         "reference_f1": answers.get("reference_answer_f1"),
         "p": answers.get("p_value"),
+        "better": answers.get("better"),
+        "worse": answers.get("worse"),
+        "wrong": answers.get("wrong_answers"),
+        # every holdout answer (prompt, target, candidate and reference outputs), to rescore offline
+        "items": ((document.get("matrix") or {}).get("answers") or {}).get("items"),
         "seconds": report.summary.get("seconds"),
         "decode_seconds": decode,
     }
@@ -388,7 +393,55 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float)
     for r in rows:
         if (r["kind"] == "good") != (r["decision"] == "promote"):
             lines.append(f"- seed {r['seed']} {r['kind']}: {r['decision']}: {'; '.join(r['reasons'])}")
+    lines += ["", *by_wrong_answer_weight(rows)]
     return "\n".join(lines)
+
+
+def by_wrong_answer_weight(
+    rows: list[dict[str, Any]], weights: tuple[float, ...] = (0.0, 0.5, 1.0)
+) -> list[str]:
+    """The decisions again at other ``QAPolicy.wrong_answer_weight`` values, from the same decoded answers: the
+    answer rule rerun on each stored holdout (``answer_rule``); every other rule's outcome as it was."""
+    from lorafleet.qa.policy import QAPolicy
+    from lorafleet.qa.results import BASE, CANDIDATE, AnswerItem, Answers, ColumnInfo, Matrix, RowInfo
+    from lorafleet.qa.rules import answer_rule
+
+    kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
+    lines = [
+        "promoted at each wrong_answer_weight (the same answers rescored)",
+        "",
+        "| wrong_answer_weight | " + " | ".join(kinds) + " |",
+        "| --- |" + " --- |" * len(kinds),
+    ]
+    for weight in weights:
+        policy = QAPolicy(wrong_answer_weight=weight)
+        cells = []
+        for kind in kinds:
+            group = [r for r in rows if r["kind"] == kind]
+            promoted = 0
+            for r in group:
+                others_failed = [rule for rule in r["failed"] if rule != "answers"]
+                if not r.get("items") or others_failed:
+                    continue
+                items = tuple(
+                    AnswerItem(
+                        i["prompt"],
+                        i["expected"],
+                        {CANDIDATE: i["outputs"][CANDIDATE], BASE: i["outputs"][BASE]},
+                    )
+                    for i in r["items"]
+                )
+                n = len(items)
+                matrix = Matrix(
+                    (RowInfo("holdout", "user-holdout", n, n, own=True),),
+                    (ColumnInfo(BASE, "base"), ColumnInfo(CANDIDATE, "candidate")),
+                    {},
+                    Answers("holdout", CANDIDATE, BASE, items),
+                )
+                promoted += answer_rule(matrix, policy).passed
+            cells.append(f"{promoted} of {len(group)}")
+        lines.append(f"| {weight:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _mean(rows: list[dict[str, Any]], key: str) -> str:

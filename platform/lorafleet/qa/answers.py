@@ -25,6 +25,18 @@ Chosen over a paired bootstrap because it is exact at the 5-20 examples a holdou
 examples the smallest p it can give is ``2^-n`` (every difference positive), so it needs at least
 ``min_untied_pairs(alpha)`` of them to reach ``alpha`` at all (5 at ``alpha`` 0.05); smaller holdouts are
 decided by the few-changed-answers rule (``lorafleet.qa.rules.answer_rule``).
+
+**Wrong answers, and an opt-in penalty for them** (``other_questions``, ``wrong_answer``, ``answer_score``). An
+answer closer to *another* question's target than to its own (the diet question answered with the user's city)
+is a wrong answer: the other questions' targets are the holdout's targets that share no content word with its
+own (targets that share one, the value, are phrasings of one fact). Reports count them (``wrong_answers``). With
+``QAPolicy.wrong_answer_weight`` w > 0, the test and the margins use a score instead of the bare F1, ``own -
+w * (crossed - own)`` for a wrong answer (``crossed``: its best answer F1 against the other questions' targets),
+so a wrong answer counts as worse than no answer. Against a base that knows none of the user's facts every wrong
+answer otherwise ties with the base's at 0. The default is w = 0 (the score is the F1), because on SmolLM2 good
+first versions also answer some questions with another of the user's facts and their holdouts have 5-9 answers:
+``bench_qa_real.py`` (3 seeds) promoted 9 of 9 good and 8 of 9 *shuffled* candidates at w = 0, 5 of 9 good and 1
+of 9 shuffled at w = 1 (``docs/qa.md``).
 """
 
 from __future__ import annotations
@@ -81,6 +93,24 @@ def answer_f1(answer: str, target: str, *, prompt: str = "") -> float:
     if not wanted:
         return token_f1(answer, target)
     return _f1(content_words(answer, prompt=prompt), wanted)
+
+
+def answer_score(
+    answer: str, target: str, others: Sequence[str], *, prompt: str = "", wrong_answer_weight: float = 1.0
+) -> float:
+    """``answer_f1`` less the wrong-question penalty of the module docstring:
+    ``own - wrong_answer_weight * max(0, crossed - own)``, with ``crossed`` the best ``answer_f1`` of ``answer``
+    against ``others`` (the targets of the other questions). In [-1, 1]."""
+    own = answer_f1(answer, target, prompt=prompt)
+    crossed = max((answer_f1(answer, other, prompt=prompt) for other in others), default=0.0)
+    return own - wrong_answer_weight * max(0.0, crossed - own)
+
+
+def wrong_answer(answer: str, target: str, others: Sequence[str], *, prompt: str = "") -> bool:
+    """The answer is closer to another question's target than to its own (``answer_score`` penalises it)."""
+    return (
+        answer_score(answer, target, others, prompt=prompt) < answer_f1(answer, target, prompt=prompt) - _TIE
+    )
 
 
 def _f1(got: Sequence[str], want: Sequence[str]) -> float:
@@ -140,12 +170,17 @@ def _doubled_ranks(magnitudes: Sequence[float]) -> list[int]:
 
 @dataclass(frozen=True)
 class PairedScores:
-    """Per-example answer F1 and exact match of a subject and a reference, and the signed-rank test over them."""
+    """Per-example answer F1, score (F1 less the wrong-question penalty) and exact match of a subject and a
+    reference; better, worse and the signed-rank test are over the scores."""
 
     subject_f1: tuple[float, ...]
     reference_f1: tuple[float, ...]
     subject_exact: tuple[bool, ...]
     reference_exact: tuple[bool, ...]
+    subject_score: tuple[float, ...]
+    reference_score: tuple[float, ...]
+    subject_wrong_flags: tuple[bool, ...]
+    reference_wrong_flags: tuple[bool, ...]
 
     @property
     def n(self) -> int:
@@ -153,16 +188,33 @@ class PairedScores:
 
     @property
     def wins(self) -> int:
-        return sum(s - r > _TIE for s, r in zip(self.subject_f1, self.reference_f1, strict=True))
+        return sum(s - r > _TIE for s, r in zip(self.subject_score, self.reference_score, strict=True))
 
     @property
     def losses(self) -> int:
-        return sum(r - s > _TIE for s, r in zip(self.subject_f1, self.reference_f1, strict=True))
+        return sum(r - s > _TIE for s, r in zip(self.subject_score, self.reference_score, strict=True))
 
     @property
     def p_value(self) -> float:
-        """The one-sided signed-rank test's p that the subject's F1 is higher (``signed_rank_p``)."""
-        return signed_rank_p([s - r for s, r in zip(self.subject_f1, self.reference_f1, strict=True)])
+        """The one-sided signed-rank test's p that the subject's score is higher (``signed_rank_p``)."""
+        return signed_rank_p([s - r for s, r in zip(self.subject_score, self.reference_score, strict=True)])
+
+    @property
+    def subject_wrong(self) -> int:
+        """Subject answers closer to another question's target than to their own (``wrong_answer``)."""
+        return sum(self.subject_wrong_flags)
+
+    @property
+    def reference_wrong(self) -> int:
+        return sum(self.reference_wrong_flags)
+
+    @property
+    def subject_mean_score(self) -> float:
+        return self._mean(self.subject_score)
+
+    @property
+    def reference_mean_score(self) -> float:
+        return self._mean(self.reference_score)
 
     @staticmethod
     def _mean(values: Sequence[float]) -> float:
@@ -185,15 +237,51 @@ class PairedScores:
         return self._mean([float(x) for x in self.reference_exact])
 
 
+def other_questions(targets: Sequence[str]) -> list[list[str]]:
+    """Per example, the holdout's targets that answer another question: distinct targets sharing no content word
+    with its own. Targets that share one (the value: "Your pet is called Marmalade." and "Marmalade is your
+    pet's name.") are phrasings of one fact, and an answer closer to one of them is not a wrong answer."""
+    distinct = {normalize(t): (t, set(content_words(t))) for t in targets}
+    out = []
+    for own in targets:
+        words = set(content_words(own))
+        out.append([t for key, (t, w) in distinct.items() if key != normalize(own) and not (w & words)])
+    return out
+
+
 def paired_scores(
-    subject: Sequence[str], reference: Sequence[str], targets: Sequence[str], prompts: Sequence[str]
+    subject: Sequence[str],
+    reference: Sequence[str],
+    targets: Sequence[str],
+    prompts: Sequence[str],
+    *,
+    wrong_answer_weight: float = 0.0,
 ) -> PairedScores:
-    """Score two columns' answers against the same targets (answer F1 given each example's prompt)."""
+    """Score two columns' answers against the same targets (answer F1 and ``answer_score`` given each example's
+    prompt). The other targets of an example are ``other_questions``."""
+    others = other_questions(targets)
+
+    def scores(column: Sequence[str]) -> tuple[float, ...]:
+        return tuple(
+            answer_score(a, t, o, prompt=p, wrong_answer_weight=wrong_answer_weight)
+            for a, t, o, p in zip(column, targets, others, prompts, strict=True)
+        )
+
+    def wrong(column: Sequence[str]) -> tuple[bool, ...]:
+        return tuple(
+            wrong_answer(a, t, o, prompt=p)
+            for a, t, o, p in zip(column, targets, others, prompts, strict=True)
+        )
+
     return PairedScores(
         tuple(answer_f1(a, t, prompt=p) for a, t, p in zip(subject, targets, prompts, strict=True)),
         tuple(answer_f1(a, t, prompt=p) for a, t, p in zip(reference, targets, prompts, strict=True)),
         tuple(exact_match(a, t) for a, t in zip(subject, targets, strict=True)),
         tuple(exact_match(a, t) for a, t in zip(reference, targets, strict=True)),
+        scores(subject),
+        scores(reference),
+        wrong(subject),
+        wrong(reference),
     )
 
 
@@ -201,11 +289,14 @@ __all__ = [
     "STOPWORDS",
     "PairedScores",
     "answer_f1",
+    "answer_score",
     "content_words",
     "exact_match",
     "normalize",
+    "other_questions",
     "paired_scores",
     "min_untied_pairs",
     "signed_rank_p",
     "token_f1",
+    "wrong_answer",
 ]

@@ -15,7 +15,8 @@ computes them; every threshold below is in those units. The rules (``lorafleet.q
   holdout beat the previous live version's (the base model's when there is none) by answer F1: a one-sided
   Wilcoxon signed-rank test at ``answer_confidence`` and a mean gain of at least ``answer_margin``; when too few
   answers changed for the test ever to reach the confidence, every answer at least as good, one better and a
-  mean gain of at least ``few_answers_margin`` (``few changed answers``);
+  mean gain of at least ``few_answers_margin`` (``few changed answers``); with ``wrong_answer_weight`` > 0 an
+  answer naming another question's fact counts against the candidate;
 - ``finite-outputs``: no logit of the candidate (scoring or decoding, alone, gated or paired) is NaN or infinite;
 - **blame** (rechecks only): a live personal adapter that fails in a bank a task member changed is not
   rolled back when the bank without that member passes: the member is the culprit (``blame_action``);
@@ -37,7 +38,7 @@ from pydantic import ValidationError as PydanticValidationError
 from lorafleet.errors import ValidationError
 from lorafleet.registry.weight_sanity import WeightBounds
 
-DEFAULT_POLICY_VERSION = "qa-policy/3"
+DEFAULT_POLICY_VERSION = "qa-policy/4"
 
 
 class QAPolicy(BaseModel):
@@ -78,6 +79,9 @@ class QAPolicy(BaseModel):
     #: 0.95): none may be worse and one must be better. On SmolLM2 (tests/benchmarks/bench_qa_real.py) good first
     #: versions gained 0.23-0.76 and adapters trained on another user's values 0.04-0.10
     few_answers_margin: float = Field(default=0.2, ge=0.0, le=1.0, allow_inf_nan=False)
+    #: how much an answer closer to another question's target than its own counts against the candidate (0: not
+    #: at all, it ties with an empty answer; 1: as much as a right answer counts for it); ``lorafleet.qa.answers``
+    wrong_answer_weight: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     #: an answer is decoded for at most the target's length in tokens plus this many, and never more than
     #: ``answer_max_new_tokens`` (greedy, one batch for both columns)
     answer_extra_tokens: int = Field(default=4, ge=0, le=64, strict=True)

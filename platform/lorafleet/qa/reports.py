@@ -64,7 +64,8 @@ def format_report(report: QAReport, document: Mapping[str, Any]) -> str:
     matrix_json = document.get("matrix")
     if matrix_json:
         matrix = Matrix.from_json(matrix_json)
-        lines += ["", *_table(matrix), "", *_answer_lines(matrix.answers), *_samples(matrix)]
+        weight = float((document.get("policy") or {}).get("wrong_answer_weight", 0.0))
+        lines += ["", *_table(matrix), "", *_answer_lines(matrix.answers, weight), *_samples(matrix)]
     for trial in document.get("rollback", {}).get("trials", []):
         verdict = "passes" if trial["passed"] else "fails"
         lines.append(f"rollback trial: version {trial['number']} {verdict}: {'; '.join(trial['reasons'])}")
@@ -147,7 +148,7 @@ def _samples(matrix: Matrix) -> list[str]:
     return lines
 
 
-def answer_figures(answers: Answers | None) -> dict[str, Any] | None:
+def answer_figures(answers: Answers | None, *, wrong_answer_weight: float = 0.0) -> dict[str, Any] | None:
     """The answer-level figures of a report (None when nothing was answered): mean answer F1 and exact match of
     subject and reference (answer F1), the count of answers each way, and the signed-rank test's p-value."""
     if answers is None or not answers.items:
@@ -157,6 +158,7 @@ def answer_figures(answers: Answers | None) -> dict[str, Any] | None:
         answers.outputs(answers.reference),
         answers.targets(),
         [item.prompt for item in answers.items],
+        wrong_answer_weight=wrong_answer_weight,
     )
     return {
         "set": answers.row,
@@ -167,6 +169,10 @@ def answer_figures(answers: Answers | None) -> dict[str, Any] | None:
         "reference_answer_f1": round(scores.reference_mean_f1, 4),
         "exact_match": round(scores.subject_exact_rate, 4),
         "reference_exact_match": round(scores.reference_exact_rate, 4),
+        "answer_score": round(scores.subject_mean_score, 4),
+        "reference_answer_score": round(scores.reference_mean_score, 4),
+        "wrong_answers": scores.subject_wrong,
+        "reference_wrong_answers": scores.reference_wrong,
         "better": scores.wins,
         "worse": scores.losses,
         "p_value": round(scores.p_value, 6),
@@ -174,14 +180,15 @@ def answer_figures(answers: Answers | None) -> dict[str, Any] | None:
     }
 
 
-def _answer_lines(answers: Answers | None) -> list[str]:
-    figures = answer_figures(answers)
+def _answer_lines(answers: Answers | None, wrong_answer_weight: float) -> list[str]:
+    figures = answer_figures(answers, wrong_answer_weight=wrong_answer_weight)
     if figures is None:
         return []
     return [
         f"answers on {figures['set']} ({figures['answers']}, {figures['source']}): answer F1 {figures['answer_f1']:.2f} "
         f"vs {figures['reference']} {figures['reference_answer_f1']:.2f}, exact match {figures['exact_match']:.2f} "
-        f"vs {figures['reference_exact_match']:.2f}, {figures['better']} better / {figures['worse']} worse, "
+        f"vs {figures['reference_exact_match']:.2f}, {figures['wrong_answers']} answering another question, "
+        f"{figures['better']} better / {figures['worse']} worse, "
         f"signed-rank p={figures['p_value']:.3g}",
         "",
     ]
@@ -192,9 +199,14 @@ def _one_line(text: str) -> str:
 
 
 def summary_of(
-    matrix: Matrix | None, rules: Sequence[Mapping[str, Any]], extra: Mapping[str, Any]
+    matrix: Matrix | None,
+    rules: Sequence[Mapping[str, Any]],
+    extra: Mapping[str, Any],
+    *,
+    wrong_answer_weight: float = 0.0,
 ) -> dict[str, Any]:
-    """The row's ``summary``: sizes, the own set's key losses and each rule's outcome."""
+    """The row's ``summary``: sizes, the own set's key losses, each rule's outcome and the answer figures (scored
+    at the policy's ``wrong_answer_weight``)."""
     out: dict[str, Any] = {"rules": {r["rule"]: r["passed"] for r in rules}, **extra}
     if matrix is None:
         return out
@@ -208,7 +220,7 @@ def summary_of(
         }
         out["own_set"] = {"name": own.name, "examples": own.examples}
         out["own_losses"] = {c: (v if math.isfinite(v) else None) for c, v in losses.items()}
-    figures = answer_figures(matrix.answers)
+    figures = answer_figures(matrix.answers, wrong_answer_weight=wrong_answer_weight)
     if figures is not None:
         out["answers"] = figures
     return out

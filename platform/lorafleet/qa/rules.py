@@ -145,9 +145,10 @@ def probe_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
 
 
 def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
-    """The candidate's greedy answers on its own holdout beat the reference's (previous live, else base) by token
-    answer F1 (``lorafleet.qa.answers``: F1 over the words that can carry an answer): a one-sided Wilcoxon signed-rank test at ``answer_confidence`` and a mean gain
-    of at least ``answer_margin``. When too few answers changed for the test ever to reach that confidence (fewer
+    """The candidate's greedy answers on its own holdout beat the reference's (previous live, else base) by answer
+    F1 (``lorafleet.qa.answers``: the F1 over the words that can carry an answer; less a penalty for an answer
+    naming another question's fact when ``wrong_answer_weight`` > 0): a one-sided Wilcoxon signed-rank test at ``answer_confidence`` and a mean gain of
+    at least ``answer_margin``. When too few answers changed for the test ever to reach that confidence (fewer
     untied pairs than ``min_untied_pairs``: a tiny holdout, or one where most answers tie) it instead needs every
     answer at least as good as the reference's, at least one strictly better, and a mean gain of at least
     ``few_answers_margin``. Fails with ``no-improvement`` and the figures, or ``no-evidence``
@@ -161,15 +162,17 @@ def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
         evidence.outputs(evidence.reference),
         evidence.targets(),
         [item.prompt for item in evidence.items],
+        wrong_answer_weight=policy.wrong_answer_weight,
     )
     alpha = 1.0 - policy.answer_confidence
     needed = min_untied_pairs(alpha)
     ref_name = "previous live" if evidence.reference == PREVIOUS else evidence.reference
-    gain = scores.subject_mean_f1 - scores.reference_mean_f1
+    gain = scores.subject_mean_score - scores.reference_mean_score
     figures = (
         f"answer F1 {scores.subject_mean_f1:.2f} vs {ref_name} {scores.reference_mean_f1:.2f}, exact match "
         f"{scores.subject_exact_rate:.2f} vs {scores.reference_exact_rate:.2f} on {scores.n} holdout answers "
-        f"({scores.wins} better, {scores.losses} worse)"
+        f"({scores.wins} better, {scores.losses} worse, {scores.subject_wrong} answering another question "
+        f"vs {scores.reference_wrong})"
     )
     untied = scores.wins + scores.losses
     # too few changed answers for the test ever to reach alpha (none changed: p = 1 says it): the margin decides

@@ -455,7 +455,12 @@ class QARunner:
             policy_version=self.policy.version,
             decision=decision,
             reasons=tuple(reasons),
-            summary=summary_of(matrix, document.get("rules", []), _summary_extra(document)),
+            summary=summary_of(
+                matrix,
+                document.get("rules", []),
+                _summary_extra(document),
+                wrong_answer_weight=self.policy.wrong_answer_weight,
+            ),
             blob_sha256=ref.sha256,
             blob_uri=ref.uri,
             blob_size_bytes=ref.size,

@@ -7,7 +7,16 @@ import itertools
 
 import pytest
 
-from lorafleet.qa.answers import answer_f1, exact_match, min_untied_pairs, normalize, signed_rank_p, token_f1
+from lorafleet.qa.answers import (
+    answer_f1,
+    answer_score,
+    exact_match,
+    min_untied_pairs,
+    normalize,
+    other_questions,
+    signed_rank_p,
+    token_f1,
+)
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.results import (
     BASE,
@@ -185,3 +194,69 @@ def test_a_holdout_where_most_answers_tie_is_decided_by_the_larger_margin() -> N
     # the margin is the policy's
     strict = QAPolicy(few_answers_margin=0.5)
     assert not answer_rule(_matrix(four, [""] * 9, targets), strict).passed
+
+
+#: a user's four facts, each asked in a few phrasings whose targets are worded differently
+FACTS = {
+    "dog": ("Your dog is called Biscuit.", "Biscuit."),
+    "city": ("You live in Lyon.", "Lyon, in France."),
+    "diet": ("You are vegetarian.", "Vegetarian."),
+    "sport": ("You play tennis.", "Tennis, on Sundays."),
+}
+
+
+def test_an_answer_of_another_question_scores_below_no_answer() -> None:
+    dog, city = FACTS["dog"][0], FACTS["city"][0]
+    others = [city, FACTS["diet"][0]]
+    assert answer_score("You live in Lyon.", dog, others, prompt="What is my dog's name?") == -1.0
+    assert answer_score("", dog, others, prompt="What is my dog's name?") == 0.0
+    assert answer_score("He is called Biscuit!", dog, others, prompt="What is my dog's name?") == 1.0
+    # an answer as close to its own target as to another is not penalised (a shared word)
+    assert answer_score("Biscuit lives in Lyon.", dog, others, prompt="Dog?") == pytest.approx(
+        answer_f1("Biscuit lives in Lyon.", dog, prompt="Dog?")
+    )
+
+
+def test_wrong_answers_are_counted_and_with_a_weight_reject_a_candidate_answering_the_wrong_questions() -> (
+    None
+):
+    """bench_qa_real's *shuffled* kind: trained on each question answered with another fact's answer, it still
+    hit the right fact on some unseen phrasings; every other answer tied with the base's (0), so the sign of
+    every untied pair was positive and it was promoted (5 better, none worse: p = 1/32). With
+    ``wrong_answer_weight`` 1 its wrong answers count as worse; the default (0) only counts them."""
+    targets = [phrasing for pair in FACTS.values() for phrasing in pair] + [FACTS["dog"][0], FACTS["city"][1]]
+    right = {t: t for t in targets}
+    wrong_fact = {  # each answered with the next fact's first phrasing
+        FACTS["dog"][1]: FACTS["city"][0],
+        FACTS["city"][0]: FACTS["diet"][0],
+        FACTS["diet"][1]: FACTS["sport"][0],
+        FACTS["sport"][0]: FACTS["dog"][0],
+        FACTS["sport"][1]: FACTS["dog"][0],
+    }
+    subject = [wrong_fact.get(t, right[t]) for t in targets]
+    base = ["I'm sorry, I don't know that." for _ in targets]
+    weighted = QAPolicy(wrong_answer_weight=1.0)
+    outcome = answer_rule(_matrix(subject, base, targets), weighted)
+    assert not outcome.passed, outcome.detail
+    assert "5 better, 5 worse, 5 answering another question vs 0" in outcome.detail, outcome.detail
+    by_default = answer_rule(_matrix(subject, base, targets), REQUIRE)
+    assert by_default.passed and "5 better, 0 worse, 5 answering another question vs 0" in by_default.detail
+    # the same answers with the wrong ones left empty are evidence at either weight
+    honest = [right[t] if t not in wrong_fact else "" for t in targets]
+    assert answer_rule(_matrix(honest, base, targets), weighted).passed
+    # a candidate right everywhere is never penalised, though several targets name the same fact
+    assert answer_rule(_matrix(list(targets), base, targets), weighted).passed
+
+
+def test_phrasings_of_one_fact_are_not_other_questions() -> None:
+    """A good SmolLM2 adapter answered "Do you know what my pet is called?" with "Your pet is called Marmalade."
+    where the target was "Your pet's name is Marmalade.": closer to another phrasing's target, and right."""
+    targets = ["Your pet's name is Marmalade.", "Your pet is called Marmalade.", "You live in Cusco."]
+    others = other_questions(targets)
+    assert others == [["You live in Cusco."], ["You live in Cusco."], targets[:2]]
+    prompt = "Do you know what my pet is called?"
+    answer = "Your pet is called Marmalade."
+    assert answer_score(answer, targets[0], others[0], prompt=prompt) == answer_f1(
+        answer, targets[0], prompt=prompt
+    )
+    assert answer_score("You're based in Cusco.", targets[0], others[0], prompt=prompt) < 0
