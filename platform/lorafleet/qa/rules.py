@@ -147,8 +147,8 @@ def probe_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
 def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     """The candidate's greedy answers on its own holdout beat the reference's (previous live, else base) by answer
     F1 (``lorafleet.qa.answers``: the F1 over the words that can carry an answer; less a penalty for an answer
-    naming another question's fact when ``wrong_answer_weight`` > 0): a one-sided Wilcoxon signed-rank test at ``answer_confidence`` and a mean gain of
-    at least ``answer_margin``. When too few answers changed for the test ever to reach that confidence (fewer
+    naming another question's fact when ``wrong_answer_weight`` > 0): a one-sided Wilcoxon signed-rank test at
+    ``answer_confidence`` and a mean gain of at least ``answer_margin``. When too few answers changed for the test ever to reach that confidence (fewer
     untied pairs than ``min_untied_pairs``: a tiny holdout, or one where most answers tie) it instead needs every
     answer at least as good as the reference's, at least one strictly better, and a mean gain of at least
     ``few_answers_margin``. Fails with ``no-improvement`` and the figures, or ``no-evidence``
