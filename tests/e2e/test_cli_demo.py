@@ -8,14 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from demo_process import DEMO_USERS, BackgroundDemo
+from demo_process import DEMO_USERS, BackgroundDemo, demo_env
 
 
 def _run(args: list[str], data_dir: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {"LORAFLEET_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"}
     return subprocess.run(
         [sys.executable, "-m", "lorafleet.entrypoints.cli", *args],
-        env=env,
+        env=demo_env(data_dir),
         capture_output=True,
         text=True,
         timeout=timeout,

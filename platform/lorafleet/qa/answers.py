@@ -101,16 +101,23 @@ def answer_score(
     """``answer_f1`` less the wrong-question penalty of the module docstring:
     ``own - wrong_answer_weight * max(0, crossed - own)``, with ``crossed`` the best ``answer_f1`` of ``answer``
     against ``others`` (the targets of the other questions). In [-1, 1]."""
-    own = answer_f1(answer, target, prompt=prompt)
-    crossed = max((answer_f1(answer, other, prompt=prompt) for other in others), default=0.0)
-    return own - wrong_answer_weight * max(0.0, crossed - own)
+    return _penalised(*_own_and_crossed(answer, target, others, prompt), wrong_answer_weight)
 
 
 def wrong_answer(answer: str, target: str, others: Sequence[str], *, prompt: str = "") -> bool:
     """The answer is closer to another question's target than to its own (``answer_score`` penalises it)."""
-    return (
-        answer_score(answer, target, others, prompt=prompt) < answer_f1(answer, target, prompt=prompt) - _TIE
-    )
+    own, crossed = _own_and_crossed(answer, target, others, prompt)
+    return crossed - own > _TIE
+
+
+def _own_and_crossed(answer: str, target: str, others: Sequence[str], prompt: str) -> tuple[float, float]:
+    """The answer's F1 against its own target and its best F1 against the other questions' targets."""
+    own = answer_f1(answer, target, prompt=prompt)
+    return own, max((answer_f1(answer, other, prompt=prompt) for other in others), default=0.0)
+
+
+def _penalised(own: float, crossed: float, weight: float) -> float:
+    return own - weight * max(0.0, crossed - own)
 
 
 def _f1(got: Sequence[str], want: Sequence[str]) -> float:
@@ -261,27 +268,27 @@ def paired_scores(
     prompt). The other targets of an example are ``other_questions``."""
     others = other_questions(targets)
 
-    def scores(column: Sequence[str]) -> tuple[float, ...]:
-        return tuple(
-            answer_score(a, t, o, prompt=p, wrong_answer_weight=wrong_answer_weight)
-            for a, t, o, p in zip(column, targets, others, prompts, strict=True)
-        )
+    def column(answers: Sequence[str]) -> tuple[tuple[float, ...], tuple[float, ...], tuple[bool, ...]]:
+        """Each answer's F1, score and wrong-answer flag, from one F1 against its own and the other targets."""
+        f1s, scores, wrong = [], [], []
+        for a, t, o, p in zip(answers, targets, others, prompts, strict=True):
+            own, crossed = _own_and_crossed(a, t, o, p)
+            f1s.append(own)
+            scores.append(_penalised(own, crossed, wrong_answer_weight))
+            wrong.append(crossed - own > _TIE)
+        return tuple(f1s), tuple(scores), tuple(wrong)
 
-    def wrong(column: Sequence[str]) -> tuple[bool, ...]:
-        return tuple(
-            wrong_answer(a, t, o, prompt=p)
-            for a, t, o, p in zip(column, targets, others, prompts, strict=True)
-        )
-
+    subject_f1, subject_score, subject_wrong = column(subject)
+    reference_f1, reference_score, reference_wrong = column(reference)
     return PairedScores(
-        tuple(answer_f1(a, t, prompt=p) for a, t, p in zip(subject, targets, prompts, strict=True)),
-        tuple(answer_f1(a, t, prompt=p) for a, t, p in zip(reference, targets, prompts, strict=True)),
+        subject_f1,
+        reference_f1,
         tuple(exact_match(a, t) for a, t in zip(subject, targets, strict=True)),
         tuple(exact_match(a, t) for a, t in zip(reference, targets, strict=True)),
-        scores(subject),
-        scores(reference),
-        wrong(subject),
-        wrong(reference),
+        subject_score,
+        reference_score,
+        subject_wrong,
+        reference_wrong,
     )
 
 
