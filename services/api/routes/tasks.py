@@ -18,6 +18,7 @@ from lorafleet.domain import Adapter, AliasEvent
 from lorafleet.errors import ValidationError
 from lorafleet.feedback import IngestResult
 from lorafleet.sdk import schemas as s
+from lorafleet.workflows.import_jobs import import_weight_bounds, submit_import
 from lorafleet.workflows.tasks import (
     enrolled_users,
     get_task_adapter,
@@ -94,8 +95,6 @@ def import_task_adapter(
     archive that is not base64, and for files refused without a backbone: not a PEFT LoRA adapter, non-finite
     weights, or weights (or ``lora_alpha``) beyond the QA policy's weight bounds (``weights_out_of_bounds``,
     naming the tensor or field); a refusal stores nothing and queues nothing."""
-    from lorafleet.workflows.import_jobs import import_weight_bounds, submit_import
-
     try:
         archive = base64.b64decode(body.archive_base64, validate=True)
     except (binascii.Error, ValueError):
