@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from alembic import context
 from sqlalchemy.engine import Connection
 
+from lorafleet.config import load_settings
 from lorafleet.store.sql.database import create_db_engine
 from lorafleet.store.sql.models import Base
 
@@ -24,8 +25,6 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from lorafleet.config import load_settings
-
     return load_settings().resolved_database_url
 
 

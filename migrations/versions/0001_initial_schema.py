@@ -7,6 +7,8 @@ Create Date: 2026-11-28 15:14:23.993860
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -14,6 +16,22 @@ revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
+
+#: the key type of the tables that grow without bound: BIGINT, but INTEGER on SQLite (only an INTEGER primary key
+#: is its rowid, which autoincrements)
+BIG_KEY = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def _fk(table: str, column: str, target: str, *, ondelete: str = "CASCADE") -> sa.ForeignKeyConstraint:
+    """``table.column`` references ``target.id``, named by the models' naming convention."""
+    return sa.ForeignKeyConstraint(
+        [column], [f"{target}.id"], name=op.f(f"fk_{table}_{column}_{target}"), ondelete=ondelete
+    )
+
+
+def _where(condition: str) -> dict[str, Any]:
+    """A partial index's condition, the same on PostgreSQL and SQLite."""
+    return {"postgresql_where": sa.text(condition), "sqlite_where": sa.text(condition)}
 
 
 def upgrade() -> None:
@@ -33,9 +51,7 @@ def upgrade() -> None:
         sa.Column("prefix", sa.String(length=16), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
-        sa.ForeignKeyConstraint(
-            ["tenant_id"], ["tenants.id"], name=op.f("fk_api_keys_tenant_id_tenants"), ondelete="CASCADE"
-        ),
+        _fk("api_keys", "tenant_id", "tenants"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_api_keys")),
         sa.UniqueConstraint("key_hash", name=op.f("uq_api_keys_key_hash")),
     )
@@ -44,7 +60,7 @@ def upgrade() -> None:
 
     op.create_table(
         "jobs",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("id", BIG_KEY, nullable=False),
         sa.Column("tenant_id", sa.Integer(), nullable=True),
         sa.Column("kind", sa.String(length=32), nullable=False),
         sa.Column("state", sa.String(length=16), nullable=False),
@@ -64,9 +80,7 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name=op.f("ck_jobs_state")
         ),
-        sa.ForeignKeyConstraint(
-            ["tenant_id"], ["tenants.id"], name=op.f("fk_jobs_tenant_id_tenants"), ondelete="CASCADE"
-        ),
+        _fk("jobs", "tenant_id", "tenants"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_jobs")),
     )
     with op.batch_alter_table("jobs", schema=None) as batch_op:
@@ -75,8 +89,7 @@ def upgrade() -> None:
             "uq_jobs_active_dedupe_key",
             ["dedupe_key"],
             unique=True,
-            postgresql_where=sa.text("state IN ('queued', 'running')"),
-            sqlite_where=sa.text("state IN ('queued', 'running')"),
+            **_where("state IN ('queued', 'running')"),
         )
 
     op.create_table(
@@ -85,9 +98,7 @@ def upgrade() -> None:
         sa.Column("tenant_id", sa.Integer(), nullable=False),
         sa.Column("external_id", sa.String(length=256), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["tenant_id"], ["tenants.id"], name=op.f("fk_users_tenant_id_tenants"), ondelete="CASCADE"
-        ),
+        _fk("users", "tenant_id", "tenants"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_users")),
         sa.UniqueConstraint("tenant_id", "external_id", name=op.f("uq_users_tenant_id_external_id")),
     )
@@ -100,12 +111,8 @@ def upgrade() -> None:
         sa.Column("target_config", sa.JSON(), nullable=False),
         sa.Column("version_count", sa.Integer(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["owner_user_id"], ["users.id"], name=op.f("fk_adapters_owner_user_id_users"), ondelete="CASCADE"
-        ),
-        sa.ForeignKeyConstraint(
-            ["tenant_id"], ["tenants.id"], name=op.f("fk_adapters_tenant_id_tenants"), ondelete="CASCADE"
-        ),
+        _fk("adapters", "owner_user_id", "users"),
+        _fk("adapters", "tenant_id", "tenants"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_adapters")),
     )
     with op.batch_alter_table("adapters", schema=None) as batch_op:
@@ -113,20 +120,18 @@ def upgrade() -> None:
             "uq_adapters_task_name",
             ["tenant_id", "name"],
             unique=True,
-            postgresql_where=sa.text("owner_user_id IS NULL"),
-            sqlite_where=sa.text("owner_user_id IS NULL"),
+            **_where("owner_user_id IS NULL"),
         )
         batch_op.create_index(
             "uq_adapters_user_name",
             ["tenant_id", "owner_user_id", "name"],
             unique=True,
-            postgresql_where=sa.text("owner_user_id IS NOT NULL"),
-            sqlite_where=sa.text("owner_user_id IS NOT NULL"),
+            **_where("owner_user_id IS NOT NULL"),
         )
 
     op.create_table(
         "dataset_snapshots",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("id", BIG_KEY, nullable=False),
         sa.Column("user_id", sa.Integer(), nullable=True),
         sa.Column("min_record_id", sa.BigInteger(), nullable=True),
         sa.Column("max_record_id", sa.BigInteger(), nullable=True),
@@ -135,9 +140,7 @@ def upgrade() -> None:
         sa.Column("content_hash", sa.String(length=64), nullable=False),
         sa.Column("details", sa.JSON(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["user_id"], ["users.id"], name=op.f("fk_dataset_snapshots_user_id_users"), ondelete="CASCADE"
-        ),
+        _fk("dataset_snapshots", "user_id", "users"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_dataset_snapshots")),
     )
     with op.batch_alter_table("dataset_snapshots", schema=None) as batch_op:
@@ -145,16 +148,14 @@ def upgrade() -> None:
 
     op.create_table(
         "feedback",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("id", BIG_KEY, nullable=False),
         sa.Column("user_id", sa.Integer(), nullable=False),
         sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("payload", sa.JSON(), nullable=False),
         sa.Column("content_hash", sa.String(length=64), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("kind IN ('sft', 'preference', 'rating')", name=op.f("ck_feedback_kind")),
-        sa.ForeignKeyConstraint(
-            ["user_id"], ["users.id"], name=op.f("fk_feedback_user_id_users"), ondelete="CASCADE"
-        ),
+        _fk("feedback", "user_id", "users"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_feedback")),
         sa.UniqueConstraint("user_id", "content_hash", name=op.f("uq_feedback_user_id_content_hash")),
     )
@@ -163,7 +164,7 @@ def upgrade() -> None:
 
     op.create_table(
         "adapter_versions",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("id", BIG_KEY, nullable=False),
         sa.Column("adapter_id", sa.Integer(), nullable=False),
         sa.Column("number", sa.Integer(), nullable=False),
         sa.Column("blob_uri", sa.String(length=1024), nullable=False),
@@ -175,28 +176,16 @@ def upgrade() -> None:
         sa.Column("training_config", sa.JSON(), nullable=False),
         sa.Column("metrics", sa.JSON(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
-        sa.Column("job_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
-        sa.Column("dataset_snapshot_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
+        sa.Column("job_id", BIG_KEY, nullable=True),
+        sa.Column("dataset_snapshot_id", BIG_KEY, nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "status IN ('candidate', 'live', 'rejected', 'archived')", name=op.f("ck_adapter_versions_status")
         ),
         sa.CheckConstraint("number >= 1", name=op.f("ck_adapter_versions_number_positive")),
-        sa.ForeignKeyConstraint(
-            ["adapter_id"],
-            ["adapters.id"],
-            name=op.f("fk_adapter_versions_adapter_id_adapters"),
-            ondelete="CASCADE",
-        ),
-        sa.ForeignKeyConstraint(
-            ["dataset_snapshot_id"],
-            ["dataset_snapshots.id"],
-            name=op.f("fk_adapter_versions_dataset_snapshot_id_dataset_snapshots"),
-            ondelete="SET NULL",
-        ),
-        sa.ForeignKeyConstraint(
-            ["job_id"], ["jobs.id"], name=op.f("fk_adapter_versions_job_id_jobs"), ondelete="SET NULL"
-        ),
+        _fk("adapter_versions", "adapter_id", "adapters"),
+        _fk("adapter_versions", "dataset_snapshot_id", "dataset_snapshots", ondelete="SET NULL"),
+        _fk("adapter_versions", "job_id", "jobs", ondelete="SET NULL"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_adapter_versions")),
         sa.UniqueConstraint("adapter_id", "number", name=op.f("uq_adapter_versions_adapter_id_number")),
     )
@@ -206,7 +195,7 @@ def upgrade() -> None:
 
     op.create_table(
         "alias_history",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("id", BIG_KEY, nullable=False),
         sa.Column("adapter_id", sa.Integer(), nullable=False),
         sa.Column("alias", sa.String(length=32), nullable=False),
         sa.Column("from_version_id", sa.BigInteger(), nullable=True),
@@ -214,12 +203,7 @@ def upgrade() -> None:
         sa.Column("actor", sa.String(length=256), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["adapter_id"],
-            ["adapters.id"],
-            name=op.f("fk_alias_history_adapter_id_adapters"),
-            ondelete="CASCADE",
-        ),
+        _fk("alias_history", "adapter_id", "adapters"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_alias_history")),
     )
     with op.batch_alter_table("alias_history", schema=None) as batch_op:
@@ -229,41 +213,24 @@ def upgrade() -> None:
         "aliases",
         sa.Column("adapter_id", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(length=32), nullable=False),
-        sa.Column("version_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
+        sa.Column("version_id", BIG_KEY, nullable=True),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["adapter_id"], ["adapters.id"], name=op.f("fk_aliases_adapter_id_adapters"), ondelete="CASCADE"
-        ),
-        sa.ForeignKeyConstraint(
-            ["version_id"],
-            ["adapter_versions.id"],
-            name=op.f("fk_aliases_version_id_adapter_versions"),
-            ondelete="RESTRICT",
-        ),
+        _fk("aliases", "adapter_id", "adapters"),
+        _fk("aliases", "version_id", "adapter_versions", ondelete="RESTRICT"),
         sa.PrimaryKeyConstraint("adapter_id", "name", name=op.f("pk_aliases")),
     )
     op.create_table(
         "lineage_edges",
-        sa.Column("child_version_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
-        sa.Column("parent_version_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("child_version_id", BIG_KEY, nullable=False),
+        sa.Column("parent_version_id", BIG_KEY, nullable=False),
         sa.Column("relation", sa.String(length=32), nullable=False),
         sa.CheckConstraint(
             "relation IN ('continued-from', 'merged-from', 'imported')",
             name=op.f("ck_lineage_edges_relation"),
         ),
         sa.CheckConstraint("child_version_id <> parent_version_id", name=op.f("ck_lineage_edges_not_self")),
-        sa.ForeignKeyConstraint(
-            ["child_version_id"],
-            ["adapter_versions.id"],
-            name=op.f("fk_lineage_edges_child_version_id_adapter_versions"),
-            ondelete="CASCADE",
-        ),
-        sa.ForeignKeyConstraint(
-            ["parent_version_id"],
-            ["adapter_versions.id"],
-            name=op.f("fk_lineage_edges_parent_version_id_adapter_versions"),
-            ondelete="CASCADE",
-        ),
+        _fk("lineage_edges", "child_version_id", "adapter_versions"),
+        _fk("lineage_edges", "parent_version_id", "adapter_versions"),
         sa.PrimaryKeyConstraint("child_version_id", "parent_version_id", name=op.f("pk_lineage_edges")),
     )
     with op.batch_alter_table("lineage_edges", schema=None) as batch_op:
@@ -298,13 +265,11 @@ def downgrade() -> None:
     with op.batch_alter_table("adapters", schema=None) as batch_op:
         batch_op.drop_index(
             "uq_adapters_user_name",
-            postgresql_where=sa.text("owner_user_id IS NOT NULL"),
-            sqlite_where=sa.text("owner_user_id IS NOT NULL"),
+            **_where("owner_user_id IS NOT NULL"),
         )
         batch_op.drop_index(
             "uq_adapters_task_name",
-            postgresql_where=sa.text("owner_user_id IS NULL"),
-            sqlite_where=sa.text("owner_user_id IS NULL"),
+            **_where("owner_user_id IS NULL"),
         )
 
     op.drop_table("adapters")
@@ -312,8 +277,7 @@ def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index(
             "uq_jobs_active_dedupe_key",
-            postgresql_where=sa.text("state IN ('queued', 'running')"),
-            sqlite_where=sa.text("state IN ('queued', 'running')"),
+            **_where("state IN ('queued', 'running')"),
         )
         batch_op.drop_index("ix_jobs_state_run_after")
 

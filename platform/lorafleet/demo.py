@@ -15,23 +15,41 @@ It stops everything it started.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from datetime import timedelta
+from typing import Any
 
+import uvicorn
+from services.api.app import create_app
+from services.api.runtime import ApiOptions
+from tqdm import tqdm
+
+from lorafleet.backbone import resolve_backbone_path
+from lorafleet.config import Settings, load_settings
+from lorafleet.demo_data import TASK, held_out_examples, in_house_style, task_records
 from lorafleet.errors import LorafleetError
-
-if TYPE_CHECKING:
-    import uvicorn
-
-    from lorafleet.sdk import Client
-    from lorafleet.training.personal_facts import Fact, PersonalUser
+from lorafleet.jobs import SchedulerPolicy
+from lorafleet.sdk import Client
+from lorafleet.sdk.errors import NotFound
+from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS
+from lorafleet.training.personal_facts import (
+    Fact,
+    PersonalUser,
+    answer_has_fact,
+    fact_records,
+    make_users,
+    personal_values_in,
+    split_questions,
+)
 
 log = logging.getLogger("lorafleet.demo")
 
@@ -65,8 +83,6 @@ class _Server:
     (the scheduler loop and the Ray trainer actors are stopped there)."""
 
     def __init__(self, app: Any) -> None:
-        import uvicorn
-
         config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
         self.server: uvicorn.Server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="lorafleet-demo-api", daemon=True)
@@ -108,15 +124,7 @@ class _Clock:
 
 
 @contextmanager
-def _service(settings: Any, timeout: float) -> Iterator[_Server]:
-    from datetime import timedelta
-
-    from services.api.app import create_app
-    from services.api.runtime import ApiOptions
-
-    from lorafleet.jobs import SchedulerPolicy
-    from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS
-
+def _service(settings: Settings, timeout: float) -> Iterator[_Server]:
     policy = SchedulerPolicy(
         min_new_records=8, max_staleness=timedelta(seconds=5), users_per_job=5, max_active_jobs=2
     )
@@ -144,8 +152,6 @@ def _service(settings: Any, timeout: float) -> Iterator[_Server]:
 
 def _stop_local_ray() -> None:
     """Shut down the local Ray this process started (its raylet and agents), not only at interpreter exit."""
-    import sys
-
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         log.info("stopping the local Ray")
@@ -176,8 +182,6 @@ def _pct(value: Any) -> str:
 # --- waiting ---------------------------------------------------------------------------------------------------
 def _watch_training(client: Client, timeout: float) -> None:
     """A progress bar over the scheduler's train jobs (step, loss, ETA) until none is queued or running."""
-    from tqdm import tqdm
-
     deadline = time.monotonic() + timeout
     seen: set[int] = set()
     while time.monotonic() < deadline:
@@ -211,8 +215,6 @@ def _progress_to(bar: Any) -> Callable[[Any], None]:
 
 def _wait_for_versions(client: Client, runs: list[UserRun], timeout: float, *, number: int = 1) -> None:
     """Until every user's version ``number`` (or later) is decided (live or rejected) or its job failed."""
-    from lorafleet.sdk.errors import NotFound
-
     deadline = time.monotonic() + timeout
     pending = {r.name: r for r in runs}
     for r in runs:
@@ -239,8 +241,6 @@ def _wait_for_versions(client: Client, runs: list[UserRun], timeout: float, *, n
 
 def _wait_for_task(client: Client, timeout: float) -> bool:
     """Until the task's first version is decided (live or rejected) or its job failed; True if live."""
-    from lorafleet.demo_data import TASK
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         decided = [v for v in client.list_task_versions(TASK) if v.status in ("live", "rejected")]
@@ -253,11 +253,16 @@ def _wait_for_task(client: Client, timeout: float) -> bool:
 
 
 # --- the demo --------------------------------------------------------------------------------------------------
-def run_demo(*, users: int = 4, timeout: float = 900.0) -> int:
-    from lorafleet.config import load_settings
-    from lorafleet.sdk import Client
-    from lorafleet.training.personal_facts import make_users
+def demo_command(args: argparse.Namespace) -> int:
+    """``lorafleet demo``: the demo prints its own story, so without ``--verbose`` the services and libraries it
+    runs speak up only for warnings (Ray only for errors)."""
+    if not args.verbose:
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("ray").setLevel(logging.ERROR)
+    return run_demo(users=args.users, timeout=args.timeout)
 
+
+def run_demo(*, users: int = 4, timeout: float = 900.0) -> int:
     if not 1 <= users <= len(NAMES):
         raise DemoError(f"--users must be in 1..{len(NAMES)}")
     for noisy in ("httpx", "lorafleet.jobs.scheduler"):  # a line per request / per tick would drown the demo
@@ -272,8 +277,6 @@ def run_demo(*, users: int = 4, timeout: float = 900.0) -> int:
     )
     # a fresh data dir converts the built-in backbone once (about half a minute, with its own progress bar):
     # done here, before the service's trainer actor and engine load it, so it is not interleaved with them
-    from lorafleet.backbone import resolve_backbone_path
-
     resolve_backbone_path(settings.backbone, data_dir=settings.data_dir)
     clock.mark("backbone")
     with _service(settings, timeout=600.0) as server:
@@ -305,9 +308,6 @@ def run_demo(*, users: int = 4, timeout: float = 900.0) -> int:
 
 
 def _submit_feedback(client: Client, runs: list[UserRun]) -> None:
-    from lorafleet.demo_data import TASK, task_records
-    from lorafleet.training.personal_facts import fact_records, split_questions
-
     for run in runs:
         records = fact_records(run.person, rounds=[1])
         client.submit_feedback(run.name, records)
@@ -326,8 +326,6 @@ def _submit_feedback(client: Client, runs: list[UserRun]) -> None:
 
 def _show_results(client: Client, runs: list[UserRun]) -> None:
     """Base against personalised answers on paraphrases each user never sent, and a score per user."""
-    from lorafleet.training.personal_facts import answer_has_fact
-
     base_user = "demo-nobody"  # a user with no adapters: the same backbone, an empty bank
     asks = [(who, q) for run in runs for q, _ in run.probes for who in (base_user, run.name)]
     answers = iter(_answers(client, asks))
@@ -366,8 +364,6 @@ def _show_results(client: Client, runs: list[UserRun]) -> None:
 
 def _general_question(client: Client, runs: list[UserRun]) -> None:
     """A general question whose answer must not change: no personal fact leaks into it."""
-    from lorafleet.training.personal_facts import personal_values_in
-
     names = ["demo-nobody", *(r.name for r in runs)]
     answers = _answers(client, [(n, GENERAL_QUESTION) for n in names])
     people = [r.person for r in runs]
@@ -383,8 +379,6 @@ def _general_question(client: Client, runs: list[UserRun]) -> None:
 def _task_adapter_step(client: Client, run: UserRun, *, task_live: bool, timeout: float) -> None:
     """Enrol one user in the shared task adapter, show how the gate weights it against their own adapter, and
     what QA's recheck of their live adapter in the grown bank decided."""
-    from lorafleet.demo_data import TASK, held_out_examples, in_house_style
-
     print()
     [task] = [t for t in client.list_tasks() if t.name == TASK]
     print(f"shared task adapter {TASK!r}: version {task.live_version} live")
@@ -434,8 +428,6 @@ def _wait_for_recheck(client: Client, user: str, number: int, timeout: float) ->
 
 def _rollback_and_lineage(client: Client, runs: list[UserRun], timeout: float) -> None:
     """A second round of feedback for one user (v2, continued from v1), a rollback, the history, the lineage."""
-    from lorafleet.training.personal_facts import answer_has_fact, fact_records, split_questions
-
     live = [r for r in runs if r.version is not None and r.version.status == "live"]
     print()
     if not live:

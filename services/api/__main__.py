@@ -11,6 +11,8 @@ import argparse
 import logging
 import sys
 
+import uvicorn
+
 from lorafleet.config import load_settings
 from lorafleet.errors import LorafleetError
 from lorafleet.runtime.process import configure_logging
@@ -49,8 +51,6 @@ def _options(args: argparse.Namespace) -> ApiOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
     args = _parser().parse_args(argv)
     configure_logging(verbose=args.verbose)
     try:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from lorafleet.domain import Adapter, AdapterVersion, AliasEvent, FeedbackRecord, Job, QADecision
+from lorafleet.domain.subject import Subject
 from lorafleet.feedback import IngestResult
 from lorafleet.registry import Lineage, LineageNode
 from lorafleet.routing.bank import Enrolment
@@ -16,15 +19,19 @@ from lorafleet.store.sql.tenants import ApiKeyInfo
 from lorafleet.workflows.live_alias import VersionQA
 from lorafleet.workflows.tasks import TaskInfo
 
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _copied(model: type[_Model], source: object, **given: Any) -> _Model:
+    """A ``model`` with the ``given`` fields, and each of its other fields copied from the attribute of the same
+    name of ``source``: most response fields are the library object's own, so only the ones that differ (a
+    name, a number instead of an id, a label) are spelled out. A field ``source`` lacks is an AttributeError."""
+    copied = {name: getattr(source, name) for name in model.model_fields if name not in given}
+    return model(**copied, **given)
+
 
 def api_key(info: ApiKeyInfo) -> s.ApiKeyOut:
-    return s.ApiKeyOut(
-        id=info.id,
-        prefix=info.prefix,
-        created_at=info.created_at,
-        last_used_at=info.last_used_at,
-        revoked_at=info.revoked_at,
-    )
+    return _copied(s.ApiKeyOut, info)
 
 
 def feedback_submitted(result: IngestResult) -> s.FeedbackSubmitted:
@@ -32,62 +39,29 @@ def feedback_submitted(result: IngestResult) -> s.FeedbackSubmitted:
 
 
 def feedback_record(record: FeedbackRecord) -> s.FeedbackRecordOut:
-    return s.FeedbackRecordOut(
-        id=record.id,
-        kind=record.kind,
-        payload=record.payload,
-        content_hash=record.content_hash,
-        created_at=record.created_at,
-    )
+    return _copied(s.FeedbackRecordOut, record)
 
 
 def adapter(adapter: Adapter, *, live: AdapterVersion | None) -> s.AdapterOut:
-    return s.AdapterOut(
-        id=adapter.id,
-        name=adapter.name,
-        target_config=adapter.target_config,
-        live_version=None if live is None else live.number,
-        created_at=adapter.created_at,
-    )
+    return _copied(s.AdapterOut, adapter, live_version=None if live is None else live.number)
 
 
 def version(v: AdapterVersion, *, adapter_name: str | None, qa: VersionQA | None = None) -> s.VersionOut:
     """``qa``: the version's QA state (``workflows.live_alias.versions_qa``); without it, from nothing known."""
     qa = qa or VersionQA()
-    return s.VersionOut(
-        qa_decision=None if qa.decision is None else str(qa.decision),
-        qa_state=qa.state,  # type: ignore[arg-type]  # one of QAState's values
-        forced_live=qa.forced_live,
-        id=v.id,
-        adapter_id=v.adapter_id,
+    return _copied(
+        s.VersionOut,
+        v,
         adapter=adapter_name,
-        number=v.number,
-        status=v.status,
-        sha256=v.sha256,
-        size_bytes=v.size_bytes,
-        base_fingerprint=v.base_fingerprint,
-        rank=v.rank,
         target_modules=list(v.target_modules),
-        training_config=v.training_config,
-        metrics=v.metrics,
-        job_id=v.job_id,
-        dataset_snapshot_id=v.dataset_snapshot_id,
-        created_at=v.created_at,
+        qa_decision=None if qa.decision is None else str(qa.decision),
+        qa_state=qa.state,
+        forced_live=qa.forced_live,
     )
 
 
 def qa_report(report: QAReport) -> s.QAReportOut:
-    return s.QAReportOut(
-        id=report.id,
-        kind=report.kind,
-        decision=report.decision,
-        reasons=list(report.reasons),
-        summary=report.summary,
-        policy_version=report.policy_version,
-        blob_sha256=report.blob_sha256,
-        job_id=report.job_id,
-        created_at=report.created_at,
-    )
+    return _copied(s.QAReportOut, report, reasons=list(report.reasons))
 
 
 def version_detail(
@@ -118,25 +92,8 @@ def lineage(found: Lineage, *, adapter_names: Mapping[int, str]) -> s.LineageOut
                 qa=VersionQA(QADecision(n.qa_reports[-1].decision)) if n.qa_reports else None,
             ),
             distance=n.distance,
-            dataset_snapshot=None
-            if snap is None
-            else s.DatasetSnapshotOut(
-                id=snap.id,
-                record_count=snap.record_count,
-                content_hash=snap.content_hash,
-                min_record_id=snap.min_record_id,
-                max_record_id=snap.max_record_id,
-                created_at=snap.created_at,
-            ),
-            job=None
-            if job is None
-            else s.JobSummaryOut(
-                id=job.id,
-                kind=job.kind,
-                state=job.state,
-                created_at=job.created_at,
-                finished_at=job.finished_at,
-            ),
+            dataset_snapshot=None if snap is None else _copied(s.DatasetSnapshotOut, snap),
+            job=None if job is None else _copied(s.JobSummaryOut, job),
             qa_decisions=[r.decision for r in n.qa_reports],
         )
 
@@ -144,14 +101,7 @@ def lineage(found: Lineage, *, adapter_names: Mapping[int, str]) -> s.LineageOut
         root=node(found.root),
         ancestors=[node(n) for n in found.ancestors],
         descendants=[node(n) for n in found.descendants],
-        edges=[
-            s.LineageEdgeOut(
-                child_version_id=e.child_version_id,
-                parent_version_id=e.parent_version_id,
-                relation=e.relation,
-            )
-            for e in found.edges
-        ],
+        edges=[_copied(s.LineageEdgeOut, e) for e in found.edges],
     )
 
 
@@ -161,38 +111,23 @@ def alias_event(event: AliasEvent, *, adapter_name: str, numbers: Mapping[int, i
     def number(version_id: int | None) -> int | None:
         return None if version_id is None else numbers.get(version_id)
 
-    return s.AliasEventOut(
-        id=event.id,
+    return _copied(
+        s.AliasEventOut,
+        event,
         adapter=adapter_name,
         from_version=number(event.from_version_id),
         to_version=number(event.to_version_id),
-        from_version_id=event.from_version_id,
-        to_version_id=event.to_version_id,
-        actor=event.actor,
-        reason=event.reason,
-        created_at=event.created_at,
-        forced=event.forced,
     )
 
 
 def job(j: Job, *, hide: Callable[[str], str] | None = None) -> s.JobOut:
     """A job as its tenant sees it; ``hide`` takes the server's paths out of its error (``ServerPaths.hide``)."""
-    users = [_subject_label(u) for u in j.payload.get("users", []) if isinstance(u, Mapping)]
-    return s.JobOut(
-        id=j.id,
-        kind=j.kind,
-        state=j.state,
-        users=users,
-        attempts=j.attempts,
-        max_attempts=j.max_attempts,
+    return _copied(
+        s.JobOut,
+        j,
+        users=[_subject_label(u) for u in j.payload.get("users", []) if isinstance(u, Mapping)],
         error=j.error if j.error is None or hide is None else hide(j.error),
-        result=j.result,
-        created_at=j.created_at,
-        started_at=j.started_at,
-        finished_at=j.finished_at,
         progress=None if j.progress is None else s.JobProgressOut.model_validate(j.progress),
-        cancel_requested_at=j.cancel_requested_at,
-        cancelled_by=j.cancelled_by,
         training=_job_training(j),
     )
 
@@ -210,38 +145,19 @@ def _job_training(j: Job) -> s.TrainingValues | None:
 
 def _subject_label(entry: Mapping[str, Any]) -> str:
     """A train job's subject as clients see it: the user's id, or ``task:<name>`` for a task's dataset."""
-    from lorafleet.domain.subject import Subject
-
     return Subject.from_row(str(entry.get("kind")), str(entry.get("external_id"))).label
 
 
 def task(info: TaskInfo) -> s.TaskOut:
-    return s.TaskOut(
-        name=info.name,
-        adapter_id=info.adapter_id,
-        live_version=info.live_version,
-        versions=info.versions,
-        enrolled_users=info.enrolled_users,
-        feedback_records=info.feedback_records,
-    )
+    return _copied(s.TaskOut, info)
 
 
 def enrolment(e: Enrolment) -> s.EnrolmentOut:
-    return s.EnrolmentOut(task=e.task_name, adapter_id=e.adapter_id, actor=e.actor, enrolled_at=e.enrolled_at)
+    return _copied(s.EnrolmentOut, e, task=e.task_name)
 
 
 def serving_info(result: GenerationResult) -> s.ServingInfo:
-    served = [
-        s.ServedByOut(
-            adapter=b.adapter,
-            adapter_id=b.adapter_id,
-            version=b.version,
-            version_id=b.version_id,
-            sha256=b.sha256,
-            weight=b.weight,
-        )
-        for b in result.served_by
-    ]
+    served = [_copied(s.ServedByOut, b) for b in result.served_by]
     return s.ServingInfo(
         served_by=served,
         versions={b.adapter: b.version for b in served},

@@ -85,6 +85,10 @@ KeyId = Annotated[int, Path(ge=1, le=MAX_INT32, description="The API key's id (f
 AfterId = Annotated[
     int | None, Query(ge=0, le=MAX_INT64, description="Only records with a larger id (the last id seen).")
 ]
+#: a page's size (``limit``) in listings, 100 unless given
+PageLimit = Annotated[int, Query(ge=1, le=1000)]
+QADocument = Annotated[bool, Query(description="Include the latest QA report's full document.")]
+LineageDepth = Annotated[int | None, Query(ge=0, le=1000, description="Edges to follow; all when absent.")]
 UserFilter = Annotated[
     str | None, Query(min_length=1, max_length=256, description="Only jobs training this user."), Printable
 ]

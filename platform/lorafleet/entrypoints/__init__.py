@@ -1,5 +1,6 @@
-"""Entry points: the ``lorafleet`` command line (``cli``, with its admin, job, worker and serve-deploy commands)
-and what every process started from a command line shares (``process``: logging set-up, stop signals). This is
-the top layer: it builds what it needs through ``lorafleet.platform.Platform`` and calls into the library;
-nothing in the library imports it.
+"""Entry points: the ``lorafleet`` command line. ``cli`` is the parser; each command's handler lives in
+``admin``, ``db``, ``jobs``, ``workers`` or ``serve_deploy`` (``lorafleet demo``'s in ``lorafleet.demo``) and is
+imported only when its command runs. Logging set-up and stop signals come from ``lorafleet.runtime.process``.
+This is the top layer: it builds what it needs through ``lorafleet.platform.Platform`` and calls into the
+library; nothing in the library imports it.
 """

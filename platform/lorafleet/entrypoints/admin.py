@@ -9,24 +9,33 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
+import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
+from lorafleet.config import load_settings
+from lorafleet.domain import AliasEvent
 from lorafleet.domain.enums import ACTIVE_JOB_STATES, BlobCheck, JobState, VersionStatus
-from lorafleet.errors import ValidationError
+from lorafleet.errors import NotFoundError, ValidationError
+from lorafleet.feedback import FeedbackLimits
 from lorafleet.platform import Platform
+from lorafleet.qa.reports import format_report, load_report
 from lorafleet.runtime.process import on_stop_signals
-
-if TYPE_CHECKING:
-    from lorafleet.training.overrides import TenantTraining
+from lorafleet.sdk.calls import adapter_archive
+from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS
+from lorafleet.training.overrides import TenantTraining, get_tenant_training, set_tenant_training
+from lorafleet.workflows.blob_verify import verify_blobs
+from lorafleet.workflows.import_jobs import import_weight_bounds, submit_import
+from lorafleet.workflows.live_alias import promote_manually
+from lorafleet.workflows.tasks import ingest_task_feedback, list_tasks, move_task_live
 
 log = logging.getLogger("lorafleet.cli")
 
 
 def _adapter_id(lib: Platform, tenant: str, user: str, adapter: str) -> tuple[int, int]:
     """(tenant id, adapter id) of the user's adapter; NotFound errors name what is missing."""
-    from lorafleet.errors import NotFoundError
-
     t = lib.tenants.get_tenant(name=tenant)
     u = lib.tenants.get_user(tenant_id=t.id, external_id=user)
     found = lib.registry.find_adapter(tenant_id=t.id, owner_user_id=u.id, name=adapter)
@@ -140,12 +149,18 @@ def lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def qa_report(args: argparse.Namespace) -> int:
+    """``lorafleet qa report``: a stored QA report as a table (``--tenant``: only if it is that tenant's)."""
+    with Platform.from_settings() as lib:
+        report, document = load_report(lib.db, lib.registry, report_id=args.report_id, tenant_id=args.tenant)
+        print(format_report(report, document), end="")
+    return 0
+
+
 def verify(args: argparse.Namespace) -> int:
     """Re-hash every version's blob (one tenant's with ``--tenant``) and print each version's result and the
     counts; ``--repair`` quarantines the corrupt and missing ones (``lorafleet.workflows.blob_verify``). Exit 1
     when a version was found not ok in this run (repaired or not), 0 when every blob checked is fine."""
-    from lorafleet.workflows.blob_verify import verify_blobs
-
     with Platform.from_settings() as lib:
         tenant_id = None if args.tenant is None else lib.tenants.get_tenant(name=args.tenant).id
         report = verify_blobs(lib.db, lib.registry, tenant_id=tenant_id, repair=args.repair, actor="cli")
@@ -196,8 +211,6 @@ def rollback(args: argparse.Namespace) -> int:
 def promote(args: argparse.Namespace) -> int:
     """Make a version of a user's adapter live; under the promote rule ``qa`` a version QA has not passed needs
     ``--force`` (recorded in the history; QA then evaluates it and rolls it back if it fails)."""
-    from lorafleet.workflows.live_alias import promote_manually
-
     with Platform.from_settings() as lib:
         tenant_id, adapter_id = _adapter_id(lib, args.tenant, args.user, args.adapter)
         adapter = lib.registry.get_adapter(tenant_id=tenant_id, adapter_id=adapter_id)
@@ -221,12 +234,11 @@ def promote(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """The API, the scheduler loop and ``--workers`` Ray trainer actors in one process, until SIGINT/SIGTERM."""
+    # the web stack (FastAPI, uvicorn and the API built on them) is imported here, not at the top: only this
+    # command serves HTTP, and the other admin commands should not pay for loading it
     import uvicorn
     from services.api.app import create_app
     from services.api.runtime import ApiOptions
-
-    from lorafleet.config import load_settings
-    from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS
 
     settings = load_settings()
     options = ApiOptions(
@@ -262,8 +274,6 @@ def serve(args: argparse.Namespace) -> int:
 
 # --- shared task adapters ------------------------------------------------------------------------------------
 def tasks_list(args: argparse.Namespace) -> int:
-    from lorafleet.workflows.tasks import list_tasks
-
     with Platform.from_settings() as lib:
         tenant = lib.tenants.get_tenant(name=args.tenant)
         found = list_tasks(lib.db, tenant_id=tenant.id)
@@ -275,17 +285,11 @@ def tasks_list(args: argparse.Namespace) -> int:
 
 
 def _read_lines(path: str) -> list[str]:
-    import sys
-    from pathlib import Path
-
     text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     return [line for line in text.splitlines() if line.strip()]
 
 
 def tasks_feedback(args: argparse.Namespace) -> int:
-    from lorafleet.feedback import FeedbackLimits
-    from lorafleet.workflows.tasks import ingest_task_feedback
-
     records = []
     for number, line in enumerate(_read_lines(args.file), start=1):
         try:
@@ -307,12 +311,6 @@ def tasks_feedback(args: argparse.Namespace) -> int:
 
 def tasks_import(args: argparse.Namespace) -> int:
     """Queue the import job (trainers run it: ``lorafleet serve`` or ``lorafleet workers``), optionally wait."""
-    import time
-    from pathlib import Path
-
-    from lorafleet.sdk.calls import adapter_archive
-    from lorafleet.workflows.import_jobs import import_weight_bounds, submit_import
-
     prompts = list(args.prompt) + (_read_lines(args.prompts_file) if args.prompts_file else [])
     if not Path(args.source).exists():
         raise ValidationError(f"source: {args.source} does not exist")
@@ -348,45 +346,38 @@ def tasks_import(args: argparse.Namespace) -> int:
 
 def tasks_promote(args: argparse.Namespace) -> int:
     """Make a task version live (enrolled users are rechecked); ``--force`` as for ``promote``."""
-    from lorafleet.workflows.tasks import move_task_live
-
-    with Platform.from_settings() as lib:
-        tenant = lib.tenants.get_tenant(name=args.tenant)
-        event = move_task_live(
-            lib.db,
-            lib.registry,
-            tenant_id=tenant.id,
-            task_name=args.task,
-            to_number=args.version,
-            action="promote",
-            actor="cli",
-            reason=args.reason,
-            promote_rule=lib.settings.promote_rule,
-            force=args.force,
-        )
+    event = _move_task_live(args, to_number=args.version, action="promote", force=args.force)
     forced = " (forced: QA has not passed it; its QA job is queued)" if event.forced else ""
     print(f"task {args.task!r}: live is now version {args.version}{forced}")
     return 0
 
 
 def tasks_rollback(args: argparse.Namespace) -> int:
-    from lorafleet.workflows.tasks import move_task_live
+    """Move a task's live version back to ``--to`` (a version number, or ``none``); enrolled users follow."""
+    event = _move_task_live(args, to_number=_rollback_target(args.to), action="rollback")
+    print(f"task {args.task!r}: live moved from version id {event.from_version_id} to {event.to_version_id}")
+    return 0
 
-    to = _rollback_target(args.to)
+
+def _move_task_live(
+    args: argparse.Namespace, *, to_number: int | None, action: str, force: bool = False
+) -> AliasEvent:
+    """``workflows.tasks.move_task_live`` for ``args.task`` of the tenant named ``args.tenant``, by ``cli``, with
+    ``args.reason`` and the configured promote rule (which only a promote reads)."""
     with Platform.from_settings() as lib:
         tenant = lib.tenants.get_tenant(name=args.tenant)
-        event = move_task_live(
+        return move_task_live(
             lib.db,
             lib.registry,
             tenant_id=tenant.id,
             task_name=args.task,
-            to_number=to,
-            action="rollback",
+            to_number=to_number,
+            action=action,
             actor="cli",
             reason=args.reason,
+            promote_rule=lib.settings.promote_rule,
+            force=force,
         )
-    print(f"task {args.task!r}: live moved from version id {event.from_version_id} to {event.to_version_id}")
-    return 0
 
 
 def _rollback_target(text: str) -> int | None:
@@ -401,8 +392,6 @@ def _rollback_target(text: str) -> int | None:
 # --- training config -----------------------------------------------------------------------------------------
 def training_config_show(args: argparse.Namespace) -> int:
     """A tenant's training overrides and effective config (``TrainingConfig`` defaults + overrides), as JSON."""
-    from lorafleet.training.overrides import get_tenant_training
-
     with Platform.from_settings() as lib:
         tenant = lib.tenants.get_tenant(name=args.tenant)
         found = get_tenant_training(lib.db, tenant_id=tenant.id)
@@ -412,8 +401,6 @@ def training_config_show(args: argparse.Namespace) -> int:
 
 def training_config_set(args: argparse.Namespace) -> int:
     """Replace a tenant's training overrides with a JSON object (``--reset``: none); prints the result."""
-    from lorafleet.training.overrides import set_tenant_training
-
     if args.reset == (args.overrides is not None):
         raise ValidationError("overrides: give a JSON object of TrainingConfig fields, or --reset")
     overrides = {} if args.reset else _json_value("overrides", args.overrides)

@@ -18,61 +18,14 @@ from lorafleet.runtime.process import configure_logging
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _db_upgrade(args: argparse.Namespace) -> int:
-    from lorafleet.config import load_settings
-    from lorafleet.store.sql import migrate
-
-    url = load_settings().resolved_database_url
-    migrate.upgrade(url, args.revision)
-    print(f"database at revision {migrate.current_revision(url)}")
-    return 0
-
-
-def _db_downgrade(args: argparse.Namespace) -> int:
-    from lorafleet.config import load_settings
-    from lorafleet.store.sql import migrate
-
-    url = load_settings().resolved_database_url
-    migrate.downgrade(url, args.revision)
-    print(f"database at revision {migrate.current_revision(url)}")
-    return 0
-
-
-def _db_current(_args: argparse.Namespace) -> int:
-    from lorafleet.config import load_settings
-    from lorafleet.store.sql import migrate
-
-    print(migrate.current_revision(load_settings().resolved_database_url) or "(empty database)")
-    return 0
-
-
-def _qa_report(args: argparse.Namespace) -> int:
-    from lorafleet.platform import Platform
-    from lorafleet.qa.reports import format_report, load_report
-
-    with Platform.from_settings() as platform:
-        report, document = load_report(
-            platform.db, platform.registry, report_id=args.report_id, tenant_id=args.tenant
-        )
-        print(format_report(report, document), end="")
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from lorafleet.demo import run_demo
-
-    if not args.verbose:  # the demo prints its own story; services and libraries speak up only for warnings
-        logging.getLogger().setLevel(logging.WARNING)
-        logging.getLogger("ray").setLevel(logging.ERROR)
-
-    return run_demo(users=args.users, timeout=args.timeout)
-
-
 def _lazy(module: str, name: str) -> Handler:
-    """The handler ``name`` of ``lorafleet.entrypoints.<module>``, imported only when its command runs."""
+    """The handler ``name`` of ``lorafleet.entrypoints.<module>`` (or of ``module`` itself when it is a full
+    ``lorafleet.`` name), imported only when its command runs: the handlers' modules load the database, the
+    object store, Ray or torch, and ``lorafleet --help`` should load none of them."""
+    path = module if module.startswith("lorafleet.") else f"lorafleet.entrypoints.{module}"
 
     def handler(args: argparse.Namespace) -> int:
-        found = importlib.import_module(f"lorafleet.entrypoints.{module}")
+        found = importlib.import_module(path)
         result: int = getattr(found, name)(args)
         return result
 
@@ -256,17 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up = db.add_parser("upgrade", help="migrate to the newest (or a given) revision")
     up.add_argument("revision", nargs="?", default="head")
-    up.set_defaults(handler=_db_upgrade)
+    up.set_defaults(handler=_lazy("db", "db_upgrade"))
     down = db.add_parser("downgrade", help="migrate down to a revision ('base' drops everything)")
     down.add_argument("revision")
-    down.set_defaults(handler=_db_downgrade)
-    db.add_parser("current", help="print the current revision").set_defaults(handler=_db_current)
+    down.set_defaults(handler=_lazy("db", "db_downgrade"))
+    db.add_parser("current", help="print the current revision").set_defaults(
+        handler=_lazy("db", "db_current")
+    )
 
     qa = sub.add_parser("qa", help="QA reports").add_subparsers(dest="qa_command", required=True)
     report = qa.add_parser("report", help="print a QA report as a table")
     report.add_argument("report_id", type=int)
     report.add_argument("--tenant", type=int, default=None, help="only this tenant's report")
-    report.set_defaults(handler=_qa_report)
+    report.set_defaults(handler=_admin("qa_report"))
 
     _add_admin_commands(sub)
     _add_job_commands(sub)
@@ -277,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the end-to-end demo on the embedded defaults (a few minutes)")
     demo.add_argument("--users", type=int, default=4, help="synthetic users (default 4)")
     demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for training and QA")
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=_lazy("lorafleet.demo", "demo_command"))
 
     deploy = sub.add_parser("serve-deploy", help="deploy or update the Ray Serve inference app, then exit")
     deploy.add_argument("--block", action="store_true", help="keep running (needed on a local Ray)")

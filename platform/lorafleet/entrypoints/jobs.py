@@ -11,23 +11,19 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-from lorafleet.domain import FINISHED_JOB_STATES, JobState
+from tqdm import tqdm
+
+from lorafleet.domain import FINISHED_JOB_STATES, Job, JobState
 from lorafleet.errors import JobError, ValidationError
-
-if TYPE_CHECKING:
-    from tqdm import tqdm
-
-    from lorafleet.domain import Job
-    from lorafleet.jobs.queue import JobQueue
+from lorafleet.jobs.queue import JobQueue
+from lorafleet.platform import Platform
 
 
 @contextmanager
 def _tenant_queue(tenant: str) -> Iterator[tuple[JobQueue, int]]:
     """The job queue on the configured database and the id of the tenant named ``tenant``."""
-    from lorafleet.platform import Platform
-
     with Platform.from_settings() as platform:
         yield platform.queue, platform.tenants.get_tenant(name=tenant).id
 
@@ -94,8 +90,6 @@ class ProgressBar:
     """A tqdm bar of a job's training steps, with its state, phase, mean loss and ETA after it."""
 
     def __init__(self, *, job_id: int, file: IO[str] | None = None) -> None:
-        from tqdm import tqdm
-
         self._bar: tqdm[Any] = tqdm(
             total=None, desc=f"job {job_id}", unit="step", file=file or sys.stderr, dynamic_ncols=True
         )

@@ -7,13 +7,12 @@ import threading
 
 from lorafleet.config import Settings, load_settings
 from lorafleet.errors import ConfigError
+from lorafleet.runtime.ray_runtime import init_ray
 from lorafleet.runtime.ray_serve import ReplicaOptions, deploy
 
 
 def serve_deploy_command(args: argparse.Namespace) -> int:
     """``lorafleet serve-deploy``: deploy or update the app on the configured Ray; exit, or ``--block``."""
-    from lorafleet.runtime.ray_runtime import init_ray
-
     settings = load_settings()
     if not args.block and not settings.ray_address:
         raise ConfigError(
@@ -38,6 +37,6 @@ def _wait_for_interrupt(settings: Settings) -> None:
         threading.Event().wait()
     except KeyboardInterrupt:
         if not settings.ray_address:
-            from ray import serve
+            from ray import serve  # Ray itself: ray_runtime and ray_serve import it only when they start it
 
             serve.shutdown()

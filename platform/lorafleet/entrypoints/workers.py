@@ -8,8 +8,12 @@ import logging
 import threading
 from typing import Any
 
+from lorafleet.config import load_settings
 from lorafleet.errors import ValidationError
+from lorafleet.runtime.job_commands import run_workers
 from lorafleet.runtime.process import on_stop_signals
+from lorafleet.runtime.ray_runtime import init_ray
+from lorafleet.training.config import TrainingConfig
 
 logger = logging.getLogger("lorafleet.workers")
 
@@ -17,11 +21,6 @@ logger = logging.getLogger("lorafleet.workers")
 def workers_command(args: argparse.Namespace) -> int:
     """``lorafleet workers``: trainer actors on the configured Ray, draining the job queue until SIGTERM or
     SIGINT (a second signal stops at once; a job cut short is retried once its lease expires)."""
-    from lorafleet.config import load_settings
-    from lorafleet.runtime.job_commands import run_workers
-    from lorafleet.runtime.ray_runtime import init_ray
-    from lorafleet.training.config import TrainingConfig
-
     if args.poll_seconds <= 0 or args.grace_seconds < 0:
         raise ValidationError("--poll-seconds must be positive and --grace-seconds not negative")
     settings = load_settings()

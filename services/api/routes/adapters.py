@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from lorafleet.domain import Adapter, AliasEvent, Tenant
@@ -13,7 +13,7 @@ from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.sdk import schemas as s
 from lorafleet.workflows.live_alias import promote_manually, versions_qa
 from services.api import convert
-from services.api.deps import CurrentUser, Services, UserAdapter, VersionNumber
+from services.api.deps import CurrentUser, LineageDepth, QADocument, Services, UserAdapter, VersionNumber
 from services.api.idempotency import Idempotent, IdempotentCall
 from services.api.runtime import ApiServices
 
@@ -61,7 +61,7 @@ def get_version(
     services: Services,
     adapter: UserAdapter,
     n: VersionNumber,
-    qa_document: Annotated[bool, Query(description="Include the latest QA report's full document.")] = False,
+    qa_document: QADocument = False,
 ) -> s.VersionDetail:
     """One version: metrics, and its QA (the latest report's decision, every report, optionally the document)."""
     version = services.registry.get_version(tenant_id=adapter.tenant_id, adapter_id=adapter.id, number=n)
@@ -88,9 +88,7 @@ def get_lineage(
     services: Services,
     adapter: UserAdapter,
     n: VersionNumber,
-    depth: Annotated[
-        int | None, Query(ge=0, le=1000, description="Edges to follow; all when absent.")
-    ] = None,
+    depth: LineageDepth = None,
 ) -> s.LineageOut:
     """Ancestors and descendants of a version, with the data snapshot, job and QA decisions of each."""
     registry, tenant_id = services.registry, adapter.tenant_id

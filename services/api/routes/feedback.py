@@ -6,16 +6,15 @@ target); ``lorafleet.feedback`` validates both and stores the form it was given.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from lorafleet.feedback import IngestResult
 from lorafleet.sdk import schemas as s
 from lorafleet.workflows.feedback import ingest_feedback, list_feedback
 from services.api import convert
-from services.api.deps import AfterId, CurrentUser, Services, UserId
+from services.api.deps import AfterId, CurrentUser, PageLimit, Services, UserId
 from services.api.idempotency import Idempotent, IdempotentCall
 
 router = APIRouter(prefix="/v1/users/{user_id}/feedback", tags=["feedback"])
@@ -52,7 +51,7 @@ def get_feedback(
     services: Services,
     user: CurrentUser,
     after_id: AfterId = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: PageLimit = 100,
 ) -> list[s.FeedbackRecordOut]:
     """The user's records in id order (page with ``after_id`` = the last id seen)."""
     records = list_feedback(

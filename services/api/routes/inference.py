@@ -93,6 +93,29 @@ def _requests(
     ]
 
 
+def _openai_requests(
+    tenant_id: int,
+    body: s.CompletionRequest | s.ChatCompletionRequest,
+    inputs: Sequence[_Input],
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+) -> list[GenerationRequest]:
+    """The requests of an OpenAI-style body: its ``user`` selects the bank, and its sampling, stop strings,
+    model and ``n`` choices per input apply to every input."""
+    return _requests(
+        tenant_id=tenant_id,
+        user=body.user,
+        inputs=inputs,
+        max_tokens=max_tokens,
+        sampling=body,
+        stop=body.stop_strings(),
+        model=body.model,
+        n=body.n,
+        logprobs=logprobs,
+    )
+
+
 @router.post("/v1/users/{user_id}/generate", response_model=s.GenerateResponse)
 def generate(
     services: Services, tenant: CurrentTenant, user_id: UserId, body: s.GenerateRequest
@@ -122,15 +145,11 @@ async def completions(
     """OpenAI's completions API (raw text, no chat template): ``user`` selects the bank; each prompt gets ``n``
     choices; ``echo`` puts the prompt before each completion; ``logprobs`` in the legacy format."""
     prompts = body.prompts()
-    requests = _requests(
-        tenant_id=tenant.id,
-        user=body.user,
-        inputs=[_Input(prompt=prompt, raw=True) for prompt in prompts],
+    requests = _openai_requests(
+        tenant.id,
+        body,
+        [_Input(prompt=prompt, raw=True) for prompt in prompts],
         max_tokens=body.max_tokens,
-        sampling=body,
-        stop=body.stop_strings(),
-        model=body.model,
-        n=body.n,
         logprobs=body.logprobs,
     )
     echoed = [prompts[i // body.n] if body.echo else "" for i in range(len(requests))]
@@ -166,16 +185,8 @@ async def chat_completions(
     """OpenAI's chat completions API through the backbone's chat template; ``user`` selects the bank."""
     max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_MAX_TOKENS
     messages = tuple((m.role, m.text()) for m in body.messages)
-    requests = _requests(
-        tenant_id=tenant.id,
-        user=body.user,
-        inputs=[_Input(messages=messages)],
-        max_tokens=max_tokens,
-        sampling=body,
-        stop=body.stop_strings(),
-        model=body.model,
-        n=body.n,
-        logprobs=body.logprobs_wanted(),
+    requests = _openai_requests(
+        tenant.id, body, [_Input(messages=messages)], max_tokens=max_tokens, logprobs=body.logprobs_wanted()
     )
     if body.stream:
         return await _stream(

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from lorafleet.sdk import schemas as s
 from services.api import convert
-from services.api.deps import CurrentTenant, JobId, Paths, Services, UserFilter, UserId
+from services.api.deps import CurrentTenant, JobId, PageLimit, Paths, Services, UserFilter, UserId
 from services.api.idempotency import Idempotent
 from services.api.routes.adapters import actor_of
 
@@ -66,7 +66,7 @@ def list_jobs(
     paths: Paths,
     user: UserFilter = None,
     state: Annotated[s.JobState | None, Query()] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: PageLimit = 100,
 ) -> list[s.JobOut]:
     """The tenant's jobs, newest first; filtering by a user the tenant does not have is 404."""
     if user is not None:

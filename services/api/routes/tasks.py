@@ -11,13 +11,14 @@ import base64
 import binascii
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from lorafleet.domain import Adapter, AliasEvent
 from lorafleet.errors import ValidationError
 from lorafleet.feedback import IngestResult
 from lorafleet.sdk import schemas as s
+from lorafleet.workflows.import_jobs import import_weight_bounds, submit_import
 from lorafleet.workflows.tasks import (
     enrolled_users,
     get_task_adapter,
@@ -27,7 +28,16 @@ from lorafleet.workflows.tasks import (
     move_task_live,
 )
 from services.api import convert
-from services.api.deps import AfterId, CurrentTenant, Services, TaskName, VersionNumber
+from services.api.deps import (
+    AfterId,
+    CurrentTenant,
+    LineageDepth,
+    PageLimit,
+    QADocument,
+    Services,
+    TaskName,
+    VersionNumber,
+)
 from services.api.idempotency import Idempotent, IdempotentCall
 from services.api.routes import adapters as adapter_routes
 from services.api.routes.feedback import submit_records
@@ -75,7 +85,7 @@ def get_task_feedback(
     tenant: CurrentTenant,
     task: TaskPath,
     after_id: AfterId = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: PageLimit = 100,
 ) -> list[s.FeedbackRecordOut]:
     """The task's records in id order (page with ``after_id``)."""
     records = list_task_feedback(
@@ -94,8 +104,6 @@ def import_task_adapter(
     archive that is not base64, and for files refused without a backbone: not a PEFT LoRA adapter, non-finite
     weights, or weights (or ``lora_alpha``) beyond the QA policy's weight bounds (``weights_out_of_bounds``,
     naming the tensor or field); a refusal stores nothing and queues nothing."""
-    from lorafleet.workflows.import_jobs import import_weight_bounds, submit_import
-
     try:
         archive = base64.b64decode(body.archive_base64, validate=True)
     except (binascii.Error, ValueError):
@@ -159,7 +167,7 @@ def get_task_version(
     services: Services,
     adapter: TaskAdapter,
     n: VersionNumber,
-    qa_document: Annotated[bool, Query(description="Include the latest QA report's full document.")] = False,
+    qa_document: QADocument = False,
 ) -> s.VersionDetail:
     """One version with its QA (for a task: evaluated alone and in enrolled users' banks)."""
     return adapter_routes.get_version(services, adapter, n, qa_document)
@@ -170,9 +178,7 @@ def get_task_lineage(
     services: Services,
     adapter: TaskAdapter,
     n: VersionNumber,
-    depth: Annotated[
-        int | None, Query(ge=0, le=1000, description="Edges to follow; all when absent.")
-    ] = None,
+    depth: LineageDepth = None,
 ) -> s.LineageOut:
     """Ancestors and descendants of a version (``imported`` edges point at the version an import replaced)."""
     return adapter_routes.get_lineage(services, adapter, n, depth)
