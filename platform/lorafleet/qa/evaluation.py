@@ -34,9 +34,13 @@ from lorafleet.qa.probe import PROBE_VERSION, answers_digest, probe_digest, prob
 from lorafleet.qa.results import BASE, CANDIDATE, PREVIOUS, Matrix
 from lorafleet.qa.sampling import MemberSample, member_budget, member_label, sample_members
 from lorafleet.qa.sanity import SanityResult, check_adapter
+from lorafleet.routing.embeddings import common_direction
+from lorafleet.routing.gates import build_gate
+from lorafleet.routing.learned import load_learned_gate
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.training.dataset import pad_token_id
+from lorafleet.training.general_prompts import general_exemplars
 
 if TYPE_CHECKING:
     from lorafleet.adapters import AdapterBank
@@ -229,11 +233,6 @@ class Evaluator:
 
     # --- the bank -----------------------------------------------------------------------------------------
     def _gate(self, user_bank: UserBank) -> Gate:
-        from lorafleet.routing.embeddings import common_direction
-        from lorafleet.routing.gates import build_gate
-        from lorafleet.routing.learned import load_learned_gate
-        from lorafleet.training.general_prompts import general_exemplars
-
         def load(version_id: int) -> Any:
             return load_learned_gate(
                 self.registry,

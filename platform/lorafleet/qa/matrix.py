@@ -18,10 +18,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from lorafleet.backbone.chat import has_chat_template
 from lorafleet.domain import AdapterVersion
 from lorafleet.qa.evalsets import EvalSet
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.results import AnswerItem, Answers, Cell, ColumnInfo, Matrix, Sample
+from lorafleet.training.dataset import encode_prompt
 
 if TYPE_CHECKING:
     import torch
@@ -215,8 +217,7 @@ def _answers(
 ) -> Answers:
     """Every example of ``own`` answered greedily by the two columns, in one batch; each answer may run to the
     target's length in tokens plus ``answer_extra_tokens`` (at most ``answer_max_new_tokens``)."""
-    from lorafleet.serving.decode import BatchDecoder, RowSpec
-    from lorafleet.training.dataset import encode_prompt
+    from lorafleet.serving.decode import BatchDecoder, RowSpec  # torch, on first use
 
     tokenizer = backbone.tokenizer
     stop = _stop_strings(tokenizer)
@@ -259,8 +260,6 @@ def _target_tokens(tokenizer: object, text: str) -> int:
 
 def _stop_strings(tokenizer: object) -> tuple[str, ...]:
     """A chat model ends its turn itself; the plain format's one-line answers end at a newline."""
-    from lorafleet.backbone.chat import has_chat_template
-
     return () if has_chat_template(tokenizer) else ("\n",)
 
 
@@ -273,9 +272,7 @@ def _greedy_samples(
     policy: QAPolicy,
 ) -> dict[tuple[str, str], tuple[Sample, ...]]:
     """The first ``samples_per_cell`` examples of each set, decoded greedily through each column (one batch)."""
-    from lorafleet.backbone.chat import has_chat_template
-    from lorafleet.serving.decode import BatchDecoder, RowSpec
-    from lorafleet.training.dataset import encode_prompt
+    from lorafleet.serving.decode import BatchDecoder, RowSpec  # torch, on first use
 
     k = policy.samples_per_cell
     keys = [(s, c, i) for s in sets for c in columns for i in range(min(k, len(s.examples)))]

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 from lorafleet.domain import Adapter, AdapterVersion
 from lorafleet.errors import AdapterFormatError
 from lorafleet.qa.policy import QAPolicy
+from lorafleet.registry.peft_format import AdapterFiles, inspect_adapter_dir
+from lorafleet.registry.weight_sanity import weight_problems
 
 if TYPE_CHECKING:
     import torch
 
     from lorafleet.adapters import AdapterBank
-    from lorafleet.registry.peft_format import AdapterFiles
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,6 @@ def check_adapter(
     folder: Path, *, version: AdapterVersion, adapter: Adapter, bank: AdapterBank, policy: QAPolicy
 ) -> SanityResult:
     """Every check above on a fetched version folder; never raises for a bad adapter, it reports it."""
-    from lorafleet.registry.peft_format import inspect_adapter_dir
-
     problems = _fingerprint_row(version, bank)
     try:
         files = inspect_adapter_dir(folder)
@@ -122,8 +121,6 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def _weights(files: AdapterFiles, tensors: dict[str, torch.Tensor], policy: QAPolicy) -> list[str]:
-    from lorafleet.registry.weight_sanity import weight_problems
-
     try:
         found = weight_problems(files.config, tensors, policy.weight_bounds())
     except AdapterFormatError as exc:

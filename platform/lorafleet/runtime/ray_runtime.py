@@ -50,11 +50,15 @@ from lorafleet.errors import ConfigError
 from lorafleet.jobs.placement import TrainerPlacement, placement_capacity
 from lorafleet.jobs.scheduler import TRAIN_JOB_KIND
 from lorafleet.jobs.worker import JobWorker
+from lorafleet.platform import Platform
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.runtime.process import end_processes
 from lorafleet.training.config import TrainingConfig
+from lorafleet.training.general_prompts import ANCHOR_PROMPTS
 from lorafleet.training.overrides import check_bank_fits
+from lorafleet.workflows.continual import ContinualTrainer
 from lorafleet.workflows.import_jobs import IMPORT_JOB_KIND, ImportRunner, import_weight_bounds
+from lorafleet.workflows.qa_runner import QARunner
 from lorafleet.workflows.qa_triggers import QA_JOB_KIND
 from lorafleet.workflows.workdirs import remove_stale_tempdirs
 
@@ -305,8 +309,6 @@ class TrainerHost:
         *,
         worker_id: str | None = None,
     ) -> None:
-        from lorafleet.platform import Platform
-
         remove_stale_tempdirs()  # a predecessor on this node killed mid-job left its folder
         self.settings = load_settings(**settings)
         self.node_id = _ray_node_id()
@@ -331,8 +333,6 @@ class TrainerHost:
         self._stats.update(backbone_loads=1, current_job=None, step=0, total_steps=0)
 
     def _build_trainer(self, config: Any) -> Any:
-        from lorafleet.workflows.continual import ContinualTrainer
-
         s = self.settings
         started = time.monotonic()
         backbone = load_backbone(
@@ -376,9 +376,6 @@ class TrainerHost:
 
     def _build_qa(self, policy: Mapping[str, Any] | None) -> Any:
         """The ``qa`` handler on the trainer's own backbone and bank (QA evicts its slots after each job)."""
-        from lorafleet.training.general_prompts import ANCHOR_PROMPTS
-        from lorafleet.workflows.qa_runner import QARunner
-
         return QARunner(
             self.db,
             self.registry,

@@ -20,8 +20,10 @@ from typing import Any
 
 from lorafleet.config import Settings
 from lorafleet.errors import ConfigError, JobError, LorafleetError
+from lorafleet.jobs import JobQueue
 from lorafleet.jobs.placement import TrainerPlacement, placement_capacity
 from lorafleet.runtime.ray_runtime import actor_settings, init_ray, trainer_actor_class
+from lorafleet.store.sql.database import Database
 
 logger = logging.getLogger(__name__)
 
@@ -218,9 +220,6 @@ class TrainerPool:
     def release_leases_of(self, worker_id: str, *, cause: str) -> list[int]:
         """A dead actor's leases end now, so its job is retried at once rather than when the lease runs out;
         a failure to reach the database is logged (the lease then expires as before)."""
-        from lorafleet.jobs import JobQueue
-        from lorafleet.store.sql.database import Database
-
         db = Database(self.settings.resolved_database_url)
         try:
             released = JobQueue(db).release_leases_of(

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import httpx
 
 from lorafleet import __version__
+from lorafleet.config import ClientSettings
 from lorafleet.sdk import calls as c
 from lorafleet.sdk.errors import ApiError, ConnectionFailed, error_for
 
@@ -38,8 +39,6 @@ class RetryPolicy:
 
 
 def headers_for(api_key: str | None) -> dict[str, str]:
-    from lorafleet.config import ClientSettings
-
     key = api_key if api_key is not None else ClientSettings().api_key
     headers = {"User-Agent": f"lorafleet-sdk/{__version__}", "Accept": "application/json"}
     if key:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
+from lorafleet.adapters.slots import SlotConfig
 from lorafleet.errors import ValidationError
 
 if TYPE_CHECKING:
@@ -163,8 +164,7 @@ class TrainingConfig(BaseModel):
         A regex ``target_modules`` is resolved against ``layer_names`` (the bank's layers), since a slot records
         plain module names; ``layers`` is resolved by the bank when it initialises the slot.
         """
-        from lorafleet.adapters.bank import module_matches
-        from lorafleet.adapters.slots import SlotConfig
+        from lorafleet.adapters.bank import module_matches  # torch: the config itself is torch-free
 
         targets: tuple[str, ...] | None
         if self.target_modules == "all-linear":
