@@ -106,6 +106,13 @@ def request_args(call: c.Call[Any]) -> dict[str, Any]:
     return args
 
 
+@dataclass(frozen=True)
+class Retry:
+    """A failed attempt that is retried after ``seconds``."""
+
+    seconds: float
+
+
 class ClientBase:
     """Settings shared by both clients."""
 
@@ -115,5 +122,20 @@ class ClientBase:
         self.timeout = timeout
         self.retry = RetryPolicy(max_retries=max_retries, backoff=backoff, max_backoff=max_backoff)
 
-    def _give_up(self, *, attempt: int, retryable: bool) -> bool:
-        return not retryable or attempt >= self.retry.max_retries
+    def _settle(
+        self, call: c.Call[T], sent: httpx.Response | httpx.TransportError, *, attempt: int
+    ) -> T | Retry:
+        """What attempt number ``attempt`` of ``call`` came to (``sent``: the response, or the transport error):
+        the answer; or, for a failure that may be retried and has retries left, the ``Retry`` to wait for; else
+        the failure is raised (the sync and the async client share this, and differ only in how they wait)."""
+        if isinstance(sent, httpx.TransportError):
+            error: ApiError = connection_failed(call, sent)
+            retryable = may_retry_transport(call, sent)
+        else:
+            try:
+                return answer(call, sent)
+            except ApiError as exc:
+                error, retryable = exc, may_retry_error(exc)
+        if not retryable or attempt >= self.retry.max_retries:
+            raise error
+        return Retry(self.retry.delay(attempt=attempt, error=error))
