@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from lorafleet.registry import Registry
     from lorafleet.routing.bank import UserBank
     from lorafleet.routing.gates import Gate
+    from lorafleet.serving.decode import RowOutput, RowSpec
 
 logger = logging.getLogger(__name__)
 #: ``(slot, weight)`` pairs of one example (empty: the base model)
@@ -217,7 +218,7 @@ def _answers(
 ) -> Answers:
     """Every example of ``own`` answered greedily by the two columns, in one batch; each answer may run to the
     target's length in tokens plus ``answer_extra_tokens`` (at most ``answer_max_new_tokens``)."""
-    from lorafleet.serving.decode import BatchDecoder, RowSpec  # torch, on first use
+    from lorafleet.serving.decode import RowSpec  # torch, on first use
 
     tokenizer = backbone.tokenizer
     stop = _stop_strings(tokenizer)
@@ -237,12 +238,7 @@ def _answers(
         for c in columns
         for i in range(len(own.examples))
     ]
-    was_training = bank.model.training
-    bank.model.eval()
-    try:
-        outputs = BatchDecoder(bank.model, bank, tokenizer, device=bank.device).run(specs)
-    finally:
-        bank.model.train(was_training)
+    outputs = _decode_greedily(bank, tokenizer, specs)
     n = len(own.examples)
     by_column = {c: outputs[k * n : (k + 1) * n] for k, c in enumerate(columns)}
     items = tuple(
@@ -252,6 +248,18 @@ def _answers(
     nonfinite = {c: sum(1 for o in by_column[c] if o.nonfinite_steps) for c in columns}
     subject, reference = columns
     return Answers(own.name, subject, reference, items, nonfinite, source)
+
+
+def _decode_greedily(bank: AdapterBank, tokenizer: object, specs: Sequence[RowSpec]) -> list[RowOutput]:
+    """``specs`` decoded in one batch with the model in eval mode (no adapter dropout), its mode restored after."""
+    from lorafleet.serving.decode import BatchDecoder  # torch, on first use
+
+    was_training = bank.model.training
+    bank.model.eval()
+    try:
+        return BatchDecoder(bank.model, bank, tokenizer, device=bank.device).run(specs)
+    finally:
+        bank.model.train(was_training)
 
 
 def _target_tokens(tokenizer: object, text: str) -> int:
@@ -272,15 +280,14 @@ def _greedy_samples(
     policy: QAPolicy,
 ) -> dict[tuple[str, str], tuple[Sample, ...]]:
     """The first ``samples_per_cell`` examples of each set, decoded greedily through each column (one batch)."""
-    from lorafleet.serving.decode import BatchDecoder, RowSpec  # torch, on first use
+    from lorafleet.serving.decode import RowSpec  # torch, on first use
 
     k = policy.samples_per_cell
     keys = [(s, c, i) for s in sets for c in columns for i in range(min(k, len(s.examples)))]
     if not keys:
         return {}
     tokenizer = backbone.tokenizer
-    # a chat model ends its turn itself; the plain format's one-line answers end at a newline
-    stop = () if has_chat_template(tokenizer) else ("\n",)
+    stop = _stop_strings(tokenizer)
     specs = [
         RowSpec(
             prompt_ids=tuple(encode_prompt(tokenizer, s.examples[i])),  # rendered as serving renders it
@@ -290,12 +297,7 @@ def _greedy_samples(
         )
         for s, c, i in keys
     ]
-    was_training = bank.model.training
-    bank.model.eval()  # no adapter dropout in samples
-    try:
-        outputs = BatchDecoder(bank.model, bank, tokenizer, device=bank.device).run(specs)
-    finally:
-        bank.model.train(was_training)
+    outputs = _decode_greedily(bank, tokenizer, specs)
     samples: dict[tuple[str, str], list[Sample]] = {}
     for (s, c, i), out in zip(keys, outputs, strict=True):
         example = s.examples[i]
