@@ -172,7 +172,7 @@ def clean_up_after_crash(settings: Settings, *, scratch_dir: Path | None = None)
 
 def _mark_session(ray: Any, settings: Settings) -> None:
     """Record in the local Ray's session folder that this process (pid and start time) and data dir own it."""
-    import psutil
+    import psutil  # Ray's dependency, not lorafleet's
 
     node = getattr(getattr(ray, "_private", None), "worker", None)
     node = getattr(node, "_global_node", None)
@@ -198,7 +198,7 @@ def end_orphaned_ray_processes(data_dir: Path) -> list[int]:
     import ray
 
     ray_dir = str(Path(ray.__file__).parent)  # ray's bundled psutil is importable from here on
-    import psutil
+    import psutil  # Ray's dependency, not lorafleet's
 
     data_dir = Path(data_dir).resolve()
     by_session: dict[str, list[Any]] = {}
@@ -251,7 +251,7 @@ def _session_of(proc: Any, cmdline: list[str]) -> str | None:
 
 def _dead_session_of(session: Path, data_dir: Path) -> bool:
     """The session was started by ``init_ray`` for ``data_dir`` and the process that started it is gone."""
-    import psutil
+    import psutil  # Ray's dependency, not lorafleet's
 
     try:
         owner = json.loads((session / SESSION_MARKER).read_text(encoding="utf-8"))

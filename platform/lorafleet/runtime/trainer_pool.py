@@ -116,9 +116,7 @@ class TrainerPool:
     # --- starting -----------------------------------------------------------------------------------------
     def _warn_about_capacity(self, n_actors: int) -> None:
         """Say at once when the cluster cannot hold the actors asked for (they would wait, maybe forever)."""
-        import ray
-
-        capacity = placement_capacity(ray.nodes(), self.placement.demand())
+        capacity = self._capacity()
         if capacity == 0:
             logger.warning(
                 "no alive node of the Ray cluster offers %s, so trainer actors wait until one joins; give "
@@ -175,14 +173,17 @@ class TrainerPool:
                 t.last_wait_log = now
 
     def _waiting_message(self, waiting: list[_Trainer], *, after: float) -> str:
-        import ray
-
-        capacity = placement_capacity(ray.nodes(), self.placement.demand())
         return (
             f"{len(waiting)} of {len(self.trainers)} trainer actors not started after {after:.0f} s; each "
             f"needs {self.placement.describe()} on one node, and the alive nodes of the cluster have room for "
-            f"{capacity} such actors in total (in use or not)"
+            f"{self._capacity()} such actors in total (in use or not)"
         )
+
+    def _capacity(self) -> int:
+        """How many trainer actors of this pool's placement the cluster's alive nodes have room for in all."""
+        import ray
+
+        return placement_capacity(ray.nodes(), self.placement.demand())
 
     # --- running jobs -------------------------------------------------------------------------------------
     def drain(self, *, max_jobs: int | None = None, timeout: float | None = None) -> list[int]:
