@@ -69,7 +69,7 @@ class SlotLoader:
     def load(self, handle: str, version: AdapterVersion, *, folder: Path | None = None) -> int:
         """Load a version (``folder``: already fetched; else fetched, sha256-verified); the fingerprint must be
         this bank's."""
-        from lorafleet.adapters import load_slot_from_dir
+        from lorafleet.adapters import load_slot_from_dir  # torch, on first use
 
         if folder is None:
             folder = self.registry.fetch_version(
@@ -93,7 +93,7 @@ class SlotLoader:
 
 def embed_sets(backbone: Backbone, bank: AdapterBank, sets: Sequence[EvalSet]) -> dict[str, torch.Tensor]:
     """Pooled base embeddings of each set's prompts ``[examples, hidden]`` (sets without examples left out)."""
-    from lorafleet.routing.embeddings import embed_prompts
+    from lorafleet.routing.embeddings import embed_prompts  # torch, on first use
 
     return {s.name: embed_prompts(backbone, bank, [e.prompt for e in s.examples]) for s in sets if s.examples}
 
@@ -178,7 +178,7 @@ def _score_set(
     prefix: FrozenPrefix | None,
 ) -> dict[str, Cell]:
     """Every column on one set in one pass (each example repeated once per column, with that column's routes)."""
-    from lorafleet.training.metrics import score_examples, summarize
+    from lorafleet.training.metrics import score_examples, summarize  # torch, on first use
 
     if not s.examples:
         return {c.info.name: Cell(math.nan, math.nan, 0, 0) for c in columns}
@@ -251,7 +251,7 @@ def _answers(
 
 
 def _decode_greedily(bank: AdapterBank, tokenizer: object, specs: Sequence[RowSpec]) -> list[RowOutput]:
-    """``specs`` decoded in one batch with the model in eval mode (no adapter dropout), its mode restored after."""
+    """``specs`` decoded in one batch, the model in eval mode (no adapter dropout), its mode restored after."""
     from lorafleet.serving.decode import BatchDecoder  # torch, on first use
 
     was_training = bank.model.training

@@ -101,7 +101,7 @@ def _fingerprint_row(version: AdapterVersion, bank: AdapterBank) -> list[str]:
 
 
 def _fingerprint_file(files: AdapterFiles, bank: AdapterBank) -> list[str]:
-    from lorafleet.adapters.serialization import read_adapter_fingerprint
+    from lorafleet.adapters.serialization import read_adapter_fingerprint  # torch, on first use
 
     recorded = read_adapter_fingerprint(files)
     if recorded is None:
@@ -141,13 +141,13 @@ def _rank(files: AdapterFiles, *, version: AdapterVersion, adapter: Adapter, ban
 
 
 def _pairs(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    from lorafleet.adapters.bank import group_peft_tensors
+    from lorafleet.adapters.bank import group_peft_tensors  # torch, on first use
 
     return group_peft_tensors(tensors)
 
 
 def _targets(modules: list[str], *, adapter: Adapter, bank: AdapterBank) -> list[str]:
-    from lorafleet.adapters.bank import module_matches
+    from lorafleet.adapters.bank import module_matches  # torch, on first use
 
     problems = []
     outside = [m for m in modules if m not in bank.layers]
@@ -170,7 +170,7 @@ def _targets(modules: list[str], *, adapter: Adapter, bank: AdapterBank) -> list
 
 def _update_norms(pairs: dict[str, dict[str, torch.Tensor]], files: AdapterFiles) -> dict[str, float]:
     """``scaling * ||B @ A||_F`` per module (fp32)."""
-    from lorafleet.adapters.serialization import slot_config_from_peft
+    from lorafleet.adapters.serialization import slot_config_from_peft  # torch, on first use
 
     scaling = slot_config_from_peft(files.config).scaling
     norms = {}

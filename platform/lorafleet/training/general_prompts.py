@@ -322,7 +322,7 @@ def generate_answers(
     end at their last full sentence (off to judge everything a model said)."""
     import torch
 
-    from lorafleet.serving.decode import BatchDecoder, RowSpec
+    from lorafleet.serving.decode import BatchDecoder, RowSpec  # torch, on first use
 
     rows = [list(r) for r in routes] if routes is not None else [[] for _ in prompts]
     ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
