@@ -7,22 +7,14 @@ that need them, never here. ``lorafleet.Client`` and ``lorafleet.AsyncClient`` (
 from __future__ import annotations
 
 import logging
-from typing import Any
+
+from lorafleet._exports import lazy_export
 
 # bitsandbytes warns at import, on every process, that the optional ``kernels`` package (which would fetch code
 # from a hub) is absent; the portable CPU kernel it falls back to is the one lorafleet uses and tests.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
-__all__ = ["AsyncClient", "Client", "__version__"]
-
-_SDK_EXPORTS = frozenset({"Client", "AsyncClient"})
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy exports: ``lorafleet.Client`` imports the SDK (httpx, pydantic) only when asked for."""
-    if name in _SDK_EXPORTS:
-        from lorafleet import sdk
-
-        return getattr(sdk, name)
-    raise AttributeError(f"module 'lorafleet' has no attribute {name!r}")
+# ``lorafleet.Client`` imports the SDK (httpx, pydantic) only when asked for.
+__getattr__, __dir__, _sdk_names = lazy_export(__name__, {"lorafleet.sdk": ("AsyncClient", "Client")})
+__all__ = [*_sdk_names, "__version__"]

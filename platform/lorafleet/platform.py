@@ -19,6 +19,7 @@ from lorafleet.config import Settings, load_settings
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.registry import Registry
 from lorafleet.store.blob import BlobStore, open_blob_store_from_settings
+from lorafleet.store.sql import migrate as migrations
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.tenants import TenantRepository
 
@@ -40,8 +41,6 @@ class Platform:
         """Open what ``settings`` (default: ``load_settings()``) names; ``migrate`` upgrades the schema first."""
         settings = settings or load_settings()
         if migrate:
-            from lorafleet.store.sql import migrate as migrations
-
             migrations.upgrade(settings.resolved_database_url)
         return cls(settings, Database(settings.resolved_database_url))
 

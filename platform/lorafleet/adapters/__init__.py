@@ -19,30 +19,24 @@ or jobs.
 
 from __future__ import annotations
 
-from typing import Any
-
 from lorafleet._exports import lazy_export
 
-_EXPORTS = {
-    "AdapterBank": "lorafleet.adapters.bank",
-    "BankLinear": "lorafleet.adapters.linear",
-    "BaseLayerKind": "lorafleet.adapters.layers",
-    "register_base_kind": "lorafleet.adapters.layers",
-    "RoutingPlan": "lorafleet.adapters.routing",
-    "SlotConfig": "lorafleet.adapters.slots",
-    "SlotInfo": "lorafleet.adapters.slots",
-    "ALL_LINEAR": "lorafleet.adapters.injection",
-    "inject_bank": "lorafleet.adapters.injection",
-    "remove_bank": "lorafleet.adapters.injection",
-    "serving_dtype": "lorafleet.adapters.injection",
-    "find_target_modules": "lorafleet.adapters.injection",
-    "save_slot": "lorafleet.adapters.serialization",
-    "load_slot_from_dir": "lorafleet.adapters.serialization",
-    "SavedAdapter": "lorafleet.adapters.serialization",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy exports: the registry imports ``lorafleet.registry.peft_format`` without paying for torch."""
-    return lazy_export(__name__, _EXPORTS, name)
+# The registry imports ``lorafleet.registry.peft_format`` without paying for torch.
+__getattr__, __dir__, __all__ = lazy_export(
+    __name__,
+    {
+        "lorafleet.adapters.bank": ("AdapterBank",),
+        "lorafleet.adapters.linear": ("BankLinear",),
+        "lorafleet.adapters.layers": ("BaseLayerKind", "register_base_kind"),
+        "lorafleet.adapters.routing": ("RoutingPlan",),
+        "lorafleet.adapters.slots": ("SlotConfig", "SlotInfo"),
+        "lorafleet.adapters.injection": (
+            "ALL_LINEAR",
+            "inject_bank",
+            "remove_bank",
+            "serving_dtype",
+            "find_target_modules",
+        ),
+        "lorafleet.adapters.serialization": ("save_slot", "load_slot_from_dir", "SavedAdapter"),
+    },
+)

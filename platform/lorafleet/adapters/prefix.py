@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorafleet.adapters.bank import layer_of
@@ -245,8 +246,6 @@ class PrefixCache:
             self.stats["hits"] += 1
             return found
         if key in self._disk:
-            from safetensors.torch import load_file
-
             tensor = load_file(str(self._path(key)))["h"]
             self.stats["disk_hits"] += 1
             self.stats["hits"] += 1
@@ -291,8 +290,6 @@ class PrefixCache:
             self.stats["dropped"] += 1  # recomputed when asked for again
             return
         try:
-            from safetensors.torch import save_file
-
             save_file({"h": states.detach().to("cpu").contiguous()}, str(self._path(key)))
         except OSError as exc:  # a full or read-only disk: drop the entry, never fail the job
             logger.warning("prefix cache: cannot spill to disk (%s); dropping entries", exc)

@@ -7,11 +7,14 @@ time (``auto`` picks CUDA when present).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lorafleet.backbone.fingerprint import BackboneFingerprint, fingerprint_directory
+from lorafleet.backbone.quiet import quiet_libraries
 from lorafleet.backbone.smollm2 import SMOLLM2_BACKBONE, build_smollm2_backbone
 from lorafleet.backbone.tiny import build_tiny_backbone
 from lorafleet.config import TINY_BACKBONE, resolve_device
@@ -110,15 +113,6 @@ def load_backbone(
     return Backbone(model, tokenizer, fingerprint, torch_device, dtype, quantization, path, str(source))
 
 
-def quiet_libraries() -> None:
-    """Keep library noise out of services' logs and the demo's output: transformers' per-load progress bars
-    and its info messages (bitsandbytes' import-time notice is silenced in ``lorafleet/__init__``)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def _release_checkpoint(model: torch.nn.Module) -> None:
     """Drop the memory-mapped fp32 checkpoint once a quantised model is built from it.
 
@@ -128,9 +122,6 @@ def _release_checkpoint(model: torch.nn.Module) -> None:
     into memory of their own lets the map go; freed loader buffers are handed back to the OS (glibc) too.
     Measured: 1,040 MiB -> about 590 MiB resident, 102 MiB of it file-backed (the libraries).
     """
-    import ctypes
-    import gc
-
     import torch
 
     quantized = {"Params4bit", "Int8Params"}

@@ -25,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from lorafleet.config import SMOLLM2_BACKBONE
+from lorafleet.backbone.quiet import quiet_libraries
+from lorafleet.config import SMOLLM2_BACKBONE, load_settings
 from lorafleet.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,6 @@ MARKER_FILE = "lorafleet_builtin.json"
 def default_smollm2_dir(data_dir: str | Path | None = None) -> Path:
     """Where the converted folder lives: ``<data_dir>/backbones/smollm2-135m-instruct-<version>``."""
     if data_dir is None:
-        from lorafleet.config import load_settings
-
         data_dir = load_settings().data_dir
     return Path(data_dir) / "backbones" / f"smollm2-135m-instruct-{SMOLLM2_VERSION}"
 
@@ -101,8 +100,6 @@ def _convert(gguf: Path, folder: Path) -> None:
     """Dequantise ``gguf`` into a safetensors Hugging Face folder at ``folder`` (see the module docstring)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from lorafleet.backbone.loading import quiet_libraries
 
     quiet_libraries()
     started = time.monotonic()

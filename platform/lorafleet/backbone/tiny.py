@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from lorafleet.config import load_settings
+
 #: Bump when the architecture, the init or the tokenizer changes: a new version is a new folder (and fingerprint).
 TINY_VERSION = "v1"
 TINY_SEED = 20240601
@@ -34,8 +36,6 @@ _INIT_STD = 0.05
 def default_tiny_dir(data_dir: str | Path | None = None) -> Path:
     """Where the tiny backbone lives: ``<data_dir>/backbones/tiny-<version>`` (data_dir from the settings)."""
     if data_dir is None:
-        from lorafleet.config import load_settings
-
         data_dir = load_settings().data_dir
     return Path(data_dir) / "backbones" / f"tiny-{TINY_VERSION}"
 

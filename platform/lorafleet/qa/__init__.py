@@ -13,24 +13,18 @@ workflows (``lorafleet.workflows.qa_runner``, ``lorafleet.workflows.qa_triggers`
 
 from __future__ import annotations
 
-from typing import Any
-
 from lorafleet._exports import lazy_export
 
-_EXPORTS = {
-    "QAPolicy": "lorafleet.qa.policy",
-    "load_report": "lorafleet.qa.reports",
-    "format_report": "lorafleet.qa.reports",
-    "reports_for_version": "lorafleet.qa.reports",
-    "QAReport": "lorafleet.store.sql.qa_repository",
-    "probe_examples": "lorafleet.qa.probe",
-    "check_adapter": "lorafleet.qa.sanity",
-    "Matrix": "lorafleet.qa.results",
-    "RuleOutcome": "lorafleet.qa.rules",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy exports: the policy, rules, reports and triggers are torch-free; evaluation needs torch."""
-    return lazy_export(__name__, _EXPORTS, name)
+# The policy, rules, reports and triggers are torch-free; evaluation needs torch.
+__getattr__, __dir__, __all__ = lazy_export(
+    __name__,
+    {
+        "lorafleet.qa.policy": ("QAPolicy",),
+        "lorafleet.qa.reports": ("load_report", "format_report", "reports_for_version"),
+        "lorafleet.store.sql.qa_repository": ("QAReport",),
+        "lorafleet.qa.probe": ("probe_examples",),
+        "lorafleet.qa.sanity": ("check_adapter",),
+        "lorafleet.qa.results": ("Matrix",),
+        "lorafleet.qa.rules": ("RuleOutcome",),
+    },
+)

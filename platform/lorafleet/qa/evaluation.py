@@ -20,7 +20,7 @@ from lorafleet.adapters.prefix import FrozenPrefix, backbone_identity
 from lorafleet.domain import Adapter, AdapterVersion, QAKind
 from lorafleet.errors import LorafleetError
 from lorafleet.qa.evalsets import EvalSet, holdout_set, probe_set
-from lorafleet.qa.matrix import SlotLoader, embed_sets, evaluate_matrix, gate_traffic
+from lorafleet.qa.matrix import GatedBank, SlotLoader, embed_sets, evaluate_matrix, gate_traffic
 from lorafleet.qa.plan import (
     CANDIDATE_HANDLE,
     PREVIOUS_HANDLE,
@@ -34,9 +34,13 @@ from lorafleet.qa.probe import PROBE_VERSION, answers_digest, probe_digest, prob
 from lorafleet.qa.results import BASE, CANDIDATE, PREVIOUS, Matrix
 from lorafleet.qa.sampling import MemberSample, member_budget, member_label, sample_members
 from lorafleet.qa.sanity import SanityResult, check_adapter
+from lorafleet.routing.embeddings import common_direction
+from lorafleet.routing.gates import build_gate
+from lorafleet.routing.learned import load_learned_gate
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.training.dataset import pad_token_id
+from lorafleet.training.general_prompts import general_exemplars
 
 if TYPE_CHECKING:
     from lorafleet.adapters import AdapterBank
@@ -178,7 +182,8 @@ class Evaluator:
                 has_previous=has_previous, gated_previous=None, gated_candidate=None, others=[]
             )
         else:
-            gate = self._gate(subject.user_bank)
+            user_bank = subject.user_bank
+            gate = self._gate(user_bank)
             sample = self._sample(
                 subject,
                 own,
@@ -191,29 +196,18 @@ class Evaluator:
             previous = None
             if has_previous and subject.previous is not None:
                 previous = self._member(subject, subject.previous, self._key(subject.previous))
-            gated_previous = None
-            if subject.kind == QAKind.CANDIDATE:
-                gated_previous = gated_bank(
-                    subject.user_bank,
-                    gate=gate,
-                    subject=previous,
-                    subject_handle=PREVIOUS_HANDLE,
-                    others=others,
-                )
-            gated_candidate = gated_bank(
-                subject.user_bank,
-                gate=gate,
-                subject=candidate,
-                subject_handle=CANDIDATE_HANDLE,
-                others=others,
-            )
+
+            def gated(member: BankMember | None, handle: str) -> GatedBank:
+                """The user's bank as the gate serves it, with ``member`` loaded under ``handle``."""
+                return gated_bank(user_bank, gate=gate, subject=member, subject_handle=handle, others=others)
+
             columns = plan_columns(
                 has_previous=has_previous,
-                gated_previous=gated_previous,
-                gated_candidate=gated_candidate,
+                gated_previous=gated(previous, PREVIOUS_HANDLE) if subject.kind == QAKind.CANDIDATE else None,
+                gated_candidate=gated(candidate, CANDIDATE_HANDLE),
                 others=others,
             )
-            notes.update(_bank_notes(subject.user_bank, sample))
+            notes.update(_bank_notes(user_bank, sample))
         sets.append(probe_set(self.policy, self.backbone, self.bank))
         return evaluate_matrix(
             backbone=self.backbone,
@@ -229,11 +223,6 @@ class Evaluator:
 
     # --- the bank -----------------------------------------------------------------------------------------
     def _gate(self, user_bank: UserBank) -> Gate:
-        from lorafleet.routing.embeddings import common_direction
-        from lorafleet.routing.gates import build_gate
-        from lorafleet.routing.learned import load_learned_gate
-        from lorafleet.training.general_prompts import general_exemplars
-
         def load(version_id: int) -> Any:
             return load_learned_gate(
                 self.registry,

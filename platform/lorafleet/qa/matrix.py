@@ -18,10 +18,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from lorafleet.backbone.chat import has_chat_template
 from lorafleet.domain import AdapterVersion
 from lorafleet.qa.evalsets import EvalSet
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.results import AnswerItem, Answers, Cell, ColumnInfo, Matrix, Sample
+from lorafleet.training.dataset import encode_prompt
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from lorafleet.registry import Registry
     from lorafleet.routing.bank import UserBank
     from lorafleet.routing.gates import Gate
+    from lorafleet.serving.decode import RowOutput, RowSpec
 
 logger = logging.getLogger(__name__)
 #: ``(slot, weight)`` pairs of one example (empty: the base model)
@@ -66,7 +69,7 @@ class SlotLoader:
     def load(self, handle: str, version: AdapterVersion, *, folder: Path | None = None) -> int:
         """Load a version (``folder``: already fetched; else fetched, sha256-verified); the fingerprint must be
         this bank's."""
-        from lorafleet.adapters import load_slot_from_dir
+        from lorafleet.adapters import load_slot_from_dir  # torch, on first use
 
         if folder is None:
             folder = self.registry.fetch_version(
@@ -90,7 +93,7 @@ class SlotLoader:
 
 def embed_sets(backbone: Backbone, bank: AdapterBank, sets: Sequence[EvalSet]) -> dict[str, torch.Tensor]:
     """Pooled base embeddings of each set's prompts ``[examples, hidden]`` (sets without examples left out)."""
-    from lorafleet.routing.embeddings import embed_prompts
+    from lorafleet.routing.embeddings import embed_prompts  # torch, on first use
 
     return {s.name: embed_prompts(backbone, bank, [e.prompt for e in s.examples]) for s in sets if s.examples}
 
@@ -175,7 +178,7 @@ def _score_set(
     prefix: FrozenPrefix | None,
 ) -> dict[str, Cell]:
     """Every column on one set in one pass (each example repeated once per column, with that column's routes)."""
-    from lorafleet.training.metrics import score_examples, summarize
+    from lorafleet.training.metrics import score_examples, summarize  # torch, on first use
 
     if not s.examples:
         return {c.info.name: Cell(math.nan, math.nan, 0, 0) for c in columns}
@@ -215,8 +218,7 @@ def _answers(
 ) -> Answers:
     """Every example of ``own`` answered greedily by the two columns, in one batch; each answer may run to the
     target's length in tokens plus ``answer_extra_tokens`` (at most ``answer_max_new_tokens``)."""
-    from lorafleet.serving.decode import BatchDecoder, RowSpec
-    from lorafleet.training.dataset import encode_prompt
+    from lorafleet.serving.decode import RowSpec  # torch, on first use
 
     tokenizer = backbone.tokenizer
     stop = _stop_strings(tokenizer)
@@ -236,12 +238,7 @@ def _answers(
         for c in columns
         for i in range(len(own.examples))
     ]
-    was_training = bank.model.training
-    bank.model.eval()
-    try:
-        outputs = BatchDecoder(bank.model, bank, tokenizer, device=bank.device).run(specs)
-    finally:
-        bank.model.train(was_training)
+    outputs = _decode_greedily(bank, tokenizer, specs)
     n = len(own.examples)
     by_column = {c: outputs[k * n : (k + 1) * n] for k, c in enumerate(columns)}
     items = tuple(
@@ -253,14 +250,24 @@ def _answers(
     return Answers(own.name, subject, reference, items, nonfinite, source)
 
 
+def _decode_greedily(bank: AdapterBank, tokenizer: object, specs: Sequence[RowSpec]) -> list[RowOutput]:
+    """``specs`` decoded in one batch, the model in eval mode (no adapter dropout), its mode restored after."""
+    from lorafleet.serving.decode import BatchDecoder  # torch, on first use
+
+    was_training = bank.model.training
+    bank.model.eval()
+    try:
+        return BatchDecoder(bank.model, bank, tokenizer, device=bank.device).run(specs)
+    finally:
+        bank.model.train(was_training)
+
+
 def _target_tokens(tokenizer: object, text: str) -> int:
     return len(tokenizer.encode(text, add_special_tokens=False))  # type: ignore[attr-defined]
 
 
 def _stop_strings(tokenizer: object) -> tuple[str, ...]:
     """A chat model ends its turn itself; the plain format's one-line answers end at a newline."""
-    from lorafleet.backbone.chat import has_chat_template
-
     return () if has_chat_template(tokenizer) else ("\n",)
 
 
@@ -273,17 +280,14 @@ def _greedy_samples(
     policy: QAPolicy,
 ) -> dict[tuple[str, str], tuple[Sample, ...]]:
     """The first ``samples_per_cell`` examples of each set, decoded greedily through each column (one batch)."""
-    from lorafleet.backbone.chat import has_chat_template
-    from lorafleet.serving.decode import BatchDecoder, RowSpec
-    from lorafleet.training.dataset import encode_prompt
+    from lorafleet.serving.decode import RowSpec  # torch, on first use
 
     k = policy.samples_per_cell
     keys = [(s, c, i) for s in sets for c in columns for i in range(min(k, len(s.examples)))]
     if not keys:
         return {}
     tokenizer = backbone.tokenizer
-    # a chat model ends its turn itself; the plain format's one-line answers end at a newline
-    stop = () if has_chat_template(tokenizer) else ("\n",)
+    stop = _stop_strings(tokenizer)
     specs = [
         RowSpec(
             prompt_ids=tuple(encode_prompt(tokenizer, s.examples[i])),  # rendered as serving renders it
@@ -293,12 +297,7 @@ def _greedy_samples(
         )
         for s, c, i in keys
     ]
-    was_training = bank.model.training
-    bank.model.eval()  # no adapter dropout in samples
-    try:
-        outputs = BatchDecoder(bank.model, bank, tokenizer, device=bank.device).run(specs)
-    finally:
-        bank.model.train(was_training)
+    outputs = _decode_greedily(bank, tokenizer, specs)
     samples: dict[tuple[str, str], list[Sample]] = {}
     for (s, c, i), out in zip(keys, outputs, strict=True):
         example = s.examples[i]

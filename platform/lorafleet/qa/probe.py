@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lorafleet.backbone.tiny import is_tiny_dir
 from lorafleet.errors import ValidationError
 from lorafleet.training.dataset import Example
-from lorafleet.training.general_prompts import CATEGORIES, EVAL_PROMPTS
+from lorafleet.training.general_prompts import CATEGORIES, EVAL_PROMPTS, anchor_examples
 
 if TYPE_CHECKING:
     from lorafleet.adapters import AdapterBank
@@ -81,10 +82,6 @@ def probe_prompts(size: int = 32) -> list[str]:
 def probe_examples(backbone: Backbone, size: int = 32, *, bank: AdapterBank | None = None) -> list[Example]:
     """The first ``size`` probe prompts with the base model's greedy answers on ``backbone`` (cached);
     ``bank``: the adapter bank injected into it, if any (bypassed)."""
-    from contextlib import nullcontext
-
-    from lorafleet.training.general_prompts import anchor_examples
-
     with nullcontext() if bank is None else bank.base_only():
         return anchor_examples(
             backbone, probe_prompts(size), max_new_tokens=PROBE_MAX_NEW_TOKENS, first_id=PROBE_FIRST_ID

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 from lorafleet.domain import Adapter, AdapterVersion
 from lorafleet.errors import AdapterFormatError
 from lorafleet.qa.policy import QAPolicy
+from lorafleet.registry.peft_format import AdapterFiles, inspect_adapter_dir
+from lorafleet.registry.weight_sanity import weight_problems
 
 if TYPE_CHECKING:
     import torch
 
     from lorafleet.adapters import AdapterBank
-    from lorafleet.registry.peft_format import AdapterFiles
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,6 @@ def check_adapter(
     folder: Path, *, version: AdapterVersion, adapter: Adapter, bank: AdapterBank, policy: QAPolicy
 ) -> SanityResult:
     """Every check above on a fetched version folder; never raises for a bad adapter, it reports it."""
-    from lorafleet.registry.peft_format import inspect_adapter_dir
-
     problems = _fingerprint_row(version, bank)
     try:
         files = inspect_adapter_dir(folder)
@@ -102,7 +101,7 @@ def _fingerprint_row(version: AdapterVersion, bank: AdapterBank) -> list[str]:
 
 
 def _fingerprint_file(files: AdapterFiles, bank: AdapterBank) -> list[str]:
-    from lorafleet.adapters.serialization import read_adapter_fingerprint
+    from lorafleet.adapters.serialization import read_adapter_fingerprint  # torch, on first use
 
     recorded = read_adapter_fingerprint(files)
     if recorded is None:
@@ -122,8 +121,6 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def _weights(files: AdapterFiles, tensors: dict[str, torch.Tensor], policy: QAPolicy) -> list[str]:
-    from lorafleet.registry.weight_sanity import weight_problems
-
     try:
         found = weight_problems(files.config, tensors, policy.weight_bounds())
     except AdapterFormatError as exc:
@@ -144,13 +141,13 @@ def _rank(files: AdapterFiles, *, version: AdapterVersion, adapter: Adapter, ban
 
 
 def _pairs(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    from lorafleet.adapters.bank import group_peft_tensors
+    from lorafleet.adapters.bank import group_peft_tensors  # torch, on first use
 
     return group_peft_tensors(tensors)
 
 
 def _targets(modules: list[str], *, adapter: Adapter, bank: AdapterBank) -> list[str]:
-    from lorafleet.adapters.bank import module_matches
+    from lorafleet.adapters.bank import module_matches  # torch, on first use
 
     problems = []
     outside = [m for m in modules if m not in bank.layers]
@@ -173,7 +170,7 @@ def _targets(modules: list[str], *, adapter: Adapter, bank: AdapterBank) -> list
 
 def _update_norms(pairs: dict[str, dict[str, torch.Tensor]], files: AdapterFiles) -> dict[str, float]:
     """``scaling * ||B @ A||_F`` per module (fp32)."""
-    from lorafleet.adapters.serialization import slot_config_from_peft
+    from lorafleet.adapters.serialization import slot_config_from_peft  # torch, on first use
 
     scaling = slot_config_from_peft(files.config).scaling
     norms = {}

@@ -18,42 +18,41 @@ after an enrolment is a workflow (``lorafleet.workflows.qa_triggers``).
 
 from __future__ import annotations
 
-from typing import Any
-
 from lorafleet._exports import lazy_export
 
-_EXPORTS = {
-    "BankMember": "lorafleet.routing.bank",
-    "UserBank": "lorafleet.routing.bank",
-    "Enrolment": "lorafleet.routing.bank",
-    "EnrolmentEvent": "lorafleet.routing.bank",
-    "resolve_user_bank": "lorafleet.routing.bank",
-    "enrol": "lorafleet.routing.bank",
-    "unenrol": "lorafleet.routing.bank",
-    "list_enrolments": "lorafleet.routing.bank",
-    "enrolment_history": "lorafleet.routing.bank",
-    "set_gate_spec": "lorafleet.routing.bank",
-    "clear_gate_spec": "lorafleet.routing.bank",
-    "GateSpec": "lorafleet.routing.spec",
-    "GateDecision": "lorafleet.routing.spec",
-    "Gate": "lorafleet.routing.gates",
-    "CentroidGate": "lorafleet.routing.gates",
-    "FixedGate": "lorafleet.routing.gates",
-    "LearnedGate": "lorafleet.routing.gates",
-    "build_gate": "lorafleet.routing.gates",
-    "plan_from_decisions": "lorafleet.routing.gates",
-    "pooled_embeddings": "lorafleet.routing.embeddings",
-    "embed_prompts": "lorafleet.routing.embeddings",
-    "routing_key": "lorafleet.routing.embeddings",
-    "GateTrainingConfig": "lorafleet.routing.learned",
-    "LearnedGateModel": "lorafleet.routing.learned",
-    "train_learned_gate": "lorafleet.routing.learned",
-    "register_learned_gate": "lorafleet.routing.learned",
-    "load_learned_gate": "lorafleet.routing.learned",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy exports: the bank and the spec are torch-free; gates, embeddings and learned gates need torch."""
-    return lazy_export(__name__, _EXPORTS, name)
+# The bank and the spec are torch-free; gates, embeddings and learned gates need torch.
+__getattr__, __dir__, __all__ = lazy_export(
+    __name__,
+    {
+        "lorafleet.routing.bank": (
+            "BankMember",
+            "UserBank",
+            "Enrolment",
+            "EnrolmentEvent",
+            "resolve_user_bank",
+            "enrol",
+            "unenrol",
+            "list_enrolments",
+            "enrolment_history",
+            "set_gate_spec",
+            "clear_gate_spec",
+        ),
+        "lorafleet.routing.spec": ("GateSpec", "GateDecision"),
+        "lorafleet.routing.gates": (
+            "Gate",
+            "CentroidGate",
+            "FixedGate",
+            "LearnedGate",
+            "build_gate",
+            "plan_from_decisions",
+        ),
+        "lorafleet.routing.embeddings": ("pooled_embeddings", "embed_prompts", "routing_key"),
+        "lorafleet.routing.learned": (
+            "GateTrainingConfig",
+            "LearnedGateModel",
+            "train_learned_gate",
+            "register_learned_gate",
+            "load_learned_gate",
+        ),
+    },
+)

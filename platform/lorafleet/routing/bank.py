@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from lorafleet.errors import AlreadyExistsError, ModelNotFoundError, NotFoundError, ValidationError
 from lorafleet.routing.spec import GateDecision, GateSpec
@@ -29,6 +29,7 @@ from lorafleet.store.sql.routing_repository import (
 from lorafleet.store.sql.tenants import find_user, get_or_create_user_row, validate_external_id
 
 MemberKind = Literal["personal", "task"]
+_Row = TypeVar("_Row")
 
 
 @dataclass(frozen=True)
@@ -206,20 +207,23 @@ def unenrol(db: Database, *, tenant_id: int, user_external_id: str, task_name: s
 
 def list_enrolments(db: Database, *, tenant_id: int, user_external_id: str) -> list[Enrolment]:
     """The user's enrolments by task name (empty for an unknown user)."""
-    external_id = validate_external_id(user_external_id)
-    repo = RoutingRepository(dialect=db.dialect)
-    with db.session() as s:
-        user = find_user(s, tenant_id=tenant_id, external_id=external_id)
-        return [] if user is None else repo.list_enrolments(s, tenant_id=tenant_id, user_id=user.id)
+    return _user_rows(db, tenant_id, user_external_id, RoutingRepository.list_enrolments)
 
 
 def enrolment_history(db: Database, *, tenant_id: int, user_external_id: str) -> list[EnrolmentEvent]:
     """Every enrol and unenrol of the user, oldest first (empty for an unknown user)."""
+    return _user_rows(db, tenant_id, user_external_id, RoutingRepository.list_events)
+
+
+def _user_rows(
+    db: Database, tenant_id: int, user_external_id: str, read: Callable[..., list[_Row]]
+) -> list[_Row]:
+    """``read(repo, session, tenant_id=..., user_id=...)`` for the user; empty for a user not created yet."""
     external_id = validate_external_id(user_external_id)
     repo = RoutingRepository(dialect=db.dialect)
     with db.session() as s:
         user = find_user(s, tenant_id=tenant_id, external_id=external_id)
-        return [] if user is None else repo.list_events(s, tenant_id=tenant_id, user_id=user.id)
+        return [] if user is None else read(repo, s, tenant_id=tenant_id, user_id=user.id)
 
 
 def _require_task(repo: RoutingRepository, s: Any, *, tenant_id: int, name: str) -> int:

@@ -43,7 +43,7 @@ def end_processes(procs: Sequence[Any], *, grace_seconds: float = 3.0) -> list[i
     """End ``procs`` (``psutil.Process`` objects): SIGTERM, then SIGKILL for those still running after
     ``grace_seconds``. Returns the pids of those that were running and are gone now (a zombie counts as gone:
     its parent, often init, reaps it)."""
-    import psutil
+    import psutil  # Ray's dependency, not lorafleet's
 
     signalled = []
     for proc in procs:
@@ -60,7 +60,7 @@ def end_processes(procs: Sequence[Any], *, grace_seconds: float = 3.0) -> list[i
 
 def _wait_gone(procs: Sequence[Any], seconds: float) -> list[Any]:
     """Those of ``procs`` still running (and not zombies) after up to ``seconds``."""
-    import psutil
+    import psutil  # Ray's dependency, not lorafleet's
 
     def running(proc: Any) -> bool:
         try:

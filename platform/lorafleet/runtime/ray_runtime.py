@@ -50,11 +50,15 @@ from lorafleet.errors import ConfigError
 from lorafleet.jobs.placement import TrainerPlacement, placement_capacity
 from lorafleet.jobs.scheduler import TRAIN_JOB_KIND
 from lorafleet.jobs.worker import JobWorker
+from lorafleet.platform import Platform
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.runtime.process import end_processes
 from lorafleet.training.config import TrainingConfig
+from lorafleet.training.general_prompts import ANCHOR_PROMPTS
 from lorafleet.training.overrides import check_bank_fits
+from lorafleet.workflows.continual import ContinualTrainer
 from lorafleet.workflows.import_jobs import IMPORT_JOB_KIND, ImportRunner, import_weight_bounds
+from lorafleet.workflows.qa_runner import QARunner
 from lorafleet.workflows.qa_triggers import QA_JOB_KIND
 from lorafleet.workflows.workdirs import remove_stale_tempdirs
 
@@ -168,7 +172,7 @@ def clean_up_after_crash(settings: Settings, *, scratch_dir: Path | None = None)
 
 def _mark_session(ray: Any, settings: Settings) -> None:
     """Record in the local Ray's session folder that this process (pid and start time) and data dir own it."""
-    import psutil
+    import psutil  # Ray's dependency, not lorafleet's
 
     node = getattr(getattr(ray, "_private", None), "worker", None)
     node = getattr(node, "_global_node", None)
@@ -194,7 +198,7 @@ def end_orphaned_ray_processes(data_dir: Path) -> list[int]:
     import ray
 
     ray_dir = str(Path(ray.__file__).parent)  # ray's bundled psutil is importable from here on
-    import psutil
+    import psutil  # Ray's dependency, not lorafleet's
 
     data_dir = Path(data_dir).resolve()
     by_session: dict[str, list[Any]] = {}
@@ -247,7 +251,7 @@ def _session_of(proc: Any, cmdline: list[str]) -> str | None:
 
 def _dead_session_of(session: Path, data_dir: Path) -> bool:
     """The session was started by ``init_ray`` for ``data_dir`` and the process that started it is gone."""
-    import psutil
+    import psutil  # Ray's dependency, not lorafleet's
 
     try:
         owner = json.loads((session / SESSION_MARKER).read_text(encoding="utf-8"))
@@ -305,8 +309,6 @@ class TrainerHost:
         *,
         worker_id: str | None = None,
     ) -> None:
-        from lorafleet.platform import Platform
-
         remove_stale_tempdirs()  # a predecessor on this node killed mid-job left its folder
         self.settings = load_settings(**settings)
         self.node_id = _ray_node_id()
@@ -331,8 +333,6 @@ class TrainerHost:
         self._stats.update(backbone_loads=1, current_job=None, step=0, total_steps=0)
 
     def _build_trainer(self, config: Any) -> Any:
-        from lorafleet.workflows.continual import ContinualTrainer
-
         s = self.settings
         started = time.monotonic()
         backbone = load_backbone(
@@ -376,9 +376,6 @@ class TrainerHost:
 
     def _build_qa(self, policy: Mapping[str, Any] | None) -> Any:
         """The ``qa`` handler on the trainer's own backbone and bank (QA evicts its slots after each job)."""
-        from lorafleet.training.general_prompts import ANCHOR_PROMPTS
-        from lorafleet.workflows.qa_runner import QARunner
-
         return QARunner(
             self.db,
             self.registry,

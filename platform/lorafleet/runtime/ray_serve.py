@@ -29,7 +29,8 @@ a failure of Serve itself (no app, no replica, a timeout) is a ``ServeUnavailabl
 
 Entry points: ``build_app`` (the import path ``lorafleet.runtime.ray_serve:build_app`` of a KubeRay
 RayService's ``serveConfigV2``), ``deploy(settings)`` (``lorafleet serve-deploy``), and ``ServeClient``, which
-the API uses when ``LORAFLEET_SERVING=ray-serve``. Importing this module does not import ray or torch.
+the API uses when ``LORAFLEET_SERVING=ray-serve``. Importing this module does not import ray (it loads torch,
+as ``serving.factory`` does).
 """
 
 from __future__ import annotations
@@ -47,22 +48,30 @@ from typing import TYPE_CHECKING, Any, cast
 
 from lorafleet.config import Settings, load_settings
 from lorafleet.errors import ConfigError, LorafleetError, ValidationError
+from lorafleet.platform import Platform
+from lorafleet.runtime.ray_runtime import actor_settings, init_ray
+from lorafleet.serving.continuous import ContinuousBatcher
 from lorafleet.serving.factory import build_engine
-from lorafleet.serving.requests import GenerationDelta, GenerationRequest, GenerationResult
+from lorafleet.serving.requests import (
+    GenerationDelta,
+    GenerationRequest,
+    GenerationResult,
+    Outcome,
+    results_or_first_error,
+)
+from lorafleet.training.general_prompts import ANCHOR_PROMPTS
+from lorafleet.workflows.qa_triggers import on_nonfinite_output
 
 if TYPE_CHECKING:
     from ray.serve import Application
     from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
-    from lorafleet.platform import Platform
-    from lorafleet.serving.continuous import ContinuousBatcher
     from lorafleet.serving.engine import GenerationEngine
 
 logger = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "serving"
 DEFAULT_HTTP_PORT = 8000
-Outcome = GenerationResult | LorafleetError
 
 
 class ServeError(LorafleetError):
@@ -159,11 +168,6 @@ class ServingReplica:
 
     def __init__(self, settings: Mapping[str, Any], options: Mapping[str, Any]) -> None:
         from ray import serve
-
-        from lorafleet.platform import Platform
-        from lorafleet.serving.continuous import ContinuousBatcher
-        from lorafleet.training.general_prompts import ANCHOR_PROMPTS
-        from lorafleet.workflows.qa_triggers import on_nonfinite_output
 
         s = load_settings(**settings)
         o = ReplicaOptions.from_mapping(options)
@@ -343,8 +347,6 @@ def replica_settings(settings: Settings, *, gpus: int) -> dict[str, Any]:
     """The settings a replica is built from (absolute paths, no secrets: ``actor_settings``), with the device
     its placement gives it: ``cuda`` with a GPU (Ray shows a replica only its own GPU, as device 0, so
     ``cuda:N`` would not exist there), and ``cpu`` for ``auto`` without one (never a GPU Ray did not give)."""
-    from lorafleet.runtime.ray_runtime import actor_settings
-
     data = actor_settings(settings)
     if gpus:
         data["device"] = "cuda"
@@ -358,8 +360,6 @@ def deploy(
 ) -> DeploymentHandle:
     """Run (or update in place) the app ``settings.serve_app_name`` on the configured Ray and wait until it
     is running; a local Ray's HTTP proxy binds to 127.0.0.1. The app has no HTTP route (callers use handles)."""
-    from lorafleet.runtime.ray_runtime import init_ray
-
     init_ray(settings)
     from ray import serve
 
@@ -399,8 +399,6 @@ class ServeClient:
             return self._handle
 
     def _open_handle(self) -> DeploymentHandle:
-        from lorafleet.runtime.ray_runtime import init_ray
-
         ray = sys.modules.get("ray")
         if not self.settings.ray_address and (ray is None or not ray.is_initialized()):
             raise ServeUnavailableError(
@@ -421,11 +419,7 @@ class ServeClient:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Results in request order; the first failed request's error is raised (as the in-process engine)."""
-        outcomes = self.generate_each(requests)
-        for outcome in outcomes:
-            if isinstance(outcome, LorafleetError):
-                raise outcome
-        return outcomes  # type: ignore[return-value]
+        return results_or_first_error(self.generate_each(requests))
 
     def generate_each(self, requests: Sequence[GenerationRequest]) -> list[Outcome]:
         """Each request's result or its own library error."""

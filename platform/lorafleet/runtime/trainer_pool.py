@@ -20,8 +20,10 @@ from typing import Any
 
 from lorafleet.config import Settings
 from lorafleet.errors import ConfigError, JobError, LorafleetError
+from lorafleet.jobs import JobQueue
 from lorafleet.jobs.placement import TrainerPlacement, placement_capacity
 from lorafleet.runtime.ray_runtime import actor_settings, init_ray, trainer_actor_class
+from lorafleet.store.sql.database import Database
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +116,7 @@ class TrainerPool:
     # --- starting -----------------------------------------------------------------------------------------
     def _warn_about_capacity(self, n_actors: int) -> None:
         """Say at once when the cluster cannot hold the actors asked for (they would wait, maybe forever)."""
-        import ray
-
-        capacity = placement_capacity(ray.nodes(), self.placement.demand())
+        capacity = self._capacity()
         if capacity == 0:
             logger.warning(
                 "no alive node of the Ray cluster offers %s, so trainer actors wait until one joins; give "
@@ -173,14 +173,17 @@ class TrainerPool:
                 t.last_wait_log = now
 
     def _waiting_message(self, waiting: list[_Trainer], *, after: float) -> str:
-        import ray
-
-        capacity = placement_capacity(ray.nodes(), self.placement.demand())
         return (
             f"{len(waiting)} of {len(self.trainers)} trainer actors not started after {after:.0f} s; each "
             f"needs {self.placement.describe()} on one node, and the alive nodes of the cluster have room for "
-            f"{capacity} such actors in total (in use or not)"
+            f"{self._capacity()} such actors in total (in use or not)"
         )
+
+    def _capacity(self) -> int:
+        """How many trainer actors of this pool's placement the cluster's alive nodes have room for in all."""
+        import ray
+
+        return placement_capacity(ray.nodes(), self.placement.demand())
 
     # --- running jobs -------------------------------------------------------------------------------------
     def drain(self, *, max_jobs: int | None = None, timeout: float | None = None) -> list[int]:
@@ -218,9 +221,6 @@ class TrainerPool:
     def release_leases_of(self, worker_id: str, *, cause: str) -> list[int]:
         """A dead actor's leases end now, so its job is retried at once rather than when the lease runs out;
         a failure to reach the database is logged (the lease then expires as before)."""
-        from lorafleet.jobs import JobQueue
-        from lorafleet.store.sql.database import Database
-
         db = Database(self.settings.resolved_database_url)
         try:
             released = JobQueue(db).release_leases_of(

@@ -21,16 +21,14 @@ import httpx
 
 from lorafleet.sdk import calls as c
 from lorafleet.sdk import schemas as s
-from lorafleet.sdk.errors import ApiError, JobTimeout
+from lorafleet.sdk.errors import JobTimeout
 from lorafleet.sdk.transport import DONE as _DONE
 from lorafleet.sdk.transport import (
     ClientBase,
+    Retry,
     RetryPolicy,
     answer,
-    connection_failed,
     headers_for,
-    may_retry_error,
-    may_retry_transport,
     request_args,
     sse_event,
 )
@@ -206,19 +204,15 @@ class Client(ClientBase, _Calls):
     def _run(self, call: c.Call[T]) -> T:
         attempt = 0
         while True:
+            sent: httpx.Response | httpx.TransportError
             try:
-                response = self._http.request(call.method, call.path, **request_args(call))
+                sent = self._http.request(call.method, call.path, **request_args(call))
             except httpx.TransportError as exc:
-                error: ApiError = connection_failed(call, exc)
-                retryable = may_retry_transport(call, exc)
-            else:
-                try:
-                    return answer(call, response)
-                except ApiError as exc:
-                    error, retryable = exc, may_retry_error(exc)
-            if self._give_up(attempt=attempt, retryable=retryable):
-                raise error
-            time.sleep(self.retry.delay(attempt=attempt, error=error))
+                sent = exc
+            outcome = self._settle(call, sent, attempt=attempt)
+            if not isinstance(outcome, Retry):
+                return outcome
+            time.sleep(outcome.seconds)
             attempt += 1
 
     def _stream(self, call: c.Call[T]) -> Iterator[T]:
@@ -282,19 +276,15 @@ class AsyncClient(ClientBase, _Calls):
     async def _run(self, call: c.Call[T]) -> T:
         attempt = 0
         while True:
+            sent: httpx.Response | httpx.TransportError
             try:
-                response = await self._http.request(call.method, call.path, **request_args(call))
+                sent = await self._http.request(call.method, call.path, **request_args(call))
             except httpx.TransportError as exc:
-                error: ApiError = connection_failed(call, exc)
-                retryable = may_retry_transport(call, exc)
-            else:
-                try:
-                    return answer(call, response)
-                except ApiError as exc:
-                    error, retryable = exc, may_retry_error(exc)
-            if self._give_up(attempt=attempt, retryable=retryable):
-                raise error
-            await asyncio.sleep(self.retry.delay(attempt=attempt, error=error))
+                sent = exc
+            outcome = self._settle(call, sent, attempt=attempt)
+            if not isinstance(outcome, Retry):
+                return outcome
+            await asyncio.sleep(outcome.seconds)
             attempt += 1
 
     async def _stream(self, call: c.Call[T]) -> AsyncIterator[T]:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import httpx
 
 from lorafleet import __version__
+from lorafleet.config import ClientSettings
 from lorafleet.sdk import calls as c
 from lorafleet.sdk.errors import ApiError, ConnectionFailed, error_for
 
@@ -38,8 +39,6 @@ class RetryPolicy:
 
 
 def headers_for(api_key: str | None) -> dict[str, str]:
-    from lorafleet.config import ClientSettings
-
     key = api_key if api_key is not None else ClientSettings().api_key
     headers = {"User-Agent": f"lorafleet-sdk/{__version__}", "Accept": "application/json"}
     if key:
@@ -107,6 +106,13 @@ def request_args(call: c.Call[Any]) -> dict[str, Any]:
     return args
 
 
+@dataclass(frozen=True)
+class Retry:
+    """A failed attempt that is retried after ``seconds``."""
+
+    seconds: float
+
+
 class ClientBase:
     """Settings shared by both clients."""
 
@@ -116,5 +122,20 @@ class ClientBase:
         self.timeout = timeout
         self.retry = RetryPolicy(max_retries=max_retries, backoff=backoff, max_backoff=max_backoff)
 
-    def _give_up(self, *, attempt: int, retryable: bool) -> bool:
-        return not retryable or attempt >= self.retry.max_retries
+    def _settle(
+        self, call: c.Call[T], sent: httpx.Response | httpx.TransportError, *, attempt: int
+    ) -> T | Retry:
+        """What attempt number ``attempt`` of ``call`` came to (``sent``: the response, or the transport error):
+        the answer; or, for a failure that may be retried and has retries left, the ``Retry`` to wait for; else
+        the failure is raised (the sync and the async client share this, and differ only in how they wait)."""
+        if isinstance(sent, httpx.TransportError):
+            error: ApiError = connection_failed(call, sent)
+            retryable = may_retry_transport(call, sent)
+        else:
+            try:
+                return answer(call, sent)
+            except ApiError as exc:
+                error, retryable = exc, may_retry_error(exc)
+        if not retryable or attempt >= self.retry.max_retries:
+            raise error
+        return Retry(self.retry.delay(attempt=attempt, error=error))

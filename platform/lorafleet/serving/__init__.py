@@ -20,31 +20,25 @@ routes are in ``services/api``.
 
 from __future__ import annotations
 
-from typing import Any
-
 from lorafleet._exports import lazy_export
 
-_EXPORTS = {
-    "GenerationRequest": "lorafleet.serving.requests",
-    "GenerationResult": "lorafleet.serving.requests",
-    "ServedBy": "lorafleet.serving.requests",
-    "FinishReason": "lorafleet.serving.requests",
-    "GenerationDelta": "lorafleet.serving.requests",
-    "TokenLogprob": "lorafleet.serving.requests",
-    "AdapterCache": "lorafleet.serving.cache",
-    "CacheStats": "lorafleet.serving.cache",
-    "Lease": "lorafleet.serving.cache",
-    "blob_fetcher": "lorafleet.serving.fetch",
-    "verify_folder": "lorafleet.serving.fetch",
-    "GenerationEngine": "lorafleet.serving.engine",
-    "BatchingQueue": "lorafleet.serving.batcher",
-    "ContinuousBatcher": "lorafleet.serving.continuous",
-    "ServingMetrics": "lorafleet.serving.metrics",
-    "prometheus_text": "lorafleet.serving.metrics",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy exports: the API's schemas import request types without paying for torch."""
-    return lazy_export(__name__, _EXPORTS, name)
+# The API's schemas import request types without paying for torch.
+__getattr__, __dir__, __all__ = lazy_export(
+    __name__,
+    {
+        "lorafleet.serving.requests": (
+            "GenerationRequest",
+            "GenerationResult",
+            "ServedBy",
+            "FinishReason",
+            "GenerationDelta",
+            "TokenLogprob",
+        ),
+        "lorafleet.serving.cache": ("AdapterCache", "CacheStats", "Lease"),
+        "lorafleet.serving.fetch": ("blob_fetcher", "verify_folder"),
+        "lorafleet.serving.engine": ("GenerationEngine",),
+        "lorafleet.serving.batcher": ("BatchingQueue",),
+        "lorafleet.serving.continuous": ("ContinuousBatcher",),
+        "lorafleet.serving.metrics": ("ServingMetrics", "prometheus_text"),
+    },
+)

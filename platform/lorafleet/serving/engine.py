@@ -46,15 +46,23 @@ from lorafleet.errors import (
     ModelNotFoundError,
     ValidationError,
 )
+from lorafleet.routing.bank import BankMember, UserBank, resolve_model_bank, resolve_user_bank
+from lorafleet.routing.embeddings import DEFAULT_MAX_PROMPT_TOKENS, embedding_ids, pooled_embeddings
+from lorafleet.routing.gates import Gate, LearnedGateLoader, build_gate
 from lorafleet.serving.cache import AdapterCache, Lease
 from lorafleet.serving.decode import DecodeBatch, RowOutput, RowSpec, left_pad, run_to_end
 from lorafleet.serving.metrics import BatchRecord, ServingMetrics
-from lorafleet.serving.requests import GenerationRequest, GenerationResult, ModelRef, ServedBy
+from lorafleet.serving.requests import (
+    GenerationRequest,
+    GenerationResult,
+    ModelRef,
+    Outcome,
+    ServedBy,
+    results_or_first_error,
+)
 
 if TYPE_CHECKING:
     from lorafleet.backbone import Backbone
-    from lorafleet.routing.bank import BankMember, UserBank
-    from lorafleet.routing.gates import Gate, LearnedGateLoader
     from lorafleet.routing.spec import GateDecision, GateSpec
     from lorafleet.store.sql.database import Database
 
@@ -66,7 +74,6 @@ ResolveModel = Callable[[int, ModelRef], "UserBank"]
 GateFactory = Callable[["UserBank"], "Gate"]
 #: ``embed(backbone, bank, input_ids [batch, seq], attention_mask [batch, seq]) -> [batch, hidden]``
 Embed = Callable[["Backbone", AdapterBank, torch.Tensor, torch.Tensor], torch.Tensor]
-Outcome = GenerationResult | LorafleetError
 #: told of a request whose logits were not finite: the user's bank and the members that served the row
 OnNonFinite = Callable[["UserBank", Sequence["BankMember"]], object]
 #: gates kept by the default gate factory
@@ -128,8 +135,6 @@ class GenerationEngine:
         outside the model lock; its errors are logged, never raised) for each request whose adapters produced
         non-finite logits. ``resolve_model``: the bank of one adapter a request's ``model`` names
         (``database_model_resolver``); without it such requests fail with ``ModelNotFoundError``."""
-        from lorafleet.routing.embeddings import DEFAULT_MAX_PROMPT_TOKENS
-
         if cache.bank is not bank:
             raise ValidationError("the adapter cache must manage slots of the engine's bank")
         self.backbone, self.bank, self.cache = backbone, bank, cache
@@ -148,11 +153,7 @@ class GenerationEngine:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Serve a batch; raises the first request's error if any request failed."""
-        outcomes = self.generate_each(requests)
-        for outcome in outcomes:
-            if isinstance(outcome, LorafleetError):
-                raise outcome
-        return outcomes  # type: ignore[return-value]
+        return results_or_first_error(self.generate_each(requests))
 
     def generate_each(self, requests: Sequence[GenerationRequest]) -> list[Outcome]:
         """Serve a batch; each request gets its result or its own error (the others are still served)."""
@@ -334,8 +335,6 @@ class GenerationEngine:
     def _gate_ids(self, row: _Row) -> tuple[int, ...]:
         """What the gate embeds: the user's own text, tokenised as routing keys' prompts are (the rendered
         prompt's last tokens if that text encodes to nothing)."""
-        from lorafleet.routing.embeddings import embedding_ids
-
         text = last_user_content(row.request.messages) if row.request.messages else row.request.prompt
         ids = embedding_ids(self.backbone.tokenizer, text, max_tokens=self._embed_max_tokens)
         return tuple(ids) or row.prompt_ids[-self._embed_max_tokens :]
@@ -464,8 +463,6 @@ def cached_gate_factory(
 ) -> GateFactory:
     """``build_gate`` per user bank, with the gates kept by spec (LRU): a spec names immutable things only
     (kind, parameters, a learned gate's version id), so equal specs make equal gates."""
-    from lorafleet.routing.gates import build_gate
-
     gates: OrderedDict[GateSpec, Gate] = OrderedDict()
     lock = threading.Lock()
 
@@ -488,23 +485,17 @@ def cached_gate_factory(
 def database_resolver(db: Database) -> ResolveBank:
     """``resolve_bank`` over the metadata database (``routing.resolve_user_bank``: an unknown user gets an
     empty bank and is answered by the base model)."""
-    from lorafleet.routing.bank import resolve_user_bank
-
     return lambda tenant_id, user: resolve_user_bank(db, tenant_id=tenant_id, user_external_id=user)
 
 
 def database_model_resolver(db: Database) -> ResolveModel:
     """``resolve_model`` over the metadata database (``routing.resolve_model_bank``)."""
-    from lorafleet.routing.bank import resolve_model_bank
-
     return lambda tenant_id, ref: resolve_model_bank(
         db, tenant_id=tenant_id, owner=ref.owner, adapter=ref.adapter, version=ref.version
     )
 
 
 def _default_embed(backbone: Backbone, bank: AdapterBank, ids: torch.Tensor, mask: torch.Tensor) -> Any:
-    from lorafleet.routing.embeddings import pooled_embeddings
-
     return pooled_embeddings(backbone, bank, ids, mask)
 
 

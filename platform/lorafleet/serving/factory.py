@@ -20,13 +20,22 @@ from typing import TYPE_CHECKING, Any
 from lorafleet.adapters import inject_bank, serving_dtype
 from lorafleet.backbone import load_backbone
 from lorafleet.config import Settings
+from lorafleet.routing.embeddings import common_direction, embed_prompts
+from lorafleet.routing.gates import Gate, build_gate
+from lorafleet.routing.learned import load_learned_gate
+from lorafleet.serving.cache import AdapterCache
+from lorafleet.serving.engine import (
+    GateFactory,
+    GenerationEngine,
+    OnNonFinite,
+    database_model_resolver,
+    database_resolver,
+)
 
 if TYPE_CHECKING:
     from lorafleet.registry import Registry
     from lorafleet.routing.bank import UserBank
-    from lorafleet.routing.gates import Gate
     from lorafleet.routing.spec import GateSpec
-    from lorafleet.serving.engine import GateFactory, GenerationEngine, OnNonFinite
     from lorafleet.store.sql.database import Database
 
 DEFAULT_SLOTS = 16
@@ -64,10 +73,6 @@ def build_engine(
     (``routing.gates.CentroidGate``). None: plain cosine, among adapters only. ``on_nonfinite``: see
     ``GenerationEngine`` (the services pass ``workflows.qa_triggers.on_nonfinite_output``).
     """
-    from lorafleet.routing.embeddings import common_direction, embed_prompts
-    from lorafleet.serving.cache import AdapterCache
-    from lorafleet.serving.engine import GenerationEngine, database_model_resolver, database_resolver
-
     backbone = load_backbone(
         settings.backbone,
         quantization=quantization or settings.backbone_quantization,
@@ -117,9 +122,6 @@ def registry_gate_factory(
     bank's tenant; gates are kept by ``(tenant, spec)`` in an LRU, since a spec names immutable things only.
     ``general``: the backbone's general-prompt embeddings (prompts nearer one of them than to any adapter get the
     base); ``common``: its common direction (``routing.embeddings.common_direction``)."""
-    from lorafleet.routing.gates import build_gate
-    from lorafleet.routing.learned import load_learned_gate
-
     gates: OrderedDict[tuple[int, GateSpec], Gate] = OrderedDict()
     lock = threading.Lock()
 

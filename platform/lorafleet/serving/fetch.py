@@ -71,6 +71,7 @@ def read_adapter(
 ) -> tuple[dict[str, torch.Tensor], SlotConfig]:
     """A PEFT folder's tensors and slot config, checked as ``load_slot_from_dir`` checks them (pickle files,
     header, config, finiteness), read before any lock is taken; the bank checks shapes and fingerprint."""
+    # torch, on first use: fetching needs none until a folder is read
     from lorafleet.adapters.serialization import read_adapter_fingerprint, slot_config_from_peft
 
     files = inspect_adapter_dir(folder)

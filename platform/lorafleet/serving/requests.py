@@ -13,11 +13,12 @@ same tokens whatever else shares its batch. A result says which adapter versions
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 from lorafleet.backbone.chat import CHAT_ROLES
-from lorafleet.errors import ModelNotFoundError, ValidationError
+from lorafleet.errors import LorafleetError, ModelNotFoundError, ValidationError
 
 if TYPE_CHECKING:
     import torch
@@ -260,6 +261,19 @@ class GenerationResult:
         return tuple(s.version_id for s in self.served_by)
 
 
+#: what serving answers one request with: its result, or its own library error (the batch's others still served)
+Outcome = GenerationResult | LorafleetError
+
+
+def results_or_first_error(outcomes: Sequence[Outcome]) -> list[GenerationResult]:
+    """``outcomes`` as results, in order; the first library error among them is raised instead (what an
+    engine's or a Serve client's ``generate`` does with ``generate_each``'s outcomes)."""
+    for outcome in outcomes:
+        if isinstance(outcome, LorafleetError):
+            raise outcome
+    return cast(list[GenerationResult], list(outcomes))
+
+
 __all__ = [
     "BANK_MODEL",
     "BASE_MODEL",
@@ -272,6 +286,8 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "MAX_LOGPROBS",
+    "Outcome",
     "ServedBy",
     "TokenLogprob",
+    "results_or_first_error",
 ]

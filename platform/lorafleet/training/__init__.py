@@ -15,28 +15,23 @@ how adapters learn, given datasets. Which users train, when, and how the results
 
 from __future__ import annotations
 
-from typing import Any
-
 from lorafleet._exports import lazy_export
 
-_EXPORTS = {
-    "TrainingConfig": "lorafleet.training.config",
-    "Example": "lorafleet.training.dataset",
-    "UserDataset": "lorafleet.training.dataset",
-    "EncodedBatch": "lorafleet.training.dataset",
-    "build_dataset": "lorafleet.training.dataset",
-    "is_holdout": "lorafleet.training.dataset",
-    "reservoir_sample": "lorafleet.training.dataset",
-    "encode_examples": "lorafleet.training.dataset",
-    "EvalResult": "lorafleet.training.metrics",
-    "evaluate": "lorafleet.training.metrics",
-    "SlotTask": "lorafleet.training.trainer",
-    "SlotResult": "lorafleet.training.trainer",
-    "train_slots": "lorafleet.training.trainer",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy exports: the trainer needs torch, the config and dataset rules do not."""
-    return lazy_export(__name__, _EXPORTS, name)
+# The trainer needs torch, the config and dataset rules do not.
+__getattr__, __dir__, __all__ = lazy_export(
+    __name__,
+    {
+        "lorafleet.training.config": ("TrainingConfig",),
+        "lorafleet.training.dataset": (
+            "Example",
+            "UserDataset",
+            "EncodedBatch",
+            "build_dataset",
+            "is_holdout",
+            "reservoir_sample",
+            "encode_examples",
+        ),
+        "lorafleet.training.metrics": ("EvalResult", "evaluate"),
+        "lorafleet.training.trainer": ("SlotTask", "SlotResult", "train_slots"),
+    },
+)

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
+from lorafleet.adapters.slots import SlotConfig
 from lorafleet.errors import ValidationError
-
-if TYPE_CHECKING:
-    from lorafleet.adapters.slots import SlotConfig
 
 #: (low, high) of the typical region per field, from the seed notes; outside it is allowed but logged.
 TYPICAL_RANGES: dict[str, tuple[float, float]] = {
@@ -163,8 +161,7 @@ class TrainingConfig(BaseModel):
         A regex ``target_modules`` is resolved against ``layer_names`` (the bank's layers), since a slot records
         plain module names; ``layers`` is resolved by the bank when it initialises the slot.
         """
-        from lorafleet.adapters.bank import module_matches
-        from lorafleet.adapters.slots import SlotConfig
+        from lorafleet.adapters.bank import module_matches  # torch: the config itself is torch-free
 
         targets: tuple[str, ...] | None
         if self.target_modules == "all-linear":

@@ -20,6 +20,7 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from lorafleet.backbone.chat import encode_messages
 from lorafleet.training.dataset import Example
 
 if TYPE_CHECKING:
@@ -321,7 +322,7 @@ def generate_answers(
     end at their last full sentence (off to judge everything a model said)."""
     import torch
 
-    from lorafleet.serving.decode import BatchDecoder, RowSpec
+    from lorafleet.serving.decode import BatchDecoder, RowSpec  # torch, on first use
 
     rows = [list(r) for r in routes] if routes is not None else [[] for _ in prompts]
     ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
@@ -339,8 +340,6 @@ def generate_answers(
 
 def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     """Token ids of ``prompt`` as one user turn, rendered as serving renders it (the chat template if any)."""
-    from lorafleet.backbone.chat import encode_messages
-
     return encode_messages(tokenizer, [("user", prompt)], add_generation_prompt=True)
 
 

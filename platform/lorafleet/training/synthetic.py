@@ -160,7 +160,7 @@ def evaluate_personalisation(
     batch_size: int = 64,
 ) -> PersonalisationScores:
     """Token, answer and choice accuracy of ``slot`` (None = the base model) on synthetic examples."""
-    from lorafleet.training.metrics import score_examples, summarize
+    from lorafleet.training.metrics import score_examples, summarize  # torch, on first use
 
     if not examples:
         raise ValidationError("no examples to evaluate")
