@@ -11,7 +11,7 @@ from engine_world import Setup, make_setup
 from serving_helpers import BankMember, FolderFetcher, member, write_adapter
 
 from lorafleet.adapters import AdapterBank, inject_bank
-from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone
+from lorafleet.backbone import Backbone, load_backbone
 
 N_SLOTS, MAX_RANK = 8, 8
 
@@ -24,12 +24,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built-in tiny backbone's folder, built into this session's temp dir."""
-    return build_tiny_backbone(tmp_path_factory.mktemp("lorafleet-data"))
 
 
 @pytest.fixture(scope="session")
