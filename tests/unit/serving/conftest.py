@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -39,12 +40,10 @@ def adapter_folders(
 ) -> Callable[[int], Path]:
     """``adapter_folders(seed)``: a real adapter folder for the tiny backbone (written once per seed)."""
     root = tmp_path_factory.mktemp("adapters")
-    made: dict[int, Path] = {}
 
+    @functools.cache
     def get(seed: int) -> Path:
-        if seed not in made:
-            made[seed] = write_adapter(author_bank, root / f"seed-{seed}", seed=seed)
-        return made[seed]
+        return write_adapter(author_bank, root / f"seed-{seed}", seed=seed)
 
     return get
 
