@@ -12,6 +12,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # A local Ray must bind to loopback only; set before anything imports ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -24,6 +25,13 @@ import pytest  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 from tests.databases import migrated_pg_database  # noqa: E402
 
+from lorafleet.store.sql import migrate  # noqa: E402
+from lorafleet.store.sql.database import Database, create_db_engine  # noqa: E402
+from lorafleet.store.sql.models import Base  # noqa: E402
+
+if TYPE_CHECKING:
+    from lorafleet.backbone import Backbone
+
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
@@ -35,17 +43,12 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One migrated SQLite file per session; tests get copies (migrating each time would be slow)."""
-    from lorafleet.store.sql import migrate
-
     path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
     migrate.upgrade(f"sqlite:///{path}")
     return path
 
 
 def _truncate_all(url: str) -> None:
-    from lorafleet.store.sql.database import create_db_engine
-    from lorafleet.store.sql.models import Base
-
     engine = create_db_engine(url)
     names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
     with engine.begin() as conn:
@@ -71,19 +74,23 @@ def database_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def database(database_url: str) -> Iterator[object]:
-    from lorafleet.store.sql.database import Database
-
+def database(database_url: str) -> Iterator[Database]:
     db = Database(database_url)
     yield db
     db.dispose()
 
 
 @pytest.fixture
-def pg_database(pg_url: str) -> Iterator[object]:
-    """PostgreSQL only, for tests about real concurrency (row locks, many connections)."""
-    from lorafleet.store.sql.database import Database
+def sqlite_database(sqlite_url: str) -> Iterator[Database]:
+    """SQLite only, for tests about something other than the database (adapter files, engine set-up)."""
+    db = Database(sqlite_url)
+    yield db
+    db.dispose()
 
+
+@pytest.fixture
+def pg_database(pg_url: str) -> Iterator[Database]:
+    """PostgreSQL only, for tests about real concurrency (row locks, many connections)."""
     _truncate_all(pg_url)
     db = Database(pg_url)
     yield db
@@ -161,3 +168,21 @@ def smollm2_in(smollm2_data_dir: Path) -> Callable[[Path], Path]:
         return data_dir
 
     return link
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in tiny backbone's folder, built once per session (the adapter, serving and training tests
+    load it)."""
+    # imported here, as in the fixtures below: it loads torch, which most tests do not need
+    from lorafleet.backbone import build_tiny_backbone
+
+    return build_tiny_backbone(tmp_path_factory.mktemp("lorafleet-data"))
+
+
+@pytest.fixture
+def fp32_backbone(tiny_dir: Path) -> Backbone:
+    """The tiny backbone in fp32 on the CPU, loaded afresh for each test (tests inject banks into it)."""
+    from lorafleet.backbone import load_backbone
+
+    return load_backbone(tiny_dir, quantization="fp32", device="cpu")

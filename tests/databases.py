@@ -8,7 +8,11 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psycopg
 import pytest
+from sqlalchemy.engine import make_url
+
+from lorafleet.store.sql import migrate
 
 PG_ADMIN_URL = os.environ.get(
     "LORAFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -17,8 +21,6 @@ PG_ADMIN_URL = os.environ.get(
 
 def pg_admin_conninfo() -> str:
     """psycopg's conninfo of the server the test databases are made on."""
-    from sqlalchemy.engine import make_url
-
     url = make_url(PG_ADMIN_URL)
     return f"host={url.host} port={url.port or 5432} user={url.username} dbname={url.database}"
 
@@ -27,9 +29,6 @@ def pg_admin_conninfo() -> str:
 def migrated_pg_database(prefix: str) -> Iterator[str]:
     """A new database named ``<prefix>_<pid>_<random>``, migrated to the newest revision, dropped on exit;
     fails the test loudly when PostgreSQL is not reachable."""
-    import psycopg
-
-    from lorafleet.store.sql import migrate
 
     name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     try:

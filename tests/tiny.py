@@ -27,6 +27,7 @@ TINY_TRAINING: dict[str, Any] = {
 
 def tiny_backbone_dir(factory: pytest.TempPathFactory, name: str) -> Path:
     """A new data dir ``name`` with the built-in tiny backbone built into it (processes load it from there)."""
+    # imported here: it loads torch, which modules importing only TINY_TRAINING (api_helpers) do not load
     from lorafleet.backbone import build_tiny_backbone
 
     path = factory.mktemp(name)

@@ -25,7 +25,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import _common  # noqa: F401  (puts the repository root on sys.path, for the tests.* helpers below)
 import httpx
+from tests.databases import migrated_pg_database
 
 from lorafleet.sdk import Client
 
@@ -119,20 +121,6 @@ def measure(label: str, *, database_url: str | None, args: argparse.Namespace) -
         )
 
 
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    import psycopg
-
-    name = f"lorafleet_bench_api_{uuid.uuid4().hex[:8]}"
-    admin = psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True)
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=4)
@@ -143,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     measure("SQLite", database_url=None, args=args)
     if args.postgres:
-        with postgres_database() as url:
+        with migrated_pg_database("lorafleet_bench_api") as url:
             measure("PostgreSQL", database_url=url, args=args)
 
 

@@ -14,30 +14,20 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import add_backbone_options, backbones_to_run, chosen_sizes, median, ratio, timed
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from tests.lora_weights import random_lora_weights
 
 from lorafleet.adapters import AdapterBank, RoutingPlan, SlotConfig, inject_bank
-from lorafleet.adapters.bank import peft_key
-from lorafleet.backbone import build_tiny_backbone, load_backbone, resolve_backbone_path
+from lorafleet.backbone import load_backbone
 
-#: "medium" is big enough that matmuls dominate a CPU forward; "tiny" is the built-in offline backbone
-CONFIGS: dict[str, dict[str, int]] = {
-    "tiny": {},
-    "medium": {
-        "hidden_size": 512,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 8,
-    },
-}
 RANK, ALPHA, BATCH, SEQ = 16, 32.0, 32, 32
 N_ADAPTERS = 32
 ROWS_PER_USER = 4
@@ -47,7 +37,6 @@ TRAIN_USERS: tuple[int, ...] = (1, 4, 16)
 INFER_QUANTIZATION = "fp32"
 #: an untimed warm-up call before every timed call (True), or one per condition before the first round (False)
 WARMUP_EACH = True
-TINY_BACKBONE = "tiny"
 #: SmolLM2-135M on CPU in nf4: bitsandbytes dequantises every weight on every forward (about 1.3 s for the 30
 #: layers here), so batches are small and each condition is warmed up once; medians of 3 interleaved runs.
 SMOLLM2_SIZES: dict[str, Any] = {
@@ -74,49 +63,11 @@ TINY_SIZES: dict[str, Any] = {
 }
 
 
-def timed(conditions: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[float]]:
-    """Wall seconds of each run per condition, runs interleaved across conditions.
-
-    Each timed call follows an untimed call of the same condition, so no condition pays for the allocator and
-    cache state that the previous (differently shaped) condition left behind.
-    """
-    samples: dict[str, list[float]] = {name: [] for name in conditions}
-    if not WARMUP_EACH:
-        for fn in conditions.values():
-            fn()
-    for _ in range(runs):
-        for name, fn in conditions.items():
-            if WARMUP_EACH:
-                fn()
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return samples
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def ratio(numerator: list[float], denominator: list[float]) -> float:
-    """Median of per-run ratios: runs of one round share the machine's load, so pairs cancel most noise."""
-    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
-
-
 def lora_flop_share(bank: AdapterBank) -> float:
     """The LoRA branch's share of the adapted layers' FLOPs: sum r(d_in+d_out) / sum d_in*d_out."""
     lora = sum(RANK * (layer.in_features + layer.out_features) for layer in bank.layers.values())
     base = sum(layer.in_features * layer.out_features for layer in bank.layers.values())
     return lora / base
-
-
-def random_adapter(bank: AdapterBank, seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for name, layer in bank.layers.items():
-        out[peft_key(name, "A")] = torch.randn(RANK, layer.in_features, generator=generator) * 0.02
-        out[peft_key(name, "B")] = torch.randn(layer.out_features, RANK, generator=generator) * 0.02
-    return out
 
 
 def peft_with_adapters(path: Path, quantization: str, bank: AdapterBank, n: int, **lora: Any) -> PeftModel:
@@ -138,7 +89,11 @@ def bench_inference(path: Path, runs: int) -> list[dict[str, Any]]:
     banked = load_backbone(path, quantization=INFER_QUANTIZATION, device="cpu")
     bank = inject_bank(banked, target_modules="all-linear", n_slots=2 * n_adapters, max_rank=RANK)
     for slot in range(2 * n_adapters):  # a full bank: cost must not depend on slots the batch does not use
-        bank.load_slot(slot, random_adapter(bank, slot), SlotConfig(rank=RANK, alpha=ALPHA))
+        bank.load_slot(
+            slot,
+            random_lora_weights(bank, rank=RANK, seed=slot, scale=0.02),
+            SlotConfig(rank=RANK, alpha=ALPHA),
+        )
     peft_model = peft_with_adapters(path, INFER_QUANTIZATION, bank, n_adapters).eval()
     ids = torch.randint(3, 259, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))  # [batch, seq]
     conditions: dict[str, Callable[[], Any]] = {
@@ -155,7 +110,7 @@ def bench_inference(path: Path, runs: int) -> list[dict[str, Any]]:
         conditions[f"peft mixed/{users}"] = lambda names=names: peft_model(input_ids=ids, adapter_names=names)
         conditions[f"peft swap/{users}"] = lambda routes=routes: _peft_swap(peft_model, ids, routes)
     with torch.no_grad():
-        seconds = timed(conditions, runs)
+        seconds = timed(conditions, runs, warmup_each=WARMUP_EACH)
     share = lora_flop_share(bank)
     bare_s = seconds["no adapter (bare model)"]
     rows = []
@@ -225,6 +180,7 @@ def bench_training(path: Path, runs: int, users: tuple[int, ...] | None = None) 
                 ),
             },
             runs,
+            warmup_each=WARMUP_EACH,
         )
         rows.append(
             {
@@ -277,7 +233,9 @@ def bench_quantization(path: Path, runs: int) -> list[dict[str, Any]]:
     ids = torch.randint(3, 259, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
     models = {q: load_backbone(path, quantization=q, device="cpu") for q in ("fp32", "bf16", "nf4", "int8")}
     with torch.no_grad():
-        seconds = timed({q: (lambda b=b: b.model(ids)) for q, b in models.items()}, runs)
+        seconds = timed(
+            {q: (lambda b=b: b.model(ids)) for q, b in models.items()}, runs, warmup_each=WARMUP_EACH
+        )
     return [
         {
             "quantization": q,
@@ -340,19 +298,9 @@ def report(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--backbone",
-        default=TINY_BACKBONE,
-        help="'tiny' (the default): the random-init backbones of --configs; or a built-in name such as "
-        "builtin:smollm2-135m (or a checkpoint folder), run with the smaller sizes of SMOLLM2_SIZES",
-    )
+    add_backbone_options(parser)
     parser.add_argument("--runs", type=int, help="timed runs per condition (median reported; 5, SmolLM2: 3)")
-    parser.add_argument("--configs", default="tiny,medium", help="tiny backbones to run (--backbone tiny)")
     parser.add_argument("--parts", help="infer,train,quant (SmolLM2: infer,train)")
-    parser.add_argument(
-        "--data-dir", type=Path, default=Path(".lorafleet"), help="where backbones are built or converted"
-    )
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, help="inference batch (32, SmolLM2: 4)")
     parser.add_argument("--seq", type=int, help="tokens per sequence (32, SmolLM2: 16)")
     parser.add_argument("--infer-users", help="adapters per inference batch (1,8,32, SmolLM2: 1,4)")
@@ -363,8 +311,7 @@ def main() -> None:
     )
     parser.add_argument("--warmup", choices=("each", "once"), help="warm-up before each timed call, or once")
     args = parser.parse_args()
-    sizes = dict(TINY_SIZES if args.backbone == TINY_BACKBONE else SMOLLM2_SIZES)
-    sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
+    sizes = chosen_sizes(args, TINY_SIZES, SMOLLM2_SIZES)
     _configure(sizes)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -373,25 +320,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {runs} runs, sizes {sizes}\n"
     )
-    if args.backbone != TINY_BACKBONE:
-        path = resolve_backbone_path(args.backbone, data_dir=args.data_dir)
-        started = time.perf_counter()
-        infer = bench_inference(path, runs) if "infer" in parts else []
-        gc.collect()
-        train = bench_training(path, runs) if "train" in parts else []
-        gc.collect()
-        quant = bench_quantization(path, runs) if "quant" in parts else []
-        print(
-            report(
-                f"{args.backbone} ({_describe(path)}), {time.perf_counter() - started:.0f} s",
-                infer,
-                train,
-                quant,
-            )
-        )
-        return
-    for name in args.configs.split(","):
-        path = build_tiny_backbone(args.data_dir, **CONFIGS[name])
+    for name, path in backbones_to_run(args):
         started = time.perf_counter()
         infer = bench_inference(path, runs) if "infer" in parts else []
         gc.collect()
@@ -414,8 +343,6 @@ def _configure(sizes: dict[str, Any]) -> None:
 
 
 def _describe(path: Path) -> str:
-    import json
-
     c = json.loads((path / "config.json").read_text())
     return f"hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, ffn {c['intermediate_size']}"
 

@@ -32,14 +32,16 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import _common  # noqa: E402, F401  (puts the repository root on sys.path, for the tests.* helpers below)
+from tests.databases import migrated_pg_database  # noqa: E402
+
+from lorafleet.backbone import build_tiny_backbone  # noqa: E402
 from lorafleet.config import Settings, load_settings  # noqa: E402
 from lorafleet.jobs import JobQueue, Scheduler, SchedulerPolicy  # noqa: E402
 from lorafleet.store.sql.database import Database  # noqa: E402
 from lorafleet.store.sql.tenants import TenantRepository  # noqa: E402
 from lorafleet.training.synthetic import make_user_records  # noqa: E402
 from lorafleet.workflows.feedback import ingest_feedback  # noqa: E402
-
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
 
 @dataclass(frozen=True)
@@ -52,24 +54,6 @@ class Round:
     @property
     def jobs_per_minute(self) -> float:
         return 60.0 * self.jobs / self.seconds
-
-
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database, dropped afterwards."""
-    import psycopg
-
-    from lorafleet.store.sql import migrate
-
-    name = f"lorafleet_bench_cluster_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-        try:
-            migrate.upgrade(url)
-            yield url
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager
@@ -128,6 +112,7 @@ def timed_round(db: Database, pool: Any, *, actors: int, users: int, training: d
 def measure(settings: Settings, *, users: int, runs: int, training: dict[str, Any]) -> dict[int, list[Round]]:
     """On one cluster with two trainer nodes (one actor each), rounds on 1 node (the first actor alone; the
     other node idles) and on 2 nodes, interleaved, so drifting load on the machine hits both alike."""
+    # imported here, as Ray is: the pool loads Ray, which --help and the database set-up do not need
     from lorafleet.runtime.trainer_pool import TrainerPool
 
     db = Database(settings.resolved_database_url)
@@ -168,9 +153,10 @@ def main() -> None:
         "holdout_fraction": 0.3,
         "seed": 0,
     }
-    from lorafleet.backbone import build_tiny_backbone
-
-    with tempfile.TemporaryDirectory(prefix="lorafleet-bench-cluster-") as tmp, postgres_database() as url:
+    with (
+        tempfile.TemporaryDirectory(prefix="lorafleet-bench-cluster-") as tmp,
+        migrated_pg_database("lorafleet_bench_cluster") as url,
+    ):
         data_dir = Path(tmp)
         build_tiny_backbone(data_dir)
         settings = load_settings(

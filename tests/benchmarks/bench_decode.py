@@ -29,12 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from bench_serving import write_versions
+from bench_serving import evict_all, replay, write_versions, zipf_draws
+from tests.lora_weights import random_lora_weights
 
 from lorafleet.adapters import AdapterBank, SlotConfig, inject_bank
-from lorafleet.adapters.bank import peft_key
 from lorafleet.adapters.routing import RoutingPlan
 from lorafleet.backbone import build_tiny_backbone, load_backbone, resolve_backbone_path
 from lorafleet.serving import AdapterCache
@@ -46,11 +45,7 @@ RANK = 16
 
 def _random_adapters(bank: AdapterBank, n: int, rank: int) -> None:
     for slot in range(n):
-        generator = torch.Generator().manual_seed(slot)
-        tensors = {}
-        for name, layer in bank.layers.items():
-            tensors[peft_key(name, "A")] = torch.randn(rank, layer.in_features, generator=generator) * 0.02
-            tensors[peft_key(name, "B")] = torch.randn(layer.out_features, rank, generator=generator) * 0.02
+        tensors = random_lora_weights(bank, rank=rank, seed=slot, scale=0.02)
         bank.load_slot(slot, tensors, SlotConfig(rank=rank, alpha=2.0 * rank))
 
 
@@ -143,19 +138,13 @@ def bench_hits(
         store = open_blob_store((Path(tmp) / "blobs").as_uri())
         members = write_versions(bank, store, users, rank=1, modules=[sorted(bank.layers)[0]])
         for s in exponents:
-            weights = 1.0 / np.arange(1, users + 1) ** s
-            draws = np.random.default_rng(1).choice(users, size=requests, p=weights / weights.sum())
+            _weights, draws = zipf_draws(users, requests, s)
             for host_entries in (0, host):
                 cache = AdapterCache.from_blob_store(
                     bank, store, slots=range(1, slots + 1), host_entries=host_entries
                 )
-                warm = requests // 10
-                for i, user in enumerate(draws):
-                    if i == warm:
-                        before = cache.stats()
-                    cache.acquire([members[int(user)]]).release()
-                after = cache.stats()
-                total = requests - warm
+                before, after = replay(cache, members, draws)
+                total = requests - requests // 10
                 slot_hits = after.hits + after.coalesced - before.hits - before.coalesced
                 host_hits = after.host_hits - before.host_hits
                 rows.append(
@@ -168,9 +157,7 @@ def bench_hits(
                         "host_mib": after.host_bytes / (1 << 20),
                     }
                 )
-                for slot in range(1, slots + 1):
-                    if bank.slot_info(slot) is not None:
-                        bank.evict_slot(slot)
+                evict_all(bank, range(1, slots + 1))
     return rows
 
 

@@ -60,6 +60,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lorafleet-bench-demo-") as tmp:
         shared = Path(tmp) / "shared"
         if args.keep_backbone:
+            # imported here: it loads torch, which this script (the demo runs in its own process) needs only
+            # to convert the backbone once
             from lorafleet.backbone import build_smollm2_backbone, default_smollm2_dir
 
             build_smollm2_backbone(shared)

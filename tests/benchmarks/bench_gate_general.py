@@ -32,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from lorafleet.adapters import inject_bank  # noqa: E402
 from lorafleet.backbone import load_backbone  # noqa: E402
-from lorafleet.routing.embeddings import embed_prompts  # noqa: E402
+from lorafleet.routing.embeddings import embed_prompts, key_vectors  # noqa: E402
 from lorafleet.routing.gates import GENERAL_MARGIN  # noqa: E402
 from lorafleet.training.general_prompts import ANCHOR_PROMPTS, EVAL_PROMPTS  # noqa: E402
 from lorafleet.training.personal_facts import make_users, split_questions, user_examples  # noqa: E402
@@ -46,8 +46,6 @@ ADAPTER_SIDES = ("mean", "k2", "k4", "k8")
 
 def adapter_keys(embedded: torch.Tensor, side: str) -> torch.Tensor:
     """Unit key vectors ``[k, hidden]`` of an adapter side from its training prompts' embeddings."""
-    from lorafleet.routing.embeddings import key_vectors
-
     k = 1 if side == "mean" else int(side[1:])
     return F.normalize(key_vectors(embedded, k), dim=-1)
 

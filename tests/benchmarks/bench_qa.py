@@ -36,10 +36,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from lorafleet.adapters import AdapterBank, inject_bank, save_slot  # noqa: E402
+from lorafleet.adapters import AdapterBank, inject_bank, remove_bank, save_slot  # noqa: E402
 from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone  # noqa: E402
 from lorafleet.jobs import JobQueue, JobWorker, Scheduler, SchedulerPolicy  # noqa: E402
 from lorafleet.qa.policy import QAPolicy  # noqa: E402
+from lorafleet.qa.reports import load_report  # noqa: E402
 from lorafleet.registry import Registry  # noqa: E402
 from lorafleet.routing.bank import enrol  # noqa: E402
 from lorafleet.routing.embeddings import routing_key  # noqa: E402
@@ -102,8 +103,6 @@ def make_env(tmp: Path, backbone: Backbone, config: TrainingConfig, *, slots: in
 
 def release(env: Env) -> None:
     """Take the bank's layers out again, so the next environment can inject its own."""
-    from lorafleet.adapters import remove_bank
-
     remove_bank(env.bank)
     env.db.dispose()
 
@@ -228,8 +227,6 @@ def register(env: Env, *, user: str, folder: Path, record_ids: list[int]) -> int
 
 
 def _row(env: Env, kind: str, result: dict[str, Any]) -> dict[str, Any]:
-    from lorafleet.qa.reports import load_report
-
     report, document = load_report(env.db, env.registry, report_id=int(result["report_id"]))
     own = report.summary.get("own_losses", {})
     return {

@@ -53,7 +53,10 @@ from lorafleet.adapters import save_slot  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.jobs import JobQueue, JobWorker, Scheduler, SchedulerPolicy  # noqa: E402
 from lorafleet.qa import matrix as qa_matrix  # noqa: E402
+from lorafleet.qa.policy import QAPolicy  # noqa: E402
 from lorafleet.qa.reports import load_report  # noqa: E402
+from lorafleet.qa.results import BASE, CANDIDATE, AnswerItem, Answers, ColumnInfo, Matrix, RowInfo  # noqa: E402
+from lorafleet.qa.rules import answer_rule  # noqa: E402
 from lorafleet.store.sql.tenants import TenantRepository  # noqa: E402
 from lorafleet.training.config import TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import Example, build_dataset, reservoir_sample  # noqa: E402
@@ -402,10 +405,6 @@ def by_wrong_answer_weight(
 ) -> list[str]:
     """The decisions again at other ``QAPolicy.wrong_answer_weight`` values, from the same decoded answers: the
     answer rule rerun on each stored holdout (``answer_rule``); every other rule's outcome as it was."""
-    from lorafleet.qa.policy import QAPolicy
-    from lorafleet.qa.results import BASE, CANDIDATE, AnswerItem, Answers, ColumnInfo, Matrix, RowInfo
-    from lorafleet.qa.rules import answer_rule
-
     kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
     lines = [
         "promoted at each wrong_answer_weight (the same answers rescored)",

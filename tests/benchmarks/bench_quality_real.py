@@ -66,6 +66,7 @@ from quality_real_eval import (  # noqa: E402
 from lorafleet.adapters import AdapterBank, inject_bank  # noqa: E402
 from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
+from lorafleet.routing.embeddings import routing_key  # noqa: E402
 from lorafleet.routing.gates import GENERAL_MARGIN  # noqa: E402
 from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS, TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import Example, pad_token_id, reservoir_sample  # noqa: E402
@@ -313,8 +314,6 @@ def evaluate(
 
 def user_key(ctx: Context, user: PersonalUser, rounds: list[int], seed: int) -> tuple[float, ...]:
     """The routing key continual training stores for the user's adapter: its training prompts, embedded."""
-    from lorafleet.routing.embeddings import routing_key
-
     prompts = [e.prompt for e in user_examples(user, rounds=rounds, split="train", seed=seed)]
     return routing_key(ctx.backbone, ctx.bank, prompts)
 
@@ -352,14 +351,7 @@ def round_one(ctx: Context, users: list[PersonalUser], seed: int, out: SeedResul
     out.figures["train_s_r1"], out.figures["cpu_s_r1"] = train_round(ctx, tasks, seed)
     started = time.perf_counter()
     judged = evaluate(ctx, users, arms, [1], seed, general=True, gated="anchors")
-    kl = kl_to_base(
-        ctx.bank,
-        ctx.backbone.tokenizer,
-        ctx.kl_examples,
-        [s for a in arms.values() for s in a.values()],
-        ctx.prefix,
-        ctx.layer,
-    )
+    kl = arms_kl_to_base(ctx, arms)
     for name, slots in arms.items():
         record_arm(out, f"r1_{name}", judged[name], [kl[s] for s in slots.values()], rounds=[1])
     for name in judged:
@@ -368,6 +360,12 @@ def round_one(ctx: Context, users: list[PersonalUser], seed: int, out: SeedResul
     out.figures["eval_s_r1"] = time.perf_counter() - started
     out.samples += samples(judged["anchors"], users[0].key, ctx.base_general, judged.get("plain"))
     return arms["anchors"]
+
+
+def arms_kl_to_base(ctx: Context, arms: dict[str, dict[str, int]]) -> dict[int, tuple[float, float]]:
+    """``kl_to_base`` of every slot of every arm on the context's KL prompts; by slot."""
+    slots = [s for a in arms.values() for s in a.values()]
+    return kl_to_base(ctx.bank, ctx.backbone.tokenizer, ctx.kl_examples, slots, ctx.prefix, ctx.layer)
 
 
 def later_round(
@@ -394,18 +392,7 @@ def later_round(
     started = time.perf_counter()
     last = r == ctx.args.rounds
     judged = evaluate(ctx, users, arms, list(range(1, r + 1)), seed, general=last, gated="replay")
-    kl = (
-        kl_to_base(
-            ctx.bank,
-            ctx.backbone.tokenizer,
-            ctx.kl_examples,
-            [s for a in arms.values() for s in a.values()],
-            ctx.prefix,
-            ctx.layer,
-        )
-        if last
-        else {}
-    )
+    kl = arms_kl_to_base(ctx, arms) if last else {}
     for name, slots in arms.items():
         record_arm(
             out,

@@ -14,10 +14,8 @@ import argparse
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,12 +24,10 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import psycopg  # noqa: E402
+import _common  # noqa: E402, F401  (puts the repository root on sys.path, for the tests.* helpers below)
 from sqlalchemy import insert, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "registry"))
-from registry_helpers import write_adapter_dir  # noqa: E402
+from tests.databases import migrated_pg_database  # noqa: E402
+from tests.unit.registry.registry_helpers import write_adapter_dir  # noqa: E402
 
 from lorafleet.registry import Registry  # noqa: E402
 from lorafleet.store.blob import LocalBlobStore  # noqa: E402
@@ -47,9 +43,6 @@ from lorafleet.store.sql.models import (  # noqa: E402
     utcnow,
 )
 
-PG_ADMIN_URL = os.environ.get(
-    "LORAFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
 BATCH = 5000
 
 
@@ -71,22 +64,6 @@ class Stats:
 
 
 # --- databases -------------------------------------------------------------------------------------------
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database, dropped afterwards."""
-    admin_url = make_url(PG_ADMIN_URL)
-    conninfo = f"host={admin_url.host} port={admin_url.port or 5432} user={admin_url.username} dbname={admin_url.database}"
-    name = f"lorafleet_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(conninfo, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-        try:
-            migrate.upgrade(url)
-            yield url
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @contextmanager
 def sqlite_database(workdir: Path) -> Iterator[str]:
     url = f"sqlite:///{workdir / 'bench.db'}"
@@ -273,7 +250,7 @@ def main() -> None:
     results: dict[str, dict[str, Stats]] = {}
     with tempfile.TemporaryDirectory(prefix="lorafleet-bench-") as tmp:
         workdir = Path(tmp)
-        with postgres_database() as url:
+        with migrated_pg_database("lorafleet_bench") as url:
             print("PostgreSQL", flush=True)
             results["PostgreSQL"] = measure(url, scale, workdir / "pg", reps)
         if not args.no_sqlite:

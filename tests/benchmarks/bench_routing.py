@@ -102,6 +102,54 @@ def evaluate_gate(
     return GateResult(name, accuracy, top_weight, loss)
 
 
+@dataclass(frozen=True)
+class Holdout:
+    """One holdout split ready to route: its examples, each one's task index, their pooled base embeddings, and
+    the reference losses (oracle: each prompt on its own task's adapter; uniform: 1/3 on each; base: none)."""
+
+    examples: list[Example]
+    labels: list[int]
+    embeddings: torch.Tensor
+    oracle: float
+    uniform: float
+    base: float
+
+
+def prepare_holdout(
+    backbone: Backbone, bank: AdapterBank, split: dict[str, tuple[list[Example], list[Example]]]
+) -> Holdout:
+    """The held-out examples of every task in ``split`` (slot i = task i), embedded and scored as references."""
+    examples = [e for t in TASKS for e in split[t][1]]
+    labels = [i for i, t in enumerate(TASKS) for _ in split[t][1]]
+    return Holdout(
+        examples=examples,
+        labels=labels,
+        embeddings=embed_prompts(backbone, bank, [e.prompt for e in examples]),
+        oracle=holdout_loss(backbone, bank, examples, [[(y, 1.0)] for y in labels]),
+        uniform=holdout_loss(backbone, bank, examples, [[(s, 1 / 3) for s in range(3)]] * len(examples)),
+        base=holdout_loss(backbone, bank, examples, [[] for _ in examples]),
+    )
+
+
+def evaluate_gates(
+    holdout: Holdout, gates: dict[str, Gate], *, backbone: Backbone, bank: AdapterBank, user_bank: UserBank
+) -> list[GateResult]:
+    """Each gate's routing accuracy, mean top weight and gated holdout loss on ``holdout``."""
+    return [
+        evaluate_gate(
+            name,
+            gate,
+            backbone=backbone,
+            bank=bank,
+            user_bank=user_bank,
+            embeddings=holdout.embeddings,
+            examples=holdout.examples,
+            labels=holdout.labels,
+        )
+        for name, gate in gates.items()
+    ]
+
+
 def median_ms(fn: Callable[[], object], runs: int = 20) -> float:
     fn()
     samples = []
@@ -161,20 +209,14 @@ def report(
     gates: dict[str, Gate],
     split: dict[str, tuple[list[Example], list[Example]]],
 ) -> None:
-    examples = [e for t in TASKS for e in split[t][1]]
-    labels = [i for i, t in enumerate(TASKS) for _ in split[t][1]]
-    embeddings = embed_prompts(backbone, bank, [e.prompt for e in examples])
-    oracle = holdout_loss(backbone, bank, examples, [[(y, 1.0)] for y in labels])
-    uniform = holdout_loss(backbone, bank, examples, [[(s, 1 / 3) for s in range(3)]] * len(examples))
-    base = holdout_loss(backbone, bank, examples, [[] for _ in examples])
+    holdout = prepare_holdout(backbone, bank, split)
+    oracle, uniform, base = holdout.oracle, holdout.uniform, holdout.base
     print(
-        f"\n**{title}** ({len(examples)} prompts). Holdout loss: oracle {oracle:.4f}, uniform {uniform:.4f}, base {base:.4f}.\n"
+        f"\n**{title}** ({len(holdout.examples)} prompts). Holdout loss: oracle {oracle:.4f}, uniform {uniform:.4f}, base {base:.4f}.\n"
     )
     print("| gate | routing accuracy | mean top weight | holdout loss | vs oracle | vs uniform |")
     print("| --- | --- | --- | --- | --- | --- |")
-    kwargs = {"backbone": backbone, "bank": bank, "user_bank": user_bank, "embeddings": embeddings}
-    for name, gate in gates.items():
-        r = evaluate_gate(name, gate, examples=examples, labels=labels, **kwargs)  # type: ignore[arg-type]
+    for r in evaluate_gates(holdout, gates, backbone=backbone, bank=bank, user_bank=user_bank):
         print(
             f"| {r.name} | {r.accuracy:.1%} | {r.top_weight:.3f} | {r.loss:.4f} | {r.loss / oracle - 1:+.2%} | "
             f"{r.loss / uniform - 1:+.2%} |"

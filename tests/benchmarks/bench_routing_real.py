@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from bench_quality_real import top_layers_regex  # noqa: E402
-from bench_routing import evaluate_gate, holdout_loss, user_bank_of  # noqa: E402
+from bench_routing import evaluate_gates, prepare_holdout, user_bank_of  # noqa: E402
 from quality_real_eval import dequantize_once  # noqa: E402
 
 from lorafleet.adapters import AdapterBank, inject_bank  # noqa: E402
@@ -87,29 +87,15 @@ def report(
     title: str, backbone: Backbone, bank: AdapterBank, gates: dict[str, Gate], split: Split, keys: list
 ) -> None:
     """Routing accuracy and gated loss of each gate on one holdout, against oracle, uniform and base."""
-    user_bank = user_bank_of(keys)
-    examples = [e for t in TASKS for e in split[t][1]]
-    labels = [i for i, t in enumerate(TASKS) for _ in split[t][1]]
-    embeddings = embed_prompts(backbone, bank, [e.prompt for e in examples])
-    oracle = holdout_loss(backbone, bank, examples, [[(y, 1.0)] for y in labels])
-    uniform = holdout_loss(backbone, bank, examples, [[(s, 1 / 3) for s in range(3)]] * len(examples))
-    base = holdout_loss(backbone, bank, examples, [[] for _ in examples])
+    holdout = prepare_holdout(backbone, bank, split)
+    oracle, uniform, base = holdout.oracle, holdout.uniform, holdout.base
     print(
-        f"\n**{title}** ({len(examples)} prompts). Loss: oracle {oracle:.4f}, uniform {uniform:.4f}, base {base:.4f}.\n"
+        f"\n**{title}** ({len(holdout.examples)} prompts). Loss: oracle {oracle:.4f}, uniform {uniform:.4f}, base {base:.4f}.\n"
     )
     print("| gate | routing accuracy | mean top weight | holdout loss | vs oracle |")
     print("| --- | --- | --- | --- | --- |")
-    for name, gate in gates.items():
-        r = evaluate_gate(
-            name,
-            gate,
-            backbone=backbone,
-            bank=bank,
-            user_bank=user_bank,
-            embeddings=embeddings,
-            examples=examples,
-            labels=labels,
-        )
+    user_bank = user_bank_of(keys)
+    for r in evaluate_gates(holdout, gates, backbone=backbone, bank=bank, user_bank=user_bank):
         print(
             f"| {r.name} | {r.accuracy:.1%} | {r.top_weight:.3f} | {r.loss:.4f} | {r.loss / oracle - 1:+.2%} |"
         )

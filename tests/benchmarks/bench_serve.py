@@ -42,10 +42,10 @@ os.environ["RAY_ADDRESS"] = "local"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from _common import BACKBONE_SIZES  # noqa: E402
+from tests.lora_weights import write_random_peft_folder  # noqa: E402
 
-from lorafleet.adapters import SlotConfig, inject_bank, save_slot  # noqa: E402
-from lorafleet.adapters.bank import peft_key  # noqa: E402
-from lorafleet.backbone import build_tiny_backbone, load_backbone  # noqa: E402
+from lorafleet.backbone import build_tiny_backbone  # noqa: E402
 from lorafleet.config import Settings, load_settings  # noqa: E402
 from lorafleet.registry import Registry  # noqa: E402
 from lorafleet.runtime.ray_serve import ReplicaOptions, ServeClient, deploy  # noqa: E402
@@ -57,35 +57,10 @@ from lorafleet.store.sql.database import Database  # noqa: E402
 from lorafleet.store.sql.tenants import TenantRepository  # noqa: E402
 
 PROMPT = "Tell me something about the weather in the mountains"
-#: ``--size``: the built-in tiny backbone, or a wider and deeper one where a forward costs more than the hop
-SIZES: dict[str, dict[str, int]] = {
-    "tiny": {},
-    "medium": {
-        "hidden_size": 512,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 8,
-    },
-}
 Generate = Callable[[GenerationRequest], GenerationResult]
 
 
 # --- data --------------------------------------------------------------------------------------------------
-def write_adapter(settings: Settings, dest: Path, *, seed: int, rank: int = 4) -> Path:
-    """A PEFT folder for the backbone: random A and B on q_proj and v_proj."""
-    backbone = load_backbone(settings.backbone, quantization="fp32", device="cpu", data_dir=settings.data_dir)
-    bank = inject_bank(backbone, target_modules=["q_proj", "v_proj"], n_slots=1, max_rank=rank)
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, layer in bank.layers.items():
-        tensors[peft_key(name, "A")] = torch.randn(rank, layer.in_features, generator=generator) * 0.3
-        tensors[peft_key(name, "B")] = torch.randn(layer.out_features, rank, generator=generator) * 0.3
-    bank.load_slot(0, tensors, SlotConfig(rank=rank, alpha=2.0 * rank))
-    save_slot(bank, 0, dest)
-    return dest
-
-
 def populate(settings: Settings, n_users: int) -> tuple[int, list[str]]:
     """A tenant and ``n_users`` users, each with a live personal adapter; the tenant id and the user ids."""
     db = Database(settings.resolved_database_url)
@@ -98,7 +73,9 @@ def populate(settings: Settings, n_users: int) -> tuple[int, list[str]]:
         adapter = registry.get_or_create_adapter(
             tenant_id=tenant.id, owner_user_id=owner.id, name="personal", target_config={}
         )
-        folder = write_adapter(settings, settings.data_dir / f"adapter-{i}", seed=i)
+        folder = write_random_peft_folder(
+            settings.backbone, settings.data_dir, settings.data_dir / f"adapter-{i}", seed=i
+        )
         version = registry.register_version(
             tenant_id=tenant.id, adapter_id=adapter.id, adapter_dir=folder, base_fingerprint="tiny"
         )
@@ -132,12 +109,12 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)  # as the replicas (OMP_NUM_THREADS=1): the engines get the same threads
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
-        path = build_tiny_backbone(data_dir, **SIZES[args.size])
+        path = build_tiny_backbone(data_dir, **BACKBONE_SIZES[args.size])
         url = f"sqlite:///{data_dir / 'bench.db'}"
         migrate.upgrade(url)
         settings = load_settings(
             data_dir=data_dir,
-            backbone=str(path) if SIZES[args.size] else "builtin:tiny",
+            backbone=str(path) if BACKBONE_SIZES[args.size] else "builtin:tiny",
             database_url=url,
             backbone_quantization="fp32",
             device="cpu",
@@ -227,7 +204,7 @@ def print_table(results: dict[str, dict[str, list[float]]], args: argparse.Names
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--size", choices=sorted(BACKBONE_SIZES), default="tiny")
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=16)

@@ -26,18 +26,26 @@ import logging
 import os
 import statistics
 import tempfile
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from _common import (
+    TINY_BACKBONE,
+    add_backbone_options,
+    backbones_to_run,
+    chosen_sizes,
+    median,
+    ratio,
+    timed,
+)
+from tests.lora_weights import random_lora_weights
 
 from lorafleet.adapters import AdapterBank, SlotConfig, inject_bank, save_slot
-from lorafleet.adapters.bank import peft_key
-from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone, resolve_backbone_path
+from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone
 from lorafleet.registry import pack_adapter_archive
 from lorafleet.registry.peft_format import inspect_adapter_dir
 from lorafleet.routing.bank import BankMember, UserBank
@@ -47,16 +55,6 @@ from lorafleet.serving import AdapterCache, GenerationEngine, GenerationRequest
 from lorafleet.serving.decode import BatchDecoder, RowSpec, left_pad
 from lorafleet.store.blob import BlobStore, open_blob_store
 
-CONFIGS: dict[str, dict[str, int]] = {
-    "tiny": {},
-    "medium": {
-        "hidden_size": 512,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 8,
-    },
-}
 RANK, ALPHA, BATCH, PROMPT_TOKENS, NEW_TOKENS = 16, 32.0, 32, 32, 32
 USER_COUNTS: tuple[int, ...] = (1, 8, 32)
 #: an untimed warm-up call before every timed call (True), or one per condition before the first round (False)
@@ -66,7 +64,6 @@ QUANTIZATION = "fp32"
 #: prompts fed without the chat template (SmolLM2 has one; the tiny byte-level tokenizer's prompts stay as they were)
 RAW_PROMPTS = False
 COLD_LOADS = 20
-TINY_BACKBONE = "tiny"
 #: SmolLM2-135M on CPU in nf4: bitsandbytes dequantises every weight on every forward, so one decoding step of
 #: the 30 layers costs over a second here whatever the batch; a small batch, few steps, one warm-up per condition.
 SMOLLM2_SIZES: dict[str, Any] = {
@@ -103,16 +100,7 @@ def write_versions(
     members = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(n):
-            generator = torch.Generator().manual_seed(i)
-            tensors = {}
-            for name in modules or list(bank.layers):
-                layer = bank.layers[name]
-                tensors[peft_key(name, "A")] = (
-                    torch.randn(rank, layer.in_features, generator=generator) * 0.02
-                )
-                tensors[peft_key(name, "B")] = (
-                    torch.randn(layer.out_features, rank, generator=generator) * 0.02
-                )
+            tensors = random_lora_weights(bank, rank=rank, seed=i, scale=0.02, modules=modules)
             bank.load_slot(0, tensors, SlotConfig(rank=rank, alpha=2.0 * rank), replace=True)
             folder = save_slot(bank, 0, Path(tmp) / f"a{i}").directory
             ref = store.put_file(
@@ -208,7 +196,7 @@ def bench_throughput(path: Path, runs: int, store: BlobStore, *, rank: int, targ
         conditions[f"engine, {n} users"] = run_engine(f"engine, {n} users", users)
     ids, mask = left_pad([r.prompt_ids for r in rows], pad_id=0, device=backbone.device)
     conditions["gate embeddings alone"] = lambda: _embed(backbone, bank, ids, mask)
-    seconds = timed(conditions, runs)
+    seconds = timed(conditions, runs, warmup_each=WARMUP_EACH)
     return {
         name: {
             "seconds": median(s),
@@ -262,9 +250,7 @@ def bench_cold_load(path: Path, n: int, stores: dict[str, BlobStore]) -> list[di
                 "n": len(loads),
             }
         )
-        for slot in range(1, n + 1):
-            if bank.slot_info(slot) is not None:
-                bank.evict_slot(slot)
+        evict_all(bank, range(1, n + 1))
     return rows
 
 
@@ -278,17 +264,11 @@ def bench_hit_rate(
     members = write_versions(bank, store, users, rank=1, modules=[module])
     rows = []
     for s in exponents:
-        weights = 1.0 / np.arange(1, users + 1) ** s
-        draws = np.random.default_rng(1).choice(users, size=requests, p=weights / weights.sum())
+        weights, draws = zipf_draws(users, requests, s)
         cache = AdapterCache.from_blob_store(bank, store, slots=range(1, slots + 1))
-        warm = requests // 10
-        for i, user in enumerate(draws):
-            if i == warm:
-                before = cache.stats()
-            cache.acquire([members[int(user)]]).release()
-        after = cache.stats()
+        before, after = replay(cache, members, draws)
         steady = _hits(after) - _hits(before)
-        total = requests - warm
+        total = requests - requests // 10
         ideal = float(np.sort(weights)[::-1][:slots].sum() / weights.sum())
         rows.append(
             {
@@ -300,40 +280,36 @@ def bench_hit_rate(
                 "load_ms": 1e3 * statistics.median(after.load_seconds),
             }
         )
-        for slot in range(1, slots + 1):
-            if bank.slot_info(slot) is not None:
-                bank.evict_slot(slot)
+        evict_all(bank, range(1, slots + 1))
     return rows
+
+
+def zipf_draws(users: int, requests: int, s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Zipf weights (exponent ``s``) over ``users``, and ``requests`` user indexes drawn from them (seeded)."""
+    weights = 1.0 / np.arange(1, users + 1) ** s
+    return weights, np.random.default_rng(1).choice(users, size=requests, p=weights / weights.sum())
+
+
+def replay(cache: AdapterCache, members: Sequence[BankMember], draws: np.ndarray) -> tuple[Any, Any]:
+    """Acquire and release each drawn user's version in turn; the cache's stats after the first tenth of the
+    requests (the warm-up) and at the end."""
+    warm = len(draws) // 10
+    for i, user in enumerate(draws):
+        if i == warm:
+            before = cache.stats()
+        cache.acquire([members[int(user)]]).release()
+    return before, cache.stats()
+
+
+def evict_all(bank: AdapterBank, slots: Iterable[int]) -> None:
+    """Empty the bank's ``slots`` that hold an adapter."""
+    for slot in slots:
+        if bank.slot_info(slot) is not None:
+            bank.evict_slot(slot)
 
 
 def _hits(stats: Any) -> int:
     return int(stats.hits + stats.coalesced)
-
-
-# --- timing helpers (as bench_bank.py) -----------------------------------------------------------------------
-def timed(conditions: dict[str, Callable[[], None]], runs: int) -> dict[str, list[float]]:
-    """Wall seconds per run and condition, interleaved; each timed call follows an untimed one."""
-    samples: dict[str, list[float]] = {name: [] for name in conditions}
-    if not WARMUP_EACH:
-        for fn in conditions.values():
-            fn()
-    for _ in range(runs):
-        for name, fn in conditions.items():
-            if WARMUP_EACH:
-                fn()
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return samples
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def ratio(numerator: list[float], denominator: list[float]) -> float:
-    """Median of per-run ratios (``numerator / denominator`` of seconds: > 1 means the denominator is faster)."""
-    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 # --- stores --------------------------------------------------------------------------------------------------
@@ -415,19 +391,9 @@ def report_hits(rows: list[dict[str, Any]], users: int, slots: int, requests: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--backbone",
-        default=TINY_BACKBONE,
-        help="'tiny' (the default): the random-init backbones of --configs; or a built-in name such as "
-        "builtin:smollm2-135m (or a checkpoint folder), run with the smaller sizes of SMOLLM2_SIZES",
-    )
+    add_backbone_options(parser)
     parser.add_argument("--runs", type=int, help="timed runs per condition (5, SmolLM2: 3)")
-    parser.add_argument("--configs", default="tiny,medium", help="tiny backbones to run (--backbone tiny)")
     parser.add_argument("--parts", help="throughput,cold,hits (SmolLM2: throughput,cold)")
-    parser.add_argument(
-        "--data-dir", type=Path, default=Path(".lorafleet"), help="where backbones are built or converted"
-    )
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument(
         "--adapters", help="adapter shapes for throughput: targets:rank,... (SmolLM2: all-linear:16)"
@@ -441,8 +407,7 @@ def main() -> None:
     parser.add_argument("--cold-loads", type=int, help="cold loads per store (20, SmolLM2: 3)")
     args = parser.parse_args()
     tiny = args.backbone == TINY_BACKBONE
-    sizes = dict(TINY_SIZES if tiny else SMOLLM2_SIZES)
-    sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
+    sizes = chosen_sizes(args, TINY_SIZES, SMOLLM2_SIZES)
     _configure(sizes, raw_prompts=not tiny)
     torch.set_num_threads(args.threads)
     runs = int(sizes["runs"])
@@ -452,12 +417,7 @@ def main() -> None:
     )
     with MotoS3() as s3, tempfile.TemporaryDirectory() as tmp:
         local = open_blob_store((Path(tmp) / "blobs").as_uri())
-        for name in args.configs.split(",") if tiny else [args.backbone]:
-            path = (
-                build_tiny_backbone(args.data_dir, **CONFIGS[name])
-                if tiny
-                else resolve_backbone_path(args.backbone, data_dir=args.data_dir)
-            )
+        for name, path in backbones_to_run(args):
             if "throughput" in parts:
                 for spec in str(sizes["adapters"]).split(","):
                     targets, rank = spec.split(":")

@@ -28,9 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _common  # noqa: F401  (puts the repository root on sys.path, for the tests.* helpers below)
 import numpy as np
+from services.api.app import create_app
+from services.api.runtime import ApiOptions
+from tests.integration.services.api_helpers import ApiServer  # the real uvicorn server the API tests use
+from tests.lora_weights import random_lora_weights
 
 from lorafleet import Client
+from lorafleet.adapters import SlotConfig, inject_bank, save_slot
+from lorafleet.backbone import load_backbone
 from lorafleet.config import load_settings
 from lorafleet.platform import Platform
 
@@ -45,21 +52,11 @@ class Minute:
 
 def adapter_folders(data_dir: Path, dest: Path, n: int, *, backbone: str, quantization: str) -> list[Path]:
     """``n`` real PEFT folders (random rank-8 A and B on every linear layer), written through one bank slot."""
-    import torch
-
-    from lorafleet.adapters import SlotConfig, inject_bank, save_slot
-    from lorafleet.adapters.bank import peft_key
-    from lorafleet.backbone import load_backbone
-
     loaded = load_backbone(backbone, quantization=quantization, device="cpu", data_dir=data_dir)
     bank = inject_bank(loaded, target_modules="all-linear", n_slots=1, max_rank=8)
     folders = []
     for seed in range(n):
-        generator = torch.Generator().manual_seed(seed)
-        tensors = {}
-        for name, layer in bank.layers.items():
-            tensors[peft_key(name, "A")] = torch.randn(8, layer.in_features, generator=generator) * 0.02
-            tensors[peft_key(name, "B")] = torch.randn(layer.out_features, 8, generator=generator) * 0.02
+        tensors = random_lora_weights(bank, rank=8, seed=seed, scale=0.02)
         bank.load_slot(0, tensors, SlotConfig(rank=8, alpha=16.0), replace=True)
         folders.append(save_slot(bank, 0, dest / f"adapter-{seed}").directory)
     return folders
@@ -78,12 +75,6 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=60.0, help="seconds per reported row")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-
-    from services.api.app import create_app
-    from services.api.runtime import ApiOptions
-
-    sys_path_fix()
-    from api_helpers import ApiServer  # tests/integration/services: the real uvicorn server the tests use
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
@@ -119,15 +110,6 @@ def main() -> None:
             run(server, api_key, args)
         finally:
             server.stop()
-
-
-def sys_path_fix() -> None:
-    import sys
-
-    root = Path(__file__).resolve().parents[2]  # the repository (``tests.tiny``) and the API test helpers
-    for path in (root, root / "tests" / "integration" / "services"):
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
 
 
 def run(server: Any, api_key: str, args: argparse.Namespace) -> None:

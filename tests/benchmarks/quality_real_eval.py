@@ -20,8 +20,17 @@ from torch import nn
 from lorafleet.adapters import AdapterBank, RoutingPlan
 from lorafleet.adapters.prefix import FrozenPrefix
 from lorafleet.backbone import Backbone
+from lorafleet.routing.bank import BankMember, UserBank
+from lorafleet.routing.embeddings import embed_prompts
+from lorafleet.routing.gates import GENERAL_MARGIN, CentroidGate
+from lorafleet.routing.spec import GateSpec
 from lorafleet.training.dataset import Example, collate, encode_example, pad_token_id
-from lorafleet.training.general_prompts import generate_answers, prompt_set_digest
+from lorafleet.training.general_prompts import (
+    chat_prompt_ids,
+    general_exemplars,
+    generate_answers,
+    prompt_set_digest,
+)
 from lorafleet.training.metrics import scored_logits
 from lorafleet.training.personal_facts import (
     KINDS,
@@ -113,8 +122,6 @@ def dequantize_once(model: nn.Module) -> int:
 
 def probe_logits(backbone: Backbone) -> torch.Tensor:
     """Logits of one fixed chat prompt (to check that dequantising once leaves the numbers unchanged)."""
-    from lorafleet.training.general_prompts import chat_prompt_ids
-
     ids = torch.tensor([chat_prompt_ids(backbone.tokenizer, "What is the capital of France?")])
     with torch.no_grad():
         return backbone.model(input_ids=ids).logits.float()  # [1, seq, vocab]
@@ -266,12 +273,6 @@ def gated_rows(
     the centroid gate with the backbone's general key sends a prompt nearer the general prompts to the base
     (``slot`` None). The gate is the production one (``routing.gates.CentroidGate``), at its default margin
     unless ``margin`` is given."""
-    from lorafleet.routing.bank import BankMember, UserBank
-    from lorafleet.routing.embeddings import embed_prompts
-    from lorafleet.routing.gates import GENERAL_MARGIN, CentroidGate
-    from lorafleet.routing.spec import GateSpec
-    from lorafleet.training.general_prompts import general_exemplars
-
     gate = CentroidGate(
         general=general_exemplars(backbone, bank), general_margin=GENERAL_MARGIN if margin is None else margin
     )

@@ -92,22 +92,10 @@ def count_rows(db: Database, model: Any, *where: Any) -> int:
 
 def write_adapter_folder(data_dir: Path, dest: Path, *, seed: int, rank: int = 4) -> Path:
     """A real PEFT folder for the tiny backbone: random A and B on q_proj and v_proj, saved through a bank."""
-    import torch
+    # imported here: it loads torch, which the API tests that need no adapter folder do not
+    from tests.lora_weights import write_random_peft_folder
 
-    from lorafleet.adapters import SlotConfig, inject_bank, save_slot
-    from lorafleet.adapters.bank import peft_key
-    from lorafleet.backbone import load_backbone
-
-    backbone = load_backbone("builtin:tiny", quantization="fp32", device="cpu", data_dir=data_dir)
-    bank = inject_bank(backbone, target_modules=["q_proj", "v_proj"], n_slots=1, max_rank=rank)
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, layer in bank.layers.items():
-        tensors[peft_key(name, "A")] = torch.randn(rank, layer.in_features, generator=generator) * 0.3
-        tensors[peft_key(name, "B")] = torch.randn(layer.out_features, rank, generator=generator) * 0.3
-    bank.load_slot(0, tensors, SlotConfig(rank=rank, alpha=2.0 * rank))
-    save_slot(bank, 0, dest)
-    return dest
+    return write_random_peft_folder("builtin:tiny", data_dir, dest, seed=seed, rank=rank)
 
 
 def live_personal_version(

@@ -7,6 +7,7 @@ other's data. Servers that run trainer actors (Ray) are started by the training 
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import uuid
@@ -129,12 +130,10 @@ def library(make_api_settings: Callable[..., Settings]) -> Iterator[Library]:
 def adapter_folder(api_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
     """``adapter_folder(seed)``: a real PEFT folder for the tiny backbone (written once per seed)."""
     root = tmp_path_factory.mktemp("adapters")
-    made: dict[int, Path] = {}
 
+    @functools.cache
     def get(seed: int) -> Path:
-        if seed not in made:
-            made[seed] = write_adapter_folder(api_data_dir, root / f"seed-{seed}", seed=seed)
-        return made[seed]
+        return write_adapter_folder(api_data_dir, root / f"seed-{seed}", seed=seed)
 
     return get
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,10 @@ import openai
 import pytest
 from api_helpers import ApiServer, Library, TenantHandle, live_personal_version, live_task_version, sft
 
+from lorafleet.domain import JobKind
+from lorafleet.qa.reports import store_document
 from lorafleet.sdk import errors
+from lorafleet.store.sql.qa_repository import NewQAReport, QARepository
 
 
 def test_the_openai_client_calls_completions_and_chat_for_a_user(
@@ -179,9 +183,6 @@ def test_metrics_and_readiness_after_serving(
 def test_a_version_shows_its_latest_qa_decision_report_and_document(
     make_tenant: Callable[[], TenantHandle], library: Library, adapter_folder: Callable[[int], Path]
 ) -> None:
-    from lorafleet.qa.reports import store_document
-    from lorafleet.store.sql.qa_repository import NewQAReport, QARepository
-
     tenant = make_tenant()
     live_personal_version(library, tenant_id=tenant.id, user="rita", folder=adapter_folder(6))
     (version,) = tenant.client.list_versions("rita", "personal")
@@ -236,9 +237,6 @@ def test_one_poisoned_request_among_eight_other_tenants_fails_alone_and_queues_a
 ) -> None:
     """The issue's finding: a broken adapter's NaN, or an unusable sampling parameter, used to fail every request
     of its batch (3-8 of 8 got 500). Now the broken row fails alone, 20 rounds in a row, and QA is told."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from lorafleet.domain import JobKind
 
     mallory = make_tenant()
     live_personal_version(

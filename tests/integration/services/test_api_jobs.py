@@ -39,6 +39,14 @@ class StandIn:
         ).job
         self.lease: LeaseContext | None = None
 
+    @classmethod
+    def running(cls, library: Library, tenant: TenantHandle) -> StandIn:
+        """A stand-in that has claimed its job and reported step 1: a running job with progress."""
+        worker = cls(library, tenant)
+        worker.claim()
+        worker.step(1)
+        return worker
+
     def claim(self) -> LeaseContext:
         claimed = self.queue.claim(worker_id=self.kind, kinds=[self.kind], lease_seconds=LEASE)
         assert claimed is not None and claimed.id == self.job.id
@@ -87,9 +95,7 @@ def test_wait_for_job_calls_on_progress_with_every_new_step(
     make_tenant: Callable[[], TenantHandle], library: Library
 ) -> None:
     tenant = make_tenant()
-    worker = StandIn(library, tenant)
-    worker.claim()
-    worker.step(1)
+    worker = StandIn.running(library, tenant)
     seen: list[s.JobProgressOut] = []
 
     def on_progress(progress: s.JobProgressOut) -> None:
@@ -109,9 +115,7 @@ def test_the_async_client_waits_with_on_progress_and_cancels(
     api: ApiServer, make_tenant: Callable[[], TenantHandle], library: Library
 ) -> None:
     tenant = make_tenant()
-    worker = StandIn(library, tenant)
-    worker.claim()
-    worker.step(1)
+    worker = StandIn.running(library, tenant)
     steps: list[int] = []
 
     async def run() -> s.JobOut:
@@ -150,9 +154,7 @@ def test_cancel_a_running_job_asks_its_worker_to_stop(
     make_tenant: Callable[[], TenantHandle], library: Library
 ) -> None:
     tenant = make_tenant()
-    worker = StandIn(library, tenant)
-    worker.claim()
-    worker.step(1)
+    worker = StandIn.running(library, tenant)
     requested = tenant.client.cancel_job(worker.job.id)
     assert requested.state == "running" and requested.cancel_requested_at is not None
     assert requested.cancelled_by == f"api:{tenant.name}"

@@ -7,11 +7,21 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from api_helpers import ADMIN_KEY, SERVING_OPTIONS, ApiServer, Library, TenantHandle, count_rows
+from api_helpers import (
+    ADMIN_KEY,
+    SERVING_OPTIONS,
+    ApiServer,
+    Library,
+    TenantHandle,
+    count_rows,
+    live_task_version,
+)
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from services.api.app import create_app
 
@@ -29,8 +39,6 @@ def _absurd_copy(
     ``alpha`` as its ``lora_alpha`` (safetensors metadata kept)."""
     shutil.copytree(folder, dest)
     if weight is not None:
-        from safetensors import safe_open
-
         with safe_open(str(dest / WEIGHTS), framework="pt") as f:
             metadata = f.metadata()
         tensors = load_file(str(dest / WEIGHTS))
@@ -84,8 +92,6 @@ def qa_api(make_api_settings: Callable[..., Settings]) -> Iterator[ApiServer]:
 
 @pytest.fixture
 def qa_client(qa_api: ApiServer) -> Iterator[tuple[int, Client]]:
-    import uuid
-
     with Client(qa_api.url, ADMIN_KEY) as admin:
         created = admin.create_tenant(f"tenant-{uuid.uuid4().hex[:10]}")
     with Client(qa_api.url, created.api_key, max_retries=0) as client:
@@ -95,8 +101,6 @@ def qa_client(qa_api: ApiServer) -> Iterator[tuple[int, Client]]:
 def test_promote_before_qa_needs_force_and_is_recorded(
     qa_client: tuple[int, Client], library: Library, adapter_folder: Callable[[int], Path]
 ) -> None:
-    from api_helpers import live_task_version
-
     tenant_id, client = qa_client
     user = library.tenants.get_or_create_user(tenant_id=tenant_id, external_id="uma")
     adapter = library.registry.get_or_create_adapter(

@@ -1,4 +1,5 @@
-"""Fixtures for the adapter bank: the real tiny backbone (built once per session) and random adapters."""
+"""Fixtures for the adapter bank: the real tiny backbone (``tiny_dir``, ``fp32_backbone``: tests/conftest.py) in
+nf4, and random adapters."""
 
 from __future__ import annotations
 
@@ -9,21 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tests.lora_weights import random_lora_weights
 
 from lorafleet.adapters import AdapterBank, SlotConfig
-from lorafleet.adapters.bank import peft_key
-from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built-in tiny backbone's folder, built into this session's temp dir."""
-    return build_tiny_backbone(tmp_path_factory.mktemp("lorafleet-data"))
-
-
-@pytest.fixture
-def fp32_backbone(tiny_dir: Path) -> Backbone:
-    return load_backbone(tiny_dir, quantization="fp32", device="cpu")
+from lorafleet.backbone import Backbone, load_backbone
 
 
 @pytest.fixture
@@ -41,13 +31,7 @@ def random_adapter(
     bank: AdapterBank, *, rank: int, seed: int, modules: Iterable[str] | None = None, scale: float = 0.2
 ) -> dict[str, torch.Tensor]:
     """Random LoRA weights (non-zero A and B) in PEFT key names for the bank's layers."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for name in modules or bank.layers:
-        layer = bank.layers[name]
-        tensors[peft_key(name, "A")] = torch.randn(rank, layer.in_features, generator=generator) * scale
-        tensors[peft_key(name, "B")] = torch.randn(layer.out_features, rank, generator=generator) * scale
-    return tensors
+    return random_lora_weights(bank, rank=rank, seed=seed, scale=scale, modules=modules)
 
 
 def load_random(bank: AdapterBank, slot: int, *, rank: int, alpha: float, seed: int) -> SlotConfig:

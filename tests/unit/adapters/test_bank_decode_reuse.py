@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.lora_weights import random_lora_weights
 
 from lorafleet.adapters import AdapterBank, SlotConfig, inject_bank, remove_bank, serving_dtype
-from lorafleet.adapters.bank import peft_key
 from lorafleet.adapters.linear import BankLinear, rank_bucket
 from lorafleet.adapters.routing import RoutingPlan
 from lorafleet.backbone import Backbone
@@ -20,12 +20,7 @@ MAX_RANK = 8
 
 def random_adapter(bank: AdapterBank, *, rank: int, seed: int) -> dict[str, torch.Tensor]:
     """Random non-zero LoRA weights in PEFT key names on every layer of the bank."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in bank.layers.items():
-        tensors[peft_key(name, "A")] = torch.randn(rank, layer.in_features, generator=generator) * 0.2
-        tensors[peft_key(name, "B")] = torch.randn(layer.out_features, rank, generator=generator) * 0.2
-    return tensors
+    return random_lora_weights(bank, rank=rank, seed=seed, scale=0.2)
 
 
 def _load(bank: AdapterBank, slot: int, rank: int, seed: int) -> None:
@@ -44,6 +39,13 @@ def bank(fp32_backbone: Backbone) -> AdapterBank:
 def _logits(bank: AdapterBank, plan: RoutingPlan, ids: torch.Tensor, *, grad: bool) -> torch.Tensor:
     with torch.set_grad_enabled(grad), bank.routing(plan):
         return bank.model(input_ids=ids).logits.detach()
+
+
+def _assert_as_the_gradient_path(
+    served: torch.Tensor, bank: AdapterBank, plan: RoutingPlan, ids: torch.Tensor, *, tol: float = 1e-5
+) -> None:
+    """``served`` (logits of the cached, bucketed path) equal the gradient path's per-row gather within ``tol``."""
+    torch.testing.assert_close(served, _logits(bank, plan, ids, grad=True), rtol=tol, atol=tol)
 
 
 def _first(bank: AdapterBank) -> BankLinear:
@@ -74,12 +76,7 @@ def test_per_token_weights_use_the_cached_rows_too(bank: AdapterBank, input_ids:
     plan = RoutingPlan.from_rows([[(0, 1.0), (2, 1.0)], [(1, 1.0), (3, 1.0)]] * 2)
     weights = torch.rand(4, input_ids.shape[1], 2, generator=torch.Generator().manual_seed(3))
     plan = plan.with_token_weights(weights)
-    torch.testing.assert_close(
-        _logits(bank, plan, input_ids, grad=False),
-        _logits(bank, plan, input_ids, grad=True),
-        rtol=1e-5,
-        atol=1e-5,
-    )
+    _assert_as_the_gradient_path(_logits(bank, plan, input_ids, grad=False), bank, plan, input_ids)
 
 
 def test_equal_routes_give_the_same_plan_and_reuse_the_gathered_rows(bank: AdapterBank) -> None:
@@ -103,7 +100,7 @@ def test_a_slot_write_rebuilds_the_gathered_rows(bank: AdapterBank, input_ids: t
     after = _logits(bank, plan, input_ids, grad=False)
     assert layer.row_work(plan, torch.device("cpu")) is not work
     assert not torch.allclose(after, before)
-    torch.testing.assert_close(after, _logits(bank, plan, input_ids, grad=True), rtol=1e-5, atol=1e-5)
+    _assert_as_the_gradient_path(after, bank, plan, input_ids)
 
 
 def test_an_in_place_update_through_a_training_view_rebuilds_the_gathered_rows(
@@ -117,7 +114,7 @@ def test_an_in_place_update_through_a_training_view_rebuilds_the_gathered_rows(
             p.add_(0.05)
     after = _logits(bank, plan, input_ids, grad=False)
     assert not torch.allclose(after, before)
-    torch.testing.assert_close(after, _logits(bank, plan, input_ids, grad=True), rtol=1e-5, atol=1e-5)
+    _assert_as_the_gradient_path(after, bank, plan, input_ids)
 
 
 def _load_replace(bank: AdapterBank, *, slot: int, rank: int, seed: int) -> None:
@@ -148,12 +145,7 @@ def test_rows_on_a_4bit_backbone_match_the_per_row_gather(
     for slot, rank in enumerate((4, 2, 4)):
         _load(bank, slot, rank, seed=slot)
     plan = RoutingPlan.from_rows([[(0, 1.0)], [(1, 1.0)], [(2, 1.0)], [(0, 0.5), (1, 0.5)]])
-    torch.testing.assert_close(
-        _logits(bank, plan, input_ids, grad=False),
-        _logits(bank, plan, input_ids, grad=True),
-        rtol=1e-4,
-        atol=1e-4,
-    )
+    _assert_as_the_gradient_path(_logits(bank, plan, input_ids, grad=False), bank, plan, input_ids, tol=1e-4)
 
 
 def test_serving_dtype_and_a_half_precision_bank(fp32_backbone: Backbone) -> None:

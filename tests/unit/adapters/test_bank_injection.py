@@ -17,6 +17,7 @@ from lorafleet.adapters import (
     SlotConfig,
     find_target_modules,
     inject_bank,
+    layers,
     remove_bank,
 )
 from lorafleet.adapters.layers import BaseLayerKind, base_kind_for, register_base_kind
@@ -121,8 +122,6 @@ def test_registry_accepts_new_kinds() -> None:
     try:
         assert base_kind_for(Custom(2, 3)).name == "custom"
     finally:
-        from lorafleet.adapters import layers
-
         layers._REGISTRY.pop(0)
 
 

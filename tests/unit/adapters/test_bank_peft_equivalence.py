@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +12,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 
 from lorafleet.adapters import RoutingPlan, SlotConfig, inject_bank, load_slot_from_dir, save_slot
 from lorafleet.backbone import Backbone, load_backbone
+from lorafleet.errors import AdapterFormatError
+from lorafleet.training.config import TrainingConfig
 
 TOL = 1e-5
 QV = ["q_proj", "v_proj"]
@@ -139,9 +142,6 @@ def test_an_adapter_on_the_top_layers_round_trips_through_peft(
 ) -> None:
     """``layers="top 1"``: saved with PEFT's ``layers_to_transform``; PEFT loads it and computes the same logits;
     a PEFT adapter made with ``layers_to_transform`` loads back into a slot."""
-    import json
-
-    from lorafleet.training.config import TrainingConfig
 
     bank = inject_bank(fp32_backbone, target_modules="all-linear", n_slots=3, max_rank=8)
     config = TrainingConfig(rank=4, alpha=8, layers="top 1", dropout=0.0)
@@ -178,11 +178,6 @@ def test_an_adapter_on_the_top_layers_round_trips_through_peft(
 def test_layers_to_transform_that_disagrees_with_the_tensors_is_refused(
     fp32_backbone: Backbone, tmp_path: Path
 ) -> None:
-    import json
-
-    from lorafleet.errors import AdapterFormatError
-    from lorafleet.training.config import TrainingConfig
-
     bank = inject_bank(fp32_backbone, target_modules="all-linear", n_slots=2, max_rank=8)
     bank.init_slot(0, TrainingConfig(rank=4, layers="top 1").slot_config(layer_names=list(bank.layers)))
     saved = save_slot(bank, 0, tmp_path / "bad")

@@ -110,14 +110,6 @@ def registry(database: Database, blob_store: BlobStore) -> Registry:
 
 
 @pytest.fixture
-def sqlite_db(sqlite_url: str) -> Iterator[Database]:
-    """SQLite only, for tests about the adapter files rather than the database."""
-    db = Database(sqlite_url)
-    yield db
-    db.dispose()
-
-
-@pytest.fixture
 def local_registry(database: Database, tmp_path: Path) -> Registry:
     """Both databases, a local blob store: for tests about checks and lineage, not about blob transport."""
     return Registry(database, open_blob_store((tmp_path / "blobs").as_uri()))
@@ -229,10 +221,9 @@ def _poisoned(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # --- imports that succeed -----------------------------------------------------------------------------------
-def _check_imported(
-    imported: ImportedAdapter,
+def _import_and_check(
+    form: str,
     *,
-    source: Path,
     registry: Registry,
     database: Database,
     trained: SimpleNamespace,
@@ -240,7 +231,10 @@ def _check_imported(
     tenant_id: int,
     tmp_path: Path,
 ) -> None:
-    """Rows, routing key, stored bytes, and the registered version's logits against PEFT's."""
+    """Import the trained adapter from a source of ``form`` (``_source``) and check what it made: rows, routing
+    key, stored bytes, and the registered version's logits against PEFT's."""
+    source = _source(form, trained.folder, tmp_path)
+    imported = _import(registry, tenant_id, source, fp32)
     backbone, bank = fp32
     version, adapter = imported.version, imported.adapter
     assert adapter.owner_user_id is None and adapter.name == "summarize"
@@ -282,21 +276,17 @@ def test_each_source_form_imports_a_version_with_peft_logits(
     trained: SimpleNamespace,
     fp32: tuple[Backbone, AdapterBank],
     bank: AdapterBank,
-    sqlite_db: Database,
+    sqlite_database: Database,
     tmp_path: Path,
 ) -> None:
-    registry = Registry(sqlite_db, open_blob_store((tmp_path / "blobs").as_uri()))
-    tenant_id = _new_tenant(sqlite_db)
-    source = _source(form, trained.folder, tmp_path)
-    imported = _import(registry, tenant_id, source, fp32)
-    _check_imported(
-        imported,
-        source=source,
+    registry = Registry(sqlite_database, open_blob_store((tmp_path / "blobs").as_uri()))
+    _import_and_check(
+        form,
         registry=registry,
-        database=sqlite_db,
+        database=sqlite_database,
         trained=trained,
         fp32=fp32,
-        tenant_id=tenant_id,
+        tenant_id=_new_tenant(sqlite_database),
         tmp_path=tmp_path,
     )
 
@@ -310,11 +300,8 @@ def test_import_on_every_database_and_blob_store(
     tenant_id: int,
     tmp_path: Path,
 ) -> None:
-    source = _source("tar.gz", trained.folder, tmp_path)
-    imported = _import(registry, tenant_id, source, fp32)
-    _check_imported(
-        imported,
-        source=source,
+    _import_and_check(
+        "tar.gz",
         registry=registry,
         database=database,
         trained=trained,
@@ -415,10 +402,10 @@ def test_prepare_writes_no_row_and_a_job_registers_its_import_once(
 
 
 def test_nf4_backbone_import_matches_peft_on_the_same_nf4_base(
-    trained: SimpleNamespace, sqlite_db: Database, tmp_path: Path
+    trained: SimpleNamespace, sqlite_database: Database, tmp_path: Path
 ) -> None:
-    local_registry = Registry(sqlite_db, open_blob_store((tmp_path / "blobs").as_uri()))
-    tenant_id = _new_tenant(sqlite_db)
+    local_registry = Registry(sqlite_database, open_blob_store((tmp_path / "blobs").as_uri()))
+    tenant_id = _new_tenant(sqlite_database)
     nf4 = load_backbone(trained.tiny_dir, quantization="nf4", device="cpu")
     nf4_bank = inject_bank(nf4, target_modules="all-linear", n_slots=1, max_rank=8)
     imported = _import(local_registry, tenant_id, _tar(trained.folder, tmp_path / "a.tgz"), (nf4, nf4_bank))

@@ -19,6 +19,7 @@ from lorafleet.routing import (
     build_gate,
     plan_from_decisions,
 )
+from lorafleet.routing.embeddings import common_direction, key_vectors
 from lorafleet.routing.gates import GENERAL_MARGIN
 from lorafleet.routing.learned import GateNetwork, LearnedGateModel
 
@@ -250,8 +251,6 @@ def _close(routes: tuple[tuple[int, float], ...], expected: tuple[tuple[int, flo
 
 
 def test_common_direction_is_the_unit_mean() -> None:
-    from lorafleet.routing.embeddings import common_direction
-
     direction = common_direction(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     assert direction.tolist() == pytest.approx([math.sqrt(0.5), math.sqrt(0.5)])
     with pytest.raises(ValidationError):
@@ -288,8 +287,6 @@ def test_several_vectors_also_beat_the_base_side_for_their_own_topics() -> None:
 
 
 def test_key_vectors_summarise_clusters_deterministically() -> None:
-    from lorafleet.routing.embeddings import key_vectors
-
     torch.manual_seed(0)
     centres = torch.eye(4)[:3]  # three topics in 4-d
     points = torch.cat([c + 0.05 * torch.randn(10, 4) for c in centres])  # [30, 4]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from routing_helpers import World, add_live_version, write_adapter_dir
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorafleet.errors import AdapterFormatError, BackboneMismatchError, NonFiniteError, ValidationError
@@ -57,8 +58,6 @@ def test_gate_files_that_are_not_gates_or_not_finite_are_refused(tmp_path: Path)
     path = save_learned_gate(_model((1, 2)), tmp_path / "gate.safetensors")
     state = _model((1, 2)).network.state_dict()
     state["mean"] = torch.tensor([float("nan"), 0.0])
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.sdk.calls import pack_adapter_folder
+from lorafleet.errors import PayloadTooLargeError, ValidationError
+from lorafleet.sdk.calls import adapter_archive, pack_adapter_folder
 
 
 def test_a_folder_packs_to_the_same_bytes_whatever_the_clock(
@@ -30,9 +31,6 @@ def test_a_folder_packs_to_the_same_bytes_whatever_the_clock(
 def test_an_archive_source_must_be_a_regular_file_within_the_cap(tmp_path: Path) -> None:
     """``/dev/zero`` (a device: it never ends) and a file over the cap are refused without reading them whole
     (finding 8 of issue 18)."""
-    from lorafleet.errors import PayloadTooLargeError, ValidationError
-    from lorafleet.sdk.calls import adapter_archive
-
     with pytest.raises(ValidationError, match="not a regular file"):
         adapter_archive("/dev/zero")
     big = tmp_path / "big.tgz"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from engine_world import Setup, make_setup
 from serving_helpers import BankMember, FolderFetcher, member, write_adapter
 
 from lorafleet.adapters import AdapterBank, inject_bank
-from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone
+from lorafleet.backbone import Backbone, load_backbone
 
 N_SLOTS, MAX_RANK = 8, 8
 
@@ -27,12 +28,6 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built-in tiny backbone's folder, built into this session's temp dir."""
-    return build_tiny_backbone(tmp_path_factory.mktemp("lorafleet-data"))
-
-
-@pytest.fixture(scope="session")
 def author_bank(tiny_dir: Path) -> AdapterBank:
     """A one-slot bank used only to write adapter folders (same backbone, same fingerprint)."""
     backbone = load_backbone(tiny_dir, quantization="fp32", device="cpu")
@@ -45,12 +40,10 @@ def adapter_folders(
 ) -> Callable[[int], Path]:
     """``adapter_folders(seed)``: a real adapter folder for the tiny backbone (written once per seed)."""
     root = tmp_path_factory.mktemp("adapters")
-    made: dict[int, Path] = {}
 
+    @functools.cache
     def get(seed: int) -> Path:
-        if seed not in made:
-            made[seed] = write_adapter(author_bank, root / f"seed-{seed}", seed=seed)
-        return made[seed]
+        return write_adapter(author_bank, root / f"seed-{seed}", seed=seed)
 
     return get
 

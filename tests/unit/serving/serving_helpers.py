@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tests.lora_weights import random_lora_weights
 
 from lorafleet.adapters import AdapterBank, SlotConfig, save_slot
-from lorafleet.adapters.bank import peft_key
 from lorafleet.registry import Registry, pack_adapter_archive
 from lorafleet.registry.peft_format import inspect_adapter_dir
 from lorafleet.routing.bank import BankMember, UserBank
@@ -32,11 +32,7 @@ def touch(cache: AdapterCache, m: BankMember) -> int:
 
 def write_adapter(author: AdapterBank, path: Path, *, seed: int, rank: int = 4, scale: float = 0.3) -> Path:
     """A PEFT folder with random (non-zero) A and B on every bank layer, saved through a scratch slot."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in author.layers.items():
-        tensors[peft_key(name, "A")] = torch.randn(rank, layer.in_features, generator=generator) * scale
-        tensors[peft_key(name, "B")] = torch.randn(layer.out_features, rank, generator=generator) * scale
+    tensors = random_lora_weights(author, rank=rank, seed=seed, scale=scale)
     author.load_slot(0, tensors, SlotConfig(rank=rank, alpha=2.0 * rank), replace=True)
     save_slot(author, 0, path)
     author.evict_slot(0)

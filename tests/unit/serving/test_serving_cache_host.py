@@ -9,8 +9,13 @@ import torch
 from serving_helpers import FolderFetcher, touch
 
 from lorafleet.adapters import AdapterBank
+from lorafleet.config import Settings
+from lorafleet.registry import Registry
 from lorafleet.routing.bank import BankMember
 from lorafleet.serving.cache import AdapterCache, HostTier
+from lorafleet.serving.factory import DEFAULT_HOST_ADAPTERS, DEFAULT_HOST_BYTES, build_engine
+from lorafleet.store.blob import open_blob_store
+from lorafleet.store.sql.database import Database
 
 
 def test_a_slot_miss_in_the_host_tier_is_served_without_a_fetch(
@@ -67,28 +72,17 @@ def test_without_a_host_tier_every_slot_miss_reads_the_store(
 
 
 def test_build_engine_gives_the_service_a_host_tier_and_the_serving_dtype(
-    tiny_dir: Path, sqlite_url: str, tmp_path: Path
+    tiny_dir: Path, sqlite_database: Database, tmp_path: Path
 ) -> None:
-    from lorafleet.config import Settings
-    from lorafleet.registry import Registry
-    from lorafleet.serving.factory import DEFAULT_HOST_ADAPTERS, DEFAULT_HOST_BYTES, build_engine
-    from lorafleet.store.blob import open_blob_store
-    from lorafleet.store.sql.database import Database
-
-    db = Database(sqlite_url)
-    try:
-        registry = Registry(db, open_blob_store((tmp_path / "blobs").as_uri()))
-        settings = Settings(backbone=str(tiny_dir), device="cpu", data_dir=tmp_path)
-        engine = build_engine(settings, db, registry, quantization="fp32", n_slots=2, max_rank=4)
-        stats = engine.cache.stats()
-        assert (stats.host_capacity_entries, stats.host_capacity_bytes) == (
-            DEFAULT_HOST_ADAPTERS,
-            DEFAULT_HOST_BYTES,
-        )
-        assert engine.bank.dtype == torch.float32  # serving_dtype on CPU
-        small = build_engine(
-            settings, db, registry, quantization="fp32", n_slots=2, max_rank=4, host_adapters=0
-        )
-        assert small.cache.host is None
-    finally:
-        db.dispose()
+    db = sqlite_database
+    registry = Registry(db, open_blob_store((tmp_path / "blobs").as_uri()))
+    settings = Settings(backbone=str(tiny_dir), device="cpu", data_dir=tmp_path)
+    engine = build_engine(settings, db, registry, quantization="fp32", n_slots=2, max_rank=4)
+    stats = engine.cache.stats()
+    assert (stats.host_capacity_entries, stats.host_capacity_bytes) == (
+        DEFAULT_HOST_ADAPTERS,
+        DEFAULT_HOST_BYTES,
+    )
+    assert engine.bank.dtype == torch.float32  # serving_dtype on CPU
+    small = build_engine(settings, db, registry, quantization="fp32", n_slots=2, max_rank=4, host_adapters=0)
+    assert small.cache.host is None

@@ -20,9 +20,10 @@ from serving_helpers import (
 
 from lorafleet.adapters import AdapterBank, inject_bank
 from lorafleet.backbone import Backbone, load_backbone
-from lorafleet.errors import NotFoundError, ValidationError
+from lorafleet.errors import GenerationError, NotFoundError, ValidationError
 from lorafleet.routing.bank import UserBank
-from lorafleet.serving import AdapterCache, GenerationEngine, GenerationResult
+from lorafleet.serving import AdapterCache, GenerationEngine, GenerationResult, prometheus_text
+from lorafleet.serving.decode import BatchDecoder, RowSpec
 
 
 def test_mixed_batch_equals_each_request_alone(setup: Setup) -> None:
@@ -228,8 +229,6 @@ def test_a_gate_factory_error_fails_only_that_users_requests(
 
 
 def test_engine_metrics_in_prometheus_text(setup: Setup) -> None:
-    from lorafleet.serving import prometheus_text
-
     setup.engine.generate([request("alice", max_new_tokens=3), request("carol", max_new_tokens=2)])
     text = prometheus_text(setup.engine.metrics, setup.engine.cache.stats())
     assert "lorafleet_serving_requests_total 2\n" in text
@@ -272,9 +271,6 @@ def test_a_row_with_non_finite_logits_or_unusable_sampling_fails_alone(
     GenerationError naming the version, the engine reports it once, and every other row decodes as it would
     alone. A row whose sampling cannot work (a temperature below the validated minimum, set on the decoder's
     own spec) fails alone too."""
-    from lorafleet.errors import GenerationError
-    from lorafleet.serving.decode import BatchDecoder, RowSpec
-
     poisoned = write_adapter(author_bank, tmp_path / "poisoned", seed=9, scale=1e15)  # B @ A ~ 1e30
     setup.fetch.add(poisoned)
     broken = member(poisoned, adapter_id=99, name="personal")

@@ -1,11 +1,11 @@
-"""Fixtures for the training library: the real tiny backbone (built once per session) and synthetic users."""
+"""Fixtures for the training library: a bank on the real tiny backbone (``fp32_backbone``: tests/conftest.py)
+and synthetic users."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,24 +13,13 @@ import pytest
 import torch
 
 from lorafleet.adapters import AdapterBank, inject_bank
-from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone
+from lorafleet.backbone import Backbone, build_tiny_tokenizer
 from lorafleet.domain import FeedbackRecord
 from lorafleet.feedback import prepare_record
 from lorafleet.training import synthetic
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import build_dataset
 from lorafleet.training.trainer import SlotTask
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built-in tiny backbone's folder, built into this session's temp dir."""
-    return build_tiny_backbone(tmp_path_factory.mktemp("lorafleet-training"))
-
-
-@pytest.fixture
-def fp32_backbone(tiny_dir: Path) -> Backbone:
-    return load_backbone(tiny_dir, quantization="fp32", device="cpu")
 
 
 @pytest.fixture
@@ -79,8 +68,6 @@ def helpers() -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def tokenizer() -> Any:
     """The tiny backbone's byte-level tokenizer (what ``load_backbone`` returns for it)."""
-    from lorafleet.backbone import build_tiny_tokenizer
-
     return build_tiny_tokenizer()
 
 

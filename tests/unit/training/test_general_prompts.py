@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 
+from lorafleet.adapters import inject_bank
 from lorafleet.backbone import Backbone, load_backbone
 from lorafleet.training import general_prompts as gp
+from lorafleet.training.config import TrainingConfig
 
 
 def test_sets_are_large_disjoint_and_cover_every_category() -> None:
@@ -57,9 +59,6 @@ def test_anchor_examples_on_tiny_one_per_prompt_and_cached(
 
 
 def test_answers_through_a_bank_with_empty_routes_are_the_base_answers(tiny_dir: Path) -> None:
-    from lorafleet.adapters import inject_bank
-    from lorafleet.training.config import TrainingConfig
-
     backbone = load_backbone(tiny_dir, quantization="fp32", device="cpu")
     prompts = list(gp.EVAL_PROMPTS[:3])
     base = gp.generate_answers(backbone.model, backbone.tokenizer, prompts, 5)

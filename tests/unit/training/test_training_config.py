@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from lorafleet.adapters.bank import on_layers
 from lorafleet.errors import ValidationError
 from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS, TrainingConfig
 
@@ -37,8 +38,6 @@ def test_bad_layers_name_the_field(layers: object) -> None:
 
 
 def test_a_slot_on_the_top_layers_gets_weights_there_only() -> None:
-    from lorafleet.adapters.bank import on_layers
-
     names = [f"model.layers.{i}.self_attn.{m}" for i in range(4) for m in ("q_proj", "v_proj")] + ["lm_head"]
     slot = TrainingConfig(layers="top 1").slot_config()
     assert slot.layers == "top 1"

@@ -15,6 +15,7 @@ import torch
 from lorafleet.adapters import AdapterBank, RoutingPlan, inject_bank
 from lorafleet.adapters.prefix import DecoderSplit, FrozenPrefix, PrefixCache, lowest_adapted_layer
 from lorafleet.backbone import load_backbone
+from lorafleet.routing.embeddings import embed_prompts, routing_key
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, collate, encode_example, pad_token_id
 from lorafleet.training.metrics import score_examples
@@ -164,8 +165,6 @@ def test_the_cache_spills_to_disk_then_drops_and_never_fails(tmp_path: Path) -> 
 def test_routing_keys_through_the_prefix_equal_the_full_forward(tiny_dir: Path) -> None:
     """A routing key made from cached final states is the one the base model's forward gives; a later round's
     replayed prompts are not run again."""
-    from lorafleet.routing.embeddings import embed_prompts, routing_key
-
     backbone = load_backbone(tiny_dir, quantization="nf4", device="cpu")
     bank, _ = _bank_with_two_adapters(backbone, "top 1")
     prefix = FrozenPrefix.for_bank(bank, identity="test", pad_id=pad_token_id(backbone.tokenizer))
