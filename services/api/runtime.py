@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from sqlalchemy import text
-
 from lorafleet.config import Settings
 from lorafleet.errors import LorafleetError
 from lorafleet.feedback import FeedbackLimits
@@ -336,8 +334,7 @@ class ApiServices:
 
     def database_ok(self) -> bool:
         try:
-            with self.db.session() as session:
-                session.execute(text("SELECT 1"))
+            self.db.ping()
         except LorafleetError:
             return False
         return True

@@ -53,8 +53,6 @@ from lorafleet.workflows.live_alias import queue_candidate_qa
 from lorafleet.workflows.workdirs import owned_tempdir
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
     from lorafleet.adapters import AdapterBank, SavedAdapter, SlotConfig
     from lorafleet.backbone import Backbone
     from lorafleet.jobs.worker import LeaseContext
@@ -428,12 +426,8 @@ class ContinualTrainer:
     ) -> dict[str, Any]:
         """Snapshots, versions and the job's success in one fenced transaction (LeaseLostError: none)."""
         with lease.fenced() as fence:
-            entries = [
-                self._register_user(fence.session, job=job, tenant_id=tenant_id, user=user)
-                for user in trained
-            ]
+            entries = [self._register_user(job=job, tenant_id=tenant_id, user=user) for user in trained]
             qa_jobs = queue_candidate_qa(
-                fence.session,
                 queue=JobQueue(self.db),
                 promote_rule=self.promote_rule,
                 tenant_id=tenant_id,
@@ -445,12 +439,14 @@ class ContinualTrainer:
             fence.succeed(result)
         return result
 
-    def _register_user(
-        self, session: Session, *, job: Job, tenant_id: int, user: TrainedUser
-    ) -> TrainedVersion:
+    def _register_user(self, *, job: Job, tenant_id: int, user: TrainedUser) -> TrainedVersion:
+        """The user's dataset snapshot and new version, in the job's fenced transaction."""
         plan = user.plan
-        snapshot = insert_snapshot(
-            session, user_id=plan.user.user_id, record_ids=plan.record_ids, details=_snapshot_details(plan)
+        snapshot = self.db.run(
+            insert_snapshot,
+            user_id=plan.user.user_id,
+            record_ids=plan.record_ids,
+            details=_snapshot_details(plan),
         )
         parents = [] if plan.parent is None else [(plan.parent.id, CONTINUED_FROM)]
         version = self.registry.register_version(
@@ -465,7 +461,6 @@ class ContinualTrainer:
             dataset_snapshot_id=snapshot.id,
             status=VersionStatus.CANDIDATE,
             routing_key=user.routing_key,
-            session=session,
         )
         return TrainedVersion(
             user_id=plan.user.user_id,

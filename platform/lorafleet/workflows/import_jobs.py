@@ -173,7 +173,6 @@ class ImportRunner:
             imported = register_import(self.registry, prepared, job_id=job.id)
             with lease.fenced() as fence:
                 qa_jobs = queue_candidate_qa(
-                    fence.session,
                     queue=JobQueue(self.db),
                     promote_rule=self.promote_rule,
                     tenant_id=job.tenant_id,

@@ -137,6 +137,14 @@ class RegistryRepository:
             raise NotFoundError(f"adapter {adapter_id} not found")
         return _adapter(row)
 
+    def lock_live(
+        self, session: Session, *, tenant_id: int, adapter_id: int
+    ) -> tuple[Adapter, AdapterVersion | None]:
+        """The adapter under its row lock, and its live version: what every move of ``live`` (or status change
+        that must not touch the live version) checks first, so concurrent moves of one adapter queue up."""
+        adapter = self.get_adapter(session, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
+        return adapter, self.live_version(session, tenant_id=tenant_id, adapter_id=adapter_id)
+
     def ensure_adapter(
         self, session: Session, *, tenant_id: int, owner_user_id: int | None, name: str
     ) -> Adapter:

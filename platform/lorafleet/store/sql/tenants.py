@@ -252,12 +252,16 @@ class TenantRepository:
 
     def get_user(self, *, tenant_id: int, external_id: str) -> User:
         """The tenant's user; NotFoundError if absent (also when only another tenant has that id)."""
-        external_id = validate_external_id(external_id)
+        found = self.find_subject(tenant_id=tenant_id, external_id=validate_external_id(external_id))
+        if found is None:
+            raise NotFoundError(f"user {external_id!r} not found")
+        return found
+
+    def find_subject(self, *, tenant_id: int, external_id: str, kind: str = SubjectKind.USER) -> User | None:
+        """A subject by external id (a user, or with ``kind`` ``task`` a task's dataset), or None."""
         with self.db.session() as session:
-            row = find_user(session, tenant_id=tenant_id, external_id=external_id)
-            if row is None:
-                raise NotFoundError(f"user {external_id!r} not found")
-            return to_user(row)
+            row = find_user(session, tenant_id=tenant_id, external_id=external_id, kind=kind)
+            return None if row is None else to_user(row)
 
     def get_training_overrides(self, *, tenant_id: int) -> dict[str, Any]:
         """The tenant's stored ``TrainingConfig`` overrides (empty: none); NotFoundError for no such tenant."""
