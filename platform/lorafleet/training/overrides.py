@@ -84,7 +84,11 @@ def check_rank(rank: int, *, max_rank: int, field: str = "") -> None:
 def check_bank_fits(config: TrainingConfig, *, max_rank: int, layer_names: Iterable[str]) -> None:
     """The trainer's check that its bank can hold a job's adapters: the rank, every listed target module (a
     regex is resolved by ``TrainingConfig.slot_config``), and the layers."""
-    from lorafleet.adapters.bank import layer_of, module_matches, on_layers
+    from lorafleet.adapters.bank import (  # torch: only trainers check a bank; the scheduler and API do not
+        layer_of,
+        module_matches,
+        on_layers,
+    )
 
     check_rank(config.rank, max_rank=max_rank)
     names = list(layer_names)

@@ -173,7 +173,7 @@ def prepare_import(
         folder, work_dir / "staged", fingerprint=fingerprint, bounds=weight_bounds or WeightBounds()
     )
     _check_loads(bank, files.directory)
-    from lorafleet.routing.embeddings import routing_key
+    from lorafleet.routing.embeddings import routing_key  # torch: the API checks imports without a model
 
     key = routing_key(backbone, bank, prompts)
     training_config = {
@@ -331,6 +331,7 @@ def _stage(folder: Path, staging: Path, *, fingerprint: str, bounds: WeightBound
 
     A recorded fingerprint other than ``fingerprint`` is refused; values must be finite and within ``bounds``.
     """
+    # torch (and safetensors' torch half): only the trainer stages an import; the API's checks need neither
     from safetensors.torch import save_file
 
     from lorafleet.adapters.serialization import FINGERPRINT_METADATA_KEY, read_adapter_fingerprint
@@ -367,7 +368,7 @@ def _check_loads(bank: AdapterBank, folder: Path) -> None:
     The loader checks target modules, shapes, rank against the bank's maximum, finite values, unsupported
     PEFT options and the fingerprint before it writes the slot, so a refusal leaves the bank unchanged.
     """
-    from lorafleet.adapters.serialization import load_slot_from_dir
+    from lorafleet.adapters.serialization import load_slot_from_dir  # torch, as in _stage
 
     info = load_slot_from_dir(bank, bank.free_slot(), folder, require_fingerprint=True, name="peft-import")
     bank.evict_slot(info.slot)

@@ -48,7 +48,9 @@ from lorafleet.store.sql.feedback import get_snapshot, insert_snapshot, list_fee
 from lorafleet.store.sql.tenants import MAX_PAGE_SIZE
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, UserDataset, build_dataset, pad_token_id, reservoir_sample
+from lorafleet.training.general_prompts import anchor_examples
 from lorafleet.training.overrides import check_bank_fits
+from lorafleet.training.trainer import SlotTask, train_slots
 from lorafleet.workflows.live_alias import queue_candidate_qa
 from lorafleet.workflows.workdirs import owned_tempdir
 
@@ -337,8 +339,6 @@ class ContinualTrainer:
     ) -> list[TrainedUser]:
         """Load every user's slot, train them in one ``train_slots`` call, save them; slots are evicted
         afterwards whatever happens, so the bank is clean for the next job."""
-        from lorafleet.training.trainer import train_slots
-
         slots: list[int] = []
         try:
             tasks = [self._load_slot(plan, slots=slots, work=work) for plan in plans]
@@ -363,8 +363,6 @@ class ContinualTrainer:
 
     def _load_slot(self, plan: UserPlan, *, slots: list[int], work: Path) -> SlotTask:
         """The parent's weights (fetched, sha256- and fingerprint-checked) or a fresh slot, as a task."""
-        from lorafleet.training.trainer import SlotTask
-
         slot = self.bank.free_slot()
         parent = plan.parent
         if parent is None:
@@ -389,8 +387,6 @@ class ContinualTrainer:
 
     def _anchors(self, plan: UserPlan) -> list[Example]:
         """A seeded sample of the base's answers to general prompts, ``anchor_ratio`` of the user's rows."""
-        from lorafleet.training.general_prompts import anchor_examples
-
         ratio = self.config.anchor_ratio
         if ratio <= 0 or not plan.dataset.train:
             return []

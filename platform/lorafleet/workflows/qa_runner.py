@@ -61,7 +61,7 @@ from lorafleet.qa.rules import (
     reasons_for,
     recheck_rules,
 )
-from lorafleet.qa.sampling import member_label
+from lorafleet.qa.sampling import member_label, sample_enrolled
 from lorafleet.registry import Registry
 from lorafleet.routing.bank import BankMember, resolve_user_bank
 from lorafleet.routing.embeddings import routing_key
@@ -250,8 +250,6 @@ class QARunner:
         """The task candidate in the banks of a sample of its enrolled users, each against the candidate rules
         (the no-regression rule compares the user's own holdout, gated with the candidate against gated with
         the previous task version)."""
-        from lorafleet.qa.sampling import sample_enrolled
-
         tenant_id, adapter = subject.tenant_id, subject.adapter
         db, qa = self.db, self._qa
         with db.unit_of_work():

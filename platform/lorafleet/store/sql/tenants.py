@@ -25,6 +25,7 @@ from lorafleet.domain.subject import task_subject_id as task_subject_id  # re-ex
 from lorafleet.errors import AuthError, NotFoundError, StoreError, ValidationError
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlApiKey, SqlTenant, SqlUser, utcnow
+from lorafleet.store.sql.rows import from_row
 
 API_KEY_SCHEME = "lf_"
 #: ``lf_`` + 8 characters of the secret: enough to tell keys apart in logs, far too little to guess the rest.
@@ -68,11 +69,11 @@ def check_page(*, limit: int, offset: int = 0) -> None:
 
 
 def to_tenant(row: SqlTenant) -> Tenant:
-    return Tenant(id=row.id, name=row.name, created_at=row.created_at)
+    return from_row(Tenant, row)
 
 
 def to_user(row: SqlUser) -> User:
-    return User(id=row.id, tenant_id=row.tenant_id, external_id=row.external_id, created_at=row.created_at)
+    return from_row(User, row)
 
 
 def require_tenant(session: Session, *, tenant_id: int) -> SqlTenant:
