@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -326,9 +326,7 @@ class Registry:
             raise ValidationError(f"status {str(status)!r} cannot be set directly (use promote for live)")
         with self._db.unit_of_work():
             _adapter, live = self._db.run(self._repo.lock_live, tenant_id=tenant_id, adapter_id=adapter_id)
-            version = self._db.run(
-                self._repo.get_version, tenant_id=tenant_id, adapter_id=adapter_id, number=number
-            )
+            version = self.get_version(tenant_id=tenant_id, adapter_id=adapter_id, number=number)
             if version.status == VersionStatus.CORRUPT:
                 raise InvalidStateError(
                     f"version {number} is corrupt (quarantined); its status cannot change"
@@ -388,21 +386,20 @@ class Registry:
         in the history: a person made live a version QA had not passed (the rule that needs it is the
         workflow's, ``lorafleet.workflows.live_alias.promote_manually``; the registry only records it)."""
         _check_actor(actor)
-        with self._db.unit_of_work():
-            _adapter, current = self._db.run(self._repo.lock_live, tenant_id=tenant_id, adapter_id=adapter_id)
-            target = self._db.run(
-                self._repo.get_version, tenant_id=tenant_id, adapter_id=adapter_id, number=number
-            )
+
+        def to_number(current: AdapterVersion | None) -> AdapterVersion:
+            target = self.get_version(tenant_id=tenant_id, adapter_id=adapter_id, number=number)
             _check_target(target=target, current=current)
-            return self._db.run(
-                self._repo.move_live,
-                adapter_id=adapter_id,
-                current=current,
-                target=target,
-                actor=actor,
-                reason=reason,
-                forced=forced,
-            )
+            return target
+
+        return self._move_live(
+            tenant_id=tenant_id,
+            adapter_id=adapter_id,
+            target=to_number,
+            actor=actor,
+            reason=reason,
+            forced=forced,
+        )
 
     def rollback(
         self,
@@ -416,27 +413,46 @@ class Registry:
         """Move ``live`` back to an earlier version than the current live one, or to None (no adapter); joins the
         open transaction, if any."""
         _check_actor(actor)
-        with self._db.unit_of_work():
-            _adapter, current = self._db.run(self._repo.lock_live, tenant_id=tenant_id, adapter_id=adapter_id)
+
+        def earlier(current: AdapterVersion | None) -> AdapterVersion | None:
             if current is None:
                 raise InvalidStateError(f"adapter {adapter_id} has no live version to roll back from")
-            target = None
-            if to_number is not None:
-                target = self._db.run(
-                    self._repo.get_version, tenant_id=tenant_id, adapter_id=adapter_id, number=to_number
+            if to_number is None:
+                return None
+            target = self.get_version(tenant_id=tenant_id, adapter_id=adapter_id, number=to_number)
+            if target.number >= current.number:
+                raise InvalidStateError(
+                    f"rollback must go to a version earlier than live ({current.number}); use promote"
                 )
-                if target.number >= current.number:
-                    raise InvalidStateError(
-                        f"rollback must go to a version earlier than live ({current.number}); use promote"
-                    )
-                _check_target(target=target, current=current)
+            _check_target(target=target, current=current)
+            return target
+
+        return self._move_live(
+            tenant_id=tenant_id, adapter_id=adapter_id, target=earlier, actor=actor, reason=reason
+        )
+
+    def _move_live(
+        self,
+        *,
+        tenant_id: int,
+        adapter_id: int,
+        target: Callable[[AdapterVersion | None], AdapterVersion | None],
+        actor: str,
+        reason: str,
+        forced: bool = False,
+    ) -> AliasEvent:
+        """Under the adapter's lock, move ``live`` from the current version to ``target(current)`` (which checks the
+        move and raises to refuse it) and record the move, in one transaction (the caller's when one is open)."""
+        with self._db.unit_of_work():
+            _adapter, current = self._db.run(self._repo.lock_live, tenant_id=tenant_id, adapter_id=adapter_id)
             return self._db.run(
                 self._repo.move_live,
                 adapter_id=adapter_id,
                 current=current,
-                target=target,
+                target=target(current),
                 actor=actor,
                 reason=reason,
+                forced=forced,
             )
 
     def alias_history(self, *, tenant_id: int, adapter_id: int) -> list[AliasEvent]:
