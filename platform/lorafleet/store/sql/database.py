@@ -149,7 +149,8 @@ class Database:
         """Store calls in the block commit on their own even inside an open ``transaction()`` (what must outlive
         the caller's transaction). Use it before that transaction has written anything: a second writer waits
         for the first (SQLite's database lock, PostgreSQL's row locks)."""
-        token = _AMBIENT.set(None)
+        ambient = _AMBIENT.get()
+        token = _AMBIENT.set(None if ambient is not None and ambient[0] is self else ambient)
         try:
             yield
         finally:

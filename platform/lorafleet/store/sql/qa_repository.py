@@ -76,7 +76,8 @@ class QARepository:
     # --- reports ------------------------------------------------------------------------------------------
     def insert_report(self, session: Session, *, new: NewQAReport) -> QAReport:
         """Insert a report; a second report of the same job violates ``uq_qa_reports_job_id``."""
-        row = SqlQAReport(**{**asdict(new), "reasons": list(new.reasons)}, created_at=utcnow())
+        values = asdict(new) | {"reasons": list(new.reasons)}  # the JSON column holds a list
+        row = SqlQAReport(**values, created_at=utcnow())
         session.add(row)
         session.flush()
         return _report(row)
