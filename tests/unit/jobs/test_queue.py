@@ -266,7 +266,7 @@ def test_a_running_job_gets_a_cancel_request_its_worker_acts_on(
     assert beat.cancel_requested_at is not None  # the lease is kept while the worker stops
     with pytest.raises(JobCancelledError):
         queue.record_progress(job_id=job_id, worker_id="w", attempt=1, progress={"step": 1})
-    with pytest.raises(JobCancelledError), queue.fenced(job_id=job_id, worker_id="w", attempt=1) as fence:
+    with pytest.raises(JobCancelledError), queue.fenced(job_id=job_id, worker_id="w", attempt=1):
         _write(database, _snapshot("never"))
     with pytest.raises(JobCancelledError):
         queue.complete(job_id=job_id, worker_id="w", result={}, attempt=1)
@@ -356,7 +356,7 @@ def test_fenced_transaction_commits_output_and_success_together(
     fresh = queue.claim(worker_id="fresh", lease_seconds=LEASE)
     assert stale is not None and fresh is not None
 
-    with pytest.raises(LeaseLostError), queue.fenced(job_id=job_id, worker_id="stale") as fence:
+    with pytest.raises(LeaseLostError), queue.fenced(job_id=job_id, worker_id="stale"):
         _write(database, _snapshot("stale"))  # never reached
     with pytest.raises(RuntimeError), queue.fenced(job_id=job_id, worker_id="fresh") as fence:
         _write(database, _snapshot("crashed"))
