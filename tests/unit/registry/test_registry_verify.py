@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from registry_helpers import TwoTenants, registered_versions, statuses
@@ -32,19 +33,10 @@ class Adapter:
 
 
 def _adapter(
-    registry: Registry,
-    make_adapter_dir: Callable[..., Path],
-    tenant_id: int,
-    owner: int | None,
-    name: str = "chat",
-    *,
-    seeds: list[int],
-    live: list[int],
+    registry: Registry, make_adapter_dir: Callable[..., Path], tenant_id: int, *args: Any, **kw: Any
 ) -> Adapter:
-    """An adapter with one version per seed, promoted in the order of ``live`` (the last one is live)."""
-    adapter_id, versions = registered_versions(
-        registry, make_adapter_dir, tenant_id, owner, name, seeds=seeds, live=live
-    )
+    """``registered_versions`` of tenant ``tenant_id`` (its owner, name, seeds, live), as an ``Adapter``."""
+    adapter_id, versions = registered_versions(registry, make_adapter_dir, tenant_id, *args, **kw)
     return Adapter(tenant_id, adapter_id, versions)
 
 
