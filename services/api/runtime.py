@@ -166,7 +166,7 @@ class EngineHolder(_LoadOnce["ContinuousBatcher"]):
         self._engine: GenerationEngine | None = None
 
     def _load(self) -> ContinuousBatcher:
-        from lorafleet.serving import ContinuousBatcher
+        from lorafleet.serving import ContinuousBatcher  # torch: loaded with the engine, not with the app
 
         engine = self._build()
         o = self._options
