@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from sqlalchemy import text
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from lorafleet.config import Settings
 from lorafleet.errors import LorafleetError
@@ -33,11 +33,14 @@ from lorafleet.feedback import FeedbackLimits
 from lorafleet.jobs import JobQueue, Scheduler, SchedulerPolicy
 from lorafleet.platform import Platform
 from lorafleet.registry import Registry
+from lorafleet.serving.metrics import prometheus_text
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.idempotency import IdempotencyRepository
 from lorafleet.store.sql.models import utcnow
 from lorafleet.store.sql.tenants import TenantRepository
+from lorafleet.training.general_prompts import ANCHOR_PROMPTS
 from lorafleet.workflows.blob_verify import BlobScrubber
+from lorafleet.workflows.qa_triggers import on_nonfinite_output
 from services.api.errors import ServiceUnavailableError
 from services.api.metrics import ApiMetrics
 
@@ -163,7 +166,7 @@ class EngineHolder(_LoadOnce["ContinuousBatcher"]):
         self._engine: GenerationEngine | None = None
 
     def _load(self) -> ContinuousBatcher:
-        from lorafleet.serving import ContinuousBatcher
+        from lorafleet.serving import ContinuousBatcher  # torch: loaded with the engine, not with the app
 
         engine = self._build()
         o = self._options
@@ -205,16 +208,12 @@ class EngineHolder(_LoadOnce["ContinuousBatcher"]):
     ) -> AsyncIterator[GenerationDelta | GenerationResult]:
         """The request's deltas, then its result (``ContinuousBatcher.stream_async``); the engine is loaded off
         the event loop. Leaving early (a client that disconnected) cancels the request."""
-        from starlette.concurrency import run_in_threadpool
-
         batcher = await run_in_threadpool(self._open)
         async for item in batcher.stream_async(request):
             yield item
 
     def metrics_text(self) -> str:
         """The engine's and the adapter cache's counters (empty until the engine is loaded)."""
-        from lorafleet.serving.metrics import prometheus_text
-
         engine = self._engine
         return "" if engine is None else prometheus_text(engine.metrics, engine.cache.stats())
 
@@ -262,8 +261,6 @@ class ServeEngineHolder(_LoadOnce["ServeClient"]):
     ) -> AsyncIterator[GenerationDelta | GenerationResult]:
         """The request's deltas from its replica, then its result (``ServeClient.open_stream``, iterated off the
         event loop); leaving early cancels the call on the replica."""
-        from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
-
         from lorafleet.runtime.ray_serve import ServeUnavailableError
 
         if self._closed:
@@ -336,8 +333,7 @@ class ApiServices:
 
     def database_ok(self) -> bool:
         try:
-            with self.db.session() as session:
-                session.execute(text("SELECT 1"))
+            self.db.ping()
         except LorafleetError:
             return False
         return True
@@ -363,9 +359,7 @@ def _engine_holder(
 def _build_engine(
     settings: Settings, db: Database, registry: Registry, options: ApiOptions
 ) -> GenerationEngine:
-    from lorafleet.serving.factory import build_engine
-    from lorafleet.training.general_prompts import ANCHOR_PROMPTS
-    from lorafleet.workflows.qa_triggers import on_nonfinite_output
+    from lorafleet.serving.factory import build_engine  # torch and transformers: only when an engine is built
 
     return build_engine(
         settings,

@@ -16,7 +16,7 @@ lease first. A stale or re-run worker then either fails that check and writes no
 nobody else can; a crash half-way rolls the whole transaction back and leaves no version behind::
 
     with queue.fenced(job_id=job.id, worker_id=me, attempt=job.attempts) as fence:
-        write_version_rows(fence.session, ...)        # same transaction
+        registry.register_version(..., job_id=job.id)  # joins the fenced transaction
         fence.succeed({"versions": [...]})
 
 Timestamps come from ``clock`` (the workers' and schedulers' clocks should agree within a small fraction
@@ -31,8 +31,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-
-from sqlalchemy.orm import Session
 
 from lorafleet.domain import Job
 from lorafleet.errors import InvalidStateError, ValidationError
@@ -76,27 +74,30 @@ class SubmitResult:
 
 
 class FencedJob:
-    """A transaction in which this worker's lease on ``job`` is verified and the job's row is locked.
+    """An open transaction (``Database.unit_of_work``) in which this worker's lease on ``job`` is verified and
+    the job's row is locked.
 
-    Write the job's output through ``session`` and call ``succeed`` (or ``fail``): both commit together
-    when the ``with`` block ends, or neither does. ``now`` is the time the lease was checked at.
+    Every store call made inside the ``with`` block on this thread (the registry's, the queue's, a
+    repository's through ``Database.run``) joins it; write the job's output that way and call ``succeed`` (or
+    ``fail``): all of it commits together when the block ends, or none of it does. ``now`` is the time the
+    lease was checked at.
     """
 
-    def __init__(self, *, session: Session, job: Job, repo: JobsRepository, now: datetime) -> None:
-        self.session = session
+    def __init__(self, *, db: Database, job: Job, repo: JobsRepository, now: datetime) -> None:
         self.job = job
         self.now = now
         self.finished: Job | None = None
+        self._db = db
         self._repo = repo
 
     def succeed(self, result: Mapping[str, Any]) -> Job:
         payload = _json_object("result", result)
-        self.finished = self._repo.succeed(self.session, job_id=self.job.id, result=payload, now=self.now)
+        self.finished = self._db.run(self._repo.succeed, job_id=self.job.id, result=payload, now=self.now)
         return self.finished
 
     def fail(self, error: str) -> Job:
         """Fail for good (no retry), in this transaction."""
-        self.finished = self._repo.fail(self.session, job_id=self.job.id, error=error, now=self.now)
+        self.finished = self._db.run(self._repo.fail, job_id=self.job.id, error=error, now=self.now)
         return self.finished
 
 
@@ -131,18 +132,15 @@ def _check_users(user_ids: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], 
 
 
 class JobQueue:
-    """Submit, claim, heartbeat, complete, fail and cancel jobs; each call is one transaction."""
+    """Submit, claim, heartbeat, complete, fail and cancel jobs; each call is one transaction, or joins the
+    transaction open on this thread (``Database.unit_of_work``): a workflow queues a job together with its
+    other writes that way."""
 
     def __init__(self, db: Database, *, clock: Clock = utcnow, backoff: RetryBackoff | None = None) -> None:
         self.db = db
         self.clock = clock
         self.backoff = backoff or RetryBackoff()
         self._repo = JobsRepository(dialect=db.dialect)
-
-    @property
-    def repository(self) -> JobsRepository:
-        """The SQL layer, for callers composing their own transaction (the scheduler)."""
-        return self._repo
 
     def submit(
         self,
@@ -155,7 +153,8 @@ class JobQueue:
         max_attempts: int = 3,
     ) -> SubmitResult:
         """Queue a job for ``user_ids`` (``(user_id, watermark)`` pairs); if an active job has the same
-        ``dedupe_key``, return that one instead (race-safe: the partial unique index decides)."""
+        ``dedupe_key``, return that one instead (race-safe: the partial unique index decides). Inside an open
+        transaction, the job commits with it."""
         new = self.new_job(
             tenant_id=tenant_id,
             kind=kind,
@@ -164,9 +163,8 @@ class JobQueue:
             dedupe_key=dedupe_key,
             max_attempts=max_attempts,
         )
-        with self.db.session() as session:
-            job, created = self._repo.insert_job(session, new=new, now=self.clock())
-            return SubmitResult(job=job, created=created)
+        job, created = self.db.run(self._repo.insert_job, new=new, now=self.clock())
+        return SubmitResult(job=job, created=created)
 
     def new_job(
         self,
@@ -200,8 +198,7 @@ class JobQueue:
         lease = _check_lease(lease_seconds)
         if kinds is not None and not kinds:
             raise ValidationError("kinds: pass None for every kind, or at least one kind")
-        with self.db.session() as session:
-            return self._repo.claim(session, worker_id=worker_id, kinds=kinds, lease=lease, now=self.clock())
+        return self.db.run(self._repo.claim, worker_id=worker_id, kinds=kinds, lease=lease, now=self.clock())
 
     def heartbeat(
         self, *, job_id: int, worker_id: str, lease_seconds: float, attempt: int | None = None
@@ -209,10 +206,10 @@ class JobQueue:
         """Extend the lease to ``now + lease_seconds``; LeaseLostError if the caller no longer holds it. The
         job returned carries ``cancel_requested_at``: the lease is kept while the worker stops."""
         lease = _check_lease(lease_seconds)
-        with self.db.session() as session:
+        with self.db.unit_of_work():
             now = self.clock()
-            self._lock_running(session, job_id=job_id, worker_id=worker_id, attempt=attempt, now=now)
-            return self._repo.extend_lease(session, job_id=job_id, lease=lease, now=now)
+            self._lock_running(job_id=job_id, worker_id=worker_id, attempt=attempt, now=now)
+            return self.db.run(self._repo.extend_lease, job_id=job_id, lease=lease, now=now)
 
     def record_progress(
         self, *, job_id: int, worker_id: str, attempt: int | None, progress: Mapping[str, Any]
@@ -220,21 +217,27 @@ class JobQueue:
         """Store the running job's progress (``updated_at`` added) through the lease fence: LeaseLostError
         when the caller lost the lease, JobCancelledError once a cancel was requested."""
         payload = _json_object("progress", progress)
-        with self.db.session() as session:
-            now = self.clock()
-            payload["updated_at"] = now.isoformat()
-            return self._repo.record_progress(
-                session, job_id=job_id, worker_id=worker_id, now=now, attempt=attempt, progress=payload
-            )
+        now = self.clock()
+        payload["updated_at"] = now.isoformat()
+        return self.db.run(
+            self._repo.record_progress,
+            job_id=job_id,
+            worker_id=worker_id,
+            now=now,
+            attempt=attempt,
+            progress=payload,
+        )
 
     @contextmanager
     def fenced(self, *, job_id: int, worker_id: str, attempt: int | None = None) -> Iterator[FencedJob]:
         """A transaction holding the job's row lock, entered only if ``worker_id`` holds the lease
         (``attempt``, the ``Job.attempts`` it claimed, also fences out its own earlier attempts)."""
-        with self.db.session() as session:
+        with self.db.unit_of_work():
             now = self.clock()
-            job = self._repo.lock_owned(session, job_id=job_id, worker_id=worker_id, now=now, attempt=attempt)
-            yield FencedJob(session=session, job=job, repo=self._repo, now=now)
+            job = self.db.run(
+                self._repo.lock_owned, job_id=job_id, worker_id=worker_id, now=now, attempt=attempt
+            )
+            yield FencedJob(db=self.db, job=job, repo=self._repo, now=now)
 
     def complete(
         self, *, job_id: int, worker_id: str, result: Mapping[str, Any], attempt: int | None = None
@@ -246,8 +249,7 @@ class JobQueue:
 
     def release_leases_of(self, worker_id: str, *, reason: str) -> list[int]:
         """End the leases ``worker_id`` holds (it is known to be dead): its jobs are claimable at once; their ids."""
-        with self.db.session() as session:
-            return self._repo.release_leases_of(session, worker_id=worker_id, reason=reason, now=self.clock())
+        return self.db.run(self._repo.release_leases_of, worker_id=worker_id, reason=reason, now=self.clock())
 
     def fail(
         self,
@@ -261,48 +263,50 @@ class JobQueue:
         """Record a failed attempt: back to queued after a backoff while attempts remain and the error is
         retryable, otherwise failed for good; cancelled when a cancel was requested (never retried).
         LeaseLostError if the caller no longer holds the lease."""
-        with self.db.session() as session:
+        with self.db.unit_of_work():
             now = self.clock()
-            job = self._lock_running(session, job_id=job_id, worker_id=worker_id, attempt=attempt, now=now)
+            job = self._lock_running(job_id=job_id, worker_id=worker_id, attempt=attempt, now=now)
             if job.cancel_requested_at is not None:
-                return self._repo.finish_cancelled(session, job_id=job_id, now=now)
+                return self.db.run(self._repo.finish_cancelled, job_id=job_id, now=now)
             if not retryable or job.attempts >= job.max_attempts:
-                return self._repo.fail(session, job_id=job_id, error=error, now=now)
+                return self.db.run(self._repo.fail, job_id=job_id, error=error, now=now)
             run_after = now + self.backoff.delay(attempts=job.attempts)
-            return self._repo.requeue(session, job_id=job_id, error=error, run_after=run_after)
+            return self.db.run(self._repo.requeue, job_id=job_id, error=error, run_after=run_after)
 
     def cancel(self, *, tenant_id: int | None, job_id: int, actor: str) -> Job:
         """Cancel a job for ``actor`` (recorded as ``cancelled_by``): a queued one at once, a running one at
         its worker's next step (the job is returned still running, with ``cancel_requested_at``). Repeats
         return the job unchanged; a succeeded or failed job is JobFinishedError."""
         _check_text("actor", actor, max_length=MAX_ACTOR_LENGTH)
-        with self.db.session() as session:
-            return self._repo.request_cancel(
-                session, tenant_id=tenant_id, job_id=job_id, actor=actor, now=self.clock()
-            )
+        return self.db.run(
+            self._repo.request_cancel, tenant_id=tenant_id, job_id=job_id, actor=actor, now=self.clock()
+        )
 
     def acknowledge_cancel(self, *, job_id: int, worker_id: str, attempt: int | None = None) -> Job:
         """The worker stopped for a cancel request: the job ends ``cancelled``. LeaseLostError if the caller
         no longer holds the lease (the next ``claim`` then ends it)."""
-        with self.db.session() as session:
+        with self.db.unit_of_work():
             now = self.clock()
-            job = self._lock_running(session, job_id=job_id, worker_id=worker_id, attempt=attempt, now=now)
+            job = self._lock_running(job_id=job_id, worker_id=worker_id, attempt=attempt, now=now)
             if job.cancel_requested_at is None:
                 raise InvalidStateError(f"job {job_id}: no cancel was requested")
-            return self._repo.finish_cancelled(session, job_id=job_id, now=now)
+            return self.db.run(self._repo.finish_cancelled, job_id=job_id, now=now)
 
-    def _lock_running(
-        self, session: Session, *, job_id: int, worker_id: str, attempt: int | None, now: datetime
-    ) -> Job:
-        """The job's row locked for its lease holder, whether or not a cancel was requested."""
-        return self._repo.lock_owned(
-            session, job_id=job_id, worker_id=worker_id, now=now, attempt=attempt, allow_cancel_requested=True
+    def _lock_running(self, *, job_id: int, worker_id: str, attempt: int | None, now: datetime) -> Job:
+        """The job's row locked for its lease holder (in the open transaction), whether or not a cancel was
+        requested."""
+        return self.db.run(
+            self._repo.lock_owned,
+            job_id=job_id,
+            worker_id=worker_id,
+            now=now,
+            attempt=attempt,
+            allow_cancel_requested=True,
         )
 
     def get(self, *, tenant_id: int | None, job_id: int) -> Job:
         """The job; NotFoundError if missing or another tenant's (``tenant_id`` None: any, internal use)."""
-        with self.db.session() as session:
-            return self._repo.get(session, tenant_id=tenant_id, job_id=job_id)
+        return self.db.run(self._repo.get, tenant_id=tenant_id, job_id=job_id)
 
     def list_jobs(
         self,
@@ -318,23 +322,23 @@ class JobQueue:
             raise ValidationError(f"state: must be one of {', '.join(JOB_STATES)}")
         if user_external_id is not None and tenant_id is None:
             raise ValidationError("user_external_id: needs tenant_id (external ids are per tenant)")
-        with self.db.session() as session:
-            return self._repo.list_jobs(
-                session, tenant_id=tenant_id, user_external_id=user_external_id, state=state, limit=limit
-            )
+        return self.db.run(
+            self._repo.list_jobs,
+            tenant_id=tenant_id,
+            user_external_id=user_external_id,
+            state=state,
+            limit=limit,
+        )
 
     def job_users(self, *, job_id: int) -> dict[int, int]:
         """``user_id → watermark`` of the users a job trains."""
-        with self.db.session() as session:
-            return self._repo.job_user_ids(session, job_id=job_id)
+        return self.db.run(self._repo.job_user_ids, job_id=job_id)
 
     def active_user_ids(self, *, tenant_id: int | None = None) -> set[int]:
         """Users that are in a queued or running job."""
-        with self.db.session() as session:
-            return self._repo.active_user_ids(session, tenant_id=tenant_id)
+        return self.db.run(self._repo.active_user_ids, tenant_id=tenant_id)
 
     def counts_by_state(self) -> dict[str, int]:
         """Jobs per state, every state present (for metrics)."""
-        with self.db.session() as session:
-            found = self._repo.counts_by_state(session)
+        found = self.db.run(self._repo.counts_by_state)
         return {state: found.get(state, 0) for state in JOB_STATES}

@@ -35,8 +35,6 @@ from datetime import datetime, timedelta
 from itertools import groupby
 from typing import Any
 
-from sqlalchemy.orm import Session
-
 from lorafleet.domain import Job, JobKind, SubjectKind
 from lorafleet.domain.jobs import TrainPayload, TrainSubject
 from lorafleet.domain.subject import Subject
@@ -44,9 +42,9 @@ from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.jobs.queue import Clock, JobQueue, SubmitResult
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.feedback import FeedbackBacklog, read_backlog
-from lorafleet.store.sql.jobs_repository import FailureStreak, NewJob
+from lorafleet.store.sql.jobs_repository import FailureStreak, JobsRepository, NewJob
 from lorafleet.store.sql.models import utcnow
-from lorafleet.store.sql.tenants import find_user, validate_external_id
+from lorafleet.store.sql.tenants import TenantRepository, validate_external_id
 from lorafleet.training.overrides import job_training, validate_overrides
 
 logger = logging.getLogger(__name__)
@@ -199,7 +197,7 @@ class Scheduler:
         self.policy = policy or SchedulerPolicy()
         self.queue = queue or JobQueue(db, clock=clock or utcnow)
         self.clock = clock or self.queue.clock
-        self._repo = self.queue.repository
+        self._repo = JobsRepository(dialect=db.dialect)
         self.max_rank = max_rank
         self.training_defaults = validate_overrides(
             training_defaults, field="training_defaults", max_rank=max_rank
@@ -209,31 +207,31 @@ class Scheduler:
     def tick(self) -> TickResult:
         """Queue jobs for the users due now; safe to run from several processes at once."""
         skipped: Counter[str] = Counter()
-        with self.db.session() as session:
-            self._repo.lock_scheduler(session)
+        with self.db.unit_of_work():
+            self.db.run(self._repo.lock_scheduler)
             now = self.clock()  # after the lock: a tick that waited for another decides on fresh time
-            due = self._due(session, now=now, skipped=skipped)
-            ready = self._ready(session, due=due, now=now, skipped=skipped)
-            groups = self._groups(session, ready=ready, skipped=skipped)
-            created = self._insert(session, groups=groups, now=now, skipped=skipped)
+            due = self._due(now=now, skipped=skipped)
+            ready = self._ready(due=due, now=now, skipped=skipped)
+            groups = self._groups(ready=ready, skipped=skipped)
+            created = self._insert(groups=groups, now=now, skipped=skipped)
         return TickResult(jobs_created=created, due_users=len(due), skipped=dict(+skipped))
 
-    def _backlog(self, session: Session) -> list[FeedbackBacklog]:
+    def _backlog(self) -> list[FeedbackBacklog]:
         """Every user with at least one new record, paged by user id (up to ``max_scanned_users``)."""
         found: list[FeedbackBacklog] = []
         after: int | None = None
         while len(found) < self.policy.max_scanned_users:
-            page = read_backlog(session, min_new_records=1, limit=_BACKLOG_PAGE, after_user_id=after)
+            page = self.db.run(read_backlog, min_new_records=1, limit=_BACKLOG_PAGE, after_user_id=after)
             found.extend(page)
             if len(page) < _BACKLOG_PAGE:
                 break
             after = page[-1].user_id
         return found[: self.policy.max_scanned_users]
 
-    def _due(self, session: Session, *, now: datetime, skipped: Counter[str]) -> list[_Candidate]:
-        backlog = self._backlog(session)
+    def _due(self, *, now: datetime, skipped: Counter[str]) -> list[_Candidate]:
+        backlog = self._backlog()
         through = {b.user_id: b.trained_through_id for b in backlog}
-        oldest = self._repo.oldest_new_feedback_at(session, trained_through=through)
+        oldest = self.db.run(self._repo.oldest_new_feedback_at, trained_through=through)
         due: list[_Candidate] = []
         for entry in backlog:
             at = oldest.get(entry.user_id)
@@ -245,15 +243,16 @@ class Scheduler:
                 skipped["not_due"] += 1
         return due
 
-    def _ready(
-        self, session: Session, *, due: list[_Candidate], now: datetime, skipped: Counter[str]
-    ) -> list[_Candidate]:
+    def _ready(self, *, due: list[_Candidate], now: datetime, skipped: Counter[str]) -> list[_Candidate]:
         """Due users minus those in an active job and those backed off after repeated failures."""
-        active = self._repo.active_user_ids(session)
+        active = self.db.run(self._repo.active_user_ids)
         free = [c for c in due if c.user_id not in active]
         skipped["active_job"] += len(due) - len(free)
-        streaks = self._repo.failure_streaks(
-            session, user_ids=[c.user_id for c in free], kind=TRAIN_JOB_KIND, depth=self.policy.streak_depth
+        streaks = self.db.run(
+            self._repo.failure_streaks,
+            user_ids=[c.user_id for c in free],
+            kind=TRAIN_JOB_KIND,
+            depth=self.policy.streak_depth,
         )
         ready = [c for c in free if not self._backed_off(streaks.get(c.user_id), now=now)]
         skipped["backoff"] += len(free) - len(ready)
@@ -263,9 +262,7 @@ class Scheduler:
         until = None if streak is None else self.policy.backoff_until(streak)
         return until is not None and now < until
 
-    def _groups(
-        self, session: Session, *, ready: list[_Candidate], skipped: Counter[str]
-    ) -> list[list[_Candidate]]:
+    def _groups(self, *, ready: list[_Candidate], skipped: Counter[str]) -> list[list[_Candidate]]:
         """Per tenant, longest-waiting first, chunks of ``users_per_job``; the longest-waiting chunks get
         the free capacity (``max_active_jobs`` minus active training jobs)."""
         size = self.policy.users_per_job
@@ -275,36 +272,35 @@ class Scheduler:
             users = list(members)
             groups.extend(users[i : i + size] for i in range(0, len(users), size))
         groups.sort(key=lambda g: (g[0].oldest_new_at, g[0].user_id))
-        capacity = max(self.policy.max_active_jobs - self._repo.count_active(session, kind=TRAIN_JOB_KIND), 0)
+        active = self.db.run(self._repo.count_active, kind=TRAIN_JOB_KIND)
+        capacity = max(self.policy.max_active_jobs - active, 0)
         skipped["capacity"] += sum(len(g) for g in groups[capacity:])
         return groups[:capacity]
 
-    def _insert(
-        self, session: Session, *, groups: list[list[_Candidate]], now: datetime, skipped: Counter[str]
-    ) -> list[Job]:
+    def _insert(self, *, groups: list[list[_Candidate]], now: datetime, skipped: Counter[str]) -> list[Job]:
         created: list[Job] = []
         configs: dict[int, dict[str, Any] | None] = {}
         for group in groups:
             tenant_id = group[0].backlog.tenant_id
             if tenant_id not in configs:
-                configs[tenant_id] = self._tenant_training(session, tenant_id=tenant_id)
+                configs[tenant_id] = self._tenant_training(tenant_id=tenant_id)
             training = configs[tenant_id]
             if training is None:
                 skipped["invalid_config"] += len(group)
                 continue
             new = self._new_job([c.backlog for c in group], training=training)
-            job, is_new = self._repo.insert_job(session, new=new, now=now)
+            job, is_new = self.db.run(self._repo.insert_job, new=new, now=now)
             if is_new:
                 created.append(job)
             else:
                 skipped["duplicate"] += len(group)
         return created
 
-    def _tenant_training(self, session: Session, *, tenant_id: int) -> dict[str, Any] | None:
+    def _tenant_training(self, *, tenant_id: int) -> dict[str, Any] | None:
         """The tenant's effective config for this tick's jobs; None (logged) when its stored overrides no longer
         validate, so one tenant's bad row does not stop the tick for the others."""
         try:
-            return job_training(session, tenant_id=tenant_id, defaults=self.training_defaults)
+            return job_training(self.db, tenant_id=tenant_id, defaults=self.training_defaults)
         except ValidationError as exc:
             logger.error(
                 "tenant %d: training config is invalid, its users are not queued: %s", tenant_id, exc
@@ -355,9 +351,11 @@ class Scheduler:
         self, *, tenant_id: int, external_id: str, kind: SubjectKind, training: Mapping[str, Any] | None
     ) -> SubmitResult:
         overrides = validate_overrides(training, field="training", max_rank=self.max_rank)
-        with self.db.session() as session:
-            self._repo.lock_scheduler(session)
-            user = find_user(session, tenant_id=tenant_id, external_id=external_id, kind=kind)
+        with self.db.unit_of_work():
+            self.db.run(self._repo.lock_scheduler)
+            user = TenantRepository(self.db).find_subject(
+                tenant_id=tenant_id, external_id=external_id, kind=kind
+            )
             if user is None:
                 name = Subject.from_row(kind, external_id).name
                 problem = (
@@ -366,23 +364,23 @@ class Scheduler:
                     else f"task {name!r} has no feedback"
                 )
                 raise NotFoundError(problem)
-            active = self._repo.active_job_for_user(session, user_id=user.id)
+            active = self.db.run(self._repo.active_job_for_user, user_id=user.id)
             if active is not None:
                 return SubmitResult(job=active, created=False)
-            entry = self._user_backlog(session, tenant_id=tenant_id, user_id=user.id)
+            entry = self._user_backlog(tenant_id=tenant_id, user_id=user.id)
             config = job_training(
-                session,
+                self.db,
                 tenant_id=tenant_id,
                 defaults=self.training_defaults,
                 job=overrides,
                 max_rank=self.max_rank,
             )
             new = self._new_job([entry], training=config)
-            job, created = self._repo.insert_job(session, new=new, now=self.clock())
+            job, created = self.db.run(self._repo.insert_job, new=new, now=self.clock())
             return SubmitResult(job=job, created=created)
 
-    def _user_backlog(self, session: Session, *, tenant_id: int, user_id: int) -> FeedbackBacklog:
-        page = read_backlog(session, tenant_id=tenant_id, limit=1, after_user_id=user_id - 1)
+    def _user_backlog(self, *, tenant_id: int, user_id: int) -> FeedbackBacklog:
+        page = self.db.run(read_backlog, tenant_id=tenant_id, limit=1, after_user_id=user_id - 1)
         if not page or page[0].user_id != user_id:
             raise ValidationError("no feedback newer than the last version: nothing to train on")
         return page[0]

@@ -17,15 +17,14 @@ def collect_unreferenced_blobs(
     """Delete the unreferenced blobs last modified before ``cutoff``; returns their digests. Each deletion
     re-checks under the blob lock, so a registration is never undercut."""
     old = {info.sha256 for info in blobs.list() if _aware(info.modified_at) < cutoff}
-    with db.session() as s:
-        unreferenced = old - repo.referenced_sha256s(s, digests=old)
+    unreferenced = old - db.run(repo.referenced_sha256s, digests=old)
     return sorted(sha for sha in unreferenced if _delete_if_unreferenced(db, blobs, repo, sha))
 
 
 def _delete_if_unreferenced(db: Database, blobs: BlobStore, repo: RegistryRepository, sha256: str) -> bool:
-    with db.session() as s:
-        repo.lock_blobs(s, exclusive=True)
-        if repo.referenced_sha256s(s, digests=[sha256]):
+    with db.unit_of_work():
+        db.run(repo.lock_blobs, exclusive=True)
+        if db.run(repo.referenced_sha256s, digests=[sha256]):
             return False
         try:
             blobs.delete(sha256)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lorafleet.domain import (
     Adapter,
@@ -56,9 +55,6 @@ from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.store.sql.registry_repository import NewVersion, RegistryRepository, VersionLocation
 
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
 
 class Registry:
     """Versions, the ``live`` alias and lineage over one metadata database and one object store.
@@ -95,46 +91,51 @@ class Registry:
         """A new adapter of a user (or of the tenant, ``owner_user_id`` None); ``AlreadyExistsError`` if taken."""
         _check_name(name)
         config = _json_dict("target_config", target_config)
-        with self._db.session() as s:
-            self._repo.require_tenant(s, tenant_id=tenant_id)
-            if owner_user_id is not None:
-                self._repo.require_user(s, tenant_id=tenant_id, user_id=owner_user_id)
-            return self._repo.insert_adapter(
-                s, tenant_id=tenant_id, owner_user_id=owner_user_id, name=name, target_config=config
+        with self._db.unit_of_work():
+            self._require_owner(tenant_id=tenant_id, owner_user_id=owner_user_id)
+            return self._db.run(
+                self._repo.insert_adapter,
+                tenant_id=tenant_id,
+                owner_user_id=owner_user_id,
+                name=name,
+                target_config=config,
             )
 
     def get_or_create_adapter(
         self, *, tenant_id: int, owner_user_id: int | None, name: str, target_config: Mapping[str, Any]
     ) -> Adapter:
-        """The existing adapter of that owner and name, or a new one (safe against a concurrent create)."""
-        found = self.find_adapter(tenant_id=tenant_id, owner_user_id=owner_user_id, name=name)
-        if found is not None:
-            return found
-        try:
-            return self.create_adapter(
-                tenant_id=tenant_id, owner_user_id=owner_user_id, name=name, target_config=target_config
-            )
-        except AlreadyExistsError:
+        """The existing adapter of that owner and name, or a new one (safe against a concurrent create). A new
+        row commits on its own, also inside an open transaction, so it outlives that transaction (an import's
+        task adapter stays when its version is rolled back)."""
+        with self._db.outside_transaction():
             found = self.find_adapter(tenant_id=tenant_id, owner_user_id=owner_user_id, name=name)
-            if found is None:
-                raise
-            return found
+            if found is not None:
+                return found
+            try:
+                return self.create_adapter(
+                    tenant_id=tenant_id, owner_user_id=owner_user_id, name=name, target_config=target_config
+                )
+            except AlreadyExistsError:
+                found = self.find_adapter(tenant_id=tenant_id, owner_user_id=owner_user_id, name=name)
+                if found is None:
+                    raise
+                return found
 
     def get_adapter(self, *, tenant_id: int, adapter_id: int) -> Adapter:
-        with self._db.session() as s:
-            return self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=adapter_id)
+        return self._db.run(self._repo.get_adapter, tenant_id=tenant_id, adapter_id=adapter_id)
 
     def find_adapter(self, *, tenant_id: int, owner_user_id: int | None, name: str) -> Adapter | None:
         """The adapter by owner and name (``owner_user_id`` None = a task adapter), or None."""
-        with self._db.session() as s:
-            return self._repo.find_adapter(s, tenant_id=tenant_id, owner_user_id=owner_user_id, name=name)
+        return self._db.run(
+            self._repo.find_adapter, tenant_id=tenant_id, owner_user_id=owner_user_id, name=name
+        )
 
     def list_adapters(self, *, tenant_id: int, owner_user_id: int | None = None) -> list[Adapter]:
         """The tenant's adapters, or one user's (``NotFoundError`` for a user of another tenant)."""
-        with self._db.session() as s:
+        with self._db.unit_of_work():
             if owner_user_id is not None:
-                self._repo.require_user(s, tenant_id=tenant_id, user_id=owner_user_id)
-            return self._repo.list_adapters(s, tenant_id=tenant_id, owner_user_id=owner_user_id)
+                self._db.run(self._repo.require_user, tenant_id=tenant_id, user_id=owner_user_id)
+            return self._db.run(self._repo.list_adapters, tenant_id=tenant_id, owner_user_id=owner_user_id)
 
     # --- versions -----------------------------------------------------------------------------------------
     def register_version(
@@ -150,7 +151,6 @@ class Registry:
         job_id: int | None = None,
         dataset_snapshot_id: int | None = None,
         status: VersionStatus = VersionStatus.CANDIDATE,
-        session: Session | None = None,
         routing_key: Sequence[float] | None = None,
     ) -> AdapterVersion:
         """Validate a PEFT folder, store it as one blob, then insert the next-numbered version row.
@@ -158,8 +158,8 @@ class Registry:
         ``parents`` are ``(parent_version_id, relation)`` pairs of the same tenant. Bad input is refused
         before anything is written; a crash after the blob write leaves only an orphan blob.
 
-        With ``session`` (e.g. a job's fenced transaction) the checks and the row insert run in it and the
-        caller commits, so the version commits together with whatever else that transaction writes. A
+        Inside an open transaction (``Database.unit_of_work()``, e.g. a job's fenced block) the checks and the
+        row insert join it, so the version commits together with whatever else that transaction writes. A
         version with ``job_id`` is registered at most once per adapter: registering it again returns the
         existing version (a re-run job), backed by a unique index on ``(adapter_id, job_id)``.
         ``routing_key`` is the centroid gate's key (``lorafleet.routing.routing_key``), stored with the row.
@@ -187,14 +187,7 @@ class Registry:
                 parents=tuple(parents),
                 routing_key=key,
             )
-            with self._session(session) as s:  # refuse foreign or missing ids before writing anything
-                self._repo.check_references(s, tenant_id=tenant_id, adapter_id=adapter_id, new=new)
-                self._repo.require_kind(s, tenant_id=tenant_id, adapter_id=adapter_id, kind="lora")
-            self._blobs.put_file(archive)
-            with self._session(session) as s:
-                return self._insert_version(
-                    s, tenant_id=tenant_id, adapter_id=adapter_id, new=new, archive=archive
-                )
+            return self._store(tenant_id=tenant_id, adapter_id=adapter_id, kind="lora", new=new, blob=archive)
 
     def register_file_version(
         self,
@@ -234,14 +227,7 @@ class Registry:
                 dataset_snapshot_id=dataset_snapshot_id,
                 parents=(),
             )
-            with self._db.session() as s:
-                self._repo.check_references(s, tenant_id=tenant_id, adapter_id=adapter_id, new=new)
-                self._repo.require_kind(s, tenant_id=tenant_id, adapter_id=adapter_id, kind="gate")
-            self._blobs.put_file(staged)
-            with self._db.session() as s:
-                return self._insert_version(
-                    s, tenant_id=tenant_id, adapter_id=adapter_id, new=new, archive=staged
-                )
+            return self._store(tenant_id=tenant_id, adapter_id=adapter_id, kind="gate", new=new, blob=staged)
 
     def fetch_file_version(self, *, version: AdapterVersion, dest: Path) -> Path:
         """Download a file version's blob (sha256 and size verified) to ``dest``, atomically."""
@@ -251,8 +237,7 @@ class Registry:
     def set_routing_key(self, *, tenant_id: int, version_id: int, key: Sequence[float]) -> None:
         """Store or replace a version's routing key (derived metadata, e.g. computed after an import)."""
         values = _check_routing_key(key)
-        with self._db.session() as s:
-            self._repo.set_routing_key(s, tenant_id=tenant_id, version_id=version_id, key=values)
+        self._db.run(self._repo.set_routing_key, tenant_id=tenant_id, version_id=version_id, key=values)
 
     def put_adapter_blob(self, *, adapter_dir: Path) -> BlobRef:
         """Validate a PEFT folder and store its archive ahead of ``register_version``, which then finds the
@@ -260,15 +245,6 @@ class Registry:
         with tempfile.TemporaryDirectory(prefix="lorafleet-register-") as tmp:
             files = self._stage(adapter_dir=Path(adapter_dir), staging=Path(tmp) / "adapter")
             return self._blobs.put_file(pack_adapter_archive(files=files, dest=Path(tmp) / "adapter.tar"))
-
-    @contextmanager
-    def _session(self, session: Session | None) -> Iterator[Session]:
-        """The caller's session (which the caller commits), or a new one that commits on exit."""
-        if session is not None:
-            yield session
-            return
-        with self._db.session() as own:
-            yield own
 
     def _stage(self, *, adapter_dir: Path, staging: Path) -> AdapterFiles:
         """Check the folder, copy its two files aside and validate the copy fully (header, finite tensors),
@@ -281,41 +257,59 @@ class Registry:
         load_adapter_tensors(files)
         return files
 
-    def _insert_version(
-        self, s: Session, *, tenant_id: int, adapter_id: int, new: NewVersion, archive: Path
+    def _require_owner(self, *, tenant_id: int, owner_user_id: int | None) -> None:
+        """``NotFoundError`` unless the tenant exists and ``owner_user_id`` (if any) is one of its users."""
+        self._db.run(self._repo.require_tenant, tenant_id=tenant_id)
+        if owner_user_id is not None:
+            self._db.run(self._repo.require_user, tenant_id=tenant_id, user_id=owner_user_id)
+
+    def _store(
+        self, *, tenant_id: int, adapter_id: int, kind: str, new: NewVersion, blob: Path
     ) -> AdapterVersion:
-        self._repo.lock_blobs(s, exclusive=False)
+        """Refuse foreign or missing ids (and an adapter of another ``kind``) before writing anything, then
+        put the blob, then insert the row."""
+        with self._db.unit_of_work():
+            self._db.run(self._repo.check_references, tenant_id=tenant_id, adapter_id=adapter_id, new=new)
+            self._db.run(self._repo.require_kind, tenant_id=tenant_id, adapter_id=adapter_id, kind=kind)
+        self._blobs.put_file(blob)
+        with self._db.unit_of_work():
+            return self._insert_version(tenant_id=tenant_id, adapter_id=adapter_id, new=new, archive=blob)
+
+    def _insert_version(
+        self, *, tenant_id: int, adapter_id: int, new: NewVersion, archive: Path
+    ) -> AdapterVersion:
+        db, repo = self._db, self._repo
+        db.run(repo.lock_blobs, exclusive=False)
         if not self._blobs.exists(new.sha256):  # a GC removed an old identical orphan meanwhile
             self._blobs.put_file(archive)
-        self._repo.check_references(s, tenant_id=tenant_id, adapter_id=adapter_id, new=new)
+        db.run(repo.check_references, tenant_id=tenant_id, adapter_id=adapter_id, new=new)
         if new.job_id is not None:  # the adapter's lock orders concurrent registrations of one job
-            self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
-            existing = self._repo.version_for_job(s, adapter_id=adapter_id, job_id=new.job_id)
+            db.run(repo.get_adapter, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
+            existing = db.run(repo.version_for_job, adapter_id=adapter_id, job_id=new.job_id)
             if existing is not None:
                 return existing
-        number = self._repo.next_version_number(s, tenant_id=tenant_id, adapter_id=adapter_id)
-        return self._repo.insert_version(s, adapter_id=adapter_id, number=number, new=new)
+        number = db.run(repo.next_version_number, tenant_id=tenant_id, adapter_id=adapter_id)
+        return db.run(repo.insert_version, adapter_id=adapter_id, number=number, new=new)
 
     def get_version(self, *, tenant_id: int, adapter_id: int, number: int) -> AdapterVersion:
-        with self._db.session() as s:
-            return self._repo.get_version(s, tenant_id=tenant_id, adapter_id=adapter_id, number=number)
+        return self._db.run(self._repo.get_version, tenant_id=tenant_id, adapter_id=adapter_id, number=number)
 
     def get_version_by_id(self, *, tenant_id: int, version_id: int) -> AdapterVersion:
-        with self._db.session() as s:
-            return self._repo.get_version_by_id(s, tenant_id=tenant_id, version_id=version_id)
+        return self._db.run(self._repo.get_version_by_id, tenant_id=tenant_id, version_id=version_id)
 
     def find_version_by_job(self, *, tenant_id: int, adapter_id: int, job_id: int) -> AdapterVersion | None:
         """The version a job registered for the adapter, or None (there is at most one)."""
-        with self._db.session() as s:
-            self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=adapter_id)
-            return self._repo.version_for_job(s, adapter_id=adapter_id, job_id=job_id)
+        with self._db.unit_of_work():
+            self._db.run(self._repo.get_adapter, tenant_id=tenant_id, adapter_id=adapter_id)
+            return self._db.run(self._repo.version_for_job, adapter_id=adapter_id, job_id=job_id)
 
     def list_versions(
         self, *, tenant_id: int, adapter_id: int, status: VersionStatus | None = None
     ) -> list[AdapterVersion]:
         """The adapter's versions by number, optionally only those with ``status``."""
-        with self._db.session() as s:
-            return self._repo.list_versions(s, tenant_id=tenant_id, adapter_id=adapter_id, status=status)
+        return self._db.run(
+            self._repo.list_versions, tenant_id=tenant_id, adapter_id=adapter_id, status=status
+        )
 
     def set_status(
         self,
@@ -324,43 +318,41 @@ class Registry:
         adapter_id: int,
         number: int,
         status: VersionStatus,
-        session: Session | None = None,
     ) -> AdapterVersion:
         """Mark a version candidate, rejected (QA) or archived; the live version only moves via the alias, and a
-        ``corrupt`` version keeps its status (``mark_corrupt``). With ``session`` (a job's fenced transaction) it
-        runs there and the caller commits."""
+        ``corrupt`` version keeps its status (``mark_corrupt``). Joins the open transaction, if any (e.g. a
+        job's fenced block)."""
         if status not in SETTABLE_STATUSES:
             raise ValidationError(f"status {str(status)!r} cannot be set directly (use promote for live)")
-        with self._session(session) as s:
-            self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
-            version = self._repo.get_version(s, tenant_id=tenant_id, adapter_id=adapter_id, number=number)
+        with self._db.unit_of_work():
+            _adapter, live = self._db.run(self._repo.lock_live, tenant_id=tenant_id, adapter_id=adapter_id)
+            version = self.get_version(tenant_id=tenant_id, adapter_id=adapter_id, number=number)
             if version.status == VersionStatus.CORRUPT:
                 raise InvalidStateError(
                     f"version {number} is corrupt (quarantined); its status cannot change"
                 )
-            live = self._repo.live_version(s, tenant_id=tenant_id, adapter_id=adapter_id)
-            if live is not None and live.id == version.id:
-                raise InvalidStateError(f"version {number} is live; move the alias first")
-            self._repo.update_status(s, version_id=version.id, status=status)
-        return replace(version, status=status)
+            return self._update_status(version, live=live, status=status)
 
-    def mark_corrupt(
-        self, *, tenant_id: int, adapter_id: int, version_id: int, session: Session | None = None
-    ) -> AdapterVersion:
+    def mark_corrupt(self, *, tenant_id: int, adapter_id: int, version_id: int) -> AdapterVersion:
         """Quarantine a version whose blob failed verification: its status becomes ``corrupt`` for good, so it is
         never served and never a promote or rollback target. A live version is refused (``InvalidStateError``):
         move the alias off it first, in the same transaction (``lorafleet.workflows.blob_verify`` does both).
-        With ``session`` it runs there and the caller commits."""
-        with self._session(session) as s:
-            self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
-            version = self._repo.get_version_by_id(s, tenant_id=tenant_id, version_id=version_id)
+        Joins the open transaction, if any."""
+        with self._db.unit_of_work():
+            _adapter, live = self._db.run(self._repo.lock_live, tenant_id=tenant_id, adapter_id=adapter_id)
+            version = self._db.run(self._repo.get_version_by_id, tenant_id=tenant_id, version_id=version_id)
             if version.adapter_id != adapter_id:
                 raise NotFoundError(f"version {version_id} not found")
-            live = self._repo.live_version(s, tenant_id=tenant_id, adapter_id=adapter_id)
-            if live is not None and live.id == version.id:
-                raise InvalidStateError(f"version {version.number} is live; move the alias first")
-            self._repo.update_status(s, version_id=version.id, status=VersionStatus.CORRUPT)
-        return replace(version, status=VersionStatus.CORRUPT)
+            return self._update_status(version, live=live, status=VersionStatus.CORRUPT)
+
+    def _update_status(
+        self, version: AdapterVersion, *, live: AdapterVersion | None, status: VersionStatus
+    ) -> AdapterVersion:
+        """Store ``status`` on ``version``, which must not be the live one (checked under the adapter's lock)."""
+        if live is not None and live.id == version.id:
+            raise InvalidStateError(f"version {version.number} is live; move the alias first")
+        self._db.run(self._repo.update_status, version_id=version.id, status=status)
+        return replace(version, status=status)
 
     def scan_versions(
         self, *, tenant_id: int | None, after_id: int = 0, limit: int = 500
@@ -369,16 +361,15 @@ class Registry:
         one tenant's, or with ``tenant_id`` None every tenant's (an operator's scan, e.g. ``lorafleet verify``)."""
         if limit < 1:
             raise ValidationError("limit must be >= 1")
-        with self._db.session() as s:
+        with self._db.unit_of_work():
             if tenant_id is not None:
-                self._repo.require_tenant(s, tenant_id=tenant_id)
-            return self._repo.scan_versions(s, tenant_id=tenant_id, after_id=after_id, limit=limit)
+                self._db.run(self._repo.require_tenant, tenant_id=tenant_id)
+            return self._db.run(self._repo.scan_versions, tenant_id=tenant_id, after_id=after_id, limit=limit)
 
     # --- the live alias -----------------------------------------------------------------------------------
     def live_version(self, *, tenant_id: int, adapter_id: int) -> AdapterVersion | None:
         """The version ``live`` points at, or None for "no adapter" (one indexed query)."""
-        with self._db.session() as s:
-            return self._repo.live_version(s, tenant_id=tenant_id, adapter_id=adapter_id)
+        return self._db.run(self._repo.live_version, tenant_id=tenant_id, adapter_id=adapter_id)
 
     def promote(
         self,
@@ -388,28 +379,27 @@ class Registry:
         number: int,
         actor: str,
         reason: str = "",
-        session: Session | None = None,
         forced: bool = False,
     ) -> AliasEvent:
-        """Move ``live`` to version ``number`` (previous live becomes archived) and record the move; with
-        ``session`` (a job's fenced transaction) it runs there and the caller commits. ``forced`` is recorded
+        """Move ``live`` to version ``number`` (previous live becomes archived) and record the move; joins the open
+        transaction, if any (e.g. a job's fenced block). ``forced`` is recorded
         in the history: a person made live a version QA had not passed (the rule that needs it is the
         workflow's, ``lorafleet.workflows.live_alias.promote_manually``; the registry only records it)."""
         _check_actor(actor)
-        with self._session(session) as s:
-            self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
-            target = self._repo.get_version(s, tenant_id=tenant_id, adapter_id=adapter_id, number=number)
-            current = self._repo.live_version(s, tenant_id=tenant_id, adapter_id=adapter_id)
+
+        def to_number(current: AdapterVersion | None) -> AdapterVersion:
+            target = self.get_version(tenant_id=tenant_id, adapter_id=adapter_id, number=number)
             _check_target(target=target, current=current)
-            return self._repo.move_live(
-                s,
-                adapter_id=adapter_id,
-                current=current,
-                target=target,
-                actor=actor,
-                reason=reason,
-                forced=forced,
-            )
+            return target
+
+        return self._move_live(
+            tenant_id=tenant_id,
+            adapter_id=adapter_id,
+            target=to_number,
+            actor=actor,
+            reason=reason,
+            forced=forced,
+        )
 
     def rollback(
         self,
@@ -419,34 +409,55 @@ class Registry:
         to_number: int | None,
         actor: str,
         reason: str = "",
-        session: Session | None = None,
     ) -> AliasEvent:
-        """Move ``live`` back to an earlier version than the current live one, or to None (no adapter); with
-        ``session`` it runs in the caller's transaction."""
+        """Move ``live`` back to an earlier version than the current live one, or to None (no adapter); joins the
+        open transaction, if any."""
         _check_actor(actor)
-        with self._session(session) as s:
-            self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
-            current = self._repo.live_version(s, tenant_id=tenant_id, adapter_id=adapter_id)
+
+        def earlier(current: AdapterVersion | None) -> AdapterVersion | None:
             if current is None:
                 raise InvalidStateError(f"adapter {adapter_id} has no live version to roll back from")
-            target = None
-            if to_number is not None:
-                target = self._repo.get_version(
-                    s, tenant_id=tenant_id, adapter_id=adapter_id, number=to_number
+            if to_number is None:
+                return None
+            target = self.get_version(tenant_id=tenant_id, adapter_id=adapter_id, number=to_number)
+            if target.number >= current.number:
+                raise InvalidStateError(
+                    f"rollback must go to a version earlier than live ({current.number}); use promote"
                 )
-                if target.number >= current.number:
-                    raise InvalidStateError(
-                        f"rollback must go to a version earlier than live ({current.number}); use promote"
-                    )
-                _check_target(target=target, current=current)
-            return self._repo.move_live(
-                s, adapter_id=adapter_id, current=current, target=target, actor=actor, reason=reason
+            _check_target(target=target, current=current)
+            return target
+
+        return self._move_live(
+            tenant_id=tenant_id, adapter_id=adapter_id, target=earlier, actor=actor, reason=reason
+        )
+
+    def _move_live(
+        self,
+        *,
+        tenant_id: int,
+        adapter_id: int,
+        target: Callable[[AdapterVersion | None], AdapterVersion | None],
+        actor: str,
+        reason: str,
+        forced: bool = False,
+    ) -> AliasEvent:
+        """Under the adapter's lock, move ``live`` from the current version to ``target(current)`` (which checks the
+        move and raises to refuse it) and record the move, in one transaction (the caller's when one is open)."""
+        with self._db.unit_of_work():
+            _adapter, current = self._db.run(self._repo.lock_live, tenant_id=tenant_id, adapter_id=adapter_id)
+            return self._db.run(
+                self._repo.move_live,
+                adapter_id=adapter_id,
+                current=current,
+                target=target(current),
+                actor=actor,
+                reason=reason,
+                forced=forced,
             )
 
     def alias_history(self, *, tenant_id: int, adapter_id: int) -> list[AliasEvent]:
         """Every move of ``live``, oldest first."""
-        with self._db.session() as s:
-            return self._repo.alias_history(s, tenant_id=tenant_id, adapter_id=adapter_id)
+        return self._db.run(self._repo.alias_history, tenant_id=tenant_id, adapter_id=adapter_id)
 
     # --- lineage ------------------------------------------------------------------------------------------
     def lineage(self, *, tenant_id: int, version_id: int, depth: int | None = None) -> Lineage:
@@ -454,17 +465,20 @@ class Registry:
         between them and each node's dataset snapshot, job and QA reports."""
         if depth is not None and depth < 0:
             raise ValidationError("depth must be >= 0")
-        with self._db.session() as s:
-            self._repo.get_version_by_id(s, tenant_id=tenant_id, version_id=version_id)
-            up = self._repo.lineage_edges(s, version_id=version_id, direction="ancestors")
-            down = self._repo.lineage_edges(s, version_id=version_id, direction="descendants")
+        db, repo = self._db, self._repo
+        with db.unit_of_work():
+            db.run(repo.get_version_by_id, tenant_id=tenant_id, version_id=version_id)
+            up = db.run(repo.lineage_edges, version_id=version_id, direction="ancestors")
+            down = db.run(repo.lineage_edges, version_id=version_id, direction="descendants")
             up_dist = _distances(version_id, ((e.child_version_id, e.parent_version_id) for e in up), depth)
             down_dist = _distances(
                 version_id, ((e.parent_version_id, e.child_version_id) for e in down), depth
             )
-            rows = self._repo.lineage_nodes(s, tenant_id=tenant_id, version_ids={**up_dist, **down_dist})
-            reports = QARepository(dialect=self._db.dialect).reports_for_versions(
-                s, tenant_id=tenant_id, version_ids=[v.id for v, _, _ in rows]
+            rows = db.run(repo.lineage_nodes, tenant_id=tenant_id, version_ids={**up_dist, **down_dist})
+            reports = db.run(
+                QARepository(dialect=db.dialect).reports_for_versions,
+                tenant_id=tenant_id,
+                version_ids=[v.id for v, _, _ in rows],
             )
         nodes = {v.id: (v, snap, job) for v, snap, job in rows}
         kept = set(nodes)

@@ -16,16 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lorafleet.errors import ValidationError
-from lorafleet.store.sql.tenants import TenantRepository, training_overrides
+from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.tenants import TenantRepository
 from lorafleet.training.config import TrainingConfig
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
-    from lorafleet.store.sql.database import Database
 
 #: the overridable settings: every field of ``TrainingConfig``
 TRAINING_FIELDS: tuple[str, ...] = tuple(TrainingConfig.model_fields)
@@ -88,7 +84,11 @@ def check_rank(rank: int, *, max_rank: int, field: str = "") -> None:
 def check_bank_fits(config: TrainingConfig, *, max_rank: int, layer_names: Iterable[str]) -> None:
     """The trainer's check that its bank can hold a job's adapters: the rank, every listed target module (a
     regex is resolved by ``TrainingConfig.slot_config``), and the layers."""
-    from lorafleet.adapters.bank import layer_of, module_matches, on_layers
+    from lorafleet.adapters.bank import (  # torch: only trainers check a bank; the scheduler and API do not
+        layer_of,
+        module_matches,
+        on_layers,
+    )
 
     check_rank(config.rank, max_rank=max_rank)
     names = list(layer_names)
@@ -107,7 +107,7 @@ def check_bank_fits(config: TrainingConfig, *, max_rank: int, layer_names: Itera
 
 
 def job_training(
-    session: Session,
+    db: Database,
     *,
     tenant_id: int,
     defaults: Mapping[str, Any] | None = None,
@@ -115,8 +115,9 @@ def job_training(
     max_rank: int | None = None,
 ) -> dict[str, Any]:
     """The effective config of a job of this tenant, as its payload stores it (read in the queuing
-    transaction); with ``max_rank``, a rank the trainers cannot hold is refused."""
-    config = effective_config(defaults, training_overrides(session, tenant_id=tenant_id), job)
+    transaction it joins); with ``max_rank``, a rank the trainers cannot hold is refused."""
+    overrides = TenantRepository(db).get_training_overrides(tenant_id=tenant_id)
+    config = effective_config(defaults, overrides, job)
     if max_rank is not None:
         check_rank(config.rank, max_rank=max_rank)
     return config.model_dump(mode="json")
@@ -126,8 +127,7 @@ def get_tenant_training(
     db: Database, *, tenant_id: int, defaults: Mapping[str, Any] | None = None
 ) -> TenantTraining:
     """The tenant's overrides and effective config; NotFoundError for no such tenant."""
-    with db.session() as session:
-        overrides = training_overrides(session, tenant_id=tenant_id)
+    overrides = TenantRepository(db).get_training_overrides(tenant_id=tenant_id)
     return TenantTraining(overrides, effective_config(defaults, overrides))
 
 

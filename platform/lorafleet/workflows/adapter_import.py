@@ -46,8 +46,6 @@ from lorafleet.workflows.tasks import validate_task_name
 from lorafleet.workflows.workdirs import owned_tempdir
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
     from lorafleet.adapters.bank import AdapterBank
     from lorafleet.backbone import Backbone
     from lorafleet.registry import Registry
@@ -108,7 +106,6 @@ def import_peft_adapter(
     actor: str,
     target_config: Mapping[str, Any] | None = None,
     max_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
-    session: Session | None = None,
     weight_bounds: WeightBounds | None = None,
     examples: Sequence[Mapping[str, Any]] = (),
 ) -> ImportedAdapter:
@@ -130,7 +127,7 @@ def import_peft_adapter(
             weight_bounds=weight_bounds,
             examples=examples,
         )
-        return register_import(registry, prepared, session=session)
+        return register_import(registry, prepared)
 
 
 def prepare_import(
@@ -176,7 +173,7 @@ def prepare_import(
         folder, work_dir / "staged", fingerprint=fingerprint, bounds=weight_bounds or WeightBounds()
     )
     _check_loads(bank, files.directory)
-    from lorafleet.routing.embeddings import routing_key
+    from lorafleet.routing.embeddings import routing_key  # torch: the API checks imports without a model
 
     key = routing_key(backbone, bank, prompts)
     training_config = {
@@ -197,14 +194,14 @@ def prepare_import(
 
 
 def register_import(
-    registry: Registry, prepared: PreparedImport, *, session: Session | None = None, job_id: int | None = None
+    registry: Registry, prepared: PreparedImport, *, job_id: int | None = None
 ) -> ImportedAdapter:
     """Register a prepared import as the task's next ``candidate`` version (QA decides promotion).
 
     The task adapter row is created when absent (committed on its own, before the version). The new version's
     parent (relation "imported") is the task's live version, else its newest version, else none: lineage shows
-    what the import replaces. With ``session`` the version row is inserted in the caller's transaction (e.g. a
-    job's fence, together with its QA job), which the caller commits. With ``job_id`` a second registration for
+    what the import replaces. Inside an open transaction (``Database.unit_of_work``) the version row is inserted
+    in it and commits with it. With ``job_id`` a second registration for
     the same job returns the first version (a retried job).
     """
     adapter = registry.get_or_create_adapter(
@@ -230,7 +227,6 @@ def register_import(
         job_id=job_id,
         status=VersionStatus.CANDIDATE,
         routing_key=prepared.routing_key,
-        session=session,
     )
     return _imported(prepared, adapter, version, None if parent is None else parent.id)
 
@@ -335,6 +331,7 @@ def _stage(folder: Path, staging: Path, *, fingerprint: str, bounds: WeightBound
 
     A recorded fingerprint other than ``fingerprint`` is refused; values must be finite and within ``bounds``.
     """
+    # torch (and safetensors' torch half): only the trainer stages an import; the API's checks need neither
     from safetensors.torch import save_file
 
     from lorafleet.adapters.serialization import FINGERPRINT_METADATA_KEY, read_adapter_fingerprint
@@ -371,7 +368,7 @@ def _check_loads(bank: AdapterBank, folder: Path) -> None:
     The loader checks target modules, shapes, rank against the bank's maximum, finite values, unsupported
     PEFT options and the fingerprint before it writes the slot, so a refusal leaves the bank unchanged.
     """
-    from lorafleet.adapters.serialization import load_slot_from_dir
+    from lorafleet.adapters.serialization import load_slot_from_dir  # torch, as in _stage
 
     info = load_slot_from_dir(bank, bank.free_slot(), folder, require_fingerprint=True, name="peft-import")
     bank.evict_slot(info.slot)

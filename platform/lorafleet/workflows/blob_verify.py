@@ -27,7 +27,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lorafleet.config import Settings
 from lorafleet.domain import Adapter, AdapterVersion, BlobCheck, QADecision, VersionStatus
@@ -39,9 +39,6 @@ from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.store.sql.registry_repository import RegistryRepository, VersionLocation
 from lorafleet.workflows.live_alias import move_live
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
 
 logger = logging.getLogger(__name__)
 
@@ -189,22 +186,21 @@ class BlobVerification:
         adapter's lock; the version as it is now decides (another run may have quarantined it meanwhile)."""
         version, tenant_id = located.version, located.tenant_id
         if version.status == VersionStatus.LIVE:  # hash the rollback candidates before taking any lock
-            with self.db.session() as s:
-                candidates = self._rollback_candidates(s, tenant_id=tenant_id, version=version)
+            with self.db.unit_of_work():
+                candidates = self._rollback_candidates(tenant_id=tenant_id, version=version)
             self._first_healthy(candidates)  # remembered by the verifier; decided again under the lock
-        with self.db.session() as s:
-            adapter = self._repo.get_adapter(s, tenant_id=tenant_id, adapter_id=version.adapter_id, lock=True)
-            now = self._repo.get_version_by_id(s, tenant_id=tenant_id, version_id=version.id)
+        with self.db.unit_of_work():
+            adapter, live = self.db.run(
+                self._repo.lock_live, tenant_id=tenant_id, adapter_id=version.adapter_id
+            )
+            now = self.db.run(self._repo.get_version_by_id, tenant_id=tenant_id, version_id=version.id)
             if now.status == VersionStatus.CORRUPT:
                 return VersionCheck(located, finding.result, finding.detail, status=VersionStatus.CORRUPT)
-            live = self._repo.live_version(s, tenant_id=tenant_id, adapter_id=adapter.id)
             was_live = live is not None and live.id == version.id
-            target = self._rollback_target(s, tenant_id=tenant_id, version=version) if was_live else None
+            target = self._rollback_target(tenant_id=tenant_id, version=version) if was_live else None
             if was_live:
-                self._roll_back(s, adapter=adapter, version=version, target=target, finding=finding)
-            self.registry.mark_corrupt(
-                tenant_id=tenant_id, adapter_id=adapter.id, version_id=version.id, session=s
-            )
+                self._roll_back(adapter=adapter, version=version, target=target, finding=finding)
+            self.registry.mark_corrupt(tenant_id=tenant_id, adapter_id=adapter.id, version_id=version.id)
         check = VersionCheck(
             located,
             finding.result,
@@ -220,7 +216,6 @@ class BlobVerification:
 
     def _roll_back(
         self,
-        session: Session,
         *,
         adapter: Adapter,
         version: AdapterVersion,
@@ -229,7 +224,6 @@ class BlobVerification:
     ) -> None:
         to = _number(None if target is None else target.number)
         move_live(
-            session,
             registry=self.registry,
             queue=self.queue,
             tenant_id=adapter.tenant_id,
@@ -241,27 +235,26 @@ class BlobVerification:
             cause=f"task adapter {adapter.name!r}: live version {version.number} {finding.result}, rolled back to {to}",
         )
 
-    def _rollback_target(
-        self, session: Session, *, tenant_id: int, version: AdapterVersion
-    ) -> AdapterVersion | None:
+    def _rollback_target(self, *, tenant_id: int, version: AdapterVersion) -> AdapterVersion | None:
         """The newest rollback candidate whose blob verifies (the verifier remembers the ones hashed before the
         lock was taken); None: none does (the base model serves)."""
-        return self._first_healthy(self._rollback_candidates(session, tenant_id=tenant_id, version=version))
+        return self._first_healthy(self._rollback_candidates(tenant_id=tenant_id, version=version))
 
     def _first_healthy(self, candidates: Iterable[AdapterVersion]) -> AdapterVersion | None:
         return next((c for c in candidates if self.verifier.check(c).result == BlobCheck.OK), None)
 
-    def _rollback_candidates(
-        self, session: Session, *, tenant_id: int, version: AdapterVersion
-    ) -> list[AdapterVersion]:
+    def _rollback_candidates(self, *, tenant_id: int, version: AdapterVersion) -> list[AdapterVersion]:
         """The earlier versions that were live before (``archived``) and whose latest QA decision is not a
         failure (reject, rollback), newest first."""
-        archived = self._repo.list_versions(
-            session, tenant_id=tenant_id, adapter_id=version.adapter_id, status=VersionStatus.ARCHIVED
+        archived = self.db.run(
+            self._repo.list_versions,
+            tenant_id=tenant_id,
+            adapter_id=version.adapter_id,
+            status=VersionStatus.ARCHIVED,
         )
         earlier = sorted((v for v in archived if v.number < version.number), key=lambda v: -v.number)
-        reports = self._qa.reports_for_versions(
-            session, tenant_id=tenant_id, version_ids=[v.id for v in earlier]
+        reports = self.db.run(
+            self._qa.reports_for_versions, tenant_id=tenant_id, version_ids=[v.id for v in earlier]
         )
         return [
             v
@@ -349,10 +342,12 @@ class BlobScrubber:
         it, in one short transaction before any blob is read."""
         if not self.enabled:
             return None
-        with self.db.session() as s:
-            window = self._repo.claim_scrub_window(
-                s, name=self.name, max_versions=self.versions_per_tick, max_bytes=self.bytes_per_tick
-            )
+        window = self.db.run(
+            self._repo.claim_scrub_window,
+            name=self.name,
+            max_versions=self.versions_per_tick,
+            max_bytes=self.bytes_per_tick,
+        )
         if not window:
             return VerifyReport(())
         run = BlobVerification(

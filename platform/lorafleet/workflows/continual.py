@@ -48,13 +48,13 @@ from lorafleet.store.sql.feedback import get_snapshot, insert_snapshot, list_fee
 from lorafleet.store.sql.tenants import MAX_PAGE_SIZE
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, UserDataset, build_dataset, pad_token_id, reservoir_sample
+from lorafleet.training.general_prompts import anchor_examples
 from lorafleet.training.overrides import check_bank_fits
+from lorafleet.training.trainer import SlotTask, train_slots
 from lorafleet.workflows.live_alias import queue_candidate_qa
 from lorafleet.workflows.workdirs import owned_tempdir
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
     from lorafleet.adapters import AdapterBank, SavedAdapter, SlotConfig
     from lorafleet.backbone import Backbone
     from lorafleet.jobs.worker import LeaseContext
@@ -339,8 +339,6 @@ class ContinualTrainer:
     ) -> list[TrainedUser]:
         """Load every user's slot, train them in one ``train_slots`` call, save them; slots are evicted
         afterwards whatever happens, so the bank is clean for the next job."""
-        from lorafleet.training.trainer import train_slots
-
         slots: list[int] = []
         try:
             tasks = [self._load_slot(plan, slots=slots, work=work) for plan in plans]
@@ -365,8 +363,6 @@ class ContinualTrainer:
 
     def _load_slot(self, plan: UserPlan, *, slots: list[int], work: Path) -> SlotTask:
         """The parent's weights (fetched, sha256- and fingerprint-checked) or a fresh slot, as a task."""
-        from lorafleet.training.trainer import SlotTask
-
         slot = self.bank.free_slot()
         parent = plan.parent
         if parent is None:
@@ -391,8 +387,6 @@ class ContinualTrainer:
 
     def _anchors(self, plan: UserPlan) -> list[Example]:
         """A seeded sample of the base's answers to general prompts, ``anchor_ratio`` of the user's rows."""
-        from lorafleet.training.general_prompts import anchor_examples
-
         ratio = self.config.anchor_ratio
         if ratio <= 0 or not plan.dataset.train:
             return []
@@ -428,12 +422,8 @@ class ContinualTrainer:
     ) -> dict[str, Any]:
         """Snapshots, versions and the job's success in one fenced transaction (LeaseLostError: none)."""
         with lease.fenced() as fence:
-            entries = [
-                self._register_user(fence.session, job=job, tenant_id=tenant_id, user=user)
-                for user in trained
-            ]
+            entries = [self._register_user(job=job, tenant_id=tenant_id, user=user) for user in trained]
             qa_jobs = queue_candidate_qa(
-                fence.session,
                 queue=JobQueue(self.db),
                 promote_rule=self.promote_rule,
                 tenant_id=tenant_id,
@@ -445,12 +435,14 @@ class ContinualTrainer:
             fence.succeed(result)
         return result
 
-    def _register_user(
-        self, session: Session, *, job: Job, tenant_id: int, user: TrainedUser
-    ) -> TrainedVersion:
+    def _register_user(self, *, job: Job, tenant_id: int, user: TrainedUser) -> TrainedVersion:
+        """The user's dataset snapshot and new version, in the job's fenced transaction."""
         plan = user.plan
-        snapshot = insert_snapshot(
-            session, user_id=plan.user.user_id, record_ids=plan.record_ids, details=_snapshot_details(plan)
+        snapshot = self.db.run(
+            insert_snapshot,
+            user_id=plan.user.user_id,
+            record_ids=plan.record_ids,
+            details=_snapshot_details(plan),
         )
         parents = [] if plan.parent is None else [(plan.parent.id, CONTINUED_FROM)]
         version = self.registry.register_version(
@@ -465,7 +457,6 @@ class ContinualTrainer:
             dataset_snapshot_id=snapshot.id,
             status=VersionStatus.CANDIDATE,
             routing_key=user.routing_key,
-            session=session,
         )
         return TrainedVersion(
             user_id=plan.user.user_id,

@@ -45,7 +45,7 @@ def list_feedback(
 def users_with_new_feedback(
     db: Database, *, tenant_id: int | None = None, min_new_records: int = 1, limit: int = 1000
 ) -> list[FeedbackBacklog]:
-    """Users whose newest feedback is past what their adapters were trained on (see the store function)."""
-    return feedback_store.users_with_new_feedback(
-        db, tenant_id=tenant_id, min_new_records=min_new_records, limit=limit
+    """Users whose newest feedback is past what their adapters were trained on (``read_backlog``)."""
+    return db.run(
+        feedback_store.read_backlog, tenant_id=tenant_id, min_new_records=min_new_records, limit=limit
     )

@@ -32,7 +32,15 @@ from lorafleet.domain.jobs import ImportPayload, ImportResult
 from lorafleet.errors import PayloadTooLargeError, ValidationError
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.qa.policy import QAPolicy
+from lorafleet.registry.archive import archive_kind
 from lorafleet.registry.weight_sanity import WeightBounds
+from lorafleet.workflows.adapter_import import (
+    check_archive_weights,
+    check_example_prompts,
+    check_import_examples,
+    prepare_import,
+    register_import,
+)
 from lorafleet.workflows.live_alias import queue_candidate_qa
 from lorafleet.workflows.tasks import validate_task_name
 from lorafleet.workflows.workdirs import owned_tempdir
@@ -63,8 +71,6 @@ class ImportSubmitted:
 
 def _check_archive(archive: bytes) -> None:
     """Refuse at once what the trainer would refuse anyway: too large, or not a .tar, .tar.gz or .zip."""
-    from lorafleet.registry.archive import archive_kind
-
     if len(archive) > MAX_IMPORT_ARCHIVE_BYTES:
         raise PayloadTooLargeError(f"archive: {len(archive)} bytes, more than {MAX_IMPORT_ARCHIVE_BYTES}")
     if archive_kind(archive[:512]) is None:
@@ -90,12 +96,6 @@ def submit_import(
     that job, ``created`` False). A refused archive stores nothing. ``examples``: the import's evidence
     (``{"prompt", "expected"}`` objects, ``adapter_import.check_import_examples``), QA's holdout for it; without
     them QA uses the task's feedback holdout, and with neither the version waits for a person (decision ``hold``)."""
-    from lorafleet.workflows.adapter_import import (
-        check_archive_weights,
-        check_example_prompts,
-        check_import_examples,
-    )
-
     name = validate_task_name(task_name)
     prompts = check_example_prompts(example_prompts)
     evidence = check_import_examples(examples)
@@ -148,8 +148,6 @@ class ImportRunner:
         self.weight_bounds = weight_bounds
 
     def run_job(self, job: Job, lease: LeaseContext) -> dict[str, Any]:
-        from lorafleet.workflows.adapter_import import prepare_import, register_import
-
         if job.tenant_id is None:
             raise ValidationError(f"import job {job.id} has no tenant")
         p = ImportPayload.parse(job.payload)
@@ -173,7 +171,6 @@ class ImportRunner:
             imported = register_import(self.registry, prepared, job_id=job.id)
             with lease.fenced() as fence:
                 qa_jobs = queue_candidate_qa(
-                    fence.session,
                     queue=JobQueue(self.db),
                     promote_rule=self.promote_rule,
                     tenant_id=job.tenant_id,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from lorafleet.domain import (
     UNSERVABLE_STATUSES,
@@ -37,11 +37,8 @@ from lorafleet.errors import QAUndecidedError, ValidationError
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.registry import Registry
 from lorafleet.store.sql.database import Database
-from lorafleet.store.sql.qa_repository import QARepository
+from lorafleet.store.sql.qa_repository import QAReport, QARepository
 from lorafleet.workflows.qa_triggers import submit_candidate_qa, submit_task_rechecks
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
 
 LiveMove = Literal["promote", "rollback"]
 LIVE_MOVES: tuple[str, ...] = ("promote", "rollback")
@@ -50,7 +47,6 @@ PASSING_DECISIONS = frozenset({QADecision.PROMOTE, QADecision.KEEP})
 
 
 def move_live(
-    session: Session,
     *,
     registry: Registry,
     queue: JobQueue,
@@ -64,47 +60,39 @@ def move_live(
     forced: bool = False,
 ) -> AliasEvent:
     """Promote (to version ``number``) or roll back (to an earlier ``number``, or None for the base model) the
-    adapter's ``live`` alias in the caller's transaction; for a shared task adapter, also queue a recheck of
-    every enrolled user's live adapters there (``cause`` says why; by default the move itself). ``forced``
-    (a promote only) is recorded in the history; ``promote_manually`` decides it."""
+    adapter's ``live`` alias; for a shared task adapter, also queue a recheck of every enrolled user's live
+    adapters (``cause`` says why; by default the move itself). Both in one transaction: the caller's when one
+    is open (``Database.unit_of_work``, e.g. a job's fenced block). ``forced`` (a promote only) is recorded in
+    the history; ``promote_manually`` decides it."""
     if action not in LIVE_MOVES:
         raise ValidationError("action: must be 'promote' or 'rollback'")
-    if action == "promote":
-        if number is None:
-            raise ValidationError("version: promote needs a version number")
-        event = registry.promote(
-            tenant_id=tenant_id,
-            adapter_id=adapter.id,
-            number=number,
-            actor=actor,
-            reason=reason,
-            session=session,
-            forced=forced,
-        )
-    else:
-        event = registry.rollback(
-            tenant_id=tenant_id,
-            adapter_id=adapter.id,
-            to_number=number,
-            actor=actor,
-            reason=reason,
-            session=session,
-        )
-    if adapter.is_task_adapter:
-        if cause is None:
-            to = "none" if event.to_version_id is None else f"version id {event.to_version_id}"
-            cause = f"task adapter {adapter.name!r}: {action} to {to} by {actor}"
-        submit_task_rechecks(session, queue=queue, tenant_id=tenant_id, adapter_id=adapter.id, cause=cause)
-    return event
+    with queue.db.unit_of_work():
+        if action == "promote":
+            if number is None:
+                raise ValidationError("version: promote needs a version number")
+            event = registry.promote(
+                tenant_id=tenant_id,
+                adapter_id=adapter.id,
+                number=number,
+                actor=actor,
+                reason=reason,
+                forced=forced,
+            )
+        else:
+            event = registry.rollback(
+                tenant_id=tenant_id, adapter_id=adapter.id, to_number=number, actor=actor, reason=reason
+            )
+        if adapter.is_task_adapter:
+            if cause is None:
+                to = "none" if event.to_version_id is None else f"version id {event.to_version_id}"
+                cause = f"task adapter {adapter.name!r}: {action} to {to} by {actor}"
+            submit_task_rechecks(queue=queue, tenant_id=tenant_id, adapter_id=adapter.id, cause=cause)
+        return event
 
 
 def qa_decision(db: Database, *, tenant_id: int, version: AdapterVersion) -> QADecision | None:
     """The latest QA decision on a version (None: QA has not decided it)."""
-    with db.session() as s:
-        reports = QARepository(dialect=db.dialect).reports_for_versions(
-            s, tenant_id=tenant_id, version_ids=[version.id]
-        )
-    found = reports.get(version.id)
+    found = _reports(db, tenant_id=tenant_id, version_ids=[version.id]).get(version.id)
     return None if not found else QADecision(found[-1].decision)
 
 
@@ -129,10 +117,7 @@ def versions_qa(
 ) -> dict[int, VersionQA]:
     """Each version's ``VersionQA``: the latest report's decision, and whether the latest move of ``live`` onto it
     was forced (so a live version QA has not decided, served by a person's choice, is told apart)."""
-    with db.session() as s:
-        reports = QARepository(dialect=db.dialect).reports_for_versions(
-            s, tenant_id=tenant_id, version_ids=version_ids
-        )
+    reports = _reports(db, tenant_id=tenant_id, version_ids=version_ids)
     forced: dict[int, bool] = {}
     for event in registry.alias_history(tenant_id=tenant_id, adapter_id=adapter_id):
         if event.to_version_id is not None:
@@ -180,9 +165,8 @@ def promote_manually(
                 )
             forced = True
     queue = queue or JobQueue(db)
-    with db.session() as session:
+    with db.unit_of_work():
         event = move_live(
-            session,
             registry=registry,
             queue=queue,
             tenant_id=tenant_id,
@@ -194,21 +178,28 @@ def promote_manually(
             forced=forced,
         )
         if forced:
-            submit_candidate_qa(session, queue=queue, tenant_id=tenant_id, version_id=version.id)
+            submit_candidate_qa(queue=queue, tenant_id=tenant_id, version_id=version.id)
     return event
 
 
 def queue_candidate_qa(
-    session: Session, *, queue: JobQueue, promote_rule: str, tenant_id: int, version_ids: Sequence[int]
+    *, queue: JobQueue, promote_rule: str, tenant_id: int, version_ids: Sequence[int]
 ) -> list[int] | None:
     """With ``promote_rule`` ``qa``, queue one QA job per new candidate in the caller's (registering)
     transaction and return the jobs' ids; with any other rule None: the caller decides promotion itself."""
     if promote_rule != "qa":
         return None
     return [
-        submit_candidate_qa(session, queue=queue, tenant_id=tenant_id, version_id=version_id).id
+        submit_candidate_qa(queue=queue, tenant_id=tenant_id, version_id=version_id).id
         for version_id in version_ids
     ]
+
+
+def _reports(db: Database, *, tenant_id: int, version_ids: Sequence[int]) -> dict[int, list[QAReport]]:
+    """Each version's QA reports, oldest first."""
+    return db.run(
+        QARepository(dialect=db.dialect).reports_for_versions, tenant_id=tenant_id, version_ids=version_ids
+    )
 
 
 __all__ = [

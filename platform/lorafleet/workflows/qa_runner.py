@@ -61,7 +61,7 @@ from lorafleet.qa.rules import (
     reasons_for,
     recheck_rules,
 )
-from lorafleet.qa.sampling import member_label
+from lorafleet.qa.sampling import member_label, sample_enrolled
 from lorafleet.registry import Registry
 from lorafleet.routing.bank import BankMember, resolve_user_bank
 from lorafleet.routing.embeddings import routing_key
@@ -72,8 +72,6 @@ from lorafleet.store.sql.routing_repository import RoutingRepository
 from lorafleet.workflows.live_alias import PASSING_DECISIONS, move_live, qa_decision
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
     from lorafleet.adapters import AdapterBank
     from lorafleet.adapters.prefix import FrozenPrefix
     from lorafleet.backbone import Backbone
@@ -132,8 +130,7 @@ class QARunner:
         """The ``qa`` handler: a candidate or a recheck, decided inside the job's fence."""
         if job.tenant_id is None:
             raise ValidationError(f"qa job {job.id} has no tenant")
-        with self.db.session() as s:
-            done = self._qa.report_for_job(s, job_id=job.id)
+        done = self.db.run(self._qa.report_for_job, job_id=job.id)
         if done is not None:  # decided by an earlier attempt (cannot normally happen: it succeeded the job)
             return _result(done)
         payload = QAPayload.parse(job.payload)
@@ -253,15 +250,13 @@ class QARunner:
         """The task candidate in the banks of a sample of its enrolled users, each against the candidate rules
         (the no-regression rule compares the user's own holdout, gated with the candidate against gated with
         the previous task version)."""
-        from lorafleet.qa.sampling import sample_enrolled
-
         tenant_id, adapter = subject.tenant_id, subject.adapter
-        with self.db.session() as s:
-            user_ids = self._qa.enrolled_user_ids(s, tenant_id=tenant_id, adapter_id=adapter.id)
-            with_members = {
-                u for _a, u in self._qa.live_personal_adapters(s, tenant_id=tenant_id, user_ids=user_ids)
-            }
-            external = {u: self._qa.user_external_id(s, tenant_id=tenant_id, user_id=u) for u in user_ids}
+        db, qa = self.db, self._qa
+        with db.unit_of_work():
+            user_ids = db.run(qa.enrolled_user_ids, tenant_id=tenant_id, adapter_id=adapter.id)
+            members = db.run(qa.live_personal_adapters, tenant_id=tenant_id, user_ids=user_ids)
+            with_members = {u for _a, u in members}
+            external = {u: db.run(qa.user_external_id, tenant_id=tenant_id, user_id=u) for u in user_ids}
         sampled, left_out = sample_enrolled(
             user_ids,
             with_members=with_members,
@@ -302,8 +297,7 @@ class QARunner:
         self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion
     ) -> tuple[float, ...] | None:
         """The candidate's routing key; a personal candidate without one gets it from its training prompts."""
-        with self.db.session() as s:
-            key = self._qa.routing_key(s, version_id=version.id)
+        key = self.db.run(self._qa.routing_key, version_id=version.id)
         if key is not None or adapter.is_task_adapter or not self.policy.compute_missing_routing_key:
             return key
         prompts = training_prompts(self.db, tenant_id=tenant_id, version=version)
@@ -407,8 +401,7 @@ class QARunner:
         return f"user {user!r} unenrolled from task adapter {culprit.adapter_name!r}"
 
     def _recheck_subject(self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion) -> Subject:
-        with self.db.session() as s:
-            key = self._qa.routing_key(s, version_id=version.id)
+        key = self.db.run(self._qa.routing_key, version_id=version.id)
         return Subject(QAKind.RECHECK, tenant_id, adapter, version, None, self._user_bank(adapter), key)
 
     def _find_rollback(
@@ -467,36 +460,36 @@ class QARunner:
             job_id=None if lease is None else lease.job.id,
         )
 
-        def write(session: Session) -> QAReport:
-            self._ensure_blob(session, data_ref=ref.sha256, document=document)
-            self._check_not_stale(session, subject)
-            report = self._qa.insert_report(session, new=new)
-            self._act(session, subject=subject, target=target, decision=decision, report=report)
+        def write() -> QAReport:
+            self._ensure_blob(data_ref=ref.sha256, document=document)
+            self._check_not_stale(subject)
+            report = self.db.run(self._qa.insert_report, new=new)
+            self._act(subject=subject, target=target, decision=decision, report=report)
             if culprit is not None:
-                self._act_on_culprit(session, subject=subject, culprit=culprit, report=report)
+                self._act_on_culprit(subject=subject, culprit=culprit, report=report)
             return report
 
         return self._in_transaction(lease, write)
 
-    def _in_transaction(self, lease: LeaseContext | None, write: Callable[[Session], QAReport]) -> QAReport:
+    def _in_transaction(self, lease: LeaseContext | None, write: Callable[[], QAReport]) -> QAReport:
+        """``write`` in one transaction: the job's fenced one, which also marks the job succeeded."""
         if lease is None:
-            with self.db.session() as session:
-                return write(session)
+            with self.db.unit_of_work():
+                return write()
         with lease.fenced() as fence:
-            report = write(fence.session)
+            report = write()
             fence.succeed(_result(report))
         return report
 
-    def _ensure_blob(self, session: Session, *, data_ref: str, document: dict[str, Any]) -> None:
+    def _ensure_blob(self, *, data_ref: str, document: dict[str, Any]) -> None:
         """Under the blob lock, the blob is there (a GC may have removed an identical old orphan meanwhile)."""
-        self._registry_sql.lock_blobs(session, exclusive=False)
+        self.db.run(self._registry_sql.lock_blobs, exclusive=False)
         if not self.registry.blobs.exists(data_ref):
             store_document(self.registry, document)
 
-    def _check_not_stale(self, session: Session, subject: Subject) -> None:
+    def _check_not_stale(self, subject: Subject) -> None:
         repo, tenant_id, adapter_id = self._registry_sql, subject.tenant_id, subject.adapter.id
-        repo.get_adapter(session, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
-        live = repo.live_version(session, tenant_id=tenant_id, adapter_id=adapter_id)
+        _adapter, live = self.db.run(repo.lock_live, tenant_id=tenant_id, adapter_id=adapter_id)
         forced_live = subject.kind == QAKind.CANDIDATE and subject.version.status == VersionStatus.LIVE
         expected = (
             subject.previous if subject.kind == QAKind.CANDIDATE and not forced_live else subject.version
@@ -506,15 +499,14 @@ class QARunner:
                 f"adapter {adapter_id}: live moved while QA evaluated; evaluating again"
             )
         if subject.kind == QAKind.CANDIDATE and not forced_live:
-            status = repo.get_version_by_id(
-                session, tenant_id=tenant_id, version_id=subject.version.id
+            status = self.db.run(
+                repo.get_version_by_id, tenant_id=tenant_id, version_id=subject.version.id
             ).status
             if status != VersionStatus.CANDIDATE:
                 raise StaleEvaluationError(f"version {subject.version.id} became {status} while QA evaluated")
 
     def _act(
         self,
-        session: Session,
         *,
         subject: Subject,
         target: AdapterVersion | None,
@@ -524,7 +516,6 @@ class QARunner:
         tenant_id, adapter = subject.tenant_id, subject.adapter
         if decision == QADecision.PROMOTE:
             move_live(
-                session,
                 registry=self.registry,
                 queue=self.queue,
                 tenant_id=tenant_id,
@@ -541,14 +532,12 @@ class QARunner:
                 adapter_id=adapter.id,
                 number=subject.version.number,
                 status=VersionStatus.REJECTED,
-                session=session,
             )
         elif decision == QADecision.ROLLBACK and subject.kind == QAKind.CANDIDATE:
-            self._roll_back_forced(session, subject=subject, target=target, report=report)
+            self._roll_back_forced(subject=subject, target=target, report=report)
         elif decision == QADecision.ROLLBACK:
             # a recheck's rollback: only live personal adapters are rechecked, so no task bank moves here
             move_live(
-                session,
                 registry=self.registry,
                 queue=self.queue,
                 tenant_id=tenant_id,
@@ -559,25 +548,22 @@ class QARunner:
                 reason=f"qa-regression {report.id}",
             )
 
-    def _act_on_culprit(
-        self, session: Session, *, subject: Subject, culprit: BankMember, report: QAReport
-    ) -> None:
+    def _act_on_culprit(self, *, subject: Subject, culprit: BankMember, report: QAReport) -> None:
         """``blame_action`` on the task member a recheck blamed. Raises ``StaleEvaluationError`` when the bank
         moved while QA evaluated (the user left the task, or the task's live version changed)."""
         assert subject.user_bank is not None and subject.user_bank.user_id is not None
         tenant_id = subject.tenant_id
-        task = self._registry_sql.get_adapter(
-            session, tenant_id=tenant_id, adapter_id=culprit.adapter_id, lock=True
+        task, live = self.db.run(
+            self._registry_sql.lock_live, tenant_id=tenant_id, adapter_id=culprit.adapter_id
         )
-        live = self._registry_sql.live_version(session, tenant_id=tenant_id, adapter_id=task.id)
         if live is None or live.id != culprit.version_id:
             raise StaleEvaluationError(
                 f"task adapter {task.name!r} moved while QA evaluated; evaluating again"
             )
         if self.policy.blame_action == "unenrol":
             try:
-                RoutingRepository(dialect=self.db.dialect).delete_enrolment(
-                    session,
+                self.db.run(
+                    RoutingRepository(dialect=self.db.dialect).delete_enrolment,
                     tenant_id=tenant_id,
                     user_id=subject.user_bank.user_id,
                     adapter_id=task.id,
@@ -588,12 +574,14 @@ class QARunner:
                     f"user {subject.user_bank.external_id!r} left {task.name!r} while QA evaluated; evaluating again"
                 ) from None
             return
-        archived = self._registry_sql.list_versions(
-            session, tenant_id=tenant_id, adapter_id=task.id, status=VersionStatus.ARCHIVED
+        archived = self.db.run(
+            self._registry_sql.list_versions,
+            tenant_id=tenant_id,
+            adapter_id=task.id,
+            status=VersionStatus.ARCHIVED,
         )
         earlier = [v for v in archived if v.number < culprit.version_number]
         move_live(
-            session,
             registry=self.registry,
             queue=self.queue,
             tenant_id=tenant_id,
@@ -605,15 +593,12 @@ class QARunner:
             cause=f"task adapter {task.name!r} rolled back: it failed {subject.user_bank.external_id!r}'s bank",
         )
 
-    def _roll_back_forced(
-        self, session: Session, *, subject: Subject, target: AdapterVersion | None, report: QAReport
-    ) -> None:
+    def _roll_back_forced(self, *, subject: Subject, target: AdapterVersion | None, report: QAReport) -> None:
         """A forced-live version failed its QA: ``live`` goes back to the version it replaced (or none; a
         promote when that one has a higher number) and the version is ``rejected``, as QA would have left it."""
         tenant_id, adapter, version = subject.tenant_id, subject.adapter, subject.version
         back_up = target is not None and target.number > version.number
         move_live(
-            session,
             registry=self.registry,
             queue=self.queue,
             tenant_id=tenant_id,
@@ -629,7 +614,6 @@ class QARunner:
             adapter_id=adapter.id,
             number=version.number,
             status=VersionStatus.REJECTED,
-            session=session,
         )
 
     def _document(
@@ -670,10 +654,9 @@ class QARunner:
         if adapter.owner_user_id is None:
             return None
 
-        with self.db.session() as s:
-            external_id = self._qa.user_external_id(
-                s, tenant_id=adapter.tenant_id, user_id=adapter.owner_user_id
-            )
+        external_id = self.db.run(
+            self._qa.user_external_id, tenant_id=adapter.tenant_id, user_id=adapter.owner_user_id
+        )
         return resolve_user_bank(self.db, tenant_id=adapter.tenant_id, user_external_id=external_id)
 
 

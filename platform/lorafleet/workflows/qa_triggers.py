@@ -32,8 +32,6 @@ from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import QARepository
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
     from lorafleet.routing.bank import BankMember, Enrolment, UserBank
 
 QA_JOB_KIND = JobKind.QA
@@ -48,22 +46,29 @@ def recheck_dedupe_key(adapter_id: int) -> str:
     return f"qa-recheck:{adapter_id}"
 
 
-def submit_candidate_qa(session: Session, *, queue: JobQueue, tenant_id: int, version_id: int) -> Job:
-    """Queue QA of a candidate in the caller's transaction (an active job for it is returned instead)."""
-    new = queue.new_job(
+def _submit_qa(queue: JobQueue, *, tenant_id: int, payload: QAPayload, dedupe_key: str) -> Job:
+    """Queue one QA job (an active job with the same dedupe key is returned instead), in the open transaction."""
+    return queue.submit(
         tenant_id=tenant_id,
         kind=QA_JOB_KIND,
-        payload=QAPayload.candidate(version_id).to_json(),
-        user_ids=(),
-        dedupe_key=candidate_dedupe_key(version_id),
+        payload=payload.to_json(),
+        dedupe_key=dedupe_key,
         max_attempts=QA_MAX_ATTEMPTS,
+    ).job
+
+
+def submit_candidate_qa(*, queue: JobQueue, tenant_id: int, version_id: int) -> Job:
+    """Queue QA of a candidate, in the caller's transaction when one is open (an active job for it is returned
+    instead)."""
+    return _submit_qa(
+        queue,
+        tenant_id=tenant_id,
+        payload=QAPayload.candidate(version_id),
+        dedupe_key=candidate_dedupe_key(version_id),
     )
-    job, _ = queue.repository.insert_job(session, new=new, now=queue.clock())
-    return job
 
 
 def submit_rechecks(
-    session: Session,
     *,
     queue: JobQueue,
     tenant_id: int,
@@ -71,37 +76,34 @@ def submit_rechecks(
     cause: str,
     changed_adapter_id: int | None = None,
 ) -> list[Job]:
-    """Queue a recheck of every live personal adapter of ``user_ids``, in the caller's transaction.
-    ``changed_adapter_id``: the task adapter that changed the banks (QA blames it first if a bank fails)."""
+    """Queue a recheck of every live personal adapter of ``user_ids``, in one transaction (the caller's when one
+    is open). ``changed_adapter_id``: the task adapter that changed the banks (QA blames it first if a bank
+    fails)."""
     repo = QARepository(dialect=queue.db.dialect)
-    jobs = []
-    for adapter_id, _user in repo.live_personal_adapters(
-        session, tenant_id=tenant_id, user_ids=list(user_ids)
-    ):
-        new = queue.new_job(
-            tenant_id=tenant_id,
-            kind=QA_JOB_KIND,
-            payload=QAPayload.recheck_of(
-                adapter_id, cause=cause[:500], changed_adapter_id=changed_adapter_id
-            ).to_json(),
-            user_ids=(),
-            dedupe_key=recheck_dedupe_key(adapter_id),
-            max_attempts=QA_MAX_ATTEMPTS,
+    with queue.db.unit_of_work():
+        adapters = queue.db.run(repo.live_personal_adapters, tenant_id=tenant_id, user_ids=list(user_ids))
+        return [
+            _submit_qa(
+                queue,
+                tenant_id=tenant_id,
+                payload=QAPayload.recheck_of(
+                    adapter_id, cause=cause[:500], changed_adapter_id=changed_adapter_id
+                ),
+                dedupe_key=recheck_dedupe_key(adapter_id),
+            )
+            for adapter_id, _user in adapters
+        ]
+
+
+def submit_task_rechecks(*, queue: JobQueue, tenant_id: int, adapter_id: int, cause: str) -> list[Job]:
+    """Recheck the users enrolled in a task adapter (its live version changed), in one transaction (the caller's
+    when one is open)."""
+    repo = QARepository(dialect=queue.db.dialect)
+    with queue.db.unit_of_work():
+        users = queue.db.run(repo.enrolled_user_ids, tenant_id=tenant_id, adapter_id=adapter_id)
+        return submit_rechecks(
+            queue=queue, tenant_id=tenant_id, user_ids=users, cause=cause, changed_adapter_id=adapter_id
         )
-        jobs.append(queue.repository.insert_job(session, new=new, now=queue.clock())[0])
-    return jobs
-
-
-def submit_task_rechecks(
-    session: Session, *, queue: JobQueue, tenant_id: int, adapter_id: int, cause: str
-) -> list[Job]:
-    """Recheck the users enrolled in a task adapter (its live version changed), in the caller's transaction."""
-    users = QARepository(dialect=queue.db.dialect).enrolled_user_ids(
-        session, tenant_id=tenant_id, adapter_id=adapter_id
-    )
-    return submit_rechecks(
-        session, queue=queue, tenant_id=tenant_id, user_ids=users, cause=cause, changed_adapter_id=adapter_id
-    )
 
 
 def on_bank_changed(
@@ -114,27 +116,22 @@ def on_bank_changed(
     changed_adapter_id: int | None = None,
 ) -> list[Job]:
     """The banks of ``user_ids`` changed: queue rechecks of their live personal adapters (one transaction)."""
-    queue = queue or JobQueue(db)
-    with db.session() as session:
-        return submit_rechecks(
-            session,
-            queue=queue,
-            tenant_id=tenant_id,
-            user_ids=user_ids,
-            cause=cause,
-            changed_adapter_id=changed_adapter_id,
-        )
+    return submit_rechecks(
+        queue=queue or JobQueue(db),
+        tenant_id=tenant_id,
+        user_ids=user_ids,
+        cause=cause,
+        changed_adapter_id=changed_adapter_id,
+    )
 
 
 def on_task_adapter_changed(
     db: Database, queue: JobQueue | None = None, *, tenant_id: int, adapter_id: int, cause: str
 ) -> list[Job]:
-    """A task adapter's live version moved: queue rechecks for every user enrolled in it."""
-    queue = queue or JobQueue(db)
-    with db.session() as session:
-        return submit_task_rechecks(
-            session, queue=queue, tenant_id=tenant_id, adapter_id=adapter_id, cause=cause
-        )
+    """A task adapter's live version moved: queue rechecks for every user enrolled in it (one transaction)."""
+    return submit_task_rechecks(
+        queue=queue or JobQueue(db), tenant_id=tenant_id, adapter_id=adapter_id, cause=cause
+    )
 
 
 def enrol_and_recheck(
@@ -191,10 +188,9 @@ def on_nonfinite_output(
     cause = f"serving: non-finite logits through {served}"
     tasks = [m for m in members if m.kind == "task"]
     personal = [m for m in members if m.kind != "task"]
-    with db.session() as session:
+    with db.unit_of_work():
         if personal and bank.user_id is not None:
             return submit_rechecks(
-                session,
                 queue=queue,
                 tenant_id=bank.tenant_id,
                 user_ids=[bank.user_id],
@@ -204,6 +200,6 @@ def on_nonfinite_output(
         jobs: list[Job] = []
         for task in tasks:
             jobs += submit_task_rechecks(
-                session, queue=queue, tenant_id=bank.tenant_id, adapter_id=task.adapter_id, cause=cause
+                queue=queue, tenant_id=bank.tenant_id, adapter_id=task.adapter_id, cause=cause
             )
         return jobs

@@ -109,8 +109,7 @@ def get_task_adapter(registry: Registry, *, tenant_id: int, task_name: str) -> A
 
 def list_tasks(db: Database, *, tenant_id: int) -> list[TaskInfo]:
     """The tenant's task adapters by name, with live version, counts of versions, enrolled users and records."""
-    with db.session() as s:
-        rows = RoutingRepository(dialect=db.dialect).task_overview(s, tenant_id=tenant_id)
+    rows = db.run(RoutingRepository(dialect=db.dialect).task_overview, tenant_id=tenant_id)
     return [TaskInfo(**row) for row in rows]
 
 
@@ -118,11 +117,11 @@ def enrolled_users(db: Database, *, tenant_id: int, task_name: str) -> list[str]
     """External ids of the users enrolled in the task, sorted; ``NotFoundError`` for an unknown task."""
     name = validate_task_name(task_name)
     repo = RoutingRepository(dialect=db.dialect)
-    with db.session() as s:
-        adapter_id = repo.find_task_adapter(s, tenant_id=tenant_id, name=name)
+    with db.unit_of_work():
+        adapter_id = db.run(repo.find_task_adapter, tenant_id=tenant_id, name=name)
         if adapter_id is None:
             raise NotFoundError(f"task {name!r} not found")
-        return repo.enrolled_external_ids(s, tenant_id=tenant_id, adapter_id=adapter_id)
+        return db.run(repo.enrolled_external_ids, tenant_id=tenant_id, adapter_id=adapter_id)
 
 
 def move_task_live(
@@ -163,18 +162,16 @@ def move_task_live(
             force=force,
             queue=queue,
         )
-    with db.session() as session:
-        return move_live(
-            session,
-            registry=registry,
-            queue=queue,
-            tenant_id=tenant_id,
-            adapter=adapter,
-            action=action,
-            number=to_number,
-            actor=actor,
-            reason=reason,
-        )
+    return move_live(
+        registry=registry,
+        queue=queue,
+        tenant_id=tenant_id,
+        adapter=adapter,
+        action=action,
+        number=to_number,
+        actor=actor,
+        reason=reason,
+    )
 
 
 __all__ = [

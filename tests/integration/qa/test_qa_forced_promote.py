@@ -54,8 +54,7 @@ def _candidate_with_qa_queued(world: World, user: str, folder: Path, parent: Ada
         user_id=world.user_id(user),
         parent=parent,
     )
-    with world.db.session() as s:
-        submit_candidate_qa(s, queue=JobQueue(world.db), tenant_id=world.tenant_id, version_id=version.id)
+    submit_candidate_qa(queue=JobQueue(world.db), tenant_id=world.tenant_id, version_id=version.id)
     return version.id
 
 
@@ -262,8 +261,7 @@ def _huge_task_version(world: World, tmp_path: Path) -> tuple[int, AdapterVersio
         tenant_id=world.tenant_id, owner_user_id=None, name="tone", target_config={}
     )
     version = _insert_unchecked(world, adapter_id=task.id, folder=folder, work=tmp_path)
-    with world.db.session() as s:
-        submit_candidate_qa(s, queue=JobQueue(world.db), tenant_id=world.tenant_id, version_id=version.id)
+    submit_candidate_qa(queue=JobQueue(world.db), tenant_id=world.tenant_id, version_id=version.id)
     return task.id, version, first
 
 

@@ -64,8 +64,7 @@ def _submit_task_qa(world: World, task_id: int) -> None:
     (candidate,) = world.registry.list_versions(
         tenant_id=world.tenant_id, adapter_id=task_id, status="candidate"
     )
-    with world.db.session() as s:
-        submit_candidate_qa(s, queue=JobQueue(world.db), tenant_id=world.tenant_id, version_id=candidate.id)
+    submit_candidate_qa(queue=JobQueue(world.db), tenant_id=world.tenant_id, version_id=candidate.id)
 
 
 def _promote_interfering_task(world: World, runner: QARunner, tmp_path: Path) -> tuple[int, int, int]:

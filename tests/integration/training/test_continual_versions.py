@@ -69,14 +69,13 @@ def test_a_version_registered_in_the_callers_transaction_rolls_back_with_it(
     database: Database, registry: Registry, adapter_dir: Path
 ) -> None:
     tenant_id, adapter_id, job_id = _setup(database, registry)
-    with pytest.raises(_Crash), database.session() as session:
+    with pytest.raises(_Crash), database.transaction():
         version = registry.register_version(
             tenant_id=tenant_id,
             adapter_id=adapter_id,
             adapter_dir=adapter_dir,
             base_fingerprint="fp",
             job_id=job_id,
-            session=session,
         )
         assert version.number == 1  # visible inside the transaction ...
         raise _Crash

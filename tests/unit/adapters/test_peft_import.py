@@ -348,8 +348,8 @@ def test_import_in_the_callers_transaction_rolls_back_with_it(
     class Abort(Exception):
         pass
 
-    with pytest.raises(Abort), database.session() as s:
-        _import(local_registry, tenant_id, trained.folder, fp32, session=s)
+    with pytest.raises(Abort), database.transaction():
+        _import(local_registry, tenant_id, trained.folder, fp32)
         raise Abort
     # the new task adapter row commits first, the version did not; its blob waits for the GC
     assert _counts(local_registry, database) == (1, 0, 1)
@@ -382,8 +382,8 @@ def test_prepare_writes_no_row_and_a_job_registers_its_import_once(
         s.add(job)
         s.flush()
         job_id = int(job.id)
-    with database.session() as s:
-        first = register_import(local_registry, prepared, session=s, job_id=job_id)
+    with database.transaction():
+        first = register_import(local_registry, prepared, job_id=job_id)
     again = register_import(local_registry, prepared, job_id=job_id)
     assert again.version == first.version and again.version.job_id == job_id
     assert _counts(local_registry, database) == (1, 1, 1)

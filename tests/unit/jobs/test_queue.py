@@ -266,8 +266,8 @@ def test_a_running_job_gets_a_cancel_request_its_worker_acts_on(
     assert beat.cancel_requested_at is not None  # the lease is kept while the worker stops
     with pytest.raises(JobCancelledError):
         queue.record_progress(job_id=job_id, worker_id="w", attempt=1, progress={"step": 1})
-    with pytest.raises(JobCancelledError), queue.fenced(job_id=job_id, worker_id="w", attempt=1) as fence:
-        fence.session.add(_snapshot("never"))
+    with pytest.raises(JobCancelledError), queue.fenced(job_id=job_id, worker_id="w", attempt=1):
+        _write(database, _snapshot("never"))
     with pytest.raises(JobCancelledError):
         queue.complete(job_id=job_id, worker_id="w", result={}, attempt=1)
     assert _count(database, SqlDatasetSnapshot) == 0
@@ -356,17 +356,17 @@ def test_fenced_transaction_commits_output_and_success_together(
     fresh = queue.claim(worker_id="fresh", lease_seconds=LEASE)
     assert stale is not None and fresh is not None
 
-    with pytest.raises(LeaseLostError), queue.fenced(job_id=job_id, worker_id="stale") as fence:
-        fence.session.add(_snapshot("stale"))  # never reached
+    with pytest.raises(LeaseLostError), queue.fenced(job_id=job_id, worker_id="stale"):
+        _write(database, _snapshot("stale"))  # never reached
     with pytest.raises(RuntimeError), queue.fenced(job_id=job_id, worker_id="fresh") as fence:
-        fence.session.add(_snapshot("crashed"))
+        _write(database, _snapshot("crashed"))
         fence.succeed({"version": 1})
         raise RuntimeError("crash before commit")
     assert queue.get(tenant_id=None, job_id=job_id).state == "running"
     assert _count(database, SqlDatasetSnapshot) == 0  # half-done work left nothing behind
 
     with queue.fenced(job_id=job_id, worker_id="fresh", attempt=fresh.attempts) as fence:
-        fence.session.add(_snapshot("fresh"))
+        _write(database, _snapshot("fresh"))
         fence.succeed({"version": 1})
     assert queue.get(tenant_id=None, job_id=job_id).state == "succeeded"
     assert _count(database, SqlDatasetSnapshot) == 1
@@ -392,6 +392,12 @@ def test_no_takeover_while_a_fenced_transaction_is_open(queue: JobQueue, databas
 
 def _snapshot(tag: str) -> SqlDatasetSnapshot:
     return SqlDatasetSnapshot(user_id=None, record_count=0, content_hash=tag.ljust(64, "0"), details={})
+
+
+def _write(database: Database, row: object) -> None:
+    """Write ``row`` as a handler writes its output: in the transaction open on this thread (the fenced one)."""
+    with database.session() as s:
+        s.add(row)
 
 
 def test_get_and_list_are_tenant_scoped(

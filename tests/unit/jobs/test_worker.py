@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 from tests.polling import wait_for
+from tests.unit.jobs.test_queue import _write
 
 from lorafleet.domain import Job
 from lorafleet.errors import LeaseLostError, TrainingError, ValidationError
@@ -145,8 +146,8 @@ def test_a_handler_can_write_and_succeed_in_one_fenced_transaction(
 
     def atomic(job: Job, lease: LeaseContext) -> None:
         with lease.fenced() as fence:
-            fence.session.add(
-                SqlDatasetSnapshot(user_id=None, record_count=0, content_hash="f" * 64, details={})
+            _write(
+                database, SqlDatasetSnapshot(user_id=None, record_count=0, content_hash="f" * 64, details={})
             )
             fence.succeed({"snapshot": "written"})
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from tests.unit.jobs.test_progress import Ticks
-from tests.unit.jobs.test_queue import _count, _snapshot
+from tests.unit.jobs.test_queue import _count, _snapshot, _write
 
 from lorafleet.domain import Job
 from lorafleet.errors import JobCancelledError, LeaseLostError
@@ -106,7 +106,7 @@ def test_a_handler_without_checks_has_its_outcome_dropped(queue: JobQueue, datab
     def registers(job: Job, lease: LeaseContext) -> dict[str, Any]:
         queue.cancel(tenant_id=None, job_id=job.id, actor="cli")
         with lease.fenced() as fence:  # refused: the request came first
-            fence.session.add(_snapshot("never"))
+            _write(database, _snapshot("never"))
             fence.succeed({"versions": [1]})
         return {}
 

@@ -137,18 +137,14 @@ def test_alias_moves_join_the_callers_transaction(
     adapter_id = acme.personal["alice"]
     first = acme.version(adapter_id, seed=1, live=True)
     acme.version(adapter_id, seed=2)
-    with pytest.raises(RuntimeError), database.session() as s:
-        registry.promote(
-            tenant_id=acme.id, adapter_id=adapter_id, number=2, actor="qa", reason="r", session=s
-        )
+    with pytest.raises(RuntimeError), database.transaction():
+        registry.promote(tenant_id=acme.id, adapter_id=adapter_id, number=2, actor="qa", reason="r")
         raise RuntimeError("the transaction fails after the move")
     live = registry.live_version(tenant_id=acme.id, adapter_id=adapter_id)
     assert live is not None and live.id == first  # rolled back with the caller's transaction
-    with database.session() as s:
-        registry.set_status(tenant_id=acme.id, adapter_id=adapter_id, number=2, status="rejected", session=s)
-        registry.rollback(
-            tenant_id=acme.id, adapter_id=adapter_id, to_number=None, actor="qa", reason="x", session=s
-        )
+    with database.transaction():
+        registry.set_status(tenant_id=acme.id, adapter_id=adapter_id, number=2, status="rejected")
+        registry.rollback(tenant_id=acme.id, adapter_id=adapter_id, to_number=None, actor="qa", reason="x")
     assert registry.live_version(tenant_id=acme.id, adapter_id=adapter_id) is None
     assert registry.get_version(tenant_id=acme.id, adapter_id=adapter_id, number=2).status == "rejected"
 
@@ -159,9 +155,9 @@ def test_candidates_and_bank_changes_queue_deduplicated_qa_jobs(
     acme = Tenant(database, registry, tmp_path)
     queue = JobQueue(database)
     candidate = acme.version(acme.personal["alice"], seed=1)
-    with database.session() as s:
-        first = submit_candidate_qa(s, queue=queue, tenant_id=acme.id, version_id=candidate)
-        again = submit_candidate_qa(s, queue=queue, tenant_id=acme.id, version_id=candidate)
+    with database.transaction():
+        first = submit_candidate_qa(queue=queue, tenant_id=acme.id, version_id=candidate)
+        again = submit_candidate_qa(queue=queue, tenant_id=acme.id, version_id=candidate)
     assert first.id == again.id and first.dedupe_key == candidate_dedupe_key(candidate)
     assert first.payload == {"version_id": candidate} and queue.job_users(job_id=first.id) == {}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ import torch
 from safetensors.torch import save_file
 from sqlalchemy import func, select
 
+from lorafleet.domain import AdapterVersion
+from lorafleet.registry import Registry
 from lorafleet.store.blob import BlobStore
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlAdapter, SqlAdapterVersion, SqlDatasetSnapshot, SqlJob
@@ -61,6 +64,38 @@ def write_adapter_dir(
     }
     (path / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
     return path
+
+
+def registered_versions(
+    registry: Registry,
+    make_adapter_dir: Callable[..., Path],
+    tenant_id: int,
+    owner: int | None,
+    name: str = "chat",
+    *,
+    seeds: Iterable[int],
+    live: Iterable[int] = (),
+) -> tuple[int, list[AdapterVersion]]:
+    """A new adapter with one version per seed (``make_adapter_dir(seed=...)``), then versions ``live`` promoted in
+    turn (the last one is live): the adapter's id and its versions as registered."""
+    adapter = registry.create_adapter(tenant_id=tenant_id, owner_user_id=owner, name=name, target_config={})
+    versions = [
+        registry.register_version(
+            tenant_id=tenant_id,
+            adapter_id=adapter.id,
+            adapter_dir=make_adapter_dir(seed=seed),
+            base_fingerprint="fp",
+        )
+        for seed in seeds
+    ]
+    for number in live:
+        registry.promote(tenant_id=tenant_id, adapter_id=adapter.id, number=number, actor="test", reason="ok")
+    return adapter.id, versions
+
+
+def statuses(registry: Registry, tenant_id: int, adapter_id: int) -> list[str]:
+    """The adapter's versions' statuses, by number."""
+    return [v.status for v in registry.list_versions(tenant_id=tenant_id, adapter_id=adapter_id)]
 
 
 def insert_job(db: Database, *, tenant_id: int | None, kind: str = "train") -> int:

@@ -6,7 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from registry_helpers import TwoTenants
+from registry_helpers import TwoTenants, registered_versions
+from registry_helpers import statuses as _statuses
 
 from lorafleet.domain import AdapterVersion
 from lorafleet.errors import AlreadyExistsError, InvalidStateError, NotFoundError, ValidationError
@@ -16,23 +17,8 @@ from lorafleet.registry import Registry
 def _versions(
     registry: Registry, tenants: TwoTenants, make_adapter_dir: Callable[..., Path], count: int
 ) -> tuple[int, list[AdapterVersion]]:
-    adapter = registry.create_adapter(
-        tenant_id=tenants.a, owner_user_id=tenants.a_user, name="chat", target_config={}
-    )
-    versions = [
-        registry.register_version(
-            tenant_id=tenants.a,
-            adapter_id=adapter.id,
-            adapter_dir=make_adapter_dir(seed=i),
-            base_fingerprint="fp",
-        )
-        for i in range(count)
-    ]
-    return adapter.id, versions
-
-
-def _statuses(registry: Registry, tenant_id: int, adapter_id: int) -> list[str]:
-    return [v.status for v in registry.list_versions(tenant_id=tenant_id, adapter_id=adapter_id)]
+    """Tenant A's ``chat`` with ``count`` candidate versions (seeds 0, 1, ...)."""
+    return registered_versions(registry, make_adapter_dir, tenants.a, tenants.a_user, seeds=range(count))
 
 
 def test_promote_moves_live_and_archives_the_previous(

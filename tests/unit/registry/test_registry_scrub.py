@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from registry_helpers import TwoTenants
+from registry_helpers import TwoTenants, registered_versions
+from registry_helpers import statuses as _statuses
 from tests.blob_corruption import flip_byte
 
 from lorafleet.config import load_settings
@@ -28,30 +29,14 @@ def _versions(
     registry: Registry, tenants: TwoTenants, make_adapter_dir: Callable[..., Path]
 ) -> tuple[int, list[AdapterVersion]]:
     """Tenant A's ``chat`` with versions 1-4 (seeds 1-4), 1, 2, 3 promoted in turn: v3 live."""
-    adapter = registry.create_adapter(
-        tenant_id=tenants.a, owner_user_id=tenants.a_user, name="chat", target_config={}
+    return registered_versions(
+        registry, make_adapter_dir, tenants.a, tenants.a_user, seeds=[1, 2, 3, 4], live=[1, 2, 3]
     )
-    versions = [
-        registry.register_version(
-            tenant_id=tenants.a,
-            adapter_id=adapter.id,
-            adapter_dir=make_adapter_dir(seed=seed),
-            base_fingerprint="fp",
-        )
-        for seed in (1, 2, 3, 4)
-    ]
-    for number in (1, 2, 3):
-        registry.promote(tenant_id=tenants.a, adapter_id=adapter.id, number=number, actor="test", reason="ok")
-    return adapter.id, versions
 
 
 def _checked(report: VerifyReport | None) -> list[int]:
     assert report is not None
     return [c.version.number for c in report.checks]
-
-
-def _statuses(registry: Registry, tenant_id: int, adapter_id: int) -> list[str]:
-    return [v.status for v in registry.list_versions(tenant_id=tenant_id, adapter_id=adapter_id)]
 
 
 def test_the_scrub_checks_a_budgeted_window_per_tick_finds_and_logs_a_corrupt_blob(

@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from registry_helpers import TwoTenants
+from registry_helpers import TwoTenants, registered_versions, statuses
 from tests.blob_corruption import delete_blob, flip_byte
 from tests.faults import FaultyBlobs
 
@@ -32,33 +33,15 @@ class Adapter:
 
 
 def _adapter(
-    registry: Registry,
-    make_adapter_dir: Callable[..., Path],
-    *,
-    tenant_id: int,
-    owner: int | None,
-    name: str,
-    seeds: list[int],
-    live: list[int],
+    registry: Registry, make_adapter_dir: Callable[..., Path], tenant_id: int, *args: Any, **kw: Any
 ) -> Adapter:
-    """An adapter with one version per seed, promoted in the order of ``live`` (the last one is live)."""
-    adapter = registry.create_adapter(tenant_id=tenant_id, owner_user_id=owner, name=name, target_config={})
-    versions = [
-        registry.register_version(
-            tenant_id=tenant_id,
-            adapter_id=adapter.id,
-            adapter_dir=make_adapter_dir(seed=seed),
-            base_fingerprint="fp",
-        )
-        for seed in seeds
-    ]
-    for number in live:
-        registry.promote(tenant_id=tenant_id, adapter_id=adapter.id, number=number, actor="test", reason="ok")
-    return Adapter(tenant_id, adapter.id, versions)
+    """``registered_versions`` of tenant ``tenant_id`` (its owner, name, seeds, live), as an ``Adapter``."""
+    adapter_id, versions = registered_versions(registry, make_adapter_dir, tenant_id, *args, **kw)
+    return Adapter(tenant_id, adapter_id, versions)
 
 
 def _statuses(registry: Registry, a: Adapter) -> list[str]:
-    return [v.status for v in registry.list_versions(tenant_id=a.tenant_id, adapter_id=a.adapter_id)]
+    return statuses(registry, a.tenant_id, a.adapter_id)
 
 
 def _live(registry: Registry, a: Adapter) -> int | None:
@@ -82,24 +65,8 @@ def test_a_flipped_byte_in_a_live_blob_is_found_repaired_and_found_no_more(
     request: pytest.FixtureRequest,
 ) -> None:
     """On both databases and both object stores (the ``registry`` fixture's four combinations)."""
-    a = _adapter(
-        registry,
-        make_adapter_dir,
-        tenant_id=tenants.a,
-        owner=tenants.a_user,
-        name="chat",
-        seeds=[1, 2, 3, 4],
-        live=[1, 2, 3],
-    )
-    b = _adapter(
-        registry,
-        make_adapter_dir,
-        tenant_id=tenants.b,
-        owner=tenants.b_user,
-        name="chat",
-        seeds=[5],
-        live=[1],
-    )
+    a = _adapter(registry, make_adapter_dir, tenants.a, tenants.a_user, seeds=[1, 2, 3, 4], live=[1, 2, 3])
+    b = _adapter(registry, make_adapter_dir, tenants.b, tenants.b_user, seeds=[5], live=[1])
     v1, v2, v3, v4 = a.versions
     flip_byte(registry.blobs, v3.sha256, s3_endpoint=_endpoint(registry.blobs, request))
 
@@ -178,15 +145,7 @@ def test_the_rollback_skips_bad_and_qa_failed_versions_and_may_go_to_none(
     database: Database, local_registry: Registry, tenants: TwoTenants, make_adapter_dir: Callable[..., Path]
 ) -> None:
     registry = local_registry
-    a = _adapter(
-        registry,
-        make_adapter_dir,
-        tenant_id=tenants.a,
-        owner=tenants.a_user,
-        name="chat",
-        seeds=[1, 2, 3],
-        live=[1, 2, 3],
-    )
+    a = _adapter(registry, make_adapter_dir, tenants.a, tenants.a_user, seeds=[1, 2, 3], live=[1, 2, 3])
     v1, v2, v3 = a.versions
     delete_blob(registry.blobs, v2.sha256)  # the newest earlier version is gone: not a target
     flip_byte(registry.blobs, v3.sha256)
@@ -215,15 +174,7 @@ class _Unreachable(FaultyBlobs):
 def test_an_unreadable_store_is_reported_and_never_repaired(
     database: Database, local_registry: Registry, tenants: TwoTenants, make_adapter_dir: Callable[..., Path]
 ) -> None:
-    a = _adapter(
-        local_registry,
-        make_adapter_dir,
-        tenant_id=tenants.a,
-        owner=tenants.a_user,
-        name="chat",
-        seeds=[1],
-        live=[1],
-    )
+    a = _adapter(local_registry, make_adapter_dir, tenants.a, tenants.a_user, seeds=[1], live=[1])
     unreachable = Registry(database, _Unreachable(local_registry.blobs))
     report = verify_blobs(database, unreachable, repair=True, actor="test")
     assert [str(c.result) for c in report.checks] == ["unreadable"] and not report.checks[0].repaired
@@ -236,23 +187,9 @@ def test_a_corrupt_task_version_rolls_back_and_queues_rechecks_of_enrolled_users
 ) -> None:
     registry = local_registry
     personal = _adapter(
-        registry,
-        make_adapter_dir,
-        tenant_id=tenants.a,
-        owner=tenants.a_user,
-        name="personal",
-        seeds=[1],
-        live=[1],
+        registry, make_adapter_dir, tenants.a, tenants.a_user, "personal", seeds=[1], live=[1]
     )
-    task = _adapter(
-        registry,
-        make_adapter_dir,
-        tenant_id=tenants.a,
-        owner=None,
-        name="summarise",
-        seeds=[2, 3],
-        live=[1, 2],
-    )
+    task = _adapter(registry, make_adapter_dir, tenants.a, None, "summarise", seeds=[2, 3], live=[1, 2])
     enrol(database, tenant_id=tenants.a, user_external_id="alice", task_name="summarise", actor="test")
     queue = JobQueue(database)
     before = queue.list_jobs(tenant_id=tenants.a)

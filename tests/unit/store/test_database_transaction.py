@@ -1,6 +1,7 @@
 """``Database.transaction()``: the store calls made inside it join one transaction (each as a savepoint), on
 SQLite and PostgreSQL. Nothing commits before the block ends; a call that fails inside rolls back alone, as it
-would have on its own, and the block goes on; a block that raises keeps nothing."""
+would have on its own, and the block goes on; a block that raises keeps nothing. ``unit_of_work()`` opens one or
+joins the open one, ``run()`` is one repository call that joins it, ``outside_transaction()`` steps out of it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sqlalchemy import func, select
 from lorafleet.errors import AlreadyExistsError, NotFoundError
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlTenant
-from lorafleet.store.sql.tenants import TenantRepository
+from lorafleet.store.sql.tenants import TenantRepository, require_tenant
 
 
 def _tenants(db: Database) -> list[str]:
@@ -63,3 +64,33 @@ def test_other_threads_and_databases_do_not_join(pg_database: Database) -> None:
         assert _tenants(pg_database) == ["mine", "other-thread"]  # inside: mine, and the other's commit
     assert seen == [1]  # the other thread did not see "mine" before the block ended
     assert _tenants(pg_database) == ["mine", "other-thread"]
+
+
+def test_a_unit_of_work_opens_a_transaction_or_nests_in_the_open_one(database: Database) -> None:
+    tenants = TenantRepository(database)
+    with database.transaction():
+        tenants.create_tenant(name="a")
+        with pytest.raises(RuntimeError), database.unit_of_work():  # a savepoint: rolls back alone
+            tenants.create_tenant(name="b")
+            raise RuntimeError("the inner block fails")
+        with database.unit_of_work():
+            tenants.create_tenant(name="c")
+        assert _tenants(database) == ["a", "c"]
+    with pytest.raises(RuntimeError), database.unit_of_work():  # none open: its own transaction
+        tenants.create_tenant(name="d")
+        raise RuntimeError("the process dies here")
+    assert _tenants(database) == ["a", "c"]
+
+
+def test_run_joins_the_open_transaction_and_outside_transaction_commits_on_its_own(
+    database: Database,
+) -> None:
+    tenants = TenantRepository(database)
+    with pytest.raises(RuntimeError), database.unit_of_work():
+        with database.outside_transaction():  # before the transaction writes (SQLite: one writer at a time)
+            tenants.create_tenant(name="on-its-own")
+        tenant, _key = tenants.create_tenant(name="joined")
+        assert database.run(require_tenant, tenant_id=tenant.id).name == "joined"  # sees the open transaction
+        raise RuntimeError("the transaction is rolled back")
+    assert _tenants(database) == ["on-its-own"]
+    database.ping()

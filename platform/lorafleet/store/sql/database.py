@@ -7,22 +7,29 @@ exception, translating driver errors into ``lorafleet.errors`` at this boundary.
 (on the same thread or task, on the same ``Database``) joins it as a savepoint instead of committing on its own,
 so an operation that fails inside still rolls back alone (as it would have), and nothing is committed until the
 outer block ends. The API's idempotency keys use it to store a response in the transaction of its write.
+
+Above the store nothing holds a session: ``Database.run(operation, ...)`` calls one repository operation (a
+function whose first argument is the session) in a session of its own, which joins the open transaction, and
+``Database.unit_of_work()`` is the transaction a workflow opens so that several such calls commit together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lorafleet.errors import AlreadyExistsError, LorafleetError, StoreError, ValidationError
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -127,6 +134,40 @@ class Database:
                 yield session
             finally:
                 _AMBIENT.reset(token)
+
+    @contextmanager
+    def unit_of_work(self) -> Iterator[None]:
+        """Several store operations that commit together (or not at all): a new ``transaction()``, or inside one
+        already open on this thread, a savepoint of it (so a caller's transaction composes with this block)."""
+        ambient = _AMBIENT.get()
+        context = self.session() if ambient is not None and ambient[0] is self else self.transaction()
+        with context:
+            yield
+
+    @contextmanager
+    def outside_transaction(self) -> Iterator[None]:
+        """Store calls in the block commit on their own even inside an open ``transaction()`` (what must outlive
+        the caller's transaction). Use it before that transaction has written anything: a second writer waits
+        for the first (SQLite's database lock, PostgreSQL's row locks)."""
+        ambient = _AMBIENT.get()
+        token = _AMBIENT.set(None if ambient is not None and ambient[0] is self else ambient)
+        try:
+            yield
+        finally:
+            _AMBIENT.reset(token)
+
+    def run(
+        self, operation: Callable[Concatenate[Session, _P], _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """``operation(session, *args, **kwargs)`` in a ``session()``: its own transaction, or a savepoint of the
+        open ``transaction()`` / ``unit_of_work()``. How code above the store calls a repository."""
+        with self.session() as session:
+            return operation(session, *args, **kwargs)
+
+    def ping(self) -> None:
+        """One trivial query: raises ``StoreError`` when the database cannot be reached (a readiness check)."""
+        with self.session() as session:
+            session.execute(text("SELECT 1"))
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,10 +29,10 @@ from lorafleet.store.sql.models import (
     utcnow,
 )
 from lorafleet.store.sql.registry_repository import RegistryRepository
+from lorafleet.store.sql.rows import chunks, from_row, to_snapshot
 from lorafleet.store.sql.tenants import check_page, find_user, get_or_create_user_row
 
 #: Keeps ``IN (...)`` lists well under SQLite's and PostgreSQL's bound-parameter limits.
-_CHUNK = 500
 
 
 class NewFeedback(Protocol):
@@ -63,25 +63,13 @@ class FeedbackBacklog:
     kind: str = SubjectKind.USER
 
 
-def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), _CHUNK):
-        yield items[start : start + _CHUNK]
-
-
 def to_feedback_record(row: SqlFeedback) -> FeedbackRecord:
-    return FeedbackRecord(
-        id=row.id,
-        user_id=row.user_id,
-        kind=FeedbackKind(row.kind),
-        payload=dict(row.payload),
-        content_hash=row.content_hash,
-        created_at=row.created_at,
-    )
+    return from_row(FeedbackRecord, row, kind=FeedbackKind(row.kind), payload=dict(row.payload))
 
 
 def _ids_by_hash(session: Session, *, user_id: int, hashes: Iterable[str]) -> dict[str, int]:
     found: dict[str, int] = {}
-    for chunk in _chunks(sorted(set(hashes))):
+    for chunk in chunks(sorted(set(hashes))):
         query = select(SqlFeedback.content_hash, SqlFeedback.id).where(
             SqlFeedback.user_id == user_id, SqlFeedback.content_hash.in_(chunk)
         )
@@ -193,25 +181,6 @@ def _trained_through() -> Any:
     )
 
 
-def users_with_new_feedback(
-    db: Database,
-    *,
-    tenant_id: int | None = None,
-    min_new_records: int = 1,
-    limit: int = 1000,
-    after_user_id: int | None = None,
-) -> list[FeedbackBacklog]:
-    """Users with at least ``min_new_records`` new records, in their own transaction (see ``read_backlog``)."""
-    with db.session() as session:
-        return read_backlog(
-            session,
-            tenant_id=tenant_id,
-            min_new_records=min_new_records,
-            limit=limit,
-            after_user_id=after_user_id,
-        )
-
-
 def read_backlog(
     session: Session,
     *,
@@ -287,7 +256,7 @@ def _check_record_ids(record_ids: Iterable[int]) -> list[int]:
 def _content_hashes(session: Session, *, user_id: int | None, record_ids: Sequence[int]) -> dict[int, str]:
     """Content hash by record id; records of other users count as missing when ``user_id`` is given."""
     found: dict[int, str] = {}
-    for chunk in _chunks(record_ids):
+    for chunk in chunks(record_ids):
         query = select(SqlFeedback.id, SqlFeedback.content_hash).where(SqlFeedback.id.in_(chunk))
         if user_id is not None:
             query = query.where(SqlFeedback.user_id == user_id)
@@ -296,20 +265,6 @@ def _content_hashes(session: Session, *, user_id: int | None, record_ids: Sequen
     if missing:
         raise NotFoundError(f"feedback records not found: {missing[:10]}")
     return found
-
-
-def to_snapshot(row: SqlDatasetSnapshot) -> DatasetSnapshot:
-    return DatasetSnapshot(
-        id=row.id,
-        user_id=row.user_id,
-        record_count=row.record_count,
-        content_hash=row.content_hash,
-        min_record_id=row.min_record_id,
-        max_record_id=row.max_record_id,
-        record_ids=tuple(row.record_ids) if row.record_ids is not None else None,
-        details=dict(row.details),
-        created_at=row.created_at,
-    )
 
 
 def create_snapshot(

@@ -29,12 +29,12 @@ from lorafleet.store.sql.models import (
     SqlJobUser,
     SqlUser,
 )
+from lorafleet.store.sql.rows import chunks, from_row
 
 #: PostgreSQL advisory-lock key held (per transaction) while a scheduler reads, decides and inserts jobs.
 SCHEDULER_LOCK_KEY = 0x6C6F7261_73636801
 #: ``(user_id, since)`` pairs per query: two bound parameters each, well under every backend's limit.
 _PAIR_CHUNK = 250
-_IN_CHUNK = 500
 #: How many expired, exhausted jobs one claim may fail on its way to a claimable one.
 _MAX_EXHAUSTED_PER_CLAIM = 100
 #: A submit that lost a dedupe race re-reads the winner; if the winner already finished, it tries again.
@@ -61,33 +61,14 @@ class FailureStreak:
     last_failed_at: datetime
 
 
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def to_job(row: SqlJob) -> Job:
-    return Job(
-        id=row.id,
-        tenant_id=row.tenant_id,
-        kind=row.kind,
+    return from_row(
+        Job,
+        row,
         state=JobState(row.state),
         payload=dict(row.payload or {}),
-        attempts=row.attempts,
-        max_attempts=row.max_attempts,
-        created_at=row.created_at,
-        dedupe_key=row.dedupe_key,
         result=None if row.result is None else dict(row.result),
-        lease_owner=row.lease_owner,
-        lease_expires_at=row.lease_expires_at,
-        heartbeat_at=row.heartbeat_at,
-        run_after=row.run_after,
-        error=row.error,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
         progress=None if row.progress is None else dict(row.progress),
-        cancel_requested_at=row.cancel_requested_at,
-        cancelled_by=row.cancelled_by,
     )
 
 
@@ -145,7 +126,7 @@ class JobsRepository:
 
     def _require_users(self, session: Session, *, user_ids: Sequence[int]) -> None:
         found: set[int] = set()
-        for chunk in _chunks(sorted(set(user_ids)), _IN_CHUNK):
+        for chunk in chunks(sorted(set(user_ids))):
             found.update(session.scalars(select(SqlUser.id).where(SqlUser.id.in_(list(chunk)))))
         missing = sorted(set(user_ids) - found)
         if missing:
@@ -468,7 +449,7 @@ class JobsRepository:
         """Per user with at least one: how many of their newest finished ``kind`` jobs (at most ``depth``)
         failed in a row, and when the newest failure ended. Cancelled jobs neither count nor reset."""
         streaks: dict[int, FailureStreak] = {}
-        for chunk in _chunks(sorted(set(user_ids)), _IN_CHUNK):
+        for chunk in chunks(sorted(set(user_ids))):
             for user_id, outcomes in self._recent_outcomes(session, user_ids=chunk, kind=kind, depth=depth):
                 streak = _streak(outcomes)
                 if streak is not None:
@@ -500,7 +481,7 @@ class JobsRepository:
     ) -> dict[int, datetime]:
         """Per user: when their oldest record newer than ``trained_through[user]`` (None: any) arrived."""
         found: dict[int, datetime] = {}
-        for chunk in _chunks(sorted(trained_through.items()), _PAIR_CHUNK):
+        for chunk in chunks(sorted(trained_through.items()), _PAIR_CHUNK):
             newer = or_(*(and_(SqlFeedback.user_id == u, SqlFeedback.id > (t or 0)) for u, t in chunk))
             query = select(SqlFeedback.user_id, func.min(SqlFeedback.created_at)).where(newer)
             for user_id, oldest in session.execute(query.group_by(SqlFeedback.user_id)):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 
 from lorafleet.config import Settings, load_settings
 from lorafleet.errors import ConfigError
@@ -43,8 +44,6 @@ def downgrade(url: str, revision: str) -> None:
 
 
 def current_revision(url: str) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
     engine = create_db_engine(url)
     try:
         with engine.connect() as conn:

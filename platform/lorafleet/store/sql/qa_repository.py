@@ -7,7 +7,7 @@ report row commits together with the decision it records. Methods return plain f
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -28,8 +28,7 @@ from lorafleet.store.sql.models import (
     SqlUser,
     utcnow,
 )
-
-_IN_CHUNK = 500
+from lorafleet.store.sql.rows import chunks, from_row
 
 
 @dataclass(frozen=True)
@@ -77,20 +76,8 @@ class QARepository:
     # --- reports ------------------------------------------------------------------------------------------
     def insert_report(self, session: Session, *, new: NewQAReport) -> QAReport:
         """Insert a report; a second report of the same job violates ``uq_qa_reports_job_id``."""
-        row = SqlQAReport(
-            tenant_id=new.tenant_id,
-            version_id=new.version_id,
-            kind=new.kind,
-            policy_version=new.policy_version,
-            decision=new.decision,
-            reasons=list(new.reasons),
-            summary=new.summary,
-            blob_sha256=new.blob_sha256,
-            blob_uri=new.blob_uri,
-            blob_size_bytes=new.blob_size_bytes,
-            job_id=new.job_id,
-            created_at=utcnow(),
-        )
+        values = asdict(new) | {"reasons": list(new.reasons)}  # the JSON column holds a list
+        row = SqlQAReport(**values, created_at=utcnow())
         session.add(row)
         session.flush()
         return _report(row)
@@ -114,14 +101,10 @@ class QARepository:
     ) -> dict[int, list[QAReport]]:
         """The tenant's reports on each version, oldest first."""
         out: dict[int, list[QAReport]] = {}
-        ids = sorted(set(version_ids))
-        for start in range(0, len(ids), _IN_CHUNK):
+        for chunk in chunks(sorted(set(version_ids))):
             stmt = (
                 select(SqlQAReport)
-                .where(
-                    SqlQAReport.tenant_id == tenant_id,
-                    SqlQAReport.version_id.in_(ids[start : start + _IN_CHUNK]),
-                )
+                .where(SqlQAReport.tenant_id == tenant_id, SqlQAReport.version_id.in_(chunk))
                 .order_by(SqlQAReport.id)
             )
             for row in session.scalars(stmt):
@@ -165,13 +148,12 @@ class QARepository:
         self, session: Session, *, tenant_id: int, record_ids: Sequence[int]
     ) -> list[FeedbackRecord]:
         """The tenant's feedback records among ``record_ids``, in id order (others' are left out)."""
-        ids = sorted(set(record_ids))
         out: list[FeedbackRecord] = []
-        for start in range(0, len(ids), _IN_CHUNK):
+        for chunk in chunks(sorted(set(record_ids))):
             stmt = (
                 select(SqlFeedback)
                 .join(SqlUser, SqlUser.id == SqlFeedback.user_id)
-                .where(SqlUser.tenant_id == tenant_id, SqlFeedback.id.in_(ids[start : start + _IN_CHUNK]))
+                .where(SqlUser.tenant_id == tenant_id, SqlFeedback.id.in_(chunk))
                 .order_by(SqlFeedback.id)
             )
             out.extend(to_feedback_record(row) for row in session.scalars(stmt))
@@ -214,20 +196,13 @@ class QARepository:
 
 
 def _report(row: SqlQAReport) -> QAReport:
-    return QAReport(
-        id=row.id,
-        tenant_id=row.tenant_id,
-        version_id=row.version_id,
+    return from_row(
+        QAReport,
+        row,
         kind=QAKind(row.kind),
-        policy_version=row.policy_version,
         decision=QADecision(row.decision),
         reasons=tuple(str(r) for r in row.reasons or ()),
         summary=dict(row.summary or {}),
-        blob_sha256=row.blob_sha256,
-        blob_uri=row.blob_uri,
-        blob_size_bytes=row.blob_size_bytes,
-        job_id=row.job_id,
-        created_at=row.created_at,
     )
 
 

@@ -26,12 +26,12 @@ from lorafleet.domain import (
     AliasEvent,
     DatasetSnapshot,
     Job,
-    JobState,
     LineageEdge,
     LineageRelation,
     VersionStatus,
 )
 from lorafleet.errors import NotFoundError, ValidationError
+from lorafleet.store.sql.jobs_repository import to_job
 from lorafleet.store.sql.models import (
     SqlAdapter,
     SqlAdapterVersion,
@@ -46,10 +46,10 @@ from lorafleet.store.sql.models import (
     SqlUser,
     utcnow,
 )
+from lorafleet.store.sql.rows import chunks, from_row, to_snapshot
 
 #: PostgreSQL advisory-lock key that orders "GC deletes a blob" against "a version row starts to use it".
 BLOB_GC_LOCK_KEY = 0x6C6F7261_67630001
-_IN_CHUNK = 500
 
 Direction = Literal["ancestors", "descendants"]
 
@@ -136,6 +136,14 @@ class RegistryRepository:
         if row is None:
             raise NotFoundError(f"adapter {adapter_id} not found")
         return _adapter(row)
+
+    def lock_live(
+        self, session: Session, *, tenant_id: int, adapter_id: int
+    ) -> tuple[Adapter, AdapterVersion | None]:
+        """The adapter under its row lock, and its live version: what every move of ``live`` (or status change
+        that must not touch the live version) checks first, so concurrent moves of one adapter queue up."""
+        adapter = self.get_adapter(session, tenant_id=tenant_id, adapter_id=adapter_id, lock=True)
+        return adapter, self.live_version(session, tenant_id=tenant_id, adapter_id=adapter_id)
 
     def ensure_adapter(
         self, session: Session, *, tenant_id: int, owner_user_id: int | None, name: str
@@ -491,7 +499,7 @@ class RegistryRepository:
     ) -> list[tuple[AdapterVersion, DatasetSnapshot | None, Job | None]]:
         """Versions (this tenant's only) with the dataset snapshot and job that produced each."""
         out: list[tuple[AdapterVersion, DatasetSnapshot | None, Job | None]] = []
-        for chunk in _chunks(sorted(set(version_ids))):
+        for chunk in chunks(sorted(set(version_ids))):
             stmt = (
                 select(SqlAdapterVersion, SqlDatasetSnapshot, SqlJob)
                 .join(SqlAdapter, SqlAdapter.id == SqlAdapterVersion.adapter_id)
@@ -500,7 +508,13 @@ class RegistryRepository:
                 .where(SqlAdapter.tenant_id == tenant_id, SqlAdapterVersion.id.in_(chunk))
             )
             for version, snapshot, job in session.execute(stmt).tuples():
-                out.append((_version(version), _snapshot(snapshot), _job(job)))
+                out.append(
+                    (
+                        _version(version),
+                        None if snapshot is None else to_snapshot(snapshot),
+                        None if job is None else to_job(job),
+                    )
+                )
         return out
 
     # --- blobs and the garbage collector ----------------------------------------------------------------
@@ -516,7 +530,7 @@ class RegistryRepository:
     def referenced_sha256s(self, session: Session, *, digests: Iterable[str]) -> set[str]:
         """The digests among ``digests`` that some version row or QA report uses (indexes on both)."""
         found: set[str] = set()
-        for chunk in _chunks(sorted(set(digests))):
+        for chunk in chunks(sorted(set(digests))):
             stmt = select(SqlAdapterVersion.sha256).where(SqlAdapterVersion.sha256.in_(chunk)).distinct()
             found.update(session.scalars(stmt))
             reports = select(SqlQAReport.blob_sha256).where(SqlQAReport.blob_sha256.in_(chunk)).distinct()
@@ -541,87 +555,20 @@ def _scoped_snapshots(tenant_id: int) -> Any:
     )
 
 
-def _chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(values), _IN_CHUNK):
-        yield values[start : start + _IN_CHUNK]
-
-
 def _adapter(row: SqlAdapter) -> Adapter:
-    return Adapter(
-        id=row.id,
-        tenant_id=row.tenant_id,
-        owner_user_id=row.owner_user_id,
-        name=row.name,
-        target_config=dict(row.target_config or {}),
-        created_at=row.created_at,
-    )
+    return from_row(Adapter, row, target_config=dict(row.target_config or {}))
 
 
 def _version(row: SqlAdapterVersion) -> AdapterVersion:
-    return AdapterVersion(
-        id=row.id,
-        adapter_id=row.adapter_id,
-        number=row.number,
-        blob_uri=row.blob_uri,
-        sha256=row.sha256,
-        size_bytes=row.size_bytes,
-        base_fingerprint=row.base_fingerprint,
-        rank=row.rank,
+    return from_row(
+        AdapterVersion,
+        row,
         target_modules=tuple(row.target_modules),
         training_config=dict(row.training_config or {}),
         metrics=dict(row.metrics or {}),
         status=VersionStatus(row.status),
-        created_at=row.created_at,
-        job_id=row.job_id,
-        dataset_snapshot_id=row.dataset_snapshot_id,
     )
 
 
 def _event(row: SqlAliasEvent) -> AliasEvent:
-    return AliasEvent(
-        id=row.id,
-        adapter_id=row.adapter_id,
-        alias=row.alias,
-        from_version_id=row.from_version_id,
-        to_version_id=row.to_version_id,
-        actor=row.actor,
-        reason=row.reason,
-        created_at=row.created_at,
-        forced=bool(row.forced),
-    )
-
-
-def _snapshot(row: SqlDatasetSnapshot | None) -> DatasetSnapshot | None:
-    if row is None:
-        return None
-    return DatasetSnapshot(
-        id=row.id,
-        user_id=row.user_id,
-        record_count=row.record_count,
-        content_hash=row.content_hash,
-        min_record_id=row.min_record_id,
-        max_record_id=row.max_record_id,
-        record_ids=None if row.record_ids is None else tuple(int(i) for i in row.record_ids),
-        details=dict(row.details or {}),
-        created_at=row.created_at,
-    )
-
-
-def _job(row: SqlJob | None) -> Job | None:
-    if row is None:
-        return None
-    return Job(
-        id=row.id,
-        tenant_id=row.tenant_id,
-        kind=row.kind,
-        state=JobState(row.state),
-        payload=dict(row.payload or {}),
-        attempts=row.attempts,
-        max_attempts=row.max_attempts,
-        created_at=row.created_at,
-        dedupe_key=row.dedupe_key,
-        result=row.result,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        error=row.error,
-    )
+    return from_row(AliasEvent, row, forced=bool(row.forced))

@@ -31,6 +31,7 @@ from lorafleet.store.sql.models import (
     SqlUser,
     utcnow,
 )
+from lorafleet.store.sql.rows import from_row
 
 #: the name of a user's learned-gate adapter (kind ``gate``; one per user)
 GATE_ADAPTER_NAME = "gate"
@@ -374,12 +375,4 @@ def _live_row(row: Any) -> LiveAdapterRow:
 
 
 def _event(row: SqlEnrolmentEvent) -> EnrolmentEvent:
-    return EnrolmentEvent(
-        id=row.id,
-        tenant_id=row.tenant_id,
-        user_id=row.user_id,
-        adapter_id=row.adapter_id,
-        action=EnrolmentAction(row.action),
-        actor=row.actor,
-        created_at=row.created_at,
-    )
+    return from_row(EnrolmentEvent, row, action=EnrolmentAction(row.action))

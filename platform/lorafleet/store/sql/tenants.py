@@ -25,6 +25,7 @@ from lorafleet.domain.subject import task_subject_id as task_subject_id  # re-ex
 from lorafleet.errors import AuthError, NotFoundError, StoreError, ValidationError
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlApiKey, SqlTenant, SqlUser, utcnow
+from lorafleet.store.sql.rows import from_row
 
 API_KEY_SCHEME = "lf_"
 #: ``lf_`` + 8 characters of the secret: enough to tell keys apart in logs, far too little to guess the rest.
@@ -68,11 +69,11 @@ def check_page(*, limit: int, offset: int = 0) -> None:
 
 
 def to_tenant(row: SqlTenant) -> Tenant:
-    return Tenant(id=row.id, name=row.name, created_at=row.created_at)
+    return from_row(Tenant, row)
 
 
 def to_user(row: SqlUser) -> User:
-    return User(id=row.id, tenant_id=row.tenant_id, external_id=row.external_id, created_at=row.created_at)
+    return from_row(User, row)
 
 
 def require_tenant(session: Session, *, tenant_id: int) -> SqlTenant:
@@ -252,12 +253,16 @@ class TenantRepository:
 
     def get_user(self, *, tenant_id: int, external_id: str) -> User:
         """The tenant's user; NotFoundError if absent (also when only another tenant has that id)."""
-        external_id = validate_external_id(external_id)
+        found = self.find_subject(tenant_id=tenant_id, external_id=validate_external_id(external_id))
+        if found is None:
+            raise NotFoundError(f"user {external_id!r} not found")
+        return found
+
+    def find_subject(self, *, tenant_id: int, external_id: str, kind: str = SubjectKind.USER) -> User | None:
+        """A subject by external id (a user, or with ``kind`` ``task`` a task's dataset), or None."""
         with self.db.session() as session:
-            row = find_user(session, tenant_id=tenant_id, external_id=external_id)
-            if row is None:
-                raise NotFoundError(f"user {external_id!r} not found")
-            return to_user(row)
+            row = find_user(session, tenant_id=tenant_id, external_id=external_id, kind=kind)
+            return None if row is None else to_user(row)
 
     def get_training_overrides(self, *, tenant_id: int) -> dict[str, Any]:
         """The tenant's stored ``TrainingConfig`` overrides (empty: none); NotFoundError for no such tenant."""
