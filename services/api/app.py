@@ -26,7 +26,7 @@ from services.api.runtime import ApiOptions, ApiServices, BackgroundRuntime
 logger = logging.getLogger("lorafleet.api")
 
 DESCRIPTION = """Per-user LoRA adapters on a shared frozen backbone: feedback in, continual-learning jobs,
-versioned adapters with rollback, and generation through each user's adapter bank (also OpenAI-compatible).
+versioned adapters with rollback, and generation through each user's experts (also OpenAI-compatible).
 
 Authenticate with `Authorization: Bearer <key>`: a tenant's API key for everything under `/v1/users` and
 `/v1/jobs` and the OpenAI-compatible routes; the admin key for `/v1/tenants` and `/v1/admin`. Errors are

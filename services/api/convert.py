@@ -11,7 +11,7 @@ from lorafleet.domain import Adapter, AdapterVersion, AliasEvent, FeedbackRecord
 from lorafleet.domain.subject import Subject
 from lorafleet.feedback import IngestResult
 from lorafleet.registry import Lineage, LineageNode
-from lorafleet.routing.bank import Enrolment
+from lorafleet.routing.experts import Enrolment
 from lorafleet.sdk import schemas as s
 from lorafleet.serving.requests import GenerationResult, TokenLogprob
 from lorafleet.store.sql.qa_repository import QAReport

@@ -370,7 +370,7 @@ def _build_engine(
         quantization=options.serving_quantization,
         general_prompts=ANCHOR_PROMPTS,  # the backbone's common direction; the base's side if turned on
         general_to_base=settings.gate_general_prompts,
-        # a request whose adapters produced NaN or Inf: QA rechecks the user's bank
+        # a request whose adapters produced NaN or Inf: QA rechecks the user's experts
         on_nonfinite=lambda bank, members: on_nonfinite_output(db, bank=bank, members=members),
     )
 

@@ -25,7 +25,7 @@ from _common import add_backbone_options, backbones_to_run, chosen_sizes, median
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from tests.lora_weights import random_lora_weights
 
-from lorafleet.adapters import AdapterBank, RoutingPlan, SlotConfig, inject_bank
+from lorafleet.adapters import AdapterBank, SlotConfig, SlotPlan, inject_bank
 from lorafleet.backbone import load_backbone
 
 RANK, ALPHA, BATCH, SEQ = 16, 32.0, 32, 32
@@ -104,7 +104,7 @@ def bench_inference(path: Path, runs: int) -> list[dict[str, Any]]:
         routes = [
             row * users // BATCH for row in range(BATCH)
         ]  # contiguous groups, as a server sorts a batch
-        plan = RoutingPlan.single(routes)
+        plan = SlotPlan.single(routes)
         names = [f"u{r}" for r in routes]
         conditions[f"bank/{users}"] = lambda plan=plan: _bank_forward(bank, banked.model, ids, plan)
         conditions[f"peft mixed/{users}"] = lambda names=names: peft_model(input_ids=ids, adapter_names=names)
@@ -138,10 +138,8 @@ def bench_inference(path: Path, runs: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _bank_forward(
-    bank: AdapterBank, model: torch.nn.Module, ids: torch.Tensor, plan: RoutingPlan | None
-) -> Any:
-    with bank.routing(plan):
+def _bank_forward(bank: AdapterBank, model: torch.nn.Module, ids: torch.Tensor, plan: SlotPlan | None) -> Any:
+    with bank.use(plan):
         return model(ids)
 
 
@@ -211,7 +209,7 @@ def _bank_step(
     routes: list[int],
     optimizer: torch.optim.Optimizer,
 ) -> None:
-    with bank.routing(RoutingPlan.single(routes)):
+    with bank.use(SlotPlan.single(routes)):
         _per_user_loss(model(ids).logits, ids, routes).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -34,7 +34,7 @@ from bench_serving import evict_all, replay, write_versions, zipf_draws
 from tests.lora_weights import random_lora_weights
 
 from lorafleet.adapters import AdapterBank, SlotConfig, inject_bank
-from lorafleet.adapters.routing import RoutingPlan
+from lorafleet.adapters.plan import SlotPlan
 from lorafleet.backbone import build_tiny_backbone, load_backbone, resolve_backbone_path
 from lorafleet.serving import AdapterCache
 from lorafleet.serving.decode import BatchDecoder, RowSpec
@@ -60,7 +60,7 @@ def bench_decode(
     ids = torch.randint(100, 5000, (batch, prompt), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     options = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
-    plan = RoutingPlan.single(list(range(batch)))
+    plan = SlotPlan.single(list(range(batch)))
     decoder = BatchDecoder(served.model, bank, served.tokenizer, device=served.device)
     rows = [RowSpec(tuple(ids[i].tolist()), ((i, 1.0),), max_new_tokens=new) for i in range(batch)]
     tokens: dict[str, int] = {}
@@ -71,7 +71,7 @@ def bench_decode(
         )
 
     def run_bank() -> None:
-        with bank.routing(plan):
+        with bank.use(plan):
             tokens["bank generate"] = int(
                 served.model.generate(input_ids=ids, attention_mask=mask, **options).shape[1]
             )
@@ -79,7 +79,7 @@ def bench_decode(
     def run_regather() -> None:
         hook = served.model.register_forward_pre_hook(lambda *_: bank.drop_cached_work())
         try:
-            with bank.routing(plan):
+            with bank.use(plan):
                 served.model.generate(input_ids=ids, attention_mask=mask, **options)
         finally:
             hook.remove()

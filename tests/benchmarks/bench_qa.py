@@ -42,8 +42,8 @@ from lorafleet.jobs import JobQueue, JobWorker, Scheduler, SchedulerPolicy  # no
 from lorafleet.qa.policy import QAPolicy  # noqa: E402
 from lorafleet.qa.reports import load_report  # noqa: E402
 from lorafleet.registry import Registry  # noqa: E402
-from lorafleet.routing.bank import enrol  # noqa: E402
 from lorafleet.routing.embeddings import routing_key  # noqa: E402
+from lorafleet.routing.experts import enrol  # noqa: E402
 from lorafleet.store.blob import open_blob_store  # noqa: E402
 from lorafleet.store.sql import migrate  # noqa: E402
 from lorafleet.store.sql.database import Database  # noqa: E402
@@ -54,7 +54,7 @@ from lorafleet.training import synthetic_routing as routing_tasks  # noqa: E402
 from lorafleet.training.config import TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import Example, build_dataset  # noqa: E402
 from lorafleet.training.overrides import set_tenant_training  # noqa: E402
-from lorafleet.training.trainer import SlotTask, train_slots  # noqa: E402
+from lorafleet.training.trainer import SlotTraining, train_slots  # noqa: E402
 from lorafleet.workflows.continual import PERSONAL_ADAPTER, ContinualTrainer  # noqa: E402
 from lorafleet.workflows.feedback import ingest_feedback, list_feedback  # noqa: E402
 from lorafleet.workflows.qa_runner import QARunner  # noqa: E402
@@ -197,7 +197,7 @@ def _train_chunk(
             )
             slots.append(slot)
         tasks = [
-            SlotTask(s, f"fresh-{first + i}", d, [])
+            SlotTraining(s, f"fresh-{first + i}", d, [])
             for i, (s, d) in enumerate(zip(slots, datasets, strict=True))
         ]
         train_slots(env.bank, env.backbone.tokenizer, tasks, config)

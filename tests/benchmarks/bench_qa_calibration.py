@@ -39,7 +39,7 @@ from lorafleet.training.config import TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import Example, pad_token_id  # noqa: E402
 from lorafleet.training.general_prompts import anchor_examples, generate_answers  # noqa: E402
 from lorafleet.training.metrics import score_examples, summarize  # noqa: E402
-from lorafleet.training.trainer import SlotTask, train_slots  # noqa: E402
+from lorafleet.training.trainer import SlotTraining, train_slots  # noqa: E402
 
 logger = logging.getLogger("bench_qa_calibration")
 
@@ -65,7 +65,7 @@ def main() -> None:
     config = TrainingConfig(max_steps=args.steps, max_seq_len=128)
     users = pf.make_users(args.users, seed=0)
     kinds: list[tuple[str, str]] = []  # (group, name), one per slot
-    tasks: dict[float, list[SlotTask]] = {config.learning_rate: [], 1e-2: []}
+    tasks: dict[float, list[SlotTraining]] = {config.learning_rate: [], 1e-2: []}
     bank = inject_bank(
         backbone, target_modules=top_layers_regex(layers, 6), n_slots=4 * args.users + 2, max_rank=config.rank
     )
@@ -78,7 +78,7 @@ def main() -> None:
         slot = len(kinds)
         bank.init_slot(slot, config.slot_config(backbone_fingerprint=bank.fingerprint), seed=slot)
         tasks[lr].append(
-            SlotTask(
+            SlotTraining(
                 slot=slot, key=name, train=train, holdout=[], anchors=anchors[:n_anchor] if anchored else []
             )
         )

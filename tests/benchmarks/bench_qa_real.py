@@ -63,7 +63,7 @@ from lorafleet.training.dataset import Example, build_dataset, reservoir_sample 
 from lorafleet.training.general_prompts import ANCHOR_PROMPTS, anchor_examples  # noqa: E402
 from lorafleet.training.overrides import set_tenant_training  # noqa: E402
 from lorafleet.training.personal_facts import PersonalUser, fact_of_question, fact_records, make_users  # noqa: E402
-from lorafleet.training.trainer import SlotTask, train_slots  # noqa: E402
+from lorafleet.training.trainer import SlotTraining, train_slots  # noqa: E402
 from lorafleet.workflows.continual import PERSONAL_ADAPTER, ContinualTrainer  # noqa: E402
 from lorafleet.workflows.feedback import ingest_feedback, list_feedback  # noqa: E402
 from lorafleet.workflows.qa_runner import QARunner  # noqa: E402
@@ -262,7 +262,7 @@ def train_together(
             slots.append(slot)
             wanted = round(config.anchor_ratio / (1 - config.anchor_ratio) * len(data))
             anchors = reservoir_sample(pool, min(wanted, len(pool)), seed=i)
-            tasks.append(SlotTask(slot, f"hand-made-{i}", data, [], anchors=anchors))
+            tasks.append(SlotTraining(slot, f"hand-made-{i}", data, [], anchors=anchors))
         started = time.perf_counter()
         train_slots(env.bank, env.backbone.tokenizer, tasks, config, prefix=trainer.prefix)
         logger.info("trained %d hand-made candidates in %.0f s", len(tasks), time.perf_counter() - started)

@@ -34,7 +34,7 @@ from lorafleet.training import synthetic  # noqa: E402
 from lorafleet.training.config import TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import Example, build_dataset, reservoir_sample  # noqa: E402
 from lorafleet.training.synthetic import PersonalisationScores, evaluate_personalisation  # noqa: E402
-from lorafleet.training.trainer import SlotTask, train_slots  # noqa: E402
+from lorafleet.training.trainer import SlotTraining, train_slots  # noqa: E402
 
 logger = logging.getLogger("bench_quality")
 ROUNDS = (1, 2, 3)
@@ -124,7 +124,7 @@ def run_rounds(
         results[user.key]["base_all"] = score(bank, tokenizer, user.holdout_upto(3), None)
         bank.init_slot(user.slot_replay, config.slot_config(), seed=seed + user.slot_replay)
     logger.info("round 1: %d users, %d steps", len(users), config.max_steps)
-    tasks = [SlotTask(u.slot_replay, u.key, u.train[1], u.holdout[1]) for u in users]
+    tasks = [SlotTraining(u.slot_replay, u.key, u.train[1], u.holdout[1]) for u in users]
     train_slots(bank, tokenizer, tasks, config)
     for user in users:
         results[user.key]["r1"] = score(bank, tokenizer, user.holdout[1], user.slot_replay)
@@ -136,7 +136,7 @@ def run_rounds(
         for user in users:
             holdout = user.holdout[r]
             tasks.append(
-                SlotTask(
+                SlotTraining(
                     user.slot_replay,
                     f"{user.key}/replay",
                     round_examples(user, r, replay_ratio=replay_ratio, seed=seed),
@@ -144,7 +144,7 @@ def run_rounds(
                 )
             )
             tasks.append(
-                SlotTask(
+                SlotTraining(
                     user.slot_plain,
                     f"{user.key}/plain",
                     round_examples(user, r, replay_ratio=0.0, seed=seed),
@@ -196,7 +196,7 @@ def throughput(
         tasks = []
         for j, user in enumerate(group):
             bank.init_slot(j, config.slot_config(), seed=j, replace=True)
-            tasks.append(SlotTask(j, f"{user.key}/tp{j}", user.train[1], user.holdout[1]))
+            tasks.append(SlotTraining(j, f"{user.key}/tp{j}", user.train[1], user.holdout[1]))
         start = time.perf_counter()
         train_slots(bank, tokenizer, tasks, config)
         elapsed += time.perf_counter() - start

@@ -77,7 +77,7 @@ from lorafleet.training.general_prompts import (  # noqa: E402
     EVAL_PROMPTS,
 )
 from lorafleet.training.personal_facts import PersonalUser, make_users, user_examples  # noqa: E402
-from lorafleet.training.trainer import SlotTask, train_slots  # noqa: E402
+from lorafleet.training.trainer import SlotTraining, train_slots  # noqa: E402
 
 logger = logging.getLogger("bench_quality_real")
 #: the product's training defaults, which every flag below starts from
@@ -261,7 +261,7 @@ def _int_seed(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
 
 
-def train_round(ctx: Context, tasks: list[SlotTask], seed: int) -> tuple[float, float]:
+def train_round(ctx: Context, tasks: list[SlotTraining], seed: int) -> tuple[float, float]:
     """One ``train_slots`` job over every task; its wall time and this process's CPU time, in seconds (on a
     shared machine the CPU time is the steadier of the two)."""
     started, cpu = time.perf_counter(), time.process_time()
@@ -347,7 +347,7 @@ def round_one(ctx: Context, users: list[PersonalUser], seed: int, out: SeedResul
             rows, anchors = (
                 with_anchors(ctx, train, f"{seed}/{user.key}/1") if name == "anchors" else (train, [])
             )
-            tasks.append(SlotTask(slots[user.key], f"{user.key}/{name}", rows, held, anchors=anchors))
+            tasks.append(SlotTraining(slots[user.key], f"{user.key}/{name}", rows, held, anchors=anchors))
     out.figures["train_s_r1"], out.figures["cpu_s_r1"] = train_round(ctx, tasks, seed)
     started = time.perf_counter()
     judged = evaluate(ctx, users, arms, [1], seed, general=True, gated="anchors")
@@ -387,7 +387,9 @@ def later_round(
         held = user_examples(user, rounds=[r], split="eval", seed=seed, first_id=10_000 * r)
         for name, train in (("replay", new + replay), ("noreplay", new)):
             rows, anchors = with_anchors(ctx, train, f"{seed}/{user.key}/{r}/{name}")
-            tasks.append(SlotTask(arms[name][user.key], f"{user.key}/{name}", rows, held, anchors=anchors))
+            tasks.append(
+                SlotTraining(arms[name][user.key], f"{user.key}/{name}", rows, held, anchors=anchors)
+            )
     out.figures[f"train_s_r{r}"], out.figures[f"cpu_s_r{r}"] = train_round(ctx, tasks, seed + 1000 * r)
     started = time.perf_counter()
     last = r == ctx.args.rounds

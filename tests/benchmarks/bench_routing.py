@@ -30,12 +30,12 @@ import torch  # noqa: E402
 
 from lorafleet.adapters import AdapterBank, inject_bank  # noqa: E402
 from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone  # noqa: E402
-from lorafleet.routing.bank import BankMember, UserBank, bank_revision  # noqa: E402
 from lorafleet.routing.embeddings import embed_prompts, routing_key  # noqa: E402
+from lorafleet.routing.experts import Expert, ExpertSet, experts_revision  # noqa: E402
 from lorafleet.routing.gates import CentroidGate, Gate, LearnedGate  # noqa: E402
 from lorafleet.routing.learned import GateTrainingConfig, train_learned_gate  # noqa: E402
 from lorafleet.routing.spec import GateSpec  # noqa: E402
-from lorafleet.training import Example, SlotTask, TrainingConfig, train_slots  # noqa: E402
+from lorafleet.training import Example, SlotTraining, TrainingConfig, train_slots  # noqa: E402
 from lorafleet.training.metrics import score_examples, summarize  # noqa: E402
 from lorafleet.training.synthetic_routing import TASKS, three_tasks  # noqa: E402
 
@@ -61,21 +61,20 @@ def train_bank(
     tasks = []
     for slot, task in enumerate(TASKS):
         bank.init_slot(slot, config.slot_config(name=task), seed=slot)
-        tasks.append(SlotTask(slot=slot, key=task, train=data[task][0], holdout=data[task][1]))
+        tasks.append(SlotTraining(slot=slot, key=task, train=data[task][0], holdout=data[task][1]))
     for result in train_slots(bank, backbone.tokenizer, tasks, config):
         m = result.metrics
         print(f"  {result.key}: holdout loss {m['holdout_loss_before']:.3f} -> {m['holdout_loss_after']:.3f}")
     return bank
 
 
-def user_bank_of(keys: Sequence[tuple[float, ...]]) -> UserBank:
-    """The user's bank in memory: member i = task i's adapter (adapter id i + 1) with its routing key."""
+def user_bank_of(keys: Sequence[tuple[float, ...]]) -> ExpertSet:
+    """The user's experts in memory: member i = task i's adapter (adapter id i + 1) with its routing key."""
     members = tuple(
-        BankMember(i + 1, task, "personal", 10 + i, 1, f"{i:064x}", 0, 8, keys[i])
-        for i, task in enumerate(TASKS)
+        Expert(i + 1, task, "personal", 10 + i, 1, f"{i:064x}", 0, 8, keys[i]) for i, task in enumerate(TASKS)
     )
     gate = GateSpec()
-    return UserBank(1, 1, "bench-user", members, gate, bank_revision(members, gate))
+    return ExpertSet(1, 1, "bench-user", members, gate, experts_revision(members, gate))
 
 
 def holdout_loss(
@@ -90,7 +89,7 @@ def evaluate_gate(
     *,
     backbone: Backbone,
     bank: AdapterBank,
-    user_bank: UserBank,
+    user_bank: ExpertSet,
     embeddings: torch.Tensor,
     examples: list[Example],
     labels: list[int],
@@ -132,7 +131,7 @@ def prepare_holdout(
 
 
 def evaluate_gates(
-    holdout: Holdout, gates: dict[str, Gate], *, backbone: Backbone, bank: AdapterBank, user_bank: UserBank
+    holdout: Holdout, gates: dict[str, Gate], *, backbone: Backbone, bank: AdapterBank, user_bank: ExpertSet
 ) -> list[GateResult]:
     """Each gate's routing accuracy, mean top weight and gated holdout loss on ``holdout``."""
     return [
@@ -205,7 +204,7 @@ def report(
     *,
     backbone: Backbone,
     bank: AdapterBank,
-    user_bank: UserBank,
+    user_bank: ExpertSet,
     gates: dict[str, Gate],
     split: dict[str, tuple[list[Example], list[Example]]],
 ) -> None:
@@ -225,7 +224,7 @@ def report(
 
 
 def report_latency(
-    backbone: Backbone, bank: AdapterBank, user_bank: UserBank, gates: dict[str, Gate], prompts: list[str]
+    backbone: Backbone, bank: AdapterBank, user_bank: ExpertSet, gates: dict[str, Gate], prompts: list[str]
 ) -> None:
     embed = median_ms(lambda: embed_prompts(backbone, bank, prompts, batch_size=len(prompts)), runs=5)
     embeddings = embed_prompts(backbone, bank, prompts)
@@ -234,7 +233,7 @@ def report_latency(
     print(" gate decisions " + ", ".join(f"{n} {ms:.2f} ms" for n, ms in decide.items()) + ".")
 
 
-def _decider(gate: Gate, user_bank: UserBank, embeddings: torch.Tensor) -> Callable[[], object]:
+def _decider(gate: Gate, user_bank: ExpertSet, embeddings: torch.Tensor) -> Callable[[], object]:
     return lambda: gate.decide(user_bank, embeddings)
 
 

@@ -35,7 +35,7 @@ from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.routing.embeddings import common_direction, embed_prompts, routing_key  # noqa: E402
 from lorafleet.routing.gates import CentroidGate, Gate  # noqa: E402
-from lorafleet.training import Example, SlotTask, TrainingConfig, train_slots  # noqa: E402
+from lorafleet.training import Example, SlotTraining, TrainingConfig, train_slots  # noqa: E402
 from lorafleet.training.dataset import pad_token_id  # noqa: E402
 from lorafleet.training.general_prompts import ANCHOR_PROMPTS  # noqa: E402
 from lorafleet.training.synthetic_routing import TASKS, three_tasks  # noqa: E402
@@ -71,7 +71,7 @@ def train_bank(backbone: Backbone, data: Split, args: argparse.Namespace) -> Ada
     tasks = []
     for slot, task in enumerate(TASKS):
         bank.init_slot(slot, config.slot_config(layer_names=list(bank.layers), name=task), seed=slot)
-        tasks.append(SlotTask(slot, task, data[task][0], data[task][1]))
+        tasks.append(SlotTraining(slot, task, data[task][0], data[task][1]))
     prefix = FrozenPrefix.for_bank(
         bank, identity="bench-routing-real", pad_id=pad_token_id(backbone.tokenizer)
     )

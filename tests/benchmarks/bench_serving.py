@@ -48,8 +48,8 @@ from lorafleet.adapters import AdapterBank, SlotConfig, inject_bank, save_slot
 from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone
 from lorafleet.registry import pack_adapter_archive
 from lorafleet.registry.peft_format import inspect_adapter_dir
-from lorafleet.routing.bank import BankMember, UserBank
 from lorafleet.routing.embeddings import pooled_embeddings
+from lorafleet.routing.experts import Expert, ExpertSet
 from lorafleet.routing.spec import GateSpec
 from lorafleet.serving import AdapterCache, GenerationEngine, GenerationRequest
 from lorafleet.serving.decode import BatchDecoder, RowSpec, left_pad
@@ -95,7 +95,7 @@ TINY_SIZES: dict[str, Any] = {
 # --- adapters as real blobs ----------------------------------------------------------------------------------
 def write_versions(
     bank: AdapterBank, store: BlobStore, n: int, *, rank: int, modules: list[str] | None = None
-) -> list[BankMember]:
+) -> list[Expert]:
     """``n`` random adapters written as PEFT folders through slot 0, archived and put in ``store``."""
     members = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,8 +120,8 @@ def _unit_vector(seed: int, bank: AdapterBank) -> tuple[float, ...]:
     return tuple(key.tolist())
 
 
-def _member(i: int, sha256: str, size: int, rank: int, key: tuple[float, ...]) -> BankMember:
-    return BankMember(
+def _member(i: int, sha256: str, size: int, rank: int, key: tuple[float, ...]) -> Expert:
+    return Expert(
         adapter_id=i + 1,
         adapter_name=f"user-{i}",
         kind="personal",
@@ -134,8 +134,8 @@ def _member(i: int, sha256: str, size: int, rank: int, key: tuple[float, ...]) -
     )
 
 
-def _bank(user: str, members: list[BankMember]) -> UserBank:
-    return UserBank(1, None, user, tuple(members), GateSpec(), f"rev-{user}")
+def _bank(user: str, members: list[Expert]) -> ExpertSet:
+    return ExpertSet(1, None, user, tuple(members), GateSpec(), f"rev-{user}")
 
 
 # --- 1. throughput -------------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def zipf_draws(users: int, requests: int, s: float) -> tuple[np.ndarray, np.ndar
     return weights, np.random.default_rng(1).choice(users, size=requests, p=weights / weights.sum())
 
 
-def replay(cache: AdapterCache, members: Sequence[BankMember], draws: np.ndarray) -> tuple[Any, Any]:
+def replay(cache: AdapterCache, members: Sequence[Expert], draws: np.ndarray) -> tuple[Any, Any]:
     """Acquire and release each drawn user's version in turn; the cache's stats after the first tenth of the
     requests (the warm-up) and at the end."""
     warm = len(draws) // 10

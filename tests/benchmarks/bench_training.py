@@ -47,7 +47,7 @@ from lorafleet.training.config import TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import pad_token_id  # noqa: E402
 from lorafleet.training.metrics import score_examples, summarize  # noqa: E402
 from lorafleet.training.personal_facts import make_users, user_examples  # noqa: E402
-from lorafleet.training.trainer import SlotTask, train_slots  # noqa: E402
+from lorafleet.training.trainer import SlotTraining, train_slots  # noqa: E402
 
 logger = logging.getLogger("bench_training")
 
@@ -79,13 +79,13 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def tasks_for(users: list, bank: AdapterBank, config: TrainingConfig) -> list[SlotTask]:
+def tasks_for(users: list, bank: AdapterBank, config: TrainingConfig) -> list[SlotTraining]:
     out = []
     for slot, user in enumerate(users):
         bank.init_slot(slot, config.slot_config(layer_names=list(bank.layers)), seed=slot, replace=True)
         train = user_examples(user, rounds=[1], split="train")
         holdout = user_examples(user, rounds=[1], split="eval")
-        out.append(SlotTask(slot, user.key, train, holdout))
+        out.append(SlotTraining(slot, user.key, train, holdout))
     return out
 
 

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorafleet.adapters import AdapterBank, RoutingPlan
+from lorafleet.adapters import AdapterBank, SlotPlan
 from lorafleet.adapters.prefix import FrozenPrefix
 from lorafleet.backbone import Backbone
-from lorafleet.routing.bank import BankMember, UserBank
 from lorafleet.routing.embeddings import embed_prompts
+from lorafleet.routing.experts import Expert, ExpertSet
 from lorafleet.routing.gates import GENERAL_MARGIN, CentroidGate
 from lorafleet.routing.spec import GateSpec
 from lorafleet.training.dataset import Example, collate, encode_example, pad_token_id
@@ -251,7 +251,7 @@ def kl_to_base(
             labels = scored.labels.unsqueeze(1)  # [n, 1]
             tokens += int(labels.shape[0])
             for slot in slots:
-                with bank.routing(RoutingPlan.single([slot] * len(chunk))):
+                with bank.use(SlotPlan.single([slot] * len(chunk))):
                     logits, _ = scored_logits(model, batch, prefix=prefix, layer=layer, sequences=sequences)
                 logp = torch.log_softmax(logits, dim=-1)  # [n, vocab]
                 sums[slot][0] += float((base_p * (base_logp - logp)).sum())
@@ -269,7 +269,7 @@ def gated_rows(
     *,
     margin: float | None = None,
 ) -> list[Row]:
-    """``rows`` as serving routes them: each user's bank holds its one adapter (routing key ``keys[user]``), and
+    """``rows`` as serving routes them: each user's experts holds its one adapter (routing key ``keys[user]``), and
     the centroid gate with the backbone's general key sends a prompt nearer the general prompts to the base
     (``slot`` None). The gate is the production one (``routing.gates.CentroidGate``), at its default margin
     unless ``margin`` is given."""
@@ -279,8 +279,8 @@ def gated_rows(
     embeddings = embed_prompts(backbone, bank, [r.prompt for r in rows])  # [rows, hidden]
     out = []
     for i, row in enumerate(rows):
-        member = BankMember(1, row.user, "personal", 1, 1, "x", 0, 8, tuple(keys[row.user]))
-        bank = UserBank(1, 1, row.user, (member,), GateSpec(), f"bench/{row.user}")
+        member = Expert(1, row.user, "personal", 1, 1, "x", 0, 8, tuple(keys[row.user]))
+        bank = ExpertSet(1, 1, row.user, (member,), GateSpec(), f"bench/{row.user}")
         (decision,) = gate.decide(bank, embeddings[i : i + 1])
         out.append(Row(row.prompt, row.slot if decision.routes else None, row.user, row.fact))
     return out

@@ -4,9 +4,9 @@ Public API (import torch-heavy names from here or from the submodules):
 
 - ``inject_bank(model_or_backbone, target_modules=..., n_slots=..., max_rank=..., dtype=...) -> AdapterBank``
   (``serving_dtype(device)``: the dtype a serving bank uses, bf16 on CUDA and fp32 on CPU)
-- ``AdapterBank``: ``routing(plan)``, ``load_slot``/``init_slot``/``evict_slot``, ``slot_info``,
+- ``AdapterBank``: ``use(plan)``, ``load_slot``/``init_slot``/``evict_slot``, ``slot_info``,
   ``slot_state_dict`` (PEFT key names), ``trainable_parameters(slots)``, ``merge``/``unmerge``
-- ``RoutingPlan.from_rows([[(slot, weight), ...], ...])`` / ``RoutingPlan.single([slot | None, ...])``
+- ``SlotPlan.from_rows([[(slot, weight), ...], ...])`` / ``SlotPlan.single([slot | None, ...])``
 - ``save_slot`` / ``load_slot_from_dir``: PEFT adapter folders
 - ``peft_format``: validation of a PEFT folder without a model (no torch needed)
 
@@ -28,7 +28,7 @@ __getattr__, __dir__, __all__ = lazy_export(
         "lorafleet.adapters.bank": ("AdapterBank",),
         "lorafleet.adapters.linear": ("BankLinear",),
         "lorafleet.adapters.layers": ("BaseLayerKind", "register_base_kind"),
-        "lorafleet.adapters.routing": ("RoutingPlan",),
+        "lorafleet.adapters.plan": ("SlotPlan",),
         "lorafleet.adapters.slots": ("SlotConfig", "SlotInfo"),
         "lorafleet.adapters.injection": (
             "ALL_LINEAR",

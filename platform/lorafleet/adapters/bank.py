@@ -1,14 +1,14 @@
 """``AdapterBank``: the bank layers of one model, with slot management, the routing context and training views.
 
 One frozen backbone; on each adapted linear layer a bank of LoRA slots (see ``linear.BankLinear``). A forward
-carries rows for many adapters at once: ``with bank.routing(plan): model(...)``. Slots are loaded, initialised
+carries rows for many adapters at once: ``with bank.use(plan): model(...)``. Slots are loaded, initialised
 and evicted in place, without rebuilding the model. Create a bank with :func:`lorafleet.adapters.inject_bank`.
 
 Training (how a trainer keeps slots that are not in a batch untouched): build the optimiser over
 ``bank.trainable_parameters(slots)`` (per-slot parameters, views into the stacks) and clear gradients with
 ``optimizer.zero_grad(set_to_none=True)`` (the default). A slot that is not in a batch is not in the autograd
 graph, so its gradients stay ``None`` and torch optimisers (SGD, Adam, AdamW, including weight decay and
-momentum) skip it entirely. Call ``backward()`` inside the ``routing`` block (recomputation under gradient
+momentum) skip it entirely. Call ``backward()`` inside the ``use`` block (recomputation under gradient
 checkpointing reads the plan). Trained values live in the slot itself: export them with ``slot_state_dict`` or
 ``serialization.save_slot``; after ``load_slot(..., replace=True)`` on a slot being trained, reset that slot's
 optimiser state.
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lorafleet.adapters.merge import merge_slot, unmerge_last
-from lorafleet.adapters.routing import RoutingPlan, RoutingState
+from lorafleet.adapters.plan import PlanState, SlotPlan
 from lorafleet.adapters.slots import SlotConfig, SlotInfo
 from lorafleet.errors import (
     AdapterFormatError,
@@ -105,7 +105,7 @@ class AdapterBank:
         *,
         n_slots: int,
         max_rank: int,
-        routing: RoutingState,
+        plan_state: PlanState,
         fingerprint: str | None = None,
         base_model_name: str | None = None,
     ) -> None:
@@ -115,7 +115,7 @@ class AdapterBank:
         #: digest of the backbone fingerprint; adapters recording another one are refused
         self.fingerprint = fingerprint
         self.base_model_name = base_model_name
-        self._routing = routing
+        self._plan_state = plan_state
         self._slots: dict[int, SlotInfo] = {}
 
     @property
@@ -143,26 +143,26 @@ class AdapterBank:
     @property
     def merged_slots(self) -> tuple[int, ...]:
         """Slots merged into the base weights, oldest first (unmerge pops the last)."""
-        return tuple(self._routing.merged_slots)
+        return tuple(self._plan_state.merged_slots)
 
-    # --- routing ---------------------------------------------------------------------------------------------
+    # --- plans ----------------------------------------------------------------------------------------------
     @contextmanager
-    def routing(self, plan: RoutingPlan | None) -> Iterator[RoutingPlan | None]:
+    def use(self, plan: SlotPlan | None) -> Iterator[SlotPlan | None]:
         """Use ``plan`` for every forward inside the block (also every step of ``generate``); None = base only."""
         if plan is not None:
             self._check_plan(plan)
-        saved = (self._routing.active, self._routing.plan)
-        self._routing.active, self._routing.plan = True, plan
+        saved = (self._plan_state.active, self._plan_state.plan)
+        self._plan_state.active, self._plan_state.plan = True, plan
         try:
             yield plan
         finally:
-            self._routing.active, self._routing.plan = saved
+            self._plan_state.active, self._plan_state.plan = saved
 
-    def base_only(self) -> AbstractContextManager[RoutingPlan | None]:
+    def base_only(self) -> AbstractContextManager[SlotPlan | None]:
         """Forwards inside the block skip every adapter (the frozen base model alone)."""
-        return self.routing(None)
+        return self.use(None)
 
-    def _check_plan(self, plan: RoutingPlan) -> None:
+    def _check_plan(self, plan: SlotPlan) -> None:
         bad = [s for s in plan.used_slots if s >= self.n_slots]
         if bad:
             raise ValidationError(f"routing plan uses slots {bad}; the bank has {self.n_slots} slots")
@@ -237,7 +237,7 @@ class AdapterBank:
         self._check_index(slot)
         if slot not in self._slots:
             raise NotFoundError(f"slot {slot} is empty")
-        if slot in self._routing.merged_slots:
+        if slot in self._plan_state.merged_slots:
             raise MergeError(f"slot {slot} is merged into the base weights: unmerge it before evicting")
         for layer in self.layers.values():
             layer.write_slot(slot, None, None, scaling=0.0, dropout=0.0)
@@ -276,7 +276,7 @@ class AdapterBank:
         groups: list[dict[str, Any]] = []
         for slot in slots:
             info = self._require(slot)
-            if slot in self._routing.merged_slots:
+            if slot in self._plan_state.merged_slots:
                 raise MergeError(f"slot {slot} is merged into the base weights: unmerge it before training")
             params: list[nn.Parameter] = []
             for name in info.modules:
@@ -321,7 +321,7 @@ class AdapterBank:
 
     def _check_writable(self, slot: int, *, replace: bool) -> None:
         self._check_index(slot)
-        if slot in self._routing.merged_slots:
+        if slot in self._plan_state.merged_slots:
             raise MergeError(f"slot {slot} is merged into the base weights: unmerge it first")
         if slot in self._slots and not replace:
             raise ConflictError(f"slot {slot} is occupied; evict it first or pass replace=True")

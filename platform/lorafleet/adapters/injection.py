@@ -18,7 +18,7 @@ from lorafleet.adapters.bank import AdapterBank, module_matches
 from lorafleet.adapters.layers import base_kind_for
 from lorafleet.adapters.linear import BankLinear
 from lorafleet.adapters.merge import unmerge_all
-from lorafleet.adapters.routing import RoutingState
+from lorafleet.adapters.plan import PlanState
 from lorafleet.errors import ConflictError, TargetModuleError, ValidationError
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def inject_bank(
         raise ValidationError(f"n_slots and max_rank must be >= 1, got {n_slots} and {max_rank}")
     if any(isinstance(m, BankLinear) for m in model.modules()):
         raise ConflictError("this model already has an adapter bank")
-    routing = RoutingState()
+    plan_state = PlanState()
     layers: dict[str, BankLinear] = {}
     for name in find_target_modules(model, target_modules):
         parent_name, _, child = name.rpartition(".")
@@ -88,7 +88,7 @@ def inject_bank(
             kind=kind,
             n_slots=n_slots,
             max_rank=max_rank,
-            routing=routing,
+            plan_state=plan_state,
             dtype=dtype,
             name=name,
         )
@@ -100,7 +100,7 @@ def inject_bank(
         layers,
         n_slots=n_slots,
         max_rank=max_rank,
-        routing=routing,
+        plan_state=plan_state,
         fingerprint=fingerprint,
         base_model_name=base_model_name,
     )
@@ -128,7 +128,7 @@ def model_base_only(model: nn.Module) -> Iterator[None]:
     if layer is None:
         yield
         return
-    state = layer._routing
+    state = layer._plan_state
     saved = (state.active, state.plan)
     state.active, state.plan = True, None
     try:

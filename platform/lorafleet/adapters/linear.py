@@ -9,7 +9,7 @@ not grow with the number of loaded slots. Training uses per-slot ``nn.Parameter`
 one batched matmul; gathering them (``index_select`` over the stacks) at every decode step of every layer cost
 about 12 % of a decode's CPU time, yet the rows and slots stay the same from one step to the next. Without
 gradients the gathered, bucketed tensors of a plan (:class:`RowWork`) are kept per layer, keyed by the plan's
-content (``RoutingPlan.key``, so a plan rebuilt from the same routes at every step hits) and by the stacks' version
+content (``SlotPlan.key``, so a plan rebuilt from the same routes at every step hits) and by the stacks' version
 counters (any write into a slot, including an optimiser step through a slot's parameter view, invalidates them).
 One entry per layer: its memory is the batch's share of the adapters (rows x rank x (d_in + d_out)), at most one
 batch's worth, released by :meth:`BankLinear.drop_cached_work` and replaced when the batch's routes change.
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafleet.adapters.layers import BaseLayerKind
-from lorafleet.adapters.routing import RoutingPlan, RoutingState, Segment
+from lorafleet.adapters.plan import PlanState, Segment, SlotPlan
 from lorafleet.errors import AdapterShapeError, MergeError, ValidationError
 
 
@@ -78,7 +78,7 @@ class BankLinear(nn.Module):
         kind: BaseLayerKind,
         n_slots: int,
         max_rank: int,
-        routing: RoutingState,
+        plan_state: PlanState,
         dtype: torch.dtype = torch.float32,
         name: str = "",
     ) -> None:
@@ -108,7 +108,7 @@ class BankLinear(nn.Module):
         self.slot_params: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
         #: merge stack: (slot, the original weight tensor), restored as-is by unmerge
         self.merged: list[tuple[int, torch.Tensor]] = []
-        self._routing = routing
+        self._plan_state = plan_state
         self._work: RowWork | None = None  # the last plan's gathered rows (module docstring)
 
     @property
@@ -129,10 +129,10 @@ class BankLinear(nn.Module):
     # --- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self._routing.merged_slots:
+        if self._plan_state.merged_slots:
             self._check_merged_plan()
             return result
-        plan = self._routing.current()
+        plan = self._plan_state.current()
         if plan is None or not any(s in self.present for s in plan.used_slots):
             return result
         plan = plan.for_batch(x.shape[0])
@@ -151,7 +151,7 @@ class BankLinear(nn.Module):
         return out.reshape(result.shape)
 
     # --- serving: gathered rows reused across forwards ---------------------------------------------------------
-    def _add_cached(self, out: torch.Tensor, xa: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    def _add_cached(self, out: torch.Tensor, xa: torch.Tensor, plan: SlotPlan) -> torch.Tensor:
         """Rows through different slots or mixtures, without gradients: the plan's gathered rows (built on the
         first forward of the plan, reused until the plan or a slot changes), one matmul pair per rank bucket."""
         work = self.row_work(plan, xa.device)
@@ -170,7 +170,7 @@ class BankLinear(nn.Module):
                 out = out.index_add_(0, bucket.rows, torch.bmm(h, bucket.b).to(out.dtype))
         return out
 
-    def row_work(self, plan: RoutingPlan, device: torch.device) -> RowWork:
+    def row_work(self, plan: SlotPlan, device: torch.device) -> RowWork:
         """The plan's gathered, bucketed rows on ``device``: the cached ones when neither the plan's routes nor any
         slot changed since they were built, else built now (and kept, when the stacks have version counters)."""
         version = self._stack_version()
@@ -193,7 +193,7 @@ class BankLinear(nn.Module):
             return None
         return (*(t._version for t in stacks), *(t.data_ptr() for t in stacks))
 
-    def _build_work(self, plan: RoutingPlan, device: torch.device, key: tuple[Any, ...]) -> RowWork:
+    def _build_work(self, plan: SlotPlan, device: torch.device, key: tuple[Any, ...]) -> RowWork:
         t = plan.tensors(device)
         slot_rows = plan.slot_ids.tolist()  # CPU copies: the grouping is decided on the host
         active = plan.weights != 0 if not plan.per_token else (plan.weights != 0).any(dim=1)  # [batch, k]
@@ -271,7 +271,7 @@ class BankLinear(nn.Module):
         h = F.linear(xa, lora_a[:r]) * (self.coef_table[slot, :r] * weight)  # [rows, seq, r]
         return F.linear(h, lora_b[:, :r])
 
-    def _add_mixed(self, out: torch.Tensor, xa: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    def _add_mixed(self, out: torch.Tensor, xa: torch.Tensor, plan: SlotPlan) -> torch.Tensor:
         """Rows through different slots or mixtures: gather each row's k slots, then batched matmuls."""
         t = plan.tensors(xa.device)
         r = max(self.ranks[s] for s in plan.used_slots)
@@ -302,7 +302,7 @@ class BankLinear(nn.Module):
         return out
 
     def _gather_rows(
-        self, plan: RoutingPlan, slot_ids: torch.Tensor, local_ids: torch.Tensor, r: int
+        self, plan: SlotPlan, slot_ids: torch.Tensor, local_ids: torch.Tensor, r: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's k slots' A and B: stacked trainable views when training, else one gather per stack."""
         if torch.is_grad_enabled() and any(s in self.slot_params for s in plan.used_slots):
@@ -323,8 +323,8 @@ class BankLinear(nn.Module):
         return self.lora_A[slot], self.lora_B[slot]
 
     def _check_merged_plan(self) -> None:
-        merged = self._routing.merged_slots
-        plan = self._routing.plan if self._routing.active else None
+        merged = self._plan_state.merged_slots
+        plan = self._plan_state.plan if self._plan_state.active else None
         if plan is not None and not plan.routes_exactly(merged):
             raise MergeError(
                 f"slots {merged} are merged into the base weights; a plan routing rows elsewhere would get "

@@ -44,19 +44,19 @@ def merge_slot(bank: AdapterBank, slot: int) -> None:
     for layer, original, merged in updates:
         layer.merged.append((slot, original))
         layer.kind.set_weight(layer.base_layer, merged)
-    bank._routing.merged_slots.append(slot)
+    bank._plan_state.merged_slots.append(slot)
 
 
 def unmerge_last(bank: AdapterBank) -> int:
     """Restore the weights saved by the last merge (the very same tensors) and return that slot."""
     if not bank.merged_slots:
         raise MergeError("no slot is merged")
-    slot = bank._routing.merged_slots[-1]
+    slot = bank._plan_state.merged_slots[-1]
     for layer in bank.layers.values():
         if layer.merged and layer.merged[-1][0] == slot:
             _, original = layer.merged.pop()
             layer.kind.set_weight(layer.base_layer, original)
-    bank._routing.merged_slots.pop()
+    bank._plan_state.merged_slots.pop()
     return slot
 
 

@@ -19,16 +19,16 @@ from lorafleet.adapters.dense import dense_budget, dense_views
 from lorafleet.adapters.prefix import FrozenPrefix, backbone_identity
 from lorafleet.domain import Adapter, AdapterVersion, QAKind
 from lorafleet.errors import LorafleetError
-from lorafleet.qa.evalsets import EvalSet, holdout_set, probe_set
-from lorafleet.qa.matrix import GatedBank, SlotLoader, embed_sets, evaluate_matrix, gate_traffic
-from lorafleet.qa.plan import (
+from lorafleet.qa.columns import (
     CANDIDATE_HANDLE,
     PREVIOUS_HANDLE,
-    gated_bank,
+    gated_experts,
+    matrix_columns,
     member_handle,
-    plan_columns,
     version_member,
 )
+from lorafleet.qa.evalsets import EvalSet, holdout_set, probe_set
+from lorafleet.qa.matrix import GatedExperts, SlotLoader, embed_sets, evaluate_matrix, gate_traffic
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.probe import PROBE_VERSION, answers_digest, probe_digest, probe_epsilon_for, probe_examples
 from lorafleet.qa.results import BASE, CANDIDATE, PREVIOUS, Matrix
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from lorafleet.adapters import AdapterBank
     from lorafleet.backbone import Backbone
     from lorafleet.registry import Registry
-    from lorafleet.routing.bank import BankMember, UserBank
+    from lorafleet.routing.experts import Expert, ExpertSet
     from lorafleet.routing.gates import Gate
 
 logger = logging.getLogger(__name__)
@@ -55,14 +55,14 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Subject:
     """The version under evaluation, what it replaces, and the bank it is served in: its owner's for a personal
-    adapter; for a task adapter None (evaluated alone) or one enrolled user's bank."""
+    adapter; for a task adapter None (evaluated alone) or one enrolled user's experts."""
 
     kind: QAKind
     tenant_id: int
     adapter: Adapter
     version: AdapterVersion
     previous: AdapterVersion | None
-    user_bank: UserBank | None
+    user_bank: ExpertSet | None
     routing_key: tuple[float, ...] | None = None
 
     @property
@@ -178,7 +178,7 @@ class Evaluator:
     ) -> Matrix:
         sets: list[EvalSet] = [own]
         if subject.user_bank is None:
-            columns = plan_columns(
+            columns = matrix_columns(
                 has_previous=has_previous, gated_previous=None, gated_candidate=None, others=[]
             )
         else:
@@ -197,11 +197,13 @@ class Evaluator:
             if has_previous and subject.previous is not None:
                 previous = self._member(subject, subject.previous, self._key(subject.previous))
 
-            def gated(member: BankMember | None, handle: str) -> GatedBank:
-                """The user's bank as the gate serves it, with ``member`` loaded under ``handle``."""
-                return gated_bank(user_bank, gate=gate, subject=member, subject_handle=handle, others=others)
+            def gated(member: Expert | None, handle: str) -> GatedExperts:
+                """The user's experts as the gate serves it, with ``member`` loaded under ``handle``."""
+                return gated_experts(
+                    user_bank, gate=gate, subject=member, subject_handle=handle, others=others
+                )
 
-            columns = plan_columns(
+            columns = matrix_columns(
                 has_previous=has_previous,
                 gated_previous=gated(previous, PREVIOUS_HANDLE) if subject.kind == QAKind.CANDIDATE else None,
                 gated_candidate=gated(candidate, CANDIDATE_HANDLE),
@@ -222,7 +224,7 @@ class Evaluator:
         )
 
     # --- the bank -----------------------------------------------------------------------------------------
-    def _gate(self, user_bank: UserBank) -> Gate:
+    def _gate(self, user_bank: ExpertSet) -> Gate:
         def load(version_id: int) -> Any:
             return load_learned_gate(
                 self.registry,
@@ -249,7 +251,7 @@ class Evaluator:
         traffic: dict[int, float] = {}
         if len(others) > budget and own.examples:
             candidate = self._member(subject, subject.version, subject.routing_key)
-            full = gated_bank(
+            full = gated_experts(
                 subject.user_bank,
                 gate=gate,
                 subject=candidate,
@@ -262,8 +264,8 @@ class Evaluator:
         )
 
     def _load_members(
-        self, loader: SlotLoader, subject: Subject, members: tuple[BankMember, ...], notes: dict[str, Any]
-    ) -> list[BankMember]:
+        self, loader: SlotLoader, subject: Subject, members: tuple[Expert, ...], notes: dict[str, Any]
+    ) -> list[Expert]:
         """Load the sampled members; one that cannot be loaded is left out and named in the report."""
         loaded, failed = [], {}
         for m in members:
@@ -280,7 +282,7 @@ class Evaluator:
             notes["unloadable_members"] = failed
         return loaded
 
-    def _member_set(self, subject: Subject, member: BankMember) -> EvalSet:
+    def _member_set(self, subject: Subject, member: Expert) -> EvalSet:
         version = self.registry.get_version_by_id(tenant_id=subject.tenant_id, version_id=member.version_id)
         # a personal member belongs to the bank's user (for a task candidate: the enrolled user whose bank it is)
         owner = subject.user_bank.user_id if member.kind == "personal" and subject.user_bank else None
@@ -295,7 +297,7 @@ class Evaluator:
             policy=self.policy,
         )
 
-    def _member(self, subject: Subject, version: AdapterVersion, key: tuple[float, ...] | None) -> BankMember:
+    def _member(self, subject: Subject, version: AdapterVersion, key: tuple[float, ...] | None) -> Expert:
         kind = "task" if subject.adapter.is_task_adapter else "personal"
         return version_member(adapter=subject.adapter, version=version, kind=kind, routing_key=key)
 
@@ -304,7 +306,7 @@ class Evaluator:
             return QARepository(dialect=self.db.dialect).routing_key(s, version_id=version.id)
 
 
-def _bank_notes(user_bank: UserBank, sample: MemberSample) -> dict[str, Any]:
+def _bank_notes(user_bank: ExpertSet, sample: MemberSample) -> dict[str, Any]:
     return {
         "user": user_bank.external_id,
         "revision": user_bank.revision,

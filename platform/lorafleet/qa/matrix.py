@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from lorafleet.adapters.prefix import FrozenPrefix
     from lorafleet.backbone import Backbone
     from lorafleet.registry import Registry
-    from lorafleet.routing.bank import UserBank
+    from lorafleet.routing.experts import ExpertSet
     from lorafleet.routing.gates import Gate
     from lorafleet.serving.decode import RowOutput, RowSpec
 
@@ -42,10 +42,10 @@ Routes = list[tuple[int, float]]
 
 
 @dataclass(frozen=True)
-class GatedBank:
+class GatedExperts:
     """A bank the gate routes over; ``handles[i]`` names the loaded version of ``bank.members[i]``."""
 
-    bank: UserBank
+    bank: ExpertSet
     gate: Gate
     handles: tuple[str, ...]
 
@@ -56,7 +56,7 @@ class ColumnSpec:
 
     info: ColumnInfo
     routes: tuple[tuple[str, float], ...] = ()
-    gated: GatedBank | None = None
+    gated: GatedExperts | None = None
 
 
 class SlotLoader:
@@ -98,14 +98,14 @@ def embed_sets(backbone: Backbone, bank: AdapterBank, sets: Sequence[EvalSet]) -
     return {s.name: embed_prompts(backbone, bank, [e.prompt for e in s.examples]) for s in sets if s.examples}
 
 
-def gate_routes(gated: GatedBank, embeddings: torch.Tensor, slots: Mapping[str, int]) -> list[Routes]:
+def gate_routes(gated: GatedExperts, embeddings: torch.Tensor, slots: Mapping[str, int]) -> list[Routes]:
     """Each example's ``(slot, weight)`` routes from the gate's decision over the bank."""
     decisions = gated.gate.decide(gated.bank, embeddings)
     slot_of_member = [slots[h] for h in gated.handles]
     return [d.to_slots(slot_of_member) for d in decisions]
 
 
-def gate_traffic(gated: GatedBank, embeddings: torch.Tensor) -> dict[int, float]:
+def gate_traffic(gated: GatedExperts, embeddings: torch.Tensor) -> dict[int, float]:
     """Total gate weight each member (by adapter id) receives over ``embeddings`` (no weights loaded)."""
     traffic: dict[int, float] = {}
     for decision in gated.gate.decide(gated.bank, embeddings):
@@ -309,7 +309,7 @@ def _greedy_samples(
 
 __all__ = [
     "ColumnSpec",
-    "GatedBank",
+    "GatedExperts",
     "SlotLoader",
     "embed_sets",
     "evaluate_matrix",

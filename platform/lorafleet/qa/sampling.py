@@ -1,6 +1,6 @@
 """Deterministic choices QA makes when there is more than it evaluates: bank members and examples.
 
-**Members.** QA evaluates the candidate with at most ``budget`` other members of the user's bank, where
+**Members.** QA evaluates the candidate with at most ``budget`` other members of the user's experts, where
 ``budget = min(policy.max_bank_members, free bank slots - 2)`` (two slots hold the candidate and the previous
 live version). A bank within budget is evaluated whole. A larger bank is *sampled, never skipped*:
 
@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from lorafleet.routing.bank import BankMember
+from lorafleet.routing.experts import Expert
 from lorafleet.training.dataset import Example
 
 T = TypeVar("T")
@@ -34,8 +34,8 @@ T = TypeVar("T")
 class MemberSample:
     """The members QA evaluates, those it left out, and why (budget and gate traffic)."""
 
-    sampled: tuple[BankMember, ...]
-    left_out: tuple[BankMember, ...]
+    sampled: tuple[Expert, ...]
+    left_out: tuple[Expert, ...]
     budget: int
     traffic: dict[int, float]
 
@@ -50,7 +50,7 @@ class MemberSample:
         }
 
 
-def member_label(member: BankMember) -> str:
+def member_label(member: Expert) -> str:
     """``personal:<name>`` or ``task:<name>``: unique within a bank (names are unique per owner)."""
     return f"{member.kind}:{member.adapter_name}"
 
@@ -61,7 +61,7 @@ def member_budget(*, max_members: int, free_slots: int) -> int:
 
 
 def sample_members(
-    others: Sequence[BankMember], *, budget: int, traffic: Mapping[int, float], seed: int, salt: str
+    others: Sequence[Expert], *, budget: int, traffic: Mapping[int, float], seed: int, salt: str
 ) -> MemberSample:
     """The members to evaluate by the rule above (all of them when they fit the budget)."""
     if len(others) <= budget:

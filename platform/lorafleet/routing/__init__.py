@@ -1,6 +1,6 @@
-"""Gates over a user's adapter bank: which adapters (and with what weights) serve each request.
+"""Gates over a user's experts: which adapters (and with what weights) serve each request.
 
-- ``resolve_user_bank(db, tenant_id=..., user_external_id=...) -> UserBank``: the live versions of the user's
+- ``resolve_user_experts(db, tenant_id=..., user_external_id=...) -> ExpertSet``: the live versions of the user's
   own adapters plus the task adapters they are enrolled in, the gate spec, and a ``revision`` (``bank``)
 - ``enrol`` / ``unenrol`` / ``list_enrolments`` / ``enrolment_history``, ``set_gate_spec`` (``bank``)
 - ``GateSpec``, ``GateDecision`` (``spec``); ``build_gate``, ``CentroidGate``, ``LearnedGate``, ``FixedGate``,
@@ -12,7 +12,7 @@ Importing this package does not import torch; the names above are loaded on firs
 ``spec`` never need it.
 
 Its room (docs/architecture.md): the ML layer, above ``adapters`` and below serving, training and QA: which
-adapters of a user's bank answer a request, and how the bank is resolved from the registry. Re-checking QA
+adapters of a user's experts answer a request, and how the bank is resolved from the registry. Re-checking QA
 after an enrolment is a workflow (``lorafleet.workflows.qa_triggers``).
 """
 
@@ -24,12 +24,12 @@ from lorafleet._exports import lazy_export
 __getattr__, __dir__, __all__ = lazy_export(
     __name__,
     {
-        "lorafleet.routing.bank": (
-            "BankMember",
-            "UserBank",
+        "lorafleet.routing.experts": (
+            "Expert",
+            "ExpertSet",
             "Enrolment",
             "EnrolmentEvent",
-            "resolve_user_bank",
+            "resolve_user_experts",
             "enrol",
             "unenrol",
             "list_enrolments",

@@ -1,4 +1,4 @@
-"""Gates over a user's bank: for each request row, a sparse set of ``(member, weight)`` (a ``GateDecision``).
+"""Gates over a user's experts: for each request row, a sparse set of ``(member, weight)`` (a ``GateDecision``).
 
 - ``CentroidGate`` (training-free): cosine similarity between the request's pooled embedding and each member's
   routing key, the ``top_k`` best, softmax of ``score / temperature``. Given the backbone's common direction
@@ -12,7 +12,7 @@
 - ``FixedGate``: the tenant's weights by adapter name, the same for every request, applied as given.
 
 Decisions are per request (one set of weights for the whole sequence). Callers turn them into a batch's
-``RoutingPlan`` with :func:`plan_from_decisions`, which is where per-token weights will be applied later, so a
+``SlotPlan`` with :func:`plan_from_decisions`, which is where per-token weights will be applied later, so a
 per-token gate will not change callers.
 """
 
@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
-from lorafleet.adapters import RoutingPlan
+from lorafleet.adapters import SlotPlan
 from lorafleet.errors import ValidationError
-from lorafleet.routing.bank import UserBank
+from lorafleet.routing.experts import ExpertSet
 from lorafleet.routing.spec import GateDecision, GateSpec
 
 if TYPE_CHECKING:
-    from lorafleet.adapters import RoutingPlan
+    from lorafleet.adapters import SlotPlan
     from lorafleet.routing.learned import LearnedGateModel
 
 __all__ = [
@@ -55,13 +55,13 @@ _KEY_CACHE_SIZE = 256
 
 
 class Gate(Protocol):
-    """Routes each row of a batch of one user's requests over that user's bank.
+    """Routes each row of a batch of one user's requests over that user's experts.
 
     The gates here also have ``needs_embeddings(user_bank) -> bool`` (optional for other gates): False when
     the decisions do not depend on the embeddings (zeros give the same), so a caller may skip the base forward.
     """
 
-    def decide(self, user_bank: UserBank, embeddings: torch.Tensor) -> list[GateDecision]:
+    def decide(self, user_bank: ExpertSet, embeddings: torch.Tensor) -> list[GateDecision]:
         """One decision per row of ``embeddings`` ``[batch, hidden]`` (pooled, from ``pooled_embeddings``)."""
         ...
 
@@ -133,12 +133,12 @@ class CentroidGate:
         )  # [n, hidden]
         self._keys: OrderedDict[tuple[str, int], tuple[list[int], torch.Tensor, torch.Tensor]] = OrderedDict()
 
-    def needs_embeddings(self, user_bank: UserBank) -> bool:
+    def needs_embeddings(self, user_bank: ExpertSet) -> bool:
         """With two or more keyed members there is a choice to make; with one, only against the base."""
         keyed = sum(1 for m in user_bank.members if m.routing_key)
         return keyed >= 2 or (keyed == 1 and self.general is not None)
 
-    def decide(self, user_bank: UserBank, embeddings: torch.Tensor) -> list[GateDecision]:
+    def decide(self, user_bank: ExpertSet, embeddings: torch.Tensor) -> list[GateDecision]:
         batch = _check_embeddings(embeddings)
         if not user_bank.members:
             return [GateDecision() for _ in range(batch)]
@@ -162,7 +162,7 @@ class CentroidGate:
         return [GateDecision() if base else d for d, base in zip(decisions, to_base.tolist(), strict=True)]
 
     def _usable_keys(
-        self, user_bank: UserBank, *, hidden: int
+        self, user_bank: ExpertSet, *, hidden: int
     ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """Members with a key of the embeddings' size, their unit key vectors ``[n_keyed, k, hidden]`` (a key holds
         one or more vectors, ``routing.embeddings.routing_key``; shorter ones are padded) and the padding mask
@@ -212,13 +212,13 @@ class FixedGate:
         checked = GateSpec(kind="fixed", fixed_weights=dict(weights)).fixed_weights
         self.weights: dict[str, float] = dict(checked or {})
 
-    def needs_embeddings(self, user_bank: UserBank) -> bool:
+    def needs_embeddings(self, user_bank: ExpertSet) -> bool:
         return False
 
-    def decide(self, user_bank: UserBank, embeddings: torch.Tensor) -> list[GateDecision]:
+    def decide(self, user_bank: ExpertSet, embeddings: torch.Tensor) -> list[GateDecision]:
         return [self.decision(user_bank)] * _check_embeddings(embeddings)
 
-    def decision(self, user_bank: UserBank) -> GateDecision:
+    def decision(self, user_bank: ExpertSet) -> GateDecision:
         """``name`` matches the personal adapter of that name if any, else the task adapter;
         ``personal:<name>`` / ``task:<name>`` match one kind only."""
         chosen: dict[int, float] = {}
@@ -235,19 +235,19 @@ class LearnedGate:
     def __init__(self, *, model: LearnedGateModel | None, top_k: int, fallback: CentroidGate) -> None:
         self.model, self.top_k, self.fallback = model, top_k, fallback
 
-    def covers(self, user_bank: UserBank, *, hidden: int) -> bool:
+    def covers(self, user_bank: ExpertSet, *, hidden: int) -> bool:
         """Whether the gate knows every member of the bank and takes embeddings of this size."""
         if self.model is None or self.model.hidden_size != hidden:
             return False
         known = set(self.model.class_adapter_ids)
         return all(m.adapter_id in known for m in user_bank.members)
 
-    def needs_embeddings(self, user_bank: UserBank) -> bool:
+    def needs_embeddings(self, user_bank: ExpertSet) -> bool:
         if self.model is not None and self.covers(user_bank, hidden=self.model.hidden_size):
             return len(user_bank.members) >= 2
         return self.fallback.needs_embeddings(user_bank)
 
-    def decide(self, user_bank: UserBank, embeddings: torch.Tensor) -> list[GateDecision]:
+    def decide(self, user_bank: ExpertSet, embeddings: torch.Tensor) -> list[GateDecision]:
         batch = _check_embeddings(embeddings)
         if not user_bank.members:
             return [GateDecision() for _ in range(batch)]
@@ -285,12 +285,12 @@ def build_gate(
     return LearnedGate(model=load_learned(spec.learned_version_id), top_k=spec.top_k, fallback=centroid)
 
 
-def plan_from_decisions(decisions: Sequence[GateDecision], slot_maps: Sequence[Sequence[int]]) -> RoutingPlan:
+def plan_from_decisions(decisions: Sequence[GateDecision], slot_maps: Sequence[Sequence[int]]) -> SlotPlan:
     """A batch's routing plan: row ``i`` follows ``decisions[i]`` with members mapped to bank slots by
     ``slot_maps[i]`` (``slot_maps[i][member index]`` = slot; rows of different users have different maps)."""
     if len(decisions) != len(slot_maps):
         raise ValidationError(f"{len(decisions)} decisions but {len(slot_maps)} slot maps")
-    return RoutingPlan.from_rows([d.to_slots(m) for d, m in zip(decisions, slot_maps, strict=True)])
+    return SlotPlan.from_rows([d.to_slots(m) for d, m in zip(decisions, slot_maps, strict=True)])
 
 
 def _check_embeddings(embeddings: torch.Tensor) -> int:
@@ -301,12 +301,12 @@ def _check_embeddings(embeddings: torch.Tensor) -> int:
     return int(embeddings.shape[0])
 
 
-def _keyless_decision(user_bank: UserBank, *, top_k: int) -> GateDecision:
+def _keyless_decision(user_bank: ExpertSet, *, top_k: int) -> GateDecision:
     personal = [i for i, m in enumerate(user_bank.members) if m.kind == "personal"][:top_k]
     return GateDecision(tuple((i, 1.0 / len(personal)) for i in personal))
 
 
-def _find_member(user_bank: UserBank, name: str) -> int | None:
+def _find_member(user_bank: ExpertSet, name: str) -> int | None:
     kind, _, rest = name.partition(":")
     if rest and kind in ("personal", "task"):
         wanted = [(kind, rest)]

@@ -27,8 +27,8 @@ from torch import nn
 
 from lorafleet.errors import AdapterFormatError, BackboneMismatchError, NonFiniteError, ValidationError
 from lorafleet.registry.peft_format import read_safetensors_header
-from lorafleet.routing.bank import UserBank, gate_adapter_id
 from lorafleet.routing.embeddings import embed_prompts
+from lorafleet.routing.experts import ExpertSet, gate_adapter_id
 
 if TYPE_CHECKING:
     from lorafleet.adapters import AdapterBank
@@ -118,7 +118,7 @@ def train_learned_gate(
     backbone: Backbone,
     bank: AdapterBank | None,
     *,
-    user_bank: UserBank,
+    user_bank: ExpertSet,
     prompts: Mapping[int, Sequence[str]],
     config: GateTrainingConfig | None = None,
 ) -> TrainedGate:
@@ -148,7 +148,7 @@ def train_learned_gate(
     return TrainedGate(model, metrics, config, tuple(m.version_id for m in members))
 
 
-def _check_prompts(user_bank: UserBank, prompts: Mapping[int, Sequence[str]]) -> None:
+def _check_prompts(user_bank: ExpertSet, prompts: Mapping[int, Sequence[str]]) -> None:
     if len(user_bank.members) < 2:
         raise ValidationError("a learned gate needs a bank of at least two members")
     missing = [m.adapter_name for m in user_bank.members if not prompts.get(m.adapter_id)]
@@ -159,7 +159,7 @@ def _check_prompts(user_bank: UserBank, prompts: Mapping[int, Sequence[str]]) ->
 def _embedded_split(
     backbone: Backbone,
     bank: AdapterBank | None,
-    user_bank: UserBank,
+    user_bank: ExpertSet,
     prompts: Mapping[int, Sequence[str]],
     config: GateTrainingConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -291,7 +291,7 @@ def register_learned_gate(
     registry: Registry,
     db: Database,
     *,
-    user_bank: UserBank,
+    user_bank: ExpertSet,
     trained: TrainedGate,
     base_fingerprint: str,
     actor: str,

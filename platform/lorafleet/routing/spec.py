@@ -1,8 +1,8 @@
 """What a gate is asked to do (``GateSpec``) and what it decides (``GateDecision``): plain, torch-free objects.
 
 ``GateSpec`` is stored per user as JSON (``gate_settings``), set by the tenant; a user without settings gets
-the default (see ``lorafleet.routing.bank.effective_gate_spec``). A ``GateDecision`` is one request's sparse set
-of ``(index into UserBank.members, weight)``; empty means the base model alone.
+the default (see ``lorafleet.routing.experts.effective_gate_spec``). A ``GateDecision`` is one request's sparse set
+of ``(index into ExpertSet.members, weight)``; empty means the base model alone.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class GateSpec:
 
 @dataclass(frozen=True)
 class GateDecision:
-    """One request's routes: ``(index into UserBank.members, weight)``, heaviest first; empty = base only.
+    """One request's routes: ``(index into ExpertSet.members, weight)``, heaviest first; empty = base only.
 
     Per-request gating puts one set of weights on the whole sequence. A per-token gate will add per-token
     weights here (same member indices); callers that build plans with ``gates.plan_from_decisions`` need no

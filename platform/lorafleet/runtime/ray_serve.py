@@ -5,9 +5,9 @@ Routing. Each call carries Serve's *multiplexed model id*, set to the user's key
 (``user_key``). Serve prefers a replica that has loaded that "model", so a user's requests stick to a replica
 whose adapter cache already holds the user's weights, and new users go to the replica holding the fewest.
 
-Why the multiplexed "model" is only a cheap ``UserHandle``, never the user's bank or weights: a rollback or a
+Why the multiplexed "model" is only a cheap ``UserHandle``, never the user's experts or weights: a rollback or a
 promotion must be seen by every replica on its next request. The engine already guarantees that: it resolves
-each user's bank from the database once per batch and keys every cached adapter by its content hash
+each user's experts from the database once per batch and keys every cached adapter by its content hash
 (sha256), so a moved ``live`` alias changes what the next batch loads, on any replica. Caching a bank in the
 multiplex loader would instead serve the old versions until Serve's LRU happened to evict the user. So the
 loader only names the user; its LRU (``serve_max_models_per_replica``) decides routing affinity, while the

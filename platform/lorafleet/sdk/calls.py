@@ -439,7 +439,7 @@ def complete(
     echo: bool = False,
 ) -> Call[s.CompletionResponse]:
     """OpenAI-style ``/v1/completions`` for ``user`` (OpenAI's defaults: 16 tokens, temperature 1). ``model``:
-    ``lorafleet`` (the user's bank; the base model for ``user=None``), ``base``, ``task:<name>[@<n>]`` or
+    ``lorafleet`` (the user's experts; the base model for ``user=None``), ``base``, ``task:<name>[@<n>]`` or
     ``<user>/<adapter>[@<n>]`` (one adapter, live or pinned); see ``models()``. ``n`` choices per prompt;
     ``logprobs``: each token's log probability and that many alternatives; ``echo``: the prompt first."""
     request = s.CompletionRequest(

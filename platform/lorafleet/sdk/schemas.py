@@ -587,7 +587,7 @@ class _OpenAIRequest(_Sampling):
     ``response_format`` other than text, penalties other than 0, ``logit_bias``...).
 
     ``model`` says what serves the request (``lorafleet.serving.requests.ModelRef``): ``lorafleet`` (the
-    default) the user's adapter bank, ``base`` the base model, ``task:<name>[@<n>]`` or
+    default) the user's experts, ``base`` the base model, ``task:<name>[@<n>]`` or
     ``<user>/<adapter>[@<n>]`` one adapter, live or pinned; ``GET /v1/models`` lists them. ``user`` is optional
     as in OpenAI: without it ``lorafleet`` is the base model. ``n`` choices are sampled independently (with a
     ``seed``, choice ``i`` uses ``seed + i``, so they differ and are reproducible). ``stream`` sends the answer

@@ -5,7 +5,7 @@ do), and leaves it as soon as it is done.
 Two threads, so that slow admission work never stalls the rows that are decoding:
 
 - **admission** takes submitted requests off the queue (a group of up to ``max_batch_size``, closed
-  ``max_wait_ms`` after its first request) and ``engine.admit``-s them: rendering, the user's bank, the gate, and
+  ``max_wait_ms`` after its first request) and ``engine.admit``-s them: rendering, the user's experts, the gate, and
   each row's adapter slots, loaded from the object store if needed and pinned *per row*. A request that fails
   here (unknown model, prompt too long, a corrupted blob) is settled at once. A request that finds every slot
   pinned by running rows waits for a row to finish and is tried again; with nothing running it fails with

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from lorafleet.adapters.bank import AdapterBank
-from lorafleet.adapters.routing import Route, RoutingPlan
+from lorafleet.adapters.plan import Route, SlotPlan
 from lorafleet.backbone.chat import end_of_turn_ids
 from lorafleet.serving.requests import MAX_LOGPROBS as MAX_TOP_LOGPROBS
 from lorafleet.serving.requests import FinishReason, TokenLogprob
@@ -166,11 +166,11 @@ class _State:
     cache: Any  # transformers' DynamicCache
     #: the rows' routing plan, built once per membership (a plan caches its device tensors, so the steps
     #: between two joins or leaves reuse them)
-    _plan: RoutingPlan | None = None
+    _plan: SlotPlan | None = None
 
-    def plan(self) -> RoutingPlan:
+    def plan(self) -> SlotPlan:
         if self._plan is None:
-            self._plan = RoutingPlan.from_rows([list(r.spec.routes) for r in self.rows])
+            self._plan = SlotPlan.from_rows([list(r.spec.routes) for r in self.rows])
         return self._plan
 
     def select(self, keep: Sequence[int]) -> None:
@@ -298,7 +298,7 @@ class DecodeBatch:
 
     def _forward(self, state: _State, ids: torch.Tensor) -> torch.Tensor:
         """Logits of each row's last position, ``[batch, vocab]`` float32."""
-        routing = nullcontext() if self.bank is None else self.bank.routing(state.plan())
+        routing = nullcontext() if self.bank is None else self.bank.use(state.plan())
         with routing:
             out = self.model(
                 input_ids=ids,

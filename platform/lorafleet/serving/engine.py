@@ -15,7 +15,7 @@ Failures are per request: an unknown user, a prompt too long for the model, a ga
 that cannot be loaded (a corrupted blob: ``BlobIntegrityError``) fail only the requests they concern; the rest
 of the batch is served. So does a row whose logits turn NaN or infinite while decoding (a broken adapter) or
 whose sampling fails: that request gets a ``GenerationError`` naming the versions, the others decode on, and
-``on_nonfinite`` (the service queues a QA recheck of the user's bank) is told which versions served it.
+``on_nonfinite`` (the service queues a QA recheck of the user's experts) is told which versions served it.
 
 Two ways to drive it. ``generate_each(requests)`` is a static batch: admit every request, decode them together
 to the end. ``admit`` / ``decode_batch`` / ``finish`` are the pieces ``serving.continuous.ContinuousBatcher``
@@ -46,8 +46,8 @@ from lorafleet.errors import (
     ModelNotFoundError,
     ValidationError,
 )
-from lorafleet.routing.bank import BankMember, UserBank, resolve_model_bank, resolve_user_bank
 from lorafleet.routing.embeddings import DEFAULT_MAX_PROMPT_TOKENS, embedding_ids, pooled_embeddings
+from lorafleet.routing.experts import Expert, ExpertSet, resolve_model_experts, resolve_user_experts
 from lorafleet.routing.gates import Gate, LearnedGateLoader, build_gate
 from lorafleet.serving.cache import AdapterCache, Lease
 from lorafleet.serving.decode import DecodeBatch, RowOutput, RowSpec, left_pad, run_to_end
@@ -66,16 +66,16 @@ if TYPE_CHECKING:
     from lorafleet.routing.spec import GateDecision, GateSpec
     from lorafleet.store.sql.database import Database
 
-#: ``resolve_bank(tenant_id, user_external_id) -> UserBank`` (e.g. ``routing.resolve_user_bank`` over a database)
-ResolveBank = Callable[[int, str], "UserBank"]
+#: ``resolve_bank(tenant_id, user_external_id) -> ExpertSet`` (e.g. ``routing.resolve_user_experts`` over a database)
+ResolveBank = Callable[[int, str], "ExpertSet"]
 #: a one-adapter bank for a ``model`` that names an adapter (``ModelRef`` of kind ``adapter``)
-ResolveModel = Callable[[int, ModelRef], "UserBank"]
+ResolveModel = Callable[[int, ModelRef], "ExpertSet"]
 #: ``gate_factory(user_bank) -> Gate``
-GateFactory = Callable[["UserBank"], "Gate"]
+GateFactory = Callable[["ExpertSet"], "Gate"]
 #: ``embed(backbone, bank, input_ids [batch, seq], attention_mask [batch, seq]) -> [batch, hidden]``
 Embed = Callable[["Backbone", AdapterBank, torch.Tensor, torch.Tensor], torch.Tensor]
-#: told of a request whose logits were not finite: the user's bank and the members that served the row
-OnNonFinite = Callable[["UserBank", Sequence["BankMember"]], object]
+#: told of a request whose logits were not finite: the user's experts and the members that served the row
+OnNonFinite = Callable[["ExpertSet", Sequence["Expert"]], object]
 #: gates kept by the default gate factory
 GATE_CACHE_SIZE = 256
 logger = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ class _Row:
     prompt_ids: tuple[int, ...]
     #: stop strings the rendering adds (the plain format's next user turn)
     stops: tuple[str, ...] = ()
-    bank: UserBank | None = None
-    routes: tuple[tuple[BankMember, float], ...] = ()
+    bank: ExpertSet | None = None
+    routes: tuple[tuple[Expert, float], ...] = ()
     slot_routes: tuple[tuple[int, float], ...] = field(default=())
 
 
@@ -227,15 +227,15 @@ class GenerationEngine:
 
     # --- the steps of a batch --------------------------------------------------------------------------------
     def _prepare(self, requests: Sequence[GenerationRequest], outcomes: list[Outcome | None]) -> list[_Row]:
-        """Tokenise and check each prompt, and resolve what serves it once per batch: the user's bank (model
+        """Tokenise and check each prompt, and resolve what serves it once per batch: the user's experts (model
         ``lorafleet``), nothing (``base``, or no user), or one adapter's version (``ModelRef`` of an adapter)."""
-        banks: dict[tuple[int, str, str], UserBank | LorafleetError] = {}
+        banks: dict[tuple[int, str, str], ExpertSet | LorafleetError] = {}
         rows = []
         for index, request in enumerate(requests):
             try:
                 prompt_ids, stops = self._tokenize(request)
                 ref = request.model_ref
-                bank: UserBank | LorafleetError | None = None
+                bank: ExpertSet | LorafleetError | None = None
                 if request.adapter_scale == 0.0:  # the dial at 0: the base model, nothing to route or load
                     pass
                 elif ref.kind == "bank" and request.user is not None:
@@ -258,14 +258,14 @@ class GenerationEngine:
 
     @staticmethod
     def _resolve(
-        resolve: Callable[[int, Any], UserBank], tenant_id: int, what: Any
-    ) -> UserBank | LorafleetError:
+        resolve: Callable[[int, Any], ExpertSet], tenant_id: int, what: Any
+    ) -> ExpertSet | LorafleetError:
         try:
             return resolve(tenant_id, what)
         except LorafleetError as exc:
             return exc
 
-    def _pinned(self, tenant_id: int, ref: ModelRef) -> UserBank:
+    def _pinned(self, tenant_id: int, ref: ModelRef) -> ExpertSet:
         if self._resolve_model is None:
             raise ModelNotFoundError(f"this engine serves no adapter models (asked for {ref})")
         return self._resolve_model(tenant_id, ref)
@@ -339,7 +339,7 @@ class GenerationEngine:
         ids = embedding_ids(self.backbone.tokenizer, text, max_tokens=self._embed_max_tokens)
         return tuple(ids) or row.prompt_ids[-self._embed_max_tokens :]
 
-    def _decide(self, gate: Gate, bank: UserBank, embeddings: torch.Tensor) -> list[GateDecision]:
+    def _decide(self, gate: Gate, bank: ExpertSet, embeddings: torch.Tensor) -> list[GateDecision]:
         decisions = list(gate.decide(bank, embeddings))
         if len(decisions) != embeddings.shape[0]:
             raise ValidationError(
@@ -425,7 +425,7 @@ def _render(tokenizer: Any, request: GenerationRequest) -> tuple[tuple[int, ...]
     return tuple(encode_messages(tokenizer, messages)), chat_stop_strings(tokenizer, messages)
 
 
-def _bank_of(row: _Row) -> UserBank:
+def _bank_of(row: _Row) -> ExpertSet:
     assert row.bank is not None
     return row.bank
 
@@ -438,14 +438,14 @@ def _fail(
         failed.add(row.index)
 
 
-def _needs_embeddings(gate: Gate, bank: UserBank) -> bool:
+def _needs_embeddings(gate: Gate, bank: ExpertSet) -> bool:
     """A gate may declare ``needs_embeddings(bank) -> bool`` (e.g. fixed weights, or no member with a routing
     key) to spare the batch the base forward over its prompts; without it, embeddings are computed."""
     probe = getattr(gate, "needs_embeddings", None)
     return True if probe is None else bool(probe(bank))
 
 
-def _routes(bank: UserBank, decision: GateDecision) -> tuple[tuple[BankMember, float], ...]:
+def _routes(bank: ExpertSet, decision: GateDecision) -> tuple[tuple[Expert, float], ...]:
     """A decision's ``(index into members, weight)`` pairs as members; zero weights are dropped."""
     routes = []
     for index, weight in decision.routes:
@@ -466,7 +466,7 @@ def cached_gate_factory(
     gates: OrderedDict[GateSpec, Gate] = OrderedDict()
     lock = threading.Lock()
 
-    def factory(bank: UserBank) -> Gate:
+    def factory(bank: ExpertSet) -> Gate:
         with lock:
             gate = gates.get(bank.gate)
             if gate is not None:
@@ -483,14 +483,14 @@ def cached_gate_factory(
 
 
 def database_resolver(db: Database) -> ResolveBank:
-    """``resolve_bank`` over the metadata database (``routing.resolve_user_bank``: an unknown user gets an
+    """``resolve_bank`` over the metadata database (``routing.resolve_user_experts``: an unknown user gets an
     empty bank and is answered by the base model)."""
-    return lambda tenant_id, user: resolve_user_bank(db, tenant_id=tenant_id, user_external_id=user)
+    return lambda tenant_id, user: resolve_user_experts(db, tenant_id=tenant_id, user_external_id=user)
 
 
 def database_model_resolver(db: Database) -> ResolveModel:
-    """``resolve_model`` over the metadata database (``routing.resolve_model_bank``)."""
-    return lambda tenant_id, ref: resolve_model_bank(
+    """``resolve_model`` over the metadata database (``routing.resolve_model_experts``)."""
+    return lambda tenant_id, ref: resolve_model_experts(
         db, tenant_id=tenant_id, owner=ref.owner, adapter=ref.adapter, version=ref.version
     )
 

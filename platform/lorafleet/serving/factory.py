@@ -3,7 +3,7 @@
 It loads the configured backbone (``LORAFLEET_BACKBONE``, its quantization and device), wraps every linear
 layer in an adapter bank of ``n_slots`` slots up to rank ``max_rank`` (a trained version of any target modules
 and rank up to that fits), fills the slots from the registry's object store by content hash, resolves each
-user's bank from the database and builds each user's gate, loading learned gates from the registry.
+user's experts from the database and builds each user's gate, loading learned gates from the registry.
 
 The slots hold the adapters in ``adapters.serving_dtype`` (bf16 on CUDA, fp32 on CPU). Under them the cache keeps
 a host-memory tier of up to ``host_adapters`` versions within ``host_bytes`` (``serving.cache.HostTier``), so a
@@ -34,7 +34,7 @@ from lorafleet.serving.engine import (
 
 if TYPE_CHECKING:
     from lorafleet.registry import Registry
-    from lorafleet.routing.bank import UserBank
+    from lorafleet.routing.experts import ExpertSet
     from lorafleet.routing.spec import GateSpec
     from lorafleet.store.sql.database import Database
 
@@ -125,7 +125,7 @@ def registry_gate_factory(
     gates: OrderedDict[tuple[int, GateSpec], Gate] = OrderedDict()
     lock = threading.Lock()
 
-    def factory(bank: UserBank) -> Gate:
+    def factory(bank: ExpertSet) -> Gate:
         key = (bank.tenant_id, bank.gate)
         with lock:
             if key in gates:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 class VersionRef(Protocol):
-    """What the cache needs of a bank member: its content hash and size (``routing.BankMember`` has both)."""
+    """What the cache needs of a bank member: its content hash and size (``routing.Expert`` has both)."""
 
     @property
     def sha256(self) -> str: ...

@@ -1,6 +1,6 @@
 """What a caller asks the serving engine for and what it gets back (plain objects; importing this needs no torch).
 
-A request names a user of a tenant (or none), a ``model`` (``ModelRef``: the user's bank by default) and what to
+A request names a user of a tenant (or none), a ``model`` (``ModelRef``: the user's experts by default) and what to
 answer, in one of three forms the engine renders
 (``lorafleet.backbone.chat``, as training renders examples): ``messages`` (a conversation, through the backbone's
 chat template); a ``prompt`` (by default one user turn of that same template, so a plain prompt is answered as
@@ -35,7 +35,7 @@ MIN_TEMPERATURE = 1e-3
 Turn = tuple[str, str]
 
 
-#: the ``model`` that serves a request through its user's adapter bank (the default)
+#: the ``model`` that serves a request through its user's experts (the default)
 BANK_MODEL = "lorafleet"
 #: the ``model`` that serves a request by the base model alone, whoever the user
 BASE_MODEL = "base"
@@ -47,7 +47,7 @@ TASK_MODEL_PREFIX = "task:"
 class ModelRef:
     """What a request's ``model`` names (OpenAI's ``model`` field; ``GET /v1/models`` lists the first three):
 
-    - ``lorafleet``: the request's user's adapter bank, gated per request (the base model when the request has
+    - ``lorafleet``: the request's user's experts, gated per request (the base model when the request has
       no user, or the user has no adapters);
     - ``base``: the base model alone;
     - ``task:<name>``: the tenant's task adapter ``name`` alone, at its live version; ``task:<name>@<n>`` at
@@ -113,7 +113,7 @@ class GenerationRequest:
     messages: tuple[Turn, ...] = ()
     #: feed ``prompt`` as is, without the chat template (OpenAI's text completion)
     raw: bool = False
-    #: what serves the request (``ModelRef``): the user's bank by default
+    #: what serves the request (``ModelRef``): the user's experts by default
     model: str = BANK_MODEL
     #: the personalization dial: every adapter weight the gate gives is multiplied by this (1: full
     #: personalization; 0: the base model, without routing or loading anything)

@@ -5,7 +5,7 @@ Public API (names load on first use, so importing this package does not import t
 - ``TrainingConfig``: a job's hyper-parameters (``config``)
 - ``Example``, ``UserDataset``, ``build_dataset``, ``is_holdout``, ``reservoir_sample``, ``encode_examples``
   (``dataset``)
-- ``SlotTask``, ``SlotResult``, ``train_slots``, ``evaluate``, ``EvalResult`` (``trainer``)
+- ``SlotTraining``, ``SlotResult``, ``train_slots``, ``evaluate``, ``EvalResult`` (``trainer``)
 - ``synthetic``: the multi-user personalisation task used by tests, benchmarks and the demo
 
 Its room (docs/architecture.md): the ML layer, above adapters, routing and serving's decode loop, below QA:
@@ -32,6 +32,6 @@ __getattr__, __dir__, __all__ = lazy_export(
             "encode_examples",
         ),
         "lorafleet.training.metrics": ("EvalResult", "evaluate"),
-        "lorafleet.training.trainer": ("SlotTask", "SlotResult", "train_slots"),
+        "lorafleet.training.trainer": ("SlotTraining", "SlotResult", "train_slots"),
     },
 )

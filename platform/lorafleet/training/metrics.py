@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lorafleet.adapters import AdapterBank, RoutingPlan
+from lorafleet.adapters import AdapterBank, SlotPlan
 from lorafleet.adapters.prefix import DecoderSplit, FrozenPrefix, lowest_adapted_layer, pad_states
 from lorafleet.errors import ValidationError
 from lorafleet.training.dataset import (
@@ -185,8 +185,8 @@ def score_examples(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = collate([encoded[i] for i in chunk], pad_id=pad_id).to(bank.device)
-            plan = RoutingPlan.from_rows([list(routes[i]) for i in chunk])
-            with bank.routing(plan):
+            plan = SlotPlan.from_rows([list(routes[i]) for i in chunk])
+            with bank.use(plan):
                 logits, scored = scored_logits(
                     model, batch, prefix=prefix, layer=layer, sequences=[encoded[i][0] for i in chunk]
                 )

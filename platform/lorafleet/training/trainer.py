@@ -1,7 +1,7 @@
 """The multi-tenant trainer: K users' adapter slots trained together in one batched loop on a frozen backbone.
 
 Each micro-step packs ``batch_size`` sequences of every user into one batch and routes each row to its user's
-slot (``RoutingPlan.single``). A user's loss is the mean over its own completion tokens, and the job's loss is
+slot (``SlotPlan.single``). A user's loss is the mean over its own completion tokens, and the job's loss is
 the sum over users, so each user gets a full-strength gradient whatever the others' data sizes, and a user with
 more data (or longer completions) does not drown the others. AdamW has one parameter group per slot; gradients
 are clipped per slot; the learning rate warms up linearly, then decays on a cosine to zero.
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lorafleet.adapters import AdapterBank, RoutingPlan
+from lorafleet.adapters import AdapterBank, SlotPlan
 from lorafleet.adapters.bank import peft_key
 from lorafleet.adapters.dense import dense_budget, dense_views
 from lorafleet.adapters.prefix import FrozenPrefix, lowest_adapted_layer
@@ -45,7 +45,7 @@ from lorafleet.training.metrics import (
     summarize,
 )
 
-__all__ = ["EvalResult", "SlotResult", "SlotTask", "evaluate", "train_slots", "user_losses"]
+__all__ = ["EvalResult", "SlotResult", "SlotTraining", "evaluate", "train_slots", "user_losses"]
 
 logger = logging.getLogger(__name__)
 #: rows per forward when scoring the holdouts of all users of a job together
@@ -55,7 +55,7 @@ TRAIN_LOSS_WINDOW = 10
 
 
 @dataclass
-class SlotTask:
+class SlotTraining:
     """One user of a job: the bank slot to train (already loaded by the caller) and its examples.
 
     ``parent_state`` holds the parent adapter's tensors in PEFT key names, for the optional L2 pull.
@@ -122,7 +122,7 @@ def lr_factor(step: int, *, total: int, warmup_ratio: float) -> float:
 def train_slots(
     bank: AdapterBank,
     tokenizer: Any,
-    tasks: Sequence[SlotTask],
+    tasks: Sequence[SlotTraining],
     config: TrainingConfig,
     *,
     should_stop: Callable[[], None] | None = None,
@@ -181,7 +181,7 @@ def train_slots(
     ]
 
 
-def _check_tasks(bank: AdapterBank, tasks: Sequence[SlotTask]) -> None:
+def _check_tasks(bank: AdapterBank, tasks: Sequence[SlotTraining]) -> None:
     """Refuse a job that cannot run, before any weight is touched."""
     if not tasks:
         raise ValidationError("train_slots needs at least one task")
@@ -197,7 +197,7 @@ def _check_tasks(bank: AdapterBank, tasks: Sequence[SlotTask]) -> None:
             _check_parent(bank, task)
 
 
-def _check_parent(bank: AdapterBank, task: SlotTask) -> None:
+def _check_parent(bank: AdapterBank, task: SlotTraining) -> None:
     info = bank.slot_info(task.slot)
     assert info is not None
     expected = {peft_key(m, ab) for m in info.modules for ab in "AB"}
@@ -222,7 +222,7 @@ def _check_parent(bank: AdapterBank, task: SlotTask) -> None:
 def _train(
     bank: AdapterBank,
     tokenizer: Any,
-    tasks: Sequence[SlotTask],
+    tasks: Sequence[SlotTraining],
     config: TrainingConfig,
     should_stop: Callable[[], None] | None,
     progress: Callable[[int, int, dict[str, Any]], None] | None,
@@ -271,7 +271,7 @@ def _report(
     total: int,
     lr: float,
     losses: Sequence[float],
-    tasks: Sequence[SlotTask],
+    tasks: Sequence[SlotTraining],
     progress: Callable[[int, int, dict[str, Any]], None] | None,
     every: int,
 ) -> None:
@@ -285,13 +285,13 @@ def _report(
         progress(done, total, {"loss": mean_loss, "lr": lr, "losses": per_subject})
 
 
-def _stream(tokenizer: Any, task: SlotTask, config: TrainingConfig) -> _UserStream:
+def _stream(tokenizer: Any, task: SlotTraining, config: TrainingConfig) -> _UserStream:
     examples = [*task.train, *task.anchors]
     encoded = [encode_example(tokenizer, e, max_seq_len=config.max_seq_len) for e in examples]
     return _UserStream(encoded, random.Random(f"lorafleet-train/{config.seed}/{task.key}"))
 
 
-def _parent_pairs(bank: AdapterBank, task: SlotTask) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+def _parent_pairs(bank: AdapterBank, task: SlotTraining) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
     """(trainable view, parent tensor padded to the bank's max rank) for the L2 pull; empty when it is off."""
     if task.parent_state is None:
         return []
@@ -311,7 +311,7 @@ def _parent_pairs(bank: AdapterBank, task: SlotTask) -> list[tuple[torch.nn.Para
 def _accumulate(
     bank: AdapterBank,
     streams: Sequence[_UserStream],
-    tasks: Sequence[SlotTask],
+    tasks: Sequence[SlotTraining],
     parents: Sequence[list[tuple[torch.nn.Parameter, torch.Tensor]]],
     config: TrainingConfig,
     step: int,
@@ -330,7 +330,7 @@ def _accumulate(
             owners.extend([i] * len(picked))
         batch = collate(rows, pad_id=pad_id).to(bank.device)
         owner = torch.tensor(owners, device=bank.device)  # [rows]
-        with bank.routing(RoutingPlan.single([tasks[i].slot for i in owners])):
+        with bank.use(SlotPlan.single([tasks[i].slot for i in owners])):
             user_loss, user_tokens = user_losses(
                 bank.model,
                 batch,
@@ -397,7 +397,7 @@ def _l2_pull(
     return config.l2_to_parent * torch.stack(distances)  # [users]
 
 
-def _check_finite(values: torch.Tensor, tasks: Sequence[SlotTask], step: int, what: str) -> None:
+def _check_finite(values: torch.Tensor, tasks: Sequence[SlotTraining], step: int, what: str) -> None:
     """Raise ``TrainingError`` naming the users whose ``values`` (one per task) are NaN or infinite."""
     finite = torch.isfinite(values)
     if bool(finite.all()):
@@ -409,7 +409,7 @@ def _check_finite(values: torch.Tensor, tasks: Sequence[SlotTask], step: int, wh
 
 
 def _clip(
-    groups: Sequence[Mapping[str, Any]], tasks: Sequence[SlotTask], config: TrainingConfig, step: int
+    groups: Sequence[Mapping[str, Any]], tasks: Sequence[SlotTraining], config: TrainingConfig, step: int
 ) -> None:
     """Clip each slot's gradient norm on its own; a non-finite norm raises."""
     norms = []
@@ -424,7 +424,7 @@ def _clip(
 def _evaluate_holdouts(
     bank: AdapterBank,
     tokenizer: Any,
-    tasks: Sequence[SlotTask],
+    tasks: Sequence[SlotTraining],
     config: TrainingConfig,
     prefix: FrozenPrefix | None,
 ) -> list[EvalResult]:
@@ -452,7 +452,7 @@ def _take(items: Iterator[Any], n: int) -> list[Any]:
 
 
 def _metrics(
-    task: SlotTask, stats: _SlotStats, before: EvalResult, after: EvalResult, config: TrainingConfig
+    task: SlotTraining, stats: _SlotStats, before: EvalResult, after: EvalResult, config: TrainingConfig
 ) -> dict[str, float]:
     tail = stats.step_losses[-TRAIN_LOSS_WINDOW:]
     metrics = {

@@ -50,7 +50,7 @@ from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, UserDataset, build_dataset, pad_token_id, reservoir_sample
 from lorafleet.training.general_prompts import anchor_examples
 from lorafleet.training.overrides import check_bank_fits
-from lorafleet.training.trainer import SlotTask, train_slots
+from lorafleet.training.trainer import SlotTraining, train_slots
 from lorafleet.workflows.live_alias import queue_candidate_qa
 from lorafleet.workflows.workdirs import owned_tempdir
 
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from lorafleet.jobs.worker import LeaseContext
     from lorafleet.registry import Registry
     from lorafleet.store.sql.database import Database
-    from lorafleet.training.trainer import SlotResult, SlotTask
+    from lorafleet.training.trainer import SlotResult, SlotTraining
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class JobUser:
 
 
 @dataclass(frozen=True)
-class UserPlan:
+class TrainingInput:
     """What one user trains on: their adapter, the parent version (None: a fresh start) and the records."""
 
     user: JobUser
@@ -119,7 +119,7 @@ class UserPlan:
 class TrainedUser:
     """A user's trained slot, saved as a PEFT folder, with its metrics and the promote decision."""
 
-    plan: UserPlan
+    plan: TrainingInput
     saved: SavedAdapter
     metrics: dict[str, Any]
     promote: bool
@@ -256,8 +256,10 @@ class ContinualTrainer:
         return result
 
     # --- planning -----------------------------------------------------------------------------------------
-    def _plan_all(self, *, tenant_id: int, users: Sequence[JobUser]) -> tuple[list[UserPlan], dict[str, str]]:
-        plans: list[UserPlan] = []
+    def _plan_all(
+        self, *, tenant_id: int, users: Sequence[JobUser]
+    ) -> tuple[list[TrainingInput], dict[str, str]]:
+        plans: list[TrainingInput] = []
         skipped: dict[str, str] = {}
         for user in users:
             plan = self._plan_user(tenant_id=tenant_id, user=user)
@@ -268,7 +270,7 @@ class ContinualTrainer:
                 plans.append(plan)
         return plans, skipped
 
-    def _plan_user(self, *, tenant_id: int, user: JobUser) -> UserPlan | str:
+    def _plan_user(self, *, tenant_id: int, user: JobUser) -> TrainingInput | str:
         """The subject's plan, or why it gets no version this job."""
         adapter = self.registry.get_or_create_adapter(
             tenant_id=tenant_id,
@@ -285,7 +287,9 @@ class ContinualTrainer:
         dataset = build_dataset([*replay, *new], config=self.config)
         if not dataset.train:
             return SKIP_NO_TRAIN_EXAMPLES
-        return UserPlan(user, adapter, parent, tuple(r.id for r in new), tuple(r.id for r in replay), dataset)
+        return TrainingInput(
+            user, adapter, parent, tuple(r.id for r in new), tuple(r.id for r in replay), dataset
+        )
 
     def _trained_through(self, parent: AdapterVersion | None) -> int | None:
         """The newest record id the parent was trained on (None: no parent, or one without a snapshot)."""
@@ -331,7 +335,7 @@ class ContinualTrainer:
     # --- training -----------------------------------------------------------------------------------------
     def _train(
         self,
-        plans: Sequence[UserPlan],
+        plans: Sequence[TrainingInput],
         *,
         work: Path,
         should_stop: Callable[[], None],
@@ -361,7 +365,7 @@ class ContinualTrainer:
             for slot in slots:
                 self.bank.evict_slot(slot)
 
-    def _load_slot(self, plan: UserPlan, *, slots: list[int], work: Path) -> SlotTask:
+    def _load_slot(self, plan: TrainingInput, *, slots: list[int], work: Path) -> SlotTraining:
         """The parent's weights (fetched, sha256- and fingerprint-checked) or a fresh slot, as a task."""
         slot = self.bank.free_slot()
         parent = plan.parent
@@ -376,7 +380,7 @@ class ContinualTrainer:
             load_slot_from_dir(self.bank, slot, folder, require_fingerprint=True, name=f"version-{parent.id}")
         slots.append(slot)
         pull = parent is not None and self.config.l2_to_parent > 0
-        return SlotTask(
+        return SlotTraining(
             slot=slot,
             key=plan.user.label,
             train=plan.dataset.train,
@@ -385,7 +389,7 @@ class ContinualTrainer:
             anchors=self._anchors(plan),
         )
 
-    def _anchors(self, plan: UserPlan) -> list[Example]:
+    def _anchors(self, plan: TrainingInput) -> list[Example]:
         """A seeded sample of the base's answers to general prompts, ``anchor_ratio`` of the user's rows."""
         ratio = self.config.anchor_ratio
         if ratio <= 0 or not plan.dataset.train:
@@ -398,7 +402,9 @@ class ContinualTrainer:
         )
         return reservoir_sample(pool, min(wanted, len(pool)), seed=seed)
 
-    def _trained(self, plan: UserPlan, *, saved: SavedAdapter, metrics: Mapping[str, float]) -> TrainedUser:
+    def _trained(
+        self, plan: TrainingInput, *, saved: SavedAdapter, metrics: Mapping[str, float]
+    ) -> TrainedUser:
         full = {
             **{k: _finite_or_none(v) for k, v in metrics.items()},
             "new_records": len(plan.new_ids),
@@ -514,7 +520,7 @@ def _tenant_of(job: Job) -> int:
     return job.tenant_id
 
 
-def _snapshot_details(plan: UserPlan) -> dict[str, Any]:
+def _snapshot_details(plan: TrainingInput) -> dict[str, Any]:
     """What the snapshot's ids are: the new range, the replayed ids and the holdout ids."""
     return {
         "new_min_id": min(plan.new_ids),
@@ -543,7 +549,7 @@ __all__ = [
     "JobUser",
     "PromoteRule",
     "TrainedUser",
-    "UserPlan",
+    "TrainingInput",
     "parse_job_users",
     "promote_decision",
 ]

@@ -46,9 +46,9 @@ from lorafleet.domain import (
 from lorafleet.domain.jobs import QAPayload, QAResult
 from lorafleet.errors import ConflictError, NotFoundError, ValidationError
 from lorafleet.jobs.queue import JobQueue
+from lorafleet.qa.columns import sub_experts
 from lorafleet.qa.evalsets import EvalSet, training_prompts
 from lorafleet.qa.evaluation import Evaluation, Evaluator, Subject
-from lorafleet.qa.plan import sub_bank
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.reports import REPORT_FORMAT, store_document, summary_of
 from lorafleet.qa.results import Matrix
@@ -63,8 +63,8 @@ from lorafleet.qa.rules import (
 )
 from lorafleet.qa.sampling import member_label, sample_enrolled
 from lorafleet.registry import Registry
-from lorafleet.routing.bank import BankMember, resolve_user_bank
 from lorafleet.routing.embeddings import routing_key
+from lorafleet.routing.experts import Expert, resolve_user_experts
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import NewQAReport, QAReport, QARepository
 from lorafleet.store.sql.registry_repository import RegistryRepository
@@ -266,7 +266,7 @@ class QARunner:
         )
         banks = []
         for user_id in sampled:
-            user_bank = resolve_user_bank(self.db, tenant_id=tenant_id, user_external_id=external[user_id])
+            user_bank = resolve_user_experts(self.db, tenant_id=tenant_id, user_external_id=external[user_id])
             in_bank = replace(subject, user_bank=user_bank)
             evaluation = self.evaluator.evaluate(in_bank, own=own, answers=False)  # answered alone already
             rules = (
@@ -378,7 +378,7 @@ class QARunner:
 
     def _find_culprit(
         self, subject: Subject, own: EvalSet, changed_adapter_id: int | None
-    ) -> tuple[BankMember | None, list[dict[str, Any]]]:
+    ) -> tuple[Expert | None, list[dict[str, Any]]]:
         """The task member whose removal makes the failing bank pass (the changed one tried first), or None."""
         assert subject.user_bank is not None
         tasks = [m for m in subject.user_bank.members if m.kind == "task"]
@@ -386,14 +386,14 @@ class QARunner:
         tried: list[dict[str, Any]] = []
         for member in tasks[: self.policy.max_blame_trials]:
             rest = [m for m in subject.user_bank.members if m.adapter_id != member.adapter_id]
-            trial = replace(subject, user_bank=sub_bank(subject.user_bank, rest))
+            trial = replace(subject, user_bank=sub_experts(subject.user_bank, rest))
             _, _, passed, reasons = self._recheck(trial, own)
             tried.append({"without": member_label(member), "passed": passed, "reasons": reasons})
             if passed:
                 return member, tried
         return None, tried
 
-    def _blame_action(self, culprit: BankMember, subject: Subject) -> str:
+    def _blame_action(self, culprit: Expert, subject: Subject) -> str:
         """What ``_act`` will do to the culprit, in words for the report."""
         user = subject.user_bank.external_id if subject.user_bank is not None else "?"
         if self.policy.blame_action == "rollback-task":
@@ -436,7 +436,7 @@ class QARunner:
         document: dict[str, Any],
         matrix: Matrix | None,
         lease: LeaseContext | None,
-        culprit: BankMember | None = None,
+        culprit: Expert | None = None,
     ) -> QAReport:
         """Blob first; then row, alias move or status (or the blamed member's unenrolment or rollback),
         follow-up jobs and the job's success in one transaction."""
@@ -548,7 +548,7 @@ class QARunner:
                 reason=f"qa-regression {report.id}",
             )
 
-    def _act_on_culprit(self, *, subject: Subject, culprit: BankMember, report: QAReport) -> None:
+    def _act_on_culprit(self, *, subject: Subject, culprit: Expert, report: QAReport) -> None:
         """``blame_action`` on the task member a recheck blamed. Raises ``StaleEvaluationError`` when the bank
         moved while QA evaluated (the user left the task, or the task's live version changed)."""
         assert subject.user_bank is not None and subject.user_bank.user_id is not None
@@ -657,7 +657,7 @@ class QARunner:
         external_id = self.db.run(
             self._qa.user_external_id, tenant_id=adapter.tenant_id, user_id=adapter.owner_user_id
         )
-        return resolve_user_bank(self.db, tenant_id=adapter.tenant_id, user_external_id=external_id)
+        return resolve_user_experts(self.db, tenant_id=adapter.tenant_id, user_external_id=external_id)
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -665,7 +665,7 @@ def _forced_without_evidence(outcome: RuleOutcome) -> RuleOutcome:
     """A version without evidence (an import with no examples, on a task without feedback) that a person forced
     live: the rules that need evidence (the holdout loss, the answers) cannot compare anything, and the person's
     force is the decision they could not make; it is kept unless a rule that needs no evidence fails (sanity,
-    finite outputs, the probe, the enrolled users' banks)."""
+    finite outputs, the probe, the enrolled users' experts)."""
     if outcome.rule not in (USER_HOLDOUT, ANSWER_RULE) or outcome.passed:
         return outcome
     detail = f"{outcome.rule}: not applicable (no evidence; forced live by a person)"

@@ -12,7 +12,7 @@
     ``unenrol_and_recheck`` instead of ``routing.enrol`` / ``routing.unenrol`` (the API's routes do), or
     ``on_bank_changed`` after it.
 
-- **Serving saw NaN or infinite logits** from a user's bank (``on_nonfinite_output``, which the services hand to
+- **Serving saw NaN or infinite logits** from a user's experts (``on_nonfinite_output``, which the services hand to
   the engine): the user's live personal adapter is rechecked, with the task member that served the row as the
   one QA blames first; a user served by task adapters alone has those tasks' enrolled users rechecked.
 
@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING
 from lorafleet.domain import Job, JobKind
 from lorafleet.domain.jobs import QAPayload
 from lorafleet.jobs.queue import JobQueue
-from lorafleet.routing.bank import enrol, resolve_user_bank, unenrol
+from lorafleet.routing.experts import enrol, resolve_user_experts, unenrol
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import QARepository
 
 if TYPE_CHECKING:
-    from lorafleet.routing.bank import BankMember, Enrolment, UserBank
+    from lorafleet.routing.experts import Enrolment, Expert, ExpertSet
 
 QA_JOB_KIND = JobKind.QA
 QA_MAX_ATTEMPTS = 3
@@ -157,7 +157,7 @@ def unenrol_and_recheck(
     """``routing.unenrol`` followed by a recheck of the user's live adapters in their smaller bank (a personal
     adapter that relied on the task's help may now do worse than the base)."""
     unenrol(db, tenant_id=tenant_id, user_external_id=user_external_id, task_name=task_name, actor=actor)
-    user_id = resolve_user_bank(db, tenant_id=tenant_id, user_external_id=user_external_id).user_id
+    user_id = resolve_user_experts(db, tenant_id=tenant_id, user_external_id=user_external_id).user_id
     if user_id is None:  # cannot happen: unenrol found the user
         return []
     cause = f"unenrolled from task adapter {task_name!r}"
@@ -179,7 +179,7 @@ __all__ = [
 
 
 def on_nonfinite_output(
-    db: Database, queue: JobQueue | None = None, *, bank: UserBank, members: Sequence[BankMember]
+    db: Database, queue: JobQueue | None = None, *, bank: ExpertSet, members: Sequence[Expert]
 ) -> list[Job]:
     """Serving decoded NaN or infinite logits for a request of ``bank``'s user through ``members``: queue the
     rechecks that will find and act on the broken version (the ``finite-outputs`` rule), in one transaction."""

@@ -2,7 +2,7 @@
 
 A task adapter is not a second system. It is an ``adapters`` row with ``owner_user_id`` NULL, versioned, promoted
 and rolled back by the same registry as a user's adapter, and it joins the banks of the users enrolled in it
-(``lorafleet.routing.bank``). What makes it a *task* is where its data comes from:
+(``lorafleet.routing.experts``). What makes it a *task* is where its data comes from:
 
 - **Feedback** submitted to the task (``ingest_task_feedback``) is stored under the task's *subject* row: a
   ``users`` row of kind ``task`` (see ``SqlUser``). So the scheduler's backlog, jobs, leases, replay and

@@ -1,11 +1,11 @@
-"""Enrolments of a user in the tenant's shared task adapters (they join the user's bank)."""
+"""Enrolments of a user in the tenant's shared task adapters (they join the user's experts)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from lorafleet.routing.bank import list_enrolments
+from lorafleet.routing.experts import list_enrolments
 from lorafleet.sdk import schemas as s
 from lorafleet.workflows.qa_triggers import enrol_and_recheck, unenrol_and_recheck
 from services.api import convert

@@ -1,4 +1,4 @@
-"""Generation through a user's adapter bank: ``/v1/users/{user_id}/generate`` and the OpenAI-compatible
+"""Generation through a user's experts: ``/v1/users/{user_id}/generate`` and the OpenAI-compatible
 ``/v1/completions`` and ``/v1/chat/completions``, where the body's ``user`` selects the bank and ``model`` what
 serves it (``lorafleet.serving.requests.ModelRef``: the bank, ``base``, or one adapter, live or pinned), and
 ``GET /v1/models``.
@@ -29,7 +29,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.errors import LorafleetError
-from lorafleet.routing.bank import served_task_models
+from lorafleet.routing.experts import served_task_models
 from lorafleet.sdk import schemas as s
 from lorafleet.serving.requests import (
     BANK_MODEL,
@@ -405,7 +405,7 @@ def _error_body(request: Request, exc: BaseException) -> dict[str, Any]:
 
 @router.get("/v1/models", response_model=s.ModelList)
 def list_models(services: Services, tenant: CurrentTenant) -> s.ModelList:
-    """OpenAI's model list: ``lorafleet`` (each request's user's adapter bank), ``base`` and the tenant's task
+    """OpenAI's model list: ``lorafleet`` (each request's user's experts), ``base`` and the tenant's task
     adapters with a live version (``task:<name>``). A user's adapter (``<user>/<adapter>[@<n>]``) and pinned
     versions are served too but not listed: there is one per user and version."""
     created = int(time.time())
@@ -414,7 +414,7 @@ def list_models(services: Services, tenant: CurrentTenant) -> s.ModelList:
             id=BANK_MODEL,
             created=created,
             owned_by="lorafleet",
-            description="The request's user's adapter bank, gated per request (the base model without a user).",
+            description="The request's user's experts, gated per request (the base model without a user).",
         ),
         s.ModelOut(id=BASE_MODEL, created=created, owned_by="lorafleet", description="The base model alone."),
     ]

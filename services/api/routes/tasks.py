@@ -169,7 +169,7 @@ def get_task_version(
     n: VersionNumber,
     qa_document: QADocument = False,
 ) -> s.VersionDetail:
-    """One version with its QA (for a task: evaluated alone and in enrolled users' banks)."""
+    """One version with its QA (for a task: evaluated alone and in enrolled users' experts)."""
     return adapter_routes.get_version(services, adapter, n, qa_document)
 
 

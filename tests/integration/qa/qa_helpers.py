@@ -26,7 +26,7 @@ from lorafleet.training import synthetic
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, build_dataset
 from lorafleet.training.overrides import set_tenant_training
-from lorafleet.training.trainer import SlotTask, train_slots
+from lorafleet.training.trainer import SlotTraining, train_slots
 from lorafleet.workflows.continual import PERSONAL_ADAPTER, ContinualTrainer
 from lorafleet.workflows.feedback import ingest_feedback
 from lorafleet.workflows.qa_runner import QARunner
@@ -117,7 +117,7 @@ def train_adapter(
     bank.init_slot(slot, config.slot_config(backbone_fingerprint=bank.fingerprint), seed=seed)
     try:
         train_slots(
-            bank, world.backbone.tokenizer, [SlotTask(slot, f"adhoc-{seed}", list(examples), [])], config
+            bank, world.backbone.tokenizer, [SlotTraining(slot, f"adhoc-{seed}", list(examples), [])], config
         )
         return save_slot(bank, slot, work).directory
     finally:

@@ -208,9 +208,9 @@ def test_a_candidate_on_the_4bit_backbone_is_promoted_and_its_routing_key_set(nf
     (report,) = reports_for_version(world.db, tenant_id=world.tenant_id, version_id=version.id)
     _, document = load_report(world.db, world.registry, report_id=report.id)
     assert document["backbone"]["quantization"] == "nf4" and document["decision"] == "promote"
-    from lorafleet.routing.bank import resolve_user_bank
+    from lorafleet.routing.experts import resolve_user_experts
 
-    (member,) = resolve_user_bank(world.db, tenant_id=world.tenant_id, user_external_id="carol").members
+    (member,) = resolve_user_experts(world.db, tenant_id=world.tenant_id, user_external_id="carol").members
     # computed by QA for the gate: up to ROUTING_KEY_VECTORS unit vectors of the backbone's hidden size (64)
     assert member.routing_key is not None and len(member.routing_key) % 64 == 0
     assert 1 <= len(member.routing_key) // 64 <= ROUTING_KEY_VECTORS

@@ -12,7 +12,7 @@ from lorafleet.jobs import JobQueue, Scheduler
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.qa.sanity import check_adapter
-from lorafleet.routing.bank import enrolment_history, resolve_user_bank
+from lorafleet.routing.experts import enrolment_history, resolve_user_experts
 from lorafleet.training import synthetic
 from lorafleet.training.dataset import build_dataset
 from lorafleet.workflows.feedback import ingest_feedback, list_feedback
@@ -97,7 +97,7 @@ def _promote_interfering_task(world: World, runner: QARunner, tmp_path: Path) ->
 def test_an_interfering_task_adapter_is_blamed_and_the_users_own_adapter_stays_live(
     sqlite_world: World, tmp_path: Path, action: str
 ) -> None:
-    """The finding: a bad task adapter's promotion made an enrolled user's bank fail, and QA rolled back the
+    """The finding: a bad task adapter's promotion made an enrolled user's experts fail, and QA rolled back the
     user's innocent personal adapter while the task stayed live. Now the bank is evaluated without the task,
     passes, and the task is what QA acts on (``QAPolicy.blame_action``)."""
     world = sqlite_world
@@ -148,7 +148,7 @@ def test_an_interfering_task_adapter_is_blamed_and_the_users_own_adapter_stays_l
     )
     members = [
         m.adapter_name
-        for m in resolve_user_bank(world.db, tenant_id=world.tenant_id, user_external_id="alice").members
+        for m in resolve_user_experts(world.db, tenant_id=world.tenant_id, user_external_id="alice").members
     ]
     task_history = world.registry.alias_history(tenant_id=world.tenant_id, adapter_id=task_id)
     if action == "unenrol":

@@ -1,5 +1,5 @@
 """Shared task adapters end to end in-process: trained from task feedback in a job with users, QA'd in enrolled
-users' banks, served to enrolled users through the gate, unenrolment effective on the next request, and a
+users' experts, served to enrolled users through the gate, unenrolment effective on the next request, and a
 harmful task version rejected because it degrades an enrolled user's own holdout."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lorafleet.jobs.scheduler import Scheduler, SchedulerPolicy
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.qa.results import Matrix
-from lorafleet.routing.bank import enrol, unenrol
+from lorafleet.routing.experts import enrol, unenrol
 from lorafleet.sdk.calls import pack_adapter_folder
 from lorafleet.serving.cache import AdapterCache
 from lorafleet.serving.engine import GenerationEngine, database_resolver

@@ -23,7 +23,7 @@ from services.api.runtime import ApiOptions
 
 from lorafleet.config import Settings, load_settings
 from lorafleet.errors import BlobNotFoundError, ConfigError, NotFoundError, ValidationError
-from lorafleet.routing.bank import enrol, set_gate_spec
+from lorafleet.routing.experts import enrol, set_gate_spec
 from lorafleet.routing.spec import GateSpec
 from lorafleet.runtime.ray_serve import (
     ReplicaOptions,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from api_helpers import Library, TenantHandle, live_personal_version
 
-from lorafleet.routing.bank import set_gate_spec
+from lorafleet.routing.experts import set_gate_spec
 from lorafleet.routing.spec import GateSpec
 from lorafleet.sdk import errors
 

@@ -290,7 +290,7 @@ def test_models_base_pinned_and_task_models_and_optional_user_through_the_openai
     library: Library,
     adapter_folder: Callable[[int], Path],
 ) -> None:
-    """``model`` says what serves a request: the user's bank (``lorafleet``), ``base``, a task adapter or a user's
+    """``model`` says what serves a request: the user's experts (``lorafleet``), ``base``, a task adapter or a user's
     adapter, live or pinned at a version; ``GET /v1/models`` lists what is not per user; unknown models are
     404 ``model_not_found`` as in OpenAI; ``user`` may be left out (the base model)."""
     tenant = make_tenant()

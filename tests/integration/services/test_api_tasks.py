@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from api_helpers import Library, TenantHandle, live_personal_version, live_task_version, sft
 
-from lorafleet.routing.bank import set_gate_spec
+from lorafleet.routing.experts import set_gate_spec
 from lorafleet.routing.spec import GateSpec
 from lorafleet.sdk import errors
 

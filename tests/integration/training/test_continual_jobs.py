@@ -17,7 +17,7 @@ from lorafleet.jobs import JobQueue, JobWorker, Scheduler
 from lorafleet.registry import Registry
 from lorafleet.runtime.job_commands import train_now
 from lorafleet.store.sql.database import Database
-from lorafleet.training.trainer import SlotTask, train_slots
+from lorafleet.training.trainer import SlotTraining, train_slots
 from lorafleet.workflows.continual import PERSONAL_ADAPTER, ContinualTrainer
 
 
@@ -83,7 +83,7 @@ def test_a_second_job_continues_from_the_live_version_with_replay(
 
 
 def nan_before_training(
-    bank: AdapterBank, tokenizer: Any, tasks: Sequence[SlotTask], *args: Any, **kw: Any
+    bank: AdapterBank, tokenizer: Any, tasks: Sequence[SlotTraining], *args: Any, **kw: Any
 ) -> Any:
     """``train_slots`` with a NaN put into every slot's LoRA A before training starts."""
     with torch.no_grad():
@@ -181,9 +181,11 @@ def test_each_subject_trains_beside_a_share_of_anchor_rows(
 
     set_tenant_training(database, tenant_id=tenant_id, overrides={**TINY_TRAINING, "anchor_ratio": 0.3})
     queue = JobQueue(database)
-    seen: list[list[SlotTask]] = []
+    seen: list[list[SlotTraining]] = []
 
-    def recording(bank: AdapterBank, tokenizer: Any, tasks: Sequence[SlotTask], *args: Any, **kw: Any) -> Any:
+    def recording(
+        bank: AdapterBank, tokenizer: Any, tasks: Sequence[SlotTraining], *args: Any, **kw: Any
+    ) -> Any:
         seen.append(list(tasks))
         return train_slots(bank, tokenizer, tasks, *args, **kw)
 

@@ -20,7 +20,7 @@ from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.tenants import find_user, task_subject_id
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.synthetic import make_user_records
-from lorafleet.training.trainer import SlotTask, train_slots
+from lorafleet.training.trainer import SlotTraining, train_slots
 from lorafleet.workflows.continual import ContinualTrainer
 from lorafleet.workflows.tasks import ingest_task_feedback
 
@@ -152,7 +152,7 @@ def test_a_worker_that_lost_its_lease_stops_at_its_first_report(
     config = TrainingConfig(**TINY_TRAINING)
 
     def taken_over(
-        bank: AdapterBank, tokenizer: Any, tasks: Sequence[SlotTask], *args: Any, **kw: Any
+        bank: AdapterBank, tokenizer: Any, tasks: Sequence[SlotTraining], *args: Any, **kw: Any
     ) -> Any:
         """Before training, "pauses" past its lease (the queue's clock jumps) and another worker takes the job."""
         skew[0] += timedelta(seconds=120)

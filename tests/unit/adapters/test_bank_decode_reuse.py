@@ -12,7 +12,7 @@ from tests.lora_weights import random_lora_weights
 
 from lorafleet.adapters import AdapterBank, SlotConfig, inject_bank, remove_bank, serving_dtype
 from lorafleet.adapters.linear import BankLinear, rank_bucket
-from lorafleet.adapters.routing import RoutingPlan
+from lorafleet.adapters.plan import SlotPlan
 from lorafleet.backbone import Backbone
 
 MAX_RANK = 8
@@ -36,13 +36,13 @@ def bank(fp32_backbone: Backbone) -> AdapterBank:
     return bank
 
 
-def _logits(bank: AdapterBank, plan: RoutingPlan, ids: torch.Tensor, *, grad: bool) -> torch.Tensor:
-    with torch.set_grad_enabled(grad), bank.routing(plan):
+def _logits(bank: AdapterBank, plan: SlotPlan, ids: torch.Tensor, *, grad: bool) -> torch.Tensor:
+    with torch.set_grad_enabled(grad), bank.use(plan):
         return bank.model(input_ids=ids).logits.detach()
 
 
 def _assert_as_the_gradient_path(
-    served: torch.Tensor, bank: AdapterBank, plan: RoutingPlan, ids: torch.Tensor, *, tol: float = 1e-5
+    served: torch.Tensor, bank: AdapterBank, plan: SlotPlan, ids: torch.Tensor, *, tol: float = 1e-5
 ) -> None:
     """``served`` (logits of the cached, bucketed path) equal the gradient path's per-row gather within ``tol``."""
     torch.testing.assert_close(served, _logits(bank, plan, ids, grad=True), rtol=tol, atol=tol)
@@ -62,18 +62,18 @@ MIXED_ROWS = [
 def test_cached_rows_compute_what_the_per_row_gather_computes(
     bank: AdapterBank, input_ids: torch.Tensor, rows: list[list[tuple[int, float]]]
 ) -> None:
-    plan = RoutingPlan.from_rows(rows)
+    plan = SlotPlan.from_rows(rows)
     reference = _logits(bank, plan, input_ids, grad=True)  # the gradient path gathers per row, every time
     cached = _logits(bank, plan, input_ids, grad=False)
     again = _logits(bank, plan, input_ids, grad=False)  # second forward: the kept rows
     torch.testing.assert_close(cached, reference, rtol=1e-5, atol=1e-5)
     assert torch.equal(again, cached)
-    base = _logits(bank, RoutingPlan.base_only(4), input_ids, grad=False)
+    base = _logits(bank, SlotPlan.base_only(4), input_ids, grad=False)
     assert not torch.allclose(cached, base)
 
 
 def test_per_token_weights_use_the_cached_rows_too(bank: AdapterBank, input_ids: torch.Tensor) -> None:
-    plan = RoutingPlan.from_rows([[(0, 1.0), (2, 1.0)], [(1, 1.0), (3, 1.0)]] * 2)
+    plan = SlotPlan.from_rows([[(0, 1.0), (2, 1.0)], [(1, 1.0), (3, 1.0)]] * 2)
     weights = torch.rand(4, input_ids.shape[1], 2, generator=torch.Generator().manual_seed(3))
     plan = plan.with_token_weights(weights)
     _assert_as_the_gradient_path(_logits(bank, plan, input_ids, grad=False), bank, plan, input_ids)
@@ -81,10 +81,10 @@ def test_per_token_weights_use_the_cached_rows_too(bank: AdapterBank, input_ids:
 
 def test_equal_routes_give_the_same_plan_and_reuse_the_gathered_rows(bank: AdapterBank) -> None:
     rows = [[(0, 1.0)], [(2, 1.0)], [(1, 1.0)]]
-    first, second = RoutingPlan.from_rows(rows), RoutingPlan.from_rows([list(r) for r in rows])
+    first, second = SlotPlan.from_rows(rows), SlotPlan.from_rows([list(r) for r in rows])
     assert first is second  # a decoder rebuilding its plan at every step gets the same object back
-    assert RoutingPlan.from_rows(rows[:2]) is not first
-    rebuilt = RoutingPlan(first.slot_ids.clone(), first.weights.clone())  # not interned: equal content
+    assert SlotPlan.from_rows(rows[:2]) is not first
+    rebuilt = SlotPlan(first.slot_ids.clone(), first.weights.clone())  # not interned: equal content
     assert rebuilt is not first and rebuilt.key == first.key
     layer = _first(bank)
     work = layer.row_work(first, torch.device("cpu"))
@@ -92,7 +92,7 @@ def test_equal_routes_give_the_same_plan_and_reuse_the_gathered_rows(bank: Adapt
 
 
 def test_a_slot_write_rebuilds_the_gathered_rows(bank: AdapterBank, input_ids: torch.Tensor) -> None:
-    plan = RoutingPlan.from_rows([[(0, 1.0)], [(2, 1.0)], [(1, 1.0)], [(3, 1.0)]])
+    plan = SlotPlan.from_rows([[(0, 1.0)], [(2, 1.0)], [(1, 1.0)], [(3, 1.0)]])
     before = _logits(bank, plan, input_ids, grad=False)
     layer = _first(bank)
     work = layer.row_work(plan, torch.device("cpu"))
@@ -106,7 +106,7 @@ def test_a_slot_write_rebuilds_the_gathered_rows(bank: AdapterBank, input_ids: t
 def test_an_in_place_update_through_a_training_view_rebuilds_the_gathered_rows(
     bank: AdapterBank, input_ids: torch.Tensor
 ) -> None:
-    plan = RoutingPlan.from_rows([[(0, 1.0)], [(2, 1.0)], [(1, 1.0)], [(3, 1.0)]])
+    plan = SlotPlan.from_rows([[(0, 1.0)], [(2, 1.0)], [(1, 1.0)], [(3, 1.0)]])
     before = _logits(bank, plan, input_ids, grad=False)
     params = bank.trainable_parameters([2])
     with torch.no_grad():  # what an optimiser step does: in place, through the slot's views
@@ -126,7 +126,7 @@ def test_rows_are_computed_in_rank_buckets_not_at_the_largest_rank(bank: Adapter
     assert [rank_bucket(r, MAX_RANK) for r in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
     assert rank_bucket(12, 16) == 16 and rank_bucket(12, 12) == 12
     layer = _first(bank)
-    plan = RoutingPlan.from_rows([[(0, 1.0)], [(2, 1.0)], [(1, 1.0)], [(3, 1.0)]])  # ranks 2, 8, 3, 8
+    plan = SlotPlan.from_rows([[(0, 1.0)], [(2, 1.0)], [(1, 1.0)], [(3, 1.0)]])  # ranks 2, 8, 3, 8
     work = layer.row_work(plan, torch.device("cpu"))
     by_rank = {b.rank: (None if b.rows is None else b.rows.tolist()) for b in work.buckets}
     assert by_rank == {2: [0], 8: [1, 3], 3: [2]}  # rank 3 sits in bucket 4 and is computed at rank 3
@@ -134,7 +134,7 @@ def test_rows_are_computed_in_rank_buckets_not_at_the_largest_rank(bank: Adapter
     padded = 4 * MAX_RANK * (d_in + d_out) * 4  # what the rows cost at the largest rank, fp32
     assert work.nbytes < padded
     assert sum(b.a.numel() + b.b.numel() for b in work.buckets) == (2 + 8 + 8 + 3) * (d_in + d_out)
-    single = layer.row_work(RoutingPlan.from_rows([[(2, 1.0)], [(3, 1.0)]]), torch.device("cpu"))
+    single = layer.row_work(SlotPlan.from_rows([[(2, 1.0)], [(3, 1.0)]]), torch.device("cpu"))
     assert [(b.rank, b.rows) for b in single.buckets] == [(8, None)]  # one bucket: every row, no row index
 
 
@@ -144,7 +144,7 @@ def test_rows_on_a_4bit_backbone_match_the_per_row_gather(
     bank = inject_bank(nf4_backbone, n_slots=3, max_rank=4)
     for slot, rank in enumerate((4, 2, 4)):
         _load(bank, slot, rank, seed=slot)
-    plan = RoutingPlan.from_rows([[(0, 1.0)], [(1, 1.0)], [(2, 1.0)], [(0, 0.5), (1, 0.5)]])
+    plan = SlotPlan.from_rows([[(0, 1.0)], [(1, 1.0)], [(2, 1.0)], [(0, 0.5), (1, 0.5)]])
     _assert_as_the_gradient_path(_logits(bank, plan, input_ids, grad=False), bank, plan, input_ids, tol=1e-4)
 
 
@@ -157,7 +157,7 @@ def test_serving_dtype_and_a_half_precision_bank(fp32_backbone: Backbone) -> Non
     for slot in range(2):
         _load(full, slot, 4, seed=slot)
     ids = torch.randint(3, 259, (2, 5), generator=torch.Generator().manual_seed(1))
-    plan = RoutingPlan.single([0, 1])
+    plan = SlotPlan.single([0, 1])
     reference = _logits(full, plan, ids, grad=False)
     states = [full.slot_state_dict(s) for s in range(2)]
     full_bytes = full.nbytes

@@ -13,8 +13,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from lorafleet.adapters import (
     BankLinear,
-    RoutingPlan,
     SlotConfig,
+    SlotPlan,
     find_target_modules,
     inject_bank,
     layers,
@@ -88,7 +88,7 @@ def test_quantized_bases_are_wrapped(
     with torch.no_grad():
         with bank.base_only():
             base = backbone.model(input_ids).logits
-        with bank.routing(RoutingPlan.single([0, None, 0, None])):
+        with bank.use(SlotPlan.single([0, None, 0, None])):
             routed = backbone.model(input_ids).logits
     # LLM.int8 picks outlier columns over the whole batch, so a base-only row may move slightly with its batch
     tolerance = 0.0 if quantization == "nf4" else 2e-2
@@ -103,7 +103,7 @@ def test_conv1d_bases_match_a_dense_computation(input_ids: torch.Tensor, tools: 
     assert layer.kind.fan_in_fan_out and (layer.in_features, layer.out_features) == (32, 96)
     tools.load_random(bank, 0, rank=4, alpha=4, seed=0)
     x = torch.randn(2, 3, 32)  # [batch, seq, d_in]
-    with bank.routing(RoutingPlan.single([0, 0])), torch.no_grad():
+    with bank.use(SlotPlan.single([0, 0])), torch.no_grad():
         got = layer(x)
     lora_a, lora_b = layer.read_slot(0)
     expected = layer.base_layer(x) + x @ lora_a.T @ lora_b.T

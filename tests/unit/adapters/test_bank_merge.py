@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lorafleet.adapters import RoutingPlan, inject_bank
+from lorafleet.adapters import SlotPlan, inject_bank
 from lorafleet.backbone import Backbone, load_backbone
 from lorafleet.errors import MergeError, NonFiniteError, NotFoundError
 
@@ -27,7 +27,7 @@ def test_merge_matches_routing_and_unmerge_restores_bits(
     tools.load_random(bank, 1, rank=3, alpha=3, seed=1)
     before = tools.base_digest(model)
     originals = {name: layer.base_layer.weight for name, layer in bank.layers.items()}
-    with bank.routing(RoutingPlan.single([0] * 4)):
+    with bank.use(SlotPlan.single([0] * 4)):
         routed = _logits(model, input_ids)
 
     bank.merge(0)
@@ -35,9 +35,9 @@ def test_merge_matches_routing_and_unmerge_restores_bits(
     assert tools.base_digest(model) != before
     merged = _logits(model, input_ids)  # no plan needed: the merged model is the base now
     assert (merged - routed).abs().max().item() <= 1e-5
-    with bank.routing(RoutingPlan.single([0] * 4)):
+    with bank.use(SlotPlan.single([0] * 4)):
         assert (_logits(model, input_ids) - routed).abs().max().item() <= 1e-5
-    with pytest.raises(MergeError, match="unmerge"), bank.routing(RoutingPlan.single([1] * 4)):
+    with pytest.raises(MergeError, match="unmerge"), bank.use(SlotPlan.single([1] * 4)):
         model(input_ids)
     bank.merge(1)
     assert bank.unmerge() == 1 and bank.unmerge() == 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from lorafleet.adapters import RoutingPlan, SlotConfig, inject_bank, load_slot_from_dir, save_slot
+from lorafleet.adapters import SlotConfig, SlotPlan, inject_bank, load_slot_from_dir, save_slot
 from lorafleet.backbone import Backbone, load_backbone
 from lorafleet.errors import AdapterFormatError
 from lorafleet.training.config import TrainingConfig
@@ -36,7 +36,7 @@ def test_one_adapter_equals_peft(tiny_dir: Path, fp32_backbone: Backbone, input_
     peft_model.eval()
     bank = inject_bank(fp32_backbone, target_modules=QV, n_slots=3, max_rank=8)
     bank.load_slot(1, get_peft_model_state_dict(peft_model), SlotConfig(rank=4, alpha=16))
-    with bank.routing(RoutingPlan.single([1] * 4)):
+    with bank.use(SlotPlan.single([1] * 4)):
         ours = _logits(fp32_backbone.model, input_ids)
     theirs = _logits(peft_model, input_ids)
     with bank.base_only():
@@ -54,10 +54,10 @@ def test_mixed_batch_equals_each_user_alone_and_peft_adapter_names(
         tools.load_random(bank, slot, rank=rank, alpha=alpha, seed=slot)
     batch = torch.cat([input_ids, input_ids[:2]])  # [6, seq]: rows 4-5 repeat 0-1 through other routes
     routes = [0, 1, 2, 3, None, 2]
-    with bank.routing(RoutingPlan.single(routes)):
+    with bank.use(SlotPlan.single(routes)):
         mixed = _logits(fp32_backbone.model, batch)
     for row, slot in enumerate(routes):
-        with bank.routing(RoutingPlan.single([slot])):
+        with bank.use(SlotPlan.single([slot])):
             alone = _logits(fp32_backbone.model, batch[row : row + 1])
         assert (mixed[row] - alone[0]).abs().max().item() <= TOL, f"row {row}"
 
@@ -97,7 +97,7 @@ def test_adapter_trained_and_saved_by_peft_loads_into_a_slot(
     info = load_slot_from_dir(bank, 0, tmp_path / "peft")
     assert info.config.rank == 4 and info.config.dropout == pytest.approx(0.1)
     assert len(info.modules) == 6  # 2 layers x (q, v, down)
-    with bank.routing(RoutingPlan.single([0] * 4)):
+    with bank.use(SlotPlan.single([0] * 4)):
         ours = _logits(fp32_backbone.model, input_ids)
     assert (ours - _logits(peft_model, input_ids)).abs().max().item() <= TOL
 
@@ -111,7 +111,7 @@ def test_adapter_saved_by_lorafleet_loads_in_peft(
     )
     saved = save_slot(bank, 1, tmp_path / "ours")
     assert bank.slot_info(1).config.content_hash == saved.content_hash
-    with bank.routing(RoutingPlan.single([1] * 4)):
+    with bank.use(SlotPlan.single([1] * 4)):
         ours = _logits(fp32_backbone.model, input_ids)
 
     base = load_backbone(tiny_dir, quantization="fp32", device="cpu").model
@@ -129,7 +129,7 @@ def test_partial_targets_save_as_a_regex_that_peft_matches(
         0, tools.random_adapter(bank, rank=2, seed=5, modules=only_first), SlotConfig(rank=2, alpha=2)
     )
     save_slot(bank, 0, tmp_path / "partial")
-    with bank.routing(RoutingPlan.single([0] * 4)):
+    with bank.use(SlotPlan.single([0] * 4)):
         ours = _logits(fp32_backbone.model, input_ids)
     peft_model = PeftModel.from_pretrained(
         load_backbone(tiny_dir, quantization="fp32", device="cpu").model, tmp_path / "partial"
@@ -163,14 +163,14 @@ def test_an_adapter_on_the_top_layers_round_trips_through_peft(
         n.split(".base_model.model.")[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")
     }
     assert adapted and all(".layers.1." in n for n in adapted)
-    with bank.routing(RoutingPlan.single([0] * input_ids.shape[0])):
+    with bank.use(SlotPlan.single([0] * input_ids.shape[0])):
         ours = _logits(fp32_backbone.model, input_ids)
     assert (ours - _logits(peft_model, input_ids)).abs().max().item() <= TOL
 
     bank.evict_slot(0)
     info = load_slot_from_dir(bank, 1, saved.directory)
     assert all(".layers.1." in m for m in info.modules)
-    with bank.routing(RoutingPlan.single([1] * input_ids.shape[0])):
+    with bank.use(SlotPlan.single([1] * input_ids.shape[0])):
         again = _logits(fp32_backbone.model, input_ids)
     assert (again - ours).abs().max().item() <= TOL
 

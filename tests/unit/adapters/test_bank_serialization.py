@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from lorafleet.adapters import (
     AdapterBank,
-    RoutingPlan,
     SlotConfig,
+    SlotPlan,
     inject_bank,
     load_slot_from_dir,
     save_slot,
@@ -156,14 +156,14 @@ def test_bad_adapters_are_refused_and_change_nothing(
     shutil.copytree(saved, folder)
     corrupt(folder)
     before = tools.bank_digest(bank)
-    with bank.routing(RoutingPlan.single([0, 0, None, 0])), torch.no_grad():
+    with bank.use(SlotPlan.single([0, 0, None, 0])), torch.no_grad():
         logits = bank.model(input_ids).logits
     for slot, replace in ((1, False), (0, True)):  # an empty slot, and replacing a loaded one
         with pytest.raises(error):
             load_slot_from_dir(bank, slot, folder, replace=replace)
     assert tools.bank_digest(bank) == before
     assert bank.slot_info(1) is None and bank.slot_info(0).config.rank == 4
-    with bank.routing(RoutingPlan.single([0, 0, None, 0])), torch.no_grad():
+    with bank.use(SlotPlan.single([0, 0, None, 0])), torch.no_grad():
         assert torch.equal(bank.model(input_ids).logits, logits)
 
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import bitsandbytes as bnb
 import torch
 
-from lorafleet.adapters import RoutingPlan, SlotConfig, inject_bank
+from lorafleet.adapters import SlotConfig, SlotPlan, inject_bank
 from lorafleet.backbone import Backbone, load_backbone
 
 
@@ -32,18 +32,18 @@ def test_training_on_nf4_moves_only_the_batch_adapters(
     base_before = tools.base_digest(model)
     optimizer = torch.optim.AdamW(bank.parameter_groups([0, 1, 2]), lr=3e-2, weight_decay=0.1)
     routes: list[int | None] = [0, 1, 0, 1]
-    plan = RoutingPlan.single(routes)
+    plan = SlotPlan.single(routes)
     model.train()
 
-    def step(plan: RoutingPlan, routes: list[int | None]) -> float:
-        with bank.routing(plan):
+    def step(plan: SlotPlan, routes: list[int | None]) -> float:
+        with bank.use(plan):
             loss = _user_loss(model, input_ids, routes)
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    with bank.routing(plan):
+    with bank.use(plan):
         loss = _user_loss(model, input_ids, routes)
         loss.backward()
     unused_a, unused_b = bank.layers["model.layers.0.self_attn.q_proj"].slot_params[2]
@@ -61,7 +61,7 @@ def test_training_on_nf4_moves_only_the_batch_adapters(
 
     # a later batch without slots 0 and 1: AdamW's momentum and weight decay must not move them
     slot01 = tools.tensor_digest(sorted({**bank.slot_state_dict(0), **bank.slot_state_dict(1)}.items()))
-    step(RoutingPlan.single([2, 2, None, 2]), [2, 2, None, 2])
+    step(SlotPlan.single([2, 2, None, 2]), [2, 2, None, 2])
     assert (
         tools.tensor_digest(sorted({**bank.slot_state_dict(0), **bank.slot_state_dict(1)}.items())) == slot01
     )
@@ -94,13 +94,13 @@ def test_dropout_applies_in_training_mode_only(fp32_backbone: Backbone, tools: S
     bank.load_slot(0, tools.random_adapter(bank, rank=4, seed=0), SlotConfig(rank=4, alpha=4, dropout=0.5))
     bank.load_slot(1, tools.random_adapter(bank, rank=4, seed=1), SlotConfig(rank=4, alpha=4))
     x = torch.randn(2, 5, layer.in_features)  # [batch, seq, d_in]
-    for plan in (RoutingPlan.single([0, 0]), RoutingPlan.single([0, 1])):
-        with bank.routing(plan), torch.no_grad():
+    for plan in (SlotPlan.single([0, 0]), SlotPlan.single([0, 1])):
+        with bank.use(plan), torch.no_grad():
             layer.eval()
             assert torch.equal(layer(x), layer(x))
             layer.train()
             assert not torch.equal(layer(x), layer(x))
-    with bank.routing(RoutingPlan.single([1, 1])), torch.no_grad():
+    with bank.use(SlotPlan.single([1, 1])), torch.no_grad():
         assert torch.equal(layer(x), layer(x))  # slot 1 has no dropout even in training mode
 
 
@@ -111,13 +111,13 @@ def _nf4_grads(tiny_dir: Path, input_ids: torch.Tensor, *, infer_first: bool) ->
     with torch.no_grad():
         for layer in bank.layers.values():
             layer.lora_B[0].normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
-    plan = RoutingPlan.single([0] * input_ids.shape[0])
+    plan = SlotPlan.single([0] * input_ids.shape[0])
     if infer_first:  # e.g. QA or serving on the same backbone before a training job
-        with torch.no_grad(), bank.routing(plan):
+        with torch.no_grad(), bank.use(plan):
             backbone.model(input_ids)
     backbone.model.train()
     params = bank.trainable_parameters([0])
-    with bank.routing(plan):
+    with bank.use(plan):
         backbone.model(input_ids, labels=input_ids).loss.backward()
     return [p.grad for p in params if p.grad is not None]
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from sqlalchemy import func, select
 
-from lorafleet.adapters import AdapterBank, RoutingPlan, inject_bank, load_slot_from_dir
+from lorafleet.adapters import AdapterBank, SlotPlan, inject_bank, load_slot_from_dir
 from lorafleet.adapters.serialization import FINGERPRINT_METADATA_KEY
 from lorafleet.backbone import Backbone, load_backbone
 from lorafleet.errors import (
@@ -263,7 +263,7 @@ def _import_and_check(
     assert original.keys() == stored.keys() and all(torch.equal(original[k], stored[k]) for k in original)
     info = load_slot_from_dir(bank, bank.free_slot(), folder, require_fingerprint=True)
     try:
-        with torch.no_grad(), bank.routing(RoutingPlan.single([info.slot] * 4)):
+        with torch.no_grad(), bank.use(SlotPlan.single([info.slot] * 4)):
             ours = backbone.model(input_ids=trained.input_ids).logits
     finally:
         bank.evict_slot(info.slot)
@@ -412,7 +412,7 @@ def test_nf4_backbone_import_matches_peft_on_the_same_nf4_base(
     assert nf4_bank.occupied() == {} and imported.version.base_fingerprint == nf4.fingerprint.digest
     folder = local_registry.fetch_version(version=imported.version, dest_dir=tmp_path / "fetched")
     info = load_slot_from_dir(nf4_bank, 0, folder, require_fingerprint=True)
-    with torch.no_grad(), nf4_bank.routing(RoutingPlan.single([info.slot] * 4)):
+    with torch.no_grad(), nf4_bank.use(SlotPlan.single([info.slot] * 4)):
         ours = nf4.model(input_ids=trained.input_ids).logits
     peft_base = load_backbone(trained.tiny_dir, quantization="nf4", device="cpu").model
     peft_model = PeftModel.from_pretrained(peft_base, trained.folder).eval()

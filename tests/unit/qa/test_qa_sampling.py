@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from lorafleet.qa.sampling import cap_examples, member_budget, member_label, sample_members
-from lorafleet.routing.bank import BankMember
+from lorafleet.routing.experts import Expert
 from lorafleet.training.dataset import Example
 
 
-def member(i: int, kind: str = "task") -> BankMember:
-    return BankMember(i, f"m{i}", kind, 100 + i, 1, f"{i:064x}", 1, 4, None)  # type: ignore[arg-type]
+def member(i: int, kind: str = "task") -> Expert:
+    return Expert(i, f"m{i}", kind, 100 + i, 1, f"{i:064x}", 1, 4, None)  # type: ignore[arg-type]
 
 
 OTHERS = [member(i) for i in range(1, 9)]

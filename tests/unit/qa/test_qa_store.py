@@ -15,7 +15,7 @@ from lorafleet.errors import AlreadyExistsError, NotFoundError
 from lorafleet.jobs import JobQueue
 from lorafleet.qa.reports import encode_document, load_report, reports_for_version, store_document
 from lorafleet.registry import Registry
-from lorafleet.routing.bank import enrol
+from lorafleet.routing.experts import enrol
 from lorafleet.store.blob import open_blob_store
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import NewQAReport, QARepository

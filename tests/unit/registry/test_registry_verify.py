@@ -18,7 +18,7 @@ from lorafleet.domain import AdapterVersion, BlobCheck, VersionStatus
 from lorafleet.errors import BlobStoreError, InvalidStateError, ModelNotFoundError
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.registry import Registry
-from lorafleet.routing.bank import enrol, resolve_model_bank
+from lorafleet.routing.experts import enrol, resolve_model_experts
 from lorafleet.store.blob import BlobStore
 from lorafleet.store.blob.s3 import S3BlobStore
 from lorafleet.store.sql.database import Database
@@ -125,11 +125,11 @@ def test_a_flipped_byte_in_a_live_blob_is_found_repaired_and_found_no_more(
 
     # quarantined for good: never served (not even pinned by number), never a promote or rollback target, its
     # status never set again
-    assert resolve_model_bank(
+    assert resolve_model_experts(
         database, tenant_id=a.tenant_id, owner="alice", adapter="chat", version=2
     ).members
     with pytest.raises(ModelNotFoundError):
-        resolve_model_bank(database, tenant_id=a.tenant_id, owner="alice", adapter="chat", version=3)
+        resolve_model_experts(database, tenant_id=a.tenant_id, owner="alice", adapter="chat", version=3)
     with pytest.raises(InvalidStateError, match="corrupt"):
         registry.promote(tenant_id=a.tenant_id, adapter_id=a.adapter_id, number=3, actor="test")
     with pytest.raises(InvalidStateError, match="corrupt"):

@@ -23,7 +23,7 @@ from lorafleet.registry.weight_sanity import (
 from lorafleet.training import synthetic
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import build_dataset
-from lorafleet.training.trainer import SlotTask, train_slots
+from lorafleet.training.trainer import SlotTraining, train_slots
 
 MODULE = "base_model.model.model.layers.0.self_attn.q_proj"
 #: how far inside every default bound an adapter trained at the defaults must sit (the bounds are meant to be
@@ -78,7 +78,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[di
             raw = synthetic.make_user_records(f"user-{slot}", round=1, n_records=48)
             dataset = build_dataset(synthetic.to_feedback_records(raw), config=config)
             bank.init_slot(slot, config.slot_config(layer_names=list(bank.layers)), seed=slot)
-            tasks.append(SlotTask(slot, f"user-{slot}", dataset.train, dataset.holdout))
+            tasks.append(SlotTraining(slot, f"user-{slot}", dataset.train, dataset.holdout))
         results = train_slots(bank, backbone.tokenizer, tasks, config)
         assert all(r.metrics["holdout_loss_after"] < r.metrics["holdout_loss_before"] for r in results)
         peft_config = {"r": config.rank, "lora_alpha": config.alpha}

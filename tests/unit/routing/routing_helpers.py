@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorafleet.registry import Registry
-from lorafleet.routing.bank import BankMember, UserBank, bank_revision
+from lorafleet.routing.experts import Expert, ExpertSet, experts_revision
 from lorafleet.routing.spec import GateSpec
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlTenant, SqlUser
@@ -81,9 +81,9 @@ def add_live_version(
 
 def member(
     index: int, *, key: tuple[float, ...] | None, kind: str = "personal", name: str | None = None
-) -> BankMember:
+) -> Expert:
     """A bank member for gate tests (ids derived from ``index``)."""
-    return BankMember(
+    return Expert(
         adapter_id=100 + index,
         adapter_name=name or f"adapter-{index}",
         kind=kind,  # type: ignore[arg-type]
@@ -96,6 +96,6 @@ def member(
     )
 
 
-def user_bank(members: list[BankMember], gate: GateSpec | None = None) -> UserBank:
+def user_bank(members: list[Expert], gate: GateSpec | None = None) -> ExpertSet:
     gate = gate or GateSpec()
-    return UserBank(1, 1, "alice", tuple(members), gate, bank_revision(members, gate))
+    return ExpertSet(1, 1, "alice", tuple(members), gate, experts_revision(members, gate))

@@ -11,11 +11,11 @@ from routing_helpers import member, user_bank
 from lorafleet.errors import ValidationError
 from lorafleet.routing import (
     CentroidGate,
+    ExpertSet,
     FixedGate,
     GateDecision,
     GateSpec,
     LearnedGate,
-    UserBank,
     build_gate,
     plan_from_decisions,
 )
@@ -32,7 +32,7 @@ def _softmax(scores: list[float], temperature: float) -> list[float]:
     return [e / sum(exps) for e in exps]
 
 
-def _bank3() -> UserBank:
+def _bank3() -> ExpertSet:
     return user_bank([member(i, key=k) for i, k in enumerate(KEYS)])
 
 

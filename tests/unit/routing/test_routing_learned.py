@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from lorafleet.errors import AdapterFormatError, BackboneMismatchError, NonFiniteError, ValidationError
 from lorafleet.registry import Registry
-from lorafleet.routing import GateSpec, UserBank, build_gate, resolve_user_bank, set_gate_spec
-from lorafleet.routing.bank import gate_adapter_id
+from lorafleet.routing import ExpertSet, GateSpec, build_gate, resolve_user_experts, set_gate_spec
+from lorafleet.routing.experts import gate_adapter_id
 from lorafleet.routing.learned import (
     GateArch,
     GateNetwork,
@@ -65,13 +65,13 @@ def test_gate_files_that_are_not_gates_or_not_finite_are_refused(tmp_path: Path)
         load_learned_gate_file(path)
 
 
-def _two_member_bank(registry: Registry, database: Database, world: World, tmp: Path) -> UserBank:
+def _two_member_bank(registry: Registry, database: Database, world: World, tmp: Path) -> ExpertSet:
     for i, name in enumerate(("a", "b")):
         adapter = registry.create_adapter(
             tenant_id=world.a, owner_user_id=world.alice, name=name, target_config={}
         )
         add_live_version(registry, tmp, tenant_id=world.a, adapter_id=adapter.id, seed=i, key=(1.0, float(i)))
-    return resolve_user_bank(database, tenant_id=world.a, user_external_id="alice")
+    return resolve_user_experts(database, tenant_id=world.a, user_external_id="alice")
 
 
 def test_a_registered_gate_is_a_live_version_of_the_users_gate_adapter(
@@ -88,7 +88,7 @@ def test_a_registered_gate_is_a_live_version_of_the_users_gate_adapter(
     assert version.training_config["class_adapter_ids"] == list(ids)
     assert registry.alias_history(tenant_id=world.a, adapter_id=version.adapter_id)[0].actor == "trainer"
 
-    after = resolve_user_bank(database, tenant_id=world.a, user_external_id="alice")
+    after = resolve_user_experts(database, tenant_id=world.a, user_external_id="alice")
     assert [m.adapter_name for m in after.members] == ["a", "b"]  # the gate adapter is not a member
     assert after.gate == GateSpec(kind="learned", learned_version_id=version.id)  # used when present
     assert after.revision != bank.revision
@@ -109,7 +109,7 @@ def test_a_registered_gate_is_a_live_version_of_the_users_gate_adapter(
     )
     assert (
         second.number == 2
-        and resolve_user_bank(database, tenant_id=world.a, user_external_id="alice").gate == after.gate
+        and resolve_user_experts(database, tenant_id=world.a, user_external_id="alice").gate == after.gate
     )
     set_gate_spec(  # the tenant may pin an older gate version
         database,
@@ -119,7 +119,7 @@ def test_a_registered_gate_is_a_live_version_of_the_users_gate_adapter(
         actor="admin",
     )
     assert (
-        resolve_user_bank(database, tenant_id=world.a, user_external_id="alice").gate.learned_version_id
+        resolve_user_experts(database, tenant_id=world.a, user_external_id="alice").gate.learned_version_id
         == second.id
     )
 

@@ -2,7 +2,7 @@
 
 The tiny backbone (fp32, random init, byte-level tokenizer) is the real one; the adapters are trained briefly
 with the project's trainer, registered with their routing keys (two personal, one a tenant task adapter the user
-is enrolled in), and the user's bank is resolved from the database, as serving does.
+is enrolled in), and the user's experts is resolved from the database, as serving does.
 """
 
 from __future__ import annotations
@@ -14,23 +14,23 @@ import pytest
 import torch
 from routing_helpers import World
 
-from lorafleet.adapters import AdapterBank, RoutingPlan, inject_bank, save_slot
+from lorafleet.adapters import AdapterBank, SlotPlan, inject_bank, save_slot
 from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone
 from lorafleet.registry import Registry
 from lorafleet.routing import (
-    BankMember,
     CentroidGate,
+    Expert,
+    ExpertSet,
     GateDecision,
     GateSpec,
-    UserBank,
     build_gate,
     embed_prompts,
     enrol,
     plan_from_decisions,
-    resolve_user_bank,
+    resolve_user_experts,
     routing_key,
 )
-from lorafleet.routing.bank import bank_revision
+from lorafleet.routing.experts import experts_revision
 from lorafleet.routing.learned import (
     LearnedGateModel,
     load_learned_gate,
@@ -38,7 +38,7 @@ from lorafleet.routing.learned import (
     train_learned_gate,
 )
 from lorafleet.store.sql.database import Database
-from lorafleet.training import Example, SlotTask, TrainingConfig, train_slots
+from lorafleet.training import Example, SlotTraining, TrainingConfig, train_slots
 from lorafleet.training.metrics import score_examples, summarize
 from lorafleet.training.synthetic_routing import TASKS, three_tasks
 
@@ -72,7 +72,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedTasks:
     tasks = []
     for slot, task in enumerate(TASKS):
         bank.init_slot(slot, config.slot_config(name=task), seed=slot)
-        tasks.append(SlotTask(slot=slot, key=task, train=data[task][0], holdout=()))
+        tasks.append(SlotTraining(slot=slot, key=task, train=data[task][0], holdout=()))
     train_slots(bank, backbone.tokenizer, tasks, config)
     out = tmp_path_factory.mktemp("routing-adapters")
     dirs = {task: save_slot(bank, slot, out / task).directory for slot, task in enumerate(TASKS)}
@@ -83,7 +83,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedTasks:
     return TrainedTasks(backbone, bank, data, dirs, keys, holdout, expected, embeddings)
 
 
-def _register(registry: Registry, database: Database, world: World, trained: TrainedTasks) -> UserBank:
+def _register(registry: Registry, database: Database, world: World, trained: TrainedTasks) -> ExpertSet:
     """pig-latin and reverse: alice's own adapters; favourite: a task adapter she is enrolled in."""
     for task in TASKS:
         owner = None if task == "favourite" else world.alice
@@ -97,10 +97,10 @@ def _register(registry: Registry, database: Database, world: World, trained: Tra
         )
         registry.promote(tenant_id=world.a, adapter_id=adapter.id, number=version.number, actor="trainer")
     enrol(database, tenant_id=world.a, user_external_id="alice", task_name="favourite", actor="admin")
-    return resolve_user_bank(database, tenant_id=world.a, user_external_id="alice")
+    return resolve_user_experts(database, tenant_id=world.a, user_external_id="alice")
 
 
-def _accuracy(user_bank: UserBank, decisions: list[GateDecision], expected: list[str]) -> float:
+def _accuracy(user_bank: ExpertSet, decisions: list[GateDecision], expected: list[str]) -> float:
     chosen = [user_bank.members[d.routes[0][0]].adapter_name if d.routes else None for d in decisions]
     return sum(c == e for c, e in zip(chosen, expected, strict=True)) / len(expected)
 
@@ -122,7 +122,7 @@ def test_held_out_prompts_are_routed_to_their_tasks_adapter(
     register_learned_gate(
         registry, database, user_bank=user_bank, trained=gate, base_fingerprint="tiny", actor="trainer"
     )
-    learned_bank = resolve_user_bank(database, tenant_id=world.a, user_external_id="alice")
+    learned_bank = resolve_user_experts(database, tenant_id=world.a, user_external_id="alice")
     assert learned_bank.gate.kind == "learned" and learned_bank.members == user_bank.members
 
     def loader(version_id: int) -> LearnedGateModel:
@@ -137,10 +137,10 @@ def test_held_out_prompts_are_routed_to_their_tasks_adapter(
 def test_the_gated_mixture_is_within_5_percent_of_the_right_adapter(trained: TrainedTasks) -> None:
     """Decisions drive one batched forward over the bank; uniform averaging is clearly worse."""
     members = [
-        BankMember(slot + 1, task, "personal", slot + 10, 1, "0" * 64, 0, 4, trained.keys[task])
+        Expert(slot + 1, task, "personal", slot + 10, 1, "0" * 64, 0, 4, trained.keys[task])
         for slot, task in enumerate(TASKS)
     ]
-    user_bank = UserBank(1, 1, "alice", tuple(members), GateSpec(), bank_revision(members, GateSpec()))
+    user_bank = ExpertSet(1, 1, "alice", tuple(members), GateSpec(), experts_revision(members, GateSpec()))
     decisions = CentroidGate().decide(user_bank, trained.embeddings)
     slot_of = list(range(len(TASKS)))  # member i is in slot i
     assert plan_from_decisions(decisions, [slot_of] * len(decisions)).batch_size == len(trained.holdout)
@@ -163,5 +163,5 @@ def test_embeddings_depend_neither_on_padding_nor_on_the_adapters_in_use(trained
     batched = embed_prompts(trained.backbone, trained.bank, prompts)
     assert torch.allclose(alone, batched, atol=1e-5)
     assert torch.allclose(batched.norm(dim=-1), torch.ones(len(prompts)))
-    with trained.bank.routing(RoutingPlan.single([0] * len(prompts))):  # the base model embeds, always
+    with trained.bank.use(SlotPlan.single([0] * len(prompts))):  # the base model embeds, always
         assert torch.equal(embed_prompts(trained.backbone, trained.bank, prompts), batched)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from engine_world import Setup, make_setup
-from serving_helpers import BankMember, FolderFetcher, member, write_adapter
+from serving_helpers import Expert, FolderFetcher, member, write_adapter
 
 from lorafleet.adapters import AdapterBank, inject_bank
 from lorafleet.backbone import Backbone, load_backbone
@@ -65,7 +65,7 @@ def setup(bank: AdapterBank, backbone: Backbone, adapter_folders: Callable[[int]
 
 
 @pytest.fixture
-def members(adapter_folders: Callable[[int], Path]) -> list[BankMember]:
+def members(adapter_folders: Callable[[int], Path]) -> list[Expert]:
     """Five distinct versions a..e (members 0..4), real adapter folders."""
     return [member(adapter_folders(seed), adapter_id=seed + 1) for seed in range(5)]
 

@@ -12,7 +12,7 @@ from serving_helpers import FixedGate, FolderFetcher, gates_by_user, member, use
 from lorafleet.adapters import AdapterBank
 from lorafleet.backbone import Backbone
 from lorafleet.errors import NotFoundError
-from lorafleet.routing.bank import UserBank
+from lorafleet.routing.experts import ExpertSet
 from lorafleet.serving import AdapterCache, GenerationEngine, GenerationRequest, GenerationResult
 
 PROMPTS = {
@@ -26,7 +26,7 @@ PROMPTS = {
 @dataclass
 class Setup:
     engine: GenerationEngine
-    banks: dict[str, UserBank]
+    banks: dict[str, ExpertSet]
     fetch: FolderFetcher
 
 
@@ -44,7 +44,7 @@ def make_setup(bank: AdapterBank, backbone: Backbone, adapter_folders: Callable[
     }
     gates = {"bob": FixedGate(((0, 0.3), (1, 0.7))), "dave": FixedGate(((0, 0.5),))}
 
-    def resolve(tenant_id: int, user: str) -> UserBank:
+    def resolve(tenant_id: int, user: str) -> ExpertSet:
         if user not in banks:
             raise NotFoundError(f"user {user!r} not found")
         return banks[user]

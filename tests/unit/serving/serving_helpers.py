@@ -16,15 +16,15 @@ from tests.lora_weights import random_lora_weights
 from lorafleet.adapters import AdapterBank, SlotConfig, save_slot
 from lorafleet.registry import Registry, pack_adapter_archive
 from lorafleet.registry.peft_format import inspect_adapter_dir
-from lorafleet.routing.bank import BankMember, UserBank
+from lorafleet.routing.experts import Expert, ExpertSet
 from lorafleet.routing.spec import GateDecision, GateSpec
 from lorafleet.serving.cache import AdapterCache
 from lorafleet.store.blob.base import sha256_file
 
-__all__ = ["BankMember", "GateDecision", "GateSpec", "UserBank"]
+__all__ = ["Expert", "GateDecision", "GateSpec", "ExpertSet"]
 
 
-def touch(cache: AdapterCache, m: BankMember) -> int:
+def touch(cache: AdapterCache, m: Expert) -> int:
     """Acquire one version (loading it if needed) and release it at once; the slot it is in."""
     with cache.acquire([m]) as lease:
         return lease.slots[m.sha256]
@@ -48,10 +48,10 @@ def archive_sha256(folder: Path) -> tuple[str, int]:
 
 def member(
     folder: Path, *, adapter_id: int, name: str = "", version: int = 1, version_id: int | None = None
-) -> BankMember:
+) -> Expert:
     """A bank member for an adapter folder (sha256 and size of its archive)."""
     sha256, size = archive_sha256(folder)
-    return BankMember(
+    return Expert(
         adapter_id=adapter_id,
         adapter_name=name or f"adapter-{adapter_id}",
         kind="personal",
@@ -64,9 +64,9 @@ def member(
     )
 
 
-def user_bank(user: str, members: Sequence[BankMember], *, tenant_id: int = 1, user_id: int = 1) -> UserBank:
+def user_bank(user: str, members: Sequence[Expert], *, tenant_id: int = 1, user_id: int = 1) -> ExpertSet:
     revision = "-".join(str(m.version_id) for m in members) or "empty"
-    return UserBank(
+    return ExpertSet(
         tenant_id=tenant_id,
         user_id=user_id,
         external_id=user,
@@ -82,11 +82,11 @@ class FixedGate:
 
     routes: tuple[tuple[int, float], ...] = ((0, 1.0),)
 
-    def decide(self, bank: UserBank, embeddings: torch.Tensor) -> list[GateDecision]:
+    def decide(self, bank: ExpertSet, embeddings: torch.Tensor) -> list[GateDecision]:
         return [GateDecision(routes=self.routes) for _ in range(embeddings.shape[0])]
 
 
-def gates_by_user(gates: Mapping[str, FixedGate]) -> Callable[[UserBank], FixedGate]:
+def gates_by_user(gates: Mapping[str, FixedGate]) -> Callable[[ExpertSet], FixedGate]:
     """A gate factory picking each user's gate by external id (member 0 at weight 1 when not listed)."""
     return lambda bank: gates.get(bank.external_id, FixedGate())
 
@@ -111,7 +111,7 @@ class FolderFetcher:
         self.folders[sha256] = folder
         return sha256
 
-    def __call__(self, version: BankMember, workdir: Path) -> Path:
+    def __call__(self, version: Expert, workdir: Path) -> Path:
         with self.lock:
             self.calls.append(version.sha256)
         event = self.hold.get(version.sha256)
@@ -122,21 +122,21 @@ class FolderFetcher:
 
 @dataclass
 class RegistryBanks:
-    """Resolves a user's bank from the live versions of their adapters in a real registry."""
+    """Resolves a user's experts from the live versions of their adapters in a real registry."""
 
     registry: Registry
     tenant_id: int
     adapters: dict[str, list[int]]  # user external id -> adapter ids
     calls: int = 0
 
-    def __call__(self, tenant_id: int, user: str) -> UserBank:
+    def __call__(self, tenant_id: int, user: str) -> ExpertSet:
         self.calls += 1
         members = []
         for adapter_id in self.adapters.get(user, []):
             live = self.registry.live_version(tenant_id=tenant_id, adapter_id=adapter_id)
             if live is not None:
                 members.append(
-                    BankMember(
+                    Expert(
                         adapter_id=adapter_id,
                         adapter_name=f"adapter-{adapter_id}",
                         kind="personal",

@@ -10,20 +10,20 @@ from serving_helpers import FolderFetcher, touch
 
 from lorafleet.adapters import AdapterBank, SlotConfig
 from lorafleet.errors import AdapterFormatError, BlobIntegrityError, CapacityError, ValidationError
-from lorafleet.routing.bank import BankMember
+from lorafleet.routing.experts import Expert
 from lorafleet.serving import AdapterCache
 from lorafleet.serving.metrics import ServingMetrics, prometheus_text
 
 
 def test_eviction_order_is_exact_lru(
-    bank: AdapterBank, members: list[BankMember], fetcher: FolderFetcher
+    bank: AdapterBank, members: list[Expert], fetcher: FolderFetcher
 ) -> None:
     cache = AdapterCache(bank, fetch=fetcher, capacity_slots=3)
     a, b, c, d, e = members
     evicted: list[str] = []
     names = {m.sha256: n for m, n in zip(members, "abcde", strict=True)}
 
-    def access(m: BankMember) -> None:
+    def access(m: Expert) -> None:
         before = set(cache.keys())
         touch(cache, m)
         evicted.extend(sorted(names[k] for k in before - set(cache.keys())))
@@ -42,18 +42,18 @@ def test_eviction_order_is_exact_lru(
 
 
 def test_slots_are_keyed_by_content_hash(
-    bank: AdapterBank, members: list[BankMember], fetcher: FolderFetcher
+    bank: AdapterBank, members: list[Expert], fetcher: FolderFetcher
 ) -> None:
     cache = AdapterCache(bank, fetch=fetcher, capacity_slots=3)
     a = members[0]
-    same_bytes = BankMember(**{**a.__dict__, "adapter_id": 99, "version_id": 999, "version_number": 7})
+    same_bytes = Expert(**{**a.__dict__, "adapter_id": 99, "version_id": 999, "version_number": 7})
     with cache.acquire([a, same_bytes]) as lease:
         assert list(lease.slots) == [a.sha256]
     assert cache.stats().misses == 1 and len(fetcher.calls) == 1
 
 
 def test_byte_capacity_evicts_until_the_version_fits(
-    bank: AdapterBank, members: list[BankMember], fetcher: FolderFetcher
+    bank: AdapterBank, members: list[Expert], fetcher: FolderFetcher
 ) -> None:
     size = members[0].size_bytes
     assert all(m.size_bytes == size for m in members)  # same shapes, same archive size
@@ -64,14 +64,14 @@ def test_byte_capacity_evicts_until_the_version_fits(
     touch(cache, c)  # only two fit: a (LRU) goes
     assert cache.keys() == [b.sha256, c.sha256]
     assert cache.stats().bytes_used == 2 * size
-    big = BankMember(**{**members[3].__dict__, "size_bytes": 3 * size})
+    big = Expert(**{**members[3].__dict__, "size_bytes": 3 * size})
     with pytest.raises(CapacityError, match="above the cache's capacity"):
         cache.acquire([big])
     assert cache.keys() == [b.sha256, c.sha256]  # nothing was evicted for a version that can never fit
 
 
 def test_pinned_slots_are_never_evicted(
-    bank: AdapterBank, members: list[BankMember], fetcher: FolderFetcher
+    bank: AdapterBank, members: list[Expert], fetcher: FolderFetcher
 ) -> None:
     cache = AdapterCache(bank, fetch=fetcher, capacity_slots=2)
     a, b, c, _, _ = members
@@ -91,7 +91,7 @@ def test_pinned_slots_are_never_evicted(
 
 
 def test_strict_acquire_releases_what_it_pinned(
-    bank: AdapterBank, members: list[BankMember], fetcher: FolderFetcher
+    bank: AdapterBank, members: list[Expert], fetcher: FolderFetcher
 ) -> None:
     cache = AdapterCache(bank, fetch=fetcher, capacity_slots=2)
     a, b, c, _, _ = members
@@ -107,7 +107,7 @@ def test_strict_acquire_releases_what_it_pinned(
 
 
 def test_concurrent_requests_for_one_version_load_it_once(
-    bank: AdapterBank, members: list[BankMember], fetcher: FolderFetcher
+    bank: AdapterBank, members: list[Expert], fetcher: FolderFetcher
 ) -> None:
     a = members[0]
     release = fetcher.hold[a.sha256] = threading.Event()
@@ -144,7 +144,7 @@ def test_concurrent_requests_for_one_version_load_it_once(
 
 
 def test_a_corrupted_version_is_refused_and_no_slot_is_filled(
-    bank: AdapterBank, members: list[BankMember], fetcher: FolderFetcher, tmp_path: Path
+    bank: AdapterBank, members: list[Expert], fetcher: FolderFetcher, tmp_path: Path
 ) -> None:
     a, b = members[:2]
     tampered = tmp_path / "tampered"
@@ -170,7 +170,7 @@ def test_a_corrupted_version_is_refused_and_no_slot_is_filled(
 
 
 def test_a_failed_load_reaches_every_waiter_and_can_be_retried(
-    bank: AdapterBank, members: list[BankMember], tmp_path: Path, fetcher: FolderFetcher
+    bank: AdapterBank, members: list[Expert], tmp_path: Path, fetcher: FolderFetcher
 ) -> None:
     a = members[0]
     broken = tmp_path / "broken"
@@ -186,9 +186,7 @@ def test_a_failed_load_reaches_every_waiter_and_can_be_retried(
     assert cache.stats().load_failures == 1 and cache.stats().loads == 1
 
 
-def test_stats_and_prometheus_text(
-    bank: AdapterBank, members: list[BankMember], fetcher: FolderFetcher
-) -> None:
+def test_stats_and_prometheus_text(bank: AdapterBank, members: list[Expert], fetcher: FolderFetcher) -> None:
     cache = AdapterCache(bank, fetch=fetcher, capacity_slots=2, capacity_bytes=10**9)
     for m in (members[0], members[0], members[1], members[2]):
         touch(cache, m)
@@ -203,7 +201,7 @@ def test_stats_and_prometheus_text(
 
 
 def test_cache_uses_only_slots_that_were_empty(
-    bank: AdapterBank, members: list[BankMember], fetcher: FolderFetcher
+    bank: AdapterBank, members: list[Expert], fetcher: FolderFetcher
 ) -> None:
     bank.init_slot(0, SlotConfig(rank=2, alpha=4.0))  # e.g. a slot a trainer uses
     cache = AdapterCache(bank, fetch=fetcher)
@@ -213,11 +211,9 @@ def test_cache_uses_only_slots_that_were_empty(
     assert bank.slot_info(0) is not None and bank.slot_info(0).config.name is None
 
 
-def test_a_bad_digest_fails_alone(
-    bank: AdapterBank, members: list[BankMember], fetcher: FolderFetcher
-) -> None:
+def test_a_bad_digest_fails_alone(bank: AdapterBank, members: list[Expert], fetcher: FolderFetcher) -> None:
     cache = AdapterCache(bank, fetch=fetcher, capacity_slots=2)
-    bad = BankMember(**{**members[0].__dict__, "sha256": "../../etc/passwd"})
+    bad = Expert(**{**members[0].__dict__, "sha256": "../../etc/passwd"})
     with cache.acquire([members[1], bad], strict=False) as lease:
         assert isinstance(lease.errors[bad.sha256], ValidationError) and members[1].sha256 in lease.slots
     with pytest.raises(ValidationError):

@@ -11,7 +11,7 @@ from serving_helpers import FolderFetcher, touch
 from lorafleet.adapters import AdapterBank
 from lorafleet.config import Settings
 from lorafleet.registry import Registry
-from lorafleet.routing.bank import BankMember
+from lorafleet.routing.experts import Expert
 from lorafleet.serving.cache import AdapterCache, HostTier
 from lorafleet.serving.factory import DEFAULT_HOST_ADAPTERS, DEFAULT_HOST_BYTES, build_engine
 from lorafleet.store.blob import open_blob_store
@@ -19,7 +19,7 @@ from lorafleet.store.sql.database import Database
 
 
 def test_a_slot_miss_in_the_host_tier_is_served_without_a_fetch(
-    bank: AdapterBank, members: list[BankMember], fetcher: FolderFetcher
+    bank: AdapterBank, members: list[Expert], fetcher: FolderFetcher
 ) -> None:
     cache = AdapterCache(bank, fetch=fetcher, capacity_slots=2, host_entries=10)
     a, b, c = members[:3]
@@ -40,7 +40,7 @@ def test_a_slot_miss_in_the_host_tier_is_served_without_a_fetch(
 
 
 def test_the_host_tier_is_lru_by_count_and_by_bytes(
-    bank: AdapterBank, members: list[BankMember], fetcher: FolderFetcher
+    bank: AdapterBank, members: list[Expert], fetcher: FolderFetcher
 ) -> None:
     cache = AdapterCache(bank, fetch=fetcher, capacity_slots=1, host_entries=2)
     a, b, c = members[:3]
@@ -60,7 +60,7 @@ def test_the_host_tier_is_lru_by_count_and_by_bytes(
 
 
 def test_without_a_host_tier_every_slot_miss_reads_the_store(
-    bank: AdapterBank, members: list[BankMember], fetcher: FolderFetcher
+    bank: AdapterBank, members: list[Expert], fetcher: FolderFetcher
 ) -> None:
     cache = AdapterCache(bank, fetch=fetcher, capacity_slots=1)
     a, b = members[:2]

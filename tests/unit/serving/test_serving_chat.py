@@ -20,8 +20,8 @@ from lorafleet.backbone import Backbone, load_backbone
 from lorafleet.backbone.chat import render_messages
 from lorafleet.config import SMOLLM2_BACKBONE
 from lorafleet.errors import ValidationError
-from lorafleet.routing.bank import UserBank
 from lorafleet.routing.embeddings import embedding_ids
+from lorafleet.routing.experts import ExpertSet
 from lorafleet.serving import AdapterCache, GenerationEngine, GenerationRequest
 
 CONVERSATION = (("system", "Be brief."), ("user", "Hello there"), ("assistant", "Hi!"), ("user", "Any news?"))
@@ -40,7 +40,7 @@ class RecordingEmbed:
 
 
 def _engine(
-    backbone: Backbone, bank: AdapterBank, banks: dict[str, UserBank], **kwargs: object
+    backbone: Backbone, bank: AdapterBank, banks: dict[str, ExpertSet], **kwargs: object
 ) -> GenerationEngine:
     fetch = kwargs.pop("fetch", FolderFetcher())
     cache = AdapterCache(bank, fetch=fetch)  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from serving_helpers import FolderFetcher, gates_by_user, member, user_bank, zer
 from lorafleet.adapters import AdapterBank
 from lorafleet.backbone import Backbone
 from lorafleet.errors import NotFoundError
-from lorafleet.routing.bank import UserBank
+from lorafleet.routing.experts import ExpertSet
 from lorafleet.serving import (
     AdapterCache,
     ContinuousBatcher,
@@ -159,7 +159,7 @@ def test_a_request_that_finds_every_slot_pinned_waits_for_a_running_row(
         fetch.add(adapter_folders(seed))
     banks = {"alice": user_bank("alice", [members[0]]), "bob": user_bank("bob", [members[1]])}
 
-    def resolve(tenant_id: int, user: str) -> UserBank:
+    def resolve(tenant_id: int, user: str) -> ExpertSet:
         return banks[user]
 
     cache = AdapterCache(bank, fetch=fetch, capacity_slots=1)

@@ -21,7 +21,7 @@ from serving_helpers import (
 from lorafleet.adapters import AdapterBank, inject_bank
 from lorafleet.backbone import Backbone, load_backbone
 from lorafleet.errors import GenerationError, NotFoundError, ValidationError
-from lorafleet.routing.bank import UserBank
+from lorafleet.routing.experts import ExpertSet
 from lorafleet.serving import AdapterCache, GenerationEngine, GenerationResult, prometheus_text
 from lorafleet.serving.decode import BatchDecoder, RowSpec
 
@@ -184,7 +184,7 @@ class CountingEmbed:
 
 @dataclass
 class NoEmbeddingGate(FixedGate):
-    def needs_embeddings(self, bank: UserBank) -> bool:
+    def needs_embeddings(self, bank: ExpertSet) -> bool:
         return False
 
 
@@ -211,7 +211,7 @@ def test_one_embedding_forward_per_batch_and_only_for_gates_that_need_it(
 def test_a_gate_factory_error_fails_only_that_users_requests(
     setup: Setup, bank: AdapterBank, backbone: Backbone
 ) -> None:
-    def factory(user_bank: UserBank) -> FixedGate:
+    def factory(user_bank: ExpertSet) -> FixedGate:
         if user_bank.external_id == "bob":
             raise ValidationError("a learned gate spec needs load_learned")
         return FixedGate()

@@ -19,7 +19,7 @@ from lorafleet.feedback import prepare_record
 from lorafleet.training import synthetic
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import build_dataset
-from lorafleet.training.trainer import SlotTask
+from lorafleet.training.trainer import SlotTraining
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def make_record(raw: dict[str, Any], *, record_id: int, user_id: int = 1) -> Fee
 
 def synthetic_tasks(
     bank: AdapterBank, config: TrainingConfig, users: Iterable[int], *, n_records: int = 48
-) -> list[SlotTask]:
+) -> list[SlotTraining]:
     """One fresh slot per user (slot = user index) with round-one synthetic records split by content hash."""
     tasks = []
     for user in users:
@@ -46,7 +46,7 @@ def synthetic_tasks(
         raw = synthetic.make_user_records(key, round=1, n_records=n_records)
         dataset = build_dataset(synthetic.to_feedback_records(raw), config=config)
         bank.init_slot(user, config.slot_config(), seed=user)
-        tasks.append(SlotTask(user, key, dataset.train, dataset.holdout))
+        tasks.append(SlotTraining(user, key, dataset.train, dataset.holdout))
     return tasks
 
 

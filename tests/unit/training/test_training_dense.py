@@ -13,12 +13,12 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from lorafleet.adapters import AdapterBank, RoutingPlan, inject_bank
+from lorafleet.adapters import AdapterBank, SlotPlan, inject_bank
 from lorafleet.adapters.dense import DenseView, dense_budget, dense_views
 from lorafleet.backbone import load_backbone
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, collate, encode_example, pad_token_id
-from lorafleet.training.trainer import SlotTask, train_slots, user_losses
+from lorafleet.training.trainer import SlotTraining, train_slots, user_losses
 
 EXAMPLES = [
     Example(1, "What is my dog called?", "Your dog is called Biscuit.", "sft"),
@@ -49,7 +49,7 @@ def _loss_and_grads(bank: AdapterBank, tokenizer: Any) -> tuple[torch.Tensor, li
     batch = collate(encoded, pad_id=pad_token_id(tokenizer))
     owners = [0, 1, 0, 1]
     params = bank.trainable_parameters([0, 1])
-    with bank.routing(RoutingPlan.single(owners)):
+    with bank.use(SlotPlan.single(owners)):
         losses, _ = user_losses(bank.model, batch, torch.tensor(owners), 2)
         losses.sum().backward()
     grads = [p.grad.detach().clone() for p in params]
@@ -106,7 +106,7 @@ def test_train_slots_with_and_without_dense_views_trains_the_same_adapters(tiny_
     for budget in (0, None):  # None: the default on CPU, every layer viewed
         bank, tokenizer, config = _nf4_bank(tiny_dir)
         config = config.with_changes(max_steps=4, batch_size=2, learning_rate=3e-3)
-        tasks = [SlotTask(s, f"u{s}", EXAMPLES[s::2], EXAMPLES[s + 2 :: 4]) for s in (0, 1)]
+        tasks = [SlotTraining(s, f"u{s}", EXAMPLES[s::2], EXAMPLES[s + 2 :: 4]) for s in (0, 1)]
         out = train_slots(bank, tokenizer, tasks, config, dense_budget_bytes=budget)
         assert _four_bit(bank.model)  # still a 4-bit model after the job
         metrics.append([r.metrics for r in out])

@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 import torch
 
-from lorafleet.adapters import AdapterBank, RoutingPlan, inject_bank
+from lorafleet.adapters import AdapterBank, SlotPlan, inject_bank
 from lorafleet.adapters.prefix import DecoderSplit, FrozenPrefix, PrefixCache, lowest_adapted_layer
 from lorafleet.backbone import load_backbone
 from lorafleet.routing.embeddings import embed_prompts, routing_key
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, collate, encode_example, pad_token_id
 from lorafleet.training.metrics import score_examples
-from lorafleet.training.trainer import SlotTask, train_slots, user_losses
+from lorafleet.training.trainer import SlotTraining, train_slots, user_losses
 
 EXAMPLES = [
     Example(1, "What is my dog called?", "Your dog is called Biscuit.", "sft"),
@@ -47,7 +47,7 @@ def _losses_and_grads(
     batch = collate(encoded, pad_id=pad_token_id(tokenizer))
     owners = [0, 1, 0, 1]
     params = bank.trainable_parameters([0, 1])
-    with bank.routing(RoutingPlan.single(owners)):
+    with bank.use(SlotPlan.single(owners)):
         losses, _ = user_losses(
             bank.model,
             batch,
@@ -114,7 +114,7 @@ def test_training_with_the_prefix_gives_the_same_adapters(tiny_dir: Path) -> Non
             if use_prefix
             else None
         )
-        tasks = [SlotTask(s, f"u{s}", EXAMPLES[s::2], EXAMPLES[s + 2 :: 4]) for s in (0, 1)]
+        tasks = [SlotTraining(s, f"u{s}", EXAMPLES[s::2], EXAMPLES[s + 2 :: 4]) for s in (0, 1)]
         out = train_slots(bank, backbone.tokenizer, tasks, config, prefix=prefix)
         results.append(
             ([r.metrics for r in out], {k: v for s in (0, 1) for k, v in bank.slot_state_dict(s).items()})

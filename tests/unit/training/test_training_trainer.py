@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import torch
 
-from lorafleet.adapters import AdapterBank, RoutingPlan, inject_bank
+from lorafleet.adapters import AdapterBank, SlotPlan, inject_bank
 from lorafleet.backbone import load_backbone
 from lorafleet.errors import LeaseLostError, TrainingError, ValidationError
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, encode_examples
-from lorafleet.training.trainer import SlotTask, evaluate, lr_factor, train_slots, user_losses
+from lorafleet.training.trainer import SlotTraining, evaluate, lr_factor, train_slots, user_losses
 
 FAST = TrainingConfig(
     learning_rate=3e-3, max_steps=6, batch_size=4, max_seq_len=64, rank=4, alpha=8, dropout=0.0
@@ -71,7 +71,7 @@ def test_each_user_loss_is_the_mean_over_its_own_tokens(fp32_bank: AdapterBank, 
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         params = fp32_bank.trainable_parameters([0, 1])
         batch = encode_examples(tokenizer, examples, max_seq_len=128)
-        with fp32_bank.routing(RoutingPlan.single(owners)):
+        with fp32_bank.use(SlotPlan.single(owners)):
             losses, tokens = user_losses(fp32_bank.model, batch, torch.tensor(owners), 2)
             losses.sum().backward()
         grads = [p.grad.clone() for p in fp32_bank.trainable_parameters([0]) if p.grad is not None]
@@ -189,15 +189,15 @@ def test_invalid_jobs_are_refused_before_training(
     with pytest.raises(ValidationError, match="at least one task"):
         train_slots(fp32_bank, tokenizer, [], FAST)
     with pytest.raises(ValidationError, match="its own slot"):
-        train_slots(fp32_bank, tokenizer, [tasks[0], SlotTask(0, "other", tasks[1].train, ())], FAST)
+        train_slots(fp32_bank, tokenizer, [tasks[0], SlotTraining(0, "other", tasks[1].train, ())], FAST)
     with pytest.raises(ValidationError, match="slot 4 .* is empty"):
-        train_slots(fp32_bank, tokenizer, [SlotTask(4, "u", tasks[0].train, ())], FAST)
+        train_slots(fp32_bank, tokenizer, [SlotTraining(4, "u", tasks[0].train, ())], FAST)
     with pytest.raises(ValidationError, match="no training examples"):
-        train_slots(fp32_bank, tokenizer, [SlotTask(0, "u", (), tasks[0].holdout)], FAST)
+        train_slots(fp32_bank, tokenizer, [SlotTraining(0, "u", (), tasks[0].holdout)], FAST)
     bad_parent = {k: v[:1] for k, v in fp32_bank.slot_state_dict(0).items()}
     with pytest.raises(ValidationError, match="parent_state"):
         train_slots(
-            fp32_bank, tokenizer, [SlotTask(0, "u", tasks[0].train, (), parent_state=bad_parent)], FAST
+            fp32_bank, tokenizer, [SlotTraining(0, "u", tasks[0].train, (), parent_state=bad_parent)], FAST
         )
 
 
@@ -206,7 +206,7 @@ def test_empty_holdout_leaves_holdout_metrics_out(
 ) -> None:
     tasks = helpers.synthetic_tasks(fp32_bank, FAST, [0])
     (result,) = train_slots(
-        fp32_bank, tokenizer, [SlotTask(0, "u", tasks[0].train, ())], FAST.with_changes(max_steps=2)
+        fp32_bank, tokenizer, [SlotTraining(0, "u", tasks[0].train, ())], FAST.with_changes(max_steps=2)
     )
     assert result.metrics["holdout_examples"] == 0
     assert not any(k.startswith("holdout_loss") for k in result.metrics)

@@ -372,7 +372,7 @@ class SqlJobUser(Base):
 
 
 class SqlEnrolment(Base):
-    """A user enrolled in one of the tenant's shared task adapters (it joins the user's bank)."""
+    """A user enrolled in one of the tenant's shared task adapters (it joins the user's experts)."""
 
     __tablename__ = "enrolments"
 

@@ -1,4 +1,4 @@
-"""SQL side of routing: a user's bank (live versions of own and enrolled adapters), enrolments, gate settings.
+"""SQL side of routing: a user's experts (live versions of own and enrolled adapters), enrolments, gate settings.
 
 Every method runs in a session the caller opened with ``Database.session()``; lookups are tenant-scoped, so an
 id of another tenant is reported exactly like a missing one. Methods return the plain frozen objects below,
@@ -39,7 +39,7 @@ GATE_ADAPTER_NAME = "gate"
 
 @dataclass(frozen=True)
 class LiveAdapterRow:
-    """An adapter of a user's bank (own, or an enrolled task adapter) with its live version."""
+    """An adapter of a user's experts (own, or an enrolled task adapter) with its live version."""
 
     adapter_id: int
     adapter_name: str

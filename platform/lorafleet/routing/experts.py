@@ -1,7 +1,7 @@
-"""A user's bank: the live versions of the user's own adapters plus the tenant's task adapters they are enrolled in.
+"""A user's experts: the live versions of the user's own adapters plus the tenant's task adapters they are enrolled in.
 
 The bank changes when a version is promoted or rolled back, when an enrolment changes, when a member's routing
-key is set, or when the user's gate settings change; ``UserBank.revision`` (a hash of all of that) changes with
+key is set, or when the user's gate settings change; ``ExpertSet.revision`` (a hash of all of that) changes with
 it, so a serving cache keyed by revision never routes over a stale bank.
 
 An unknown user (no row yet) gets an empty bank and the default gate: a brand-new user is answered by the base
@@ -33,8 +33,8 @@ _Row = TypeVar("_Row")
 
 
 @dataclass(frozen=True)
-class BankMember:
-    """One adapter of a user's bank at its live version (what a serving cache loads, by ``sha256``)."""
+class Expert:
+    """One adapter of a user's experts at its live version (what a serving cache loads, by ``sha256``)."""
 
     adapter_id: int
     adapter_name: str
@@ -49,7 +49,7 @@ class BankMember:
 
 
 @dataclass(frozen=True)
-class UserBank:
+class ExpertSet:
     """A user's members (personal first, then task adapters, each by name) and gate; ``revision`` identifies both.
 
     ``user_id`` is None for a user the tenant has not created yet (then ``members`` is empty).
@@ -58,7 +58,7 @@ class UserBank:
     tenant_id: int
     user_id: int | None
     external_id: str
-    members: tuple[BankMember, ...]
+    members: tuple[Expert, ...]
     gate: GateSpec
     revision: str
 
@@ -71,8 +71,8 @@ class UserBank:
         return [(self.members[i].adapter_name, w) for i, w in decision.routes]
 
 
-def resolve_user_bank(db: Database, *, tenant_id: int, user_external_id: str) -> UserBank:
-    """The user's bank now; an unknown user gets an empty bank (base answers) and the default gate."""
+def resolve_user_experts(db: Database, *, tenant_id: int, user_external_id: str) -> ExpertSet:
+    """The user's experts now; an unknown user gets an empty bank (base answers) and the default gate."""
     external_id = validate_external_id(user_external_id)
     repo = RoutingRepository(dialect=db.dialect)
     with db.session() as s:
@@ -82,12 +82,12 @@ def resolve_user_bank(db: Database, *, tenant_id: int, user_external_id: str) ->
     members = _members(rows, user_id=user_id)
     gate_row = next((r for r in rows if r.kind == "gate"), None)
     spec = effective_gate_spec(stored, live_gate_version_id=None if gate_row is None else gate_row.version_id)
-    return UserBank(tenant_id, user_id, external_id, members, spec, bank_revision(members, spec))
+    return ExpertSet(tenant_id, user_id, external_id, members, spec, experts_revision(members, spec))
 
 
-def resolve_model_bank(
+def resolve_model_experts(
     db: Database, *, tenant_id: int, owner: str | None, adapter: str, version: int | None
-) -> UserBank:
+) -> ExpertSet:
     """A bank of one adapter, for a request whose ``model`` names it (``serving.requests.ModelRef``): a user's
     (``owner``) or a task's (``owner`` None) adapter at version ``version`` (None: live). A fixed gate gives it the
     whole weight on every request. ``ModelNotFoundError`` when there is no such version."""
@@ -109,8 +109,8 @@ def resolve_model_bank(
     kind: MemberKind = "task" if owner is None else "personal"
     members = tuple(replace(m, kind=kind) for m in _members([row], user_id=user_id))
     spec = GateSpec(kind="fixed", fixed_weights={f"{kind}:{adapter}": 1.0})  # the adapter alone, whole weight
-    return UserBank(
-        tenant_id, user_id, owner or f"task:{adapter}", members, spec, bank_revision(members, spec)
+    return ExpertSet(
+        tenant_id, user_id, owner or f"task:{adapter}", members, spec, experts_revision(members, spec)
     )
 
 
@@ -140,7 +140,7 @@ def effective_gate_spec(stored: dict[str, Any] | None, *, live_gate_version_id: 
     return spec
 
 
-def bank_revision(members: Iterable[BankMember], gate: GateSpec) -> str:
+def experts_revision(members: Iterable[Expert], gate: GateSpec) -> str:
     """sha256 (32 hex digits) over the members' adapter and version ids, their routing keys and the gate spec."""
     payload = {
         "members": [[m.adapter_id, m.version_id, _key_digest(m.routing_key)] for m in members],
@@ -154,9 +154,9 @@ def _key_digest(key: tuple[float, ...] | None) -> str | None:
     return None if key is None else hashlib.sha256(json.dumps(key).encode("utf-8")).hexdigest()[:16]
 
 
-def _members(rows: Iterable[LiveAdapterRow], *, user_id: int | None) -> tuple[BankMember, ...]:
+def _members(rows: Iterable[LiveAdapterRow], *, user_id: int | None) -> tuple[Expert, ...]:
     members = [
-        BankMember(
+        Expert(
             adapter_id=r.adapter_id,
             adapter_name=r.adapter_name,
             kind="personal" if r.owner_user_id == user_id else "task",
@@ -282,18 +282,18 @@ def _check_actor(actor: str) -> str:
 
 
 __all__ = [
-    "BankMember",
+    "Expert",
     "Enrolment",
     "EnrolmentEvent",
-    "UserBank",
-    "bank_revision",
+    "ExpertSet",
+    "experts_revision",
     "clear_gate_spec",
     "effective_gate_spec",
     "enrol",
     "enrolment_history",
     "gate_adapter_id",
     "list_enrolments",
-    "resolve_user_bank",
+    "resolve_user_experts",
     "set_gate_spec",
     "unenrol",
 ]

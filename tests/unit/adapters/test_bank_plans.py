@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lorafleet.adapters import RoutingPlan, SlotConfig, inject_bank
+from lorafleet.adapters import SlotConfig, SlotPlan, inject_bank
 from lorafleet.backbone import Backbone
 from lorafleet.errors import InvalidStateError, ValidationError
 
@@ -15,7 +15,7 @@ LAYER = "model.layers.1.mlp.down_proj"
 
 
 def test_plan_pads_rows_and_finds_used_slots() -> None:
-    plan = RoutingPlan.from_rows([[(3, 0.25), (1, 0.75)], [], [(2, 0.0)], [(1, 0.5), (1, 0.5)]])
+    plan = SlotPlan.from_rows([[(3, 0.25), (1, 0.75)], [], [(2, 0.0)], [(1, 0.5), (1, 0.5)]])
     assert plan.batch_size == 4 and plan.k == 2
     assert plan.slot_ids.tolist() == [[1, 3], [-1, -1], [2, -1], [1, -1]]
     assert plan.weights.tolist() == [[0.75, 0.25], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0]]
@@ -29,10 +29,10 @@ def test_plan_pads_rows_and_finds_used_slots() -> None:
 
 
 def test_uniform_plans_and_generate_expansion() -> None:
-    assert RoutingPlan.single([4, 4, 4]).uniform == (4, 1.0)
-    assert RoutingPlan.single([4, None]).uniform is None
-    assert RoutingPlan.from_rows([[(2, 0.5)], [(2, 0.5)]]).uniform == (2, 0.5)
-    plan = RoutingPlan.single([0, None, 1])
+    assert SlotPlan.single([4, 4, 4]).uniform == (4, 1.0)
+    assert SlotPlan.single([4, None]).uniform is None
+    assert SlotPlan.from_rows([[(2, 0.5)], [(2, 0.5)]]).uniform == (2, 0.5)
+    plan = SlotPlan.single([0, None, 1])
     expanded = plan.for_batch(6)
     assert expanded.slot_ids[:, 0].tolist() == [0, 0, -1, -1, 1, 1]
     assert plan.for_batch(3) is plan and plan.for_batch(6) is expanded
@@ -47,7 +47,7 @@ def test_uniform_plans_and_generate_expansion() -> None:
 )
 def test_bad_plans_are_refused(rows: list[list[tuple[int, float]]]) -> None:
     with pytest.raises(ValidationError):
-        RoutingPlan.from_rows(rows)
+        SlotPlan.from_rows(rows)
 
 
 def test_weighted_mixture_is_the_weighted_sum_of_single_deltas(
@@ -59,24 +59,24 @@ def test_weighted_mixture_is_the_weighted_sum_of_single_deltas(
     layer = bank.layers[LAYER]
     x = torch.randn(3, 6, layer.in_features, generator=torch.Generator().manual_seed(0))  # [batch, seq, d_in]
 
-    def run(plan: RoutingPlan | None) -> torch.Tensor:
-        with bank.routing(plan), torch.no_grad():
+    def run(plan: SlotPlan | None) -> torch.Tensor:
+        with bank.use(plan), torch.no_grad():
             return layer(x)  # [batch, seq, d_out]
 
     base = run(None)
-    deltas = {s: run(RoutingPlan.single([s] * 3)) - base for s in range(3)}
+    deltas = {s: run(SlotPlan.single([s] * 3)) - base for s in range(3)}
     rows = [[(0, 0.3), (1, 0.7)], [(0, 0.2), (1, -0.5), (2, 1.5)], [(2, 1.0)]]
-    mixed = run(RoutingPlan.from_rows(rows))
+    mixed = run(SlotPlan.from_rows(rows))
     for i, row in enumerate(rows):
         expected = base[i] + sum(w * deltas[s][i] for s, w in row)
         assert (mixed[i] - expected).abs().max().item() <= 1e-5
 
-    low_rank = run(RoutingPlan.single([0, 2, None]))  # ranks 2 and 5 < max rank 8: a sliced gather
+    low_rank = run(SlotPlan.single([0, 2, None]))  # ranks 2 and 5 < max rank 8: a sliced gather
     expected = torch.stack([base[0] + deltas[0][0], base[1] + deltas[2][1], base[2]])
     assert (low_rank - expected).abs().max().item() <= 1e-5
 
     token_weights = torch.rand(3, 6, 3, generator=torch.Generator().manual_seed(1))  # [batch, seq, k]
-    per_token = RoutingPlan.from_rows([[(0, 1.0), (1, 1.0), (2, 1.0)]] * 3).with_token_weights(token_weights)
+    per_token = SlotPlan.from_rows([[(0, 1.0), (1, 1.0), (2, 1.0)]] * 3).with_token_weights(token_weights)
     got = run(per_token)
     expected = base + sum(token_weights[..., s : s + 1] * deltas[s] for s in range(3))
     assert (got - expected).abs().max().item() <= 1e-5
@@ -93,18 +93,18 @@ def test_generate_uses_the_plan_at_every_step(
         )
     routes = [0, 1, None, 2]
     kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
-    with bank.routing(RoutingPlan.single(routes)):
+    with bank.use(SlotPlan.single(routes)):
         together = model.generate(input_ids, **kwargs)
     for row, slot in enumerate(routes):
-        with bank.routing(RoutingPlan.single([slot])):
+        with bank.use(SlotPlan.single([slot])):
             alone = model.generate(input_ids[row : row + 1], **kwargs)
         assert torch.equal(together[row], alone[0])
     with bank.base_only():
         base = model.generate(input_ids, **kwargs)
     assert not torch.equal(base, together)
-    with bank.routing(RoutingPlan.single(routes)):
+    with bank.use(SlotPlan.single(routes)):
         beams = model.generate(input_ids, num_beams=2, **kwargs)  # beam search repeats each row
-    with bank.routing(RoutingPlan.single([routes[1]])):
+    with bank.use(SlotPlan.single([routes[1]])):
         beams_alone = model.generate(input_ids[1:2], num_beams=2, **kwargs)
     assert torch.equal(beams[1], beams_alone[0])
 
@@ -117,24 +117,24 @@ def test_forward_needs_a_plan_and_plans_need_loaded_slots(
     with pytest.raises(InvalidStateError, match="routing plan"):
         fp32_backbone.model(input_ids)
     with pytest.raises(ValidationError, match="empty slots"):
-        with bank.routing(RoutingPlan.single([1] * 4)):
+        with bank.use(SlotPlan.single([1] * 4)):
             pass
     with pytest.raises(ValidationError, match="2 slots"):
-        with bank.routing(RoutingPlan.single([5] * 4)):
+        with bank.use(SlotPlan.single([5] * 4)):
             pass
-    with pytest.raises(ValidationError, match="rows"), bank.routing(RoutingPlan.single([0] * 3)):
+    with pytest.raises(ValidationError, match="rows"), bank.use(SlotPlan.single([0] * 3)):
         fp32_backbone.model(input_ids)
-    with bank.routing(RoutingPlan.single([0] * 4)):
+    with bank.use(SlotPlan.single([0] * 4)):
         with bank.base_only():
-            inner = bank._routing.plan
-        assert bank._routing.plan is not None and inner is None  # contexts nest and restore
+            inner = bank._plan_state.plan
+        assert bank._plan_state.plan is not None and inner is None  # contexts nest and restore
 
 
 def test_rows_grouped_by_adapter_run_as_segments() -> None:
-    plan = RoutingPlan.single([0, 0, 0, 2, 2, None, None, None])
+    plan = SlotPlan.single([0, 0, 0, 2, 2, None, None, None])
     assert [(s.slot, s.start, s.end) for s in plan.segments or ()] == [(0, 0, 3), (2, 3, 5), (None, 5, 8)]
-    assert RoutingPlan.single([0, 1, 0, 1]).segments is None  # as many runs as rows: gather per row
-    assert RoutingPlan.from_rows([[(0, 0.5), (1, 0.5)]] * 4).segments is None  # mixtures have no segments
+    assert SlotPlan.single([0, 1, 0, 1]).segments is None  # as many runs as rows: gather per row
+    assert SlotPlan.from_rows([[(0, 0.5), (1, 0.5)]] * 4).segments is None  # mixtures have no segments
 
 
 def test_segments_compute_what_the_per_row_gather_computes(
@@ -149,11 +149,11 @@ def test_segments_compute_what_the_per_row_gather_computes(
     results = []
     for segmented in (True, False):
         params = bank.trainable_parameters([0, 1])
-        plan = RoutingPlan.single(grouped)
+        plan = SlotPlan.single(grouped)
         if not segmented:
             plan._cache[("segments",)] = None  # force the per-row gather
         assert (plan.segments is not None) == segmented
-        with bank.routing(plan):
+        with bank.use(plan):
             logits = fp32_backbone.model(input_ids=ids).logits
             logits.float().pow(2).mean().backward()
         results.append((logits.detach(), [p.grad.clone() for p in params]))
@@ -163,5 +163,5 @@ def test_segments_compute_what_the_per_row_gather_computes(
     (seg_out, seg_grads), (row_out, row_grads) = results
     assert torch.allclose(seg_out, row_out, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(seg_grads, row_grads, strict=True))
-    with torch.no_grad(), bank.routing(RoutingPlan.single(grouped)):  # in place, without autograd
+    with torch.no_grad(), bank.use(SlotPlan.single(grouped)):  # in place, without autograd
         assert torch.allclose(fp32_backbone.model(input_ids=ids).logits, seg_out, atol=1e-5)

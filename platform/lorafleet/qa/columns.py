@@ -1,7 +1,7 @@
 """The columns of the QA matrix, and the banks its gated columns route over.
 
 Columns (``lorafleet.qa.results`` names): ``base``; ``previous`` (the previous live version alone, when there is
-one); ``candidate`` (alone); ``gated:previous`` (the user's bank as served before: the previous live version,
+one); ``candidate`` (alone); ``gated:previous`` (the user's experts as served before: the previous live version,
 or no version of this adapter, with the other sampled members); ``gated:candidate`` (the same bank with the
 candidate in the adapter's place); and for every other sampled member ``m``: ``alone:m`` and ``pair:m``
 (candidate and ``m`` mixed 50/50). A task adapter's candidate has no bank: base, previous and candidate only.
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from lorafleet.domain import Adapter, AdapterVersion
-from lorafleet.qa.matrix import ColumnSpec, GatedBank
+from lorafleet.qa.matrix import ColumnSpec, GatedExperts
 from lorafleet.qa.results import (
     BASE,
     CANDIDATE,
@@ -25,7 +25,7 @@ from lorafleet.qa.results import (
     ColumnInfo,
 )
 from lorafleet.qa.sampling import member_label
-from lorafleet.routing.bank import BankMember, UserBank, bank_revision
+from lorafleet.routing.experts import Expert, ExpertSet, experts_revision
 
 if TYPE_CHECKING:
     from lorafleet.routing.gates import Gate
@@ -34,15 +34,15 @@ CANDIDATE_HANDLE = "candidate"
 PREVIOUS_HANDLE = "previous"
 
 
-def member_handle(member: BankMember) -> str:
+def member_handle(member: Expert) -> str:
     return f"member:{member.adapter_id}"
 
 
 def version_member(
     *, adapter: Adapter, version: AdapterVersion, kind: str, routing_key: tuple[float, ...] | None
-) -> BankMember:
+) -> Expert:
     """A version as a bank member (what the bank would hold if it were live)."""
-    return BankMember(
+    return Expert(
         adapter_id=adapter.id,
         adapter_name=adapter.name,
         kind="personal" if kind == "personal" else "task",
@@ -55,42 +55,42 @@ def version_member(
     )
 
 
-def sub_bank(user_bank: UserBank, members: Sequence[BankMember]) -> UserBank:
-    """The user's bank (gate and user unchanged) with exactly ``members``, ordered as ``resolve_user_bank`` orders."""
+def sub_experts(user_bank: ExpertSet, members: Sequence[Expert]) -> ExpertSet:
+    """The user's experts (gate and user unchanged) with exactly ``members``, ordered as ``resolve_user_experts`` orders."""
     ordered = tuple(sorted(members, key=lambda m: (m.kind != "personal", m.adapter_name, m.adapter_id)))
-    return UserBank(
+    return ExpertSet(
         user_bank.tenant_id,
         user_bank.user_id,
         user_bank.external_id,
         ordered,
         user_bank.gate,
-        bank_revision(ordered, user_bank.gate),
+        experts_revision(ordered, user_bank.gate),
     )
 
 
-def gated_bank(
-    user_bank: UserBank,
+def gated_experts(
+    user_bank: ExpertSet,
     *,
     gate: Gate,
-    subject: BankMember | None,
+    subject: Expert | None,
     subject_handle: str,
-    others: Sequence[BankMember],
-) -> GatedBank:
+    others: Sequence[Expert],
+) -> GatedExperts:
     """The sub-bank of ``others`` plus ``subject`` (if any), with the handle of each member's loaded version."""
-    bank = sub_bank(user_bank, [*others, *([] if subject is None else [subject])])
+    bank = sub_experts(user_bank, [*others, *([] if subject is None else [subject])])
     handles = tuple(
         subject_handle if subject is not None and m.adapter_id == subject.adapter_id else member_handle(m)
         for m in bank.members
     )
-    return GatedBank(bank, gate, handles)
+    return GatedExperts(bank, gate, handles)
 
 
-def plan_columns(
+def matrix_columns(
     *,
     has_previous: bool,
-    gated_previous: GatedBank | None,
-    gated_candidate: GatedBank | None,
-    others: Sequence[BankMember],
+    gated_previous: GatedExperts | None,
+    gated_candidate: GatedExperts | None,
+    others: Sequence[Expert],
 ) -> list[ColumnSpec]:
     """The matrix's columns in display order (see the module docstring)."""
     columns = [ColumnSpec(ColumnInfo(BASE, "base"))]
@@ -116,9 +116,9 @@ def plan_columns(
 __all__ = [
     "CANDIDATE_HANDLE",
     "PREVIOUS_HANDLE",
-    "gated_bank",
+    "gated_experts",
     "member_handle",
-    "plan_columns",
-    "sub_bank",
+    "matrix_columns",
+    "sub_experts",
     "version_member",
 ]

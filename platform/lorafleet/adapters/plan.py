@@ -6,8 +6,8 @@ per token, ``[batch, seq, k]``, with the same slot ids per row. Everything a lay
 unique slots, indices into them) is computed once per plan and cached, never per layer.
 
 A decoder that rebuilds its plan from the rows' routes at every step (continuous batching) gets the very same
-plan object back from :meth:`RoutingPlan.from_rows` while the routes do not change (a small LRU of recent
-plans), so nothing a plan caches is recomputed per step; and :attr:`RoutingPlan.key` (the plan's content) lets
+plan object back from :meth:`SlotPlan.from_rows` while the routes do not change (a small LRU of recent
+plans), so nothing a plan caches is recomputed per step; and :attr:`SlotPlan.key` (the plan's content) lets
 the bank layers keep their gathered rows across plans with equal routes.
 """
 
@@ -27,9 +27,9 @@ from lorafleet.errors import InvalidStateError, ValidationError
 #: One entry of a row: a slot index and its weight.
 Route = tuple[int, float]
 
-#: How many recent plans ``RoutingPlan.from_rows`` hands out again for equal routes.
+#: How many recent plans ``SlotPlan.from_rows`` hands out again for equal routes.
 PLAN_CACHE_SIZE = 64
-_plans: OrderedDict[tuple[object, ...], RoutingPlan] = OrderedDict()
+_plans: OrderedDict[tuple[object, ...], SlotPlan] = OrderedDict()
 _plans_lock = threading.Lock()
 
 
@@ -54,7 +54,7 @@ class Segment:
 
 
 @dataclass(frozen=True, eq=False)
-class RoutingPlan:
+class SlotPlan:
     """Per-sequence routes through an adapter bank; build it with :meth:`from_rows` or :meth:`single`."""
 
     slot_ids: torch.Tensor  # [batch, k] int64 on CPU, -1 = padding
@@ -80,7 +80,7 @@ class RoutingPlan:
         object.__setattr__(self, "uniform", self._find_uniform(active))
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Iterable[Route]]) -> RoutingPlan:
+    def from_rows(cls, rows: Sequence[Iterable[Route]]) -> SlotPlan:
         """Build a plan from one list of ``(slot, weight)`` per sequence; an empty list means base only."""
         merged: list[dict[int, float]] = []
         for i, row in enumerate(rows):
@@ -108,7 +108,7 @@ class RoutingPlan:
         return plan
 
     @classmethod
-    def _from_merged(cls, merged: list[dict[int, float]]) -> RoutingPlan:
+    def _from_merged(cls, merged: list[dict[int, float]]) -> SlotPlan:
         k = max(1, max(len(r) for r in merged))
         slot_ids = torch.full((len(merged), k), -1, dtype=torch.int64)  # [batch, k]
         weights = torch.zeros((len(merged), k), dtype=torch.float32)  # [batch, k]
@@ -118,12 +118,12 @@ class RoutingPlan:
         return cls(slot_ids, weights)
 
     @classmethod
-    def single(cls, slots: Sequence[int | None]) -> RoutingPlan:
+    def single(cls, slots: Sequence[int | None]) -> SlotPlan:
         """One adapter per sequence with weight 1 (``None`` = base only): the common serving/training case."""
         return cls.from_rows([[] if s is None else [(s, 1.0)] for s in slots])
 
     @classmethod
-    def base_only(cls, batch_size: int) -> RoutingPlan:
+    def base_only(cls, batch_size: int) -> SlotPlan:
         """Every sequence through the base model only."""
         return cls.from_rows([[] for _ in range(batch_size)])
 
@@ -153,21 +153,21 @@ class RoutingPlan:
             )
         return self._cache["key"]
 
-    def with_token_weights(self, weights: torch.Tensor) -> RoutingPlan:
+    def with_token_weights(self, weights: torch.Tensor) -> SlotPlan:
         """The same slots per row with per-token weights ``[batch, seq, k]`` (e.g. from a token-level gate)."""
-        return RoutingPlan(self.slot_ids, weights.detach().to("cpu", torch.float32))
+        return SlotPlan(self.slot_ids, weights.detach().to("cpu", torch.float32))
 
-    def repeat_interleave(self, repeats: int) -> RoutingPlan:
+    def repeat_interleave(self, repeats: int) -> SlotPlan:
         """Each row repeated ``repeats`` times in place, as ``generate`` expands beams and return sequences."""
         key = ("repeat", repeats)
         if key not in self._cache:
-            self._cache[key] = RoutingPlan(
+            self._cache[key] = SlotPlan(
                 self.slot_ids.repeat_interleave(repeats, dim=0),
                 self.weights.repeat_interleave(repeats, dim=0),
             )
         return self._cache[key]
 
-    def for_batch(self, batch_size: int) -> RoutingPlan:
+    def for_batch(self, batch_size: int) -> SlotPlan:
         """This plan for an input of ``batch_size`` rows: itself, or expanded when generate multiplies rows."""
         if batch_size == self.batch_size:
             return self
@@ -259,24 +259,24 @@ def _check_plan_tensors(slot_ids: torch.Tensor, weights: torch.Tensor) -> None:
         raise ValidationError("routing weights must be finite")
 
 
-class RoutingState:
-    """The plan in force for one bank, shared by all its layers (set by ``AdapterBank.routing``).
+class PlanState:
+    """The plan in force for one bank, shared by all its layers (set by ``AdapterBank.use``).
 
     It is one plain attribute rather than a context variable so that recomputation during backward (gradient
     checkpointing, possibly on another thread) sees the same plan, as long as backward runs inside the context.
     """
 
     def __init__(self) -> None:
-        self.plan: RoutingPlan | None = None
+        self.plan: SlotPlan | None = None
         self.active = False
         #: slots merged into the base weights (a stack); while non-empty the layers add no LoRA delta
         self.merged_slots: list[int] = []
 
-    def current(self) -> RoutingPlan | None:
+    def current(self) -> SlotPlan | None:
         """The plan for this forward (None = base only); raises when no routing context is open."""
         if not self.active:
             raise InvalidStateError(
-                "forward through an adapter bank without a routing plan: wrap it in `with bank.routing(plan):` "
+                "forward through an adapter bank without a routing plan: wrap it in `with bank.use(plan):` "
                 "(or `with bank.base_only():` for the base model alone)"
             )
         return self.plan

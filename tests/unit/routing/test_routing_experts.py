@@ -1,4 +1,4 @@
-"""A user's bank over the real databases: members, revision, enrolments (with events), gate settings."""
+"""A user's experts over the real databases: members, revision, enrolments (with events), gate settings."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ from sqlalchemy import select
 from lorafleet.errors import AlreadyExistsError, NotFoundError, ValidationError
 from lorafleet.registry import Registry
 from lorafleet.routing import (
+    ExpertSet,
     GateSpec,
-    UserBank,
     clear_gate_spec,
     enrol,
     enrolment_history,
     list_enrolments,
-    resolve_user_bank,
+    resolve_user_experts,
     set_gate_spec,
     unenrol,
 )
-from lorafleet.routing.bank import gate_adapter_id
+from lorafleet.routing.experts import gate_adapter_id
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlEnrolmentEvent
 
@@ -32,16 +32,16 @@ def _adapter(registry: Registry, *, tenant: int, owner: int | None, name: str) -
     return registry.create_adapter(tenant_id=tenant, owner_user_id=owner, name=name, target_config={}).id
 
 
-def _bank(database: Database, world: World, user: str = "alice") -> UserBank:
-    return resolve_user_bank(database, tenant_id=world.a, user_external_id=user)
+def _bank(database: Database, world: World, user: str = "alice") -> ExpertSet:
+    return resolve_user_experts(database, tenant_id=world.a, user_external_id=user)
 
 
 def test_unknown_user_gets_an_empty_bank_and_the_default_gate(database: Database, world: World) -> None:
-    bank = resolve_user_bank(database, tenant_id=world.a, user_external_id="newcomer")
+    bank = resolve_user_experts(database, tenant_id=world.a, user_external_id="newcomer")
     assert (bank.user_id, bank.members, bank.gate) == (None, (), GateSpec())
     assert bank.revision == _bank(database, world).revision  # alice has nothing live yet: same content
     with pytest.raises(ValidationError):
-        resolve_user_bank(database, tenant_id=world.a, user_external_id="")
+        resolve_user_experts(database, tenant_id=world.a, user_external_id="")
 
 
 def test_bank_holds_live_own_and_enrolled_task_adapters_only(
@@ -137,7 +137,8 @@ def test_cross_tenant_and_personal_adapters_cannot_be_enrolled_in(
     enrol(database, tenant_id=world.b, user_external_id="carol", task_name="summarise", actor="admin-b")
     assert list_enrolments(database, tenant_id=world.a, user_external_id="carol") == []  # ...and stays so
     assert [
-        m.adapter_id for m in resolve_user_bank(database, tenant_id=world.b, user_external_id="carol").members
+        m.adapter_id
+        for m in resolve_user_experts(database, tenant_id=world.b, user_external_id="carol").members
     ] == [foreign]
     assert enrolment_history(database, tenant_id=world.a, user_external_id="alice") == []
 
