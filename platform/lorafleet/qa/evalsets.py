@@ -74,15 +74,13 @@ def version_records(
     repo = QARepository(dialect=db.dialect)
     if owner_user_id is not None:
         through = watermark_of(db, version)
-        with db.session() as s:
-            return repo.user_records(s, user_id=owner_user_id, through_id=through)
+        return db.run(repo.user_records, user_id=owner_user_id, through_id=through)
     if version.dataset_snapshot_id is None:
-        with db.session() as s:
-            subject = repo.task_subject_user_id(s, tenant_id=tenant_id, adapter_id=version.adapter_id)
-            return [] if subject is None else repo.user_records(s, user_id=subject, through_id=None)
+        with db.unit_of_work():
+            subject = db.run(repo.task_subject_user_id, tenant_id=tenant_id, adapter_id=version.adapter_id)
+            return [] if subject is None else db.run(repo.user_records, user_id=subject, through_id=None)
     snapshot = get_snapshot(db, snapshot_id=version.dataset_snapshot_id)
-    with db.session() as s:
-        return repo.records_by_ids(s, tenant_id=tenant_id, record_ids=list(snapshot.record_ids or ()))
+    return db.run(repo.records_by_ids, tenant_id=tenant_id, record_ids=list(snapshot.record_ids or ()))
 
 
 def training_prompts(db: Database, *, tenant_id: int, version: AdapterVersion) -> list[str]:
@@ -90,10 +88,11 @@ def training_prompts(db: Database, *, tenant_id: int, version: AdapterVersion) -
     if version.dataset_snapshot_id is None:
         return []
     snapshot = get_snapshot(db, snapshot_id=version.dataset_snapshot_id)
-    with db.session() as s:
-        records = QARepository(dialect=db.dialect).records_by_ids(
-            s, tenant_id=tenant_id, record_ids=list(snapshot.record_ids or ())
-        )
+    records = db.run(
+        QARepository(dialect=db.dialect).records_by_ids,
+        tenant_id=tenant_id,
+        record_ids=list(snapshot.record_ids or ()),
+    )
     return [e.prompt for e in build_dataset(records, config=training_config_of(version)).train]
 
 

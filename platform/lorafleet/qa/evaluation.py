@@ -302,8 +302,7 @@ class Evaluator:
         return version_member(adapter=subject.adapter, version=version, kind=kind, routing_key=key)
 
     def _key(self, version: AdapterVersion) -> tuple[float, ...] | None:
-        with self.db.session() as s:
-            return QARepository(dialect=self.db.dialect).routing_key(s, version_id=version.id)
+        return self.db.run(QARepository(dialect=self.db.dialect).routing_key, version_id=version.id)
 
 
 def _bank_notes(user_bank: ExpertSet, sample: MemberSample) -> dict[str, Any]:

@@ -42,18 +42,16 @@ def load_report(
     db: Database, registry: Registry, *, report_id: int, tenant_id: int | None = None
 ) -> tuple[QAReport, dict[str, Any]]:
     """The report row and its document (sha256- and size-verified); ``tenant_id`` None: any tenant."""
-    with db.session() as s:
-        report = QARepository(dialect=db.dialect).get_report(s, tenant_id=tenant_id, report_id=report_id)
+    report = db.run(QARepository(dialect=db.dialect).get_report, tenant_id=tenant_id, report_id=report_id)
     data = registry.blobs.get_bytes(report.blob_sha256, expected_size=report.blob_size_bytes)
     return report, dict(json.loads(data))
 
 
 def reports_for_version(db: Database, *, tenant_id: int, version_id: int) -> list[QAReport]:
     """Every QA report on a version, oldest first."""
-    with db.session() as s:
-        found = QARepository(dialect=db.dialect).reports_for_versions(
-            s, tenant_id=tenant_id, version_ids=[version_id]
-        )
+    found = db.run(
+        QARepository(dialect=db.dialect).reports_for_versions, tenant_id=tenant_id, version_ids=[version_id]
+    )
     return found.get(version_id, [])
 
 

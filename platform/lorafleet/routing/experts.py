@@ -14,6 +14,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 from lorafleet.errors import AlreadyExistsError, ModelNotFoundError, NotFoundError, ValidationError
@@ -26,7 +27,7 @@ from lorafleet.store.sql.routing_repository import (
     LiveAdapterRow,
     RoutingRepository,
 )
-from lorafleet.store.sql.tenants import find_user, get_or_create_user_row, validate_external_id
+from lorafleet.store.sql.tenants import get_or_create_user_id, user_id_of, validate_external_id
 
 MemberKind = Literal["personal", "task"]
 _Row = TypeVar("_Row")
@@ -75,9 +76,9 @@ def resolve_user_experts(db: Database, *, tenant_id: int, user_external_id: str)
     """The user's experts now; an unknown user gets an empty bank (base answers) and the default gate."""
     external_id = validate_external_id(user_external_id)
     repo = RoutingRepository(dialect=db.dialect)
-    with db.session() as s:
-        found = repo.user_with_gate_spec(s, tenant_id=tenant_id, external_id=external_id)
-        rows = [] if found is None else repo.live_adapters(s, tenant_id=tenant_id, user_id=found[0])
+    with db.unit_of_work():  # the gate settings and the live versions as of one moment
+        found = db.run(repo.user_with_gate_spec, tenant_id=tenant_id, external_id=external_id)
+        rows = [] if found is None else db.run(repo.live_adapters, tenant_id=tenant_id, user_id=found[0])
     user_id, stored = found if found is not None else (None, None)
     members = _members(rows, user_id=user_id)
     gate_row = next((r for r in rows if r.kind == "gate"), None)
@@ -94,15 +95,17 @@ def resolve_model_experts(
     repo = RoutingRepository(dialect=db.dialect)
     what = f"{owner}/{adapter}" if owner is not None else f"task:{adapter}"
     what += f"@{version}" if version is not None else " (live)"
-    with db.session() as s:
+    with db.unit_of_work():
         user_id = None
         if owner is not None:
-            found = repo.user_with_gate_spec(s, tenant_id=tenant_id, external_id=validate_external_id(owner))
+            found = db.run(
+                repo.user_with_gate_spec, tenant_id=tenant_id, external_id=validate_external_id(owner)
+            )
             if found is None:
                 raise ModelNotFoundError(f"model {what}: no user {owner!r}")
             user_id = found[0]
-        row = repo.adapter_version(
-            s, tenant_id=tenant_id, owner_user_id=user_id, name=adapter, number=version
+        row = db.run(
+            repo.adapter_version, tenant_id=tenant_id, owner_user_id=user_id, name=adapter, number=version
         )
     if row is None:
         raise ModelNotFoundError(f"model {what}: no such adapter version")
@@ -116,8 +119,7 @@ def resolve_model_experts(
 
 def served_task_models(db: Database, *, tenant_id: int) -> list[str]:
     """The names of the tenant's task adapters that have a live version (what ``GET /v1/models`` lists)."""
-    with db.session() as s:
-        return RoutingRepository(dialect=db.dialect).task_adapters_with_live_version(s, tenant_id=tenant_id)
+    return db.run(RoutingRepository(dialect=db.dialect).task_adapters_with_live_version, tenant_id=tenant_id)
 
 
 def effective_gate_spec(stored: dict[str, Any] | None, *, live_gate_version_id: int | None) -> GateSpec:
@@ -182,27 +184,29 @@ def enrol(db: Database, *, tenant_id: int, user_external_id: str, task_name: str
     """
     external_id, actor = validate_external_id(user_external_id), _check_actor(actor)
     repo = RoutingRepository(dialect=db.dialect)
-    with db.session() as s:
-        adapter_id = _require_task(repo, s, tenant_id=tenant_id, name=task_name)
-        user = get_or_create_user_row(s, tenant_id=tenant_id, external_id=external_id)
-        if repo.find_enrolment(s, user_id=user.id, adapter_id=adapter_id):
+    with db.unit_of_work():
+        adapter_id = _require_task(db, repo, tenant_id=tenant_id, name=task_name)
+        user_id = _created_user_id(db, tenant_id=tenant_id, external_id=external_id)
+        if db.run(repo.find_enrolment, user_id=user_id, adapter_id=adapter_id):
             raise AlreadyExistsError(f"user {external_id!r} is already enrolled in {task_name!r}")
-        now = repo.insert_enrolment(
-            s, tenant_id=tenant_id, user_id=user.id, adapter_id=adapter_id, actor=actor
+        now = db.run(
+            repo.insert_enrolment, tenant_id=tenant_id, user_id=user_id, adapter_id=adapter_id, actor=actor
         )
-        return Enrolment(tenant_id, user.id, adapter_id, task_name, actor, now)
+        return Enrolment(tenant_id, user_id, adapter_id, task_name, actor, now)
 
 
 def unenrol(db: Database, *, tenant_id: int, user_external_id: str, task_name: str, actor: str) -> None:
     """Remove a user from a task adapter and record who did it; ``NotFoundError`` if they were not enrolled."""
     external_id, actor = validate_external_id(user_external_id), _check_actor(actor)
     repo = RoutingRepository(dialect=db.dialect)
-    with db.session() as s:
-        adapter_id = _require_task(repo, s, tenant_id=tenant_id, name=task_name)
-        user = find_user(s, tenant_id=tenant_id, external_id=external_id)
-        if user is None:
+    with db.unit_of_work():
+        adapter_id = _require_task(db, repo, tenant_id=tenant_id, name=task_name)
+        user_id = _user_id(db, tenant_id=tenant_id, external_id=external_id)
+        if user_id is None:
             raise NotFoundError(f"user {external_id!r} not found")
-        repo.delete_enrolment(s, tenant_id=tenant_id, user_id=user.id, adapter_id=adapter_id, actor=actor)
+        db.run(
+            repo.delete_enrolment, tenant_id=tenant_id, user_id=user_id, adapter_id=adapter_id, actor=actor
+        )
 
 
 def list_enrolments(db: Database, *, tenant_id: int, user_external_id: str) -> list[Enrolment]:
@@ -221,13 +225,22 @@ def _user_rows(
     """``read(repo, session, tenant_id=..., user_id=...)`` for the user; empty for a user not created yet."""
     external_id = validate_external_id(user_external_id)
     repo = RoutingRepository(dialect=db.dialect)
-    with db.session() as s:
-        user = find_user(s, tenant_id=tenant_id, external_id=external_id)
-        return [] if user is None else read(repo, s, tenant_id=tenant_id, user_id=user.id)
+    with db.unit_of_work():
+        user_id = _user_id(db, tenant_id=tenant_id, external_id=external_id)
+        return [] if user_id is None else db.run(partial(read, repo), tenant_id=tenant_id, user_id=user_id)
 
 
-def _require_task(repo: RoutingRepository, s: Any, *, tenant_id: int, name: str) -> int:
-    adapter_id = repo.find_task_adapter(s, tenant_id=tenant_id, name=name)
+def _user_id(db: Database, *, tenant_id: int, external_id: str) -> int | None:
+    return db.run(user_id_of, tenant_id=tenant_id, external_id=external_id)
+
+
+def _created_user_id(db: Database, *, tenant_id: int, external_id: str) -> int:
+    """The user's id, the user created if new (race-safe)."""
+    return db.run(get_or_create_user_id, tenant_id=tenant_id, external_id=external_id)
+
+
+def _require_task(db: Database, repo: RoutingRepository, *, tenant_id: int, name: str) -> int:
+    adapter_id = db.run(repo.find_task_adapter, tenant_id=tenant_id, name=name)
     if adapter_id is None:
         raise NotFoundError(f"task adapter {name!r} not found")
     return adapter_id
@@ -238,40 +251,38 @@ def set_gate_spec(db: Database, *, tenant_id: int, user_external_id: str, spec: 
     """Store a user's gate settings (the user is created if new); a pinned learned version must be theirs."""
     external_id, actor = validate_external_id(user_external_id), _check_actor(actor)
     repo = RoutingRepository(dialect=db.dialect)
-    with db.session() as s:
-        user = get_or_create_user_row(s, tenant_id=tenant_id, external_id=external_id)
+    with db.unit_of_work():
+        user_id = _created_user_id(db, tenant_id=tenant_id, external_id=external_id)
         if spec.learned_version_id is not None:
-            _check_gate_version(
-                db, s, tenant_id=tenant_id, user_id=user.id, version_id=spec.learned_version_id
-            )
-        repo.upsert_gate_spec(s, tenant_id=tenant_id, user_id=user.id, spec=spec.to_json(), actor=actor)
+            _check_gate_version(db, tenant_id=tenant_id, user_id=user_id, version_id=spec.learned_version_id)
+        db.run(repo.upsert_gate_spec, tenant_id=tenant_id, user_id=user_id, spec=spec.to_json(), actor=actor)
 
 
 def clear_gate_spec(db: Database, *, tenant_id: int, user_external_id: str) -> None:
     """Back to the default gate (learned when a live gate exists, else centroid)."""
     external_id = validate_external_id(user_external_id)
     repo = RoutingRepository(dialect=db.dialect)
-    with db.session() as s:
-        user = find_user(s, tenant_id=tenant_id, external_id=external_id)
-        if user is not None:
-            repo.delete_gate_spec(s, tenant_id=tenant_id, user_id=user.id)
+    with db.unit_of_work():
+        user_id = _user_id(db, tenant_id=tenant_id, external_id=external_id)
+        if user_id is not None:
+            db.run(repo.delete_gate_spec, tenant_id=tenant_id, user_id=user_id)
 
 
 def gate_adapter_id(db: Database, *, tenant_id: int, user_id: int, create: bool = False) -> int | None:
     """The id of the user's learned-gate adapter (kind ``gate``), created when asked; None if absent."""
     repo = RoutingRepository(dialect=db.dialect)
-    with db.session() as s:
-        found = repo.gate_adapter_id(s, tenant_id=tenant_id, user_id=user_id)
+    with db.unit_of_work():
+        found = db.run(repo.gate_adapter_id, tenant_id=tenant_id, user_id=user_id)
         if found is not None or not create:
             return found
-        RegistryRepository(dialect=db.dialect).require_user(s, tenant_id=tenant_id, user_id=user_id)
-        return repo.insert_gate_adapter(s, tenant_id=tenant_id, user_id=user_id)
+        db.run(RegistryRepository(dialect=db.dialect).require_user, tenant_id=tenant_id, user_id=user_id)
+        return db.run(repo.insert_gate_adapter, tenant_id=tenant_id, user_id=user_id)
 
 
-def _check_gate_version(db: Database, s: Any, *, tenant_id: int, user_id: int, version_id: int) -> None:
+def _check_gate_version(db: Database, *, tenant_id: int, user_id: int, version_id: int) -> None:
     registry_repo, repo = RegistryRepository(dialect=db.dialect), RoutingRepository(dialect=db.dialect)
-    version = registry_repo.get_version_by_id(s, tenant_id=tenant_id, version_id=version_id)
-    if version.adapter_id != repo.gate_adapter_id(s, tenant_id=tenant_id, user_id=user_id):
+    version = db.run(registry_repo.get_version_by_id, tenant_id=tenant_id, version_id=version_id)
+    if version.adapter_id != db.run(repo.gate_adapter_id, tenant_id=tenant_id, user_id=user_id):
         raise ValidationError(f"version {version_id} is not a version of this user's learned gate")
 
 

@@ -99,6 +99,18 @@ def find_user(
     return session.scalars(query).one_or_none()
 
 
+def user_id_of(session: Session, *, tenant_id: int, external_id: str) -> int | None:
+    """The id of the tenant's user with this external id, or None (what code above the store asks for, through
+    ``Database.run``, instead of the row)."""
+    row = find_user(session, tenant_id=tenant_id, external_id=external_id)
+    return None if row is None else row.id
+
+
+def get_or_create_user_id(session: Session, *, tenant_id: int, external_id: str) -> int:
+    """The id of the tenant's user with this external id, the user created if absent (race-safe)."""
+    return get_or_create_user_row(session, tenant_id=tenant_id, external_id=external_id).id
+
+
 def get_or_create_user_row(
     session: Session, *, tenant_id: int, external_id: str, kind: str = SubjectKind.USER
 ) -> SqlUser:
