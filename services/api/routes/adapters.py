@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.background import BackgroundTask
 
 from lorafleet.domain import Adapter, AliasEvent, Tenant
 from lorafleet.qa.reports import load_report, reports_for_version
+from lorafleet.registry.export import export_version
 from lorafleet.sdk import schemas as s
 from lorafleet.workflows.live_alias import promote_manually, versions_qa
 from services.api import convert
@@ -18,6 +23,15 @@ from services.api.idempotency import Idempotent, IdempotentCall
 from services.api.runtime import ApiServices
 
 router = APIRouter(prefix="/v1/users/{user_id}/adapters", tags=["adapters"])
+#: the sha256 of the version's stored blob (the registry's uncompressed tar of the two PEFT files)
+VERSION_SHA256_HEADER = "X-Lorafleet-Version-Sha256"
+#: the sha256 of the downloaded ``.tar.gz`` itself
+ARCHIVE_SHA256_HEADER = "X-Lorafleet-Archive-Sha256"
+DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/gzip": {}}, "description": "The PEFT folder as a .tar.gz"},
+    404: {"description": "No such adapter or version"},
+    409: {"description": "The version is marked corrupt"},
+}
 
 
 def actor_of(tenant: Tenant) -> str:
@@ -80,6 +94,39 @@ def get_version(
     )
     return convert.version_detail(
         version, adapter_name=adapter.name, reports=reports, document=document, qa=qa[version.id]
+    )
+
+
+@router.get("/{name}/versions/{n}/download", response_class=FileResponse, responses=DOWNLOAD_RESPONSES)
+def download_version(services: Services, adapter: UserAdapter, n: VersionNumber) -> FileResponse:
+    """The version as a PEFT folder archive (``<adapter>-v<n>.tar.gz`` holding ``<adapter>-v<n>/`` with
+    ``adapter_config.json``, ``adapter_model.safetensors`` and ``lorafleet_export.json``) that
+    ``AutoPeftModelForCausalLM.from_pretrained`` loads once unpacked; ``base_model_name_or_path`` names a base PEFT
+    accepts (``docs/data-rights.md``). The stored blob is verified against its sha256 first.
+    ``X-Lorafleet-Version-Sha256``: the sha256 of the version's stored blob (as in its metadata);
+    ``X-Lorafleet-Archive-Sha256``: the sha256 of this download. 404: no such version; 409: a corrupt one."""
+    version = services.registry.get_version(tenant_id=adapter.tenant_id, adapter_id=adapter.id, number=n)
+    work = Path(tempfile.mkdtemp(prefix="lorafleet-download-"))
+    try:
+        exported = export_version(
+            services.registry,
+            version=version,
+            adapter_name=adapter.name,
+            backbone=services.settings.backbone,
+            dest_dir=work,
+        )
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return FileResponse(
+        exported.path,
+        media_type="application/gzip",
+        filename=exported.filename,
+        headers={
+            VERSION_SHA256_HEADER: exported.version_sha256,
+            ARCHIVE_SHA256_HEADER: exported.archive_sha256,
+        },
+        background=BackgroundTask(shutil.rmtree, work, ignore_errors=True),
     )
 
 

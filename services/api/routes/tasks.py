@@ -12,12 +12,13 @@ import binascii
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
-from lorafleet.domain import Adapter, AliasEvent
+from lorafleet.domain import Adapter, AliasEvent, FeedbackRecord
 from lorafleet.errors import ValidationError
 from lorafleet.feedback import IngestResult
 from lorafleet.sdk import schemas as s
+from lorafleet.workflows.feedback import EXPORT_PAGE, all_feedback
 from lorafleet.workflows.import_jobs import import_weight_bounds, submit_import
 from lorafleet.workflows.tasks import (
     enrolled_users,
@@ -40,7 +41,7 @@ from services.api.deps import (
 )
 from services.api.idempotency import Idempotent, IdempotentCall
 from services.api.routes import adapters as adapter_routes
-from services.api.routes.feedback import submit_records
+from services.api.routes.feedback import EXPORT_RESPONSES, jsonl_response, submit_records
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 TaskPath = TaskName
@@ -92,6 +93,18 @@ def get_task_feedback(
         services.db, tenant_id=tenant.id, task_name=task, after_id=after_id, limit=limit
     )
     return [convert.feedback_record(r) for r in records]
+
+
+@router.get("/{task}/feedback/export", response_class=StreamingResponse, responses=EXPORT_RESPONSES)
+def export_task_feedback(services: Services, tenant: CurrentTenant, task: TaskPath) -> StreamingResponse:
+    """All of the task's records as JSON Lines, oldest first, as ``GET /v1/users/{user_id}/feedback/export``."""
+
+    def page(after_id: int | None) -> list[FeedbackRecord]:
+        return list_task_feedback(
+            services.db, tenant_id=tenant.id, task_name=task, after_id=after_id, limit=EXPORT_PAGE
+        )
+
+    return jsonl_response(all_feedback(page), filename=f"task-{task}-feedback.jsonl")
 
 
 @router.post("/{task}/import", response_model=s.TaskImportSubmitted, status_code=202)
@@ -171,6 +184,16 @@ def get_task_version(
 ) -> s.VersionDetail:
     """One version with its QA (for a task: evaluated alone and in enrolled users' experts)."""
     return adapter_routes.get_version(services, adapter, n, qa_document)
+
+
+@router.get(
+    "/{task}/versions/{n}/download",
+    response_class=FileResponse,
+    responses=adapter_routes.DOWNLOAD_RESPONSES,
+)
+def download_task_version(services: Services, adapter: TaskAdapter, n: VersionNumber) -> FileResponse:
+    """The task version as a PEFT folder archive, as for a user's version (same headers, 404, 409)."""
+    return adapter_routes.download_version(services, adapter, n)
 
 
 @router.get("/{task}/versions/{n}/lineage", response_model=s.LineageOut)
