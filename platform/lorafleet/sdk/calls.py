@@ -185,6 +185,22 @@ def download_version(user: str, adapter: str, number: int, path: str | Path) -> 
     return _download(f"{_adapter(user, adapter)}/versions/{int(number)}/download", path)
 
 
+def import_adapter(
+    user: str,
+    adapter: str,
+    source: str | Path | bytes,
+    example_prompts: Sequence[str],
+    *,
+    reason: str = "",
+    examples: Sequence[tuple[str, str]] | None = None,
+    idempotency_key: str | None = None,
+) -> Call[s.TaskImportSubmitted]:
+    """Import the user's own PEFT adapter (a folder, a .tar/.tar.gz/.zip file such as ``download_version``
+    writes, or its bytes) as a candidate version of their adapter ``adapter`` (created when absent), with the
+    checks and QA of ``import_task_adapter``; returns the ``import`` job (``wait_for_job`` it)."""
+    return _import(_adapter(user, adapter), source, example_prompts, reason, examples, idempotency_key)
+
+
 def alias_history(user: str, adapter: str) -> Call[list[s.AliasEventOut]]:
     return Call("GET", f"{_adapter(user, adapter)}/history", _parser(list[s.AliasEventOut]))
 
@@ -309,6 +325,17 @@ def import_task_adapter(
     the task; returns the ``import`` job (``wait_for_job`` it). QA then decides as for a trained version.
     ``examples``: ``(prompt, expected)`` pairs, QA's evidence for the version (without them, and without task
     feedback, QA holds it for a promote with force)."""
+    return _import(_task(task), source, example_prompts, reason, examples, idempotency_key)
+
+
+def _import(
+    path: str,
+    source: str | Path | bytes,
+    example_prompts: Sequence[str],
+    reason: str,
+    examples: Sequence[tuple[str, str]] | None,
+    idempotency_key: str | None,
+) -> Call[s.TaskImportSubmitted]:
     archive = adapter_archive(source)
     body: dict[str, Any] = {
         "archive_base64": base64.b64encode(archive).decode("ascii"),
@@ -319,7 +346,7 @@ def import_task_adapter(
         body["examples"] = [{"prompt": prompt, "expected": expected} for prompt, expected in examples]
     return Call(
         "POST",
-        f"{_task(task)}/import",
+        f"{path}/import",
         _parser(s.TaskImportSubmitted),
         body=body,
         idempotency_key=_key(idempotency_key),

@@ -135,6 +135,7 @@ class _Calls:
     get_version = _Endpoint(c.get_version)
     lineage = _Endpoint(c.lineage)
     download_version = _Endpoint(c.download_version)
+    import_adapter = _Endpoint(c.import_adapter)
     alias_history = _Endpoint(c.alias_history)
     promote = _Endpoint(c.promote)
     rollback = _Endpoint(c.rollback)

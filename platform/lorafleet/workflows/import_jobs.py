@@ -1,4 +1,5 @@
-"""``import`` jobs: registering an existing PEFT adapter as a version of a shared task adapter, on a trainer.
+"""``import`` jobs: registering an existing PEFT adapter as a version of a shared task adapter, or of a user's own
+adapter (``submit_user_import``), on a trainer.
 
 Why a job and not the API process: the checks need the backbone (shapes against its layers, a load into a bank
 slot, the routing key from the example prompts' embeddings), and the trainer actors already hold it. So the API
@@ -22,18 +23,19 @@ version's own blob is the normalised PEFT folder the registry packs).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.domain import Job, JobKind, PromoteRule
 from lorafleet.domain.jobs import ImportPayload, ImportResult
-from lorafleet.errors import PayloadTooLargeError, ValidationError
+from lorafleet.errors import NotFoundError, PayloadTooLargeError, ValidationError
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.registry.archive import archive_kind
 from lorafleet.registry.weight_sanity import WeightBounds
+from lorafleet.store.sql.tenants import get_or_create_user_id, user_id_of, validate_external_id
 from lorafleet.workflows.adapter_import import (
     check_archive_weights,
     check_example_prompts,
@@ -97,28 +99,100 @@ def submit_import(
     (``{"prompt", "expected"}`` objects, ``adapter_import.check_import_examples``), QA's holdout for it; without
     them QA uses the task's feedback holdout, and with neither the version waits for a person (decision ``hold``)."""
     name = validate_task_name(task_name)
+    return _submit(
+        db,
+        registry,
+        tenant_id=tenant_id,
+        target={"task": name},
+        archive=archive,
+        example_prompts=example_prompts,
+        actor=actor,
+        reason=reason,
+        queue=queue,
+        weight_bounds=weight_bounds,
+        examples=examples,
+    )
+
+
+def submit_user_import(
+    db: Database,
+    registry: Registry,
+    *,
+    tenant_id: int,
+    user: str,
+    adapter: str,
+    archive: bytes,
+    example_prompts: Sequence[str],
+    actor: str,
+    reason: str = "",
+    queue: JobQueue | None = None,
+    weight_bounds: WeightBounds | None = None,
+    examples: Sequence[Mapping[str, Any]] = (),
+) -> ImportSubmitted:
+    """``submit_import`` for a user's own adapter ``adapter`` (created by the job when absent): the same checks,
+    the same job, QA as for the user's trained versions. The user is created on first sight, as by feedback,
+    but only once the archive passed the checks: a refusal changes nothing."""
+    external_id = validate_external_id(user)
+    name = validate_task_name(adapter)
+    return _submit(
+        db,
+        registry,
+        tenant_id=tenant_id,
+        target={"user": external_id, "adapter": name},
+        archive=archive,
+        example_prompts=example_prompts,
+        actor=actor,
+        reason=reason,
+        queue=queue,
+        weight_bounds=weight_bounds,
+        examples=examples,
+        before_queue=lambda: db.run(get_or_create_user_id, tenant_id=tenant_id, external_id=external_id),
+    )
+
+
+def _submit(
+    db: Database,
+    registry: Registry,
+    *,
+    tenant_id: int,
+    target: dict[str, str],
+    archive: bytes,
+    example_prompts: Sequence[str],
+    actor: str,
+    reason: str,
+    queue: JobQueue | None,
+    weight_bounds: WeightBounds | None,
+    examples: Sequence[Mapping[str, Any]],
+    before_queue: Callable[[], object] | None = None,
+) -> ImportSubmitted:
+    """Check, store the archive's blob, then (after ``before_queue``) queue the job for ``target``: ``{"task"}``
+    or ``{"user", "adapter"}`` (the payload's fields); one active job per archive and target."""
     prompts = check_example_prompts(example_prompts)
     evidence = check_import_examples(examples)
     _check_archive(archive)
     check_archive_weights(archive, weight_bounds=weight_bounds, max_bytes=MAX_IMPORT_ARCHIVE_BYTES)
     ref = registry.blobs.put_bytes(archive)
     payload = ImportPayload(
-        task=name,
+        **target,
         archive_sha256=ref.sha256,
         archive_size=ref.size,
         example_prompts=prompts,
         actor=actor,
         reason=reason,
         examples=evidence,
-    ).to_json()
+    )
+    if before_queue is not None:
+        before_queue()
+    # a task's key as it always was; a user's adapter's names the user too
+    where = payload.task if payload.task is not None else f"user:{payload.user}:{payload.adapter}"
     result = (queue or JobQueue(db)).submit(
         tenant_id=tenant_id,
         kind=IMPORT_JOB_KIND,
-        payload=payload,
-        dedupe_key=f"import:{tenant_id}:{ref.sha256}:{name}"[:256],
+        payload=payload.to_json(),
+        dedupe_key=f"import:{tenant_id}:{ref.sha256}:{where}"[:256],
         max_attempts=IMPORT_MAX_ATTEMPTS,
     )
-    logger.info("import of %s into task %r queued as job %d", ref.sha256[:12], name, result.job.id)
+    logger.info("import of %s into %s queued as job %d", ref.sha256[:12], payload.target, result.job.id)
     return ImportSubmitted(job=result.job, created=result.created, archive_sha256=ref.sha256)
 
 
@@ -151,13 +225,18 @@ class ImportRunner:
         if job.tenant_id is None:
             raise ValidationError(f"import job {job.id} has no tenant")
         p = ImportPayload.parse(job.payload)
+        owner_user_id = None
+        if p.user is not None:  # a user's own adapter: the user must still exist
+            owner_user_id = self.db.run(user_id_of, tenant_id=job.tenant_id, external_id=p.user)
+            if owner_user_id is None:
+                raise NotFoundError(f"user {p.user!r} not found")
         with owned_tempdir(f"lorafleet-import-{job.id}-", dir=self.work_dir) as tmp:
             archive = Path(tmp) / "upload"  # the unpacker reads the kind from the bytes
             self.registry.blobs.download(p.archive_sha256, archive, expected_size=p.archive_size)
             prepared = prepare_import(
                 self.registry,
                 tenant_id=job.tenant_id,
-                task_name=p.task,
+                task_name=p.adapter_name,
                 source=archive,
                 example_prompts=p.example_prompts,
                 backbone=self.backbone,
@@ -166,6 +245,7 @@ class ImportRunner:
                 work_dir=Path(tmp) / "work",
                 weight_bounds=self.weight_bounds,
                 examples=p.examples,
+                owner_user_id=owner_user_id,
             )
             lease.check()
             imported = register_import(self.registry, prepared, job_id=job.id)
@@ -178,6 +258,8 @@ class ImportRunner:
                 )
                 result = ImportResult(
                     task=p.task,
+                    user=p.user,
+                    adapter=p.adapter,
                     adapter_id=imported.adapter.id,
                     version_id=imported.version.id,
                     number=imported.version.number,
@@ -186,7 +268,7 @@ class ImportRunner:
                     qa_job=qa_jobs[0] if qa_jobs else None,
                 ).to_json()
                 fence.succeed(result)
-        logger.info("job %d: imported task %r as version %d", job.id, p.task, imported.version.number)
+        logger.info("job %d: imported %s as version %d", job.id, p.target, imported.version.number)
         return result
 
 
@@ -197,4 +279,5 @@ __all__ = [
     "MAX_IMPORT_ARCHIVE_BYTES",
     "import_weight_bounds",
     "submit_import",
+    "submit_user_import",
 ]

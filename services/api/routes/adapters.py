@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -13,12 +15,24 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
 
 from lorafleet.domain import Adapter, AliasEvent, Tenant
+from lorafleet.errors import ValidationError
 from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.registry.export import export_version
 from lorafleet.sdk import schemas as s
+from lorafleet.workflows.import_jobs import ImportSubmitted, import_weight_bounds, submit_user_import
 from lorafleet.workflows.live_alias import promote_manually, versions_qa
 from services.api import convert
-from services.api.deps import CurrentUser, LineageDepth, QADocument, Services, UserAdapter, VersionNumber
+from services.api.deps import (
+    AdapterName,
+    CurrentTenant,
+    CurrentUser,
+    LineageDepth,
+    QADocument,
+    Services,
+    UserAdapter,
+    UserId,
+    VersionNumber,
+)
 from services.api.idempotency import Idempotent, IdempotentCall
 from services.api.runtime import ApiServices
 
@@ -155,6 +169,55 @@ def alias_history(services: Services, adapter: UserAdapter) -> list[s.AliasEvent
     versions = registry.list_versions(tenant_id=adapter.tenant_id, adapter_id=adapter.id)
     numbers = {v.id: v.number for v in versions}
     return [convert.alias_event(e, adapter_name=adapter.name, numbers=numbers) for e in events]
+
+
+@router.post("/{name}/import", response_model=s.TaskImportSubmitted, status_code=202)
+def import_adapter(
+    services: Services,
+    tenant: CurrentTenant,
+    user_id: UserId,
+    name: AdapterName,
+    body: s.TaskImportRequest,
+    call: Idempotent,
+) -> JSONResponse:
+    """Queue an ``import`` job for the user's own PEFT adapter (one exported from lorafleet, or trained
+    elsewhere on the same backbone), as ``POST /v1/tasks/{task}/import`` does for a task: the same body, checks
+    (safetensors only, shapes, rank, finite values, weight bounds, backbone fingerprint) and 422s; the version is
+    registered as a ``candidate`` of the user's adapter ``name`` (created when absent; lineage ``imported``)
+    and QA decides under the promote rule. The user is created on first sight; a refusal stores nothing."""
+    archive = decode_archive(body)
+
+    def submit() -> s.TaskImportSubmitted:
+        submitted = submit_user_import(
+            services.db,
+            services.registry,
+            tenant_id=tenant.id,
+            user=user_id,
+            adapter=name,
+            archive=archive,
+            example_prompts=body.example_prompts,
+            actor=actor_of(tenant),
+            reason=body.reason,
+            weight_bounds=import_weight_bounds(services.settings.qa_policy),
+            examples=[e.model_dump() for e in body.examples],
+        )
+        return import_submitted(submitted)
+
+    return call.run(submit, body=body, status_code=202)
+
+
+def decode_archive(body: s.TaskImportRequest) -> bytes:
+    """The uploaded archive's bytes (422 naming ``archive_base64`` when it is not base64)."""
+    try:
+        return base64.b64decode(body.archive_base64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValidationError("archive_base64: not valid base64") from None
+
+
+def import_submitted(submitted: ImportSubmitted) -> s.TaskImportSubmitted:
+    return s.TaskImportSubmitted(
+        job=convert.job(submitted.job), created=submitted.created, archive_sha256=submitted.archive_sha256
+    )
 
 
 @router.post("/{name}/promote", response_model=s.AliasEventOut)

@@ -7,15 +7,12 @@ rechecks of every enrolled user. Users are enrolled through ``/v1/users/{user_id
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from lorafleet.domain import Adapter, AliasEvent, FeedbackRecord
-from lorafleet.errors import ValidationError
 from lorafleet.feedback import IngestResult
 from lorafleet.sdk import schemas as s
 from lorafleet.workflows.feedback import EXPORT_PAGE, all_feedback
@@ -117,10 +114,7 @@ def import_task_adapter(
     archive that is not base64, and for files refused without a backbone: not a PEFT LoRA adapter, non-finite
     weights, or weights (or ``lora_alpha``) beyond the QA policy's weight bounds (``weights_out_of_bounds``,
     naming the tensor or field); a refusal stores nothing and queues nothing."""
-    try:
-        archive = base64.b64decode(body.archive_base64, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValidationError("archive_base64: not valid base64") from None
+    archive = adapter_routes.decode_archive(body)
 
     def submit() -> s.TaskImportSubmitted:
         result = submit_import(
@@ -130,14 +124,12 @@ def import_task_adapter(
             task_name=task,
             archive=archive,
             example_prompts=body.example_prompts,
-            actor=f"api:{tenant.name}"[:256],
+            actor=adapter_routes.actor_of(tenant),
             reason=body.reason,
             weight_bounds=import_weight_bounds(services.settings.qa_policy),
             examples=[e.model_dump() for e in body.examples],
         )
-        return s.TaskImportSubmitted(
-            job=convert.job(result.job), created=result.created, archive_sha256=result.archive_sha256
-        )
+        return adapter_routes.import_submitted(result)
 
     return call.run(submit, body=body, status_code=202)
 

@@ -5,6 +5,7 @@ first), and a user's own adapter imports from PEFT like a task's."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
 from collections.abc import Callable
@@ -15,8 +16,12 @@ import pytest
 from api_helpers import ApiServer, Library, TenantHandle, live_personal_version, live_task_version, sft
 from services.api.routes import feedback as feedback_routes
 
+from lorafleet.jobs.queue import JobQueue
+from lorafleet.jobs.worker import JobWorker
 from lorafleet.registry.export import EXPORT_INFO_FILE
+from lorafleet.sdk import calls as c
 from lorafleet.sdk import errors
+from lorafleet.workflows.import_jobs import IMPORT_JOB_KIND, ImportRunner
 
 
 def _members(archive: Path) -> dict[str, bytes]:
@@ -156,3 +161,104 @@ def test_task_feedback_exports_as_json_lines(make_tenant: Callable[[], TenantHan
     assert records == [r.model_dump(mode="json") for r in client.list_task_feedback("sql")]
     with pytest.raises(errors.NotFound):
         client.export_task_feedback("no-such-task", tmp_path / "none.jsonl")
+
+
+def _run_imports(library: Library, api_data_dir: Path, tenant_id: int) -> None:
+    """Run the queued ``import`` jobs as a trainer would (the API's server has no workers)."""
+    from lorafleet.adapters import inject_bank
+    from lorafleet.backbone import load_backbone
+
+    backbone = load_backbone("builtin:tiny", quantization="fp32", device="cpu", data_dir=api_data_dir)
+    bank = inject_bank(backbone, target_modules=["q_proj", "v_proj"], n_slots=2, max_rank=8)
+    runner = ImportRunner(library.db, library.registry, backbone, bank, promote_rule="never")
+    worker = JobWorker(
+        JobQueue(library.db), worker_id="import-test", handlers={IMPORT_JOB_KIND: runner.run_job}
+    )
+    while worker.run_once() is not None:
+        pass
+    assert not JobQueue(library.db).list_jobs(tenant_id=tenant_id, state="queued")
+
+
+def test_a_version_exported_from_one_user_imports_as_anothers(
+    make_tenant: Callable[[], TenantHandle],
+    library: Library,
+    adapter_folder: Callable[[int], Path],
+    api_data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    tenant = make_tenant()
+    client = tenant.client
+    live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(1))
+    exported = client.download_version("ada", "personal", 1, tmp_path / "ada-v1.tar.gz")
+
+    submitted = client.import_adapter("bea", "from-ada", exported.path, ["Hello"], reason="moved")
+    assert submitted.created and submitted.job.kind == "import" and submitted.job.state == "queued"
+    again = client.import_adapter("bea", "from-ada", exported.path, ["Hello"])
+    assert again.job.id == submitted.job.id and not again.created  # one active job per archive and adapter
+    _run_imports(library, api_data_dir, tenant.id)
+    job = client.get_job(submitted.job.id)
+    assert job.state == "succeeded", job.error
+    assert job.result is not None and (job.result["user"], job.result["adapter"]) == ("bea", "from-ada")
+    assert "task" not in job.result
+
+    [adapter] = client.list_adapters("bea")
+    assert (adapter.name, adapter.live_version) == ("from-ada", None)  # a candidate: QA (or a person) decides
+    [version] = client.list_versions("bea", "from-ada")
+    assert version.status == "candidate"
+    lineage = client.lineage("bea", "from-ada", 1)
+    assert lineage.root.version.training_config["source"] == "peft-import"
+    # the weights came across bit for bit: bea's version downloads with ada's weights file
+    back = client.download_version("bea", "from-ada", 1, tmp_path / "bea-v1.tar.gz")
+    weights = _members(Path(back.path))["from-ada-v1/adapter_model.safetensors"]
+    assert weights == _members(Path(exported.path))["personal-v1/adapter_model.safetensors"]
+    assert [a.name for a in client.list_adapters("ada")] == ["personal"]  # ada's own adapters are untouched
+
+
+def test_a_bad_user_import_is_refused_and_changes_nothing(
+    make_tenant: Callable[[], TenantHandle], library: Library, adapter_folder: Callable[[int], Path]
+) -> None:
+    tenant = make_tenant()
+    client = tenant.client
+    with pytest.raises(errors.ValidationFailed):
+        client.import_adapter("cleo", "mine", b"not an archive at all", ["Hello"])
+    with pytest.raises(errors.ValidationFailed):
+        client.import_adapter("cleo", "mine", _nan_archive(adapter_folder(1)), ["Hello"])
+    with pytest.raises(errors.ValidationFailed):
+        client.import_adapter("cleo", "mine", adapter_folder(1), [])
+    with pytest.raises(errors.ValidationFailed) as bad:
+        client._run(
+            c.Call(
+                "POST",
+                "/v1/users/cleo/adapters/mine/import",
+                lambda x: x,
+                body={"archive_base64": "***", "example_prompts": ["Hello"]},
+                idempotency_key="k",
+            )
+        )
+    assert "archive_base64" in bad.value.message
+    # nothing stored: no user, no adapter, no job
+    with pytest.raises(errors.NotFound):
+        client.list_adapters("cleo")
+    assert JobQueue(library.db).list_jobs(tenant_id=tenant.id) == []
+
+
+def _nan_archive(folder: Path) -> bytes:
+    """``folder``'s adapter with one weight set to NaN, as an archive (refused before anything is stored)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name][0, 0] = float("nan")
+    out = {"adapter_config.json": (folder / "adapter_config.json").read_bytes()}
+    path = folder.parent / f"{folder.name}-nan.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    out["adapter_model.safetensors"] = path.read_bytes()
+    assert torch.isnan(load_file(str(path))[name]).any()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for member, data in out.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
