@@ -185,33 +185,33 @@ def import_adapter(
     (safetensors only, shapes, rank, finite values, weight bounds, backbone fingerprint) and 422s; the version is
     registered as a ``candidate`` of the user's adapter ``name`` (created when absent; lineage ``imported``)
     and QA decides under the promote rule. The user is created on first sight; a refusal stores nothing."""
-    archive = decode_archive(body)
+
+    args = import_args(services, tenant, body)
 
     def submit() -> s.TaskImportSubmitted:
-        submitted = submit_user_import(
-            services.db,
-            services.registry,
-            tenant_id=tenant.id,
-            user=user_id,
-            adapter=name,
-            archive=archive,
-            example_prompts=body.example_prompts,
-            actor=actor_of(tenant),
-            reason=body.reason,
-            weight_bounds=import_weight_bounds(services.settings.qa_policy),
-            examples=[e.model_dump() for e in body.examples],
-        )
-        return import_submitted(submitted)
+        return import_submitted(submit_user_import(**args, user=user_id, adapter=name))
 
     return call.run(submit, body=body, status_code=202)
 
 
-def decode_archive(body: s.TaskImportRequest) -> bytes:
-    """The uploaded archive's bytes (422 naming ``archive_base64`` when it is not base64)."""
+def import_args(services: ApiServices, tenant: Tenant, body: s.TaskImportRequest) -> dict[str, Any]:
+    """What an import request (a user's or a task's) passes to ``submit_import`` / ``submit_user_import``: the
+    archive (422 naming ``archive_base64`` when it is not base64), prompts, evidence, actor, reason, bounds."""
     try:
-        return base64.b64decode(body.archive_base64, validate=True)
+        archive = base64.b64decode(body.archive_base64, validate=True)
     except (binascii.Error, ValueError):
         raise ValidationError("archive_base64: not valid base64") from None
+    return {
+        "db": services.db,
+        "registry": services.registry,
+        "tenant_id": tenant.id,
+        "archive": archive,
+        "example_prompts": body.example_prompts,
+        "actor": actor_of(tenant),
+        "reason": body.reason,
+        "weight_bounds": import_weight_bounds(services.settings.qa_policy),
+        "examples": [e.model_dump() for e in body.examples],
+    }
 
 
 def import_submitted(submitted: ImportSubmitted) -> s.TaskImportSubmitted:

@@ -16,7 +16,7 @@ from lorafleet.domain import Adapter, AliasEvent, FeedbackRecord
 from lorafleet.feedback import IngestResult
 from lorafleet.sdk import schemas as s
 from lorafleet.workflows.feedback import EXPORT_PAGE, all_feedback
-from lorafleet.workflows.import_jobs import import_weight_bounds, submit_import
+from lorafleet.workflows.import_jobs import submit_import
 from lorafleet.workflows.tasks import (
     enrolled_users,
     get_task_adapter,
@@ -114,22 +114,11 @@ def import_task_adapter(
     archive that is not base64, and for files refused without a backbone: not a PEFT LoRA adapter, non-finite
     weights, or weights (or ``lora_alpha``) beyond the QA policy's weight bounds (``weights_out_of_bounds``,
     naming the tensor or field); a refusal stores nothing and queues nothing."""
-    archive = adapter_routes.decode_archive(body)
+
+    args = adapter_routes.import_args(services, tenant, body)
 
     def submit() -> s.TaskImportSubmitted:
-        result = submit_import(
-            services.db,
-            services.registry,
-            tenant_id=tenant.id,
-            task_name=task,
-            archive=archive,
-            example_prompts=body.example_prompts,
-            actor=adapter_routes.actor_of(tenant),
-            reason=body.reason,
-            weight_bounds=import_weight_bounds(services.settings.qa_policy),
-            examples=[e.model_dump() for e in body.examples],
-        )
-        return adapter_routes.import_submitted(result)
+        return adapter_routes.import_submitted(submit_import(**args, task_name=task))
 
     return call.run(submit, body=body, status_code=202)
 
