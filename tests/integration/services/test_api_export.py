@@ -4,6 +4,7 @@ first), and a user's own adapter imports from PEFT like a task's."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -19,8 +20,8 @@ from services.api.routes import feedback as feedback_routes
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.jobs.worker import JobWorker
 from lorafleet.registry.export import EXPORT_INFO_FILE
-from lorafleet.sdk import calls as c
-from lorafleet.sdk import errors
+from lorafleet.sdk import AsyncClient, errors
+from lorafleet.sdk.schemas import DownloadedFile
 from lorafleet.workflows.import_jobs import IMPORT_JOB_KIND, ImportRunner
 
 
@@ -215,7 +216,10 @@ def test_a_version_exported_from_one_user_imports_as_anothers(
 
 
 def test_a_bad_user_import_is_refused_and_changes_nothing(
-    make_tenant: Callable[[], TenantHandle], library: Library, adapter_folder: Callable[[int], Path]
+    api: ApiServer,
+    make_tenant: Callable[[], TenantHandle],
+    library: Library,
+    adapter_folder: Callable[[int], Path],
 ) -> None:
     tenant = make_tenant()
     client = tenant.client
@@ -225,17 +229,12 @@ def test_a_bad_user_import_is_refused_and_changes_nothing(
         client.import_adapter("cleo", "mine", _nan_archive(adapter_folder(1)), ["Hello"])
     with pytest.raises(errors.ValidationFailed):
         client.import_adapter("cleo", "mine", adapter_folder(1), [])
-    with pytest.raises(errors.ValidationFailed) as bad:
-        client._run(
-            c.Call(
-                "POST",
-                "/v1/users/cleo/adapters/mine/import",
-                lambda x: x,
-                body={"archive_base64": "***", "example_prompts": ["Hello"]},
-                idempotency_key="k",
-            )
-        )
-    assert "archive_base64" in bad.value.message
+    bad = httpx.post(
+        f"{api.url}/v1/users/cleo/adapters/mine/import",
+        json={"archive_base64": "***", "example_prompts": ["Hello"]},
+        headers={"Authorization": f"Bearer {tenant.api_key}"},
+    )
+    assert bad.status_code == 422 and bad.json()["error"]["message"].startswith("archive_base64:")
     # nothing stored: no user, no adapter, no job
     with pytest.raises(errors.NotFound):
         client.list_adapters("cleo")
@@ -262,3 +261,29 @@ def _nan_archive(folder: Path) -> bytes:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def test_the_async_client_downloads_and_exports_through_the_same_calls(
+    api: ApiServer,
+    make_tenant: Callable[[], TenantHandle],
+    library: Library,
+    adapter_folder: Callable[[int], Path],
+    tmp_path: Path,
+) -> None:
+    tenant = make_tenant()
+    live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(1))
+    tenant.client.submit_feedback("ada", [sft("q1"), sft("q2")])
+    expected = tenant.client.download_version("ada", "personal", 1, tmp_path / "sync.tar.gz")
+
+    async def run() -> tuple[DownloadedFile, DownloadedFile]:
+        async with AsyncClient(api.url, tenant.api_key, max_retries=0) as client:
+            version = await client.download_version("ada", "personal", 1, tmp_path / "async.tar.gz")
+            with pytest.raises(errors.NotFound):
+                await client.download_version("ada", "personal", 7, tmp_path / "none.tar.gz")
+            return version, await client.export_feedback("ada", tmp_path / "async.jsonl")
+
+    version, feedback = asyncio.run(run())
+    assert (version.sha256, version.version_sha256) == (expected.sha256, expected.version_sha256)
+    assert Path(version.path).read_bytes() == Path(expected.path).read_bytes()
+    prompts = [json.loads(line)["payload"]["prompt"] for line in Path(feedback.path).read_text().splitlines()]
+    assert prompts == ["q1", "q2"] and not (tmp_path / "none.tar.gz").exists()
