@@ -219,7 +219,11 @@ class ImportPayload(_Payload):
     @property
     def target(self) -> str:
         """How logs name where the import goes: ``task 'x'`` or ``adapter 'a' of user 'u'``."""
-        return f"task {self.task!r}" if self.task is not None else f"adapter {self.adapter!r} of user {self.user!r}"
+        return (
+            f"task {self.task!r}"
+            if self.task is not None
+            else f"adapter {self.adapter!r} of user {self.user!r}"
+        )
 
     def to_json(self) -> dict[str, Any]:
         # a task import, and one without evidence, keep the payload they had before users and examples
