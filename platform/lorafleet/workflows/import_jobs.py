@@ -1,5 +1,5 @@
 """``import`` jobs: registering an existing PEFT adapter as a version of a shared task adapter, or of a user's own
-adapter (``submit_user_import``), on a trainer.
+adapter (``submit_import`` with ``user`` and ``adapter``), on a trainer.
 
 Why a job and not the API process: the checks need the backbone (shapes against its layers, a load into a bank
 slot, the routing key from the example prompts' embeddings), and the trainer actors already hold it. So the API
@@ -23,7 +23,7 @@ version's own blob is the normalised PEFT folder the registry packs).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,89 +84,28 @@ def submit_import(
     registry: Registry,
     *,
     tenant_id: int,
-    task_name: str,
     archive: bytes,
     example_prompts: Sequence[str],
     actor: str,
+    task_name: str | None = None,
+    user: str | None = None,
+    adapter: str | None = None,
     reason: str = "",
     queue: JobQueue | None = None,
     weight_bounds: WeightBounds | None = None,
     examples: Sequence[Mapping[str, Any]] = (),
 ) -> ImportSubmitted:
     """Check the archive's files (``check_archive_weights``; ``weight_bounds`` default ``WeightBounds()``), then
-    store it as a blob and queue its ``import`` job (the same archive for the same task while a job is active:
+    store it as a blob and queue its ``import`` job (the same archive for the same adapter while a job is active:
     that job, ``created`` False). A refused archive stores nothing. ``examples``: the import's evidence
     (``{"prompt", "expected"}`` objects, ``adapter_import.check_import_examples``), QA's holdout for it; without
-    them QA uses the task's feedback holdout, and with neither the version waits for a person (decision ``hold``)."""
-    name = validate_task_name(task_name)
-    return _submit(
-        db,
-        registry,
-        tenant_id=tenant_id,
-        target={"task": name},
-        archive=archive,
-        example_prompts=example_prompts,
-        actor=actor,
-        reason=reason,
-        queue=queue,
-        weight_bounds=weight_bounds,
-        examples=examples,
-    )
+    them QA uses the adapter's feedback holdout, and with neither the version waits for a person (decision
+    ``hold``).
 
-
-def submit_user_import(
-    db: Database,
-    registry: Registry,
-    *,
-    tenant_id: int,
-    user: str,
-    adapter: str,
-    archive: bytes,
-    example_prompts: Sequence[str],
-    actor: str,
-    reason: str = "",
-    queue: JobQueue | None = None,
-    weight_bounds: WeightBounds | None = None,
-    examples: Sequence[Mapping[str, Any]] = (),
-) -> ImportSubmitted:
-    """``submit_import`` for a user's own adapter ``adapter`` (created by the job when absent): the same checks,
-    the same job, QA as for the user's trained versions. The user is created on first sight, as by feedback,
-    but only once the archive passed the checks: a refusal changes nothing."""
-    external_id = validate_external_id(user)
-    name = validate_task_name(adapter)
-    return _submit(
-        db,
-        registry,
-        tenant_id=tenant_id,
-        target={"user": external_id, "adapter": name},
-        archive=archive,
-        example_prompts=example_prompts,
-        actor=actor,
-        reason=reason,
-        queue=queue,
-        weight_bounds=weight_bounds,
-        examples=examples,
-        before_queue=lambda: db.run(get_or_create_user_id, tenant_id=tenant_id, external_id=external_id),
-    )
-
-
-def _submit(
-    db: Database,
-    registry: Registry,
-    *,
-    tenant_id: int,
-    target: dict[str, str],
-    archive: bytes,
-    example_prompts: Sequence[str],
-    actor: str,
-    reason: str,
-    queue: JobQueue | None,
-    weight_bounds: WeightBounds | None,
-    examples: Sequence[Mapping[str, Any]],
-    before_queue: Callable[[], object] | None = None,
-) -> ImportSubmitted:
-    """Check, store the archive's blob, then (after ``before_queue``) queue the job for ``target``: ``{"task"}``
-    or ``{"user", "adapter"}`` (the payload's fields); one active job per archive and target."""
+    Where it goes: the task ``task_name``'s adapter, or the user ``user``'s own adapter ``adapter`` (both
+    created by the job when absent). A user is created on first sight, as by feedback, but only once the archive
+    passed the checks: a refusal changes nothing."""
+    target = _import_target(task_name, user, adapter)
     prompts = check_example_prompts(example_prompts)
     evidence = check_import_examples(examples)
     _check_archive(archive)
@@ -181,8 +120,8 @@ def _submit(
         reason=reason,
         examples=evidence,
     )
-    if before_queue is not None:
-        before_queue()
+    if payload.user is not None:
+        db.run(get_or_create_user_id, tenant_id=tenant_id, external_id=payload.user)
     # a task's key as it always was; a user's adapter's names the user too
     where = payload.task if payload.task is not None else f"user:{payload.user}:{payload.adapter}"
     result = (queue or JobQueue(db)).submit(
@@ -194,6 +133,15 @@ def _submit(
     )
     logger.info("import of %s into %s queued as job %d", ref.sha256[:12], payload.target, result.job.id)
     return ImportSubmitted(job=result.job, created=result.created, archive_sha256=ref.sha256)
+
+
+def _import_target(task_name: str | None, user: str | None, adapter: str | None) -> dict[str, str]:
+    """The payload fields naming where an import goes: ``{"task"}`` or ``{"user", "adapter"}``, validated."""
+    if task_name is not None and user is None and adapter is None:
+        return {"task": validate_task_name(task_name)}
+    if task_name is None and user is not None and adapter is not None:
+        return {"user": validate_external_id(user), "adapter": validate_task_name(adapter)}
+    raise ValidationError("an import names a task_name, or a user and their adapter")
 
 
 def import_weight_bounds(qa_policy: Mapping[str, Any] | None) -> WeightBounds:
@@ -279,5 +227,4 @@ __all__ = [
     "MAX_IMPORT_ARCHIVE_BYTES",
     "import_weight_bounds",
     "submit_import",
-    "submit_user_import",
 ]

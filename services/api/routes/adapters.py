@@ -19,7 +19,7 @@ from lorafleet.errors import ValidationError
 from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.registry.export import export_version
 from lorafleet.sdk import schemas as s
-from lorafleet.workflows.import_jobs import ImportSubmitted, import_weight_bounds, submit_user_import
+from lorafleet.workflows.import_jobs import ImportSubmitted, import_weight_bounds, submit_import
 from lorafleet.workflows.live_alias import promote_manually, versions_qa
 from services.api import convert
 from services.api.deps import (
@@ -189,13 +189,13 @@ def import_adapter(
     args = import_args(services, tenant, body)
 
     def submit() -> s.TaskImportSubmitted:
-        return import_submitted(submit_user_import(**args, user=user_id, adapter=name))
+        return import_submitted(submit_import(**args, user=user_id, adapter=name))
 
     return call.run(submit, body=body, status_code=202)
 
 
 def import_args(services: ApiServices, tenant: Tenant, body: s.TaskImportRequest) -> dict[str, Any]:
-    """What an import request (a user's or a task's) passes to ``submit_import`` / ``submit_user_import``: the
+    """What an import request (a user's or a task's) passes to ``submit_import``: the
     archive (422 naming ``archive_base64`` when it is not base64), prompts, evidence, actor, reason, bounds."""
     try:
         archive = base64.b64decode(body.archive_base64, validate=True)
