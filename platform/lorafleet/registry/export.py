@@ -73,7 +73,7 @@ def export_version(
     check_exportable(version)
     filename = export_filename(adapter_name, version.number)
     folder_name = filename.removesuffix(".tar.gz")
-    with tempfile.TemporaryDirectory(prefix="lorafleet-export-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".lorafleet-export-", dir=dest_dir) as tmp:  # beside the result
         folder = registry.fetch_version(version=version, dest_dir=Path(tmp) / folder_name)
         config = read_adapter_config(folder / CONFIG_FILE)
         config["base_model_name_or_path"] = peft_base_name(backbone)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import shutil
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
+from contextlib import ExitStack
 from typing import Any
 
 from fastapi import APIRouter
@@ -21,6 +19,7 @@ from lorafleet.registry.export import export_version
 from lorafleet.sdk import schemas as s
 from lorafleet.workflows.import_jobs import ImportSubmitted, import_weight_bounds, submit_import
 from lorafleet.workflows.live_alias import promote_manually, versions_qa
+from lorafleet.workflows.workdirs import owned_tempdir
 from services.api import convert
 from services.api.deps import (
     AdapterName,
@@ -120,17 +119,19 @@ def download_version(services: Services, adapter: UserAdapter, n: VersionNumber)
     ``X-Lorafleet-Version-Sha256``: the sha256 of the version's stored blob (as in its metadata);
     ``X-Lorafleet-Archive-Sha256``: the sha256 of this download. 404: no such version; 409: a corrupt one."""
     version = services.registry.get_version(tenant_id=adapter.tenant_id, adapter_id=adapter.id, number=n)
-    work = Path(tempfile.mkdtemp(prefix="lorafleet-download-"))
+    # the archive's folder lives until the answer is sent (a crashed process's is swept at the next start)
+    work = ExitStack()
+    folder = work.enter_context(owned_tempdir("lorafleet-export-"))
     try:
         exported = export_version(
             services.registry,
             version=version,
             adapter_name=adapter.name,
             backbone=services.settings.backbone,
-            dest_dir=work,
+            dest_dir=folder,
         )
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        work.close()
         raise
     return FileResponse(
         exported.path,
@@ -140,7 +141,7 @@ def download_version(services: Services, adapter: UserAdapter, n: VersionNumber)
             VERSION_SHA256_HEADER: exported.version_sha256,
             ARCHIVE_SHA256_HEADER: exported.archive_sha256,
         },
-        background=BackgroundTask(shutil.rmtree, work, ignore_errors=True),
+        background=BackgroundTask(work.close),
     )
 
 
