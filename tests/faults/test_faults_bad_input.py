@@ -44,11 +44,18 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/v1/tenants/{tenant_name}/keys/{key_id}/revoke"): None,
     ("POST", "/v1/admin/verify"): {"repair": False},
     ("GET", "/v1/users/{user_id}/feedback"): None,
+    ("GET", "/v1/users/{user_id}/feedback/export"): None,
     ("POST", "/v1/users/{user_id}/feedback"): {"records": [sft("probe")]},
     ("GET", "/v1/users/{user_id}/adapters"): None,
     ("GET", "/v1/users/{user_id}/adapters/{name}/versions"): None,
     ("GET", "/v1/users/{user_id}/adapters/{name}/versions/{n}"): None,
     ("GET", "/v1/users/{user_id}/adapters/{name}/versions/{n}/lineage"): None,
+    ("GET", "/v1/users/{user_id}/adapters/{name}/versions/{n}/download"): None,
+    ("POST", "/v1/users/{user_id}/adapters/{name}/import"): {
+        "archive_base64": "",
+        "example_prompts": ["Hi"],
+        "reason": "probe",
+    },
     ("GET", "/v1/users/{user_id}/adapters/{name}/history"): None,
     ("POST", "/v1/users/{user_id}/adapters/{name}/promote"): {"version": 1, "reason": "probe"},
     ("POST", "/v1/users/{user_id}/adapters/{name}/rollback"): {"to_version": 1, "reason": "probe"},
@@ -63,12 +70,14 @@ BODIES: dict[tuple[str, str], Any] = {
     ("GET", "/v1/models"): None,
     ("POST", "/v1/tasks/{task}/feedback"): {"records": [sft("task probe")]},
     ("GET", "/v1/tasks/{task}/feedback"): None,
+    ("GET", "/v1/tasks/{task}/feedback/export"): None,
     ("POST", "/v1/tasks/{task}/import"): {"archive_base64": "", "example_prompts": ["Hi"], "reason": "probe"},
     ("POST", "/v1/tasks/{task}/train"): None,
     ("GET", "/v1/tasks/{task}/enrolments"): None,
     ("GET", "/v1/tasks/{task}/versions"): None,
     ("GET", "/v1/tasks/{task}/versions/{n}"): None,
     ("GET", "/v1/tasks/{task}/versions/{n}/lineage"): None,
+    ("GET", "/v1/tasks/{task}/versions/{n}/download"): None,
     ("GET", "/v1/tasks/{task}/history"): None,
     ("POST", "/v1/tasks/{task}/promote"): {"version": 1, "reason": "probe"},
     ("POST", "/v1/tasks/{task}/rollback"): {"to_version": 1, "reason": "probe"},
@@ -232,7 +241,7 @@ def _request(http: httpx.Client, world: World, method: str, path: str, probe: Pr
     values = world.values()
     query: dict[str, Any] = {}
     body = BODIES[(method, path)]
-    if (method, path) == ("POST", "/v1/tasks/{task}/import"):
+    if path.endswith("/import"):  # a task's or a user's: a real archive, so the probe reaches the checks
         body = {**body, "archive_base64": world.archive_b64}
     if probe is not None and probe.where == "path":
         values[probe.field] = str(probe.value)

@@ -186,11 +186,15 @@ class QAResult(_Result):
 
 # --- import -------------------------------------------------------------------------------------------------
 class ImportPayload(_Payload):
-    """A PEFT archive (stored as a blob) to import as a version of a task adapter."""
+    """A PEFT archive (stored as a blob) to import as a version of a task adapter (``task``), or of a user's
+    own adapter (``user`` and ``adapter``; ``task`` is then None)."""
 
     job_kind: ClassVar[JobKind] = JobKind.IMPORT
 
-    task: str
+    task: str | None = None
+    #: a user's own adapter: the user's external id and the adapter's name
+    user: str | None = None
+    adapter: str | None = None
     archive_sha256: str
     archive_size: int
     example_prompts: list[str]
@@ -199,13 +203,36 @@ class ImportPayload(_Payload):
     #: the import's evidence: ``{"prompt", "expected"}`` objects QA answers as the version's holdout
     examples: list[dict[str, str]] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _one_target(self) -> Self:
+        if (self.task is None) == (self.user is None) or (self.user is None) != (self.adapter is None):
+            raise ValueError("an import names a task, or a user and their adapter")
+        return self
+
+    @property
+    def adapter_name(self) -> str:
+        """The name of the adapter the import adds a version to (the task's, or the user's adapter's)."""
+        name = self.task if self.task is not None else self.adapter
+        assert name is not None
+        return name
+
+    @property
+    def target(self) -> str:
+        """How logs name where the import goes: ``task 'x'`` or ``adapter 'a' of user 'u'``."""
+        return (
+            f"task {self.task!r}"
+            if self.task is not None
+            else f"adapter {self.adapter!r} of user {self.user!r}"
+        )
+
     def to_json(self) -> dict[str, Any]:
-        data = super().to_json()
-        if not data[
-            "examples"
-        ]:  # an import without evidence keeps the payload it had before examples existed
-            del data["examples"]
-        return data
+        # a task import, and one without evidence, keep the payload they had before users and examples
+        return _without_empty(super().to_json(), "examples", "task", "user", "adapter")
+
+
+def _without_empty(data: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """``data`` without those of ``keys`` whose value is None or empty."""
+    return {k: v for k, v in data.items() if not (k in keys and v in (None, [], {}))}
 
 
 class ImportResult(_Result):
@@ -213,7 +240,9 @@ class ImportResult(_Result):
 
     job_kind: ClassVar[JobKind] = JobKind.IMPORT
 
-    task: str
+    task: str | None = None
+    user: str | None = None
+    adapter: str | None = None
     adapter_id: int
     version_id: int
     number: int
@@ -222,10 +251,7 @@ class ImportResult(_Result):
     qa_job: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        data = self.model_dump(mode="json")
-        if data["qa_job"] is None:
-            del data["qa_job"]
-        return data
+        return _without_empty(self.model_dump(mode="json"), "qa_job", "task", "user", "adapter")
 
 
 #: each job kind's payload model

@@ -108,6 +108,22 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     verify.set_defaults(handler=_admin("verify"))
 
 
+def _add_export_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write a version as a PEFT folder archive (.tar.gz), or a user's or task's feedback as JSON Lines",
+    )
+    export.add_argument("--tenant", required=True, help="tenant name")
+    export.add_argument("--user", default=None, help="the user's external id")
+    export.add_argument("--task", default=None, help="a shared task's name (instead of --user)")
+    export.add_argument("--adapter", default="personal", help="the user's adapter (default personal)")
+    what = export.add_mutually_exclusive_group(required=True)
+    what.add_argument("--version", type=int, help="the version number to write as <adapter>-v<n>.tar.gz")
+    what.add_argument("--feedback", action="store_true", help="write every record as <id>-feedback.jsonl")
+    export.add_argument("--out", required=True, help="folder to write into (created if needed)")
+    export.set_defaults(handler=_lazy("export", "export_command"))
+
+
 def _add_promote_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reason", required=True)
     p.add_argument(
@@ -224,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_admin("qa_report"))
 
     _add_admin_commands(sub)
+    _add_export_command(sub)
     _add_job_commands(sub)
     _add_task_commands(sub)
     _add_training_config_commands(sub)

@@ -47,6 +47,8 @@ class Call(Generic[T]):
     retry_after_send: bool = True
     #: error statuses whose body is still the answer (``/readyz`` answers 503 with its report)
     ok_statuses: frozenset[int] = frozenset()
+    #: a binary answer: its body is written to this file (``parse`` gets the ``DownloadedFile`` fields)
+    save_to: Path | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -129,6 +131,11 @@ def _move_live(path: str, action: str, body: BaseModel, idempotency_key: str | N
     return Call("POST", f"{path}/{action}", _parser(s.AliasEventOut), body=body_json, idempotency_key=key)
 
 
+def _download(path: str, dest: str | Path) -> Call[s.DownloadedFile]:
+    """A GET whose body is written to ``dest`` (a partial file renamed into place once complete)."""
+    return Call("GET", path, _parser(s.DownloadedFile), save_to=Path(dest))
+
+
 def _train(path: str, training: Overrides | None, idempotency_key: str | None) -> Call[s.TrainSubmitted]:
     body, key = _train_body(training), _key(idempotency_key)
     return Call("POST", f"{path}/train", _parser(s.TrainSubmitted), body=body, idempotency_key=key)
@@ -150,6 +157,12 @@ def list_feedback(
 
 
 # --- adapters ---------------------------------------------------------------------------------------------------
+def export_feedback(user: str, path: str | Path) -> Call[s.DownloadedFile]:
+    """Write all of the user's records to ``path`` as JSON Lines, oldest first (one record per line, in the
+    shape ``list_feedback`` returns)."""
+    return _download(f"{_user(user)}/feedback/export", path)
+
+
 def list_adapters(user: str) -> Call[list[s.AdapterOut]]:
     return Call("GET", f"{_user(user)}/adapters", _parser(list[s.AdapterOut]))
 
@@ -164,6 +177,28 @@ def get_version(user: str, adapter: str, number: int, *, qa_document: bool = Fal
 
 def lineage(user: str, adapter: str, number: int, *, depth: int | None = None) -> Call[s.LineageOut]:
     return _lineage(_adapter(user, adapter), number, depth)
+
+
+def download_version(user: str, adapter: str, number: int, path: str | Path) -> Call[s.DownloadedFile]:
+    """Write the version as a PEFT folder archive (``.tar.gz``) to ``path``; unpacked, it loads with
+    ``AutoPeftModelForCausalLM.from_pretrained`` (``docs/data-rights.md``) and imports back into lorafleet."""
+    return _download(f"{_adapter(user, adapter)}/versions/{int(number)}/download", path)
+
+
+def import_adapter(
+    user: str,
+    adapter: str,
+    source: str | Path | bytes,
+    example_prompts: Sequence[str],
+    *,
+    reason: str = "",
+    examples: Sequence[tuple[str, str]] | None = None,
+    idempotency_key: str | None = None,
+) -> Call[s.TaskImportSubmitted]:
+    """Import the user's own PEFT adapter (a folder, a .tar/.tar.gz/.zip file such as ``download_version``
+    writes, or its bytes) as a candidate version of their adapter ``adapter`` (created when absent), with the
+    checks and QA of ``import_task_adapter``; returns the ``import`` job (``wait_for_job`` it)."""
+    return _import(_adapter(user, adapter), source, example_prompts, reason, examples, idempotency_key)
 
 
 def alias_history(user: str, adapter: str) -> Call[list[s.AliasEventOut]]:
@@ -290,6 +325,17 @@ def import_task_adapter(
     the task; returns the ``import`` job (``wait_for_job`` it). QA then decides as for a trained version.
     ``examples``: ``(prompt, expected)`` pairs, QA's evidence for the version (without them, and without task
     feedback, QA holds it for a promote with force)."""
+    return _import(_task(task), source, example_prompts, reason, examples, idempotency_key)
+
+
+def _import(
+    path: str,
+    source: str | Path | bytes,
+    example_prompts: Sequence[str],
+    reason: str,
+    examples: Sequence[tuple[str, str]] | None,
+    idempotency_key: str | None,
+) -> Call[s.TaskImportSubmitted]:
     archive = adapter_archive(source)
     body: dict[str, Any] = {
         "archive_base64": base64.b64encode(archive).decode("ascii"),
@@ -300,11 +346,21 @@ def import_task_adapter(
         body["examples"] = [{"prompt": prompt, "expected": expected} for prompt, expected in examples]
     return Call(
         "POST",
-        f"{_task(task)}/import",
+        f"{path}/import",
         _parser(s.TaskImportSubmitted),
         body=body,
         idempotency_key=_key(idempotency_key),
     )
+
+
+def export_task_feedback(task: str, path: str | Path) -> Call[s.DownloadedFile]:
+    """Write all of the task's records to ``path`` as JSON Lines, oldest first."""
+    return _download(f"{_task(task)}/feedback/export", path)
+
+
+def download_task_version(task: str, number: int, path: str | Path) -> Call[s.DownloadedFile]:
+    """Write the task version as a PEFT folder archive (``.tar.gz``) to ``path``, as ``download_version``."""
+    return _download(f"{_task(task)}/versions/{int(number)}/download", path)
 
 
 def train_task(

@@ -25,9 +25,11 @@ from lorafleet.sdk.errors import JobTimeout
 from lorafleet.sdk.transport import DONE as _DONE
 from lorafleet.sdk.transport import (
     ClientBase,
+    FileSink,
     Retry,
     RetryPolicy,
     answer,
+    connection_failed,
     headers_for,
     request_args,
     sse_event,
@@ -125,12 +127,15 @@ class _Calls:
     # --- feedback -------------------------------------------------------------------------------------------
     submit_feedback = _Endpoint(c.submit_feedback)
     list_feedback = _Endpoint(c.list_feedback)
+    export_feedback = _Endpoint(c.export_feedback)
 
     # --- adapters -------------------------------------------------------------------------------------------
     list_adapters = _Endpoint(c.list_adapters)
     list_versions = _Endpoint(c.list_versions)
     get_version = _Endpoint(c.get_version)
     lineage = _Endpoint(c.lineage)
+    download_version = _Endpoint(c.download_version)
+    import_adapter = _Endpoint(c.import_adapter)
     alias_history = _Endpoint(c.alias_history)
     promote = _Endpoint(c.promote)
     rollback = _Endpoint(c.rollback)
@@ -154,6 +159,8 @@ class _Calls:
     list_tasks = _Endpoint(c.list_tasks)
     submit_task_feedback = _Endpoint(c.submit_task_feedback)
     list_task_feedback = _Endpoint(c.list_task_feedback)
+    export_task_feedback = _Endpoint(c.export_task_feedback)
+    download_task_version = _Endpoint(c.download_task_version)
     import_task_adapter = _Endpoint(c.import_task_adapter)
     train_task = _Endpoint(c.train_task)
     task_enrolments = _Endpoint(c.task_enrolments)
@@ -202,6 +209,8 @@ class Client(ClientBase, _Calls):
         )
 
     def _run(self, call: c.Call[T]) -> T:
+        if call.save_to is not None:
+            return self._save(call)
         attempt = 0
         while True:
             sent: httpx.Response | httpx.TransportError
@@ -214,6 +223,24 @@ class Client(ClientBase, _Calls):
                 return outcome
             time.sleep(outcome.seconds)
             attempt += 1
+
+    def _save(self, call: c.Call[T]) -> T:
+        """A binary answer written to ``call.save_to`` (``FileSink``); one attempt, an error answer raises."""
+        try:
+            with self._http.stream(call.method, call.path, **request_args(call)) as response:
+                if not response.is_success:
+                    response.read()
+                    answer(call, response)  # raises the typed error
+                sink = FileSink(call)
+                try:
+                    for chunk in response.iter_bytes():
+                        sink.write(chunk)
+                except BaseException:
+                    sink.abort()
+                    raise
+                return sink.finish(response.headers)  # type: ignore[no-any-return]
+        except httpx.TransportError as exc:
+            raise connection_failed(call, exc) from exc
 
     def _stream(self, call: c.Call[T]) -> Iterator[T]:
         with self._http.stream(call.method, call.path, **request_args(call)) as response:
@@ -274,6 +301,8 @@ class AsyncClient(ClientBase, _Calls):
         )
 
     async def _run(self, call: c.Call[T]) -> T:
+        if call.save_to is not None:
+            return await self._save(call)
         attempt = 0
         while True:
             sent: httpx.Response | httpx.TransportError
@@ -286,6 +315,23 @@ class AsyncClient(ClientBase, _Calls):
                 return outcome
             await asyncio.sleep(outcome.seconds)
             attempt += 1
+
+    async def _save(self, call: c.Call[T]) -> T:
+        try:
+            async with self._http.stream(call.method, call.path, **request_args(call)) as response:
+                if not response.is_success:
+                    await response.aread()
+                    answer(call, response)  # raises the typed error
+                sink = FileSink(call)
+                try:
+                    async for chunk in response.aiter_bytes():
+                        sink.write(chunk)
+                except BaseException:
+                    sink.abort()
+                    raise
+                return sink.finish(response.headers)  # type: ignore[no-any-return]
+        except httpx.TransportError as exc:
+            raise connection_failed(call, exc) from exc
 
     async def _stream(self, call: c.Call[T]) -> AsyncIterator[T]:
         async with self._http.stream(call.method, call.path, **request_args(call)) as response:

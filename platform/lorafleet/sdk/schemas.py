@@ -56,6 +56,7 @@ __all__ = [
     "ApiKeyCreated",
     "ApiKeyOut",
     "ChatChoice",
+    "DownloadedFile",
     "ChatChunkChoice",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
@@ -501,6 +502,17 @@ class TaskImportSubmitted(_Out):
     job: JobOut
     created: bool
     archive_sha256: str
+
+
+class DownloadedFile(_Out):
+    """A file the client wrote (a version's PEFT archive, a feedback export): where, how large, its sha256 (as
+    written, checked against the service's ``X-Lorafleet-Archive-Sha256`` when it sent one) and, for a version,
+    the sha256 of the version's stored blob (``X-Lorafleet-Version-Sha256``, as in its metadata)."""
+
+    path: str
+    size_bytes: int
+    sha256: str
+    version_sha256: str | None = None
 
 
 class TaskEnrolledOut(_Out):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -104,6 +109,50 @@ def request_args(call: c.Call[Any]) -> dict[str, Any]:
     if call.body is not None:
         args["json"] = call.body
     return args
+
+
+#: headers of a version download: the stored blob's sha256, and the sha256 of the download itself
+VERSION_SHA256_HEADER = "x-lorafleet-version-sha256"
+ARCHIVE_SHA256_HEADER = "x-lorafleet-archive-sha256"
+
+
+class FileSink:
+    """Where a binary answer (``call.save_to``) is written: a partial file beside the destination, renamed into
+    place by ``finish`` once complete and matching the sha256 the service sent; ``abort`` removes it."""
+
+    def __init__(self, call: c.Call[T]) -> None:
+        if call.save_to is None:
+            raise ValueError("the call saves no file")
+        self.call, self.dest = call, Path(call.save_to)
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = self.dest.with_name(f".{self.dest.name}.partial")
+        self._file = self.partial.open("wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    def abort(self) -> None:
+        self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.partial.unlink()
+
+    def finish(self, headers: Mapping[str, str]) -> Any:
+        self._file.close()
+        digest = self._hash.hexdigest()
+        expected = headers.get(ARCHIVE_SHA256_HEADER)
+        if expected is not None and expected != digest:
+            self.abort()
+            raise ApiError(
+                f"{self.call.path}: the download's sha256 {digest} is not the {expected} the service sent",
+                code="integrity_error",
+            )
+        os.replace(self.partial, self.dest)
+        fields = {"path": str(self.dest), "size_bytes": self.size, "sha256": digest}
+        return self.call.parse({**fields, "version_sha256": headers.get(VERSION_SHA256_HEADER)})
 
 
 @dataclass(frozen=True)

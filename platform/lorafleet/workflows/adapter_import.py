@@ -1,4 +1,5 @@
-"""Importing an existing PEFT adapter (a folder or an archive) as a new version of a tenant's task adapter.
+"""Importing an existing PEFT adapter (a folder or an archive) as a new version of a tenant's task adapter, or of
+a user's own adapter (``owner_user_id``).
 
 An import goes through every check a trained adapter gets, and all of them run before anything is written: the
 archive is unpacked safely (no absolute paths, no ``..``, no links or devices, capped size and entry count),
@@ -70,7 +71,8 @@ class PreparedImport:
     """An adapter that passed every check, staged under the caller's ``work_dir`` and ready to register."""
 
     tenant_id: int
-    task_name: str
+    #: the task's name, or (with ``owner_user_id``) the name of the user's own adapter
+    adapter_name: str
     #: the staged PEFT folder (the backbone fingerprint in its metadata); its blob is already stored
     folder: Path
     base_fingerprint: str
@@ -78,8 +80,10 @@ class PreparedImport:
     source_sha256: str
     routing_key: tuple[float, ...]
     training_config: dict[str, Any]
-    #: used only when the task adapter does not exist yet
+    #: used only when the adapter does not exist yet
     target_config: dict[str, Any]
+    #: the user whose own adapter ``adapter_name`` is; None: a task adapter
+    owner_user_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -108,9 +112,11 @@ def import_peft_adapter(
     max_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
     weight_bounds: WeightBounds | None = None,
     examples: Sequence[Mapping[str, Any]] = (),
+    owner_user_id: int | None = None,
 ) -> ImportedAdapter:
-    """Register a PEFT folder or archive (.tar, .tar.gz/.tgz, .zip) as a ``candidate`` version of a task adapter:
-    ``prepare_import`` then ``register_import`` (see both), with a temporary work folder."""
+    """Register a PEFT folder or archive (.tar, .tar.gz/.tgz, .zip) as a ``candidate`` version of a task adapter
+    (or, with ``owner_user_id``, of that user's adapter ``task_name``): ``prepare_import`` then
+    ``register_import`` (see both), with a temporary work folder."""
     with owned_tempdir("lorafleet-import-") as tmp:
         prepared = prepare_import(
             registry,
@@ -126,6 +132,7 @@ def import_peft_adapter(
             max_bytes=max_bytes,
             weight_bounds=weight_bounds,
             examples=examples,
+            owner_user_id=owner_user_id,
         )
         return register_import(registry, prepared)
 
@@ -145,9 +152,11 @@ def prepare_import(
     max_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
     weight_bounds: WeightBounds | None = None,
     examples: Sequence[Mapping[str, Any]] = (),
+    owner_user_id: int | None = None,
 ) -> PreparedImport:
     """Run every check of an import and stage the adapter under ``work_dir`` (new or empty; keep it until
-    ``register_import`` returns). Writes no row; a refusal writes nothing at all.
+    ``register_import`` returns). Writes no row; a refusal writes nothing at all. ``task_name`` names the task,
+    or with ``owner_user_id`` the user's own adapter (the same rules for the name).
 
     ``bank`` (on ``backbone``) lends one free slot for the shape check, which is evicted again (the caller keeps
     other users of the bank out meanwhile). ``max_bytes`` caps the archive and what it unpacks to (or the
@@ -189,16 +198,24 @@ def prepare_import(
     _check_json(training_config=training_config, target_config=target)
     registry.put_adapter_blob(adapter_dir=files.directory)
     return PreparedImport(
-        tenant_id, name, files.directory, fingerprint, source_sha256, key, training_config, target
+        tenant_id,
+        name,
+        files.directory,
+        fingerprint,
+        source_sha256,
+        key,
+        training_config,
+        target,
+        owner_user_id,
     )
 
 
 def register_import(
     registry: Registry, prepared: PreparedImport, *, job_id: int | None = None
 ) -> ImportedAdapter:
-    """Register a prepared import as the task's next ``candidate`` version (QA decides promotion).
+    """Register a prepared import as the adapter's next ``candidate`` version (QA decides promotion).
 
-    The task adapter row is created when absent (committed on its own, before the version). The new version's
+    The adapter row (the task's, or the owner user's) is created when absent (committed on its own, before the version). The new version's
     parent (relation "imported") is the task's live version, else its newest version, else none: lineage shows
     what the import replaces. Inside an open transaction (``Database.unit_of_work``) the version row is inserted
     in it and commits with it. With ``job_id`` a second registration for
@@ -206,8 +223,8 @@ def register_import(
     """
     adapter = registry.get_or_create_adapter(
         tenant_id=prepared.tenant_id,
-        owner_user_id=None,
-        name=prepared.task_name,
+        owner_user_id=prepared.owner_user_id,
+        name=prepared.adapter_name,
         target_config=prepared.target_config,
     )
     tenant_id = prepared.tenant_id

@@ -3,7 +3,7 @@ nothing. The API's feedback routes, the CLI and the tests call these."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from lorafleet.domain import FeedbackRecord
@@ -40,6 +40,26 @@ def list_feedback(
     return feedback_store.list_feedback(
         db, tenant_id=tenant_id, external_id=user_external_id, after_id=after_id, limit=limit
     )
+
+
+#: records read per query when a subject's feedback is exported
+EXPORT_PAGE = 500
+#: one page of a subject's records after an id (``None``: from the first)
+FeedbackPage = Callable[[int | None], list[FeedbackRecord]]
+
+
+def all_feedback(page: FeedbackPage) -> Iterator[FeedbackRecord]:
+    """Every record ``page`` reaches, oldest first, one page at a time (the export of a user's or a task's
+    feedback). The first page is read at once, so that an unknown subject fails before anything is yielded."""
+    records = page(None)
+
+    def pages() -> Iterator[FeedbackRecord]:
+        current = records
+        while current:
+            yield from current
+            current = page(current[-1].id)
+
+    return pages()
 
 
 def users_with_new_feedback(

@@ -1,4 +1,5 @@
-"""``import`` jobs: registering an existing PEFT adapter as a version of a shared task adapter, on a trainer.
+"""``import`` jobs: registering an existing PEFT adapter as a version of a shared task adapter, or of a user's own
+adapter (``submit_import`` with ``user`` and ``adapter``), on a trainer.
 
 Why a job and not the API process: the checks need the backbone (shapes against its layers, a load into a bank
 slot, the routing key from the example prompts' embeddings), and the trainer actors already hold it. So the API
@@ -29,11 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 from lorafleet.domain import Job, JobKind, PromoteRule
 from lorafleet.domain.jobs import ImportPayload, ImportResult
-from lorafleet.errors import PayloadTooLargeError, ValidationError
+from lorafleet.errors import NotFoundError, PayloadTooLargeError, ValidationError
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.registry.archive import archive_kind
 from lorafleet.registry.weight_sanity import WeightBounds
+from lorafleet.store.sql.tenants import get_or_create_user_id, user_id_of, validate_external_id
 from lorafleet.workflows.adapter_import import (
     check_archive_weights,
     check_example_prompts,
@@ -82,44 +84,64 @@ def submit_import(
     registry: Registry,
     *,
     tenant_id: int,
-    task_name: str,
     archive: bytes,
     example_prompts: Sequence[str],
     actor: str,
+    task_name: str | None = None,
+    user: str | None = None,
+    adapter: str | None = None,
     reason: str = "",
     queue: JobQueue | None = None,
     weight_bounds: WeightBounds | None = None,
     examples: Sequence[Mapping[str, Any]] = (),
 ) -> ImportSubmitted:
     """Check the archive's files (``check_archive_weights``; ``weight_bounds`` default ``WeightBounds()``), then
-    store it as a blob and queue its ``import`` job (the same archive for the same task while a job is active:
+    store it as a blob and queue its ``import`` job (the same archive for the same adapter while a job is active:
     that job, ``created`` False). A refused archive stores nothing. ``examples``: the import's evidence
     (``{"prompt", "expected"}`` objects, ``adapter_import.check_import_examples``), QA's holdout for it; without
-    them QA uses the task's feedback holdout, and with neither the version waits for a person (decision ``hold``)."""
-    name = validate_task_name(task_name)
+    them QA uses the adapter's feedback holdout, and with neither the version waits for a person (decision
+    ``hold``).
+
+    Where it goes: the task ``task_name``'s adapter, or the user ``user``'s own adapter ``adapter`` (both
+    created by the job when absent). A user is created on first sight, as by feedback, but only once the archive
+    passed the checks: a refusal changes nothing."""
+    target = _import_target(task_name, user, adapter)
     prompts = check_example_prompts(example_prompts)
     evidence = check_import_examples(examples)
     _check_archive(archive)
     check_archive_weights(archive, weight_bounds=weight_bounds, max_bytes=MAX_IMPORT_ARCHIVE_BYTES)
     ref = registry.blobs.put_bytes(archive)
     payload = ImportPayload(
-        task=name,
+        **target,
         archive_sha256=ref.sha256,
         archive_size=ref.size,
         example_prompts=prompts,
         actor=actor,
         reason=reason,
         examples=evidence,
-    ).to_json()
+    )
+    if payload.user is not None:
+        db.run(get_or_create_user_id, tenant_id=tenant_id, external_id=payload.user)
+    # a task's key as it always was; a user's adapter's names the user too
+    where = payload.task if payload.task is not None else f"user:{payload.user}:{payload.adapter}"
     result = (queue or JobQueue(db)).submit(
         tenant_id=tenant_id,
         kind=IMPORT_JOB_KIND,
-        payload=payload,
-        dedupe_key=f"import:{tenant_id}:{ref.sha256}:{name}"[:256],
+        payload=payload.to_json(),
+        dedupe_key=f"import:{tenant_id}:{ref.sha256}:{where}"[:256],
         max_attempts=IMPORT_MAX_ATTEMPTS,
     )
-    logger.info("import of %s into task %r queued as job %d", ref.sha256[:12], name, result.job.id)
+    logger.info("import of %s into %s queued as job %d", ref.sha256[:12], payload.target, result.job.id)
     return ImportSubmitted(job=result.job, created=result.created, archive_sha256=ref.sha256)
+
+
+def _import_target(task_name: str | None, user: str | None, adapter: str | None) -> dict[str, str]:
+    """The payload fields naming where an import goes: ``{"task"}`` or ``{"user", "adapter"}``, validated."""
+    if task_name is not None and user is None and adapter is None:
+        return {"task": validate_task_name(task_name)}
+    if task_name is None and user is not None and adapter is not None:
+        return {"user": validate_external_id(user), "adapter": validate_task_name(adapter)}
+    raise ValidationError("an import names a task_name, or a user and their adapter")
 
 
 def import_weight_bounds(qa_policy: Mapping[str, Any] | None) -> WeightBounds:
@@ -151,13 +173,18 @@ class ImportRunner:
         if job.tenant_id is None:
             raise ValidationError(f"import job {job.id} has no tenant")
         p = ImportPayload.parse(job.payload)
+        owner_user_id = None
+        if p.user is not None:  # a user's own adapter: the user must still exist
+            owner_user_id = self.db.run(user_id_of, tenant_id=job.tenant_id, external_id=p.user)
+            if owner_user_id is None:
+                raise NotFoundError(f"user {p.user!r} not found")
         with owned_tempdir(f"lorafleet-import-{job.id}-", dir=self.work_dir) as tmp:
             archive = Path(tmp) / "upload"  # the unpacker reads the kind from the bytes
             self.registry.blobs.download(p.archive_sha256, archive, expected_size=p.archive_size)
             prepared = prepare_import(
                 self.registry,
                 tenant_id=job.tenant_id,
-                task_name=p.task,
+                task_name=p.adapter_name,
                 source=archive,
                 example_prompts=p.example_prompts,
                 backbone=self.backbone,
@@ -166,6 +193,7 @@ class ImportRunner:
                 work_dir=Path(tmp) / "work",
                 weight_bounds=self.weight_bounds,
                 examples=p.examples,
+                owner_user_id=owner_user_id,
             )
             lease.check()
             imported = register_import(self.registry, prepared, job_id=job.id)
@@ -178,6 +206,8 @@ class ImportRunner:
                 )
                 result = ImportResult(
                     task=p.task,
+                    user=p.user,
+                    adapter=p.adapter,
                     adapter_id=imported.adapter.id,
                     version_id=imported.version.id,
                     number=imported.version.number,
@@ -186,7 +216,7 @@ class ImportRunner:
                     qa_job=qa_jobs[0] if qa_jobs else None,
                 ).to_json()
                 fence.succeed(result)
-        logger.info("job %d: imported task %r as version %d", job.id, p.task, imported.version.number)
+        logger.info("job %d: imported %s as version %d", job.id, p.target, imported.version.number)
         return result
 
 

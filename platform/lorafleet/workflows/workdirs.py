@@ -26,7 +26,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 #: the scratch folders the sweep looks at (train jobs, and imports: jobs and the CLI's)
-SWEPT_PREFIXES = ("lorafleet-job-", "lorafleet-import-")
+SWEPT_PREFIXES = ("lorafleet-job-", "lorafleet-import-", "lorafleet-export-")
 OWNER_FILE = ".owner"
 _PID = re.compile(r"-pid(\d+)-")
 

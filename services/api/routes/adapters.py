@@ -2,22 +2,49 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.background import BackgroundTask
 
 from lorafleet.domain import Adapter, AliasEvent, Tenant
+from lorafleet.errors import ValidationError
 from lorafleet.qa.reports import load_report, reports_for_version
+from lorafleet.registry.export import export_version
 from lorafleet.sdk import schemas as s
+from lorafleet.workflows.import_jobs import ImportSubmitted, import_weight_bounds, submit_import
 from lorafleet.workflows.live_alias import promote_manually, versions_qa
+from lorafleet.workflows.workdirs import owned_tempdir
 from services.api import convert
-from services.api.deps import CurrentUser, LineageDepth, QADocument, Services, UserAdapter, VersionNumber
+from services.api.deps import (
+    AdapterName,
+    CurrentTenant,
+    CurrentUser,
+    LineageDepth,
+    QADocument,
+    Services,
+    UserAdapter,
+    UserId,
+    VersionNumber,
+)
 from services.api.idempotency import Idempotent, IdempotentCall
 from services.api.runtime import ApiServices
 
 router = APIRouter(prefix="/v1/users/{user_id}/adapters", tags=["adapters"])
+#: the sha256 of the version's stored blob (the registry's uncompressed tar of the two PEFT files)
+VERSION_SHA256_HEADER = "X-Lorafleet-Version-Sha256"
+#: the sha256 of the downloaded ``.tar.gz`` itself
+ARCHIVE_SHA256_HEADER = "X-Lorafleet-Archive-Sha256"
+DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/gzip": {}}, "description": "The PEFT folder as a .tar.gz"},
+    404: {"description": "No such adapter or version"},
+    409: {"description": "The version is marked corrupt"},
+}
 
 
 def actor_of(tenant: Tenant) -> str:
@@ -83,6 +110,41 @@ def get_version(
     )
 
 
+@router.get("/{name}/versions/{n}/download", response_class=FileResponse, responses=DOWNLOAD_RESPONSES)
+def download_version(services: Services, adapter: UserAdapter, n: VersionNumber) -> FileResponse:
+    """The version as a PEFT folder archive (``<adapter>-v<n>.tar.gz`` holding ``<adapter>-v<n>/`` with
+    ``adapter_config.json``, ``adapter_model.safetensors`` and ``lorafleet_export.json``) that
+    ``AutoPeftModelForCausalLM.from_pretrained`` loads once unpacked; ``base_model_name_or_path`` names a base PEFT
+    accepts (``docs/data-rights.md``). The stored blob is verified against its sha256 first.
+    ``X-Lorafleet-Version-Sha256``: the sha256 of the version's stored blob (as in its metadata);
+    ``X-Lorafleet-Archive-Sha256``: the sha256 of this download. 404: no such version; 409: a corrupt one."""
+    version = services.registry.get_version(tenant_id=adapter.tenant_id, adapter_id=adapter.id, number=n)
+    # the archive's folder lives until the answer is sent (a crashed process's is swept at the next start)
+    work = ExitStack()
+    folder = work.enter_context(owned_tempdir("lorafleet-export-"))
+    try:
+        exported = export_version(
+            services.registry,
+            version=version,
+            adapter_name=adapter.name,
+            backbone=services.settings.backbone,
+            dest_dir=folder,
+        )
+    except BaseException:
+        work.close()
+        raise
+    return FileResponse(
+        exported.path,
+        media_type="application/gzip",
+        filename=exported.filename,
+        headers={
+            VERSION_SHA256_HEADER: exported.version_sha256,
+            ARCHIVE_SHA256_HEADER: exported.archive_sha256,
+        },
+        background=BackgroundTask(work.close),
+    )
+
+
 @router.get("/{name}/versions/{n}/lineage", response_model=s.LineageOut)
 def get_lineage(
     services: Services,
@@ -108,6 +170,55 @@ def alias_history(services: Services, adapter: UserAdapter) -> list[s.AliasEvent
     versions = registry.list_versions(tenant_id=adapter.tenant_id, adapter_id=adapter.id)
     numbers = {v.id: v.number for v in versions}
     return [convert.alias_event(e, adapter_name=adapter.name, numbers=numbers) for e in events]
+
+
+@router.post("/{name}/import", response_model=s.TaskImportSubmitted, status_code=202)
+def import_adapter(
+    services: Services,
+    tenant: CurrentTenant,
+    user_id: UserId,
+    name: AdapterName,
+    body: s.TaskImportRequest,
+    call: Idempotent,
+) -> JSONResponse:
+    """Queue an ``import`` job for the user's own PEFT adapter (one exported from lorafleet, or trained
+    elsewhere on the same backbone), as ``POST /v1/tasks/{task}/import`` does for a task: the same body, checks
+    (safetensors only, shapes, rank, finite values, weight bounds, backbone fingerprint) and 422s; the version is
+    registered as a ``candidate`` of the user's adapter ``name`` (created when absent; lineage ``imported``)
+    and QA decides under the promote rule. The user is created on first sight; a refusal stores nothing."""
+
+    args = import_args(services, tenant, body)
+
+    def submit() -> s.TaskImportSubmitted:
+        return import_submitted(submit_import(**args, user=user_id, adapter=name))
+
+    return call.run(submit, body=body, status_code=202)
+
+
+def import_args(services: ApiServices, tenant: Tenant, body: s.TaskImportRequest) -> dict[str, Any]:
+    """What an import request (a user's or a task's) passes to ``submit_import``: the
+    archive (422 naming ``archive_base64`` when it is not base64), prompts, evidence, actor, reason, bounds."""
+    try:
+        archive = base64.b64decode(body.archive_base64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValidationError("archive_base64: not valid base64") from None
+    return {
+        "db": services.db,
+        "registry": services.registry,
+        "tenant_id": tenant.id,
+        "archive": archive,
+        "example_prompts": body.example_prompts,
+        "actor": actor_of(tenant),
+        "reason": body.reason,
+        "weight_bounds": import_weight_bounds(services.settings.qa_policy),
+        "examples": [e.model_dump() for e in body.examples],
+    }
+
+
+def import_submitted(submitted: ImportSubmitted) -> s.TaskImportSubmitted:
+    return s.TaskImportSubmitted(
+        job=convert.job(submitted.job), created=submitted.created, archive_sha256=submitted.archive_sha256
+    )
 
 
 @router.post("/{name}/promote", response_model=s.AliasEventOut)

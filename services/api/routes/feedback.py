@@ -5,14 +5,18 @@ target); ``lorafleet.feedback`` validates both and stores the form it was given.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
+from lorafleet.domain import FeedbackRecord
 from lorafleet.feedback import IngestResult
 from lorafleet.sdk import schemas as s
-from lorafleet.workflows.feedback import ingest_feedback, list_feedback
+from lorafleet.workflows.feedback import EXPORT_PAGE, all_feedback, ingest_feedback, list_feedback
 from services.api import convert
 from services.api.deps import AfterId, CurrentUser, PageLimit, Services, UserId
 from services.api.idempotency import Idempotent, IdempotentCall
@@ -62,3 +66,48 @@ def get_feedback(
         limit=limit,
     )
     return [convert.feedback_record(r) for r in records]
+
+
+#: the media type of a feedback export: one JSON object per line
+JSONL_MEDIA_TYPE = "application/x-ndjson"
+EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {JSONL_MEDIA_TYPE: {}}, "description": "One stored record per line, oldest first"},
+    404: {"description": "No such user (or task)"},
+}
+
+
+@router.get("/export", response_class=StreamingResponse, responses=EXPORT_RESPONSES)
+def export_feedback(services: Services, user: CurrentUser) -> StreamingResponse:
+    """All of the user's records as JSON Lines, oldest first: each line is one record as ``GET .../feedback``
+    returns it (every page); ``Content-Disposition`` names the file ``<user>-feedback.jsonl``."""
+
+    def page(after_id: int | None) -> list[FeedbackRecord]:
+        return list_feedback(
+            services.db,
+            tenant_id=user.tenant_id,
+            user_external_id=user.external_id,
+            after_id=after_id,
+            limit=EXPORT_PAGE,
+        )
+
+    return jsonl_response(all_feedback(page), filename=f"{user.external_id}-feedback.jsonl")
+
+
+def jsonl_response(records: Iterator[FeedbackRecord], *, filename: str) -> StreamingResponse:
+    """Records streamed as JSON Lines in their API shape (``FeedbackRecordOut``), as an attachment."""
+
+    def lines() -> Iterator[str]:
+        for record in records:
+            yield (
+                json.dumps(convert.feedback_record(record).model_dump(mode="json"), ensure_ascii=False) + "\n"
+            )
+
+    return StreamingResponse(
+        lines(), media_type=JSONL_MEDIA_TYPE, headers={"Content-Disposition": attachment(filename)}
+    )
+
+
+def attachment(filename: str) -> str:
+    """A ``Content-Disposition`` value: the name in ASCII (others as ``_``), in full as RFC 5987's ``filename*``."""
+    plain = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{plain}\"; filename*=utf-8''{quote(filename, safe='')}"

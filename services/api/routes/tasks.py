@@ -7,18 +7,16 @@ rechecks of every enrolled user. Users are enrolled through ``/v1/users/{user_id
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
-from lorafleet.domain import Adapter, AliasEvent
-from lorafleet.errors import ValidationError
+from lorafleet.domain import Adapter, AliasEvent, FeedbackRecord
 from lorafleet.feedback import IngestResult
 from lorafleet.sdk import schemas as s
-from lorafleet.workflows.import_jobs import import_weight_bounds, submit_import
+from lorafleet.workflows.feedback import EXPORT_PAGE, all_feedback
+from lorafleet.workflows.import_jobs import submit_import
 from lorafleet.workflows.tasks import (
     enrolled_users,
     get_task_adapter,
@@ -40,7 +38,7 @@ from services.api.deps import (
 )
 from services.api.idempotency import Idempotent, IdempotentCall
 from services.api.routes import adapters as adapter_routes
-from services.api.routes.feedback import submit_records
+from services.api.routes.feedback import EXPORT_RESPONSES, jsonl_response, submit_records
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 TaskPath = TaskName
@@ -94,6 +92,18 @@ def get_task_feedback(
     return [convert.feedback_record(r) for r in records]
 
 
+@router.get("/{task}/feedback/export", response_class=StreamingResponse, responses=EXPORT_RESPONSES)
+def export_task_feedback(services: Services, tenant: CurrentTenant, task: TaskPath) -> StreamingResponse:
+    """All of the task's records as JSON Lines, oldest first, as ``GET /v1/users/{user_id}/feedback/export``."""
+
+    def page(after_id: int | None) -> list[FeedbackRecord]:
+        return list_task_feedback(
+            services.db, tenant_id=tenant.id, task_name=task, after_id=after_id, limit=EXPORT_PAGE
+        )
+
+    return jsonl_response(all_feedback(page), filename=f"task-{task}-feedback.jsonl")
+
+
 @router.post("/{task}/import", response_model=s.TaskImportSubmitted, status_code=202)
 def import_task_adapter(
     services: Services, tenant: CurrentTenant, task: TaskPath, body: s.TaskImportRequest, call: Idempotent
@@ -104,27 +114,11 @@ def import_task_adapter(
     archive that is not base64, and for files refused without a backbone: not a PEFT LoRA adapter, non-finite
     weights, or weights (or ``lora_alpha``) beyond the QA policy's weight bounds (``weights_out_of_bounds``,
     naming the tensor or field); a refusal stores nothing and queues nothing."""
-    try:
-        archive = base64.b64decode(body.archive_base64, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValidationError("archive_base64: not valid base64") from None
+
+    args = adapter_routes.import_args(services, tenant, body)
 
     def submit() -> s.TaskImportSubmitted:
-        result = submit_import(
-            services.db,
-            services.registry,
-            tenant_id=tenant.id,
-            task_name=task,
-            archive=archive,
-            example_prompts=body.example_prompts,
-            actor=f"api:{tenant.name}"[:256],
-            reason=body.reason,
-            weight_bounds=import_weight_bounds(services.settings.qa_policy),
-            examples=[e.model_dump() for e in body.examples],
-        )
-        return s.TaskImportSubmitted(
-            job=convert.job(result.job), created=result.created, archive_sha256=result.archive_sha256
-        )
+        return adapter_routes.import_submitted(submit_import(**args, task_name=task))
 
     return call.run(submit, body=body, status_code=202)
 
@@ -171,6 +165,16 @@ def get_task_version(
 ) -> s.VersionDetail:
     """One version with its QA (for a task: evaluated alone and in enrolled users' experts)."""
     return adapter_routes.get_version(services, adapter, n, qa_document)
+
+
+@router.get(
+    "/{task}/versions/{n}/download",
+    response_class=FileResponse,
+    responses=adapter_routes.DOWNLOAD_RESPONSES,
+)
+def download_task_version(services: Services, adapter: TaskAdapter, n: VersionNumber) -> FileResponse:
+    """The task version as a PEFT folder archive, as for a user's version (same headers, 404, 409)."""
+    return adapter_routes.download_version(services, adapter, n)
 
 
 @router.get("/{task}/versions/{n}/lineage", response_model=s.LineageOut)
