@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 from tests.unit.registry.registry_helpers import TwoTenants, registered_versions
 
-from lorafleet.domain import AuditAction, AuditEvent, PromoteRule
+from lorafleet.domain import Adapter, AdapterVersion, AuditAction, AuditEvent, PromoteRule
 from lorafleet.errors import (
     AlreadyExistsError,
     InvalidStateError,
@@ -37,6 +37,47 @@ def _events(db: Database, tenant_id: int | None = None) -> list[AuditEvent]:
     return list_events(db, tenant_id=tenant_id, limit=1000)
 
 
+def _rollback(
+    db: Database, registry: Registry, adapter: Adapter, *, to: int | None, actor: str, reason: str = "x"
+) -> None:
+    move_live(
+        registry=registry,
+        queue=JobQueue(db),
+        tenant_id=adapter.tenant_id,
+        adapter=adapter,
+        action="rollback",
+        number=to,
+        actor=actor,
+        reason=reason,
+    )
+
+
+def _promote(
+    db: Database, registry: Registry, adapter: Adapter, number: int, *, rule: PromoteRule, force: bool = False
+) -> None:
+    promote_manually(
+        db,
+        registry,
+        tenant_id=adapter.tenant_id,
+        adapter=adapter,
+        number=number,
+        actor="api:tenant-a",
+        reason=SECRET_PROMPT,
+        promote_rule=rule,
+        force=force,
+    )
+
+
+def _personal(
+    registry: Registry, make_adapter_dir: Callable[..., Path], tenants: TwoTenants, *, live: list[int]
+) -> tuple[Adapter, list[AdapterVersion]]:
+    """Alice's adapter ``personal`` (tenant A) with versions 1 and 2, ``live`` promoted in turn."""
+    adapter_id, versions = registered_versions(
+        registry, make_adapter_dir, tenants.a, tenants.a_user, "personal", seeds=[1, 2], live=live
+    )
+    return registry.get_adapter(tenant_id=tenants.a, adapter_id=adapter_id), versions
+
+
 def _no_personal_content(event: AuditEvent) -> None:
     dumped = json.dumps(event.details)
     assert SECRET_PROMPT not in dumped and "reason" not in event.details
@@ -49,42 +90,20 @@ def test_a_forced_promote_and_a_rollback_write_one_event_each(
     make_adapter_dir: Callable[..., Path],
 ) -> None:
     registry = local_registry
-    adapter_id, versions = registered_versions(
-        registry, make_adapter_dir, tenants.a, tenants.a_user, "personal", seeds=[1, 2], live=[1]
-    )
-    adapter = registry.get_adapter(tenant_id=tenants.a, adapter_id=adapter_id)
+    adapter, versions = _personal(registry, make_adapter_dir, tenants, live=[1])
     before = len(_events(database))
 
-    promote_manually(
-        database,
-        registry,
-        tenant_id=tenants.a,
-        adapter=adapter,
-        number=2,
-        actor="api:tenant-a",
-        reason=SECRET_PROMPT,
-        promote_rule=PromoteRule.QA,
-        force=True,
-    )
+    _promote(database, registry, adapter, 2, rule=PromoteRule.QA, force=True)
     forced = _events(database)[before:]
     assert [(e.action, e.tenant_id, e.actor, e.target) for e in forced] == [
         (AuditAction.PROMOTE_FORCED, tenants.a, "api:tenant-a", "user:alice/personal@2")
     ]
     assert forced[0].details["from_version_id"] == versions[0].id
     assert forced[0].details["to_version_id"] == versions[1].id
-    assert forced[0].details["adapter_id"] == adapter_id
+    assert forced[0].details["adapter_id"] == adapter.id
     _no_personal_content(forced[0])
 
-    move_live(
-        registry=registry,
-        queue=JobQueue(database),
-        tenant_id=tenants.a,
-        adapter=adapter,
-        action="rollback",
-        number=None,
-        actor="cli",
-        reason=SECRET_PROMPT,
-    )
+    _rollback(database, registry, adapter, to=None, actor="cli", reason=SECRET_PROMPT)
     rolled = _events(database)[before + 1 :]
     assert [(e.action, e.actor, e.target) for e in rolled] == [
         (AuditAction.ROLLBACK, "cli", "user:alice/personal@none")
@@ -102,44 +121,14 @@ def test_failed_or_unforced_moves_write_no_event(
     make_adapter_dir: Callable[..., Path],
 ) -> None:
     registry = local_registry
-    adapter_id, _ = registered_versions(
-        registry, make_adapter_dir, tenants.a, tenants.a_user, "personal", seeds=[1, 2]
-    )
-    adapter = registry.get_adapter(tenant_id=tenants.a, adapter_id=adapter_id)
+    adapter, _ = _personal(registry, make_adapter_dir, tenants, live=[])
     before = len(_events(database))
     with pytest.raises(InvalidStateError):  # nothing live: nothing to roll back from
-        move_live(
-            registry=registry,
-            queue=JobQueue(database),
-            tenant_id=tenants.a,
-            adapter=adapter,
-            action="rollback",
-            number=None,
-            actor="cli",
-            reason="x",
-        )
+        _rollback(database, registry, adapter, to=None, actor="cli")
     with pytest.raises(QAUndecidedError):  # not forced: refused
-        promote_manually(
-            database,
-            registry,
-            tenant_id=tenants.a,
-            adapter=adapter,
-            number=1,
-            actor="cli",
-            reason="x",
-            promote_rule=PromoteRule.QA,
-        )
+        _promote(database, registry, adapter, 1, rule=PromoteRule.QA)
     # a promote that needs no force is no audited action
-    promote_manually(
-        database,
-        registry,
-        tenant_id=tenants.a,
-        adapter=adapter,
-        number=1,
-        actor="cli",
-        reason="x",
-        promote_rule=PromoteRule.ALWAYS,
-    )
+    _promote(database, registry, adapter, 1, rule=PromoteRule.ALWAYS)
     assert len(_events(database)) == before
 
 
@@ -153,16 +142,7 @@ def test_a_task_rollback_is_audited_under_the_task(
         local_registry, make_adapter_dir, tenants.a, None, "faq", seeds=[1, 2], live=[1, 2]
     )
     adapter = local_registry.get_adapter(tenant_id=tenants.a, adapter_id=adapter_id)
-    move_live(
-        registry=local_registry,
-        queue=JobQueue(database),
-        tenant_id=tenants.a,
-        adapter=adapter,
-        action="rollback",
-        number=1,
-        actor="qa",
-        reason="failed recheck",
-    )
+    _rollback(database, local_registry, adapter, to=1, actor="qa")
     (event,) = _events(database, tenants.a)
     assert (event.action, event.actor, event.target) == (AuditAction.ROLLBACK, "qa", "task:faq@1")
 
