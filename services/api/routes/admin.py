@@ -59,5 +59,5 @@ def audit(
     unknown name is 404), optionally of one ``action``."""
     tenant_id = None if tenant is None else services.tenants.get_tenant(name=tenant).id
     events = list_events(services.db, tenant_id=tenant_id, action=action, limit=limit, offset=offset)
-    names = {t.id: t.name for t in services.tenants.list_tenants()}
+    names = services.tenants.tenant_names(tenant_ids=[e.tenant_id for e in events if e.tenant_id is not None])
     return [convert.audit_event(e, tenant_names=names) for e in events]

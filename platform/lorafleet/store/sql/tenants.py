@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -347,6 +347,16 @@ class TenantRepository:
         with self.db.session() as session:
             rows = session.scalars(select(SqlTenant).order_by(SqlTenant.id).limit(limit).offset(offset))
             return [to_tenant(row) for row in rows]
+
+    def tenant_names(self, *, tenant_ids: Iterable[int]) -> dict[int, str]:
+        """The names of those of ``tenant_ids`` that exist, by id (one query per ``IN`` chunk)."""
+        wanted = sorted(set(tenant_ids))
+        with self.db.session() as session:
+            return {
+                row.id: row.name
+                for ids in chunks(wanted)
+                for row in session.execute(select(SqlTenant.id, SqlTenant.name).where(SqlTenant.id.in_(ids)))
+            }
 
     def get_or_create_user(self, *, tenant_id: int, external_id: str) -> User:
         """The tenant's user with this external id, created on first sight (race-safe)."""
