@@ -7,7 +7,16 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from lorafleet.domain import Adapter, AdapterVersion, AliasEvent, FeedbackRecord, Job, QADecision
+from lorafleet.domain import (
+    Adapter,
+    AdapterVersion,
+    AliasEvent,
+    AuditEvent,
+    FeedbackRecord,
+    Job,
+    QADecision,
+    UserSummary,
+)
 from lorafleet.domain.subject import Subject
 from lorafleet.feedback import IngestResult
 from lorafleet.registry import Lineage, LineageNode
@@ -32,6 +41,16 @@ def _copied(model: type[_Model], source: object, **given: Any) -> _Model:
 
 def api_key(info: ApiKeyInfo) -> s.ApiKeyOut:
     return _copied(s.ApiKeyOut, info)
+
+
+def user_summary(user: UserSummary) -> s.UserOut:
+    return _copied(s.UserOut, user)
+
+
+def audit_event(event: AuditEvent, *, tenant_names: Mapping[int, str]) -> s.AuditEventOut:
+    """An audit event; ``tenant`` named from ``tenant_names`` (None: admin-wide, or a tenant no longer there)."""
+    tenant = None if event.tenant_id is None else tenant_names.get(event.tenant_id)
+    return _copied(s.AuditEventOut, event, tenant=tenant)
 
 
 def feedback_submitted(result: IngestResult) -> s.FeedbackSubmitted:

@@ -87,6 +87,8 @@ AfterId = Annotated[
 ]
 #: a page's size (``limit``) in listings, 100 unless given
 PageLimit = Annotated[int, Query(ge=1, le=1000)]
+#: how many rows of a listing to skip (``offset``), 0 unless given
+PageOffset = Annotated[int, Query(ge=0, le=MAX_INT64)]
 QADocument = Annotated[bool, Query(description="Include the latest QA report's full document.")]
 LineageDepth = Annotated[int | None, Query(ge=0, le=1000, description="Edges to follow; all when absent.")]
 UserFilter = Annotated[
@@ -126,6 +128,8 @@ __all__ = [
     "AfterId",
     "JobId",
     "KeyId",
+    "PageLimit",
+    "PageOffset",
     "TaskName",
     "TenantName",
     "UserFilter",

@@ -11,6 +11,7 @@ from lorafleet.domain.enums import (
     FINISHED_JOB_STATES,
     UNSERVABLE_STATUSES,
     AdapterKind,
+    AuditAction,
     BlobCheck,
     EnrolmentAction,
     FeedbackKind,
@@ -154,6 +155,36 @@ class Job:
     cancelled_by: str | None = None
 
 
+@dataclass(frozen=True)
+class UserSummary:
+    """One of a tenant's users as a listing shows them: their adapters' live version numbers (adapter name ->
+    number, only adapters with one live), when their newest feedback record was stored, and how many adapter
+    versions and feedback records they have."""
+
+    id: int
+    external_id: str
+    created_at: datetime
+    live_versions: dict[str, int]
+    last_feedback_at: datetime | None
+    version_count: int
+    feedback_count: int
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One row of the append-only audit log: who (``actor``) did what (``action``) to what (``target``, e.g.
+    ``user:ada/personal@3``), when, in which tenant (None: an admin-wide event). ``details`` holds ids and hashes
+    only, never personal content."""
+
+    id: int
+    tenant_id: int | None
+    at: datetime
+    actor: str
+    action: AuditAction
+    target: str
+    details: dict[str, Any]
+
+
 __all__ = [
     "ACTIVE_JOB_STATES",
     "FINISHED_JOB_STATES",
@@ -163,6 +194,8 @@ __all__ = [
     "AdapterKind",
     "AdapterVersion",
     "AliasEvent",
+    "AuditAction",
+    "AuditEvent",
     "BlobCheck",
     "DatasetSnapshot",
     "EnrolmentAction",
@@ -179,5 +212,6 @@ __all__ = [
     "SubjectKind",
     "Tenant",
     "User",
+    "UserSummary",
     "VersionStatus",
 ]

@@ -142,6 +142,21 @@ class PromoteRule(StrEnum):
     QA = "qa"
 
 
+class AuditAction(StrEnum):
+    """What an audit event records (``lorafleet.workflows.audit``): data rights actions, forced promotes and
+    rollbacks, key and tenant changes."""
+
+    PROMOTE_FORCED = "promote.forced"
+    ROLLBACK = "rollback"
+    KEY_CREATED = "key.created"
+    KEY_REVOKED = "key.revoked"
+    EXPORT_VERSION = "export.version"
+    EXPORT_FEEDBACK = "export.feedback"
+    DELETE_RECORDS = "delete.records"
+    DELETE_USER = "delete.user"
+    TENANT_CREATED = "tenant.created"
+
+
 def values(enum: type[StrEnum]) -> tuple[str, ...]:
     """The members' plain string values, in definition order (for SQL CHECK constraints and messages)."""
     return tuple(member.value for member in enum)
@@ -152,6 +167,7 @@ __all__ = [
     "FINISHED_JOB_STATES",
     "UNSERVABLE_STATUSES",
     "AdapterKind",
+    "AuditAction",
     "BlobCheck",
     "EnrolmentAction",
     "FeedbackKind",

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.config import load_settings
-from lorafleet.domain import AliasEvent
-from lorafleet.domain.enums import ACTIVE_JOB_STATES, BlobCheck, JobState, VersionStatus
+from lorafleet.domain import AliasEvent, AuditEvent, UserSummary
+from lorafleet.domain.enums import ACTIVE_JOB_STATES, AuditAction, BlobCheck, JobState, VersionStatus, values
 from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.feedback import FeedbackLimits
 from lorafleet.platform import Platform
@@ -26,12 +26,16 @@ from lorafleet.runtime.process import on_stop_signals
 from lorafleet.sdk.calls import adapter_archive
 from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS
 from lorafleet.training.overrides import TenantTraining, get_tenant_training, set_tenant_training
+from lorafleet.workflows.audit import list_events
 from lorafleet.workflows.blob_verify import verify_blobs
 from lorafleet.workflows.import_jobs import import_weight_bounds, submit_import
-from lorafleet.workflows.live_alias import promote_manually
+from lorafleet.workflows.live_alias import move_live, promote_manually
 from lorafleet.workflows.tasks import ingest_task_feedback, list_tasks, move_task_live
 
 log = logging.getLogger("lorafleet.cli")
+
+#: who the CLI's changes are in alias histories and the audit log
+CLI_ACTOR = "cli"
 
 
 def _adapter_id(lib: Platform, tenant: str, user: str, adapter: str) -> tuple[int, int]:
@@ -46,7 +50,7 @@ def _adapter_id(lib: Platform, tenant: str, user: str, adapter: str) -> tuple[in
 
 def tenants_create(args: argparse.Namespace) -> int:
     with Platform.from_settings() as lib:
-        tenant, key = lib.tenants.create_tenant(name=args.name)
+        tenant, key = lib.tenants.create_tenant(name=args.name, actor=CLI_ACTOR)
     print(f"tenant {tenant.name!r} (id {tenant.id}) created")
     print(f"api key (shown only now): {key}")
     return 0
@@ -75,7 +79,7 @@ def tenants_keys(args: argparse.Namespace) -> int:
 def tenants_revoke_key(args: argparse.Namespace) -> int:
     with Platform.from_settings() as lib:
         tenant = lib.tenants.get_tenant(name=args.name)
-        key = lib.tenants.revoke_api_key_by_id(tenant_id=tenant.id, key_id=args.key_id)
+        key = lib.tenants.revoke_api_key_by_id(tenant_id=tenant.id, key_id=args.key_id, actor=CLI_ACTOR)
     print(f"API key {key.id} ({key.prefix}...) of {tenant.name!r} revoked at {_when(key.revoked_at)}")
     return 0
 
@@ -85,18 +89,68 @@ def _when(at: datetime | None) -> str:
 
 
 def users(args: argparse.Namespace) -> int:
+    """A tenant's users by id: live versions, adapter versions, feedback records and the newest one's time."""
     with Platform.from_settings() as lib:
         tenant = lib.tenants.get_tenant(name=args.tenant)
-        rows = lib.tenants.list_users(tenant_id=tenant.id, limit=args.limit, offset=args.offset)
-        print(f"{'id':>6}  {'user':24} {'adapters (live version)'}")
-        for user in rows:
-            adapters = lib.registry.list_adapters(tenant_id=tenant.id, owner_user_id=user.id)
-            parts = []
-            for a in adapters:
-                live = lib.registry.live_version(tenant_id=tenant.id, adapter_id=a.id)
-                parts.append(f"{a.name}:v{live.number}" if live else f"{a.name}:-")
-            print(f"{user.id:>6}  {user.external_id:24} {' '.join(parts) or '-'}")
+        rows = lib.tenants.list_user_summaries(tenant_id=tenant.id, limit=args.limit, offset=args.offset)
+    if args.json:
+        print(dump_json([_user_json(u) for u in rows]))
+        return 0
+    print(f"{'id':>6}  {'user':24} {'versions':>8} {'records':>8}  {'last feedback':19}  live")
+    for u in rows:
+        live = " ".join(f"{name}:v{number}" for name, number in u.live_versions.items()) or "-"
+        print(
+            f"{u.id:>6}  {u.external_id:24} {u.version_count:>8} {u.feedback_count:>8}  "
+            f"{_when(u.last_feedback_at):19}  {live}"
+        )
     return 0
+
+
+def _user_json(user: UserSummary) -> dict[str, Any]:
+    return {
+        "external_id": user.external_id,
+        "created_at": user.created_at.isoformat(),
+        "live_versions": user.live_versions,
+        "last_feedback_at": None if user.last_feedback_at is None else user.last_feedback_at.isoformat(),
+        "version_count": user.version_count,
+        "feedback_count": user.feedback_count,
+    }
+
+
+def audit(args: argparse.Namespace) -> int:
+    """The audit log, oldest first: every tenant's (and the admin-wide events), or ``--tenant``'s only."""
+    action = _audit_action(args.action)
+    with Platform.from_settings() as lib:
+        tenant_id = None if args.tenant is None else lib.tenants.get_tenant(name=args.tenant).id
+        events = list_events(lib.db, tenant_id=tenant_id, action=action, limit=args.limit, offset=args.offset)
+    if args.json:
+        print(dump_json([_event_json(e) for e in events]))
+        return 0
+    for e in events:
+        tenant = "-" if e.tenant_id is None else str(e.tenant_id)
+        print(f"{e.id:>6}  {_when(e.at):19}  {tenant:>6}  {e.actor:16} {e.action:15} {e.target}")
+    return 0
+
+
+def _audit_action(text: str | None) -> AuditAction | None:
+    if text is None:
+        return None
+    try:
+        return AuditAction(text)
+    except ValueError:
+        raise ValidationError(f"--action: one of {', '.join(values(AuditAction))}, got {text!r}") from None
+
+
+def _event_json(event: AuditEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "tenant_id": event.tenant_id,
+        "at": event.at.isoformat(),
+        "actor": event.actor,
+        "action": str(event.action),
+        "target": event.target,
+        "details": event.details,
+    }
 
 
 def _metric(metrics: dict[str, Any], key: str) -> str:
@@ -163,7 +217,7 @@ def verify(args: argparse.Namespace) -> int:
     when a version was found not ok in this run (repaired or not), 0 when every blob checked is fine."""
     with Platform.from_settings() as lib:
         tenant_id = None if args.tenant is None else lib.tenants.get_tenant(name=args.tenant).id
-        report = verify_blobs(lib.db, lib.registry, tenant_id=tenant_id, repair=args.repair, actor="cli")
+        report = verify_blobs(lib.db, lib.registry, tenant_id=tenant_id, repair=args.repair, actor=CLI_ACTOR)
     if args.json:
         print(dump_json(report.to_json(only_bad=args.only_bad)))
         return 1 if report.problems else 0
@@ -199,8 +253,15 @@ def rollback(args: argparse.Namespace) -> int:
     target = _rollback_target(args.to)
     with Platform.from_settings() as lib:
         tenant_id, adapter_id = _adapter_id(lib, args.tenant, args.user, args.adapter)
-        lib.registry.rollback(
-            tenant_id=tenant_id, adapter_id=adapter_id, to_number=target, actor="cli", reason=args.reason
+        move_live(
+            registry=lib.registry,
+            queue=lib.queue,
+            tenant_id=tenant_id,
+            adapter=lib.registry.get_adapter(tenant_id=tenant_id, adapter_id=adapter_id),
+            action="rollback",
+            number=target,
+            actor=CLI_ACTOR,
+            reason=args.reason,
         )
         live = lib.registry.live_version(tenant_id=tenant_id, adapter_id=adapter_id)
     now = f"v{live.number}" if live else "none (base model)"
@@ -220,7 +281,7 @@ def promote(args: argparse.Namespace) -> int:
             tenant_id=tenant_id,
             adapter=adapter,
             number=args.version,
-            actor="cli",
+            actor=CLI_ACTOR,
             reason=args.reason,
             promote_rule=lib.settings.promote_rule,
             force=args.force,
@@ -324,7 +385,7 @@ def tasks_import(args: argparse.Namespace) -> int:
             task_name=args.task,
             archive=archive,
             example_prompts=prompts,
-            actor="cli",
+            actor=CLI_ACTOR,
             reason=args.reason,
             weight_bounds=import_weight_bounds(lib.settings.qa_policy),
         )
@@ -373,7 +434,7 @@ def _move_task_live(
             task_name=args.task,
             to_number=to_number,
             action=action,
-            actor="cli",
+            actor=CLI_ACTOR,
             reason=args.reason,
             promote_rule=lib.settings.promote_rule,
             force=force,

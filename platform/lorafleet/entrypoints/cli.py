@@ -68,7 +68,16 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     users.add_argument("--tenant", required=True, help="tenant name")
     users.add_argument("--limit", type=int, default=100)
     users.add_argument("--offset", type=int, default=0)
+    users.add_argument("--json", action="store_true", help="print JSON instead of a table")
     users.set_defaults(handler=_admin("users"))
+
+    audit = sub.add_parser("audit", help="the append-only audit log (oldest first)")
+    audit.add_argument("--tenant", default=None, help="only this tenant's events (default: every tenant's)")
+    audit.add_argument("--action", default=None, help="only this action, e.g. promote.forced, key.revoked")
+    audit.add_argument("--limit", type=int, default=100)
+    audit.add_argument("--offset", type=int, default=0)
+    audit.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    audit.set_defaults(handler=_admin("audit"))
 
     versions = sub.add_parser("versions", help="a user's adapter versions (status, live, metrics)")
     lineage = sub.add_parser("lineage", help="a version's ancestors and descendants")

@@ -156,6 +156,19 @@ def list_feedback(
     return _list_records(_user(user), after_id, limit)
 
 
+def list_users(*, limit: int = 100, offset: int = 0) -> Call[list[s.UserOut]]:
+    """The tenant's users by id, one page: each with live versions, last feedback time and counts."""
+    return Call("GET", "/v1/users", _parser(list[s.UserOut]), params=_query(limit=limit, offset=offset))
+
+
+def list_audit(
+    *, action: str | None = None, limit: int = 100, offset: int = 0
+) -> Call[list[s.AuditEventOut]]:
+    """The tenant's audit events, oldest first, one page (``action``: only that one)."""
+    params = _query(action=action, limit=limit, offset=offset)
+    return Call("GET", "/v1/audit", _parser(list[s.AuditEventOut]), params=params)
+
+
 # --- adapters ---------------------------------------------------------------------------------------------------
 def export_feedback(user: str, path: str | Path) -> Call[s.DownloadedFile]:
     """Write all of the user's records to ``path`` as JSON Lines, oldest first (one record per line, in the
@@ -615,6 +628,14 @@ def verify_blobs(
     (status ``corrupt``; a live one is rolled back first, reason ``blob-corrupt``); running it again is safe."""
     body = s.VerifyRequest(repair=repair, tenant=tenant, only_bad=only_bad).model_dump(mode="json")
     return Call("POST", "/v1/admin/verify", _parser(s.VerifyReportOut), body=body)
+
+
+def admin_audit(
+    *, tenant: str | None = None, action: str | None = None, limit: int = 100, offset: int = 0
+) -> Call[list[s.AuditEventOut]]:
+    """Admin key only: audit events of every tenant (``tenant``: only that one's), oldest first, one page."""
+    params = _query(tenant=tenant, action=action, limit=limit, offset=offset)
+    return Call("GET", "/v1/admin/audit", _parser(list[s.AuditEventOut]), params=params)
 
 
 def models() -> Call[s.ModelList]:

@@ -129,6 +129,10 @@ class _Calls:
     list_feedback = _Endpoint(c.list_feedback)
     export_feedback = _Endpoint(c.export_feedback)
 
+    # --- users and the audit log ----------------------------------------------------------------------------
+    list_users = _Endpoint(c.list_users)
+    list_audit = _Endpoint(c.list_audit)
+
     # --- adapters -------------------------------------------------------------------------------------------
     list_adapters = _Endpoint(c.list_adapters)
     list_versions = _Endpoint(c.list_versions)
@@ -186,6 +190,7 @@ class _Calls:
     revoke_api_key = _Endpoint(c.revoke_api_key)
     list_tenants = _Endpoint(c.list_tenants)
     verify_blobs = _Endpoint(c.verify_blobs)
+    admin_audit = _Endpoint(c.admin_audit)
     health = _Endpoint(c.health)
     ready = _Endpoint(c.ready)
 

@@ -23,7 +23,14 @@ from pydantic import (
     field_validator,
 )
 
-from lorafleet.domain.enums import FINISHED_JOB_STATES, FeedbackKind, JobState, QADecision, VersionStatus
+from lorafleet.domain.enums import (
+    FINISHED_JOB_STATES,
+    AuditAction,
+    FeedbackKind,
+    JobState,
+    QADecision,
+    VersionStatus,
+)
 from lorafleet.domain.text import MAX_INT32, free_text, printable_name
 from lorafleet.feedback import (
     FeedbackIn,
@@ -49,6 +56,9 @@ VersionNumber = Annotated[StrictInt, Field(ge=1, le=MAX_INT32)]
 
 __all__ = [
     "FINISHED_JOB_STATES",
+    "AuditAction",
+    "AuditEventOut",
+    "UserOut",
     "AdapterOut",
     "AliasEventOut",
     "ImportExample",
@@ -175,6 +185,35 @@ class ApiKeyOut(_Out):
     created_at: datetime
     last_used_at: datetime | None = Field(description="When it last authenticated a request (to the minute).")
     revoked_at: datetime | None = None
+
+
+# --- users and the audit log ----------------------------------------------------------------------------------
+class UserOut(_Out):
+    """One of the tenant's users as ``GET /v1/users`` lists them."""
+
+    external_id: str = Field(description="The user's id in the tenant's system.")
+    created_at: datetime
+    live_versions: dict[str, int] = Field(
+        description="Adapter name -> live version number, for each of the user's adapters with one live."
+    )
+    last_feedback_at: datetime | None = Field(description="When their newest feedback record was stored.")
+    version_count: int = Field(description="Versions of all their adapters.")
+    feedback_count: int = Field(description="Their stored feedback records.")
+
+
+class AuditEventOut(_Out):
+    """One event of the append-only audit log: ids and hashes only, never personal content."""
+
+    id: int
+    tenant_id: int | None = Field(description="The tenant's id; null for an admin-wide event.")
+    tenant: str | None = Field(description="The tenant's name; null for an admin-wide event.")
+    at: datetime
+    actor: str = Field(description="Who: 'api:<tenant>', 'api:admin', 'cli', 'qa', ...")
+    action: AuditAction
+    target: str = Field(
+        description="What, e.g. 'user:ada/personal@3', 'task:faq@none', 'key:7', 'tenant:acme'."
+    )
+    details: dict[str, Any]
 
 
 # --- blob verification (admin) ---------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ changes nothing. A forced promote is recorded so in the history (``AliasEvent.fo
 and queues the version's QA job in the same transaction (an active one is kept): QA then evaluates the live
 version as a candidate and rolls it back if it fails (``lorafleet.workflows.qa_runner``). Rollbacks need no
 force: moving back is how a person undoes a bad release, and every version they go back to was live before.
+
+Both are audited (``lorafleet.workflows.audit``) in the transaction of the move: each forced promote
+(``promote.forced``) and each rollback through ``move_live`` (``rollback``: a person's, QA's, a blob repair's;
+the actor tells them apart).
 """
 
 from __future__ import annotations
@@ -29,15 +33,18 @@ from lorafleet.domain import (
     Adapter,
     AdapterVersion,
     AliasEvent,
+    AuditAction,
     PromoteRule,
     QADecision,
     VersionStatus,
 )
+from lorafleet.domain.subject import Subject
 from lorafleet.errors import QAUndecidedError, ValidationError
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.registry import Registry
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import QAReport, QARepository
+from lorafleet.workflows.audit import adapter_target, record_event
 from lorafleet.workflows.qa_triggers import submit_candidate_qa, submit_task_rechecks
 
 LiveMove = Literal["promote", "rollback"]
@@ -82,6 +89,7 @@ def move_live(
             event = registry.rollback(
                 tenant_id=tenant_id, adapter_id=adapter.id, to_number=number, actor=actor, reason=reason
             )
+            audit_move(queue.db, tenant_id=tenant_id, adapter=adapter, event=event, number=number)
         if adapter.is_task_adapter:
             if cause is None:
                 to = "none" if event.to_version_id is None else f"version id {event.to_version_id}"
@@ -179,7 +187,35 @@ def promote_manually(
         )
         if forced:
             submit_candidate_qa(queue=queue, tenant_id=tenant_id, version_id=version.id)
+            audit_move(db, tenant_id=tenant_id, adapter=adapter, event=event, number=number)
     return event
+
+
+def audit_move(
+    db: Database, *, tenant_id: int, adapter: Adapter, event: AliasEvent, number: int | None
+) -> None:
+    """The audit event of a move of ``live`` to version ``number`` (None: the base model): ``promote.forced`` for
+    a forced promote, ``rollback`` for a rollback, by the move's actor, in the caller's transaction. Its details
+    are ids only (the person's reason stays in the alias history)."""
+    owner = None
+    if adapter.owner_user_id is not None:
+        repo = QARepository(dialect=db.dialect)
+        owner = Subject.user(
+            db.run(repo.user_external_id, tenant_id=tenant_id, user_id=adapter.owner_user_id)
+        )
+    record_event(
+        db,
+        tenant_id=tenant_id,
+        actor=event.actor,
+        action=AuditAction.PROMOTE_FORCED if event.forced else AuditAction.ROLLBACK,
+        target=adapter_target(adapter, owner=owner, number=number),
+        details={
+            "adapter_id": adapter.id,
+            "alias_event_id": event.id,
+            "from_version_id": event.from_version_id,
+            "to_version_id": event.to_version_id,
+        },
+    )
 
 
 def queue_candidate_qa(
@@ -204,6 +240,7 @@ def _reports(db: Database, *, tenant_id: int, version_ids: Sequence[int]) -> dic
 
 __all__ = [
     "LIVE_MOVES",
+    "audit_move",
     "PASSING_DECISIONS",
     "LiveMove",
     "VersionQA",

@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from services.api.routes import (
     adapters,
     admin,
+    audit,
     enrolments,
     feedback,
     health,
@@ -15,12 +16,15 @@ from services.api.routes import (
     tasks,
     tenants,
     training,
+    users,
 )
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
     tenants.router,
     admin.router,
+    audit.router,
+    users.router,
     feedback.router,
     adapters.router,
     jobs.router,

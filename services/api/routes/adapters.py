@@ -18,6 +18,7 @@ from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.registry.export import export_version
 from lorafleet.sdk import schemas as s
 from lorafleet.workflows.import_jobs import ImportSubmitted, import_weight_bounds, submit_import
+from lorafleet.workflows.live_alias import move_live as move_alias
 from lorafleet.workflows.live_alias import promote_manually, versions_qa
 from lorafleet.workflows.workdirs import owned_tempdir
 from services.api import convert
@@ -251,10 +252,13 @@ def rollback(adapter: UserAdapter, body: s.RollbackRequest, call: Idempotent) ->
     """Move ``live`` back to an earlier version, or to none (``to_version`` null: the base model answers)."""
 
     def move(actor: str) -> AliasEvent:
-        return call.services.registry.rollback(
+        return move_alias(
+            registry=call.services.registry,
+            queue=call.services.queue,
             tenant_id=call.tenant.id,
-            adapter_id=adapter.id,
-            to_number=body.to_version,
+            adapter=adapter,
+            action="rollback",
+            number=body.to_version,
             actor=actor,
             reason=body.reason,
         )

@@ -1,5 +1,6 @@
 """Tenant management, with the admin key: create a tenant (its API key is shown once), more keys, list the
-keys (prefix, created, last used, revoked) and revoke one, list tenants."""
+keys (prefix, created, last used, revoked) and revoke one, list tenants. Creating a tenant, creating a key and
+revoking one are audited (actor ``api:admin``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from fastapi import APIRouter
 from lorafleet.sdk import schemas as s
 from services.api import convert
 from services.api.deps import Admin, KeyId, Services, TenantName
+from services.api.routes.admin import ADMIN_ACTOR
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
@@ -15,7 +17,7 @@ router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 @router.post("", response_model=s.TenantCreated, status_code=201)
 def create_tenant(services: Services, _admin: Admin, body: s.TenantCreate) -> s.TenantCreated:
     """A new tenant and its first API key (stored hashed: this response is the only time it is shown)."""
-    tenant, api_key = services.tenants.create_tenant(name=body.name)
+    tenant, api_key = services.tenants.create_tenant(name=body.name, actor=ADMIN_ACTOR)
     return s.TenantCreated(id=tenant.id, name=tenant.name, created_at=tenant.created_at, api_key=api_key)
 
 
@@ -23,7 +25,9 @@ def create_tenant(services: Services, _admin: Admin, body: s.TenantCreate) -> s.
 def create_api_key(services: Services, _admin: Admin, tenant_name: TenantName) -> s.ApiKeyCreated:
     """Another API key for the tenant (e.g. to rotate keys); shown only in this response."""
     tenant = services.tenants.get_tenant(name=tenant_name)
-    return s.ApiKeyCreated(tenant=tenant.name, api_key=services.tenants.create_api_key(tenant_id=tenant.id))
+    return s.ApiKeyCreated(
+        tenant=tenant.name, api_key=services.tenants.create_api_key(tenant_id=tenant.id, actor=ADMIN_ACTOR)
+    )
 
 
 @router.get("/{tenant_name}/keys", response_model=list[s.ApiKeyOut])
@@ -38,7 +42,9 @@ def revoke_api_key(services: Services, _admin: Admin, tenant_name: TenantName, k
     """Revoke one of the tenant's keys: it is refused (401) from now on. Idempotent (the first revocation time
     is kept); another tenant's key id is 404."""
     tenant = services.tenants.get_tenant(name=tenant_name)
-    return convert.api_key(services.tenants.revoke_api_key_by_id(tenant_id=tenant.id, key_id=key_id))
+    return convert.api_key(
+        services.tenants.revoke_api_key_by_id(tenant_id=tenant.id, key_id=key_id, actor=ADMIN_ACTOR)
+    )
 
 
 @router.get("", response_model=list[s.TenantOut])

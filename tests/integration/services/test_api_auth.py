@@ -51,6 +51,9 @@ ROUTES: dict[tuple[str, str], tuple[int | str, Any]] = {
     ("GET", "/v1/tenants/{tenant_name}/keys"): (403, None),
     ("POST", "/v1/tenants/{tenant_name}/keys/{key_id}/revoke"): (403, None),
     ("POST", "/v1/admin/verify"): (403, {"repair": False}),
+    ("GET", "/v1/admin/audit"): (403, None),
+    ("GET", "/v1/users"): (OWN, None),  # B's own users only (checked in test_api_users_and_audit)
+    ("GET", "/v1/audit"): (OWN, None),  # B's own events only (checked in test_api_users_and_audit)
     ("GET", "/v1/users/{user_id}/feedback"): (404, None),
     ("POST", "/v1/users/{user_id}/feedback"): (OWN, {"records": [sft("from tenant B")]}),
     ("GET", "/v1/users/{user_id}/adapters"): (404, None),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,33 @@ def test_users_lists_users_and_live_versions(setup: Setup, capsys: pytest.Captur
     out = capsys.readouterr().out
     assert "alice" in out and "personal:v3" in out
     assert "bob" in out
+
+
+def test_users_json_has_counts_and_live_versions(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["users", "--tenant", "acme", "--json"]) == 0
+    listed = {u["external_id"]: u for u in json.loads(capsys.readouterr().out)}
+    assert list(listed) == ["alice", "bob"]
+    assert (listed["alice"]["version_count"], listed["alice"]["live_versions"]) == (3, {"personal": 3})
+    assert (listed["bob"]["feedback_count"], listed["bob"]["last_feedback_at"]) == (0, None)
+
+
+def test_audit_lists_cli_changes_and_filters(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["rollback", "--tenant", "acme", "--user", "alice", "--reason", "private words"]
+    assert main([*args, "--to", "1"]) == 0
+    assert main(["tenants", "create", "other"]) == 0
+    capsys.readouterr()
+    assert main(["audit", "--tenant", "acme", "--json"]) == 0
+    events = json.loads(capsys.readouterr().out)
+    assert [(e["action"], e["actor"], e["target"]) for e in events] == [
+        ("tenant.created", "cli", "tenant:acme"),
+        ("rollback", "cli", "user:alice/personal@1"),
+    ]
+    assert "private words" not in json.dumps(events)
+    assert main(["audit", "--action", "tenant.created"]) == 0
+    table = capsys.readouterr().out
+    assert "tenant:acme" in table and "tenant:other" in table and "rollback" not in table
+    assert main(["audit", "--action", "bogus"]) == 2
+    assert "--action" in capsys.readouterr().err
 
 
 def test_versions_marks_the_live_one_and_shows_accuracy(

@@ -33,6 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from lorafleet.domain.enums import ACTIVE_JOB_STATES as DOMAIN_ACTIVE_JOB_STATES
 from lorafleet.domain.enums import (
     AdapterKind,
+    AuditAction,
     EnrolmentAction,
     FeedbackKind,
     JobState,
@@ -65,6 +66,7 @@ ACTIVE_JOB_STATES = tuple(state.value for state in DOMAIN_ACTIVE_JOB_STATES)
 ADAPTER_KINDS = values(AdapterKind)
 ENROLMENT_ACTIONS = values(EnrolmentAction)
 SUBJECT_KINDS = values(SubjectKind)
+AUDIT_ACTIONS = values(AuditAction)
 
 
 def utcnow() -> datetime:
@@ -471,6 +473,26 @@ class SqlIdempotencyKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
 
+class SqlAuditEvent(Base):
+    """One event of the append-only audit log (``lorafleet.store.sql.audit_repository``): inserted in the
+    transaction of the action it records, never updated or deleted (triggers refuse both, migration 0013).
+    ``tenant_id`` has no foreign key: the log outlives what it records; NULL is an admin-wide event."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        CheckConstraint(_in("action", AUDIT_ACTIONS), name="action"),
+        Index("ix_audit_events_tenant_id_id", "tenant_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True)
+    tenant_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(256))
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
 __all__ = [
     "Base",
     "SqlTenant",
@@ -491,4 +513,5 @@ __all__ = [
     "SqlGateSettings",
     "SqlQAReport",
     "SqlIdempotencyKey",
+    "SqlAuditEvent",
 ]

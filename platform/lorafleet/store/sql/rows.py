@@ -11,6 +11,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from lorafleet.domain import DatasetSnapshot
+from lorafleet.errors import ValidationError
 from lorafleet.store.sql.models import SqlDatasetSnapshot
 
 if TYPE_CHECKING:
@@ -19,8 +20,19 @@ if TYPE_CHECKING:
 _D = TypeVar("_D", bound="DataclassInstance")
 _T = TypeVar("_T")
 
+#: the largest page a listing returns
+MAX_PAGE_SIZE = 1000
+
 #: how many values one ``IN (...)`` list holds (SQLite caps a statement's parameters)
 IN_CHUNK = 500
+
+
+def check_page(*, limit: int, offset: int = 0) -> None:
+    """Refuse pages that are empty, negative or larger than ``MAX_PAGE_SIZE``."""
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise ValidationError(f"limit: must be between 1 and {MAX_PAGE_SIZE}")
+    if offset < 0:
+        raise ValidationError("offset: must not be negative")
 
 
 def from_row(cls: type[_D], row: object, **converted: Any) -> _D:
@@ -46,4 +58,4 @@ def chunks(items: Sequence[_T], size: int = IN_CHUNK) -> Iterator[Sequence[_T]]:
         yield items[start : start + size]
 
 
-__all__ = ["IN_CHUNK", "chunks", "from_row", "to_snapshot"]
+__all__ = ["IN_CHUNK", "MAX_PAGE_SIZE", "check_page", "chunks", "from_row", "to_snapshot"]

@@ -11,28 +11,39 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from lorafleet.domain import SubjectKind, Tenant, User
+from lorafleet.domain import LIVE, AuditAction, SubjectKind, Tenant, User, UserSummary
 from lorafleet.domain.subject import task_subject_id as task_subject_id  # re-exported
 from lorafleet.errors import AuthError, NotFoundError, StoreError, ValidationError
+from lorafleet.store.sql.audit_repository import insert_event
 from lorafleet.store.sql.database import Database
-from lorafleet.store.sql.models import SqlApiKey, SqlTenant, SqlUser, utcnow
-from lorafleet.store.sql.rows import from_row
+from lorafleet.store.sql.models import (
+    SqlAdapter,
+    SqlAdapterVersion,
+    SqlAlias,
+    SqlApiKey,
+    SqlFeedback,
+    SqlTenant,
+    SqlUser,
+    utcnow,
+)
+from lorafleet.store.sql.rows import MAX_PAGE_SIZE as MAX_PAGE_SIZE  # re-exported
+from lorafleet.store.sql.rows import check_page as check_page  # re-exported
+from lorafleet.store.sql.rows import chunks, from_row
 
 API_KEY_SCHEME = "lf_"
 #: ``lf_`` + 8 characters of the secret: enough to tell keys apart in logs, far too little to guess the rest.
 API_KEY_PREFIX_LENGTH = 11
 MAX_EXTERNAL_ID_LENGTH = 256
 MAX_TENANT_NAME_LENGTH = 128
-MAX_PAGE_SIZE = 1000
 
 
 def hash_api_key(api_key: str) -> str:
@@ -58,14 +69,6 @@ def validate_tenant_name(name: object) -> str:
     if len(name) > MAX_TENANT_NAME_LENGTH or not name.isprintable():
         raise ValidationError(f"name: must be printable and at most {MAX_TENANT_NAME_LENGTH} characters")
     return name
-
-
-def check_page(*, limit: int, offset: int = 0) -> None:
-    """Refuse pages that are empty, negative or larger than ``MAX_PAGE_SIZE``."""
-    if not 1 <= limit <= MAX_PAGE_SIZE:
-        raise ValidationError(f"limit: must be between 1 and {MAX_PAGE_SIZE}")
-    if offset < 0:
-        raise ValidationError("offset: must not be negative")
 
 
 def to_tenant(row: SqlTenant) -> Tenant:
@@ -143,6 +146,88 @@ def _new_api_key_row(*, tenant_id: int) -> tuple[SqlApiKey, str]:
     return row, api_key
 
 
+#: who a key or tenant change is in the audit log when the caller names no one (a direct library call)
+LIBRARY_ACTOR = "library"
+
+
+def _audit_key(
+    session: Session, row: SqlApiKey, *, actor: str, action: AuditAction, target: str | None = None
+) -> None:
+    """An audit event about one API key: its id and prefix (never the key or its hash)."""
+    insert_event(
+        session,
+        tenant_id=row.tenant_id,
+        actor=actor,
+        action=action,
+        target=target or f"key:{row.id}",
+        details={"key_id": row.id, "prefix": row.prefix},
+    )
+
+
+def _revoke(session: Session, row: SqlApiKey, *, actor: str) -> None:
+    """Revoke the key now unless it already is; the first revocation is audited, a repeat changes nothing."""
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        _audit_key(session, row, actor=actor, action=AuditAction.KEY_REVOKED)
+
+
+def user_summaries(session: Session, *, tenant_id: int, limit: int, offset: int = 0) -> list[UserSummary]:
+    """One page of the tenant's users (never task subjects), by id, each with their adapters' live version
+    numbers, newest feedback time, and version and feedback counts: four queries for the whole page."""
+    check_page(limit=limit, offset=offset)
+    query = select(SqlUser).where(SqlUser.tenant_id == tenant_id, SqlUser.kind == SubjectKind.USER)
+    users = list(session.scalars(query.order_by(SqlUser.id).limit(limit).offset(offset)))
+    feedback: dict[int, tuple[int, Any]] = {}
+    versions: dict[int, int] = {}
+    live: dict[int, dict[str, int]] = {}
+    for ids in chunks([u.id for u in users]):
+        counted = select(SqlFeedback.user_id, func.count(SqlFeedback.id), func.max(SqlFeedback.created_at))
+        for user_id, count, last in session.execute(
+            counted.where(SqlFeedback.user_id.in_(ids)).group_by(SqlFeedback.user_id)
+        ):
+            feedback[user_id] = (count, last)
+        numbered = (
+            select(SqlAdapter.owner_user_id, func.count(SqlAdapterVersion.id))
+            .join(SqlAdapterVersion, SqlAdapterVersion.adapter_id == SqlAdapter.id)
+            .where(SqlAdapter.owner_user_id.in_(ids))
+            .group_by(SqlAdapter.owner_user_id)
+        )
+        versions.update(
+            {user_id: count for user_id, count in session.execute(numbered) if user_id is not None}
+        )
+        lives = (
+            select(SqlAdapter.owner_user_id, SqlAdapter.name, SqlAdapterVersion.number)
+            .join(SqlAlias, (SqlAlias.adapter_id == SqlAdapter.id) & (SqlAlias.name == LIVE))
+            .join(SqlAdapterVersion, SqlAdapterVersion.id == SqlAlias.version_id)
+            .where(SqlAdapter.owner_user_id.in_(ids))
+            .order_by(SqlAdapter.id)
+        )
+        for owner, name, number in session.execute(lives):
+            if owner is not None:
+                live.setdefault(owner, {})[name] = number
+    return [
+        UserSummary(
+            id=u.id,
+            external_id=u.external_id,
+            created_at=u.created_at,
+            live_versions=live.get(u.id, {}),
+            last_feedback_at=_utc(feedback.get(u.id, (0, None))[1]),
+            version_count=versions.get(u.id, 0),
+            feedback_count=feedback.get(u.id, (0, None))[0],
+        )
+        for u in users
+    ]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """An aggregate's timestamp as aware UTC (SQLite's ``max()`` returns it naive, or as text)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 #: ``api_keys.last_used_at`` is refreshed when it is at least this old
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
@@ -164,8 +249,9 @@ class TenantRepository:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def create_tenant(self, *, name: str) -> tuple[Tenant, str]:
-        """A new tenant and its first API key (plaintext, shown only now). A taken name: AlreadyExistsError."""
+    def create_tenant(self, *, name: str, actor: str = LIBRARY_ACTOR) -> tuple[Tenant, str]:
+        """A new tenant and its first API key (plaintext, shown only now). A taken name: AlreadyExistsError.
+        Audited (``tenant.created``, with the key's id) in the same transaction, as every key change below."""
         name = validate_tenant_name(name)
         with self.db.session() as session:
             tenant = SqlTenant(name=name)
@@ -173,26 +259,32 @@ class TenantRepository:
             session.flush()
             key_row, api_key = _new_api_key_row(tenant_id=tenant.id)
             session.add(key_row)
+            session.flush()
+            _audit_key(
+                session, key_row, actor=actor, action=AuditAction.TENANT_CREATED, target=f"tenant:{name}"
+            )
             return to_tenant(tenant), api_key
 
-    def create_api_key(self, *, tenant_id: int) -> str:
+    def create_api_key(self, *, tenant_id: int, actor: str = LIBRARY_ACTOR) -> str:
         """Another key for the tenant (e.g. for rotation); returns the plaintext, shown only now."""
         with self.db.session() as session:
             require_tenant(session, tenant_id=tenant_id)
             key_row, api_key = _new_api_key_row(tenant_id=tenant_id)
             session.add(key_row)
+            session.flush()
+            _audit_key(session, key_row, actor=actor, action=AuditAction.KEY_CREATED)
             return api_key
 
-    def revoke_api_key(self, *, api_key: str) -> None:
-        """Revoke a key (idempotent: the first revocation time is kept); an unknown key is NotFoundError."""
+    def revoke_api_key(self, *, api_key: str, actor: str = LIBRARY_ACTOR) -> None:
+        """Revoke a key (idempotent: the first revocation time is kept, and only it is audited); an unknown key
+        is NotFoundError."""
         with self.db.session() as session:
             row = session.scalars(
                 select(SqlApiKey).where(SqlApiKey.key_hash == hash_api_key(api_key))
             ).first()
             if row is None:
                 raise NotFoundError("API key not found")
-            if row.revoked_at is None:
-                row.revoked_at = utcnow()
+            _revoke(session, row, actor=actor)
 
     def list_api_keys(self, *, tenant_id: int) -> list[ApiKeyInfo]:
         """The tenant's keys (never the keys themselves: their prefix, when made, last used and revoked), by id."""
@@ -203,7 +295,7 @@ class TenantRepository:
             ).all()
             return [ApiKeyInfo(r.id, r.prefix, r.created_at, r.last_used_at, r.revoked_at) for r in rows]
 
-    def revoke_api_key_by_id(self, *, tenant_id: int, key_id: int) -> ApiKeyInfo:
+    def revoke_api_key_by_id(self, *, tenant_id: int, key_id: int, actor: str = LIBRARY_ACTOR) -> ApiKeyInfo:
         """Revoke one of the tenant's keys by its id (idempotent: the first revocation time is kept); a key of
         another tenant, or none, is NotFoundError."""
         with self.db.session() as session:
@@ -212,8 +304,7 @@ class TenantRepository:
             ).first()
             if row is None:
                 raise NotFoundError(f"API key {key_id} not found")
-            if row.revoked_at is None:
-                row.revoked_at = utcnow()
+            _revoke(session, row, actor=actor)
             return ApiKeyInfo(row.id, row.prefix, row.created_at, row.last_used_at, row.revoked_at)
 
     def authenticate(self, *, api_key: str) -> Tenant:
@@ -257,6 +348,16 @@ class TenantRepository:
             rows = session.scalars(select(SqlTenant).order_by(SqlTenant.id).limit(limit).offset(offset))
             return [to_tenant(row) for row in rows]
 
+    def tenant_names(self, *, tenant_ids: Iterable[int]) -> dict[int, str]:
+        """The names of those of ``tenant_ids`` that exist, by id (one query per ``IN`` chunk)."""
+        wanted = sorted(set(tenant_ids))
+        with self.db.session() as session:
+            return {
+                row.id: row.name
+                for ids in chunks(wanted)
+                for row in session.execute(select(SqlTenant.id, SqlTenant.name).where(SqlTenant.id.in_(ids)))
+            }
+
     def get_or_create_user(self, *, tenant_id: int, external_id: str) -> User:
         """The tenant's user with this external id, created on first sight (race-safe)."""
         external_id = validate_external_id(external_id)
@@ -297,3 +398,10 @@ class TenantRepository:
             query = select(SqlUser).where(SqlUser.tenant_id == tenant_id, SqlUser.kind == SubjectKind.USER)
             query = query.order_by(SqlUser.id)
             return [to_user(row) for row in session.scalars(query.limit(limit).offset(offset))]
+
+    def list_user_summaries(self, *, tenant_id: int, limit: int = 100, offset: int = 0) -> list[UserSummary]:
+        """One page of the tenant's users by id, each with live versions, newest feedback time and counts
+        (``user_summaries``); NotFoundError for no such tenant."""
+        with self.db.session() as session:
+            require_tenant(session, tenant_id=tenant_id)
+            return user_summaries(session, tenant_id=tenant_id, limit=limit, offset=offset)
