@@ -51,6 +51,11 @@ def current_tenant(services: Services, credentials: Credentials) -> Tenant:
     return services.tenants.authenticate(api_key=_presented(credentials))
 
 
+def actor_of(tenant: Tenant) -> str:
+    """How a tenant key's actions are recorded (alias history, job cancels, enrolments, the audit log)."""
+    return f"api:{tenant.name}"[:256]
+
+
 def require_admin(services: Services, credentials: Credentials) -> None:
     """The admin key; a valid tenant key is 403 (it may not manage tenants), anything else 401."""
     key = _presented(credentials)
@@ -123,6 +128,7 @@ def user_adapter(services: Services, user: CurrentUser, name: AdapterName) -> Ad
 UserAdapter = Annotated[Adapter, Depends(user_adapter)]
 
 __all__ = [
+    "actor_of",
     "Admin",
     "AdapterName",
     "AfterId",

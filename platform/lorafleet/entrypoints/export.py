@@ -9,10 +9,13 @@ import os
 from pathlib import Path
 
 from lorafleet.domain import Adapter, FeedbackRecord
+from lorafleet.domain.subject import Subject
+from lorafleet.entrypoints.admin import CLI_ACTOR
 from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.platform import Platform
 from lorafleet.registry.export import export_version
 from lorafleet.sdk.schemas import FeedbackRecordOut
+from lorafleet.workflows.audit import record_feedback_export, record_version_export
 from lorafleet.workflows.feedback import EXPORT_PAGE, FeedbackPage, all_feedback, list_feedback
 from lorafleet.workflows.tasks import get_task_adapter, list_task_feedback
 
@@ -26,8 +29,10 @@ def export_command(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with Platform.from_settings() as lib:
         tenant = lib.tenants.get_tenant(name=args.tenant)
+        owner = Subject.task(args.task) if args.task is not None else Subject.user(args.user)
         if args.feedback:
             path = _export_feedback(lib, args, tenant.id, out)
+            record_feedback_export(lib.db, tenant_id=tenant.id, actor=CLI_ACTOR, subject=owner)
         else:
             adapter = _adapter(lib, args, tenant.id)
             version = lib.registry.get_version(
@@ -41,6 +46,14 @@ def export_command(args: argparse.Namespace) -> int:
                 dest_dir=out,
             )
             path = exported.path
+            record_version_export(
+                lib.db,
+                actor=CLI_ACTOR,
+                adapter=adapter,
+                owner=None if args.task is not None else owner,
+                version=version,
+                archive_sha256=exported.archive_sha256,
+            )
             print(f"version sha256 (stored blob): {exported.version_sha256}")
             print(f"archive sha256: {exported.archive_sha256}")
     print(path)

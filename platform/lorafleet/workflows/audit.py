@@ -4,7 +4,8 @@ reads them.
 Every action that must be audited calls ``record_event`` inside the ``Database.unit_of_work()`` that performs
 it, so the event and the action commit together, and a failed action leaves no event. Already audited: forced
 promotes and every rollback of a ``live`` alias (``workflows.live_alias``), API-key creation and revocation and
-tenant creation (``store.sql.tenants``). Exports and deletions call ``record_event`` the same way.
+tenant creation (``store.sql.tenants``), version and feedback exports (``record_version_export``,
+``record_feedback_export``, by the API and ``lorafleet export``). Deletions will call ``record_event`` the same way.
 
 ``details`` hold ids and content hashes only, never personal content (no feedback text, no reasons typed by a
 person): the log must outlive a user's deletion without keeping what was deleted.
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lorafleet.domain import Adapter, AuditAction, AuditEvent
+from lorafleet.domain import Adapter, AdapterVersion, AuditAction, AuditEvent
 from lorafleet.domain.subject import Subject
 from lorafleet.store.sql import audit_repository
 from lorafleet.store.sql.database import Database
@@ -57,6 +58,42 @@ def list_events(
     )
 
 
+def record_version_export(
+    db: Database,
+    *,
+    actor: str,
+    adapter: Adapter,
+    owner: Subject | None,
+    version: AdapterVersion,
+    archive_sha256: str,
+) -> AuditEvent:
+    """An ``export.version`` event: who downloaded which version, and the digests of what they got."""
+    return record_event(
+        db,
+        tenant_id=adapter.tenant_id,
+        actor=actor,
+        action=AuditAction.EXPORT_VERSION,
+        target=adapter_target(adapter, owner=owner, number=version.number),
+        details={
+            "adapter_id": adapter.id,
+            "version_id": version.id,
+            "version_sha256": version.sha256,
+            "archive_sha256": archive_sha256,
+        },
+    )
+
+
+def record_feedback_export(db: Database, *, tenant_id: int, actor: str, subject: Subject) -> AuditEvent:
+    """An ``export.feedback`` event: who took a user's (or a task's) records out (``user:<id>`` / ``task:<name>``)."""
+    return record_event(
+        db,
+        tenant_id=tenant_id,
+        actor=actor,
+        action=AuditAction.EXPORT_FEEDBACK,
+        target=f"{subject.kind}:{subject.name}",
+    )
+
+
 def adapter_target(adapter: Adapter, *, owner: Subject | None, number: int | None) -> str:
     """How an event names a version of an adapter: ``user:<id>/<adapter>@<n>`` for a user's adapter,
     ``task:<name>@<n>`` for a task adapter (``@none``: no version, the base model)."""
@@ -66,4 +103,4 @@ def adapter_target(adapter: Adapter, *, owner: Subject | None, number: int | Non
     return f"user:{owner.name}/{adapter.name}@{at}"
 
 
-__all__ = ["adapter_target", "list_events", "record_event"]
+__all__ = ["adapter_target", "list_events", "record_event", "record_feedback_export", "record_version_export"]

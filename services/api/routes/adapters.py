@@ -13,10 +13,12 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
 
 from lorafleet.domain import Adapter, AliasEvent, Tenant
+from lorafleet.domain.subject import Subject
 from lorafleet.errors import ValidationError
 from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.registry.export import export_version
 from lorafleet.sdk import schemas as s
+from lorafleet.workflows.audit import record_version_export
 from lorafleet.workflows.import_jobs import ImportSubmitted, import_weight_bounds, submit_import
 from lorafleet.workflows.live_alias import move_live as move_alias
 from lorafleet.workflows.live_alias import promote_manually, versions_qa
@@ -32,6 +34,7 @@ from services.api.deps import (
     UserAdapter,
     UserId,
     VersionNumber,
+    actor_of,
 )
 from services.api.idempotency import Idempotent, IdempotentCall
 from services.api.runtime import ApiServices
@@ -46,11 +49,6 @@ DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such adapter or version"},
     409: {"description": "The version is marked corrupt"},
 }
-
-
-def actor_of(tenant: Tenant) -> str:
-    """Who moved the alias, as recorded in its history."""
-    return f"api:{tenant.name}"[:256]
 
 
 def event_out(services: ApiServices, adapter: Adapter, event: AliasEvent) -> s.AliasEventOut:
@@ -112,13 +110,26 @@ def get_version(
 
 
 @router.get("/{name}/versions/{n}/download", response_class=FileResponse, responses=DOWNLOAD_RESPONSES)
-def download_version(services: Services, adapter: UserAdapter, n: VersionNumber) -> FileResponse:
+def download_version(
+    services: Services, tenant: CurrentTenant, user: CurrentUser, adapter: UserAdapter, n: VersionNumber
+) -> FileResponse:
     """The version as a PEFT folder archive (``<adapter>-v<n>.tar.gz`` holding ``<adapter>-v<n>/`` with
     ``adapter_config.json``, ``adapter_model.safetensors`` and ``lorafleet_export.json``) that
     ``AutoPeftModelForCausalLM.from_pretrained`` loads once unpacked; ``base_model_name_or_path`` names a base PEFT
     accepts (``docs/data-rights.md``). The stored blob is verified against its sha256 first.
     ``X-Lorafleet-Version-Sha256``: the sha256 of the version's stored blob (as in its metadata);
-    ``X-Lorafleet-Archive-Sha256``: the sha256 of this download. 404: no such version; 409: a corrupt one."""
+    ``X-Lorafleet-Archive-Sha256``: the sha256 of this download. 404: no such version; 409: a corrupt one.
+    Each download is an ``export.version`` event in the audit log."""
+    return exported_version_response(
+        services, adapter, n, owner=Subject.user(user.external_id), actor=actor_of(tenant)
+    )
+
+
+def exported_version_response(
+    services: ApiServices, adapter: Adapter, n: int, *, owner: Subject | None, actor: str
+) -> FileResponse:
+    """Export version ``n`` of ``adapter`` (a user's, or a task's with ``owner`` None), audit it, and answer with
+    the archive; its folder is removed once the answer is sent."""
     version = services.registry.get_version(tenant_id=adapter.tenant_id, adapter_id=adapter.id, number=n)
     # the archive's folder lives until the answer is sent (a crashed process's is swept at the next start)
     work = ExitStack()
@@ -130,6 +141,14 @@ def download_version(services: Services, adapter: UserAdapter, n: VersionNumber)
             adapter_name=adapter.name,
             backbone=services.settings.backbone,
             dest_dir=folder,
+        )
+        record_version_export(
+            services.db,
+            actor=actor,
+            adapter=adapter,
+            owner=owner,
+            version=version,
+            archive_sha256=exported.archive_sha256,
         )
     except BaseException:
         work.close()

@@ -9,7 +9,7 @@ from lorafleet.routing.experts import list_enrolments
 from lorafleet.sdk import schemas as s
 from lorafleet.workflows.qa_triggers import enrol_and_recheck, unenrol_and_recheck
 from services.api import convert
-from services.api.deps import CurrentTenant, CurrentUser, Services, TaskName, UserId
+from services.api.deps import CurrentTenant, CurrentUser, Services, TaskName, UserId, actor_of
 from services.api.idempotency import Idempotent
 
 router = APIRouter(prefix="/v1/users/{user_id}/enrolments", tags=["enrolments"])
@@ -34,7 +34,7 @@ def post_enrolment(
             tenant_id=tenant.id,
             user_external_id=user_id,
             task_name=body.task,
-            actor=f"api:{tenant.name}",
+            actor=actor_of(tenant),
         )
         return convert.enrolment(found)
 
@@ -46,6 +46,6 @@ def delete_enrolment(services: Services, tenant: CurrentTenant, user_id: UserId,
     """Remove the user from the task adapter (their next request is served without it; QA rechecks their live
     adapters in the smaller bank); 404 if they were not enrolled."""
     unenrol_and_recheck(
-        services.db, tenant_id=tenant.id, user_external_id=user_id, task_name=task, actor=f"api:{tenant.name}"
+        services.db, tenant_id=tenant.id, user_external_id=user_id, task_name=task, actor=actor_of(tenant)
     )
     return Response(status_code=204)

@@ -14,11 +14,13 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lorafleet.domain import FeedbackRecord
+from lorafleet.domain.subject import Subject
 from lorafleet.feedback import IngestResult
 from lorafleet.sdk import schemas as s
+from lorafleet.workflows.audit import record_feedback_export
 from lorafleet.workflows.feedback import EXPORT_PAGE, all_feedback, ingest_feedback, list_feedback
 from services.api import convert
-from services.api.deps import AfterId, CurrentUser, PageLimit, Services, UserId
+from services.api.deps import AfterId, CurrentTenant, CurrentUser, PageLimit, Services, UserId, actor_of
 from services.api.idempotency import Idempotent, IdempotentCall
 
 router = APIRouter(prefix="/v1/users/{user_id}/feedback", tags=["feedback"])
@@ -77,7 +79,7 @@ EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("/export", response_class=StreamingResponse, responses=EXPORT_RESPONSES)
-def export_feedback(services: Services, user: CurrentUser) -> StreamingResponse:
+def export_feedback(services: Services, tenant: CurrentTenant, user: CurrentUser) -> StreamingResponse:
     """All of the user's records as JSON Lines, oldest first: each line is one record as ``GET .../feedback``
     returns it (every page); ``Content-Disposition`` names the file ``<user>-feedback.jsonl``."""
 
@@ -90,7 +92,11 @@ def export_feedback(services: Services, user: CurrentUser) -> StreamingResponse:
             limit=EXPORT_PAGE,
         )
 
-    return jsonl_response(all_feedback(page), filename=f"{user.external_id}-feedback.jsonl")
+    records = all_feedback(page)  # reads the first page now: an unknown user is a 404 before anything streams
+    record_feedback_export(
+        services.db, tenant_id=tenant.id, actor=actor_of(tenant), subject=Subject.user(user.external_id)
+    )
+    return jsonl_response(records, filename=f"{user.external_id}-feedback.jsonl")
 
 
 def jsonl_response(records: Iterator[FeedbackRecord], *, filename: str) -> StreamingResponse:

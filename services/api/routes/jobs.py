@@ -10,9 +10,8 @@ from fastapi.responses import JSONResponse
 
 from lorafleet.sdk import schemas as s
 from services.api import convert
-from services.api.deps import CurrentTenant, JobId, PageLimit, Paths, Services, UserFilter, UserId
+from services.api.deps import CurrentTenant, JobId, PageLimit, Paths, Services, UserFilter, UserId, actor_of
 from services.api.idempotency import Idempotent
-from services.api.routes.adapters import actor_of
 
 router = APIRouter(tags=["jobs"])
 

@@ -13,8 +13,10 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from lorafleet.domain import Adapter, AliasEvent, FeedbackRecord
+from lorafleet.domain.subject import Subject
 from lorafleet.feedback import IngestResult
 from lorafleet.sdk import schemas as s
+from lorafleet.workflows.audit import record_feedback_export
 from lorafleet.workflows.feedback import EXPORT_PAGE, all_feedback
 from lorafleet.workflows.import_jobs import submit_import
 from lorafleet.workflows.tasks import (
@@ -35,6 +37,7 @@ from services.api.deps import (
     Services,
     TaskName,
     VersionNumber,
+    actor_of,
 )
 from services.api.idempotency import Idempotent, IdempotentCall
 from services.api.routes import adapters as adapter_routes
@@ -101,7 +104,11 @@ def export_task_feedback(services: Services, tenant: CurrentTenant, task: TaskPa
             services.db, tenant_id=tenant.id, task_name=task, after_id=after_id, limit=EXPORT_PAGE
         )
 
-    return jsonl_response(all_feedback(page), filename=f"task-{task}-feedback.jsonl")
+    records = all_feedback(page)  # reads the first page now: an unknown task is a 404 before anything streams
+    record_feedback_export(
+        services.db, tenant_id=tenant.id, actor=actor_of(tenant), subject=Subject.task(task)
+    )
+    return jsonl_response(records, filename=f"task-{task}-feedback.jsonl")
 
 
 @router.post("/{task}/import", response_model=s.TaskImportSubmitted, status_code=202)
@@ -172,9 +179,11 @@ def get_task_version(
     response_class=FileResponse,
     responses=adapter_routes.DOWNLOAD_RESPONSES,
 )
-def download_task_version(services: Services, adapter: TaskAdapter, n: VersionNumber) -> FileResponse:
-    """The task version as a PEFT folder archive, as for a user's version (same headers, 404, 409)."""
-    return adapter_routes.download_version(services, adapter, n)
+def download_task_version(
+    services: Services, tenant: CurrentTenant, adapter: TaskAdapter, n: VersionNumber
+) -> FileResponse:
+    """The task version as a PEFT folder archive, as for a user's version (same headers, 404, 409, audit)."""
+    return adapter_routes.exported_version_response(services, adapter, n, owner=None, actor=actor_of(tenant))
 
 
 @router.get("/{task}/versions/{n}/lineage", response_model=s.LineageOut)

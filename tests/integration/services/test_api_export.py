@@ -287,3 +287,38 @@ def test_the_async_client_downloads_and_exports_through_the_same_calls(
     assert Path(version.path).read_bytes() == Path(expected.path).read_bytes()
     prompts = [json.loads(line)["payload"]["prompt"] for line in Path(feedback.path).read_text().splitlines()]
     assert prompts == ["q1", "q2"] and not (tmp_path / "none.tar.gz").exists()
+
+
+def test_every_export_is_one_audit_event_and_a_refused_one_none(
+    make_tenant: Callable[[], TenantHandle],
+    library: Library,
+    adapter_folder: Callable[[int], Path],
+    tmp_path: Path,
+) -> None:
+    tenant = make_tenant()
+    client = tenant.client
+    live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(1))
+    live_task_version(library, tenant_id=tenant.id, task="tone", folder=adapter_folder(3))
+    client.submit_feedback("ada", [sft("a private question", "a private answer")])
+    client.submit_task_feedback("tone", [sft("a private task question")])
+    before = {e.id for e in client.list_audit()}
+
+    got = client.download_version("ada", "personal", 1, tmp_path / "v1.tar.gz")
+    client.download_task_version("tone", 1, tmp_path / "tone.tar.gz")
+    client.export_feedback("ada", tmp_path / "ada.jsonl")
+    client.export_task_feedback("tone", tmp_path / "tone.jsonl")
+    with pytest.raises(errors.NotFound):
+        client.download_version("ada", "personal", 9, tmp_path / "none.tar.gz")
+    with pytest.raises(errors.NotFound):
+        client.export_feedback("nobody", tmp_path / "nobody.jsonl")
+
+    events = [e for e in client.list_audit() if e.id not in before]
+    assert [(e.action, e.target, e.actor) for e in events] == [
+        ("export.version", "user:ada/personal@1", f"api:{tenant.name}"),
+        ("export.version", "task:tone@1", f"api:{tenant.name}"),
+        ("export.feedback", "user:ada", f"api:{tenant.name}"),
+        ("export.feedback", "task:tone", f"api:{tenant.name}"),
+    ]
+    assert events[0].details["version_sha256"] == got.version_sha256
+    assert events[0].details["archive_sha256"] == got.sha256
+    assert "private" not in json.dumps([e.model_dump(mode="json") for e in events])  # ids and hashes only

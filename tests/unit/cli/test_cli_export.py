@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 from tests.unit.registry.registry_helpers import write_adapter_dir
 
+from lorafleet.domain import AuditAction
 from lorafleet.entrypoints import export as export_module
 from lorafleet.entrypoints.cli import main
 from lorafleet.platform import Platform
 from lorafleet.sdk.schemas import FeedbackRecordOut
+from lorafleet.workflows.audit import list_events
 from lorafleet.workflows.feedback import ingest_feedback, list_feedback
 from lorafleet.workflows.tasks import ingest_task_feedback
 
@@ -68,6 +70,8 @@ def test_export_writes_a_version_archive(setup: Setup, capsys: pytest.CaptureFix
         "personal-v1/lorafleet_export.json",
     ]
     assert config["base_model_name_or_path"] == "builtin:tiny"  # the tests' backbone (LORAFLEET_BACKBONE)
+    exports = list_events(setup.platform.db, tenant_id=setup.tenant_id, action=AuditAction.EXPORT_VERSION)
+    assert [(e.actor, e.target) for e in exports] == [("cli", "user:alice/personal@1")]
 
 
 def test_export_writes_feedback_as_json_lines(
@@ -98,3 +102,9 @@ def test_export_refusals_write_nothing(setup: Setup, capsys: pytest.CaptureFixtu
     assert main(both) == 2
     assert "exactly one of --user and --task" in capsys.readouterr().err
     assert not setup.out.exists() or list(setup.out.iterdir()) == []
+    exports = [
+        e
+        for e in list_events(setup.platform.db, tenant_id=setup.tenant_id)
+        if e.action in (AuditAction.EXPORT_VERSION, AuditAction.EXPORT_FEEDBACK)
+    ]
+    assert exports == []  # a refused export is not audited
