@@ -10,7 +10,7 @@ Downgrading drops the triggers and the table (and with it the log).
 
 Revision ID: 0013
 Revises: 0012
-Create Date: 2026-12-06 10:00:00.000000
+Create Date: 2026-12-03 12:00:00.000000
 """
 
 from __future__ import annotations
