@@ -38,7 +38,7 @@ OWN = "own"
 #: a placeholder archive for the import route (gzip magic); the test sends a real adapter archive instead, since
 #: the route checks the files before it queues B's import job (in B's namespace, nothing of A's)
 GZIP_B64 = base64.b64encode(gzip.compress(b"not really a tar")).decode("ascii")
-IMPORT_ROUTE = ("POST", "/v1/tasks/{task}/import")
+IMPORT_ROUTES = {("POST", "/v1/tasks/{task}/import"), ("POST", "/v1/users/{user_id}/adapters/{name}/import")}
 
 #: (method, path) -> (what tenant B gets on tenant A's ids, the JSON body to send)
 ROUTES: dict[tuple[str, str], tuple[int | str, Any]] = {
@@ -55,11 +55,18 @@ ROUTES: dict[tuple[str, str], tuple[int | str, Any]] = {
     ("GET", "/v1/users"): (OWN, None),  # B's own users only (checked in test_api_users_and_audit)
     ("GET", "/v1/audit"): (OWN, None),  # B's own events only (checked in test_api_users_and_audit)
     ("GET", "/v1/users/{user_id}/feedback"): (404, None),
+    ("GET", "/v1/users/{user_id}/feedback/export"): (404, None),
     ("POST", "/v1/users/{user_id}/feedback"): (OWN, {"records": [sft("from tenant B")]}),
     ("GET", "/v1/users/{user_id}/adapters"): (404, None),
     ("GET", "/v1/users/{user_id}/adapters/{name}/versions"): (404, None),
     ("GET", "/v1/users/{user_id}/adapters/{name}/versions/{n}"): (404, None),
     ("GET", "/v1/users/{user_id}/adapters/{name}/versions/{n}/lineage"): (404, None),
+    ("GET", "/v1/users/{user_id}/adapters/{name}/versions/{n}/download"): (404, None),
+    # B's own alice gets B's own import job (in B's namespace, nothing of A's)
+    ("POST", "/v1/users/{user_id}/adapters/{name}/import"): (
+        OWN,
+        {"archive_base64": GZIP_B64, "example_prompts": ["Hi"]},
+    ),
     ("GET", "/v1/users/{user_id}/adapters/{name}/history"): (404, None),
     ("POST", "/v1/users/{user_id}/adapters/{name}/promote"): (404, {"version": 1}),
     ("POST", "/v1/users/{user_id}/adapters/{name}/rollback"): (404, {"to_version": None}),
@@ -74,12 +81,14 @@ ROUTES: dict[tuple[str, str], tuple[int | str, Any]] = {
     ("GET", "/v1/models"): (OWN, None),  # the caller's own models only (checked below)
     ("POST", "/v1/tasks/{task}/feedback"): (OWN, {"records": [sft("task data from tenant B")]}),
     ("GET", "/v1/tasks/{task}/feedback"): (404, None),
+    ("GET", "/v1/tasks/{task}/feedback/export"): (404, None),
     ("POST", "/v1/tasks/{task}/import"): (OWN, {"archive_base64": GZIP_B64, "example_prompts": ["Hi"]}),
     ("POST", "/v1/tasks/{task}/train"): (404, None),
     ("GET", "/v1/tasks/{task}/enrolments"): (404, None),
     ("GET", "/v1/tasks/{task}/versions"): (404, None),
     ("GET", "/v1/tasks/{task}/versions/{n}"): (404, None),
     ("GET", "/v1/tasks/{task}/versions/{n}/lineage"): (404, None),
+    ("GET", "/v1/tasks/{task}/versions/{n}/download"): (404, None),
     ("GET", "/v1/tasks/{task}/history"): (404, None),
     ("POST", "/v1/tasks/{task}/promote"): (404, {"version": 1}),
     ("POST", "/v1/tasks/{task}/rollback"): (404, {"to_version": None}),
@@ -178,7 +187,7 @@ def test_another_tenant_gets_404_on_every_route_naming_tenant_as_ids(
                 assert mine.status_code == 200, (method, path, mine.text)
         for method, path in own:
             body = ROUTES[(method, path)][1]
-            if (method, path) == IMPORT_ROUTE:
+            if (method, path) in IMPORT_ROUTES:
                 body = {**body, "archive_base64": archive}
             answer = _call(http, method, tenant_a.url(path), key=b.api_key, body=body)
             assert answer.status_code in (200, 202), (method, path, answer.text)
