@@ -13,9 +13,9 @@ from lorafleet.domain.subject import Subject
 from lorafleet.entrypoints.admin import CLI_ACTOR
 from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.platform import Platform
-from lorafleet.registry.export import export_version
 from lorafleet.sdk.schemas import FeedbackRecordOut
-from lorafleet.workflows.audit import record_feedback_export, record_version_export
+from lorafleet.workflows.audit import record_feedback_export
+from lorafleet.workflows.exports import export_audited_version
 from lorafleet.workflows.feedback import EXPORT_PAGE, FeedbackPage, all_feedback, list_feedback
 from lorafleet.workflows.tasks import get_task_adapter, list_task_feedback
 
@@ -35,25 +35,17 @@ def export_command(args: argparse.Namespace) -> int:
             record_feedback_export(lib.db, tenant_id=tenant.id, actor=CLI_ACTOR, subject=owner)
         else:
             adapter = _adapter(lib, args, tenant.id)
-            version = lib.registry.get_version(
-                tenant_id=tenant.id, adapter_id=adapter.id, number=args.version
-            )
-            exported = export_version(
-                lib.registry,
-                version=version,
-                adapter_name=adapter.name,
-                backbone=lib.settings.backbone,
-                dest_dir=out,
-            )
-            path = exported.path
-            record_version_export(
+            exported = export_audited_version(
                 lib.db,
-                actor=CLI_ACTOR,
+                lib.registry,
                 adapter=adapter,
                 owner=None if args.task is not None else owner,
-                version=version,
-                archive_sha256=exported.archive_sha256,
+                number=args.version,
+                backbone=lib.settings.backbone,
+                dest_dir=out,
+                actor=CLI_ACTOR,
             )
+            path = exported.path
             print(f"version sha256 (stored blob): {exported.version_sha256}")
             print(f"archive sha256: {exported.archive_sha256}")
     print(path)

@@ -76,9 +76,8 @@ def resolve_user_experts(db: Database, *, tenant_id: int, user_external_id: str)
     """The user's experts now; an unknown user gets an empty bank (base answers) and the default gate."""
     external_id = validate_external_id(user_external_id)
     repo = RoutingRepository(dialect=db.dialect)
-    with db.unit_of_work():  # the gate settings and the live versions as of one moment
-        found = db.run(repo.user_with_gate_spec, tenant_id=tenant_id, external_id=external_id)
-        rows = [] if found is None else db.run(repo.live_adapters, tenant_id=tenant_id, user_id=found[0])
+    # the gate settings and the live versions as of one moment, in one session (no savepoints per read)
+    found, rows = db.run(repo.user_experts, tenant_id=tenant_id, external_id=external_id)
     user_id, stored = found if found is not None else (None, None)
     members = _members(rows, user_id=user_id)
     gate_row = next((r for r in rows if r.kind == "gate"), None)

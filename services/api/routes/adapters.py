@@ -16,9 +16,8 @@ from lorafleet.domain import Adapter, AliasEvent, Tenant
 from lorafleet.domain.subject import Subject
 from lorafleet.errors import ValidationError
 from lorafleet.qa.reports import load_report, reports_for_version
-from lorafleet.registry.export import export_version
 from lorafleet.sdk import schemas as s
-from lorafleet.workflows.audit import record_version_export
+from lorafleet.workflows.exports import export_audited_version
 from lorafleet.workflows.import_jobs import ImportSubmitted, import_weight_bounds, submit_import
 from lorafleet.workflows.live_alias import move_live as move_alias
 from lorafleet.workflows.live_alias import promote_manually, versions_qa
@@ -130,25 +129,19 @@ def exported_version_response(
 ) -> FileResponse:
     """Export version ``n`` of ``adapter`` (a user's, or a task's with ``owner`` None), audit it, and answer with
     the archive; its folder is removed once the answer is sent."""
-    version = services.registry.get_version(tenant_id=adapter.tenant_id, adapter_id=adapter.id, number=n)
     # the archive's folder lives until the answer is sent (a crashed process's is swept at the next start)
     work = ExitStack()
     folder = work.enter_context(owned_tempdir("lorafleet-export-"))
     try:
-        exported = export_version(
-            services.registry,
-            version=version,
-            adapter_name=adapter.name,
-            backbone=services.settings.backbone,
-            dest_dir=folder,
-        )
-        record_version_export(
+        exported = export_audited_version(
             services.db,
-            actor=actor,
+            services.registry,
             adapter=adapter,
             owner=owner,
-            version=version,
-            archive_sha256=exported.archive_sha256,
+            number=n,
+            backbone=services.settings.backbone,
+            dest_dir=folder,
+            actor=actor,
         )
     except BaseException:
         work.close()

@@ -116,6 +116,16 @@ class RoutingRepository:
         row = session.execute(stmt).one_or_none()
         return None if row is None else (int(row[0]), None if row[1] is None else dict(row[1]))
 
+    def user_experts(
+        self, session: Session, *, tenant_id: int, external_id: str
+    ) -> tuple[tuple[int, dict[str, Any] | None] | None, list[LiveAdapterRow]]:
+        """``user_with_gate_spec`` and, for a user the tenant has, their ``live_adapters``: both in this one
+        session (what serving resolves for every request)."""
+        found = self.user_with_gate_spec(session, tenant_id=tenant_id, external_id=external_id)
+        if found is None:
+            return None, []
+        return found, self.live_adapters(session, tenant_id=tenant_id, user_id=found[0])
+
     def live_adapters(self, session: Session, *, tenant_id: int, user_id: int) -> list[LiveAdapterRow]:
         """The user's own adapters (both kinds) and enrolled task adapters that have a live version: one query."""
         enrolled = and_(SqlEnrolment.adapter_id == SqlAdapter.id, SqlEnrolment.user_id == user_id)
