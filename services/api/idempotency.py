@@ -30,6 +30,13 @@ from services.api.runtime import ApiServices
 REPLAYED_HEADER = "Idempotent-Replayed"
 
 
+def request_subject(request: Request) -> str | None:
+    """The user (external id) a request's path is about (``/v1/users/{user_id}/...``), else None: stored with
+    its idempotent response, so forgetting the user deletes the response too."""
+    value = request.path_params.get("user_id")
+    return value if isinstance(value, str) else None
+
+
 def run_idempotent(
     *,
     services: ApiServices,
@@ -54,6 +61,7 @@ def run_idempotent(
         request_hash=fingerprint,
         status=status_code,
         operation=lambda: operation().model_dump(mode="json"),
+        subject=request_subject(request),
     )
     headers = {REPLAYED_HEADER: "true"} if outcome.replayed else None
     return JSONResponse(outcome.response.body, status_code=outcome.response.status, headers=headers)

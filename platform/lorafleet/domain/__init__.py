@@ -8,11 +8,13 @@ from typing import Any
 
 from lorafleet.domain.enums import (
     ACTIVE_JOB_STATES,
+    FINAL_STATUSES,
     FINISHED_JOB_STATES,
     UNSERVABLE_STATUSES,
     AdapterKind,
     AuditAction,
     BlobCheck,
+    DeletionKind,
     EnrolmentAction,
     FeedbackKind,
     JobKind,
@@ -104,6 +106,8 @@ class AdapterVersion:
     created_at: datetime
     job_id: int | None = None
     dataset_snapshot_id: int | None = None
+    #: when the version was revoked (status ``revoked``: a record it was trained on was deleted)
+    revoked_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -185,8 +189,38 @@ class AuditEvent:
     details: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class DeletionReceipt:
+    """What one deletion did, kept retrievable (``GET /v1/deletions/{id}``): what was asked (``request``), the
+    content hashes of the records removed, the versions revoked (``{"adapter", "number", "version_id",
+    "sha256"}``), what else was erased (counts, for a user), the blobs and when they are deleted, the rebuild
+    job, timestamps and the actor. Ids and hashes only, never personal content.
+
+    ``subject`` is ``user:<id>`` or ``task:<name>``; ``purge_after``: when the blobs may be deleted (the gc grace
+    period after the deletion, or at once with ``purge``); ``blobs_deleted_at``: when they were.
+    """
+
+    id: str
+    tenant_id: int
+    kind: DeletionKind
+    subject: str
+    actor: str
+    created_at: datetime
+    request: dict[str, Any]
+    record_hashes: tuple[str, ...]
+    revoked_versions: tuple[dict[str, Any], ...]
+    erased: dict[str, int]
+    blobs: tuple[str, ...]
+    purge_after: datetime
+    blobs_deleted_at: datetime | None = None
+    rebuild_job_id: int | None = None
+    #: the adapters whose versions were revoked (a rebuilt version is the first clean one after ``created_at``)
+    adapter_ids: tuple[int, ...] = ()
+
+
 __all__ = [
     "ACTIVE_JOB_STATES",
+    "FINAL_STATUSES",
     "FINISHED_JOB_STATES",
     "LIVE",
     "UNSERVABLE_STATUSES",
@@ -198,6 +232,8 @@ __all__ = [
     "AuditEvent",
     "BlobCheck",
     "DatasetSnapshot",
+    "DeletionKind",
+    "DeletionReceipt",
     "EnrolmentAction",
     "FeedbackKind",
     "FeedbackRecord",

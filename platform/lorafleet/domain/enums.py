@@ -24,6 +24,9 @@ class VersionStatus(StrEnum):
     ``corrupt``: its blob failed verification (a wrong digest or size, or gone from the object store); the
     version is quarantined: never served, never a promote or rollback target, and its status never changes again
     (``lorafleet.workflows.blob_verify`` sets it).
+
+    ``revoked``: its training data held a record that was deleted since (``lorafleet.workflows.deletion``):
+    never served, never a promote or rollback target, its blob deleted after the gc grace period; final.
     """
 
     CANDIDATE = "candidate"
@@ -31,10 +34,18 @@ class VersionStatus(StrEnum):
     REJECTED = "rejected"
     ARCHIVED = "archived"
     CORRUPT = "corrupt"
+    REVOKED = "revoked"
 
 
-#: statuses a version can never go live from (QA rejected it, or its blob failed verification)
-UNSERVABLE_STATUSES: tuple[VersionStatus, ...] = (VersionStatus.REJECTED, VersionStatus.CORRUPT)
+#: statuses a version can never go live from (QA rejected it, its blob failed verification, or its data was
+#: deleted)
+UNSERVABLE_STATUSES: tuple[VersionStatus, ...] = (
+    VersionStatus.REJECTED,
+    VersionStatus.CORRUPT,
+    VersionStatus.REVOKED,
+)
+#: statuses that never change again
+FINAL_STATUSES: tuple[VersionStatus, ...] = (VersionStatus.CORRUPT, VersionStatus.REVOKED)
 
 
 class BlobCheck(StrEnum):
@@ -157,6 +168,13 @@ class AuditAction(StrEnum):
     TENANT_CREATED = "tenant.created"
 
 
+class DeletionKind(StrEnum):
+    """What a deletion receipt records: some of a subject's records, or a whole user."""
+
+    RECORDS = "records"
+    USER = "user"
+
+
 def values(enum: type[StrEnum]) -> tuple[str, ...]:
     """The members' plain string values, in definition order (for SQL CHECK constraints and messages)."""
     return tuple(member.value for member in enum)
@@ -169,6 +187,8 @@ __all__ = [
     "AdapterKind",
     "AuditAction",
     "BlobCheck",
+    "DeletionKind",
+    "FINAL_STATUSES",
     "EnrolmentAction",
     "FeedbackKind",
     "JobKind",

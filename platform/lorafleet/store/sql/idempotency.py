@@ -114,12 +114,14 @@ class IdempotencyRepository:
         request_hash: str,
         status: int,
         operation: Callable[[], dict[str, Any]],
+        subject: str | None = None,
     ) -> Outcome:
         """The stored response for ``(tenant_id, key)`` (replayed), or ``operation()``'s result as the body of a
         ``status`` response, stored with the key in the operation's transaction. The operation's store calls
         must go through this repository's ``Database`` (they then join the transaction); it runs at most once
         per key, and when it raises nothing of it is kept. Raises ``IdempotencyKeyReusedError`` or
-        ``IdempotencyKeyInFlightError``."""
+        ``IdempotencyKeyInFlightError``. ``subject``: the user (external id) the request was about, stored with
+        the response so that forgetting the user deletes it (``forget_subject``)."""
         key = check_key(key)
         with self.db.transaction() as session:
             self._lock_key(session, tenant_id=tenant_id, key=key)
@@ -140,7 +142,13 @@ class IdempotencyRepository:
                     raise IdempotencyKeyInFlightError("a request with this Idempotency-Key is still running")
             body = operation()
             self._store(
-                session, tenant_id=tenant_id, key=key, request_hash=request_hash, status=status, body=body
+                session,
+                tenant_id=tenant_id,
+                key=key,
+                request_hash=request_hash,
+                status=status,
+                body=body,
+                subject=subject,
             )
             return Outcome(StoredResponse(status=status, body=body), replayed=False)
 
@@ -149,6 +157,17 @@ class IdempotencyRepository:
         with self.db.session() as session:
             result = session.execute(
                 delete(SqlIdempotencyKey).where(SqlIdempotencyKey.created_at < older_than)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def forget_subject(self, *, tenant_id: int, subject: str) -> int:
+        """Delete the tenant's stored responses of requests about the user ``subject``; returns how many. Joins
+        the caller's transaction (``Database.session``), so a user's erasure deletes them with everything else."""
+        with self.db.session() as session:
+            result = session.execute(
+                delete(SqlIdempotencyKey).where(
+                    SqlIdempotencyKey.tenant_id == tenant_id, SqlIdempotencyKey.subject == subject
+                )
             )
             return int(getattr(result, "rowcount", 0) or 0)
 
@@ -175,6 +194,7 @@ class IdempotencyRepository:
         request_hash: str,
         status: int,
         body: dict[str, Any],
+        subject: str | None,
     ) -> None:
         """The key's row with its response (over an earlier version's unfinished reservation, if one is left)."""
         dialect_insert = (
@@ -185,6 +205,7 @@ class IdempotencyRepository:
             "response_status": status,
             "response_body": body,
             "created_at": utcnow(),
+            "subject": subject,
         }
         statement = (
             dialect_insert(SqlIdempotencyKey)

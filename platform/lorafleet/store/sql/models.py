@@ -34,6 +34,7 @@ from lorafleet.domain.enums import ACTIVE_JOB_STATES as DOMAIN_ACTIVE_JOB_STATES
 from lorafleet.domain.enums import (
     AdapterKind,
     AuditAction,
+    DeletionKind,
     EnrolmentAction,
     FeedbackKind,
     JobState,
@@ -67,6 +68,7 @@ ADAPTER_KINDS = values(AdapterKind)
 ENROLMENT_ACTIONS = values(EnrolmentAction)
 SUBJECT_KINDS = values(SubjectKind)
 AUDIT_ACTIONS = values(AuditAction)
+DELETION_KINDS = values(DeletionKind)
 
 
 def utcnow() -> datetime:
@@ -293,6 +295,8 @@ class SqlAdapterVersion(Base):
     #: normalised mean of pooled base-model embeddings of the training prompts (the centroid gate's key)
     routing_key: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: when the version was revoked (a record it was trained on was deleted: ``lorafleet.workflows.deletion``)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class SqlScrubCursor(Base):
@@ -454,6 +458,35 @@ class SqlQAReport(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class SqlDeletionReceipt(Base):
+    """What one deletion did (``lorafleet.domain.DeletionReceipt``): hashes and ids only. ``tenant_id`` has no
+    foreign key (a receipt outlives what it describes). ``blobs`` are held from the gc until ``purge_after``;
+    ``blobs_deleted_at`` is set once they are gone."""
+
+    __tablename__ = "deletion_receipts"
+    __table_args__ = (
+        CheckConstraint(_in("kind", DELETION_KINDS), name="kind"),
+        Index("ix_deletion_receipts_tenant_id_created_at", "tenant_id", "created_at"),
+        Index("ix_deletion_receipts_blobs_deleted_at", "blobs_deleted_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    subject: Mapped[str] = mapped_column(String(300))
+    actor: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    record_hashes: Mapped[list[Any]] = mapped_column(JSON)
+    revoked_versions: Mapped[list[Any]] = mapped_column(JSON)
+    erased: Mapped[dict[str, Any]] = mapped_column(JSON)
+    blobs: Mapped[list[Any]] = mapped_column(JSON)
+    purge_after: Mapped[datetime] = mapped_column(UTCDateTime())
+    blobs_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    rebuild_job_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    adapter_ids: Mapped[list[Any]] = mapped_column(JSON)
+
+
 class SqlIdempotencyKey(Base):
     """A tenant's ``Idempotency-Key`` and the response it produced, written in the request's own transaction
     (``store.sql.idempotency``). Status NULL only in rows an older version left reserved before a crash.
@@ -462,7 +495,10 @@ class SqlIdempotencyKey(Base):
     """
 
     __tablename__ = "idempotency_keys"
-    __table_args__ = (UniqueConstraint("tenant_id", "key"),)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "key"),
+        Index("ix_idempotency_keys_tenant_id_subject", "tenant_id", "subject"),
+    )
 
     id: Mapped[int] = mapped_column(BigIntKey, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -471,6 +507,8 @@ class SqlIdempotencyKey(Base):
     response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     response_body: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    #: the user (external id) whose path the request was on, if any: forgetting that user deletes the entry
+    subject: Mapped[str | None] = mapped_column(String(256), nullable=True)
 
 
 class SqlAuditEvent(Base):
@@ -512,6 +550,7 @@ __all__ = [
     "SqlEnrolmentEvent",
     "SqlGateSettings",
     "SqlQAReport",
+    "SqlDeletionReceipt",
     "SqlIdempotencyKey",
     "SqlAuditEvent",
 ]
