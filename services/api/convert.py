@@ -12,6 +12,7 @@ from lorafleet.domain import (
     AdapterVersion,
     AliasEvent,
     AuditEvent,
+    DeletionReceipt,
     FeedbackRecord,
     Job,
     QADecision,
@@ -51,6 +52,21 @@ def audit_event(event: AuditEvent, *, tenant_names: Mapping[int, str]) -> s.Audi
     """An audit event; ``tenant`` named from ``tenant_names`` (None: admin-wide, or a tenant no longer there)."""
     tenant = None if event.tenant_id is None else tenant_names.get(event.tenant_id)
     return _copied(s.AuditEventOut, event, tenant=tenant)
+
+
+def deletion_receipt(
+    receipt: DeletionReceipt, *, rebuild: s.RebuildOut | None = None
+) -> s.DeletionReceiptOut:
+    """A deletion receipt; ``rebuild`` where the rebuild stands (None: a user's erasure, or not asked)."""
+    return _copied(
+        s.DeletionReceiptOut,
+        receipt,
+        kind=receipt.kind.value,
+        record_hashes=list(receipt.record_hashes),
+        revoked_versions=[s.RevokedVersionOut(**v) for v in receipt.revoked_versions],
+        blobs=list(receipt.blobs),
+        rebuild=rebuild,
+    )
 
 
 def feedback_submitted(result: IngestResult) -> s.FeedbackSubmitted:

@@ -55,6 +55,10 @@ FreeText = Annotated[str, AfterValidator(free_text)]
 VersionNumber = Annotated[StrictInt, Field(ge=1, le=MAX_INT32)]
 
 __all__ = [
+    "DeletionReceiptOut",
+    "RebuildOut",
+    "RebuiltVersionOut",
+    "RevokedVersionOut",
     "FINISHED_JOB_STATES",
     "AuditAction",
     "AuditEventOut",
@@ -214,6 +218,53 @@ class AuditEventOut(_Out):
         description="What, e.g. 'user:ada/personal@3', 'task:faq@none', 'key:7', 'tenant:acme'."
     )
     details: dict[str, Any]
+
+
+# --- data deletion ---------------------------------------------------------------------------------------------
+class RevokedVersionOut(_Out):
+    """A version a deletion revoked: its adapter's name, number, id and blob digest."""
+
+    adapter: str | None = Field(description="The adapter's name; null if it no longer exists.")
+    number: int
+    version_id: int
+    sha256: str
+
+
+class RebuiltVersionOut(_Out):
+    """The first clean version of a revoked adapter registered after the deletion (the rebuild's result)."""
+
+    adapter: str | None
+    number: int
+    version_id: int
+    status: VersionStatus
+
+
+class RebuildOut(_Out):
+    """The unlearning job a deletion queued, and where it stands."""
+
+    job_id: int | None = Field(description="The train job queued to rebuild; null when none was needed.")
+    job_state: JobState | None = None
+    versions: list[RebuiltVersionOut] = Field(
+        default_factory=list, description="Clean versions registered since the deletion, per revoked adapter."
+    )
+
+
+class DeletionReceiptOut(_Out):
+    """What one deletion did, retrievable by id (``GET /v1/deletions/{id}``): ids and hashes only."""
+
+    id: str
+    kind: Literal["records", "user"]
+    subject: str = Field(description="'user:<id>' or 'task:<name>'.")
+    actor: str
+    created_at: datetime
+    request: dict[str, Any] = Field(description="What was asked: record ids, or the filter (values hashed).")
+    record_hashes: list[str] = Field(description="Content hashes (sha256) of the records removed.")
+    revoked_versions: list[RevokedVersionOut]
+    erased: dict[str, int] = Field(description="What else was erased, counted by kind of row.")
+    blobs: list[str] = Field(description="Digests of the blobs to delete (revoked or erased versions).")
+    purge_after: datetime = Field(description="When the blobs may be deleted (the gc grace period, or now).")
+    blobs_deleted_at: datetime | None = None
+    rebuild: RebuildOut | None = None
 
 
 # --- blob verification (admin) ---------------------------------------------------------------------------------
