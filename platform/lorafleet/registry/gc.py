@@ -1,5 +1,12 @@
-"""Garbage collection of the object store: blobs that no version row and no QA report references, once they
-are older than the grace period (a registration writes its blob before its row)."""
+"""Garbage collection of the object store.
+
+A blob is deleted when nothing needs it any more (``RegistryRepository.referenced_sha256s``: a version row that
+is not ``revoked``, a QA report of one, or a deletion receipt's hold) and either it is older than the grace period
+(a registration writes its blob before its row, so a young unreferenced blob may be one about to be
+registered) or a deletion receipt's hold on it has ended (its ``purge_after`` has passed: the blob of a revoked or
+erased version goes then, however young). Each deletion re-checks under the blob lock, so a registration is
+never undercut. Receipts whose held blobs are all gone (or still used by a servable version) are marked.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +15,34 @@ from datetime import UTC, datetime
 from lorafleet.errors import BlobNotFoundError
 from lorafleet.store.blob.base import BlobStore
 from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.receipts import blob_holds, mark_blobs_deleted
 from lorafleet.store.sql.registry_repository import RegistryRepository
 
 
 def collect_unreferenced_blobs(
-    db: Database, blobs: BlobStore, repo: RegistryRepository, *, cutoff: datetime
+    db: Database, blobs: BlobStore, repo: RegistryRepository, *, cutoff: datetime, now: datetime | None = None
 ) -> list[str]:
-    """Delete the unreferenced blobs last modified before ``cutoff``; returns their digests. Each deletion
-    re-checks under the blob lock, so a registration is never undercut."""
-    old = {info.sha256 for info in blobs.list() if _aware(info.modified_at) < cutoff}
-    unreferenced = old - db.run(repo.referenced_sha256s, digests=old)
-    return sorted(sha for sha in unreferenced if _delete_if_unreferenced(db, blobs, repo, sha))
+    """Delete the unreferenced blobs last modified before ``cutoff``, and those whose deletion receipt's hold
+    ended by ``now``; returns their digests."""
+    now = now or datetime.now(UTC)
+    holds = db.run(blob_holds, now=now)
+    due = {sha for digests in holds.due.values() for sha in digests}
+    stored = {info.sha256: _aware(info.modified_at) for info in blobs.list()}
+    candidates = {sha for sha, modified in stored.items() if modified < cutoff} | (due & set(stored))
+    unreferenced = candidates - db.run(repo.referenced_sha256s, digests=candidates, now=now)
+    deleted = sorted(sha for sha in unreferenced if delete_if_unreferenced(db, blobs, repo, sha, now=now))
+    if holds.due:
+        db.run(mark_blobs_deleted, receipt_ids=list(holds.due), at=now)
+    return deleted
 
 
-def _delete_if_unreferenced(db: Database, blobs: BlobStore, repo: RegistryRepository, sha256: str) -> bool:
+def delete_if_unreferenced(
+    db: Database, blobs: BlobStore, repo: RegistryRepository, sha256: str, *, now: datetime
+) -> bool:
+    """Delete one blob unless something needs it (checked under the exclusive blob lock); whether it was."""
     with db.unit_of_work():
         db.run(repo.lock_blobs, exclusive=True)
-        if db.run(repo.referenced_sha256s, digests=[sha256]):
+        if db.run(repo.referenced_sha256s, digests=[sha256], now=now):
             return False
         try:
             blobs.delete(sha256)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,7 +31,7 @@ from lorafleet.errors import (
     ValidationError,
 )
 from lorafleet.registry.archive import ARCHIVE_MEMBERS, pack_adapter_archive, unpack_adapter_archive
-from lorafleet.registry.gc import collect_unreferenced_blobs
+from lorafleet.registry.gc import collect_unreferenced_blobs, delete_if_unreferenced
 from lorafleet.registry.lineage import Lineage, _distances, _node, _nodes, _with_qa_reports
 from lorafleet.registry.peft_format import (
     DEFAULT_MAX_HEADER_BYTES,
@@ -78,6 +78,11 @@ class Registry:
         self._repo = RegistryRepository(dialect=db.dialect)
         self._gc_grace = timedelta(seconds=gc_grace_seconds)
         self._max_header_bytes = max_header_bytes
+
+    @property
+    def gc_grace(self) -> timedelta:
+        """How long an unreferenced blob is kept before the gc deletes it (and a deletion's blobs are held)."""
+        return self._gc_grace
 
     @property
     def blobs(self) -> BlobStore:
@@ -504,10 +509,23 @@ class Registry:
         return dest_dir
 
     def gc(self, *, now: datetime | None = None) -> list[str]:
-        """Delete blobs that no version row or QA report references and that are older than the grace period;
-        returns their digests. Each deletion re-checks under the blob lock, so a registration is never undercut."""
-        cutoff = (now or datetime.now(UTC)) - self._gc_grace
-        return collect_unreferenced_blobs(self._db, self._blobs, self._repo, cutoff=cutoff)
+        """Delete blobs nothing needs any more that are older than the grace period, and those a deletion receipt
+        held until a moment now passed (``lorafleet.registry.gc``); returns their digests. Each deletion re-checks
+        under the blob lock, so a registration is never undercut."""
+        now = now or datetime.now(UTC)
+        return collect_unreferenced_blobs(
+            self._db, self._blobs, self._repo, cutoff=now - self._gc_grace, now=now
+        )
+
+    def delete_unreferenced_now(self, digests: Iterable[str], *, now: datetime | None = None) -> list[str]:
+        """Delete these blobs at once, each unless something still needs it (a deletion's ``purge``: its
+        receipt's hold ends ``now``); returns the digests deleted."""
+        now = now or datetime.now(UTC)
+        return sorted(
+            sha
+            for sha in set(digests)
+            if delete_if_unreferenced(self._db, self._blobs, self._repo, sha, now=now)
+        )
 
 
 __all__ = [

@@ -46,6 +46,7 @@ from lorafleet.store.sql.models import (
     SqlUser,
     utcnow,
 )
+from lorafleet.store.sql.receipts import blob_holds
 from lorafleet.store.sql.rows import chunks, from_row, to_snapshot
 
 #: PostgreSQL advisory-lock key that orders "GC deletes a blob" against "a version row starts to use it".
@@ -527,14 +528,31 @@ class RegistryRepository:
         else:
             session.connection()  # begins the transaction before the caller looks at the object store
 
-    def referenced_sha256s(self, session: Session, *, digests: Iterable[str]) -> set[str]:
-        """The digests among ``digests`` that some version row or QA report uses (indexes on both)."""
+    def referenced_sha256s(
+        self, session: Session, *, digests: Iterable[str], now: datetime | None = None
+    ) -> set[str]:
+        """The digests among ``digests`` that something still needs (indexes on each): a version row that is not
+        ``revoked``, a QA report of such a version, or, with ``now``, a deletion receipt holding the blob until
+        its ``purge_after`` (``store.sql.receipts``). A revoked version's blob, and its QA reports' blobs, are
+        referenced only through its receipt, so they go once the hold ends."""
+        revoked = VersionStatus.REVOKED.value
         found: set[str] = set()
         for chunk in chunks(sorted(set(digests))):
-            stmt = select(SqlAdapterVersion.sha256).where(SqlAdapterVersion.sha256.in_(chunk)).distinct()
+            stmt = (
+                select(SqlAdapterVersion.sha256)
+                .where(SqlAdapterVersion.sha256.in_(chunk), SqlAdapterVersion.status != revoked)
+                .distinct()
+            )
             found.update(session.scalars(stmt))
-            reports = select(SqlQAReport.blob_sha256).where(SqlQAReport.blob_sha256.in_(chunk)).distinct()
+            reports = (
+                select(SqlQAReport.blob_sha256)
+                .join(SqlAdapterVersion, SqlAdapterVersion.id == SqlQAReport.version_id)
+                .where(SqlQAReport.blob_sha256.in_(chunk), SqlAdapterVersion.status != revoked)
+                .distinct()
+            )
             found.update(session.scalars(reports))
+        if now is not None:
+            found.update(set(digests) & blob_holds(session, now=now).held)
         return found
 
 
