@@ -200,17 +200,17 @@ def _delete_adapters(
 
 def _delete_user_rows(session: Session, *, user_id: int) -> dict[str, int]:
     """The rows keyed by the user, then the user row itself (after its adapters: they reference it)."""
-    tables = {
-        "enrolment_events": SqlEnrolmentEvent,
-        "enrolments": SqlEnrolment,
-        "gate_settings": SqlGateSettings,
-        "job_users": SqlJobUser,
-        "dataset_snapshots": SqlDatasetSnapshot,
-        "feedback": SqlFeedback,
+    columns: dict[str, Any] = {
+        "enrolment_events": SqlEnrolmentEvent.user_id,
+        "enrolments": SqlEnrolment.user_id,
+        "gate_settings": SqlGateSettings.user_id,
+        "job_users": SqlJobUser.user_id,
+        "dataset_snapshots": SqlDatasetSnapshot.user_id,
+        "feedback": SqlFeedback.user_id,
     }
     counts = {
-        kind: _deleted(session, delete(model).where(model.user_id == user_id))
-        for kind, model in tables.items()
+        kind: _deleted(session, delete(column.class_).where(column == user_id))
+        for kind, column in columns.items()
     }
     counts["users"] = _deleted(session, delete(SqlUser).where(SqlUser.id == user_id))
     return counts
