@@ -5,6 +5,8 @@ grace period has passed (or go at once with ``purge``), and an unknown user chan
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,7 +22,7 @@ from lorafleet.jobs import JobQueue
 from lorafleet.registry import Registry
 from lorafleet.routing.experts import enrol, resolve_user_experts, set_gate_spec
 from lorafleet.routing.spec import GateSpec
-from lorafleet.store.blob import BlobStore
+from lorafleet.store.blob import BlobStore, open_blob_store
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.feedback import create_snapshot
 from lorafleet.store.sql.idempotency import IdempotencyRepository
@@ -345,3 +347,40 @@ def test_the_blobs_stay_until_the_grace_period_passes_or_go_at_once_with_purge(
         assert receipt.blobs_deleted_at is not None
     assert not any(blob_store.exists(sha) for sha in world.alice_blobs)
     assert blob_store.exists(world.bob_blob)
+
+
+def test_a_write_holding_the_user_row_commits_before_the_erasure_reads_anything(
+    pg_database: Database, make_adapter_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    """PostgreSQL: the erasure starts by locking the user row, so a transaction that holds a lock on it (here a
+    feedback insert, whose foreign key check share-locks the row) finishes first, and its record is erased and
+    listed in the receipt like every other (not cascaded away unlisted, not left behind)."""
+    db = pg_database
+    registry = Registry(db, open_blob_store((tmp_path / "blobs").as_uri()))
+    world = build_world(db, registry, make_adapter_dir)
+    inserted, erasing = threading.Event(), threading.Event()
+    late_hash = "f" * 64
+
+    def insert_late_record() -> None:
+        with db.session() as s:
+            s.add(
+                SqlFeedback(
+                    user_id=world.alice, kind="sft", payload={"prompt": "late"}, content_hash=late_hash
+                )
+            )
+            s.flush()
+            inserted.set()
+            erasing.wait(timeout=30)
+            time.sleep(
+                0.3
+            )  # the erasure is waiting on the row lock by now (or it is not locking: the test fails)
+
+    writer = threading.Thread(target=insert_late_record)
+    writer.start()
+    assert inserted.wait(timeout=30)
+    erasing.set()
+    receipt = forget_user(db, registry, tenant_id=world.tenant, external_id="alice", actor="t")
+    writer.join(timeout=30)
+
+    assert late_hash in receipt.record_hashes and receipt.erased["feedback"] == 4
+    assert _rows_naming(db, world) == {}
