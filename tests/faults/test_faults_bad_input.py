@@ -46,6 +46,7 @@ BODIES: dict[tuple[str, str], Any] = {
     ("GET", "/v1/admin/audit"): None,
     ("GET", "/v1/users"): None,
     ("GET", "/v1/audit"): None,
+    ("DELETE", "/v1/users/{user_id}"): None,
     ("GET", "/v1/users/{user_id}/feedback"): None,
     ("GET", "/v1/users/{user_id}/feedback/export"): None,
     ("POST", "/v1/users/{user_id}/feedback"): {"records": [sft("probe")]},

@@ -143,6 +143,18 @@ def _add_promote_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_forget_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    forget = sub.add_parser("forget", help="erase data, with a deletion receipt").add_subparsers(
+        dest="forget_command", required=True
+    )
+    user = forget.add_parser("user", help="erase a user and everything of theirs (blobs after the gc grace)")
+    user.add_argument("user_id", help="the user's external id")
+    user.add_argument("--tenant", required=True, help="tenant name")
+    user.add_argument("--purge", action="store_true", help="delete the blobs now, not after the gc grace")
+    user.add_argument("--json", action="store_true", help="print the receipt as JSON")
+    user.set_defaults(handler=_lazy("forget_user", "forget_user_command"))
+
+
 def _add_workers_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     workers = sub.add_parser(
         "workers", help="trainer actors on the configured Ray, running queued jobs until SIGTERM/SIGINT"
@@ -250,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_admin_commands(sub)
     _add_export_command(sub)
+    _add_forget_commands(sub)
     _add_job_commands(sub)
     _add_task_commands(sub)
     _add_training_config_commands(sub)

@@ -649,3 +649,12 @@ def health() -> Call[s.HealthOut]:
 
 def ready() -> Call[s.ReadyOut]:
     return Call("GET", "/readyz", _parser(s.ReadyOut), ok_statuses=frozenset({503}))
+
+
+# --- forgetting a user ------------------------------------------------------------------------------------------
+def forget_user(user: str, *, purge: bool = False) -> Call[s.DeletionReceiptOut]:
+    """``DELETE /v1/users/{user}``: erase the user and everything of theirs; the receipt (ids and hashes only).
+    ``purge``: delete the blobs now instead of after the gc grace period."""
+    params = {"purge": "true"} if purge else None
+    # not re-sent: a retry of a deletion that went through would answer 404 (the receipt is the answer)
+    return Call("DELETE", _user(user), _parser(s.DeletionReceiptOut), params=params, retry_after_send=False)

@@ -194,6 +194,9 @@ class _Calls:
     health = _Endpoint(c.health)
     ready = _Endpoint(c.ready)
 
+    # --- forgetting a user ----------------------------------------------------------------------------------
+    forget_user = _Endpoint(c.forget_user)
+
 
 class Client(ClientBase, _Calls):
     """A synchronous client; use it as a context manager or call ``close``."""

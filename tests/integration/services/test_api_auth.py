@@ -54,6 +54,7 @@ ROUTES: dict[tuple[str, str], tuple[int | str, Any]] = {
     ("GET", "/v1/admin/audit"): (403, None),
     ("GET", "/v1/users"): (OWN, None),  # B's own users only (checked in test_api_users_and_audit)
     ("GET", "/v1/audit"): (OWN, None),  # B's own events only (checked in test_api_users_and_audit)
+    ("DELETE", "/v1/users/{user_id}"): (404, None),
     ("GET", "/v1/users/{user_id}/feedback"): (404, None),
     ("GET", "/v1/users/{user_id}/feedback/export"): (404, None),
     ("POST", "/v1/users/{user_id}/feedback"): (OWN, {"records": [sft("from tenant B")]}),
