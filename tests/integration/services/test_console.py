@@ -95,7 +95,9 @@ def test_pages_need_a_session_and_sign_in_sets_a_strict_http_only_cookie(console
     assert page.status_code == 200 and console.fleet.tenant_name in page.text
     assert "default-src 'self'" in page.headers["content-security-policy"]
 
-    client.cookies.set(SESSION_COOKIE, cookie.split(";")[0].split("=", 1)[1][:-1] + "0")  # a forged signature
+    value = cookie.split(";")[0].split("=", 1)[1]
+    forged = value[:-1] + ("1" if value.endswith("0") else "0")  # the same id, a wrong signature
+    client.cookies.set(SESSION_COOKIE, forged)
     assert client.get("/console/overview", follow_redirects=False).status_code == 303
 
 
@@ -282,3 +284,41 @@ def _weights(html: str) -> dict[tuple[str, int], float]:
     """The playground's gate weights: (adapter, version) -> weight."""
     rows = re.findall(r'<td>([^<]+)</td><td>v(\d+)</td><td><meter min="0" max="1" value="([^"]+)"', html)
     return {(adapter, int(version)): float(weight) for adapter, version, weight in rows}
+
+
+#: (path, form, the field the 422 must name): probes of every form field and path parameter's edge
+BAD_FORMS: list[tuple[str, dict[str, str], str]] = [
+    (
+        "/users/alice/adapters/personal/rollback",
+        {"to_version": "2147483648", "reason": "x"},
+        "to_version",
+    ),
+    ("/users/alice/adapters/personal/rollback", {"to_version": "1", "reason": "a\x00b"}, "reason"),
+    ("/users/alice/adapters/personal/promote", {"version": "true", "reason": "x"}, "version"),
+    ("/users/alice/adapters/personal/promote", {"version": "1", "reason": "x" * 2001}, "reason"),
+    ("/users/a%01b/adapters/personal/rollback", {"to_version": "1", "reason": "x"}, "user_id"),
+    ("/jobs/9223372036854775808/cancel", {}, "job_id"),
+    ("/playground", {"user": "alice", "prompt": "", "max_tokens": "2"}, "prompt"),
+    ("/playground", {"user": "alice", "prompt": "Hi", "max_tokens": "999"}, "max_tokens"),
+    ("/playground", {"user": "alice", "prompt": "Hi", "adapter_scale": "nan"}, "adapter_scale"),
+]
+
+
+def test_bad_form_input_is_422_naming_the_field_and_changes_nothing(console: Console) -> None:
+    fleet, services = console.fleet, console.services
+    csrf = sign_in(console.client, fleet.api_key)
+    for path, form, field in BAD_FORMS:
+        answer = console.client.post(f"/console{path}", data={**form, "csrf_token": csrf})
+        assert answer.status_code == 422 and f"{field}:" in answer.text, (path, field, answer.text[-600:])
+    assert console.live_number() == 2
+    assert len(services.registry.alias_history(tenant_id=fleet.tenant_id, adapter_id=fleet.adapter_id)) == 2
+    job = services.queue.get(tenant_id=fleet.tenant_id, job_id=fleet.running_job_id)
+    assert job.cancel_requested_at is None
+    body = b"csrf_token=" + csrf.encode() + b"&reason=\xff\xfe"  # not UTF-8
+    answer = console.client.post(
+        "/console/users/alice/adapters/personal/rollback",
+        content=body,
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert answer.status_code == 422 and "form:" in answer.text
+    assert console.live_number() == 2
