@@ -120,7 +120,7 @@ class Posted:
 async def posted_form(request: Request) -> Posted:
     """The form of a POST from a signed-in browser with the session's CSRF token; 403 otherwise (checked
     before the form's fields, so a forged request learns nothing and changes nothing)."""
-    viewer = _session_viewer(request)
+    viewer = await run_in_threadpool(_session_viewer, request)  # a key check reads the database
     fields = parse_form(await request.body())
     if viewer is None or not tokens_match(viewer.session.csrf_token, fields.get("csrf_token")):
         raise PermissionDeniedError("csrf_token: missing or wrong (reload the page and try again)")

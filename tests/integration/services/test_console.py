@@ -5,6 +5,7 @@ the database, bad input (422 naming the field, nothing changed) and the playgrou
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,22 +34,35 @@ class Console:
         return None if live is None else live.number
 
 
-@pytest.fixture
-def console(
-    api_data_dir: Path, sqlite_url: str, tmp_path: Path, adapter_folder: Callable[[int], Path]
-) -> Iterator[Console]:
+@pytest.fixture(scope="module")
+def console_app(
+    api_data_dir: Path, _sqlite_template: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TestClient, ApiServices]]:
+    """One app for this module, over a copy of the migrated SQLite template and a local blob dir; each test
+    builds its own tenants in it (``build_fleet``), so tests never see each other's data."""
+    root = tmp_path_factory.mktemp("console")
+    shutil.copy(_sqlite_template, root / "lorafleet.db")
     settings = load_settings(
         data_dir=api_data_dir,
-        database_url=sqlite_url,
-        object_store_url=(tmp_path / "blobs").as_uri(),
+        database_url=f"sqlite:///{root / 'lorafleet.db'}",
+        object_store_url=(root / "blobs").as_uri(),
         device="cpu",
         ray_address="",
         admin_key=ADMIN_KEY,
         promote_rule="never",
     )
     with TestClient(create_app(settings, options=SERVING_OPTIONS), base_url="https://testserver") as client:
-        services = client.app.state.services  # type: ignore[attr-defined]
-        yield Console(client, services, build_fleet(services, adapter_folder))
+        yield client, client.app.state.services  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def console(
+    console_app: tuple[TestClient, ApiServices], adapter_folder: Callable[[int], Path]
+) -> Iterator[Console]:
+    client, services = console_app
+    client.cookies.clear()  # a new browser for each test
+    yield Console(client, services, build_fleet(services, adapter_folder))
+    client.cookies.clear()
 
 
 def sign_in(client: TestClient, key: str) -> str:
