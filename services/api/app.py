@@ -3,7 +3,8 @@
 The lifespan builds the services from the settings (unless given), prunes old idempotency keys, and starts what
 ``ApiOptions`` asks for (the scheduler loop, trainer actors, preloading the serving engine); on shutdown it
 stops them and closes what it opened. Middleware: request metrics, then the body size limit. Errors: the
-handlers of ``services.api.errors``. The OpenAPI schema is at ``/openapi.json`` (docs at ``/docs``).
+handlers of ``services.api.errors``. The OpenAPI schema is at ``/openapi.json`` (docs at ``/docs``); the web
+console (``services.console``, HTML pages with its own sign-in) is mounted at ``/console``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from services.api.metrics import ApiMetrics
 from services.api.middleware import BodySizeLimitMiddleware, MetricsMiddleware
 from services.api.routes import ROUTERS
 from services.api.runtime import ApiOptions, ApiServices, BackgroundRuntime
+from services.console import create_console
 
 logger = logging.getLogger("lorafleet.api")
 
@@ -67,6 +69,7 @@ def create_app(
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    app.mount("/console", create_console(lambda: app.state.services, server_paths=app.state.server_paths))
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_bytes=options.max_body_bytes,

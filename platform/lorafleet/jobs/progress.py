@@ -3,7 +3,10 @@
 Handlers may report every training step; ``ProgressReporter`` writes (through the caller's ``write``, which
 goes through the lease fence) only when it is due: the first step, the final step, a phase change, or
 ``min_interval`` seconds after the previous write. So the job row changes at most every couple of seconds
-however fast the steps are, and a watcher still sees the start and the end. Nothing here imports torch.
+however fast the steps are, and a watcher still sees the start and the end. Each report also holds ``curves``:
+every subject's loss by step (``[[step, loss], ...]``), thinned to at most ``MAX_CURVE_POINTS`` points (every
+other point is dropped when full; the newest step is always kept), which the console draws as training-loss
+curves. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ TRAIN_PHASES = (PHASE_PLANNING, PHASE_TRAINING, PHASE_EVALUATING, PHASE_REGISTER
 #: seconds between two progress writes of one job (phase changes and the final step are written at once)
 DEFAULT_MIN_INTERVAL = 2.0
 MAX_PHASE_LENGTH = 32
+#: points kept per subject's loss curve in a job's progress (a few KB of JSON for a batch of 16 subjects)
+MAX_CURVE_POINTS = 128
 
 Write = Callable[[dict[str, Any]], None]
 #: ``progress(step, total, {"loss", "lr", "losses"})``, as ``lorafleet.training.trainer.train_slots`` calls it
@@ -49,6 +54,7 @@ class ProgressReporter:
         self._last_write: float | None = None
         self._written_step: int | None = None
         self._anchor: tuple[float, int] | None = None
+        self._curves: dict[str, list[list[float]]] = {}
 
     @property
     def state(self) -> dict[str, Any]:
@@ -78,6 +84,7 @@ class ProgressReporter:
         now = self._clock()
         if self._anchor is None or step <= self._anchor[1]:
             self._anchor = (now, step)  # the first report of a run: the ETA is measured from here
+            self._curves = {}
         changed = phase is not None and _check_phase(phase) != self._state.get("phase")
         if phase is not None:
             self._state["phase"] = phase
@@ -88,12 +95,25 @@ class ProgressReporter:
             loss=_finite(loss),
             losses={str(key): _finite(value) for key, value in losses.items()},
             eta_seconds=self._eta(now, step=step, total=total),
+            curves=self._grow_curves(step, losses),
         )
         if not (changed or step == total or self._written_step is None or self._interval_passed(now)):
             return False
         self._flush(now)
         self._written_step = step
         return True
+
+    def _grow_curves(self, step: int, losses: Mapping[str, float]) -> dict[str, list[list[float]]]:
+        """Each subject's ``[step, loss]`` points with this step's finite losses added (thinned when full)."""
+        for key, value in losses.items():
+            loss = _finite(value)
+            if loss is None:
+                continue
+            points = self._curves.setdefault(str(key), [])
+            if len(points) >= MAX_CURVE_POINTS:
+                points[:] = points[::2]
+            points.append([step, loss])
+        return {key: [list(p) for p in points] for key, points in self._curves.items()}
 
     def _interval_passed(self, now: float) -> bool:
         return self._last_write is None or now - self._last_write >= self._min_interval
@@ -144,6 +164,7 @@ def _finite(value: object) -> float | None:
 
 __all__ = [
     "DEFAULT_MIN_INTERVAL",
+    "MAX_CURVE_POINTS",
     "PHASE_EVALUATING",
     "PHASE_PLANNING",
     "PHASE_REGISTERING",

@@ -506,6 +506,11 @@ class JobProgressOut(_Out):
         default_factory=dict, description="Each subject's loss at the last step, labelled as ``users``."
     )
     eta_seconds: float | None = Field(default=None, description="Training time left at the pace so far.")
+    curves: dict[str, list[list[float]]] = Field(
+        default_factory=dict,
+        description="Each subject's loss by step (``[[step, loss], ...]``, finite losses only), at most 128 points "
+        "per subject, thinned evenly as training goes on; labelled as ``losses``.",
+    )
     updated_at: datetime | None = None
 
 

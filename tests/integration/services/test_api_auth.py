@@ -14,6 +14,7 @@ import base64
 import gzip
 import uuid
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from api_helpers import (
     live_task_version,
     sft,
 )
+from fastapi.routing import APIRoute
+from services.console.routes import router as console_router
 
 from lorafleet.sdk import Client
 from lorafleet.sdk.calls import adapter_archive
@@ -101,6 +104,30 @@ ROUTES: dict[tuple[str, str], tuple[int | str, Any]] = {
         OWN,
         {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "user": "alice", "temperature": 0},
     ),
+}
+
+
+#: the web console's routes (HTML under ``/console``, a cookie session instead of a bearer key, outside the OpenAPI
+#: schema): (method, path) -> (what tenant B, signed in, gets on tenant A's ids; the form to post). Without a
+#: session every page redirects to sign-in (303) and every POST is 403 (no CSRF token). Every console route must
+#: be here (``test_every_console_route_is_classified``).
+CONSOLE_ROUTES: dict[tuple[str, str], tuple[int | str, dict[str, str] | None]] = {
+    ("GET", "/console/"): (PUBLIC, None),
+    ("GET", "/console/sign-in"): (PUBLIC, None),
+    ("POST", "/console/sign-in"): (PUBLIC, None),  # its own token (a cookie of the sign-in page)
+    ("POST", "/console/sign-out"): (OWN, None),
+    ("GET", "/console/tenants"): (403, None),
+    ("GET", "/console/overview"): (OWN, None),
+    ("POST", "/console/jobs/{job_id}/cancel"): (404, {}),
+    ("GET", "/console/users/{user_id}"): (404, None),
+    ("POST", "/console/users/{user_id}/adapters/{name}/rollback"): (404, {"reason": "intruder"}),
+    ("POST", "/console/users/{user_id}/adapters/{name}/promote"): (
+        404,
+        {"version": "1", "reason": "intruder"},
+    ),
+    ("GET", "/console/users/{user_id}/adapters/{name}/versions/{n}/qa"): (404, None),
+    ("GET", "/console/playground"): (OWN, None),
+    ("POST", "/console/playground"): (OWN, {"user": "alice", "prompt": "Hi", "max_tokens": "2"}),
 }
 
 
@@ -216,6 +243,62 @@ def test_missing_or_unknown_keys_are_401_on_every_non_public_route(api: ApiServe
                 answer = _call(http, method, tenant_a.url(path), key=key, body=body)
                 assert answer.status_code == 401, (method, path, key, answer.text)
                 assert answer.headers["www-authenticate"] == "Bearer"
+
+
+def _console_operations() -> list[tuple[str, str]]:
+    """Every route of the console (its router, which the sub-application mounted at ``/console`` serves)."""
+    return [
+        (method, f"/console{route.path}")
+        for route in console_router.routes
+        if isinstance(route, APIRoute)
+        for method in sorted(route.methods)
+    ]
+
+
+def _console_session(api: ApiServer, key: str) -> tuple[httpx.Client, str]:
+    """A client signed in to the console with ``key``, and its session's CSRF token."""
+    http = httpx.Client(base_url=api.url, timeout=120, follow_redirects=True)
+    form = http.get("/console/sign-in").text
+    token = form.split('name="csrf_token" value="')[1].split('"')[0]
+    signed = http.post("/console/sign-in", data={"api_key": key, "csrf_token": token})
+    assert signed.status_code == 200, signed.text
+    csrf = signed.text.split('name="csrf_token" value="')[1].split('"')[0]
+    return http, csrf
+
+
+def test_every_console_route_is_classified() -> None:
+    assert sorted(_console_operations()) == sorted(CONSOLE_ROUTES)
+
+
+def test_console_pages_need_a_session_and_keep_another_tenant_out(
+    api: ApiServer, tenant_a: TenantA, make_tenant: Callable[[], TenantHandle]
+) -> None:
+    b = make_tenant()
+    scoped = [op for op in _console_operations() if CONSOLE_ROUTES[op][0] not in (PUBLIC, OWN)]
+    with httpx.Client(base_url=api.url, timeout=60) as anonymous:
+        for method, path in scoped + [op for op in CONSOLE_ROUTES if CONSOLE_ROUTES[op][0] == OWN]:
+            answer = anonymous.request(method, tenant_a.url(path), data=CONSOLE_ROUTES[(method, path)][1])
+            if method == "GET":
+                assert (answer.status_code, answer.headers["location"]) == (303, "/console/sign-in"), path
+            else:
+                assert answer.status_code == 403, (method, path)
+    http, csrf = _console_session(api, b.api_key)
+    mine, _ = _console_session(api, tenant_a.tenant.api_key)
+    with closing(http), closing(mine):
+        for method, path in scoped:
+            expected, form = CONSOLE_ROUTES[(method, path)]
+            data = None if form is None else {**form, "csrf_token": csrf}
+            answer = http.request(method, tenant_a.url(path), data=data)
+            assert answer.status_code == expected, (method, path, answer.text[:300])
+            if method == "GET" and expected == 404 and not path.endswith("/qa"):  # A has no QA report here
+                assert mine.get(tenant_a.url(path)).status_code == 200, path
+        playground = {"user": "alice", "prompt": "Hi", "max_tokens": "2", "csrf_token": csrf}
+        own = http.post("/console/playground", data=playground)
+        assert own.status_code == 200 and "No adapter served this answer" in own.text  # B's own alice: none
+        assert 'data-answer="personal"' in own.text
+    a = tenant_a.tenant.client
+    assert [v.status for v in a.list_versions("alice", "personal")] == ["live"]
+    assert a.get_job(tenant_a.job_id).state == "queued"
 
 
 def test_admin_routes_need_the_admin_key(api: ApiServer, tenant_a: TenantA) -> None:

@@ -84,6 +84,7 @@ def test_a_jobs_progress_is_typed_in_get_and_list(
         0.4,
     )
     assert progress.losses == {"ann": 1.0, "task:sql": 1.5} and progress.loss == 1.25
+    assert progress.curves == {"ann": [[1, 2.0], [2, 1.0]], "task:sql": [[1, 3.0], [2, 1.5]]}
     assert progress.eta_seconds is not None and progress.eta_seconds >= 0
     assert progress.updated_at is not None and progress.updated_at.tzinfo is not None
     [listed] = [j for j in tenant.client.list_jobs() if j.id == job.id]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from lorafleet.errors import ValidationError
-from lorafleet.jobs.progress import ProgressReporter, trainer_callback
+from lorafleet.jobs.progress import MAX_CURVE_POINTS, ProgressReporter, trainer_callback
 
 
 class Ticks:
@@ -50,7 +50,23 @@ def test_a_report_holds_fraction_losses_and_the_eta_at_the_pace_so_far() -> None
         "loss": None,  # not finite: stored as null, the report stays JSON
         "losses": {"ann": 1.0, "task:pig-latin": None},
         "eta_seconds": 3.0,  # 1.5 s a step since step 1, two steps left
+        "curves": {"ann": [[1, 2.0], [3, 1.0]], "task:pig-latin": [[1, 3.0]]},  # finite losses only
     }
+
+
+def test_loss_curves_keep_every_step_thinned_to_a_bounded_size_with_the_newest_kept() -> None:
+    reporter, written, _ticks = _reporter(interval=0.0)
+    total = 3 * MAX_CURVE_POINTS
+    for step in range(1, total + 1):
+        reporter.step(step=step, total=total, losses={"ann": 1.0 / step})
+    curve = written[-1]["curves"]["ann"]
+    assert MAX_CURVE_POINTS // 2 <= len(curve) <= MAX_CURVE_POINTS
+    assert curve[0] == [1, 1.0] and curve[-1] == [total, 1.0 / total]
+    steps = [point[0] for point in curve]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    assert all(loss == 1.0 / step for step, loss in curve)
+    reporter.step(step=1, total=2, losses={"ann": 5.0})  # a new run (a retry) starts its curves afresh
+    assert written[-1]["curves"] == {"ann": [[1, 5.0]]}
 
 
 def test_phase_changes_are_written_at_once_and_kept_with_the_steps() -> None:

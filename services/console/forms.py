@@ -1,0 +1,87 @@
+"""The console's forms: URL-encoded bodies read without a multipart parser, and checked by pydantic models so a
+bad field is a ``ValidationError`` naming it (a 422 page) and changes nothing."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+from urllib.parse import parse_qsl
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+
+from lorafleet.domain.text import MAX_INT32, free_text, printable_name
+from lorafleet.errors import ValidationError
+
+#: a form body larger than this is refused (the console's forms hold a prompt at most)
+MAX_FORM_BYTES = 64 * 1024
+#: the most tokens the playground generates per answer
+PLAYGROUND_MAX_TOKENS = 128
+
+Reason = Annotated[str, Field(min_length=1, max_length=2000), AfterValidator(free_text)]
+Number = Annotated[int, Field(ge=1, le=MAX_INT32)]
+Name = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(printable_name)]
+
+
+class _Form(BaseModel):
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+
+class SignInForm(_Form):
+    api_key: Annotated[str, Field(min_length=1, max_length=512), AfterValidator(printable_name)]
+
+
+class PromoteForm(_Form):
+    version: Number
+    reason: Reason
+    force: bool = False
+
+
+class RollbackForm(_Form):
+    #: absent or empty: no adapter at all (the base model answers)
+    to_version: Number | None = None
+    reason: Reason
+
+
+class PlaygroundForm(_Form):
+    user: Name
+    prompt: Annotated[str, Field(min_length=1, max_length=4000), AfterValidator(free_text)]
+    max_tokens: int = Field(default=32, ge=1, le=PLAYGROUND_MAX_TOKENS)
+    adapter_scale: float = Field(default=1.0, ge=0.0, le=1.0, allow_inf_nan=False)
+
+
+F = TypeVar("F", bound=_Form)
+
+
+def parse_form(body: bytes) -> dict[str, str]:
+    """A URL-encoded body as field -> value (the last value of a repeated field); empty values are left out so
+    optional fields fall back to their defaults."""
+    if len(body) > MAX_FORM_BYTES:
+        raise ValidationError(f"form: larger than {MAX_FORM_BYTES} bytes")
+    try:
+        text = body.decode("utf-8")
+        pairs = parse_qsl(text, keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise ValidationError("form: not a URL-encoded UTF-8 form") from None
+    return {key: value for key, value in pairs if value != ""}
+
+
+def checked(model: type[F], fields: dict[str, Any]) -> F:
+    """``model`` over the form's fields; the first bad field is a ``ValidationError`` naming it."""
+    try:
+        return model.model_validate(fields)
+    except PydanticValidationError as exc:
+        first = exc.errors()[0]
+        name = ".".join(str(part) for part in first["loc"]) or "form"
+        raise ValidationError(f"{name}: {first['msg']}") from None
+
+
+__all__ = [
+    "MAX_FORM_BYTES",
+    "PLAYGROUND_MAX_TOKENS",
+    "PlaygroundForm",
+    "PromoteForm",
+    "RollbackForm",
+    "SignInForm",
+    "checked",
+    "parse_form",
+]
