@@ -66,7 +66,17 @@ class Settings(ClientSettings):
         "gate-vs-best-member rule then rejects the candidates (tests/benchmarks/README.md).",
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
-    blob_gc_grace_seconds: int = Field(default=24 * 3600, ge=0)
+    blob_gc_grace_seconds: int = Field(
+        default=24 * 3600,
+        ge=0,
+        description="How long an unreferenced blob is kept, and how long a deletion holds the blobs of the "
+        "versions it revoked or erased (unless it asks to purge them now).",
+    )
+    blob_gc_interval_seconds: int = Field(
+        default=3600,
+        ge=0,
+        description="The scheduler runs the blob gc (`lorafleet gc`) at most this often; 0 turns it off.",
+    )
     # --- the scheduler's blob scrub (lorafleet.workflows.blob_verify.BlobScrubber; docs/operations.md) ----------
     scrub_versions_per_tick: int = Field(
         default=16,

@@ -211,6 +211,19 @@ def qa_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def gc(args: argparse.Namespace) -> int:
+    """Run the blob gc once (``Registry.gc``) and print what it deleted."""
+    with Platform.from_settings() as lib:
+        deleted = lib.registry.gc()
+    if args.json:
+        print(dump_json({"deleted": deleted}))
+        return 0
+    for digest in deleted:
+        print(digest)
+    print(f"deleted {len(deleted)} blobs")
+    return 0
+
+
 def verify(args: argparse.Namespace) -> int:
     """Re-hash every version's blob (one tenant's with ``--tenant``) and print each version's result and the
     counts; ``--repair`` quarantines the corrupt and missing ones (``lorafleet.workflows.blob_verify``). Exit 1

@@ -116,6 +116,14 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(handler=_admin("verify"))
 
+    gc = sub.add_parser(
+        "gc",
+        help="delete the blobs nothing needs any more: unreferenced ones past the grace period, and those of "
+        "revoked or erased versions whose deletion hold has ended",
+    )
+    gc.add_argument("--json", action="store_true", help="print the deleted digests as JSON")
+    gc.set_defaults(handler=_admin("gc"))
+
 
 def _add_export_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     export = sub.add_parser(

@@ -10,6 +10,9 @@ never undercut. Receipts whose held blobs are all gone (or still used by a serva
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from lorafleet.errors import BlobNotFoundError
@@ -17,6 +20,8 @@ from lorafleet.store.blob.base import BlobStore
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.receipts import blob_holds, mark_blobs_deleted
 from lorafleet.store.sql.registry_repository import RegistryRepository
+
+logger = logging.getLogger(__name__)
 
 
 def collect_unreferenced_blobs(
@@ -49,6 +54,42 @@ def delete_if_unreferenced(
         except BlobNotFoundError:
             return False
     return True
+
+
+class PeriodicGc:
+    """The scheduler's housekeeping task: ``collect()`` (a registry's ``gc``) at most every ``interval_seconds``
+    (0: never), so deleted data's blobs go soon after their hold ends. A failure is logged, never raised: the
+    next period tries again."""
+
+    def __init__(
+        self,
+        collect: Callable[[], list[str]],
+        *,
+        interval_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.collect = collect
+        self.interval_seconds = interval_seconds
+        self.clock = clock
+        self._last: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval_seconds > 0
+
+    def __call__(self) -> list[str]:
+        now = self.clock()
+        if not self.enabled or (self._last is not None and now - self._last < self.interval_seconds):
+            return []
+        self._last = now
+        try:
+            deleted = self.collect()
+        except Exception:  # a store outage must not stop the scheduler; the next period retries
+            logger.exception("blob gc failed")
+            return []
+        if deleted:
+            logger.info("blob gc deleted %d blobs", len(deleted))
+        return deleted
 
 
 def _aware(moment: datetime) -> datetime:

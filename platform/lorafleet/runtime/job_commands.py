@@ -1,7 +1,7 @@
 """What the command line and ``services/scheduler`` run: each opens the configured platform
 (``lorafleet.platform.Platform``), does one thing through the library, and closes it again; ``run_workers``
 runs trainer actors on Ray (``lorafleet workers`` is ``lorafleet.entrypoints.workers``). The scheduler's ticks are
-followed by its housekeeping (``scheduler_housekeeping``: the blob scrub).
+followed by its housekeeping (``scheduler_housekeeping``: the blob scrub and the blob gc).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from lorafleet.errors import JobError
 from lorafleet.jobs.queue import SubmitResult
 from lorafleet.jobs.scheduler import Scheduler, SchedulerPolicy, TickResult, run_periodic
 from lorafleet.platform import Platform
+from lorafleet.registry.gc import PeriodicGc
 from lorafleet.runtime.trainer_pool import TrainerPool
 from lorafleet.workflows.blob_verify import BlobScrubber
 
@@ -26,11 +27,14 @@ logger = logging.getLogger("lorafleet.workers")
 
 def scheduler_housekeeping(platform: Platform) -> list[Callable[[], object]]:
     """What the scheduler runs after each tick, as its settings ask: the blob scrub (``LORAFLEET_SCRUB_*``; none
-    when its budget is 0)."""
+    when its budget is 0) and the blob gc (``LORAFLEET_BLOB_GC_INTERVAL_SECONDS``; none when 0)."""
     scrub = BlobScrubber.from_settings(
         platform.settings, platform.db, lambda: platform.registry, queue=platform.queue
     )
-    return [scrub] if scrub.enabled else []
+    gc = PeriodicGc(
+        lambda: platform.registry.gc(), interval_seconds=platform.settings.blob_gc_interval_seconds
+    )
+    return [task for task in (scrub, gc) if task.enabled]
 
 
 def scheduler_tick(settings: Settings, *, policy: SchedulerPolicy | None = None) -> TickResult:
