@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 from cluster_helpers import TINY_TRAINING, ClusterHost, WorkersProcess, node_prefix
 from sqlalchemy import func, select
 from tests.polling import wait_for
@@ -25,6 +26,9 @@ from lorafleet.training.overrides import set_tenant_training
 from lorafleet.training.synthetic import make_user_records
 from lorafleet.workflows.continual import PERSONAL_ADAPTER
 from lorafleet.workflows.feedback import ingest_feedback
+
+#: a multi-node cluster: ``make test-cluster``, not ``make test`` (CI time)
+pytestmark = pytest.mark.cluster
 
 USERS = [f"user-{i}" for i in range(6)]
 T = TypeVar("T")
