@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from lorafleet.entrypoints.deletion_args import add_deletion_commands
 from lorafleet.errors import LorafleetError
 from lorafleet.runtime.process import configure_logging
 
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_commands(sub)
     _add_training_config_commands(sub)
     _add_workers_command(sub)
+    add_deletion_commands(sub, lambda name: _lazy("deletion", name))
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on the embedded defaults (a few minutes)")
     demo.add_argument("--users", type=int, default=4, help="synthetic users (default 4)")
