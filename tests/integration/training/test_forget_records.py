@@ -33,6 +33,7 @@ from lorafleet.store.sql.tenants import TenantRepository
 from lorafleet.training.overrides import set_tenant_training
 from lorafleet.training.trainer import train_slots
 from lorafleet.workflows.audit import list_events
+from lorafleet.workflows.blob_verify import verify_blobs
 from lorafleet.workflows.continual import PERSONAL_ADAPTER, ContinualTrainer
 from lorafleet.workflows.deletion import RecordSelection, forget_records, get_receipt, rebuild_status
 from lorafleet.workflows.feedback import ingest_feedback, list_feedback
@@ -277,6 +278,18 @@ def test_no_blob_of_a_revoked_version_remains_after_the_grace_or_a_purge(
         receipt = get_receipt(db, tenant_id=tenant_id, receipt_id=receipt.id)
     assert [blob_store.exists(v.sha256) for v in (v1, v2, v3)] == [True, False, False]
     assert receipt.blobs_deleted_at is not None
+    # a repairing verify does not take the missing blobs for corruption: revoked stays revoked
+    report = verify_blobs(db, registry, tenant_id=tenant_id, repair=True, actor="test")
+    assert [(c.location.version.number, c.result) for c in report.checks] == [
+        (1, "ok"),
+        (2, "quarantined"),
+        (3, "quarantined"),
+    ]
+    assert [v.status for v in registry.list_versions(tenant_id=tenant_id, adapter_id=v1.adapter_id)] == [
+        "live",
+        "revoked",
+        "revoked",
+    ]
 
 
 def test_a_job_that_read_a_deleted_record_registers_nothing_for_that_user_only(
