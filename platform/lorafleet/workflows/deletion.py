@@ -154,7 +154,7 @@ def forget_records(
         )
     receipt = _queue_rebuild(db, registry, scheduler=scheduler, receipt=receipt, subject=subject)
     if purge and receipt.blobs:
-        registry.delete_unreferenced_now(receipt.blobs, now=receipt.purge_after)
+        registry.delete_unreferenced_now(receipt.blobs)  # now: past ``purge_after``, so no longer held
         db.run(receipts.mark_blobs_deleted, receipt_ids=[receipt.id], at=datetime.now(UTC))
         receipt = db.run(receipts.get_receipt, tenant_id=tenant_id, receipt_id=receipt.id)
     return receipt

@@ -155,6 +155,23 @@ def test_forgetting_a_replayed_record_revokes_its_versions_and_descendants_and_r
     assert job.state == "queued" and job.payload["users"][0]["external_id"] == "ann"
     status = rebuild_status(database, registry, receipt=receipt)
     assert (status.job_id, status.job_state, status.versions) == (job.id, "queued", ())
+    # the rebuild's version (registered here as its job would) is where the rebuild stands
+    user_id = job.payload["users"][0]["user_id"]
+    rebuilt = _version(
+        registry,
+        database,
+        tenant_id=tenant_id,
+        adapter_id=adapter_id,
+        user_id=user_id,
+        folder=peft_folders[3],
+        records=[i for i in ids[3:] if i != forgotten],
+        parent=v1,
+        live=False,
+    )
+    status = rebuild_status(database, registry, receipt=receipt)
+    assert [(v.adapter, v.number, v.version_id, v.status) for v in status.versions] == [
+        ("personal", 4, rebuilt.id, "candidate")
+    ]
 
 
 def test_forgetting_the_first_record_takes_live_back_to_the_base_model(
