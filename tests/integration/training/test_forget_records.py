@@ -174,6 +174,7 @@ def test_forgetting_a_replayed_record_revokes_its_versions_and_descendants_and_r
     ]
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_forgetting_the_first_record_takes_live_back_to_the_base_model(
     database: Database, registry: Registry, tenant_id: int, peft_folders: list[Path]
 ) -> None:
@@ -309,6 +310,7 @@ def test_no_blob_of_a_revoked_version_remains_after_the_grace_or_a_purge(
     ]
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # the row locks are the point
 def test_a_job_that_read_a_deleted_record_registers_nothing_for_that_user_only(
     database: Database,
     registry: Registry,
