@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from lorafleet.entrypoints.deletion_args import add_deletion_commands
+from lorafleet.entrypoints.deletion_args import add_forget_records, add_receipt
 from lorafleet.errors import LorafleetError
 from lorafleet.runtime.process import configure_logging
 
@@ -144,6 +144,14 @@ def _add_promote_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_forget_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    forget = sub.add_parser("forget", help="erase data, with a deletion receipt").add_subparsers(
+        dest="forget_command", required=True
+    )
+    add_forget_records(forget, lambda name: _lazy("deletion", name))
+    add_receipt(sub, lambda name: _lazy("deletion", name))
+
+
 def _add_workers_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     workers = sub.add_parser(
         "workers", help="trainer actors on the configured Ray, running queued jobs until SIGTERM/SIGINT"
@@ -255,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_commands(sub)
     _add_training_config_commands(sub)
     _add_workers_command(sub)
-    add_deletion_commands(sub, lambda name: _lazy("deletion", name))
+    _add_forget_commands(sub)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on the embedded defaults (a few minutes)")
     demo.add_argument("--users", type=int, default=4, help="synthetic users (default 4)")

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 #: ``handler(name)``: a lazily imported handler of ``lorafleet.entrypoints.deletion``
 HandlerOf = Callable[[str], Any]
 
 
-def add_deletion_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], handler: HandlerOf
-) -> None:
-    """``forget records`` and ``receipt``; ``handler(name)`` makes a lazy handler of this module's function."""
-    forget = sub.add_parser("forget", help="forget data (records; see docs/data-rights.md)").add_subparsers(
-        dest="forget_command", required=True
-    )
+#: the subcommands of a parser (subscripted for mypy only: at run time the class is not generic)
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def add_forget_records(forget: Subcommands, handler: HandlerOf) -> None:
+    """``forget records`` under the ``forget`` group (which ``lorafleet forget user`` shares); ``handler(name)``
+    makes a lazy handler of ``lorafleet.entrypoints.deletion``'s function ``name``."""
     records = forget.add_parser(
         "records", help="forget a user's (or a task's) records: revoke the versions trained on them, rebuild"
     )
@@ -39,6 +39,9 @@ def add_deletion_commands(
     records.add_argument("--json", action="store_true", help="print the receipt as JSON")
     records.set_defaults(handler=handler("forget_records_command"))
 
+
+def add_receipt(sub: Subcommands, handler: HandlerOf) -> None:
+    """``lorafleet receipt ID --tenant T [--json]``."""
     receipt = sub.add_parser("receipt", help="a deletion's receipt and where its rebuild stands")
     receipt.add_argument("receipt_id")
     receipt.add_argument("--tenant", required=True, help="tenant name")
