@@ -16,7 +16,8 @@ takes too, ``lorafleet.workflows.continual``, so the two serialise per subject):
 
 After the commit: when the subject's own adapter lost versions and the subject has records newer than what its
 (new) live version was trained on, a train job rebuilds it (``Scheduler.train_now``), whose id the receipt keeps;
-the rebuilt version goes through QA like any other. With ``purge`` the blobs are deleted at once.
+the rebuilt version goes through QA like any other. With ``purge`` the blobs are deleted at once (if the object
+store fails then, the deletion stands and the next gc deletes them: their hold has ended).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from lorafleet.domain import (
 )
 from lorafleet.domain.subject import Subject
 from lorafleet.domain.text import MAX_INT64
-from lorafleet.errors import LorafleetError, NotFoundError, ValidationError
+from lorafleet.errors import BlobStoreError, LorafleetError, NotFoundError, ValidationError
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.jobs.scheduler import Scheduler
 from lorafleet.registry import Registry
@@ -154,7 +155,11 @@ def forget_records(
         )
     receipt = _queue_rebuild(db, registry, scheduler=scheduler, receipt=receipt, subject=subject)
     if purge and receipt.blobs:
-        registry.delete_unreferenced_now(receipt.blobs)  # now: past ``purge_after``, so no longer held
+        try:
+            registry.delete_unreferenced_now(receipt.blobs)  # now: past ``purge_after``, so no longer held
+        except BlobStoreError as exc:  # the deletion stands; the next gc deletes them (their hold has ended)
+            logger.warning("receipt %s: purge left blobs to the gc: %s", receipt.id, exc)
+            return receipt
         db.run(receipts.mark_blobs_deleted, receipt_ids=[receipt.id], at=datetime.now(UTC))
         receipt = db.run(receipts.get_receipt, tenant_id=tenant_id, receipt_id=receipt.id)
     return receipt
