@@ -2,11 +2,12 @@
 version live, against one ordinary training job of the same records measured in the same run.
 
 Protocol: one user, five rounds of ``--records`` synthetic records, one train job per round (in-process
-``ContinualTrainer`` and ``JobWorker`` over SQLite and a local blob directory, promote rule ``always`` unless
-``--promote-rule qa``), so the user has five versions, each continued from the one before. Then one record that
+``ContinualTrainer`` and ``JobWorker`` over SQLite and a local blob directory, promote rule ``always``), so the
+user has five live-in-turn versions, each continued from the one before. Then one record that
 version 5 was trained on (a new record of round 5) is forgotten (``workflows.deletion.forget_records``, what the
 API's ``DELETE`` runs): version 5 is revoked, ``live`` goes back to version 4, the rebuild job is queued; the worker
-runs it (and, under ``qa``, its QA job) until ``live`` is the rebuilt version.
+runs it under ``--promote-rule`` (``always``, or ``qa``: its QA job too, which may reject it: then
+``rebuilt_live_version`` is null and ``versions_after`` says so) until ``live`` is the rebuilt version.
 
 The baseline is the job that trained version 5: the same parent (version 4) and the same records but the forgotten
 one, so the ratio says what forgetting costs beyond retraining that round: the deletion's transaction, queueing,
@@ -84,19 +85,25 @@ def main() -> None:
         )
         config = TrainingConfig(**training)
         bank = inject_bank(backbone, target_modules=config.target_modules, n_slots=2, max_rank=config.rank)
-        trainer = ContinualTrainer(
-            db, registry, backbone, bank, config=config, promote_rule=args.promote_rule, work_dir=Path(tmp)
-        )
         queue = JobQueue(db)
-        handlers: dict[str, Any] = {"train": trainer.run_job}
-        if args.promote_rule == "qa":
-            handlers[QA_JOB_KIND] = QARunner(db, registry, backbone, bank).run_job
-        worker = JobWorker(queue, worker_id="bench", handlers=handlers, lease_seconds=3600)
         scheduler = Scheduler(db, queue=queue)
+
+        def worker_for(rule: str) -> JobWorker:
+            trainer = ContinualTrainer(
+                db, registry, backbone, bank, config=config, promote_rule=rule, work_dir=Path(tmp)
+            )
+            handlers: dict[str, Any] = {"train": trainer.run_job}
+            if rule == "qa":
+                handlers[QA_JOB_KIND] = QARunner(db, registry, backbone, bank).run_job
+            return JobWorker(queue, worker_id="bench", handlers=handlers, lease_seconds=3600)
+
+        worker = worker_for("always")  # the five versions go live whatever QA would say of them
 
         job_seconds = []
         for round_ in range(1, VERSIONS + 1):
-            records = synthetic.make_user_records(USER, round=round_, n_records=args.records, seed=0)
+            # the synthetic data has three rounds of topics: later rounds reuse them with other phrasings
+            topics = (round_ - 1) % len(synthetic.ROUNDS) + 1
+            records = synthetic.make_user_records(USER, round=topics, n_records=args.records, seed=round_)
             ingest_feedback(db, tenant_id=tenant_id, user_external_id=USER, records=records)
             scheduler.train_now(tenant_id=tenant_id, user_external_id=USER)
             start = time.perf_counter()
@@ -112,6 +119,7 @@ def main() -> None:
         assert live.dataset_snapshot_id is not None
         forgotten = int(get_snapshot(db, snapshot_id=live.dataset_snapshot_id).details["new_max_id"])
 
+        worker = worker_for(args.promote_rule)
         start = time.perf_counter()
         receipt = forget_records(
             db,
@@ -141,6 +149,10 @@ def main() -> None:
             "revoked": [v["number"] for v in receipt.revoked_versions],
             "rebuild_job_id": receipt.rebuild_job_id,
             "rebuilt_live_version": None if rebuilt is None else rebuilt.number,
+            "versions_after": {
+                v.number: str(v.status)
+                for v in registry.list_versions(tenant_id=tenant_id, adapter_id=adapter.id)
+            },
             "forget_seconds": round(forgot - start, 3),
             "delete_to_rebuilt_live_seconds": round(total, 2),
             "baseline_job_seconds": round(job_seconds[-1], 2),
