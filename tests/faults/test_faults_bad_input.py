@@ -49,6 +49,11 @@ BODIES: dict[tuple[str, str], Any] = {
     ("DELETE", "/v1/users/{user_id}"): None,
     ("GET", "/v1/users/{user_id}/feedback"): None,
     ("GET", "/v1/users/{user_id}/feedback/export"): None,
+    # no such record: a valid request would change nothing either
+    ("DELETE", "/v1/users/{user_id}/feedback"): {"ids": [2147483000]},
+    ("DELETE", "/v1/tasks/{task}/feedback"): {"ids": [2147483000]},
+    ("GET", "/v1/deletions/{receipt_id}"): None,
+    ("GET", "/v1/deletions"): None,
     ("POST", "/v1/users/{user_id}/feedback"): {"records": [sft("probe")]},
     ("GET", "/v1/users/{user_id}/adapters"): None,
     ("GET", "/v1/users/{user_id}/adapters/{name}/versions"): None,
@@ -127,6 +132,7 @@ class World:
             "task": "summarise",
             "tenant_name": self.tenant_name,
             "key_id": "2147483000",  # no such key (the matrix must not revoke the tenant's own)
+            "receipt_id": "del_" + "0" * 32,  # no such receipt
         }
 
 

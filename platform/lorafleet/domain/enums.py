@@ -53,7 +53,7 @@ class BlobCheck(StrEnum):
 
     ``unreadable``: the object store failed for another reason (network, permissions): nothing is known about the
     bytes, so such a version is reported but never repaired. ``quarantined``: the version is already ``corrupt``
-    and was not read again.
+    (or ``revoked``: its blob is deleted on purpose) and was not read again.
     """
 
     OK = "ok"

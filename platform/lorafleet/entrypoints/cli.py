@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from lorafleet.entrypoints.deletion_args import add_forget_records, add_receipt
 from lorafleet.errors import LorafleetError
 from lorafleet.runtime.process import configure_logging
 
@@ -161,6 +162,8 @@ def _add_forget_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     user.add_argument("--purge", action="store_true", help="delete the blobs now, not after the gc grace")
     user.add_argument("--json", action="store_true", help="print the receipt as JSON")
     user.set_defaults(handler=_lazy("forget_user", "forget_user_command"))
+    add_forget_records(forget, lambda name: _lazy("deletion", name))
+    add_receipt(sub, lambda name: _lazy("deletion", name))
 
 
 def _add_workers_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -275,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_commands(sub)
     _add_training_config_commands(sub)
     _add_workers_command(sub)
+    _add_forget_commands(sub)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on the embedded defaults (a few minutes)")
     demo.add_argument("--users", type=int, default=4, help="synthetic users (default 4)")

@@ -53,10 +53,16 @@ def peft_base_name(backbone: str) -> str:
 
 
 def check_exportable(version: AdapterVersion) -> None:
-    """A ``corrupt`` version's blob failed verification: it is not exported (``InvalidStateError``, a 409)."""
+    """A ``corrupt`` version's blob failed verification, a ``revoked`` one was trained on deleted records: neither
+    is exported (``InvalidStateError``, a 409 like any other state that refuses the request; a revoked version's
+    blob may still exist until the gc grace ends, but its data was taken back)."""
     if version.status == VersionStatus.CORRUPT:
         raise InvalidStateError(
             f"version {version.number} is marked corrupt (its blob failed verification) and cannot be downloaded"
+        )
+    if version.status == VersionStatus.REVOKED:
+        raise InvalidStateError(
+            f"version {version.number} is revoked (a record it was trained on was deleted) and cannot be downloaded"
         )
 
 

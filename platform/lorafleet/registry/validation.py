@@ -82,6 +82,10 @@ def _check_target(*, target: AdapterVersion, current: AdapterVersion | None) -> 
         raise InvalidStateError(
             f"version {target.number} is corrupt (its blob failed verification) and cannot go live"
         )
+    if target.status == VersionStatus.REVOKED:
+        raise InvalidStateError(
+            f"version {target.number} is revoked (a record it was trained on was deleted) and cannot go live"
+        )
     if current is not None and current.id == target.id:
         raise InvalidStateError(f"version {target.number} is already live")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.domain import (
+    FINAL_STATUSES,
     Adapter,
     AdapterVersion,
     AliasEvent,
@@ -325,16 +326,16 @@ class Registry:
         status: VersionStatus,
     ) -> AdapterVersion:
         """Mark a version candidate, rejected (QA) or archived; the live version only moves via the alias, and a
-        ``corrupt`` version keeps its status (``mark_corrupt``). Joins the open transaction, if any (e.g. a
+        ``corrupt`` or ``revoked`` version keeps its status (final). Joins the open transaction, if any (e.g. a
         job's fenced block)."""
         if status not in SETTABLE_STATUSES:
             raise ValidationError(f"status {str(status)!r} cannot be set directly (use promote for live)")
         with self._db.unit_of_work():
             _adapter, live = self._db.run(self._repo.lock_live, tenant_id=tenant_id, adapter_id=adapter_id)
             version = self.get_version(tenant_id=tenant_id, adapter_id=adapter_id, number=number)
-            if version.status == VersionStatus.CORRUPT:
+            if version.status in FINAL_STATUSES:
                 raise InvalidStateError(
-                    f"version {number} is corrupt (quarantined); its status cannot change"
+                    f"version {number} is {version.status} (final); its status cannot change"
                 )
             return self._update_status(version, live=live, status=status)
 

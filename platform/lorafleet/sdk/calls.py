@@ -16,6 +16,7 @@ import tarfile
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
@@ -651,10 +652,72 @@ def ready() -> Call[s.ReadyOut]:
     return Call("GET", "/readyz", _parser(s.ReadyOut), ok_statuses=frozenset({503}))
 
 
-# --- forgetting a user ------------------------------------------------------------------------------------------
+# --- data deletion -----------------------------------------------------------------------------------------------
 def forget_user(user: str, *, purge: bool = False) -> Call[s.DeletionReceiptOut]:
     """``DELETE /v1/users/{user}``: erase the user and everything of theirs; the receipt (ids and hashes only).
     ``purge``: delete the blobs now instead of after the gc grace period."""
     params = {"purge": "true"} if purge else None
     # not re-sent: a retry of a deletion that went through would answer 404 (the receipt is the answer)
     return Call("DELETE", _user(user), _parser(s.DeletionReceiptOut), params=params, retry_after_send=False)
+
+
+def forget_records(
+    user: str,
+    ids: Sequence[int] | None = None,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    purge: bool = False,
+) -> Call[s.DeletionReceiptOut]:
+    """Forget some of the user's records, by ``ids`` or by a filter (``since``/``until``: when they were stored;
+    ``metadata``: key/value pairs their metadata holds): the versions trained on them are revoked and rebuilt;
+    the answer is the deletion's receipt. Not re-sent once it may have reached the service."""
+    return _forget(_user(user), ids, since=since, until=until, metadata=metadata, purge=purge)
+
+
+def forget_task_records(
+    task: str,
+    ids: Sequence[int] | None = None,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    purge: bool = False,
+) -> Call[s.DeletionReceiptOut]:
+    """``forget_records`` for a shared task's records (and its task adapter)."""
+    return _forget(_task(task), ids, since=since, until=until, metadata=metadata, purge=purge)
+
+
+def _forget(
+    path: str,
+    ids: Sequence[int] | None,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    metadata: Mapping[str, Any] | None,
+    purge: bool,
+) -> Call[s.DeletionReceiptOut]:
+    chosen = since is not None or until is not None or metadata is not None
+    given = s.RecordFilterIn(since=since, until=until, metadata=None if metadata is None else dict(metadata))
+    body = s.ForgetRecordsRequest(
+        ids=None if ids is None else list(ids), filter=given if chosen else None, purge=purge
+    )
+    return Call(
+        "DELETE",
+        f"{path}/feedback",
+        _parser(s.DeletionReceiptOut),
+        body=body.model_dump(mode="json", exclude_none=True),
+        retry_after_send=False,
+    )
+
+
+def deletion_receipt(receipt_id: str) -> Call[s.DeletionReceiptOut]:
+    """A deletion's receipt by id, with where its rebuild stands."""
+    return Call("GET", f"/v1/deletions/{_seg(receipt_id)}", _parser(s.DeletionReceiptOut))
+
+
+def list_deletions(subject: str | None = None, *, limit: int = 100) -> Call[list[s.DeletionReceiptOut]]:
+    """The tenant's deletion receipts, newest first (``subject``: ``user:<id>`` or ``task:<name>``)."""
+    params = _query(subject=subject, limit=limit)
+    return Call("GET", "/v1/deletions", _parser(list[s.DeletionReceiptOut]), params=params)

@@ -194,8 +194,12 @@ class _Calls:
     health = _Endpoint(c.health)
     ready = _Endpoint(c.ready)
 
-    # --- forgetting a user ----------------------------------------------------------------------------------
+    # --- data deletion --------------------------------------------------------------------------------------
     forget_user = _Endpoint(c.forget_user)
+    forget_records = _Endpoint(c.forget_records)
+    forget_task_records = _Endpoint(c.forget_task_records)
+    deletion_receipt = _Endpoint(c.deletion_receipt)
+    list_deletions = _Endpoint(c.list_deletions)
 
 
 class Client(ClientBase, _Calls):

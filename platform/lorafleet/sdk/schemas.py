@@ -31,7 +31,7 @@ from lorafleet.domain.enums import (
     QADecision,
     VersionStatus,
 )
-from lorafleet.domain.text import MAX_INT32, free_text, printable_name
+from lorafleet.domain.text import MAX_INT32, MAX_INT64, free_text, printable_name
 from lorafleet.feedback import (
     FeedbackIn,
     FeedbackMessage,
@@ -265,6 +265,33 @@ class DeletionReceiptOut(_Out):
     purge_after: datetime = Field(description="When the blobs may be deleted (the gc grace period, or now).")
     blobs_deleted_at: datetime | None = None
     rebuild: RebuildOut | None = None
+
+
+class RecordFilterIn(_In):
+    """Which records a deletion selects by filter: stored in ``[since, until)`` (timezone-aware times), and whose
+    ``metadata`` holds every given key with an equal value (top-level keys only). At least one is needed."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    metadata: dict[Annotated[str, AfterValidator(printable_name)], JsonValue] | None = Field(
+        default=None, description="Top-level key/value pairs the record's metadata must all hold."
+    )
+
+
+#: a feedback record's id in a deletion request
+RecordId = Annotated[StrictInt, Field(ge=1, le=MAX_INT64)]
+
+
+class ForgetRecordsRequest(_In):
+    """``DELETE /v1/users/{user_id}/feedback`` (or a task's): exactly one of ``ids`` and ``filter``. The records,
+    every version whose training data held one (and their descendants) are taken back; see ``docs/data-rights.md``."""
+
+    ids: list[RecordId] | None = Field(default=None, description="The record ids to forget (1-10000).")
+    filter: RecordFilterIn | None = Field(default=None, description="Or: the records this filter selects.")
+    purge: StrictBool = Field(
+        default=False,
+        description="Delete the revoked versions' blobs now instead of after the gc grace period.",
+    )
 
 
 # --- blob verification (admin) ---------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.config import Settings
-from lorafleet.domain import Adapter, AdapterVersion, BlobCheck, QADecision, VersionStatus
+from lorafleet.domain import FINAL_STATUSES, Adapter, AdapterVersion, BlobCheck, QADecision, VersionStatus
 from lorafleet.errors import ValidationError
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.registry import Registry
@@ -174,8 +174,8 @@ class BlobVerification:
 
     def _check(self, located: VersionLocation) -> VersionCheck:
         version = located.version
-        if version.status == VersionStatus.CORRUPT:
-            return VersionCheck(located, BlobCheck.QUARANTINED, status=VersionStatus.CORRUPT)
+        if version.status in FINAL_STATUSES:  # corrupt, or revoked (its blob is deleted on purpose): not read
+            return VersionCheck(located, BlobCheck.QUARANTINED, status=version.status)
         finding = self.verifier.check(version)
         if not (self.repair and finding.result.bad):
             return VersionCheck(located, finding.result, finding.detail, status=version.status)
@@ -194,8 +194,8 @@ class BlobVerification:
                 self._repo.lock_live, tenant_id=tenant_id, adapter_id=version.adapter_id
             )
             now = self.db.run(self._repo.get_version_by_id, tenant_id=tenant_id, version_id=version.id)
-            if now.status == VersionStatus.CORRUPT:
-                return VersionCheck(located, finding.result, finding.detail, status=VersionStatus.CORRUPT)
+            if now.status in FINAL_STATUSES:  # quarantined by another run, or revoked meanwhile
+                return VersionCheck(located, finding.result, finding.detail, status=now.status)
             was_live = live is not None and live.id == version.id
             target = self._rollback_target(tenant_id=tenant_id, version=version) if was_live else None
             if was_live:

@@ -44,6 +44,7 @@ from lorafleet.errors import BackboneMismatchError, InvalidStateError, Validatio
 from lorafleet.jobs import progress as job_progress
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.routing.embeddings import routing_key
+from lorafleet.store.sql import record_deletion
 from lorafleet.store.sql.feedback import get_snapshot, insert_snapshot, list_feedback
 from lorafleet.store.sql.tenants import MAX_PAGE_SIZE
 from lorafleet.training.config import TrainingConfig
@@ -72,6 +73,10 @@ CONTINUED_FROM = LineageRelation.CONTINUED_FROM
 #: why a user of a job got no version (the job still succeeds for the others)
 SKIP_NO_NEW_RECORDS = "no_new_records"
 SKIP_NO_TRAIN_EXAMPLES = "no_train_examples"
+#: a deletion (``lorafleet.workflows.deletion``) since the job read the subject's records: nothing registered
+SKIP_RECORDS_DELETED = "records_deleted"
+SKIP_SUBJECT_DELETED = "subject_deleted"
+SKIP_PARENT_REVOKED = "parent_revoked"
 
 
 @dataclass(frozen=True)
@@ -427,8 +432,16 @@ class ContinualTrainer:
         skipped: Mapping[str, str],
     ) -> dict[str, Any]:
         """Snapshots, versions and the job's success in one fenced transaction (LeaseLostError: none)."""
+        skipped = dict(skipped)
         with lease.fenced() as fence:
-            entries = [self._register_user(job=job, tenant_id=tenant_id, user=user) for user in trained]
+            entries = []
+            for user in trained:
+                guard = self._registration_guard(tenant_id=tenant_id, plan=user.plan)
+                if guard is not None:  # a deletion since the job read the records: nothing of theirs
+                    skipped[user.plan.user.label] = guard
+                    logger.info("%s: not registered (%s)", user.plan.user.label, guard)
+                    continue
+                entries.append(self._register_user(job=job, tenant_id=tenant_id, user=user))
             qa_jobs = queue_candidate_qa(
                 queue=JobQueue(self.db),
                 promote_rule=self.promote_rule,
@@ -440,6 +453,22 @@ class ContinualTrainer:
             ).to_json()
             fence.succeed(result)
         return result
+
+    def _registration_guard(self, *, tenant_id: int, plan: TrainingInput) -> str | None:
+        """Under the subject's row lock (which ``lorafleet.workflows.deletion`` takes too): why the subject's
+        version must not be registered (it was erased, a record of the plan was deleted, or the parent version
+        was revoked since the job read it), or None."""
+        user_id = plan.user.user_id
+        if not self.db.run(record_deletion.lock_subject_by_id, user_id=user_id):
+            return SKIP_SUBJECT_DELETED
+        present = self.db.run(record_deletion.present_records, user_id=user_id, record_ids=plan.record_ids)
+        if len(present) != len(plan.record_ids):
+            return SKIP_RECORDS_DELETED
+        if plan.parent is not None:
+            parent = self.registry.get_version_by_id(tenant_id=tenant_id, version_id=plan.parent.id)
+            if parent.status == VersionStatus.REVOKED:
+                return SKIP_PARENT_REVOKED
+        return None
 
     def _register_user(self, *, job: Job, tenant_id: int, user: TrainedUser) -> TrainedVersion:
         """The user's dataset snapshot and new version, in the job's fenced transaction."""
@@ -482,7 +511,11 @@ class ContinualTrainer:
         self, *, tenant_id: int, trained: Sequence[TrainedUser], result: Mapping[str, Any]
     ) -> None:
         """Move ``live`` to each new version the rule accepted, unless ``live`` moved since the job read it."""
-        for user, entry in zip(trained, result["versions"], strict=True):
+        registered = {entry["user_id"]: entry for entry in result["versions"]}
+        for user in trained:
+            entry = registered.get(user.plan.user.user_id)
+            if entry is None:  # not registered (the registration guard)
+                continue
             if not user.promote:
                 logger.info(
                     "user %s: version %d stays a candidate (%s)",

@@ -60,6 +60,11 @@ ROUTES: dict[tuple[str, str], tuple[int | str, Any]] = {
     ("DELETE", "/v1/users/{user_id}"): (404, None),
     ("GET", "/v1/users/{user_id}/feedback"): (404, None),
     ("GET", "/v1/users/{user_id}/feedback/export"): (404, None),
+    # A's receipt and A's alice's records: 404 for B; B's own receipts only in the listing
+    ("DELETE", "/v1/users/{user_id}/feedback"): (404, {"ids": [1]}),
+    ("DELETE", "/v1/tasks/{task}/feedback"): (404, {"ids": [1]}),
+    ("GET", "/v1/deletions/{receipt_id}"): (404, None),
+    ("GET", "/v1/deletions"): (OWN, None),
     ("POST", "/v1/users/{user_id}/feedback"): (OWN, {"records": [sft("from tenant B")]}),
     ("GET", "/v1/users/{user_id}/adapters"): (404, None),
     ("GET", "/v1/users/{user_id}/adapters/{name}/versions"): (404, None),
@@ -136,6 +141,7 @@ class TenantA:
     tenant: TenantHandle
     job_id: int
     feedback_ids: list[int]
+    receipt_id: str
 
     def url(self, path: str) -> str:
         values = {
@@ -146,6 +152,7 @@ class TenantA:
             "task": "summarise",
             "tenant_name": self.tenant.name,
             "key_id": "1",
+            "receipt_id": self.receipt_id,
         }
         url = path.format(**values)
         return url + "?user=alice" if path == "/v1/jobs" else url
@@ -156,16 +163,17 @@ def tenant_a(
     make_tenant: Callable[[], TenantHandle], library: Library, adapter_folder: Callable[[int], Path]
 ) -> TenantA:
     """Tenant A with everything a route can name: a user with feedback, a live adapter version, a queued job,
-    a task adapter with feedback and a live version that the user is enrolled in."""
+    a task adapter with feedback and a live version that the user is enrolled in, a deletion receipt."""
     handle = make_tenant()
     client = handle.client
-    feedback = client.submit_feedback("alice", [sft("a1"), sft("a2")]).ids
+    feedback = client.submit_feedback("alice", [sft("a1"), sft("a2"), sft("forgotten")]).ids
+    receipt = client.forget_records("alice", [feedback.pop()])  # a receipt of A's (nothing was trained on it)
     live_personal_version(library, tenant_id=handle.id, user="alice", folder=adapter_folder(1))
     client.submit_task_feedback("summarise", [sft("t1")])
     live_task_version(library, tenant_id=handle.id, task="summarise", folder=adapter_folder(2))
     client.enrol("alice", "summarise")
     job = client.train("alice").job
-    return TenantA(handle, job.id, feedback)
+    return TenantA(handle, job.id, feedback, receipt.id)
 
 
 def _operations(api: ApiServer) -> list[tuple[str, str]]:

@@ -17,7 +17,7 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from lorafleet.domain import DatasetSnapshot, FeedbackKind, FeedbackRecord, SubjectKind
+from lorafleet.domain import DatasetSnapshot, FeedbackKind, FeedbackRecord, SubjectKind, VersionStatus
 from lorafleet.domain.subject import Subject
 from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.store.sql.database import Database
@@ -168,14 +168,18 @@ def list_feedback(
 
 def _trained_through() -> Any:
     """Per subject: the newest feedback id its versions were trained on. The snapshot names the subject
-    whose records it holds (a user's, or a task's dataset row), so this one grouping serves both kinds."""
+    whose records it holds (a user's, or a task's dataset row), so this one grouping serves both kinds. Revoked
+    versions (``lorafleet.workflows.deletion``) do not count: their data is trained again by the rebuild."""
     return (
         select(
             SqlDatasetSnapshot.user_id.label("user_id"),
             func.max(SqlDatasetSnapshot.max_record_id).label("through"),
         )
         .join(SqlAdapterVersion, SqlAdapterVersion.dataset_snapshot_id == SqlDatasetSnapshot.id)
-        .where(SqlDatasetSnapshot.user_id.is_not(None))
+        .where(
+            SqlDatasetSnapshot.user_id.is_not(None),
+            SqlAdapterVersion.status != VersionStatus.REVOKED.value,
+        )
         .group_by(SqlDatasetSnapshot.user_id)
         .cte("trained_through")
     )
@@ -193,7 +197,7 @@ def read_backlog(
     what their adapters were trained on.
 
     "Trained on" is the highest ``max_record_id`` among the dataset snapshots (of the subject's records) that
-    versions were trained on: candidate, live, rejected or archived alike (a rejected version still consumed
+    versions were trained on: candidate, live, rejected or archived alike, revoked ones not (a rejected version still consumed
     its data, so the scheduler does not retrain on the same records in a loop; a version without a snapshot,
     e.g. an import, does not reset it). One query; the new records are a range scan of ``ix_feedback_user_id_id``.
     Results are in user id order; ``after_user_id`` pages through them (keyset). Runs in the caller's

@@ -17,7 +17,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
-from lorafleet.domain import LIVE, AdapterKind, EnrolmentAction, SubjectKind, VersionStatus
+from lorafleet.domain import FINAL_STATUSES, LIVE, AdapterKind, EnrolmentAction, SubjectKind
 from lorafleet.domain.subject import TASK_SUBJECT_PREFIX
 from lorafleet.errors import NotFoundError
 from lorafleet.store.sql.models import (
@@ -150,7 +150,7 @@ class RoutingRepository:
     ) -> LiveAdapterRow | None:
         """One LoRA adapter of the tenant (a user's, or a task's when ``owner_user_id`` is None) at version
         ``number``, or at its live version when ``number`` is None; None when there is no such version (a
-        ``corrupt`` one counts as none)."""
+        ``corrupt`` or ``revoked`` one, ``FINAL_STATUSES``, counts as none)."""
         owner = (
             SqlAdapter.owner_user_id.is_(None)
             if owner_user_id is None
@@ -166,9 +166,10 @@ class RoutingRepository:
             stmt = stmt.join(
                 SqlAlias, and_(SqlAlias.adapter_id == SqlAdapter.id, SqlAlias.name == LIVE)
             ).join(SqlAdapterVersion, SqlAdapterVersion.id == SqlAlias.version_id)
-        else:  # a pinned version, unless quarantined (its blob failed verification: never served)
+        else:  # a pinned version, unless quarantined or revoked (final: never served; a rejected one may be pinned)
             stmt = stmt.join(SqlAdapterVersion, SqlAdapterVersion.adapter_id == SqlAdapter.id).where(
-                SqlAdapterVersion.number == number, SqlAdapterVersion.status != VersionStatus.CORRUPT
+                SqlAdapterVersion.number == number,
+                SqlAdapterVersion.status.not_in([s.value for s in FINAL_STATUSES]),
             )
         row = session.execute(stmt).first()
         return None if row is None else _live_row(row)
