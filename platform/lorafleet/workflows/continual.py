@@ -40,7 +40,7 @@ from lorafleet.domain import (
 from lorafleet.domain.enums import values
 from lorafleet.domain.jobs import TrainedVersion, TrainPayload, TrainResult
 from lorafleet.domain.subject import Subject
-from lorafleet.errors import BackboneMismatchError, InvalidStateError, ValidationError
+from lorafleet.errors import BackboneMismatchError, InvalidStateError, NotFoundError, ValidationError
 from lorafleet.jobs import progress as job_progress
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.routing.embeddings import routing_key
@@ -267,7 +267,13 @@ class ContinualTrainer:
         plans: list[TrainingInput] = []
         skipped: dict[str, str] = {}
         for user in users:
-            plan = self._plan_user(tenant_id=tenant_id, user=user)
+            try:
+                plan = self._plan_user(tenant_id=tenant_id, user=user)
+            except NotFoundError:
+                # a user erased since the job was queued: the others of the job still train
+                if self.db.run(record_deletion.subject_exists, user_id=user.user_id):
+                    raise
+                plan = SKIP_SUBJECT_DELETED
             if isinstance(plan, str):
                 skipped[user.label] = plan
                 logger.info("%s: skipped (%s)", user.label, plan)

@@ -36,6 +36,7 @@ from lorafleet.workflows.audit import list_events
 from lorafleet.workflows.blob_verify import verify_blobs
 from lorafleet.workflows.continual import PERSONAL_ADAPTER, ContinualTrainer
 from lorafleet.workflows.deletion import RecordSelection, forget_records, get_receipt, rebuild_status
+from lorafleet.workflows.erasure import forget_user
 from lorafleet.workflows.feedback import ingest_feedback, list_feedback
 
 
@@ -344,3 +345,25 @@ def test_a_job_that_read_a_deleted_record_registers_nothing_for_that_user_only(
     ann = TenantRepository(database).get_user(tenant_id=tenant_id, external_id="ann")
     adapter = registry.find_adapter(tenant_id=tenant_id, owner_user_id=ann.id, name=PERSONAL_ADAPTER)
     assert adapter is not None and registry.list_versions(tenant_id=tenant_id, adapter_id=adapter.id) == []
+
+
+def test_a_user_erased_before_the_job_plans_is_skipped_and_the_others_train(
+    database: Database,
+    registry: Registry,
+    tenant_id: int,
+    make_trainer: Callable[..., ContinualTrainer],
+) -> None:
+    set_tenant_training(database, tenant_id=tenant_id, overrides={**TINY_TRAINING, "max_steps": 1})
+    feed_users(database, tenant_id=tenant_id, users=["ann", "bo"], round=1, n_records=4)
+    queue = JobQueue(database)
+    (job,) = Scheduler(database, SchedulerPolicy(min_new_records=1), queue=queue).tick().jobs_created
+    forget_user(database, registry, tenant_id=tenant_id, external_id="ann", actor="test")
+
+    trainer = make_trainer(promote_rule="always")
+    worker = JobWorker(queue, worker_id="w", handlers={"train": trainer.run_job}, lease_seconds=30)
+    done = worker.run_once()
+
+    assert done is not None and done.id == job.id and done.state == "succeeded"
+    assert done.result is not None and done.result["skipped"] == {"ann": "subject_deleted"}
+    assert [v["external_id"] for v in done.result["versions"]] == ["bo"]
+    assert TenantRepository(database).list_users(tenant_id=tenant_id)[0].external_id == "bo"

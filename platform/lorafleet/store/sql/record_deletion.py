@@ -57,6 +57,11 @@ def lock_subject_by_id(session: Session, *, user_id: int) -> bool:
     return session.scalar(_locked(session, stmt)) is not None
 
 
+def subject_exists(session: Session, *, user_id: int) -> bool:
+    """Whether the subject row is still there (no lock: a planning step's check)."""
+    return session.scalar(select(SqlUser.id).where(SqlUser.id == user_id)) is not None
+
+
 def select_records(
     session: Session,
     *,
@@ -199,5 +204,6 @@ __all__ = [
     "qa_report_blobs",
     "revoke_versions",
     "select_records",
+    "subject_exists",
     "versions_trained_on",
 ]
