@@ -109,3 +109,84 @@ def preference_accuracy(margins: torch.Tensor) -> float:
         return float("nan")
     wins = (margins > 0).to(torch.float64).sum() + 0.5 * (margins == 0).to(torch.float64).sum()
     return float(wins / margins.numel())
+
+
+@dataclass(frozen=True)
+class JobPairs:
+    """One user's preference pairs in a DPO job and their reference log-probs ``[pairs, 2]`` (chosen, rejected),
+    computed once for the job."""
+
+    train: Sequence[Example]
+    train_reference: torch.Tensor
+    holdout: Sequence[Example]
+    holdout_reference: torch.Tensor
+
+
+def reference_pairs(
+    bank: AdapterBank,
+    tokenizer: Any,
+    pairs: Sequence[tuple[Sequence[Example], Sequence[Example]]],
+    routes: Sequence[Route],
+    *,
+    max_seq_len: int,
+    prefix: FrozenPrefix | None = None,
+) -> list[JobPairs]:
+    """Each user's (train, holdout) pairs with their reference log-probs through the user's reference ``routes``:
+    one scoring pass for the whole job, before any weight moves."""
+    flat = [pair for train, holdout in pairs for pair in (*train, *holdout)]
+    flat_routes = [route for (t, h), route in zip(pairs, routes, strict=True) for _ in range(len(t) + len(h))]
+    logps = pair_logps(bank, tokenizer, flat, flat_routes, max_seq_len=max_seq_len, prefix=prefix)
+    out, start = [], 0
+    for train, holdout in pairs:
+        mid, end = start + len(train), start + len(train) + len(holdout)
+        out.append(JobPairs(train, logps[start:mid], holdout, logps[mid:end]))
+        start = end
+    return out
+
+
+def holdout_margins(
+    bank: AdapterBank,
+    tokenizer: Any,
+    jobs: Sequence[JobPairs],
+    routes: Sequence[Route],
+    *,
+    beta: float,
+    max_seq_len: int,
+    prefix: FrozenPrefix | None = None,
+) -> list[torch.Tensor]:
+    """Each user's holdout pairs' reward margins ``[pairs]`` through its policy ``routes`` (empty without pairs)."""
+    flat = [pair for job in jobs for pair in job.holdout]
+    flat_routes = [route for job, route in zip(jobs, routes, strict=True) for _ in job.holdout]
+    logps = pair_logps(bank, tokenizer, flat, flat_routes, max_seq_len=max_seq_len, prefix=prefix)
+    margins, start = [], 0
+    for job in jobs:
+        policy = logps[start : start + len(job.holdout)]  # [pairs, 2]
+        start += len(job.holdout)
+        reference = job.holdout_reference
+        margins.append(dpo_terms(*policy.T, *reference.T, beta=beta).margins)
+    return margins
+
+
+def batch_dpo(
+    row_logps: torch.Tensor,
+    pairs: Sequence[tuple[int, int, int]],
+    jobs: Sequence[JobPairs],
+    *,
+    beta: float,
+    n_users: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each user's mean DPO loss over its pairs in a batch ``[users]``, and each pair's reward margin ``[pairs]``.
+
+    ``row_logps`` ``[rows]`` are the batch rows' summed completion log-probs (with gradients); ``pairs`` lists
+    ``(user, pair index in its JobPairs.train, chosen row)``, the rejected row following the chosen one.
+    """
+    device, dtype = row_logps.device, row_logps.dtype
+    users = torch.tensor([u for u, _, _ in pairs], device=device)  # [pairs]
+    chosen_rows = torch.tensor([row for _, _, row in pairs], device=device)  # [pairs]
+    reference = torch.stack([jobs[u].train_reference[i] for u, i, _ in pairs]).to(device, dtype)  # [pairs, 2]
+    terms = dpo_terms(
+        row_logps[chosen_rows], row_logps[chosen_rows + 1], reference[:, 0], reference[:, 1], beta=beta
+    )
+    user_sum = terms.losses.new_zeros(n_users).index_add(0, users, terms.losses)  # [users]
+    user_pairs = terms.losses.new_zeros(n_users).index_add(0, users, torch.ones_like(terms.losses))
+    return user_sum / user_pairs.clamp(min=1), terms.margins.detach()

@@ -44,13 +44,20 @@ from lorafleet.training.dataset import (
 )
 from lorafleet.training.metrics import (
     EvalResult,
-    Route,
     evaluate,
     score_examples,
     scored_logits,
     summarize,
 )
-from lorafleet.training.preference import dpo_terms, is_pair, pair_logps, pair_sides, preference_accuracy
+from lorafleet.training.preference import (
+    JobPairs,
+    batch_dpo,
+    holdout_margins,
+    is_pair,
+    pair_sides,
+    preference_accuracy,
+    reference_pairs,
+)
 
 __all__ = [
     "EvalResult",
@@ -132,17 +139,6 @@ class _SlotStats:
     tokens: int = 0
 
 
-@dataclass(frozen=True)
-class _Preferences:
-    """A user's preference pairs in a DPO job and their reference log-probs ``[pairs, 2]`` (chosen, rejected),
-    computed once for the job."""
-
-    train: list[Example]
-    train_reference: torch.Tensor
-    holdout: list[Example]
-    holdout_reference: torch.Tensor
-
-
 def sft_examples(task: SlotTraining, config: TrainingConfig) -> list[Example]:
     """The task's rows trained as SFT: all of them, less the preference pairs when DPO trains those."""
     if config.sft_weight == 0:
@@ -183,7 +179,10 @@ def train_slots(
     Metrics per user: ``train_loss`` (mean of the last steps), ``train_loss_first``, ``steps``,
     ``train_examples``, ``holdout_examples``, ``tokens`` (completion tokens trained on), and when the holdout is
     not empty ``holdout_loss_before/after``, ``holdout_token_accuracy_before/after`` and
-    ``holdout_sequence_accuracy_before/after`` (absent with an empty holdout: no NaN in stored metrics).
+    ``holdout_sequence_accuracy_before/after`` (absent with an empty holdout: no NaN in stored metrics). With DPO
+    (``dpo_weight`` > 0) and preference pairs: ``preference_pairs``, ``dpo_loss_first``, ``dpo_loss`` and
+    ``reward_margin`` (means of the last steps), and with held-out pairs ``holdout_preference_pairs``,
+    ``holdout_preference_accuracy_after`` and ``holdout_reward_margin_after`` (against the reference).
     ``progress(step, total, {"loss", "lr", "losses"})`` is called every ``progress_every`` steps (default: a
     tenth); ``losses`` maps each task's key to its loss at that step.
 
@@ -215,13 +214,28 @@ def train_slots(
     ):
         torch.manual_seed(config.seed)
         before = _evaluate_holdouts(bank, tokenizer, tasks, config, prefix)
-        preferences = _reference_pairs(bank, tokenizer, tasks, config, prefix)
+        preferences = reference_pairs(
+            bank,
+            tokenizer,
+            [(preference_pairs(t.train, config), preference_pairs(t.holdout, config)) for t in tasks],
+            [[(t.slot if t.reference_slot is None else t.reference_slot, 1.0)] for t in tasks],
+            max_seq_len=config.max_seq_len,
+            prefix=prefix,
+        )
         frozen = _Frozen(prefix, first_run)
         stats = _train(
             bank, tokenizer, tasks, preferences, config, should_stop, progress, progress_every, frozen
         )
         after = _evaluate_holdouts(bank, tokenizer, tasks, config, prefix)
-        pairs_after = _evaluate_pairs(bank, tokenizer, tasks, preferences, config, prefix)
+        pairs_after = holdout_margins(
+            bank,
+            tokenizer,
+            preferences,
+            [[(t.slot, 1.0)] for t in tasks],
+            beta=config.dpo_beta,
+            max_seq_len=config.max_seq_len,
+            prefix=prefix,
+        )
     logger.info(
         "trained %d slots for %d steps in %.1f s", len(tasks), config.max_steps, time.monotonic() - started
     )
@@ -279,7 +293,7 @@ def _train(
     bank: AdapterBank,
     tokenizer: Any,
     tasks: Sequence[SlotTraining],
-    preferences: Sequence[_Preferences],
+    preferences: Sequence[JobPairs],
     config: TrainingConfig,
     should_stop: Callable[[], None] | None,
     progress: Callable[[int, int, dict[str, Any]], None] | None,
@@ -363,7 +377,7 @@ def _stream(tokenizer: Any, task: SlotTraining, config: TrainingConfig) -> _User
 
 
 def _pair_stream(
-    tokenizer: Any, task: SlotTraining, preferences: _Preferences, config: TrainingConfig
+    tokenizer: Any, task: SlotTraining, preferences: JobPairs, config: TrainingConfig
 ) -> _UserStream | None:
     """The user's pairs as ``(index, chosen sequence, rejected sequence)`` (None: no pairs in this job)."""
     if not preferences.train:
@@ -373,61 +387,6 @@ def _pair_stream(
         for i, pair in enumerate(preferences.train)
     ]
     return _UserStream(encoded, random.Random(f"lorafleet-pairs/{config.seed}/{task.key}"))
-
-
-def _reference_route(task: SlotTraining) -> Route:
-    return [(task.slot if task.reference_slot is None else task.reference_slot, 1.0)]
-
-
-def _reference_pairs(
-    bank: AdapterBank,
-    tokenizer: Any,
-    tasks: Sequence[SlotTraining],
-    config: TrainingConfig,
-    prefix: FrozenPrefix | None,
-) -> list[_Preferences]:
-    """Every user's train and holdout pairs with their reference log-probs: one scoring pass for the job, before
-    any weight moves (the reference never changes during a job)."""
-    train = [preference_pairs(task.train, config) for task in tasks]
-    holdout = [preference_pairs(task.holdout, config) for task in tasks]
-    pairs = [pair for t, h in zip(train, holdout, strict=True) for pair in (*t, *h)]
-    routes = [
-        _reference_route(task) for i, task in enumerate(tasks) for _ in range(len(train[i]) + len(holdout[i]))
-    ]
-    logps = pair_logps(bank, tokenizer, pairs, routes, max_seq_len=config.max_seq_len, prefix=prefix)
-    out, start = [], 0
-    for t, h in zip(train, holdout, strict=True):
-        mid, end = start + len(t), start + len(t) + len(h)
-        out.append(_Preferences(t, logps[start:mid], h, logps[mid:end]))
-        start = end
-    return out
-
-
-def _evaluate_pairs(
-    bank: AdapterBank,
-    tokenizer: Any,
-    tasks: Sequence[SlotTraining],
-    preferences: Sequence[_Preferences],
-    config: TrainingConfig,
-    prefix: FrozenPrefix | None,
-) -> list[torch.Tensor]:
-    """Each user's holdout pairs' reward margins ``[pairs]`` through its trained slot (empty without pairs)."""
-    pairs = [pair for p in preferences for pair in p.holdout]
-    routes = [[(task.slot, 1.0)] for task, p in zip(tasks, preferences, strict=True) for _ in p.holdout]
-    logps = pair_logps(bank, tokenizer, pairs, routes, max_seq_len=config.max_seq_len, prefix=prefix)
-    margins, start = [], 0
-    for p in preferences:
-        policy = logps[start : start + len(p.holdout)]
-        start += len(p.holdout)
-        terms = dpo_terms(
-            policy[:, 0],
-            policy[:, 1],
-            p.holdout_reference[:, 0],
-            p.holdout_reference[:, 1],
-            beta=config.dpo_beta,
-        )
-        margins.append(terms.margins)
-    return margins
 
 
 def _parent_pairs(bank: AdapterBank, task: SlotTraining) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
@@ -453,7 +412,7 @@ class _Streams:
 
     sft: Sequence[_UserStream | None]
     pairs: Sequence[_UserStream | None]
-    preferences: Sequence[_Preferences]
+    preferences: Sequence[JobPairs]
 
 
 @dataclass
@@ -519,9 +478,10 @@ def _accumulate(
             user_loss, user_tokens = _user_means(token_loss, scored.rows, owner, sft_rows, len(tasks))
             objective = config.sft_weight * user_loss
             if packed.pairs:
-                dpo, margins = _user_dpo(
-                    token_loss, scored.rows, packed, streams.preferences, config, len(tasks)
-                )
+                row_logps = token_loss.new_zeros(len(packed.rows)).index_add(0, scored.rows, -token_loss)
+                dpo, margins = batch_dpo(
+                    row_logps, packed.pairs, streams.preferences, beta=config.dpo_beta, n_users=len(tasks)
+                )  # [users], [pairs]
                 objective = objective + config.dpo_weight * dpo
                 _record_pairs(stats, packed, dpo.detach(), margins)
             total = objective + _l2_pull(parents, config, device=bank.device)  # [users]
@@ -547,34 +507,6 @@ def _user_means(
     sft_tokens = token_loss.new_zeros(n_users).index_add(0, token_owner, on_sft)  # [users]
     all_tokens = token_loss.new_zeros(n_users).index_add(0, token_owner, torch.ones_like(token_loss))
     return user_sum / sft_tokens.clamp(min=1), all_tokens
-
-
-def _user_dpo(
-    token_loss: torch.Tensor,
-    token_rows: torch.Tensor,
-    packed: _Rows,
-    preferences: Sequence[_Preferences],
-    config: TrainingConfig,
-    n_users: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each user's mean DPO loss over its pairs in the batch ``[users]``, and each pair's reward margin ``[pairs]``."""
-    device = token_loss.device
-    row_logps = token_loss.new_zeros(len(packed.rows)).index_add(0, token_rows, -token_loss)  # [rows]
-    users = torch.tensor([u for u, _, _ in packed.pairs], device=device)  # [pairs]
-    chosen_rows = torch.tensor([row for _, _, row in packed.pairs], device=device)  # [pairs]
-    reference = torch.stack([preferences[u].train_reference[i] for u, i, _ in packed.pairs]).to(
-        device, token_loss.dtype
-    )  # [pairs, 2]
-    terms = dpo_terms(
-        row_logps[chosen_rows],
-        row_logps[chosen_rows + 1],
-        reference[:, 0],
-        reference[:, 1],
-        beta=config.dpo_beta,
-    )
-    user_sum = terms.losses.new_zeros(n_users).index_add(0, users, terms.losses)  # [users]
-    user_pairs = terms.losses.new_zeros(n_users).index_add(0, users, torch.ones_like(terms.losses))
-    return user_sum / user_pairs.clamp(min=1), terms.margins.detach()
 
 
 def _record_pairs(stats: list[_SlotStats], packed: _Rows, dpo: torch.Tensor, margins: torch.Tensor) -> None:
