@@ -6,7 +6,8 @@ Protocol (one seed):
   preference is a style over that content, and opposite users get mirrored pairs (chosen and rejected swapped):
   ``concise`` (the first sentence) against ``detailed`` (the whole answer), ``formal`` against ``casual``
   (register words around the answer), ``signoff`` (a closing line) against ``plain``.
-- Each user trains on ``--train-pairs`` pairs; the other anchor prompts' pairs are held out. All users train in
+- Only answers of two sentences or more are used, in a seeded order; each user trains on ``--train-pairs``
+  pairs and ``--held-out-pairs`` other prompts' pairs are held out. All users train in
   one ``train_slots`` job (DPO, reference = the base, since every adapter is new), rank 8 on the top 6 layers with
   the frozen-prefix cache, no anchors (the anchors' prompts are the pairs' prompts here).
 - Ratings (``--ratings``): two more users get the sign-off preference as ratings (the sign-off answer rated 0.9,
@@ -38,6 +39,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import statistics
 import sys
 import time
@@ -139,6 +141,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=Path(".lorafleet"))
     parser.add_argument("--quantization", default="nf4")
     parser.add_argument("--train-pairs", type=int, default=24)
+    parser.add_argument(
+        "--styles", nargs="+", choices=list(STYLES), default=list(STYLES), help="users, by style"
+    )
+    parser.add_argument("--held-out-pairs", type=int, default=16)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--pairs-per-step", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -198,13 +204,16 @@ def main() -> None:
     tokenizer = backbone.tokenizer
     cache = args.data_dir / "bench-dpo"
     answers = cached_answers(cache, backbone, ANCHOR_PROMPTS, args.answer_tokens, trim=True)
-    prompts = [p for p, a in zip(ANCHOR_PROMPTS, answers, strict=True) if a]
-    answers = [a for a in answers if a]
+    # answers of two sentences or more (else concise and detailed would be the same answer), in a seeded order
+    kept = [(p, a) for p, a in zip(ANCHOR_PROMPTS, answers, strict=True) if a and first_sentence(a) != a]
+    random.Random(0).shuffle(kept)
+    prompts, answers = [p for p, _ in kept], [a for _, a in kept]
     n = min(args.train_pairs, len(prompts) - 4)
-    train_p, train_a, held_p, held_a = prompts[:n], answers[:n], prompts[n:], answers[n:]
+    end = n + args.held_out_pairs
+    train_p, train_a, held_p, held_a = prompts[:n], answers[:n], prompts[n:end], answers[n:end]
     logger.info("base answers ready (%d prompts: %d train, %d held out)", len(prompts), n, len(held_p))
 
-    users = list(STYLES)
+    users = list(args.styles)
     train = {u: pairs_for(u, train_p, train_a, 1) for u in users}
     held = {u: pairs_for(u, held_p, held_a, 10_000) for u in users}
     config = TrainingConfig(
@@ -222,7 +231,7 @@ def main() -> None:
         dpo_weight=1.0,
         dpo_beta=args.beta,
     )
-    if args.ratings:
+    if args.ratings and "signoff" in users:
         ratings = rating_records(train_p, train_a, 1)
         train["signoff-ratings-dpo"] = list(build_dataset(ratings, config=config).train)
         train["signoff-ratings-sft"] = list(
@@ -298,7 +307,7 @@ def main() -> None:
         logger.info("%s: %s | sample: %r", u, figures[u], by_route[i + 1][0][:160])
 
     # DPO step vs SFT step on the same rows: the DPO users' pairs, and their two sides as SFT rows
-    pair_users = list(STYLES)
+    pair_users = list(args.styles)
     dpo_tasks = [SlotTraining(slots[u], u, train[u], ()) for u in pair_users]
     sft_tasks = [
         SlotTraining(slots[u], u, [s for p in train[u] for s in pair_sides(p)], ()) for u in pair_users
