@@ -211,6 +211,10 @@ def main() -> None:
     n = min(args.train_pairs, len(prompts) - 4)
     end = n + args.held_out_pairs
     train_p, train_a, held_p, held_a = prompts[:n], answers[:n], prompts[n:end], answers[n:end]
+    retention_prompts = list(EVAL_PROMPTS[: args.retention_prompts])
+    base_general = cached_answers(
+        cache, backbone, retention_prompts, 48, trim=False
+    )  # before the bank exists
     logger.info("base answers ready (%d prompts: %d train, %d held out)", len(prompts), n, len(held_p))
 
     users = list(args.styles)
@@ -279,8 +283,6 @@ def main() -> None:
         trim=False,
     )
     by_route = [generated[i * len(judge_prompts) : (i + 1) * len(judge_prompts)] for i in range(len(routes))]
-    retention_prompts = list(EVAL_PROMPTS[: args.retention_prompts])
-    base_general = cached_answers(cache, backbone, retention_prompts, 48, trim=False)
     general = [
         Example(i, p, a, "sft")
         for i, (p, a) in enumerate(zip(retention_prompts, base_general, strict=True))
@@ -306,6 +308,18 @@ def main() -> None:
         }
         logger.info("%s: %s | sample: %r", u, figures[u], by_route[i + 1][0][:160])
 
+    print(
+        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | retention |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for u, f in figures.items():
+        print(
+            f"| {u} | {f['held_out_accuracy_base_raw_logp']:.0%} | {f['held_out_accuracy']:.0%} | "
+            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} |"
+        )
+    sys.stdout.flush()
+    if args.json:
+        args.json.write_text(json.dumps({"users": figures}, indent=1))
     # DPO step vs SFT step on the same rows: the DPO users' pairs, and their two sides as SFT rows
     pair_users = list(args.styles)
     dpo_tasks = [SlotTraining(slots[u], u, train[u], ()) for u in pair_users]
@@ -326,15 +340,6 @@ def main() -> None:
         "dpo_over_sft_step": statistics.median(dpo_s) / statistics.median(sft_s),
         "total_s": time.perf_counter() - started,
     }
-    print(
-        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | retention |"
-    )
-    print("| --- | --- | --- | --- | --- | --- |")
-    for u, f in figures.items():
-        print(
-            f"| {u} | {f['held_out_accuracy_base_raw_logp']:.0%} | {f['held_out_accuracy']:.0%} | "
-            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} |"
-        )
     print(f"\n{json.dumps(summary)}")
     if args.json:
         args.json.write_text(
