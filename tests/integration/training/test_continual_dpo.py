@@ -4,9 +4,10 @@ the database is not the point): a first version's reference is the base, a conti
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 from continual_helpers import TINY_TRAINING, get_job
 
 from lorafleet.jobs import JobQueue, JobWorker, Scheduler
@@ -17,6 +18,17 @@ from lorafleet.workflows.continual import PERSONAL_ADAPTER, ContinualTrainer
 from lorafleet.workflows.feedback import ingest_feedback
 
 LN2 = math.log(2.0)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread: the tiny model gains nothing from two, and on shared cores a second one spin-waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def preferences(start: int, n: int) -> list[dict[str, str]]:
