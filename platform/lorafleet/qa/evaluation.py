@@ -27,7 +27,7 @@ from lorafleet.qa.columns import (
     member_handle,
     version_member,
 )
-from lorafleet.qa.evalsets import EvalSet, holdout_set, probe_set
+from lorafleet.qa.evalsets import EvalSet, holdout_set, probe_set, training_config_of
 from lorafleet.qa.matrix import GatedExperts, SlotLoader, embed_sets, evaluate_matrix, gate_traffic
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.probe import PROBE_VERSION, answers_digest, probe_digest, probe_epsilon_for, probe_examples
@@ -221,6 +221,7 @@ class Evaluator:
             prefix=self.prefix,
             answers=answers,
             answer_source=own.source,
+            preference_beta=_preference_beta(subject),
         )
 
     # --- the bank -----------------------------------------------------------------------------------------
@@ -303,6 +304,12 @@ class Evaluator:
 
     def _key(self, version: AdapterVersion) -> tuple[float, ...] | None:
         return self.db.run(QARepository(dialect=self.db.dialect).routing_key, version_id=version.id)
+
+
+def _preference_beta(subject: Subject) -> float | None:
+    """DPO's beta for a candidate trained with DPO (its held-out pairs then go to the preference rule), else None."""
+    config = training_config_of(subject.version)
+    return config.dpo_beta if subject.kind == QAKind.CANDIDATE and config.trains_preferences else None
 
 
 def _bank_notes(user_bank: ExpertSet, sample: MemberSample) -> dict[str, Any]:

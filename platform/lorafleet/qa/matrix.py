@@ -22,7 +22,18 @@ from lorafleet.backbone.chat import has_chat_template
 from lorafleet.domain import AdapterVersion
 from lorafleet.qa.evalsets import EvalSet
 from lorafleet.qa.policy import QAPolicy
-from lorafleet.qa.results import AnswerItem, Answers, Cell, ColumnInfo, Matrix, Sample
+from lorafleet.qa.results import (
+    BASE,
+    CANDIDATE,
+    PREVIOUS,
+    AnswerItem,
+    Answers,
+    Cell,
+    ColumnInfo,
+    Matrix,
+    Preferences,
+    Sample,
+)
 from lorafleet.training.dataset import encode_prompt
 
 if TYPE_CHECKING:
@@ -126,12 +137,14 @@ def evaluate_matrix(
     prefix: FrozenPrefix | None = None,
     answers: tuple[str, str] | None = None,
     answer_source: str = "holdout",
+    preference_beta: float | None = None,
 ) -> Matrix:
     """Loss and token accuracy of every column on every set, plus greedy samples per cell.
 
     With ``prefix``, a row's layers below the lowest adapted one run once for all its columns. With ``answers``
     ``(subject column, reference column)``, every example of the own set is also answered greedily by both
-    columns (``Matrix.answers``: the answer rule's evidence).
+    columns (``Matrix.answers``: the answer rule's evidence). With ``preference_beta``, the own set's preference
+    pairs are scored by the base, candidate and previous columns (``Matrix.preferences``: the preference rule's).
     """
     embeddings = embed_sets(backbone, bank, sets) if any(c.gated for c in columns) else {}
     routes = {s.name: _set_routes(s, columns, slots, embeddings) for s in sets}
@@ -148,7 +161,51 @@ def evaluate_matrix(
     own = next((s for s in sets if s.own and s.examples), None)
     if answers is not None and own is not None:
         evidence = _answers(backbone, bank, own, answers, routes[own.name], policy, answer_source)
-    return Matrix(tuple(s.info() for s in sets), tuple(c.info for c in columns), cells, evidence)
+    preferences = None
+    if preference_beta is not None and own is not None:
+        preferences = _preferences(
+            backbone, bank, own, columns, routes[own.name], policy, prefix, preference_beta
+        )
+    return Matrix(tuple(s.info() for s in sets), tuple(c.info for c in columns), cells, evidence, preferences)
+
+
+def _preferences(
+    backbone: Backbone,
+    bank: AdapterBank,
+    own: EvalSet,
+    columns: Sequence[ColumnSpec],
+    routes: Mapping[str, list[Routes]],
+    policy: QAPolicy,
+    prefix: FrozenPrefix | None,
+    beta: float,
+) -> Preferences | None:
+    """The own set's preference pairs through the base, the candidate and the previous version, in one pass; each
+    column's share of pairs whose implicit reward margin against the base is > 0 (None: no pairs)."""
+    from lorafleet.training.preference import dpo_terms, is_pair, pair_logps, preference_accuracy  # torch
+
+    index = [i for i, e in enumerate(own.examples) if is_pair(e)]
+    if not index:
+        return None
+    pairs = [own.examples[i] for i in index]
+    compared = [c.info.name for c in columns if c.info.name in (CANDIDATE, PREVIOUS)]
+    all_routes: list[Routes] = [[] for _ in pairs]
+    all_routes += [routes[name][i] for name in compared for i in index]
+    logps = pair_logps(
+        bank,
+        backbone.tokenizer,
+        pairs * (1 + len(compared)),
+        all_routes,
+        max_seq_len=policy.max_seq_len,
+        prefix=prefix,
+    )  # [pairs * (1 + columns), 2]
+    n = len(pairs)
+    base = logps[:n]
+    accuracy, margin = {BASE: 0.5}, {BASE: 0.0}
+    for k, name in enumerate(compared):
+        column = logps[(k + 1) * n : (k + 2) * n]
+        margins = dpo_terms(*column.T, *base.T, beta=beta).margins  # [pairs]
+        accuracy[name], margin[name] = preference_accuracy(margins), float(margins.mean())
+    return Preferences(own.name, n, beta, accuracy, margin)
 
 
 def _set_routes(

@@ -123,6 +123,38 @@ class Answers:
 
 
 @dataclass(frozen=True)
+class Preferences:
+    """Preference evidence on the candidate's own holdout: its held-out preference pairs scored by each compared
+    column. A pair is ranked right when its implicit reward margin against the base, ``beta * ((log p(chosen) -
+    log base(chosen)) - (log p(rejected) - log base(rejected)))``, is > 0; ``accuracy[column]`` is the share ranked
+    right (a tie counts a half: the base scores 0.5), ``margin[column]`` the mean margin."""
+
+    row: str
+    pairs: int
+    beta: float
+    accuracy: dict[str, float]
+    margin: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "row": self.row,
+            "pairs": self.pairs,
+            "beta": self.beta,
+            "accuracy": {k: finite_or_none(v) for k, v in self.accuracy.items()},
+            "margin": {k: finite_or_none(v) for k, v in self.margin.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Preferences:
+        def numbers(key: str) -> dict[str, float]:
+            return {str(k): math.nan if v is None else float(v) for k, v in dict(data.get(key, {})).items()}
+
+        return cls(
+            str(data["row"]), int(data["pairs"]), float(data["beta"]), numbers("accuracy"), numbers("margin")
+        )
+
+
+@dataclass(frozen=True)
 class Matrix:
     """Rows x columns of cells (``cells[row][column]``)."""
 
@@ -131,6 +163,8 @@ class Matrix:
     cells: dict[str, dict[str, Cell]] = field(default_factory=dict)
     #: greedy answers on the own holdout (candidates only; None in rechecks and when there was nothing to decode)
     answers: Answers | None = None
+    #: held-out preference pairs scored (candidates trained with DPO and holding such pairs; else None)
+    preferences: Preferences | None = None
 
     def cell(self, row: str, column: str) -> Cell | None:
         return self.cells.get(row, {}).get(column)
@@ -152,6 +186,7 @@ class Matrix:
             "columns": [{"name": c.name, "kind": c.kind, "member": c.member} for c in self.columns],
             "cells": {r: {c: _cell_json(cell) for c, cell in cols.items()} for r, cols in self.cells.items()},
             "answers": None if self.answers is None else self.answers.to_json(),
+            "preferences": None if self.preferences is None else self.preferences.to_json(),
         }
 
     @classmethod
@@ -172,8 +207,14 @@ class Matrix:
             r: {c: _cell_from_json(cell) for c, cell in cols.items()}
             for r, cols in dict(data.get("cells", {})).items()
         }
-        answers = data.get("answers")
-        return cls(rows, columns, cells, None if answers is None else Answers.from_json(answers))
+        answers, preferences = data.get("answers"), data.get("preferences")
+        return cls(
+            rows,
+            columns,
+            cells,
+            None if answers is None else Answers.from_json(answers),
+            None if preferences is None else Preferences.from_json(preferences),
+        )
 
 
 def finite_or_none(value: float) -> float | None:
@@ -229,6 +270,7 @@ __all__ = [
     "PREVIOUS",
     "PROBE",
     "Cell",
+    "Preferences",
     "ColumnInfo",
     "ColumnKind",
     "Matrix",

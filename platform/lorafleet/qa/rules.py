@@ -29,11 +29,20 @@ GATE_VS_BEST_MEMBER = "gate-vs-best-member"
 PROBE_RULE = "probe"
 ANSWER_RULE = "answers"
 FINITE_RULE = "finite-outputs"
+PREFERENCE_RULE = "preference-accuracy"
 #: the reason code of a candidate whose answers do not beat the reference's
 NO_IMPROVEMENT = "no-improvement"
 #: the reason code of a candidate without any example to answer (an import without evidence)
 NO_EVIDENCE = "no-evidence"
-RULES = (USER_HOLDOUT, ANSWER_RULE, NO_REGRESSION, GATE_VS_BEST_MEMBER, PROBE_RULE, FINITE_RULE)
+RULES = (
+    USER_HOLDOUT,
+    ANSWER_RULE,
+    PREFERENCE_RULE,
+    NO_REGRESSION,
+    GATE_VS_BEST_MEMBER,
+    PROBE_RULE,
+    FINITE_RULE,
+)
 
 
 @dataclass(frozen=True)
@@ -47,10 +56,12 @@ class RuleOutcome:
 
 def candidate_rules(matrix: Matrix, policy: QAPolicy, *, answers: bool = True) -> list[RuleOutcome]:
     """Every rule a candidate must pass to be promoted (``answers`` False: the same candidate evaluated in
-    another bank, whose answers were judged already)."""
+    another bank, whose answers were judged already). The preference rule applies when the matrix holds
+    held-out preference pairs (a candidate trained with DPO)."""
     return [
         user_holdout_rule(matrix, policy),
         *([answer_rule(matrix, policy)] if answers else []),
+        *([preference_rule(matrix)] if matrix.preferences is not None else []),
         no_regression_rule(matrix, policy),
         gate_vs_best_member_rule(matrix, policy),
         probe_rule(matrix, policy),
@@ -196,6 +207,23 @@ def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
             ANSWER_RULE, True, f"{ANSWER_RULE} (reported, not required): {code}: {figures}; {test}"
         )
     return RuleOutcome(ANSWER_RULE, ok, f"{code}: {figures}; {test}")
+
+
+def preference_rule(matrix: Matrix) -> RuleOutcome:
+    """The candidate ranks more held-out preference pairs as the user did than the previous live version (the
+    base, 50 %, without one); a candidate that ranks all of them right passes (nothing is left to improve)."""
+    prefs = matrix.preferences
+    if prefs is None or prefs.pairs == 0:
+        return RuleOutcome(PREFERENCE_RULE, True, f"{PREFERENCE_RULE}: no held-out preference pairs")
+    reference = PREVIOUS if PREVIOUS in prefs.accuracy else BASE
+    cand, ref = prefs.accuracy.get(CANDIDATE, math.nan), prefs.accuracy.get(reference, math.nan)
+    passed = cand > ref or cand == 1.0
+    detail = (
+        f"{PREFERENCE_RULE}: {cand:.1%} of {prefs.pairs} held-out pairs ranked right vs {ref:.1%} for the "
+        f"{reference} (mean reward margin {prefs.margin.get(CANDIDATE, math.nan):.3f} vs "
+        f"{prefs.margin.get(reference, math.nan):.3f})"
+    )
+    return RuleOutcome(PREFERENCE_RULE, passed, detail if passed else f"{detail}: no improvement")
 
 
 def finite_outputs_rule(matrix: Matrix) -> RuleOutcome:

@@ -47,6 +47,10 @@ class _TrainingFields(BaseModel):
     l2_to_parent: float | None = None
     holdout_fraction: float | None = None
     rating_threshold: float | None = None
+    sft_weight: float | None = None
+    dpo_weight: float | None = None
+    dpo_beta: float | None = None
+    pairs_per_step: StrictInt | None = None
     seed: StrictInt | None = None
 
     def given(self) -> dict[str, JsonValue]:

@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from lorafleet.adapters.slots import SlotConfig
@@ -83,7 +83,28 @@ class TrainingConfig(BaseModel):
     holdout_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     #: ratings with a score at or above this become training examples; lower ones are excluded
     rating_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    #: weight of each user's SFT loss (its completions, ratings and anchors) in the user's objective
+    sft_weight: float = Field(default=1.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    #: weight of each user's DPO loss on its preference pairs (``lorafleet.training.preference``); 0 (the default)
+    #: trains a preference's chosen answer as SFT instead, as before preference learning existed
+    dpo_weight: float = Field(default=0.0, ge=0.0, le=100.0, allow_inf_nan=False, validate_default=True)
+    #: DPO's beta: how far (in log-ratio to the reference) a pair's implicit rewards move before the loss saturates
+    dpo_beta: float = Field(default=0.1, gt=0.0, le=10.0, allow_inf_nan=False)
+    #: preference pairs per user per micro-step (two rows each: chosen and rejected) when ``dpo_weight`` > 0
+    pairs_per_step: int = Field(default=4, ge=1, le=512, strict=True)
     seed: int = Field(default=0, ge=0, le=2**63 - 1, strict=True)
+
+    @field_validator("dpo_weight")
+    @classmethod
+    def _some_objective(cls, value: float, info: ValidationInfo) -> float:
+        if value == 0 and info.data.get("sft_weight") == 0:
+            raise ValueError("0 with sft_weight 0 as well: nothing would be trained")
+        return value
+
+    @property
+    def trains_preferences(self) -> bool:
+        """Whether preference pairs train with DPO (else their chosen answer trains as SFT)."""
+        return self.dpo_weight > 0
 
     def __init__(self, **data: Any) -> None:
         try:

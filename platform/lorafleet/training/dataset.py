@@ -8,7 +8,10 @@ Rules (one place, so the trainer, continual learning and QA agree):
 - ``preference`` -> the chosen answer is the target (SFT on chosen); ``rejected`` is kept on the example for
   preference objectives but not trained on here;
 - ``rating`` -> the response is the target when ``score >= rating_threshold``; lower ratings are excluded and
-  counted (``excluded["rating_below_threshold"]``);
+  counted (``excluded["rating_below_threshold"]``). When the job trains preferences (``dpo_weight`` > 0), a
+  low-rated response of a prompt that also has high-rated ones becomes their rejected answer instead: each
+  high-rated response of the prompt is paired with the prompt's lowest-rated response (a preference pair, trained
+  with DPO); only low ratings without a high-rated answer to pair with are excluded;
 - a record repeated (same content hash) counts once; malformed payloads and unknown kinds are counted, not
   raised, so one odd row cannot stop a user's job.
 
@@ -26,7 +29,7 @@ import hashlib
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from lorafleet.backbone.chat import CHAT_ROLES, encode_messages, end_of_turn_id, last_user_content
@@ -151,6 +154,7 @@ def build_dataset(records: Sequence[FeedbackRecord], *, config: TrainingConfig) 
     holdout: list[Example] = []
     excluded: Counter[str] = Counter()
     seen: set[str] = set()
+    low_rated: dict[str, tuple[float, str]] = {}  # prompt -> (score, response) of its lowest rating
     for record in records:
         if record.content_hash in seen:
             excluded["duplicate"] += 1
@@ -159,11 +163,43 @@ def build_dataset(records: Sequence[FeedbackRecord], *, config: TrainingConfig) 
         example = example_from_record(record, rating_threshold=config.rating_threshold)
         if isinstance(example, str):
             excluded[example] += 1
+            if example == "rating_below_threshold" and config.trains_preferences:
+                _keep_lowest(low_rated, record.payload)
         elif is_holdout(record.content_hash, config.holdout_fraction):
             holdout.append(example)
         else:
             train.append(example)
-    return UserDataset(tuple(train), tuple(holdout), dict(sorted(excluded.items())))
+    if low_rated:
+        used: set[str] = set()
+        train, holdout = _rating_pairs(train, low_rated, used), _rating_pairs(holdout, low_rated, used)
+        # the lowest rating of each paired prompt is trained on, as the rejected answer
+        excluded["rating_below_threshold"] -= len(used)
+        excluded["rating_paired"] += len(used)
+    counts = {k: v for k, v in sorted(excluded.items()) if v > 0}
+    return UserDataset(tuple(train), tuple(holdout), counts)
+
+
+def _keep_lowest(low_rated: dict[str, tuple[float, str]], payload: dict[str, Any]) -> None:
+    prompt, score, response = payload.get("prompt"), payload.get("score"), payload.get("response")
+    if isinstance(prompt, str) and isinstance(response, str) and response and isinstance(score, int | float):
+        if prompt not in low_rated or float(score) < low_rated[prompt][0]:
+            low_rated[prompt] = (float(score), response)
+
+
+def _rating_pairs(
+    examples: list[Example], low_rated: dict[str, tuple[float, str]], used: set[str]
+) -> list[Example]:
+    """High-rated examples with their prompt's lowest-rated response as the rejected answer (``used``: the
+    prompts whose low rating found a pair)."""
+    out = []
+    for example in examples:
+        low = low_rated.get(example.prompt) if example.kind == "rating" else None
+        if low is None or low[1] == example.completion:
+            out.append(example)
+        else:
+            out.append(replace(example, rejected=low[1]))
+            used.add(example.prompt)
+    return out
 
 
 def reservoir_sample(items: Sequence[T], k: int, *, seed: int) -> list[T]:

@@ -6,6 +6,11 @@ the sum over users, so each user gets a full-strength gradient whatever the othe
 more data (or longer completions) does not drown the others. AdamW has one parameter group per slot; gradients
 are clipped per slot; the learning rate warms up linearly, then decays on a cosine to zero.
 
+With ``dpo_weight`` > 0 a user's preference pairs train with DPO (``lorafleet.training.preference``) in the same
+batches: each micro-step packs ``batch_size`` SFT sequences and ``pairs_per_step`` pairs (two rows: chosen,
+rejected) of every user, and a user's objective is ``sft_weight`` times its SFT loss plus ``dpo_weight`` times
+the mean DPO loss of its pairs. The reference log-probs of every pair are computed once, before the first step.
+
 A non-finite loss or gradient raises :class:`TrainingError` at once; the slots then hold partly trained
 weights, and the caller must not save them. ``should_stop`` is called before every step (the job runner raises
 ``LeaseLostError`` through it). Given ``config.seed`` a run is deterministic: a user's batches depend only on
@@ -44,8 +49,26 @@ from lorafleet.training.metrics import (
     scored_logits,
     summarize,
 )
+from lorafleet.training.preference import (
+    JobPairs,
+    batch_dpo,
+    holdout_margins,
+    is_pair,
+    pair_sides,
+    preference_accuracy,
+    reference_pairs,
+)
 
-__all__ = ["EvalResult", "SlotResult", "SlotTraining", "evaluate", "train_slots", "user_losses"]
+__all__ = [
+    "EvalResult",
+    "SlotResult",
+    "SlotTraining",
+    "evaluate",
+    "preference_pairs",
+    "sft_examples",
+    "train_slots",
+    "user_losses",
+]
 
 logger = logging.getLogger(__name__)
 #: rows per forward when scoring the holdouts of all users of a job together
@@ -69,6 +92,9 @@ class SlotTraining:
     holdout: Sequence[Example]
     parent_state: dict[str, torch.Tensor] | None = None
     anchors: Sequence[Example] = ()
+    #: the slot holding the DPO reference; None: this slot as it is before the first step (the parent version it
+    #: was loaded from, or the base model for a fresh slot)
+    reference_slot: int | None = None
 
 
 @dataclass
@@ -82,13 +108,14 @@ class SlotResult:
 
 @dataclass
 class _UserStream:
-    """A user's pre-encoded training sequences, served in reshuffled epochs (the order is seeded by user key)."""
+    """A user's pre-encoded training items (sequences, or pairs of them), served in reshuffled epochs (the order is
+    seeded by user key)."""
 
-    encoded: list[tuple[list[int], int]]
+    encoded: list[Any]
     rng: random.Random
     order: list[int] = field(default_factory=list)
 
-    def take(self, n: int) -> list[tuple[list[int], int]]:
+    def take(self, n: int) -> list[Any]:
         """The next ``min(n, size)`` distinct sequences (an epoch boundary reshuffles)."""
         n = min(n, len(self.encoded))
         picked: list[int] = []
@@ -107,7 +134,22 @@ class _UserStream:
 @dataclass
 class _SlotStats:
     step_losses: list[float] = field(default_factory=list)
+    dpo_losses: list[float] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)
     tokens: int = 0
+
+
+def sft_examples(task: SlotTraining, config: TrainingConfig) -> list[Example]:
+    """The task's rows trained as SFT: all of them, less the preference pairs when DPO trains those."""
+    if config.sft_weight == 0:
+        return []
+    rows = [*task.train, *task.anchors]
+    return [e for e in rows if not is_pair(e)] if config.trains_preferences else rows
+
+
+def preference_pairs(examples: Sequence[Example], config: TrainingConfig) -> list[Example]:
+    """The preference pairs among ``examples`` that DPO trains on (none when ``dpo_weight`` is 0)."""
+    return [e for e in examples if is_pair(e)] if config.trains_preferences else []
 
 
 def lr_factor(step: int, *, total: int, warmup_ratio: float) -> float:
@@ -137,7 +179,10 @@ def train_slots(
     Metrics per user: ``train_loss`` (mean of the last steps), ``train_loss_first``, ``steps``,
     ``train_examples``, ``holdout_examples``, ``tokens`` (completion tokens trained on), and when the holdout is
     not empty ``holdout_loss_before/after``, ``holdout_token_accuracy_before/after`` and
-    ``holdout_sequence_accuracy_before/after`` (absent with an empty holdout: no NaN in stored metrics).
+    ``holdout_sequence_accuracy_before/after`` (absent with an empty holdout: no NaN in stored metrics). With DPO
+    (``dpo_weight`` > 0) and preference pairs: ``preference_pairs``, ``dpo_loss_first``, ``dpo_loss`` and
+    ``reward_margin`` (means of the last steps), and with held-out pairs ``holdout_preference_pairs``,
+    ``holdout_preference_accuracy_after`` and ``holdout_reward_margin_after`` (against the reference).
     ``progress(step, total, {"loss", "lr", "losses"})`` is called every ``progress_every`` steps (default: a
     tenth); ``losses`` maps each task's key to its loss at that step.
 
@@ -147,7 +192,7 @@ def train_slots(
     (:func:`lorafleet.adapters.dense.dense_views`, within ``dense_budget_bytes``, default 1 GiB): same numbers,
     without dequantising the weights on every call.
     """
-    _check_tasks(bank, tasks)
+    _check_tasks(bank, tasks, config)
     steps = min(100_000, config.steps_for(max((len(t.train) + len(t.anchors) for t in tasks), default=0)))
     if steps != config.max_steps:  # min_epochs asks for more passes over this job's data
         logger.info(
@@ -169,19 +214,38 @@ def train_slots(
     ):
         torch.manual_seed(config.seed)
         before = _evaluate_holdouts(bank, tokenizer, tasks, config, prefix)
+        preferences = reference_pairs(
+            bank,
+            tokenizer,
+            [(preference_pairs(t.train, config), preference_pairs(t.holdout, config)) for t in tasks],
+            [[(t.slot if t.reference_slot is None else t.reference_slot, 1.0)] for t in tasks],
+            max_seq_len=config.max_seq_len,
+            prefix=prefix,
+        )
         frozen = _Frozen(prefix, first_run)
-        stats = _train(bank, tokenizer, tasks, config, should_stop, progress, progress_every, frozen)
+        stats = _train(
+            bank, tokenizer, tasks, preferences, config, should_stop, progress, progress_every, frozen
+        )
         after = _evaluate_holdouts(bank, tokenizer, tasks, config, prefix)
+        pairs_after = holdout_margins(
+            bank,
+            tokenizer,
+            preferences,
+            [[(t.slot, 1.0)] for t in tasks],
+            beta=config.dpo_beta,
+            max_seq_len=config.max_seq_len,
+            prefix=prefix,
+        )
     logger.info(
         "trained %d slots for %d steps in %.1f s", len(tasks), config.max_steps, time.monotonic() - started
     )
     return [
-        SlotResult(task.slot, task.key, _metrics(task, stats[i], before[i], after[i], config))
+        SlotResult(task.slot, task.key, _metrics(task, stats[i], before[i], after[i], pairs_after[i], config))
         for i, task in enumerate(tasks)
     ]
 
 
-def _check_tasks(bank: AdapterBank, tasks: Sequence[SlotTraining]) -> None:
+def _check_tasks(bank: AdapterBank, tasks: Sequence[SlotTraining], config: TrainingConfig) -> None:
     """Refuse a job that cannot run, before any weight is touched."""
     if not tasks:
         raise ValidationError("train_slots needs at least one task")
@@ -193,8 +257,14 @@ def _check_tasks(bank: AdapterBank, tasks: Sequence[SlotTraining]) -> None:
             raise ValidationError(f"slot {task.slot} ({task.key}) is empty: load or init it before training")
         if not task.train:
             raise ValidationError(f"user {task.key} has no training examples")
+        if not sft_examples(task, config) and not preference_pairs(task.train, config):
+            raise ValidationError(
+                f"user {task.key} has nothing to train with sft_weight 0: no preference pairs for DPO"
+            )
         if task.parent_state is not None:
             _check_parent(bank, task)
+        if task.reference_slot is not None and bank.slot_info(task.reference_slot) is None:
+            raise ValidationError(f"reference slot {task.reference_slot} of {task.key} is empty")
 
 
 def _check_parent(bank: AdapterBank, task: SlotTraining) -> None:
@@ -223,6 +293,7 @@ def _train(
     bank: AdapterBank,
     tokenizer: Any,
     tasks: Sequence[SlotTraining],
+    preferences: Sequence[JobPairs],
     config: TrainingConfig,
     should_stop: Callable[[], None] | None,
     progress: Callable[[int, int, dict[str, Any]], None] | None,
@@ -232,6 +303,9 @@ def _train(
     """The optimisation loop; leaves the model in its previous mode and releases the slots' training views."""
     model, slots = bank.model, [t.slot for t in tasks]
     streams = [_stream(tokenizer, task, config) for task in tasks]
+    pair_streams = [
+        _pair_stream(tokenizer, task, p, config) for task, p in zip(tasks, preferences, strict=True)
+    ]
     stats = [_SlotStats() for _ in tasks]
     every = progress_every or max(1, config.max_steps // 10)
     was_training = model.training
@@ -252,7 +326,15 @@ def _train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_losses = _accumulate(
-                bank, streams, tasks, parents, config, step, stats, pad_token_id(tokenizer), frozen
+                bank,
+                _Streams(streams, pair_streams, preferences),
+                tasks,
+                parents,
+                config,
+                step,
+                stats,
+                pad_token_id(tokenizer),
+                frozen,
             )
             _clip(optimizer.param_groups, tasks, config, step)
             optimizer.step()
@@ -285,10 +367,26 @@ def _report(
         progress(done, total, {"loss": mean_loss, "lr": lr, "losses": per_subject})
 
 
-def _stream(tokenizer: Any, task: SlotTraining, config: TrainingConfig) -> _UserStream:
-    examples = [*task.train, *task.anchors]
+def _stream(tokenizer: Any, task: SlotTraining, config: TrainingConfig) -> _UserStream | None:
+    """The user's SFT sequences (None: it has none in this job)."""
+    examples = sft_examples(task, config)
+    if not examples:
+        return None
     encoded = [encode_example(tokenizer, e, max_seq_len=config.max_seq_len) for e in examples]
     return _UserStream(encoded, random.Random(f"lorafleet-train/{config.seed}/{task.key}"))
+
+
+def _pair_stream(
+    tokenizer: Any, task: SlotTraining, preferences: JobPairs, config: TrainingConfig
+) -> _UserStream | None:
+    """The user's pairs as ``(index, chosen sequence, rejected sequence)`` (None: no pairs in this job)."""
+    if not preferences.train:
+        return None
+    encoded = [
+        (i, *(encode_example(tokenizer, side, max_seq_len=config.max_seq_len) for side in pair_sides(pair)))
+        for i, pair in enumerate(preferences.train)
+    ]
+    return _UserStream(encoded, random.Random(f"lorafleet-pairs/{config.seed}/{task.key}"))
 
 
 def _parent_pairs(bank: AdapterBank, task: SlotTraining) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
@@ -308,9 +406,51 @@ def _parent_pairs(bank: AdapterBank, task: SlotTraining) -> list[tuple[torch.nn.
     return pairs
 
 
+@dataclass(frozen=True)
+class _Streams:
+    """The job's per-user sources of rows: SFT sequences, preference pairs and the pairs' reference log-probs."""
+
+    sft: Sequence[_UserStream | None]
+    pairs: Sequence[_UserStream | None]
+    preferences: Sequence[JobPairs]
+
+
+@dataclass
+class _Rows:
+    """One micro-batch being packed: its rows, each row's user, and the pairs' (user, pair, chosen row)."""
+
+    rows: list[tuple[list[int], int]] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)
+    sft: list[bool] = field(default_factory=list)
+    pairs: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def add_sft(self, user: int, picked: Sequence[tuple[list[int], int]]) -> None:
+        self.rows.extend(picked)
+        self.owners.extend([user] * len(picked))
+        self.sft.extend([True] * len(picked))
+
+    def add_pairs(self, user: int, picked: Sequence[tuple[int, Any, Any]]) -> None:
+        for index, chosen, rejected in picked:
+            self.pairs.append((user, index, len(self.rows)))  # the rejected row follows the chosen one
+            self.rows.extend([chosen, rejected])
+            self.owners.extend([user, user])
+            self.sft.extend([False, False])
+
+
+def _pack(streams: _Streams, config: TrainingConfig) -> _Rows:
+    packed = _Rows()
+    for i, stream in enumerate(streams.sft):
+        if stream is not None:
+            packed.add_sft(i, stream.take(config.batch_size))
+    for i, stream in enumerate(streams.pairs):
+        if stream is not None:
+            packed.add_pairs(i, stream.take(config.pairs_per_step))
+    return packed
+
+
 def _accumulate(
     bank: AdapterBank,
-    streams: Sequence[_UserStream],
+    streams: _Streams,
     tasks: Sequence[SlotTraining],
     parents: Sequence[list[tuple[torch.nn.Parameter, torch.Tensor]]],
     config: TrainingConfig,
@@ -322,31 +462,61 @@ def _accumulate(
     """Forward/backward of ``grad_accum_steps`` micro-batches; returns each user's mean loss over them."""
     totals = [0.0] * len(tasks)
     for _ in range(config.grad_accum_steps):
-        rows: list[tuple[list[int], int]] = []
-        owners: list[int] = []
-        for i, stream in enumerate(streams):
-            picked = stream.take(config.batch_size)
-            rows.extend(picked)
-            owners.extend([i] * len(picked))
-        batch = collate(rows, pad_id=pad_id).to(bank.device)
-        owner = torch.tensor(owners, device=bank.device)  # [rows]
-        with bank.use(SlotPlan.single([tasks[i].slot for i in owners])):
-            user_loss, user_tokens = user_losses(
+        packed = _pack(streams, config)
+        batch = collate(packed.rows, pad_id=pad_id).to(bank.device)
+        owner = torch.tensor(packed.owners, device=bank.device)  # [rows]
+        with bank.use(SlotPlan.single([tasks[i].slot for i in packed.owners])):
+            logits, scored = scored_logits(
                 bank.model,
                 batch,
-                owner,
-                len(tasks),
                 prefix=frozen.prefix,
                 layer=frozen.layer,
-                sequences=[ids for ids, _ in rows],
-            )
-            objective = user_loss + _l2_pull(parents, config, device=bank.device)  # [users]
-            _check_finite(objective, tasks, step, "loss")
-            (objective.sum() / config.grad_accum_steps).backward()
-        for i, (loss, tokens) in enumerate(zip(user_loss.tolist(), user_tokens.tolist(), strict=True)):
+                sequences=[ids for ids, _ in packed.rows],
+            )  # [n, vocab]
+            token_loss = torch.nn.functional.cross_entropy(logits, scored.labels, reduction="none")  # [n]
+            sft_rows = torch.tensor(packed.sft, device=bank.device)  # [rows]
+            user_loss, user_tokens = _user_means(token_loss, scored.rows, owner, sft_rows, len(tasks))
+            objective = config.sft_weight * user_loss
+            if packed.pairs:
+                row_logps = token_loss.new_zeros(len(packed.rows)).index_add(0, scored.rows, -token_loss)
+                dpo, margins = batch_dpo(
+                    row_logps, packed.pairs, streams.preferences, beta=config.dpo_beta, n_users=len(tasks)
+                )  # [users], [pairs]
+                objective = objective + config.dpo_weight * dpo
+                _record_pairs(stats, packed, dpo.detach(), margins)
+            total = objective + _l2_pull(parents, config, device=bank.device)  # [users]
+            _check_finite(total, tasks, step, "loss")
+            (total.sum() / config.grad_accum_steps).backward()
+        for i, (loss, tokens) in enumerate(zip(objective.tolist(), user_tokens.tolist(), strict=True)):
             totals[i] += loss / config.grad_accum_steps
             stats[i].tokens += int(tokens)
     return totals
+
+
+def _user_means(
+    token_loss: torch.Tensor,
+    token_rows: torch.Tensor,
+    owner: torch.Tensor,
+    sft_rows: torch.Tensor,
+    n_users: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each user's mean loss over the completion tokens of its SFT rows ``[users]``, and the tokens of all its rows."""
+    token_owner = owner[token_rows]  # [n]
+    on_sft = sft_rows[token_rows].to(token_loss.dtype)  # [n]
+    user_sum = token_loss.new_zeros(n_users).index_add(0, token_owner, token_loss * on_sft)  # [users]
+    sft_tokens = token_loss.new_zeros(n_users).index_add(0, token_owner, on_sft)  # [users]
+    all_tokens = token_loss.new_zeros(n_users).index_add(0, token_owner, torch.ones_like(token_loss))
+    return user_sum / sft_tokens.clamp(min=1), all_tokens
+
+
+def _record_pairs(stats: list[_SlotStats], packed: _Rows, dpo: torch.Tensor, margins: torch.Tensor) -> None:
+    """Each user's DPO loss and mean reward margin of this micro-batch (users with pairs in it only)."""
+    by_user: dict[int, list[float]] = {}
+    for (user, _, _), margin in zip(packed.pairs, margins.tolist(), strict=True):
+        by_user.setdefault(user, []).append(margin)
+    for user, values in by_user.items():
+        stats[user].dpo_losses.append(float(dpo[user]))
+        stats[user].margins.append(sum(values) / len(values))
 
 
 @dataclass(frozen=True)
@@ -377,10 +547,8 @@ def user_losses(
         model, batch, prefix=prefix, layer=layer, sequences=sequences
     )  # [n, vocab]
     token_loss = torch.nn.functional.cross_entropy(logits, scored.labels, reduction="none")  # [n]
-    token_owner = owner[scored.rows]  # [n]
-    user_sum = token_loss.new_zeros(n_users).index_add(0, token_owner, token_loss)  # [users]
-    user_tokens = token_loss.new_zeros(n_users).index_add(0, token_owner, torch.ones_like(token_loss))
-    return user_sum / user_tokens.clamp(min=1), user_tokens
+    every_row = torch.ones_like(owner, dtype=torch.bool)  # [rows]
+    return _user_means(token_loss, scored.rows, owner, every_row, n_users)
 
 
 def _l2_pull(
@@ -452,7 +620,12 @@ def _take(items: Iterator[Any], n: int) -> list[Any]:
 
 
 def _metrics(
-    task: SlotTraining, stats: _SlotStats, before: EvalResult, after: EvalResult, config: TrainingConfig
+    task: SlotTraining,
+    stats: _SlotStats,
+    before: EvalResult,
+    after: EvalResult,
+    holdout_margins: torch.Tensor,
+    config: TrainingConfig,
 ) -> dict[str, float]:
     tail = stats.step_losses[-TRAIN_LOSS_WINDOW:]
     metrics = {
@@ -469,4 +642,17 @@ def _metrics(
             metrics[f"holdout_loss_{name}"] = result.loss
             metrics[f"holdout_token_accuracy_{name}"] = result.token_accuracy
             metrics[f"holdout_sequence_accuracy_{name}"] = result.sequence_accuracy
+    if stats.dpo_losses:
+        metrics["preference_pairs"] = float(len(preference_pairs(task.train, config)))
+        metrics["dpo_loss_first"] = stats.dpo_losses[0]
+        metrics["dpo_loss"] = _mean(stats.dpo_losses[-TRAIN_LOSS_WINDOW:])
+        metrics["reward_margin"] = _mean(stats.margins[-TRAIN_LOSS_WINDOW:])
+    if holdout_margins.numel():
+        metrics["holdout_preference_pairs"] = float(holdout_margins.numel())
+        metrics["holdout_preference_accuracy_after"] = preference_accuracy(holdout_margins)
+        metrics["holdout_reward_margin_after"] = float(holdout_margins.mean())
     return metrics
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 from lorafleet.qa.policy import QAPolicy
-from lorafleet.qa.results import AnswerItem, Answers, Cell, ColumnInfo, Matrix, RowInfo
+from lorafleet.qa.results import AnswerItem, Answers, Cell, ColumnInfo, Matrix, Preferences, RowInfo
 from lorafleet.qa.rules import (
     ANSWER_RULE,
     FINITE_RULE,
     GATE_VS_BEST_MEMBER,
     NO_REGRESSION,
+    PREFERENCE_RULE,
     PROBE_RULE,
     USER_HOLDOUT,
     candidate_rules,
@@ -166,3 +167,39 @@ def test_recheck_rules_ignore_the_comparison_with_a_previous_version() -> None:
         PROBE_RULE,
         FINITE_RULE,
     ]
+
+
+def with_preferences(accuracy: dict[str, float], *, pairs: int = 4) -> Matrix:
+    margins = {column: 2.0 * value - 1.0 for column, value in accuracy.items()}
+    found = matrix(good())
+    return Matrix.from_json(
+        {**found.to_json(), "preferences": Preferences(OWN, pairs, 0.1, accuracy, margins).to_json()}
+    )
+
+
+def test_the_preference_rule_needs_more_held_out_pairs_ranked_right_than_the_live_version() -> None:
+    assert PREFERENCE_RULE not in [
+        o.rule for o in candidate_rules(matrix(good()), POLICY)
+    ]  # no pairs: not run
+    cases = [
+        ({"base": 0.5, "previous": 0.5, "candidate": 0.75}, True),
+        ({"base": 0.5, "previous": 0.75, "candidate": 0.75}, False),
+        ({"base": 0.5, "previous": 1.0, "candidate": 1.0}, True),  # nothing left to improve
+        ({"base": 0.5, "candidate": 0.5}, False),  # no live version: against the base's 50 %
+        ({"base": 0.5, "candidate": math.nan}, False),
+    ]
+    for accuracy, ok in cases:
+        outcomes = candidate_rules(with_preferences(accuracy), POLICY)
+        (found,) = [o for o in outcomes if o.rule == PREFERENCE_RULE]
+        assert found.passed is ok, accuracy
+    assert found.detail == (
+        "preference-accuracy: nan% of 4 held-out pairs ranked right vs 50.0% for the base "
+        "(mean reward margin nan vs 0.000): no improvement"
+    )
+    passed, reasons = reasons_for(candidate_rules(with_preferences(cases[0][0]), POLICY))
+    assert passed and reasons[2] == (
+        "preference-accuracy: 75.0% of 4 held-out pairs ranked right vs 50.0% for the previous "
+        "(mean reward margin 0.500 vs 0.000)"
+    )
+    decoded = with_preferences(cases[4][0])
+    assert Matrix.from_json(decoded.to_json()).to_json() == decoded.to_json()  # NaN stored as null and back

@@ -72,6 +72,12 @@ def test_a_slot_on_the_top_layers_gets_weights_there_only() -> None:
         ("l2_to_parent", -1.0),
         ("holdout_fraction", 1.0),
         ("rating_threshold", 1.5),
+        ("sft_weight", -0.5),
+        ("dpo_weight", float("inf")),
+        ("dpo_weight", 101.0),
+        ("dpo_beta", 0.0),
+        ("pairs_per_step", 0),
+        ("pairs_per_step", 2.0),
         ("seed", -1),
         ("target_modules", ""),
         ("target_modules", []),
@@ -82,6 +88,13 @@ def test_out_of_bounds_values_raise_lorafleet_validation_error_naming_the_field(
 ) -> None:
     with pytest.raises(ValidationError, match=rf"invalid training config: {field}"):
         TrainingConfig(**{field: value})
+
+
+def test_a_config_that_trains_nothing_is_refused_naming_the_weights() -> None:
+    with pytest.raises(ValidationError, match="dpo_weight: 0 with sft_weight 0"):
+        TrainingConfig(sft_weight=0.0)
+    assert TrainingConfig(sft_weight=0.0, dpo_weight=1.0).trains_preferences
+    assert not TrainingConfig().trains_preferences  # preferences train SFT on chosen unless DPO is asked for
 
 
 def test_unknown_fields_and_non_mappings_are_refused() -> None:

@@ -48,6 +48,28 @@ def test_kind_rules(helpers: SimpleNamespace) -> None:
     assert strict.excluded == {"rating_below_threshold": 4}
 
 
+def test_ratings_of_one_prompt_pair_up_when_the_job_trains_preferences(helpers: SimpleNamespace) -> None:
+    raws = [
+        {"kind": "rating", "prompt": "p", "response": "great", "score": 0.9},
+        {"kind": "rating", "prompt": "p", "response": "meh", "score": 0.3},
+        {"kind": "rating", "prompt": "p", "response": "awful", "score": 0.1},  # the lowest: the rejected one
+        {"kind": "rating", "prompt": "p", "response": "fine", "score": 0.6},
+        {"kind": "rating", "prompt": "q", "response": "bad", "score": 0.2},  # nothing to pair with
+        {"kind": "rating", "prompt": "r", "response": "good", "score": 0.8},  # no low rating: SFT as before
+    ]
+    records = [helpers.make_record(raw, record_id=i + 1) for i, raw in enumerate(raws)]
+    dpo = build_dataset(records, config=NO_HOLDOUT.with_changes(dpo_weight=1.0))
+    assert dpo.train == (
+        Example(1, "p", "great", "rating", rejected="awful"),
+        Example(4, "p", "fine", "rating", rejected="awful"),
+        Example(6, "r", "good", "rating"),
+    )
+    assert dpo.excluded == {"rating_below_threshold": 2, "rating_paired": 1}
+    sft = build_dataset(records, config=NO_HOLDOUT)  # DPO off: ratings keep their SFT rule
+    assert [e.rejected for e in sft.train] == [None, None, None]
+    assert sft.excluded == {"rating_below_threshold": 3}
+
+
 def test_duplicates_and_malformed_records_are_counted_not_raised(helpers: SimpleNamespace) -> None:
     good = helpers.make_record({"kind": "sft", "prompt": "p", "completion": "c"}, record_id=1)
     repeat = helpers.make_record({"kind": "sft", "prompt": "p", "completion": "c"}, record_id=2)

@@ -1,0 +1,351 @@
+"""Preference learning (DPO) on the real backbone (SmolLM2-135M-Instruct, nf4): users with opposite preferences.
+
+Protocol (one seed):
+
+- The base's own greedy answers to the general anchor prompts (``ANCHOR_PROMPTS``) are the content; each user's
+  preference is a style over that content, and opposite users get mirrored pairs (chosen and rejected swapped):
+  ``concise`` (the first sentence) against ``detailed`` (the whole answer), ``formal`` against ``casual``
+  (register words around the answer), ``signoff`` (a closing line) against ``plain``.
+- Only answers of two sentences or more are used, in a seeded order; each user trains on ``--train-pairs``
+  pairs and ``--held-out-pairs`` other prompts' pairs are held out. All users train in
+  one ``train_slots`` job (DPO, reference = the base, since every adapter is new), rank 8 on the top 6 layers with
+  the frozen-prefix cache, no anchors (the anchors' prompts are the pairs' prompts here).
+- Ratings (``--ratings``): two more users get the sign-off preference as ratings (the sign-off answer rated 0.9,
+  the plain one 0.1, per prompt). ``signoff-ratings-dpo`` is built by the dataset rules with DPO on (the two
+  ratings of a prompt become a pair); ``signoff-ratings-sft`` with DPO off (the high rating trains SFT, the low one
+  is dropped: the rule before preference learning). They train in the same job.
+
+Measured:
+
+- held-out preference accuracy: share of held-out pairs whose implicit reward margin (against the base) is > 0,
+  after training (the base itself scores 50 % by that measure: every margin is 0), and the share the base already
+  ranks right by raw log-probability;
+- the judge (length for concise/detailed, register words for formal/casual, the closing line for signoff/plain)
+  on greedy answers to ``--judge-prompts`` never-trained general prompts (``EVAL_PROMPTS``), each user against
+  the base;
+- retention: the share of the base's own greedy answer tokens to ``EVAL_PROMPTS`` that the adapter still
+  predicts (teacher-forced top-1), relative to the base's share;
+- the time of a DPO step against an SFT step on the same rows (the pairs' two sides as SFT rows), same users,
+  interleaved, median over ``--timing-steps``.
+
+Run from the repository root (the small setting, about 10-15 minutes on 2 shared cores):
+
+    nice -n 19 .venv/bin/python tests/benchmarks/bench_dpo.py --data-dir /tmp/lf-data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from quality_real_eval import cached_answers, dequantize_once, probe_logits  # noqa: E402
+
+from lorafleet.adapters import AdapterBank, inject_bank  # noqa: E402
+from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
+from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
+from lorafleet.domain import FeedbackRecord  # noqa: E402
+from lorafleet.feedback import prepare_record  # noqa: E402
+from lorafleet.training.config import TrainingConfig  # noqa: E402
+from lorafleet.training.dataset import Example, build_dataset, pad_token_id  # noqa: E402
+from lorafleet.training.general_prompts import ANCHOR_PROMPTS, EVAL_PROMPTS, generate_answers  # noqa: E402
+from lorafleet.training.metrics import evaluate  # noqa: E402
+from lorafleet.training.preference import dpo_terms, pair_logps, pair_sides, preference_accuracy  # noqa: E402
+from lorafleet.training.trainer import SlotTraining, train_slots  # noqa: E402
+
+logger = logging.getLogger("bench_dpo")
+SIGNOFF = "Best wishes,\nSam"
+FORMAL_WORDS = ("certainly", "trust")
+CASUAL_WORDS = ("hey", "cool")
+
+
+def first_sentence(text: str) -> str:
+    ends = [i for i in (text.find(". "), text.find("! "), text.find("? ")) if i > 0]
+    return text[: min(ends) + 1] if ends else text
+
+
+STYLES: dict[str, Callable[[str], str]] = {
+    "concise": first_sentence,
+    "detailed": lambda a: a,
+    "formal": lambda a: f"Certainly. {a} I trust this is helpful.",
+    "casual": lambda a: f"Hey! {a} Cool, right?",
+    "signoff": lambda a: f"{a}\n\n{SIGNOFF}",
+    "plain": lambda a: a,
+}
+OPPOSITE = {"concise": "detailed", "formal": "casual", "signoff": "plain"}
+OPPOSITE.update({v: k for k, v in OPPOSITE.items()})
+
+
+def _has(text: str, words: Sequence[str]) -> bool:
+    lowered = text.lower()
+    return any(w in lowered for w in words)
+
+
+#: whether an answer shows the style (the benchmark's judge)
+JUDGES: dict[str, Callable[[str], bool]] = {
+    "concise": lambda a: len(a.split()) <= 25,
+    "detailed": lambda a: len(a.split()) >= 35,
+    "formal": lambda a: _has(a, FORMAL_WORDS) and not _has(a, CASUAL_WORDS),
+    "casual": lambda a: _has(a, CASUAL_WORDS) and not _has(a, FORMAL_WORDS),
+    "signoff": lambda a: "Best wishes" in a,
+    "plain": lambda a: "Best wishes" not in a,
+}
+
+
+def pairs_for(style: str, prompts: Sequence[str], answers: Sequence[str], first_id: int) -> list[Example]:
+    chosen, rejected = STYLES[style], STYLES[OPPOSITE[style]]
+    return [
+        Example(first_id + i, p, chosen(a), "preference", rejected(a))
+        for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
+    ]
+
+
+def rating_records(prompts: Sequence[str], answers: Sequence[str], first_id: int) -> list[FeedbackRecord]:
+    """The sign-off preference as ratings: the sign-off answer rated 0.9, the plain one 0.1."""
+    records = []
+    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        for j, (response, score) in enumerate(((STYLES["signoff"](a), 0.9), (a, 0.1))):
+            prepared = prepare_record(
+                {"kind": "rating", "prompt": p, "response": response, "score": score}, index=0
+            )
+            records.append(
+                FeedbackRecord(
+                    first_id + 2 * i + j,
+                    1,
+                    prepared.kind,
+                    prepared.payload,
+                    prepared.content_hash,
+                    datetime.now(UTC),
+                )
+            )
+    return records
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backbone", default="builtin:smollm2-135m")
+    parser.add_argument("--data-dir", type=Path, default=Path(".lorafleet"))
+    parser.add_argument("--quantization", default="nf4")
+    parser.add_argument("--train-pairs", type=int, default=24)
+    parser.add_argument(
+        "--styles", nargs="+", choices=list(STYLES), default=list(STYLES), help="users, by style"
+    )
+    parser.add_argument("--held-out-pairs", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--pairs-per-step", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--answer-tokens", type=int, default=64, help="max new tokens of the base's answers")
+    parser.add_argument("--judge-prompts", type=int, default=12)
+    parser.add_argument("--judge-tokens", type=int, default=64)
+    parser.add_argument("--retention-prompts", type=int, default=24)
+    parser.add_argument("--timing-steps", type=int, default=4)
+    parser.add_argument("--no-ratings", dest="ratings", action="store_false")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    return parser.parse_args()
+
+
+def load(args: argparse.Namespace) -> Backbone:
+    backbone = load_backbone(
+        args.backbone, quantization=args.quantization, device="cpu", data_dir=args.data_dir
+    )
+    if backbone.quantization == "nf4":
+        before = probe_logits(backbone)
+        dequantize_once(backbone.model)
+        diff = float((probe_logits(backbone) - before).abs().max())
+        if diff > 1e-4:
+            raise SystemExit(f"dequantising once changed the logits by {diff}")
+    return backbone
+
+
+def step_times(
+    bank: AdapterBank,
+    backbone: Backbone,
+    tasks: list[SlotTraining],
+    config: TrainingConfig,
+    prefix: FrozenPrefix | None,
+) -> list[float]:
+    """Seconds of each step after the first (the progress callback runs after every step)."""
+    stamps: list[float] = []
+    train_slots(
+        bank,
+        backbone.tokenizer,
+        tasks,
+        config,
+        prefix=prefix,
+        progress=lambda *_: stamps.append(time.perf_counter()),
+        progress_every=1,
+    )
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    backbone = load(args)
+    tokenizer = backbone.tokenizer
+    cache = args.data_dir / "bench-dpo"
+    answers = cached_answers(cache, backbone, ANCHOR_PROMPTS, args.answer_tokens, trim=True)
+    # answers of two sentences or more (else concise and detailed would be the same answer), in a seeded order
+    kept = [(p, a) for p, a in zip(ANCHOR_PROMPTS, answers, strict=True) if a and first_sentence(a) != a]
+    random.Random(0).shuffle(kept)
+    prompts, answers = [p for p, _ in kept], [a for _, a in kept]
+    n = min(args.train_pairs, len(prompts) - 4)
+    end = n + args.held_out_pairs
+    train_p, train_a, held_p, held_a = prompts[:n], answers[:n], prompts[n:end], answers[n:end]
+    retention_prompts = list(EVAL_PROMPTS[: args.retention_prompts])
+    base_general = cached_answers(
+        cache, backbone, retention_prompts, 48, trim=False
+    )  # before the bank exists
+    logger.info("base answers ready (%d prompts: %d train, %d held out)", len(prompts), n, len(held_p))
+
+    users = list(args.styles)
+    train = {u: pairs_for(u, train_p, train_a, 1) for u in users}
+    held = {u: pairs_for(u, held_p, held_a, 10_000) for u in users}
+    config = TrainingConfig(
+        rank=8,
+        alpha=16,
+        dropout=0.0,
+        layers=f"top {args.layers}",
+        learning_rate=args.lr,
+        max_steps=args.steps,
+        batch_size=4,
+        pairs_per_step=args.pairs_per_step,
+        max_seq_len=192,
+        anchor_ratio=0.0,
+        holdout_fraction=0.0,
+        dpo_weight=1.0,
+        dpo_beta=args.beta,
+    )
+    if args.ratings and "signoff" in users:
+        ratings = rating_records(train_p, train_a, 1)
+        train["signoff-ratings-dpo"] = list(build_dataset(ratings, config=config).train)
+        train["signoff-ratings-sft"] = list(
+            build_dataset(ratings, config=config.with_changes(dpo_weight=0.0)).train
+        )
+        held["signoff-ratings-dpo"] = held["signoff-ratings-sft"] = held["signoff"]
+        users += ["signoff-ratings-dpo", "signoff-ratings-sft"]
+    num_layers = int(backbone.model.config.num_hidden_layers)
+    top = "|".join(str(i) for i in range(num_layers - args.layers, num_layers))
+    bank = inject_bank(
+        backbone,
+        target_modules=rf".*layers\.({top})\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj",
+        n_slots=len(users),
+        max_rank=8,
+    )
+    prefix = FrozenPrefix.for_bank(
+        bank,
+        identity=f"{backbone.fingerprint.digest}/{backbone.quantization}/cpu",
+        pad_id=pad_token_id(tokenizer),
+    )
+    slots = {u: i for i, u in enumerate(users)}
+    for u in users:
+        bank.init_slot(slots[u], config.slot_config(layer_names=list(bank.layers)), seed=slots[u])
+    base_held = {
+        u: pair_logps(bank, tokenizer, held[u], [[]] * len(held[u]), max_seq_len=192, prefix=prefix)
+        for u in users
+    }
+
+    t0 = time.perf_counter()
+    tasks = [SlotTraining(slots[u], u, train[u], ()) for u in users]
+    results = {r.key: r.metrics for r in train_slots(bank, tokenizer, tasks, config, prefix=prefix)}
+    train_s = time.perf_counter() - t0
+    logger.info("trained %d users, %d steps, in %.0f s", len(users), args.steps, train_s)
+
+    figures: dict[str, dict[str, float]] = {}
+    judge_prompts = list(EVAL_PROMPTS[: args.judge_prompts])
+    routes: list[list[tuple[int, float]]] = [[]] + [[(slots[u], 1.0)] for u in users]
+    generated = generate_answers(
+        backbone.model,
+        tokenizer,
+        [p for _ in routes for p in judge_prompts],
+        args.judge_tokens,
+        bank=bank,
+        routes=[r for r in routes for _ in judge_prompts],
+        trim=False,
+    )
+    by_route = [generated[i * len(judge_prompts) : (i + 1) * len(judge_prompts)] for i in range(len(routes))]
+    general = [
+        Example(i, p, a, "sft")
+        for i, (p, a) in enumerate(zip(retention_prompts, base_general, strict=True))
+        if a
+    ]
+    base_acc = evaluate(bank, tokenizer, general, slot=None, max_seq_len=192).token_accuracy
+    for i, u in enumerate(users):
+        style = u.split("-")[0]
+        policy = pair_logps(
+            bank, tokenizer, held[u], [[(slots[u], 1.0)]] * len(held[u]), max_seq_len=192, prefix=prefix
+        )
+        base = base_held[u]
+        margins = dpo_terms(*policy.T, *base.T, beta=config.dpo_beta).margins
+        adapter_acc = evaluate(bank, tokenizer, general, slot=slots[u], max_seq_len=192).token_accuracy
+        figures[u] = {
+            "held_out_accuracy_base_raw_logp": float((base[:, 0] > base[:, 1]).double().mean()),
+            "held_out_accuracy": preference_accuracy(margins),
+            "judge_base": sum(map(JUDGES[style], by_route[0])) / len(judge_prompts),
+            "judge_adapter": sum(map(JUDGES[style], by_route[i + 1])) / len(judge_prompts),
+            "retention": adapter_acc / base_acc,
+            "dpo_loss_first": results[u].get("dpo_loss_first", float("nan")),
+            "dpo_loss": results[u].get("dpo_loss", float("nan")),
+        }
+        logger.info("%s: %s | sample: %r", u, figures[u], by_route[i + 1][0][:160])
+
+    print(
+        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | retention |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for u, f in figures.items():
+        print(
+            f"| {u} | {f['held_out_accuracy_base_raw_logp']:.0%} | {f['held_out_accuracy']:.0%} | "
+            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} |"
+        )
+    sys.stdout.flush()
+    if args.json:
+        args.json.write_text(json.dumps({"users": figures}, indent=1))
+    # DPO step vs SFT step on the same rows: the DPO users' pairs, and their two sides as SFT rows
+    pair_users = list(args.styles)
+    dpo_tasks = [SlotTraining(slots[u], u, train[u], ()) for u in pair_users]
+    sft_tasks = [
+        SlotTraining(slots[u], u, [s for p in train[u] for s in pair_sides(p)], ()) for u in pair_users
+    ]
+    timing = config.with_changes(max_steps=args.timing_steps)
+    sft_timing = timing.with_changes(dpo_weight=0.0, batch_size=2 * args.pairs_per_step)
+    dpo_s: list[float] = []
+    sft_s: list[float] = []
+    for _ in range(2):  # interleaved, so load changes hit both alike
+        dpo_s += step_times(bank, backbone, dpo_tasks, timing, prefix)
+        sft_s += step_times(bank, backbone, sft_tasks, sft_timing, prefix)
+    summary = {
+        "train_s": train_s,
+        "dpo_step_s": statistics.median(dpo_s),
+        "sft_step_s": statistics.median(sft_s),
+        "dpo_over_sft_step": statistics.median(dpo_s) / statistics.median(sft_s),
+        "total_s": time.perf_counter() - started,
+    }
+    print(f"\n{json.dumps(summary)}")
+    if args.json:
+        args.json.write_text(
+            json.dumps({"users": figures, "summary": summary, "args": vars(args)}, default=str, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()

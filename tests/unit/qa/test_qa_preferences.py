@@ -1,0 +1,98 @@
+"""The preference rule's evidence: held-out preference pairs scored through the QA matrix on the real tiny backbone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from lorafleet.adapters import AdapterBank
+from lorafleet.backbone import Backbone
+from lorafleet.qa.evalsets import EvalSet
+from lorafleet.qa.matrix import ColumnSpec, evaluate_matrix
+from lorafleet.qa.policy import QAPolicy
+from lorafleet.qa.results import ColumnInfo
+from lorafleet.qa.rules import PREFERENCE_RULE, preference_rule
+from lorafleet.training.config import TrainingConfig
+from lorafleet.training.dataset import Example
+from lorafleet.training.trainer import SlotTraining, train_slots
+
+CONFIG = TrainingConfig(
+    rank=4,
+    alpha=8,
+    dropout=0.0,
+    learning_rate=5e-3,
+    max_steps=10,
+    pairs_per_step=4,
+    max_seq_len=64,
+    target_modules=["q_proj", "v_proj"],
+    dpo_weight=1.0,
+    dpo_beta=0.5,
+)
+COLUMNS = [
+    ColumnSpec(ColumnInfo("base", "base")),
+    ColumnSpec(ColumnInfo("previous", "previous"), routes=(("previous", 1.0),)),
+    ColumnSpec(ColumnInfo("candidate", "candidate"), routes=(("candidate", 1.0),)),
+]
+
+
+def pairs(start: int, n: int) -> list[Example]:
+    return [
+        Example(i, f"Request {i}: help with item {i}?", f"Sure, item {i}.", "preference", f"Nope, item {i}.")
+        for i in range(start, start + n)
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread: the tiny model gains nothing from two, and on shared cores a second one spin-waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def bank(tiny_parts: tuple[Backbone, AdapterBank]) -> Iterator[AdapterBank]:
+    _, bank = tiny_parts
+    try:
+        yield bank
+    finally:
+        for slot in list(bank.occupied()):
+            bank.evict_slot(slot)
+
+
+def test_held_out_pairs_are_scored_per_column_and_the_rule_reads_them(
+    tiny_parts: tuple[Backbone, AdapterBank], bank: AdapterBank
+) -> None:
+    backbone = tiny_parts[0]
+    bank.init_slot(0, CONFIG.slot_config(), seed=0)  # previous: a fresh adapter, the base's rankings
+    bank.init_slot(1, CONFIG.slot_config(), seed=1)
+    train_slots(bank, backbone.tokenizer, [SlotTraining(1, "u", pairs(0, 12), ())], CONFIG)
+    sft = [Example(99, "Q: pet?", "cat", "sft")]
+    own = EvalSet("holdout:u", "user-holdout", (*pairs(100, 4), *sft), 5, own=True)
+
+    def run(slots: dict[str, int], beta: float | None) -> object:
+        return evaluate_matrix(
+            backbone=backbone,
+            bank=bank,
+            sets=[own],
+            columns=COLUMNS,
+            slots=slots,
+            policy=QAPolicy(samples_per_cell=0),
+            preference_beta=beta,
+        )
+
+    matrix = run({"previous": 0, "candidate": 1}, 0.5)
+    prefs = matrix.preferences
+    assert prefs is not None and (prefs.row, prefs.pairs, prefs.beta) == ("holdout:u", 4, 0.5)
+    assert prefs.accuracy["base"] == 0.5 and prefs.accuracy["previous"] == 0.5  # a fresh slot is the base
+    assert prefs.accuracy["candidate"] == 1.0 and prefs.margin["candidate"] > 0.5
+    assert preference_rule(matrix).passed
+    swapped = run({"previous": 1, "candidate": 0}, 0.5)  # the trained adapter as the live version
+    outcome = preference_rule(swapped)
+    assert (outcome.rule, outcome.passed) == (PREFERENCE_RULE, False)
+    assert run({"previous": 0, "candidate": 1}, None).preferences is None  # not trained with DPO: no evidence

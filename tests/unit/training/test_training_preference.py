@@ -1,0 +1,147 @@
+"""Preference learning (DPO) in the batched trainer, on the real tiny backbone in fp32; checked against TRL."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+
+from lorafleet.adapters import AdapterBank, SlotPlan
+from lorafleet.errors import ValidationError
+from lorafleet.training import synthetic
+from lorafleet.training.config import TrainingConfig
+from lorafleet.training.dataset import Example, build_dataset
+from lorafleet.training.preference import dpo_terms, pair_logps, pair_sides, preference_accuracy
+from lorafleet.training.trainer import SlotTraining, train_slots
+
+DPO = TrainingConfig(
+    learning_rate=5e-3,
+    max_steps=12,
+    batch_size=4,
+    pairs_per_step=4,
+    max_seq_len=64,
+    rank=4,
+    alpha=8,
+    dropout=0.0,
+    dpo_weight=1.0,
+    dpo_beta=0.5,
+)
+LN2 = math.log(2.0)
+
+
+def toy_pairs(n: int, *, start: int = 0, prefer: str = "Sure") -> list[Example]:
+    """Pairs whose chosen answer starts with ``prefer`` and the rejected one with the other word."""
+    other = "Nope" if prefer == "Sure" else "Sure"
+    return [
+        Example(
+            i,
+            f"Request {i}: can you help with item {i}?",
+            f"{prefer}, item {i}.",
+            "preference",
+            f"{other}, item {i}.",
+        )
+        for i in range(start, start + n)
+    ]
+
+
+@contextmanager
+def plans_seen(bank: AdapterBank) -> Iterator[list[tuple[tuple[int, ...], int]]]:
+    """The slots and rows of every routing plan the bank is asked to use inside the block."""
+    seen: list[tuple[tuple[int, ...], int]] = []
+    use = bank.use
+
+    @contextmanager
+    def spy(plan: SlotPlan | None) -> Iterator[SlotPlan | None]:
+        seen.append(((), 0) if plan is None else (plan.used_slots, plan.batch_size))
+        with use(plan) as active:
+            yield active
+
+    bank.use = spy  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        del bank.use
+
+
+def test_dpo_widens_the_margin_and_ranks_held_out_pairs_as_the_user_does(
+    fp32_bank: AdapterBank, tokenizer: Any
+) -> None:
+    fp32_bank.init_slot(0, DPO.slot_config(), seed=0)
+    task = SlotTraining(0, "user-0", toy_pairs(16), toy_pairs(6, start=100))
+    [result] = train_slots(fp32_bank, tokenizer, [task], DPO)
+    m = result.metrics
+    # a fresh slot is the base, and the base is the reference: the first step's policy equals it exactly
+    assert m["dpo_loss_first"] == pytest.approx(LN2, abs=1e-5)
+    assert m["dpo_loss"] < 0.5 * LN2 and m["reward_margin"] > 1.0, m
+    assert m["holdout_preference_accuracy_after"] == 1.0 and m["holdout_reward_margin_after"] > 1.0, m
+    assert (m["preference_pairs"], m["holdout_preference_pairs"]) == (16, 6)
+
+
+def test_sft_and_dpo_users_train_together_in_the_same_batches(fp32_bank: AdapterBank, tokenizer: Any) -> None:
+    """Two users with opposite preferences, one also with SFT records: every step is one batch of both."""
+    config = DPO.with_changes(max_steps=10)
+    records = synthetic.to_feedback_records(synthetic.make_user_records("user-a", round=1, n_records=16))
+    sft = build_dataset(records, config=config.with_changes(holdout_fraction=0.0)).train
+    tasks = [
+        SlotTraining(0, "a", [*sft, *toy_pairs(12)], toy_pairs(4, start=100)),
+        SlotTraining(1, "b", toy_pairs(12, prefer="Nope"), toy_pairs(4, start=100, prefer="Nope")),
+    ]
+    for slot in (0, 1):
+        fp32_bank.init_slot(slot, config.slot_config(), seed=slot)
+    with plans_seen(fp32_bank) as seen:
+        a, b = (r.metrics for r in train_slots(fp32_bank, tokenizer, tasks, config))
+    # every step is one forward of 4 SFT rows and 4 pairs of a, and 4 pairs of b: 20 rows through both slots
+    assert seen.count(((0, 1), 20)) == config.max_steps
+    assert a["train_loss"] < a["train_loss_first"] - 0.3, a  # SFT + DPO objective went down
+    for m in (a, b):
+        assert m["dpo_loss"] < m["dpo_loss_first"] and m["holdout_preference_accuracy_after"] == 1.0, m
+    assert (
+        "dpo_loss"
+        not in train_slots(  # DPO off (the default): the pairs train SFT on chosen, no DPO terms
+            fp32_bank, tokenizer, tasks[1:], config.with_changes(dpo_weight=0.0, max_steps=1)
+        )[0].metrics
+    )
+
+
+def test_the_reference_of_a_continued_version_is_its_parent_and_of_a_first_the_base(
+    fp32_bank: AdapterBank, tokenizer: Any
+) -> None:
+    pairs = toy_pairs(4)
+    fp32_bank.init_slot(0, DPO.slot_config(), seed=0)
+    fresh = pair_logps(fp32_bank, tokenizer, pairs, [[(0, 1.0)]] * 4, max_seq_len=64)
+    base = pair_logps(fp32_bank, tokenizer, pairs, [[]] * 4, max_seq_len=64)
+    assert torch.equal(fresh, base)  # a first version's reference (its fresh slot) is the base, bit for bit
+    # a parent: the slot after a round of training, loaded as a continued version is
+    train_slots(fp32_bank, tokenizer, [SlotTraining(0, "u", pairs, ())], DPO.with_changes(max_steps=4))
+    parent = fp32_bank.slot_state_dict(0)
+    fp32_bank.load_slot(1, parent, fp32_bank.slot_info(0).config)
+    parent_logps = pair_logps(fp32_bank, tokenizer, pairs, [[(1, 1.0)]] * 4, max_seq_len=64)
+    with_base_reference = dpo_terms(*parent_logps.T, *base.T, beta=DPO.dpo_beta)
+    assert with_base_reference.losses.mean() < LN2 - 0.05  # the base would be a different reference
+    config = DPO.with_changes(max_steps=1, learning_rate=1e-5)
+    [result] = train_slots(fp32_bank, tokenizer, [SlotTraining(1, "u", pairs, ())], config)
+    assert result.metrics["dpo_loss_first"] == pytest.approx(LN2, abs=1e-5)  # policy == reference: the parent
+    # an explicit reference slot: the fresh (base) slot 2 as the reference of the parent in slot 1
+    fp32_bank.init_slot(2, DPO.slot_config(), seed=2)
+    policy = pair_logps(fp32_bank, tokenizer, pairs, [[(1, 1.0)]] * 4, max_seq_len=64)  # moved by one step
+    expected = dpo_terms(*policy.T, *base.T, beta=DPO.dpo_beta).losses.mean()
+    [result] = train_slots(fp32_bank, tokenizer, [SlotTraining(1, "u", pairs, (), reference_slot=2)], config)
+    assert result.metrics["dpo_loss_first"] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_jobs_that_cannot_train_preferences_are_refused(fp32_bank: AdapterBank, tokenizer: Any) -> None:
+    fp32_bank.init_slot(0, DPO.slot_config(), seed=0)
+    sft_only = [Example(1, "Q: pet?", "cat", "sft")]
+    with pytest.raises(ValidationError, match="user u has nothing to train with sft_weight 0"):
+        train_slots(
+            fp32_bank, tokenizer, [SlotTraining(0, "u", sft_only, ())], DPO.with_changes(sft_weight=0.0)
+        )
+    with pytest.raises(ValidationError, match="reference slot 3 of u is empty"):
+        train_slots(fp32_bank, tokenizer, [SlotTraining(0, "u", toy_pairs(2), (), reference_slot=3)], DPO)
+    with pytest.raises(ValidationError, match="not a preference pair"):
+        pair_sides(sft_only[0])
+    assert preference_accuracy(torch.tensor([1.0, 0.0, -1.0, 2.0])) == 0.625  # a tie counts a half
