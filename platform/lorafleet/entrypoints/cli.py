@@ -278,7 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_commands(sub)
     _add_training_config_commands(sub)
     _add_workers_command(sub)
-    _add_forget_commands(sub)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on the embedded defaults (a few minutes)")
     demo.add_argument("--users", type=int, default=4, help="synthetic users (default 4)")
