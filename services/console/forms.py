@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
-from lorafleet.domain.text import MAX_INT32, free_text, printable_name
+from lorafleet.domain.text import MAX_INT32, MAX_INT64, free_text, printable_name
 from lorafleet.errors import ValidationError
 
 #: a form body larger than this is refused (the console's forms hold a prompt at most)
@@ -49,6 +49,28 @@ class PlaygroundForm(_Form):
     adapter_scale: float = Field(default=1.0, ge=0.0, le=1.0, allow_inf_nan=False)
 
 
+class ForgetRecordsForm(_Form):
+    #: the records' ids, comma-separated (``record_ids`` makes them numbers)
+    ids: Annotated[str, Field(min_length=1, max_length=MAX_FORM_BYTES)]
+    purge: bool = False
+
+    def record_ids(self) -> list[int]:
+        """The ids as numbers; a ``ValidationError`` naming ``ids`` for anything but comma-separated integers."""
+        found = []
+        for part in self.ids.split(","):
+            text = part.strip()
+            if not text.isascii() or not text.isdigit() or len(text) > len(str(MAX_INT64)):
+                raise ValidationError(f"ids: {text[:40]!r} is not a record id (give ids like 12, 15)")
+            found.append(int(text))
+        return found
+
+
+class ForgetUserForm(_Form):
+    #: the user's id typed again
+    confirm: Annotated[str, Field(min_length=1, max_length=256)]
+    purge: bool = False
+
+
 F = TypeVar("F", bound=_Form)
 
 
@@ -77,6 +99,8 @@ def checked(model: type[F], fields: dict[str, Any]) -> F:
 
 __all__ = [
     "MAX_FORM_BYTES",
+    "ForgetRecordsForm",
+    "ForgetUserForm",
     "PLAYGROUND_MAX_TOKENS",
     "PlaygroundForm",
     "PromoteForm",

@@ -1,7 +1,8 @@
 """The console's pages and forms. GET pages need a session (else a redirect to sign-in); every POST needs the
 session's CSRF token in its form (else 403, and nothing changes). Pages call the library as the API's routes do
-(``services.console.views``); the forms move ``live`` through ``workflows.live_alias`` and cancel jobs through
-the job queue, recorded with the actor ``console:<tenant>``."""
+(``services.console.views``); the forms move ``live`` through ``workflows.live_alias``, cancel jobs through
+the job queue and forget records or a user through ``workflows.deletion`` / ``workflows.erasure``, recorded
+with the actor ``console:<tenant>``."""
 
 from __future__ import annotations
 
@@ -11,18 +12,30 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from lorafleet.domain import Adapter, Tenant
-from lorafleet.errors import AuthError, NotFoundError, PermissionDeniedError
+from lorafleet.domain.subject import Subject
+from lorafleet.errors import AuthError, NotFoundError, PermissionDeniedError, ValidationError
 from lorafleet.serving.requests import BANK_MODEL, BASE_MODEL, GenerationRequest, GenerationResult
+from lorafleet.workflows import deletion
+from lorafleet.workflows.erasure import forget_user
 from lorafleet.workflows.live_alias import move_live, promote_manually
 from services.api.deps import AdapterName, JobId, UserId, VersionNumber
 from services.api.runtime import ApiServices
 from services.console import views
-from services.console.forms import PlaygroundForm, PromoteForm, RollbackForm, SignInForm, checked, parse_form
+from services.console.forms import (
+    ForgetRecordsForm,
+    ForgetUserForm,
+    PlaygroundForm,
+    PromoteForm,
+    RollbackForm,
+    SignInForm,
+    checked,
+    parse_form,
+)
 from services.console.sessions import (
     SESSION_COOKIE,
     SIGN_IN_COOKIE,
@@ -33,6 +46,8 @@ from services.console.sessions import (
 
 router = APIRouter()
 PREFIX = "/console"
+RECEIPT_ID_PATTERN = r"^del_[0-9a-f]{32}$"
+ReceiptId = Annotated[str, Path(pattern=RECEIPT_ID_PATTERN)]
 
 
 class SignInNeeded(Exception):
@@ -221,9 +236,15 @@ def tenants_page(request: Request, viewer: AnyViewer) -> Response:
 
 # --- a tenant's pages -----------------------------------------------------------------------------------------
 @router.get("/overview")
-def overview_page(request: Request, viewer: TenantViewer) -> Response:
+def overview_page(
+    request: Request,
+    viewer: TenantViewer,
+    deleted: Annotated[str | None, Query(pattern=RECEIPT_ID_PATTERN)] = None,
+) -> Response:
+    """The tenant's users, jobs and tasks; ``deleted``: a receipt to link (after forgetting a user)."""
     assert viewer.tenant is not None
-    return page(request, "overview.html", viewer, view=views.overview(_services(request), viewer.tenant))
+    view = views.overview(_services(request), viewer.tenant)
+    return page(request, "overview.html", viewer, view=view, deleted=deleted)
 
 
 @router.post("/jobs/{job_id}/cancel")
@@ -292,6 +313,55 @@ def promote(request: Request, user_id: UserId, name: AdapterName, form: Form) ->
         queue=services.queue,
     )
     return _see(_user_path(user_id, name, "#history"))
+
+
+# --- data rights: forgetting records or the user -------------------------------------------------------------
+@router.post("/users/{user_id}/feedback/forget")
+def forget_records(request: Request, user_id: UserId, form: Form) -> Response:
+    """Forget some of the user's records by id, as ``DELETE /v1/users/{id}/feedback`` does (versions trained on
+    them revoked, ``live`` rolled back, a rebuild queued); the receipt page shows what changed. Ids that are not
+    the user's records are a 404 and nothing changes."""
+    services = _services(request)
+    body = checked(ForgetRecordsForm, form.fields)
+    selection = deletion.RecordSelection.parse(ids=body.record_ids())
+    receipt = deletion.forget_records(
+        services.db,
+        services.registry,
+        tenant_id=form.tenant.id,
+        subject=Subject.user(user_id),
+        selection=selection,
+        actor=form.viewer.actor,
+        purge=body.purge,
+        scheduler=services.scheduler,
+    )
+    return _see(f"/deletions/{receipt.id}")
+
+
+@router.post("/users/{user_id}/forget")
+def forget_this_user(request: Request, user_id: UserId, form: Form) -> Response:
+    """Forget the user, as ``DELETE /v1/users/{id}`` does, once the form's ``confirm`` repeats their id; back to
+    the overview, which links the receipt."""
+    services = _services(request)
+    body = checked(ForgetUserForm, form.fields)
+    if body.confirm != user_id:
+        raise ValidationError("confirm: type this user's id exactly to confirm (nothing was deleted)")
+    receipt = forget_user(
+        services.db,
+        services.registry,
+        tenant_id=form.tenant.id,
+        external_id=user_id,
+        actor=form.viewer.actor,
+        purge=body.purge,
+    )
+    return _see(f"/overview?deleted={receipt.id}")
+
+
+@router.get("/deletions/{receipt_id}")
+def receipt_page(request: Request, viewer: TenantViewer, receipt_id: ReceiptId) -> Response:
+    """A deletion's receipt (another tenant's is 404): what was removed, and where the rebuild stands."""
+    assert viewer.tenant is not None
+    view = views.receipt_page(_services(request), viewer.tenant, receipt_id)
+    return page(request, "receipt.html", viewer, view=view)
 
 
 def _user_path(user_id: str, adapter: str, anchor: str = "") -> str:

@@ -9,13 +9,24 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from lorafleet.domain import Adapter, AdapterVersion, AliasEvent, Job, JobState, Tenant, User
+from lorafleet.domain import (
+    Adapter,
+    AdapterVersion,
+    AliasEvent,
+    DeletionKind,
+    DeletionReceipt,
+    Job,
+    JobState,
+    Tenant,
+    User,
+)
 from lorafleet.domain.subject import Subject
 from lorafleet.errors import NotFoundError
 from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.qa.results import BASE, Matrix
 from lorafleet.routing.experts import list_enrolments
 from lorafleet.store.sql.qa_repository import QAReport
+from lorafleet.workflows import deletion
 from lorafleet.workflows.live_alias import VersionQA, versions_qa
 from lorafleet.workflows.tasks import TaskInfo, enrolled_users, list_tasks
 from services.api.runtime import ApiServices
@@ -165,6 +176,8 @@ class UserPage:
     runs: list[TrainingRun] = field(default_factory=list)
     enrolments: list[str] = field(default_factory=list)
     jobs: list[Job] = field(default_factory=list)
+    #: the user's deletion receipts (their records forgotten), newest first
+    receipts: list[DeletionReceipt] = field(default_factory=list)
 
 
 def user_page(services: ApiServices, tenant: Tenant, external_id: str, adapter_name: str | None) -> UserPage:
@@ -177,9 +190,12 @@ def user_page(services: ApiServices, tenant: Tenant, external_id: str, adapter_n
         e.task_name for e in list_enrolments(services.db, tenant_id=tenant.id, user_external_id=external_id)
     ]
     jobs = services.queue.list_jobs(tenant_id=tenant.id, user_external_id=external_id, limit=20)
+    receipts = deletion.list_receipts(
+        services.db, tenant_id=tenant.id, subject=Subject.user(external_id), limit=20
+    )
     adapter = _pick(adapters, adapter_name)
     if adapter is None:
-        return UserPage(user, adapters, None, enrolments=enrolments, jobs=jobs)
+        return UserPage(user, adapters, None, enrolments=enrolments, jobs=jobs, receipts=receipts)
     versions = registry.list_versions(tenant_id=tenant.id, adapter_id=adapter.id)
     qa = _qa(services, adapter, versions)
     live = registry.live_version(tenant_id=tenant.id, adapter_id=adapter.id)
@@ -208,7 +224,28 @@ def user_page(services: ApiServices, tenant: Tenant, external_id: str, adapter_n
         _runs(services, tenant, user, versions),
         enrolments,
         jobs,
+        receipts,
     )
+
+
+@dataclass(frozen=True)
+class ReceiptPage:
+    """A deletion's receipt and where its rebuild stands."""
+
+    receipt: DeletionReceipt
+    rebuild: deletion.RebuildStatus
+    #: the user's id when the subject is a user who still exists (their page can be linked)
+    user: str | None
+
+
+def receipt_page(services: ApiServices, tenant: Tenant, receipt_id: str) -> ReceiptPage:
+    """The tenant's receipt ``receipt_id``; NotFoundError for another tenant's (as ``GET /v1/deletions/{id}``)."""
+    receipt = deletion.get_receipt(services.db, tenant_id=tenant.id, receipt_id=receipt_id)
+    status = deletion.rebuild_status(services.db, services.registry, receipt=receipt, queue=services.queue)
+    user = None
+    if receipt.kind == DeletionKind.RECORDS and receipt.subject.startswith("user:"):
+        user = receipt.subject.removeprefix("user:")
+    return ReceiptPage(receipt, status, user)
 
 
 def _pick(adapters: Sequence[Adapter], name: str | None) -> Adapter | None:
@@ -397,4 +434,13 @@ def _answers(matrix: Matrix) -> list[dict[str, Any]]:
     ]
 
 
-__all__ = ["Overview", "QAPage", "UserPage", "overview", "qa_page", "user_page"]
+__all__ = [
+    "Overview",
+    "QAPage",
+    "ReceiptPage",
+    "UserPage",
+    "overview",
+    "qa_page",
+    "receipt_page",
+    "user_page",
+]

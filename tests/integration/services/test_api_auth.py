@@ -131,6 +131,9 @@ CONSOLE_ROUTES: dict[tuple[str, str], tuple[int | str, dict[str, str] | None]] =
         {"version": "1", "reason": "intruder"},
     ),
     ("GET", "/console/users/{user_id}/adapters/{name}/versions/{n}/qa"): (404, None),
+    ("POST", "/console/users/{user_id}/feedback/forget"): (404, {"ids": "1"}),
+    ("POST", "/console/users/{user_id}/forget"): (404, {"confirm": "alice"}),
+    ("GET", "/console/deletions/{receipt_id}"): (404, None),
     ("GET", "/console/playground"): (OWN, None),
     ("POST", "/console/playground"): (OWN, {"user": "alice", "prompt": "Hi", "max_tokens": "2"}),
 }

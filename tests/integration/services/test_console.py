@@ -19,6 +19,9 @@ from services.api.runtime import ApiServices
 from services.console.sessions import SESSION_COOKIE
 
 from lorafleet.config import load_settings
+from lorafleet.errors import NotFoundError
+from lorafleet.store.sql.feedback import list_feedback
+from lorafleet.workflows import deletion
 
 
 @dataclass
@@ -186,7 +189,7 @@ def test_the_user_page_shows_lineage_versions_qa_history_and_loss_curves(console
     first = [tuple(map(float, p.split(","))) for p in curves[0].split()]
     assert [y for _, y in first] == sorted(y for _, y in first)  # the loss falls: y grows down the chart
     assert re.search(r'<tr data-to="2">.*?trained v2', page, re.S)
-    assert 'id="data-rights"' in page  # the place kept for the deletion buttons
+    assert 'id="data-rights"' in page and 'id="forget-records"' in page and 'id="forget-user"' in page
     assert 'name="reason" required' in page
 
 
@@ -315,6 +318,15 @@ BAD_FORMS: list[tuple[str, dict[str, str], str]] = [
     ("/playground", {"user": "alice", "prompt": "", "max_tokens": "2"}, "prompt"),
     ("/playground", {"user": "alice", "prompt": "Hi", "max_tokens": "999"}, "max_tokens"),
     ("/playground", {"user": "alice", "prompt": "Hi", "adapter_scale": "nan"}, "adapter_scale"),
+    ("/users/alice/feedback/forget", {"ids": "1, two"}, "ids"),
+    ("/users/alice/feedback/forget", {"ids": "1,,2"}, "ids"),
+    ("/users/alice/feedback/forget", {"ids": "9" * 5000}, "ids"),
+    ("/users/alice/feedback/forget", {"ids": "9223372036854775808"}, "ids"),
+    ("/users/alice/feedback/forget", {"purge": "true"}, "ids"),
+    ("/users/alice/feedback/forget", {"ids": "1", "purge": "maybe"}, "purge"),
+    ("/users/alice/forget", {"confirm": "bob"}, "confirm"),
+    ("/users/alice/forget", {"confirm": "alice", "purge": "maybe"}, "purge"),
+    ("/users/alice/forget", {}, "confirm"),
 ]
 
 
@@ -336,3 +348,75 @@ def test_bad_form_input_is_422_naming_the_field_and_changes_nothing(console: Con
     )
     assert answer.status_code == 422 and "form:" in answer.text
     assert console.live_number() == 2
+    assert len(_records(console)) == 4  # nothing forgotten
+    assert console.client.get("/console/deletions/del_nope").status_code == 422
+    assert console.client.get("/console/overview?deleted=x").status_code == 422
+
+
+def _records(console: Console) -> list[int]:
+    found = list_feedback(console.services.db, tenant_id=console.fleet.tenant_id, external_id="alice")
+    return [r.id for r in found]
+
+
+def test_forgetting_records_through_the_form_revokes_their_versions_and_shows_the_receipt(
+    console: Console,
+) -> None:
+    client, fleet, services = console.client, console.fleet, console.services
+    csrf = sign_in(client, fleet.api_key)
+    ids = _records(console)
+    path = "/console/users/alice/feedback/forget"
+    assert client.post(path, data={"ids": str(ids[3])}).status_code == 403  # no CSRF token
+    unknown = client.post(path, data={"ids": f"{ids[3]}, {ids[3] + 10_000}", "csrf_token": csrf})
+    assert unknown.status_code == 404
+    assert _records(console) == ids and console.live_number() == 2  # nothing changed
+    assert deletion.list_receipts(services.db, tenant_id=fleet.tenant_id) == []
+
+    done = client.post(path, data={"ids": f" {ids[3]} ", "csrf_token": csrf}, follow_redirects=False)
+    assert done.status_code == 303 and done.headers["location"].startswith("/console/deletions/del_")
+    assert _records(console) == ids[:3]
+    assert console.live_number() == 1  # v2 was trained on the record: revoked, live back to v1
+    (receipt,) = deletion.list_receipts(services.db, tenant_id=fleet.tenant_id)
+    assert done.headers["location"] == f"/console/deletions/{receipt.id}"
+    assert receipt.actor == f"console:{fleet.tenant_name}" and receipt.request == {"ids": [ids[3]]}
+    page = client.get(done.headers["location"])
+    assert page.status_code == 200
+    assert (
+        '<dd data-field="records">1</dd>' in page.text
+        and f'data-revoked="{fleet.version_ids[1]}"' in page.text
+    )
+    assert receipt.record_hashes[0] in page.text and "held until" in page.text
+    assert receipt.rebuild_job_id is not None  # alice has records newer than v1: a rebuild is queued
+    assert f"job {receipt.rebuild_job_id}: queued" in page.text
+    assert receipt.id in client.get("/console/users/alice").text  # listed in the data-rights section
+
+    sign_in(client, fleet.other_key)  # another tenant's receipt is 404
+    other = client.get(f"/console/deletions/{receipt.id}")
+    assert other.status_code == 404 and receipt.record_hashes[0] not in other.text
+
+
+def test_forgetting_the_user_needs_the_token_and_the_typed_id(console: Console) -> None:
+    client, fleet, services = console.client, console.fleet, console.services
+    csrf = sign_in(client, fleet.api_key)
+    path = "/console/users/alice/forget"
+    assert client.post(path, data={"confirm": "alice"}).status_code == 403
+    wrong = client.post(path, data={"confirm": "Alice", "csrf_token": csrf})
+    assert wrong.status_code == 422 and "confirm:" in wrong.text
+    assert (
+        client.post("/console/users/bob/forget", data={"confirm": "bob", "csrf_token": csrf}).status_code
+        == 404
+    )
+    assert len(_records(console)) == 4 and console.live_number() == 2
+
+    done = client.post(
+        path, data={"confirm": "alice", "purge": "true", "csrf_token": csrf}, follow_redirects=False
+    )
+    assert done.status_code == 303
+    (receipt,) = deletion.list_receipts(services.db, tenant_id=fleet.tenant_id)
+    assert done.headers["location"] == f"/console/overview?deleted={receipt.id}"
+    with pytest.raises(NotFoundError):
+        services.tenants.get_user(tenant_id=fleet.tenant_id, external_id="alice")
+    overview = client.get(done.headers["location"]).text
+    assert f'href="/console/deletions/{receipt.id}"' in overview and 'data-user="alice"' not in overview
+    page = client.get(f"/console/deletions/{receipt.id}").text
+    assert '<dd data-field="records">4</dd>' in page and "user forgotten" in page
+    assert client.get("/console/users/alice").status_code == 404
