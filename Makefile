@@ -22,13 +22,14 @@ demo: setup
 	$(BIN)/lorafleet demo
 
 # every tier: tests/unit (no Ray, no running service), tests/integration (Ray, the API, Serve), tests/e2e (the demo)
-# everything but the multi-node Ray cluster checks (make test-cluster, about 6 minutes), which CI leaves out
+# everything but the extended checks (make test-extended, about 8 minutes), which CI leaves out for its time
 test: setup
-	$(BIN)/pytest -m "not cluster"
+	$(BIN)/pytest -m "not extended"
 
-# the multi-node Ray cluster checks: trainer nodes joining a cluster, a node lost mid-job
-test-cluster: setup
-	$(BIN)/pytest -m cluster
+# the extended checks: the multi-node Ray cluster (trainer nodes joining it, a node lost mid-job) and the
+# kill -9 of the whole service mid-job
+test-extended: setup
+	$(BIN)/pytest -m extended
 
 # the unit tier only (a few minutes)
 test-fast: setup

@@ -21,11 +21,16 @@ from typing import Any
 
 import httpx
 import psutil
+import pytest
 from api_helpers import ADMIN_KEY, TINY_TRAINING, Library
 from service_process import ServiceProcess, fault_recovery
 from sqlalchemy import select
 
 from lorafleet.store.sql.models import SqlFeedback, SqlUser
+
+#: two service starts with a trainer actor each: ``make test-extended``, not ``make test`` (CI time); the lease
+#: take-over itself is also checked in ``make test`` (tests/integration/training/test_continual_ray.py)
+pytestmark = pytest.mark.extended
 
 RECORDS = 24
 #: enough steps that the kill lands while the actor trains (the tiny backbone does hundreds of steps a second)

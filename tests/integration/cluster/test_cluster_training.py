@@ -27,8 +27,8 @@ from lorafleet.training.synthetic import make_user_records
 from lorafleet.workflows.continual import PERSONAL_ADAPTER
 from lorafleet.workflows.feedback import ingest_feedback
 
-#: a multi-node cluster: ``make test-cluster``, not ``make test`` (CI time)
-pytestmark = pytest.mark.cluster
+#: a multi-node cluster: ``make test-extended``, not ``make test`` (CI time)
+pytestmark = pytest.mark.extended
 
 USERS = [f"user-{i}" for i in range(6)]
 T = TypeVar("T")

@@ -188,7 +188,7 @@ CONNECT_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.cluster  # a second Ray cluster started beside the test's: make test-cluster (CI time)
+@pytest.mark.extended  # a second Ray cluster started beside the test's: make test-extended (CI time)
 def test_lorafleet_ray_address_connects_to_the_running_cluster(
     ray_cluster: str, sqlite_url: str, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
