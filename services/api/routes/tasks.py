@@ -42,6 +42,7 @@ from services.api.deps import (
 from services.api.idempotency import Idempotent, IdempotentCall
 from services.api.routes import adapters as adapter_routes
 from services.api.routes.feedback import EXPORT_RESPONSES, jsonl_response, submit_records
+from services.api.routes.jobs import submit_training
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 TaskPath = TaskName
@@ -128,14 +129,8 @@ def train_task(
 ) -> JSONResponse:
     """Queue a training job for the task on its feedback so far (a task in an active job gets that job);
     ``training`` overrides the tenant's training config for this job, as for a user's."""
-
-    def submit() -> s.TrainSubmitted:
-        result = services.scheduler.train_task_now(
-            tenant_id=tenant.id, task_name=task, training=convert.job_overrides(body)
-        )
-        return s.TrainSubmitted(job=convert.job(result.job), created=result.created)
-
-    return call.run(submit, body=body, status_code=202)
+    train = partial(services.scheduler.train_task_now, tenant_id=tenant.id, task_name=task)
+    return submit_training(call, body, train)
 
 
 @router.get("/{task}/enrolments", response_model=s.TaskEnrolledOut)
