@@ -12,13 +12,13 @@ from lorafleet.domain import (
     AdapterVersion,
     AliasEvent,
     AuditEvent,
-    DeletionReceipt,
     FeedbackRecord,
     Job,
     QADecision,
     UserSummary,
 )
 from lorafleet.domain.subject import Subject
+from lorafleet.entrypoints.receipts import deletion_receipt as deletion_receipt  # one converter with the CLI
 from lorafleet.feedback import IngestResult
 from lorafleet.registry import Lineage, LineageNode
 from lorafleet.routing.experts import Enrolment
@@ -52,21 +52,6 @@ def audit_event(event: AuditEvent, *, tenant_names: Mapping[int, str]) -> s.Audi
     """An audit event; ``tenant`` named from ``tenant_names`` (None: admin-wide, or a tenant no longer there)."""
     tenant = None if event.tenant_id is None else tenant_names.get(event.tenant_id)
     return _copied(s.AuditEventOut, event, tenant=tenant)
-
-
-def deletion_receipt(
-    receipt: DeletionReceipt, *, rebuild: s.RebuildOut | None = None
-) -> s.DeletionReceiptOut:
-    """A deletion receipt; ``rebuild`` where the rebuild stands (None: a user's erasure, or not asked)."""
-    return _copied(
-        s.DeletionReceiptOut,
-        receipt,
-        kind=receipt.kind.value,
-        record_hashes=list(receipt.record_hashes),
-        revoked_versions=[s.RevokedVersionOut(**v) for v in receipt.revoked_versions],
-        blobs=list(receipt.blobs),
-        rebuild=rebuild,
-    )
 
 
 def feedback_submitted(result: IngestResult) -> s.FeedbackSubmitted:

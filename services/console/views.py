@@ -27,8 +27,9 @@ from lorafleet.qa.results import BASE, Matrix
 from lorafleet.routing.experts import list_enrolments
 from lorafleet.store.sql.qa_repository import QAReport
 from lorafleet.workflows import deletion
-from lorafleet.workflows.live_alias import VersionQA, versions_qa
+from lorafleet.workflows.live_alias import VersionQA
 from lorafleet.workflows.tasks import TaskInfo, enrolled_users, list_tasks
+from services.api.routes.adapters import adapter_versions_qa
 from services.api.runtime import ApiServices
 from services.console.charts import CurveChart, Graph, LineageVersion, heat_colour, lineage_graph, loss_chart
 
@@ -108,7 +109,7 @@ def _user_row(
         if not versions:
             continue
         newest = versions[-1]
-        state = _qa(services, adapter, [newest])[newest.id]
+        state = adapter_versions_qa(services, adapter, [newest])[newest.id]
         decision = "" if state.decision is None else f" ({state.decision})"
         qa.append(f"{adapter.name} v{newest.number}: {state.state}{decision}")
         serving = registry.live_version(tenant_id=tenant.id, adapter_id=adapter.id)
@@ -127,16 +128,6 @@ def _duration(span: timedelta) -> str:
     if seconds < 172800:
         return f"{seconds // 3600} h"
     return f"{seconds // 86400} days"
-
-
-def _qa(services: ApiServices, adapter: Adapter, versions: Sequence[AdapterVersion]) -> dict[int, VersionQA]:
-    return versions_qa(
-        services.db,
-        services.registry,
-        tenant_id=adapter.tenant_id,
-        adapter_id=adapter.id,
-        version_ids=[v.id for v in versions],
-    )
 
 
 # --- a user's page --------------------------------------------------------------------------------------------
@@ -197,7 +188,7 @@ def user_page(services: ApiServices, tenant: Tenant, external_id: str, adapter_n
     if adapter is None:
         return UserPage(user, adapters, None, enrolments=enrolments, jobs=jobs, receipts=receipts)
     versions = registry.list_versions(tenant_id=tenant.id, adapter_id=adapter.id)
-    qa = _qa(services, adapter, versions)
+    qa = adapter_versions_qa(services, adapter, versions)
     live = registry.live_version(tenant_id=tenant.id, adapter_id=adapter.id)
     rows = [
         VersionRow(

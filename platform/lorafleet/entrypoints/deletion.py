@@ -12,6 +12,7 @@ from typing import Any
 from lorafleet.domain import DeletionReceipt
 from lorafleet.domain.subject import Subject
 from lorafleet.entrypoints.admin import CLI_ACTOR, dump_json
+from lorafleet.entrypoints.receipts import deletion_receipt
 from lorafleet.errors import ValidationError
 from lorafleet.jobs.scheduler import Scheduler
 from lorafleet.platform import Platform
@@ -61,37 +62,9 @@ def receipt_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def receipt_json(receipt: DeletionReceipt, status: RebuildStatus) -> dict[str, Any]:
-    """The receipt as the API answers it (``DeletionReceiptOut``)."""
-    return {
-        "id": receipt.id,
-        "kind": receipt.kind.value,
-        "subject": receipt.subject,
-        "actor": receipt.actor,
-        "created_at": receipt.created_at.isoformat(),
-        "request": receipt.request,
-        "record_hashes": list(receipt.record_hashes),
-        "revoked_versions": list(receipt.revoked_versions),
-        "erased": receipt.erased,
-        "blobs": list(receipt.blobs),
-        "purge_after": receipt.purge_after.isoformat(),
-        "blobs_deleted_at": None
-        if receipt.blobs_deleted_at is None
-        else receipt.blobs_deleted_at.isoformat(),
-        "rebuild": {
-            "job_id": status.job_id,
-            "job_state": status.job_state,
-            "versions": [
-                {"adapter": v.adapter, "number": v.number, "version_id": v.version_id, "status": v.status}
-                for v in status.versions
-            ],
-        },
-    }
-
-
 def _show(receipt: DeletionReceipt, status: RebuildStatus, *, as_json: bool) -> None:
     if as_json:
-        print(dump_json(receipt_json(receipt, status)))
+        print(dump_json(deletion_receipt(receipt, rebuild=status).model_dump(mode="json")))
         return
     print(
         f"receipt {receipt.id} ({receipt.kind}) of {receipt.subject} by {receipt.actor} at {receipt.created_at}"

@@ -8,8 +8,8 @@ import argparse
 
 from lorafleet.domain import DeletionReceipt
 from lorafleet.entrypoints.admin import CLI_ACTOR, dump_json
+from lorafleet.entrypoints.receipts import deletion_receipt
 from lorafleet.platform import Platform
-from lorafleet.sdk.schemas import DeletionReceiptOut, RevokedVersionOut
 from lorafleet.workflows.erasure import forget_user
 
 
@@ -27,29 +27,11 @@ def forget_user_command(args: argparse.Namespace) -> int:
             purge=args.purge,
         )
     if args.json:
-        print(dump_json(receipt_out(receipt).model_dump(mode="json")))
+        print(dump_json(deletion_receipt(receipt).model_dump(mode="json")))
         return 0
     for line in receipt_lines(receipt):
         print(line)
     return 0
-
-
-def receipt_out(receipt: DeletionReceipt) -> DeletionReceiptOut:
-    """The receipt in the API's shape (the CLI cannot use the service's ``convert``: it sits above the library)."""
-    return DeletionReceiptOut(
-        id=receipt.id,
-        kind=receipt.kind.value,
-        subject=receipt.subject,
-        actor=receipt.actor,
-        created_at=receipt.created_at,
-        request=receipt.request,
-        record_hashes=list(receipt.record_hashes),
-        revoked_versions=[RevokedVersionOut(**v) for v in receipt.revoked_versions],
-        erased=receipt.erased,
-        blobs=list(receipt.blobs),
-        purge_after=receipt.purge_after,
-        blobs_deleted_at=receipt.blobs_deleted_at,
-    )
 
 
 def receipt_lines(receipt: DeletionReceipt) -> list[str]:

@@ -208,7 +208,9 @@ class JobQueue:
         lease = _check_lease(lease_seconds)
         with self.db.unit_of_work():
             now = self.clock()
-            self._lock_running(job_id=job_id, worker_id=worker_id, attempt=attempt, now=now)
+            self._lock_owned(
+                job_id=job_id, worker_id=worker_id, attempt=attempt, now=now, allow_cancel_requested=True
+            )
             return self.db.run(self._repo.extend_lease, job_id=job_id, lease=lease, now=now)
 
     def record_progress(
@@ -234,9 +236,7 @@ class JobQueue:
         (``attempt``, the ``Job.attempts`` it claimed, also fences out its own earlier attempts)."""
         with self.db.unit_of_work():
             now = self.clock()
-            job = self.db.run(
-                self._repo.lock_owned, job_id=job_id, worker_id=worker_id, now=now, attempt=attempt
-            )
+            job = self._lock_owned(job_id=job_id, worker_id=worker_id, attempt=attempt, now=now)
             yield FencedJob(db=self.db, job=job, repo=self._repo, now=now)
 
     def complete(
@@ -265,7 +265,9 @@ class JobQueue:
         LeaseLostError if the caller no longer holds the lease."""
         with self.db.unit_of_work():
             now = self.clock()
-            job = self._lock_running(job_id=job_id, worker_id=worker_id, attempt=attempt, now=now)
+            job = self._lock_owned(
+                job_id=job_id, worker_id=worker_id, attempt=attempt, now=now, allow_cancel_requested=True
+            )
             if job.cancel_requested_at is not None:
                 return self.db.run(self._repo.finish_cancelled, job_id=job_id, now=now)
             if not retryable or job.attempts >= job.max_attempts:
@@ -287,21 +289,32 @@ class JobQueue:
         no longer holds the lease (the next ``claim`` then ends it)."""
         with self.db.unit_of_work():
             now = self.clock()
-            job = self._lock_running(job_id=job_id, worker_id=worker_id, attempt=attempt, now=now)
+            job = self._lock_owned(
+                job_id=job_id, worker_id=worker_id, attempt=attempt, now=now, allow_cancel_requested=True
+            )
             if job.cancel_requested_at is None:
                 raise InvalidStateError(f"job {job_id}: no cancel was requested")
             return self.db.run(self._repo.finish_cancelled, job_id=job_id, now=now)
 
-    def _lock_running(self, *, job_id: int, worker_id: str, attempt: int | None, now: datetime) -> Job:
-        """The job's row locked for its lease holder (in the open transaction), whether or not a cancel was
-        requested."""
+    def _lock_owned(
+        self,
+        *,
+        job_id: int,
+        worker_id: str,
+        attempt: int | None,
+        now: datetime,
+        allow_cancel_requested: bool = False,
+    ) -> Job:
+        """The job's row locked for its lease holder (in the open transaction): LeaseLostError for anyone else,
+        and JobCancelledError once a cancel was requested, unless ``allow_cancel_requested`` (a heartbeat, a
+        failed attempt, the worker ending the job cancelled)."""
         return self.db.run(
             self._repo.lock_owned,
             job_id=job_id,
             worker_id=worker_id,
             now=now,
             attempt=attempt,
-            allow_cancel_requested=True,
+            allow_cancel_requested=allow_cancel_requested,
         )
 
     def get(self, *, tenant_id: int | None, job_id: int) -> Job:

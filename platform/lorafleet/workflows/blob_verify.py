@@ -38,7 +38,7 @@ from lorafleet.registry.verify import BlobFinding, BlobVerifier
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.store.sql.registry_repository import RegistryRepository, VersionLocation
-from lorafleet.workflows.live_alias import move_live
+from lorafleet.workflows.live_alias import earlier_live_versions, move_live
 
 logger = logging.getLogger(__name__)
 
@@ -246,13 +246,9 @@ class BlobVerification:
     def _rollback_candidates(self, *, tenant_id: int, version: AdapterVersion) -> list[AdapterVersion]:
         """The earlier versions that were live before (``archived``) and whose latest QA decision is not a
         failure (reject, rollback), newest first."""
-        archived = self.db.run(
-            self._repo.list_versions,
-            tenant_id=tenant_id,
-            adapter_id=version.adapter_id,
-            status=VersionStatus.ARCHIVED,
+        earlier = earlier_live_versions(
+            self.registry, tenant_id=tenant_id, adapter_id=version.adapter_id, below=version.number
         )
-        earlier = sorted((v for v in archived if v.number < version.number), key=lambda v: -v.number)
         reports = self.db.run(
             self._qa.reports_for_versions, tenant_id=tenant_id, version_ids=[v.id for v in earlier]
         )

@@ -50,7 +50,7 @@ from lorafleet.store.sql.feedback import get_snapshot
 from lorafleet.store.sql.registry_repository import RegistryRepository
 from lorafleet.workflows.audit import record_event
 from lorafleet.workflows.continual import PERSONAL_ADAPTER
-from lorafleet.workflows.live_alias import move_live
+from lorafleet.workflows.live_alias import earlier_live_versions, move_live
 
 logger = logging.getLogger(__name__)
 
@@ -269,14 +269,10 @@ def _roll_back_live(
         live = registry.live_version(tenant_id=tenant_id, adapter_id=adapter_id)
         if live is None or live.id not in revoked_ids:
             continue
-        earlier = [
-            v
-            for v in registry.list_versions(
-                tenant_id=tenant_id, adapter_id=adapter_id, status=VersionStatus.ARCHIVED
-            )
-            if v.number < live.number and v.id not in revoked_ids
-        ]
-        target = max(earlier, key=lambda v: v.number, default=None)
+        earlier = earlier_live_versions(
+            registry, tenant_id=tenant_id, adapter_id=adapter_id, below=live.number, excluding=revoked_ids
+        )
+        target = earlier[0] if earlier else None
         move_live(
             registry=registry,
             queue=queue,

@@ -24,7 +24,7 @@ the actor tells them apart).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -96,6 +96,19 @@ def move_live(
                 cause = f"task adapter {adapter.name!r}: {action} to {to} by {actor}"
             submit_task_rechecks(queue=queue, tenant_id=tenant_id, adapter_id=adapter.id, cause=cause)
         return event
+
+
+def earlier_live_versions(
+    registry: Registry, *, tenant_id: int, adapter_id: int, below: int, excluding: Collection[int] = ()
+) -> list[AdapterVersion]:
+    """Where ``live`` may roll back to from version ``below``: the adapter's versions that were live before it
+    (``archived``) and are numbered below it, newest first, less those whose ids are in ``excluding``. In the
+    caller's transaction when one is open (under the adapter's lock, it is the answer as of the lock)."""
+    archived = registry.list_versions(
+        tenant_id=tenant_id, adapter_id=adapter_id, status=VersionStatus.ARCHIVED
+    )
+    earlier = (v for v in archived if v.number < below and v.id not in excluding)
+    return sorted(earlier, key=lambda v: -v.number)
 
 
 def qa_decision(db: Database, *, tenant_id: int, version: AdapterVersion) -> QADecision | None:
@@ -241,6 +254,7 @@ def _reports(db: Database, *, tenant_id: int, version_ids: Sequence[int]) -> dic
 __all__ = [
     "LIVE_MOVES",
     "audit_move",
+    "earlier_live_versions",
     "PASSING_DECISIONS",
     "LiveMove",
     "VersionQA",

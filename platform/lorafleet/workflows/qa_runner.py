@@ -69,7 +69,7 @@ from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import NewQAReport, QAReport, QARepository
 from lorafleet.store.sql.registry_repository import RegistryRepository
 from lorafleet.store.sql.routing_repository import RoutingRepository
-from lorafleet.workflows.live_alias import PASSING_DECISIONS, move_live, qa_decision
+from lorafleet.workflows.live_alias import PASSING_DECISIONS, earlier_live_versions, move_live, qa_decision
 
 if TYPE_CHECKING:
     from lorafleet.adapters import AdapterBank
@@ -408,13 +408,14 @@ class QARunner:
         self, subject: Subject, own: EvalSet
     ) -> tuple[AdapterVersion | None, list[dict[str, Any]]]:
         """The newest earlier version, once live, that passes the recheck rules in the same bank."""
-        earlier = self.registry.list_versions(
-            tenant_id=subject.tenant_id, adapter_id=subject.adapter.id, status=VersionStatus.ARCHIVED
+        earlier = earlier_live_versions(
+            self.registry,
+            tenant_id=subject.tenant_id,
+            adapter_id=subject.adapter.id,
+            below=subject.version.number,
         )
         tried: list[dict[str, Any]] = []
-        for version in sorted(earlier, key=lambda v: -v.number):
-            if version.number >= subject.version.number or len(tried) >= self.policy.max_rollback_trials:
-                continue
+        for version in earlier[: self.policy.max_rollback_trials]:
             trial = self._recheck_subject(
                 tenant_id=subject.tenant_id, adapter=subject.adapter, version=version
             )
@@ -574,20 +575,16 @@ class QARunner:
                     f"user {subject.user_bank.external_id!r} left {task.name!r} while QA evaluated; evaluating again"
                 ) from None
             return
-        archived = self.db.run(
-            self._registry_sql.list_versions,
-            tenant_id=tenant_id,
-            adapter_id=task.id,
-            status=VersionStatus.ARCHIVED,
+        earlier = earlier_live_versions(
+            self.registry, tenant_id=tenant_id, adapter_id=task.id, below=culprit.version_number
         )
-        earlier = [v for v in archived if v.number < culprit.version_number]
         move_live(
             registry=self.registry,
             queue=self.queue,
             tenant_id=tenant_id,
             adapter=task,
             action="rollback",
-            number=max((v.number for v in earlier), default=None),
+            number=earlier[0].number if earlier else None,
             actor=QA_ACTOR,
             reason=f"qa-blame {report.id}",
             cause=f"task adapter {task.name!r} rolled back: it failed {subject.user_bank.external_id!r}'s bank",

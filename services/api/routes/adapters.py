@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -12,15 +12,15 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
 
-from lorafleet.domain import Adapter, AliasEvent, Tenant
+from lorafleet.domain import Adapter, AdapterVersion, AliasEvent, Tenant
 from lorafleet.domain.subject import Subject
 from lorafleet.errors import ValidationError
 from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.sdk import schemas as s
 from lorafleet.workflows.exports import export_audited_version
 from lorafleet.workflows.import_jobs import ImportSubmitted, import_weight_bounds, submit_import
+from lorafleet.workflows.live_alias import VersionQA, promote_manually, versions_qa
 from lorafleet.workflows.live_alias import move_live as move_alias
-from lorafleet.workflows.live_alias import promote_manually, versions_qa
 from lorafleet.workflows.workdirs import owned_tempdir
 from services.api import convert
 from services.api.deps import (
@@ -71,13 +71,7 @@ def list_versions(services: Services, adapter: UserAdapter) -> list[s.VersionOut
     """Every version by number, with its status, training metrics and QA state (``qa_decision``, ``qa_state``,
     and ``forced_live`` for a version a person made live before QA passed it)."""
     versions = services.registry.list_versions(tenant_id=adapter.tenant_id, adapter_id=adapter.id)
-    qa = versions_qa(
-        services.db,
-        services.registry,
-        tenant_id=adapter.tenant_id,
-        adapter_id=adapter.id,
-        version_ids=[v.id for v in versions],
-    )
+    qa = adapter_versions_qa(services, adapter, versions)
     return [convert.version(v, adapter_name=adapter.name, qa=qa[v.id]) for v in versions]
 
 
@@ -96,15 +90,22 @@ def get_version(
         _, document = load_report(
             services.db, services.registry, report_id=reports[-1].id, tenant_id=adapter.tenant_id
         )
-    qa = versions_qa(
+    qa = adapter_versions_qa(services, adapter, [version])
+    return convert.version_detail(
+        version, adapter_name=adapter.name, reports=reports, document=document, qa=qa[version.id]
+    )
+
+
+def adapter_versions_qa(
+    services: ApiServices, adapter: Adapter, versions: Sequence[AdapterVersion]
+) -> dict[int, VersionQA]:
+    """Each of the adapter's ``versions``' QA state, by version id (as the API and the console show it)."""
+    return versions_qa(
         services.db,
         services.registry,
         tenant_id=adapter.tenant_id,
         adapter_id=adapter.id,
-        version_ids=[version.id],
-    )
-    return convert.version_detail(
-        version, adapter_name=adapter.name, reports=reports, document=document, qa=qa[version.id]
+        version_ids=[v.id for v in versions],
     )
 
 

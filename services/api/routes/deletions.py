@@ -101,15 +101,7 @@ def _forget(
 
 def _receipt_out(services: ApiServices, receipt: DeletionReceipt) -> s.DeletionReceiptOut:
     status = deletion.rebuild_status(services.db, services.registry, receipt=receipt, queue=services.queue)
-    rebuild = s.RebuildOut(
-        job_id=status.job_id,
-        job_state=status.job_state,
-        versions=[
-            s.RebuiltVersionOut(adapter=v.adapter, number=v.number, version_id=v.version_id, status=v.status)
-            for v in status.versions
-        ],
-    )
-    return convert.deletion_receipt(receipt, rebuild=rebuild)
+    return convert.deletion_receipt(receipt, rebuild=status)
 
 
 def _subject(label: str | None) -> Subject | None:

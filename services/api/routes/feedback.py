@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -30,26 +31,25 @@ router = APIRouter(prefix="/v1/users/{user_id}/feedback", tags=["feedback"])
 def submit_feedback(user_id: UserId, batch: s.FeedbackBatch, call: Idempotent) -> JSONResponse:
     """Store the records for the user (created on first sight), all or nothing; a record repeating one already
     stored (same kind and training fields) is not stored again and gets the existing record's id."""
-
-    def ingest() -> IngestResult:
-        records = [record.dump(mode="json") for record in batch.records]
-        services = call.services
-        return ingest_feedback(
-            services.db,
-            tenant_id=call.tenant.id,
-            user_external_id=user_id,
-            records=records,
-            limits=services.feedback_limits,
-        )
-
-    return submit_records(call, batch, ingest)
+    return submit_records(call, batch, partial(ingest_feedback, user_external_id=user_id))
 
 
 def submit_records(
-    call: IdempotentCall, batch: s.FeedbackBatch, ingest: Callable[[], IngestResult]
+    call: IdempotentCall, batch: s.FeedbackBatch, ingest: Callable[..., IngestResult]
 ) -> JSONResponse:
-    """A feedback batch stored by ``ingest`` (a user's or a task's) behind the request's idempotency key."""
-    return call.run(lambda: convert.feedback_submitted(ingest()), body=batch)
+    """A feedback batch stored behind the request's idempotency key by ``ingest`` (``ingest_feedback`` or
+    ``ingest_task_feedback`` with its subject given), called with the database, the tenant's id, the records and
+    the limits."""
+
+    def store() -> s.FeedbackSubmitted:
+        records = [record.dump(mode="json") for record in batch.records]
+        services = call.services
+        result = ingest(
+            services.db, tenant_id=call.tenant.id, records=records, limits=services.feedback_limits
+        )
+        return convert.feedback_submitted(result)
+
+    return call.run(store, body=batch)
 
 
 @router.get("", response_model=list[s.FeedbackRecordOut])

@@ -3,15 +3,18 @@ state), and cancelling a job."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
+from lorafleet.jobs.queue import SubmitResult
 from lorafleet.sdk import schemas as s
 from services.api import convert
 from services.api.deps import CurrentTenant, JobId, PageLimit, Paths, Services, UserFilter, UserId, actor_of
-from services.api.idempotency import Idempotent
+from services.api.idempotency import Idempotent, IdempotentCall
 
 router = APIRouter(tags=["jobs"])
 
@@ -27,11 +30,18 @@ def train_now(
     """Queue a training job for the user on their feedback so far (a user already in an active job gets that
     job, ``created`` false, with its own config). A user with nothing new since their last version is 422.
     ``training`` overrides the tenant's training config for this job (a bad field is 422 ``training.<field>``)."""
+    train = partial(services.scheduler.train_now, tenant_id=tenant.id, user_external_id=user_id)
+    return submit_training(call, body, train)
+
+
+def submit_training(
+    call: IdempotentCall, body: s.TrainRequest | None, train: Callable[..., SubmitResult]
+) -> JSONResponse:
+    """A train job queued by ``train`` (``Scheduler.train_now`` or ``train_task_now`` with its subject given,
+    called with the body's ``training`` overrides) behind the request's idempotency key: 202 with the job."""
 
     def submit() -> s.TrainSubmitted:
-        result = services.scheduler.train_now(
-            tenant_id=tenant.id, user_external_id=user_id, training=convert.job_overrides(body)
-        )
+        result = train(training=convert.job_overrides(body))
         return s.TrainSubmitted(job=convert.job(result.job), created=result.created)
 
     return call.run(submit, body=body, status_code=202)

@@ -7,6 +7,7 @@ rechecks of every enrolled user. Users are enrolled through ``/v1/users/{user_id
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -14,7 +15,6 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from lorafleet.domain import Adapter, AliasEvent, FeedbackRecord
 from lorafleet.domain.subject import Subject
-from lorafleet.feedback import IngestResult
 from lorafleet.sdk import schemas as s
 from lorafleet.workflows.audit import record_feedback_export
 from lorafleet.workflows.feedback import EXPORT_PAGE, all_feedback
@@ -42,6 +42,7 @@ from services.api.deps import (
 from services.api.idempotency import Idempotent, IdempotentCall
 from services.api.routes import adapters as adapter_routes
 from services.api.routes.feedback import EXPORT_RESPONSES, jsonl_response, submit_records
+from services.api.routes.jobs import submit_training
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 TaskPath = TaskName
@@ -65,19 +66,7 @@ def get_tasks(services: Services, tenant: CurrentTenant) -> list[s.TaskOut]:
 def submit_task_feedback(task: TaskPath, batch: s.FeedbackBatch, call: Idempotent) -> JSONResponse:
     """Store records for the task (the task adapter is created on first sight), all or nothing, deduplicated
     like a user's feedback; the scheduler trains the task like a user."""
-
-    def ingest() -> IngestResult:
-        records = [record.model_dump(mode="json") for record in batch.records]
-        services = call.services
-        return ingest_task_feedback(
-            services.db,
-            tenant_id=call.tenant.id,
-            task_name=task,
-            records=records,
-            limits=services.feedback_limits,
-        )
-
-    return submit_records(call, batch, ingest)
+    return submit_records(call, batch, partial(ingest_task_feedback, task_name=task))
 
 
 @router.get("/{task}/feedback", response_model=list[s.FeedbackRecordOut])
@@ -140,14 +129,8 @@ def train_task(
 ) -> JSONResponse:
     """Queue a training job for the task on its feedback so far (a task in an active job gets that job);
     ``training`` overrides the tenant's training config for this job, as for a user's."""
-
-    def submit() -> s.TrainSubmitted:
-        result = services.scheduler.train_task_now(
-            tenant_id=tenant.id, task_name=task, training=convert.job_overrides(body)
-        )
-        return s.TrainSubmitted(job=convert.job(result.job), created=result.created)
-
-    return call.run(submit, body=body, status_code=202)
+    train = partial(services.scheduler.train_task_now, tenant_id=tenant.id, task_name=task)
+    return submit_training(call, body, train)
 
 
 @router.get("/{task}/enrolments", response_model=s.TaskEnrolledOut)

@@ -62,6 +62,8 @@ def test_forget_records_by_ids_and_by_tag_then_read_the_receipt(
     assert main(argv) == 0
     receipt = json.loads(capsys.readouterr().out)
     assert receipt["subject"] == "user:alice" and receipt["actor"] == "cli"
+    # the API's shape and format: UTC times with a "Z" (as GET /v1/deletions/{id} answers)
+    assert receipt["created_at"].endswith("Z") and receipt["purge_after"].endswith("Z")
     assert [(v["adapter"], v["number"]) for v in receipt["revoked_versions"]] == [("personal", 1)]
     assert (
         receipt["rebuild"]["job_state"] == "queued"

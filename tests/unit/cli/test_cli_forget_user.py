@@ -69,7 +69,8 @@ def test_forget_user_json_and_purge(setup: Setup, capsys: pytest.CaptureFixture[
     receipt = json.loads(capsys.readouterr().out)
     assert (receipt["kind"], receipt["subject"], receipt["actor"]) == ("user", "user:bob", "cli")
     assert receipt["request"] == {"purge": True} and receipt["blobs"] == [setup.shas["bob"]]
-    assert receipt["erased"]["feedback"] == 2 and receipt["blobs_deleted_at"] is not None
+    assert receipt["erased"]["feedback"] == 2 and receipt["blobs_deleted_at"].endswith("Z")
+    assert receipt["created_at"].endswith("Z") and receipt["rebuild"] is None  # the API's format
     assert not setup.platform.registry.blobs.exists(setup.shas["bob"])
     assert setup.platform.registry.blobs.exists(setup.shas["alice"])
     stored = setup.platform.db.run(get_receipt, tenant_id=setup.tenant_id, receipt_id=receipt["id"])
