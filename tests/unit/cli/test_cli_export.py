@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.unit.registry.registry_helpers import write_adapter_dir
+from cli_helpers import personal_version
 
 from lorafleet.domain import AuditAction
 from lorafleet.entrypoints import export as export_module
@@ -37,16 +37,7 @@ def setup(tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("LORAFLEET_OBJECT_STORE_URL", (tmp_path / "blobs").as_uri())
     platform = Platform.from_settings()
     tenant, _ = platform.tenants.create_tenant(name="acme")
-    user = platform.tenants.get_or_create_user(tenant_id=tenant.id, external_id="alice")
-    adapter = platform.registry.create_adapter(
-        tenant_id=tenant.id, owner_user_id=user.id, name="personal", target_config={}
-    )
-    platform.registry.register_version(
-        tenant_id=tenant.id,
-        adapter_id=adapter.id,
-        adapter_dir=write_adapter_dir(tmp_path / "adapter", seed=1),
-        base_fingerprint="f" * 64,
-    )
+    personal_version(platform, tenant_id=tenant.id, user="alice", folder=tmp_path / "adapter", seed=1)
     records = [{"kind": "sft", "prompt": f"q{i}", "completion": "é"} for i in range(5)]
     ingest_feedback(platform.db, tenant_id=tenant.id, user_external_id="alice", records=records)
     ingest_task_feedback(platform.db, tenant_id=tenant.id, task_name="sql", records=records[:2])
