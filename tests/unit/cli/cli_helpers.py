@@ -1,14 +1,25 @@
-"""Helpers for the CLI tests: a user's ``personal`` adapter with one registered version of random weights."""
+"""Helpers for the CLI tests: the platform over settings from the environment, as the CLI reads them, and a user's
+``personal`` adapter with one registered version of random weights."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import pytest
 from tests.unit.registry.registry_helpers import write_adapter_dir
 
 from lorafleet.domain import AdapterVersion
 from lorafleet.platform import Platform
+
+
+def platform_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str) -> Platform:
+    """Set the CLI's settings in the environment (a data dir and a local blob directory under ``tmp_path``, and
+    ``database_url``) and return the platform over them (the caller closes it)."""
+    monkeypatch.setenv("LORAFLEET_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("LORAFLEET_DATABASE_URL", database_url)
+    monkeypatch.setenv("LORAFLEET_OBJECT_STORE_URL", (tmp_path / "blobs").as_uri())
+    return Platform.from_settings()
 
 
 def personal_version(

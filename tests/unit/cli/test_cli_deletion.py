@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cli_helpers import personal_version
+from cli_helpers import personal_version, platform_from_env
 
 from lorafleet.entrypoints.cli import main
 from lorafleet.platform import Platform
@@ -28,10 +28,7 @@ class Setup:
 @pytest.fixture
 def setup(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
     """Tenant ``acme``; alice with four records (two tagged ``session=a``) and live version 1 trained on the first."""
-    monkeypatch.setenv("LORAFLEET_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("LORAFLEET_DATABASE_URL", sqlite_url)
-    monkeypatch.setenv("LORAFLEET_OBJECT_STORE_URL", (tmp_path / "blobs").as_uri())
-    platform = Platform.from_settings()
+    platform = platform_from_env(monkeypatch, tmp_path, sqlite_url)
     tenant, _ = platform.tenants.create_tenant(name="acme")
     records = [
         {"kind": "sft", "prompt": f"q{i}", "completion": "a", "metadata": {"session": "a" if i % 2 else "b"}}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cli_helpers import personal_version
+from cli_helpers import personal_version, platform_from_env
 
 from lorafleet.domain import AuditAction
 from lorafleet.entrypoints import export as export_module
@@ -32,10 +32,7 @@ class Setup:
 @pytest.fixture
 def setup(tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
     """Tenant ``acme``; alice with version 1 of ``personal`` and five records, task ``sql`` with two."""
-    monkeypatch.setenv("LORAFLEET_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("LORAFLEET_DATABASE_URL", database_url)
-    monkeypatch.setenv("LORAFLEET_OBJECT_STORE_URL", (tmp_path / "blobs").as_uri())
-    platform = Platform.from_settings()
+    platform = platform_from_env(monkeypatch, tmp_path, database_url)
     tenant, _ = platform.tenants.create_tenant(name="acme")
     personal_version(platform, tenant_id=tenant.id, user="alice", folder=tmp_path / "adapter", seed=1)
     records = [{"kind": "sft", "prompt": f"q{i}", "completion": "é"} for i in range(5)]
