@@ -23,28 +23,16 @@ from lorafleet.training.trainer import SlotTraining, train_slots
 HEADROOM = 100.0
 
 
-def _figures(module: Any) -> dict[str, float]:
-    return {
-        "scaling": module.scaling,
-        "a_max": module.a_max,
-        "b_max": module.b_max,
-        "a_norm": module.a_norm,
-        "b_norm": module.b_norm,
-        "delta_max": module.delta_max,
-        "delta_norm": module.delta_norm,
-    }
-
-
-def _bounds_of(bounds: WeightBounds) -> dict[str, float]:
-    return {
-        "scaling": bounds.max_scaling,
-        "a_max": bounds.max_abs_factor,
-        "b_max": bounds.max_abs_factor,
-        "a_norm": bounds.max_factor_norm,
-        "b_norm": bounds.max_factor_norm,
-        "delta_max": bounds.max_abs_delta,
-        "delta_norm": bounds.max_delta_norm,
-    }
+#: each figure ``measure_weights`` gives a module, and the ``WeightBounds`` field that bounds it
+BOUND_OF_FIGURE = {
+    "scaling": "max_scaling",
+    "a_max": "max_abs_factor",
+    "b_max": "max_abs_factor",
+    "a_norm": "max_factor_norm",
+    "b_norm": "max_factor_norm",
+    "delta_max": "max_abs_delta",
+    "delta_norm": "max_delta_norm",
+}
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +69,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[di
 def test_adapters_trained_at_the_defaults_sit_orders_of_magnitude_inside_every_bound(
     trained: dict[str, list[tuple[dict[str, Any], dict]]],
 ) -> None:
-    bounds = _bounds_of(WeightBounds())
+    bounds = WeightBounds()
     for config, tensors in trained["default"]:
         modules = measure_weights(config, tensors)
         assert len(modules) == 14  # every linear layer of the 2-layer tiny model
         assert weight_problems(config, tensors, WeightBounds()) == []
         for module in modules:
-            for figure, value in _figures(module).items():
-                assert 0 < value <= bounds[figure] / HEADROOM, (module.module, figure, value)
+            for figure, bound in BOUND_OF_FIGURE.items():
+                value = getattr(module, figure)
+                assert 0 < value <= getattr(bounds, bound) / HEADROOM, (module.module, figure, value)
 
 
 def test_an_aggressively_trained_adapter_passes_too(
