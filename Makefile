@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/lorafleet demo
 
-# every tier: tests/unit (no Ray, no running service), tests/integration (Ray, the API, Serve), tests/e2e (the demo)
+# every tier: tests/unit (no Ray, no running service, no real SmolLM2), tests/integration (Ray, the API, Serve, the
+# real SmolLM2 backbone in tests/integration/backbone, real training runs), tests/e2e (the demo)
 # everything but the extended checks (make test-extended, about 8 minutes), which CI leaves out for its time
 test: setup
 	$(BIN)/pytest -m "not extended"
@@ -31,7 +32,7 @@ test: setup
 test-extended: setup
 	$(BIN)/pytest -m extended
 
-# the unit tier only (a few minutes)
+# the unit tier only: no Ray, no service, no real SmolLM2 (meant to take at most 3 minutes on two idle cores)
 test-fast: setup
 	$(BIN)/pytest tests/unit
 

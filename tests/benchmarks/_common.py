@@ -60,6 +60,18 @@ def timed(
     return samples
 
 
+def word_prompts(tokenizer: Any, n: int, tokens: int, rng: Any) -> list[str]:
+    """``n`` raw prompts of random lowercase words from ``rng`` (a numpy ``Generator``), each word added until the
+    prompt has at least ``tokens`` tokens under ``tokenizer``."""
+    prompts = []
+    for _ in range(n):
+        words: list[str] = []
+        while len(tokenizer(" ".join(words))["input_ids"]) < tokens:
+            words.append("".join(chr(int(c)) for c in rng.integers(97, 123, int(rng.integers(2, 8)))))
+        prompts.append(" ".join(words))
+    return prompts
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

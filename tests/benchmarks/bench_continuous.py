@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import word_prompts
 from bench_serving import _bank, write_versions
 
 from lorafleet.adapters import inject_bank
@@ -81,14 +82,7 @@ def build(path: Path, quantization: str, store_dir: Path) -> tuple[Backbone, Gen
 
 def prompts(backbone: Backbone, n: int, tokens: int, seed: int = 0) -> list[str]:
     """``n`` distinct raw prompts of random lowercase words, at least ``tokens`` tokens each."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        words: list[str] = []
-        while len(backbone.tokenizer(" ".join(words))["input_ids"]) < tokens:
-            words.append("".join(chr(int(c)) for c in rng.integers(97, 123, int(rng.integers(2, 8)))))
-        out.append(" ".join(words))
-    return out
+    return word_prompts(backbone.tokenizer, n, tokens, np.random.default_rng(seed))
 
 
 def request(user: int, prompt: str, new_tokens: int, request_id: str | None = None) -> GenerationRequest:

@@ -41,6 +41,7 @@ from _common import (
     median,
     ratio,
     timed,
+    word_prompts,
 )
 from tests.lora_weights import random_lora_weights
 
@@ -220,13 +221,7 @@ def _prompts(backbone: Backbone) -> list[str]:
     ``PROMPT_TOKENS`` tokens."""
     rng = np.random.default_rng(0)
     if RAW_PROMPTS:
-        prompts = []
-        for _ in range(BATCH):
-            words: list[str] = []
-            while len(backbone.tokenizer(" ".join(words))["input_ids"]) < PROMPT_TOKENS:
-                words.append("".join(chr(int(c)) for c in rng.integers(97, 123, int(rng.integers(2, 8)))))
-            prompts.append(" ".join(words))
-        return prompts
+        return word_prompts(backbone.tokenizer, BATCH, PROMPT_TOKENS, rng)
     return ["".join(chr(int(c)) for c in rng.integers(97, 123, PROMPT_TOKENS)) for _ in range(BATCH)]
 
 

@@ -49,6 +49,7 @@ make_api_settings = _services.make_api_settings  # type: ignore[attr-defined]
 api = _services.api  # type: ignore[attr-defined]
 admin = _services.admin  # type: ignore[attr-defined]
 make_tenant = _services.make_tenant  # type: ignore[attr-defined]
+tenant = _services.tenant  # type: ignore[attr-defined]
 library = _services.library  # type: ignore[attr-defined]
 adapter_folder = _services.adapter_folder  # type: ignore[attr-defined]
 

@@ -22,12 +22,11 @@ from lorafleet.sdk import Client
 def test_a_corrupt_live_blob_is_repaired_through_the_admin_route_and_served_again(
     api: ApiServer,
     admin: Client,
-    make_tenant: Callable[[], TenantHandle],
+    tenant: TenantHandle,
     library: Library,
     adapter_folder: Callable[[int], Path],
     moto_endpoint: str,
 ) -> None:
-    tenant = make_tenant()
     tenant.client.submit_feedback("alice", [sft("hello")])
     for seed in (1861, 1862):
         live_personal_version(library, tenant_id=tenant.id, user="alice", folder=adapter_folder(seed))

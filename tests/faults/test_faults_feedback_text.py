@@ -7,7 +7,6 @@ refused with 422 naming the field, and the batch stores nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -36,9 +35,8 @@ NUL_RECORDS: list[tuple[dict[str, Any], str]] = [
 @pytest.mark.postgres
 @pytest.mark.parametrize("route", ["/v1/users/nul-user/feedback", "/v1/tasks/nul-task/feedback"])
 def test_nul_in_feedback_text_is_refused_naming_the_field_and_stores_nothing(
-    api: ApiServer, make_tenant: Callable[[], TenantHandle], library: Library, route: str
+    api: ApiServer, tenant: TenantHandle, library: Library, route: str
 ) -> None:
-    tenant = make_tenant()
     headers = {"Authorization": f"Bearer {tenant.api_key}"}
     with httpx.Client(base_url=api.url, headers=headers) as http:
         for record, field in NUL_RECORDS:

@@ -120,6 +120,12 @@ def make_tenant(api: ApiServer, admin: Client) -> Iterator[Callable[[], TenantHa
         client.close()
 
 
+@pytest.fixture
+def tenant(make_tenant: Callable[[], TenantHandle]) -> TenantHandle:
+    """A fresh tenant of this test's own (``make_tenant`` for more than one)."""
+    return make_tenant()
+
+
 @pytest.fixture(scope="session")
 def library(make_api_settings: Callable[..., Settings]) -> Iterator[Library]:
     with Platform.from_settings(make_api_settings()) as platform:

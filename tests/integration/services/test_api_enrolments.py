@@ -15,9 +15,8 @@ from lorafleet.sdk import errors
 
 
 def test_enrol_list_and_unenrol(
-    make_tenant: Callable[[], TenantHandle], library: Library, adapter_folder: Callable[[int], Path]
+    tenant: TenantHandle, library: Library, adapter_folder: Callable[[int], Path]
 ) -> None:
-    tenant = make_tenant()
     client = tenant.client
     live_personal_version(library, tenant_id=tenant.id, user="uma", folder=adapter_folder(7))
     task = library.registry.create_adapter(

@@ -37,12 +37,11 @@ def _members(archive: Path) -> dict[str, bytes]:
 
 def test_a_version_downloads_as_a_peft_folder_archive(
     api: ApiServer,
-    make_tenant: Callable[[], TenantHandle],
+    tenant: TenantHandle,
     library: Library,
     adapter_folder: Callable[[int], Path],
     tmp_path: Path,
 ) -> None:
-    tenant = make_tenant()
     client = tenant.client
     folder = adapter_folder(1)
     live_personal_version(library, tenant_id=tenant.id, user="ada", folder=folder)
@@ -88,12 +87,11 @@ def test_a_version_downloads_as_a_peft_folder_archive(
 
 
 def test_a_missing_or_corrupt_version_is_refused_and_nothing_is_written(
-    make_tenant: Callable[[], TenantHandle],
+    tenant: TenantHandle,
     library: Library,
     adapter_folder: Callable[[int], Path],
     tmp_path: Path,
 ) -> None:
-    tenant = make_tenant()
     client = tenant.client
     live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(1))
     live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(2))
@@ -120,12 +118,11 @@ def test_a_missing_or_corrupt_version_is_refused_and_nothing_is_written(
 
 
 def test_a_task_version_downloads_like_a_users(
-    make_tenant: Callable[[], TenantHandle],
+    tenant: TenantHandle,
     library: Library,
     adapter_folder: Callable[[int], Path],
     tmp_path: Path,
 ) -> None:
-    tenant = make_tenant()
     client = tenant.client
     live_task_version(library, tenant_id=tenant.id, task="tone", folder=adapter_folder(3))
     got = client.download_task_version("tone", 1, tmp_path / "tone.tar.gz")
@@ -138,10 +135,10 @@ def test_a_task_version_downloads_like_a_users(
 
 
 def test_feedback_exports_as_json_lines_every_page_oldest_first(
-    make_tenant: Callable[[], TenantHandle], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tenant: TenantHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(feedback_routes, "EXPORT_PAGE", 2)  # five records: three pages
-    client = make_tenant().client
+    client = tenant.client
     client.submit_feedback("ada", [sft(f"q{i}", "é ✓", tag="t") for i in range(5)])
     client.submit_feedback("bob", [sft("not ada's")])
     got = client.export_feedback("ada", tmp_path / "ada.jsonl")
@@ -154,8 +151,8 @@ def test_feedback_exports_as_json_lines_every_page_oldest_first(
     assert not (tmp_path / "nobody.jsonl").exists()
 
 
-def test_task_feedback_exports_as_json_lines(make_tenant: Callable[[], TenantHandle], tmp_path: Path) -> None:
-    client = make_tenant().client
+def test_task_feedback_exports_as_json_lines(tenant: TenantHandle, tmp_path: Path) -> None:
+    client = tenant.client
     client.submit_task_feedback("sql", [sft("q1"), sft("q2")])
     got = client.export_task_feedback("sql", tmp_path / "sql.jsonl")
     records = [json.loads(line) for line in Path(got.path).read_text().splitlines()]
@@ -181,13 +178,12 @@ def _run_imports(library: Library, api_data_dir: Path, tenant_id: int) -> None:
 
 
 def test_a_version_exported_from_one_user_imports_as_anothers(
-    make_tenant: Callable[[], TenantHandle],
+    tenant: TenantHandle,
     library: Library,
     adapter_folder: Callable[[int], Path],
     api_data_dir: Path,
     tmp_path: Path,
 ) -> None:
-    tenant = make_tenant()
     client = tenant.client
     live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(1))
     exported = client.download_version("ada", "personal", 1, tmp_path / "ada-v1.tar.gz")
@@ -217,11 +213,10 @@ def test_a_version_exported_from_one_user_imports_as_anothers(
 
 def test_a_bad_user_import_is_refused_and_changes_nothing(
     api: ApiServer,
-    make_tenant: Callable[[], TenantHandle],
+    tenant: TenantHandle,
     library: Library,
     adapter_folder: Callable[[int], Path],
 ) -> None:
-    tenant = make_tenant()
     client = tenant.client
     with pytest.raises(errors.ValidationFailed):
         client.import_adapter("cleo", "mine", b"not an archive at all", ["Hello"])
@@ -265,12 +260,11 @@ def _nan_archive(folder: Path) -> bytes:
 
 def test_the_async_client_downloads_and_exports_through_the_same_calls(
     api: ApiServer,
-    make_tenant: Callable[[], TenantHandle],
+    tenant: TenantHandle,
     library: Library,
     adapter_folder: Callable[[int], Path],
     tmp_path: Path,
 ) -> None:
-    tenant = make_tenant()
     live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(1))
     tenant.client.submit_feedback("ada", [sft("q1"), sft("q2")])
     expected = tenant.client.download_version("ada", "personal", 1, tmp_path / "sync.tar.gz")
@@ -290,12 +284,11 @@ def test_the_async_client_downloads_and_exports_through_the_same_calls(
 
 
 def test_every_export_is_one_audit_event_and_a_refused_one_none(
-    make_tenant: Callable[[], TenantHandle],
+    tenant: TenantHandle,
     library: Library,
     adapter_folder: Callable[[int], Path],
     tmp_path: Path,
 ) -> None:
-    tenant = make_tenant()
     client = tenant.client
     live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(1))
     live_task_version(library, tenant_id=tenant.id, task="tone", folder=adapter_folder(3))

@@ -4,7 +4,7 @@ retries, malformed, oversized and duplicated submissions."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -26,8 +26,7 @@ def _feedback_rows(library: Library, tenant: TenantHandle) -> int:
     return count_rows(library.db, SqlFeedback, SqlFeedback.user_id.in_(users)) if users else 0
 
 
-def test_submit_and_list_feedback_through_the_sdk(make_tenant: Callable[[], TenantHandle]) -> None:
-    tenant = make_tenant()
+def test_submit_and_list_feedback_through_the_sdk(tenant: TenantHandle) -> None:
     client = tenant.client
     records: list[Mapping[str, object] | RatingFeedback] = [
         sft("How do I reset my password?", "Settings > Security.", source="app"),
@@ -48,10 +47,7 @@ def test_submit_and_list_feedback_through_the_sdk(make_tenant: Callable[[], Tena
         client.list_feedback("nobody")
 
 
-def test_messages_feedback_is_accepted_and_stored(
-    make_tenant: Callable[[], TenantHandle], library: Library
-) -> None:
-    tenant = make_tenant()
+def test_messages_feedback_is_accepted_and_stored(tenant: TenantHandle, library: Library) -> None:
     turns = [
         FeedbackMessage(role="developer", content="Be brief."),
         FeedbackMessage(role="user", content="Capital of France?"),
@@ -74,10 +70,7 @@ def test_messages_feedback_is_accepted_and_stored(
     assert _feedback_rows(library, tenant) == 2
 
 
-def test_duplicated_records_are_stored_once(
-    make_tenant: Callable[[], TenantHandle], library: Library
-) -> None:
-    tenant = make_tenant()
+def test_duplicated_records_are_stored_once(tenant: TenantHandle, library: Library) -> None:
     first = tenant.client.submit_feedback("bob", [sft("a"), sft("b"), sft("a", source="other")])
     assert (first.created, first.duplicates) == (2, 1) and first.ids[0] == first.ids[2]
     again = tenant.client.submit_feedback("bob", [sft("b"), sft("c")])
@@ -86,9 +79,8 @@ def test_duplicated_records_are_stored_once(
 
 
 def test_a_retry_with_the_same_key_replays_the_response_and_creates_nothing(
-    api: ApiServer, make_tenant: Callable[[], TenantHandle], library: Library
+    api: ApiServer, tenant: TenantHandle, library: Library
 ) -> None:
-    tenant = make_tenant()
     body = {"records": [sft("one"), sft("two")]}
     headers = {"Authorization": f"Bearer {tenant.api_key}", "Idempotency-Key": "retry-1"}
     with httpx.Client(base_url=api.url) as http:
@@ -102,7 +94,7 @@ def test_a_retry_with_the_same_key_replays_the_response_and_creates_nothing(
 
 
 def test_the_sdk_retries_a_lost_response_with_its_key_and_nothing_is_created_twice(
-    api: ApiServer, make_tenant: Callable[[], TenantHandle], library: Library
+    api: ApiServer, tenant: TenantHandle, library: Library
 ) -> None:
     """The first answer is lost on the way back (the request did reach the server and commit): the SDK sends
     it again with the same key and gets the first response replayed."""
@@ -120,7 +112,6 @@ def test_the_sdk_retries_a_lost_response_with_its_key_and_nothing_is_created_twi
                 raise httpx.ReadError("connection dropped", request=request)
             return response
 
-    tenant = make_tenant()
     transport = LoseFirstAnswer()
     with Client(api.url, tenant.api_key, transport=transport, backoff=0.01) as client:
         result = client.submit_feedback("dave", [sft("x"), sft("y"), sft("z")])
@@ -129,10 +120,7 @@ def test_the_sdk_retries_a_lost_response_with_its_key_and_nothing_is_created_twi
     assert _feedback_rows(library, tenant) == 3
 
 
-def test_the_same_key_with_another_body_is_refused(
-    make_tenant: Callable[[], TenantHandle], library: Library
-) -> None:
-    tenant = make_tenant()
+def test_the_same_key_with_another_body_is_refused(tenant: TenantHandle, library: Library) -> None:
     tenant.client.submit_feedback("erin", [sft("first")], idempotency_key="k-1")
     with pytest.raises(errors.IdempotencyKeyReused) as caught:
         tenant.client.submit_feedback("erin", [sft("second")], idempotency_key="k-1")
@@ -142,8 +130,7 @@ def test_the_same_key_with_another_body_is_refused(
     assert _feedback_rows(library, tenant) == 1
 
 
-def test_a_failed_request_releases_its_key(make_tenant: Callable[[], TenantHandle]) -> None:
-    tenant = make_tenant()
+def test_a_failed_request_releases_its_key(tenant: TenantHandle) -> None:
     with pytest.raises(errors.NotFound):
         tenant.client.train("gina", idempotency_key="train-1")  # no such user yet
     tenant.client.submit_feedback("gina", [sft("q")])
@@ -181,9 +168,8 @@ def test_a_failed_request_releases_its_key(make_tenant: Callable[[], TenantHandl
     ],
 )
 def test_malformed_records_are_422_naming_the_field(
-    make_tenant: Callable[[], TenantHandle], library: Library, records: list[dict[str, object]], field: str
+    tenant: TenantHandle, library: Library, records: list[dict[str, object]], field: str
 ) -> None:
-    tenant = make_tenant()
     with pytest.raises(errors.ValidationFailed) as caught:
         tenant.client.submit_feedback("hal", records)
     assert caught.value.status == 422 and caught.value.field == field, caught.value
@@ -191,8 +177,7 @@ def test_malformed_records_are_422_naming_the_field(
     assert count_rows(library.db, SqlUser, SqlUser.tenant_id == tenant.id) == 0  # nothing written
 
 
-def test_oversized_submissions_are_413(make_tenant: Callable[[], TenantHandle], library: Library) -> None:
-    tenant = make_tenant()
+def test_oversized_submissions_are_413(tenant: TenantHandle, library: Library) -> None:
     client = tenant.client
     with pytest.raises(errors.PayloadTooLarge) as record:  # one record over max_feedback_record_bytes
         client.submit_feedback("ivan", [sft("small"), sft("big", "x" * 70_000)])
@@ -206,10 +191,7 @@ def test_oversized_submissions_are_413(make_tenant: Callable[[], TenantHandle], 
     assert _feedback_rows(library, tenant) == 0
 
 
-def test_a_chunked_body_over_the_limit_is_413(
-    api: ApiServer, make_tenant: Callable[[], TenantHandle]
-) -> None:
-    tenant = make_tenant()
+def test_a_chunked_body_over_the_limit_is_413(api: ApiServer, tenant: TenantHandle) -> None:
 
     def chunks() -> object:
         for _ in range(40):
@@ -224,8 +206,7 @@ def test_a_chunked_body_over_the_limit_is_413(
     assert answer.status_code == 413 and answer.json()["error"]["code"] == "payload_too_large"
 
 
-def test_the_async_client_against_the_server(api: ApiServer, make_tenant: Callable[[], TenantHandle]) -> None:
-    tenant = make_tenant()
+def test_the_async_client_against_the_server(api: ApiServer, tenant: TenantHandle) -> None:
 
     async def run() -> tuple[list[int], list[int]]:
         async with AsyncClient(api.url, tenant.api_key) as client:

@@ -82,9 +82,8 @@ def test_forget_user_erases_them_and_returns_the_receipt(
 
 
 def test_purge_deletes_the_blobs_at_once(
-    make_tenant: Callable[[], TenantHandle], library: Library, adapter_folder: Callable[[int], Path]
+    tenant: TenantHandle, library: Library, adapter_folder: Callable[[int], Path]
 ) -> None:
-    tenant = make_tenant()
     tenant.client.submit_feedback("cy", [sft("q1")])
     live_personal_version(library, tenant_id=tenant.id, user="cy", folder=adapter_folder(5))
     (version,) = tenant.client.list_versions("cy", "personal")

@@ -25,11 +25,10 @@ from lorafleet.store.sql.qa_repository import NewQAReport, QARepository
 
 def test_the_openai_client_calls_completions_and_chat_for_a_user(
     api: ApiServer,
-    make_tenant: Callable[[], TenantHandle],
+    tenant: TenantHandle,
     library: Library,
     adapter_folder: Callable[[int], Path],
 ) -> None:
-    tenant = make_tenant()
     live_personal_version(library, tenant_id=tenant.id, user="olga", folder=adapter_folder(2))
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key=tenant.api_key, max_retries=0)
 
@@ -66,9 +65,8 @@ def test_the_openai_client_calls_completions_and_chat_for_a_user(
 
 
 def test_generate_follows_promote_and_rollback_through_the_api(
-    make_tenant: Callable[[], TenantHandle], library: Library, adapter_folder: Callable[[int], Path]
+    tenant: TenantHandle, library: Library, adapter_folder: Callable[[int], Path]
 ) -> None:
-    tenant = make_tenant()
     client = tenant.client
     live_personal_version(library, tenant_id=tenant.id, user="pat", folder=adapter_folder(3))
     live_personal_version(library, tenant_id=tenant.id, user="pat", folder=adapter_folder(4))
@@ -101,9 +99,9 @@ def test_generate_follows_promote_and_rollback_through_the_api(
 
 
 def test_generate_is_one_user_turn_unless_raw_and_chat_renders_the_plain_format_on_tiny(
-    make_tenant: Callable[[], TenantHandle],
+    tenant: TenantHandle,
 ) -> None:
-    client = make_tenant().client
+    client = tenant.client
     rendered = client.generate("uma", "Tell me a story", max_tokens=4)
     raw = client.generate("uma", "Tell me a story", max_tokens=4, raw=True)
     assert rendered.text == raw.text and rendered.usage == raw.usage  # tiny: a user turn is the prompt
@@ -131,9 +129,8 @@ def test_generate_is_one_user_turn_unless_raw_and_chat_renders_the_plain_format_
     ],
 )
 def test_unsupported_openai_options_are_422_naming_the_field_never_ignored(
-    api: ApiServer, make_tenant: Callable[[], TenantHandle], body: dict[str, object], field: str
+    api: ApiServer, tenant: TenantHandle, body: dict[str, object], field: str
 ) -> None:
-    tenant = make_tenant()
     answer = httpx.post(
         f"{api.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {tenant.api_key}"}
     )
@@ -142,11 +139,10 @@ def test_unsupported_openai_options_are_422_naming_the_field_never_ignored(
 
 def test_metrics_and_readiness_after_serving(
     api: ApiServer,
-    make_tenant: Callable[[], TenantHandle],
+    tenant: TenantHandle,
     library: Library,
     adapter_folder: Callable[[int], Path],
 ) -> None:
-    tenant = make_tenant()
     tenant.client.submit_feedback("quinn", [sft("q")])
     live_personal_version(library, tenant_id=tenant.id, user="quinn", folder=adapter_folder(5))
     tenant.client.generate("quinn", "Hello", max_tokens=2)
@@ -181,9 +177,8 @@ def test_metrics_and_readiness_after_serving(
 
 
 def test_a_version_shows_its_latest_qa_decision_report_and_document(
-    make_tenant: Callable[[], TenantHandle], library: Library, adapter_folder: Callable[[int], Path]
+    tenant: TenantHandle, library: Library, adapter_folder: Callable[[int], Path]
 ) -> None:
-    tenant = make_tenant()
     live_personal_version(library, tenant_id=tenant.id, user="rita", folder=adapter_folder(6))
     (version,) = tenant.client.list_versions("rita", "personal")
     repo = QARepository(dialect=library.db.dialect)
@@ -286,14 +281,13 @@ def test_one_poisoned_request_among_eight_other_tenants_fails_alone_and_queues_a
 
 def test_models_base_pinned_and_task_models_and_optional_user_through_the_openai_client(
     api: ApiServer,
-    make_tenant: Callable[[], TenantHandle],
+    tenant: TenantHandle,
     library: Library,
     adapter_folder: Callable[[int], Path],
 ) -> None:
     """``model`` says what serves a request: the user's experts (``lorafleet``), ``base``, a task adapter or a user's
     adapter, live or pinned at a version; ``GET /v1/models`` lists what is not per user; unknown models are
     404 ``model_not_found`` as in OpenAI; ``user`` may be left out (the base model)."""
-    tenant = make_tenant()
     live_personal_version(library, tenant_id=tenant.id, user="pia", folder=adapter_folder(4))
     live_personal_version(library, tenant_id=tenant.id, user="pia", folder=adapter_folder(5))  # v2 is live
     live_task_version(library, tenant_id=tenant.id, task="summaries", folder=adapter_folder(6))

@@ -63,10 +63,7 @@ class StandIn:
         return self.queue.complete(job_id=self.job.id, worker_id=self.kind, result={}, attempt=1)
 
 
-def test_a_jobs_progress_is_typed_in_get_and_list(
-    make_tenant: Callable[[], TenantHandle], library: Library
-) -> None:
-    tenant = make_tenant()
+def test_a_jobs_progress_is_typed_in_get_and_list(tenant: TenantHandle, library: Library) -> None:
     worker = StandIn(library, tenant)
     assert tenant.client.get_job(worker.job.id).progress is None
     worker.claim()
@@ -92,10 +89,7 @@ def test_a_jobs_progress_is_typed_in_get_and_list(
     worker.succeed()
 
 
-def test_wait_for_job_calls_on_progress_with_every_new_step(
-    make_tenant: Callable[[], TenantHandle], library: Library
-) -> None:
-    tenant = make_tenant()
+def test_wait_for_job_calls_on_progress_with_every_new_step(tenant: TenantHandle, library: Library) -> None:
     worker = StandIn.running(library, tenant)
     seen: list[s.JobProgressOut] = []
 
@@ -113,9 +107,8 @@ def test_wait_for_job_calls_on_progress_with_every_new_step(
 
 
 def test_the_async_client_waits_with_on_progress_and_cancels(
-    api: ApiServer, make_tenant: Callable[[], TenantHandle], library: Library
+    api: ApiServer, tenant: TenantHandle, library: Library
 ) -> None:
-    tenant = make_tenant()
     worker = StandIn.running(library, tenant)
     steps: list[int] = []
 
@@ -140,8 +133,7 @@ def test_the_async_client_waits_with_on_progress_and_cancels(
     assert steps == [1, 2, 3] and (ended.state, ended.cancelled_by) == ("cancelled", "test")
 
 
-def test_cancel_a_queued_job_at_once(make_tenant: Callable[[], TenantHandle], library: Library) -> None:
-    tenant = make_tenant()
+def test_cancel_a_queued_job_at_once(tenant: TenantHandle, library: Library) -> None:
     worker = StandIn(library, tenant)
     cancelled = tenant.client.cancel_job(worker.job.id)
     assert cancelled.state == "cancelled" and cancelled.cancelled_by == f"api:{tenant.name}"
@@ -151,10 +143,7 @@ def test_cancel_a_queued_job_at_once(make_tenant: Callable[[], TenantHandle], li
     assert worker.queue.claim(worker_id="w", kinds=[worker.kind], lease_seconds=LEASE) is None
 
 
-def test_cancel_a_running_job_asks_its_worker_to_stop(
-    make_tenant: Callable[[], TenantHandle], library: Library
-) -> None:
-    tenant = make_tenant()
+def test_cancel_a_running_job_asks_its_worker_to_stop(tenant: TenantHandle, library: Library) -> None:
     worker = StandIn.running(library, tenant)
     requested = tenant.client.cancel_job(worker.job.id)
     assert requested.state == "running" and requested.cancel_requested_at is not None
@@ -180,9 +169,8 @@ def test_another_tenants_job_is_404_and_untouched(
 
 
 def test_cancelling_a_finished_job_is_409_naming_its_state(
-    api: ApiServer, make_tenant: Callable[[], TenantHandle], library: Library
+    api: ApiServer, tenant: TenantHandle, library: Library
 ) -> None:
-    tenant = make_tenant()
     worker = StandIn(library, tenant)
     worker.claim()
     worker.succeed()
@@ -199,7 +187,6 @@ def test_cancelling_a_finished_job_is_409_naming_its_state(
     assert (job.state, job.cancel_requested_at, job.cancelled_by) == ("succeeded", None, None)
 
 
-def test_a_bad_job_id_is_422_naming_it(api: ApiServer, make_tenant: Callable[[], TenantHandle]) -> None:
-    tenant = make_tenant()
+def test_a_bad_job_id_is_422_naming_it(api: ApiServer, tenant: TenantHandle) -> None:
     raw = httpx.post(f"{api.url}/v1/jobs/0/cancel", headers={"Authorization": f"Bearer {tenant.api_key}"})
     assert raw.status_code == 422 and raw.json()["error"]["field"] == "job_id"

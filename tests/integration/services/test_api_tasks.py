@@ -16,9 +16,9 @@ from lorafleet.sdk import errors
 
 
 def test_task_feedback_creates_the_task_and_trains_like_a_user(
-    make_tenant: Callable[[], TenantHandle],
+    tenant: TenantHandle,
 ) -> None:
-    client = make_tenant().client
+    client = tenant.client
     first = client.submit_task_feedback("sql", [sft("q1"), sft("q2"), sft("q1")], idempotency_key="k-1")
     assert (first.created, first.duplicates) == (2, 1)
     again = client.submit_task_feedback("sql", [sft("q1"), sft("q2"), sft("q1")], idempotency_key="k-1")
@@ -41,9 +41,9 @@ def test_task_feedback_creates_the_task_and_trains_like_a_user(
 
 
 def test_an_import_is_queued_as_a_job_for_a_trainer(
-    make_tenant: Callable[[], TenantHandle], adapter_folder: Callable[[int], Path]
+    tenant: TenantHandle, adapter_folder: Callable[[int], Path]
 ) -> None:
-    client = make_tenant().client
+    client = tenant.client
     submitted = client.import_task_adapter("tone", adapter_folder(3), ["Be polite: hello"], reason="vendor")
     assert submitted.created and len(submitted.archive_sha256) == 64
     job = submitted.job
@@ -57,9 +57,9 @@ def test_an_import_is_queued_as_a_job_for_a_trainer(
 
 
 def test_an_import_carries_its_examples_as_evidence_and_bad_ones_are_refused(
-    make_tenant: Callable[[], TenantHandle], library: Library, adapter_folder: Callable[[int], Path]
+    tenant: TenantHandle, library: Library, adapter_folder: Callable[[int], Path]
 ) -> None:
-    client = make_tenant().client
+    client = tenant.client
     examples = [("Be polite: hello", "Good day to you"), ("Be polite: bye", "Farewell, kind friend")]
     submitted = client.import_task_adapter("tone", adapter_folder(4), ["Be polite: hello"], examples=examples)
     payload = library.queue.get(tenant_id=None, job_id=submitted.job.id).payload
@@ -73,9 +73,8 @@ def test_an_import_carries_its_examples_as_evidence_and_bad_ones_are_refused(
 
 
 def test_task_promote_and_rollback_move_live_and_serving_follows(
-    make_tenant: Callable[[], TenantHandle], library: Library, adapter_folder: Callable[[int], Path]
+    tenant: TenantHandle, library: Library, adapter_folder: Callable[[int], Path]
 ) -> None:
-    tenant = make_tenant()
     client = tenant.client
     live_personal_version(library, tenant_id=tenant.id, user="uma", folder=adapter_folder(7))
     client.submit_task_feedback("legal", [sft("contract")])

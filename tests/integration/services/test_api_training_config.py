@@ -51,9 +51,9 @@ def test_a_tenants_overrides_round_trip_and_reset(make_tenant: Callable[[], Tena
     ],
 )
 def test_a_bad_field_is_422_naming_it_and_changes_nothing(
-    make_tenant: Callable[[], TenantHandle], body: dict[str, Any], field: str
+    tenant: TenantHandle, body: dict[str, Any], field: str
 ) -> None:
-    client = make_tenant().client
+    client = tenant.client
     client.set_training_config({"seed": 3})
     with pytest.raises(errors.ValidationFailed) as caught:
         client.set_training_config({"max_steps": 10, **body})
@@ -71,9 +71,9 @@ def test_the_routes_need_a_tenant_key(api: ApiServer, make_tenant: Callable[[], 
 
 
 def test_jobs_queued_now_carry_the_tenants_config_with_the_requests_on_top(
-    make_tenant: Callable[[], TenantHandle],
+    tenant: TenantHandle,
 ) -> None:
-    client = make_tenant().client
+    client = tenant.client
     client.set_training_config({"learning_rate": 1e-3, "max_steps": 40})
     client.submit_feedback("ann", [sft("q1"), sft("q2")])
     client.submit_task_feedback("sql", [sft("q3")])
@@ -105,9 +105,9 @@ def test_jobs_queued_now_carry_the_tenants_config_with_the_requests_on_top(
     ],
 )
 def test_a_bad_job_override_is_422_naming_it_and_queues_nothing(
-    make_tenant: Callable[[], TenantHandle], training: dict[str, Any], field: str
+    tenant: TenantHandle, training: dict[str, Any], field: str
 ) -> None:
-    client = make_tenant().client
+    client = tenant.client
     client.submit_feedback("ann", [sft("q1")])
     client.submit_task_feedback("sql", [sft("q2")])
     for submit in (
@@ -121,9 +121,9 @@ def test_a_bad_job_override_is_422_naming_it_and_queues_nothing(
 
 
 def test_a_tenant_rank_the_trainers_cannot_hold_is_refused_when_queued(
-    make_tenant: Callable[[], TenantHandle],
+    tenant: TenantHandle,
 ) -> None:
-    client = make_tenant().client
+    client = tenant.client
     client.submit_feedback("ann", [sft("q1")])
     with pytest.raises(errors.ValidationFailed) as caught:
         client.set_training_config({"rank": 24})
@@ -132,10 +132,7 @@ def test_a_tenant_rank_the_trainers_cannot_hold_is_refused_when_queued(
     assert job.training is not None and job.training.rank == 16
 
 
-def test_the_async_client_gets_and_sets_the_same(
-    api: ApiServer, make_tenant: Callable[[], TenantHandle]
-) -> None:
-    tenant = make_tenant()
+def test_the_async_client_gets_and_sets_the_same(api: ApiServer, tenant: TenantHandle) -> None:
 
     async def run() -> tuple[schemas.TrainingConfigOut, schemas.TrainingConfigOut, str | None]:
         async with AsyncClient(api.url, tenant.api_key, max_retries=0) as client:

@@ -51,10 +51,8 @@ def test_users_are_listed_with_live_versions_and_counts(
 
 
 @pytest.mark.parametrize(("params", "field"), [({"limit": 0}, "limit"), ({"offset": -1}, "offset")])
-def test_a_bad_page_is_422_naming_it(
-    make_tenant: Callable[[], TenantHandle], params: dict[str, int], field: str
-) -> None:
-    client = make_tenant().client
+def test_a_bad_page_is_422_naming_it(tenant: TenantHandle, params: dict[str, int], field: str) -> None:
+    client = tenant.client
     with pytest.raises(errors.ValidationFailed) as caught:
         client.list_users(**params)
     assert caught.value.status == 422 and caught.value.field == field, caught.value

@@ -52,12 +52,11 @@ def _absurd_copy(
 
 
 def test_a_1e30_import_is_refused_with_a_typed_422_and_changes_nothing(
-    make_tenant: Callable[[], TenantHandle],
+    tenant: TenantHandle,
     library: Library,
     adapter_folder: Callable[[int], Path],
     tmp_path: Path,
 ) -> None:
-    tenant = make_tenant()
     client = tenant.client
     blobs_before = sorted(b.sha256 for b in library.registry.blobs.list())
     jobs_before = count_rows(library.db, SqlJob, SqlJob.tenant_id == tenant.id)

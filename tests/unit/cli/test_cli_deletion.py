@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.unit.registry.registry_helpers import write_adapter_dir
+from cli_helpers import personal_version, platform_from_env
 
 from lorafleet.entrypoints.cli import main
 from lorafleet.platform import Platform
@@ -28,10 +28,7 @@ class Setup:
 @pytest.fixture
 def setup(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
     """Tenant ``acme``; alice with four records (two tagged ``session=a``) and live version 1 trained on the first."""
-    monkeypatch.setenv("LORAFLEET_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("LORAFLEET_DATABASE_URL", sqlite_url)
-    monkeypatch.setenv("LORAFLEET_OBJECT_STORE_URL", (tmp_path / "blobs").as_uri())
-    platform = Platform.from_settings()
+    platform = platform_from_env(monkeypatch, tmp_path, sqlite_url)
     tenant, _ = platform.tenants.create_tenant(name="acme")
     records = [
         {"kind": "sft", "prompt": f"q{i}", "completion": "a", "metadata": {"session": "a" if i % 2 else "b"}}
@@ -39,19 +36,17 @@ def setup(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> I
     ]
     ids = ingest_feedback(platform.db, tenant_id=tenant.id, user_external_id="alice", records=records).ids
     user = platform.tenants.get_user(tenant_id=tenant.id, external_id="alice")
-    adapter = platform.registry.create_adapter(
-        tenant_id=tenant.id, owner_user_id=user.id, name="personal", target_config={}
-    )
     snapshot = create_snapshot(platform.db, user_id=user.id, record_ids=ids[:1])
-    platform.registry.register_version(
+    version = personal_version(
+        platform,
         tenant_id=tenant.id,
-        adapter_id=adapter.id,
-        adapter_dir=write_adapter_dir(tmp_path / "adapter", seed=1),
-        base_fingerprint="f" * 64,
+        user="alice",
+        folder=tmp_path / "adapter",
+        seed=1,
         dataset_snapshot_id=snapshot.id,
     )
-    platform.registry.promote(tenant_id=tenant.id, adapter_id=adapter.id, number=1, actor="test")
-    yield Setup(platform, tenant.id, ids, adapter.id)
+    platform.registry.promote(tenant_id=tenant.id, adapter_id=version.adapter_id, number=1, actor="test")
+    yield Setup(platform, tenant.id, ids, version.adapter_id)
     platform.close()
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.unit.registry.registry_helpers import write_adapter_dir
+from cli_helpers import personal_version, platform_from_env
 
 from lorafleet.domain import AuditAction
 from lorafleet.entrypoints import export as export_module
@@ -32,21 +32,9 @@ class Setup:
 @pytest.fixture
 def setup(tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
     """Tenant ``acme``; alice with version 1 of ``personal`` and five records, task ``sql`` with two."""
-    monkeypatch.setenv("LORAFLEET_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("LORAFLEET_DATABASE_URL", database_url)
-    monkeypatch.setenv("LORAFLEET_OBJECT_STORE_URL", (tmp_path / "blobs").as_uri())
-    platform = Platform.from_settings()
+    platform = platform_from_env(monkeypatch, tmp_path, database_url)
     tenant, _ = platform.tenants.create_tenant(name="acme")
-    user = platform.tenants.get_or_create_user(tenant_id=tenant.id, external_id="alice")
-    adapter = platform.registry.create_adapter(
-        tenant_id=tenant.id, owner_user_id=user.id, name="personal", target_config={}
-    )
-    platform.registry.register_version(
-        tenant_id=tenant.id,
-        adapter_id=adapter.id,
-        adapter_dir=write_adapter_dir(tmp_path / "adapter", seed=1),
-        base_fingerprint="f" * 64,
-    )
+    personal_version(platform, tenant_id=tenant.id, user="alice", folder=tmp_path / "adapter", seed=1)
     records = [{"kind": "sft", "prompt": f"q{i}", "completion": "é"} for i in range(5)]
     ingest_feedback(platform.db, tenant_id=tenant.id, user_external_id="alice", records=records)
     ingest_task_feedback(platform.db, tenant_id=tenant.id, task_name="sql", records=records[:2])

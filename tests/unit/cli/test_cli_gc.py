@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from tests.unit.registry.registry_helpers import write_adapter_dir
+from cli_helpers import personal_version
 
 from lorafleet.entrypoints.cli import main
 from lorafleet.platform import Platform
@@ -30,16 +30,9 @@ def test_gc_deletes_an_erased_users_blobs_once_the_hold_ends_and_keeps_the_other
         for seed, name in enumerate(("alice", "bob")):
             records = [{"kind": "sft", "prompt": f"{name} says hi", "completion": "Hello."}]
             ingest_feedback(platform.db, tenant_id=tenant.id, user_external_id=name, records=records)
-            user = platform.tenants.get_user(tenant_id=tenant.id, external_id=name)
-            adapter = platform.registry.create_adapter(
-                tenant_id=tenant.id, owner_user_id=user.id, name="personal", target_config={}
-            )
-            shas[name] = platform.registry.register_version(
-                tenant_id=tenant.id,
-                adapter_id=adapter.id,
-                adapter_dir=write_adapter_dir(tmp_path / f"adapter-{seed}", seed=seed),
-                base_fingerprint="f" * 64,
-            ).sha256
+            folder = tmp_path / f"adapter-{seed}"
+            version = personal_version(platform, tenant_id=tenant.id, user=name, folder=folder, seed=seed)
+            shas[name] = version.sha256
         receipt = forget_user(
             platform.db, platform.registry, tenant_id=tenant.id, external_id="alice", actor="test"
         )

@@ -6,12 +6,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from lorafleet.registry import Registry
 from lorafleet.routing.experts import Expert, ExpertSet, experts_revision
 from lorafleet.routing.spec import GateSpec
+from lorafleet.store.blob import open_blob_store
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlTenant, SqlUser
 
@@ -99,3 +101,15 @@ def member(
 def user_bank(members: list[Expert], gate: GateSpec | None = None) -> ExpertSet:
     gate = gate or GateSpec()
     return ExpertSet(1, 1, "alice", tuple(members), gate, experts_revision(members, gate))
+
+
+# the fixtures the routing tests share (their conftests import them): a small world and a registry over both
+# databases and a local blob directory (the blob stores have their own tests)
+@pytest.fixture
+def world(database: Database) -> World:
+    return make_world(database)
+
+
+@pytest.fixture
+def registry(database: Database, tmp_path: Path) -> Registry:
+    return Registry(database, open_blob_store((tmp_path / "blobs").as_uri()))

@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from engine_world import Setup, make_setup
 from serving_helpers import Expert, FolderFetcher, member, write_adapter
+from tests.torch_threads import one_torch_thread
 
 from lorafleet.adapters import AdapterBank, inject_bank
 from lorafleet.backbone import Backbone, load_backbone
@@ -21,10 +21,8 @@ N_SLOTS, MAX_RANK = 8, 8
 def _one_thread() -> Iterator[None]:
     """One intra-op thread: the tiny model's ops are microseconds, and on shared, loaded cores each op's thread
     hand-off costs milliseconds (a decode step is hundreds of small ops)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 prompt as one user turn, a raw prompt as is; gates embed the user's own text; generation ends at the end of turn.
 
 On the tiny backbone (no template) a plain prompt is unchanged and a conversation is the plain format, stopped at
-``"\\nuser:"``; on the real SmolLM2 (ChatML) a chat request answers "Paris" and stops at ``<|im_end|>``.
+``"\\nuser:"``. On the real SmolLM2 (ChatML, the integration tier:
+tests/integration/backbone/test_serving_chat_smollm2.py) a chat request answers "Paris" and stops at ``<|im_end|>``.
 """
 
 from __future__ import annotations
@@ -15,17 +16,15 @@ import pytest
 import torch
 from serving_helpers import FixedGate, FolderFetcher, gates_by_user, member, user_bank
 
-from lorafleet.adapters import AdapterBank, inject_bank
-from lorafleet.backbone import Backbone, load_backbone
+from lorafleet.adapters import AdapterBank
+from lorafleet.backbone import Backbone
 from lorafleet.backbone.chat import render_messages
-from lorafleet.config import SMOLLM2_BACKBONE
 from lorafleet.errors import ValidationError
 from lorafleet.routing.embeddings import embedding_ids
 from lorafleet.routing.experts import ExpertSet
 from lorafleet.serving import AdapterCache, GenerationEngine, GenerationRequest
 
 CONVERSATION = (("system", "Be brief."), ("user", "Hello there"), ("assistant", "Hi!"), ("user", "Any news?"))
-FRANCE = "What is the capital of France? Answer in one word."
 
 
 class RecordingEmbed:
@@ -126,30 +125,3 @@ def test_requests_take_a_prompt_or_messages() -> None:
     ):
         with pytest.raises(ValidationError):
             ask(**bad)
-
-
-# --- SmolLM2: ChatML, stopped at <|im_end|> ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smollm2_engine(smollm2_data_dir: Path) -> GenerationEngine:
-    backbone = load_backbone(SMOLLM2_BACKBONE, quantization="nf4", device="cpu", data_dir=smollm2_data_dir)
-    bank = inject_bank(backbone, target_modules=["q_proj", "v_proj"], n_slots=1, max_rank=4)
-    return _engine(backbone, bank, {"base": user_bank("base", [])})
-
-
-def test_a_chat_request_on_smollm2_answers_paris_and_stops_at_the_end_of_turn(
-    smollm2_engine: GenerationEngine,
-) -> None:
-    tok = smollm2_engine.backbone.tokenizer
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    chat, prompt = smollm2_engine.generate(
-        [ask(messages=(("user", FRANCE),), max_new_tokens=20), ask(prompt=FRANCE, max_new_tokens=20)]
-    )
-    assert "Paris" in chat.text, chat.text
-    assert chat.finish_reason == "stop" and chat.token_ids[-1] == im_end
-    assert "<|im_end|>" not in chat.text and im_end not in chat.token_ids[:-1]
-    conversation = [{"role": "user", "content": FRANCE}]
-    template_ids = tok.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)[
-        "input_ids"
-    ]
-    assert chat.prompt_tokens == len(template_ids)
-    assert prompt.token_ids == chat.token_ids and prompt.text == chat.text  # /generate answers as chat does

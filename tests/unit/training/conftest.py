@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from tests.feedback_records import make_record
+from tests.torch_threads import one_torch_thread
 
 from lorafleet.adapters import AdapterBank, inject_bank
 from lorafleet.backbone import Backbone, build_tiny_tokenizer
-from lorafleet.domain import FeedbackRecord
-from lorafleet.feedback import prepare_record
 from lorafleet.training import synthetic
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import build_dataset
@@ -26,14 +25,6 @@ from lorafleet.training.trainer import SlotTraining
 def fp32_bank(fp32_backbone: Backbone) -> AdapterBank:
     """A bank of 6 slots (rank up to 8) on every linear layer of the fp32 tiny backbone."""
     return inject_bank(fp32_backbone, target_modules="all-linear", n_slots=6, max_rank=8)
-
-
-def make_record(raw: dict[str, Any], *, record_id: int, user_id: int = 1) -> FeedbackRecord:
-    """A stored-looking feedback record, validated and hashed as ingestion does."""
-    prepared = prepare_record(raw, index=0)
-    return FeedbackRecord(
-        record_id, user_id, prepared.kind, prepared.payload, prepared.content_hash, datetime.now(UTC)
-    )
 
 
 def synthetic_tasks(
@@ -75,9 +66,5 @@ def tokenizer() -> Any:
 def _one_torch_thread() -> Iterator[None]:
     """One torch thread per test: the tiny model's matmuls gain nothing from two, and on shared cores a second
     thread spin-waits (10x slower under load). Restored afterwards for other test packages."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         yield
-    finally:
-        torch.set_num_threads(before)

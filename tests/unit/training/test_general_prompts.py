@@ -1,4 +1,5 @@
-"""General prompts: the anchor and eval sets, and the base's own answers as anchors (tiny and SmolLM2)."""
+"""General prompts: the anchor and eval sets, and the base's own answers as anchors on tiny (SmolLM2's are in the
+integration tier: tests/integration/backbone/test_general_prompts_smollm2.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import pytest
 
 from lorafleet.adapters import inject_bank
-from lorafleet.backbone import Backbone, load_backbone
+from lorafleet.backbone import load_backbone
 from lorafleet.training import general_prompts as gp
 from lorafleet.training.config import TrainingConfig
 
@@ -71,17 +72,3 @@ def test_answers_through_a_bank_with_empty_routes_are_the_base_answers(tiny_dir:
         backbone.model, backbone.tokenizer, prompts, 5, bank=bank, routes=[[(0, 1.0)]] * 3
     )
     assert same == base and routed != base
-
-
-@pytest.fixture(scope="module")
-def smollm2_nf4(smollm2_data_dir: Path) -> Backbone:
-    return load_backbone("builtin:smollm2-135m", quantization="nf4", device="cpu", data_dir=smollm2_data_dir)
-
-
-def test_smollm2_anchor_answers_name_the_capital(smollm2_nf4: Backbone) -> None:
-    gp.clear_anchor_cache()
-    prompts = list(gp.CAPITALS)
-    examples = gp.anchor_examples(smollm2_nf4, prompts, max_new_tokens=10)
-    for example in examples:
-        assert gp.CAPITALS[example.prompt] in example.completion, (example.prompt, example.completion)
-    gp.clear_anchor_cache()

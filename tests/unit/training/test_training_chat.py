@@ -1,43 +1,23 @@
 """Training renders as serving does: ``messages`` feedback becomes an example whose context is the turns before
 its target, encoded with the backbone's chat template (the plain format on tiny) and ended by the end-of-turn
-token; prompt/completion examples on tiny keep their exact ids."""
+token; prompt/completion examples on tiny keep their exact ids. SmolLM2's chat template is in the integration
+tier (tests/integration/backbone/test_training_chat_smollm2.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from transformers import AutoTokenizer
+from tests import feedback_records
+from tests.feedback_records import CONTEXT, MESSAGES, NO_HOLDOUT, TARGET
 
-from lorafleet.backbone import resolve_backbone_path
-from lorafleet.config import SMOLLM2_BACKBONE
-from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, build_dataset, encode_example, encode_prompt
-
-NO_HOLDOUT = TrainingConfig(holdout_fraction=0.0)
-MESSAGES = [
-    {"role": "developer", "content": "Answer like a pirate."},
-    {"role": "user", "content": "Hi"},
-    {"role": "assistant", "content": "Ahoy!"},
-    {"role": "user", "content": "Where is the treasure?"},
-    {"role": "assistant", "content": "Buried on the island, matey."},
-]
-CONTEXT = (
-    ("system", "Answer like a pirate."),
-    ("user", "Hi"),
-    ("assistant", "Ahoy!"),
-    ("user", "Where is the treasure?"),
-)
-TARGET = "Buried on the island, matey."
 
 
 @pytest.fixture
-def conversation_example(helpers: SimpleNamespace) -> Example:
-    record = helpers.make_record({"kind": "sft", "messages": MESSAGES}, record_id=7)
-    (example,) = build_dataset([record], config=NO_HOLDOUT).train
-    return example
+def conversation_example() -> Example:
+    return feedback_records.conversation_example()
 
 
 def test_a_messages_record_trains_its_last_assistant_turn(conversation_example: Example) -> None:
@@ -72,28 +52,3 @@ def test_a_conversation_on_tiny_encodes_the_plain_format(
     target = tokenizer(TARGET, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert encode_prompt(tokenizer, conversation_example) == tokenizer(text)["input_ids"]
     assert ids == tokenizer(text)["input_ids"] + target and n == len(target)
-
-
-@pytest.fixture(scope="module")
-def smollm2_tokenizer(smollm2_data_dir: Path) -> Any:
-    return AutoTokenizer.from_pretrained(resolve_backbone_path(SMOLLM2_BACKBONE, data_dir=smollm2_data_dir))
-
-
-@pytest.mark.parametrize("with_context", [True, False])
-def test_on_smollm2_an_example_is_its_chat_template_and_ends_with_im_end(
-    smollm2_tokenizer: Any, conversation_example: Example, with_context: bool
-) -> None:
-    tok = smollm2_tokenizer
-    example = conversation_example if with_context else Example(1, "Where is the treasure?", TARGET, "sft")
-    conversation = [{"role": role, "content": content} for role, content in example.messages]
-    ids, n = encode_example(tok, example, max_seq_len=1024)
-    prompt = tok.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)["input_ids"]
-    whole = tok.apply_chat_template(
-        [*conversation, {"role": "assistant", "content": TARGET}], return_dict=True
-    )["input_ids"]
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert ids[: len(ids) - n] == list(prompt) and ids[-1] == im_end
-    assert ids == list(whole)[: len(ids)]  # what the template itself writes for the whole conversation
-    assert (
-        whole[len(ids) :] == tok("\n", add_special_tokens=False)["input_ids"]
-    )  # only the template's newline left

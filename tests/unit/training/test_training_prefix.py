@@ -1,105 +1,32 @@
 """The frozen-prefix path is exact: losses and every slot's gradients equal the full-depth path.
 
-On the real tiny backbone (2 layers; adapters on the top one) in fp32 and nf4, and on the real SmolLM2 (30 layers;
-adapters on the top 6) in nf4. Dropout is 0, so both paths compute the same function.
+On the real tiny backbone (2 layers; adapters on the top one) in fp32 and nf4 (the real SmolLM2, 30 layers with
+adapters on the top 6, is in the integration tier: tests/integration/backbone/test_training_prefix_smollm2.py).
+Dropout is 0, so both paths compute the same function.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from tests.prefix_exactness import EXAMPLES, bank_with_two_adapters, check_exact
 
-from lorafleet.adapters import AdapterBank, SlotPlan, inject_bank
-from lorafleet.adapters.prefix import DecoderSplit, FrozenPrefix, PrefixCache, lowest_adapted_layer
+from lorafleet.adapters.prefix import FrozenPrefix, PrefixCache
 from lorafleet.backbone import load_backbone
 from lorafleet.routing.embeddings import embed_prompts, routing_key
-from lorafleet.training.config import TrainingConfig
-from lorafleet.training.dataset import Example, collate, encode_example, pad_token_id
+from lorafleet.training.dataset import pad_token_id
 from lorafleet.training.metrics import score_examples
-from lorafleet.training.trainer import SlotTraining, train_slots, user_losses
-
-EXAMPLES = [
-    Example(1, "What is my dog called?", "Your dog is called Biscuit.", "sft"),
-    Example(2, "Where do I live?", "You live in Porto.", "sft"),
-    Example(3, "Hi", "Hello there, friend of mine!", "sft"),
-    Example(4, "What do I eat? Tell me about my diet in a sentence.", "You are vegetarian.", "sft"),
-]
-
-
-def _bank_with_two_adapters(backbone: Any, layers: str) -> tuple[AdapterBank, TrainingConfig]:
-    bank = inject_bank(backbone, n_slots=3, max_rank=4)
-    config = TrainingConfig(rank=4, alpha=8, dropout=0.0, layers=layers, max_seq_len=64)
-    for slot in (0, 1):
-        bank.init_slot(slot, config.slot_config(layer_names=list(bank.layers)), seed=slot)
-        with torch.no_grad():  # non-zero B, so every A gets a gradient
-            for name in bank.slot_info(slot).modules:
-                bank.layers[name].lora_B[slot].normal_(0, 0.05, generator=torch.Generator().manual_seed(slot))
-    return bank, config
-
-
-def _losses_and_grads(
-    bank: AdapterBank, tokenizer: Any, prefix: FrozenPrefix | None, layer: int
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    encoded = [encode_example(tokenizer, e, max_seq_len=64) for e in EXAMPLES]
-    batch = collate(encoded, pad_id=pad_token_id(tokenizer))
-    owners = [0, 1, 0, 1]
-    params = bank.trainable_parameters([0, 1])
-    with bank.use(SlotPlan.single(owners)):
-        losses, _ = user_losses(
-            bank.model,
-            batch,
-            torch.tensor(owners),
-            2,
-            prefix=prefix,
-            layer=layer,
-            sequences=[ids for ids, _ in encoded],
-        )
-        losses.sum().backward()
-    grads = [p.grad.detach().clone() for p in params]
-    for p in params:
-        p.grad = None
-    bank.release_parameters()
-    return losses.detach(), grads
-
-
-def _check_exact(bank: AdapterBank, tokenizer: Any, *, atol: float) -> None:
-    split = DecoderSplit.find(bank.model)
-    assert split is not None
-    layer = lowest_adapted_layer(bank, [0, 1], split.num_layers)
-    assert 0 < layer < split.num_layers
-    prefix = FrozenPrefix(split, PrefixCache(identity="test"), pad_id=pad_token_id(tokenizer), bank=bank)
-    full_loss, full_grads = _losses_and_grads(bank, tokenizer, None, 0)
-    cached_loss, cached_grads = _losses_and_grads(bank, tokenizer, prefix, layer)
-    again_loss, again_grads = _losses_and_grads(bank, tokenizer, prefix, layer)  # from the cache
-    assert prefix.cache.stats["misses"] == len(EXAMPLES) and prefix.cache.stats["hits"] == len(EXAMPLES)
-    assert torch.allclose(full_loss, cached_loss, atol=atol, rtol=0), (full_loss, cached_loss)
-    assert torch.equal(cached_loss, again_loss)
-    assert len(full_grads) == len(cached_grads) > 0
-    assert sum(float(g.abs().sum()) for g in full_grads) > 0
-    for full, cached in zip(full_grads, cached_grads, strict=True):
-        assert torch.allclose(full, cached, atol=atol, rtol=0), float((full - cached).abs().max())
-    for cached, again in zip(cached_grads, again_grads, strict=True):
-        assert torch.equal(cached, again)
+from lorafleet.training.trainer import SlotTraining, train_slots
 
 
 @pytest.mark.parametrize("quantization", ["fp32", "nf4"])
 def test_prefix_path_is_exact_on_tiny(tiny_dir: Path, quantization: str) -> None:
     backbone = load_backbone(tiny_dir, quantization=quantization, device="cpu")
-    bank, _ = _bank_with_two_adapters(backbone, "top 1")
+    bank, _ = bank_with_two_adapters(backbone, "top 1")
     assert all(m.startswith("model.layers.1.") for m in bank.slot_info(0).modules)
-    _check_exact(bank, backbone.tokenizer, atol=1e-5)
-
-
-def test_prefix_path_is_exact_on_smollm2_nf4(smollm2_data_dir: Path) -> None:
-    backbone = load_backbone(
-        "builtin:smollm2-135m", quantization="nf4", device="cpu", data_dir=smollm2_data_dir
-    )
-    bank, _ = _bank_with_two_adapters(backbone, "top 6")
-    assert {int(m.split(".")[2]) for m in bank.slot_info(0).modules} == set(range(24, 30))
-    _check_exact(bank, backbone.tokenizer, atol=1e-5)
+    check_exact(bank, backbone.tokenizer, atol=1e-5)
 
 
 def test_training_with_the_prefix_gives_the_same_adapters(tiny_dir: Path) -> None:
@@ -107,7 +34,7 @@ def test_training_with_the_prefix_gives_the_same_adapters(tiny_dir: Path) -> Non
     results = []
     for use_prefix in (False, True):
         backbone = load_backbone(tiny_dir, quantization="fp32", device="cpu")
-        bank, config = _bank_with_two_adapters(backbone, "top 1")
+        bank, config = bank_with_two_adapters(backbone, "top 1")
         config = config.with_changes(max_steps=5, batch_size=2, learning_rate=3e-3)
         prefix = (
             FrozenPrefix.for_bank(bank, identity="test", pad_id=pad_token_id(backbone.tokenizer))
@@ -131,7 +58,7 @@ def test_training_with_the_prefix_gives_the_same_adapters(tiny_dir: Path) -> Non
 def test_scoring_shares_the_prefix_across_routes(tiny_dir: Path) -> None:
     """QA's columns score the same rows under several routes: the prefix is computed once per row."""
     backbone = load_backbone(tiny_dir, quantization="fp32", device="cpu")
-    bank, _ = _bank_with_two_adapters(backbone, "top 1")
+    bank, _ = bank_with_two_adapters(backbone, "top 1")
     tok = backbone.tokenizer
     prefix = FrozenPrefix.for_bank(bank, identity="test", pad_id=pad_token_id(tok))
     assert prefix is not None
@@ -166,7 +93,7 @@ def test_routing_keys_through_the_prefix_equal_the_full_forward(tiny_dir: Path) 
     """A routing key made from cached final states is the one the base model's forward gives; a later round's
     replayed prompts are not run again."""
     backbone = load_backbone(tiny_dir, quantization="nf4", device="cpu")
-    bank, _ = _bank_with_two_adapters(backbone, "top 1")
+    bank, _ = bank_with_two_adapters(backbone, "top 1")
     prefix = FrozenPrefix.for_bank(bank, identity="test", pad_id=pad_token_id(backbone.tokenizer))
     assert prefix is not None
     prompts = [e.prompt for e in EXAMPLES]

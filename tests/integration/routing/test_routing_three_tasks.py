@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from routing_helpers import World
+from tests.unit.routing.routing_helpers import World
 
 from lorafleet.adapters import AdapterBank, SlotPlan, inject_bank, save_slot
 from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone
