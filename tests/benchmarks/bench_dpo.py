@@ -149,6 +149,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pairs-per-step", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument(
+        "--sft-on-chosen",
+        action="store_true",
+        help="the chosen answers also train as SFT beside DPO (TrainingConfig.sft_on_chosen)",
+    )
+    parser.add_argument("--sft-weight", type=float, default=1.0)
+    parser.add_argument(
+        "--anchors",
+        type=int,
+        default=0,
+        help="anchor rows per user: the base's answers to anchor prompts that no pair uses",
+    )
+    parser.add_argument("--batch-size", type=int, default=4, help="SFT rows per user per step")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--answer-tokens", type=int, default=64, help="max new tokens of the base's answers")
     parser.add_argument("--judge-prompts", type=int, default=12)
@@ -205,12 +218,18 @@ def main() -> None:
     cache = args.data_dir / "bench-dpo"
     answers = cached_answers(cache, backbone, ANCHOR_PROMPTS, args.answer_tokens, trim=True)
     # answers of two sentences or more (else concise and detailed would be the same answer), in a seeded order
+    all_answers = answers
     kept = [(p, a) for p, a in zip(ANCHOR_PROMPTS, answers, strict=True) if a and first_sentence(a) != a]
     random.Random(0).shuffle(kept)
     prompts, answers = [p for p, _ in kept], [a for _, a in kept]
+    unused = [(p, a) for p, a in zip(ANCHOR_PROMPTS, all_answers, strict=True) if a and p not in prompts]
     n = min(args.train_pairs, len(prompts) - 4)
     end = n + args.held_out_pairs
     train_p, train_a, held_p, held_a = prompts[:n], answers[:n], prompts[n:end], answers[n:end]
+    # anchors: the base's own answers to anchor prompts no pair uses (neither trained nor held out)
+    unused += [(p, a) for p, a in zip(prompts[end:], answers[end:], strict=True)]
+    random.Random(1).shuffle(unused)
+    anchors = [Example(20_000 + i, p, a, "sft") for i, (p, a) in enumerate(unused[: args.anchors])]
     retention_prompts = list(EVAL_PROMPTS[: args.retention_prompts])
     base_general = cached_answers(
         cache, backbone, retention_prompts, 48, trim=False
@@ -227,13 +246,15 @@ def main() -> None:
         layers=f"top {args.layers}",
         learning_rate=args.lr,
         max_steps=args.steps,
-        batch_size=4,
+        batch_size=args.batch_size,
         pairs_per_step=args.pairs_per_step,
         max_seq_len=192,
         anchor_ratio=0.0,
         holdout_fraction=0.0,
         dpo_weight=1.0,
         dpo_beta=args.beta,
+        sft_weight=args.sft_weight,
+        sft_on_chosen=args.sft_on_chosen,
     )
     if args.ratings and "signoff" in users:
         ratings = rating_records(train_p, train_a, 1)
@@ -265,7 +286,7 @@ def main() -> None:
     }
 
     t0 = time.perf_counter()
-    tasks = [SlotTraining(slots[u], u, train[u], ()) for u in users]
+    tasks = [SlotTraining(slots[u], u, train[u], (), anchors=anchors) for u in users]
     results = {r.key: r.metrics for r in train_slots(bank, tokenizer, tasks, config, prefix=prefix)}
     train_s = time.perf_counter() - t0
     logger.info("trained %d users, %d steps, in %.0f s", len(users), args.steps, train_s)

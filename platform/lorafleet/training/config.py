@@ -92,6 +92,9 @@ class TrainingConfig(BaseModel):
     dpo_beta: float = Field(default=0.1, gt=0.0, le=10.0, allow_inf_nan=False)
     #: preference pairs per user per micro-step (two rows each: chosen and rejected) when ``dpo_weight`` > 0
     pairs_per_step: int = Field(default=4, ge=1, le=512, strict=True)
+    #: with DPO on, each pair's chosen answer also counts in the user's SFT loss (an NLL term on the chosen
+    #: answers beside DPO, as in RPO): the chosen row of the pair, already in the batch, so no extra rows
+    sft_on_chosen: bool = Field(default=False, strict=True)
     seed: int = Field(default=0, ge=0, le=2**63 - 1, strict=True)
 
     @field_validator("dpo_weight")
@@ -99,6 +102,13 @@ class TrainingConfig(BaseModel):
     def _some_objective(cls, value: float, info: ValidationInfo) -> float:
         if value == 0 and info.data.get("sft_weight") == 0:
             raise ValueError("0 with sft_weight 0 as well: nothing would be trained")
+        return value
+
+    @field_validator("sft_on_chosen")
+    @classmethod
+    def _chosen_needs_sft(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("sft_weight") == 0:
+            raise ValueError("true needs sft_weight > 0: the chosen answers' SFT term would weigh nothing")
         return value
 
     @property
