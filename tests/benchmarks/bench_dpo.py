@@ -9,9 +9,10 @@ Protocol (one seed):
 - Only answers of two sentences or more are used, in a seeded order; each user trains on ``--train-pairs``
   pairs and ``--held-out-pairs`` other prompts' pairs are held out. All users train in
   one ``train_slots`` job (DPO, reference = the base, since every adapter is new), rank 8 on the top 6 layers with
-  the frozen-prefix cache. By default no anchors and DPO alone; ``--sft-on-chosen`` adds the SFT term on the
-  chosen answers (``TrainingConfig.sft_on_chosen``), ``--anchors N`` gives every user N anchor rows: the base's
-  own answers to anchor prompts that no pair uses (neither trained nor held out), ``--batch-size`` of them per step.
+  the frozen-prefix cache. By default DPO with the SFT term on the chosen answers (``TrainingConfig.sft_on_chosen``,
+  on by default; ``--no-sft-on-chosen``: DPO alone) and no anchors; ``--anchors N`` gives every user N anchor rows:
+  the base's own answers to anchor prompts that no pair uses (neither trained nor held out), ``--batch-size`` of them
+  per step.
 - Ratings (``--ratings``): two more users get the sign-off preference as ratings (the sign-off answer rated 0.9,
   the plain one 0.1, per prompt). ``signoff-ratings-dpo`` is built by the dataset rules with DPO on (the two
   ratings of a prompt become a pair); ``signoff-ratings-sft`` with DPO off (the high rating trains SFT, the low one
@@ -153,8 +154,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument(
         "--sft-on-chosen",
-        action="store_true",
-        help="the chosen answers also train as SFT beside DPO (TrainingConfig.sft_on_chosen)",
+        action=argparse.BooleanOptionalAction,
+        default=TrainingConfig().sft_on_chosen,
+        help="the chosen answers also train as SFT beside DPO (TrainingConfig.sft_on_chosen; default: its default)",
     )
     parser.add_argument("--sft-weight", type=float, default=1.0)
     parser.add_argument(

@@ -175,12 +175,13 @@ def test_sft_on_chosen_adds_the_chosen_answers_nll_to_dpo_and_raises_their_likel
     assert chosen_logp[True] > max(chosen_logp[False], base_logp) + 1.0, (chosen_logp, base_logp)
 
 
-def test_sft_on_chosen_needs_an_sft_weight_and_a_boolean() -> None:
-    with pytest.raises(
-        ValidationError, match="invalid training config: sft_on_chosen: .*needs sft_weight > 0"
-    ):
-        TrainingConfig(sft_weight=0.0, dpo_weight=1.0, sft_on_chosen=True)
+def test_sft_on_chosen_is_a_boolean_on_by_default_and_weighs_nothing_with_sft_weight_0(
+    fp32_bank: AdapterBank, tokenizer: Any
+) -> None:
     with pytest.raises(ValidationError, match="invalid training config: sft_on_chosen"):
         TrainingConfig(sft_on_chosen="yes")
-    assert TrainingConfig(dpo_weight=1.0, sft_on_chosen=True).sft_on_chosen
-    assert not TrainingConfig().sft_on_chosen
+    assert TrainingConfig().sft_on_chosen and not TrainingConfig(sft_on_chosen=False).sft_on_chosen
+    fp32_bank.init_slot(0, DPO.slot_config(), seed=0)
+    config = DPO.with_changes(max_steps=1, sft_weight=0.0, sft_on_chosen=True)
+    [result] = train_slots(fp32_bank, tokenizer, [SlotTraining(0, "u", toy_pairs(4), ())], config)
+    assert result.metrics["train_loss_first"] == pytest.approx(LN2, abs=1e-5)  # DPO alone
