@@ -56,13 +56,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from quality_real_eval import cached_answers, dequantize_once, probe_logits  # noqa: E402
 
-from lorafleet.adapters import AdapterBank, inject_bank  # noqa: E402
+from lorafleet.adapters import AdapterBank, SlotPlan, inject_bank  # noqa: E402
 from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.domain import FeedbackRecord  # noqa: E402
 from lorafleet.feedback import prepare_record  # noqa: E402
 from lorafleet.training.config import TrainingConfig  # noqa: E402
-from lorafleet.training.dataset import Example, build_dataset, pad_token_id  # noqa: E402
+from lorafleet.training.dataset import Example, build_dataset, encode_example, pad_token_id  # noqa: E402
 from lorafleet.training.general_prompts import ANCHOR_PROMPTS, EVAL_PROMPTS, generate_answers  # noqa: E402
 from lorafleet.training.metrics import evaluate  # noqa: E402
 from lorafleet.training.preference import dpo_terms, pair_logps, pair_sides, preference_accuracy  # noqa: E402
@@ -191,6 +191,24 @@ def load(args: argparse.Namespace) -> Backbone:
     return backbone
 
 
+def body_accuracy(
+    bank: AdapterBank, tokenizer: object, examples: Sequence[Example], slot: int | None
+) -> float:
+    """Teacher-forced top-1 accuracy on the answers' body: every completion token but the first and the
+    end-of-turn, where a style that opens or closes differently (a greeting, a sign-off) must differ from the base.
+    A diagnostic beside ``retention``, not the issue's measure."""
+    hits = total = 0
+    bank.model.eval()
+    for example in examples:
+        ids, n = encode_example(tokenizer, example, max_seq_len=192)
+        with torch.no_grad(), bank.use(None if slot is None else SlotPlan.single([slot])):
+            predicted = bank.model(input_ids=torch.tensor([ids])).logits[0].argmax(-1)  # [seq]
+        for t in range(len(ids) - n + 1, len(ids) - 1):  # position t is predicted at t - 1
+            hits += int(predicted[t - 1]) == ids[t]
+            total += 1
+    return hits / max(total, 1)
+
+
 def step_times(
     bank: AdapterBank,
     backbone: Backbone,
@@ -314,6 +332,7 @@ def main() -> None:
         if a
     ]
     base_acc = evaluate(bank, tokenizer, general, slot=None, max_seq_len=192).token_accuracy
+    base_body = body_accuracy(bank, tokenizer, general, None)
     for i, u in enumerate(users):
         style = u.split("-")[0]
         policy = pair_logps(
@@ -328,19 +347,20 @@ def main() -> None:
             "judge_base": sum(map(JUDGES[style], by_route[0])) / len(judge_prompts),
             "judge_adapter": sum(map(JUDGES[style], by_route[i + 1])) / len(judge_prompts),
             "retention": adapter_acc / base_acc,
+            "retention_body": body_accuracy(bank, tokenizer, general, slots[u]) / base_body,
             "dpo_loss_first": results[u].get("dpo_loss_first", float("nan")),
             "dpo_loss": results[u].get("dpo_loss", float("nan")),
         }
         logger.info("%s: %s | sample: %r", u, figures[u], by_route[i + 1][0][:160])
 
     print(
-        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | retention |"
+        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | retention | retention, answer body |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for u, f in figures.items():
         print(
             f"| {u} | {f['held_out_accuracy_base_raw_logp']:.0%} | {f['held_out_accuracy']:.0%} | "
-            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} |"
+            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} | {f['retention_body']:.1%} |"
         )
     sys.stdout.flush()
     if args.json:
