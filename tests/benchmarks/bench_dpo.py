@@ -9,7 +9,10 @@ Protocol (one seed):
 - Only answers of two sentences or more are used, in a seeded order; each user trains on ``--train-pairs``
   pairs and ``--held-out-pairs`` other prompts' pairs are held out. All users train in
   one ``train_slots`` job (DPO, reference = the base, since every adapter is new), rank 8 on the top 6 layers with
-  the frozen-prefix cache, no anchors (the anchors' prompts are the pairs' prompts here).
+  the frozen-prefix cache. By default DPO with the SFT term on the chosen answers (``TrainingConfig.sft_on_chosen``,
+  on by default; ``--no-sft-on-chosen``: DPO alone) and no anchors; ``--anchors N`` gives every user N anchor rows:
+  the base's own answers to anchor prompts that no pair uses (neither trained nor held out), ``--batch-size`` of them
+  per step.
 - Ratings (``--ratings``): two more users get the sign-off preference as ratings (the sign-off answer rated 0.9,
   the plain one 0.1, per prompt). ``signoff-ratings-dpo`` is built by the dataset rules with DPO on (the two
   ratings of a prompt become a pair); ``signoff-ratings-sft`` with DPO off (the high rating trains SFT, the low one
@@ -53,13 +56,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from quality_real_eval import cached_answers, dequantize_once, probe_logits  # noqa: E402
 
-from lorafleet.adapters import AdapterBank, inject_bank  # noqa: E402
+from lorafleet.adapters import AdapterBank, SlotPlan, inject_bank  # noqa: E402
 from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.domain import FeedbackRecord  # noqa: E402
 from lorafleet.feedback import prepare_record  # noqa: E402
 from lorafleet.training.config import TrainingConfig  # noqa: E402
-from lorafleet.training.dataset import Example, build_dataset, pad_token_id  # noqa: E402
+from lorafleet.training.dataset import Example, build_dataset, encode_example, pad_token_id  # noqa: E402
 from lorafleet.training.general_prompts import ANCHOR_PROMPTS, EVAL_PROMPTS, generate_answers  # noqa: E402
 from lorafleet.training.metrics import evaluate  # noqa: E402
 from lorafleet.training.preference import dpo_terms, pair_logps, pair_sides, preference_accuracy  # noqa: E402
@@ -149,6 +152,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pairs-per-step", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument(
+        "--sft-on-chosen",
+        action=argparse.BooleanOptionalAction,
+        default=TrainingConfig().sft_on_chosen,
+        help="the chosen answers also train as SFT beside DPO (TrainingConfig.sft_on_chosen; default: its default)",
+    )
+    parser.add_argument("--sft-weight", type=float, default=1.0)
+    parser.add_argument(
+        "--anchors",
+        type=int,
+        default=0,
+        help="anchor rows per user: the base's answers to anchor prompts that no pair uses",
+    )
+    parser.add_argument("--batch-size", type=int, default=4, help="SFT rows per user per step")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--answer-tokens", type=int, default=64, help="max new tokens of the base's answers")
     parser.add_argument("--judge-prompts", type=int, default=12)
@@ -172,6 +189,24 @@ def load(args: argparse.Namespace) -> Backbone:
         if diff > 1e-4:
             raise SystemExit(f"dequantising once changed the logits by {diff}")
     return backbone
+
+
+def body_accuracy(
+    bank: AdapterBank, tokenizer: object, examples: Sequence[Example], slot: int | None
+) -> float:
+    """Teacher-forced top-1 accuracy on the answers' body: every completion token but the first and the
+    end-of-turn, where a style that opens or closes differently (a greeting, a sign-off) must differ from the base.
+    A diagnostic beside ``retention``, not the issue's measure."""
+    hits = total = 0
+    bank.model.eval()
+    for example in examples:
+        ids, n = encode_example(tokenizer, example, max_seq_len=192)
+        with torch.no_grad(), bank.use(None if slot is None else SlotPlan.single([slot])):
+            predicted = bank.model(input_ids=torch.tensor([ids])).logits[0].argmax(-1)  # [seq]
+        for t in range(len(ids) - n + 1, len(ids) - 1):  # position t is predicted at t - 1
+            hits += int(predicted[t - 1]) == ids[t]
+            total += 1
+    return hits / max(total, 1)
 
 
 def step_times(
@@ -205,12 +240,18 @@ def main() -> None:
     cache = args.data_dir / "bench-dpo"
     answers = cached_answers(cache, backbone, ANCHOR_PROMPTS, args.answer_tokens, trim=True)
     # answers of two sentences or more (else concise and detailed would be the same answer), in a seeded order
+    all_answers = answers
     kept = [(p, a) for p, a in zip(ANCHOR_PROMPTS, answers, strict=True) if a and first_sentence(a) != a]
     random.Random(0).shuffle(kept)
     prompts, answers = [p for p, _ in kept], [a for _, a in kept]
+    unused = [(p, a) for p, a in zip(ANCHOR_PROMPTS, all_answers, strict=True) if a and p not in prompts]
     n = min(args.train_pairs, len(prompts) - 4)
     end = n + args.held_out_pairs
     train_p, train_a, held_p, held_a = prompts[:n], answers[:n], prompts[n:end], answers[n:end]
+    # anchors: the base's own answers to anchor prompts no pair uses (neither trained nor held out)
+    unused += [(p, a) for p, a in zip(prompts[end:], answers[end:], strict=True)]
+    random.Random(1).shuffle(unused)
+    anchors = [Example(20_000 + i, p, a, "sft") for i, (p, a) in enumerate(unused[: args.anchors])]
     retention_prompts = list(EVAL_PROMPTS[: args.retention_prompts])
     base_general = cached_answers(
         cache, backbone, retention_prompts, 48, trim=False
@@ -227,13 +268,15 @@ def main() -> None:
         layers=f"top {args.layers}",
         learning_rate=args.lr,
         max_steps=args.steps,
-        batch_size=4,
+        batch_size=args.batch_size,
         pairs_per_step=args.pairs_per_step,
         max_seq_len=192,
         anchor_ratio=0.0,
         holdout_fraction=0.0,
         dpo_weight=1.0,
         dpo_beta=args.beta,
+        sft_weight=args.sft_weight,
+        sft_on_chosen=args.sft_on_chosen,
     )
     if args.ratings and "signoff" in users:
         ratings = rating_records(train_p, train_a, 1)
@@ -265,7 +308,7 @@ def main() -> None:
     }
 
     t0 = time.perf_counter()
-    tasks = [SlotTraining(slots[u], u, train[u], ()) for u in users]
+    tasks = [SlotTraining(slots[u], u, train[u], (), anchors=anchors) for u in users]
     results = {r.key: r.metrics for r in train_slots(bank, tokenizer, tasks, config, prefix=prefix)}
     train_s = time.perf_counter() - t0
     logger.info("trained %d users, %d steps, in %.0f s", len(users), args.steps, train_s)
@@ -289,6 +332,7 @@ def main() -> None:
         if a
     ]
     base_acc = evaluate(bank, tokenizer, general, slot=None, max_seq_len=192).token_accuracy
+    base_body = body_accuracy(bank, tokenizer, general, None)
     for i, u in enumerate(users):
         style = u.split("-")[0]
         policy = pair_logps(
@@ -303,19 +347,20 @@ def main() -> None:
             "judge_base": sum(map(JUDGES[style], by_route[0])) / len(judge_prompts),
             "judge_adapter": sum(map(JUDGES[style], by_route[i + 1])) / len(judge_prompts),
             "retention": adapter_acc / base_acc,
+            "retention_body": body_accuracy(bank, tokenizer, general, slots[u]) / base_body,
             "dpo_loss_first": results[u].get("dpo_loss_first", float("nan")),
             "dpo_loss": results[u].get("dpo_loss", float("nan")),
         }
         logger.info("%s: %s | sample: %r", u, figures[u], by_route[i + 1][0][:160])
 
     print(
-        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | retention |"
+        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | retention | retention, answer body |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for u, f in figures.items():
         print(
             f"| {u} | {f['held_out_accuracy_base_raw_logp']:.0%} | {f['held_out_accuracy']:.0%} | "
-            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} |"
+            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} | {f['retention_body']:.1%} |"
         )
     sys.stdout.flush()
     if args.json:

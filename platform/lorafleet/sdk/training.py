@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StrictInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StrictBool, StrictInt
 
 from lorafleet.domain.text import printable_name
 
@@ -51,6 +51,7 @@ class _TrainingFields(BaseModel):
     dpo_weight: float | None = None
     dpo_beta: float | None = None
     pairs_per_step: StrictInt | None = None
+    sft_on_chosen: StrictBool | None = None
     seed: StrictInt | None = None
 
     def given(self) -> dict[str, JsonValue]:

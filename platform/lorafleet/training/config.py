@@ -92,6 +92,11 @@ class TrainingConfig(BaseModel):
     dpo_beta: float = Field(default=0.1, gt=0.0, le=10.0, allow_inf_nan=False)
     #: preference pairs per user per micro-step (two rows each: chosen and rejected) when ``dpo_weight`` > 0
     pairs_per_step: int = Field(default=4, ge=1, le=512, strict=True)
+    #: with DPO on, each pair's chosen answer also counts in the user's SFT loss, weighted by ``sft_weight`` (an NLL
+    #: term on the chosen answers beside DPO, as in RPO): the pair's chosen row, already in the batch, so no extra
+    #: rows. On by default: on the real backbone it made greedy answers follow the preference and kept more of the
+    #: base's answers than DPO alone (docs/preference-learning.md); ``sft_weight`` 0 turns it off with the rest of SFT
+    sft_on_chosen: bool = Field(default=True, strict=True)
     seed: int = Field(default=0, ge=0, le=2**63 - 1, strict=True)
 
     @field_validator("dpo_weight")

@@ -10,6 +10,8 @@ With ``dpo_weight`` > 0 a user's preference pairs train with DPO (``lorafleet.tr
 batches: each micro-step packs ``batch_size`` SFT sequences and ``pairs_per_step`` pairs (two rows: chosen,
 rejected) of every user, and a user's objective is ``sft_weight`` times its SFT loss plus ``dpo_weight`` times
 the mean DPO loss of its pairs. The reference log-probs of every pair are computed once, before the first step.
+With ``sft_on_chosen`` each pair's chosen row also counts in its user's SFT loss (DPO plus an NLL term on the
+chosen answers), at no extra rows.
 
 A non-finite loss or gradient raises :class:`TrainingError` at once; the slots then hold partly trained
 weights, and the caller must not save them. ``should_stop`` is called before every step (the job runner raises
@@ -429,12 +431,12 @@ class _Rows:
         self.owners.extend([user] * len(picked))
         self.sft.extend([True] * len(picked))
 
-    def add_pairs(self, user: int, picked: Sequence[tuple[int, Any, Any]]) -> None:
+    def add_pairs(self, user: int, picked: Sequence[tuple[int, Any, Any]], *, sft_on_chosen: bool) -> None:
         for index, chosen, rejected in picked:
             self.pairs.append((user, index, len(self.rows)))  # the rejected row follows the chosen one
             self.rows.extend([chosen, rejected])
             self.owners.extend([user, user])
-            self.sft.extend([False, False])
+            self.sft.extend([sft_on_chosen, False])
 
 
 def _pack(streams: _Streams, config: TrainingConfig) -> _Rows:
@@ -444,7 +446,7 @@ def _pack(streams: _Streams, config: TrainingConfig) -> _Rows:
             packed.add_sft(i, stream.take(config.batch_size))
     for i, stream in enumerate(streams.pairs):
         if stream is not None:
-            packed.add_pairs(i, stream.take(config.pairs_per_step))
+            packed.add_pairs(i, stream.take(config.pairs_per_step), sft_on_chosen=config.sft_on_chosen)
     return packed
 
 

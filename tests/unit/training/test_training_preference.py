@@ -15,6 +15,7 @@ from lorafleet.errors import ValidationError
 from lorafleet.training import synthetic
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, build_dataset
+from lorafleet.training.metrics import score_examples
 from lorafleet.training.preference import dpo_terms, pair_logps, pair_sides, preference_accuracy
 from lorafleet.training.trainer import SlotTraining, train_slots
 
@@ -145,3 +146,42 @@ def test_jobs_that_cannot_train_preferences_are_refused(fp32_bank: AdapterBank, 
     with pytest.raises(ValidationError, match="not a preference pair"):
         pair_sides(sft_only[0])
     assert preference_accuracy(torch.tensor([1.0, 0.0, -1.0, 2.0])) == 0.625  # a tie counts a half
+
+
+def test_sft_on_chosen_adds_the_chosen_answers_nll_to_dpo_and_raises_their_likelihood(
+    fp32_bank: AdapterBank, tokenizer: Any
+) -> None:
+    """RPO-style: with ``sft_on_chosen`` each pair's chosen row (already in the batch) also counts as SFT."""
+    pairs = toy_pairs(4)  # pairs_per_step 4: the first batch holds every pair
+    chosen = [pair_sides(p)[0] for p in pairs]
+    base = score_examples(fp32_bank, tokenizer, chosen, [[]] * 4, max_seq_len=64, batch_size=8)
+    base_nll = sum(s.loss_sum for s in base) / sum(s.tokens for s in base)  # mean over the chosen tokens
+    metrics, chosen_logp = {}, {}
+    for slot, on in enumerate((False, True)):
+        fp32_bank.init_slot(slot, DPO.slot_config(), seed=0)
+        config = DPO.with_changes(max_steps=8, sft_on_chosen=on)
+        [result] = train_slots(fp32_bank, tokenizer, [SlotTraining(slot, "u", pairs, ())], config)
+        metrics[on] = result.metrics
+        chosen_logp[on] = float(
+            pair_logps(fp32_bank, tokenizer, pairs, [[(slot, 1.0)]] * 4, max_seq_len=64)[:, 0].mean()
+        )
+    # first step, policy == reference: DPO alone is log 2; with the switch, plus the chosen answers' mean NLL
+    assert metrics[False]["train_loss_first"] == pytest.approx(LN2, abs=1e-5)
+    assert metrics[True]["train_loss_first"] == pytest.approx(LN2 + base_nll, abs=1e-4)
+    assert base_nll > 0.5  # so the two first losses really differ
+    # both rank the pairs; only the SFT term also makes the chosen answers themselves much more likely
+    assert metrics[True]["dpo_loss"] < 0.5 * LN2 and metrics[False]["dpo_loss"] < 0.5 * LN2
+    base_logp = -sum(s.loss_sum for s in base) / 4
+    assert chosen_logp[True] > max(chosen_logp[False], base_logp) + 1.0, (chosen_logp, base_logp)
+
+
+def test_sft_on_chosen_is_a_boolean_on_by_default_and_weighs_nothing_with_sft_weight_0(
+    fp32_bank: AdapterBank, tokenizer: Any
+) -> None:
+    with pytest.raises(ValidationError, match="invalid training config: sft_on_chosen"):
+        TrainingConfig(sft_on_chosen="yes")
+    assert TrainingConfig().sft_on_chosen and not TrainingConfig(sft_on_chosen=False).sft_on_chosen
+    fp32_bank.init_slot(0, DPO.slot_config(), seed=0)
+    config = DPO.with_changes(max_steps=1, sft_weight=0.0, sft_on_chosen=True)
+    [result] = train_slots(fp32_bank, tokenizer, [SlotTraining(0, "u", toy_pairs(4), ())], config)
+    assert result.metrics["train_loss_first"] == pytest.approx(LN2, abs=1e-5)  # DPO alone

@@ -126,3 +126,12 @@ def test_dpo_loss_and_implicit_rewards_equal_trl(
     [result] = train_slots(bank, tokenizer, [SlotTraining(0, "u", PAIRS, (), reference_slot=1)], config)
     assert result.metrics["dpo_loss_first"] == pytest.approx(loss, abs=TOL)
     assert result.metrics["reward_margin"] == pytest.approx(chosen - rejected, abs=TOL)
+    # DPO plus the SFT term on the chosen answers (``sft_on_chosen``) is TRL's loss_type ["sigmoid", "sft"]
+    trainer.loss_types, trainer.loss_weights = ["sigmoid", "sft"], [1.0, 1.0]
+    with_sft, _, _ = _trl_terms(trainer, _trl_batch(trainer, tokenizer, PAIRS))
+    assert with_sft > loss + 0.1  # the SFT term weighs something: a check that can fail
+    policy_state = get_peft_model_state_dict(trainer.model, adapter_name="default")
+    bank.load_slot(0, policy_state, slot_config, replace=True)  # the policy again, before the step above
+    tasks = [SlotTraining(0, "u", PAIRS, (), reference_slot=1)]
+    [result] = train_slots(bank, tokenizer, tasks, config.with_changes(sft_on_chosen=True))
+    assert result.metrics["train_loss_first"] == pytest.approx(with_sft, abs=TOL)
