@@ -7,8 +7,8 @@ import math
 from collections.abc import Callable, Iterator
 
 import pytest
-import torch
 from continual_helpers import TINY_TRAINING, get_job
+from tests.torch_threads import one_torch_thread
 
 from lorafleet.jobs import JobQueue, JobWorker, Scheduler
 from lorafleet.registry import Registry
@@ -23,12 +23,8 @@ LN2 = math.log(2.0)
 @pytest.fixture(autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     """One torch thread: the tiny model gains nothing from two, and on shared cores a second one spin-waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def preferences(start: int, n: int) -> list[dict[str, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import torch
+from tests.torch_threads import one_torch_thread
 
 from lorafleet.adapters import AdapterBank
 from lorafleet.backbone import Backbone
@@ -47,12 +47,8 @@ def pairs(start: int, n: int) -> list[Example]:
 @pytest.fixture(autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     """One torch thread: the tiny model gains nothing from two, and on shared cores a second one spin-waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture
