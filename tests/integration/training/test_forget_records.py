@@ -22,6 +22,7 @@ from lorafleet.domain import (
     AdapterVersion,
     AuditAction,
     DeletionReceipt,
+    Job,
     LineageRelation,
 )
 from lorafleet.domain.subject import Subject
@@ -289,6 +290,18 @@ def test_no_blob_of_a_revoked_version_remains_after_the_grace_or_a_purge(
     ]
 
 
+def _ann_and_bo_in_one_train_job(
+    database: Database, tenant_id: int
+) -> tuple[dict[str, list[int]], JobQueue, Job]:
+    """ann and bo with four records each, queued by the scheduler in one train job of one step: their record
+    ids by user, the queue and the job."""
+    set_tenant_training(database, tenant_id=tenant_id, overrides={**TINY_TRAINING, "max_steps": 1})
+    ids = feed_users(database, tenant_id=tenant_id, users=["ann", "bo"], round=1, n_records=4)
+    queue = JobQueue(database)
+    (job,) = Scheduler(database, SchedulerPolicy(min_new_records=1), queue=queue).tick().jobs_created
+    return ids, queue, job
+
+
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # the row locks are the point
 def test_a_job_that_read_a_deleted_record_registers_nothing_for_that_user_only(
     database: Database,
@@ -296,10 +309,7 @@ def test_a_job_that_read_a_deleted_record_registers_nothing_for_that_user_only(
     tenant_id: int,
     make_trainer: Callable[..., ContinualTrainer],
 ) -> None:
-    set_tenant_training(database, tenant_id=tenant_id, overrides={**TINY_TRAINING, "max_steps": 1})
-    ids = feed_users(database, tenant_id=tenant_id, users=["ann", "bo"], round=1, n_records=4)
-    queue = JobQueue(database)
-    (job,) = Scheduler(database, SchedulerPolicy(min_new_records=1), queue=queue).tick().jobs_created
+    ids, queue, job = _ann_and_bo_in_one_train_job(database, tenant_id)
 
     def delete_then_train(*args: Any, **kw: Any) -> Any:
         """ann forgets a record after the job loaded her data, before it trains."""
@@ -324,10 +334,7 @@ def test_a_user_erased_before_the_job_plans_is_skipped_and_the_others_train(
     tenant_id: int,
     make_trainer: Callable[..., ContinualTrainer],
 ) -> None:
-    set_tenant_training(database, tenant_id=tenant_id, overrides={**TINY_TRAINING, "max_steps": 1})
-    feed_users(database, tenant_id=tenant_id, users=["ann", "bo"], round=1, n_records=4)
-    queue = JobQueue(database)
-    (job,) = Scheduler(database, SchedulerPolicy(min_new_records=1), queue=queue).tick().jobs_created
+    _, queue, job = _ann_and_bo_in_one_train_job(database, tenant_id)
     forget_user(database, registry, tenant_id=tenant_id, external_id="ann", actor="test")
 
     trainer = make_trainer(promote_rule="always")
