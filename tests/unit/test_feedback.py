@@ -13,13 +13,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from tests.unit.version_rows import add_version_row
 
 from lorafleet.errors import NotFoundError, PayloadTooLargeError, StoreError, ValidationError
 from lorafleet.feedback import FeedbackLimits, FeedbackRecordError, IngestResult
 from lorafleet.store.sql import feedback as feedback_store
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.feedback import create_snapshot, get_snapshot, snapshot_hash
-from lorafleet.store.sql.models import SqlAdapter, SqlAdapterVersion, SqlFeedback, SqlUser
+from lorafleet.store.sql.models import SqlFeedback, SqlUser
 from lorafleet.store.sql.tenants import TenantRepository
 from lorafleet.workflows.feedback import ingest_feedback, list_feedback, users_with_new_feedback
 
@@ -179,29 +180,6 @@ def test_list_feedback_pages_by_id_and_hides_other_tenants(database: Database, t
         list_feedback(database, tenant_id=other.id, user_external_id="alice")
 
 
-def _add_version(db: Database, *, user_id: int, tenant_id: int, snapshot_id: int | None) -> None:
-    with db.session() as session:
-        adapter = session.scalars(select(SqlAdapter).where(SqlAdapter.owner_user_id == user_id)).first()
-        if adapter is None:
-            adapter = SqlAdapter(tenant_id=tenant_id, owner_user_id=user_id, name="default")
-            session.add(adapter)
-            session.flush()
-        adapter.version_count += 1
-        session.add(
-            SqlAdapterVersion(
-                adapter_id=adapter.id,
-                number=adapter.version_count,
-                blob_uri="file:///x",
-                sha256="0" * 64,
-                size_bytes=1,
-                base_fingerprint="tiny",
-                rank=4,
-                target_modules=["q_proj"],
-                dataset_snapshot_id=snapshot_id,
-            )
-        )
-
-
 def test_users_with_new_feedback(database: Database, tenant_id: int) -> None:
     alice_ids = _ingest(database, tenant_id, [_sft(i) for i in range(4)], user="alice").ids
     bob_ids = _ingest(database, tenant_id, [_sft(i) for i in range(2)], user="bob").ids
@@ -210,10 +188,10 @@ def test_users_with_new_feedback(database: Database, tenant_id: int) -> None:
     alice, bob, carol = (u.id for u in users)
 
     snapshot = create_snapshot(database, user_id=alice, record_ids=alice_ids[:3], details={})
-    _add_version(database, user_id=alice, tenant_id=tenant_id, snapshot_id=snapshot.id)
+    add_version_row(database, user_id=alice, tenant_id=tenant_id, snapshot_id=snapshot.id)
     snapshot = create_snapshot(database, user_id=bob, record_ids=bob_ids, details={})
-    _add_version(database, user_id=bob, tenant_id=tenant_id, snapshot_id=snapshot.id)
-    _add_version(database, user_id=bob, tenant_id=tenant_id, snapshot_id=None)  # an import: no reset
+    add_version_row(database, user_id=bob, tenant_id=tenant_id, snapshot_id=snapshot.id)
+    add_version_row(database, user_id=bob, tenant_id=tenant_id, snapshot_id=None)  # an import: no reset
 
     backlog = users_with_new_feedback(database, tenant_id=tenant_id)
     assert [(b.user_id, b.new_records, b.last_record_id, b.trained_through_id) for b in backlog] == [

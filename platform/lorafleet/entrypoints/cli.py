@@ -37,6 +37,13 @@ def _admin(name: str) -> Handler:
     return _lazy("admin", name)
 
 
+def _add_listing_options(parser: argparse.ArgumentParser) -> None:
+    """``--limit``, ``--offset`` and ``--json`` of a command that lists rows (a page of them) as a table."""
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
 def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="the API, the scheduler and local trainer workers in one process")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -67,17 +74,13 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
     users = sub.add_parser("users", help="a tenant's users and their live adapter versions")
     users.add_argument("--tenant", required=True, help="tenant name")
-    users.add_argument("--limit", type=int, default=100)
-    users.add_argument("--offset", type=int, default=0)
-    users.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_listing_options(users)
     users.set_defaults(handler=_admin("users"))
 
     audit = sub.add_parser("audit", help="the append-only audit log (oldest first)")
     audit.add_argument("--tenant", default=None, help="only this tenant's events (default: every tenant's)")
     audit.add_argument("--action", default=None, help="only this action, e.g. promote.forced, key.revoked")
-    audit.add_argument("--limit", type=int, default=100)
-    audit.add_argument("--offset", type=int, default=0)
-    audit.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_listing_options(audit)
     audit.set_defaults(handler=_admin("audit"))
 
     versions = sub.add_parser("versions", help="a user's adapter versions (status, live, metrics)")

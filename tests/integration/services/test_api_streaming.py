@@ -6,7 +6,6 @@ served is a 4xx before it starts; a client that disconnects frees its row at the
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import openai
 import pytest
 from api_helpers import ApiServer, Library, TenantHandle, live_personal_version
 from services.api.runtime import ApiServices
+from tests.polling import wait_for
 
 from lorafleet.sdk import AsyncClient, errors
 
@@ -177,10 +177,12 @@ def test_a_client_that_disconnects_frees_its_row(api: ApiServer, olga: TenantHan
         assert next(line for line in lines if line.startswith("data: "))  # decoding has started
         assert services.engine.occupancy()["running"] >= 1  # type: ignore[union-attr]
     # the connection is closed: the row leaves the batch at its next step, long before its 400 tokens
-    deadline = time.monotonic() + 60
-    while services.engine.occupancy()["running"]:  # type: ignore[union-attr]
-        assert time.monotonic() < deadline, "the abandoned row is still decoding"
-        time.sleep(0.02)
+    wait_for(
+        "the abandoned row to leave the batch",
+        lambda: not services.engine.occupancy()["running"],  # type: ignore[union-attr]
+        timeout=60,
+        every=0.02,
+    )
     assert _cancelled(services) == cancelled + 1  # it was dropped, it did not run to its end
     after = olga.client.complete("olga", PROMPT, max_tokens=3, temperature=0)
     assert after.usage.completion_tokens <= 3

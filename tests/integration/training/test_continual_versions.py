@@ -4,12 +4,14 @@ transaction when given one, and the unique index backs it up (NULL job ids stay 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import insert
 
 from lorafleet.adapters import AdapterBank, save_slot
 from lorafleet.backbone import Backbone
+from lorafleet.domain import AdapterVersion
 from lorafleet.errors import AlreadyExistsError
 from lorafleet.jobs import JobQueue
 from lorafleet.registry import Registry
@@ -46,21 +48,25 @@ def _setup(database: Database, registry: Registry) -> tuple[int, int, int]:
     return tenant.id, adapter.id, job.id
 
 
+def _register(
+    registry: Registry, adapter_dir: Path, *, tenant_id: int, adapter_id: int, **options: Any
+) -> AdapterVersion:
+    """``register_version`` of ``adapter_dir`` as the adapter's next version (``options``: ``job_id``, ...)."""
+    return registry.register_version(
+        tenant_id=tenant_id, adapter_id=adapter_id, adapter_dir=adapter_dir, base_fingerprint="fp", **options
+    )
+
+
 def test_registering_a_job_twice_returns_its_one_version(
     database: Database, registry: Registry, adapter_dir: Path
 ) -> None:
     tenant_id, adapter_id, job_id = _setup(database, registry)
-    kwargs = {
-        "tenant_id": tenant_id,
-        "adapter_id": adapter_id,
-        "adapter_dir": adapter_dir,
-        "base_fingerprint": "fp",
-    }
-    first = registry.register_version(**kwargs, job_id=job_id)  # type: ignore[arg-type]
-    again = registry.register_version(**kwargs, job_id=job_id, metrics={"other": 1})  # type: ignore[arg-type]
+    ids = {"tenant_id": tenant_id, "adapter_id": adapter_id}
+    first = _register(registry, adapter_dir, **ids, job_id=job_id)
+    again = _register(registry, adapter_dir, **ids, job_id=job_id, metrics={"other": 1})
     assert again == first
     assert registry.find_version_by_job(tenant_id=tenant_id, adapter_id=adapter_id, job_id=job_id) == first
-    unattributed = [registry.register_version(**kwargs) for _ in range(2)]  # type: ignore[arg-type]
+    unattributed = [_register(registry, adapter_dir, **ids) for _ in range(2)]
     assert [v.number for v in registry.list_versions(tenant_id=tenant_id, adapter_id=adapter_id)] == [1, 2, 3]
     assert [v.job_id for v in unattributed] == [None, None]
 
@@ -70,13 +76,7 @@ def test_a_version_registered_in_the_callers_transaction_rolls_back_with_it(
 ) -> None:
     tenant_id, adapter_id, job_id = _setup(database, registry)
     with pytest.raises(_Crash), database.transaction():
-        version = registry.register_version(
-            tenant_id=tenant_id,
-            adapter_id=adapter_id,
-            adapter_dir=adapter_dir,
-            base_fingerprint="fp",
-            job_id=job_id,
-        )
+        version = _register(registry, adapter_dir, tenant_id=tenant_id, adapter_id=adapter_id, job_id=job_id)
         assert version.number == 1  # visible inside the transaction ...
         raise _Crash
     assert registry.list_versions(tenant_id=tenant_id, adapter_id=adapter_id) == []  # ... and gone with it
@@ -88,13 +88,7 @@ def test_the_unique_index_refuses_a_second_row_for_one_job(
     database: Database, registry: Registry, adapter_dir: Path
 ) -> None:
     tenant_id, adapter_id, job_id = _setup(database, registry)
-    version = registry.register_version(
-        tenant_id=tenant_id,
-        adapter_id=adapter_id,
-        adapter_dir=adapter_dir,
-        base_fingerprint="fp",
-        job_id=job_id,
-    )
+    version = _register(registry, adapter_dir, tenant_id=tenant_id, adapter_id=adapter_id, job_id=job_id)
     row = {
         "adapter_id": adapter_id,
         "number": 2,

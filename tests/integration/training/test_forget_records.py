@@ -21,6 +21,8 @@ from lorafleet.domain import (
     UNSERVABLE_STATUSES,
     AdapterVersion,
     AuditAction,
+    DeletionReceipt,
+    Job,
     LineageRelation,
 )
 from lorafleet.domain.subject import Subject
@@ -102,6 +104,21 @@ def _servable_snapshots_hold(
     return False
 
 
+def _forget_ids(
+    db: Database, registry: Registry, tenant_id: int, user: str, ids: list[int], **options: Any
+) -> DeletionReceipt:
+    """``forget_records`` of the records ``ids`` of ``user``, by ``test`` (``options``: e.g. ``purge``)."""
+    return forget_records(
+        db,
+        registry,
+        tenant_id=tenant_id,
+        subject=Subject.user(user),
+        selection=RecordSelection.parse(ids=ids),
+        actor="test",
+        **options,
+    )
+
+
 def test_forgetting_a_replayed_record_revokes_its_versions_and_descendants_and_rolls_live_back(
     database: Database, registry: Registry, tenant_id: int, peft_folders: list[Path]
 ) -> None:
@@ -113,14 +130,7 @@ def test_forgetting_a_replayed_record_revokes_its_versions_and_descendants_and_r
     assert _servable_snapshots_hold(database, registry, tenant_id, adapter_id, forgotten)
 
     asked = datetime.now(UTC)
-    receipt = forget_records(
-        database,
-        registry,
-        tenant_id=tenant_id,
-        subject=Subject.user("ann"),
-        selection=RecordSelection.parse(ids=[forgotten]),
-        actor="test",
-    )
+    receipt = _forget_ids(database, registry, tenant_id, "ann", [forgotten])
     answered = datetime.now(UTC)
 
     statuses = [v.status for v in registry.list_versions(tenant_id=tenant_id, adapter_id=adapter_id)]
@@ -183,25 +193,12 @@ def test_forgetting_the_first_record_takes_live_back_to_the_base_model(
     database: Database, registry: Registry, tenant_id: int, peft_folders: list[Path]
 ) -> None:
     ids, _versions, adapter_id = _three_versions(database, registry, tenant_id, peft_folders)
-    receipt = forget_records(
-        database,
-        registry,
-        tenant_id=tenant_id,
-        subject=Subject.user("ann"),
-        selection=RecordSelection.parse(ids=[ids[1]]),  # in version 1, replayed in 2: all three descend
-        actor="test",
-    )
+    # ids[1] is in version 1, replayed in 2: all three descend
+    receipt = _forget_ids(database, registry, tenant_id, "ann", [ids[1]])
     assert registry.live_version(tenant_id=tenant_id, adapter_id=adapter_id) is None
     assert [v["number"] for v in receipt.revoked_versions] == [1, 2, 3]
     # a second deletion revokes nothing again, and takes nothing it did not find
-    again = forget_records(
-        database,
-        registry,
-        tenant_id=tenant_id,
-        subject=Subject.user("ann"),
-        selection=RecordSelection.parse(ids=[ids[7]]),
-        actor="test",
-    )
+    again = _forget_ids(database, registry, tenant_id, "ann", [ids[7]])
     assert again.revoked_versions == () and again.blobs == () and len(again.record_hashes) == 1
 
 
@@ -226,23 +223,10 @@ def test_bad_input_is_refused_and_changes_nothing(
     ]:
         with pytest.raises(ValidationError, match=f"^{field}:"):
             RecordSelection.parse(**bad)
-    forget = {"tenant_id": tenant_id, "actor": "test"}
     with pytest.raises(NotFoundError, match=r"ids: .*" + str(other[0])):  # bo's record is not ann's
-        forget_records(
-            database,
-            registry,
-            subject=Subject.user("ann"),
-            selection=RecordSelection.parse(ids=[ids[0], other[0]]),
-            **forget,
-        )
+        _forget_ids(database, registry, tenant_id, "ann", [ids[0], other[0]])
     with pytest.raises(NotFoundError, match="nobody"):
-        forget_records(
-            database,
-            registry,
-            subject=Subject.user("nobody"),
-            selection=RecordSelection.parse(ids=[1]),
-            **forget,
-        )
+        _forget_ids(database, registry, tenant_id, "nobody", [1])
     after = (
         [r.id for r in list_feedback(database, tenant_id=tenant_id, user_external_id="ann")],
         [v.status for v in registry.list_versions(tenant_id=tenant_id, adapter_id=adapter_id)],
@@ -285,15 +269,7 @@ def test_no_blob_of_a_revoked_version_remains_after_the_grace_or_a_purge(
     registry = Registry(db, blob_store, gc_grace_seconds=3600)
     tenant_id = tiny_tenant(db)
     ids, (v1, v2, v3), _ = _three_versions(db, registry, tenant_id, peft_folders)
-    receipt = forget_records(
-        db,
-        registry,
-        tenant_id=tenant_id,
-        subject=Subject.user("ann"),
-        selection=RecordSelection.parse(ids=[ids[4]]),
-        actor="test",
-        purge=purge,
-    )
+    receipt = _forget_ids(db, registry, tenant_id, "ann", [ids[4]], purge=purge)
     if not purge:
         assert registry.gc() == [] and all(blob_store.exists(v.sha256) for v in (v2, v3))  # held: the grace
         registry.gc(now=datetime.now(UTC) + timedelta(hours=2))
@@ -314,6 +290,18 @@ def test_no_blob_of_a_revoked_version_remains_after_the_grace_or_a_purge(
     ]
 
 
+def _ann_and_bo_in_one_train_job(
+    database: Database, tenant_id: int
+) -> tuple[dict[str, list[int]], JobQueue, Job]:
+    """ann and bo with four records each, queued by the scheduler in one train job of one step: their record
+    ids by user, the queue and the job."""
+    set_tenant_training(database, tenant_id=tenant_id, overrides={**TINY_TRAINING, "max_steps": 1})
+    ids = feed_users(database, tenant_id=tenant_id, users=["ann", "bo"], round=1, n_records=4)
+    queue = JobQueue(database)
+    (job,) = Scheduler(database, SchedulerPolicy(min_new_records=1), queue=queue).tick().jobs_created
+    return ids, queue, job
+
+
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # the row locks are the point
 def test_a_job_that_read_a_deleted_record_registers_nothing_for_that_user_only(
     database: Database,
@@ -321,21 +309,11 @@ def test_a_job_that_read_a_deleted_record_registers_nothing_for_that_user_only(
     tenant_id: int,
     make_trainer: Callable[..., ContinualTrainer],
 ) -> None:
-    set_tenant_training(database, tenant_id=tenant_id, overrides={**TINY_TRAINING, "max_steps": 1})
-    ids = feed_users(database, tenant_id=tenant_id, users=["ann", "bo"], round=1, n_records=4)
-    queue = JobQueue(database)
-    (job,) = Scheduler(database, SchedulerPolicy(min_new_records=1), queue=queue).tick().jobs_created
+    ids, queue, job = _ann_and_bo_in_one_train_job(database, tenant_id)
 
     def delete_then_train(*args: Any, **kw: Any) -> Any:
         """ann forgets a record after the job loaded her data, before it trains."""
-        forget_records(
-            database,
-            registry,
-            tenant_id=tenant_id,
-            subject=Subject.user("ann"),
-            selection=RecordSelection.parse(ids=[ids["ann"][0]]),
-            actor="test",
-        )
+        _forget_ids(database, registry, tenant_id, "ann", [ids["ann"][0]])
         return train_slots(*args, **kw)
 
     trainer = make_trainer(promote_rule="always", train_slots=delete_then_train)
@@ -356,10 +334,7 @@ def test_a_user_erased_before_the_job_plans_is_skipped_and_the_others_train(
     tenant_id: int,
     make_trainer: Callable[..., ContinualTrainer],
 ) -> None:
-    set_tenant_training(database, tenant_id=tenant_id, overrides={**TINY_TRAINING, "max_steps": 1})
-    feed_users(database, tenant_id=tenant_id, users=["ann", "bo"], round=1, n_records=4)
-    queue = JobQueue(database)
-    (job,) = Scheduler(database, SchedulerPolicy(min_new_records=1), queue=queue).tick().jobs_created
+    _, queue, job = _ann_and_bo_in_one_train_job(database, tenant_id)
     forget_user(database, registry, tenant_id=tenant_id, external_id="ann", actor="test")
 
     trainer = make_trainer(promote_rule="always")

@@ -9,11 +9,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from tests.unit.version_rows import add_version_row
 
 from lorafleet.jobs import JobQueue, RetryBackoff
 from lorafleet.store.sql.database import Database
-from lorafleet.store.sql.models import SqlAdapter, SqlAdapterVersion, SqlDatasetSnapshot
+from lorafleet.store.sql.models import SqlDatasetSnapshot
 from lorafleet.store.sql.tenants import TenantRepository
 from lorafleet.workflows.feedback import ingest_feedback
 
@@ -88,30 +88,12 @@ def record_version(database: Database) -> Callable[..., None]:
 
     def record(tenant_id: int, user_id: int, through: int) -> None:
         with database.session() as s:
-            adapter = s.scalar(select(SqlAdapter).where(SqlAdapter.owner_user_id == user_id))
-            if adapter is None:
-                adapter = SqlAdapter(tenant_id=tenant_id, owner_user_id=user_id, name="default")
-                s.add(adapter)
-            adapter.version_count = (adapter.version_count or 0) + 1
             snapshot = SqlDatasetSnapshot(
                 user_id=user_id, min_record_id=1, max_record_id=through, record_count=1, content_hash="0" * 64
             )
             s.add(snapshot)
             s.flush()
-            s.add(_version(adapter=adapter, snapshot_id=snapshot.id))
+            snapshot_id = snapshot.id
+        add_version_row(database, tenant_id=tenant_id, user_id=user_id, snapshot_id=snapshot_id)
 
     return record
-
-
-def _version(*, adapter: SqlAdapter, snapshot_id: int) -> SqlAdapterVersion:
-    return SqlAdapterVersion(
-        adapter_id=adapter.id,
-        number=adapter.version_count,
-        blob_uri="file:///dev/null",
-        sha256="0" * 64,
-        size_bytes=0,
-        base_fingerprint="test",
-        rank=4,
-        target_modules=["q_proj"],
-        dataset_snapshot_id=snapshot_id,
-    )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 from engine_world import PROMPTS, Setup, assert_same, request
 from serving_helpers import FolderFetcher, gates_by_user, member, user_bank, zero_embed
+from tests.polling import wait_for
 
 from lorafleet.adapters import AdapterBank
 from lorafleet.backbone import Backbone
@@ -44,13 +44,6 @@ class Gate:
         if self.seen >= self.after and not self.reached.is_set():
             self.reached.set()
             assert self.release.wait(timeout=30)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def long_request(**kwargs: object) -> GenerationRequest:
@@ -90,7 +83,8 @@ def finish_order(setup: Setup, **knobs: float) -> list[str]:
         assert gate.reached.wait(timeout=60)
         short = batcher.submit(request("alice", max_new_tokens=2))
         short.add_done_callback(lambda _: done.append("short"))
-        wait_until(lambda: batcher.occupancy()["ready"] == 1)  # admitted; it may join at the next step
+        # admitted; it may join at the next step
+        wait_for("the short request to be admitted", lambda: batcher.occupancy()["ready"] == 1, every=0.005)
         gate.release.set()
         assert len(short.result(timeout=60).token_ids) == 2
         assert len(long.result(timeout=120).token_ids) == LONG, "the long row should run to its length"
