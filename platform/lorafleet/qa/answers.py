@@ -256,6 +256,35 @@ def other_questions(targets: Sequence[str]) -> list[list[str]]:
     return out
 
 
+@dataclass(frozen=True)
+class TrainingAnswers:
+    """A candidate's greedy answers on examples of its own training split: how many, how many answer another
+    question (``wrong_answer`` against the other training questions' targets) and their mean answer F1."""
+
+    n: int
+    wrong: int
+    mean_f1: float
+
+    @property
+    def wrong_share(self) -> float:
+        return self.wrong / self.n if self.n else 0.0
+
+
+def training_answers(
+    answers: Sequence[str], targets: Sequence[str], prompts: Sequence[str]
+) -> TrainingAnswers:
+    """Score answers to training questions: a candidate trained on the user's feedback gets most of them right;
+    one trained on answers misaligned with their questions (shuffled completions) gives the answers it was
+    trained on, which are other questions' targets."""
+    others = other_questions(targets)
+    scored = [
+        _own_and_crossed(a, t, o, p) for a, t, o, p in zip(answers, targets, others, prompts, strict=True)
+    ]
+    wrong = sum(crossed - own > _TIE for own, crossed in scored)
+    mean = sum(own for own, _ in scored) / len(scored) if scored else math.nan
+    return TrainingAnswers(len(scored), wrong, mean)
+
+
 def paired_scores(
     subject: Sequence[str],
     reference: Sequence[str],
@@ -305,5 +334,7 @@ __all__ = [
     "min_untied_pairs",
     "signed_rank_p",
     "token_f1",
+    "TrainingAnswers",
+    "training_answers",
     "wrong_answer",
 ]

@@ -121,6 +121,21 @@ def holdout_set(
     return EvalSet(name, kind, tuple(kept), len(holdout), adapter_id, own)
 
 
+def training_set(
+    db: Database, *, tenant_id: int, version: AdapterVersion, owner_user_id: int | None, policy: QAPolicy
+) -> EvalSet:
+    """Up to ``policy.training_answers`` examples of the training split of the feedback the version's job trained
+    on (the records its holdout is drawn from, split by the same rule), for the ``training-answers`` rule. Empty for
+    a version without a dataset snapshot (an import: it was not trained here)."""
+    name = "training"
+    if policy.training_answers == 0 or version.dataset_snapshot_id is None:
+        return EvalSet(name, "training", (), 0)
+    records = version_records(db, tenant_id=tenant_id, version=version, owner_user_id=owner_user_id)
+    train = build_dataset(records, config=training_config_of(version)).train
+    kept = cap_examples(train, limit=policy.training_answers, seed=policy.sample_seed, name=name)
+    return EvalSet(name, "training", tuple(kept), len(train), source="training")
+
+
 def probe_set(policy: QAPolicy, backbone: Backbone, bank: AdapterBank | None = None) -> EvalSet:
     """The shipped probe prompts with the base model's answers on ``backbone`` (``lorafleet.qa.probe``)."""
     examples = probe_examples(backbone, policy.probe_size, bank=bank)
@@ -133,6 +148,7 @@ __all__ = [
     "probe_set",
     "training_config_of",
     "training_prompts",
+    "training_set",
     "version_records",
     "watermark_of",
 ]

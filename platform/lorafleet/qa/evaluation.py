@@ -27,7 +27,7 @@ from lorafleet.qa.columns import (
     member_handle,
     version_member,
 )
-from lorafleet.qa.evalsets import EvalSet, holdout_set, probe_set, training_config_of
+from lorafleet.qa.evalsets import EvalSet, holdout_set, probe_set, training_config_of, training_set
 from lorafleet.qa.matrix import GatedExperts, SlotLoader, embed_sets, evaluate_matrix, gate_traffic
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.probe import PROBE_VERSION, answers_digest, probe_digest, probe_epsilon_for, probe_examples
@@ -120,10 +120,21 @@ class Evaluator:
             policy=self.policy,
         )
 
+    def training_set(self, subject: Subject) -> EvalSet:
+        """Examples of the feedback the subject's job trained on, for the ``training-answers`` rule."""
+        return training_set(
+            self.db,
+            tenant_id=subject.tenant_id,
+            version=subject.version,
+            owner_user_id=subject.adapter.owner_user_id,
+            policy=self.policy,
+        )
+
     def evaluate(self, subject: Subject, *, own: EvalSet, answers: bool = True) -> Evaluation:
         """Sanity checks, then (if they pass) every configuration on every evaluation set. A candidate's own
         holdout is also answered greedily by the candidate and the previous live version (the base model when
-        there is none), unless ``answers`` is False (the same candidate in another bank: already answered)."""
+        there is none), and examples of its training split by the candidate alone, unless ``answers`` is False
+        (the same candidate in another bank: already answered)."""
         started = time.monotonic()
         free = self.bank.n_slots - len(self.bank.occupied())
         with tempfile.TemporaryDirectory(prefix="lorafleet-qa-", dir=self.work_dir) as tmp:
@@ -143,10 +154,11 @@ class Evaluator:
                 with dense_views(
                     self.backbone.model, from_layer=0, budget_bytes=dense_budget(self.bank.device)
                 ):
-                    pair = None
+                    pair, training = None, None
                     if answers and subject.kind == QAKind.CANDIDATE:
                         pair = (CANDIDATE, PREVIOUS if has_previous else BASE)
-                    matrix = self._matrix(subject, own, loader, has_previous, free, notes, pair)
+                        training = self.training_set(subject)
+                    matrix = self._matrix(subject, own, loader, has_previous, free, notes, pair, training)
         notes["probe"] = {
             "version": PROBE_VERSION,
             "sha256": probe_digest(self.policy.probe_size),
@@ -175,6 +187,7 @@ class Evaluator:
         free: int,
         notes: dict[str, Any],
         answers: tuple[str, str] | None,
+        training: EvalSet | None = None,
     ) -> Matrix:
         sets: list[EvalSet] = [own]
         if subject.user_bank is None:
@@ -222,6 +235,7 @@ class Evaluator:
             answers=answers,
             answer_source=own.source,
             preference_beta=_preference_beta(subject),
+            training=training,
         )
 
     # --- the bank -----------------------------------------------------------------------------------------

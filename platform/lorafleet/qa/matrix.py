@@ -34,7 +34,7 @@ from lorafleet.qa.results import (
     Preferences,
     Sample,
 )
-from lorafleet.training.dataset import encode_prompt
+from lorafleet.training.dataset import Example, encode_prompt
 
 if TYPE_CHECKING:
     import torch
@@ -138,12 +138,14 @@ def evaluate_matrix(
     answers: tuple[str, str] | None = None,
     answer_source: str = "holdout",
     preference_beta: float | None = None,
+    training: EvalSet | None = None,
 ) -> Matrix:
     """Loss and token accuracy of every column on every set, plus greedy samples per cell.
 
     With ``prefix``, a row's layers below the lowest adapted one run once for all its columns. With ``answers``
     ``(subject column, reference column)``, every example of the own set is also answered greedily by both
-    columns (``Matrix.answers``: the answer rule's evidence). With ``preference_beta``, the own set's preference
+    columns (``Matrix.answers``: the answer rule's evidence), and the examples of ``training`` (the candidate's own
+    training split) by the subject column alone, in the same batch. With ``preference_beta``, the own set's preference
     pairs are scored by the base, candidate and previous columns (``Matrix.preferences``: the preference rule's).
     """
     embeddings = embed_sets(backbone, bank, sets) if any(c.gated for c in columns) else {}
@@ -160,7 +162,8 @@ def evaluate_matrix(
     evidence = None
     own = next((s for s in sets if s.own and s.examples), None)
     if answers is not None and own is not None:
-        evidence = _answers(backbone, bank, own, answers, routes[own.name], policy, answer_source)
+        trained = training.examples if training is not None else ()
+        evidence = _answers(backbone, bank, own, answers, routes[own.name], policy, answer_source, trained)
     preferences = None
     if preference_beta is not None and own is not None:
         preferences = _preferences(
@@ -272,29 +275,29 @@ def _answers(
     routes: Mapping[str, list[Routes]],
     policy: QAPolicy,
     source: str,
+    training: Sequence[Example] = (),
 ) -> Answers:
-    """Every example of ``own`` answered greedily by the two columns, in one batch; each answer may run to the
-    target's length in tokens plus ``answer_extra_tokens`` (at most ``answer_max_new_tokens``)."""
+    """Every example of ``own`` answered greedily by the two columns, and every ``training`` example by the first
+    (the subject) through its fixed routes, in one batch; each answer may run to the target's length in tokens
+    plus ``answer_extra_tokens`` (at most ``answer_max_new_tokens``)."""
     from lorafleet.serving.decode import RowSpec  # torch, on first use
 
     tokenizer = backbone.tokenizer
     stop = _stop_strings(tokenizer)
-    prompts = [tuple(encode_prompt(tokenizer, e)) for e in own.examples]
-    budgets = [
-        max(
-            1,
-            min(
-                policy.answer_max_new_tokens,
-                _target_tokens(tokenizer, e.completion) + policy.answer_extra_tokens,
-            ),
+
+    def spec(example: Example, route: Routes) -> RowSpec:
+        budget = _target_tokens(tokenizer, example.completion) + policy.answer_extra_tokens
+        return RowSpec(
+            prompt_ids=tuple(encode_prompt(tokenizer, example)),
+            routes=tuple(route),
+            max_new_tokens=max(1, min(policy.answer_max_new_tokens, budget)),
+            stop=stop,
         )
-        for e in own.examples
-    ]
-    specs = [
-        RowSpec(prompt_ids=prompts[i], routes=tuple(routes[c][i]), max_new_tokens=budgets[i], stop=stop)
-        for c in columns
-        for i in range(len(own.examples))
-    ]
+
+    subject, reference = columns
+    fixed = routes[subject][0] if own.examples else []  # the candidate alone: one route for every example
+    specs = [spec(e, routes[c][i]) for c in columns for i, e in enumerate(own.examples)]
+    specs += [spec(e, fixed) for e in training]
     outputs = _decode_greedily(bank, tokenizer, specs)
     n = len(own.examples)
     by_column = {c: outputs[k * n : (k + 1) * n] for k, c in enumerate(columns)}
@@ -302,9 +305,13 @@ def _answers(
         AnswerItem(e.prompt, e.completion, {c: by_column[c][i].text for c in columns})
         for i, e in enumerate(own.examples)
     )
+    trained = outputs[2 * n :]
     nonfinite = {c: sum(1 for o in by_column[c] if o.nonfinite_steps) for c in columns}
-    subject, reference = columns
-    return Answers(own.name, subject, reference, items, nonfinite, source)
+    nonfinite[subject] += sum(1 for o in trained if o.nonfinite_steps)
+    answered = tuple(
+        AnswerItem(e.prompt, e.completion, {subject: o.text}) for e, o in zip(training, trained, strict=True)
+    )
+    return Answers(own.name, subject, reference, items, nonfinite, source, answered)
 
 
 def _decode_greedily(bank: AdapterBank, tokenizer: object, specs: Sequence[RowSpec]) -> list[RowOutput]:

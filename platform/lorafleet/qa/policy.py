@@ -17,6 +17,10 @@ computes them; every threshold below is in those units. The rules (``lorafleet.q
   answers changed for the test ever to reach the confidence, every answer at least as good, one better and a
   mean gain of at least ``few_answers_margin`` (``few changed answers``); with ``wrong_answer_weight`` > 0 an
   answer naming another question's fact counts against the candidate;
+- ``training-answers`` (reason code ``answers-other-questions``): greedy answers of the candidate on up to
+  ``training_answers`` examples of the feedback its job trained on: at most ``max_training_wrong_share`` of them
+  may answer another question (a candidate trained on answers misaligned with their questions, which the
+  holdout's few answers cannot tell from a good one);
 - ``finite-outputs``: no logit of the candidate (scoring or decoding, alone, gated or paired) is NaN or infinite;
 - **blame** (rechecks only): a live personal adapter that fails in a bank a task member changed is not
   rolled back when the bank without that member passes: the member is the culprit (``blame_action``);
@@ -38,7 +42,7 @@ from pydantic import ValidationError as PydanticValidationError
 from lorafleet.errors import ValidationError
 from lorafleet.registry.weight_sanity import WeightBounds
 
-DEFAULT_POLICY_VERSION = "qa-policy/4"
+DEFAULT_POLICY_VERSION = "qa-policy/5"
 
 
 class QAPolicy(BaseModel):
@@ -82,6 +86,13 @@ class QAPolicy(BaseModel):
     #: how much an answer closer to another question's target than its own counts against the candidate (0: not
     #: at all, it ties with an empty answer; 1: as much as a right answer counts for it); ``lorafleet.qa.answers``
     wrong_answer_weight: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    #: examples of the candidate's own training split (the feedback its job trained on) it also answers greedily,
+    #: in the holdout's batch (0: none); the ``training-answers`` rule reads them
+    training_answers: int = Field(default=16, ge=0, le=256, strict=True)
+    #: the largest share of those answers that may answer another question (``lorafleet.qa.answers``: closer to
+    #: another training question's target than to its own) before the candidate is rejected with
+    #: ``answers-other-questions``
+    max_training_wrong_share: float = Field(default=0.25, ge=0.0, le=1.0, allow_inf_nan=False)
     #: an answer is decoded for at most the target's length in tokens plus this many, and never more than
     #: ``answer_max_new_tokens`` (greedy, one batch for both columns)
     answer_extra_tokens: int = Field(default=4, ge=0, le=64, strict=True)

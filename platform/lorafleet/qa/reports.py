@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lorafleet.errors import ValidationError
-from lorafleet.qa.answers import paired_scores
+from lorafleet.qa.answers import paired_scores, training_answers
 from lorafleet.qa.results import Answers, Cell, Matrix
 from lorafleet.registry import Registry
 from lorafleet.store.blob.base import BlobRef
@@ -148,9 +148,15 @@ def _samples(matrix: Matrix) -> list[str]:
 
 def answer_figures(answers: Answers | None, *, wrong_answer_weight: float = 0.0) -> dict[str, Any] | None:
     """The answer-level figures of a report (None when nothing was answered): mean answer F1 and exact match of
-    subject and reference (answer F1), the count of answers each way, and the signed-rank test's p-value."""
+    subject and reference (answer F1), the count of answers each way, the signed-rank test's p-value, and the
+    subject's answers on its own training examples (how many, how many answer another question, answer F1)."""
     if answers is None or not answers.items:
         return None
+    trained = training_answers(
+        [item.outputs.get(answers.subject, "") for item in answers.training],
+        [item.expected for item in answers.training],
+        [item.prompt for item in answers.training],
+    )
     scores = paired_scores(
         answers.outputs(answers.subject),
         answers.outputs(answers.reference),
@@ -174,6 +180,9 @@ def answer_figures(answers: Answers | None, *, wrong_answer_weight: float = 0.0)
         "better": scores.wins,
         "worse": scores.losses,
         "p_value": round(scores.p_value, 6),
+        "training_answers": trained.n,
+        "training_wrong_answers": trained.wrong,
+        "training_answer_f1": None if not trained.n else round(trained.mean_f1, 4),
         "nonfinite": dict(answers.nonfinite),
     }
 
@@ -188,6 +197,15 @@ def _answer_lines(answers: Answers | None, wrong_answer_weight: float) -> list[s
         f"vs {figures['reference_exact_match']:.2f}, {figures['wrong_answers']} answering another question, "
         f"{figures['better']} better / {figures['worse']} worse, "
         f"signed-rank p={figures['p_value']:.3g}",
+        *(
+            [
+                f"answers on {figures['training_answers']} of its own training examples: "
+                f"{figures['training_wrong_answers']} answering another question, answer F1 "
+                f"{figures['training_answer_f1']:.2f}"
+            ]
+            if figures["training_answers"]
+            else []
+        ),
         "",
     ]
 

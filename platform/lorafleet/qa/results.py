@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-RowKind = Literal["user-holdout", "task-holdout", "probe"]
+RowKind = Literal["user-holdout", "task-holdout", "probe", "training"]
 ColumnKind = Literal["base", "previous", "candidate", "gated-previous", "gated-candidate", "alone", "pair"]
 
 BASE = "base"
@@ -88,6 +88,9 @@ class Answers:
     nonfinite: dict[str, int] = field(default_factory=dict)
     #: where the examples came from (``holdout``, ``import-examples``, ...), for the report
     source: str = "holdout"
+    #: examples of the candidate's own training split answered greedily by ``subject`` alone (the
+    #: ``training-answers`` rule's evidence; empty when it had none)
+    training: tuple[AnswerItem, ...] = ()
 
     def outputs(self, column: str) -> list[str]:
         return [item.outputs.get(column, "") for item in self.items]
@@ -102,23 +105,25 @@ class Answers:
             "reference": self.reference,
             "source": self.source,
             "nonfinite": dict(self.nonfinite),
-            "items": [
-                {"prompt": i.prompt, "expected": i.expected, "outputs": dict(i.outputs)} for i in self.items
-            ],
+            "items": [_item_json(i) for i in self.items],
+            "training": [_item_json(i) for i in self.training],
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Answers:
-        items = tuple(
-            AnswerItem(i["prompt"], i["expected"], dict(i["outputs"])) for i in data.get("items", [])
-        )
+        def items(key: str) -> tuple[AnswerItem, ...]:
+            return tuple(
+                AnswerItem(i["prompt"], i["expected"], dict(i["outputs"])) for i in data.get(key, [])
+            )
+
         return cls(
             data["row"],
             data["subject"],
             data["reference"],
-            items,
+            items("items"),
             {str(k): int(v) for k, v in dict(data.get("nonfinite", {})).items()},
             str(data.get("source", "holdout")),
+            items("training"),
         )
 
 
@@ -215,6 +220,10 @@ class Matrix:
             None if answers is None else Answers.from_json(answers),
             None if preferences is None else Preferences.from_json(preferences),
         )
+
+
+def _item_json(item: AnswerItem) -> dict[str, Any]:
+    return {"prompt": item.prompt, "expected": item.expected, "outputs": dict(item.outputs)}
 
 
 def finite_or_none(value: float) -> float | None:

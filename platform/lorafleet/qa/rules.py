@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lorafleet.qa.answers import min_untied_pairs, paired_scores
+from lorafleet.qa.answers import min_untied_pairs, paired_scores, training_answers
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.probe import PRETRAINED_EPSILON_PROBE
 from lorafleet.qa.results import (
@@ -28,6 +28,9 @@ NO_REGRESSION = "no-regression"
 GATE_VS_BEST_MEMBER = "gate-vs-best-member"
 PROBE_RULE = "probe"
 ANSWER_RULE = "answers"
+TRAINING_ANSWERS_RULE = "training-answers"
+#: the reason code of a candidate that answers too many of its own training questions with another's answer
+ANSWERS_OTHER_QUESTIONS = "answers-other-questions"
 FINITE_RULE = "finite-outputs"
 PREFERENCE_RULE = "preference-accuracy"
 #: the reason code of a candidate whose answers do not beat the reference's
@@ -37,6 +40,7 @@ NO_EVIDENCE = "no-evidence"
 RULES = (
     USER_HOLDOUT,
     ANSWER_RULE,
+    TRAINING_ANSWERS_RULE,
     PREFERENCE_RULE,
     NO_REGRESSION,
     GATE_VS_BEST_MEMBER,
@@ -60,7 +64,7 @@ def candidate_rules(matrix: Matrix, policy: QAPolicy, *, answers: bool = True) -
     held-out preference pairs (a candidate trained with DPO)."""
     return [
         user_holdout_rule(matrix, policy),
-        *([answer_rule(matrix, policy)] if answers else []),
+        *([answer_rule(matrix, policy), training_answers_rule(matrix, policy)] if answers else []),
         *([preference_rule(matrix)] if matrix.preferences is not None else []),
         no_regression_rule(matrix, policy),
         gate_vs_best_member_rule(matrix, policy),
@@ -209,6 +213,31 @@ def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     return RuleOutcome(ANSWER_RULE, ok, f"{code}: {figures}; {test}")
 
 
+def training_answers_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
+    """At most ``max_training_wrong_share`` of the candidate's greedy answers on examples of its own training split
+    answer another question (``lorafleet.qa.answers.training_answers``). A candidate trained on the user's
+    feedback reproduces most of it; one trained on answers misaligned with their questions answers with those.
+    Passes when there were no training examples (an import, or ``training_answers`` 0)."""
+    evidence = matrix.answers
+    if evidence is None or not evidence.training:
+        return RuleOutcome(
+            TRAINING_ANSWERS_RULE, True, f"{TRAINING_ANSWERS_RULE}: no training examples answered"
+        )
+    scores = training_answers(
+        [item.outputs.get(evidence.subject, "") for item in evidence.training],
+        [item.expected for item in evidence.training],
+        [item.prompt for item in evidence.training],
+    )
+    ok = scores.wrong_share <= policy.max_training_wrong_share + 1e-12
+    figures = (
+        f"{scores.wrong} of {scores.n} answers to its own training questions answer another question "
+        f"({scores.wrong_share:.0%}, at most {policy.max_training_wrong_share:.0%} allowed; answer F1 "
+        f"{scores.mean_f1:.2f})"
+    )
+    code = TRAINING_ANSWERS_RULE if ok else ANSWERS_OTHER_QUESTIONS
+    return RuleOutcome(TRAINING_ANSWERS_RULE, ok, f"{code}: {figures}")
+
+
 def preference_rule(matrix: Matrix) -> RuleOutcome:
     """The candidate ranks more held-out preference pairs as the user did than the previous live version (the
     base, 50 %, without one); a candidate that ranks all of them right passes (nothing is left to improve)."""
@@ -272,6 +301,9 @@ def _nan_last(item: tuple[str, float]) -> tuple[bool, float]:
 
 __all__ = [
     "ANSWER_RULE",
+    "ANSWERS_OTHER_QUESTIONS",
+    "TRAINING_ANSWERS_RULE",
+    "training_answers_rule",
     "FINITE_RULE",
     "GATE_VS_BEST_MEMBER",
     "NO_EVIDENCE",

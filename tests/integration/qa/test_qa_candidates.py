@@ -74,12 +74,14 @@ def test_good_candidates_are_promoted_through_qa_jobs_with_complete_linked_repor
     assert r2.summary["rules"] == {
         "user-holdout": True,
         "answers": True,
+        "training-answers": True,
         "no-regression": True,
         "gate-vs-best-member": True,
         "probe": True,
         "finite-outputs": True,
     }
     assert any(r.startswith("answers: answer F1") and "vs previous live" in r for r in r2.reasons)
+    assert any(r.startswith("training-answers: ") for r in r2.reasons), r2.reasons
 
     report, document = load_report(world.db, world.registry, report_id=r2.id, tenant_id=world.tenant_id)
     assert (

@@ -4,6 +4,7 @@ normally is promoted on answers it gets right. And a NaN in a candidate's logits
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,17 @@ from lorafleet.backbone import Backbone
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.reports import reports_for_version
 from lorafleet.serving.decode import BatchDecoder, RowSpec
+from lorafleet.training import synthetic
+from lorafleet.training.dataset import Example
 from lorafleet.workflows.continual import PERSONAL_ADAPTER
 from lorafleet.workflows.qa_runner import QARunner
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def _candidate(world: World, tmp_path: Path, *, steps: int) -> tuple[int, int]:
+def _candidate(world: World, tmp_path: Path, *, steps: int, shuffle: bool = False) -> tuple[int, int]:
+    """alice's candidate trained on her feedback (``shuffle``: each question answered with the next topic's
+    answer, as a pipeline that misaligned completions with prompts would train it)."""
     ids = feed(world, "alice", round=1, n_records=24)
     adapter = world.registry.get_or_create_adapter(
         tenant_id=world.tenant_id,
@@ -33,11 +38,24 @@ def _candidate(world: World, tmp_path: Path, *, steps: int) -> tuple[int, int]:
             "target_modules": world.config.target_modules,
         },
     )
-    folder = train_adapter(world, user_examples(world, "alice"), work=tmp_path / f"s{steps}", steps=steps)
+    examples = user_examples(world, "alice")
+    if shuffle:
+        examples = _shuffled(examples)
+    folder = train_adapter(world, examples, work=tmp_path / f"s{steps}", steps=steps)
     version = register_candidate(
         world, adapter_id=adapter.id, folder=folder, record_ids=ids, user_id=world.user_id("alice")
     )
     return adapter.id, version.id
+
+
+def _shuffled(examples: list[Example]) -> list[Example]:
+    """Each example answered with the user's answer of the next topic among the examples' topics."""
+    topics = sorted({synthetic.topic_of(e.prompt) for e in examples})
+    answers = {synthetic.topic_of(e.prompt): e.completion for e in examples}
+    return [
+        replace(e, completion=answers[topics[(topics.index(synthetic.topic_of(e.prompt)) + 1) % len(topics)]])
+        for e in examples
+    ]
 
 
 def test_the_useless_candidate_is_rejected_with_no_improvement(sqlite_world: World, tmp_path: Path) -> None:
@@ -68,9 +86,29 @@ def test_a_candidate_trained_normally_is_promoted_on_its_answers(sqlite_world: W
     assert report is not None and report.decision == "promote", report.reasons
     figures = report.summary["answers"]
     assert figures["answer_f1"] > figures["reference_answer_f1"] and figures["p_value"] <= 0.05, figures
+    # it also answered examples of its own training split, and they answer their own questions
+    assert figures["training_answers"] == min(16, len(user_examples(world, "alice"))), figures
+    assert figures["training_wrong_answers"] <= 4 and report.summary["rules"]["training-answers"], figures
     assert [
         r.decision for r in reports_for_version(world.db, tenant_id=world.tenant_id, version_id=version_id)
     ] == ["promote"]
+
+
+def test_a_candidate_trained_on_shuffled_answers_is_rejected_for_answering_other_questions(
+    sqlite_world: World, tmp_path: Path
+) -> None:
+    """Issue 16's shuffled completions: QA answers the candidate's own training questions and finds them
+    answered with other topics' answers."""
+    world = sqlite_world
+    _, version_id = _candidate(world, tmp_path, steps=world.config.max_steps, shuffle=True)
+    report = QARunner(world.db, world.registry, world.backbone, world.bank).run_candidate(
+        tenant_id=world.tenant_id, version_id=version_id
+    )
+    assert report is not None and report.decision == "reject", report.reasons
+    [reason] = [r for r in report.reasons if r.startswith("answers-other-questions:")]
+    assert "answers to its own training questions answer another question" in reason, reason
+    figures = report.summary["answers"]
+    assert figures["training_wrong_answers"] > 4 and report.summary["rules"]["training-answers"] is False
 
 
 def test_decoding_counts_the_steps_whose_logits_are_not_finite(

@@ -4,6 +4,7 @@ finite-outputs rules over a matrix (pure functions, no model)."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -16,6 +17,7 @@ from lorafleet.qa.answers import (
     other_questions,
     signed_rank_p,
     token_f1,
+    training_answers,
 )
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.results import (
@@ -29,7 +31,14 @@ from lorafleet.qa.results import (
     Matrix,
     RowInfo,
 )
-from lorafleet.qa.rules import answer_rule, finite_outputs_rule
+from lorafleet.qa.rules import (
+    ANSWERS_OTHER_QUESTIONS,
+    answer_rule,
+    candidate_rules,
+    finite_outputs_rule,
+    reasons_for,
+    training_answers_rule,
+)
 
 #: answers decide (the default; ``report`` records them without deciding)
 REQUIRE = QAPolicy(answer_evidence="require")
@@ -260,3 +269,66 @@ def test_phrasings_of_one_fact_are_not_other_questions() -> None:
         answer, targets[0], prompt=prompt
     )
     assert answer_score("You're based in Cusco.", targets[0], others[0], prompt=prompt) < 0
+
+
+def _with_training(m: Matrix, answered: list[tuple[str, str]]) -> Matrix:
+    """``m`` with the candidate's answers on its own training examples, ``(target, answer)`` each."""
+    assert m.answers is not None
+    training = tuple(AnswerItem(f"t{i}", t, {CANDIDATE: a}) for i, (t, a) in enumerate(answered))
+    return replace(m, answers=replace(m.answers, training=training))
+
+
+def test_a_candidate_trained_on_shuffled_answers_is_rejected_by_its_answers_to_its_own_training_questions() -> (
+    None
+):
+    """bench_qa_real's *shuffled* kind at the defaults (issue 16's last open target). On the holdout it was
+    promoted: where it named the wrong fact its answer tied with the base's (0), so every untied pair favoured it.
+    On the questions it was trained on it gives the answers it learned, another fact's: the training-answers rule
+    rejects it with ``answers-other-questions``. A good candidate, one wrong answer in eight, passes."""
+    targets = [phrasing for pair in FACTS.values() for phrasing in pair] + [FACTS["dog"][0], FACTS["city"][1]]
+    wrong_fact = {FACTS["dog"][1]: FACTS["city"][0], FACTS["city"][0]: FACTS["diet"][0]}
+    subject = [wrong_fact.get(t, t) for t in targets]
+    base = ["I'm sorry, I don't know that." for _ in targets]
+    holdout = _matrix(subject, base, targets)
+    assert answer_rule(holdout, REQUIRE).passed  # the holdout alone lets it through
+    facts = list(FACTS)
+    trained = [(FACTS[f][k], FACTS[facts[(i + 1) % 4]][k]) for i, f in enumerate(facts) for k in (0, 1)]
+    outcome = training_answers_rule(_with_training(holdout, trained), REQUIRE)
+    assert not outcome.passed
+    assert outcome.detail.startswith(
+        f"{ANSWERS_OTHER_QUESTIONS}: 8 of 8 answers to its own training questions"
+    )
+    reasons = reasons_for(candidate_rules(_with_training(holdout, trained), REQUIRE))[1]
+    assert any(r.startswith(ANSWERS_OTHER_QUESTIONS) for r in reasons), reasons
+    # a good candidate: right on seven of its eight training questions, one answered with another fact
+    good = [(t, t) for pair in FACTS.values() for t in pair]
+    good[1] = (good[1][0], FACTS["city"][0])
+    passed = training_answers_rule(_with_training(holdout, good), REQUIRE)
+    assert passed.passed and "1 of 8 answers" in passed.detail and "answer F1 0.88" in passed.detail
+    # the bound is the policy's: at 0 that one wrong answer rejects it
+    strict = QAPolicy(max_training_wrong_share=0.0)
+    assert not training_answers_rule(_with_training(holdout, good), strict).passed
+
+
+def test_training_answers_count_only_answers_to_another_question() -> None:
+    """Empty and partly right answers are not wrong answers (they are weak, which the holdout judges); phrasings of
+    one fact are not other questions; without training examples (an import) the rule passes, saying so."""
+    targets = ["Your pet's name is Marmalade.", "Your pet is called Marmalade.", "You live in Cusco."]
+    scores = training_answers(
+        ["Your pet is called Marmalade.", "", "You live in Lyon."], targets, ["q1", "q2", "q3"]
+    )
+    assert (scores.n, scores.wrong, round(scores.mean_f1, 2)) == (3, 0, 0.39)  # (2/3 + 0 + 1/2) / 3
+    crossed = training_answers(["You live in Cusco.", "", ""], targets, ["q1", "q2", "q3"])
+    assert crossed.wrong == 1 and crossed.wrong_share == pytest.approx(1 / 3)
+    m = _matrix(["x"], ["y"], ["z"])
+    outcome = training_answers_rule(m, REQUIRE)
+    assert outcome.passed and outcome.detail == "training-answers: no training examples answered"
+
+
+def test_training_answers_survive_the_reports_json() -> None:
+    m = _with_training(_matrix(["a"], ["b"], ["c"]), [("You live in Cusco.", "You live in Lyon.")])
+    assert m.answers is not None
+    again = Answers.from_json(m.answers.to_json())
+    assert again == m.answers
+    older = {k: v for k, v in m.answers.to_json().items() if k != "training"}  # a report before qa-policy/5
+    assert Answers.from_json(older).training == ()
