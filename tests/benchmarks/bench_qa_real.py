@@ -19,7 +19,9 @@ user's real holdout (the content-hash split production uses). Then:
 The three hand-made kinds are registered as the user's first version and decided by ``QARunner.run_candidate``
 (what a ``qa`` job runs). Reported per kind: promoted / rejected / held, the rules that failed, seconds per
 decision and the share of it spent decoding answers (``summary.timings``). Target (the issue): 100 % of the bad
-kinds rejected, >= 95 % of the good ones promoted.
+kinds rejected, >= 95 % of the good ones promoted. Then the decisions again at other ``wrong_answer_weight`` and
+``max_training_wrong_share`` settings, from the stored holdout and training answers, and each decision's count
+of training answers that answer another question.
 
 Run from the repository root (about 7 minutes per seed at 3 users on 2 cores; ``--help`` for the flags):
 
@@ -353,6 +355,11 @@ def decision_row(env: Env, report_id: int) -> dict[str, Any]:
         "wrong": answers.get("wrong_answers"),
         # every holdout answer (prompt, target, candidate and reference outputs), to rescore offline
         "items": ((document.get("matrix") or {}).get("answers") or {}).get("items"),
+        # the candidate's answers on its own training examples (the training-answers rule's evidence)
+        "training": ((document.get("matrix") or {}).get("answers") or {}).get("training"),
+        "training_n": answers.get("training_answers"),
+        "training_wrong": answers.get("training_wrong_answers"),
+        "training_f1": answers.get("training_answer_f1"),
         "seconds": report.summary.get("seconds"),
         "decode_seconds": decode,
     }
@@ -396,8 +403,44 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float)
     for r in rows:
         if (r["kind"] == "good") != (r["decision"] == "promote"):
             lines.append(f"- seed {r['seed']} {r['kind']}: {r['decision']}: {'; '.join(r['reasons'])}")
-    lines += ["", *by_wrong_answer_weight(rows)]
+    lines += ["", *by_wrong_answer_weight(rows), "", *by_training_wrong_share(rows)]
     return "\n".join(lines)
+
+
+def by_training_wrong_share(
+    rows: list[dict[str, Any]], shares: tuple[float, ...] = (0.0, 0.125, 0.25, 0.375, 0.5, 1.0)
+) -> list[str]:
+    """The decisions again at other ``QAPolicy.max_training_wrong_share`` values: the training-answers rule reread
+    from each decision's stored counts; every other rule's outcome as it was. Also each kind's shares."""
+    kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
+    lines = [
+        "promoted at each max_training_wrong_share (the same training answers)",
+        "",
+        "| max_training_wrong_share | " + " | ".join(kinds) + " |",
+        "| --- |" + " --- |" * len(kinds),
+    ]
+    for share in shares:
+        cells = []
+        for kind in kinds:
+            group = [r for r in rows if r["kind"] == kind]
+            promoted = sum(
+                not [rule for rule in r["failed"] if rule != "training-answers"]
+                and r["decision"] != "hold"
+                and (r.get("training_n") or 0) > 0
+                and r["training_wrong"] / r["training_n"] <= share + 1e-12
+                for r in group
+            )
+            cells.append(f"{promoted} of {len(group)}")
+        lines.append(f"| {share:g} | " + " | ".join(cells) + " |")
+    lines += ["", "share of training answers answering another question, per decision:"]
+    for kind in kinds:
+        found = [
+            f"{r['training_wrong']}/{r['training_n']}"
+            for r in rows
+            if r["kind"] == kind and r.get("training_n")
+        ]
+        lines.append(f"- {kind}: {', '.join(found) or '-'}")
+    return lines
 
 
 def by_wrong_answer_weight(
