@@ -17,6 +17,7 @@ requests to it, with the same interface as ``EngineHolder``.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from lorafleet.config import Settings
-from lorafleet.errors import LorafleetError
+from lorafleet.errors import ConfigError, LorafleetError
 from lorafleet.feedback import FeedbackLimits
 from lorafleet.jobs import JobQueue, Scheduler, SchedulerPolicy
 from lorafleet.platform import Platform
@@ -77,6 +78,12 @@ class ApiOptions:
     preload_engine: bool = False
     #: backbone quantization for serving; None = ``settings.backbone_quantization``
     serving_quantization: str | None = None
+    #: torch's intra-op threads for the in-process engine; None: the process's (torch's default, one per core),
+    #: less one per trainer actor this process runs on its own local Ray (``run_workers`` without
+    #: ``LORAFLEET_RAY_ADDRESS``), at least one. Each actor computes on a core of its own; a serving thread sharing
+    #: that core spin-waits for it at every step, and serving and training both slow down many times over
+    #: (``tests/benchmarks/README.md``, "Serving soak")
+    serving_threads: int | None = None
     engine_slots: int = 16
     engine_max_rank: int = 16
     #: rows decoding at once (continuous batching: requests join the running batch at the next step)
@@ -100,6 +107,10 @@ class ApiOptions:
     idempotency_ttl_seconds: float = 24 * 3600.0
     #: bring the database schema up to date at start (``lorafleet db upgrade``)
     migrate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.serving_threads is not None and self.serving_threads < 1:
+            raise ConfigError("serving_threads: must be at least 1 (or None: automatic)")
 
 
 class _LoadOnce(Generic[T]):
@@ -159,15 +170,36 @@ class EngineHolder(_LoadOnce["ContinuousBatcher"]):
     failure = "the serving engine failed to load"
     preload_thread = "lorafleet-engine-preload"
 
-    def __init__(self, build: Callable[[], GenerationEngine], *, options: ApiOptions) -> None:
+    def __init__(
+        self, build: Callable[[], GenerationEngine], *, options: ApiOptions, local_trainers: int = 0
+    ) -> None:
+        """``local_trainers``: trainer actors this process runs on the same machine (each takes a core from
+        serving's threads unless ``options.serving_threads`` says how many to use)."""
         super().__init__()
         self._build = build
         self._options = options
+        self._local_trainers = local_trainers
         self._engine: GenerationEngine | None = None
 
     def _load(self) -> ContinuousBatcher:
-        from lorafleet.serving import ContinuousBatcher  # torch: loaded with the engine, not with the app
+        import torch  # loaded with the engine, not with the app
 
+        from lorafleet.serving import ContinuousBatcher
+
+        threads = serving_threads(
+            self._options.serving_threads,
+            local_trainers=self._local_trainers,
+            current=torch.get_num_threads(),
+            cpus=usable_cpus(),
+        )
+        if threads != torch.get_num_threads():
+            logger.info(
+                "serving with %d torch thread(s) (%d core(s), %d local trainer actor(s))",
+                threads,
+                usable_cpus(),
+                self._local_trainers,
+            )
+            torch.set_num_threads(threads)  # before the engine and its batcher thread exist
         engine = self._build()
         o = self._options
         self._engine = engine
@@ -353,7 +385,31 @@ def _engine_holder(
     """The in-process engine (the default), or the client of the Ray Serve app with ``serving=ray-serve``."""
     if settings.serving == "ray-serve":
         return ServeEngineHolder(settings, options=options)
-    return EngineHolder(lambda: _build_engine(settings, db, registry, options), options=options)
+    return EngineHolder(
+        lambda: _build_engine(settings, db, registry, options),
+        options=options,
+        # a local Ray (no address) puts this process's trainer actors on this machine
+        local_trainers=0 if settings.ray_address else options.run_workers,
+    )
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its CPU affinity where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def serving_threads(configured: int | None, *, local_trainers: int, current: int, cpus: int) -> int:
+    """Torch threads for the in-process engine: ``configured`` if set; else ``current`` (torch's count now),
+    lowered so that serving and ``local_trainers`` single-core trainer actors fit the machine's ``cpus`` cores
+    (at least one thread)."""
+    if configured is not None:
+        return configured
+    if local_trainers <= 0:
+        return current
+    return max(1, min(current, cpus - local_trainers))
 
 
 def _build_engine(
@@ -471,4 +527,12 @@ class BackgroundRuntime:
         return pool
 
 
-__all__ = ["ApiOptions", "ApiServices", "BackgroundRuntime", "EngineHolder", "ServeEngineHolder"]
+__all__ = [
+    "ApiOptions",
+    "ApiServices",
+    "BackgroundRuntime",
+    "EngineHolder",
+    "ServeEngineHolder",
+    "serving_threads",
+    "usable_cpus",
+]

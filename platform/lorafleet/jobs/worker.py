@@ -170,6 +170,10 @@ class _Heartbeat:
     def _run(self) -> None:
         ctx = self._context
         while not self._stop.wait(self._every):
+            if (
+                ctx.completed
+            ):  # the handler's fenced transaction ended the job: there is no lease left to extend
+                return
             try:
                 beat = ctx.queue.heartbeat(
                     job_id=ctx.job.id,
@@ -178,6 +182,8 @@ class _Heartbeat:
                     attempt=ctx.job.attempts,
                 )
             except LeaseLostError as exc:
+                if ctx.completed:  # it ended while this beat was on its way: not a lost lease
+                    return
                 logger.warning("job %d: %s", ctx.job.id, exc)
                 ctx.mark_lost(str(exc))
                 return

@@ -285,6 +285,8 @@ class _PoolLoop:
                 continue
             ready, _ = ray.wait(list(self.calls), num_returns=1, timeout=self.TICK_SECONDS)
             for ref in ready:
+                if stop.is_set():  # the caller is killing the actors (``shutdown``): none of them is replaced
+                    break
                 self._settle(ref)
             self.pool._log_waiting()
             self._check_start_deadline()

@@ -3,6 +3,7 @@ mid-handler (the handler's outcome is never recorded)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +96,33 @@ def test_heartbeats_keep_a_long_handler_s_lease(queue: JobQueue, database: Datab
 
     done = _worker(queue, slow).run_once()
     assert done is not None and done.state == "succeeded" and done.attempts == 1
+
+
+def test_heartbeats_after_a_fenced_success_do_not_report_a_lost_lease(
+    queue: JobQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that completes its job in its fenced transaction and then tidies up (a train job removing its
+    work folders): the heartbeats meanwhile found "job is succeeded; worker must stop" and logged a lost lease
+    (seen in the soak with training beside serving, ``bench_soak.py --train``)."""
+    _submit(queue)
+    beats = []
+
+    def completes_then_tidies(job: Job, lease: LeaseContext) -> dict[str, Any]:
+        with lease.fenced() as fenced:
+            fenced.succeed({"ok": True})
+        real = queue.heartbeat
+        queue.heartbeat = lambda **kw: beats.append(kw) or real(**kw)  # type: ignore[method-assign]
+        try:
+            time.sleep(0.2)  # ten heartbeat periods
+        finally:
+            queue.heartbeat = real  # type: ignore[method-assign]
+        lease.check()
+        return {}
+
+    with caplog.at_level("WARNING", logger="lorafleet.jobs.worker"):
+        done = _worker(queue, completes_then_tidies).run_once()
+    assert done is not None and done.state == "succeeded" and done.result == {"ok": True}
+    assert beats == [] and caplog.records == []
 
 
 def test_lease_lost_mid_handler_drops_its_result(queue: JobQueue, database: Database, clock) -> None:
