@@ -270,8 +270,9 @@ def finite_outputs_rule(matrix: Matrix) -> RuleOutcome:
                 problems.append(f"{column} on {row.name} ({what})")
     evidence = matrix.answers
     if evidence is not None and evidence.nonfinite.get(evidence.subject):
+        answered = len(evidence.items) + len(evidence.training)  # holdout and training answers
         problems.append(
-            f"{evidence.subject} decoding {evidence.nonfinite[evidence.subject]} of {len(evidence.items)} answers"
+            f"{evidence.subject} decoding {evidence.nonfinite[evidence.subject]} of {answered} answers"
         )
     if problems:
         detail = f"{FINITE_RULE}: NaN or Inf in the candidate's logits: {', '.join(problems)}"
