@@ -412,13 +412,7 @@ def by_training_wrong_share(
 ) -> list[str]:
     """The decisions again at other ``QAPolicy.max_training_wrong_share`` values: the training-answers rule reread
     from each decision's stored counts; every other rule's outcome as it was. Also each kind's shares."""
-    kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
-    lines = [
-        "promoted at each max_training_wrong_share (the same training answers)",
-        "",
-        "| max_training_wrong_share | " + " | ".join(kinds) + " |",
-        "| --- |" + " --- |" * len(kinds),
-    ]
+    kinds, lines = _rerun_table(rows, "max_training_wrong_share", "the same training answers")
     for share in shares:
         cells = []
         for kind in kinds:
@@ -448,13 +442,7 @@ def by_wrong_answer_weight(
 ) -> list[str]:
     """The decisions again at other ``QAPolicy.wrong_answer_weight`` values, from the same decoded answers: the
     answer rule rerun on each stored holdout (``answer_rule``); every other rule's outcome as it was."""
-    kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
-    lines = [
-        "promoted at each wrong_answer_weight (the same answers rescored)",
-        "",
-        "| wrong_answer_weight | " + " | ".join(kinds) + " |",
-        "| --- |" + " --- |" * len(kinds),
-    ]
+    kinds, lines = _rerun_table(rows, "wrong_answer_weight", "the same answers rescored")
     for weight in weights:
         policy = QAPolicy(wrong_answer_weight=weight)
         cells = []
@@ -484,6 +472,13 @@ def by_wrong_answer_weight(
             cells.append(f"{promoted} of {len(group)}")
         lines.append(f"| {weight:g} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _rerun_table(rows: list[dict[str, Any]], setting: str, how: str) -> tuple[list[str], list[str]]:
+    """The kinds present in ``rows`` and the title and header of a table of decisions rerun at each ``setting``."""
+    kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
+    header = [f"promoted at each {setting} ({how})", "", f"| {setting} | " + " | ".join(kinds) + " |"]
+    return kinds, [*header, "| --- |" + " --- |" * len(kinds)]
 
 
 def _mean(rows: list[dict[str, Any]], key: str) -> str:

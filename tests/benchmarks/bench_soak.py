@@ -47,6 +47,7 @@ import torch
 from services.api.app import create_app
 from services.api.runtime import ApiOptions
 from sqlalchemy import select
+from tests.integration.qa.qa_helpers import TINY_TRAINING  # the tiny backbone's QA-test training
 from tests.integration.services.api_helpers import ApiServer  # the real uvicorn server the API tests use
 from tests.lora_weights import random_lora_weights
 
@@ -66,21 +67,7 @@ SETUP_ACTOR = "soak"
 #: (``SERVICE_TRAINING_DEFAULTS``): every linear module, enough steps for the tiny model to learn its users' facts
 #: so that QA has something to promote (``tests/integration/qa/qa_helpers.TINY_TRAINING``), no anchors (its
 #: "answers" to general prompts are noise)
-TINY_SOAK_TRAINING: dict[str, Any] = {
-    **SERVICE_TRAINING_DEFAULTS,
-    "anchor_ratio": 0.0,
-    "rank": 8,
-    "alpha": 16.0,
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "learning_rate": 1e-2,
-    "max_steps": 150,
-    "batch_size": 8,
-    "max_seq_len": 64,
-    "holdout_fraction": 0.3,
-    "replay_ratio": 1.0,
-    "dropout": 0.0,
-    "seed": 0,
-}
+TINY_SOAK_TRAINING: dict[str, Any] = {**SERVICE_TRAINING_DEFAULTS, **TINY_TRAINING}
 
 
 @dataclass
