@@ -13,18 +13,15 @@ import services.api.runtime as runtime
 import torch
 from services.api.errors import ServiceUnavailableError
 from services.api.runtime import ApiOptions, EngineHolder, serving_threads
+from tests.torch_threads import torch_threads
 
 from lorafleet.errors import ConfigError
 
 
 @pytest.fixture
 def four_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
+    with torch_threads(4):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _threads_at_build(holder_options: ApiOptions, *, local_trainers: int) -> tuple[int, int]:
