@@ -99,13 +99,22 @@ def request(user: int, prompt: str, new_tokens: int, request_id: str | None = No
 class Batchers:
     """Both batchers over one engine; only one runs at a time (they would share the model otherwise)."""
 
-    def __init__(self, engine: GenerationEngine, max_batch_size: int, **continuous: Any) -> None:
+    def __init__(
+        self, engine: GenerationEngine, max_batch_size: int, *, separate: bool = False, **continuous: Any
+    ) -> None:
         self.engine, self.max_batch_size, self.continuous = engine, max_batch_size, continuous
+        #: the batchers compared: static, continuous (joins fused into the step's forward where the model
+        #: allows) and, with ``separate``, continuous with every join a forward of its own
+        self.kinds = ("static", "continuous", "separate") if separate else ("static", "continuous")
 
     def open(self, kind: str) -> tuple[Any, Timed | None]:
-        if kind == "continuous":
+        if kind in ("continuous", "separate"):
             batcher = ContinuousBatcher(
-                self.engine, max_batch_size=self.max_batch_size, max_wait_ms=2.0, **self.continuous
+                self.engine,
+                max_batch_size=self.max_batch_size,
+                max_wait_ms=2.0,
+                fuse_joins=kind == "continuous",
+                **self.continuous,
             )
             return batcher, None
         timed = Timed(self.engine)
@@ -126,14 +135,14 @@ def bench_arrival(
         delay = 0.25 * (time.perf_counter() - started)
     samples: dict[str, dict[str, list[float]]] = {}
     for _ in range(runs):
-        for kind in ("static", "continuous"):
+        for kind in batchers.kinds:
             got = one_arrival(batchers, kind, longs, short_prompt, short_tokens, delay)
             for key, value in got.items():
                 samples.setdefault(kind, {}).setdefault(key, []).append(value)
     out: dict[str, Any] = {
         kind: {k: statistics.median(v) for k, v in m.items()} for kind, m in samples.items()
     }
-    out["delay"] = delay
+    out["delay"], out["kinds"] = delay, batchers.kinds
     out["ratios"] = {
         key: statistics.median(
             s / c for s, c in zip(samples["static"][key], samples["continuous"][key], strict=True)
@@ -162,7 +171,7 @@ def one_arrival(
         short = request(USERS - 1, short_prompt, short_tokens, request_id="short")
         arrived = time.perf_counter()
         first_token: list[float] = []
-        if kind == "continuous":
+        if kind != "static":
             future: Future[Any] = batcher.submit(
                 short, on_delta=lambda _: first_token.append(time.perf_counter()) if not first_token else None
             )
@@ -205,7 +214,7 @@ def bench_poisson(
     for fraction in fractions:
         rate = fraction * capacity
         gaps = np.random.default_rng(5).exponential(1.0 / rate, n_requests)
-        per_kind: dict[str, list[dict[str, float]]] = {"static": [], "continuous": []}
+        per_kind: dict[str, list[dict[str, float]]] = {kind: [] for kind in batchers.kinds}
         for _ in range(runs):
             for kind in per_kind:
                 per_kind[kind].append(one_poisson(batchers, kind, requests, gaps))
@@ -213,11 +222,12 @@ def bench_poisson(
         for kind, results in per_kind.items():
             for key in ("p50", "p99", "tok_s"):
                 row[f"{kind}_{key}"] = statistics.median(r[key] for r in results)
-        row["p99_ratio"] = statistics.median(
-            s["p99"] / c["p99"] for s, c in zip(per_kind["static"], per_kind["continuous"], strict=True)
-        )
+        for kind in batchers.kinds[1:]:
+            row[f"{kind}_p99_ratio"] = statistics.median(
+                s["p99"] / c["p99"] for s, c in zip(per_kind["static"], per_kind[kind], strict=True)
+            )
         rows.append(row)
-    return {"capacity": capacity, "rows": rows}
+    return {"capacity": capacity, "rows": rows, "kinds": batchers.kinds}
 
 
 def one_poisson(
@@ -323,6 +333,11 @@ def main() -> None:
         "--join-ratio", type=float, default=None, help="ContinuousBatcher's (default: its own)"
     )
     parser.add_argument("--join-delay", type=int, default=None, help="its max_join_delay_steps")
+    parser.add_argument(
+        "--separate",
+        action="store_true",
+        help="also continuous batching with every join a forward of its own (fuse_joins=False)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -334,7 +349,12 @@ def main() -> None:
             quantization = args.quantization or "nf4"
         backbone, engine = build(path, quantization, Path(tmp) / "blobs")
         knobs = {"join_ratio": args.join_ratio, "max_join_delay_steps": args.join_delay}
-        batchers = Batchers(engine, args.max_batch_size, **{k: v for k, v in knobs.items() if v is not None})
+        batchers = Batchers(
+            engine,
+            args.max_batch_size,
+            separate=args.separate,
+            **{k: v for k, v in knobs.items() if v is not None},
+        )
         parts = set(args.parts.split(","))
         print(
             f"backbone {args.backbone} ({quantization}), {args.threads} thread(s), medians of {args.runs}\n"
@@ -381,7 +401,7 @@ def report_arrival(r: dict[str, Any], args: argparse.Namespace) -> None:
     )
     print("| batching | short: first token (s) | short: total (s) | long batch (s) |")
     print("| --- | --- | --- | --- |")
-    for kind in ("static", "continuous"):
+    for kind in r["kinds"]:
         m = r[kind]
         print(f"| {kind} | {m['short_ttft']:.3f} | {m['short_total']:.3f} | {m['long_batch']:.2f} |")
     ratios = r["ratios"]
@@ -395,16 +415,26 @@ def report_poisson(r: dict[str, Any], args: argparse.Namespace) -> None:
         f"### Poisson arrivals: {args.requests} requests, {USERS} users, {args.min_tokens}-{args.max_tokens} new "
         f"tokens; capacity {r['capacity']:.2f} req/s\n"
     )
+    kinds = r["kinds"]
     print(
-        "| rate (req/s) | static p50 / p99 (s) | continuous p50 / p99 (s) | p99 static / continuous | "
-        "tok/s static / continuous |"
+        "| rate (req/s) | "
+        + " | ".join(f"{k} p50 / p99 (s)" for k in kinds)
+        + " | "
+        + " | ".join(f"p99 static / {k}" for k in kinds[1:])
+        + " | tok/s "
+        + " / ".join(kinds)
+        + " |"
     )
-    print("| --- | --- | --- | --- | --- |")
+    print("| --- " * (2 * len(kinds) + 1) + "|")
     for row in r["rows"]:
         print(
-            f"| {row['rate']:.2f} ({row['fraction']:.0%}) | {row['static_p50']:.2f} / {row['static_p99']:.2f} | "
-            f"{row['continuous_p50']:.2f} / {row['continuous_p99']:.2f} | {row['p99_ratio']:.2f}x | "
-            f"{row['static_tok_s']:.1f} / {row['continuous_tok_s']:.1f} |"
+            f"| {row['rate']:.2f} ({row['fraction']:.0%}) | "
+            + " | ".join(f"{row[f'{k}_p50']:.2f} / {row[f'{k}_p99']:.2f}" for k in kinds)
+            + " | "
+            + " | ".join(f"{row[f'{k}_p99_ratio']:.2f}x" for k in kinds[1:])
+            + " | "
+            + " / ".join(f"{row[f'{k}_tok_s']:.1f}" for k in kinds)
+            + " |"
         )
     print()
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lorafleet.adapters.merge import merge_slot, unmerge_last
-from lorafleet.adapters.plan import PlanState, SlotPlan
+from lorafleet.adapters.plan import PartsPlan, PlanState, SlotPlan
 from lorafleet.adapters.slots import SlotConfig, SlotInfo
 from lorafleet.errors import (
     AdapterFormatError,
@@ -147,8 +147,9 @@ class AdapterBank:
 
     # --- plans ----------------------------------------------------------------------------------------------
     @contextmanager
-    def use(self, plan: SlotPlan | None) -> Iterator[SlotPlan | None]:
-        """Use ``plan`` for every forward inside the block (also every step of ``generate``); None = base only."""
+    def use(self, plan: SlotPlan | PartsPlan | None) -> Iterator[SlotPlan | PartsPlan | None]:
+        """Use ``plan`` for every forward inside the block (also every step of ``generate``); None = base only.
+        A ``PartsPlan`` routes a flattened input part by part (continuous batching's fused step)."""
         if plan is not None:
             self._check_plan(plan)
         saved = (self._plan_state.active, self._plan_state.plan)
@@ -158,11 +159,11 @@ class AdapterBank:
         finally:
             self._plan_state.active, self._plan_state.plan = saved
 
-    def base_only(self) -> AbstractContextManager[SlotPlan | None]:
+    def base_only(self) -> AbstractContextManager[SlotPlan | PartsPlan | None]:
         """Forwards inside the block skip every adapter (the frozen base model alone)."""
         return self.use(None)
 
-    def _check_plan(self, plan: SlotPlan) -> None:
+    def _check_plan(self, plan: SlotPlan | PartsPlan) -> None:
         bad = [s for s in plan.used_slots if s >= self.n_slots]
         if bad:
             raise ValidationError(f"routing plan uses slots {bad}; the bank has {self.n_slots} slots")

@@ -17,6 +17,10 @@ batch's worth, released by :meth:`BankLinear.drop_cached_work` and replaced when
 **Rank buckets.** Each row is computed at its bucket's rank (the next power of two above its largest slot rank,
 never above the bucket's largest rank in use) instead of the largest rank of the plan, so a rank-4 adapter
 batched with a rank-64 one does not pay 16 times its own work: one matmul pair per bucket in use.
+
+**Parts.** Under a :class:`PartsPlan` the base layer runs once over the whole flattened input and each part adds
+its own rows' deltas; only the part marked ``reuse`` (the running decode rows) keeps its gathered rows, so a
+one-off part (newcomers' prompts) never evicts them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafleet.adapters.layers import BaseLayerKind
-from lorafleet.adapters.plan import PlanState, Segment, SlotPlan
+from lorafleet.adapters.plan import PartsPlan, PlanState, Segment, SlotPlan
 from lorafleet.errors import AdapterShapeError, MergeError, ValidationError
 
 
@@ -135,19 +139,43 @@ class BankLinear(nn.Module):
         plan = self._plan_state.current()
         if plan is None or not any(s in self.present for s in plan.used_slots):
             return result
+        if isinstance(plan, PartsPlan):
+            return self._add_parts(result, x, plan)
         plan = plan.for_batch(x.shape[0])
         xa = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.lora_A.dtype)  # [batch, seq, d_in]
         out = result.reshape(x.shape[0], -1, self.out_features)  # [batch, seq, d_out]
+        return self._add(out, xa, plan, reuse=True).reshape(result.shape)
+
+    def _add(self, out: torch.Tensor, xa: torch.Tensor, plan: SlotPlan, *, reuse: bool) -> torch.Tensor:
+        """``out [batch, seq, d_out]`` plus the plan's LoRA deltas of ``xa [batch, seq, d_in]``; ``reuse``: the
+        gathered rows of a mixed batch may be kept for the next forward (``row_work``)."""
         if plan.uniform is not None:
-            out = self._add_uniform(out, xa, *plan.uniform)
-        elif plan.segments is not None:
-            out = self._add_segments(out, xa, plan.segments)
-        elif not torch.is_grad_enabled() and not (
-            self.training and any(self.dropouts[s] > 0 for s in plan.used_slots)
+            return self._add_uniform(out, xa, *plan.uniform)
+        if plan.segments is not None:
+            return self._add_segments(out, xa, plan.segments)
+        if (
+            reuse
+            and not torch.is_grad_enabled()
+            and not (self.training and any(self.dropouts[s] > 0 for s in plan.used_slots))
         ):
-            out = self._add_cached(out, xa, plan)
-        else:
-            out = self._add_mixed(out, xa, plan)
+            return self._add_cached(out, xa, plan)
+        return self._add_mixed(out, xa, plan)
+
+    def _add_parts(self, result: torch.Tensor, x: torch.Tensor, plan: PartsPlan) -> torch.Tensor:
+        """A flattened input ``[rows, 1, d_in]`` whose parts each have their own plan (module docstring)."""
+        if x.shape[0] != plan.rows or x[0].numel() != self.in_features:
+            raise ValidationError(f"a parts plan of {plan.rows} rows got an input of shape {tuple(x.shape)}")
+        out = result.reshape(plan.rows, 1, self.out_features)  # [rows, 1, d_out]
+        for part in plan.parts:
+            if part.plan is None or not any(s in self.present for s in part.plan.used_slots):
+                continue
+            xa = (
+                x[part.start : part.end].reshape(part.batch, part.seq, self.in_features).to(self.lora_A.dtype)
+            )
+            view = out[part.start : part.end].view(part.batch, part.seq, self.out_features)
+            added = self._add(view, xa, part.plan, reuse=part.reuse)
+            if added.data_ptr() != view.data_ptr():  # computed out of place: copy it back into the rows
+                view.copy_(added)
         return out.reshape(result.shape)
 
     # --- serving: gathered rows reused across forwards ---------------------------------------------------------

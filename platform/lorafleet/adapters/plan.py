@@ -9,6 +9,10 @@ A decoder that rebuilds its plan from the rows' routes at every step (continuous
 plan object back from :meth:`SlotPlan.from_rows` while the routes do not change (a small LRU of recent
 plans), so nothing a plan caches is recomputed per step; and :attr:`SlotPlan.key` (the plan's content) lets
 the bank layers keep their gathered rows across plans with equal routes.
+
+A :class:`PartsPlan` routes one forward whose input holds several batches one after another, each with its own
+plan: continuous batching's fused step feeds the running rows' next tokens and the newcomers' prompts in one
+forward, so the frozen base weights are read (and, in 4-bit, dequantised) once for both.
 """
 
 from __future__ import annotations
@@ -259,6 +263,48 @@ def _check_plan_tensors(slot_ids: torch.Tensor, weights: torch.Tensor) -> None:
         raise ValidationError("routing weights must be finite")
 
 
+@dataclass(frozen=True)
+class PlanPart:
+    """Rows ``start:end`` of a flattened input (``[tokens, 1, d]``), viewed as ``[batch, seq]`` and routed by
+    ``plan`` (None: the base only). ``reuse``: the layers may keep this plan's gathered rows for the next forward
+    (the running rows of a decode batch); other parts are computed without touching what the layers keep."""
+
+    start: int
+    end: int
+    batch: int
+    seq: int
+    plan: SlotPlan | None
+    reuse: bool = False
+
+
+@dataclass(frozen=True)
+class PartsPlan:
+    """Several plans over consecutive parts of one flattened input (module docstring)."""
+
+    parts: tuple[PlanPart, ...]
+
+    def __post_init__(self) -> None:
+        at = 0
+        for part in self.parts:
+            if part.start != at or part.end - part.start != part.batch * part.seq:
+                raise ValidationError(f"plan parts must tile the input: {part} after row {at}")
+            if part.plan is not None and part.plan.batch_size != part.batch:
+                raise ValidationError(f"part {part} has a plan of {part.plan.batch_size} rows")
+            at = part.end
+
+    @property
+    def rows(self) -> int:
+        return self.parts[-1].end if self.parts else 0
+
+    @property
+    def used_slots(self) -> tuple[int, ...]:
+        return tuple(sorted({s for p in self.parts if p.plan is not None for s in p.plan.used_slots}))
+
+    def routes_exactly(self, slots: Sequence[int]) -> bool:
+        """True when every part routes every row through exactly ``slots`` (``SlotPlan.routes_exactly``)."""
+        return all(p.plan is not None and p.plan.routes_exactly(slots) for p in self.parts)
+
+
 class PlanState:
     """The plan in force for one bank, shared by all its layers (set by ``AdapterBank.use``).
 
@@ -267,12 +313,12 @@ class PlanState:
     """
 
     def __init__(self) -> None:
-        self.plan: SlotPlan | None = None
+        self.plan: SlotPlan | PartsPlan | None = None
         self.active = False
         #: slots merged into the base weights (a stack); while non-empty the layers add no LoRA delta
         self.merged_slots: list[int] = []
 
-    def current(self) -> SlotPlan | None:
+    def current(self) -> SlotPlan | PartsPlan | None:
         """The plan for this forward (None = base only); raises when no routing context is open."""
         if not self.active:
             raise InvalidStateError(

@@ -13,9 +13,11 @@ Two threads, so that slow admission work never stalls the rows that are decoding
 - **decode** drives one ``DecodeBatch``. Before each step it drops the rows whose caller went away (a cancelled
   future: an HTTP client that disconnected), and lets admitted rows join: at most ``max_batch_size`` rows run at
   once, and the newcomers' prefill is bounded by ``max_prefill_tokens`` (padded prompt tokens, at least one row)
-  so the running rows keep flowing. Newcomers join an empty batch at once, a running one in groups (when they
-  are ``join_ratio`` of its rows, or after ``max_join_delay_steps`` steps): a join is a prefill forward that
-  the running rows wait for. Each step streams every streaming row's new text (``GenerationDelta``) and
+  so the running rows keep flowing. Newcomers join an empty batch at once. Where the model allows it
+  (``DecodeBatch.fuses_joins``: Llama-architecture backbones) they join a running one at the next step, inside
+  that step's forward (``serving/fused.py``). Elsewhere a join is a prefill forward that the running rows wait
+  for, so newcomers join in groups (when they are ``join_ratio`` of its rows, or after
+  ``max_join_delay_steps`` steps). Each step streams every streaming row's new text (``GenerationDelta``) and
   settles the rows that ended; a row's pins are released the moment it ends.
 
 A request gets a ``concurrent.futures.Future`` (``submit``), an awaitable (``submit_async``), or a stream of
@@ -80,20 +82,26 @@ class ContinuousBatcher(RequestQueue["_Pending"]):
         max_batch_size: int = 32,
         max_wait_ms: float = 2.0,
         max_prefill_tokens: int = 2048,
-        join_ratio: float = DEFAULT_JOIN_RATIO,
+        join_ratio: float | None = None,
         max_join_delay_steps: int = DEFAULT_MAX_JOIN_DELAY_STEPS,
         max_pending: int = 4096,
         metrics: ServingMetrics | None = None,
+        fuse_joins: bool = True,
     ) -> None:
         """``join_ratio`` and ``max_join_delay_steps``: when admitted requests join a running batch (see
-        ``_take_ready``); ``join_ratio=0`` joins at every step."""
+        ``_take_ready``); ``join_ratio=0`` joins at every step. None: at every step where the engine's decode
+        batch joins within the step's own forward (``DecodeBatch.fuses_joins``), else ``DEFAULT_JOIN_RATIO``.
+        ``fuse_joins`` False: every join is a forward of its own (for comparison)."""
         if max_batch_size < 1 or max_wait_ms < 0 or max_pending < 1 or max_prefill_tokens < 1:
             raise ValidationError(
                 "max_batch_size, max_pending and max_prefill_tokens must be >= 1 and max_wait_ms >= 0"
             )
+        if join_ratio is None:
+            join_ratio = 0.0 if engine.decode_batch(fuse_joins=fuse_joins).fuses_joins else DEFAULT_JOIN_RATIO
         if join_ratio < 0 or max_join_delay_steps < 0:
             raise ValidationError("join_ratio and max_join_delay_steps must be >= 0")
         self.join_ratio, self.max_join_delay_steps = join_ratio, max_join_delay_steps
+        self.fuse_joins = fuse_joins
         super().__init__(max_pending=max_pending)
         self.engine = engine
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
@@ -245,7 +253,7 @@ class ContinuousBatcher(RequestQueue["_Pending"]):
 
     # --- decoding --------------------------------------------------------------------------------------------
     def _decode_loop(self) -> None:
-        batch = self.engine.decode_batch()
+        batch = self.engine.decode_batch(fuse_joins=self.fuse_joins)
         running: dict[int, _Pending] = {}
         while True:
             with self._cond:
@@ -259,12 +267,9 @@ class ContinuousBatcher(RequestQueue["_Pending"]):
             try:
                 updates: list[RowUpdate] = []
                 with self.engine.model_lock:  # streaming and settling happen after it is released
-                    if newcomers:
-                        running.update((id(p), p) for p in newcomers)
-                        updates += batch.join([(id(p), _admitted(p).spec) for p in newcomers])
-                    rows = len(batch)
-                    if rows:
-                        updates += batch.step()
+                    running.update((id(p), p) for p in newcomers)
+                    rows = len(batch) + len(newcomers)
+                    updates += batch.join_and_step([(id(p), _admitted(p).spec) for p in newcomers])
                 if rows:
                     self.metrics.record_step(rows, time.perf_counter() - started)
                 self._dispatch(updates, running)
@@ -275,7 +280,7 @@ class ContinuousBatcher(RequestQueue["_Pending"]):
                     _settle(pending.future, exc)
                 self._ended(len(running))
                 running.clear()
-                batch = self.engine.decode_batch()
+                batch = self.engine.decode_batch(fuse_joins=self.fuse_joins)
             with self._cond:
                 self._running = len(running)
                 self._steps += 1
@@ -283,10 +288,11 @@ class ContinuousBatcher(RequestQueue["_Pending"]):
     def _take_ready(self, running: int) -> list[_Pending]:
         """Admitted rows that may join now (under ``_cond``). Into an empty batch, at once. Into a running one,
         when enough are waiting (``join_ratio`` of the running rows) or the oldest has waited
-        ``max_join_delay_steps`` steps: each join is a prefill forward of its own that the running rows wait for,
-        and where a forward costs about the same whatever its size (a 4-bit backbone on CPU dequantises every
-        weight per forward) joining one newcomer per step would halve their pace; TGI's router waits the same
-        way (``waiting_served_ratio``, ``max_waiting_tokens``). Then as many as fit: room in the batch, and their
+        ``max_join_delay_steps`` steps. Without fused joins, each join is a prefill forward of its own that the
+        running rows wait for, and where a forward costs about the same whatever its size (a 4-bit backbone on
+        CPU dequantises every weight per forward) joining one newcomer per step would halve their pace; TGI's
+        router waits the same way (``waiting_served_ratio``, ``max_waiting_tokens``). With fused joins the
+        default ``join_ratio`` is 0: every step takes whoever is ready. Then as many as fit: room in the batch, and their
         padded prefill within ``max_prefill_tokens`` (the first one always, so a long prompt is never starved)."""
         if not self._ready:
             return []

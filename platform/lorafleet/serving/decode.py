@@ -3,8 +3,11 @@
 ``DecodeBatch`` holds the rows being decoded. ``join`` prefills newcomers in one forward of their own (their
 prompts left-padded among themselves), picks their first token and merges their KV cache, attention mask and
 routes into the running batch; ``step`` runs one forward for every running row; ``drop`` removes rows (a client
-that went away). Every row keeps its own routing (adapter slots and weights), sampling parameters, seed, stop
-strings and length, so a row decodes exactly what it would alone, whatever joins or leaves around it: position
+that went away). ``join_and_step`` does a join and a step in one forward where the model allows it
+(``serving/fused.py``), so the running rows do not wait for a prefill forward of its own.
+
+Every row keeps its own routing (adapter slots and weights), sampling parameters, seed, stop strings and
+length, so a row decodes exactly what it would alone, whatever joins or leaves around it: position
 ids come from each row's own attention mask, and the KV caches of rows of different lengths are aligned by
 padding on the left (masked out). Columns that only padding uses are trimmed when rows leave.
 ``BatchDecoder.run`` is the static case: every row joins at once and the batch runs until all are done.
@@ -40,6 +43,7 @@ import torch
 from lorafleet.adapters.bank import AdapterBank
 from lorafleet.adapters.plan import Route, SlotPlan
 from lorafleet.backbone.chat import end_of_turn_ids
+from lorafleet.serving.fused import Joining, Running, fusable, fused_forward
 from lorafleet.serving.requests import MAX_LOGPROBS as MAX_TOP_LOGPROBS
 from lorafleet.serving.requests import FinishReason, TokenLogprob
 
@@ -224,9 +228,12 @@ class DecodeBatch:
         *,
         device: torch.device,
         eos_ids: frozenset[int] | None = None,
+        fuse_joins: bool = True,
     ) -> None:
-        """``bank`` None: a model without adapters (every row's routes must be empty)."""
+        """``bank`` None: a model without adapters (every row's routes must be empty). ``fuse_joins`` False:
+        ``join_and_step`` always prefills newcomers in a forward of their own (for comparison)."""
         self.model, self.bank, self.tokenizer, self.device = model, bank, tokenizer, device
+        self.fuse_joins = fuse_joins
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self.eos_ids = eos_ids if eos_ids is not None else frozenset(end_of_turn_ids(model, tokenizer))
         self._state: _State | None = None
@@ -255,15 +262,66 @@ class DecodeBatch:
         )
         logits = self._forward(state, ids)
         updates, keep = self._take(state.rows, logits)
-        if keep:
-            if len(keep) < len(state.rows):
-                state.select(keep)
-            state.positions = state.positions[:, -1:]  # [n, 1]: each row's last position
-            if self._state is None:
-                self._state = state
-            else:
-                self._state.merge(state)
+        self._add_joined(state, keep)
         return updates
+
+    @property
+    def fuses_joins(self) -> bool:
+        """Whether ``join_and_step`` runs newcomers' prefill and the running rows' step as one forward
+        (``serving/fused.py``: Llama-architecture models, a bank without merged slots)."""
+        return self.fuse_joins and fusable(self.model, self.bank)
+
+    @torch.inference_mode()
+    def join_and_step(self, rows: Sequence[tuple[Hashable, RowSpec]]) -> list[RowUpdate]:
+        """Newcomers join and every running row takes a step. Into a running batch of a model that allows it, one
+        forward does both (``fuses_joins``): the newcomers get their first token and the running rows their
+        next. Otherwise a prefill forward of the newcomers, then a step of every row (newcomers included)."""
+        state = self._state
+        if not rows:
+            return self.step()
+        if state is None or not self.fuses_joins:
+            updates = self.join(rows)
+            return updates + self.step() if len(self) else updates
+        from transformers import DynamicCache
+
+        newcomers = [_Row(key, spec, RowSampler(spec)) for key, spec in rows]
+        ids, mask = left_pad([r.spec.prompt_ids for r in newcomers], pad_id=self.pad_id, device=self.device)
+        joined = _State(
+            rows=newcomers,
+            mask=mask,
+            positions=(mask.cumsum(-1) - 1).clamp(min=0),  # [k, L]: padding does not shift positions
+            cache=DynamicCache(config=self.model.config),
+        )
+        fed = torch.tensor([r.next_token for r in state.rows], device=self.device)  # [R]
+        state.mask = torch.cat([state.mask, torch.ones_like(fed).unsqueeze(1)], dim=1)  # [R, seq + 1]
+        state.positions = state.positions + 1  # [R, 1]
+        logits = fused_forward(
+            self.model,
+            self.bank,
+            Running(fed, state.positions[:, 0], state.mask, state.cache, self._plan_of(state)),
+            Joining(ids, mask, joined.positions, joined.cache, self._plan_of(joined)),
+        )
+        running = len(state.rows)
+        updates, keep = self._take(state.rows, logits[:running])
+        joined_updates, joined_keep = self._take(joined.rows, logits[running:])
+        self._keep(keep)
+        self._add_joined(joined, joined_keep)
+        return updates + joined_updates
+
+    def _plan_of(self, state: _State) -> SlotPlan | None:
+        return None if self.bank is None else state.plan()
+
+    def _add_joined(self, joined: _State, keep: Sequence[int]) -> None:
+        """Newcomers that go on (positions ``keep``) after their prefill become running rows."""
+        if not keep:
+            return
+        if len(keep) < len(joined.rows):
+            joined.select(keep)
+        joined.positions = joined.positions[:, -1:]  # [n, 1]: each row's last position
+        if self._state is None:
+            self._state = joined
+        else:
+            self._state.merge(joined)
 
     @torch.inference_mode()
     def step(self) -> list[RowUpdate]:

@@ -203,7 +203,7 @@ class GenerationEngine:
             for a in admitted
         ]
 
-    def decode_batch(self) -> DecodeBatch:
+    def decode_batch(self, *, fuse_joins: bool = True) -> DecodeBatch:
         """An empty ``DecodeBatch`` over this engine's model and bank (drive it under ``model_lock``)."""
         return DecodeBatch(
             self.backbone.model,
@@ -211,6 +211,7 @@ class GenerationEngine:
             self.backbone.tokenizer,
             device=self.backbone.device,
             eos_ids=self._eos_ids,
+            fuse_joins=fuse_joins,
         )
 
     @property
