@@ -6,21 +6,16 @@ write in one is ``ReadOnlyTransactionError`` and changes nothing. Inside an open
 from __future__ import annotations
 
 import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
+from tests.databases import writer_holding_the_lock
 
 from lorafleet.errors import ReadOnlyTransactionError
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlTenant
 from lorafleet.store.sql.tenants import TenantRepository
-
-#: how long a helper thread waits for the test's signal before giving up (only reached when the test is broken)
-_GIVE_UP_SECONDS = 60
 
 
 def _tenant_names(session: Session) -> list[str]:
@@ -32,39 +27,9 @@ def _add_tenant(session: Session, name: str) -> None:
     session.flush()
 
 
-@contextmanager
-def _writer_holding_the_lock(db: Database) -> Iterator[None]:
-    """Another thread's ordinary transaction, open for the block, that has written (not committed) a tenant
-    ``uncommitted``; it rolls back after the block."""
-    holding, release = threading.Event(), threading.Event()
-    failures: list[BaseException] = []
-
-    def write() -> None:
-        try:
-            with db.session() as session:
-                _add_tenant(session, "uncommitted")
-                holding.set()
-                release.wait(_GIVE_UP_SECONDS)
-                session.rollback()
-        except BaseException as exc:  # reported by the test's thread
-            failures.append(exc)
-            holding.set()
-
-    writer = threading.Thread(target=write)
-    writer.start()
-    try:
-        assert holding.wait(_GIVE_UP_SECONDS)
-        assert not failures, failures
-        yield
-    finally:
-        release.set()
-        writer.join()
-    assert not failures, failures
-
-
 def test_a_read_does_not_wait_for_an_open_write(database: Database) -> None:
     TenantRepository(database).create_tenant(name="committed")
-    with _writer_holding_the_lock(database):
+    with writer_holding_the_lock(database):
         # the writer waits for this thread: were the read to wait for the writer, it would fail (busy_timeout)
         assert database.read(_tenant_names) == ["committed"]
         with database.session(read_only=True) as session:
@@ -79,7 +44,7 @@ def test_an_ordinary_transaction_would_wait_for_the_writer(sqlite_database: Data
     cannot start while a writer holds the lock (here with no busy timeout, so it fails instead of waiting)."""
     path = sqlite_database.engine.url.database
     assert path is not None
-    with _writer_holding_the_lock(sqlite_database):
+    with writer_holding_the_lock(sqlite_database):
         other = sqlite3.connect(path, timeout=0, isolation_level=None)
         try:
             with pytest.raises(sqlite3.OperationalError, match="locked"):
