@@ -172,6 +172,13 @@ class StoreError(LorafleetError):
     code = "store_error"
 
 
+class ReadOnlyTransactionError(StoreError):
+    """A write in a read-only transaction (``Database.read``, ``session(read_only=True)``): a bug in the caller;
+    nothing was written."""
+
+    code = "read_only_transaction"
+
+
 # --- jobs and training ---------------------------------------------------------------------------------
 class JobError(LorafleetError):
     """A job could not be submitted or run."""

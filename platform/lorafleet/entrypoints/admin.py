@@ -13,7 +13,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorafleet.config import load_settings
 from lorafleet.domain import AliasEvent, AuditEvent, UserSummary
@@ -31,6 +31,9 @@ from lorafleet.workflows.blob_verify import verify_blobs
 from lorafleet.workflows.import_jobs import import_weight_bounds, submit_import
 from lorafleet.workflows.live_alias import move_live, promote_manually
 from lorafleet.workflows.tasks import ingest_task_feedback, list_tasks, move_task_live
+
+if TYPE_CHECKING:
+    from services.api.runtime import ApiOptions
 
 log = logging.getLogger("lorafleet.cli")
 
@@ -306,23 +309,30 @@ def promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_options(args: argparse.Namespace) -> ApiOptions:
+    """The ``ApiOptions`` that ``lorafleet serve``'s arguments ask for."""
+    from services.api.runtime import ApiOptions  # the web stack: see ``serve``
+
+    return ApiOptions(
+        run_scheduler=not args.no_scheduler,
+        scheduler_interval=args.scheduler_interval,
+        run_workers=args.workers,
+        preload_engine=args.preload_engine,
+        serving_threads=args.serving_threads,
+        migrate=not args.no_migrate,
+        training=SERVICE_TRAINING_DEFAULTS,  # under every tenant's overrides
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
     """The API, the scheduler loop and ``--workers`` Ray trainer actors in one process, until SIGINT/SIGTERM."""
     # the web stack (FastAPI, uvicorn and the API built on them) is imported here, not at the top: only this
     # command serves HTTP, and the other admin commands should not pay for loading it
     import uvicorn
     from services.api.app import create_app
-    from services.api.runtime import ApiOptions
 
     settings = load_settings()
-    options = ApiOptions(
-        run_scheduler=not args.no_scheduler,
-        scheduler_interval=args.scheduler_interval,
-        run_workers=args.workers,
-        preload_engine=args.preload_engine,
-        migrate=not args.no_migrate,
-        training=SERVICE_TRAINING_DEFAULTS,  # under every tenant's overrides
-    )
+    options = serve_options(args)
     log.info(
         "serving on http://%s:%d: database %s, object store %s, ray %s, %d trainer actor(s)",
         args.host,

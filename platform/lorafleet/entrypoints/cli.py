@@ -44,6 +44,17 @@ def _add_listing_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def _at_least_one(text: str) -> int:
+    """An ``int`` argument that must be 1 or more (argparse prints the reason and exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="the API, the scheduler and local trainer workers in one process")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -52,6 +63,13 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     serve.add_argument("--scheduler-interval", type=float, default=30.0, help="seconds between ticks")
     serve.add_argument("--no-scheduler", action="store_true", help="do not run the scheduler loop")
     serve.add_argument("--preload-engine", action="store_true", help="load the serving engine at start")
+    serve.add_argument(
+        "--serving-threads",
+        type=_at_least_one,
+        default=None,
+        metavar="N",
+        help="torch threads for the serving engine (default: torch's, less one per local trainer actor)",
+    )
     serve.add_argument(
         "--no-migrate",
         action="store_true",

@@ -131,8 +131,9 @@ class Registry:
         return self._db.run(self._repo.get_adapter, tenant_id=tenant_id, adapter_id=adapter_id)
 
     def find_adapter(self, *, tenant_id: int, owner_user_id: int | None, name: str) -> Adapter | None:
-        """The adapter by owner and name (``owner_user_id`` None = a task adapter), or None."""
-        return self._db.run(
+        """The adapter by owner and name (``owner_user_id`` None = a task adapter), or None (a read-only
+        transaction: the API looks adapters up per request)."""
+        return self._db.read(
             self._repo.find_adapter, tenant_id=tenant_id, owner_user_id=owner_user_id, name=name
         )
 
@@ -301,7 +302,8 @@ class Registry:
         return self._db.run(self._repo.get_version, tenant_id=tenant_id, adapter_id=adapter_id, number=number)
 
     def get_version_by_id(self, *, tenant_id: int, version_id: int) -> AdapterVersion:
-        return self._db.run(self._repo.get_version_by_id, tenant_id=tenant_id, version_id=version_id)
+        """A version by id (read-only: serving loads learned gates by it)."""
+        return self._db.read(self._repo.get_version_by_id, tenant_id=tenant_id, version_id=version_id)
 
     def find_version_by_job(self, *, tenant_id: int, adapter_id: int, job_id: int) -> AdapterVersion | None:
         """The version a job registered for the adapter, or None (there is at most one)."""

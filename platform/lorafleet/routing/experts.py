@@ -5,7 +5,8 @@ key is set, or when the user's gate settings change; ``ExpertSet.revision`` (a h
 it, so a serving cache keyed by revision never routes over a stale bank.
 
 An unknown user (no row yet) gets an empty bank and the default gate: a brand-new user is answered by the base
-model rather than refused. Resolving a bank is two indexed queries. This module does not import torch.
+model rather than refused. Resolving a bank is two indexed queries, in a read-only transaction (on SQLite it does
+not wait for a writer: ``store.sql.database``). This module does not import torch.
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ def resolve_user_experts(db: Database, *, tenant_id: int, user_external_id: str)
     """The user's experts now; an unknown user gets an empty bank (base answers) and the default gate."""
     external_id = validate_external_id(user_external_id)
     repo = RoutingRepository(dialect=db.dialect)
-    # the gate settings and the live versions as of one moment, in one session (no savepoints per read)
-    found, rows = db.run(repo.user_experts, tenant_id=tenant_id, external_id=external_id)
+    # the gate settings and the live versions as of one moment, in one session (no savepoints per read); read-only,
+    # so serving does not wait behind a writer (``store.sql.database``)
+    found, rows = db.read(repo.user_experts, tenant_id=tenant_id, external_id=external_id)
     user_id, stored = found if found is not None else (None, None)
     members = _members(rows, user_id=user_id)
     gate_row = next((r for r in rows if r.kind == "gate"), None)
@@ -94,7 +96,7 @@ def resolve_model_experts(
     repo = RoutingRepository(dialect=db.dialect)
     what = f"{owner}/{adapter}" if owner is not None else f"task:{adapter}"
     what += f"@{version}" if version is not None else " (live)"
-    with db.unit_of_work():
+    with db.unit_of_work(read_only=True):
         user_id = None
         if owner is not None:
             found = db.run(
@@ -118,7 +120,7 @@ def resolve_model_experts(
 
 def served_task_models(db: Database, *, tenant_id: int) -> list[str]:
     """The names of the tenant's task adapters that have a live version (what ``GET /v1/models`` lists)."""
-    return db.run(RoutingRepository(dialect=db.dialect).task_adapters_with_live_version, tenant_id=tenant_id)
+    return db.read(RoutingRepository(dialect=db.dialect).task_adapters_with_live_version, tenant_id=tenant_id)
 
 
 def effective_gate_spec(stored: dict[str, Any] | None, *, live_gate_version_id: int | None) -> GateSpec:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from tests.unit.registry.registry_helpers import write_adapter_dir
 
-from lorafleet.entrypoints.cli import main
+from lorafleet.entrypoints.admin import serve_options
+from lorafleet.entrypoints.cli import build_parser, main
 from lorafleet.platform import Platform
 from lorafleet.registry import Registry
 from lorafleet.store.sql.database import Database
@@ -144,8 +145,27 @@ def test_serve_help_names_the_options(capsys: pytest.CaptureFixture[str]) -> Non
         main(["serve", "--help"])
     assert exited.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--host", "--port", "--workers", "--scheduler-interval"):
+    for option in ("--host", "--port", "--workers", "--scheduler-interval", "--serving-threads"):
         assert option in out
+
+
+def test_serve_threads_reach_the_api_options() -> None:
+    parser = build_parser()
+    assert serve_options(parser.parse_args(["serve"])).serving_threads is None  # automatic
+    options = serve_options(parser.parse_args(["serve", "--workers", "2", "--serving-threads", "3"]))
+    assert (options.serving_threads, options.run_workers) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"), [("0", "must be at least 1, got 0"), ("two", "not a whole number")]
+)
+def test_serve_threads_not_a_count_is_refused(
+    value: str, reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--serving-threads", value])
+    assert exited.value.code == 2
+    assert f"argument --serving-threads: {reason}" in capsys.readouterr().err
 
 
 def test_tenants_keys_lists_and_revoke_key_revokes(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:

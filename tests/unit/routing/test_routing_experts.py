@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from routing_helpers import World, add_live_version
 from sqlalchemy import select
+from tests.databases import writer_holding_the_lock
 
 from lorafleet.errors import AlreadyExistsError, NotFoundError, ValidationError
 from lorafleet.registry import Registry
@@ -21,7 +22,7 @@ from lorafleet.routing import (
     set_gate_spec,
     unenrol,
 )
-from lorafleet.routing.experts import gate_adapter_id
+from lorafleet.routing.experts import gate_adapter_id, resolve_model_experts, served_task_models
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlEnrolmentEvent
 
@@ -209,3 +210,26 @@ def test_a_pinned_learned_version_must_be_the_users_own_gate(
     assert gate_adapter_id(database, tenant_id=world.a, user_id=world.alice) is None
     with pytest.raises(NotFoundError):  # a user of another tenant
         gate_adapter_id(database, tenant_id=world.a, user_id=world.carol, create=True)
+
+
+def test_serving_lookups_do_not_wait_for_a_writer(
+    database: Database, registry: Registry, world: World, tmp_path: Path
+) -> None:
+    """What serving reads per request (the bank, a named model, the served task models, a learned gate's version,
+    an adapter by name) is a read-only transaction: it answers while another connection holds a write open."""
+    own = _adapter(registry, tenant=world.a, owner=world.alice, name="style")
+    task = _adapter(registry, tenant=world.a, owner=None, name="summarise")
+    own_version = add_live_version(registry, tmp_path, tenant_id=world.a, adapter_id=own, seed=0, key=KEY)
+    add_live_version(registry, tmp_path, tenant_id=world.a, adapter_id=task, seed=1, key=KEY)
+    enrol(database, tenant_id=world.a, user_external_id="alice", task_name="summarise", actor="admin")
+
+    with writer_holding_the_lock(database):
+        assert [m.adapter_name for m in _bank(database, world).members] == ["style", "summarise"]
+        named = resolve_model_experts(
+            database, tenant_id=world.a, owner="alice", adapter="style", version=None
+        )
+        assert [m.version_id for m in named.members] == [own_version]
+        assert served_task_models(database, tenant_id=world.a) == ["summarise"]
+        assert registry.get_version_by_id(tenant_id=world.a, version_id=own_version).adapter_id == own
+        found = registry.find_adapter(tenant_id=world.a, owner_user_id=world.alice, name="style")
+        assert found is not None and found.id == own

@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select
+from tests.databases import writer_holding_the_lock
 
 from lorafleet.domain import User
 from lorafleet.errors import AlreadyExistsError, AuthError, NotFoundError, ValidationError
+from lorafleet.store.sql import tenants as tenants_module
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlApiKey, SqlUser
 from lorafleet.store.sql.tenants import TenantRepository
@@ -141,3 +144,22 @@ def test_concurrent_get_or_create_user_makes_one_row(pg_database: Database) -> N
     assert len({user.id for user in users}) == 1
     with pg_database.session() as session:
         assert session.scalar(select(func.count()).select_from(SqlUser)) == 1
+
+
+def test_authentication_and_user_lookups_do_not_wait_for_a_writer(
+    tenants: TenantRepository, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every request authenticates, and most look a user up: read-only transactions, which answer while another
+    connection holds a write open. A key's last use is stamped in a write of its own, when it is due."""
+    tenant, api_key = tenants.create_tenant(name="acme")
+    alice = tenants.get_or_create_user(tenant_id=tenant.id, external_id="alice")
+    assert tenants.authenticate(api_key=api_key) == tenant
+    (stamped,) = [key.last_used_at for key in tenants.list_api_keys(tenant_id=tenant.id)]
+    assert stamped is not None
+    monkeypatch.setattr(
+        tenants_module, "LAST_USED_RESOLUTION", timedelta(days=1)
+    )  # not due again in this test
+    with writer_holding_the_lock(database):
+        assert tenants.authenticate(api_key=api_key) == tenant
+        assert tenants.get_user(tenant_id=tenant.id, external_id="alice") == alice
+    assert [key.last_used_at for key in tenants.list_api_keys(tenant_id=tenant.id)] == [stamped]

@@ -11,10 +11,21 @@ outer block ends. The API's idempotency keys use it to store a response in the t
 Above the store nothing holds a session: ``Database.run(operation, ...)`` calls one repository operation (a
 function whose first argument is the session) in a session of its own, which joins the open transaction, and
 ``Database.unit_of_work()`` is the transaction a workflow opens so that several such calls commit together.
+
+Read-only transactions (``Database.read(operation, ...)``, the twin of ``run``; ``session(read_only=True)``;
+``unit_of_work(read_only=True)``) are for lookups that must not wait behind writers, such as the serving API's
+per-request ones. SQLite begins every other transaction with ``BEGIN IMMEDIATE``, which takes the database's one
+write lock (so two writers queue instead of failing to upgrade a lock); a read-only one begins with a plain
+deferred ``BEGIN``, which in WAL mode reads the last committed data while a writer holds the lock. A deferred
+transaction that then wrote could fail to upgrade (``SQLITE_BUSY``), so a read-only transaction refuses writes:
+SQLite's ``PRAGMA query_only`` is on for it (every transaction sets it on or off as it begins), and PostgreSQL
+runs it as ``SET TRANSACTION READ ONLY``; a write in one is ``ReadOnlyTransactionError`` and changes nothing.
+Inside an open ``transaction()`` a read-only session joins it like any other (and is then as writable as it).
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -26,15 +37,28 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from lorafleet.errors import AlreadyExistsError, LorafleetError, StoreError, ValidationError
+from lorafleet.errors import (
+    AlreadyExistsError,
+    LorafleetError,
+    ReadOnlyTransactionError,
+    StoreError,
+    ValidationError,
+)
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
+#: the execution option (on ``Database``'s read-only engine) that makes the "begin" event start a read-only
+#: transaction, and the ``Session.info`` key that marks a read-only session
+_READ_ONLY = "lorafleet_read_only"
+#: PostgreSQL's SQLSTATE for a write in a read-only transaction (``read_only_sql_transaction``)
+_PG_READ_ONLY_SQLSTATE = "25006"
+
 
 def _configure_sqlite(engine: Engine) -> None:
     """SQLite: enforce foreign keys, WAL for concurrent readers, and ``BEGIN IMMEDIATE`` for every
-    transaction so two writers queue on the lock (``busy_timeout``) instead of failing to upgrade it."""
+    transaction so two writers queue on the lock (``busy_timeout``) instead of failing to upgrade it; a
+    read-only transaction is a deferred ``BEGIN`` with ``query_only`` on (see the module)."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -47,7 +71,21 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if conn.get_execution_options().get(_READ_ONLY):
+            conn.exec_driver_sql("PRAGMA query_only=ON")
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("PRAGMA query_only=OFF")  # the connection's last transaction may have set it
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _configure_postgresql(engine: Engine) -> None:
+    """PostgreSQL: a read-only transaction is ``SET TRANSACTION READ ONLY`` (it ends with the transaction)."""
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        if conn.get_execution_options().get(_READ_ONLY):
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
 
 
 def create_db_engine(url: str, **kwargs: Any) -> Engine:
@@ -62,16 +100,30 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    if engine.dialect.name == "postgresql":
+        _configure_postgresql(engine)
+    return engine
 
 
 #: the transaction ``Database.transaction()`` holds open on this thread or task, and its database
 _AMBIENT: ContextVar[tuple[Database, Session] | None] = ContextVar("lorafleet_ambient_session", default=None)
 
 
+def _is_read_only_refusal(exc: DBAPIError) -> bool:
+    """Whether the driver refused a write because the transaction is read-only (SQLite's ``query_only``: the
+    ``SQLITE_READONLY`` code; PostgreSQL: SQLSTATE 25006)."""
+    orig = exc.orig
+    return (
+        getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY
+        or getattr(orig, "sqlstate", None) == _PG_READ_ONLY_SQLSTATE
+    )
+
+
 @contextmanager
-def _translated_errors() -> Iterator[None]:
-    """Driver errors as ``lorafleet.errors`` (the caller has rolled back what they belong to)."""
+def _translated_errors(*, read_only: bool = False) -> Iterator[None]:
+    """Driver errors as ``lorafleet.errors`` (the caller has rolled back what they belong to); in a read-only
+    session, a refused write is ``ReadOnlyTransactionError``."""
     try:
         yield
     except LorafleetError:
@@ -84,6 +136,8 @@ def _translated_errors() -> Iterator[None]:
         reason = str(exc.orig).splitlines()[0] if exc.orig is not None else "invalid value"
         raise ValidationError(f"a value the database cannot store ({reason})") from exc
     except (OperationalError, DBAPIError) as exc:
+        if read_only and _is_read_only_refusal(exc):
+            raise ReadOnlyTransactionError(f"a write in a read-only transaction: {exc.orig}") from exc
         raise StoreError(f"database error: {exc.orig}") from exc
 
 
@@ -94,24 +148,31 @@ class Database:
         self.url = url
         self.engine = create_db_engine(url, **engine_kwargs)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # the same connection pool; the execution option makes the "begin" event start a read-only transaction
+        read_only_engine = self.engine.execution_options(**{_READ_ONLY: True})
+        self._read_only_sessions = sessionmaker(
+            read_only_engine, expire_on_commit=False, info={_READ_ONLY: True}
+        )
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, *, read_only: bool = False) -> Iterator[Session]:
         """A session that commits on success and rolls back on error; driver errors become ``StoreError``.
         Inside ``transaction()``: that transaction's session, in a savepoint released on success and rolled
-        back on error (the outer transaction goes on and commits or rolls back as a whole)."""
+        back on error (the outer transaction goes on and commits or rolls back as a whole). ``read_only``: a
+        read-only transaction (see the module) unless it joins an open one."""
         ambient = _AMBIENT.get()
         if ambient is not None and ambient[0] is self:
-            with _translated_errors(), ambient[1].begin_nested():
-                yield ambient[1]
+            joined = ambient[1]
+            with _translated_errors(read_only=bool(joined.info.get(_READ_ONLY))), joined.begin_nested():
+                yield joined
             return
-        session = self._sessions()
+        session = (self._read_only_sessions if read_only else self._sessions)()
         try:
-            with _translated_errors():
+            with _translated_errors(read_only=read_only):
                 try:
                     yield session
                     session.commit()
@@ -122,13 +183,13 @@ class Database:
             session.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[Session]:
+    def transaction(self, *, read_only: bool = False) -> Iterator[Session]:
         """One transaction for everything the block does through this database: committed when the block ends,
         rolled back (all of it) when it raises. ``session()`` calls inside join it (see the module)."""
         ambient = _AMBIENT.get()
         if ambient is not None and ambient[0] is self:
             raise RuntimeError("Database.transaction() is already open on this thread")
-        with self.session() as session:
+        with self.session(read_only=read_only) as session:
             token = _AMBIENT.set((self, session))
             try:
                 yield session
@@ -136,11 +197,13 @@ class Database:
                 _AMBIENT.reset(token)
 
     @contextmanager
-    def unit_of_work(self) -> Iterator[None]:
+    def unit_of_work(self, *, read_only: bool = False) -> Iterator[None]:
         """Several store operations that commit together (or not at all): a new ``transaction()``, or inside one
-        already open on this thread, a savepoint of it (so a caller's transaction composes with this block)."""
+        already open on this thread, a savepoint of it (so a caller's transaction composes with this block).
+        ``read_only``: several lookups as of one moment, in a new read-only transaction (see the module)."""
         ambient = _AMBIENT.get()
-        context = self.session() if ambient is not None and ambient[0] is self else self.transaction()
+        joins = ambient is not None and ambient[0] is self
+        context = self.session() if joins else self.transaction(read_only=read_only)
         with context:
             yield
 
@@ -164,9 +227,18 @@ class Database:
         with self.session() as session:
             return operation(session, *args, **kwargs)
 
+    def read(
+        self, operation: Callable[Concatenate[Session, _P], _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """``run`` for an operation that only reads: in a read-only transaction of its own, which on SQLite does
+        not wait for a writer (see the module), or a savepoint of the open ``transaction()``. A write in it is
+        ``ReadOnlyTransactionError``."""
+        with self.session(read_only=True) as session:
+            return operation(session, *args, **kwargs)
+
     def ping(self) -> None:
         """One trivial query: raises ``StoreError`` when the database cannot be reached (a readiness check)."""
-        with self.session() as session:
+        with self.session(read_only=True) as session:
             session.execute(text("SELECT 1"))
 
     def dispose(self) -> None:

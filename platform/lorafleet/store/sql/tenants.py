@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -308,11 +308,14 @@ class TenantRepository:
             return ApiKeyInfo(row.id, row.prefix, row.created_at, row.last_used_at, row.revoked_at)
 
     def authenticate(self, *, api_key: str) -> Tenant:
-        """The tenant owning an active key; an unknown, malformed or revoked key is AuthError."""
+        """The tenant owning an active key; an unknown, malformed or revoked key is AuthError.
+
+        Every API request authenticates, so the lookup is a read-only transaction (on SQLite it does not wait for
+        a writer); the key's ``last_used_at`` is refreshed, at most once a minute, in a short write of its own."""
         if not isinstance(api_key, str) or not api_key.startswith(API_KEY_SCHEME):
             raise AuthError("invalid API key")
         presented = hash_api_key(api_key)
-        with self.db.session() as session:
+        with self.db.session(read_only=True) as session:
             query = (
                 select(SqlApiKey, SqlTenant)
                 .join(SqlTenant, SqlTenant.id == SqlApiKey.tenant_id)
@@ -325,10 +328,13 @@ class TenantRepository:
             key = found[0]
             if key.revoked_at is not None:
                 raise AuthError(f"API key {key.prefix}... has been revoked")
-            now = utcnow()
-            if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
-                key.last_used_at = now  # at most one write a minute per key, not one per request
-            return to_tenant(found[1])
+            tenant, key_id, last_used_at = to_tenant(found[1]), key.id, key.last_used_at
+        now = utcnow()
+        if last_used_at is None or now - last_used_at >= LAST_USED_RESOLUTION:
+            # at most one write a minute per key, not one per request
+            with self.db.session() as session:
+                session.execute(update(SqlApiKey).where(SqlApiKey.id == key_id).values(last_used_at=now))
+        return tenant
 
     def get_tenant(self, *, tenant_id: int | None = None, name: str | None = None) -> Tenant:
         """A tenant by id or by name (exactly one of them); NotFoundError if there is none."""
@@ -372,8 +378,9 @@ class TenantRepository:
         return found
 
     def find_subject(self, *, tenant_id: int, external_id: str, kind: str = SubjectKind.USER) -> User | None:
-        """A subject by external id (a user, or with ``kind`` ``task`` a task's dataset), or None."""
-        with self.db.session() as session:
+        """A subject by external id (a user, or with ``kind`` ``task`` a task's dataset), or None (read-only: the
+        API looks users up per request)."""
+        with self.db.session(read_only=True) as session:
             row = find_user(session, tenant_id=tenant_id, external_id=external_id, kind=kind)
             return None if row is None else to_user(row)
 
