@@ -138,8 +138,9 @@ class ReplicaOptions:
     max_wait_ms: float = 5.0
     #: newcomers' prefill per decoding step, in padded prompt tokens
     max_prefill_tokens: int = 2048
-    #: newcomers join a running batch once they are this fraction of its rows, or after this many steps
-    join_ratio: float = 0.5
+    #: newcomers join a running batch once they are this fraction of its rows, or after this many steps; None:
+    #: at every step where the backbone fuses joins into the step's forward (Llama), else 0.5
+    join_ratio: float | None = None
     max_join_delay_steps: int = 4
     #: CPUs reserved per replica (fractions allowed); GPUs follow the device setting (``replica_gpus``)
     num_cpus: float = 1.0
