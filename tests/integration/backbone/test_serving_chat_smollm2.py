@@ -7,12 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tests.lora_weights import random_lora_weights
 from tests.unit.serving.serving_helpers import FolderFetcher, user_bank
 
-from lorafleet.adapters import inject_bank
+from lorafleet.adapters import SlotConfig, inject_bank
 from lorafleet.backbone import load_backbone
 from lorafleet.config import SMOLLM2_BACKBONE
 from lorafleet.serving import AdapterCache, GenerationEngine, GenerationRequest
+from lorafleet.serving.decode import DecodeBatch, RowOutput, RowSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as in the unit tier they came from
 
@@ -49,3 +51,44 @@ def test_a_chat_request_on_smollm2_answers_paris_and_stops_at_the_end_of_turn(
     ]
     assert chat.prompt_tokens == len(template_ids)
     assert prompt.token_ids == chat.token_ids and prompt.text == chat.text  # /generate answers as chat does
+
+
+def test_a_fused_join_on_smollm2_in_nf4_decodes_what_separate_forwards_decode(
+    smollm2_engine: GenerationEngine,
+) -> None:
+    """Newcomers' prefill inside the running rows' step (``serving/fused.py``) on the real 4-bit model, rows
+    through an adapter and through the base: the same greedy tokens as a join with a forward of its own."""
+    backbone, bank = smollm2_engine.backbone, smollm2_engine.bank
+    tok = backbone.tokenizer
+    bank.load_slot(0, random_lora_weights(bank, rank=4, seed=3, scale=0.05), SlotConfig(rank=4, alpha=8.0))
+    try:
+
+        def spec(text: str, routes: tuple[tuple[int, float], ...], tokens: int) -> RowSpec:
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True
+            )["input_ids"]
+            return RowSpec(tuple(ids), routes, max_new_tokens=tokens)
+
+        first = [spec(FRANCE, (), 8), spec("Name a colour.", ((0, 1.0),), 8)]
+        later = [spec("What is 2 plus 2?", ((0, 1.0),), 6), spec(FRANCE, (), 8)]
+
+        def run(fused: bool) -> dict[int, RowOutput]:
+            batch = DecodeBatch(backbone.model, bank, tok, device=backbone.device)
+            assert batch.fuses_joins
+            outputs: dict[int, RowOutput] = {}
+            updates = batch.join(list(enumerate(first))) + batch.step()
+            joiners = [(2 + i, s) for i, s in enumerate(later)]
+            updates += batch.join_and_step(joiners) if fused else batch.join(joiners) + batch.step()
+            while True:
+                outputs.update({int(u.key): u.output for u in updates if u.output is not None})  # type: ignore[call-overload]
+                if not len(batch):
+                    return outputs
+                updates = batch.step()
+
+        fused, separate = run(True), run(False)
+        assert [fused[k].token_ids for k in range(4)] == [separate[k].token_ids for k in range(4)]
+        assert (
+            "Paris" in fused[0].text and "Paris" in fused[3].text
+        )  # the base rows, before and after the join
+    finally:
+        bank.evict_slot(0)
