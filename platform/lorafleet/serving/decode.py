@@ -250,16 +250,7 @@ class DecodeBatch:
         """Prefill newcomers ``(key, spec)`` and take their first token; those not done join the batch."""
         if not rows:
             return []
-        from transformers import DynamicCache
-
-        newcomers = [_Row(key, spec, RowSampler(spec)) for key, spec in rows]
-        ids, mask = left_pad([r.spec.prompt_ids for r in newcomers], pad_id=self.pad_id, device=self.device)
-        state = _State(
-            rows=newcomers,
-            mask=mask,
-            positions=(mask.cumsum(-1) - 1).clamp(min=0),  # [n, seq]: padding does not shift positions
-            cache=DynamicCache(config=self.model.config),
-        )
+        state, ids = self._newcomers(rows)
         logits = self._forward(state, ids)
         updates, keep = self._take(state.rows, logits)
         self._add_joined(state, keep)
@@ -282,16 +273,7 @@ class DecodeBatch:
         if state is None or not self.fuses_joins:
             updates = self.join(rows)
             return updates + self.step() if len(self) else updates
-        from transformers import DynamicCache
-
-        newcomers = [_Row(key, spec, RowSampler(spec)) for key, spec in rows]
-        ids, mask = left_pad([r.spec.prompt_ids for r in newcomers], pad_id=self.pad_id, device=self.device)
-        joined = _State(
-            rows=newcomers,
-            mask=mask,
-            positions=(mask.cumsum(-1) - 1).clamp(min=0),  # [k, L]: padding does not shift positions
-            cache=DynamicCache(config=self.model.config),
-        )
+        joined, ids = self._newcomers(rows)
         fed = torch.tensor([r.next_token for r in state.rows], device=self.device)  # [R]
         state.mask = torch.cat([state.mask, torch.ones_like(fed).unsqueeze(1)], dim=1)  # [R, seq + 1]
         state.positions = state.positions + 1  # [R, 1]
@@ -299,7 +281,7 @@ class DecodeBatch:
             self.model,
             self.bank,
             Running(fed, state.positions[:, 0], state.mask, state.cache, self._plan_of(state)),
-            Joining(ids, mask, joined.positions, joined.cache, self._plan_of(joined)),
+            Joining(ids, joined.mask, joined.positions, joined.cache, self._plan_of(joined)),
         )
         running = len(state.rows)
         updates, keep = self._take(state.rows, logits[:running])
@@ -307,6 +289,21 @@ class DecodeBatch:
         self._keep(keep)
         self._add_joined(joined, joined_keep)
         return updates + joined_updates
+
+    def _newcomers(self, rows: Sequence[tuple[Hashable, RowSpec]]) -> tuple[_State, torch.Tensor]:
+        """Newcomers' state before their prefill (prompts left-padded among themselves, an empty KV cache) and
+        their token ids ``[n, seq]``."""
+        from transformers import DynamicCache
+
+        newcomers = [_Row(key, spec, RowSampler(spec)) for key, spec in rows]
+        ids, mask = left_pad([r.spec.prompt_ids for r in newcomers], pad_id=self.pad_id, device=self.device)
+        state = _State(
+            rows=newcomers,
+            mask=mask,
+            positions=(mask.cumsum(-1) - 1).clamp(min=0),  # [n, seq]: padding does not shift positions
+            cache=DynamicCache(config=self.model.config),
+        )
+        return state, ids
 
     def _plan_of(self, state: _State) -> SlotPlan | None:
         return None if self.bank is None else state.plan()
