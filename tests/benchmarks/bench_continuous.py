@@ -201,7 +201,7 @@ def bench_poisson(
     max_tokens: int,
     fractions: Sequence[float],
     runs: int,
-    capacity_kind: str = "steady",
+    capacity_kind: str = "batch",
 ) -> dict[str, Any]:
     rng = np.random.default_rng(3)
     texts = prompts(backbone, n_requests, 16, seed=4)
@@ -348,7 +348,7 @@ def main() -> None:
     parser.add_argument(
         "--capacity",
         choices=("steady", "batch"),
-        default="steady",
+        default="batch",
         help="what the rates are fractions of (measure_capacity): the full batch's throughput, or the makespan's",
     )
     parser.add_argument("--bare-rows", type=int, default=16)
