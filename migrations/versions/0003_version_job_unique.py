@@ -15,17 +15,13 @@ from alembic import op
 
 revision = "0003"
 down_revision = "0002"
-branch_labels = None
-depends_on = None
-
-INDEX = "uq_adapter_versions_adapter_id_job_id"
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("adapter_versions", schema=None) as batch_op:
-        batch_op.create_index(INDEX, ["adapter_id", "job_id"], unique=True)
+    op.create_index(
+        "uq_adapter_versions_adapter_id_job_id", "adapter_versions", ["adapter_id", "job_id"], unique=True
+    )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("adapter_versions", schema=None) as batch_op:
-        batch_op.drop_index(INDEX)
+    op.drop_index("uq_adapter_versions_adapter_id_job_id", table_name="adapter_versions")
