@@ -1,4 +1,5 @@
-"""What the repositories share: domain objects from ORM rows, and long ``IN (...)`` lists cut into chunks.
+"""What the repositories share: their dialect base, domain objects from ORM rows, and long ``IN (...)`` lists
+cut into chunks.
 
 ORM rows never leave ``lorafleet.store``: every repository method returns frozen domain dataclasses
 (``lorafleet.domain``), built by ``from_row``.
@@ -25,6 +26,13 @@ MAX_PAGE_SIZE = 1000
 
 #: how many values one ``IN (...)`` list holds (SQLite caps a statement's parameters)
 IN_CHUNK = 500
+
+
+class DialectRepository:
+    """The base of the stateless repositories: all they keep is whether the database is PostgreSQL."""
+
+    def __init__(self, *, dialect: str) -> None:
+        self._postgres = dialect == "postgresql"
 
 
 def check_page(*, limit: int, offset: int = 0) -> None:
@@ -58,4 +66,12 @@ def chunks(items: Sequence[_T], size: int = IN_CHUNK) -> Iterator[Sequence[_T]]:
         yield items[start : start + size]
 
 
-__all__ = ["IN_CHUNK", "MAX_PAGE_SIZE", "check_page", "chunks", "from_row", "to_snapshot"]
+__all__ = [
+    "IN_CHUNK",
+    "MAX_PAGE_SIZE",
+    "DialectRepository",
+    "check_page",
+    "chunks",
+    "from_row",
+    "to_snapshot",
+]
