@@ -65,7 +65,6 @@ def to_job(row: SqlJob) -> Job:
     return from_row(
         Job,
         row,
-        state=JobState(row.state),
         payload=dict(row.payload or {}),
         result=None if row.result is None else dict(row.result),
         progress=None if row.progress is None else dict(row.progress),

@@ -196,8 +196,6 @@ def _report(row: SqlQAReport) -> QAReport:
     return from_row(
         QAReport,
         row,
-        kind=QAKind(row.kind),
-        decision=QADecision(row.decision),
         reasons=tuple(str(r) for r in row.reasons or ()),
         summary=dict(row.summary or {}),
     )

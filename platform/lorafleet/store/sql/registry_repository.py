@@ -581,7 +581,6 @@ def _version(row: SqlAdapterVersion) -> AdapterVersion:
         target_modules=tuple(row.target_modules),
         training_config=dict(row.training_config or {}),
         metrics=dict(row.metrics or {}),
-        status=VersionStatus(row.status),
     )
 
 

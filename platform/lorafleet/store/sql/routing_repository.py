@@ -383,4 +383,4 @@ def _live_row(row: Any) -> LiveAdapterRow:
 
 
 def _event(row: SqlEnrolmentEvent) -> EnrolmentEvent:
-    return from_row(EnrolmentEvent, row, action=EnrolmentAction(row.action))
+    return from_row(EnrolmentEvent, row)

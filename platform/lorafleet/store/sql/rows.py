@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any, TypeVar
+from enum import Enum
+from functools import cache
+from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
 
 from lorafleet.domain import DatasetSnapshot
 from lorafleet.errors import ValidationError
@@ -44,10 +46,21 @@ def check_page(*, limit: int, offset: int = 0) -> None:
 
 
 def from_row(cls: type[_D], row: object, **converted: Any) -> _D:
-    """A ``cls`` whose fields are the row's attributes of the same names, except those given in ``converted``
-    (enums, copies of JSON columns, ...). A field the row lacks is an error, not a silent default."""
+    """A ``cls`` whose fields are the row's attributes of the same names (a field typed with an enum gets the
+    enum member of the stored value), except those given in ``converted`` (copies of JSON columns, ...). A field
+    the row lacks is an error, not a silent default."""
+    enums = _enum_fields(cls)
     values = {f.name: getattr(row, f.name) for f in fields(cls) if f.init and f.name not in converted}
+    for name in enums.keys() & values.keys():
+        values[name] = enums[name](values[name])
     return cls(**values, **converted)
+
+
+@cache
+def _enum_fields(cls: type) -> dict[str, type[Enum]]:
+    """The fields of the dataclass ``cls`` whose type is an enum, with that enum."""
+    hints = get_type_hints(cls)
+    return {name: hint for name, hint in hints.items() if isinstance(hint, type) and issubclass(hint, Enum)}
 
 
 def to_snapshot(row: SqlDatasetSnapshot) -> DatasetSnapshot:
