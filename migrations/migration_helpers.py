@@ -29,6 +29,13 @@ def where(condition: str) -> dict[str, Any]:
     return {"postgresql_where": sa.text(condition), "sqlite_where": sa.text(condition)}
 
 
+def add_index(table: str, *columns: str, unique: bool = False) -> None:
+    """Index ``table`` on ``columns``, named by the models' naming convention: ``ix_`` (``uq_`` when unique),
+    the table, then the columns."""
+    name = f"{'uq' if unique else 'ix'}_{table}_{'_'.join(columns)}"
+    op.create_index(op.f(name), table, list(columns), unique=unique)
+
+
 def add_columns(table: str, *columns: sa.Column[Any]) -> None:
     """Add ``columns`` to ``table`` in one batch (a plain ``ADD COLUMN`` on SQLite too, no table rebuild)."""
     with op.batch_alter_table(table, schema=None) as batch_op:

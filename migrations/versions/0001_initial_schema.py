@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from migration_helpers import BIG_KEY, drop_table, fk, where
+from migration_helpers import BIG_KEY, add_index, drop_table, fk, where
 
 revision = "0001"
 down_revision = None
@@ -36,7 +36,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_api_keys")),
         sa.UniqueConstraint("key_hash", name=op.f("uq_api_keys_key_hash")),
     )
-    op.create_index(op.f("ix_api_keys_tenant_id"), "api_keys", ["tenant_id"], unique=False)
+    add_index("api_keys", "tenant_id")
 
     op.create_table(
         "jobs",
@@ -63,7 +63,7 @@ def upgrade() -> None:
         fk("jobs", "tenant_id", "tenants"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_jobs")),
     )
-    op.create_index("ix_jobs_state_run_after", "jobs", ["state", "run_after"], unique=False)
+    add_index("jobs", "state", "run_after")
     op.create_index(
         "uq_jobs_active_dedupe_key",
         "jobs",
@@ -124,7 +124,7 @@ def upgrade() -> None:
         fk("dataset_snapshots", "user_id", "users"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_dataset_snapshots")),
     )
-    op.create_index(op.f("ix_dataset_snapshots_user_id"), "dataset_snapshots", ["user_id"], unique=False)
+    add_index("dataset_snapshots", "user_id")
 
     op.create_table(
         "feedback",
@@ -139,7 +139,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_feedback")),
         sa.UniqueConstraint("user_id", "content_hash", name=op.f("uq_feedback_user_id_content_hash")),
     )
-    op.create_index("ix_feedback_user_id_id", "feedback", ["user_id", "id"], unique=False)
+    add_index("feedback", "user_id", "id")
 
     op.create_table(
         "adapter_versions",
@@ -168,8 +168,8 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_adapter_versions")),
         sa.UniqueConstraint("adapter_id", "number", name=op.f("uq_adapter_versions_adapter_id_number")),
     )
-    op.create_index(op.f("ix_adapter_versions_job_id"), "adapter_versions", ["job_id"], unique=False)
-    op.create_index("ix_adapter_versions_sha256", "adapter_versions", ["sha256"], unique=False)
+    add_index("adapter_versions", "job_id")
+    add_index("adapter_versions", "sha256")
 
     op.create_table(
         "alias_history",
@@ -184,7 +184,7 @@ def upgrade() -> None:
         fk("alias_history", "adapter_id", "adapters"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_alias_history")),
     )
-    op.create_index("ix_alias_history_adapter_id_id", "alias_history", ["adapter_id", "id"], unique=False)
+    add_index("alias_history", "adapter_id", "id")
 
     op.create_table(
         "aliases",
@@ -210,9 +210,7 @@ def upgrade() -> None:
         fk("lineage_edges", "parent_version_id", "adapter_versions"),
         sa.PrimaryKeyConstraint("child_version_id", "parent_version_id", name=op.f("pk_lineage_edges")),
     )
-    op.create_index(
-        op.f("ix_lineage_edges_parent_version_id"), "lineage_edges", ["parent_version_id"], unique=False
-    )
+    add_index("lineage_edges", "parent_version_id")
 
 
 def downgrade() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from migration_helpers import BIG_KEY, drop_table, fk
+from migration_helpers import BIG_KEY, add_index, drop_table, fk
 
 revision = "0002"
 down_revision = "0001"
@@ -25,7 +25,7 @@ def upgrade() -> None:
         fk("job_users", "user_id", "users"),
         sa.PrimaryKeyConstraint("job_id", "user_id", name=op.f("pk_job_users")),
     )
-    op.create_index(op.f("ix_job_users_user_id"), "job_users", ["user_id"], unique=False)
+    add_index("job_users", "user_id")
 
 
 def downgrade() -> None:

@@ -12,15 +12,14 @@ Create Date: 2026-12-02 10:00:00.000000
 from __future__ import annotations
 
 from alembic import op
+from migration_helpers import add_index
 
 revision = "0003"
 down_revision = "0002"
 
 
 def upgrade() -> None:
-    op.create_index(
-        "uq_adapter_versions_adapter_id_job_id", "adapter_versions", ["adapter_id", "job_id"], unique=True
-    )
+    add_index("adapter_versions", "adapter_id", "job_id", unique=True)
 
 
 def downgrade() -> None:

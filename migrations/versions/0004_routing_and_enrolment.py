@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from migration_helpers import BIG_KEY, drop_table, fk
+from migration_helpers import BIG_KEY, add_index, drop_table, fk
 
 revision = "0004"
 down_revision = "0003"
@@ -56,7 +56,7 @@ def _create_enrolments() -> None:
         fk("enrolments", "tenant_id", "tenants"),
         sa.PrimaryKeyConstraint("user_id", "adapter_id", name=op.f("pk_enrolments")),
     )
-    op.create_index(op.f("ix_enrolments_adapter_id"), "enrolments", ["adapter_id"], unique=False)
+    add_index("enrolments", "adapter_id")
 
 
 def _create_enrolment_events() -> None:
@@ -75,8 +75,8 @@ def _create_enrolment_events() -> None:
         fk("enrolment_events", "adapter_id", "adapters"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_enrolment_events")),
     )
-    op.create_index(op.f("ix_enrolment_events_adapter_id"), "enrolment_events", ["adapter_id"], unique=False)
-    op.create_index("ix_enrolment_events_user_id_id", "enrolment_events", ["user_id", "id"], unique=False)
+    add_index("enrolment_events", "adapter_id")
+    add_index("enrolment_events", "user_id", "id")
 
 
 def _create_gate_settings() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from migration_helpers import BIG_KEY, drop_table, fk
+from migration_helpers import BIG_KEY, add_index, drop_table, fk
 
 revision = "0005"
 down_revision = "0004"
@@ -48,8 +48,8 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_qa_reports")),
         sa.UniqueConstraint("job_id", name=op.f("uq_qa_reports_job_id")),
     )
-    op.create_index(op.f("ix_qa_reports_version_id"), "qa_reports", ["version_id"], unique=False)
-    op.create_index(op.f("ix_qa_reports_blob_sha256"), "qa_reports", ["blob_sha256"], unique=False)
+    add_index("qa_reports", "version_id")
+    add_index("qa_reports", "blob_sha256")
 
 
 def downgrade() -> None:

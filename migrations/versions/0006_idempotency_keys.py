@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from migration_helpers import BIG_KEY, drop_table, fk
+from migration_helpers import BIG_KEY, add_index, drop_table, fk
 
 revision = "0006"
 down_revision = "0005"
@@ -36,7 +36,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_idempotency_keys")),
         sa.UniqueConstraint("tenant_id", "key", name=op.f("uq_idempotency_keys_tenant_id_key")),
     )
-    op.create_index(op.f("ix_idempotency_keys_created_at"), "idempotency_keys", ["created_at"], unique=False)
+    add_index("idempotency_keys", "created_at")
 
 
 def downgrade() -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from migration_helpers import BIG_KEY, drop_table
+from migration_helpers import BIG_KEY, add_index, drop_table
 
 revision = "0013"
 down_revision = "0012"
@@ -59,7 +59,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_events")),
     )
-    op.create_index("ix_audit_events_tenant_id_id", "audit_events", ["tenant_id", "id"], unique=False)
+    add_index("audit_events", "tenant_id", "id")
     if op.get_bind().dialect.name == "postgresql":
         op.execute(_PG_FUNCTION)
         op.execute(

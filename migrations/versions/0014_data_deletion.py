@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from migration_helpers import add_columns
+from migration_helpers import add_columns, add_index
 
 revision = "0014"
 down_revision = "0013"
@@ -55,19 +55,10 @@ def upgrade() -> None:
         sa.CheckConstraint("kind IN ('records', 'user')", name=op.f("ck_deletion_receipts_kind")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deletion_receipts")),
     )
-    op.create_index(
-        "ix_deletion_receipts_tenant_id_created_at",
-        "deletion_receipts",
-        ["tenant_id", "created_at"],
-        unique=False,
-    )
-    op.create_index(
-        "ix_deletion_receipts_blobs_deleted_at", "deletion_receipts", ["blobs_deleted_at"], unique=False
-    )
+    add_index("deletion_receipts", "tenant_id", "created_at")
+    add_index("deletion_receipts", "blobs_deleted_at")
     add_columns("idempotency_keys", sa.Column("subject", sa.String(length=256), nullable=True))
-    op.create_index(
-        "ix_idempotency_keys_tenant_id_subject", "idempotency_keys", ["tenant_id", "subject"], unique=False
-    )
+    add_index("idempotency_keys", "tenant_id", "subject")
 
 
 def downgrade() -> None:
