@@ -7,8 +7,10 @@ self-contained and never import ORM classes.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from alembic import context
 from sqlalchemy.engine import Connection
@@ -16,6 +18,11 @@ from sqlalchemy.engine import Connection
 from lorafleet.config import load_settings
 from lorafleet.store.sql.database import create_db_engine
 from lorafleet.store.sql.models import Base
+
+#: the scripts in versions/ import ``migration_helpers`` from this folder (Alembic loads them by path)
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
 
 config = context.config
 target_metadata = Base.metadata

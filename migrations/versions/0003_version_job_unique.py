@@ -12,20 +12,15 @@ Create Date: 2026-12-02 10:00:00.000000
 from __future__ import annotations
 
 from alembic import op
+from migration_helpers import add_index
 
 revision = "0003"
 down_revision = "0002"
-branch_labels = None
-depends_on = None
-
-INDEX = "uq_adapter_versions_adapter_id_job_id"
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("adapter_versions", schema=None) as batch_op:
-        batch_op.create_index(INDEX, ["adapter_id", "job_id"], unique=True)
+    add_index("adapter_versions", "adapter_id", "job_id", unique=True)
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("adapter_versions", schema=None) as batch_op:
-        batch_op.drop_index(INDEX)
+    op.drop_index("uq_adapter_versions_adapter_id_job_id", table_name="adapter_versions")

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from migration_helpers import BIG_KEY, add_index, drop_table, fk
 
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
-
-BIG_KEY = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def upgrade() -> None:
@@ -46,12 +43,6 @@ def upgrade() -> None:
     _create_gate_settings()
 
 
-def _fk(table: str, column: str, target: str) -> sa.ForeignKeyConstraint:
-    return sa.ForeignKeyConstraint(
-        [column], [f"{target}.id"], name=op.f(f"fk_{table}_{column}_{target}"), ondelete="CASCADE"
-    )
-
-
 def _create_enrolments() -> None:
     op.create_table(
         "enrolments",
@@ -60,13 +51,12 @@ def _create_enrolments() -> None:
         sa.Column("tenant_id", sa.Integer(), nullable=False),
         sa.Column("actor", sa.String(length=256), nullable=False),
         sa.Column("enrolled_at", sa.DateTime(timezone=True), nullable=False),
-        _fk("enrolments", "user_id", "users"),
-        _fk("enrolments", "adapter_id", "adapters"),
-        _fk("enrolments", "tenant_id", "tenants"),
+        fk("enrolments", "user_id", "users"),
+        fk("enrolments", "adapter_id", "adapters"),
+        fk("enrolments", "tenant_id", "tenants"),
         sa.PrimaryKeyConstraint("user_id", "adapter_id", name=op.f("pk_enrolments")),
     )
-    with op.batch_alter_table("enrolments", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_enrolments_adapter_id"), ["adapter_id"], unique=False)
+    add_index("enrolments", "adapter_id")
 
 
 def _create_enrolment_events() -> None:
@@ -80,14 +70,13 @@ def _create_enrolment_events() -> None:
         sa.Column("actor", sa.String(length=256), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("action IN ('enrol', 'unenrol')", name=op.f("ck_enrolment_events_action")),
-        _fk("enrolment_events", "tenant_id", "tenants"),
-        _fk("enrolment_events", "user_id", "users"),
-        _fk("enrolment_events", "adapter_id", "adapters"),
+        fk("enrolment_events", "tenant_id", "tenants"),
+        fk("enrolment_events", "user_id", "users"),
+        fk("enrolment_events", "adapter_id", "adapters"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_enrolment_events")),
     )
-    with op.batch_alter_table("enrolment_events", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_enrolment_events_adapter_id"), ["adapter_id"], unique=False)
-        batch_op.create_index("ix_enrolment_events_user_id_id", ["user_id", "id"], unique=False)
+    add_index("enrolment_events", "adapter_id")
+    add_index("enrolment_events", "user_id", "id")
 
 
 def _create_gate_settings() -> None:
@@ -98,21 +87,16 @@ def _create_gate_settings() -> None:
         sa.Column("spec", sa.JSON(), nullable=False),
         sa.Column("actor", sa.String(length=256), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        _fk("gate_settings", "user_id", "users"),
-        _fk("gate_settings", "tenant_id", "tenants"),
+        fk("gate_settings", "user_id", "users"),
+        fk("gate_settings", "tenant_id", "tenants"),
         sa.PrimaryKeyConstraint("user_id", name=op.f("pk_gate_settings")),
     )
 
 
 def downgrade() -> None:
-    op.drop_table("gate_settings")
-    with op.batch_alter_table("enrolment_events", schema=None) as batch_op:
-        batch_op.drop_index("ix_enrolment_events_user_id_id")
-        batch_op.drop_index(batch_op.f("ix_enrolment_events_adapter_id"))
-    op.drop_table("enrolment_events")
-    with op.batch_alter_table("enrolments", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_enrolments_adapter_id"))
-    op.drop_table("enrolments")
+    drop_table("gate_settings")
+    drop_table("enrolment_events", "ix_enrolment_events_user_id_id", "ix_enrolment_events_adapter_id")
+    drop_table("enrolments", "ix_enrolments_adapter_id")
     # learned gates cannot be represented without the kind column: drop their versions and adapters first
     # (aliases point at versions with ON DELETE RESTRICT, so they go first; their blobs become GC orphans)
     gate_adapters = "SELECT id FROM adapters WHERE kind = 'gate'"

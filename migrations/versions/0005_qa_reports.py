@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from migration_helpers import BIG_KEY, add_index, drop_table, fk
 
 revision = "0005"
 down_revision = "0004"
-branch_labels = None
-depends_on = None
-
-BIG_KEY = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def upgrade() -> None:
@@ -45,28 +42,15 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "decision IN ('promote', 'reject', 'keep', 'rollback')", name=op.f("ck_qa_reports_decision")
         ),
-        sa.ForeignKeyConstraint(
-            ["tenant_id"], ["tenants.id"], name=op.f("fk_qa_reports_tenant_id_tenants"), ondelete="CASCADE"
-        ),
-        sa.ForeignKeyConstraint(
-            ["version_id"],
-            ["adapter_versions.id"],
-            name=op.f("fk_qa_reports_version_id_adapter_versions"),
-            ondelete="CASCADE",
-        ),
-        sa.ForeignKeyConstraint(
-            ["job_id"], ["jobs.id"], name=op.f("fk_qa_reports_job_id_jobs"), ondelete="SET NULL"
-        ),
+        fk("qa_reports", "tenant_id", "tenants"),
+        fk("qa_reports", "version_id", "adapter_versions"),
+        fk("qa_reports", "job_id", "jobs", ondelete="SET NULL"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_qa_reports")),
         sa.UniqueConstraint("job_id", name=op.f("uq_qa_reports_job_id")),
     )
-    with op.batch_alter_table("qa_reports", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_qa_reports_version_id"), ["version_id"], unique=False)
-        batch_op.create_index(batch_op.f("ix_qa_reports_blob_sha256"), ["blob_sha256"], unique=False)
+    add_index("qa_reports", "version_id")
+    add_index("qa_reports", "blob_sha256")
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("qa_reports", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_qa_reports_blob_sha256"))
-        batch_op.drop_index(batch_op.f("ix_qa_reports_version_id"))
-    op.drop_table("qa_reports")
+    drop_table("qa_reports", "ix_qa_reports_blob_sha256", "ix_qa_reports_version_id")

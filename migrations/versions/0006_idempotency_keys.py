@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from migration_helpers import BIG_KEY, add_index, drop_table, fk
 
 revision = "0006"
 down_revision = "0005"
-branch_labels = None
-depends_on = None
-
-BIG_KEY = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def upgrade() -> None:
@@ -35,20 +32,12 @@ def upgrade() -> None:
         sa.Column("response_status", sa.Integer(), nullable=True),
         sa.Column("response_body", sa.JSON(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["tenant_id"],
-            ["tenants.id"],
-            name=op.f("fk_idempotency_keys_tenant_id_tenants"),
-            ondelete="CASCADE",
-        ),
+        fk("idempotency_keys", "tenant_id", "tenants"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_idempotency_keys")),
         sa.UniqueConstraint("tenant_id", "key", name=op.f("uq_idempotency_keys_tenant_id_key")),
     )
-    with op.batch_alter_table("idempotency_keys", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_idempotency_keys_created_at"), ["created_at"], unique=False)
+    add_index("idempotency_keys", "created_at")
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("idempotency_keys", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_idempotency_keys_created_at"))
-    op.drop_table("idempotency_keys")
+    drop_table("idempotency_keys", "ix_idempotency_keys_created_at")

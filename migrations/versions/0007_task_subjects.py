@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from migration_helpers import add_columns, drop_columns
 
 revision = "0007"
 down_revision = "0006"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("users", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("kind", sa.String(length=8), server_default="user", nullable=False))
+    add_columns("users", sa.Column("kind", sa.String(length=8), server_default="user", nullable=False))
 
 
 def downgrade() -> None:
     op.execute("DELETE FROM users WHERE kind = 'task'")
-    with op.batch_alter_table("users", schema=None) as batch_op:
-        batch_op.drop_column("kind")
+    drop_columns("users", "kind")

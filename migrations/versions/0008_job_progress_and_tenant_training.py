@@ -17,27 +17,22 @@ Create Date: 2026-12-02 08:00:00.000000
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+from migration_helpers import add_columns, drop_columns
 
 revision = "0008"
 down_revision = "0007"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("jobs", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("progress", sa.JSON(), nullable=True))
-        batch_op.add_column(sa.Column("cancel_requested_at", sa.DateTime(timezone=True), nullable=True))
-        batch_op.add_column(sa.Column("cancelled_by", sa.String(length=256), nullable=True))
-    with op.batch_alter_table("tenants", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("training_config", sa.JSON(), nullable=True))
+    add_columns(
+        "jobs",
+        sa.Column("progress", sa.JSON(), nullable=True),
+        sa.Column("cancel_requested_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("cancelled_by", sa.String(length=256), nullable=True),
+    )
+    add_columns("tenants", sa.Column("training_config", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("tenants", schema=None) as batch_op:
-        batch_op.drop_column("training_config")
-    with op.batch_alter_table("jobs", schema=None) as batch_op:
-        batch_op.drop_column("cancelled_by")
-        batch_op.drop_column("cancel_requested_at")
-        batch_op.drop_column("progress")
+    drop_columns("tenants", "training_config")
+    drop_columns("jobs", "cancelled_by", "cancel_requested_at", "progress")

@@ -14,19 +14,15 @@ Create Date: 2026-12-02 15:00:00.000000
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+from migration_helpers import add_columns, drop_columns
 
 revision = "0009"
 down_revision = "0008"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("alias_history", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("forced", sa.Boolean(), nullable=False, server_default=sa.false()))
+    add_columns("alias_history", sa.Column("forced", sa.Boolean(), nullable=False, server_default=sa.false()))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("alias_history", schema=None) as batch_op:
-        batch_op.drop_column("forced")
+    drop_columns("alias_history", "forced")

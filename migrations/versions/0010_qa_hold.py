@@ -14,24 +14,19 @@ Create Date: 2026-12-03 10:00:00.000000
 from __future__ import annotations
 
 from alembic import op
+from migration_helpers import replace_check
 
 revision = "0010"
 down_revision = "0009"
-branch_labels = None
-depends_on = None
 
 _OLD = "decision IN ('promote', 'reject', 'keep', 'rollback')"
 _NEW = "decision IN ('promote', 'reject', 'keep', 'rollback', 'hold')"
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("qa_reports", schema=None) as batch_op:
-        batch_op.drop_constraint(op.f("ck_qa_reports_decision"), type_="check")
-        batch_op.create_check_constraint(op.f("ck_qa_reports_decision"), _NEW)
+    replace_check("qa_reports", "ck_qa_reports_decision", _NEW)
 
 
 def downgrade() -> None:
     op.execute("DELETE FROM qa_reports WHERE decision = 'hold'")
-    with op.batch_alter_table("qa_reports", schema=None) as batch_op:
-        batch_op.drop_constraint(op.f("ck_qa_reports_decision"), type_="check")
-        batch_op.create_check_constraint(op.f("ck_qa_reports_decision"), _OLD)
+    replace_check("qa_reports", "ck_qa_reports_decision", _OLD)

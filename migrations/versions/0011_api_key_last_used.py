@@ -11,19 +11,15 @@ Create Date: 2026-12-02 23:30:00.000000
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+from migration_helpers import add_columns, drop_columns
 
 revision = "0011"
 down_revision = "0010"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("api_keys", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True))
+    add_columns("api_keys", sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("api_keys", schema=None) as batch_op:
-        batch_op.drop_column("last_used_at")
+    drop_columns("api_keys", "last_used_at")

@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from migration_helpers import replace_check
 
 revision = "0012"
 down_revision = "0011"
-branch_labels = None
-depends_on = None
 
 _OLD = "status IN ('candidate', 'live', 'rejected', 'archived')"
 _NEW = "status IN ('candidate', 'live', 'rejected', 'archived', 'corrupt')"
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("adapter_versions", schema=None) as batch_op:
-        batch_op.drop_constraint(op.f("ck_adapter_versions_status"), type_="check")
-        batch_op.create_check_constraint(op.f("ck_adapter_versions_status"), _NEW)
+    replace_check("adapter_versions", "ck_adapter_versions_status", _NEW)
     op.create_table(
         "scrub_cursors",
         sa.Column("name", sa.String(length=64), nullable=False),
@@ -44,6 +41,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("scrub_cursors")
     op.execute("UPDATE adapter_versions SET status = 'rejected' WHERE status = 'corrupt'")
-    with op.batch_alter_table("adapter_versions", schema=None) as batch_op:
-        batch_op.drop_constraint(op.f("ck_adapter_versions_status"), type_="check")
-        batch_op.create_check_constraint(op.f("ck_adapter_versions_status"), _OLD)
+    replace_check("adapter_versions", "ck_adapter_versions_status", _OLD)

@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from migration_helpers import BIG_KEY, add_index, drop_table
 
 revision = "0013"
 down_revision = "0012"
-branch_labels = None
-depends_on = None
-
-BIG_KEY = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 _ACTIONS = (
     "promote.forced",
@@ -62,8 +59,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_events")),
     )
-    with op.batch_alter_table("audit_events", schema=None) as batch_op:
-        batch_op.create_index("ix_audit_events_tenant_id_id", ["tenant_id", "id"], unique=False)
+    add_index("audit_events", "tenant_id", "id")
     if op.get_bind().dialect.name == "postgresql":
         op.execute(_PG_FUNCTION)
         op.execute(
@@ -85,6 +81,4 @@ def downgrade() -> None:
     else:
         for event in ("update", "delete"):
             op.execute(f"DROP TRIGGER IF EXISTS audit_events_no_{event}")
-    with op.batch_alter_table("audit_events", schema=None) as batch_op:
-        batch_op.drop_index("ix_audit_events_tenant_id_id")
-    op.drop_table("audit_events")
+    drop_table("audit_events", "ix_audit_events_tenant_id_id")

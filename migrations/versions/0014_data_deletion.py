@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from migration_helpers import add_columns, add_index
 
 revision = "0014"
 down_revision = "0013"
-branch_labels = None
-depends_on = None
 
 _OLD = "status IN ('candidate', 'live', 'rejected', 'archived', 'corrupt')"
 _NEW = "status IN ('candidate', 'live', 'rejected', 'archived', 'corrupt', 'revoked')"
@@ -56,14 +55,10 @@ def upgrade() -> None:
         sa.CheckConstraint("kind IN ('records', 'user')", name=op.f("ck_deletion_receipts_kind")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deletion_receipts")),
     )
-    with op.batch_alter_table("deletion_receipts", schema=None) as batch_op:
-        batch_op.create_index(
-            "ix_deletion_receipts_tenant_id_created_at", ["tenant_id", "created_at"], unique=False
-        )
-        batch_op.create_index("ix_deletion_receipts_blobs_deleted_at", ["blobs_deleted_at"], unique=False)
-    with op.batch_alter_table("idempotency_keys", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("subject", sa.String(length=256), nullable=True))
-        batch_op.create_index("ix_idempotency_keys_tenant_id_subject", ["tenant_id", "subject"], unique=False)
+    add_index("deletion_receipts", "tenant_id", "created_at")
+    add_index("deletion_receipts", "blobs_deleted_at")
+    add_columns("idempotency_keys", sa.Column("subject", sa.String(length=256), nullable=True))
+    add_index("idempotency_keys", "tenant_id", "subject")
 
 
 def downgrade() -> None:

@@ -185,9 +185,9 @@ class QAResult(_Result):
 
 
 # --- import -------------------------------------------------------------------------------------------------
-class ImportPayload(_Payload):
-    """A PEFT archive (stored as a blob) to import as a version of a task adapter (``task``), or of a user's
-    own adapter (``user`` and ``adapter``; ``task`` is then None)."""
+class _ImportTarget(_JobModel):
+    """What an import job's payload and result share: where the version goes, a task adapter (``task``) or a
+    user's own adapter (``user`` and ``adapter``; ``task`` is then None)."""
 
     job_kind: ClassVar[JobKind] = JobKind.IMPORT
 
@@ -195,6 +195,12 @@ class ImportPayload(_Payload):
     #: a user's own adapter: the user's external id and the adapter's name
     user: str | None = None
     adapter: str | None = None
+
+
+class ImportPayload(_ImportTarget, _Payload):
+    """A PEFT archive (stored as a blob) to import as a version of a task adapter (``task``), or of a user's
+    own adapter (``user`` and ``adapter``; ``task`` is then None)."""
+
     archive_sha256: str
     archive_size: int
     example_prompts: list[str]
@@ -235,14 +241,9 @@ def _without_empty(data: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in data.items() if not (k in keys and v in (None, [], {}))}
 
 
-class ImportResult(_Result):
+class ImportResult(_ImportTarget, _Result):
     """The version an import registered, and (promote rule ``qa``) the QA job it queued."""
 
-    job_kind: ClassVar[JobKind] = JobKind.IMPORT
-
-    task: str | None = None
-    user: str | None = None
-    adapter: str | None = None
     adapter_id: int
     version_id: int
     number: int

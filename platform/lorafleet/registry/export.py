@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.config import SMOLLM2_BACKBONE
-from lorafleet.domain import AdapterVersion, VersionStatus
-from lorafleet.errors import InvalidStateError
+from lorafleet.domain import AdapterVersion
 from lorafleet.registry.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
+from lorafleet.registry.validation import check_usable
 from lorafleet.registry.versions import Registry
 from lorafleet.store.blob.base import sha256_file
 
@@ -56,14 +56,7 @@ def check_exportable(version: AdapterVersion) -> None:
     """A ``corrupt`` version's blob failed verification, a ``revoked`` one was trained on deleted records: neither
     is exported (``InvalidStateError``, a 409 like any other state that refuses the request; a revoked version's
     blob may still exist until the gc grace ends, but its data was taken back)."""
-    if version.status == VersionStatus.CORRUPT:
-        raise InvalidStateError(
-            f"version {version.number} is marked corrupt (its blob failed verification) and cannot be downloaded"
-        )
-    if version.status == VersionStatus.REVOKED:
-        raise InvalidStateError(
-            f"version {version.number} is revoked (a record it was trained on was deleted) and cannot be downloaded"
-        )
+    check_usable(version, to="be downloaded", corrupt="is marked corrupt")
 
 
 def export_filename(adapter_name: str, number: int) -> str:

@@ -75,17 +75,26 @@ def _check_weights_file(path: Path, *, max_header_bytes: int) -> None:
             raise NonFiniteError(f"tensor {name!r} contains NaN or infinity")
 
 
+#: the statuses whose versions are never served nor exported, and why
+_UNUSABLE = {
+    VersionStatus.CORRUPT: "(its blob failed verification)",
+    VersionStatus.REVOKED: "(a record it was trained on was deleted)",
+}
+
+
+def check_usable(version: AdapterVersion, *, to: str, corrupt: str = "is corrupt") -> None:
+    """InvalidStateError when ``version`` is corrupt or revoked: it cannot ``to`` (go live, be downloaded);
+    ``corrupt`` words the corrupt case (``is marked corrupt`` for a download)."""
+    why = _UNUSABLE.get(version.status)
+    if why is not None:
+        state = corrupt if version.status == VersionStatus.CORRUPT else "is revoked"
+        raise InvalidStateError(f"version {version.number} {state} {why} and cannot {to}")
+
+
 def _check_target(*, target: AdapterVersion, current: AdapterVersion | None) -> None:
     if target.status == VersionStatus.REJECTED:
         raise InvalidStateError(f"version {target.number} was rejected and cannot go live")
-    if target.status == VersionStatus.CORRUPT:
-        raise InvalidStateError(
-            f"version {target.number} is corrupt (its blob failed verification) and cannot go live"
-        )
-    if target.status == VersionStatus.REVOKED:
-        raise InvalidStateError(
-            f"version {target.number} is revoked (a record it was trained on was deleted) and cannot go live"
-        )
+    check_usable(target, to="go live")
     if current is not None and current.id == target.id:
         raise InvalidStateError(f"version {target.number} is already live")
 

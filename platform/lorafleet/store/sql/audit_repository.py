@@ -22,7 +22,7 @@ MAX_ACTOR_LENGTH = 256
 
 
 def to_audit_event(row: SqlAuditEvent) -> AuditEvent:
-    return from_row(AuditEvent, row, action=AuditAction(row.action), details=dict(row.details or {}))
+    return from_row(AuditEvent, row, details=dict(row.details or {}))
 
 
 def insert_event(

@@ -21,7 +21,7 @@ running: its other subjects train as planned, and its registration skips a subje
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -61,12 +61,7 @@ class ErasedVersion:
     sha256: str
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "adapter": self.adapter,
-            "number": self.number,
-            "version_id": self.version_id,
-            "sha256": self.sha256,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from lorafleet.domain import DatasetSnapshot, FeedbackKind, FeedbackRecord, SubjectKind, VersionStatus
+from lorafleet.domain import DatasetSnapshot, FeedbackRecord, SubjectKind, VersionStatus
 from lorafleet.domain.subject import Subject
 from lorafleet.errors import NotFoundError, ValidationError
 from lorafleet.store.sql.database import Database
@@ -64,7 +64,7 @@ class FeedbackBacklog:
 
 
 def to_feedback_record(row: SqlFeedback) -> FeedbackRecord:
-    return from_row(FeedbackRecord, row, kind=FeedbackKind(row.kind), payload=dict(row.payload))
+    return from_row(FeedbackRecord, row, payload=dict(row.payload))
 
 
 def _ids_by_hash(session: Session, *, user_id: int, hashes: Iterable[str]) -> dict[str, int]:

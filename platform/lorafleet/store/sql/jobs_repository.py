@@ -29,7 +29,7 @@ from lorafleet.store.sql.models import (
     SqlJobUser,
     SqlUser,
 )
-from lorafleet.store.sql.rows import chunks, from_row
+from lorafleet.store.sql.rows import DialectRepository, chunks, from_row
 
 #: PostgreSQL advisory-lock key held (per transaction) while a scheduler reads, decides and inserts jobs.
 SCHEDULER_LOCK_KEY = 0x6C6F7261_73636801
@@ -65,7 +65,6 @@ def to_job(row: SqlJob) -> Job:
     return from_row(
         Job,
         row,
-        state=JobState(row.state),
         payload=dict(row.payload or {}),
         result=None if row.result is None else dict(row.result),
         progress=None if row.progress is None else dict(row.progress),
@@ -89,11 +88,8 @@ def lease_problem(row: SqlJob, *, worker_id: str, now: datetime, attempt: int | 
     return None
 
 
-class JobsRepository:
+class JobsRepository(DialectRepository):
     """SQL for jobs; stateless apart from the dialect (row locks and advisory locks differ)."""
-
-    def __init__(self, *, dialect: str) -> None:
-        self._postgres = dialect == "postgresql"
 
     # --- submit -------------------------------------------------------------------------------------------
     def active_by_dedupe_key(self, session: Session, *, dedupe_key: str) -> Job | None:

@@ -28,7 +28,7 @@ from lorafleet.store.sql.models import (
     SqlUser,
     utcnow,
 )
-from lorafleet.store.sql.rows import chunks, from_row
+from lorafleet.store.sql.rows import DialectRepository, chunks, from_row
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,8 @@ class NewQAReport:
     job_id: int | None
 
 
-class QARepository:
+class QARepository(DialectRepository):
     """Stateless SQL for QA (the dialect is kept for symmetry with the other repositories)."""
-
-    def __init__(self, *, dialect: str) -> None:
-        self._postgres = dialect == "postgresql"
 
     # --- reports ------------------------------------------------------------------------------------------
     def insert_report(self, session: Session, *, new: NewQAReport) -> QAReport:
@@ -199,8 +196,6 @@ def _report(row: SqlQAReport) -> QAReport:
     return from_row(
         QAReport,
         row,
-        kind=QAKind(row.kind),
-        decision=QADecision(row.decision),
         reasons=tuple(str(r) for r in row.reasons or ()),
         summary=dict(row.summary or {}),
     )

@@ -36,7 +36,6 @@ def to_receipt(row: SqlDeletionReceipt) -> DeletionReceipt:
     return from_row(
         DeletionReceipt,
         row,
-        kind=DeletionKind(row.kind),
         request=dict(row.request or {}),
         record_hashes=tuple(row.record_hashes or ()),
         revoked_versions=tuple(dict(v) for v in row.revoked_versions or ()),

@@ -47,7 +47,7 @@ from lorafleet.store.sql.models import (
     utcnow,
 )
 from lorafleet.store.sql.receipts import blob_holds
-from lorafleet.store.sql.rows import chunks, from_row, to_snapshot
+from lorafleet.store.sql.rows import DialectRepository, chunks, from_row, to_snapshot
 
 #: PostgreSQL advisory-lock key that orders "GC deletes a blob" against "a version row starts to use it".
 BLOB_GC_LOCK_KEY = 0x6C6F7261_67630001
@@ -88,11 +88,8 @@ class VersionLocation:
     owner: str | None
 
 
-class RegistryRepository:
+class RegistryRepository(DialectRepository):
     """Tenant-scoped SQL for the registry; stateless apart from the dialect (locks and upserts differ)."""
-
-    def __init__(self, *, dialect: str) -> None:
-        self._postgres = dialect == "postgresql"
 
     # --- tenants, users, adapters -----------------------------------------------------------------------
     def require_tenant(self, session: Session, *, tenant_id: int) -> None:
@@ -584,7 +581,6 @@ def _version(row: SqlAdapterVersion) -> AdapterVersion:
         target_modules=tuple(row.target_modules),
         training_config=dict(row.training_config or {}),
         metrics=dict(row.metrics or {}),
-        status=VersionStatus(row.status),
     )
 
 

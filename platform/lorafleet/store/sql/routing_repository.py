@@ -31,7 +31,7 @@ from lorafleet.store.sql.models import (
     SqlUser,
     utcnow,
 )
-from lorafleet.store.sql.rows import from_row
+from lorafleet.store.sql.rows import DialectRepository, from_row
 
 #: the name of a user's learned-gate adapter (kind ``gate``; one per user)
 GATE_ADAPTER_NAME = "gate"
@@ -93,11 +93,8 @@ _LIVE_ROW_COLUMNS = (
 )
 
 
-class RoutingRepository:
+class RoutingRepository(DialectRepository):
     """Tenant-scoped SQL for routing; stateless apart from the dialect (upserts differ)."""
-
-    def __init__(self, *, dialect: str) -> None:
-        self._postgres = dialect == "postgresql"
 
     # --- the bank ---------------------------------------------------------------------------------------
     def user_with_gate_spec(
@@ -386,4 +383,4 @@ def _live_row(row: Any) -> LiveAdapterRow:
 
 
 def _event(row: SqlEnrolmentEvent) -> EnrolmentEvent:
-    return from_row(EnrolmentEvent, row, action=EnrolmentAction(row.action))
+    return from_row(EnrolmentEvent, row)
