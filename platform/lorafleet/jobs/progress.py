@@ -134,7 +134,7 @@ class ProgressReporter:
 
 
 def trainer_callback(
-    report_step: Callable[..., None], *, also: TrainerCallback | None = None
+    report_step: Callable[..., object], *, also: TrainerCallback | None = None
 ) -> TrainerCallback:
     """The trainer's per-step callback as job progress: each step to ``report_step`` (``LeaseContext``'s,
     which throttles) and to ``also``; the final step enters ``evaluating`` (the holdouts are scored next)."""
