@@ -92,8 +92,8 @@ class ProgressReporter:
             step=step,
             total_steps=total,
             fraction=step / total,
-            loss=_finite(loss),
-            losses={str(key): _finite(value) for key, value in losses.items()},
+            loss=finite_or_none(loss),
+            losses={str(key): finite_or_none(value) for key, value in losses.items()},
             eta_seconds=self._eta(now, step=step, total=total),
             curves=self._grow_curves(step, losses),
         )
@@ -106,7 +106,7 @@ class ProgressReporter:
     def _grow_curves(self, step: int, losses: Mapping[str, float]) -> dict[str, list[list[float]]]:
         """Each subject's ``[step, loss]`` points with this step's finite losses added (thinned when full)."""
         for key, value in losses.items():
-            loss = _finite(value)
+            loss = finite_or_none(value)
             if loss is None:
                 continue
             points = self._curves.setdefault(str(key), [])
@@ -134,7 +134,7 @@ class ProgressReporter:
 
 
 def trainer_callback(
-    report_step: Callable[..., None], *, also: TrainerCallback | None = None
+    report_step: Callable[..., object], *, also: TrainerCallback | None = None
 ) -> TrainerCallback:
     """The trainer's per-step callback as job progress: each step to ``report_step`` (``LeaseContext``'s,
     which throttles) and to ``also``; the final step enters ``evaluating`` (the holdouts are scored next)."""
@@ -155,8 +155,8 @@ def _check_phase(name: str) -> str:
     return name
 
 
-def _finite(value: object) -> float | None:
-    """A finite number as float; anything else (NaN, inf, None) as None, so the report stays JSON."""
+def finite_or_none(value: object) -> float | None:
+    """A finite number as float; anything else (NaN, inf, None, text) as None, so a report stays JSON."""
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
@@ -172,5 +172,6 @@ __all__ = [
     "TRAIN_PHASES",
     "ProgressReporter",
     "TrainerCallback",
+    "finite_or_none",
     "trainer_callback",
 ]

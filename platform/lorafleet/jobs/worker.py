@@ -68,6 +68,9 @@ class LeaseContext:
         self._progress = ProgressReporter(
             write=self._write_progress, min_interval=progress_interval, clock=monotonic
         )
+        #: ``ProgressReporter.step``: step ``step`` of ``total`` is done; written when due (throttled). Raises
+        #: like ``check`` when the write finds the job cancelled or the lease lost.
+        self.report_step = self._progress.step
 
     @property
     def lost(self) -> bool:
@@ -108,19 +111,6 @@ class LeaseContext:
     def report_phase(self, name: str) -> None:
         """The job enters phase ``name`` (``lorafleet.jobs.progress``); written at once."""
         self._progress.phase(name)
-
-    def report_step(
-        self,
-        *,
-        step: int,
-        total: int,
-        losses: Mapping[str, float],
-        loss: float | None = None,
-        phase: str | None = None,
-    ) -> None:
-        """Step ``step`` of ``total`` is done; written when due (throttled). Raises like ``check`` when the
-        write finds the job cancelled or the lease lost."""
-        self._progress.step(step=step, total=total, losses=losses, loss=loss, phase=phase)
 
     def _write_progress(self, progress: dict[str, Any]) -> None:
         self.check()

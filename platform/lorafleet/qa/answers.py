@@ -176,72 +176,61 @@ def _doubled_ranks(magnitudes: Sequence[float]) -> list[int]:
 
 
 @dataclass(frozen=True)
-class PairedScores:
-    """Per-example answer F1, score (F1 less the wrong-question penalty) and exact match of a subject and a
-    reference; better, worse and the signed-rank test are over the scores."""
+class ColumnScores:
+    """One column's per-example answer F1, exact match, score (F1 less the wrong-question penalty) and whether
+    the answer is closer to another question's target than to its own (``wrong_answer``)."""
 
-    subject_f1: tuple[float, ...]
-    reference_f1: tuple[float, ...]
-    subject_exact: tuple[bool, ...]
-    reference_exact: tuple[bool, ...]
-    subject_score: tuple[float, ...]
-    reference_score: tuple[float, ...]
-    subject_wrong_flags: tuple[bool, ...]
-    reference_wrong_flags: tuple[bool, ...]
+    f1: tuple[float, ...]
+    exact: tuple[bool, ...]
+    score: tuple[float, ...]
+    wrong_flags: tuple[bool, ...]
+
+    @property
+    def wrong(self) -> int:
+        """Answers closer to another question's target than to their own."""
+        return sum(self.wrong_flags)
+
+    @property
+    def mean_score(self) -> float:
+        return _mean(self.score)
+
+    @property
+    def mean_f1(self) -> float:
+        return _mean(self.f1)
+
+    @property
+    def exact_rate(self) -> float:
+        return _mean([float(x) for x in self.exact])
+
+
+@dataclass(frozen=True)
+class PairedScores:
+    """The scores of a subject and a reference on the same examples; better, worse and the signed-rank test
+    are over the scores."""
+
+    subject: ColumnScores
+    reference: ColumnScores
 
     @property
     def n(self) -> int:
-        return len(self.subject_f1)
+        return len(self.subject.f1)
 
     @property
     def wins(self) -> int:
-        return sum(s - r > _TIE for s, r in zip(self.subject_score, self.reference_score, strict=True))
+        return sum(s - r > _TIE for s, r in zip(self.subject.score, self.reference.score, strict=True))
 
     @property
     def losses(self) -> int:
-        return sum(r - s > _TIE for s, r in zip(self.subject_score, self.reference_score, strict=True))
+        return sum(r - s > _TIE for s, r in zip(self.subject.score, self.reference.score, strict=True))
 
     @property
     def p_value(self) -> float:
         """The one-sided signed-rank test's p that the subject's score is higher (``signed_rank_p``)."""
-        return signed_rank_p([s - r for s, r in zip(self.subject_score, self.reference_score, strict=True)])
+        return signed_rank_p([s - r for s, r in zip(self.subject.score, self.reference.score, strict=True)])
 
-    @property
-    def subject_wrong(self) -> int:
-        """Subject answers closer to another question's target than to their own (``wrong_answer``)."""
-        return sum(self.subject_wrong_flags)
 
-    @property
-    def reference_wrong(self) -> int:
-        return sum(self.reference_wrong_flags)
-
-    @property
-    def subject_mean_score(self) -> float:
-        return self._mean(self.subject_score)
-
-    @property
-    def reference_mean_score(self) -> float:
-        return self._mean(self.reference_score)
-
-    @staticmethod
-    def _mean(values: Sequence[float]) -> float:
-        return sum(values) / len(values) if values else math.nan
-
-    @property
-    def subject_mean_f1(self) -> float:
-        return self._mean(self.subject_f1)
-
-    @property
-    def reference_mean_f1(self) -> float:
-        return self._mean(self.reference_f1)
-
-    @property
-    def subject_exact_rate(self) -> float:
-        return self._mean([float(x) for x in self.subject_exact])
-
-    @property
-    def reference_exact_rate(self) -> float:
-        return self._mean([float(x) for x in self.reference_exact])
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
 
 
 def other_questions(targets: Sequence[str]) -> list[list[str]]:
@@ -281,8 +270,7 @@ def training_answers(
         _own_and_crossed(a, t, o, p) for a, t, o, p in zip(answers, targets, others, prompts, strict=True)
     ]
     wrong = sum(crossed - own > _TIE for own, crossed in scored)
-    mean = sum(own for own, _ in scored) / len(scored) if scored else math.nan
-    return TrainingAnswers(len(scored), wrong, mean)
+    return TrainingAnswers(len(scored), wrong, _mean([own for own, _ in scored]))
 
 
 def paired_scores(
@@ -297,32 +285,24 @@ def paired_scores(
     prompt). The other targets of an example are ``other_questions``."""
     others = other_questions(targets)
 
-    def column(answers: Sequence[str]) -> tuple[tuple[float, ...], tuple[float, ...], tuple[bool, ...]]:
-        """Each answer's F1, score and wrong-answer flag, from one F1 against its own and the other targets."""
-        f1s, scores, wrong = [], [], []
+    def column(answers: Sequence[str]) -> ColumnScores:
+        """Each answer's F1, exact match, score and wrong-answer flag, from one F1 against its own and the other
+        targets."""
+        f1s, exact, scores, wrong = [], [], [], []
         for a, t, o, p in zip(answers, targets, others, prompts, strict=True):
             own, crossed = _own_and_crossed(a, t, o, p)
             f1s.append(own)
+            exact.append(exact_match(a, t))
             scores.append(_penalised(own, crossed, wrong_answer_weight))
             wrong.append(crossed - own > _TIE)
-        return tuple(f1s), tuple(scores), tuple(wrong)
+        return ColumnScores(tuple(f1s), tuple(exact), tuple(scores), tuple(wrong))
 
-    subject_f1, subject_score, subject_wrong = column(subject)
-    reference_f1, reference_score, reference_wrong = column(reference)
-    return PairedScores(
-        subject_f1,
-        reference_f1,
-        tuple(exact_match(a, t) for a, t in zip(subject, targets, strict=True)),
-        tuple(exact_match(a, t) for a, t in zip(reference, targets, strict=True)),
-        subject_score,
-        reference_score,
-        subject_wrong,
-        reference_wrong,
-    )
+    return PairedScores(column(subject), column(reference))
 
 
 __all__ = [
     "STOPWORDS",
+    "ColumnScores",
     "PairedScores",
     "answer_f1",
     "answer_score",

@@ -41,6 +41,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from lorafleet.errors import ValidationError
 from lorafleet.registry.weight_sanity import WeightBounds
+from lorafleet.training.config import invalid_fields
 
 DEFAULT_POLICY_VERSION = "qa-policy/5"
 
@@ -133,7 +134,7 @@ class QAPolicy(BaseModel):
         try:
             super().__init__(**data)
         except PydanticValidationError as exc:
-            raise _translate(exc) from None
+            raise invalid_fields(exc, what="QA policy", whole="policy") from None
         if self.min_update_norm > self.max_update_norm:
             raise ValidationError("invalid QA policy: min_update_norm is above max_update_norm")
 
@@ -161,14 +162,6 @@ class QAPolicy(BaseModel):
     def with_changes(self, **changes: Any) -> QAPolicy:
         """A validated copy with some fields changed."""
         return QAPolicy(**{**self.model_dump(), **changes})
-
-
-def _translate(exc: PydanticValidationError) -> ValidationError:
-    parts = []
-    for error in exc.errors():
-        field = ".".join(str(p) for p in error["loc"]) or "policy"
-        parts.append(f"{field}: {str(error['msg']).removeprefix('Value error, ')}")
-    return ValidationError("invalid QA policy: " + "; ".join(parts))
 
 
 __all__ = ["DEFAULT_POLICY_VERSION", "QAPolicy"]

@@ -182,12 +182,12 @@ def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     alpha = 1.0 - policy.answer_confidence
     needed = min_untied_pairs(alpha)
     ref_name = "previous live" if evidence.reference == PREVIOUS else evidence.reference
-    gain = scores.subject_mean_score - scores.reference_mean_score
+    gain = scores.subject.mean_score - scores.reference.mean_score
     figures = (
-        f"answer F1 {scores.subject_mean_f1:.2f} vs {ref_name} {scores.reference_mean_f1:.2f}, exact match "
-        f"{scores.subject_exact_rate:.2f} vs {scores.reference_exact_rate:.2f} on {scores.n} holdout answers "
-        f"({scores.wins} better, {scores.losses} worse, {scores.subject_wrong} answering another question "
-        f"vs {scores.reference_wrong})"
+        f"answer F1 {scores.subject.mean_f1:.2f} vs {ref_name} {scores.reference.mean_f1:.2f}, exact match "
+        f"{scores.subject.exact_rate:.2f} vs {scores.reference.exact_rate:.2f} on {scores.n} holdout answers "
+        f"({scores.wins} better, {scores.losses} worse, {scores.subject.wrong} answering another question "
+        f"vs {scores.reference.wrong})"
     )
     untied = scores.wins + scores.losses
     # too few changed answers for the test ever to reach alpha (none changed: p = 1 says it): the margin decides

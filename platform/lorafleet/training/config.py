@@ -115,7 +115,7 @@ class TrainingConfig(BaseModel):
         try:
             super().__init__(**data)
         except PydanticValidationError as exc:
-            raise _translate(exc) from None
+            raise invalid_fields(exc, what="training config", whole="config") from None
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> TrainingConfig:
@@ -226,10 +226,10 @@ class TrainingConfig(BaseModel):
         return notes
 
 
-def _translate(exc: PydanticValidationError) -> ValidationError:
-    """One lorafleet error naming every bad field (``field: message``)."""
+def invalid_fields(exc: PydanticValidationError, *, what: str, whole: str) -> ValidationError:
+    """One lorafleet error naming every bad field of ``what`` (``field: message``; ``whole``: no one field)."""
     parts = []
     for error in exc.errors():
-        field = ".".join(str(p) for p in error["loc"]) or "config"
+        field = ".".join(str(p) for p in error["loc"]) or whole
         parts.append(f"{field}: {str(error['msg']).removeprefix('Value error, ')}")
-    return ValidationError("invalid training config: " + "; ".join(parts))
+    return ValidationError(f"invalid {what}: " + "; ".join(parts))

@@ -148,8 +148,8 @@ def promote_decision(rule: str, metrics: Mapping[str, Any]) -> tuple[bool, str]:
     if rule == PromoteRule.QA:
         return False, "QA decides (promote rule 'qa')"
     before, after = (
-        _finite_or_none(metrics.get("holdout_loss_before")),
-        _finite_or_none(metrics.get("holdout_loss_after")),
+        job_progress.finite_or_none(metrics.get("holdout_loss_before")),
+        job_progress.finite_or_none(metrics.get("holdout_loss_after")),
     )
     if before is None or after is None:
         return False, "no holdout loss to compare"
@@ -417,7 +417,7 @@ class ContinualTrainer:
         self, plan: TrainingInput, *, saved: SavedAdapter, metrics: Mapping[str, float]
     ) -> TrainedUser:
         full = {
-            **{k: _finite_or_none(v) for k, v in metrics.items()},
+            **{k: job_progress.finite_or_none(v) for k, v in metrics.items()},
             "new_records": len(plan.new_ids),
             "replay_records": len(plan.replay_ids),
         }
@@ -571,13 +571,6 @@ def _snapshot_details(plan: TrainingInput) -> dict[str, Any]:
         "watermark": plan.user.watermark,
         "parent_version_id": None if plan.parent is None else plan.parent.id,
     }
-
-
-def _finite_or_none(value: object) -> float | None:
-    """A finite number as float; anything else (NaN, inf, None, text) as None (JSON-safe metrics)."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
 
 
 __all__ = [

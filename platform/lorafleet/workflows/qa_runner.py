@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +51,6 @@ from lorafleet.qa.evalsets import EvalSet, training_prompts
 from lorafleet.qa.evaluation import Evaluation, Evaluator, Subject
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.reports import REPORT_FORMAT, store_document, summary_of
-from lorafleet.qa.results import Matrix
 from lorafleet.qa.rules import (
     ANSWER_RULE,
     NO_EVIDENCE,
@@ -197,21 +196,13 @@ class QARunner:
                 target = _rollback_target(subject.previous)
                 to = "none" if target is None else f"version {target.number}"
                 reasons = [*reasons, f"forced live without a QA decision: rollback to {to}"]
-        document = self._document(QAKind.CANDIDATE, subject, evaluation, rules, decision, reasons)
+        decided = _Decided(QAKind.CANDIDATE, subject, evaluation, rules, decision, reasons, target)
+        document = self._document(decided)
         if enrolled is not None:
             document["enrolled"] = enrolled
         if forced_live:
             document["forced_live"] = True
-        report = self._record(
-            kind=QAKind.CANDIDATE,
-            subject=subject,
-            target=target,
-            decision=decision,
-            reasons=reasons,
-            document=document,
-            matrix=evaluation.matrix,
-            lease=lease,
-        )
+        report = self._record(decided, document, lease)
         logger.info("QA report %d: version %d %s (%s)", report.id, version.id, decision, "; ".join(reasons))
         return report
 
@@ -344,7 +335,8 @@ class QARunner:
         elif not passed:
             to = "none" if target is None else f"version {target.number}"
             reasons = [*reasons, f"rollback to {to} ({len(trials)} earlier versions tried)"]
-        document = self._document(QAKind.RECHECK, subject, evaluation, rules, decision, reasons)
+        decided = _Decided(QAKind.RECHECK, subject, evaluation, rules, decision, reasons, target, culprit)
+        document = self._document(decided)
         document["cause"] = cause
         document["blame"] = {
             "culprit": None if culprit is None else member_label(culprit),
@@ -353,17 +345,7 @@ class QARunner:
             "trials": blame_trials,
         }
         document["rollback"] = {"to_version_id": None if target is None else target.id, "trials": trials}
-        report = self._record(
-            kind=QAKind.RECHECK,
-            subject=subject,
-            target=target,
-            decision=decision,
-            reasons=reasons,
-            document=document,
-            matrix=evaluation.matrix,
-            lease=lease,
-            culprit=culprit,
-        )
+        report = self._record(decided, document, lease)
         logger.info("QA report %d: live version %d %s", report.id, live.id, decision)
         return report
 
@@ -426,31 +408,20 @@ class QARunner:
         return None, tried
 
     # --- recording ----------------------------------------------------------------------------------------
-    def _record(
-        self,
-        *,
-        kind: QAKind,
-        subject: Subject,
-        target: AdapterVersion | None,
-        decision: QADecision,
-        reasons: list[str],
-        document: dict[str, Any],
-        matrix: Matrix | None,
-        lease: LeaseContext | None,
-        culprit: Expert | None = None,
-    ) -> QAReport:
+    def _record(self, decided: _Decided, document: dict[str, Any], lease: LeaseContext | None) -> QAReport:
         """Blob first; then row, alias move or status (or the blamed member's unenrolment or rollback),
         follow-up jobs and the job's success in one transaction."""
+        subject, culprit = decided.subject, decided.culprit
         ref = store_document(self.registry, document)
         new = NewQAReport(
             tenant_id=subject.tenant_id,
             version_id=subject.version.id,
-            kind=kind,
+            kind=decided.kind,
             policy_version=self.policy.version,
-            decision=decision,
-            reasons=tuple(reasons),
+            decision=decided.decision,
+            reasons=tuple(decided.reasons),
             summary=summary_of(
-                matrix,
+                decided.evaluation.matrix,
                 document.get("rules", []),
                 _summary_extra(document),
                 wrong_answer_weight=self.policy.wrong_answer_weight,
@@ -465,7 +436,7 @@ class QARunner:
             self._ensure_blob(data_ref=ref.sha256, document=document)
             self._check_not_stale(subject)
             report = self.db.run(self._qa.insert_report, new=new)
-            self._act(subject=subject, target=target, decision=decision, report=report)
+            self._act(decided, report)
             if culprit is not None:
                 self._act_on_culprit(subject=subject, culprit=culprit, report=report)
             return report
@@ -506,48 +477,55 @@ class QARunner:
             if status != VersionStatus.CANDIDATE:
                 raise StaleEvaluationError(f"version {subject.version.id} became {status} while QA evaluated")
 
-    def _act(
-        self,
-        *,
-        subject: Subject,
-        target: AdapterVersion | None,
-        decision: QADecision,
-        report: QAReport,
-    ) -> None:
-        tenant_id, adapter = subject.tenant_id, subject.adapter
+    def _act(self, decided: _Decided, report: QAReport) -> None:
+        subject, decision, target = decided.subject, decided.decision, decided.target
+        tenant_id, adapter, number = subject.tenant_id, subject.adapter, subject.version.number
         if decision == QADecision.PROMOTE:
-            move_live(
-                registry=self.registry,
-                queue=self.queue,
-                tenant_id=tenant_id,
-                adapter=adapter,
-                action="promote",
-                number=subject.version.number,
-                actor=QA_ACTOR,
+            self._move_live(
+                tenant_id,
+                adapter,
+                "promote",
+                number,
                 reason=f"qa-passed {report.id}",
-                cause=f"task adapter {adapter.name!r} promoted to version {subject.version.number}",
+                cause=f"task adapter {adapter.name!r} promoted to version {number}",
             )
         elif decision == QADecision.REJECT:
-            self.registry.set_status(
-                tenant_id=tenant_id,
-                adapter_id=adapter.id,
-                number=subject.version.number,
-                status=VersionStatus.REJECTED,
-            )
+            self._reject(tenant_id, adapter, number)
         elif decision == QADecision.ROLLBACK and subject.kind == QAKind.CANDIDATE:
             self._roll_back_forced(subject=subject, target=target, report=report)
         elif decision == QADecision.ROLLBACK:
             # a recheck's rollback: only live personal adapters are rechecked, so no task bank moves here
-            move_live(
-                registry=self.registry,
-                queue=self.queue,
-                tenant_id=tenant_id,
-                adapter=adapter,
-                action="rollback",
-                number=None if target is None else target.number,
-                actor=QA_ACTOR,
-                reason=f"qa-regression {report.id}",
-            )
+            to = None if target is None else target.number
+            self._move_live(tenant_id, adapter, "rollback", to, reason=f"qa-regression {report.id}")
+
+    def _move_live(
+        self,
+        tenant_id: int,
+        adapter: Adapter,
+        action: str,
+        number: int | None,
+        *,
+        reason: str,
+        cause: str | None = None,
+    ) -> None:
+        """``move_live`` by QA (actor ``qa``), in the caller's transaction."""
+        move_live(
+            registry=self.registry,
+            queue=self.queue,
+            tenant_id=tenant_id,
+            adapter=adapter,
+            action=action,
+            number=number,
+            actor=QA_ACTOR,
+            reason=reason,
+            cause=cause,
+        )
+
+    def _reject(self, tenant_id: int, adapter: Adapter, number: int) -> None:
+        """Version ``number`` of ``adapter`` becomes ``rejected``."""
+        self.registry.set_status(
+            tenant_id=tenant_id, adapter_id=adapter.id, number=number, status=VersionStatus.REJECTED
+        )
 
     def _act_on_culprit(self, *, subject: Subject, culprit: Expert, report: QAReport) -> None:
         """``blame_action`` on the task member a recheck blamed. Raises ``StaleEvaluationError`` when the bank
@@ -578,14 +556,11 @@ class QARunner:
         earlier = earlier_live_versions(
             self.registry, tenant_id=tenant_id, adapter_id=task.id, below=culprit.version_number
         )
-        move_live(
-            registry=self.registry,
-            queue=self.queue,
-            tenant_id=tenant_id,
-            adapter=task,
-            action="rollback",
-            number=earlier[0].number if earlier else None,
-            actor=QA_ACTOR,
+        self._move_live(
+            tenant_id,
+            task,
+            "rollback",
+            earlier[0].number if earlier else None,
             reason=f"qa-blame {report.id}",
             cause=f"task adapter {task.name!r} rolled back: it failed {subject.user_bank.external_id!r}'s bank",
         )
@@ -595,39 +570,24 @@ class QARunner:
         promote when that one has a higher number) and the version is ``rejected``, as QA would have left it."""
         tenant_id, adapter, version = subject.tenant_id, subject.adapter, subject.version
         back_up = target is not None and target.number > version.number
-        move_live(
-            registry=self.registry,
-            queue=self.queue,
-            tenant_id=tenant_id,
-            adapter=adapter,
-            action="promote" if back_up else "rollback",
-            number=None if target is None else target.number,
-            actor=QA_ACTOR,
+        self._move_live(
+            tenant_id,
+            adapter,
+            "promote" if back_up else "rollback",
+            None if target is None else target.number,
             reason=f"qa-regression {report.id}",
             cause=f"{adapter.name!r}: forced version {version.number} failed QA, rolled back",
         )
-        self.registry.set_status(
-            tenant_id=tenant_id,
-            adapter_id=adapter.id,
-            number=version.number,
-            status=VersionStatus.REJECTED,
-        )
+        self._reject(tenant_id, adapter, version.number)
 
-    def _document(
-        self,
-        kind: QAKind,
-        subject: Subject,
-        evaluation: Evaluation,
-        rules: list[RuleOutcome],
-        decision: QADecision,
-        reasons: list[str],
-    ) -> dict[str, Any]:
+    def _document(self, decided: _Decided) -> dict[str, Any]:
         """The report's JSON document (see ``lorafleet.qa.reports``)."""
+        subject, evaluation = decided.subject, decided.evaluation
         bank = dict(evaluation.bank)
         probe = bank.pop("probe", None)
         return {
             "format": REPORT_FORMAT,
-            "kind": kind,
+            "kind": decided.kind,
             "tenant_id": subject.tenant_id,
             "version": _version_json(subject.adapter, subject.version),
             "previous": None
@@ -640,9 +600,9 @@ class QARunner:
             "bank": bank,
             "probe": probe,
             "matrix": None if evaluation.matrix is None else evaluation.matrix.to_json(),
-            "rules": [{"rule": r.rule, "passed": r.passed, "detail": r.detail} for r in rules],
-            "decision": decision,
-            "reasons": reasons,
+            "rules": [{"rule": r.rule, "passed": r.passed, "detail": r.detail} for r in decided.rules],
+            "decision": decided.decision,
+            "reasons": decided.reasons,
             "timing": {"evaluation_seconds": round(evaluation.seconds, 3)},
         }
 
@@ -658,6 +618,22 @@ class QARunner:
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Decided:
+    """A QA decision and what it rests on: what ``QARunner._document`` describes and ``QARunner._record`` records."""
+
+    kind: QAKind
+    subject: Subject
+    evaluation: Evaluation
+    rules: list[RuleOutcome]
+    decision: QADecision
+    reasons: list[str]
+    #: where a rollback moves ``live`` (None: to no version)
+    target: AdapterVersion | None = None
+    #: the task member a recheck blamed
+    culprit: Expert | None = None
+
+
 def _forced_without_evidence(outcome: RuleOutcome) -> RuleOutcome:
     """A version without evidence (an import with no examples, on a task without feedback) that a person forced
     live: the rules that need evidence (the holdout loss, the answers) cannot compare anything, and the person's
