@@ -19,6 +19,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 import httpx
 
+from lorafleet.domain.closing import ClosesOnExit
 from lorafleet.sdk import calls as c
 from lorafleet.sdk import schemas as s
 from lorafleet.sdk.errors import JobTimeout
@@ -202,7 +203,7 @@ class _Calls:
     list_deletions = _Endpoint(c.list_deletions)
 
 
-class Client(ClientBase, _Calls):
+class Client(ClientBase, _Calls, ClosesOnExit):
     """A synchronous client; use it as a context manager or call ``close``."""
 
     def __init__(
@@ -268,14 +269,6 @@ class Client(ClientBase, _Calls):
 
     def close(self) -> None:
         self._http.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def wait_for_job(
         self, job_id: int, *, timeout: float = 600.0, poll: float = 1.0, on_progress: OnProgress | None = None
