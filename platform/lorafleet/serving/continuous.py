@@ -44,6 +44,7 @@ from lorafleet.errors import CapacityError, LorafleetError, ValidationError
 from lorafleet.serving.batcher import RequestQueue
 from lorafleet.serving.decode import DecodeBatch, RowUpdate
 from lorafleet.serving.metrics import BatchRecord, ServingMetrics
+from lorafleet.serving.options import BatchingOptions
 from lorafleet.serving.requests import GenerationDelta, GenerationRequest, GenerationResult, TokenLogprob
 
 if TYPE_CHECKING:
@@ -120,6 +121,18 @@ class ContinuousBatcher(RequestQueue["_Pending"]):
         ]
         for thread in self._threads:
             thread.start()
+
+    @classmethod
+    def from_options(cls, engine: GenerationEngine, options: BatchingOptions) -> ContinuousBatcher:
+        """The batcher a service runs over ``engine``, batching as ``options`` say."""
+        return cls(
+            engine,
+            max_batch_size=options.max_batch_size,
+            max_wait_ms=options.max_wait_ms,
+            max_prefill_tokens=options.max_prefill_tokens,
+            join_ratio=options.join_ratio,
+            max_join_delay_steps=options.max_join_delay_steps,
+        )
 
     # --- submitting ------------------------------------------------------------------------------------------
     def submit(
