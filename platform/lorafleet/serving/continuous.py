@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import InvalidStateError as FutureStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from lorafleet.errors import CapacityError, LorafleetError, ValidationError
@@ -124,15 +124,9 @@ class ContinuousBatcher(RequestQueue["_Pending"]):
 
     @classmethod
     def from_options(cls, engine: GenerationEngine, options: BatchingOptions) -> ContinuousBatcher:
-        """The batcher a service runs over ``engine``, batching as ``options`` say."""
-        return cls(
-            engine,
-            max_batch_size=options.max_batch_size,
-            max_wait_ms=options.max_wait_ms,
-            max_prefill_tokens=options.max_prefill_tokens,
-            join_ratio=options.join_ratio,
-            max_join_delay_steps=options.max_join_delay_steps,
-        )
+        """The batcher a service runs over ``engine``, batching as ``options`` say (each ``BatchingOptions`` field
+        is the keyword argument of the same name; a subclass's own fields are not passed)."""
+        return cls(engine, **{f.name: getattr(options, f.name) for f in fields(BatchingOptions)})
 
     # --- submitting ------------------------------------------------------------------------------------------
     def submit(
