@@ -13,9 +13,9 @@ the object store.
 from __future__ import annotations
 
 from functools import cached_property
-from types import TracebackType
 
 from lorafleet.config import Settings, load_settings
+from lorafleet.domain.closing import ClosesOnExit
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.registry import Registry
 from lorafleet.store.blob import BlobStore, open_blob_store_from_settings
@@ -26,7 +26,7 @@ from lorafleet.store.sql.tenants import TenantRepository
 __all__ = ["Platform"]
 
 
-class Platform:
+class Platform(ClosesOnExit):
     """The database, object store, registry, job queue and tenants of one ``Settings``; ``close()`` (or
     leaving a ``with`` block) disposes of the database's connections."""
 
@@ -62,11 +62,3 @@ class Platform:
 
     def close(self) -> None:
         self.db.dispose()
-
-    def __enter__(self) -> Platform:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

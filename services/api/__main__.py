@@ -15,7 +15,7 @@ import uvicorn
 
 from lorafleet.config import load_settings
 from lorafleet.errors import LorafleetError
-from lorafleet.runtime.process import configure_logging
+from lorafleet.runtime.process import configure_logging, process_parser
 from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS
 from services.api.app import create_app
 from services.api.runtime import ApiOptions
@@ -25,7 +25,7 @@ _DEFAULTS = ApiOptions()
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m services.api", description=__doc__)
+    parser = process_parser("python -m services.api", __doc__)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--scheduler", action="store_true", help="run the scheduler loop in this process")
@@ -34,7 +34,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--preload-engine", action="store_true", help="load the serving engine at start")
     parser.add_argument("--migrate", action="store_true", help="upgrade the database schema at start")
     parser.add_argument("--max-body-bytes", type=int, default=_DEFAULTS.max_body_bytes)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 

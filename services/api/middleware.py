@@ -21,17 +21,31 @@ UNMATCHED_ROUTE = "(unmatched)"
 DRAIN_BYTES = 16 * 1024 * 1024
 
 
-class MetricsMiddleware:
-    """Counts every HTTP request by method, route template (not the raw path) and status, with latency."""
+class _HttpMiddleware:
+    """A pure ASGI middleware that sees HTTP requests (``http``) and passes every other scope (lifespan,
+    websocket) straight to the app."""
 
-    def __init__(self, app: ASGIApp, *, metrics: ApiMetrics) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.http(scope, receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class MetricsMiddleware(_HttpMiddleware):
+    """Counts every HTTP request by method, route template (not the raw path) and status, with latency."""
+
+    def __init__(self, app: ASGIApp, *, metrics: ApiMetrics) -> None:
+        super().__init__(app)
+        self.metrics = metrics
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started, status = time.perf_counter(), 500
 
         async def send_and_note(message: Message) -> None:
@@ -48,19 +62,16 @@ class MetricsMiddleware:
             self.metrics.observe(method=scope["method"], route=route, status=status, seconds=seconds)
 
 
-class BodySizeLimitMiddleware:
+class BodySizeLimitMiddleware(_HttpMiddleware):
     """413 for request bodies over ``max_bytes`` (declared or counted); 408 when the body stalls for
     ``read_timeout`` seconds (None: no limit)."""
 
     def __init__(self, app: ASGIApp, *, max_bytes: int, read_timeout: float | None = None) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
         self.read_timeout = read_timeout
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
             if declared <= DRAIN_BYTES:

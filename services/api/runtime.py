@@ -35,6 +35,7 @@ from lorafleet.jobs import JobQueue, Scheduler, SchedulerPolicy
 from lorafleet.platform import Platform
 from lorafleet.registry import Registry
 from lorafleet.serving.metrics import prometheus_text
+from lorafleet.serving.options import BatchingOptions
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.idempotency import IdempotencyRepository
 from lorafleet.store.sql.models import utcnow
@@ -59,8 +60,9 @@ WorkersState = Literal["off", "starting", "running", "failed", "stopped"]
 
 
 @dataclass(frozen=True)
-class ApiOptions:
-    """How the API process runs (the library's ``Settings`` say where the data is)."""
+class ApiOptions(BatchingOptions):
+    """How the API process runs (the library's ``Settings`` say where the data is); its serving engine batches
+    as ``BatchingOptions`` say."""
 
     #: run the continual-learning scheduler loop in this process
     run_scheduler: bool = False
@@ -86,16 +88,6 @@ class ApiOptions:
     serving_threads: int | None = None
     engine_slots: int = 16
     engine_max_rank: int = 16
-    #: rows decoding at once (continuous batching: requests join the running batch at the next step)
-    max_batch_size: int = 16
-    #: how long admission waits for more requests after the first of a group
-    max_wait_ms: float = 5.0
-    #: newcomers' prefill per decoding step, in padded prompt tokens (bounds the stall of running rows)
-    max_prefill_tokens: int = 2048
-    #: newcomers join a running batch once they are this fraction of its rows, or after this many steps; None:
-    #: at every step where the backbone fuses joins into the step's forward (Llama), else 0.5
-    join_ratio: float | None = None
-    max_join_delay_steps: int = 4
     generate_timeout_seconds: float = 300.0
     #: request bodies larger than this are refused with 413
     max_body_bytes: int = 8 * 1024 * 1024
@@ -202,16 +194,8 @@ class EngineHolder(_LoadOnce["ContinuousBatcher"]):
             )
             torch.set_num_threads(threads)  # before the engine and its batcher thread exist
         engine = self._build()
-        o = self._options
         self._engine = engine
-        return ContinuousBatcher(
-            engine,
-            max_batch_size=o.max_batch_size,
-            max_wait_ms=o.max_wait_ms,
-            max_prefill_tokens=o.max_prefill_tokens,
-            join_ratio=o.join_ratio,
-            max_join_delay_steps=o.max_join_delay_steps,
-        )
+        return ContinuousBatcher.from_options(engine, self._options)
 
     @property
     def serving_engine(self) -> GenerationEngine | None:

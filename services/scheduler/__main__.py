@@ -17,14 +17,14 @@ from lorafleet.config import load_settings
 from lorafleet.errors import LorafleetError
 from lorafleet.jobs.scheduler import SchedulerPolicy
 from lorafleet.runtime.job_commands import scheduler_run, scheduler_tick
-from lorafleet.runtime.process import configure_logging, on_stop_signals
+from lorafleet.runtime.process import configure_logging, on_stop_signals, process_parser
 
 logger = logging.getLogger("lorafleet.scheduler")
 _DEFAULTS = SchedulerPolicy()
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m services.scheduler", description=__doc__)
+    parser = process_parser("python -m services.scheduler", __doc__)
     parser.add_argument("--once", action="store_true", help="run one tick and exit")
     parser.add_argument("--interval", type=float, default=60.0, help="seconds between ticks (default 60)")
     parser.add_argument("--min-new-records", type=int, default=_DEFAULTS.min_new_records)
@@ -36,7 +36,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--users-per-job", type=int, default=_DEFAULTS.users_per_job)
     parser.add_argument("--max-active-jobs", type=int, default=_DEFAULTS.max_active_jobs)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from lorafleet.entrypoints.deletion_args import add_forget_records, add_receipt
 from lorafleet.errors import LorafleetError
-from lorafleet.runtime.process import configure_logging
+from lorafleet.runtime.process import configure_logging, process_parser
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -269,8 +269,7 @@ def _add_task_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = process_parser("lorafleet", __doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     db = sub.add_parser("db", help="database schema (Alembic migrations)").add_subparsers(

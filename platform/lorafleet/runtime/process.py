@@ -1,9 +1,10 @@
 """What every process started from the command line shares (``lorafleet``, ``python -m services.api``,
-``python -m services.scheduler``): its logging set-up, one way for a long-running one to hear SIGINT and
+``python -m services.scheduler``): its argument parser's ``-v`` flag and logging set-up, one way for a long-running one to hear SIGINT and
 SIGTERM, and a way to end processes a crashed predecessor left behind (``end_processes``)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import signal
@@ -29,6 +30,13 @@ def on_stop_signals(on_signal: Callable[[int], None]) -> bool:
     for sig in STOP_SIGNALS:
         signal.signal(sig, handle)
     return True
+
+
+def process_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The argument parser of such a process, with the ``-v``/``--verbose`` flag ``configure_logging`` reads."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
 
 
 def configure_logging(*, verbose: bool) -> None:

@@ -52,6 +52,7 @@ from lorafleet.platform import Platform
 from lorafleet.runtime.ray_runtime import actor_settings, init_ray
 from lorafleet.serving.continuous import ContinuousBatcher
 from lorafleet.serving.factory import build_engine
+from lorafleet.serving.options import BatchingOptions
 from lorafleet.serving.requests import (
     GenerationDelta,
     GenerationRequest,
@@ -125,23 +126,15 @@ class RoutedOutcome:
 
 
 @dataclass(frozen=True)
-class ReplicaOptions:
-    """How each replica is built and placed (the settings say what it serves and where the data is)."""
+class ReplicaOptions(BatchingOptions):
+    """How each replica is built and placed (the settings say what it serves and where the data is); its
+    continuous batch batches as ``BatchingOptions`` say."""
 
     #: adapter bank slots and maximum rank of each replica's engine
     n_slots: int = 16
     max_rank: int = 16
     #: backbone quantization; None = ``settings.backbone_quantization``
     quantization: str | None = None
-    #: rows decoding at once in the replica's continuous batch
-    max_batch_size: int = 16
-    max_wait_ms: float = 5.0
-    #: newcomers' prefill per decoding step, in padded prompt tokens
-    max_prefill_tokens: int = 2048
-    #: newcomers join a running batch once they are this fraction of its rows, or after this many steps; None:
-    #: at every step where the backbone fuses joins into the step's forward (Llama), else 0.5
-    join_ratio: float | None = None
-    max_join_delay_steps: int = 4
     #: CPUs reserved per replica (fractions allowed); GPUs follow the device setting (``replica_gpus``)
     num_cpus: float = 1.0
     #: calls a replica takes at once; None = max(2 * max_batch_size, 2 * serve_target_ongoing_requests)
@@ -188,14 +181,7 @@ class ServingReplica:
                 self._platform.db, bank=bank, members=members
             ),
         )
-        self._queue: ContinuousBatcher = ContinuousBatcher(
-            self.engine,
-            max_batch_size=o.max_batch_size,
-            max_wait_ms=o.max_wait_ms,
-            max_prefill_tokens=o.max_prefill_tokens,
-            join_ratio=o.join_ratio,
-            max_join_delay_steps=o.max_join_delay_steps,
-        )
+        self._queue: ContinuousBatcher = ContinuousBatcher.from_options(self.engine, o)
 
         async def open_user(key: str) -> UserHandle:  # cheap on purpose: no bank, no weights
             return UserHandle.from_key(key)

@@ -15,10 +15,10 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from lorafleet.config import Settings
+from lorafleet.domain.closing import ClosesOnExit
 from lorafleet.errors import ConfigError, JobError, LorafleetError
 from lorafleet.jobs import JobQueue
 from lorafleet.jobs.placement import TrainerPlacement, placement_capacity
@@ -48,7 +48,7 @@ class _Trainer:
         return self.worker_id is not None
 
 
-class TrainerPool:
+class TrainerPool(ClosesOnExit):
     """``n_actors`` trainer actors placed by ``TrainerPlacement`` (see the module docstring).
 
     With ``wait_ready`` (the default) the constructor returns once every actor has loaded its backbone (or
@@ -245,13 +245,7 @@ class TrainerPool:
                 ray.kill(trainer.handle)
                 trainer.killed = True
 
-    def __enter__(self) -> TrainerPool:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.shutdown()
+    close = shutdown  # what leaving the ``with`` block calls
 
 
 class _PoolLoop:

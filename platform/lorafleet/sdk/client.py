@@ -19,6 +19,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 import httpx
 
+from lorafleet.domain.closing import ClosesOnExit
 from lorafleet.sdk import calls as c
 from lorafleet.sdk import schemas as s
 from lorafleet.sdk.errors import JobTimeout
@@ -30,7 +31,6 @@ from lorafleet.sdk.transport import (
     RetryPolicy,
     answer,
     connection_failed,
-    headers_for,
     request_args,
     sse_event,
 )
@@ -43,22 +43,40 @@ OnProgress = Callable[[s.JobProgressOut], None]
 __all__ = ["AsyncClient", "Client", "RetryPolicy"]
 
 
-def _report_progress(job: s.JobOut, *, seen: list[s.JobProgressOut], on_progress: OnProgress | None) -> None:
-    """Call ``on_progress`` when the job's progress differs from the last one reported (kept in ``seen``)."""
-    if on_progress is None or job.progress is None or (seen and seen[-1] == job.progress):
-        return
-    seen[:] = [job.progress]
-    on_progress(job.progress)
+class _JobWait:
+    """What ``wait_for_job`` does with each poll of the job, for both clients (they differ only in how they get
+    the job and sleep): report progress that differs from the last, end once the job finished, raise
+    ``JobTimeout`` past the deadline, else say how long to sleep before the next poll."""
+
+    def __init__(self, job_id: int, *, timeout: float, poll: float, on_progress: OnProgress | None) -> None:
+        self.job_id, self.timeout, self.poll, self.on_progress = job_id, timeout, poll, on_progress
+        self.deadline = time.monotonic() + timeout
+        self.last: s.JobProgressOut | None = None
+
+    def pause(self, job: s.JobOut) -> float | None:
+        """None when ``job`` has finished; else the seconds to sleep before polling again."""
+        if self.on_progress is not None and job.progress is not None and job.progress != self.last:
+            self.last = job.progress
+            self.on_progress(job.progress)
+        if job.finished:
+            return None
+        if time.monotonic() >= self.deadline:
+            raise JobTimeout(f"job {self.job_id} still {job.state} after {self.timeout:g} s")
+        return min(self.poll, max(self.deadline - time.monotonic(), 0.0))
 
 
-class _Endpoint(Generic[P, T]):
-    """A call of ``lorafleet.sdk.calls`` as a client method: on a ``Client`` it runs the call and returns the
-    answer, on an ``AsyncClient`` it is a coroutine function; the builder's signature and docstring are the
-    method's."""
+class _Method(Generic[P, T]):
+    """A call builder of ``lorafleet.sdk.calls`` as a client method (its signature and docstring are the
+    method's); subclasses say what it is on a ``Client`` and on an ``AsyncClient``."""
 
     def __init__(self, build: Callable[P, c.Call[T]]) -> None:
         self.build = build
         self.__doc__ = build.__doc__
+
+
+class _Endpoint(_Method[P, T]):
+    """A call as a client method: on a ``Client`` it runs the call and returns the answer, on an
+    ``AsyncClient`` it is a coroutine function."""
 
     @overload
     def __get__(self, client: None, owner: type[Any]) -> _Endpoint[P, T]: ...
@@ -90,32 +108,18 @@ class _Endpoint(Generic[P, T]):
         return call
 
 
-class _StreamEndpoint(Generic[P, T]):
-    """A streaming call of ``lorafleet.sdk.calls`` as a client method: on a ``Client`` it returns an iterator of
-    the parsed events, on an ``AsyncClient`` an async iterator. An error answer raises before the first event;
-    an ``error`` event raises where it arrives. Leaving the loop early closes the connection, which stops the
-    generation on the service."""
-
-    def __init__(self, build: Callable[P, c.Call[T]]) -> None:
-        self.build = build
-        self.__doc__ = build.__doc__
+class _StreamEndpoint(_Method[P, T]):
+    """A streaming call as a client method: on a ``Client`` it returns an iterator of the parsed events, on an
+    ``AsyncClient`` an async iterator. An error answer raises before the first event; an ``error`` event raises
+    where it arrives. Leaving the loop early closes the connection, which stops the generation on the service."""
 
     def __get__(self, client: Client | AsyncClient | None, owner: type[Any]) -> Any:
         if client is None:
             return self
-        build = self.build
-        if isinstance(client, AsyncClient):
-            stream_async = client._stream
-
-            @functools.wraps(build)
-            def call_async(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[T]:
-                return stream_async(build(*args, **kwargs))
-
-            return call_async
-        stream = client._stream
+        build, stream = self.build, client._stream  # a generator on a Client, an async one on an AsyncClient
 
         @functools.wraps(build)
-        def call(*args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
+        def call(*args: P.args, **kwargs: P.kwargs) -> Iterator[T] | AsyncIterator[T]:
             return stream(build(*args, **kwargs))
 
         return call
@@ -202,23 +206,11 @@ class _Calls:
     list_deletions = _Endpoint(c.list_deletions)
 
 
-class Client(ClientBase, _Calls):
+class Client(ClientBase[httpx.BaseTransport], _Calls, ClosesOnExit):
     """A synchronous client; use it as a context manager or call ``close``."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str | None = None,
-        *,
-        timeout: float = 30.0,
-        max_retries: int = 3,
-        backoff: float = 0.5,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        super().__init__(timeout=timeout, max_retries=max_retries, backoff=backoff)
-        self._http = httpx.Client(
-            base_url=base_url, headers=headers_for(api_key), timeout=timeout, transport=transport
-        )
+    def _open(self, **options: Any) -> None:
+        self._http = httpx.Client(**options)
 
     def _run(self, call: c.Call[T]) -> T:
         if call.save_to is not None:
@@ -243,13 +235,9 @@ class Client(ClientBase, _Calls):
                 if not response.is_success:
                     response.read()
                     answer(call, response)  # raises the typed error
-                sink = FileSink(call)
-                try:
+                with FileSink(call) as sink:
                     for chunk in response.iter_bytes():
                         sink.write(chunk)
-                except BaseException:
-                    sink.abort()
-                    raise
                 return sink.finish(response.headers)  # type: ignore[no-any-return]
         except httpx.TransportError as exc:
             raise connection_failed(call, exc) from exc
@@ -269,48 +257,25 @@ class Client(ClientBase, _Calls):
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
     def wait_for_job(
         self, job_id: int, *, timeout: float = 600.0, poll: float = 1.0, on_progress: OnProgress | None = None
     ) -> s.JobOut:
         """Poll until the job is succeeded, failed or cancelled (returned as it ended); ``JobTimeout`` after
         ``timeout`` seconds. ``on_progress`` is called with each progress report that differs from the last."""
-        deadline = time.monotonic() + timeout
-        seen: list[s.JobProgressOut] = []
+        wait = _JobWait(job_id, timeout=timeout, poll=poll, on_progress=on_progress)
         while True:
             job = self.get_job(job_id)
-            _report_progress(job, seen=seen, on_progress=on_progress)
-            if job.finished:
+            pause = wait.pause(job)
+            if pause is None:
                 return job
-            if time.monotonic() >= deadline:
-                raise JobTimeout(f"job {job_id} still {job.state} after {timeout:g} s")
-            time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
+            time.sleep(pause)
 
 
-class AsyncClient(ClientBase, _Calls):
+class AsyncClient(ClientBase[httpx.AsyncBaseTransport], _Calls):
     """The same methods as ``Client``, as coroutines; use ``async with`` or ``await aclose()``."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str | None = None,
-        *,
-        timeout: float = 30.0,
-        max_retries: int = 3,
-        backoff: float = 0.5,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        super().__init__(timeout=timeout, max_retries=max_retries, backoff=backoff)
-        self._http = httpx.AsyncClient(
-            base_url=base_url, headers=headers_for(api_key), timeout=timeout, transport=transport
-        )
+    def _open(self, **options: Any) -> None:
+        self._http = httpx.AsyncClient(**options)
 
     async def _run(self, call: c.Call[T]) -> T:
         if call.save_to is not None:
@@ -334,13 +299,9 @@ class AsyncClient(ClientBase, _Calls):
                 if not response.is_success:
                     await response.aread()
                     answer(call, response)  # raises the typed error
-                sink = FileSink(call)
-                try:
+                with FileSink(call) as sink:
                     async for chunk in response.aiter_bytes():
                         sink.write(chunk)
-                except BaseException:
-                    sink.abort()
-                    raise
                 return sink.finish(response.headers)  # type: ignore[no-any-return]
         except httpx.TransportError as exc:
             raise connection_failed(call, exc) from exc
@@ -371,13 +332,10 @@ class AsyncClient(ClientBase, _Calls):
     async def wait_for_job(
         self, job_id: int, *, timeout: float = 600.0, poll: float = 1.0, on_progress: OnProgress | None = None
     ) -> s.JobOut:
-        deadline = time.monotonic() + timeout
-        seen: list[s.JobProgressOut] = []
+        wait = _JobWait(job_id, timeout=timeout, poll=poll, on_progress=on_progress)
         while True:
             job = await self.get_job(job_id)
-            _report_progress(job, seen=seen, on_progress=on_progress)
-            if job.finished:
+            pause = wait.pause(job)
+            if pause is None:
                 return job
-            if time.monotonic() >= deadline:
-                raise JobTimeout(f"job {job_id} still {job.state} after {timeout:g} s")
-            await asyncio.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
+            await asyncio.sleep(pause)

@@ -1,7 +1,8 @@
 """Typed exceptions of the SDK, mirroring the service's error codes and HTTP statuses.
 
 Each class also derives from the matching ``lorafleet.errors`` class, so code that catches the library's
-``NotFoundError`` or ``ValidationError`` catches the SDK's ``NotFound`` or ``ValidationFailed`` too. The
+``NotFoundError`` or ``ValidationError`` catches the SDK's ``NotFound`` or ``ValidationFailed`` too, and has
+that class's ``code`` unless it sets its own (the service answers with the library's codes). The
 server's ``code``, ``message`` and ``field`` (e.g. ``records[2].prompt``) are kept on the exception.
 """
 
@@ -59,6 +60,15 @@ class ApiError(lib.LorafleetError):
         #: seconds the service asked the client to wait (``Retry-After``), if it did
         self.retry_after = retry_after
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass that names a library error among its bases and sets no ``code`` takes that error's."""
+        super().__init_subclass__(**kwargs)
+        mirrored = [
+            b for b in cls.__bases__ if issubclass(b, lib.LorafleetError) and not issubclass(b, ApiError)
+        ]
+        if mirrored and "code" not in vars(cls):
+            cls.code = mirrored[0].code
+
     def __str__(self) -> str:
         where = f" [{self.field}]" if self.field else ""
         status = f"{self.status} " if self.status is not None else ""
@@ -68,25 +78,17 @@ class ApiError(lib.LorafleetError):
 class Unauthorized(ApiError, lib.AuthError):
     """401: the API key is missing, unknown or revoked."""
 
-    code = "unauthorized"
-
 
 class Forbidden(ApiError, lib.PermissionDeniedError):
     """403: the key is valid but may not do this (e.g. a tenant key on an admin route)."""
-
-    code = "forbidden"
 
 
 class NotFound(ApiError, lib.NotFoundError):
     """404: no such user, adapter, version or job for this tenant (another tenant's look the same)."""
 
-    code = "not_found"
-
 
 class ValidationFailed(ApiError, lib.ValidationError):
     """422: the input was refused before anything was written; ``field`` says where."""
-
-    code = "validation_error"
 
 
 class IdempotencyKeyReused(ValidationFailed):
@@ -99,43 +101,29 @@ class WeightsOutOfBounds(ValidationFailed, lib.WeightBoundsError):
     """422: an imported adapter's weights (or its ``lora_alpha``) are beyond the weight bounds; the message
     names the tensor or field. Nothing was stored."""
 
-    code = "weights_out_of_bounds"
-
 
 class PayloadTooLarge(ApiError, lib.PayloadTooLargeError):
     """413: the body, a batch or a record is over a size limit."""
-
-    code = "payload_too_large"
 
 
 class Conflict(ApiError, lib.ConflictError):
     """409: conflicts with the current state."""
 
-    code = "conflict"
-
 
 class AlreadyExists(Conflict, lib.AlreadyExistsError):
     """409: the name is taken (a tenant) or the user is already enrolled."""
-
-    code = "already_exists"
 
 
 class InvalidState(Conflict, lib.InvalidStateError):
     """409: e.g. promoting the live version again, or rolling back with nothing live."""
 
-    code = "invalid_state"
-
 
 class QAUndecided(InvalidState, lib.QAUndecidedError):
     """409: under the promote rule ``qa``, a promote of a version QA has not passed, without ``force``."""
 
-    code = "qa_undecided"
-
 
 class JobFinished(InvalidState, lib.JobFinishedError):
     """409: the job already succeeded or failed, so it cannot be cancelled; ``state`` says which."""
-
-    code = "job_finished"
 
     def __init__(self, message: str, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)

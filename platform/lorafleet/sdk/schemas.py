@@ -917,11 +917,19 @@ class CompletionChoice(_Out):
     logprobs: JsonValue = None
 
 
-class CompletionResponse(_Out):
+class _OpenAIAnswer(_Out):
+    """What every OpenAI-style answer and streamed chunk starts with, in OpenAI's order; each subclass narrows
+    ``object`` and ``choices``."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int
     model: str
+    choices: list[Any]
+
+
+class CompletionResponse(_OpenAIAnswer):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage
     lorafleet: list[ServingInfo] = Field(description="Per choice: the versions that served it.")
@@ -939,11 +947,8 @@ class ChatChoice(_Out):
     logprobs: JsonValue = None
 
 
-class ChatCompletionResponse(_Out):
-    id: str
+class ChatCompletionResponse(_OpenAIAnswer):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
     lorafleet: ServingInfo
@@ -966,6 +971,14 @@ class ReadyOut(_Out):
 
 
 # --- streaming (server-sent events, OpenAI's chunk format) -------------------------------------------------------
+class _OpenAIChunk(_OpenAIAnswer):
+    """One event of a stream: ``usage`` only on the final chunk (with ``include_usage``), ``lorafleet`` on a
+    choice's last chunk."""
+
+    usage: Usage | None = None
+    lorafleet: ServingInfo | None = None
+
+
 class CompletionChunkChoice(_Out):
     index: int
     text: str
@@ -973,17 +986,12 @@ class CompletionChunkChoice(_Out):
     logprobs: JsonValue = None
 
 
-class CompletionChunk(_Out):
+class CompletionChunk(_OpenAIChunk):
     """One event of a streamed ``/v1/completions``; the last chunk of a choice has its ``finish_reason`` and
     ``lorafleet`` (the versions that served it); with ``include_usage`` a final chunk has ``usage`` only."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChunkChoice]
-    usage: Usage | None = None
-    lorafleet: ServingInfo | None = None
 
 
 class ChatDelta(_Out):
@@ -998,14 +1006,9 @@ class ChatChunkChoice(_Out):
     logprobs: JsonValue = None
 
 
-class ChatCompletionChunk(_Out):
+class ChatCompletionChunk(_OpenAIChunk):
     """One event of a streamed ``/v1/chat/completions`` (``object`` ``chat.completion.chunk``): the first chunk
     of a choice has the role, then content pieces, then the ``finish_reason`` with ``lorafleet``."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    lorafleet: ServingInfo | None = None

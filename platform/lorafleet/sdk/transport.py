@@ -10,7 +10,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import httpx
 
@@ -20,6 +20,8 @@ from lorafleet.sdk import calls as c
 from lorafleet.sdk.errors import ApiError, ConnectionFailed, error_for
 
 T = TypeVar("T")
+#: the ``transport`` a client takes: ``httpx``'s sync or async one
+TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 RETRY_CODES = frozenset({"idempotency_key_in_flight"})
 #: the variable ``lorafleet.config.ClientSettings.api_key`` is read from
@@ -130,6 +132,14 @@ class FileSink:
         self._hash = hashlib.sha256()
         self.size = 0
 
+    def __enter__(self) -> FileSink:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        """A write that failed (or was interrupted) leaves no partial file."""
+        if exc_type is not None:
+            self.abort()
+
     def write(self, chunk: bytes) -> None:
         self._file.write(chunk)
         self._hash.update(chunk)
@@ -162,14 +172,26 @@ class Retry:
     seconds: float
 
 
-class ClientBase:
-    """Settings shared by both clients."""
+class ClientBase(Generic[TransportT]):
+    """The constructor and the retry decisions shared by both clients; each opens its own ``httpx`` client."""
 
     def __init__(
-        self, *, timeout: float, max_retries: int, backoff: float, max_backoff: float = 10.0
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        max_retries: int = 3,
+        backoff: float = 0.5,
+        transport: TransportT | None = None,
     ) -> None:
         self.timeout = timeout
-        self.retry = RetryPolicy(max_retries=max_retries, backoff=backoff, max_backoff=max_backoff)
+        self.retry = RetryPolicy(max_retries=max_retries, backoff=backoff)
+        self._open(base_url=base_url, headers=headers_for(api_key), timeout=timeout, transport=transport)
+
+    def _open(self, **options: Any) -> None:
+        """Open the client's ``httpx`` client (``self._http``) with these options."""
+        raise NotImplementedError
 
     def _settle(
         self, call: c.Call[T], sent: httpx.Response | httpx.TransportError, *, attempt: int

@@ -16,9 +16,9 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Generic, Protocol, Self, TypeVar
+from typing import Generic, Protocol, TypeVar
 
+from lorafleet.domain.closing import ClosesOnExit
 from lorafleet.errors import CapacityError, InvalidStateError, LorafleetError, ValidationError
 from lorafleet.serving.metrics import ServingMetrics
 from lorafleet.serving.requests import GenerationRequest, GenerationResult
@@ -43,7 +43,7 @@ STOP = object()
 P = TypeVar("P")
 
 
-class RequestQueue(Generic[P]):
+class RequestQueue(ClosesOnExit, Generic[P]):
     """The front both batchers share: a bounded queue of pending requests, closed once, with a stop marker put
     after every accepted request so that none is left behind. ``_threads`` are joined by ``close``."""
 
@@ -92,14 +92,6 @@ class RequestQueue(Generic[P]):
         if wait:
             for thread in self._threads:
                 thread.join()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     @property
     def closed(self) -> bool:

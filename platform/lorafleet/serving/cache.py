@@ -31,12 +31,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import torch
 
 from lorafleet.adapters.bank import AdapterBank
 from lorafleet.adapters.slots import SlotConfig
+from lorafleet.domain.closing import ClosesOnExit
 from lorafleet.errors import CapacityError, LorafleetError, ValidationError
 from lorafleet.serving.fetch import Fetcher, VersionRef, blob_fetcher, read_adapter, verify_folder
 from lorafleet.store.blob.base import BlobStore, check_digest
@@ -189,7 +189,7 @@ class _Entry:
     ready: Future[None] = field(default_factory=Future)
 
 
-class Lease:
+class Lease(ClosesOnExit):
     """Pinned slots of one batch (``slots``: sha256 -> slot) and the keys that failed (``errors``).
 
     Use it as a context manager; the pins are released on exit (``release`` is idempotent).
@@ -200,14 +200,6 @@ class Lease:
         self._entries: list[_Entry] = []
         self.slots: dict[str, int] = {}
         self.errors: dict[str, LorafleetError] = {}
-
-    def __enter__(self) -> Lease:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
 
     def _add(self, entry: _Entry) -> None:
         self._entries.append(entry)
@@ -229,6 +221,8 @@ class Lease:
         """Unpin every slot of the lease."""
         entries, self._entries = self._entries, []
         self._cache._unpin(entries)
+
+    close = release  # what leaving the ``with`` block calls
 
 
 class AdapterCache:

@@ -37,13 +37,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import InvalidStateError as FutureStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from lorafleet.errors import CapacityError, LorafleetError, ValidationError
 from lorafleet.serving.batcher import RequestQueue
 from lorafleet.serving.decode import DecodeBatch, RowUpdate
 from lorafleet.serving.metrics import BatchRecord, ServingMetrics
+from lorafleet.serving.options import BatchingOptions
 from lorafleet.serving.requests import GenerationDelta, GenerationRequest, GenerationResult, TokenLogprob
 
 if TYPE_CHECKING:
@@ -120,6 +121,12 @@ class ContinuousBatcher(RequestQueue["_Pending"]):
         ]
         for thread in self._threads:
             thread.start()
+
+    @classmethod
+    def from_options(cls, engine: GenerationEngine, options: BatchingOptions) -> ContinuousBatcher:
+        """The batcher a service runs over ``engine``, batching as ``options`` say (each ``BatchingOptions`` field
+        is the keyword argument of the same name; a subclass's own fields are not passed)."""
+        return cls(engine, **{f.name: getattr(options, f.name) for f in fields(BatchingOptions)})
 
     # --- submitting ------------------------------------------------------------------------------------------
     def submit(

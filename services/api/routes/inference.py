@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -47,6 +47,8 @@ from services.api.runtime import ApiServices
 router = APIRouter(tags=["inference"])
 logger = logging.getLogger("lorafleet.api")
 CHAT_MAX_TOKENS = 128
+#: an OpenAI-style route's whole answer
+Answer = TypeVar("Answer", s.CompletionResponse, s.ChatCompletionResponse)
 
 
 @dataclass(frozen=True)
@@ -153,29 +155,7 @@ async def completions(
         logprobs=body.logprobs,
     )
     echoed = [prompts[i // body.n] if body.echo else "" for i in range(len(requests))]
-    if body.stream:
-        return await _stream(
-            request, services, requests, _CompletionChunks(body, echoed), include_usage=body.include_usage()
-        )
-    results = await run_in_threadpool(services.engine.generate, requests)
-    return s.CompletionResponse(
-        id=f"cmpl-{uuid.uuid4().hex}",
-        created=int(time.time()),
-        model=body.model,
-        choices=[
-            s.CompletionChoice(
-                index=i,
-                text=echoed[i] + r.text,
-                finish_reason=r.finish_reason,
-                logprobs=None
-                if r.logprobs is None
-                else convert.completion_logprobs(r.logprobs, offset=len(echoed[i])),
-            )
-            for i, r in enumerate(results)
-        ],
-        usage=convert.usage(results, n=body.n),
-        lorafleet=[convert.serving_info(r) for r in results],
-    )
+    return await _answer(request, services, requests, _CompletionChunks(body, echoed))
 
 
 @router.post("/v1/chat/completions", response_model=s.ChatCompletionResponse, responses=_STREAMED)  # type: ignore[arg-type]
@@ -188,37 +168,27 @@ async def chat_completions(
     requests = _openai_requests(
         tenant.id, body, [_Input(messages=messages)], max_tokens=max_tokens, logprobs=body.logprobs_wanted()
     )
-    if body.stream:
-        return await _stream(
-            request, services, requests, _ChatChunks(body), include_usage=body.include_usage()
-        )
-    results = await run_in_threadpool(services.engine.generate, requests)
-    return s.ChatCompletionResponse(
-        id=f"chatcmpl-{uuid.uuid4().hex}",
-        created=int(time.time()),
-        model=body.model,
-        choices=[
-            s.ChatChoice(
-                index=i,
-                message=s.AssistantMessage(content=r.text.strip()),
-                finish_reason=r.finish_reason,
-                logprobs=None if r.logprobs is None else convert.chat_logprobs(r.logprobs),
-            )
-            for i, r in enumerate(results)
-        ],
-        usage=convert.usage(results, n=body.n),
-        lorafleet=convert.serving_info(
-            results[0]
-        ),  # the choices share a prompt, so the gate routed them alike
-    )
+    return await _answer(request, services, requests, _ChatChunks(body))
+
+
+async def _answer(
+    request: Request, services: ApiServices, requests: Sequence[GenerationRequest], chunks: _Chunks[Answer]
+) -> Answer | StreamingResponse:
+    """An OpenAI-style route's answer: streamed as ``chunks`` when the body asks, else the whole answer once
+    every choice is generated."""
+    if chunks.body.stream:
+        return await _stream(request, services, requests, chunks, include_usage=chunks.body.include_usage())
+    return chunks.whole(await run_in_threadpool(services.engine.generate, requests))
 
 
 # --- streaming ------------------------------------------------------------------------------------------------
-class _Chunks:
-    """How one route turns a choice's deltas and result into its chunks (JSON-ready dicts); subclasses name
-    their chunk model and id prefix and build the choices."""
+class _Chunks(Generic[Answer]):
+    """How one route turns a choice's deltas and result into its chunks (JSON-ready dicts), or all the choices'
+    results into its whole answer; subclasses name their chunk and answer models and id prefix and build the
+    choices."""
 
     chunk_model: type[s.CompletionChunk] | type[s.ChatCompletionChunk]
+    answer_model: type[Answer]
     id_prefix: str
 
     def __init__(self, body: s.CompletionRequest | s.ChatCompletionRequest) -> None:
@@ -244,9 +214,26 @@ class _Chunks:
         """The last chunk with ``include_usage``: no choices, the usage of them all."""
         return self.chunk([], usage=convert.usage(results, n=self.body.n))
 
+    def whole(self, results: Sequence[GenerationResult]) -> Answer:
+        """The answer without streaming: every choice, the usage of them all and the versions that served them."""
+        return self.answer_model(
+            id=f"{self.id_prefix}-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.body.model,
+            choices=[self.choice(i, r) for i, r in enumerate(results)],
+            usage=convert.usage(results, n=self.body.n),
+            lorafleet=self.served_by(results),
+        )
 
-class _CompletionChunks(_Chunks):
-    chunk_model, id_prefix = s.CompletionChunk, "cmpl"
+    def choice(self, index: int, result: GenerationResult) -> Any:
+        raise NotImplementedError
+
+    def served_by(self, results: Sequence[GenerationResult]) -> Any:
+        raise NotImplementedError
+
+
+class _CompletionChunks(_Chunks[s.CompletionResponse]):
+    chunk_model, answer_model, id_prefix = s.CompletionChunk, s.CompletionResponse, "cmpl"
 
     def __init__(self, body: s.CompletionRequest, echoed: Sequence[str]) -> None:
         super().__init__(body)
@@ -268,9 +255,21 @@ class _CompletionChunks(_Chunks):
         choice = s.CompletionChunkChoice(index=index, text="", finish_reason=result.finish_reason)
         return [self.chunk([choice], lorafleet=convert.serving_info(result))]
 
+    def choice(self, index: int, result: GenerationResult) -> s.CompletionChoice:
+        echo, logprobs = self.echoed[index], result.logprobs
+        return s.CompletionChoice(
+            index=index,
+            text=echo + result.text,
+            finish_reason=result.finish_reason,
+            logprobs=None if logprobs is None else convert.completion_logprobs(logprobs, offset=len(echo)),
+        )
 
-class _ChatChunks(_Chunks):
-    chunk_model, id_prefix = s.ChatCompletionChunk, "chatcmpl"
+    def served_by(self, results: Sequence[GenerationResult]) -> list[s.ServingInfo]:
+        return [convert.serving_info(r) for r in results]
+
+
+class _ChatChunks(_Chunks[s.ChatCompletionResponse]):
+    chunk_model, answer_model, id_prefix = s.ChatCompletionChunk, s.ChatCompletionResponse, "chatcmpl"
 
     def __init__(self, body: s.ChatCompletionRequest) -> None:
         super().__init__(body)
@@ -298,6 +297,16 @@ class _ChatChunks(_Chunks):
         choice = s.ChatChunkChoice(index=index, delta=s.ChatDelta(), finish_reason=result.finish_reason)
         return [self.chunk([choice], lorafleet=convert.serving_info(result))]
 
+    def choice(self, index: int, result: GenerationResult) -> s.ChatChoice:
+        logprobs = None if result.logprobs is None else convert.chat_logprobs(result.logprobs)
+        message = s.AssistantMessage(content=result.text.strip())
+        return s.ChatChoice(
+            index=index, message=message, finish_reason=result.finish_reason, logprobs=logprobs
+        )
+
+    def served_by(self, results: Sequence[GenerationResult]) -> s.ServingInfo:
+        return convert.serving_info(results[0])  # the choices share a prompt, so the gate routed them alike
+
 
 _END = object()
 
@@ -306,7 +315,7 @@ async def _stream(
     request: Request,
     services: ApiServices,
     requests: Sequence[GenerationRequest],
-    chunks: _Chunks,
+    chunks: _Chunks[Any],
     *,
     include_usage: bool,
 ) -> StreamingResponse:
