@@ -3,6 +3,7 @@ backbone, imported from a folder or an archive into the real registry (SQLite/Po
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -270,45 +271,29 @@ def _import_and_check(
     assert (ours - trained.logits).abs().max().item() <= TOL
 
 
+@pytest.fixture
+def import_and_check(
+    trained: SimpleNamespace, fp32: tuple[Backbone, AdapterBank], bank: AdapterBank, tmp_path: Path
+) -> Callable[..., None]:
+    """``_import_and_check`` of the trained adapter on the module's backbone, in the test's tmp dir (its bank
+    left empty)."""
+    return functools.partial(_import_and_check, trained=trained, fp32=fp32, tmp_path=tmp_path)
+
+
 @pytest.mark.parametrize("form", ["folder", "tar.gz", "zip", "tar"])
 def test_each_source_form_imports_a_version_with_peft_logits(
-    form: str,
-    trained: SimpleNamespace,
-    fp32: tuple[Backbone, AdapterBank],
-    bank: AdapterBank,
-    sqlite_database: Database,
-    tmp_path: Path,
+    form: str, import_and_check: Callable[..., None], sqlite_database: Database, tmp_path: Path
 ) -> None:
     registry = Registry(sqlite_database, open_blob_store((tmp_path / "blobs").as_uri()))
-    _import_and_check(
-        form,
-        registry=registry,
-        database=sqlite_database,
-        trained=trained,
-        fp32=fp32,
-        tenant_id=_new_tenant(sqlite_database),
-        tmp_path=tmp_path,
+    import_and_check(
+        form, registry=registry, database=sqlite_database, tenant_id=_new_tenant(sqlite_database)
     )
 
 
 def test_import_on_every_database_and_blob_store(
-    trained: SimpleNamespace,
-    fp32: tuple[Backbone, AdapterBank],
-    bank: AdapterBank,
-    registry: Registry,
-    database: Database,
-    tenant_id: int,
-    tmp_path: Path,
+    import_and_check: Callable[..., None], registry: Registry, database: Database, tenant_id: int
 ) -> None:
-    _import_and_check(
-        "tar.gz",
-        registry=registry,
-        database=database,
-        trained=trained,
-        fp32=fp32,
-        tenant_id=tenant_id,
-        tmp_path=tmp_path,
-    )
+    import_and_check("tar.gz", registry=registry, database=database, tenant_id=tenant_id)
 
 
 def test_a_new_import_replaces_the_live_version_else_the_newest_in_lineage(
