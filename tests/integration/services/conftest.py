@@ -28,6 +28,7 @@ from api_helpers import (  # noqa: E402
     SERVING_OPTIONS,
     ApiServer,
     Library,
+    LiveVersions,
     TenantHandle,
     write_adapter_folder,
 )
@@ -142,6 +143,12 @@ def adapter_folder(api_data_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         return write_adapter_folder(api_data_dir, root / f"seed-{seed}", seed=seed)
 
     return get
+
+
+@pytest.fixture
+def live(tenant: TenantHandle, library: Library, adapter_folder: Callable[[int], Path]) -> LiveVersions:
+    """Live adapter versions made straight in ``tenant``'s store (``live.personal(user, seed)``, ``live.task``)."""
+    return LiveVersions(library, tenant.id, adapter_folder)
 
 
 @pytest.fixture(scope="session")
