@@ -3,6 +3,8 @@ takes seconds on two CPU cores."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,3 +35,13 @@ def tiny_backbone_dir(factory: pytest.TempPathFactory, name: str) -> Path:
     path = factory.mktemp(name)
     build_tiny_backbone(path)
     return path
+
+
+def seeded_folders(root: Path, write: Callable[[Path, int], Path]) -> Callable[[int], Path]:
+    """``get(seed)``: the folder ``write(root / f"seed-{seed}", seed)`` makes, written once per seed."""
+
+    @functools.cache
+    def get(seed: int) -> Path:
+        return write(root / f"seed-{seed}", seed)
+
+    return get

@@ -82,6 +82,12 @@ def ratio(numerator: list[float], denominator: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
+def add_int_options(parser: argparse.ArgumentParser, **defaults: int) -> None:
+    """An integer option for each keyword, in order: ``--name-with-dashes``, the keyword's value its default."""
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+
+
 def add_backbone_options(parser: argparse.ArgumentParser) -> None:
     """The options of the benchmarks that run either tiny random-init backbones or one real backbone:
     ``--backbone``, ``--configs``, ``--data-dir`` and ``--threads``."""

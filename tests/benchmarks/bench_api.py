@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import _common  # noqa: F401  (puts the repository root on sys.path, for the tests.* helpers below)
+import _common  # (also puts the repository root on sys.path, for the tests.* helpers below)
 import httpx
 from tests.databases import migrated_pg_database
 
@@ -123,10 +123,7 @@ def measure(label: str, *, database_url: str | None, args: argparse.Namespace) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--batches", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--runs", type=int, default=5)
+    _common.add_int_options(parser, clients=4, batches=10, batch_size=100, runs=5)
     parser.add_argument("--postgres", action="store_true")
     args = parser.parse_args()
     measure("SQLite", database_url=None, args=args)

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import word_prompts
+from _common import add_int_options, word_prompts
 from bench_serving import _bank, write_versions
 
 from lorafleet.adapters import inject_bank
@@ -337,13 +337,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--parts", default="arrival,poisson,bare")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--long-rows", type=int, default=8)
-    parser.add_argument("--long-tokens", type=int, default=96)
-    parser.add_argument("--short-tokens", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--min-tokens", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    add_int_options(parser, max_batch_size=32)
+    add_int_options(parser, long_rows=8, long_tokens=96, short_tokens=8)  # part 1: arrival
+    add_int_options(parser, requests=64, min_tokens=8, max_tokens=64)  # part 2: Poisson
     parser.add_argument("--fractions", default="0.3,0.6,0.9")
     parser.add_argument(
         "--capacity",

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import add_int_options
 from bench_serving import evict_all, replay, write_versions, zipf_draws
 from tests.lora_weights import random_lora_weights
 
@@ -170,12 +171,9 @@ def main() -> None:
     parser.add_argument("--quantization", default="nf4")
     parser.add_argument("--parts", default="decode,memory,hits")
     parser.add_argument("--batch", type=int, default=16, help="rows, each with its own adapter")
-    parser.add_argument("--prompt-tokens", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--requests", type=int, default=20_000)
-    parser.add_argument("--host-adapters", type=int, default=1000)
+    add_int_options(
+        parser, prompt_tokens=8, new_tokens=8, runs=5, threads=1, requests=20_000, host_adapters=1000
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))

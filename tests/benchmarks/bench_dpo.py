@@ -54,6 +54,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _common import add_int_options  # noqa: E402
 from quality_real_eval import cached_answers, dequantize_once, probe_logits  # noqa: E402
 
 from lorafleet.adapters import AdapterBank, SlotPlan, inject_bank  # noqa: E402
@@ -168,10 +169,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="SFT rows per user per step")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--answer-tokens", type=int, default=64, help="max new tokens of the base's answers")
-    parser.add_argument("--judge-prompts", type=int, default=12)
-    parser.add_argument("--judge-tokens", type=int, default=64)
-    parser.add_argument("--retention-prompts", type=int, default=24)
-    parser.add_argument("--timing-steps", type=int, default=4)
+    add_int_options(parser, judge_prompts=12, judge_tokens=64, retention_prompts=24, timing_steps=4)
     parser.add_argument("--no-ratings", dest="ratings", action="store_false")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)

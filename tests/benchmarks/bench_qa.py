@@ -28,15 +28,16 @@ import statistics
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import _common  # noqa: E402, F401  (puts the repository root on sys.path, for the tests.* helpers below)
 import torch  # noqa: E402
+from tests.integration.qa.qa_helpers import World, adversarial, register_candidate  # noqa: E402
 
-from lorafleet.adapters import AdapterBank, inject_bank, remove_bank, save_slot  # noqa: E402
+from lorafleet.adapters import inject_bank, remove_bank, save_slot  # noqa: E402
 from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone  # noqa: E402
 from lorafleet.jobs import JobQueue, JobWorker, Scheduler, SchedulerPolicy  # noqa: E402
 from lorafleet.qa.policy import QAPolicy  # noqa: E402
@@ -47,7 +48,6 @@ from lorafleet.routing.experts import enrol  # noqa: E402
 from lorafleet.store.blob import open_blob_store  # noqa: E402
 from lorafleet.store.sql import migrate  # noqa: E402
 from lorafleet.store.sql.database import Database  # noqa: E402
-from lorafleet.store.sql.feedback import create_snapshot  # noqa: E402
 from lorafleet.store.sql.tenants import TenantRepository  # noqa: E402
 from lorafleet.training import synthetic  # noqa: E402
 from lorafleet.training import synthetic_routing as routing_tasks  # noqa: E402
@@ -61,18 +61,6 @@ from lorafleet.workflows.qa_runner import QARunner  # noqa: E402
 
 logger = logging.getLogger("bench_qa")
 BANK_SIZES = (1, 3, 8)
-
-
-@dataclass
-class Env:
-    """A fresh SQLite database and blob directory over one resident backbone and bank."""
-
-    db: Database
-    registry: Registry
-    backbone: Backbone
-    bank: AdapterBank
-    tenant_id: int
-    config: TrainingConfig
 
 
 def parse_args() -> argparse.Namespace:
@@ -90,7 +78,8 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def make_env(tmp: Path, backbone: Backbone, config: TrainingConfig, *, slots: int, name: str) -> Env:
+def make_env(tmp: Path, backbone: Backbone, config: TrainingConfig, *, slots: int, name: str) -> World:
+    """A fresh SQLite database and blob directory over one resident backbone and a new bank, with one tenant."""
     url = f"sqlite:///{tmp / f'{name}.db'}"
     migrate.upgrade(url)
     db = Database(url)
@@ -98,17 +87,17 @@ def make_env(tmp: Path, backbone: Backbone, config: TrainingConfig, *, slots: in
     bank = inject_bank(backbone, target_modules=config.target_modules, n_slots=slots, max_rank=config.rank)
     tenant_id = TenantRepository(db).create_tenant(name=name)[0].id
     set_tenant_training(db, tenant_id=tenant_id, overrides=config.model_dump(mode="json"))  # its jobs' config
-    return Env(db, registry, backbone, bank, tenant_id, config)
+    return World(db, registry, backbone, bank, tenant_id, config)
 
 
-def release(env: Env) -> None:
+def release(env: World) -> None:
     """Take the bank's layers out again, so the next environment can inject its own."""
     remove_bank(env.bank)
     env.db.dispose()
 
 
 # --- decisions on the synthetic benchmark ------------------------------------------------------------------
-def run_decisions(env: Env, args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_decisions(env: World, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Three rounds through train + QA jobs, then two harmful candidates per user; one row per QA decision."""
     users = [f"user-{i}" for i in range(args.users)]
     trainer = ContinualTrainer(
@@ -136,7 +125,7 @@ def run_decisions(env: Env, args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def harmful_candidates(env: Env, runner: QARunner, users: list[str], *, steps: int) -> list[dict[str, Any]]:
+def harmful_candidates(env: World, runner: QARunner, users: list[str], *, steps: int) -> list[dict[str, Any]]:
     """Per user, one candidate trained on poisoned data (adversarial for the first half, shuffled for the rest)."""
     plans = []
     for i, user in enumerate(users):
@@ -144,7 +133,7 @@ def harmful_candidates(env: Env, runner: QARunner, users: list[str], *, steps: i
         train = list(build_dataset(records, config=env.config).train)
         kind = "adversarial" if i < len(users) // 2 else "shuffled"
         poisoned = (
-            adversarial(train, other=users[(i + 1) % len(users)])
+            adversarial(train, other_user=users[(i + 1) % len(users)])
             if kind == "adversarial"
             else shuffled(train)
         )
@@ -162,20 +151,13 @@ def harmful_candidates(env: Env, runner: QARunner, users: list[str], *, steps: i
     return rows
 
 
-def adversarial(examples: list[Example], *, other: str) -> list[Example]:
-    wrong = synthetic.user_preferences(other)
-    return [
-        Example(e.record_id, e.prompt, wrong[synthetic.topic_of(e.prompt)] + "\n", e.kind) for e in examples
-    ]
-
-
 def shuffled(examples: list[Example]) -> list[Example]:
     completions = [e.completion for e in examples]
     random.Random(0).shuffle(completions)
     return [Example(e.record_id, e.prompt, c, e.kind) for e, c in zip(examples, completions, strict=True)]
 
 
-def train_fresh(env: Env, datasets: list[list[Example]], *, work: Path, steps: int) -> list[Path]:
+def train_fresh(env: World, datasets: list[list[Example]], *, work: Path, steps: int) -> list[Path]:
     """Train one fresh slot per dataset, as many together as the bank holds (as a job would); PEFT folders."""
     folders: list[Path] = []
     chunk = env.bank.n_slots - len(env.bank.occupied())
@@ -185,7 +167,7 @@ def train_fresh(env: Env, datasets: list[list[Example]], *, work: Path, steps: i
 
 
 def _train_chunk(
-    env: Env, datasets: list[list[Example]], *, work: Path, steps: int, first: int
+    env: World, datasets: list[list[Example]], *, work: Path, steps: int, first: int
 ) -> list[Path]:
     config = env.config.with_changes(max_steps=steps)
     slots: list[int] = []
@@ -207,26 +189,20 @@ def _train_chunk(
             env.bank.evict_slot(slot)
 
 
-def register(env: Env, *, user: str, folder: Path, record_ids: list[int]) -> int:
-    user_id = TenantRepository(env.db).get_user(tenant_id=env.tenant_id, external_id=user).id
-    adapter = env.registry.find_adapter(tenant_id=env.tenant_id, owner_user_id=user_id, name=PERSONAL_ADAPTER)
-    assert adapter is not None
-    live = env.registry.live_version(tenant_id=env.tenant_id, adapter_id=adapter.id)
-    snapshot = create_snapshot(
-        env.db, user_id=user_id, record_ids=record_ids, details={"watermark": max(record_ids)}
-    )
-    return env.registry.register_version(
-        tenant_id=env.tenant_id,
-        adapter_id=adapter.id,
-        adapter_dir=folder,
-        base_fingerprint=env.backbone.fingerprint.digest,
-        parents=[] if live is None else [(live.id, "continued-from")],
-        training_config=env.config.model_dump(),
-        dataset_snapshot_id=snapshot.id,
+def register(env: World, *, user: str, folder: Path, record_ids: list[int]) -> int:
+    """A candidate of the user's personal adapter, continuing from its live version."""
+    adapter_id = env.personal(user)
+    return register_candidate(
+        env,
+        adapter_id=adapter_id,
+        folder=folder,
+        record_ids=record_ids,
+        user_id=env.user_id(user),
+        parent=env.registry.live_version(tenant_id=env.tenant_id, adapter_id=adapter_id),
     ).id
 
 
-def _row(env: Env, kind: str, result: dict[str, Any]) -> dict[str, Any]:
+def _row(env: World, kind: str, result: dict[str, Any]) -> dict[str, Any]:
     report, document = load_report(env.db, env.registry, report_id=int(result["report_id"]))
     own = report.summary.get("own_losses", {})
     return {
@@ -250,7 +226,7 @@ def _probe_move(document: dict[str, Any]) -> float | None:
 
 
 # --- cost by bank size --------------------------------------------------------------------------------------
-def run_cost(env: Env, *, size: int, repeats: int) -> dict[str, Any]:
+def run_cost(env: World, *, size: int, repeats: int) -> dict[str, Any]:
     """A user with a live personal version, a candidate and ``size - 1`` enrolled task adapters; QA timings."""
     runner = QARunner(env.db, env.registry, env.backbone, env.bank, policy=QAPolicy())
     user_records = synthetic.make_user_records("alice", round=1, n_records=64, seed=0)
@@ -264,15 +240,21 @@ def run_cost(env: Env, *, size: int, repeats: int) -> dict[str, Any]:
         personal = env.registry.create_adapter(
             tenant_id=env.tenant_id, owner_user_id=user_id, name=PERSONAL_ADAPTER, target_config=_target(env)
         )
-        v1 = _version(env, personal.id, folders[0], ids, user_id, key=None)
+        v1 = register_candidate(
+            env, adapter_id=personal.id, folder=folders[0], record_ids=ids, user_id=user_id
+        )
         env.registry.promote(tenant_id=env.tenant_id, adapter_id=personal.id, number=1, actor="bench")
-        candidate = _version(env, personal.id, folders[1], ids, user_id, key=None, parent=v1)
+        candidate = register_candidate(
+            env, adapter_id=personal.id, folder=folders[1], record_ids=ids, user_id=user_id, parent=v1
+        ).id
         for (name, data, task_ids), folder in zip(tasks, folders[2:], strict=True):
             adapter = env.registry.create_adapter(
                 tenant_id=env.tenant_id, owner_user_id=None, name=name, target_config=_target(env)
             )
             key = routing_key(env.backbone, env.bank, [e.prompt for e in data])
-            _version(env, adapter.id, folder, task_ids, None, key=key)
+            register_candidate(
+                env, adapter_id=adapter.id, folder=folder, record_ids=task_ids, user_id=None, key=key
+            )
             env.registry.promote(tenant_id=env.tenant_id, adapter_id=adapter.id, number=1, actor="bench")
             enrol(env.db, tenant_id=env.tenant_id, user_external_id="alice", task_name=name, actor="bench")
     runner.evaluate_candidate(tenant_id=env.tenant_id, version_id=candidate)  # warm-up (sets the routing key)
@@ -300,7 +282,7 @@ def run_cost(env: Env, *, size: int, repeats: int) -> dict[str, Any]:
     }
 
 
-def _task_data(env: Env, i: int) -> tuple[str, list[Example], list[int]]:
+def _task_data(env: World, i: int) -> tuple[str, list[Example], list[int]]:
     """A task adapter's name, training examples and the ids of its data, stored as feedback of a data user (so
     its holdout is real): the three routing tasks, cycled with different seeds."""
     task = routing_tasks.TASKS[i % len(routing_tasks.TASKS)]
@@ -313,32 +295,9 @@ def _task_data(env: Env, i: int) -> tuple[str, list[Example], list[int]]:
     return name, train, ids
 
 
-def _target(env: Env) -> dict[str, Any]:
+def _target(env: World) -> dict[str, Any]:
     c = env.config
     return {"rank": c.rank, "alpha": c.alpha, "dropout": c.dropout, "target_modules": c.target_modules}
-
-
-def _version(
-    env: Env,
-    adapter_id: int,
-    folder: Path,
-    ids: list[int],
-    user_id: int | None,
-    *,
-    key: tuple[float, ...] | None,
-    parent: int | None = None,
-) -> int:
-    snapshot = create_snapshot(env.db, user_id=user_id, record_ids=ids, details={"watermark": max(ids)})
-    return env.registry.register_version(
-        tenant_id=env.tenant_id,
-        adapter_id=adapter_id,
-        adapter_dir=folder,
-        base_fingerprint=env.backbone.fingerprint.digest,
-        parents=[] if parent is None else [(parent, "continued-from")],
-        training_config=env.config.model_dump(),
-        dataset_snapshot_id=snapshot.id,
-        routing_key=key,
-    ).id
 
 
 # --- report -------------------------------------------------------------------------------------------------

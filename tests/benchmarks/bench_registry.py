@@ -24,7 +24,7 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import _common  # noqa: E402, F401  (puts the repository root on sys.path, for the tests.* helpers below)
+import _common  # noqa: E402  (also puts the repository root on sys.path, for the tests.* helpers below)
 from sqlalchemy import insert, text  # noqa: E402
 from tests.databases import migrated_pg_database  # noqa: E402
 from tests.unit.registry.registry_helpers import write_adapter_dir  # noqa: E402
@@ -237,12 +237,9 @@ def print_table(results: dict[str, dict[str, Stats]], scale: Scale) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=10_000)
-    parser.add_argument("--versions-per-user", type=int, default=10)
-    parser.add_argument("--tenants", type=int, default=10)
-    parser.add_argument("--lookups", type=int, default=1000)
-    parser.add_argument("--promotes", type=int, default=300)
-    parser.add_argument("--registers", type=int, default=60)
+    _common.add_int_options(
+        parser, users=10_000, versions_per_user=10, tenants=10, lookups=1000, promotes=300, registers=60
+    )
     parser.add_argument("--no-sqlite", action="store_true")
     args = parser.parse_args()
     scale = Scale(tenants=args.tenants, users=args.users, versions_per_user=args.versions_per_user)

@@ -207,20 +207,36 @@ def report(
     user_bank: ExpertSet,
     gates: dict[str, Gate],
     split: dict[str, tuple[list[Example], list[Example]]],
+    loss_label: str = "Holdout loss",
+    vs_uniform: bool = True,
 ) -> None:
+    """A Markdown table of each gate's routing accuracy and gated loss on one holdout, against oracle (and, with
+    ``vs_uniform``, against uniform weights too); ``loss_label`` heads the line of reference losses."""
     holdout = prepare_holdout(backbone, bank, split)
     oracle, uniform, base = holdout.oracle, holdout.uniform, holdout.base
     print(
-        f"\n**{title}** ({len(holdout.examples)} prompts). Holdout loss: oracle {oracle:.4f}, uniform {uniform:.4f}, base {base:.4f}.\n"
+        f"\n**{title}** ({len(holdout.examples)} prompts). {loss_label}: oracle {oracle:.4f}, uniform {uniform:.4f}, base {base:.4f}.\n"
     )
-    print("| gate | routing accuracy | mean top weight | holdout loss | vs oracle | vs uniform |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    columns = ["gate", "routing accuracy", "mean top weight", "holdout loss", "vs oracle"]
+    if vs_uniform:
+        columns.append("vs uniform")
+    print(_row(columns))
+    print(_row(["---"] * len(columns)))
     for r in evaluate_gates(holdout, gates, backbone=backbone, bank=bank, user_bank=user_bank):
-        print(
-            f"| {r.name} | {r.accuracy:.1%} | {r.top_weight:.3f} | {r.loss:.4f} | {r.loss / oracle - 1:+.2%} | "
-            f"{r.loss / uniform - 1:+.2%} |"
-        )
-    print(f"| uniform (1/3 each) | - | 0.333 | {uniform:.4f} | {uniform / oracle - 1:+.2%} | +0.00% |")
+        cells = [
+            r.name,
+            f"{r.accuracy:.1%}",
+            f"{r.top_weight:.3f}",
+            f"{r.loss:.4f}",
+            f"{r.loss / oracle - 1:+.2%}",
+        ]
+        print(_row([*cells, f"{r.loss / uniform - 1:+.2%}"] if vs_uniform else cells))
+    cells = ["uniform (1/3 each)", "-", "0.333", f"{uniform:.4f}", f"{uniform / oracle - 1:+.2%}"]
+    print(_row([*cells, "+0.00%"] if vs_uniform else cells))
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def report_latency(

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from bench_quality_real import top_layers_regex  # noqa: E402
-from bench_routing import evaluate_gates, prepare_holdout, user_bank_of  # noqa: E402
+from bench_routing import report as routing_report  # noqa: E402
+from bench_routing import user_bank_of  # noqa: E402
 from quality_real_eval import dequantize_once  # noqa: E402
 
 from lorafleet.adapters import AdapterBank, inject_bank  # noqa: E402
@@ -87,19 +88,16 @@ def report(
     title: str, backbone: Backbone, bank: AdapterBank, gates: dict[str, Gate], split: Split, keys: list
 ) -> None:
     """Routing accuracy and gated loss of each gate on one holdout, against oracle, uniform and base."""
-    holdout = prepare_holdout(backbone, bank, split)
-    oracle, uniform, base = holdout.oracle, holdout.uniform, holdout.base
-    print(
-        f"\n**{title}** ({len(holdout.examples)} prompts). Loss: oracle {oracle:.4f}, uniform {uniform:.4f}, base {base:.4f}.\n"
+    routing_report(
+        title,
+        backbone=backbone,
+        bank=bank,
+        user_bank=user_bank_of(keys),
+        gates=gates,
+        split=split,
+        loss_label="Loss",
+        vs_uniform=False,
     )
-    print("| gate | routing accuracy | mean top weight | holdout loss | vs oracle |")
-    print("| --- | --- | --- | --- | --- |")
-    user_bank = user_bank_of(keys)
-    for r in evaluate_gates(holdout, gates, backbone=backbone, bank=bank, user_bank=user_bank):
-        print(
-            f"| {r.name} | {r.accuracy:.1%} | {r.top_weight:.3f} | {r.loss:.4f} | {r.loss / oracle - 1:+.2%} |"
-        )
-    print(f"| uniform (1/3 each) | - | 0.333 | {uniform:.4f} | {uniform / oracle - 1:+.2%} |")
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ os.environ["RAY_ADDRESS"] = "local"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-from _common import BACKBONE_SIZES  # noqa: E402
+from _common import BACKBONE_SIZES, add_int_options  # noqa: E402
 from tests.lora_weights import write_random_peft_folder  # noqa: E402
 
 from lorafleet.backbone import build_tiny_backbone  # noqa: E402
@@ -205,14 +205,8 @@ def print_table(results: dict[str, dict[str, list[float]]], args: argparse.Names
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--size", choices=sorted(BACKBONE_SIZES), default="tiny")
-    parser.add_argument("--users", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=256)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--latency-requests", type=int, default=40)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--slots", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=16)
+    add_int_options(parser, users=16, requests=256, concurrency=16, new_tokens=16)
+    add_int_options(parser, latency_requests=40, runs=5, slots=32, batch=16)
     parser.add_argument(
         "--http-port", type=int, default=0, help="the Serve proxy's port on 127.0.0.1 (0: free)"
     )

@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import _common  # noqa: F401  (puts the repository root on sys.path, for the tests.* helpers below)
+import _common  # (also puts the repository root on sys.path, for the tests.* helpers below)
 import numpy as np
 import torch
 from services.api.app import create_app
@@ -97,10 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=8.0, help="requests per second, all clients together")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--slots", type=int, default=16)
-    parser.add_argument("--min-tokens", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=48)
+    _common.add_int_options(parser, clients=8, slots=16, min_tokens=4, max_tokens=48)
     parser.add_argument("--backbone", default="builtin:tiny")
     parser.add_argument("--quantization", default="fp32")
     parser.add_argument("--window", type=float, default=60.0, help="seconds per reported row")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from lorafleet.adapters import AdapterBank, save_slot
 from lorafleet.backbone import Backbone
-from lorafleet.domain import AdapterVersion, LineageRelation
+from lorafleet.domain import AdapterVersion, AliasEvent, LineageRelation
 from lorafleet.jobs import JobQueue, JobWorker
 from lorafleet.registry import Registry, pack_adapter_archive
 from lorafleet.routing.embeddings import routing_key
@@ -29,6 +29,7 @@ from lorafleet.training.overrides import set_tenant_training
 from lorafleet.training.trainer import SlotTraining, train_slots
 from lorafleet.workflows.continual import PERSONAL_ADAPTER, ContinualTrainer
 from lorafleet.workflows.feedback import ingest_feedback
+from lorafleet.workflows.live_alias import promote_manually
 from lorafleet.workflows.qa_runner import QARunner
 from lorafleet.workflows.qa_triggers import QA_JOB_KIND
 
@@ -75,6 +76,12 @@ class World:
         )
         assert found is not None
         return found.id
+
+    def promote(self, **how: Any) -> AliasEvent:
+        """A person's promote in this tenant: ``promote_manually`` with ``how`` (adapter, number, actor, reason,
+        force), under the promote rule ``qa`` unless ``how`` names another."""
+        how.setdefault("promote_rule", "qa")
+        return promote_manually(self.db, self.registry, tenant_id=self.tenant_id, **how)
 
 
 def make_world(db: Database, registry: Registry, backbone: Backbone, bank: AdapterBank) -> World:

@@ -24,7 +24,7 @@ from lorafleet.domain import AdapterVersion, AliasEvent
 from lorafleet.errors import InvalidStateError, QAUndecidedError
 from lorafleet.jobs import JobQueue, Scheduler
 from lorafleet.qa.reports import load_report, reports_for_version
-from lorafleet.workflows.live_alias import promote_manually, versions_qa
+from lorafleet.workflows.live_alias import versions_qa
 from lorafleet.workflows.qa_runner import QARunner, StaleEvaluationError
 from lorafleet.workflows.qa_triggers import QA_JOB_KIND, submit_candidate_qa
 
@@ -60,16 +60,8 @@ def _candidate_with_qa_queued(world: World, user: str, folder: Path, parent: Ada
 
 def _promote(world: World, user: str, number: int, *, force: bool = False) -> AliasEvent:
     adapter = world.registry.get_adapter(tenant_id=world.tenant_id, adapter_id=world.personal(user))
-    return promote_manually(
-        world.db,
-        world.registry,
-        tenant_id=world.tenant_id,
-        adapter=adapter,
-        number=number,
-        actor="ops@acme",
-        reason="hotfix before QA",
-        promote_rule="qa",
-        force=force,
+    return world.promote(
+        adapter=adapter, number=number, actor="ops@acme", reason="hotfix before QA", force=force
     )
 
 
@@ -171,16 +163,7 @@ def test_other_promote_rules_need_no_force(sqlite_world: World, tmp_path: Path) 
     folder = train_adapter(world, user_examples(world, "cy"), work=tmp_path / "cy")
     _candidate_with_qa_queued(world, "cy", folder, None)
     adapter = world.registry.get_adapter(tenant_id=world.tenant_id, adapter_id=world.personal("cy"))
-    event = promote_manually(
-        world.db,
-        world.registry,
-        tenant_id=world.tenant_id,
-        adapter=adapter,
-        number=1,
-        actor="ops",
-        reason="rule never",
-        promote_rule="never",
-    )
+    event = world.promote(adapter=adapter, number=1, actor="ops", reason="rule never", promote_rule="never")
     assert event.forced is False
 
 

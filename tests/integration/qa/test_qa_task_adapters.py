@@ -34,7 +34,6 @@ from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.store.sql.tenants import find_user, task_subject_id
 from lorafleet.training.synthetic_routing import task_split
 from lorafleet.workflows.import_jobs import IMPORT_JOB_KIND, ImportRunner, submit_import
-from lorafleet.workflows.live_alias import promote_manually
 from lorafleet.workflows.qa_runner import QARunner
 from lorafleet.workflows.tasks import get_task_adapter, ingest_task_feedback, list_tasks, move_task_live
 
@@ -225,27 +224,8 @@ def test_an_imported_peft_adapter_goes_through_its_import_job_and_qa_like_a_trai
     [report] = reports_for_version(world.db, tenant_id=world.tenant_id, version_id=first)
     assert report.decision == "hold" and report.reasons[0].startswith("no-evidence: "), report.reasons
     with pytest.raises(QAUndecidedError):
-        promote_manually(
-            world.db,
-            world.registry,
-            tenant_id=world.tenant_id,
-            adapter=task,
-            number=1,
-            actor="test",
-            reason="try",
-            promote_rule="qa",
-        )
-    promote_manually(
-        world.db,
-        world.registry,
-        tenant_id=world.tenant_id,
-        adapter=task,
-        number=1,
-        actor="ops",
-        reason="vetted by hand",
-        promote_rule="qa",
-        force=True,
-    )
+        world.promote(adapter=task, number=1, actor="test", reason="try")
+    world.promote(adapter=task, number=1, actor="ops", reason="vetted by hand", force=True)
     while w.run_once() is not None:  # the forced version's QA job: no evidence, the person's force decides
         pass
     reports = reports_for_version(world.db, tenant_id=world.tenant_id, version_id=first)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,3 +124,24 @@ def live_task_version(library: Library, *, tenant_id: int, task: str, folder: Pa
     )
     library.registry.promote(tenant_id=tenant_id, adapter_id=adapter.id, number=version.number, actor="test")
     return version.number
+
+
+@dataclass(frozen=True)
+class LiveVersions:
+    """Live versions made straight in one tenant's store, each from ``adapter_folder(seed)``: ``personal`` and
+    ``task`` are ``live_personal_version`` and ``live_task_version`` for that tenant (each returns its number)."""
+
+    library: Library
+    tenant_id: int
+    adapter_folder: Callable[[int], Path]
+
+    def personal(self, user: str, seed: int, *, name: str = "personal") -> int:
+        folder = self.adapter_folder(seed)
+        return live_personal_version(
+            self.library, tenant_id=self.tenant_id, user=user, folder=folder, name=name
+        )
+
+    def task(self, task: str, seed: int) -> int:
+        return live_task_version(
+            self.library, tenant_id=self.tenant_id, task=task, folder=self.adapter_folder(seed)
+        )

@@ -7,7 +7,6 @@ other's data. Servers that run trainer actors (Ray) are started by the training 
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import uuid
@@ -28,12 +27,13 @@ from api_helpers import (  # noqa: E402
     SERVING_OPTIONS,
     ApiServer,
     Library,
+    LiveVersions,
     TenantHandle,
     write_adapter_folder,
 )
 from services.api.app import create_app  # noqa: E402
 from tests.databases import migrated_pg_database  # noqa: E402
-from tests.tiny import tiny_backbone_dir  # noqa: E402
+from tests.tiny import seeded_folders, tiny_backbone_dir  # noqa: E402
 
 from lorafleet.config import Settings, load_settings  # noqa: E402
 from lorafleet.platform import Platform  # noqa: E402
@@ -135,13 +135,16 @@ def library(make_api_settings: Callable[..., Settings]) -> Iterator[Library]:
 @pytest.fixture(scope="session")
 def adapter_folder(api_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
     """``adapter_folder(seed)``: a real PEFT folder for the tiny backbone (written once per seed)."""
-    root = tmp_path_factory.mktemp("adapters")
+    return seeded_folders(
+        tmp_path_factory.mktemp("adapters"),
+        lambda dest, seed: write_adapter_folder(api_data_dir, dest, seed=seed),
+    )
 
-    @functools.cache
-    def get(seed: int) -> Path:
-        return write_adapter_folder(api_data_dir, root / f"seed-{seed}", seed=seed)
 
-    return get
+@pytest.fixture
+def live(tenant: TenantHandle, library: Library, adapter_folder: Callable[[int], Path]) -> LiveVersions:
+    """Live adapter versions made straight in ``tenant``'s store (``live.personal(user, seed)``, ``live.task``)."""
+    return LiveVersions(library, tenant.id, adapter_folder)
 
 
 @pytest.fixture(scope="session")

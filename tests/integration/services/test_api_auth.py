@@ -206,7 +206,6 @@ def test_another_tenant_gets_404_on_every_route_naming_tenant_as_ids(
     api: ApiServer,
     tenant_a: TenantA,
     make_tenant: Callable[[], TenantHandle],
-    library: Library,
     adapter_folder: Callable[[int], Path],
 ) -> None:
     b = make_tenant()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_helpers import ApiServer, Library, TenantHandle, live_personal_version, live_task_version, sft
+from api_helpers import ApiServer, Library, LiveVersions, TenantHandle, sft
 from services.api.routes import feedback as feedback_routes
 
 from lorafleet.jobs.queue import JobQueue
@@ -36,15 +36,11 @@ def _members(archive: Path) -> dict[str, bytes]:
 
 
 def test_a_version_downloads_as_a_peft_folder_archive(
-    api: ApiServer,
-    tenant: TenantHandle,
-    library: Library,
-    adapter_folder: Callable[[int], Path],
-    tmp_path: Path,
+    api: ApiServer, tenant: TenantHandle, live: LiveVersions, tmp_path: Path
 ) -> None:
     client = tenant.client
-    folder = adapter_folder(1)
-    live_personal_version(library, tenant_id=tenant.id, user="ada", folder=folder)
+    live.personal("ada", 1)
+    folder = live.adapter_folder(1)
     stored = client.get_version("ada", "personal", 1)
 
     got = client.download_version("ada", "personal", 1, tmp_path / "out" / "v1.tar.gz")
@@ -87,14 +83,11 @@ def test_a_version_downloads_as_a_peft_folder_archive(
 
 
 def test_a_missing_or_corrupt_version_is_refused_and_nothing_is_written(
-    tenant: TenantHandle,
-    library: Library,
-    adapter_folder: Callable[[int], Path],
-    tmp_path: Path,
+    tenant: TenantHandle, library: Library, live: LiveVersions, tmp_path: Path
 ) -> None:
     client = tenant.client
-    live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(1))
-    live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(2))
+    live.personal("ada", 1)
+    live.personal("ada", 2)
     dest = tmp_path / "v.tar.gz"
     with pytest.raises(errors.NotFound):
         client.download_version("ada", "personal", 9, dest)
@@ -118,13 +111,10 @@ def test_a_missing_or_corrupt_version_is_refused_and_nothing_is_written(
 
 
 def test_a_task_version_downloads_like_a_users(
-    tenant: TenantHandle,
-    library: Library,
-    adapter_folder: Callable[[int], Path],
-    tmp_path: Path,
+    tenant: TenantHandle, live: LiveVersions, tmp_path: Path
 ) -> None:
     client = tenant.client
-    live_task_version(library, tenant_id=tenant.id, task="tone", folder=adapter_folder(3))
+    live.task("tone", 3)
     got = client.download_task_version("tone", 1, tmp_path / "tone.tar.gz")
     assert got.version_sha256 == client.get_task_version("tone", 1).sha256
     assert "tone-v1/adapter_model.safetensors" in _members(Path(got.path))
@@ -178,14 +168,10 @@ def _run_imports(library: Library, api_data_dir: Path, tenant_id: int) -> None:
 
 
 def test_a_version_exported_from_one_user_imports_as_anothers(
-    tenant: TenantHandle,
-    library: Library,
-    adapter_folder: Callable[[int], Path],
-    api_data_dir: Path,
-    tmp_path: Path,
+    tenant: TenantHandle, library: Library, live: LiveVersions, api_data_dir: Path, tmp_path: Path
 ) -> None:
     client = tenant.client
-    live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(1))
+    live.personal("ada", 1)
     exported = client.download_version("ada", "personal", 1, tmp_path / "ada-v1.tar.gz")
 
     submitted = client.import_adapter("bea", "from-ada", exported.path, ["Hello"], reason="moved")
@@ -259,13 +245,9 @@ def _nan_archive(folder: Path) -> bytes:
 
 
 def test_the_async_client_downloads_and_exports_through_the_same_calls(
-    api: ApiServer,
-    tenant: TenantHandle,
-    library: Library,
-    adapter_folder: Callable[[int], Path],
-    tmp_path: Path,
+    api: ApiServer, tenant: TenantHandle, live: LiveVersions, tmp_path: Path
 ) -> None:
-    live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(1))
+    live.personal("ada", 1)
     tenant.client.submit_feedback("ada", [sft("q1"), sft("q2")])
     expected = tenant.client.download_version("ada", "personal", 1, tmp_path / "sync.tar.gz")
 
@@ -284,14 +266,11 @@ def test_the_async_client_downloads_and_exports_through_the_same_calls(
 
 
 def test_every_export_is_one_audit_event_and_a_refused_one_none(
-    tenant: TenantHandle,
-    library: Library,
-    adapter_folder: Callable[[int], Path],
-    tmp_path: Path,
+    tenant: TenantHandle, live: LiveVersions, tmp_path: Path
 ) -> None:
     client = tenant.client
-    live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(1))
-    live_task_version(library, tenant_id=tenant.id, task="tone", folder=adapter_folder(3))
+    live.personal("ada", 1)
+    live.task("tone", 3)
     client.submit_feedback("ada", [sft("a private question", "a private answer")])
     client.submit_task_feedback("tone", [sft("a private task question")])
     before = {e.id for e in client.list_audit()}

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import pytest
-from api_helpers import ApiServer, Library, TenantHandle, live_personal_version, sft
+from api_helpers import ApiServer, Library, LiveVersions, TenantHandle, sft
 
 from lorafleet.sdk import errors
 from lorafleet.store.sql.receipts import get_receipt
@@ -19,11 +18,12 @@ from lorafleet.store.sql.receipts import get_receipt
 
 def test_forget_user_erases_them_and_returns_the_receipt(
     api: ApiServer,
+    tenant: TenantHandle,
     make_tenant: Callable[[], TenantHandle],
     library: Library,
-    adapter_folder: Callable[[int], Path],
+    live: LiveVersions,
 ) -> None:
-    tenant, other = make_tenant(), make_tenant()
+    other = make_tenant()
     client = tenant.client
     key = str(uuid.uuid4())
     body = {"records": [sft("q1"), sft("q2")]}
@@ -31,8 +31,8 @@ def test_forget_user_erases_them_and_returns_the_receipt(
     first = httpx.post(f"{api.url}/v1/users/ada/feedback", json=body, headers=headers)
     client.submit_feedback("bo", [sft("q3")])
     other.client.submit_feedback("ada", [sft("q4")])
-    live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(1))
-    live_personal_version(library, tenant_id=tenant.id, user="bo", folder=adapter_folder(2))
+    live.personal("ada", 1)
+    live.personal("bo", 2)
     (ada_version,) = client.list_versions("ada", "personal")
     others = other.client.list_feedback("ada")
 
@@ -81,11 +81,9 @@ def test_forget_user_erases_them_and_returns_the_receipt(
     assert client.list_adapters("ada") == []
 
 
-def test_purge_deletes_the_blobs_at_once(
-    tenant: TenantHandle, library: Library, adapter_folder: Callable[[int], Path]
-) -> None:
+def test_purge_deletes_the_blobs_at_once(tenant: TenantHandle, library: Library, live: LiveVersions) -> None:
     tenant.client.submit_feedback("cy", [sft("q1")])
-    live_personal_version(library, tenant_id=tenant.id, user="cy", folder=adapter_folder(5))
+    live.personal("cy", 5)
     (version,) = tenant.client.list_versions("cy", "personal")
 
     receipt = tenant.client.forget_user("cy", purge=True)

@@ -26,6 +26,7 @@ from lorafleet.store.sql.idempotency import (
     IdempotencyKeyInFlightError,
     IdempotencyKeyReusedError,
     IdempotencyRepository,
+    Outcome,
     StoredResponse,
     request_hash,
 )
@@ -44,6 +45,19 @@ def _tenant(db: Database, name: str = "acme") -> int:
 def _ingest(db: Database, tenant_id: int, prompt: str) -> IngestResult:
     record = {"kind": "sft", "prompt": prompt, "completion": "An answer."}
     return ingest_feedback(db, tenant_id=tenant_id, user_external_id="ann", records=[record])
+
+
+def _ingest_once(
+    store: IdempotencyRepository, db: Database, tenant_id: int, key: str, prompt: str
+) -> Outcome:
+    """``run_once`` under ``key`` (``H1``, status 200) of an operation that ingests one record ``prompt``."""
+    return store.run_once(
+        tenant_id=tenant_id,
+        key=key,
+        request_hash=H1,
+        status=200,
+        operation=lambda: {"created": _ingest(db, tenant_id, prompt).created},
+    )
 
 
 def _count(db: Database, model: Any) -> int:
@@ -93,13 +107,7 @@ def test_a_failed_operation_keeps_nothing_and_its_retry_runs(database: Database)
     with pytest.raises(NotFoundError):
         store.run_once(tenant_id=tenant_id, key="a", request_hash=H1, status=200, operation=write_then_fail)
     assert _count(database, SqlFeedback) == 0 and _count(database, SqlIdempotencyKey) == 0
-    done = store.run_once(
-        tenant_id=tenant_id,
-        key="a",
-        request_hash=H1,
-        status=200,
-        operation=lambda: {"created": _ingest(database, tenant_id, "first").created},
-    )
+    done = _ingest_once(store, database, tenant_id, "a", "first")
     assert done.response.body == {"created": 1} and not done.replayed
     assert _count(database, SqlFeedback) == 1 and _count(database, SqlIdempotencyKey) == 1
 
@@ -222,13 +230,7 @@ def test_a_process_killed_mid_operation_blocks_no_retry(database: Database, tmp_
     )  # PostgreSQL ends the dead connection's transaction as soon as it sees EOF
     while True:
         try:
-            outcome = store.run_once(
-                tenant_id=tenant_id,
-                key="crash",
-                request_hash=H1,
-                status=200,
-                operation=lambda: {"created": _ingest(database, tenant_id, "from the retry").created},
-            )
+            outcome = _ingest_once(store, database, tenant_id, "crash", "from the retry")
             break
         except IdempotencyKeyInFlightError:
             assert time.monotonic() < deadline, "the killed request's key is still held"

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from api_helpers import ApiServer, Library, TenantHandle, live_personal_version, live_task_version, sft
+from api_helpers import ApiServer, Library, LiveVersions, TenantHandle, live_personal_version, sft
 
 from lorafleet.domain import JobKind
 from lorafleet.qa.reports import store_document
@@ -24,12 +24,9 @@ from lorafleet.store.sql.qa_repository import NewQAReport, QARepository
 
 
 def test_the_openai_client_calls_completions_and_chat_for_a_user(
-    api: ApiServer,
-    tenant: TenantHandle,
-    library: Library,
-    adapter_folder: Callable[[int], Path],
+    api: ApiServer, tenant: TenantHandle, live: LiveVersions
 ) -> None:
-    live_personal_version(library, tenant_id=tenant.id, user="olga", folder=adapter_folder(2))
+    live.personal("olga", 2)
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key=tenant.api_key, max_retries=0)
 
     completion = client.completions.create(
@@ -65,11 +62,11 @@ def test_the_openai_client_calls_completions_and_chat_for_a_user(
 
 
 def test_generate_follows_promote_and_rollback_through_the_api(
-    tenant: TenantHandle, library: Library, adapter_folder: Callable[[int], Path]
+    tenant: TenantHandle, live: LiveVersions
 ) -> None:
     client = tenant.client
-    live_personal_version(library, tenant_id=tenant.id, user="pat", folder=adapter_folder(3))
-    live_personal_version(library, tenant_id=tenant.id, user="pat", folder=adapter_folder(4))
+    live.personal("pat", 3)
+    live.personal("pat", 4)
 
     def served() -> dict[str, int]:
         return client.generate("pat", "Tell me a story", max_tokens=4).versions
@@ -138,13 +135,10 @@ def test_unsupported_openai_options_are_422_naming_the_field_never_ignored(
 
 
 def test_metrics_and_readiness_after_serving(
-    api: ApiServer,
-    tenant: TenantHandle,
-    library: Library,
-    adapter_folder: Callable[[int], Path],
+    api: ApiServer, tenant: TenantHandle, live: LiveVersions
 ) -> None:
     tenant.client.submit_feedback("quinn", [sft("q")])
-    live_personal_version(library, tenant_id=tenant.id, user="quinn", folder=adapter_folder(5))
+    live.personal("quinn", 5)
     tenant.client.generate("quinn", "Hello", max_tokens=2)
     tenant.client.generate("quinn", "Hello again", max_tokens=2)
 
@@ -280,17 +274,14 @@ def test_one_poisoned_request_among_eight_other_tenants_fails_alone_and_queues_a
 
 
 def test_models_base_pinned_and_task_models_and_optional_user_through_the_openai_client(
-    api: ApiServer,
-    tenant: TenantHandle,
-    library: Library,
-    adapter_folder: Callable[[int], Path],
+    api: ApiServer, tenant: TenantHandle, live: LiveVersions
 ) -> None:
     """``model`` says what serves a request: the user's experts (``lorafleet``), ``base``, a task adapter or a user's
     adapter, live or pinned at a version; ``GET /v1/models`` lists what is not per user; unknown models are
     404 ``model_not_found`` as in OpenAI; ``user`` may be left out (the base model)."""
-    live_personal_version(library, tenant_id=tenant.id, user="pia", folder=adapter_folder(4))
-    live_personal_version(library, tenant_id=tenant.id, user="pia", folder=adapter_folder(5))  # v2 is live
-    live_task_version(library, tenant_id=tenant.id, task="summaries", folder=adapter_folder(6))
+    live.personal("pia", 4)
+    live.personal("pia", 5)  # v2 is live
+    live.task("summaries", 6)
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key=tenant.api_key, max_retries=0)
 
     assert [m.id for m in client.models.list().data] == ["lorafleet", "base", "task:summaries"]
@@ -313,23 +304,19 @@ def test_models_base_pinned_and_task_models_and_optional_user_through_the_openai
     assert [(b["adapter"], b["version"]) for b in served("task:summaries@1")[1]] == [("summaries", 1)]
 
     # the personalization dial, an extension field: 0 is the base model, 0.5 halves the adapter's weight
-    dial = client.completions.create(
-        model="lorafleet",
-        prompt="Hi",
-        max_tokens=4,
-        temperature=0,
-        user="pia",
-        extra_body={"adapter_scale": 0},
-    )
+    def dialled(scale: float) -> openai.types.Completion:
+        return client.completions.create(
+            model="lorafleet",
+            prompt="Hi",
+            max_tokens=4,
+            temperature=0,
+            user="pia",
+            extra_body={"adapter_scale": scale},
+        )
+
+    dial = dialled(0)
     assert (dial.model_extra or {})["lorafleet"][0]["served_by"] == [] and dial.choices[0].text == base_text
-    half = client.completions.create(
-        model="lorafleet",
-        prompt="Hi",
-        max_tokens=4,
-        temperature=0,
-        user="pia",
-        extra_body={"adapter_scale": 0.5},
-    )
+    half = dialled(0.5)
     assert [b["weight"] for b in (half.model_extra or {})["lorafleet"][0]["served_by"]] == [0.5]
 
     for unknown in ("gpt-4o", "pia/personal@7", "task:nothing", "nobody/personal", "pia/personal@0"):

@@ -6,27 +6,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
-from api_helpers import ApiServer, Library, TenantHandle, live_personal_version, sft
+from api_helpers import ApiServer, LiveVersions, TenantHandle, sft
 
 from lorafleet.sdk import AsyncClient, Client, errors, schemas
 
 
 def test_users_are_listed_with_live_versions_and_counts(
-    api: ApiServer,
-    make_tenant: Callable[[], TenantHandle],
-    library: Library,
-    adapter_folder: Callable[[int], Path],
+    api: ApiServer, tenant: TenantHandle, make_tenant: Callable[[], TenantHandle], live: LiveVersions
 ) -> None:
-    tenant, other = make_tenant(), make_tenant()
+    other = make_tenant()
     client = tenant.client
     client.submit_feedback("ada", [sft("q1"), sft("q2")])
     client.submit_feedback("bo", [sft("q3")])
     other.client.submit_feedback("eve", [sft("q4")])
-    live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(1))
-    live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(2))
+    live.personal("ada", 1)
+    live.personal("ada", 2)
 
     users = client.list_users()
     assert [u.external_id for u in users] == ["ada", "bo"]  # by id, no user of the other tenant
@@ -62,17 +58,14 @@ def test_a_bad_page_is_422_naming_it(tenant: TenantHandle, params: dict[str, int
 
 
 def test_the_audit_log_is_per_tenant_and_the_admin_reads_it_all(
-    make_tenant: Callable[[], TenantHandle],
-    admin: Client,
-    library: Library,
-    adapter_folder: Callable[[int], Path],
+    tenant: TenantHandle, make_tenant: Callable[[], TenantHandle], admin: Client, live: LiveVersions
 ) -> None:
-    tenant, other = make_tenant(), make_tenant()
+    other = make_tenant()
     new_key = admin.create_api_key(tenant.name).api_key
     key_id = admin.list_api_keys(tenant.name)[-1].id
     admin.revoke_api_key(tenant.name, key_id)
-    live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(1))
-    live_personal_version(library, tenant_id=tenant.id, user="ada", folder=adapter_folder(2))
+    live.personal("ada", 1)
+    live.personal("ada", 2)
     tenant.client.rollback("ada", "personal", to_version=1, reason="ada's private complaint")
 
     events = tenant.client.list_audit()

@@ -3,6 +3,7 @@ backbone, imported from a folder or an archive into the real registry (SQLite/Po
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -11,6 +12,7 @@ import stat
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -44,6 +46,7 @@ from lorafleet.store.sql.models import SqlAdapter, SqlAdapterVersion, SqlJob, Sq
 from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.workflows.adapter_import import (
     ImportedAdapter,
+    PreparedImport,
     import_peft_adapter,
     prepare_import,
     register_import,
@@ -131,6 +134,37 @@ def _counts(registry: Registry, database: Database) -> tuple[int, int, int]:
         adapters = s.scalar(select(func.count()).select_from(SqlAdapter)) or 0
         versions = s.scalar(select(func.count()).select_from(SqlAdapterVersion)) or 0
     return int(adapters), int(versions), len(list(registry.blobs.list()))
+
+
+@dataclass(frozen=True)
+class LocalImports:
+    """What most import tests take together: the trained adapter, the module's backbone and bank, and a tenant
+    of the local registry."""
+
+    trained: SimpleNamespace
+    fp32: tuple[Backbone, AdapterBank]
+    registry: Registry
+    database: Database
+    tenant_id: int
+
+    def run(self, source: Path, **kw: Any) -> ImportedAdapter:
+        return _import(self.registry, self.tenant_id, source, self.fp32, **kw)
+
+    def counts(self) -> tuple[int, int, int]:
+        return _counts(self.registry, self.database)
+
+
+@pytest.fixture
+def local(
+    trained: SimpleNamespace,
+    fp32: tuple[Backbone, AdapterBank],
+    bank: AdapterBank,
+    local_registry: Registry,
+    database: Database,
+    tenant_id: int,
+) -> LocalImports:
+    """The import tests' usual fixtures in one (``bank``'s check that the import left it empty included)."""
+    return LocalImports(trained, fp32, local_registry, database, tenant_id)
 
 
 # --- building sources ---------------------------------------------------------------------------------------
@@ -270,135 +304,95 @@ def _import_and_check(
     assert (ours - trained.logits).abs().max().item() <= TOL
 
 
+@pytest.fixture
+def import_and_check(
+    trained: SimpleNamespace, fp32: tuple[Backbone, AdapterBank], bank: AdapterBank, tmp_path: Path
+) -> Callable[..., None]:
+    """``_import_and_check`` of the trained adapter on the module's backbone, in the test's tmp dir (its bank
+    left empty)."""
+    return functools.partial(_import_and_check, trained=trained, fp32=fp32, tmp_path=tmp_path)
+
+
 @pytest.mark.parametrize("form", ["folder", "tar.gz", "zip", "tar"])
 def test_each_source_form_imports_a_version_with_peft_logits(
-    form: str,
-    trained: SimpleNamespace,
-    fp32: tuple[Backbone, AdapterBank],
-    bank: AdapterBank,
-    sqlite_database: Database,
-    tmp_path: Path,
+    form: str, import_and_check: Callable[..., None], sqlite_database: Database, tmp_path: Path
 ) -> None:
     registry = Registry(sqlite_database, open_blob_store((tmp_path / "blobs").as_uri()))
-    _import_and_check(
-        form,
-        registry=registry,
-        database=sqlite_database,
-        trained=trained,
-        fp32=fp32,
-        tenant_id=_new_tenant(sqlite_database),
-        tmp_path=tmp_path,
+    import_and_check(
+        form, registry=registry, database=sqlite_database, tenant_id=_new_tenant(sqlite_database)
     )
 
 
 def test_import_on_every_database_and_blob_store(
-    trained: SimpleNamespace,
-    fp32: tuple[Backbone, AdapterBank],
-    bank: AdapterBank,
-    registry: Registry,
-    database: Database,
-    tenant_id: int,
-    tmp_path: Path,
+    import_and_check: Callable[..., None], registry: Registry, database: Database, tenant_id: int
 ) -> None:
-    _import_and_check(
-        "tar.gz",
-        registry=registry,
-        database=database,
-        trained=trained,
-        fp32=fp32,
-        tenant_id=tenant_id,
-        tmp_path=tmp_path,
-    )
+    import_and_check("tar.gz", registry=registry, database=database, tenant_id=tenant_id)
 
 
 def test_a_new_import_replaces_the_live_version_else_the_newest_in_lineage(
-    trained: SimpleNamespace,
-    fp32: tuple[Backbone, AdapterBank],
-    bank: AdapterBank,
-    local_registry: Registry,
-    tenant_id: int,
-    tmp_path: Path,
+    local: LocalImports, tmp_path: Path
 ) -> None:
-    first = _import(local_registry, tenant_id, trained.folder, fp32)
-    second = _import(local_registry, tenant_id, _zip(trained.folder, tmp_path / "a.zip"), fp32)
+    first = local.run(local.trained.folder)
+    second = local.run(_zip(local.trained.folder, tmp_path / "a.zip"))
     assert first.parent_version_id is None and second.adapter.id == first.adapter.id
     assert (second.version.number, second.parent_version_id) == (2, first.version.id)  # none live: newest
-    local_registry.promote(tenant_id=tenant_id, adapter_id=first.adapter.id, number=1, actor="qa")
-    third = _import(local_registry, tenant_id, _tar(trained.folder, tmp_path / "a.tgz"), fp32)
+    local.registry.promote(tenant_id=local.tenant_id, adapter_id=first.adapter.id, number=1, actor="qa")
+    third = local.run(_tar(local.trained.folder, tmp_path / "a.tgz"))
     assert third.parent_version_id == first.version.id  # the live version 1, not the newest (2)
 
-    lineage = local_registry.lineage(tenant_id=tenant_id, version_id=first.version.id)
+    lineage = local.registry.lineage(tenant_id=local.tenant_id, version_id=first.version.id)
     assert {(e.child_version_id, e.parent_version_id, e.relation) for e in lineage.edges} == {
         (second.version.id, first.version.id, "imported"),
         (third.version.id, first.version.id, "imported"),
     }
     assert third.version.status == "candidate"
-    live = local_registry.live_version(tenant_id=tenant_id, adapter_id=first.adapter.id)
+    live = local.registry.live_version(tenant_id=local.tenant_id, adapter_id=first.adapter.id)
     assert live is not None and live.id == first.version.id  # an import never moves live
 
 
-def test_import_in_the_callers_transaction_rolls_back_with_it(
-    trained: SimpleNamespace,
-    fp32: tuple[Backbone, AdapterBank],
-    bank: AdapterBank,
-    local_registry: Registry,
-    database: Database,
-    tenant_id: int,
-) -> None:
+def test_import_in_the_callers_transaction_rolls_back_with_it(local: LocalImports) -> None:
     class Abort(Exception):
         pass
 
-    with pytest.raises(Abort), database.transaction():
-        _import(local_registry, tenant_id, trained.folder, fp32)
+    with pytest.raises(Abort), local.database.transaction():
+        local.run(local.trained.folder)
         raise Abort
     # the new task adapter row commits first, the version did not; its blob waits for the GC
-    assert _counts(local_registry, database) == (1, 0, 1)
+    assert local.counts() == (1, 0, 1)
 
 
 def test_prepare_writes_no_row_and_a_job_registers_its_import_once(
-    trained: SimpleNamespace,
-    fp32: tuple[Backbone, AdapterBank],
-    bank: AdapterBank,
-    local_registry: Registry,
-    database: Database,
-    tenant_id: int,
-    tmp_path: Path,
+    local: LocalImports, tmp_path: Path
 ) -> None:
-    backbone, _ = fp32
-    prepared = prepare_import(
-        local_registry,
-        tenant_id=tenant_id,
-        task_name="summarize",
-        source=_tar(trained.folder, tmp_path / "a.tgz"),
-        example_prompts=PROMPTS,
-        backbone=backbone,
-        bank=bank,
-        actor="job",
-        work_dir=tmp_path / "work",
-    )
-    assert _counts(local_registry, database) == (0, 0, 1)  # the checked adapter's blob, ahead of the rows
-    with database.session() as s:
-        job = SqlJob(tenant_id=tenant_id, kind="import", state="running", payload={})
-        s.add(job)
-        s.flush()
-        job_id = int(job.id)
-    with database.transaction():
-        first = register_import(local_registry, prepared, job_id=job_id)
-    again = register_import(local_registry, prepared, job_id=job_id)
-    assert again.version == first.version and again.version.job_id == job_id
-    assert _counts(local_registry, database) == (1, 1, 1)
-    with pytest.raises(ValidationError, match="not empty"):
-        prepare_import(
-            local_registry,
-            tenant_id=tenant_id,
+    backbone, bank = local.fp32
+
+    def prepare(source: Path) -> PreparedImport:
+        return prepare_import(
+            local.registry,
+            tenant_id=local.tenant_id,
             task_name="summarize",
-            source=trained.folder,
+            source=source,
             example_prompts=PROMPTS,
             backbone=backbone,
             bank=bank,
             actor="job",
             work_dir=tmp_path / "work",
         )
+
+    prepared = prepare(_tar(local.trained.folder, tmp_path / "a.tgz"))
+    assert local.counts() == (0, 0, 1)  # the checked adapter's blob, ahead of the rows
+    with local.database.session() as s:
+        job = SqlJob(tenant_id=local.tenant_id, kind="import", state="running", payload={})
+        s.add(job)
+        s.flush()
+        job_id = int(job.id)
+    with local.database.transaction():
+        first = register_import(local.registry, prepared, job_id=job_id)
+    again = register_import(local.registry, prepared, job_id=job_id)
+    assert again.version == first.version and again.version.job_id == job_id
+    assert local.counts() == (1, 1, 1)
+    with pytest.raises(ValidationError, match="not empty"):
+        prepare(local.trained.folder)
 
 
 def test_nf4_backbone_import_matches_peft_on_the_same_nf4_base(
@@ -548,22 +542,13 @@ REFUSALS: dict[str, tuple[Callable[[Path, Path], Path], dict[str, Any], type[Lor
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
-def test_refused_import_writes_nothing(
-    case: str,
-    trained: SimpleNamespace,
-    fp32: tuple[Backbone, AdapterBank],
-    bank: AdapterBank,
-    local_registry: Registry,
-    database: Database,
-    tenant_id: int,
-    tmp_path: Path,
-) -> None:
+def test_refused_import_writes_nothing(case: str, local: LocalImports, tmp_path: Path) -> None:
     build, kwargs, error, message = REFUSALS[case]
-    source = build(trained.folder, tmp_path)
-    before = _counts(local_registry, database)
+    source = build(local.trained.folder, tmp_path)
+    before = local.counts()
     with pytest.raises(error, match=message):
-        _import(local_registry, tenant_id, source, fp32, **kwargs)
-    assert _counts(local_registry, database) == before == (0, 0, 0)
+        local.run(source, **kwargs)
+    assert local.counts() == before == (0, 0, 0)
 
 
 # --- unpacking --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from registry_helpers import TwoTenants, write_adapter_dir
+from registry_helpers import RegistryEnv, TwoTenants, write_adapter_dir
 
 from lorafleet.registry import Registry
 from lorafleet.store.blob import BlobStore, open_blob_store
@@ -57,3 +57,11 @@ def local_blobs(tmp_path: Path) -> BlobStore:
 def local_registry(database: Database, local_blobs: BlobStore) -> Registry:
     """Over both databases and the local blob store, for tests about SQL behaviour only."""
     return Registry(database, local_blobs)
+
+
+@pytest.fixture
+def env(
+    database: Database, local_registry: Registry, tenants: TwoTenants, make_adapter_dir: Callable[..., Path]
+) -> RegistryEnv:
+    """``database``, ``local_registry``, ``tenants`` and ``make_adapter_dir`` in one."""
+    return RegistryEnv(database, local_registry, tenants, make_adapter_dir)

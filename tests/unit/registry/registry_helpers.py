@@ -32,6 +32,17 @@ class TwoTenants:
     b_user: int
 
 
+@dataclass(frozen=True)
+class RegistryEnv:
+    """The fixtures most registry tests take together: the database, a registry over it and local blobs, the
+    two tenants and the adapter-folder factory."""
+
+    db: Database
+    registry: Registry
+    tenants: TwoTenants
+    adapter_dir: Callable[..., Path]
+
+
 def write_adapter_dir(
     path: Path,
     *,

@@ -6,12 +6,10 @@ versions, per tenant, never listing task subjects."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from sqlalchemy import text
-from tests.unit.registry.registry_helpers import TwoTenants, registered_versions
+from tests.unit.registry.registry_helpers import RegistryEnv, TwoTenants, registered_versions
 
 from lorafleet.domain import Adapter, AdapterVersion, AuditAction, AuditEvent, PromoteRule
 from lorafleet.errors import (
@@ -68,14 +66,13 @@ def _promote(
     )
 
 
-def _personal(
-    registry: Registry, make_adapter_dir: Callable[..., Path], tenants: TwoTenants, *, live: list[int]
-) -> tuple[Adapter, list[AdapterVersion]]:
+def _personal(env: RegistryEnv, *, live: list[int]) -> tuple[Adapter, list[AdapterVersion]]:
     """Alice's adapter ``personal`` (tenant A) with versions 1 and 2, ``live`` promoted in turn."""
+    tenants = env.tenants
     adapter_id, versions = registered_versions(
-        registry, make_adapter_dir, tenants.a, tenants.a_user, "personal", seeds=[1, 2], live=live
+        env.registry, env.adapter_dir, tenants.a, tenants.a_user, "personal", seeds=[1, 2], live=live
     )
-    return registry.get_adapter(tenant_id=tenants.a, adapter_id=adapter_id), versions
+    return env.registry.get_adapter(tenant_id=tenants.a, adapter_id=adapter_id), versions
 
 
 def _no_personal_content(event: AuditEvent) -> None:
@@ -83,14 +80,9 @@ def _no_personal_content(event: AuditEvent) -> None:
     assert SECRET_PROMPT not in dumped and "reason" not in event.details
 
 
-def test_a_forced_promote_and_a_rollback_write_one_event_each(
-    database: Database,
-    local_registry: Registry,
-    tenants: TwoTenants,
-    make_adapter_dir: Callable[..., Path],
-) -> None:
-    registry = local_registry
-    adapter, versions = _personal(registry, make_adapter_dir, tenants, live=[1])
+def test_a_forced_promote_and_a_rollback_write_one_event_each(env: RegistryEnv) -> None:
+    database, registry, tenants = env.db, env.registry, env.tenants
+    adapter, versions = _personal(env, live=[1])
     before = len(_events(database))
 
     _promote(database, registry, adapter, 2, rule=PromoteRule.QA, force=True)
@@ -114,14 +106,9 @@ def test_a_forced_promote_and_a_rollback_write_one_event_each(
     assert [e.id for e in _events(database, tenants.b)] == []
 
 
-def test_failed_or_unforced_moves_write_no_event(
-    database: Database,
-    local_registry: Registry,
-    tenants: TwoTenants,
-    make_adapter_dir: Callable[..., Path],
-) -> None:
-    registry = local_registry
-    adapter, _ = _personal(registry, make_adapter_dir, tenants, live=[])
+def test_failed_or_unforced_moves_write_no_event(env: RegistryEnv) -> None:
+    database, registry = env.db, env.registry
+    adapter, _ = _personal(env, live=[])
     before = len(_events(database))
     with pytest.raises(InvalidStateError):  # nothing live: nothing to roll back from
         _rollback(database, registry, adapter, to=None, actor="cli")
@@ -132,17 +119,13 @@ def test_failed_or_unforced_moves_write_no_event(
     assert len(_events(database)) == before
 
 
-def test_a_task_rollback_is_audited_under_the_task(
-    database: Database,
-    local_registry: Registry,
-    tenants: TwoTenants,
-    make_adapter_dir: Callable[..., Path],
-) -> None:
+def test_a_task_rollback_is_audited_under_the_task(env: RegistryEnv) -> None:
+    database, registry, tenants = env.db, env.registry, env.tenants
     adapter_id, _ = registered_versions(
-        local_registry, make_adapter_dir, tenants.a, None, "faq", seeds=[1, 2], live=[1, 2]
+        registry, env.adapter_dir, tenants.a, None, "faq", seeds=[1, 2], live=[1, 2]
     )
-    adapter = local_registry.get_adapter(tenant_id=tenants.a, adapter_id=adapter_id)
-    _rollback(database, local_registry, adapter, to=1, actor="qa")
+    adapter = registry.get_adapter(tenant_id=tenants.a, adapter_id=adapter_id)
+    _rollback(database, registry, adapter, to=1, actor="qa")
     (event,) = _events(database, tenants.a)
     assert (event.action, event.actor, event.target) == (AuditAction.ROLLBACK, "qa", "task:faq@1")
 
@@ -204,26 +187,20 @@ def test_the_database_refuses_to_change_or_remove_an_event(
     assert event.actor == "cli"
 
 
-def test_user_summaries_count_and_name_live_versions_per_tenant(
-    database: Database,
-    local_registry: Registry,
-    tenants: TwoTenants,
-    make_adapter_dir: Callable[..., Path],
-) -> None:
+def test_user_summaries_count_and_name_live_versions_per_tenant(env: RegistryEnv) -> None:
+    database, registry, tenants = env.db, env.registry, env.tenants
     repo = TenantRepository(database)
     records = [{"kind": "sft", "prompt": f"q{i}", "completion": "a"} for i in range(3)]
     ingest_feedback(database, tenant_id=tenants.a, user_external_id="alice", records=records)
     ingest_feedback(database, tenant_id=tenants.a, user_external_id="carol", records=records[:1])
     ingest_task_feedback(database, tenant_id=tenants.a, task_name="faq", records=records)  # a task subject
     registered_versions(
-        local_registry, make_adapter_dir, tenants.a, tenants.a_user, "personal", seeds=[1, 2, 3], live=[1, 2]
+        registry, env.adapter_dir, tenants.a, tenants.a_user, "personal", seeds=[1, 2, 3], live=[1, 2]
     )
     style_id, _ = registered_versions(
-        local_registry, make_adapter_dir, tenants.a, tenants.a_user, "style", seeds=[4]
+        registry, env.adapter_dir, tenants.a, tenants.a_user, "style", seeds=[4]
     )
-    registered_versions(
-        local_registry, make_adapter_dir, tenants.b, tenants.b_user, "personal", seeds=[5], live=[1]
-    )
+    registered_versions(registry, env.adapter_dir, tenants.b, tenants.b_user, "personal", seeds=[5], live=[1])
 
     found = {u.external_id: u for u in repo.list_user_summaries(tenant_id=tenants.a)}
     assert list(found) == ["alice", "carol"]  # by id; no task subject, no user of tenant B
@@ -234,7 +211,7 @@ def test_user_summaries_count_and_name_live_versions_per_tenant(
     assert carol.last_feedback_at is not None and carol.last_feedback_at >= alice.last_feedback_at
 
     # a promote moves the live version; new feedback counts at once
-    local_registry.promote(tenant_id=tenants.a, adapter_id=style_id, number=1, actor="test", reason="ok")
+    registry.promote(tenant_id=tenants.a, adapter_id=style_id, number=1, actor="test", reason="ok")
     ingest_feedback(
         database,
         tenant_id=tenants.a,

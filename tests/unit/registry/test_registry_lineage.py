@@ -2,37 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 import pytest
-from registry_helpers import TwoTenants, insert_job, insert_snapshot
+from registry_helpers import RegistryEnv, insert_job, insert_snapshot
 from sqlalchemy import event
 
 from lorafleet.domain import LineageEdge
 from lorafleet.errors import NotFoundError
-from lorafleet.registry import Registry
-from lorafleet.store.sql.database import Database
 
 
-def test_lineage_across_three_generations_with_a_merge(
-    local_registry: Registry,
-    database: Database,
-    tenants: TwoTenants,
-    make_adapter_dir: Callable[..., Path],
-) -> None:
+def test_lineage_across_three_generations_with_a_merge(env: RegistryEnv) -> None:
     """g1 → (g2a, g2b) → g3 (merged from both): a diamond, so g1 must appear once, at distance 2."""
-    reg, t = local_registry, tenants.a
-    chat = reg.create_adapter(tenant_id=t, owner_user_id=tenants.a_user, name="chat", target_config={})
-    code = reg.create_adapter(tenant_id=t, owner_user_id=tenants.a_user, name="code", target_config={})
-    snaps = [insert_snapshot(database, user_id=tenants.a_user, count=n) for n in (10, 20, 30, 40)]
-    jobs = [insert_job(database, tenant_id=t) for _ in range(4)]
+    reg, t = env.registry, env.tenants.a
+    chat = reg.create_adapter(tenant_id=t, owner_user_id=env.tenants.a_user, name="chat", target_config={})
+    code = reg.create_adapter(tenant_id=t, owner_user_id=env.tenants.a_user, name="code", target_config={})
+    snaps = [insert_snapshot(env.db, user_id=env.tenants.a_user, count=n) for n in (10, 20, 30, 40)]
+    jobs = [insert_job(env.db, tenant_id=t) for _ in range(4)]
 
     def register(adapter_id: int, i: int, parents: list[tuple[int, str]]) -> int:
         return reg.register_version(
             tenant_id=t,
             adapter_id=adapter_id,
-            adapter_dir=make_adapter_dir(seed=i),
+            adapter_dir=env.adapter_dir(seed=i),
             base_fingerprint="fp",
             parents=parents,  # type: ignore[arg-type]
             job_id=jobs[i],
@@ -72,15 +62,10 @@ def test_lineage_across_three_generations_with_a_merge(
     assert reg.lineage(tenant_id=t, version_id=g3, depth=0).ancestors == ()
 
 
-def test_a_chain_of_many_generations_is_one_query_per_direction(
-    local_registry: Registry,
-    database: Database,
-    tenants: TwoTenants,
-    make_adapter_dir: Callable[..., Path],
-) -> None:
-    reg, t = local_registry, tenants.a
+def test_a_chain_of_many_generations_is_one_query_per_direction(env: RegistryEnv) -> None:
+    reg, t = env.registry, env.tenants.a
     adapter = reg.create_adapter(tenant_id=t, owner_user_id=None, name="task", target_config={})
-    folder = make_adapter_dir()
+    folder = env.adapter_dir()
     ids: list[int] = []
     for _ in range(12):
         parents = [(ids[-1], "continued-from")] if ids else []
@@ -98,40 +83,35 @@ def test_a_chain_of_many_generations_is_one_query_per_direction(
     def record(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
         statements.append(statement)
 
-    event.listen(database.engine, "before_cursor_execute", record)
+    event.listen(env.db.engine, "before_cursor_execute", record)
     try:
         lineage = reg.lineage(tenant_id=t, version_id=ids[5])
     finally:
-        event.remove(database.engine, "before_cursor_execute", record)
+        event.remove(env.db.engine, "before_cursor_execute", record)
     assert sum("lineage_edges" in stmt for stmt in statements) == 2
     assert [n.version.id for n in lineage.ancestors] == ids[4::-1]
     assert [n.distance for n in lineage.descendants] == list(range(1, 7))
 
 
-def test_job_and_snapshot_of_another_tenant_are_refused(
-    local_registry: Registry,
-    database: Database,
-    tenants: TwoTenants,
-    make_adapter_dir: Callable[..., Path],
-) -> None:
-    reg = local_registry
+def test_job_and_snapshot_of_another_tenant_are_refused(env: RegistryEnv) -> None:
+    reg, tenants = env.registry, env.tenants
     adapter = reg.create_adapter(tenant_id=tenants.a, owner_user_id=None, name="task", target_config={})
-    foreign_job = insert_job(database, tenant_id=tenants.b)
-    foreign_snap = insert_snapshot(database, user_id=tenants.b_user)
+    foreign_job = insert_job(env.db, tenant_id=tenants.b)
+    foreign_snap = insert_snapshot(env.db, user_id=tenants.b_user)
     for kwargs in ({"job_id": foreign_job}, {"dataset_snapshot_id": foreign_snap}):
         with pytest.raises(NotFoundError):
             reg.register_version(
                 tenant_id=tenants.a,
                 adapter_id=adapter.id,
-                adapter_dir=make_adapter_dir(),
+                adapter_dir=env.adapter_dir(),
                 base_fingerprint="fp",
                 **kwargs,  # type: ignore[arg-type]
             )
-    system_job = insert_job(database, tenant_id=None)
+    system_job = insert_job(env.db, tenant_id=None)
     version = reg.register_version(
         tenant_id=tenants.a,
         adapter_id=adapter.id,
-        adapter_dir=make_adapter_dir(),
+        adapter_dir=env.adapter_dir(),
         base_fingerprint="fp",
         job_id=system_job,
     )

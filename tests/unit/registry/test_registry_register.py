@@ -10,11 +10,13 @@ import tarfile
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from registry_helpers import TwoTenants, blob_digests, count_versions, version_count
 from tests.faults import FaultyBlobs
 
+from lorafleet.domain import AdapterVersion
 from lorafleet.errors import (
     AdapterFormatError,
     BlobIntegrityError,
@@ -37,23 +39,30 @@ def _adapter(registry: Registry, tenants: TwoTenants, name: str = "chat") -> int
     ).id
 
 
+def _register(
+    registry: Registry, tenants: TwoTenants, adapter_id: int, folder: Path, **kw: Any
+) -> AdapterVersion:
+    """Register ``folder`` as the next version of tenant A's adapter (base fingerprint ``fp`` unless given)."""
+    return registry.register_version(
+        tenant_id=tenants.a, adapter_id=adapter_id, adapter_dir=folder, **{"base_fingerprint": "fp", **kw}
+    )
+
+
 def test_register_records_metadata_and_numbers_versions(
     registry: Registry, tenants: TwoTenants, make_adapter_dir: Callable[..., Path]
 ) -> None:
     adapter_id = _adapter(registry, tenants)
-    first = registry.register_version(
-        tenant_id=tenants.a,
-        adapter_id=adapter_id,
-        adapter_dir=make_adapter_dir(seed=1, rank=4),
+    first = _register(
+        registry,
+        tenants,
+        adapter_id,
+        make_adapter_dir(seed=1, rank=4),
         base_fingerprint="tiny-v1",
         training_config={"lr": 1e-4},
         metrics={"loss": 0.5},
     )
-    second = registry.register_version(
-        tenant_id=tenants.a,
-        adapter_id=adapter_id,
-        adapter_dir=make_adapter_dir(seed=2, rank=8),
-        base_fingerprint="tiny-v1",
+    second = _register(
+        registry, tenants, adapter_id, make_adapter_dir(seed=2, rank=8), base_fingerprint="tiny-v1"
     )
     assert (first.number, second.number) == (1, 2)
     assert (first.rank, second.rank) == (4, 8)
@@ -68,13 +77,8 @@ def test_register_records_metadata_and_numbers_versions(
 def test_regex_target_modules_are_read_from_tensor_names(
     local_registry: Registry, tenants: TwoTenants, make_adapter_dir: Callable[..., Path]
 ) -> None:
-    adapter_id = _adapter(local_registry, tenants)
-    version = local_registry.register_version(
-        tenant_id=tenants.a,
-        adapter_id=adapter_id,
-        adapter_dir=make_adapter_dir(target_modules=r".*\.(q_proj|v_proj)"),
-        base_fingerprint="tiny-v1",
-    )
+    folder = make_adapter_dir(target_modules=r".*\.(q_proj|v_proj)")
+    version = _register(local_registry, tenants, _adapter(local_registry, tenants), folder)
     assert version.target_modules == ("q_proj", "v_proj")
 
 
@@ -91,12 +95,8 @@ def test_same_content_gives_same_blob_regardless_of_mtime(
     shutil.copytree(original, copy)
     for path in copy.iterdir():
         os.utime(path, (1_000_000, 1_000_000))
-    one = registry.register_version(
-        tenant_id=tenants.a, adapter_id=adapter_id, adapter_dir=original, base_fingerprint="fp"
-    )
-    two = registry.register_version(
-        tenant_id=tenants.a, adapter_id=adapter_id, adapter_dir=copy, base_fingerprint="fp"
-    )
+    one = _register(registry, tenants, adapter_id, original)
+    two = _register(registry, tenants, adapter_id, copy)
     assert one.sha256 == two.sha256 and one.size_bytes == two.size_bytes
     assert blob_digests(blob_store) == {one.sha256}
 
@@ -106,9 +106,7 @@ def test_fetch_version_round_trips_the_files(
 ) -> None:
     adapter_id = _adapter(registry, tenants)
     source = make_adapter_dir(seed=3)
-    version = registry.register_version(
-        tenant_id=tenants.a, adapter_id=adapter_id, adapter_dir=source, base_fingerprint="fp"
-    )
+    version = _register(registry, tenants, adapter_id, source)
     fetched = registry.fetch_version(version=version, dest_dir=tmp_path / "fetched")
     assert sorted(p.name for p in fetched.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -122,9 +120,7 @@ def test_fetch_refuses_a_corrupted_blob(
     blobs = LocalBlobStore(tmp_path / "blobs")
     registry = Registry(database, blobs)
     adapter_id = _adapter(registry, tenants)
-    version = registry.register_version(
-        tenant_id=tenants.a, adapter_id=adapter_id, adapter_dir=make_adapter_dir(), base_fingerprint="fp"
-    )
+    version = _register(registry, tenants, adapter_id, make_adapter_dir())
     stored = blobs.path_for(version.sha256)
     stored.chmod(0o644)
     stored.write_bytes(stored.read_bytes()[:-1] + b"\x01")
@@ -188,9 +184,7 @@ def test_bad_adapter_folders_write_nothing(
     if spoil is not None:
         spoil(folder)
     with pytest.raises(error):
-        registry.register_version(
-            tenant_id=tenants.a, adapter_id=adapter_id, adapter_dir=folder, base_fingerprint="fp"
-        )
+        _register(registry, tenants, adapter_id, folder)
     assert count_versions(database) == 0 and version_count(database, adapter_id) == 0
     assert blob_digests(blob_store) == set()
 
@@ -204,9 +198,7 @@ def test_configured_header_cap_is_enforced(
     registry = Registry(database, local_blobs, max_header_bytes=64)
     adapter_id = _adapter(registry, tenants)
     with pytest.raises(AdapterFormatError, match="exceeds the cap of 64"):
-        registry.register_version(
-            tenant_id=tenants.a, adapter_id=adapter_id, adapter_dir=make_adapter_dir(), base_fingerprint="fp"
-        )
+        _register(registry, tenants, adapter_id, make_adapter_dir())
     assert count_versions(database) == 0 and blob_digests(local_blobs) == set()
 
 
@@ -255,12 +247,7 @@ def test_crash_after_blob_write_leaves_only_an_orphan_that_gc_removes(
     crashing = Registry(database, FaultyBlobs(blob_store, after_put_file=_crash), gc_grace_seconds=3600)
     adapter_id = _adapter(crashing, tenants)
     with pytest.raises(RuntimeError, match="injected crash"):
-        crashing.register_version(
-            tenant_id=tenants.a,
-            adapter_id=adapter_id,
-            adapter_dir=make_adapter_dir(seed=5),
-            base_fingerprint="fp",
-        )
+        _register(crashing, tenants, adapter_id, make_adapter_dir(seed=5))
     assert count_versions(database) == 0 and version_count(database, adapter_id) == 0
     (orphan,) = blob_digests(blob_store)
 
@@ -269,12 +256,7 @@ def test_crash_after_blob_write_leaves_only_an_orphan_that_gc_removes(
     assert registry.gc(now=datetime.now(UTC) + timedelta(seconds=3601)) == [orphan]
     assert blob_digests(blob_store) == set()
 
-    version = registry.register_version(
-        tenant_id=tenants.a,
-        adapter_id=adapter_id,
-        adapter_dir=make_adapter_dir(seed=6),
-        base_fingerprint="fp",
-    )
+    version = _register(registry, tenants, adapter_id, make_adapter_dir(seed=6))
     assert version.number == 1  # the crashed attempt used no number
 
 
@@ -285,9 +267,7 @@ def test_gc_never_deletes_a_referenced_blob(
     make_adapter_dir: Callable[..., Path],
 ) -> None:
     adapter_id = _adapter(registry, tenants)
-    kept = registry.register_version(
-        tenant_id=tenants.a, adapter_id=adapter_id, adapter_dir=make_adapter_dir(), base_fingerprint="fp"
-    )
+    kept = _register(registry, tenants, adapter_id, make_adapter_dir())
     orphan = blob_store.put_bytes(b"not referenced by any version")
     assert registry.gc(now=FAR_FUTURE) == [orphan.sha256]
     assert blob_digests(blob_store) == {kept.sha256}
@@ -312,9 +292,7 @@ def test_gc_racing_a_registration_of_the_same_bytes_never_leaves_a_dangling_row(
 
     registry = Registry(database, FaultyBlobs(blob_store, after_put_file=gc_in_the_middle))
     adapter_id = _adapter(registry, tenants)
-    version = registry.register_version(
-        tenant_id=tenants.a, adapter_id=adapter_id, adapter_dir=make_adapter_dir(), base_fingerprint="fp"
-    )
+    version = _register(registry, tenants, adapter_id, make_adapter_dir())
     assert blob_store.exists(version.sha256)
     registry.fetch_version(version=version, dest_dir=tmp_path / "out")
 

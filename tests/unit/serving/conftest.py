@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from engine_world import Setup, make_setup
 from serving_helpers import Expert, FolderFetcher, member, write_adapter
+from tests.tiny import seeded_folders
 from tests.torch_threads import one_torch_thread
 
 from lorafleet.adapters import AdapterBank, inject_bank
@@ -37,13 +37,9 @@ def adapter_folders(
     author_bank: AdapterBank, tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[[int], Path]:
     """``adapter_folders(seed)``: a real adapter folder for the tiny backbone (written once per seed)."""
-    root = tmp_path_factory.mktemp("adapters")
-
-    @functools.cache
-    def get(seed: int) -> Path:
-        return write_adapter(author_bank, root / f"seed-{seed}", seed=seed)
-
-    return get
+    return seeded_folders(
+        tmp_path_factory.mktemp("adapters"), lambda dest, seed: write_adapter(author_bank, dest, seed=seed)
+    )
 
 
 @pytest.fixture
