@@ -1,6 +1,7 @@
 """What every process started from the command line shares (``lorafleet``, ``python -m services.api``,
-``python -m services.scheduler``): its argument parser's ``-v`` flag and logging set-up, one way for a long-running one to hear SIGINT and
-SIGTERM, and a way to end processes a crashed predecessor left behind (``end_processes``)."""
+``python -m services.scheduler``): its argument parser's ``-v`` flag and logging set-up, one way for a
+long-running one to hear SIGINT and SIGTERM, and a way to end processes a crashed predecessor left behind
+(``end_processes``)."""
 
 from __future__ import annotations
 
