@@ -88,12 +88,10 @@ class Adapter:
 
 
 @dataclass(frozen=True)
-class AdapterVersion:
-    """An immutable version: weights in the object store under ``sha256``; everything else is metadata."""
+class VersionContent:
+    """What a version records of its weights and how they were made (shared by ``AdapterVersion`` and the
+    store's ``NewVersion``, the row about to be inserted)."""
 
-    id: int
-    adapter_id: int
-    number: int
     blob_uri: str
     sha256: str
     size_bytes: int
@@ -103,6 +101,15 @@ class AdapterVersion:
     training_config: dict[str, Any]
     metrics: dict[str, Any]
     status: VersionStatus
+
+
+@dataclass(frozen=True)
+class AdapterVersion(VersionContent):
+    """An immutable version: weights in the object store under ``sha256``; everything else is metadata."""
+
+    id: int
+    adapter_id: int
+    number: int
     created_at: datetime
     job_id: int | None = None
     dataset_snapshot_id: int | None = None
@@ -249,5 +256,6 @@ __all__ = [
     "Tenant",
     "User",
     "UserSummary",
+    "VersionContent",
     "VersionStatus",
 ]

@@ -48,19 +48,19 @@ def test_documents_are_canonical_and_refuse_nan() -> None:
 
 def test_a_report_renders_as_a_table_with_reasons_and_samples() -> None:
     report = QAReport(
-        7,
-        1,
-        3,
-        "candidate",
-        "qa-policy/2",
-        "reject",
-        ("user-holdout: candidate 4.2500 does not beat",),
-        {},
-        "a" * 64,
-        "file:///x",
-        10,
-        9,
-        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        id=7,
+        tenant_id=1,
+        version_id=3,
+        kind="candidate",
+        policy_version="qa-policy/2",
+        decision="reject",
+        reasons=("user-holdout: candidate 4.2500 does not beat",),
+        summary={},
+        blob_sha256="a" * 64,
+        blob_uri="file:///x",
+        blob_size_bytes=10,
+        job_id=9,
+        created_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
     )
     document = {
         "version": {"number": 2, "adapter_name": "personal"},

@@ -38,19 +38,19 @@ def saved(tiny_parts: tuple[Backbone, AdapterBank], tmp_path: Path) -> Path:
 
 def _version(bank: AdapterBank, **changes: object) -> AdapterVersion:
     version = AdapterVersion(
-        1,
-        1,
-        1,
-        "file:///x",
-        "0" * 64,
-        1,
-        bank.fingerprint or "",
-        4,
-        ("q_proj", "v_proj"),
-        {},
-        {},
-        "candidate",
-        datetime.now(UTC),
+        id=1,
+        adapter_id=1,
+        number=1,
+        blob_uri="file:///x",
+        sha256="0" * 64,
+        size_bytes=1,
+        base_fingerprint=bank.fingerprint or "",
+        rank=4,
+        target_modules=("q_proj", "v_proj"),
+        training_config={},
+        metrics={},
+        status="candidate",
+        created_at=datetime.now(UTC),
     )
     return dataclasses.replace(version, **changes)  # type: ignore[arg-type]
 

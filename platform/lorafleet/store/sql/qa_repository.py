@@ -32,10 +32,9 @@ from lorafleet.store.sql.rows import DialectRepository, chunks, from_row
 
 
 @dataclass(frozen=True)
-class QAReport:
-    """One QA run on a version: what was decided and why; the full matrix is the JSON blob ``blob_sha256``."""
+class _ReportFields:
+    """What a QA report row holds besides its id and time (shared by ``NewQAReport`` and ``QAReport``)."""
 
-    id: int
     tenant_id: int
     version_id: int
     kind: QAKind
@@ -47,24 +46,19 @@ class QAReport:
     blob_uri: str
     blob_size_bytes: int
     job_id: int | None
-    created_at: datetime
 
 
 @dataclass(frozen=True)
-class NewQAReport:
+class NewQAReport(_ReportFields):
     """A report row about to be inserted (its blob is already in the object store)."""
 
-    tenant_id: int
-    version_id: int
-    kind: QAKind
-    policy_version: str
-    decision: QADecision
-    reasons: tuple[str, ...]
-    summary: dict[str, Any]
-    blob_sha256: str
-    blob_uri: str
-    blob_size_bytes: int
-    job_id: int | None
+
+@dataclass(frozen=True)
+class QAReport(_ReportFields):
+    """One QA run on a version: what was decided and why; the full matrix is the JSON blob ``blob_sha256``."""
+
+    id: int
+    created_at: datetime
 
 
 class QARepository(DialectRepository):

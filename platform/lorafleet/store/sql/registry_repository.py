@@ -28,6 +28,7 @@ from lorafleet.domain import (
     Job,
     LineageEdge,
     LineageRelation,
+    VersionContent,
     VersionStatus,
 )
 from lorafleet.errors import NotFoundError, ValidationError
@@ -56,18 +57,9 @@ Direction = Literal["ancestors", "descendants"]
 
 
 @dataclass(frozen=True)
-class NewVersion:
+class NewVersion(VersionContent):
     """The metadata of a version about to be inserted (its blob is already in the object store)."""
 
-    blob_uri: str
-    sha256: str
-    size_bytes: int
-    base_fingerprint: str
-    rank: int
-    target_modules: tuple[str, ...]
-    training_config: dict[str, Any]
-    metrics: dict[str, Any]
-    status: VersionStatus
     job_id: int | None
     dataset_snapshot_id: int | None
     parents: tuple[tuple[int, LineageRelation], ...]
