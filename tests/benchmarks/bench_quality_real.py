@@ -155,6 +155,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--replay-ratio", type=float, default=_D.replay_ratio, help="replayed old records per new record"
     )
+    parser.add_argument(
+        "--l2-to-parent",
+        type=float,
+        default=_D.l2_to_parent,
+        help="rounds 2-3: the L2 pull of each adapter to its previous round's weights (TrainingConfig.l2_to_parent)",
+    )
     parser.add_argument("--no-plain-arm", action="store_true", help="skip round 1's copy without anchors")
     parser.add_argument("--eval-tokens", type=int, default=32, help="max new tokens of evaluated answers")
     parser.add_argument("--general-prompts", type=int, default=len(EVAL_PROMPTS), help="EVAL prompts used")
@@ -227,6 +233,7 @@ def setup(args: argparse.Namespace) -> Context:
         max_seq_len=160,
         anchor_ratio=args.anchor_ratio,
         replay_ratio=args.replay_ratio,
+        l2_to_parent=args.l2_to_parent,
     )
     base_general = dict(zip(eval_prompts, base_answers, strict=True))
     kl_examples = [Example(i + 1, p, a, "sft") for i, (p, a) in enumerate(base_general.items()) if a]
@@ -387,8 +394,11 @@ def later_round(
         held = user_examples(user, rounds=[r], split="eval", seed=seed, first_id=10_000 * r)
         for name, train in (("replay", new + replay), ("noreplay", new)):
             rows, anchors = with_anchors(ctx, train, f"{seed}/{user.key}/{r}/{name}")
+            slot = arms[name][user.key]
+            # the pull's target: this slot as the previous round left it (continual training pulls to the parent)
+            parent = ctx.bank.slot_state_dict(slot) if ctx.config.l2_to_parent > 0 else None
             tasks.append(
-                SlotTraining(arms[name][user.key], f"{user.key}/{name}", rows, held, anchors=anchors)
+                SlotTraining(slot, f"{user.key}/{name}", rows, held, parent_state=parent, anchors=anchors)
             )
     out.figures[f"train_s_r{r}"], out.figures[f"cpu_s_r{r}"] = train_round(ctx, tasks, seed + 1000 * r)
     started = time.perf_counter()
