@@ -58,6 +58,14 @@ class Settings(ClientSettings):
         description="builtin:smollm2-135m (the default), builtin:tiny (random-init, tests) or a local HF folder.",
     )
     backbone_quantization: Literal["nf4", "int8", "bf16", "fp32"] = Field(default="nf4")
+    serving_dense_mb: int | None = Field(
+        default=None,
+        ge=0,
+        le=1 << 20,
+        description="MiB a serving engine on CPU may spend on dense fp32 copies of its 4-bit layers, computed "
+        "once instead of dequantising at every call (bitsandbytes has no 4-bit CPU kernels); top layers first. "
+        "Empty: 1024 on CPU, none on CUDA; 0: none (the least memory).",
+    )
     gate_general_prompts: bool = Field(
         default=False,
         description="Centroid gates also weigh the shipped general prompts: a request nearer one of them than "

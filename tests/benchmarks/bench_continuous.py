@@ -41,6 +41,7 @@ from _common import add_int_options, word_prompts
 from bench_serving import _bank, write_versions
 
 from lorafleet.adapters import inject_bank
+from lorafleet.adapters.dense import dense_budget, densify
 from lorafleet.backbone import Backbone, build_tiny_backbone, load_backbone, resolve_backbone_path
 from lorafleet.serving import (
     AdapterCache,
@@ -70,9 +71,17 @@ class Timed:
         return self.engine.generate_each(requests)
 
 
-def build(path: Path, quantization: str, store_dir: Path) -> tuple[Backbone, GenerationEngine]:
+def build(
+    path: Path, quantization: str, store_dir: Path, *, dense_mb: int | None = None
+) -> tuple[Backbone, GenerationEngine]:
+    """The engine as ``build_engine`` makes it for the service (dense views of 4-bit layers within ``dense_mb``
+    MiB, None: its default), over ``USERS`` random adapters."""
     backbone = load_backbone(path, quantization=quantization, device="cpu")
     bank = inject_bank(backbone, target_modules="all-linear", n_slots=USERS + 1, max_rank=RANK)
+    densify(
+        backbone.model,
+        budget_bytes=dense_budget(backbone.device, None if dense_mb is None else dense_mb << 20),
+    )
     store = open_blob_store(f"file://{store_dir}")
     members = write_versions(bank, store, USERS, rank=RANK)
     banks = {f"user-{i}": _bank(f"user-{i}", [m]) for i, m in enumerate(members)}  # the default gate
@@ -354,6 +363,13 @@ def main() -> None:
     )
     parser.add_argument("--join-delay", type=int, default=None, help="its max_join_delay_steps")
     parser.add_argument(
+        "--dense-mb",
+        type=int,
+        default=None,
+        help="the engine's dense views of 4-bit layers, MiB (LORAFLEET_SERVING_DENSE_MB; default: the service's, "
+        "1024 on CPU; 0: dequantise at every call, as before). The bare generate of part 3 keeps the 4-bit layers",
+    )
+    parser.add_argument(
         "--separate",
         action="store_true",
         help="also continuous batching with every join a forward of its own (fuse_joins=False)",
@@ -367,7 +383,7 @@ def main() -> None:
         else:
             path = resolve_backbone_path(args.backbone, data_dir=args.data_dir)
             quantization = args.quantization or "nf4"
-        backbone, engine = build(path, quantization, Path(tmp) / "blobs")
+        backbone, engine = build(path, quantization, Path(tmp) / "blobs", dense_mb=args.dense_mb)
         knobs = {"join_ratio": args.join_ratio, "max_join_delay_steps": args.join_delay}
         batchers = Batchers(
             engine,
@@ -376,8 +392,10 @@ def main() -> None:
             **{k: v for k, v in knobs.items() if v is not None},
         )
         parts = set(args.parts.split(","))
+        dense = "the default" if args.dense_mb is None else f"{args.dense_mb} MiB"
         print(
-            f"backbone {args.backbone} ({quantization}), {args.threads} thread(s), medians of {args.runs}\n"
+            f"backbone {args.backbone} ({quantization}, dense views: {dense}), {args.threads} thread(s), "
+            f"medians of {args.runs}\n"
         )
         if "arrival" in parts:
             report_arrival(

@@ -8,6 +8,10 @@ the chosen decoder layers once, for the duration of a ``with`` block, and comput
 weight and the same matmul, so the same numbers (a test compares the logits). The model stays 4-bit: the
 dense copies are dropped when the block ends, and the original modules are put back even on error.
 
+A serving engine runs every layer at every decoding step, for as long as it lives: :func:`densify` gives it the
+same views for good (``serving.factory.build_engine``, ``Settings.serving_dense_mb``). On 2 CPU cores that makes a
+SmolLM2-135M decoding step about 1.6x faster with one row and 1.3x with sixteen.
+
 The cost is memory while the block runs (4 bytes per weight in fp32: about 14 MiB per SmolLM2-135M layer), so
 the views cover the top layers first, up to ``budget_bytes``. On CUDA bitsandbytes has fused kernels and
 memory is the point of QLoRA, so :func:`dense_budget` gives no budget there.
@@ -26,7 +30,14 @@ from torch import nn
 
 from lorafleet.adapters.bank import layer_of
 
-__all__ = ["DEFAULT_DENSE_BUDGET_BYTES", "DenseView", "dense_budget", "dense_views", "dequantizer_for"]
+__all__ = [
+    "DEFAULT_DENSE_BUDGET_BYTES",
+    "DenseView",
+    "dense_budget",
+    "dense_views",
+    "densify",
+    "dequantizer_for",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +102,28 @@ def dense_views(model: nn.Module, *, from_layer: int, budget_bytes: int) -> Iter
     modules viewed (0 when the model has no 4-bit layers or the budget is 0). The original modules are restored
     when the block exits, whatever happens in it.
     """
+    swapped = _swap_in_dense(model, from_layer=from_layer, budget_bytes=budget_bytes)
+    try:
+        yield len(swapped)
+    finally:
+        _restore(swapped)
+
+
+def densify(model: nn.Module, *, budget_bytes: int, from_layer: int = 0) -> int:
+    """Dense views for the rest of the model's life: what a serving engine, which owns its model, computes with.
+
+    The same views as :func:`dense_views` (top layers first, within ``budget_bytes``; the same numbers), but
+    nothing is restored: the 4-bit modules replaced are released. Returns the number of modules viewed.
+    """
+    return len(_swap_in_dense(model, from_layer=from_layer, budget_bytes=budget_bytes))
+
+
+Swapped = list[tuple[nn.Module, str, nn.Module]]
+
+
+def _swap_in_dense(model: nn.Module, *, from_layer: int, budget_bytes: int) -> Swapped:
+    """Put dense views in place of the 4-bit layers chosen (see ``dense_views``); (parent, name, original) of
+    each. If a dequantisation fails, the layers swapped so far are put back before the error propagates."""
     candidates: list[tuple[int, nn.Module, str, nn.Module, Callable[[nn.Module], torch.Tensor]]] = []
     if budget_bytes > 0:
         for parent_name, parent in model.named_modules():
@@ -100,7 +133,7 @@ def dense_views(model: nn.Module, *, from_layer: int, budget_bytes: int) -> Iter
                 if dequantize is not None and layer is not None and layer >= from_layer:
                     candidates.append((layer, parent, child_name, child, dequantize))
     candidates.sort(key=lambda c: -c[0])
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    swapped: Swapped = []
     spent = 0
     try:
         for _layer, parent, name, child, dequantize in candidates:
@@ -112,12 +145,17 @@ def dense_views(model: nn.Module, *, from_layer: int, budget_bytes: int) -> Iter
             setattr(parent, name, view)
             swapped.append((parent, name, child))
             spent += size
-        if swapped:
-            logger.debug("dense views of %d quantised layers (%.0f MiB)", len(swapped), spent / 2**20)
-        yield len(swapped)
-    finally:
-        for parent, name, child in reversed(swapped):
-            setattr(parent, name, child)
+    except BaseException:
+        _restore(swapped)
+        raise
+    if swapped:
+        logger.debug("dense views of %d quantised layers (%.0f MiB)", len(swapped), spent / 2**20)
+    return swapped
+
+
+def _restore(swapped: Swapped) -> None:
+    for parent, name, child in reversed(swapped):
+        setattr(parent, name, child)
 
 
 def _dense_bytes(module: nn.Module) -> int:

@@ -8,16 +8,21 @@ user's experts from the database and builds each user's gate, loading learned ga
 The slots hold the adapters in ``adapters.serving_dtype`` (bf16 on CUDA, fp32 on CPU). Under them the cache keeps
 a host-memory tier of up to ``host_adapters`` versions within ``host_bytes`` (``serving.cache.HostTier``), so a
 slot miss on any of the last thousand or so versions used is a memory copy, not an object-store read.
+
+On CPU the 4-bit layers compute from dense copies made once (``adapters.dense.densify``, within
+``Settings.serving_dense_mb``): bitsandbytes would otherwise dequantise every weight at every decoding step.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.adapters import inject_bank, serving_dtype
+from lorafleet.adapters.dense import dense_budget, densify
 from lorafleet.backbone import load_backbone
 from lorafleet.config import Settings
 from lorafleet.routing.embeddings import common_direction, embed_prompts
@@ -37,6 +42,8 @@ if TYPE_CHECKING:
     from lorafleet.routing.experts import ExpertSet
     from lorafleet.routing.spec import GateSpec
     from lorafleet.store.sql.database import Database
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SLOTS = 16
 DEFAULT_MAX_RANK = 16
@@ -86,6 +93,13 @@ def build_engine(
         max_rank=max_rank,
         dtype=serving_dtype(backbone.device),
     )
+    # every decoding step runs every layer: on CPU, dequantise the 4-bit ones once (adapters/dense.py)
+    mib = settings.serving_dense_mb
+    viewed = densify(
+        backbone.model, budget_bytes=dense_budget(backbone.device, None if mib is None else mib << 20)
+    )
+    if viewed:
+        logger.info("serving from dense copies of %d 4-bit layers (LORAFLEET_SERVING_DENSE_MB)", viewed)
     cache = AdapterCache.from_blob_store(
         bank,
         registry.blobs,
