@@ -10,7 +10,7 @@ dense copies are dropped when the block ends, and the original modules are put b
 
 A serving engine runs every layer at every decoding step, for as long as it lives: :func:`densify` gives it the
 same views for good (``serving.factory.build_engine``, ``Settings.serving_dense_mb``). On 2 CPU cores that makes a
-SmolLM2-135M decoding step about 1.6x faster with one row and 1.3x with sixteen.
+SmolLM2-135M decoding step 1.8x faster with one row and 1.3x with sixteen (``tests/benchmarks/bench_dense_serving.py``).
 
 The cost is memory while the block runs (4 bytes per weight in fp32: about 14 MiB per SmolLM2-135M layer), so
 the views cover the top layers first, up to ``budget_bytes``. On CUDA bitsandbytes has fused kernels and
