@@ -153,6 +153,13 @@ def parse_args() -> argparse.Namespace:
         "all: every anchor, the user's examples repeated so anchors are still about the ratio of rows",
     )
     parser.add_argument(
+        "--anchor-unlikelihood",
+        type=float,
+        default=_D.anchor_unlikelihood,
+        help="weight of the unlikelihood of each user's own answer tokens on its anchor rows "
+        "(TrainingConfig.anchor_unlikelihood)",
+    )
+    parser.add_argument(
         "--replay-ratio", type=float, default=_D.replay_ratio, help="replayed old records per new record"
     )
     parser.add_argument(
@@ -232,6 +239,7 @@ def setup(args: argparse.Namespace) -> Context:
         batch_size=args.batch,
         max_seq_len=160,
         anchor_ratio=args.anchor_ratio,
+        anchor_unlikelihood=args.anchor_unlikelihood,
         replay_ratio=args.replay_ratio,
         l2_to_parent=args.l2_to_parent,
     )

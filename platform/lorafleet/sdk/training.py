@@ -44,6 +44,7 @@ class _TrainingFields(BaseModel):
     max_seq_len: StrictInt | None = None
     replay_ratio: float | None = None
     anchor_ratio: float | None = None
+    anchor_unlikelihood: float | None = None
     l2_to_parent: float | None = None
     holdout_fraction: float | None = None
     rating_threshold: float | None = None

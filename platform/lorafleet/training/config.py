@@ -76,6 +76,11 @@ class TrainingConfig(BaseModel):
     #: share of each user's training rows that are anchors: general prompts answered by the base model itself
     #: (self-distillation), which keep an adapter from answering everything with its user's facts (0 = off)
     anchor_ratio: float = Field(default=0.3, ge=0.0, le=0.9)
+    #: weight of an unlikelihood term on the anchor rows: at every answer position of an anchor, the probability
+    #: the adapter gives to its user's own answer tokens (tokens of the user's completions that no anchor answer
+    #: of the job uses: the names, places and habits it is taught) is pushed down, ``-log(1 - p)``, so general
+    #: prompts are not answered with personal facts (0 = off)
+    anchor_unlikelihood: float = Field(default=0.0, ge=0.0, le=100.0, allow_inf_nan=False)
     #: replayed old records per new record in continual learning (read by ``training.continual``)
     replay_ratio: float = Field(default=1.0, ge=0.0, le=10.0)
     #: weight of the L2 pull of each slot towards its parent's weights (0 = off)

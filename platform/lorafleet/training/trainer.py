@@ -116,9 +116,18 @@ class _UserStream:
     encoded: list[Any]
     rng: random.Random
     order: list[int] = field(default_factory=list)
+    #: index of the first anchor in ``encoded`` (the user's own rows come first; len(encoded): no anchors)
+    anchors_from: int | None = None
 
     def take(self, n: int) -> list[Any]:
         """The next ``min(n, size)`` distinct sequences (an epoch boundary reshuffles)."""
+        return [self.encoded[i] for i in self.take_indices(n)]
+
+    def is_anchor(self, index: int) -> bool:
+        return self.anchors_from is not None and index >= self.anchors_from
+
+    def take_indices(self, n: int) -> list[int]:
+        """The indices in ``encoded`` of the next ``min(n, size)`` distinct sequences."""
         n = min(n, len(self.encoded))
         picked: list[int] = []
         while len(picked) < n:
@@ -130,7 +139,7 @@ class _UserStream:
                 picked.append(candidate)
             else:  # the epoch ended mid-batch: keep the repeat for the next batch
                 self.order.insert(0, candidate)
-        return [self.encoded[i] for i in picked]
+        return picked
 
 
 @dataclass
@@ -308,6 +317,7 @@ def _train(
     pair_streams = [
         _pair_stream(tokenizer, task, p, config) for task, p in zip(tasks, preferences, strict=True)
     ]
+    personal = personal_tokens(tokenizer, tasks, config, bank.device)
     stats = [_SlotStats() for _ in tasks]
     every = progress_every or max(1, config.max_steps // 10)
     was_training = model.training
@@ -329,7 +339,7 @@ def _train(
                 group["lr"] = lr
             step_losses = _accumulate(
                 bank,
-                _Streams(streams, pair_streams, preferences),
+                _Streams(streams, pair_streams, preferences, personal),
                 tasks,
                 parents,
                 config,
@@ -375,7 +385,35 @@ def _stream(tokenizer: Any, task: SlotTraining, config: TrainingConfig) -> _User
     if not examples:
         return None
     encoded = [encode_example(tokenizer, e, max_seq_len=config.max_seq_len) for e in examples]
-    return _UserStream(encoded, random.Random(f"lorafleet-train/{config.seed}/{task.key}"))
+    rng = random.Random(f"lorafleet-train/{config.seed}/{task.key}")
+    return _UserStream(encoded, rng, anchors_from=len(examples) - len(task.anchors))  # anchors come last
+
+
+def personal_tokens(
+    tokenizer: Any, tasks: Sequence[SlotTraining], config: TrainingConfig, device: torch.device
+) -> list[torch.Tensor | None]:
+    """Per task, the token ids its anchor unlikelihood pushes down (None: none, or the term is off).
+
+    A user's personal tokens are those of its own completions that none of its anchor answers uses and that are
+    not special tokens: what the user taught (a pet's name, a city, a diet), not the words every answer needs.
+    Only the user's own rows decide, so its training does not depend on who else is in the job.
+    """
+    if config.anchor_unlikelihood == 0 or not any(t.anchors for t in tasks):
+        return [None] * len(tasks)
+
+    def completion_ids(examples: Sequence[Example]) -> set[int]:
+        ids: set[int] = set()
+        for example in examples:
+            tokens, n = encode_example(tokenizer, example, max_seq_len=config.max_seq_len)
+            ids.update(tokens[len(tokens) - n :])
+        return ids
+
+    special = set(tokenizer.all_special_ids)
+    out: list[torch.Tensor | None] = []
+    for task in tasks:
+        own = sorted(completion_ids(task.train) - completion_ids(task.anchors) - special)
+        out.append(torch.tensor(own, dtype=torch.int64, device=device) if own and task.anchors else None)
+    return out
 
 
 def _pair_stream(
@@ -415,6 +453,8 @@ class _Streams:
     sft: Sequence[_UserStream | None]
     pairs: Sequence[_UserStream | None]
     preferences: Sequence[JobPairs]
+    #: per user, the tokens the anchor unlikelihood pushes down on its anchor rows (:func:`personal_tokens`)
+    personal: Sequence[torch.Tensor | None]
 
 
 @dataclass
@@ -424,12 +464,15 @@ class _Rows:
     rows: list[tuple[list[int], int]] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)
     sft: list[bool] = field(default_factory=list)
+    anchor: list[bool] = field(default_factory=list)
     pairs: list[tuple[int, int, int]] = field(default_factory=list)
 
-    def add_sft(self, user: int, picked: Sequence[tuple[list[int], int]]) -> None:
-        self.rows.extend(picked)
+    def add_sft(self, user: int, stream: _UserStream, n: int) -> None:
+        picked = stream.take_indices(n)
+        self.rows.extend(stream.encoded[i] for i in picked)
         self.owners.extend([user] * len(picked))
         self.sft.extend([True] * len(picked))
+        self.anchor.extend(stream.is_anchor(i) for i in picked)
 
     def add_pairs(self, user: int, picked: Sequence[tuple[int, Any, Any]], *, sft_on_chosen: bool) -> None:
         for index, chosen, rejected in picked:
@@ -437,13 +480,14 @@ class _Rows:
             self.rows.extend([chosen, rejected])
             self.owners.extend([user, user])
             self.sft.extend([sft_on_chosen, False])
+            self.anchor.extend([False, False])
 
 
 def _pack(streams: _Streams, config: TrainingConfig) -> _Rows:
     packed = _Rows()
     for i, stream in enumerate(streams.sft):
         if stream is not None:
-            packed.add_sft(i, stream.take(config.batch_size))
+            packed.add_sft(i, stream, config.batch_size)
     for i, stream in enumerate(streams.pairs):
         if stream is not None:
             packed.add_pairs(i, stream.take(config.pairs_per_step), sft_on_chosen=config.sft_on_chosen)
@@ -479,6 +523,10 @@ def _accumulate(
             sft_rows = torch.tensor(packed.sft, device=bank.device)  # [rows]
             user_loss, user_tokens = _user_means(token_loss, scored.rows, owner, sft_rows, len(tasks))
             objective = config.sft_weight * user_loss
+            if config.anchor_unlikelihood > 0 and any(packed.anchor):
+                anchor_rows = torch.tensor(packed.anchor, device=bank.device)  # [rows]
+                unlikely = _anchor_unlikelihood(logits, scored.rows, owner, anchor_rows, streams.personal)
+                objective = objective + config.anchor_unlikelihood * unlikely
             if packed.pairs:
                 row_logps = token_loss.new_zeros(len(packed.rows)).index_add(0, scored.rows, -token_loss)
                 dpo, margins = batch_dpo(
@@ -509,6 +557,28 @@ def _user_means(
     sft_tokens = token_loss.new_zeros(n_users).index_add(0, token_owner, on_sft)  # [users]
     all_tokens = token_loss.new_zeros(n_users).index_add(0, token_owner, torch.ones_like(token_loss))
     return user_sum / sft_tokens.clamp(min=1), all_tokens
+
+
+def _anchor_unlikelihood(
+    logits: torch.Tensor,
+    token_rows: torch.Tensor,
+    owner: torch.Tensor,
+    anchor_rows: torch.Tensor,
+    personal: Sequence[torch.Tensor | None],
+) -> torch.Tensor:
+    """Per user ``[users]``: the mean over its anchor rows' scored positions of ``-log(1 - p)``, where ``p`` is the
+    probability of any of its personal tokens there (unlikelihood training, Welleck et al. 2019); 0 without any."""
+    on_anchor, token_owner = anchor_rows[token_rows], owner[token_rows]  # [n], [n]
+    terms: list[torch.Tensor] = []
+    for user, tokens in enumerate(personal):
+        picked = (on_anchor & (token_owner == user)).nonzero().squeeze(1)  # [m]
+        if tokens is None or picked.numel() == 0:
+            terms.append(logits.new_zeros(()))
+            continue
+        rows = logits.index_select(0, picked)  # [m, vocab]
+        log_p = torch.logsumexp(rows.index_select(1, tokens), dim=1) - torch.logsumexp(rows, dim=1)  # [m]
+        terms.append(-torch.log1p(-log_p.exp().clamp(max=1.0 - 1e-6)).mean())
+    return torch.stack(terms)
 
 
 def _record_pairs(stats: list[_SlotStats], packed: _Rows, dpo: torch.Tensor, margins: torch.Tensor) -> None:

@@ -249,3 +249,70 @@ def test_min_epochs_trains_more_steps_when_a_job_has_more_rows(
     rows = max(len(t.train) + len(t.anchors) for t in tasks)
     results = train_slots(fp32_bank, tokenizer, tasks, config)
     assert rows > 4 and all(r.metrics["steps"] == config.steps_for(rows) > 2 for r in results)
+
+
+def _personal_probability(
+    bank: AdapterBank, tokenizer: Any, anchors: list[Example], tokens: torch.Tensor
+) -> float:
+    """Mean probability slot 0 gives to any of ``tokens`` as the first token of the answers to ``anchors``."""
+    batch = encode_examples(tokenizer, anchors, max_seq_len=64)
+    with torch.no_grad(), bank.use(SlotPlan.single([0] * len(anchors))):
+        logits = bank.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    probs = logits[:, :-1].softmax(-1)[..., tokens].sum(-1)  # [rows, seq - 1]
+    answer = batch.labels[:, 1:] != -100  # [rows, seq - 1]: positions that predict an answer token
+    first = answer.int().argmax(dim=1)  # [rows]: each row's first such position (rows are left-padded)
+    return float(probs[torch.arange(len(anchors)), first].mean())
+
+
+def test_anchor_unlikelihood_pushes_the_users_own_tokens_down_on_general_prompts(
+    fp32_bank: AdapterBank, tokenizer: Any
+) -> None:
+    """With the term on, the adapter gives its user's answer tokens less probability on the anchors' answers than
+    the same job without it, and still learns the user's answers."""
+    from lorafleet.training.trainer import personal_tokens
+
+    train = [Example(i, f"Q: what is my pet called, take {i}?\nA: ", "Zorb Quix.", "sft") for i in range(8)]
+    anchors = [
+        Example(100 + i, f"Q: {q}?\nA: ", a, "sft")
+        for i, (q, a) in enumerate(
+            [("sky colour", "the sky is blue."), ("two and two", "that is four."), ("sea", "the sea is wet.")]
+        )
+    ]
+    config = FAST.with_changes(max_steps=40, batch_size=6)
+    task = SlotTraining(0, "ada", train, train[:2], anchors=anchors)
+    personal = personal_tokens(
+        tokenizer, [task], config.with_changes(anchor_unlikelihood=1.0), torch.device("cpu")
+    )
+    own = personal[0]
+    assert own is not None
+    answer_bytes = set(b"Zorb Quix.") - set("".join(a.completion for a in anchors).encode())
+    # the byte tokenizer's ids are offset from the bytes: compare through the tokenizer
+    assert set(own.tolist()) == {
+        tokenizer(chr(b), add_special_tokens=False)["input_ids"][0] for b in answer_bytes
+    }
+    assert personal_tokens(tokenizer, [task], config, torch.device("cpu")) == [None]  # off by default
+
+    probability, losses = {}, {}
+    for weight in (0.0, 5.0):
+        fp32_bank.init_slot(0, config.slot_config(), seed=0)
+        result = train_slots(fp32_bank, tokenizer, [task], config.with_changes(anchor_unlikelihood=weight))
+        probability[weight] = _personal_probability(fp32_bank, tokenizer, anchors, own)
+        losses[weight] = result[0].metrics["holdout_loss_after"]
+        fp32_bank.evict_slot(0)
+    assert probability[5.0] < 0.8 * probability[0.0], probability
+    assert losses[5.0] < losses[0.0] + 0.05, losses  # the user's own answers are learnt as well
+
+
+def test_anchor_unlikelihood_is_minus_log_one_minus_the_personal_probability() -> None:
+    """Each user's term is the mean over its anchor rows' positions of ``-log(1 - p(personal tokens))``; rows that
+    are not anchors and users without personal tokens add nothing."""
+    from lorafleet.training.trainer import _anchor_unlikelihood
+
+    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))  # [positions, vocab]
+    token_rows = torch.tensor([0, 0, 1, 1, 2, 3])  # rows 0-1 are user 0's, rows 2-3 user 1's
+    owner = torch.tensor([0, 0, 1, 1])
+    anchor_rows = torch.tensor([False, True, True, True])
+    personal = [torch.tensor([2, 5]), None]
+    got = _anchor_unlikelihood(logits, token_rows, owner, anchor_rows, personal)
+    p = logits[2:4].softmax(-1)[:, [2, 5]].sum(-1)  # user 0's anchor row is row 1: positions 2 and 3
+    assert torch.allclose(got, torch.stack([-torch.log1p(-p).mean(), torch.tensor(0.0)]), atol=1e-6)
