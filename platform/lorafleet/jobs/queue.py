@@ -206,12 +206,10 @@ class JobQueue:
         """Extend the lease to ``now + lease_seconds``; LeaseLostError if the caller no longer holds it. The
         job returned carries ``cancel_requested_at``: the lease is kept while the worker stops."""
         lease = _check_lease(lease_seconds)
-        with self.db.unit_of_work():
-            now = self.clock()
-            self._lock_owned(
-                job_id=job_id, worker_id=worker_id, attempt=attempt, now=now, allow_cancel_requested=True
-            )
-            return self.db.run(self._repo.extend_lease, job_id=job_id, lease=lease, now=now)
+        with self._fence(
+            job_id=job_id, worker_id=worker_id, attempt=attempt, allow_cancel_requested=True
+        ) as fence:
+            return self.db.run(self._repo.extend_lease, job_id=job_id, lease=lease, now=fence.now)
 
     def record_progress(
         self, *, job_id: int, worker_id: str, attempt: int | None, progress: Mapping[str, Any]
@@ -219,25 +217,16 @@ class JobQueue:
         """Store the running job's progress (``updated_at`` added) through the lease fence: LeaseLostError
         when the caller lost the lease, JobCancelledError once a cancel was requested."""
         payload = _json_object("progress", progress)
-        now = self.clock()
-        payload["updated_at"] = now.isoformat()
-        return self.db.run(
-            self._repo.record_progress,
-            job_id=job_id,
-            worker_id=worker_id,
-            now=now,
-            attempt=attempt,
-            progress=payload,
-        )
+        with self._fence(job_id=job_id, worker_id=worker_id, attempt=attempt) as fence:
+            payload["updated_at"] = fence.now.isoformat()
+            return self.db.run(self._repo.set_progress, job_id=job_id, progress=payload)
 
     @contextmanager
     def fenced(self, *, job_id: int, worker_id: str, attempt: int | None = None) -> Iterator[FencedJob]:
         """A transaction holding the job's row lock, entered only if ``worker_id`` holds the lease
         (``attempt``, the ``Job.attempts`` it claimed, also fences out its own earlier attempts)."""
-        with self.db.unit_of_work():
-            now = self.clock()
-            job = self._lock_owned(job_id=job_id, worker_id=worker_id, attempt=attempt, now=now)
-            yield FencedJob(db=self.db, job=job, repo=self._repo, now=now)
+        with self._fence(job_id=job_id, worker_id=worker_id, attempt=attempt) as fence:
+            yield fence
 
     def complete(
         self, *, job_id: int, worker_id: str, result: Mapping[str, Any], attempt: int | None = None
@@ -263,16 +252,15 @@ class JobQueue:
         """Record a failed attempt: back to queued after a backoff while attempts remain and the error is
         retryable, otherwise failed for good; cancelled when a cancel was requested (never retried).
         LeaseLostError if the caller no longer holds the lease."""
-        with self.db.unit_of_work():
-            now = self.clock()
-            job = self._lock_owned(
-                job_id=job_id, worker_id=worker_id, attempt=attempt, now=now, allow_cancel_requested=True
-            )
+        with self._fence(
+            job_id=job_id, worker_id=worker_id, attempt=attempt, allow_cancel_requested=True
+        ) as fence:
+            job = fence.job
             if job.cancel_requested_at is not None:
-                return self.db.run(self._repo.finish_cancelled, job_id=job_id, now=now)
+                return self.db.run(self._repo.finish_cancelled, job_id=job_id, now=fence.now)
             if not retryable or job.attempts >= job.max_attempts:
-                return self.db.run(self._repo.fail, job_id=job_id, error=error, now=now)
-            run_after = now + self.backoff.delay(attempts=job.attempts)
+                return fence.fail(error)
+            run_after = fence.now + self.backoff.delay(attempts=job.attempts)
             return self.db.run(self._repo.requeue, job_id=job_id, error=error, run_after=run_after)
 
     def cancel(self, *, tenant_id: int | None, job_id: int, actor: str) -> Job:
@@ -287,35 +275,30 @@ class JobQueue:
     def acknowledge_cancel(self, *, job_id: int, worker_id: str, attempt: int | None = None) -> Job:
         """The worker stopped for a cancel request: the job ends ``cancelled``. LeaseLostError if the caller
         no longer holds the lease (the next ``claim`` then ends it)."""
+        with self._fence(
+            job_id=job_id, worker_id=worker_id, attempt=attempt, allow_cancel_requested=True
+        ) as fence:
+            if fence.job.cancel_requested_at is None:
+                raise InvalidStateError(f"job {job_id}: no cancel was requested")
+            return self.db.run(self._repo.finish_cancelled, job_id=job_id, now=fence.now)
+
+    @contextmanager
+    def _fence(
+        self, *, job_id: int, worker_id: str, attempt: int | None, allow_cancel_requested: bool = False
+    ) -> Iterator[FencedJob]:
+        """``fenced``, and with ``allow_cancel_requested`` also for a job whose cancel was requested (a
+        heartbeat, a failed attempt, the worker ending the job cancelled); otherwise that is JobCancelledError."""
         with self.db.unit_of_work():
             now = self.clock()
-            job = self._lock_owned(
-                job_id=job_id, worker_id=worker_id, attempt=attempt, now=now, allow_cancel_requested=True
+            job = self.db.run(
+                self._repo.lock_owned,
+                job_id=job_id,
+                worker_id=worker_id,
+                now=now,
+                attempt=attempt,
+                allow_cancel_requested=allow_cancel_requested,
             )
-            if job.cancel_requested_at is None:
-                raise InvalidStateError(f"job {job_id}: no cancel was requested")
-            return self.db.run(self._repo.finish_cancelled, job_id=job_id, now=now)
-
-    def _lock_owned(
-        self,
-        *,
-        job_id: int,
-        worker_id: str,
-        attempt: int | None,
-        now: datetime,
-        allow_cancel_requested: bool = False,
-    ) -> Job:
-        """The job's row locked for its lease holder (in the open transaction): LeaseLostError for anyone else,
-        and JobCancelledError once a cancel was requested, unless ``allow_cancel_requested`` (a heartbeat, a
-        failed attempt, the worker ending the job cancelled)."""
-        return self.db.run(
-            self._repo.lock_owned,
-            job_id=job_id,
-            worker_id=worker_id,
-            now=now,
-            attempt=attempt,
-            allow_cancel_requested=allow_cancel_requested,
-        )
+            yield FencedJob(db=self.db, job=job, repo=self._repo, now=now)
 
     def get(self, *, tenant_id: int | None, job_id: int) -> Job:
         """The job; NotFoundError if missing or another tenant's (``tenant_id`` None: any, internal use)."""

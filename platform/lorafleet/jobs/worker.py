@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from lorafleet.domain import Job
 from lorafleet.errors import (
@@ -43,6 +43,21 @@ logger = logging.getLogger(__name__)
 
 #: Exceptions that fail a job without a retry.
 NON_RETRYABLE: tuple[type[BaseException], ...] = (ValidationError, TrainingError, NotFoundError)
+
+#: what one ``run_once`` reports of a job it ran (the job, or its id)
+_Ran = TypeVar("_Ran")
+
+
+def run_until_idle(run_once: Callable[[], _Ran | None], *, max_jobs: int | None = None) -> list[_Ran]:
+    """Call ``run_once`` (claim and run one job) until it returns None, no job being claimable, or ``max_jobs``
+    jobs ran; what each call returned, in order."""
+    done: list[_Ran] = []
+    while max_jobs is None or len(done) < max_jobs:
+        ran = run_once()
+        if ran is None:
+            break
+        done.append(ran)
+    return done
 
 
 class LeaseContext:
@@ -229,13 +244,7 @@ class JobWorker:
 
     def run_until_idle(self, *, max_jobs: int | None = None) -> list[Job]:
         """Run jobs until none is claimable (or ``max_jobs`` ran); the jobs as they ended up."""
-        done: list[Job] = []
-        while max_jobs is None or len(done) < max_jobs:
-            job = self.run_once()
-            if job is None:
-                break
-            done.append(job)
-        return done
+        return run_until_idle(self.run_once, max_jobs=max_jobs)
 
     def _run_handler(self, job: Job, context: LeaseContext) -> tuple[Mapping[str, Any], Exception | None]:
         logger.info(

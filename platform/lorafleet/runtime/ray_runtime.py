@@ -49,7 +49,7 @@ from lorafleet.domain.enums import JobState
 from lorafleet.errors import ConfigError
 from lorafleet.jobs.placement import TrainerPlacement, placement_capacity
 from lorafleet.jobs.scheduler import TRAIN_JOB_KIND
-from lorafleet.jobs.worker import JobWorker
+from lorafleet.jobs.worker import JobWorker, run_until_idle
 from lorafleet.platform import Platform
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.runtime.process import end_processes
@@ -398,13 +398,7 @@ class TrainerHost:
 
     def run_until_idle(self, max_jobs: int | None = None) -> list[int]:
         """Run jobs until none is claimable (or ``max_jobs`` ran); the ids of the jobs run."""
-        done: list[int] = []
-        while max_jobs is None or len(done) < max_jobs:
-            job_id = self.run_once()
-            if job_id is None:
-                break
-            done.append(job_id)
-        return done
+        return run_until_idle(self.run_once, max_jobs=max_jobs)
 
     def _count(self, job: Job) -> None:
         self._stats["jobs_done"] += 1

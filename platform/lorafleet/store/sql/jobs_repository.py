@@ -222,27 +222,6 @@ class JobsRepository(DialectRepository):
         JobCancelledError once a cancel was requested (unless ``allow_cancel_requested``: heartbeats, and the
         worker ending the job cancelled). The lock lasts until the transaction ends, so nobody can take the
         job over (or request a cancel) while the caller writes."""
-        return to_job(
-            self._owned_row(
-                session,
-                job_id=job_id,
-                worker_id=worker_id,
-                now=now,
-                attempt=attempt,
-                allow_cancel_requested=allow_cancel_requested,
-            )
-        )
-
-    def _owned_row(
-        self,
-        session: Session,
-        *,
-        job_id: int,
-        worker_id: str,
-        now: datetime,
-        attempt: int | None,
-        allow_cancel_requested: bool = False,
-    ) -> SqlJob:
         row = self._locked_row(session, job_id=job_id)
         problem = lease_problem(row, worker_id=worker_id, now=now, attempt=attempt)
         if problem is not None:
@@ -251,7 +230,7 @@ class JobsRepository(DialectRepository):
             raise JobCancelledError(
                 f"job {job_id}: cancel requested by {row.cancelled_by}; worker {worker_id!r} must stop"
             )
-        return row
+        return to_job(row)
 
     def extend_lease(self, session: Session, *, job_id: int, lease: timedelta, now: datetime) -> Job:
         row = self._locked_row(session, job_id=job_id)
@@ -330,19 +309,11 @@ class JobsRepository(DialectRepository):
         session.flush()
         return to_job(row)
 
-    def record_progress(
-        self,
-        session: Session,
-        *,
-        job_id: int,
-        worker_id: str,
-        now: datetime,
-        attempt: int | None,
-        progress: dict[str, Any],
-    ) -> Job:
-        """Store the running job's progress, fenced like any write of the job (JobCancelledError once a cancel
-        was requested: the report is how a training loop hears of it between heartbeats)."""
-        row = self._owned_row(session, job_id=job_id, worker_id=worker_id, now=now, attempt=attempt)
+    def set_progress(self, session: Session, *, job_id: int, progress: dict[str, Any]) -> Job:
+        """Store the running job's progress (the caller checked the lease: ``lock_owned``, which also raises
+        JobCancelledError once a cancel was requested: the report is how a training loop hears of it between
+        heartbeats)."""
+        row = self._locked_row(session, job_id=job_id)
         row.progress = progress
         session.flush()
         return to_job(row)
