@@ -148,16 +148,25 @@ def retry_every_batch(url: str, api_key: str, batches: list[Batch]) -> Settled:
     return settled
 
 
+def tenant_feedback(library: Library, tenant_id: int, *columns: Any) -> list[tuple[Any, ...]]:
+    """``columns`` (of ``SqlFeedback`` and ``SqlUser``) of every feedback row of the tenant's users."""
+    with library.db.session() as s:
+        query = (
+            select(*columns)
+            .join(SqlUser, SqlUser.id == SqlFeedback.user_id)
+            .where(SqlUser.tenant_id == tenant_id)
+        )
+        return [tuple(row) for row in s.execute(query)]
+
+
 def check_stored(library: Library, tenant_id: int, batches: list[Batch]) -> None:
     """The tenant's feedback is exactly the records of ``batches``, each once (by user and content hash, and by
     content), and every key has its response stored."""
     expected = {(b.user, p.content_hash) for b in batches for p in validate_feedback_batch(b.records)}
+    rows = tenant_feedback(
+        library, tenant_id, SqlUser.external_id, SqlFeedback.content_hash, SqlFeedback.payload
+    )
     with library.db.session() as s:
-        rows = s.execute(
-            select(SqlUser.external_id, SqlFeedback.content_hash, SqlFeedback.payload)
-            .join(SqlUser, SqlUser.id == SqlFeedback.user_id)
-            .where(SqlUser.tenant_id == tenant_id)
-        ).all()
         keys = s.execute(
             select(SqlIdempotencyKey.key, SqlIdempotencyKey.response_status).where(
                 SqlIdempotencyKey.tenant_id == tenant_id

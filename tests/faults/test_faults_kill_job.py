@@ -23,10 +23,10 @@ import httpx
 import psutil
 import pytest
 from api_helpers import ADMIN_KEY, TINY_TRAINING, Library
+from feedback_load import tenant_feedback
 from service_process import ServiceProcess, fault_recovery
-from sqlalchemy import select
 
-from lorafleet.store.sql.models import SqlFeedback, SqlUser
+from lorafleet.store.sql.models import SqlFeedback
 
 #: two service starts with a trainer actor each: ``make test-extended``, not ``make test`` (CI time); the lease
 #: take-over itself is also checked in ``make test`` (tests/integration/training/test_continual_ray.py)
@@ -179,12 +179,9 @@ def _job_rows(library: Library, tenant_id: int) -> int:
     """The tenant's feedback rows, checked against their content hashes (recomputed) as they are counted."""
     from lorafleet.feedback import validate_feedback_batch
 
-    with library.db.session() as s:
-        rows = s.execute(
-            select(SqlFeedback.kind, SqlFeedback.payload, SqlFeedback.content_hash)
-            .join(SqlUser, SqlUser.id == SqlFeedback.user_id)
-            .where(SqlUser.tenant_id == tenant_id)
-        ).all()
+    rows = tenant_feedback(
+        library, tenant_id, SqlFeedback.kind, SqlFeedback.payload, SqlFeedback.content_hash
+    )
     for kind, payload, content_hash in rows:
         (prepared,) = validate_feedback_batch([{"kind": kind, **payload}])
         assert prepared.content_hash == content_hash, payload

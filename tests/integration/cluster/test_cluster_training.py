@@ -7,6 +7,7 @@ node retries it, and exactly one version results."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,26 +35,42 @@ USERS = [f"user-{i}" for i in range(6)]
 T = TypeVar("T")
 
 
-def _settings_env(
-    ray_nodes: ClusterHost, *, pg_url: str, blobs_url: str, data_dir: Path, **more: str
-) -> dict[str, str]:
-    return {
-        "LORAFLEET_RAY_ADDRESS": ray_nodes.address,
-        "LORAFLEET_DATABASE_URL": pg_url,
-        "LORAFLEET_OBJECT_STORE_URL": blobs_url,
-        "LORAFLEET_DATA_DIR": str(data_dir),
-        "LORAFLEET_DEVICE": "cpu",
-        "LORAFLEET_BACKBONE_QUANTIZATION": "nf4",
-        "LORAFLEET_TRAINER_SLOTS": "4",
-        "LORAFLEET_PROMOTE_RULE": "holdout-improved",
-        **more,
-    }
+@pytest.fixture
+def blobs_url(tmp_path: Path) -> str:
+    """The test's own object store, a folder."""
+    return (tmp_path / "blobs").as_uri()
 
 
-def _feed(db: Database, *, tenant_id: int, users: list[str], n_records: int = 12) -> None:
+@pytest.fixture
+def workers_env(
+    ray_nodes: ClusterHost, pg_url: str, blobs_url: str, cluster_data_dir: Path
+) -> Callable[..., dict[str, str]]:
+    """``workers_env(**more)``: the ``lorafleet workers`` environment on the cluster, the test's PostgreSQL
+    database and object store and the tiny backbone, with ``more`` variables."""
+
+    def env(**more: str) -> dict[str, str]:
+        return {
+            "LORAFLEET_RAY_ADDRESS": ray_nodes.address,
+            "LORAFLEET_DATABASE_URL": pg_url,
+            "LORAFLEET_OBJECT_STORE_URL": blobs_url,
+            "LORAFLEET_DATA_DIR": str(cluster_data_dir),
+            "LORAFLEET_DEVICE": "cpu",
+            "LORAFLEET_BACKBONE_QUANTIZATION": "nf4",
+            "LORAFLEET_TRAINER_SLOTS": "4",
+            "LORAFLEET_PROMOTE_RULE": "holdout-improved",
+            **more,
+        }
+
+    return env
+
+
+def _tenant_with_records(db: Database, *, users: list[str], n_records: int = 12) -> int:
+    """A new tenant ``acme`` whose ``users`` each sent ``n_records`` records; its id."""
+    tenant_id = TenantRepository(db).create_tenant(name="acme")[0].id
     for user in users:
         records = make_user_records(user, round=1, n_records=n_records, seed=0)
         ingest_feedback(db, tenant_id=tenant_id, user_external_id=user, records=records)
+    return tenant_id
 
 
 def _job(db: Database, job_id: int) -> Job:
@@ -77,17 +94,17 @@ def _all_finished(db: Database, job_ids: list[int]) -> list[Job] | None:
 
 
 def test_jobs_of_several_users_run_on_both_trainer_nodes(
-    ray_nodes: ClusterHost, pg_database: Database, pg_url: str, cluster_data_dir: Path, tmp_path: Path
+    ray_nodes: ClusterHost,
+    pg_database: Database,
+    blobs_url: str,
+    workers_env: Callable[..., dict[str, str]],
 ) -> None:
     db = pg_database
-    blobs_url = (tmp_path / "blobs").as_uri()
-    tenant_id = TenantRepository(db).create_tenant(name="acme")[0].id
+    tenant_id = _tenant_with_records(db, users=USERS)
     set_tenant_training(db, tenant_id=tenant_id, overrides=TINY_TRAINING)  # the config its jobs carry
-    _feed(db, tenant_id=tenant_id, users=USERS)
-    env = _settings_env(ray_nodes, pg_url=pg_url, blobs_url=blobs_url, data_dir=cluster_data_dir)
     training = json.dumps(TINY_TRAINING)
 
-    workers = WorkersProcess(env, "--count", "2", "--poll-seconds", "0.5", "--training", training)
+    workers = WorkersProcess(workers_env(), "--count", "2", "--poll-seconds", "0.5", "--training", training)
     try:
         # one actor per trainer node (one unit each), none on the head (no unit)
         assert sorted(workers.ready_nodes(2)) == sorted(ray_nodes.workers)
@@ -112,15 +129,9 @@ def test_jobs_of_several_users_run_on_both_trainer_nodes(
 
 
 def test_workers_fail_clearly_when_no_node_offers_their_resource(
-    ray_nodes: ClusterHost, pg_url: str, cluster_data_dir: Path, tmp_path: Path
+    workers_env: Callable[..., dict[str, str]],
 ) -> None:
-    env = _settings_env(
-        ray_nodes,
-        pg_url=pg_url,
-        blobs_url=(tmp_path / "blobs").as_uri(),
-        data_dir=cluster_data_dir,
-        LORAFLEET_TRAINER_RESOURCE="gpu_box",
-    )
+    env = workers_env(LORAFLEET_TRAINER_RESOURCE="gpu_box")
     workers = WorkersProcess(env, "--count", "1", "--start-timeout", "3")
 
     assert workers.wait(timeout=120) == 2
@@ -131,18 +142,17 @@ def test_workers_fail_clearly_when_no_node_offers_their_resource(
 
 
 def test_a_node_lost_mid_job_leaves_the_job_to_the_other_node_and_one_version(
-    ray_nodes: ClusterHost, pg_database: Database, pg_url: str, cluster_data_dir: Path, tmp_path: Path
+    ray_nodes: ClusterHost,
+    pg_database: Database,
+    blobs_url: str,
+    workers_env: Callable[..., dict[str, str]],
 ) -> None:
     db = pg_database
-    blobs_url = (tmp_path / "blobs").as_uri()
-    tenant_id = TenantRepository(db).create_tenant(name="acme")[0].id
-    _feed(db, tenant_id=tenant_id, users=["zed"])
+    tenant_id = _tenant_with_records(db, users=["zed"])
     # a job without its own config: the doomed workers' default never ends, the rescuer's is short
     queued = Scheduler(db).train_now(tenant_id=tenant_id, user_external_id="zed").job
     job = _without_training_config(db, queued)
-    env = _settings_env(
-        ray_nodes, pg_url=pg_url, blobs_url=blobs_url, data_dir=cluster_data_dir, LORAFLEET_LEASE_SECONDS="4"
-    )
+    env = workers_env(LORAFLEET_LEASE_SECONDS="4")
     endless = json.dumps(
         {**TINY_TRAINING, "max_steps": 100_000}
     )  # the first attempt is still running when cut
