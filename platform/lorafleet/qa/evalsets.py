@@ -51,6 +51,15 @@ class EvalSet:
         return RowInfo(self.name, self.kind, len(self.examples), self.total, self.adapter_id, self.own)
 
 
+@dataclass(frozen=True)
+class VersionFeedback:
+    """A version and whose feedback it was trained on: its tenant's, and its owner's (None: a task adapter)."""
+
+    tenant_id: int
+    version: AdapterVersion
+    owner_user_id: int | None
+
+
 def training_config_of(version: AdapterVersion) -> TrainingConfig:
     """The version's training config (unknown keys such as ``backbone`` dropped), or the defaults."""
     known = set(TrainingConfig.model_fields)
@@ -67,14 +76,13 @@ def watermark_of(db: Database, version: AdapterVersion) -> int | None:
     return None if mark is None else int(mark)
 
 
-def version_records(
-    db: Database, *, tenant_id: int, version: AdapterVersion, owner_user_id: int | None
-) -> list[FeedbackRecord]:
+def version_records(db: Database, source: VersionFeedback) -> list[FeedbackRecord]:
     """The feedback a version's holdout is drawn from (see the module docstring)."""
+    tenant_id, version = source.tenant_id, source.version
     repo = QARepository(dialect=db.dialect)
-    if owner_user_id is not None:
+    if source.owner_user_id is not None:
         through = watermark_of(db, version)
-        return db.run(repo.user_records, user_id=owner_user_id, through_id=through)
+        return db.run(repo.user_records, user_id=source.owner_user_id, through_id=through)
     if version.dataset_snapshot_id is None:
         with db.unit_of_work():
             subject = db.run(repo.task_subject_user_id, tenant_id=tenant_id, adapter_id=version.adapter_id)
@@ -97,41 +105,29 @@ def training_prompts(db: Database, *, tenant_id: int, version: AdapterVersion) -
 
 
 def holdout_set(
-    db: Database,
-    *,
-    tenant_id: int,
-    version: AdapterVersion,
-    owner_user_id: int | None,
-    name: str,
-    adapter_id: int,
-    own: bool,
-    policy: QAPolicy,
+    db: Database, source: VersionFeedback, *, name: str, adapter_id: int, own: bool, policy: QAPolicy
 ) -> EvalSet:
     """A version's holdout as a capped evaluation set: an import's own examples when it carries them (all of them
     are held out: it was not trained on them here), else the holdout of its feedback."""
-    evidence = version.training_config.get("evidence")
+    evidence = source.version.training_config.get("evidence")
     if evidence:
         examples = [Example(i + 1, e["prompt"], e["expected"], "sft") for i, e in enumerate(evidence)]
         kept = cap_examples(examples, limit=policy.max_examples_per_set, seed=policy.sample_seed, name=name)
         return EvalSet(name, "task-holdout", tuple(kept), len(examples), adapter_id, own, "import-examples")
-    records = version_records(db, tenant_id=tenant_id, version=version, owner_user_id=owner_user_id)
-    holdout = build_dataset(records, config=training_config_of(version)).holdout
+    holdout = build_dataset(version_records(db, source), config=training_config_of(source.version)).holdout
     kept = cap_examples(holdout, limit=policy.max_examples_per_set, seed=policy.sample_seed, name=name)
-    kind: RowKind = "user-holdout" if owner_user_id is not None else "task-holdout"
+    kind: RowKind = "user-holdout" if source.owner_user_id is not None else "task-holdout"
     return EvalSet(name, kind, tuple(kept), len(holdout), adapter_id, own)
 
 
-def training_set(
-    db: Database, *, tenant_id: int, version: AdapterVersion, owner_user_id: int | None, policy: QAPolicy
-) -> EvalSet:
+def training_set(db: Database, source: VersionFeedback, *, policy: QAPolicy) -> EvalSet:
     """Up to ``policy.training_answers`` examples of the training split of the feedback the version's job trained
     on (the records its holdout is drawn from, split by the same rule), for the ``training-answers`` rule. Empty for
     a version without a dataset snapshot (an import: it was not trained here)."""
     name = "training"
-    if policy.training_answers == 0 or version.dataset_snapshot_id is None:
+    if policy.training_answers == 0 or source.version.dataset_snapshot_id is None:
         return EvalSet(name, "training", (), 0)
-    records = version_records(db, tenant_id=tenant_id, version=version, owner_user_id=owner_user_id)
-    train = build_dataset(records, config=training_config_of(version)).train
+    train = build_dataset(version_records(db, source), config=training_config_of(source.version)).train
     kept = cap_examples(train, limit=policy.training_answers, seed=policy.sample_seed, name=name)
     return EvalSet(name, "training", tuple(kept), len(train), source="training")
 
@@ -144,6 +140,7 @@ def probe_set(policy: QAPolicy, backbone: Backbone, bank: AdapterBank | None = N
 
 __all__ = [
     "EvalSet",
+    "VersionFeedback",
     "holdout_set",
     "probe_set",
     "training_config_of",

@@ -27,7 +27,14 @@ from lorafleet.qa.columns import (
     member_handle,
     version_member,
 )
-from lorafleet.qa.evalsets import EvalSet, holdout_set, probe_set, training_config_of, training_set
+from lorafleet.qa.evalsets import (
+    EvalSet,
+    VersionFeedback,
+    holdout_set,
+    probe_set,
+    training_config_of,
+    training_set,
+)
 from lorafleet.qa.matrix import GatedExperts, SlotLoader, embed_sets, evaluate_matrix, gate_traffic
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.probe import PROBE_VERSION, answers_digest, probe_digest, probe_epsilon_for, probe_examples
@@ -68,6 +75,11 @@ class Subject:
     @property
     def label(self) -> str:
         return f"{'task' if self.adapter.is_task_adapter else 'personal'}:{self.adapter.name}"
+
+    @property
+    def feedback(self) -> VersionFeedback:
+        """The version, read with its adapter owner's feedback (a task adapter's: the task's)."""
+        return VersionFeedback(self.tenant_id, self.version, self.adapter.owner_user_id)
 
 
 @dataclass(frozen=True)
@@ -111,9 +123,7 @@ class Evaluator:
         """The subject's own holdout (the user's, or the task adapter's)."""
         return holdout_set(
             self.db,
-            tenant_id=subject.tenant_id,
-            version=subject.version,
-            owner_user_id=subject.adapter.owner_user_id,
+            subject.feedback,
             name=f"holdout:{subject.label}",
             adapter_id=subject.adapter.id,
             own=True,
@@ -122,13 +132,7 @@ class Evaluator:
 
     def training_set(self, subject: Subject) -> EvalSet:
         """Examples of the feedback the subject's job trained on, for the ``training-answers`` rule."""
-        return training_set(
-            self.db,
-            tenant_id=subject.tenant_id,
-            version=subject.version,
-            owner_user_id=subject.adapter.owner_user_id,
-            policy=self.policy,
-        )
+        return training_set(self.db, subject.feedback, policy=self.policy)
 
     def evaluate(self, subject: Subject, *, own: EvalSet, answers: bool = True) -> Evaluation:
         """Sanity checks, then (if they pass) every configuration on every evaluation set. A candidate's own
@@ -303,9 +307,7 @@ class Evaluator:
         owner = subject.user_bank.user_id if member.kind == "personal" and subject.user_bank else None
         return holdout_set(
             self.db,
-            tenant_id=subject.tenant_id,
-            version=version,
-            owner_user_id=owner,
+            VersionFeedback(subject.tenant_id, version, owner),
             name=f"holdout:{member_label(member)}",
             adapter_id=member.adapter_id,
             own=False,

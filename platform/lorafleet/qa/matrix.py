@@ -15,11 +15,11 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from lorafleet.backbone.chat import has_chat_template
 from lorafleet.domain import AdapterVersion
+from lorafleet.domain.closing import ClosesOnExit
 from lorafleet.qa.evalsets import EvalSet
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.results import (
@@ -70,7 +70,7 @@ class ColumnSpec:
     gated: GatedExperts | None = None
 
 
-class SlotLoader:
+class SlotLoader(ClosesOnExit):
     """Loads versions into free slots of a bank by handle (``candidate``, ``member:<id>``), evicts on exit."""
 
     def __init__(self, *, bank: AdapterBank, registry: Registry, work: Path) -> None:
@@ -91,12 +91,8 @@ class SlotLoader:
         self.slots[handle] = slot
         return slot
 
-    def __enter__(self) -> SlotLoader:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def close(self) -> None:
+        """Evict every loaded version (what leaving the ``with`` block calls)."""
         for slot in self.slots.values():
             self.bank.evict_slot(slot)
         self.slots.clear()
