@@ -3,9 +3,10 @@
 Defaults were chosen by measurement on the default backbone, SmolLM2-135M-Instruct in nf4 (the README's
 "Training defaults" and ``tests/benchmarks/README.md`` give the figures): rank 8 on every linear module of the
 top 6 layers (``layers="top 6"``: the frozen layers below run once per example), learning rate 2e-3, 30
-steps of 6 sequences per user, 30 % anchor rows, warm-up then cosine decay. The seed notes' learning rate of
-1e-4 to 3e-4 is for full-depth fine-tuning of larger models; with a handful of records per user on the top
-layers it learns nothing in 30-60 steps, so the typical range below is 1e-4 to 2e-3. Values outside the typical
+steps of 6 sequences per user, 30 % anchor rows with an unlikelihood of 1.0 on the user's own answer tokens
+there, warm-up then cosine decay. The seed notes' learning rate of 1e-4 to 3e-4 is for full-depth fine-tuning
+of larger models; with a handful of records per user on the top layers it learns nothing in 30-60 steps, so
+the typical range below is 1e-4 to 2e-3. Values outside the typical
 ranges are accepted and named by :meth:`TrainingConfig.outside_typical_ranges`, which the trainer logs.
 
 Invalid values raise :class:`lorafleet.errors.ValidationError` (a job's config is input, like feedback), never
@@ -77,10 +78,12 @@ class TrainingConfig(BaseModel):
     #: (self-distillation), which keep an adapter from answering everything with its user's facts (0 = off)
     anchor_ratio: float = Field(default=0.3, ge=0.0, le=0.9)
     #: weight of an unlikelihood term on the anchor rows: at every answer position of an anchor, the probability
-    #: the adapter gives to its user's own answer tokens (tokens of the user's completions that no anchor answer
-    #: of the job uses: the names, places and habits it is taught) is pushed down, ``-log(1 - p)``, so general
-    #: prompts are not answered with personal facts (0 = off)
-    anchor_unlikelihood: float = Field(default=0.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    #: the adapter gives to its user's own answer tokens (tokens of the user's completions that none of its
+    #: prompts or anchor answers use: the names, places and habits it is taught) is pushed down, ``-log(1 - p)``,
+    #: so general prompts are not answered with personal facts (0 = off). Measured on the default backbone (seed
+    #: 0, round 1): 1.0 kept unseen-paraphrase accuracy at 0.96 and raised clean general answers from 82.5 % to
+    #: 88.9 %; 2.0 and 5.0 gave 91.3 % and 93.7 % clean at 0.90 and 0.88 accuracy
+    anchor_unlikelihood: float = Field(default=1.0, ge=0.0, le=100.0, allow_inf_nan=False)
     #: replayed old records per new record in continual learning (read by ``training.continual``)
     replay_ratio: float = Field(default=1.0, ge=0.0, le=10.0)
     #: weight of the L2 pull of each slot towards its parent's weights (0 = off)

@@ -408,10 +408,14 @@ def personal_tokens(
             ids.update(tokens[len(tokens) - n :])
         return ids
 
+    def prompt_ids(examples: Sequence[Example]) -> set[int]:
+        return {i for e in examples for i in tokenizer(e.prompt, add_special_tokens=False)["input_ids"]}
+
     special = set(tokenizer.all_special_ids)
     out: list[torch.Tensor | None] = []
     for task in tasks:
-        own = sorted(completion_ids(task.train) - completion_ids(task.anchors) - special)
+        asked = prompt_ids([*task.train, *task.anchors])
+        own = sorted(completion_ids(task.train) - completion_ids(task.anchors) - asked - special)
         out.append(torch.tensor(own, dtype=torch.int64, device=device) if own and task.anchors else None)
     return out
 

@@ -280,17 +280,17 @@ def test_anchor_unlikelihood_pushes_the_users_own_tokens_down_on_general_prompts
     ]
     config = FAST.with_changes(max_steps=40, batch_size=6)
     task = SlotTraining(0, "ada", train, train[:2], anchors=anchors)
-    personal = personal_tokens(
-        tokenizer, [task], config.with_changes(anchor_unlikelihood=1.0), torch.device("cpu")
-    )
-    own = personal[0]
+    own = personal_tokens(tokenizer, [task], config, torch.device("cpu"))[0]  # on by default
     assert own is not None
-    answer_bytes = set(b"Zorb Quix.") - set("".join(a.completion for a in anchors).encode())
+    general = "".join(e.completion for e in anchors) + "".join(e.prompt for e in [*train, *anchors])
+    answer_bytes = set(b"Zorb Quix.") - set(general.encode())  # what no prompt and no anchor answer uses
+    assert answer_bytes == set(b"Zx")
     # the byte tokenizer's ids are offset from the bytes: compare through the tokenizer
     assert set(own.tolist()) == {
         tokenizer(chr(b), add_special_tokens=False)["input_ids"][0] for b in answer_bytes
     }
-    assert personal_tokens(tokenizer, [task], config, torch.device("cpu")) == [None]  # off by default
+    off = config.with_changes(anchor_unlikelihood=0.0)
+    assert personal_tokens(tokenizer, [task], off, torch.device("cpu")) == [None]
 
     probability, losses = {}, {}
     for weight in (0.0, 5.0):
