@@ -394,9 +394,11 @@ def personal_tokens(
 ) -> list[torch.Tensor | None]:
     """Per task, the token ids its anchor unlikelihood pushes down (None: none, or the term is off).
 
-    A user's personal tokens are those of its own completions that none of its anchor answers uses and that are
-    not special tokens: what the user taught (a pet's name, a city, a diet), not the words every answer needs.
-    Only the user's own rows decide, so its training does not depend on who else is in the job.
+    A user's personal tokens are those of its own completions that none of its prompts, none of its anchor answers
+    and no special token uses: what the user taught (a pet's name, a city, a diet) and how its answers open
+    ("Your"), not the words its questions ask about or every answer needs.
+    Only the user's own rows decide, so its training does not depend on who else is in the job. Preference pairs
+    that DPO trains are left out: they teach a style, which DPO's reference already keeps in bounds.
     """
     if config.anchor_unlikelihood == 0 or not any(t.anchors for t in tasks):
         return [None] * len(tasks)
@@ -414,8 +416,9 @@ def personal_tokens(
     special = set(tokenizer.all_special_ids)
     out: list[torch.Tensor | None] = []
     for task in tasks:
+        taught = [e for e in task.train if not (config.trains_preferences and is_pair(e))]
         asked = prompt_ids([*task.train, *task.anchors])
-        own = sorted(completion_ids(task.train) - completion_ids(task.anchors) - asked - special)
+        own = sorted(completion_ids(taught) - completion_ids(task.anchors) - asked - special)
         out.append(torch.tensor(own, dtype=torch.int64, device=device) if own and task.anchors else None)
     return out
 

@@ -291,6 +291,15 @@ def test_anchor_unlikelihood_pushes_the_users_own_tokens_down_on_general_prompts
     }
     off = config.with_changes(anchor_unlikelihood=0.0)
     assert personal_tokens(tokenizer, [task], off, torch.device("cpu")) == [None]
+    # a preference pair's chosen answer is the user's own unless DPO trains it (a style, kept by DPO's reference)
+    pair = Example(50, "Q: sign off?\nA: ", "Yours, J.", "preference", rejected="Bye.")
+    with_pair = SlotTraining(0, "ada", [*train, pair], train[:2], anchors=anchors)
+    j = tokenizer("J", add_special_tokens=False)["input_ids"][0]
+    for dpo_weight, has_j in ((0.0, True), (1.0, False)):
+        tokens = personal_tokens(
+            tokenizer, [with_pair], config.with_changes(dpo_weight=dpo_weight), torch.device("cpu")
+        )[0]
+        assert tokens is not None and (j in tokens.tolist()) == has_j
 
     probability, losses = {}, {}
     for weight in (0.0, 5.0):
