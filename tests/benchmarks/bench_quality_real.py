@@ -66,7 +66,7 @@ from quality_real_eval import (  # noqa: E402
 from lorafleet.adapters import AdapterBank, inject_bank  # noqa: E402
 from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
-from lorafleet.routing.embeddings import routing_key  # noqa: E402
+from lorafleet.routing.embeddings import common_direction, embed_prompts, routing_key  # noqa: E402
 from lorafleet.routing.gates import GENERAL_MARGIN  # noqa: E402
 from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS, TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import Example, pad_token_id, reservoir_sample  # noqa: E402
@@ -147,10 +147,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--anchor-mode",
-        choices=["sample", "all"],
+        choices=["sample", "all", "near"],
         default="sample",
         help="sample: a seeded sample of the anchors sized by the ratio (as continual training does); "
-        "all: every anchor, the user's examples repeated so anchors are still about the ratio of rows",
+        "all: every anchor, the user's examples repeated so anchors are still about the ratio of rows; "
+        "near: as many as sample, the anchors whose prompts are nearest the user's (hard negatives)",
     )
     parser.add_argument(
         "--anchor-unlikelihood",
@@ -250,21 +251,38 @@ def setup(args: argparse.Namespace) -> Context:
     )
 
 
-def anchors_for(ctx: Context, n_train: int, salt: str) -> list[Example]:
-    """A seeded sample of the anchor pool: ``anchor_ratio`` of the rows once added to ``n_train`` examples
-    (``--anchor-mode all``: the whole pool, see :func:`with_anchors`)."""
+def anchors_for(ctx: Context, train: list[Example], salt: str) -> list[Example]:
+    """A seeded sample of the anchor pool: ``anchor_ratio`` of the rows once added to the ``train`` examples
+    (``--anchor-mode all``: the whole pool, see :func:`with_anchors`; ``near``: the nearest, see
+    :func:`near_anchors`)."""
     ratio = ctx.config.anchor_ratio
     if ratio <= 0:
         return []
     if ctx.args.anchor_mode == "all":
         return list(ctx.anchors)
-    wanted = min(len(ctx.anchors), math.ceil(ratio / (1 - ratio) * n_train))
+    wanted = min(len(ctx.anchors), math.ceil(ratio / (1 - ratio) * len(train)))
+    if ctx.args.anchor_mode == "near":
+        return near_anchors(ctx, train, wanted)
     return reservoir_sample(ctx.anchors, wanted, seed=_int_seed(f"anchors/{salt}"))
+
+
+def near_anchors(ctx: Context, train: list[Example], wanted: int) -> list[Example]:
+    """The ``wanted`` anchors whose prompts are nearest any of the user's training prompts: cosine of the base
+    model's pooled embeddings with the direction every prompt shares taken out (as the centroid gate scores)."""
+    pool = [a.prompt for a in ctx.anchors]
+    own = sorted({e.prompt for e in train})
+    with torch.no_grad():
+        embedded = embed_prompts(ctx.backbone, ctx.bank, pool + own)  # [pool + own, hidden]
+    shared = common_direction(embedded[: len(pool)])
+    centred = torch.nn.functional.normalize(embedded - (embedded @ shared)[:, None] * shared, dim=-1)
+    nearest = (centred[: len(pool)] @ centred[len(pool) :].T).max(dim=1).values  # [pool]
+    order = nearest.argsort(descending=True)[:wanted].tolist()
+    return [ctx.anchors[i] for i in sorted(order)]
 
 
 def with_anchors(ctx: Context, train: list[Example], salt: str) -> tuple[list[Example], list[Example]]:
     """(training examples, anchors) of one task; with every anchor, the examples repeat to keep the ratio."""
-    anchors = anchors_for(ctx, len(train), salt)
+    anchors = anchors_for(ctx, train, salt)
     ratio = ctx.config.anchor_ratio
     if ctx.args.anchor_mode == "all" and anchors:
         repeats = max(1, round((1 - ratio) / ratio * len(anchors) / len(train)))
