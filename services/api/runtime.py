@@ -478,6 +478,10 @@ class BackgroundRuntime:
         if pool is None:
             return
         try:
+            # ``stop`` kills the actors, which ends this wait at once: a SIGTERM while a slow machine still
+            # starts them does not wait for them to load a backbone first
+            pool.wait_ready()
+            self.workers_state = "running"
             pool.run_until_stopped(
                 self._stop, poll_seconds=self.options.worker_poll_seconds, grace_seconds=0.0
             )
@@ -497,7 +501,11 @@ class BackgroundRuntime:
         o = self.options
         try:
             pool = TrainerPool(
-                self.services.settings, n_actors=o.run_workers, training=o.training, env_vars=o.worker_env
+                self.services.settings,
+                n_actors=o.run_workers,
+                training=o.training,
+                env_vars=o.worker_env,
+                wait_ready=False,  # ``_run_workers`` waits, where ``stop`` can end the wait
             )
         except Exception:
             logger.exception("the trainer actors failed to start")
@@ -508,7 +516,6 @@ class BackgroundRuntime:
                 pool.shutdown()
                 return None
             self._pool = pool
-        self.workers_state = "running"
         return pool
 
 

@@ -88,7 +88,7 @@ class TrainerPool(ClosesOnExit):
         self.trainers = [self._new_trainer() for _ in range(n_actors)]
         if wait_ready:
             try:
-                self._wait_ready(timeout=start_timeout)
+                self.wait_ready(timeout=start_timeout)
             except BaseException:
                 self.shutdown()
                 raise
@@ -134,9 +134,10 @@ class TrainerPool(ClosesOnExit):
                 n_actors - capacity,
             )
 
-    def _wait_ready(self, *, timeout: float | None) -> None:
+    def wait_ready(self, *, timeout: float | None = None) -> None:
         """Wait until every actor has loaded its backbone, logging the ones without room every
-        ``wait_log_seconds``; an actor that fails to start, or ``timeout`` passing, raises ``JobError``."""
+        ``wait_log_seconds``; an actor that fails to start, or ``timeout`` passing, raises ``JobError``, and so
+        does ``shutdown`` from another thread (its killed actors end the wait at once)."""
         import ray
 
         started = time.monotonic()
