@@ -6,8 +6,8 @@ top 6 layers (``layers="top 6"``: the frozen layers below run once per example),
 steps of 6 sequences per user, 30 % anchor rows with an unlikelihood of 1.0 on the user's own answer tokens
 there, warm-up then cosine decay. The seed notes' learning rate of 1e-4 to 3e-4 is for full-depth fine-tuning
 of larger models; with a handful of records per user on the top layers it learns nothing in 30-60 steps, so
-the typical range below is 1e-4 to 2e-3. Values outside the typical
-ranges are accepted and named by :meth:`TrainingConfig.outside_typical_ranges`, which the trainer logs.
+the typical range below is 1e-4 to 2e-3. Values outside the typical ranges are accepted and named by
+:meth:`TrainingConfig.outside_typical_ranges`, which the trainer logs.
 
 Invalid values raise :class:`lorafleet.errors.ValidationError` (a job's config is input, like feedback), never
 pydantic's own error, whether the config is built with ``TrainingConfig(...)`` or

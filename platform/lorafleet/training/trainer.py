@@ -116,7 +116,7 @@ class _UserStream:
     encoded: list[Any]
     rng: random.Random
     order: list[int] = field(default_factory=list)
-    #: index of the first anchor in ``encoded`` (the user's own rows come first; len(encoded): no anchors)
+    #: index of the first anchor in ``encoded``: the user's own rows come first (None or len(encoded): no anchors)
     anchors_from: int | None = None
 
     def take(self, n: int) -> list[Any]:
@@ -124,6 +124,7 @@ class _UserStream:
         return [self.encoded[i] for i in self.take_indices(n)]
 
     def is_anchor(self, index: int) -> bool:
+        """Whether ``encoded[index]`` is an anchor (a general prompt answered by the base)."""
         return self.anchors_from is not None and index >= self.anchors_from
 
     def take_indices(self, n: int) -> list[int]:
@@ -187,7 +188,8 @@ def train_slots(
     """Train every task's slot for ``config.max_steps`` optimizer steps together (more when ``config.min_epochs``
     asks for them: ``TrainingConfig.steps_for``); results in task order.
 
-    Metrics per user: ``train_loss`` (mean of the last steps), ``train_loss_first``, ``steps``,
+    Metrics per user: ``train_loss`` (mean of the last steps' objective: SFT, DPO and the anchor unlikelihood,
+    each with its weight), ``train_loss_first``, ``steps``,
     ``train_examples``, ``holdout_examples``, ``tokens`` (completion tokens trained on), and when the holdout is
     not empty ``holdout_loss_before/after``, ``holdout_token_accuracy_before/after`` and
     ``holdout_sequence_accuracy_before/after`` (absent with an empty holdout: no NaN in stored metrics). With DPO
