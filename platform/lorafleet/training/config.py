@@ -80,9 +80,10 @@ class TrainingConfig(BaseModel):
     #: weight of an unlikelihood term on the anchor rows: at every answer position of an anchor, the probability
     #: the adapter gives to its user's own answer tokens (tokens of the user's completions that none of its
     #: prompts or anchor answers use: the names, places and habits it is taught) is pushed down, ``-log(1 - p)``,
-    #: so general prompts are not answered with personal facts (0 = off). Measured on the default backbone (seed
-    #: 0, round 1): 1.0 kept unseen-paraphrase accuracy at 0.96 and raised clean general answers from 82.5 % to
-    #: 88.9 %; 2.0 and 5.0 gave 91.3 % and 93.7 % clean at 0.90 and 0.88 accuracy
+    #: so general prompts are not answered with personal facts (0 = off). Measured on the default backbone (round
+    #: 1, seeds 0-2): 1.0 raised the median share of clean general answers from 76.2 % to 85.7 % for one unseen
+    #: paraphrase in 48 on two seeds (median accuracy 0.90 -> 0.88); on seed 0, 2.0 and 5.0 gave 91.3 % and
+    #: 93.7 % clean at 0.90 and 0.88 accuracy (88.9 % at 0.96 for 1.0)
     anchor_unlikelihood: float = Field(default=1.0, ge=0.0, le=100.0, allow_inf_nan=False)
     #: replayed old records per new record in continual learning (read by ``training.continual``)
     replay_ratio: float = Field(default=1.0, ge=0.0, le=10.0)
