@@ -15,7 +15,15 @@ from lorafleet.backbone import load_backbone
 from lorafleet.errors import LeaseLostError, TrainingError, ValidationError
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, encode_examples
-from lorafleet.training.trainer import SlotTraining, evaluate, lr_factor, train_slots, user_losses
+from lorafleet.training.trainer import (
+    SlotTraining,
+    _anchor_unlikelihood,
+    evaluate,
+    lr_factor,
+    personal_tokens,
+    train_slots,
+    user_losses,
+)
 
 FAST = TrainingConfig(
     learning_rate=3e-3, max_steps=6, batch_size=4, max_seq_len=64, rank=4, alpha=8, dropout=0.0
@@ -269,8 +277,6 @@ def test_anchor_unlikelihood_pushes_the_users_own_tokens_down_on_general_prompts
 ) -> None:
     """With the term on, the adapter gives its user's answer tokens less probability on the anchors' answers than
     the same job without it, and still learns the user's answers."""
-    from lorafleet.training.trainer import personal_tokens
-
     train = [Example(i, f"Q: what is my pet called, take {i}?\nA: ", "Zorb Quix.", "sft") for i in range(8)]
     anchors = [
         Example(100 + i, f"Q: {q}?\nA: ", a, "sft")
@@ -315,8 +321,6 @@ def test_anchor_unlikelihood_pushes_the_users_own_tokens_down_on_general_prompts
 def test_anchor_unlikelihood_is_minus_log_one_minus_the_personal_probability() -> None:
     """Each user's term is the mean over its anchor rows' positions of ``-log(1 - p(personal tokens))``; rows that
     are not anchors and users without personal tokens add nothing."""
-    from lorafleet.training.trainer import _anchor_unlikelihood
-
     logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))  # [positions, vocab]
     token_rows = torch.tensor([0, 0, 1, 1, 2, 3])  # rows 0-1 are user 0's, rows 2-3 user 1's
     owner = torch.tensor([0, 0, 1, 1])
