@@ -75,6 +75,7 @@ from lorafleet.training.general_prompts import (  # noqa: E402
     ANCHOR_MAX_NEW_TOKENS,
     ANCHOR_PROMPTS,
     EVAL_PROMPTS,
+    general_exemplars,
 )
 from lorafleet.training.personal_facts import PersonalUser, make_users, user_examples  # noqa: E402
 from lorafleet.training.trainer import SlotTraining, train_slots  # noqa: E402
@@ -269,13 +270,15 @@ def anchors_for(ctx: Context, train: list[Example], salt: str) -> list[Example]:
 def near_anchors(ctx: Context, train: list[Example], wanted: int) -> list[Example]:
     """The ``wanted`` anchors whose prompts are nearest any of the user's training prompts: cosine of the base
     model's pooled embeddings with the direction every prompt shares taken out (as the centroid gate scores)."""
-    pool = [a.prompt for a in ctx.anchors]
-    own = sorted({e.prompt for e in train})
     with torch.no_grad():
-        embedded = embed_prompts(ctx.backbone, ctx.bank, pool + own)  # [pool + own, hidden]
-    shared = common_direction(embedded[: len(pool)])
-    centred = torch.nn.functional.normalize(embedded - (embedded @ shared)[:, None] * shared, dim=-1)
-    nearest = (centred[: len(pool)] @ centred[len(pool) :].T).max(dim=1).values  # [pool]
+        pool = general_exemplars(ctx.backbone, ctx.bank)  # [anchors, hidden], ctx.anchors' order; cached
+        own = embed_prompts(ctx.backbone, ctx.bank, sorted({e.prompt for e in train}))  # [prompts, hidden]
+    shared = common_direction(pool)
+
+    def centred(embedded: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(embedded - (embedded @ shared)[:, None] * shared, dim=-1)
+
+    nearest = (centred(pool) @ centred(own).T).max(dim=1).values  # [anchors]
     order = nearest.argsort(descending=True)[:wanted].tolist()
     return [ctx.anchors[i] for i in sorted(order)]
 
