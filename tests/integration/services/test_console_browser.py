@@ -78,6 +78,7 @@ def test_the_console_in_a_real_browser(
         field = wait.until(ec.presence_of_element_located((By.ID, "api_key")))
         field.send_keys(key)
         driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+        wait.until(ec.staleness_of(field))  # the signed-in page replaced the form (its cookie is set)
 
     def live_number() -> int | None:
         live = services.registry.live_version(tenant_id=fleet.tenant_id, adapter_id=fleet.adapter_id)
