@@ -117,6 +117,14 @@ class Settings(ClientSettings):
     ray_num_cpus: int | None = Field(
         default=None, ge=1, le=1024, description="CPUs a local Ray offers; empty = min(cpu count, 4)."
     )
+    trainer_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Torch threads of each trainer actor. Empty: Ray's, one per CPU the actor takes (1), which "
+        "leaves the other cores to serving: a trainer on every core slows serving beside it several times "
+        "(bench_soak.py --train). Set it to the machine's cores where training and serving take turns.",
+    )
     trainer_slots: int = Field(
         default=8, ge=1, le=64, description="Adapter slots per trainer actor (at least the users per job)."
     )

@@ -30,7 +30,7 @@ from typing import Any
 
 import uvicorn
 from services.api.app import create_app
-from services.api.runtime import ApiOptions
+from services.api.runtime import ApiOptions, usable_cpus
 from tqdm import tqdm
 
 from lorafleet.backbone import resolve_backbone_path
@@ -139,6 +139,7 @@ def _service(settings: Settings, timeout: float) -> Iterator[_Server]:
         engine_slots=8,
         max_batch_size=PARALLEL_REQUESTS,
         training=SERVICE_TRAINING_DEFAULTS,  # what `lorafleet serve` trains with
+        serving_threads=usable_cpus(),  # the story serves and trains in turn (see run_demo)
     )
     server = _Server(create_app(settings, options=options))
     server.start(timeout)
@@ -269,8 +270,12 @@ def run_demo(*, users: int = 4, timeout: float = 900.0) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     clock = _Clock()
     admin_key = "demo-admin-" + secrets.token_hex(16)
-    # one slot per user and one for the shared task: the scheduler trains them all in one batched job
-    settings = load_settings(admin_key=admin_key, ray_address="", trainer_slots=users + 1)
+    # one slot per user and one for the shared task: the scheduler trains them all in one batched job. The story
+    # trains, then serves, then trains again, so training and serving each take every core (a service that does
+    # both at once keeps the defaults: one core for its trainer actor, the rest for serving; `trainer_threads`)
+    settings = load_settings(
+        admin_key=admin_key, ray_address="", trainer_slots=users + 1, trainer_threads=usable_cpus()
+    )
     print(
         f"lorafleet demo: backbone {settings.backbone} ({settings.backbone_quantization}), "
         f"database {settings.resolved_database_url}, blobs {settings.resolved_object_store_url}"

@@ -311,6 +311,10 @@ class TrainerHost:
     ) -> None:
         remove_stale_tempdirs()  # a predecessor on this node killed mid-job left its folder
         self.settings = load_settings(**settings)
+        if self.settings.trainer_threads is not None:  # else Ray's: one thread per CPU the actor takes
+            import torch
+
+            torch.set_num_threads(self.settings.trainer_threads)
         self.node_id = _ray_node_id()
         self.worker_id = worker_id or _new_worker_id(self.node_id)
         self.platform = Platform.from_settings(self.settings)
@@ -331,9 +335,13 @@ class TrainerHost:
         self._run_lock = threading.Lock()
         self._stats: dict[str, Any] = {"jobs_done": 0, "jobs_succeeded": 0, "jobs_failed": 0}
         self._stats.update(backbone_loads=1, current_job=None, step=0, total_steps=0)
+        self._stats["torch_threads"] = self.trainer_threads
 
     def _build_trainer(self, config: Any) -> Any:
+        import torch
+
         s = self.settings
+        self.trainer_threads = torch.get_num_threads()
         started = time.monotonic()
         backbone = load_backbone(
             s.backbone, quantization=s.backbone_quantization, device=s.device, data_dir=s.data_dir
@@ -345,13 +353,14 @@ class TrainerHost:
         check_bank_fits(config, max_rank=bank.max_rank, layer_names=list(bank.layers))
         self.backbone_load_seconds = time.monotonic() - started
         logger.info(
-            "%s: backbone %s (%s) on %s loaded in %.1f s, %d slots",
+            "%s: backbone %s (%s) on %s loaded in %.1f s, %d slots, %d torch thread(s)",
             self.worker_id,
             s.backbone,
             s.backbone_quantization,
             backbone.device,
             self.backbone_load_seconds,
             s.trainer_slots,
+            self.trainer_threads,
         )
         return ContinualTrainer(
             self.db,
