@@ -38,6 +38,7 @@ from lorafleet.config import Settings, load_settings
 from lorafleet.demo_data import TASK, held_out_examples, in_house_style, task_records
 from lorafleet.errors import LorafleetError
 from lorafleet.jobs import SchedulerPolicy
+from lorafleet.runtime.ray_runtime import init_ray
 from lorafleet.sdk import Client
 from lorafleet.sdk.errors import NotFound
 from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS
@@ -284,6 +285,10 @@ def run_demo(*, users: int = 4, timeout: float = 900.0) -> int:
     # done here, before the service's trainer actor and engine load it, so it is not interleaved with them
     resolve_backbone_path(settings.backbone, data_dir=settings.data_dir)
     clock.mark("backbone")
+    # the local Ray is started here, on the main thread, not by the service's workers thread: Ray's processes die
+    # with the thread that started them (PR_SET_PDEATHSIG), so started there they were killed when it ended, and
+    # ray.shutdown() then sat 15 s in its flush timeouts talking to a dead GCS
+    init_ray(settings)
     with _service(settings, timeout=600.0) as server:
         clock.mark("start service")
         print(f"service up at {server.url} (API + scheduler + 1 Ray trainer actor)")
