@@ -238,17 +238,17 @@ def _score_set(
 
     if not s.examples:
         return {c.info.name: Cell(math.nan, math.nan, 0, 0) for c in columns}
-    examples = [e for _ in columns for e in s.examples]
-    all_routes = [r for c in columns for r in routes[c.info.name]]
-    scores = score_examples(
+    rows, where = _distinct_rows(s, columns, routes)
+    distinct = score_examples(
         bank,
         backbone.tokenizer,
-        examples,
-        all_routes,
+        [s.examples[i] for i, _ in rows],
+        [list(r) for _, r in rows],
         max_seq_len=policy.max_seq_len,
         batch_size=policy.batch_size,
         prefix=prefix,
     )
+    scores = [distinct[j] for j in where]
     n, out = len(s.examples), {}
     for i, column in enumerate(columns):
         part = scores[i * n : (i + 1) * n]
@@ -261,6 +261,21 @@ def _score_set(
             nonfinite=sum(score.nonfinite for score in part),
         )
     return out
+
+
+def _distinct_rows(
+    s: EvalSet, columns: Sequence[ColumnSpec], routes: Mapping[str, list[Routes]]
+) -> tuple[list[tuple[int, tuple[tuple[int, float], ...]]], list[int]]:
+    """The distinct ``(example index, routes)`` rows of every column on ``s``, and for each column's example in
+    turn the index of its row: columns that route an example alike (the base's empty routes, a bank of one member
+    that its gate routes wholly to it) score it once."""
+    rows: dict[tuple[int, tuple[tuple[int, float], ...]], int] = {}
+    where = [
+        rows.setdefault((i, tuple((slot, weight) for slot, weight in r)), len(rows))
+        for c in columns
+        for i, r in enumerate(routes[c.info.name])
+    ]
+    return list(rows), where
 
 
 def _answers(
@@ -351,13 +366,15 @@ def _greedy_samples(
     specs = [
         RowSpec(
             prompt_ids=tuple(encode_prompt(tokenizer, s.examples[i])),  # rendered as serving renders it
-            routes=tuple(routes[s.name][c.info.name][i]),
+            routes=tuple((slot, weight) for slot, weight in routes[s.name][c.info.name][i]),
             max_new_tokens=policy.sample_max_new_tokens,
             stop=stop,
         )
         for s, c, i in keys
     ]
-    outputs = _decode_greedily(bank, tokenizer, specs)
+    distinct = list(dict.fromkeys(specs))  # columns that route a prompt alike decode it once
+    decoded = dict(zip(distinct, _decode_greedily(bank, tokenizer, distinct), strict=True))
+    outputs = [decoded[spec] for spec in specs]
     samples: dict[tuple[str, str], list[Sample]] = {}
     for (s, c, i), out in zip(keys, outputs, strict=True):
         example = s.examples[i]
