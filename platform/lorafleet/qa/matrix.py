@@ -46,10 +46,14 @@ if TYPE_CHECKING:
     from lorafleet.routing.experts import ExpertSet
     from lorafleet.routing.gates import Gate
     from lorafleet.serving.decode import RowOutput, RowSpec
+    from lorafleet.training.metrics import ExampleScore
 
 logger = logging.getLogger(__name__)
 #: ``(slot, weight)`` pairs of one example (empty: the base model)
 Routes = list[tuple[int, float]]
+#: the base model's scores of probe examples by (backbone, device, max_seq_len, prompt, completion): the probe set
+#: and its base column are the same in every QA run of a process, so each is scored once (a few dozen entries)
+_BASE_PROBE_SCORES: dict[tuple[object, ...], ExampleScore] = {}
 
 
 @dataclass(frozen=True)
@@ -239,15 +243,28 @@ def _score_set(
     if not s.examples:
         return {c.info.name: Cell(math.nan, math.nan, 0, 0) for c in columns}
     rows, where = _distinct_rows(s, columns, routes)
-    distinct = score_examples(
+    known = {}  # row -> score: the probe's base rows scored by an earlier QA run of this process
+    if s.kind == "probe":
+        place = (backbone.fingerprint.digest, backbone.quantization, str(bank.device), policy.max_seq_len)
+        keys = {
+            j: (*place, s.examples[i].prompt, s.examples[i].completion)
+            for j, (i, r) in enumerate(rows)
+            if not r
+        }
+        known = {j: _BASE_PROBE_SCORES[key] for j, key in keys.items() if key in _BASE_PROBE_SCORES}
+    todo = [j for j in range(len(rows)) if j not in known]
+    scored = score_examples(
         bank,
         backbone.tokenizer,
-        [s.examples[i] for i, _ in rows],
-        [list(r) for _, r in rows],
+        [s.examples[rows[j][0]] for j in todo],
+        [list(rows[j][1]) for j in todo],
         max_seq_len=policy.max_seq_len,
         batch_size=policy.batch_size,
         prefix=prefix,
     )
+    distinct = {**known, **dict(zip(todo, scored, strict=True))}
+    if s.kind == "probe":
+        _BASE_PROBE_SCORES.update((keys[j], distinct[j]) for j in keys)
     scores = [distinct[j] for j in where]
     n, out = len(s.examples), {}
     for i, column in enumerate(columns):

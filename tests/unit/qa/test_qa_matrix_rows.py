@@ -3,9 +3,18 @@ routes in several columns, a bank of one member that its gate routes wholly to i
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
+from lorafleet.adapters import AdapterBank
+from lorafleet.backbone import Backbone
 from lorafleet.qa.evalsets import EvalSet
-from lorafleet.qa.matrix import ColumnSpec, _distinct_rows
-from lorafleet.qa.results import ColumnInfo
+from lorafleet.qa.matrix import ColumnSpec, _distinct_rows, evaluate_matrix
+from lorafleet.qa.policy import QAPolicy
+from lorafleet.qa.results import ColumnInfo, Matrix
+from lorafleet.training import metrics
+from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example
 
 
@@ -27,3 +36,54 @@ def test_columns_that_route_an_example_alike_share_its_row() -> None:
     cells = [(i, r) for c in routes.values() for i, r in enumerate(c)]
     # every cell reads the row of its own example and routes
     assert [(rows[j][0], list(rows[j][1])) for j in where] == cells
+
+
+def test_the_probe_sets_base_rows_are_scored_once_per_process(
+    tiny_parts: tuple[Backbone, AdapterBank], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second matrix over the same probe set reuses its base column's scores (and gets the same cells); the
+    candidate's rows and another set's base rows are scored again."""
+    backbone, bank = tiny_parts
+    bank.init_slot(
+        0, TrainingConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]).slot_config(), seed=3
+    )
+    probe = EvalSet(
+        "probe", "probe", tuple(Example(i, f"Probe {i}?", f"Answer {i}.", "sft") for i in range(4)), 4
+    )
+    own = EvalSet("own", "user-holdout", (Example(9, "Mine?", "Yes.", "sft"),), 1, own=True)
+    columns = [
+        ColumnSpec(ColumnInfo("base", "base")),
+        ColumnSpec(ColumnInfo("candidate", "candidate"), routes=(("candidate", 1.0),)),
+    ]
+    scored: list[int] = []
+    real = metrics.score_examples
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        scored.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "score_examples", counting)
+
+    def run() -> Matrix:
+        return evaluate_matrix(
+            backbone=backbone,
+            bank=bank,
+            sets=[own, probe],
+            columns=columns,
+            slots={"candidate": 0},
+            policy=QAPolicy(samples_per_cell=0, max_seq_len=64),
+        )
+
+    try:
+        first, scored_first = run(), list(scored)
+        scored.clear()
+        second = run()
+    finally:
+        bank.evict_slot(0)
+    assert scored_first[0] == 2 and scored[0] == 2  # the own set: base and candidate, both times
+    assert scored[1] == 4 and scored_first[1] in (
+        4,
+        8,
+    )  # the probe: the candidate only (8: not cached before)
+    for column in ("base", "candidate"):
+        assert first.loss("probe", column) == second.loss("probe", column)
