@@ -162,13 +162,6 @@ def parse_args() -> argparse.Namespace:
         "(TrainingConfig.anchor_unlikelihood)",
     )
     parser.add_argument(
-        "--fact-unlikelihood",
-        type=float,
-        default=_D.fact_unlikelihood,
-        help="weight of the unlikelihood of each user's other facts' tokens where its answers give a fact "
-        "(TrainingConfig.fact_unlikelihood)",
-    )
-    parser.add_argument(
         "--replay-ratio", type=float, default=_D.replay_ratio, help="replayed old records per new record"
     )
     parser.add_argument(
@@ -249,7 +242,6 @@ def setup(args: argparse.Namespace) -> Context:
         max_seq_len=160,
         anchor_ratio=args.anchor_ratio,
         anchor_unlikelihood=args.anchor_unlikelihood,
-        fact_unlikelihood=args.fact_unlikelihood,
         replay_ratio=args.replay_ratio,
         l2_to_parent=args.l2_to_parent,
     )

@@ -45,7 +45,6 @@ class _TrainingFields(BaseModel):
     replay_ratio: float | None = None
     anchor_ratio: float | None = None
     anchor_unlikelihood: float | None = None
-    fact_unlikelihood: float | None = None
     l2_to_parent: float | None = None
     holdout_fraction: float | None = None
     rating_threshold: float | None = None

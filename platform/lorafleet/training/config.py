@@ -85,10 +85,6 @@ class TrainingConfig(BaseModel):
     #: paraphrase in 48 on two seeds (median accuracy 0.90 -> 0.88); on seed 0, 2.0 and 5.0 gave 91.3 % and
     #: 93.7 % clean at 0.90 and 0.88 accuracy (88.9 % at 0.96 for 1.0)
     anchor_unlikelihood: float = Field(default=1.0, ge=0.0, le=100.0, allow_inf_nan=False)
-    #: weight of an unlikelihood term on the user's own rows: where an answer's next token is one of its personal
-    #: tokens (above), the probability of its personal tokens that never share a completion with that token (the
-    #: other facts' values: a diet question answered with the pet's name) is pushed down, ``-log(1 - p)`` (0 = off)
-    fact_unlikelihood: float = Field(default=0.0, ge=0.0, le=100.0, allow_inf_nan=False)
     #: replayed old records per new record in continual learning (read by ``training.continual``)
     replay_ratio: float = Field(default=1.0, ge=0.0, le=10.0)
     #: weight of the L2 pull of each slot towards its parent's weights (0 = off)

@@ -341,13 +341,7 @@ def _train(
                 group["lr"] = lr
             step_losses = _accumulate(
                 bank,
-                _Streams(
-                    streams,
-                    pair_streams,
-                    preferences,
-                    personal,
-                    personal_apart(tokenizer, tasks, personal, config),
-                ),
+                _Streams(streams, pair_streams, preferences, personal),
                 tasks,
                 parents,
                 config,
@@ -408,8 +402,7 @@ def personal_tokens(
     Only the user's own rows decide, so its training does not depend on who else is in the job. Preference pairs
     that DPO trains are left out: they teach a style, which DPO's reference already keeps in bounds.
     """
-    on_anchors = config.anchor_unlikelihood > 0 and any(t.anchors for t in tasks)
-    if not on_anchors and config.fact_unlikelihood == 0:
+    if config.anchor_unlikelihood == 0 or not any(t.anchors for t in tasks):
         return [None] * len(tasks)
 
     def completion_ids(examples: Sequence[Example]) -> set[int]:
@@ -428,37 +421,7 @@ def personal_tokens(
         taught = [e for e in task.train if not (config.trains_preferences and is_pair(e))]
         asked = prompt_ids([*task.train, *task.anchors])
         own = sorted(completion_ids(taught) - completion_ids(task.anchors) - asked - special)
-        wanted = task.anchors or config.fact_unlikelihood > 0
-        out.append(torch.tensor(own, dtype=torch.int64, device=device) if own and wanted else None)
-    return out
-
-
-def personal_apart(
-    tokenizer: Any,
-    tasks: Sequence[SlotTraining],
-    personal: Sequence[torch.Tensor | None],
-    config: TrainingConfig,
-) -> list[torch.Tensor | None]:
-    """Per task, ``[k, k]`` booleans over its ``k`` personal tokens: ``[a, b]`` when no completion of the user holds
-    both token ``a`` and token ``b`` (None: no personal tokens, or the fact unlikelihood is off). Tokens that share
-    a completion belong to one fact or its phrasing ("Your pet is called Marmalade." and "You named your pet
-    Marmalade."); tokens apart are another fact's: what the fact unlikelihood pushes down."""
-    out: list[torch.Tensor | None] = []
-    for task, tokens in zip(tasks, personal, strict=True):
-        if tokens is None or config.fact_unlikelihood == 0:
-            out.append(None)
-            continue
-        index = {t: i for i, t in enumerate(tokens.tolist())}
-        together = torch.zeros(len(index), len(index), dtype=torch.bool)
-        for example in task.train:
-            if config.trains_preferences and is_pair(example):
-                continue
-            ids, n = encode_example(tokenizer, example, max_seq_len=config.max_seq_len)
-            held = sorted({index[t] for t in ids[len(ids) - n :] if t in index})
-            if held:
-                rows = torch.tensor(held)
-                together[rows.unsqueeze(1), rows.unsqueeze(0)] = True
-        out.append((~together).to(tokens.device))
+        out.append(torch.tensor(own, dtype=torch.int64, device=device) if own and task.anchors else None)
     return out
 
 
@@ -501,8 +464,6 @@ class _Streams:
     preferences: Sequence[JobPairs]
     #: per user, the tokens the anchor unlikelihood pushes down on its anchor rows (:func:`personal_tokens`)
     personal: Sequence[torch.Tensor | None]
-    #: per user, which personal tokens never share a completion (:func:`personal_apart`; the fact unlikelihood)
-    apart: Sequence[torch.Tensor | None]
 
 
 @dataclass
@@ -513,8 +474,6 @@ class _Rows:
     owners: list[int] = field(default_factory=list)
     sft: list[bool] = field(default_factory=list)
     anchor: list[bool] = field(default_factory=list)
-    #: the user's own SFT rows (neither an anchor nor a preference pair's side): the fact unlikelihood's
-    taught: list[bool] = field(default_factory=list)
     pairs: list[tuple[int, int, int]] = field(default_factory=list)
 
     def add_sft(self, user: int, stream: _UserStream, n: int) -> None:
@@ -523,7 +482,6 @@ class _Rows:
         self.owners.extend([user] * len(picked))
         self.sft.extend([True] * len(picked))
         self.anchor.extend(stream.is_anchor(i) for i in picked)
-        self.taught.extend(not stream.is_anchor(i) for i in picked)
 
     def add_pairs(self, user: int, picked: Sequence[tuple[int, Any, Any]], *, sft_on_chosen: bool) -> None:
         for index, chosen, rejected in picked:
@@ -532,7 +490,6 @@ class _Rows:
             self.owners.extend([user, user])
             self.sft.extend([sft_on_chosen, False])
             self.anchor.extend([False, False])
-            self.taught.extend([False, False])
 
 
 def _pack(streams: _Streams, config: TrainingConfig) -> _Rows:
@@ -579,12 +536,6 @@ def _accumulate(
                 anchor_rows = torch.tensor(packed.anchor, device=bank.device)  # [rows]
                 unlikely = _anchor_unlikelihood(logits, scored.rows, owner, anchor_rows, streams.personal)
                 objective = objective + config.anchor_unlikelihood * unlikely
-            if config.fact_unlikelihood > 0 and any(packed.taught):
-                taught_rows = torch.tensor(packed.taught, device=bank.device)  # [rows]
-                confused = _fact_unlikelihood(
-                    logits, scored.labels, scored.rows, owner, taught_rows, streams.personal, streams.apart
-                )
-                objective = objective + config.fact_unlikelihood * confused
             if packed.pairs:
                 row_logps = token_loss.new_zeros(len(packed.rows)).index_add(0, scored.rows, -token_loss)
                 dpo, margins = batch_dpo(
@@ -635,41 +586,6 @@ def _anchor_unlikelihood(
             continue
         rows = logits.index_select(0, picked)  # [m, vocab]
         log_p = torch.logsumexp(rows.index_select(1, tokens), dim=1) - torch.logsumexp(rows, dim=1)  # [m]
-        terms.append(-torch.log1p(-log_p.exp().clamp(max=1.0 - 1e-6)).mean())
-    return torch.stack(terms)
-
-
-def _fact_unlikelihood(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    token_rows: torch.Tensor,
-    owner: torch.Tensor,
-    taught_rows: torch.Tensor,
-    personal: Sequence[torch.Tensor | None],
-    apart: Sequence[torch.Tensor | None],
-) -> torch.Tensor:
-    """Per user ``[users]``: over the positions of its own rows whose next token is one of its personal tokens, the
-    mean of ``-log(1 - p)``, where ``p`` is the probability of its personal tokens that never share a completion
-    with that token (``personal_apart``: another fact's value where this fact's belongs); 0 without any."""
-    on_taught, token_owner = taught_rows[token_rows], owner[token_rows]  # [n], [n]
-    terms: list[torch.Tensor] = []
-    for user, (tokens, away) in enumerate(zip(personal, apart, strict=True)):
-        if tokens is None or away is None:
-            terms.append(logits.new_zeros(()))
-            continue
-        hits = labels.unsqueeze(1) == tokens.unsqueeze(0)  # [n, k]
-        target = hits.to(torch.int64).argmax(dim=1)  # [n]: the label's personal index (where it is one)
-        # a position counts where its label is personal and some personal token is apart from it (an all -inf
-        # logsumexp would have no gradient)
-        picked = (on_taught & (token_owner == user) & hits.any(dim=1) & away[target].any(dim=1)).nonzero()
-        picked = picked.squeeze(1)  # [m]
-        if picked.numel() == 0:
-            terms.append(logits.new_zeros(()))
-            continue
-        rows = logits.index_select(0, picked)  # [m, vocab]
-        kept = away.index_select(0, target.index_select(0, picked))  # [m, k]
-        others = rows.index_select(1, tokens).masked_fill(~kept, float("-inf"))  # [m, k]
-        log_p = torch.logsumexp(others, dim=1) - torch.logsumexp(rows, dim=1)  # [m]
         terms.append(-torch.log1p(-log_p.exp().clamp(max=1.0 - 1e-6)).mean())
     return torch.stack(terms)
 

@@ -18,10 +18,8 @@ from lorafleet.training.dataset import Example, encode_examples
 from lorafleet.training.trainer import (
     SlotTraining,
     _anchor_unlikelihood,
-    _fact_unlikelihood,
     evaluate,
     lr_factor,
-    personal_apart,
     personal_tokens,
     train_slots,
     user_losses,
@@ -331,44 +329,3 @@ def test_anchor_unlikelihood_is_minus_log_one_minus_the_personal_probability() -
     got = _anchor_unlikelihood(logits, token_rows, owner, anchor_rows, personal)
     p = logits[2:4].softmax(-1)[:, [2, 5]].sum(-1)  # user 0's anchor row is row 1: positions 2 and 3
     assert torch.allclose(got, torch.stack([-torch.log1p(-p).mean(), torch.tensor(0.0)]), atol=1e-6)
-
-
-def test_fact_unlikelihood_pushes_down_only_the_personal_tokens_apart_from_the_answers_own() -> None:
-    """At a position whose label is a personal token, the term is ``-log(1 - p)`` of the personal tokens that never
-    share a completion with it; positions with other labels, anchor rows and other users add nothing."""
-    logits = torch.randn(
-        6, 10, generator=torch.Generator().manual_seed(1)
-    ).requires_grad_()  # [positions, vocab]
-    labels = torch.tensor([2, 7, 5, 2, 3, 2])
-    token_rows = torch.tensor([0, 0, 1, 1, 2, 3])  # rows 0-1 are user 0's, rows 2-3 user 1's
-    owner = torch.tensor([0, 0, 1, 1])
-    taught = torch.tensor([True, False, True, True])  # row 1 is an anchor
-    personal = [torch.tensor([2, 5, 8]), None]
-    # token 2 shares a completion with 8 ("Marmalade" with "called"); 5 is another fact's
-    apart = [torch.tensor([[False, True, False], [True, False, True], [False, True, False]]), None]
-    got = _fact_unlikelihood(logits, labels, token_rows, owner, taught, personal, apart)
-    # user 0's taught row 0 holds positions 0 (label 2: token 5 apart) and 1 (label 7: not personal)
-    p = logits[0].softmax(-1)[5]
-    assert torch.allclose(got, torch.stack([-torch.log1p(-p), torch.tensor(0.0)]), atol=1e-6)
-    got.sum().backward()
-    assert logits.grad is not None and torch.isfinite(logits.grad).all()  # whatever the masks left out
-
-
-def test_personal_tokens_apart_are_those_no_completion_holds_together(tokenizer: Any) -> None:
-    """Two facts' answers: their values are apart, tokens of one answer are not; off, there is nothing."""
-    train = [
-        Example(1, "Q: my pet?\nA: ", "Zorb.", "sft"),
-        Example(2, "Q: my city?\nA: ", "Vux.", "sft"),
-    ]
-    task = SlotTraining(0, "ada", train, [], anchors=[])
-    config = FAST.with_changes(fact_unlikelihood=1.0)
-    [tokens] = personal_tokens(tokenizer, [task], config, torch.device("cpu"))
-    assert tokens is not None  # without anchors too: the term reads the user's own rows
-    [apart] = personal_apart(tokenizer, [task], [tokens], config)
-    assert apart is not None
-    ids = {tokenizer(c, add_special_tokens=False)["input_ids"][0]: c for c in "ZorbVux"}
-    index = {ids[t]: i for i, t in enumerate(tokens.tolist()) if t in ids}
-    assert len(index) == 7  # no prompt uses them
-    assert not apart[index["Z"], index["b"]] and not apart[index["V"], index["x"]]  # one answer
-    assert apart[index["Z"], index["V"]] and apart[index["x"], index["o"]]  # the other fact's
-    assert personal_apart(tokenizer, [task], [tokens], FAST) == [None]  # the term is off by default
