@@ -285,9 +285,9 @@ def run_demo(*, users: int = 4, timeout: float = 900.0) -> int:
     # done here, before the service's trainer actor and engine load it, so it is not interleaved with them
     resolve_backbone_path(settings.backbone, data_dir=settings.data_dir)
     clock.mark("backbone")
-    # the local Ray is started here, on the main thread, not by the service's workers thread: Ray's processes die
-    # with the thread that started them (PR_SET_PDEATHSIG), so started there they were killed when it ended, and
-    # ray.shutdown() then sat 15 s in its flush timeouts talking to a dead GCS
+    # the local Ray is started here, on the main thread, not by the service's start-up, which runs in the API
+    # server's thread: Ray's processes die with the thread that started them (PR_SET_PDEATHSIG), so they were
+    # killed when that thread ended, and ray.shutdown() then sat 15 s in its flush timeouts on a dead GCS
     init_ray(settings)
     with _service(settings, timeout=600.0) as server:
         clock.mark("start service")
