@@ -77,7 +77,10 @@ def test_two_rounds_for_six_users_through_the_scheduler_and_a_trainer_actor(
 ) -> None:
     db = pg_database
     settings = make_settings(
-        database_url=pg_url, object_store_url=f"s3://{s3_bucket}/adapters", s3_endpoint_url=moto_endpoint
+        database_url=pg_url,
+        object_store_url=f"s3://{s3_bucket}/adapters",
+        s3_endpoint_url=moto_endpoint,
+        trainer_threads=2,  # Ray alone would give the 1-CPU actor one torch thread
     )
     registry = Registry(db, open_blob_store_from_settings(settings))
     tenant_id = tiny_tenant(db)
@@ -121,6 +124,7 @@ def test_two_rounds_for_six_users_through_the_scheduler_and_a_trainer_actor(
 
         (stats,) = pool.stats()
         assert stats["backbone_loads"] == 1 and stats["jobs_succeeded"] == 5 and stats["jobs_failed"] == 0
+        assert stats["torch_threads"] == 2
     assert count_versions_and_snapshots(db) == (13, 13)
 
 
