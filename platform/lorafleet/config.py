@@ -97,6 +97,12 @@ class Settings(ClientSettings):
         description="Blob bytes the scheduler re-hashes per tick, at most (one version at least, however large); "
         "0 turns the scrub off.",
     )
+    scrub_pass_seconds: int = Field(
+        default=3600,
+        ge=0,
+        description="A new scrub pass over every version starts at most this long after the last one ended (a "
+        "small registry is not re-read at every tick); 0: at once.",
+    )
     scrub_repair: bool = Field(
         default=False,
         description="The scrub quarantines what it finds corrupt or missing (as `lorafleet verify --repair`: "

@@ -277,7 +277,8 @@ def verify_blobs(
 class BlobScrubber:
     """The scheduler's periodic scrub: each ``tick`` checks the next window of at most ``versions_per_tick``
     versions and ``bytes_per_tick`` bytes (one version at least), logs what it finds and, with ``repair``,
-    quarantines the bad ones as ``verify_blobs`` does. A budget of 0 turns it off (``tick`` does nothing).
+    quarantines the bad ones as ``verify_blobs`` does. A budget of 0 turns it off (``tick`` does nothing). Past the
+    last version a pass is over; the next starts once ``pass_seconds`` have gone by (0: at once).
 
     ``registry`` may be a function that builds it: the object store is then opened only once a window holds a
     version (a scheduler over an empty database never touches it)."""
@@ -292,13 +293,15 @@ class BlobScrubber:
         repair: bool = False,
         queue: JobQueue | None = None,
         name: str = SCRUB_CURSOR,
+        pass_seconds: float = 0.0,
     ) -> None:
-        if versions_per_tick < 0 or bytes_per_tick < 0:
-            raise ValidationError("scrub budgets must be >= 0")
+        if versions_per_tick < 0 or bytes_per_tick < 0 or pass_seconds < 0:
+            raise ValidationError("scrub budgets and pass_seconds must be >= 0")
         self.db = db
         self._registry = registry
         self.versions_per_tick = versions_per_tick
         self.bytes_per_tick = bytes_per_tick
+        self.pass_seconds = pass_seconds
         self.repair = repair
         self.queue = queue or JobQueue(db)
         self.name = name
@@ -321,6 +324,7 @@ class BlobScrubber:
             bytes_per_tick=settings.scrub_bytes_per_tick,
             repair=settings.scrub_repair,
             queue=queue,
+            pass_seconds=settings.scrub_pass_seconds,
         )
 
     @property
@@ -343,6 +347,7 @@ class BlobScrubber:
             name=self.name,
             max_versions=self.versions_per_tick,
             max_bytes=self.bytes_per_tick,
+            pass_seconds=self.pass_seconds,
         )
         if not window:
             return VerifyReport(())

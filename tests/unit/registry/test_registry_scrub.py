@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from registry_helpers import TwoTenants, registered_versions
 from registry_helpers import statuses as _statuses
+from sqlalchemy.orm import Session
 from tests.blob_corruption import flip_byte
 
 from lorafleet.config import load_settings
@@ -20,6 +22,7 @@ from lorafleet.jobs.scheduler import Scheduler
 from lorafleet.registry import Registry
 from lorafleet.runtime.job_commands import scheduler_tick
 from lorafleet.store.sql.database import Database
+from lorafleet.store.sql.models import SqlScrubCursor, utcnow
 from lorafleet.workflows.blob_verify import REPAIR_REASON, SCRUB_ACTOR, BlobScrubber, VerifyReport
 
 SCRUB_LOG = "lorafleet.workflows.blob_verify"
@@ -133,7 +136,7 @@ def test_the_scheduler_runs_the_scrub_after_its_ticks(
         scheduler_tick(load_settings(**common, scrub_versions_per_tick=1))
     assert "blob scrub: tenant-a/alice/chat v3 is corrupt" in caplog.text
     assert _statuses(local_registry, tenants.a, adapter_id)[2] == "live"  # LORAFLEET_SCRUB_REPAIR is off
-    repair = load_settings(**common, scrub_versions_per_tick=10, scrub_repair=True)
+    repair = load_settings(**common, scrub_versions_per_tick=10, scrub_repair=True, scrub_pass_seconds=0)
     scheduler_tick(repair)  # v4: the window ends at the last version
     assert _statuses(local_registry, tenants.a, adapter_id)[2] == "live"
     scheduler_tick(repair)  # round again: v1 to v4, v3 quarantined
@@ -141,3 +144,31 @@ def test_the_scheduler_runs_the_scrub_after_its_ticks(
     caplog.clear()
     scheduler_tick(load_settings(**common, scrub_versions_per_tick=0))  # off: nothing read, nothing logged
     assert "blob scrub" not in caplog.text
+
+
+def test_a_new_pass_waits_pass_seconds_after_the_last_one_ended(
+    database: Database,
+    local_registry: Registry,
+    tenants: TwoTenants,
+    make_adapter_dir: Callable[..., Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With ``pass_seconds``, a small registry is read once per pass, not at every tick: past the last version the
+    scrub reads nothing (and logs nothing) until ``pass_seconds`` have gone by since that pass ended."""
+    _versions(local_registry, tenants, make_adapter_dir)
+    caplog.set_level(logging.INFO, logger=SCRUB_LOG)
+    scrub = BlobScrubber(
+        database, local_registry, versions_per_tick=2, bytes_per_tick=10**9, name="paced", pass_seconds=3600
+    )
+    assert [_checked(scrub.tick()) for _ in range(4)] == [[1, 2], [3, 4], [], []]
+    assert caplog.text.count("blob scrub: checked") == 2
+
+    def ended_two_hours_ago(session: Session) -> None:
+        cursor = session.get(SqlScrubCursor, "paced")
+        assert cursor is not None and cursor.after_version_id == 0  # the pass ended: back at the start
+        cursor.updated_at = utcnow() - timedelta(hours=2)
+
+    database.run(ended_two_hours_ago)
+    assert _checked(scrub.tick()) == [1, 2]  # the next pass
+    with pytest.raises(ValidationError, match="pass_seconds"):
+        BlobScrubber(database, local_registry, versions_per_tick=1, bytes_per_tick=1, pass_seconds=-1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import and_, or_, select, text, update
@@ -54,6 +54,10 @@ from lorafleet.store.sql.rows import DialectRepository, chunks, from_row, to_sna
 BLOB_GC_LOCK_KEY = 0x6C6F7261_67630001
 
 Direction = Literal["ancestors", "descendants"]
+
+
+#: ``scrub_cursors.updated_at`` of a cursor that has not ended a pass yet: its first pass starts at once
+_NO_PASS_YET = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -327,18 +331,19 @@ class RegistryRepository(DialectRepository):
         ]
 
     def claim_scrub_window(
-        self, session: Session, *, name: str, max_versions: int, max_bytes: int
+        self, session: Session, *, name: str, max_versions: int, max_bytes: int, pass_seconds: float = 0.0
     ) -> list[VersionLocation]:
         """The next versions a periodic scrub checks, and the cursor moved past them, in the caller's transaction.
 
         At most ``max_versions`` versions and ``max_bytes`` bytes (the first version is taken even when it alone is
         larger, so no version is skipped forever), by id after the cursor, ``corrupt`` ones left out (they are not
-        read again); past the last version the cursor starts over. The cursor row is locked until commit, so two
-        scrubbers claim disjoint windows."""
+        read again); past the last version the cursor starts over, once ``pass_seconds`` have gone by since the
+        last pass ended (its end is recorded in ``updated_at``, with the cursor back at 0; nothing is read before).
+        The cursor row is locked until commit, so two scrubbers claim disjoint windows."""
         if self._postgres:
             session.execute(
                 pg_insert(SqlScrubCursor)
-                .values(name=name, after_version_id=0, updated_at=utcnow())
+                .values(name=name, after_version_id=0, updated_at=_NO_PASS_YET)
                 .on_conflict_do_nothing(index_elements=[SqlScrubCursor.name])
             )
             cursor = session.scalar(
@@ -347,8 +352,11 @@ class RegistryRepository(DialectRepository):
         else:
             cursor = session.get(SqlScrubCursor, name)  # SQLite: the transaction holds the write lock
         if cursor is None:
-            cursor = SqlScrubCursor(name=name, after_version_id=0, updated_at=utcnow())
+            cursor = SqlScrubCursor(name=name, after_version_id=0, updated_at=_NO_PASS_YET)
             session.add(cursor)
+        now = utcnow()
+        if cursor.after_version_id == 0 and (now - cursor.updated_at).total_seconds() < pass_seconds:
+            return []  # the last pass ended less than pass_seconds ago
         corrupt = VersionStatus.CORRUPT
         found = self.scan_versions(
             session,
@@ -357,10 +365,16 @@ class RegistryRepository(DialectRepository):
             limit=max_versions,
             exclude_status=corrupt,
         )
-        if not found and cursor.after_version_id > 0:  # past the end: start over
+        if not found and cursor.after_version_id > 0:  # past the end: this pass is over
+            if pass_seconds > 0:
+                cursor.after_version_id, cursor.updated_at = 0, now
+                session.flush()
+                return []
             found = self.scan_versions(
                 session, tenant_id=None, after_id=0, limit=max_versions, exclude_status=corrupt
             )
+        if not found:
+            return []  # nothing to check (an empty registry): the cursor stays as it is
         window: list[VersionLocation] = []
         total = 0
         for located in found:
@@ -368,8 +382,8 @@ class RegistryRepository(DialectRepository):
                 break
             window.append(located)
             total += located.version.size_bytes
-        cursor.after_version_id = window[-1].version.id if window else 0
-        cursor.updated_at = utcnow()
+        cursor.after_version_id = window[-1].version.id
+        cursor.updated_at = now
         session.flush()
         return window
 
