@@ -72,11 +72,11 @@ class Timed:
 
 
 def build(
-    path: Path, quantization: str, store_dir: Path, *, dense_mb: int | None = None
+    path: Path, quantization: str, store_dir: Path, *, dense_mb: int | None = None, device: str = "cpu"
 ) -> tuple[Backbone, GenerationEngine]:
     """The engine as ``build_engine`` makes it for the service (dense views of 4-bit layers within ``dense_mb``
     MiB, None: its default), over ``USERS`` random adapters."""
-    backbone = load_backbone(path, quantization=quantization, device="cpu")
+    backbone = load_backbone(path, quantization=quantization, device=device)
     bank = inject_bank(backbone, target_modules="all-linear", n_slots=USERS + 1, max_rank=RANK)
     densify(
         backbone.model,
@@ -344,6 +344,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--quantization", default=None, help="default: fp32 on tiny, nf4 on a real backbone")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--parts", default="arrival,poisson,bare")
     add_int_options(parser, max_batch_size=32)
@@ -383,7 +384,9 @@ def main() -> None:
         else:
             path = resolve_backbone_path(args.backbone, data_dir=args.data_dir)
             quantization = args.quantization or "nf4"
-        backbone, engine = build(path, quantization, Path(tmp) / "blobs", dense_mb=args.dense_mb)
+        backbone, engine = build(
+            path, quantization, Path(tmp) / "blobs", dense_mb=args.dense_mb, device=args.device
+        )
         knobs = {"join_ratio": args.join_ratio, "max_join_delay_steps": args.join_delay}
         batchers = Batchers(
             engine,
@@ -424,7 +427,7 @@ def main() -> None:
                 args,
             )
         if "bare" in parts:
-            bare = load_backbone(path, quantization=quantization, device="cpu")
+            bare = load_backbone(path, quantization=quantization, device=args.device)
             report_bare(
                 bench_bare(
                     batchers, backbone, bare, rows=args.bare_rows, new_tokens=args.bare_tokens, runs=args.runs

@@ -157,11 +157,13 @@ def _load_kwargs(quantization: str, device: torch.device, compute_dtype: torch.d
     import torch
     from transformers import BitsAndBytesConfig
 
-    device_map = {"": str(device)}
+    # use_kernels=False: transformers 5.x otherwise, on CUDA, swaps layers for the hub's "kernels" (code it would
+    # download at load time; offline it fails the load: seen on an H200)
+    common = {"device_map": {"": str(device)}, "use_kernels": False}
     if quantization == "fp32":
-        return {"dtype": torch.float32, "device_map": device_map}
+        return {"dtype": torch.float32, **common}
     if quantization == "bf16":
-        return {"dtype": torch.bfloat16, "device_map": device_map}
+        return {"dtype": torch.bfloat16, **common}
     if quantization == "nf4":
         config = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -172,4 +174,4 @@ def _load_kwargs(quantization: str, device: torch.device, compute_dtype: torch.d
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
     # non-quantised parts (embeddings, norms, lm_head) stay in the compute dtype
-    return {"quantization_config": config, "dtype": compute_dtype, "device_map": device_map}
+    return {"quantization_config": config, "dtype": compute_dtype, **common}

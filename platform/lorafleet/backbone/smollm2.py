@@ -110,7 +110,12 @@ def _convert(gguf: Path, folder: Path) -> None:
         folder.parent,
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        dtype=torch.float32,
+        use_kernels=False,  # nothing fetched (loading.py)
+    )
     state = loaded.state_dict()
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config_dict = config.to_dict()

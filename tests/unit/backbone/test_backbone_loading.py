@@ -59,3 +59,13 @@ def test_bad_sources_and_options_are_refused(tiny_dir: Path, tmp_path: Path) -> 
     torch.save({}, pickled / "pytorch_model.bin")
     with pytest.raises(UnsafeFormatError):
         load_backbone(pickled, device="cpu")
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8", "bf16", "fp32"])
+def test_loading_never_asks_the_hub_for_kernels(quantization: str) -> None:
+    """transformers 5.x swaps layers for the hub's "kernels" on CUDA unless told not to: code downloaded at load
+    time, which offline failed the load on an H200 ("could not verify publisher trust status")."""
+    from lorafleet.backbone.loading import _load_kwargs
+
+    kwargs = _load_kwargs(quantization, torch.device("cuda"), torch.bfloat16)
+    assert kwargs["use_kernels"] is False and kwargs["device_map"] == {"": "cuda"}
