@@ -20,7 +20,7 @@ from lorafleet.training.dataset import Example
 
 def test_columns_that_route_an_example_alike_share_its_row() -> None:
     examples = tuple(Example(i, f"question {i}?", f"answer {i}.", "sft") for i in range(3))
-    own = EvalSet("own", "user", examples, total=3, own=True)
+    own = EvalSet("own", "user-holdout", examples, total=3, own=True)
     columns = [ColumnSpec(ColumnInfo(name, "candidate")) for name in ("base", "candidate", "gated", "pair")]
     routes = {
         "base": [[], [], []],
@@ -81,9 +81,7 @@ def test_the_probe_sets_base_rows_are_scored_once_per_process(
     finally:
         bank.evict_slot(0)
     assert scored_first[0] == 2 and scored[0] == 2  # the own set: base and candidate, both times
-    assert scored[1] == 4 and scored_first[1] in (
-        4,
-        8,
-    )  # the probe: the candidate only (8: not cached before)
+    # the probe: base and candidate the first time (no other test scores these texts), the candidate alone after
+    assert scored_first[1] == 8 and scored[1] == 4
     for column in ("base", "candidate"):
         assert first.loss("probe", column) == second.loss("probe", column)
