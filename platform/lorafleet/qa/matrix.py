@@ -243,15 +243,8 @@ def _score_set(
     if not s.examples:
         return {c.info.name: Cell(math.nan, math.nan, 0, 0) for c in columns}
     rows, where = _distinct_rows(s, columns, routes)
-    known = {}  # row -> score: the probe's base rows scored by an earlier QA run of this process
-    if s.kind == "probe":
-        place = (backbone.fingerprint.digest, backbone.quantization, str(bank.device), policy.max_seq_len)
-        keys = {
-            j: (*place, s.examples[i].prompt, s.examples[i].completion)
-            for j, (i, r) in enumerate(rows)
-            if not r
-        }
-        known = {j: _BASE_PROBE_SCORES[key] for j, key in keys.items() if key in _BASE_PROBE_SCORES}
+    keys = _probe_base_keys(backbone, bank, s, rows, policy)  # row -> cache key: the probe's base rows
+    known = {j: _BASE_PROBE_SCORES[key] for j, key in keys.items() if key in _BASE_PROBE_SCORES}
     todo = [j for j in range(len(rows)) if j not in known]
     scored = score_examples(
         bank,
@@ -263,8 +256,7 @@ def _score_set(
         prefix=prefix,
     )
     distinct = {**known, **dict(zip(todo, scored, strict=True))}
-    if s.kind == "probe":
-        _BASE_PROBE_SCORES.update((keys[j], distinct[j]) for j in keys)
+    _BASE_PROBE_SCORES.update((key, distinct[j]) for j, key in keys.items())
     scores = [distinct[j] for j in where]
     n, out = len(s.examples), {}
     for i, column in enumerate(columns):
@@ -278,6 +270,23 @@ def _score_set(
             nonfinite=sum(score.nonfinite for score in part),
         )
     return out
+
+
+def _probe_base_keys(
+    backbone: Backbone,
+    bank: AdapterBank,
+    s: EvalSet,
+    rows: Sequence[tuple[int, tuple[tuple[int, float], ...]]],
+    policy: QAPolicy,
+) -> dict[int, tuple[object, ...]]:
+    """The ``_BASE_PROBE_SCORES`` key of each of ``rows`` that is the base model on a probe example (none when
+    ``s`` is not the probe set)."""
+    if s.kind != "probe":
+        return {}
+    place = (backbone.fingerprint.digest, backbone.quantization, str(bank.device), policy.max_seq_len)
+    return {
+        j: (*place, s.examples[i].prompt, s.examples[i].completion) for j, (i, r) in enumerate(rows) if not r
+    }
 
 
 def _distinct_rows(
