@@ -27,7 +27,10 @@ Measured:
   on greedy answers to ``--judge-prompts`` never-trained general prompts (``EVAL_PROMPTS``), each user against
   the base;
 - retention: the share of the base's own greedy answer tokens to ``EVAL_PROMPTS`` that the adapter still
-  predicts (teacher-forced top-1), relative to the base's share;
+  predicts (teacher-forced top-1), relative to the base's share; beside it, two diagnostics: the same on the
+  answers' body (the first token and the end-of-turn left out), and "facts kept": of the fact prompts among the
+  retention prompts (capitals, arithmetic, facts: ``FACT_ANSWERS``) that the base answers right greedily, the
+  share the adapter's greedy answer still answers right;
 - the time of a DPO step against an SFT step on the same rows (the pairs' two sides as SFT rows), same users,
   interleaved, median over ``--timing-steps``.
 
@@ -43,6 +46,7 @@ import json
 import logging
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -106,6 +110,44 @@ JUDGES: dict[str, Callable[[str], bool]] = {
     "signoff": lambda a: "Best wishes" in a,
     "plain": lambda a: "Best wishes" not in a,
 }
+
+
+#: what a right answer to a never-trained general prompt says (the first 24 ``EVAL_PROMPTS``: capitals, arithmetic,
+#: facts); any one of the forms counts, matched as a whole word, case aside
+FACT_ANSWERS: dict[str, tuple[str, ...]] = {
+    "What is the capital of Japan?": ("Tokyo",),
+    "What is the capital of Spain?": ("Madrid",),
+    "What is the capital of Germany?": ("Berlin",),
+    "What is the capital of Australia?": ("Canberra",),
+    "What is the capital of Kenya?": ("Nairobi",),
+    "What is the capital of Mexico?": ("Mexico City",),
+    "What is the capital of China?": ("Beijing",),
+    "What is the capital of India?": ("Delhi",),
+    "What is the capital of the United Kingdom?": ("London",),
+    "What is 7 times 8?": ("56", "fifty-six"),
+    "What is 100 divided by 4?": ("25", "twenty-five"),
+    "What is 9 plus 10?": ("19", "nineteen"),
+    "What is half of 50?": ("25", "twenty-five"),
+    "What is the square root of 81?": ("9", "nine"),
+    "What is 25 plus 17?": ("42", "forty-two"),
+    "What is 11 times 3?": ("33", "thirty-three"),
+    "What is 6 times 7?": ("42", "forty-two"),
+    "What is 20 percent of 200?": ("40", "forty"),
+    "How many minutes are in an hour?": ("60", "sixty"),
+    "What planet is closest to the sun?": ("Mercury",),
+    "What is the largest ocean on Earth?": ("Pacific",),
+    "Who painted the Mona Lisa?": ("Leonardo",),
+    "What colour is the sky on a clear day?": ("blue",),
+    "How many continents are there?": ("7", "seven"),
+}
+
+
+def answers_right(prompt: str, answer: str) -> bool:
+    """Whether ``answer`` says one of ``FACT_ANSWERS[prompt]`` (a whole word, or a number: "40.0" counts as 40, "40.5" does not)."""
+    return any(
+        re.search(rf"(?<![\w.]){re.escape(form)}(?!\w|\.\d*[1-9])", answer, re.IGNORECASE)
+        for form in FACT_ANSWERS[prompt]
+    )
 
 
 def pairs_for(style: str, prompts: Sequence[str], answers: Sequence[str], first_id: int) -> list[Example]:
@@ -313,17 +355,26 @@ def main() -> None:
 
     figures: dict[str, dict[str, float]] = {}
     judge_prompts = list(EVAL_PROMPTS[: args.judge_prompts])
+    # the fact prompts among the retention prompts are answered too (one generation for both)
+    fact_prompts = [p for p in retention_prompts if p in FACT_ANSWERS]
+    asked = judge_prompts + [p for p in fact_prompts if p not in judge_prompts]
     routes: list[list[tuple[int, float]]] = [[]] + [[(slots[u], 1.0)] for u in users]
     generated = generate_answers(
         backbone.model,
         tokenizer,
-        [p for _ in routes for p in judge_prompts],
+        [p for _ in routes for p in asked],
         args.judge_tokens,
         bank=bank,
-        routes=[r for r in routes for _ in judge_prompts],
+        routes=[r for r in routes for _ in asked],
         trim=False,
     )
-    by_route = [generated[i * len(judge_prompts) : (i + 1) * len(judge_prompts)] for i in range(len(routes))]
+    answered = [
+        dict(zip(asked, generated[i * len(asked) : (i + 1) * len(asked)], strict=True))
+        for i in range(len(routes))
+    ]
+    by_route = [[a[p] for p in judge_prompts] for a in answered]
+    base_right = [p for p in fact_prompts if answers_right(p, answered[0][p])]
+    logger.info("the base answers %d of %d fact prompts right", len(base_right), len(fact_prompts))
     general = [
         Example(i, p, a, "sft")
         for i, (p, a) in enumerate(zip(retention_prompts, base_general, strict=True))
@@ -346,23 +397,28 @@ def main() -> None:
             "judge_adapter": sum(map(JUDGES[style], by_route[i + 1])) / len(judge_prompts),
             "retention": adapter_acc / base_acc,
             "retention_body": body_accuracy(bank, tokenizer, general, slots[u]) / base_body,
+            # of the fact prompts the base answers right, the share the adapter's greedy answer still gets right
+            "facts_kept": sum(answers_right(p, answered[i + 1][p]) for p in base_right)
+            / max(len(base_right), 1),
             "dpo_loss_first": results[u].get("dpo_loss_first", float("nan")),
             "dpo_loss": results[u].get("dpo_loss", float("nan")),
         }
         logger.info("%s: %s | sample: %r", u, figures[u], by_route[i + 1][0][:160])
 
     print(
-        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | retention | retention, answer body |"
+        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | retention | retention, answer body | facts kept |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for u, f in figures.items():
         print(
             f"| {u} | {f['held_out_accuracy_base_raw_logp']:.0%} | {f['held_out_accuracy']:.0%} | "
-            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} | {f['retention_body']:.1%} |"
+            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} | {f['retention_body']:.1%} | {f['facts_kept']:.0%} |"
         )
     sys.stdout.flush()
+    # every greedy answer, by route (the base first), for reading what the figures count
+    answers_by = {name: answered[i] for i, name in enumerate(["base", *users])}
     if args.json:
-        args.json.write_text(json.dumps({"users": figures}, indent=1))
+        args.json.write_text(json.dumps({"users": figures, "answers": answers_by}, indent=1))
     # DPO step vs SFT step on the same rows: the DPO users' pairs, and their two sides as SFT rows
     pair_users = list(args.styles)
     dpo_tasks = [SlotTraining(slots[u], u, train[u], ()) for u in pair_users]
@@ -386,7 +442,11 @@ def main() -> None:
     print(f"\n{json.dumps(summary)}")
     if args.json:
         args.json.write_text(
-            json.dumps({"users": figures, "summary": summary, "args": vars(args)}, default=str, indent=1)
+            json.dumps(
+                {"users": figures, "summary": summary, "args": vars(args), "answers": answers_by},
+                default=str,
+                indent=1,
+            )
         )
 
 

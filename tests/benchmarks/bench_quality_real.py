@@ -109,6 +109,8 @@ class SeedResult:
     samples: list[str] = field(default_factory=list)
     #: every general answer judged leaked or framed, "arm | user | prompt -> answer" (for the JSON file)
     leaks: list[str] = field(default_factory=list)
+    #: every personal answer that misses its fact, "arm | user | prompt -> answer" (for the JSON file)
+    misses: list[str] = field(default_factory=list)
 
 
 def parse_args() -> argparse.Namespace:
@@ -462,6 +464,7 @@ def record_arm(
         out.figures[f"{prefix}_kl"] = statistics.median(v[0] for v in kl)
         out.figures[f"{prefix}_dnll"] = statistics.median(v[1] for v in kl)
     out.leaks += [f"{prefix} | {user} | {prompt!r} -> {answer!r}" for user, prompt, answer in judged.flagged]
+    out.misses += [f"{prefix} | {user} | {prompt!r} -> {answer!r}" for user, prompt, answer in judged.misses]
     logger.info("%s: %s", prefix, {k: round(v, 4) for k, v in out.figures.items() if k.startswith(prefix)})
 
 

@@ -70,6 +70,7 @@ class Judged:
     general_framed: dict[str, list[bool]] = field(default_factory=dict)
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (user, prompt, answer)
     flagged: list[tuple[str, str, str]] = field(default_factory=list)  # answers that leak or are framed
+    misses: list[tuple[str, str, str]] = field(default_factory=list)  # personal answers that miss the fact
 
     def accuracy(self, rounds: Sequence[int] | None = None) -> float:
         """Median over users of the share of their personal answers (about ``rounds``) that state the fact."""
@@ -196,7 +197,10 @@ def judge(
     for row, answer in zip(rows, answers, strict=True):
         found = personal_values_in(answer, users)
         if row.fact is not None:
-            out.personal.setdefault(row.user, []).append((row.fact.round, answer_has_fact(answer, row.fact)))
+            stated = answer_has_fact(answer, row.fact)
+            out.personal.setdefault(row.user, []).append((row.fact.round, stated))
+            if not stated:
+                out.misses.append((row.user, row.prompt, answer))
             crossed = any(key != row.user for key in found)
             out.cross_leaks.setdefault(row.user, []).append(crossed)
             if crossed:
