@@ -419,6 +419,8 @@ def main() -> None:
     answers_by = {name: answered[i] for i, name in enumerate(["base", *users])}
     if args.json:
         args.json.write_text(json.dumps({"users": figures, "answers": answers_by}, indent=1))
+    if args.timing_steps <= 0:
+        return
     # DPO step vs SFT step on the same rows: the DPO users' pairs, and their two sides as SFT rows
     pair_users = list(args.styles)
     dpo_tasks = [SlotTraining(slots[u], u, train[u], ()) for u in pair_users]
