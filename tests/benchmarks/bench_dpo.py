@@ -66,11 +66,18 @@ from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.domain import FeedbackRecord  # noqa: E402
 from lorafleet.feedback import prepare_record  # noqa: E402
+from lorafleet.training import preference  # noqa: E402
 from lorafleet.training.config import TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import Example, build_dataset, encode_example, pad_token_id  # noqa: E402
 from lorafleet.training.general_prompts import ANCHOR_PROMPTS, EVAL_PROMPTS, generate_answers  # noqa: E402
 from lorafleet.training.metrics import evaluate  # noqa: E402
-from lorafleet.training.preference import dpo_terms, pair_logps, pair_sides, preference_accuracy  # noqa: E402
+from lorafleet.training.preference import (  # noqa: E402
+    DpoTerms,
+    dpo_terms,
+    pair_logps,
+    pair_sides,
+    preference_accuracy,
+)
 from lorafleet.training.trainer import SlotTraining, train_slots  # noqa: E402
 
 logger = logging.getLogger("bench_dpo")
@@ -196,6 +203,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument(
+        "--margin-cap",
+        type=float,
+        default=None,
+        help="an experiment: a pair's DPO loss stops at this reward margin (beta times the log-ratio "
+        "difference), so a fitted pair pushes no further; the library has no such option",
+    )
+    parser.add_argument(
         "--sft-on-chosen",
         action=argparse.BooleanOptionalAction,
         default=TrainingConfig().sft_on_chosen,
@@ -270,8 +284,23 @@ def step_times(
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
+def cap_margins(cap: float) -> None:
+    """The ``--margin-cap`` experiment: training's DPO loss of a pair is ``-log sigmoid(min(margin, cap))``, so
+    no gradient flows from a pair whose margin passed ``cap`` (the margins reported stay the real ones)."""
+    real = preference.dpo_terms
+
+    def capped(*logps: torch.Tensor, beta: float) -> DpoTerms:
+        terms = real(*logps, beta=beta)
+        losses = -torch.nn.functional.logsigmoid(terms.margins.clamp(max=cap))  # [pairs]
+        return DpoTerms(losses, terms.chosen_rewards, terms.rejected_rewards)
+
+    preference.dpo_terms = capped  # batch_dpo looks the name up at each call
+
+
 def main() -> None:
     args = parse_args()
+    if args.margin_cap is not None:
+        cap_margins(args.margin_cap)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
