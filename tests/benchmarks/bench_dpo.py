@@ -30,7 +30,8 @@ Measured:
   predicts (teacher-forced top-1), relative to the base's share; beside it, two diagnostics: the same on the
   answers' body (the first token and the end-of-turn left out), and "facts kept": of the fact prompts among the
   retention prompts (capitals, arithmetic, facts: ``FACT_ANSWERS``) that the base answers right greedily, the
-  share the adapter's greedy answer still answers right;
+  share the adapter's greedy answer still answers right; and QA's probe drift (the probe set's loss through the
+  adapter minus the base's; QA's probe rule rejects a candidate at 0.25 nats or more on a pretrained backbone);
 - the time of a DPO step against an SFT step on the same rows (the pairs' two sides as SFT rows), same users,
   interleaved, median over ``--timing-steps``.
 
@@ -66,6 +67,7 @@ from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.domain import FeedbackRecord  # noqa: E402
 from lorafleet.feedback import prepare_record  # noqa: E402
+from lorafleet.qa.probe import probe_examples  # noqa: E402
 from lorafleet.training import preference  # noqa: E402
 from lorafleet.training.config import TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import Example, build_dataset, encode_example, pad_token_id  # noqa: E402
@@ -410,6 +412,9 @@ def main() -> None:
         if a
     ]
     base_acc = evaluate(bank, tokenizer, general, slot=None, max_seq_len=192).token_accuracy
+    # QA's general-capability guard: the probe set's loss (the base's own answers) may move < epsilon from the base's
+    probe = probe_examples(backbone, bank=bank)
+    base_probe = evaluate(bank, tokenizer, probe, slot=None, max_seq_len=192).loss
     base_body = body_accuracy(bank, tokenizer, general, None)
     for i, u in enumerate(users):
         style = u.split("-")[0]
@@ -429,19 +434,20 @@ def main() -> None:
             # of the fact prompts the base answers right, the share the adapter's greedy answer still gets right
             "facts_kept": sum(answers_right(p, answered[i + 1][p]) for p in base_right)
             / max(len(base_right), 1),
+            "probe_drift": evaluate(bank, tokenizer, probe, slot=slots[u], max_seq_len=192).loss - base_probe,
             "dpo_loss_first": results[u].get("dpo_loss_first", float("nan")),
             "dpo_loss": results[u].get("dpo_loss", float("nan")),
         }
         logger.info("%s: %s | sample: %r", u, figures[u], by_route[i + 1][0][:160])
 
     print(
-        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | retention | retention, answer body | facts kept |"
+        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | retention | retention, answer body | facts kept | QA probe drift (bound 0.25) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for u, f in figures.items():
         print(
             f"| {u} | {f['held_out_accuracy_base_raw_logp']:.0%} | {f['held_out_accuracy']:.0%} | "
-            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} | {f['retention_body']:.1%} | {f['facts_kept']:.0%} |"
+            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} | {f['retention_body']:.1%} | {f['facts_kept']:.0%} | {f['probe_drift']:+.3f} |"
         )
     sys.stdout.flush()
     # every greedy answer, by route (the base first), for reading what the figures count
