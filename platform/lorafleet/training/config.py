@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic import ValidationError as PydanticValidationError
@@ -85,6 +85,11 @@ class TrainingConfig(BaseModel):
     #: paraphrase in 48 on two seeds (median accuracy 0.90 -> 0.88); on seed 0, 2.0 and 5.0 gave 91.3 % and
     #: 93.7 % clean at 0.90 and 0.88 accuracy (88.9 % at 0.96 for 1.0)
     anchor_unlikelihood: float = Field(default=1.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    #: on the anchor rows of a user with preference pairs in the job (``dpo_weight`` > 0), the answer's first token
+    #: and its end of turn carry no loss: the anchors keep the content of general answers while their opening and
+    #: closing stay free for the user's preferred style (a greeting, a sign-off), which anchors would otherwise
+    #: train away. Users without pairs train on every anchor token, so their answers' openings stay the base's
+    anchor_free_ends: Literal["none", "closing", "both"] = "closing"
     #: replayed old records per new record in continual learning (read by ``training.continual``)
     replay_ratio: float = Field(default=1.0, ge=0.0, le=10.0)
     #: weight of the L2 pull of each slot towards its parent's weights (0 = off)

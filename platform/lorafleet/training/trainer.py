@@ -474,14 +474,17 @@ class _Rows:
     owners: list[int] = field(default_factory=list)
     sft: list[bool] = field(default_factory=list)
     anchor: list[bool] = field(default_factory=list)
+    #: rows whose first and last scored tokens carry no loss (a preference user's anchors: ``anchor_free_ends``)
+    free_ends: list[bool] = field(default_factory=list)
     pairs: list[tuple[int, int, int]] = field(default_factory=list)
 
-    def add_sft(self, user: int, stream: _UserStream, n: int) -> None:
+    def add_sft(self, user: int, stream: _UserStream, n: int, *, free_anchor_ends: bool = False) -> None:
         picked = stream.take_indices(n)
         self.rows.extend(stream.encoded[i] for i in picked)
         self.owners.extend([user] * len(picked))
         self.sft.extend([True] * len(picked))
         self.anchor.extend(stream.is_anchor(i) for i in picked)
+        self.free_ends.extend(free_anchor_ends and stream.is_anchor(i) for i in picked)
 
     def add_pairs(self, user: int, picked: Sequence[tuple[int, Any, Any]], *, sft_on_chosen: bool) -> None:
         for index, chosen, rejected in picked:
@@ -490,13 +493,15 @@ class _Rows:
             self.owners.extend([user, user])
             self.sft.extend([sft_on_chosen, False])
             self.anchor.extend([False, False])
+            self.free_ends.extend([False, False])
 
 
 def _pack(streams: _Streams, config: TrainingConfig) -> _Rows:
     packed = _Rows()
     for i, stream in enumerate(streams.sft):
         if stream is not None:
-            packed.add_sft(i, stream, config.batch_size)
+            free = config.anchor_free_ends != "none" and streams.pairs[i] is not None  # a user with pairs
+            packed.add_sft(i, stream, config.batch_size, free_anchor_ends=free)
     for i, stream in enumerate(streams.pairs):
         if stream is not None:
             packed.add_pairs(i, stream.take(config.pairs_per_step), sft_on_chosen=config.sft_on_chosen)
@@ -529,8 +534,11 @@ def _accumulate(
                 sequences=[ids for ids, _ in packed.rows],
             )  # [n, vocab]
             token_loss = torch.nn.functional.cross_entropy(logits, scored.labels, reduction="none")  # [n]
-            sft_rows = torch.tensor(packed.sft, device=bank.device)  # [rows]
-            user_loss, user_tokens = _user_means(token_loss, scored.rows, owner, sft_rows, len(tasks))
+            on_sft = torch.tensor(packed.sft, device=bank.device)[scored.rows]  # [n]
+            if any(packed.free_ends):
+                free_rows = torch.tensor(packed.free_ends, device=bank.device)[scored.rows]  # [n]
+                on_sft = on_sft & ~(free_rows & _row_ends(scored.rows, first=config.anchor_free_ends == "both"))
+            user_loss, user_tokens = _user_means(token_loss, scored.rows, owner, on_sft, len(tasks))
             objective = config.sft_weight * user_loss
             if config.anchor_unlikelihood > 0 and any(packed.anchor):
                 anchor_rows = torch.tensor(packed.anchor, device=bank.device)  # [rows]
@@ -552,16 +560,32 @@ def _accumulate(
     return totals
 
 
+def _row_ends(token_rows: torch.Tensor, *, first: bool) -> torch.Tensor:
+    """``[n]`` bool: the scored tokens that are the last of their row, and with ``first`` the first too (tokens
+    come row by row)."""
+    ends = torch.zeros_like(token_rows, dtype=torch.bool)  # [n]
+    if token_rows.numel() == 0:
+        return ends
+    changes = token_rows[1:] != token_rows[:-1]  # [n - 1]: a new row starts at the next token
+    ends[-1] = True
+    ends[:-1] = changes
+    if first:
+        ends[0] = True
+        ends[1:] |= changes
+    return ends
+
+
 def _user_means(
     token_loss: torch.Tensor,
     token_rows: torch.Tensor,
     owner: torch.Tensor,
-    sft_rows: torch.Tensor,
+    on_sft: torch.Tensor,
     n_users: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each user's mean loss over the completion tokens of its SFT rows ``[users]``, and the tokens of all its rows."""
+    """Each user's mean loss over its SFT tokens ``[users]`` (``on_sft``: ``[n]`` bool, which scored tokens count),
+    and the tokens of all its rows."""
     token_owner = owner[token_rows]  # [n]
-    on_sft = sft_rows[token_rows].to(token_loss.dtype)  # [n]
+    on_sft = on_sft.to(token_loss.dtype)  # [n]
     user_sum = token_loss.new_zeros(n_users).index_add(0, token_owner, token_loss * on_sft)  # [users]
     sft_tokens = token_loss.new_zeros(n_users).index_add(0, token_owner, on_sft)  # [users]
     all_tokens = token_loss.new_zeros(n_users).index_add(0, token_owner, torch.ones_like(token_loss))
@@ -628,8 +652,8 @@ def user_losses(
         model, batch, prefix=prefix, layer=layer, sequences=sequences
     )  # [n, vocab]
     token_loss = torch.nn.functional.cross_entropy(logits, scored.labels, reduction="none")  # [n]
-    every_row = torch.ones_like(owner, dtype=torch.bool)  # [rows]
-    return _user_means(token_loss, scored.rows, owner, every_row, n_users)
+    every_token = torch.ones_like(scored.rows, dtype=torch.bool)  # [n]
+    return _user_means(token_loss, scored.rows, owner, every_token, n_users)
 
 
 def _l2_pull(

@@ -14,8 +14,8 @@ from lorafleet.adapters import AdapterBank, SlotPlan
 from lorafleet.errors import ValidationError
 from lorafleet.training import synthetic
 from lorafleet.training.config import TrainingConfig
-from lorafleet.training.dataset import Example, build_dataset
-from lorafleet.training.metrics import score_examples
+from lorafleet.training.dataset import Example, build_dataset, encode_examples
+from lorafleet.training.metrics import score_examples, scored_logits
 from lorafleet.training.preference import dpo_terms, pair_logps, pair_sides, preference_accuracy
 from lorafleet.training.trainer import SlotTraining, train_slots
 
@@ -185,3 +185,58 @@ def test_sft_on_chosen_is_a_boolean_on_by_default_and_weighs_nothing_with_sft_we
     config = DPO.with_changes(max_steps=1, sft_weight=0.0, sft_on_chosen=True)
     [result] = train_slots(fp32_bank, tokenizer, [SlotTraining(0, "u", toy_pairs(4), ())], config)
     assert result.metrics["train_loss_first"] == pytest.approx(LN2, abs=1e-5)  # DPO alone
+
+
+def _anchor_token_nll(bank: AdapterBank, tokenizer: Any, anchors: list[Example]) -> dict[str, float]:
+    """The base's mean NLL over the answer tokens of ``anchors`` that each ``anchor_free_ends`` mode trains: every
+    token ("none"), all but each answer's last ("closing"), all but its first and last ("both")."""
+    batch = encode_examples(tokenizer, anchors, max_seq_len=64)
+    with torch.no_grad(), bank.use(None):
+        logits, scored = scored_logits(bank.model, batch)  # [n, vocab]
+        nll = torch.nn.functional.cross_entropy(logits, scored.labels, reduction="none")  # [n]
+    rows = scored.rows.tolist()
+    first = torch.tensor([i == 0 or rows[i - 1] != r for i, r in enumerate(rows)])
+    last = torch.tensor([i == len(rows) - 1 or rows[i + 1] != r for i, r in enumerate(rows)])
+    return {
+        "none": float(nll.mean()),
+        "closing": float(nll[~last].mean()),
+        "both": float(nll[~(first | last)].mean()),
+    }
+
+
+@pytest.mark.parametrize("mode", ["both", "closing", "none"])
+def test_a_preference_users_anchors_leave_the_answers_ends_free(
+    fp32_bank: AdapterBank, tokenizer: Any, mode: str
+) -> None:
+    """``anchor_free_ends``: a user with pairs trains its anchors on every answer token but the end of turn
+    ("closing", the default) or but the first token and the end of turn ("both"), so a style's closing (and
+    opening) stays its own; a user without pairs, in the same job, trains on every anchor token."""
+    anchors = [
+        Example(900 + i, f"General question {i}?", f"The general answer is number {i}.", "sft")
+        for i in range(3)
+    ]
+    nll = _anchor_token_nll(fp32_bank, tokenizer, anchors)
+    # the three objectives differ far beyond the tolerance below (1e-4)
+    assert (
+        min(abs(nll[a] - nll[b]) for a, b in [("none", "closing"), ("none", "both"), ("closing", "both")])
+        > 1e-3
+    )
+    config = DPO.with_changes(
+        max_steps=1, batch_size=3, sft_on_chosen=False, anchor_unlikelihood=0.0, anchor_free_ends=mode
+    )
+    for slot in (0, 1):
+        fp32_bank.init_slot(slot, config.slot_config(), seed=slot)
+    tasks = [
+        SlotTraining(0, "prefers", toy_pairs(4), (), anchors=anchors),
+        SlotTraining(1, "sft", anchors[:1], (), anchors=anchors[1:]),  # one own row and two anchors
+    ]
+    prefers, sft = (r.metrics for r in train_slots(fp32_bank, tokenizer, tasks, config))
+    # the first step's policy is the base: DPO is log 2, and the SFT term is the base's NLL over the trained tokens
+    assert prefers["train_loss_first"] == pytest.approx(LN2 + nll[mode], abs=1e-4)
+    assert sft["train_loss_first"] == pytest.approx(nll["none"], abs=1e-4)
+
+
+def test_anchor_free_ends_defaults_to_closing_and_names_the_field_when_wrong() -> None:
+    assert TrainingConfig().anchor_free_ends == "closing"
+    with pytest.raises(ValidationError, match="invalid training config: anchor_free_ends"):
+        TrainingConfig(anchor_free_ends="opening")
