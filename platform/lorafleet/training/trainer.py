@@ -537,7 +537,9 @@ def _accumulate(
             on_sft = torch.tensor(packed.sft, device=bank.device)[scored.rows]  # [n]
             if any(packed.free_ends):
                 free_rows = torch.tensor(packed.free_ends, device=bank.device)[scored.rows]  # [n]
-                on_sft = on_sft & ~(free_rows & _row_ends(scored.rows, first=config.anchor_free_ends == "both"))
+                on_sft = on_sft & ~(
+                    free_rows & _row_ends(scored.rows, first=config.anchor_free_ends == "both")
+                )
             user_loss, user_tokens = _user_means(token_loss, scored.rows, owner, on_sft, len(tasks))
             objective = config.sft_weight * user_loss
             if config.anchor_unlikelihood > 0 and any(packed.anchor):
