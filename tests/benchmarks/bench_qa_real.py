@@ -48,8 +48,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_qa import Env, make_env, register, release  # noqa: E402
+from bench_qa import make_env, register, release  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from tests.integration.qa.qa_helpers import World  # noqa: E402
 
 from lorafleet.adapters import save_slot  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
@@ -87,6 +88,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write every decision to this file")
     parser.add_argument(
+        "--general-facts",
+        type=int,
+        default=QAPolicy().general_facts,
+        help="QAPolicy.general_facts: known-answer general questions QA asks (the general-facts rule; default: off)",
+    )
+    parser.add_argument(
         "--kinds",
         nargs="+",
         choices=KINDS,
@@ -116,7 +123,13 @@ def main() -> None:
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix=f"bench-qa-real-{seed}-") as tmp:
             run_seed(
-                backbone, seed=seed, users=args.users, tmp=Path(tmp), save=save, kinds=frozenset(args.kinds)
+                backbone,
+                seed=seed,
+                users=args.users,
+                tmp=Path(tmp),
+                save=save,
+                kinds=frozenset(args.kinds),
+                policy=QAPolicy(general_facts=args.general_facts),
             )
         logger.info("seed %d done after %.0f s", seed, time.perf_counter() - started)
     print(report(rows, args, time.perf_counter() - started))
@@ -130,6 +143,7 @@ def run_seed(
     tmp: Path,
     save: Callable[[list[dict[str, Any]]], None],
     kinds: frozenset[str] = frozenset(KINDS),
+    policy: QAPolicy | None = None,
 ) -> None:
     """Every kind's candidates of one seed, decided; one row per decision, handed to ``save``."""
     config = TrainingConfig(seed=seed)  # the product's defaults
@@ -143,7 +157,13 @@ def run_seed(
         )
         trainer = ContinualTrainer(env.db, env.registry, backbone, env.bank, config=config, promote_rule="qa")
         runner = QARunner(
-            env.db, env.registry, backbone, env.bank, prefix=trainer.prefix, general_prompts=ANCHOR_PROMPTS
+            env.db,
+            env.registry,
+            backbone,
+            env.bank,
+            policy=policy,
+            prefix=trainer.prefix,
+            general_prompts=ANCHOR_PROMPTS,
         )
         if kinds & {"good", "undertrained", "absurd"}:  # absurd copies the good versions
             for person in people:
@@ -159,14 +179,14 @@ def run_seed(
         release(env)
 
 
-def send(env: Env, tenant_id: int, user: str, person: PersonalUser) -> None:
+def send(env: World, tenant_id: int, user: str, person: PersonalUser) -> None:
     ingest_feedback(
         env.db, tenant_id=tenant_id, user_external_id=user, records=fact_records(person, rounds=[1])
     )
 
 
 def trained_through_jobs(
-    env: Env, trainer: ContinualTrainer, runner: QARunner, users: int
+    env: World, trainer: ContinualTrainer, runner: QARunner, users: int
 ) -> list[dict[str, Any]]:
     """good and undertrained: one scheduler tick, the train jobs and the qa jobs they queue."""
     worker = JobWorker(
@@ -191,7 +211,7 @@ def trained_through_jobs(
 
 
 def hand_made(
-    env: Env,
+    env: World,
     trainer: ContinualTrainer,
     runner: QARunner,
     people: list[PersonalUser],
@@ -249,7 +269,7 @@ def shuffled(train: list[Example], *, seed: int) -> list[Example]:
 
 
 def train_together(
-    env: Env, trainer: ContinualTrainer, datasets: list[list[Example]], *, work: Path
+    env: World, trainer: ContinualTrainer, datasets: list[list[Example]], *, work: Path
 ) -> list[Path]:
     """One fresh slot per dataset, all in one ``train_slots`` call with anchors and the trainer's frozen prefix."""
     config = env.config
@@ -274,7 +294,7 @@ def train_together(
             env.bank.evict_slot(slot)
 
 
-def absurd_copy(env: Env, good_user: str, dest: Path) -> Path:
+def absurd_copy(env: World, good_user: str, dest: Path) -> Path:
     """The good user's newest version with every lora_B x 1e30 (finite in fp32, absurd in use)."""
     user_id = TenantRepository(env.db).get_user(tenant_id=env.tenant_id, external_id=good_user).id
     adapter = env.registry.find_adapter(tenant_id=env.tenant_id, owner_user_id=user_id, name=PERSONAL_ADAPTER)
@@ -287,7 +307,7 @@ def absurd_copy(env: Env, good_user: str, dest: Path) -> Path:
     return folder
 
 
-def decide(env: Env, runner: QARunner, user: str, folder: Path) -> dict[str, Any]:
+def decide(env: World, runner: QARunner, user: str, folder: Path) -> dict[str, Any]:
     """Register ``folder`` as the user's next version and run QA on it, as a ``qa`` job would."""
     user_id = TenantRepository(env.db).get_user(tenant_id=env.tenant_id, external_id=user).id
     if (
@@ -331,7 +351,7 @@ def time_decoding() -> None:
     qa_matrix._answers = timed
 
 
-def decision_row(env: Env, report_id: int) -> dict[str, Any]:
+def decision_row(env: World, report_id: int) -> dict[str, Any]:
     """One decision: the kind (its user's name prefix), the verdict, the failed rules, the answers' figures."""
     report, document = load_report(env.db, env.registry, report_id=report_id)
     version = env.registry.get_version_by_id(tenant_id=report.tenant_id, version_id=report.version_id)
