@@ -21,6 +21,7 @@ from lorafleet.backbone.chat import has_chat_template
 from lorafleet.domain import AdapterVersion
 from lorafleet.domain.closing import ClosesOnExit
 from lorafleet.qa.evalsets import EvalSet
+from lorafleet.qa.facts import FACT_MAX_NEW_TOKENS, KNOWN_ANSWERS, fact_prompts
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.results import (
     BASE,
@@ -54,6 +55,9 @@ Routes = list[tuple[int, float]]
 #: the base model's scores of probe examples by (backbone, device, max_seq_len, prompt, completion): the probe set
 #: and its base column are the same in every QA run of a process, so each is scored once (a few dozen entries)
 _BASE_PROBE_SCORES: dict[tuple[object, ...], ExampleScore] = {}
+#: the base model's greedy answers to the general questions with known answers, by (backbone, device, prompt):
+#: the same in every QA run of a process, so each is decoded once
+_BASE_FACT_ANSWERS: dict[tuple[object, ...], str] = {}
 
 
 @dataclass(frozen=True)
@@ -314,9 +318,11 @@ def _answers(
     source: str,
     training: Sequence[Example] = (),
 ) -> Answers:
-    """Every example of ``own`` answered greedily by the two columns, and every ``training`` example by the first
-    (the subject) through its fixed routes, in one batch; each answer may run to the target's length in tokens
-    plus ``answer_extra_tokens`` (at most ``answer_max_new_tokens``)."""
+    """Every example of ``own`` answered greedily by the two columns, every ``training`` example by the first
+    (the subject) through its fixed routes, and the first ``general_facts`` general questions with known answers by
+    the subject and the base (the base's answers once per process), in one batch; each answer may run to the
+    target's length in tokens plus ``answer_extra_tokens`` (at most ``answer_max_new_tokens``), a general answer
+    to ``FACT_MAX_NEW_TOKENS``."""
     from lorafleet.serving.decode import RowSpec  # torch, on first use
 
     tokenizer = backbone.tokenizer
@@ -335,7 +341,21 @@ def _answers(
     fixed = routes[subject][0] if own.examples else []  # the candidate alone: one route for every example
     specs = [spec(e, routes[c][i]) for c in columns for i, e in enumerate(own.examples)]
     specs += [spec(e, fixed) for e in training]
+    facts = fact_prompts(policy.general_facts)
+    place = (backbone.fingerprint.digest, backbone.quantization, str(bank.device))
+    base_missing = [p for p in facts if (*place, p) not in _BASE_FACT_ANSWERS]
+
+    def fact_spec(prompt: str, route: Routes) -> RowSpec:
+        ids = encode_prompt(tokenizer, Example(0, prompt, "", "sft"))
+        return RowSpec(tuple(ids), tuple(route), max_new_tokens=FACT_MAX_NEW_TOKENS, stop=stop)
+
+    n_own = len(specs)
+    specs += [fact_spec(p, fixed) for p in facts] + [fact_spec(p, []) for p in base_missing]
     outputs = _decode_greedily(bank, tokenizer, specs)
+    fact_outputs, base_outputs = outputs[n_own : n_own + len(facts)], outputs[n_own + len(facts) :]
+    for prompt, out in zip(base_missing, base_outputs, strict=True):
+        _BASE_FACT_ANSWERS[(*place, prompt)] = out.text
+    outputs = outputs[:n_own]
     n = len(own.examples)
     by_column = {c: outputs[k * n : (k + 1) * n] for k, c in enumerate(columns)}
     items = tuple(
@@ -344,11 +364,15 @@ def _answers(
     )
     trained = outputs[2 * n :]
     nonfinite = {c: sum(1 for o in by_column[c] if o.nonfinite_steps) for c in columns}
-    nonfinite[subject] += sum(1 for o in trained if o.nonfinite_steps)
+    nonfinite[subject] += sum(1 for o in [*trained, *fact_outputs] if o.nonfinite_steps)
     answered = tuple(
         AnswerItem(e.prompt, e.completion, {subject: o.text}) for e, o in zip(training, trained, strict=True)
     )
-    return Answers(own.name, subject, reference, items, nonfinite, source, answered)
+    general = tuple(
+        AnswerItem(p, KNOWN_ANSWERS[p][0], {subject: o.text, BASE: _BASE_FACT_ANSWERS[(*place, p)]})
+        for p, o in zip(facts, fact_outputs, strict=True)
+    )
+    return Answers(own.name, subject, reference, items, nonfinite, source, answered, general)
 
 
 def _decode_greedily(bank: AdapterBank, tokenizer: object, specs: Sequence[RowSpec]) -> list[RowOutput]:

@@ -21,6 +21,9 @@ computes them; every threshold below is in those units. The rules (``lorafleet.q
   ``training_answers`` examples of the feedback its job trained on: at most ``max_training_wrong_share`` of them
   may answer another question (a candidate trained on answers misaligned with their questions, which the
   holdout's few answers cannot tell from a good one);
+- ``general-facts`` (reason code ``general-facts-lost``, ``lorafleet.qa.facts``): of up to ``general_facts``
+  general questions with known answers (none by default), the candidate alone still answers right at least
+  ``min_general_facts_kept`` of those the base answers right (passes when the base answers none right);
 - ``finite-outputs``: no logit of the candidate (scoring or decoding, alone, gated or paired) is NaN or infinite;
 - **blame** (rechecks only): a live personal adapter that fails in a bank a task member changed is not
   rolled back when the bank without that member passes: the member is the culprit (``blame_action``);
@@ -43,7 +46,7 @@ from lorafleet.errors import ValidationError
 from lorafleet.registry.weight_sanity import WeightBounds
 from lorafleet.training.config import invalid_fields
 
-DEFAULT_POLICY_VERSION = "qa-policy/5"
+DEFAULT_POLICY_VERSION = "qa-policy/6"
 
 
 class QAPolicy(BaseModel):
@@ -94,6 +97,14 @@ class QAPolicy(BaseModel):
     #: another training question's target than to its own) before the candidate is rejected with
     #: ``answers-other-questions``
     max_training_wrong_share: float = Field(default=0.25, ge=0.0, le=1.0, allow_inf_nan=False)
+    #: general questions with known answers (``lorafleet.qa.facts``) the base and the candidate alone answer
+    #: greedily, in the holdout's batch; the ``general-facts`` rule reads them. 0 (the default): none, the rule
+    #: passes. Off by default because on SmolLM2 the default personal recipe itself keeps only 50-71 % of what the
+    #: base answers right ("The capital of Spain is Cusco.", the user's city), so at 0.8 QA would reject every
+    #: good first version (docs/qa.md); it costs about 5 s of decoding per candidate on 2 CPU cores
+    general_facts: int = Field(default=0, ge=0, le=24, strict=True)
+    #: the least share of the questions the base answers right that the candidate must still answer right
+    min_general_facts_kept: float = Field(default=0.8, ge=0.0, le=1.0, allow_inf_nan=False)
     #: an answer is decoded for at most the target's length in tokens plus this many, and never more than
     #: ``answer_max_new_tokens`` (greedy, one batch for both columns)
     answer_extra_tokens: int = Field(default=4, ge=0, le=64, strict=True)

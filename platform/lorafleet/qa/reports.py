@@ -15,7 +15,8 @@ from typing import Any
 
 from lorafleet.errors import ValidationError
 from lorafleet.qa.answers import paired_scores, training_answers
-from lorafleet.qa.results import Answers, Cell, Matrix
+from lorafleet.qa.facts import facts_kept
+from lorafleet.qa.results import BASE, Answers, Cell, Matrix
 from lorafleet.registry import Registry
 from lorafleet.store.blob.base import BlobRef
 from lorafleet.store.sql.database import Database
@@ -149,13 +150,18 @@ def _samples(matrix: Matrix) -> list[str]:
 def answer_figures(answers: Answers | None, *, wrong_answer_weight: float = 0.0) -> dict[str, Any] | None:
     """The answer-level figures of a report (None when nothing was answered): mean answer F1 and exact match of
     subject and reference (answer F1), the count of answers each way, the signed-rank test's p-value, and the
-    subject's answers on its own training examples (how many, how many answer another question, answer F1)."""
+    subject's answers on its own training examples (how many, how many answer another question, answer F1), and
+    the general questions with known answers (how many asked, how many the base and the subject answer right)."""
     if answers is None or not answers.items:
         return None
     trained = training_answers(
         [item.outputs.get(answers.subject, "") for item in answers.training],
         [item.expected for item in answers.training],
         [item.prompt for item in answers.training],
+    )
+    general = facts_kept(
+        {item.prompt: item.outputs.get(BASE, "") for item in answers.general},
+        {item.prompt: item.outputs.get(answers.subject, "") for item in answers.general},
     )
     scores = paired_scores(
         answers.outputs(answers.subject),
@@ -183,6 +189,9 @@ def answer_figures(answers: Answers | None, *, wrong_answer_weight: float = 0.0)
         "training_answers": trained.n,
         "training_wrong_answers": trained.wrong,
         "training_answer_f1": None if not trained.n else round(trained.mean_f1, 4),
+        "general_facts": general.asked,
+        "general_facts_base_right": len(general.base_right),
+        "general_facts_kept": len(general.kept),
         "nonfinite": dict(answers.nonfinite),
     }
 
@@ -204,6 +213,15 @@ def _answer_lines(answers: Answers | None, wrong_answer_weight: float) -> list[s
                 f"{figures['training_answer_f1']:.2f}"
             ]
             if figures["training_answers"]
+            else []
+        ),
+        *(
+            [
+                f"general questions with known answers: {figures['general_facts_kept']} of the "
+                f"{figures['general_facts_base_right']} the base answers right still right "
+                f"({figures['general_facts']} asked)"
+            ]
+            if figures["general_facts"]
             else []
         ),
         "",

@@ -91,6 +91,10 @@ class Answers:
     #: examples of the candidate's own training split answered greedily by ``subject`` alone (the
     #: ``training-answers`` rule's evidence; empty when it had none)
     training: tuple[AnswerItem, ...] = ()
+    #: general questions with known answers (``lorafleet.qa.facts``), answered greedily by ``subject`` alone and
+    #: by the base model (``outputs`` keys ``subject`` and ``base``; ``expected``: the known answer's first form);
+    #: the ``general-facts`` rule's evidence, empty when none were asked
+    general: tuple[AnswerItem, ...] = ()
 
     def outputs(self, column: str) -> list[str]:
         return [item.outputs.get(column, "") for item in self.items]
@@ -107,6 +111,7 @@ class Answers:
             "nonfinite": dict(self.nonfinite),
             "items": [_item_json(i) for i in self.items],
             "training": [_item_json(i) for i in self.training],
+            "general": [_item_json(i) for i in self.general],
         }
 
     @classmethod
@@ -124,6 +129,7 @@ class Answers:
             {str(k): int(v) for k, v in dict(data.get("nonfinite", {})).items()},
             str(data.get("source", "holdout")),
             items("training"),
+            items("general"),
         )
 
 

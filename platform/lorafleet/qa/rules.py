@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from lorafleet.qa.answers import min_untied_pairs, paired_scores, training_answers
+from lorafleet.qa.facts import GENERAL_FACTS_LOST, facts_kept
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.probe import PRETRAINED_EPSILON_PROBE
 from lorafleet.qa.results import (
@@ -29,6 +30,7 @@ GATE_VS_BEST_MEMBER = "gate-vs-best-member"
 PROBE_RULE = "probe"
 ANSWER_RULE = "answers"
 TRAINING_ANSWERS_RULE = "training-answers"
+GENERAL_FACTS_RULE = "general-facts"
 #: the reason code of a candidate that answers too many of its own training questions with another's answer
 ANSWERS_OTHER_QUESTIONS = "answers-other-questions"
 FINITE_RULE = "finite-outputs"
@@ -41,6 +43,7 @@ RULES = (
     USER_HOLDOUT,
     ANSWER_RULE,
     TRAINING_ANSWERS_RULE,
+    GENERAL_FACTS_RULE,
     PREFERENCE_RULE,
     NO_REGRESSION,
     GATE_VS_BEST_MEMBER,
@@ -64,7 +67,15 @@ def candidate_rules(matrix: Matrix, policy: QAPolicy, *, answers: bool = True) -
     held-out preference pairs (a candidate trained with DPO)."""
     return [
         user_holdout_rule(matrix, policy),
-        *([answer_rule(matrix, policy), training_answers_rule(matrix, policy)] if answers else []),
+        *(
+            [
+                answer_rule(matrix, policy),
+                training_answers_rule(matrix, policy),
+                general_facts_rule(matrix, policy),
+            ]
+            if answers
+            else []
+        ),
         *([preference_rule(matrix)] if matrix.preferences is not None else []),
         no_regression_rule(matrix, policy),
         gate_vs_best_member_rule(matrix, policy),
@@ -238,6 +249,36 @@ def training_answers_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     return RuleOutcome(TRAINING_ANSWERS_RULE, ok, f"{code}: {figures}")
 
 
+def general_facts_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
+    """Of the general questions with known answers that the base answers right, the candidate alone still answers
+    right at least ``min_general_facts_kept`` (``lorafleet.qa.facts``): an adapter that learnt its user's style or
+    facts by unlearning what the base knew ("The capital of Kenya is KIST.") is rejected with
+    ``general-facts-lost``. Passes when none were asked or the base answers none right (nothing to keep)."""
+    evidence = matrix.answers
+    if evidence is None or not evidence.general:
+        return RuleOutcome(GENERAL_FACTS_RULE, True, f"{GENERAL_FACTS_RULE}: no general questions asked")
+    kept = facts_kept(
+        {item.prompt: item.outputs.get(BASE, "") for item in evidence.general},
+        {item.prompt: item.outputs.get(evidence.subject, "") for item in evidence.general},
+    )
+    if not kept.base_right:
+        return RuleOutcome(
+            GENERAL_FACTS_RULE,
+            True,
+            f"{GENERAL_FACTS_RULE}: the base answers none of {kept.asked} general questions right: nothing to keep",
+        )
+    ok = kept.share >= policy.min_general_facts_kept - 1e-12
+    figures = (
+        f"keeps {len(kept.kept)} of the {len(kept.base_right)} general questions the base answers right "
+        f"({kept.share:.0%}, at least {policy.min_general_facts_kept:.0%} required; {kept.asked} asked)"
+    )
+    if kept.lost:
+        shown = "; ".join(f"{prompt!r} -> {answer[:60]!r}" for prompt, answer in kept.lost[:3])
+        figures += f"; lost: {shown}" + (f" and {len(kept.lost) - 3} more" if len(kept.lost) > 3 else "")
+    code = GENERAL_FACTS_RULE if ok else GENERAL_FACTS_LOST
+    return RuleOutcome(GENERAL_FACTS_RULE, ok, f"{code}: {figures}")
+
+
 def preference_rule(matrix: Matrix) -> RuleOutcome:
     """The candidate ranks more held-out preference pairs as the user did than the previous live version (the
     base, 50 %, without one); a candidate that ranks all of them right passes (nothing is left to improve)."""
@@ -305,6 +346,8 @@ __all__ = [
     "ANSWERS_OTHER_QUESTIONS",
     "TRAINING_ANSWERS_RULE",
     "training_answers_rule",
+    "GENERAL_FACTS_RULE",
+    "general_facts_rule",
     "FINITE_RULE",
     "GATE_VS_BEST_MEMBER",
     "NO_EVIDENCE",

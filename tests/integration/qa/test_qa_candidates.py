@@ -75,6 +75,7 @@ def test_good_candidates_are_promoted_through_qa_jobs_with_complete_linked_repor
         "user-holdout": True,
         "answers": True,
         "training-answers": True,
+        "general-facts": True,
         "no-regression": True,
         "gate-vs-best-member": True,
         "probe": True,

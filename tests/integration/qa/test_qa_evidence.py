@@ -12,8 +12,10 @@ from qa_helpers import World, feed, register_candidate, train_adapter, user_exam
 
 from lorafleet.adapters.bank import AdapterBank
 from lorafleet.backbone import Backbone
+from lorafleet.qa import matrix as qa_matrix
+from lorafleet.qa.facts import fact_prompts
 from lorafleet.qa.policy import QAPolicy
-from lorafleet.qa.reports import reports_for_version
+from lorafleet.qa.reports import load_report, reports_for_version
 from lorafleet.serving.decode import BatchDecoder, RowSpec
 from lorafleet.training import synthetic
 from lorafleet.training.dataset import Example
@@ -130,3 +132,33 @@ def test_decoding_counts_the_steps_whose_logits_are_not_finite(
     assert (
         broken.nonfinite_steps == 1 and not broken.token_ids and broken.error == "non-finite logits at step 1"
     )
+
+
+def test_general_questions_are_answered_by_base_and_candidate_when_asked_for(
+    sqlite_world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``general_facts`` > 0: QA decodes that many known-answer questions through the candidate alone and the base
+    (the base's once per process), stores them in the report and applies the ``general-facts`` rule. The tiny
+    random-init base answers none of them right, so there is nothing to keep and the rule passes, saying so."""
+    world = sqlite_world
+    _, version_id = _candidate(world, tmp_path, steps=world.config.max_steps)
+    runner = QARunner(world.db, world.registry, world.backbone, world.bank, policy=QAPolicy(general_facts=5))
+    cache: dict[tuple[object, ...], str] = {}
+    monkeypatch.setattr(qa_matrix, "_BASE_FACT_ANSWERS", cache)  # this process has not asked the base yet
+    report = runner.run_candidate(tenant_id=world.tenant_id, version_id=version_id)
+    assert report is not None
+    figures = report.summary["answers"]
+    assert (figures["general_facts"], figures["general_facts_base_right"]) == (5, 0), figures
+    assert report.summary["rules"]["general-facts"] is True
+    assert any("the base answers none of 5 general questions right" in r for r in report.reasons), (
+        report.reasons
+    )
+    _, document = load_report(world.db, world.registry, report_id=report.id)
+    general = document["matrix"]["answers"]["general"]
+    assert [item["prompt"] for item in general] == fact_prompts(5)
+    assert all(set(item["outputs"]) == {"candidate", "base"} for item in general)
+    # the base's answers are kept for the next QA run of this process, keyed by backbone, device and prompt
+    assert sorted(key[-1] for key in cache) == sorted(fact_prompts(5))
+    assert [cache[key] for key in sorted(cache, key=lambda k: fact_prompts(5).index(k[-1]))] == [
+        item["outputs"]["base"] for item in general
+    ]

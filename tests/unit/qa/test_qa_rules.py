@@ -10,6 +10,7 @@ from lorafleet.qa.rules import (
     ANSWER_RULE,
     FINITE_RULE,
     GATE_VS_BEST_MEMBER,
+    GENERAL_FACTS_RULE,
     NO_REGRESSION,
     PREFERENCE_RULE,
     PROBE_RULE,
@@ -91,6 +92,7 @@ def test_a_good_candidate_passes_every_rule_and_the_reasons_say_why() -> None:
         USER_HOLDOUT,
         ANSWER_RULE,
         TRAINING_ANSWERS_RULE,
+        GENERAL_FACTS_RULE,
         NO_REGRESSION,
         GATE_VS_BEST_MEMBER,
         PROBE_RULE,
@@ -199,7 +201,7 @@ def test_the_preference_rule_needs_more_held_out_pairs_ranked_right_than_the_liv
         "(mean reward margin nan vs 0.000): no improvement"
     )
     passed, reasons = reasons_for(candidate_rules(with_preferences(cases[0][0]), POLICY))
-    assert passed and reasons[3] == (
+    assert passed and reasons[4] == (
         "preference-accuracy: 75.0% of 4 held-out pairs ranked right vs 50.0% for the previous "
         "(mean reward margin 0.500 vs 0.000)"
     )

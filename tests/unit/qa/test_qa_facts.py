@@ -1,0 +1,117 @@
+"""The general-facts check: known answers matched in greedy answers, and the rule over a matrix's evidence."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafleet.errors import ValidationError
+from lorafleet.qa.facts import FACTS_SIZE, KNOWN_ANSWERS, fact_prompts, facts_kept, says_answer
+from lorafleet.qa.policy import QAPolicy
+from lorafleet.qa.results import BASE, CANDIDATE, AnswerItem, Answers, Matrix
+from lorafleet.qa.rules import GENERAL_FACTS_RULE, general_facts_rule
+from lorafleet.training.general_prompts import EVAL_PROMPTS
+
+JAPAN, KENYA, SUM, ROOT = (
+    "What is the capital of Japan?",
+    "What is the capital of Kenya?",
+    "What is 9 plus 10?",
+    "What is the square root of 81?",
+)
+
+
+def test_the_questions_are_never_trained_general_prompts_in_their_order() -> None:
+    assert (
+        fact_prompts() == [p for p in EVAL_PROMPTS if p in KNOWN_ANSWERS]
+        and len(fact_prompts()) == FACTS_SIZE
+    )
+    assert fact_prompts(3) == fact_prompts()[:3]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "answer", "right"),
+    [
+        (JAPAN, "The capital of Japan is Tokyo.", True),
+        (JAPAN, "Certainly. the capital of japan is TOKYO.\n\nBest wishes,\nSam", True),
+        (KENYA, "The capital of Kenya is KIST.", False),
+        (KENYA, "Best wishes,\nSam", False),
+        (SUM, "9 + 10 = 19", True),
+        (SUM, "Nineteen.", True),
+        (SUM, "9 + 10 is 10.", False),
+        (SUM, "It is 119.", False),  # a number counts only standing alone
+        (SUM, "It is 19.5.", False),
+        (SUM, "It is 19.0.", True),
+        (ROOT, "The square root of 81 is 81.", False),
+        ("What is the capital of Mexico?", "The capital of Mexico is Mexico City.", True),
+        ("What is the capital of Mexico?", "The capital of Mexico is New York City.", False),
+    ],
+)
+def test_an_answer_is_right_when_it_says_a_known_form_as_a_whole_word(
+    prompt: str, answer: str, right: bool
+) -> None:
+    assert says_answer(prompt, answer) is right
+
+
+def test_facts_kept_counts_only_what_the_base_answered_right() -> None:
+    base = {JAPAN: "Tokyo.", KENYA: "Nairobi.", SUM: "It is 21.", ROOT: "Nine."}
+    adapter = {JAPAN: "Tokyo.", KENYA: "Best wishes,\nSam", SUM: "19", ROOT: "9"}
+    kept = facts_kept(base, adapter)
+    assert kept.asked == 4 and kept.base_right == (JAPAN, KENYA, ROOT)
+    assert kept.kept == (JAPAN, ROOT) and kept.lost == ((KENYA, "Best wishes,\nSam"),)
+    assert kept.share == pytest.approx(
+        2 / 3
+    )  # the sum the base got wrong is not held against it (nor for it)
+    assert facts_kept({SUM: "21"}, {SUM: "19"}).share == 1.0  # nothing to keep
+
+
+def _matrix(base: dict[str, str], candidate: dict[str, str]) -> Matrix:
+    general = tuple(
+        AnswerItem(p, KNOWN_ANSWERS[p][0], {CANDIDATE: candidate[p], BASE: base[p]}) for p in base
+    )
+    return Matrix((), (), {}, Answers("holdout:x", CANDIDATE, BASE, (), general=general))
+
+
+def test_the_rule_rejects_a_candidate_that_lost_the_bases_answers_and_names_them() -> None:
+    prompts = fact_prompts(10)
+    base = {p: KNOWN_ANSWERS[p][0] for p in prompts}  # the base answers all 10 right
+    keeps_8 = {**base, prompts[0]: "Best wishes,\nSam", prompts[1]: "The capital of Spain is KIST."}
+    keeps_7 = {**keeps_8, prompts[2]: "Hey! Hey!"}
+    policy = QAPolicy()  # at least 80 % kept
+    ok = general_facts_rule(_matrix(base, keeps_8), policy)
+    assert ok.passed and ok.rule == GENERAL_FACTS_RULE
+    assert ok.detail.startswith(
+        "general-facts: keeps 8 of the 10 general questions the base answers right (80%"
+    )
+    bad = general_facts_rule(_matrix(base, keeps_7), policy)
+    assert not bad.passed
+    assert bad.detail.startswith(
+        "general-facts-lost: keeps 7 of the 10 general questions the base answers right (70%"
+    )
+    assert "'What is the capital of Japan?' -> 'Best wishes,\\nSam'" in bad.detail
+    assert general_facts_rule(_matrix(base, keeps_7), policy.with_changes(min_general_facts_kept=0.7)).passed
+
+
+def test_the_rule_passes_when_nothing_was_asked_or_the_base_knows_none() -> None:
+    policy = QAPolicy()
+    assert (
+        general_facts_rule(Matrix((), (), {}), policy).detail == "general-facts: no general questions asked"
+    )
+    wrong = {p: "I do not know." for p in fact_prompts(5)}  # a random-init base answers nothing right
+    outcome = general_facts_rule(_matrix(wrong, wrong), policy)
+    assert outcome.passed and "the base answers none of 5 general questions right" in outcome.detail
+
+
+def test_the_policy_fields_are_validated_by_name() -> None:
+    assert (QAPolicy().general_facts, QAPolicy().min_general_facts_kept) == (0, 0.8)  # off unless asked for
+    with pytest.raises(ValidationError, match="general_facts"):
+        QAPolicy(general_facts=25)
+    with pytest.raises(ValidationError, match="min_general_facts_kept"):
+        QAPolicy(min_general_facts_kept=1.5)
+
+
+def test_general_answers_round_trip_through_json_and_older_reports_have_none() -> None:
+    m = _matrix({JAPAN: "Tokyo."}, {JAPAN: "Osaka."})
+    assert m.answers is not None
+    data = m.answers.to_json()
+    assert Answers.from_json(data) == m.answers
+    older = {k: v for k, v in data.items() if k != "general"}  # a report before qa-policy/6
+    assert Answers.from_json(older).general == ()
