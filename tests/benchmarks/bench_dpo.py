@@ -29,7 +29,7 @@ Measured:
 - retention: the share of the base's own greedy answer tokens to ``EVAL_PROMPTS`` that the adapter still
   predicts (teacher-forced top-1), relative to the base's share; beside it, two diagnostics: the same on the
   answers' body (the first token and the end-of-turn left out), and "facts kept": of the fact prompts among the
-  retention prompts (capitals, arithmetic, facts: ``FACT_ANSWERS``) that the base answers right greedily, the
+  retention prompts (capitals, arithmetic, facts: QA's ``lorafleet.qa.facts.KNOWN_ANSWERS``) that the base answers right greedily, the
   share the adapter's greedy answer still answers right; and QA's probe drift (the probe set's loss through the
   adapter minus the base's; QA's probe rule rejects a candidate at 0.25 nats or more on a pretrained backbone);
 - the time of a DPO step against an SFT step on the same rows (the pairs' two sides as SFT rows), same users,
@@ -47,7 +47,6 @@ import json
 import logging
 import os
 import random
-import re
 import statistics
 import sys
 import time
@@ -67,6 +66,7 @@ from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.domain import FeedbackRecord  # noqa: E402
 from lorafleet.feedback import prepare_record  # noqa: E402
+from lorafleet.qa.facts import KNOWN_ANSWERS, says_answer  # noqa: E402
 from lorafleet.qa.probe import probe_examples  # noqa: E402
 from lorafleet.training import preference  # noqa: E402
 from lorafleet.training.config import TrainingConfig  # noqa: E402
@@ -119,44 +119,6 @@ JUDGES: dict[str, Callable[[str], bool]] = {
     "signoff": lambda a: "Best wishes" in a,
     "plain": lambda a: "Best wishes" not in a,
 }
-
-
-#: what a right answer to a never-trained general prompt says (the first 24 ``EVAL_PROMPTS``: capitals, arithmetic,
-#: facts); any one of the forms counts, matched as a whole word, case aside
-FACT_ANSWERS: dict[str, tuple[str, ...]] = {
-    "What is the capital of Japan?": ("Tokyo",),
-    "What is the capital of Spain?": ("Madrid",),
-    "What is the capital of Germany?": ("Berlin",),
-    "What is the capital of Australia?": ("Canberra",),
-    "What is the capital of Kenya?": ("Nairobi",),
-    "What is the capital of Mexico?": ("Mexico City",),
-    "What is the capital of China?": ("Beijing",),
-    "What is the capital of India?": ("Delhi",),
-    "What is the capital of the United Kingdom?": ("London",),
-    "What is 7 times 8?": ("56", "fifty-six"),
-    "What is 100 divided by 4?": ("25", "twenty-five"),
-    "What is 9 plus 10?": ("19", "nineteen"),
-    "What is half of 50?": ("25", "twenty-five"),
-    "What is the square root of 81?": ("9", "nine"),
-    "What is 25 plus 17?": ("42", "forty-two"),
-    "What is 11 times 3?": ("33", "thirty-three"),
-    "What is 6 times 7?": ("42", "forty-two"),
-    "What is 20 percent of 200?": ("40", "forty"),
-    "How many minutes are in an hour?": ("60", "sixty"),
-    "What planet is closest to the sun?": ("Mercury",),
-    "What is the largest ocean on Earth?": ("Pacific",),
-    "Who painted the Mona Lisa?": ("Leonardo",),
-    "What colour is the sky on a clear day?": ("blue",),
-    "How many continents are there?": ("7", "seven"),
-}
-
-
-def answers_right(prompt: str, answer: str) -> bool:
-    """Whether ``answer`` says one of ``FACT_ANSWERS[prompt]`` (a whole word, or a number: "40.0" counts as 40, "40.5" does not)."""
-    return any(
-        re.search(rf"(?<![\w.]){re.escape(form)}(?!\w|\.\d*[1-9])", answer, re.IGNORECASE)
-        for form in FACT_ANSWERS[prompt]
-    )
 
 
 def pairs_for(style: str, prompts: Sequence[str], answers: Sequence[str], first_id: int) -> list[Example]:
@@ -223,6 +185,12 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=0,
         help="anchor rows per user: the base's answers to anchor prompts that no pair uses",
+    )
+    parser.add_argument(
+        "--anchor-free-ends",
+        choices=["none", "closing", "both"],
+        default=TrainingConfig().anchor_free_ends,
+        help="no loss on the anchors' first answer token and end of turn (TrainingConfig.anchor_free_ends)",
     )
     parser.add_argument("--batch-size", type=int, default=4, help="SFT rows per user per step")
     parser.add_argument("--layers", type=int, default=6)
@@ -348,6 +316,7 @@ def main() -> None:
         dpo_beta=args.beta,
         sft_weight=args.sft_weight,
         sft_on_chosen=args.sft_on_chosen,
+        anchor_free_ends=args.anchor_free_ends,
     )
     if args.ratings and "signoff" in users:
         ratings = rating_records(train_p, train_a, 1)
@@ -387,7 +356,7 @@ def main() -> None:
     figures: dict[str, dict[str, float]] = {}
     judge_prompts = list(EVAL_PROMPTS[: args.judge_prompts])
     # the fact prompts among the retention prompts are answered too (one generation for both)
-    fact_prompts = [p for p in retention_prompts if p in FACT_ANSWERS]
+    fact_prompts = [p for p in retention_prompts if p in KNOWN_ANSWERS]
     asked = judge_prompts + [p for p in fact_prompts if p not in judge_prompts]
     routes: list[list[tuple[int, float]]] = [[]] + [[(slots[u], 1.0)] for u in users]
     generated = generate_answers(
@@ -404,7 +373,7 @@ def main() -> None:
         for i in range(len(routes))
     ]
     by_route = [[a[p] for p in judge_prompts] for a in answered]
-    base_right = [p for p in fact_prompts if answers_right(p, answered[0][p])]
+    base_right = [p for p in fact_prompts if says_answer(p, answered[0][p])]
     logger.info("the base answers %d of %d fact prompts right", len(base_right), len(fact_prompts))
     general = [
         Example(i, p, a, "sft")
@@ -432,7 +401,7 @@ def main() -> None:
             "retention": adapter_acc / base_acc,
             "retention_body": body_accuracy(bank, tokenizer, general, slots[u]) / base_body,
             # of the fact prompts the base answers right, the share the adapter's greedy answer still gets right
-            "facts_kept": sum(answers_right(p, answered[i + 1][p]) for p in base_right)
+            "facts_kept": sum(says_answer(p, answered[i + 1][p]) for p in base_right)
             / max(len(base_right), 1),
             "probe_drift": evaluate(bank, tokenizer, probe, slot=slots[u], max_seq_len=192).loss - base_probe,
             "dpo_loss_first": results[u].get("dpo_loss_first", float("nan")),
