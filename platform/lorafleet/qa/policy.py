@@ -99,9 +99,10 @@ class QAPolicy(BaseModel):
     max_training_wrong_share: float = Field(default=0.25, ge=0.0, le=1.0, allow_inf_nan=False)
     #: general questions with known answers (``lorafleet.qa.facts``) the base and the candidate alone answer
     #: greedily, in the holdout's batch; the ``general-facts`` rule reads them. 0 (the default): none, the rule
-    #: passes. Off by default because on SmolLM2 the default personal recipe itself keeps only 50-71 % of what the
-    #: base answers right ("The capital of Spain is Cusco.", the user's city), so at 0.8 QA would reject every
-    #: good first version (docs/qa.md); it costs about 5 s of decoding per candidate on 2 CPU cores
+    #: passes. Off by default because on SmolLM2 the default personal recipe itself keeps only 36-79 % of what the
+    #: base answers right ("The capital of Spain is Cusco.", the user's city; 9 first versions, 3 seeds), so at 0.8
+    #: QA would reject every good first version (docs/qa.md); it costs about 5 s of decoding per candidate on 2
+    #: CPU cores
     general_facts: int = Field(default=0, ge=0, le=24, strict=True)
     #: the least share of the questions the base answers right that the candidate must still answer right
     min_general_facts_kept: float = Field(default=0.8, ge=0.0, le=1.0, allow_inf_nan=False)
