@@ -45,6 +45,9 @@ class _TrainingFields(BaseModel):
     replay_ratio: float | None = None
     anchor_ratio: float | None = None
     anchor_unlikelihood: float | None = None
+    anchor_free_ends: str | None = Field(
+        default=None, description="'closing' (the default), 'both' or 'none'."
+    )
     l2_to_parent: float | None = None
     holdout_fraction: float | None = None
     rating_threshold: float | None = None
