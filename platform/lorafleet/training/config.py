@@ -85,10 +85,12 @@ class TrainingConfig(BaseModel):
     #: paraphrase in 48 on two seeds (median accuracy 0.90 -> 0.88); on seed 0, 2.0 and 5.0 gave 91.3 % and
     #: 93.7 % clean at 0.90 and 0.88 accuracy (88.9 % at 0.96 for 1.0)
     anchor_unlikelihood: float = Field(default=1.0, ge=0.0, le=100.0, allow_inf_nan=False)
-    #: on the anchor rows of a user with preference pairs in the job (``dpo_weight`` > 0), the answer's first token
-    #: and its end of turn carry no loss: the anchors keep the content of general answers while their opening and
-    #: closing stay free for the user's preferred style (a greeting, a sign-off), which anchors would otherwise
-    #: train away. Users without pairs train on every anchor token, so their answers' openings stay the base's
+    #: on the anchor rows of a user with preference pairs in the job (``dpo_weight`` > 0), which answer tokens carry
+    #: no loss: ``closing`` the end of turn, ``both`` also the first answer token, ``none`` neither. The anchors keep
+    #: the content of general answers while a preferred closing (a sign-off) or opening (a greeting) stays free,
+    #: which anchors would otherwise train away. Users without pairs train on every anchor token. Measured on the
+    #: default backbone (docs/preference-learning.md): ``closing`` kept more of a sign-off user's general answers
+    #: than ``none`` at every anchor share, and ``both`` let it open answers with the sign-off
     anchor_free_ends: Literal["none", "closing", "both"] = "closing"
     #: replayed old records per new record in continual learning (read by ``training.continual``)
     replay_ratio: float = Field(default=1.0, ge=0.0, le=10.0)

@@ -474,7 +474,8 @@ class _Rows:
     owners: list[int] = field(default_factory=list)
     sft: list[bool] = field(default_factory=list)
     anchor: list[bool] = field(default_factory=list)
-    #: rows whose first and last scored tokens carry no loss (a preference user's anchors: ``anchor_free_ends``)
+    #: rows whose end of turn (and with ``both``, first answer token) carry no loss: a preference user's anchors
+    #: under ``anchor_free_ends``
     free_ends: list[bool] = field(default_factory=list)
     pairs: list[tuple[int, int, int]] = field(default_factory=list)
 
