@@ -66,7 +66,7 @@ from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.domain import FeedbackRecord  # noqa: E402
 from lorafleet.feedback import prepare_record  # noqa: E402
-from lorafleet.qa.facts import KNOWN_ANSWERS, says_answer  # noqa: E402
+from lorafleet.qa.facts import KNOWN_ANSWERS, facts_kept, says_answer  # noqa: E402
 from lorafleet.qa.probe import probe_examples  # noqa: E402
 from lorafleet.training import preference  # noqa: E402
 from lorafleet.training.config import TrainingConfig  # noqa: E402
@@ -401,8 +401,9 @@ def main() -> None:
             "retention": adapter_acc / base_acc,
             "retention_body": body_accuracy(bank, tokenizer, general, slots[u]) / base_body,
             # of the fact prompts the base answers right, the share the adapter's greedy answer still gets right
-            "facts_kept": sum(says_answer(p, answered[i + 1][p]) for p in base_right)
-            / max(len(base_right), 1),
+            "facts_kept": facts_kept(
+                {p: answered[0][p] for p in fact_prompts}, {p: answered[i + 1][p] for p in fact_prompts}
+            ).share,
             "probe_drift": evaluate(bank, tokenizer, probe, slot=slots[u], max_seq_len=192).loss - base_probe,
             "dpo_loss_first": results[u].get("dpo_loss_first", float("nan")),
             "dpo_loss": results[u].get("dpo_loss", float("nan")),

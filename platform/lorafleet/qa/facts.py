@@ -25,6 +25,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from lorafleet.qa.results import BASE, Answers
 from lorafleet.training.general_prompts import EVAL_PROMPTS
 
 #: what a right answer to each of the first general evaluation prompts says; any one of the forms counts
@@ -91,6 +92,14 @@ class FactsKept:
         return len(self.kept) / len(self.base_right) if self.base_right else 1.0
 
 
+def answers_kept(answers: Answers) -> FactsKept:
+    """:func:`facts_kept` of a QA matrix's general answers (``Answers.general``: the base's and the subject's)."""
+    return facts_kept(
+        {item.prompt: item.outputs.get(BASE, "") for item in answers.general},
+        {item.prompt: item.outputs.get(answers.subject, "") for item in answers.general},
+    )
+
+
 def facts_kept(base: Mapping[str, str], candidate: Mapping[str, str]) -> FactsKept:
     """Compare the base's and the candidate's answers (``prompt -> answer``; prompts of ``KNOWN_ANSWERS``)."""
     prompts: Sequence[str] = [p for p in base if p in KNOWN_ANSWERS]
@@ -106,6 +115,7 @@ __all__ = [
     "GENERAL_FACTS_LOST",
     "KNOWN_ANSWERS",
     "FactsKept",
+    "answers_kept",
     "fact_prompts",
     "facts_kept",
     "says_answer",

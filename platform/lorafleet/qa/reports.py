@@ -15,8 +15,8 @@ from typing import Any
 
 from lorafleet.errors import ValidationError
 from lorafleet.qa.answers import paired_scores, training_answers
-from lorafleet.qa.facts import facts_kept
-from lorafleet.qa.results import BASE, Answers, Cell, Matrix
+from lorafleet.qa.facts import answers_kept
+from lorafleet.qa.results import Answers, Cell, Matrix
 from lorafleet.registry import Registry
 from lorafleet.store.blob.base import BlobRef
 from lorafleet.store.sql.database import Database
@@ -159,10 +159,7 @@ def answer_figures(answers: Answers | None, *, wrong_answer_weight: float = 0.0)
         [item.expected for item in answers.training],
         [item.prompt for item in answers.training],
     )
-    general = facts_kept(
-        {item.prompt: item.outputs.get(BASE, "") for item in answers.general},
-        {item.prompt: item.outputs.get(answers.subject, "") for item in answers.general},
-    )
+    general = answers_kept(answers)
     scores = paired_scores(
         answers.outputs(answers.subject),
         answers.outputs(answers.reference),

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from lorafleet.qa.answers import min_untied_pairs, paired_scores, training_answers
-from lorafleet.qa.facts import GENERAL_FACTS_LOST, facts_kept
+from lorafleet.qa.facts import GENERAL_FACTS_LOST, answers_kept
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.probe import PRETRAINED_EPSILON_PROBE
 from lorafleet.qa.results import (
@@ -257,10 +257,7 @@ def general_facts_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     evidence = matrix.answers
     if evidence is None or not evidence.general:
         return RuleOutcome(GENERAL_FACTS_RULE, True, f"{GENERAL_FACTS_RULE}: no general questions asked")
-    kept = facts_kept(
-        {item.prompt: item.outputs.get(BASE, "") for item in evidence.general},
-        {item.prompt: item.outputs.get(evidence.subject, "") for item in evidence.general},
-    )
+    kept = answers_kept(evidence)
     if not kept.base_right:
         return RuleOutcome(
             GENERAL_FACTS_RULE,

@@ -474,18 +474,14 @@ class _Rows:
     owners: list[int] = field(default_factory=list)
     sft: list[bool] = field(default_factory=list)
     anchor: list[bool] = field(default_factory=list)
-    #: rows whose end of turn (and with ``both``, first answer token) carry no loss: a preference user's anchors
-    #: under ``anchor_free_ends``
-    free_ends: list[bool] = field(default_factory=list)
     pairs: list[tuple[int, int, int]] = field(default_factory=list)
 
-    def add_sft(self, user: int, stream: _UserStream, n: int, *, free_anchor_ends: bool = False) -> None:
+    def add_sft(self, user: int, stream: _UserStream, n: int) -> None:
         picked = stream.take_indices(n)
         self.rows.extend(stream.encoded[i] for i in picked)
         self.owners.extend([user] * len(picked))
         self.sft.extend([True] * len(picked))
         self.anchor.extend(stream.is_anchor(i) for i in picked)
-        self.free_ends.extend(free_anchor_ends and stream.is_anchor(i) for i in picked)
 
     def add_pairs(self, user: int, picked: Sequence[tuple[int, Any, Any]], *, sft_on_chosen: bool) -> None:
         for index, chosen, rejected in picked:
@@ -494,15 +490,13 @@ class _Rows:
             self.owners.extend([user, user])
             self.sft.extend([sft_on_chosen, False])
             self.anchor.extend([False, False])
-            self.free_ends.extend([False, False])
 
 
 def _pack(streams: _Streams, config: TrainingConfig) -> _Rows:
     packed = _Rows()
     for i, stream in enumerate(streams.sft):
         if stream is not None:
-            free = config.anchor_free_ends != "none" and streams.pairs[i] is not None  # a user with pairs
-            packed.add_sft(i, stream, config.batch_size, free_anchor_ends=free)
+            packed.add_sft(i, stream, config.batch_size)
     for i, stream in enumerate(streams.pairs):
         if stream is not None:
             packed.add_pairs(i, stream.take(config.pairs_per_step), sft_on_chosen=config.sft_on_chosen)
@@ -536,8 +530,12 @@ def _accumulate(
             )  # [n, vocab]
             token_loss = torch.nn.functional.cross_entropy(logits, scored.labels, reduction="none")  # [n]
             on_sft = torch.tensor(packed.sft, device=bank.device)[scored.rows]  # [n]
-            if any(packed.free_ends):
-                free_rows = torch.tensor(packed.free_ends, device=bank.device)[scored.rows]  # [n]
+            # a preference user's anchors leave the answer's ends free (``anchor_free_ends``)
+            free = [
+                a and streams.pairs[o] is not None for a, o in zip(packed.anchor, packed.owners, strict=True)
+            ]
+            if config.anchor_free_ends != "none" and any(free):
+                free_rows = torch.tensor(free, device=bank.device)[scored.rows]  # [n]
                 on_sft = on_sft & ~(
                     free_rows & _row_ends(scored.rows, first=config.anchor_free_ends == "both")
                 )
