@@ -18,6 +18,11 @@ from pathlib import Path
 # Serve waits this long for the router to learn which replica holds a user before it falls back to the
 # replica with the fewest users; the default (1-2 s) is enough on an idle machine, not always on two busy cores.
 os.environ.setdefault("RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S", "10")
+# The router first asks the replica that holds a user for its queue length; an answer later than the deadline
+# (0.1 s, doubling to 1 s by default: a busy replica on two loaded cores can miss it) counts as a refusal, and the
+# retry goes to the replica with the fewest users, which can be the other one. Stickiness is what these tests check.
+os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "2")
+os.environ.setdefault("RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "5")
 
 #: the API tests' helpers (a uvicorn server in a thread, real adapter folders, PostgreSQL's admin conninfo)
 SERVICES_TESTS = Path(__file__).resolve().parents[1] / "services"
