@@ -1,5 +1,5 @@
 """Helpers for the serving tests: real adapter folders for the tiny backbone, bank members and user banks,
-trivial gates, a folder fetcher that counts its calls, and a resolver over a real ``Registry``."""
+trivial gates and a folder fetcher that counts its calls."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from tests.lora_weights import random_lora_weights
 
 from lorafleet.adapters import AdapterBank, SlotConfig, save_slot
-from lorafleet.registry import Registry, pack_adapter_archive
+from lorafleet.registry import pack_adapter_archive
 from lorafleet.registry.peft_format import inspect_adapter_dir
 from lorafleet.routing.experts import Expert, ExpertSet
 from lorafleet.routing.spec import GateDecision, GateSpec
@@ -118,34 +118,3 @@ class FolderFetcher:
         if event is not None:
             assert event.wait(timeout=10)
         return Path(shutil.copytree(self.folders[version.sha256], workdir / "adapter"))
-
-
-@dataclass
-class RegistryBanks:
-    """Resolves a user's experts from the live versions of their adapters in a real registry."""
-
-    registry: Registry
-    tenant_id: int
-    adapters: dict[str, list[int]]  # user external id -> adapter ids
-    calls: int = 0
-
-    def __call__(self, tenant_id: int, user: str) -> ExpertSet:
-        self.calls += 1
-        members = []
-        for adapter_id in self.adapters.get(user, []):
-            live = self.registry.live_version(tenant_id=tenant_id, adapter_id=adapter_id)
-            if live is not None:
-                members.append(
-                    Expert(
-                        adapter_id=adapter_id,
-                        adapter_name=f"adapter-{adapter_id}",
-                        kind="personal",
-                        version_id=live.id,
-                        version_number=live.number,
-                        sha256=live.sha256,
-                        size_bytes=live.size_bytes,
-                        rank=live.rank,
-                        routing_key=None,
-                    )
-                )
-        return user_bank(user, members, tenant_id=tenant_id)
