@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -64,6 +65,26 @@ def workers_env(
     return env
 
 
+@dataclass(frozen=True)
+class TrainingCluster:
+    """What a training test on the cluster works with: its Ray nodes, the PostgreSQL database and the registry
+    over the object store that the ``lorafleet workers`` share, and ``env(**more)``, their environment."""
+
+    nodes: ClusterHost
+    db: Database
+    registry: Registry
+    env: Callable[..., dict[str, str]]
+
+
+@pytest.fixture
+def cluster(
+    ray_nodes: ClusterHost, pg_database: Database, blobs_url: str, workers_env: Callable[..., dict[str, str]]
+) -> TrainingCluster:
+    return TrainingCluster(
+        ray_nodes, pg_database, Registry(pg_database, open_blob_store(blobs_url)), workers_env
+    )
+
+
 def _tenant_with_records(db: Database, *, users: list[str], n_records: int = 12) -> int:
     """A new tenant ``acme`` whose ``users`` each sent ``n_records`` records; its id."""
     tenant_id = TenantRepository(db).create_tenant(name="acme")[0].id
@@ -93,21 +114,16 @@ def _all_finished(db: Database, job_ids: list[int]) -> list[Job] | None:
     return jobs if all(j.state in ("succeeded", "failed", "cancelled") for j in jobs) else None
 
 
-def test_jobs_of_several_users_run_on_both_trainer_nodes(
-    ray_nodes: ClusterHost,
-    pg_database: Database,
-    blobs_url: str,
-    workers_env: Callable[..., dict[str, str]],
-) -> None:
-    db = pg_database
+def test_jobs_of_several_users_run_on_both_trainer_nodes(cluster: TrainingCluster) -> None:
+    db = cluster.db
     tenant_id = _tenant_with_records(db, users=USERS)
     set_tenant_training(db, tenant_id=tenant_id, overrides=TINY_TRAINING)  # the config its jobs carry
     training = json.dumps(TINY_TRAINING)
 
-    workers = WorkersProcess(workers_env(), "--count", "2", "--poll-seconds", "0.5", "--training", training)
+    workers = WorkersProcess(cluster.env(), "--count", "2", "--poll-seconds", "0.5", "--training", training)
     try:
         # one actor per trainer node (one unit each), none on the head (no unit)
-        assert sorted(workers.ready_nodes(2)) == sorted(ray_nodes.workers)
+        assert sorted(workers.ready_nodes(2)) == sorted(cluster.nodes.workers)
         tick = Scheduler(
             db, SchedulerPolicy(min_new_records=4, users_per_job=1, max_active_jobs=len(USERS))
         ).tick()
@@ -120,10 +136,9 @@ def test_jobs_of_several_users_run_on_both_trainer_nodes(
     assert status == 0, workers.output.text()[-3000:]
     assert [(j.state, j.attempts) for j in jobs] == [("succeeded", 1)] * len(USERS), [j.error for j in jobs]
     ran_on = {node_prefix(job.lease_owner) for job in jobs}
-    assert ran_on == {node[:8] for node in ray_nodes.workers}, "jobs did not run on both trainer nodes"
-    registry = Registry(db, open_blob_store(blobs_url))
+    assert ran_on == {node[:8] for node in cluster.nodes.workers}, "jobs did not run on both trainer nodes"
     for user in USERS:
-        (version,) = _versions(db, registry, tenant_id=tenant_id, user=user)
+        (version,) = _versions(db, cluster.registry, tenant_id=tenant_id, user=user)
         assert version.job_id in job_ids
     workers.output.wait_for(rf"trainer workers stopped after {len(USERS)} job\(s\)", timeout=5)
 
@@ -142,17 +157,14 @@ def test_workers_fail_clearly_when_no_node_offers_their_resource(
 
 
 def test_a_node_lost_mid_job_leaves_the_job_to_the_other_node_and_one_version(
-    ray_nodes: ClusterHost,
-    pg_database: Database,
-    blobs_url: str,
-    workers_env: Callable[..., dict[str, str]],
+    cluster: TrainingCluster,
 ) -> None:
-    db = pg_database
+    db = cluster.db
     tenant_id = _tenant_with_records(db, users=["zed"])
     # a job without its own config: the doomed workers' default never ends, the rescuer's is short
     queued = Scheduler(db).train_now(tenant_id=tenant_id, user_external_id="zed").job
     job = _without_training_config(db, queued)
-    env = workers_env(LORAFLEET_LEASE_SECONDS="4")
+    env = cluster.env(LORAFLEET_LEASE_SECONDS="4")
     endless = json.dumps(
         {**TINY_TRAINING, "max_steps": 100_000}
     )  # the first attempt is still running when cut
@@ -163,7 +175,7 @@ def test_a_node_lost_mid_job_leaves_the_job_to_the_other_node_and_one_version(
         owner = wait_for(
             "the job to be claimed", lambda: _job(db, job.id).lease_owner, timeout=180, every=0.25
         )
-        (lost,) = [node for node in ray_nodes.workers if node.startswith(node_prefix(owner))]
+        (lost,) = [node for node in cluster.nodes.workers if node.startswith(node_prefix(owner))]
         wait_for(
             "a heartbeat while it trains",
             lambda: _heartbeat_seconds(_job(db, job.id)) > 1,
@@ -174,10 +186,10 @@ def test_a_node_lost_mid_job_leaves_the_job_to_the_other_node_and_one_version(
             env, "--count", "1", "--poll-seconds", "0.5", "--training", json.dumps(TINY_TRAINING)
         )
         (other,) = rescuer.ready_nodes(1)
-        assert {lost, other} == set(ray_nodes.workers)
+        assert {lost, other} == set(cluster.nodes.workers)
         assert _job(db, job.id).state == "running"
 
-        ray_nodes.remove(lost)
+        cluster.nodes.remove(lost)
         done = wait_for("the job to finish", lambda: _all_finished(db, [job.id]), timeout=180, every=0.25)[0]
         doomed.output.wait_for(r"died .*starting a replacement", timeout=120)
     finally:
@@ -186,7 +198,7 @@ def test_a_node_lost_mid_job_leaves_the_job_to_the_other_node_and_one_version(
     assert (done.state, done.attempts) == ("succeeded", 2), done.error
     assert node_prefix(done.lease_owner) == other[:8] != lost[:8]
     (entry,) = (done.result or {})["versions"]
-    (version,) = _versions(db, Registry(db, open_blob_store(blobs_url)), tenant_id=tenant_id, user="zed")
+    (version,) = _versions(db, cluster.registry, tenant_id=tenant_id, user="zed")
     assert (version.id, version.job_id, version.number) == (entry["version_id"], job.id, 1)
     assert _count_versions(db) == 1
     assert statuses == [0, 0], (
