@@ -8,11 +8,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from api_helpers import ADMIN_KEY, Library
+from service_process import ServiceProcess
 from sqlalchemy import select
 
 from lorafleet.feedback import validate_feedback_batch
@@ -99,6 +101,24 @@ def new_batch(thread: int, seq: int) -> Batch:
     return Batch(key=f"load-{thread}-{seq}-{marker}", user=f"u{thread % USERS}", records=records)
 
 
+def start_with_tenant(
+    start_service: Callable[..., ServiceProcess], prefix: str
+) -> tuple[ServiceProcess, int, str]:
+    """``start_service()`` started, and a new tenant on it named ``<prefix>-…``: the service, the tenant's id and
+    its API key."""
+    service = start_service()
+    service.start()
+    tenant_id, api_key = make_tenant(service.url, prefix)
+    return service, tenant_id, api_key
+
+
+def answered_ok(batches: list[Batch]) -> list[Batch]:
+    """The batches that got an answer before the fault; each answer must be a 200."""
+    answered = [b for b in batches if b.status is not None]
+    assert all(b.status == 200 for b in answered), [(b.status, b.body) for b in answered if b.status != 200]
+    return answered
+
+
 def make_tenant(url: str, prefix: str) -> tuple[int, str]:
     answer = httpx.post(
         f"{url}/v1/tenants",
@@ -112,8 +132,10 @@ def make_tenant(url: str, prefix: str) -> tuple[int, str]:
 
 @dataclass
 class Settled:
+    """How the retry of every batch went, by the names the ``FAULT-RECOVERY`` line gives them."""
+
     replayed: int = 0
-    ran: int = 0
+    ran_on_retry: int = 0
     in_flight_409s: int = 0
 
 
@@ -140,7 +162,7 @@ def retry_every_batch(url: str, api_key: str, batches: list[Batch]) -> Settled:
             if replayed:
                 settled.replayed += 1
             else:
-                settled.ran += 1
+                settled.ran_on_retry += 1
             if batch.status == 200:  # answered before: the very same answer, replayed
                 assert replayed and body == batch.body, (batch.key, body, batch.body)
             else:  # in doubt: either its commit made it (replayed) or it runs now; once, either way

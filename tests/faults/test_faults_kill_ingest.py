@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 
 from api_helpers import Library
-from feedback_load import Load, check_stored, make_tenant, retry_every_batch
+from feedback_load import Load, answered_ok, check_stored, retry_every_batch, start_with_tenant
 from service_process import ServiceProcess, fault_recovery
 
 THREADS = 12
@@ -25,9 +26,7 @@ ANSWERED_BEFORE_KILL = 40
 def test_kill9_mid_ingest_then_every_key_replays_or_runs_once(
     start_service: Callable[..., ServiceProcess], library: Library
 ) -> None:
-    service = start_service()
-    service.start()
-    tenant_id, api_key = make_tenant(service.url, "kill-ingest")
+    service, tenant_id, api_key = start_with_tenant(start_service, "kill-ingest")
     load = Load(service.url, api_key, threads=THREADS).start()
     deadline = time.monotonic() + 120
     while load.answered() < ANSWERED_BEFORE_KILL:
@@ -36,8 +35,7 @@ def test_kill9_mid_ingest_then_every_key_replays_or_runs_once(
     service.kill9()
     killed_at = time.monotonic()
     batches = load.join()
-    answered = [b for b in batches if b.status is not None]
-    assert all(b.status == 200 for b in answered), [(b.status, b.body) for b in answered if b.status != 200]
+    answered = answered_ok(batches)
 
     restart_s = service.start()
     settled = retry_every_batch(service.url, api_key, batches)
@@ -48,9 +46,7 @@ def test_kill9_mid_ingest_then_every_key_replays_or_runs_once(
         batches=len(batches),
         answered_before_kill=len(answered),
         in_doubt=len(batches) - len(answered),
-        replayed=settled.replayed,
-        ran_on_retry=settled.ran,
-        in_flight_409s=settled.in_flight_409s,
+        **asdict(settled),
         restart_to_healthy=restart_s,
         kill_to_all_keys_settled=settled_s,
     )

@@ -11,11 +11,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import httpx
 from api_helpers import Library
-from feedback_load import Load, check_stored, make_tenant, new_batch, retry_every_batch
+from feedback_load import Load, answered_ok, check_stored, new_batch, retry_every_batch, start_with_tenant
 from service_process import ServiceProcess, fault_recovery
 
 THREADS = 8
@@ -25,9 +26,7 @@ ANSWERED_BEFORE_SIGTERM = 30
 def test_sigterm_mid_request_finishes_or_refuses_cleanly_and_exits_0(
     start_service: Callable[..., ServiceProcess], library: Library
 ) -> None:
-    service = start_service()
-    service.start()
-    tenant_id, api_key = make_tenant(service.url, "sigterm")
+    service, tenant_id, api_key = start_with_tenant(start_service, "sigterm")
     headers = {"Authorization": f"Bearer {api_key}"}
     seed = new_batch(THREADS, 0)  # the generating user's feedback (so the user exists), checked with the rest
     seeded = httpx.post(
@@ -71,8 +70,7 @@ def test_sigterm_mid_request_finishes_or_refuses_cleanly_and_exits_0(
         generated.get("status") == 503 and "shutting down" in generated["body"]["error"]["message"]
     ), generated
     assert "Traceback" not in service.log().rsplit("===== start", 1)[-1], service.log()
-    answered = [b for b in batches if b.status is not None]
-    assert all(b.status == 200 for b in answered), [(b.status, b.body) for b in answered if b.status != 200]
+    answered = answered_ok(batches)
 
     restart_s = service.start()
     settled = retry_every_batch(service.url, api_key, batches)
@@ -83,9 +81,7 @@ def test_sigterm_mid_request_finishes_or_refuses_cleanly_and_exits_0(
         batches=len(batches),
         answered_before_exit=len(answered),
         refused=len(batches) - len(answered),
-        replayed=settled.replayed,
-        ran_on_retry=settled.ran,
-        in_flight_409s=settled.in_flight_409s,
+        **asdict(settled),
         sigterm_to_exit=shutdown_s,
         restart_to_healthy=restart_s,
     )
