@@ -108,17 +108,14 @@ def routing_key(
     bank: AdapterBank | None,
     prompts: Sequence[str],
     *,
-    batch_size: int = 32,
-    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
     prefix: FrozenPrefix | None = None,
     vectors: int = ROUTING_KEY_VECTORS,
 ) -> tuple[float, ...]:
     """An adapter's routing key: up to ``vectors`` unit vectors that summarise its training prompts' pooled
-    embeddings (``key_vectors``: spherical k-means), flattened to ``k * hidden`` floats. The gate scores a prompt
-    by its cosine to the nearest of them. ``vectors=1`` gives the normalised mean, the key of earlier versions."""
-    embeddings = embed_prompts(
-        backbone, bank, prompts, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, prefix=prefix
-    )
+    embeddings (``embed_prompts`` with its default batch and truncation; ``key_vectors``: spherical k-means),
+    flattened to ``k * hidden`` floats. The gate scores a prompt by its cosine to the nearest of them.
+    ``vectors=1`` gives the normalised mean, the key of earlier versions."""
+    embeddings = embed_prompts(backbone, bank, prompts, prefix=prefix)
     key = key_vectors(embeddings, vectors)  # [k, hidden]
     return tuple(float(v) for v in key.flatten().tolist())
 
