@@ -47,6 +47,7 @@ from lorafleet.store.sql.tenants import TenantRepository  # noqa: E402
 from lorafleet.training import synthetic  # noqa: E402
 from lorafleet.training.config import TrainingConfig  # noqa: E402
 from lorafleet.training.overrides import set_tenant_training  # noqa: E402
+from lorafleet.training.resident import Resident  # noqa: E402
 from lorafleet.workflows.continual import PERSONAL_ADAPTER, ContinualTrainer  # noqa: E402
 from lorafleet.workflows.deletion import RecordSelection, forget_records  # noqa: E402
 from lorafleet.workflows.feedback import ingest_feedback  # noqa: E402
@@ -85,16 +86,15 @@ def main() -> None:
         )
         config = TrainingConfig(**training)
         bank = inject_bank(backbone, target_modules=config.target_modules, n_slots=2, max_rank=config.rank)
+        resident = Resident(db, registry, backbone, bank)
         queue = JobQueue(db)
         scheduler = Scheduler(db, queue=queue)
 
         def worker_for(rule: str) -> JobWorker:
-            trainer = ContinualTrainer(
-                db, registry, backbone, bank, config=config, promote_rule=rule, work_dir=Path(tmp)
-            )
+            trainer = ContinualTrainer(resident, config=config, promote_rule=rule, work_dir=Path(tmp))
             handlers: dict[str, Any] = {"train": trainer.run_job}
             if rule == "qa":
-                handlers[QA_JOB_KIND] = QARunner(db, registry, backbone, bank).run_job
+                handlers[QA_JOB_KIND] = QARunner(resident).run_job
             return JobWorker(queue, worker_id="bench", handlers=handlers, lease_seconds=3600)
 
         worker = worker_for("always")  # the five versions go live whatever QA would say of them

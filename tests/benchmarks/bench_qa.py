@@ -100,10 +100,8 @@ def release(env: World) -> None:
 def run_decisions(env: World, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Three rounds through train + QA jobs, then two harmful candidates per user; one row per QA decision."""
     users = [f"user-{i}" for i in range(args.users)]
-    trainer = ContinualTrainer(
-        env.db, env.registry, env.backbone, env.bank, config=env.config, promote_rule="qa"
-    )
-    runner = QARunner(env.db, env.registry, env.backbone, env.bank)
+    trainer = ContinualTrainer(env.resident, config=env.config, promote_rule="qa")
+    runner = QARunner(env.resident)
     worker = JobWorker(
         JobQueue(env.db),
         worker_id="bench",
@@ -228,7 +226,7 @@ def _probe_move(document: dict[str, Any]) -> float | None:
 # --- cost by bank size --------------------------------------------------------------------------------------
 def run_cost(env: World, *, size: int, repeats: int) -> dict[str, Any]:
     """A user with a live personal version, a candidate and ``size - 1`` enrolled task adapters; QA timings."""
-    runner = QARunner(env.db, env.registry, env.backbone, env.bank, policy=QAPolicy())
+    runner = QARunner(env.resident, policy=QAPolicy())
     user_records = synthetic.make_user_records("alice", round=1, n_records=64, seed=0)
     ids = ingest_feedback(env.db, tenant_id=env.tenant_id, user_external_id="alice", records=user_records).ids
     records = list_feedback(env.db, tenant_id=env.tenant_id, user_external_id="alice", limit=1000)

@@ -155,12 +155,9 @@ def run_seed(
         set_tenant_training(
             env.db, tenant_id=under, overrides={**config.model_dump(mode="json"), "max_steps": steps}
         )
-        trainer = ContinualTrainer(env.db, env.registry, backbone, env.bank, config=config, promote_rule="qa")
+        trainer = ContinualTrainer(env.resident, config=config, promote_rule="qa")
         runner = QARunner(
-            env.db,
-            env.registry,
-            backbone,
-            env.bank,
+            env.resident,
             policy=policy,
             prefix=trainer.prefix,
             general_prompts=ANCHOR_PROMPTS,

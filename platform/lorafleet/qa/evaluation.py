@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.adapters.dense import dense_budget, dense_views
-from lorafleet.adapters.prefix import FrozenPrefix, backbone_identity
+from lorafleet.adapters.prefix import FrozenPrefix
 from lorafleet.domain import Adapter, AdapterVersion, QAKind
 from lorafleet.errors import LorafleetError
 from lorafleet.qa.columns import (
@@ -44,15 +44,11 @@ from lorafleet.qa.sanity import SanityResult, check_adapter
 from lorafleet.routing.embeddings import common_direction
 from lorafleet.routing.gates import build_gate
 from lorafleet.routing.learned import load_learned_gate
-from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import QARepository
-from lorafleet.training.dataset import pad_token_id
 from lorafleet.training.general_prompts import general_exemplars
+from lorafleet.training.resident import Resident
 
 if TYPE_CHECKING:
-    from lorafleet.adapters import AdapterBank
-    from lorafleet.backbone import Backbone
-    from lorafleet.registry import Registry
     from lorafleet.routing.experts import Expert, ExpertSet
     from lorafleet.routing.gates import Gate
 
@@ -97,11 +93,8 @@ class Evaluator:
 
     def __init__(
         self,
+        resident: Resident,
         *,
-        db: Database,
-        registry: Registry,
-        backbone: Backbone,
-        bank: AdapterBank,
         policy: QAPolicy,
         work_dir: Path | None = None,
         prefix: FrozenPrefix | None = None,
@@ -111,13 +104,12 @@ class Evaluator:
         """Without ``prefix`` one is made for the bank: every column of a matrix shares the frozen layers.
         ``general_prompts``, ``general_to_base``: as serving's (``serving.factory.build_engine``), so QA gates as
         serving does."""
-        self.db, self.registry, self.backbone, self.bank = db, registry, backbone, bank
+        self.db, self.registry = resident.db, resident.registry
+        self.backbone, self.bank = resident.backbone, resident.bank
         # a probe bound left to the backbone (``epsilon_probe=None``) is filled in here, so reports record it
-        self.policy, self.work_dir = policy.for_probe_bound(probe_epsilon_for(backbone.path)), work_dir
+        self.policy, self.work_dir = policy.for_probe_bound(probe_epsilon_for(self.backbone.path)), work_dir
         self.general_prompts, self.general_to_base = tuple(general_prompts), general_to_base
-        self.prefix = prefix or FrozenPrefix.for_bank(
-            bank, identity=backbone_identity(backbone), pad_id=pad_token_id(backbone.tokenizer)
-        )
+        self.prefix = prefix or resident.frozen_prefix()
 
     def own_set(self, subject: Subject) -> EvalSet:
         """The subject's own holdout (the user's, or the task adapter's)."""

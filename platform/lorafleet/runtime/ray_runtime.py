@@ -56,6 +56,7 @@ from lorafleet.runtime.process import end_processes
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.general_prompts import ANCHOR_PROMPTS
 from lorafleet.training.overrides import check_bank_fits
+from lorafleet.training.resident import Resident
 from lorafleet.workflows.continual import ContinualTrainer
 from lorafleet.workflows.import_jobs import IMPORT_JOB_KIND, ImportRunner, import_weight_bounds
 from lorafleet.workflows.qa_runner import QARunner
@@ -294,8 +295,9 @@ def actor_settings(settings: Settings) -> dict[str, Any]:
 
 # --- one trainer ------------------------------------------------------------------------------------------
 class TrainerHost:
-    """A database, registry, resident backbone with an adapter bank, ``ContinualTrainer`` and ``JobWorker``:
-    what one trainer actor holds for its whole life (the backbone is loaded once, here).
+    """A database and registry, the resident backbone with an adapter bank (``resident``, shared by the
+    ``train``, ``qa`` and ``import`` handlers) and a ``JobWorker``: what one trainer actor holds for its whole
+    life (the backbone is loaded once, here).
 
     The bank covers every linear layer up to ``LORAFLEET_TRAINER_MAX_RANK``, so it holds any job's config (each
     train job carries its own); ``training`` is the config of jobs queued without one.
@@ -320,7 +322,11 @@ class TrainerHost:
         self.platform = Platform.from_settings(self.settings)
         self.db = self.platform.db
         self.registry = self.platform.registry
-        self.trainer = self._build_trainer(TrainingConfig.from_mapping(training))
+        config = TrainingConfig.from_mapping(training)
+        self.resident = self._load_resident(config)
+        self.trainer = ContinualTrainer(
+            self.resident, config=config, promote_rule=self.settings.promote_rule, progress=self._on_progress
+        )
         self.qa = self._build_qa(qa_policy)
         self.worker = JobWorker(
             self.platform.queue,
@@ -337,7 +343,8 @@ class TrainerHost:
         self._stats.update(backbone_loads=1, current_job=None, step=0, total_steps=0)
         self._stats["torch_threads"] = self.trainer_threads
 
-    def _build_trainer(self, config: Any) -> Any:
+    def _load_resident(self, config: TrainingConfig) -> Resident:
+        """Load the backbone and inject a bank that holds ``config``'s adapters (any job's: see the class)."""
         import torch
 
         s = self.settings
@@ -362,23 +369,12 @@ class TrainerHost:
             s.trainer_slots,
             self.trainer_threads,
         )
-        return ContinualTrainer(
-            self.db,
-            self.registry,
-            backbone,
-            bank,
-            config=config,
-            promote_rule=s.promote_rule,
-            progress=self._on_progress,
-        )
+        return Resident(self.db, self.registry, backbone, bank)
 
     def _build_imports(self) -> Any:
         """The ``import`` handler (PEFT adapters into task adapters) on the trainer's own backbone and bank."""
         return ImportRunner(
-            self.db,
-            self.registry,
-            self.trainer.backbone,
-            self.trainer.bank,
+            self.resident,
             promote_rule=self.settings.promote_rule,
             weight_bounds=import_weight_bounds(self.settings.qa_policy),
         )
@@ -386,10 +382,7 @@ class TrainerHost:
     def _build_qa(self, policy: Mapping[str, Any] | None) -> Any:
         """The ``qa`` handler on the trainer's own backbone and bank (QA evicts its slots after each job)."""
         return QARunner(
-            self.db,
-            self.registry,
-            self.trainer.backbone,
-            self.trainer.bank,
+            self.resident,
             policy=QAPolicy.from_mapping({**self.settings.qa_policy, **(policy or {})}),
             prefix=self.trainer.prefix,  # holdout rows scored while training are reused by QA
             general_prompts=ANCHOR_PROMPTS,
@@ -428,7 +421,7 @@ class TrainerHost:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "node_id": self.node_id,
-            "device": str(self.trainer.backbone.device),
+            "device": str(self.resident.backbone.device),
         }
 
     def stats(self) -> dict[str, Any]:

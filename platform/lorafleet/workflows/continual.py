@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.adapters import load_slot_from_dir, save_slot
-from lorafleet.adapters.prefix import FrozenPrefix, backbone_identity
 from lorafleet.domain import (
     Adapter,
     AdapterVersion,
@@ -48,19 +47,17 @@ from lorafleet.store.sql import record_deletion
 from lorafleet.store.sql.feedback import get_snapshot, insert_snapshot, list_feedback
 from lorafleet.store.sql.tenants import MAX_PAGE_SIZE
 from lorafleet.training.config import TrainingConfig
-from lorafleet.training.dataset import Example, UserDataset, build_dataset, pad_token_id, reservoir_sample
+from lorafleet.training.dataset import Example, UserDataset, build_dataset, reservoir_sample
 from lorafleet.training.general_prompts import anchor_examples
 from lorafleet.training.overrides import check_bank_fits
+from lorafleet.training.resident import Resident
 from lorafleet.training.trainer import SlotTraining, train_slots
 from lorafleet.workflows.live_alias import queue_candidate_qa
 from lorafleet.workflows.workdirs import owned_tempdir
 
 if TYPE_CHECKING:
-    from lorafleet.adapters import AdapterBank, SavedAdapter, SlotConfig
-    from lorafleet.backbone import Backbone
+    from lorafleet.adapters import SavedAdapter, SlotConfig
     from lorafleet.jobs.worker import LeaseContext
-    from lorafleet.registry import Registry
-    from lorafleet.store.sql.database import Database
     from lorafleet.training.trainer import SlotResult, SlotTraining
 
 logger = logging.getLogger(__name__)
@@ -166,10 +163,7 @@ class ContinualTrainer:
 
     def __init__(
         self,
-        db: Database,
-        registry: Registry,
-        backbone: Backbone,
-        bank: AdapterBank,
+        resident: Resident,
         *,
         config: TrainingConfig,
         promote_rule: PromoteRule = PromoteRule.HOLDOUT_IMPROVED,
@@ -181,10 +175,8 @@ class ContinualTrainer:
         given (a test wraps it to act between loading the slots and training them)."""
         if promote_rule not in PROMOTE_RULES:
             raise ValidationError(f"promote_rule: must be one of {', '.join(PROMOTE_RULES)}")
-        self.db = db
-        self.registry = registry
-        self.backbone = backbone
-        self.bank = bank
+        self.db, self.registry = resident.db, resident.registry
+        self.backbone, self.bank = resident.backbone, resident.bank
         #: the config of jobs whose payload has none (queued before configs were stored in jobs)
         self.default_config = config
         self.promote_rule = promote_rule
@@ -192,12 +184,7 @@ class ContinualTrainer:
         self.progress = progress
         self._train_slots = train_slots
         #: the frozen-prefix cache of this trainer's backbone, kept across jobs (replayed records hit it)
-        self.prefix = FrozenPrefix.for_bank(
-            bank,
-            identity=backbone_identity(backbone),
-            pad_id=pad_token_id(backbone.tokenizer),
-            spill_dir=work_dir,
-        )
+        self.prefix = resident.frozen_prefix(spill_dir=work_dir)
         self._use_config(config)
 
     @property

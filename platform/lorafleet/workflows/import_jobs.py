@@ -48,11 +48,10 @@ from lorafleet.workflows.tasks import validate_task_name
 from lorafleet.workflows.workdirs import owned_tempdir
 
 if TYPE_CHECKING:
-    from lorafleet.adapters import AdapterBank
-    from lorafleet.backbone import Backbone
     from lorafleet.jobs.worker import LeaseContext
     from lorafleet.registry import Registry
     from lorafleet.store.sql.database import Database
+    from lorafleet.training.resident import Resident
 
 from lorafleet.domain import text as text_limits
 
@@ -155,16 +154,14 @@ class ImportRunner:
 
     def __init__(
         self,
-        db: Database,
-        registry: Registry,
-        backbone: Backbone,
-        bank: AdapterBank,
+        resident: Resident,
         *,
         promote_rule: str = PromoteRule.QA,
         work_dir: Path | None = None,
         weight_bounds: WeightBounds | None = None,
     ) -> None:
-        self.db, self.registry, self.backbone, self.bank = db, registry, backbone, bank
+        self.db, self.registry = resident.db, resident.registry
+        self.backbone, self.bank = resident.backbone, resident.bank
         self.promote_rule = promote_rule
         self.work_dir = work_dir
         self.weight_bounds = weight_bounds

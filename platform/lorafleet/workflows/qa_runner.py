@@ -61,19 +61,16 @@ from lorafleet.qa.rules import (
     recheck_rules,
 )
 from lorafleet.qa.sampling import member_label, sample_enrolled
-from lorafleet.registry import Registry
 from lorafleet.routing.embeddings import routing_key
 from lorafleet.routing.experts import Expert, resolve_user_experts
-from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.qa_repository import NewQAReport, QAReport, QARepository
 from lorafleet.store.sql.registry_repository import RegistryRepository
 from lorafleet.store.sql.routing_repository import RoutingRepository
+from lorafleet.training.resident import Resident
 from lorafleet.workflows.live_alias import PASSING_DECISIONS, earlier_live_versions, move_live, qa_decision
 
 if TYPE_CHECKING:
-    from lorafleet.adapters import AdapterBank
     from lorafleet.adapters.prefix import FrozenPrefix
-    from lorafleet.backbone import Backbone
     from lorafleet.jobs.worker import LeaseContext
 
 logger = logging.getLogger(__name__)
@@ -92,10 +89,7 @@ class QARunner:
 
     def __init__(
         self,
-        db: Database,
-        registry: Registry,
-        backbone: Backbone,
-        bank: AdapterBank,
+        resident: Resident,
         *,
         policy: QAPolicy | None = None,
         queue: JobQueue | None = None,
@@ -107,13 +101,11 @@ class QARunner:
         """``prefix``: a frozen-prefix cache of this bank's model (a trainer shares its own, so holdout rows
         it scored while training are not run through the frozen layers again). ``general_prompts`` and
         ``general_to_base``: as serving's (``serving.factory.build_engine``), so QA gates as serving does."""
-        self.db, self.registry, self.backbone, self.bank = db, registry, backbone, bank
-        self.queue = queue or JobQueue(db)
+        self.db, self.registry = resident.db, resident.registry
+        self.backbone, self.bank = resident.backbone, resident.bank
+        self.queue = queue or JobQueue(self.db)
         self.evaluator = Evaluator(
-            db=db,
-            registry=registry,
-            backbone=backbone,
-            bank=bank,
+            resident,
             policy=policy or QAPolicy(),
             work_dir=work_dir,
             prefix=prefix,
@@ -121,8 +113,8 @@ class QARunner:
             general_to_base=general_to_base,
         )
         self.policy = self.evaluator.policy  # with the backbone's probe bound filled in
-        self._qa = QARepository(dialect=db.dialect)
-        self._registry_sql = RegistryRepository(dialect=db.dialect)
+        self._qa = QARepository(dialect=self.db.dialect)
+        self._registry_sql = RegistryRepository(dialect=self.db.dialect)
 
     # --- the job ------------------------------------------------------------------------------------------
     def run_job(self, job: Job, lease: LeaseContext) -> dict[str, Any]:

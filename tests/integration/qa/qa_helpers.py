@@ -26,6 +26,7 @@ from lorafleet.training import synthetic
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, build_dataset
 from lorafleet.training.overrides import set_tenant_training
+from lorafleet.training.resident import Resident
 from lorafleet.training.trainer import SlotTraining, train_slots
 from lorafleet.workflows.continual import PERSONAL_ADAPTER, ContinualTrainer
 from lorafleet.workflows.feedback import ingest_feedback
@@ -67,6 +68,11 @@ class World:
     tenant_id: int
     config: TrainingConfig
 
+    @property
+    def resident(self) -> Resident:
+        """The stores and the model the job handlers run on."""
+        return Resident(self.db, self.registry, self.backbone, self.bank)
+
     def user_id(self, external_id: str) -> int:
         return TenantRepository(self.db).get_user(tenant_id=self.tenant_id, external_id=external_id).id
 
@@ -107,9 +113,7 @@ def worker(
 
 def qa_trainer(world: World) -> ContinualTrainer:
     """The continual trainer with the ``qa`` promote rule (each new version queues its QA job)."""
-    return ContinualTrainer(
-        world.db, world.registry, world.backbone, world.bank, config=world.config, promote_rule="qa"
-    )
+    return ContinualTrainer(world.resident, config=world.config, promote_rule="qa")
 
 
 # --- adapters trained outside the continual loop ------------------------------------------------------------

@@ -47,7 +47,7 @@ def _train_round(world: World, runner: QARunner, user: str, *, round: int, n_rec
 def test_good_candidates_are_promoted_through_qa_jobs_with_complete_linked_reports(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    runner = QARunner(world.resident)
     train1, qa1 = _train_round(world, runner, "alice", round=1, n_records=24)
     train2, qa2 = _train_round(world, runner, "alice", round=2, n_records=64)
     adapter_id = world.personal("alice")
@@ -125,7 +125,7 @@ def test_a_harmful_candidate_is_rejected_by_the_user_holdout_rule(
     sqlite_world: World, tmp_path: Path
 ) -> None:
     world = sqlite_world
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    runner = QARunner(world.resident)
     _train_round(world, runner, "alice", round=1, n_records=24)
     adapter_id = world.personal("alice")
     live = world.registry.live_version(tenant_id=world.tenant_id, adapter_id=adapter_id)
@@ -156,9 +156,7 @@ def test_non_finite_foreign_or_diverged_candidates_are_rejected_before_evaluatio
     sqlite_world: World, tmp_path: Path
 ) -> None:
     world = sqlite_world
-    runner = QARunner(
-        world.db, world.registry, world.backbone, world.bank, policy=QAPolicy(max_update_norm=50.0)
-    )
+    runner = QARunner(world.resident, policy=QAPolicy(max_update_norm=50.0))
     _train_round(world, runner, "alice", round=1, n_records=24)
     adapter_id, user_id = world.personal("alice"), world.user_id("alice")
     live = world.registry.live_version(tenant_id=world.tenant_id, adapter_id=adapter_id)
@@ -204,7 +202,7 @@ def test_non_finite_foreign_or_diverged_candidates_are_rejected_before_evaluatio
 
 def test_a_candidate_on_the_4bit_backbone_is_promoted_and_its_routing_key_set(nf4_world: World) -> None:
     world = nf4_world
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    runner = QARunner(world.resident)
     _train_round(world, runner, "carol", round=1, n_records=24)
     (version,) = world.registry.list_versions(tenant_id=world.tenant_id, adapter_id=world.personal("carol"))
     assert version.status == "live"

@@ -64,7 +64,7 @@ def test_the_useless_candidate_is_rejected_with_no_improvement(sqlite_world: Wor
     world = sqlite_world
     _, version_id = _candidate(world, tmp_path, steps=1)
     require = QAPolicy(answer_evidence="require")  # the default only reports the answers (QAPolicy)
-    report = QARunner(world.db, world.registry, world.backbone, world.bank, policy=require).run_candidate(
+    report = QARunner(world.resident, policy=require).run_candidate(
         tenant_id=world.tenant_id, version_id=version_id
     )
     assert report is not None and report.decision == "reject", report
@@ -82,9 +82,7 @@ def test_the_useless_candidate_is_rejected_with_no_improvement(sqlite_world: Wor
 def test_a_candidate_trained_normally_is_promoted_on_its_answers(sqlite_world: World, tmp_path: Path) -> None:
     world = sqlite_world
     _, version_id = _candidate(world, tmp_path, steps=world.config.max_steps)
-    report = QARunner(world.db, world.registry, world.backbone, world.bank).run_candidate(
-        tenant_id=world.tenant_id, version_id=version_id
-    )
+    report = QARunner(world.resident).run_candidate(tenant_id=world.tenant_id, version_id=version_id)
     assert report is not None and report.decision == "promote", report.reasons
     figures = report.summary["answers"]
     assert figures["answer_f1"] > figures["reference_answer_f1"] and figures["p_value"] <= 0.05, figures
@@ -103,9 +101,7 @@ def test_a_candidate_trained_on_shuffled_answers_is_rejected_for_answering_other
     answered with other topics' answers."""
     world = sqlite_world
     _, version_id = _candidate(world, tmp_path, steps=world.config.max_steps, shuffle=True)
-    report = QARunner(world.db, world.registry, world.backbone, world.bank).run_candidate(
-        tenant_id=world.tenant_id, version_id=version_id
-    )
+    report = QARunner(world.resident).run_candidate(tenant_id=world.tenant_id, version_id=version_id)
     assert report is not None and report.decision == "reject", report.reasons
     [reason] = [r for r in report.reasons if r.startswith("answers-other-questions:")]
     assert "answers to its own training questions answer another question" in reason, reason
@@ -142,7 +138,7 @@ def test_general_questions_are_answered_by_base_and_candidate_when_asked_for(
     random-init base answers none of them right, so there is nothing to keep and the rule passes, saying so."""
     world = sqlite_world
     _, version_id = _candidate(world, tmp_path, steps=world.config.max_steps)
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank, policy=QAPolicy(general_facts=5))
+    runner = QARunner(world.resident, policy=QAPolicy(general_facts=5))
     cache: dict[tuple[object, ...], str] = {}
     monkeypatch.setattr(qa_matrix, "_BASE_FACT_ANSWERS", cache)  # this process has not asked the base yet
     report = runner.run_candidate(tenant_id=world.tenant_id, version_id=version_id)

@@ -77,7 +77,7 @@ def _qa_state(world: World, user: str, version_id: int) -> tuple[str, bool]:
 
 
 def test_a_bad_version_promoted_before_qa_is_evaluated_and_rolled_back(world: World, tmp_path: Path) -> None:
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    runner = QARunner(world.resident)
     v1 = _first_round(world, runner, "alice")
     adapter_id = world.personal("alice")
     harmful = train_adapter(world, adversarial(user_examples(world, "alice")), work=tmp_path / "harm")
@@ -125,7 +125,7 @@ def test_a_bad_version_promoted_before_qa_is_evaluated_and_rolled_back(world: Wo
 
 def test_a_good_version_promoted_before_qa_is_evaluated_and_kept(sqlite_world: World, tmp_path: Path) -> None:
     world = sqlite_world
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    runner = QARunner(world.resident)
     feed(world, "bob", round=1, n_records=24)
     world.registry.create_adapter(
         tenant_id=world.tenant_id,
@@ -275,7 +275,7 @@ def test_a_1e30_task_version_forced_live_before_qa_is_rolled_back_for_its_weight
         _promote_task(world, force=False)
     assert _promote_task(world, force=True).forced
 
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    runner = QARunner(world.resident)
     (done,) = worker(world, runner).run_until_idle()
     assert done.result is not None and done.result["decision"] == "rollback"
     reasons = done.result["reasons"]
@@ -293,7 +293,7 @@ def test_a_version_forced_live_while_qa_evaluates_it_is_evaluated_again_as_live(
     and the retry evaluates the now-live version instead of skipping it."""
     world = sqlite_world
     task_id, version, _ = _huge_task_version(world, tmp_path)
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    runner = QARunner(world.resident)
     evaluate = runner.evaluator.evaluate
 
     def forced_meanwhile(*args: Any, **kwargs: Any) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def test_a_qa_worker_killed_mid_run_is_retried_and_the_job_decides_once(world: W
     job = _queued_qa_job(world, "alice")
     queue = JobQueue(world.db)
     dying_registry = Registry(world.db, FaultyBlobs(world.registry.blobs, before_put_bytes=_killed))
-    dying = QARunner(world.db, dying_registry, world.backbone, world.bank)
+    dying = QARunner(replace(world.resident, registry=dying_registry))
     first = JobWorker(queue, worker_id="w1", handlers={QA_JOB_KIND: dying.run_job}, lease_seconds=1.0)
     with pytest.raises(Killed):
         first.run_once()
@@ -69,7 +70,7 @@ def test_a_qa_worker_killed_mid_run_is_retried_and_the_job_decides_once(world: W
 
     attempt1 = queue.get(tenant_id=None, job_id=job.id)
     wait_for("the killed worker's lease to expire", lambda: _expired(queue, job.id), every=0.1)
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    runner = QARunner(world.resident)
     stale = LeaseContext(queue=queue, job=attempt1, worker_id="w1")
     with pytest.raises(LeaseLostError):  # the first worker, had it survived, could not decide any more
         runner.run_candidate(tenant_id=world.tenant_id, version_id=version.id, lease=stale)

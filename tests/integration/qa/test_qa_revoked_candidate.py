@@ -41,7 +41,7 @@ def test_a_revoked_candidate_is_never_promoted_and_its_qa_job_ends_cleanly(
         actor="test",
     )
 
-    done = worker(world, QARunner(world.db, world.registry, world.backbone, world.bank)).run_once()
+    done = worker(world, QARunner(world.resident)).run_once()
 
     assert done is not None and done.id == job.id and done.state == "succeeded"
     assert done.result == {"skipped": "nothing to decide"}

@@ -101,14 +101,12 @@ def test_an_interfering_task_adapter_is_blamed_and_the_users_own_adapter_stays_l
     user's innocent personal adapter while the task stayed live. Now the bank is evaluated without the task,
     passes, and the task is what QA acts on (``QAPolicy.blame_action``)."""
     world = sqlite_world
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    runner = QARunner(world.resident)
     alice, bob, task_id = _promote_interfering_task(world, runner, tmp_path)
     alice_live = world.registry.live_version(tenant_id=world.tenant_id, adapter_id=alice)
     bob_live = world.registry.live_version(tenant_id=world.tenant_id, adapter_id=bob)
     policy = QAPolicy(max_enrolled_users=0, blame_action=action)
-    done = worker(
-        world, QARunner(world.db, world.registry, world.backbone, world.bank, policy=policy)
-    ).run_until_idle()
+    done = worker(world, QARunner(world.resident, policy=policy)).run_until_idle()
 
     # the task's QA promotes it and queues a recheck for its enrolled users (alice, not bob): alice's bank
     # fails, the bank without the task passes, so the task is to blame and alice's v2 is kept
@@ -176,7 +174,7 @@ def test_a_live_version_that_now_fails_rolls_back_to_the_last_version_that_passe
     sqlite_world: World, tmp_path: Path
 ) -> None:
     world = sqlite_world
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    runner = QARunner(world.resident)
     _rounds(world, runner, "alice", 2)
     adapter_id = world.personal("alice")
     adapter = world.registry.get_adapter(tenant_id=world.tenant_id, adapter_id=adapter_id)
@@ -192,9 +190,7 @@ def test_a_live_version_that_now_fails_rolls_back_to_the_last_version_that_passe
     (job,) = on_bank_changed(
         world.db, tenant_id=world.tenant_id, user_ids=[world.user_id("alice")], cause="policy"
     )
-    (done,) = worker(
-        world, QARunner(world.db, world.registry, world.backbone, world.bank, policy=tightened)
-    ).run_until_idle()
+    (done,) = worker(world, QARunner(world.resident, policy=tightened)).run_until_idle()
 
     assert done.id == job.id and done.result is not None and done.result["decision"] == "rollback"
     report, document = load_report(world.db, world.registry, report_id=done.result["report_id"])
@@ -211,7 +207,7 @@ def test_a_live_version_that_now_fails_rolls_back_to_the_last_version_that_passe
 def test_a_recheck_without_a_live_version_decides_nothing(sqlite_world: World) -> None:
     world = sqlite_world
     feed(world, "dave", n_records=8)
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    runner = QARunner(world.resident)
     adapter = qa_trainer(world).registry.get_or_create_adapter(
         tenant_id=world.tenant_id,
         owner_user_id=world.user_id("dave"),

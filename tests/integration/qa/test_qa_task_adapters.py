@@ -71,7 +71,7 @@ def test_a_task_trained_from_its_feedback_serves_its_enrolled_users_until_they_l
     tick = Scheduler(world.db, SchedulerPolicy(min_new_records=1)).tick()
     [job] = tick.jobs_created  # one job mixes the users' adapters and the task's
     assert sorted(u["kind"] for u in job.payload["users"]) == ["task", "user", "user"]
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    runner = QARunner(world.resident)
     assert _run_all(world, runner) == 4  # the train job and a QA job per new version
 
     task = get_task_adapter(world.registry, tenant_id=world.tenant_id, task_name=TASK)
@@ -142,7 +142,7 @@ def test_a_task_version_that_degrades_an_enrolled_users_holdout_is_rejected(
     sqlite_world: World, tmp_path: Path
 ) -> None:
     world = sqlite_world
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank)
+    runner = QARunner(world.resident)
     feed(world, "alice", n_records=24)
     ids = ingest_task_feedback(
         world.db, tenant_id=world.tenant_id, task_name=TASK, records=_task_records(n_train=24)
@@ -189,8 +189,8 @@ def test_an_imported_peft_adapter_goes_through_its_import_job_and_qa_like_a_trai
     world = sqlite_world
     # answers decide here (QAPolicy.answer_evidence "require"; the default only reports them)
     require = QAPolicy(answer_evidence="require")
-    runner = QARunner(world.db, world.registry, world.backbone, world.bank, policy=require)
-    imports = ImportRunner(world.db, world.registry, world.backbone, world.bank, promote_rule="qa")
+    runner = QARunner(world.resident, policy=require)
+    imports = ImportRunner(world.resident, promote_rule="qa")
     w = worker(world, runner, trainer=qa_trainer(world))
     w.handlers[IMPORT_JOB_KIND] = imports.run_job
     task_train, task_holdout = task_split(TASK, n_train=24, n_holdout=8, seed=0)

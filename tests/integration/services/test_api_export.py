@@ -22,6 +22,7 @@ from lorafleet.jobs.worker import JobWorker
 from lorafleet.registry.export import EXPORT_INFO_FILE
 from lorafleet.sdk import AsyncClient, errors
 from lorafleet.sdk.schemas import DownloadedFile
+from lorafleet.training.resident import Resident
 from lorafleet.workflows.import_jobs import IMPORT_JOB_KIND, ImportRunner
 
 
@@ -158,7 +159,7 @@ def _run_imports(library: Library, api_data_dir: Path, tenant_id: int) -> None:
 
     backbone = load_backbone("builtin:tiny", quantization="fp32", device="cpu", data_dir=api_data_dir)
     bank = inject_bank(backbone, target_modules=["q_proj", "v_proj"], n_slots=2, max_rank=8)
-    runner = ImportRunner(library.db, library.registry, backbone, bank, promote_rule="never")
+    runner = ImportRunner(Resident(library.db, library.registry, backbone, bank), promote_rule="never")
     worker = JobWorker(
         JobQueue(library.db), worker_id="import-test", handlers={IMPORT_JOB_KIND: runner.run_job}
     )

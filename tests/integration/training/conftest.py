@@ -19,6 +19,7 @@ from lorafleet.registry import Registry
 from lorafleet.store.blob import open_blob_store
 from lorafleet.store.sql.database import Database
 from lorafleet.training.config import TrainingConfig
+from lorafleet.training.resident import Resident
 from lorafleet.workflows.continual import ContinualTrainer
 
 
@@ -87,12 +88,18 @@ def tenant_id(database: Database) -> int:
 
 
 @pytest.fixture
-def make_trainer(
+def resident(
     database: Database, registry: Registry, backbone_and_bank: tuple[Backbone, AdapterBank]
-) -> Iterator[Callable[..., ContinualTrainer]]:
+) -> Resident:
+    """The test's database and registry with the in-process backbone and bank: what trainers run on."""
+    backbone, bank = backbone_and_bank
+    return Resident(database, registry, backbone, bank)
+
+
+@pytest.fixture
+def make_trainer(resident: Resident) -> Iterator[Callable[..., ContinualTrainer]]:
     """``make_trainer(cls=ContinualTrainer, promote_rule=..., train_slots=None, **training)`` over the in-process
     bank (``train_slots``: a wrapper of ``lorafleet.training.trainer.train_slots``, to inject faults)."""
-    backbone, bank = backbone_and_bank
 
     def make(
         *,
@@ -103,14 +110,11 @@ def make_trainer(
     ) -> ContinualTrainer:
         config = TrainingConfig(**{**TINY_TRAINING, **training})
         return cls(
-            database,
-            registry,
-            backbone,
-            bank,
+            resident,
             config=config,
             promote_rule=promote_rule,  # type: ignore[arg-type]
             train_slots=train_slots,
         )
 
     yield make
-    assert bank.occupied() == {}, "a job left slots loaded in the bank"
+    assert resident.bank.occupied() == {}, "a job left slots loaded in the bank"

@@ -13,12 +13,11 @@ import pytest
 from continual_helpers import TINY_TRAINING, count_versions_and_snapshots, feed_users, get_job
 
 from lorafleet.adapters import AdapterBank
-from lorafleet.backbone import Backbone
 from lorafleet.jobs import JobQueue, JobWorker
-from lorafleet.registry import Registry
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.tenants import find_user, task_subject_id
 from lorafleet.training.config import TrainingConfig
+from lorafleet.training.resident import Resident
 from lorafleet.training.synthetic import make_user_records
 from lorafleet.training.trainer import SlotTraining, train_slots
 from lorafleet.workflows.continual import ContinualTrainer
@@ -66,22 +65,13 @@ def _submit(database: Database, *, tenant_id: int, subjects: dict[tuple[str, str
 
 
 @pytest.fixture
-def run_one(
-    database: Database, registry: Registry, backbone_and_bank: tuple[Backbone, AdapterBank]
-) -> Iterator[Any]:
+def run_one(resident: Resident) -> Iterator[Any]:
     """``run_one(job_id, steps)``: a worker (progress written every step) runs the job on the shared bank."""
-    backbone, bank = backbone_and_bank
 
     def run(job_id: int, steps: Steps) -> None:
         steps.job_id = job_id
         trainer = ContinualTrainer(
-            database,
-            registry,
-            backbone,
-            bank,
-            config=TrainingConfig(**TINY_TRAINING),
-            promote_rule="always",
-            progress=steps,
+            resident, config=TrainingConfig(**TINY_TRAINING), promote_rule="always", progress=steps
         )
         handlers = {"train": trainer.run_job}
         worker = JobWorker(
@@ -90,7 +80,7 @@ def run_one(
         assert worker.run_once() is not None
 
     yield run
-    assert bank.occupied() == {}, "a job left slots loaded in the bank"
+    assert resident.bank.occupied() == {}, "a job left slots loaded in the bank"
 
 
 def test_a_job_row_shows_phases_and_each_subjects_loss(
@@ -139,16 +129,12 @@ def test_a_job_cancelled_mid_training_registers_nothing(
 
 
 def test_a_worker_that_lost_its_lease_stops_at_its_first_report(
-    database: Database,
-    registry: Registry,
-    tenant_id: int,
-    backbone_and_bank: tuple[Backbone, AdapterBank],
+    database: Database, tenant_id: int, resident: Resident
 ) -> None:
     skew = [timedelta()]
     queue = JobQueue(database, clock=lambda: datetime.now(UTC) + skew[0])
     fed = feed_users(database, tenant_id=tenant_id, users=["cy"], round=1, n_records=8)
     job_id = _submit(database, tenant_id=tenant_id, subjects={("user", "cy"): max(fed["cy"])})
-    backbone, bank = backbone_and_bank
     config = TrainingConfig(**TINY_TRAINING)
 
     def taken_over(
@@ -159,9 +145,7 @@ def test_a_worker_that_lost_its_lease_stops_at_its_first_report(
         assert queue.claim(worker_id="new", lease_seconds=30) is not None
         return train_slots(bank, tokenizer, tasks, *args, **kw)
 
-    trainer = ContinualTrainer(
-        database, registry, backbone, bank, config=config, promote_rule="always", train_slots=taken_over
-    )
+    trainer = ContinualTrainer(resident, config=config, promote_rule="always", train_slots=taken_over)
     steps = Steps(queue)
     trainer.progress = steps
     steps.job_id = job_id
@@ -174,5 +158,5 @@ def test_a_worker_that_lost_its_lease_stops_at_its_first_report(
     assert (job.state, job.lease_owner, job.attempts) == ("running", "new", 2)
     assert job.progress is not None and job.progress["phase"] == "training" and "step" not in job.progress
     assert count_versions_and_snapshots(database) == (0, 0)
-    assert list(registry._blobs.list()) == []  # it stopped before writing any blob
-    assert bank.occupied() == {}
+    assert list(resident.registry._blobs.list()) == []  # it stopped before writing any blob
+    assert resident.bank.occupied() == {}
