@@ -67,6 +67,29 @@ IMPORTED = LineageRelation.IMPORTED
 
 
 @dataclass(frozen=True)
+class ImportRequest:
+    """What one import brings and where it goes: the PEFT folder or archive ``source``, to become the next
+    version of the tenant's task ``task_name`` (or, with ``owner_user_id``, of that user's own adapter of that
+    name), with the example prompts its routing key is computed from and its evidence ``examples``, imported by
+    ``actor``.
+
+    ``target_config``: the new adapter's, when it does not exist yet (default: read from the PEFT config). The
+    limits: ``max_bytes`` (the archive's size and its unpacked size) and ``weight_bounds`` (default
+    ``WeightBounds()``; services pass ``QAPolicy.weight_bounds()`` of their settings)."""
+
+    tenant_id: int
+    task_name: str
+    source: Path
+    example_prompts: Sequence[str]
+    actor: str
+    target_config: Mapping[str, Any] | None = None
+    max_bytes: int = DEFAULT_MAX_IMPORT_BYTES
+    weight_bounds: WeightBounds | None = None
+    examples: Sequence[Mapping[str, Any]] = ()
+    owner_user_id: int | None = None
+
+
+@dataclass(frozen=True)
 class PreparedImport:
     """An adapter that passed every check, staged under the caller's ``work_dir`` and ready to register."""
 
@@ -99,87 +122,50 @@ class ImportedAdapter:
 
 
 def import_peft_adapter(
-    registry: Registry,
-    *,
-    tenant_id: int,
-    task_name: str,
-    source: Path,
-    example_prompts: Sequence[str],
-    backbone: Backbone,
-    bank: AdapterBank,
-    actor: str,
-    target_config: Mapping[str, Any] | None = None,
-    max_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
-    weight_bounds: WeightBounds | None = None,
-    examples: Sequence[Mapping[str, Any]] = (),
-    owner_user_id: int | None = None,
+    registry: Registry, request: ImportRequest, *, backbone: Backbone, bank: AdapterBank
 ) -> ImportedAdapter:
     """Register a PEFT folder or archive (.tar, .tar.gz/.tgz, .zip) as a ``candidate`` version of a task adapter
-    (or, with ``owner_user_id``, of that user's adapter ``task_name``): ``prepare_import`` then
-    ``register_import`` (see both), with a temporary work folder."""
+    (or of a user's own adapter): ``prepare_import`` then ``register_import`` (see both), with a temporary work
+    folder."""
     with owned_tempdir("lorafleet-import-") as tmp:
         prepared = prepare_import(
-            registry,
-            tenant_id=tenant_id,
-            task_name=task_name,
-            source=source,
-            example_prompts=example_prompts,
-            backbone=backbone,
-            bank=bank,
-            actor=actor,
-            work_dir=Path(tmp) / "work",
-            target_config=target_config,
-            max_bytes=max_bytes,
-            weight_bounds=weight_bounds,
-            examples=examples,
-            owner_user_id=owner_user_id,
+            registry, request, backbone=backbone, bank=bank, work_dir=Path(tmp) / "work"
         )
         return register_import(registry, prepared)
 
 
 def prepare_import(
-    registry: Registry,
-    *,
-    tenant_id: int,
-    task_name: str,
-    source: Path,
-    example_prompts: Sequence[str],
-    backbone: Backbone,
-    bank: AdapterBank,
-    actor: str,
-    work_dir: Path,
-    target_config: Mapping[str, Any] | None = None,
-    max_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
-    weight_bounds: WeightBounds | None = None,
-    examples: Sequence[Mapping[str, Any]] = (),
-    owner_user_id: int | None = None,
+    registry: Registry, request: ImportRequest, *, backbone: Backbone, bank: AdapterBank, work_dir: Path
 ) -> PreparedImport:
     """Run every check of an import and stage the adapter under ``work_dir`` (new or empty; keep it until
-    ``register_import`` returns). Writes no row; a refusal writes nothing at all. ``task_name`` names the task,
-    or with ``owner_user_id`` the user's own adapter (the same rules for the name).
+    ``register_import`` returns). Writes no row; a refusal writes nothing at all. The request's ``task_name``
+    names the task, or with ``owner_user_id`` the user's own adapter (the same rules for the name).
 
     ``bank`` (on ``backbone``) lends one free slot for the shape check, which is evicted again (the caller keeps
-    other users of the bank out meanwhile). ``max_bytes`` caps the archive and what it unpacks to (or the
-    folder's two files); an archive holds at most ``DEFAULT_MAX_ARCHIVE_MEMBERS`` entries. Once every check has
-    passed, the staged adapter's blob is stored (``Registry.put_adapter_blob``), so that a registration inside
-    a short transaction (a job's fence) uploads nothing; if it is never registered, ``Registry.gc`` removes it.
-    ``weight_bounds`` (default ``WeightBounds()``; services pass ``QAPolicy.weight_bounds()`` of their settings)
-    bound the weights: out of bounds is a ``WeightBoundsError`` naming the tensor or field. ``examples``: the
-    import's evidence (``check_import_examples``), stored in the version's training config for QA's holdout.
+    other users of the bank out meanwhile). The request's ``max_bytes`` caps the archive and what it unpacks to
+    (or the folder's two files); an archive holds at most ``DEFAULT_MAX_ARCHIVE_MEMBERS`` entries. Once every
+    check has passed, the staged adapter's blob is stored (``Registry.put_adapter_blob``), so that a registration
+    inside a short transaction (a job's fence) uploads nothing; if it is never registered, ``Registry.gc``
+    removes it.
+    Weights out of the request's ``weight_bounds`` are a ``WeightBoundsError`` naming the tensor or field. The
+    request's ``examples``: the import's evidence (``check_import_examples``), stored in the version's training
+    config for QA's holdout.
     """
-    name = validate_task_name(task_name)
-    prompts = check_example_prompts(example_prompts)
-    evidence = check_import_examples(examples)
-    _check_actor(actor)
-    if max_bytes < 1:
+    name = validate_task_name(request.task_name)
+    prompts = check_example_prompts(request.example_prompts)
+    evidence = check_import_examples(request.examples)
+    _check_actor(request.actor)
+    if request.max_bytes < 1:
         raise ValidationError("max_bytes must be >= 1")
     work_dir = Path(work_dir)
     if work_dir.exists() and any(work_dir.iterdir()):
         raise ValidationError(f"work_dir {work_dir} is not empty")
     fingerprint = _backbone_digest(backbone, bank)
-    folder, source_sha256 = _materialise(Path(source), work_dir / "source", max_bytes=max_bytes)
+    folder, source_sha256 = _materialise(
+        Path(request.source), work_dir / "source", max_bytes=request.max_bytes
+    )
     files = _stage(
-        folder, work_dir / "staged", fingerprint=fingerprint, bounds=weight_bounds or WeightBounds()
+        folder, work_dir / "staged", fingerprint=fingerprint, bounds=request.weight_bounds or WeightBounds()
     )
     _check_loads(bank, files.directory)
     from lorafleet.routing.embeddings import routing_key  # torch: the API checks imports without a model
@@ -189,16 +175,16 @@ def prepare_import(
         "source": IMPORT_SOURCE,
         "source_sha256": source_sha256,
         "peft_config": files.config,
-        "actor": actor,
+        "actor": request.actor,
         "example_prompts": len(prompts),
     }
     if evidence:
         training_config[EVIDENCE_KEY] = evidence
-    target = dict(target_config) if target_config is not None else _target_config(files.config)
+    target = _target_config(files.config) if request.target_config is None else dict(request.target_config)
     _check_json(training_config=training_config, target_config=target)
     registry.put_adapter_blob(adapter_dir=files.directory)
     return PreparedImport(
-        tenant_id,
+        request.tenant_id,
         name,
         files.directory,
         fingerprint,
@@ -206,7 +192,7 @@ def prepare_import(
         key,
         training_config,
         target,
-        owner_user_id,
+        request.owner_user_id,
     )
 
 
@@ -430,6 +416,7 @@ def _recorded_parent(registry: Registry, tenant_id: int, version: AdapterVersion
 __all__ = [
     "DEFAULT_MAX_ARCHIVE_MEMBERS",
     "DEFAULT_MAX_IMPORT_BYTES",
+    "ImportRequest",
     "ImportedAdapter",
     "PreparedImport",
     "EVIDENCE_KEY",

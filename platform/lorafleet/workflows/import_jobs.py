@@ -37,6 +37,7 @@ from lorafleet.registry.archive import archive_kind
 from lorafleet.registry.weight_sanity import WeightBounds
 from lorafleet.store.sql.tenants import get_or_create_user_id, user_id_of, validate_external_id
 from lorafleet.workflows.adapter_import import (
+    ImportRequest,
     check_archive_weights,
     check_example_prompts,
     check_import_examples,
@@ -178,19 +179,18 @@ class ImportRunner:
         with owned_tempdir(f"lorafleet-import-{job.id}-", dir=self.work_dir) as tmp:
             archive = Path(tmp) / "upload"  # the unpacker reads the kind from the bytes
             self.registry.blobs.download(p.archive_sha256, archive, expected_size=p.archive_size)
-            prepared = prepare_import(
-                self.registry,
+            request = ImportRequest(
                 tenant_id=job.tenant_id,
                 task_name=p.adapter_name,
                 source=archive,
                 example_prompts=p.example_prompts,
-                backbone=self.backbone,
-                bank=self.bank,
                 actor=p.actor,
-                work_dir=Path(tmp) / "work",
                 weight_bounds=self.weight_bounds,
                 examples=p.examples,
                 owner_user_id=owner_user_id,
+            )
+            prepared = prepare_import(
+                self.registry, request, backbone=self.backbone, bank=self.bank, work_dir=Path(tmp) / "work"
             )
             lease.check()
             imported = register_import(self.registry, prepared, job_id=job.id)

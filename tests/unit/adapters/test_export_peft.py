@@ -30,7 +30,7 @@ from lorafleet.registry.export import (
 from lorafleet.store.blob import open_blob_store
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.tenants import TenantRepository
-from lorafleet.workflows.adapter_import import import_peft_adapter
+from lorafleet.workflows.adapter_import import ImportRequest, import_peft_adapter
 
 TOL = 1e-5
 QV = ["q_proj", "v_proj"]
@@ -149,16 +149,10 @@ def test_an_exported_archive_imports_back_with_the_same_weights(
     exported = export_version(
         registry, version=version, adapter_name="personal", backbone=TINY_BACKBONE, dest_dir=tmp_path
     )
-    imported = import_peft_adapter(
-        registry,
-        tenant_id=tenant_id,
-        task_name="copy",
-        source=exported.path,
-        example_prompts=["hello"],
-        backbone=fp32_backbone,
-        bank=bank,
-        actor="test",
+    request = ImportRequest(
+        tenant_id=tenant_id, task_name="copy", source=exported.path, example_prompts=["hello"], actor="test"
     )
+    imported = import_peft_adapter(registry, request, backbone=fp32_backbone, bank=bank)
     back = registry.fetch_version(version=imported.version, dest_dir=tmp_path / "back")
     original = registry.fetch_version(version=version, dest_dir=tmp_path / "original")
     weights = "adapter_model.safetensors"

@@ -46,6 +46,7 @@ from lorafleet.store.sql.models import SqlAdapter, SqlAdapterVersion, SqlJob, Sq
 from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.workflows.adapter_import import (
     ImportedAdapter,
+    ImportRequest,
     PreparedImport,
     import_peft_adapter,
     prepare_import,
@@ -123,9 +124,8 @@ def _import(
 ) -> ImportedAdapter:
     backbone, bank = fp32
     args: dict[str, Any] = {"task_name": "summarize", "example_prompts": PROMPTS, "actor": "alice@acme", **kw}
-    return import_peft_adapter(
-        registry, tenant_id=tenant_id, source=source, backbone=backbone, bank=bank, **args
-    )
+    request = ImportRequest(tenant_id=tenant_id, source=source, **args)
+    return import_peft_adapter(registry, request, backbone=backbone, bank=bank)
 
 
 def _counts(registry: Registry, database: Database) -> tuple[int, int, int]:
@@ -367,16 +367,15 @@ def test_prepare_writes_no_row_and_a_job_registers_its_import_once(
     backbone, bank = local.fp32
 
     def prepare(source: Path) -> PreparedImport:
-        return prepare_import(
-            local.registry,
+        request = ImportRequest(
             tenant_id=local.tenant_id,
             task_name="summarize",
             source=source,
             example_prompts=PROMPTS,
-            backbone=backbone,
-            bank=bank,
             actor="job",
-            work_dir=tmp_path / "work",
+        )
+        return prepare_import(
+            local.registry, request, backbone=backbone, bank=bank, work_dir=tmp_path / "work"
         )
 
     prepared = prepare(_tar(local.trained.folder, tmp_path / "a.tgz"))
