@@ -1,4 +1,5 @@
-"""Library objects -> the API's response models (``lorafleet.sdk.schemas``); no I/O here."""
+"""Library objects -> the API's response models (``lorafleet.sdk.schemas``); no I/O here. The CLI prints
+deletion receipts through ``deletion_receipt`` too, so both show the same fields in the same format."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from lorafleet.domain import (
     AdapterVersion,
     AliasEvent,
     AuditEvent,
+    DeletionReceipt,
     FeedbackRecord,
     Job,
     QADecision,
     UserSummary,
 )
 from lorafleet.domain.subject import Subject
-from lorafleet.entrypoints.receipts import deletion_receipt as deletion_receipt  # one converter with the CLI
 from lorafleet.feedback import IngestResult
 from lorafleet.registry import Lineage, LineageNode
 from lorafleet.routing.experts import Enrolment
@@ -26,6 +27,7 @@ from lorafleet.sdk import schemas as s
 from lorafleet.serving.requests import GenerationResult, TokenLogprob
 from lorafleet.store.sql.qa_repository import QAReport
 from lorafleet.store.sql.tenants import ApiKeyInfo
+from lorafleet.workflows.deletion import RebuildStatus
 from lorafleet.workflows.live_alias import VersionQA
 from lorafleet.workflows.tasks import TaskInfo
 
@@ -137,6 +139,41 @@ def alias_event(event: AliasEvent, *, adapter_name: str, numbers: Mapping[int, i
         adapter=adapter_name,
         from_version=number(event.from_version_id),
         to_version=number(event.to_version_id),
+    )
+
+
+def deletion_receipt(
+    receipt: DeletionReceipt, *, rebuild: RebuildStatus | None = None
+) -> s.DeletionReceiptOut:
+    """``receipt`` with ``rebuild``, where its rebuild stands (``workflows.deletion.rebuild_status``; None: a
+    user's erasure, which rebuilds nothing, or not asked). The API (``DELETE /v1/users/{id}``, ``/v1/deletions``)
+    and the CLI (``lorafleet forget``, ``lorafleet receipt --json``) answer with it: times in UTC as pydantic
+    writes them, with a ``Z``."""
+    return s.DeletionReceiptOut(
+        id=receipt.id,
+        kind=receipt.kind.value,
+        subject=receipt.subject,
+        actor=receipt.actor,
+        created_at=receipt.created_at,
+        request=receipt.request,
+        record_hashes=list(receipt.record_hashes),
+        revoked_versions=[s.RevokedVersionOut(**v) for v in receipt.revoked_versions],
+        erased=receipt.erased,
+        blobs=list(receipt.blobs),
+        purge_after=receipt.purge_after,
+        blobs_deleted_at=receipt.blobs_deleted_at,
+        rebuild=None if rebuild is None else rebuild_out(rebuild),
+    )
+
+
+def rebuild_out(status: RebuildStatus) -> s.RebuildOut:
+    return s.RebuildOut(
+        job_id=status.job_id,
+        job_state=status.job_state,
+        versions=[
+            s.RebuiltVersionOut(adapter=v.adapter, number=v.number, version_id=v.version_id, status=v.status)
+            for v in status.versions
+        ],
     )
 
 

@@ -9,10 +9,11 @@ import json
 from datetime import datetime
 from typing import Any
 
+from services.api.convert import deletion_receipt  # the API's converter: both print the same receipt
+
 from lorafleet.domain import DeletionReceipt
 from lorafleet.domain.subject import Subject
 from lorafleet.entrypoints.admin import CLI_ACTOR, dump_json
-from lorafleet.entrypoints.receipts import deletion_receipt
 from lorafleet.errors import ValidationError
 from lorafleet.jobs.scheduler import Scheduler
 from lorafleet.platform import Platform

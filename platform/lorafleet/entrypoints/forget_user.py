@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 
+from services.api.convert import deletion_receipt  # the API's converter: both print the same receipt
+
 from lorafleet.domain import DeletionReceipt
 from lorafleet.entrypoints.admin import CLI_ACTOR, dump_json
-from lorafleet.entrypoints.receipts import deletion_receipt
 from lorafleet.platform import Platform
 from lorafleet.workflows.erasure import forget_user
 
