@@ -8,11 +8,13 @@ deletes.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -158,7 +160,7 @@ def iter_chunks(f: BinaryIO, chunk_size: int = CHUNK) -> Iterator[bytes]:
 
 
 class BlobStore(ABC):
-    """One interface for S3 and a local directory."""
+    """One interface for S3 and a local directory (and for wrappers around either, which delegate every method)."""
 
     @abstractmethod
     def put_file(self, path: Path) -> BlobRef:
@@ -191,3 +193,42 @@ class BlobStore(ABC):
     @abstractmethod
     def uri_for(self, sha256: str) -> str:
         """The URI a version row records for this digest."""
+
+
+class BlobBackend(BlobStore):
+    """A store that holds the bytes itself: how a put and a listing go is decided here, once for every backend.
+
+    A put hashes the bytes, skips a blob that is already stored, and otherwise has the backend ``_write`` them
+    from a fresh stream, re-verified as it is read. A backend supplies ``_reading`` (its error for a source file
+    it cannot read), ``_write`` (an atomic, never-overwriting write) and ``_list`` (given a checked prefix).
+    """
+
+    def put_file(self, path: Path) -> BlobRef:
+        with self._reading(path):
+            sha256, size = sha256_file(path)
+        return self._put(sha256, size, lambda: path.open("rb"), source=str(path))
+
+    def put_bytes(self, data: bytes) -> BlobRef:
+        sha256 = hashlib.sha256(data).hexdigest()
+        return self._put(sha256, len(data), lambda: io.BytesIO(data), source="bytes")
+
+    def _put(self, sha256: str, size: int, open_source: Callable[[], BinaryIO], *, source: str) -> BlobRef:
+        if not self.exists(sha256):
+            self._write(sha256, size, open_source, source=source)
+        return BlobRef(uri=self.uri_for(sha256), sha256=sha256, size=size)
+
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+        return self._list(check_prefix(prefix))  # a bad prefix fails here, not on first iteration
+
+    @abstractmethod
+    def _reading(self, path: Path) -> AbstractContextManager[None]:
+        """Translate an ``OSError`` while hashing the file at ``path`` into ``BlobStoreError``."""
+
+    @abstractmethod
+    def _write(self, sha256: str, size: int, open_source: Callable[[], BinaryIO], *, source: str) -> None:
+        """Store what ``open_source()`` streams under ``sha256`` unless a blob is there (atomically, never
+        overwriting); raise ``BlobIntegrityError`` if the stream is not ``size`` bytes hashing to ``sha256``."""
+
+    @abstractmethod
+    def _list(self, prefix: str) -> Iterator[BlobInfo]:
+        """``list`` after ``prefix`` has been checked."""

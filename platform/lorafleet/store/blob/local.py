@@ -7,28 +7,23 @@ when the target exists, so a blob is never overwritten, even by a concurrent wri
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
 from lorafleet.errors import BlobNotFoundError, BlobStoreError
 from lorafleet.store.blob.base import (
-    CHUNK,
+    BlobBackend,
     BlobInfo,
-    BlobRef,
-    BlobStore,
     DigestCheck,
     blob_key,
-    check_prefix,
     is_digest,
     iter_chunks,
     read_verified,
-    sha256_file,
     write_verified,
 )
 
@@ -45,7 +40,7 @@ def _os_errors(action: str) -> Iterator[None]:
         raise BlobStoreError(f"local object store: cannot {action}: {exc}") from exc
 
 
-class LocalBlobStore(BlobStore):
+class LocalBlobStore(BlobBackend):
     """Content-addressed blobs in a local directory (the embedded default)."""
 
     def __init__(self, root: Path) -> None:
@@ -64,32 +59,17 @@ class LocalBlobStore(BlobStore):
         return self.path_for(sha256).as_uri()
 
     # --- writing -----------------------------------------------------------------------------------------
-    def put_file(self, path: Path) -> BlobRef:
-        with _os_errors(f"read {path}"):
-            sha256, size = sha256_file(path)
-        if not self.exists(sha256):
-            with _os_errors(f"read {path}"), path.open("rb") as f:
-                self._write(iter_chunks(f), sha256, size, source=str(path))
-        return self._ref(sha256, size)
+    def _reading(self, path: Path) -> AbstractContextManager[None]:
+        return _os_errors(f"read {path}")
 
-    def put_bytes(self, data: bytes) -> BlobRef:
-        sha256 = hashlib.sha256(data).hexdigest()
-        if not self.exists(sha256):
-            chunks = (data[i : i + CHUNK] for i in range(0, len(data), CHUNK))
-            self._write(chunks, sha256, len(data), source="bytes")
-        return self._ref(sha256, len(data))
-
-    def _write(self, chunks: Iterator[bytes], sha256: str, size: int, *, source: str) -> None:
+    def _write(self, sha256: str, size: int, open_source: Callable[[], BinaryIO], *, source: str) -> None:
         """Copy into a temp file in the shard directory, re-verify (the source may change), link into place."""
         target = self.path_for(sha256)
-        with _os_errors(f"write {target}"):
+        with _os_errors(f"read {source}"), open_source() as f, _os_errors(f"write {target}"):
             check = DigestCheck(sha256, size)
             where = f"from {source} (changed while being stored?)"
-            write_verified(chunks, target, check, where, publish=_publish_once)
+            write_verified(iter_chunks(f), target, check, where, publish=_publish_once)
             _fsync_dir(target.parent)
-
-    def _ref(self, sha256: str, size: int) -> BlobRef:
-        return BlobRef(uri=self.uri_for(sha256), sha256=sha256, size=size)
 
     # --- reading -----------------------------------------------------------------------------------------
     def get_bytes(self, sha256: str, *, expected_size: int | None = None) -> bytes:
@@ -116,9 +96,6 @@ class LocalBlobStore(BlobStore):
 
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
-
-    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
-        return self._list(check_prefix(prefix))  # a bad prefix fails here, not on first iteration
 
     def _list(self, prefix: str) -> Iterator[BlobInfo]:
         base = self.root / "sha256"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -25,16 +24,13 @@ from botocore.exceptions import BotoCoreError, ClientError
 from lorafleet.errors import BlobNotFoundError, BlobStoreError, ConfigError
 from lorafleet.store.blob.base import (
     CHUNK,
+    BlobBackend,
     BlobInfo,
-    BlobRef,
-    BlobStore,
     DigestCheck,
     blob_key,
-    check_prefix,
     is_digest,
     iter_chunks,
     read_verified,
-    sha256_file,
     write_verified,
 )
 
@@ -75,7 +71,7 @@ def make_s3_client(
     return boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
 
-class S3BlobStore(BlobStore):
+class S3BlobStore(BlobBackend):
     """Content-addressed blobs in an S3 bucket below a key prefix."""
 
     def __init__(
@@ -136,25 +132,14 @@ class S3BlobStore(BlobStore):
             raise BlobStoreError(f"S3 {action} {uri} failed: {exc}") from exc
 
     # --- writing -----------------------------------------------------------------------------------------
-    def put_file(self, path: Path) -> BlobRef:
+    @contextmanager
+    def _reading(self, path: Path) -> Iterator[None]:
         try:
-            sha256, size = sha256_file(path)
+            yield
         except OSError as exc:
             raise BlobStoreError(f"cannot read {path}: {exc}") from exc
-        if not self.exists(sha256):
-            self._upload(sha256, size, lambda: path.open("rb"), source=str(path))
-        return self._ref(sha256, size)
 
-    def put_bytes(self, data: bytes) -> BlobRef:
-        sha256 = hashlib.sha256(data).hexdigest()
-        if not self.exists(sha256):
-            self._upload(sha256, len(data), lambda: io.BytesIO(data), source="bytes")
-        return self._ref(sha256, len(data))
-
-    def _ref(self, sha256: str, size: int) -> BlobRef:
-        return BlobRef(uri=self.uri_for(sha256), sha256=sha256, size=size)
-
-    def _upload(self, sha256: str, size: int, open_source: Callable[[], BinaryIO], *, source: str) -> None:
+    def _write(self, sha256: str, size: int, open_source: Callable[[], BinaryIO], *, source: str) -> None:
         """Write the object unless it appears meanwhile; the source is re-verified as it is read."""
         key = self.key_for(sha256)
         check = DigestCheck(sha256, size)
@@ -245,9 +230,6 @@ class S3BlobStore(BlobStore):
         except BlobNotFoundError:
             return False
         return True
-
-    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
-        return self._list(check_prefix(prefix))  # a bad prefix fails here, not on first iteration
 
     def _list(self, prefix: str) -> Iterator[BlobInfo]:
         root = f"{self.prefix}/sha256/" if self.prefix else "sha256/"
