@@ -164,6 +164,12 @@ def parse_args() -> argparse.Namespace:
         "(TrainingConfig.anchor_unlikelihood)",
     )
     parser.add_argument(
+        "--anchor-distill",
+        type=float,
+        default=_D.anchor_distill,
+        help="weight of KL(base || adapter) on the anchor rows' answer positions (TrainingConfig.anchor_distill)",
+    )
+    parser.add_argument(
         "--replay-ratio", type=float, default=_D.replay_ratio, help="replayed old records per new record"
     )
     parser.add_argument(
@@ -244,6 +250,7 @@ def setup(args: argparse.Namespace) -> Context:
         max_seq_len=160,
         anchor_ratio=args.anchor_ratio,
         anchor_unlikelihood=args.anchor_unlikelihood,
+        anchor_distill=args.anchor_distill,
         replay_ratio=args.replay_ratio,
         l2_to_parent=args.l2_to_parent,
     )

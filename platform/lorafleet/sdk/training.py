@@ -48,6 +48,7 @@ class _TrainingFields(BaseModel):
     anchor_free_ends: str | None = Field(
         default=None, description="'closing' (the default), 'both' or 'none'."
     )
+    anchor_distill: float | None = None
     l2_to_parent: float | None = None
     holdout_fraction: float | None = None
     rating_threshold: float | None = None

@@ -92,6 +92,11 @@ class TrainingConfig(BaseModel):
     #: default backbone (docs/preference-learning.md): ``closing`` kept more of a sign-off user's general answers
     #: than ``none`` at every anchor share, and ``both`` let it open answers with the sign-off
     anchor_free_ends: Literal["none", "closing", "both"] = "closing"
+    #: weight of anchor distillation (Learning without Forgetting, Li & Hoiem 2016): on every anchor row's answer
+    #: positions the objective adds this times KL(base || adapter) over the base model's next-token distribution
+    #: (its top 32 log-probs and the rest's mass, computed once per job), a user's mean over its anchor positions;
+    #: 0 = off. The anchors then keep the base's whole distribution, not only its greedy token
+    anchor_distill: float = Field(default=0.0, ge=0.0, le=100.0, allow_inf_nan=False)
     #: replayed old records per new record in continual learning (read by ``training.continual``)
     replay_ratio: float = Field(default=1.0, ge=0.0, le=10.0)
     #: weight of the L2 pull of each slot towards its parent's weights (0 = off)

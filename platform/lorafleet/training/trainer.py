@@ -62,12 +62,15 @@ from lorafleet.training.preference import (
 )
 
 __all__ = [
+    "AnchorTargets",
     "EvalResult",
     "SlotResult",
     "SlotTraining",
+    "anchor_targets",
     "evaluate",
     "preference_pairs",
     "sft_examples",
+    "topk_kl",
     "train_slots",
     "user_losses",
 ]
@@ -77,6 +80,10 @@ logger = logging.getLogger(__name__)
 EVAL_BATCH_ROWS = 64
 #: optimizer steps averaged into ``train_loss`` (the end of training, not the whole run)
 TRAIN_LOSS_WINDOW = 10
+#: base log-probs kept per anchor position for ``anchor_distill`` (the rest of the mass is one outcome)
+ANCHOR_DISTILL_TOP_K = 32
+#: rows per forward when computing the base's anchor targets
+ANCHOR_TARGET_ROWS = 64
 
 
 @dataclass
@@ -126,6 +133,10 @@ class _UserStream:
     def is_anchor(self, index: int) -> bool:
         """Whether ``encoded[index]`` is an anchor (a general prompt answered by the base)."""
         return self.anchors_from is not None and index >= self.anchors_from
+
+    def anchor_index(self, index: int) -> int | None:
+        """The position among the task's anchors of ``encoded[index]`` (None: a user's own row)."""
+        return index - self.anchors_from if self.anchors_from is not None and self.is_anchor(index) else None
 
     def take_indices(self, n: int) -> list[int]:
         """The indices in ``encoded`` of the next ``min(n, size)`` distinct sequences."""
@@ -188,8 +199,8 @@ def train_slots(
     """Train every task's slot for ``config.max_steps`` optimizer steps together (more when ``config.min_epochs``
     asks for them: ``TrainingConfig.steps_for``); results in task order.
 
-    Metrics per user: ``train_loss`` (mean of the last steps' objective: SFT, DPO and the anchor unlikelihood,
-    each with its weight), ``train_loss_first``, ``steps``,
+    Metrics per user: ``train_loss`` (mean of the last steps' objective: SFT, DPO, the anchor unlikelihood and
+    the anchor distillation, each with its weight), ``train_loss_first``, ``steps``,
     ``train_examples``, ``holdout_examples``, ``tokens`` (completion tokens trained on), and when the holdout is
     not empty ``holdout_loss_before/after``, ``holdout_token_accuracy_before/after`` and
     ``holdout_sequence_accuracy_before/after`` (absent with an empty holdout: no NaN in stored metrics). With DPO
@@ -320,6 +331,7 @@ def _train(
         _pair_stream(tokenizer, task, p, config) for task, p in zip(tasks, preferences, strict=True)
     ]
     personal = personal_tokens(tokenizer, tasks, config, bank.device)
+    distill = anchor_targets(bank, streams, tasks, config, pad_token_id(tokenizer), frozen)
     stats = [_SlotStats() for _ in tasks]
     every = progress_every or max(1, config.max_steps // 10)
     was_training = model.training
@@ -341,7 +353,7 @@ def _train(
                 group["lr"] = lr
             step_losses = _accumulate(
                 bank,
-                _Streams(streams, pair_streams, preferences, personal),
+                _Streams(streams, pair_streams, preferences, personal, distill),
                 tasks,
                 parents,
                 config,
@@ -464,6 +476,8 @@ class _Streams:
     preferences: Sequence[JobPairs]
     #: per user, the tokens the anchor unlikelihood pushes down on its anchor rows (:func:`personal_tokens`)
     personal: Sequence[torch.Tensor | None]
+    #: per user, the base's targets on each of its anchors, in anchor order (:func:`anchor_targets`; None: off)
+    distill: Sequence[list[AnchorTargets] | None] = ()
 
 
 @dataclass
@@ -474,6 +488,8 @@ class _Rows:
     owners: list[int] = field(default_factory=list)
     sft: list[bool] = field(default_factory=list)
     anchor: list[bool] = field(default_factory=list)
+    #: per row, its index among its user's anchors (None: not an anchor)
+    anchor_index: list[int | None] = field(default_factory=list)
     pairs: list[tuple[int, int, int]] = field(default_factory=list)
 
     def add_sft(self, user: int, stream: _UserStream, n: int) -> None:
@@ -482,6 +498,7 @@ class _Rows:
         self.owners.extend([user] * len(picked))
         self.sft.extend([True] * len(picked))
         self.anchor.extend(stream.is_anchor(i) for i in picked)
+        self.anchor_index.extend(stream.anchor_index(i) for i in picked)
 
     def add_pairs(self, user: int, picked: Sequence[tuple[int, Any, Any]], *, sft_on_chosen: bool) -> None:
         for index, chosen, rejected in picked:
@@ -490,6 +507,7 @@ class _Rows:
             self.owners.extend([user, user])
             self.sft.extend([sft_on_chosen, False])
             self.anchor.extend([False, False])
+            self.anchor_index.extend([None, None])
 
 
 def _pack(streams: _Streams, config: TrainingConfig) -> _Rows:
@@ -534,17 +552,20 @@ def _accumulate(
             free = [
                 a and streams.pairs[o] is not None for a, o in zip(packed.anchor, packed.owners, strict=True)
             ]
+            freed = torch.zeros_like(on_sft)  # [n]: scored tokens with no anchor loss
             if config.anchor_free_ends != "none" and any(free):
                 free_rows = torch.tensor(free, device=bank.device)[scored.rows]  # [n]
-                on_sft = on_sft & ~(
-                    free_rows & _row_ends(scored.rows, first=config.anchor_free_ends == "both")
-                )
+                freed = free_rows & _row_ends(scored.rows, first=config.anchor_free_ends == "both")
+                on_sft = on_sft & ~freed
             user_loss, user_tokens = _user_means(token_loss, scored.rows, owner, on_sft, len(tasks))
             objective = config.sft_weight * user_loss
             if config.anchor_unlikelihood > 0 and any(packed.anchor):
                 anchor_rows = torch.tensor(packed.anchor, device=bank.device)  # [rows]
                 unlikely = _anchor_unlikelihood(logits, scored.rows, owner, anchor_rows, streams.personal)
                 objective = objective + config.anchor_unlikelihood * unlikely
+            if config.anchor_distill > 0 and any(packed.anchor):
+                kl = _anchor_distill(logits, scored.rows, freed, packed, streams.distill, len(tasks))
+                objective = objective + config.anchor_distill * kl
             if packed.pairs:
                 row_logps = token_loss.new_zeros(len(packed.rows)).index_add(0, scored.rows, -token_loss)
                 dpo, margins = batch_dpo(
@@ -559,6 +580,125 @@ def _accumulate(
             totals[i] += loss / config.grad_accum_steps
             stats[i].tokens += int(tokens)
     return totals
+
+
+@dataclass(frozen=True)
+class AnchorTargets:
+    """The base model's next-token distribution at one anchor's scored positions, kept as its top-k log-probs and
+    the log of the remaining mass."""
+
+    top_logps: torch.Tensor  # [m, k] float32
+    top_ids: torch.Tensor  # [m, k] int64
+    rest_logp: torch.Tensor  # [m] float32: log(1 - sum of the top-k probabilities)
+
+
+@torch.no_grad()
+def anchor_targets(
+    bank: AdapterBank,
+    streams: Sequence[_UserStream | None],
+    tasks: Sequence[SlotTraining],
+    config: TrainingConfig,
+    pad_id: int,
+    frozen: _Frozen,
+    *,
+    top_k: int = ANCHOR_DISTILL_TOP_K,
+) -> list[list[AnchorTargets] | None]:
+    """Per task, the base's targets on each of its anchors (in anchor order), for ``anchor_distill``; None for a
+    task without anchors, or all None when the term is off.
+
+    The anchors' encoded rows (those the stream trains on) run once through the bank with an empty route (the
+    base, not the parent version), in eval mode without gradients, before the first step.
+    """
+    if config.anchor_distill == 0 or not any(t.anchors for t in tasks):
+        return [None] * len(tasks)
+    model, was_training = bank.model, bank.model.training
+    model.eval()
+    out: list[list[AnchorTargets] | None] = []
+    try:
+        for stream in streams:
+            if stream is None or stream.anchors_from is None or stream.anchors_from >= len(stream.encoded):
+                out.append(None)
+                continue
+            rows = stream.encoded[stream.anchors_from :]
+            targets: list[AnchorTargets] = []
+            for start in range(0, len(rows), ANCHOR_TARGET_ROWS):
+                chunk = rows[start : start + ANCHOR_TARGET_ROWS]
+                batch = collate(chunk, pad_id=pad_id).to(bank.device)
+                with bank.use(SlotPlan.base_only(len(chunk))):
+                    logits, scored = scored_logits(
+                        model,
+                        batch,
+                        prefix=frozen.prefix,
+                        layer=frozen.layer,
+                        sequences=[ids for ids, _ in chunk],
+                    )  # [n, vocab]
+                log_p = logits.log_softmax(dim=-1)  # [n, vocab]
+                top_logps, top_ids = log_p.topk(min(top_k, log_p.shape[-1]), dim=-1)  # [n, k], [n, k]
+                rest_logp = torch.log1p(-top_logps.exp().sum(dim=-1).clamp(max=1.0 - 1e-6))  # [n]
+                counts = torch.bincount(scored.rows, minlength=len(chunk)).tolist()
+                first = 0
+                for n in counts:
+                    end = first + n
+                    targets.append(
+                        AnchorTargets(top_logps[first:end], top_ids[first:end], rest_logp[first:end])
+                    )
+                    first = end
+            out.append(targets)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def topk_kl(logits: torch.Tensor, targets: AnchorTargets) -> torch.Tensor:
+    """``[m]``: KL(base || adapter) per position from the adapter's ``logits`` ``[m, vocab]`` and the base's top-k
+    targets: the top-k tokens' terms plus the rest's mass as one outcome."""
+    log_pa = logits.log_softmax(dim=-1).gather(1, targets.top_ids)  # [m, k]
+    rest_pa = torch.log1p(-log_pa.exp().sum(dim=-1).clamp(max=1.0 - 1e-6))  # [m]
+    top = (targets.top_logps.exp() * (targets.top_logps - log_pa)).sum(dim=-1)  # [m]
+    return top + targets.rest_logp.exp() * (targets.rest_logp - rest_pa)  # [m]
+
+
+def _anchor_distill(
+    logits: torch.Tensor,
+    token_rows: torch.Tensor,
+    freed: torch.Tensor,
+    packed: _Rows,
+    distill: Sequence[list[AnchorTargets] | None],
+    n_users: int,
+) -> torch.Tensor:
+    """Per user ``[users]``: the mean over its anchor rows' scored positions (less the ``freed`` ones) of
+    KL(base || adapter) (:func:`topk_kl`); 0 for a user without anchor rows in the micro-batch."""
+    counts = torch.bincount(token_rows, minlength=len(packed.rows)).tolist()  # scored tokens come row by row
+    picked: list[torch.Tensor] = []
+    parts: list[AnchorTargets] = []
+    users: list[int] = []
+    first = 0
+    for row, (user, index) in enumerate(zip(packed.owners, packed.anchor_index, strict=True)):
+        n, first = counts[row], first + counts[row]
+        targets = distill[user] if index is not None else None
+        if targets is None or index is None:
+            continue
+        target = targets[index]
+        assert target.top_ids.shape[0] == n, (
+            f"anchor row {row}: {n} scored tokens, {target.top_ids.shape[0]} targets"
+        )
+        picked.append(torch.arange(first - n, first, device=logits.device))
+        parts.append(target)
+        users.extend([user] * n)
+    if not picked:
+        return logits.new_zeros(n_users)
+    positions = torch.cat(picked)  # [m]
+    targets = AnchorTargets(
+        torch.cat([t.top_logps for t in parts]).to(logits.device),
+        torch.cat([t.top_ids for t in parts]).to(logits.device),
+        torch.cat([t.rest_logp for t in parts]).to(logits.device),
+    )
+    kept = (~freed.index_select(0, positions)).to(logits.dtype)  # [m]
+    kl = topk_kl(logits.index_select(0, positions), targets) * kept  # [m]
+    owner = torch.tensor(users, device=logits.device)  # [m]
+    user_sum = logits.new_zeros(n_users).index_add(0, owner, kl)  # [users]
+    user_tokens = logits.new_zeros(n_users).index_add(0, owner, kept)  # [users]
+    return user_sum / user_tokens.clamp(min=1)
 
 
 def _row_ends(token_rows: torch.Tensor, *, first: bool) -> torch.Tensor:
