@@ -688,13 +688,13 @@ def _anchor_distill(
     if not picked:
         return logits.new_zeros(n_users)
     positions = torch.cat(picked)  # [m]
-    targets = AnchorTargets(
+    joined = AnchorTargets(
         torch.cat([t.top_logps for t in parts]).to(logits.device),
         torch.cat([t.top_ids for t in parts]).to(logits.device),
         torch.cat([t.rest_logp for t in parts]).to(logits.device),
     )
     kept = (~freed.index_select(0, positions)).to(logits.dtype)  # [m]
-    kl = topk_kl(logits.index_select(0, positions), targets) * kept  # [m]
+    kl = topk_kl(logits.index_select(0, positions), joined) * kept  # [m]
     owner = torch.tensor(users, device=logits.device)  # [m]
     user_sum = logits.new_zeros(n_users).index_add(0, owner, kl)  # [users]
     user_tokens = logits.new_zeros(n_users).index_add(0, owner, kept)  # [users]
