@@ -192,6 +192,12 @@ def parse_args() -> argparse.Namespace:
         default=TrainingConfig().anchor_free_ends,
         help="no loss on the anchors' first answer token and end of turn (TrainingConfig.anchor_free_ends)",
     )
+    parser.add_argument(
+        "--anchor-distill",
+        type=float,
+        default=TrainingConfig().anchor_distill,
+        help="KL(base || adapter) on the anchors' answer positions (TrainingConfig.anchor_distill)",
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="SFT rows per user per step")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--answer-tokens", type=int, default=64, help="max new tokens of the base's answers")
@@ -317,6 +323,7 @@ def main() -> None:
         sft_weight=args.sft_weight,
         sft_on_chosen=args.sft_on_chosen,
         anchor_free_ends=args.anchor_free_ends,
+        anchor_distill=args.anchor_distill,
     )
     if args.ratings and "signoff" in users:
         ratings = rating_records(train_p, train_a, 1)
