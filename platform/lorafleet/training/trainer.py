@@ -635,14 +635,9 @@ def anchor_targets(
                 log_p = logits.log_softmax(dim=-1)  # [n, vocab]
                 top_logps, top_ids = log_p.topk(min(top_k, log_p.shape[-1]), dim=-1)  # [n, k], [n, k]
                 rest_logp = torch.log1p(-top_logps.exp().sum(dim=-1).clamp(max=1.0 - 1e-6))  # [n]
-                counts = torch.bincount(scored.rows, minlength=len(chunk)).tolist()
-                first = 0
-                for n in counts:
-                    end = first + n
-                    targets.append(
-                        AnchorTargets(top_logps[first:end], top_ids[first:end], rest_logp[first:end])
-                    )
-                    first = end
+                counts = torch.bincount(scored.rows, minlength=len(chunk)).tolist()  # tokens come row by row
+                split = (top_logps.split(counts), top_ids.split(counts), rest_logp.split(counts))
+                targets.extend(AnchorTargets(*row) for row in zip(*split, strict=True))
             out.append(targets)
     finally:
         model.train(was_training)
@@ -672,19 +667,19 @@ def _anchor_distill(
     picked: list[torch.Tensor] = []
     parts: list[AnchorTargets] = []
     users: list[int] = []
-    first = 0
+    end = 0
     for row, (user, index) in enumerate(zip(packed.owners, packed.anchor_index, strict=True)):
-        n, first = counts[row], first + counts[row]
-        targets = distill[user] if index is not None else None
-        if targets is None or index is None:
+        start, end = end, end + counts[row]
+        targets = distill[user]
+        if index is None or targets is None:
             continue
         target = targets[index]
-        assert target.top_ids.shape[0] == n, (
-            f"anchor row {row}: {n} scored tokens, {target.top_ids.shape[0]} targets"
+        assert target.top_ids.shape[0] == end - start, (
+            f"anchor row {row}: {end - start} scored tokens, {target.top_ids.shape[0]} targets"
         )
-        picked.append(torch.arange(first - n, first, device=logits.device))
+        picked.append(torch.arange(start, end, device=logits.device))
         parts.append(target)
-        users.extend([user] * n)
+        users.extend([user] * (end - start))
     if not picked:
         return logits.new_zeros(n_users)
     positions = torch.cat(picked)  # [m]
