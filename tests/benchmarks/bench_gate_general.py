@@ -1,7 +1,7 @@
 """How well the gate tells a user's questions from general ones on the real backbone (embeddings only, no decoding).
 
 Protocol, per seed: K users (``lorafleet.training.personal_facts``), each with an adapter whose routing key is
-the mean embedding of its round-1 training prompts (as continual training stores it). Two kinds of prompt are
+built from its round-1 training prompts' embeddings, several ways (``ADAPTER_SIDES``). Two kinds of prompt are
 routed through a bank holding that one adapter:
 
 - the user's unseen paraphrases of their own questions (they should go to the adapter);
@@ -11,11 +11,13 @@ The base's side is built from ``ANCHOR_PROMPTS`` two ways: ``centroid`` (one key
 adapter's key) and ``exemplars`` (the highest similarity to any of them: what ``routing.gates.CentroidGate`` does),
 each at several margins (the base wins when its score minus the margin beats the adapter's). The table gives,
 per rule and margin, the share of personal questions kept on the adapter and of general prompts sent to the
-base, per seed. The gate's ``GENERAL_MARGIN`` was chosen from this table.
+base, per seed. The gate's ``GENERAL_MARGIN`` was chosen from this table. ``--rounds R`` gives each user the
+facts of rounds 1..R: the key is built from all their training prompts (as a continuing version's, replay
+included) and every round's unseen paraphrases are asked.
 
 Run from the repository root (about 2 minutes on 2 cores):
 
-    .venv/bin/python tests/benchmarks/bench_gate_general.py [--seeds 0 1 2] [--users 4]
+    .venv/bin/python tests/benchmarks/bench_gate_general.py [--seeds 0 1 2] [--users 4] [--rounds 1] [--sides ...]
 """
 
 from __future__ import annotations
@@ -41,11 +43,14 @@ MARGINS = (-0.01, 0.0, 0.005, 0.01, 0.02, 0.03)
 #: the adapter's side: one key, the mean of its training prompts (what continual training stores), or up to k
 #: keys (``routing.embeddings.key_vectors``: k-means of the training prompts' embeddings); a prompt's score is its
 #: highest cosine to any of them
-ADAPTER_SIDES = ("mean", "k2", "k4", "k8")
+ADAPTER_SIDES = ("mean", "k2", "k4", "k8", "k16", "k32", "all")
 
 
 def adapter_keys(embedded: torch.Tensor, side: str) -> torch.Tensor:
-    """Unit key vectors ``[k, hidden]`` of an adapter side from its training prompts' embeddings."""
+    """Unit key vectors ``[k, hidden]`` of an adapter side from its training prompts' embeddings (``all``: every
+    training prompt is a key vector, nearest-neighbour routing)."""
+    if side == "all":
+        return F.normalize(embedded, dim=-1)
     k = 1 if side == "mean" else int(side[1:])
     return F.normalize(key_vectors(embedded, k), dim=-1)
 
@@ -58,6 +63,14 @@ def main() -> None:
     parser.add_argument("--quantization", default="nf4")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--users", type=int, default=4)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="facts of rounds 1..R: the key is built from all their training prompts (a continual version with "
+        "replay) and every round's unseen paraphrases are asked",
+    )
+    parser.add_argument("--sides", nargs="+", default=list(ADAPTER_SIDES), choices=ADAPTER_SIDES)
     parser.add_argument(
         "--data-dir", default=None, help="where the converted backbone lives (default: a temp dir)"
     )
@@ -75,11 +88,12 @@ def main() -> None:
             personal_margin: dict[str, list[float]] = {}
             general_margin: dict[str, list[float]] = {}
             for user in make_users(args.users, seed=seed):
-                train = [e.prompt for e in user_examples(user, rounds=[1], split="train", seed=seed)]
+                rounds = list(range(1, args.rounds + 1))
+                train = [e.prompt for e in user_examples(user, rounds=rounds, split="train", seed=seed)]
                 embedded = embed_prompts(backbone, bank, train)  # [n_train, hidden]
-                unseen = [q for f in user.facts_of([1]) for q in split_questions(f.kind, seed=seed)[1]]
+                unseen = [q for f in user.facts_of(rounds) for q in split_questions(f.kind, seed=seed)[1]]
                 asked = embed_prompts(backbone, bank, unseen)  # [n_unseen, hidden]
-                for side in ADAPTER_SIDES:
+                for side in args.sides:
                     keys = adapter_keys(embedded, side)  # [k, hidden], unit rows
                     for prompts, out in ((asked, personal_margin), (general, general_margin)):
                         adapter = (prompts @ keys.T).max(dim=1).values  # [n]
@@ -95,7 +109,8 @@ def main() -> None:
                     based = sum(d < -margin for d in general_margin[rule]) / len(general_margin[rule])
                     rows.setdefault((rule, margin), []).append(f"{100 * kept:.0f} / {100 * based:.0f}")
         print(
-            f"backbone {args.backbone} ({args.quantization}), {args.users} users, seeds {args.seeds}, "
+            f"backbone {args.backbone} ({args.quantization}), {args.users} users, rounds 1-{args.rounds}, "
+            f"seeds {args.seeds}, "
             f"threads {torch.get_num_threads()}; the gate uses exemplars, margin {GENERAL_MARGIN}\n"
         )
         print(

@@ -173,6 +173,12 @@ def parse_args() -> argparse.Namespace:
         "--replay-ratio", type=float, default=_D.replay_ratio, help="replayed old records per new record"
     )
     parser.add_argument(
+        "--later-lr",
+        type=float,
+        default=None,
+        help="rounds 2-3: their learning rate (default: --lr, as the services train a continuing version)",
+    )
+    parser.add_argument(
         "--l2-to-parent",
         type=float,
         default=_D.l2_to_parent,
@@ -306,9 +312,11 @@ def _int_seed(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
 
 
-def train_round(ctx: Context, tasks: list[SlotTraining], seed: int) -> tuple[float, float]:
-    """One ``train_slots`` job over every task; its wall time and this process's CPU time, in seconds (on a
-    shared machine the CPU time is the steadier of the two)."""
+def train_round(
+    ctx: Context, tasks: list[SlotTraining], seed: int, *, lr: float | None = None
+) -> tuple[float, float]:
+    """One ``train_slots`` job over every task (at ``lr``, or the config's learning rate); its wall time and this
+    process's CPU time, in seconds (on a shared machine the CPU time is the steadier of the two)."""
     started, cpu = time.perf_counter(), time.process_time()
 
     def progress(step: int, total: int, info: dict[str, Any]) -> None:
@@ -318,7 +326,7 @@ def train_round(ctx: Context, tasks: list[SlotTraining], seed: int) -> tuple[flo
         ctx.bank,
         ctx.backbone.tokenizer,
         tasks,
-        ctx.config.with_changes(seed=seed),
+        ctx.config.with_changes(seed=seed, learning_rate=lr or ctx.config.learning_rate),
         prefix=ctx.prefix,
         progress=progress,
     )
@@ -438,7 +446,9 @@ def later_round(
             tasks.append(
                 SlotTraining(slot, f"{user.key}/{name}", rows, held, parent_state=parent, anchors=anchors)
             )
-    out.figures[f"train_s_r{r}"], out.figures[f"cpu_s_r{r}"] = train_round(ctx, tasks, seed + 1000 * r)
+    out.figures[f"train_s_r{r}"], out.figures[f"cpu_s_r{r}"] = train_round(
+        ctx, tasks, seed + 1000 * r, lr=ctx.args.later_lr
+    )
     started = time.perf_counter()
     last = r == ctx.args.rounds
     judged = evaluate(ctx, users, arms, list(range(1, r + 1)), seed, general=last, gated="replay")
@@ -593,7 +603,9 @@ def report(ctx: Context, results: list[SeedResult]) -> str:
     lines = [
         f"backbone {args.backbone} ({args.quantization}{', dequantised once' if args.dequantize_once else ''}), "
         f"users {args.users}, seeds {args.seeds}, rank {args.rank}, alpha {args.alpha}, dropout {args.dropout}, "
-        f"top {args.layers} layers, lr {args.lr:g}, {args.steps} steps (min_epochs {args.min_epochs:g}), "
+        f"top {args.layers} layers, lr {args.lr:g}"
+        + (f" (rounds 2-3: {args.later_lr:g})" if args.later_lr else "")
+        + f", {args.steps} steps (min_epochs {args.min_epochs:g}), "
         f"batch {args.batch}/user, "
         f"anchor_ratio {args.anchor_ratio}, replay_ratio {args.replay_ratio}, general eval prompts "
         f"{len(ctx.base_general)}, threads {torch.get_num_threads()}",
