@@ -59,6 +59,7 @@ from quality_real_eval import (  # noqa: E402
     general_rows,
     judge,
     kl_to_base,
+    mixture_rows,
     personal_rows,
     probe_logits,
 )
@@ -185,6 +186,12 @@ def parse_args() -> argparse.Namespace:
         help="rounds 2-3: the L2 pull of each adapter to its previous round's weights (TrainingConfig.l2_to_parent)",
     )
     parser.add_argument("--no-plain-arm", action="store_true", help="skip round 1's copy without anchors")
+    parser.add_argument(
+        "--expand-arm",
+        action="store_true",
+        help="rounds 2-3: a third arm that keeps each round's adapter and trains a new one for the next round's "
+        "facts (no replay), every request routed over the user's adapters by the centroid gate",
+    )
     parser.add_argument("--eval-tokens", type=int, default=32, help="max new tokens of evaluated answers")
     parser.add_argument("--general-prompts", type=int, default=len(EVAL_PROMPTS), help="EVAL prompts used")
     parser.add_argument(
@@ -239,7 +246,7 @@ def setup(args: argparse.Namespace) -> Context:
     bank = inject_bank(
         backbone,
         target_modules=top_layers_regex(num_layers, args.layers),
-        n_slots=2 * args.users,
+        n_slots=(2 + (args.rounds if args.expand_arm else 0)) * args.users,
         max_rank=args.rank,
     )
     identity = f"{backbone.fingerprint.digest}/{backbone.quantization}/cpu"
@@ -345,8 +352,10 @@ def evaluate(
     *,
     general: bool,
     gated: str | None = None,
+    experts: dict[str, list[tuple[int, tuple[float, ...]]]] | None = None,
 ) -> dict[str, Judged]:
-    """Every arm's answers to the unseen paraphrases of ``rounds`` (and the general prompts), one decoding pass."""
+    """Every arm's answers to the unseen paraphrases of ``rounds`` (and the general prompts), one decoding pass;
+    with ``experts``, arm ``expand``: each row routed over the user's adapters by the centroid gate."""
     rows: list[Row] = []
     spans: dict[str, tuple[int, int]] = {}
     for name, slots in arms.items():
@@ -361,6 +370,12 @@ def evaluate(
             start = len(rows)
             rows += gated_rows(ctx.backbone, ctx.bank, rows[slice(*spans[gated])], keys, margin=margin)
             spans["gated" if i == 0 else f"gated@{margin:g}"] = (start, len(rows))
+    if experts is not None:
+        start, unrouted = len(rows), personal_rows(users, {u.key: None for u in users}, rounds, seed)
+        if general:
+            unrouted += [Row(p, None, u.key) for u in users for p in ctx.base_general]
+        rows += mixture_rows(ctx.backbone, ctx.bank, unrouted, experts)
+        spans["expand"] = (start, len(rows))
     answers = answer_rows(ctx.backbone, ctx.bank, rows, ctx.args.eval_tokens)
     return {name: judge(rows[a:b], answers[a:b], users, ctx.base_general) for name, (a, b) in spans.items()}
 
@@ -428,10 +443,15 @@ def later_round(
     r: int,
     arms: dict[str, dict[str, int]],
     out: SeedResult,
+    *,
+    experts: dict[str, list[tuple[int, tuple[float, ...]]]] | None = None,
 ) -> None:
-    """Round ``r`` for both continuing arms: new facts with replay (``replay``) and without (``noreplay``)."""
+    """Round ``r`` for both continuing arms: new facts with replay (``replay``) and without (``noreplay``); with
+    ``experts`` (user -> (slot, routing key) of each round's adapter), also a fresh adapter on the new facts that
+    joins the user's adapters (arm ``expand``)."""
     tasks = []
-    for user in users:
+    slot_config = ctx.config.slot_config(layer_names=list(ctx.bank.layers))
+    for i, user in enumerate(users):
         new = user_examples(user, rounds=[r], split="train", seed=seed, first_id=1000 * r)
         old = user_examples(user, rounds=range(1, r), split="train", seed=seed)
         replay = reservoir_sample(
@@ -446,12 +466,21 @@ def later_round(
             tasks.append(
                 SlotTraining(slot, f"{user.key}/{name}", rows, held, parent_state=parent, anchors=anchors)
             )
+        if experts is not None:  # a first version on this round's records, as a new adapter would train
+            slot = (r + 1) * len(users) + i
+            ctx.bank.init_slot(slot, slot_config, seed=seed * 100 + 10 * r + i, replace=True)
+            rows, anchors = with_anchors(ctx, new, f"{seed}/{user.key}/{r}/expand")
+            tasks.append(SlotTraining(slot, f"{user.key}/expand", rows, held, anchors=anchors))
+            prompts = [e.prompt for e in new]
+            experts[user.key].append((slot, routing_key(ctx.backbone, ctx.bank, prompts)))
     out.figures[f"train_s_r{r}"], out.figures[f"cpu_s_r{r}"] = train_round(
         ctx, tasks, seed + 1000 * r, lr=ctx.args.later_lr
     )
     started = time.perf_counter()
     last = r == ctx.args.rounds
-    judged = evaluate(ctx, users, arms, list(range(1, r + 1)), seed, general=last, gated="replay")
+    judged = evaluate(
+        ctx, users, arms, list(range(1, r + 1)), seed, general=last, gated="replay", experts=experts
+    )
     kl = arms_kl_to_base(ctx, arms) if last else {}
     for name, slots in arms.items():
         record_arm(
@@ -462,7 +491,7 @@ def later_round(
             rounds=list(range(1, r + 1)),
         )
     for name in judged:
-        if name.startswith("gated"):
+        if name.startswith("gated") or name == "expand":
             record_arm(out, f"r{r}_{name}", judged[name], [], rounds=list(range(1, r + 1)))
     out.figures[f"eval_s_r{r}"] = time.perf_counter() - started
 
@@ -515,10 +544,21 @@ def run_seed(ctx: Context, seed: int) -> SeedResult:
                 info.config,
                 replace=True,
             )
+        experts: dict[str, list[tuple[int, tuple[float, ...]]]] | None = None
+        if ctx.args.expand_arm:  # round 1's adapter, copied, is the first of each user's adapters
+            experts = {}
+            for i, user in enumerate(users):
+                copy = 2 * k + i
+                info = ctx.bank.slot_info(anchored[user.key])
+                assert info is not None
+                ctx.bank.load_slot(
+                    copy, ctx.bank.slot_state_dict(anchored[user.key]), info.config, replace=True
+                )
+                experts[user.key] = [(copy, user_key(ctx, user, [1], seed))]
         for r in range(2, ctx.args.rounds + 1):
-            later_round(ctx, users, seed, r, arms, out)
+            later_round(ctx, users, seed, r, arms, out, experts=experts)
         last = ctx.args.rounds
-        for name in ("replay", "noreplay"):
+        for name in ("replay", "noreplay") + (("expand",) if experts else ()):
             out.figures[f"forget_{name}"] = (
                 out.figures["r1_anchors_acc_r1"] - out.figures[f"r{last}_{name}_acc_r1"]
             )
@@ -581,6 +621,13 @@ def last_round_columns(r: int) -> list[tuple[str, Any]]:
         (
             "served through the gate (replay): acc / general clean",
             lambda f: pair(f, f"r{r}_gated_acc", f"r{r}_gated_general_clean"),
+        ),
+        (
+            f"a new adapter a round, gated (expand): acc R1..R{r} / R1 acc / forgetting / general clean",
+            lambda f: (
+                f"{pct(f.get(f'r{r}_expand_acc', math.nan))} / {pct(f.get(f'r{r}_expand_acc_r1', math.nan))} / "
+                f"{pct(f.get('forget_expand', math.nan))} / {pct(f.get(f'r{r}_expand_general_clean', math.nan))}"
+            ),
         ),
         ("train s per round", lambda f: " / ".join(f"{f[f'train_s_r{i}']:.0f}" for i in range(1, r + 1))),
         ("train CPU s per round", lambda f: " / ".join(f"{f[f'cpu_s_r{i}']:.0f}" for i in range(1, r + 1))),

@@ -20,7 +20,7 @@ from torch import nn
 from lorafleet.adapters import AdapterBank, SlotPlan
 from lorafleet.adapters.prefix import FrozenPrefix
 from lorafleet.backbone import Backbone
-from lorafleet.routing.embeddings import embed_prompts
+from lorafleet.routing.embeddings import common_direction, embed_prompts
 from lorafleet.routing.experts import Expert, ExpertSet
 from lorafleet.routing.gates import GENERAL_MARGIN, CentroidGate
 from lorafleet.routing.spec import GateSpec
@@ -52,12 +52,20 @@ KL_BATCH_ROWS = 16
 
 @dataclass(frozen=True)
 class Row:
-    """One prompt to answer: whose adapter (``slot`` None = the base), and the fact it asks about, if any."""
+    """One prompt to answer: whose adapter (``slot`` None = the base), and the fact it asks about, if any.
+    ``routes`` ((slot, weight), ...), when set, is a mixture of slots that replaces ``slot`` (empty: the base)."""
 
     prompt: str
     slot: int | None
     user: str = ""
     fact: Fact | None = None
+    routes: tuple[tuple[int, float], ...] | None = None
+
+    def plan(self) -> list[tuple[int, float]]:
+        """The slots and weights the row is answered through (empty: the base)."""
+        if self.routes is not None:
+            return list(self.routes)
+        return [] if self.slot is None else [(self.slot, 1.0)]
 
 
 @dataclass
@@ -171,7 +179,11 @@ def answer_rows(backbone: Backbone, bank: AdapterBank, rows: Sequence[Row], max_
 
     Each distinct (prompt, slot) is decoded once: greedy answers depend on nothing else, so arms that share rows
     (the gated arms at several margins and the adapter arm they route) cost only their differences."""
-    distinct = list(dict.fromkeys((r.prompt, r.slot) for r in rows))
+
+    def key(row: Row) -> tuple[str, tuple[tuple[int, float], ...]]:
+        return row.prompt, tuple(row.plan())
+
+    distinct = list(dict.fromkeys(key(r) for r in rows))
     answers = generate_answers(
         backbone.model,
         backbone.tokenizer,
@@ -179,11 +191,11 @@ def answer_rows(backbone: Backbone, bank: AdapterBank, rows: Sequence[Row], max_
         max_new_tokens,
         batch_size=256,
         bank=bank,
-        routes=[[] if slot is None else [(slot, 1.0)] for _, slot in distinct],
+        routes=[list(plan) for _, plan in distinct],
         trim=False,
     )
     found = dict(zip(distinct, answers, strict=True))
-    return [found[(r.prompt, r.slot)] for r in rows]
+    return [found[key(r)] for r in rows]
 
 
 def judge(
@@ -287,4 +299,30 @@ def gated_rows(
         bank = ExpertSet(1, 1, row.user, (member,), GateSpec(), f"bench/{row.user}")
         (decision,) = gate.decide(bank, embeddings[i : i + 1])
         out.append(Row(row.prompt, row.slot if decision.routes else None, row.user, row.fact))
+    return out
+
+
+def mixture_rows(
+    backbone: Backbone,
+    bank: AdapterBank,
+    rows: Sequence[Row],
+    experts: Mapping[str, Sequence[tuple[int, Sequence[float]]]],
+) -> list[Row]:
+    """``rows`` routed over each user's several adapters (``experts[user]``: (slot, routing key) per adapter) by
+    the production centroid gate as serving builds it without the base's side (top 2, softmax at the default
+    temperature, the common direction of the general prompts left out): each row gets the gate's mixture."""
+    exemplars = general_exemplars(backbone, bank)
+    gate = CentroidGate(common=common_direction(exemplars))
+    embeddings = embed_prompts(backbone, bank, [r.prompt for r in rows])  # [rows, hidden]
+    out = []
+    for i, row in enumerate(rows):
+        owned = experts[row.user]
+        members = tuple(
+            Expert(j + 1, f"round-{j + 1}", "personal", j + 1, 1, "x", 0, 8, tuple(key))
+            for j, (_, key) in enumerate(owned)
+        )
+        user_bank = ExpertSet(1, 1, row.user, members, GateSpec(), f"bench/{row.user}/{len(owned)}")
+        (decision,) = gate.decide(user_bank, embeddings[i : i + 1])
+        routes = tuple((owned[m][0], w) for m, w in decision.routes)
+        out.append(Row(row.prompt, None, row.user, row.fact, routes=routes))
     return out
