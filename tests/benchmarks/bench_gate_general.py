@@ -26,6 +26,7 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -34,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from lorafleet.adapters import inject_bank  # noqa: E402
 from lorafleet.backbone import load_backbone  # noqa: E402
-from lorafleet.routing.embeddings import embed_prompts, key_vectors  # noqa: E402
+from lorafleet.routing.embeddings import common_direction, embed_prompts, key_vectors  # noqa: E402
 from lorafleet.routing.gates import GENERAL_MARGIN  # noqa: E402
 from lorafleet.training.general_prompts import ANCHOR_PROMPTS, EVAL_PROMPTS  # noqa: E402
 from lorafleet.training.personal_facts import make_users, split_questions, user_examples  # noqa: E402
@@ -55,6 +56,37 @@ def adapter_keys(embedded: torch.Tensor, side: str) -> torch.Tensor:
     return F.normalize(key_vectors(embedded, k), dim=-1)
 
 
+def between_rounds(backbone: Any, bank: Any, common: torch.Tensor, args: argparse.Namespace) -> None:
+    """Top-1 routing among one user's per-round adapters: how often a question reaches its own round's."""
+
+    def centred(x: torch.Tensor) -> torch.Tensor:  # as the centroid gate scores: the common direction out
+        return F.normalize(x - (x @ common)[..., None] * common, dim=-1)
+
+    rounds = list(range(1, args.rounds + 1))
+    print(f"rounds 1-{args.rounds}, one adapter each; questions routed to their own round's adapter (top 1):")
+    for seed in args.seeds:
+        hits = {"cosine": 0, "without the common direction": 0}
+        total = 0
+        for user in make_users(args.users, seed=seed):
+            keys = [
+                adapter_keys(
+                    embed_prompts(
+                        backbone, bank, [e.prompt for e in user_examples(user, rounds=[r], seed=seed)]
+                    ),
+                    "k8",
+                )
+                for r in rounds
+            ]  # per round [k, hidden]
+            for r in rounds:
+                unseen = [q for f in user.facts_of([r]) for q in split_questions(f.kind, seed=seed)[1]]
+                asked = embed_prompts(backbone, bank, unseen)  # [n, hidden]
+                total += len(unseen)
+                for name, view in (("cosine", lambda x: x), ("without the common direction", centred)):
+                    scores = torch.stack([(view(asked) @ view(k).T).max(dim=1).values for k in keys], dim=1)
+                    hits[name] += int((scores.argmax(dim=1) == r - 1).sum())
+        print(f"seed {seed}: " + ", ".join(f"{name} {100 * n / total:.1f} %" for name, n in hits.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -72,6 +104,12 @@ def main() -> None:
     )
     parser.add_argument("--sides", nargs="+", default=list(ADAPTER_SIDES), choices=ADAPTER_SIDES)
     parser.add_argument(
+        "--between-rounds",
+        action="store_true",
+        help="instead: one adapter per round of facts (rounds 1..R, each keyed by up to 8 vectors of its own "
+        "training prompts); the share of unseen questions whose nearest adapter is their round's",
+    )
+    parser.add_argument(
         "--data-dir", default=None, help="where the converted backbone lives (default: a temp dir)"
     )
     args = parser.parse_args()
@@ -83,6 +121,9 @@ def main() -> None:
         anchors = embed_prompts(backbone, bank, list(ANCHOR_PROMPTS))  # [n_anchor, hidden], unit rows
         centroid = F.normalize(anchors.mean(dim=0), dim=0)  # [hidden]
         general = embed_prompts(backbone, bank, list(EVAL_PROMPTS))  # [n_eval, hidden]
+        if args.between_rounds:
+            between_rounds(backbone, bank, common_direction(anchors), args)
+            return
         rows: dict[tuple[str, float], list[str]] = {}
         for seed in args.seeds:
             personal_margin: dict[str, list[float]] = {}
