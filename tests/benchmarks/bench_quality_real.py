@@ -187,6 +187,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--no-plain-arm", action="store_true", help="skip round 1's copy without anchors")
     parser.add_argument(
+        "--replay-only",
+        action="store_true",
+        help="rounds 2-3: skip the arm without replay (half the training; its figures show '-')",
+    )
+    parser.add_argument(
         "--expand-arm",
         action="store_true",
         help="rounds 2-3: a third arm that keeps each round's adapter and trains a new one for the next round's "
@@ -459,6 +464,8 @@ def later_round(
         )
         held = user_examples(user, rounds=[r], split="eval", seed=seed, first_id=10_000 * r)
         for name, train in (("replay", new + replay), ("noreplay", new)):
+            if name not in arms:
+                continue
             rows, anchors = with_anchors(ctx, train, f"{seed}/{user.key}/{r}/{name}")
             slot = arms[name][user.key]
             # the pull's target: this slot as the previous round left it (continual training pulls to the parent)
@@ -534,8 +541,10 @@ def run_seed(ctx: Context, seed: int) -> SeedResult:
     anchored = round_one(ctx, users, seed, out)
     if ctx.args.rounds > 1:
         k = len(users)
-        arms = {"replay": anchored, "noreplay": {u.key: k + i for i, u in enumerate(users)}}
-        for user in users:  # the no-replay arm starts from a copy of the anchored round-1 adapter
+        arms = {"replay": anchored}
+        if not ctx.args.replay_only:
+            arms["noreplay"] = {u.key: k + i for i, u in enumerate(users)}
+        for user in users if "noreplay" in arms else ():  # it starts from a copy of the round-1 adapter
             info = ctx.bank.slot_info(anchored[user.key])
             assert info is not None
             ctx.bank.load_slot(
@@ -558,7 +567,7 @@ def run_seed(ctx: Context, seed: int) -> SeedResult:
         for r in range(2, ctx.args.rounds + 1):
             later_round(ctx, users, seed, r, arms, out, experts=experts)
         last = ctx.args.rounds
-        for name in ("replay", "noreplay") + (("expand",) if experts else ()):
+        for name in [*arms, *(["expand"] if experts else [])]:
             out.figures[f"forget_{name}"] = (
                 out.figures["r1_anchors_acc_r1"] - out.figures[f"r{last}_{name}_acc_r1"]
             )
