@@ -82,7 +82,8 @@ def between_rounds(backbone: Any, bank: Any, common: torch.Tensor, args: argpars
                 asked = embed_prompts(backbone, bank, unseen)  # [n, hidden]
                 total += len(unseen)
                 for name, view in (("cosine", lambda x: x), ("without the common direction", centred)):
-                    scores = torch.stack([(view(asked) @ view(k).T).max(dim=1).values for k in keys], dim=1)
+                    query = view(asked)  # [n, hidden]
+                    scores = torch.stack([(query @ view(k).T).max(dim=1).values for k in keys], dim=1)
                     hits[name] += int((scores.argmax(dim=1) == r - 1).sum())
         print(f"seed {seed}: " + ", ".join(f"{name} {100 * n / total:.1f} %" for name, n in hits.items()))
 

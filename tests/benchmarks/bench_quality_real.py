@@ -378,7 +378,7 @@ def evaluate(
     if experts is not None:
         start, unrouted = len(rows), personal_rows(users, {u.key: None for u in users}, rounds, seed)
         if general:
-            unrouted += [Row(p, None, u.key) for u in users for p in ctx.base_general]
+            unrouted += general_rows(users, {u.key: None for u in users}, list(ctx.base_general))
         rows += mixture_rows(ctx.backbone, ctx.bank, unrouted, experts)
         spans["expand"] = (start, len(rows))
     answers = answer_rows(ctx.backbone, ctx.bank, rows, ctx.args.eval_tokens)
@@ -534,6 +534,13 @@ def samples(judged: Judged, user: str, base: dict[str, str], plain: Judged | Non
     return lines
 
 
+def copy_slot(bank: AdapterBank, source: int, target: int) -> None:
+    """Load slot ``source``'s adapter (weights and config) into slot ``target``."""
+    info = bank.slot_info(source)
+    assert info is not None
+    bank.load_slot(target, bank.slot_state_dict(source), info.config, replace=True)
+
+
 def run_seed(ctx: Context, seed: int) -> SeedResult:
     users = make_users(ctx.args.users, seed=seed)
     out = SeedResult(seed)
@@ -542,28 +549,16 @@ def run_seed(ctx: Context, seed: int) -> SeedResult:
     if ctx.args.rounds > 1:
         k = len(users)
         arms = {"replay": anchored}
-        if not ctx.args.replay_only:
+        if not ctx.args.replay_only:  # the no-replay arm starts from a copy of the anchored round-1 adapter
             arms["noreplay"] = {u.key: k + i for i, u in enumerate(users)}
-        for user in users if "noreplay" in arms else ():  # it starts from a copy of the round-1 adapter
-            info = ctx.bank.slot_info(anchored[user.key])
-            assert info is not None
-            ctx.bank.load_slot(
-                arms["noreplay"][user.key],
-                ctx.bank.slot_state_dict(anchored[user.key]),
-                info.config,
-                replace=True,
-            )
+            for user in users:
+                copy_slot(ctx.bank, anchored[user.key], arms["noreplay"][user.key])
         experts: dict[str, list[tuple[int, tuple[float, ...]]]] | None = None
         if ctx.args.expand_arm:  # round 1's adapter, copied, is the first of each user's adapters
             experts = {}
             for i, user in enumerate(users):
-                copy = 2 * k + i
-                info = ctx.bank.slot_info(anchored[user.key])
-                assert info is not None
-                ctx.bank.load_slot(
-                    copy, ctx.bank.slot_state_dict(anchored[user.key]), info.config, replace=True
-                )
-                experts[user.key] = [(copy, user_key(ctx, user, [1], seed))]
+                copy_slot(ctx.bank, anchored[user.key], 2 * k + i)
+                experts[user.key] = [(2 * k + i, user_key(ctx, user, [1], seed))]
         for r in range(2, ctx.args.rounds + 1):
             later_round(ctx, users, seed, r, arms, out, experts=experts)
         last = ctx.args.rounds

@@ -169,7 +169,9 @@ def personal_rows(
     return rows
 
 
-def general_rows(users: Sequence[PersonalUser], slots: dict[str, int], prompts: Sequence[str]) -> list[Row]:
+def general_rows(
+    users: Sequence[PersonalUser], slots: Mapping[str, int | None], prompts: Sequence[str]
+) -> list[Row]:
     """Every general eval prompt through each user's slot."""
     return [Row(p, slots[u.key], u.key) for u in users for p in prompts]
 
