@@ -165,3 +165,40 @@ def test_segments_compute_what_the_per_row_gather_computes(
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(seg_grads, row_grads, strict=True))
     with torch.no_grad(), bank.use(SlotPlan.single(grouped)):  # in place, without autograd
         assert torch.allclose(fp32_backbone.model(input_ids=ids).logits, seg_out, atol=1e-5)
+
+
+def test_equal_runs_of_one_rank_train_as_a_stacked_batch(
+    fp32_backbone: Backbone, tools: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training step's runs (equal lengths, one rank; a slot may come twice) computed as one batched matmul pair
+    give the outputs and gradients of one delta per run."""
+    bank = inject_bank(fp32_backbone, target_modules="all-linear", n_slots=3, max_rank=8)
+    for slot in (0, 1, 2):
+        tools.load_random(bank, slot, rank=4, alpha=8.0, seed=slot)
+    ids = torch.randint(3, 200, (8, 9), generator=torch.Generator().manual_seed(0))
+    grouped = [0, 0, 1, 1, 2, 2, 0, 0]
+    calls = {"stacked": 0}
+    stacked = type(bank.layers[LAYER])._stacked_delta
+
+    def counting(self, xa, segments):  # type: ignore[no-untyped-def]
+        out = stacked(self, xa, segments)
+        calls["stacked"] += out is not None
+        return out
+
+    results = []
+    for path in ("stacked", "per run"):
+        monkeypatch.setattr(
+            type(bank.layers[LAYER]), "_stacked_delta", counting if path == "stacked" else lambda *a: None
+        )
+        params = bank.trainable_parameters([0, 1, 2])
+        with bank.use(SlotPlan.single(grouped)):
+            logits = fp32_backbone.model(input_ids=ids).logits
+            logits.float().pow(2).mean().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in params]))
+        for p in params:
+            p.grad = None
+        bank.release_parameters()
+    assert calls["stacked"] == len(bank.layers)  # every adapted module took the stacked path
+    (st_out, st_grads), (run_out, run_grads) = results
+    assert torch.allclose(st_out, run_out, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(st_grads, run_grads, strict=True))

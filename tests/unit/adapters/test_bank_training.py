@@ -6,9 +6,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import bitsandbytes as bnb
+import pytest
 import torch
 
 from lorafleet.adapters import SlotConfig, SlotPlan, inject_bank
+from lorafleet.adapters.linear import lora_dropout
 from lorafleet.backbone import Backbone, load_backbone
 
 
@@ -102,6 +104,23 @@ def test_dropout_applies_in_training_mode_only(fp32_backbone: Backbone, tools: S
             assert not torch.equal(layer(x), layer(x))
     with bank.use(SlotPlan.single([1, 1])), torch.no_grad():
         assert torch.equal(layer(x), layer(x))  # slot 1 has no dropout even in training mode
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_lora_dropout_drops_a_share_p_and_rescales_the_rest(p: float) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(64, 100, 97) + 1.0  # [batch, seq, d_in]: an odd element count, no zeros
+    x.requires_grad_(True)
+    y = lora_dropout(x, p)
+    dropped = y == 0
+    assert abs(dropped.float().mean().item() - p) < 0.005  # 620,800 draws: the share's sd is below 0.0006
+    assert torch.allclose(y[~dropped], x[~dropped] / (1 - p))
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, dropped)  # the gradient flows through the kept elements only
+    # independent across elements and positions: no stripes from the 16-bit slices of one random word
+    per_slice = dropped.reshape(-1)[: 620_800 // 4 * 4].view(-1, 4).float().mean(dim=0)  # [4]
+    assert (per_slice - p).abs().max() < 0.01
+    assert not torch.equal(lora_dropout(x, p) == 0, dropped)  # a fresh mask per call
 
 
 def _nf4_grads(tiny_dir: Path, input_ids: torch.Tensor, *, infer_first: bool) -> list[torch.Tensor]:
