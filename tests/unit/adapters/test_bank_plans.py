@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lorafleet.adapters import SlotConfig, SlotPlan, inject_bank
+from lorafleet.adapters import AdapterBank, SlotConfig, SlotPlan, inject_bank
 from lorafleet.backbone import Backbone
 from lorafleet.errors import InvalidStateError, ValidationError
 
@@ -137,6 +137,21 @@ def test_rows_grouped_by_adapter_run_as_segments() -> None:
     assert SlotPlan.from_rows([[(0, 0.5), (1, 0.5)]] * 4).segments is None  # mixtures have no segments
 
 
+def _outputs_and_grads(
+    backbone: Backbone, bank: AdapterBank, plan: SlotPlan, ids: torch.Tensor, *, slots: list[int]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The logits of ``ids`` through ``plan`` and the gradients of the ``slots``' parameters (released after)."""
+    params = bank.trainable_parameters(slots)
+    with bank.use(plan):
+        logits = backbone.model(input_ids=ids).logits
+        logits.float().pow(2).mean().backward()
+    grads = [p.grad.clone() for p in params if p.grad is not None]
+    for p in params:
+        p.grad = None
+    bank.release_parameters()
+    return logits.detach(), grads
+
+
 def test_segments_compute_what_the_per_row_gather_computes(
     fp32_backbone: Backbone, tools: SimpleNamespace
 ) -> None:
@@ -148,18 +163,11 @@ def test_segments_compute_what_the_per_row_gather_computes(
     grouped = [0, 0, 0, 1, 1, None]
     results = []
     for segmented in (True, False):
-        params = bank.trainable_parameters([0, 1])
         plan = SlotPlan.single(grouped)
         if not segmented:
             plan._cache[("segments",)] = None  # force the per-row gather
         assert (plan.segments is not None) == segmented
-        with bank.use(plan):
-            logits = fp32_backbone.model(input_ids=ids).logits
-            logits.float().pow(2).mean().backward()
-        results.append((logits.detach(), [p.grad.clone() for p in params]))
-        for p in params:
-            p.grad = None
-        bank.release_parameters()
+        results.append(_outputs_and_grads(fp32_backbone, bank, plan, ids, slots=[0, 1]))
     (seg_out, seg_grads), (row_out, row_grads) = results
     assert torch.allclose(seg_out, row_out, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(seg_grads, row_grads, strict=True))
@@ -190,14 +198,9 @@ def test_equal_runs_of_one_rank_train_as_a_stacked_batch(
         monkeypatch.setattr(
             type(bank.layers[LAYER]), "_stacked_delta", counting if path == "stacked" else lambda *a: None
         )
-        params = bank.trainable_parameters([0, 1, 2])
-        with bank.use(SlotPlan.single(grouped)):
-            logits = fp32_backbone.model(input_ids=ids).logits
-            logits.float().pow(2).mean().backward()
-        results.append((logits.detach(), [p.grad.clone() for p in params]))
-        for p in params:
-            p.grad = None
-        bank.release_parameters()
+        results.append(
+            _outputs_and_grads(fp32_backbone, bank, SlotPlan.single(grouped), ids, slots=[0, 1, 2])
+        )
     assert calls["stacked"] == len(bank.layers)  # every adapted module took the stacked path
     (st_out, st_grads), (run_out, run_grads) = results
     assert torch.allclose(st_out, run_out, atol=1e-5)
