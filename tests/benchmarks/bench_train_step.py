@@ -12,7 +12,7 @@ defaults (rank 8, all linear modules, dropout 0.05, 6 rows per user a step) on t
 times; the table gives medians: the step time (median of the steps after the third), the whole job
 (prefix, holdout scores before and after, steps) and the speed-ups against ``before`` measured in the same
 repeat. The "before" condition puts the replaced code back by monkeypatching (kept here, not in the library).
-Both conditions draw the same number of random words per step, so they train alike (not the same masks).
+The two conditions draw different dropout masks from the same distribution: they train alike, not identically.
 
     .venv/bin/python tests/benchmarks/bench_train_step.py [--layers 10] [--repeats 3] [--data-dir DIR]
 """
