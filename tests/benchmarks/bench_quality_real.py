@@ -180,6 +180,12 @@ def parse_args() -> argparse.Namespace:
         help="rounds 2-3: their learning rate (default: --lr, as the services train a continuing version)",
     )
     parser.add_argument(
+        "--later-min-epochs",
+        type=float,
+        default=None,
+        help="rounds 2-3: their least passes over the rows (default: --min-epochs, as the services train them)",
+    )
+    parser.add_argument(
         "--l2-to-parent",
         type=float,
         default=_D.l2_to_parent,
@@ -325,10 +331,15 @@ def _int_seed(text: str) -> int:
 
 
 def train_round(
-    ctx: Context, tasks: list[SlotTraining], seed: int, *, lr: float | None = None
+    ctx: Context,
+    tasks: list[SlotTraining],
+    seed: int,
+    *,
+    lr: float | None = None,
+    min_epochs: float | None = None,
 ) -> tuple[float, float]:
-    """One ``train_slots`` job over every task (at ``lr``, or the config's learning rate); its wall time and this
-    process's CPU time, in seconds (on a shared machine the CPU time is the steadier of the two)."""
+    """One ``train_slots`` job over every task (at ``lr`` and ``min_epochs``, or the config's); its wall time and
+    this process's CPU time, in seconds (on a shared machine the CPU time is the steadier of the two)."""
     started, cpu = time.perf_counter(), time.process_time()
 
     def progress(step: int, total: int, info: dict[str, Any]) -> None:
@@ -338,7 +349,11 @@ def train_round(
         ctx.bank,
         ctx.backbone.tokenizer,
         tasks,
-        ctx.config.with_changes(seed=seed, learning_rate=lr or ctx.config.learning_rate),
+        ctx.config.with_changes(
+            seed=seed,
+            learning_rate=lr or ctx.config.learning_rate,
+            min_epochs=ctx.config.min_epochs if min_epochs is None else min_epochs,
+        ),
         prefix=ctx.prefix,
         progress=progress,
     )
@@ -481,7 +496,7 @@ def later_round(
             prompts = [e.prompt for e in new]
             experts[user.key].append((slot, routing_key(ctx.backbone, ctx.bank, prompts)))
     out.figures[f"train_s_r{r}"], out.figures[f"cpu_s_r{r}"] = train_round(
-        ctx, tasks, seed + 1000 * r, lr=ctx.args.later_lr
+        ctx, tasks, seed + 1000 * r, lr=ctx.args.later_lr, min_epochs=ctx.args.later_min_epochs
     )
     started = time.perf_counter()
     last = r == ctx.args.rounds
@@ -656,7 +671,9 @@ def report(ctx: Context, results: list[SeedResult]) -> str:
         f"users {args.users}, seeds {args.seeds}, rank {args.rank}, alpha {args.alpha}, dropout {args.dropout}, "
         f"top {args.layers} layers, lr {args.lr:g}"
         + (f" (rounds 2-3: {args.later_lr:g})" if args.later_lr else "")
-        + f", {args.steps} steps (min_epochs {args.min_epochs:g}), "
+        + f", {args.steps} steps (min_epochs {args.min_epochs:g}"
+        + (f"; rounds 2-3: {args.later_min_epochs:g}" if args.later_min_epochs is not None else "")
+        + "), "
         f"batch {args.batch}/user, "
         f"anchor_ratio {args.anchor_ratio}, replay_ratio {args.replay_ratio}, general eval prompts "
         f"{len(ctx.base_general)}, threads {torch.get_num_threads()}",
