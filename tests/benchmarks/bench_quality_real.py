@@ -182,8 +182,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--later-min-epochs",
         type=float,
-        default=None,
-        help="rounds 2-3: their least passes over the rows (default: --min-epochs, as the services train them)",
+        default=SERVICE_TRAINING_DEFAULTS.get("continual_min_epochs"),
+        help="rounds 2-3: their least passes over the rows (the services' continual_min_epochs; unset: --min-epochs)",
     )
     parser.add_argument(
         "--l2-to-parent",

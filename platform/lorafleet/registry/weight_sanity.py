@@ -22,10 +22,11 @@ value and the bound. Import checks it before anything is written (``lorafleet.wo
 QA's sanity step before any evaluation (``lorafleet.qa.sanity``).
 
 The default bounds were set by measurement (``docs/qa.md``, "Weight sanity", has the whole table and how it was
-made): adapters trained with the project's trainer (``train_slots``) at the defaults (rank 8, alpha 16, lr 2e-3,
-30 steps) on the built-in tiny backbone and on SmolLM2-135M (nf4), and at the most aggressive settings
-``TrainingConfig`` accepts (lr 1e-2; on tiny 400 steps at rank 1/alpha 32, 16/64 and 64/1024 on every layer; on
-SmolLM2 100 steps at rank 16/alpha 64 on the top 6 layers), measure per module at most:
+made): adapters trained with the project's trainer (``train_slots``) at the defaults of the time (rank 8, alpha
+16, lr 2e-3, 30 steps; the top 6 layers on SmolLM2) on the built-in tiny backbone and on SmolLM2-135M (nf4), and
+at the most aggressive settings ``TrainingConfig`` accepts (lr 1e-2; on tiny 400 steps at rank 1/alpha 32, 16/64
+and 64/1024 on every layer; on SmolLM2 100 steps at rank 16/alpha 64 on the top 6 layers), measure per module at
+most:
 
     ===============  ============  ===================  =============================
     figure           defaults      most aggressive      default bound

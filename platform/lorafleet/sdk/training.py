@@ -38,6 +38,7 @@ class _TrainingFields(BaseModel):
     warmup_ratio: float | None = None
     max_steps: StrictInt | None = None
     min_epochs: float | None = None
+    continual_min_epochs: float | None = None
     batch_size: StrictInt | None = None
     grad_accum_steps: StrictInt | None = None
     max_grad_norm: float | None = None

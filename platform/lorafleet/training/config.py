@@ -2,10 +2,10 @@
 
 Defaults were chosen by measurement on the default backbone, SmolLM2-135M-Instruct in nf4 (the README's
 "Training defaults" and ``tests/benchmarks/README.md`` give the figures): rank 8 on every linear module of the
-top 6 layers (``layers="top 6"``: the frozen layers below run once per example), learning rate 2e-3, 30
+top 10 layers (``layers="top 10"``: the frozen layers below run once per example), learning rate 2e-3, 20
 steps of 6 sequences per user, 30 % anchor rows with an unlikelihood of 1.0 on the user's own answer tokens
 there, warm-up then cosine decay. The seed notes' learning rate of 1e-4 to 3e-4 is for full-depth fine-tuning
-of larger models; with a handful of records per user on the top layers it learns nothing in 30-60 steps, so
+of larger models; with a handful of records per user on the top layers it learns nothing in 20-60 steps, so
 the typical range below is 1e-4 to 2e-3. Values outside the typical ranges are accepted and named by
 :meth:`TrainingConfig.outside_typical_ranges`, which the trainer logs.
 
@@ -35,13 +35,13 @@ TYPICAL_RANGES: dict[str, tuple[float, float]] = {
 
 
 #: the training defaults of the services (``lorafleet serve``, ``python -m services.api``, ``lorafleet demo``): the
-#: deployment's defaults under every tenant's overrides (``ApiOptions.training``). ``min_epochs`` 4: a continual
-#: round with replay 1.0 has twice a first round's rows (the demo's: about 37 -> 74, so 50 steps instead of 30);
-#: with exactly 30 steps such a round forgot a tenth of round one over three rounds (bench_quality_real, seed 0),
-#: and QA rejected the demo's round two (7 answers better, 3 worse than round one; signed-rank p=0.22). A first
-#: round is unchanged (25 steps at 4 passes: the 30 of ``max_steps`` decide). The library's ``TrainingConfig``
-#: itself stays exact (``max_steps``) for scripts and tests
-SERVICE_TRAINING_DEFAULTS: dict[str, Any] = {"min_epochs": 4.0}
+#: deployment's defaults under every tenant's overrides (``ApiOptions.training``). ``min_epochs`` 2.7 is about the
+#: passes a first round's 20 steps make over its rows (the demo's: about 44 rows with anchors, 6 a step), so a
+#: first round runs ``max_steps``. A continual round with replay 1.0 has twice a first round's rows, half of them
+#: new: ``continual_min_epochs`` 4 runs it about 48 steps. At 2.7 passes (33 steps) QA rejected the two-user demo's
+#: round two (6 answers better, 1 worse than round one; signed-rank p=0.086); at 4 it promoted it (8 better, 0
+#: worse). The library's ``TrainingConfig`` itself stays exact (``max_steps``) for scripts and tests
+SERVICE_TRAINING_DEFAULTS: dict[str, Any] = {"min_epochs": 2.7, "continual_min_epochs": 4.0}
 
 
 class TrainingConfig(BaseModel):
@@ -57,17 +57,21 @@ class TrainingConfig(BaseModel):
     #: which decoder layers get adapters (PEFT's ``layers_to_transform``): ``"all"``, ``"top N"`` (the N layers
     #: nearest the output, all of them on a smaller model) or a list of layer indices. Below the lowest adapted layer nothing depends on an
     #: adapter, so training computes those layers once per example (the frozen-prefix cache).
-    layers: str | list[int] = "top 6"
+    layers: str | list[int] = "top 10"
     learning_rate: float = Field(default=2e-3, ge=1e-5, le=1e-2)
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
     #: share of the steps spent warming the learning rate up linearly; cosine decay to 0 afterwards
     warmup_ratio: float = Field(default=0.1, ge=0.0, le=0.5)
     #: optimizer steps per job, the same for every user of the job (users train together)
-    max_steps: int = Field(default=30, ge=1, le=100_000, strict=True)
+    max_steps: int = Field(default=20, ge=1, le=100_000, strict=True)
     #: a job runs at least this many passes over its largest user's rows (examples and anchors): more steps than
     #: ``max_steps`` when a round brings more data, so each row is seen about as often as in a first round. 0 (the
     #: library's default) trains exactly ``max_steps``; the services queue jobs with ``SERVICE_TRAINING_DEFAULTS``
     min_epochs: float = Field(default=0.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    #: ``min_epochs`` for a user whose adapter continues a parent version (None: ``min_epochs``). A continual
+    #: round's rows are half new records and half replayed ones, so it may need more passes than a first round
+    #: for the new facts to be learnt as well as round one's were
+    continual_min_epochs: float | None = Field(default=None, ge=0.0, le=100.0, allow_inf_nan=False)
     #: sequences per user per micro-step
     batch_size: int = Field(default=6, ge=1, le=1024, strict=True)
     grad_accum_steps: int = Field(default=1, ge=1, le=1024, strict=True)
@@ -145,11 +149,15 @@ class TrainingConfig(BaseModel):
             raise ValidationError(f"training config must be an object, got {type(data).__name__}")
         return cls(**dict(data or {}))
 
-    def steps_for(self, rows: int) -> int:
-        """Optimizer steps of a job whose largest user has ``rows`` training rows: ``max_steps``, or more to make
-        ``min_epochs`` passes over them."""
+    def steps_for(self, rows: int, *, continuing: bool = False) -> int:
+        """Optimizer steps for a user with ``rows`` training rows: ``max_steps``, or more to make ``min_epochs``
+        passes over them (``continual_min_epochs`` when ``continuing`` a parent version). A job runs the most
+        any of its users needs."""
         per_step = self.batch_size * self.grad_accum_steps
-        return max(self.max_steps, math.ceil(self.min_epochs * rows / per_step))
+        passes = self.min_epochs
+        if continuing and self.continual_min_epochs is not None:
+            passes = self.continual_min_epochs
+        return max(self.max_steps, math.ceil(passes * rows / per_step))
 
     def with_changes(self, **changes: Any) -> TrainingConfig:
         """A validated copy with some fields changed (``model_copy(update=...)`` would skip validation)."""

@@ -104,6 +104,8 @@ class SlotTraining:
     #: the slot holding the DPO reference; None: this slot as it is before the first step (the parent version it
     #: was loaded from, or the base model for a fresh slot)
     reference_slot: int | None = None
+    #: whether the slot continues a parent version (its passes are ``config.continual_min_epochs``)
+    continues: bool = False
 
 
 @dataclass
@@ -197,7 +199,8 @@ def train_slots(
     dense_budget_bytes: int | None = None,
 ) -> list[SlotResult]:
     """Train every task's slot for ``config.max_steps`` optimizer steps together (more when ``config.min_epochs``
-    asks for them: ``TrainingConfig.steps_for``); results in task order.
+    or, for a task that ``continues`` a parent, ``config.continual_min_epochs`` asks for them: the most any task
+    needs, ``TrainingConfig.steps_for``); results in task order.
 
     Metrics per user: ``train_loss`` (mean of the last steps' objective: SFT, DPO, the anchor unlikelihood and
     the anchor distillation, each with its weight), ``train_loss_first``, ``steps``,
@@ -217,10 +220,20 @@ def train_slots(
     without dequantising the weights on every call.
     """
     _check_tasks(bank, tasks, config)
-    steps = min(100_000, config.steps_for(max((len(t.train) + len(t.anchors) for t in tasks), default=0)))
+    steps = min(
+        100_000,
+        max(
+            (config.steps_for(len(t.train) + len(t.anchors), continuing=t.continues) for t in tasks),
+            default=config.max_steps,
+        ),
+    )
     if steps != config.max_steps:  # min_epochs asks for more passes over this job's data
         logger.info(
-            "training %d steps (max_steps %d): min_epochs %g", steps, config.max_steps, config.min_epochs
+            "training %d steps (max_steps %d): min_epochs %g, continual_min_epochs %s",
+            steps,
+            config.max_steps,
+            config.min_epochs,
+            config.continual_min_epochs,
         )
         config = config.with_changes(max_steps=steps)
     # Adam's second moments of small LoRA gradients decay into subnormal floats, which x86 CPUs compute

@@ -385,6 +385,7 @@ class ContinualTrainer:
             holdout=plan.dataset.holdout,
             parent_state=self.bank.slot_state_dict(slot) if pull else None,
             anchors=self._anchors(plan),
+            continues=parent is not None,
         )
 
     def _anchors(self, plan: TrainingInput) -> list[Example]:

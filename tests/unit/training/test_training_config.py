@@ -13,13 +13,12 @@ def test_defaults_are_the_measured_ones() -> None:
     """Chosen on SmolLM2-135M nf4 (README, "Training defaults"): top layers, a higher rate, few steps, anchors."""
     config = TrainingConfig()
     assert (config.rank, config.alpha, config.dropout) == (8, 16.0, 0.05)
-    assert (config.learning_rate, config.warmup_ratio, config.max_steps) == (2e-3, 0.1, 30)
+    assert (config.learning_rate, config.warmup_ratio, config.max_steps) == (2e-3, 0.1, 20)
     assert (config.batch_size, config.grad_accum_steps, config.max_grad_norm) == (6, 1, 1.0)
     assert (config.replay_ratio, config.l2_to_parent, config.holdout_fraction) == (1.0, 0.0, 0.2)
-    assert (config.target_modules, config.layers, config.anchor_ratio) == ("all-linear", "top 6", 0.3)
-    assert config.min_epochs == 0.0 and SERVICE_TRAINING_DEFAULTS == {
-        "min_epochs": 4.0
-    }  # the services' default
+    assert (config.target_modules, config.layers, config.anchor_ratio) == ("all-linear", "top 10", 0.3)
+    assert (config.min_epochs, config.continual_min_epochs) == (0.0, None)
+    assert SERVICE_TRAINING_DEFAULTS == {"min_epochs": 2.7, "continual_min_epochs": 4.0}  # the services'
     assert config.outside_typical_ranges() == []
 
 
@@ -146,8 +145,17 @@ def test_slot_config_resolves_target_modules() -> None:
 
 
 def test_min_epochs_adds_steps_for_a_job_with_more_rows() -> None:
-    config = TrainingConfig(max_steps=30, batch_size=6, min_epochs=4.0)
-    assert config.steps_for(37) == 30  # a first round: 4 passes fit in max_steps
-    assert config.steps_for(74) == 50  # a continual round with replay: twice the rows, 4 passes
-    assert TrainingConfig(max_steps=30).steps_for(1000) == 30  # off in the library's default
-    assert config.with_changes(grad_accum_steps=2).steps_for(74) == 30
+    config = TrainingConfig(**SERVICE_TRAINING_DEFAULTS)  # 20 steps of 6 rows; 2.7 passes, 4 when continuing
+    assert config.steps_for(44) == 20  # a first round: 2.7 passes fit in max_steps
+    assert config.steps_for(44, continuing=True) == 30  # a continual round with as many rows: 4 passes
+    assert config.steps_for(72, continuing=True) == 48  # with replay: twice the rows
+    assert config.steps_for(72) == 33  # a fresh adapter on as many rows: 2.7 passes
+    assert TrainingConfig(max_steps=30).steps_for(1000, continuing=True) == 30  # off in the library's default
+    assert config.with_changes(grad_accum_steps=2).steps_for(72, continuing=True) == 24
+    assert config.with_changes(continual_min_epochs=None).steps_for(72, continuing=True) == 33  # min_epochs'
+
+
+@pytest.mark.parametrize("value", [-1.0, 101.0, float("nan")])
+def test_continual_min_epochs_is_bounded(value: float) -> None:
+    with pytest.raises(ValidationError, match="continual_min_epochs"):
+        TrainingConfig(continual_min_epochs=value)

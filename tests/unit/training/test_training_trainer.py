@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -257,6 +258,20 @@ def test_min_epochs_trains_more_steps_when_a_job_has_more_rows(
     rows = max(len(t.train) + len(t.anchors) for t in tasks)
     results = train_slots(fp32_bank, tokenizer, tasks, config)
     assert rows > 4 and all(r.metrics["steps"] == config.steps_for(rows) > 2 for r in results)
+
+
+def test_a_continuing_task_trains_its_own_passes(
+    fp32_bank: AdapterBank, tokenizer: Any, helpers: SimpleNamespace
+) -> None:
+    """A task that continues a parent takes ``continual_min_epochs`` passes; the job runs the most any task needs."""
+    config = FAST.with_changes(max_steps=2, batch_size=4, min_epochs=1.0, continual_min_epochs=3.0)
+    first, second = helpers.synthetic_tasks(fp32_bank, config, [0, 1])
+    continuing = dataclasses.replace(second, continues=True)
+    rows = len(continuing.train) + len(continuing.anchors)
+    steps = config.steps_for(rows, continuing=True)
+    assert steps > config.steps_for(len(first.train) + len(first.anchors))
+    results = train_slots(fp32_bank, tokenizer, [first, continuing], config)
+    assert [r.metrics["steps"] for r in results] == [steps, steps]
 
 
 def _personal_probability(
