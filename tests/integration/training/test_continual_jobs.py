@@ -4,6 +4,7 @@ that cannot register, and one job for the same submission twice."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,6 +18,7 @@ from lorafleet.jobs import JobQueue, JobWorker, Scheduler
 from lorafleet.registry import Registry
 from lorafleet.runtime.job_commands import train_now
 from lorafleet.store.sql.database import Database
+from lorafleet.training.config import TrainingConfig
 from lorafleet.training.trainer import SlotTraining, train_slots
 from lorafleet.workflows.continual import PERSONAL_ADAPTER, ContinualTrainer
 
@@ -80,6 +82,39 @@ def test_a_second_job_continues_from_the_live_version_with_replay(
     assert done is not None and done.id == stale.id and done.state == "succeeded"
     assert done.result == {"versions": [], "skipped": {"ann": "no_new_records"}}
     assert len(registry.list_versions(tenant_id=tenant_id, adapter_id=adapter_id)) == 2
+
+
+def test_a_continuing_job_trains_continual_min_epochs_passes(
+    database: Database, registry: Registry, tenant_id: int, make_trainer: Callable[..., ContinualTrainer]
+) -> None:
+    """A first version trains ``max_steps`` (``min_epochs`` 0); the next one, continuing it, makes
+    ``continual_min_epochs`` passes over its rows (new records, replayed ones and anchors)."""
+    queue = JobQueue(database)
+    worker = _worker(make_trainer(promote_rule="always"), queue, "w1")
+    passes = {"max_steps": 2, "min_epochs": 0.0, "continual_min_epochs": 3.0}
+    versions = []
+    for round_ in (1, 2):
+        feed_users(database, tenant_id=tenant_id, users=["cy"], round=round_, n_records=8)
+        job = (
+            Scheduler(database, queue=queue)
+            .train_now(tenant_id=tenant_id, user_external_id="cy", training=passes)
+            .job
+        )
+        assert worker.run_once() is not None and get_job(database, job.id).state == "succeeded"
+        adapter_id = _adapter_id(registry, tenant_id, job.payload["users"][0]["user_id"])
+        versions = registry.list_versions(tenant_id=tenant_id, adapter_id=adapter_id)
+
+    first, second = (v.metrics for v in versions)
+    assert first["steps"] == 2  # a new adapter: 0 passes asked, max_steps decides
+    rows = int(second["train_examples"] + second["anchor_examples"])
+    stored = versions[1].training_config  # the job's resolved config, with the trainer's own keys
+    config = TrainingConfig(**{k: v for k, v in stored.items() if k in TrainingConfig.model_fields})
+    assert (
+        second["steps"]
+        == config.steps_for(rows, continuing=True)
+        == math.ceil(3.0 * rows / config.batch_size)
+    )
+    assert second["steps"] > 2
 
 
 def nan_before_training(
