@@ -1,6 +1,7 @@
 """Train jobs run in this process by a real ``JobWorker`` and ``ContinualTrainer`` on the nf4 tiny backbone,
-over SQLite and PostgreSQL: continuing from the live version, a NaN that fails the job cleanly, a stale worker
-that cannot register, and one job for the same submission twice."""
+over SQLite and PostgreSQL: continuing from the live version, a continuing job's own passes
+(``continual_min_epochs``), a NaN that fails the job cleanly, a stale worker that cannot register, and one job for
+the same submission twice."""
 
 from __future__ import annotations
 
