@@ -78,7 +78,10 @@ def test_the_console_in_a_real_browser(
         field = wait.until(ec.presence_of_element_located((By.ID, "api_key")))
         field.send_keys(key)
         driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-        wait.until(ec.staleness_of(field))  # the signed-in page replaced the form (its cookie is set)
+        # the signed-in page (its cookie is set): only it has a sign-out form. Not staleness_of(field): while the
+        # page is replaced, Chromium may answer "Node with given id does not belong to the document", which
+        # selenium raises as an unknown error, not as the stale element that wait would catch
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "form.sign-out")))
 
     def live_number() -> int | None:
         live = services.registry.live_version(tenant_id=fleet.tenant_id, adapter_id=fleet.adapter_id)
