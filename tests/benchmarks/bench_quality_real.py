@@ -270,6 +270,7 @@ def setup(args: argparse.Namespace) -> Context:
         learning_rate=args.lr,
         max_steps=args.steps,
         min_epochs=args.min_epochs,
+        continual_min_epochs=args.later_min_epochs,
         batch_size=args.batch,
         max_seq_len=160,
         anchor_ratio=args.anchor_ratio,
@@ -336,10 +337,9 @@ def train_round(
     seed: int,
     *,
     lr: float | None = None,
-    min_epochs: float | None = None,
 ) -> tuple[float, float]:
-    """One ``train_slots`` job over every task (at ``lr`` and ``min_epochs``, or the config's); its wall time and
-    this process's CPU time, in seconds (on a shared machine the CPU time is the steadier of the two)."""
+    """One ``train_slots`` job over every task (at ``lr``, or the config's learning rate); its wall time and this
+    process's CPU time, in seconds (on a shared machine the CPU time is the steadier of the two)."""
     started, cpu = time.perf_counter(), time.process_time()
 
     def progress(step: int, total: int, info: dict[str, Any]) -> None:
@@ -349,11 +349,7 @@ def train_round(
         ctx.bank,
         ctx.backbone.tokenizer,
         tasks,
-        ctx.config.with_changes(
-            seed=seed,
-            learning_rate=lr or ctx.config.learning_rate,
-            min_epochs=ctx.config.min_epochs if min_epochs is None else min_epochs,
-        ),
+        ctx.config.with_changes(seed=seed, learning_rate=lr or ctx.config.learning_rate),
         prefix=ctx.prefix,
         progress=progress,
     )
@@ -486,7 +482,15 @@ def later_round(
             # the pull's target: this slot as the previous round left it (continual training pulls to the parent)
             parent = ctx.bank.slot_state_dict(slot) if ctx.config.l2_to_parent > 0 else None
             tasks.append(
-                SlotTraining(slot, f"{user.key}/{name}", rows, held, parent_state=parent, anchors=anchors)
+                SlotTraining(
+                    slot,
+                    f"{user.key}/{name}",
+                    rows,
+                    held,
+                    parent_state=parent,
+                    anchors=anchors,
+                    continues=True,
+                )
             )
         if experts is not None:  # a first version on this round's records, as a new adapter would train
             slot = (r + 1) * len(users) + i
@@ -496,7 +500,7 @@ def later_round(
             prompts = [e.prompt for e in new]
             experts[user.key].append((slot, routing_key(ctx.backbone, ctx.bank, prompts)))
     out.figures[f"train_s_r{r}"], out.figures[f"cpu_s_r{r}"] = train_round(
-        ctx, tasks, seed + 1000 * r, lr=ctx.args.later_lr, min_epochs=ctx.args.later_min_epochs
+        ctx, tasks, seed + 1000 * r, lr=ctx.args.later_lr
     )
     started = time.perf_counter()
     last = r == ctx.args.rounds

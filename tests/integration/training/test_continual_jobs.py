@@ -16,10 +16,10 @@ from continual_helpers import TINY_TRAINING, count_versions_and_snapshots, feed_
 from lorafleet.adapters import AdapterBank
 from lorafleet.config import Settings
 from lorafleet.jobs import JobQueue, JobWorker, Scheduler
+from lorafleet.qa.evalsets import training_config_of
 from lorafleet.registry import Registry
 from lorafleet.runtime.job_commands import train_now
 from lorafleet.store.sql.database import Database
-from lorafleet.training.config import TrainingConfig
 from lorafleet.training.trainer import SlotTraining, train_slots
 from lorafleet.workflows.continual import PERSONAL_ADAPTER, ContinualTrainer
 
@@ -108,8 +108,7 @@ def test_a_continuing_job_trains_continual_min_epochs_passes(
     first, second = (v.metrics for v in versions)
     assert first["steps"] == 2  # a new adapter: 0 passes asked, max_steps decides
     rows = int(second["train_examples"] + second["anchor_examples"])
-    stored = versions[1].training_config  # the job's resolved config, with the trainer's own keys
-    config = TrainingConfig(**{k: v for k, v in stored.items() if k in TrainingConfig.model_fields})
+    config = training_config_of(versions[1])  # the job's resolved config
     assert (
         second["steps"]
         == config.steps_for(rows, continuing=True)
