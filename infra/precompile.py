@@ -4,8 +4,8 @@ pip compiles every module of every package it installs, one file at a time: for 
 is about half of the runtime's install (27 s of 52 s on two cores), mostly for modules nothing here imports
 (torch's test suites, Ray's dashboard, transformers' hundreds of model families). The Makefile installs them with
 ``--no-compile`` and runs this instead: it imports every module of the project, which compiles and caches exactly
-the modules the services, the trainer and the demo load (about 14 s on one core). A module imported later that is not cached
-compiles when first imported, as without pip's step.
+the modules the services, the trainer and the demo load (about 14 s on one core). A module imported later that is
+not cached compiles when first imported, as without pip's step.
 
 Run it with ``PYTHONDONTWRITEBYTECODE`` unset (the Makefile does), or nothing is written.
 """
