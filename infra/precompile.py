@@ -36,7 +36,8 @@ def main() -> int:
     for name in names:
         try:
             importlib.import_module(name)
-        except Exception as exc:  # an optional extra (say the dev tools) not installed: its modules compile later
+        except Exception as exc:
+            # an optional extra (say the dev tools) not installed: its modules compile when first imported
             failed.append(f"{name} ({type(exc).__name__})")
     print(f"precompiled the imports of {len(names) - len(failed)} modules", file=sys.stderr)
     if failed:
