@@ -150,6 +150,12 @@ def parse_args() -> argparse.Namespace:
         "--anchor-ratio", type=float, default=_D.anchor_ratio, help="share of a user's rows that are anchors"
     )
     parser.add_argument(
+        "--lr-ratio-b",
+        type=float,
+        default=SERVICE_TRAINING_DEFAULTS.get("lr_ratio_b", _D.lr_ratio_b),
+        help="LoRA+: the B matrices' learning rate over the A matrices' (the services' lr_ratio_b)",
+    )
+    parser.add_argument(
         "--anchor-mode",
         choices=["sample", "all", "near"],
         default="sample",
@@ -268,6 +274,7 @@ def setup(args: argparse.Namespace) -> Context:
         dropout=args.dropout,
         layers=f"top {args.layers}",
         learning_rate=args.lr,
+        lr_ratio_b=args.lr_ratio_b,
         max_steps=args.steps,
         min_epochs=args.min_epochs,
         continual_min_epochs=args.later_min_epochs,
@@ -675,6 +682,7 @@ def report(ctx: Context, results: list[SeedResult]) -> str:
         f"users {args.users}, seeds {args.seeds}, rank {args.rank}, alpha {args.alpha}, dropout {args.dropout}, "
         f"top {args.layers} layers, lr {args.lr:g}"
         + (f" (rounds 2-3: {args.later_lr:g})" if args.later_lr else "")
+        + f", B matrices at {args.lr_ratio_b:g}x"
         + f", {args.steps} steps (min_epochs {args.min_epochs:g}"
         + (f"; rounds 2-3: {args.later_min_epochs:g}" if args.later_min_epochs is not None else "")
         + "), "

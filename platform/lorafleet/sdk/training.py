@@ -35,6 +35,7 @@ class _TrainingFields(BaseModel):
     )
     learning_rate: float | None = None
     weight_decay: float | None = None
+    lr_ratio_b: float | None = None
     warmup_ratio: float | None = None
     max_steps: StrictInt | None = None
     min_epochs: float | None = None

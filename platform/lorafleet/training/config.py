@@ -60,6 +60,9 @@ class TrainingConfig(BaseModel):
     layers: str | list[int] = "top 10"
     learning_rate: float = Field(default=2e-3, ge=1e-5, le=1e-2)
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    #: LoRA+ (Hayou et al., 2024): the B matrices learn at ``learning_rate`` times this, the A matrices at
+    #: ``learning_rate`` (1 = one learning rate for both, as plain LoRA)
+    lr_ratio_b: float = Field(default=1.0, ge=1.0, le=64.0, allow_inf_nan=False)
     #: share of the steps spent warming the learning rate up linearly; cosine decay to 0 afterwards
     warmup_ratio: float = Field(default=0.1, ge=0.0, le=0.5)
     #: optimizer steps per job, the same for every user of the job (users train together)

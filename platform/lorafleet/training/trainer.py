@@ -3,7 +3,8 @@
 Each micro-step packs ``batch_size`` sequences of every user into one batch and routes each row to its user's
 slot (``SlotPlan.single``). A user's loss is the mean over its own completion tokens, and the job's loss is
 the sum over users, so each user gets a full-strength gradient whatever the others' data sizes, and a user with
-more data (or longer completions) does not drown the others. AdamW has one parameter group per slot; gradients
+more data (or longer completions) does not drown the others. AdamW has one parameter group per slot (two with
+LoRA+, ``lr_ratio_b``: its A matrices and its B matrices, which learn at that multiple of the rate); gradients
 are clipped per slot; the learning rate warms up linearly, then decays on a cosine to zero.
 
 With ``dpo_weight`` > 0 a user's preference pairs train with DPO (``lorafleet.training.preference``) in the same
@@ -349,7 +350,7 @@ def _train(
     every = progress_every or max(1, config.max_steps // 10)
     was_training = model.training
     try:
-        groups = bank.parameter_groups(slots)
+        groups = _lora_plus_groups(bank.parameter_groups(slots), config.lr_ratio_b)
         # foreach: on CPU torch defaults to a Python loop over tensors, and a job has many small ones per slot
         optimizer = torch.optim.AdamW(
             groups, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True
@@ -363,7 +364,7 @@ def _train(
                 step, total=config.max_steps, warmup_ratio=config.warmup_ratio
             )
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             step_losses = _accumulate(
                 bank,
                 _Streams(streams, pair_streams, preferences, personal, distill),
@@ -830,13 +831,28 @@ def _check_finite(values: torch.Tensor, tasks: Sequence[SlotTraining], step: int
     )
 
 
+def _lora_plus_groups(groups: Sequence[Mapping[str, Any]], ratio_b: float) -> list[dict[str, Any]]:
+    """Each slot's group split in two, its A matrices (``lr_scale`` 1) and its B matrices (``lr_scale``
+    ``ratio_b``); one group per slot as before when the ratio is 1. ``slot_parameters`` hands out (A, B) pairs."""
+    if ratio_b == 1.0:
+        return [{**g, "lr_scale": 1.0} for g in groups]
+    split = []
+    for g in groups:
+        split.append({**g, "params": g["params"][0::2], "lr_scale": 1.0})
+        split.append({**g, "params": g["params"][1::2], "lr_scale": ratio_b})
+    return split
+
+
 def _clip(
     groups: Sequence[Mapping[str, Any]], tasks: Sequence[SlotTraining], config: TrainingConfig, step: int
 ) -> None:
-    """Clip each slot's gradient norm on its own; a non-finite norm raises."""
-    norms = []
+    """Clip each slot's gradient norm on its own (over all its groups); a non-finite norm raises."""
+    by_slot: dict[int, list[torch.Tensor]] = {}
     for group in groups:
-        params = [p for p in group["params"] if p.grad is not None]
+        by_slot.setdefault(group["slot"], []).extend(group["params"])
+    norms = []
+    for slot_params in by_slot.values():
+        params = [p for p in slot_params if p.grad is not None]
         norms.append(
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if params else torch.tensor(0.0)
         )

@@ -17,7 +17,7 @@ def test_defaults_are_the_measured_ones() -> None:
     assert (config.batch_size, config.grad_accum_steps, config.max_grad_norm) == (6, 1, 1.0)
     assert (config.replay_ratio, config.l2_to_parent, config.holdout_fraction) == (1.0, 0.0, 0.2)
     assert (config.target_modules, config.layers, config.anchor_ratio) == ("all-linear", "top 10", 0.3)
-    assert (config.min_epochs, config.continual_min_epochs) == (0.0, None)
+    assert (config.min_epochs, config.continual_min_epochs, config.lr_ratio_b) == (0.0, None, 1.0)
     assert SERVICE_TRAINING_DEFAULTS == {"min_epochs": 2.7, "continual_min_epochs": 4.0}  # the services'
     assert config.outside_typical_ranges() == []
 
@@ -80,6 +80,8 @@ def test_a_slot_on_the_top_layers_gets_weights_there_only() -> None:
         ("seed", -1),
         ("target_modules", ""),
         ("target_modules", []),
+        ("lr_ratio_b", 0.5),
+        ("lr_ratio_b", float("nan")),
     ],
 )
 def test_out_of_bounds_values_raise_lorafleet_validation_error_naming_the_field(

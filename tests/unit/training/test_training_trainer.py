@@ -344,3 +344,28 @@ def test_anchor_unlikelihood_is_minus_log_one_minus_the_personal_probability() -
     got = _anchor_unlikelihood(logits, token_rows, owner, anchor_rows, personal)
     p = logits[2:4].softmax(-1)[:, [2, 5]].sum(-1)  # user 0's anchor row is row 1: positions 2 and 3
     assert torch.allclose(got, torch.stack([-torch.log1p(-p).mean(), torch.tensor(0.0)]), atol=1e-6)
+
+
+def test_lora_plus_steps_the_b_matrices_at_the_ratio_and_the_a_matrices_as_before(
+    fp32_bank: AdapterBank, helpers: SimpleNamespace, tokenizer: Any
+) -> None:
+    # one step from a fresh slot (B = 0): Adam's first update is the learning rate times the sign of the gradient
+    # (up to eps), so B moves ratio times as far as with one learning rate, and A, whose gradient is zero while
+    # B is, does not move; the per-slot clipping sees the same gradients either way
+    config = FAST.with_changes(max_steps=1, warmup_ratio=0.0)
+    moved = {}
+    for ratio in (1.0, 4.0):
+        tasks = helpers.synthetic_tasks(fp32_bank, config, [0])
+        start = fp32_bank.slot_state_dict(0)
+        train_slots(fp32_bank, tokenizer, tasks, config.with_changes(lr_ratio_b=ratio))
+        after = fp32_bank.slot_state_dict(0)
+        moved[ratio] = {k: after[k] - start[k] for k in start}
+        fp32_bank.evict_slot(0)
+    b_keys = [k for k in moved[1.0] if "lora_B" in k]
+    a_keys = [k for k in moved[1.0] if "lora_A" in k]
+    assert b_keys and a_keys
+    for k in a_keys:
+        assert torch.equal(moved[4.0][k], moved[1.0][k]), k
+    for k in b_keys:
+        assert moved[1.0][k].abs().max() > 0, k
+        torch.testing.assert_close(moved[4.0][k], 4.0 * moved[1.0][k], rtol=1e-4, atol=1e-7)
