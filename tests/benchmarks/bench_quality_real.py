@@ -173,8 +173,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--anchor-distill",
         type=float,
-        default=_D.anchor_distill,
-        help="weight of KL(base || adapter) on the anchor rows' answer positions (TrainingConfig.anchor_distill)",
+        default=SERVICE_TRAINING_DEFAULTS.get("anchor_distill", _D.anchor_distill),
+        help="weight of KL(base || adapter) on the anchor rows' answer positions (the services' anchor_distill)",
     )
     parser.add_argument(
         "--replay-ratio", type=float, default=_D.replay_ratio, help="replayed old records per new record"

@@ -18,7 +18,14 @@ def test_defaults_are_the_measured_ones() -> None:
     assert (config.replay_ratio, config.l2_to_parent, config.holdout_fraction) == (1.0, 0.0, 0.2)
     assert (config.target_modules, config.layers, config.anchor_ratio) == ("all-linear", "top 10", 0.3)
     assert (config.min_epochs, config.continual_min_epochs, config.lr_ratio_b) == (0.0, None, 1.0)
-    assert SERVICE_TRAINING_DEFAULTS == {"min_epochs": 2.7, "continual_min_epochs": 4.0}  # the services'
+    # the services': at least 2.7 passes (4 when continuing), the B matrices at 4x the learning rate (LoRA+), and
+    # half a weight of KL to the base on the anchors
+    assert SERVICE_TRAINING_DEFAULTS == {
+        "min_epochs": 2.7,
+        "continual_min_epochs": 4.0,
+        "lr_ratio_b": 4.0,
+        "anchor_distill": 0.5,
+    }
     assert config.outside_typical_ranges() == []
 
 
