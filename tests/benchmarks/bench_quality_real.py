@@ -8,6 +8,8 @@ Protocol, per seed (users, their values and the train/eval phrasing split all ch
 - Anchors: the base model's own greedy answers to 42 general prompts (``general_prompts.ANCHOR_PROMPTS``), a
   seeded sample of ``anchor_ratio`` of each user's rows. Round 1 trains a second copy of every user without
   anchors, side by side in the same job.
+- Contrast rows (``--contrast-ratio``, ``lorafleet.training.contrast``): a seeded sample of each user's training
+  prompts asked about a third party, with the user's answer, trained as anchors with no likelihood on it.
 - Rounds 2 and 3 continue from the round-1 (anchored) adapter with that round's new facts: one copy with a replay
   sample of older records (``replay_ratio`` per new record), one without, side by side; both keep anchors.
 
@@ -70,12 +72,14 @@ from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.routing.embeddings import common_direction, embed_prompts, routing_key  # noqa: E402
 from lorafleet.routing.gates import GENERAL_MARGIN  # noqa: E402
 from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS, TrainingConfig  # noqa: E402
+from lorafleet.training.contrast import CONTRAST_FIRST_ID, contrast_examples  # noqa: E402
 from lorafleet.training.dataset import Example, pad_token_id, reservoir_sample  # noqa: E402
 from lorafleet.training.general_prompts import (  # noqa: E402
     ANCHOR_FIRST_ID,
     ANCHOR_MAX_NEW_TOKENS,
     ANCHOR_PROMPTS,
     EVAL_PROMPTS,
+    anchor_examples,
     general_exemplars,
 )
 from lorafleet.training.personal_facts import PersonalUser, make_users, user_examples  # noqa: E402
@@ -162,6 +166,20 @@ def parse_args() -> argparse.Namespace:
         help="sample: a seeded sample of the anchors sized by the ratio (as continual training does); "
         "all: every anchor, the user's examples repeated so anchors are still about the ratio of rows; "
         "near: as many as sample, the anchors whose prompts are nearest the user's (hard negatives)",
+    )
+    parser.add_argument(
+        "--contrast-ratio",
+        type=float,
+        default=SERVICE_TRAINING_DEFAULTS.get("contrast_ratio", _D.contrast_ratio),
+        help="contrast rows per training row (TrainingConfig.contrast_ratio): a seeded sample of each user's "
+        "training prompts asked about a third party (lorafleet.training.contrast); 0: none",
+    )
+    parser.add_argument(
+        "--contrast-mode",
+        choices=["unlikely", "answered"],
+        default="unlikely",
+        help="unlikely: the user's answer, no likelihood on it (the trainer's contrast rows); answered: the base "
+        "model's own greedy answer to the rewritten prompt, trained as an ordinary anchor",
     )
     parser.add_argument(
         "--anchor-unlikelihood",
@@ -283,6 +301,7 @@ def setup(args: argparse.Namespace) -> Context:
         anchor_ratio=args.anchor_ratio,
         anchor_unlikelihood=args.anchor_unlikelihood,
         anchor_distill=args.anchor_distill,
+        contrast_ratio=args.contrast_ratio,
         replay_ratio=args.replay_ratio,
         l2_to_parent=args.l2_to_parent,
     )
@@ -327,6 +346,14 @@ def near_anchors(ctx: Context, train: list[Example], wanted: int) -> list[Exampl
 def with_anchors(ctx: Context, train: list[Example], salt: str) -> tuple[list[Example], list[Example]]:
     """(training examples, anchors) of one task; with every anchor, the examples repeat to keep the ratio."""
     anchors = anchors_for(ctx, train, salt)
+    if ctx.config.contrast_ratio > 0:  # as the platform's continual trainer adds them
+        wanted = math.ceil(ctx.config.contrast_ratio * len(train))
+        picked = reservoir_sample(train, wanted, seed=_int_seed(f"contrast/{salt}"))
+        rows = contrast_examples(picked, first_id=CONTRAST_FIRST_ID)
+        if ctx.args.contrast_mode == "answered":  # the base's own answers: ordinary anchors
+            with torch.no_grad(), ctx.bank.base_only():
+                rows = anchor_examples(ctx.backbone, [r.prompt for r in rows], first_id=CONTRAST_FIRST_ID)
+        anchors += rows
     ratio = ctx.config.anchor_ratio
     if ctx.args.anchor_mode == "all" and anchors:
         repeats = max(1, round((1 - ratio) / ratio * len(anchors) / len(train)))

@@ -51,6 +51,7 @@ class _TrainingFields(BaseModel):
         default=None, description="'closing' (the default), 'both' or 'none'."
     )
     anchor_distill: float | None = None
+    contrast_ratio: float | None = None
     l2_to_parent: float | None = None
     holdout_fraction: float | None = None
     rating_threshold: float | None = None

@@ -38,6 +38,7 @@ from lorafleet.adapters.dense import dense_budget, dense_views
 from lorafleet.adapters.prefix import FrozenPrefix, lowest_adapted_layer
 from lorafleet.errors import TrainingError, ValidationError
 from lorafleet.training.config import TrainingConfig
+from lorafleet.training.contrast import CONTRAST_KIND
 from lorafleet.training.dataset import (
     EncodedBatch,
     Example,
@@ -128,6 +129,8 @@ class _UserStream:
     order: list[int] = field(default_factory=list)
     #: index of the first anchor in ``encoded``: the user's own rows come first (None or len(encoded): no anchors)
     anchors_from: int | None = None
+    #: indices in ``encoded`` whose completion trains no likelihood (contrast rows, :mod:`.contrast`)
+    unlikely_only: frozenset[int] = frozenset()
 
     def take(self, n: int) -> list[Any]:
         """The next ``min(n, size)`` distinct sequences (an epoch boundary reshuffles)."""
@@ -138,8 +141,21 @@ class _UserStream:
         return self.anchors_from is not None and index >= self.anchors_from
 
     def anchor_index(self, index: int) -> int | None:
-        """The position among the task's anchors of ``encoded[index]`` (None: a user's own row)."""
-        return index - self.anchors_from if self.anchors_from is not None and self.is_anchor(index) else None
+        """The position of ``encoded[index]`` among the task's distilled anchors, those of :meth:`distilled` (None:
+        a user's own row, or a contrast row)."""
+        if self.anchors_from is None or not self.is_anchor(index) or index in self.unlikely_only:
+            return None
+        return index - self.anchors_from - sum(self.anchors_from <= i < index for i in self.unlikely_only)
+
+    def distilled(self) -> list[Any]:
+        """The encoded anchors that ``anchor_distill`` pulls to the base, in order: every anchor but the contrast
+        rows, whose completion is the user's answer to a question about someone else (the base's distribution
+        there would teach the adapter to doubt the user's own answers: measured, it cost a tenth of the facts)."""
+        if self.anchors_from is None:
+            return []
+        return [
+            e for i, e in enumerate(self.encoded) if i >= self.anchors_from and i not in self.unlikely_only
+        ]
 
     def take_indices(self, n: int) -> list[int]:
         """The indices in ``encoded`` of the next ``min(n, size)`` distinct sequences."""
@@ -414,7 +430,9 @@ def _stream(tokenizer: Any, task: SlotTraining, config: TrainingConfig) -> _User
         return None
     encoded = [encode_example(tokenizer, e, max_seq_len=config.max_seq_len) for e in examples]
     rng = random.Random(f"lorafleet-train/{config.seed}/{task.key}")
-    return _UserStream(encoded, rng, anchors_from=len(examples) - len(task.anchors))  # anchors come last
+    contrast = frozenset(i for i, e in enumerate(examples) if e.kind == CONTRAST_KIND)
+    # anchors come last
+    return _UserStream(encoded, rng, anchors_from=len(examples) - len(task.anchors), unlikely_only=contrast)
 
 
 def personal_tokens(
@@ -445,8 +463,9 @@ def personal_tokens(
     out: list[torch.Tensor | None] = []
     for task in tasks:
         taught = [e for e in task.train if not (config.trains_preferences and is_pair(e))]
+        general = [a for a in task.anchors if a.kind != CONTRAST_KIND]  # a contrast row answers as the user
         asked = prompt_ids([*task.train, *task.anchors])
-        own = sorted(completion_ids(taught) - completion_ids(task.anchors) - asked - special)
+        own = sorted(completion_ids(taught) - completion_ids(general) - asked - special)
         out.append(torch.tensor(own, dtype=torch.int64, device=device) if own and task.anchors else None)
     return out
 
@@ -502,7 +521,7 @@ class _Rows:
     owners: list[int] = field(default_factory=list)
     sft: list[bool] = field(default_factory=list)
     anchor: list[bool] = field(default_factory=list)
-    #: per row, its index among its user's anchors (None: not an anchor)
+    #: per row, its index among its user's distilled anchors (None: not an anchor, or a contrast row)
     anchor_index: list[int | None] = field(default_factory=list)
     pairs: list[tuple[int, int, int]] = field(default_factory=list)
 
@@ -510,7 +529,7 @@ class _Rows:
         picked = stream.take_indices(n)
         self.rows.extend(stream.encoded[i] for i in picked)
         self.owners.extend([user] * len(picked))
-        self.sft.extend([True] * len(picked))
+        self.sft.extend(i not in stream.unlikely_only for i in picked)
         self.anchor.extend(stream.is_anchor(i) for i in picked)
         self.anchor_index.extend(stream.anchor_index(i) for i in picked)
 
@@ -575,7 +594,9 @@ def _accumulate(
             objective = config.sft_weight * user_loss
             if config.anchor_unlikelihood > 0 and any(packed.anchor):
                 anchor_rows = torch.tensor(packed.anchor, device=bank.device)  # [rows]
-                unlikely = _anchor_unlikelihood(logits, scored.rows, owner, anchor_rows, streams.personal)
+                unlikely = _anchor_unlikelihood(
+                    logits, scored.rows, owner, anchor_rows, streams.personal, labels=scored.labels
+                )
                 objective = objective + config.anchor_unlikelihood * unlikely
             if config.anchor_distill > 0 and any(packed.anchor):
                 kl = _anchor_distill(logits, scored.rows, freed, packed, streams.distill, len(tasks))
@@ -630,10 +651,10 @@ def anchor_targets(
     out: list[list[AnchorTargets] | None] = []
     try:
         for stream in streams:
-            if stream is None or stream.anchors_from is None or stream.anchors_from >= len(stream.encoded):
+            rows = stream.distilled() if stream is not None else []
+            if not rows:
                 out.append(None)
                 continue
-            rows = stream.encoded[stream.anchors_from :]
             targets: list[AnchorTargets] = []
             for start in range(0, len(rows), ANCHOR_TARGET_ROWS):
                 chunk = rows[start : start + ANCHOR_TARGET_ROWS]
@@ -748,13 +769,29 @@ def _anchor_unlikelihood(
     owner: torch.Tensor,
     anchor_rows: torch.Tensor,
     personal: Sequence[torch.Tensor | None],
+    *,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per user ``[users]``: the mean over its anchor rows' scored positions of ``-log(1 - p)``, where ``p`` is the
-    probability of any of its personal tokens there (unlikelihood training, Welleck et al. 2019); 0 without any."""
+    probability of any of its personal tokens there (unlikelihood training, Welleck et al. 2019); 0 without any.
+
+    ``labels`` ``[n]``, the tokens each position is trained towards: a position whose label is a personal token
+    following another one (the rest of a value a contrast row's answer has begun, "Dump|ling") is left out. The
+    term is to stop a value from starting; pushing down its continuation once started taught the adapters of the
+    benchmark to misspell their own values ("Dumplings", "petanter"). A general anchor's labels are the base's
+    answer, which holds no personal token, so only contrast rows have such positions."""
     on_anchor, token_owner = anchor_rows[token_rows], owner[token_rows]  # [n], [n]
+    same_row = torch.zeros_like(on_anchor)  # [n]: the previous scored token is of the same row
+    same_row[1:] = token_rows[1:] == token_rows[:-1]
     terms: list[torch.Tensor] = []
     for user, tokens in enumerate(personal):
-        picked = (on_anchor & (token_owner == user)).nonzero().squeeze(1)  # [m]
+        mask = on_anchor & (token_owner == user)  # [n]
+        if tokens is not None and labels is not None:
+            is_personal = torch.isin(labels, tokens)  # [n]
+            after_personal = torch.zeros_like(is_personal)
+            after_personal[1:] = is_personal[:-1]
+            mask = mask & ~(is_personal & after_personal & same_row)
+        picked = mask.nonzero().squeeze(1)  # [m]
         if tokens is None or picked.numel() == 0:
             terms.append(logits.new_zeros(()))
             continue

@@ -47,6 +47,7 @@ from lorafleet.store.sql import record_deletion
 from lorafleet.store.sql.feedback import get_snapshot, insert_snapshot, list_feedback
 from lorafleet.store.sql.tenants import MAX_PAGE_SIZE
 from lorafleet.training.config import TrainingConfig
+from lorafleet.training.contrast import CONTRAST_FIRST_ID, contrast_examples
 from lorafleet.training.dataset import Example, UserDataset, build_dataset, reservoir_sample
 from lorafleet.training.general_prompts import anchor_examples
 from lorafleet.training.overrides import check_bank_fits
@@ -389,17 +390,26 @@ class ContinualTrainer:
         )
 
     def _anchors(self, plan: TrainingInput) -> list[Example]:
-        """A seeded sample of the base's answers to general prompts, ``anchor_ratio`` of the user's rows."""
-        ratio = self.config.anchor_ratio
-        if ratio <= 0 or not plan.dataset.train:
+        """A seeded sample of the base's answers to general prompts, ``anchor_ratio`` of the user's rows, then a
+        user's contrast rows (``contrast_ratio`` of its training rows, :mod:`lorafleet.training.contrast`)."""
+        ratio, train = self.config.anchor_ratio, plan.dataset.train
+        if ratio <= 0 or not train:
             return []
-        wanted = math.ceil(ratio / (1 - ratio) * len(plan.dataset.train))
+        wanted = math.ceil(ratio / (1 - ratio) * len(train))
         with self.bank.base_only():  # the base's own answers; generated once per process
             pool = anchor_examples(self.backbone)
-        seed = int(
-            hashlib.sha256(f"anchors/{self.config.seed}/{plan.user.label}".encode()).hexdigest()[:15], 16
+        anchors = reservoir_sample(pool, min(wanted, len(pool)), seed=self._seed("anchors", plan))
+        if self.config.contrast_ratio > 0 and plan.user.task_name is None:
+            picked = reservoir_sample(
+                train, math.ceil(self.config.contrast_ratio * len(train)), seed=self._seed("contrast", plan)
+            )
+            anchors += contrast_examples(picked, first_id=CONTRAST_FIRST_ID)
+        return anchors
+
+    def _seed(self, purpose: str, plan: TrainingInput) -> int:
+        return int(
+            hashlib.sha256(f"{purpose}/{self.config.seed}/{plan.user.label}".encode()).hexdigest()[:15], 16
         )
-        return reservoir_sample(pool, min(wanted, len(pool)), seed=seed)
 
     def _trained(
         self, plan: TrainingInput, *, saved: SavedAdapter, metrics: Mapping[str, float]

@@ -239,3 +239,64 @@ def test_each_subject_trains_beside_a_share_of_anchor_rows(
         tenant_id=tenant_id, adapter_id=_adapter_id(registry, tenant_id, user_id)
     )
     assert version.metrics["anchor_examples"] == len(task.anchors)
+
+
+def test_a_users_contrast_rows_ask_its_own_questions_about_someone_else_and_a_task_gets_none(
+    database: Database, tenant_id: int, make_trainer: Callable[..., ContinualTrainer]
+) -> None:
+    """``contrast_ratio`` 0.5: beside its anchors, a user trains on half as many contrast rows as it has rows (those
+    of its sampled rows with a first-person word), each one of its own prompts moved to a third party with its own
+    answer; a shared task's dataset in the same job gets anchors only."""
+    from lorafleet.store.sql.tenants import find_user, task_subject_id
+    from lorafleet.training.contrast import CONTRAST_KIND, CONTRAST_NAMES, third_person
+    from lorafleet.training.synthetic import make_user_records
+    from lorafleet.workflows.tasks import ingest_task_feedback
+
+    ann = feed_users(database, tenant_id=tenant_id, users=["ann"], round=1, n_records=12)["ann"]
+    task_records = make_user_records("pig-latin", round=1, n_records=12, seed=3)
+    task = ingest_task_feedback(
+        database, tenant_id=tenant_id, task_name="pig-latin", records=task_records
+    ).ids
+    users = []
+    with database.session() as s:
+        for kind, external_id, watermark in (("user", "ann", max(ann)), ("task", "pig-latin", max(task))):
+            subject_id = external_id if kind == "user" else task_subject_id(external_id)
+            row = find_user(s, tenant_id=tenant_id, external_id=subject_id, kind=kind)
+            assert row is not None
+            users.append({"user_id": row.id, "external_id": subject_id, "kind": kind, "watermark": watermark})
+    training = {**TINY_TRAINING, "anchor_ratio": 0.3, "contrast_ratio": 0.5}
+    queue = JobQueue(database)
+    queue.submit(
+        tenant_id=tenant_id,
+        kind="train",
+        payload={"training": training, "users": users},
+        user_ids=[(u["user_id"], u["watermark"]) for u in users],
+        dedupe_key=None,
+    )
+    seen: list[list[SlotTraining]] = []
+
+    def recording(
+        bank: AdapterBank, tokenizer: Any, tasks: Sequence[SlotTraining], *args: Any, **kw: Any
+    ) -> Any:
+        seen.append(list(tasks))
+        return train_slots(bank, tokenizer, tasks, *args, **kw)
+
+    assert (
+        _worker(make_trainer(promote_rule="always", train_slots=recording), queue, "w1").run_once()
+        is not None
+    )
+    [tasks] = seen
+    by_key = {t.key: t for t in tasks}
+    person, shared = by_key["ann"], by_key["task:pig-latin"]
+    contrast = [a for a in person.anchors if a.kind == CONTRAST_KIND]
+    general = [a for a in person.anchors if a.kind != CONTRAST_KIND]
+    assert len(general) == math.ceil(0.3 / 0.7 * len(person.train))
+    assert 0 < len(contrast) <= math.ceil(0.5 * len(person.train))
+    answers = {(e.prompt, e.completion) for e in person.train}
+    for row in contrast:
+        assert any(
+            (third_person(p, name), c) == (row.prompt, row.completion)
+            for p, c in answers
+            for name in CONTRAST_NAMES
+        ), row
+    assert shared.anchors and not [a for a in shared.anchors if a.kind == CONTRAST_KIND]

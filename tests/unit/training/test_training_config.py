@@ -89,6 +89,8 @@ def test_a_slot_on_the_top_layers_gets_weights_there_only() -> None:
         ("target_modules", []),
         ("lr_ratio_b", 0.5),
         ("lr_ratio_b", float("nan")),
+        ("contrast_ratio", -0.1),
+        ("contrast_ratio", 1.5),
     ],
 )
 def test_out_of_bounds_values_raise_lorafleet_validation_error_naming_the_field(

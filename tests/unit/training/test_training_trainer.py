@@ -346,6 +346,25 @@ def test_anchor_unlikelihood_is_minus_log_one_minus_the_personal_probability() -
     assert torch.allclose(got, torch.stack([-torch.log1p(-p).mean(), torch.tensor(0.0)]), atol=1e-6)
 
 
+def test_anchor_unlikelihood_leaves_out_a_value_once_it_has_begun() -> None:
+    """With ``labels``, a position trained towards a personal token right after another one of the same row (the
+    rest of a value a contrast row's answer has begun) is left out; the value's first token and the positions of
+    other rows are kept."""
+    logits = torch.randn(7, 10, generator=torch.Generator().manual_seed(1))  # [positions, vocab]
+    token_rows = torch.tensor([0, 0, 0, 0, 1, 1, 1])  # one user's two anchor rows
+    labels = torch.tensor([4, 2, 5, 5, 5, 7, 2])  # row 0: "4 | 2 5 | 5", row 1: "5 | 7 2"; personal {2, 5}
+    owner, anchor_rows, personal = torch.tensor([0, 0]), torch.tensor([True, True]), [torch.tensor([2, 5])]
+    got = _anchor_unlikelihood(logits, token_rows, owner, anchor_rows, personal, labels=labels)
+    kept = torch.tensor([0, 1, 4, 5, 6])  # positions 2 and 3 continue the value that began at 1
+    p = logits[kept].softmax(-1)[:, [2, 5]].sum(-1)
+    assert torch.allclose(got, -torch.log1p(-p).mean().reshape(1), atol=1e-6)
+    every = _anchor_unlikelihood(
+        logits, token_rows, owner, anchor_rows, personal
+    )  # no labels: every position
+    p_all = logits.softmax(-1)[:, [2, 5]].sum(-1)
+    assert torch.allclose(every, -torch.log1p(-p_all).mean().reshape(1), atol=1e-6)
+
+
 def test_lora_plus_steps_the_b_matrices_at_the_ratio_and_the_a_matrices_as_before(
     fp32_bank: AdapterBank, helpers: SimpleNamespace, tokenizer: Any
 ) -> None:
