@@ -38,6 +38,18 @@ def _worker(trainer: ContinualTrainer, queue: JobQueue, name: str) -> JobWorker:
     return JobWorker(queue, worker_id=name, handlers={"train": trainer.run_job}, lease_seconds=30)
 
 
+def _recording(seen: list[list[SlotTraining]]) -> Callable[..., Any]:
+    """``train_slots``, keeping each job's tasks in ``seen``."""
+
+    def recording(
+        bank: AdapterBank, tokenizer: Any, tasks: Sequence[SlotTraining], *args: Any, **kw: Any
+    ) -> Any:
+        seen.append(list(tasks))
+        return train_slots(bank, tokenizer, tasks, *args, **kw)
+
+    return recording
+
+
 def _adapter_id(registry: Registry, tenant_id: int, user_id: int) -> int:
     adapter = registry.find_adapter(tenant_id=tenant_id, owner_user_id=user_id, name=PERSONAL_ADAPTER)
     assert adapter is not None
@@ -217,12 +229,7 @@ def test_each_subject_trains_beside_a_share_of_anchor_rows(
     set_tenant_training(database, tenant_id=tenant_id, overrides={**TINY_TRAINING, "anchor_ratio": 0.3})
     queue = JobQueue(database)
     seen: list[list[SlotTraining]] = []
-
-    def recording(
-        bank: AdapterBank, tokenizer: Any, tasks: Sequence[SlotTraining], *args: Any, **kw: Any
-    ) -> Any:
-        seen.append(list(tasks))
-        return train_slots(bank, tokenizer, tasks, *args, **kw)
+    recording = _recording(seen)
 
     trainer = make_trainer(promote_rule="always", train_slots=recording)
     feed_users(database, tenant_id=tenant_id, users=["ann"], round=1, n_records=10)
@@ -274,12 +281,7 @@ def test_a_users_contrast_rows_ask_its_own_questions_about_someone_else_and_a_ta
         dedupe_key=None,
     )
     seen: list[list[SlotTraining]] = []
-
-    def recording(
-        bank: AdapterBank, tokenizer: Any, tasks: Sequence[SlotTraining], *args: Any, **kw: Any
-    ) -> Any:
-        seen.append(list(tasks))
-        return train_slots(bank, tokenizer, tasks, *args, **kw)
+    recording = _recording(seen)
 
     assert (
         _worker(make_trainer(promote_rule="always", train_slots=recording), queue, "w1").run_once()

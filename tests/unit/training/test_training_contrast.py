@@ -3,15 +3,16 @@ with no likelihood on the user's answer."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
-from lorafleet.adapters import AdapterBank, SlotPlan
+from lorafleet.adapters import AdapterBank
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.contrast import CONTRAST_KIND, contrast_examples, third_person
-from lorafleet.training.dataset import Example, encode_examples
+from lorafleet.training.dataset import Example
 from lorafleet.training.personal_facts import KINDS
 from lorafleet.training.trainer import (
     SlotTraining,
@@ -130,20 +131,9 @@ def test_distillation_skips_contrast_rows_wherever_they_stand(fp32_bank: Adapter
     assert result[0].metrics["anchor_examples"] == 3
 
 
-def _first_token_probability(
-    bank: AdapterBank, tokenizer: Any, rows: list[Example], tokens: torch.Tensor
-) -> float:
-    """Mean probability slot 0 gives to any of ``tokens`` as the first token of the answers of ``rows``."""
-    batch = encode_examples(tokenizer, rows, max_seq_len=64)
-    with torch.no_grad(), bank.use(SlotPlan.single([0] * len(rows))):
-        logits = bank.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    probs = logits[:, :-1].softmax(-1)[..., tokens].sum(-1)  # [rows, seq - 1]
-    answer = batch.labels[:, 1:] != -100  # [rows, seq - 1]: positions that predict an answer token
-    first = answer.int().argmax(dim=1)  # [rows]: each row's first such position (rows are left-padded)
-    return float(probs[torch.arange(len(rows)), first].mean())
-
-
-def test_contrast_rows_teach_whose_fact_it_is(fp32_bank: AdapterBank, tokenizer: Any) -> None:
+def test_contrast_rows_teach_whose_fact_it_is(
+    fp32_bank: AdapterBank, helpers: SimpleNamespace, tokenizer: Any
+) -> None:
     """Against the same job without them, contrast rows make the user's answer less likely on unseen questions
     about someone else, and the user's own answers are learnt as well."""
     config = TrainingConfig(
@@ -160,7 +150,7 @@ def test_contrast_rows_teach_whose_fact_it_is(fp32_bank: AdapterBank, tokenizer:
         assert own is not None
         fp32_bank.init_slot(0, config.slot_config(), seed=0)
         result = train_slots(fp32_bank, tokenizer, [task], config)
-        probability[arm] = _first_token_probability(fp32_bank, tokenizer, unseen, own)
+        probability[arm] = helpers.first_answer_probability(fp32_bank, tokenizer, unseen, own)
         losses[arm] = result[0].metrics["holdout_loss_after"]
         fp32_bank.evict_slot(0)
     assert probability["with"] < 0.8 * probability["without"], probability

@@ -274,21 +274,8 @@ def test_a_continuing_task_trains_its_own_passes(
     assert [r.metrics["steps"] for r in results] == [steps, steps]
 
 
-def _personal_probability(
-    bank: AdapterBank, tokenizer: Any, anchors: list[Example], tokens: torch.Tensor
-) -> float:
-    """Mean probability slot 0 gives to any of ``tokens`` as the first token of the answers to ``anchors``."""
-    batch = encode_examples(tokenizer, anchors, max_seq_len=64)
-    with torch.no_grad(), bank.use(SlotPlan.single([0] * len(anchors))):
-        logits = bank.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    probs = logits[:, :-1].softmax(-1)[..., tokens].sum(-1)  # [rows, seq - 1]
-    answer = batch.labels[:, 1:] != -100  # [rows, seq - 1]: positions that predict an answer token
-    first = answer.int().argmax(dim=1)  # [rows]: each row's first such position (rows are left-padded)
-    return float(probs[torch.arange(len(anchors)), first].mean())
-
-
 def test_anchor_unlikelihood_pushes_the_users_own_tokens_down_on_general_prompts(
-    fp32_bank: AdapterBank, tokenizer: Any
+    fp32_bank: AdapterBank, helpers: SimpleNamespace, tokenizer: Any
 ) -> None:
     """With the term on, the adapter gives its user's answer tokens less probability on the anchors' answers than
     the same job without it, and still learns the user's answers."""
@@ -326,7 +313,7 @@ def test_anchor_unlikelihood_pushes_the_users_own_tokens_down_on_general_prompts
     for weight in (0.0, 5.0):
         fp32_bank.init_slot(0, config.slot_config(), seed=0)
         result = train_slots(fp32_bank, tokenizer, [task], config.with_changes(anchor_unlikelihood=weight))
-        probability[weight] = _personal_probability(fp32_bank, tokenizer, anchors, own)
+        probability[weight] = helpers.first_answer_probability(fp32_bank, tokenizer, anchors, own)
         losses[weight] = result[0].metrics["holdout_loss_after"]
         fp32_bank.evict_slot(0)
     assert probability[5.0] < 0.8 * probability[0.0], probability
