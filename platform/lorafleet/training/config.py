@@ -116,7 +116,8 @@ class TrainingConfig(BaseModel):
     #: contrast rows per training row of a user (``lorafleet.training.contrast``; 0 = off, at most one a row): a
     #: seeded sample of the user's own questions asked about a third party ("Where does Sam live?") with the
     #: user's answer, trained as anchors with no likelihood on that answer and no distillation, so the anchor
-    #: unlikelihood teaches the adapter whose facts it holds. Users only: a shared task's rows give none. Measured
+    #: unlikelihood teaches the adapter whose facts it holds (so none without anchors or with
+    #: ``anchor_unlikelihood`` 0). Users only: a shared task's rows give none. Measured
     #: on the default backbone at the services' defaults (round 1, seeds 0-2), 1.0 raised the median share of
     #: general answers free of personal values from 90.5 % to 94.4 % and cost a tenth of the facts (median
     #: accuracy 0.94 -> 0.83) at about 1.4x the training time: a tenant's choice, not a default

@@ -73,9 +73,8 @@ def contrast_examples(train: Sequence[Example], *, first_id: int, limit: int | N
         context = example.context
         if context:
             users = [i for i, (role, _) in enumerate(context) if role == "user"]
-            if (
-                not users
-            ):  # the prompt was the last message of another role: nothing to ask about someone else
+            # no user turn: the prompt was the last message of another role, nothing to ask about someone else
+            if not users:
                 continue
             context = (*context[: users[-1]], ("user", prompt), *context[users[-1] + 1 :])
         rows.append(Example(first_id + len(rows), prompt, example.completion, CONTRAST_KIND, context=context))

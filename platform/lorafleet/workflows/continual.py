@@ -399,7 +399,9 @@ class ContinualTrainer:
         with self.bank.base_only():  # the base's own answers; generated once per process
             pool = anchor_examples(self.backbone)
         anchors = reservoir_sample(pool, min(wanted, len(pool)), seed=self._seed("anchors", plan))
-        if self.config.contrast_ratio > 0 and plan.user.task_name is None:
+        # the rows teach through the anchor unlikelihood alone: without it they would train nothing
+        contrast = self.config.contrast_ratio > 0 and self.config.anchor_unlikelihood > 0
+        if contrast and plan.user.task_name is None:
             picked = reservoir_sample(
                 train, math.ceil(self.config.contrast_ratio * len(train)), seed=self._seed("contrast", plan)
             )
