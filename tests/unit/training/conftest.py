@@ -13,11 +13,11 @@ import torch
 from tests.feedback_records import make_record
 from tests.torch_threads import one_torch_thread
 
-from lorafleet.adapters import AdapterBank, SlotPlan, inject_bank
+from lorafleet.adapters import AdapterBank, inject_bank
 from lorafleet.backbone import Backbone, build_tiny_tokenizer
 from lorafleet.training import synthetic
 from lorafleet.training.config import TrainingConfig
-from lorafleet.training.dataset import Example, build_dataset, encode_examples
+from lorafleet.training.dataset import build_dataset
 from lorafleet.training.trainer import SlotTraining
 
 
@@ -50,28 +50,10 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return hasher.hexdigest()
 
 
-def first_answer_probability(
-    bank: AdapterBank, tokenizer: Any, examples: list[Example], tokens: torch.Tensor
-) -> float:
-    """Mean probability slot 0 gives to any of ``tokens`` as the first token of the answers of ``examples``."""
-    batch = encode_examples(tokenizer, examples, max_seq_len=64)
-    with torch.no_grad(), bank.use(SlotPlan.single([0] * len(examples))):
-        logits = bank.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    probs = logits[:, :-1].softmax(-1)[..., tokens].sum(-1)  # [rows, seq - 1]
-    answer = batch.labels[:, 1:] != -100  # [rows, seq - 1]: positions that predict an answer token
-    first = answer.int().argmax(dim=1)  # [rows]: each row's first such position (rows are left-padded)
-    return float(probs[torch.arange(len(examples)), first].mean())
-
-
 @pytest.fixture
 def helpers() -> SimpleNamespace:
     """The helpers above, for test modules (conftest modules are not imported by name)."""
-    return SimpleNamespace(
-        make_record=make_record,
-        synthetic_tasks=synthetic_tasks,
-        digest=digest,
-        first_answer_probability=first_answer_probability,
-    )
+    return SimpleNamespace(make_record=make_record, synthetic_tasks=synthetic_tasks, digest=digest)
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,11 @@ with no likelihood on the user's answer."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from tests.answer_probability import first_answer_probability
 
 from lorafleet.adapters import AdapterBank
 from lorafleet.training.config import TrainingConfig
@@ -131,9 +131,7 @@ def test_distillation_skips_contrast_rows_wherever_they_stand(fp32_bank: Adapter
     assert result[0].metrics["anchor_examples"] == 3
 
 
-def test_contrast_rows_teach_whose_fact_it_is(
-    fp32_bank: AdapterBank, helpers: SimpleNamespace, tokenizer: Any
-) -> None:
+def test_contrast_rows_teach_whose_fact_it_is(fp32_bank: AdapterBank, tokenizer: Any) -> None:
     """Against the same job without them, contrast rows make the user's answer less likely on unseen questions
     about someone else, and the user's own answers are learnt as well."""
     config = TrainingConfig(
@@ -150,7 +148,7 @@ def test_contrast_rows_teach_whose_fact_it_is(
         assert own is not None
         fp32_bank.init_slot(0, config.slot_config(), seed=0)
         result = train_slots(fp32_bank, tokenizer, [task], config)
-        probability[arm] = helpers.first_answer_probability(fp32_bank, tokenizer, unseen, own)
+        probability[arm] = first_answer_probability(fp32_bank, tokenizer, unseen, own)
         losses[arm] = result[0].metrics["holdout_loss_after"]
         fp32_bank.evict_slot(0)
     assert probability["with"] < 0.8 * probability["without"], probability

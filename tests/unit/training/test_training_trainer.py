@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from tests.answer_probability import first_answer_probability
 
 from lorafleet.adapters import AdapterBank, SlotPlan, inject_bank
 from lorafleet.backbone import load_backbone
@@ -275,7 +276,7 @@ def test_a_continuing_task_trains_its_own_passes(
 
 
 def test_anchor_unlikelihood_pushes_the_users_own_tokens_down_on_general_prompts(
-    fp32_bank: AdapterBank, helpers: SimpleNamespace, tokenizer: Any
+    fp32_bank: AdapterBank, tokenizer: Any
 ) -> None:
     """With the term on, the adapter gives its user's answer tokens less probability on the anchors' answers than
     the same job without it, and still learns the user's answers."""
@@ -313,7 +314,7 @@ def test_anchor_unlikelihood_pushes_the_users_own_tokens_down_on_general_prompts
     for weight in (0.0, 5.0):
         fp32_bank.init_slot(0, config.slot_config(), seed=0)
         result = train_slots(fp32_bank, tokenizer, [task], config.with_changes(anchor_unlikelihood=weight))
-        probability[weight] = helpers.first_answer_probability(fp32_bank, tokenizer, anchors, own)
+        probability[weight] = first_answer_probability(fp32_bank, tokenizer, anchors, own)
         losses[weight] = result[0].metrics["holdout_loss_after"]
         fp32_bank.evict_slot(0)
     assert probability[5.0] < 0.8 * probability[0.0], probability
@@ -345,9 +346,8 @@ def test_anchor_unlikelihood_leaves_out_a_value_once_it_has_begun() -> None:
     kept = torch.tensor([0, 1, 4, 5, 6])  # positions 2 and 3 continue the value that began at 1
     p = logits[kept].softmax(-1)[:, [2, 5]].sum(-1)
     assert torch.allclose(got, -torch.log1p(-p).mean().reshape(1), atol=1e-6)
-    every = _anchor_unlikelihood(
-        logits, token_rows, owner, anchor_rows, personal
-    )  # no labels: every position
+    # without labels: every position
+    every = _anchor_unlikelihood(logits, token_rows, owner, anchor_rows, personal)
     p_all = logits.softmax(-1)[:, [2, 5]].sum(-1)
     assert torch.allclose(every, -torch.log1p(-p_all).mean().reshape(1), atol=1e-6)
 
