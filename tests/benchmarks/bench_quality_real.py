@@ -72,7 +72,7 @@ from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.routing.embeddings import common_direction, embed_prompts, routing_key  # noqa: E402
 from lorafleet.routing.gates import GENERAL_MARGIN  # noqa: E402
 from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS, TrainingConfig  # noqa: E402
-from lorafleet.training.contrast import CONTRAST_FIRST_ID, contrast_examples  # noqa: E402
+from lorafleet.training.contrast import CONTRAST_FIRST_ID, sample_contrast_rows  # noqa: E402
 from lorafleet.training.dataset import Example, pad_token_id, reservoir_sample  # noqa: E402
 from lorafleet.training.general_prompts import (  # noqa: E402
     ANCHOR_FIRST_ID,
@@ -347,9 +347,7 @@ def with_anchors(ctx: Context, train: list[Example], salt: str) -> tuple[list[Ex
     """(training examples, anchors) of one task; with every anchor, the examples repeat to keep the ratio."""
     anchors = anchors_for(ctx, train, salt)
     if ctx.config.contrast_ratio > 0:  # as the platform's continual trainer adds them
-        wanted = math.ceil(ctx.config.contrast_ratio * len(train))
-        picked = reservoir_sample(train, wanted, seed=_int_seed(f"contrast/{salt}"))
-        rows = contrast_examples(picked, first_id=CONTRAST_FIRST_ID)
+        rows = sample_contrast_rows(train, ctx.config.contrast_ratio, seed=_int_seed(f"contrast/{salt}"))
         if ctx.args.contrast_mode == "answered":  # the base's own answers: ordinary anchors
             with torch.no_grad(), ctx.bank.base_only():
                 rows = anchor_examples(ctx.backbone, [r.prompt for r in rows], first_id=CONTRAST_FIRST_ID)

@@ -14,10 +14,11 @@ The rewrite is English only and rule-based (``third_person``): a prompt without 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
-from lorafleet.training.dataset import Example
+from lorafleet.training.dataset import Example, reservoir_sample
 
 #: the kind of a contrast row (``Example.kind``); the trainer trains no likelihood on such a row's completion
 CONTRAST_KIND = "contrast"
@@ -79,3 +80,9 @@ def contrast_examples(train: Sequence[Example], *, first_id: int, limit: int | N
             context = (*context[: users[-1]], ("user", prompt), *context[users[-1] + 1 :])
         rows.append(Example(first_id + len(rows), prompt, example.completion, CONTRAST_KIND, context=context))
     return rows
+
+
+def sample_contrast_rows(train: Sequence[Example], ratio: float, *, seed: int) -> list[Example]:
+    """The contrast rows of a seeded sample of ``ceil(ratio x len(train))`` training rows (``contrast_ratio``)."""
+    picked = reservoir_sample(train, math.ceil(ratio * len(train)), seed=seed)
+    return contrast_examples(picked, first_id=CONTRAST_FIRST_ID)

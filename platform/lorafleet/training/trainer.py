@@ -131,6 +131,13 @@ class _UserStream:
     anchors_from: int | None = None
     #: indices in ``encoded`` whose completion trains no likelihood (contrast rows, :mod:`.contrast`)
     unlikely_only: frozenset[int] = frozenset()
+    #: index in ``encoded`` -> position among the distilled anchors (every anchor but the contrast rows)
+    _distilled: dict[int, int] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.anchors_from is not None:
+            kept = [i for i in range(self.anchors_from, len(self.encoded)) if i not in self.unlikely_only]
+            self._distilled = {i: position for position, i in enumerate(kept)}
 
     def take(self, n: int) -> list[Any]:
         """The next ``min(n, size)`` distinct sequences (an epoch boundary reshuffles)."""
@@ -143,19 +150,13 @@ class _UserStream:
     def anchor_index(self, index: int) -> int | None:
         """The position of ``encoded[index]`` among the task's distilled anchors, those of :meth:`distilled` (None:
         a user's own row, or a contrast row)."""
-        if self.anchors_from is None or not self.is_anchor(index) or index in self.unlikely_only:
-            return None
-        return index - self.anchors_from - sum(self.anchors_from <= i < index for i in self.unlikely_only)
+        return self._distilled.get(index)
 
     def distilled(self) -> list[Any]:
         """The encoded anchors that ``anchor_distill`` pulls to the base, in order: every anchor but the contrast
         rows, whose completion is the user's answer to a question about someone else (the base's distribution
         there would teach the adapter to doubt the user's own answers: measured, it cost a tenth of the facts)."""
-        if self.anchors_from is None:
-            return []
-        return [
-            e for i, e in enumerate(self.encoded) if i >= self.anchors_from and i not in self.unlikely_only
-        ]
+        return [self.encoded[i] for i in self._distilled]
 
     def take_indices(self, n: int) -> list[int]:
         """The indices in ``encoded`` of the next ``min(n, size)`` distinct sequences."""

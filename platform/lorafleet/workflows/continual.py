@@ -47,7 +47,7 @@ from lorafleet.store.sql import record_deletion
 from lorafleet.store.sql.feedback import get_snapshot, insert_snapshot, list_feedback
 from lorafleet.store.sql.tenants import MAX_PAGE_SIZE
 from lorafleet.training.config import TrainingConfig
-from lorafleet.training.contrast import CONTRAST_FIRST_ID, contrast_examples
+from lorafleet.training.contrast import sample_contrast_rows
 from lorafleet.training.dataset import Example, UserDataset, build_dataset, reservoir_sample
 from lorafleet.training.general_prompts import anchor_examples
 from lorafleet.training.overrides import check_bank_fits
@@ -402,10 +402,9 @@ class ContinualTrainer:
         # the rows teach through the anchor unlikelihood alone: without it they would train nothing
         contrast = self.config.contrast_ratio > 0 and self.config.anchor_unlikelihood > 0
         if contrast and plan.user.task_name is None:
-            picked = reservoir_sample(
-                train, math.ceil(self.config.contrast_ratio * len(train)), seed=self._seed("contrast", plan)
+            anchors += sample_contrast_rows(
+                train, self.config.contrast_ratio, seed=self._seed("contrast", plan)
             )
-            anchors += contrast_examples(picked, first_id=CONTRAST_FIRST_ID)
         return anchors
 
     def _seed(self, purpose: str, plan: TrainingInput) -> int:
