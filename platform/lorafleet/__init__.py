@@ -7,11 +7,16 @@ that need them, never here. ``lorafleet.Client`` and ``lorafleet.AsyncClient`` (
 from __future__ import annotations
 
 import logging
+import os
 
 from lorafleet._exports import lazy_export
 
-# bitsandbytes warns at import, on every process, that the optional ``kernels`` package (which would fetch code
-# from a hub) is absent; the portable CPU kernel it falls back to is the one lorafleet uses and tests.
+# lorafleet fetches nothing at run time. transformers 5.x installs the hub's ``kernels`` package, and bitsandbytes,
+# at import on a CPU with AVX512-BF16, asks it for a 4-bit kernel from the Hugging Face hub (code it would download
+# and run). The hub's offline mode stops that, and any other hub call, unless the user set it either way.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# bitsandbytes then warns, on every process, that it could not load that kernel; the portable CPU kernel it falls
+# back to is the one lorafleet uses and tests.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
