@@ -15,8 +15,9 @@ from lorafleet._exports import lazy_export
 # at import on a CPU with AVX512-BF16, asks it for a 4-bit kernel from the Hugging Face hub (code it would download
 # and run). The hub's offline mode stops that, and any other hub call, unless the user set it either way.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# bitsandbytes then warns, on every process, that it could not load that kernel; the portable CPU kernel it falls
-# back to is the one lorafleet uses and tests.
+# ``kernels`` then warns that it skips its publisher check offline, and bitsandbytes that it could not load that
+# kernel, on every process; the portable CPU kernel it falls back to is the one lorafleet uses and tests.
+logging.getLogger("kernels").setLevel(logging.ERROR)
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
