@@ -15,12 +15,11 @@ digest, its quantisation, the prompt set and the token budget.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.backbone.chat import encode_messages
+from lorafleet.training.base_answers import prompt_set_digest, shipped_answers
 from lorafleet.training.dataset import Example
 
 if TYPE_CHECKING:
@@ -247,11 +246,6 @@ _CACHE: dict[tuple[str, str, str, int], tuple[str, ...]] = {}
 _KEYS: dict[tuple[str, str, str], Any] = {}
 
 
-def prompt_set_digest(prompts: Sequence[str]) -> str:
-    """sha256 over the prompts in order (a cache key part, and a name for the set in reports)."""
-    return hashlib.sha256(json.dumps(list(prompts)).encode("utf-8")).hexdigest()
-
-
 def anchor_examples(
     backbone: Backbone,
     prompts: Sequence[str] = ANCHOR_PROMPTS,
@@ -265,7 +259,8 @@ def anchor_examples(
     Prompts are rendered with the chat template and decoded in left-padded batches through the bare backbone
     (a bank injected into it, if any, is bypassed: no routing plan). An answer cut by ``max_new_tokens`` is
     trimmed to its last full sentence, so the adapter does not learn to stop mid-sentence. Large batches pay:
-    bitsandbytes on CPU dequantises every nf4 weight on every forward, whatever the batch. Cached per process.
+    bitsandbytes on CPU dequantises every nf4 weight on every forward, whatever the batch. Cached per process;
+    the built-in backbone's answers to the shipped prompt sets ship with lorafleet (:mod:`.base_answers`).
     """
     key = (
         backbone.fingerprint.digest,
@@ -274,7 +269,7 @@ def anchor_examples(
         max_new_tokens,
     )
     if key not in _CACHE:
-        _CACHE[key] = tuple(
+        _CACHE[key] = shipped_answers(key) or tuple(
             generate_answers(backbone.model, backbone.tokenizer, prompts, max_new_tokens, batch_size)
         )
     return [

@@ -50,5 +50,7 @@ def test_a_users_own_hub_setting_is_kept() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB_")}
     env["HF_HUB_OFFLINE"] = "0"
     code = "import os, lorafleet; print(os.environ['HF_HUB_OFFLINE'])"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60, env=env
+    )
     assert out.stdout.strip() == "0"

@@ -11,6 +11,7 @@ import pytest
 from lorafleet.adapters import inject_bank
 from lorafleet.backbone import load_backbone
 from lorafleet.training import general_prompts as gp
+from lorafleet.training.base_answers import answer_sets_json, shipped_answers
 from lorafleet.training.config import TrainingConfig
 
 
@@ -72,3 +73,20 @@ def test_answers_through_a_bank_with_empty_routes_are_the_base_answers(tiny_dir:
         backbone.model, backbone.tokenizer, prompts, 5, bank=bank, routes=[[(0, 1.0)]] * 3
     )
     assert same == base and routed != base
+
+
+def test_shipped_answers_are_found_by_backbone_quantization_prompts_and_budget(tmp_path: Path) -> None:
+    path = tmp_path / "answers.json"
+    text = answer_sets_json(
+        fingerprint="f" * 64, quantization="nf4", sets=[(["Hi?", "Why?"], 32, ["Hello.", "So."])]
+    )
+    path.write_text(text, encoding="utf-8")
+    key = ("f" * 64, "nf4", gp.prompt_set_digest(["Hi?", "Why?"]), 32)
+    assert shipped_answers(key, path) == ("Hello.", "So.")
+    for other in (
+        ("e" * 64, *key[1:]),
+        (key[0], "fp32", *key[2:]),
+        (*key[:2], gp.prompt_set_digest(["Hi?"]), 32),
+    ):
+        assert shipped_answers(other, path) is None
+    assert shipped_answers((*key[:3], 16), path) is None
