@@ -69,7 +69,7 @@ from lorafleet.feedback import prepare_record  # noqa: E402
 from lorafleet.qa.facts import KNOWN_ANSWERS, facts_kept, says_answer  # noqa: E402
 from lorafleet.qa.probe import probe_examples  # noqa: E402
 from lorafleet.training import preference  # noqa: E402
-from lorafleet.training.config import TrainingConfig  # noqa: E402
+from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS, TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import Example, build_dataset, encode_example, pad_token_id  # noqa: E402
 from lorafleet.training.general_prompts import ANCHOR_PROMPTS, EVAL_PROMPTS, generate_answers  # noqa: E402
 from lorafleet.training.metrics import evaluate  # noqa: E402
@@ -165,6 +165,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--pairs-per-step", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--lr-ratio-b",
+        type=float,
+        default=TrainingConfig().lr_ratio_b,
+        help="LoRA+: the B matrices learn at --lr times this (TrainingConfig.lr_ratio_b; the services use "
+        f"{SERVICE_TRAINING_DEFAULTS.get('lr_ratio_b', TrainingConfig().lr_ratio_b)})",
+    )
+    parser.add_argument(
+        "--dropout", type=float, default=0.0, help="LoRA dropout (the library's default: 0.05)"
+    )
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument(
         "--margin-cap",
@@ -309,9 +319,10 @@ def main() -> None:
     config = TrainingConfig(
         rank=8,
         alpha=16,
-        dropout=0.0,
+        dropout=args.dropout,
         layers=f"top {args.layers}",
         learning_rate=args.lr,
+        lr_ratio_b=args.lr_ratio_b,
         max_steps=args.steps,
         batch_size=args.batch_size,
         pairs_per_step=args.pairs_per_step,
