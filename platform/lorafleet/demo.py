@@ -61,7 +61,7 @@ PROBES_PER_FACT = 2
 GENERAL_QUESTION = "What is the capital of France?"
 MAX_TOKENS = 40
 #: concurrent requests: the engine batches them into one forward per step
-PARALLEL_REQUESTS = 16
+PARALLEL_REQUESTS = 32
 
 
 class DemoError(LorafleetError):
