@@ -1,11 +1,13 @@
-"""Write the bytecode of what the services import, and only that, into the virtual environment (``make setup``).
+"""Write the bytecode of what the services import, and only that, into the virtual environment (``make demo``).
 
 pip compiles every module of every package it installs, one file at a time: for torch, Ray and transformers that
 is about half of the runtime's install (27 s of 52 s on two cores), mostly for modules nothing here imports
 (torch's test suites, Ray's dashboard, transformers' hundreds of model families). The Makefile installs them with
 ``--no-compile`` and runs this instead: it imports every module of the project and loads the tiny built-in
 backbone, which compiles and caches exactly the modules the services, the trainer and the demo load (about 16 s on
-one core). A module imported later that is not cached compiles when first imported, as without pip's step.
+one core; ``make demo`` converts the built-in backbone on the other core meanwhile). A module imported later that is
+not cached compiles when first imported, as without pip's step. ``make setup`` (the tests) compiles every installed
+module instead.
 
 Run it with ``PYTHONDONTWRITEBYTECODE`` unset (the Makefile does), or nothing is written.
 """
