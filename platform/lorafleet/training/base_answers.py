@@ -6,7 +6,9 @@ CPU cores the 102 anchors take 18-23 s and the 32 probe answers about 9 s, paid 
 (a service's first training job and its first QA job, every ``make demo``). The answers depend only on the
 backbone's weights, its quantisation, the prompts and the token budget, so those of ``builtin:smollm2-135m`` in
 nf4, the product's default, ship in ``smollm2_base_answers.json``, keyed by all four; every other backbone,
-quantisation, prompt set or budget is generated as before.
+quantisation, prompt set or budget is generated as before. They were decoded on a CPU and serve on any device: a GPU
+might break a near-tie between two tokens the other way in a few answers, which changes nothing an anchor or the probe
+is for (the base's own kind of answer).
 
 ``infra/ship_base_answers.py`` writes the file (after a prompt set changes, or when the converted backbone's
 fingerprint does); a test checks that it belongs to the backbone ``build_smollm2_backbone`` makes and that its
