@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 # Records every host name resolved or connected to, then loads what a training or serving process loads.
 _PROBE = r"""
 import json, socket
@@ -24,6 +26,8 @@ def create_connection(address, *args, **kwargs):
     seen.append(str(address[0]))
     return _connect(address, *args, **kwargs)
 socket.getaddrinfo, socket.create_connection = getaddrinfo, create_connection
+if FIRST == "transformers":  # the hub's constants are read before lorafleet sets the environment
+    import transformers  # noqa: F401
 import lorafleet
 import bitsandbytes, transformers  # noqa: F401
 import lorafleet.backbone, lorafleet.training, lorafleet.serving.factory  # noqa: F401
@@ -34,10 +38,12 @@ print(json.dumps({"seen": seen, "offline": os.environ.get("HF_HUB_OFFLINE")}))
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def test_loading_the_model_stack_resolves_no_host_but_loopback_and_says_nothing_of_it() -> None:
+@pytest.mark.parametrize("first", ["lorafleet", "transformers"])
+def test_loading_the_model_stack_resolves_no_host_but_loopback_and_says_nothing_of_it(first: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB_")}
+    code = f"FIRST = {first!r}\n{_PROBE}"
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, timeout=180, env=env
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=180, env=env
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert [h for h in result["seen"] if h not in LOOPBACK] == []
