@@ -12,14 +12,22 @@ import sys
 
 from lorafleet._exports import lazy_export
 
-# lorafleet fetches nothing at run time. transformers 5.x installs the hub's ``kernels`` package, and bitsandbytes,
-# at import on a CPU with AVX512-BF16, asks it for a 4-bit kernel from the Hugging Face hub (code it would download
-# and run). The hub's offline mode stops that, and any other hub call, unless the user set it either way.
-if "HF_HUB_OFFLINE" not in os.environ:
+
+def _hub_offline() -> None:
+    """lorafleet fetches nothing at run time. transformers 5.x installs the hub's ``kernels`` package, and
+    bitsandbytes, at import on a CPU with AVX512-BF16, asks it for a 4-bit kernel from the Hugging Face hub (code it
+    would download and run). The hub's offline mode stops that, and any other hub call, unless the user set it
+    either way."""
+    if "HF_HUB_OFFLINE" in os.environ:
+        return
     os.environ["HF_HUB_OFFLINE"] = "1"
-    _hub = sys.modules.get("huggingface_hub.constants")
-    if _hub is not None:  # imported before lorafleet (say, by transformers): it read the environment already
-        _hub.HF_HUB_OFFLINE = True
+    # imported before lorafleet (say, by transformers), the hub's constants have read the environment already
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+
+
+_hub_offline()
 # ``kernels`` then warns that it skips its publisher check offline, and bitsandbytes that it could not load that
 # kernel, on every process; the portable CPU kernel it falls back to is the one lorafleet uses and tests.
 logging.getLogger("kernels").setLevel(logging.ERROR)
