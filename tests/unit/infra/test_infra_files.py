@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
+from fnmatch import fnmatch
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -656,3 +657,20 @@ def test_the_setup_phase_is_the_configuration_and_the_migration() -> None:
         [o for o in k8s_objects() if o["kind"] in ("Namespace", "ConfigMap", "Secret", "Job")]
     )
     assert "-l lorafleet/phase=setup" in (INFRA / "README.md").read_text()
+
+
+def test_every_data_file_of_the_packages_is_package_data() -> None:
+    """The image installs a wheel, not the source tree: a data file (the shipped base answers, the console's
+    templates) that no ``package-data`` pattern names would be missing there and nowhere else."""
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    roots = {"lorafleet": REPO / "platform" / "lorafleet", "services.console": REPO / "services" / "console"}
+    assert set(package_data) == set(roots)
+    for package, root in roots.items():
+        data = {
+            path.relative_to(root).as_posix()
+            for path in root.rglob("*")
+            if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts
+        }
+        assert data, package
+        unmatched = [p for p in data if not any(fnmatch(p, pattern) for pattern in package_data[package])]
+        assert unmatched == [], (package, unmatched)
