@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 from lorafleet._exports import lazy_export
 
@@ -22,7 +23,7 @@ def _hub_offline() -> None:
         return
     os.environ["HF_HUB_OFFLINE"] = "1"
     # imported before lorafleet (say, by transformers), the hub's constants have read the environment already
-    constants = sys.modules.get("huggingface_hub.constants")
+    constants: Any = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
         constants.HF_HUB_OFFLINE = True
 
