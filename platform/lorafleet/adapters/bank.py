@@ -146,6 +146,10 @@ class AdapterBank:
         return tuple(self._plan_state.merged_slots)
 
     # --- plans ----------------------------------------------------------------------------------------------
+    def current_plan(self) -> SlotPlan | PartsPlan | None:
+        """The plan of the innermost ``use`` block (None = base only); raises outside any such block."""
+        return self._plan_state.current()
+
     @contextmanager
     def use(self, plan: SlotPlan | PartsPlan | None) -> Iterator[SlotPlan | PartsPlan | None]:
         """Use ``plan`` for every forward inside the block (also every step of ``generate``); None = base only.

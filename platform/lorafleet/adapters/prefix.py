@@ -31,8 +31,8 @@ import logging
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +72,22 @@ def lowest_adapted_layer(bank: AdapterBank, slots: Iterable[int], num_layers: in
     return lowest
 
 
+#: the fewest tokens every row of a batch must begin with for that start to run once per route rather than in
+#: every row (scoring and training: ``DecoderSplit.run_from_shared``; decoding: ``DecodeBatch.join``)
+MIN_SHARED_START = 8
+
+
+def common_start(sequences: Sequence[Sequence[int]]) -> int:
+    """How many tokens every one of ``sequences`` begins with (a chat template's system prompt, say)."""
+    if not sequences:
+        return 0
+    first = sequences[0]
+    length = min(len(s) for s in sequences)
+    for seq in sequences[1:]:
+        length = next((i for i in range(length) if seq[i] != first[i]), length)
+    return length
+
+
 class _Stop(Exception):
     """Raised by a capture hook to end a forward once the wanted inputs are seen."""
 
@@ -82,11 +98,42 @@ class _Captured:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+class _SharedStart:
+    """What the attention layers see as their cache when rows' shared start runs once (``run_from_shared``):
+    first each layer's keys and values of the start are recorded, one row per group; then each row's own keys
+    and values follow its group's start (``owners``: the group of each row)."""
+
+    def __init__(self, owners: torch.Tensor) -> None:
+        self.owners = owners  # [batch]
+        self.recording = True
+        self._start: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[rows, kv_heads, seq, head_dim]`` keys and values to attend to, as a transformers cache returns."""
+        if self.recording:
+            self._start[layer_idx] = (keys, values)
+            return keys, values
+        start_keys, start_values = self._start[layer_idx]
+        return (
+            torch.cat([start_keys.index_select(0, self.owners), keys], dim=-2),
+            torch.cat([start_values.index_select(0, self.owners), values], dim=-2),
+        )
+
+
+def _cache_kwarg(kwargs: dict[str, Any]) -> str:
+    """The name a decoder layer takes its KV cache by (``cache`` in transformers 5.x, ``past_key_values`` before)."""
+    return "cache" if "cache" in kwargs else "past_key_values"
+
+
 class DecoderSplit:
     """A decoder-only causal LM cut at a layer: the frozen part below, the adapted part above."""
 
     def __init__(self, model: nn.Module, decoder: nn.Module, layers: nn.ModuleList, norm: nn.Module) -> None:
         self.model, self.decoder, self.layers, self.norm = model, decoder, layers, norm
+        #: whether :meth:`run_from_shared` may be used (checked against the full forward by :meth:`find`)
+        self.shares_starts = True
         head = model.get_output_embeddings()  # type: ignore[operator]
         if head is None:
             raise ValueError("the model has no output head")
@@ -115,6 +162,12 @@ class DecoderSplit:
                 "frozen-prefix split does not reproduce %s's logits: prefix cache off", type(model).__name__
             )
             return None
+        if check and not split._shared_start_matches():
+            logger.warning(
+                "shared starts do not reproduce %s's logits: every row runs its whole length",
+                type(model).__name__,
+            )
+            split.shares_starts = False
         return split
 
     # --- the frozen part ---------------------------------------------------------------------------------------
@@ -148,10 +201,62 @@ class DecoderSplit:
     # --- the adapted part --------------------------------------------------------------------------------------
     def run_from(self, layer: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """``[batch, seq, hidden]`` after layers ``layer..`` and the final norm (gradients flow to adapters)."""
+        return self.norm(self._run_layers(layer, hidden, kwargs))
+
+    def run_from_shared(
+        self,
+        layer: int,
+        start: torch.Tensor,
+        rest: torch.Tensor,
+        rest_mask: torch.Tensor,
+        owners: torch.Tensor,
+        route_start: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    ) -> torch.Tensor:
+        """``[batch, rest, hidden]``: :meth:`run_from` for rows that all begin with the same tokens, whose layers
+        ``layer..`` run once per group of rows routed alike (a chat template's system prompt is most of a short
+        prompt). ``start`` ``[groups, L, hidden]`` holds each group's states of the shared tokens, ``rest``
+        ``[batch, T, hidden]`` each row's states after them (left-padded, ``rest_mask`` ``[batch, T]``) and
+        ``owners`` ``[batch]`` each row's group. The groups' keys and values are computed under ``route_start()``
+        (a routing context whose plan has one row per group), then each row's tokens attend to its group's and
+        their own. The same numbers as :meth:`run_from` on whole rows, up to float rounding; gradients flow
+        through both parts."""
+        groups, length = start.shape[0], start.shape[1]
+        ones = rest_mask.new_ones((groups, length))  # [groups, L]
+        start_kwargs = self.layer_kwargs(start, ones, ones.cumsum(-1) - 1)
+        cache_name = _cache_kwarg(start_kwargs)
+        shared = _SharedStart(owners)
+        start_kwargs[cache_name] = shared
+        with route_start():
+            self._run_layers(layer, start, start_kwargs)  # records each layer's keys and values of the start
+        shared.recording = False
+        full_mask = torch.cat(
+            [rest_mask.new_ones((rest.shape[0], length)), rest_mask], dim=1
+        )  # [batch, L + T]
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, length:]  # [batch, T]
+        # the mask and rotary embeddings for T new tokens after L cached ones, from the model's own forward: a
+        # stand-in cache of L positions gives it the length (only its size is read)
+        from transformers import DynamicCache
+
+        stand_in = DynamicCache(config=getattr(self.model, "config", None))
+        blank = rest.new_zeros((rest.shape[0], 1, length, 1))
+        stand_in.update(blank, blank, 0)
+        with torch.no_grad():
+            captured = self._run_until(
+                self.layers[0],
+                inputs_embeds=rest.detach(),
+                attention_mask=full_mask,
+                position_ids=positions,
+                **{cache_name: stand_in},
+            )
+        kwargs = captured.kwargs
+        kwargs[cache_name] = shared
+        return self.norm(self._run_layers(layer, rest, kwargs))
+
+    def _run_layers(self, layer: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         for block in self.layers[layer:]:
             out = block(hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        return self.norm(hidden)
+        return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of (gathered) final hidden states ``[..., hidden] -> [..., vocab]``."""
@@ -209,6 +314,47 @@ class DecoderSplit:
             self.model.train(was_training)
         real = mask.bool()
         diff = (full.logits.float()[real] - split[real]).abs().max()
+        return bool(diff <= _SPLIT_CHECK_TOLERANCE * max(1.0, float(full.logits.abs().max())))
+
+    def _shared_start_matches(self) -> bool:
+        """Two rows that begin with the same 5 tokens (one left-padded after them), through
+        :meth:`run_from_shared` at mid depth against the full forward, at the tokens after the start."""
+        device = next(self.model.parameters()).device
+        vocab = int(getattr(self.model.config, "vocab_size", 32))
+        rows = [list(range(1, 10)), [1, 2, 3, 4, 5, 11, 12]]
+        width, length = 9, 5
+        ids = torch.zeros((2, width), dtype=torch.long)  # [2, 9]
+        mask = torch.zeros_like(ids)
+        for r, seq in enumerate(rows):
+            ids[r, width - len(seq) :] = torch.tensor(seq).remainder(vocab)
+            mask[r, width - len(seq) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), model_base_only(self.model):
+                full = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+                layer = self.num_layers // 2
+                states = self.states_at(layer, ids, mask, positions)  # [2, 9, hidden]
+                start = states[:1, width - len(rows[0]) :][:, :length]  # [1, 5, hidden]
+                rest = torch.zeros_like(states[:, length:])  # [2, 4, hidden]
+                rest_mask = torch.zeros_like(mask[:, length:])  # [2, 4]
+                for r, seq in enumerate(rows):
+                    n = len(seq) - length
+                    rest[r, rest.shape[1] - n :] = states[r, width - n :]
+                    rest_mask[r, rest.shape[1] - n :] = 1
+                owners = torch.zeros(2, dtype=torch.long, device=device)
+                shared = self.head(
+                    self.run_from_shared(layer, start, rest, rest_mask, owners)
+                )  # [2, 4, vocab]
+        except Exception as exc:  # a model whose layers take their cache otherwise: whole rows, never fail
+            logger.warning("shared-start check failed (%s: %s)", type(exc).__name__, exc)
+            return False
+        finally:
+            self.model.train(was_training)
+        real = rest_mask.bool()
+        diff = (full.logits.float()[:, length:][real] - shared[real]).abs().max()
         return bool(diff <= _SPLIT_CHECK_TOLERANCE * max(1.0, float(full.logits.abs().max())))
 
 
@@ -385,10 +531,12 @@ def pad_states(states: Sequence[torch.Tensor], width: int) -> torch.Tensor:
 
 
 __all__ = [
+    "MIN_SHARED_START",
     "DecoderSplit",
     "FrozenPrefix",
     "PrefixCache",
     "backbone_identity",
+    "common_start",
     "layer_of",
     "lowest_adapted_layer",
     "pad_states",

@@ -42,6 +42,7 @@ import torch
 
 from lorafleet.adapters.bank import AdapterBank
 from lorafleet.adapters.plan import Route, SlotPlan
+from lorafleet.adapters.prefix import MIN_SHARED_START, common_start
 from lorafleet.backbone.chat import end_of_turn_ids
 from lorafleet.serving.fused import Joining, Running, fusable, fused_forward
 from lorafleet.serving.requests import MAX_LOGPROBS as MAX_TOP_LOGPROBS
@@ -251,10 +252,46 @@ class DecodeBatch:
         if not rows:
             return []
         state, ids = self._newcomers(rows)
-        logits = self._forward(state, ids)
+        logits = self._prefill(state, ids)
         updates, keep = self._take(state.rows, logits)
         self._add_joined(state, keep)
         return updates
+
+    def _prefill(self, state: _State, ids: torch.Tensor) -> torch.Tensor:
+        """Newcomers' prefill: logits of each prompt's last position ``[n, vocab]``. Prompts that begin alike (a
+        chat template's system prompt: 24 of about 36 tokens of a short SmolLM2 question) have that start run
+        once per route, its keys and values copied to each row; each row's own tokens then run after it, padded
+        on the left after the start (masked out). The same logits as a whole-prompt prefill, up to float
+        rounding."""
+        prompts = [r.spec.prompt_ids for r in state.rows]
+        length = min(common_start(prompts), min(len(p) for p in prompts) - 1)  # each row keeps a token to run
+        groups: dict[tuple[Route, ...], int] = {}
+        owners = [groups.setdefault(tuple(r.spec.routes), len(groups)) for r in state.rows]
+        if length < MIN_SHARED_START or len(groups) >= len(state.rows):
+            return self._forward(state, ids)
+        representatives = [owners.index(g) for g in range(len(groups))]
+        start_ids = torch.tensor([prompts[r][:length] for r in representatives], device=self.device)  # [g, L]
+        start_mask = torch.ones_like(start_ids)
+        start_positions = (start_mask.cumsum(-1) - 1).expand_as(start_ids)  # [g, L]
+        plan = (
+            None
+            if self.bank is None
+            else SlotPlan.from_rows([state.rows[r].spec.routes for r in representatives])
+        )
+        with nullcontext() if self.bank is None else self.bank.use(plan):
+            self.model(
+                input_ids=start_ids,
+                attention_mask=start_mask,
+                position_ids=start_positions,
+                cache=state.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        state.cache.batch_select_indices(torch.tensor(owners, device=self.device))  # each row's group's start
+        rest_ids, rest_mask = left_pad([p[length:] for p in prompts], pad_id=self.pad_id, device=self.device)
+        state.mask = torch.cat([rest_mask.new_ones((len(prompts), length)), rest_mask], dim=1)  # [n, L + T]
+        state.positions = (state.mask.cumsum(-1) - 1).clamp(min=0)[:, length:]  # [n, T]
+        return self._forward(state, rest_ids)
 
     @property
     def fuses_joins(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from lorafleet.adapters import AdapterBank, SlotPlan
-from lorafleet.adapters.prefix import DecoderSplit, FrozenPrefix, lowest_adapted_layer, pad_states
+from lorafleet.adapters.prefix import (
+    MIN_SHARED_START,
+    DecoderSplit,
+    FrozenPrefix,
+    common_start,
+    lowest_adapted_layer,
+    pad_states,
+)
 from lorafleet.errors import ValidationError
 from lorafleet.training.dataset import (
     IGNORE_INDEX,
@@ -105,7 +113,11 @@ def scored_logits(
     scored = scored_positions(batch.labels)
     positions = position_ids(batch.attention_mask)  # [batch, seq]
     if prefix is not None and layer > 0 and sequences is not None:
-        states = pad_states(prefix.states(layer, sequences), batch.input_ids.shape[1])  # [batch, seq, hidden]
+        per_row = prefix.states(layer, sequences)
+        start = shared_start(prefix, sequences, scored, batch.input_ids.shape[1])
+        if start is not None:
+            return _scored_with_shared_start(prefix, layer, per_row, start, scored, batch.input_ids.shape[1])
+        states = pad_states(per_row, batch.input_ids.shape[1])  # [batch, seq, hidden]
         kwargs = prefix.split.layer_kwargs(states, batch.attention_mask, positions)
         hidden = prefix.split.run_from(layer, states, kwargs)  # [batch, seq, hidden]
         return prefix.split.head(hidden[scored.rows, scored.positions]), scored
@@ -116,6 +128,72 @@ def scored_logits(
     logits, labels = completion_logits(model, batch)  # a model the split does not fit: keep the tail
     offset = batch.labels.shape[1] - 1 - labels.shape[1]
     return logits[scored.rows, scored.positions - offset], scored
+
+
+@dataclass(frozen=True)
+class SharedStart:
+    """Rows of a batch that all begin with the same ``length`` tokens (e.g. a chat template's system prompt),
+    grouped by route: the start runs once per group (``representatives``: a row of each), ``owners`` ``[batch]``
+    each row's group, ``plan`` the routing of the groups (None: the caller's plan is base only or no bank)."""
+
+    length: int
+    representatives: list[int]
+    owners: torch.Tensor
+    plan: SlotPlan | None
+
+
+def shared_start(
+    prefix: FrozenPrefix, sequences: Sequence[Sequence[int]], scored: ScoredPositions, width: int
+) -> SharedStart | None:
+    """How a batch's rows share their first tokens, when worth it: at least ``MIN_SHARED_START`` of them before
+    any scored position, fewer groups than rows, and rows routed by whole rows (not per token, not in parts)."""
+    if not prefix.split.shares_starts or len(sequences) < 2 or scored.rows.numel() == 0:
+        return None
+    length = common_start(sequences)
+    lengths = torch.tensor([len(s) for s in sequences], device=scored.rows.device)  # [batch]
+    # no scored output may fall in the start: the earliest one, counted from each row's first real token
+    length = min(length, int((scored.positions - (width - lengths[scored.rows])).min()))
+    if length < MIN_SHARED_START:
+        return None
+    plan = prefix.bank.current_plan() if prefix.bank is not None else None
+    if plan is None:
+        keys: list[tuple[object, ...]] = [()] * len(sequences)
+    elif isinstance(plan, SlotPlan) and plan.weights.dim() == 2 and plan.batch_size == len(sequences):
+        keys = [(*plan.slot_ids[r].tolist(), *plan.weights[r].tolist()) for r in range(len(sequences))]
+    else:
+        return None
+    groups: dict[tuple[object, ...], int] = {}
+    owners = [groups.setdefault(key, len(groups)) for key in keys]
+    if len(groups) >= len(sequences):
+        return None
+    representatives = [owners.index(g) for g in range(len(groups))]
+    sub = None if plan is None else SlotPlan(plan.slot_ids[representatives], plan.weights[representatives])
+    return SharedStart(length, representatives, torch.tensor(owners, device=scored.rows.device), sub)
+
+
+def _scored_with_shared_start(
+    prefix: FrozenPrefix,
+    layer: int,
+    per_row: Sequence[torch.Tensor],
+    start: SharedStart,
+    scored: ScoredPositions,
+    width: int,
+) -> tuple[torch.Tensor, ScoredPositions]:
+    """:func:`scored_logits`' prefix path with the rows' shared start run once per group."""
+    n = start.length
+    first = torch.stack([per_row[r][:n] for r in start.representatives])  # [groups, n, hidden]
+    rest = pad_states([s[n:] for s in per_row], width - n)  # [batch, width - n, hidden]
+    rest_mask = torch.zeros(rest.shape[:2], dtype=torch.long, device=rest.device)  # [batch, width - n]
+    for row, states in enumerate(per_row):
+        rest_mask[row, rest_mask.shape[1] - (states.shape[0] - n) :] = 1
+    bank = prefix.bank
+
+    def route_start() -> AbstractContextManager[Any]:
+        return nullcontext() if bank is None else bank.use(start.plan)
+
+    hidden = prefix.split.run_from_shared(layer, first, rest, rest_mask, start.owners, route_start)
+    # a row's tokens after the start sit ``n`` columns to the left of where they are in the whole batch
+    return prefix.split.head(hidden[scored.rows, scored.positions - n]), scored
 
 
 def completion_logits(model: Any, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:

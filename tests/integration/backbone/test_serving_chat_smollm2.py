@@ -10,11 +10,12 @@ import pytest
 from tests.lora_weights import random_lora_weights
 from tests.unit.serving.serving_helpers import FolderFetcher, user_bank
 
+import lorafleet.serving.decode as decode
 from lorafleet.adapters import SlotConfig, inject_bank
 from lorafleet.backbone import load_backbone
 from lorafleet.config import SMOLLM2_BACKBONE
 from lorafleet.serving import AdapterCache, GenerationEngine, GenerationRequest
-from lorafleet.serving.decode import DecodeBatch, RowOutput, RowSpec
+from lorafleet.serving.decode import BatchDecoder, DecodeBatch, RowOutput, RowSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as in the unit tier they came from
 
@@ -90,5 +91,47 @@ def test_a_fused_join_on_smollm2_in_nf4_decodes_what_separate_forwards_decode(
         assert (
             "Paris" in fused[0].text and "Paris" in fused[3].text
         )  # the base rows, before and after the join
+    finally:
+        bank.evict_slot(0)
+
+
+def test_the_system_prompt_of_a_join_runs_once_per_route_on_smollm2(
+    smollm2_engine: GenerationEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ChatML puts the same system prompt before every question (24 tokens): a join runs it once per route and
+    its rows decode what whole-prompt prefills decode, on the real 4-bit model."""
+    backbone, bank = smollm2_engine.backbone, smollm2_engine.bank
+    tok = backbone.tokenizer
+    bank.load_slot(0, random_lora_weights(bank, rank=4, seed=5, scale=0.05), SlotConfig(rank=4, alpha=8.0))
+    try:
+
+        def spec(text: str, routes: tuple[tuple[int, float], ...]) -> RowSpec:
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True
+            )["input_ids"]
+            return RowSpec(tuple(ids), routes, max_new_tokens=10, keep_logits=True)
+
+        questions = [FRANCE, "Name a colour.", "What is 2 plus 2?"]
+        specs = [spec(q, r) for q in questions for r in ((), ((0, 1.0),))]
+        starts: list[int] = []
+        real = decode.common_start
+
+        def spy(prompts: object) -> int:
+            starts.append(real(prompts))  # type: ignore[arg-type]
+            return starts[-1]
+
+        def run() -> list[RowOutput]:
+            return BatchDecoder(backbone.model, bank, tok, device=backbone.device).run(specs)
+
+        monkeypatch.setattr(decode, "common_start", spy)
+        shared = run()
+        assert starts and starts[0] >= 24
+        monkeypatch.setattr(decode, "MIN_SHARED_START", 10**9)
+        whole = run()
+        for a, b in zip(shared, whole, strict=True):
+            assert a.token_ids == b.token_ids
+            gap = max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits, strict=True))
+            assert gap <= 1e-3, gap
+        assert "Paris" in shared[0].text, shared[0].text
     finally:
         bank.evict_slot(0)

@@ -11,13 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.prefix_exactness import EXAMPLES, bank_with_two_adapters, check_exact
+from tests.prefix_exactness import (
+    EXAMPLES,
+    OPENING,
+    SHARED_START_EXAMPLES,
+    SharedRuns,
+    bank_with_two_adapters,
+    check_exact,
+)
 
+from lorafleet.adapters import SlotPlan
 from lorafleet.adapters.prefix import FrozenPrefix, PrefixCache
 from lorafleet.backbone import load_backbone
 from lorafleet.routing.embeddings import embed_prompts, routing_key
-from lorafleet.training.dataset import pad_token_id
-from lorafleet.training.metrics import score_examples
+from lorafleet.training.dataset import Example, collate, encode_example, pad_token_id
+from lorafleet.training.metrics import score_examples, scored_positions, shared_start
 from lorafleet.training.trainer import SlotTraining, train_slots
 
 
@@ -29,24 +37,84 @@ def test_prefix_path_is_exact_on_tiny(tiny_dir: Path, quantization: str) -> None
     check_exact(bank, backbone.tokenizer, atol=1e-5)
 
 
-def test_training_with_the_prefix_gives_the_same_adapters(tiny_dir: Path) -> None:
+@pytest.mark.parametrize("quantization", ["fp32", "nf4"])
+def test_a_shared_start_runs_once_per_route_and_stays_exact(
+    tiny_dir: Path, quantization: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows that begin alike (as a chat template's system prompt makes them) run that start once per route: the
+    losses and every slot's gradients are still the full-depth path's. One row's prompt is the opening alone, so
+    its first scored position is where the start would otherwise run on."""
+    backbone = load_backbone(tiny_dir, quantization=quantization, device="cpu")
+    bank, _ = bank_with_two_adapters(backbone, "top 1")
+    runs = SharedRuns(monkeypatch)
+    check_exact(bank, backbone.tokenizer, atol=1e-5, examples=SHARED_START_EXAMPLES)
+    assert (
+        len(runs.batches) == 2
+    )  # the first pass and the one from the cache; the full-depth pass has no prefix
+    for length, groups, rows in runs.batches:
+        assert length >= len(OPENING) - 1 and (groups, rows) == (2, 4)
+    opening_only = [*SHARED_START_EXAMPLES[:3], Example(9, OPENING, "Hello.", "sft")]
+    check_exact(bank, backbone.tokenizer, atol=1e-5, examples=opening_only)
+    assert len(runs.batches) == 4
+
+
+def test_when_a_batch_shares_its_start(tiny_dir: Path) -> None:
+    """By route, only past the shortest scored prompt, never per token or with a route per row."""
+    backbone = load_backbone(tiny_dir, quantization="fp32", device="cpu")
+    bank, _ = bank_with_two_adapters(backbone, "top 1")
+    tok = backbone.tokenizer
+    prefix = FrozenPrefix.for_bank(bank, identity="test", pad_id=pad_token_id(tok))
+    assert prefix is not None
+
+    def start_of(examples: list[Example], plan: SlotPlan) -> object:
+        encoded = [encode_example(tok, e, max_seq_len=128) for e in examples]
+        batch = collate(encoded, pad_id=pad_token_id(tok))
+        with bank.use(plan):
+            return shared_start(
+                prefix, [ids for ids, _ in encoded], scored_positions(batch.labels), batch.input_ids.shape[1]
+            )
+
+    shared = start_of(SHARED_START_EXAMPLES, SlotPlan.single([0, 1, 0, 1]))
+    assert shared is not None
+    assert shared.representatives == [0, 1] and shared.owners.tolist() == [0, 1, 0, 1]
+    assert shared.plan is not None and shared.plan.slot_ids[:, 0].tolist() == [0, 1]
+    three = start_of(SHARED_START_EXAMPLES, SlotPlan.single([0, None, None, 1]))
+    assert three is not None and three.owners.tolist() == [0, 1, 1, 2]
+    assert start_of(SHARED_START_EXAMPLES[:2], SlotPlan.single([0, 1])) is None  # a route per row: no gain
+    assert start_of(EXAMPLES, SlotPlan.single([0, 1, 0, 1])) is None  # nothing shared
+    per_token = SlotPlan.single([0, 1, 0, 1]).with_token_weights(torch.ones(4, 100, 1))
+    assert start_of(SHARED_START_EXAMPLES, per_token) is None
+    short = start_of(
+        [*SHARED_START_EXAMPLES[:3], Example(9, OPENING, "Hello.", "sft")], SlotPlan.single([0] * 4)
+    )
+    assert short is not None and short.length < shared.length  # the opening-only row's answer is scored
+    prefix.split.shares_starts = False
+    assert start_of(SHARED_START_EXAMPLES, SlotPlan.single([0, 1, 0, 1])) is None
+
+
+@pytest.mark.parametrize("examples", [EXAMPLES, SHARED_START_EXAMPLES], ids=["own-starts", "shared-start"])
+def test_training_with_the_prefix_gives_the_same_adapters(
+    tiny_dir: Path, examples: list[Example], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A whole train_slots run (holdouts before/after included) is the same with and without the prefix."""
+    runs = SharedRuns(monkeypatch)
     results = []
     for use_prefix in (False, True):
         backbone = load_backbone(tiny_dir, quantization="fp32", device="cpu")
         bank, config = bank_with_two_adapters(backbone, "top 1")
-        config = config.with_changes(max_steps=5, batch_size=2, learning_rate=3e-3)
+        config = config.with_changes(max_steps=5, batch_size=2, learning_rate=3e-3, max_seq_len=128)
         prefix = (
             FrozenPrefix.for_bank(bank, identity="test", pad_id=pad_token_id(backbone.tokenizer))
             if use_prefix
             else None
         )
-        tasks = [SlotTraining(s, f"u{s}", EXAMPLES[s::2], EXAMPLES[s + 2 :: 4]) for s in (0, 1)]
+        tasks = [SlotTraining(s, f"u{s}", examples[s::2], examples[s + 2 :: 4]) for s in (0, 1)]
         out = train_slots(bank, backbone.tokenizer, tasks, config, prefix=prefix)
         results.append(
             ([r.metrics for r in out], {k: v for s in (0, 1) for k, v in bank.slot_state_dict(s).items()})
         )
     (plain_metrics, plain_state), (prefix_metrics, prefix_state) = results
+    assert bool(runs.batches) == (examples is SHARED_START_EXAMPLES)
     for a, b in zip(plain_metrics, prefix_metrics, strict=True):
         assert set(a) == set(b)
         for key in a:
@@ -55,19 +123,25 @@ def test_training_with_the_prefix_gives_the_same_adapters(tiny_dir: Path) -> Non
         assert torch.allclose(plain_state[key], prefix_state[key], atol=1e-5), key
 
 
-def test_scoring_shares_the_prefix_across_routes(tiny_dir: Path) -> None:
-    """QA's columns score the same rows under several routes: the prefix is computed once per row."""
+@pytest.mark.parametrize("rows", [EXAMPLES, SHARED_START_EXAMPLES], ids=["own-starts", "shared-start"])
+def test_scoring_shares_the_prefix_across_routes(
+    tiny_dir: Path, rows: list[Example], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QA's columns score the same rows under several routes: the prefix is computed once per row (and a shared
+    start once per route: the mixture of two adapters is a route of its own)."""
     backbone = load_backbone(tiny_dir, quantization="fp32", device="cpu")
     bank, _ = bank_with_two_adapters(backbone, "top 1")
     tok = backbone.tokenizer
     prefix = FrozenPrefix.for_bank(bank, identity="test", pad_id=pad_token_id(tok))
     assert prefix is not None
+    runs = SharedRuns(monkeypatch)
     columns: list[list[tuple[int, float]]] = [[], [(0, 1.0)], [(1, 1.0)], [(0, 0.5), (1, 0.5)]]
-    examples = [e for _ in columns for e in EXAMPLES]
-    routes = [c for c in columns for _ in EXAMPLES]
-    plain = score_examples(bank, tok, examples, routes, max_seq_len=64)
-    shared = score_examples(bank, tok, examples, routes, max_seq_len=64, prefix=prefix)
-    assert prefix.cache.stats["computed"] == len(EXAMPLES)
+    examples = [e for _ in columns for e in rows]
+    routes = [c for c in columns for _ in rows]
+    plain = score_examples(bank, tok, examples, routes, max_seq_len=128)
+    shared = score_examples(bank, tok, examples, routes, max_seq_len=128, prefix=prefix)
+    assert prefix.cache.stats["computed"] == len(rows)
+    assert [(g, r) for _, g, r in runs.batches] == ([(4, 16)] if rows is SHARED_START_EXAMPLES else [])
     for a, b in zip(plain, shared, strict=True):
         assert a.tokens == b.tokens and a.correct == b.correct
         assert a.loss_sum == pytest.approx(b.loss_sum, abs=1e-4)
