@@ -24,7 +24,6 @@ the conditions, so they train alike, not identically; the shared start's adapter
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -35,19 +34,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_training import tasks_for  # noqa: E402
+from bench_training import step_bench_setup, tasks_for, timed_job  # noqa: E402
 
 import lorafleet.serving.decode as decode  # noqa: E402
-from lorafleet.adapters import inject_bank  # noqa: E402
 from lorafleet.adapters.dense import dense_budget, dense_views  # noqa: E402
 from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
-from lorafleet.backbone import load_backbone  # noqa: E402
 from lorafleet.serving.decode import BatchDecoder, RowSpec  # noqa: E402
 from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS, TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import pad_token_id  # noqa: E402
 from lorafleet.training.metrics import score_examples  # noqa: E402
-from lorafleet.training.personal_facts import make_users  # noqa: E402
-from lorafleet.training.trainer import train_slots  # noqa: E402
 
 CONDITIONS = ("whole rows", "shared start")
 SHIPPED_MIN_SHARED_START = decode.MIN_SHARED_START
@@ -66,19 +61,8 @@ def answer_specs(tok: object, tasks: list) -> list[RowSpec]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--layers", type=int, default=10, help="adapters on the top N layers")
-    parser.add_argument("--users", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--data-dir", default=".lorafleet", help="where the converted backbone lives")
-    args = parser.parse_args()
-    backbone = load_backbone("builtin:smollm2-135m", quantization="nf4", device="cpu", data_dir=args.data_dir)
+    args, backbone, bank, users = step_bench_setup(__doc__ or "", steps=10)
     tok = backbone.tokenizer
-    bank = inject_bank(backbone, n_slots=args.users, max_rank=8)
-    users = make_users(args.users, seed=0)
     defaults = {k: v for k, v in SERVICE_TRAINING_DEFAULTS.items() if k in {"lr_ratio_b"}}
     config = TrainingConfig(layers=f"top {args.layers}", max_steps=args.steps, **defaults)
     print(
@@ -95,19 +79,7 @@ def main() -> None:
             assert prefix is not None and prefix.split.shares_starts
             prefix.split.shares_starts = condition == "shared start"
             decode.MIN_SHARED_START = SHIPPED_MIN_SHARED_START if condition == "shared start" else 10**9
-            marks: list[float] = []
-            started = time.perf_counter()
-            train_slots(
-                bank,
-                tok,
-                tasks,
-                config,
-                progress=lambda *_, marks=marks: marks.append(time.perf_counter()),
-                progress_every=1,
-                prefix=prefix,
-            )
-            job = time.perf_counter() - started
-            step = statistics.median(b - a for a, b in zip(marks[2:], marks[3:], strict=False))
+            step, job = timed_job(bank, tok, tasks, config, prefix, skip=2)
             examples, routes = [], []
             for t in tasks:
                 other = (t.slot + 1) % len(tasks)

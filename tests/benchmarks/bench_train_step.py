@@ -19,7 +19,6 @@ The two conditions draw different dropout masks from the same distribution: they
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -31,16 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from bench_training import tasks_for  # noqa: E402
+from bench_training import step_bench_setup, tasks_for, timed_job  # noqa: E402
 
 import lorafleet.adapters.linear as linear  # noqa: E402
-from lorafleet.adapters import inject_bank  # noqa: E402
 from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
-from lorafleet.backbone import load_backbone  # noqa: E402
 from lorafleet.training.config import TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import pad_token_id  # noqa: E402
-from lorafleet.training.personal_facts import make_users  # noqa: E402
-from lorafleet.training.trainer import train_slots  # noqa: E402
 
 SHIPPED = {
     "dropout": linear.lora_dropout,
@@ -64,18 +59,7 @@ def use(condition: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--layers", type=int, default=10, help="adapters on the top N layers")
-    parser.add_argument("--users", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--data-dir", default=".lorafleet", help="where the converted backbone lives")
-    args = parser.parse_args()
-    backbone = load_backbone("builtin:smollm2-135m", quantization="nf4", device="cpu", data_dir=args.data_dir)
-    bank = inject_bank(backbone, n_slots=args.users, max_rank=8)
-    users = make_users(args.users, seed=0)
+    args, backbone, bank, users = step_bench_setup(__doc__ or "", steps=12)
     print(
         f"SmolLM2-135M nf4, top {args.layers} layers, {args.users} users, threads {torch.get_num_threads()}"
     )
@@ -88,19 +72,7 @@ def main() -> None:
             prefix = FrozenPrefix.for_bank(
                 bank, identity=f"bench-{time.monotonic()}", pad_id=pad_token_id(backbone.tokenizer)
             )
-            marks: list[float] = []
-            started = time.perf_counter()
-            train_slots(
-                bank,
-                backbone.tokenizer,
-                tasks,
-                config,
-                progress=lambda *_, marks=marks: marks.append(time.perf_counter()),
-                progress_every=1,
-                prefix=prefix,
-            )
-            job = time.perf_counter() - started
-            step = statistics.median(b - a for a, b in zip(marks[3:], marks[4:], strict=False))
+            step, job = timed_job(bank, backbone.tokenizer, tasks, config, prefix, skip=3)
             runs[condition].append((step, job))
             print(f"repeat {repeat + 1}: {condition}: {step:.2f} s/step, job {job:.1f} s", flush=True)
     use("after")

@@ -79,6 +79,51 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def step_bench_setup(
+    description: str, *, steps: int
+) -> tuple[argparse.Namespace, Backbone, AdapterBank, list]:
+    """What the training-step benchmarks share (``bench_train_step``, ``bench_shared_start``): their options
+    (``--layers``, ``--users``, ``--steps``, ``--repeats``, ``--data-dir``), SmolLM2 in nf4 with a bank of a slot
+    per user, and the users of the personal-facts set."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--layers", type=int, default=10, help="adapters on the top N layers")
+    parser.add_argument("--users", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data-dir", default=".lorafleet", help="where the converted backbone lives")
+    args = parser.parse_args()
+    backbone = load_backbone("builtin:smollm2-135m", quantization="nf4", device="cpu", data_dir=args.data_dir)
+    bank = inject_bank(backbone, n_slots=args.users, max_rank=8)
+    return args, backbone, bank, make_users(args.users, seed=0)
+
+
+def timed_job(
+    bank: AdapterBank,
+    tokenizer: object,
+    tasks: list[SlotTraining],
+    config: TrainingConfig,
+    prefix: object,
+    *,
+    skip: int,
+) -> tuple[float, float]:
+    """A ``train_slots`` job: its median step time (the steps after the first ``skip``) and its whole time."""
+    marks: list[float] = []
+    started = time.perf_counter()
+    train_slots(
+        bank,
+        tokenizer,
+        tasks,
+        config,
+        progress=lambda *_: marks.append(time.perf_counter()),
+        progress_every=1,
+        prefix=prefix,  # type: ignore[arg-type]
+    )
+    job = time.perf_counter() - started
+    return statistics.median(b - a for a, b in zip(marks[skip:], marks[skip + 1 :], strict=False)), job
+
+
 def tasks_for(users: list, bank: AdapterBank, config: TrainingConfig) -> list[SlotTraining]:
     out = []
     for slot, user in enumerate(users):

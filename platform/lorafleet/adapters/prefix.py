@@ -92,6 +92,10 @@ class _Stop(Exception):
     """Raised by a capture hook to end a forward once the wanted inputs are seen."""
 
 
+#: logits at some positions of a check's batch ``[n, vocab]``, and which positions ``[batch, seq]`` bool
+_Checked = tuple[torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class _Captured:
     hidden: torch.Tensor | None = None
@@ -185,16 +189,23 @@ class DecoderSplit:
         return captured.hidden
 
     def layer_kwargs(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *,
+        cache: tuple[str, Any] | None = None,
     ) -> dict[str, Any]:
         """What each decoder layer is called with for a batch shaped like ``hidden`` (mask, rotary
-        embeddings, positions), computed by the model's own forward; ``hidden`` only gives shape and dtype."""
+        embeddings, positions), computed by the model's own forward; ``hidden`` only gives shape and dtype.
+        ``cache``: ``(keyword, cache)`` the forward is given (tokens it has seen come before ``hidden``'s)."""
         with torch.no_grad():
             captured = self._run_until(
                 self.layers[0],
                 inputs_embeds=hidden.detach(),
                 attention_mask=attention_mask,
                 position_ids=position_ids,
+                **dict([cache] if cache is not None else []),
             )
         return captured.kwargs
 
@@ -240,15 +251,7 @@ class DecoderSplit:
         stand_in = DynamicCache(config=getattr(self.model, "config", None))
         blank = rest.new_zeros((rest.shape[0], 1, length, 1))
         stand_in.update(blank, blank, 0)
-        with torch.no_grad():
-            captured = self._run_until(
-                self.layers[0],
-                inputs_embeds=rest.detach(),
-                attention_mask=full_mask,
-                position_ids=positions,
-                **{cache_name: stand_in},
-            )
-        kwargs = captured.kwargs
+        kwargs = self.layer_kwargs(rest, full_mask, positions, cache=(cache_name, stand_in))
         kwargs[cache_name] = shared
         return self.norm(self._run_layers(layer, rest, kwargs))
 
@@ -293,68 +296,71 @@ class DecoderSplit:
 
     def _matches_full_forward(self) -> bool:
         """One small padded batch: full-model logits against the split at mid depth."""
-        device = next(self.model.parameters()).device
-        vocab = int(getattr(self.model.config, "vocab_size", 32))
-        ids = torch.arange(1, 17, device=device).remainder(vocab).view(2, 8)  # [2, 8]
+        ids = torch.arange(1, 17).view(2, 8)  # [2, 8]
         mask = torch.ones_like(ids)
         mask[1, :3] = 0  # left padding on the second row
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), model_base_only(self.model):
-                full = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-                layer = self.num_layers // 2
-                hidden = self.states_at(layer, ids, mask, positions)
-                split = self.head(self.run_from(layer, hidden, self.layer_kwargs(hidden, mask, positions)))
-        except Exception as exc:  # any model this split does not fit: fall back, never fail
-            logger.warning("frozen-prefix split check failed (%s: %s)", type(exc).__name__, exc)
-            return False
-        finally:
-            self.model.train(was_training)
-        real = mask.bool()
-        diff = (full.logits.float()[real] - split[real]).abs().max()
-        return bool(diff <= _SPLIT_CHECK_TOLERANCE * max(1.0, float(full.logits.abs().max())))
+
+        def split(layer: int, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> _Checked:
+            hidden = self.states_at(layer, ids, mask, positions)
+            logits = self.head(self.run_from(layer, hidden, self.layer_kwargs(hidden, mask, positions)))
+            return logits[mask.bool()], mask.bool()
+
+        return self._agrees_with_full_forward("frozen-prefix split", ids, mask, split)
 
     def _shared_start_matches(self) -> bool:
         """Two rows that begin with the same 5 tokens (one left-padded after them), through
         :meth:`run_from_shared` at mid depth against the full forward, at the tokens after the start."""
-        device = next(self.model.parameters()).device
-        vocab = int(getattr(self.model.config, "vocab_size", 32))
         rows = [list(range(1, 10)), [1, 2, 3, 4, 5, 11, 12]]
         width, length = 9, 5
         ids = torch.zeros((2, width), dtype=torch.long)  # [2, 9]
         mask = torch.zeros_like(ids)
         for r, seq in enumerate(rows):
-            ids[r, width - len(seq) :] = torch.tensor(seq).remainder(vocab)
+            ids[r, width - len(seq) :] = torch.tensor(seq)
             mask[r, width - len(seq) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
+
+        def shared(layer: int, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> _Checked:
+            states = self.states_at(layer, ids, mask, positions)  # [2, 9, hidden]
+            start = states[:1, :length]  # [1, 5, hidden]: the first row has no padding
+            rest = torch.zeros_like(states[:, length:])  # [2, 4, hidden]
+            rest_mask = torch.zeros_like(mask[:, length:])  # [2, 4]
+            for r, seq in enumerate(rows):
+                n = len(seq) - length
+                rest[r, rest.shape[1] - n :] = states[r, width - n :]
+                rest_mask[r, rest.shape[1] - n :] = 1
+            owners = torch.zeros(2, dtype=torch.long, device=ids.device)
+            logits = self.head(self.run_from_shared(layer, start, rest, rest_mask, owners))  # [2, 4, vocab]
+            where = torch.zeros_like(mask, dtype=torch.bool)
+            where[:, length:] = rest_mask.bool()
+            return logits[rest_mask.bool()], where
+
+        return self._agrees_with_full_forward("shared-start", ids, mask, shared)
+
+    def _agrees_with_full_forward(
+        self,
+        what: str,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        run: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], _Checked],
+    ) -> bool:
+        """``run(layer, ids, mask, positions)`` at mid depth gives logits ``[n, vocab]`` at ``n`` positions of the
+        batch (``[batch, seq]`` bool): the full forward's logits there, within the tolerance? A model the path
+        does not fit (an error) says no, with a warning, and never fails."""
+        device = next(self.model.parameters()).device
+        vocab = int(getattr(self.model.config, "vocab_size", 32))
+        ids, mask = ids.remainder(vocab).to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), model_base_only(self.model):
                 full = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-                layer = self.num_layers // 2
-                states = self.states_at(layer, ids, mask, positions)  # [2, 9, hidden]
-                start = states[:1, width - len(rows[0]) :][:, :length]  # [1, 5, hidden]
-                rest = torch.zeros_like(states[:, length:])  # [2, 4, hidden]
-                rest_mask = torch.zeros_like(mask[:, length:])  # [2, 4]
-                for r, seq in enumerate(rows):
-                    n = len(seq) - length
-                    rest[r, rest.shape[1] - n :] = states[r, width - n :]
-                    rest_mask[r, rest.shape[1] - n :] = 1
-                owners = torch.zeros(2, dtype=torch.long, device=device)
-                shared = self.head(
-                    self.run_from_shared(layer, start, rest, rest_mask, owners)
-                )  # [2, 4, vocab]
-        except Exception as exc:  # a model whose layers take their cache otherwise: whole rows, never fail
-            logger.warning("shared-start check failed (%s: %s)", type(exc).__name__, exc)
+                logits, where = run(self.num_layers // 2, ids, mask, positions)
+        except Exception as exc:  # any model this path does not fit: fall back, never fail
+            logger.warning("%s check failed (%s: %s)", what, type(exc).__name__, exc)
             return False
         finally:
             self.model.train(was_training)
-        real = rest_mask.bool()
-        diff = (full.logits.float()[:, length:][real] - shared[real]).abs().max()
+        diff = (full.logits.float()[where] - logits).abs().max()
         return bool(diff <= _SPLIT_CHECK_TOLERANCE * max(1.0, float(full.logits.abs().max())))
 
 

@@ -21,7 +21,7 @@ from tests.prefix_exactness import (
 )
 
 from lorafleet.adapters import SlotPlan
-from lorafleet.adapters.prefix import FrozenPrefix, PrefixCache
+from lorafleet.adapters.prefix import DecoderSplit, FrozenPrefix, PrefixCache
 from lorafleet.backbone import load_backbone
 from lorafleet.routing.embeddings import embed_prompts, routing_key
 from lorafleet.training.dataset import Example, collate, encode_example, pad_token_id
@@ -90,6 +90,26 @@ def test_when_a_batch_shares_its_start(tiny_dir: Path) -> None:
     assert short is not None and short.length < shared.length  # the opening-only row's answer is scored
     prefix.split.shares_starts = False
     assert start_of(SHARED_START_EXAMPLES, SlotPlan.single([0, 1, 0, 1])) is None
+
+
+def test_a_model_whose_shared_start_does_not_reproduce_its_logits_takes_whole_rows(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backbone = load_backbone(tiny_dir, quantization="fp32", device="cpu")
+    bank, _ = bank_with_two_adapters(backbone, "top 1")
+    assert DecoderSplit.find(bank.model).shares_starts  # type: ignore[union-attr]
+    real = DecoderSplit.run_from_shared
+    monkeypatch.setattr(DecoderSplit, "run_from_shared", lambda *a, **k: real(*a, **k) + 0.1)
+    split = DecoderSplit.find(bank.model)
+    assert split is not None and not split.shares_starts  # the split itself still holds
+    prefix = FrozenPrefix(
+        split, PrefixCache(identity="test"), pad_id=pad_token_id(backbone.tokenizer), bank=bank
+    )
+    runs = SharedRuns(monkeypatch)
+    score_examples(
+        bank, backbone.tokenizer, SHARED_START_EXAMPLES, [[(0, 1.0)]] * 4, max_seq_len=128, prefix=prefix
+    )
+    assert runs.batches == []
 
 
 @pytest.mark.parametrize("examples", [EXAMPLES, SHARED_START_EXAMPLES], ids=["own-starts", "shared-start"])
