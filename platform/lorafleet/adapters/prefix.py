@@ -31,7 +31,7 @@ import logging
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +86,14 @@ def common_start(sequences: Sequence[Sequence[int]]) -> int:
     for seq in sequences[1:]:
         length = next((i for i in range(length) if seq[i] != first[i]), length)
     return length
+
+
+def route_groups(keys: Sequence[Hashable]) -> tuple[list[int], list[int]]:
+    """Rows grouped by their routing ``keys``: each row's group (numbered in order of first appearance) and the
+    first row of each group."""
+    groups: dict[Hashable, int] = {}
+    owners = [groups.setdefault(key, len(groups)) for key in keys]
+    return owners, [owners.index(g) for g in range(len(groups))]
 
 
 class _Stop(Exception):
@@ -546,4 +554,5 @@ __all__ = [
     "layer_of",
     "lowest_adapted_layer",
     "pad_states",
+    "route_groups",
 ]

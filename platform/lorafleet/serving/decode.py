@@ -42,7 +42,7 @@ import torch
 
 from lorafleet.adapters.bank import AdapterBank
 from lorafleet.adapters.plan import Route, SlotPlan
-from lorafleet.adapters.prefix import MIN_SHARED_START, common_start
+from lorafleet.adapters.prefix import MIN_SHARED_START, common_start, route_groups
 from lorafleet.backbone.chat import end_of_turn_ids
 from lorafleet.serving.fused import Joining, Running, fusable, fused_forward
 from lorafleet.serving.requests import MAX_LOGPROBS as MAX_TOP_LOGPROBS
@@ -265,14 +265,12 @@ class DecodeBatch:
         rounding."""
         prompts = [r.spec.prompt_ids for r in state.rows]
         length = min(common_start(prompts), min(len(p) for p in prompts) - 1)  # each row keeps a token to run
-        groups: dict[tuple[Route, ...], int] = {}
-        owners = [groups.setdefault(tuple(r.spec.routes), len(groups)) for r in state.rows]
-        if length < MIN_SHARED_START or len(groups) >= len(state.rows):
+        owners, representatives = route_groups([tuple(r.spec.routes) for r in state.rows])
+        if length < MIN_SHARED_START or len(representatives) >= len(state.rows):
             return self._forward(state, ids)
-        representatives = [owners.index(g) for g in range(len(groups))]
         start_ids = torch.tensor([prompts[r][:length] for r in representatives], device=self.device)  # [g, L]
         start_mask = torch.ones_like(start_ids)
-        start_positions = (start_mask.cumsum(-1) - 1).expand_as(start_ids)  # [g, L]
+        start_positions = start_mask.cumsum(-1) - 1  # [g, L]
         plan = (
             None
             if self.bank is None

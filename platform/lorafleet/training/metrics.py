@@ -26,6 +26,7 @@ from lorafleet.adapters.prefix import (
     common_start,
     lowest_adapted_layer,
     pad_states,
+    route_groups,
 )
 from lorafleet.errors import ValidationError
 from lorafleet.training.dataset import (
@@ -162,11 +163,9 @@ def shared_start(
         keys = [(*plan.slot_ids[r].tolist(), *plan.weights[r].tolist()) for r in range(len(sequences))]
     else:
         return None
-    groups: dict[tuple[object, ...], int] = {}
-    owners = [groups.setdefault(key, len(groups)) for key in keys]
-    if len(groups) >= len(sequences):
+    owners, representatives = route_groups(keys)
+    if len(representatives) >= len(sequences):
         return None
-    representatives = [owners.index(g) for g in range(len(groups))]
     sub = None if plan is None else SlotPlan(plan.slot_ids[representatives], plan.weights[representatives])
     return SharedStart(length, representatives, torch.tensor(owners, device=scored.rows.device), sub)
 
