@@ -66,12 +66,14 @@ class Settings(ClientSettings):
         "once instead of dequantising at every call (bitsandbytes has no 4-bit CPU kernels); top layers first. "
         "Empty: 1024 on CPU, none on CUDA; 0: none (the least memory).",
     )
-    gate_general_prompts: bool = Field(
-        default=False,
-        description="Centroid gates also weigh the shipped general prompts: a request nearer one of them than "
-        "to any adapter is served by the base alone (serving and QA alike). Off by default: it keeps more "
-        "general answers free of users' facts but sends some personal questions to the base, and QA's "
-        "gate-vs-best-member rule then rejects the candidates (tests/benchmarks/README.md).",
+    gate_general_prompts: bool | None = Field(
+        default=None,
+        description="The gate's base side (serving and QA alike): a request that none of the user's adapters "
+        "claims (each version's routing claim, fitted on its training prompts against the shipped general "
+        "prompts; for a version without one, a request nearer a general prompt than its key) is answered by the "
+        "base model alone, so general questions get the base's answer, free of users' facts. Empty: on for a "
+        "backbone with a chat template (SmolLM2), off for one without (builtin:tiny, whose random embeddings tell "
+        "nothing apart). Measured in tests/benchmarks/README.md ('A probe that claims an adapter's prompts').",
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     blob_gc_grace_seconds: int = Field(

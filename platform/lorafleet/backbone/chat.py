@@ -46,6 +46,13 @@ def as_pairs(messages: Sequence[Message]) -> tuple[tuple[str, str], ...]:
     return pairs
 
 
+def general_side_on(setting: bool | None, tokenizer: Any) -> bool:
+    """Whether gates give the base model a side (``Settings.gate_general_prompts``): as set, or when unset on a
+    backbone with a chat template (a pretrained chat model, whose pooled embeddings tell a user's questions from
+    general ones), off without one (``builtin:tiny``, random weights: its embeddings tell nothing)."""
+    return has_chat_template(tokenizer) if setting is None else bool(setting)
+
+
 def has_chat_template(tokenizer: Any) -> bool:
     """Whether the tokenizer brings its own chat template (else the plain format applies)."""
     return bool(getattr(tokenizer, "chat_template", None))

@@ -39,7 +39,12 @@ def member_handle(member: Expert) -> str:
 
 
 def version_member(
-    *, adapter: Adapter, version: AdapterVersion, kind: str, routing_key: tuple[float, ...] | None
+    *,
+    adapter: Adapter,
+    version: AdapterVersion,
+    kind: str,
+    routing_key: tuple[float, ...] | None,
+    routing_claim: tuple[float, ...] | None = None,
 ) -> Expert:
     """A version as a bank member (what the bank would hold if it were live)."""
     return Expert(
@@ -52,6 +57,7 @@ def version_member(
         size_bytes=version.size_bytes,
         rank=version.rank,
         routing_key=routing_key,
+        routing_claim=routing_claim,
     )
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lorafleet.adapters.dense import dense_budget, dense_views
 from lorafleet.adapters.prefix import FrozenPrefix
+from lorafleet.backbone.chat import general_side_on
 from lorafleet.domain import Adapter, AdapterVersion, QAKind
 from lorafleet.errors import LorafleetError
 from lorafleet.qa.columns import (
@@ -67,6 +68,7 @@ class Subject:
     previous: AdapterVersion | None
     user_bank: ExpertSet | None
     routing_key: tuple[float, ...] | None = None
+    routing_claim: tuple[float, ...] | None = None
 
     @property
     def label(self) -> str:
@@ -99,7 +101,7 @@ class Evaluator:
         work_dir: Path | None = None,
         prefix: FrozenPrefix | None = None,
         general_prompts: Sequence[str] = (),
-        general_to_base: bool = False,
+        general_to_base: bool | None = False,
     ) -> None:
         """Without ``prefix`` one is made for the bank: every column of a matrix shares the frozen layers.
         ``general_prompts``, ``general_to_base``: as serving's (``serving.factory.build_engine``), so QA gates as
@@ -108,7 +110,8 @@ class Evaluator:
         self.backbone, self.bank = resident.backbone, resident.bank
         # a probe bound left to the backbone (``epsilon_probe=None``) is filled in here, so reports record it
         self.policy, self.work_dir = policy.for_probe_bound(probe_epsilon_for(self.backbone.path)), work_dir
-        self.general_prompts, self.general_to_base = tuple(general_prompts), general_to_base
+        self.general_prompts = tuple(general_prompts)
+        self.general_to_base = general_side_on(general_to_base, self.backbone.tokenizer)
         self.prefix = prefix or resident.frozen_prefix()
 
     def own_set(self, subject: Subject) -> EvalSet:
@@ -201,10 +204,10 @@ class Evaluator:
             )
             others = self._load_members(loader, subject, sample.sampled, notes)
             sets += [self._member_set(subject, m) for m in others]
-            candidate = self._member(subject, subject.version, subject.routing_key)
+            candidate = self._member(subject, subject.version, subject.routing_key, subject.routing_claim)
             previous = None
             if has_previous and subject.previous is not None:
-                previous = self._member(subject, subject.previous, self._key(subject.previous))
+                previous = self._member(subject, subject.previous, *self._routing(subject.previous))
 
             def gated(member: Expert | None, handle: str) -> GatedExperts:
                 """The user's experts as the gate serves it, with ``member`` loaded under ``handle``."""
@@ -261,7 +264,7 @@ class Evaluator:
         others = [m for m in subject.user_bank.members if m.adapter_id != subject.adapter.id]
         traffic: dict[int, float] = {}
         if len(others) > budget and own.examples:
-            candidate = self._member(subject, subject.version, subject.routing_key)
+            candidate = self._member(subject, subject.version, subject.routing_key, subject.routing_claim)
             full = gated_experts(
                 subject.user_bank,
                 gate=gate,
@@ -306,12 +309,20 @@ class Evaluator:
             policy=self.policy,
         )
 
-    def _member(self, subject: Subject, version: AdapterVersion, key: tuple[float, ...] | None) -> Expert:
+    def _member(
+        self,
+        subject: Subject,
+        version: AdapterVersion,
+        key: tuple[float, ...] | None,
+        claim: tuple[float, ...] | None,
+    ) -> Expert:
         kind = "task" if subject.adapter.is_task_adapter else "personal"
-        return version_member(adapter=subject.adapter, version=version, kind=kind, routing_key=key)
+        return version_member(
+            adapter=subject.adapter, version=version, kind=kind, routing_key=key, routing_claim=claim
+        )
 
-    def _key(self, version: AdapterVersion) -> tuple[float, ...] | None:
-        return self.db.run(QARepository(dialect=self.db.dialect).routing_key, version_id=version.id)
+    def _routing(self, version: AdapterVersion) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+        return self.db.run(QARepository(dialect=self.db.dialect).routing, version_id=version.id)
 
 
 def _preference_beta(subject: Subject) -> float | None:

@@ -137,7 +137,8 @@ class QAPolicy(BaseModel):
     #: what QA does to a culprit task member: ``unenrol`` the user from it (the task stays live for its other
     #: users), or ``rollback-task`` (its live version goes back one, which rechecks every enrolled user)
     blame_action: Literal["unenrol", "rollback-task"] = "unenrol"
-    #: give a candidate without a routing key one from its training prompts (else the centroid gate ignores it)
+    #: give a personal candidate without a routing key or claim both, from its training prompts (else the centroid
+    #: gate ignores it, or judges it by the nearest general prompt)
     compute_missing_routing_key: bool = True
     max_seq_len: int = Field(default=256, ge=8, le=32_768, strict=True)
     batch_size: int = Field(default=64, ge=1, le=4096, strict=True)

@@ -45,16 +45,17 @@ def _check_version_args(
         raise ValidationError("a parent version is listed twice")
 
 
-def _check_routing_key(key: Sequence[float]) -> tuple[float, ...]:
-    """A non-empty, finite, non-zero vector of at most ``MAX_ROUTING_KEY_LENGTH`` floats."""
+def _check_routing_key(key: Sequence[float], *, what: str = "routing key") -> tuple[float, ...]:
+    """A non-empty, finite, non-zero vector of at most ``MAX_ROUTING_KEY_LENGTH`` floats (a routing key, or a
+    routing claim with ``what="routing claim"``)."""
     try:
         values = tuple(float(v) for v in key)
     except (TypeError, ValueError) as exc:
-        raise ValidationError(f"routing key must be a sequence of numbers: {exc}") from exc
+        raise ValidationError(f"{what} must be a sequence of numbers: {exc}") from exc
     if not 0 < len(values) <= MAX_ROUTING_KEY_LENGTH:
-        raise ValidationError(f"routing key must have 1-{MAX_ROUTING_KEY_LENGTH} values, got {len(values)}")
+        raise ValidationError(f"{what} must have 1-{MAX_ROUTING_KEY_LENGTH} values, got {len(values)}")
     if not all(math.isfinite(v) for v in values) or not any(values):
-        raise ValidationError("routing key must be finite and not all zero")
+        raise ValidationError(f"{what} must be finite and not all zero")
     return values
 
 

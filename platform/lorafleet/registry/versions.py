@@ -159,6 +159,7 @@ class Registry:
         dataset_snapshot_id: int | None = None,
         status: VersionStatus = VersionStatus.CANDIDATE,
         routing_key: Sequence[float] | None = None,
+        routing_claim: Sequence[float] | None = None,
     ) -> AdapterVersion:
         """Validate a PEFT folder, store it as one blob, then insert the next-numbered version row.
 
@@ -169,10 +170,12 @@ class Registry:
         row insert join it, so the version commits together with whatever else that transaction writes. A
         version with ``job_id`` is registered at most once per adapter: registering it again returns the
         existing version (a re-run job), backed by a unique index on ``(adapter_id, job_id)``.
-        ``routing_key`` is the centroid gate's key (``lorafleet.routing.routing_key``), stored with the row.
+        ``routing_key`` is the centroid gate's key (``lorafleet.routing.routing_key``) and ``routing_claim`` the gate's
+        probe for the base side (``routing.embeddings.fit_claim``), stored with the row.
         """
         _check_version_args(base_fingerprint=base_fingerprint, parents=parents, status=status)
         key = None if routing_key is None else _check_routing_key(routing_key)
+        claim = None if routing_claim is None else _check_routing_key(routing_claim, what="routing claim")
         config_json = _json_dict("training_config", training_config or {})
         metrics_json = _json_dict("metrics", metrics or {})
         with tempfile.TemporaryDirectory(prefix="lorafleet-register-") as tmp:
@@ -193,6 +196,7 @@ class Registry:
                 dataset_snapshot_id=dataset_snapshot_id,
                 parents=tuple(parents),
                 routing_key=key,
+                routing_claim=claim,
             )
             return self._store(tenant_id=tenant_id, adapter_id=adapter_id, kind="lora", new=new, blob=archive)
 
@@ -241,10 +245,21 @@ class Registry:
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         return self._blobs.download(version.sha256, Path(dest), expected_size=version.size_bytes)
 
-    def set_routing_key(self, *, tenant_id: int, version_id: int, key: Sequence[float]) -> None:
-        """Store or replace a version's routing key (derived metadata, e.g. computed after an import)."""
+    def set_routing_key(
+        self,
+        *,
+        tenant_id: int,
+        version_id: int,
+        key: Sequence[float],
+        claim: Sequence[float] | None = None,
+    ) -> None:
+        """Store or replace a version's routing key and, when given, its routing claim (derived metadata, e.g.
+        computed after an import)."""
         values = _check_routing_key(key)
-        self._db.run(self._repo.set_routing_key, tenant_id=tenant_id, version_id=version_id, key=values)
+        claimed = None if claim is None else _check_routing_key(claim, what="routing claim")
+        self._db.run(
+            self._repo.set_routing_key, tenant_id=tenant_id, version_id=version_id, key=values, claim=claimed
+        )
 
     def put_adapter_blob(self, *, adapter_dir: Path) -> BlobRef:
         """Validate a PEFT folder and store its archive ahead of ``register_version``, which then finds the

@@ -120,6 +120,22 @@ def routing_key(
     return tuple(float(v) for v in key.flatten().tolist())
 
 
+def routing_key_and_claim(
+    backbone: Backbone,
+    bank: AdapterBank | None,
+    prompts: Sequence[str],
+    *,
+    general: torch.Tensor,
+    prefix: FrozenPrefix | None = None,
+    vectors: int = ROUTING_KEY_VECTORS,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """An adapter's routing key (:func:`routing_key`) and routing claim (:func:`fit_claim` against ``general``, the
+    shipped general prompts' embeddings on this backbone), from one embedding of its training prompts."""
+    embeddings = embed_prompts(backbone, bank, prompts, prefix=prefix)
+    key = key_vectors(embeddings, vectors)  # [k, hidden]
+    return tuple(float(v) for v in key.flatten().tolist()), fit_claim(embeddings, general)
+
+
 @torch.no_grad()
 def key_vectors(embeddings: torch.Tensor, k: int, *, iterations: int = 25) -> torch.Tensor:
     """Up to ``k`` unit vectors ``[k', hidden]`` that summarise ``embeddings`` ``[n, hidden]``: spherical k-means.
@@ -152,6 +168,69 @@ def key_vectors(embeddings: torch.Tensor, k: int, *, iterations: int = 25) -> to
             break
         centroid = moved
     return centroid
+
+
+#: L2 weight of a routing claim's probe (on standardised features). Measured on SmolLM2-135M
+#: (tests/benchmarks/bench_gate_general.py, 3 seeds of 4 users): 0.001-0.1 give the same routing within a point
+CLAIM_WEIGHT_DECAY = 0.1
+
+
+def fit_claim(
+    own: torch.Tensor,
+    general: torch.Tensor,
+    *,
+    weight_decay: float = CLAIM_WEIGHT_DECAY,
+    iterations: int = 200,
+) -> tuple[float, ...]:
+    """An adapter's routing claim: a linear probe over pooled embeddings that tells its own prompts from general
+    ones, ``hidden + 1`` floats (the weights, then the bias; :func:`claim_logits` applies it).
+
+    ``own`` ``[n, hidden]``: the adapter's training prompts, embedded (``embed_prompts``); ``general``
+    ``[m, hidden]``: the shipped general prompts on this backbone (``general_prompts.general_exemplars``). Logistic
+    regression with the two classes weighted equally and an L2 penalty ``weight_decay`` on standardised features
+    (the standardisation is folded into the stored weights), fitted by L-BFGS; deterministic. A prompt with a
+    logit above 0 is claimed. Why a probe and not the nearest general prompt: the difference between "What's my
+    home city?" and "What is the capital of Spain?" is a direction (the first person, a possessive), not a
+    neighbourhood; measured in tests/benchmarks/README.md ("A probe that claims an adapter's prompts").
+    """
+    if (
+        own.dim() != 2
+        or general.dim() != 2
+        or own.shape[1] != general.shape[1]
+        or not len(own)
+        or not len(general)
+    ):
+        raise ValidationError(
+            f"fit_claim needs [n, hidden] and [m, hidden] embeddings, got {tuple(own.shape)}, {tuple(general.shape)}"
+        )
+    x = torch.cat([own, general]).detach().double().cpu()  # [n + m, hidden]
+    y = torch.cat([torch.ones(len(own)), torch.zeros(len(general))]).double()  # [n + m]
+    mean, scale = x.mean(dim=0), x.std(dim=0).clamp(min=1e-6)  # [hidden] each
+    standard = (x - mean) / scale
+    weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    balance = torch.tensor(len(general) / len(own), dtype=torch.float64)  # the two classes weigh the same
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = standard @ weight + bias
+        loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=balance)
+        loss = loss + weight_decay * (weight * weight).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(objective)
+    folded = weight.detach() / scale  # logit = x @ folded + folded_bias
+    folded_bias = bias.detach() - (mean * folded).sum()
+    return tuple(float(v) for v in torch.cat([folded, folded_bias]).tolist())
+
+
+def claim_logits(claims: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """``[batch, n]``: each row of ``embeddings`` ``[batch, hidden]`` scored by each claim of ``claims``
+    ``[n, hidden + 1]`` (:func:`fit_claim`); above 0 the adapter claims the prompt."""
+    return embeddings.float() @ claims[:, :-1].float().T + claims[:, -1].float()
 
 
 def embedding_ids(tokenizer: Any, prompt: str, *, max_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> list[int]:

@@ -48,6 +48,9 @@ class Expert:
     rank: int
     #: unit vector (the backbone's hidden size) for the centroid gate; None when never computed
     routing_key: tuple[float, ...] | None
+    #: the adapter's routing claim (``routing.embeddings.fit_claim``: hidden + 1 floats), which tells its prompts
+    #: from general ones for the gate's base side; None for versions trained before claims or imported without one
+    routing_claim: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,10 @@ def effective_gate_spec(stored: dict[str, Any] | None, *, live_gate_version_id: 
 def experts_revision(members: Iterable[Expert], gate: GateSpec) -> str:
     """sha256 (32 hex digits) over the members' adapter and version ids, their routing keys and the gate spec."""
     payload = {
-        "members": [[m.adapter_id, m.version_id, _key_digest(m.routing_key)] for m in members],
+        "members": [
+            [m.adapter_id, m.version_id, _key_digest(m.routing_key), _key_digest(m.routing_claim)]
+            for m in members
+        ],
         "gate": gate.to_json(),
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
@@ -169,6 +175,7 @@ def _members(rows: Iterable[LiveAdapterRow], *, user_id: int | None) -> tuple[Ex
             size_bytes=r.size_bytes,
             rank=r.rank,
             routing_key=r.routing_key,
+            routing_claim=r.routing_claim,
         )
         for r in rows
         if r.kind == "lora"

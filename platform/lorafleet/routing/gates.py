@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from lorafleet.adapters import SlotPlan
 from lorafleet.errors import ValidationError
+from lorafleet.routing.embeddings import claim_logits
 from lorafleet.routing.experts import ExpertSet
 from lorafleet.routing.spec import GateDecision, GateSpec
 
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 #: a learned gate by version id (a serving cache wraps the registry download)
 LearnedGateLoader = Callable[[int], "LearnedGateModel"]
 _KEY_CACHE_SIZE = 256
+#: routing claims of a bank's keyed members: their positions among them, and the claims ``[n_claimed, hidden + 1]``
+_Claims = tuple[list[int], torch.Tensor] | None
 
 
 class Gate(Protocol):
@@ -103,11 +106,19 @@ class CentroidGate:
     "Routing on the real backbone"). A projection, not a subtraction, so a stored key's length does not matter.
 
     With ``general`` (embeddings of the shipped general prompts on this backbone, ``[n, hidden]``;
-    ``training.general_prompts.general_exemplars``) the base model is one more candidate, scored by a prompt's
-    highest similarity to any of those prompts minus ``general_margin`` (``GENERAL_MARGIN``). A prompt that scores higher there than
-    on every member's key is served by the base alone, so a question no adapter was trained for ("What is the
-    capital of France?") gets the base's answer, not one bent towards a user's facts. Exemplars, not their
-    mean: general prompts are too varied for one centroid (measured in ``tests/benchmarks/README.md``).
+    ``training.general_prompts.general_exemplars``) the base model answers a prompt that no member *holds*, so a
+    question no adapter was trained for ("What is the capital of France?") gets the base's answer, not one bent
+    towards a user's facts:
+
+    - a member with a routing claim (``routing.embeddings.fit_claim``, stored with versions trained since claims)
+      holds the prompts its claim scores above 0;
+    - a member without one holds a prompt at least as similar to its key as to the nearest general prompt less
+      ``general_margin`` (``GENERAL_MARGIN``). Exemplars, not their mean: general prompts are too varied for one
+      centroid.
+
+    The claim is the better judge (tests/benchmarks/README.md, "A probe that claims an adapter's prompts"): the
+    difference between "What's my home city?" and "What is the capital of Spain?" is a direction, not a
+    neighbourhood, and a user's later facts (a sign-off, a job) sit near general prompts.
     """
 
     def __init__(
@@ -131,7 +142,9 @@ class CentroidGate:
             if general is None or len(general) == 0
             else F.normalize(torch.as_tensor(general, dtype=torch.float32).reshape(len(general), -1), dim=-1)
         )  # [n, hidden]
-        self._keys: OrderedDict[tuple[str, int], tuple[list[int], torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._keys: OrderedDict[tuple[str, int], tuple[list[int], torch.Tensor, torch.Tensor, _Claims]] = (
+            OrderedDict()
+        )
 
     def needs_embeddings(self, user_bank: ExpertSet) -> bool:
         """With two or more keyed members there is a choice to make; with one, only against the base."""
@@ -142,7 +155,7 @@ class CentroidGate:
         batch = _check_embeddings(embeddings)
         if not user_bank.members:
             return [GateDecision() for _ in range(batch)]
-        keyed, keys, padding = self._usable_keys(user_bank, hidden=int(embeddings.shape[1]))
+        keyed, keys, padding, claims = self._usable_keys(user_bank, hidden=int(embeddings.shape[1]))
         if not keyed:
             return [_keyless_decision(user_bank, top_k=self.top_k)] * batch
         queries = F.normalize(embeddings.detach().float().cpu(), dim=-1)  # [batch, hidden]
@@ -156,17 +169,23 @@ class CentroidGate:
         decisions = top_k_decisions(routed, members=keyed, top_k=self.top_k, temperature=self.temperature)
         if self.general is None or self.general.shape[1] != queries.shape[1]:
             return decisions
-        # the base's side keeps the plain cosine, on which GENERAL_MARGIN was measured
+        # a member holds a prompt it claims; one without a claim holds a prompt at least as near its key as the
+        # nearest general prompt less the margin (the plain cosine, on which GENERAL_MARGIN was measured)
         general = (queries @ self.general.T).max(dim=1).values - self.general_margin  # [batch]
-        to_base = general > scores.max(dim=1).values  # [batch]
+        holds = scores >= general[:, None]  # [batch, n_keyed]
+        if claims is not None:
+            claimed, weights = claims
+            holds[:, claimed] = claim_logits(weights, queries) > 0
+        to_base = ~holds.any(dim=1)  # [batch]: no member holds it, the base answers
         return [GateDecision() if base else d for d, base in zip(decisions, to_base.tolist(), strict=True)]
 
     def _usable_keys(
         self, user_bank: ExpertSet, *, hidden: int
-    ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    ) -> tuple[list[int], torch.Tensor, torch.Tensor, _Claims]:
         """Members with a key of the embeddings' size, their unit key vectors ``[n_keyed, k, hidden]`` (a key holds
-        one or more vectors, ``routing.embeddings.routing_key``; shorter ones are padded) and the padding mask
-        ``[n_keyed, k]`` (True = padding). Cached per bank revision."""
+        one or more vectors, ``routing.embeddings.routing_key``; shorter ones are padded), the padding mask
+        ``[n_keyed, k]`` (True = padding) and the routing claims of this size (their positions among the keyed
+        members and ``[n_claimed, hidden + 1]``; None when none has one). Cached per bank revision."""
         cache_key = (user_bank.revision, hidden)
         if cache_key in self._keys:
             self._keys.move_to_end(cache_key)
@@ -187,10 +206,15 @@ class CentroidGate:
         for row, v in enumerate(vectors):
             keys[row, : len(v)] = F.normalize(v, dim=-1)
             padding[row, : len(v)] = False
-        self._keys[cache_key] = (keyed, keys, padding)
+        found = [user_bank.members[i].routing_claim for i in keyed]
+        claimed = [j for j, c in enumerate(found) if c is not None and len(c) == hidden + 1]
+        claims = (
+            (claimed, torch.tensor([found[j] for j in claimed], dtype=torch.float32)) if claimed else None
+        )
+        self._keys[cache_key] = (keyed, keys, padding, claims)
         if len(self._keys) > _KEY_CACHE_SIZE:
             self._keys.popitem(last=False)
-        return keyed, keys, padding
+        return keyed, keys, padding, claims
 
 
 def _member_scores(queries: torch.Tensor, keys: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from lorafleet.adapters import inject_bank, serving_dtype
 from lorafleet.adapters.dense import dense_budget, densify
 from lorafleet.backbone import load_backbone
+from lorafleet.backbone.chat import general_side_on
 from lorafleet.config import Settings
 from lorafleet.routing.embeddings import common_direction, embed_prompts
 from lorafleet.routing.gates import Gate, build_gate
@@ -66,7 +67,7 @@ def build_engine(
     host_adapters: int = DEFAULT_HOST_ADAPTERS,
     host_bytes: int | None = DEFAULT_HOST_BYTES,
     general_prompts: Sequence[str] = (),
-    general_to_base: bool = False,
+    general_to_base: bool | None = False,
     on_nonfinite: OnNonFinite | None = None,
 ) -> GenerationEngine:
     """Load the backbone and build the engine (slow: seconds for the tiny backbone, minutes for large ones).
@@ -75,8 +76,8 @@ def build_engine(
     ``host_adapters``/``host_bytes``: the cache's host tier (0 adapters: none).
     ``general_prompts`` (the service passes ``training.general_prompts.ANCHOR_PROMPTS``): the mean of their
     embeddings is the backbone's common direction, which centroid gates leave out of their scores; with
-    ``general_to_base`` (``Settings.gate_general_prompts``) they are also the base model's side of every centroid
-    gate, so requests nearer one of them than to any adapter are served by the base alone
+    ``general_to_base`` (``Settings.gate_general_prompts``; None: ``backbone.chat.general_side_on``) they are also
+    the base model's side of every centroid gate, so requests that no adapter holds are served by the base alone
     (``routing.gates.CentroidGate``). None: plain cosine, among adapters only. ``on_nonfinite``: see
     ``GenerationEngine`` (the services pass ``workflows.qa_triggers.on_nonfinite_output``).
     """
@@ -117,7 +118,7 @@ def build_engine(
         gate_factory=registry_gate_factory(
             registry,
             fingerprint=bank.fingerprint,
-            general=reference if general_to_base else None,
+            general=reference if general_side_on(general_to_base, backbone.tokenizer) else None,
             common=None if reference is None else common_direction(reference),
         ),
         on_nonfinite=on_nonfinite,

@@ -43,6 +43,7 @@ from lorafleet.registry.peft_format import (
 )
 from lorafleet.registry.weight_sanity import WeightBounds, check_weight_bounds
 from lorafleet.store.blob.base import sha256_file
+from lorafleet.training.general_prompts import general_exemplars
 from lorafleet.workflows.tasks import validate_task_name
 from lorafleet.workflows.workdirs import owned_tempdir
 
@@ -107,6 +108,8 @@ class PreparedImport:
     target_config: dict[str, Any]
     #: the user whose own adapter ``adapter_name`` is; None: a task adapter
     owner_user_id: int | None = None
+    #: the gate's probe for the base side: the example prompts told from the shipped general ones
+    routing_claim: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -168,9 +171,11 @@ def prepare_import(
         folder, work_dir / "staged", fingerprint=fingerprint, bounds=request.weight_bounds or WeightBounds()
     )
     _check_loads(bank, files.directory)
-    from lorafleet.routing.embeddings import routing_key  # torch: the API checks imports without a model
+    from lorafleet.routing.embeddings import (
+        routing_key_and_claim,  # torch: the API checks imports without a model
+    )
 
-    key = routing_key(backbone, bank, prompts)
+    key, claim = routing_key_and_claim(backbone, bank, prompts, general=general_exemplars(backbone, bank))
     training_config = {
         "source": IMPORT_SOURCE,
         "source_sha256": source_sha256,
@@ -193,6 +198,7 @@ def prepare_import(
         training_config,
         target,
         request.owner_user_id,
+        claim,
     )
 
 
@@ -230,6 +236,7 @@ def register_import(
         job_id=job_id,
         status=VersionStatus.CANDIDATE,
         routing_key=prepared.routing_key,
+        routing_claim=prepared.routing_claim,
     )
     return _imported(prepared, adapter, version, None if parent is None else parent.id)
 

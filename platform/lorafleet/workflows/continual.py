@@ -42,14 +42,14 @@ from lorafleet.domain.subject import Subject
 from lorafleet.errors import BackboneMismatchError, InvalidStateError, NotFoundError, ValidationError
 from lorafleet.jobs import progress as job_progress
 from lorafleet.jobs.queue import JobQueue
-from lorafleet.routing.embeddings import routing_key
+from lorafleet.routing.embeddings import routing_key_and_claim
 from lorafleet.store.sql import record_deletion
 from lorafleet.store.sql.feedback import get_snapshot, insert_snapshot, list_feedback
 from lorafleet.store.sql.tenants import MAX_PAGE_SIZE
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.contrast import sample_contrast_rows
 from lorafleet.training.dataset import Example, UserDataset, build_dataset, reservoir_sample
-from lorafleet.training.general_prompts import anchor_examples
+from lorafleet.training.general_prompts import anchor_examples, general_exemplars
 from lorafleet.training.overrides import check_bank_fits
 from lorafleet.training.resident import Resident
 from lorafleet.training.trainer import SlotTraining, train_slots
@@ -129,6 +129,8 @@ class TrainedUser:
     reason: str
     #: the centroid gate's key for this version: pooled base embeddings of its training prompts
     routing_key: tuple[float, ...] | None
+    #: the gate's probe for the base side: those prompts told from the shipped general ones
+    routing_claim: tuple[float, ...] | None
 
 
 def parse_job_users(payload: Mapping[str, Any]) -> list[JobUser]:
@@ -423,8 +425,18 @@ class ContinualTrainer:
 
         promote, reason = promote_decision(self.promote_rule, full)
         prompts = [example.prompt for example in plan.dataset.train]
-        key = routing_key(self.backbone, self.bank, prompts, prefix=self.prefix) if prompts else None
-        return TrainedUser(plan, saved, full, promote, reason, key)
+        key, claim = (
+            routing_key_and_claim(
+                self.backbone,
+                self.bank,
+                prompts,
+                general=general_exemplars(self.backbone, self.bank),
+                prefix=self.prefix,
+            )
+            if prompts
+            else (None, None)
+        )
+        return TrainedUser(plan, saved, full, promote, reason, key, claim)
 
     # --- registering --------------------------------------------------------------------------------------
     def _register(
@@ -497,6 +509,7 @@ class ContinualTrainer:
             dataset_snapshot_id=snapshot.id,
             status=VersionStatus.CANDIDATE,
             routing_key=user.routing_key,
+            routing_claim=user.routing_claim,
         )
         return TrainedVersion(
             user_id=plan.user.user_id,

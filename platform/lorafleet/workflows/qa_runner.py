@@ -61,11 +61,12 @@ from lorafleet.qa.rules import (
     recheck_rules,
 )
 from lorafleet.qa.sampling import member_label, sample_enrolled
-from lorafleet.routing.embeddings import routing_key
+from lorafleet.routing.embeddings import routing_key_and_claim
 from lorafleet.routing.experts import Expert, resolve_user_experts
 from lorafleet.store.sql.qa_repository import NewQAReport, QAReport, QARepository
 from lorafleet.store.sql.registry_repository import RegistryRepository
 from lorafleet.store.sql.routing_repository import RoutingRepository
+from lorafleet.training.general_prompts import general_exemplars
 from lorafleet.training.resident import Resident
 from lorafleet.workflows.live_alias import PASSING_DECISIONS, earlier_live_versions, move_live, qa_decision
 
@@ -96,7 +97,7 @@ class QARunner:
         work_dir: Path | None = None,
         prefix: FrozenPrefix | None = None,
         general_prompts: Sequence[str] = (),
-        general_to_base: bool = False,
+        general_to_base: bool | None = False,
     ) -> None:
         """``prefix``: a frozen-prefix cache of this bank's model (a trainer shares its own, so holdout rows
         it scored while training are not run through the frozen layers again). ``general_prompts`` and
@@ -208,8 +209,8 @@ class QARunner:
     def _candidate_subject(self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion) -> Subject:
         previous = self.registry.live_version(tenant_id=tenant_id, adapter_id=adapter.id)
         user_bank = self._user_bank(adapter)
-        key = self._routing_key(tenant_id=tenant_id, adapter=adapter, version=version)
-        return Subject(QAKind.CANDIDATE, tenant_id, adapter, version, previous, user_bank, key)
+        key, claim = self._routing(tenant_id=tenant_id, adapter=adapter, version=version)
+        return Subject(QAKind.CANDIDATE, tenant_id, adapter, version, previous, user_bank, key, claim)
 
     def _decided(self, tenant_id: int, version: AdapterVersion) -> bool:
         """Whether QA's latest decision on the version lets it be live (``promote`` or ``keep``)."""
@@ -226,8 +227,10 @@ class QARunner:
             if replaced is None
             else self.registry.get_version_by_id(tenant_id=tenant_id, version_id=replaced)
         )
-        key = self._routing_key(tenant_id=tenant_id, adapter=adapter, version=version)
-        return Subject(QAKind.CANDIDATE, tenant_id, adapter, version, previous, self._user_bank(adapter), key)
+        key, claim = self._routing(tenant_id=tenant_id, adapter=adapter, version=version)
+        return Subject(
+            QAKind.CANDIDATE, tenant_id, adapter, version, previous, self._user_bank(adapter), key, claim
+        )
 
     def _enrolled_banks(self, subject: Subject, own: EvalSet) -> dict[str, Any]:
         """The task candidate in the banks of a sample of its enrolled users, each against the candidate rules
@@ -276,20 +279,23 @@ class QARunner:
             "banks": banks,
         }
 
-    def _routing_key(
+    def _routing(
         self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion
-    ) -> tuple[float, ...] | None:
-        """The candidate's routing key; a personal candidate without one gets it from its training prompts."""
-        key = self.db.run(self._qa.routing_key, version_id=version.id)
-        if key is not None or adapter.is_task_adapter or not self.policy.compute_missing_routing_key:
-            return key
+    ) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+        """The candidate's routing key and claim; a personal candidate missing either (trained or imported before
+        claims) gets both from its training prompts."""
+        key, claim = self.db.run(self._qa.routing, version_id=version.id)
+        if (key is not None and claim is not None) or adapter.is_task_adapter:
+            return key, claim
+        if not self.policy.compute_missing_routing_key:
+            return key, claim
         prompts = training_prompts(self.db, tenant_id=tenant_id, version=version)
         if not prompts:
-            return None
-
-        computed = routing_key(self.backbone, self.bank, prompts)
-        self.registry.set_routing_key(tenant_id=tenant_id, version_id=version.id, key=computed)
-        return computed
+            return key, claim
+        general = general_exemplars(self.backbone, self.bank)
+        key, claim = routing_key_and_claim(self.backbone, self.bank, prompts, general=general)
+        self.registry.set_routing_key(tenant_id=tenant_id, version_id=version.id, key=key, claim=claim)
+        return key, claim
 
     # --- rechecks -----------------------------------------------------------------------------------------
     def run_recheck(
@@ -375,8 +381,10 @@ class QARunner:
         return f"user {user!r} unenrolled from task adapter {culprit.adapter_name!r}"
 
     def _recheck_subject(self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion) -> Subject:
-        key = self.db.run(self._qa.routing_key, version_id=version.id)
-        return Subject(QAKind.RECHECK, tenant_id, adapter, version, None, self._user_bank(adapter), key)
+        key, claim = self.db.run(self._qa.routing, version_id=version.id)
+        return Subject(
+            QAKind.RECHECK, tenant_id, adapter, version, None, self._user_bank(adapter), key, claim
+        )
 
     def _find_rollback(
         self, subject: Subject, own: EvalSet

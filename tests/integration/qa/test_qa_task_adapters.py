@@ -78,8 +78,8 @@ def test_a_task_trained_from_its_feedback_serves_its_enrolled_users_until_they_l
     [version] = world.registry.list_versions(tenant_id=world.tenant_id, adapter_id=task.id)
     [report] = reports_for_version(world.db, tenant_id=world.tenant_id, version_id=version.id)
     assert version.status == "live", report.reasons
-    with world.db.session() as s:  # its routing key was computed when it was trained
-        assert QARepository(dialect=world.db.dialect).routing_key(s, version_id=version.id) is not None
+    with world.db.session() as s:  # its routing key and claim were computed when it was trained
+        assert None not in QARepository(dialect=world.db.dialect).routing(s, version_id=version.id)
     _, document = load_report(world.db, world.registry, report_id=report.id, tenant_id=world.tenant_id)
     assert report.decision == "promote", report.reasons
     assert sorted(document["enrolled"]["evaluated"]) == ["alice", "bob"]  # evaluated in their banks too
@@ -251,7 +251,7 @@ def test_an_imported_peft_adapter_goes_through_its_import_job_and_qa_like_a_trai
         (second, first, "imported")
     ]
     with world.db.session() as s:
-        assert QARepository(dialect=world.db.dialect).routing_key(s, version_id=second) is not None
+        assert None not in QARepository(dialect=world.db.dialect).routing(s, version_id=second)
 
     # once the task has feedback, an import is scored on the holdout of it (whatever QA then decides)
     ingest_task_feedback(

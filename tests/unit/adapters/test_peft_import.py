@@ -39,11 +39,12 @@ from lorafleet.errors import (
     WeightBoundsError,
 )
 from lorafleet.registry import Registry
-from lorafleet.routing.embeddings import routing_key
+from lorafleet.routing.embeddings import embed_prompts, fit_claim, routing_key
 from lorafleet.store.blob import BlobStore, open_blob_store
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.models import SqlAdapter, SqlAdapterVersion, SqlJob, SqlTenant
 from lorafleet.store.sql.qa_repository import QARepository
+from lorafleet.training.general_prompts import general_exemplars
 from lorafleet.workflows.adapter_import import (
     ImportedAdapter,
     ImportRequest,
@@ -286,9 +287,12 @@ def _import_and_check(
     assert registry.lineage(tenant_id=tenant_id, version_id=version.id).edges == ()
 
     with database.session() as s:
-        stored_key = QARepository(dialect=database.dialect).routing_key(s, version_id=version.id)
+        stored_key, stored_claim = QARepository(dialect=database.dialect).routing(s, version_id=version.id)
     assert stored_key == pytest.approx(imported.routing_key, rel=1e-12, abs=1e-12)
     assert imported.routing_key == pytest.approx(routing_key(backbone, bank, PROMPTS), abs=1e-6)
+    # the claim: the example prompts told from the shipped general prompts on this backbone
+    general = general_exemplars(backbone, bank)
+    assert stored_claim == pytest.approx(fit_claim(embed_prompts(backbone, bank, PROMPTS), general), abs=1e-6)
 
     folder = registry.fetch_version(version=version, dest_dir=tmp_path / "fetched")
     with safe_open(str(folder / WEIGHTS), framework="pt") as f:

@@ -66,15 +66,17 @@ def add_live_version(
     adapter_id: int,
     seed: int,
     key: tuple[float, ...] | None = None,
+    claim: tuple[float, ...] | None = None,
     promote: bool = True,
 ) -> int:
-    """Register a version (with an optional routing key), promote it, return its id."""
+    """Register a version (with an optional routing key and claim), promote it, return its id."""
     version = registry.register_version(
         tenant_id=tenant_id,
         adapter_id=adapter_id,
         adapter_dir=write_adapter_dir(tmp / f"v-{adapter_id}-{seed}", seed=seed),
         base_fingerprint="fp",
         routing_key=key,
+        routing_claim=claim,
     )
     if promote:
         registry.promote(tenant_id=tenant_id, adapter_id=adapter_id, number=version.number, actor="test")
@@ -82,7 +84,12 @@ def add_live_version(
 
 
 def member(
-    index: int, *, key: tuple[float, ...] | None, kind: str = "personal", name: str | None = None
+    index: int,
+    *,
+    key: tuple[float, ...] | None,
+    kind: str = "personal",
+    name: str | None = None,
+    claim: tuple[float, ...] | None = None,
 ) -> Expert:
     """A bank member for gate tests (ids derived from ``index``)."""
     return Expert(
@@ -95,6 +102,7 @@ def member(
         size_bytes=1,
         rank=4,
         routing_key=key,
+        routing_claim=claim,
     )
 
 

@@ -124,6 +124,32 @@ def test_routing_key_is_stored_with_a_version_and_changes_the_revision(
         add_live_version(registry, tmp_path, tenant_id=world.a, adapter_id=own, seed=1, key=(float("inf"),))
 
 
+def test_a_routing_claim_is_stored_with_a_version_and_changes_the_revision(
+    database: Database, registry: Registry, world: World, tmp_path: Path
+) -> None:
+    own = _adapter(registry, tenant=world.a, owner=world.alice, name="style")
+    first = add_live_version(
+        registry, tmp_path, tenant_id=world.a, adapter_id=own, seed=0, key=(0.0, 1.0), claim=(1.0, 2.0, -0.5)
+    )
+    bank = _bank(database, world)
+    assert bank.members[0].routing_claim == (1.0, 2.0, -0.5)
+    registry.set_routing_key(tenant_id=world.a, version_id=first, key=[0.0, 1.0], claim=[3.0, 0.0, 1.0])
+    after = _bank(database, world)
+    assert after.members[0].routing_claim == (3.0, 0.0, 1.0) and after.revision != bank.revision
+    registry.set_routing_key(tenant_id=world.a, version_id=first, key=[1.0, 0.0])  # no claim: kept
+    assert _bank(database, world).members[0].routing_claim == (3.0, 0.0, 1.0)
+    for bad in ([], [float("nan"), 1.0], [0.0, 0.0], ["x"]):
+        with pytest.raises(ValidationError, match="routing claim"):
+            registry.set_routing_key(tenant_id=world.a, version_id=first, key=[1.0], claim=bad)  # type: ignore[arg-type]
+    assert _bank(database, world).members[0].routing_key == (1.0, 0.0)  # a refused claim changed nothing
+    versions = len(registry.list_versions(tenant_id=world.a, adapter_id=own))
+    with pytest.raises(ValidationError, match="routing claim"):
+        add_live_version(
+            registry, tmp_path, tenant_id=world.a, adapter_id=own, seed=1, key=(1.0,), claim=(0.0,)
+        )
+    assert len(registry.list_versions(tenant_id=world.a, adapter_id=own)) == versions  # no row written
+
+
 def test_cross_tenant_and_personal_adapters_cannot_be_enrolled_in(
     database: Database, registry: Registry, world: World, tmp_path: Path
 ) -> None:

@@ -294,6 +294,8 @@ class SqlAdapterVersion(Base):
     )
     #: normalised mean of pooled base-model embeddings of the training prompts (the centroid gate's key)
     routing_key: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    #: the version's routing claim (``routing.embeddings.fit_claim``), for the gate's base side; null before it
+    routing_claim: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     #: when the version was revoked (a record it was trained on was deleted: ``lorafleet.workflows.deletion``)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -150,9 +150,20 @@ class QARepository(DialectRepository):
             out.extend(to_feedback_record(row) for row in session.scalars(stmt))
         return out
 
-    def routing_key(self, session: Session, *, version_id: int) -> tuple[float, ...] | None:
-        key = session.scalar(select(SqlAdapterVersion.routing_key).where(SqlAdapterVersion.id == version_id))
-        return None if key is None else tuple(float(v) for v in key)
+    def routing(
+        self, session: Session, *, version_id: int
+    ) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+        """A version's routing key and routing claim (either None when not stored)."""
+        found = session.execute(
+            select(SqlAdapterVersion.routing_key, SqlAdapterVersion.routing_claim).where(
+                SqlAdapterVersion.id == version_id
+            )
+        ).first()
+        key, claim = (None, None) if found is None else found
+        return (
+            None if key is None else tuple(float(v) for v in key),
+            None if claim is None else tuple(float(v) for v in claim),
+        )
 
     def user_external_id(self, session: Session, *, tenant_id: int, user_id: int) -> str:
         found = session.scalar(

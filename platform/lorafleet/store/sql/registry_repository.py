@@ -69,6 +69,8 @@ class NewVersion(VersionContent):
     parents: tuple[tuple[int, LineageRelation], ...]
     #: the centroid gate's key (a unit vector of the backbone's hidden size), when known
     routing_key: tuple[float, ...] | None = None
+    #: the gate's probe for the base side (``routing.embeddings.fit_claim``), when known
+    routing_claim: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,7 @@ class RegistryRepository(DialectRepository):
             job_id=new.job_id,
             dataset_snapshot_id=new.dataset_snapshot_id,
             routing_key=None if new.routing_key is None else list(new.routing_key),
+            routing_claim=None if new.routing_claim is None else list(new.routing_claim),
             created_at=utcnow(),
         )
         session.add(row)
@@ -388,14 +391,24 @@ class RegistryRepository(DialectRepository):
         return window
 
     def set_routing_key(
-        self, session: Session, *, tenant_id: int, version_id: int, key: tuple[float, ...]
+        self,
+        session: Session,
+        *,
+        tenant_id: int,
+        version_id: int,
+        key: tuple[float, ...],
+        claim: tuple[float, ...] | None = None,
     ) -> None:
-        """Store a version's routing key (derived metadata; the weights stay immutable)."""
+        """Store a version's routing key, and its routing claim when given (derived metadata; the weights stay
+        immutable)."""
         self.get_version_by_id(session, tenant_id=tenant_id, version_id=version_id)
+        values: dict[str, Any] = {"routing_key": list(key)}
+        if claim is not None:
+            values["routing_claim"] = list(claim)
         session.execute(
             update(SqlAdapterVersion)
             .where(SqlAdapterVersion.id == version_id)
-            .values(routing_key=list(key))
+            .values(**values)
             .execution_options(synchronize_session=False)
         )
 

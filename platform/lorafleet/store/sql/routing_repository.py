@@ -51,6 +51,7 @@ class LiveAdapterRow:
     size_bytes: int
     rank: int
     routing_key: tuple[float, ...] | None
+    routing_claim: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ _LIVE_ROW_COLUMNS = (
     SqlAdapterVersion.size_bytes,
     SqlAdapterVersion.rank,
     SqlAdapterVersion.routing_key,
+    SqlAdapterVersion.routing_claim,
 )
 
 
@@ -367,7 +369,7 @@ class RoutingRepository(DialectRepository):
 
 
 def _live_row(row: Any) -> LiveAdapterRow:
-    adapter_id, name, owner, kind, version_id, number, sha256, size, rank, key = row
+    adapter_id, name, owner, kind, version_id, number, sha256, size, rank, key, claim = row
     return LiveAdapterRow(
         adapter_id=int(adapter_id),
         adapter_name=str(name),
@@ -379,6 +381,7 @@ def _live_row(row: Any) -> LiveAdapterRow:
         size_bytes=int(size),
         rank=int(rank),
         routing_key=None if key is None else tuple(float(v) for v in key),
+        routing_claim=None if claim is None else tuple(float(v) for v in claim),
     )
 
 
