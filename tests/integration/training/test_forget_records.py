@@ -31,6 +31,7 @@ from lorafleet.jobs import JobQueue, JobWorker, Scheduler, SchedulerPolicy
 from lorafleet.registry import Registry
 from lorafleet.store.sql.database import Database
 from lorafleet.store.sql.feedback import create_snapshot, get_snapshot, read_backlog
+from lorafleet.store.sql.qa_repository import QARepository
 from lorafleet.store.sql.tenants import TenantRepository
 from lorafleet.training.overrides import set_tenant_training
 from lorafleet.training.trainer import train_slots
@@ -128,6 +129,8 @@ def test_forgetting_a_replayed_record_revokes_its_versions_and_descendants_and_r
         r.id: r.content_hash for r in list_feedback(database, tenant_id=tenant_id, user_external_id="ann")
     }
     assert _servable_snapshots_hold(database, registry, tenant_id, adapter_id, forgotten)
+    for v in (v1, v2, v3):  # routing keys and claims, as training stores them (derived from the prompts)
+        registry.set_routing_key(tenant_id=tenant_id, version_id=v.id, key=[1.0, 0.0], claim=[0.5, 0.5, -1.0])
 
     asked = datetime.now(UTC)
     receipt = _forget_ids(database, registry, tenant_id, "ann", [forgotten])
@@ -135,6 +138,12 @@ def test_forgetting_a_replayed_record_revokes_its_versions_and_descendants_and_r
 
     statuses = [v.status for v in registry.list_versions(tenant_id=tenant_id, adapter_id=adapter_id)]
     assert statuses == ["live", "revoked", "revoked"]
+    routing = {
+        v.id: database.run(QARepository(dialect=database.dialect).routing, version_id=v.id)
+        for v in (v1, v2, v3)
+    }
+    # a revoked version's key and claim, computed from the forgotten prompts, are erased; the live one's stay
+    assert routing == {v1.id: ((1.0, 0.0), (0.5, 0.5, -1.0)), v2.id: (None, None), v3.id: (None, None)}
     assert not _servable_snapshots_hold(database, registry, tenant_id, adapter_id, forgotten)
     last = registry.alias_history(tenant_id=tenant_id, adapter_id=adapter_id)[-1]
     assert (last.from_version_id, last.to_version_id, last.reason) == (v3.id, v1.id, "records-deleted")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, null, select, update
 from sqlalchemy.orm import Session
 
 from lorafleet.domain import VersionStatus
@@ -126,12 +126,16 @@ def versions_trained_on(session: Session, *, user_id: int, record_ids: Iterable[
 
 
 def revoke_versions(session: Session, *, version_ids: Iterable[int], at: datetime) -> None:
-    """Mark the versions ``revoked`` at ``at`` (final: never served, never a promote or rollback target)."""
+    """Mark the versions ``revoked`` at ``at`` (final: never served, never a promote or rollback target), and
+    erase their routing keys and claims, which were computed from their training prompts (a revoked version is
+    never routed to)."""
     for chunk in chunks(sorted(set(version_ids))):
         session.execute(
             update(SqlAdapterVersion)
             .where(SqlAdapterVersion.id.in_(chunk))
-            .values(status=VersionStatus.REVOKED.value, revoked_at=at)
+            .values(
+                status=VersionStatus.REVOKED.value, revoked_at=at, routing_key=null(), routing_claim=null()
+            )
             .execution_options(synchronize_session=False)
         )
 
