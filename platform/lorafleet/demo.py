@@ -163,10 +163,16 @@ def _stop_local_ray() -> None:
 # --- asking ----------------------------------------------------------------------------------------------------
 def _answers(client: Client, asks: Sequence[tuple[str, str]]) -> list[str]:
     """Greedy answers to ``(user, prompt)`` pairs, sent concurrently so the engine serves them in shared batches."""
+    return [answer for answer, _ in _served_answers(client, asks)]
 
-    def one(ask: tuple[str, str]) -> str:
+
+def _served_answers(client: Client, asks: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """As ``_answers``, each with what served it: the adapters' names, or "the base" when the gate chose none."""
+
+    def one(ask: tuple[str, str]) -> tuple[str, str]:
         out = client.generate(ask[0], ask[1], max_tokens=MAX_TOKENS, temperature=0.0)
-        return " ".join(out.text.split())
+        served = ", ".join(s.adapter for s in out.served_by if s.weight > 0) or "the base"
+        return " ".join(out.text.split()), served
 
     with ThreadPoolExecutor(PARALLEL_REQUESTS) as pool:
         return list(pool.map(one, asks))
@@ -373,17 +379,19 @@ def _show_results(client: Client, runs: list[UserRun]) -> None:
 
 
 def _general_question(client: Client, runs: list[UserRun]) -> None:
-    """A general question whose answer must not change: no personal fact leaks into it."""
+    """A general question whose answer must not change: no personal fact leaks into it. The gate's base side
+    answers it with the base model when none of the user's adapters claims it (README, "General prompts go to
+    the base")."""
     names = ["demo-nobody", *(r.name for r in runs)]
-    answers = _answers(client, [(n, GENERAL_QUESTION) for n in names])
+    answers = _served_answers(client, [(n, GENERAL_QUESTION) for n in names])
     people = [r.person for r in runs]
     print()
-    print(f"a general question, {GENERAL_QUESTION!r}:")
-    for name, answer in zip(names, answers, strict=True):
+    print(f"a general question, {GENERAL_QUESTION!r} (served by):")
+    for name, (answer, served) in zip(names, answers, strict=True):
         leaked = personal_values_in(answer, people)
         note = f"  <- mentions {leaked}" if leaked else ""
         label = "base model" if name == "demo-nobody" else name
-        print(f"  {label:11} {_short(answer, 70)}{note}")
+        print(f"  {label:11} {_short(answer, 56):56} ({served}){note}")
 
 
 def _task_adapter_step(client: Client, run: UserRun, *, task_live: bool, timeout: float) -> None:

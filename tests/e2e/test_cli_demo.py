@@ -66,14 +66,14 @@ def check_demo_output(out: str, *, users: tuple[str, ...]) -> None:
     assert sum(personal for _, personal, _ in scores.values()) >= 0.75 * sum(
         n for *_, n in scores.values()
     ), out
-    assert "a general question, 'What is the capital of France?'" in out
+    assert "a general question, 'What is the capital of France?' (served by):" in out
     general = out.split("a general question", 1)[1].split("\n\n", 1)[0]
     lines = [line.split() for line in general.splitlines()[1:] if line.strip()]
     base = [" ".join(w) for w in lines if w[:2] == ["base", "model"]]
     answers = [" ".join(w) for w in lines if w[:1] and w[0] in scores]
     assert base and "Paris" in base[0] and len(answers) == len(users), general
-    # known limit (real-backbone issue, retention): an adapter may still answer with its user's city
-    assert sum("Paris" in answer for answer in answers) >= len(users) - 1, general
+    # no adapter claims it: the gate's base side answers it for every user, with the base's own answer
+    assert all("Paris" in answer and answer.endswith("(the base)") for answer in answers), general
     assert "task 'support-reply': 36 feedback records" in out
     assert "shared task adapter 'support-reply': version " in out
     if "QA rejected its first version" not in out:
