@@ -7,9 +7,12 @@ routed through a bank holding that one adapter:
 - the user's unseen paraphrases of their own questions (they should go to the adapter);
 - the 63 general prompts of ``general_prompts.EVAL_PROMPTS``, never used by the gate (they should go to the base).
 
-The base's side is built from ``ANCHOR_PROMPTS`` two ways: ``centroid`` (one key, their mean, compared like an
-adapter's key) and ``exemplars`` (the highest similarity to any of them: what ``routing.gates.CentroidGate`` does),
-each at several margins (the base wins when its score minus the margin beats the adapter's). The table gives,
+The base's side is built from ``ANCHOR_PROMPTS`` three ways: ``centroid`` (one key, their mean, compared like an
+adapter's key) and ``exemplars`` (the highest similarity to any of them: what ``routing.gates.CentroidGate`` does
+for a version without a routing claim), each at several margins (the base wins when its score minus the margin
+beats the adapter's), and ``routing claim`` (``routing.embeddings.fit_claim``: a linear probe fitted on the
+adapter's training prompts against the anchor prompts; the base wins when its logit is not above 0: what the gate
+does for versions that store one). The table gives,
 per rule and margin, the share of personal questions kept on the adapter and of general prompts sent to the
 base, per seed. The gate's ``GENERAL_MARGIN`` was chosen from this table. ``--rounds R`` gives each user the
 facts of rounds 1..R: the key is built from all their training prompts (as a continuing version's, replay
@@ -35,7 +38,13 @@ import torch.nn.functional as F  # noqa: E402
 
 from lorafleet.adapters import inject_bank  # noqa: E402
 from lorafleet.backbone import load_backbone  # noqa: E402
-from lorafleet.routing.embeddings import common_direction, embed_prompts, key_vectors  # noqa: E402
+from lorafleet.routing.embeddings import (  # noqa: E402
+    claim_logits,
+    common_direction,
+    embed_prompts,
+    fit_claim,
+    key_vectors,
+)
 from lorafleet.routing.gates import GENERAL_MARGIN  # noqa: E402
 from lorafleet.training.general_prompts import ANCHOR_PROMPTS, EVAL_PROMPTS  # noqa: E402
 from lorafleet.training.personal_facts import make_users, split_questions, user_examples  # noqa: E402
@@ -135,6 +144,10 @@ def main() -> None:
                 embedded = embed_prompts(backbone, bank, train)  # [n_train, hidden]
                 unseen = [q for f in user.facts_of(rounds) for q in split_questions(f.kind, seed=seed)[1]]
                 asked = embed_prompts(backbone, bank, unseen)  # [n_unseen, hidden]
+                claim = torch.tensor([fit_claim(embedded, anchors)])  # [1, hidden + 1]
+                for prompts, out in ((asked, personal_margin), (general, general_margin)):
+                    # the claim's logit is the margin: above 0 the adapter holds the prompt
+                    out.setdefault("routing claim", []).extend(claim_logits(claim, prompts)[:, 0].tolist())
                 for side in args.sides:
                     keys = adapter_keys(embedded, side)  # [k, hidden], unit rows
                     for prompts, out in ((asked, personal_margin), (general, general_margin)):
@@ -146,9 +159,14 @@ def main() -> None:
                             (adapter - (prompts @ anchors.T).max(dim=1).values).tolist()
                         )
             for rule in personal_margin:
-                for margin in MARGINS:  # the base wins when adapter score - base score < -margin
-                    kept = sum(d >= -margin for d in personal_margin[rule]) / len(personal_margin[rule])
-                    based = sum(d < -margin for d in general_margin[rule]) / len(general_margin[rule])
+                for margin in (0.0,) if rule == "routing claim" else MARGINS:
+                    # the base wins when adapter score - base score < -margin (a claim: when its logit <= 0)
+                    if rule == "routing claim":
+                        kept = sum(d > 0 for d in personal_margin[rule]) / len(personal_margin[rule])
+                        based = sum(d <= 0 for d in general_margin[rule]) / len(general_margin[rule])
+                    else:
+                        kept = sum(d >= -margin for d in personal_margin[rule]) / len(personal_margin[rule])
+                        based = sum(d < -margin for d in general_margin[rule]) / len(general_margin[rule])
                     rows.setdefault((rule, margin), []).append(f"{100 * kept:.0f} / {100 * based:.0f}")
         print(
             f"backbone {args.backbone} ({args.quantization}), {args.users} users, rounds 1-{args.rounds}, "

@@ -69,7 +69,7 @@ from quality_real_eval import (  # noqa: E402
 from lorafleet.adapters import AdapterBank, inject_bank  # noqa: E402
 from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
-from lorafleet.routing.embeddings import common_direction, embed_prompts, routing_key  # noqa: E402
+from lorafleet.routing.embeddings import common_direction, embed_prompts, fit_claim, routing_key  # noqa: E402
 from lorafleet.routing.gates import GENERAL_MARGIN  # noqa: E402
 from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS, TrainingConfig  # noqa: E402
 from lorafleet.training.contrast import CONTRAST_FIRST_ID, sample_contrast_rows  # noqa: E402
@@ -414,10 +414,18 @@ def evaluate(
         spans[name] = (start, len(rows))
     if gated is not None:  # arm ``gated`` as serving routes it: the gate may pick the base (arm "gated")
         keys = {u.key: user_key(ctx, u, rounds, seed) for u in users}
-        for i, margin in enumerate(ctx.args.general_margins):  # "gated" at the first margin, "gated@m" after
+        claims = {u.key: user_claim(ctx, u, rounds, seed) for u in users}
+        start = len(
+            rows
+        )  # "gated": the base answers what the adapter does not claim (versions that store a claim)
+        rows += gated_rows(ctx.backbone, ctx.bank, rows[slice(*spans[gated])], keys, claims=claims)
+        spans["gated"] = (start, len(rows))
+        for (
+            margin
+        ) in ctx.args.general_margins:  # "gated@m": the nearest general prompt (versions without one)
             start = len(rows)
             rows += gated_rows(ctx.backbone, ctx.bank, rows[slice(*spans[gated])], keys, margin=margin)
-            spans["gated" if i == 0 else f"gated@{margin:g}"] = (start, len(rows))
+            spans[f"gated@{margin:g}"] = (start, len(rows))
     if experts is not None:
         start, unrouted = len(rows), personal_rows(users, {u.key: None for u in users}, rounds, seed)
         if general:
@@ -432,6 +440,14 @@ def user_key(ctx: Context, user: PersonalUser, rounds: list[int], seed: int) -> 
     """The routing key continual training stores for the user's adapter: its training prompts, embedded."""
     prompts = [e.prompt for e in user_examples(user, rounds=rounds, split="train", seed=seed)]
     return routing_key(ctx.backbone, ctx.bank, prompts)
+
+
+def user_claim(ctx: Context, user: PersonalUser, rounds: list[int], seed: int) -> tuple[float, ...]:
+    """The routing claim continual training stores with the user's adapter (its training prompts against the
+    shipped general prompts)."""
+    prompts = [e.prompt for e in user_examples(user, rounds=rounds, split="train", seed=seed)]
+    own = embed_prompts(ctx.backbone, ctx.bank, prompts)
+    return fit_claim(own, general_exemplars(ctx.backbone, ctx.bank))
 
 
 def base_accuracy(ctx: Context, users: list[PersonalUser], seed: int) -> float:
@@ -632,6 +648,9 @@ def pair(figures: dict[str, float], a: str, b: str, fmt: Any = pct) -> str:
     return f"{fmt(figures.get(a, math.nan))} / {fmt(figures.get(b, math.nan))}"
 
 
+#: the gate's arm without claims at its default margin (``--general-margins``' default)
+NEAREST = f"gated@{GENERAL_MARGIN:g}"
+
 ROUND_ONE_COLUMNS: list[tuple[str, Any]] = [
     ("base acc", lambda f: pct(f["base_acc"])),
     ("acc: anchors / none", lambda f: pair(f, "r1_anchors_acc", "r1_plain_acc")),
@@ -647,10 +666,14 @@ ROUND_ONE_COLUMNS: list[tuple[str, Any]] = [
     ("KL nats/token: anchors / none", lambda f: pair(f, "r1_anchors_kl", "r1_plain_kl", num)),
     ("ΔNLL nats/token: anchors / none", lambda f: pair(f, "r1_anchors_dnll", "r1_plain_dnll", num)),
     (
-        "served through the gate: acc / cross leak / general clean",
+        "served through the gate, claims: acc / cross leak / general clean",
         lambda f: (
             f"{pct(f['r1_gated_acc'])} / {pct(f['r1_gated_cross_leak'])} / {pct(f['r1_gated_general_clean'])}"
         ),
+    ),
+    (
+        "the gate, nearest general prompt: acc / general clean",
+        lambda f: pair(f, f"r1_{NEAREST}_acc", f"r1_{NEAREST}_general_clean"),
     ),
     (
         "train s (CPU s) / eval s",
@@ -674,8 +697,12 @@ def last_round_columns(r: int) -> list[tuple[str, Any]]:
         ),
         ("KL: replay / none", lambda f: pair(f, f"r{r}_replay_kl", f"r{r}_noreplay_kl", num)),
         (
-            "served through the gate (replay): acc / general clean",
+            "served through the gate (replay), claims: acc / general clean",
             lambda f: pair(f, f"r{r}_gated_acc", f"r{r}_gated_general_clean"),
+        ),
+        (
+            "the gate, nearest general prompt: acc / general clean",
+            lambda f: pair(f, f"r{r}_{NEAREST}_acc", f"r{r}_{NEAREST}_general_clean"),
         ),
         (
             f"a new adapter a round, gated (expand): acc R1..R{r} / R1 acc / forgetting / general clean",

@@ -286,18 +286,21 @@ def gated_rows(
     keys: Mapping[str, Sequence[float]],
     *,
     margin: float | None = None,
+    claims: Mapping[str, Sequence[float]] | None = None,
 ) -> list[Row]:
     """``rows`` as serving routes them: each user's experts holds its one adapter (routing key ``keys[user]``), and
     the centroid gate with the backbone's general key sends a prompt nearer the general prompts to the base
     (``slot`` None). The gate is the production one (``routing.gates.CentroidGate``), at its default margin
-    unless ``margin`` is given."""
+    unless ``margin`` is given; with ``claims`` (the adapters' routing claims, by user) the base answers what the
+    adapter does not claim, as it does for versions that store one."""
     gate = CentroidGate(
         general=general_exemplars(backbone, bank), general_margin=GENERAL_MARGIN if margin is None else margin
     )
     embeddings = embed_prompts(backbone, bank, [r.prompt for r in rows])  # [rows, hidden]
     out = []
     for i, row in enumerate(rows):
-        member = Expert(1, row.user, "personal", 1, 1, "x", 0, 8, tuple(keys[row.user]))
+        claim = None if claims is None else tuple(claims[row.user])
+        member = Expert(1, row.user, "personal", 1, 1, "x", 0, 8, tuple(keys[row.user]), claim)
         bank = ExpertSet(1, 1, row.user, (member,), GateSpec(), f"bench/{row.user}")
         (decision,) = gate.decide(bank, embeddings[i : i + 1])
         out.append(Row(row.prompt, row.slot if decision.routes else None, row.user, row.fact))
