@@ -173,6 +173,12 @@ def key_vectors(embeddings: torch.Tensor, k: int, *, iterations: int = 25) -> to
 #: L2 weight of a routing claim's probe (on standardised features). Measured on SmolLM2-135M
 #: (tests/benchmarks/bench_gate_general.py, 3 seeds of 4 users): 0.001-0.1 give the same routing within a point
 CLAIM_WEIGHT_DECAY = 0.1
+#: a probe that claims less than this share of its own training prompts, or more than 1 - this share of the
+#: general prompts, could not tell them apart: the adapter was trained on general prompts (a style or register
+#: preference, which its user wants on general questions too) and claims every prompt instead
+CLAIM_MIN_SEPARATION = 0.9
+#: the claim of an adapter whose prompts are general ones: every prompt (weights 0, this bias)
+CLAIM_EVERYTHING_BIAS = 1.0
 
 
 def fit_claim(
@@ -192,6 +198,11 @@ def fit_claim(
     logit above 0 is claimed. Why a probe and not the nearest general prompt: the difference between "What's my
     home city?" and "What is the capital of Spain?" is a direction (the first person, a possessive), not a
     neighbourhood; measured in tests/benchmarks/README.md ("A probe that claims an adapter's prompts").
+
+    An adapter trained on general prompts themselves (a preference for concise or formal answers, taught on
+    general questions) cannot be told from them: when the probe claims less than ``CLAIM_MIN_SEPARATION`` of
+    ``own`` or more than ``1 - CLAIM_MIN_SEPARATION`` of ``general``, the claim is every prompt (weights 0, bias
+    ``CLAIM_EVERYTHING_BIAS``), so such an adapter keeps answering general questions as its user asked.
     """
     if (
         own.dim() != 2
@@ -224,6 +235,11 @@ def fit_claim(
         optimizer.step(objective)
     folded = weight.detach() / scale  # logit = x @ folded + folded_bias
     folded_bias = bias.detach() - (mean * folded).sum()
+    logits = x @ folded + folded_bias  # [n + m]
+    own_claimed = float((logits[: len(own)] > 0).double().mean())
+    general_claimed = float((logits[len(own) :] > 0).double().mean())
+    if own_claimed < CLAIM_MIN_SEPARATION or general_claimed > 1 - CLAIM_MIN_SEPARATION:
+        return (0.0,) * x.shape[1] + (CLAIM_EVERYTHING_BIAS,)
     return tuple(float(v) for v in torch.cat([folded, folded_bias]).tolist())
 
 

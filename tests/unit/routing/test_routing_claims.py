@@ -14,7 +14,7 @@ from routing_helpers import member, user_bank
 
 from lorafleet.errors import ValidationError
 from lorafleet.routing import CentroidGate, GateDecision
-from lorafleet.routing.embeddings import claim_logits, fit_claim
+from lorafleet.routing.embeddings import CLAIM_EVERYTHING_BIAS, claim_logits, fit_claim
 
 
 def _clusters(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +40,18 @@ def test_a_claim_separates_its_own_prompts_from_general_ones_and_generalises() -
     assert (claim_logits(claims, unseen_own) > 0).float().mean() >= 0.9
     assert (claim_logits(claims, unseen_general) <= 0).float().mean() >= 0.9
     assert fit_claim(own, general) == claim  # deterministic
+
+
+def test_an_adapter_trained_on_general_prompts_claims_every_prompt() -> None:
+    """A style preference taught on general questions: its prompts cannot be told from general ones, and its
+    user wants it on general questions too."""
+    own, general = _clusters(0)
+    style = general[::3]  # its training prompts are general prompts
+    claim = fit_claim(style, general)
+    assert claim == (0.0,) * 8 + (CLAIM_EVERYTHING_BIAS,)
+    assert bool((claim_logits(torch.tensor([claim]), torch.cat([own, general])) > 0).all())
+    # mixed in with a few of its own, it still cannot be told apart
+    assert fit_claim(torch.cat([style, own[:2]]), general) == claim
 
 
 def test_fit_claim_refuses_mismatched_or_empty_embeddings() -> None:
