@@ -3,7 +3,11 @@ requests routed to the replicas that already hold that user's adapters.
 
 Routing. Each call carries Serve's *multiplexed model id*, set to the user's key ``"<tenant_id>/<user>"``
 (``user_key``). Serve prefers a replica that has loaded that "model", so a user's requests stick to a replica
-whose adapter cache already holds the user's weights, and new users go to the replica holding the fewest.
+whose adapter cache already holds the user's weights, and new users go to the replica holding the fewest. A
+preference, not a guarantee: a call that finds its user's replica slow to answer Serve's queue probe (busy
+decoding, as when a mixed list sends several users' calls at once), or comes within about a second of the user's
+first call (replicas report the users they hold every 0.1 s, and the controller passes that on to the callers),
+falls back to the replica with the fewest users, which loads the user's adapters and answers the same.
 
 Why the multiplexed "model" is only a cheap ``UserHandle``, never the user's experts or weights: a rollback or a
 promotion must be seen by every replica on its next request. The engine already guarantees that: it resolves

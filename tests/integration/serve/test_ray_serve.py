@@ -9,6 +9,7 @@ Every user of the shared fleet has a personal adapter and is enrolled in the ten
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -99,13 +100,22 @@ def fleet(serve_library: Library, folders: Folders) -> Fleet:
     return Fleet(tenant.id, users, support.id)
 
 
+#: how long a replica's newly loaded user takes to reach the callers' routers: replicas push their multiplexed
+#: model ids every 0.1 s (ray.serve's PUSH_MULTIPLEXED_MODEL_IDS_INTERVAL_S) to the controller, which long-polls
+#: them on to every handle. Until then a user's next call finds no replica holding it and goes to the one with the
+#: fewest users, possibly the other one
+ROUTING_SETTLE_S = 1.0
+
+
 def replica_by_user(client: ServeClient, fleet: Fleet) -> dict[str, str]:
-    """One request per user, one user at a time (Serve places each new user knowing where the others are)."""
+    """One request per user, one user at a time (Serve places each new user knowing where the others are, once
+    the placement has reached the router: ``ROUTING_SETTLE_S``)."""
     placed = {}
     for request in fleet.requests():
         (routed,) = client.generate_routed([request])
         assert isinstance(routed.outcome, GenerationResult), routed.outcome
         placed[request.user] = routed.replica_id
+        time.sleep(ROUTING_SETTLE_S)
     return placed
 
 
@@ -131,14 +141,22 @@ def test_a_users_requests_stick_to_one_replica_and_answer_as_in_process(
     placed = replica_by_user(serve_app, fleet)
     assert len(set(placed.values())) == 2, f"new users were not spread over both replicas: {placed}"
 
-    # later requests, alone and in mixed lists of several users, go where each user already is
+    # later requests, one at a time, go where each user already is
     for _ in range(2):
         for request in fleet.requests(prompt=PROMPTS[1]):
             (routed,) = serve_app.generate_routed([request])
             assert routed.replica_id == placed[request.user]
+    # a mixed list of several users is one concurrent call per user: each user's requests are served together,
+    # by one of the two replicas. Serve only prefers the user's replica here: a call that finds it slow to answer
+    # Serve's queue probe (busy decoding another user's call) falls back to the replica with the fewest users
+    # (ray.serve's multiplex matching), which answers the same (the test below), so no replica is asserted
     mixed = fleet.requests() + fleet.requests(prompt=PROMPTS[1])
     routed_all = serve_app.generate_routed(mixed)
-    assert [r.replica_id for r in routed_all] == [placed[r.user] for r in mixed]
+    by_user: dict[str, set[str]] = {}
+    for request, routed in zip(mixed, routed_all, strict=True):
+        by_user.setdefault(request.user, set()).add(routed.replica_id)
+    assert all(len(replicas) == 1 for replicas in by_user.values()), by_user
+    assert {r for replicas in by_user.values() for r in replicas} <= set(placed.values())
     stats = serve_app.replica_stats(user_key(fleet.tenant_id, fleet.users[0]))
     assert stats["replica_id"] == placed[fleet.users[0]] and stats["serving"]["rows_adapter"] > 0
 
