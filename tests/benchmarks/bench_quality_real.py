@@ -234,7 +234,8 @@ def parse_args() -> argparse.Namespace:
         type=float,
         nargs="+",
         default=[GENERAL_MARGIN],
-        help="the gate's general margins to measure (the first fills the table; the others are logged and in --json)",
+        help="the nearest-general-prompt rule's margins to measure (the rule of versions without a routing claim; "
+        "the default's figures fill the table, every margin's are logged and in --json)",
     )
     parser.add_argument(
         "--keep-nf4", dest="dequantize_once", action="store_false", help="dequantise per forward"
@@ -415,14 +416,12 @@ def evaluate(
     if gated is not None:  # arm ``gated`` as serving routes it: the gate may pick the base (arm "gated")
         keys = {u.key: user_key(ctx, u, rounds, seed) for u in users}
         claims = {u.key: user_claim(ctx, u, rounds, seed) for u in users}
-        start = len(
-            rows
-        )  # "gated": the base answers what the adapter does not claim (versions that store a claim)
+        # "gated": the base answers what the adapter does not claim (versions that store a claim)
+        start = len(rows)
         rows += gated_rows(ctx.backbone, ctx.bank, rows[slice(*spans[gated])], keys, claims=claims)
         spans["gated"] = (start, len(rows))
-        for (
-            margin
-        ) in ctx.args.general_margins:  # "gated@m": the nearest general prompt (versions without one)
+        # "gated@m": the nearest general prompt at margin m (versions without a claim)
+        for margin in ctx.args.general_margins:
             start = len(rows)
             rows += gated_rows(ctx.backbone, ctx.bank, rows[slice(*spans[gated])], keys, margin=margin)
             spans[f"gated@{margin:g}"] = (start, len(rows))
