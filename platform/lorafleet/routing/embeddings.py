@@ -173,10 +173,14 @@ def key_vectors(embeddings: torch.Tensor, k: int, *, iterations: int = 25) -> to
 #: L2 weight of a routing claim's probe (on standardised features). Measured on SmolLM2-135M
 #: (tests/benchmarks/bench_gate_general.py, 3 seeds of 4 users): 0.001-0.1 give the same routing within a point
 CLAIM_WEIGHT_DECAY = 0.1
-#: a probe that claims less than this share of its own training prompts, or more than 1 - this share of the
-#: general prompts, could not tell them apart: the adapter was trained on general prompts (a style or register
-#: preference, which its user wants on general questions too) and claims every prompt instead
-CLAIM_MIN_SEPARATION = 0.9
+#: a probe that, fitted without a fold of the prompts, claims less than this share of that fold's own prompts or
+#: more than 1 - this share of its general ones could not tell them apart: the adapter was trained on general
+#: prompts (a style or register preference, which its user wants on general questions too) and claims every
+#: prompt instead. Held out, not on the fitted prompts: in hundreds of dimensions a probe separates any few dozen
+#: prompts it was fitted on
+CLAIM_MIN_SEPARATION = 0.8
+#: folds of that check
+CLAIM_FOLDS = 4
 #: the claim of an adapter whose prompts are general ones: every prompt (weights 0, this bias)
 CLAIM_EVERYTHING_BIAS = 1.0
 
@@ -200,9 +204,10 @@ def fit_claim(
     neighbourhood; measured in tests/benchmarks/README.md ("A probe that claims an adapter's prompts").
 
     An adapter trained on general prompts themselves (a preference for concise or formal answers, taught on
-    general questions) cannot be told from them: when the probe claims less than ``CLAIM_MIN_SEPARATION`` of
-    ``own`` or more than ``1 - CLAIM_MIN_SEPARATION`` of ``general``, the claim is every prompt (weights 0, bias
-    ``CLAIM_EVERYTHING_BIAS``), so such an adapter keeps answering general questions as its user asked.
+    general questions) cannot be told from them: when probes fitted without each of ``CLAIM_FOLDS`` folds claim
+    less than ``CLAIM_MIN_SEPARATION`` of the held-out ``own`` rows or more than ``1 - CLAIM_MIN_SEPARATION`` of
+    the held-out ``general`` rows, the claim is every prompt (weights 0, bias ``CLAIM_EVERYTHING_BIAS``), so such
+    an adapter keeps answering general questions as its user asked.
     """
     if (
         own.dim() != 2
@@ -214,7 +219,32 @@ def fit_claim(
         raise ValidationError(
             f"fit_claim needs [n, hidden] and [m, hidden] embeddings, got {tuple(own.shape)}, {tuple(general.shape)}"
         )
-    x = torch.cat([own, general]).detach().double().cpu()  # [n + m, hidden]
+    x_own, x_general = own.detach().double().cpu(), general.detach().double().cpu()
+    if not _separable(x_own, x_general, weight_decay=weight_decay, iterations=iterations):
+        return (0.0,) * x_own.shape[1] + (CLAIM_EVERYTHING_BIAS,)
+    return tuple(float(v) for v in _probe(x_own, x_general, weight_decay=weight_decay, iterations=iterations))
+
+
+def _separable(own: torch.Tensor, general: torch.Tensor, *, weight_decay: float, iterations: int) -> bool:
+    """Whether probes fitted without each fold (row ``i`` is in fold ``i % CLAIM_FOLDS``) tell the held-out rows
+    apart: at least ``CLAIM_MIN_SEPARATION`` of ``own`` claimed, at most ``1 - CLAIM_MIN_SEPARATION`` of ``general``."""
+    own_hits = general_hits = 0
+    for fold in range(CLAIM_FOLDS):
+        own_out = torch.arange(len(own)) % CLAIM_FOLDS == fold  # [n]
+        general_out = torch.arange(len(general)) % CLAIM_FOLDS == fold  # [m]
+        if bool(own_out.all()) or bool(general_out.all()):  # too few rows to hold any out
+            continue
+        probe = _probe(own[~own_out], general[~general_out], weight_decay=weight_decay, iterations=iterations)
+        own_hits += int((own[own_out] @ probe[:-1] + probe[-1] > 0).sum())
+        general_hits += int((general[general_out] @ probe[:-1] + probe[-1] > 0).sum())
+    return own_hits >= CLAIM_MIN_SEPARATION * len(own) and general_hits <= (1 - CLAIM_MIN_SEPARATION) * len(
+        general
+    )
+
+
+def _probe(own: torch.Tensor, general: torch.Tensor, *, weight_decay: float, iterations: int) -> torch.Tensor:
+    """The fitted probe ``[hidden + 1]`` (float64): weights on the raw embeddings, then the bias."""
+    x = torch.cat([own, general])  # [n + m, hidden]
     y = torch.cat([torch.ones(len(own)), torch.zeros(len(general))]).double()  # [n + m]
     mean, scale = x.mean(dim=0), x.std(dim=0).clamp(min=1e-6)  # [hidden] each
     standard = (x - mean) / scale
@@ -235,12 +265,7 @@ def fit_claim(
         optimizer.step(objective)
     folded = weight.detach() / scale  # logit = x @ folded + folded_bias
     folded_bias = bias.detach() - (mean * folded).sum()
-    logits = x @ folded + folded_bias  # [n + m]
-    own_claimed = float((logits[: len(own)] > 0).double().mean())
-    general_claimed = float((logits[len(own) :] > 0).double().mean())
-    if own_claimed < CLAIM_MIN_SEPARATION or general_claimed > 1 - CLAIM_MIN_SEPARATION:
-        return (0.0,) * x.shape[1] + (CLAIM_EVERYTHING_BIAS,)
-    return tuple(float(v) for v in torch.cat([folded, folded_bias]).tolist())
+    return torch.cat([folded, folded_bias])
 
 
 def claim_logits(claims: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,13 @@ def test_an_adapter_trained_on_general_prompts_claims_every_prompt() -> None:
     assert bool((claim_logits(torch.tensor([claim]), torch.cat([own, general])) > 0).all())
     # mixed in with a few of its own, it still cannot be told apart
     assert fit_claim(torch.cat([style, own[:2]]), general) == claim
+    # new prompts of the general kind, in more dimensions than prompts: a probe separates the very prompts it was
+    # fitted on, but not held-out ones, so separability is judged held out
+    gen = torch.Generator().manual_seed(3)
+    wide_general = F.normalize(torch.randn(60, 96, generator=gen), dim=-1)
+    wide_style = F.normalize(torch.randn(24, 96, generator=gen), dim=-1)  # the same distribution
+    assert fit_claim(wide_style, wide_general) == (0.0,) * 96 + (CLAIM_EVERYTHING_BIAS,)
+    # (prompts of a kind of their own keep a probe: the first test above)
 
 
 def test_fit_claim_refuses_mismatched_or_empty_embeddings() -> None:
