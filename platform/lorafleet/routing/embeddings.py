@@ -170,8 +170,8 @@ def key_vectors(embeddings: torch.Tensor, k: int, *, iterations: int = 25) -> to
     return centroid
 
 
-#: L2 weight of a routing claim's probe (on standardised features). Measured on SmolLM2-135M
-#: (tests/benchmarks/bench_gate_general.py, 3 seeds of 4 users): 0.001-0.1 give the same routing within a point
+#: L2 weight of a routing claim's probe (on standardised features). On SmolLM2-135M (bench_gate_general.py's users,
+#: 3 seeds of 4, rounds 1 and 1-3; tests/benchmarks/README.md) 0.001-0.1 routed the same within a point
 CLAIM_WEIGHT_DECAY = 0.1
 #: a probe that, fitted without a fold of the prompts, claims less than this share of that fold's own prompts or
 #: more than 1 - this share of its general ones could not tell them apart: the adapter was trained on general
