@@ -69,7 +69,12 @@ from quality_real_eval import (  # noqa: E402
 from lorafleet.adapters import AdapterBank, inject_bank  # noqa: E402
 from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
-from lorafleet.routing.embeddings import common_direction, embed_prompts, fit_claim, routing_key  # noqa: E402
+from lorafleet.routing.embeddings import (  # noqa: E402
+    common_direction,
+    embed_prompts,
+    routing_key,
+    routing_key_and_claim,
+)
 from lorafleet.routing.gates import GENERAL_MARGIN  # noqa: E402
 from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS, TrainingConfig  # noqa: E402
 from lorafleet.training.contrast import CONTRAST_FIRST_ID, sample_contrast_rows  # noqa: E402
@@ -414,8 +419,9 @@ def evaluate(
             rows += general_rows(users, slots, list(ctx.base_general))
         spans[name] = (start, len(rows))
     if gated is not None:  # arm ``gated`` as serving routes it: the gate may pick the base (arm "gated")
-        keys = {u.key: user_key(ctx, u, rounds, seed) for u in users}
-        claims = {u.key: user_claim(ctx, u, rounds, seed) for u in users}
+        routing = {u.key: user_routing(ctx, u, rounds, seed) for u in users}
+        keys = {user: key for user, (key, _) in routing.items()}
+        claims = {user: claim for user, (_, claim) in routing.items()}
         # "gated": the base answers what the adapter does not claim (versions that store a claim)
         start = len(rows)
         rows += gated_rows(ctx.backbone, ctx.bank, rows[slice(*spans[gated])], keys, claims=claims)
@@ -435,18 +441,14 @@ def evaluate(
     return {name: judge(rows[a:b], answers[a:b], users, ctx.base_general) for name, (a, b) in spans.items()}
 
 
-def user_key(ctx: Context, user: PersonalUser, rounds: list[int], seed: int) -> tuple[float, ...]:
-    """The routing key continual training stores for the user's adapter: its training prompts, embedded."""
+def user_routing(
+    ctx: Context, user: PersonalUser, rounds: list[int], seed: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The routing key and claim continual training stores with the user's adapter: its training prompts,
+    embedded once (``routing_key_and_claim``, against the shipped general prompts)."""
     prompts = [e.prompt for e in user_examples(user, rounds=rounds, split="train", seed=seed)]
-    return routing_key(ctx.backbone, ctx.bank, prompts)
-
-
-def user_claim(ctx: Context, user: PersonalUser, rounds: list[int], seed: int) -> tuple[float, ...]:
-    """The routing claim continual training stores with the user's adapter (its training prompts against the
-    shipped general prompts)."""
-    prompts = [e.prompt for e in user_examples(user, rounds=rounds, split="train", seed=seed)]
-    own = embed_prompts(ctx.backbone, ctx.bank, prompts)
-    return fit_claim(own, general_exemplars(ctx.backbone, ctx.bank))
+    general = general_exemplars(ctx.backbone, ctx.bank)
+    return routing_key_and_claim(ctx.backbone, ctx.bank, prompts, general=general)
 
 
 def base_accuracy(ctx: Context, users: list[PersonalUser], seed: int) -> float:
@@ -624,7 +626,7 @@ def run_seed(ctx: Context, seed: int) -> SeedResult:
             experts = {}
             for i, user in enumerate(users):
                 copy_slot(ctx.bank, anchored[user.key], 2 * k + i)
-                experts[user.key] = [(2 * k + i, user_key(ctx, user, [1], seed))]
+                experts[user.key] = [(2 * k + i, user_routing(ctx, user, [1], seed)[0])]
         for r in range(2, ctx.args.rounds + 1):
             later_round(ctx, users, seed, r, arms, out, experts=experts)
         last = ctx.args.rounds

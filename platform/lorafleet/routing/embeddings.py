@@ -115,9 +115,7 @@ def routing_key(
     embeddings (``embed_prompts`` with its default batch and truncation; ``key_vectors``: spherical k-means),
     flattened to ``k * hidden`` floats. The gate scores a prompt by its cosine to the nearest of them.
     ``vectors=1`` gives the normalised mean, the key of earlier versions."""
-    embeddings = embed_prompts(backbone, bank, prompts, prefix=prefix)
-    key = key_vectors(embeddings, vectors)  # [k, hidden]
-    return tuple(float(v) for v in key.flatten().tolist())
+    return _flat_key(embed_prompts(backbone, bank, prompts, prefix=prefix), vectors)
 
 
 def routing_key_and_claim(
@@ -132,8 +130,12 @@ def routing_key_and_claim(
     """An adapter's routing key (:func:`routing_key`) and routing claim (:func:`fit_claim` against ``general``, the
     shipped general prompts' embeddings on this backbone), from one embedding of its training prompts."""
     embeddings = embed_prompts(backbone, bank, prompts, prefix=prefix)
-    key = key_vectors(embeddings, vectors)  # [k, hidden]
-    return tuple(float(v) for v in key.flatten().tolist()), fit_claim(embeddings, general)
+    return _flat_key(embeddings, vectors), fit_claim(embeddings, general)
+
+
+def _flat_key(embeddings: torch.Tensor, vectors: int) -> tuple[float, ...]:
+    """The routing key of pooled embeddings ``[n, hidden]``: ``key_vectors`` flattened to ``k * hidden`` floats."""
+    return tuple(float(v) for v in key_vectors(embeddings, vectors).flatten().tolist())
 
 
 @torch.no_grad()

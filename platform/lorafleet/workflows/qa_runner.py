@@ -285,9 +285,8 @@ class QARunner:
         """The candidate's routing key and claim; a personal candidate missing either (trained or imported before
         claims) gets both from its training prompts."""
         key, claim = self.db.run(self._qa.routing, version_id=version.id)
-        if (key is not None and claim is not None) or adapter.is_task_adapter:
-            return key, claim
-        if not self.policy.compute_missing_routing_key:
+        stored = key is not None and claim is not None
+        if stored or adapter.is_task_adapter or not self.policy.compute_missing_routing_key:
             return key, claim
         prompts = training_prompts(self.db, tenant_id=tenant_id, version=version)
         if not prompts:
