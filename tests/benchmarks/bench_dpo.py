@@ -66,7 +66,8 @@ from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.domain import FeedbackRecord  # noqa: E402
 from lorafleet.feedback import prepare_record  # noqa: E402
-from lorafleet.qa.facts import KNOWN_ANSWERS, facts_kept, says_answer  # noqa: E402
+from lorafleet.qa.facts import fact_prompts as all_fact_prompts  # noqa: E402
+from lorafleet.qa.facts import facts_kept, says_answer  # noqa: E402
 from lorafleet.qa.probe import probe_examples  # noqa: E402
 from lorafleet.training import preference  # noqa: E402
 from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS, TrainingConfig  # noqa: E402
@@ -80,7 +81,7 @@ from lorafleet.training.preference import (  # noqa: E402
     pair_sides,
     preference_accuracy,
 )
-from lorafleet.training.trainer import SlotTraining, train_slots  # noqa: E402
+from lorafleet.training.trainer import EvalResult, SlotTraining, train_slots  # noqa: E402
 
 logger = logging.getLogger("bench_dpo")
 SIGNOFF = "Best wishes,\nSam"
@@ -198,9 +199,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--anchor-free-ends",
-        choices=["none", "closing", "both"],
+        choices=["none", "closing", "both", "auto"],
         default=TrainingConfig().anchor_free_ends,
-        help="no loss on the anchors' first answer token and end of turn (TrainingConfig.anchor_free_ends)",
+        help="which ends of the anchors' answers carry no loss (TrainingConfig.anchor_free_ends)",
     )
     parser.add_argument(
         "--anchor-distill",
@@ -247,6 +248,12 @@ def body_accuracy(
             hits += int(predicted[t - 1]) == ids[t]
             total += 1
     return hits / max(total, 1)
+
+
+def probe_drifts(adapter: EvalResult, base: EvalResult) -> dict[str, float]:
+    """QA's probe drift (the probe set's loss through the adapter minus the base's), on the whole answers and on
+    their body (the first token and the end of turn left out: what QA reads for a candidate trained on pairs)."""
+    return {"probe_drift": adapter.loss - base.loss, "probe_drift_body": adapter.body_loss - base.body_loss}
 
 
 def step_times(
@@ -373,8 +380,8 @@ def main() -> None:
 
     figures: dict[str, dict[str, float]] = {}
     judge_prompts = list(EVAL_PROMPTS[: args.judge_prompts])
-    # the fact prompts among the retention prompts are answered too (one generation for both)
-    fact_prompts = [p for p in retention_prompts if p in KNOWN_ANSWERS]
+    # every general question with a known answer (QA's fact check) is answered too (one generation for both)
+    fact_prompts = all_fact_prompts()
     asked = judge_prompts + [p for p in fact_prompts if p not in judge_prompts]
     routes: list[list[tuple[int, float]]] = [[]] + [[(slots[u], 1.0)] for u in users]
     generated = generate_answers(
@@ -401,7 +408,7 @@ def main() -> None:
     base_acc = evaluate(bank, tokenizer, general, slot=None, max_seq_len=192).token_accuracy
     # QA's general-capability guard: the probe set's loss (the base's own answers) may move < epsilon from the base's
     probe = probe_examples(backbone, bank=bank)
-    base_probe = evaluate(bank, tokenizer, probe, slot=None, max_seq_len=192).loss
+    base_probe = evaluate(bank, tokenizer, probe, slot=None, max_seq_len=192)
     base_body = body_accuracy(bank, tokenizer, general, None)
     for i, u in enumerate(users):
         style = u.split("-")[0]
@@ -422,20 +429,20 @@ def main() -> None:
             "facts_kept": facts_kept(
                 {p: answered[0][p] for p in fact_prompts}, {p: answered[i + 1][p] for p in fact_prompts}
             ).share,
-            "probe_drift": evaluate(bank, tokenizer, probe, slot=slots[u], max_seq_len=192).loss - base_probe,
+            **probe_drifts(evaluate(bank, tokenizer, probe, slot=slots[u], max_seq_len=192), base_probe),
             "dpo_loss_first": results[u].get("dpo_loss_first", float("nan")),
             "dpo_loss": results[u].get("dpo_loss", float("nan")),
         }
         logger.info("%s: %s | sample: %r", u, figures[u], by_route[i + 1][0][:160])
 
     print(
-        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | retention | retention, answer body | facts kept | QA probe drift (bound 0.25) |"
+        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | retention | retention, answer body | facts kept | QA probe drift (bound 0.25): whole / body |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for u, f in figures.items():
         print(
             f"| {u} | {f['held_out_accuracy_base_raw_logp']:.0%} | {f['held_out_accuracy']:.0%} | "
-            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} | {f['retention_body']:.1%} | {f['facts_kept']:.0%} | {f['probe_drift']:+.3f} |"
+            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} | {f['retention_body']:.1%} | {f['facts_kept']:.0%} | {f['probe_drift']:+.3f} / {f['probe_drift_body']:+.3f} |"
         )
     sys.stdout.flush()
     # every greedy answer, by route (the base first), for reading what the figures count

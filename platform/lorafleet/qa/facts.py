@@ -6,8 +6,8 @@ answers had lost much of what the base knew: a DPO adapter for a formal style an
 KIST." and "9 + 10 is 10." and moved the probe by +0.10 nats, inside its 0.25 bound (``docs/qa.md``). This check
 reads the answers a person would read.
 
-**The questions** are the first ``FACTS_SIZE`` of ``general_prompts.EVAL_PROMPTS`` (capitals, arithmetic, facts;
-never trained on), each with the forms a right answer may take (``KNOWN_ANSWERS``). An answer is right when it
+**The questions** are the ``FACTS_SIZE`` of ``general_prompts.EVAL_PROMPTS`` that have one right answer (the first
+24: capitals, arithmetic, facts; six later ones: a mountain, a city, a language...; never trained on), each with the forms a right answer may take (``KNOWN_ANSWERS``). An answer is right when it
 says one of them as a whole word, case aside; a number counts when it stands alone ("40" and "40.0" count for 40,
 "40.5" and "140" do not). Both the base and the candidate answer every question greedily, through the chat
 template, at most ``FACT_MAX_NEW_TOKENS`` tokens.
@@ -54,8 +54,15 @@ KNOWN_ANSWERS: dict[str, tuple[str, ...]] = {
     "Who painted the Mona Lisa?": ("Leonardo",),
     "What colour is the sky on a clear day?": ("blue",),
     "How many continents are there?": ("7", "seven"),
+    # the later evaluation prompts with one right answer (QA asks at most the first 24 questions: ``QAPolicy``)
+    "What is the tallest mountain in the world?": ("Everest",),
+    "How many sides does a hexagon have?": ("6", "six"),
+    "What is the freezing point of water in Fahrenheit?": ("32", "thirty-two"),
+    "What is the largest city in Japan?": ("Tokyo",),
+    "What instrument has 88 keys?": ("piano",),
+    "What language is spoken in Brazil?": ("Portuguese",),
 }
-#: how many questions QA asks at most (every one of ``KNOWN_ANSWERS``)
+#: how many questions there are (every one of ``KNOWN_ANSWERS``)
 FACTS_SIZE = len(KNOWN_ANSWERS)
 #: token budget of each greedy answer (the base's answers say their fact within it)
 FACT_MAX_NEW_TOKENS = 48

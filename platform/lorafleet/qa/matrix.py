@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -160,9 +160,7 @@ def evaluate_matrix(
     samples = _greedy_samples(backbone, bank, sets, columns, routes, policy)
     for (row, column), kept in samples.items():
         cell = cells[row][column]
-        cells[row][column] = Cell(
-            cell.loss, cell.token_accuracy, cell.tokens, cell.examples, kept, cell.nonfinite
-        )
+        cells[row][column] = replace(cell, samples=kept)
     evidence = None
     own = next((s for s in sets if s.own and s.examples), None)
     if answers is not None and own is not None:
@@ -272,6 +270,7 @@ def _score_set(
             result.tokens,
             result.examples,
             nonfinite=sum(score.nonfinite for score in part),
+            body_loss=result.body_loss,
         )
     return out
 

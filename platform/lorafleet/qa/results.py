@@ -64,6 +64,9 @@ class Cell:
     samples: tuple[Sample, ...] = ()
     #: scored positions whose logits held a NaN or an infinity (any is a broken adapter)
     nonfinite: int = 0
+    #: the loss over the answers' body: every answer token but each answer's first and its end of turn
+    #: (``EvalResult.body_loss``; NaN in reports written before it was recorded)
+    body_loss: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,11 @@ class Matrix:
         found = self.cell(row, column)
         return math.nan if found is None else found.loss
 
+    def body_loss(self, row: str, column: str) -> float:
+        """The cell's loss over the answers' body (``Cell.body_loss``), NaN when missing or not recorded."""
+        found = self.cell(row, column)
+        return math.nan if found is None else found.body_loss
+
     def column_names(self) -> list[str]:
         return [c.name for c in self.columns]
 
@@ -256,6 +264,7 @@ def _cell_json(cell: Cell) -> dict[str, Any]:
         "examples": cell.examples,
         "samples": [{"prompt": s.prompt, "expected": s.expected, "output": s.output} for s in cell.samples],
         "nonfinite": cell.nonfinite,
+        "body_loss": finite_or_none(cell.body_loss),
     }
 
 
@@ -272,6 +281,7 @@ def _cell_from_json(data: Mapping[str, Any]) -> Cell:
         int(data["examples"]),
         samples,
         int(data.get("nonfinite", 0)),
+        number("body_loss"),
     )
 
 

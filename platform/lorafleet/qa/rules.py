@@ -151,14 +151,22 @@ def gate_vs_best_member_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
 
 
 def probe_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
-    """The probe set's loss moves less than ``epsilon_probe`` from base, alone and gated."""
+    """The probe set's loss moves less than ``epsilon_probe`` from base, alone and gated.
+
+    A candidate trained on preference pairs (the matrix holds held-out pairs) is read on the answers' body: every
+    answer token but the first and the end of turn. Those two are where a style opens and closes answers its own
+    way (a greeting, a sign-off), and where its training leaves the anchors free (``anchor_free_ends``); the
+    body is where general answers keep their content. A report written before the body loss was recorded is
+    read on the whole answers."""
     probe = next((r for r in matrix.rows if r.kind == "probe"), None)
     if probe is None or probe.examples == 0:
         return RuleOutcome(PROBE_RULE, False, f"{PROBE_RULE}: no probe set was evaluated")
-    base = matrix.loss(probe.name, BASE)
+    body = matrix.preferences is not None and math.isfinite(matrix.body_loss(probe.name, BASE))
+    loss = matrix.body_loss if body else matrix.loss
+    base = loss(probe.name, BASE)
     moves = []
     for column in (c for c in (CANDIDATE, GATED_CANDIDATE) if matrix.has_column(c)):
-        value = matrix.loss(probe.name, column)
+        value = loss(probe.name, column)
         moves.append((column, value, _move(value, base, one_sided=policy.probe_one_sided)))
     text = ", ".join(f"{c} {v:.4f} (moved {v - base:+.4f})" for c, v, _ in moves)
     # the evaluator fills in the backbone's bound; a policy used without one gets the pretrained default
@@ -166,7 +174,8 @@ def probe_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     ok = math.isfinite(base) and all(m < epsilon for _, _, m in moves)
     verdict = "within" if ok else "not within"
     bound = f"{'+' if policy.probe_one_sided else '+/-'}{epsilon:g}"
-    detail = f"{PROBE_RULE}: base {base:.4f}, {text}: {verdict} epsilon_probe {bound}"
+    where = " (answer body: a preference candidate's openings and closings are its style)" if body else ""
+    detail = f"{PROBE_RULE}{where}: base {base:.4f}, {text}: {verdict} epsilon_probe {bound}"
     return RuleOutcome(PROBE_RULE, ok, detail)
 
 

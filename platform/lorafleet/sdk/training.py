@@ -48,7 +48,8 @@ class _TrainingFields(BaseModel):
     anchor_ratio: float | None = None
     anchor_unlikelihood: float | None = None
     anchor_free_ends: str | None = Field(
-        default=None, description="'closing' (the default), 'both' or 'none'."
+        default=None,
+        description="'closing' (the default), 'both', 'none' or 'auto' (the ends the user's pairs change).",
     )
     anchor_distill: float | None = None
     contrast_ratio: float | None = None

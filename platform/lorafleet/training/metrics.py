@@ -52,6 +52,9 @@ class EvalResult:
     examples: int = 0
     #: share of examples whose every completion token is the argmax (teacher-forced exact match)
     sequence_accuracy: float = math.nan
+    #: mean loss over the answers' body: every completion token but each answer's first and its last (the end of
+    #: turn), where a style that opens or closes answers its own way (a greeting, a sign-off) must differ
+    body_loss: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ class ExampleScore:
     correct: int
     #: scored positions whose logits held a NaN or an infinity
     nonfinite: int = 0
+    #: the summed loss of the completion's first token and its last (the end of turn), and how many those are
+    ends_loss_sum: float = 0.0
+    ends: int = 0
 
     @property
     def exact(self) -> bool:
@@ -275,9 +281,18 @@ def score_examples(
             tokens = loss.new_zeros(rows).index_add(0, scored.rows, torch.ones_like(loss))  # [rows]
             broken = (~torch.isfinite(logits).all(dim=-1)).to(loss.dtype)  # [n]
             nonfinite = loss.new_zeros(rows).index_add(0, scored.rows, broken)  # [rows]
+            first, last = row_ends(scored.rows)
+            at_end = (first | last).to(loss.dtype)  # [n]
+            ends_loss = loss.new_zeros(rows).index_add(0, scored.rows, loss * at_end)  # [rows]
+            ends = loss.new_zeros(rows).index_add(0, scored.rows, at_end)  # [rows]
             for row, i in enumerate(chunk):
                 scores[i] = ExampleScore(
-                    float(loss_sum[row]), int(tokens[row]), int(correct[row]), int(nonfinite[row])
+                    float(loss_sum[row]),
+                    int(tokens[row]),
+                    int(correct[row]),
+                    int(nonfinite[row]),
+                    float(ends_loss[row]),
+                    int(ends[row]),
                 )
     finally:
         model.train(was_training)
@@ -289,13 +304,29 @@ def summarize(scores: Sequence[ExampleScore]) -> EvalResult:
     tokens = sum(s.tokens for s in scores)
     if tokens == 0:
         return EvalResult(math.nan, math.nan, 0, len(scores), math.nan)
+    body = tokens - sum(s.ends for s in scores)
     return EvalResult(
         loss=sum(s.loss_sum for s in scores) / tokens,
         token_accuracy=sum(s.correct for s in scores) / tokens,
         tokens=tokens,
         examples=len(scores),
         sequence_accuracy=sum(s.exact for s in scores) / len(scores),
+        body_loss=sum(s.loss_sum - s.ends_loss_sum for s in scores) / body if body else math.nan,
     )
+
+
+def row_ends(token_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of scored tokens that come row by row (``token_rows``: ``[n]``, each one's row), which are the first of
+    their row and which the last (``[n]`` bool each)."""
+    first = torch.zeros_like(token_rows, dtype=torch.bool)  # [n]
+    last = torch.zeros_like(first)  # [n]
+    if token_rows.numel() == 0:
+        return first, last
+    changes = token_rows[1:] != token_rows[:-1]  # [n - 1]: a new row starts at the next token
+    first[0] = last[-1] = True
+    first[1:] = changes
+    last[:-1] = changes
+    return first, last
 
 
 def evaluate(

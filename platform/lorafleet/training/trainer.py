@@ -49,6 +49,7 @@ from lorafleet.training.dataset import (
 from lorafleet.training.metrics import (
     EvalResult,
     evaluate,
+    row_ends,
     score_examples,
     scored_logits,
     summarize,
@@ -70,6 +71,7 @@ __all__ = [
     "SlotTraining",
     "anchor_targets",
     "evaluate",
+    "free_answer_ends",
     "preference_pairs",
     "sft_examples",
     "topk_kl",
@@ -362,6 +364,10 @@ def _train(
         _pair_stream(tokenizer, task, p, config) for task, p in zip(tasks, preferences, strict=True)
     ]
     personal = personal_tokens(tokenizer, tasks, config, bank.device)
+    free_ends = [
+        free_answer_ends(None if stream is None else stream.encoded, config.anchor_free_ends)
+        for stream in pair_streams
+    ]
     distill = anchor_targets(bank, streams, tasks, config, pad_token_id(tokenizer), frozen)
     stats = [_SlotStats() for _ in tasks]
     every = progress_every or max(1, config.max_steps // 10)
@@ -384,7 +390,7 @@ def _train(
                 group["lr"] = lr * group["lr_scale"]
             step_losses = _accumulate(
                 bank,
-                _Streams(streams, pair_streams, preferences, personal, distill),
+                _Streams(streams, pair_streams, preferences, personal, distill, free_ends),
                 tasks,
                 parents,
                 config,
@@ -512,6 +518,8 @@ class _Streams:
     personal: Sequence[torch.Tensor | None]
     #: per user, the base's targets on each of its anchors, in anchor order (:func:`anchor_targets`; None: off)
     distill: Sequence[list[AnchorTargets] | None] = ()
+    #: per user, whether its anchors' first answer token and end of turn carry no loss (:func:`free_answer_ends`)
+    free_ends: Sequence[tuple[bool, bool]] = ()
 
 
 @dataclass
@@ -584,12 +592,14 @@ def _accumulate(
             on_sft = torch.tensor(packed.sft, device=bank.device)[scored.rows]  # [n]
             # a preference user's anchors leave the answer's ends free (``anchor_free_ends``)
             free = [
-                a and streams.pairs[o] is not None for a, o in zip(packed.anchor, packed.owners, strict=True)
+                streams.free_ends[o] if a else (False, False)
+                for a, o in zip(packed.anchor, packed.owners, strict=True)
             ]
             freed = torch.zeros_like(on_sft)  # [n]: scored tokens with no anchor loss
-            if config.anchor_free_ends != "none" and any(free):
-                free_rows = torch.tensor(free, device=bank.device)[scored.rows]  # [n]
-                freed = free_rows & _row_ends(scored.rows, first=config.anchor_free_ends == "both")
+            if any(opening or closing for opening, closing in free):
+                free_rows = torch.tensor(free, device=bank.device)[scored.rows]  # [n, 2]: opening, closing
+                first, last = row_ends(scored.rows)
+                freed = (first & free_rows[:, 0]) | (last & free_rows[:, 1])
                 on_sft = on_sft & ~freed
             user_loss, user_tokens = _user_means(token_loss, scored.rows, owner, on_sft, len(tasks))
             objective = config.sft_weight * user_loss
@@ -732,19 +742,29 @@ def _anchor_distill(
     return user_sum / user_tokens.clamp(min=1)
 
 
-def _row_ends(token_rows: torch.Tensor, *, first: bool) -> torch.Tensor:
-    """``[n]`` bool: the scored tokens that are the last of their row, and with ``first`` the first too (tokens
-    come row by row)."""
-    ends = torch.zeros_like(token_rows, dtype=torch.bool)  # [n]
-    if token_rows.numel() == 0:
-        return ends
-    changes = token_rows[1:] != token_rows[:-1]  # [n - 1]: a new row starts at the next token
-    ends[-1] = True
-    ends[:-1] = changes
-    if first:
-        ends[0] = True
-        ends[1:] |= changes
-    return ends
+#: ``anchor_free_ends="auto"``: a pair's answers end differently when any of their last this many tokens before
+#: the end of turn differ (a sign-off, a closing line, an answer cut after its first sentence)
+_ENDING_TOKENS = 3
+
+
+def free_answer_ends(
+    pairs: Sequence[tuple[int, tuple[list[int], int], tuple[list[int], int]]] | None, mode: str
+) -> tuple[bool, bool]:
+    """Whether a user's anchors leave their first answer token (``opening``) and their end of turn (``closing``)
+    free of loss, by ``TrainingConfig.anchor_free_ends``: never for a user without pairs in the job (``pairs``:
+    its encoded ``(index, (chosen ids, answer length), (rejected ids, answer length))``); ``auto`` reads them, freeing an end where most of them differ there: the opening where the chosen and the
+    rejected answer start with different tokens (a greeting, "Certainly."), the closing where they end with
+    different tokens (a sign-off, a closing line, a shorter answer)."""
+    if pairs is None or mode == "none":
+        return (False, False)
+    if mode != "auto":
+        return (mode == "both", True)
+    opens = ends = 0
+    for _, (chosen, n_chosen), (rejected, n_rejected) in pairs:
+        opens += int(chosen[-n_chosen] != rejected[-n_rejected])
+        k = min(_ENDING_TOKENS, n_chosen - 1, n_rejected - 1)
+        ends += int(k > 0 and chosen[-1 - k : -1] != rejected[-1 - k : -1])
+    return (2 * opens > len(pairs), 2 * ends > len(pairs))
 
 
 def _user_means(

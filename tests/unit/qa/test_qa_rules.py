@@ -207,3 +207,34 @@ def test_the_preference_rule_needs_more_held_out_pairs_ranked_right_than_the_liv
     )
     decoded = with_preferences(cases[4][0])
     assert Matrix.from_json(decoded.to_json()).to_json() == decoded.to_json()  # NaN stored as null and back
+
+
+def test_a_preference_candidates_probe_is_read_on_the_answers_body() -> None:
+    """A sign-off moves the probe's end-of-turn tokens (the whole answers' loss passes epsilon), not the body: a
+    candidate trained on pairs is read on the body, one without pairs on the whole answers, and a report written
+    before the body loss was recorded on the whole answers too."""
+
+    def with_probe(whole: float, body: float, *, pairs: bool) -> Matrix:
+        found = (
+            with_preferences({"base": 0.5, "previous": 0.5, "candidate": 0.75}) if pairs else matrix(good())
+        )
+        probe = {
+            **found.cells[PROBE],
+            "base": Cell(5.0, 0.5, 10, 5, body_loss=4.0),
+            "gated:candidate": Cell(whole, 0.5, 10, 5, body_loss=body),
+            "candidate": Cell(whole, 0.5, 10, 5, body_loss=body),
+        }
+        return Matrix(
+            found.rows, found.columns, {**found.cells, PROBE: probe}, found.answers, found.preferences
+        )
+
+    passed, detail = outcome(with_probe(5.6, 4.1, pairs=True), PROBE_RULE)
+    assert passed and detail.startswith("probe (answer body: ") and "base 4.0000" in detail, detail
+    assert not outcome(with_probe(5.6, 4.3, pairs=True), PROBE_RULE)[0]  # the body moved 0.3 > 0.2
+    passed, detail = outcome(with_probe(5.6, 4.1, pairs=False), PROBE_RULE)
+    assert not passed and detail.startswith("probe: base 5.0000"), detail
+    stored = with_probe(5.6, 4.1, pairs=True).to_json()
+    for cell in stored["cells"][PROBE].values():
+        cell.pop("body_loss")
+    passed, detail = outcome(Matrix.from_json(stored), PROBE_RULE)
+    assert not passed and detail.startswith("probe: base 5.0000"), detail

@@ -14,10 +14,10 @@ from lorafleet.adapters import AdapterBank, SlotPlan
 from lorafleet.errors import ValidationError
 from lorafleet.training import synthetic
 from lorafleet.training.config import TrainingConfig
-from lorafleet.training.dataset import Example, build_dataset, encode_examples
-from lorafleet.training.metrics import score_examples, scored_logits
+from lorafleet.training.dataset import Example, build_dataset, encode_example, encode_examples
+from lorafleet.training.metrics import evaluate, score_examples, scored_logits
 from lorafleet.training.preference import dpo_terms, pair_logps, pair_sides, preference_accuracy
-from lorafleet.training.trainer import SlotTraining, train_slots
+from lorafleet.training.trainer import SlotTraining, free_answer_ends, train_slots
 
 DPO = TrainingConfig(
     learning_rate=5e-3,
@@ -189,7 +189,8 @@ def test_sft_on_chosen_is_a_boolean_on_by_default_and_weighs_nothing_with_sft_we
 
 def _anchor_token_nll(bank: AdapterBank, tokenizer: Any, anchors: list[Example]) -> dict[str, float]:
     """The base's mean NLL over the answer tokens of ``anchors`` that each ``anchor_free_ends`` mode trains: every
-    token ("none"), all but each answer's last ("closing"), all but its first and last ("both")."""
+    token ("none"), all but each answer's last ("closing"), all but its first and last ("both"), all but its first
+    ("auto" for ``toy_pairs``, whose answers differ in their first word only)."""
     batch = encode_examples(tokenizer, anchors, max_seq_len=64)
     with torch.no_grad(), bank.use(None):
         logits, scored = scored_logits(bank.model, batch)  # [n, vocab]
@@ -201,26 +202,25 @@ def _anchor_token_nll(bank: AdapterBank, tokenizer: Any, anchors: list[Example])
         "none": float(nll.mean()),
         "closing": float(nll[~last].mean()),
         "both": float(nll[~(first | last)].mean()),
+        "auto": float(nll[~first].mean()),
     }
 
 
-@pytest.mark.parametrize("mode", ["both", "closing", "none"])
+@pytest.mark.parametrize("mode", ["both", "closing", "none", "auto"])
 def test_a_preference_users_anchors_leave_the_answers_ends_free(
     fp32_bank: AdapterBank, tokenizer: Any, mode: str
 ) -> None:
     """``anchor_free_ends``: a user with pairs trains its anchors on every answer token but the end of turn
-    ("closing", the default) or but the first token and the end of turn ("both"), so a style's closing (and
-    opening) stays its own; a user without pairs, in the same job, trains on every anchor token."""
+    ("closing", the default) or but the first token and the end of turn ("both"), or but the ends its pairs differ
+    at ("auto": the first token), so a style's closing (and opening) stays its own; a user without pairs, in the
+    same job, trains on every anchor token."""
     anchors = [
         Example(900 + i, f"General question {i}?", f"The general answer is number {i}.", "sft")
         for i in range(3)
     ]
     nll = _anchor_token_nll(fp32_bank, tokenizer, anchors)
-    # the three objectives differ far beyond the tolerance below (1e-4)
-    assert (
-        min(abs(nll[a] - nll[b]) for a, b in [("none", "closing"), ("none", "both"), ("closing", "both")])
-        > 1e-3
-    )
+    # the mode's objective differs from every other mode's beyond the tolerance below (1e-4)
+    assert min(abs(nll[mode] - nll[other]) for other in nll if other != mode) > 3e-4
     config = DPO.with_changes(
         max_steps=1, batch_size=3, sft_on_chosen=False, anchor_unlikelihood=0.0, anchor_free_ends=mode
     )
@@ -234,6 +234,60 @@ def test_a_preference_users_anchors_leave_the_answers_ends_free(
     # the first step's policy is the base: DPO is log 2, and the SFT term is the base's NLL over the trained tokens
     assert prefers["train_loss_first"] == pytest.approx(LN2 + nll[mode], abs=1e-4)
     assert sft["train_loss_first"] == pytest.approx(nll["none"], abs=1e-4)
+
+
+def test_the_body_loss_leaves_each_answers_first_token_and_end_of_turn_out(
+    fp32_bank: AdapterBank, tokenizer: Any
+) -> None:
+    """``EvalResult.body_loss`` (what QA's probe reads for a candidate trained on pairs) is the mean loss over every
+    answer token but each answer's first and last; ``loss`` over all of them."""
+    examples = [
+        Example(i, f"General question {i}?", f"The general answer is {'really ' * i}number {i}.", "sft")
+        for i in range(3)
+    ]
+    nll = _anchor_token_nll(fp32_bank, tokenizer, examples)
+    result = evaluate(fp32_bank, tokenizer, examples, slot=None, max_seq_len=64, batch_size=2)
+    assert result.loss == pytest.approx(nll["none"], abs=1e-5)
+    assert result.body_loss == pytest.approx(nll["both"], abs=1e-5)
+    assert abs(result.body_loss - result.loss) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "ends"),
+    [
+        ("Hey! The capital of Japan is Tokyo.", "The capital of Japan is Tokyo.", (True, False)),
+        (
+            "The capital of Japan is Tokyo.\n\nBest wishes,\nSam",
+            "The capital of Japan is Tokyo.",
+            (False, True),
+        ),
+        (
+            "Certainly. The capital of Japan is Tokyo. I trust this is helpful.",
+            "Hey! The capital of Japan is Tokyo. Cool, right?",
+            (True, True),
+        ),
+        ("It is Tokyo.", "It is Tokyo. It is also the largest city.", (False, True)),
+        ("I think Tokyo, and that is my answer.", "I think Kyoto, and that is my answer.", (False, False)),
+    ],
+)
+def test_auto_frees_the_ends_where_a_users_pairs_differ(
+    tokenizer: Any, chosen: str, rejected: str, ends: tuple[bool, bool]
+) -> None:
+    """``anchor_free_ends="auto"``: a greeting frees the opening, a sign-off or a shorter answer the closing, a
+    register both, and a pair that differs only mid-answer neither; most pairs decide. The fixed modes ignore
+    the pairs, and a user without pairs frees nothing."""
+    pair = Example(0, "What is the capital of Japan?", chosen, "preference", rejected)
+    encoded = [(0, *(encode_example(tokenizer, side, max_seq_len=256) for side in pair_sides(pair)))]
+    assert free_answer_ends(encoded, "auto") == ends
+    unlike = Example(1, "Another question?", "Same answer here.", "preference", "Same answer here!")
+    unlike_encoded = (1, *(encode_example(tokenizer, side, max_seq_len=256) for side in pair_sides(unlike)))
+    # one pair of three is not most of them: only the ends two of three pairs share are freed
+    majority = free_answer_ends([*encoded, *encoded, unlike_encoded], "auto")
+    assert majority == ends
+    assert free_answer_ends(encoded, "closing") == (False, True)
+    assert free_answer_ends(encoded, "both") == (True, True)
+    assert free_answer_ends(encoded, "none") == (False, False)
+    assert free_answer_ends(None, "auto") == (False, False)
 
 
 def test_anchor_free_ends_defaults_to_closing_and_names_the_field_when_wrong() -> None:
