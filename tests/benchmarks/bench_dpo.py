@@ -66,6 +66,7 @@ from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.domain import FeedbackRecord  # noqa: E402
 from lorafleet.feedback import prepare_record  # noqa: E402
+from lorafleet.qa.answers import loops  # noqa: E402
 from lorafleet.qa.facts import fact_prompts as all_fact_prompts  # noqa: E402
 from lorafleet.qa.facts import facts_kept, says_answer  # noqa: E402
 from lorafleet.qa.probe import probe_examples  # noqa: E402
@@ -429,6 +430,11 @@ def main() -> None:
             "facts_kept": facts_kept(
                 {p: answered[0][p] for p in fact_prompts}, {p: answered[i + 1][p] for p in fact_prompts}
             ).share,
+            # QA's looping-answers rule: the share of the greedy answers that loop, minus the base's
+            "looping_increase": (
+                sum(map(loops, answered[i + 1].values())) - sum(map(loops, answered[0].values()))
+            )
+            / len(asked),
             **probe_drifts(evaluate(bank, tokenizer, probe, slot=slots[u], max_seq_len=192), base_probe),
             "dpo_loss_first": results[u].get("dpo_loss_first", float("nan")),
             "dpo_loss": results[u].get("dpo_loss", float("nan")),
@@ -436,13 +442,13 @@ def main() -> None:
         logger.info("%s: %s | sample: %r", u, figures[u], by_route[i + 1][0][:160])
 
     print(
-        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | retention | retention, answer body | facts kept | QA probe drift (bound 0.25): whole / body |"
+        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | retention | retention, answer body | facts kept | QA probe drift (bound 0.25): whole / body | looping answers vs base (QA bound +10 %) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for u, f in figures.items():
         print(
             f"| {u} | {f['held_out_accuracy_base_raw_logp']:.0%} | {f['held_out_accuracy']:.0%} | "
-            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} | {f['retention_body']:.1%} | {f['facts_kept']:.0%} | {f['probe_drift']:+.3f} / {f['probe_drift_body']:+.3f} |"
+            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} | {f['retention_body']:.1%} | {f['facts_kept']:.0%} | {f['probe_drift']:+.3f} / {f['probe_drift_body']:+.3f} | {f['looping_increase']:+.0%} |"
         )
     sys.stdout.flush()
     # every greedy answer, by route (the base first), for reading what the figures count

@@ -72,6 +72,19 @@ def normalize(text: str) -> str:
     return " ".join(kept.split())
 
 
+#: an answer loops when one run of ``LOOP_WORDS`` normalised words stands in it ``LOOP_REPEATS`` times or more:
+#: greedy decoding caught in a cycle ("It is often referred to as the City of the City of the City of ...")
+LOOP_WORDS = 3
+LOOP_REPEATS = 3
+
+
+def loops(answer: str) -> bool:
+    """Whether ``answer`` loops (``LOOP_WORDS``, ``LOOP_REPEATS``)."""
+    words = normalize(answer).split()
+    runs = Counter(tuple(words[i : i + LOOP_WORDS]) for i in range(len(words) - LOOP_WORDS + 1))
+    return bool(runs) and max(runs.values()) >= LOOP_REPEATS
+
+
 def exact_match(answer: str, target: str) -> bool:
     return normalize(answer) == normalize(target)
 
@@ -301,6 +314,8 @@ def paired_scores(
 
 
 __all__ = [
+    "LOOP_REPEATS",
+    "LOOP_WORDS",
     "STOPWORDS",
     "ColumnScores",
     "PairedScores",
@@ -308,6 +323,7 @@ __all__ = [
     "answer_score",
     "content_words",
     "exact_match",
+    "loops",
     "normalize",
     "other_questions",
     "paired_scores",

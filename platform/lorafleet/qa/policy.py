@@ -24,12 +24,16 @@ computes them; every threshold below is in those units. The rules (``lorafleet.q
 - ``general-facts`` (reason code ``general-facts-lost``, ``lorafleet.qa.facts``): of up to ``general_facts``
   general questions with known answers (none by default), the candidate alone still answers right at least
   ``min_general_facts_kept`` of those the base answers right (passes when the base answers none right);
+- ``looping-answers`` (reason code ``answers-loop``; a candidate trained on preference pairs): its greedy answers
+  (holdout, and the general questions when asked) loop (``answers.loops``) on at most ``max_looping_increase``
+  more of them than the reference's;
 - ``finite-outputs``: no logit of the candidate (scoring or decoding, alone, gated or paired) is NaN or infinite;
 - **blame** (rechecks only): a live personal adapter that fails in a bank a task member changed is not
   rolled back when the bank without that member passes: the member is the culprit (``blame_action``);
 - ``probe``: the probe set's loss moves less than ``epsilon_probe`` (by default the backbone's measured bound) from
   the base model's (either way, or only
-  upwards with ``probe_one_sided``), for the candidate alone and for the gated bank with the candidate.
+  upwards with ``probe_one_sided``), for the candidate alone and for the gated bank with the candidate; a candidate
+  trained on preference pairs is read on the answers' body (its openings and closings are its style).
 
 Invalid values raise :class:`lorafleet.errors.ValidationError`, never pydantic's own error.
 """
@@ -97,6 +101,11 @@ class QAPolicy(BaseModel):
     #: another training question's target than to its own) before the candidate is rejected with
     #: ``answers-other-questions``
     max_training_wrong_share: float = Field(default=0.25, ge=0.0, le=1.0, allow_inf_nan=False)
+    #: a candidate trained on preference pairs may loop on at most this share of its greedy answers more than the
+    #: reference (``looping-answers``). On SmolLM2 at the services' defaults (one seed, 30 general questions, 64
+    #: tokens) the base looped on 3 answers; a "detailed" adapter that answered "the City of the City of ..." on 8
+    #: (+17 %), five other styles on 1-5 (-7 to +7 %; tests/benchmarks/README.md, "Preference learning")
+    max_looping_increase: float = Field(default=0.1, ge=0.0, le=1.0, allow_inf_nan=False)
     #: general questions with known answers (``lorafleet.qa.facts``) the base and the candidate alone answer
     #: greedily, in the holdout's batch; the ``general-facts`` rule reads them. 0 (the default): none, the rule
     #: passes. Off by default because on SmolLM2 the default personal recipe itself keeps only 36-79 % of what the

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lorafleet.qa.answers import min_untied_pairs, paired_scores, training_answers
+from lorafleet.qa.answers import loops, min_untied_pairs, paired_scores, training_answers
 from lorafleet.qa.facts import GENERAL_FACTS_LOST, answers_kept
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.probe import PRETRAINED_EPSILON_PROBE
@@ -35,6 +35,9 @@ GENERAL_FACTS_RULE = "general-facts"
 ANSWERS_OTHER_QUESTIONS = "answers-other-questions"
 FINITE_RULE = "finite-outputs"
 PREFERENCE_RULE = "preference-accuracy"
+LOOPING_RULE = "looping-answers"
+#: the reason code of a preference candidate whose greedy answers loop more often than the reference's
+ANSWERS_LOOP = "answers-loop"
 #: the reason code of a candidate whose answers do not beat the reference's
 NO_IMPROVEMENT = "no-improvement"
 #: the reason code of a candidate without any example to answer (an import without evidence)
@@ -45,6 +48,7 @@ RULES = (
     TRAINING_ANSWERS_RULE,
     GENERAL_FACTS_RULE,
     PREFERENCE_RULE,
+    LOOPING_RULE,
     NO_REGRESSION,
     GATE_VS_BEST_MEMBER,
     PROBE_RULE,
@@ -63,8 +67,8 @@ class RuleOutcome:
 
 def candidate_rules(matrix: Matrix, policy: QAPolicy, *, answers: bool = True) -> list[RuleOutcome]:
     """Every rule a candidate must pass to be promoted (``answers`` False: the same candidate evaluated in
-    another bank, whose answers were judged already). The preference rule applies when the matrix holds
-    held-out preference pairs (a candidate trained with DPO)."""
+    another bank, whose answers were judged already). The preference and looping rules apply when the matrix
+    holds held-out preference pairs (a candidate trained with DPO)."""
     return [
         user_holdout_rule(matrix, policy),
         *(
@@ -77,6 +81,7 @@ def candidate_rules(matrix: Matrix, policy: QAPolicy, *, answers: bool = True) -
             else []
         ),
         *([preference_rule(matrix)] if matrix.preferences is not None else []),
+        *([looping_rule(matrix, policy)] if answers and matrix.preferences is not None else []),
         no_regression_rule(matrix, policy),
         gate_vs_best_member_rule(matrix, policy),
         probe_rule(matrix, policy),
@@ -285,6 +290,34 @@ def general_facts_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     return RuleOutcome(GENERAL_FACTS_RULE, ok, f"{code}: {figures}")
 
 
+def looping_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
+    """A candidate trained on preference pairs loops (``lorafleet.qa.answers.loops``) on at most
+    ``max_looping_increase`` more of its greedy answers than the reference: its holdout's answers against the
+    reference's (the previous live version, else the base), the general questions' (when asked) against the
+    base's. The probe reads such a candidate on the answers' body (``probe_rule``), where an adapter that no
+    longer stops ("the City of the City of ...") can look like the base teacher-forced; its answers show it.
+    Fails with ``answers-loop``."""
+    evidence = matrix.answers
+    if evidence is None or not (evidence.items or evidence.general):
+        return RuleOutcome(LOOPING_RULE, True, f"{LOOPING_RULE}: no answers to read")
+    pairs = [
+        (i.outputs.get(evidence.subject, ""), i.outputs.get(evidence.reference, "")) for i in evidence.items
+    ]
+    pairs += [(i.outputs.get(evidence.subject, ""), i.outputs.get(BASE, "")) for i in evidence.general]
+    looping = [answer for answer, _ in pairs if loops(answer)]
+    reference = sum(loops(answer) for _, answer in pairs)
+    increase = (len(looping) - reference) / len(pairs)
+    ok = increase <= policy.max_looping_increase + 1e-12
+    figures = (
+        f"{len(looping)} of {len(pairs)} answers loop against {reference} of the reference's ({increase:+.0%}, "
+        f"at most +{policy.max_looping_increase:.0%} allowed)"
+    )
+    if not ok:
+        figures += "; e.g. " + "; ".join(repr(answer[:80]) for answer in looping[:2])
+    code = LOOPING_RULE if ok else ANSWERS_LOOP
+    return RuleOutcome(LOOPING_RULE, ok, f"{code}: {figures}")
+
+
 def preference_rule(matrix: Matrix) -> RuleOutcome:
     """The candidate ranks more held-out preference pairs as the user did than the previous live version (the
     base, 50 %, without one); a candidate that ranks all of them right passes (nothing is left to improve)."""
@@ -354,6 +387,7 @@ __all__ = [
     "training_answers_rule",
     "GENERAL_FACTS_RULE",
     "general_facts_rule",
+    "looping_rule",
     "FINITE_RULE",
     "GATE_VS_BEST_MEMBER",
     "NO_EVIDENCE",

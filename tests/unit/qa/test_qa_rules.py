@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from lorafleet.qa.answers import loops
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.results import AnswerItem, Answers, Cell, ColumnInfo, Matrix, Preferences, RowInfo
 from lorafleet.qa.rules import (
@@ -11,6 +12,7 @@ from lorafleet.qa.rules import (
     FINITE_RULE,
     GATE_VS_BEST_MEMBER,
     GENERAL_FACTS_RULE,
+    LOOPING_RULE,
     NO_REGRESSION,
     PREFERENCE_RULE,
     PROBE_RULE,
@@ -238,3 +240,34 @@ def test_a_preference_candidates_probe_is_read_on_the_answers_body() -> None:
         cell.pop("body_loss")
     passed, detail = outcome(Matrix.from_json(stored), PROBE_RULE)
     assert not passed and detail.startswith("probe: base 5.0000"), detail
+
+
+def test_a_preference_candidate_may_not_loop_on_more_answers_than_the_reference() -> None:
+    """``looping-answers``: a candidate trained on pairs whose greedy answers loop more often than the reference's
+    by more than ``max_looping_increase`` is rejected with ``answers-loop``; one without pairs is not read."""
+    loop = "It is often referred to as the City of the City of the City of the City of"
+    assert loops(loop) and not loops("The capital of Japan is Tokyo. Tokyo is large; Tokyo is old.")
+
+    def answered(candidate: list[str], reference: list[str], *, pairs: bool = True) -> Matrix:
+        found = (
+            with_preferences({"base": 0.5, "previous": 0.5, "candidate": 0.75}) if pairs else matrix(good())
+        )
+        items = tuple(
+            AnswerItem(f"q{i}", f"v{i}", {"candidate": c, "previous": r})
+            for i, (c, r) in enumerate(zip(candidate, reference, strict=True))
+        )
+        evidence = Answers(OWN, "candidate", "previous", items)
+        return Matrix(found.rows, found.columns, found.cells, evidence, found.preferences)
+
+    fine = ["Short and right."] * 10
+    passed, detail = outcome(answered([loop] + fine[1:], fine), LOOPING_RULE)  # +10 %: at the bound
+    assert passed and detail == (
+        "looping-answers: 1 of 10 answers loop against 0 of the reference's (+10%, at most +10% allowed)"
+    )
+    passed, detail = outcome(answered([loop, loop] + fine[2:], fine), LOOPING_RULE)
+    assert not passed and detail.startswith("answers-loop: 2 of 10 answers loop against 0"), detail
+    assert "'It is often referred to as the City of the City" in detail
+    # the reference loops as often: nothing got worse
+    assert outcome(answered([loop, loop] + fine[2:], [loop, loop] + fine[2:]), LOOPING_RULE)[0]
+    unread = candidate_rules(answered([loop] * 10, fine, pairs=False), POLICY)
+    assert LOOPING_RULE not in [o.rule for o in unread]
