@@ -49,7 +49,7 @@ class _TrainingFields(BaseModel):
     anchor_unlikelihood: float | None = None
     anchor_free_ends: str | None = Field(
         default=None,
-        description="'closing' (the default), 'both', 'none' or 'auto' (the ends the user's pairs change).",
+        description="'auto' (the default: the ends the user's pairs change), 'closing', 'both' or 'none'.",
     )
     anchor_distill: float | None = None
     contrast_ratio: float | None = None

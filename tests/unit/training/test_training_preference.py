@@ -211,9 +211,9 @@ def test_a_preference_users_anchors_leave_the_answers_ends_free(
     fp32_bank: AdapterBank, tokenizer: Any, mode: str
 ) -> None:
     """``anchor_free_ends``: a user with pairs trains its anchors on every answer token but the end of turn
-    ("closing", the default) or but the first token and the end of turn ("both"), or but the ends its pairs differ
-    at ("auto": the first token), so a style's closing (and opening) stays its own; a user without pairs, in the
-    same job, trains on every anchor token."""
+    ("closing"), but the first token and the end of turn ("both"), or but the ends its pairs differ at ("auto",
+    the default: here the first token), so a style's closing (and opening) stays its own; a user without pairs,
+    in the same job, trains on every anchor token."""
     anchors = [
         Example(900 + i, f"General question {i}?", f"The general answer is number {i}.", "sft")
         for i in range(3)
@@ -290,7 +290,7 @@ def test_auto_frees_the_ends_where_a_users_pairs_differ(
     assert free_answer_ends(None, "auto") == (False, False)
 
 
-def test_anchor_free_ends_defaults_to_closing_and_names_the_field_when_wrong() -> None:
-    assert TrainingConfig().anchor_free_ends == "closing"
+def test_anchor_free_ends_defaults_to_auto_and_names_the_field_when_wrong() -> None:
+    assert TrainingConfig().anchor_free_ends == "auto"
     with pytest.raises(ValidationError, match="invalid training config: anchor_free_ends"):
         TrainingConfig(anchor_free_ends="opening")
