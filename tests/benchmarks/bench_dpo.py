@@ -28,10 +28,13 @@ Measured:
   the base;
 - retention: the share of the base's own greedy answer tokens to ``EVAL_PROMPTS`` that the adapter still
   predicts (teacher-forced top-1), relative to the base's share; beside it, two diagnostics: the same on the
-  answers' body (the first token and the end-of-turn left out), and "facts kept": of the fact prompts among the
-  retention prompts (capitals, arithmetic, facts: QA's ``lorafleet.qa.facts.KNOWN_ANSWERS``) that the base answers right greedily, the
-  share the adapter's greedy answer still answers right; and QA's probe drift (the probe set's loss through the
-  adapter minus the base's; QA's probe rule rejects a candidate at 0.25 nats or more on a pretrained backbone);
+  answers' body (the first token and the end-of-turn left out), and "facts kept": of the 30 general questions with
+  known answers (capitals, arithmetic, facts: QA's ``lorafleet.qa.facts.KNOWN_ANSWERS``) that the base answers right
+  greedily, the share the adapter's greedy answer still answers right; QA's probe drift (the probe set's loss
+  through the adapter minus the base's; QA's probe rule rejects a candidate at 0.25 nats or more on a pretrained
+  backbone) on the whole answers and on their body (what QA reads for a candidate trained on pairs); and QA's
+  looping-answers figure (the share of the adapter's greedy answers that loop, ``lorafleet.qa.answers.loops``,
+  minus the base's; QA's bound is +10 %);
 - the time of a DPO step against an SFT step on the same rows (the pairs' two sides as SFT rows), same users,
   interleaved, median over ``--timing-steps``.
 

@@ -3,6 +3,7 @@ routes in several columns, a bank of one member that its gate routes wholly to i
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -85,3 +86,7 @@ def test_the_probe_sets_base_rows_are_scored_once_per_process(
     assert scored_first[1] == 8 and scored[1] == 4
     for column in ("base", "candidate"):
         assert first.loss("probe", column) == second.loss("probe", column)
+        # the body loss (what a preference candidate's probe is read on) is kept with the cached base scores too
+        assert first.body_loss("probe", column) == second.body_loss("probe", column)
+        assert math.isfinite(first.body_loss("probe", column))
+        assert first.body_loss("probe", column) != first.loss("probe", column)
