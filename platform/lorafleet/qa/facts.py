@@ -99,11 +99,13 @@ class FactsKept:
         return len(self.kept) / len(self.base_right) if self.base_right else 1.0
 
 
-def answers_kept(answers: Answers) -> FactsKept:
-    """:func:`facts_kept` of a QA matrix's general answers (``Answers.general``: the base's and the subject's)."""
+def answers_kept(answers: Answers, limit: int | None = None) -> FactsKept:
+    """:func:`facts_kept` of a QA matrix's general answers (``Answers.general``: the base's and the subject's), the
+    first ``limit`` of them (None: all)."""
+    general = answers.general[:limit]
     return facts_kept(
-        {item.prompt: item.outputs.get(BASE, "") for item in answers.general},
-        {item.prompt: item.outputs.get(answers.subject, "") for item in answers.general},
+        {item.prompt: item.outputs.get(BASE, "") for item in general},
+        {item.prompt: item.outputs.get(answers.subject, "") for item in general},
     )
 
 

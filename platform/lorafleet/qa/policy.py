@@ -25,8 +25,8 @@ computes them; every threshold below is in those units. The rules (``lorafleet.q
   general questions with known answers (none by default), the candidate alone still answers right at least
   ``min_general_facts_kept`` of those the base answers right (passes when the base answers none right);
 - ``looping-answers`` (reason code ``answers-loop``; a candidate trained on preference pairs): its greedy answers
-  (holdout, and the general questions when asked) loop (``answers.loops``) on at most ``max_looping_increase``
-  more of them than the reference's;
+  (holdout, and ``looping_questions`` general questions) loop (``answers.loops``) on at most
+  ``max_looping_increase`` more of them than the reference's (the previous live version's, the base's);
 - ``finite-outputs``: no logit of the candidate (scoring or decoding, alone, gated or paired) is NaN or infinite;
 - **blame** (rechecks only): a live personal adapter that fails in a bank a task member changed is not
   rolled back when the bank without that member passes: the member is the culprit (``blame_action``);
@@ -106,6 +106,10 @@ class QAPolicy(BaseModel):
     #: tokens) the base looped on 3 answers; a "detailed" adapter that answered "the City of the City of ..." on 8
     #: (+17 %), five other styles on 1-5 (-7 to +7 %; tests/benchmarks/README.md, "Preference learning")
     max_looping_increase: float = Field(default=0.1, ge=0.0, le=1.0, allow_inf_nan=False)
+    #: general questions with known answers that a candidate trained on preference pairs and the base also answer
+    #: for ``looping-answers`` (its holdout holds a handful of pairs: at 5 answers one loop is 20 %); read by the
+    #: ``general-facts`` rule only up to ``general_facts``. 0: the holdout's answers alone
+    looping_questions: int = Field(default=24, ge=0, le=24, strict=True)
     #: general questions with known answers (``lorafleet.qa.facts``) the base and the candidate alone answer
     #: greedily, in the holdout's batch; the ``general-facts`` rule reads them. 0 (the default): none, the rule
     #: passes. Off by default because on SmolLM2 the default personal recipe itself keeps only 36-79 % of what the

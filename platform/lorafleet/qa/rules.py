@@ -267,11 +267,13 @@ def general_facts_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     """Of the general questions with known answers that the base answers right, the candidate alone still answers
     right at least ``min_general_facts_kept`` (``lorafleet.qa.facts``): an adapter that learnt its user's style or
     facts by unlearning what the base knew ("The capital of Kenya is KIST.") is rejected with
-    ``general-facts-lost``. Passes when none were asked or the base answers none right (nothing to keep)."""
+    ``general-facts-lost``. Passes when none were asked or the base answers none right (nothing to keep). Reads the
+    first ``general_facts`` general answers (a preference candidate answers ``looping_questions`` of them for the
+    looping rule)."""
     evidence = matrix.answers
-    if evidence is None or not evidence.general:
+    if evidence is None or not evidence.general[: policy.general_facts]:
         return RuleOutcome(GENERAL_FACTS_RULE, True, f"{GENERAL_FACTS_RULE}: no general questions asked")
-    kept = answers_kept(evidence)
+    kept = answers_kept(evidence, policy.general_facts)
     if not kept.base_right:
         return RuleOutcome(
             GENERAL_FACTS_RULE,

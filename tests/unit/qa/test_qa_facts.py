@@ -75,7 +75,7 @@ def test_the_rule_rejects_a_candidate_that_lost_the_bases_answers_and_names_them
     base = {p: KNOWN_ANSWERS[p][0] for p in prompts}  # the base answers all 10 right
     keeps_8 = {**base, prompts[0]: "Best wishes,\nSam", prompts[1]: "The capital of Spain is KIST."}
     keeps_7 = {**keeps_8, prompts[2]: "Hey! Hey!"}
-    policy = QAPolicy()  # at least 80 % kept
+    policy = QAPolicy(general_facts=10)  # at least 80 % kept
     ok = general_facts_rule(_matrix(base, keeps_8), policy)
     assert ok.passed and ok.rule == GENERAL_FACTS_RULE
     assert ok.detail.startswith(
@@ -91,13 +91,27 @@ def test_the_rule_rejects_a_candidate_that_lost_the_bases_answers_and_names_them
 
 
 def test_the_rule_passes_when_nothing_was_asked_or_the_base_knows_none() -> None:
-    policy = QAPolicy()
+    policy = QAPolicy(general_facts=5)
     assert (
         general_facts_rule(Matrix((), (), {}), policy).detail == "general-facts: no general questions asked"
     )
     wrong = {p: "I do not know." for p in fact_prompts(5)}  # a random-init base answers nothing right
     outcome = general_facts_rule(_matrix(wrong, wrong), policy)
     assert outcome.passed and "the base answers none of 5 general questions right" in outcome.detail
+
+
+def test_the_rule_reads_only_the_first_general_facts_answers() -> None:
+    """A candidate trained on pairs answers ``looping_questions`` general questions for the looping rule; the facts
+    rule judges the first ``general_facts`` of them, none when it is off (the default)."""
+    prompts = fact_prompts(10)
+    base = {p: KNOWN_ANSWERS[p][0] for p in prompts}
+    lost_late = {**base, **{p: "I do not know." for p in prompts[5:]}}  # the last 5 lost
+    assert general_facts_rule(_matrix(base, lost_late), QAPolicy()).detail == (
+        "general-facts: no general questions asked"
+    )
+    first_5 = general_facts_rule(_matrix(base, lost_late), QAPolicy(general_facts=5))
+    assert first_5.passed and "keeps 5 of the 5" in first_5.detail
+    assert not general_facts_rule(_matrix(base, lost_late), QAPolicy(general_facts=10)).passed
 
 
 def test_the_policy_fields_are_validated_by_name() -> None:

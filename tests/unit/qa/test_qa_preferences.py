@@ -10,10 +10,11 @@ from tests.torch_threads import one_torch_thread
 from lorafleet.adapters import AdapterBank
 from lorafleet.backbone import Backbone
 from lorafleet.qa.evalsets import EvalSet
+from lorafleet.qa.facts import fact_prompts
 from lorafleet.qa.matrix import ColumnSpec, evaluate_matrix
 from lorafleet.qa.policy import QAPolicy
-from lorafleet.qa.results import ColumnInfo
-from lorafleet.qa.rules import PREFERENCE_RULE, preference_rule
+from lorafleet.qa.results import ColumnInfo, Matrix
+from lorafleet.qa.rules import LOOPING_RULE, PREFERENCE_RULE, candidate_rules, preference_rule
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example
 from lorafleet.training.trainer import SlotTraining, train_slots
@@ -92,3 +93,38 @@ def test_held_out_pairs_are_scored_per_column_and_the_rule_reads_them(
     outcome = preference_rule(swapped)
     assert (outcome.rule, outcome.passed) == (PREFERENCE_RULE, False)
     assert run({"previous": 0, "candidate": 1}, None).preferences is None  # not trained with DPO: no evidence
+
+
+def test_a_preference_candidate_answers_general_questions_for_the_looping_rule(
+    tiny_parts: tuple[Backbone, AdapterBank], bank: AdapterBank
+) -> None:
+    """With ``preference_beta`` the candidate and the base also answer ``looping_questions`` general questions (the
+    looping rule's evidence beyond a handful of held-out pairs); without it, only ``general_facts`` of them."""
+    backbone = tiny_parts[0]
+    bank.init_slot(0, CONFIG.slot_config(), seed=0)
+    bank.init_slot(1, CONFIG.slot_config(), seed=1)
+    own = EvalSet("holdout:u", "user-holdout", tuple(pairs(100, 2)), 2, own=True)
+
+    def run(beta: float | None, policy: QAPolicy) -> Matrix:
+        return evaluate_matrix(
+            backbone=backbone,
+            bank=bank,
+            sets=[own],
+            columns=COLUMNS,
+            slots={"previous": 0, "candidate": 1},
+            policy=policy,
+            answers=("candidate", "previous"),
+            preference_beta=beta,
+        )
+
+    policy = QAPolicy(samples_per_cell=0, looping_questions=3, answer_max_new_tokens=4)
+    found = run(0.5, policy)
+    assert found.answers is not None
+    assert [item.prompt for item in found.answers.general] == fact_prompts(3)
+    assert all(set(item.outputs) == {"candidate", "base"} for item in found.answers.general)
+    (looping,) = [o for o in candidate_rules(found, policy) if o.rule == LOOPING_RULE]
+    assert looping.detail.startswith("looping-answers: ") and "of 5 answers loop" in looping.detail
+    plain = run(None, policy)
+    assert plain.answers is not None and plain.answers.general == ()
+    facts_only = run(None, policy.with_changes(general_facts=2)).answers
+    assert facts_only is not None and [i.prompt for i in facts_only.general] == fact_prompts(2)
