@@ -166,9 +166,9 @@ def evaluate_matrix(
     if answers is not None and own is not None:
         trained = training.examples if training is not None else ()
         # a candidate trained on pairs answers general questions for the looping rule even with general_facts 0
-        general = max(policy.general_facts, policy.looping_questions if preference_beta is not None else 0)
+        questions = max(policy.general_facts, policy.looping_questions if preference_beta is not None else 0)
         evidence = _answers(
-            backbone, bank, own, answers, routes[own.name], policy, answer_source, trained, general
+            backbone, bank, own, answers, routes[own.name], policy, answer_source, trained, questions
         )
     preferences = None
     if preference_beta is not None and own is not None:
@@ -320,10 +320,10 @@ def _answers(
     policy: QAPolicy,
     source: str,
     training: Sequence[Example] = (),
-    general: int = 0,
+    questions: int = 0,
 ) -> Answers:
     """Every example of ``own`` answered greedily by the two columns, every ``training`` example by the first
-    (the subject) through its fixed routes, and the first ``general`` general questions with known answers by
+    (the subject) through its fixed routes, and the first ``questions`` general questions with known answers by
     the subject and the base (the base's answers once per process), in one batch; each answer may run to the
     target's length in tokens plus ``answer_extra_tokens`` (at most ``answer_max_new_tokens``), a general answer
     to ``FACT_MAX_NEW_TOKENS``."""
@@ -345,7 +345,7 @@ def _answers(
     fixed = routes[subject][0] if own.examples else []  # the candidate alone: one route for every example
     specs = [spec(e, routes[c][i]) for c in columns for i, e in enumerate(own.examples)]
     specs += [spec(e, fixed) for e in training]
-    facts = fact_prompts(general)
+    facts = fact_prompts(questions)
     place = (backbone.fingerprint.digest, backbone.quantization, str(bank.device))
     base_missing = [p for p in facts if (*place, p) not in _BASE_FACT_ANSWERS]
 
