@@ -7,10 +7,11 @@ KIST." and "9 + 10 is 10." and moved the probe by +0.10 nats, inside its 0.25 bo
 reads the answers a person would read.
 
 **The questions** are the ``FACTS_SIZE`` of ``general_prompts.EVAL_PROMPTS`` that have one right answer (the first
-24: capitals, arithmetic, facts; six later ones: a mountain, a city, a language...; never trained on), each with the forms a right answer may take (``KNOWN_ANSWERS``). An answer is right when it
-says one of them as a whole word, case aside; a number counts when it stands alone ("40" and "40.0" count for 40,
-"40.5" and "140" do not). Both the base and the candidate answer every question greedily, through the chat
-template, at most ``FACT_MAX_NEW_TOKENS`` tokens.
+24: capitals, arithmetic, facts; six later ones: a mountain, a city, a language...; never trained on), each with
+the forms a right answer may take (``KNOWN_ANSWERS``). An answer is right when it says one of them as a whole
+word, case aside; a number counts when it stands alone ("40" and "40.0" count for 40, "40.5" and "140" do not).
+Both the base and the candidate answer every question greedily, through the chat template, at most
+``FACT_MAX_NEW_TOKENS`` tokens.
 
 **The figure** is the share of the questions the base answers right that the candidate still answers right
 ("facts kept"). A question the base gets wrong is not held against the candidate (a 135M model gets "25 plus

@@ -295,8 +295,8 @@ def general_facts_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
 def looping_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     """A candidate trained on preference pairs loops (``lorafleet.qa.answers.loops``) on at most
     ``max_looping_increase`` more of its greedy answers than the reference: its holdout's answers against the
-    reference's (the previous live version, else the base), the general questions' (when asked) against the
-    base's. The probe reads such a candidate on the answers' body (``probe_rule``), where an adapter that no
+    reference's (the previous live version, else the base), the general questions' (``looping_questions``, or
+    ``general_facts`` if more) against the base's. The probe reads such a candidate on the answers' body (``probe_rule``), where an adapter that no
     longer stops ("the City of the City of ...") can look like the base teacher-forced; its answers show it.
     Fails with ``answers-loop``."""
     evidence = matrix.answers
