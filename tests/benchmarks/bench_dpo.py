@@ -70,9 +70,14 @@ from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.domain import FeedbackRecord  # noqa: E402
 from lorafleet.feedback import prepare_record  # noqa: E402
 from lorafleet.qa.answers import loops  # noqa: E402
+from lorafleet.qa.evalsets import EvalSet, probe_set  # noqa: E402
 from lorafleet.qa.facts import fact_prompts as all_fact_prompts  # noqa: E402
 from lorafleet.qa.facts import facts_kept, says_answer  # noqa: E402
+from lorafleet.qa.matrix import ColumnSpec, evaluate_matrix  # noqa: E402
+from lorafleet.qa.policy import QAPolicy  # noqa: E402
 from lorafleet.qa.probe import probe_examples  # noqa: E402
+from lorafleet.qa.results import BASE, CANDIDATE, ColumnInfo  # noqa: E402
+from lorafleet.qa.rules import candidate_rules  # noqa: E402
 from lorafleet.training import preference  # noqa: E402
 from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS, TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import Example, build_dataset, encode_example, pad_token_id  # noqa: E402
@@ -218,6 +223,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--answer-tokens", type=int, default=64, help="max new tokens of the base's answers")
     add_int_options(parser, judge_prompts=12, judge_tokens=64, retention_prompts=24, timing_steps=4)
     parser.add_argument("--no-ratings", dest="ratings", action="store_false")
+    parser.add_argument(
+        "--qa",
+        action="store_true",
+        help="also run QA's matrix and rules on each adapter (its held-out pairs as the holdout; default policy)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args()
@@ -258,6 +268,43 @@ def probe_drifts(adapter: EvalResult, base: EvalResult) -> dict[str, float]:
     """QA's probe drift (the probe set's loss through the adapter minus the base's), on the whole answers and on
     their body (the first token and the end of turn left out: what QA reads for a candidate trained on pairs)."""
     return {"probe_drift": adapter.loss - base.loss, "probe_drift_body": adapter.body_loss - base.body_loss}
+
+
+def qa_decisions(
+    backbone: Backbone,
+    bank: AdapterBank,
+    held: dict[str, list[Example]],
+    slots: dict[str, int],
+    beta: float,
+    prefix: FrozenPrefix | None,
+) -> dict[str, list[str]]:
+    """QA's own matrix and candidate rules for each adapter as a first version (no live one: against the base),
+    at the default ``QAPolicy`` on a pretrained backbone: its held-out pairs as the holdout, the probe set, the
+    answers and the preference pairs. Each user's failed rules' details (empty: QA would promote it)."""
+    policy = QAPolicy(samples_per_cell=0)
+    probe = probe_set(policy, backbone, bank)
+    columns = [
+        ColumnSpec(ColumnInfo(BASE, "base")),
+        ColumnSpec(ColumnInfo(CANDIDATE, "candidate"), routes=((CANDIDATE, 1.0),)),
+    ]
+    failed: dict[str, list[str]] = {}
+    for user, pairs in held.items():
+        own = EvalSet(f"holdout:{user}", "user-holdout", tuple(pairs), len(pairs), own=True)
+        matrix = evaluate_matrix(
+            backbone=backbone,
+            bank=bank,
+            sets=[own, probe],
+            columns=columns,
+            slots={CANDIDATE: slots[user]},
+            policy=policy,
+            prefix=prefix,
+            answers=(CANDIDATE, BASE),
+            preference_beta=beta,
+        )
+        outcomes = candidate_rules(matrix, policy)
+        failed[user] = [o.detail for o in outcomes if not o.passed]
+        logger.info("QA on %s: %s", user, "; ".join(o.detail for o in outcomes))
+    return failed
 
 
 def step_times(
@@ -454,6 +501,13 @@ def main() -> None:
             f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} | {f['retention_body']:.1%} | {f['facts_kept']:.0%} | {f['probe_drift']:+.3f} / {f['probe_drift_body']:+.3f} | {f['looping_increase']:+.0%} |"
         )
     sys.stdout.flush()
+    if args.qa:
+        decisions = qa_decisions(backbone, bank, held, slots, config.dpo_beta, prefix)
+        print("\n| user | QA (default policy, first version) | failed rules |")
+        print("| --- | --- | --- |")
+        for u, failed in decisions.items():
+            print(f"| {u} | {'reject' if failed else 'promote'} | {' / '.join(failed) or '-'} |")
+        sys.stdout.flush()
     # every greedy answer, by route (the base first), for reading what the figures count
     answers_by = {name: answered[i] for i, name in enumerate(["base", *users])}
     if args.json:
