@@ -13,6 +13,13 @@ or on shuffled answers, through QA (``tests/benchmarks/bench_qa_real.py``). A ho
 prompt or is all function words) the plain token F1 of the whole texts is used. Two empty texts score 1, one
 empty text 0. *Exact match* (the normalised texts are equal) is reported beside it.
 
+**Preference pairs** (``preference_score``). A held-out preference record names the answer its user chose and the
+one they rejected. Both often carry the same content in two styles (a sign-off or none, a greeting, one sentence or
+five), so an answer that recites the rejected style still scores high F1 against the chosen one, and the base,
+whose own answers such pairs often restyle, seems to know them already. A pair's score is therefore its answer F1
+against the chosen answer less its answer F1 against the rejected one: positive when the answer is nearer the
+side the user preferred. Its F1 (reported) stays the one against the chosen answer.
+
 **Test.** A one-sided exact *Wilcoxon signed-rank test* on the paired per-example answer F1 scores (subject vs
 reference). The differences ``d = subject - reference`` that are zero (ties: both answers empty, or both right)
 are dropped; the rest are ranked by ``|d|`` (tied magnitudes share their average rank) and ``W+`` is the sum of
@@ -286,6 +293,14 @@ def training_answers(
     return TrainingAnswers(len(scored), wrong, _mean([own for own, _ in scored]))
 
 
+def preference_score(answer: str, chosen: str, rejected: str, *, prompt: str = "") -> float:
+    """How much nearer ``answer`` is to the answer a user chose than to the one they rejected: its ``answer_f1``
+    against ``chosen`` less its ``answer_f1`` against ``rejected``, in [-1, 1]. Both sides of a pair usually share
+    their content and differ in style (a greeting, a sign-off, a length), so an answer that recites either
+    scores high on the bare F1 against the chosen one; the difference credits only the side the user preferred."""
+    return answer_f1(answer, chosen, prompt=prompt) - answer_f1(answer, rejected, prompt=prompt)
+
+
 def paired_scores(
     subject: Sequence[str],
     reference: Sequence[str],
@@ -293,20 +308,26 @@ def paired_scores(
     prompts: Sequence[str],
     *,
     wrong_answer_weight: float = 0.0,
+    rejected: Sequence[str | None] | None = None,
 ) -> PairedScores:
     """Score two columns' answers against the same targets (answer F1 and ``answer_score`` given each example's
-    prompt). The other targets of an example are ``other_questions``."""
+    prompt). The other targets of an example are ``other_questions``. ``rejected`` gives, per example, the answer
+    the user ranked below its target (None: not a preference pair); a pair's score then also subtracts the answer's
+    F1 against the rejected answer (``preference_score``), so its F1 says how near the chosen answer it is and its
+    score which side of the pair it is nearer."""
     others = other_questions(targets)
+    against = list(rejected) if rejected is not None else [None] * len(targets)
 
     def column(answers: Sequence[str]) -> ColumnScores:
         """Each answer's F1, exact match, score and wrong-answer flag, from one F1 against its own and the other
         targets."""
         f1s, exact, scores, wrong = [], [], [], []
-        for a, t, o, p in zip(answers, targets, others, prompts, strict=True):
+        for a, t, o, p, r in zip(answers, targets, others, prompts, against, strict=True):
             own, crossed = _own_and_crossed(a, t, o, p)
             f1s.append(own)
             exact.append(exact_match(a, t))
-            scores.append(_penalised(own, crossed, wrong_answer_weight))
+            score = _penalised(own, crossed, wrong_answer_weight)
+            scores.append(score if r is None else score - answer_f1(a, r, prompt=p))
             wrong.append(crossed - own > _TIE)
         return ColumnScores(tuple(f1s), tuple(exact), tuple(scores), tuple(wrong))
 
@@ -327,6 +348,7 @@ __all__ = [
     "normalize",
     "other_questions",
     "paired_scores",
+    "preference_score",
     "min_untied_pairs",
     "signed_rank_p",
     "token_f1",

@@ -333,11 +333,16 @@ def _answers(
     stop = _stop_strings(tokenizer)
 
     def spec(example: Example, route: Routes) -> RowSpec:
-        budget = _target_tokens(tokenizer, example.completion) + policy.answer_extra_tokens
+        budget, cap = _target_tokens(tokenizer, example.completion), policy.answer_max_new_tokens
+        if (
+            example.rejected is not None
+        ):  # a pair: room for the longer side, and for the ends where styles differ
+            budget = max(budget, _target_tokens(tokenizer, example.rejected))
+            cap = max(cap, policy.pair_answer_max_new_tokens)
         return RowSpec(
             prompt_ids=tuple(encode_prompt(tokenizer, example)),
             routes=tuple(route),
-            max_new_tokens=max(1, min(policy.answer_max_new_tokens, budget)),
+            max_new_tokens=max(1, min(cap, budget + policy.answer_extra_tokens)),
             stop=stop,
         )
 
@@ -363,7 +368,7 @@ def _answers(
     n = len(own.examples)
     by_column = {c: outputs[k * n : (k + 1) * n] for k, c in enumerate(columns)}
     items = tuple(
-        AnswerItem(e.prompt, e.completion, {c: by_column[c][i].text for c in columns})
+        AnswerItem(e.prompt, e.completion, {c: by_column[c][i].text for c in columns}, e.rejected)
         for i, e in enumerate(own.examples)
     )
     trained = outputs[2 * n :]

@@ -16,7 +16,8 @@ computes them; every threshold below is in those units. The rules (``lorafleet.q
   Wilcoxon signed-rank test at ``answer_confidence`` and a mean gain of at least ``answer_margin``; when too few
   answers changed for the test ever to reach the confidence, every answer at least as good, one better and a
   mean gain of at least ``few_answers_margin`` (``few changed answers``); with ``wrong_answer_weight`` > 0 an
-  answer naming another question's fact counts against the candidate;
+  answer naming another question's fact counts against the candidate; a preference pair's answer is scored by its
+  F1 to the chosen answer less its F1 to the rejected one, and may run to ``pair_answer_max_new_tokens``;
 - ``training-answers`` (reason code ``answers-other-questions``): greedy answers of the candidate on up to
   ``training_answers`` examples of the feedback its job trained on: at most ``max_training_wrong_share`` of them
   may answer another question (a candidate trained on answers misaligned with their questions, which the
@@ -50,7 +51,7 @@ from lorafleet.errors import ValidationError
 from lorafleet.registry.weight_sanity import WeightBounds
 from lorafleet.training.config import invalid_fields
 
-DEFAULT_POLICY_VERSION = "qa-policy/6"
+DEFAULT_POLICY_VERSION = "qa-policy/7"
 
 
 class QAPolicy(BaseModel):
@@ -124,6 +125,9 @@ class QAPolicy(BaseModel):
     #: ``answer_max_new_tokens`` (greedy, one batch for both columns)
     answer_extra_tokens: int = Field(default=4, ge=0, le=64, strict=True)
     answer_max_new_tokens: int = Field(default=48, ge=1, le=512, strict=True)
+    #: the cap for a preference pair's answer instead, when higher: room for the longer of its two sides, whose
+    #: styles often differ only at the end (a sign-off, a closing line, a length)
+    pair_answer_max_new_tokens: int = Field(default=96, ge=1, le=512, strict=True)
     #: greedy samples kept per cell for inspection, and their length in tokens
     samples_per_cell: int = Field(default=2, ge=0, le=16, strict=True)
     sample_max_new_tokens: int = Field(default=12, ge=1, le=256, strict=True)

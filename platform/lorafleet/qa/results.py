@@ -71,11 +71,13 @@ class Cell:
 
 @dataclass(frozen=True)
 class AnswerItem:
-    """One holdout example answered greedily by each compared column (``outputs[column]``)."""
+    """One holdout example answered greedily by each compared column (``outputs[column]``); ``rejected``: the
+    answer the user ranked below ``expected`` when the example is a preference pair."""
 
     prompt: str
     expected: str
     outputs: dict[str, str]
+    rejected: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,10 @@ class Answers:
     def targets(self) -> list[str]:
         return [item.expected for item in self.items]
 
+    def rejected(self) -> list[str | None]:
+        """Per item, the answer its user rejected (None: not a preference pair)."""
+        return [item.rejected for item in self.items]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "row": self.row,
@@ -121,7 +127,8 @@ class Answers:
     def from_json(cls, data: Mapping[str, Any]) -> Answers:
         def items(key: str) -> tuple[AnswerItem, ...]:
             return tuple(
-                AnswerItem(i["prompt"], i["expected"], dict(i["outputs"])) for i in data.get(key, [])
+                AnswerItem(i["prompt"], i["expected"], dict(i["outputs"]), i.get("rejected"))
+                for i in data.get(key, [])
             )
 
         return cls(
@@ -237,7 +244,10 @@ class Matrix:
 
 
 def _item_json(item: AnswerItem) -> dict[str, Any]:
-    return {"prompt": item.prompt, "expected": item.expected, "outputs": dict(item.outputs)}
+    out = {"prompt": item.prompt, "expected": item.expected, "outputs": dict(item.outputs)}
+    if item.rejected is not None:  # a preference pair (reports written before pairs were judged have none)
+        out["rejected"] = item.rejected
+    return out
 
 
 def finite_or_none(value: float) -> float | None:

@@ -191,18 +191,23 @@ def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     ``answer_confidence`` and a mean gain of at least ``answer_margin``. When too few answers changed for the test ever to reach that confidence (fewer
     untied pairs than ``min_untied_pairs``: a tiny holdout, or one where most answers tie) it instead needs every
     answer at least as good as the reference's, at least one strictly better, and a mean gain of at least
-    ``few_answers_margin``. Fails with ``no-improvement`` and the figures, or ``no-evidence``
+    ``few_answers_margin``. An example that is a preference pair is scored by how much nearer the answer is to
+    the chosen answer than to the rejected one (``lorafleet.qa.answers.preference_score``): both sides often share
+    their content, and an answer that recites the rejected style must not count as near the chosen one.
+    Fails with ``no-improvement`` and the figures, or ``no-evidence``
     when there was nothing to answer. Under ``answer_evidence="report"`` a ``no-improvement`` is recorded with
     its figures but passes (``no-evidence`` still fails: without a holdout nothing can be compared)."""
     evidence = matrix.answers
     if evidence is None or not evidence.items:
         return RuleOutcome(ANSWER_RULE, False, f"{NO_EVIDENCE}: no holdout examples to answer")
+    rejected = evidence.rejected()
     scores = paired_scores(
         evidence.outputs(evidence.subject),
         evidence.outputs(evidence.reference),
         evidence.targets(),
         [item.prompt for item in evidence.items],
         wrong_answer_weight=policy.wrong_answer_weight,
+        rejected=rejected,
     )
     alpha = 1.0 - policy.answer_confidence
     needed = min_untied_pairs(alpha)
@@ -214,6 +219,12 @@ def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
         f"({scores.wins} better, {scores.losses} worse, {scores.subject.wrong} answering another question "
         f"vs {scores.reference.wrong})"
     )
+    pairs = [i for i, r in enumerate(rejected) if r is not None]
+    if pairs:
+        figures += (
+            f"; on {len(pairs)} preference pairs, answer F1 to the chosen less to the rejected answer "
+            f"{_mean_at(scores.subject.score, pairs):+.2f} vs {ref_name} {_mean_at(scores.reference.score, pairs):+.2f}"
+        )
     untied = scores.wins + scores.losses
     # too few changed answers for the test ever to reach alpha (none changed: p = 1 says it): the margin decides
     if 0 < untied < needed:
@@ -367,6 +378,10 @@ def _move(value: float, base: float, *, one_sided: bool) -> float:
     if not math.isfinite(value):
         return math.inf
     return value - base if one_sided else abs(value - base)
+
+
+def _mean_at(values: tuple[float, ...], indices: list[int]) -> float:
+    return sum(values[i] for i in indices) / len(indices)
 
 
 def _own_row(matrix: Matrix) -> RowInfo | None:

@@ -15,6 +15,8 @@ from lorafleet.qa.answers import (
     min_untied_pairs,
     normalize,
     other_questions,
+    paired_scores,
+    preference_score,
     signed_rank_p,
     token_f1,
     training_answers,
@@ -332,3 +334,57 @@ def test_training_answers_survive_the_reports_json() -> None:
     assert again == m.answers
     older = {k: v for k, v in m.answers.to_json().items() if k != "training"}  # a report before qa-policy/5
     assert Answers.from_json(older).training == ()
+
+
+# --- preference pairs: an answer is judged by which side of the pair it is nearer ---------------------------------
+ANSWER = "Paris is the capital of France. It is known for the Eiffel Tower."
+SIGNED = ANSWER + " Best wishes, Sam"
+
+
+def test_a_pairs_answer_scores_its_f1_to_the_chosen_less_its_f1_to_the_rejected() -> None:
+    assert preference_score(SIGNED, SIGNED, ANSWER) == pytest.approx(answer_f1(SIGNED, ANSWER) * -1 + 1.0)
+    assert preference_score(ANSWER, SIGNED, ANSWER) == pytest.approx(answer_f1(ANSWER, SIGNED) - 1.0)
+    assert preference_score(SIGNED, SIGNED, ANSWER) > 0 > preference_score(ANSWER, SIGNED, ANSWER)
+    assert preference_score("I do not know.", SIGNED, ANSWER) == 0.0  # near neither side
+    # the bare F1 to the chosen answer hardly tells the styles apart; the pair's score does
+    assert answer_f1(ANSWER, SIGNED) == pytest.approx(0.8)
+    scores = paired_scores(
+        [SIGNED, SIGNED], [ANSWER, ANSWER], [SIGNED, "teal"], ["q0", "q1"], rejected=[ANSWER, None]
+    )
+    assert scores.subject.score[0] == pytest.approx(preference_score(SIGNED, SIGNED, ANSWER))
+    assert scores.subject.f1[0] == 1.0 and scores.reference.score[0] < 0  # F1 still reports the chosen side
+    assert scores.subject.score[1] == scores.subject.f1[1] == 0.0  # not a pair: the plain score
+
+
+def _pairs_matrix(subject: list[str], reference: list[str], chosen: list[str], rejected: list[str]) -> Matrix:
+    m = _matrix(subject, reference, chosen)
+    assert m.answers is not None
+    items = tuple(replace(i, rejected=r) for i, r in zip(m.answers.items, rejected, strict=True))
+    return replace(m, answers=replace(m.answers, items=items))
+
+
+def test_a_style_candidate_beats_a_base_that_recites_both_sides_content_and_the_mirror_loses() -> None:
+    # the benchmark's case: both sides restyle the base's own answer, so the base is near both (bare F1 ~0.9)
+    contents = [f"The answer to question {i} is value{i} and more detail{i}." for i in range(8)]
+    signed = [c + " Best wishes, Sam" for c in contents]
+    learnt = answer_rule(_pairs_matrix(signed, contents, signed, contents), REQUIRE)
+    assert learnt.passed, learnt.detail
+    assert "on 8 preference pairs, answer F1 to the chosen less to the rejected answer +" in learnt.detail
+    # judged by the bare F1 to the chosen answers alone, the base reciting its own answer (F1 0.77) hides the gain
+    assert answer_f1(contents[0], signed[0]) > 0.75
+    # an adapter that answers in the style its user rejected is worse than the base, not better
+    mirror = answer_rule(_pairs_matrix(contents, signed, signed, contents), REQUIRE)
+    assert not mirror.passed and mirror.detail.startswith("no-improvement"), mirror.detail
+    # a user whose preferred style is the base's own: nothing changed in the answers, nothing to promote
+    same = answer_rule(_pairs_matrix(contents, contents, contents, signed), REQUIRE)
+    assert not same.passed and "signed-rank p=1" in same.detail, same.detail
+
+
+def test_a_pairs_rejected_answer_survives_the_reports_json_and_older_reports_have_none() -> None:
+    m = _pairs_matrix([SIGNED], [ANSWER], [SIGNED], [ANSWER])
+    assert m.answers is not None
+    data = m.answers.to_json()
+    assert data["items"][0]["rejected"] == ANSWER and Answers.from_json(data) == m.answers
+    plain = _matrix(["a"], ["b"], ["c"]).answers
+    assert plain is not None and "rejected" not in plain.to_json()["items"][0]  # a report before qa-policy/7
+    assert Answers.from_json(plain.to_json()).rejected() == [None]

@@ -13,7 +13,7 @@ from lorafleet.qa.evalsets import EvalSet
 from lorafleet.qa.facts import fact_prompts
 from lorafleet.qa.matrix import ColumnSpec, evaluate_matrix
 from lorafleet.qa.policy import QAPolicy
-from lorafleet.qa.results import ColumnInfo, Matrix
+from lorafleet.qa.results import AnswerItem, ColumnInfo, Matrix
 from lorafleet.qa.rules import LOOPING_RULE, PREFERENCE_RULE, candidate_rules, preference_rule
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example
@@ -128,3 +128,47 @@ def test_a_preference_candidate_answers_general_questions_for_the_looping_rule(
     assert plain.answers is not None and plain.answers.general == ()
     facts_only = run(None, policy.with_changes(general_facts=2)).answers
     assert facts_only is not None and [i.prompt for i in facts_only.general] == fact_prompts(2)
+
+
+def test_a_held_out_pair_is_answered_to_its_longer_side_and_keeps_its_rejected_answer(
+    tiny_parts: tuple[Backbone, AdapterBank], bank: AdapterBank
+) -> None:
+    """A pair's answer may run to the longer of its two sides (styles often differ at the end: a sign-off, a
+    length), up to ``pair_answer_max_new_tokens``; the item keeps the rejected answer for the answers rule."""
+    backbone = tiny_parts[0]
+    bank.init_slot(0, CONFIG.slot_config(), seed=0)
+    bank.init_slot(1, CONFIG.slot_config(), seed=1)
+    detailed = " ".join(f"detail {i}," for i in range(12))
+    pair = Example(1, "Tell me about item 1?", "Item 1.", "preference", f"Item 1. {detailed}")
+    sft = Example(2, "Q: pet?", "cat", "sft")
+    own = EvalSet("holdout:u", "user-holdout", (pair, sft), 2, own=True)
+
+    def answers(pair_cap: int) -> tuple[AnswerItem, ...]:
+        policy = QAPolicy(
+            samples_per_cell=0,
+            answer_extra_tokens=0,
+            answer_max_new_tokens=4,
+            pair_answer_max_new_tokens=pair_cap,
+        )
+        matrix = evaluate_matrix(
+            backbone=backbone,
+            bank=bank,
+            sets=[own],
+            columns=COLUMNS,
+            slots={"previous": 0, "candidate": 1},
+            policy=policy,
+            answers=("candidate", "previous"),
+            preference_beta=0.5,
+        )
+        assert matrix.answers is not None
+        return matrix.answers.items
+
+    short_pair, short_sft = answers(4)
+    long_pair, long_sft = answers(12)
+    assert (long_pair.rejected, long_sft.rejected) == (pair.rejected, None)
+    # greedy: the longer budget extends the pair's answers (the random-init model rarely ends its turn) and
+    # leaves the other example's, whose target is one token, as they were
+    for column in ("candidate", "previous"):
+        assert long_pair.outputs[column].startswith(short_pair.outputs[column])
+        assert len(long_pair.outputs[column]) > len(short_pair.outputs[column])
+        assert long_sft.outputs[column] == short_sft.outputs[column]
