@@ -45,6 +45,22 @@ def pairs(start: int, n: int) -> list[Example]:
     ]
 
 
+def answered(
+    backbone: Backbone, bank: AdapterBank, own: EvalSet, policy: QAPolicy, beta: float | None
+) -> Matrix:
+    """The matrix of ``own`` with the candidate (slot 1) answering against the previous version (slot 0)."""
+    return evaluate_matrix(
+        backbone=backbone,
+        bank=bank,
+        sets=[own],
+        columns=COLUMNS,
+        slots={"previous": 0, "candidate": 1},
+        policy=policy,
+        answers=("candidate", "previous"),
+        preference_beta=beta,
+    )
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     """One torch thread: the tiny model gains nothing from two, and on shared cores a second one spin-waits."""
@@ -106,16 +122,7 @@ def test_a_preference_candidate_answers_general_questions_for_the_looping_rule(
     own = EvalSet("holdout:u", "user-holdout", tuple(pairs(100, 2)), 2, own=True)
 
     def run(beta: float | None, policy: QAPolicy) -> Matrix:
-        return evaluate_matrix(
-            backbone=backbone,
-            bank=bank,
-            sets=[own],
-            columns=COLUMNS,
-            slots={"previous": 0, "candidate": 1},
-            policy=policy,
-            answers=("candidate", "previous"),
-            preference_beta=beta,
-        )
+        return answered(backbone, bank, own, policy, beta)
 
     policy = QAPolicy(samples_per_cell=0, looping_questions=3, answer_max_new_tokens=4)
     found = run(0.5, policy)
@@ -150,16 +157,7 @@ def test_a_held_out_pair_is_answered_to_its_longer_side_and_keeps_its_rejected_a
             answer_max_new_tokens=4,
             pair_answer_max_new_tokens=pair_cap,
         )
-        matrix = evaluate_matrix(
-            backbone=backbone,
-            bank=bank,
-            sets=[own],
-            columns=COLUMNS,
-            slots={"previous": 0, "candidate": 1},
-            policy=policy,
-            answers=("candidate", "previous"),
-            preference_beta=0.5,
-        )
+        matrix = answered(backbone, bank, own, policy, 0.5)
         assert matrix.answers is not None
         return matrix.answers.items
 
