@@ -24,8 +24,10 @@ Measured:
   after training (the base itself scores 50 % by that measure: every margin is 0), and the share the base already
   ranks right by raw log-probability;
 - the judge (length for concise/detailed, register words for formal/casual, the closing line for signoff/plain)
-  on greedy answers to ``--judge-prompts`` never-trained general prompts (``EVAL_PROMPTS``), each user against
-  the base;
+  on greedy answers to ``--judge-prompts`` never-trained general prompts (the first of ``EVAL_PROMPTS``: capitals
+  and arithmetic), each user against the base; and the same judge on as many prompts spread over
+  ``EVAL_PROMPTS``' seven categories (QA's probe order: facts, arithmetic, how-to, advice, ...), where a longer
+  answer has something to say;
 - retention: the share of the base's own greedy answer tokens to ``EVAL_PROMPTS`` that the adapter still
   predicts (teacher-forced top-1), relative to the base's share; beside it, two diagnostics: the same on the
   answers' body (the first token and the end-of-turn left out), and "facts kept": of the 30 general questions with
@@ -75,7 +77,7 @@ from lorafleet.qa.facts import fact_prompts as all_fact_prompts  # noqa: E402
 from lorafleet.qa.facts import facts_kept, says_answer  # noqa: E402
 from lorafleet.qa.matrix import ColumnSpec, evaluate_matrix  # noqa: E402
 from lorafleet.qa.policy import QAPolicy  # noqa: E402
-from lorafleet.qa.probe import probe_examples  # noqa: E402
+from lorafleet.qa.probe import probe_examples, probe_prompts  # noqa: E402
 from lorafleet.qa.results import BASE, CANDIDATE, ColumnInfo  # noqa: E402
 from lorafleet.qa.rules import candidate_rules  # noqa: E402
 from lorafleet.training import preference  # noqa: E402
@@ -434,21 +436,28 @@ def main() -> None:
     # every general question with a known answer (QA's fact check) is answered too (one generation for both)
     fact_prompts = all_fact_prompts()
     asked = judge_prompts + [p for p in fact_prompts if p not in judge_prompts]
+    # the judge again on prompts spread over EVAL_PROMPTS' seven categories (QA's probe order: facts, arithmetic,
+    # how-to, advice, ...), where a longer answer has something to say; the first N are capitals and arithmetic
+    spread_prompts = probe_prompts(args.judge_prompts)
+    extra = [p for p in spread_prompts if p not in asked]
     routes: list[list[tuple[int, float]]] = [[]] + [[(slots[u], 1.0)] for u in users]
     generated = generate_answers(
         backbone.model,
         tokenizer,
-        [p for _ in routes for p in asked],
+        [p for _ in routes for p in [*asked, *extra]],
         args.judge_tokens,
         bank=bank,
-        routes=[r for r in routes for _ in asked],
+        routes=[r for r in routes for _ in [*asked, *extra]],
         trim=False,
     )
-    answered = [
-        dict(zip(asked, generated[i * len(asked) : (i + 1) * len(asked)], strict=True))
+    width = len(asked) + len(extra)
+    every = [
+        dict(zip([*asked, *extra], generated[i * width : (i + 1) * width], strict=True))
         for i in range(len(routes))
     ]
-    by_route = [[a[p] for p in judge_prompts] for a in answered]
+    answered = [{p: a[p] for p in asked} for a in every]  # what the looping and facts figures read
+    by_route = [[a[p] for p in judge_prompts] for a in every]
+    spread = [[a[p] for p in spread_prompts] for a in every]
     base_right = [p for p in fact_prompts if says_answer(p, answered[0][p])]
     logger.info("the base answers %d of %d fact prompts right", len(base_right), len(fact_prompts))
     general = [
@@ -474,6 +483,8 @@ def main() -> None:
             "held_out_accuracy": preference_accuracy(margins),
             "judge_base": sum(map(JUDGES[style], by_route[0])) / len(judge_prompts),
             "judge_adapter": sum(map(JUDGES[style], by_route[i + 1])) / len(judge_prompts),
+            "judge_spread_base": sum(map(JUDGES[style], spread[0])) / len(spread_prompts),
+            "judge_spread_adapter": sum(map(JUDGES[style], spread[i + 1])) / len(spread_prompts),
             "retention": adapter_acc / base_acc,
             "retention_body": body_accuracy(bank, tokenizer, general, slots[u]) / base_body,
             # of the fact prompts the base answers right, the share the adapter's greedy answer still gets right
@@ -492,13 +503,13 @@ def main() -> None:
         logger.info("%s: %s | sample: %r", u, figures[u], by_route[i + 1][0][:160])
 
     print(
-        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | retention | retention, answer body | facts kept | QA probe drift (bound 0.25): whole / body | looping answers vs base (QA bound +10 %) |"
+        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | judge, seven categories: base / adapter | retention | retention, answer body | facts kept | QA probe drift (bound 0.25): whole / body | looping answers vs base (QA bound +10 %) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for u, f in figures.items():
         print(
             f"| {u} | {f['held_out_accuracy_base_raw_logp']:.0%} | {f['held_out_accuracy']:.0%} | "
-            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['retention']:.1%} | {f['retention_body']:.1%} | {f['facts_kept']:.0%} | {f['probe_drift']:+.3f} / {f['probe_drift_body']:+.3f} | {f['looping_increase']:+.0%} |"
+            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['judge_spread_base']:.0%} / {f['judge_spread_adapter']:.0%} | {f['retention']:.1%} | {f['retention_body']:.1%} | {f['facts_kept']:.0%} | {f['probe_drift']:+.3f} / {f['probe_drift_body']:+.3f} | {f['looping_increase']:+.0%} |"
         )
     sys.stdout.flush()
     if args.qa:
@@ -509,7 +520,7 @@ def main() -> None:
             print(f"| {u} | {'reject' if failed else 'promote'} | {' / '.join(failed) or '-'} |")
         sys.stdout.flush()
     # every greedy answer, by route (the base first), for reading what the figures count
-    answers_by = {name: answered[i] for i, name in enumerate(["base", *users])}
+    answers_by = {name: every[i] for i, name in enumerate(["base", *users])}
     if args.json:
         args.json.write_text(json.dumps({"users": figures, "answers": answers_by}, indent=1))
     if args.timing_steps <= 0:
