@@ -26,7 +26,7 @@ Measured:
 - the judge (length for concise/detailed, register words for formal/casual, the closing line for signoff/plain)
   on greedy answers to ``--judge-prompts`` never-trained general prompts (the first of ``EVAL_PROMPTS``: capitals
   and arithmetic), each user against the base; and the same judge on as many prompts spread over
-  ``EVAL_PROMPTS``' seven categories (QA's probe order: facts, arithmetic, how-to, advice, ...), where a longer
+  ``EVAL_PROMPTS``' seven categories (QA's probe order: capitals, arithmetic, facts, how-to, ...), where a longer
   answer has something to say;
 - retention: the share of the base's own greedy answer tokens to ``EVAL_PROMPTS`` that the adapter still
   predicts (teacher-forced top-1), relative to the base's share; beside it, two diagnostics: the same on the
@@ -436,8 +436,8 @@ def main() -> None:
     # every general question with a known answer (QA's fact check) is answered too (one generation for both)
     fact_prompts = all_fact_prompts()
     asked = judge_prompts + [p for p in fact_prompts if p not in judge_prompts]
-    # the judge again on prompts spread over EVAL_PROMPTS' seven categories (QA's probe order: facts, arithmetic,
-    # how-to, advice, ...), where a longer answer has something to say; the first N are capitals and arithmetic
+    # the judge again on prompts spread over EVAL_PROMPTS' seven categories (QA's probe order: capitals, arithmetic,
+    # facts, how-to, ...), where a longer answer has something to say; the first N are capitals and arithmetic
     spread_prompts = probe_prompts(args.judge_prompts)
     extra = [p for p in spread_prompts if p not in asked]
     routes: list[list[tuple[int, float]]] = [[]] + [[(slots[u], 1.0)] for u in users]
