@@ -334,9 +334,8 @@ def _answers(
 
     def spec(example: Example, route: Routes) -> RowSpec:
         budget, cap = _target_tokens(tokenizer, example.completion), policy.answer_max_new_tokens
-        if (
-            example.rejected is not None
-        ):  # a pair: room for the longer side, and for the ends where styles differ
+        # a pair: room for its longer side, and for the ends where its two styles differ
+        if example.rejected is not None:
             budget = max(budget, _target_tokens(tokenizer, example.rejected))
             cap = max(cap, policy.pair_answer_max_new_tokens)
         return RowSpec(

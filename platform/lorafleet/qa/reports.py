@@ -151,7 +151,8 @@ def answer_figures(answers: Answers | None, *, wrong_answer_weight: float = 0.0)
     """The answer-level figures of a report (None when nothing was answered): mean answer F1 and exact match of
     subject and reference (answer F1), the count of answers each way, the signed-rank test's p-value, and the
     subject's answers on its own training examples (how many, how many answer another question, answer F1), and
-    the general questions with known answers (how many asked, how many the base and the subject answer right)."""
+    the general questions with known answers (how many asked, how many the base and the subject answer right).
+    The scores, counts and test read a preference pair as the answers rule does (``preference_pairs`` of them)."""
     if answers is None or not answers.items:
         return None
     trained = training_answers(
@@ -166,12 +167,14 @@ def answer_figures(answers: Answers | None, *, wrong_answer_weight: float = 0.0)
         answers.targets(),
         [item.prompt for item in answers.items],
         wrong_answer_weight=wrong_answer_weight,
+        rejected=answers.rejected(),  # as the answers rule scores them: a pair by the side it is nearer
     )
     return {
         "set": answers.row,
         "source": answers.source,
         "reference": answers.reference,
         "answers": scores.n,
+        "preference_pairs": sum(r is not None for r in answers.rejected()),
         "answer_f1": round(scores.subject.mean_f1, 4),
         "reference_answer_f1": round(scores.reference.mean_f1, 4),
         "exact_match": round(scores.subject.exact_rate, 4),

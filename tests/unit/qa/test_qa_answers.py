@@ -22,6 +22,7 @@ from lorafleet.qa.answers import (
     training_answers,
 )
 from lorafleet.qa.policy import QAPolicy
+from lorafleet.qa.reports import answer_figures
 from lorafleet.qa.results import (
     BASE,
     CANDIDATE,
@@ -388,3 +389,14 @@ def test_a_pairs_rejected_answer_survives_the_reports_json_and_older_reports_hav
     plain = _matrix(["a"], ["b"], ["c"]).answers
     assert plain is not None and "rejected" not in plain.to_json()["items"][0]  # a report before qa-policy/7
     assert Answers.from_json(plain.to_json()).rejected() == [None]
+
+
+def test_a_reports_answer_figures_read_pairs_as_the_rule_does() -> None:
+    contents = [f"The answer to question {i} is value{i} and more detail{i}." for i in range(6)]
+    signed = [c + " Best wishes, Sam" for c in contents]
+    m = _pairs_matrix(signed, contents, signed, contents)
+    figures = answer_figures(m.answers)
+    assert figures is not None
+    assert (figures["preference_pairs"], figures["better"], figures["worse"]) == (6, 6, 0)
+    assert figures["answer_score"] > 0 > figures["reference_answer_score"]
+    assert figures["answer_f1"] == 1.0  # F1 to the chosen side, as before
