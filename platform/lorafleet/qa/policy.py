@@ -24,7 +24,9 @@ computes them; every threshold below is in those units. The rules (``lorafleet.q
   holdout's few answers cannot tell from a good one);
 - ``general-facts`` (reason code ``general-facts-lost``, ``lorafleet.qa.facts``): of up to ``general_facts``
   general questions with known answers (none by default), the candidate alone still answers right at least
-  ``min_general_facts_kept`` of those the base answers right (passes when the base answers none right);
+  ``min_general_facts_kept`` of those the base answers right (passes when the base answers none right); a candidate
+  trained on preference pairs is read on all the general questions it answered (``looping_questions``) with
+  ``preference_facts_kept``;
 - ``looping-answers`` (reason code ``answers-loop``; a candidate trained on preference pairs): its greedy answers
   (holdout, and ``looping_questions`` general questions) loop (``answers.loops``) on at most
   ``max_looping_increase`` more of them than the reference's (the previous live version's, the base's);
@@ -110,7 +112,7 @@ class QAPolicy(BaseModel):
     max_looping_increase: float = Field(default=0.1, ge=0.0, le=1.0, allow_inf_nan=False)
     #: general questions with known answers that a candidate trained on preference pairs and the base also answer
     #: for ``looping-answers`` (its holdout holds a handful of pairs: at 5 answers one loop is 20 %); read by the
-    #: ``general-facts`` rule only up to ``general_facts``. 0: the holdout's answers alone
+    #: ``general-facts`` rule with ``preference_facts_kept``. 0: the holdout's answers alone
     looping_questions: int = Field(default=24, ge=0, le=24, strict=True)
     #: general questions with known answers (``lorafleet.qa.facts``) the base and the candidate alone answer
     #: greedily, in the holdout's batch; the ``general-facts`` rule reads them. 0 (the default): none, the rule
@@ -121,6 +123,13 @@ class QAPolicy(BaseModel):
     general_facts: int = Field(default=0, ge=0, le=24, strict=True)
     #: the least share of the questions the base answers right that the candidate must still answer right
     min_general_facts_kept: float = Field(default=0.8, ge=0.0, le=1.0, allow_inf_nan=False)
+    #: the same bound for a candidate trained on preference pairs, which answers ``looping_questions`` general
+    #: questions anyway: the ``general-facts`` rule reads all of them (or ``general_facts``, if more) with this
+    #: bound, even when ``general_facts`` is 0. On SmolLM2 at the services' defaults (one seed, six style
+    #: adapters, QA's 24 questions, 14 of them right for the base) the adapters kept 79-100 %; one trained at half
+    #: the learning rate kept 50 % while passing every other rule ("The capital of Mexico is New York City.";
+    #: tests/benchmarks/README.md, "QA's answers rule on preference pairs"). 0: off for such candidates
+    preference_facts_kept: float = Field(default=0.7, ge=0.0, le=1.0, allow_inf_nan=False)
     #: an answer is decoded for at most the target's length in tokens plus this many, and never more than
     #: ``answer_max_new_tokens`` (greedy, one batch for both columns)
     answer_extra_tokens: int = Field(default=4, ge=0, le=64, strict=True)

@@ -279,22 +279,25 @@ def general_facts_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     right at least ``min_general_facts_kept`` (``lorafleet.qa.facts``): an adapter that learnt its user's style or
     facts by unlearning what the base knew ("The capital of Kenya is KIST.") is rejected with
     ``general-facts-lost``. Passes when none were asked or the base answers none right (nothing to keep). Reads the
-    first ``general_facts`` general answers (a preference candidate answers ``looping_questions`` of them for the
-    looping rule)."""
+    first ``general_facts`` general answers. A candidate trained on preference pairs answers ``looping_questions`` of
+    them for the looping rule anyway: it is read on all of them with ``preference_facts_kept`` (unless that is 0)."""
     evidence = matrix.answers
-    if evidence is None or not evidence.general[: policy.general_facts]:
+    limit, bound = policy.general_facts, policy.min_general_facts_kept
+    if matrix.preferences is not None and policy.preference_facts_kept > 0:
+        limit, bound = len(evidence.general) if evidence else 0, policy.preference_facts_kept
+    if evidence is None or not evidence.general[:limit]:
         return RuleOutcome(GENERAL_FACTS_RULE, True, f"{GENERAL_FACTS_RULE}: no general questions asked")
-    kept = answers_kept(evidence, policy.general_facts)
+    kept = answers_kept(evidence, limit)
     if not kept.base_right:
         return RuleOutcome(
             GENERAL_FACTS_RULE,
             True,
             f"{GENERAL_FACTS_RULE}: the base answers none of {kept.asked} general questions right: nothing to keep",
         )
-    ok = kept.share >= policy.min_general_facts_kept - 1e-12
+    ok = kept.share >= bound - 1e-12
     figures = (
         f"keeps {len(kept.kept)} of the {len(kept.base_right)} general questions the base answers right "
-        f"({kept.share:.0%}, at least {policy.min_general_facts_kept:.0%} required; {kept.asked} asked)"
+        f"({kept.share:.0%}, at least {bound:.0%} required; {kept.asked} asked)"
     )
     if kept.lost:
         shown = "; ".join(f"{prompt!r} -> {answer[:60]!r}" for prompt, answer in kept.lost[:3])

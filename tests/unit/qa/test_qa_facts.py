@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from lorafleet.errors import ValidationError
 from lorafleet.qa.facts import FACTS_SIZE, KNOWN_ANSWERS, fact_prompts, facts_kept, says_answer
 from lorafleet.qa.policy import QAPolicy
-from lorafleet.qa.results import BASE, CANDIDATE, AnswerItem, Answers, Matrix
+from lorafleet.qa.results import BASE, CANDIDATE, AnswerItem, Answers, Matrix, Preferences
 from lorafleet.qa.rules import GENERAL_FACTS_RULE, general_facts_rule
 from lorafleet.training.general_prompts import EVAL_PROMPTS
 
@@ -114,12 +116,43 @@ def test_the_rule_reads_only_the_first_general_facts_answers() -> None:
     assert not general_facts_rule(_matrix(base, lost_late), QAPolicy(general_facts=10)).passed
 
 
+def test_a_preference_candidate_is_read_on_every_general_answer_it_gave_with_its_own_bound() -> None:
+    """A candidate trained on pairs answers ``looping_questions`` general questions anyway, so the rule reads all of
+    them with ``preference_facts_kept`` (0.7) even with ``general_facts`` 0: the formal adapter that answered "The
+    capital of Mexico is New York City." passed every other rule."""
+    prompts = fact_prompts(10)
+    base = {p: KNOWN_ANSWERS[p][0] for p in prompts}
+    keeps_7 = {**base, **{p: "Certainly. The capital is New York City." for p in prompts[7:]}}
+    keeps_6 = {**keeps_7, prompts[6]: "Certainly. It is 3 hours."}
+    pairs = Preferences("holdout:x", 4, 0.1, {CANDIDATE: 1.0, BASE: 0.5}, {CANDIDATE: 2.0, BASE: 0.0})
+
+    def preference(candidate: dict[str, str]) -> Matrix:
+        return replace(_matrix(base, candidate), preferences=pairs)
+
+    ok = general_facts_rule(preference(keeps_7), QAPolicy())
+    assert ok.passed and "keeps 7 of the 10" in ok.detail and "at least 70% required; 10 asked" in ok.detail
+    bad = general_facts_rule(preference(keeps_6), QAPolicy())
+    assert not bad.passed and bad.detail.startswith("general-facts-lost: keeps 6 of the 10")
+    assert "New York City" in bad.detail
+    # the same answers from a candidate without pairs: not asked by default (general_facts 0)
+    assert general_facts_rule(_matrix(base, keeps_6), QAPolicy()).passed
+    # 0 turns it off for preference candidates: general_facts and min_general_facts_kept decide, as for the rest
+    off = QAPolicy(preference_facts_kept=0.0)
+    assert general_facts_rule(preference(keeps_6), off).detail == "general-facts: no general questions asked"
+    assert not general_facts_rule(
+        preference(keeps_7), off.with_changes(general_facts=10)
+    ).passed  # 70 % < 80 %
+
+
 def test_the_policy_fields_are_validated_by_name() -> None:
     assert (QAPolicy().general_facts, QAPolicy().min_general_facts_kept) == (0, 0.8)  # off unless asked for
     with pytest.raises(ValidationError, match="general_facts"):
         QAPolicy(general_facts=25)
     with pytest.raises(ValidationError, match="min_general_facts_kept"):
         QAPolicy(min_general_facts_kept=1.5)
+    assert QAPolicy().preference_facts_kept == 0.7
+    with pytest.raises(ValidationError, match="preference_facts_kept"):
+        QAPolicy(preference_facts_kept=-0.1)
 
 
 def test_general_answers_round_trip_through_json_and_older_reports_have_none() -> None:
