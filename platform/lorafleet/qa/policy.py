@@ -107,8 +107,9 @@ class QAPolicy(BaseModel):
     #: a candidate trained on preference pairs may loop on at most this share of its greedy answers more than the
     #: reference (``looping-answers``). On SmolLM2 at the services' defaults (one seed, 30 general questions, 64
     #: tokens) the base looped on 3 answers; a "detailed" adapter that answered "the City of the City of ..." on 8
-    #: (+17 %), five other styles on 1-5 (-7 to +7 %). On QA's own 40 answers the same adapters gave +12.5 % (casual,
-    #: signoff) and +10 % (detailed): one seed, not a calibrated bound (tests/benchmarks/README.md, "Answer ends")
+    #: (+17 %), five other styles on 1-5 (-7 to +7 %). On QA's own 40 answers the same adapters gave +15 % (detailed)
+    #: and +12.5 % (casual, signoff): one seed, not a calibrated bound (tests/benchmarks/README.md, "QA's answers rule
+    #: on preference pairs")
     max_looping_increase: float = Field(default=0.1, ge=0.0, le=1.0, allow_inf_nan=False)
     #: general questions with known answers that a candidate trained on preference pairs and the base also answer
     #: for ``looping-answers`` (its holdout holds a handful of pairs: at 5 answers one loop is 20 %); read by the
