@@ -205,7 +205,13 @@ def _answer_lines(answers: Answers | None, wrong_answer_weight: float) -> list[s
         f"vs {figures['reference']} {figures['reference_answer_f1']:.2f}, exact match {figures['exact_match']:.2f} "
         f"vs {figures['reference_exact_match']:.2f}, {figures['wrong_answers']} answering another question, "
         f"{figures['better']} better / {figures['worse']} worse, "
-        f"signed-rank p={figures['p_value']:.3g}",
+        f"signed-rank p={figures['p_value']:.3g}"
+        + (
+            f" ({figures['preference_pairs']} preference pairs, each scored by its F1 to the chosen answer less "
+            f"its F1 to the rejected one)"
+            if figures["preference_pairs"]
+            else ""
+        ),
         *(
             [
                 f"answers on {figures['training_answers']} of its own training examples: "

@@ -22,6 +22,7 @@ from lorafleet.qa.answers import (
     training_answers,
 )
 from lorafleet.qa.policy import QAPolicy
+from lorafleet.qa.reports import _answer_lines as answer_lines
 from lorafleet.qa.reports import answer_figures
 from lorafleet.qa.results import (
     BASE,
@@ -343,7 +344,7 @@ SIGNED = ANSWER + " Best wishes, Sam"
 
 
 def test_a_pairs_answer_scores_its_f1_to_the_chosen_less_its_f1_to_the_rejected() -> None:
-    assert preference_score(SIGNED, SIGNED, ANSWER) == pytest.approx(answer_f1(SIGNED, ANSWER) * -1 + 1.0)
+    assert preference_score(SIGNED, SIGNED, ANSWER) == pytest.approx(1.0 - answer_f1(SIGNED, ANSWER))
     assert preference_score(ANSWER, SIGNED, ANSWER) == pytest.approx(answer_f1(ANSWER, SIGNED) - 1.0)
     assert preference_score(SIGNED, SIGNED, ANSWER) > 0 > preference_score(ANSWER, SIGNED, ANSWER)
     assert preference_score("I do not know.", SIGNED, ANSWER) == 0.0  # near neither side
@@ -400,3 +401,9 @@ def test_a_reports_answer_figures_read_pairs_as_the_rule_does() -> None:
     assert (figures["preference_pairs"], figures["better"], figures["worse"]) == (6, 6, 0)
     assert figures["answer_score"] > 0 > figures["reference_answer_score"]
     assert figures["answer_f1"] == 1.0  # F1 to the chosen side, as before
+    line = answer_lines(m.answers, 0.0)[0]  # what `lorafleet qa report` prints
+    assert line.endswith(
+        "(6 preference pairs, each scored by its F1 to the chosen answer less its F1 to the rejected one)"
+    )
+    plain = answer_lines(_matrix(["a"], ["b"], ["a"]).answers, 0.0)[0]
+    assert "preference pairs" not in plain
