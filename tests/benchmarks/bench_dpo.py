@@ -439,20 +439,20 @@ def main() -> None:
     # the judge again on prompts spread over EVAL_PROMPTS' seven categories (QA's probe order: capitals, arithmetic,
     # facts, how-to, ...), where a longer answer has something to say; the first N are capitals and arithmetic
     spread_prompts = probe_prompts(args.judge_prompts)
-    extra = [p for p in spread_prompts if p not in asked]
+    generated_prompts = asked + [p for p in spread_prompts if p not in asked]
     routes: list[list[tuple[int, float]]] = [[]] + [[(slots[u], 1.0)] for u in users]
     generated = generate_answers(
         backbone.model,
         tokenizer,
-        [p for _ in routes for p in [*asked, *extra]],
+        [p for _ in routes for p in generated_prompts],
         args.judge_tokens,
         bank=bank,
-        routes=[r for r in routes for _ in [*asked, *extra]],
+        routes=[r for r in routes for _ in generated_prompts],
         trim=False,
     )
-    width = len(asked) + len(extra)
+    width = len(generated_prompts)
     every = [
-        dict(zip([*asked, *extra], generated[i * width : (i + 1) * width], strict=True))
+        dict(zip(generated_prompts, generated[i * width : (i + 1) * width], strict=True))
         for i in range(len(routes))
     ]
     answered = [{p: a[p] for p in asked} for a in every]  # what the looping and facts figures read

@@ -161,20 +161,21 @@ def answer_figures(answers: Answers | None, *, wrong_answer_weight: float = 0.0)
         [item.prompt for item in answers.training],
     )
     general = answers_kept(answers)
+    rejected = answers.rejected()
     scores = paired_scores(
         answers.outputs(answers.subject),
         answers.outputs(answers.reference),
         answers.targets(),
         [item.prompt for item in answers.items],
         wrong_answer_weight=wrong_answer_weight,
-        rejected=answers.rejected(),  # as the answers rule scores them: a pair by the side it is nearer
+        rejected=rejected,  # as the answers rule scores them: a pair by the side it is nearer
     )
     return {
         "set": answers.row,
         "source": answers.source,
         "reference": answers.reference,
         "answers": scores.n,
-        "preference_pairs": sum(r is not None for r in answers.rejected()),
+        "preference_pairs": sum(r is not None for r in rejected),
         "answer_f1": round(scores.subject.mean_f1, 4),
         "reference_answer_f1": round(scores.reference.mean_f1, 4),
         "exact_match": round(scores.subject.exact_rate, 4),

@@ -188,14 +188,13 @@ def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     """The candidate's greedy answers on its own holdout beat the reference's (previous live, else base) by answer
     F1 (``lorafleet.qa.answers``: the F1 over the words that can carry an answer; less a penalty for an answer
     naming another question's fact when ``wrong_answer_weight`` > 0): a one-sided Wilcoxon signed-rank test at
-    ``answer_confidence`` and a mean gain of at least ``answer_margin``. When too few answers changed for the test ever to reach that confidence (fewer
-    untied pairs than ``min_untied_pairs``: a tiny holdout, or one where most answers tie) it instead needs every
-    answer at least as good as the reference's, at least one strictly better, and a mean gain of at least
-    ``few_answers_margin``. An example that is a preference pair is scored by how much nearer the answer is to
-    the chosen answer than to the rejected one (``lorafleet.qa.answers.preference_score``): both sides often share
-    their content, and an answer that recites the rejected style must not count as near the chosen one.
-    Fails with ``no-improvement`` and the figures, or ``no-evidence``
-    when there was nothing to answer. Under ``answer_evidence="report"`` a ``no-improvement`` is recorded with
+    ``answer_confidence`` and a mean gain of at least ``answer_margin``. When too few answers changed for the test
+    ever to reach that confidence (fewer untied pairs than ``min_untied_pairs``: a tiny holdout, or one where most
+    answers tie) it instead needs every answer at least as good as the reference's, at least one strictly better,
+    and a mean gain of at least ``few_answers_margin``. An example that is a preference pair is scored by how much
+    nearer the answer is to the chosen answer than to the rejected one (``lorafleet.qa.answers.preference_score``):
+    both sides often share their content, and an answer that recites the rejected style must not count as near the
+    chosen one. Fails with ``no-improvement`` and the figures, or ``no-evidence`` when there was nothing to answer. Under ``answer_evidence="report"`` a ``no-improvement`` is recorded with
     its figures but passes (``no-evidence`` still fails: without a holdout nothing can be compared)."""
     evidence = matrix.answers
     if evidence is None or not evidence.items:
@@ -282,9 +281,10 @@ def general_facts_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     first ``general_facts`` general answers. A candidate trained on preference pairs answers ``looping_questions`` of
     them for the looping rule anyway: it is read on all of them with ``preference_facts_kept`` (unless that is 0)."""
     evidence = matrix.answers
-    limit, bound = policy.general_facts, policy.min_general_facts_kept
-    if matrix.preferences is not None and policy.preference_facts_kept > 0:
-        limit, bound = len(evidence.general) if evidence else 0, policy.preference_facts_kept
+    limit: int | None = policy.general_facts
+    bound = policy.min_general_facts_kept
+    if matrix.preferences is not None and policy.preference_facts_kept > 0:  # every general answer it gave
+        limit, bound = None, policy.preference_facts_kept
     if evidence is None or not evidence.general[:limit]:
         return RuleOutcome(GENERAL_FACTS_RULE, True, f"{GENERAL_FACTS_RULE}: no general questions asked")
     kept = answers_kept(evidence, limit)
@@ -310,9 +310,9 @@ def looping_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     """A candidate trained on preference pairs loops (``lorafleet.qa.answers.loops``) on at most
     ``max_looping_increase`` more of its greedy answers than the reference: its holdout's answers against the
     reference's (the previous live version, else the base), the general questions' (``looping_questions``, or
-    ``general_facts`` if more) against the base's. The probe reads such a candidate on the answers' body (``probe_rule``), where an adapter that no
-    longer stops ("the City of the City of ...") can look like the base teacher-forced; its answers show it.
-    Fails with ``answers-loop``."""
+    ``general_facts`` if more) against the base's. The probe reads such a candidate on the answers' body
+    (``probe_rule``), where an adapter that no longer stops ("the City of the City of ...") can look like the base
+    teacher-forced; its answers show it. Fails with ``answers-loop``."""
     evidence = matrix.answers
     if evidence is None or not (evidence.items or evidence.general):
         return RuleOutcome(LOOPING_RULE, True, f"{LOOPING_RULE}: no answers to read")
