@@ -36,9 +36,13 @@ Measured:
   through the adapter minus the base's; QA's probe rule rejects a candidate at 0.25 nats or more on a pretrained
   backbone) on the whole answers and on their body (what QA reads for a candidate trained on pairs); and QA's
   looping-answers figure (the share of the adapter's greedy answers that loop, ``lorafleet.qa.answers.loops``,
-  minus the base's; QA's bound is +10 %);
+  minus the base's; QA's bound is +10 %); and token retention split by how far the base's greedy token leads its
+  runner-up (``retention_by_margin``: where the base was all but undecided, any change flips its choice);
 - the time of a DPO step against an SFT step on the same rows (the pairs' two sides as SFT rows), same users,
   interleaved, median over ``--timing-steps``.
+
+Experiments: ``--scales`` evaluates each adapter again with its weight change scaled (B times the scale);
+``--save-adapters`` / ``--load-adapters`` keep the trained adapters, so another evaluation needs no training.
 
 Run from the repository root (the small setting, about 10-15 minutes on 2 shared cores):
 
@@ -48,6 +52,7 @@ Run from the repository root (the small setting, about 10-15 minutes on 2 shared
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -58,6 +63,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -230,6 +236,26 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="also run QA's matrix and rules on each adapter (its held-out pairs as the holdout; default policy)",
     )
+    parser.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="an experiment: evaluate each trained adapter with its weight change scaled by each of these "
+        "(B times the scale: 0.5 is the weights halfway between the base and the trained adapter)",
+    )
+    parser.add_argument(
+        "--save-adapters",
+        type=Path,
+        default=None,
+        help="save the trained adapters (and metrics) to this file",
+    )
+    parser.add_argument(
+        "--load-adapters",
+        type=Path,
+        default=None,
+        help="evaluate the adapters a run with the same arguments saved (--save-adapters) instead of training",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args()
@@ -264,6 +290,49 @@ def body_accuracy(
             hits += int(predicted[t - 1]) == ids[t]
             total += 1
     return hits / max(total, 1)
+
+
+#: the bins of ``retention_by_margin``: how far (nats) the base's greedy token leads its runner-up
+MARGIN_BINS = (0.0, 0.5, 1.0, 2.0, float("inf"))
+
+
+def teacher_forced(
+    bank: AdapterBank, tokenizer: object, examples: Sequence[Example], slot: int | None
+) -> list[tuple[list[int], torch.Tensor]]:
+    """Per example, its answer's token ids (the end of turn included) and the log-probs ``[answer, vocab]`` that
+    predicted each of them (teacher-forced), through the slot (None: the base)."""
+    out = []
+    bank.model.eval()
+    for example in examples:
+        ids, n = encode_example(tokenizer, example, max_seq_len=192)
+        with torch.no_grad(), bank.use(None if slot is None else SlotPlan.single([slot])):
+            logits = bank.model(input_ids=torch.tensor([ids])).logits[0]  # [seq, vocab]
+        out.append((ids[len(ids) - n :], logits[len(ids) - n - 1 : len(ids) - 1].log_softmax(-1)))
+    return out
+
+
+def retention_by_margin(
+    base: list[tuple[list[int], torch.Tensor]], adapter: list[tuple[list[int], torch.Tensor]]
+) -> dict[str, float]:
+    """Token retention split by how sure the base is of each of its own greedy tokens: for each bin of the base's
+    lead of that token over its runner-up (log-prob difference, ``MARGIN_BINS``), the bin's share of the tokens
+    (``share_*``) and the share of them the adapter still predicts top-1 (``kept_*``). A diagnostic: it shows
+    whether the tokens an adapter changes are ones the base itself was all but undecided on."""
+    hits: list[list[int]] = [[] for _ in MARGIN_BINS[1:]]
+    for (ids, base_lp), (_, adapter_lp) in zip(base, adapter, strict=True):
+        top2 = base_lp.topk(2, dim=-1).values  # [answer, 2]
+        for t, token in enumerate(ids):
+            if int(base_lp[t].argmax()) != token:  # not the base's greedy token (a trimmed or padded answer)
+                continue
+            lead = float(top2[t, 0] - top2[t, 1])
+            b = next(i for i, high in enumerate(MARGIN_BINS[1:]) if lead < high)
+            hits[b].append(int(int(adapter_lp[t].argmax()) == token))
+    total = sum(len(h) for h in hits)
+    out: dict[str, float] = {}
+    for (low, high), h in zip(itertools.pairwise(MARGIN_BINS), hits, strict=True):
+        out[f"share_{low:g}-{high:g}"] = len(h) / max(total, 1)
+        out[f"kept_{low:g}-{high:g}"] = sum(h) / max(len(h), 1)
+    return out
 
 
 def probe_drifts(adapter: EvalResult, base: EvalResult) -> dict[str, float]:
@@ -328,6 +397,16 @@ def step_times(
         progress_every=1,
     )
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
+def scale_adapters(bank: AdapterBank, trained: dict[int, dict[str, torch.Tensor]], scale: float) -> None:
+    """The ``--scales`` experiment: each slot's B matrices set to ``scale`` times their trained values (the
+    adapter's weight change scaled: the weights ``scale`` of the way from the base to the trained adapter)."""
+    for slot, tensors in trained.items():
+        info = bank.slot_info(slot)
+        assert info is not None
+        scaled = {k: v * scale if k.endswith("lora_B.weight") else v for k, v in tensors.items()}
+        bank.load_slot(slot, scaled, info.config, replace=True)
 
 
 def cap_margins(cap: float) -> None:
@@ -427,102 +506,133 @@ def main() -> None:
 
     t0 = time.perf_counter()
     tasks = [SlotTraining(slots[u], u, train[u], (), anchors=anchors) for u in users]
-    results = {r.key: r.metrics for r in train_slots(bank, tokenizer, tasks, config, prefix=prefix)}
+    if args.load_adapters is not None:  # the adapters of an earlier run with the same arguments
+        saved = torch.load(args.load_adapters)
+        for u in users:
+            bank.load_slot(slots[u], saved["adapters"][u], bank.slot_info(slots[u]).config, replace=True)
+        results: dict[str, dict[str, float]] = saved["metrics"]
+    else:
+        results = {r.key: r.metrics for r in train_slots(bank, tokenizer, tasks, config, prefix=prefix)}
+    if args.save_adapters is not None:
+        adapters = {u: bank.slot_state_dict(slots[u]) for u in users}
+        torch.save({"adapters": adapters, "metrics": results}, args.save_adapters)
     train_s = time.perf_counter() - t0
     logger.info("trained %d users, %d steps, in %.0f s", len(users), args.steps, train_s)
 
-    figures: dict[str, dict[str, float]] = {}
-    judge_prompts = list(EVAL_PROMPTS[: args.judge_prompts])
-    # every general question with a known answer (QA's fact check) is answered too (one generation for both)
-    fact_prompts = all_fact_prompts()
-    asked = judge_prompts + [p for p in fact_prompts if p not in judge_prompts]
-    # the judge again on prompts spread over EVAL_PROMPTS' seven categories (QA's probe order: capitals, arithmetic,
-    # facts, how-to, ...), where a longer answer has something to say; the first N are capitals and arithmetic
-    spread_prompts = probe_prompts(args.judge_prompts)
-    generated_prompts = asked + [p for p in spread_prompts if p not in asked]
-    routes: list[list[tuple[int, float]]] = [[]] + [[(slots[u], 1.0)] for u in users]
-    generated = generate_answers(
-        backbone.model,
-        tokenizer,
-        [p for _ in routes for p in generated_prompts],
-        args.judge_tokens,
-        bank=bank,
-        routes=[r for r in routes for _ in generated_prompts],
-        trim=False,
-    )
-    width = len(generated_prompts)
-    every = [
-        dict(zip(generated_prompts, generated[i * width : (i + 1) * width], strict=True))
-        for i in range(len(routes))
-    ]
-    answered = [{p: a[p] for p in asked} for a in every]  # what the looping and facts figures read
-    by_route = [[a[p] for p in judge_prompts] for a in every]
-    spread = [[a[p] for p in spread_prompts] for a in every]
-    base_right = [p for p in fact_prompts if says_answer(p, answered[0][p])]
-    logger.info("the base answers %d of %d fact prompts right", len(base_right), len(fact_prompts))
-    general = [
-        Example(i, p, a, "sft")
-        for i, (p, a) in enumerate(zip(retention_prompts, base_general, strict=True))
-        if a
-    ]
-    base_acc = evaluate(bank, tokenizer, general, slot=None, max_seq_len=192).token_accuracy
-    # QA's general-capability guard: the probe set's loss (the base's own answers) may move < epsilon from the base's
-    probe = probe_examples(backbone, bank=bank)
-    base_probe = evaluate(bank, tokenizer, probe, slot=None, max_seq_len=192)
-    base_body = body_accuracy(bank, tokenizer, general, None)
-    for i, u in enumerate(users):
-        style = u.split("-")[0]
-        policy = pair_logps(
-            bank, tokenizer, held[u], [[(slots[u], 1.0)]] * len(held[u]), max_seq_len=192, prefix=prefix
+    trained = {u: bank.slot_state_dict(slots[u]) for u in users}
+    by_scale: dict[float, dict[str, dict[str, float]]] = {}
+    answers_by_scale: dict[float, dict[str, dict[str, str]]] = {}
+    for scale in args.scales:
+        if scale != 1.0:
+            scale_adapters(bank, {slots[u]: trained[u] for u in users}, scale)
+            print(f"\nAdapters' weight change scaled by {scale}:")
+        figures: dict[str, dict[str, float]] = {}
+        judge_prompts = list(EVAL_PROMPTS[: args.judge_prompts])
+        # every general question with a known answer (QA's fact check) is answered too (one generation for both)
+        fact_prompts = all_fact_prompts()
+        asked = judge_prompts + [p for p in fact_prompts if p not in judge_prompts]
+        # the judge again on prompts spread over EVAL_PROMPTS' seven categories (QA's probe order: capitals, arithmetic,
+        # facts, how-to, ...), where a longer answer has something to say; the first N are capitals and arithmetic
+        spread_prompts = probe_prompts(args.judge_prompts)
+        generated_prompts = asked + [p for p in spread_prompts if p not in asked]
+        routes: list[list[tuple[int, float]]] = [[]] + [[(slots[u], 1.0)] for u in users]
+        generated = generate_answers(
+            backbone.model,
+            tokenizer,
+            [p for _ in routes for p in generated_prompts],
+            args.judge_tokens,
+            bank=bank,
+            routes=[r for r in routes for _ in generated_prompts],
+            trim=False,
         )
-        base = base_held[u]
-        margins = dpo_terms(*policy.T, *base.T, beta=config.dpo_beta).margins
-        adapter_acc = evaluate(bank, tokenizer, general, slot=slots[u], max_seq_len=192).token_accuracy
-        figures[u] = {
-            "held_out_accuracy_base_raw_logp": float((base[:, 0] > base[:, 1]).double().mean()),
-            "held_out_accuracy": preference_accuracy(margins),
-            "judge_base": sum(map(JUDGES[style], by_route[0])) / len(judge_prompts),
-            "judge_adapter": sum(map(JUDGES[style], by_route[i + 1])) / len(judge_prompts),
-            "judge_spread_base": sum(map(JUDGES[style], spread[0])) / len(spread_prompts),
-            "judge_spread_adapter": sum(map(JUDGES[style], spread[i + 1])) / len(spread_prompts),
-            "retention": adapter_acc / base_acc,
-            "retention_body": body_accuracy(bank, tokenizer, general, slots[u]) / base_body,
-            # of the fact prompts the base answers right, the share the adapter's greedy answer still gets right
-            "facts_kept": facts_kept(
-                {p: answered[0][p] for p in fact_prompts}, {p: answered[i + 1][p] for p in fact_prompts}
-            ).share,
-            # QA's looping-answers rule: the share of the greedy answers that loop, minus the base's
-            "looping_increase": (
-                sum(map(loops, answered[i + 1].values())) - sum(map(loops, answered[0].values()))
+        width = len(generated_prompts)
+        every = [
+            dict(zip(generated_prompts, generated[i * width : (i + 1) * width], strict=True))
+            for i in range(len(routes))
+        ]
+        answered = [{p: a[p] for p in asked} for a in every]  # what the looping and facts figures read
+        by_route = [[a[p] for p in judge_prompts] for a in every]
+        spread = [[a[p] for p in spread_prompts] for a in every]
+        base_right = [p for p in fact_prompts if says_answer(p, answered[0][p])]
+        logger.info("the base answers %d of %d fact prompts right", len(base_right), len(fact_prompts))
+        general = [
+            Example(i, p, a, "sft")
+            for i, (p, a) in enumerate(zip(retention_prompts, base_general, strict=True))
+            if a
+        ]
+        base_acc = evaluate(bank, tokenizer, general, slot=None, max_seq_len=192).token_accuracy
+        # QA's general-capability guard: the probe set's loss (the base's own answers) may move < epsilon from the base's
+        probe = probe_examples(backbone, bank=bank)
+        base_probe = evaluate(bank, tokenizer, probe, slot=None, max_seq_len=192)
+        base_body = body_accuracy(bank, tokenizer, general, None)
+        base_forced = teacher_forced(bank, tokenizer, general, None)
+        for i, u in enumerate(users):
+            style = u.split("-")[0]
+            policy = pair_logps(
+                bank, tokenizer, held[u], [[(slots[u], 1.0)]] * len(held[u]), max_seq_len=192, prefix=prefix
             )
-            / len(asked),
-            **probe_drifts(evaluate(bank, tokenizer, probe, slot=slots[u], max_seq_len=192), base_probe),
-            "dpo_loss_first": results[u].get("dpo_loss_first", float("nan")),
-            "dpo_loss": results[u].get("dpo_loss", float("nan")),
-        }
-        logger.info("%s: %s | sample: %r", u, figures[u], by_route[i + 1][0][:160])
+            base = base_held[u]
+            margins = dpo_terms(*policy.T, *base.T, beta=config.dpo_beta).margins
+            adapter_acc = evaluate(bank, tokenizer, general, slot=slots[u], max_seq_len=192).token_accuracy
+            figures[u] = {
+                "held_out_accuracy_base_raw_logp": float((base[:, 0] > base[:, 1]).double().mean()),
+                "held_out_accuracy": preference_accuracy(margins),
+                "judge_base": sum(map(JUDGES[style], by_route[0])) / len(judge_prompts),
+                "judge_adapter": sum(map(JUDGES[style], by_route[i + 1])) / len(judge_prompts),
+                "judge_spread_base": sum(map(JUDGES[style], spread[0])) / len(spread_prompts),
+                "judge_spread_adapter": sum(map(JUDGES[style], spread[i + 1])) / len(spread_prompts),
+                "retention": adapter_acc / base_acc,
+                "retention_body": body_accuracy(bank, tokenizer, general, slots[u]) / base_body,
+                **retention_by_margin(base_forced, teacher_forced(bank, tokenizer, general, slots[u])),
+                # of the fact prompts the base answers right, the share the adapter's greedy answer still gets right
+                "facts_kept": facts_kept(
+                    {p: answered[0][p] for p in fact_prompts}, {p: answered[i + 1][p] for p in fact_prompts}
+                ).share,
+                # QA's looping-answers rule: the share of the greedy answers that loop, minus the base's
+                "looping_increase": (
+                    sum(map(loops, answered[i + 1].values())) - sum(map(loops, answered[0].values()))
+                )
+                / len(asked),
+                **probe_drifts(evaluate(bank, tokenizer, probe, slot=slots[u], max_seq_len=192), base_probe),
+                "dpo_loss_first": results[u].get("dpo_loss_first", float("nan")),
+                "dpo_loss": results[u].get("dpo_loss", float("nan")),
+            }
+            logger.info("%s: %s | sample: %r", u, figures[u], by_route[i + 1][0][:160])
 
-    print(
-        "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | judge, seven categories: base / adapter | retention | retention, answer body | facts kept | QA probe drift (bound 0.25): whole / body | looping answers vs base (QA bound +10 %) |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for u, f in figures.items():
         print(
-            f"| {u} | {f['held_out_accuracy_base_raw_logp']:.0%} | {f['held_out_accuracy']:.0%} | "
-            f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['judge_spread_base']:.0%} / {f['judge_spread_adapter']:.0%} | {f['retention']:.1%} | {f['retention_body']:.1%} | {f['facts_kept']:.0%} | {f['probe_drift']:+.3f} / {f['probe_drift_body']:+.3f} | {f['looping_increase']:+.0%} |"
+            "\n| user | held-out acc. base (raw log-p) | held-out acc. (reward margin) | judge base | judge adapter | judge, seven categories: base / adapter | retention | retention, answer body | facts kept | QA probe drift (bound 0.25): whole / body | looping answers vs base (QA bound +10 %) |"
         )
-    sys.stdout.flush()
-    if args.qa:
-        decisions = qa_decisions(backbone, bank, held, slots, config.dpo_beta, prefix)
-        print("\n| user | QA (default policy, first version) | failed rules |")
-        print("| --- | --- | --- |")
-        for u, failed in decisions.items():
-            print(f"| {u} | {'reject' if failed else 'promote'} | {' / '.join(failed) or '-'} |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for u, f in figures.items():
+            print(
+                f"| {u} | {f['held_out_accuracy_base_raw_logp']:.0%} | {f['held_out_accuracy']:.0%} | "
+                f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['judge_spread_base']:.0%} / {f['judge_spread_adapter']:.0%} | {f['retention']:.1%} | {f['retention_body']:.1%} | {f['facts_kept']:.0%} | {f['probe_drift']:+.3f} / {f['probe_drift_body']:+.3f} | {f['looping_increase']:+.0%} |"
+            )
+        bins = [f"{low:g}-{high:g}" for low, high in itertools.pairwise(MARGIN_BINS)]
+        print("\n| user | " + " | ".join(f"base's lead {b} nats: share / kept" for b in bins) + " |")
+        print("| --- |" + " --- |" * len(bins))
+        for u, f in figures.items():
+            cells = [f"{f['share_' + b]:.0%} / {f['kept_' + b]:.0%}" for b in bins]
+            print(f"| {u} | " + " | ".join(cells) + " |")
         sys.stdout.flush()
-    # every greedy answer, by route (the base first), for reading what the figures count
-    answers_by = {name: every[i] for i, name in enumerate(["base", *users])}
+        if args.qa:
+            decisions = qa_decisions(backbone, bank, held, slots, config.dpo_beta, prefix)
+            print("\n| user | QA (default policy, first version) | failed rules |")
+            print("| --- | --- | --- |")
+            for u, failed in decisions.items():
+                print(f"| {u} | {'reject' if failed else 'promote'} | {' / '.join(failed) or '-'} |")
+            sys.stdout.flush()
+        # every greedy answer, by route (the base first), for reading what the figures count
+        answers_by_scale[scale] = {name: every[i] for i, name in enumerate(["base", *users])}
+        by_scale[scale] = figures
+    # one scale: keyed by user, as before the scales existed; several: by user@scale, and the answers by scale
+    reported: dict[str, dict[str, float]] = by_scale[args.scales[0]]
+    reported_answers: dict[str, Any] = answers_by_scale[args.scales[0]]
+    if len(args.scales) > 1:
+        reported = {f"{u}@{scale:g}": f for scale, fs in by_scale.items() for u, f in fs.items()}
+        reported_answers = {f"{scale:g}": a for scale, a in answers_by_scale.items()}
     if args.json:
-        args.json.write_text(json.dumps({"users": figures, "answers": answers_by}, indent=1))
+        args.json.write_text(json.dumps({"users": reported, "answers": reported_answers}, indent=1))
     if args.timing_steps <= 0:
         return
     # DPO step vs SFT step on the same rows: the DPO users' pairs, and their two sides as SFT rows
@@ -549,7 +659,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"users": figures, "summary": summary, "args": vars(args), "answers": answers_by},
+                {"users": reported, "summary": summary, "args": vars(args), "answers": reported_answers},
                 default=str,
                 indent=1,
             )
