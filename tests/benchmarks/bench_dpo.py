@@ -38,6 +38,9 @@ Measured:
   looping-answers figure (the share of the adapter's greedy answers that loop, ``lorafleet.qa.answers.loops``,
   minus the base's; QA's bound is +10 %); and token retention split by how far the base's greedy token leads its
   runner-up (``retention_by_margin``: where the base was all but undecided, any change flips its choice);
+  with ``--sampled-facts K``, K answers sampled per known-answer question (``--sample-temperature``, the same
+  seeds for every route) and the share that say a right answer, the adapter's relative to the base's: general
+  knowledge measured on the model's distribution, not on its coin flips;
 - the time of a DPO step against an SFT step on the same rows (the pairs' two sides as SFT rows), same users,
   interleaved, median over ``--timing-steps``.
 
@@ -77,20 +80,26 @@ from lorafleet.adapters.prefix import FrozenPrefix  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.domain import FeedbackRecord  # noqa: E402
 from lorafleet.feedback import prepare_record  # noqa: E402
-from lorafleet.qa.answers import loops  # noqa: E402
+from lorafleet.qa.answers import loops, signed_rank_p  # noqa: E402
 from lorafleet.qa.evalsets import EvalSet, probe_set  # noqa: E402
+from lorafleet.qa.facts import FACT_MAX_NEW_TOKENS, facts_kept, says_answer  # noqa: E402
 from lorafleet.qa.facts import fact_prompts as all_fact_prompts  # noqa: E402
-from lorafleet.qa.facts import facts_kept, says_answer  # noqa: E402
 from lorafleet.qa.matrix import ColumnSpec, evaluate_matrix  # noqa: E402
 from lorafleet.qa.policy import QAPolicy  # noqa: E402
 from lorafleet.qa.probe import probe_examples, probe_prompts  # noqa: E402
 from lorafleet.qa.results import BASE, CANDIDATE, ColumnInfo  # noqa: E402
 from lorafleet.qa.rules import candidate_rules  # noqa: E402
+from lorafleet.serving.decode import BatchDecoder, RowSpec  # noqa: E402
 from lorafleet.training import preference  # noqa: E402
 from lorafleet.training.config import SERVICE_TRAINING_DEFAULTS, TrainingConfig  # noqa: E402
 from lorafleet.training.dataset import Example, build_dataset, encode_example, pad_token_id  # noqa: E402
-from lorafleet.training.general_prompts import ANCHOR_PROMPTS, EVAL_PROMPTS, generate_answers  # noqa: E402
-from lorafleet.training.metrics import evaluate  # noqa: E402
+from lorafleet.training.general_prompts import (  # noqa: E402
+    ANCHOR_PROMPTS,
+    EVAL_PROMPTS,
+    chat_prompt_ids,
+    generate_answers,
+)
+from lorafleet.training.metrics import Route, evaluate  # noqa: E402
 from lorafleet.training.preference import (  # noqa: E402
     DpoTerms,
     dpo_terms,
@@ -245,6 +254,13 @@ def parse_args() -> argparse.Namespace:
         "(B times the scale: 0.5 is the weights halfway between the base and the trained adapter)",
     )
     parser.add_argument(
+        "--sampled-facts",
+        type=int,
+        default=0,
+        help="answers sampled per general question with a known answer, per adapter and for the base (0: off)",
+    )
+    parser.add_argument("--sample-temperature", type=float, default=0.7)
+    parser.add_argument(
         "--save-adapters",
         type=Path,
         default=None,
@@ -333,6 +349,38 @@ def retention_by_margin(
         out[f"share_{low:g}-{high:g}"] = len(h) / max(total, 1)
         out[f"kept_{low:g}-{high:g}"] = sum(h) / max(len(h), 1)
     return out
+
+
+def sampled_facts(
+    backbone: Backbone,
+    bank: AdapterBank,
+    routes: Sequence[Route],
+    samples: int,
+    temperature: float,
+) -> list[list[float]]:
+    """Per route, per general question with a known answer (``fact_prompts`` order), the share of ``samples``
+    answers sampled at ``temperature`` (up to QA's 48 new tokens) that say a right answer (``says_answer``). Every
+    route draws with the same seeds (common random numbers: where an adapter leaves a question's next-token
+    distribution as the base had it, it samples the same answer), so routes differ less by chance than apart."""
+    tokenizer = backbone.tokenizer
+    prompts = all_fact_prompts()
+    decoder = BatchDecoder(backbone.model, bank, tokenizer, device=torch.device("cpu"))
+    specs = [
+        RowSpec(
+            tuple(chat_prompt_ids(tokenizer, p)), tuple(route), FACT_MAX_NEW_TOKENS, temperature, seed=seed
+        )
+        for route in routes
+        for p in prompts
+        for seed in range(samples)
+    ]
+    right: list[bool] = []
+    for start in range(0, len(specs), 64):
+        outputs = decoder.run(specs[start : start + 64])
+        right += [
+            says_answer(prompts[(start + i) // samples % len(prompts)], o.text) for i, o in enumerate(outputs)
+        ]
+    per_question = [sum(right[i : i + samples]) / samples for i in range(0, len(right), samples)]
+    return [per_question[r * len(prompts) : (r + 1) * len(prompts)] for r in range(len(routes))]
 
 
 def probe_drifts(adapter: EvalResult, base: EvalResult) -> dict[str, float]:
@@ -523,8 +571,10 @@ def main() -> None:
     by_scale: dict[float, dict[str, dict[str, float]]] = {}
     answers_by_scale: dict[float, dict[str, dict[str, str]]] = {}
     for scale in args.scales:
+        scale_adapters(
+            bank, {slots[u]: trained[u] for u in users}, scale
+        )  # from the trained weights each time
         if scale != 1.0:
-            scale_adapters(bank, {slots[u]: trained[u] for u in users}, scale)
             print(f"\nAdapters' weight change scaled by {scale}:")
         figures: dict[str, dict[str, float]] = {}
         judge_prompts = list(EVAL_PROMPTS[: args.judge_prompts])
@@ -566,6 +616,11 @@ def main() -> None:
         base_probe = evaluate(bank, tokenizer, probe, slot=None, max_seq_len=192)
         base_body = body_accuracy(bank, tokenizer, general, None)
         base_forced = teacher_forced(bank, tokenizer, general, None)
+        sampled = (
+            sampled_facts(backbone, bank, routes, args.sampled_facts, args.sample_temperature)
+            if args.sampled_facts > 0
+            else None
+        )
         for i, u in enumerate(users):
             style = u.split("-")[0]
             policy = pair_logps(
@@ -597,6 +652,18 @@ def main() -> None:
                 "dpo_loss_first": results[u].get("dpo_loss_first", float("nan")),
                 "dpo_loss": results[u].get("dpo_loss", float("nan")),
             }
+            if sampled is not None:  # sampled answers to the known-answer questions, against the base's
+                base_q, adapter_q = sampled[0], sampled[i + 1]
+                figures[u] |= {
+                    "facts_sampled_base": statistics.fmean(base_q),
+                    "facts_sampled": statistics.fmean(adapter_q),
+                    "facts_sampled_retention": statistics.fmean(adapter_q)
+                    / max(statistics.fmean(base_q), 1e-9),
+                    # one-sided signed-rank test, over the questions, that the adapter answers right less often
+                    "facts_sampled_worse_p": signed_rank_p(
+                        [b - a for b, a in zip(base_q, adapter_q, strict=True)]
+                    ),
+                }
             logger.info("%s: %s | sample: %r", u, figures[u], by_route[i + 1][0][:160])
 
         print(
@@ -607,6 +674,17 @@ def main() -> None:
             print(
                 f"| {u} | {f['held_out_accuracy_base_raw_logp']:.0%} | {f['held_out_accuracy']:.0%} | "
                 f"{f['judge_base']:.0%} | {f['judge_adapter']:.0%} | {f['judge_spread_base']:.0%} / {f['judge_spread_adapter']:.0%} | {f['retention']:.1%} | {f['retention_body']:.1%} | {f['facts_kept']:.0%} | {f['probe_drift']:+.3f} / {f['probe_drift_body']:+.3f} | {f['looping_increase']:+.0%} |"
+            )
+        if sampled is not None:
+            print(
+                f"\nSampled answers to the {len(all_fact_prompts())} known-answer questions "
+                f"({args.sampled_facts} each, temperature {args.sample_temperature:g}): base right "
+                f"{statistics.fmean(sampled[0]):.1%}; per adapter right / relative to the base: "
+                + ", ".join(
+                    f"{u} {f['facts_sampled']:.1%} / {f['facts_sampled_retention']:.1%} "
+                    f"(worse than the base: signed-rank p={f['facts_sampled_worse_p']:.3g})"
+                    for u, f in figures.items()
+                )
             )
         bins = [f"{low:g}-{high:g}" for low, high in itertools.pairwise(MARGIN_BINS)]
         print("\n| user | " + " | ".join(f"base's lead {b} nats: share / kept" for b in bins) + " |")
