@@ -571,9 +571,8 @@ def main() -> None:
     by_scale: dict[float, dict[str, dict[str, float]]] = {}
     answers_by_scale: dict[float, dict[str, dict[str, str]]] = {}
     for scale in args.scales:
-        scale_adapters(
-            bank, {slots[u]: trained[u] for u in users}, scale
-        )  # from the trained weights each time
+        # from the trained weights each time, so a scale of 1.0 after another restores them
+        scale_adapters(bank, {slots[u]: trained[u] for u in users}, scale)
         if scale != 1.0:
             print(f"\nAdapters' weight change scaled by {scale}:")
         figures: dict[str, dict[str, float]] = {}
