@@ -290,24 +290,6 @@ def load(args: argparse.Namespace) -> Backbone:
     return backbone
 
 
-def body_accuracy(
-    bank: AdapterBank, tokenizer: object, examples: Sequence[Example], slot: int | None
-) -> float:
-    """Teacher-forced top-1 accuracy on the answers' body: every completion token but the first and the
-    end-of-turn, where a style that opens or closes differently (a greeting, a sign-off) must differ from the base.
-    A diagnostic beside ``retention``, not the issue's measure."""
-    hits = total = 0
-    bank.model.eval()
-    for example in examples:
-        ids, n = encode_example(tokenizer, example, max_seq_len=192)
-        with torch.no_grad(), bank.use(None if slot is None else SlotPlan.single([slot])):
-            predicted = bank.model(input_ids=torch.tensor([ids])).logits[0].argmax(-1)  # [seq]
-        for t in range(len(ids) - n + 1, len(ids) - 1):  # position t is predicted at t - 1
-            hits += int(predicted[t - 1]) == ids[t]
-            total += 1
-    return hits / max(total, 1)
-
-
 #: the bins of ``retention_by_margin``: how far (nats) the base's greedy token leads its runner-up
 MARGIN_BINS = (0.0, 0.5, 1.0, 2.0, float("inf"))
 
@@ -325,6 +307,14 @@ def teacher_forced(
             logits = bank.model(input_ids=torch.tensor([ids])).logits[0]  # [seq, vocab]
         out.append((ids[len(ids) - n :], logits[len(ids) - n - 1 : len(ids) - 1].log_softmax(-1)))
     return out
+
+
+def body_accuracy(forced: list[tuple[list[int], torch.Tensor]]) -> float:
+    """Teacher-forced top-1 accuracy on the answers' body (``teacher_forced``'s output): every answer token but the
+    first and the end-of-turn, where a style that opens or closes differently (a greeting, a sign-off) must differ
+    from the base. A diagnostic beside ``retention``, not the issue's measure."""
+    hits = [int(lp[t].argmax()) == ids[t] for ids, lp in forced for t in range(1, len(ids) - 1)]
+    return sum(hits) / max(len(hits), 1)
 
 
 def retention_by_margin(
@@ -373,12 +363,11 @@ def sampled_facts(
         for p in prompts
         for seed in range(samples)
     ]
+    asked = [p for _ in routes for p in prompts for _ in range(samples)]  # each spec's question
     right: list[bool] = []
     for start in range(0, len(specs), 64):
         outputs = decoder.run(specs[start : start + 64])
-        right += [
-            says_answer(prompts[(start + i) // samples % len(prompts)], o.text) for i, o in enumerate(outputs)
-        ]
+        right += [says_answer(p, o.text) for p, o in zip(asked[start : start + 64], outputs, strict=True)]
     per_question = [sum(right[i : i + samples]) / samples for i in range(0, len(right), samples)]
     return [per_question[r * len(prompts) : (r + 1) * len(prompts)] for r in range(len(routes))]
 
@@ -561,13 +550,32 @@ def main() -> None:
         results: dict[str, dict[str, float]] = saved["metrics"]
     else:
         results = {r.key: r.metrics for r in train_slots(bank, tokenizer, tasks, config, prefix=prefix)}
+    trained = {u: bank.slot_state_dict(slots[u]) for u in users}
     if args.save_adapters is not None:
-        adapters = {u: bank.slot_state_dict(slots[u]) for u in users}
-        torch.save({"adapters": adapters, "metrics": results}, args.save_adapters)
+        torch.save({"adapters": trained, "metrics": results}, args.save_adapters)
     train_s = time.perf_counter() - t0
     logger.info("trained %d users, %d steps, in %.0f s", len(users), args.steps, train_s)
 
-    trained = {u: bank.slot_state_dict(slots[u]) for u in users}
+    judge_prompts = list(EVAL_PROMPTS[: args.judge_prompts])
+    # every general question with a known answer (QA's fact check) is answered too (one generation for both)
+    fact_prompts = all_fact_prompts()
+    asked = judge_prompts + [p for p in fact_prompts if p not in judge_prompts]
+    # the judge again on prompts spread over EVAL_PROMPTS' seven categories (QA's probe order: capitals, arithmetic,
+    # facts, how-to, ...), where a longer answer has something to say; the first N are capitals and arithmetic
+    spread_prompts = probe_prompts(args.judge_prompts)
+    generated_prompts = asked + [p for p in spread_prompts if p not in asked]
+    routes: list[list[tuple[int, float]]] = [[]] + [[(slots[u], 1.0)] for u in users]
+    general = [
+        Example(i, p, a, "sft")
+        for i, (p, a) in enumerate(zip(retention_prompts, base_general, strict=True))
+        if a
+    ]
+    base_acc = evaluate(bank, tokenizer, general, slot=None, max_seq_len=192).token_accuracy
+    # QA's general-capability guard: the probe set's loss (the base's own answers) may move < epsilon from the base's
+    probe = probe_examples(backbone, bank=bank)
+    base_probe = evaluate(bank, tokenizer, probe, slot=None, max_seq_len=192)
+    base_forced = teacher_forced(bank, tokenizer, general, None)
+    base_body = body_accuracy(base_forced)
     by_scale: dict[float, dict[str, dict[str, float]]] = {}
     answers_by_scale: dict[float, dict[str, dict[str, str]]] = {}
     for scale in args.scales:
@@ -576,15 +584,6 @@ def main() -> None:
         if scale != 1.0:
             print(f"\nAdapters' weight change scaled by {scale}:")
         figures: dict[str, dict[str, float]] = {}
-        judge_prompts = list(EVAL_PROMPTS[: args.judge_prompts])
-        # every general question with a known answer (QA's fact check) is answered too (one generation for both)
-        fact_prompts = all_fact_prompts()
-        asked = judge_prompts + [p for p in fact_prompts if p not in judge_prompts]
-        # the judge again on prompts spread over EVAL_PROMPTS' seven categories (QA's probe order: capitals, arithmetic,
-        # facts, how-to, ...), where a longer answer has something to say; the first N are capitals and arithmetic
-        spread_prompts = probe_prompts(args.judge_prompts)
-        generated_prompts = asked + [p for p in spread_prompts if p not in asked]
-        routes: list[list[tuple[int, float]]] = [[]] + [[(slots[u], 1.0)] for u in users]
         generated = generate_answers(
             backbone.model,
             tokenizer,
@@ -604,17 +603,6 @@ def main() -> None:
         spread = [[a[p] for p in spread_prompts] for a in every]
         base_right = [p for p in fact_prompts if says_answer(p, answered[0][p])]
         logger.info("the base answers %d of %d fact prompts right", len(base_right), len(fact_prompts))
-        general = [
-            Example(i, p, a, "sft")
-            for i, (p, a) in enumerate(zip(retention_prompts, base_general, strict=True))
-            if a
-        ]
-        base_acc = evaluate(bank, tokenizer, general, slot=None, max_seq_len=192).token_accuracy
-        # QA's general-capability guard: the probe set's loss (the base's own answers) may move < epsilon from the base's
-        probe = probe_examples(backbone, bank=bank)
-        base_probe = evaluate(bank, tokenizer, probe, slot=None, max_seq_len=192)
-        base_body = body_accuracy(bank, tokenizer, general, None)
-        base_forced = teacher_forced(bank, tokenizer, general, None)
         sampled = (
             sampled_facts(backbone, bank, routes, args.sampled_facts, args.sample_temperature)
             if args.sampled_facts > 0
@@ -628,6 +616,7 @@ def main() -> None:
             base = base_held[u]
             margins = dpo_terms(*policy.T, *base.T, beta=config.dpo_beta).margins
             adapter_acc = evaluate(bank, tokenizer, general, slot=slots[u], max_seq_len=192).token_accuracy
+            forced = teacher_forced(bank, tokenizer, general, slots[u])
             figures[u] = {
                 "held_out_accuracy_base_raw_logp": float((base[:, 0] > base[:, 1]).double().mean()),
                 "held_out_accuracy": preference_accuracy(margins),
@@ -636,8 +625,8 @@ def main() -> None:
                 "judge_spread_base": sum(map(JUDGES[style], spread[0])) / len(spread_prompts),
                 "judge_spread_adapter": sum(map(JUDGES[style], spread[i + 1])) / len(spread_prompts),
                 "retention": adapter_acc / base_acc,
-                "retention_body": body_accuracy(bank, tokenizer, general, slots[u]) / base_body,
-                **retention_by_margin(base_forced, teacher_forced(bank, tokenizer, general, slots[u])),
+                "retention_body": body_accuracy(forced) / base_body,
+                **retention_by_margin(base_forced, forced),
                 # of the fact prompts the base answers right, the share the adapter's greedy answer still gets right
                 "facts_kept": facts_kept(
                     {p: answered[0][p] for p in fact_prompts}, {p: answered[i + 1][p] for p in fact_prompts}

@@ -194,8 +194,9 @@ def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     and a mean gain of at least ``few_answers_margin``. An example that is a preference pair is scored by how much
     nearer the answer is to the chosen answer than to the rejected one (``lorafleet.qa.answers.preference_score``):
     both sides often share their content, and an answer that recites the rejected style must not count as near the
-    chosen one. Fails with ``no-improvement`` and the figures, or ``no-evidence`` when there was nothing to answer. Under ``answer_evidence="report"`` a ``no-improvement`` is recorded with
-    its figures but passes (``no-evidence`` still fails: without a holdout nothing can be compared)."""
+    chosen one. Fails with ``no-improvement`` and the figures, or ``no-evidence`` when there was nothing to
+    answer. Under ``answer_evidence="report"`` a ``no-improvement`` is recorded with its figures but passes
+    (``no-evidence`` still fails: without a holdout nothing can be compared)."""
     evidence = matrix.answers
     if evidence is None or not evidence.items:
         return RuleOutcome(ANSWER_RULE, False, f"{NO_EVIDENCE}: no holdout examples to answer")
