@@ -37,7 +37,8 @@ Measured:
   backbone) on the whole answers and on their body (what QA reads for a candidate trained on pairs); and QA's
   looping-answers figure (the share of the adapter's greedy answers that loop, ``lorafleet.qa.answers.loops``,
   minus the base's; QA's bound is +10 %); and token retention split by how far the base's greedy token leads its
-  runner-up (``retention_by_margin``: where the base was all but undecided, any change flips its choice);
+  runner-up (``retention_by_margin``: where the base was all but undecided, any change flips its choice), with
+  the share of the base's tokens the adapter misses and of those where it would end the answer instead;
   with ``--sampled-facts K``, K answers sampled per known-answer question (``--sample-temperature``, the same
   seeds for every route) and the share that say a right answer, the adapter's relative to the base's: general
   knowledge measured on the model's distribution, not on its coin flips;
@@ -45,7 +46,9 @@ Measured:
   interleaved, median over ``--timing-steps``.
 
 Experiments: ``--scales`` evaluates each adapter again with its weight change scaled (B times the scale);
-``--save-adapters`` / ``--load-adapters`` keep the trained adapters, so another evaluation needs no training.
+``--save-adapters`` / ``--load-adapters`` keep the trained adapters, so another evaluation needs no training;
+``--dpo-weight 0`` trains the chosen answers as SFT only; ``--rank`` and ``--adam-eps`` change the adapter's rank
+(alpha twice it) and AdamW's eps.
 
 Run from the repository root (the small setting, about 10-15 minutes on 2 shared cores):
 
@@ -55,6 +58,7 @@ Run from the repository root (the small setting, about 10-15 minutes on 2 shared
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import logging
@@ -204,6 +208,18 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument(
+        "--dpo-weight",
+        type=float,
+        default=1.0,
+        help="TrainingConfig.dpo_weight (0: the chosen answers as SFT only)",
+    )
+    parser.add_argument(
+        "--adam-eps",
+        type=float,
+        default=None,
+        help="an experiment: AdamW's eps (torch's default 1e-8); the library has no such option",
+    )
+    parser.add_argument(
         "--margin-cap",
         type=float,
         default=None,
@@ -237,6 +253,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=int, default=4, help="SFT rows per user per step")
     parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument(
+        "--rank", type=int, default=8, help="LoRA rank (alpha twice the rank, as the library's 8 / 16)"
+    )
     parser.add_argument("--answer-tokens", type=int, default=64, help="max new tokens of the base's answers")
     add_int_options(parser, judge_prompts=12, judge_tokens=64, retention_prompts=24, timing_steps=4)
     parser.add_argument("--no-ratings", dest="ratings", action="store_false")
@@ -334,7 +353,15 @@ def retention_by_margin(
             b = next(i for i, high in enumerate(MARGIN_BINS[1:]) if lead < high)
             hits[b].append(int(int(adapter_lp[t].argmax()) == token))
     total = sum(len(h) for h in hits)
-    out: dict[str, float] = {}
+    # the misses where the adapter would end its answer there (its top-1 is the end of turn, every answer's last id)
+    end_id = base[0][0][-1]
+    ends = [
+        int(adapter_lp[t].argmax()) == end_id
+        for (ids, base_lp), (_, adapter_lp) in zip(base, adapter, strict=True)
+        for t, token in enumerate(ids)
+        if int(base_lp[t].argmax()) == token and int(adapter_lp[t].argmax()) != token
+    ]
+    out: dict[str, float] = {"misses": len(ends) / max(total, 1), "misses_ending": sum(ends) / max(total, 1)}
     for (low, high), h in zip(itertools.pairwise(MARGIN_BINS), hits, strict=True):
         out[f"share_{low:g}-{high:g}"] = len(h) / max(total, 1)
         out[f"kept_{low:g}-{high:g}"] = sum(h) / max(len(h), 1)
@@ -463,6 +490,8 @@ def main() -> None:
     args = parse_args()
     if args.margin_cap is not None:
         cap_margins(args.margin_cap)
+    if args.adam_eps is not None:
+        torch.optim.AdamW = functools.partial(torch.optim.AdamW, eps=args.adam_eps)  # the trainer's optimizer
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -493,8 +522,8 @@ def main() -> None:
     train = {u: pairs_for(u, train_p, train_a, 1) for u in users}
     held = {u: pairs_for(u, held_p, held_a, 10_000) for u in users}
     config = TrainingConfig(
-        rank=8,
-        alpha=16,
+        rank=args.rank,
+        alpha=2 * args.rank,
         dropout=args.dropout,
         layers=f"top {args.layers}",
         learning_rate=args.lr,
@@ -505,7 +534,7 @@ def main() -> None:
         max_seq_len=192,
         anchor_ratio=0.0,
         holdout_fraction=0.0,
-        dpo_weight=1.0,
+        dpo_weight=args.dpo_weight,
         dpo_beta=args.beta,
         sft_weight=args.sft_weight,
         sft_on_chosen=args.sft_on_chosen,
@@ -526,7 +555,7 @@ def main() -> None:
         backbone,
         target_modules=rf".*layers\.({top})\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj",
         n_slots=len(users),
-        max_rank=8,
+        max_rank=args.rank,
     )
     prefix = FrozenPrefix.for_bank(
         bank,
@@ -675,10 +704,15 @@ def main() -> None:
                 )
             )
         bins = [f"{low:g}-{high:g}" for low, high in itertools.pairwise(MARGIN_BINS)]
-        print("\n| user | " + " | ".join(f"base's lead {b} nats: share / kept" for b in bins) + " |")
-        print("| --- |" + " --- |" * len(bins))
+        print(
+            "\n| user | "
+            + " | ".join(f"base's lead {b} nats: share / kept" for b in bins)
+            + " | tokens missed: all / adapter ends there |"
+        )
+        print("| --- |" + " --- |" * (len(bins) + 1))
         for u, f in figures.items():
             cells = [f"{f['share_' + b]:.0%} / {f['kept_' + b]:.0%}" for b in bins]
+            cells.append(f"{f['misses']:.1%} / {f['misses_ending']:.1%}")
             print(f"| {u} | " + " | ".join(cells) + " |")
         sys.stdout.flush()
         if args.qa:
