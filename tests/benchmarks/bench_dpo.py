@@ -240,6 +240,12 @@ def parse_args() -> argparse.Namespace:
         help="anchor rows per user: the base's answers to anchor prompts that no pair uses",
     )
     parser.add_argument(
+        "--pair-anchors",
+        action="store_true",
+        help="an experiment: the training pairs' content (the base's own answers) are anchors too, so with "
+        "--anchor-distill the adapter is held to the base's distribution on the pairs' own prompts",
+    )
+    parser.add_argument(
         "--anchor-free-ends",
         choices=["none", "closing", "both", "auto"],
         default=TrainingConfig().anchor_free_ends,
@@ -571,6 +577,10 @@ def main() -> None:
     }
 
     t0 = time.perf_counter()
+    if args.pair_anchors:  # the training pairs' content, the base's own answers, as anchors too
+        anchors += [
+            Example(30_000 + i, p, a, "sft") for i, (p, a) in enumerate(zip(train_p, train_a, strict=True))
+        ]
     tasks = [SlotTraining(slots[u], u, train[u], (), anchors=anchors) for u in users]
     if args.load_adapters is not None:  # the adapters of an earlier run with the same arguments
         saved = torch.load(args.load_adapters)
