@@ -38,7 +38,7 @@ Measured:
   looping-answers figure (the share of the adapter's greedy answers that loop, ``lorafleet.qa.answers.loops``,
   minus the base's; QA's bound is +10 %); and token retention split by how far the base's greedy token leads its
   runner-up (``retention_by_margin``: where the base was all but undecided, any change flips its choice), with
-  the share of the base's tokens the adapter misses and of those where it would end the answer instead;
+  the share of the base's tokens the adapter misses and the share where it would end the answer instead;
   with ``--sampled-facts K``, K answers sampled per known-answer question (``--sample-temperature``, the same
   seeds for every route) and the share that say a right answer, the adapter's relative to the base's: general
   knowledge measured on the model's distribution, not on its coin flips;
@@ -48,7 +48,7 @@ Measured:
 Experiments: ``--scales`` evaluates each adapter again with its weight change scaled (B times the scale);
 ``--save-adapters`` / ``--load-adapters`` keep the trained adapters, so another evaluation needs no training;
 ``--dpo-weight 0`` trains the chosen answers as SFT only; ``--rank`` and ``--adam-eps`` change the adapter's rank
-(alpha twice it) and AdamW's eps.
+(alpha twice it) and AdamW's eps; ``--pair-anchors`` makes the training pairs' content anchors too.
 
 Run from the repository root (the small setting, about 10-15 minutes on 2 shared cores):
 
@@ -207,17 +207,9 @@ def parse_args() -> argparse.Namespace:
         "--dropout", type=float, default=0.0, help="LoRA dropout (the library's default: 0.05)"
     )
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--dpo-weight", type=float, default=1.0, help="0: the chosen answers as SFT only")
     parser.add_argument(
-        "--dpo-weight",
-        type=float,
-        default=1.0,
-        help="TrainingConfig.dpo_weight (0: the chosen answers as SFT only)",
-    )
-    parser.add_argument(
-        "--adam-eps",
-        type=float,
-        default=None,
-        help="an experiment: AdamW's eps (torch's default 1e-8); the library has no such option",
+        "--adam-eps", type=float, default=None, help="an experiment: AdamW's eps (torch: 1e-8)"
     )
     parser.add_argument(
         "--margin-cap",
