@@ -326,11 +326,15 @@ def teacher_forced(
     return out
 
 
-def body_accuracy(forced: list[tuple[list[int], torch.Tensor]]) -> float:
-    """Teacher-forced top-1 accuracy on the answers' body (``teacher_forced``'s output): every answer token but the
-    first and the end-of-turn, where a style that opens or closes differently (a greeting, a sign-off) must differ
-    from the base. A diagnostic beside ``retention``, not the issue's measure."""
-    hits = [int(lp[t].argmax()) == ids[t] for ids, lp in forced for t in range(1, len(ids) - 1)]
+def forced_accuracy(forced: list[tuple[list[int], torch.Tensor]], *, body: bool = False) -> float:
+    """Teacher-forced top-1 accuracy over ``teacher_forced``'s output: every answer token (the end of turn
+    included), or with ``body`` every one but the first and the end of turn, where a style that opens or closes
+    differently (a greeting, a sign-off) must differ from the base (a diagnostic, not the issue's measure)."""
+    hits = [
+        int(lp[t].argmax()) == ids[t]
+        for ids, lp in forced
+        for t in (range(1, len(ids) - 1) if body else range(len(ids)))
+    ]
     return sum(hits) / max(len(hits), 1)
 
 
@@ -342,6 +346,8 @@ def retention_by_margin(
     (``share_*``) and the share of them the adapter still predicts top-1 (``kept_*``). A diagnostic: it shows
     whether the tokens an adapter changes are ones the base itself was all but undecided on."""
     hits: list[list[int]] = [[] for _ in MARGIN_BINS[1:]]
+    end_id = base[0][0][-1]  # the end of turn: every answer's last id
+    misses = ending = 0  # ending: misses where the adapter's top-1 is the end of turn (it would stop there)
     for (ids, base_lp), (_, adapter_lp) in zip(base, adapter, strict=True):
         top2 = base_lp.topk(2, dim=-1).values  # [answer, 2]
         for t, token in enumerate(ids):
@@ -349,17 +355,12 @@ def retention_by_margin(
                 continue
             lead = float(top2[t, 0] - top2[t, 1])
             b = next(i for i, high in enumerate(MARGIN_BINS[1:]) if lead < high)
-            hits[b].append(int(int(adapter_lp[t].argmax()) == token))
+            predicted = int(adapter_lp[t].argmax())
+            hits[b].append(int(predicted == token))
+            misses += predicted != token
+            ending += predicted != token and predicted == end_id
     total = sum(len(h) for h in hits)
-    # the misses where the adapter would end its answer there (its top-1 is the end of turn, every answer's last id)
-    end_id = base[0][0][-1]
-    ends = [
-        int(adapter_lp[t].argmax()) == end_id
-        for (ids, base_lp), (_, adapter_lp) in zip(base, adapter, strict=True)
-        for t, token in enumerate(ids)
-        if int(base_lp[t].argmax()) == token and int(adapter_lp[t].argmax()) != token
-    ]
-    out: dict[str, float] = {"misses": len(ends) / max(total, 1), "misses_ending": sum(ends) / max(total, 1)}
+    out: dict[str, float] = {"misses": misses / max(total, 1), "misses_ending": ending / max(total, 1)}
     for (low, high), h in zip(itertools.pairwise(MARGIN_BINS), hits, strict=True):
         out[f"share_{low:g}-{high:g}"] = len(h) / max(total, 1)
         out[f"kept_{low:g}-{high:g}"] = sum(h) / max(len(h), 1)
@@ -601,12 +602,11 @@ def main() -> None:
         for i, (p, a) in enumerate(zip(retention_prompts, base_general, strict=True))
         if a
     ]
-    base_acc = evaluate(bank, tokenizer, general, slot=None, max_seq_len=192).token_accuracy
     # QA's general-capability guard: the probe set's loss (the base's own answers) may move < epsilon from the base's
     probe = probe_examples(backbone, bank=bank)
     base_probe = evaluate(bank, tokenizer, probe, slot=None, max_seq_len=192)
     base_forced = teacher_forced(bank, tokenizer, general, None)
-    base_body = body_accuracy(base_forced)
+    base_acc, base_body = forced_accuracy(base_forced), forced_accuracy(base_forced, body=True)
     by_scale: dict[float, dict[str, dict[str, float]]] = {}
     answers_by_scale: dict[float, dict[str, dict[str, str]]] = {}
     for scale in args.scales:
@@ -646,7 +646,6 @@ def main() -> None:
             )
             base = base_held[u]
             margins = dpo_terms(*policy.T, *base.T, beta=config.dpo_beta).margins
-            adapter_acc = evaluate(bank, tokenizer, general, slot=slots[u], max_seq_len=192).token_accuracy
             forced = teacher_forced(bank, tokenizer, general, slots[u])
             figures[u] = {
                 "held_out_accuracy_base_raw_logp": float((base[:, 0] > base[:, 1]).double().mean()),
@@ -655,8 +654,8 @@ def main() -> None:
                 "judge_adapter": sum(map(JUDGES[style], by_route[i + 1])) / len(judge_prompts),
                 "judge_spread_base": sum(map(JUDGES[style], spread[0])) / len(spread_prompts),
                 "judge_spread_adapter": sum(map(JUDGES[style], spread[i + 1])) / len(spread_prompts),
-                "retention": adapter_acc / base_acc,
-                "retention_body": body_accuracy(forced) / base_body,
+                "retention": forced_accuracy(forced) / base_acc,
+                "retention_body": forced_accuracy(forced, body=True) / base_body,
                 **retention_by_margin(base_forced, forced),
                 # of the fact prompts the base answers right, the share the adapter's greedy answer still gets right
                 "facts_kept": facts_kept(
@@ -696,7 +695,7 @@ def main() -> None:
             )
         if sampled is not None:
             print(
-                f"\nSampled answers to the {len(all_fact_prompts())} known-answer questions "
+                f"\nSampled answers to the {len(fact_prompts)} known-answer questions "
                 f"({args.sampled_facts} each, temperature {args.sample_temperature:g}): base right "
                 f"{statistics.fmean(sampled[0]):.1%}; per adapter right / relative to the base: "
                 + ", ".join(
