@@ -42,6 +42,10 @@ Measured:
   with ``--sampled-facts K``, K answers sampled per known-answer question (``--sample-temperature``, the same
   seeds for every route) and the share that say a right answer, the adapter's relative to the base's: general
   knowledge measured on the model's distribution, not on its coin flips;
+- general knowledge as multiple choice (``general_choices.py``, on unless ``--no-choices``): 120 never-trained
+  questions, each with a right option and three wrong ones completing the same answer stem, scored by likelihood
+  as lm-evaluation-harness scores ARC or MMLU; each adapter's accuracy relative to the base's, the items it lost
+  and gained, and the exact McNemar p-value that it is worse than the base;
 - the time of a DPO step against an SFT step on the same rows (the pairs' two sides as SFT rows), same users,
   interleaved, median over ``--timing-steps``.
 
@@ -77,6 +81,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from _common import add_int_options  # noqa: E402
+from general_choices import choice_figures, choice_scores, chosen_right  # noqa: E402
 from quality_real_eval import cached_answers, dequantize_once, probe_logits  # noqa: E402
 
 from lorafleet.adapters import AdapterBank, SlotPlan, inject_bank  # noqa: E402
@@ -150,6 +155,21 @@ JUDGES: dict[str, Callable[[str], bool]] = {
     "signoff": lambda a: "Best wishes" in a,
     "plain": lambda a: "Best wishes" not in a,
 }
+
+
+#: the concise/detailed preference as the pairs state it (the first sentence against the whole answer): an answer
+#: that stops after its first sentence, or one that goes on; ``JUDGES``' word counts reject a fifth of the detailed
+#: user's own chosen answers (``judge_validity``)
+SENTENCE_JUDGES: dict[str, Callable[[str], bool]] = {
+    "concise": lambda a: first_sentence(a.strip()) == a.strip(),
+    "detailed": lambda a: first_sentence(a.strip()) != a.strip(),
+}
+
+
+def judge_validity(judge: Callable[[str], bool], pairs: Sequence[Example]) -> float:
+    """The share of ``pairs`` whose chosen answer the judge accepts and whose rejected one it does not: how far the
+    judge agrees with the user's own stated preference (1.0: on every pair)."""
+    return sum(judge(p.completion) and not judge(p.rejected or "") for p in pairs) / max(len(pairs), 1)
 
 
 def pairs_for(style: str, prompts: Sequence[str], answers: Sequence[str], first_id: int) -> list[Example]:
@@ -277,6 +297,12 @@ def parse_args() -> argparse.Namespace:
         help="answers sampled per general question with a known answer, per adapter and for the base (0: off)",
     )
     parser.add_argument("--sample-temperature", type=float, default=0.7)
+    parser.add_argument(
+        "--no-choices",
+        dest="choices",
+        action="store_false",
+        help="skip the multiple-choice general-knowledge measure (general_choices.py)",
+    )
     parser.add_argument(
         "--save-adapters",
         type=Path,
@@ -607,6 +633,7 @@ def main() -> None:
     base_probe = evaluate(bank, tokenizer, probe, slot=None, max_seq_len=192)
     base_forced = teacher_forced(bank, tokenizer, general, None)
     base_acc, base_body = forced_accuracy(base_forced), forced_accuracy(base_forced, body=True)
+    base_choices = chosen_right(choice_scores(bank, tokenizer, None)) if args.choices else []
     by_scale: dict[float, dict[str, dict[str, float]]] = {}
     answers_by_scale: dict[float, dict[str, dict[str, str]]] = {}
     for scale in args.scales:
@@ -654,6 +681,8 @@ def main() -> None:
                 "judge_adapter": sum(map(JUDGES[style], by_route[i + 1])) / len(judge_prompts),
                 "judge_spread_base": sum(map(JUDGES[style], spread[0])) / len(spread_prompts),
                 "judge_spread_adapter": sum(map(JUDGES[style], spread[i + 1])) / len(spread_prompts),
+                # the judge on the user's own held-out pairs: does it accept the chosen side and reject the other?
+                "judge_validity": judge_validity(JUDGES[style], held[u]),
                 "retention": forced_accuracy(forced) / base_acc,
                 "retention_body": forced_accuracy(forced, body=True) / base_body,
                 **retention_by_margin(base_forced, forced),
@@ -670,6 +699,19 @@ def main() -> None:
                 "dpo_loss_first": results[u].get("dpo_loss_first", float("nan")),
                 "dpo_loss": results[u].get("dpo_loss", float("nan")),
             }
+            if (
+                style in SENTENCE_JUDGES
+            ):  # concise/detailed judged by where the answer stops, as the pairs are
+                sentences = SENTENCE_JUDGES[style]
+                figures[u] |= {
+                    "judge_sentences_validity": judge_validity(sentences, held[u]),
+                    "judge_sentences_base": sum(map(sentences, spread[0])) / len(spread_prompts),
+                    "judge_sentences_adapter": sum(map(sentences, spread[i + 1])) / len(spread_prompts),
+                }
+            if args.choices:  # general knowledge as multiple choice, scored by likelihood, against the base
+                figures[u] |= choice_figures(
+                    base_choices, chosen_right(choice_scores(bank, tokenizer, slots[u]))
+                )
             if sampled is not None:  # sampled answers to the known-answer questions, against the base's
                 base_q, adapter_q = sampled[0], sampled[i + 1]
                 figures[u] |= {
@@ -704,6 +746,33 @@ def main() -> None:
                     for u, f in figures.items()
                 )
             )
+        print(
+            "\nThe judge on each user's own held-out pairs (validity: it accepts the chosen answer and rejects the "
+            "rejected one), and for concise/detailed the sentence judge (the answer stops after its first sentence, "
+            "or goes on) on the seven categories' prompts:\n\n"
+            "| user | judge validity | sentence judge validity | sentence judge: base / adapter |\n"
+            "| --- | --- | --- | --- |"
+        )
+        for u, f in figures.items():
+            sentence_cells = (
+                f"{f['judge_sentences_validity']:.0%} | {f['judge_sentences_base']:.0%} / "
+                f"{f['judge_sentences_adapter']:.0%}"
+                if "judge_sentences_validity" in f
+                else "- | -"
+            )
+            print(f"| {u} | {f['judge_validity']:.0%} | {sentence_cells} |")
+        if args.choices:
+            print(
+                f"\nGeneral knowledge as multiple choice ({len(base_choices)} items, general_choices.py): base right "
+                f"{sum(base_choices) / len(base_choices):.1%}\n\n"
+                "| user | right | relative to the base | lost / gained | worse than the base (McNemar p) |\n"
+                "| --- | --- | --- | --- | --- |"
+            )
+            for u, f in figures.items():
+                print(
+                    f"| {u} | {f['choices']:.1%} | {f['choices_retention']:.1%} | "
+                    f"{f['choices_lost']:.0f} / {f['choices_gained']:.0f} | {f['choices_worse_p']:.3g} |"
+                )
         bins = [f"{low:g}-{high:g}" for low, high in itertools.pairwise(MARGIN_BINS)]
         print(
             "\n| user | "
