@@ -1,6 +1,6 @@
 """Preference learning (DPO) on the real backbone (SmolLM2-135M-Instruct, nf4): users with opposite preferences.
 
-Protocol (one seed):
+Protocol (one seed; ``--seed`` picks another training seed):
 
 - The base's own greedy answers to the general anchor prompts (``ANCHOR_PROMPTS``) are the content; each user's
   preference is a style over that content, and opposite users get mirrored pairs (chosen and rejected swapped):
@@ -27,7 +27,10 @@ Measured:
   on greedy answers to ``--judge-prompts`` never-trained general prompts (the first of ``EVAL_PROMPTS``: capitals
   and arithmetic), each user against the base; and the same judge on as many prompts spread over
   ``EVAL_PROMPTS``' seven categories (QA's probe order: capitals, arithmetic, facts, how-to, ...), where a longer
-  answer has something to say;
+  answer has something to say (``--judge-prompts 63``: both sets are all 63; ``--judge-tokens`` long enough for
+  answers to end, or a sign-off cannot show); each judge's validity on the user's own held-out pairs (it accepts
+  the chosen answer and rejects the rejected one), and for concise/detailed the sentence judge (the answer stops
+  after its first sentence, or goes on: the preference as the pairs state it) on the seven categories' prompts;
 - retention: the share of the base's own greedy answer tokens to ``EVAL_PROMPTS`` that the adapter still
   predicts (teacher-forced top-1), relative to the base's share; beside it, two diagnostics: the same on the
   answers' body (the first token and the end-of-turn left out), and "facts kept": of the 30 general questions with
@@ -315,6 +318,12 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="evaluate the adapters a run with the same arguments saved (--save-adapters) instead of training",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the training seed (the adapters' initialisation, sampling and dropout); the pairs stay the same",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args()
@@ -565,6 +574,7 @@ def main() -> None:
         sft_on_chosen=args.sft_on_chosen,
         anchor_free_ends=args.anchor_free_ends,
         anchor_distill=args.anchor_distill,
+        seed=args.seed,
     )
     if args.ratings and "signoff" in users:
         ratings = rating_records(train_p, train_a, 1)
@@ -589,7 +599,9 @@ def main() -> None:
     )
     slots = {u: i for i, u in enumerate(users)}
     for u in users:
-        bank.init_slot(slots[u], config.slot_config(layer_names=list(bank.layers)), seed=slots[u])
+        bank.init_slot(
+            slots[u], config.slot_config(layer_names=list(bank.layers)), seed=slots[u] + 1000 * args.seed
+        )
     base_held = {
         u: pair_logps(bank, tokenizer, held[u], [[]] * len(held[u]), max_seq_len=192, prefix=prefix)
         for u in users
