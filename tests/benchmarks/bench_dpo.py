@@ -711,9 +711,8 @@ def main() -> None:
                 "dpo_loss_first": results[u].get("dpo_loss_first", float("nan")),
                 "dpo_loss": results[u].get("dpo_loss", float("nan")),
             }
-            if (
-                style in SENTENCE_JUDGES
-            ):  # concise/detailed judged by where the answer stops, as the pairs are
+            # concise/detailed judged by where the answer stops, as the pairs state the preference
+            if style in SENTENCE_JUDGES:
                 sentences = SENTENCE_JUDGES[style]
                 figures[u] |= {
                     "judge_sentences_validity": judge_validity(sentences, held[u]),
