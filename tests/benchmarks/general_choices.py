@@ -1,9 +1,10 @@
 """General knowledge as multiple choice, scored by likelihood: a capability measure for adapters.
 
 Each item is a question a small instruct model can know (capitals, arithmetic, science, language, the world),
-one right answer and three wrong ones. The question is one user turn through the chat template, as serving
-renders it; each option is scored as the assistant's answer by the sum of its tokens' log-probabilities, and the
-model "chooses" the option it makes most likely (the way lm-evaluation-harness scores ARC or MMLU: ``acc``).
+one right answer and three wrong ones, each completing the same answer stem ("The capital of Japan is ___"). The
+question is one user turn through the chat template, as serving renders it; the stem and an option are the
+assistant's answer, the option scored by the sum of its tokens' log-probabilities given the stem, and the model
+"chooses" the option it makes most likely (the way lm-evaluation-harness scores ARC or MMLU: ``acc``).
 Accuracy over the items is the capability figure; an adapter's retention is its accuracy over the base's.
 
 Why beside the benchmarks' greedy measures: greedy token agreement with the base, and the greedy answers to
@@ -189,8 +190,8 @@ def choice_scores(
     *,
     batch: int = 64,
 ) -> list[list[float]]:
-    """Per item, each option's summed log-probability as the assistant's answer (``Choice.options`` order: the
-    right one first), through slot ``route`` (None: the base). Right-padded batches: the options' own tokens never
+    """Per item, each option's summed log-probability after the item's stem, as the assistant's answer
+    (``Choice.options`` order: the right one first), through slot ``route`` (None: the base). Right-padded batches: the options' own tokens never
     see the padding (causal attention), so a row scores as it would alone."""
     rows: list[tuple[list[int], int]] = []  # (ids, how many of them are the option's)
     for item in items:
@@ -215,12 +216,8 @@ def choice_scores(
         for i, (r, n) in enumerate(part):
             logp = logits[i, len(r) - n - 1 : len(r) - 1].float().log_softmax(-1)  # what predicted the option
             scores.append(float(logp.gather(1, torch.tensor(r[len(r) - n :])[:, None]).sum()))
-    per_item = [len(item.options) for item in items]
-    out, at = [], 0
-    for k in per_item:
-        out.append(scores[at : at + k])
-        at += k
-    return out
+    flat = iter(scores)
+    return [[next(flat) for _ in item.options] for item in items]
 
 
 def chosen_right(scores: Sequence[Sequence[float]]) -> list[bool]:
