@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lorafleet.errors import ValidationError
-from lorafleet.qa.answers import paired_scores, training_answers
 from lorafleet.qa.facts import answers_kept
 from lorafleet.qa.results import Answers, Cell, Matrix
 from lorafleet.registry import Registry
@@ -155,21 +154,11 @@ def answer_figures(answers: Answers | None, *, wrong_answer_weight: float = 0.0)
     The scores, counts and test read a preference pair as the answers rule does (``preference_pairs`` of them)."""
     if answers is None or not answers.items:
         return None
-    trained = training_answers(
-        [item.outputs.get(answers.subject, "") for item in answers.training],
-        [item.expected for item in answers.training],
-        [item.prompt for item in answers.training],
-    )
+    trained = answers.training_scores()
     general = answers_kept(answers)
     rejected = answers.rejected()
-    scores = paired_scores(
-        answers.outputs(answers.subject),
-        answers.outputs(answers.reference),
-        answers.targets(),
-        [item.prompt for item in answers.items],
-        wrong_answer_weight=wrong_answer_weight,
-        rejected=rejected,  # as the answers rule scores them: a pair by the side it is nearer
-    )
+    # as the answers rule scores them: a pair by the side it is nearer
+    scores = answers.holdout_scores(wrong_answer_weight=wrong_answer_weight)
     return {
         "set": answers.row,
         "source": answers.source,

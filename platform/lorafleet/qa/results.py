@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lorafleet.qa.answers import PairedScores, TrainingAnswers, paired_scores, training_answers
+
 RowKind = Literal["user-holdout", "task-holdout", "probe", "training"]
 ColumnKind = Literal["base", "previous", "candidate", "gated-previous", "gated-candidate", "alone", "pair"]
 
@@ -110,6 +112,26 @@ class Answers:
     def rejected(self) -> list[str | None]:
         """Per item, the answer its user rejected (None: not a preference pair)."""
         return [item.rejected for item in self.items]
+
+    def holdout_scores(self, *, wrong_answer_weight: float = 0.0) -> PairedScores:
+        """The subject's and the reference's holdout answers scored against the targets, a preference pair by
+        the side it is nearer (``paired_scores``): what the answers rule decides on and the report shows."""
+        return paired_scores(
+            self.outputs(self.subject),
+            self.outputs(self.reference),
+            self.targets(),
+            [item.prompt for item in self.items],
+            wrong_answer_weight=wrong_answer_weight,
+            rejected=self.rejected(),
+        )
+
+    def training_scores(self) -> TrainingAnswers:
+        """The subject's answers on its own training examples (``training_answers``)."""
+        return training_answers(
+            [item.outputs.get(self.subject, "") for item in self.training],
+            [item.expected for item in self.training],
+            [item.prompt for item in self.training],
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {

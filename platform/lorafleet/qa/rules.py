@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lorafleet.qa.answers import loops, min_untied_pairs, paired_scores, training_answers
+from lorafleet.qa.answers import loops, min_untied_pairs
 from lorafleet.qa.facts import GENERAL_FACTS_LOST, answers_kept
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.probe import PRETRAINED_EPSILON_PROBE
@@ -201,14 +201,7 @@ def answer_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
     if evidence is None or not evidence.items:
         return RuleOutcome(ANSWER_RULE, False, f"{NO_EVIDENCE}: no holdout examples to answer")
     rejected = evidence.rejected()
-    scores = paired_scores(
-        evidence.outputs(evidence.subject),
-        evidence.outputs(evidence.reference),
-        evidence.targets(),
-        [item.prompt for item in evidence.items],
-        wrong_answer_weight=policy.wrong_answer_weight,
-        rejected=rejected,
-    )
+    scores = evidence.holdout_scores(wrong_answer_weight=policy.wrong_answer_weight)
     alpha = 1.0 - policy.answer_confidence
     needed = min_untied_pairs(alpha)
     ref_name = "previous live" if evidence.reference == PREVIOUS else evidence.reference
@@ -259,11 +252,7 @@ def training_answers_rule(matrix: Matrix, policy: QAPolicy) -> RuleOutcome:
         return RuleOutcome(
             TRAINING_ANSWERS_RULE, True, f"{TRAINING_ANSWERS_RULE}: no training examples answered"
         )
-    scores = training_answers(
-        [item.outputs.get(evidence.subject, "") for item in evidence.training],
-        [item.expected for item in evidence.training],
-        [item.prompt for item in evidence.training],
-    )
+    scores = evidence.training_scores()
     ok = scores.wrong_share <= policy.max_training_wrong_share + 1e-12
     figures = (
         f"{scores.wrong} of {scores.n} answers to its own training questions answer another question "
