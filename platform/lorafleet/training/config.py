@@ -102,7 +102,7 @@ class TrainingConfig(BaseModel):
     #: 93.7 % clean at 0.90 and 0.88 accuracy (88.9 % at 0.96 for 1.0)
     anchor_unlikelihood: float = Field(default=1.0, ge=0.0, le=100.0, allow_inf_nan=False)
     #: on the anchor rows of a user with preference pairs in the job (``dpo_weight`` > 0), which answer tokens carry
-    #: no loss: ``auto`` the ends where the user's own pairs differ (``trainer.free_answer_ends``: a greeting frees
+    #: no loss: ``auto`` the ends where the user's own pairs differ (``anchors.free_answer_ends``: a greeting frees
     #: the first answer token, a sign-off or a shorter answer the end of turn), ``closing`` the end of turn,
     #: ``both`` both, ``none`` neither. The anchors keep the content of general answers while a preferred closing or
     #: opening stays free, which anchors would otherwise train away. Users without pairs train on every anchor

@@ -14,6 +14,10 @@ the mean DPO loss of its pairs. The reference log-probs of every pair are comput
 With ``sft_on_chosen`` each pair's chosen row also counts in its user's SFT loss (DPO plus an NLL term on the
 chosen answers), at no extra rows.
 
+A user's anchor rows (general prompts answered by the base) train towards the base's answers, and the anchor
+terms of ``lorafleet.training.anchors`` add to its objective when their weights are set (``anchor_distill``,
+``anchor_unlikelihood``).
+
 A non-finite loss or gradient raises :class:`TrainingError` at once; the slots then hold partly trained
 weights, and the caller must not save them. ``should_stop`` is called before every step (the job runner raises
 ``LeaseLostError`` through it). Given ``config.seed`` a run is deterministic: a user's batches depend only on
@@ -37,6 +41,14 @@ from lorafleet.adapters.bank import peft_key
 from lorafleet.adapters.dense import dense_budget, dense_views
 from lorafleet.adapters.prefix import FrozenPrefix, lowest_adapted_layer
 from lorafleet.errors import TrainingError, ValidationError
+from lorafleet.training.anchors import (
+    ANCHOR_DISTILL_TOP_K,
+    AnchorTargets,
+    anchor_distill,
+    anchor_unlikelihood,
+    base_targets,
+    free_answer_ends,
+)
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.contrast import CONTRAST_KIND
 from lorafleet.training.dataset import (
@@ -65,16 +77,13 @@ from lorafleet.training.preference import (
 )
 
 __all__ = [
-    "AnchorTargets",
     "EvalResult",
     "SlotResult",
     "SlotTraining",
     "anchor_targets",
     "evaluate",
-    "free_answer_ends",
     "preference_pairs",
     "sft_examples",
-    "topk_kl",
     "train_slots",
     "user_losses",
 ]
@@ -84,10 +93,6 @@ logger = logging.getLogger(__name__)
 EVAL_BATCH_ROWS = 64
 #: optimizer steps averaged into ``train_loss`` (the end of training, not the whole run)
 TRAIN_LOSS_WINDOW = 10
-#: base log-probs kept per anchor position for ``anchor_distill`` (the rest of the mass is one outcome)
-ANCHOR_DISTILL_TOP_K = 32
-#: rows per forward when computing the base's anchor targets
-ANCHOR_TARGET_ROWS = 64
 
 
 @dataclass
@@ -605,12 +610,20 @@ def _accumulate(
             objective = config.sft_weight * user_loss
             if config.anchor_unlikelihood > 0 and any(packed.anchor):
                 anchor_rows = torch.tensor(packed.anchor, device=bank.device)  # [rows]
-                unlikely = _anchor_unlikelihood(
+                unlikely = anchor_unlikelihood(
                     logits, scored.rows, owner, anchor_rows, streams.personal, labels=scored.labels
                 )
                 objective = objective + config.anchor_unlikelihood * unlikely
             if config.anchor_distill > 0 and any(packed.anchor):
-                kl = _anchor_distill(logits, scored.rows, freed, packed, streams.distill, len(tasks))
+                kl = anchor_distill(
+                    logits,
+                    scored.rows,
+                    freed,
+                    packed.owners,
+                    packed.anchor_index,
+                    streams.distill,
+                    len(tasks),
+                )
                 objective = objective + config.anchor_distill * kl
             if packed.pairs:
                 row_logps = token_loss.new_zeros(len(packed.rows)).index_add(0, scored.rows, -token_loss)
@@ -628,17 +641,6 @@ def _accumulate(
     return totals
 
 
-@dataclass(frozen=True)
-class AnchorTargets:
-    """The base model's next-token distribution at one anchor's scored positions, kept as its top-k log-probs and
-    the log of the remaining mass."""
-
-    top_logps: torch.Tensor  # [m, k] float32
-    top_ids: torch.Tensor  # [m, k] int64
-    rest_logp: torch.Tensor  # [m] float32: log(1 - sum of the top-k probabilities)
-
-
-@torch.no_grad()
 def anchor_targets(
     bank: AdapterBank,
     streams: Sequence[_UserStream | None],
@@ -650,121 +652,19 @@ def anchor_targets(
     top_k: int = ANCHOR_DISTILL_TOP_K,
 ) -> list[list[AnchorTargets] | None]:
     """Per task, the base's targets on each of its anchors (in anchor order), for ``anchor_distill``; None for a
-    task without anchors, or all None when the term is off.
-
-    The anchors' encoded rows (those the stream trains on) run once through the bank with an empty route (the
-    base, not the parent version), in eval mode without gradients, before the first step.
-    """
+    task without anchors, or all None when the term is off. The anchors' encoded rows (those the stream trains
+    on) run once through the base (:func:`~lorafleet.training.anchors.base_targets`) before the first step."""
     if config.anchor_distill == 0 or not any(t.anchors for t in tasks):
         return [None] * len(tasks)
-    model, was_training = bank.model, bank.model.training
-    model.eval()
     out: list[list[AnchorTargets] | None] = []
-    try:
-        for stream in streams:
-            rows = stream.distilled() if stream is not None else []
-            if not rows:
-                out.append(None)
-                continue
-            targets: list[AnchorTargets] = []
-            for start in range(0, len(rows), ANCHOR_TARGET_ROWS):
-                chunk = rows[start : start + ANCHOR_TARGET_ROWS]
-                batch = collate(chunk, pad_id=pad_id).to(bank.device)
-                with bank.use(SlotPlan.base_only(len(chunk))):
-                    logits, scored = scored_logits(
-                        model,
-                        batch,
-                        prefix=frozen.prefix,
-                        layer=frozen.layer,
-                        sequences=[ids for ids, _ in chunk],
-                    )  # [n, vocab]
-                log_p = logits.log_softmax(dim=-1)  # [n, vocab]
-                top_logps, top_ids = log_p.topk(min(top_k, log_p.shape[-1]), dim=-1)  # [n, k], [n, k]
-                rest_logp = torch.log1p(-top_logps.exp().sum(dim=-1).clamp(max=1.0 - 1e-6))  # [n]
-                counts = torch.bincount(scored.rows, minlength=len(chunk)).tolist()  # tokens come row by row
-                split = (top_logps.split(counts), top_ids.split(counts), rest_logp.split(counts))
-                targets.extend(AnchorTargets(*row) for row in zip(*split, strict=True))
-            out.append(targets)
-    finally:
-        model.train(was_training)
-    return out
-
-
-def topk_kl(logits: torch.Tensor, targets: AnchorTargets) -> torch.Tensor:
-    """``[m]``: KL(base || adapter) per position from the adapter's ``logits`` ``[m, vocab]`` and the base's top-k
-    targets: the top-k tokens' terms plus the rest's mass as one outcome."""
-    log_pa = logits.log_softmax(dim=-1).gather(1, targets.top_ids)  # [m, k]
-    rest_pa = torch.log1p(-log_pa.exp().sum(dim=-1).clamp(max=1.0 - 1e-6))  # [m]
-    top = (targets.top_logps.exp() * (targets.top_logps - log_pa)).sum(dim=-1)  # [m]
-    return top + targets.rest_logp.exp() * (targets.rest_logp - rest_pa)  # [m]
-
-
-def _anchor_distill(
-    logits: torch.Tensor,
-    token_rows: torch.Tensor,
-    freed: torch.Tensor,
-    packed: _Rows,
-    distill: Sequence[list[AnchorTargets] | None],
-    n_users: int,
-) -> torch.Tensor:
-    """Per user ``[users]``: the mean over its anchor rows' scored positions (less the ``freed`` ones) of
-    KL(base || adapter) (:func:`topk_kl`); 0 for a user without anchor rows in the micro-batch."""
-    counts = torch.bincount(token_rows, minlength=len(packed.rows)).tolist()  # scored tokens come row by row
-    picked: list[torch.Tensor] = []
-    parts: list[AnchorTargets] = []
-    users: list[int] = []
-    end = 0
-    for row, (user, index) in enumerate(zip(packed.owners, packed.anchor_index, strict=True)):
-        start, end = end, end + counts[row]
-        targets = distill[user]
-        if index is None or targets is None:
-            continue
-        target = targets[index]
-        assert target.top_ids.shape[0] == end - start, (
-            f"anchor row {row}: {end - start} scored tokens, {target.top_ids.shape[0]} targets"
+    for stream in streams:
+        rows = stream.distilled() if stream is not None else []
+        out.append(
+            base_targets(bank, rows, pad_id=pad_id, prefix=frozen.prefix, layer=frozen.layer, top_k=top_k)
+            if rows
+            else None
         )
-        picked.append(torch.arange(start, end, device=logits.device))
-        parts.append(target)
-        users.extend([user] * (end - start))
-    if not picked:
-        return logits.new_zeros(n_users)
-    positions = torch.cat(picked)  # [m]
-    joined = AnchorTargets(
-        torch.cat([t.top_logps for t in parts]).to(logits.device),
-        torch.cat([t.top_ids for t in parts]).to(logits.device),
-        torch.cat([t.rest_logp for t in parts]).to(logits.device),
-    )
-    kept = (~freed.index_select(0, positions)).to(logits.dtype)  # [m]
-    kl = topk_kl(logits.index_select(0, positions), joined) * kept  # [m]
-    owner = torch.tensor(users, device=logits.device)  # [m]
-    user_sum = logits.new_zeros(n_users).index_add(0, owner, kl)  # [users]
-    user_tokens = logits.new_zeros(n_users).index_add(0, owner, kept)  # [users]
-    return user_sum / user_tokens.clamp(min=1)
-
-
-#: ``anchor_free_ends="auto"``: a pair's answers end differently when any of their last this many tokens before
-#: the end of turn differ (a sign-off, a closing line, an answer cut after its first sentence)
-_ENDING_TOKENS = 3
-
-
-def free_answer_ends(
-    pairs: Sequence[tuple[int, tuple[list[int], int], tuple[list[int], int]]] | None, mode: str
-) -> tuple[bool, bool]:
-    """Whether a user's anchors leave their first answer token (``opening``) and their end of turn (``closing``)
-    free of loss, by ``TrainingConfig.anchor_free_ends``: never for a user without pairs in the job (``pairs``:
-    its encoded ``(index, (chosen ids, answer length), (rejected ids, answer length))``); ``auto`` reads them, freeing an end where most of them differ there: the opening where the chosen and the
-    rejected answer start with different tokens (a greeting, "Certainly."), the closing where they end with
-    different tokens (a sign-off, a closing line, a shorter answer)."""
-    if pairs is None or mode == "none":
-        return (False, False)
-    if mode != "auto":
-        return (mode == "both", True)
-    opens = ends = 0
-    for _, (chosen, n_chosen), (rejected, n_rejected) in pairs:
-        opens += int(chosen[-n_chosen] != rejected[-n_rejected])
-        k = min(_ENDING_TOKENS, n_chosen - 1, n_rejected - 1)
-        ends += int(k > 0 and chosen[-1 - k : -1] != rejected[-1 - k : -1])
-    return (2 * opens > len(pairs), 2 * ends > len(pairs))
+    return out
 
 
 def _user_means(
@@ -782,44 +682,6 @@ def _user_means(
     sft_tokens = token_loss.new_zeros(n_users).index_add(0, token_owner, on_sft)  # [users]
     all_tokens = token_loss.new_zeros(n_users).index_add(0, token_owner, torch.ones_like(token_loss))
     return user_sum / sft_tokens.clamp(min=1), all_tokens
-
-
-def _anchor_unlikelihood(
-    logits: torch.Tensor,
-    token_rows: torch.Tensor,
-    owner: torch.Tensor,
-    anchor_rows: torch.Tensor,
-    personal: Sequence[torch.Tensor | None],
-    *,
-    labels: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per user ``[users]``: the mean over its anchor rows' scored positions of ``-log(1 - p)``, where ``p`` is the
-    probability of any of its personal tokens there (unlikelihood training, Welleck et al. 2019); 0 without any.
-
-    ``labels`` ``[n]``, the tokens each position is trained towards: a position whose label is a personal token
-    following another one (the rest of a value a contrast row's answer has begun, "Dump|ling") is left out. The
-    term is to stop a value from starting; pushing down its continuation once started taught the adapters of the
-    benchmark to misspell their own values ("Dumplings", "petanter"). A general anchor's labels are the base's
-    answer, which holds no personal token, so only contrast rows have such positions."""
-    on_anchor, token_owner = anchor_rows[token_rows], owner[token_rows]  # [n], [n]
-    same_row = torch.zeros_like(on_anchor)  # [n]: the previous scored token is of the same row
-    same_row[1:] = token_rows[1:] == token_rows[:-1]
-    terms: list[torch.Tensor] = []
-    for user, tokens in enumerate(personal):
-        mask = on_anchor & (token_owner == user)  # [n]
-        if tokens is not None and labels is not None:
-            is_personal = torch.isin(labels, tokens)  # [n]
-            after_personal = torch.zeros_like(is_personal)
-            after_personal[1:] = is_personal[:-1]
-            mask = mask & ~(is_personal & after_personal & same_row)
-        picked = mask.nonzero().squeeze(1)  # [m]
-        if tokens is None or picked.numel() == 0:
-            terms.append(logits.new_zeros(()))
-            continue
-        rows = logits.index_select(0, picked)  # [m, vocab]
-        log_p = torch.logsumexp(rows.index_select(1, tokens), dim=1) - torch.logsumexp(rows, dim=1)  # [m]
-        terms.append(-torch.log1p(-log_p.exp().clamp(max=1.0 - 1e-6)).mean())
-    return torch.stack(terms)
 
 
 def _record_pairs(stats: list[_SlotStats], packed: _Rows, dpo: torch.Tensor, margins: torch.Tensor) -> None:

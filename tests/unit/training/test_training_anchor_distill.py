@@ -11,12 +11,12 @@ import torch
 from lorafleet.adapters import AdapterBank, SlotPlan
 from lorafleet.errors import ValidationError
 from lorafleet.training import trainer
+from lorafleet.training.anchors import ANCHOR_DISTILL_TOP_K, anchor_distill
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, collate, pad_token_id
 from lorafleet.training.metrics import scored_logits
 from lorafleet.training.trainer import (
     SlotTraining,
-    _anchor_distill,
     _Frozen,
     _Rows,
     _stream,
@@ -41,7 +41,7 @@ def _task() -> SlotTraining:
 
 
 def _every_row(
-    bank: AdapterBank, tokenizer: Any, config: TrainingConfig, *, top_k: int = trainer.ANCHOR_DISTILL_TOP_K
+    bank: AdapterBank, tokenizer: Any, config: TrainingConfig, *, top_k: int = ANCHOR_DISTILL_TOP_K
 ) -> tuple[torch.Tensor, _Rows, torch.Tensor, torch.Tensor]:
     """Slot 0's logits (train mode) on all of the task's rows in one micro-batch, the rows, the scored tokens'
     rows, and the distillation term ``[1]`` against the base's targets."""
@@ -59,7 +59,7 @@ def _every_row(
     with bank.use(SlotPlan.single([0] * len(packed.rows))):
         logits, scored = scored_logits(bank.model, batch, sequences=[ids for ids, _ in packed.rows])
     freed = torch.zeros_like(scored.rows, dtype=torch.bool)
-    kl = _anchor_distill(logits, scored.rows, freed, packed, targets, 1)
+    kl = anchor_distill(logits, scored.rows, freed, packed.owners, packed.anchor_index, targets, 1)
     bank.model.eval()
     return logits, packed, scored.rows, kl
 
@@ -125,8 +125,8 @@ def test_a_zero_weight_leaves_the_objective_as_it_was(
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("anchor distillation ran with weight 0")
 
-    monkeypatch.setattr(trainer, "_anchor_distill", refuse)
-    monkeypatch.setattr(trainer, "topk_kl", refuse)
+    monkeypatch.setattr(trainer, "anchor_distill", refuse)
+    monkeypatch.setattr(trainer, "base_targets", refuse)
     fp32_bank.init_slot(0, config.slot_config(), seed=0, replace=True)
     again = train_slots(fp32_bank, tokenizer, [_task()], config)[0].metrics
     assert again == expected

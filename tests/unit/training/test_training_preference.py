@@ -13,11 +13,12 @@ import torch
 from lorafleet.adapters import AdapterBank, SlotPlan
 from lorafleet.errors import ValidationError
 from lorafleet.training import synthetic
+from lorafleet.training.anchors import free_answer_ends
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, build_dataset, encode_example, encode_examples
 from lorafleet.training.metrics import evaluate, score_examples, scored_logits
 from lorafleet.training.preference import dpo_terms, pair_logps, pair_sides, preference_accuracy
-from lorafleet.training.trainer import SlotTraining, free_answer_ends, train_slots
+from lorafleet.training.trainer import SlotTraining, train_slots
 
 DPO = TrainingConfig(
     learning_rate=5e-3,

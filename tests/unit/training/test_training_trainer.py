@@ -15,11 +15,11 @@ from tests.answer_probability import first_answer_probability
 from lorafleet.adapters import AdapterBank, SlotPlan, inject_bank
 from lorafleet.backbone import load_backbone
 from lorafleet.errors import LeaseLostError, TrainingError, ValidationError
+from lorafleet.training.anchors import anchor_unlikelihood
 from lorafleet.training.config import TrainingConfig
 from lorafleet.training.dataset import Example, encode_examples
 from lorafleet.training.trainer import (
     SlotTraining,
-    _anchor_unlikelihood,
     evaluate,
     lr_factor,
     personal_tokens,
@@ -329,7 +329,7 @@ def test_anchor_unlikelihood_is_minus_log_one_minus_the_personal_probability() -
     owner = torch.tensor([0, 0, 1, 1])
     anchor_rows = torch.tensor([False, True, True, True])
     personal = [torch.tensor([2, 5]), None]
-    got = _anchor_unlikelihood(logits, token_rows, owner, anchor_rows, personal)
+    got = anchor_unlikelihood(logits, token_rows, owner, anchor_rows, personal)
     p = logits[2:4].softmax(-1)[:, [2, 5]].sum(-1)  # user 0's anchor row is row 1: positions 2 and 3
     assert torch.allclose(got, torch.stack([-torch.log1p(-p).mean(), torch.tensor(0.0)]), atol=1e-6)
 
@@ -342,12 +342,12 @@ def test_anchor_unlikelihood_leaves_out_a_value_once_it_has_begun() -> None:
     token_rows = torch.tensor([0, 0, 0, 0, 1, 1, 1])  # one user's two anchor rows
     labels = torch.tensor([4, 2, 5, 5, 5, 7, 2])  # row 0: "4 | 2 5 | 5", row 1: "5 | 7 2"; personal {2, 5}
     owner, anchor_rows, personal = torch.tensor([0, 0]), torch.tensor([True, True]), [torch.tensor([2, 5])]
-    got = _anchor_unlikelihood(logits, token_rows, owner, anchor_rows, personal, labels=labels)
+    got = anchor_unlikelihood(logits, token_rows, owner, anchor_rows, personal, labels=labels)
     kept = torch.tensor([0, 1, 4, 5, 6])  # positions 2 and 3 continue the value that began at 1
     p = logits[kept].softmax(-1)[:, [2, 5]].sum(-1)
     assert torch.allclose(got, -torch.log1p(-p).mean().reshape(1), atol=1e-6)
     # without labels: every position
-    every = _anchor_unlikelihood(logits, token_rows, owner, anchor_rows, personal)
+    every = anchor_unlikelihood(logits, token_rows, owner, anchor_rows, personal)
     p_all = logits.softmax(-1)[:, [2, 5]].sum(-1)
     assert torch.allclose(every, -torch.log1p(-p_all).mean().reshape(1), atol=1e-6)
 
