@@ -177,7 +177,7 @@ class EngineHolder(_LoadOnce["ContinuousBatcher"]):
     def _load(self) -> ContinuousBatcher:
         import torch  # loaded with the engine, not with the app
 
-        from lorafleet.serving import ContinuousBatcher
+        from lorafleet.serving import ContinuousBatcher  # torch, with the engine
 
         threads = serving_threads(
             self._options.serving_threads,
@@ -252,7 +252,7 @@ class ServeEngineHolder(_LoadOnce["ServeClient"]):
     preload_thread = "lorafleet-serve-connect"
 
     def __init__(self, settings: Settings, *, options: ApiOptions) -> None:
-        from lorafleet.runtime.ray_serve import ServeClient
+        from lorafleet.runtime.ray_serve import ServeClient  # Ray: only when serving through Ray Serve
 
         super().__init__()
         self._client: ServeClient = ServeClient(settings, timeout_s=options.generate_timeout_seconds)
@@ -264,7 +264,7 @@ class ServeEngineHolder(_LoadOnce["ServeClient"]):
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Forward to the app (one call per user, in parallel); the first failed request's error raises."""
-        from lorafleet.runtime.ray_serve import ServeUnavailableError
+        from lorafleet.runtime.ray_serve import ServeUnavailableError  # Ray, as in __init__
 
         if self._closed:
             raise ServiceUnavailableError("the service is shutting down")
@@ -278,7 +278,7 @@ class ServeEngineHolder(_LoadOnce["ServeClient"]):
     ) -> AsyncIterator[GenerationDelta | GenerationResult]:
         """The request's deltas from its replica, then its result (``ServeClient.open_stream``, iterated off the
         event loop); leaving early cancels the call on the replica."""
-        from lorafleet.runtime.ray_serve import ServeUnavailableError
+        from lorafleet.runtime.ray_serve import ServeUnavailableError  # Ray, as in __init__
 
         if self._closed:
             raise ServiceUnavailableError("the service is shutting down")
@@ -436,7 +436,7 @@ class BackgroundRuntime:
             self._spawn("lorafleet-scheduler", self._run_scheduler)
             self.scheduler_state = "running"
         if self.options.run_workers > 0:
-            from lorafleet.runtime.ray_runtime import init_ray
+            from lorafleet.runtime.ray_runtime import init_ray  # Ray: only with trainer actors
 
             init_ray(self.services.settings)
             self.workers_state = "starting"
@@ -496,7 +496,7 @@ class BackgroundRuntime:
             pool.shutdown()
 
     def _start_pool(self) -> TrainerPool | None:
-        from lorafleet.runtime.trainer_pool import TrainerPool
+        from lorafleet.runtime.trainer_pool import TrainerPool  # Ray, as in start
 
         o = self.options
         try:
