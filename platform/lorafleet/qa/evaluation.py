@@ -1,6 +1,7 @@
 """Evaluating one version (the *subject*) in the combinations it is served in: sanity first, then the matrix.
 
-The subject is a candidate (compared with the previous live version) or, in a recheck, a live version or an
+The subject (an ``EvaluatedVersion``; not to be mixed up with ``lorafleet.domain.subject.Subject``, whose data a
+job trains on) is a candidate (compared with the previous live version) or, in a recheck, a live version or an
 earlier one tried for a rollback (no previous). Nothing is written here except slots of the host's bank, which
 are evicted before returning.
 """
@@ -57,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Subject:
+class EvaluatedVersion:
     """The version under evaluation, what it replaces, and the bank it is served in: its owner's for a personal
     adapter; for a task adapter None (evaluated alone) or one enrolled user's experts."""
 
@@ -114,7 +115,7 @@ class Evaluator:
         self.general_to_base = general_side_on(general_to_base, self.backbone.tokenizer)
         self.prefix = prefix or resident.frozen_prefix()
 
-    def own_set(self, subject: Subject) -> EvalSet:
+    def own_set(self, subject: EvaluatedVersion) -> EvalSet:
         """The subject's own holdout (the user's, or the task adapter's)."""
         return holdout_set(
             self.db,
@@ -125,11 +126,11 @@ class Evaluator:
             policy=self.policy,
         )
 
-    def training_set(self, subject: Subject) -> EvalSet:
+    def training_set(self, subject: EvaluatedVersion) -> EvalSet:
         """Examples of the feedback the subject's job trained on, for the ``training-answers`` rule."""
         return training_set(self.db, subject.feedback, policy=self.policy)
 
-    def evaluate(self, subject: Subject, *, own: EvalSet, answers: bool = True) -> Evaluation:
+    def evaluate(self, subject: EvaluatedVersion, *, own: EvalSet, answers: bool = True) -> Evaluation:
         """Sanity checks, then (if they pass) every configuration on every evaluation set. A candidate's own
         holdout is also answered greedily by the candidate and the previous live version (the base model when
         there is none), and examples of its training split by the candidate alone, unless ``answers`` is False
@@ -167,7 +168,7 @@ class Evaluator:
         }
         return Evaluation(sanity, matrix, notes, time.monotonic() - started)
 
-    def _load_previous(self, loader: SlotLoader, subject: Subject, notes: dict[str, Any]) -> bool:
+    def _load_previous(self, loader: SlotLoader, subject: EvaluatedVersion, notes: dict[str, Any]) -> bool:
         if subject.previous is None:
             return False
         try:
@@ -179,7 +180,7 @@ class Evaluator:
 
     def _matrix(
         self,
-        subject: Subject,
+        subject: EvaluatedVersion,
         own: EvalSet,
         loader: SlotLoader,
         has_previous: bool,
@@ -258,7 +259,7 @@ class Evaluator:
             common=common_direction(reference),
         )
 
-    def _sample(self, subject: Subject, own: EvalSet, gate: Gate, *, budget: int) -> MemberSample:
+    def _sample(self, subject: EvaluatedVersion, own: EvalSet, gate: Gate, *, budget: int) -> MemberSample:
         """The other members to evaluate (``lorafleet.qa.sampling``): gate traffic first when over budget."""
         assert subject.user_bank is not None
         others = [m for m in subject.user_bank.members if m.adapter_id != subject.adapter.id]
@@ -278,7 +279,11 @@ class Evaluator:
         )
 
     def _load_members(
-        self, loader: SlotLoader, subject: Subject, members: tuple[Expert, ...], notes: dict[str, Any]
+        self,
+        loader: SlotLoader,
+        subject: EvaluatedVersion,
+        members: tuple[Expert, ...],
+        notes: dict[str, Any],
     ) -> list[Expert]:
         """Load the sampled members; one that cannot be loaded is left out and named in the report."""
         loaded, failed = [], {}
@@ -296,7 +301,7 @@ class Evaluator:
             notes["unloadable_members"] = failed
         return loaded
 
-    def _member_set(self, subject: Subject, member: Expert) -> EvalSet:
+    def _member_set(self, subject: EvaluatedVersion, member: Expert) -> EvalSet:
         version = self.registry.get_version_by_id(tenant_id=subject.tenant_id, version_id=member.version_id)
         # a personal member belongs to the bank's user (for a task candidate: the enrolled user whose bank it is)
         owner = subject.user_bank.user_id if member.kind == "personal" and subject.user_bank else None
@@ -311,7 +316,7 @@ class Evaluator:
 
     def _member(
         self,
-        subject: Subject,
+        subject: EvaluatedVersion,
         version: AdapterVersion,
         key: tuple[float, ...] | None,
         claim: tuple[float, ...] | None,
@@ -325,7 +330,7 @@ class Evaluator:
         return self.db.run(QARepository(dialect=self.db.dialect).routing, version_id=version.id)
 
 
-def _preference_beta(subject: Subject) -> float | None:
+def _preference_beta(subject: EvaluatedVersion) -> float | None:
     """DPO's beta for a candidate trained with DPO (its held-out pairs then go to the preference rule), else None."""
     config = training_config_of(subject.version)
     return config.dpo_beta if subject.kind == QAKind.CANDIDATE and config.trains_preferences else None
@@ -341,4 +346,4 @@ def _bank_notes(user_bank: ExpertSet, sample: MemberSample) -> dict[str, Any]:
     }
 
 
-__all__ = ["Evaluation", "Evaluator", "Subject"]
+__all__ = ["Evaluation", "Evaluator", "EvaluatedVersion"]

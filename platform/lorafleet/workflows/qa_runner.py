@@ -48,7 +48,7 @@ from lorafleet.errors import ConflictError, NotFoundError, ValidationError
 from lorafleet.jobs.queue import JobQueue
 from lorafleet.qa.columns import sub_experts
 from lorafleet.qa.evalsets import EvalSet, training_prompts
-from lorafleet.qa.evaluation import Evaluation, Evaluator, Subject
+from lorafleet.qa.evaluation import EvaluatedVersion, Evaluation, Evaluator
 from lorafleet.qa.policy import QAPolicy
 from lorafleet.qa.reports import REPORT_FORMAT, store_document, summary_of
 from lorafleet.qa.rules import (
@@ -206,17 +206,23 @@ class QARunner:
         subject = self._candidate_subject(tenant_id=tenant_id, adapter=adapter, version=version)
         return self.evaluator.evaluate(subject, own=self.evaluator.own_set(subject))
 
-    def _candidate_subject(self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion) -> Subject:
+    def _candidate_subject(
+        self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion
+    ) -> EvaluatedVersion:
         previous = self.registry.live_version(tenant_id=tenant_id, adapter_id=adapter.id)
         user_bank = self._user_bank(adapter)
         key, claim = self._routing(tenant_id=tenant_id, adapter=adapter, version=version)
-        return Subject(QAKind.CANDIDATE, tenant_id, adapter, version, previous, user_bank, key, claim)
+        return EvaluatedVersion(
+            QAKind.CANDIDATE, tenant_id, adapter, version, previous, user_bank, key, claim
+        )
 
     def _decided(self, tenant_id: int, version: AdapterVersion) -> bool:
         """Whether QA's latest decision on the version lets it be live (``promote`` or ``keep``)."""
         return qa_decision(self.db, tenant_id=tenant_id, version=version) in PASSING_DECISIONS
 
-    def _forced_live_subject(self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion) -> Subject:
+    def _forced_live_subject(
+        self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion
+    ) -> EvaluatedVersion:
         """A live version QA never decided (a person forced it live): evaluated as the candidate it was, against
         the version it replaced (the latest move of ``live`` onto it says which)."""
         events = self.registry.alias_history(tenant_id=tenant_id, adapter_id=adapter.id)
@@ -228,11 +234,11 @@ class QARunner:
             else self.registry.get_version_by_id(tenant_id=tenant_id, version_id=replaced)
         )
         key, claim = self._routing(tenant_id=tenant_id, adapter=adapter, version=version)
-        return Subject(
+        return EvaluatedVersion(
             QAKind.CANDIDATE, tenant_id, adapter, version, previous, self._user_bank(adapter), key, claim
         )
 
-    def _enrolled_banks(self, subject: Subject, own: EvalSet) -> dict[str, Any]:
+    def _enrolled_banks(self, subject: EvaluatedVersion, own: EvalSet) -> dict[str, Any]:
         """The task candidate in the banks of a sample of its enrolled users, each against the candidate rules
         (the no-regression rule compares the user's own holdout, gated with the candidate against gated with
         the previous task version)."""
@@ -347,7 +353,7 @@ class QARunner:
         return report
 
     def _recheck(
-        self, subject: Subject, own: EvalSet
+        self, subject: EvaluatedVersion, own: EvalSet
     ) -> tuple[Evaluation, list[RuleOutcome], bool, list[str]]:
         """A live version (or a trial: an earlier version, a smaller bank) evaluated by the recheck rules."""
         evaluation = self.evaluator.evaluate(subject, own=own)
@@ -356,7 +362,7 @@ class QARunner:
         return evaluation, rules, passed, reasons
 
     def _find_culprit(
-        self, subject: Subject, own: EvalSet, changed_adapter_id: int | None
+        self, subject: EvaluatedVersion, own: EvalSet, changed_adapter_id: int | None
     ) -> tuple[Expert | None, list[dict[str, Any]]]:
         """The task member whose removal makes the failing bank pass (the changed one tried first), or None."""
         assert subject.user_bank is not None
@@ -372,21 +378,23 @@ class QARunner:
                 return member, tried
         return None, tried
 
-    def _blame_action(self, culprit: Expert, subject: Subject) -> str:
+    def _blame_action(self, culprit: Expert, subject: EvaluatedVersion) -> str:
         """What ``_act`` will do to the culprit, in words for the report."""
         user = subject.user_bank.external_id if subject.user_bank is not None else "?"
         if self.policy.blame_action == "rollback-task":
             return f"task adapter {culprit.adapter_name!r} rolled back from version {culprit.version_number}"
         return f"user {user!r} unenrolled from task adapter {culprit.adapter_name!r}"
 
-    def _recheck_subject(self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion) -> Subject:
+    def _recheck_subject(
+        self, *, tenant_id: int, adapter: Adapter, version: AdapterVersion
+    ) -> EvaluatedVersion:
         key, claim = self.db.run(self._qa.routing, version_id=version.id)
-        return Subject(
+        return EvaluatedVersion(
             QAKind.RECHECK, tenant_id, adapter, version, None, self._user_bank(adapter), key, claim
         )
 
     def _find_rollback(
-        self, subject: Subject, own: EvalSet
+        self, subject: EvaluatedVersion, own: EvalSet
     ) -> tuple[AdapterVersion | None, list[dict[str, Any]]]:
         """The newest earlier version, once live, that passes the recheck rules in the same bank."""
         earlier = earlier_live_versions(
@@ -458,7 +466,7 @@ class QARunner:
         if not self.registry.blobs.exists(data_ref):
             store_document(self.registry, document)
 
-    def _check_not_stale(self, subject: Subject) -> None:
+    def _check_not_stale(self, subject: EvaluatedVersion) -> None:
         repo, tenant_id, adapter_id = self._registry_sql, subject.tenant_id, subject.adapter.id
         _adapter, live = self.db.run(repo.lock_live, tenant_id=tenant_id, adapter_id=adapter_id)
         forced_live = subject.kind == QAKind.CANDIDATE and subject.version.status == VersionStatus.LIVE
@@ -526,7 +534,7 @@ class QARunner:
             tenant_id=tenant_id, adapter_id=adapter.id, number=number, status=VersionStatus.REJECTED
         )
 
-    def _act_on_culprit(self, *, subject: Subject, culprit: Expert, report: QAReport) -> None:
+    def _act_on_culprit(self, *, subject: EvaluatedVersion, culprit: Expert, report: QAReport) -> None:
         """``blame_action`` on the task member a recheck blamed. Raises ``StaleEvaluationError`` when the bank
         moved while QA evaluated (the user left the task, or the task's live version changed)."""
         assert subject.user_bank is not None and subject.user_bank.user_id is not None
@@ -564,7 +572,9 @@ class QARunner:
             cause=f"task adapter {task.name!r} rolled back: it failed {subject.user_bank.external_id!r}'s bank",
         )
 
-    def _roll_back_forced(self, *, subject: Subject, target: AdapterVersion | None, report: QAReport) -> None:
+    def _roll_back_forced(
+        self, *, subject: EvaluatedVersion, target: AdapterVersion | None, report: QAReport
+    ) -> None:
         """A forced-live version failed its QA: ``live`` goes back to the version it replaced (or none; a
         promote when that one has a higher number) and the version is ``rejected``, as QA would have left it."""
         tenant_id, adapter, version = subject.tenant_id, subject.adapter, subject.version
@@ -622,7 +632,7 @@ class _Decided:
     """A QA decision and what it rests on: what ``QARunner._document`` describes and ``QARunner._record`` records."""
 
     kind: QAKind
-    subject: Subject
+    subject: EvaluatedVersion
     evaluation: Evaluation
     rules: list[RuleOutcome]
     decision: QADecision
