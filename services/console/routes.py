@@ -23,7 +23,8 @@ from lorafleet.serving.requests import BANK_MODEL, BASE_MODEL, GenerationRequest
 from lorafleet.workflows import deletion
 from lorafleet.workflows.erasure import forget_user
 from lorafleet.workflows.live_alias import move_live, promote_manually
-from services.api.deps import AdapterName, JobId, UserId, VersionNumber
+from lorafleet.workflows.tasks import get_task_adapter, move_task_live
+from services.api.deps import AdapterName, JobId, TaskName, UserId, VersionNumber
 from services.api.runtime import ApiServices
 from services.console import views
 from services.console.forms import (
@@ -365,7 +366,10 @@ def receipt_page(request: Request, viewer: TenantViewer, receipt_id: ReceiptId) 
 
 
 def _user_path(user_id: str, adapter: str, anchor: str = "") -> str:
-    return f"/users/{quote(user_id, safe='')}?adapter={quote(adapter, safe='')}{anchor}"
+    return f"{views.user_path(user_id)}?adapter={quote(adapter, safe='')}{anchor}"
+
+
+ReportId = Annotated[int | None, Query(ge=1, le=2**63 - 1)]
 
 
 @router.get("/users/{user_id}/adapters/{name}/versions/{n}/qa")
@@ -375,10 +379,100 @@ def qa_page(
     user_id: UserId,
     name: AdapterName,
     n: VersionNumber,
-    report: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+    report: ReportId = None,
 ) -> Response:
     assert viewer.tenant is not None
-    view = views.qa_page(_services(request), viewer.tenant, user_id, name, n, report)
+    services = _services(request)
+    adapter = _user_adapter(services, viewer.tenant, user_id, name)
+    back = _user_path(user_id, name, f"#v{n}")
+    view = views.qa_page(
+        services, viewer.tenant, adapter, n, report, back_path=back, back_label=f"{user_id}, adapter {name}"
+    )
+    return page(request, "qa.html", viewer, view=view)
+
+
+# --- a shared task's pages ------------------------------------------------------------------------------------
+@router.get("/tasks/{task}")
+def task_page(request: Request, viewer: TenantViewer, task: TaskName) -> Response:
+    """The task adapter's versions, QA, lineage and history, its enrolled users, jobs and deletions."""
+    assert viewer.tenant is not None
+    view = views.task_page(_services(request), viewer.tenant, task)
+    return page(request, "task.html", viewer, view=view)
+
+
+@router.post("/tasks/{task}/promote")
+def promote_task(request: Request, task: TaskName, form: Form) -> Response:
+    """Make a version of the task live, as ``POST /v1/tasks/{task}/promote`` does: under the promote rule, and
+    with rechecks of every enrolled user's live adapters queued with the move (their experts changed)."""
+    body = checked(PromoteForm, form.fields)
+    return _move_task(request, task, form, "promote", body.version, body.reason, force=body.force)
+
+
+@router.post("/tasks/{task}/rollback")
+def rollback_task(request: Request, task: TaskName, form: Form) -> Response:
+    """Move the task's ``live`` back to an earlier version or to none, with the enrolled users' rechecks."""
+    body = checked(RollbackForm, form.fields)
+    return _move_task(request, task, form, "rollback", body.to_version, body.reason)
+
+
+def _move_task(
+    request: Request,
+    task: str,
+    form: Posted,
+    action: str,
+    to_number: int | None,
+    reason: str,
+    *,
+    force: bool = False,
+) -> Response:
+    """``move_task_live`` for the signed-in tenant, then back to the task's alias history."""
+    services = _services(request)
+    move_task_live(
+        services.db,
+        services.registry,
+        tenant_id=form.tenant.id,
+        task_name=task,
+        to_number=to_number,
+        action=action,
+        actor=form.viewer.actor,
+        reason=reason,
+        promote_rule=services.settings.promote_rule,
+        force=force,
+    )
+    return _see(f"{views.task_path(task)}#history")
+
+
+@router.post("/tasks/{task}/feedback/forget")
+def forget_task_records(request: Request, task: TaskName, form: Form) -> Response:
+    """Forget records of the task's dataset by id, as ``DELETE /v1/tasks/{task}/feedback`` does; the receipt
+    page shows what changed."""
+    services = _services(request)
+    body = checked(ForgetRecordsForm, form.fields)
+    receipt = deletion.forget_records(
+        services.db,
+        services.registry,
+        tenant_id=form.tenant.id,
+        subject=Subject.task(task),
+        selection=deletion.RecordSelection.parse(ids=body.record_ids()),
+        actor=form.viewer.actor,
+        purge=body.purge,
+        scheduler=services.scheduler,
+    )
+    return _see(f"/deletions/{receipt.id}")
+
+
+@router.get("/tasks/{task}/versions/{n}/qa")
+def task_qa_page(
+    request: Request, viewer: TenantViewer, task: TaskName, n: VersionNumber, report: ReportId = None
+) -> Response:
+    """A task version's QA report: evaluated alone, and in the sampled enrolled users' experts."""
+    assert viewer.tenant is not None
+    services = _services(request)
+    adapter = get_task_adapter(services.registry, tenant_id=viewer.tenant.id, task_name=task)
+    back = f"{views.task_path(adapter.name)}#v{n}"
+    view = views.qa_page(
+        services, viewer.tenant, adapter, n, report, back_path=back, back_label=f"task {task}"
+    )
     return page(request, "qa.html", viewer, view=view)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 from lorafleet.domain import (
     Adapter,
@@ -28,7 +29,7 @@ from lorafleet.routing.experts import list_enrolments
 from lorafleet.store.sql.qa_repository import QAReport
 from lorafleet.workflows import deletion
 from lorafleet.workflows.live_alias import VersionQA
-from lorafleet.workflows.tasks import TaskInfo, enrolled_users, list_tasks
+from lorafleet.workflows.tasks import TaskInfo, enrolled_users, get_task_adapter, list_tasks
 from services.api.routes.adapters import adapter_versions_qa
 from services.api.runtime import ApiServices
 from services.console.charts import CurveChart, Graph, LineageVersion, heat_colour, lineage_graph, loss_chart
@@ -156,37 +157,25 @@ class TrainingRun:
 
 
 @dataclass(frozen=True)
-class UserPage:
-    user: User
-    adapters: list[Adapter]
-    adapter: Adapter | None
-    versions: list[VersionRow] = field(default_factory=list)
-    live: AdapterVersion | None = None
-    history: list[HistoryRow] = field(default_factory=list)
-    graph: Graph | None = None
-    runs: list[TrainingRun] = field(default_factory=list)
-    enrolments: list[str] = field(default_factory=list)
-    jobs: list[Job] = field(default_factory=list)
-    #: the user's deletion receipts (their records forgotten), newest first
-    receipts: list[DeletionReceipt] = field(default_factory=list)
+class AdapterPanel:
+    """What a user's page and a task's page show alike of one adapter: its versions with their QA, ``live``, the
+    lineage graph, the training runs and the alias history. ``path`` is the adapter's console path, under which
+    its forms post (``/promote``, ``/rollback``) and its QA reports are (``/versions/{n}/qa``)."""
+
+    adapter: Adapter
+    path: str
+    versions: list[VersionRow]
+    live: AdapterVersion | None
+    history: list[HistoryRow]
+    graph: Graph | None
+    runs: list[TrainingRun]
 
 
-def user_page(services: ApiServices, tenant: Tenant, external_id: str, adapter_name: str | None) -> UserPage:
-    """The user's adapter ``adapter_name`` (their first adapter when None); NotFoundError for another tenant's
-    user or an adapter the user does not have."""
-    user = services.tenants.get_user(tenant_id=tenant.id, external_id=external_id)
+def adapter_panel(
+    services: ApiServices, tenant: Tenant, adapter: Adapter, subject: Subject, path: str
+) -> AdapterPanel:
+    """The panel of ``adapter``, whose training runs show ``subject``'s loss curve (its user's or its task's)."""
     registry = services.registry
-    adapters = registry.list_adapters(tenant_id=tenant.id, owner_user_id=user.id)
-    enrolments = [
-        e.task_name for e in list_enrolments(services.db, tenant_id=tenant.id, user_external_id=external_id)
-    ]
-    jobs = services.queue.list_jobs(tenant_id=tenant.id, user_external_id=external_id, limit=20)
-    receipts = deletion.list_receipts(
-        services.db, tenant_id=tenant.id, subject=Subject.user(external_id), limit=20
-    )
-    adapter = _pick(adapters, adapter_name)
-    if adapter is None:
-        return UserPage(user, adapters, None, enrolments=enrolments, jobs=jobs, receipts=receipts)
     versions = registry.list_versions(tenant_id=tenant.id, adapter_id=adapter.id)
     qa = adapter_versions_qa(services, adapter, versions)
     live = registry.live_version(tenant_id=tenant.id, adapter_id=adapter.id)
@@ -204,18 +193,78 @@ def user_page(services: ApiServices, tenant: Tenant, external_id: str, adapter_n
         HistoryRow(e, numbers.get(e.from_version_id or 0), numbers.get(e.to_version_id or 0))
         for e in reversed(registry.alias_history(tenant_id=tenant.id, adapter_id=adapter.id))
     ]
-    return UserPage(
-        user,
-        adapters,
-        adapter,
-        rows,
-        live,
-        history,
-        _graph(services, tenant, adapter, versions, qa),
-        _runs(services, tenant, user, versions),
-        enrolments,
-        jobs,
-        receipts,
+    graph = _graph(services, tenant, adapter, versions, qa)
+    return AdapterPanel(adapter, path, rows, live, history, graph, _runs(services, tenant, subject, versions))
+
+
+def user_path(external_id: str) -> str:
+    return f"/users/{quote(external_id, safe='')}"
+
+
+def task_path(name: str) -> str:
+    return f"/tasks/{quote(name, safe='')}"
+
+
+def adapter_path(external_id: str, adapter_name: str) -> str:
+    """A user's adapter's console path (its forms and QA reports are under it)."""
+    return f"{user_path(external_id)}/adapters/{quote(adapter_name, safe='')}"
+
+
+@dataclass(frozen=True)
+class UserPage:
+    user: User
+    adapters: list[Adapter]
+    #: the adapter shown (None: the user has none yet)
+    panel: AdapterPanel | None
+    enrolments: list[str] = field(default_factory=list)
+    jobs: list[Job] = field(default_factory=list)
+    #: the user's deletion receipts (their records forgotten), newest first
+    receipts: list[DeletionReceipt] = field(default_factory=list)
+
+
+def user_page(services: ApiServices, tenant: Tenant, external_id: str, adapter_name: str | None) -> UserPage:
+    """The user's adapter ``adapter_name`` (their first adapter when None); NotFoundError for another tenant's
+    user or an adapter the user does not have."""
+    user = services.tenants.get_user(tenant_id=tenant.id, external_id=external_id)
+    adapters = services.registry.list_adapters(tenant_id=tenant.id, owner_user_id=user.id)
+    enrolments = [
+        e.task_name for e in list_enrolments(services.db, tenant_id=tenant.id, user_external_id=external_id)
+    ]
+    jobs = services.queue.list_jobs(tenant_id=tenant.id, user_external_id=external_id, limit=20)
+    subject = Subject.user(external_id)
+    receipts = deletion.list_receipts(services.db, tenant_id=tenant.id, subject=subject, limit=20)
+    adapter = _pick(adapters, adapter_name)
+    panel = (
+        None
+        if adapter is None
+        else adapter_panel(services, tenant, adapter, subject, adapter_path(external_id, adapter.name))
+    )
+    return UserPage(user, adapters, panel, enrolments, jobs, receipts)
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    info: TaskInfo
+    panel: AdapterPanel
+    #: the enrolled users' ids, sorted
+    users: list[str]
+    #: the jobs that trained the task's dataset, newest first
+    jobs: list[Job]
+    #: the task's deletion receipts (records of its dataset forgotten), newest first
+    receipts: list[DeletionReceipt]
+
+
+def task_page(services: ApiServices, tenant: Tenant, name: str) -> TaskPage:
+    """The tenant's shared task adapter ``name``; NotFoundError for a task the tenant does not have."""
+    adapter = get_task_adapter(services.registry, tenant_id=tenant.id, task_name=name)
+    subject = Subject.task(adapter.name)
+    [info] = [t for t in list_tasks(services.db, tenant_id=tenant.id) if t.adapter_id == adapter.id]
+    return TaskPage(
+        info,
+        adapter_panel(services, tenant, adapter, subject, task_path(adapter.name)),
+        enrolled_users(services.db, tenant_id=tenant.id, task_name=adapter.name),
+        services.queue.list_jobs(tenant_id=tenant.id, user_external_id=subject.external_id, limit=20),
+        deletion.list_receipts(services.db, tenant_id=tenant.id, subject=subject, limit=20),
     )
 
 
@@ -225,18 +274,19 @@ class ReceiptPage:
 
     receipt: DeletionReceipt
     rebuild: deletion.RebuildStatus
-    #: the user's id when the subject is a user who still exists (their page can be linked)
-    user: str | None
+    #: the subject's console page when it still has one (a user whose records were forgotten, or a task)
+    subject_path: str | None
 
 
 def receipt_page(services: ApiServices, tenant: Tenant, receipt_id: str) -> ReceiptPage:
     """The tenant's receipt ``receipt_id``; NotFoundError for another tenant's (as ``GET /v1/deletions/{id}``)."""
     receipt = deletion.get_receipt(services.db, tenant_id=tenant.id, receipt_id=receipt_id)
     status = deletion.rebuild_status(services.db, services.registry, receipt=receipt, queue=services.queue)
-    user = None
-    if receipt.kind == DeletionKind.RECORDS and receipt.subject.startswith("user:"):
-        user = receipt.subject.removeprefix("user:")
-    return ReceiptPage(receipt, status, user)
+    path = None
+    if receipt.kind == DeletionKind.RECORDS:
+        kind, _, name = receipt.subject.partition(":")
+        path = user_path(name) if kind == "user" else task_path(name) if kind == "task" else None
+    return ReceiptPage(receipt, status, path)
 
 
 def _pick(adapters: Sequence[Adapter], name: str | None) -> Adapter | None:
@@ -288,11 +338,11 @@ def _state_of(reports: Sequence[QAReport]) -> str:
 
 
 def _runs(
-    services: ApiServices, tenant: Tenant, user: User, versions: Sequence[AdapterVersion]
+    services: ApiServices, tenant: Tenant, subject: Subject, versions: Sequence[AdapterVersion]
 ) -> list[TrainingRun]:
-    """The jobs that made the versions (newest first), each with this user's loss curve (or every subject's
-    when the job's curves do not name the user)."""
-    label = Subject.user(user.external_id).label
+    """The jobs that made the versions (newest first), each with ``subject``'s loss curve (or every subject's
+    when the job's curves do not name it)."""
+    label = subject.label
     runs = []
     for version in reversed(versions):
         if version.job_id is None:
@@ -324,10 +374,25 @@ class HeatRow:
 
 
 @dataclass(frozen=True)
+class EnrolledBank:
+    """A task version's evaluation in one enrolled user's experts (a task's QA report evaluates it in a sample
+    of them, each against the candidate rules)."""
+
+    user: str
+    passed: bool
+    reasons: list[str]
+    columns: list[str]
+    heat: list[HeatRow]
+    rules: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class QAPage:
-    user: User
     adapter: Adapter
     version: AdapterVersion
+    #: where the page links back to: the adapter's place on its user's or its task's page, and its label
+    back_path: str
+    back_label: str
     reports: list[QAReport]
     report: QAReport
     document: dict[str, Any]
@@ -336,23 +401,23 @@ class QAPage:
     rules: list[dict[str, Any]]
     samples: list[dict[str, Any]]
     answers: list[dict[str, Any]]
+    #: a task version's evaluations in enrolled users' experts (empty for a user's adapter)
+    enrolled: list[EnrolledBank] = field(default_factory=list)
 
 
 def qa_page(
     services: ApiServices,
     tenant: Tenant,
-    external_id: str,
-    adapter_name: str,
+    adapter: Adapter,
     number: int,
     report_id: int | None,
+    *,
+    back_path: str,
+    back_label: str,
 ) -> QAPage:
-    """Version ``number``'s QA report ``report_id`` (its latest when None); NotFoundError when the version has
-    none, or the report is another version's."""
-    user = services.tenants.get_user(tenant_id=tenant.id, external_id=external_id)
+    """Version ``number`` of ``adapter`` (the tenant's), its QA report ``report_id`` (its latest when None);
+    NotFoundError when the version has none, or the report is another version's."""
     registry = services.registry
-    adapter = registry.find_adapter(tenant_id=tenant.id, owner_user_id=user.id, name=adapter_name)
-    if adapter is None:
-        raise NotFoundError(f"adapter {adapter_name!r} not found")
     version = registry.get_version(tenant_id=tenant.id, adapter_id=adapter.id, number=number)
     reports = reports_for_version(services.db, tenant_id=tenant.id, version_id=version.id)
     chosen = [r for r in reports if report_id is None or r.id == report_id]
@@ -361,21 +426,43 @@ def qa_page(
             f"QA report {report_id} not found" if report_id else "the version has no QA report"
         )
     report, document = load_report(services.db, registry, report_id=chosen[-1].id, tenant_id=tenant.id)
-    matrix = Matrix.from_json(document["matrix"]) if document.get("matrix") else None
-    columns = [] if matrix is None else matrix.column_names()
-    rules = [dict(r) for r in document.get("rules", []) if isinstance(r, Mapping)]
+    matrix = _matrix_of(document)
+    enrolled = document.get("enrolled")
+    banks = enrolled.get("banks", []) if isinstance(enrolled, Mapping) else []
     return QAPage(
-        user,
         adapter,
         version,
+        back_path,
+        back_label,
         reports,
         report,
         document,
-        columns,
+        [] if matrix is None else matrix.column_names(),
         [] if matrix is None else _heat(matrix),
-        rules,
+        _rules(document),
         [] if matrix is None else _samples(matrix),
         [] if matrix is None or matrix.answers is None else _answers(matrix),
+        [_enrolled_bank(b) for b in banks if isinstance(b, Mapping)],
+    )
+
+
+def _matrix_of(document: Mapping[str, Any]) -> Matrix | None:
+    return Matrix.from_json(document["matrix"]) if document.get("matrix") else None
+
+
+def _rules(document: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [dict(r) for r in document.get("rules", []) if isinstance(r, Mapping)]
+
+
+def _enrolled_bank(bank: Mapping[str, Any]) -> EnrolledBank:
+    matrix = _matrix_of(bank)
+    return EnrolledBank(
+        str(bank.get("user", "")),
+        bool(bank.get("passed")),
+        [str(r) for r in bank.get("reasons", [])],
+        [] if matrix is None else matrix.column_names(),
+        [] if matrix is None else _heat(matrix),
+        _rules(bank),
     )
 
 
@@ -426,12 +513,16 @@ def _answers(matrix: Matrix) -> list[dict[str, Any]]:
 
 
 __all__ = [
+    "AdapterPanel",
     "Overview",
     "QAPage",
     "ReceiptPage",
+    "TaskPage",
     "UserPage",
+    "adapter_panel",
     "overview",
     "qa_page",
     "receipt_page",
+    "task_page",
     "user_page",
 ]

@@ -1,12 +1,13 @@
 """A small fleet for the console's tests, written through the library as training and QA would write it: two
 tenants; tenant A's user alice with feedback, two dataset snapshots, two train jobs whose progress kept loss
 curves (reported through a real lease), versions v1 and v2 (v2 continued from v1, live), a QA report with a
-matrix on v2, a shared task she is enrolled in, and a job still running."""
+matrix on v2, a shared task she is enrolled in (its v1 live, with a QA report that evaluated it alone and in
+alice's experts), and a job still running."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ class Fleet:
     version_ids: tuple[int, int]
     report_id: int
     running_job_id: int
+    task_adapter_id: int
+    task_report_id: int
 
 
 def _trained_job(services: ApiServices, tenant_id: int, user: str, *, finish: bool) -> int:
@@ -124,6 +127,7 @@ def build_fleet(services: ApiServices, adapter_folder: Callable[[int], Path]) ->
     )
     registry.promote(tenant_id=tenant.id, adapter_id=task.id, number=task_version.number, actor="test")
     enrol(db, tenant_id=tenant.id, user_external_id="alice", task_name="summarise", actor="test")
+    task_report_id = _qa_report(services, tenant.id, task_version.id, enrolled=["alice"])
     running = _trained_job(services, tenant.id, "alice", finish=False)
     return Fleet(
         tenant.id,
@@ -135,11 +139,17 @@ def build_fleet(services: ApiServices, adapter_folder: Callable[[int], Path]) ->
         (versions[0].id, versions[1].id),
         report_id,
         running,
+        task.id,
+        task_report_id,
     )
 
 
-def _qa_report(services: ApiServices, tenant_id: int, version_id: int) -> int:
-    document = {
+def _qa_report(
+    services: ApiServices, tenant_id: int, version_id: int, *, enrolled: Sequence[str] = ()
+) -> int:
+    """A stored QA report on the version; with ``enrolled``, a task version's: also evaluated in those users'
+    experts (the document's ``enrolled`` section, as ``workflows.qa_runner`` writes it), each failing one rule."""
+    document: dict[str, object] = {
         "decision": "promote",
         "reasons": ["better on the own holdout"],
         "matrix": _matrix().to_json(),
@@ -148,6 +158,23 @@ def _qa_report(services: ApiServices, tenant_id: int, version_id: int) -> int:
             {"rule": "probe", "passed": False, "detail": "probe loss rose 27%"},
         ],
     }
+    if enrolled:
+        document["enrolled"] = {
+            "enrolled_users": len(enrolled),
+            "evaluated": list(enrolled),
+            "left_out": [],
+            "banks": [
+                {
+                    "user": user,
+                    "passed": False,
+                    "reasons": [f"gate-no-regression: {user}'s holdout got worse"],
+                    "bank": {},
+                    "matrix": _matrix().to_json(),
+                    "rules": [{"rule": "gate-no-regression", "passed": False, "detail": "loss 1.9 > 1.6"}],
+                }
+                for user in enrolled
+            ],
+        }
     blob = store_document(services.registry, document)
     new = NewQAReport(
         tenant_id=tenant_id,

@@ -134,6 +134,11 @@ CONSOLE_ROUTES: dict[tuple[str, str], tuple[int | str, dict[str, str] | None]] =
     ("POST", "/console/users/{user_id}/feedback/forget"): (404, {"ids": "1"}),
     ("POST", "/console/users/{user_id}/forget"): (404, {"confirm": "alice"}),
     ("GET", "/console/deletions/{receipt_id}"): (404, None),
+    ("GET", "/console/tasks/{task}"): (404, None),
+    ("POST", "/console/tasks/{task}/promote"): (404, {"version": "1", "reason": "intruder"}),
+    ("POST", "/console/tasks/{task}/rollback"): (404, {"reason": "intruder"}),
+    ("GET", "/console/tasks/{task}/versions/{n}/qa"): (404, None),
+    ("POST", "/console/tasks/{task}/feedback/forget"): (404, {"ids": "1"}),
     ("GET", "/console/playground"): (OWN, None),
     ("POST", "/console/playground"): (OWN, {"user": "alice", "prompt": "Hi", "max_tokens": "2"}),
 }

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from api_helpers import ADMIN_KEY, SERVING_OPTIONS
+from api_helpers import ADMIN_KEY, SERVING_OPTIONS, sft
 from console_data import Fleet, build_fleet
 from fastapi.testclient import TestClient
 from services.api.app import create_app
@@ -22,6 +22,7 @@ from lorafleet.config import load_settings
 from lorafleet.errors import NotFoundError
 from lorafleet.store.sql.feedback import list_feedback
 from lorafleet.workflows import deletion
+from lorafleet.workflows.tasks import ingest_task_feedback, list_task_feedback
 
 
 @dataclass
@@ -30,9 +31,10 @@ class Console:
     services: ApiServices
     fleet: Fleet
 
-    def live_number(self) -> int | None:
+    def live_number(self, adapter_id: int | None = None) -> int | None:
+        """The live version of alice's adapter, or of ``adapter_id`` (the task's: ``fleet.task_adapter_id``)."""
         live = self.services.registry.live_version(
-            tenant_id=self.fleet.tenant_id, adapter_id=self.fleet.adapter_id
+            tenant_id=self.fleet.tenant_id, adapter_id=adapter_id or self.fleet.adapter_id
         )
         return None if live is None else live.number
 
@@ -157,7 +159,7 @@ def test_the_overview_shows_users_jobs_with_progress_and_tasks(console: Console)
     assert job is not None and "running" in job.group(1)
     assert '<progress max="6" value="2"' in job.group(1)
     assert f'action="/console/jobs/{fleet.running_job_id}/cancel"' in job.group(1)
-    assert re.search(r"summarise</th>\s*<td>v1</td>.*?alice", page, re.S)
+    assert re.search(r'href="/console/tasks/summarise">summarise</a></th>\s*<td>v1</td>.*?alice', page, re.S)
 
 
 def test_cancelling_a_job_needs_the_token_and_is_recorded_for_the_console(console: Console) -> None:
@@ -261,19 +263,120 @@ def test_another_tenants_pages_and_forms_are_404(console: Console) -> None:
     client, fleet = console.client, console.fleet
     csrf = sign_in(client, fleet.other_key)
     base = "/console/users/alice/adapters/personal"
-    for path in ("/console/users/alice", f"{base}/versions/2/qa"):
+    task = "/console/tasks/summarise"
+    for path in ("/console/users/alice", f"{base}/versions/2/qa", task, f"{task}/versions/1/qa"):
         answer = client.get(path)
         assert answer.status_code == 404 and "not found" in answer.text, path
     for path, data in (
         (f"{base}/rollback", {"to_version": "1", "reason": "intruder"}),
         (f"{base}/promote", {"version": "1", "reason": "intruder"}),
         (f"/console/jobs/{fleet.running_job_id}/cancel", {}),
+        (f"{task}/rollback", {"reason": "intruder"}),
     ):
         assert client.post(path, data={**data, "csrf_token": csrf}).status_code == 404, path
-    assert console.live_number() == 2
+    assert console.live_number() == 2 and console.live_number(fleet.task_adapter_id) == 1
     job = console.services.queue.get(tenant_id=fleet.tenant_id, job_id=fleet.running_job_id)
     assert job.cancel_requested_at is None
     assert "alice" not in client.get("/console/overview").text
+
+
+def test_the_task_page_shows_its_versions_qa_enrolled_users_and_is_linked(console: Console) -> None:
+    client, fleet = console.client, console.fleet
+    sign_in(client, fleet.api_key)
+    page = client.get("/console/tasks/summarise")
+    assert page.status_code == 200
+    html = page.text
+    assert "Shared task summarise" in html and "Adapter summarise: v1 is live" in html
+    assert 'Enrolled users: <a href="/console/users/alice">alice</a>' in html
+    assert 'data-version="1"' in html and "QA passed: promote" in html
+    assert f"/console/tasks/summarise/versions/1/qa?report={fleet.task_report_id}" in html
+    for form in ("rollback", "feedback/forget"):
+        assert f'action="/console/tasks/summarise/{form}"' in html, form
+    assert 'action="/console/tasks/summarise/promote"' not in html  # its only version is live already
+    assert 'class="edge' not in html and "data-node=" in html  # one version: a node and no edge
+    for linked_from in ("/console/overview", "/console/users/alice"):
+        assert 'href="/console/tasks/summarise"' in client.get(linked_from).text, linked_from
+    assert client.get("/console/tasks/no-such-task").status_code == 404
+
+
+def test_a_task_versions_qa_page_shows_its_evaluation_in_enrolled_users_experts(console: Console) -> None:
+    client, fleet = console.client, console.fleet
+    sign_in(client, fleet.api_key)
+    page = client.get("/console/tasks/summarise/versions/1/qa")  # the latest report
+    assert page.status_code == 200
+    html = page.text
+    assert f"QA report {fleet.task_report_id}: v1 of summarise" in html
+    assert 'href="/console/tasks/summarise#v1">← task summarise</a>' in html
+    assert "Decision: promote" in html and "probe loss rose 27%" in html  # evaluated alone
+    bank = re.search(r'<section class="enrolled-bank" data-user="alice"(.*?)</section>', html, re.S)
+    assert bank is not None
+    assert "failed" in bank.group(1) and "holdout got worse" in bank.group(1)
+    assert "gate-no-regression" in bank.group(1) and 'data-row="alice-holdout"' in bank.group(1)
+    user_qa = client.get(
+        f"/console/users/alice/adapters/personal/versions/2/qa?report={fleet.report_id}"
+    ).text
+    assert "enrolled-bank" not in user_qa and "← alice, adapter personal" in user_qa
+    assert client.get("/console/tasks/summarise/versions/2/qa").status_code == 404  # no such version
+
+
+def test_moving_a_tasks_live_queues_rechecks_of_its_users_and_refuses_bad_input(console: Console) -> None:
+    client, fleet, services = console.client, console.fleet, console.services
+    csrf = sign_in(client, fleet.api_key)
+    base = "/console/tasks/summarise"
+    task = fleet.task_adapter_id
+    assert client.post(f"{base}/rollback", data={"reason": "no token"}).status_code == 403
+    for bad, field in (({}, "reason"), ({"to_version": "one", "reason": "x"}, "to_version")):
+        answer = client.post(f"{base}/rollback", data={**bad, "csrf_token": csrf})
+        assert answer.status_code == 422 and f"{field}:" in answer.text, answer.text
+    missing = client.post(f"{base}/promote", data={"version": "7", "reason": "x", "csrf_token": csrf})
+    assert missing.status_code == 404
+    assert console.live_number(task) == 1  # nothing moved
+
+    def rechecks() -> list[int]:
+        jobs = services.queue.list_jobs(tenant_id=fleet.tenant_id, state="queued")
+        return [j.id for j in jobs if j.kind == "qa" and j.payload["recheck"]["changed_adapter_id"] == task]
+
+    assert rechecks() == []
+    moved = client.post(
+        f"{base}/rollback",
+        data={"to_version": "", "reason": "too long", "csrf_token": csrf},
+        follow_redirects=False,
+    )
+    assert moved.status_code == 303 and moved.headers["location"] == f"{base}#history"
+    assert console.live_number(task) is None and console.live_number() == 2  # alice's own adapter stays
+    event = services.registry.alias_history(tenant_id=fleet.tenant_id, adapter_id=task)[-1]
+    assert (event.actor, event.reason) == (f"console:{fleet.tenant_name}", "too long")
+    assert len(rechecks()) == 1  # alice's experts changed: her live adapter is to be rechecked
+    assert re.search(r'<tr data-to="none">.*?too long', client.get(base).text, re.S)
+
+    promoted = client.post(f"{base}/promote", data={"version": "1", "reason": "back", "csrf_token": csrf})
+    assert promoted.status_code == 200 and console.live_number(task) == 1
+    assert "Adapter summarise: v1 is live" in promoted.text
+
+
+def test_forgetting_a_tasks_records_through_the_form_shows_the_receipt(console: Console) -> None:
+    client, fleet, services = console.client, console.fleet, console.services
+    csrf = sign_in(client, fleet.api_key)
+    ids = ingest_task_feedback(
+        services.db, tenant_id=fleet.tenant_id, task_name="summarise", records=[sft("t1"), sft("t2")]
+    ).ids
+    path = "/console/tasks/summarise/feedback/forget"
+    assert client.post(path, data={"ids": str(ids[0])}).status_code == 403  # no CSRF token
+    assert client.post(path, data={"ids": f"{ids[0] + 10_000}", "csrf_token": csrf}).status_code == 404
+    assert _task_records(console) == ids
+    done = client.post(path, data={"ids": str(ids[0]), "csrf_token": csrf}, follow_redirects=False)
+    assert done.status_code == 303
+    (receipt,) = deletion.list_receipts(services.db, tenant_id=fleet.tenant_id)
+    assert done.headers["location"] == f"/console/deletions/{receipt.id}"
+    assert receipt.subject == "task:summarise" and _task_records(console) == ids[1:]
+    page = client.get(done.headers["location"]).text
+    assert 'href="/console/tasks/summarise">task:summarise</a>' in page
+    assert receipt.id in client.get("/console/tasks/summarise").text  # listed in the data-rights section
+
+
+def _task_records(console: Console) -> list[int]:
+    found = list_task_feedback(console.services.db, tenant_id=console.fleet.tenant_id, task_name="summarise")
+    return [r.id for r in found]
 
 
 def test_the_playground_answers_with_the_base_and_the_users_experts(console: Console) -> None:

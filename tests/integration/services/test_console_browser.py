@@ -1,7 +1,8 @@
-"""The console in a real headless Chromium (selenium, ``/usr/bin/chromedriver``; ``.ci/run`` installs it) against
-a real uvicorn server over SQLite, a local blob dir and the tiny backbone: sign in, the lineage graph's nodes,
-a QA heatmap, a rollback that moves ``live`` in the database, a request without the CSRF token refused, and a
-second tenant kept out. Screenshots of each step are saved to a folder the test prints."""
+"""The console in a real headless Chromium (selenium, ``/usr/bin/chromedriver``; ``.ci/run`` installs it) against a
+real uvicorn server over SQLite, a local blob dir and the tiny backbone: sign in, the lineage graph's nodes, a QA
+heatmap, a rollback that moves ``live`` in the database, a request without the CSRF token refused, a shared task's
+page and its QA report in an enrolled user's experts, and a second tenant kept out. Screenshots of each step are
+saved to a folder the test prints."""
 
 from __future__ import annotations
 
@@ -132,12 +133,26 @@ def test_the_console_in_a_real_browser(
     )
     assert status == 403 and live_number() == 1
 
+    # the shared task alice is enrolled in (linked from her page): its lineage, and its QA report in her experts
+    driver.find_element(By.LINK_TEXT, "summarise").click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "svg.lineage g.node")))
+    assert driver.find_element(By.TAG_NAME, "h1").text == "Shared task summarise"
+    shot("5-task")
+    driver.find_element(By.PARTIAL_LINK_TEXT, f"QA report {fleet.task_report_id}").click()
+    bank = wait.until(
+        ec.presence_of_element_located((By.CSS_SELECTOR, 'section.enrolled-bank[data-user="alice"]'))
+    )
+    assert len(bank.find_elements(By.CSS_SELECTOR, "table.heatmap td.heat")) == 6
+    driver.execute_script("arguments[0].scrollIntoView()", bank)
+    shot("6-task-qa")
+
     # on a narrow screen the page still lays out (one column)
+    driver.get(f"{server.url}/console/users/alice")
     driver.set_window_size(420, 900)
     driver.refresh()
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "svg.lineage")))
     assert driver.execute_script("return document.documentElement.scrollWidth") <= 440
-    shot("5-narrow")
+    shot("7-narrow")
     driver.set_window_size(1280, 1000)
 
     # a second tenant: signed in with its own key, alice's pages are not found
@@ -153,12 +168,14 @@ def test_the_console_in_a_real_browser(
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "p.error"))).get_attribute("data-status")
         == "404"
     )
-    shot("6-other-tenant-404")
+    shot("8-other-tenant-404")
     assert sorted(p.name for p in shots.iterdir()) == [
         "1-overview.png",
         "2-user.png",
         "3-qa-heatmap.png",
         "4-rolled-back.png",
-        "5-narrow.png",
-        "6-other-tenant-404.png",
+        "5-task.png",
+        "6-task-qa.png",
+        "7-narrow.png",
+        "8-other-tenant-404.png",
     ]
