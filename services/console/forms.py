@@ -3,6 +3,8 @@ bad field is a ``ValidationError`` naming it (a 422 page) and changes nothing.""
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -11,6 +13,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from lorafleet.domain.text import MAX_INT32, MAX_INT64, free_text, printable_name
 from lorafleet.errors import ValidationError
+from lorafleet.workflows.deletion import RecordSelection
 
 #: a form body larger than this is refused (the console's forms hold a prompt at most)
 MAX_FORM_BYTES = 64 * 1024
@@ -50,19 +53,55 @@ class PlaygroundForm(_Form):
 
 
 class ForgetRecordsForm(_Form):
+    """Which of a subject's records to forget: ``ids``, or a filter of ``since``/``until`` (times in UTC; a
+    browser's ``datetime-local`` field sends them without a timezone) and ``metadata`` (a JSON object whose
+    every key a record's metadata must hold with an equal value), as ``DELETE /v1/users/{id}/feedback`` takes."""
+
     #: the records' ids, comma-separated (``record_ids`` makes them numbers)
-    ids: Annotated[str, Field(min_length=1, max_length=MAX_FORM_BYTES)]
+    ids: Annotated[str | None, Field(min_length=1, max_length=MAX_FORM_BYTES)] = None
+    since: datetime | None = None
+    until: datetime | None = None
+    metadata: Annotated[str | None, Field(min_length=1, max_length=MAX_FORM_BYTES)] = None
     purge: bool = False
 
     def record_ids(self) -> list[int]:
         """The ids as numbers; a ``ValidationError`` naming ``ids`` for anything but comma-separated integers."""
         found = []
-        for part in self.ids.split(","):
+        for part in (self.ids or "").split(","):
             text = part.strip()
             if not text.isascii() or not text.isdigit() or len(text) > len(str(MAX_INT64)):
                 raise ValidationError(f"ids: {text[:40]!r} is not a record id (give ids like 12, 15)")
             found.append(int(text))
         return found
+
+    def selection(self) -> RecordSelection:
+        """The checked selection (``RecordSelection.parse``): ids, or the filter; neither, or both, is a
+        ``ValidationError`` naming the field."""
+        if self.ids is None and self.since is None and self.until is None and self.metadata is None:
+            raise ValidationError("ids: give record ids, or a filter (since, until or metadata)")
+        metadata = None
+        if self.metadata is not None:
+            try:
+                metadata = json.loads(self.metadata)
+            except ValueError:
+                raise ValidationError(
+                    'metadata: not JSON (give an object, e.g. {"session": "s-12"})'
+                ) from None
+            if not isinstance(metadata, dict):
+                raise ValidationError('metadata: must be a JSON object, e.g. {"session": "s-12"}')
+        return RecordSelection.parse(
+            ids=None if self.ids is None else self.record_ids(),
+            since=_utc(self.since),
+            until=_utc(self.until),
+            metadata=metadata,
+        )
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """A form's time: one without a timezone is UTC (what the console's pages show)."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
 
 
 class ForgetUserForm(_Form):

@@ -319,18 +319,18 @@ def promote(request: Request, user_id: UserId, name: AdapterName, form: Form) ->
 # --- data rights: forgetting records or the user -------------------------------------------------------------
 @router.post("/users/{user_id}/feedback/forget")
 def forget_records(request: Request, user_id: UserId, form: Form) -> Response:
-    """Forget some of the user's records by id, as ``DELETE /v1/users/{id}/feedback`` does (versions trained on
-    them revoked, ``live`` rolled back, a rebuild queued); the receipt page shows what changed. Ids that are not
-    the user's records are a 404 and nothing changes."""
+    """Forget some of the user's records, by id or by a filter (``ForgetRecordsForm``), as
+    ``DELETE /v1/users/{id}/feedback`` does (versions trained on them revoked, ``live`` rolled back, a rebuild
+    queued); the receipt page shows what changed. Ids that are not the user's records are a 404 and nothing
+    changes."""
     services = _services(request)
     body = checked(ForgetRecordsForm, form.fields)
-    selection = deletion.RecordSelection.parse(ids=body.record_ids())
     receipt = deletion.forget_records(
         services.db,
         services.registry,
         tenant_id=form.tenant.id,
         subject=Subject.user(user_id),
-        selection=selection,
+        selection=body.selection(),
         actor=form.viewer.actor,
         purge=body.purge,
         scheduler=services.scheduler,
@@ -444,8 +444,8 @@ def _move_task(
 
 @router.post("/tasks/{task}/feedback/forget")
 def forget_task_records(request: Request, task: TaskName, form: Form) -> Response:
-    """Forget records of the task's dataset by id, as ``DELETE /v1/tasks/{task}/feedback`` does; the receipt
-    page shows what changed."""
+    """Forget records of the task's dataset, by id or by a filter, as ``DELETE /v1/tasks/{task}/feedback`` does;
+    the receipt page shows what changed."""
     services = _services(request)
     body = checked(ForgetRecordsForm, form.fields)
     receipt = deletion.forget_records(
@@ -453,7 +453,7 @@ def forget_task_records(request: Request, task: TaskName, form: Form) -> Respons
         services.registry,
         tenant_id=form.tenant.id,
         subject=Subject.task(task),
-        selection=deletion.RecordSelection.parse(ids=body.record_ids()),
+        selection=body.selection(),
         actor=form.viewer.actor,
         purge=body.purge,
         scheduler=services.scheduler,

@@ -8,6 +8,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -374,6 +375,34 @@ def test_forgetting_a_tasks_records_through_the_form_shows_the_receipt(console: 
     assert receipt.id in client.get("/console/tasks/summarise").text  # listed in the data-rights section
 
 
+def test_forgetting_records_by_a_filter_through_the_form(console: Console) -> None:
+    """The form's filter (a time range in UTC, metadata values as a JSON object) selects as the API's does."""
+    client, fleet, services = console.client, console.fleet, console.services
+    csrf = sign_in(client, fleet.api_key)
+    records = [sft("t1", session="s-1"), sft("t2", session="s-2"), sft("t3", session="s-1", app=2)]
+    ids = ingest_task_feedback(
+        services.db, tenant_id=fleet.tenant_id, task_name="summarise", records=records
+    ).ids
+    path = "/console/tasks/summarise/feedback/forget"
+    later = (datetime.now(UTC) + timedelta(hours=1)).strftime(
+        "%Y-%m-%dT%H:%M:%S"
+    )  # as datetime-local sends it
+    nothing = client.post(path, data={"since": later, "csrf_token": csrf}, follow_redirects=False)
+    assert nothing.status_code == 303 and _task_records(console) == ids  # a receipt of no records
+    done = client.post(
+        path,
+        data={"metadata": '{"session": "s-1"}', "until": later, "csrf_token": csrf},
+        follow_redirects=False,
+    )
+    assert done.status_code == 303
+    assert _task_records(console) == [ids[1]]
+    receipt = deletion.list_receipts(services.db, tenant_id=fleet.tenant_id)[0]
+    assert done.headers["location"] == f"/console/deletions/{receipt.id}"
+    assert set(receipt.request["filter"]) == {"until", "metadata_sha256"}  # the value hashed, never in clear
+    assert receipt.request["filter"]["until"] == f"{later}+00:00"  # a time without a timezone is UTC
+    assert len(receipt.record_hashes) == 2
+
+
 def _task_records(console: Console) -> list[int]:
     found = list_task_feedback(console.services.db, tenant_id=console.fleet.tenant_id, task_name="summarise")
     return [r.id for r in found]
@@ -427,6 +456,16 @@ BAD_FORMS: list[tuple[str, dict[str, str], str]] = [
     ("/users/alice/feedback/forget", {"ids": "9223372036854775808"}, "ids"),
     ("/users/alice/feedback/forget", {"purge": "true"}, "ids"),
     ("/users/alice/feedback/forget", {"ids": "1", "purge": "maybe"}, "purge"),
+    ("/users/alice/feedback/forget", {"ids": "1", "metadata": '{"session": "s-1"}'}, "ids"),  # both
+    ("/users/alice/feedback/forget", {"metadata": "{session"}, "metadata"),
+    ("/users/alice/feedback/forget", {"metadata": '["session"]'}, "metadata"),
+    ("/users/alice/feedback/forget", {"since": "yesterday"}, "since"),
+    (
+        "/users/alice/feedback/forget",
+        {"since": "2026-12-06T10:00", "until": "2026-12-06T09:00"},
+        "filter.until",
+    ),
+    ("/tasks/summarise/feedback/forget", {"metadata": "{"}, "metadata"),
     ("/users/alice/forget", {"confirm": "bob"}, "confirm"),
     ("/users/alice/forget", {"confirm": "alice", "purge": "maybe"}, "purge"),
     ("/users/alice/forget", {}, "confirm"),
