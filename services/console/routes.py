@@ -48,6 +48,8 @@ from services.console.sessions import (
 router = APIRouter()
 PREFIX = "/console"
 RECEIPT_ID_PATTERN = r"^del_[0-9a-f]{32}$"
+#: seconds between the overview's own reloads while jobs run or wait (their progress bars move)
+OVERVIEW_REFRESH_S = 15
 ReceiptId = Annotated[str, Path(pattern=RECEIPT_ID_PATTERN)]
 
 
@@ -242,10 +244,13 @@ def overview_page(
     viewer: TenantViewer,
     deleted: Annotated[str | None, Query(pattern=RECEIPT_ID_PATTERN)] = None,
 ) -> Response:
-    """The tenant's users, jobs and tasks; ``deleted``: a receipt to link (after forgetting a user)."""
+    """The tenant's users, jobs and tasks; ``deleted``: a receipt to link (after forgetting a user). While jobs run
+    or wait it reloads itself every ``OVERVIEW_REFRESH_S`` seconds (a meta refresh: no script)."""
     assert viewer.tenant is not None
     view = views.overview(_services(request), viewer.tenant)
-    return page(request, "overview.html", viewer, view=view, deleted=deleted)
+    return page(
+        request, "overview.html", viewer, view=view, deleted=deleted, refresh_seconds=OVERVIEW_REFRESH_S
+    )
 
 
 @router.post("/jobs/{job_id}/cancel")

@@ -161,6 +161,15 @@ def test_the_overview_shows_users_jobs_with_progress_and_tasks(console: Console)
     assert '<progress max="6" value="2"' in job.group(1)
     assert f'action="/console/jobs/{fleet.running_job_id}/cancel"' in job.group(1)
     assert re.search(r'href="/console/tasks/summarise">summarise</a></th>\s*<td>v1</td>.*?alice', page, re.S)
+    assert '<meta http-equiv="refresh" content="15">' in page  # a job runs: the page reloads itself
+    queue = console.services.queue
+    queue.cancel(tenant_id=fleet.tenant_id, job_id=fleet.running_job_id, actor="test")
+    job = queue.get(tenant_id=fleet.tenant_id, job_id=fleet.running_job_id)
+    queue.acknowledge_cancel(
+        job_id=job.id, worker_id=job.kind
+    )  # the fleet's worker (named as its kind) stops
+    idle = client.get("/console/overview").text
+    assert "http-equiv" not in idle and "data-refresh" not in idle  # nothing runs or waits: no reloads
 
 
 def test_cancelling_a_job_needs_the_token_and_is_recorded_for_the_console(console: Console) -> None:
