@@ -66,6 +66,14 @@ class Settings(ClientSettings):
         "once instead of dequantising at every call (bitsandbytes has no 4-bit CPU kernels); top layers first. "
         "Empty: 1024 on CPU, none on CUDA; 0: none (the least memory).",
     )
+    serving_prefix_cache_mb: int = Field(
+        default=256,
+        ge=0,
+        le=1 << 20,
+        description="MiB a serving engine keeps of prompts' first tokens' keys and values across requests, by "
+        "blocks of 8 tokens, salted per tenant: a request that begins as an earlier one (a system prompt, earlier "
+        "turns) prefills only the rest (serving.prefix_cache). 0: off.",
+    )
     gate_general_prompts: bool | None = Field(
         default=None,
         description="The gate's base side (serving and QA alike): a request that none of the user's adapters "

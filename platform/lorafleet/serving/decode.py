@@ -17,6 +17,11 @@ stop string, at its length, or at any end-of-turn id (``backbone.chat.end_of_tur
 chat template's end of turn such as ``<|im_end|>``), which is kept in ``token_ids`` but, being special, not in
 the text.
 
+**Cached prompt starts.** With a ``PrefixCache`` (the engine keeps one across its batches), a newcomer whose
+prompt begins as an earlier one's, under the same salt and routing, starts with those tokens' keys and values
+already in its KV cache and runs only the rest of its prompt, in a join of its own or fused into a step; after
+its prefill its prompt's whole blocks are kept for later ones (``serving.prefix_cache``).
+
 **Streaming.** Each update carries the text a row added since its last update (``RowUpdate.delta``): the
 decoded text, less an incomplete UTF-8 character at its end and less any suffix that could still become a stop
 string, so streamed text never shows a stop string and concatenates to the final ``text``.
@@ -45,6 +50,7 @@ from lorafleet.adapters.plan import Route, SlotPlan
 from lorafleet.adapters.prefix import MIN_SHARED_START, common_start, route_groups
 from lorafleet.backbone.chat import end_of_turn_ids
 from lorafleet.serving.fused import Joining, Running, fusable, fused_forward
+from lorafleet.serving.prefix_cache import CachedBlock, PrefixCache
 from lorafleet.serving.requests import MAX_LOGPROBS as MAX_TOP_LOGPROBS
 from lorafleet.serving.requests import FinishReason, TokenLogprob
 
@@ -65,6 +71,8 @@ class RowSpec:
     logprobs: int | None = None
     #: compute ``RowUpdate.delta`` at every step (streaming)
     stream: bool = False
+    #: rows reuse each other's cached prompt starts only under the same salt (the engine: the tenant)
+    cache_salt: str = ""
 
 
 @dataclass
@@ -206,6 +214,19 @@ class _State:
         self._plan = None
 
 
+def _cached_start(
+    found: Sequence[CachedBlock], layer: int, width: int, part: str, template: CachedBlock
+) -> torch.Tensor:
+    """One row's cached start in ``layer`` (``part``: ``keys`` or ``values``), ``[kv, width, head_dim]``, padded
+    on the left with zeros; a row without one (all padding, masked out) takes its shape from ``template``."""
+    if found:
+        start = torch.cat([getattr(b, part)[layer] for b in found], dim=1)  # [kv, cached, head_dim]
+    else:
+        like = getattr(template, part)[layer]
+        start = like.new_zeros((like.shape[0], 0, like.shape[2]))
+    return _pad_left(start, width, dim=1)
+
+
 def _pad_left(tensor: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
     """``tensor`` with zeros prepended along ``dim`` up to ``width``."""
     missing = width - tensor.shape[dim]
@@ -230,11 +251,15 @@ class DecodeBatch:
         device: torch.device,
         eos_ids: frozenset[int] | None = None,
         fuse_joins: bool = True,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         """``bank`` None: a model without adapters (every row's routes must be empty). ``fuse_joins`` False:
-        ``join_and_step`` always prefills newcomers in a forward of their own (for comparison)."""
+        ``join_and_step`` always prefills newcomers in a forward of their own (for comparison).
+        ``prefix_cache``: newcomers whose prompts begin as earlier ones' reuse those starts' keys and values
+        (``serving.prefix_cache``; the engine keeps one across its batches), and leave theirs for later ones."""
         self.model, self.bank, self.tokenizer, self.device = model, bank, tokenizer, device
         self.fuse_joins = fuse_joins
+        self.prefix_cache = prefix_cache
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self.eos_ids = eos_ids if eos_ids is not None else frozenset(end_of_turn_ids(model, tokenizer))
         self._state: _State | None = None
@@ -251,8 +276,12 @@ class DecodeBatch:
         """Prefill newcomers ``(key, spec)`` and take their first token; those not done join the batch."""
         if not rows:
             return []
-        state, ids = self._newcomers(rows)
-        logits = self._prefill(state, ids)
+        state, ids, starts = self._newcomers(rows)
+        # a newcomer with a cached start runs the rest of its prompt only; otherwise starts shared in the group
+        # run once per route
+        cached = any(blocks for _, blocks in starts)
+        logits = self._forward(state, ids) if cached else self._prefill(state, ids)
+        self._remember(state, starts)
         updates, keep = self._take(state.rows, logits)
         self._add_joined(state, keep)
         return updates
@@ -308,7 +337,7 @@ class DecodeBatch:
         if state is None or not self.fuses_joins:
             updates = self.join(rows)
             return updates + self.step() if len(self) else updates
-        joined, ids = self._newcomers(rows)
+        joined, ids, starts = self._newcomers(rows)
         fed = torch.tensor([r.next_token for r in state.rows], device=self.device)  # [R]
         state.mask = torch.cat([state.mask, torch.ones_like(fed).unsqueeze(1)], dim=1)  # [R, seq + 1]
         state.positions = state.positions + 1  # [R, 1]
@@ -318,6 +347,7 @@ class DecodeBatch:
             Running(fed, state.positions[:, 0], state.mask, state.cache, self._plan_of(state)),
             Joining(ids, joined.mask, joined.positions, joined.cache, self._plan_of(joined)),
         )
+        self._remember(joined, starts)
         running = len(state.rows)
         updates, keep = self._take(state.rows, logits[:running])
         joined_updates, joined_keep = self._take(joined.rows, logits[running:])
@@ -325,20 +355,83 @@ class DecodeBatch:
         self._add_joined(joined, joined_keep)
         return updates + joined_updates
 
-    def _newcomers(self, rows: Sequence[tuple[Hashable, RowSpec]]) -> tuple[_State, torch.Tensor]:
-        """Newcomers' state before their prefill (prompts left-padded among themselves, an empty KV cache) and
-        their token ids ``[n, seq]``."""
+    def _newcomers(
+        self, rows: Sequence[tuple[Hashable, RowSpec]]
+    ) -> tuple[_State, torch.Tensor, list[tuple[str | None, int]]]:
+        """Newcomers' state before their prefill, the token ids it still has to run ``[n, seq]``, and per row its
+        routing signature for the prefix cache (None: not cached) and how many cached blocks it starts with.
+
+        Without cached starts: the prompts left-padded among themselves and an empty KV cache. With them: the
+        cache already holds each row's cached start (left-padded to the longest), the mask covers start and
+        rest (``[n, start + seq]``, a row's padding before each of its parts) and only the rest runs."""
         from transformers import DynamicCache
 
         newcomers = [_Row(key, spec, RowSampler(spec)) for key, spec in rows]
-        ids, mask = left_pad([r.spec.prompt_ids for r in newcomers], pad_id=self.pad_id, device=self.device)
+        signatures = [self._signature(r.spec.routes) for r in newcomers]
+        hits: list[list[CachedBlock]] = [
+            []
+            if sig is None or self.prefix_cache is None
+            else self.prefix_cache.lookup(r.spec.cache_salt, sig, r.spec.prompt_ids)
+            for r, sig in zip(newcomers, signatures, strict=True)
+        ]
+        starts = [(sig, len(found)) for sig, found in zip(signatures, hits, strict=True)]
+        cache = DynamicCache(config=self.model.config)
+        block = 0 if self.prefix_cache is None else self.prefix_cache.block_tokens
+        past = max(len(found) for found in hits) * block
+        rest = [r.spec.prompt_ids[len(found) * block :] for r, found in zip(newcomers, hits, strict=True)]
+        ids, mask = left_pad(rest, pad_id=self.pad_id, device=self.device)
+        if past:
+            past_mask = torch.zeros((len(newcomers), past), dtype=mask.dtype, device=self.device)
+            for i, found in enumerate(hits):
+                past_mask[i, past - len(found) * block :] = 1
+            mask = torch.cat([past_mask, mask], dim=1)  # [n, past + seq]
+            template = next(found for found in hits if found)[0]
+            for layer in range(len(template.keys)):
+                keys, values = (
+                    torch.stack([_cached_start(found, layer, past, part, template) for found in hits])
+                    for part in ("keys", "values")
+                )  # [n, kv, past, head_dim]
+                cache.update(keys, values, layer)
         state = _State(
             rows=newcomers,
             mask=mask,
-            positions=(mask.cumsum(-1) - 1).clamp(min=0),  # [n, seq]: padding does not shift positions
-            cache=DynamicCache(config=self.model.config),
+            positions=(mask.cumsum(-1) - 1).clamp(min=0)[:, past:],  # [n, seq]: padding does not shift them
+            cache=cache,
         )
-        return state, ids
+        return state, ids, starts
+
+    def _signature(self, routes: Sequence[Route]) -> str | None:
+        """What a row's keys and values depend on besides its tokens: per route the slot's adapter (the weights
+        file's sha256, its scaling) and the route's weight; "" for the base model. None (not cached): no prefix
+        cache, an empty or trainable slot (no content hash), or slots merged into the base weights."""
+        if self.prefix_cache is None:
+            return None
+        if self.bank is None:
+            return "" if not routes else None
+        if self.bank.merged_slots:
+            return None
+        parts = []
+        for slot, weight in routes:
+            info = self.bank.slot_info(slot)
+            if info is None or info.config.content_hash is None:
+                return None
+            parts.append(f"{info.config.content_hash}:{info.config.scaling!r}:{weight!r}")
+        return ";".join(parts)
+
+    def _remember(self, state: _State, starts: Sequence[tuple[str | None, int]]) -> None:
+        """After newcomers' prefill: keep each prompt's whole blocks that were not cached yet (the prompt's keys
+        and values are the positions its mask marks, in order)."""
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        for i, (row, (signature, cached)) in enumerate(zip(state.rows, starts, strict=True)):
+            prompt = row.spec.prompt_ids
+            if signature is None or len(prompt) // cache.block_tokens <= cached:
+                continue
+            real = state.mask[i].nonzero().squeeze(1)  # [len(prompt)]
+            keys = [layer.keys[i].index_select(1, real) for layer in state.cache.layers]
+            values = [layer.values[i].index_select(1, real) for layer in state.cache.layers]
+            cache.store(row.spec.cache_salt, signature, prompt, keys, values, cached_blocks=cached)
 
     def _plan_of(self, state: _State) -> SlotPlan | None:
         return None if self.bank is None else state.plan()

@@ -52,6 +52,7 @@ from lorafleet.routing.gates import Gate, LearnedGateLoader, build_gate
 from lorafleet.serving.cache import AdapterCache, Lease
 from lorafleet.serving.decode import DecodeBatch, RowOutput, RowSpec, left_pad, run_to_end
 from lorafleet.serving.metrics import BatchRecord, ServingMetrics
+from lorafleet.serving.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from lorafleet.serving.requests import (
     GenerationRequest,
     GenerationResult,
@@ -129,12 +130,15 @@ class GenerationEngine:
         metrics: ServingMetrics | None = None,
         on_nonfinite: OnNonFinite | None = None,
         resolve_model: ResolveModel | None = None,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ) -> None:
         """``embed_max_tokens``: gates see the last tokens of a long prompt only, as routing keys are made
         (default: ``routing.embeddings.DEFAULT_MAX_PROMPT_TOKENS``). ``on_nonfinite``: called (after the batch,
         outside the model lock; its errors are logged, never raised) for each request whose adapters produced
         non-finite logits. ``resolve_model``: the bank of one adapter a request's ``model`` names
-        (``database_model_resolver``); without it such requests fail with ``ModelNotFoundError``."""
+        (``database_model_resolver``); without it such requests fail with ``ModelNotFoundError``.
+        ``prefix_cache_bytes``: the budget of the prompt starts kept across batches (``serving.prefix_cache``,
+        salted per tenant); 0 turns prefix caching off."""
         if cache.bank is not bank:
             raise ValidationError("the adapter cache must manage slots of the engine's bank")
         self.backbone, self.bank, self.cache = backbone, bank, cache
@@ -147,6 +151,8 @@ class GenerationEngine:
         self._resolve_model = resolve_model
         self._eos_ids = frozenset(end_of_turn_ids(backbone.model, backbone.tokenizer))
         self._model_lock = threading.Lock()  # one batch at a time through the model (one routing plan)
+        #: prompt starts' keys and values kept across batches (used under the model lock, as the model is)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         config = backbone.model.config
         self._max_positions: int | None = getattr(config, "max_position_embeddings", None)
         self._hidden_size = int(getattr(config, "hidden_size", 1))
@@ -212,6 +218,7 @@ class GenerationEngine:
             device=self.backbone.device,
             eos_ids=self._eos_ids,
             fuse_joins=fuse_joins,
+            prefix_cache=self.prefix_cache,
         )
 
     @property
@@ -361,6 +368,7 @@ class GenerationEngine:
             keep_logits=r.return_logits,
             logprobs=r.logprobs,
             stream=stream,
+            cache_salt=f"tenant:{r.tenant_id}",  # one tenant never reuses (or times) another's prompts
         )
 
     def _result(self, row: _Row, out: RowOutput) -> GenerationResult:

@@ -122,6 +122,7 @@ def build_engine(
             common=None if reference is None else common_direction(reference),
         ),
         on_nonfinite=on_nonfinite,
+        prefix_cache_bytes=settings.serving_prefix_cache_mb << 20,
     )
 
 

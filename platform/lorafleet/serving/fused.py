@@ -67,11 +67,13 @@ class Running:
 
 @dataclass
 class Joining:
-    """The newcomers: their left-padded prompts ``[k, L]``, attention mask, positions, the empty KV cache that
-    the forward fills, and their routing plan (None: base only)."""
+    """The newcomers: the prompt tokens they still run, left-padded ``[k, L]``, their attention mask over what
+    their KV cache already holds and those tokens (``[k, P + L]``: ``P`` > 0 when they start with cached prompt
+    starts, ``serving.prefix_cache``), the tokens' positions, the KV cache that the forward fills, and their
+    routing plan (None: base only)."""
 
     ids: torch.Tensor  # [k, L] int64
-    mask: torch.Tensor  # [k, L]
+    mask: torch.Tensor  # [k, P + L]
     positions: torch.Tensor  # [k, L]
     cache: Any
     plan: SlotPlan | None
@@ -87,7 +89,11 @@ def fused_forward(model: Any, bank: AdapterBank | None, running: Running, joinin
     hidden = inner.embed_tokens(ids).unsqueeze(1)  # [N, 1, d]
     cos, sin = inner.rotary_emb(hidden, position_ids=positions)  # each [N, 1, head_dim]
     run_mask = running.mask.bool()[:, None, None, :]  # [R, 1, 1, seq + 1]
-    new_mask = _prompt_mask(joining.mask)  # [k, 1, L, L]
+    past = joining.mask.shape[1] - width  # cached start columns the newcomers' cache holds already
+    new_mask = _prompt_mask(joining.mask[:, past:])  # [k, 1, L, L]
+    if past:  # each prompt token also attends to its row's cached start
+        cached = joining.mask[:, :past].bool()[:, None, None, :].expand(n_new, 1, width, past)  # [k, 1, L, P]
+        new_mask = torch.cat([cached, new_mask], dim=-1)  # [k, 1, L, P + L]
     parts = PartsPlan(
         (
             PlanPart(0, n_run, n_run, 1, running.plan, reuse=True),
@@ -106,8 +112,8 @@ def fused_forward(model: Any, bank: AdapterBank | None, running: Running, joinin
             keys, values = running.cache.update(key[:n_run], value[:n_run], index)  # [R, kv, seq + 1, hd]
             run_out = _attend(query[:n_run], keys, values, run_mask, attn.scaling)  # [R, heads, 1, hd]
             new_q, new_k, new_v = (_prompts(t[n_run:], n_new, width) for t in (query, key, value))
-            joining.cache.update(new_k, new_v, index)
-            new_out = _attend(new_q, new_k, new_v, new_mask, attn.scaling)  # [k, heads, L, hd]
+            new_keys, new_values = joining.cache.update(new_k, new_v, index)  # [k, kv, P + L, hd]
+            new_out = _attend(new_q, new_keys, new_values, new_mask, attn.scaling)  # [k, heads, L, hd]
             mixed = torch.cat(
                 [run_out.reshape(n_run, -1), new_out.transpose(1, 2).reshape(n_new * width, -1)]
             )
