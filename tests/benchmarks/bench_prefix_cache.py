@@ -2,10 +2,10 @@
 
 Run from the repository root: ``.venv/bin/python tests/benchmarks/bench_prefix_cache.py`` (the tiny random-init
 backbone), or ``--backbone builtin:smollm2-135m --data-dir DIR`` for SmolLM2-135M-Instruct (converted once into
-``DIR/backbones/``, nf4 as served, its chat template). Prints a markdown table.
+``DIR/backbones/``, nf4 with the dense CPU views, as served; its chat template). Prints a markdown table.
 
 Every request is a support question after the same house instructions (``--system-tokens`` long, the way a
-tenant's system prompt is), routed through one adapter (a real PEFT folder, so the cache keys it by its
+tenant's system prompt is; 0: none, so only the chat template's own start is shared), routed through one adapter (a real PEFT folder, so the cache keys it by its
 weights file). Two scenarios, each measured with the cache off and on (warm: an earlier request left the
 instructions' blocks), interleaved run by run so machine noise hits both alike:
 
@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from _common import TINY_BACKBONE, add_backbone_options, add_int_options, backbones_to_run  # noqa: E402
 
 from lorafleet.adapters import AdapterBank, SlotConfig, inject_bank  # noqa: E402
+from lorafleet.adapters.dense import dense_budget, densify  # noqa: E402
 from lorafleet.adapters.serialization import load_slot_from_dir, save_slot  # noqa: E402
 from lorafleet.backbone import Backbone, load_backbone  # noqa: E402
 from lorafleet.serving.decode import DecodeBatch, RowSpec, run_to_end  # noqa: E402
@@ -60,9 +61,11 @@ def prompt_ids(backbone: Backbone, system_tokens: int, question: str) -> tuple[i
     template when the tokenizer has one."""
     tokenizer = backbone.tokenizer
     per = len(tokenizer(INSTRUCTIONS)["input_ids"])
-    system = INSTRUCTIONS * max(1, round(system_tokens / per))
+    system = INSTRUCTIONS * round(system_tokens / per)  # 0: none (a chat template adds its default one)
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        messages = [{"role": "user", "content": question}]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
     return tuple(tokenizer(system + question)["input_ids"])
@@ -86,6 +89,7 @@ def run(args: argparse.Namespace, name: str, path: Path) -> list[str]:
     backbone = load_backbone(path, quantization=quantization, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         bank = adapter_bank(backbone, Path(tmp) / "adapter")
+    densify(backbone.model, budget_bytes=dense_budget(backbone.device, None))  # as build_engine serves on CPU
     specs = [
         RowSpec(prompt_ids(backbone, args.system_tokens, q), ((0, 1.0),), max_new_tokens=args.new_tokens)
         for q in QUESTIONS
