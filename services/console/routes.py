@@ -328,13 +328,19 @@ def forget_records(request: Request, user_id: UserId, form: Form) -> Response:
     ``DELETE /v1/users/{id}/feedback`` does (versions trained on them revoked, ``live`` rolled back, a rebuild
     queued); the receipt page shows what changed. Ids that are not the user's records are a 404 and nothing
     changes."""
+    return _forget_records(request, form, Subject.user(user_id))
+
+
+def _forget_records(request: Request, form: Posted, subject: Subject) -> Response:
+    """``deletion.forget_records`` of the form's selection (ids or a filter) for the signed-in tenant, then the
+    receipt page."""
     services = _services(request)
     body = checked(ForgetRecordsForm, form.fields)
     receipt = deletion.forget_records(
         services.db,
         services.registry,
         tenant_id=form.tenant.id,
-        subject=Subject.user(user_id),
+        subject=subject,
         selection=body.selection(),
         actor=form.viewer.actor,
         purge=body.purge,
@@ -451,19 +457,7 @@ def _move_task(
 def forget_task_records(request: Request, task: TaskName, form: Form) -> Response:
     """Forget records of the task's dataset, by id or by a filter, as ``DELETE /v1/tasks/{task}/feedback`` does;
     the receipt page shows what changed."""
-    services = _services(request)
-    body = checked(ForgetRecordsForm, form.fields)
-    receipt = deletion.forget_records(
-        services.db,
-        services.registry,
-        tenant_id=form.tenant.id,
-        subject=Subject.task(task),
-        selection=body.selection(),
-        actor=form.viewer.actor,
-        purge=body.purge,
-        scheduler=services.scheduler,
-    )
-    return _see(f"/deletions/{receipt.id}")
+    return _forget_records(request, form, Subject.task(task))
 
 
 @router.get("/tasks/{task}/versions/{n}/qa")
