@@ -230,9 +230,11 @@ class EngineHolder(_LoadOnce["ContinuousBatcher"]):
             yield item
 
     def metrics_text(self) -> str:
-        """The engine's and the adapter cache's counters (empty until the engine is loaded)."""
+        """The engine's, the adapter cache's and the prefix cache's counters (empty until the engine is loaded)."""
         engine = self._engine
-        return "" if engine is None else prometheus_text(engine.metrics, engine.cache.stats())
+        if engine is None:
+            return ""
+        return prometheus_text(engine.metrics, engine.cache.stats(), prefix_cache=engine.prefix_cache)
 
     def close(self) -> None:
         if self._loaded is not None:

@@ -228,9 +228,20 @@ class ServingReplica:
             yield exc
 
     def stats(self) -> dict[str, Any]:
-        """This replica's id, the engine's counters and the adapter cache's."""
+        """This replica's id, the engine's counters, the adapter cache's and the prefix cache's (None: off)."""
         cache = asdict(self.engine.cache.stats())
-        return {"replica_id": self.replica_id, "serving": self.engine.metrics.snapshot(), "cache": cache}
+        prefix = self.engine.prefix_cache
+        prefix_stats = (
+            None
+            if prefix is None
+            else {**asdict(prefix.stats), "blocks": len(prefix), "bytes": prefix.nbytes}
+        )
+        return {
+            "replica_id": self.replica_id,
+            "serving": self.engine.metrics.snapshot(),
+            "cache": cache,
+            "prefix_cache": prefix_stats,
+        }
 
     def close(self) -> None:
         """Cancel what is queued and close the database pool; a second call does nothing."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from lorafleet.serving.cache import CacheStats
+    from lorafleet.serving.prefix_cache import PrefixCache
 
 #: Upper bounds of the batch size histogram's buckets (the last bucket is +Inf).
 BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -120,9 +121,15 @@ def _bucket(item: tuple[int | None, int]) -> float:
 
 
 def prometheus_text(
-    metrics: ServingMetrics, cache: CacheStats | None = None, *, prefix: str = "lorafleet"
+    metrics: ServingMetrics,
+    cache: CacheStats | None = None,
+    *,
+    prefix_cache: PrefixCache | None = None,
+    prefix: str = "lorafleet",
 ) -> str:
-    """The counters (and the cache's) in Prometheus' text format, e.g. ``lorafleet_serving_requests_total 12``."""
+    """The counters (and the adapter cache's and the prefix cache's) in Prometheus' text format, e.g.
+    ``lorafleet_serving_requests_total 12``; ``lorafleet_prefix_cache_hit_tokens_total`` over
+    ``..._lookup_tokens_total`` is the share of prompt tokens that did not run."""
     snap = metrics.snapshot()
     lines = [f"{prefix}_serving_{name}_total {snap[name]}" for name in _COUNTS]
     failures = snap["failures"]
@@ -137,7 +144,22 @@ def prometheus_text(
     lines.append(f"{prefix}_serving_decode_seconds_total {snap['decode_seconds_total']:.6f}")
     if cache is not None:
         lines += _cache_lines(f"{prefix}_adapter_cache", cache)
+    if prefix_cache is not None:
+        lines += prefix_cache_lines(prefix_cache, prefix=f"{prefix}_prefix_cache")
     return "\n".join(lines) + "\n"
+
+
+def prefix_cache_lines(cache: PrefixCache, *, prefix: str = "lorafleet_prefix_cache") -> list[str]:
+    """The prefix cache's counters (prompt tokens looked up and found, blocks stored and evicted) and its size."""
+    stats = cache.stats
+    return [
+        f"{prefix}_lookup_tokens_total {stats.lookup_tokens}",
+        f"{prefix}_hit_tokens_total {stats.hit_tokens}",
+        f"{prefix}_stored_blocks_total {stats.stored_blocks}",
+        f"{prefix}_evicted_blocks_total {stats.evicted_blocks}",
+        f"{prefix}_blocks {len(cache)}",
+        f"{prefix}_bytes {cache.nbytes}",
+    ]
 
 
 def _histogram(name: str, buckets: object) -> list[str]:
@@ -176,4 +198,4 @@ def _cache_lines(name: str, stats: CacheStats) -> list[str]:
     return lines
 
 
-__all__ = ["BATCH_BUCKETS", "BatchRecord", "ServingMetrics", "prometheus_text"]
+__all__ = ["BATCH_BUCKETS", "BatchRecord", "ServingMetrics", "prefix_cache_lines", "prometheus_text"]

@@ -159,6 +159,7 @@ def test_a_users_requests_stick_to_one_replica_and_answer_as_in_process(
     assert {r for replicas in by_user.values() for r in replicas} <= set(placed.values())
     stats = serve_app.replica_stats(user_key(fleet.tenant_id, fleet.users[0]))
     assert stats["replica_id"] == placed[fleet.users[0]] and stats["serving"]["rows_adapter"] > 0
+    assert stats["prefix_cache"]["lookup_tokens"] > 0  # each replica keeps its own prefix cache
 
     # the same tokens, versions and weights as the in-process engine, for adapters and for a newcomer, with
     # requests of every form (a conversation and a raw prompt cross the hop whole)

@@ -167,6 +167,8 @@ def test_metrics_and_readiness_after_serving(
     assert value("lorafleet_serving_requests_total") >= 2
     for counter in ("hits", "misses", "loads"):  # the second request found the version's slot loaded
         assert value(f"lorafleet_adapter_cache_{counter}_total") >= 1
+    assert value("lorafleet_prefix_cache_lookup_tokens_total") >= 1  # the prompts were looked up
+    assert value("lorafleet_prefix_cache_bytes") >= 0
     assert "# TYPE lorafleet_http_requests_total counter" in text
 
 

@@ -230,7 +230,9 @@ def test_a_gate_factory_error_fails_only_that_users_requests(
 
 def test_engine_metrics_in_prometheus_text(setup: Setup) -> None:
     setup.engine.generate([request("alice", max_new_tokens=3), request("carol", max_new_tokens=2)])
-    text = prometheus_text(setup.engine.metrics, setup.engine.cache.stats())
+    text = prometheus_text(
+        setup.engine.metrics, setup.engine.cache.stats(), prefix_cache=setup.engine.prefix_cache
+    )
     assert "lorafleet_serving_requests_total 2\n" in text
     assert "lorafleet_serving_completion_tokens_total 5\n" in text
     assert (
@@ -238,6 +240,11 @@ def test_engine_metrics_in_prometheus_text(setup: Setup) -> None:
     )
     assert 'lorafleet_serving_batch_size_bucket{le="2"} 1\n' in text
     assert "lorafleet_adapter_cache_misses_total 1\n" in text
+    # the two prompts left their whole blocks of 8 tokens; being the first, they found none
+    assert (
+        "lorafleet_prefix_cache_hit_tokens_total 0\n" in text and "lorafleet_prefix_cache_blocks 10\n" in text
+    )
+    assert "lorafleet_prefix_cache_lookup_tokens_total" in text and "lorafleet_prefix_cache_bytes" in text
     assert "lorafleet_adapter_cache_host_hits_total 0\n" in text  # this cache has no host tier
     assert "lorafleet_adapter_cache_host_entries 0\n" in text
 
