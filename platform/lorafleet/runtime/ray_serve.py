@@ -230,17 +230,11 @@ class ServingReplica:
     def stats(self) -> dict[str, Any]:
         """This replica's id, the engine's counters, the adapter cache's and the prefix cache's (None: off)."""
         cache = asdict(self.engine.cache.stats())
-        prefix = self.engine.prefix_cache
-        prefix_stats = (
-            None
-            if prefix is None
-            else {**asdict(prefix.stats), "blocks": len(prefix), "bytes": prefix.nbytes}
-        )
         return {
             "replica_id": self.replica_id,
             "serving": self.engine.metrics.snapshot(),
             "cache": cache,
-            "prefix_cache": prefix_stats,
+            "prefix_cache": None if self.engine.prefix_cache is None else self.engine.prefix_cache.snapshot(),
         }
 
     def close(self) -> None:

@@ -420,7 +420,7 @@ class DecodeBatch:
 
     def _remember(self, state: _State, starts: Sequence[tuple[str | None, int]]) -> None:
         """After newcomers' prefill: keep each prompt's whole blocks that were not cached yet (the prompt's keys
-        and values are the positions its mask marks, in order)."""
+        and values are the positions its mask marks, in order; only the new blocks' are copied out)."""
         cache = self.prefix_cache
         if cache is None:
             return
@@ -428,7 +428,9 @@ class DecodeBatch:
             prompt = row.spec.prompt_ids
             if signature is None or len(prompt) // cache.block_tokens <= cached:
                 continue
-            real = state.mask[i].nonzero().squeeze(1)  # [len(prompt)]
+            real = (
+                state.mask[i].nonzero().squeeze(1)[cache.new_blocks(len(prompt), cached)]
+            )  # the new blocks'
             keys = [layer.keys[i].index_select(1, real) for layer in state.cache.layers]
             values = [layer.values[i].index_select(1, real) for layer in state.cache.layers]
             cache.store(row.spec.cache_salt, signature, prompt, keys, values, cached_blocks=cached)

@@ -145,20 +145,16 @@ def prometheus_text(
     if cache is not None:
         lines += _cache_lines(f"{prefix}_adapter_cache", cache)
     if prefix_cache is not None:
-        lines += prefix_cache_lines(prefix_cache, prefix=f"{prefix}_prefix_cache")
+        lines += _prefix_cache_lines(f"{prefix}_prefix_cache", prefix_cache)
     return "\n".join(lines) + "\n"
 
 
-def prefix_cache_lines(cache: PrefixCache, *, prefix: str = "lorafleet_prefix_cache") -> list[str]:
+def _prefix_cache_lines(name: str, cache: PrefixCache) -> list[str]:
     """The prefix cache's counters (prompt tokens looked up and found, blocks stored and evicted) and its size."""
-    stats = cache.stats
-    return [
-        f"{prefix}_lookup_tokens_total {stats.lookup_tokens}",
-        f"{prefix}_hit_tokens_total {stats.hit_tokens}",
-        f"{prefix}_stored_blocks_total {stats.stored_blocks}",
-        f"{prefix}_evicted_blocks_total {stats.evicted_blocks}",
-        f"{prefix}_blocks {len(cache)}",
-        f"{prefix}_bytes {cache.nbytes}",
+    snap = cache.snapshot()
+    counters = ("lookup_tokens", "hit_tokens", "stored_blocks", "evicted_blocks")
+    return [f"{name}_{c}_total {snap[c]}" for c in counters] + [
+        f"{name}_{g} {snap[g]}" for g in ("blocks", "bytes")
     ]
 
 
@@ -198,4 +194,4 @@ def _cache_lines(name: str, stats: CacheStats) -> list[str]:
     return lines
 
 
-__all__ = ["BATCH_BUCKETS", "BatchRecord", "ServingMetrics", "prefix_cache_lines", "prometheus_text"]
+__all__ = ["BATCH_BUCKETS", "BatchRecord", "ServingMetrics", "prometheus_text"]

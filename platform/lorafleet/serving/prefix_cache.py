@@ -32,7 +32,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -122,8 +122,9 @@ class PrefixCache:
         cached_blocks: int = 0,
     ) -> None:
         """Keep the prompt's whole blocks after its first ``cached_blocks`` (already cached). ``keys[layer]`` and
-        ``values[layer]`` are the prompt's ``[kv_heads, len(prompt), head_dim]`` (copied here: the caller's
-        tensors may be views of a batch's cache)."""
+        ``values[layer]`` are ``[kv_heads, tokens, head_dim]`` from the first of those blocks on (at least up to
+        the last whole block; ``new_blocks`` says which tokens), copied here: the caller's tensors may be views of
+        a batch's cache."""
         n_blocks = len(prompt) // self.block_tokens
         if n_blocks <= cached_blocks or self.max_bytes == 0:
             return
@@ -131,7 +132,7 @@ class PrefixCache:
         for i, key in enumerate(self.block_keys(salt, signature, prompt, n_blocks)):
             if i < cached_blocks or key in self._blocks:
                 continue
-            span = slice(i * width, (i + 1) * width)
+            span = slice((i - cached_blocks) * width, (i - cached_blocks + 1) * width)
             block = CachedBlock(
                 tuple(k[:, span].clone() for k in keys), tuple(v[:, span].clone() for v in values)
             )
@@ -142,6 +143,17 @@ class PrefixCache:
             _, gone = self._blocks.popitem(last=False)
             self.nbytes -= gone.nbytes
             self.stats.evicted_blocks += 1
+
+    def new_blocks(self, prompt_tokens: int, cached_blocks: int) -> slice:
+        """The prompt's token positions ``store`` reads: its whole blocks after the first ``cached_blocks``."""
+        return slice(
+            cached_blocks * self.block_tokens, prompt_tokens // self.block_tokens * self.block_tokens
+        )
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters (``PrefixCacheStats``), and the blocks held and their bytes: what ``/metrics`` and a Serve
+        replica's stats report."""
+        return {**asdict(self.stats), "blocks": len(self._blocks), "bytes": self.nbytes}
 
     def clear(self) -> None:
         self._blocks.clear()
